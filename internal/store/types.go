@@ -1,0 +1,51 @@
+package store
+
+import (
+	"errors"
+	"time"
+
+	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+)
+
+// ErrNotValid is returned (wrapped) when a path is not valid in the store.
+var ErrNotValid = errors.New("path is not valid")
+
+// PathInfo is the metadata Nix keeps for a valid store path (a row of
+// ValidPaths plus its references).
+type PathInfo struct {
+	Path             storepath.Path
+	Deriver          storepath.Path // zero if unknown
+	NarHash          hash.Hash      // always sha256
+	References       []storepath.Path
+	RegistrationTime time.Time
+	NarSize          uint64
+	Ultimate         bool
+	Sigs             []string // "keyname:base64"
+	CA               string   // content address, "" if none (e.g. "fixed:r:sha256:<nix32>")
+}
+
+// GCAction says what CollectGarbage does, with Nix's numbering.
+type GCAction int
+
+// The GC actions, as numbered on the wire.
+const (
+	GCReturnLive GCAction = iota
+	GCReturnDead
+	GCDeleteDead
+	GCDeleteSpecific
+)
+
+// GCOptions are the arguments of a garbage collection.
+type GCOptions struct {
+	Action         GCAction
+	Paths          []storepath.Path // for GCDeleteSpecific
+	IgnoreLiveness bool
+	MaxFreed       uint64 // stop once this many bytes are freed; math.MaxUint64 means no limit
+}
+
+// GCResult is what a garbage collection reports.
+type GCResult struct {
+	Paths      []string // absolute paths returned or deleted
+	BytesFreed uint64
+}
