@@ -49,3 +49,21 @@ type GCResult struct {
 	Paths      []string // absolute paths returned or deleted
 	BytesFreed uint64
 }
+
+// DerivedPath is what clients ask to realise: an opaque store path, or
+// outputs of a derivation ("drv!out,dev", or "drv!*" for all outputs).
+type DerivedPath struct {
+	Path       storepath.Path
+	Outputs    []string // named outputs, sorted; empty with AllOutputs or for an opaque path
+	AllOutputs bool     // "drv!*" (or a bare drv before protocol 1.30)
+	Built      bool     // true: outputs of the derivation Path; false: Path itself (opaque)
+}
+
+// Missing is the answer of QueryMissing.
+type Missing struct {
+	WillBuild      []storepath.Path // derivations that would be built
+	WillSubstitute []storepath.Path
+	Unknown        []storepath.Path
+	DownloadSize   uint64
+	NarSize        uint64
+}
