@@ -1,0 +1,176 @@
+// Package config reads Nix's configuration the way nix-daemon does: nix.conf
+// from NIX_CONF_DIR (with include and !include), then NIX_CONFIG, then
+// command-line --option overrides; and it computes the on-disk layout of a
+// store from the environment (NIX_STORE_DIR, NIX_STATE_DIR, NIX_LOG_DIR,
+// NIX_DAEMON_SOCKET_PATH) and an optional chroot root.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+)
+
+// maxConfBytes bounds one configuration file; nix.conf files are small and a
+// larger one is almost certainly not a configuration file.
+const maxConfBytes = 1 << 20
+
+// maxIncludeDepth bounds include chains (Nix has no limit; a cycle would
+// otherwise recurse forever).
+const maxIncludeDepth = 16
+
+// Settings holds configuration values by name. Values are kept as the text
+// after "="; list settings are whitespace-separated. The zero value is empty
+// and ready to use. Settings is not safe for concurrent mutation.
+type Settings struct {
+	values map[string]string
+}
+
+// Load reads confDir/nix.conf (a missing file is not an error) and then the
+// NIX_CONFIG text from getenv, as Nix does at start-up.
+func Load(confDir string, getenv func(string) string) (*Settings, error) {
+	s := &Settings{}
+	if err := s.loadFile(filepath.Join(confDir, "nix.conf"), false, 0); err != nil {
+		return nil, err
+	}
+	if text := getenv("NIX_CONFIG"); text != "" {
+		if err := s.parse(text, "NIX_CONFIG", "", 0); err != nil {
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+func (s *Settings) loadFile(path string, optional bool, depth int) error {
+	if depth > maxIncludeDepth {
+		return fmt.Errorf("config %s: includes nested deeper than %d", path, maxIncludeDepth)
+	}
+	f, err := os.Open(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		if depth == 0 || optional {
+			return nil
+		}
+		return fmt.Errorf("config: included file %s does not exist", path)
+	}
+	if err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, maxConfBytes+1))
+	if err != nil {
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	if len(data) > maxConfBytes {
+		return fmt.Errorf("config %s: larger than %d bytes", path, maxConfBytes)
+	}
+	return s.parse(string(data), path, filepath.Dir(path), depth)
+}
+
+// parse applies configuration text. Lines are "name = value", "include
+// path" or "!include path"; "#" starts a comment.
+func (s *Settings) parse(text, source, dir string, depth int) error {
+	for i, line := range strings.Split(text, "\n") {
+		if j := strings.IndexByte(line, '#'); j >= 0 {
+			line = line[:j]
+		}
+		line = strings.TrimSpace(line)
+		if line == "" {
+			continue
+		}
+		fields := strings.Fields(line)
+		if (fields[0] == "include" || fields[0] == "!include") && len(fields) == 2 {
+			p := fields[1]
+			if !filepath.IsAbs(p) {
+				p = filepath.Join(dir, p)
+			}
+			if err := s.loadFile(p, fields[0] == "!include", depth+1); err != nil {
+				return err
+			}
+			continue
+		}
+		name, value, ok := strings.Cut(line, "=")
+		if !ok {
+			return fmt.Errorf("config %s line %d: expected 'name = value', got %q", source, i+1, line)
+		}
+		s.Set(strings.TrimSpace(name), strings.TrimSpace(value))
+	}
+	return nil
+}
+
+// Set sets name to value. "extra-NAME" appends to NAME's list, as in Nix.
+func (s *Settings) Set(name, value string) {
+	if s.values == nil {
+		s.values = map[string]string{}
+	}
+	if base, ok := strings.CutPrefix(name, "extra-"); ok {
+		if old := s.values[base]; old != "" {
+			value = old + " " + value
+		}
+		name = base
+	}
+	s.values[name] = value
+}
+
+// Lookup returns the raw value of name and whether it is set.
+func (s *Settings) Lookup(name string) (string, bool) {
+	v, ok := s.values[name]
+	return v, ok
+}
+
+// String returns the value of name, or def when unset.
+func (s *Settings) String(name, def string) string {
+	if v, ok := s.values[name]; ok {
+		return v
+	}
+	return def
+}
+
+// List returns the whitespace-separated words of name, or def when unset.
+func (s *Settings) List(name string, def []string) []string {
+	if v, ok := s.values[name]; ok {
+		return strings.Fields(v)
+	}
+	return def
+}
+
+// Bool returns name as a boolean ("true"/"false"), or def when unset.
+func (s *Settings) Bool(name string, def bool) (bool, error) {
+	v, ok := s.values[name]
+	if !ok {
+		return def, nil
+	}
+	switch v {
+	case "true":
+		return true, nil
+	case "false":
+		return false, nil
+	}
+	return false, fmt.Errorf("setting %s: %q is not a Boolean (true or false)", name, v)
+}
+
+// Int returns name as an integer, or def when unset.
+func (s *Settings) Int(name string, def int64) (int64, error) {
+	v, ok := s.values[name]
+	if !ok {
+		return def, nil
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("setting %s: %q is not an integer", name, v)
+	}
+	return n, nil
+}
+
+// Map returns a copy of every setting.
+func (s *Settings) Map() map[string]string {
+	m := make(map[string]string, len(s.values))
+	for k, v := range s.values {
+		m[k] = v
+	}
+	return m
+}

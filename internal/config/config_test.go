@@ -1,0 +1,76 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"reflect"
+	"testing"
+)
+
+func TestLoad(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, text string) {
+		t.Helper()
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("nix.conf", "# comment\ntrusted-users = root @wheel # trailing\nsandbox=false\ninclude extra.conf\n!include missing.conf\n")
+	write("extra.conf", "extra-trusted-users = ci\nmax-jobs = 4\n")
+	env := map[string]string{"NIX_CONFIG": "require-sigs = false\nextra-trusted-users = bob"}
+	s, err := Load(dir, func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := s.List("trusted-users", nil); !reflect.DeepEqual(got, []string{"root", "@wheel", "ci", "bob"}) {
+		t.Errorf("trusted-users = %q", got)
+	}
+	if b, err := s.Bool("sandbox", true); err != nil || b {
+		t.Errorf("sandbox = %v, %v", b, err)
+	}
+	if b, err := s.Bool("require-sigs", true); err != nil || b {
+		t.Errorf("require-sigs = %v, %v", b, err)
+	}
+	if n, err := s.Int("max-jobs", 1); err != nil || n != 4 {
+		t.Errorf("max-jobs = %v, %v", n, err)
+	}
+	if got := s.List("allowed-users", []string{"*"}); !reflect.DeepEqual(got, []string{"*"}) {
+		t.Errorf("allowed-users default = %q", got)
+	}
+}
+
+func TestLoadErrors(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "nix.conf"), []byte("include nope.conf\n"), 0o644)
+	if _, err := Load(dir, func(string) string { return "" }); err == nil {
+		t.Error("missing include accepted")
+	}
+	os.WriteFile(filepath.Join(dir, "nix.conf"), []byte("just words\n"), 0o644)
+	if _, err := Load(dir, func(string) string { return "" }); err == nil {
+		t.Error("line without '=' accepted")
+	}
+	os.WriteFile(filepath.Join(dir, "nix.conf"), []byte("include nix.conf\n"), 0o644)
+	if _, err := Load(dir, func(string) string { return "" }); err == nil {
+		t.Error("include cycle accepted")
+	}
+	if _, err := Load(t.TempDir(), func(string) string { return "" }); err != nil {
+		t.Errorf("missing nix.conf: %v", err)
+	}
+}
+
+func TestLayout(t *testing.T) {
+	none := func(string) string { return "" }
+	l := NewLayout("", none)
+	if l.RealStoreDir != "/nix/store" || l.StateDir != "/nix/var/nix" || l.SocketPath != "/nix/var/nix/daemon-socket/socket" || l.LogDir != "/nix/var/log/nix" {
+		t.Errorf("default layout %+v", l)
+	}
+	l = NewLayout("/r", none)
+	if l.StoreDir != "/nix/store" || l.RealStoreDir != "/r/nix/store" || l.StateDir != "/r/nix/var/nix" || l.SocketPath != "/r/nix/var/nix/daemon-socket/socket" {
+		t.Errorf("chroot layout %+v", l)
+	}
+	env := map[string]string{"NIX_STATE_DIR": "/s", "NIX_DAEMON_SOCKET_PATH": "/sock", "NIX_CONF_DIR": "/c"}
+	l = NewLayout("", func(k string) string { return env[k] })
+	if l.StateDir != "/s" || l.SocketPath != "/sock" || l.ConfDir != "/c" {
+		t.Errorf("env layout %+v", l)
+	}
+}
