@@ -1,0 +1,172 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/nixyard/nixyard/internal/config"
+	"github.com/nixyard/nixyard/internal/daemon"
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+const version = "0.1.0"
+
+const daemonUsage = `usage: nixyard daemon [options]
+
+  --store DIR           serve a chroot store rooted at DIR (files under DIR/nix/store,
+                        state under DIR/nix/var/nix, socket DIR/nix/var/nix/daemon-socket/socket)
+  --stdio               serve one trusted client on stdin/stdout (what ssh-ng runs)
+  --option NAME VALUE   override a nix.conf setting
+  --log-level LEVEL     debug, info, warn or error (default info)
+
+Environment: NIX_STORE_DIR, NIX_STATE_DIR, NIX_LOG_DIR, NIX_CONF_DIR, NIX_DAEMON_SOCKET_PATH, NIX_CONFIG.
+`
+
+// daemonOptions are the parsed arguments of "nixyard daemon".
+type daemonOptions struct {
+	root      string
+	stdio     bool
+	overrides [][2]string
+	logLevel  slog.Level
+}
+
+func parseDaemonArgs(args []string) (daemonOptions, error) {
+	var o daemonOptions
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		name, val, hasVal := strings.Cut(a, "=")
+		need := func() (string, error) {
+			if hasVal {
+				return val, nil
+			}
+			if i+1 >= len(args) {
+				return "", fmt.Errorf("%s needs an argument", name)
+			}
+			i++
+			return args[i], nil
+		}
+		var err error
+		switch name {
+		case "--store":
+			o.root, err = need()
+			if err == nil && strings.Contains(o.root, "://") {
+				err = fmt.Errorf("--store %q: nixyard serves a local store; give a directory", o.root)
+			}
+		case "--stdio":
+			o.stdio = true
+		case "--daemon":
+			// nix-daemon accepts and ignores it.
+		case "--option":
+			if i+2 >= len(args) {
+				return o, fmt.Errorf("--option needs a name and a value")
+			}
+			o.overrides = append(o.overrides, [2]string{args[i+1], args[i+2]})
+			i += 2
+		case "--log-level":
+			var v string
+			if v, err = need(); err == nil {
+				err = o.logLevel.UnmarshalText([]byte(v))
+			}
+		case "-h", "--help":
+			fmt.Print(daemonUsage)
+			return o, errHelp
+		default:
+			return o, fmt.Errorf("unknown argument %q (see --help)", a)
+		}
+		if err != nil {
+			return o, err
+		}
+	}
+	if o.root != "" {
+		abs, err := filepath.Abs(o.root)
+		if err != nil {
+			return o, fmt.Errorf("--store: %w", err)
+		}
+		o.root = abs
+	}
+	return o, nil
+}
+
+var errHelp = errors.New("help requested")
+
+func runDaemon(ctx context.Context, args []string) error {
+	opts, err := parseDaemonArgs(args)
+	if errors.Is(err, errHelp) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: opts.logLevel}))
+	layout := config.NewLayout(opts.root, os.Getenv)
+	settings, err := config.Load(layout.ConfDir, os.Getenv)
+	if err != nil {
+		return err
+	}
+	for _, kv := range opts.overrides {
+		settings.Set(kv[0], kv[1])
+	}
+	requireSigs, err := settings.Bool("require-sigs", true)
+	if err != nil {
+		return err
+	}
+	st, err := store.Open(ctx, store.Config{
+		StoreDir:          layout.StoreDir,
+		RealStoreDir:      layout.RealStoreDir,
+		StateDir:          layout.StateDir,
+		LogDir:            layout.LogDir,
+		TrustedPublicKeys: settings.List("trusted-public-keys", []string{"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="}),
+		RequireSigs:       requireSigs,
+		Logger:            logger,
+	})
+	if err != nil {
+		return fmt.Errorf("opening store %s: %w", layout.RealStoreDir, err)
+	}
+	defer st.Close()
+
+	srv := daemon.New(daemon.Options{
+		Store:           st,
+		TrustedUsers:    settings.List("trusted-users", []string{"root"}),
+		AllowedUsers:    settings.List("allowed-users", []string{"*"}),
+		BuildUsersGroup: settings.String("build-users-group", ""),
+		Settings:        settings.Map(),
+		Logger:          logger,
+	})
+	if opts.stdio {
+		return srv.ServeConn(ctx, os.Stdin, os.Stdout, true)
+	}
+	l, err := listen(layout.SocketPath)
+	if err != nil {
+		return err
+	}
+	logger.Info("nixyard daemon listening", "socket", layout.SocketPath, "store", layout.RealStoreDir, "version", version)
+	return srv.Serve(ctx, l)
+}
+
+// listen creates the daemon socket as nix-daemon does: the directory is made
+// if missing, a stale socket is replaced, and the socket itself is
+// world-writable (access is governed by the directory's permissions and by
+// allowed-users).
+func listen(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("creating socket directory: %w", err)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("removing stale socket %s: %w", path, err)
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o666); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("socket %s: %w", path, err)
+	}
+	return l, nil
+}
