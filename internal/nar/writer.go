@@ -163,7 +163,10 @@ func (w *Writer) Write(p []byte) (int, error) {
 		return 0, w.err
 	}
 	if !w.inFile {
-		return 0, fmt.Errorf("nar: Write outside a regular file")
+		if len(p) == 0 {
+			return 0, nil
+		}
+		return 0, fmt.Errorf("nar: Write outside a regular file: %w", ErrInvalid)
 	}
 	var tooLong bool
 	if int64(len(p)) > w.remaining {
