@@ -282,7 +282,7 @@ func hostileCases() []hostileCase {
 		{"root link climbs", narOf(symlink("../etc")...), "climbs above"},
 		{"entry link climbs", narOf(dir(entry("l", symlink("../../etc/passwd")...))...), `entry "l": symlink target`},
 		{"nested link climbs", narOf(dir(entry("d", dir(entry("l", symlink("x/../../../../y")...))...))...), "climbs above"},
-		{"too deep", deepNAR(MaxDepth+1), "deeper than 256"},
+		{"too deep", deepNAR(MaxDepth + 1), "deeper than 256"},
 		{"directory bad token", narOf("(", "type", "directory", "name", ")"), `want "entry"`},
 		{"content then garbage", narOf("(", "type", "regular", "contents", "abc", "entry"), `want ")"`},
 	}
