@@ -8,8 +8,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Scratch is a file system made for one benchmark run and mounted at Dir.
@@ -72,7 +73,7 @@ func (s *Scratch) Describe() string {
 		}
 	}
 	if err == nil {
-		desc += ", mounted " + strings.TrimSpace(string(out))
+		desc += ", mounted " + strings.Join(strings.Fields(string(out)), " ")
 	}
 	return desc
 }
@@ -118,11 +119,8 @@ func SyncFS(dir string) error {
 		return err
 	}
 	defer f.Close()
-	if _, _, errno := syscall.Syscall(sysSyncfs, f.Fd(), 0, 0); errno != 0 {
-		return fmt.Errorf("syncfs %s: %w", dir, errno)
+	if err := unix.Syncfs(int(f.Fd())); err != nil {
+		return fmt.Errorf("syncfs %s: %w", dir, err)
 	}
 	return nil
 }
-
-// sysSyncfs is syncfs(2) on linux/amd64; package syscall has no constant.
-const sysSyncfs = 306

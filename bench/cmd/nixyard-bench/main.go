@@ -1,0 +1,527 @@
+// Command nixyard-bench runs the same work against the stock nix-daemon and
+// nixyard, on identical fresh chroot stores on a file system made for the
+// run, and prints a table of medians and speed-ups:
+//
+//   - QueryPathInfo requests per second over 1 and over N concurrent
+//     connections (one request in flight per connection) on a store of a few
+//     thousand small paths with references;
+//   - `nix copy --to unix://…` of a few hundred paths of random data (about
+//     500 MB) from a source chroot store into a fresh empty daemon store:
+//     wall time and MB/s.
+//
+// It needs root (mount, loop devices) and Nix 2.8 on PATH. Everything lives
+// under a temporary directory; the scratch file system, daemons and their
+// forked children are removed at the end, also on Ctrl-C or timeout.
+// scripts/bench.sh builds nixyard and this command and runs it.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/nixyard/nixyard/bench"
+)
+
+type options struct {
+	nixyard     string
+	nixyardRev  string
+	work        string
+	fs          string
+	fsSize      int64
+	qpiPaths    int
+	qpiConns    []int
+	qpiDuration time.Duration
+	qpiWarmup   time.Duration
+	copyPaths   int
+	copyMB      int64
+	reps        int
+	timeout     time.Duration
+	docs        string
+	command     string
+	keep        bool
+	skipQPI     bool
+	skipCopy    bool
+}
+
+func parseFlags() (options, error) {
+	var o options
+	var conns string
+	var fsSizeMB int64
+	flag.StringVar(&o.nixyard, "nixyard", "", "path of the nixyard binary (empty: measure nix-daemon only)")
+	flag.StringVar(&o.nixyardRev, "nixyard-rev", "", "nixyard revision, for the report")
+	flag.StringVar(&o.work, "work", "", "work directory (default: a new directory under /tmp, removed at the end)")
+	flag.StringVar(&o.fs, "fs", "ext4", "scratch file system for all stores: ext4 (journaled, loop file) or tmpfs")
+	flag.Int64Var(&fsSizeMB, "fs-size-mb", 6144, "size of the scratch file system in MiB")
+	flag.IntVar(&o.qpiPaths, "qpi-paths", 5000, "number of paths in the QueryPathInfo store")
+	flag.StringVar(&conns, "qpi-conns", "1,8", "comma-separated connection counts for the QueryPathInfo load")
+	flag.DurationVar(&o.qpiDuration, "qpi-duration", 5*time.Second, "duration of each QueryPathInfo measurement")
+	flag.DurationVar(&o.qpiWarmup, "qpi-warmup", time.Second, "untimed warm-up before each QueryPathInfo measurement")
+	flag.IntVar(&o.copyPaths, "copy-paths", 400, "number of paths copied by nix copy")
+	flag.Int64Var(&o.copyMB, "copy-mb", 500, "approximate total size in MB (10^6 bytes) of the copied file contents")
+	flag.IntVar(&o.reps, "reps", 3, "repetitions of each measurement (the median is reported)")
+	flag.DurationVar(&o.timeout, "timeout", 40*time.Minute, "stop everything after this long")
+	flag.StringVar(&o.docs, "docs", "", "rewrite the generated results section of this Markdown file (e.g. docs/benchmarks.md)")
+	flag.StringVar(&o.command, "command", "scripts/bench.sh", "command line to record in the report")
+	flag.BoolVar(&o.keep, "keep", false, "keep the work directory's logs (the scratch file system is always removed)")
+	flag.BoolVar(&o.skipQPI, "skip-qpi", false, "skip the QueryPathInfo measurements")
+	flag.BoolVar(&o.skipCopy, "skip-copy", false, "skip the nix copy measurements")
+	flag.Parse()
+	if flag.NArg() > 0 {
+		return o, fmt.Errorf("unexpected arguments %q", flag.Args())
+	}
+	for _, f := range strings.Split(conns, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 {
+			return o, fmt.Errorf("-qpi-conns: bad count %q", f)
+		}
+		o.qpiConns = append(o.qpiConns, n)
+	}
+	if o.reps < 1 {
+		return o, errors.New("-reps must be at least 1")
+	}
+	o.fsSize = fsSizeMB << 20
+	return o, nil
+}
+
+func main() {
+	o, err := parseFlags()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "nixyard-bench:", err)
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, cancel := context.WithTimeout(ctx, o.timeout)
+	err = run(ctx, o)
+	cancel()
+	stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "nixyard-bench:", err)
+		os.Exit(1)
+	}
+}
+
+// bencher holds the state of one run.
+type bencher struct {
+	o       options
+	env     *bench.Env
+	work    string
+	mnt     string
+	logs    string
+	daemons []bench.DaemonSpec
+	running map[*bench.Daemon]bool
+	logSeq  int
+}
+
+func logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "[%s] %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
+}
+
+func run(ctx context.Context, o options) (err error) {
+	if os.Geteuid() != 0 {
+		return errors.New("must run as root (it mounts a scratch file system)")
+	}
+	for _, tool := range []string{"nix", "nix-store", "nix-daemon", "mount", "umount", "mkfs.ext4"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return fmt.Errorf("%s not found: %w", tool, err)
+		}
+	}
+	b := &bencher{o: o, running: map[*bench.Daemon]bool{}}
+	b.daemons = []bench.DaemonSpec{bench.StockDaemon()}
+	if o.nixyard != "" {
+		abs, err := filepath.Abs(o.nixyard)
+		if err != nil {
+			return err
+		}
+		if _, err := os.Stat(abs); err != nil {
+			return fmt.Errorf("nixyard binary: %w", err)
+		}
+		b.daemons = append(b.daemons, bench.NixyardDaemon(abs))
+	}
+	if err := bench.BecomeSubreaper(); err != nil {
+		return err
+	}
+
+	b.work = o.work
+	if b.work == "" {
+		if b.work, err = os.MkdirTemp("/tmp", "nyb."); err != nil {
+			return fmt.Errorf("creating work directory: %w", err)
+		}
+		if !o.keep {
+			defer os.RemoveAll(b.work)
+		}
+	} else if err := os.MkdirAll(b.work, 0o755); err != nil {
+		return err
+	}
+	b.logs = filepath.Join(b.work, "logs")
+	if err := os.MkdirAll(b.logs, 0o755); err != nil {
+		return err
+	}
+	if b.env, err = bench.NewEnv(filepath.Join(b.work, "env")); err != nil {
+		return err
+	}
+	b.mnt = filepath.Join(b.work, "m")
+	logf("work directory %s; making a %s scratch file system of %d MiB", b.work, o.fs, o.fsSize>>20)
+	scratch, err := bench.MountScratch(ctx, o.fs, b.mnt, b.work, o.fsSize)
+	if err != nil {
+		return err
+	}
+	fsDesc := scratch.Describe()
+	defer func() {
+		for d := range b.running {
+			if serr := d.Stop(); serr != nil {
+				err = errors.Join(err, serr)
+			}
+		}
+		if uerr := scratch.Unmount(); uerr != nil {
+			err = errors.Join(err, uerr)
+		}
+		logf("cleaned up (daemons stopped, %s unmounted)", b.mnt)
+	}()
+
+	var metrics []*bench.Metric
+	if !o.skipQPI {
+		ms, err := b.benchQPI(ctx)
+		metrics = append(metrics, ms...)
+		if err != nil {
+			return err
+		}
+	}
+	if !o.skipCopy {
+		ms, err := b.benchCopy(ctx)
+		metrics = append(metrics, ms...)
+		if err != nil {
+			return err
+		}
+	}
+
+	report := b.report(metrics, fsDesc)
+	fmt.Println(report)
+	if o.docs != "" {
+		if err := bench.RewriteSection(o.docs, report); err != nil {
+			return err
+		}
+		logf("rewrote the results section of %s", o.docs)
+	}
+	return nil
+}
+
+func (b *bencher) start(ctx context.Context, spec bench.DaemonSpec, root string) (*bench.Daemon, error) {
+	b.logSeq++
+	d, err := bench.StartDaemon(ctx, b.env, spec, root, filepath.Join(b.logs, fmt.Sprintf("%02d-%s-%s.log", b.logSeq, spec.Name, filepath.Base(root))))
+	if err != nil {
+		return nil, err
+	}
+	b.running[d] = true
+	return d, nil
+}
+
+func (b *bencher) stop(d *bench.Daemon) error {
+	delete(b.running, d)
+	return d.Stop()
+}
+
+// importSource writes a generated export stream into a new local chroot
+// store at root with `nix-store --import` (no daemon involved).
+func (b *bencher) importSource(ctx context.Context, root string, spec bench.ExportSpec) ([]bench.PathInfo, error) {
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		return nil, err
+	}
+	pr, pw := io.Pipe()
+	type genResult struct {
+		infos []bench.PathInfo
+		err   error
+	}
+	gen := make(chan genResult, 1)
+	go func() {
+		infos, err := bench.WriteExport(ctx, pw, spec)
+		pw.CloseWithError(err)
+		gen <- genResult{infos, err}
+	}()
+	start := time.Now()
+	out, err := bench.Nix(ctx, b.env, pr, "nix-store", "--store", "local?root="+root, "--import")
+	pr.CloseWithError(io.ErrClosedPipe)
+	g := <-gen
+	if err != nil {
+		return nil, fmt.Errorf("importing source store %s: %w", root, err)
+	}
+	if g.err != nil {
+		return nil, fmt.Errorf("generating export stream: %w", g.err)
+	}
+	if n := len(strings.Fields(string(out))); n != len(g.infos) {
+		return nil, fmt.Errorf("nix-store --import reported %d paths, want %d", n, len(g.infos))
+	}
+	logf("source store %s: %d paths imported in %.1f s", root, len(g.infos), time.Since(start).Seconds())
+	return g.infos, nil
+}
+
+// copyAll runs `nix copy --all` from the source chroot store to the daemon.
+func (b *bencher) copyAll(ctx context.Context, src string, d *bench.Daemon) (time.Duration, error) {
+	start := time.Now()
+	_, err := bench.Nix(ctx, b.env, nil, "nix", "copy", "--no-check-sigs", "--all",
+		"--from", "local?root="+src, "--to", d.StoreURL())
+	return time.Since(start), err
+}
+
+func pathsOf(infos []bench.PathInfo) []string {
+	ps := make([]string, len(infos))
+	for i, p := range infos {
+		ps[i] = p.Path
+	}
+	return ps
+}
+
+// order returns the daemons in rotating order for repetition rep, so that
+// neither always runs first.
+func (b *bencher) order(rep int) []int {
+	idx := make([]int, len(b.daemons))
+	for i := range idx {
+		idx[i] = (i + rep) % len(b.daemons)
+	}
+	return idx
+}
+
+func setErr(m *bench.Metric, name string, err error) {
+	if name == "nixyard" {
+		if m.NixyardErr == nil {
+			m.NixyardErr = err
+		}
+	} else if m.StockErr == nil {
+		m.StockErr = err
+	}
+}
+
+func addSample(m *bench.Metric, name string, v float64) {
+	if name == "nixyard" {
+		m.Nixyard = append(m.Nixyard, v)
+	} else {
+		m.Stock = append(m.Stock, v)
+	}
+}
+
+func (b *bencher) benchQPI(ctx context.Context) ([]*bench.Metric, error) {
+	o := b.o
+	src := filepath.Join(b.mnt, "src-q")
+	infos, err := b.importSource(ctx, src, bench.ExportSpec{
+		Seed: 1, Count: o.qpiPaths, TotalBytes: int64(o.qpiPaths) * 512, MaxRefs: 4, Name: "qpi",
+	})
+	if err != nil {
+		return nil, err
+	}
+	paths := pathsOf(infos)
+	populate := &bench.Metric{Name: fmt.Sprintf("populate: nix copy of %d small paths", len(paths)), Unit: "s"}
+	var load []*bench.Metric
+	for _, n := range o.qpiConns {
+		load = append(load, &bench.Metric{
+			Name: fmt.Sprintf("QueryPathInfo, %d connection%s", n, map[bool]string{true: "s"}[n > 1]),
+			Unit: "req/s", HigherBetter: true, Target: "≥ 2×",
+		})
+	}
+	all := append(load, populate)
+
+	// One daemon per kind on its own store, populated the same way.
+	live := make([]*bench.Daemon, len(b.daemons))
+	var narSums []uint64
+	for i, spec := range b.daemons {
+		d, err := b.start(ctx, spec, filepath.Join(b.mnt, "q-"+spec.Name))
+		if err != nil {
+			setErr(populate, spec.Name, err)
+			for _, m := range load {
+				setErr(m, spec.Name, err)
+			}
+			logf("%s: %v", spec.Name, err)
+			continue
+		}
+		dur, err := b.copyAll(ctx, src, d)
+		if err == nil {
+			var sum uint64
+			if sum, err = bench.CheckValid(ctx, d.Socket, paths); err == nil {
+				narSums = append(narSums, sum)
+			}
+		}
+		if err != nil {
+			logf("%s: populating: %v", spec.Name, err)
+			setErr(populate, spec.Name, err)
+			for _, m := range load {
+				setErr(m, spec.Name, err)
+			}
+			b.stop(d)
+			continue
+		}
+		addSample(populate, spec.Name, dur.Seconds())
+		logf("%s: populated %d paths in %.2f s", spec.Name, len(paths), dur.Seconds())
+		live[i] = d
+	}
+	if len(narSums) == 2 && narSums[0] != narSums[1] {
+		logf("WARNING: the daemons report different total NAR sizes (%d vs %d)", narSums[0], narSums[1])
+	}
+	if err := ctx.Err(); err != nil {
+		return all, err
+	}
+
+	for rep := range o.reps {
+		for mi, n := range o.qpiConns {
+			for _, i := range b.order(rep + mi) {
+				d := live[i]
+				if d == nil {
+					continue
+				}
+				res, err := bench.QueryPathInfoLoad(ctx, d.Socket, paths, n, o.qpiWarmup, o.qpiDuration)
+				if err != nil {
+					if ctx.Err() != nil {
+						return all, ctx.Err()
+					}
+					logf("%s: QueryPathInfo ×%d: %v", d.Spec.Name, n, err)
+					setErr(load[mi], d.Spec.Name, err)
+					continue
+				}
+				addSample(load[mi], d.Spec.Name, res.PerSecond())
+				logf("rep %d: %s: QueryPathInfo over %d connection(s): %d requests in %.2f s = %.0f req/s",
+					rep+1, d.Spec.Name, n, res.Requests, res.Elapsed.Seconds(), res.PerSecond())
+			}
+		}
+	}
+	for _, d := range live {
+		if d != nil {
+			if err := b.stop(d); err != nil {
+				logf("stopping %s: %v", d.Spec.Name, err)
+			}
+		}
+	}
+	return all, nil
+}
+
+func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
+	o := b.o
+	src := filepath.Join(b.mnt, "src-c")
+	infos, err := b.importSource(ctx, src, bench.ExportSpec{
+		Seed: 2, Count: o.copyPaths, TotalBytes: o.copyMB * 1e6, MaxRefs: 3, Name: "copy",
+	})
+	if err != nil {
+		return nil, err
+	}
+	paths := pathsOf(infos)
+	wall := &bench.Metric{Name: fmt.Sprintf("nix copy of %d paths into an empty store: wall time", len(paths)), Unit: "s", Target: "≥ 1.2×"}
+	rate := &bench.Metric{Name: "nix copy: throughput (NAR bytes / wall time)", Unit: "MB/s", HigherBetter: true, Target: "≥ 1.2×"}
+	durable := &bench.Metric{Name: "nix copy, then syncfs: wall time", Unit: "s"}
+	all := []*bench.Metric{wall, rate, durable}
+	if err := bench.SyncFS(b.mnt); err != nil {
+		return all, err
+	}
+	for rep := range o.reps {
+		for _, i := range b.order(rep) {
+			spec := b.daemons[i]
+			root := filepath.Join(b.mnt, fmt.Sprintf("c-%s-%d", spec.Name, rep))
+			d, err := b.start(ctx, spec, root)
+			if err != nil {
+				logf("%s: %v", spec.Name, err)
+				for _, m := range all {
+					setErr(m, spec.Name, err)
+				}
+				continue
+			}
+			if err := bench.SyncFS(b.mnt); err != nil {
+				return all, err
+			}
+			dur, err := b.copyAll(ctx, src, d)
+			var syncDur time.Duration
+			if err == nil {
+				t := time.Now()
+				err = bench.SyncFS(b.mnt)
+				syncDur = time.Since(t)
+			}
+			var narBytes uint64
+			if err == nil {
+				narBytes, err = bench.CheckValid(ctx, d.Socket, paths)
+			}
+			if serr := b.stop(d); serr != nil {
+				logf("stopping %s: %v", spec.Name, serr)
+			}
+			if err != nil {
+				if ctx.Err() != nil {
+					return all, ctx.Err()
+				}
+				logf("rep %d: %s: nix copy: %v", rep+1, spec.Name, err)
+				for _, m := range all {
+					setErr(m, spec.Name, err)
+				}
+			} else {
+				mbps := float64(narBytes) / 1e6 / dur.Seconds()
+				addSample(wall, spec.Name, dur.Seconds())
+				addSample(rate, spec.Name, mbps)
+				addSample(durable, spec.Name, (dur + syncDur).Seconds())
+				logf("rep %d: %s: nix copy of %d paths, %.1f MB of NAR: %.2f s (%.1f MB/s), +syncfs %.2f s",
+					rep+1, spec.Name, len(paths), float64(narBytes)/1e6, dur.Seconds(), mbps, syncDur.Seconds())
+			}
+			if err := os.RemoveAll(root); err != nil {
+				return all, fmt.Errorf("removing %s: %w", root, err)
+			}
+			if err := bench.SyncFS(b.mnt); err != nil {
+				return all, err
+			}
+		}
+	}
+	return all, nil
+}
+
+func readTrim(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "?"
+	}
+	return strings.TrimSpace(string(b))
+}
+
+func cpuModel() string {
+	for _, l := range strings.Split(readTrim("/proc/cpuinfo"), "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "?"
+}
+
+func memTotal() string {
+	for _, l := range strings.Split(readTrim("/proc/meminfo"), "\n") {
+		if f := strings.Fields(l); len(f) >= 2 && f[0] == "MemTotal:" {
+			kb, _ := strconv.ParseInt(f[1], 10, 64)
+			return fmt.Sprintf("%.1f GiB", float64(kb)/(1<<20))
+		}
+	}
+	return "?"
+}
+
+func (b *bencher) report(ms []*bench.Metric, fsDesc string) string {
+	o := b.o
+	nixVersion := "?"
+	if out, err := exec.Command("nix", "--version").Output(); err == nil {
+		nixVersion = strings.TrimSpace(string(out))
+	}
+	rev := o.nixyardRev
+	if rev == "" {
+		rev = "unknown revision"
+	}
+	var s strings.Builder
+	fmt.Fprintf(&s, "Command: `%s`, run %s.\n\n", o.command, time.Now().UTC().Format("2006-01-02 15:04 MST"))
+	fmt.Fprintf(&s, "Machine: %d CPUs (%s), %s RAM, kernel %s; stores on %s. Stock daemon: %s; nixyard: %s.\n\n",
+		runtime.NumCPU(), cpuModel(), memTotal(), readTrim("/proc/sys/kernel/osrelease"), fsDesc, nixVersion, rev)
+	fmt.Fprintf(&s, "Work: QueryPathInfo on a store of %d paths, %d repetitions of %s each (after %s warm-up), connection counts %v; "+
+		"nix copy of %d paths (~%d MB of random file contents) into a fresh empty store, %d repetitions.\n\n",
+		o.qpiPaths, o.reps, o.qpiDuration, o.qpiWarmup, o.qpiConns, o.copyPaths, o.copyMB, o.reps)
+	if len(b.daemons) < 2 {
+		s.WriteString("**nixyard was not measured in this run (no binary given).**\n\n")
+	}
+	s.WriteString(bench.Table(ms))
+	return s.String()
+}
