@@ -1,0 +1,180 @@
+// Package cachetest serves a directory (a binary cache written by
+// `nix copy --to file://…`) over HTTP on 127.0.0.1 for tests, counting
+// requests and injecting faults: error statuses with Retry-After, a delay
+// before the first byte, a connection reset or a silent truncation after
+// some body bytes, and corrupted bodies.
+package cachetest
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+)
+
+// Fault is one injected misbehaviour, used for one request.
+type Fault struct {
+	Status     int           // if non-zero, answer with this status and no body
+	RetryAfter string        // Retry-After header sent with Status
+	Delay      time.Duration // wait before the headers (ends early if the client goes away)
+	ResetAfter int64         // if > 0, send the full Content-Length but reset the connection (RST) after this many body bytes
+	CutAfter   int64         // if > 0, send the full Content-Length but close cleanly (FIN) after this many body bytes
+	FlipByte   int64         // if > 0, flip the bits of the body byte at offset FlipByte-1
+}
+
+type rule struct {
+	pattern string
+	faults  []Fault // consumed in order; the last is kept if sticky
+	sticky  bool
+}
+
+// Server is a fault-injecting binary cache server. Its methods are safe
+// for concurrent use.
+type Server struct {
+	// URL is the base URL, e.g. "http://127.0.0.1:41234".
+	URL string
+	// Dir is the directory served.
+	Dir string
+
+	ts *httptest.Server
+
+	mu     sync.Mutex
+	rules  []*rule
+	counts map[string]int
+}
+
+// New serves dir until Close.
+func New(dir string) *Server {
+	s := &Server{Dir: dir, counts: map[string]int{}}
+	s.ts = httptest.NewServer(http.HandlerFunc(s.serve))
+	s.URL = s.ts.URL
+	return s
+}
+
+// Close stops the server and closes its connections.
+func (s *Server) Close() { s.ts.Close() }
+
+// Inject queues faults for the next requests whose path (without the
+// leading slash) matches the path.Match pattern, one fault per request.
+func (s *Server) Inject(pattern string, faults ...Fault) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.rules = append(s.rules, &rule{pattern: pattern, faults: faults})
+}
+
+// Always applies f to every request matching pattern from now on.
+func (s *Server) Always(pattern string, f Fault) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.rules = append(s.rules, &rule{pattern: pattern, faults: []Fault{f}, sticky: true})
+}
+
+// Count returns how many GET requests for p (without leading slash) arrived.
+func (s *Server) Count(p string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.counts[p]
+}
+
+// Counts returns a copy of the per-path GET counts.
+func (s *Server) Counts() map[string]int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m := make(map[string]int, len(s.counts))
+	for k, v := range s.counts {
+		m[k] = v
+	}
+	return m
+}
+
+func (s *Server) fault(p string) (Fault, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.counts[p]++
+	for _, r := range s.rules {
+		if ok, _ := path.Match(r.pattern, p); !ok || len(r.faults) == 0 {
+			continue
+		}
+		f := r.faults[0]
+		if !r.sticky {
+			r.faults = r.faults[1:]
+		}
+		return f, true
+	}
+	return Fault{}, false
+}
+
+func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		http.Error(w, "read-only", http.StatusMethodNotAllowed)
+		return
+	}
+	p := r.URL.Path
+	if len(p) > 0 && p[0] == '/' {
+		p = p[1:]
+	}
+	f, _ := s.fault(p)
+	if f.Delay > 0 {
+		t := time.NewTimer(f.Delay)
+		select {
+		case <-t.C:
+		case <-r.Context().Done():
+			t.Stop()
+			return
+		}
+	}
+	if f.Status != 0 {
+		if f.RetryAfter != "" {
+			w.Header().Set("Retry-After", f.RetryAfter)
+		}
+		w.WriteHeader(f.Status)
+		return
+	}
+	if !filepath.IsLocal(p) {
+		http.NotFound(w, r)
+		return
+	}
+	data, err := os.ReadFile(filepath.Join(s.Dir, p))
+	if errors.Is(err, os.ErrNotExist) {
+		http.NotFound(w, r)
+		return
+	}
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	if f.FlipByte > 0 && f.FlipByte <= int64(len(data)) {
+		data = append([]byte(nil), data...)
+		data[f.FlipByte-1] ^= 0xff
+	}
+	cut := f.ResetAfter
+	if f.CutAfter > 0 {
+		cut = f.CutAfter
+	}
+	if cut <= 0 || cut >= int64(len(data)) {
+		w.Header().Set("Content-Length", strconv.Itoa(len(data)))
+		w.Write(data)
+		return
+	}
+	// Send headers and part of the body by hand, then break the connection.
+	conn, buf, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		panic(fmt.Sprintf("cachetest: hijack: %v", err))
+	}
+	defer conn.Close()
+	fmt.Fprintf(buf, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Type: application/octet-stream\r\n\r\n", len(data))
+	buf.Write(data[:cut])
+	buf.Flush()
+	if f.ResetAfter > 0 {
+		if tc, ok := conn.(*net.TCPConn); ok {
+			tc.SetLinger(0) // close with RST
+		}
+	}
+}

@@ -1,0 +1,355 @@
+package substitute
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+// Missing is what QueryMissing finds.
+type Missing struct {
+	// WillSubstitute are the invalid paths of the closure, with the
+	// narinfo that would be used.
+	WillSubstitute map[storepath.Path]*Info
+	// Unknown are invalid paths no upstream has (their references are
+	// not explored).
+	Unknown []storepath.Path
+	// DownloadSize sums FileSize, NarSize sums NarSize over WillSubstitute.
+	DownloadSize, NarSize uint64
+}
+
+// QueryMissing walks the closure of paths through the narinfos'
+// References, skipping paths valid in the store (whose closure is valid
+// too), and says what substitution would fetch. Lookups run in parallel,
+// at most MaxJobs at once. Upstream failures for a path make it Unknown.
+func (s *Substituter) QueryMissing(ctx context.Context, paths []storepath.Path) (*Missing, error) {
+	m := &Missing{WillSubstitute: map[storepath.Path]*Info{}}
+	var errs []error
+	err := s.walk(ctx, paths, func(p storepath.Path, info *Info, err error) {
+		if err != nil {
+			m.Unknown = append(m.Unknown, p)
+			if !errors.Is(err, ErrNotFound) {
+				errs = append(errs, err)
+			}
+			return
+		}
+		m.WillSubstitute[p] = info
+		m.DownloadSize += info.FileSize
+		m.NarSize += info.NarSize
+	})
+	if err != nil {
+		return nil, err
+	}
+	storepath.Sort(m.Unknown)
+	for _, e := range errs {
+		s.log.Warn("path info query failed", "err", e)
+	}
+	return m, nil
+}
+
+// walk calls visit (serially) for every invalid path of the closure with
+// its narinfo or the lookup error. It fails only on store errors or
+// cancellation.
+func (s *Substituter) walk(ctx context.Context, roots []storepath.Path, visit func(storepath.Path, *Info, error)) error {
+	seen := map[storepath.Path]bool{}
+	frontier := roots
+	type res struct {
+		p     storepath.Path
+		valid bool
+		info  *Info
+		err   error
+	}
+	for len(frontier) > 0 {
+		var todo []storepath.Path
+		for _, p := range frontier {
+			if !seen[p] {
+				seen[p] = true
+				todo = append(todo, p)
+			}
+		}
+		results := make([]res, len(todo))
+		sem := make(chan struct{}, s.cfg.MaxJobs)
+		var wg sync.WaitGroup
+		for i, p := range todo {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				select {
+				case sem <- struct{}{}:
+				case <-ctx.Done():
+					results[i] = res{p: p, err: ctx.Err()}
+					return
+				}
+				defer func() { <-sem }()
+				r := res{p: p}
+				r.valid, r.err = s.st.IsValidPath(ctx, p)
+				if r.err != nil {
+					r.err = fmt.Errorf("store: %w", r.err)
+				} else if !r.valid {
+					r.info, r.err = s.QueryPathInfo(ctx, p)
+					if r.err != nil {
+						r.err = &lookupError{r.err}
+					}
+				}
+				results[i] = r
+			}()
+		}
+		wg.Wait()
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		frontier = nil
+		for _, r := range results {
+			var le *lookupError
+			switch {
+			case errors.As(r.err, &le):
+				visit(r.p, nil, le.err)
+			case r.err != nil:
+				return r.err
+			case r.valid:
+			default:
+				visit(r.p, r.info, nil)
+				frontier = append(frontier, r.info.References...)
+			}
+		}
+	}
+	return nil
+}
+
+type lookupError struct{ err error }
+
+func (e *lookupError) Error() string { return e.err.Error() }
+
+// Realise makes paths and their closures valid in the store by
+// substitution. References are registered before their referrers; up to
+// MaxJobs NARs download at once across all callers, and a path another
+// caller is already fetching is waited for, not fetched again. prog (may be
+// nil) receives the activities of every path this call waits for. On the
+// first failure the remaining work of this call is cancelled (downloads
+// shared with other callers go on for them) and the errors are returned.
+func (s *Substituter) Realise(ctx context.Context, paths []storepath.Path, prog Progress) error {
+	infos := map[storepath.Path]*Info{}
+	var missing []error
+	if err := s.walk(ctx, paths, func(p storepath.Path, info *Info, err error) {
+		if err != nil {
+			missing = append(missing, err)
+			return
+		}
+		infos[p] = info
+	}); err != nil {
+		return err
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("cannot substitute: %w", errors.Join(missing...))
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	done := make(map[storepath.Path]chan struct{}, len(infos))
+	for p := range infos {
+		done[p] = make(chan struct{})
+	}
+	var (
+		mu     sync.Mutex
+		errs   []error
+		failed = map[storepath.Path]bool{}
+		wg     sync.WaitGroup
+	)
+	for p, info := range infos {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer close(done[p])
+			for _, r := range info.References {
+				ch, ok := done[r]
+				if !ok || r == p {
+					continue // valid already, or a self-reference
+				}
+				select {
+				case <-ch:
+				case <-ctx.Done():
+					return
+				}
+				mu.Lock()
+				bad := failed[r]
+				mu.Unlock()
+				if bad {
+					mu.Lock()
+					failed[p] = true
+					mu.Unlock()
+					return
+				}
+			}
+			if err := s.substitute(ctx, p, prog); err != nil {
+				mu.Lock()
+				failed[p] = true
+				if ctx.Err() == nil || !errors.Is(err, context.Canceled) {
+					errs = append(errs, err)
+				}
+				mu.Unlock()
+				cancel()
+			}
+		}()
+	}
+	wg.Wait()
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	return context.Cause(ctx)
+}
+
+// substitute fetches one path whose references are valid, sharing the work
+// with concurrent callers.
+func (s *Substituter) substitute(ctx context.Context, p storepath.Path, prog Progress) error {
+	_, err := s.narFlights.do(ctx, p.String(), prog, func(ctx context.Context, h *hub) (struct{}, error) {
+		return struct{}{}, s.fetchPath(ctx, p, h)
+	})
+	return err
+}
+
+// fetchPath tries the upstreams by priority until one delivers p.
+func (s *Substituter) fetchPath(ctx context.Context, p storepath.Path, h *hub) error {
+	if ok, err := s.st.IsValidPath(ctx, p); err != nil {
+		return fmt.Errorf("store: %w", err)
+	} else if ok {
+		return nil
+	}
+	select {
+	case s.slots <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	defer func() { <-s.slots }()
+
+	abs := s.cfg.StoreDir.Abs(p)
+	var errs []error
+	for _, up := range s.upstreams(ctx) {
+		info, err := s.lookup(ctx, up, p)
+		if errors.Is(err, errNotFound) {
+			continue
+		}
+		if err == nil && !s.trusted(info) {
+			err = fmt.Errorf("the substitute for %s from %s is %w", abs, up.base, ErrUntrusted)
+			s.log.Warn("refusing untrusted substitute", "path", abs, "upstream", up.base)
+		}
+		if err == nil {
+			err = s.fetchNar(ctx, up, info, h)
+			if err == nil {
+				return nil
+			}
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		errs = append(errs, err)
+		s.log.Warn("substitution from upstream failed; trying the next", "path", abs, "upstream", up.base, "err", err)
+	}
+	if len(errs) == 0 {
+		return fmt.Errorf("substituting %s: %w", abs, ErrNotFound)
+	}
+	return fmt.Errorf("substituting %s: %w", abs, errors.Join(errs...))
+}
+
+// fetchNar downloads info's NAR from up and streams it into the store,
+// retrying broken transfers from the start.
+func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h *hub) error {
+	subID := s.actID.Add(1)
+	h.emit(Event{Kind: EventStart, Type: ActSubstitute, ID: subID, Path: info.Path, Upstream: up.base})
+	narURL := up.urlOf(info.URL)
+	err := s.retry(ctx, up, info.URL, func(ctx context.Context) error {
+		return s.watchedOpen(ctx, up, info.URL, func(ctx context.Context, b *body, tr *transferReader) error {
+			return s.streamInto(ctx, up, info, b, tr, h, subID)
+		})
+	})
+	if errors.Is(err, errNotFound) {
+		err = fmt.Errorf("narinfo of %s points at a missing NAR %s: %w", info.Path, narURL, err)
+	}
+	h.emit(Event{Kind: EventStop, Type: ActSubstitute, ID: subID, Path: info.Path, Upstream: up.base, Err: err})
+	return err
+}
+
+// progressStep is how many bytes pass between progress events.
+const progressStep = 256 << 10
+
+func (s *Substituter) streamInto(ctx context.Context, up *upstream, info *Info, b *body, tr *transferReader, h *hub, parent uint64) (err error) {
+	expected := info.FileSize
+	if b.size >= 0 {
+		expected = uint64(b.size)
+	}
+	ftID := s.actID.Add(1)
+	h.emit(Event{Kind: EventStart, Type: ActFileTransfer, ID: ftID, Parent: parent, Path: info.Path, Upstream: up.base, URL: b.url, Expected: expected})
+	var last int64
+	tr.onRead = func(n int64) {
+		if n-last >= progressStep || (expected > 0 && uint64(n) == expected) {
+			last = n
+			h.emit(Event{Kind: EventProgress, Type: ActFileTransfer, ID: ftID, Parent: parent, Path: info.Path, URL: b.url, Done: uint64(n), Expected: expected})
+		}
+	}
+	cpID := s.actID.Add(1)
+	h.emit(Event{Kind: EventStart, Type: ActCopyPath, ID: cpID, Parent: parent, Path: info.Path, Upstream: up.base, Expected: info.NarSize})
+	defer func() {
+		h.emit(Event{Kind: EventStop, Type: ActCopyPath, ID: cpID, Parent: parent, Path: info.Path, Err: err})
+		h.emit(Event{Kind: EventStop, Type: ActFileTransfer, ID: ftID, Parent: parent, Path: info.Path, URL: b.url, Done: uint64(tr.n), Expected: expected, Err: err})
+	}()
+
+	dec, release, err := decompressor(info.Compression, tr)
+	if err != nil {
+		if tr.err != nil {
+			return tr.err
+		}
+		return fmt.Errorf("%s: %w", b.url, err)
+	}
+	defer release()
+	// The store must see exactly NarSize bytes: a longer stream is cut off
+	// here (and fails the store's NAR parse or hash), so a hostile upstream
+	// cannot make us read without end.
+	nr := &countReader{r: io.LimitReader(dec, int64(info.NarSize)), onRead: func(n int64) {
+		h.emit(Event{Kind: EventProgress, Type: ActCopyPath, ID: cpID, Parent: parent, Path: info.Path, Done: uint64(n), Expected: info.NarSize})
+	}}
+	pi := store.PathInfo{
+		Path:       info.Path,
+		Deriver:    info.Deriver,
+		NarHash:    info.NarHash,
+		References: info.References,
+		NarSize:    info.NarSize,
+		Sigs:       info.Sigs,
+		CA:         info.CA,
+	}
+	// Signatures were checked against our trusted keys before the
+	// download; the store verifies NarHash, NarSize and CA as it reads.
+	err = s.st.AddToStoreNar(ctx, pi, nr, addOptions{})
+	if err == nil {
+		return nil
+	}
+	if tr.err != nil {
+		return tr.err // the transfer broke: retry (the store kept nothing)
+	}
+	if ctx.Err() != nil {
+		return err
+	}
+	return fmt.Errorf("%s from %s (NarHash %s, NarSize %d): %w", s.cfg.StoreDir.Abs(info.Path), b.url, info.NarHash, info.NarSize, err)
+}
+
+// countReader reports the running total at most every progressStep bytes
+// and at EOF.
+type countReader struct {
+	r      io.Reader
+	n      int64
+	last   int64
+	onRead func(n int64)
+}
+
+func (c *countReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	if c.n-c.last >= progressStep || (err == io.EOF && c.n != c.last) {
+		c.last = c.n
+		c.onRead(c.n)
+	}
+	return n, err
+}

@@ -1,0 +1,384 @@
+package substitute
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+// ErrNotFound is wrapped by errors for a path that no upstream has.
+var ErrNotFound = errors.New("path not available from any substituter")
+
+// ErrUntrusted is wrapped (with ErrNotFound) when upstreams have the path
+// but none with a signature by a trusted key.
+var ErrUntrusted = errors.New("not signed by any of the keys in trusted-public-keys")
+
+// Store is what a Substituter needs from the local store. Implementations
+// must be safe for concurrent use. *store.Store implements it.
+type Store interface {
+	// IsValidPath reports whether p is registered in the store.
+	IsValidPath(ctx context.Context, p storepath.Path) (bool, error)
+	// AddToStoreNar reads exactly one NAR from nar, checks it against
+	// info (NarHash, NarSize, CA, and signatures if opts.CheckSigs) and
+	// registers it atomically; on any error nothing is registered. It
+	// must not close nar.
+	AddToStoreNar(ctx context.Context, info store.PathInfo, nar io.Reader, opts addOptions) error
+}
+
+// Config configures a Substituter. Zero fields get the defaults noted.
+type Config struct {
+	// Upstreams are binary cache URLs (http://, https://, file://), as in
+	// nix.conf substituters; "?priority=N" overrides the cache's own
+	// Priority.
+	Upstreams []string
+	// StoreDir is the logical store directory; upstreams must report the
+	// same. Default /nix/store.
+	StoreDir storepath.Dir
+	// TrustedPublicKeys are "name:base64" ed25519 keys.
+	TrustedPublicKeys []string
+	// RequireSigs refuses narinfos that no trusted key signed, unless
+	// content-addressed (nix.conf require-sigs).
+	RequireSigs bool
+	// MaxJobs bounds concurrent NAR downloads across all callers
+	// (max-substitution-jobs). Default 16.
+	MaxJobs int
+	// ConnectTimeout bounds connection set-up (connect-timeout) on the
+	// HTTP client New builds; ignored when HTTPClient is set. Default 0:
+	// the system's.
+	ConnectTimeout time.Duration
+	// FirstByteTimeout bounds the wait for response headers; StallTimeout
+	// the wait for more body bytes (stalled-download-timeout). Defaults
+	// 60 s and 300 s.
+	FirstByteTimeout, StallTimeout time.Duration
+	// PositiveTTL and NegativeTTL are how long narinfo hits and misses
+	// are remembered (narinfo-cache-positive-ttl / -negative-ttl). Defaults
+	// 30 days and 3600 s; negative values disable caching of that kind.
+	PositiveTTL, NegativeTTL time.Duration
+	// MaxAttempts is the number of tries of one request per upstream.
+	// Default 5.
+	MaxAttempts int
+	// BaseBackoff and MaxBackoff shape the exponential backoff. Defaults
+	// 250 ms and 10 s.
+	BaseBackoff, MaxBackoff time.Duration
+	// MaxRetryAfter caps how long a Retry-After is honoured; a longer one
+	// counts as a failure of the upstream. Default 30 s.
+	MaxRetryAfter time.Duration
+	// BreakerThreshold consecutive failed attempts disable an upstream for
+	// BreakerCooldown. Defaults 5 and 60 s (Nix disables a failing
+	// substituter for 60 s).
+	BreakerThreshold int
+	BreakerCooldown  time.Duration
+	// MaxCachedNarinfos bounds the narinfo cache. Default 100000.
+	MaxCachedNarinfos int
+
+	HTTPClient *http.Client
+	Logger     *slog.Logger
+	Now        func() time.Time
+	Sleep      func(ctx context.Context, d time.Duration) error
+	Rand       *rand.Rand // jitter; default seeded randomly
+}
+
+// Substituter fetches paths from upstream binary caches into a Store. It
+// is safe for concurrent use; all callers share its narinfo cache, its
+// single-flight tables and its MaxJobs download slots.
+type Substituter struct {
+	cfg    Config
+	st     Store
+	keys   publicKeys
+	client *http.Client
+	log    *slog.Logger
+	ups    []*upstream // in configuration order
+
+	randMu sync.Mutex
+	actID  atomic.Uint64
+	slots  chan struct{}
+
+	cacheMu sync.Mutex
+	cache   map[string]cacheEntry // upstream base + "/" + hash part
+
+	infoFlights group[*Info]
+	narFlights  group[struct{}]
+	initFlights group[struct{}]
+}
+
+type cacheEntry struct {
+	info    *Info // nil: a cached miss
+	expires time.Time
+}
+
+// New validates cfg and returns a Substituter. No network I/O happens
+// until the first query.
+func New(cfg Config, st Store) (*Substituter, error) {
+	if st == nil {
+		return nil, errors.New("substitute: nil store")
+	}
+	if cfg.StoreDir == "" {
+		cfg.StoreDir = storepath.DefaultDir
+	}
+	def := func(d *time.Duration, v time.Duration) {
+		if *d == 0 {
+			*d = v
+		}
+	}
+	if cfg.MaxJobs <= 0 {
+		cfg.MaxJobs = 16
+	}
+	if cfg.MaxAttempts <= 0 {
+		cfg.MaxAttempts = 5
+	}
+	if cfg.BreakerThreshold <= 0 {
+		cfg.BreakerThreshold = 5
+	}
+	if cfg.MaxCachedNarinfos <= 0 {
+		cfg.MaxCachedNarinfos = 100000
+	}
+	def(&cfg.FirstByteTimeout, 60*time.Second)
+	def(&cfg.StallTimeout, 300*time.Second)
+	def(&cfg.PositiveTTL, 30*24*time.Hour)
+	def(&cfg.NegativeTTL, 3600*time.Second)
+	def(&cfg.BaseBackoff, 250*time.Millisecond)
+	def(&cfg.MaxBackoff, 10*time.Second)
+	def(&cfg.MaxRetryAfter, 30*time.Second)
+	def(&cfg.BreakerCooldown, 60*time.Second)
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Sleep == nil {
+		cfg.Sleep = sleepCtx
+	}
+	if cfg.Rand == nil {
+		cfg.Rand = rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
+	}
+	s := &Substituter{
+		cfg:   cfg,
+		st:    st,
+		log:   cfg.Logger,
+		slots: make(chan struct{}, cfg.MaxJobs),
+		cache: map[string]cacheEntry{},
+	}
+	var err error
+	if s.keys, err = parsePublicKeys(cfg.TrustedPublicKeys); err != nil {
+		return nil, fmt.Errorf("substitute: trusted-public-keys: %w", err)
+	}
+	for _, raw := range cfg.Upstreams {
+		up, err := newUpstream(raw)
+		if err != nil {
+			return nil, fmt.Errorf("substitute: %w", err)
+		}
+		s.ups = append(s.ups, up)
+	}
+	s.client = cfg.HTTPClient
+	if s.client == nil {
+		tr := http.DefaultTransport.(*http.Transport).Clone()
+		tr.DialContext = (&net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: 30 * time.Second}).DialContext
+		tr.DisableCompression = true // NARs are compressed already; we want the bytes as stored
+		tr.MaxIdleConnsPerHost = cfg.MaxJobs
+		s.client = &http.Client{Transport: tr}
+	}
+	return s, nil
+}
+
+func (s *Substituter) now() time.Time { return s.cfg.Now() }
+
+// upstreams returns the usable upstreams by priority (lower first, then
+// configuration order), reading nix-cache-info of those not yet read.
+// Upstreams whose breaker is open or whose StoreDir differs are left out.
+func (s *Substituter) upstreams(ctx context.Context) []*upstream {
+	var wg sync.WaitGroup
+	for _, up := range s.ups {
+		up.mu.Lock()
+		need := !up.inited
+		up.mu.Unlock()
+		if need && s.allow(up) {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				s.initFlights.do(ctx, up.base, nil, func(ctx context.Context, _ *hub) (struct{}, error) {
+					s.initUpstream(ctx, up)
+					return struct{}{}, nil
+				})
+			}()
+		}
+	}
+	wg.Wait()
+	type cand struct {
+		up   *upstream
+		prio int
+		idx  int
+	}
+	var cs []cand
+	for i, up := range s.ups {
+		up.mu.Lock()
+		bad := up.inited && up.initErr != nil
+		prio := up.priority
+		up.mu.Unlock()
+		if bad || !s.allow(up) {
+			continue
+		}
+		cs = append(cs, cand{up, prio, i})
+	}
+	sort.SliceStable(cs, func(i, j int) bool { return cs[i].prio < cs[j].prio })
+	out := make([]*upstream, len(cs))
+	for i, c := range cs {
+		out[i] = c.up
+	}
+	return out
+}
+
+// initUpstream reads nix-cache-info. A transport failure leaves the
+// upstream uninitialised (tried again next time, default priority); a
+// missing file or a StoreDir mismatch disables it for this Substituter's
+// lifetime, as Nix refuses such a cache.
+func (s *Substituter) initUpstream(ctx context.Context, up *upstream) {
+	data, err := s.readSmall(ctx, up, "nix-cache-info", maxCacheInfoSize)
+	var ci cacheInfo
+	if err == nil {
+		ci, err = parseCacheInfo(data)
+		if err == nil && ci.StoreDir != string(s.cfg.StoreDir) {
+			err = fmt.Errorf("%s: store directory %q differs from ours, %q", up.base, ci.StoreDir, s.cfg.StoreDir)
+		}
+		if err != nil {
+			err = fmt.Errorf("%s/nix-cache-info: %w", up.base, err)
+		}
+	} else if errors.Is(err, errNotFound) {
+		err = fmt.Errorf("%s does not appear to be a binary cache: %w", up.base, err)
+	} else {
+		s.log.Warn("cannot read nix-cache-info", "upstream", up.base, "err", err)
+		return
+	}
+	up.mu.Lock()
+	defer up.mu.Unlock()
+	up.inited, up.initErr = true, err
+	if err != nil {
+		s.log.Error("upstream disabled", "upstream", up.base, "err", err)
+		return
+	}
+	up.massQ = ci.WantMassQuery
+	if ci.hasPriority && !up.prioSet {
+		up.priority = ci.Priority
+	}
+}
+
+// lookup returns up's narinfo for p, from the cache or the network.
+// A miss wraps errNotFound.
+func (s *Substituter) lookup(ctx context.Context, up *upstream, p storepath.Path) (*Info, error) {
+	key := up.base + "/" + p.HashPart()
+	s.cacheMu.Lock()
+	e, ok := s.cache[key]
+	s.cacheMu.Unlock()
+	if ok && s.now().Before(e.expires) {
+		if e.info == nil {
+			return nil, fmt.Errorf("%s: %s.narinfo: %w (cached)", up.base, p.HashPart(), errNotFound)
+		}
+		if e.info.Path == p {
+			return e.info, nil
+		}
+	}
+	return s.infoFlights.do(ctx, key, nil, func(ctx context.Context, _ *hub) (*Info, error) {
+		rel := p.HashPart() + ".narinfo"
+		data, err := s.readSmall(ctx, up, rel, maxNarinfoSize)
+		if errors.Is(err, errNotFound) {
+			s.remember(key, nil)
+			return nil, err
+		}
+		if err != nil {
+			return nil, err
+		}
+		info, err := parseNarinfo(data, s.cfg.StoreDir)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", up.urlOf(rel), err)
+		}
+		if info.Path.HashPart() != p.HashPart() {
+			return nil, fmt.Errorf("%s: narinfo is for %s, not %s", up.urlOf(rel), info.Path, p)
+		}
+		info.Upstream = up.base
+		s.remember(key, info)
+		if info.Path != p {
+			return nil, fmt.Errorf("%s: %w (it has %s)", up.urlOf(rel), errNotFound, info.Path)
+		}
+		return info, nil
+	})
+}
+
+func (s *Substituter) remember(key string, info *Info) {
+	ttl := s.cfg.PositiveTTL
+	if info == nil {
+		ttl = s.cfg.NegativeTTL
+	}
+	if ttl < 0 {
+		return
+	}
+	now := s.now()
+	s.cacheMu.Lock()
+	defer s.cacheMu.Unlock()
+	if len(s.cache) >= s.cfg.MaxCachedNarinfos {
+		for k, e := range s.cache {
+			if !now.Before(e.expires) {
+				delete(s.cache, k)
+			}
+		}
+		for k := range s.cache { // still full: drop arbitrary entries
+			if len(s.cache) < s.cfg.MaxCachedNarinfos {
+				break
+			}
+			delete(s.cache, k)
+		}
+	}
+	s.cache[key] = cacheEntry{info: info, expires: now.Add(ttl)}
+}
+
+// trusted reports whether info may be used under RequireSigs.
+func (s *Substituter) trusted(info *Info) bool {
+	return !s.cfg.RequireSigs || s.keys.signedBy(s.cfg.StoreDir, info) || contentAddressed(s.cfg.StoreDir, info)
+}
+
+// QueryPathInfo returns the narinfo of p from the first upstream by
+// priority that has a usable (trusted, if RequireSigs) one. If none has it
+// the error wraps ErrNotFound (and ErrUntrusted if only untrusted ones
+// exist); if some upstream failed and none had it, the error says why
+// and does not wrap ErrNotFound.
+func (s *Substituter) QueryPathInfo(ctx context.Context, p storepath.Path) (*Info, error) {
+	var errs []error
+	untrusted := false
+	for _, up := range s.upstreams(ctx) {
+		info, err := s.lookup(ctx, up, p)
+		if errors.Is(err, errNotFound) {
+			continue
+		}
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			errs = append(errs, err)
+			continue
+		}
+		if !s.trusted(info) {
+			s.log.Warn("substitute is not signed by a trusted key", "path", p.String(), "upstream", up.base)
+			untrusted = true
+			continue
+		}
+		return info, nil
+	}
+	if len(errs) > 0 {
+		return nil, fmt.Errorf("querying %s: %w", s.cfg.StoreDir.Abs(p), errors.Join(errs...))
+	}
+	if untrusted {
+		return nil, fmt.Errorf("%s: %w: %w", s.cfg.StoreDir.Abs(p), ErrNotFound, ErrUntrusted)
+	}
+	return nil, fmt.Errorf("%s: %w", s.cfg.StoreDir.Abs(p), ErrNotFound)
+}
