@@ -1,0 +1,610 @@
+package store
+
+import (
+	"context"
+	"crypto/rand"
+	"database/sql"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/nixyard/nixyard/internal/nar"
+	"github.com/nixyard/nixyard/internal/nix/contentaddress"
+	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/nixbase32"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+)
+
+// AddOptions are the flags of an addition.
+type AddOptions struct{ Repair, CheckSigs bool }
+
+// Batch limits of AddMultipleToStoreNar: paths are made durable and
+// registered together once this many are unpacked, or this many NAR bytes.
+const (
+	batchMaxPaths = 512
+	batchMaxBytes = 512 << 20
+)
+
+// pendingPath is an unpacked, checked path waiting to be made durable and
+// registered.
+type pendingPath struct {
+	info       PathInfo
+	lock       *pathLock
+	drvOutputs map[string]storepath.Path
+}
+
+// batch adds paths: each is unpacked under its path lock, and a flush makes
+// all pending paths durable and registers them in one transaction.
+type batch struct {
+	s       *Store
+	opts    AddOptions
+	pending []*pendingPath
+	inBatch map[storepath.Path]bool
+	bytes   uint64
+	rooted  []storepath.Path // in-flight temporary roots to drop at the end
+}
+
+func (s *Store) newBatch(opts AddOptions) *batch {
+	return &batch{s: s, opts: opts, inBatch: map[storepath.Path]bool{}}
+}
+
+// AddToStoreNar adds one path from its NAR. It reads exactly one NAR from
+// nar (never past its end), checks NarHash, NarSize and, if set, CA against
+// info, checks signatures when opts.CheckSigs, RequireSigs and the path is
+// not content-addressed, and registers the path atomically with its
+// references, which must all be valid (or the path itself). If the path is
+// already valid (and !opts.Repair) the NAR is read and discarded. On error
+// nothing is registered and nothing is left at the path; the NAR may be
+// partly read. Callers that need the path to outlive a concurrent garbage
+// collection hold a Session temporary root on it.
+func (s *Store) AddToStoreNar(ctx context.Context, info PathInfo, nr io.Reader, opts AddOptions) error {
+	b := s.newBatch(opts)
+	defer b.abort()
+	if err := b.add(ctx, info, nr); err != nil {
+		return err
+	}
+	return b.flush(ctx)
+}
+
+// AddMultipleToStoreNar adds a stream of paths: next returns each path's
+// info and a reader of exactly its NAR, and io.EOF after the last. Paths
+// are made durable and registered in batches; paths may refer to earlier
+// paths of the stream. On error, the paths of completed batches stay valid.
+func (s *Store) AddMultipleToStoreNar(ctx context.Context, next func() (PathInfo, io.Reader, error), opts AddOptions) error {
+	b := s.newBatch(opts)
+	defer b.abort()
+	for {
+		info, nr, err := next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return err
+		}
+		if err := b.add(ctx, info, nr); err != nil {
+			return err
+		}
+		if len(b.pending) >= batchMaxPaths || b.bytes >= batchMaxBytes {
+			if err := b.flush(ctx); err != nil {
+				return err
+			}
+		}
+	}
+	return b.flush(ctx)
+}
+
+// discardNAR reads one NAR to its end.
+func discardNAR(r io.Reader) error {
+	nr := nar.NewReader(r)
+	for {
+		if _, err := nr.Next(); errors.Is(err, io.EOF) {
+			return nil
+		} else if err != nil {
+			return err
+		}
+		if _, err := io.Copy(io.Discard, nr); err != nil {
+			return err
+		}
+	}
+}
+
+// countWriter counts bytes written.
+type countWriter struct{ n uint64 }
+
+func (c *countWriter) Write(p []byte) (int, error) { c.n += uint64(len(p)); return len(p), nil }
+
+func (b *batch) add(ctx context.Context, info PathInfo, r io.Reader) error {
+	s := b.s
+	abs := s.abs(info.Path)
+	if info.Path.IsZero() {
+		return errors.New("store: adding a path without a name")
+	}
+	if info.NarHash.Algo != hash.SHA256 {
+		return fmt.Errorf("store: adding %s: NAR hash must be sha256, got %s", abs, info.NarHash.Algo)
+	}
+	var ca contentaddress.CA
+	if info.CA != "" {
+		var err error
+		if ca, err = contentaddress.Parse(info.CA); err != nil {
+			return fmt.Errorf("store: adding %s: %w", abs, err)
+		}
+		if err := s.checkCAPath(info, ca); err != nil {
+			return err
+		}
+	}
+	if b.opts.CheckSigs && s.cfg.RequireSigs && ca.IsZero() && !s.sigs.trusted(s.dir, &info) {
+		return fmt.Errorf("store: cannot add path '%s' because it lacks a signature by a trusted key", abs)
+	}
+	if b.inBatch[info.Path] {
+		return discardNAR(r)
+	}
+	if err := s.roots.add(ctx, info.Path); err != nil {
+		return err
+	}
+	b.rooted = append(b.rooted, info.Path)
+
+	valid, err := s.IsValidPath(ctx, info.Path)
+	if err != nil {
+		return err
+	}
+	if valid && !b.opts.Repair {
+		return discardNAR(r)
+	}
+	realPath := s.RealPath(info.Path)
+	lock, err := s.tryLockPath(ctx, realPath)
+	if err != nil {
+		return err
+	}
+	if lock == nil {
+		// Someone else is adding it. Do not wait while holding the locks
+		// of this batch (two batches could wait on each other).
+		if err := b.flush(ctx); err != nil {
+			return err
+		}
+		if lock, err = s.lockPath(ctx, realPath); err != nil {
+			return err
+		}
+	}
+	if valid, err = s.IsValidPath(ctx, info.Path); err != nil || (valid && !b.opts.Repair) {
+		lock.unlock()
+		if err != nil {
+			return err
+		}
+		return discardNAR(r)
+	}
+	for _, ref := range info.References {
+		if ref == info.Path || b.inBatch[ref] {
+			continue
+		}
+		ok, err := s.IsValidPath(ctx, ref)
+		if err != nil {
+			lock.unlock()
+			return err
+		}
+		if !ok {
+			lock.unlock()
+			return fmt.Errorf("store: cannot add path '%s' because its reference '%s' is not valid: %w", abs, s.abs(ref), ErrNotValid)
+		}
+	}
+	pp, err := s.unpack(ctx, info, ca, r, realPath)
+	if err != nil {
+		lock.unlock()
+		return err
+	}
+	pp.lock = lock
+	b.pending = append(b.pending, pp)
+	b.inBatch[info.Path] = true
+	b.bytes += info.NarSize
+	return nil
+}
+
+// checkCAPath checks that a content-addressed path is where its content
+// address puts it.
+func (s *Store) checkCAPath(info PathInfo, ca contentaddress.CA) error {
+	var refs []storepath.Path
+	self := false
+	for _, r := range info.References {
+		if r == info.Path {
+			self = true
+		} else {
+			refs = append(refs, r)
+		}
+	}
+	want, err := ca.StorePath(s.dir, info.Path.Name(), refs, self)
+	if err != nil || want != info.Path {
+		return fmt.Errorf("store: cannot add path '%s' to the Nix store because it claims to be content-addressed but isn't", s.abs(info.Path))
+	}
+	return nil
+}
+
+// unpack restores the NAR at realPath (after deleting an invalid leftover),
+// checks it against info and canonicalises it. On error nothing is left.
+func (s *Store) unpack(ctx context.Context, info PathInfo, ca contentaddress.CA, r io.Reader, realPath string) (_ *pendingPath, err error) {
+	abs := s.abs(info.Path)
+	if err := removeAll(realPath); err != nil {
+		return nil, fmt.Errorf("store: deleting leftover %s: %w", realPath, err)
+	}
+	defer func() {
+		if err != nil {
+			removeAll(realPath)
+		}
+	}()
+	sha := hash.SHA256.New()
+	cnt := &countWriter{}
+	writers := []io.Writer{sha, cnt}
+	caHasher := sha
+	if ca.Method == contentaddress.NAR && ca.Hash.Algo != hash.SHA256 {
+		caHasher = ca.Hash.Algo.New()
+		writers = append(writers, caHasher)
+	}
+	if err := nar.Restore(ctx, io.TeeReader(r, io.MultiWriter(writers...)), realPath); err != nil {
+		return nil, fmt.Errorf("store: unpacking %s: %w", abs, err)
+	}
+	got := hash.FromHasher(hash.SHA256, sha)
+	if !got.Equal(info.NarHash) {
+		return nil, fmt.Errorf("store: hash mismatch importing path '%s';\n  specified: %s\n  got:       %s", abs, info.NarHash, got)
+	}
+	if cnt.n != info.NarSize {
+		return nil, fmt.Errorf("store: size mismatch importing path '%s';\n  specified: %d\n  got:       %d", abs, info.NarSize, cnt.n)
+	}
+	if !ca.IsZero() {
+		var actual hash.Hash
+		switch ca.Method {
+		case contentaddress.NAR:
+			actual = hash.FromHasher(ca.Hash.Algo, caHasher)
+		case contentaddress.Flat, contentaddress.Text:
+			if actual, err = hashFile(realPath, ca.Hash.Algo); err != nil {
+				return nil, fmt.Errorf("store: content address of %s: %w", abs, err)
+			}
+		}
+		if !actual.Equal(ca.Hash) {
+			return nil, fmt.Errorf("store: ca hash mismatch importing path '%s';\n  specified: %s\n  got:       %s", abs, ca.Hash, actual)
+		}
+	}
+	pp := &pendingPath{info: info}
+	if info.Path.IsDerivation() {
+		if pp.drvOutputs, err = s.readDrvOutputs(info.Path, realPath); err != nil {
+			return nil, err
+		}
+	}
+	if err := nar.Canonicalise(realPath); err != nil {
+		return nil, fmt.Errorf("store: %s: %w", abs, err)
+	}
+	return pp, nil
+}
+
+// hashFile hashes the contents of a regular file (not following symlinks).
+func hashFile(path string, algo hash.Algo) (hash.Hash, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return hash.Hash{}, err
+	}
+	defer f.Close()
+	if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
+		return hash.Hash{}, fmt.Errorf("%s is not a regular file", path)
+	}
+	h := algo.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return hash.Hash{}, fmt.Errorf("reading %s: %w", path, err)
+	}
+	return hash.FromHasher(algo, h), nil
+}
+
+// flush makes the pending paths durable and registers them in one
+// transaction, then releases their locks. On error the pending paths are
+// deleted.
+func (b *batch) flush(ctx context.Context) error {
+	if len(b.pending) == 0 {
+		return nil
+	}
+	s := b.s
+	var err error
+	if len(b.pending) == 1 {
+		err = syncTree(s.RealPath(b.pending[0].info.Path))
+	} else {
+		err = syncFS(s.RealPath(b.pending[0].info.Path))
+	}
+	if err == nil {
+		err = s.register(ctx, b.pending)
+	}
+	if err != nil {
+		b.abort()
+		return fmt.Errorf("store: registering: %w", err)
+	}
+	for _, pp := range b.pending {
+		pp.lock.unlock()
+	}
+	b.pending = nil
+	b.bytes = 0
+	return nil
+}
+
+// abort deletes and unlocks the pending paths and drops the batch's roots.
+func (b *batch) abort() {
+	for _, pp := range b.pending {
+		removeAll(b.s.RealPath(pp.info.Path))
+		pp.lock.unlock()
+		delete(b.inBatch, pp.info.Path)
+	}
+	b.pending = nil
+	for _, p := range b.rooted {
+		b.s.roots.remove(p)
+	}
+	b.rooted = nil
+}
+
+// register writes ValidPaths, Refs and DerivationOutputs rows for paths in
+// one transaction, as Nix's registerValidPaths.
+func (s *Store) register(ctx context.Context, paths []*pendingPath) error {
+	tx, err := s.db.w.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	now := time.Now().Unix()
+	ids := make([]int64, len(paths))
+	for i, pp := range paths {
+		info := &pp.info
+		abs := s.abs(info.Path)
+		regTime := now
+		if !info.RegistrationTime.IsZero() && info.RegistrationTime.Unix() > 0 {
+			regTime = info.RegistrationTime.Unix()
+		}
+		sigs := nullString(strings.Join(sortedSigs(info.Sigs), " "))
+		ca := nullString(info.CA)
+		narSize := sql.NullInt64{Int64: int64(info.NarSize), Valid: info.NarSize != 0}
+		ultimate := sql.NullInt64{Int64: 1, Valid: info.Ultimate}
+		var id int64
+		err := tx.QueryRowContext(ctx, "select id from ValidPaths where path = ?", abs).Scan(&id)
+		switch {
+		case errors.Is(err, sql.ErrNoRows):
+			deriver := sql.NullString{}
+			if !info.Deriver.IsZero() {
+				deriver = sql.NullString{String: s.abs(info.Deriver), Valid: true}
+			}
+			res, err := tx.ExecContext(ctx, "insert into ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) values (?, ?, ?, ?, ?, ?, ?, ?)",
+				abs, info.NarHash.StringBase16(), regTime, deriver, narSize, ultimate, sigs, ca)
+			if err != nil {
+				return fmt.Errorf("registering %s: %w", abs, err)
+			}
+			if id, err = res.LastInsertId(); err != nil {
+				return fmt.Errorf("registering %s: %w", abs, err)
+			}
+		case err != nil:
+			return fmt.Errorf("registering %s: %w", abs, err)
+		default:
+			if _, err := tx.ExecContext(ctx, "update ValidPaths set narSize = ?, hash = ?, ultimate = ?, sigs = ?, ca = ? where path = ?",
+				narSize, info.NarHash.StringBase16(), ultimate, sigs, ca, abs); err != nil {
+				return fmt.Errorf("updating %s: %w", abs, err)
+			}
+		}
+		ids[i] = id
+		if pp.drvOutputs != nil {
+			for name, out := range pp.drvOutputs {
+				if _, err := tx.ExecContext(ctx, "insert or replace into DerivationOutputs (drv, id, path) values (?, ?, ?)", id, name, s.abs(out)); err != nil {
+					return fmt.Errorf("registering outputs of %s: %w", abs, err)
+				}
+			}
+		}
+	}
+	for i, pp := range paths {
+		for _, ref := range pp.info.References {
+			var refID int64
+			err := tx.QueryRowContext(ctx, "select id from ValidPaths where path = ?", s.abs(ref)).Scan(&refID)
+			if errors.Is(err, sql.ErrNoRows) {
+				return fmt.Errorf("reference %s of %s: %w", s.abs(ref), s.abs(pp.info.Path), ErrNotValid)
+			}
+			if err != nil {
+				return fmt.Errorf("reference %s of %s: %w", s.abs(ref), s.abs(pp.info.Path), err)
+			}
+			if _, err := tx.ExecContext(ctx, "insert or replace into Refs (referrer, reference) values (?, ?)", ids[i], refID); err != nil {
+				return fmt.Errorf("reference %s of %s: %w", s.abs(ref), s.abs(pp.info.Path), err)
+			}
+		}
+	}
+	return tx.Commit()
+}
+
+func nullString(s string) sql.NullString { return sql.NullString{String: s, Valid: s != ""} }
+
+// sortedSigs returns sigs sorted without duplicates, as Nix's StringSet.
+func sortedSigs(sigs []string) []string {
+	out := slices.Clone(sigs)
+	slices.Sort(out)
+	return slices.Compact(out)
+}
+
+// AddToStoreContent adds content under its content address: data is a NAR
+// for method NAR, raw bytes (read to EOF) for Flat and Text. A Text .drv
+// gets its DerivationOutputs registered. Paths are computed as Nix does
+// (Text paths may have references; Flat paths and non-sha256 NAR paths
+// may not). If the path is already valid (and !repair) its info is returned.
+func (s *Store) AddToStoreContent(ctx context.Context, name string, method contentaddress.Method, algo hash.Algo, refs []storepath.Path, data io.Reader, repair bool) (*PathInfo, error) {
+	if err := storepath.CheckName(name); err != nil {
+		return nil, fmt.Errorf("store: adding %q: %w", name, err)
+	}
+	if method == contentaddress.Text && algo != hash.SHA256 {
+		return nil, fmt.Errorf("store: adding %q: text content needs sha256", name)
+	}
+	// The content goes to <random hash>-nixyard-tmp-<pid>/x first: only
+	// once it is hashed is its path known.
+	var rnd [20]byte
+	rand.Read(rnd[:])
+	tmpPath, err := storepath.ParseBase(nixbase32.EncodeToString(rnd[:]) + tempDirSuffix + fmt.Sprint(os.Getpid()))
+	if err != nil {
+		return nil, fmt.Errorf("store: temporary directory name: %w", err)
+	}
+	if err := s.roots.add(ctx, tmpPath); err != nil {
+		return nil, err
+	}
+	defer s.roots.remove(tmpPath)
+	tmpDir := s.RealPath(tmpPath)
+	if err := os.Mkdir(tmpDir, 0o700); err != nil {
+		return nil, fmt.Errorf("store: creating %s: %w", tmpDir, err)
+	}
+	defer removeAll(tmpDir)
+	tmp := tmpDir + "/x"
+
+	h := algo.New()
+	var narHash hash.Hash
+	var narSize uint64
+	switch method {
+	case contentaddress.NAR:
+		sha := hash.SHA256.New()
+		cnt := &countWriter{}
+		if err := nar.Restore(ctx, io.TeeReader(data, io.MultiWriter(h, sha, cnt)), tmp); err != nil {
+			return nil, fmt.Errorf("store: adding %q: %w", name, err)
+		}
+		narHash, narSize = hash.FromHasher(hash.SHA256, sha), cnt.n
+	case contentaddress.Flat, contentaddress.Text:
+		if err := writeStream(ctx, tmp, io.TeeReader(data, h)); err != nil {
+			return nil, fmt.Errorf("store: adding %q: %w", name, err)
+		}
+		sha := hash.SHA256.New()
+		cnt := &countWriter{}
+		if err := nar.DumpPath(io.MultiWriter(sha, cnt), tmp); err != nil {
+			return nil, fmt.Errorf("store: adding %q: %w", name, err)
+		}
+		narHash, narSize = hash.FromHasher(hash.SHA256, sha), cnt.n
+	default:
+		return nil, fmt.Errorf("store: adding %q: unknown content address method %d", name, method)
+	}
+	ca := contentaddress.CA{Method: method, Hash: hash.FromHasher(algo, h)}
+	p, err := ca.StorePath(s.dir, name, refs, false)
+	if err != nil {
+		return nil, fmt.Errorf("store: adding %q: %w", name, err)
+	}
+	info := PathInfo{Path: p, NarHash: narHash, NarSize: narSize, References: storepath.Sort(slices.Clone(refs)), CA: ca.String()}
+	if err := s.addUnpacked(ctx, info, tmp, repair); err != nil {
+		return nil, err
+	}
+	return s.QueryPathInfo(ctx, p)
+}
+
+// writeStream writes r to a new file at path.
+func writeStream(ctx context.Context, path string, r io.Reader) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, 1<<20)
+	for {
+		if err := ctx.Err(); err != nil {
+			f.Close()
+			return err
+		}
+		n, rerr := r.Read(buf)
+		if n > 0 {
+			if _, err := f.Write(buf[:n]); err != nil {
+				f.Close()
+				return fmt.Errorf("writing %s: %w", path, err)
+			}
+		}
+		if errors.Is(rerr, io.EOF) {
+			break
+		}
+		if rerr != nil {
+			f.Close()
+			return rerr
+		}
+	}
+	return f.Close()
+}
+
+// addUnpacked moves a checked tree at tmp into place as info.Path and
+// registers it, under the path lock.
+func (s *Store) addUnpacked(ctx context.Context, info PathInfo, tmp string, repair bool) error {
+	abs := s.abs(info.Path)
+	if err := s.roots.add(ctx, info.Path); err != nil {
+		return err
+	}
+	defer s.roots.remove(info.Path)
+	realPath := s.RealPath(info.Path)
+	lock, err := s.lockPath(ctx, realPath)
+	if err != nil {
+		return err
+	}
+	defer lock.unlock()
+	if valid, err := s.IsValidPath(ctx, info.Path); err != nil || (valid && !repair) {
+		return err
+	}
+	for _, ref := range info.References {
+		if ok, err := s.IsValidPath(ctx, ref); err != nil {
+			return err
+		} else if !ok {
+			return fmt.Errorf("store: cannot add path '%s' because its reference '%s' is not valid: %w", abs, s.abs(ref), ErrNotValid)
+		}
+	}
+	pp := &pendingPath{info: info}
+	if info.Path.IsDerivation() {
+		if pp.drvOutputs, err = s.readDrvOutputs(info.Path, tmp); err != nil {
+			return err
+		}
+	}
+	if err := nar.Canonicalise(tmp); err != nil {
+		return fmt.Errorf("store: %s: %w", abs, err)
+	}
+	if err := syncTree(tmp); err != nil {
+		return fmt.Errorf("store: %s: %w", abs, err)
+	}
+	if err := removeAll(realPath); err != nil {
+		return fmt.Errorf("store: deleting leftover %s: %w", realPath, err)
+	}
+	if err := os.Rename(tmp, realPath); err != nil {
+		return fmt.Errorf("store: moving %s into place: %w", abs, err)
+	}
+	if err := fsyncPath(s.realDir); err != nil {
+		removeAll(realPath)
+		return fmt.Errorf("store: %s: %w", abs, err)
+	}
+	if err := s.register(ctx, []*pendingPath{pp}); err != nil {
+		removeAll(realPath)
+		return fmt.Errorf("store: registering %s: %w", abs, err)
+	}
+	return nil
+}
+
+// AddSignatures adds signatures to a valid path's info (kept as a sorted
+// set, as Nix does).
+func (s *Store) AddSignatures(ctx context.Context, p storepath.Path, sigs []string) error {
+	abs := s.abs(p)
+	tx, err := s.db.w.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("store: adding signatures to %s: %w", abs, err)
+	}
+	defer tx.Rollback()
+	var cur sql.NullString
+	err = tx.QueryRowContext(ctx, "select sigs from ValidPaths where path = ?", abs).Scan(&cur)
+	if errors.Is(err, sql.ErrNoRows) {
+		return fmt.Errorf("store: path '%s': %w", abs, ErrNotValid)
+	}
+	if err != nil {
+		return fmt.Errorf("store: adding signatures to %s: %w", abs, err)
+	}
+	all := append(strings.Fields(cur.String), sigs...)
+	if _, err := tx.ExecContext(ctx, "update ValidPaths set sigs = ? where path = ?", nullString(strings.Join(sortedSigs(all), " ")), abs); err != nil {
+		return fmt.Errorf("store: adding signatures to %s: %w", abs, err)
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("store: adding signatures to %s: %w", abs, err)
+	}
+	return nil
+}
+
+// NarFromPath writes the NAR serialisation of a valid path to w.
+func (s *Store) NarFromPath(ctx context.Context, p storepath.Path, w io.Writer) error {
+	if ok, err := s.IsValidPath(ctx, p); err != nil {
+		return err
+	} else if !ok {
+		return fmt.Errorf("store: path '%s': %w", s.abs(p), ErrNotValid)
+	}
+	if err := nar.DumpPath(w, s.RealPath(p)); err != nil {
+		return fmt.Errorf("store: dumping %s: %w", s.abs(p), err)
+	}
+	return nil
+}

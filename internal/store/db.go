@@ -1,0 +1,271 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+
+	sqlite3 "github.com/mattn/go-sqlite3"
+)
+
+// nixSchema is Nix 2.8's src/libstore/schema.sql: the database must be
+// exactly Nix's so that real Nix can open it.
+const nixSchema = `
+create table if not exists ValidPaths (
+    id               integer primary key autoincrement not null,
+    path             text unique not null,
+    hash             text not null,
+    registrationTime integer not null,
+    deriver          text,
+    narSize          integer,
+    ultimate         integer, -- null implies "false"
+    sigs             text, -- space-separated
+    ca               text -- if not null, an assertion that the path is content-addressed; see ValidPathInfo
+);
+
+create table if not exists Refs (
+    referrer  integer not null,
+    reference integer not null,
+    primary key (referrer, reference),
+    foreign key (referrer) references ValidPaths(id) on delete cascade,
+    foreign key (reference) references ValidPaths(id) on delete restrict
+);
+
+create index if not exists IndexReferrer on Refs(referrer);
+create index if not exists IndexReference on Refs(reference);
+
+-- Paths can refer to themselves, causing a tuple (N, N) in the Refs
+-- table.  This causes a deletion of the corresponding row in
+-- ValidPaths to cause a foreign key constraint violation (due to ` + "`" + `on
+-- delete restrict' on the ` + "`" + `reference' column).  Therefore, explicitly
+-- get rid of self-references.
+create trigger if not exists DeleteSelfRefs before delete on ValidPaths
+  begin
+    delete from Refs where referrer = old.id and reference = old.id;
+  end;
+
+create table if not exists DerivationOutputs (
+    drv  integer not null,
+    id   text not null, -- symbolic output id, usually "out"
+    path text not null,
+    primary key (drv, id),
+    foreign key (drv) references ValidPaths(id) on delete cascade
+);
+
+create index if not exists IndexDerivationOutputs on DerivationOutputs(path);
+`
+
+// driverName is mattn/go-sqlite3 with the per-connection settings Nix's
+// SQLite wrapper and openDB apply (foreign keys, a one-hour busy timeout,
+// synchronous=normal, and a 40000-page WAL auto-checkpoint interval).
+const driverName = "sqlite3-nixyard"
+
+var registerDriver sync.Once
+
+func dbDriver() string {
+	registerDriver.Do(func() {
+		sql.Register(driverName, &sqlite3.SQLiteDriver{
+			ConnectHook: func(c *sqlite3.SQLiteConn) error {
+				for _, p := range []string{
+					"pragma foreign_keys = 1",
+					"pragma busy_timeout = 3600000",
+					"pragma synchronous = normal",
+					"pragma wal_autocheckpoint = 40000",
+				} {
+					if _, err := c.Exec(p, nil); err != nil {
+						return fmt.Errorf("%s: %w", p, err)
+					}
+				}
+				return nil
+			},
+		})
+	})
+	return driverName
+}
+
+// database is the SQLite database: one writer connection and a pool of
+// readers (WAL lets readers run beside the writer and beside other
+// processes).
+type database struct {
+	path string
+	w    *sql.DB // exactly one connection; transactions are BEGIN IMMEDIATE
+	r    *sql.DB
+
+	// Prepared statements on the reader pool.
+	qPathInfo, qRefs, qReferrers, qValid, qAll, qHashPart, qDerivers, qDrvOutputs *sql.Stmt
+}
+
+// openDatabase opens db/db.sqlite, creating it and db/schema as Nix does
+// for a new store. Schemas other than 10 are refused.
+func openDatabase(ctx context.Context, dbDir string, log *slog.Logger) (*database, error) {
+	if err := checkWritable(dbDir); err != nil {
+		return nil, err
+	}
+	schemaPath := filepath.Join(dbDir, "schema")
+	cur, err := readSchema(schemaPath)
+	if err != nil {
+		return nil, err
+	}
+	if cur != 0 && cur != schemaVersion {
+		return nil, fmt.Errorf("store: %s: current Nix store schema is version %d, but only version %d is supported", schemaPath, cur, schemaVersion)
+	}
+	d := &database{path: filepath.Join(dbDir, "db.sqlite")}
+	mode := "rw"
+	if cur == 0 {
+		mode = "rwc"
+	}
+	d.w, err = sql.Open(dbDriver(), "file:"+d.path+"?mode="+mode+"&_txlock=immediate")
+	if err != nil {
+		return nil, fmt.Errorf("store: opening %s: %w", d.path, err)
+	}
+	d.w.SetMaxOpenConns(1)
+	d.w.SetMaxIdleConns(1)
+	d.w.SetConnMaxLifetime(0)
+	if err := d.setup(ctx, cur == 0); err != nil {
+		d.w.Close()
+		return nil, err
+	}
+	if cur == 0 {
+		if err := writeFileSync(schemaPath, []byte(strconv.Itoa(schemaVersion)), 0o666); err != nil {
+			d.w.Close()
+			return nil, err
+		}
+		log.Info("created Nix database", "path", d.path)
+	}
+	d.r, err = sql.Open(dbDriver(), "file:"+d.path+"?mode=rw&_txlock=deferred")
+	if err != nil {
+		d.w.Close()
+		return nil, fmt.Errorf("store: opening %s: %w", d.path, err)
+	}
+	n := 4 * runtime.GOMAXPROCS(0)
+	d.r.SetMaxOpenConns(n)
+	d.r.SetMaxIdleConns(n)
+	if err := d.prepare(ctx); err != nil {
+		d.close()
+		return nil, err
+	}
+	return d, nil
+}
+
+func checkWritable(dir string) error {
+	f, err := os.CreateTemp(dir, ".writable-")
+	if err != nil {
+		return fmt.Errorf("store: Nix database directory %s is not writable: %w", dir, err)
+	}
+	f.Close()
+	return os.Remove(f.Name())
+}
+
+// readSchema reads db/schema; 0 means a new store. The file holds a small
+// decimal number; more than 32 bytes cannot be one.
+func readSchema(path string) (int, error) {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("store: reading %s: %w", path, err)
+	}
+	if len(data) > 32 {
+		return 0, fmt.Errorf("store: %s: %d bytes is too long for a schema version", path, len(data))
+	}
+	v, err := strconv.Atoi(strings.TrimSpace(string(data)))
+	if err != nil {
+		return 0, fmt.Errorf("store: %s: bad schema version: %w", path, err)
+	}
+	return v, nil
+}
+
+// setup sets the journal mode as Nix's openDB does and creates the schema.
+func (d *database) setup(ctx context.Context, create bool) error {
+	var mode string
+	if err := d.w.QueryRowContext(ctx, "pragma main.journal_mode").Scan(&mode); err != nil {
+		return fmt.Errorf("store: %s: querying journal mode: %w", d.path, err)
+	}
+	if mode != "wal" {
+		if err := d.w.QueryRowContext(ctx, "pragma main.journal_mode = wal").Scan(&mode); err != nil {
+			return fmt.Errorf("store: %s: setting journal mode: %w", d.path, err)
+		}
+	}
+	if create {
+		if _, err := d.w.ExecContext(ctx, nixSchema); err != nil {
+			return fmt.Errorf("store: %s: creating schema: %w", d.path, err)
+		}
+	}
+	return nil
+}
+
+func (d *database) prepare(ctx context.Context) error {
+	for _, s := range []struct {
+		dst **sql.Stmt
+		sql string
+	}{
+		{&d.qPathInfo, "select id, hash, registrationTime, deriver, narSize, ultimate, sigs, ca from ValidPaths where path = ?"},
+		{&d.qRefs, "select path from Refs join ValidPaths on reference = id where referrer = ?"},
+		{&d.qReferrers, "select path from Refs join ValidPaths on referrer = id where reference = (select id from ValidPaths where path = ?)"},
+		{&d.qValid, "select 1 from ValidPaths where path = ?"},
+		{&d.qAll, "select path from ValidPaths"},
+		{&d.qHashPart, "select path from ValidPaths where path >= ? limit 1"},
+		{&d.qDerivers, "select v.path from DerivationOutputs d join ValidPaths v on d.drv = v.id where d.path = ?"},
+		{&d.qDrvOutputs, "select d.id, d.path from DerivationOutputs d join ValidPaths v on d.drv = v.id where v.path = ?"},
+	} {
+		st, err := d.r.PrepareContext(ctx, s.sql)
+		if err != nil {
+			return fmt.Errorf("store: %s: preparing %q: %w", d.path, s.sql, err)
+		}
+		*s.dst = st
+	}
+	return nil
+}
+
+func (d *database) close() error {
+	if d == nil {
+		return nil
+	}
+	var errs []error
+	for _, st := range []*sql.Stmt{d.qPathInfo, d.qRefs, d.qReferrers, d.qValid, d.qAll, d.qHashPart, d.qDerivers, d.qDrvOutputs} {
+		if st != nil {
+			errs = append(errs, st.Close())
+		}
+	}
+	if d.r != nil {
+		errs = append(errs, d.r.Close())
+	}
+	if d.w != nil {
+		errs = append(errs, d.w.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// writeFileSync writes a file durably (write, fsync, close), replacing it
+// atomically through a temporary name.
+func writeFileSync(path string, data []byte, perm os.FileMode) error {
+	tmp := fmt.Sprintf("%s.tmp.%d", path, os.Getpid())
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, perm)
+	if err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	return nil
+}

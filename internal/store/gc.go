@@ -1,0 +1,569 @@
+package store
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+)
+
+// Nix's defaults for keep-derivations and keep-outputs.
+const (
+	gcKeepDerivations = true
+	gcKeepOutputs     = false
+)
+
+// gcRun is the state of a running collection that temporary roots added
+// meanwhile (by our sessions or through the socket) must reach.
+type gcRun struct {
+	mu      sync.Mutex
+	cond    *sync.Cond
+	temp    map[string]bool // hash parts of temporary roots
+	pending string          // hash part of the path being deleted
+}
+
+func newGCRun() *gcRun {
+	g := &gcRun{temp: map[string]bool{}}
+	g.cond = sync.NewCond(&g.mu)
+	return g
+}
+
+// addRoot records a temporary root and waits until the collector is not
+// deleting that path.
+func (g *gcRun) addRoot(hashPart string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.temp[hashPart] = true
+	for g.pending == hashPart {
+		g.cond.Wait()
+	}
+}
+
+// errGCLimit stops a collection once MaxFreed is passed.
+var errGCLimit = errors.New("garbage collection limit reached")
+
+type collector struct {
+	s          *Store
+	opts       GCOptions
+	logf       func(string)
+	run        *gcRun
+	roots      map[storepath.Path]bool
+	alive      map[storepath.Path]bool
+	dead       map[storepath.Path]bool
+	toDelete   map[storepath.Path]bool
+	referrers  map[storepath.Path][]storepath.Path
+	res        *GCResult
+	del        bool
+	keepDrvs   bool
+	keepOutput bool
+}
+
+// CollectGarbage runs the garbage collector as Nix 2.8's collectGarbage:
+// under gc.lock held exclusively, serving the GC socket for roots that
+// other processes add meanwhile; roots are the permanent roots, runtime
+// roots and temporary roots of all live processes; a path is live if a
+// root reaches it through references, or (keep-derivations, on by default)
+// a live output reaches its deriver's .drv. Paths are deleted referrers
+// first. DeleteDead stops once more than MaxFreed bytes were freed (0 frees
+// nothing, as Nix); DeleteSpecific refuses a live path.
+func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg string)) (*GCResult, error) {
+	if log == nil {
+		log = func(string) {}
+	}
+	s.gcMu.Lock()
+	defer s.gcMu.Unlock()
+
+	c := &collector{
+		s: s, opts: opts, logf: log, run: newGCRun(),
+		roots: map[storepath.Path]bool{}, alive: map[storepath.Path]bool{},
+		dead: map[storepath.Path]bool{}, toDelete: map[storepath.Path]bool{},
+		referrers: map[storepath.Path][]storepath.Path{}, res: &GCResult{},
+		del:      opts.Action == GCDeleteDead || opts.Action == GCDeleteSpecific,
+		keepDrvs: gcKeepDerivations, keepOutput: gcKeepOutputs,
+	}
+	for _, p := range opts.Paths {
+		c.toDelete[p] = true
+	}
+	if opts.Action == GCDeleteSpecific && opts.IgnoreLiveness {
+		c.keepDrvs, c.keepOutput = false, false
+	}
+
+	ourRoots, release, err := s.acquireGCLock(ctx, c.run, log)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+
+	stopServer, err := s.serveGCSocket(c.run)
+	if err != nil {
+		return nil, err
+	}
+	defer stopServer()
+
+	log("finding garbage collector roots...")
+	if !opts.IgnoreLiveness {
+		rs := rootSet{}
+		if err := s.findRootsNoTemp(ctx, rs, true); err != nil {
+			return nil, err
+		}
+		for p := range rs {
+			c.roots[p] = true
+		}
+	}
+	c.run.mu.Lock()
+	for p := range ourRoots {
+		c.run.temp[p.HashPart()] = true
+		c.roots[p] = true
+	}
+	c.run.mu.Unlock()
+	err = s.readTempRootsFiles(func(p storepath.Path, _ int) {
+		c.run.mu.Lock()
+		c.run.temp[p.HashPart()] = true
+		c.run.mu.Unlock()
+		c.roots[p] = true
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	if opts.Action == GCDeleteSpecific {
+		for _, p := range opts.Paths {
+			if err := c.deleteReferrersClosure(ctx, p); err != nil {
+				return nil, err
+			}
+			if !c.dead[p] {
+				return nil, fmt.Errorf("Cannot delete path '%s' since it is still alive. To find out why, use: nix-store --query --roots", s.abs(p))
+			}
+		}
+	} else if opts.MaxFreed > 0 {
+		if c.del {
+			log("deleting garbage...")
+		} else {
+			log("determining live/dead paths...")
+		}
+		if err := c.sweep(ctx); err != nil && !errors.Is(err, errGCLimit) {
+			return nil, err
+		}
+	}
+
+	switch opts.Action {
+	case GCReturnLive:
+		for p := range c.alive {
+			c.res.Paths = append(c.res.Paths, s.abs(p))
+		}
+	case GCReturnDead:
+		for p := range c.dead {
+			c.res.Paths = append(c.res.Paths, s.abs(p))
+		}
+	default:
+		log("deleting unused links...")
+		if err := s.deleteUnusedLinks(ctx); err != nil {
+			return nil, err
+		}
+	}
+	slices.Sort(c.res.Paths)
+	return c.res, nil
+}
+
+// acquireGCLock takes gc.lock exclusively and publishes run to our own
+// temporary-roots code in one step, so that no root is added in between
+// without the collector seeing it. It returns the roots of this process.
+func (s *Store) acquireGCLock(ctx context.Context, run *gcRun, log func(string)) (map[storepath.Path]bool, func(), error) {
+	lockPath := s.stateFile("gc.lock")
+	f, err := openLockFile(lockPath)
+	if err != nil {
+		return nil, nil, err
+	}
+	delay := time.Millisecond
+	for first := true; ; first = false {
+		s.roots.mu.Lock()
+		ok, err := tryLockFD(f, unix.LOCK_EX)
+		if err != nil {
+			s.roots.mu.Unlock()
+			f.Close()
+			return nil, nil, err
+		}
+		if ok {
+			s.roots.gc = run
+			ours := s.roots.snapshotLocked()
+			s.roots.mu.Unlock()
+			release := func() {
+				s.roots.mu.Lock()
+				s.roots.gc = nil
+				s.roots.mu.Unlock()
+				f.Close()
+			}
+			return ours, release, nil
+		}
+		s.roots.mu.Unlock()
+		if first {
+			log("waiting for the big garbage collector lock...")
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, nil, ctx.Err()
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 100*time.Millisecond)
+	}
+}
+
+// serveGCSocket listens on <state>/gc-socket/socket for temporary roots of
+// other processes, as Nix's collector does: each line is a store path,
+// answered with "1" once the collector is not deleting it.
+func (s *Store) serveGCSocket(run *gcRun) (func(), error) {
+	dir := s.stateFile("gc-socket")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("store: creating %s: %w", dir, err)
+	}
+	sock := dir + "/socket"
+	os.Remove(sock)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("store: listening on %s: %w", sock, err)
+	}
+	ln.SetUnlinkOnClose(false)
+	if err := os.Chmod(sock, 0o666); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("store: chmod %s: %w", sock, err)
+	}
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		conns = map[net.Conn]bool{}
+	)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns[conn] = true
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer func() {
+					mu.Lock()
+					delete(conns, conn)
+					mu.Unlock()
+					conn.Close()
+				}()
+				// A line is one store path: at most the store dir, a
+				// slash, the hash, a dash and a 211-byte name.
+				br := bufio.NewReaderSize(conn, 4096)
+				for {
+					line, err := br.ReadSlice('\n')
+					if err != nil {
+						return
+					}
+					abs := string(line[:len(line)-1])
+					if p, err := s.dir.Parse(abs); err == nil {
+						run.addRoot(p.HashPart())
+					} else {
+						s.log.Error("received garbage instead of a root from client", "line", abs)
+					}
+					if _, err := conn.Write([]byte("1")); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return func() {
+		ln.Close()
+		mu.Lock()
+		for c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		run.mu.Lock()
+		run.pending = ""
+		run.cond.Broadcast()
+		run.mu.Unlock()
+		wg.Wait()
+	}, nil
+}
+
+// sweep reads the store directory and deletes whatever is invalid or
+// unreachable.
+func (c *collector) sweep(ctx context.Context) error {
+	f, err := os.Open(c.s.realDir)
+	if err != nil {
+		return fmt.Errorf("store: opening %s: %w", c.s.realDir, err)
+	}
+	defer f.Close()
+	for {
+		names, rerr := f.Readdirnames(1024)
+		for _, name := range names {
+			if name == ".links" {
+				continue
+			}
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			if p, err := storepath.ParseBase(name); err == nil {
+				err = c.deleteReferrersClosure(ctx, p)
+				if err != nil {
+					return err
+				}
+			} else if err := c.deleteFromStore(name); err != nil {
+				return err
+			}
+		}
+		if rerr != nil {
+			return nil
+		}
+	}
+}
+
+func (c *collector) deleteFromStore(base string) error {
+	c.logf(fmt.Sprintf("deleting '%s'", string(c.s.dir)+"/"+base))
+	c.res.Paths = append(c.res.Paths, string(c.s.dir)+"/"+base)
+	freed, err := removeAllCount(c.s.realDir + "/" + base)
+	c.res.BytesFreed += freed
+	if err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	if c.res.BytesFreed > c.opts.MaxFreed && c.opts.Action != GCDeleteSpecific {
+		c.logf(fmt.Sprintf("deleted more than %d bytes; stopping", c.opts.MaxFreed))
+		return errGCLimit
+	}
+	return nil
+}
+
+// deleteReferrersClosure visits start and everything that refers to it
+// (and, per keep-derivations/keep-outputs, derivations and outputs); if
+// none is a root, all of them are garbage and are deleted, referrers first.
+func (c *collector) deleteReferrersClosure(ctx context.Context, start storepath.Path) error {
+	defer func() {
+		c.run.mu.Lock()
+		c.run.pending = ""
+		c.run.cond.Broadcast()
+		c.run.mu.Unlock()
+	}()
+	visited := map[storepath.Path]bool{start: true}
+	todo := []storepath.Path{start}
+	enqueue := func(p storepath.Path) {
+		if !visited[p] {
+			visited[p] = true
+			todo = append(todo, p)
+		}
+	}
+	markAlive := func(p storepath.Path) {
+		c.alive[p] = true
+		c.alive[start] = true
+		if closure, err := c.s.QueryClosure(ctx, []storepath.Path{p}); err == nil {
+			for _, q := range closure {
+				c.alive[q] = true
+			}
+		}
+	}
+	for len(todo) > 0 {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		p := todo[0]
+		todo = todo[1:]
+		if c.alive[p] {
+			c.alive[start] = true
+			return nil
+		}
+		if c.dead[p] {
+			continue
+		}
+		if c.roots[p] {
+			markAlive(p)
+			return nil
+		}
+		if c.opts.Action == GCDeleteSpecific && !c.toDelete[p] {
+			return nil
+		}
+		c.run.mu.Lock()
+		if c.run.temp[p.HashPart()] {
+			c.run.mu.Unlock()
+			markAlive(p)
+			return nil
+		}
+		c.run.pending = p.HashPart()
+		c.run.mu.Unlock()
+
+		valid, err := c.s.IsValidPath(ctx, p)
+		if err != nil {
+			return err
+		}
+		if !valid {
+			continue
+		}
+		refs, ok := c.referrers[p]
+		if !ok {
+			if refs, err = c.s.QueryReferrers(ctx, p); err != nil {
+				return err
+			}
+			c.referrers[p] = refs
+		}
+		for _, r := range refs {
+			enqueue(r)
+		}
+		if c.keepDrvs && p.IsDerivation() {
+			outs, err := c.s.QueryDerivationOutputMap(ctx, p)
+			if err != nil && !errors.Is(err, ErrNotValid) {
+				return err
+			}
+			for _, o := range outs {
+				info, err := c.s.QueryPathInfo(ctx, o)
+				if err == nil && info.Deriver == p {
+					enqueue(o)
+				}
+			}
+		}
+		if c.keepOutput {
+			ds, err := c.s.QueryValidDerivers(ctx, p)
+			if err != nil {
+				return err
+			}
+			for _, d := range ds {
+				enqueue(d)
+			}
+		}
+	}
+	order, err := c.s.topoSort(ctx, visited)
+	if err != nil {
+		return err
+	}
+	for _, p := range order {
+		if c.dead[p] {
+			continue
+		}
+		c.dead[p] = true
+		if c.del {
+			if err := c.s.invalidatePathChecked(ctx, p); err != nil {
+				return err
+			}
+			delete(c.referrers, p)
+			if err := c.deleteFromStore(p.String()); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// topoSort orders a set of paths so that referrers come before the paths
+// they refer to. Invalid paths have no references.
+func (s *Store) topoSort(ctx context.Context, set map[storepath.Path]bool) ([]storepath.Path, error) {
+	refs := map[storepath.Path][]storepath.Path{}
+	for p := range set {
+		info, err := s.QueryPathInfo(ctx, p)
+		if errors.Is(err, ErrNotValid) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		refs[p] = info.References
+	}
+	keys := make([]storepath.Path, 0, len(set))
+	for p := range set {
+		keys = append(keys, p)
+	}
+	storepath.Sort(keys)
+	done := map[storepath.Path]bool{}
+	var post []storepath.Path
+	var visit func(p storepath.Path)
+	visit = func(p storepath.Path) {
+		if done[p] {
+			return
+		}
+		done[p] = true
+		for _, r := range refs[p] {
+			if r != p && set[r] {
+				visit(r)
+			}
+		}
+		post = append(post, p)
+	}
+	for _, p := range keys {
+		visit(p)
+	}
+	slices.Reverse(post)
+	return post, nil
+}
+
+// invalidatePathChecked removes p from the database, refusing if valid
+// paths other than p itself still refer to it.
+func (s *Store) invalidatePathChecked(ctx context.Context, p storepath.Path) error {
+	tx, err := s.db.w.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("store: invalidating %s: %w", s.abs(p), err)
+	}
+	defer tx.Rollback()
+	rows, err := tx.QueryContext(ctx, "select path from Refs join ValidPaths on referrer = id where reference = (select id from ValidPaths where path = ?)", s.abs(p))
+	if err != nil {
+		return fmt.Errorf("store: invalidating %s: %w", s.abs(p), err)
+	}
+	referrers, err := s.scanPaths(rows, "referrers of "+s.abs(p))
+	if err != nil {
+		return err
+	}
+	for _, r := range referrers {
+		if r != p {
+			return fmt.Errorf("store: cannot delete path '%s' because it is in use by '%s'", s.abs(p), s.abs(r))
+		}
+	}
+	if _, err := tx.ExecContext(ctx, "delete from ValidPaths where path = ?", s.abs(p)); err != nil {
+		return fmt.Errorf("store: invalidating %s: %w", s.abs(p), err)
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("store: invalidating %s: %w", s.abs(p), err)
+	}
+	return nil
+}
+
+// deleteUnusedLinks removes files in .links that nothing else links to.
+func (s *Store) deleteUnusedLinks(ctx context.Context) error {
+	links := s.realDir + "/.links"
+	f, err := os.Open(links)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("store: opening %s: %w", links, err)
+	}
+	defer f.Close()
+	for {
+		names, rerr := f.Readdirnames(1024)
+		for _, n := range names {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			var st unix.Stat_t
+			p := links + "/" + n
+			if err := unix.Lstat(p, &st); err != nil {
+				continue
+			}
+			if st.Nlink != 1 {
+				continue
+			}
+			if err := unix.Unlink(p); err != nil && !errors.Is(err, unix.ENOENT) {
+				return fmt.Errorf("store: deleting %s: %w", p, err)
+			}
+		}
+		if rerr != nil {
+			return nil
+		}
+	}
+}

@@ -1,0 +1,229 @@
+// Package store is the local Nix store on disk, laid out exactly as Nix 2.8
+// lays it out: the store directory, the SQLite database in Nix's schema
+// (db/db.sqlite, schema version 10, WAL), the big lock, per-path lock files,
+// temporary roots, GC roots, profiles, the garbage collector's lock and
+// socket, the .links directory of the optimiser and build logs. Real Nix
+// tools opening the same store directly (nix-store --store local?root=…)
+// see a consistent store while this package uses it, and the other way
+// round.
+//
+// A Store is safe for concurrent use by many goroutines. Reads go through a
+// pool of SQLite connections; all writes go through one writer connection.
+// Coordination with other processes uses Nix's own flock(2) locks, temporary
+// root files and GC socket, so a real `nix-store --gc` next to a Store is
+// safe, and so is a Store's garbage collection next to real `nix` processes.
+//
+// Not-found conditions are reported as errors wrapping ErrNotValid.
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+)
+
+// Config says where a store lives and how it checks what is added to it.
+type Config struct {
+	StoreDir          storepath.Dir // logical store dir clients see, normally "/nix/store"
+	RealStoreDir      string        // where files live: ROOT/nix/store for a chroot store, else == string(StoreDir)
+	StateDir          string        // real path: ROOT/nix/var/nix, or NIX_STATE_DIR
+	LogDir            string        // real path: ROOT/nix/var/log/nix, or NIX_LOG_DIR
+	TrustedPublicKeys []string      // "name:base64", from nix.conf trusted-public-keys
+	RequireSigs       bool          // nix.conf require-sigs (Nix default true)
+	Logger            *slog.Logger
+}
+
+// schemaVersion is the database schema version of Nix 2.8 (nixSchemaVersion).
+const schemaVersion = 10
+
+// Store is an open local store. See the package comment.
+type Store struct {
+	cfg     Config
+	dir     storepath.Dir
+	realDir string
+	log     *slog.Logger
+	sigs    sigChecker
+
+	bigLock *os.File // db/big-lock, held shared while open
+	db      *database
+
+	locks pathLocks // in-process half of the per-path locks
+
+	roots tempRoots // temporary roots of this process (sessions and in-flight adds)
+
+	gcMu sync.Mutex // one garbage collection (or optimisation pass) at a time in this process
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// Open opens the store described by cfg, creating its directories, lock
+// files and database if they are missing, as Nix's LocalStore constructor
+// does. It holds the big lock in shared mode until Close.
+func Open(ctx context.Context, cfg Config) (*Store, error) {
+	if cfg.StoreDir == "" {
+		cfg.StoreDir = storepath.DefaultDir
+	}
+	if cfg.RealStoreDir == "" {
+		cfg.RealStoreDir = string(cfg.StoreDir)
+	}
+	if cfg.StateDir == "" || cfg.LogDir == "" {
+		return nil, errors.New("store: StateDir and LogDir must be set")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	s := &Store{
+		cfg:     cfg,
+		dir:     cfg.StoreDir,
+		realDir: filepath.Clean(cfg.RealStoreDir),
+		log:     cfg.Logger,
+	}
+	var err error
+	if s.sigs, err = newSigChecker(cfg.TrustedPublicKeys); err != nil {
+		return nil, fmt.Errorf("store: trusted-public-keys: %w", err)
+	}
+	s.locks.init()
+	s.roots.init(s)
+	if err := s.createLayout(); err != nil {
+		return nil, err
+	}
+
+	lockPath := filepath.Join(cfg.StateDir, "db", "big-lock")
+	s.bigLock, err = openLockFile(lockPath)
+	if err != nil {
+		return nil, err
+	}
+	if err := lockFD(ctx, s.bigLock, unix.LOCK_SH, func() { s.log.Info("waiting for the big Nix store lock...") }); err != nil {
+		s.bigLock.Close()
+		return nil, fmt.Errorf("store: locking %s: %w", lockPath, err)
+	}
+
+	s.db, err = openDatabase(ctx, filepath.Join(cfg.StateDir, "db"), s.log)
+	if err != nil {
+		s.bigLock.Close()
+		return nil, err
+	}
+	s.cleanLeftovers()
+	return s, nil
+}
+
+// createLayout makes the directories Nix's LocalStore constructor makes.
+func (s *Store) createLayout() error {
+	st := s.cfg.StateDir
+	for _, d := range []string{
+		s.realDir,
+		filepath.Join(s.realDir, ".links"),
+		filepath.Join(st, "profiles"),
+		filepath.Join(st, "temproots"),
+		filepath.Join(st, "db"),
+	} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return fmt.Errorf("store: creating %s: %w", d, err)
+		}
+	}
+	gcroots := filepath.Join(st, "gcroots")
+	if _, err := os.Lstat(gcroots); errors.Is(err, os.ErrNotExist) {
+		if err := os.MkdirAll(gcroots, 0o755); err != nil {
+			return fmt.Errorf("store: creating %s: %w", gcroots, err)
+		}
+		if err := os.Symlink(filepath.Join(st, "profiles"), filepath.Join(gcroots, "profiles")); err != nil && !errors.Is(err, os.ErrExist) {
+			return fmt.Errorf("store: creating %s/profiles: %w", gcroots, err)
+		}
+	}
+	user := "root"
+	if uid := os.Getuid(); uid != 0 {
+		user = strconv.Itoa(uid)
+		if u := os.Getenv("USER"); u != "" {
+			user = u
+		}
+	}
+	for _, d := range []string{filepath.Join(st, "profiles", "per-user"), filepath.Join(gcroots, "per-user")} {
+		if err := os.MkdirAll(filepath.Join(d, user), 0o755); err != nil {
+			return fmt.Errorf("store: creating %s: %w", d, err)
+		}
+		if err := os.Chmod(d, 0o755); err != nil {
+			return fmt.Errorf("store: chmod %s: %w", d, err)
+		}
+	}
+	return nil
+}
+
+// cleanLeftovers removes what an earlier instance of this program left in
+// the store directory when it died: temporary directories of content
+// additions. Invalid store path directories are left for the garbage
+// collector, or deleted when the path is added again, as Nix does.
+func (s *Store) cleanLeftovers() {
+	ents, err := os.ReadDir(s.realDir)
+	if err != nil {
+		s.log.Warn("cannot read store directory", "dir", s.realDir, "err", err)
+		return
+	}
+	for _, e := range ents {
+		pid, ok := tempDirPID(e.Name())
+		if !ok || (pid != os.Getpid() && processAlive(pid)) {
+			continue
+		}
+		p := filepath.Join(s.realDir, e.Name())
+		s.log.Info("removing leftover temporary directory", "path", p)
+		if err := removeAll(p); err != nil {
+			s.log.Warn("cannot remove leftover temporary directory", "path", p, "err", err)
+		}
+	}
+}
+
+// tempDirSuffix marks the temporary directories of AddToStoreContent:
+// "<random hash>-nixyard-tmp-<pid>". The name parses as a store path, so a
+// real Nix garbage collector treats it like any path and spares it while its
+// hash part is one of our temporary roots.
+const tempDirSuffix = "-nixyard-tmp-"
+
+func tempDirPID(name string) (int, bool) {
+	if len(name) <= storepath.HashLen || !strings.HasPrefix(name[storepath.HashLen:], tempDirSuffix) {
+		return 0, false
+	}
+	pid, err := strconv.Atoi(name[storepath.HashLen+len(tempDirSuffix):])
+	return pid, err == nil
+}
+
+func processAlive(pid int) bool {
+	err := unix.Kill(pid, 0)
+	return err == nil || errors.Is(err, unix.EPERM)
+}
+
+// Close releases the store: its temporary roots file, its database
+// connections and the big lock. Sessions should be closed first.
+func (s *Store) Close() error {
+	s.closeOnce.Do(func() {
+		errs := []error{s.roots.close(), s.db.close()}
+		if s.bigLock != nil {
+			errs = append(errs, s.bigLock.Close())
+		}
+		s.closeErr = errors.Join(errs...)
+	})
+	return s.closeErr
+}
+
+// Dir returns the logical store directory.
+func (s *Store) Dir() storepath.Dir { return s.dir }
+
+// RealPath returns where p lives on this machine's file system.
+func (s *Store) RealPath(p storepath.Path) string { return s.realDir + "/" + p.String() }
+
+// abs returns the logical absolute path of p, as the database stores it.
+func (s *Store) abs(p storepath.Path) string { return s.dir.Abs(p) }
+
+// stateFile returns a path inside the state directory.
+func (s *Store) stateFile(elem ...string) string {
+	return filepath.Join(append([]string{s.cfg.StateDir}, elem...)...)
+}
