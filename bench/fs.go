@@ -21,9 +21,13 @@ type Scratch struct {
 }
 
 // MountScratch makes a fresh file system of the given kind and size at dir.
-// For "ext4" the image lives in imageDir, is formatted with a journal and with
-// inode tables and journal initialised up front (so no lazy-init thread
-// writes in the background while measuring), and is loop-mounted.
+// For "ext4" the image lives in imageDir and is written with zeros first, so
+// that no measurement pays for allocating blocks of a sparse backing file
+// (without this, the first store written ran up to 2.5× slower than later
+// ones); it is formatted with a journal, without discard (which would punch
+// the holes back) and with inode tables and journal initialised up front (so
+// no lazy-init thread writes in the background while measuring), and is
+// loop-mounted.
 func MountScratch(ctx context.Context, kind, dir, imageDir string, size int64) (*Scratch, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("creating mount point: %w", err)
@@ -40,15 +44,15 @@ func MountScratch(ctx context.Context, kind, dir, imageDir string, size int64) (
 		if err != nil {
 			return nil, fmt.Errorf("creating loop image: %w", err)
 		}
-		err = f.Truncate(size)
+		err = zeroFill(ctx, f, size)
 		if cerr := f.Close(); err == nil {
 			err = cerr
 		}
 		if err != nil {
 			os.Remove(s.image)
-			return nil, fmt.Errorf("sizing loop image: %w", err)
+			return nil, fmt.Errorf("writing loop image: %w", err)
 		}
-		if err := run(ctx, "mkfs.ext4", "-q", "-F", "-O", "has_journal", "-E", "lazy_itable_init=0,lazy_journal_init=0", s.image); err != nil {
+		if err := run(ctx, "mkfs.ext4", "-q", "-F", "-O", "has_journal", "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard", s.image); err != nil {
 			os.Remove(s.image)
 			return nil, err
 		}
@@ -123,4 +127,19 @@ func SyncFS(dir string) error {
 		return fmt.Errorf("syncfs %s: %w", dir, err)
 	}
 	return nil
+}
+
+// zeroFill writes size zero bytes to f and syncs it.
+func zeroFill(ctx context.Context, f *os.File, size int64) error {
+	buf := make([]byte, 4<<20)
+	for off := int64(0); off < size; off += int64(len(buf)) {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		n := min(int64(len(buf)), size-off)
+		if _, err := f.Write(buf[:n]); err != nil {
+			return err
+		}
+	}
+	return f.Sync()
 }

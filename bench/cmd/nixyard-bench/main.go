@@ -63,7 +63,7 @@ func parseFlags() (options, error) {
 	flag.StringVar(&o.nixyardRev, "nixyard-rev", "", "nixyard revision, for the report")
 	flag.StringVar(&o.work, "work", "", "work directory (default: a new directory under /tmp, removed at the end)")
 	flag.StringVar(&o.fs, "fs", "ext4", "scratch file system for all stores: ext4 (journaled, loop file) or tmpfs")
-	flag.Int64Var(&fsSizeMB, "fs-size-mb", 6144, "size of the scratch file system in MiB")
+	flag.Int64Var(&fsSizeMB, "fs-size-mb", 3072, "size of the scratch file system in MiB")
 	flag.IntVar(&o.qpiPaths, "qpi-paths", 5000, "number of paths in the QueryPathInfo store")
 	flag.StringVar(&conns, "qpi-conns", "1,8", "comma-separated connection counts for the QueryPathInfo load")
 	flag.DurationVar(&o.qpiDuration, "qpi-duration", 5*time.Second, "duration of each QueryPathInfo measurement")
@@ -122,6 +122,7 @@ type bencher struct {
 	daemons []bench.DaemonSpec
 	running map[*bench.Daemon]bool
 	logSeq  int
+	load0   string // /proc/loadavg at the start
 }
 
 func logf(format string, args ...any) {
@@ -137,7 +138,7 @@ func run(ctx context.Context, o options) (err error) {
 			return fmt.Errorf("%s not found: %w", tool, err)
 		}
 	}
-	b := &bencher{o: o, running: map[*bench.Daemon]bool{}}
+	b := &bencher{o: o, running: map[*bench.Daemon]bool{}, load0: loadavg()}
 	b.daemons = []bench.DaemonSpec{bench.StockDaemon()}
 	if o.nixyard != "" {
 		abs, err := filepath.Abs(o.nixyard)
@@ -483,6 +484,14 @@ func readTrim(path string) string {
 	return strings.TrimSpace(string(b))
 }
 
+func loadavg() string {
+	f := strings.Fields(readTrim("/proc/loadavg"))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
+}
+
 func cpuModel() string {
 	for _, l := range strings.Split(readTrim("/proc/cpuinfo"), "\n") {
 		if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
@@ -516,6 +525,7 @@ func (b *bencher) report(ms []*bench.Metric, fsDesc string) string {
 	fmt.Fprintf(&s, "Command: `%s`, run %s.\n\n", o.command, time.Now().UTC().Format("2006-01-02 15:04 MST"))
 	fmt.Fprintf(&s, "Machine: %d CPUs (%s), %s RAM, kernel %s; stores on %s. Stock daemon: %s; nixyard: %s.\n\n",
 		runtime.NumCPU(), cpuModel(), memTotal(), readTrim("/proc/sys/kernel/osrelease"), fsDesc, nixVersion, rev)
+	fmt.Fprintf(&s, "Load average (1/5/15 min) at the start: %s; at the end: %s.\n\n", b.load0, loadavg())
 	fmt.Fprintf(&s, "Work: QueryPathInfo on a store of %d paths, %d repetitions of %s each (after %s warm-up), connection counts %v; "+
 		"nix copy of %d paths (~%d MB of random file contents) into a fresh empty store, %d repetitions.\n\n",
 		o.qpiPaths, o.reps, o.qpiDuration, o.qpiWarmup, o.qpiConns, o.copyPaths, o.copyMB, o.reps)
