@@ -214,8 +214,6 @@ func (s *Store) findRootsIn(ctx context.Context, path string, typ fs.FileMode, r
 	return nil
 }
 
-
-
 func isInDir(path, dir string) bool {
 	return strings.HasPrefix(path, dir+"/") && len(path) > len(dir)+1
 }

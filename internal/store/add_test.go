@@ -1,0 +1,158 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+)
+
+// assertNothing checks that p is neither registered nor on disk.
+func assertNothing(t *testing.T, s *Store, p storepath.Path) {
+	t.Helper()
+	if ok, err := s.IsValidPath(context.Background(), p); ok || err != nil {
+		t.Errorf("%s valid=%v err=%v", p, ok, err)
+	}
+	ents, _ := os.ReadDir(s.realDir)
+	for _, e := range ents {
+		if e.Name() != ".links" {
+			t.Errorf("left in store: %s", e.Name())
+		}
+	}
+}
+
+func TestAddRefusals(t *testing.T) {
+	s, _ := testStore(t)
+	ctx := context.Background()
+	data := narOf(t, map[string]string{"f": "content"})
+	good := caNARInfo(t, s, "x", data, nil)
+	missing, _ := storepath.ParseBase("11111111111111111111111111111111-missing")
+	inputAddressed, _ := storepath.ParseBase("22222222222222222222222222222222-ia")
+
+	for _, tc := range []struct {
+		name string
+		mod  func(*PathInfo)
+		opts AddOptions
+		want string
+	}{
+		{"nar hash", func(i *PathInfo) { i.NarHash = hash.Sum(hash.SHA256, []byte("other")) }, AddOptions{}, "hash mismatch"},
+		{"nar size", func(i *PathInfo) { i.NarSize++ }, AddOptions{}, "size mismatch"},
+		{"missing reference", func(i *PathInfo) { i.References = []storepath.Path{missing}; i.CA = "" }, AddOptions{}, "is not valid"},
+		{"bad signature", func(i *PathInfo) { i.Path = inputAddressed; i.CA = ""; i.Sigs = []string{"k:AAAA"} }, AddOptions{CheckSigs: true}, "lacks a signature"},
+		{"false ca", func(i *PathInfo) { i.Path = inputAddressed }, AddOptions{}, "claims to be content-addressed"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			info := good
+			tc.mod(&info)
+			err := s.AddToStoreNar(ctx, info, bytes.NewReader(data), tc.opts)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want %q", err, tc.want)
+			}
+			assertNothing(t, s, info.Path)
+			if tc.name == "missing reference" && !errors.Is(err, ErrNotValid) {
+				t.Errorf("missing reference error does not wrap ErrNotValid: %v", err)
+			}
+		})
+	}
+	// Truncated NAR.
+	err := s.AddToStoreNar(ctx, good, bytes.NewReader(data[:len(data)-9]), AddOptions{})
+	if err == nil {
+		t.Fatal("truncated NAR accepted")
+	}
+	assertNothing(t, s, good.Path)
+	// And the good one still goes in.
+	if err := s.AddToStoreNar(ctx, good, bytes.NewReader(data), AddOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestConcurrentAddSamePath(t *testing.T) {
+	s, root := testStore(t)
+	ctx := context.Background()
+	data := narOf(t, map[string]string{"a": strings.Repeat("x", 100000), "b/c": "y"})
+	info := caNARInfo(t, s, "same", data, nil)
+	var wg sync.WaitGroup
+	errs := make([]error, 8)
+	for i := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = s.AddToStoreNar(ctx, info, bytes.NewReader(data), AddOptions{})
+		}()
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	var n int
+	s.db.r.QueryRow("select count(*) from ValidPaths").Scan(&n)
+	if n != 1 {
+		t.Errorf("%d registrations", n)
+	}
+	if _, err := os.Stat(s.RealPath(info.Path) + ".lock"); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("lock file left: %v", err)
+	}
+	nixCmd(t, root, "nix-store", "--verify", "--check-contents")
+}
+
+func TestAddMultiple(t *testing.T) {
+	s, root := testStore(t)
+	ctx := context.Background()
+	var infos []PathInfo
+	var nars [][]byte
+	var prev []storepath.Path
+	for i := range 20 {
+		d := narOf(t, map[string]string{"f": strings.Repeat("z", i+1)})
+		info := caNARInfo(t, s, "m", d, prev)
+		infos = append(infos, info)
+		nars = append(nars, d)
+		prev = []storepath.Path{info.Path}
+	}
+	// All NARs back to back on one stream, as on the wire.
+	var stream bytes.Buffer
+	for _, d := range nars {
+		stream.Write(d)
+	}
+	i := 0
+	err := s.AddMultipleToStoreNar(ctx, func() (PathInfo, io.Reader, error) {
+		if i == len(infos) {
+			return PathInfo{}, nil, io.EOF
+		}
+		i++
+		return infos[i-1], &stream, nil
+	}, AddOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stream.Len() != 0 {
+		t.Errorf("%d bytes left on the stream", stream.Len())
+	}
+	c, err := s.QueryClosure(ctx, []storepath.Path{infos[19].Path})
+	if err != nil || len(c) != 20 {
+		t.Errorf("closure %d %v", len(c), err)
+	}
+	nixCmd(t, root, "nix-store", "--verify", "--check-contents")
+}
+
+func TestAddBuildLog(t *testing.T) {
+	s, root := testStore(t)
+	drv, _ := storepath.ParseBase("33333333333333333333333333333333-x.drv")
+	if err := s.AddBuildLog(context.Background(), drv, strings.NewReader("build output\n")); err != nil {
+		t.Fatal(err)
+	}
+	matches, _ := filepath.Glob(filepath.Join(root, "nix/var/log/nix/drvs/33/333333333333333333333333333333-x.drv*"))
+	if len(matches) != 1 {
+		t.Fatalf("log files: %v", matches)
+	}
+}
+

@@ -1,0 +1,170 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nixyard/nixyard/internal/nix/nixbase32"
+)
+
+// OptimiseStore hard-links identical files of all valid paths through
+// <store>/.links/<nix32 sha256 of the file's NAR serialisation>, as Nix's
+// optimiseStore (regular files only: executable and plain files with the
+// same contents differ in their NAR, so they are never linked). onLinked,
+// if not nil, is called for every file replaced by a link with the bytes
+// and 512-byte blocks freed.
+func (s *Store) OptimiseStore(ctx context.Context, onLinked func(bytesFreed, blocksFreed uint64)) error {
+	links := s.realDir + "/.links"
+	if err := os.MkdirAll(links, 0o755); err != nil {
+		return fmt.Errorf("store: creating %s: %w", links, err)
+	}
+	// Inodes already in .links: files with these are linked already.
+	inodes := map[uint64]bool{}
+	ents, err := os.ReadDir(links)
+	if err != nil {
+		return fmt.Errorf("store: reading %s: %w", links, err)
+	}
+	for _, e := range ents {
+		var st unix.Stat_t
+		if unix.Lstat(links+"/"+e.Name(), &st) == nil {
+			inodes[st.Ino] = true
+		}
+	}
+	paths, err := s.QueryAllValidPaths(ctx)
+	if err != nil {
+		return err
+	}
+	ss := s.OpenSession()
+	defer ss.Close()
+	o := optimiser{s: s, links: links, inodes: inodes, onLinked: onLinked}
+	for _, p := range paths {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := ss.AddTempRoot(ctx, p); err != nil {
+			return err
+		}
+		if ok, err := s.IsValidPath(ctx, p); err != nil {
+			return err
+		} else if !ok {
+			continue
+		}
+		if err := o.optimise(ctx, s.RealPath(p)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+type optimiser struct {
+	s        *Store
+	links    string
+	inodes   map[uint64]bool
+	onLinked func(bytesFreed, blocksFreed uint64)
+}
+
+func (o *optimiser) optimise(ctx context.Context, path string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		return fmt.Errorf("store: getting status of %s: %w", path, err)
+	}
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFDIR:
+		ents, err := os.ReadDir(path)
+		if err != nil {
+			return fmt.Errorf("store: reading %s: %w", path, err)
+		}
+		for _, e := range ents {
+			if err := o.optimise(ctx, path+"/"+e.Name()); err != nil {
+				return err
+			}
+		}
+		return nil
+	case unix.S_IFREG:
+	default:
+		return nil
+	}
+	if st.Mode&unix.S_IWUSR != 0 {
+		o.s.log.Warn("skipping suspicious writable file", "path", path)
+		return nil
+	}
+	if st.Nlink > 1 && o.inodes[st.Ino] {
+		return nil // already linked
+	}
+	h, _, err := hashPathNAR(path)
+	if err != nil {
+		return err
+	}
+	linkPath := o.links + "/" + nixbase32.EncodeToString(h.Digest)
+	var lst unix.Stat_t
+	if err := unix.Lstat(linkPath, &lst); err == nil && lst.Size != st.Size {
+		o.s.log.Warn("removing corrupted link", "path", linkPath)
+		unix.Unlink(linkPath)
+	}
+	if err := unix.Lstat(linkPath, &lst); errors.Is(err, unix.ENOENT) {
+		err := unix.Link(path, linkPath)
+		switch {
+		case err == nil:
+			o.inodes[st.Ino] = true
+			return nil
+		case errors.Is(err, unix.EEXIST):
+			// Another process made it first: link to theirs.
+		case errors.Is(err, unix.ENOSPC):
+			o.s.log.Info("cannot link", "link", linkPath, "path", path, "err", err)
+			return nil
+		default:
+			return fmt.Errorf("store: cannot link %s to %s: %w", linkPath, path, err)
+		}
+		if err := unix.Lstat(linkPath, &lst); err != nil {
+			return fmt.Errorf("store: getting status of %s: %w", linkPath, err)
+		}
+	} else if err != nil {
+		return fmt.Errorf("store: getting status of %s: %w", linkPath, err)
+	}
+	if lst.Ino == st.Ino {
+		return nil
+	}
+	// Replace the file with a link to the .links one. Its directory (not
+	// the store itself) is made writable for the rename and restored
+	// afterwards, with the store's mtime.
+	dir := parentDir(path)
+	if dir != o.s.realDir {
+		var dst unix.Stat_t
+		if err := unix.Lstat(dir, &dst); err != nil {
+			return fmt.Errorf("store: getting status of %s: %w", dir, err)
+		}
+		if err := unix.Chmod(dir, dst.Mode&0o7777|unix.S_IWUSR); err != nil {
+			return fmt.Errorf("store: making %s writable: %w", dir, err)
+		}
+		defer func() {
+			unix.Chmod(dir, dst.Mode&0o7777)
+			unix.UtimesNano(dir, []unix.Timespec{dst.Atim, {Sec: 1}})
+		}()
+	}
+	tmp := fmt.Sprintf("%s/.tmp-link-%d-%d", o.s.realDir, os.Getpid(), rand.Uint32())
+	if err := unix.Link(linkPath, tmp); err != nil {
+		if errors.Is(err, unix.EMLINK) {
+			return nil // too many links to one file (likely an empty file)
+		}
+		return fmt.Errorf("store: cannot link %s to %s: %w", tmp, linkPath, err)
+	}
+	if err := unix.Rename(tmp, path); err != nil {
+		unix.Unlink(tmp)
+		if errors.Is(err, unix.EMLINK) {
+			return nil
+		}
+		return fmt.Errorf("store: replacing %s: %w", path, err)
+	}
+	if o.onLinked != nil {
+		o.onLinked(uint64(st.Size), uint64(st.Blocks))
+	}
+	return nil
+}

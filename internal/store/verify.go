@@ -1,0 +1,182 @@
+package store
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nixyard/nixyard/internal/nar"
+	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/nixbase32"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+)
+
+// VerifyStore checks the store as `nix-store --verify [--check-contents]`:
+// valid paths missing on disk are removed from the database when no valid
+// path refers to them (and reported as errors when one does); with
+// checkContents, the files of .links and every valid path are hashed and
+// mismatches reported ("path '…' was modified! expected hash '…', got
+// '…'"). Repair can only drop corrupt links: without substituters a
+// modified path stays an error. It returns whether errors were found.
+func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, log func(msg string)) (bool, error) {
+	if log == nil {
+		log = func(string) {}
+	}
+	log("reading the Nix store...")
+	// gc.lock shared: no collector deletes paths while we look.
+	lockPath := s.stateFile("gc.lock")
+	f, err := openLockFile(lockPath)
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	if err := lockFD(ctx, f, unix.LOCK_SH, func() { log("waiting for the big garbage collector lock...") }); err != nil {
+		return false, err
+	}
+	ents, err := os.ReadDir(s.realDir)
+	if err != nil {
+		return false, fmt.Errorf("store: reading %s: %w", s.realDir, err)
+	}
+	onDisk := make(map[string]bool, len(ents))
+	for _, e := range ents {
+		onDisk[e.Name()] = true
+	}
+
+	log("checking path existence...")
+	all, err := s.QueryAllValidPaths(ctx)
+	if err != nil {
+		return false, err
+	}
+	errorsFound := false
+	done := map[storepath.Path]bool{}
+	present := map[storepath.Path]bool{}
+	var verifyPath func(p storepath.Path) error
+	verifyPath = func(p storepath.Path) error {
+		if done[p] {
+			return nil
+		}
+		done[p] = true
+		if onDisk[p.String()] {
+			present[p] = true
+			return nil
+		}
+		referrers, err := s.QueryReferrers(ctx, p)
+		if err != nil {
+			return err
+		}
+		canInvalidate := true
+		for _, r := range referrers {
+			if r == p {
+				continue
+			}
+			if err := verifyPath(r); err != nil {
+				return err
+			}
+			if present[r] {
+				canInvalidate = false
+			}
+		}
+		if canInvalidate {
+			log(fmt.Sprintf("path '%s' disappeared, removing from database...", s.abs(p)))
+			if _, err := s.db.w.ExecContext(ctx, "delete from ValidPaths where path = ?", s.abs(p)); err != nil {
+				return fmt.Errorf("store: invalidating %s: %w", s.abs(p), err)
+			}
+		} else {
+			log(fmt.Sprintf("path '%s' disappeared, but it still has valid referrers!", s.abs(p)))
+			errorsFound = true
+		}
+		return nil
+	}
+	for _, p := range all {
+		if err := ctx.Err(); err != nil {
+			return false, err
+		}
+		if err := verifyPath(p); err != nil {
+			return false, err
+		}
+	}
+	if !checkContents {
+		return errorsFound, nil
+	}
+
+	log("checking link hashes...")
+	links := s.realDir + "/.links"
+	lents, err := os.ReadDir(links)
+	if err != nil && !os.IsNotExist(err) {
+		return false, fmt.Errorf("store: reading %s: %w", links, err)
+	}
+	for _, e := range lents {
+		if err := ctx.Err(); err != nil {
+			return false, err
+		}
+		lp := links + "/" + e.Name()
+		h, _, err := hashPathNAR(lp)
+		if err != nil {
+			return false, err
+		}
+		if got := nixbase32.EncodeToString(h.Digest); got != e.Name() {
+			log(fmt.Sprintf("link '%s' was modified! expected hash '%s', got '%s'", lp, e.Name(), got))
+			if repair {
+				if err := os.Remove(lp); err != nil {
+					return false, fmt.Errorf("store: removing corrupt link %s: %w", lp, err)
+				}
+				log(fmt.Sprintf("removed link '%s'", lp))
+			} else {
+				errorsFound = true
+			}
+		}
+	}
+
+	log("checking store hashes...")
+	for _, p := range storepath.Sort(keys(present)) {
+		if err := ctx.Err(); err != nil {
+			return false, err
+		}
+		info, err := s.QueryPathInfo(ctx, p)
+		if err != nil {
+			log(fmt.Sprintf("warning: %v", err))
+			errorsFound = true
+			continue
+		}
+		got, size, err := hashPathNAR(s.RealPath(p))
+		if err != nil {
+			log(fmt.Sprintf("error: %v", err))
+			errorsFound = true
+			continue
+		}
+		if !got.Equal(info.NarHash) {
+			log(fmt.Sprintf("path '%s' was modified! expected hash '%s', got '%s'", s.abs(p), info.NarHash, got))
+			errorsFound = true
+			continue
+		}
+		if info.NarSize == 0 {
+			log(fmt.Sprintf("updating size field on '%s' to %d", s.abs(p), size))
+			if _, err := s.db.w.ExecContext(ctx, "update ValidPaths set narSize = ? where path = ?", int64(size), s.abs(p)); err != nil {
+				return false, fmt.Errorf("store: updating %s: %w", s.abs(p), err)
+			}
+		}
+	}
+	return errorsFound, nil
+}
+
+func keys[K comparable, V any](m map[K]V) []K {
+	out := make([]K, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
+}
+
+// hashPathNAR returns the sha256 and size of the NAR serialisation of a
+// file-system tree.
+func hashPathNAR(path string) (hash.Hash, uint64, error) {
+	h := hash.SHA256.New()
+	cnt := &countWriter{}
+	if err := nar.DumpPath(io.MultiWriter(h, cnt), path); err != nil {
+		return hash.Hash{}, 0, fmt.Errorf("store: hashing %s: %w", path, err)
+	}
+	return hash.FromHasher(hash.SHA256, h), cnt.n, nil
+}
