@@ -155,4 +155,3 @@ func TestAddBuildLog(t *testing.T) {
 		t.Fatalf("log files: %v", matches)
 	}
 }
-

@@ -97,12 +97,17 @@ func (r *tempRoots) add(ctx context.Context, p storepath.Path) error {
 		return errors.New("store: closed")
 	}
 	if r.inFile[p] {
-		// Already visible to every collector (ours snapshots inFile).
+		// Already in the file, so visible to other processes' collectors;
+		// ours only knows the roots with holders and must be told.
 		if r.counts[p] == 0 {
 			r.stale--
 		}
 		r.counts[p]++
+		g := r.gc
 		r.mu.Unlock()
+		if g != nil {
+			g.addRoot(p.HashPart())
+		}
 		return nil
 	}
 	if err := r.publish(ctx, p); err != nil {
@@ -258,12 +263,10 @@ func (r *tempRoots) compact() {
 	r.stale = 0
 }
 
-// snapshot returns the roots a collector of this process must respect.
+// snapshotLocked returns the roots a collector of this process must
+// respect: those with holders now (later ones are sent to the collector).
 func (r *tempRoots) snapshotLocked() map[storepath.Path]bool {
-	out := make(map[storepath.Path]bool, len(r.inFile))
-	for p := range r.inFile {
-		out[p] = true
-	}
+	out := make(map[storepath.Path]bool, len(r.counts))
 	for p := range r.counts {
 		out[p] = true
 	}

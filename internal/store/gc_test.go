@@ -1,0 +1,259 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nixyard/nixyard/internal/nix/contentaddress"
+	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+)
+
+// addFlat adds a flat text file with references (as a Text path).
+func addText(t *testing.T, s *Store, name, content string, refs ...storepath.Path) storepath.Path {
+	t.Helper()
+	info, err := s.AddToStoreContent(context.Background(), name, contentaddress.Text, hash.SHA256, refs, strings.NewReader(content), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.Path
+}
+
+func TestGCRoots(t *testing.T) {
+	s, root := testStore(t)
+	ctx := context.Background()
+	state := filepath.Join(root, "nix/var/nix")
+	abs := func(p storepath.Path) string { return s.Dir().Abs(p) }
+
+	libA := addText(t, s, "lib-a", "a")
+	byLink := addText(t, s, "by-link", "uses a", libA)
+	byProfile := addText(t, s, "by-profile", "p")
+	byIndirect := addText(t, s, "by-indirect", "i")
+	bySession := addText(t, s, "by-session", "s")
+	byOther := addText(t, s, "by-other-process", "o")
+	garbage := addText(t, s, "garbage", "g")
+	garbageRef := addText(t, s, "garbage-user", "gu", garbage)
+
+	os.MkdirAll(filepath.Join(state, "gcroots/x"), 0o755)
+	os.Symlink(abs(byLink), filepath.Join(state, "gcroots/x/link"))
+	os.Symlink(abs(byProfile), filepath.Join(state, "profiles/default-1-link"))
+	os.Symlink("default-1-link", filepath.Join(state, "profiles/default"))
+	outside := filepath.Join(t.TempDir(), "result")
+	if got, err := s.AddPermRoot(ctx, byIndirect, outside); err != nil || got != outside {
+		t.Fatal(got, err)
+	}
+	// A stale indirect root is removed.
+	if err := s.AddIndirectRoot(ctx, filepath.Join(t.TempDir(), "gone")); err != nil {
+		t.Fatal(err)
+	}
+	ss := s.OpenSession()
+	defer ss.Close()
+	if err := ss.AddTempRoot(ctx, bySession); err != nil {
+		t.Fatal(err)
+	}
+	// Another process holding its temporary roots file.
+	trFile := filepath.Join(state, "temproots", "999999")
+	os.WriteFile(trFile, []byte(abs(byOther)+"\x00"), 0o644)
+	// flock -o: the flock process itself holds the lock, not its child.
+	holder := exec.Command("flock", "-o", "-x", trFile, "sleep", "60")
+	holder.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := holder.Start(); err != nil {
+		t.Skip("flock:", err)
+	}
+	killHolder := func() {
+		syscall.Kill(-holder.Process.Pid, syscall.SIGKILL)
+		holder.Wait()
+	}
+	defer killHolder()
+	for i := 0; ; i++ {
+		f, _ := os.OpenFile(trFile, os.O_RDWR, 0)
+		ok, _ := tryLockFD(f, 2 /* LOCK_EX */)
+		f.Close()
+		if !ok {
+			break
+		}
+		if i > 200 {
+			t.Fatal("flock holder did not lock")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	roots, err := s.FindRoots(ctx, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []storepath.Path{byLink, byProfile, byIndirect, bySession, byOther} {
+		if len(roots[p]) == 0 {
+			t.Errorf("%s is not a root: %v", p, roots)
+		}
+	}
+	if c, _ := s.FindRoots(ctx, true); !slices.Equal(c[bySession], []string{censored}) || c[byLink][0] != filepath.Join(state, "gcroots/x/link") {
+		t.Errorf("censored roots: %v", c)
+	}
+
+	// DeleteSpecific of a live path is refused.
+	_, err = s.CollectGarbage(ctx, GCOptions{Action: GCDeleteSpecific, Paths: []storepath.Path{libA}}, nil)
+	if err == nil || !strings.Contains(err.Error(), "Cannot delete path '"+abs(libA)+"' since it is still alive") {
+		t.Errorf("delete live: %v", err)
+	}
+	dead, err := s.CollectGarbage(ctx, GCOptions{Action: GCReturnDead, MaxFreed: math.MaxUint64}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(dead.Paths, []string{abs(garbage), abs(garbageRef)}) && !slices.Equal(dead.Paths, []string{abs(garbageRef), abs(garbage)}) {
+		t.Errorf("dead = %v", dead.Paths)
+	}
+	var logged []string
+	res, err := s.CollectGarbage(ctx, GCOptions{Action: GCDeleteDead, MaxFreed: math.MaxUint64}, func(m string) { logged = append(logged, m) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	slices.Sort(dead.Paths)
+	if !slices.Equal(res.Paths, dead.Paths) || res.BytesFreed == 0 {
+		t.Errorf("deleted %v (%d bytes), want %v", res.Paths, res.BytesFreed, dead.Paths)
+	}
+	if !slices.Contains(logged, fmt.Sprintf("deleting '%s'", abs(garbage))) {
+		t.Errorf("log: %v", logged)
+	}
+	// Referrer deleted before its reference.
+	if slices.Index(logged, fmt.Sprintf("deleting '%s'", abs(garbageRef))) > slices.Index(logged, fmt.Sprintf("deleting '%s'", abs(garbage))) {
+		t.Errorf("reference deleted first: %v", logged)
+	}
+	if entries, _ := os.ReadDir(filepath.Join(state, "gcroots/auto")); len(entries) != 1 {
+		t.Errorf("gcroots/auto: %d entries, want the live one only", len(entries))
+	}
+	for _, p := range []storepath.Path{libA, byLink, byProfile, byIndirect, bySession, byOther} {
+		if ok, _ := s.IsValidPath(ctx, p); !ok {
+			t.Errorf("live path %s collected", p)
+		}
+		if _, err := os.Stat(s.RealPath(p)); err != nil {
+			t.Errorf("live path %s gone from disk", p)
+		}
+	}
+	for _, p := range []storepath.Path{garbage, garbageRef} {
+		if _, err := os.Lstat(s.RealPath(p)); err == nil {
+			t.Errorf("dead path %s still on disk", p)
+		}
+	}
+	// Once the session is closed and the other process gone, their roots go.
+	ss.Close()
+	killHolder()
+	res, err = s.CollectGarbage(ctx, GCOptions{Action: GCDeleteDead, MaxFreed: math.MaxUint64}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(res.Paths, []string{abs(byOther), abs(bySession)}) && !slices.Equal(res.Paths, []string{abs(bySession), abs(byOther)}) {
+		t.Errorf("second GC deleted %v", res.Paths)
+	}
+	if _, err := os.Stat(trFile); err == nil {
+		t.Errorf("stale temproots file not removed")
+	}
+	nixCmd(t, root, "nix-store", "--verify", "--check-contents")
+}
+
+func TestGCMaxFreedAndSpecific(t *testing.T) {
+	s, _ := testStore(t)
+	ctx := context.Background()
+	var ps []storepath.Path
+	for i := range 10 {
+		ps = append(ps, addText(t, s, "g", strings.Repeat("x", 1000+i)))
+	}
+	res, err := s.CollectGarbage(ctx, GCOptions{Action: GCDeleteDead, MaxFreed: 0}, nil)
+	if err != nil || len(res.Paths) != 0 {
+		t.Fatalf("MaxFreed 0 deleted %v (%v)", res.Paths, err)
+	}
+	res, err = s.CollectGarbage(ctx, GCOptions{Action: GCDeleteDead, MaxFreed: 2500}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Stops once more than 2500 bytes are freed: after the third path.
+	if len(res.Paths) != 3 || res.BytesFreed <= 2500 {
+		t.Errorf("MaxFreed: deleted %d paths, %d bytes", len(res.Paths), res.BytesFreed)
+	}
+	left, _ := s.QueryAllValidPaths(ctx)
+	if len(left) != 7 {
+		t.Fatalf("%d left", len(left))
+	}
+	res, err = s.CollectGarbage(ctx, GCOptions{Action: GCDeleteSpecific, Paths: left[:1]}, nil)
+	if err != nil || !slices.Equal(res.Paths, []string{s.Dir().Abs(left[0])}) {
+		t.Errorf("specific: %v %v", res, err)
+	}
+}
+
+func TestOptimiseAndVerify(t *testing.T) {
+	s, root := testStore(t)
+	ctx := context.Background()
+	big := strings.Repeat("shared content ", 1000)
+	var infos []PathInfo
+	for i := range 3 {
+		d := narOf(t, map[string]string{"same": big, "own": fmt.Sprint(i)})
+		info := caNARInfo(t, s, "opt", d, nil)
+		if err := s.AddToStoreNar(ctx, info, bytes.NewReader(d), AddOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		infos = append(infos, info)
+	}
+	var freed uint64
+	if err := s.OptimiseStore(ctx, func(b, _ uint64) { freed += b }); err != nil {
+		t.Fatal(err)
+	}
+	if freed != 2*uint64(len(big)) {
+		t.Errorf("freed %d, want %d", freed, 2*len(big))
+	}
+	var st1, st2 os.FileInfo
+	st1, _ = os.Stat(s.RealPath(infos[0].Path) + "/same")
+	st2, _ = os.Stat(s.RealPath(infos[2].Path) + "/same")
+	if !os.SameFile(st1, st2) {
+		t.Error("identical files not linked")
+	}
+	if errs, err := s.VerifyStore(ctx, true, false, nil); err != nil || errs {
+		t.Errorf("verify after optimise: %v %v", errs, err)
+	}
+	nixCmd(t, root, "nix-store", "--verify", "--check-contents")
+
+	// Deleting the paths leaves .links with unused files that GC removes.
+	if _, err := s.CollectGarbage(ctx, GCOptions{Action: GCDeleteDead, MaxFreed: math.MaxUint64}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(s.realDir, ".links")); len(ents) != 0 {
+		t.Errorf(".links not emptied: %d", len(ents))
+	}
+}
+
+func TestVerifyFindsDamage(t *testing.T) {
+	s, _ := testStore(t)
+	ctx := context.Background()
+	d := narOf(t, map[string]string{"f": "original"})
+	info := caNARInfo(t, s, "v", d, nil)
+	if err := s.AddToStoreNar(ctx, info, bytes.NewReader(d), AddOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	gone := addText(t, s, "gone", "bye")
+	f := s.RealPath(info.Path) + "/f"
+	os.Chmod(s.RealPath(info.Path), 0o755)
+	os.Chmod(f, 0o644)
+	os.WriteFile(f, []byte("modified"), 0o444)
+	removeAll(s.RealPath(gone))
+	var logged []string
+	errs, err := s.VerifyStore(ctx, true, false, func(m string) { logged = append(logged, m) })
+	if err != nil || !errs {
+		t.Fatalf("verify: %v %v", errs, err)
+	}
+	all := strings.Join(logged, "\n")
+	if !strings.Contains(all, "path '"+s.Dir().Abs(info.Path)+"' was modified! expected hash '"+info.NarHash.String()+"'") {
+		t.Errorf("log: %s", all)
+	}
+	if ok, _ := s.IsValidPath(ctx, gone); ok {
+		t.Error("vanished path still valid")
+	}
+}
