@@ -10,7 +10,7 @@
 # results section of docs/benchmarks.md. --stock-only measures nix-daemon
 # alone (e.g. while cmd/nixyard does not build). Needs root and Nix 2.8 on
 # PATH; bounded by -timeout (default 40m); cleans up its mounts and processes.
-# Useful flags: -reps 3 -qpi-duration 5s -qpi-conns 1,8 -qpi-paths 5000
+# Useful flags: -reps 5 -qpi-duration 5s -qpi-conns 1,8 -qpi-paths 5000
 # -copy-paths 400 -copy-mb 500 -fs ext4|tmpfs -keep (keep logs in the work dir).
 set -euo pipefail
 cd "$(dirname "$0")/.."

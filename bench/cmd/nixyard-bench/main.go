@@ -70,7 +70,7 @@ func parseFlags() (options, error) {
 	flag.DurationVar(&o.qpiWarmup, "qpi-warmup", time.Second, "untimed warm-up before each QueryPathInfo measurement")
 	flag.IntVar(&o.copyPaths, "copy-paths", 400, "number of paths copied by nix copy")
 	flag.Int64Var(&o.copyMB, "copy-mb", 500, "approximate total size in MB (10^6 bytes) of the copied file contents")
-	flag.IntVar(&o.reps, "reps", 3, "repetitions of each measurement (the median is reported)")
+	flag.IntVar(&o.reps, "reps", 5, "repetitions of each measurement (the median is reported)")
 	flag.DurationVar(&o.timeout, "timeout", 40*time.Minute, "stop everything after this long")
 	flag.StringVar(&o.docs, "docs", "", "rewrite the generated results section of this Markdown file (e.g. docs/benchmarks.md)")
 	flag.StringVar(&o.command, "command", "scripts/bench.sh", "command line to record in the report")
