@@ -1,0 +1,294 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// gcRoots parses "nix-store --gc --print-roots" output into link → target
+// pairs.
+func gcRoots(t *testing.T, out string) [][2]string {
+	t.Helper()
+	var roots [][2]string
+	for _, l := range lines(out) {
+		link, target, ok := strings.Cut(l, " -> ")
+		if !ok {
+			t.Fatalf("--print-roots line %q is not 'LINK -> PATH'", l)
+		}
+		roots = append(roots, [2]string{link, target})
+	}
+	return roots
+}
+
+// hasRoot reports whether roots holds target through a link accepted by
+// linkOK.
+func hasRoot(roots [][2]string, target string, linkOK func(string) bool) bool {
+	for _, r := range roots {
+		if r[1] == target && linkOK(r[0]) {
+			return true
+		}
+	}
+	return false
+}
+
+// assertValid checks that each path is valid and present on disk.
+func (d *daemon) assertValid(t *testing.T, why string, paths ...string) {
+	t.Helper()
+	for _, p := range paths {
+		if !d.isValid(t, p) {
+			t.Errorf("%s: %s is no longer valid", why, p)
+		}
+		if _, err := os.Lstat(d.realPath(p)); err != nil {
+			t.Errorf("%s: %s is gone from disk: %v", why, p, err)
+		}
+	}
+}
+
+// assertGone checks that each path is invalid and deleted from disk.
+func (d *daemon) assertGone(t *testing.T, why string, paths ...string) {
+	t.Helper()
+	for _, p := range paths {
+		if d.isValid(t, p) {
+			t.Errorf("%s: %s is still valid", why, p)
+		}
+		if _, err := os.Lstat(d.realPath(p)); err == nil {
+			t.Errorf("%s: %s is still on disk", why, p)
+		}
+	}
+}
+
+func TestGarbageCollection(t *testing.T) {
+	t.Parallel()
+	d := startDaemon(t)
+	add := func(name string) string {
+		t.Helper()
+		return oneLine(t, "nix-store --add", d.nixStore(t, "--add", d.file(t, "gc/"+name, name)))
+	}
+
+	// A text path referring to a source path: top keeps dep alive.
+	depFile := d.file(t, "gc/dep", "dependency")
+	top := strings.TrimSpace(d.nix(t, "eval", "--impure", "--raw", "--expr",
+		fmt.Sprintf(`builtins.toFile "top-%s" "uses ${%s}"`, d.nonce, depFile)))
+	dep := oneLine(t, "references", d.nixStore(t, "-q", "--references", top))
+	profiled := add("profiled")
+	linked := add("linked")
+	temp := add("temp")
+	dead := add("dead")
+	var garbage []string
+	for i := range 3 {
+		garbage = append(garbage, add(fmt.Sprintf("garbage%d", i)))
+	}
+
+	// Roots: an indirect root (a result symlink outside the store), a
+	// profile generation, a symlink in gcroots, and a temp root held by a
+	// live connection.
+	result := filepath.Join(d.dir, "result")
+	if got := oneLine(t, "--add-root", d.nixStore(t, "--add-root", result, "--indirect", "-r", top)); got != result {
+		t.Errorf("nix-store --add-root printed %q, want %q", got, result)
+	}
+	if target, err := os.Readlink(result); err != nil || target != top {
+		t.Fatalf("result symlink: %q, %v; want a link to %s", target, err, top)
+	}
+	profile := filepath.Join(d.root, "nix/var/nix/profiles/e2e")
+	d.client("nix-env", "-p", profile, "--set", profiled).ok(t)
+	gcroots := filepath.Join(d.root, "nix/var/nix/gcroots")
+	mustMkdir(t, gcroots, 0o755)
+	if err := os.Symlink(linked, filepath.Join(gcroots, "e2e-link")); err != nil {
+		t.Fatal(err)
+	}
+	holder := dialProto(t, d.sock)
+	holder.addTempRoot(t, temp)
+
+	roots := gcRoots(t, d.nixStore(t, "--gc", "--print-roots"))
+	if !hasRoot(roots, top, func(l string) bool { return l == result }) {
+		t.Errorf("--print-roots has no %s -> %s:\n%v", result, top, roots)
+	}
+	if !hasRoot(roots, profiled, func(l string) bool { return strings.HasPrefix(l, profile) }) {
+		t.Errorf("--print-roots has no %s* -> %s:\n%v", profile, profiled, roots)
+	}
+	if !hasRoot(roots, linked, func(l string) bool { return l == filepath.Join(gcroots, "e2e-link") }) {
+		t.Errorf("--print-roots has no gcroots/e2e-link -> %s:\n%v", linked, roots)
+	}
+
+	live := sortedLines(d.nixStore(t, "--gc", "--print-live"))
+	deadList := sortedLines(d.nixStore(t, "--gc", "--print-dead"))
+	for _, p := range []string{top, dep, profiled, linked, temp} {
+		if !contains(live, p) {
+			t.Errorf("--print-live lacks %s", p)
+		}
+		if contains(deadList, p) {
+			t.Errorf("--print-dead lists live path %s", p)
+		}
+	}
+	for _, p := range append([]string{dead}, garbage...) {
+		if !contains(deadList, p) {
+			t.Errorf("--print-dead lacks %s", p)
+		}
+		if contains(live, p) {
+			t.Errorf("--print-live lists dead path %s", p)
+		}
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+
+	// --delete refuses live paths (rooted, or referenced by a rooted one)
+	// and deletes dead ones.
+	for _, p := range []string{top, dep, profiled, linked, temp} {
+		if stderr := d.nixStoreFails(t, "--delete", p); !strings.Contains(stderr, "alive") {
+			t.Errorf("--delete %s: stderr does not say it is alive:\n%s", p, stderr)
+		}
+	}
+	d.assertValid(t, "after refused --delete", top, dep, profiled, linked, temp)
+	d.nixStore(t, "--delete", dead)
+	d.assertGone(t, "after --delete", dead)
+
+	// --max-freed 1 stops after the first deletion.
+	d.nixStore(t, "--gc", "--max-freed", "1")
+	left := 0
+	for _, g := range garbage {
+		if d.isValid(t, g) {
+			left++
+		}
+	}
+	if left == 0 || left == len(garbage) {
+		t.Errorf("after --gc --max-freed 1, %d of %d dead paths are left; want some deleted and some left", left, len(garbage))
+	}
+
+	// A full collection deletes the rest and keeps every root.
+	d.nixStore(t, "--gc")
+	d.assertGone(t, "after --gc", garbage...)
+	d.assertValid(t, "after --gc", top, dep, profiled, linked, temp)
+
+	// The temp root lives as long as its connection.
+	holder.c.Close()
+	waitFor(t, "the temp root of a closed connection to be released", func() bool {
+		return contains(lines(d.nixStore(t, "--gc", "--print-dead")), temp)
+	})
+	d.nixStore(t, "--gc")
+	d.assertGone(t, "after the temp root's connection closed", temp)
+
+	// Removing the result symlink makes its indirect root stale.
+	if err := os.Remove(result); err != nil {
+		t.Fatal(err)
+	}
+	d.nixStore(t, "--gc")
+	d.assertGone(t, "after removing the result symlink", top, dep)
+	d.assertValid(t, "after removing the result symlink", profiled, linked)
+
+	assertVerifyClean(t, d.nixStoreRun(t, "--verify", "--check-contents"))
+}
+
+// waitFor polls cond until it holds, failing the test after a minute. It
+// is for effects that follow an asynchronous event (a connection closing),
+// not a timing assertion.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("gave up waiting for %s", what)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func TestVerifyStore(t *testing.T) {
+	t.Parallel()
+	d := startDaemon(t)
+	file := oneLine(t, "add", d.nixStore(t, "--add", d.file(t, "v/file.txt", "verify me")))
+	dir := oneLine(t, "add", d.nixStore(t, "--add", d.mkTree(t, "v/dir", tree{"a": "a", "b/": "", "b/c": "*c"})))
+
+	assertVerifyClean(t, d.nixStoreRun(t, "--verify"))
+	assertVerifyClean(t, d.nixStoreRun(t, "--verify", "--check-contents"))
+
+	// Corrupt one file behind the daemon's back.
+	victim := filepath.Join(d.realPath(dir), "b/c")
+	if err := os.Chmod(victim, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(victim, []byte("corrupted\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// Without --check-contents, nothing is hashed.
+	assertVerifyClean(t, d.nixStoreRun(t, "--verify"))
+	r := d.nixStoreRun(t, "--verify", "--check-contents")
+	if r.err == nil {
+		t.Errorf("nix-store --verify --check-contents succeeded on a corrupted store:\n%s", r)
+	}
+	if !strings.Contains(r.stderr, dir) || !strings.Contains(r.stderr, "modified") {
+		t.Errorf("nix-store --verify --check-contents does not report %s as modified:\n%s", dir, r)
+	}
+	if strings.Contains(r.stderr, file) {
+		t.Errorf("nix-store --verify --check-contents reports the intact %s:\n%s", file, r)
+	}
+}
+
+func TestOptimise(t *testing.T) {
+	t.Parallel()
+	d := startDaemon(t)
+	same := string(randomBytes(t, 64<<10))
+	one := oneLine(t, "add", d.nixStore(t, "--add", d.mkTree(t, "opt/one", tree{"same.bin": same, "one.txt": "one"})))
+	two := oneLine(t, "add", d.nixStore(t, "--add", d.mkTree(t, "opt/two", tree{"same.bin": same, "two.txt": "two"})))
+	hashes := map[string]string{}
+	for _, p := range []string{one, two} {
+		hashes[p] = d.nixStore(t, "-q", "--hash", p)
+	}
+	f1, f2 := filepath.Join(d.realPath(one), "same.bin"), filepath.Join(d.realPath(two), "same.bin")
+	if inode(t, f1) == inode(t, f2) {
+		t.Fatalf("%s and %s share an inode before optimising", f1, f2)
+	}
+
+	d.nixStore(t, "--optimise")
+
+	if inode(t, f1) != inode(t, f2) {
+		t.Errorf("after nix-store --optimise, %s and %s are not hard-linked (inodes %d, %d)", f1, f2, inode(t, f1), inode(t, f2))
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(f1, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Nlink < 3 {
+		t.Errorf("%s has %d links; want 3 (two store paths and .links)", f1, st.Nlink)
+	}
+	if st.Mode&0o7777 != 0o444 || st.Mtim.Sec != 1 {
+		t.Errorf("%s: mode %o, mtime %d after optimising; want 444 and 1", f1, st.Mode&0o7777, st.Mtim.Sec)
+	}
+	links, err := os.ReadDir(filepath.Join(d.root, "nix/store/.links"))
+	if err != nil || len(links) == 0 {
+		t.Errorf("nix/store/.links: %d entries, %v; want the shared file's link", len(links), err)
+	}
+	for p, h := range hashes {
+		if got := d.nixStore(t, "-q", "--hash", p); got != h {
+			t.Errorf("NAR hash of %s changed by optimising: %s → %s", p, h, got)
+		}
+	}
+	for _, p := range []string{one, two} {
+		if got, want := d.nixHashPath(t, "sha256", d.realPath(p)), strings.TrimPrefix(strings.TrimSpace(hashes[p]), "sha256:"); got != want {
+			t.Errorf("%s on disk hashes to %s after optimising, want %s", p, got, want)
+		}
+	}
+	assertVerifyClean(t, d.nixStoreRun(t, "--verify", "--check-contents"))
+	// The unshared files stay single.
+	var st1 syscall.Stat_t
+	if err := syscall.Stat(filepath.Join(d.realPath(one), "one.txt"), &st1); err != nil {
+		t.Fatal(err)
+	}
+	if st1.Nlink > 2 {
+		t.Errorf("one.txt has %d links, want at most 2", st1.Nlink)
+	}
+}
+
+func inode(t *testing.T, p string) uint64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(p, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Ino
+}
