@@ -1,0 +1,295 @@
+// Package daemon serves the Nix daemon worker protocol (protocol 1.21 to
+// 1.37, worker-protocol.md in docs) on top of the local store: the
+// handshake, the logger channel, client trust, and the store operations.
+// It is the only package that knows the wire; the store knows nothing of it.
+package daemon
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"runtime/debug"
+	"sync"
+	"time"
+
+	"github.com/nixyard/nixyard/internal/daemon/wire"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+// Options configure a Server.
+type Options struct {
+	Store *store.Store
+	// TrustedUsers is nix.conf trusted-users: user names, "@group", "*".
+	// Nil means Nix's default, "root".
+	TrustedUsers []string
+	// AllowedUsers is nix.conf allowed-users. Nil means Nix's default, "*".
+	AllowedUsers []string
+	// BuildUsersGroup is nix.conf build-users-group; users whose primary
+	// group it is are refused, as nix-daemon does. "" disables the check.
+	BuildUsersGroup string
+	// Settings is the daemon's effective nix.conf, used to filter the
+	// settings clients send (substituters, trusted-substituters).
+	Settings map[string]string
+	Logger   *slog.Logger
+}
+
+// Server serves worker-protocol connections. It is safe for concurrent use.
+type Server struct {
+	opts Options
+	log  *slog.Logger
+	dir  storepath.Dir
+}
+
+// New returns a Server for opts.
+func New(opts Options) *Server {
+	if opts.TrustedUsers == nil {
+		opts.TrustedUsers = []string{"root"}
+	}
+	if opts.AllowedUsers == nil {
+		opts.AllowedUsers = []string{"*"}
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	s := &Server{opts: opts, log: log}
+	if opts.Store != nil {
+		s.dir = opts.Store.Dir()
+	}
+	return s
+}
+
+// Serve accepts connections on l and serves each in its own goroutine, with
+// trust decided from the peer's SO_PEERCRED credentials. It returns when ctx
+// is done (closing l and every connection, and waiting for their
+// goroutines), or on a permanent accept error.
+func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := context.AfterFunc(ctx, func() { l.Close() })
+	defer stop()
+
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	backoff := 5 * time.Millisecond
+	for {
+		nc, err := l.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, errTooManyFiles) {
+				s.log.Warn("accept failed; retrying", "err", err, "backoff", backoff)
+				select {
+				case <-time.After(backoff):
+				case <-ctx.Done():
+					return nil
+				}
+				backoff = min(2*backoff, time.Second)
+				continue
+			}
+			return fmt.Errorf("daemon: accept: %w", err)
+		}
+		backoff = 5 * time.Millisecond
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer nc.Close()
+			s.serveNetConn(ctx, nc)
+		}()
+	}
+}
+
+// serveNetConn authenticates a socket peer and serves it.
+func (s *Server) serveNetConn(ctx context.Context, nc net.Conn) {
+	stop := context.AfterFunc(ctx, func() { nc.Close() })
+	defer stop()
+	p := s.identify(nc)
+	log := s.log.With("pid", p.pid, "user", p.user)
+	if p.refused != "" {
+		log.Warn("refusing connection", "reason", p.refused)
+	} else {
+		trust := "untrusted"
+		if p.trusted {
+			trust = "trusted"
+		}
+		log.Info(fmt.Sprintf("accepted connection from pid %s, user %s (%s)", p.pidString(), p.user, trust))
+	}
+	err := s.serve(ctx, nc, nc, p, log)
+	if err != nil && ctx.Err() == nil {
+		log.Warn("connection ended with an error", "err", err)
+	}
+}
+
+// ServeConn serves one client over a stream (nix-daemon --stdio), with the
+// given trust. It returns when the client closes the stream, on a protocol
+// error, or when ctx is done (if r is an io.Closer it is then closed to
+// unblock the read).
+func (s *Server) ServeConn(ctx context.Context, r io.Reader, w io.Writer, trusted bool) error {
+	if c, ok := r.(io.Closer); ok {
+		stop := context.AfterFunc(ctx, func() { c.Close() })
+		defer stop()
+	}
+	p := peer{pid: -1, user: "(stdio)", trusted: trusted}
+	err := s.serve(ctx, r, w, p, s.log.With("user", p.user))
+	if ctx.Err() != nil {
+		return nil
+	}
+	return err
+}
+
+// fatalError marks an error after which the connection cannot go on (the
+// stream is out of sync); it is reported to the client, then the
+// connection is closed.
+type fatalError struct{ err error }
+
+func (e *fatalError) Error() string { return e.err.Error() }
+func (e *fatalError) Unwrap() error { return e.err }
+
+func fatal(err error) error {
+	if err == nil {
+		return nil
+	}
+	return &fatalError{err}
+}
+
+// conn is the state of one client connection. It is used by one goroutine,
+// except for its tunnel.
+type conn struct {
+	srv     *Server
+	st      *store.Store
+	dir     storepath.Dir
+	br      *bufio.Reader
+	in      *wire.Decoder
+	out     *wire.Encoder
+	minor   uint64
+	peer    peer
+	log     *slog.Logger
+	tun     *tunnel
+	session *store.Session
+	opts    clientSettings
+}
+
+// serve runs one connection: handshake, then ops until EOF or an error
+// that ends the connection. A panic ends only this connection.
+func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, log *slog.Logger) (err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			log.Error("panic while serving a connection", "panic", v, "stack", string(debug.Stack()))
+			err = fmt.Errorf("daemon: internal error: %v", v)
+		}
+	}()
+	br := bufio.NewReaderSize(r, 64<<10)
+	c := &conn{
+		srv:  s,
+		st:   s.opts.Store,
+		dir:  s.dir,
+		br:   br,
+		in:   wire.NewDecoder(br),
+		out:  wire.NewEncoder(w),
+		peer: p,
+		log:  log,
+	}
+	if err := c.handshake(ctx); err != nil {
+		return err
+	}
+	if c.st != nil {
+		c.session = c.st.OpenSession()
+		defer func() {
+			if cerr := c.session.Close(); cerr != nil {
+				log.Warn("closing store session", "err", cerr)
+			}
+		}()
+	}
+	ops := 0
+	defer func() { log.Debug("connection closed", "ops", ops) }()
+	for {
+		if _, err := c.br.Peek(1); err != nil {
+			if err == io.EOF || ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("daemon: reading op: %w", err)
+		}
+		op := c.in.U64("op")
+		if err := c.in.Err(); err != nil {
+			return fmt.Errorf("daemon: reading op: %w", err)
+		}
+		ops++
+		c.tun.beginOp()
+		log.Debug("received daemon op", "op", op, "name", opName(op))
+		err := c.perform(ctx, op)
+		if err != nil {
+			working, stopped := c.tun.state()
+			if stopped {
+				// The reply was under way (e.g. a NAR after STDERR_LAST):
+				// nothing more can be said on this stream.
+				return fmt.Errorf("daemon: op %s (%d): after its reply started: %w", opName(op), op, err)
+			}
+			var fe *fatalError
+			// An error before startWork (unknown op, bad arguments) is
+			// sent, then the connection is closed: the rest of the request
+			// cannot be told apart from the next one.
+			isFatal := errors.As(err, &fe) || !working
+			c.tun.stopWork(err)
+			if ferr := c.out.Flush(); ferr != nil {
+				return fmt.Errorf("daemon: op %s (%d): %w (and sending the error: %v)", opName(op), op, err, ferr)
+			}
+			if isFatal {
+				return fmt.Errorf("daemon: op %s (%d): %w", opName(op), op, err)
+			}
+			log.Debug("op failed", "op", opName(op), "err", err)
+			continue
+		}
+		if err := c.out.Flush(); err != nil {
+			return fmt.Errorf("daemon: op %s (%d): sending reply: %w", opName(op), op, err)
+		}
+	}
+}
+
+// args checks the decoder after the arguments of op have been read.
+func (c *conn) args(op uint64) error {
+	if err := c.in.Err(); err != nil {
+		return fmt.Errorf("operation '%s' (%d): reading arguments: %w", opName(op), op, err)
+	}
+	return nil
+}
+
+// startWork begins the work phase of an op (§3).
+func (c *conn) startWork() error { return c.tun.startWork() }
+
+// stopWork ends it successfully: STDERR_LAST, then the caller writes the reply.
+func (c *conn) stopWork() { c.tun.stopWork(nil) }
+
+// perform runs one op. Arguments are read before startWork; errors
+// returned while working end only the op.
+func (c *conn) perform(ctx context.Context, op uint64) error {
+	h, ok := handlers[op]
+	if !ok {
+		switch op {
+		case opBuildDerivation, opRegisterDrvOutput, opQueryRealisation:
+		case opQueryFailedPaths, opClearFailedPaths:
+			return fmt.Errorf("operation '%s' (%d) was removed from Nix and is not supported", opName(op), op)
+		default:
+			return fmt.Errorf("invalid operation %d", op)
+		}
+	}
+	if c.st == nil && op != opSetOptions && op != opSyncWithGC {
+		return fmt.Errorf("operation '%s' (%d): no store is configured", opName(op), op)
+	}
+	if h == nil {
+		return c.notImplemented(ctx, op)
+	}
+	return h(ctx, c)
+}
+
+type handler func(ctx context.Context, c *conn) error
+
+// handlers maps op numbers to their handlers; see ops.go. It is filled in
+// init because handlers refer to conn methods that reach the table.
+var handlers map[uint64]handler

@@ -1,0 +1,397 @@
+package daemon
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/nixyard/nixyard/internal/daemon/wire"
+	"github.com/nixyard/nixyard/internal/nar"
+	"github.com/nixyard/nixyard/internal/nix/contentaddress"
+	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+var errRepairUntrusted = errors.New("repairing is not allowed because you are not in 'trusted-users'")
+
+// withFramed runs fn over the framed stream that follows the arguments,
+// then drains it to its zero chunk whatever fn did, so that STDERR_LAST or
+// STDERR_ERROR is only sent once the client has finished uploading (§3.3).
+// A failure to drain leaves the stream out of sync and is fatal.
+func (c *conn) withFramed(fn func(fr *wire.FramedReader) error) error {
+	fr := wire.NewFramedReader(c.br)
+	err := fn(fr)
+	if derr := fr.Drain(); derr != nil {
+		if err == nil {
+			err = derr
+		}
+		return fatal(err)
+	}
+	return err
+}
+
+// withRawNAR is withFramed for an unframed NAR on the stream.
+func (c *conn) withRawNAR(r io.Reader, fn func(x *narExtractor) error) error {
+	x := newNarExtractor(r)
+	err := fn(x)
+	if derr := x.drain(); derr != nil {
+		if err == nil {
+			err = derr
+		}
+		return fatal(err)
+	}
+	return err
+}
+
+func opAddToStoreHandler(ctx context.Context, c *conn) error {
+	if c.minor < 25 {
+		return c.addToStoreOld(ctx)
+	}
+	name := c.in.String("name", wire.MaxSmallString)
+	camStr := c.in.String("camStr", wire.MaxSmallString)
+	refs := c.in.Paths("references", c.dir)
+	repair := c.in.Bool("repair")
+	if err := c.begin(opAddToStore); err != nil {
+		return err
+	}
+	var info *store.PathInfo
+	err := c.withFramed(func(fr *wire.FramedReader) error {
+		if repair && !c.peer.trusted {
+			return errRepairUntrusted
+		}
+		method, algo, err := contentaddress.ParseMethodAlgo(camStr)
+		if err != nil {
+			return fmt.Errorf("adding '%s' to the store: %w", name, err)
+		}
+		info, err = c.st.AddToStoreContent(ctx, name, method, algo, refs, fr, repair)
+		if err != nil {
+			return fmt.Errorf("adding '%s' to the store: %w", name, err)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	c.stopWork()
+	c.writePathInfo(info, true, c.minor)
+	return nil
+}
+
+// addToStoreOld is AddToStore before 1.25: the data is a raw NAR.
+func (c *conn) addToStoreOld(ctx context.Context) error {
+	name := c.in.String("name", wire.MaxSmallString)
+	fixed := c.in.Bool("fixed")
+	recursive := c.in.U64Max("recursive", 1) == 1
+	algoName := c.in.String("hashAlgo", wire.MaxSmallString)
+	if !fixed { // compatibility hack, as in Nix
+		algoName, recursive = "sha256", true
+	}
+	algo, err := hash.ParseAlgo(algoName)
+	if err != nil {
+		c.in.SetErr("hashAlgo", err)
+	}
+	if err := c.begin(opAddToStore); err != nil {
+		return err
+	}
+	method := contentaddress.Flat
+	if recursive {
+		method = contentaddress.NAR
+	}
+	var info *store.PathInfo
+	err = c.withRawNAR(c.br, func(x *narExtractor) error {
+		var data io.Reader = x
+		if !recursive {
+			data = &flatFromNAR{nr: nar.NewReader(x)}
+		}
+		var err error
+		info, err = c.st.AddToStoreContent(ctx, name, method, algo, nil, data, false)
+		if err != nil {
+			return fmt.Errorf("adding '%s' to the store: %w", name, err)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	c.stopWork()
+	c.out.Path(c.dir, info.Path)
+	return nil
+}
+
+func opAddTextToStoreHandler(ctx context.Context, c *conn) error {
+	name := c.in.String("name", wire.MaxSmallString)
+	text := c.in.Bytes("text", wire.MaxStringLen)
+	refs := c.in.Paths("references", c.dir)
+	if err := c.begin(opAddTextToStore); err != nil {
+		return err
+	}
+	info, err := c.st.AddToStoreContent(ctx, name, contentaddress.Text, hash.SHA256, refs, bytes.NewReader(text), false)
+	if err != nil {
+		return fmt.Errorf("adding '%s' to the store: %w", name, err)
+	}
+	c.stopWork()
+	c.out.Path(c.dir, info.Path)
+	return nil
+}
+
+// readPathInfo reads the fields of a ValidPathInfo after the path, in the
+// layout of minor (§5.1).
+func (c *conn) readPathInfo(in *wire.Decoder, p storepath.Path, minor uint64) store.PathInfo {
+	info := store.PathInfo{Path: p}
+	info.Deriver = in.OptPath("deriver", c.dir)
+	narHash := in.String("narHash", wire.MaxSmallString)
+	info.References = in.Paths("references", c.dir)
+	in.U64("registrationTime") // the daemon sets its own
+	info.NarSize = in.U64("narSize")
+	if minor >= 16 {
+		info.Ultimate = in.Bool("ultimate")
+		info.Sigs = in.Strings("sigs", wire.MaxSmallString)
+		info.CA = in.String("ca", wire.MaxSmallString)
+	}
+	if in.Err() == nil {
+		h, err := hash.ParseAny(narHash, hash.SHA256)
+		if err != nil {
+			in.SetErr("narHash", err)
+		}
+		info.NarHash = h
+		if _, err := contentaddress.Parse(info.CA); err != nil {
+			in.SetErr("ca", err)
+		}
+	}
+	return info
+}
+
+func opAddToStoreNarHandler(ctx context.Context, c *conn) error {
+	p := c.in.Path("path", c.dir)
+	info := c.readPathInfo(c.in, p, 16)
+	repair := c.in.Bool("repair")
+	dontCheckSigs := c.in.Bool("dontCheckSigs")
+	if !c.peer.trusted {
+		dontCheckSigs = false
+		info.Ultimate = false
+	}
+	if err := c.begin(opAddToStoreNar); err != nil {
+		return err
+	}
+	opts := store.AddOptions{Repair: repair, CheckSigs: !dontCheckSigs}
+	add := func(r io.Reader) error {
+		if repair && !c.peer.trusted {
+			return errRepairUntrusted
+		}
+		if err := c.st.AddToStoreNar(ctx, info, r, opts); err != nil {
+			return fmt.Errorf("adding '%s' to the store: %w", c.dir.Abs(p), err)
+		}
+		return nil
+	}
+	var err error
+	switch {
+	case c.minor >= 23:
+		err = c.withFramed(func(fr *wire.FramedReader) error { return add(fr) })
+	case c.minor >= 21:
+		ts := &tunnelSource{c: c}
+		err = c.withRawNAR(ts, func(x *narExtractor) error { return add(x) })
+	default:
+		err = c.withRawNAR(c.br, func(x *narExtractor) error { return add(x) })
+	}
+	if err != nil {
+		return err
+	}
+	c.stopWork()
+	return nil
+}
+
+// exactReader passes on exactly n bytes of r and checks that its consumer
+// read them all (AddMultipleToStore: each NAR is exactly narSize bytes).
+type exactReader struct {
+	r    io.Reader
+	left uint64
+}
+
+func (e *exactReader) Read(p []byte) (int, error) {
+	if e.left == 0 {
+		return 0, io.EOF
+	}
+	if uint64(len(p)) > e.left {
+		p = p[:e.left]
+	}
+	n, err := e.r.Read(p)
+	e.left -= uint64(n)
+	if err == io.EOF && e.left > 0 {
+		err = io.ErrUnexpectedEOF
+	}
+	return n, err
+}
+
+func opAddMultipleToStoreHandler(ctx context.Context, c *conn) error {
+	repair := c.in.Bool("repair")
+	dontCheckSigs := c.in.Bool("dontCheckSigs")
+	if !c.peer.trusted {
+		dontCheckSigs = false
+	}
+	if err := c.begin(opAddMultipleToStore); err != nil {
+		return err
+	}
+	err := c.withFramed(func(fr *wire.FramedReader) error {
+		if repair && !c.peer.trusted {
+			return errRepairUntrusted
+		}
+		in := wire.NewDecoder(fr)
+		count := in.Count("count")
+		if err := in.Err(); err != nil {
+			return fmt.Errorf("AddMultipleToStore: %w", err)
+		}
+		var i int
+		var cur *exactReader
+		var curPath storepath.Path
+		next := func() (store.PathInfo, io.Reader, error) {
+			if cur != nil && cur.left > 0 {
+				return store.PathInfo{}, nil, fmt.Errorf("AddMultipleToStore: path '%s': NAR is shorter than its narSize (%d bytes left)", c.dir.Abs(curPath), cur.left)
+			}
+			if i == count {
+				return store.PathInfo{}, nil, io.EOF
+			}
+			i++
+			p := in.Path("path", c.dir)
+			info := c.readPathInfo(in, p, 16)
+			if err := in.Err(); err != nil {
+				return store.PathInfo{}, nil, fmt.Errorf("AddMultipleToStore: path %d of %d: %w", i, count, err)
+			}
+			info.Ultimate = false
+			cur, curPath = &exactReader{r: fr, left: info.NarSize}, p
+			return info, cur, nil
+		}
+		err := c.st.AddMultipleToStoreNar(ctx, next, store.AddOptions{Repair: repair, CheckSigs: !dontCheckSigs})
+		if err != nil {
+			return err
+		}
+		if i != count || (cur != nil && cur.left > 0) {
+			return fmt.Errorf("AddMultipleToStore: the store stopped after %d of %d paths", i, count)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	c.stopWork()
+	return nil
+}
+
+func opImportPathsHandler(ctx context.Context, c *conn) error {
+	if err := c.begin(opImportPaths); err != nil {
+		return err
+	}
+	src := &tunnelSource{c: c} // unbuffered: ask the client only for what is parsed
+	in := wire.NewDecoder(src)
+	var imported []storepath.Path
+	for {
+		marker := in.U64("marker")
+		if err := in.Err(); err != nil {
+			return fatal(fmt.Errorf("ImportPaths: %w", err))
+		}
+		if marker == 0 {
+			break
+		}
+		if marker != 1 {
+			return fatal(errors.New("ImportPaths: input doesn't look like something created by 'nix-store --export'"))
+		}
+		p, err := c.importOne(ctx, src, in)
+		if err != nil {
+			return fatal(err)
+		}
+		imported = append(imported, p)
+	}
+	c.stopWork()
+	ss := make([]string, len(imported))
+	for i, p := range imported {
+		ss[i] = c.dir.Abs(p)
+	}
+	c.out.Strings(ss)
+	return nil
+}
+
+// importOne reads one path of the export format (NAR, magic, path, refs,
+// deriver, legacy signature flag) and adds it. The NAR comes before its
+// metadata, so it is spooled to a temporary file first.
+func (c *conn) importOne(ctx context.Context, src io.Reader, in *wire.Decoder) (storepath.Path, error) {
+	spool, err := os.CreateTemp("", "nixyard-import-*.nar")
+	if err != nil {
+		return storepath.Path{}, fmt.Errorf("ImportPaths: spooling NAR: %w", err)
+	}
+	defer os.Remove(spool.Name())
+	defer spool.Close()
+	h := sha256.New()
+	size, err := io.Copy(io.MultiWriter(spool, h), newNarExtractor(src))
+	if err != nil {
+		return storepath.Path{}, fmt.Errorf("ImportPaths: %w", err)
+	}
+	if m := in.U64("magic"); in.Err() == nil && m != exportMagic {
+		return storepath.Path{}, errors.New("ImportPaths: Nix archive cannot be imported; wrong format")
+	}
+	p := in.Path("path", c.dir)
+	info := store.PathInfo{Path: p, NarSize: uint64(size), NarHash: hash.FromHasher(hash.SHA256, h)}
+	info.References = in.Paths("references", c.dir)
+	info.Deriver = in.OptPath("deriver", c.dir)
+	if in.U64("signature flag") == 1 {
+		in.String("legacy signature", wire.MaxSmallString)
+	}
+	if err := in.Err(); err != nil {
+		return storepath.Path{}, fmt.Errorf("ImportPaths: %w", err)
+	}
+	if _, err := spool.Seek(0, io.SeekStart); err != nil {
+		return storepath.Path{}, fmt.Errorf("ImportPaths: %w", err)
+	}
+	opts := store.AddOptions{CheckSigs: !c.peer.trusted}
+	if err := c.st.AddToStoreNar(ctx, info, bufio.NewReader(spool), opts); err != nil {
+		return storepath.Path{}, fmt.Errorf("importing '%s': %w", c.dir.Abs(p), err)
+	}
+	return p, nil
+}
+
+func opAddSignaturesHandler(ctx context.Context, c *conn) error {
+	p := c.in.Path("path", c.dir)
+	sigs := c.in.Strings("sigs", wire.MaxSmallString)
+	if err := c.begin(opAddSignatures); err != nil {
+		return err
+	}
+	if !c.peer.trusted {
+		return errors.New("you are not privileged to add signatures")
+	}
+	if err := c.st.AddSignatures(ctx, p, sigs); err != nil {
+		return c.storeErr(p, err)
+	}
+	c.stopWork()
+	c.out.U64(1)
+	return nil
+}
+
+func opAddBuildLogHandler(ctx context.Context, c *conn) error {
+	base := c.in.String("drv", wire.MaxPathLen)
+	drv, err := storepath.ParseBase(base)
+	if err != nil {
+		c.in.SetErr("drv", err)
+	}
+	if err := c.begin(opAddBuildLog); err != nil {
+		return err
+	}
+	err = c.withFramed(func(fr *wire.FramedReader) error {
+		if !c.peer.trusted {
+			return errors.New("you are not privileged to add logs")
+		}
+		if err := c.st.AddBuildLog(ctx, drv, fr); err != nil {
+			return fmt.Errorf("adding build log of '%s': %w", c.dir.Abs(drv), err)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	c.stopWork()
+	c.out.U64(1)
+	return nil
+}

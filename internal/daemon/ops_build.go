@@ -1,0 +1,287 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/nixyard/nixyard/internal/daemon/wire"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+// Build modes and result statuses (§4).
+const (
+	buildModeRepair    = 1
+	statusAlreadyValid = 2
+)
+
+// dummyDrvHash stands for the derivation hash modulo in builtOutputs keys;
+// clients read only the output name and outPath (§5.2).
+const dummyDrvHash = "sha256:0000000000000000000000000000000000000000000000000000000000000000"
+
+// readDerivedPaths reads a list of DerivedPath strings (§5.3).
+func (c *conn) readDerivedPaths() []store.DerivedPath {
+	ss := c.in.Strings("derived paths", wire.MaxSmallString)
+	out := make([]store.DerivedPath, 0, len(ss))
+	for _, s := range ss {
+		dp, err := c.parseDerivedPath(s)
+		if err != nil {
+			c.in.SetErr("derived paths", err)
+			return nil
+		}
+		out = append(out, dp)
+	}
+	return out
+}
+
+func (c *conn) parseDerivedPath(s string) (store.DerivedPath, error) {
+	base, outs, hasOutputs := strings.Cut(s, "!")
+	p, err := c.dir.Parse(base)
+	if err != nil {
+		return store.DerivedPath{}, err
+	}
+	switch {
+	case !hasOutputs && c.minor < 30 && p.IsDerivation():
+		// StorePathWithOutputs: a bare .drv means all its outputs.
+		return store.DerivedPath{Path: p, Built: true, AllOutputs: true}, nil
+	case !hasOutputs:
+		return store.DerivedPath{Path: p}, nil
+	case strings.Contains(outs, "!"):
+		return store.DerivedPath{}, fmt.Errorf("derived path %q: dynamic derivations are not supported", s)
+	case outs == "*", outs == "" && c.minor < 30:
+		return store.DerivedPath{Path: p, Built: true, AllOutputs: true}, nil
+	}
+	names := strings.Split(outs, ",")
+	for _, n := range names {
+		if err := storepath.CheckName(n); err != nil {
+			return store.DerivedPath{}, fmt.Errorf("derived path %q: output name %q: %v", s, n, err)
+		}
+	}
+	slices.Sort(names)
+	return store.DerivedPath{Path: p, Built: true, Outputs: slices.Compact(names)}, nil
+}
+
+func (c *conn) formatDerivedPath(dp store.DerivedPath) string {
+	s := c.dir.Abs(dp.Path)
+	switch {
+	case !dp.Built:
+		return s
+	case dp.AllOutputs:
+		return s + "!*"
+	}
+	return s + "!" + strings.Join(dp.Outputs, ",")
+}
+
+// buildResult is what we can say about a target without building.
+type buildResult struct {
+	target  store.DerivedPath
+	outputs map[string]storepath.Path // for built targets
+}
+
+// resolveValid checks that every target is already valid. It returns the
+// results, or an error naming what would need a build or a substitution,
+// which nixyard cannot do yet.
+func (c *conn) resolveValid(ctx context.Context, targets []store.DerivedPath) ([]buildResult, error) {
+	var results []buildResult
+	var missing []string
+	for _, t := range targets {
+		r := buildResult{target: t}
+		if !t.Built {
+			ok, err := c.st.IsValidPath(ctx, t.Path)
+			if err != nil {
+				return nil, c.storeErr(t.Path, err)
+			}
+			if !ok {
+				missing = append(missing, c.dir.Abs(t.Path))
+			}
+			results = append(results, r)
+			continue
+		}
+		m, err := c.st.QueryDerivationOutputMap(ctx, t.Path)
+		if err != nil {
+			return nil, fmt.Errorf("cannot build '%s': %w", c.formatDerivedPath(t), c.storeErr(t.Path, err))
+		}
+		names := t.Outputs
+		if t.AllOutputs {
+			names = slices.Sorted(func(yield func(string) bool) {
+				for n := range m {
+					if !yield(n) {
+						return
+					}
+				}
+			})
+		}
+		r.outputs = map[string]storepath.Path{}
+		for _, n := range names {
+			op, ok := m[n]
+			if !ok {
+				return nil, fmt.Errorf("derivation '%s' does not have an output named '%s'", c.dir.Abs(t.Path), n)
+			}
+			valid := false
+			if !op.IsZero() {
+				if valid, err = c.st.IsValidPath(ctx, op); err != nil {
+					return nil, c.storeErr(op, err)
+				}
+			}
+			if !valid {
+				missing = append(missing, fmt.Sprintf("%s!%s", c.dir.Abs(t.Path), n))
+				continue
+			}
+			r.outputs[n] = op
+		}
+		results = append(results, r)
+	}
+	if len(missing) > 0 {
+		const show = 5
+		more := ""
+		if len(missing) > show {
+			more = fmt.Sprintf(" and %d more", len(missing)-show)
+			missing = missing[:show]
+		}
+		return nil, fmt.Errorf("cannot build '%s'%s: building and substituting are not implemented by nixyard yet", strings.Join(missing, "', '"), more)
+	}
+	return results, nil
+}
+
+// readBuildMode reads the mode of BuildPaths and BuildPathsWithResults.
+func (c *conn) readBuildMode() uint64 { return c.in.U64Max("buildMode", 2) }
+
+func (c *conn) checkBuildMode(mode uint64) error {
+	if mode == buildModeRepair && !c.peer.trusted {
+		return fmt.Errorf("repairing is not allowed because you are not in 'trusted-users'")
+	}
+	return nil
+}
+
+func opBuildPathsHandler(ctx context.Context, c *conn) error {
+	targets := c.readDerivedPaths()
+	var mode uint64
+	if c.minor >= 15 {
+		mode = c.readBuildMode()
+	}
+	if err := c.begin(opBuildPaths); err != nil {
+		return err
+	}
+	if err := c.checkBuildMode(mode); err != nil {
+		return err
+	}
+	if _, err := c.resolveValid(ctx, targets); err != nil {
+		return err
+	}
+	c.stopWork()
+	c.out.U64(1)
+	return nil
+}
+
+func opBuildPathsWithResultsHandler(ctx context.Context, c *conn) error {
+	targets := c.readDerivedPaths()
+	mode := c.readBuildMode()
+	if err := c.begin(opBuildPathsWithResults); err != nil {
+		return err
+	}
+	if err := c.checkBuildMode(mode); err != nil {
+		return err
+	}
+	results, err := c.resolveValid(ctx, targets)
+	if err != nil {
+		return err
+	}
+	c.stopWork()
+	c.out.U64(uint64(len(results)))
+	for _, r := range results {
+		c.out.String(c.formatDerivedPath(r.target))
+		c.writeBuildResult(r)
+	}
+	return nil
+}
+
+// writeBuildResult writes an unkeyed BuildResult with status AlreadyValid
+// (§5.2), with builtOutputs in the old, dummy-hash form.
+func (c *conn) writeBuildResult(r buildResult) {
+	c.out.U64(statusAlreadyValid)
+	c.out.String("")
+	if c.minor >= 29 {
+		c.out.U64(0)      // timesBuilt
+		c.out.Bool(false) // isNonDeterministic
+		c.out.U64(0)      // startTime
+		c.out.U64(0)      // stopTime
+	}
+	if c.minor >= 37 {
+		c.out.U64(0) // cpuUser: none
+		c.out.U64(0) // cpuSystem: none
+	}
+	if c.minor >= 28 {
+		m := map[string]string{}
+		for name, p := range r.outputs {
+			id := dummyDrvHash + "!" + name
+			js, _ := json.Marshal(struct {
+				DependentRealisations map[string]string `json:"dependentRealisations"`
+				ID                    string            `json:"id"`
+				OutPath               string            `json:"outPath"`
+				Signatures            []string          `json:"signatures"`
+			}{map[string]string{}, id, p.String(), []string{}})
+			m[id] = string(js)
+		}
+		c.out.StringMap(m)
+	}
+}
+
+// notImplemented reads the arguments of an op nixyard cannot perform yet,
+// so the connection stays usable, and fails it with a clear error.
+func (c *conn) notImplemented(ctx context.Context, op uint64) error {
+	switch op {
+	case opBuildDerivation:
+		c.in.Path("drvPath", c.dir)
+		c.skipBasicDerivation()
+		c.in.U64("buildMode")
+		if err := c.begin(op); err != nil {
+			return err
+		}
+	case opRegisterDrvOutput:
+		if err := c.begin(op); err != nil {
+			return err
+		}
+		c.in.String("realisation", wire.MaxSmallString)
+		if c.minor < 31 {
+			c.in.String("outPath", wire.MaxPathLen)
+		}
+		if err := c.in.Err(); err != nil {
+			return fatal(fmt.Errorf("operation '%s' (%d): reading arguments: %w", opName(op), op, err))
+		}
+	case opQueryRealisation:
+		if err := c.begin(op); err != nil {
+			return err
+		}
+		c.in.String("drvOutput", wire.MaxSmallString)
+		if err := c.in.Err(); err != nil {
+			return fatal(fmt.Errorf("operation '%s' (%d): reading arguments: %w", opName(op), op, err))
+		}
+	}
+	return fmt.Errorf("operation '%s' (%d) is not implemented by nixyard", opName(op), op)
+}
+
+// skipBasicDerivation reads a BasicDerivation (§5.6) and drops it.
+func (c *conn) skipBasicDerivation() {
+	n := c.in.Count("outputs")
+	for i := 0; i < n && c.in.Err() == nil; i++ {
+		c.in.String("output name", wire.MaxSmallString)
+		c.in.String("output path", wire.MaxPathLen)
+		c.in.String("output hashAlgo", wire.MaxSmallString)
+		c.in.String("output hash", wire.MaxSmallString)
+	}
+	c.in.Paths("inputSrcs", c.dir)
+	c.in.String("platform", wire.MaxSmallString)
+	c.in.String("builder", wire.MaxPathLen)
+	args := c.in.Count("args")
+	for i := 0; i < args && c.in.Err() == nil; i++ {
+		c.in.String("arg", wire.MaxStringLen)
+	}
+	env := c.in.Count("env")
+	for i := 0; i < env && c.in.Err() == nil; i++ {
+		c.in.String("env name", wire.MaxSmallString)
+		c.in.String("env value", wire.MaxStringLen)
+	}
+}

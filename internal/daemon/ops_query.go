@@ -1,0 +1,399 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+
+	"github.com/nixyard/nixyard/internal/daemon/wire"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+// begin checks the arguments of op and starts the work phase. A failure to
+// start (the client is gone) is fatal.
+func (c *conn) begin(op uint64) error {
+	if err := c.args(op); err != nil {
+		return err
+	}
+	if err := c.startWork(); err != nil {
+		return fatal(fmt.Errorf("operation '%s': starting work: %w", opName(op), err))
+	}
+	return nil
+}
+
+// storeErr words a store error for the client, naming the path.
+func (c *conn) storeErr(p storepath.Path, err error) error {
+	if errors.Is(err, store.ErrNotValid) {
+		return fmt.Errorf("path '%s' is not valid", c.dir.Abs(p))
+	}
+	return err
+}
+
+// pathOp reads one path argument and starts work.
+func (c *conn) pathOp(op uint64) (storepath.Path, error) {
+	p := c.in.Path("path", c.dir)
+	return p, c.begin(op)
+}
+
+func opIsValidPathHandler(ctx context.Context, c *conn) error {
+	p, err := c.pathOp(opIsValidPath)
+	if err != nil {
+		return err
+	}
+	ok, err := c.st.IsValidPath(ctx, p)
+	if err != nil {
+		return c.storeErr(p, err)
+	}
+	c.stopWork()
+	c.out.Bool(ok)
+	return nil
+}
+
+// opHasSubstitutesHandler: nixyard has no substituters yet, so nothing is
+// substitutable.
+func opHasSubstitutesHandler(ctx context.Context, c *conn) error {
+	if _, err := c.pathOp(opHasSubstitutes); err != nil {
+		return err
+	}
+	c.stopWork()
+	c.out.Bool(false)
+	return nil
+}
+
+// pathInfoOp reads a path, starts work and fetches its info.
+func (c *conn) pathInfoOp(ctx context.Context, op uint64) (*store.PathInfo, error) {
+	p, err := c.pathOp(op)
+	if err != nil {
+		return nil, err
+	}
+	info, err := c.st.QueryPathInfo(ctx, p)
+	if err != nil {
+		return nil, c.storeErr(p, err)
+	}
+	return info, nil
+}
+
+func opQueryPathHashHandler(ctx context.Context, c *conn) error {
+	info, err := c.pathInfoOp(ctx, opQueryPathHash)
+	if err != nil {
+		return err
+	}
+	c.stopWork()
+	c.out.String(info.NarHash.Base16())
+	return nil
+}
+
+func opQueryReferencesHandler(ctx context.Context, c *conn) error {
+	info, err := c.pathInfoOp(ctx, opQueryReferences)
+	if err != nil {
+		return err
+	}
+	c.stopWork()
+	c.out.Paths(c.dir, info.References)
+	return nil
+}
+
+func opQueryDeriverHandler(ctx context.Context, c *conn) error {
+	info, err := c.pathInfoOp(ctx, opQueryDeriver)
+	if err != nil {
+		return err
+	}
+	c.stopWork()
+	c.out.OptPath(c.dir, info.Deriver)
+	return nil
+}
+
+// pathsQuery serves the ops that map one path to a set of paths.
+func pathsQuery(op uint64, query func(ctx context.Context, c *conn, p storepath.Path) ([]storepath.Path, error)) handler {
+	return func(ctx context.Context, c *conn) error {
+		p, err := c.pathOp(op)
+		if err != nil {
+			return err
+		}
+		ps, err := query(ctx, c, p)
+		if err != nil {
+			return c.storeErr(p, err)
+		}
+		c.stopWork()
+		c.out.Paths(c.dir, ps)
+		return nil
+	}
+}
+
+var (
+	opQueryReferrersHandler = pathsQuery(opQueryReferrers, func(ctx context.Context, c *conn, p storepath.Path) ([]storepath.Path, error) {
+		return c.st.QueryReferrers(ctx, p)
+	})
+	opQueryValidDeriversHandler = pathsQuery(opQueryValidDerivers, func(ctx context.Context, c *conn, p storepath.Path) ([]storepath.Path, error) {
+		return c.st.QueryValidDerivers(ctx, p)
+	})
+	opQueryDerivationOutputsHandler = pathsQuery(opQueryDerivationOutputs, func(ctx context.Context, c *conn, p storepath.Path) ([]storepath.Path, error) {
+		m, err := c.st.QueryDerivationOutputMap(ctx, p)
+		if err != nil {
+			return nil, err
+		}
+		var out []storepath.Path
+		for _, o := range m {
+			if !o.IsZero() {
+				out = append(out, o)
+			}
+		}
+		return out, nil
+	})
+)
+
+func opQueryDerivationOutputNamesHandler(ctx context.Context, c *conn) error {
+	p, err := c.pathOp(opQueryDerivationOutputNames)
+	if err != nil {
+		return err
+	}
+	m, err := c.st.QueryDerivationOutputMap(ctx, p)
+	if err != nil {
+		return c.storeErr(p, err)
+	}
+	c.stopWork()
+	c.out.StringSet(slices.Collect(maps.Keys(m)))
+	return nil
+}
+
+func opQueryDerivationOutputMapHandler(ctx context.Context, c *conn) error {
+	p, err := c.pathOp(opQueryDerivationOutputMap)
+	if err != nil {
+		return err
+	}
+	m, err := c.st.QueryDerivationOutputMap(ctx, p)
+	if err != nil {
+		return c.storeErr(p, err)
+	}
+	c.stopWork()
+	names := slices.Sorted(maps.Keys(m))
+	c.out.U64(uint64(len(names)))
+	for _, n := range names {
+		c.out.String(n)
+		c.out.OptPath(c.dir, m[n])
+	}
+	return nil
+}
+
+func opQueryPathFromHashPartHandler(ctx context.Context, c *conn) error {
+	hashPart := c.in.String("hashPart", wire.MaxPathLen)
+	if err := c.begin(opQueryPathFromHashPart); err != nil {
+		return err
+	}
+	var p storepath.Path
+	if len(hashPart) == storepath.HashLen {
+		var err error
+		p, err = c.st.QueryPathFromHashPart(ctx, hashPart)
+		if err != nil && !errors.Is(err, store.ErrNotValid) {
+			return fmt.Errorf("querying path from hash part '%s': %w", hashPart, err)
+		}
+	}
+	c.stopWork()
+	c.out.OptPath(c.dir, p)
+	return nil
+}
+
+func opQueryAllValidPathsHandler(ctx context.Context, c *conn) error {
+	if err := c.begin(opQueryAllValidPaths); err != nil {
+		return err
+	}
+	ps, err := c.st.QueryAllValidPaths(ctx)
+	if err != nil {
+		return err
+	}
+	c.stopWork()
+	c.out.Paths(c.dir, ps)
+	return nil
+}
+
+// writePathInfo writes a ValidPathInfo (§5.1) in the layout of minor;
+// keyed puts the path first.
+func (c *conn) writePathInfo(info *store.PathInfo, keyed bool, minor uint64) {
+	if keyed {
+		c.out.Path(c.dir, info.Path)
+	}
+	c.out.OptPath(c.dir, info.Deriver)
+	c.out.String(info.NarHash.Base16())
+	c.out.Paths(c.dir, info.References)
+	var regTime uint64
+	if !info.RegistrationTime.IsZero() && info.RegistrationTime.Unix() > 0 {
+		regTime = uint64(info.RegistrationTime.Unix())
+	}
+	c.out.U64(regTime)
+	c.out.U64(info.NarSize)
+	if minor >= 16 {
+		c.out.Bool(info.Ultimate)
+		c.out.StringSet(info.Sigs)
+		c.out.String(info.CA)
+	}
+}
+
+func opQueryPathInfoHandler(ctx context.Context, c *conn) error {
+	p, err := c.pathOp(opQueryPathInfo)
+	if err != nil {
+		return err
+	}
+	info, err := c.st.QueryPathInfo(ctx, p)
+	if err != nil {
+		if errors.Is(err, store.ErrNotValid) && c.minor >= 17 {
+			c.stopWork()
+			c.out.Bool(false)
+			return nil
+		}
+		return c.storeErr(p, err)
+	}
+	c.stopWork()
+	if c.minor >= 17 {
+		c.out.Bool(true)
+	}
+	c.writePathInfo(info, false, c.minor)
+	return nil
+}
+
+func opQueryValidPathsHandler(ctx context.Context, c *conn) error {
+	ps := c.in.Paths("paths", c.dir)
+	if c.minor >= 27 {
+		c.in.Bool("substitute") // no substituters yet: only the valid paths
+	}
+	if err := c.begin(opQueryValidPaths); err != nil {
+		return err
+	}
+	valid, err := c.st.QueryValidPaths(ctx, ps)
+	if err != nil {
+		return err
+	}
+	c.stopWork()
+	c.out.Paths(c.dir, valid)
+	return nil
+}
+
+// opQuerySubstitutablePathsHandler: no substituters, so none.
+func opQuerySubstitutablePathsHandler(ctx context.Context, c *conn) error {
+	c.in.Paths("paths", c.dir)
+	if err := c.begin(opQuerySubstitutablePaths); err != nil {
+		return err
+	}
+	c.stopWork()
+	c.out.Paths(c.dir, nil)
+	return nil
+}
+
+func opQuerySubstitutablePathInfoHandler(ctx context.Context, c *conn) error {
+	if _, err := c.pathOp(opQuerySubstitutablePathInfo); err != nil {
+		return err
+	}
+	c.stopWork()
+	c.out.U64(0) // not found
+	return nil
+}
+
+func opQuerySubstitutablePathInfosHandler(ctx context.Context, c *conn) error {
+	if c.minor >= 22 {
+		n := c.in.Count("paths")
+		for i := 0; i < n && c.in.Err() == nil; i++ {
+			c.in.Path("path", c.dir)
+			c.in.String("ca", wire.MaxSmallString)
+		}
+	} else {
+		c.in.Paths("paths", c.dir)
+	}
+	if err := c.begin(opQuerySubstitutablePathInfos); err != nil {
+		return err
+	}
+	c.stopWork()
+	c.out.U64(0) // no infos
+	return nil
+}
+
+func opQueryMissingHandler(ctx context.Context, c *conn) error {
+	targets := c.readDerivedPaths()
+	if err := c.begin(opQueryMissing); err != nil {
+		return err
+	}
+	m, err := c.queryMissing(ctx, targets)
+	if err != nil {
+		return err
+	}
+	c.stopWork()
+	c.out.Paths(c.dir, m.WillBuild)
+	c.out.Paths(c.dir, m.WillSubstitute)
+	c.out.Paths(c.dir, m.Unknown)
+	c.out.U64(m.DownloadSize)
+	c.out.U64(m.NarSize)
+	return nil
+}
+
+func opEnsurePathHandler(ctx context.Context, c *conn) error {
+	p, err := c.pathOp(opEnsurePath)
+	if err != nil {
+		return err
+	}
+	ok, err := c.st.IsValidPath(ctx, p)
+	if err != nil {
+		return c.storeErr(p, err)
+	}
+	if !ok {
+		return fmt.Errorf("path '%s' is not valid and nixyard has no substituters configured", c.dir.Abs(p))
+	}
+	c.stopWork()
+	c.out.U64(1)
+	return nil
+}
+
+// missingQuerier is the store's QueryMissing, which the store package does
+// not provide yet; queryMissing uses it as soon as it exists.
+type missingQuerier interface {
+	QueryMissing(ctx context.Context, targets []store.DerivedPath) (*store.Missing, error)
+}
+
+// queryMissing answers QueryMissing. Without the store's own version it
+// answers for a store with no substituters, looking at the targets only:
+// an invalid opaque path is unknown; a derivation with an invalid wanted
+// output will be built if the .drv is valid, else it is unknown. It does
+// not walk the input derivations of a derivation to build.
+func (c *conn) queryMissing(ctx context.Context, targets []store.DerivedPath) (*store.Missing, error) {
+	if mq, ok := any(c.st).(missingQuerier); ok {
+		return mq.QueryMissing(ctx, targets)
+	}
+	m := &store.Missing{}
+	for _, t := range targets {
+		if !t.Built {
+			ok, err := c.st.IsValidPath(ctx, t.Path)
+			if err != nil {
+				return nil, c.storeErr(t.Path, err)
+			}
+			if !ok {
+				m.Unknown = append(m.Unknown, t.Path)
+			}
+			continue
+		}
+		outs, err := c.st.QueryDerivationOutputMap(ctx, t.Path)
+		if errors.Is(err, store.ErrNotValid) {
+			m.Unknown = append(m.Unknown, t.Path)
+			continue
+		} else if err != nil {
+			return nil, c.storeErr(t.Path, err)
+		}
+		names := t.Outputs
+		if t.AllOutputs {
+			names = slices.Collect(maps.Keys(outs))
+		}
+		for _, n := range names {
+			p := outs[n]
+			ok := false
+			if !p.IsZero() {
+				if ok, err = c.st.IsValidPath(ctx, p); err != nil {
+					return nil, c.storeErr(p, err)
+				}
+			}
+			if !ok {
+				m.WillBuild = append(m.WillBuild, t.Path)
+				break
+			}
+		}
+	}
+	return m, nil
+}

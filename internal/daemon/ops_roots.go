@@ -1,0 +1,267 @@
+package daemon
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"path/filepath"
+	"slices"
+
+	"github.com/nixyard/nixyard/internal/daemon/wire"
+	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+func opAddTempRootHandler(ctx context.Context, c *conn) error {
+	p, err := c.pathOp(opAddTempRoot)
+	if err != nil {
+		return err
+	}
+	if err := c.session.AddTempRoot(ctx, p); err != nil {
+		return fmt.Errorf("adding temporary root '%s': %w", c.dir.Abs(p), err)
+	}
+	c.stopWork()
+	c.out.U64(1)
+	return nil
+}
+
+func opAddIndirectRootHandler(ctx context.Context, c *conn) error {
+	link := c.in.String("path", wire.MaxPathLen)
+	if err := c.begin(opAddIndirectRoot); err != nil {
+		return err
+	}
+	if !filepath.IsAbs(link) {
+		return fmt.Errorf("indirect root '%s' is not an absolute path", link)
+	}
+	link = filepath.Clean(link)
+	if err := c.st.AddIndirectRoot(ctx, link); err != nil {
+		return fmt.Errorf("adding indirect root '%s': %w", link, err)
+	}
+	c.stopWork()
+	c.out.U64(1)
+	return nil
+}
+
+func opAddPermRootHandler(ctx context.Context, c *conn) error {
+	p := c.in.Path("path", c.dir)
+	gcRoot := c.in.String("gcRoot", wire.MaxPathLen)
+	if err := c.begin(opAddPermRoot); err != nil {
+		return err
+	}
+	if !c.peer.trusted {
+		return errors.New("you are not privileged to create perm roots")
+	}
+	res, err := c.st.AddPermRoot(ctx, p, gcRoot)
+	if err != nil {
+		return fmt.Errorf("adding root '%s' for '%s': %w", gcRoot, c.dir.Abs(p), err)
+	}
+	c.stopWork()
+	c.out.String(res)
+	return nil
+}
+
+func opSyncWithGCHandler(ctx context.Context, c *conn) error {
+	if err := c.begin(opSyncWithGC); err != nil {
+		return err
+	}
+	c.stopWork()
+	c.out.U64(1)
+	return nil
+}
+
+func opFindRootsHandler(ctx context.Context, c *conn) error {
+	if err := c.begin(opFindRoots); err != nil {
+		return err
+	}
+	roots, err := c.st.FindRoots(ctx, !c.peer.trusted)
+	if err != nil {
+		return fmt.Errorf("finding GC roots: %w", err)
+	}
+	c.stopWork()
+	targets := storepath.Sort(slicesFromKeys(roots))
+	n := 0
+	for _, t := range targets {
+		n += len(roots[t])
+	}
+	c.out.U64(uint64(n))
+	for _, t := range targets {
+		links := slices.Sorted(slices.Values(roots[t]))
+		for _, l := range links {
+			c.out.String(l)
+			c.out.Path(c.dir, t)
+		}
+	}
+	return nil
+}
+
+func slicesFromKeys[V any](m map[storepath.Path]V) []storepath.Path {
+	out := make([]storepath.Path, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
+}
+
+func opCollectGarbageHandler(ctx context.Context, c *conn) error {
+	var opts store.GCOptions
+	opts.Action = store.GCAction(c.in.U64Max("action", uint64(store.GCDeleteSpecific)))
+	opts.Paths = c.in.Paths("pathsToDelete", c.dir)
+	opts.IgnoreLiveness = c.in.Bool("ignoreLiveness")
+	opts.MaxFreed = c.in.U64("maxFreed")
+	c.in.U64("obsolete")
+	c.in.U64("obsolete")
+	c.in.U64("obsolete")
+	if err := c.begin(opCollectGarbage); err != nil {
+		return err
+	}
+	if opts.IgnoreLiveness {
+		return errors.New("you are not allowed to ignore liveness")
+	}
+	if opts.MaxFreed == 0 && opts.Action == store.GCDeleteDead {
+		// Old clients send 0 for "no limit"; Nix treats 0 the same way.
+		opts.MaxFreed = math.MaxUint64
+	}
+	res, err := c.st.CollectGarbage(ctx, opts, func(msg string) { c.tun.Log(lvlInfo, msg) })
+	if err != nil {
+		return fmt.Errorf("collecting garbage: %w", err)
+	}
+	c.stopWork()
+	c.out.StringSet(res.Paths)
+	c.out.U64(res.BytesFreed)
+	c.out.U64(0) // obsolete
+	return nil
+}
+
+func opOptimiseStoreHandler(ctx context.Context, c *conn) error {
+	if err := c.begin(opOptimiseStore); err != nil {
+		return err
+	}
+	act := c.tun.StartActivity(lvlInfo, actOptimiseStore, "", nil, 0)
+	err := c.st.OptimiseStore(ctx, func(bytesFreed, blocksFreed uint64) {
+		c.tun.Result(act, resFileLinked, []field{bytesFreed, blocksFreed})
+	})
+	c.tun.StopActivity(act)
+	if err != nil {
+		return fmt.Errorf("optimising the store: %w", err)
+	}
+	c.stopWork()
+	c.out.U64(1)
+	return nil
+}
+
+func opVerifyStoreHandler(ctx context.Context, c *conn) error {
+	checkContents := c.in.Bool("checkContents")
+	repair := c.in.Bool("repair")
+	if err := c.begin(opVerifyStore); err != nil {
+		return err
+	}
+	if repair && !c.peer.trusted {
+		return errors.New("you are not privileged to repair paths")
+	}
+	errorsFound, err := c.st.VerifyStore(ctx, checkContents, repair, func(msg string) { c.tun.Log(lvlError, msg) })
+	if err != nil {
+		return fmt.Errorf("verifying the store: %w", err)
+	}
+	c.stopWork()
+	c.out.Bool(errorsFound)
+	return nil
+}
+
+func opNarFromPathHandler(ctx context.Context, c *conn) error {
+	p, err := c.pathOp(opNarFromPath)
+	if err != nil {
+		return err
+	}
+	// Check validity while an error can still be reported: after
+	// STDERR_LAST the NAR follows unframed.
+	if _, err := c.st.QueryPathInfo(ctx, p); err != nil {
+		return c.storeErr(p, err)
+	}
+	c.stopWork()
+	if err := c.st.NarFromPath(ctx, p, c.out); err != nil {
+		return fmt.Errorf("dumping '%s': %w", c.dir.Abs(p), err)
+	}
+	return nil
+}
+
+// opExportPathHandler sends the export format of one path (as
+// Store::exportPath: NAR, magic, path, references, deriver, 0) through
+// STDERR_WRITE. The leading 1 and trailing 0 of a multi-path export are
+// written by the client, not by this op.
+func opExportPathHandler(ctx context.Context, c *conn) error {
+	p := c.in.Path("path", c.dir)
+	c.in.U64("sign") // obsolete
+	if err := c.begin(opExportPath); err != nil {
+		return err
+	}
+	info, err := c.st.QueryPathInfo(ctx, p)
+	if err != nil {
+		return c.storeErr(p, err)
+	}
+	sink := &chunkWriter{w: &tunnelSink{c: c}, buf: make([]byte, 0, 64<<10)}
+	h := sha256.New()
+	if err := c.st.NarFromPath(ctx, p, io.MultiWriter(sink, h)); err != nil {
+		return fatal(fmt.Errorf("exporting '%s': %w", c.dir.Abs(p), err))
+	}
+	if got := hash.FromHasher(hash.SHA256, h); !got.Equal(info.NarHash) {
+		return fmt.Errorf("hash of path '%s' has changed from '%s' to '%s'!", c.dir.Abs(p), info.NarHash, got)
+	}
+	var trailer []byte
+	trailer = appendU64(trailer, exportMagic)
+	trailer = appendString(trailer, c.dir.Abs(p))
+	refs := storepath.Sort(append([]storepath.Path(nil), info.References...))
+	trailer = appendU64(trailer, uint64(len(refs)))
+	for _, r := range refs {
+		trailer = appendString(trailer, c.dir.Abs(r))
+	}
+	deriver := ""
+	if !info.Deriver.IsZero() {
+		deriver = c.dir.Abs(info.Deriver)
+	}
+	trailer = appendString(trailer, deriver)
+	trailer = appendU64(trailer, 0)
+	sink.Write(trailer)
+	if err := sink.Flush(); err != nil {
+		return fatal(fmt.Errorf("exporting '%s': %w", c.dir.Abs(p), err))
+	}
+	c.stopWork()
+	c.out.U64(1)
+	return nil
+}
+
+// chunkWriter groups small writes into chunks of cap(buf) bytes.
+type chunkWriter struct {
+	w   io.Writer
+	buf []byte
+	err error
+}
+
+func (cw *chunkWriter) Write(p []byte) (int, error) {
+	if cw.err != nil {
+		return 0, cw.err
+	}
+	n := len(p)
+	for len(p) > 0 {
+		k := min(len(p), cap(cw.buf)-len(cw.buf))
+		cw.buf = append(cw.buf, p[:k]...)
+		p = p[k:]
+		if len(cw.buf) == cap(cw.buf) {
+			if err := cw.Flush(); err != nil {
+				return 0, err
+			}
+		}
+	}
+	return n, nil
+}
+
+func (cw *chunkWriter) Flush() error {
+	if cw.err == nil && len(cw.buf) > 0 {
+		_, cw.err = cw.w.Write(cw.buf)
+		cw.buf = cw.buf[:0]
+	}
+	return cw.err
+}
