@@ -1,0 +1,492 @@
+package substitute
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nixyard/nixyard/internal/substitute/cachetest"
+)
+
+func TestRealiseClosureEachCompression(t *testing.T) {
+	for _, comp := range compress {
+		t.Run(comp, func(t *testing.T) {
+			srv := serve(t, fixture(t, comp))
+			st := newMemStore()
+			s := newSub(t, st, newClock(), []string{srv.URL}, nil)
+			var mu sync.Mutex
+			var maxDone, expected uint64
+			stops := 0
+			prog := ProgressFunc(func(e Event) {
+				mu.Lock()
+				defer mu.Unlock()
+				if e.Type == ActCopyPath && e.Path == fixBig && e.Kind == EventProgress {
+					maxDone, expected = max(maxDone, e.Done), e.Expected
+				}
+				if e.Type == ActSubstitute && e.Kind == EventStop {
+					if e.Err != nil {
+						t.Errorf("substitute %s: %v", e.Path, e.Err)
+					}
+					stops++
+				}
+			})
+			if err := s.Realise(context.Background(), fixAll[len(fixAll)-1:], prog); err != nil {
+				// fixAll is sorted by nix-store -qR: the root comes last.
+				t.Fatal(err)
+			}
+			st.check(t, fixAll)
+			if maxDone == 0 || maxDone != expected {
+				t.Errorf("CopyPath progress of big: done %d of %d", maxDone, expected)
+			}
+			if stops != len(fixAll) {
+				t.Errorf("%d Substitute stops, want %d", stops, len(fixAll))
+			}
+			// Everything valid now: a second Realise fetches nothing.
+			before := srv.Counts()
+			if err := s.Realise(context.Background(), []storepathT{fixRoot}, nil); err != nil {
+				t.Fatal(err)
+			}
+			for k, v := range srv.Counts() {
+				if strings.HasPrefix(k, "nar/") && v != before[k] {
+					t.Errorf("%s fetched again", k)
+				}
+			}
+		})
+	}
+}
+
+func TestFileUpstream(t *testing.T) {
+	cache := fixture(t, "xz")
+	st := newMemStore()
+	s := newSub(t, st, newClock(), []string{"file://" + cache}, nil)
+	if err := s.Realise(context.Background(), []storepathT{fixRoot}, nil); err != nil {
+		t.Fatal(err)
+	}
+	st.check(t, fixAll)
+}
+
+func TestSignatures(t *testing.T) {
+	wrongKey := "other:" + strings.SplitN(fixPub, ":", 2)[1][:40] + "AAAA"
+	wrongKey = "k1:11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="
+	tests := []struct {
+		name    string
+		keys    []string
+		edit    func(string) string
+		wantErr error
+	}{
+		// Without CA lines the paths are input-addressed: signatures decide.
+		{"signed, trusted key", []string{fixPub}, dropPrefix("CA:"), nil},
+		{"signed, wrong key", []string{wrongKey}, dropPrefix("CA:"), ErrUntrusted},
+		{"unsigned, no CA", []string{fixPub}, both(dropPrefix("CA:"), dropPrefix("Sig:")), ErrUntrusted},
+		// Content-addressed paths whose CA computes their path need no signature.
+		{"unsigned CA", []string{wrongKey}, dropPrefix("Sig:"), nil},
+		// A CA that does not compute the path does not count.
+		{"unsigned, CA of another path", []string{wrongKey}, both(dropPrefix("Sig:"), func(l string) string {
+			if strings.HasPrefix(l, "CA: text:sha256:") {
+				return "CA: text:sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s"
+			}
+			return l
+		}), ErrUntrusted},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			cache := fixture(t, "zstd")
+			editNarinfos(t, cache, tc.edit)
+			srv := serve(t, cache)
+			st := newMemStore()
+			s := newSub(t, st, newClock(), []string{srv.URL}, func(c *Config) {
+				c.RequireSigs, c.TrustedPublicKeys = true, tc.keys
+			})
+			err := s.Realise(context.Background(), []storepathT{fixRoot}, nil)
+			if tc.wantErr == nil {
+				if err != nil {
+					t.Fatal(err)
+				}
+				st.check(t, fixAll)
+				return
+			}
+			if !errors.Is(err, tc.wantErr) || !errors.Is(err, ErrNotFound) {
+				t.Fatalf("err = %v, want %v", err, tc.wantErr)
+			}
+			for k, v := range srv.Counts() {
+				if strings.HasPrefix(k, "nar/") && v > 0 {
+					t.Errorf("untrusted NAR %s downloaded", k)
+				}
+			}
+		})
+	}
+}
+
+func dropPrefix(prefix string) func(string) string {
+	return func(l string) string {
+		if strings.HasPrefix(l, prefix) {
+			return ""
+		}
+		return l
+	}
+}
+
+func both(f, g func(string) string) func(string) string {
+	return func(l string) string {
+		if l = f(l); l == "" {
+			return ""
+		}
+		return g(l)
+	}
+}
+
+func setPriority(t *testing.T, cache string, prio string) {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(cache, "nix-cache-info"), []byte("StoreDir: /nix/store\nWantMassQuery: 1\nPriority: "+prio+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func narGets(srv *cachetest.Server) int {
+	n := 0
+	for k, v := range srv.Counts() {
+		if strings.HasPrefix(k, "nar/") {
+			n += v
+		}
+	}
+	return n
+}
+
+func TestPriorities(t *testing.T) {
+	ca, cb := fixture(t, "zstd"), fixture(t, "xz")
+	setPriority(t, ca, "50")
+	setPriority(t, cb, "10")
+	a, b := serve(t, ca), serve(t, cb)
+
+	st := newMemStore()
+	s := newSub(t, st, newClock(), []string{a.URL, b.URL}, nil)
+	if err := s.Realise(context.Background(), []storepathT{fixRoot}, nil); err != nil {
+		t.Fatal(err)
+	}
+	st.check(t, fixAll)
+	if narGets(a) != 0 || narGets(b) != len(fixAll) {
+		t.Errorf("NAR GETs: a=%d b=%d, want 0 and %d (b has the lower priority)", narGets(a), narGets(b), len(fixAll))
+	}
+
+	// ?priority= in the URL overrides nix-cache-info.
+	st2 := newMemStore()
+	s2 := newSub(t, st2, newClock(), []string{a.URL + "?priority=5", b.URL}, nil)
+	info, err := s2.QueryPathInfo(context.Background(), fixRoot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Upstream != a.URL || info.Compression != "zstd" {
+		t.Errorf("info from %s (%s), want %s", info.Upstream, info.Compression, a.URL)
+	}
+}
+
+func TestStoreDirMismatch(t *testing.T) {
+	cache := fixture(t, "none")
+	os.WriteFile(filepath.Join(cache, "nix-cache-info"), []byte("StoreDir: /gnu/store\n"), 0o644)
+	srv := serve(t, cache)
+	s := newSub(t, newMemStore(), newClock(), []string{srv.URL}, nil)
+	if _, err := s.QueryPathInfo(context.Background(), fixRoot); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("err = %v, want ErrNotFound (upstream disabled)", err)
+	}
+	if n := srv.Count(fixRoot.HashPart() + ".narinfo"); n != 0 {
+		t.Errorf("narinfo asked %d times of a cache with another store dir", n)
+	}
+}
+
+func TestFaultsRetried(t *testing.T) {
+	tests := []struct {
+		name   string
+		inject func(srv *cachetest.Server, bigNar string)
+		edit   func(*Config)
+		// NAR GETs of big expected, and sleeps expected (nil: don't check)
+		bigGets int
+		sleeps  []time.Duration
+	}{
+		{"reset mid-body", func(s *cachetest.Server, n string) {
+			s.Inject(n, cachetest.Fault{ResetAfter: 100_000})
+		}, nil, 2, nil},
+		{"truncated body", func(s *cachetest.Server, n string) {
+			s.Inject(n, cachetest.Fault{CutAfter: 700_000}, cachetest.Fault{CutAfter: 10})
+		}, nil, 3, nil},
+		{"500s then success", func(s *cachetest.Server, n string) {
+			s.Inject("*.narinfo", cachetest.Fault{Status: 500}, cachetest.Fault{Status: 502})
+			s.Inject(n, cachetest.Fault{Status: 503})
+		}, nil, 2, nil},
+		{"429 honours Retry-After", func(s *cachetest.Server, n string) {
+			s.Inject(n, cachetest.Fault{Status: 429, RetryAfter: "7"})
+		}, nil, 2, []time.Duration{7 * time.Second}},
+		{"slow first byte", func(s *cachetest.Server, n string) {
+			s.Inject(n, cachetest.Fault{Delay: time.Minute})
+		}, func(c *Config) { c.FirstByteTimeout = 200 * time.Millisecond }, 2, nil},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			cache := fixture(t, "zstd")
+			srv := serve(t, cache)
+			bigNar := narOf(t, cache, fixBig)
+			tc.inject(srv, bigNar)
+			st := newMemStore()
+			clk := newClock()
+			s := newSub(t, st, clk, []string{srv.URL}, tc.edit)
+			if err := s.Realise(context.Background(), []storepathT{fixRoot}, nil); err != nil {
+				t.Fatal(err)
+			}
+			st.check(t, fixAll)
+			if n := srv.Count(bigNar); n != tc.bigGets {
+				t.Errorf("big NAR fetched %d times, want %d", n, tc.bigGets)
+			}
+			sl := clk.Sleeps()
+			if len(sl) == 0 {
+				t.Error("no backoff sleep")
+			}
+			for _, d := range sl {
+				if d <= 0 || d > 30*time.Second {
+					t.Errorf("sleep %v out of range", d)
+				}
+			}
+			if tc.sleeps != nil && (len(sl) != len(tc.sleeps) || sl[0] != tc.sleeps[0]) {
+				t.Errorf("sleeps %v, want %v", sl, tc.sleeps)
+			}
+		})
+	}
+}
+
+func TestRetryAfterAboveCapFailsOver(t *testing.T) {
+	ca, cb := fixture(t, "zstd"), fixture(t, "xz")
+	a, b := serve(t, ca), serve(t, cb)
+	a.Always("nar/*", cachetest.Fault{Status: 429, RetryAfter: "3600"})
+	clk := newClock()
+	st := newMemStore()
+	s := newSub(t, st, clk, []string{a.URL + "?priority=1", b.URL + "?priority=2"}, nil)
+	if err := s.Realise(context.Background(), []storepathT{fixRoot}, nil); err != nil {
+		t.Fatal(err)
+	}
+	st.check(t, fixAll)
+	for _, d := range clk.Sleeps() {
+		if d >= time.Hour {
+			t.Errorf("slept %v for a Retry-After above the cap", d)
+		}
+	}
+}
+
+func TestWrongHashNeverRegistered(t *testing.T) {
+	cache := fixture(t, "none")
+	srv := serve(t, cache)
+	bigNar := narOf(t, cache, fixBig)
+	srv.Always(bigNar, cachetest.Fault{FlipByte: 1_000_000})
+	st := newMemStore()
+	s := newSub(t, st, newClock(), []string{srv.URL}, nil)
+	err := s.Realise(context.Background(), []storepathT{fixRoot}, nil)
+	if err == nil {
+		t.Fatal("corrupt NAR accepted")
+	}
+	if !strings.Contains(err.Error(), srv.URL+"/"+bigNar) {
+		t.Errorf("error does not name the NAR URL: %v", err)
+	}
+	if ok, _ := st.IsValidPath(context.Background(), fixBig); ok {
+		t.Error("corrupt path registered")
+	}
+	if ok, _ := st.IsValidPath(context.Background(), fixRoot); ok {
+		t.Error("referrer of a failed path registered")
+	}
+	if n := srv.Count(bigNar); n != 1 {
+		t.Errorf("corrupt NAR fetched %d times, want 1 (content errors are not retried)", n)
+	}
+}
+
+func TestMissingNar(t *testing.T) {
+	ca, cb := fixture(t, "zstd"), fixture(t, "xz")
+	bigNar := narOf(t, ca, fixBig)
+	os.Remove(filepath.Join(ca, bigNar))
+	a := serve(t, ca)
+
+	// Alone: a clear error naming the NAR URL.
+	s := newSub(t, newMemStore(), newClock(), []string{a.URL}, nil)
+	err := s.Realise(context.Background(), []storepathT{fixRoot}, nil)
+	if err == nil || !strings.Contains(err.Error(), "missing NAR "+a.URL+"/"+bigNar) {
+		t.Fatalf("err = %v, want a missing-NAR error naming the URL", err)
+	}
+
+	// With a second upstream: it is used.
+	b := serve(t, cb)
+	st := newMemStore()
+	s = newSub(t, st, newClock(), []string{a.URL + "?priority=1", b.URL + "?priority=2"}, nil)
+	if err := s.Realise(context.Background(), []storepathT{fixRoot}, nil); err != nil {
+		t.Fatal(err)
+	}
+	st.check(t, fixAll)
+	if narGets(b) != 1 {
+		t.Errorf("second upstream served %d NARs, want 1 (only big)", narGets(b))
+	}
+}
+
+// deadUpstream accepts connections and closes them at once, counting them.
+func deadUpstream(t *testing.T) (string, *atomic.Int64) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var n atomic.Int64
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			n.Add(1)
+			c.Close()
+		}
+	}()
+	return "http://" + ln.Addr().String(), &n
+}
+
+func TestDeadUpstreamBreaker(t *testing.T) {
+	dead, conns := deadUpstream(t)
+	live := serve(t, fixture(t, "zstd"))
+	clk := newClock()
+	st := newMemStore()
+	s := newSub(t, st, clk, []string{dead + "?priority=1", live.URL + "?priority=2"}, func(c *Config) {
+		c.BreakerThreshold, c.BreakerCooldown, c.MaxAttempts = 3, time.Minute, 5
+	})
+	if err := s.Realise(context.Background(), []storepathT{fixRoot}, nil); err != nil {
+		t.Fatal(err)
+	}
+	st.check(t, fixAll)
+	n := conns.Load()
+	if n == 0 || n > 3 {
+		t.Errorf("dead upstream contacted %d times, want 1..3 (breaker threshold)", n)
+	}
+	sleeps := len(clk.Sleeps())
+
+	// The breaker is open: more lookups skip the dead upstream without waiting.
+	for _, p := range fixAll {
+		s.cfg.NegativeTTL = -1
+		if _, err := s.QueryPathInfo(context.Background(), p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if conns.Load() != n || len(clk.Sleeps()) != sleeps {
+		t.Errorf("open breaker: %d more connections, %d more sleeps", conns.Load()-n, len(clk.Sleeps())-sleeps)
+	}
+
+	// After the cool-down the upstream is tried again.
+	clk.Advance(2 * time.Minute)
+	s.QueryPathInfo(context.Background(), fixBig)
+	if conns.Load() == n {
+		t.Error("dead upstream not retried after the cool-down")
+	}
+}
+
+func TestConcurrentRealiseFetchesOnce(t *testing.T) {
+	cache := fixture(t, "xz")
+	srv := serve(t, cache)
+	// Slow the first byte of every NAR a little so the callers overlap.
+	srv.Always("nar/*", cachetest.Fault{Delay: 50 * time.Millisecond})
+	st := newMemStore()
+	s := newSub(t, st, newClock(), []string{srv.URL}, nil)
+	var wg sync.WaitGroup
+	var events [8]atomic.Int64
+	errs := make([]error, 8)
+	for i := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = s.Realise(context.Background(), []storepathT{fixRoot}, ProgressFunc(func(e Event) {
+				if e.Type == ActSubstitute && e.Kind == EventStop {
+					events[i].Add(1)
+				}
+			}))
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("caller %d: %v", i, err)
+		}
+	}
+	st.check(t, fixAll)
+	for k, v := range srv.Counts() {
+		if strings.HasPrefix(k, "nar/") && v != 1 {
+			t.Errorf("%s fetched %d times, want 1", k, v)
+		}
+	}
+	got := 0
+	for i := range events {
+		got += int(events[i].Load())
+	}
+	if got < len(fixAll) {
+		t.Errorf("callers saw %d Substitute stops, want at least %d", got, len(fixAll))
+	}
+}
+
+func TestNarinfoCacheTTL(t *testing.T) {
+	srv := serve(t, fixture(t, "none"))
+	clk := newClock()
+	s := newSub(t, newMemStore(), clk, []string{srv.URL}, func(c *Config) {
+		c.NegativeTTL, c.PositiveTTL = time.Hour, 24*time.Hour
+	})
+	ctx := context.Background()
+	absent := fixRoot.HashPart()[:31] + "z" // same shape, another hash
+	p, err := storepathParseBase(absent + "-c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		if _, err := s.QueryPathInfo(ctx, p); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("err = %v, want ErrNotFound", err)
+		}
+		if _, err := s.QueryPathInfo(ctx, fixRoot); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n, m := srv.Count(absent+".narinfo"), srv.Count(fixRoot.HashPart()+".narinfo"); n != 1 || m != 1 {
+		t.Errorf("narinfo GETs: miss %d, hit %d; want 1 and 1 (cached)", n, m)
+	}
+	clk.Advance(61 * time.Minute)
+	s.QueryPathInfo(ctx, p)
+	s.QueryPathInfo(ctx, fixRoot)
+	if n, m := srv.Count(absent+".narinfo"), srv.Count(fixRoot.HashPart()+".narinfo"); n != 2 || m != 1 {
+		t.Errorf("after the negative TTL: miss %d, hit %d; want 2 and 1", n, m)
+	}
+	clk.Advance(24 * time.Hour)
+	s.QueryPathInfo(ctx, fixRoot)
+	if m := srv.Count(fixRoot.HashPart() + ".narinfo"); m != 2 {
+		t.Errorf("after the positive TTL: hit fetched %d times, want 2", m)
+	}
+}
+
+func TestQueryMissing(t *testing.T) {
+	srv := serve(t, fixture(t, "zstd"))
+	st := newMemStore()
+	st.valid[fixBig] = true
+	s := newSub(t, st, newClock(), []string{srv.URL}, nil)
+	absent, _ := storepathParseBase("00000000000000000000000000000000-nope")
+	m, err := s.QueryMissing(context.Background(), []storepathT{fixRoot, absent})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(m.WillSubstitute) != len(fixAll)-1 || m.WillSubstitute[fixBig] != nil {
+		t.Errorf("WillSubstitute = %v, want the closure without big", m.WillSubstitute)
+	}
+	if len(m.Unknown) != 1 || m.Unknown[0] != absent {
+		t.Errorf("Unknown = %v", m.Unknown)
+	}
+	var nar uint64
+	for _, i := range m.WillSubstitute {
+		nar += i.NarSize
+	}
+	if m.NarSize != nar || m.DownloadSize == 0 || m.DownloadSize > nar*2 {
+		t.Errorf("sizes: nar %d download %d", m.NarSize, m.DownloadSize)
+	}
+	if err := s.Realise(context.Background(), []storepathT{absent}, nil); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Realise of an absent path: %v", err)
+	}
+}
