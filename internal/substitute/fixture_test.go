@@ -184,7 +184,7 @@ func (m *memStore) IsValidPath(ctx context.Context, p storepath.Path) (bool, err
 	return m.valid[p], nil
 }
 
-func (m *memStore) AddToStoreNar(ctx context.Context, info store.PathInfo, nar io.Reader, opts addOptions) error {
+func (m *memStore) AddToStoreNar(ctx context.Context, info store.PathInfo, nar io.Reader, opts store.AddOptions) error {
 	m.mu.Lock()
 	for _, r := range info.References {
 		if r != info.Path && !m.valid[r] {

@@ -322,7 +322,7 @@ func (s *Substituter) streamInto(ctx context.Context, up *upstream, info *Info, 
 	}
 	// Signatures were checked against our trusted keys before the
 	// download; the store verifies NarHash, NarSize and CA as it reads.
-	err = s.st.AddToStoreNar(ctx, pi, nr, addOptions{})
+	err = s.st.AddToStoreNar(ctx, pi, nr, store.AddOptions{})
 	if err == nil {
 		return nil
 	}

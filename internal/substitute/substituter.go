@@ -34,7 +34,7 @@ type Store interface {
 	// info (NarHash, NarSize, CA, and signatures if opts.CheckSigs) and
 	// registers it atomically; on any error nothing is registered. It
 	// must not close nar.
-	AddToStoreNar(ctx context.Context, info store.PathInfo, nar io.Reader, opts addOptions) error
+	AddToStoreNar(ctx context.Context, info store.PathInfo, nar io.Reader, opts store.AddOptions) error
 }
 
 // Config configures a Substituter. Zero fields get the defaults noted.
