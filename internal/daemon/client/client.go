@@ -1,0 +1,364 @@
+// Package client is a small Go client of the Nix daemon worker protocol,
+// for tests and benchmarks of nixyard (and of nix-daemon, for comparison).
+// It speaks the protocol version it is given, so tests can act as old
+// clients. A Client is not safe for concurrent use.
+package client
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"time"
+
+	"github.com/nixyard/nixyard/internal/daemon/wire"
+	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+// Protocol constants, as in the daemon.
+const (
+	magic1        = 0x6e697863
+	magic2        = 0x6478696f
+	stderrNext    = 0x6f6c6d67
+	stderrRead    = 0x64617461
+	stderrWrite   = 0x64617416
+	stderrLast    = 0x616c7473
+	stderrError   = 0x63787470
+	stderrStart   = 0x53545254
+	stderrStop    = 0x53544f50
+	stderrResult  = 0x52534c54
+	opIsValidPath = 1
+	opSetOptions  = 19
+	opQueryPI     = 26
+	opQueryValid  = 31
+	opAddNar      = 39
+)
+
+// DefaultVersion is the protocol version a Client offers unless told
+// otherwise: 1.34, what Nix 2.8 speaks.
+const DefaultVersion = 1<<8 | 34
+
+// RemoteError is an error the daemon reported with STDERR_ERROR.
+type RemoteError struct {
+	Msg    string
+	Status uint64 // exit status, protocol < 1.26 only
+}
+
+func (e *RemoteError) Error() string { return "daemon: " + e.Msg }
+
+// Client is one connection to a daemon.
+type Client struct {
+	conn    net.Conn
+	In      *wire.Decoder
+	Out     *wire.Encoder
+	Minor   uint64
+	Version string // daemon Nix version (protocol ≥ 1.33)
+	Trust   uint64 // 0 unknown, 1 trusted, 2 not trusted (protocol ≥ 1.35)
+	Dir     storepath.Dir
+	// Logs receives STDERR_NEXT lines; nil drops them.
+	Logs func(line string)
+	// ReadSource answers STDERR_READ requests; nil fails them.
+	ReadSource io.Reader
+	// WriteSink receives STDERR_WRITE data; nil drops it.
+	WriteSink io.Writer
+}
+
+// Dial connects to the daemon socket at path, runs the handshake offering
+// DefaultVersion, and sends default SetOptions.
+func Dial(ctx context.Context, socketPath string) (*Client, error) {
+	return DialVersion(ctx, socketPath, DefaultVersion, true)
+}
+
+// DialVersion is Dial with a chosen protocol version; setOptions says
+// whether to send SetOptions after the handshake.
+func DialVersion(ctx context.Context, socketPath string, version uint64, setOptions bool) (*Client, error) {
+	var d net.Dialer
+	nc, err := d.DialContext(ctx, "unix", socketPath)
+	if err != nil {
+		return nil, fmt.Errorf("client: dial %s: %w", socketPath, err)
+	}
+	c := New(nc)
+	if dl, ok := ctx.Deadline(); ok {
+		nc.SetDeadline(dl)
+		defer nc.SetDeadline(time.Time{})
+	}
+	if err := c.Handshake(version); err != nil {
+		nc.Close()
+		return nil, err
+	}
+	if setOptions {
+		if err := c.SetOptions(nil); err != nil {
+			nc.Close()
+			return nil, err
+		}
+	}
+	return c, nil
+}
+
+// New wraps an established connection; call Handshake next.
+func New(nc net.Conn) *Client {
+	return &Client{conn: nc, In: wire.NewDecoder(bufio.NewReaderSize(nc, 64<<10)), Out: wire.NewEncoder(nc), Dir: storepath.DefaultDir}
+}
+
+// Close closes the connection.
+func (c *Client) Close() error { return c.conn.Close() }
+
+// Handshake runs the client side of §2.1.
+func (c *Client) Handshake(version uint64) error {
+	c.Out.U64(magic1)
+	c.Out.U64(version)
+	if err := c.Out.Flush(); err != nil {
+		return fmt.Errorf("client: handshake: %w", err)
+	}
+	if m := c.In.U64("magic"); c.In.Err() == nil && m != magic2 {
+		return fmt.Errorf("client: handshake: bad daemon magic %#x", m)
+	}
+	dv := c.In.U64("daemon version")
+	if err := c.In.Err(); err != nil {
+		return fmt.Errorf("client: handshake: %w", err)
+	}
+	c.Minor = min(dv&0xff, version&0xff)
+	if c.Minor >= 38 {
+		c.Out.Strings(nil)
+		c.Out.Flush()
+		c.In.Strings("daemon features", wire.MaxSmallString)
+	}
+	if c.Minor >= 14 {
+		c.Out.U64(0)
+	}
+	if c.Minor >= 11 {
+		c.Out.U64(0)
+	}
+	if err := c.Out.Flush(); err != nil {
+		return fmt.Errorf("client: handshake: %w", err)
+	}
+	if c.Minor >= 33 {
+		c.Version = c.In.String("version", wire.MaxSmallString)
+	}
+	if c.Minor >= 35 {
+		c.Trust = c.In.U64("trust")
+	}
+	if err := c.In.Err(); err != nil {
+		return fmt.Errorf("client: handshake: %w", err)
+	}
+	return c.ProcessStderr()
+}
+
+// ProcessStderr reads logger messages up to STDERR_LAST (nil) or
+// STDERR_ERROR (a *RemoteError).
+func (c *Client) ProcessStderr() error {
+	for {
+		tag := c.In.U64("stderr tag")
+		if err := c.In.Err(); err != nil {
+			return fmt.Errorf("client: reading stderr: %w", err)
+		}
+		switch tag {
+		case stderrLast:
+			return nil
+		case stderrError:
+			return c.readError()
+		case stderrNext:
+			line := c.In.String("log line", wire.MaxStringLen)
+			if c.Logs != nil {
+				c.Logs(line)
+			}
+		case stderrStart:
+			c.In.U64("id")
+			c.In.U64("level")
+			c.In.U64("type")
+			c.In.String("text", wire.MaxStringLen)
+			c.readFields()
+			c.In.U64("parent")
+		case stderrStop:
+			c.In.U64("id")
+		case stderrResult:
+			c.In.U64("id")
+			c.In.U64("type")
+			c.readFields()
+		case stderrRead:
+			n := c.In.U64("len")
+			buf := make([]byte, min(n, 1<<20))
+			var k int
+			if c.ReadSource != nil {
+				k, _ = io.ReadFull(c.ReadSource, buf)
+			}
+			c.Out.Bytes(buf[:k])
+			if err := c.Out.Flush(); err != nil {
+				return err
+			}
+		case stderrWrite:
+			b := c.In.Bytes("data", wire.MaxStringLen)
+			if c.WriteSink != nil {
+				c.WriteSink.Write(b)
+			}
+		default:
+			return fmt.Errorf("client: unknown stderr tag %#x", tag)
+		}
+	}
+}
+
+func (c *Client) readFields() {
+	n := c.In.Count("fields")
+	for i := 0; i < n && c.In.Err() == nil; i++ {
+		if c.In.U64("field type") == 1 {
+			c.In.String("field", wire.MaxStringLen)
+		} else {
+			c.In.U64("field")
+		}
+	}
+}
+
+func (c *Client) readError() error {
+	if c.Minor >= 26 {
+		c.In.String("type", 64)
+		c.In.U64("level")
+		c.In.String("name", 64)
+		msg := c.In.String("msg", wire.MaxStringLen)
+		c.In.U64("havePos")
+		n := c.In.Count("traces")
+		for i := 0; i < n; i++ {
+			c.In.U64("havePos")
+			c.In.String("trace", wire.MaxStringLen)
+		}
+		if err := c.In.Err(); err != nil {
+			return err
+		}
+		return &RemoteError{Msg: msg}
+	}
+	msg := c.In.String("msg", wire.MaxStringLen)
+	status := c.In.U64("status")
+	if err := c.In.Err(); err != nil {
+		return err
+	}
+	return &RemoteError{Msg: msg, Status: status}
+}
+
+// Do sends op with its arguments, processes stderr, and reads the reply.
+// Either function may be nil.
+func (c *Client) Do(op uint64, args func(*wire.Encoder), reply func(*wire.Decoder)) error {
+	c.Out.U64(op)
+	if args != nil {
+		args(c.Out)
+	}
+	if err := c.Out.Flush(); err != nil {
+		return fmt.Errorf("client: op %d: %w", op, err)
+	}
+	if err := c.ProcessStderr(); err != nil {
+		return err
+	}
+	if reply != nil {
+		reply(c.In)
+	}
+	if err := c.In.Err(); err != nil {
+		return fmt.Errorf("client: op %d: reply: %w", op, err)
+	}
+	return nil
+}
+
+// SetOptions sends op 19 with Nix 2.8's defaults and the given overrides.
+func (c *Client) SetOptions(overrides map[string]string) error {
+	return c.Do(opSetOptions, func(e *wire.Encoder) {
+		for _, v := range []uint64{0, 0, 0, 3, 1, 0, 1, 7, 0, 0, 1, 1} {
+			e.U64(v)
+		}
+		if c.Minor >= 12 {
+			e.StringMap(overrides)
+		}
+	}, nil)
+}
+
+// IsValidPath asks op 1.
+func (c *Client) IsValidPath(ctx context.Context, p storepath.Path) (bool, error) {
+	var ok bool
+	err := c.Do(opIsValidPath, func(e *wire.Encoder) { e.Path(c.Dir, p) }, func(d *wire.Decoder) { ok = d.Bool("valid") })
+	return ok, err
+}
+
+// QueryValidPaths asks op 31 (substitute = false).
+func (c *Client) QueryValidPaths(ctx context.Context, ps []storepath.Path) ([]storepath.Path, error) {
+	var out []storepath.Path
+	err := c.Do(opQueryValid, func(e *wire.Encoder) {
+		e.Paths(c.Dir, ps)
+		if c.Minor >= 27 {
+			e.Bool(false)
+		}
+	}, func(d *wire.Decoder) { out = d.Paths("paths", c.Dir) })
+	return out, err
+}
+
+// QueryPathInfo asks op 26; a path that is not valid gives an error
+// wrapping store.ErrNotValid.
+func (c *Client) QueryPathInfo(ctx context.Context, p storepath.Path) (*store.PathInfo, error) {
+	var info *store.PathInfo
+	valid := true
+	err := c.Do(opQueryPI, func(e *wire.Encoder) { e.Path(c.Dir, p) }, func(d *wire.Decoder) {
+		if c.Minor >= 17 && !d.Bool("valid") {
+			valid = false
+			return
+		}
+		info = &store.PathInfo{Path: p}
+		info.Deriver = d.OptPath("deriver", c.Dir)
+		h := d.String("narHash", wire.MaxSmallString)
+		info.References = d.Paths("references", c.Dir)
+		info.RegistrationTime = time.Unix(int64(d.U64("registrationTime")), 0)
+		info.NarSize = d.U64("narSize")
+		if c.Minor >= 16 {
+			info.Ultimate = d.Bool("ultimate")
+			info.Sigs = d.Strings("sigs", wire.MaxSmallString)
+			info.CA = d.String("ca", wire.MaxSmallString)
+		}
+		if d.Err() == nil {
+			nh, err := hash.ParseAny(h, hash.SHA256)
+			if err != nil {
+				d.SetErr("narHash", err)
+			}
+			info.NarHash = nh
+		}
+	})
+	if err != nil {
+		return nil, err
+	}
+	if !valid {
+		return nil, fmt.Errorf("client: path '%s': %w", c.Dir.Abs(p), store.ErrNotValid)
+	}
+	return info, nil
+}
+
+// AddToStoreNar sends op 39 with the NAR framed (protocol ≥ 1.23).
+func (c *Client) AddToStoreNar(ctx context.Context, info store.PathInfo, nar io.Reader, repair, dontCheckSigs bool) error {
+	if c.Minor < 23 {
+		return errors.New("client: AddToStoreNar below protocol 1.23 is not implemented")
+	}
+	c.Out.U64(opAddNar)
+	c.WriteValidPathInfo(info, 16)
+	c.Out.Bool(repair)
+	c.Out.Bool(dontCheckSigs)
+	fw := wire.NewFramedWriter(c.Out)
+	if _, err := io.Copy(fw, nar); err != nil {
+		return fmt.Errorf("client: AddToStoreNar: %w", err)
+	}
+	fw.Close()
+	if err := c.Out.Flush(); err != nil {
+		return fmt.Errorf("client: AddToStoreNar: %w", err)
+	}
+	return c.ProcessStderr()
+}
+
+// WriteValidPathInfo writes a keyed ValidPathInfo in the layout of minor.
+func (c *Client) WriteValidPathInfo(info store.PathInfo, minor uint64) {
+	c.Out.Path(c.Dir, info.Path)
+	c.Out.OptPath(c.Dir, info.Deriver)
+	c.Out.String(info.NarHash.Base16())
+	c.Out.Paths(c.Dir, info.References)
+	c.Out.U64(0)
+	c.Out.U64(info.NarSize)
+	if minor >= 16 {
+		c.Out.Bool(info.Ultimate)
+		c.Out.StringSet(info.Sigs)
+		c.Out.String(info.CA)
+	}
+}

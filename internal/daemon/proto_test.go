@@ -1,0 +1,367 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nixyard/nixyard/internal/daemon/client"
+	"github.com/nixyard/nixyard/internal/daemon/wire"
+	"github.com/nixyard/nixyard/internal/nar"
+	"github.com/nixyard/nixyard/internal/nix/contentaddress"
+	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+func dial(t testing.TB, d *testDaemon, version uint64) *client.Client {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := client.DialVersion(ctx, d.socket, version, true)
+	if err != nil {
+		t.Fatalf("dial 1.%d: %v", version&0xff, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// testNAR returns a NAR of one regular file and the CA info that adds it.
+func testNAR(t testing.TB, name, contents string) (store.PathInfo, []byte) {
+	t.Helper()
+	var buf bytes.Buffer
+	w := nar.NewWriter(&buf)
+	if err := w.WriteHeader(&nar.Header{Type: nar.TypeRegular, Size: int64(len(contents))}); err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(w, contents)
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	h := hash.Sum(hash.SHA256, buf.Bytes())
+	ca := contentaddress.CA{Method: contentaddress.NAR, Hash: h}
+	p, err := ca.StorePath("/nix/store", name, nil, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return store.PathInfo{Path: p, NarHash: h, NarSize: uint64(buf.Len()), CA: ca.String()}, buf.Bytes()
+}
+
+func TestHandshakeVersions(t *testing.T) {
+	d := startDaemon(t, Options{})
+	c := dial(t, d, 1<<8|34)
+	if c.Minor != 34 || c.Version != nixVersion || c.Trust != 0 {
+		t.Errorf("1.34: minor %d version %q trust %d", c.Minor, c.Version, c.Trust)
+	}
+	c = dial(t, d, 1<<8|38)
+	if c.Minor != 37 || c.Trust != 1 {
+		t.Errorf("1.38 client: minor %d trust %d, want 37 and trusted (root)", c.Minor, c.Trust)
+	}
+	c = dial(t, d, 1<<8|21)
+	if c.Minor != 21 || c.Version != "" {
+		t.Errorf("1.21: minor %d version %q", c.Minor, c.Version)
+	}
+	// Too old: the refusal arrives as STDERR_ERROR in the old format.
+	_, err := client.DialVersion(context.Background(), d.socket, 1<<8|15, false)
+	var re *client.RemoteError
+	if !errors.As(err, &re) || !strings.Contains(re.Msg, "too old") {
+		t.Errorf("1.15: %v", err)
+	}
+}
+
+func TestOpsAndErrors(t *testing.T) {
+	d := startDaemon(t, Options{})
+	ctx := context.Background()
+	c := dial(t, d, 1<<8|37)
+	info, data := testNAR(t, "foo", "hello")
+	if err := c.AddToStoreNar(ctx, info, bytes.NewReader(data), false, true); err != nil {
+		t.Fatalf("AddToStoreNar: %v", err)
+	}
+	got, err := c.QueryPathInfo(ctx, info.Path)
+	if err != nil || !got.NarHash.Equal(info.NarHash) || got.NarSize != info.NarSize || got.CA != info.CA {
+		t.Fatalf("QueryPathInfo: %+v, %v", got, err)
+	}
+	missing, _ := storepath.ParseBase("00000000000000000000000000000000-missing")
+	if _, err := c.QueryPathInfo(ctx, missing); !errors.Is(err, store.ErrNotValid) {
+		t.Errorf("QueryPathInfo(missing): %v", err)
+	}
+	// An error after startWork ends only the op.
+	err = c.Do(opEnsurePath, func(e *wire.Encoder) { e.Path(c.Dir, missing) }, nil)
+	if err == nil || !strings.Contains(err.Error(), "no substituters") {
+		t.Errorf("EnsurePath(missing): %v", err)
+	}
+	// A bad NAR in a framed upload: the error comes after the whole
+	// stream, and the connection stays usable.
+	bad := info
+	bad.Path, _ = storepath.ParseBase("11111111111111111111111111111111-bad")
+	bad.NarHash = hash.Sum(hash.SHA256, []byte("other"))
+	if err := c.AddToStoreNar(ctx, bad, bytes.NewReader(data), false, true); err == nil {
+		t.Errorf("AddToStoreNar with a wrong hash succeeded")
+	}
+	if ok, err := c.IsValidPath(ctx, info.Path); !ok || err != nil {
+		t.Errorf("IsValidPath after a failed op: %v %v", ok, err)
+	}
+	// BuildPathsWithResults on a valid opaque path: AlreadyValid.
+	err = c.Do(opBuildPathsWithResults, func(e *wire.Encoder) {
+		e.Strings([]string{c.Dir.Abs(info.Path)})
+		e.U64(0)
+	}, func(dd *wire.Decoder) {
+		if n := dd.U64("n"); n != 1 {
+			t.Errorf("%d results", n)
+		}
+		dd.String("path", 4096)
+		if st := dd.U64("status"); st != statusAlreadyValid {
+			t.Errorf("status %d", st)
+		}
+		dd.String("errorMsg", 4096)
+		dd.U64("timesBuilt")
+		dd.U64("nondet")
+		dd.U64("start")
+		dd.U64("stop")
+		dd.U64("cpuUser")
+		dd.U64("cpuSystem")
+		if m := dd.StringMap("builtOutputs", 4096); len(m) != 0 {
+			t.Errorf("builtOutputs %v", m)
+		}
+	})
+	if err != nil {
+		t.Fatalf("BuildPathsWithResults: %v", err)
+	}
+	err = c.Do(opBuildPathsWithResults, func(e *wire.Encoder) {
+		e.Strings([]string{c.Dir.Abs(missing)})
+		e.U64(0)
+	}, nil)
+	if err == nil || !strings.Contains(err.Error(), "not implemented by nixyard") {
+		t.Errorf("BuildPathsWithResults(missing): %v", err)
+	}
+	// Not-implemented ops name themselves and keep the connection.
+	err = c.Do(opQueryRealisation, func(e *wire.Encoder) { e.String("sha256:00!out") }, nil)
+	if err == nil || !strings.Contains(err.Error(), "operation 'QueryRealisation' (43) is not implemented by nixyard") {
+		t.Errorf("QueryRealisation: %v", err)
+	}
+	// An unknown op: error, then the daemon closes the connection.
+	err = c.Do(99, nil, nil)
+	if err == nil || !strings.Contains(err.Error(), "invalid operation 99") {
+		t.Errorf("op 99: %v", err)
+	}
+	if _, err := c.IsValidPath(ctx, info.Path); err == nil {
+		t.Errorf("connection still open after an unknown op")
+	}
+	// A malformed argument also closes it.
+	c = dial(t, d, 1<<8|37)
+	err = c.Do(opIsValidPath, func(e *wire.Encoder) { e.String("/tmp/not-a-store-path") }, nil)
+	if err == nil || !strings.Contains(err.Error(), "not in the store directory") {
+		t.Errorf("bad path: %v", err)
+	}
+}
+
+// TestOldClient acts as Nix 2.3 (protocol 1.21): STDERR_READ uploads,
+// AddTextToStore, and errors as message + status.
+func TestOldClient(t *testing.T) {
+	d := startDaemon(t, Options{})
+	ctx := context.Background()
+	c := dial(t, d, 1<<8|21)
+	info, data := testNAR(t, "old", "from nix 2.3")
+	c.ReadSource = bytes.NewReader(data)
+	err := c.Do(opAddToStoreNar, func(e *wire.Encoder) {
+		c.WriteValidPathInfo(info, 16)
+		e.Bool(false)
+		e.Bool(true)
+	}, nil)
+	if err != nil {
+		t.Fatalf("AddToStoreNar over STDERR_READ: %v", err)
+	}
+	if ok, err := c.IsValidPath(ctx, info.Path); !ok || err != nil {
+		t.Fatalf("not valid after add: %v", err)
+	}
+	var p string
+	err = c.Do(opAddTextToStore, func(e *wire.Encoder) {
+		e.String("x.txt")
+		e.String("some text")
+		e.Paths(c.Dir, nil)
+	}, func(dd *wire.Decoder) { p = dd.String("path", 4096) })
+	if err != nil || !strings.HasSuffix(p, "-x.txt") {
+		t.Fatalf("AddTextToStore: %q %v", p, err)
+	}
+	missing, _ := storepath.ParseBase("00000000000000000000000000000000-missing")
+	err = c.Do(opEnsurePath, func(e *wire.Encoder) { e.Path(c.Dir, missing) }, nil)
+	var re *client.RemoteError
+	if !errors.As(err, &re) || re.Status != 1 {
+		t.Errorf("old-format error: %v", err)
+	}
+	// Old AddToStore: raw NAR inline, recursive sha256.
+	_, data2 := testNAR(t, "x", "inline")
+	err = c.Do(opAddToStore, func(e *wire.Encoder) {
+		e.String("inline")
+		e.Bool(true)
+		e.U64(1)
+		e.String("sha256")
+		e.Write(data2)
+	}, func(dd *wire.Decoder) { p = dd.String("path", 4096) })
+	if err != nil || !strings.HasSuffix(p, "-inline") {
+		t.Fatalf("old AddToStore: %q %v", p, err)
+	}
+	if ok, err := c.IsValidPath(ctx, mustParse(t, c.Dir, p)); !ok || err != nil {
+		t.Errorf("old AddToStore path not valid: %v", err)
+	}
+}
+
+func mustParse(t testing.TB, dir storepath.Dir, s string) storepath.Path {
+	t.Helper()
+	p, err := dir.Parse(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestUntrusted(t *testing.T) {
+	d := startDaemon(t, Options{TrustedUsers: []string{"nobody-here"}})
+	ctx := context.Background()
+	c := dial(t, d, 1<<8|37)
+	if c.Trust != 2 {
+		t.Errorf("trust = %d, want 2", c.Trust)
+	}
+	info, data := testNAR(t, "unsigned", "no signature")
+	info.CA = "" // input-addressed: needs a signature (a CA path would not)
+	err := c.AddToStoreNar(ctx, info, bytes.NewReader(data), false, true) // dontCheckSigs is ignored
+	if err == nil {
+		t.Errorf("untrusted unsigned AddToStoreNar succeeded")
+	}
+	for _, tc := range []struct {
+		name string
+		op   uint64
+		args func(*wire.Encoder)
+		want string
+	}{
+		{"AddSignatures", opAddSignatures, func(e *wire.Encoder) { e.Path(c.Dir, info.Path); e.Strings([]string{"k:s"}) }, "not privileged to add signatures"},
+		{"VerifyStore repair", opVerifyStore, func(e *wire.Encoder) { e.Bool(false); e.Bool(true) }, "not privileged to repair"},
+		{"GC ignoreLiveness", opCollectGarbage, func(e *wire.Encoder) {
+			e.U64(0)
+			e.Paths(c.Dir, nil)
+			e.Bool(true)
+			e.U64(0)
+			e.U64(0)
+			e.U64(0)
+			e.U64(0)
+		}, "ignore liveness"},
+		{"AddPermRoot", opAddPermRoot, func(e *wire.Encoder) { e.Path(c.Dir, info.Path); e.String("/tmp/r") }, "not privileged"},
+		{"AddBuildLog", opAddBuildLog, func(e *wire.Encoder) {
+			e.String(info.Path.String())
+			fw := wire.NewFramedWriter(e)
+			fw.Write([]byte("log"))
+			fw.Close()
+		}, "not privileged to add logs"},
+		{"BuildPaths repair", opBuildPaths, func(e *wire.Encoder) { e.Strings(nil); e.U64(1) }, "trusted-users"},
+	} {
+		err := c.Do(tc.op, tc.args, nil)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want %q", tc.name, err, tc.want)
+		}
+	}
+	if _, err := c.IsValidPath(ctx, info.Path); err != nil {
+		t.Errorf("connection broken after refusals: %v", err)
+	}
+}
+
+func TestRefusedUser(t *testing.T) {
+	d := startDaemon(t, Options{TrustedUsers: []string{}, AllowedUsers: []string{"@no-such-group"}})
+	_, err := client.DialVersion(context.Background(), d.socket, 1<<8|34, true)
+	if err == nil || !strings.Contains(err.Error(), "is not allowed to connect") {
+		t.Errorf("refused user: %v", err)
+	}
+}
+
+func TestManyClients(t *testing.T) {
+	d := startDaemon(t, Options{})
+	ctx := context.Background()
+	info, data := testNAR(t, "shared", "shared")
+	c := dial(t, d, 1<<8|34)
+	if err := c.AddToStoreNar(ctx, info, bytes.NewReader(data), false, true); err != nil {
+		t.Fatal(err)
+	}
+	const n = 200
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := client.Dial(ctx, d.socket)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			for j := 0; j < 5; j++ {
+				if _, err := c.QueryPathInfo(ctx, info.Path); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
+
+func TestCancelClosesConnections(t *testing.T) {
+	d := startDaemon(t, Options{})
+	c := dial(t, d, 1<<8|34)
+	_ = c // left idle: the cleanup cancels Serve, which must return.
+}
+
+// sessionPrefix is a valid 1.34 handshake, then SetOptions.
+func sessionPrefix() []byte {
+	var b bytes.Buffer
+	e := wire.NewEncoder(&b)
+	e.U64(workerMagic1)
+	e.U64(1<<8 | 34)
+	e.U64(0)
+	e.U64(0)
+	e.U64(opSetOptions)
+	for _, v := range []uint64{0, 0, 0, 3, 1, 0, 1, 7, 0, 0, 1, 1, 0} {
+		e.U64(v)
+	}
+	e.Flush()
+	return b.Bytes()
+}
+
+// FuzzSession feeds random bytes as a client session to a Server over a
+// real store: it must never panic (a recovered panic is reported as an
+// "internal error") and never hang.
+func FuzzSession(f *testing.F) {
+	prefix := sessionPrefix()
+	for _, op := range []uint64{1, 7, 9, 11, 19, 20, 26, 31, 39, 40, 44, 46} {
+		var b bytes.Buffer
+		e := wire.NewEncoder(&b)
+		e.U64(op)
+		e.String("/nix/store/00000000000000000000000000000000-x")
+		e.U64(0)
+		e.U64(1)
+		e.Flush()
+		f.Add(b.Bytes())
+	}
+	d := startDaemon(f, Options{})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		in := io.MultiReader(bytes.NewReader(prefix), bytes.NewReader(data))
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		err := d.srv.ServeConn(ctx, in, io.Discard, true)
+		if err != nil && strings.Contains(err.Error(), "internal error") {
+			t.Fatalf("panic: %v", err)
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("session did not end: %v", fmt.Sprint(err))
+		}
+	})
+}
