@@ -229,7 +229,7 @@ func TestUntrusted(t *testing.T) {
 		t.Errorf("trust = %d, want 2", c.Trust)
 	}
 	info, data := testNAR(t, "unsigned", "no signature")
-	info.CA = "" // input-addressed: needs a signature (a CA path would not)
+	info.CA = ""                                                          // input-addressed: needs a signature (a CA path would not)
 	err := c.AddToStoreNar(ctx, info, bytes.NewReader(data), false, true) // dontCheckSigs is ignored
 	if err == nil {
 		t.Errorf("untrusted unsigned AddToStoreNar succeeded")
