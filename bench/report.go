@@ -33,6 +33,28 @@ func Median(xs []float64) float64 {
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
+// PairedSpeedup is the median over repetitions of the speed-up within each
+// repetition (the two daemons ran back to back, so slow drifts in background
+// load cancel out), or 0 when the sample counts differ or are zero.
+func (m *Metric) PairedSpeedup() float64 {
+	if len(m.Stock) == 0 || len(m.Stock) != len(m.Nixyard) {
+		return 0
+	}
+	var rs []float64
+	for i := range m.Stock {
+		s, n := m.Stock[i], m.Nixyard[i]
+		if s <= 0 || n <= 0 {
+			return 0
+		}
+		if m.HigherBetter {
+			rs = append(rs, n/s)
+		} else {
+			rs = append(rs, s/n)
+		}
+	}
+	return Median(rs)
+}
+
 // Speedup is how many times better nixyard did than the stock daemon
 // (medians; times inverted), or 0 when either side has no samples.
 func (m *Metric) Speedup() float64 {
@@ -83,8 +105,8 @@ func samples(xs []float64) string {
 // followed by the individual samples.
 func Table(ms []*Metric) string {
 	var b strings.Builder
-	b.WriteString("| measurement | nix-daemon 2.8.0 | nixyard | nixyard speed-up | target |\n")
-	b.WriteString("|---|---:|---:|---:|---|\n")
+	b.WriteString("| measurement | nix-daemon 2.8.0 | nixyard | nixyard speed-up | paired speed-up | target |\n")
+	b.WriteString("|---|---:|---:|---:|---:|---|\n")
 	for _, m := range ms {
 		ratio := "–"
 		if r := m.Speedup(); r > 0 {
@@ -99,14 +121,19 @@ func Table(ms []*Metric) string {
 				}
 			}
 		}
+		paired := "–"
+		if r := m.PairedSpeedup(); r > 0 {
+			paired = fmt.Sprintf("%.2f×", r)
+		}
 		target := m.Target
 		if target == "" {
 			target = "(info)"
 		}
-		fmt.Fprintf(&b, "| %s (%s) | %s | %s | %s | %s |\n", m.Name, m.Unit,
-			cell(m.Stock, m.StockErr), cell(m.Nixyard, m.NixyardErr), ratio, target)
+		fmt.Fprintf(&b, "| %s (%s) | %s | %s | %s | %s | %s |\n", m.Name, m.Unit,
+			cell(m.Stock, m.StockErr), cell(m.Nixyard, m.NixyardErr), ratio, paired, target)
 	}
-	b.WriteString("\nMedians; speed-up = nixyard/stock for rates, stock/nixyard for times. Samples:\n\n")
+	b.WriteString("\nMedians; speed-up = nixyard/stock for rates, stock/nixyard for times, computed on the medians; " +
+		"paired speed-up = median of the per-repetition speed-ups (both daemons measured back to back). Samples, in repetition order:\n\n")
 	for _, m := range ms {
 		fmt.Fprintf(&b, "- %s: nix-daemon [%s]; nixyard [%s]\n", m.Name, samples(m.Stock), samples(m.Nixyard))
 	}
