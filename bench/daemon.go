@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -105,7 +104,7 @@ func (d *Daemon) StoreURL() string {
 
 // StartDaemon starts spec on the chroot store at root (created if missing),
 // with its socket at root/nix/var/nix/daemon-socket/socket and its log in
-// logPath, and waits until the socket accepts connections.
+// logPath, and waits until a client can connect and complete the handshake.
 func StartDaemon(ctx context.Context, env *Env, spec DaemonSpec, root, logPath string) (*Daemon, error) {
 	if err := os.MkdirAll(root, 0o755); err != nil {
 		return nil, fmt.Errorf("creating store root: %w", err)
@@ -130,10 +129,16 @@ func StartDaemon(ctx context.Context, env *Env, spec DaemonSpec, root, logPath s
 	go func() { d.done <- d.cmd.Wait() }()
 	deadline := time.Now().Add(15 * time.Second)
 	for {
-		c, err := net.DialTimeout("unix", d.Socket, time.Second)
-		if err == nil {
-			c.Close()
-			return d, nil
+		if _, err := os.Stat(d.Socket); err == nil {
+			// A full handshake, so that readiness also proves the daemon speaks
+			// the protocol (and no daemon logs a half-open probe).
+			pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			c, err := Dial(pctx, d.Socket)
+			cancel()
+			if err == nil {
+				c.Close()
+				return d, nil
+			}
 		}
 		select {
 		case werr := <-d.done:
