@@ -100,7 +100,7 @@ type database struct {
 	r    *sql.DB
 
 	// Prepared statements on the reader pool.
-	qPathInfo, qRefs, qReferrers, qValid, qAll, qHashPart, qDerivers, qDrvOutputs *sql.Stmt
+	qPathInfo, qReferrers, qValid, qAll, qHashPart, qDerivers, qDrvOutputs *sql.Stmt
 }
 
 // openDatabase opens db/db.sqlite, creating it and db/schema as Nix does
@@ -208,8 +208,9 @@ func (d *database) prepare(ctx context.Context) error {
 		dst **sql.Stmt
 		sql string
 	}{
-		{&d.qPathInfo, "select id, hash, registrationTime, deriver, narSize, ultimate, sigs, ca from ValidPaths where path = ?"},
-		{&d.qRefs, "select path from Refs join ValidPaths on reference = id where referrer = ?"},
+		// One statement and one row per path: the references come
+		// space-separated (store paths contain no spaces).
+		{&d.qPathInfo, "select hash, registrationTime, deriver, narSize, ultimate, sigs, ca, (select group_concat(v.path, ' ') from Refs r join ValidPaths v on r.reference = v.id where r.referrer = p.id) from ValidPaths p where path = ?"},
 		{&d.qReferrers, "select path from Refs join ValidPaths on referrer = id where reference = (select id from ValidPaths where path = ?)"},
 		{&d.qValid, "select 1 from ValidPaths where path = ?"},
 		{&d.qAll, "select path from ValidPaths"},
@@ -231,7 +232,7 @@ func (d *database) close() error {
 		return nil
 	}
 	var errs []error
-	for _, st := range []*sql.Stmt{d.qPathInfo, d.qRefs, d.qReferrers, d.qValid, d.qAll, d.qHashPart, d.qDerivers, d.qDrvOutputs} {
+	for _, st := range []*sql.Stmt{d.qPathInfo, d.qReferrers, d.qValid, d.qAll, d.qHashPart, d.qDerivers, d.qDrvOutputs} {
 		if st != nil {
 			errs = append(errs, st.Close())
 		}

@@ -59,7 +59,6 @@ func (s *Store) IsValidPath(ctx context.Context, p storepath.Path) (bool, error)
 func (s *Store) QueryPathInfo(ctx context.Context, p storepath.Path) (*PathInfo, error) {
 	abs := s.abs(p)
 	var (
-		id       int64
 		h        string
 		regTime  int64
 		deriver  sql.NullString
@@ -67,8 +66,9 @@ func (s *Store) QueryPathInfo(ctx context.Context, p storepath.Path) (*PathInfo,
 		ultimate sql.NullInt64
 		sigs     sql.NullString
 		ca       sql.NullString
+		refs     sql.NullString
 	)
-	err := s.db.qPathInfo.QueryRowContext(ctx, abs).Scan(&id, &h, &regTime, &deriver, &narSize, &ultimate, &sigs, &ca)
+	err := s.db.qPathInfo.QueryRowContext(ctx, abs).Scan(&h, &regTime, &deriver, &narSize, &ultimate, &sigs, &ca, &refs)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, fmt.Errorf("store: path '%s': %w", abs, ErrNotValid)
 	}
@@ -95,12 +95,15 @@ func (s *Store) QueryPathInfo(ctx context.Context, p storepath.Path) (*PathInfo,
 	if sigs.Valid && sigs.String != "" {
 		info.Sigs = strings.Fields(sigs.String)
 	}
-	rows, err := s.db.qRefs.QueryContext(ctx, id)
-	if err != nil {
-		return nil, fmt.Errorf("store: querying references of %s: %w", abs, err)
-	}
-	if info.References, err = s.scanPaths(rows, "references of "+abs); err != nil {
-		return nil, err
+	if refs.Valid && refs.String != "" {
+		for _, r := range strings.Split(refs.String, " ") {
+			p, err := s.parseDBPath(r)
+			if err != nil {
+				return nil, fmt.Errorf("store: references of %s: %w", abs, err)
+			}
+			info.References = append(info.References, p)
+		}
+		storepath.Sort(info.References)
 	}
 	return info, nil
 }
