@@ -1,16 +1,169 @@
 package store
 
 import (
+	"context"
+	"errors"
 	"fmt"
+	"strings"
 
+	"github.com/nixyard/nixyard/internal/nix/derivation"
+	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
 
-// readDrvOutputs reads the derivation at realPath and returns its outputs
-// with known paths, for DerivationOutputs.
-//
-// Until internal/nix/derivation lands, derivations cannot be parsed and
-// adding one is refused rather than registered without its outputs.
-func (s *Store) readDrvOutputs(p storepath.Path, realPath string) (map[string]storepath.Path, error) {
-	return nil, fmt.Errorf("store: adding derivation %s: derivation parsing is not available yet", s.abs(p))
+// readDerivation reads and parses the .drv at realPath, reading at most
+// derivation.MaxSize bytes.
+func (s *Store) readDerivation(p storepath.Path, realPath string) (*derivation.Derivation, error) {
+	data, err := readFileLimit(realPath, derivation.MaxSize+1)
+	if err != nil {
+		return nil, fmt.Errorf("store: reading derivation %s: %w", s.abs(p), err)
+	}
+	d, err := derivation.Parse(data, strings.TrimSuffix(p.Name(), ".drv"))
+	if err != nil {
+		return nil, fmt.Errorf("store: derivation %s: %w", s.abs(p), err)
+	}
+	return d, nil
 }
+
+// loadDerivation is a derivation.Loader reading valid .drv files of this
+// store by their logical path.
+func (s *Store) loadDerivation(ctx context.Context, abs string) (*derivation.Derivation, error) {
+	p, err := s.dir.Parse(abs)
+	if err != nil {
+		return nil, err
+	}
+	return s.readDerivation(p, s.RealPath(p))
+}
+
+// readDrvOutputs reads the derivation at realPath, checks its output paths
+// as Nix does before registering a .drv (checkInvariants), and returns
+// the outputs whose paths are known, for DerivationOutputs.
+func (s *Store) readDrvOutputs(p storepath.Path, realPath string) (map[string]storepath.Path, error) {
+	d, err := s.readDerivation(p, realPath)
+	if err != nil {
+		return nil, err
+	}
+	err = d.CheckOutputPaths(context.Background(), s.dir, s.loadDerivation, map[string]hash.Hash{})
+	if err != nil && !errors.Is(err, derivation.ErrNotSupported) {
+		return nil, fmt.Errorf("store: derivation %s: %w", s.abs(p), err)
+	}
+	out := map[string]storepath.Path{}
+	for name, o := range d.Outputs {
+		if o.Path == "" {
+			continue // floating or deferred: unknown until built
+		}
+		op, err := s.dir.Parse(o.Path)
+		if err != nil {
+			return nil, fmt.Errorf("store: derivation %s: output %s: %w", s.abs(p), name, err)
+		}
+		out[name] = op
+	}
+	return out, nil
+}
+
+// QueryMissing says what realising targets would take, as Nix's
+// queryMissing without substituters: an invalid opaque path is Unknown; a
+// derivation whose wanted outputs are not all valid will be built, and so
+// (recursively) will its input derivations that lack outputs; an invalid
+// derivation is Unknown.
+func (s *Store) QueryMissing(ctx context.Context, targets []DerivedPath) (*Missing, error) {
+	m := &Missing{}
+	done := map[string]bool{}
+	var visit func(t DerivedPath) error
+	visit = func(t DerivedPath) error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		key := t.Path.String()
+		if t.Built {
+			key += "!" + strings.Join(t.Outputs, ",")
+			if t.AllOutputs || len(t.Outputs) == 0 {
+				key += "*"
+			}
+		}
+		if done[key] {
+			return nil
+		}
+		done[key] = true
+		valid, err := s.IsValidPath(ctx, t.Path)
+		if err != nil {
+			return err
+		}
+		if !t.Built {
+			if !valid {
+				m.Unknown = append(m.Unknown, t.Path)
+			}
+			return nil
+		}
+		if !valid {
+			m.Unknown = append(m.Unknown, t.Path)
+			return nil
+		}
+		d, err := s.readDerivation(t.Path, s.RealPath(t.Path))
+		if err != nil {
+			return err
+		}
+		wanted := t.Outputs
+		if t.AllOutputs || len(wanted) == 0 {
+			wanted = nil
+			for name := range d.Outputs {
+				wanted = append(wanted, name)
+			}
+		}
+		mustBuild := false
+		for _, name := range wanted {
+			o, ok := d.Outputs[name]
+			if !ok {
+				return fmt.Errorf("store: derivation %s has no output %q", s.abs(t.Path), name)
+			}
+			if o.Path == "" {
+				mustBuild = true // output path unknown until built
+				break
+			}
+			op, err := s.dir.Parse(o.Path)
+			if err != nil {
+				return fmt.Errorf("store: derivation %s: output %s: %w", s.abs(t.Path), name, err)
+			}
+			if ok, err := s.IsValidPath(ctx, op); err != nil {
+				return err
+			} else if !ok {
+				mustBuild = true
+				break
+			}
+		}
+		if !mustBuild {
+			return nil
+		}
+		if !containsPath(m.WillBuild, t.Path) {
+			m.WillBuild = append(m.WillBuild, t.Path)
+		}
+		for in, outs := range d.InputDrvs {
+			ip, err := s.dir.Parse(in)
+			if err != nil {
+				return fmt.Errorf("store: derivation %s: input %s: %w", s.abs(t.Path), in, err)
+			}
+			if err := visit(DerivedPath{Path: ip, Outputs: outs, Built: true}); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	for _, t := range targets {
+		if err := visit(t); err != nil {
+			return nil, err
+		}
+	}
+	storepath.Sort(m.WillBuild)
+	storepath.Sort(m.Unknown)
+	return m, nil
+}
+
+func containsPath(ps []storepath.Path, p storepath.Path) bool {
+	for _, q := range ps {
+		if q == p {
+			return true
+		}
+	}
+	return false
+}
+
