@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"strings"
 	"sync"
 	"testing"
@@ -351,7 +352,7 @@ func FuzzSession(f *testing.F) {
 		e.Flush()
 		f.Add(b.Bytes())
 	}
-	d := startDaemon(f, Options{})
+	d := startDaemon(f, Options{Logger: slog.New(slog.DiscardHandler)})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		in := io.MultiReader(bytes.NewReader(prefix), bytes.NewReader(data))
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
