@@ -166,4 +166,3 @@ func containsPath(ps []storepath.Path, p storepath.Path) bool {
 	}
 	return false
 }
-

@@ -257,3 +257,28 @@ func TestVerifyFindsDamage(t *testing.T) {
 		t.Error("vanished path still valid")
 	}
 }
+
+// TestRealNixGCRespectsOurRoots runs real nix-store --gc next to an open
+// store: our session's temporary root and a path being kept by it survive,
+// garbage goes, and our database stays consistent.
+func TestRealNixGCRespectsOurRoots(t *testing.T) {
+	s, root := testStore(t)
+	ctx := context.Background()
+	kept := addText(t, s, "kept", "k")
+	garbage := addText(t, s, "garbage", "g")
+	ss := s.OpenSession()
+	defer ss.Close()
+	if err := ss.AddTempRoot(ctx, kept); err != nil {
+		t.Fatal(err)
+	}
+	nixCmd(t, root, "nix-store", "--gc")
+	if ok, _ := s.IsValidPath(ctx, kept); !ok {
+		t.Error("real nix GC deleted our temporary root")
+	}
+	if ok, _ := s.IsValidPath(ctx, garbage); ok {
+		t.Error("real nix GC kept garbage")
+	}
+	if _, err := s.QueryPathInfo(ctx, kept); err != nil {
+		t.Error(err)
+	}
+}

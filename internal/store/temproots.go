@@ -30,7 +30,7 @@ import (
 // acknowledged it on its socket (<state>/gc-socket/socket), so no collector
 // can miss it. Roots whose holders are gone stay in the file until it is
 // compacted, which is rewritten (under the shared gc.lock, so no collector
-// is reading it) once most of its entries are stale.
+// is reading it) once enough of its entries are stale (see compactRatio).
 type tempRoots struct {
 	s *Store
 
@@ -45,9 +45,11 @@ type tempRoots struct {
 	closed bool
 }
 
-// compactMin is how many stale entries the roots file may hold before it
-// is rewritten (and only when they are also the majority).
-const compactMin = 1024
+// compactRatio bounds the stale entries of the roots file: it is rewritten
+// once they are at least a quarter of the live ones, so that a collector in
+// another process keeps few paths that nobody roots any more, while the
+// rewrite (O(live roots)) stays rare when many roots are live.
+const compactRatio = 4
 
 func (r *tempRoots) init(s *Store) {
 	r.s = s
@@ -227,7 +229,7 @@ func (r *tempRoots) remove(p storepath.Path) {
 	}
 	delete(r.counts, p)
 	r.stale++
-	if r.stale >= compactMin && r.stale > len(r.counts) && r.gc == nil && !r.closed {
+	if r.stale*compactRatio >= len(r.counts) && r.gc == nil && !r.closed {
 		r.compact()
 	}
 }
