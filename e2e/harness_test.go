@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bufio"
 	"bytes"
 	"crypto/rand"
 	"encoding/hex"
@@ -347,10 +348,15 @@ func (d *daemon) start(t *testing.T) {
 	// daemon refuses connections until the new one has bound it.
 	deadline := time.Now().Add(30 * time.Second)
 	for {
+		// A full handshake, so the daemon logs no half-open connection.
 		c, err := net.Dial("unix", d.sock)
 		if err == nil {
+			p := &protoConn{c: c, r: bufio.NewReader(c), w: bufio.NewWriter(c)}
+			err = p.handshake()
 			c.Close()
-			return
+			if err == nil {
+				return
+			}
 		}
 		select {
 		case <-exited:
