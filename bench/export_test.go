@@ -1,0 +1,103 @@
+package bench
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"testing"
+
+	"github.com/nixyard/nixyard/internal/nar"
+)
+
+func readU64(t *testing.T, r io.Reader) uint64 {
+	t.Helper()
+	var b [8]byte
+	if _, err := io.ReadFull(r, b[:]); err != nil {
+		t.Fatal(err)
+	}
+	return binary.LittleEndian.Uint64(b[:])
+}
+
+func readStr(t *testing.T, r io.Reader) string {
+	t.Helper()
+	n := readU64(t, r)
+	b := make([]byte, (n+7)&^7)
+	if _, err := io.ReadFull(r, b); err != nil {
+		t.Fatal(err)
+	}
+	return string(b[:n])
+}
+
+// TestWriteExport parses a generated stream back: record framing, NARs the
+// nar.Reader accepts, references to earlier paths only, and determinism.
+func TestWriteExport(t *testing.T) {
+	spec := ExportSpec{Seed: 7, Count: 12, TotalBytes: 12 * 3000, MaxRefs: 3, Name: "t"}
+	var buf bytes.Buffer
+	infos, err := WriteExport(context.Background(), &buf, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var again bytes.Buffer
+	if _, err := WriteExport(context.Background(), &again, spec); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(buf.Bytes(), again.Bytes()) {
+		t.Fatal("same spec, different streams")
+	}
+
+	r := bufio.NewReader(&buf)
+	seen := map[string]bool{}
+	for i, info := range infos {
+		if got := readU64(t, r); got != 1 {
+			t.Fatalf("record %d: marker %d, want 1", i, got)
+		}
+		nr := nar.NewReader(r)
+		var contents int64
+		for {
+			h, err := nr.Next()
+			if errors.Is(err, io.EOF) {
+				break
+			}
+			if err != nil {
+				t.Fatalf("record %d: NAR: %v", i, err)
+			}
+			if h.Type == nar.TypeRegular {
+				contents += h.Size
+			}
+		}
+		if contents != info.Size {
+			t.Errorf("record %d: %d content bytes, want %d", i, contents, info.Size)
+		}
+		if got := readU64(t, r); got != exportMagic {
+			t.Fatalf("record %d: magic %#x", i, got)
+		}
+		if p := readStr(t, r); p != info.Path {
+			t.Fatalf("record %d: path %q, want %q", i, p, info.Path)
+		}
+		n := readU64(t, r)
+		if int(n) != len(info.Refs) {
+			t.Fatalf("record %d: %d refs, want %d", i, n, len(info.Refs))
+		}
+		for range n {
+			if ref := readStr(t, r); !seen[ref] {
+				t.Errorf("record %d: reference %s is not an earlier path", i, ref)
+			}
+		}
+		if d := readStr(t, r); d != "" {
+			t.Errorf("record %d: deriver %q", i, d)
+		}
+		if got := readU64(t, r); got != 0 {
+			t.Fatalf("record %d: trailer %d", i, got)
+		}
+		seen[info.Path] = true
+	}
+	if got := readU64(t, r); got != 0 {
+		t.Fatalf("end marker %d", got)
+	}
+	if _, err := r.ReadByte(); !errors.Is(err, io.EOF) {
+		t.Fatal("bytes after the end marker")
+	}
+}
