@@ -229,6 +229,7 @@ type daemon struct {
 	sock    string // NIX_DAEMON_SOCKET_PATH
 	logPath string
 	home    string // the daemon's HOME
+	cfg     daemonConfig
 
 	proc   *exec.Cmd
 	exited chan struct{} // closed when proc has exited
@@ -238,7 +239,21 @@ type daemon struct {
 type daemonOpt func(*daemonConfig)
 
 type daemonConfig struct {
-	conf []string
+	conf          []string
+	asNixDaemon   bool // run the binary through a symlink named nix-daemon
+	defaultSocket bool // leave NIX_DAEMON_SOCKET_PATH unset
+}
+
+// asNixDaemon runs the daemon binary through a symlink named nix-daemon,
+// with nix-daemon's arguments (the drop-in installation).
+func asNixDaemon() daemonOpt {
+	return func(c *daemonConfig) { c.asNixDaemon = true }
+}
+
+// withDefaultSocket leaves NIX_DAEMON_SOCKET_PATH unset, so the daemon
+// picks its socket path itself.
+func withDefaultSocket() daemonOpt {
+	return func(c *daemonConfig) { c.defaultSocket = true }
 }
 
 // withConf adds lines to the daemon's nix.conf.
@@ -266,6 +281,7 @@ func (e *testEnv) startDaemon(t *testing.T, opts ...daemonOpt) *daemon {
 		confDir: filepath.Join(e.dir, "daemon-conf"),
 		logPath: filepath.Join(e.dir, "daemon.log"),
 		home:    filepath.Join(e.dir, "daemon-home"),
+		cfg:     cfg,
 	}
 	d.sock = filepath.Join(d.root, "nix/var/nix/daemon-socket/socket")
 	mustMkdir(t, d.confDir, 0o755)
@@ -302,6 +318,35 @@ func daemonArgv(root string, extra ...string) []string {
 	return append([]string{nixyardBin, "daemon", "--store", root}, extra...)
 }
 
+// argv is the daemon's command line: daemonArgv, or with asNixDaemon the
+// binary called through a symlink named nix-daemon.
+func (d *daemon) argv(t *testing.T) []string {
+	t.Helper()
+	if !d.cfg.asNixDaemon {
+		return daemonArgv(d.root)
+	}
+	return []string{d.nixDaemonLink(t), "--store", d.root}
+}
+
+// nixDaemonLink makes (once) a symlink named nix-daemon to the daemon
+// binary and returns its path.
+func (d *daemon) nixDaemonLink(t *testing.T) string {
+	t.Helper()
+	link := filepath.Join(d.dir, "bin", "nix-daemon")
+	if _, err := os.Lstat(link); err == nil {
+		return link
+	}
+	target := nixyardBin
+	if useStock {
+		target = stockDaemon
+	}
+	mustMkdir(t, filepath.Dir(link), 0o755)
+	if err := os.Symlink(target, link); err != nil {
+		t.Fatal(err)
+	}
+	return link
+}
+
 // daemonEnv is the daemon's environment.
 func (d *daemon) daemonEnv() []string {
 	env := d.baseEnv(d.home, d.confDir)
@@ -313,6 +358,9 @@ func (d *daemon) daemonEnv() []string {
 			continue
 		}
 		out = append(out, kv)
+	}
+	if d.cfg.defaultSocket {
+		return out
 	}
 	return append(out, "NIX_DAEMON_SOCKET_PATH="+d.sock)
 }
@@ -329,7 +377,7 @@ func (d *daemon) start(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer log.Close()
-	argv := daemonArgv(d.root)
+	argv := d.argv(t)
 	fmt.Fprintf(log, "=== %s: %s\n", time.Now().Format(time.RFC3339Nano), shellQuote(argv))
 	x := exec.Command(argv[0], argv[1:]...)
 	x.Dir = d.dir
