@@ -343,57 +343,11 @@ func opEnsurePathHandler(ctx context.Context, c *conn) error {
 	return nil
 }
 
-// missingQuerier is the store's QueryMissing, which the store package does
-// not provide yet; queryMissing uses it as soon as it exists.
-type missingQuerier interface {
-	QueryMissing(ctx context.Context, targets []store.DerivedPath) (*store.Missing, error)
-}
-
-// queryMissing answers QueryMissing. Without the store's own version it
-// answers for a store with no substituters, looking at the targets only:
-// an invalid opaque path is unknown; a derivation with an invalid wanted
-// output will be built if the .drv is valid, else it is unknown. It does
-// not walk the input derivations of a derivation to build.
+// queryMissing answers QueryMissing from the store.
 func (c *conn) queryMissing(ctx context.Context, targets []store.DerivedPath) (*store.Missing, error) {
-	if mq, ok := any(c.st).(missingQuerier); ok {
-		return mq.QueryMissing(ctx, targets)
-	}
-	m := &store.Missing{}
-	for _, t := range targets {
-		if !t.Built {
-			ok, err := c.st.IsValidPath(ctx, t.Path)
-			if err != nil {
-				return nil, c.storeErr(t.Path, err)
-			}
-			if !ok {
-				m.Unknown = append(m.Unknown, t.Path)
-			}
-			continue
-		}
-		outs, err := c.st.QueryDerivationOutputMap(ctx, t.Path)
-		if errors.Is(err, store.ErrNotValid) {
-			m.Unknown = append(m.Unknown, t.Path)
-			continue
-		} else if err != nil {
-			return nil, c.storeErr(t.Path, err)
-		}
-		names := t.Outputs
-		if t.AllOutputs {
-			names = slices.Collect(maps.Keys(outs))
-		}
-		for _, n := range names {
-			p := outs[n]
-			ok := false
-			if !p.IsZero() {
-				if ok, err = c.st.IsValidPath(ctx, p); err != nil {
-					return nil, c.storeErr(p, err)
-				}
-			}
-			if !ok {
-				m.WillBuild = append(m.WillBuild, t.Path)
-				break
-			}
-		}
+	m, err := c.st.QueryMissing(ctx, targets)
+	if err != nil {
+		return nil, fmt.Errorf("QueryMissing: %w", err)
 	}
 	return m, nil
 }
