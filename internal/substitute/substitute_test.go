@@ -224,7 +224,7 @@ func TestFaultsRetried(t *testing.T) {
 		}, nil, 2, []time.Duration{7 * time.Second}},
 		{"slow first byte", func(s *cachetest.Server, n string) {
 			s.Inject(n, cachetest.Fault{Delay: time.Minute})
-		}, func(c *Config) { c.FirstByteTimeout = 200 * time.Millisecond }, 2, nil},
+		}, func(c *Config) { c.FirstByteTimeout = time.Second }, 2, nil},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
