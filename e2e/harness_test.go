@@ -46,8 +46,13 @@ func newEnv(t *testing.T) *testEnv {
 	mustMkdir(t, e.clientConf, 0o755)
 	mustMkdir(t, e.home, 0o755)
 	mustMkdir(t, filepath.Join(dir, "tmp"), 0o1777)
+	// build-users-group is empty: fixture builds in chroot stores then run
+	// without the nixbld users. With them, Nix kills every process of the
+	// build user it picks, and each test's private NIX_STATE_DIR has its own
+	// userpool, so parallel tests (or other packages' tests) would kill one
+	// another's builders.
 	writeFile(t, filepath.Join(e.clientConf, "nix.conf"),
-		"experimental-features = nix-command\nsandbox = false\nsubstituters =\n", 0o644)
+		"experimental-features = nix-command\nsandbox = false\nsubstituters =\nbuild-users-group =\n", 0o644)
 	return e
 }
 
@@ -291,6 +296,7 @@ func (e *testEnv) startDaemon(t *testing.T, opts ...daemonOpt) *daemon {
 		"sandbox = false",
 		"substituters =",
 		"trusted-users = root",
+		"build-users-group =",
 	}
 	writeFile(t, filepath.Join(d.confDir, "nix.conf"), strings.Join(append(conf, cfg.conf...), "\n")+"\n", 0o644)
 	t.Cleanup(func() {
