@@ -46,13 +46,18 @@ func newEnv(t *testing.T) *testEnv {
 	mustMkdir(t, e.clientConf, 0o755)
 	mustMkdir(t, e.home, 0o755)
 	mustMkdir(t, filepath.Join(dir, "tmp"), 0o1777)
+	// store = dummy:// is a safety net: a command that opens the default
+	// store instead of the --store it was given fails here rather than
+	// touching the machine's /nix (nix-store opens the default store even
+	// for --print-fixed-path and --generate-binary-cache-key).
+	//
 	// build-users-group is empty: fixture builds in chroot stores then run
 	// without the nixbld users. With them, Nix kills every process of the
 	// build user it picks, and each test's private NIX_STATE_DIR has its own
 	// userpool, so parallel tests (or other packages' tests) would kill one
 	// another's builders.
 	writeFile(t, filepath.Join(e.clientConf, "nix.conf"),
-		"experimental-features = nix-command\nsandbox = false\nsubstituters =\nbuild-users-group =\n", 0o644)
+		"experimental-features = nix-command\nsandbox = false\nsubstituters =\nbuild-users-group =\nstore = dummy://\n", 0o644)
 	return e
 }
 
