@@ -72,7 +72,6 @@ func (e *testEnv) baseEnv(home, confDir string) []string {
 	return []string{
 		"PATH=" + path,
 		"HOME=" + home,
-		"USER=" + filepath.Base(home),
 		"XDG_CACHE_HOME=" + filepath.Join(home, ".cache"),
 		"XDG_CONFIG_HOME=" + filepath.Join(home, ".config"),
 		"XDG_DATA_HOME=" + filepath.Join(home, ".local", "share"),

@@ -1,9 +1,11 @@
 package e2e
 
-// A minimal worker-protocol client (docs/worker-protocol.md), just enough
-// to do what no real client can be made to do on purpose: hold a temp root
-// on a live connection, send hostile NARs, hang up in the middle of an
-// upload.
+// A minimal worker-protocol client (worker-protocol.md), just enough to do
+// what no real client can be made to do on purpose: hold a temp root on a
+// live connection, send hostile NARs, hang up in the middle of an upload.
+// It is written independently of internal/daemon (and its client package)
+// on purpose: the oracle must not share the code under test, and it must
+// be able to send what a well-behaved client never would.
 
 import (
 	"bufio"
