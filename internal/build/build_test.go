@@ -1,0 +1,149 @@
+package build
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+func TestBuildUnsandboxed(t *testing.T) {
+	e := newPlainEnv(t)
+	drvs := e.instantiate(`{
+  a = mk { name = "a"; msg = "hello"; script = "echo building a; echo $msg > $out"; };
+  env = mk { name = "env"; passAsFile = [ "big" ]; big = "in a file"; script = ''
+    echo "$0 $PWD $NIX_BUILD_TOP $TMPDIR $HOME $PATH $TERM $NIX_LOG_FD $NIX_BUILD_CORES" > $out
+    echo "$NIX_STORE" >> $out
+    cat $bigPath >> $out; echo >> $out
+    id -u >> $out
+  ''; };
+}`, "a", "env")
+	b := e.builder(Config{Sandbox: SandboxOff, Cores: 3, BuildUsersGroup: "nixbld"})
+	rec := &recorder{}
+	res, err := b.Build(t.Context(), []store.DerivedPath{out(drvs["a"], "out"), out(drvs["env"])}, ClientOptions{}, rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range res {
+		if r.Status != Built || r.TimesBuilt != 1 {
+			t.Fatalf("%s: status %d %q", r.Path.Path, r.Status, r.ErrorMsg)
+		}
+	}
+	outA := res[0].BuiltOutputs["out"]
+	if got := e.readOut(outA, ""); got != "hello\n" {
+		t.Errorf("output of a = %q", got)
+	}
+	info, err := e.st.QueryPathInfo(t.Context(), outA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Deriver != drvs["a"] || !info.Ultimate || len(info.References) != 0 {
+		t.Errorf("info of a: %+v", info)
+	}
+	if !slices.Contains(rec.lines, "building a") || len(rec.started) != 2 || rec.finished[e.st.Dir().Abs(drvs["a"])] != nil {
+		t.Errorf("progress: %+v", rec)
+	}
+	lines := strings.Split(e.readOut(res[1].BuiltOutputs["out"], ""), "\n")
+	fields := strings.Fields(lines[0])
+	top := fields[1]
+	// argv[0] is "busybox" (else busybox would look for an applet named
+	// after the store path); in the script, $0 is the shell's name.
+	want := []string{"sh", top, top, top, "/homeless-shelter", "/path-not-set", "xterm-256color", "2", "3"}
+	if !slices.Equal(fields, want) || !strings.HasPrefix(filepath.Base(top), "nix-build-env-") {
+		t.Errorf("environment: %q, want %q", fields, want)
+	}
+	if lines[1] != string(e.st.Dir()) || lines[2] != "in a file" || lines[3] == "0" {
+		t.Errorf("environment: %q", lines)
+	}
+	// The build directory is gone, the log is kept.
+	if _, err := os.Stat(top); !os.IsNotExist(err) {
+		t.Errorf("build directory %s left behind: %v", top, err)
+	}
+	base := drvs["a"].String()
+	if _, err := os.Stat(filepath.Join(e.root, "log/drvs", base[:2], base[2:]+".bz2")); err != nil {
+		t.Errorf("build log: %v", err)
+	}
+	// Built again: already valid, nothing runs.
+	res = e.build(b, ClientOptions{}, out(drvs["a"], "out"))
+	if res[0].Status != AlreadyValid || res[0].BuiltOutputs["out"] != outA {
+		t.Errorf("second build: %+v", res[0])
+	}
+}
+
+// TestEquivalence builds the same derivations as real nix-build on
+// another chroot store and compares output paths, NAR hashes, sizes and
+// references.
+func TestEquivalence(t *testing.T) {
+	expr := `rec {
+  dep = mk { name = "dep"; script = "mkdir -p $out/bin; echo dep > $out/bin/x; chmod +x $out/bin/x; ln -s x $out/bin/y"; };
+  top = mk { name = "top"; outputs = [ "out" "dev" ]; inherit dep; script = ''
+    mkdir $out $dev; echo "$dep/bin/x" > $out/ref; echo $out > $out/self; echo $out > $dev/other
+    cat $dep/bin/x >> $out/ref
+  ''; };
+  fixed = mk { name = "fixed"; outputHashMode = "flat"; outputHashAlgo = "sha256";
+    outputHash = "sha256-kx5ouP0mbc7mgpB+a8yBHX5BTmhDvwOaKEzFj8lV6ss="; script = "echo fixed > $out"; };
+}`
+	e := newChrootEnv(t)
+	drvs := e.instantiate(expr, "top", "fixed")
+	b := e.builder(Config{Sandbox: SandboxOn, BuildUsersGroup: "nixbld"})
+	res := e.mustBuild(b, out(drvs["top"]), out(drvs["fixed"]))
+
+	ref := newChrootEnv(t)
+	refDrvs := ref.instantiate(expr, "top", "fixed")
+	for k := range drvs {
+		if drvs[k] != refDrvs[k] {
+			t.Fatalf("%s: derivation paths differ: %s vs %s", k, drvs[k], refDrvs[k])
+		}
+	}
+	for k, drv := range refDrvs {
+		outs := strings.Fields(ref.nix("nix-store", "--store", ref.url, "--realise", ref.st.Dir().Abs(drv),
+			"--option", "build-users-group", "nixbld", "--option", "substituters", ""))
+		var infos []struct {
+			Path       string   `json:"path"`
+			NarHash    string   `json:"narHash"`
+			NarSize    uint64   `json:"narSize"`
+			References []string `json:"references"`
+			CA         string   `json:"ca"`
+		}
+		js := ref.nix("nix", "--extra-experimental-features", "nix-command", "path-info", "--json", "--store", ref.url, strings.Join(outs, " "))
+		if err := json.Unmarshal([]byte(js), &infos); err != nil {
+			t.Fatal(err)
+		}
+		if len(infos) != len(outs) {
+			t.Fatalf("%s: nix path-info: %s", k, js)
+		}
+		var got []string
+		for _, r := range res {
+			if r.Path.Path == drvs[k] {
+				for _, p := range r.BuiltOutputs {
+					got = append(got, e.st.Dir().Abs(p))
+				}
+			}
+		}
+		slices.Sort(got)
+		slices.Sort(outs)
+		if !slices.Equal(got, outs) {
+			t.Fatalf("%s: outputs %q, real Nix built %q", k, got, outs)
+		}
+		for _, want := range infos {
+			p, _ := e.st.Dir().Parse(want.Path)
+			info, err := e.st.QueryPathInfo(t.Context(), p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var refs []string
+			for _, r := range info.References {
+				refs = append(refs, e.st.Dir().Abs(r))
+			}
+			slices.Sort(want.References)
+			if info.NarHash.String() != want.NarHash || info.NarSize != want.NarSize || !slices.Equal(refs, want.References) || info.CA != want.CA {
+				t.Errorf("%s: ours %s %d %q %q, real Nix %s %d %q %q", want.Path, info.NarHash, info.NarSize, refs, info.CA,
+					want.NarHash, want.NarSize, want.References, want.CA)
+			}
+		}
+	}
+}

@@ -1,0 +1,322 @@
+// Package build realises derivations in the local store as Nix 2.8's
+// derivation goals do: a requested output that is valid is taken as is;
+// otherwise the derivation's inputs are realised first (recursively, in
+// parallel), then its builder runs (in a Linux namespace sandbox, or
+// not) with the environment Nix gives builders, and its outputs are
+// checked, canonicalised, scanned for references and registered.
+//
+// One Builder serves the whole host: each derivation is built at most once
+// however many callers ask for it at the same time (single flight), and at
+// most Config.MaxJobs builders run at once across all callers, free slots
+// going round-robin to the callers that wait for one, so a caller with many
+// builds cannot starve one with few.
+//
+// The sandbox re-executes the running binary (/proc/self/exe) as a small
+// helper that sets up the namespaces and then execs the builder; a binary
+// using this package gets that helper from this package's init function,
+// which takes over only when argv[0] is the helper's marker.
+package build
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+// Status is the outcome of a build request, numbered as BuildResult's
+// status on the wire.
+type Status int
+
+// The statuses of Nix 2.8's BuildResult.
+const (
+	Built                  Status = 0
+	Substituted            Status = 1
+	AlreadyValid           Status = 2
+	PermanentFailure       Status = 3
+	InputRejected          Status = 4
+	OutputRejected         Status = 5
+	TransientFailure       Status = 6
+	CachedFailure          Status = 7
+	TimedOut               Status = 8
+	MiscFailure            Status = 9
+	DependencyFailed       Status = 10
+	LogLimitExceeded       Status = 11
+	NotDeterministic       Status = 12
+	ResolvesToAlreadyValid Status = 13
+	NoSubstituters         Status = 14
+)
+
+// Success reports whether s means the outputs are valid.
+func (s Status) Success() bool {
+	return s == Built || s == Substituted || s == AlreadyValid || s == ResolvesToAlreadyValid
+}
+
+// Sandbox modes (nix.conf sandbox).
+const (
+	SandboxOff     = "false"
+	SandboxOn      = "true"
+	SandboxRelaxed = "relaxed" // as "true": __noChroot derivations are not supported
+)
+
+// Config is the host-wide configuration of a Builder.
+type Config struct {
+	// MaxJobs caps the builders running at once across all callers
+	// (nix.conf max-jobs); <= 0 means 1.
+	MaxJobs int
+	// Cores is NIX_BUILD_CORES for builders; 0 means the number of CPUs,
+	// as Nix does.
+	Cores int
+	// Sandbox is "true", "false" or "relaxed" (nix.conf sandbox).
+	Sandbox string
+	// SandboxPaths are extra paths visible in the sandbox, each "path",
+	// "target=source", and either with a "?" suffix when optional.
+	SandboxPaths []string
+	// BuildUsersGroup, if set, is the group whose members run builders,
+	// one build per user (Nix's build-users-group); "" runs builders as
+	// the daemon's own user.
+	BuildUsersGroup string
+	// ChrootStore is set when the store's real directory differs from its
+	// logical one (--store ROOT): builds are then always sandboxed so
+	// builders see the real store at the logical store path.
+	ChrootStore bool
+	// BuildDir holds the temporary build directories; "" means os.TempDir().
+	BuildDir string
+	// MaxSilentTime and Timeout are the defaults for callers that set none
+	// (nix.conf max-silent-time, timeout); 0 means none.
+	MaxSilentTime, Timeout time.Duration
+	// KeepFailed keeps the build directory of failed builds.
+	KeepFailed bool
+	// LogLines is how many last log lines a failure message shows (nix.conf
+	// log-lines); 0 means 10.
+	LogLines int
+	// Logger receives the builder's own diagnostics; nil discards them.
+	Logger *slog.Logger
+	// Substituter, if not nil, is asked for the outputs of a derivation
+	// before it is built.
+	Substituter Substituter
+}
+
+// Substituter is the hook through which binary caches are asked for
+// outputs before building. It must be safe for concurrent use.
+type Substituter interface {
+	// Substitutable returns those of paths some substituter has (any
+	// order). An error means none can be substituted.
+	Substitutable(ctx context.Context, paths []storepath.Path) ([]storepath.Path, error)
+	// Realise makes paths and their closures valid by substitution.
+	Realise(ctx context.Context, paths []storepath.Path) error
+}
+
+// BuildMode is Nix's build mode (0 Normal, 1 Repair, 2 Check).
+type BuildMode int
+
+// The build modes, as numbered on the wire.
+const (
+	ModeNormal BuildMode = 0
+	ModeRepair BuildMode = 1
+	ModeCheck  BuildMode = 2
+)
+
+// ClientOptions are one caller's settings (from SetOptions). Zero values
+// mean "no caller-specific limit": the Builder's Config applies.
+type ClientOptions struct {
+	// MaxJobs caps how many builds of this caller run at once; it can
+	// only lower the caller's share of Config.MaxJobs. <= 0: no own cap.
+	MaxJobs int
+	// MaxSilentTime and Timeout override Config's when > 0.
+	MaxSilentTime, Timeout time.Duration
+	// KeepFailed keeps failed build directories (or Config.KeepFailed).
+	KeepFailed bool
+	// TryFallback builds from source when substitution fails.
+	TryFallback bool
+	// UseSubstitutes asks Config.Substituter before building.
+	UseSubstitutes bool
+	// Mode: ModeNormal or ModeCheck (sandboxed builds only); ModeRepair is
+	// refused.
+	Mode BuildMode
+	// Session, if not nil, gets a temporary root on every output a
+	// request returns.
+	Session *store.Session
+}
+
+// Progress receives the events of builds a caller waits for; the daemon
+// turns them into logger activities (§3.2 of worker-protocol.md). Methods
+// may be called from several goroutines at once and must not block long.
+type Progress interface {
+	// BuildStarted: the builder of drv starts ("building '<drv>'").
+	BuildStarted(drv string)
+	// BuildLogLine is one line of the builder's output, without "\n".
+	BuildLogLine(drv, line string)
+	// BuildPhase is a phase the builder announced with
+	// `@nix {"action":"setPhase","phase":…}`.
+	BuildPhase(drv, phase string)
+	// BuildFinished: the build of drv ended (err nil on success).
+	BuildFinished(drv string, err error)
+	// BuildsProgress counts this caller's builds: done, expected,
+	// running, failed (Nix's actBuilds progress).
+	BuildsProgress(done, expected, running, failed int)
+}
+
+// Result is the outcome of one request, with what BuildResult carries.
+type Result struct {
+	Path         store.DerivedPath
+	Status       Status
+	ErrorMsg     string // "" on success
+	TimesBuilt   int
+	StartTime    time.Time // zero if nothing ran
+	StopTime     time.Time
+	BuiltOutputs map[string]storepath.Path // output name -> path, for derivation requests
+}
+
+// Err returns the failure as an error, or nil on success.
+func (r Result) Err() error {
+	if r.Status.Success() {
+		return nil
+	}
+	return &Error{Status: r.Status, Msg: r.ErrorMsg}
+}
+
+// Error is a failed build request.
+type Error struct {
+	Status Status
+	Msg    string
+}
+
+func (e *Error) Error() string { return e.Msg }
+
+// Builder builds derivations for every caller of one store. It is safe
+// for concurrent use.
+type Builder struct {
+	cfg   Config
+	st    *store.Store
+	log   *slog.Logger
+	slots *slots
+	users *userPool // nil without build users
+
+	mu    sync.Mutex
+	goals map[storepath.Path]*goal
+	seq   uint64
+}
+
+// New returns a Builder for st.
+func New(cfg Config, st *store.Store) (*Builder, error) {
+	if cfg.MaxJobs <= 0 {
+		cfg.MaxJobs = 1
+	}
+	if cfg.Cores <= 0 {
+		cfg.Cores = runtime.NumCPU()
+	}
+	if cfg.LogLines <= 0 {
+		cfg.LogLines = 10
+	}
+	switch cfg.Sandbox {
+	case "":
+		cfg.Sandbox = SandboxOn
+	case SandboxOn, SandboxOff, SandboxRelaxed:
+	default:
+		return nil, fmt.Errorf("build: sandbox: invalid value %q (want true, false or relaxed)", cfg.Sandbox)
+	}
+	if cfg.BuildDir == "" {
+		cfg.BuildDir = os.TempDir()
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	for _, p := range cfg.SandboxPaths {
+		if _, err := parseSandboxPath(p); err != nil {
+			return nil, fmt.Errorf("build: sandbox-paths: %w", err)
+		}
+	}
+	b := &Builder{
+		cfg:   cfg,
+		st:    st,
+		log:   cfg.Logger,
+		slots: newSlots(cfg.MaxJobs),
+		goals: map[storepath.Path]*goal{},
+	}
+	if cfg.BuildUsersGroup != "" {
+		var err error
+		if b.users, err = newUserPool(cfg.BuildUsersGroup, filepath.Join(st.StateDir(), "userpool")); err != nil {
+			return nil, fmt.Errorf("build: build-users-group: %w", err)
+		}
+	}
+	return b, nil
+}
+
+// sandboxed reports whether builds run in the sandbox.
+func (b *Builder) sandboxed() bool {
+	return b.cfg.ChrootStore || b.cfg.Sandbox != SandboxOff
+}
+
+// Build realises reqs for one caller and returns one Result per request,
+// in order. Build failures are reported in the Results (the derivation
+// that failed, and DependencyFailed for those that needed it); the error
+// is for requests that cannot be served at all (ctx cancelled, repair
+// mode). prog may be nil.
+func (b *Builder) Build(ctx context.Context, reqs []store.DerivedPath, client ClientOptions, prog Progress) ([]Result, error) {
+	if client.Mode == ModeRepair {
+		return nil, fmt.Errorf("build: repairing is %w by nixyard", errNotSupported)
+	}
+	if client.Mode == ModeCheck && !b.sandboxed() {
+		return nil, fmt.Errorf("build: checking (--check) without the sandbox is %w by nixyard", errNotSupported)
+	}
+	c := b.newCall(client, prog)
+	defer c.close()
+	results := make([]Result, len(reqs))
+	var wg sync.WaitGroup
+	for i, r := range reqs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i] = c.realise(ctx, r, 0)
+		}()
+	}
+	wg.Wait()
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if client.Session != nil {
+		for _, r := range results {
+			for _, p := range r.BuiltOutputs {
+				if err := client.Session.AddTempRoot(ctx, p); err != nil {
+					return nil, err
+				}
+			}
+		}
+	}
+	return results, nil
+}
+
+// CombinedError turns the results of BuildPaths into the error Nix 2.8's
+// Store::buildPaths throws: the one failure's message, or "build of
+// '…', '…' failed" for several; nil if all succeeded.
+func CombinedError(results []Result) error {
+	var failed []Result
+	for _, r := range results {
+		if !r.Status.Success() {
+			failed = append(failed, r)
+		}
+	}
+	switch len(failed) {
+	case 0:
+		return nil
+	case 1:
+		return failed[0].Err()
+	}
+	names := make([]string, len(failed))
+	for i, r := range failed {
+		names[i] = "'" + r.Path.Path.String() + "'"
+	}
+	return &Error{Status: failed[0].Status, Msg: fmt.Sprintf("build of %s failed", strings.Join(names, ", "))}
+}
+
+var errNotSupported = errors.New("not supported")

@@ -1,0 +1,502 @@
+package build
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+
+	"github.com/nixyard/nixyard/internal/nix/derivation"
+	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+// call is one Build invocation, i.e. one caller: its options, its share
+// of the slots, its progress sink and its build counters.
+type call struct {
+	b      *Builder
+	opts   ClientOptions
+	client *slotClient
+
+	mu                              sync.Mutex
+	prog                            Progress // nil once closed
+	expected, done, running, failed int
+}
+
+func (b *Builder) newCall(opts ClientOptions, prog Progress) *call {
+	return &call{b: b, opts: opts, client: newSlotClient(opts.MaxJobs), prog: prog}
+}
+
+// close stops events to the caller; goals the caller started may go on
+// for other callers and must not write to a finished request.
+func (c *call) close() {
+	c.mu.Lock()
+	c.prog = nil
+	c.mu.Unlock()
+}
+
+func (c *call) emit(f func(p Progress)) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.prog != nil {
+		f(c.prog)
+	}
+}
+
+// count updates the caller's build counters and reports them.
+func (c *call) count(dExpected, dRunning, dDone, dFailed int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.expected += dExpected
+	c.running += dRunning
+	c.done += dDone
+	c.failed += dFailed
+	if c.prog != nil {
+		c.prog.BuildsProgress(c.done, c.expected, c.running, c.failed)
+	}
+}
+
+func (b *Builder) abs(p storepath.Path) string { return b.st.Dir().Abs(p) }
+
+func (b *Builder) fail(req store.DerivedPath, st Status, format string, args ...any) Result {
+	return Result{Path: req, Status: st, ErrorMsg: fmt.Sprintf(format, args...)}
+}
+
+// realise makes one request valid for c.
+func (c *call) realise(ctx context.Context, req store.DerivedPath, depth int) Result {
+	b := c.b
+	if err := ctx.Err(); err != nil {
+		return b.fail(req, MiscFailure, "%v", err)
+	}
+	if !req.Built {
+		return c.realiseOpaque(ctx, req)
+	}
+	if ok, err := b.st.IsValidPath(ctx, req.Path); err != nil {
+		return b.fail(req, MiscFailure, "%v", err)
+	} else if !ok {
+		if r := c.realiseOpaque(ctx, store.DerivedPath{Path: req.Path}); !r.Status.Success() {
+			r.Path = req
+			return r
+		}
+	}
+	drv, err := derivation.ParseFile(b.st.RealPath(req.Path))
+	if err != nil {
+		return b.fail(req, MiscFailure, "%v", err)
+	}
+	wanted := req.Outputs
+	if req.AllOutputs || len(wanted) == 0 {
+		wanted = slices.Sorted(func(yield func(string) bool) {
+			for n := range drv.Outputs {
+				if !yield(n) {
+					return
+				}
+			}
+		})
+	}
+	for _, n := range wanted {
+		if _, ok := drv.Outputs[n]; !ok {
+			return b.fail(req, MiscFailure, "derivation '%s' does not have an output named '%s'", b.abs(req.Path), n)
+		}
+	}
+	if c.opts.Mode != ModeCheck {
+		if outs, ok, err := b.validOutputs(ctx, drv, wanted); err != nil {
+			return b.fail(req, MiscFailure, "%v", err)
+		} else if ok {
+			return Result{Path: req, Status: AlreadyValid, BuiltOutputs: outs}
+		}
+	}
+	g := b.joinGoal(req, drv, c)
+	res := g.wait(ctx, c)
+	res.Path = req
+	if res.Status.Success() {
+		res.BuiltOutputs = map[string]storepath.Path{}
+		for _, n := range wanted {
+			res.BuiltOutputs[n] = g.outputs[n]
+		}
+	} else {
+		res.BuiltOutputs = nil
+	}
+	return res
+}
+
+// realiseOpaque makes a plain store path valid (by substitution only).
+func (c *call) realiseOpaque(ctx context.Context, req store.DerivedPath) Result {
+	b := c.b
+	ok, err := b.st.IsValidPath(ctx, req.Path)
+	if err != nil {
+		return b.fail(req, MiscFailure, "%v", err)
+	}
+	if ok {
+		return Result{Path: req, Status: AlreadyValid}
+	}
+	if b.cfg.Substituter != nil && c.opts.UseSubstitutes {
+		if err := b.cfg.Substituter.Realise(ctx, []storepath.Path{req.Path}); err == nil {
+			return Result{Path: req, Status: Substituted}
+		} else {
+			b.log.Warn("substitution failed", "path", b.abs(req.Path), "err", err)
+		}
+	}
+	return b.fail(req, NoSubstituters, "path '%s' is required, but there is no substituter that can build it", b.abs(req.Path))
+}
+
+// validOutputs returns the paths of the wanted outputs and whether they
+// are all valid.
+func (b *Builder) validOutputs(ctx context.Context, drv *derivation.Derivation, wanted []string) (map[string]storepath.Path, bool, error) {
+	outs := map[string]storepath.Path{}
+	for _, n := range wanted {
+		o := drv.Outputs[n]
+		if o.Path == "" {
+			return nil, false, nil
+		}
+		p, err := b.st.Dir().Parse(o.Path)
+		if err != nil {
+			return nil, false, fmt.Errorf("output %s: %w", n, err)
+		}
+		ok, err := b.st.IsValidPath(ctx, p)
+		if err != nil || !ok {
+			return nil, false, err
+		}
+		outs[n] = p
+	}
+	return outs, true, nil
+}
+
+// goal is the single flight of one derivation's build, shared by every
+// caller that needs it while it runs.
+type goal struct {
+	b       *Builder
+	drvPath storepath.Path
+	drv     *derivation.Derivation
+	name    string // Nix's goal name, for timeout messages
+	owner   *call  // whose options and slot share the build uses
+	done    chan struct{}
+	cancel  context.CancelFunc
+
+	mu      sync.Mutex
+	subs    map[*call]int // waiting callers (count of their requests)
+	waiters int
+	running bool
+
+	// Set before done is closed.
+	res     Result
+	outputs map[string]storepath.Path
+}
+
+func (b *Builder) joinGoal(req store.DerivedPath, drv *derivation.Derivation, c *call) *goal {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	g := b.goals[req.Path]
+	if g == nil {
+		ctx, cancel := context.WithCancel(context.Background())
+		outs := "*"
+		if !req.AllOutputs && len(req.Outputs) > 0 {
+			outs = strings.Join(req.Outputs, ",")
+		}
+		g = &goal{
+			b: b, drvPath: req.Path, drv: drv, owner: c, cancel: cancel,
+			name: fmt.Sprintf("building of '%s!%s' from .drv file", b.abs(req.Path), outs),
+			done: make(chan struct{}), subs: map[*call]int{},
+		}
+		b.goals[req.Path] = g
+		go g.run(ctx)
+	}
+	g.mu.Lock()
+	if g.subs[c] == 0 {
+		c.count(1, 0, 0, 0)
+		if g.running {
+			c.count(0, 1, 0, 0)
+		}
+	}
+	g.subs[c]++
+	g.waiters++
+	g.mu.Unlock()
+	return g
+}
+
+// wait waits for the goal's result; if ctx ends first the caller leaves,
+// and the goal is cancelled once no caller waits for it.
+func (g *goal) wait(ctx context.Context, c *call) Result {
+	select {
+	case <-g.done:
+		g.leave(c)
+		return g.res
+	case <-ctx.Done():
+		g.leave(c)
+		return Result{Status: MiscFailure, ErrorMsg: ctx.Err().Error()}
+	}
+}
+
+func (g *goal) leave(c *call) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.subs[c]--
+	if g.subs[c] == 0 {
+		delete(g.subs, c)
+		select {
+		case <-g.done:
+		default:
+			// The caller stops waiting before the end: take the build off
+			// its counters.
+			if g.running {
+				c.count(-1, -1, 0, 0)
+			} else {
+				c.count(-1, 0, 0, 0)
+			}
+		}
+	}
+	g.waiters--
+	if g.waiters == 0 {
+		g.cancel()
+	}
+}
+
+// each calls f for every waiting caller.
+func (g *goal) each(f func(c *call)) {
+	g.mu.Lock()
+	subs := make([]*call, 0, len(g.subs))
+	for c := range g.subs {
+		subs = append(subs, c)
+	}
+	g.mu.Unlock()
+	for _, c := range subs {
+		f(c)
+	}
+}
+
+func (g *goal) setRunning(on bool) {
+	g.mu.Lock()
+	g.running = on
+	d := 1
+	if !on {
+		d = -1
+	}
+	for c := range g.subs {
+		c.count(0, d, 0, 0)
+	}
+	g.mu.Unlock()
+}
+
+// run drives the goal to its result.
+func (g *goal) run(ctx context.Context) {
+	b := g.b
+	res := g.realise(ctx)
+	g.res = res
+	b.mu.Lock()
+	delete(b.goals, g.drvPath)
+	b.mu.Unlock()
+	g.mu.Lock()
+	for c := range g.subs {
+		if res.Status.Success() {
+			c.count(0, 0, 1, 0)
+		} else {
+			c.count(0, 0, 0, 1)
+		}
+	}
+	close(g.done)
+	g.mu.Unlock()
+	g.cancel()
+}
+
+func (g *goal) failf(st Status, format string, args ...any) Result {
+	return Result{Status: st, ErrorMsg: fmt.Sprintf(format, args...)}
+}
+
+func (g *goal) realise(ctx context.Context) Result {
+	b := g.b
+	drvAbs := b.abs(g.drvPath)
+	kind, err := g.drv.Kind()
+	if err != nil {
+		return g.failf(MiscFailure, "derivation '%s': %v", drvAbs, err)
+	}
+	if kind != derivation.InputAddressed && kind != derivation.FixedOutput {
+		return g.failf(MiscFailure, "derivation '%s' is %s: building it is %v by nixyard", drvAbs, kind, errNotSupported)
+	}
+	if _, ok := g.drv.Env["__structuredAttrs"]; ok {
+		return g.failf(MiscFailure, "derivation '%s' uses __structuredAttrs: building it is %v by nixyard", drvAbs, errNotSupported)
+	}
+	if _, ok := g.drv.Env["__json"]; ok {
+		return g.failf(MiscFailure, "derivation '%s' uses structured attributes: building it is %v by nixyard", drvAbs, errNotSupported)
+	}
+	if err := g.drv.CheckOutputPaths(ctx, b.st.Dir(), b.loadDerivation, map[string]hash.Hash{}); err != nil {
+		return g.failf(MiscFailure, "derivation '%s': %v", drvAbs, err)
+	}
+	outPaths := map[string]storepath.Path{}
+	for n, o := range g.drv.Outputs {
+		p, err := b.st.Dir().Parse(o.Path)
+		if err != nil {
+			return g.failf(MiscFailure, "derivation '%s': output %s: %v", drvAbs, n, err)
+		}
+		outPaths[n] = p
+	}
+	g.outputs = outPaths
+	mode := g.owner.opts.Mode
+
+	// Substitutes first, as Nix's haveDerivation.
+	if b.cfg.Substituter != nil && g.owner.opts.UseSubstitutes && mode == ModeNormal {
+		if r, ok := g.trySubstitute(ctx, outPaths); ok {
+			return r
+		}
+	}
+
+	// Inputs, in parallel.
+	var (
+		wg      sync.WaitGroup
+		mu      sync.Mutex
+		nFailed int
+		closure []storepath.Path
+	)
+	for _, in := range slices.Sorted(mapKeys(g.drv.InputDrvs)) {
+		ip, err := b.st.Dir().Parse(in)
+		if err != nil {
+			return g.failf(MiscFailure, "derivation '%s': input %s: %v", drvAbs, in, err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := g.owner.realise(ctx, store.DerivedPath{Path: ip, Outputs: g.drv.InputDrvs[in], Built: true}, 1)
+			mu.Lock()
+			defer mu.Unlock()
+			if !r.Status.Success() {
+				nFailed++
+				return
+			}
+			for _, p := range r.BuiltOutputs {
+				closure = append(closure, p)
+			}
+		}()
+	}
+	for _, src := range g.drv.InputSrcs {
+		sp, err := b.st.Dir().Parse(src)
+		if err != nil {
+			return g.failf(MiscFailure, "derivation '%s': input %s: %v", drvAbs, src, err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := g.owner.realiseOpaque(ctx, store.DerivedPath{Path: sp})
+			mu.Lock()
+			defer mu.Unlock()
+			if !r.Status.Success() {
+				b.log.Warn("input source missing", "drv", drvAbs, "err", r.ErrorMsg)
+				nFailed++
+				return
+			}
+			closure = append(closure, sp)
+		}()
+	}
+	wg.Wait()
+	if err := ctx.Err(); err != nil {
+		return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
+	}
+	if nFailed > 0 {
+		return g.failf(DependencyFailed, "%d dependencies of derivation '%s' failed to build", nFailed, drvAbs)
+	}
+	inputs, err := b.st.QueryClosure(ctx, closure)
+	if err != nil {
+		return g.failf(MiscFailure, "derivation '%s': closure of the inputs: %v", drvAbs, err)
+	}
+
+	// A slot, then the output locks, then check again: another caller or
+	// process may have built it meanwhile.
+	release, err := b.slots.acquire(ctx, g.owner.client)
+	if err != nil {
+		return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
+	}
+	released := false
+	releaseOnce := func() {
+		if !released {
+			released = true
+			release()
+		}
+	}
+	defer releaseOnce()
+	locks, err := b.st.LockOutputs(ctx, slices.Collect(mapValues(outPaths)))
+	if err != nil {
+		return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
+	}
+	defer locks.Unlock()
+	missing := map[string]storepath.Path{}
+	for n, p := range outPaths {
+		ok, err := b.st.IsValidPath(ctx, p)
+		if err != nil {
+			return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
+		}
+		if !ok || mode == ModeCheck {
+			missing[n] = p
+		}
+	}
+	if len(missing) == 0 {
+		return Result{Status: AlreadyValid}
+	}
+	return g.build(ctx, inputs, missing, locks, releaseOnce)
+}
+
+// trySubstitute asks the substituter for all outputs. ok is false when the
+// goal must go on and build.
+func (g *goal) trySubstitute(ctx context.Context, outs map[string]storepath.Path) (Result, bool) {
+	b := g.b
+	paths := slices.Collect(mapValues(outs))
+	var need []storepath.Path
+	for _, p := range paths {
+		if ok, err := b.st.IsValidPath(ctx, p); err == nil && !ok {
+			need = append(need, p)
+		}
+	}
+	if len(need) == 0 {
+		return Result{Status: AlreadyValid}, true
+	}
+	have, err := b.cfg.Substituter.Substitutable(ctx, need)
+	if err != nil || len(have) < len(need) {
+		return Result{}, false
+	}
+	if err := b.cfg.Substituter.Realise(ctx, need); err != nil {
+		if g.owner.opts.TryFallback {
+			b.log.Warn("substitution failed, building", "drv", b.abs(g.drvPath), "err", err)
+			return Result{}, false
+		}
+		return g.failf(MiscFailure, "some substitutes for the outputs of derivation '%s' failed (usually happens due to networking issues); try '--fallback' to build derivation from source ", b.abs(g.drvPath)), true
+	}
+	return Result{Status: Substituted}, true
+}
+
+// loadDerivation is a derivation.Loader for valid .drv files of the store.
+func (b *Builder) loadDerivation(ctx context.Context, abs string) (*derivation.Derivation, error) {
+	p, err := b.st.Dir().Parse(abs)
+	if err != nil {
+		return nil, err
+	}
+	return derivation.ParseFile(b.st.RealPath(p))
+}
+
+func mapKeys[K comparable, V any](m map[K]V) func(func(K) bool) {
+	return func(yield func(K) bool) {
+		for k := range m {
+			if !yield(k) {
+				return
+			}
+		}
+	}
+}
+
+func mapValues[K comparable, V any](m map[K]V) func(func(V) bool) {
+	return func(yield func(V) bool) {
+		for _, v := range m {
+			if !yield(v) {
+				return
+			}
+		}
+	}
+}
+
+// sortedOutputs returns the output names of m, sorted.
+func sortedOutputs[V any](m map[string]V) []string {
+	names := make([]string, 0, len(m))
+	for n := range m {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}

@@ -1,0 +1,637 @@
+package build
+
+import (
+	"bytes"
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nixyard/nixyard/internal/nar"
+	"github.com/nixyard/nixyard/internal/nix/contentaddress"
+	"github.com/nixyard/nixyard/internal/nix/derivation"
+	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/nixbase32"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+// Fixed identities inside the sandbox (Nix's sandboxUid/sandboxGid and
+// sandbox-build-dir).
+const (
+	sandboxUID      = 1000
+	sandboxGID      = 100
+	sandboxBuildDir = "/build"
+	homeDir         = "/homeless-shelter"
+)
+
+// job is one run of a derivation's builder.
+type job struct {
+	g        *goal
+	drvAbs   string
+	sandbox  bool
+	tmpDir   string // the build directory on the host
+	chroot   string // the sandbox root on the host ("" unsandboxed)
+	user     *buildUser
+	hostUID  int
+	hostGID  int
+	outputs  map[string]storepath.Path // outputs to produce
+	inputs   []storepath.Path          // closure of the inputs
+	logFile  *os.File
+	logTail  []string
+	line     []byte
+	linePos  int
+	timedOut string // the timeout message, once the builder was killed for one
+}
+
+// build runs the builder and registers the outputs. release gives the
+// build slot back; it is called once the builder has exited.
+func (g *goal) build(ctx context.Context, inputs []storepath.Path, outputs map[string]storepath.Path, locks *store.OutputLocks, release func()) Result {
+	b := g.b
+	j := &job{g: g, drvAbs: b.abs(g.drvPath), outputs: outputs, inputs: inputs, hostUID: os.Geteuid(), hostGID: os.Getegid()}
+	j.sandbox = b.sandboxed()
+	if !j.sandbox {
+		for _, p := range outputs {
+			if b.st.RealPath(p) != b.abs(p) {
+				j.sandbox = true // the builder must see the real store at the logical path
+			}
+		}
+	}
+	if !j.sandbox && g.owner.opts.Mode == ModeCheck {
+		return g.failf(MiscFailure, "checking '%s' without the sandbox is %v by nixyard", j.drvAbs, errNotSupported)
+	}
+	if b.users != nil {
+		u, err := b.users.acquire(ctx, b.log)
+		if err != nil {
+			return g.failf(MiscFailure, "building '%s': %v", j.drvAbs, err)
+		}
+		defer u.release()
+		j.user = u
+		j.hostUID, j.hostGID = u.uid, u.gid
+	}
+	res := Result{StartTime: time.Now()}
+	outcome := j.run(ctx, locks, release)
+	res.StopTime = time.Now()
+	res.TimesBuilt = 1
+	if outcome != nil {
+		res.Status, res.ErrorMsg = outcome.Status, outcome.Msg
+		res.TimesBuilt = outcome.timesBuilt
+	} else {
+		res.Status = Built
+	}
+	return res
+}
+
+// failure is a build that ran and failed.
+type failure struct {
+	Error
+	timesBuilt int
+}
+
+func (j *job) failf(st Status, times int, format string, args ...any) *failure {
+	return &failure{Error: Error{Status: st, Msg: fmt.Sprintf(format, args...)}, timesBuilt: times}
+}
+
+func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func()) (fail *failure) {
+	g := j.g
+	b := g.b
+	opts := g.owner.opts
+	if !j.sandbox {
+		if _, err := os.Lstat(homeDir); err == nil {
+			return j.failf(MiscFailure, 0, "home directory '%s' exists; please remove it to assure purity of builds without sandboxing", homeDir)
+		}
+		// Leftovers of an earlier attempt at the output paths.
+		for _, p := range j.outputs {
+			if err := removeTree(b.st.RealPath(p)); err != nil {
+				return j.failf(MiscFailure, 0, "building '%s': %v", j.drvAbs, err)
+			}
+		}
+	}
+	var err error
+	j.tmpDir, err = os.MkdirTemp(b.cfg.BuildDir, "nix-build-"+g.drv.Name+"-")
+	if err != nil {
+		return j.failf(MiscFailure, 0, "building '%s': %v", j.drvAbs, err)
+	}
+	keep := false
+	defer func() {
+		if keep {
+			b.log.Warn("keeping build directory", "drv", j.drvAbs, "dir", j.tmpDir)
+			g.each(func(c *call) {
+				c.emit(func(p Progress) {
+					p.BuildLogLine(j.drvAbs, fmt.Sprintf("note: keeping build directory '%s'", j.tmpDir))
+				})
+			})
+		} else {
+			removeTree(j.tmpDir)
+		}
+		if j.chroot != "" {
+			removeTree(j.chroot)
+		}
+	}()
+	if err := os.Chown(j.tmpDir, j.hostUID, j.hostGID); err != nil {
+		return j.failf(MiscFailure, 0, "building '%s': %v", j.drvAbs, err)
+	}
+	env, err := j.environment()
+	if err != nil {
+		return j.failf(MiscFailure, 0, "building '%s': %v", j.drvAbs, err)
+	}
+	spec := initSpec{
+		Builder: g.drv.Builder,
+		Args:    append([]string{path.Base(g.drv.Builder)}, g.drv.Args...),
+		Env:     env,
+		Dir:     j.tmpDir,
+	}
+	if j.sandbox {
+		if err := j.prepareChroot(&spec); err != nil {
+			return j.failf(MiscFailure, 0, "setting up the sandbox of '%s': %v", j.drvAbs, err)
+		}
+	}
+	j.logFile, err = os.CreateTemp(b.cfg.BuildDir, "nixyard-log-")
+	if err != nil {
+		return j.failf(MiscFailure, 0, "building '%s': %v", j.drvAbs, err)
+	}
+	defer func() {
+		os.Remove(j.logFile.Name())
+		j.logFile.Close()
+	}()
+
+	g.setRunning(true)
+	g.each(func(c *call) { c.emit(func(p Progress) { p.BuildStarted(j.drvAbs) }) })
+	status, runErr := j.execute(ctx, spec, opts)
+	g.setRunning(false)
+	release()
+	if _, err := j.logFile.Seek(0, io.SeekStart); err == nil {
+		if err := b.st.AddBuildLog(context.WithoutCancel(ctx), g.drvPath, j.logFile); err != nil {
+			b.log.Warn("cannot store build log", "drv", j.drvAbs, "err", err)
+		}
+	}
+	defer func() {
+		var err error
+		if fail != nil {
+			err = &fail.Error
+		}
+		g.each(func(c *call) { c.emit(func(p Progress) { p.BuildFinished(j.drvAbs, err) }) })
+	}()
+	keepFailed := opts.KeepFailed || b.cfg.KeepFailed
+	switch {
+	case runErr != nil:
+		keep = keepFailed
+		return j.failf(MiscFailure, 0, "%v", runErr)
+	case j.timedOut != "":
+		keep = keepFailed
+		return j.failf(TimedOut, 1, "%s", j.timedOut)
+	case !status.Exited() || status.ExitStatus() != 0:
+		keep = keepFailed
+		msg := fmt.Sprintf("builder for '%s' %s", j.drvAbs, statusString(status))
+		if len(j.logTail) > 0 {
+			msg += fmt.Sprintf(";\nlast %d log lines:\n", len(j.logTail))
+			for _, l := range j.logTail {
+				msg += "> " + l + "\n"
+			}
+			msg += fmt.Sprintf("For full logs, run 'nix log %s'.", j.drvAbs)
+		}
+		st := PermanentFailure
+		if !j.sandbox {
+			st = TransientFailure
+		}
+		return j.failf(st, 1, "%s", msg)
+	}
+	if f := j.register(ctx, locks); f != nil {
+		keep = keepFailed
+		return f
+	}
+	return nil
+}
+
+// environment returns the builder's environment, as Nix 2.8's initEnv.
+func (j *job) environment() ([]string, error) {
+	g := j.g
+	b := g.b
+	top := j.tmpDir
+	if j.sandbox {
+		top = sandboxBuildDir
+	}
+	env := map[string]string{
+		"PATH":            "/path-not-set",
+		"HOME":            homeDir,
+		"NIX_STORE":       string(b.st.Dir()),
+		"NIX_BUILD_CORES": strconv.Itoa(b.cfg.Cores),
+	}
+	passAsFile := map[string]bool{}
+	for _, n := range strings.Fields(g.drv.Env["passAsFile"]) {
+		passAsFile[n] = true
+	}
+	for k, v := range g.drv.Env {
+		if !passAsFile[k] {
+			env[k] = v
+			continue
+		}
+		fn := ".attr-" + nixbase32.EncodeToString(hash.Sum(hash.SHA256, []byte(k)).Digest)
+		p := j.tmpDir + "/" + fn
+		if err := os.WriteFile(p, []byte(v), 0o644); err != nil {
+			return nil, err
+		}
+		if err := os.Chown(p, j.hostUID, j.hostGID); err != nil {
+			return nil, err
+		}
+		env[k+"Path"] = top + "/" + fn
+	}
+	env["NIX_BUILD_TOP"] = top
+	for _, k := range []string{"TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"} {
+		env[k] = top
+	}
+	if kind, _ := g.drv.Kind(); kind == derivation.FixedOutput {
+		env["NIX_OUTPUT_CHECKED"] = "1"
+		for _, k := range strings.Fields(g.drv.Env["impureEnvVars"]) {
+			env[k] = os.Getenv(k)
+		}
+	}
+	env["NIX_LOG_FD"] = "2"
+	env["TERM"] = "xterm-256color"
+	out := make([]string, 0, len(env))
+	for _, k := range sortedOutputs(env) {
+		out = append(out, k+"="+env[k])
+	}
+	return out, nil
+}
+
+// execute starts the builder through the helper, copies its output to
+// the log and the callers, enforces the timeouts, and returns its wait
+// status. runErr is an error starting it (nothing ran).
+func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (status syscall.WaitStatus, runErr error) {
+	b := j.g.b
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		return 0, err
+	}
+	defer pr.Close()
+	specR, specW, err := os.Pipe()
+	if err != nil {
+		pw.Close()
+		return 0, err
+	}
+	statusR, statusW, err := os.Pipe()
+	if err != nil {
+		pw.Close()
+		specR.Close()
+		specW.Close()
+		return 0, err
+	}
+	devNull, err := os.Open(os.DevNull)
+	if err != nil {
+		return 0, err
+	}
+	defer devNull.Close()
+	cmd := &exec.Cmd{
+		Path:       "/proc/self/exe",
+		Args:       []string{initArg0},
+		Env:        []string{},
+		Stdin:      devNull,
+		Stdout:     pw,
+		Stderr:     pw,
+		ExtraFiles: []*os.File{specR, statusW},
+	}
+	attr := &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if j.sandbox {
+		attr.Cloneflags = syscall.CLONE_NEWUSER | syscall.CLONE_NEWNS | syscall.CLONE_NEWPID | syscall.CLONE_NEWIPC | syscall.CLONE_NEWUTS
+		if spec.PrivateNetwork {
+			attr.Cloneflags |= syscall.CLONE_NEWNET
+		}
+		attr.UidMappings = []syscall.SysProcIDMap{{ContainerID: sandboxUID, HostID: j.hostUID, Size: 1}}
+		attr.GidMappings = []syscall.SysProcIDMap{{ContainerID: sandboxGID, HostID: j.hostGID, Size: 1}}
+		attr.GidMappingsEnableSetgroups = false
+		attr.AmbientCaps = []uintptr{unix.CAP_SYS_ADMIN, unix.CAP_SETUID, unix.CAP_SETGID, unix.CAP_NET_ADMIN, unix.CAP_SYS_CHROOT, unix.CAP_CHOWN, unix.CAP_FOWNER, unix.CAP_DAC_OVERRIDE}
+	} else {
+		attr.Setsid = true
+		if j.user != nil {
+			attr.Credential = &syscall.Credential{Uid: uint32(j.hostUID), Gid: uint32(j.hostGID), Groups: []uint32{}}
+		}
+	}
+	cmd.SysProcAttr = attr
+	if err := cmd.Start(); err != nil {
+		pw.Close()
+		specR.Close()
+		specW.Close()
+		statusR.Close()
+		statusW.Close()
+		return 0, fmt.Errorf("starting the builder of '%s': %w", j.drvAbs, err)
+	}
+	pw.Close()
+	specR.Close()
+	statusW.Close()
+	pid := cmd.Process.Pid
+	kill := func() {
+		if j.sandbox {
+			unix.Kill(pid, unix.SIGKILL) // PID 1 of its namespace: takes every process in it along
+		} else {
+			unix.Kill(-pid, unix.SIGKILL)
+		}
+	}
+	specErr := json.NewEncoder(specW).Encode(spec)
+	specW.Close()
+	setupMsg, _ := io.ReadAll(io.LimitReader(statusR, 64<<10))
+	statusR.Close()
+	if specErr != nil || len(setupMsg) > 0 {
+		kill()
+		cmd.Wait()
+		if len(setupMsg) == 0 {
+			setupMsg = []byte(specErr.Error())
+		}
+		return 0, fmt.Errorf("while setting up the build environment of '%s': %s", j.drvAbs, bytes.TrimSpace(setupMsg))
+	}
+
+	// Timeouts.
+	maxSilent, timeout := b.cfg.MaxSilentTime, b.cfg.Timeout
+	if opts.MaxSilentTime > 0 {
+		maxSilent = opts.MaxSilentTime
+	}
+	if opts.Timeout > 0 {
+		timeout = opts.Timeout
+	}
+	var mu sync.Mutex
+	onTimeout := func(msg string) {
+		mu.Lock()
+		if j.timedOut == "" {
+			j.timedOut = msg
+		}
+		mu.Unlock()
+		kill()
+	}
+	var silence *time.Timer
+	if maxSilent > 0 {
+		silence = time.AfterFunc(maxSilent, func() {
+			onTimeout(fmt.Sprintf("%s timed out after %d seconds of silence", j.g.name, int(maxSilent.Seconds())))
+		})
+		defer silence.Stop()
+	}
+	if timeout > 0 {
+		t := time.AfterFunc(timeout, func() {
+			onTimeout(fmt.Sprintf("%s timed out after %d seconds", j.g.name, int(timeout.Seconds())))
+		})
+		defer t.Stop()
+	}
+	stopCtx := context.AfterFunc(ctx, kill)
+	defer stopCtx()
+
+	readDone := make(chan struct{})
+	go func() {
+		defer close(readDone)
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := pr.Read(buf)
+			if n > 0 {
+				if silence != nil {
+					silence.Reset(maxSilent)
+				}
+				j.logFile.Write(buf[:n])
+				j.handleOutput(buf[:n])
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	werr := cmd.Wait()
+	kill() // whatever it left behind
+	select {
+	case <-readDone:
+	case <-time.After(2 * time.Second):
+		pr.Close() // a grandchild outside the group keeps the pipe open
+		<-readDone
+	}
+	if len(j.line) > 0 {
+		j.flushLine()
+	}
+	var ee *exec.ExitError
+	if werr != nil && !errors.As(werr, &ee) {
+		return 0, fmt.Errorf("waiting for the builder of '%s': %w", j.drvAbs, werr)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if ctx.Err() != nil && j.timedOut == "" {
+		return 0, fmt.Errorf("building '%s': %w", j.drvAbs, ctx.Err())
+	}
+	return cmd.ProcessState.Sys().(syscall.WaitStatus), nil
+}
+
+// handleOutput splits builder output into lines as Nix does: '\r' moves
+// back to the start of the line, '\n' ends it.
+func (j *job) handleOutput(data []byte) {
+	for _, c := range data {
+		switch c {
+		case '\r':
+			j.linePos = 0
+		case '\n':
+			j.flushLine()
+		default:
+			if j.linePos < len(j.line) {
+				j.line[j.linePos] = c
+			} else {
+				j.line = append(j.line, c)
+			}
+			j.linePos++
+		}
+	}
+}
+
+func (j *job) flushLine() {
+	line := string(j.line)
+	j.line = j.line[:0]
+	j.linePos = 0
+	if rest, ok := strings.CutPrefix(line, "@nix "); ok {
+		var msg struct {
+			Action string `json:"action"`
+			Phase  string `json:"phase"`
+		}
+		if json.Unmarshal([]byte(rest), &msg) == nil {
+			if msg.Action == "setPhase" {
+				j.g.each(func(c *call) { c.emit(func(p Progress) { p.BuildPhase(j.drvAbs, msg.Phase) }) })
+			}
+			return
+		}
+	}
+	j.logTail = append(j.logTail, line)
+	if n := j.g.b.cfg.LogLines; len(j.logTail) > n {
+		j.logTail = j.logTail[len(j.logTail)-n:]
+	}
+	j.g.each(func(c *call) { c.emit(func(p Progress) { p.BuildLogLine(j.drvAbs, line) }) })
+}
+
+// statusString is Nix's statusToString for a failed builder.
+func statusString(ws syscall.WaitStatus) string {
+	switch {
+	case ws.Exited():
+		return fmt.Sprintf("failed with exit code %d", ws.ExitStatus())
+	case ws.Signaled():
+		return fmt.Sprintf("failed due to signal %d (%s)", int(ws.Signal()), signalDescription(ws.Signal()))
+	}
+	return "died abnormally"
+}
+
+// signalDescription is strsignal(3) of glibc for the common signals.
+func signalDescription(s syscall.Signal) string {
+	d := s.String()
+	if d == "" {
+		return "Unknown signal " + strconv.Itoa(int(s))
+	}
+	return strings.ToUpper(d[:1]) + d[1:]
+}
+
+// outputLocation is where the builder leaves output p on the host.
+func (j *job) outputLocation(p storepath.Path) string {
+	if j.chroot != "" {
+		return j.chroot + j.g.b.abs(p)
+	}
+	return j.g.b.st.RealPath(p)
+}
+
+// register checks the outputs and registers them (or, in check mode,
+// compares them with the valid ones).
+func (j *job) register(ctx context.Context, locks *store.OutputLocks) *failure {
+	g := j.g
+	b := g.b
+	var outs []store.BuiltOutput
+	var mismatch string
+	for _, name := range sortedOutputs(j.outputs) {
+		p := j.outputs[name]
+		loc := j.outputLocation(p)
+		var st unix.Stat_t
+		if err := unix.Lstat(loc, &st); err != nil {
+			return j.failf(OutputRejected, 1, "builder for '%s' failed to produce output path for output '%s' at '%s'", j.drvAbs, name, loc)
+		}
+		if (st.Mode&unix.S_IFMT != unix.S_IFLNK && st.Mode&(unix.S_IWGRP|unix.S_IWOTH) != 0) ||
+			(j.user != nil && int(st.Uid) != j.hostUID) {
+			return j.failf(OutputRejected, 1, "suspicious ownership or permission on '%s' for output '%s'; rejecting this build output", loc, name)
+		}
+		bo := store.BuiltOutput{Name: name, Path: p}
+		if loc != b.st.RealPath(p) {
+			bo.Src = loc
+		}
+		o := g.drv.Outputs[name]
+		if o.Hash != "" {
+			ca, got, err := fixedOutputHash(o.HashAlgo, loc)
+			if err != nil {
+				return j.failf(OutputRejected, 1, "output '%s' of '%s': %v", name, j.drvAbs, err)
+			}
+			if want := o.Hash; got.Base16() != want {
+				wantHash := hash.Hash{Algo: got.Algo}
+				wantHash.Digest, _ = hex.DecodeString(want)
+				mismatch = fmt.Sprintf("hash mismatch in fixed-output derivation '%s':\n  specified: %s\n     got:    %s", j.drvAbs, wantHash.SRI(), got.SRI())
+				// Nix registers the output under the path of what it got.
+				actual, err := ca.StorePath(b.st.Dir(), g.drv.Name, nil, false)
+				if err != nil {
+					return j.failf(OutputRejected, 1, "%s", mismatch)
+				}
+				bo.Path, bo.Src = actual, loc
+			}
+			bo.CA = ca.String()
+		}
+		if g.owner.opts.Mode == ModeCheck {
+			if f := j.check(ctx, name, p, loc); f != nil {
+				return f
+			}
+			continue
+		}
+		outs = append(outs, bo)
+	}
+	if g.owner.opts.Mode == ModeCheck {
+		return nil
+	}
+	if _, err := locks.Register(ctx, g.drvPath, outs, j.inputs); err != nil {
+		return j.failf(OutputRejected, 1, "%v", err)
+	}
+	if mismatch != "" {
+		return j.failf(OutputRejected, 1, "%s", mismatch)
+	}
+	return nil
+}
+
+// check compares a rebuilt output with the valid one (--check).
+func (j *job) check(ctx context.Context, name string, p storepath.Path, loc string) *failure {
+	b := j.g.b
+	info, err := b.st.QueryPathInfo(ctx, p)
+	if err != nil {
+		return nil // not valid: nothing to compare with
+	}
+	if err := nar.Canonicalise(loc); err != nil {
+		return j.failf(MiscFailure, 1, "output '%s' of '%s': %v", name, j.drvAbs, err)
+	}
+	h := hash.SHA256.New()
+	if err := nar.DumpPath(h, loc); err != nil {
+		return j.failf(MiscFailure, 1, "output '%s' of '%s': %v", name, j.drvAbs, err)
+	}
+	if !hash.FromHasher(hash.SHA256, h).Equal(info.NarHash) {
+		return j.failf(NotDeterministic, 1, "derivation '%s' may not be deterministic: output '%s' differs", j.drvAbs, b.st.RealPath(p))
+	}
+	return nil
+}
+
+// fixedOutputHash hashes a fixed output as its derivation says (flat: the
+// file's contents, which must be a non-executable regular file; "r:":
+// its NAR).
+func fixedOutputHash(algoSpec, loc string) (contentaddress.CA, hash.Hash, error) {
+	algoName, recursive := strings.CutPrefix(algoSpec, "r:")
+	algo, err := hash.ParseAlgo(algoName)
+	if err != nil {
+		return contentaddress.CA{}, hash.Hash{}, err
+	}
+	h := algo.New()
+	method := contentaddress.NAR
+	if recursive {
+		if err := nar.DumpPath(h, loc); err != nil {
+			return contentaddress.CA{}, hash.Hash{}, err
+		}
+	} else {
+		method = contentaddress.Flat
+		var st unix.Stat_t
+		if err := unix.Lstat(loc, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || st.Mode&unix.S_IXUSR != 0 {
+			return contentaddress.CA{}, hash.Hash{}, fmt.Errorf("output path '%s' should be a non-executable regular file since recursive hashing is not enabled (outputHashMode=flat)", loc)
+		}
+		f, err := os.Open(loc)
+		if err != nil {
+			return contentaddress.CA{}, hash.Hash{}, err
+		}
+		_, err = io.Copy(h, f)
+		f.Close()
+		if err != nil {
+			return contentaddress.CA{}, hash.Hash{}, err
+		}
+	}
+	got := hash.FromHasher(algo, h)
+	return contentaddress.CA{Method: method, Hash: got}, got, nil
+}
+
+// removeTree deletes a tree, making directories writable first (store
+// outputs and build directories may be read-only).
+func removeTree(p string) error {
+	err := os.RemoveAll(p)
+	if err == nil {
+		return nil
+	}
+	filepathWalkChmod(p)
+	return os.RemoveAll(p)
+}
+
+func filepathWalkChmod(p string) {
+	var st unix.Stat_t
+	if unix.Lstat(p, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		return
+	}
+	unix.Chmod(p, 0o700)
+	ents, _ := os.ReadDir(p)
+	for _, e := range ents {
+		filepathWalkChmod(p + "/" + e.Name())
+	}
+}

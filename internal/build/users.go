@@ -1,0 +1,122 @@
+package build
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// userPool hands out the members of the build users group, one build per
+// user, with Nix's lock files (<state>/userpool/<uid>, flock), so a real
+// nix-daemon on the same store never picks a user we use.
+type userPool struct {
+	group string
+	gid   int
+	uids  []int
+	dir   string
+}
+
+type buildUser struct {
+	uid, gid int
+	lock     *os.File
+}
+
+func newUserPool(group, dir string) (*userPool, error) {
+	g, err := user.LookupGroup(group)
+	if err != nil {
+		return nil, err
+	}
+	gid, _ := strconv.Atoi(g.Gid)
+	members, err := groupMembers(group)
+	if err != nil {
+		return nil, err
+	}
+	p := &userPool{group: group, gid: gid, dir: dir}
+	for _, m := range members {
+		u, err := user.Lookup(m)
+		if err != nil {
+			return nil, fmt.Errorf("build user %q of group %q: %w", m, group, err)
+		}
+		uid, _ := strconv.Atoi(u.Uid)
+		if uid == 0 {
+			return nil, fmt.Errorf("build user %q of group %q is root", m, group)
+		}
+		p.uids = append(p.uids, uid)
+	}
+	if len(p.uids) == 0 {
+		return nil, fmt.Errorf("the build users group '%s' has no members", group)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// groupMembers reads the members of a group from /etc/group (getgrnam's
+// gr_mem, which Nix uses).
+func groupMembers(group string) ([]string, error) {
+	f, err := os.Open("/etc/group")
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Split(sc.Text(), ":")
+		if len(fields) == 4 && fields[0] == group {
+			if fields[3] == "" {
+				return nil, nil
+			}
+			return strings.Split(fields[3], ","), nil
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return nil, err
+	}
+	return nil, fmt.Errorf("group '%s' not found in /etc/group", group)
+}
+
+// acquire takes a free build user, waiting (polling, as Nix does) while
+// all are in use.
+func (p *userPool) acquire(ctx context.Context, log *slog.Logger) (*buildUser, error) {
+	warned := false
+	for {
+		for _, uid := range p.uids {
+			f, err := os.OpenFile(filepath.Join(p.dir, strconv.Itoa(uid)), os.O_RDWR|os.O_CREATE, 0o600)
+			if err != nil {
+				return nil, err
+			}
+			if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+				f.Close()
+				if errors.Is(err, unix.EWOULDBLOCK) {
+					continue
+				}
+				return nil, err
+			}
+			return &buildUser{uid: uid, gid: p.gid, lock: f}, nil
+		}
+		if !warned {
+			log.Warn("all build users are currently in use; consider creating additional users and adding them to the build users group", "group", p.group)
+			warned = true
+		}
+		t := time.NewTimer(200 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+func (u *buildUser) release() { u.lock.Close() }

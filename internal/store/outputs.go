@@ -1,0 +1,272 @@
+package store
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"slices"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nixyard/nixyard/internal/nar"
+	"github.com/nixyard/nixyard/internal/nix/contentaddress"
+	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+)
+
+// This file is what a builder needs from the store: the locks on the
+// output paths of a derivation being built, and the registration of what
+// the builder produced (Nix's LocalDerivationGoal::registerOutputs).
+
+// StateDir returns the real path of the state directory (ROOT/nix/var/nix),
+// where builders keep the build-user lock files (userpool).
+func (s *Store) StateDir() string { return s.cfg.StateDir }
+
+// OutputLocks is a set of held per-path locks on the output paths of a
+// derivation, taken before building it. The paths are also temporary roots
+// of this process while the locks are held. An OutputLocks is not safe for
+// concurrent use.
+type OutputLocks struct {
+	s      *Store
+	locks  map[storepath.Path]*pathLock
+	rooted []storepath.Path
+}
+
+// LockOutputs locks paths (in sorted order, so two builders of
+// overlapping sets cannot deadlock) against other goroutines and other
+// processes (a real nix-daemon on the same store takes the same locks),
+// waiting until ctx is done. Unlock releases them.
+func (s *Store) LockOutputs(ctx context.Context, paths []storepath.Path) (*OutputLocks, error) {
+	l := &OutputLocks{s: s, locks: map[storepath.Path]*pathLock{}}
+	sorted := storepath.Sort(slices.Clone(paths))
+	for _, p := range slices.Compact(sorted) {
+		if err := l.lock(ctx, p); err != nil {
+			l.Unlock()
+			return nil, err
+		}
+	}
+	return l, nil
+}
+
+func (l *OutputLocks) lock(ctx context.Context, p storepath.Path) error {
+	if l.locks[p] != nil {
+		return nil
+	}
+	if err := l.s.roots.add(ctx, p); err != nil {
+		return err
+	}
+	l.rooted = append(l.rooted, p)
+	pl, err := l.s.lockPath(ctx, l.s.RealPath(p))
+	if err != nil {
+		return fmt.Errorf("store: locking output %s: %w", l.s.abs(p), err)
+	}
+	l.locks[p] = pl
+	return nil
+}
+
+// Unlock releases the locks and temporary roots. It may be called more
+// than once.
+func (l *OutputLocks) Unlock() {
+	if l == nil {
+		return
+	}
+	for p, pl := range l.locks {
+		pl.unlock()
+		delete(l.locks, p)
+	}
+	for _, p := range l.rooted {
+		l.s.roots.remove(p)
+	}
+	l.rooted = nil
+}
+
+// BuiltOutput is one output produced by a builder, to be registered.
+type BuiltOutput struct {
+	Name string         // output name, for error messages
+	Path storepath.Path // the store path it is registered as
+	// Src is the real path where the builder left the output tree (e.g.
+	// inside a sandbox root); it is moved to the store. "" means the
+	// output is already at its place in the store (unsandboxed builds).
+	Src string
+	// CA is the content address of a fixed output ("fixed:r:sha256:…"),
+	// checked against Path and the scanned references; "" for
+	// input-addressed outputs.
+	CA string
+}
+
+// Register makes the outputs valid, as Nix's registerOutputs does: each
+// tree is given to the daemon's user and group, canonicalised (mtime 1,
+// modes 0444/0555, no setuid/setgid bits), serialised as a NAR that is
+// hashed (sha256), measured and scanned for the hash parts of candidates
+// and of the outputs themselves (its references), moved into place, and
+// then all outputs are registered in one transaction with deriver, ultimate
+// set and their references. Every output path must be locked by l (paths
+// not yet locked are locked first, waiting). Candidates must be valid.
+// On error nothing is registered; trees already moved into place stay
+// there, invalid, for the next attempt or the garbage collector.
+func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs []BuiltOutput, candidates []storepath.Path) ([]PathInfo, error) {
+	s := l.s
+	drvAbs := s.abs(deriver)
+	byHash := make(map[string]storepath.Path, len(candidates)+len(outs))
+	for _, c := range candidates {
+		byHash[c.HashPart()] = c
+	}
+	for _, o := range outs {
+		byHash[o.Path.HashPart()] = o.Path
+	}
+	pending := make([]*pendingPath, 0, len(outs))
+	for _, o := range outs {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		if err := l.lock(ctx, o.Path); err != nil {
+			return nil, err
+		}
+		dest := s.RealPath(o.Path)
+		src := o.Src
+		if src == "" {
+			src = dest
+		}
+		if err := chownTree(src, os.Geteuid(), os.Getegid()); err != nil {
+			return nil, fmt.Errorf("store: output '%s' of '%s': %w", o.Name, drvAbs, err)
+		}
+		if err := nar.Canonicalise(src); err != nil {
+			return nil, fmt.Errorf("store: output '%s' of '%s': %w", o.Name, drvAbs, err)
+		}
+		sha := hash.SHA256.New()
+		cnt := &countWriter{}
+		scan := NewRefScanner(byHash)
+		if err := nar.DumpPath(io.MultiWriter(sha, cnt, scan), src); err != nil {
+			return nil, fmt.Errorf("store: output '%s' of '%s': %w", o.Name, drvAbs, err)
+		}
+		info := PathInfo{
+			Path:       o.Path,
+			Deriver:    deriver,
+			NarHash:    hash.FromHasher(hash.SHA256, sha),
+			NarSize:    cnt.n,
+			References: scan.Found(),
+			Ultimate:   true,
+			CA:         o.CA,
+		}
+		if o.CA != "" {
+			ca, err := contentaddress.Parse(o.CA)
+			if err != nil {
+				return nil, fmt.Errorf("store: output '%s' of '%s': %w", o.Name, drvAbs, err)
+			}
+			if err := s.checkCAPath(info, ca); err != nil {
+				return nil, err
+			}
+		}
+		if src != dest {
+			if err := removeAll(dest); err != nil {
+				return nil, fmt.Errorf("store: deleting leftover %s: %w", dest, err)
+			}
+			if err := os.Rename(src, dest); err != nil {
+				return nil, fmt.Errorf("store: moving output '%s' of '%s' into place: %w", o.Name, drvAbs, err)
+			}
+		}
+		if err := syncTree(dest); err != nil {
+			return nil, fmt.Errorf("store: output '%s' of '%s': %w", o.Name, drvAbs, err)
+		}
+		pending = append(pending, &pendingPath{info: info})
+	}
+	if err := s.register(ctx, pending); err != nil {
+		return nil, fmt.Errorf("store: registering outputs of '%s': %w", drvAbs, err)
+	}
+	infos := make([]PathInfo, len(pending))
+	for i, pp := range pending {
+		infos[i] = pp.info
+	}
+	return infos, nil
+}
+
+// chownTree gives every inode under path (not following symlinks) to
+// uid:gid, as canonicalisePathMetaData does for build outputs.
+func chownTree(path string, uid, gid int) error {
+	return walkNoFollow(path, func(p string, _, _ bool) error {
+		var st unix.Stat_t
+		if err := unix.Lstat(p, &st); err != nil {
+			return fmt.Errorf("getting status of %s: %w", p, err)
+		}
+		if int(st.Uid) == uid && int(st.Gid) == gid {
+			return nil
+		}
+		if err := unix.Lchown(p, uid, gid); err != nil {
+			return fmt.Errorf("changing owner of %s: %w", p, err)
+		}
+		return nil
+	})
+}
+
+// RefScanner is an io.Writer that looks for the 32-character hash parts of
+// a set of store paths in what is written to it, as Nix's RefScanSink
+// scans a NAR for references. It is not safe for concurrent use.
+type RefScanner struct {
+	want  map[string]storepath.Path
+	found map[storepath.Path]bool
+	tail  []byte // the last HashLen-1 bytes seen, for hashes split across writes
+}
+
+// NewRefScanner returns a scanner for the paths in want, keyed by hash part.
+func NewRefScanner(want map[string]storepath.Path) *RefScanner {
+	return &RefScanner{want: want, found: map[storepath.Path]bool{}}
+}
+
+var isBase32 = func() (t [256]bool) {
+	// nixbase32 alphabet (the nixbase32 package keeps its own unexported).
+	for _, c := range []byte("0123456789abcdfghijklmnpqrsvwxyz") {
+		t[c] = true
+	}
+	return t
+}()
+
+// Write scans p. It never fails.
+func (r *RefScanner) Write(p []byte) (int, error) {
+	const n = storepath.HashLen
+	if len(r.tail) > 0 {
+		// Windows that start in the tail and end in p.
+		buf := append(slices.Clone(r.tail), p[:min(len(p), n-1)]...)
+		r.scan(buf)
+	}
+	r.scan(p)
+	if len(p) >= n-1 {
+		r.tail = append(r.tail[:0], p[len(p)-(n-1):]...)
+	} else {
+		r.tail = append(r.tail, p...)
+		if len(r.tail) > n-1 {
+			r.tail = r.tail[len(r.tail)-(n-1):]
+		}
+	}
+	return len(p), nil
+}
+
+// scan finds every window of HashLen base-32 characters in b that is a
+// wanted hash part, skipping ahead past any character that cannot be part
+// of a hash (the Boyer–Moore-like step Nix uses).
+func (r *RefScanner) scan(b []byte) {
+	const n = storepath.HashLen
+	for i := 0; i+n <= len(b); {
+		j := n - 1
+		for j >= 0 && isBase32[b[i+j]] {
+			j--
+		}
+		if j >= 0 {
+			i += j + 1
+			continue
+		}
+		if p, ok := r.want[string(b[i:i+n])]; ok {
+			r.found[p] = true
+		}
+		i++
+	}
+}
+
+// Found returns the paths whose hash parts were seen, sorted.
+func (r *RefScanner) Found() []storepath.Path {
+	out := make([]storepath.Path, 0, len(r.found))
+	for p := range r.found {
+		out = append(out, p)
+	}
+	return storepath.Sort(out)
+}
