@@ -33,10 +33,20 @@ func (g *group[V]) do(ctx context.Context, key string, prog Progress, fn func(ct
 		g.m = map[string]*flight[V]{}
 	}
 	f, ok := g.m[key]
+	var fctx context.Context
 	if !ok {
-		fctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+		var cancel context.CancelFunc
+		fctx, cancel = context.WithCancel(context.WithoutCancel(ctx))
 		f = &flight[V]{done: make(chan struct{}), cancel: cancel}
 		g.m[key] = f
+	}
+	f.refs++
+	// Subscribe before fn starts: the first caller must see every event of
+	// the flight, even of one that finishes at once.
+	unsub := f.hub.subscribe(prog)
+	defer unsub()
+	g.mu.Unlock()
+	if !ok {
 		go func() {
 			v, err := fn(fctx, &f.hub)
 			g.mu.Lock()
@@ -46,13 +56,9 @@ func (g *group[V]) do(ctx context.Context, key string, prog Progress, fn func(ct
 			}
 			g.mu.Unlock()
 			close(f.done)
-			cancel()
+			f.cancel()
 		}()
 	}
-	f.refs++
-	g.mu.Unlock()
-	unsub := f.hub.subscribe(prog)
-	defer unsub()
 
 	select {
 	case <-f.done:
