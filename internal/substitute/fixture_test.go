@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nixyard/nixyard/internal/nix/narinfo"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 	"github.com/nixyard/nixyard/internal/substitute/cachetest"
@@ -157,7 +158,7 @@ func narOf(t *testing.T, cache string, p storepath.Path) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	info, err := parseNarinfo(data, storepath.DefaultDir)
+	info, err := narinfo.Parse(storepath.DefaultDir, data)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -259,7 +259,7 @@ func (s *Substituter) fetchPath(ctx context.Context, p storepath.Path, h *hub) e
 // retrying broken transfers from the start.
 func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h *hub) error {
 	subID := s.actID.Add(1)
-	h.emit(Event{Kind: EventStart, Type: ActSubstitute, ID: subID, Path: info.Path, Upstream: up.base})
+	h.emit(Event{Kind: EventStart, Type: ActSubstitute, ID: subID, Path: info.StorePath, Upstream: up.base})
 	narURL := up.urlOf(info.URL)
 	err := s.retry(ctx, up, info.URL, func(ctx context.Context) error {
 		return s.watchedOpen(ctx, up, info.URL, func(ctx context.Context, b *body, tr *transferReader) error {
@@ -267,9 +267,9 @@ func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h 
 		})
 	})
 	if errors.Is(err, errNotFound) {
-		err = fmt.Errorf("narinfo of %s points at a missing NAR %s: %w", info.Path, narURL, err)
+		err = fmt.Errorf("narinfo of %s points at a missing NAR %s: %w", info.StorePath, narURL, err)
 	}
-	h.emit(Event{Kind: EventStop, Type: ActSubstitute, ID: subID, Path: info.Path, Upstream: up.base, Err: err})
+	h.emit(Event{Kind: EventStop, Type: ActSubstitute, ID: subID, Path: info.StorePath, Upstream: up.base, Err: err})
 	return err
 }
 
@@ -282,19 +282,19 @@ func (s *Substituter) streamInto(ctx context.Context, up *upstream, info *Info, 
 		expected = uint64(b.size)
 	}
 	ftID := s.actID.Add(1)
-	h.emit(Event{Kind: EventStart, Type: ActFileTransfer, ID: ftID, Parent: parent, Path: info.Path, Upstream: up.base, URL: b.url, Expected: expected})
+	h.emit(Event{Kind: EventStart, Type: ActFileTransfer, ID: ftID, Parent: parent, Path: info.StorePath, Upstream: up.base, URL: b.url, Expected: expected})
 	var last int64
 	tr.onRead = func(n int64) {
 		if n-last >= progressStep || (expected > 0 && uint64(n) == expected) {
 			last = n
-			h.emit(Event{Kind: EventProgress, Type: ActFileTransfer, ID: ftID, Parent: parent, Path: info.Path, URL: b.url, Done: uint64(n), Expected: expected})
+			h.emit(Event{Kind: EventProgress, Type: ActFileTransfer, ID: ftID, Parent: parent, Path: info.StorePath, URL: b.url, Done: uint64(n), Expected: expected})
 		}
 	}
 	cpID := s.actID.Add(1)
-	h.emit(Event{Kind: EventStart, Type: ActCopyPath, ID: cpID, Parent: parent, Path: info.Path, Upstream: up.base, Expected: info.NarSize})
+	h.emit(Event{Kind: EventStart, Type: ActCopyPath, ID: cpID, Parent: parent, Path: info.StorePath, Upstream: up.base, Expected: info.NarSize})
 	defer func() {
-		h.emit(Event{Kind: EventStop, Type: ActCopyPath, ID: cpID, Parent: parent, Path: info.Path, Err: err})
-		h.emit(Event{Kind: EventStop, Type: ActFileTransfer, ID: ftID, Parent: parent, Path: info.Path, URL: b.url, Done: uint64(tr.n), Expected: expected, Err: err})
+		h.emit(Event{Kind: EventStop, Type: ActCopyPath, ID: cpID, Parent: parent, Path: info.StorePath, Err: err})
+		h.emit(Event{Kind: EventStop, Type: ActFileTransfer, ID: ftID, Parent: parent, Path: info.StorePath, URL: b.url, Done: uint64(tr.n), Expected: expected, Err: err})
 	}()
 
 	dec, release, err := decompressor(info.Compression, tr)
@@ -309,16 +309,16 @@ func (s *Substituter) streamInto(ctx context.Context, up *upstream, info *Info, 
 	// here (and fails the store's NAR parse or hash), so a hostile upstream
 	// cannot make us read without end.
 	nr := &countReader{r: io.LimitReader(dec, int64(info.NarSize)), onRead: func(n int64) {
-		h.emit(Event{Kind: EventProgress, Type: ActCopyPath, ID: cpID, Parent: parent, Path: info.Path, Done: uint64(n), Expected: info.NarSize})
+		h.emit(Event{Kind: EventProgress, Type: ActCopyPath, ID: cpID, Parent: parent, Path: info.StorePath, Done: uint64(n), Expected: info.NarSize})
 	}}
 	pi := store.PathInfo{
-		Path:       info.Path,
+		Path:       info.StorePath,
 		Deriver:    info.Deriver,
 		NarHash:    info.NarHash,
 		References: info.References,
 		NarSize:    info.NarSize,
 		Sigs:       info.Sigs,
-		CA:         info.CA,
+		CA:         info.CA.String(), // "" when not content-addressed
 	}
 	// Signatures were checked against our trusted keys before the
 	// download; the store verifies NarHash, NarSize and CA as it reads.
@@ -332,7 +332,7 @@ func (s *Substituter) streamInto(ctx context.Context, up *upstream, info *Info, 
 	if ctx.Err() != nil {
 		return err
 	}
-	return fmt.Errorf("%s from %s (NarHash %s, NarSize %d): %w", s.cfg.StoreDir.Abs(info.Path), b.url, info.NarHash, info.NarSize, err)
+	return fmt.Errorf("%s from %s (NarHash %s, NarSize %d): %w", s.cfg.StoreDir.Abs(info.StorePath), b.url, info.NarHash, info.NarSize, err)
 }
 
 // countReader reports the running total at most every progressStep bytes

@@ -14,6 +14,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nixyard/nixyard/internal/nix/narinfo"
+	"github.com/nixyard/nixyard/internal/nix/signature"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
@@ -96,7 +98,7 @@ type Config struct {
 type Substituter struct {
 	cfg    Config
 	st     Store
-	keys   publicKeys
+	keys   []signature.PublicKey
 	client *http.Client
 	log    *slog.Logger
 	ups    []*upstream // in configuration order
@@ -172,7 +174,7 @@ func New(cfg Config, st Store) (*Substituter, error) {
 		cache: map[string]cacheEntry{},
 	}
 	var err error
-	if s.keys, err = parsePublicKeys(cfg.TrustedPublicKeys); err != nil {
+	if s.keys, err = signature.ParsePublicKeys(cfg.TrustedPublicKeys); err != nil {
 		return nil, fmt.Errorf("substitute: trusted-public-keys: %w", err)
 	}
 	for _, raw := range cfg.Upstreams {
@@ -245,10 +247,10 @@ func (s *Substituter) upstreams(ctx context.Context) []*upstream {
 // missing file or a StoreDir mismatch disables it for this Substituter's
 // lifetime, as Nix refuses such a cache.
 func (s *Substituter) initUpstream(ctx context.Context, up *upstream) {
-	data, err := s.readSmall(ctx, up, "nix-cache-info", maxCacheInfoSize)
-	var ci cacheInfo
+	data, err := s.readSmall(ctx, up, "nix-cache-info", narinfo.MaxCacheInfoSize)
+	var ci narinfo.NixCacheInfo
 	if err == nil {
-		ci, err = parseCacheInfo(data)
+		ci, err = narinfo.ParseNixCacheInfo(data)
 		if err == nil && ci.StoreDir != string(s.cfg.StoreDir) {
 			err = fmt.Errorf("%s: store directory %q differs from ours, %q", up.base, ci.StoreDir, s.cfg.StoreDir)
 		}
@@ -269,7 +271,7 @@ func (s *Substituter) initUpstream(ctx context.Context, up *upstream) {
 		return
 	}
 	up.massQ = ci.WantMassQuery
-	if ci.hasPriority && !up.prioSet {
+	if ci.HasPriority && !up.prioSet {
 		up.priority = ci.Priority
 	}
 }
@@ -285,13 +287,13 @@ func (s *Substituter) lookup(ctx context.Context, up *upstream, p storepath.Path
 		if e.info == nil {
 			return nil, fmt.Errorf("%s: %s.narinfo: %w (cached)", up.base, p.HashPart(), errNotFound)
 		}
-		if e.info.Path == p {
+		if e.info.StorePath == p {
 			return e.info, nil
 		}
 	}
 	return s.infoFlights.do(ctx, key, nil, func(ctx context.Context, _ *hub) (*Info, error) {
 		rel := p.HashPart() + ".narinfo"
-		data, err := s.readSmall(ctx, up, rel, maxNarinfoSize)
+		data, err := s.readSmall(ctx, up, rel, narinfo.MaxSize)
 		if errors.Is(err, errNotFound) {
 			s.remember(key, nil)
 			return nil, err
@@ -299,17 +301,17 @@ func (s *Substituter) lookup(ctx context.Context, up *upstream, p storepath.Path
 		if err != nil {
 			return nil, err
 		}
-		info, err := parseNarinfo(data, s.cfg.StoreDir)
+		ni, err := narinfo.Parse(s.cfg.StoreDir, data)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", up.urlOf(rel), err)
 		}
-		if info.Path.HashPart() != p.HashPart() {
-			return nil, fmt.Errorf("%s: narinfo is for %s, not %s", up.urlOf(rel), info.Path, p)
+		info := &Info{NarInfo: *ni, Upstream: up.base}
+		if info.StorePath.HashPart() != p.HashPart() {
+			return nil, fmt.Errorf("%s: narinfo is for %s, not %s", up.urlOf(rel), info.StorePath, p)
 		}
-		info.Upstream = up.base
 		s.remember(key, info)
-		if info.Path != p {
-			return nil, fmt.Errorf("%s: %w (it has %s)", up.urlOf(rel), errNotFound, info.Path)
+		if info.StorePath != p {
+			return nil, fmt.Errorf("%s: %w (it has %s)", up.urlOf(rel), errNotFound, info.StorePath)
 		}
 		return info, nil
 	})
@@ -344,7 +346,7 @@ func (s *Substituter) remember(key string, info *Info) {
 
 // trusted reports whether info may be used under RequireSigs.
 func (s *Substituter) trusted(info *Info) bool {
-	return !s.cfg.RequireSigs || s.keys.signedBy(s.cfg.StoreDir, info) || contentAddressed(s.cfg.StoreDir, info)
+	return !s.cfg.RequireSigs || signedBy(s.cfg.StoreDir, s.keys, info) || contentAddressed(s.cfg.StoreDir, info)
 }
 
 // QueryPathInfo returns the narinfo of p from the first upstream by

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nixyard/nixyard/internal/nix/narinfo"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
 
@@ -22,11 +23,11 @@ CA: text:sha256:0s8059pgs6l7yvi6pkyk9rma365hgx0dmqgv3ixmdkj8s0ymbnfw
 `
 
 func TestParseNarinfo(t *testing.T) {
-	info, err := parseNarinfo([]byte(sampleNarinfo), storepath.DefaultDir)
+	info, err := parseInfo([]byte(sampleNarinfo))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if info.Path.String() != "8lwdbfh1dibrxqv0j9cc34gm6lb2v8rl-b" || info.NarSize != 168 || info.FileSize != 129 ||
+	if info.StorePath.String() != "8lwdbfh1dibrxqv0j9cc34gm6lb2v8rl-b" || info.NarSize != 168 || info.FileSize != 129 ||
 		len(info.References) != 1 || len(info.Sigs) != 1 || info.Compression != "zstd" {
 		t.Errorf("parsed %+v", info)
 	}
@@ -34,7 +35,7 @@ func TestParseNarinfo(t *testing.T) {
 		t.Error("CA of a text path built by Nix not recognised")
 	}
 	noComp := strings.Replace(sampleNarinfo, "Compression: zstd\n", "", 1)
-	if info, err := parseNarinfo([]byte(noComp), storepath.DefaultDir); err != nil || info.Compression != "bzip2" {
+	if info, err := parseInfo([]byte(noComp)); err != nil || info.Compression != "bzip2" {
 		t.Errorf("no Compression: %v, %v; want bzip2", info, err)
 	}
 	for _, bad := range []string{
@@ -43,9 +44,9 @@ func TestParseNarinfo(t *testing.T) {
 		strings.Replace(sampleNarinfo, "URL: ", "Url: ", 1),
 		strings.Replace(sampleNarinfo, "NarHash: sha256:", "NarHash: md5:", 1),
 		strings.Replace(sampleNarinfo, "-a\n", "-a bad\n", 1),
-		"StorePath: " + strings.Repeat("x", maxNarinfoSize+10),
+		"StorePath: " + strings.Repeat("x", narinfo.MaxSize+10),
 	} {
-		if _, err := parseNarinfo([]byte(bad), storepath.DefaultDir); err == nil {
+		if _, err := parseInfo([]byte(bad)); err == nil {
 			t.Errorf("accepted:\n%.200s", bad)
 		}
 	}
@@ -55,16 +56,25 @@ func FuzzParseNarinfo(f *testing.F) {
 	f.Add([]byte(sampleNarinfo))
 	f.Add([]byte("StorePath: /nix/store/8lwdbfh1dibrxqv0j9cc34gm6lb2v8rl-b\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		info, err := parseNarinfo(data, storepath.DefaultDir)
+		info, err := parseInfo(data)
 		if err != nil {
 			return
 		}
-		if info.Path.IsZero() || info.URL == "" || info.NarSize == 0 || info.Compression == "" {
+		if info.StorePath.IsZero() || info.URL == "" || info.NarSize == 0 || info.Compression == "" {
 			t.Fatalf("accepted incomplete narinfo %+v", info)
 		}
-		fingerprint(storepath.DefaultDir, info)
+		signedBy(storepath.DefaultDir, nil, info)
 		contentAddressed(storepath.DefaultDir, info)
 	})
+}
+
+// parseInfo parses a .narinfo in /nix/store as lookup does.
+func parseInfo(data []byte) (*Info, error) {
+	ni, err := narinfo.Parse(storepath.DefaultDir, data)
+	if err != nil {
+		return nil, err
+	}
+	return &Info{NarInfo: *ni}, nil
 }
 
 func TestParseRetryAfter(t *testing.T) {
