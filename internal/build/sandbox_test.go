@@ -1,0 +1,236 @@
+package build
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+func TestSandboxIsolation(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan struct{}, 1)
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			c.Close()
+			accepted <- struct{}{}
+		}
+	}()
+	port := ln.Addr().(*net.TCPAddr).Port
+	e := newChrootEnv(t)
+	drvs := e.instantiate(fmt.Sprintf(`rec {
+  other = mk { name = "other"; script = "echo other > $out"; };
+  probe = mk { name = "probe"; otherPath = builtins.unsafeDiscardStringContext "${other}"; script = ''
+    b=${bb}/busybox
+    ( $b ls /nix/store | $b sort; echo ---; $b ls / | $b sort | $b tr '\n' ' '; echo
+      $b test -e $otherPath && echo other-visible || echo other-hidden
+      $b id -u; $b id -g; $b hostname; $b pwd
+      $b grep CapEff /proc/self/status
+      echo x | $b nc -w 2 127.0.0.1 %d && echo net-ok || echo net-blocked
+      $b touch ${bb}/busybox 2>/dev/null && echo input-writable || echo input-readonly
+      $b cat /etc/passwd
+    ) > $out
+  ''; };
+}`, port), "other", "probe")
+	b := e.builder(Config{Sandbox: SandboxOn, BuildUsersGroup: "nixbld"})
+	e.mustBuild(b, out(drvs["other"]))
+	res := e.mustBuild(b, out(drvs["probe"]))
+	got := e.readOut(res[0].BuiltOutputs["out"], "")
+	lines := strings.Split(got, "\n")
+	// The store holds the inputs and the output being built only.
+	var storeList []string
+	for _, l := range lines {
+		if l == "---" {
+			break
+		}
+		storeList = append(storeList, l)
+	}
+	if len(storeList) != 2 || !strings.HasSuffix(storeList[0], "-busybox-static") && !strings.HasSuffix(storeList[1], "-busybox-static") {
+		t.Errorf("sandbox store: %q", storeList)
+	}
+	for _, want := range []string{
+		"build dev etc nix proc tmp ",
+		"other-hidden", "1000\n100\nlocalhost\n/build\n",
+		"CapEff:\t0000000000000000", "net-blocked", "input-readonly",
+		"nixbld:x:1000:100:Nix build user:/build:/noshell",
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("sandbox: no %q in:\n%s", want, got)
+		}
+	}
+	select {
+	case <-accepted:
+		t.Error("the sandboxed builder reached a host listener")
+	default:
+	}
+}
+
+func TestFixedOutputs(t *testing.T) {
+	e := newChrootEnv(t)
+	drvs := e.instantiate(`{
+  rec_ok = mk { name = "rec"; outputHashMode = "recursive"; outputHashAlgo = "sha256";
+    outputHash = "sha256-Mhxd/jqpSIrg+t3oddwxrvoJXq/yfWfDzOe8UW8g7Xs="; script = "mkdir $out; echo r > $out/f"; };
+  flat_bad = mk { name = "flat"; outputHashMode = "flat"; outputHashAlgo = "sha256";
+    outputHash = "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="; script = "echo not-empty > $out"; };
+}`, "rec_ok", "flat_bad")
+	b := e.builder(Config{Sandbox: SandboxOn})
+	res := e.mustBuild(b, out(drvs["rec_ok"]))
+	if info, err := e.st.QueryPathInfo(t.Context(), res[0].BuiltOutputs["out"]); err != nil || !strings.HasPrefix(info.CA, "fixed:r:sha256:") {
+		t.Errorf("recursive fixed output: %+v %v", info, err)
+	}
+	res = e.build(b, ClientOptions{}, out(drvs["flat_bad"]))
+	r := res[0]
+	wantMsg := fmt.Sprintf("hash mismatch in fixed-output derivation '%s':\n  specified: sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=\n     got:    sha256-",
+		e.st.Dir().Abs(drvs["flat_bad"]))
+	if r.Status != OutputRejected || !strings.HasPrefix(r.ErrorMsg, wantMsg) {
+		t.Fatalf("wrong hash: status %d, %q", r.Status, r.ErrorMsg)
+	}
+	// Like Nix, what was built is registered under its real content address.
+	valid, err := e.st.QueryAllValidPaths(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, p := range valid {
+		if p.Name() == "flat" {
+			info, _ := e.st.QueryPathInfo(t.Context(), p)
+			found = strings.HasPrefix(info.CA, "fixed:sha256:")
+		}
+	}
+	if !found {
+		t.Errorf("the mismatching output was not registered under its content address")
+	}
+}
+
+func TestFailuresAndTimeouts(t *testing.T) {
+	e := newChrootEnv(t)
+	drvs := e.instantiate(`rec {
+  fail = mk { name = "fail"; script = "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do echo line $i; done; exit 3"; };
+  dep = mk { name = "dep"; inherit fail; script = "echo > $out"; };
+  silent = mk { name = "silent"; script = "echo start; exec ${bb}/busybox sleep 30"; };
+  slow = mk { name = "slow"; script = "while true; do echo tick; ${bb}/busybox sleep 0.2; done"; };
+  noout = mk { name = "noout"; script = "echo nothing"; };
+}`, "fail", "dep", "silent", "slow", "noout")
+	b := e.builder(Config{Sandbox: SandboxOn, MaxJobs: 4})
+	abs := e.st.Dir().Abs
+	res := e.build(b, ClientOptions{KeepFailed: true}, out(drvs["dep"]))
+	if r := res[0]; r.Status != DependencyFailed || r.ErrorMsg != fmt.Sprintf("1 dependencies of derivation '%s' failed to build", abs(drvs["dep"])) {
+		t.Errorf("dependent: %d %q", r.Status, r.ErrorMsg)
+	}
+	res = e.build(b, ClientOptions{}, out(drvs["fail"]))
+	want := fmt.Sprintf("builder for '%s' failed with exit code 3;\nlast 10 log lines:\n> line 3\n", abs(drvs["fail"]))
+	if r := res[0]; r.Status != PermanentFailure || !strings.HasPrefix(r.ErrorMsg, want) || !strings.Contains(r.ErrorMsg, "> line 12\nFor full logs, run 'nix log ") {
+		t.Errorf("failure: %d %q", r.Status, r.ErrorMsg)
+	}
+	res = e.build(b, ClientOptions{}, out(drvs["noout"]))
+	if r := res[0]; r.Status != OutputRejected || !strings.Contains(r.ErrorMsg, "failed to produce output path for output 'out'") {
+		t.Errorf("no output: %d %q", r.Status, r.ErrorMsg)
+	}
+	start := time.Now()
+	res = e.build(b, ClientOptions{MaxSilentTime: time.Second}, out(drvs["silent"], "out"))
+	if r := res[0]; r.Status != TimedOut || r.ErrorMsg != fmt.Sprintf("building of '%s!out' from .drv file timed out after 1 seconds of silence", abs(drvs["silent"])) {
+		t.Errorf("silent: %d %q", r.Status, r.ErrorMsg)
+	}
+	res = e.build(b, ClientOptions{Timeout: time.Second}, out(drvs["slow"], "out"))
+	if r := res[0]; r.Status != TimedOut || !strings.HasSuffix(r.ErrorMsg, "timed out after 1 seconds") {
+		t.Errorf("slow: %d %q", r.Status, r.ErrorMsg)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("timeouts took %v", d)
+	}
+	// keep-failed kept the failed build's directory.
+	ents, _ := filepath.Glob(filepath.Join(e.root, "tmp", "nix-build-fail-*"))
+	if len(ents) != 1 {
+		t.Errorf("kept build directories: %q", ents)
+	}
+}
+
+// TestSingleFlightAndSlots: 4 callers ask for the same derivation at once
+// (built once), then 4 callers with 8 builds each share MaxJobs=2 slots;
+// the builders themselves record how many run at once.
+func TestSingleFlightAndSlots(t *testing.T) {
+	e := newChrootEnv(t)
+	marks := t.TempDir()
+	os.Chmod(marks, 0o777)
+	var attrs []string
+	expr := "{\n  once = mk { name = \"once\"; script = \"echo x >> /marks/once-$$; ${bb}/busybox sleep 0.5; echo > $out\"; };\n"
+	for c := range 4 {
+		for i := range 8 {
+			a := fmt.Sprintf("c%dn%d", c, i)
+			attrs = append(attrs, a)
+			expr += fmt.Sprintf(`  %s = mk { name = "%s"; script = ''
+    b=${bb}/busybox; n=$($b ls /marks/run-* 2>/dev/null | $b wc -l); echo $n > /marks/seen-%s
+    $b touch /marks/run-%s; $b sleep 0.15; $b rm /marks/run-%s; echo > $out
+  ''; };
+`, a, a, a, a, a)
+		}
+	}
+	drvs := e.instantiate(expr+"}", append(attrs, "once")...)
+	b := e.builder(Config{Sandbox: SandboxOn, MaxJobs: 2, SandboxPaths: []string{"/marks=" + marks}})
+
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res, err := b.Build(context.Background(), []store.DerivedPath{out(drvs["once"])}, ClientOptions{}, nil)
+			if err != nil || !res[0].Status.Success() {
+				t.Errorf("once: %v %+v", err, res)
+			}
+		}()
+	}
+	wg.Wait()
+	if m, _ := filepath.Glob(marks + "/once-*"); len(m) != 1 {
+		t.Errorf("the shared derivation was built %d times", len(m))
+	}
+
+	recs := make([]*recorder, 4)
+	for c := range 4 {
+		recs[c] = &recorder{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var reqs []store.DerivedPath
+			for i := range 8 {
+				reqs = append(reqs, out(drvs[fmt.Sprintf("c%dn%d", c, i)]))
+			}
+			res, err := b.Build(context.Background(), reqs, ClientOptions{}, recs[c])
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			for _, r := range res {
+				if !r.Status.Success() {
+					t.Errorf("%s: %s", r.Path.Path, r.ErrorMsg)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	for _, a := range attrs {
+		data, err := os.ReadFile(filepath.Join(marks, "seen-"+a))
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The builder saw the others running before it marked itself.
+		if n := strings.TrimSpace(string(data)); n != "0" && n != "1" {
+			t.Errorf("%s saw %s other builders running (MaxJobs 2)", a, n)
+		}
+	}
+	for c, r := range recs {
+		if r.maxRun > 2 || len(r.started) != 8 {
+			t.Errorf("caller %d: %d running at most, %d started", c, r.maxRun, len(r.started))
+		}
+	}
+}
