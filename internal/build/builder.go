@@ -299,7 +299,7 @@ func (b *Builder) Build(ctx context.Context, reqs []store.DerivedPath, client Cl
 // CombinedError turns the results of BuildPaths into the error Nix 2.8's
 // Store::buildPaths throws: the one failure's message, or "build of
 // '…', '…' failed" for several; nil if all succeeded.
-func CombinedError(results []Result) error {
+func (b *Builder) CombinedError(results []Result) error {
 	var failed []Result
 	for _, r := range results {
 		if !r.Status.Success() {
@@ -314,7 +314,7 @@ func CombinedError(results []Result) error {
 	}
 	names := make([]string, len(failed))
 	for i, r := range failed {
-		names[i] = "'" + r.Path.Path.String() + "'"
+		names[i] = "'" + b.abs(r.Path.Path) + "'"
 	}
 	return &Error{Status: failed[0].Status, Msg: fmt.Sprintf("build of %s failed", strings.Join(names, ", "))}
 }
