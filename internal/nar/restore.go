@@ -129,8 +129,10 @@ func (rs *restorer) contents(f *os.File, size int64) error {
 	if size == 0 {
 		return nil
 	}
-	if rs.buf == nil {
-		rs.buf = make([]byte, copyBufSize)
+	if int64(len(rs.buf)) < size && len(rs.buf) < copyBufSize {
+		// Sized to the file, up to copyBufSize: a store path of small
+		// files should not cost a 1 MiB allocation per file.
+		rs.buf = make([]byte, min(int64(copyBufSize), max(size, 2*int64(len(rs.buf)))))
 	}
 	for size > 0 {
 		p := rs.buf

@@ -339,8 +339,11 @@ func (b *batch) abort() {
 }
 
 // register writes ValidPaths, Refs and DerivationOutputs rows for paths in
-// one transaction, as Nix's registerValidPaths.
+// one transaction, as Nix's registerValidPaths. It is not cancellable: its
+// paths are already durable, and with a cancellable context every statement
+// would cost a goroutine or two (see pointCtx).
 func (s *Store) register(ctx context.Context, paths []*pendingPath) error {
+	ctx = context.WithoutCancel(ctx)
 	tx, err := s.db.w.BeginTx(ctx, nil)
 	if err != nil {
 		return err

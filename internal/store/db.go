@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -101,6 +102,13 @@ type database struct {
 
 	// Prepared statements on the reader pool.
 	qPathInfo, qReferrers, qValid, qAll, qHashPart, qDerivers, qDrvOutputs *sql.Stmt
+
+	// guard is a connection of its own that only runs "pragma
+	// data_version"; see dataVersion. It is used under guardMu.
+	guardMu   sync.Mutex
+	guard     driver.Conn
+	guardStmt driver.Stmt
+	guardDest []driver.Value
 }
 
 // openDatabase opens db/db.sqlite, creating it and db/schema as Nix does
@@ -152,7 +160,56 @@ func openDatabase(ctx context.Context, dbDir string, log *slog.Logger) (*databas
 		d.close()
 		return nil, err
 	}
+	if err := d.openGuard(); err != nil {
+		d.close()
+		return nil, err
+	}
 	return d, nil
+}
+
+// openGuard opens the connection that watches for commits: a driver
+// connection used directly (not through database/sql, whose per-query
+// bookkeeping would cost more than the pragma itself).
+func (d *database) openGuard() error {
+	c, err := d.r.Driver().Open("file:" + d.path + "?mode=rw")
+	if err != nil {
+		return fmt.Errorf("store: opening %s: %w", d.path, err)
+	}
+	st, err := c.Prepare("pragma data_version")
+	if err != nil {
+		c.Close()
+		return fmt.Errorf("store: %s: preparing pragma data_version: %w", d.path, err)
+	}
+	d.guard, d.guardStmt, d.guardDest = c, st, make([]driver.Value, 1)
+	return nil
+}
+
+// dataVersion returns SQLite's data_version as seen by the guard
+// connection. Each call runs the pragma in a transaction of its own, so it
+// reads the newest state of the WAL: the value differs from the previous
+// call's whenever any other connection — this process's writer, or another
+// process such as real Nix — committed in between (SQLite documents this
+// for "pragma data_version"; values are only comparable on one connection,
+// hence one dedicated connection). Called with guardMu held.
+func (d *database) dataVersion() (int64, error) {
+	// The context-free (deprecated) Query on purpose: with a context,
+	// go-sqlite3 steps the statement in a new goroutine.
+	rows, err := d.guardStmt.Query(nil)
+	if err != nil {
+		return 0, fmt.Errorf("store: %s: pragma data_version: %w", d.path, err)
+	}
+	err = rows.Next(d.guardDest)
+	if cerr := rows.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return 0, fmt.Errorf("store: %s: pragma data_version: %w", d.path, err)
+	}
+	v, ok := d.guardDest[0].(int64)
+	if !ok {
+		return 0, fmt.Errorf("store: %s: pragma data_version returned %T", d.path, d.guardDest[0])
+	}
+	return v, nil
 }
 
 func checkWritable(dir string) error {
@@ -236,6 +293,12 @@ func (d *database) close() error {
 		if st != nil {
 			errs = append(errs, st.Close())
 		}
+	}
+	if d.guardStmt != nil {
+		errs = append(errs, d.guardStmt.Close())
+	}
+	if d.guard != nil {
+		errs = append(errs, d.guard.Close())
 	}
 	if d.r != nil {
 		errs = append(errs, d.r.Close())

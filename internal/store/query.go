@@ -41,10 +41,16 @@ func (s *Store) scanPaths(rows *sql.Rows, what string) ([]storepath.Path, error)
 	return storepath.Sort(out), nil
 }
 
+// pointCtx is the context of single-row queries by primary or unique key.
+// They take microseconds, so they are not made cancellable: with a
+// cancellable context database/sql and go-sqlite3 each start a goroutine
+// per query, which costs more than the query.
+func pointCtx(ctx context.Context) context.Context { return context.WithoutCancel(ctx) }
+
 // IsValidPath reports whether p is registered as valid.
 func (s *Store) IsValidPath(ctx context.Context, p storepath.Path) (bool, error) {
 	var one int
-	err := s.db.qValid.QueryRowContext(ctx, s.abs(p)).Scan(&one)
+	err := s.db.qValid.QueryRowContext(pointCtx(ctx), s.abs(p)).Scan(&one)
 	if errors.Is(err, sql.ErrNoRows) {
 		return false, nil
 	}
@@ -55,8 +61,26 @@ func (s *Store) IsValidPath(ctx context.Context, p storepath.Path) (bool, error)
 }
 
 // QueryPathInfo returns the metadata of a valid path, or an error wrapping
-// ErrNotValid.
+// ErrNotValid. The result is the caller's to modify. Answers come from the
+// in-memory cache when it holds p and no commit happened since (cache.go).
 func (s *Store) QueryPathInfo(ctx context.Context, p storepath.Path) (*PathInfo, error) {
+	info, gen, err := s.cache.get(p)
+	if err != nil {
+		return nil, fmt.Errorf("store: querying path info of %s: %w", s.abs(p), err)
+	}
+	if info != nil {
+		return info, nil
+	}
+	info, err = s.queryPathInfoDB(ctx, p)
+	if err != nil {
+		return nil, err
+	}
+	s.cache.fill(gen, info)
+	return info, nil
+}
+
+// queryPathInfoDB reads p's metadata from the database.
+func (s *Store) queryPathInfoDB(ctx context.Context, p storepath.Path) (*PathInfo, error) {
 	abs := s.abs(p)
 	var (
 		h        string
@@ -68,7 +92,7 @@ func (s *Store) QueryPathInfo(ctx context.Context, p storepath.Path) (*PathInfo,
 		ca       sql.NullString
 		refs     sql.NullString
 	)
-	err := s.db.qPathInfo.QueryRowContext(ctx, abs).Scan(&h, &regTime, &deriver, &narSize, &ultimate, &sigs, &ca, &refs)
+	err := s.db.qPathInfo.QueryRowContext(pointCtx(ctx), abs).Scan(&h, &regTime, &deriver, &narSize, &ultimate, &sigs, &ca, &refs)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, fmt.Errorf("store: path '%s': %w", abs, ErrNotValid)
 	}
@@ -150,7 +174,7 @@ func (s *Store) QueryPathFromHashPart(ctx context.Context, hashPart string) (sto
 	}
 	prefix := string(s.dir) + "/" + hashPart
 	var abs string
-	err := s.db.qHashPart.QueryRowContext(ctx, prefix).Scan(&abs)
+	err := s.db.qHashPart.QueryRowContext(pointCtx(ctx), prefix).Scan(&abs)
 	if errors.Is(err, sql.ErrNoRows) || (err == nil && !strings.HasPrefix(abs, prefix+"-")) {
 		return storepath.Path{}, fmt.Errorf("store: no path with hash part %s: %w", hashPart, ErrNotValid)
 	}

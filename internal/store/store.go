@@ -56,6 +56,7 @@ type Store struct {
 
 	bigLock *os.File // db/big-lock, held shared while open
 	db      *database
+	cache   infoCache // PathInfo of recently queried paths; see cache.go
 
 	locks pathLocks // in-process half of the per-path locks
 
@@ -114,6 +115,7 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		s.bigLock.Close()
 		return nil, err
 	}
+	s.cache.init(s.db)
 	s.cleanLeftovers()
 	return s, nil
 }

@@ -6,6 +6,7 @@ package client
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -36,6 +37,7 @@ const (
 	opQueryPI     = 26
 	opQueryValid  = 31
 	opAddNar      = 39
+	opAddMultiple = 44
 )
 
 // DefaultVersion is the protocol version a Client offers unless told
@@ -348,17 +350,70 @@ func (c *Client) AddToStoreNar(ctx context.Context, info store.PathInfo, nar io.
 	return c.ProcessStderr()
 }
 
+// NarItem is one path of AddMultipleToStore: its info and its NAR.
+type NarItem struct {
+	Info store.PathInfo
+	NAR  []byte
+}
+
+// AddMultipleToStore sends op 44 (protocol ≥ 1.32): the items framed as
+// count, then ValidPathInfo and NAR per path, as nix copy sends them.
+func (c *Client) AddMultipleToStore(ctx context.Context, items []NarItem, repair, dontCheckSigs bool) error {
+	if c.Minor < 32 {
+		return errors.New("client: AddMultipleToStore needs protocol 1.32")
+	}
+	c.Out.U64(opAddMultiple)
+	c.Out.Bool(repair)
+	c.Out.Bool(dontCheckSigs)
+	// Items are encoded into a buffer that is sent as frames of up to
+	// 32 KiB, as Nix's client does.
+	var buf bytes.Buffer
+	fw := wire.NewFramedWriter(c.Out)
+	send := func(all bool) error {
+		for buf.Len() >= 32<<10 || (all && buf.Len() > 0) {
+			if _, err := fw.Write(buf.Next(32 << 10)); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	enc := wire.NewEncoder(&buf)
+	enc.U64(uint64(len(items)))
+	for _, it := range items {
+		writeValidPathInfo(enc, c.Dir, it.Info, 16)
+		enc.Write(it.NAR)
+		if err := enc.Flush(); err != nil {
+			return fmt.Errorf("client: AddMultipleToStore: %w", err)
+		}
+		if err := send(false); err != nil {
+			return fmt.Errorf("client: AddMultipleToStore: %w", err)
+		}
+	}
+	if err := send(true); err != nil {
+		return fmt.Errorf("client: AddMultipleToStore: %w", err)
+	}
+	fw.Close()
+	if err := c.Out.Flush(); err != nil {
+		return fmt.Errorf("client: AddMultipleToStore: %w", err)
+	}
+	return c.ProcessStderr()
+}
+
 // WriteValidPathInfo writes a keyed ValidPathInfo in the layout of minor.
 func (c *Client) WriteValidPathInfo(info store.PathInfo, minor uint64) {
-	c.Out.Path(c.Dir, info.Path)
-	c.Out.OptPath(c.Dir, info.Deriver)
-	c.Out.String(info.NarHash.Base16())
-	c.Out.Paths(c.Dir, info.References)
-	c.Out.U64(0)
-	c.Out.U64(info.NarSize)
+	writeValidPathInfo(c.Out, c.Dir, info, minor)
+}
+
+func writeValidPathInfo(e *wire.Encoder, dir storepath.Dir, info store.PathInfo, minor uint64) {
+	e.Path(dir, info.Path)
+	e.OptPath(dir, info.Deriver)
+	e.String(info.NarHash.Base16())
+	e.Paths(dir, info.References)
+	e.U64(0)
+	e.U64(info.NarSize)
 	if minor >= 16 {
-		c.Out.Bool(info.Ultimate)
-		c.Out.StringSet(info.Sigs)
-		c.Out.String(info.CA)
+		e.Bool(info.Ultimate)
+		e.StringSet(info.Sigs)
+		e.String(info.CA)
 	}
 }

@@ -1,0 +1,101 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/nixyard/nixyard/internal/nix/contentaddress"
+	"github.com/nixyard/nixyard/internal/nix/hash"
+)
+
+// TestCacheSeesOtherWriters checks that cached path infos never outlive a
+// change committed by another connection (as another process would), nor
+// one of our own writes, and that callers may modify what they get.
+func TestCacheSeesOtherWriters(t *testing.T) {
+	s, root := testStore(t)
+	ctx := context.Background()
+	info, err := s.AddToStoreContent(ctx, "cached", contentaddress.Flat, hash.SHA256, nil, strings.NewReader("cached"), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := info.Path
+	for range 2 { // the second answer comes from the cache
+		got, err := s.QueryPathInfo(ctx, p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(got.Sigs) != 0 {
+			t.Fatalf("sigs %q, want none", got.Sigs)
+		}
+		got.Sigs = append(got.Sigs, "mutated:by-caller")
+	}
+
+	// Another connection, as real Nix in another process would use.
+	other, err := sql.Open(dbDriver(), "file:"+filepath.Join(root, "nix/var/nix/db/db.sqlite")+"?mode=rw")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if _, err := other.Exec("update ValidPaths set sigs = 'other:sig' where path = ?", s.abs(p)); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.QueryPathInfo(ctx, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(got.Sigs, []string{"other:sig"}) {
+		t.Errorf("after a foreign update: sigs %q, want [other:sig]", got.Sigs)
+	}
+
+	// Our own write.
+	if err := s.AddSignatures(ctx, p, []string{"our:sig"}); err != nil {
+		t.Fatal(err)
+	}
+	got, err = s.QueryPathInfo(ctx, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(got.Sigs, []string{"other:sig", "our:sig"}) {
+		t.Errorf("after AddSignatures: sigs %q", got.Sigs)
+	}
+
+	// A foreign deletion.
+	if _, err := other.Exec("delete from ValidPaths where path = ?", s.abs(p)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.QueryPathInfo(ctx, p); !errors.Is(err, ErrNotValid) {
+		t.Errorf("after a foreign deletion: err = %v, want ErrNotValid", err)
+	}
+}
+
+// TestCacheSeesRealNix has real Nix sign a path we have cached.
+func TestCacheSeesRealNix(t *testing.T) {
+	if _, err := exec.LookPath("nix"); err != nil {
+		t.Skip("nix not installed")
+	}
+	s, root := testStore(t)
+	ctx := context.Background()
+	info, err := s.AddToStoreContent(ctx, "signed", contentaddress.Flat, hash.SHA256, nil, strings.NewReader("signed"), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.QueryPathInfo(ctx, info.Path); err != nil { // cache it
+		t.Fatal(err)
+	}
+	key := filepath.Join(t.TempDir(), "key")
+	nixCmd(t, root, "nix-store", "--generate-binary-cache-key", "test-1", key, key+".pub")
+	nixCmd(t, root, "nix", "store", "sign", "--key-file", key, s.abs(info.Path))
+	got, err := s.QueryPathInfo(ctx, info.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got.Sigs) != 1 || !strings.HasPrefix(got.Sigs[0], "test-1:") {
+		t.Errorf("after nix store sign: sigs %q", got.Sigs)
+	}
+}
