@@ -1,7 +1,7 @@
 // Package bench measures the nixyard daemon against the stock nix-daemon:
 // it generates synthetic stores as `nix-store --export` streams, runs both
 // daemons on private chroot stores kept on a file system made for the run,
-// drives them with a minimal worker-protocol client (QueryPathInfo load) and
+// drives them with internal/daemon/client (QueryPathInfo load) and
 // with the real Nix client (`nix copy`), and cleans up every process and
 // mount it created. The command is bench/cmd/nixyard-bench; scripts/bench.sh
 // runs it.

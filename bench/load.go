@@ -7,7 +7,40 @@ import (
 	"math/rand/v2"
 	"sync"
 	"time"
+
+	"github.com/nixyard/nixyard/internal/daemon/client"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/store"
 )
+
+// Dial connects to a daemon socket as the Nix 2.8.0 client does (protocol
+// 1.34, SetOptions with its defaults), with internal/daemon/client.
+func Dial(ctx context.Context, socket string) (*client.Client, error) {
+	return client.Dial(ctx, socket)
+}
+
+// parsePaths parses absolute store paths.
+func parsePaths(paths []string) ([]storepath.Path, error) {
+	out := make([]storepath.Path, len(paths))
+	for i, s := range paths {
+		p, err := storepath.DefaultDir.Parse(s)
+		if err != nil {
+			return nil, err
+		}
+		out[i] = p
+	}
+	return out, nil
+}
+
+// queryValid asks QueryPathInfo for p; a path the daemon says is not valid
+// is an error.
+func queryValid(ctx context.Context, c *client.Client, p storepath.Path) (*store.PathInfo, error) {
+	info, err := c.QueryPathInfo(ctx, p)
+	if errors.Is(err, store.ErrNotValid) {
+		return nil, fmt.Errorf("daemon says %s is not valid", storepath.DefaultDir.Abs(p))
+	}
+	return info, err
+}
 
 // LoadResult is the outcome of one QueryPathInfo load run.
 type LoadResult struct {
@@ -35,7 +68,11 @@ func QueryPathInfoLoad(ctx context.Context, socket string, paths []string, conns
 	if len(paths) == 0 {
 		return res, errors.New("no paths to query")
 	}
-	cs := make([]*Conn, 0, conns)
+	sps, err := parsePaths(paths)
+	if err != nil {
+		return res, err
+	}
+	cs := make([]*client.Client, 0, conns)
 	defer func() {
 		for _, c := range cs {
 			c.Close()
@@ -71,13 +108,7 @@ func QueryPathInfoLoad(ctx context.Context, socket string, paths []string, conns
 					if k%64 == 0 && (time.Now().After(deadline) || ctx.Err() != nil) {
 						break
 					}
-					p := paths[order[k%len(order)]]
-					var r QueryResult
-					if r, err = c.QueryPathInfo(p); err != nil {
-						break
-					}
-					if !r.Valid {
-						err = fmt.Errorf("daemon says %s is not valid", p)
+					if _, err = queryValid(ctx, c, sps[order[k%len(order)]]); err != nil {
 						break
 					}
 					n++
@@ -110,24 +141,25 @@ func QueryPathInfoLoad(ctx context.Context, socket string, paths []string, conns
 // CheckValid queries every path once over one connection and returns the sum
 // of their NAR sizes; it fails if any path is invalid.
 func CheckValid(ctx context.Context, socket string, paths []string) (uint64, error) {
+	sps, err := parsePaths(paths)
+	if err != nil {
+		return 0, err
+	}
 	c, err := Dial(ctx, socket)
 	if err != nil {
 		return 0, err
 	}
 	defer c.Close()
 	var sum uint64
-	for _, p := range paths {
+	for _, p := range sps {
 		if err := ctx.Err(); err != nil {
 			return 0, err
 		}
-		r, err := c.QueryPathInfo(p)
+		info, err := queryValid(ctx, c, p)
 		if err != nil {
 			return 0, err
 		}
-		if !r.Valid {
-			return 0, fmt.Errorf("%s is not valid in the daemon's store", p)
-		}
-		sum += r.NarSize
+		sum += info.NarSize
 	}
 	return sum, nil
 }
