@@ -209,6 +209,9 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 	}
 	ops := 0
 	defer func() { log.Debug("connection closed", "ops", ops) }()
+	// Decided once per connection: the op loop is the hot path, and a
+	// disabled Debug call still boxes its arguments.
+	debug := log.Enabled(ctx, slog.LevelDebug)
 	for {
 		if _, err := c.br.Peek(1); err != nil {
 			if err == io.EOF || ctx.Err() != nil {
@@ -222,7 +225,9 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 		}
 		ops++
 		c.tun.beginOp()
-		log.Debug("received daemon op", "op", op, "name", opName(op))
+		if debug {
+			log.Debug("received daemon op", "op", op, "name", opName(op))
+		}
 		err := c.perform(ctx, op)
 		if err != nil {
 			working, stopped := c.tun.state()

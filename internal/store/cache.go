@@ -33,9 +33,14 @@ import (
 type infoCache struct {
 	db *database
 
-	mu  sync.Mutex
-	gen int64 // data_version the entries are valid for
-	m   map[storepath.Path]*PathInfo
+	mu   sync.Mutex
+	cond sync.Cond // on mu: a check finished
+	gen  int64     // data_version the entries are valid for
+	m    map[storepath.Path]*PathInfo
+
+	started, finished uint64 // checks started and finished (one runs at a time)
+	running           bool
+	checkErr          error // of the last finished check
 }
 
 // maxCachedInfos bounds the cache: at a few hundred bytes per entry (paths,
@@ -45,25 +50,48 @@ const maxCachedInfos = 1 << 17
 
 func (c *infoCache) init(db *database) {
 	c.db = db
+	c.cond.L = &c.mu
 	c.gen = -1
 	c.m = map[storepath.Path]*PathInfo{}
 }
 
 // check brings the cache up to date with the database and returns the
 // generation a database read made from now on may be filled under.
-// Called with c.mu held.
+//
+// Concurrent callers share checks: a caller needs a check that started
+// after it arrived (one already running may have read data_version before
+// a commit that finished just before the caller came), so it waits for the
+// running check to end and then for the next one, which one of the waiters
+// runs for all of them. Called with c.mu held; c.mu is released while the
+// pragma runs.
 func (c *infoCache) check() (int64, error) {
-	c.db.guardMu.Lock()
-	v, err := c.db.dataVersion()
-	c.db.guardMu.Unlock()
-	if err != nil {
-		return 0, err
+	need := c.started + 1
+	for c.finished < need {
+		if c.running {
+			c.cond.Wait()
+			continue
+		}
+		c.running = true
+		c.started++
+		n := c.started
+		c.mu.Unlock()
+		c.db.guardMu.Lock()
+		v, err := c.db.dataVersion()
+		c.db.guardMu.Unlock()
+		c.mu.Lock()
+		c.running = false
+		c.finished = n
+		c.checkErr = err
+		if err == nil && v != c.gen {
+			clear(c.m)
+			c.gen = v
+		}
+		c.cond.Broadcast()
 	}
-	if v != c.gen {
-		clear(c.m)
-		c.gen = v
+	if c.checkErr != nil {
+		return 0, c.checkErr
 	}
-	return v, nil
+	return c.gen, nil
 }
 
 // get returns a copy of p's cached info (nil if absent) and the generation
