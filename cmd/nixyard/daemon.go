@@ -12,6 +12,7 @@ import (
 
 	"github.com/nixyard/nixyard/internal/config"
 	"github.com/nixyard/nixyard/internal/daemon"
+	"github.com/nixyard/nixyard/internal/realise"
 	"github.com/nixyard/nixyard/internal/store"
 )
 
@@ -130,12 +131,22 @@ func runDaemon(ctx context.Context, args []string) error {
 	}
 	defer st.Close()
 
+	subCfg, err := realise.ConfigFromSettings(settings)
+	if err != nil {
+		return err
+	}
+	subCfg.Logger = logger
+	rm, err := realise.New(subCfg, st, nil)
+	if err != nil {
+		return err
+	}
 	srv := daemon.New(daemon.Options{
 		Store:           st,
 		TrustedUsers:    settings.List("trusted-users", []string{"root"}),
 		AllowedUsers:    settings.List("allowed-users", []string{"*"}),
 		BuildUsersGroup: settings.String("build-users-group", ""),
 		Settings:        settings.Map(),
+		Realise:         rm,
 		Logger:          logger,
 	})
 	if opts.stdio {

@@ -18,6 +18,7 @@ import (
 
 	"github.com/nixyard/nixyard/internal/daemon/wire"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/realise"
 	"github.com/nixyard/nixyard/internal/store"
 )
 
@@ -35,7 +36,10 @@ type Options struct {
 	// Settings is the daemon's effective nix.conf, used to filter the
 	// settings clients send (substituters, trusted-substituters).
 	Settings map[string]string
-	Logger   *slog.Logger
+	// Realise is the host's substitution (and build) state; nil means no
+	// binary caches.
+	Realise *realise.Manager
+	Logger  *slog.Logger
 }
 
 // Server serves worker-protocol connections. It is safe for concurrent use.

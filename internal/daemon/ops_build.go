@@ -9,11 +9,13 @@ import (
 
 	"github.com/nixyard/nixyard/internal/daemon/wire"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/realise"
 	"github.com/nixyard/nixyard/internal/store"
 )
 
 // Build modes and result statuses (§4).
 const (
+	buildModeNormal    = 0
 	buildModeRepair    = 1
 	statusAlreadyValid = 2
 )
@@ -75,77 +77,6 @@ func (c *conn) formatDerivedPath(dp store.DerivedPath) string {
 	return s + "!" + strings.Join(dp.Outputs, ",")
 }
 
-// buildResult is what we can say about a target without building.
-type buildResult struct {
-	target  store.DerivedPath
-	outputs map[string]storepath.Path // for built targets
-}
-
-// resolveValid checks that every target is already valid. It returns the
-// results, or an error naming what would need a build or a substitution,
-// which nixyard cannot do yet.
-func (c *conn) resolveValid(ctx context.Context, targets []store.DerivedPath) ([]buildResult, error) {
-	var results []buildResult
-	var missing []string
-	for _, t := range targets {
-		r := buildResult{target: t}
-		if !t.Built {
-			ok, err := c.st.IsValidPath(ctx, t.Path)
-			if err != nil {
-				return nil, c.storeErr(t.Path, err)
-			}
-			if !ok {
-				missing = append(missing, c.dir.Abs(t.Path))
-			}
-			results = append(results, r)
-			continue
-		}
-		m, err := c.st.QueryDerivationOutputMap(ctx, t.Path)
-		if err != nil {
-			return nil, fmt.Errorf("cannot build '%s': %w", c.formatDerivedPath(t), c.storeErr(t.Path, err))
-		}
-		names := t.Outputs
-		if t.AllOutputs {
-			names = slices.Sorted(func(yield func(string) bool) {
-				for n := range m {
-					if !yield(n) {
-						return
-					}
-				}
-			})
-		}
-		r.outputs = map[string]storepath.Path{}
-		for _, n := range names {
-			op, ok := m[n]
-			if !ok {
-				return nil, fmt.Errorf("derivation '%s' does not have an output named '%s'", c.dir.Abs(t.Path), n)
-			}
-			valid := false
-			if !op.IsZero() {
-				if valid, err = c.st.IsValidPath(ctx, op); err != nil {
-					return nil, c.storeErr(op, err)
-				}
-			}
-			if !valid {
-				missing = append(missing, fmt.Sprintf("%s!%s", c.dir.Abs(t.Path), n))
-				continue
-			}
-			r.outputs[n] = op
-		}
-		results = append(results, r)
-	}
-	if len(missing) > 0 {
-		const show = 5
-		more := ""
-		if len(missing) > show {
-			more = fmt.Sprintf(" and %d more", len(missing)-show)
-			missing = missing[:show]
-		}
-		return nil, fmt.Errorf("cannot build '%s'%s: building and substituting are not implemented by nixyard yet", strings.Join(missing, "', '"), more)
-	}
-	return results, nil
-}
-
 // readBuildMode reads the mode of BuildPaths and BuildPathsWithResults.
 func (c *conn) readBuildMode() uint64 { return c.in.U64Max("buildMode", 2) }
 
@@ -154,6 +85,29 @@ func (c *conn) checkBuildMode(mode uint64) error {
 		return fmt.Errorf("repairing is not allowed because you are not in 'trusted-users'")
 	}
 	return nil
+}
+
+// realiseTargets realises targets for the client: valid paths as they
+// are, the rest by substitution (and, once a builder is plugged in, by
+// building), with substitution progress sent to the client.
+func (c *conn) realiseTargets(ctx context.Context, targets []store.DerivedPath, mode uint64) (*realise.Realiser, []realise.Result, error) {
+	if err := c.checkBuildMode(mode); err != nil {
+		return nil, nil, err
+	}
+	if mode != buildModeNormal {
+		return nil, nil, fmt.Errorf("build mode %d (repair or check) is not supported by nixyard yet", mode)
+	}
+	r, err := c.realiser()
+	if err != nil {
+		return nil, nil, err
+	}
+	prog := c.newProgress()
+	results, err := r.Realise(ctx, targets, prog)
+	prog.close()
+	if err != nil {
+		return nil, nil, err
+	}
+	return r, results, nil
 }
 
 func opBuildPathsHandler(ctx context.Context, c *conn) error {
@@ -165,10 +119,11 @@ func opBuildPathsHandler(ctx context.Context, c *conn) error {
 	if err := c.begin(opBuildPaths); err != nil {
 		return err
 	}
-	if err := c.checkBuildMode(mode); err != nil {
+	r, results, err := c.realiseTargets(ctx, targets, mode)
+	if err != nil {
 		return err
 	}
-	if _, err := c.resolveValid(ctx, targets); err != nil {
+	if err := r.CombinedError(results); err != nil {
 		return err
 	}
 	c.stopWork()
@@ -182,27 +137,24 @@ func opBuildPathsWithResultsHandler(ctx context.Context, c *conn) error {
 	if err := c.begin(opBuildPathsWithResults); err != nil {
 		return err
 	}
-	if err := c.checkBuildMode(mode); err != nil {
-		return err
-	}
-	results, err := c.resolveValid(ctx, targets)
+	_, results, err := c.realiseTargets(ctx, targets, mode)
 	if err != nil {
 		return err
 	}
 	c.stopWork()
 	c.out.U64(uint64(len(results)))
 	for _, r := range results {
-		c.out.String(c.formatDerivedPath(r.target))
+		c.out.String(c.formatDerivedPath(r.Target))
 		c.writeBuildResult(r)
 	}
 	return nil
 }
 
-// writeBuildResult writes an unkeyed BuildResult with status AlreadyValid
-// (§5.2), with builtOutputs in the old, dummy-hash form.
-func (c *conn) writeBuildResult(r buildResult) {
-	c.out.U64(statusAlreadyValid)
-	c.out.String("")
+// writeBuildResult writes an unkeyed BuildResult (§5.2), with
+// builtOutputs in the old, dummy-hash form.
+func (c *conn) writeBuildResult(r realise.Result) {
+	c.out.U64(uint64(r.Status))
+	c.out.String(r.ErrorMsg)
 	if c.minor >= 29 {
 		c.out.U64(0)      // timesBuilt
 		c.out.Bool(false) // isNonDeterministic
@@ -215,15 +167,17 @@ func (c *conn) writeBuildResult(r buildResult) {
 	}
 	if c.minor >= 28 {
 		m := map[string]string{}
-		for name, p := range r.outputs {
-			id := dummyDrvHash + "!" + name
-			js, _ := json.Marshal(struct {
-				DependentRealisations map[string]string `json:"dependentRealisations"`
-				ID                    string            `json:"id"`
-				OutPath               string            `json:"outPath"`
-				Signatures            []string          `json:"signatures"`
-			}{map[string]string{}, id, p.String(), []string{}})
-			m[id] = string(js)
+		if r.Status.Success() {
+			for name, p := range r.Outputs {
+				id := dummyDrvHash + "!" + name
+				js, _ := json.Marshal(struct {
+					DependentRealisations map[string]string `json:"dependentRealisations"`
+					ID                    string            `json:"id"`
+					OutPath               string            `json:"outPath"`
+					Signatures            []string          `json:"signatures"`
+				}{map[string]string{}, id, p.String(), []string{}})
+				m[id] = string(js)
+			}
 		}
 		c.out.StringMap(m)
 	}

@@ -94,7 +94,7 @@ func TestOpsAndErrors(t *testing.T) {
 	}
 	// An error after startWork ends only the op.
 	err = c.Do(opEnsurePath, func(e *wire.Encoder) { e.Path(c.Dir, missing) }, nil)
-	if err == nil || !strings.Contains(err.Error(), "no substituters") {
+	if err == nil || !strings.Contains(err.Error(), "no substituter that can build it") {
 		t.Errorf("EnsurePath(missing): %v", err)
 	}
 	// A bad NAR in a framed upload: the error comes after the whole
@@ -134,11 +134,29 @@ func TestOpsAndErrors(t *testing.T) {
 	if err != nil {
 		t.Fatalf("BuildPathsWithResults: %v", err)
 	}
+	// A missing opaque path without substituters: NoSubstituters (14) in
+	// the result, as Nix reports it, not an error of the op.
 	err = c.Do(opBuildPathsWithResults, func(e *wire.Encoder) {
 		e.Strings([]string{c.Dir.Abs(missing)})
 		e.U64(0)
-	}, nil)
-	if err == nil || !strings.Contains(err.Error(), "not implemented by nixyard") {
+	}, func(dd *wire.Decoder) {
+		dd.U64("n")
+		dd.String("path", 4096)
+		if st := dd.U64("status"); st != 14 {
+			t.Errorf("BuildPathsWithResults(missing): status %d, want 14", st)
+		}
+		if msg := dd.String("errorMsg", 4096); !strings.Contains(msg, "no substituter that can build it") {
+			t.Errorf("BuildPathsWithResults(missing): errorMsg %q", msg)
+		}
+		dd.U64("timesBuilt")
+		dd.U64("nondet")
+		dd.U64("start")
+		dd.U64("stop")
+		dd.U64("cpuUser")
+		dd.U64("cpuSystem")
+		dd.StringMap("builtOutputs", 4096)
+	})
+	if err != nil {
 		t.Errorf("BuildPathsWithResults(missing): %v", err)
 	}
 	// Not-implemented ops name themselves and keep the connection.

@@ -1,0 +1,202 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/nixyard/nixyard/internal/daemon/wire"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+)
+
+// warnFunc reports failed cache lookups to the client as warnings, as Nix
+// does with --fallback (without it, Nix fails the query; nixyard treats
+// an upstream that keeps failing as not having the path).
+func (c *conn) warnFunc() func(error) {
+	return func(err error) { c.tun.Log(lvlWarn, "warning: "+err.Error()) }
+}
+
+// opHasSubstitutesHandler (obsolete, protocol < 1.12).
+func opHasSubstitutesHandler(ctx context.Context, c *conn) error {
+	p, err := c.pathOp(opHasSubstitutes)
+	if err != nil {
+		return err
+	}
+	r, err := c.realiser()
+	if err != nil {
+		return err
+	}
+	infos, err := r.QuerySubstitutable(ctx, []storepath.Path{p}, c.warnFunc())
+	if err != nil {
+		return err
+	}
+	c.stopWork()
+	_, ok := infos[p]
+	c.out.Bool(ok)
+	return nil
+}
+
+func opQuerySubstitutablePathsHandler(ctx context.Context, c *conn) error {
+	ps := c.in.Paths("paths", c.dir)
+	if err := c.begin(opQuerySubstitutablePaths); err != nil {
+		return err
+	}
+	r, err := c.realiser()
+	if err != nil {
+		return err
+	}
+	infos, err := r.QuerySubstitutable(ctx, ps, c.warnFunc())
+	if err != nil {
+		return err
+	}
+	var out []storepath.Path
+	for p := range infos {
+		out = append(out, p)
+	}
+	c.stopWork()
+	c.out.Paths(c.dir, storepath.Sort(out))
+	return nil
+}
+
+func opQuerySubstitutablePathInfoHandler(ctx context.Context, c *conn) error {
+	p, err := c.pathOp(opQuerySubstitutablePathInfo)
+	if err != nil {
+		return err
+	}
+	r, err := c.realiser()
+	if err != nil {
+		return err
+	}
+	infos, err := r.QuerySubstitutable(ctx, []storepath.Path{p}, c.warnFunc())
+	if err != nil {
+		return err
+	}
+	c.stopWork()
+	info, ok := infos[p]
+	if !ok {
+		c.out.U64(0)
+		return nil
+	}
+	c.out.U64(1)
+	c.out.OptPath(c.dir, info.Deriver)
+	c.out.Paths(c.dir, info.References)
+	c.out.U64(info.DownloadSize)
+	c.out.U64(info.NarSize)
+	return nil
+}
+
+func opQuerySubstitutablePathInfosHandler(ctx context.Context, c *conn) error {
+	var ps []storepath.Path
+	if c.minor >= 22 {
+		n := c.in.Count("paths")
+		for i := 0; i < n && c.in.Err() == nil; i++ {
+			ps = append(ps, c.in.Path("path", c.dir))
+			c.in.String("ca", wire.MaxSmallString)
+		}
+	} else {
+		ps = c.in.Paths("paths", c.dir)
+	}
+	if err := c.begin(opQuerySubstitutablePathInfos); err != nil {
+		return err
+	}
+	r, err := c.realiser()
+	if err != nil {
+		return err
+	}
+	infos, err := r.QuerySubstitutable(ctx, ps, c.warnFunc())
+	if err != nil {
+		return err
+	}
+	var keys []storepath.Path
+	for p := range infos {
+		keys = append(keys, p)
+	}
+	storepath.Sort(keys)
+	c.stopWork()
+	c.out.U64(uint64(len(keys)))
+	for _, p := range keys {
+		info := infos[p]
+		c.out.Path(c.dir, p)
+		c.out.OptPath(c.dir, info.Deriver)
+		c.out.Paths(c.dir, info.References)
+		c.out.U64(info.DownloadSize)
+		c.out.U64(info.NarSize)
+	}
+	return nil
+}
+
+func opQueryValidPathsHandler(ctx context.Context, c *conn) error {
+	ps := c.in.Paths("paths", c.dir)
+	substitute := false
+	if c.minor >= 27 {
+		substitute = c.in.Bool("substitute")
+	}
+	if err := c.begin(opQueryValidPaths); err != nil {
+		return err
+	}
+	if substitute {
+		// As Nix's Store::substitutePaths: what fails to download is a
+		// warning; the answer is whatever is valid afterwards.
+		r, err := c.realiser()
+		if err != nil {
+			return err
+		}
+		prog := c.newProgress()
+		err = r.SubstitutePaths(ctx, ps, prog)
+		prog.close()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			c.tun.Log(lvlWarn, "warning: "+err.Error())
+		}
+	}
+	valid, err := c.st.QueryValidPaths(ctx, ps)
+	if err != nil {
+		return err
+	}
+	c.stopWork()
+	c.out.Paths(c.dir, valid)
+	return nil
+}
+
+func opQueryMissingHandler(ctx context.Context, c *conn) error {
+	targets := c.readDerivedPaths()
+	if err := c.begin(opQueryMissing); err != nil {
+		return err
+	}
+	r, err := c.realiser()
+	if err != nil {
+		return err
+	}
+	m, err := r.QueryMissing(ctx, targets, c.warnFunc())
+	if err != nil {
+		return fmt.Errorf("QueryMissing: %w", err)
+	}
+	c.stopWork()
+	c.out.Paths(c.dir, m.WillBuild)
+	c.out.Paths(c.dir, m.WillSubstitute)
+	c.out.Paths(c.dir, m.Unknown)
+	c.out.U64(m.DownloadSize)
+	c.out.U64(m.NarSize)
+	return nil
+}
+
+func opEnsurePathHandler(ctx context.Context, c *conn) error {
+	p, err := c.pathOp(opEnsurePath)
+	if err != nil {
+		return err
+	}
+	r, err := c.realiser()
+	if err != nil {
+		return err
+	}
+	prog := c.newProgress()
+	err = r.EnsurePath(ctx, p, prog)
+	prog.close()
+	if err != nil {
+		return err
+	}
+	c.stopWork()
+	c.out.U64(1)
+	return nil
+}

@@ -1,0 +1,168 @@
+package daemon
+
+import (
+	"fmt"
+	"strings"
+	"sync"
+
+	"github.com/nixyard/nixyard/internal/realise"
+	"github.com/nixyard/nixyard/internal/substitute"
+)
+
+// realiser returns the connection's view of the host's substitution and
+// build state: the daemon's caches, or those the client chose with
+// SetOptions (already filtered for trust by filterOverrides).
+func (c *conn) realiser() (*realise.Realiser, error) {
+	m := c.srv.opts.Realise
+	if m == nil {
+		m = realise.NoCaches(c.st)
+	}
+	ov := c.opts.Overrides
+	var sel realise.Selection
+	if v, ok := ov["substituters"]; ok {
+		sel.Substituters = strings.Fields(v)
+		if sel.Substituters == nil {
+			sel.Substituters = []string{} // --option substituters '': caches off
+		}
+	} else if v, ok := ov["binary-caches"]; ok {
+		sel.Substituters = append([]string{}, strings.Fields(v)...)
+	}
+	sel.ExtraSubstituters = strings.Fields(ov["extra-substituters"])
+	for _, k := range []string{"trusted-public-keys", "binary-cache-public-keys"} {
+		if v, ok := ov[k]; ok {
+			sel.TrustedPublicKeys = append([]string{}, strings.Fields(v)...)
+		}
+	}
+	sel.ExtraTrustedPublicKeys = strings.Fields(ov["extra-trusted-public-keys"])
+	sel.NoSubstitutes = !c.opts.UseSubstitutes
+	sel.Fallback = c.opts.TryFallback
+	r, err := m.For(sel, c.session)
+	if err != nil {
+		return nil, fmt.Errorf("substituters: %w", err)
+	}
+	return r, nil
+}
+
+// progress turns a Substituter's activity events into logger messages of
+// one connection, with Nix's activity types, texts and fields (Nix's
+// PathSubstitutionGoal, copyStorePath and curl file transfer). Events are
+// queued and written by a goroutine, so a slow client never holds up a
+// download other connections share; progress results are dropped while
+// the queue is long, starts and stops never.
+type progress struct {
+	c    *conn
+	mu   sync.Mutex
+	cond *sync.Cond
+	q    []substitute.Event
+	done bool
+	ids  map[uint64]uint64 // substituter activity id -> wire activity id
+	exit chan struct{}
+}
+
+// maxQueuedProgress is how many events may wait before progress results
+// are dropped.
+const maxQueuedProgress = 4096
+
+// newProgress starts the writer; call close before stopWork.
+func (c *conn) newProgress() *progress {
+	p := &progress{c: c, ids: map[uint64]uint64{}, exit: make(chan struct{})}
+	p.cond = sync.NewCond(&p.mu)
+	go p.run()
+	return p
+}
+
+// Event implements substitute.Progress.
+func (p *progress) Event(e substitute.Event) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.done || e.Kind == substitute.EventProgress && len(p.q) >= maxQueuedProgress {
+		return
+	}
+	p.q = append(p.q, e)
+	p.cond.Signal()
+}
+
+func (p *progress) run() {
+	defer close(p.exit)
+	for {
+		p.mu.Lock()
+		for len(p.q) == 0 && !p.done {
+			p.cond.Wait()
+		}
+		q := p.q
+		p.q = nil
+		done := p.done
+		p.mu.Unlock()
+		for _, e := range q {
+			p.write(e)
+		}
+		if done && len(q) == 0 {
+			return
+		}
+	}
+}
+
+// close writes what is queued, stops the activities still open (the
+// request ended without waiting for them) and returns when done.
+func (p *progress) close() {
+	p.mu.Lock()
+	p.done = true
+	p.cond.Signal()
+	p.mu.Unlock()
+	<-p.exit
+	for _, id := range p.ids {
+		p.c.tun.StopActivity(id)
+	}
+	p.ids = nil
+}
+
+// write sends one event. Only the run goroutine calls it.
+func (p *progress) write(e substitute.Event) {
+	tun := p.c.tun
+	abs := p.c.dir.Abs(e.Path)
+	switch e.Kind {
+	case substitute.EventStart:
+		if _, ok := p.ids[e.ID]; ok {
+			return
+		}
+		parent := p.ids[e.Parent]
+		var id uint64
+		switch e.Type {
+		case substitute.ActSubstitute:
+			id = tun.StartActivity(lvlError, subActSubstitute, "", []field{abs, e.Upstream}, parent)
+		case substitute.ActCopyPath:
+			id = tun.StartActivity(lvlInfo, subActCopyPath, fmt.Sprintf("copying path '%s' from '%s'", abs, e.Upstream), []field{abs, e.Upstream, "local"}, parent)
+		case substitute.ActFileTransfer:
+			id = tun.StartActivity(lvlTalkative, subActFileTransfer, fmt.Sprintf("downloading '%s'", e.URL), []field{e.URL}, parent)
+		default:
+			return
+		}
+		p.ids[e.ID] = id
+		if e.Done > 0 || e.Expected > 0 {
+			tun.Result(id, subResProgress, []field{e.Done, e.Expected, uint64(0), uint64(0)})
+		}
+	case substitute.EventProgress:
+		if id, ok := p.ids[e.ID]; ok {
+			tun.Result(id, subResProgress, []field{e.Done, e.Expected, uint64(0), uint64(0)})
+		}
+	case substitute.EventStop:
+		id, ok := p.ids[e.ID]
+		if !ok {
+			return
+		}
+		delete(p.ids, e.ID)
+		if e.Type == substitute.ActSubstitute && e.Err != nil {
+			tun.Log(lvlError, fmt.Sprintf("error: substituting '%s' from '%s': %v", abs, e.Upstream, e.Err))
+		}
+		tun.StopActivity(id)
+	}
+}
+
+// Activity and result types of substitution (§3.2), named apart from the
+// build ones.
+const (
+	subActCopyPath     = 100
+	subActFileTransfer = 101
+	subActSubstitute   = 108
+	subResProgress     = 105
+)

@@ -1,0 +1,146 @@
+package realise
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+// QueryMissing says what realising targets would take, as Nix's
+// queryMissing with substituters: an invalid opaque path that a cache has
+// will be substituted, and so will the invalid paths of its closure (sizes
+// summed), else it is unknown; a derivation whose wanted outputs are not
+// all valid has them substituted if caches have every one of them (and the
+// derivation allows substitutes), else it will be built and its input
+// derivations are looked at in turn; an invalid derivation is unknown.
+// Failed lookups count as "not there" and are passed to warn (may be nil).
+func (r *Realiser) QueryMissing(ctx context.Context, targets []store.DerivedPath, warn func(error)) (*store.Missing, error) {
+	if r.sub == nil {
+		m, err := r.m.st.QueryMissing(ctx, targets)
+		if err != nil {
+			return nil, fmt.Errorf("realise: %w", err)
+		}
+		return m, nil
+	}
+	st := r.m.st
+	m := &store.Missing{}
+	done := map[string]bool{}
+	var opaque []storepath.Path
+	var visit func(t store.DerivedPath) error
+	visit = func(t store.DerivedPath) error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		key := t.Path.String()
+		if t.Built {
+			key += "!" + strings.Join(t.Outputs, ",")
+			if t.AllOutputs || len(t.Outputs) == 0 {
+				key += "*"
+			}
+		}
+		if done[key] {
+			return nil
+		}
+		done[key] = true
+		if !t.Built {
+			opaque = append(opaque, t.Path)
+			return nil
+		}
+		valid, err := st.IsValidPath(ctx, t.Path)
+		if err != nil {
+			return err
+		}
+		if !valid {
+			m.Unknown = append(m.Unknown, t.Path)
+			return nil
+		}
+		d, err := r.readDerivation(t.Path)
+		if err != nil {
+			return err
+		}
+		wanted, err := wantedOutputs(t, d)
+		if err != nil {
+			return fmt.Errorf("derivation '%s': %w", st.Dir().Abs(t.Path), err)
+		}
+		known := true
+		var invalid []storepath.Path
+		for _, n := range wanted {
+			o := d.Outputs[n]
+			if o.Path == "" {
+				known = false
+				break
+			}
+			op, err := st.Dir().Parse(o.Path)
+			if err != nil {
+				return fmt.Errorf("derivation '%s': output %s: %w", st.Dir().Abs(t.Path), n, err)
+			}
+			if ok, err := st.IsValidPath(ctx, op); err != nil {
+				return err
+			} else if !ok {
+				invalid = append(invalid, op)
+			}
+		}
+		if known && len(invalid) == 0 {
+			return nil
+		}
+		if known && substitutesAllowed(d) {
+			infos, err := r.QuerySubstitutable(ctx, invalid, warn)
+			if err != nil {
+				return err
+			}
+			if len(infos) == len(invalid) {
+				opaque = append(opaque, invalid...)
+				return nil
+			}
+		}
+		if !containsPath(m.WillBuild, t.Path) {
+			m.WillBuild = append(m.WillBuild, t.Path)
+		}
+		for in, outs := range d.InputDrvs {
+			ip, err := st.Dir().Parse(in)
+			if err != nil {
+				return fmt.Errorf("derivation '%s': input %s: %w", st.Dir().Abs(t.Path), in, err)
+			}
+			if err := visit(store.DerivedPath{Path: ip, Outputs: outs, Built: true}); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	for _, t := range targets {
+		if err := visit(t); err != nil {
+			return nil, fmt.Errorf("realise: %w", err)
+		}
+	}
+	if len(opaque) > 0 {
+		sm, err := r.sub.QueryMissing(ctx, dedupPaths(opaque))
+		if err != nil {
+			return nil, fmt.Errorf("realise: %w", err)
+		}
+		for p := range sm.WillSubstitute {
+			m.WillSubstitute = append(m.WillSubstitute, p)
+		}
+		for _, p := range sm.Unknown {
+			if !containsPath(m.Unknown, p) {
+				m.Unknown = append(m.Unknown, p)
+			}
+		}
+		m.DownloadSize, m.NarSize = sm.DownloadSize, sm.NarSize
+	}
+	storepath.Sort(m.WillBuild)
+	storepath.Sort(m.WillSubstitute)
+	storepath.Sort(m.Unknown)
+	return m, nil
+}
+
+func containsPath(ps []storepath.Path, p storepath.Path) bool {
+	for _, q := range ps {
+		if q == p {
+			return true
+		}
+	}
+	return false
+}

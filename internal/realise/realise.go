@@ -1,0 +1,312 @@
+// Package realise decides and carries out what it takes to make store
+// paths valid, as Nix's queryMissing and buildPaths do for a daemon: a
+// valid path is taken as is, an invalid one is substituted from binary
+// caches (internal/substitute), and a derivation output that no cache has
+// is handed to a Builder.
+//
+// One Manager serves the whole host. It keeps one Substituter per distinct
+// set of upstreams, keys and signature policy, so every connection that
+// uses the same caches shares one narinfo cache, one circuit breaker per
+// upstream and one single-flight table: any number of clients asking for
+// the same path cause one download. A Realiser is one client's view: the
+// caches it selected (or none), its temporary-root session and its
+// fallback setting.
+package realise
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nixyard/nixyard/internal/nix/derivation"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/store"
+	"github.com/nixyard/nixyard/internal/substitute"
+)
+
+// Status is the outcome of one target, numbered as BuildResult's status on
+// the wire.
+type Status int
+
+// The statuses a Realiser reports (a Builder may report others).
+const (
+	Built                  Status = 0
+	Substituted            Status = 1
+	AlreadyValid           Status = 2
+	TransientFailure       Status = 6
+	MiscFailure            Status = 9
+	ResolvesToAlreadyValid Status = 13
+	NoSubstituters         Status = 14
+)
+
+// Success reports whether s means the target's paths are valid.
+func (s Status) Success() bool {
+	return s == Built || s == Substituted || s == AlreadyValid || s == ResolvesToAlreadyValid
+}
+
+// Result is the outcome of one target.
+type Result struct {
+	Target   store.DerivedPath
+	Status   Status
+	ErrorMsg string                    // "" on success
+	Outputs  map[string]storepath.Path // output name -> path, for derivation targets
+}
+
+// Builder builds derivation outputs that no cache has. It is plugged in by
+// the build package; nil means nixyard does not build.
+type Builder interface {
+	// Build realises targets (derivation outputs) and returns one Result
+	// per target, in order. session gets temporary roots on the outputs.
+	Build(ctx context.Context, targets []store.DerivedPath, session *store.Session) ([]Result, error)
+}
+
+// Progress receives the activities of the substitutions a caller waits
+// for (see substitute.Progress).
+type Progress = substitute.Progress
+
+// Config is the daemon's own substitution configuration (nix.conf).
+type Config struct {
+	Substituters      []string // substituters (extra-substituters merged in)
+	TrustedPublicKeys []string
+	RequireSigs       bool
+	Fallback          bool // build from source when substitution fails
+	MaxJobs           int  // max-substitution-jobs, per set of upstreams; default 16
+	ConnectTimeout    time.Duration
+	PositiveTTL       time.Duration // narinfo-cache-positive-ttl; 0: default, < 0: no caching
+	NegativeTTL       time.Duration // narinfo-cache-negative-ttl
+	Logger            *slog.Logger
+	// Tune, if set, adjusts each substitute.Config before use (tests).
+	Tune func(*substitute.Config)
+}
+
+// maxSubstituters bounds the Substituters kept for reuse; clients that
+// keep inventing new sets of caches get fresh, unshared ones beyond it.
+const maxSubstituters = 64
+
+// Manager is the host-wide state. It is safe for concurrent use.
+type Manager struct {
+	cfg     Config
+	st      *store.Store
+	builder Builder
+	log     *slog.Logger
+
+	mu   sync.Mutex
+	subs map[string]*substitute.Substituter
+}
+
+// New checks cfg (every configured substituter must parse) and returns a
+// Manager. builder may be nil.
+func New(cfg Config, st *store.Store, builder Builder) (*Manager, error) {
+	if st == nil {
+		return nil, errors.New("realise: nil store")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	m := &Manager{cfg: cfg, st: st, builder: builder, log: cfg.Logger, subs: map[string]*substitute.Substituter{}}
+	if _, err := m.substituter(cfg.Substituters, cfg.TrustedPublicKeys); err != nil {
+		return nil, fmt.Errorf("realise: substituters: %w", err)
+	}
+	return m, nil
+}
+
+// Settings returns the daemon's configuration.
+func (m *Manager) Settings() Config { return m.cfg }
+
+// substituter returns the shared Substituter for upstreams and keys, or
+// nil if upstreams is empty.
+func (m *Manager) substituter(upstreams, keys []string) (*substitute.Substituter, error) {
+	if len(upstreams) == 0 {
+		return nil, nil
+	}
+	key := strings.Join(upstreams, " ") + "\x00" + strings.Join(keys, " ")
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if s, ok := m.subs[key]; ok {
+		return s, nil
+	}
+	sc := substitute.Config{
+		Upstreams:         upstreams,
+		StoreDir:          m.st.Dir(),
+		TrustedPublicKeys: keys,
+		RequireSigs:       m.cfg.RequireSigs,
+		MaxJobs:           m.cfg.MaxJobs,
+		ConnectTimeout:    m.cfg.ConnectTimeout,
+		PositiveTTL:       m.cfg.PositiveTTL,
+		NegativeTTL:       m.cfg.NegativeTTL,
+		Logger:            m.log,
+	}
+	if m.cfg.Tune != nil {
+		m.cfg.Tune(&sc)
+	}
+	s, err := substitute.New(sc, m.st)
+	if err != nil {
+		return nil, err
+	}
+	if len(m.subs) < maxSubstituters {
+		m.subs[key] = s
+	}
+	return s, nil
+}
+
+// Selection is what one client chose (from SetOptions, already filtered
+// for trust by the daemon).
+type Selection struct {
+	// Substituters replaces the daemon's when not nil; an empty, non-nil
+	// list turns caches off.
+	Substituters []string
+	// ExtraSubstituters are added to them.
+	ExtraSubstituters []string
+	// TrustedPublicKeys replaces the daemon's when not nil;
+	// ExtraTrustedPublicKeys are added.
+	TrustedPublicKeys, ExtraTrustedPublicKeys []string
+	// NoSubstitutes is useSubstitutes = false.
+	NoSubstitutes bool
+	// Fallback is the client's tryFallback; the daemon's setting also
+	// applies.
+	Fallback bool
+}
+
+// Realiser is one client's view of the Manager. It is cheap; make one per
+// request.
+type Realiser struct {
+	m        *Manager
+	sub      *substitute.Substituter // nil: no caches
+	session  *store.Session
+	fallback bool
+}
+
+// For returns the Realiser for a client's selection; session (may be nil)
+// receives the temporary roots of what it fetches.
+func (m *Manager) For(sel Selection, session *store.Session) (*Realiser, error) {
+	r := &Realiser{m: m, session: session, fallback: sel.Fallback || m.cfg.Fallback}
+	if sel.NoSubstitutes {
+		return r, nil
+	}
+	ups := m.cfg.Substituters
+	if sel.Substituters != nil {
+		ups = sel.Substituters
+	}
+	ups = dedup(append(slices.Clone(ups), sel.ExtraSubstituters...))
+	keys := m.cfg.TrustedPublicKeys
+	if sel.TrustedPublicKeys != nil {
+		keys = sel.TrustedPublicKeys
+	}
+	keys = dedup(append(slices.Clone(keys), sel.ExtraTrustedPublicKeys...))
+	var err error
+	if r.sub, err = m.substituter(ups, keys); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+func dedup(ss []string) []string {
+	var out []string
+	for _, s := range ss {
+		if s != "" && !slices.Contains(out, s) {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// HasSubstituters reports whether any cache is in use.
+func (r *Realiser) HasSubstituters() bool { return r.sub != nil }
+
+// SubstitutableInfo is what a cache says about a path.
+type SubstitutableInfo struct {
+	Deriver      storepath.Path
+	References   []storepath.Path
+	DownloadSize uint64
+	NarSize      uint64
+}
+
+// QuerySubstitutable returns the narinfos of those of paths that some
+// cache has (whether valid locally or not). Lookups run in parallel;
+// a failed lookup counts as "not there" and is passed to warn (may be nil).
+func (r *Realiser) QuerySubstitutable(ctx context.Context, paths []storepath.Path, warn func(error)) (map[storepath.Path]SubstitutableInfo, error) {
+	out := map[storepath.Path]SubstitutableInfo{}
+	if r.sub == nil {
+		return out, nil
+	}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 16)
+	for _, p := range dedupPaths(paths) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			info, err := r.sub.QueryPathInfo(ctx, p)
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case err == nil:
+				out[p] = SubstitutableInfo{Deriver: info.Deriver, References: info.References, DownloadSize: info.FileSize, NarSize: info.NarSize}
+			case errors.Is(err, substitute.ErrNotFound), ctx.Err() != nil:
+			case warn != nil:
+				warn(err)
+			}
+		}()
+	}
+	wg.Wait()
+	return out, ctx.Err()
+}
+
+func dedupPaths(ps []storepath.Path) []storepath.Path {
+	seen := map[storepath.Path]bool{}
+	var out []storepath.Path
+	for _, p := range ps {
+		if !seen[p] {
+			seen[p] = true
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// readDerivation reads a valid .drv of the store.
+func (r *Realiser) readDerivation(p storepath.Path) (*derivation.Derivation, error) {
+	d, err := derivation.ParseFile(r.m.st.RealPath(p))
+	if err != nil {
+		return nil, fmt.Errorf("reading derivation '%s': %w", r.m.st.Dir().Abs(p), err)
+	}
+	return d, nil
+}
+
+// substitutesAllowed is Nix's ParsedDerivation::substitutesAllowed for a
+// derivation without structured attributes.
+func substitutesAllowed(d *derivation.Derivation) bool {
+	v, ok := d.Env["allowSubstitutes"]
+	return !ok || v == "1"
+}
+
+// wantedOutputs returns the output names t asks for, sorted.
+func wantedOutputs(t store.DerivedPath, d *derivation.Derivation) ([]string, error) {
+	if t.AllOutputs || len(t.Outputs) == 0 {
+		names := make([]string, 0, len(d.Outputs))
+		for n := range d.Outputs {
+			names = append(names, n)
+		}
+		slices.Sort(names)
+		return names, nil
+	}
+	for _, n := range t.Outputs {
+		if _, ok := d.Outputs[n]; !ok {
+			return nil, fmt.Errorf("derivation has no output named '%s'", n)
+		}
+	}
+	return t.Outputs, nil
+}
+
+// NoCaches returns a Manager without substituters or builder: it answers
+// from the store alone.
+func NoCaches(st *store.Store) *Manager {
+	return &Manager{st: st, log: slog.New(slog.DiscardHandler), subs: map[string]*substitute.Substituter{}}
+}

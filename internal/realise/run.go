@@ -1,0 +1,272 @@
+package realise
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/store"
+	"github.com/nixyard/nixyard/internal/substitute"
+)
+
+// ErrNeedsBuild is wrapped by the failure of a target that only a build
+// could realise when no Builder is plugged in.
+var ErrNeedsBuild = errors.New("building is not implemented by nixyard yet")
+
+// Realise makes targets valid: valid paths are taken as they are, invalid
+// ones are substituted (their whole closure, in parallel and shared with
+// every other caller), and derivation outputs that no cache has go to the
+// Builder. It returns one Result per target, in order; failures are in the
+// Results. The error is for what stops the whole request (cancellation,
+// store errors). prog (may be nil) sees the activities of every download
+// this call waits for and must be safe for concurrent use.
+func (r *Realiser) Realise(ctx context.Context, targets []store.DerivedPath, prog Progress) ([]Result, error) {
+	results := make([]Result, len(targets))
+	needBuild := make([]bool, len(targets))
+	errs := make([]error, len(targets))
+	var wg sync.WaitGroup
+	for i, t := range targets {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i], needBuild[i], errs[i] = r.realiseOne(ctx, t, prog)
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	var build []store.DerivedPath
+	var idx []int
+	for i, nb := range needBuild {
+		if nb {
+			build = append(build, targets[i])
+			idx = append(idx, i)
+		}
+	}
+	if len(build) == 0 {
+		return results, nil
+	}
+	if r.m.builder == nil {
+		for _, i := range idx {
+			t := targets[i]
+			results[i] = Result{Target: t, Status: MiscFailure,
+				ErrorMsg: fmt.Sprintf("cannot build '%s': %v and no binary cache has its outputs", r.format(t), ErrNeedsBuild)}
+		}
+		return results, nil
+	}
+	built, err := r.m.builder.Build(ctx, build, r.session)
+	if err != nil {
+		return nil, fmt.Errorf("realise: %w", err)
+	}
+	if len(built) != len(build) {
+		return nil, fmt.Errorf("realise: builder returned %d results for %d targets", len(built), len(build))
+	}
+	for j, i := range idx {
+		results[i] = built[j]
+	}
+	return results, nil
+}
+
+// format writes t as a DerivedPath string.
+func (r *Realiser) format(t store.DerivedPath) string {
+	s := r.m.st.Dir().Abs(t.Path)
+	switch {
+	case !t.Built:
+		return s
+	case t.AllOutputs || len(t.Outputs) == 0:
+		return s + "!*"
+	}
+	return s + "!" + strings.Join(t.Outputs, ",")
+}
+
+// realiseOne handles one target; needBuild says it is for the Builder.
+func (r *Realiser) realiseOne(ctx context.Context, t store.DerivedPath, prog Progress) (res Result, needBuild bool, err error) {
+	st := r.m.st
+	abs := st.Dir().Abs(t.Path)
+	res.Target = t
+	valid, err := st.IsValidPath(ctx, t.Path)
+	if err != nil {
+		return res, false, err
+	}
+	if !valid && (!t.Built || r.sub != nil) {
+		// An invalid .drv can come from a cache too, as in Nix.
+		fetched, ferr := r.substitute(ctx, []storepath.Path{t.Path}, prog)
+		switch {
+		case ferr == nil:
+			if !t.Built {
+				res.Status = Substituted
+				if !fetched {
+					res.Status = AlreadyValid
+				}
+				return res, false, nil
+			}
+		case ctx.Err() != nil:
+			return res, false, ctx.Err()
+		case errors.Is(ferr, substitute.ErrNotFound) || r.sub == nil:
+			res.Status = NoSubstituters
+			res.ErrorMsg = fmt.Sprintf("path '%s' is required, but there is no substituter that can build it", abs)
+			return res, false, nil
+		default:
+			res.Status = NoSubstituters
+			res.ErrorMsg = fmt.Sprintf("path '%s' is required, but it could not be substituted: %v", abs, ferr)
+			return res, false, nil
+		}
+	} else if !valid {
+		res.Status = MiscFailure
+		res.ErrorMsg = fmt.Sprintf("path '%s' is not valid", abs)
+		return res, false, nil
+	} else if !t.Built {
+		res.Status = AlreadyValid
+		return res, false, nil
+	}
+
+	d, err := r.readDerivation(t.Path)
+	if err != nil {
+		return res, false, err
+	}
+	wanted, werr := wantedOutputs(t, d)
+	if werr != nil {
+		res.Status = MiscFailure
+		res.ErrorMsg = fmt.Sprintf("derivation '%s': %v", abs, werr)
+		return res, false, nil
+	}
+	outMap, err := st.QueryDerivationOutputMap(ctx, t.Path)
+	if err != nil {
+		return res, false, err
+	}
+	res.Outputs = map[string]storepath.Path{}
+	known := true
+	var invalid []storepath.Path
+	for _, n := range wanted {
+		op, ok := outMap[n]
+		if !ok || op.IsZero() {
+			known = false
+			continue
+		}
+		res.Outputs[n] = op
+		if ok, err := st.IsValidPath(ctx, op); err != nil {
+			return res, false, err
+		} else if !ok {
+			invalid = append(invalid, op)
+		}
+	}
+	if known && len(invalid) == 0 {
+		res.Status = AlreadyValid
+		return res, false, nil
+	}
+	if !known || r.sub == nil || !substitutesAllowed(d) {
+		return res, true, nil
+	}
+	infos, err := r.QuerySubstitutable(ctx, invalid, nil)
+	if err != nil {
+		return res, false, err
+	}
+	if len(infos) < len(invalid) {
+		return res, true, nil // some output is in no cache: build
+	}
+	if _, err := r.substitute(ctx, invalid, prog); err != nil {
+		if ctx.Err() != nil {
+			return res, false, ctx.Err()
+		}
+		if r.fallback {
+			r.m.log.Warn("substituting outputs failed; falling back to building", "drv", abs, "err", err)
+			return res, true, nil
+		}
+		res.Status = TransientFailure
+		res.ErrorMsg = fmt.Sprintf("some substitutes for the outputs of derivation '%s' failed (usually happens due to networking issues); try '--fallback' to build derivation from source: %v", abs, err)
+		return res, false, nil
+	}
+	res.Status = Substituted
+	return res, false, nil
+}
+
+// substitute fetches paths and their closures, after giving every path it
+// will fetch a temporary root in the session (so a garbage collector
+// cannot take a reference before its referrer is registered). fetched
+// says whether anything was missing.
+func (r *Realiser) substitute(ctx context.Context, paths []storepath.Path, prog Progress) (fetched bool, err error) {
+	if r.sub == nil {
+		return false, fmt.Errorf("%s: %w", r.m.st.Dir().Abs(paths[0]), substitute.ErrNotFound)
+	}
+	m, err := r.sub.QueryMissing(ctx, paths)
+	if err != nil {
+		return false, err
+	}
+	if len(m.WillSubstitute) == 0 && len(m.Unknown) == 0 {
+		return false, nil
+	}
+	if r.session != nil {
+		for _, p := range paths {
+			if err := r.session.AddTempRoot(ctx, p); err != nil {
+				return false, fmt.Errorf("adding a temporary root: %w", err)
+			}
+		}
+		for p := range m.WillSubstitute {
+			if err := r.session.AddTempRoot(ctx, p); err != nil {
+				return false, fmt.Errorf("adding a temporary root: %w", err)
+			}
+		}
+	}
+	if err := r.sub.Realise(ctx, paths, prog); err != nil {
+		return false, err
+	}
+	return true, nil
+}
+
+// EnsurePath makes p valid by substitution if it is not.
+func (r *Realiser) EnsurePath(ctx context.Context, p storepath.Path, prog Progress) error {
+	res, err := r.Realise(ctx, []store.DerivedPath{{Path: p}}, prog)
+	if err != nil {
+		return err
+	}
+	if !res[0].Status.Success() {
+		return errors.New(res[0].ErrorMsg)
+	}
+	return nil
+}
+
+// SubstitutePaths substitutes those of paths (not derivations) that caches
+// have, as Nix's Store::substitutePaths: failures are returned for the
+// caller to report as warnings, not to fail on.
+func (r *Realiser) SubstitutePaths(ctx context.Context, paths []storepath.Path, prog Progress) error {
+	if r.sub == nil {
+		return nil
+	}
+	var targets []store.DerivedPath
+	for _, p := range paths {
+		if !p.IsDerivation() {
+			targets = append(targets, store.DerivedPath{Path: p})
+		}
+	}
+	m, err := r.QueryMissing(ctx, targets, nil)
+	if err != nil || len(m.WillSubstitute) == 0 {
+		return err
+	}
+	_, err = r.substitute(ctx, m.WillSubstitute, prog)
+	return err
+}
+
+// CombinedError is the error Nix's buildPaths throws for results: the one
+// failure's message, or "build of … failed" naming every failed target;
+// nil if all succeeded.
+func (r *Realiser) CombinedError(results []Result) error {
+	var failed []string
+	var one string
+	for _, res := range results {
+		if !res.Status.Success() {
+			failed = append(failed, "'"+r.format(res.Target)+"'")
+			one = res.ErrorMsg
+		}
+	}
+	switch len(failed) {
+	case 0:
+		return nil
+	case 1:
+		return errors.New(one)
+	}
+	return fmt.Errorf("build of %s failed", strings.Join(failed, ", "))
+}
