@@ -1,0 +1,334 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nixyard/nixyard/internal/substitute/cachetest"
+)
+
+// Substitution through the daemon from binary caches written by real
+// `nix copy --to file://…` and served over HTTP by cachetest.
+
+// fillCache copies paths (with their closures) from the chroot store under
+// other into a file:// cache at dir, with the given compression and, if
+// sec is set, signed with that secret key.
+func (e *testEnv) fillCache(t *testing.T, other, dir, compression, sec string, paths ...string) {
+	t.Helper()
+	u := "file://" + dir + "?compression=" + compression
+	if sec != "" {
+		u += "&secret-key=" + sec
+	}
+	e.local(other, "nix", append([]string{"copy", "--to", u}, paths...)...).ok(t)
+}
+
+// narURL returns the URL field of p's narinfo in the cache at dir.
+func narURL(t *testing.T, dir, p string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(dir, filepath.Base(p)[:32]+".narinfo"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if u, ok := strings.CutPrefix(l, "URL: "); ok {
+			return u
+		}
+	}
+	t.Fatalf("narinfo of %s has no URL:\n%s", p, b)
+	return ""
+}
+
+// assertFixture checks that out (a fixture output) is valid in the daemon
+// with the fixture's contents.
+func (d *daemon) assertFixture(t *testing.T, out, dep string) {
+	t.Helper()
+	for _, p := range []string{out, dep} {
+		if !d.isValid(t, p) {
+			t.Fatalf("%s is not valid after substitution", p)
+		}
+	}
+	b, err := os.ReadFile(d.realPath(out))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := d.nonce + " " + dep + "\n"; string(b) != want {
+		t.Fatalf("%s holds %q, want %q", out, b, want)
+	}
+}
+
+// verifyStopped stops the daemon and checks the store with real Nix
+// opening it directly.
+func (d *daemon) verifyStopped(t *testing.T) {
+	t.Helper()
+	d.stop(t)
+	assertVerifyClean(t, d.local(d.root, "nix-store", "--verify", "--check-contents").run(t))
+}
+
+func TestSubstituteCompressions(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	other := e.otherStore("src")
+	sec, pub := e.generateKey(t, "subst-test-1")
+	cacheDir := filepath.Join(e.dir, "cache")
+	comps := []string{"xz", "zstd", "bzip2", "br", "none"}
+	outs := map[string][2]string{}
+	for _, c := range comps {
+		out, dep := e.buildFixture(t, other, "subst-"+c)
+		e.fillCache(t, other, cacheDir, c, sec, out)
+		outs[c] = [2]string{out, dep}
+	}
+	srv := cachetest.New(cacheDir)
+	defer srv.Close()
+	d := e.startDaemon(t, withConf("substituters = "+srv.URL, "trusted-public-keys = "+pub))
+
+	for _, c := range comps {
+		out, dep := outs[c][0], outs[c][1]
+		// QueryPathInfo never substitutes.
+		if r := d.client("nix", "path-info", out).run(t); r.err == nil || !strings.Contains(r.stderr, "is not valid") {
+			t.Fatalf("path-info of a substitutable path:\n%s", r)
+		}
+		// QueryMissing reports both paths as substitutable.
+		dry := d.client("nix-store", "-r", "--dry-run", out).run(t)
+		if dry.err != nil || !strings.Contains(dry.stderr, "will be fetched") || !strings.Contains(dry.stderr, dep) {
+			t.Fatalf("%s: dry run does not list the closure as fetched:\n%s", c, dry)
+		}
+		// Caches turned off for one connection by a trusted client.
+		if r := d.nixStoreRun(t, "-r", out, "--option", "substituters", ""); r.err == nil {
+			t.Fatalf("%s: realised with substituters turned off:\n%s", c, r)
+		}
+		got := oneLine(t, "realise", d.nixStore(t, "-r", out))
+		if got != out {
+			t.Fatalf("%s: nix-store -r printed %q, want %q", c, got, out)
+		}
+		d.assertFixture(t, out, dep)
+		narPath := narURL(t, cacheDir, out)
+		if n := srv.Count(narPath); n != 1 {
+			t.Errorf("%s: %d GETs of %s, want 1", c, n, narPath)
+		}
+	}
+	d.verifyStopped(t)
+}
+
+func TestSubstituteDerivationOutputs(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	other := e.otherStore("src")
+	cacheDir := filepath.Join(e.dir, "cache")
+	out, dep := e.buildFixture(t, other, "subst-drv")
+	e.fillCache(t, other, cacheDir, "xz", "", out)
+	srv := cachetest.New(cacheDir)
+	defer srv.Close()
+	d := e.startDaemon(t, withConf("substituters = "+srv.URL, "require-sigs = false"))
+
+	// The .drv files are instantiated into the daemon by real Nix; the
+	// outputs are not built there (nixyard has no builder plugged in yet),
+	// so success means they were substituted.
+	expr := filepath.Join(e.dir, "fixture.nix")
+	args := []string{expr, "--argstr", "name", "subst-drv", "--argstr", "msg", e.nonce, "--arg", "bbdir", filepath.Join(e.dir, "bb")}
+	drv := oneLine(t, "instantiate", d.client("nix-instantiate", args...).ok(t))
+	if got := oneLine(t, "realise drv", d.nixStore(t, "-r", drv)); got != out {
+		t.Fatalf("nix-store -r %s printed %q, want %q", drv, got, out)
+	}
+	d.assertFixture(t, out, dep)
+
+	// nix-build of the same expression on a second daemon store: drv!out.
+	e2 := newEnv(t)
+	e2.nonce = e.nonce
+	d2 := e2.startDaemon(t, withConf("substituters = "+srv.URL, "require-sigs = false"))
+	got := oneLine(t, "nix-build", d2.client("nix-build", append(args, "--no-out-link")...).ok(t))
+	if got != out {
+		t.Fatalf("nix-build printed %q, want %q", got, out)
+	}
+	d2.assertFixture(t, out, dep)
+	d.verifyStopped(t)
+	d2.verifyStopped(t)
+}
+
+func TestSubstituteSignatures(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	other := e.otherStore("src")
+	sec, pub := e.generateKey(t, "subst-good-1")
+	_, wrongPub := e.generateKey(t, "subst-wrong-1")
+	signed, unsigned := filepath.Join(e.dir, "signed"), filepath.Join(e.dir, "unsigned")
+	out, dep := e.buildFixture(t, other, "subst-sig")
+	e.fillCache(t, other, signed, "xz", sec, out)
+	e.fillCache(t, other, unsigned, "xz", "", out)
+	caFile := e.file(t, "ca.txt", "content-addressed "+e.nonce)
+	ca := oneLine(t, "add", e.local(other, "nix-store", "--add", caFile).ok(t))
+	e.fillCache(t, other, unsigned, "xz", "", ca)
+	sSrv, uSrv := cachetest.New(signed), cachetest.New(unsigned)
+	defer sSrv.Close()
+	defer uSrv.Close()
+	d := e.startDaemon(t, withConf("substituters = "+sSrv.URL+" "+uSrv.URL, "trusted-public-keys = "+pub))
+
+	opt := func(subs, keys string) []string {
+		return []string{"--option", "substituters", subs, "--option", "trusted-public-keys", keys}
+	}
+	// Wrong key: refused, nothing registered, nothing downloaded.
+	r := d.nixStoreRun(t, append([]string{"-r", out}, opt(sSrv.URL, wrongPub)...)...)
+	if r.err == nil {
+		t.Fatalf("substitution with the wrong key succeeded:\n%s", r)
+	}
+	// Unsigned input-addressed paths: refused.
+	if r := d.nixStoreRun(t, append([]string{"-r", out}, opt(uSrv.URL, pub)...)...); r.err == nil {
+		t.Fatalf("unsigned substitution succeeded:\n%s", r)
+	}
+	if d.isValid(t, out) || d.isValid(t, dep) {
+		t.Fatalf("an untrusted path was registered")
+	}
+	if n := sSrv.Count(narURL(t, signed, out)) + uSrv.Count(narURL(t, unsigned, out)); n != 0 {
+		t.Errorf("the NAR of an untrusted path was downloaded %d times", n)
+	}
+	// Unsigned but content-addressed: accepted.
+	if got := oneLine(t, "ca", d.nixStore(t, append([]string{"-r", ca}, opt(uSrv.URL, pub)...)...)); got != ca {
+		t.Fatalf("realised %q, want %q", got, ca)
+	}
+	// Positive control: the right key (the daemon's own settings).
+	d.nixStore(t, "-r", out)
+	d.assertFixture(t, out, dep)
+	d.verifyStopped(t)
+}
+
+func TestSubstitutePriorities(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	other := e.otherStore("src")
+	out, dep := e.buildFixture(t, other, "subst-prio")
+	a, b := filepath.Join(e.dir, "a"), filepath.Join(e.dir, "b")
+	e.fillCache(t, other, a, "xz", "", out)
+	e.fillCache(t, other, b, "zstd", "", out)
+	writeFile(t, filepath.Join(a, "nix-cache-info"), "StoreDir: /nix/store\nPriority: 60\n", 0o644)
+	writeFile(t, filepath.Join(b, "nix-cache-info"), "StoreDir: /nix/store\nPriority: 20\n", 0o644)
+	sa, sb := cachetest.New(a), cachetest.New(b)
+	defer sa.Close()
+	defer sb.Close()
+	// a comes first in the list, but b's priority is better.
+	d := e.startDaemon(t, withConf("substituters = "+sa.URL+" "+sb.URL, "require-sigs = false"))
+	d.nixStore(t, "-r", out)
+	d.assertFixture(t, out, dep)
+	for _, p := range []string{out, dep} {
+		if na, nb := sa.Count(narURL(t, a, p)), sb.Count(narURL(t, b, p)); na != 0 || nb != 1 {
+			t.Errorf("%s: NAR fetched %d times from priority 60, %d from priority 20; want 0 and 1", p, na, nb)
+		}
+	}
+	d.verifyStopped(t)
+}
+
+func TestSubstituteFaults(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	other := e.otherStore("src")
+	cacheDir := filepath.Join(e.dir, "cache")
+	cases := []struct {
+		name   string
+		faults []cachetest.Fault
+		always *cachetest.Fault
+		remove bool // delete the NAR file from the cache
+		fails  bool
+	}{
+		{name: "reset", faults: []cachetest.Fault{{ResetAfter: 64}}},
+		{name: "5xx", faults: []cachetest.Fault{{Status: 500}, {Status: 502}, {Status: 503}}},
+		{name: "429", faults: []cachetest.Fault{{Status: 429, RetryAfter: "1"}}},
+		{name: "slow", faults: []cachetest.Fault{{Delay: 1500 * time.Millisecond}}},
+		{name: "truncated", faults: []cachetest.Fault{{CutAfter: 100}}},
+		{name: "badhash", always: &cachetest.Fault{FlipByte: 120}, fails: true},
+		{name: "nonar", remove: true, fails: true},
+	}
+	type fx struct{ out, dep string }
+	fxs := map[string]fx{}
+	for _, c := range cases {
+		out, dep := e.buildFixture(t, other, "fault-"+c.name)
+		e.fillCache(t, other, cacheDir, "none", "", out)
+		fxs[c.name] = fx{out, dep}
+	}
+	srv := cachetest.New(cacheDir)
+	defer srv.Close()
+	// A dead upstream first: everything must come from the live one.
+	dead := "http://127.0.0.1:9"
+	d := e.startDaemon(t, withConf("substituters = "+dead+" "+srv.URL, "require-sigs = false"))
+	for _, c := range cases {
+		f := fxs[c.name]
+		nar := narURL(t, cacheDir, f.out)
+		switch {
+		case c.always != nil:
+			srv.Always(nar, *c.always)
+		case c.remove:
+			if err := os.Remove(filepath.Join(cacheDir, nar)); err != nil {
+				t.Fatal(err)
+			}
+		default:
+			srv.Inject(nar, c.faults...)
+		}
+		r := d.nixStoreRun(t, "-r", f.out)
+		if !c.fails {
+			if r.err != nil {
+				t.Fatalf("%s: substitution failed:\n%s", c.name, r)
+			}
+			d.assertFixture(t, f.out, f.dep)
+			continue
+		}
+		if r.err == nil {
+			t.Fatalf("%s: substitution succeeded:\n%s", c.name, r)
+		}
+		if !strings.Contains(r.stderr, srv.URL+"/"+nar) {
+			t.Errorf("%s: the error does not name %s:\n%s", c.name, srv.URL+"/"+nar, r)
+		}
+		if d.isValid(t, f.out) {
+			t.Errorf("%s: %s was registered", c.name, f.out)
+		}
+	}
+	d.verifyStopped(t)
+}
+
+func TestSubstituteConcurrentClients(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	other := e.otherStore("src")
+	cacheDir := filepath.Join(e.dir, "cache")
+	out, dep := e.buildFixture(t, other, "subst-many")
+	e.fillCache(t, other, cacheDir, "xz", "", out)
+	srv := cachetest.New(cacheDir)
+	defer srv.Close()
+	// Make the downloads overlap: each NAR's first byte is late.
+	for _, p := range []string{out, dep} {
+		srv.Inject(narURL(t, cacheDir, p), cachetest.Fault{Delay: time.Second})
+	}
+	d := e.startDaemon(t, withConf("substituters = "+srv.URL, "require-sigs = false"))
+	const clients = 8
+	var wg sync.WaitGroup
+	results := make([]result, clients)
+	for i := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c := d.client("nix-store", "-r", out)
+			// Each client has its own narinfo cache directory.
+			c = c.withEnv(fmt.Sprintf("XDG_CACHE_HOME=%s", filepath.Join(e.dir, fmt.Sprintf("cache-%d", i))))
+			results[i] = c.run(t)
+		}()
+	}
+	wg.Wait()
+	for i, r := range results {
+		if r.err != nil || strings.TrimSpace(r.stdout) != out {
+			t.Errorf("client %d:\n%s", i, r)
+		}
+	}
+	d.assertFixture(t, out, dep)
+	for _, p := range []string{out, dep} {
+		nar := narURL(t, cacheDir, p)
+		if n := srv.Count(nar); n != 1 {
+			t.Errorf("%d GETs of %s, want exactly 1", n, nar)
+		}
+		info := filepath.Base(p)[:32] + ".narinfo"
+		if n := srv.Count(info); n != 1 {
+			t.Errorf("%d GETs of %s, want exactly 1", n, info)
+		}
+	}
+	d.verifyStopped(t)
+}
