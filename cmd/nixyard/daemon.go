@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/nixyard/nixyard/internal/build"
 	"github.com/nixyard/nixyard/internal/config"
 	"github.com/nixyard/nixyard/internal/daemon"
 	"github.com/nixyard/nixyard/internal/realise"
@@ -136,7 +137,15 @@ func runDaemon(ctx context.Context, args []string) error {
 		return err
 	}
 	subCfg.Logger = logger
-	rm, err := realise.New(subCfg, st, nil)
+	buildCfg, err := buildConfig(settings, layout, logger)
+	if err != nil {
+		return err
+	}
+	builder, err := build.New(buildCfg, st)
+	if err != nil {
+		return err
+	}
+	rm, err := realise.New(subCfg, st, daemon.RealiseBuilder(builder))
 	if err != nil {
 		return err
 	}
@@ -147,6 +156,7 @@ func runDaemon(ctx context.Context, args []string) error {
 		BuildUsersGroup: settings.String("build-users-group", ""),
 		Settings:        settings.Map(),
 		Realise:         rm,
+		Builder:         builder,
 		Logger:          logger,
 	})
 	if opts.stdio {

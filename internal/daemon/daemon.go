@@ -16,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nixyard/nixyard/internal/build"
 	"github.com/nixyard/nixyard/internal/daemon/wire"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/realise"
@@ -39,6 +40,9 @@ type Options struct {
 	// Realise is the host's substitution (and build) state; nil means no
 	// binary caches.
 	Realise *realise.Manager
+	// Builder builds derivations (BuildDerivation, and builds through
+	// Realise); nil means the daemon does not build.
+	Builder *build.Builder
 	Logger  *slog.Logger
 }
 

@@ -40,6 +40,7 @@ func init() {
 		opAddMultipleToStore:          opAddMultipleToStoreHandler,
 		opAddBuildLog:                 opAddBuildLogHandler,
 		opBuildPathsWithResults:       opBuildPathsWithResultsHandler,
+		opBuildDerivation:             opBuildDerivationHandler,
 		opAddPermRoot:                 opAddPermRootHandler,
 	}
 }

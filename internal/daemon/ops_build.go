@@ -102,8 +102,15 @@ func (c *conn) realiseTargets(ctx context.Context, targets []store.DerivedPath, 
 		return nil, nil, err
 	}
 	prog := c.newProgress()
-	results, err := r.Realise(ctx, targets, prog)
+	bprog := newBuildProgress(c.tun)
+	results, err := r.Realise(withBuildRequest(ctx, c.buildOptions(mode), bprog), targets, prog)
+	top := map[string]bool{}
+	for _, t := range targets {
+		top[c.dir.Abs(t.Path)] = true
+	}
+	bprog.logFailures(top)
 	prog.close()
+	bprog.close()
 	if err != nil {
 		return nil, nil, err
 	}

@@ -1,0 +1,69 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/nixyard/nixyard/internal/build"
+	"github.com/nixyard/nixyard/internal/config"
+)
+
+// buildConfig reads the daemon's build settings from nix.conf: max-jobs
+// (a number or "auto"; Nix's default 1), cores, sandbox, sandbox-paths,
+// build-users-group, timeout, max-silent-time, keep-failed and log-lines.
+// A chroot store (--store ROOT) always builds in the sandbox, as Nix.
+func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) (build.Config, error) {
+	cfg := build.Config{
+		BuildUsersGroup: s.String("build-users-group", ""),
+		SandboxPaths:    s.List("sandbox-paths", nil),
+		ChrootStore:     layout.RealStoreDir != string(layout.StoreDir),
+		Logger:          logger,
+	}
+	switch v := strings.TrimSpace(s.String("max-jobs", "1")); v {
+	case "auto":
+		cfg.MaxJobs = runtime.NumCPU()
+	default:
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			return cfg, fmt.Errorf("nix.conf: max-jobs: %q is not a number or 'auto'", v)
+		}
+		cfg.MaxJobs = max(n, 1) // 0 means remote builders only, which nixyard has not
+	}
+	switch v := strings.TrimSpace(s.String("sandbox", build.SandboxOn)); v {
+	case "true", "false", "relaxed":
+		cfg.Sandbox = v
+	default:
+		return cfg, fmt.Errorf("nix.conf: sandbox: %q is not true, false or relaxed", v)
+	}
+	ints := []struct {
+		name string
+		dst  *int
+	}{{"cores", &cfg.Cores}, {"log-lines", &cfg.LogLines}}
+	for _, x := range ints {
+		n, err := s.Int(x.name, 0)
+		if err != nil || n < 0 {
+			return cfg, fmt.Errorf("nix.conf: %s: not a non-negative number: %v", x.name, err)
+		}
+		*x.dst = int(n)
+	}
+	durations := []struct {
+		name string
+		dst  *time.Duration
+	}{{"timeout", &cfg.Timeout}, {"max-silent-time", &cfg.MaxSilentTime}}
+	for _, x := range durations {
+		n, err := s.Int(x.name, 0)
+		if err != nil || n < 0 {
+			return cfg, fmt.Errorf("nix.conf: %s: not a number of seconds: %v", x.name, err)
+		}
+		*x.dst = time.Duration(n) * time.Second
+	}
+	var err error
+	if cfg.KeepFailed, err = s.Bool("keep-failed", false); err != nil {
+		return cfg, fmt.Errorf("nix.conf: keep-failed: %w", err)
+	}
+	return cfg, nil
+}

@@ -1,0 +1,87 @@
+package daemon
+
+import (
+	"context"
+	"strconv"
+	"time"
+
+	"github.com/nixyard/nixyard/internal/build"
+	"github.com/nixyard/nixyard/internal/realise"
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+// RealiseBuilder plugs b into realise as its Builder. The options and the
+// progress sink of the client a build is for travel in the request's
+// context (withBuildRequest), since one Builder serves every connection;
+// without them a build gets the daemon's settings and no progress.
+func RealiseBuilder(b *build.Builder) realise.Builder { return realiseBuilder{b} }
+
+type realiseBuilder struct{ b *build.Builder }
+
+type buildRequestKey struct{}
+
+// buildRequest is what one client's request passes to the Builder.
+type buildRequest struct {
+	opts build.ClientOptions
+	prog build.Progress
+}
+
+func withBuildRequest(ctx context.Context, opts build.ClientOptions, prog build.Progress) context.Context {
+	return context.WithValue(ctx, buildRequestKey{}, buildRequest{opts: opts, prog: prog})
+}
+
+// Build implements realise.Builder.
+func (rb realiseBuilder) Build(ctx context.Context, targets []store.DerivedPath, session *store.Session) ([]realise.Result, error) {
+	req, _ := ctx.Value(buildRequestKey{}).(buildRequest)
+	req.opts.Session = session
+	res, err := rb.b.Build(ctx, targets, req.opts, req.prog)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]realise.Result, len(res))
+	for i, r := range res {
+		out[i] = realise.Result{Target: r.Path, Status: realise.Status(r.Status), ErrorMsg: r.ErrorMsg, Outputs: r.BuiltOutputs}
+	}
+	return out, nil
+}
+
+// buildOptions maps the client's settings (SetOptions) to the Builder's.
+//
+// max-jobs: the daemon's max-jobs caps the builds of all clients together
+// (build.Config.MaxJobs). A client's max-jobs can only lower its own share,
+// and only when the client set it explicitly (--max-jobs, --option
+// max-jobs, NIX_CONFIG or its nix.conf: it is then among the settings the
+// client overrides). Every Nix 2.8 client sends max-jobs 1 when it has no
+// setting of its own; taken literally, that would serialise every client's
+// builds on a host whose daemon allows more, which is not what the host's
+// max-jobs means on a shared CI machine.
+//
+// max-silent-time, timeout (or build-timeout), keep-failed and fallback
+// apply as sent; zero means the daemon's own setting.
+func (c *conn) buildOptions(mode uint64) build.ClientOptions {
+	s := c.opts
+	o := build.ClientOptions{
+		MaxSilentTime:  time.Duration(s.MaxSilentTime) * time.Second,
+		KeepFailed:     s.KeepFailed,
+		TryFallback:    s.TryFallback,
+		UseSubstitutes: s.UseSubstitutes,
+		Mode:           build.BuildMode(mode),
+		Session:        c.session,
+	}
+	if s.MaxJobsSet {
+		o.MaxJobs = int(min(s.MaxBuildJobs, 1<<20))
+	}
+	for _, k := range []string{"timeout", "build-timeout"} {
+		if v, ok := s.Overrides[k]; ok {
+			if n, err := strconv.ParseUint(v, 10, 32); err == nil {
+				o.Timeout = time.Duration(n) * time.Second
+			}
+		}
+	}
+	if v, ok := s.Overrides["max-silent-time"]; ok && o.MaxSilentTime == 0 {
+		if n, err := strconv.ParseUint(v, 10, 32); err == nil {
+			o.MaxSilentTime = time.Duration(n) * time.Second
+		}
+	}
+	return o
+}
