@@ -332,3 +332,34 @@ func TestSubstituteConcurrentClients(t *testing.T) {
 	}
 	d.verifyStopped(t)
 }
+
+func TestSubstituteUntrustedClient(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	other := e.otherStore("src")
+	cacheDir := filepath.Join(e.dir, "cache")
+	out, dep := e.buildFixture(t, other, "subst-untrusted")
+	e.fillCache(t, other, cacheDir, "xz", "", out)
+	good, bad := cachetest.New(cacheDir), cachetest.New(cacheDir)
+	defer good.Close()
+	defer bad.Close()
+	d := e.startDaemon(t, withConf("trusted-substituters = "+good.URL, "require-sigs = false"))
+	u := d.unprivileged(t)
+
+	// A substituter the daemon does not trust is dropped with Nix's
+	// warning, which leaves this connection without caches.
+	r := d.client("nix-store", "-r", out, "--option", "substituters", bad.URL).as(u).run(t)
+	if r.err == nil {
+		t.Fatalf("an untrusted client substituted from an untrusted cache:\n%s", r)
+	}
+	if want := "ignoring untrusted substituter '" + bad.URL + "'"; !strings.Contains(r.stderr, want) {
+		t.Errorf("no %q warning:\n%s", want, r)
+	}
+	if n := bad.Count(narURL(t, cacheDir, out)) + bad.Count(filepath.Base(out)[:32]+".narinfo"); n != 0 {
+		t.Errorf("the untrusted cache got %d requests", n)
+	}
+	// A cache listed in trusted-substituters may be chosen.
+	d.client("nix-store", "-r", out, "--option", "substituters", good.URL).as(u).ok(t)
+	d.assertFixture(t, out, dep)
+	d.verifyStopped(t)
+}
