@@ -1,0 +1,408 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// Builds through the daemon with the real nix-build / nix build. Every
+// daemon of this suite serves a chroot store (--store ROOT), so both
+// nix-daemon and nixyard run every build in the sandbox, whatever the
+// sandbox setting says. Builders reach the test through /marks, a
+// sandbox-paths bind of a directory of the test.
+
+// buildExprHead makes bb (busybox in the store) and mk, a derivation
+// running a busybox shell script; nonce makes every path unique to the test.
+const buildExprHead = `{ bbdir, nonce }:
+let
+  bb = builtins.path { path = bbdir; name = "busybox-static"; };
+  mk = { name, script, ... }@a: builtins.derivation ({
+    system = builtins.currentSystem;
+    builder = "${bb}/busybox";
+    args = [ "sh" "-c" script ];
+    inherit nonce;
+  } // builtins.removeAttrs a [ "script" ]);
+in
+`
+
+// buildEnv is a daemon for builds and the directory builders see as /marks.
+type buildEnv struct {
+	*daemon
+	marks string
+}
+
+func startBuildDaemon(t *testing.T, conf ...string) *buildEnv {
+	t.Helper()
+	e := newEnv(t)
+	marks := filepath.Join(e.dir, "marks")
+	mustMkdir(t, marks, 0o777)
+	d := e.startDaemon(t, withConf(append([]string{"sandbox-paths = /marks=" + marks}, conf...)...))
+	return &buildEnv{daemon: d, marks: marks}
+}
+
+// expr writes a Nix file of body after buildExprHead and returns the
+// arguments that evaluate it.
+func (e *testEnv) expr(t *testing.T, name, body string) []string {
+	t.Helper()
+	bbdir := filepath.Join(e.dir, "bb")
+	if _, err := os.Stat(bbdir); err != nil {
+		bb, err := os.ReadFile(busybox)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustMkdir(t, bbdir, 0o755)
+		writeFile(t, filepath.Join(bbdir, "busybox"), string(bb), 0o755)
+	}
+	file := writeFile(t, filepath.Join(e.dir, name+".nix"), buildExprHead+body, 0o644)
+	return []string{file, "--arg", "bbdir", bbdir, "--argstr", "nonce", e.nonce}
+}
+
+// nixBuild runs nix-build through the daemon.
+func (d *daemon) nixBuild(args ...string) *command { return d.client("nix-build", args...) }
+
+// markerLines reads a file builders appended to under /marks.
+func (b *buildEnv) markerLines(t *testing.T, name string) []string {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join(b.marks, name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return lines(string(data))
+}
+
+const graphExpr = `rec {
+  base = mk { name = "base"; script = "echo base-line; echo base > $out"; };
+  left = mk { name = "left"; inherit base; script = "echo left $base > $out"; };
+  right = mk { name = "right"; inherit base; script = "echo right $base > $out"; };
+  top = mk { name = "top"; inherit left right; script = "echo top-says-hello; echo $left $right > $out"; };
+  multi = mk { name = "multi"; outputs = [ "out" "dev" ]; inherit base; script = "echo o > $out; echo $base > $dev"; };
+}`
+
+func TestBuildGraph(t *testing.T) {
+	for _, sandbox := range []string{"true", "false"} {
+		t.Run("sandbox-"+sandbox, func(t *testing.T) { // no "=": Nix paths cannot hold it
+			t.Parallel()
+			b := startBuildDaemon(t, "sandbox = "+sandbox)
+			args := b.expr(t, "graph", graphExpr)
+
+			// A multi-level graph, with a result link; the builders' output
+			// reaches nix-build.
+			r := b.nixBuild(append(args, "-A", "top")...).run(t)
+			if r.err != nil {
+				t.Fatalf("nix-build failed:\n%s", r)
+			}
+			top := oneLine(t, "nix-build -A top", r.stdout)
+			for _, want := range []string{"base-line", "top-says-hello", "building '"} {
+				if !strings.Contains(r.stderr, want) {
+					t.Errorf("nix-build stderr lacks %q:\n%s", want, r.stderr)
+				}
+			}
+			link, err := os.Readlink(filepath.Join(b.dir, "result"))
+			if err != nil || link != top {
+				t.Errorf("result link: %q, %v; want %s", link, err, top)
+			}
+			left := oneLine(t, "left", b.nixBuild(append(args, "-A", "left", "--no-out-link")...).ok(t))
+			right := oneLine(t, "right", b.nixBuild(append(args, "-A", "right", "--no-out-link")...).ok(t))
+			base := oneLine(t, "base", b.nixBuild(append(args, "-A", "base", "--no-out-link")...).ok(t))
+			data, err := os.ReadFile(b.realPath(top))
+			if err != nil || string(data) != left+" "+right+"\n" {
+				t.Errorf("top output: %q, %v", data, err)
+			}
+			// Outputs refer to their inputs.
+			if got, want := sortedLines(b.nixStore(t, "-q", "--references", top)), []string{left, right}; !equalSorted(got, want) {
+				t.Errorf("references of top: %q, want %q", got, want)
+			}
+			if got := lines(b.nixStore(t, "-q", "--references", left)); len(got) != 1 || got[0] != base {
+				t.Errorf("references of left: %q, want [%s]", got, base)
+			}
+
+			// Multiple outputs (multi.all: drv!dev and drv!out), dev refers
+			// to base.
+			outs := sortedLines(b.nixBuild(append(args, "-A", "multi.all", "--no-out-link")...).ok(t))
+			if len(outs) != 2 || !strings.HasSuffix(outs[0], "-multi") && !strings.HasSuffix(outs[1], "-multi") {
+				t.Fatalf("nix-build -A multi.all: %q", outs)
+			}
+			dev := outs[0]
+			if !strings.HasSuffix(dev, "-multi-dev") {
+				dev = outs[1]
+			}
+			if got := lines(b.nixStore(t, "-q", "--references", dev)); len(got) != 1 || got[0] != base {
+				t.Errorf("references of multi-dev: %q", got)
+			}
+
+			// The log is stored where nix-store -l and nix log find it.
+			if got := b.nixStore(t, "-l", top); !strings.Contains(got, "top-says-hello") {
+				t.Errorf("nix-store -l: %q", got)
+			}
+			if got := b.nix(t, "log", base); !strings.Contains(got, "base-line") {
+				t.Errorf("nix log: %q", got)
+			}
+		})
+	}
+}
+
+func TestBuildNixBuildL(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	args := b.expr(t, "l", `mk { name = "dash-l"; script = "echo streamed-line-one; echo streamed-line-two; echo > $out"; }`)
+	r := b.client("nix", append([]string{"build", "-L", "--no-link", "--json", "-f"}, args...)...).run(t)
+	if r.err != nil {
+		t.Fatalf("nix build -L:\n%s", r)
+	}
+	for _, want := range []string{"dash-l> streamed-line-one", "dash-l> streamed-line-two"} {
+		if !strings.Contains(r.stderr, want) {
+			t.Errorf("nix build -L stderr lacks %q:\n%s", want, r.stderr)
+		}
+	}
+	var js []struct {
+		Outputs map[string]string `json:"outputs"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &js); err != nil || len(js) != 1 || js[0].Outputs["out"] == "" {
+		t.Fatalf("nix build --json: %q, %v", r.stdout, err)
+	}
+	if !b.isValid(t, js[0].Outputs["out"]) {
+		t.Errorf("%s is not valid after nix build", js[0].Outputs["out"])
+	}
+}
+
+func TestBuildFixedOutput(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	// sha256 of the empty file, flat.
+	args := b.expr(t, "fixed", `{
+  good = mk { name = "fixed-good"; outputHashMode = "flat"; outputHashAlgo = "sha256";
+    outputHash = "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="; script = "touch $out"; };
+  bad = mk { name = "fixed-bad"; outputHashMode = "flat"; outputHashAlgo = "sha256";
+    outputHash = "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="; script = "echo not-empty > $out"; };
+}`)
+	good := oneLine(t, "good", b.nixBuild(append(args, "-A", "good", "--no-out-link")...).ok(t))
+	if info := parsePathInfos(t, "path-info", b.nix(t, "path-info", "--json", good))[good]; info.CA != "fixed:sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73" {
+		t.Errorf("fixed output CA: %q", info.CA)
+	}
+	stderr := b.nixBuild(append(args, "-A", "bad", "--no-out-link")...).fails(t)
+	for _, want := range []string{"hash mismatch in fixed-output derivation", "specified: sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=", "got:    sha256-"} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("wrong hash: stderr lacks %q:\n%s", want, stderr)
+		}
+	}
+}
+
+func TestBuildFailures(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	args := b.expr(t, "fail", `rec {
+  fails = mk { name = "fails"; script = "echo first-failing-line; echo last-failing-line; exit 3"; };
+  sleeps = mk { name = "sleeps"; script = "echo going-to-sleep; sleep 60; echo > $out"; };
+  needsFail = mk { name = "needs-fail"; dep = fails; script = "echo > $out"; };
+}`)
+	t.Run("exit code and log tail", func(t *testing.T) {
+		stderr := b.nixBuild(append(args, "-A", "fails", "--no-out-link")...).fails(t)
+		for _, want := range []string{"failed with exit code 3", "last-failing-line", "first-failing-line"} {
+			if !strings.Contains(stderr, want) {
+				t.Errorf("stderr lacks %q:\n%s", want, stderr)
+			}
+		}
+		stderr = b.nixBuild(append(args, "-A", "needsFail", "--no-out-link")...).fails(t)
+		for _, want := range []string{"failed with exit code 3", "1 dependencies of derivation", "needs-fail.drv"} {
+			if !strings.Contains(stderr, want) {
+				t.Errorf("dependency failure: stderr lacks %q:\n%s", want, stderr)
+			}
+		}
+	})
+	t.Run("timeout", func(t *testing.T) {
+		stderr := b.nixBuild(append(args, "-A", "sleeps", "--no-out-link", "--timeout", "1")...).fails(t)
+		if !strings.Contains(stderr, "timed out after 1 seconds") {
+			t.Errorf("stderr:\n%s", stderr)
+		}
+	})
+	t.Run("max-silent-time", func(t *testing.T) {
+		stderr := b.nixBuild(append(args, "-A", "sleeps", "--no-out-link", "--max-silent-time", "1")...).fails(t)
+		if !strings.Contains(stderr, "timed out after 1 seconds of silence") || !strings.Contains(stderr, "going-to-sleep") {
+			t.Errorf("stderr:\n%s", stderr)
+		}
+	})
+	t.Run("keep-failed", func(t *testing.T) {
+		stderr := b.nixBuild(append(args, "-A", "fails", "--no-out-link", "--keep-failed")...).fails(t)
+		m := regexp.MustCompile(`keeping build directory '([^']+)'`).FindStringSubmatch(stderr)
+		if m == nil {
+			t.Fatalf("no kept build directory in:\n%s", stderr)
+		}
+		if st, err := os.Stat(m[1]); err != nil || !st.IsDir() {
+			t.Errorf("kept build directory %s: %v", m[1], err)
+		}
+	})
+}
+
+// TestBuildConcurrentClients: four clients build overlapping graphs at
+// once; every derivation is built exactly once and none fails.
+func TestBuildConcurrentClients(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	args := b.expr(t, "shared", `rec {
+  step = name: deps: mk { inherit name deps; script = "echo ${name} >> /marks/built; sleep 0.2; echo $deps > $out"; };
+  base = step "base" [];
+  a = step "a" [ base ]; b = step "b" [ base ]; c = step "c" [ a b ];
+  t0 = step "t0" [ a ]; t1 = step "t1" [ b c ]; t2 = step "t2" [ c ]; t3 = step "t3" [ a b c ];
+}`)
+	var wg sync.WaitGroup
+	results := make([]result, 4)
+	for i := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i] = b.nixBuild(append(args, "-A", fmt.Sprintf("t%d", i), "--no-out-link")...).run(t)
+		}()
+	}
+	wg.Wait()
+	for _, r := range results {
+		if r.err != nil {
+			t.Errorf("client failed:\n%s", r)
+		}
+	}
+	counts := map[string]int{}
+	for _, l := range b.markerLines(t, "built") {
+		counts[l]++
+	}
+	for _, name := range []string{"base", "a", "b", "c", "t0", "t1", "t2", "t3"} {
+		if counts[name] != 1 {
+			t.Errorf("%s built %d times, want 1 (all: %v)", name, counts[name], counts)
+		}
+	}
+}
+
+// TestBuildHostWideCap: with max-jobs = 2 on the daemon, four clients
+// asking for 8 builds each never have more than 2 builders running at
+// once. Each builder records how many builders are running while it runs.
+func TestBuildHostWideCap(t *testing.T) {
+	if useStock {
+		t.Skip("nix-daemon has no host-wide cap: each client's max-jobs applies on its own")
+	}
+	t.Parallel()
+	b := startBuildDaemon(t, "max-jobs = 2")
+	mustMkdir(t, filepath.Join(b.marks, "running"), 0o777)
+	args := b.expr(t, "cap", `let
+  list = client: builtins.genList (i: mk {
+    name = "cap-${toString client}-${toString i}";
+    script = "touch /marks/running/$name; ls /marks/running | wc -l >> /marks/samples; sleep 0.3; rm /marks/running/$name; echo > $out"; }) 8;
+in { c0 = list 0; c1 = list 1; c2 = list 2; c3 = list 3; }`)
+	var wg sync.WaitGroup
+	results := make([]result, 4)
+	for i := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i] = b.nixBuild(append(args, "-A", "c"+strconv.Itoa(i), "--no-out-link", "--max-jobs", "8")...).run(t)
+		}()
+	}
+	wg.Wait()
+	for _, r := range results {
+		if r.err != nil {
+			t.Errorf("client failed:\n%s", r)
+		} else if n := len(lines(r.stdout)); n != 8 {
+			t.Errorf("client built %d paths, want 8:\n%s", n, r)
+		}
+	}
+	samples := b.markerLines(t, "samples")
+	if len(samples) != 32 {
+		t.Errorf("%d samples, want 32", len(samples))
+	}
+	peak := 0
+	for _, s := range samples {
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil {
+			t.Fatalf("sample %q: %v", s, err)
+		}
+		peak = max(peak, n)
+	}
+	if peak > 2 {
+		t.Errorf("%d builders ran at once, cap is 2", peak)
+	}
+	t.Logf("peak concurrent builders: %d", peak)
+}
+
+// TestBuildEquivalence: real Nix building the same derivations in a
+// chroot store of its own gives the same output paths and NAR hashes as
+// the daemon.
+func TestBuildEquivalence(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	args := b.expr(t, "graph", graphExpr)
+	other := b.otherStore("reference")
+	for _, attr := range []string{"top", "multi"} {
+		got := sortedLines(b.nixBuild(append(args, "-A", attr, "--no-out-link")...).ok(t))
+		want := sortedLines(b.cmd("nix-build", append(args, "-A", attr, "--no-out-link", "--store", other)...).ok(t))
+		if !equalSorted(got, want) {
+			t.Fatalf("%s: daemon built %q, real Nix %q", attr, got, want)
+		}
+		gotInfo := parsePathInfos(t, "daemon", b.nix(t, append([]string{"path-info", "--json", "-r"}, got...)...))
+		wantInfo := parsePathInfos(t, "reference", b.local(other, "nix", append([]string{"path-info", "--json", "-r"}, want...)...).ok(t))
+		assertSameClosure(t, attr, wantInfo, gotInfo)
+	}
+}
+
+// TestBuildSandboxIsolation: a sandboxed builder sees only its closure in
+// /nix/store and has no network.
+func TestBuildSandboxIsolation(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t, "sandbox = true")
+	unrelated := oneLine(t, "add", b.nixStore(t, "--add", b.file(t, "unrelated", "not in the closure "+b.nonce)))
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	var accepted sync.WaitGroup
+	connected := false
+	accepted.Add(1)
+	go func() {
+		defer accepted.Done()
+		if c, err := l.Accept(); err == nil {
+			connected = true
+			c.Close()
+		}
+	}()
+	port := l.Addr().(*net.TCPAddr).Port
+	args := b.expr(t, "iso", fmt.Sprintf(`rec {
+  dep = mk { name = "iso-dep"; script = "echo dep > $out"; };
+  probe = mk { name = "iso-probe"; inherit dep; script = ''
+    mkdir $out
+    ls /nix/store > $out/store
+    if echo hi | nc -w 2 127.0.0.1 %d; then echo reached > $out/net; else echo isolated > $out/net; fi
+  ''; };
+}`, port))
+	dep := oneLine(t, "dep", b.nixBuild(append(args, "-A", "dep", "--no-out-link")...).ok(t))
+	probe := oneLine(t, "probe", b.nixBuild(append(args, "-A", "probe", "--no-out-link")...).ok(t))
+	l.Close()
+	accepted.Wait()
+	seen, err := os.ReadFile(filepath.Join(b.realPath(probe), "store"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := lines(string(seen))
+	if contains(names, filepath.Base(unrelated)) {
+		t.Errorf("the builder saw %s, outside its closure: %q", unrelated, names)
+	}
+	if !contains(names, filepath.Base(dep)) {
+		t.Errorf("the builder did not see its input %s: %q", dep, names)
+	}
+	netOut, err := os.ReadFile(filepath.Join(b.realPath(probe), "net"))
+	if err != nil || string(netOut) != "isolated\n" || connected {
+		t.Errorf("network: builder says %q (%v), host listener connected: %v", netOut, err, connected)
+	}
+}
+
+func equalSorted(a, b []string) bool {
+	a, b = append([]string(nil), a...), append([]string(nil), b...)
+	sort.Strings(a)
+	sort.Strings(b)
+	return strings.Join(a, "\n") == strings.Join(b, "\n")
+}
