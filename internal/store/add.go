@@ -344,11 +344,11 @@ func (b *batch) abort() {
 // would cost a goroutine or two (see pointCtx).
 func (s *Store) register(ctx context.Context, paths []*pendingPath) error {
 	ctx = context.WithoutCancel(ctx)
-	tx, err := s.db.w.BeginTx(ctx, nil)
-	if err != nil {
-		return err
-	}
-	defer tx.Rollback()
+	return s.db.write(ctx, func(tx *sql.Tx) error { return s.registerTx(ctx, tx, paths) })
+}
+
+// registerTx is register's transaction body.
+func (s *Store) registerTx(ctx context.Context, tx *sql.Tx, paths []*pendingPath) error {
 	now := time.Now().Unix()
 	ids := make([]int64, len(paths))
 	for i, pp := range paths {
@@ -410,7 +410,7 @@ func (s *Store) register(ctx context.Context, paths []*pendingPath) error {
 			}
 		}
 	}
-	return tx.Commit()
+	return nil
 }
 
 func nullString(s string) sql.NullString { return sql.NullString{String: s, Valid: s != ""} }
@@ -576,24 +576,20 @@ func (s *Store) addUnpacked(ctx context.Context, info PathInfo, tmp string, repa
 // set, as Nix does).
 func (s *Store) AddSignatures(ctx context.Context, p storepath.Path, sigs []string) error {
 	abs := s.abs(p)
-	tx, err := s.db.w.BeginTx(ctx, nil)
+	err := s.db.write(ctx, func(tx *sql.Tx) error {
+		var cur sql.NullString
+		err := tx.QueryRowContext(ctx, "select sigs from ValidPaths where path = ?", abs).Scan(&cur)
+		if errors.Is(err, sql.ErrNoRows) {
+			return fmt.Errorf("path '%s': %w", abs, ErrNotValid)
+		}
+		if err != nil {
+			return err
+		}
+		all := append(strings.Fields(cur.String), sigs...)
+		_, err = tx.ExecContext(ctx, "update ValidPaths set sigs = ? where path = ?", nullString(strings.Join(sortedSigs(all), " ")), abs)
+		return err
+	})
 	if err != nil {
-		return fmt.Errorf("store: adding signatures to %s: %w", abs, err)
-	}
-	defer tx.Rollback()
-	var cur sql.NullString
-	err = tx.QueryRowContext(ctx, "select sigs from ValidPaths where path = ?", abs).Scan(&cur)
-	if errors.Is(err, sql.ErrNoRows) {
-		return fmt.Errorf("store: path '%s': %w", abs, ErrNotValid)
-	}
-	if err != nil {
-		return fmt.Errorf("store: adding signatures to %s: %w", abs, err)
-	}
-	all := append(strings.Fields(cur.String), sigs...)
-	if _, err := tx.ExecContext(ctx, "update ValidPaths set sigs = ? where path = ?", nullString(strings.Join(sortedSigs(all), " ")), abs); err != nil {
-		return fmt.Errorf("store: adding signatures to %s: %w", abs, err)
-	}
-	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("store: adding signatures to %s: %w", abs, err)
 	}
 	return nil

@@ -3,44 +3,46 @@ package store
 import (
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
 
+// externalStaleness bounds how long a commit by another process (real Nix
+// opening the same store directly) can go unnoticed by the path info cache.
+// The stock nix-daemon caches path info per connection with no bound at all;
+// checking SQLite's data_version costs a few microseconds, so checking at
+// most this often keeps it off the per-request cost.
+const externalStaleness = 10 * time.Millisecond
+
 // infoCache keeps the PathInfo of recently queried paths in memory, so that
-// a QueryPathInfo that hits it costs a map lookup and one cheap SQLite call
-// instead of a query.
+// a QueryPathInfo that hits it costs a map lookup instead of a query.
 //
-// Consistency: every lookup first reads the database's data_version on a
-// dedicated connection (database.dataVersion). It changes whenever any
-// other connection commits — our own writer (registration, AddSignatures,
-// garbage collection, repair, verify, DerivationOutputs: every write of this
-// package goes through it) as much as another process such as real Nix
-// opening the same store. When it has changed since the cache was last
-// checked, the whole cache is dropped before the lookup. An entry is only
-// inserted if no commit was seen between the check that preceded its
-// database read and the insertion (fill compares generations), so an entry
-// is never older than the newest commit the cache has been checked against.
-// A lookup that hits therefore answers exactly what a query would have
-// answered at the moment of its check: there is no staleness window, and no
-// write path needs to remember to invalidate. The price is that every commit
-// empties the cache; reads refill it.
+// Consistency:
+//   - Our own writes: every transaction of this package goes through
+//     database.write, which calls invalidate after the commit. A query that
+//     starts after a write returned never sees what the write replaced.
+//   - Other processes: the database's data_version, read on a dedicated
+//     connection, changes whenever another connection commits. It is checked
+//     when the last check is older than externalStaleness; when it changed,
+//     the cache is dropped.
+//   - Fills: an entry read from the database is inserted only if the cache's
+//     epoch (bumped on every drop) did not change since the lookup that
+//     missed, so a read that raced with a commit is never cached.
 //
 // Not-valid answers are not cached. Entries are never handed out: callers
 // get copies (clone), so they may modify what they receive.
 //
 // An infoCache is safe for concurrent use.
 type infoCache struct {
-	db *database
+	db  *database
+	now func() time.Time
 
-	mu   sync.Mutex
-	cond sync.Cond // on mu: a check finished
-	gen  int64     // data_version the entries are valid for
-	m    map[storepath.Path]*PathInfo
-
-	started, finished uint64 // checks started and finished (one runs at a time)
-	running           bool
-	checkErr          error // of the last finished check
+	mu        sync.Mutex
+	epoch     uint64    // bumped whenever the entries are dropped
+	version   int64     // data_version at the last check (-1: none yet)
+	checkedAt time.Time // when the last check started
+	m         map[storepath.Path]*PathInfo
 }
 
 // maxCachedInfos bounds the cache: at a few hundred bytes per entry (paths,
@@ -50,72 +52,66 @@ const maxCachedInfos = 1 << 17
 
 func (c *infoCache) init(db *database) {
 	c.db = db
-	c.cond.L = &c.mu
-	c.gen = -1
+	c.now = time.Now
+	c.version = -1
 	c.m = map[storepath.Path]*PathInfo{}
+	db.onCommit = c.invalidate
 }
 
-// check brings the cache up to date with the database and returns the
-// generation a database read made from now on may be filled under.
-//
-// Concurrent callers share checks: a caller needs a check that started
-// after it arrived (one already running may have read data_version before
-// a commit that finished just before the caller came), so it waits for the
-// running check to end and then for the next one, which one of the waiters
-// runs for all of them. Called with c.mu held; c.mu is released while the
-// pragma runs.
-func (c *infoCache) check() (int64, error) {
-	need := c.started + 1
-	for c.finished < need {
-		if c.running {
-			c.cond.Wait()
-			continue
-		}
-		c.running = true
-		c.started++
-		n := c.started
-		c.mu.Unlock()
-		c.db.guardMu.Lock()
-		v, err := c.db.dataVersion()
-		c.db.guardMu.Unlock()
-		c.mu.Lock()
-		c.running = false
-		c.finished = n
-		c.checkErr = err
-		if err == nil && v != c.gen {
-			clear(c.m)
-			c.gen = v
-		}
-		c.cond.Broadcast()
-	}
-	if c.checkErr != nil {
-		return 0, c.checkErr
-	}
-	return c.gen, nil
-}
-
-// get returns a copy of p's cached info (nil if absent) and the generation
-// under which a database read started now may be filled in.
-func (c *infoCache) get(p storepath.Path) (*PathInfo, int64, error) {
+// invalidate drops every entry; database.write calls it after our commits.
+func (c *infoCache) invalidate() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	gen, err := c.check()
+	c.drop()
+}
+
+func (c *infoCache) drop() {
+	clear(c.m)
+	c.epoch++
+}
+
+// checkExternal drops the cache if another process committed since the last
+// check. Called with c.mu held.
+func (c *infoCache) checkExternal() error {
+	now := c.now()
+	if c.version >= 0 && now.Sub(c.checkedAt) < externalStaleness {
+		return nil
+	}
+	c.db.guardMu.Lock()
+	v, err := c.db.dataVersion()
+	c.db.guardMu.Unlock()
 	if err != nil {
+		return err
+	}
+	c.checkedAt = now
+	if v != c.version {
+		c.drop()
+		c.version = v
+	}
+	return nil
+}
+
+// get returns a copy of p's cached info (nil if absent) and the epoch under
+// which a database read started now may be filled in.
+func (c *infoCache) get(p storepath.Path) (*PathInfo, uint64, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := c.checkExternal(); err != nil {
 		return nil, 0, err
 	}
 	if e := c.m[p]; e != nil {
-		return clone(e), gen, nil
+		return clone(e), c.epoch, nil
 	}
-	return nil, gen, nil
+	return nil, c.epoch, nil
 }
 
-// fill inserts info, read from the database after a get that returned gen.
-// It keeps its own copy.
-func (c *infoCache) fill(gen int64, info *PathInfo) {
+// fill inserts info, read from the database after a get that returned
+// epoch. It keeps its own copy.
+func (c *infoCache) fill(epoch uint64, info *PathInfo) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if gen != c.gen {
-		return // a commit was seen since: info may predate it
+	if epoch != c.epoch {
+		return // the cache was dropped since: info may predate a commit
 	}
 	if len(c.m) >= maxCachedInfos {
 		for k := range c.m {

@@ -9,16 +9,33 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nixyard/nixyard/internal/nix/contentaddress"
 	"github.com/nixyard/nixyard/internal/nix/hash"
 )
 
-// TestCacheSeesOtherWriters checks that cached path infos never outlive a
-// change committed by another connection (as another process would), nor
-// one of our own writes, and that callers may modify what they get.
+// fakeClock makes the path info cache's clock controllable; the returned
+// func moves it past the staleness bound for other processes' commits.
+func fakeClock(s *Store) (advance func()) {
+	now := time.Unix(1_000_000, 0)
+	s.cache.mu.Lock()
+	s.cache.now = func() time.Time { return now }
+	s.cache.mu.Unlock()
+	return func() {
+		s.cache.mu.Lock()
+		now = now.Add(externalStaleness)
+		s.cache.mu.Unlock()
+	}
+}
+
+// TestCacheSeesOtherWriters checks that cached path infos never outlive one
+// of our own writes, outlive a change committed by another connection (as
+// another process would) by at most externalStaleness, and that callers may
+// modify what they get.
 func TestCacheSeesOtherWriters(t *testing.T) {
 	s, root := testStore(t)
+	advance := fakeClock(s)
 	ctx := context.Background()
 	info, err := s.AddToStoreContent(ctx, "cached", contentaddress.Flat, hash.SHA256, nil, strings.NewReader("cached"), false)
 	if err != nil {
@@ -49,6 +66,14 @@ func TestCacheSeesOtherWriters(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if len(got.Sigs) != 0 {
+		t.Errorf("within the staleness bound: sigs %q, want the cached (none)", got.Sigs)
+	}
+	advance()
+	got, err = s.QueryPathInfo(ctx, p)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if !slices.Equal(got.Sigs, []string{"other:sig"}) {
 		t.Errorf("after a foreign update: sigs %q, want [other:sig]", got.Sigs)
 	}
@@ -69,6 +94,7 @@ func TestCacheSeesOtherWriters(t *testing.T) {
 	if _, err := other.Exec("delete from ValidPaths where path = ?", s.abs(p)); err != nil {
 		t.Fatal(err)
 	}
+	advance()
 	if _, err := s.QueryPathInfo(ctx, p); !errors.Is(err, ErrNotValid) {
 		t.Errorf("after a foreign deletion: err = %v, want ErrNotValid", err)
 	}
@@ -80,6 +106,7 @@ func TestCacheSeesRealNix(t *testing.T) {
 		t.Skip("nix not installed")
 	}
 	s, root := testStore(t)
+	advance := fakeClock(s)
 	ctx := context.Background()
 	info, err := s.AddToStoreContent(ctx, "signed", contentaddress.Flat, hash.SHA256, nil, strings.NewReader("signed"), false)
 	if err != nil {
@@ -91,6 +118,7 @@ func TestCacheSeesRealNix(t *testing.T) {
 	key := filepath.Join(t.TempDir(), "key")
 	nixCmd(t, root, "nix-store", "--generate-binary-cache-key", "test-1", key, key+".pub")
 	nixCmd(t, root, "nix", "store", "sign", "--key-file", key, s.abs(info.Path))
+	advance()
 	got, err := s.QueryPathInfo(ctx, info.Path)
 	if err != nil {
 		t.Fatal(err)

@@ -109,6 +109,28 @@ type database struct {
 	guard     driver.Conn
 	guardStmt driver.Stmt
 	guardDest []driver.Value
+
+	// onCommit runs after every transaction of the writer (see write).
+	onCommit func()
+}
+
+// write runs fn in a transaction of the writer connection and commits it.
+// Every write of this package goes through it, so that onCommit (the path
+// info cache's invalidation) follows every commit of ours.
+func (d *database) write(ctx context.Context, fn func(tx *sql.Tx) error) error {
+	tx, err := d.w.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if err := fn(tx); err != nil {
+		return err
+	}
+	err = tx.Commit()
+	if d.onCommit != nil {
+		d.onCommit()
+	}
+	return err
 }
 
 // openDatabase opens db/db.sqlite, creating it and db/schema as Nix does

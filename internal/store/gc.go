@@ -3,6 +3,7 @@ package store
 import (
 	"bufio"
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"net"
@@ -506,28 +507,24 @@ func (s *Store) topoSort(ctx context.Context, set map[storepath.Path]bool) ([]st
 // invalidatePathChecked removes p from the database, refusing if valid
 // paths other than p itself still refer to it.
 func (s *Store) invalidatePathChecked(ctx context.Context, p storepath.Path) error {
-	tx, err := s.db.w.BeginTx(ctx, nil)
-	if err != nil {
-		return fmt.Errorf("store: invalidating %s: %w", s.abs(p), err)
-	}
-	defer tx.Rollback()
-	rows, err := tx.QueryContext(ctx, "select path from Refs join ValidPaths on referrer = id where reference = (select id from ValidPaths where path = ?)", s.abs(p))
-	if err != nil {
-		return fmt.Errorf("store: invalidating %s: %w", s.abs(p), err)
-	}
-	referrers, err := s.scanPaths(rows, "referrers of "+s.abs(p))
-	if err != nil {
-		return err
-	}
-	for _, r := range referrers {
-		if r != p {
-			return fmt.Errorf("store: cannot delete path '%s' because it is in use by '%s'", s.abs(p), s.abs(r))
+	err := s.db.write(ctx, func(tx *sql.Tx) error {
+		rows, err := tx.QueryContext(ctx, "select path from Refs join ValidPaths on referrer = id where reference = (select id from ValidPaths where path = ?)", s.abs(p))
+		if err != nil {
+			return err
 		}
-	}
-	if _, err := tx.ExecContext(ctx, "delete from ValidPaths where path = ?", s.abs(p)); err != nil {
-		return fmt.Errorf("store: invalidating %s: %w", s.abs(p), err)
-	}
-	if err := tx.Commit(); err != nil {
+		referrers, err := s.scanPaths(rows, "referrers of "+s.abs(p))
+		if err != nil {
+			return err
+		}
+		for _, r := range referrers {
+			if r != p {
+				return fmt.Errorf("cannot delete path '%s' because it is in use by '%s'", s.abs(p), s.abs(r))
+			}
+		}
+		_, err = tx.ExecContext(ctx, "delete from ValidPaths where path = ?", s.abs(p))
+		return err
+	})
+	if err != nil {
 		return fmt.Errorf("store: invalidating %s: %w", s.abs(p), err)
 	}
 	return nil

@@ -62,7 +62,7 @@ func (s *Store) IsValidPath(ctx context.Context, p storepath.Path) (bool, error)
 
 // QueryPathInfo returns the metadata of a valid path, or an error wrapping
 // ErrNotValid. The result is the caller's to modify. Answers come from the
-// in-memory cache when it holds p and no commit happened since (cache.go).
+// in-memory cache when it holds p (see cache.go for why that is current).
 func (s *Store) QueryPathInfo(ctx context.Context, p storepath.Path) (*PathInfo, error) {
 	info, gen, err := s.cache.get(p)
 	if err != nil {

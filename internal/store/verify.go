@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"database/sql"
 	"fmt"
 	"io"
 	"os"
@@ -81,7 +82,10 @@ func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, log
 		}
 		if canInvalidate {
 			log(fmt.Sprintf("path '%s' disappeared, removing from database...", s.abs(p)))
-			if _, err := s.db.w.ExecContext(ctx, "delete from ValidPaths where path = ?", s.abs(p)); err != nil {
+			if err := s.db.write(ctx, func(tx *sql.Tx) error {
+				_, err := tx.ExecContext(ctx, "delete from ValidPaths where path = ?", s.abs(p))
+				return err
+			}); err != nil {
 				return fmt.Errorf("store: invalidating %s: %w", s.abs(p), err)
 			}
 		} else {
@@ -154,7 +158,10 @@ func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, log
 		}
 		if info.NarSize == 0 {
 			log(fmt.Sprintf("updating size field on '%s' to %d", s.abs(p), size))
-			if _, err := s.db.w.ExecContext(ctx, "update ValidPaths set narSize = ? where path = ?", int64(size), s.abs(p)); err != nil {
+			if err := s.db.write(ctx, func(tx *sql.Tx) error {
+				_, err := tx.ExecContext(ctx, "update ValidPaths set narSize = ? where path = ?", int64(size), s.abs(p))
+				return err
+			}); err != nil {
 				return false, fmt.Errorf("store: updating %s: %w", s.abs(p), err)
 			}
 		}
