@@ -53,6 +53,9 @@ type options struct {
 	keep        bool
 	skipQPI     bool
 	skipCopy    bool
+	skipBuilds  bool
+	// buildsMaxJobs is both daemons' max-jobs in the builds scenario.
+	buildsMaxJobs int
 }
 
 func parseFlags() (options, error) {
@@ -77,6 +80,8 @@ func parseFlags() (options, error) {
 	flag.BoolVar(&o.keep, "keep", false, "keep the work directory's logs (the scratch file system is always removed)")
 	flag.BoolVar(&o.skipQPI, "skip-qpi", false, "skip the QueryPathInfo measurements")
 	flag.BoolVar(&o.skipCopy, "skip-copy", false, "skip the nix copy measurements")
+	flag.BoolVar(&o.skipBuilds, "skip-builds", false, "skip the builds measurements")
+	flag.IntVar(&o.buildsMaxJobs, "builds-max-jobs", 2, "the daemons' max-jobs in the builds scenario")
 	flag.Parse()
 	if flag.NArg() > 0 {
 		return o, fmt.Errorf("unexpected arguments %q", flag.Args())
@@ -207,6 +212,13 @@ func run(ctx context.Context, o options) (err error) {
 		}
 	}
 
+	if !o.skipBuilds {
+		ms, err := b.benchBuilds(ctx)
+		metrics = append(metrics, ms...)
+		if err != nil {
+			return err
+		}
+	}
 	report := b.report(metrics, fsDesc)
 	fmt.Println(report)
 	if o.docs != "" {
