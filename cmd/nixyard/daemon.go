@@ -24,6 +24,9 @@ const daemonUsage = `usage: nixyard daemon [options]
   --store DIR           serve a chroot store rooted at DIR (files under DIR/nix/store,
                         state under DIR/nix/var/nix, socket DIR/nix/var/nix/daemon-socket/socket)
   --stdio               serve one trusted client on stdin/stdout (what ssh-ng runs)
+  --listen PATH[,trusted=false][,tenant=NAME]
+                        also listen on PATH (repeatable); trusted=false makes every client
+                        of that socket untrusted whatever its uid (a CI job socket)
   --option NAME VALUE   override a nix.conf setting
   --log-level LEVEL     debug, info, warn or error (default info)
 
@@ -36,6 +39,7 @@ type daemonOptions struct {
 	stdio     bool
 	overrides [][2]string
 	logLevel  slog.Level
+	listens   []daemon.ListenSpec
 }
 
 func parseDaemonArgs(args []string) (daemonOptions, error) {
@@ -62,6 +66,13 @@ func parseDaemonArgs(args []string) (daemonOptions, error) {
 			}
 		case "--stdio":
 			o.stdio = true
+		case "--listen":
+			var v string
+			if v, err = need(); err == nil {
+				var spec daemon.ListenSpec
+				spec, err = daemon.ParseListenSpec(v)
+				o.listens = append(o.listens, spec)
+			}
 		case "--daemon":
 			// nix-daemon accepts and ignores it.
 		case "--option":
@@ -149,6 +160,11 @@ func runDaemon(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	jm, err := startJobs(ctx, st, settings, logger)
+	if err != nil {
+		return err
+	}
+	defer jm.Close()
 	srv := daemon.New(daemon.Options{
 		Store:           st,
 		TrustedUsers:    settings.List("trusted-users", []string{"root"}),
@@ -157,17 +173,18 @@ func runDaemon(ctx context.Context, args []string) error {
 		Settings:        settings.Map(),
 		Realise:         rm,
 		Builder:         builder,
+		Jobs:            jm,
 		Logger:          logger,
 	})
 	if opts.stdio {
 		return srv.ServeConn(ctx, os.Stdin, os.Stdout, true)
 	}
-	l, err := listen(layout.SocketPath)
+	ls, err := listenAll(layout.SocketPath, opts.listens, logger)
 	if err != nil {
 		return err
 	}
 	logger.Info("nixyard daemon listening", "socket", layout.SocketPath, "store", layout.RealStoreDir, "version", version)
-	return srv.Serve(ctx, l)
+	return srv.ServeAll(ctx, ls)
 }
 
 // listen creates the daemon socket as nix-daemon does: the directory is made

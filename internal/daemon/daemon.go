@@ -18,6 +18,7 @@ import (
 
 	"github.com/nixyard/nixyard/internal/build"
 	"github.com/nixyard/nixyard/internal/daemon/wire"
+	"github.com/nixyard/nixyard/internal/jobs"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/realise"
 	"github.com/nixyard/nixyard/internal/store"
@@ -43,7 +44,10 @@ type Options struct {
 	// Builder builds derivations (BuildDerivation, and builds through
 	// Realise); nil means the daemon does not build.
 	Builder *build.Builder
-	Logger  *slog.Logger
+	// Jobs groups the connections of a container's job into one job
+	// session (see package jobs); nil gives every connection its own.
+	Jobs   *jobs.Manager
+	Logger *slog.Logger
 }
 
 // Server serves worker-protocol connections. It is safe for concurrent use.
@@ -77,6 +81,11 @@ func New(opts Options) *Server {
 // is done (closing l and every connection, and waiting for their
 // goroutines), or on a permanent accept error.
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	return s.serveListener(ctx, l, ListenPolicy{})
+}
+
+// serveListener is Serve for a socket with policy pol.
+func (s *Server) serveListener(ctx context.Context, l net.Listener, pol ListenPolicy) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stop := context.AfterFunc(ctx, func() { l.Close() })
@@ -109,17 +118,25 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 		go func() {
 			defer wg.Done()
 			defer nc.Close()
-			s.serveNetConn(ctx, nc)
+			s.serveNetConn(ctx, nc, pol)
 		}()
 	}
 }
 
 // serveNetConn authenticates a socket peer and serves it.
-func (s *Server) serveNetConn(ctx context.Context, nc net.Conn) {
+func (s *Server) serveNetConn(ctx context.Context, nc net.Conn, pol ListenPolicy) {
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	defer stop()
 	p := s.identify(nc)
+	s.applyPolicy(&p, pol)
 	log := s.log.With("pid", p.pid, "user", p.user)
+	if p.tenant != "" {
+		log = log.With("tenant", p.tenant)
+	}
+	if p.job != nil {
+		defer p.job.Release()
+		log = log.With("job", p.job.ID())
+	}
 	if p.refused != "" {
 		log.Warn("refusing connection", "reason", p.refused)
 	} else {
@@ -208,12 +225,9 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 		return err
 	}
 	if c.st != nil {
-		c.session = c.st.OpenSession()
-		defer func() {
-			if cerr := c.session.Close(); cerr != nil {
-				log.Warn("closing store session", "err", cerr)
-			}
-		}()
+		var release func()
+		c.session, release = c.openSession()
+		defer release()
 	}
 	ops := 0
 	defer func() { log.Debug("connection closed", "ops", ops) }()

@@ -125,6 +125,7 @@ func opCollectGarbageHandler(ctx context.Context, c *conn) error {
 		// Old clients send 0 for "no limit"; Nix treats 0 the same way.
 		opts.MaxFreed = math.MaxUint64
 	}
+	c.reapJobs()
 	res, err := c.st.CollectGarbage(ctx, opts, func(msg string) { c.tun.Log(lvlInfo, msg) })
 	if err != nil {
 		return fmt.Errorf("collecting garbage: %w", err)

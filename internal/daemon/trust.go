@@ -10,6 +10,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nixyard/nixyard/internal/jobs"
 )
 
 var errTooManyFiles = syscall.EMFILE
@@ -20,7 +22,9 @@ type peer struct {
 	uid     int   // -1 if unknown
 	user    string
 	trusted bool
-	refused string // non-empty: why the connection is refused
+	refused string     // non-empty: why the connection is refused
+	tenant  string     // the listening socket's tenant, if any
+	job     *jobs.Conn // the peer's job, if it is in a container
 }
 
 func (p peer) pidString() string {

@@ -1,0 +1,69 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/nixyard/nixyard/internal/config"
+	"github.com/nixyard/nixyard/internal/daemon"
+	"github.com/nixyard/nixyard/internal/jobs"
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+// jobReapInterval is how often ended jobs are looked for between
+// collections (each collection also looks first).
+const jobReapInterval = time.Minute
+
+// startJobs creates the job-session manager (nix.conf-style setting
+// job-lease: a Go duration such as 6h, or seconds) and its periodic reaper.
+func startJobs(ctx context.Context, st *store.Store, settings *config.Settings, logger *slog.Logger) (*jobs.Manager, error) {
+	lease := jobs.DefaultLease
+	if v, ok := settings.Lookup("job-lease"); ok {
+		d, err := parseLease(v)
+		if err != nil {
+			return nil, err
+		}
+		lease = d
+	}
+	jm, err := jobs.New(st, jobs.Options{Lease: lease, Logger: logger})
+	if err != nil {
+		return nil, err
+	}
+	go jm.Run(ctx, jobReapInterval)
+	return jm, nil
+}
+
+func parseLease(v string) (time.Duration, error) {
+	if d, err := time.ParseDuration(v); err == nil && d > 0 {
+		return d, nil
+	}
+	var secs int64
+	if _, err := fmt.Sscan(v, &secs); err == nil && secs > 0 && fmt.Sprint(secs) == v {
+		return time.Duration(secs) * time.Second, nil
+	}
+	return 0, fmt.Errorf("setting job-lease: %q is not a positive duration (e.g. 6h) or number of seconds", v)
+}
+
+// listenAll opens the default socket (Nix's uid-based trust) and every
+// --listen socket with its policy.
+func listenAll(defaultPath string, specs []daemon.ListenSpec, logger *slog.Logger) ([]daemon.Listener, error) {
+	l, err := listen(defaultPath)
+	if err != nil {
+		return nil, err
+	}
+	out := []daemon.Listener{{Listener: l}}
+	for _, s := range specs {
+		l, err := listen(s.Path)
+		if err != nil {
+			for _, o := range out {
+				o.Close()
+			}
+			return nil, err
+		}
+		out = append(out, daemon.Listener{Listener: l, Policy: s.Policy})
+		logger.Info("listening on a job socket", "socket", s.Path, "untrusted", s.Policy.Untrusted, "tenant", s.Policy.Tenant)
+	}
+	return out, nil
+}

@@ -1,0 +1,165 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+
+	"github.com/nixyard/nixyard/internal/jobs"
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+// ListenPolicy is how a listening socket treats its clients.
+type ListenPolicy struct {
+	// Untrusted makes every client untrusted whatever uid it has: a job
+	// socket, bind-mounted into containers, where root in the container is
+	// not root on the host.
+	Untrusted bool
+	// Tenant names the socket's users in logs.
+	Tenant string
+}
+
+// ListenSpec is one --listen argument: PATH[,trusted=false][,tenant=NAME].
+type ListenSpec struct {
+	Path   string
+	Policy ListenPolicy
+}
+
+// ParseListenSpec parses PATH[,trusted=BOOL][,tenant=NAME].
+func ParseListenSpec(s string) (ListenSpec, error) {
+	parts := strings.Split(s, ",")
+	spec := ListenSpec{Path: parts[0]}
+	if spec.Path == "" {
+		return spec, fmt.Errorf("--listen %q: no socket path", s)
+	}
+	for _, p := range parts[1:] {
+		k, v, ok := strings.Cut(p, "=")
+		if !ok {
+			return spec, fmt.Errorf("--listen %q: %q is not KEY=VALUE", s, p)
+		}
+		switch k {
+		case "trusted":
+			switch v {
+			case "false", "no", "0":
+				spec.Policy.Untrusted = true
+			case "true", "yes", "1":
+				// Nix's uid-based trust (trusted-users), as the default socket.
+				spec.Policy.Untrusted = false
+			default:
+				return spec, fmt.Errorf("--listen %q: trusted=%q is not a boolean", s, v)
+			}
+		case "tenant":
+			if v == "" {
+				return spec, fmt.Errorf("--listen %q: empty tenant name", s)
+			}
+			spec.Policy.Tenant = v
+		default:
+			return spec, fmt.Errorf("--listen %q: unknown key %q (want trusted or tenant)", s, k)
+		}
+	}
+	return spec, nil
+}
+
+// Listener is a listening socket with its policy.
+type Listener struct {
+	net.Listener
+	Policy ListenPolicy
+}
+
+// ServeAll serves every listener until ctx is done or one fails; it
+// returns the first error.
+func (s *Server) ServeAll(ctx context.Context, ls []Listener) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var (
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		errs []error
+	)
+	for _, l := range ls {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := s.serveListener(ctx, l.Listener, l.Policy); err != nil {
+				mu.Lock()
+				errs = append(errs, err)
+				mu.Unlock()
+				cancel()
+			}
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// applyPolicy adjusts the peer of a connection accepted on a socket with
+// policy pol, and attaches it to its job, if it is in one.
+func (s *Server) applyPolicy(p *peer, pol ListenPolicy) {
+	if pol.Untrusted {
+		p.trusted = false
+	}
+	p.tenant = pol.Tenant
+	if s.opts.Jobs == nil || p.pid <= 0 {
+		return
+	}
+	jc, err := s.opts.Jobs.Attach(int(p.pid), pol.Tenant)
+	switch {
+	case errors.Is(err, jobs.ErrNotJob):
+	case err != nil:
+		// The client may have exited already; its connection then gets
+		// per-connection roots, as with nix-daemon.
+		s.log.Warn("cannot find the job of a client; using per-connection temporary roots", "pid", p.pid, "err", err)
+	default:
+		p.job = jc
+	}
+}
+
+// openSession returns the temporary roots of connection c: its job's, kept
+// across the job's connections, or its own, dropped when it closes.
+func (c *conn) openSession() (*store.Session, func()) {
+	if c.peer.job != nil {
+		// The job outlives the connection; serveNetConn releases it.
+		return c.peer.job.Session(), func() {}
+	}
+	ss := c.st.OpenSession()
+	return ss, func() {
+		if err := ss.Close(); err != nil {
+			c.log.Warn("closing store session", "err", err)
+		}
+	}
+}
+
+// sessionAnnouncement is the text of the activity the handshake starts and
+// stops at once, so that `nixyard doctor` can see the connection's
+// session. It is at level Vomit, which Nix clients do not show unless run
+// with -vvvvvvv, and activities are part of the protocol since 1.20.
+func (c *conn) sessionAnnouncement() string {
+	trust := "trusted"
+	if !c.peer.trusted {
+		trust = "untrusted"
+	}
+	job := "none"
+	if c.peer.job != nil {
+		job = c.peer.job.ID()
+	}
+	tenant := c.peer.tenant
+	if tenant == "" {
+		tenant = "-"
+	}
+	return fmt.Sprintf("%s job=%s tenant=%s trust=%s", SessionAnnouncementPrefix, job, tenant, trust)
+}
+
+// SessionAnnouncementPrefix starts the text of the handshake's session
+// activity: "nixyard-session: job=ID|none tenant=NAME|- trust=trusted|untrusted".
+const SessionAnnouncementPrefix = "nixyard-session:"
+
+// reapJobs ends the jobs that are over, so that a collection may delete
+// their paths.
+func (c *conn) reapJobs() {
+	if c.srv.opts.Jobs != nil {
+		c.srv.opts.Jobs.Reap()
+	}
+}

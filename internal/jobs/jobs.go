@@ -1,0 +1,365 @@
+// Package jobs groups the connections of one CI job into a job session, so
+// that the paths a job uses stay alive for the whole job rather than for
+// one connection.
+//
+// A job is recognised from the peer of a connection, with no cooperation
+// from the CI runner: SO_PEERCRED gives the client's pid in the daemon's
+// pid namespace, and the client's pid namespace (/proc/<pid>/ns/pid) names
+// the job when it differs from the daemon's own, as it does for a
+// container. A client cannot claim another job's namespace, since it is
+// read from the kernel. The namespace's init process (pid 1 inside it)
+// together with its start time pins the identity, so a namespace inode the
+// kernel reuses later is a new job.
+//
+// A job ends when its pid namespace has no process left (its init exited:
+// the kernel then kills every other process in it) or when its lease runs
+// out: job-lease after its last connection closed. Ends are checked by Reap,
+// which the daemon runs before a garbage collection and periodically.
+//
+// A job's temporary roots are a store.Session kept open across its
+// connections: in memory for nixyard's collector and in the store's
+// temproots file for a real Nix collector, like any connection's roots.
+package jobs
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+// DefaultLease is how long a job session outlives its last connection when
+// its namespace stays alive (a container kept running after its job).
+const DefaultLease = 6 * time.Hour
+
+// Options configure a Manager.
+type Options struct {
+	// Lease is job-lease; zero means DefaultLease.
+	Lease time.Duration
+	// Proc is the procfs mount; "" means /proc. Tests point it elsewhere.
+	Proc string
+	// Now is the clock; nil means time.Now.
+	Now    func() time.Time
+	Logger *slog.Logger
+}
+
+// Manager tracks the live jobs of a store. It is safe for concurrent use.
+type Manager struct {
+	st     *store.Store
+	lease  time.Duration
+	proc   string
+	now    func() time.Time
+	log    *slog.Logger
+	selfNS string
+
+	mu   sync.Mutex
+	jobs map[string]*job
+}
+
+// job is one live job session.
+type job struct {
+	id       string
+	ns       string
+	initPID  int
+	initTime uint64 // start time of initPID, in clock ticks after boot
+	session  *store.Session
+	conns    int
+	idleFrom time.Time // when conns last dropped to zero
+	started  time.Time
+	tenant   string
+}
+
+// New returns a Manager for st.
+func New(st *store.Store, opts Options) (*Manager, error) {
+	m := &Manager{st: st, lease: opts.Lease, proc: opts.Proc, now: opts.Now, log: opts.Logger, jobs: map[string]*job{}}
+	if m.lease <= 0 {
+		m.lease = DefaultLease
+	}
+	if m.proc == "" {
+		m.proc = "/proc"
+	}
+	if m.now == nil {
+		m.now = time.Now
+	}
+	if m.log == nil {
+		m.log = slog.Default()
+	}
+	ns, err := os.Readlink(filepath.Join(m.proc, "self", "ns", "pid"))
+	if err != nil {
+		return nil, fmt.Errorf("jobs: reading the daemon's pid namespace: %w", err)
+	}
+	m.selfNS = ns
+	return m, nil
+}
+
+// ErrNotJob is returned by Attach for a client in the daemon's own pid
+// namespace: it gets Nix's per-connection temporary roots.
+var ErrNotJob = errors.New("jobs: client is not in a job's pid namespace")
+
+// Conn is one connection's membership of a job. Release it when the
+// connection ends.
+type Conn struct {
+	m    *Manager
+	j    *job
+	once sync.Once
+}
+
+// ID names the job, e.g. "pidns-4026532871-1234567".
+func (c *Conn) ID() string { return c.j.id }
+
+// Session is the job's temporary roots, shared by all its connections;
+// do not close it.
+func (c *Conn) Session() *store.Session { return c.j.session }
+
+// Release ends the connection's membership; the job lives on.
+func (c *Conn) Release() {
+	c.once.Do(func() {
+		c.m.mu.Lock()
+		defer c.m.mu.Unlock()
+		c.j.conns--
+		if c.j.conns == 0 {
+			c.j.idleFrom = c.m.now()
+		}
+	})
+}
+
+// Attach returns the job of the client process pid (in the daemon's pid
+// namespace, as SO_PEERCRED gives it), starting a job session on its first
+// connection. It returns ErrNotJob for a client in the daemon's namespace.
+// tenant names the socket the job came through, for logs.
+func (m *Manager) Attach(pid int, tenant string) (*Conn, error) {
+	ns, err := os.Readlink(filepath.Join(m.proc, strconv.Itoa(pid), "ns", "pid"))
+	if err != nil {
+		return nil, fmt.Errorf("jobs: pid namespace of client pid %d: %w", pid, err)
+	}
+	if ns == m.selfNS {
+		return nil, ErrNotJob
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, j := range m.jobs {
+		if j.ns == ns && m.initAlive(j) {
+			j.conns++
+			return &Conn{m: m, j: j}, nil
+		}
+	}
+	initPID, err := m.findInit(pid, ns)
+	if err != nil {
+		return nil, err
+	}
+	initTime, err := m.startTime(initPID)
+	if err != nil {
+		return nil, fmt.Errorf("jobs: init of pid namespace %s: %w", ns, err)
+	}
+	id := fmt.Sprintf("pidns-%s-%d", nsInode(ns), initTime)
+	if old, ok := m.jobs[id]; ok {
+		// The namespace's init is alive, yet initAlive failed above: only
+		// possible if it exec'd in between; treat it as the same job.
+		old.conns++
+		return &Conn{m: m, j: old}, nil
+	}
+	j := &job{id: id, ns: ns, initPID: initPID, initTime: initTime, session: m.st.OpenSession(), conns: 1, started: m.now(), tenant: tenant}
+	m.jobs[id] = j
+	m.log.Info("job session started", "job", id, "tenant", tenant, "init_pid", initPID)
+	return &Conn{m: m, j: j}, nil
+}
+
+// Reap ends the jobs that are over: no process left in their namespace, or
+// idle for longer than the lease. Their temporary roots are dropped, so a
+// later garbage collection may delete their paths. It returns the ids of
+// the jobs it ended.
+func (m *Manager) Reap() []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var ended []string
+	now := m.now()
+	for id, j := range m.jobs {
+		reason := ""
+		switch {
+		case !m.initAlive(j):
+			reason = "no process left in its pid namespace"
+		case j.conns == 0 && now.Sub(j.idleFrom) >= m.lease:
+			reason = "lease expired"
+		default:
+			continue
+		}
+		if err := j.session.Close(); err != nil {
+			m.log.Warn("closing job session", "job", id, "err", err)
+		}
+		delete(m.jobs, id)
+		ended = append(ended, id)
+		m.log.Info("job session ended", "job", id, "tenant", j.tenant, "reason", reason, "connections", j.conns, "duration", now.Sub(j.started).Round(time.Second))
+	}
+	return ended
+}
+
+// Live returns the ids of the live jobs (as of the last Reap).
+func (m *Manager) Live() []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]string, 0, len(m.jobs))
+	for id := range m.jobs {
+		out = append(out, id)
+	}
+	return out
+}
+
+// Run reaps every interval until ctx is done.
+func (m *Manager) Run(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			m.Reap()
+		}
+	}
+}
+
+// Close ends every job session (the daemon is stopping).
+func (m *Manager) Close() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var errs []error
+	for id, j := range m.jobs {
+		errs = append(errs, j.session.Close())
+		delete(m.jobs, id)
+	}
+	return errors.Join(errs...)
+}
+
+// initAlive reports whether j's init process still runs, with the same
+// start time and in the same namespace.
+func (m *Manager) initAlive(j *job) bool {
+	t, err := m.startTime(j.initPID)
+	if err != nil || t != j.initTime || m.zombie(j.initPID) {
+		return false
+	}
+	ns, err := os.Readlink(filepath.Join(m.proc, strconv.Itoa(j.initPID), "ns", "pid"))
+	return err == nil && ns == j.ns
+}
+
+// findInit returns the host pid of the init (pid 1) of namespace ns, which
+// pid belongs to: first up pid's parents (processes of a namespace descend
+// from its init, orphans are re-parented to it), else, for a process that
+// joined the namespace with setns (docker exec), by scanning procfs.
+func (m *Manager) findInit(pid int, ns string) (int, error) {
+	for p, steps := pid, 0; p > 0 && steps < 4096; steps++ {
+		st, err := m.status(p)
+		if err != nil {
+			break
+		}
+		if st.nsPID == 1 {
+			if cur, err := os.Readlink(filepath.Join(m.proc, strconv.Itoa(p), "ns", "pid")); err == nil && cur == ns {
+				return p, nil
+			}
+			break
+		}
+		p = st.ppid
+	}
+	ents, err := os.ReadDir(m.proc)
+	if err != nil {
+		return 0, fmt.Errorf("jobs: scanning %s: %w", m.proc, err)
+	}
+	for _, e := range ents {
+		p, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if cur, err := os.Readlink(filepath.Join(m.proc, e.Name(), "ns", "pid")); err != nil || cur != ns {
+			continue
+		}
+		if st, err := m.status(p); err == nil && st.nsPID == 1 {
+			return p, nil
+		}
+	}
+	return 0, fmt.Errorf("jobs: no init process found for pid namespace %s of client pid %d", ns, pid)
+}
+
+type procStatus struct {
+	ppid  int
+	nsPID int // the pid in the innermost namespace (last NSpid field)
+}
+
+// status reads PPid and NSpid from /proc/<pid>/status.
+func (m *Manager) status(pid int) (procStatus, error) {
+	f, err := os.Open(filepath.Join(m.proc, strconv.Itoa(pid), "status"))
+	if err != nil {
+		return procStatus{}, err
+	}
+	defer f.Close()
+	st := procStatus{ppid: -1, nsPID: -1}
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		k, v, ok := strings.Cut(sc.Text(), ":")
+		if !ok {
+			continue
+		}
+		fs := strings.Fields(v)
+		if len(fs) == 0 {
+			continue
+		}
+		switch k {
+		case "PPid":
+			st.ppid, _ = strconv.Atoi(fs[0])
+		case "NSpid":
+			st.nsPID, _ = strconv.Atoi(fs[len(fs)-1])
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return procStatus{}, fmt.Errorf("reading status of pid %d: %w", pid, err)
+	}
+	return st, nil
+}
+
+// zombie reports whether pid has exited (and waits to be reaped): a pid
+// namespace whose init is a zombie has no live process left.
+func (m *Manager) zombie(pid int) bool {
+	b, err := os.ReadFile(filepath.Join(m.proc, strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return true
+	}
+	i := strings.LastIndexByte(string(b), ')')
+	fs := strings.Fields(string(b[i+1:]))
+	return len(fs) == 0 || fs[0] == "Z" || fs[0] == "X"
+}
+
+// startTime reads field 22 of /proc/<pid>/stat.
+func (m *Manager) startTime(pid int) (uint64, error) {
+	b, err := os.ReadFile(filepath.Join(m.proc, strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) is in parentheses and may hold spaces.
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return 0, fmt.Errorf("malformed stat of pid %d", pid)
+	}
+	fs := strings.Fields(string(b[i+1:]))
+	// fs[0] is field 3 (state); start time is field 22.
+	if len(fs) < 20 {
+		return 0, fmt.Errorf("malformed stat of pid %d", pid)
+	}
+	t, err := strconv.ParseUint(fs[19], 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("stat of pid %d: start time: %w", pid, err)
+	}
+	return t, nil
+}
+
+// nsInode turns "pid:[4026531836]" into "4026531836".
+func nsInode(link string) string {
+	s := strings.TrimPrefix(link, "pid:[")
+	return strings.TrimSuffix(s, "]")
+}

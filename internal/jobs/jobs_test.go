@@ -1,0 +1,174 @@
+package jobs
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+func testStore(t *testing.T) *store.Store {
+	t.Helper()
+	root := t.TempDir()
+	s, err := store.Open(context.Background(), store.Config{
+		StoreDir:     "/nix/store",
+		RealStoreDir: filepath.Join(root, "nix/store"),
+		StateDir:     filepath.Join(root, "nix/var/nix"),
+		LogDir:       filepath.Join(root, "nix/var/log/nix"),
+		RequireSigs:  true,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// container starts a shell as init of a new pid namespace, with a child
+// sleeping in it, and returns the host pids of both and a function that
+// ends the namespace (by killing its init).
+func container(t *testing.T) (initPID, childPID int, kill func()) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create pid namespaces")
+	}
+	cmd := exec.Command("unshare", "--pid", "--fork", "--kill-child", "sh", "-c", "sleep 1000 & wait")
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("unshare: %v", err)
+	}
+	var once sync.Once
+	kill = func() {
+		once.Do(func() {
+			cmd.Process.Kill()
+			cmd.Wait()
+		})
+	}
+	t.Cleanup(kill)
+	children := func(pid int) []int {
+		b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/task/" + strconv.Itoa(pid) + "/children")
+		var out []int
+		for _, f := range strings.Fields(string(b)) {
+			n, _ := strconv.Atoi(f)
+			out = append(out, n)
+		}
+		return out
+	}
+	// Poll for the processes to appear (not a timed assertion: the
+	// deadline only bounds a broken setup).
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if c := children(cmd.Process.Pid); len(c) == 1 {
+			if g := children(c[0]); len(g) == 1 {
+				return c[0], g[0], kill
+			}
+		}
+	}
+	t.Fatal("the namespace's processes did not appear")
+	return 0, 0, nil
+}
+
+func TestAttachGroupsConnectionsOfANamespace(t *testing.T) {
+	st := testStore(t)
+	now := time.Unix(1000, 0)
+	m, err := New(st, Options{Lease: time.Hour, Now: func() time.Time { return now }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Attach(os.Getpid(), "t"); !errors.Is(err, ErrNotJob) {
+		t.Fatalf("Attach(own pid) = %v, want ErrNotJob", err)
+	}
+	initPID, child, kill := container(t)
+	a, err := m.Attach(child, "tenant-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := m.Attach(initPID, "tenant-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.ID() != b.ID() || a.Session() != b.Session() {
+		t.Fatalf("two processes of one namespace got different jobs: %s, %s", a.ID(), b.ID())
+	}
+	_, other, _ := container(t)
+	c, err := m.Attach(other, "tenant-b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.ID() == a.ID() {
+		t.Fatalf("two namespaces share job %s", a.ID())
+	}
+	c.Release()
+	a.Release()
+	b.Release()
+	// Released connections do not end a job whose namespace lives.
+	if ended := m.Reap(); len(ended) != 0 {
+		t.Fatalf("Reap ended %v while both namespaces live", ended)
+	}
+	kill()
+	waitGone(t, initPID)
+	ended := m.Reap()
+	if len(ended) != 1 || ended[0] != a.ID() {
+		t.Fatalf("Reap after the namespace ended = %v, want [%s]", ended, a.ID())
+	}
+	if live := m.Live(); len(live) != 1 || live[0] != c.ID() {
+		t.Fatalf("Live = %v, want [%s]", live, c.ID())
+	}
+}
+
+func TestLeaseEndsAnIdleJob(t *testing.T) {
+	st := testStore(t)
+	now := time.Unix(1000, 0)
+	m, err := New(st, Options{Lease: time.Hour, Now: func() time.Time { return now }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, child, _ := container(t)
+	a, err := m.Attach(child, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	now = now.Add(2 * time.Hour)
+	if ended := m.Reap(); len(ended) != 0 {
+		t.Fatalf("Reap ended %v while a connection is open", ended)
+	}
+	a.Release()
+	now = now.Add(59 * time.Minute)
+	if ended := m.Reap(); len(ended) != 0 {
+		t.Fatalf("Reap ended %v before the lease ran out", ended)
+	}
+	now = now.Add(time.Minute)
+	if ended := m.Reap(); len(ended) != 1 {
+		t.Fatalf("Reap after the lease = %v, want one job", ended)
+	}
+	// The namespace still lives: a new connection starts a new session.
+	b, err := m.Attach(child, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.Session() == a.Session() {
+		t.Fatal("a connection after the lease reused the ended session")
+	}
+	b.Release()
+}
+
+// waitGone polls until pid has exited (it may stay a zombie).
+func waitGone(t *testing.T, pid int) {
+	t.Helper()
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+		if err != nil {
+			return
+		}
+		if fs := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:])); len(fs) > 0 && fs[0] == "Z" {
+			return
+		}
+	}
+	t.Fatalf("pid %d did not exit", pid)
+}
