@@ -16,6 +16,9 @@ const usage = `usage: nixyard <command> [arguments]
 
 commands:
   daemon    serve a Nix store over the Nix daemon protocol (as nix-daemon)
+  runner-config gitlab
+            print a CI runner snippet for jobs that use the host's nixyard
+  doctor    run inside a job: check its connection to nixyard
   version   print the version
 
 Run "nixyard daemon --help" for the daemon's options.
@@ -41,6 +44,10 @@ func run(ctx context.Context, args []string) error {
 	switch args[1] {
 	case "daemon":
 		return runDaemon(ctx, args[2:])
+	case "runner-config":
+		return runRunnerConfig(args[2:])
+	case "doctor":
+		return runDoctor(ctx, args[2:])
 	case "version", "--version":
 		fmt.Println("nixyard", version)
 		return nil

@@ -67,6 +67,9 @@ type Client struct {
 	ReadSource io.Reader
 	// WriteSink receives STDERR_WRITE data; nil drops it.
 	WriteSink io.Writer
+	// Activities receives the level, type and text of each started
+	// activity; nil drops them.
+	Activities func(level, typ uint64, text string)
 }
 
 // Dial connects to the daemon socket at path, runs the handshake offering
@@ -170,9 +173,12 @@ func (c *Client) ProcessStderr() error {
 			}
 		case stderrStart:
 			c.In.U64("id")
-			c.In.U64("level")
-			c.In.U64("type")
-			c.In.String("text", wire.MaxStringLen)
+			lvl := c.In.U64("level")
+			typ := c.In.U64("type")
+			text := c.In.String("text", wire.MaxStringLen)
+			if c.Activities != nil && c.In.Err() == nil {
+				c.Activities(lvl, typ, text)
+			}
 			c.readFields()
 			c.In.U64("parent")
 		case stderrStop:
