@@ -49,6 +49,18 @@ func (c *conn) withRawNAR(r io.Reader, fn func(x *narExtractor) error) error {
 	return err
 }
 
+// rootAdded gives a path this connection adds a temporary root that lasts
+// as long as the connection, as Nix's addToStore does, so that a garbage
+// collection between two requests of a client (say, adding a .drv and then
+// building it) cannot delete it. Paths whose name is known in advance are
+// rooted before they are added; content-addressed additions right after.
+func (c *conn) rootAdded(ctx context.Context, p storepath.Path) error {
+	if err := c.session.AddTempRoot(ctx, p); err != nil {
+		return fmt.Errorf("adding a temporary root for '%s': %w", c.dir.Abs(p), err)
+	}
+	return nil
+}
+
 func opAddToStoreHandler(ctx context.Context, c *conn) error {
 	if c.minor < 25 {
 		return c.addToStoreOld(ctx)
@@ -73,7 +85,7 @@ func opAddToStoreHandler(ctx context.Context, c *conn) error {
 		if err != nil {
 			return fmt.Errorf("adding '%s' to the store: %w", name, err)
 		}
-		return nil
+		return c.rootAdded(ctx, info.Path)
 	})
 	if err != nil {
 		return err
@@ -114,7 +126,7 @@ func (c *conn) addToStoreOld(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("adding '%s' to the store: %w", name, err)
 		}
-		return nil
+		return c.rootAdded(ctx, info.Path)
 	})
 	if err != nil {
 		return err
@@ -134,6 +146,9 @@ func opAddTextToStoreHandler(ctx context.Context, c *conn) error {
 	info, err := c.st.AddToStoreContent(ctx, name, contentaddress.Text, hash.SHA256, refs, bytes.NewReader(text), false)
 	if err != nil {
 		return fmt.Errorf("adding '%s' to the store: %w", name, err)
+	}
+	if err := c.rootAdded(ctx, info.Path); err != nil {
+		return err
 	}
 	c.stopWork()
 	c.out.Path(c.dir, info.Path)
@@ -183,6 +198,9 @@ func opAddToStoreNarHandler(ctx context.Context, c *conn) error {
 	add := func(r io.Reader) error {
 		if repair && !c.peer.trusted {
 			return errRepairUntrusted
+		}
+		if err := c.rootAdded(ctx, p); err != nil {
+			return err
 		}
 		if err := c.st.AddToStoreNar(ctx, info, r, opts); err != nil {
 			return fmt.Errorf("adding '%s' to the store: %w", c.dir.Abs(p), err)
@@ -263,6 +281,9 @@ func opAddMultipleToStoreHandler(ctx context.Context, c *conn) error {
 				return store.PathInfo{}, nil, fmt.Errorf("AddMultipleToStore: path %d of %d: %w", i, count, err)
 			}
 			info.Ultimate = false
+			if err := c.rootAdded(ctx, p); err != nil {
+				return store.PathInfo{}, nil, err
+			}
 			cur, curPath = &exactReader{r: fr, left: info.NarSize}, p
 			return info, cur, nil
 		}
@@ -345,6 +366,9 @@ func (c *conn) importOne(ctx context.Context, src io.Reader, in *wire.Decoder) (
 	}
 	if _, err := spool.Seek(0, io.SeekStart); err != nil {
 		return storepath.Path{}, fmt.Errorf("ImportPaths: %w", err)
+	}
+	if err := c.rootAdded(ctx, p); err != nil {
+		return storepath.Path{}, err
 	}
 	opts := store.AddOptions{CheckSigs: !c.peer.trusted}
 	if err := c.st.AddToStoreNar(ctx, info, bufio.NewReader(spool), opts); err != nil {
