@@ -138,7 +138,7 @@ func (b *batch) add(ctx context.Context, info PathInfo, r io.Reader) error {
 		}
 	}
 	if b.opts.CheckSigs && s.cfg.RequireSigs && ca.IsZero() && !s.sigs.trusted(s.dir, &info) {
-		return fmt.Errorf("store: cannot add path '%s' because it lacks a signature by a trusted key", abs)
+		return fmt.Errorf("store: cannot add path '%s' because it lacks a valid signature", abs)
 	}
 	if b.inBatch[info.Path] {
 		return discardNAR(r)
