@@ -251,6 +251,12 @@ type daemonConfig struct {
 	conf          []string
 	asNixDaemon   bool // run the binary through a symlink named nix-daemon
 	defaultSocket bool // leave NIX_DAEMON_SOCKET_PATH unset
+	args          []string
+}
+
+// withDaemonArgs adds arguments to the daemon's command line.
+func withDaemonArgs(args ...string) daemonOpt {
+	return func(c *daemonConfig) { c.args = append(c.args, args...) }
 }
 
 // asNixDaemon runs the daemon binary through a symlink named nix-daemon,
@@ -333,7 +339,7 @@ func daemonArgv(root string, extra ...string) []string {
 func (d *daemon) argv(t *testing.T) []string {
 	t.Helper()
 	if !d.cfg.asNixDaemon {
-		return daemonArgv(d.root)
+		return daemonArgv(d.root, d.cfg.args...)
 	}
 	return []string{d.nixDaemonLink(t), "--store", d.root}
 }
