@@ -1,10 +1,13 @@
 package e2e
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/nixyard/nixyard/internal/ci"
@@ -223,6 +226,205 @@ cat "/mnt$T" > /ctl/t3-contents
 	for _, want := range []string{"warn trust      TRUSTED", "warn session    job=none", "FAIL read-only"} {
 		if !strings.Contains(host, want) {
 			t.Errorf("doctor on the host lacks %q:\n%s", want, host)
+		}
+	}
+}
+
+// runJobs runs the same job in n containers at once.
+func (c *ciEnv) runJobs(t *testing.T, wave string, n int, script func(i int) string) {
+	t.Helper()
+	var wg sync.WaitGroup
+	results := make([]result, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i] = c.jobCmd(c.ctlDir(t, fmt.Sprintf("%s-%d", wave, i)), script(i)).run(t)
+		}()
+	}
+	wg.Wait()
+	for i, r := range results {
+		if r.err != nil {
+			t.Errorf("%s job %d failed:\n%s", wave, i, r)
+		}
+	}
+}
+
+// TestCIConcurrentJobs: four jobs at once on an empty host need an
+// overlapping closure from the cache and overlapping builds: every NAR is
+// downloaded once, every derivation built once, never more builds at once
+// than max-jobs; a second wave on the warm host downloads and builds
+// nothing.
+func TestCIConcurrentJobs(t *testing.T) {
+	t.Parallel()
+	c := startCIHost(t)
+	script := func(i int) string {
+		return fmt.Sprintf(`nix-store -r "$OUT" >/dev/null
+T=$(nb t%d)
+cat "/mnt$OUT" "/mnt$T" > /ctl/contents
+`, i)
+	}
+	c.runJobs(t, "cold", 4, script)
+	downloads := c.cache.Counts()
+	for _, p := range []string{c.out, c.dep} {
+		nar := narURL(t, c.cacheDirOf(), p)
+		if n := downloads[nar]; n != 1 {
+			t.Errorf("%d GETs of %s, want exactly 1", n, nar)
+		}
+	}
+	counts := c.builtCounts(t)
+	for _, name := range []string{"base", "a", "b", "c", "t0", "t1", "t2", "t3"} {
+		if counts[name] != 1 {
+			t.Errorf("%s built %d times, want 1 (all: %v)", name, counts[name], counts)
+		}
+	}
+	peak := 0
+	for _, l := range c.markerLines(t, "samples") {
+		n, err := strconv.Atoi(strings.TrimSpace(l))
+		if err != nil {
+			t.Fatalf("sample %q: %v", l, err)
+		}
+		peak = max(peak, n)
+	}
+	if peak > 2 {
+		t.Errorf("%d builders ran at once; the daemon's max-jobs is 2", peak)
+	}
+	for i := range 4 {
+		got := readCtl(t, filepath.Join(c.dir, fmt.Sprintf("ctl-cold-%d", i)), "contents")
+		if !strings.HasPrefix(got, c.nonce+" "+c.dep+"\nt"+strconv.Itoa(i)+" ") {
+			t.Errorf("cold job %d read %q", i, got)
+		}
+	}
+
+	// The warm host: same jobs, no GETs of anything, no builds.
+	c.runJobs(t, "warm", 4, script)
+	for k, n := range c.cache.Counts() {
+		if n != downloads[k] {
+			t.Errorf("warm wave: %d more requests for %s", n-downloads[k], k)
+		}
+	}
+	if after := c.builtCounts(t); fmt.Sprint(after) != fmt.Sprint(counts) {
+		t.Errorf("warm wave built: before %v, after %v", counts, after)
+	}
+}
+
+// cacheDirOf is where startCIHost wrote the cache.
+func (c *ciEnv) cacheDirOf() string { return filepath.Join(c.dir, "cache") }
+
+// waitCtl waits until a job has written name into its ctl directory.
+func waitCtl(t *testing.T, dir, name string) {
+	t.Helper()
+	waitFor(t, "a job to write "+name, func() bool {
+		_, err := os.Stat(filepath.Join(dir, name))
+		return err == nil
+	})
+}
+
+// TestCIJobSessionAndRefusals: a job (A) realises paths, then waits with
+// no connection open. Meanwhile: another job (B), as container root on the
+// job socket, cannot add a substituter, import an unsigned input-addressed
+// path, delete a path A holds, or write the store through its read-only
+// mount; a collection deletes dead paths but none of A's. Once A has
+// ended, its paths are collectable.
+func TestCIJobSessionAndRefusals(t *testing.T) {
+	t.Parallel()
+	c := startCIHost(t)
+	// A second cache that the daemon does not use (signed with the
+	// trusted key of startCIHost), and an unsigned one.
+	other := c.otherStore("src2")
+	extra, _ := c.buildFixture(t, other, "ci-extra")
+	extraDir := filepath.Join(c.dir, "extra-cache")
+	c.fillCache(t, other, extraDir, "xz", filepath.Join(c.dir, "ci-cache-1.sec"), extra)
+	extraSrv := cachetest.New(extraDir)
+	defer extraSrv.Close()
+	unsignedDir := filepath.Join(c.job, "unsigned-cache")
+	unsigned, _ := c.buildFixture(t, other, "ci-unsigned")
+	c.fillCache(t, other, unsignedDir, "none", "", unsigned)
+	writeFile(t, filepath.Join(c.job, "extra"), extra+"\n", 0o644)
+	writeFile(t, filepath.Join(c.job, "unsigned"), unsigned+"\n", 0o644)
+	writeFile(t, filepath.Join(c.job, "extra-url"), extraSrv.URL+"\n", 0o644)
+
+	// A dead path: added by the host, held by nobody.
+	dead := strings.TrimSpace(c.nixStore(t, "--add", c.file(t, "dead", "dead "+c.nonce)))
+
+	ctlA := c.ctlDir(t, "A")
+	jobA := c.jobCmd(ctlA, `nix-store -r "$OUT" >/dev/null
+nb t3 > /ctl/t3
+touch /ctl/ready
+while [ ! -e /ctl/go ]; do sleep 0.1; done
+cat "/mnt$OUT" > /ctl/after
+`)
+	doneA := make(chan result, 1)
+	go func() { doneA <- jobA.run(t) }()
+	waitCtl(t, ctlA, "ready")
+	t3 := readCtl(t, ctlA, "t3")
+	held := append([]string{c.out, c.dep, t3}, lines(c.nixStore(t, "-qR", t3))...)
+
+	ctlB := c.ctlDir(t, "B")
+	r := c.jobCmd(ctlB, `EXTRA=$(cat /job/extra); UNSIGNED=$(cat /job/unsigned)
+if nix-store -r "$EXTRA" --option substituters "$(cat /job/extra-url)" 2>/ctl/subst.err; then echo substituted >> /ctl/wrong; fi
+if nix copy --no-check-sigs --from file:///job/unsigned-cache --to "$NIX_REMOTE" "$UNSIGNED" 2>/ctl/import.err; then echo imported >> /ctl/wrong; fi
+if nix-store --delete "$OUT" 2>/ctl/delete.err; then echo deleted >> /ctl/wrong; fi
+if touch /mnt/nix/store/intruder 2>/ctl/touch.err; then echo wrote >> /ctl/wrong; fi
+if nix-store --store local?root=/mnt --gc 2>/ctl/gc.err; then echo collected >> /ctl/gc-ok; fi
+touch /ctl/finished
+`).run(t)
+	if r.err != nil {
+		t.Fatalf("job B:\n%s", r)
+	}
+	if b, err := os.ReadFile(filepath.Join(ctlB, "wrong")); err == nil {
+		t.Errorf("job B was allowed to: %s", b)
+	}
+	for name, want := range map[string]string{
+		"subst.err":  "ignoring untrusted substituter",
+		"import.err": "lacks a valid signature",
+		"delete.err": "still alive",
+	} {
+		if got := readCtl(t, ctlB, name); !strings.Contains(got, want) {
+			t.Errorf("job B %s: %q lacks %q", name, got, want)
+		}
+	}
+	for _, p := range append([]string{extra, unsigned}, held...) {
+		want := p != extra && p != unsigned
+		if got := c.isValid(t, p); got != want {
+			t.Errorf("after job B: %s valid = %v, want %v", p, got, want)
+		}
+		if _, err := os.Stat(c.realPath(p)); (err == nil) != want {
+			t.Errorf("after job B: %s on disk = %v, want %v", p, err == nil, want)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(c.root, "nix/store/intruder")); err == nil {
+		t.Error("job B wrote into the host store")
+	}
+
+	// A collection while A waits between connections.
+	c.nixStore(t, "--gc")
+	if c.isValid(t, dead) {
+		t.Errorf("dead path %s survived the collection", dead)
+	}
+	for _, p := range held {
+		if !c.isValid(t, p) {
+			t.Errorf("the collection deleted %s, which job A holds", p)
+		}
+	}
+	writeFile(t, filepath.Join(ctlA, "go"), "", 0o644)
+	if r := <-doneA; r.err != nil {
+		t.Fatalf("job A:\n%s", r)
+	}
+	if got, want := readCtl(t, ctlA, "after"), c.nonce+" "+c.dep; got != want {
+		t.Errorf("job A read %q after the collection, want %q", got, want)
+	}
+
+	// Positive controls: root on the host's default socket may do what
+	// job B was refused.
+	c.nixStore(t, "-r", extra, "--option", "substituters", extraSrv.URL)
+	c.client("nix", "copy", "--no-check-sigs", "--from", "file://"+unsignedDir, "--to", c.url(), unsigned).ok(t)
+
+	// Job A has ended: its paths are collectable now.
+	c.nixStore(t, "--gc")
+	for _, p := range held {
+		if c.isValid(t, p) {
+			t.Errorf("%s survived a collection after job A ended", p)
 		}
 	}
 }
