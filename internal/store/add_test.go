@@ -46,7 +46,7 @@ func TestAddRefusals(t *testing.T) {
 		{"nar hash", func(i *PathInfo) { i.NarHash = hash.Sum(hash.SHA256, []byte("other")) }, AddOptions{}, "hash mismatch"},
 		{"nar size", func(i *PathInfo) { i.NarSize++ }, AddOptions{}, "size mismatch"},
 		{"missing reference", func(i *PathInfo) { i.References = []storepath.Path{missing}; i.CA = "" }, AddOptions{}, "is not valid"},
-		{"bad signature", func(i *PathInfo) { i.Path = inputAddressed; i.CA = ""; i.Sigs = []string{"k:AAAA"} }, AddOptions{CheckSigs: true}, "lacks a signature"},
+		{"bad signature", func(i *PathInfo) { i.Path = inputAddressed; i.CA = ""; i.Sigs = []string{"k:AAAA"} }, AddOptions{CheckSigs: true}, "lacks a valid signature"},
 		{"false ca", func(i *PathInfo) { i.Path = inputAddressed }, AddOptions{}, "claims to be content-addressed"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
