@@ -1,0 +1,393 @@
+package main
+
+// The substitution scenario (issue 3): both daemons realise the same closure
+// from the same local HTTP binary cache, cold (empty store, one client),
+// with several clients at once, and warm (closure already valid).
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nixyard/nixyard/bench"
+)
+
+// substFlags are the scenario's flags (registered here so the scenario
+// stays in this file).
+var substFlags struct {
+	skip    bool
+	paths   int
+	mb      int64
+	clients int
+	warm    int
+}
+
+func init() {
+	flag.BoolVar(&substFlags.skip, "skip-subst", false, "skip the substitution measurements")
+	flag.IntVar(&substFlags.paths, "subst-paths", 400, "number of paths in the substituted closure")
+	flag.Int64Var(&substFlags.mb, "subst-mb", 600, "approximate total size in MB of the substituted file contents")
+	flag.IntVar(&substFlags.clients, "subst-clients", 8, "number of concurrent clients in the substitution scenario")
+	flag.IntVar(&substFlags.warm, "subst-warm", 3, "warm nix-store -r runs per repetition (their median is one sample)")
+}
+
+// substCache is one binary cache made for the run and its server.
+type substCache struct {
+	comp string // zstd, xz
+	dir  string
+	srv  *bench.CacheServer
+}
+
+// substRun is a daemon started for one measurement, with its own
+// environment (nix.conf pointing at the cache, empty narinfo disk caches).
+type substRun struct {
+	d    *bench.Daemon
+	env  *bench.Env
+	work string
+}
+
+var substSeq int
+
+func (b *bencher) startSubst(ctx context.Context, spec bench.DaemonSpec, c *substCache, tag string) (*substRun, error) {
+	substSeq++
+	work := filepath.Join(b.work, fmt.Sprintf("s%02d-%s-%s", substSeq, spec.Name, tag))
+	env, err := bench.NewSubstEnv(work, c.srv.URL)
+	if err != nil {
+		return nil, err
+	}
+	root := filepath.Join(b.mnt, fmt.Sprintf("s%02d-%s", substSeq, spec.Name))
+	b.logSeq++
+	d, err := bench.StartDaemon(ctx, env, spec, root,
+		filepath.Join(b.logs, fmt.Sprintf("%02d-%s-subst-%s.log", b.logSeq, spec.Name, tag)))
+	if err != nil {
+		return nil, err
+	}
+	b.running[d] = true
+	return &substRun{d: d, env: env, work: work}, nil
+}
+
+// finish stops the daemon and removes its store and environment.
+func (b *bencher) finishSubst(r *substRun) error {
+	err := b.stop(r.d)
+	if rerr := os.RemoveAll(r.d.Root); rerr != nil {
+		err = fmt.Errorf("removing %s: %w", r.d.Root, rerr)
+	}
+	os.RemoveAll(r.work)
+	if serr := bench.SyncFS(b.mnt); serr != nil && err == nil {
+		err = serr
+	}
+	return err
+}
+
+// substMetrics are the scenario's measurements.
+type substMetrics struct {
+	rate, wall, durable, warm         map[string]*bench.Metric // by compression (warm: zstd only)
+	conc, concRatio, failed, maxGets  *bench.Metric
+	getsPerNar, fetchedMB, singleGets *bench.Metric
+	failMsgs                          map[string][]string // daemon → first lines of failed clients' errors
+	failedTotal, clientsTotal         map[string]int
+	paths, roots                      []string // the closure and its roots
+}
+
+func (m *substMetrics) list() []*bench.Metric {
+	return []*bench.Metric{
+		m.rate["zstd"], m.rate["xz"], m.wall["zstd"], m.wall["xz"], m.durable["zstd"],
+		m.singleGets, m.conc, m.concRatio, m.failed, m.maxGets, m.getsPerNar, m.fetchedMB, m.warm["zstd"],
+	}
+}
+
+func (b *bencher) benchSubstitute(ctx context.Context, fsDesc string) (string, error) {
+	o, so := b.o, substFlags
+	load0 := loadavg()
+	src := filepath.Join(b.mnt, "src-s")
+	infos, err := b.importSource(ctx, src, bench.ExportSpec{
+		Seed: 3, Count: so.paths, TotalBytes: so.mb * 1e6, MaxRefs: 3, Name: "subst",
+	})
+	if err != nil {
+		return "", err
+	}
+	paths, roots := pathsOf(infos), bench.Roots(infos)
+	logf("substitution closure: %d paths, %d roots", len(paths), len(roots))
+
+	// The caches, written by the real client. xz at preset 0 with parallel
+	// compression: preset 6 compresses random data at ~1.4 MB/s on one core;
+	// decompression speed hardly depends on the preset.
+	var caches []*substCache
+	for _, c := range []struct{ comp, params string }{
+		{"zstd", "compression=zstd"},
+		{"xz", "compression=xz&compression-level=0&parallel-compression=true"},
+	} {
+		dir := filepath.Join(b.mnt, "cache-"+c.comp)
+		start := time.Now()
+		if _, err := bench.Nix(ctx, b.env, nil, "nix", "copy", "--no-check-sigs", "--all",
+			"--from", "local?root="+src, "--to", "file://"+dir+"?"+c.params); err != nil {
+			return "", fmt.Errorf("writing the %s cache: %w", c.comp, err)
+		}
+		srv, err := bench.ServeCache(dir)
+		if err != nil {
+			return "", err
+		}
+		defer srv.Close()
+		logf("%s cache %s written in %.1f s, served at %s", c.comp, dir, time.Since(start).Seconds(), srv.URL)
+		caches = append(caches, &substCache{comp: c.comp, dir: dir, srv: srv})
+	}
+	if err := os.RemoveAll(src); err != nil {
+		return "", fmt.Errorf("removing %s: %w", src, err)
+	}
+
+	m := &substMetrics{
+		rate: map[string]*bench.Metric{}, wall: map[string]*bench.Metric{}, durable: map[string]*bench.Metric{}, warm: map[string]*bench.Metric{},
+		failMsgs: map[string][]string{}, failedTotal: map[string]int{}, clientsTotal: map[string]int{},
+		paths: paths, roots: roots,
+	}
+	for _, c := range caches {
+		m.rate[c.comp] = &bench.Metric{Name: fmt.Sprintf("cold nix-store -r, %s cache: NAR MB / wall time", c.comp), Unit: "MB/s", HigherBetter: true, Target: "≥ 1.8×"}
+		m.wall[c.comp] = &bench.Metric{Name: fmt.Sprintf("cold nix-store -r, %s cache: wall time", c.comp), Unit: "s"}
+	}
+	m.durable["zstd"] = &bench.Metric{Name: "cold nix-store -r, zstd cache, then syncfs", Unit: "s"}
+	m.warm["zstd"] = &bench.Metric{Name: "warm nix-store -r (closure valid)", Unit: "s", Target: "≥ 1×"}
+	m.singleGets = &bench.Metric{Name: "one client: most GETs of one NAR", Unit: "count", Target: "= 1 (absolute)"}
+	n := so.clients
+	m.conc = &bench.Metric{Name: fmt.Sprintf("%d clients at once, zstd: wall time", n), Unit: "s"}
+	m.concRatio = &bench.Metric{Name: fmt.Sprintf("%d clients: wall time / one client's", n), Unit: "ratio", Target: "≤ 1.2 (absolute)"}
+	m.failed = &bench.Metric{Name: fmt.Sprintf("%d clients: failed clients", n), Unit: "count", Target: "= 0 (absolute)"}
+	m.maxGets = &bench.Metric{Name: fmt.Sprintf("%d clients: most GETs of one NAR", n), Unit: "count", Target: "= 1 (absolute)"}
+	m.getsPerNar = &bench.Metric{Name: fmt.Sprintf("%d clients: NAR GETs / NARs", n), Unit: "ratio"}
+	m.fetchedMB = &bench.Metric{Name: fmt.Sprintf("%d clients: NAR bytes served", n), Unit: "MB"}
+
+	single := map[string]float64{} // daemon → this repetition's cold zstd wall time
+	for rep := -1; rep < o.reps; rep++ {
+		for k, c := range caches {
+			if rep < 0 && c.comp != "zstd" {
+				continue
+			}
+			for _, i := range b.order(max(rep, 0) + k) {
+				if err := b.substCold(ctx, b.daemons[i], c, rep, m, single); err != nil {
+					return "", err
+				}
+			}
+		}
+		if rep < 0 {
+			continue
+		}
+		for _, i := range b.order(rep + 1) {
+			if err := b.substConcurrent(ctx, b.daemons[i], caches[0], rep, m, single); err != nil {
+				return "", err
+			}
+		}
+	}
+	return b.substReport(m, fsDesc, load0, len(paths), len(roots), caches), nil
+}
+
+func sampleOrErr(m *bench.Metric, name string, v float64, err error) {
+	if err != nil {
+		setErr(m, name, err)
+		return
+	}
+	addSample(m, name, v)
+}
+
+// substCold realises the closure with one client on an empty store; for
+// zstd, also the warm runs on the filled store. rep < 0 is a warm-up.
+func (b *bencher) substCold(ctx context.Context, spec bench.DaemonSpec, c *substCache, rep int, m *substMetrics, single map[string]float64) error {
+	r, err := b.startSubst(ctx, spec, c, c.comp)
+	if err != nil {
+		setErr(m.rate[c.comp], spec.Name, err)
+		return nil
+	}
+	defer func() {
+		if err := b.finishSubst(r); err != nil {
+			logf("stopping %s: %v", spec.Name, err)
+		}
+	}()
+	if err := bench.SyncFS(b.mnt); err != nil {
+		return err
+	}
+	c.srv.Reset()
+	rctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	dur, err := bench.Realise(rctx, r.env, r.d.StoreURL(), filepath.Join(r.work, "client-cache"), m.roots)
+	var syncDur time.Duration
+	if err == nil {
+		t := time.Now()
+		err = bench.SyncFS(b.mnt)
+		syncDur = time.Since(t)
+	}
+	var narBytes uint64
+	if err == nil {
+		narBytes, err = bench.CheckValid(ctx, r.d.Socket, m.paths)
+	}
+	st := c.srv.Stats()
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	if err != nil {
+		logf("rep %d: %s: cold %s: %v", rep+1, spec.Name, c.comp, err)
+		if rep >= 0 {
+			setErr(m.rate[c.comp], spec.Name, err)
+			setErr(m.wall[c.comp], spec.Name, err)
+		}
+		return nil
+	}
+	mbps := float64(narBytes) / 1e6 / dur.Seconds()
+	logf("rep %d: %s: cold %s: %.1f MB of NAR in %.2f s = %.1f MB/s (+syncfs %.2f s); server: %d NAR GETs for %d NARs (max %d), %.1f MB, %d narinfo GETs, %d HEADs",
+		rep+1, spec.Name, c.comp, float64(narBytes)/1e6, dur.Seconds(), mbps, syncDur.Seconds(),
+		st.NarGets, st.NarFiles, st.MaxNarGets, float64(st.NarBytes)/1e6, st.NarinfoGets, st.Heads)
+	if rep < 0 {
+		return nil
+	}
+	addSample(m.rate[c.comp], spec.Name, mbps)
+	addSample(m.wall[c.comp], spec.Name, dur.Seconds())
+	if c.comp != "zstd" {
+		return nil
+	}
+	single[spec.Name] = dur.Seconds()
+	addSample(m.durable["zstd"], spec.Name, (dur + syncDur).Seconds())
+	addSample(m.singleGets, spec.Name, float64(st.MaxNarGets))
+
+	var warm []float64
+	for w := range substFlags.warm {
+		c.srv.Reset()
+		d, err := bench.Realise(rctx, r.env, r.d.StoreURL(), filepath.Join(r.work, fmt.Sprintf("warm-cache-%d", w)), m.roots)
+		if err != nil {
+			setErr(m.warm["zstd"], spec.Name, err)
+			logf("rep %d: %s: warm: %v", rep+1, spec.Name, err)
+			return nil
+		}
+		warm = append(warm, d.Seconds())
+		if st := c.srv.Stats(); st.NarGets > 0 {
+			logf("rep %d: %s: warm run fetched %d NARs", rep+1, spec.Name, st.NarGets)
+		}
+	}
+	addSample(m.warm["zstd"], spec.Name, bench.Median(warm))
+	logf("rep %d: %s: warm nix-store -r: %v s", rep+1, spec.Name, warm)
+	return nil
+}
+
+// substConcurrent starts n clients at once realising the closure on an
+// empty store.
+func (b *bencher) substConcurrent(ctx context.Context, spec bench.DaemonSpec, c *substCache, rep int, m *substMetrics, single map[string]float64) error {
+	n := substFlags.clients
+	r, err := b.startSubst(ctx, spec, c, fmt.Sprintf("x%d", n))
+	if err != nil {
+		setErr(m.conc, spec.Name, err)
+		return nil
+	}
+	defer func() {
+		if err := b.finishSubst(r); err != nil {
+			logf("stopping %s: %v", spec.Name, err)
+		}
+	}()
+	if err := bench.SyncFS(b.mnt); err != nil {
+		return err
+	}
+	c.srv.Reset()
+	rctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, errs[i] = bench.Realise(rctx, r.env, r.d.StoreURL(), filepath.Join(r.work, fmt.Sprintf("client-cache-%d", i)), m.roots)
+		}()
+	}
+	wg.Wait()
+	wall := time.Since(start)
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	failed := 0
+	for _, err := range errs {
+		if err != nil {
+			failed++
+			msg := err.Error()
+			if i := strings.LastIndex(msg, "error:"); i >= 0 {
+				msg = msg[i:]
+			}
+			if len(msg) > 200 {
+				msg = msg[:200]
+			}
+			m.failMsgs[spec.Name] = append(m.failMsgs[spec.Name], msg)
+		}
+	}
+	m.failedTotal[spec.Name] += failed
+	m.clientsTotal[spec.Name] += n
+	_, verr := bench.CheckValid(ctx, r.d.Socket, m.paths)
+	st := c.srv.Stats()
+	logf("rep %d: %s: %d clients: %.2f s, %d failed, closure valid: %v; server: %d NAR GETs for %d NARs (max %d per NAR), %.1f MB",
+		rep+1, spec.Name, n, wall.Seconds(), failed, verr == nil, st.NarGets, st.NarFiles, st.MaxNarGets, float64(st.NarBytes)/1e6)
+	addSample(m.failed, spec.Name, float64(failed))
+	if verr != nil {
+		setErr(m.conc, spec.Name, fmt.Errorf("closure not valid after %d clients: %w", n, verr))
+		return nil
+	}
+	addSample(m.conc, spec.Name, wall.Seconds())
+	if s := single[spec.Name]; s > 0 {
+		addSample(m.concRatio, spec.Name, wall.Seconds()/s)
+	}
+	addSample(m.maxGets, spec.Name, float64(st.MaxNarGets))
+	addSample(m.getsPerNar, spec.Name, float64(st.NarGets)/float64(len(m.paths)))
+	addSample(m.fetchedMB, spec.Name, float64(st.NarBytes)/1e6)
+	return nil
+}
+
+func dirMB(dir string) float64 {
+	var sum int64
+	filepath.Walk(dir, func(_ string, fi os.FileInfo, err error) error {
+		if err == nil && fi.Mode().IsRegular() {
+			sum += fi.Size()
+		}
+		return nil
+	})
+	return float64(sum) / 1e6
+}
+
+func (b *bencher) substReport(m *substMetrics, fsDesc, load0 string, nPaths, nRoots int, caches []*substCache) string {
+	o := b.o
+	nixVersion := "?"
+	if out, err := bench.Nix(context.Background(), b.env, nil, "nix", "--version"); err == nil {
+		nixVersion = strings.TrimSpace(string(out))
+	}
+	rev := o.nixyardRev
+	if rev == "" {
+		rev = "unknown revision"
+	}
+	var s strings.Builder
+	fmt.Fprintf(&s, "Command: `%s`, run %s.\n\n", o.command, time.Now().UTC().Format("2006-01-02 15:04 MST"))
+	fmt.Fprintf(&s, "Machine: %d CPUs (%s), %s RAM, kernel %s; stores and caches on %s. Stock daemon: %s; nixyard: %s.\n\n",
+		runtime.NumCPU(), cpuModel(), memTotal(), readTrim("/proc/sys/kernel/osrelease"), fsDesc, nixVersion, rev)
+	fmt.Fprintf(&s, "Load average (1/5/15 min) at the start: %s; at the end: %s.\n\n", load0, loadavg())
+	var cs []string
+	for _, c := range caches {
+		cs = append(cs, fmt.Sprintf("%s %.0f MB", c.comp, dirMB(filepath.Join(c.dir, "nar"))))
+	}
+	fmt.Fprintf(&s, "Work: a closure of %d paths (%d roots, ~%d MB of random file contents) in two caches written by `nix copy --to file://…` (%s of NAR files), "+
+		"served by a counting HTTP server on 127.0.0.1; `nix-store -r` of the roots through each daemon on a fresh empty store, %d repetitions (after one untimed warm-up), "+
+		"%d concurrent clients, %d warm runs per repetition.\n\n",
+		nPaths, nRoots, substFlags.mb, strings.Join(cs, ", "), o.reps, substFlags.clients, substFlags.warm)
+	if len(b.daemons) < 2 {
+		s.WriteString("**nixyard was not measured in this run (no binary given).**\n\n")
+	}
+	s.WriteString(bench.Table(m.list()))
+	s.WriteString("\n")
+	for _, d := range b.daemons {
+		msgs := m.failMsgs[d.Name]
+		fmt.Fprintf(&s, "- %s: %d of %d concurrent clients failed over all repetitions", d.Name, m.failedTotal[d.Name], m.clientsTotal[d.Name])
+		if len(msgs) > 0 {
+			slices.Sort(msgs)
+			msgs = slices.Compact(msgs)
+			fmt.Fprintf(&s, "; errors: `%s`", strings.ReplaceAll(strings.Join(msgs[:min(len(msgs), 2)], "` / `"), "\n", " "))
+		}
+		s.WriteString(".\n")
+	}
+	return s.String()
+}
