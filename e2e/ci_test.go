@@ -365,6 +365,7 @@ cat "/mnt$OUT" > /ctl/after
 if nix-store -r "$EXTRA" --option substituters "$(cat /job/extra-url)" 2>/ctl/subst.err; then echo substituted >> /ctl/wrong; fi
 if nix copy --no-check-sigs --from file:///job/unsigned-cache --to "$NIX_REMOTE" "$UNSIGNED" 2>/ctl/import.err; then echo imported >> /ctl/wrong; fi
 if nix-store --delete "$OUT" 2>/ctl/delete.err; then echo deleted >> /ctl/wrong; fi
+if nix-store --gc 2>/ctl/jobgc.err; then echo collected-host >> /ctl/wrong; fi
 if touch /mnt/nix/store/intruder 2>/ctl/touch.err; then echo wrote >> /ctl/wrong; fi
 if nix-store --store local?root=/mnt --gc 2>/ctl/gc.err; then echo collected >> /ctl/gc-ok; fi
 touch /ctl/finished
@@ -379,6 +380,7 @@ touch /ctl/finished
 		"subst.err":  "ignoring untrusted substituter",
 		"import.err": "lacks a valid signature",
 		"delete.err": "still alive",
+		"jobgc.err":  "not allowed through a job socket",
 	} {
 		if got := readCtl(t, ctlB, name); !strings.Contains(got, want) {
 			t.Errorf("job B %s: %q lacks %q", name, got, want)

@@ -100,6 +100,7 @@ func (s *Server) ServeAll(ctx context.Context, ls []Listener) error {
 func (s *Server) applyPolicy(p *peer, pol ListenPolicy) {
 	if pol.Untrusted {
 		p.trusted = false
+		p.jobSock = true
 	}
 	p.tenant = pol.Tenant
 	if s.opts.Jobs == nil || p.pid <= 0 {
@@ -155,6 +156,20 @@ func (c *conn) sessionAnnouncement() string {
 // SessionAnnouncementPrefix starts the text of the handshake's session
 // activity: "nixyard-session: job=ID|none tenant=NAME|- trust=trusted|untrusted".
 const SessionAnnouncementPrefix = "nixyard-session:"
+
+// errJobGC refuses a full collection from a job socket.
+var errJobGC = errors.New("collecting garbage is not allowed through a job socket: the host's store is shared by every job and is collected by the host (deleting specific paths nobody holds is allowed)")
+
+// checkJobGC refuses, on a job socket, a collection that deletes every
+// dead path: one job's `nix-collect-garbage` would otherwise empty the
+// host's cache for every other job. Listing roots or dead paths, and
+// deleting specific paths that nobody holds, stay allowed.
+func (c *conn) checkJobGC(action store.GCAction) error {
+	if c.peer.jobSock && action == store.GCDeleteDead {
+		return errJobGC
+	}
+	return nil
+}
 
 // reapJobs ends the jobs that are over, so that a collection may delete
 // their paths.

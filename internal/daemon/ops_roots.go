@@ -121,6 +121,9 @@ func opCollectGarbageHandler(ctx context.Context, c *conn) error {
 	if opts.IgnoreLiveness {
 		return errors.New("you are not allowed to ignore liveness")
 	}
+	if err := c.checkJobGC(opts.Action); err != nil {
+		return err
+	}
 	if opts.MaxFreed == 0 && opts.Action == store.GCDeleteDead {
 		// Old clients send 0 for "no limit"; Nix treats 0 the same way.
 		opts.MaxFreed = math.MaxUint64

@@ -24,6 +24,7 @@ type peer struct {
 	trusted bool
 	refused string     // non-empty: why the connection is refused
 	tenant  string     // the listening socket's tenant, if any
+	jobSock bool       // connected through a trusted=false (job) socket
 	job     *jobs.Conn // the peer's job, if it is in a container
 }
 
