@@ -1,0 +1,30 @@
+package daemon
+
+import "testing"
+
+func TestParseListenSpec(t *testing.T) {
+	for _, tc := range []struct {
+		in      string
+		want    ListenSpec
+		wantErr bool
+	}{
+		{in: "/run/j.sock", want: ListenSpec{Path: "/run/j.sock"}},
+		{in: "/run/j.sock,trusted=false", want: ListenSpec{Path: "/run/j.sock", Policy: ListenPolicy{Untrusted: true}}},
+		{in: "/run/j.sock,trusted=false,tenant=gitlab", want: ListenSpec{Path: "/run/j.sock", Policy: ListenPolicy{Untrusted: true, Tenant: "gitlab"}}},
+		{in: "/run/j.sock,tenant=ci,trusted=true", want: ListenSpec{Path: "/run/j.sock", Policy: ListenPolicy{Tenant: "ci"}}},
+		{in: ",trusted=false", wantErr: true},
+		{in: "/s,trusted=maybe", wantErr: true},
+		{in: "/s,tenant=", wantErr: true},
+		{in: "/s,owner=me", wantErr: true},
+		{in: "/s,untrusted", wantErr: true},
+	} {
+		got, err := ParseListenSpec(tc.in)
+		if (err != nil) != tc.wantErr {
+			t.Errorf("ParseListenSpec(%q) error = %v, want error %v", tc.in, err, tc.wantErr)
+			continue
+		}
+		if err == nil && got != tc.want {
+			t.Errorf("ParseListenSpec(%q) = %+v, want %+v", tc.in, got, tc.want)
+		}
+	}
+}
