@@ -45,7 +45,7 @@ func (b *Builder) BuildBasic(ctx context.Context, drvPath storepath.Path, drv *d
 	if kind, err := drv.Kind(); err != nil {
 		return b.fail(req, MiscFailure, "derivation '%s': %v", b.abs(drvPath), err), nil
 	} else if kind != derivation.InputAddressed {
-		if err := drv.CheckOutputPaths(ctx, b.st.Dir(), b.loadDerivation, nil); err != nil {
+		if err := b.st.DrvHashCache().CheckOutputPaths(ctx, drv, b.st.Dir(), b.loadDerivation); err != nil {
 			return b.fail(req, MiscFailure, "derivation '%s': %v", b.abs(drvPath), err), nil
 		}
 	}

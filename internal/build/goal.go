@@ -9,7 +9,6 @@ import (
 	"sync"
 
 	"github.com/nixyard/nixyard/internal/nix/derivation"
-	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
@@ -332,7 +331,7 @@ func (g *goal) realise(ctx context.Context) Result {
 	// (BuildBasic) cannot be checked without its input derivations: they
 	// are taken as given, from trusted clients only, as Nix does.
 	if !g.basic || kind != derivation.InputAddressed {
-		if err := g.drv.CheckOutputPaths(ctx, b.st.Dir(), b.loadDerivation, map[string]hash.Hash{}); err != nil {
+		if err := b.st.DrvHashCache().CheckOutputPaths(ctx, g.drv, b.st.Dir(), b.loadDerivation); err != nil {
 			return g.failf(MiscFailure, "derivation '%s': %v", drvAbs, err)
 		}
 	}

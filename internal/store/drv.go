@@ -5,9 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 
 	"github.com/nixyard/nixyard/internal/nix/derivation"
-	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
 
@@ -35,6 +35,34 @@ func (s *Store) loadDerivation(ctx context.Context, abs string) (*derivation.Der
 	return s.readDerivation(p, s.RealPath(p))
 }
 
+// drvHashCaches holds the hash-modulo cache of each real store directory
+// opened in this process (one in a daemon), so that registering or building
+// each derivation of a deep graph does not re-read the graph below it.
+// Entries are keyed by .drv path, which names the file's contents, and the
+// caches are per real directory so that stores never share entries.
+var drvHashCaches struct {
+	sync.Mutex
+	m map[string]*derivation.HashCache
+}
+
+// DrvHashCache returns the hash-modulo cache of the store's .drv files,
+// for derivation.HashCache.CheckOutputPaths with a loader of its valid
+// .drv files. It is shared by every Store of this real store directory in
+// the process and is safe for concurrent use.
+func (s *Store) DrvHashCache() *derivation.HashCache {
+	drvHashCaches.Lock()
+	defer drvHashCaches.Unlock()
+	if drvHashCaches.m == nil {
+		drvHashCaches.m = map[string]*derivation.HashCache{}
+	}
+	c := drvHashCaches.m[s.realDir]
+	if c == nil {
+		c = derivation.NewHashCache(0)
+		drvHashCaches.m[s.realDir] = c
+	}
+	return c
+}
+
 // readDrvOutputs reads the derivation at realPath, checks its output paths
 // as Nix does before registering a .drv (checkInvariants), and returns
 // the outputs whose paths are known, for DerivationOutputs.
@@ -43,7 +71,7 @@ func (s *Store) readDrvOutputs(p storepath.Path, realPath string) (map[string]st
 	if err != nil {
 		return nil, err
 	}
-	err = d.CheckOutputPaths(context.Background(), s.dir, s.loadDerivation, map[string]hash.Hash{})
+	err = s.DrvHashCache().CheckOutputPaths(context.Background(), d, s.dir, s.loadDerivation)
 	if err != nil && !errors.Is(err, derivation.ErrNotSupported) {
 		return nil, fmt.Errorf("store: derivation %s: %w", s.abs(p), err)
 	}

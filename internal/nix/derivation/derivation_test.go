@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/nixyard/nixyard/internal/nix/hash"
@@ -383,4 +384,80 @@ func FuzzParse(f *testing.F) {
 		d.Kind()
 		d.References(storepath.DefaultDir)
 	})
+}
+
+// TestHashCache: a shared HashCache gives the same results as a per-call
+// map, loads each input derivation once across calls, is safe for
+// concurrent use and stays within its bound.
+func TestHashCache(t *testing.T) {
+	storeDir := instantiate(t)
+	files, err := filepath.Glob(filepath.Join(storeDir, "*.drv"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := storepath.DefaultDir
+	var drvs []*Derivation
+	for _, f := range files {
+		d, err := ParseFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		drvs = append(drvs, d)
+	}
+	var mu sync.Mutex
+	loads := 0
+	unsafeLoad := chrootLoader(storeDir, new(int)) // counts without locking
+	inner := func(ctx context.Context, p string) (*Derivation, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		return unsafeLoad(ctx, p)
+	}
+	load := func(ctx context.Context, p string) (*Derivation, error) {
+		mu.Lock()
+		loads++
+		mu.Unlock()
+		return inner(ctx, p)
+	}
+	c := NewHashCache(0)
+	for range 2 {
+		var wg sync.WaitGroup
+		for _, d := range drvs {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if err := c.CheckOutputPaths(context.Background(), d, dir, load); err != nil {
+					t.Errorf("%s: %v", d.Name, err)
+				}
+				want, err1 := HashModulo(context.Background(), d, inner, nil)
+				got, err2 := c.HashModulo(context.Background(), d, load)
+				if err1 != nil || err2 != nil || !got.Equal(want) {
+					t.Errorf("%s: HashModulo %v (%v), want %v (%v)", d.Name, got, err2, want, err1)
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	// Concurrent first calls may each load an input once; the second
+	// round loads nothing.
+	if c.Len() != 5 || loads > 5*len(drvs) {
+		t.Errorf("cache holds %d hashes after %d loads, want 5 (fixed-flat ×2, fixed-rec, multi, c1)", c.Len(), loads)
+	}
+	before := loads
+	for _, d := range drvs {
+		if err := c.CheckOutputPaths(context.Background(), d, dir, load); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if loads != before {
+		t.Errorf("warm cache: %d more loads, want 0", loads-before)
+	}
+	small := NewHashCache(2)
+	for _, d := range drvs {
+		if err := small.CheckOutputPaths(context.Background(), d, dir, load); err != nil {
+			t.Fatal(err)
+		}
+		if small.Len() > 2 {
+			t.Fatalf("bounded cache holds %d entries, max 2", small.Len())
+		}
+	}
 }

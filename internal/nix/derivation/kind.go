@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 
 	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
@@ -176,13 +177,79 @@ func HashModulo(ctx context.Context, d *Derivation, load Loader, cache map[strin
 	if cache == nil {
 		cache = map[string]hash.Hash{}
 	}
+	return hashModulo(ctx, d, load, mapMemo(cache))
+}
+
+// HashModulo is the package's HashModulo with the hashes of input
+// derivations taken from and added to c.
+func (c *HashCache) HashModulo(ctx context.Context, d *Derivation, load Loader) (hash.Hash, error) {
+	return hashModulo(ctx, d, load, c)
+}
+
+func hashModulo(ctx context.Context, d *Derivation, load Loader, cache memo) (hash.Hash, error) {
 	h := hasher{load: load, cache: cache, busy: map[string]bool{}}
 	return h.hash(ctx, d, true)
 }
 
+// memo is where a hasher memoizes hashes modulo by absolute drv path.
+type memo interface {
+	get(drvPath string) (hash.Hash, bool)
+	put(drvPath string, h hash.Hash)
+}
+
+type mapMemo map[string]hash.Hash
+
+func (m mapMemo) get(p string) (hash.Hash, bool) { v, ok := m[p]; return v, ok }
+func (m mapMemo) put(p string, h hash.Hash)      { m[p] = h }
+
+// HashCache memoizes the (unmasked) hashes modulo of input derivations by
+// absolute drv path across calls, so that checking each derivation of a
+// deep graph does not re-read and re-hash the whole graph below it. A drv
+// path is the hash of the file's contents, so an entry never goes stale as
+// long as every caller loads the same store's .drv files. It holds at most
+// a fixed number of entries (it is emptied when full). It is safe for
+// concurrent use.
+type HashCache struct {
+	mu  sync.Mutex
+	m   map[string]hash.Hash
+	max int
+}
+
+// NewHashCache returns a cache of at most max entries (<= 0: 100,000,
+// about 20 MB).
+func NewHashCache(max int) *HashCache {
+	if max <= 0 {
+		max = 100_000
+	}
+	return &HashCache{m: map[string]hash.Hash{}, max: max}
+}
+
+func (c *HashCache) get(p string) (hash.Hash, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	v, ok := c.m[p]
+	return v, ok
+}
+
+func (c *HashCache) put(p string, h hash.Hash) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.m) >= c.max {
+		clear(c.m)
+	}
+	c.m[p] = h
+}
+
+// Len returns the number of cached hashes.
+func (c *HashCache) Len() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.m)
+}
+
 type hasher struct {
 	load  Loader
-	cache map[string]hash.Hash
+	cache memo
 	busy  map[string]bool // drv paths being hashed, to refuse cycles
 }
 
@@ -215,7 +282,7 @@ func (h *hasher) hash(ctx context.Context, d *Derivation, mask bool) (hash.Hash,
 // pathHash is Nix's pathDerivationModulo: the unmasked hash modulo of the
 // derivation at drvPath, memoized.
 func (h *hasher) pathHash(ctx context.Context, drvPath string) (hash.Hash, error) {
-	if v, ok := h.cache[drvPath]; ok {
+	if v, ok := h.cache.get(drvPath); ok {
 		return v, nil
 	}
 	if err := ctx.Err(); err != nil {
@@ -234,7 +301,7 @@ func (h *hasher) pathHash(ctx context.Context, drvPath string) (hash.Hash, error
 	if err != nil {
 		return hash.Hash{}, fmt.Errorf("input derivation %s: %w", drvPath, err)
 	}
-	h.cache[drvPath] = v
+	h.cache.put(drvPath, v)
 	return v, nil
 }
 
@@ -244,6 +311,19 @@ func (h *hasher) pathHash(ctx context.Context, drvPath string) (hash.Hash, error
 // fixed output is checked too). d.Name must be set. Floating, deferred and
 // impure derivations give an error wrapping ErrNotSupported.
 func (d *Derivation) CheckOutputPaths(ctx context.Context, dir storepath.Dir, load Loader, cache map[string]hash.Hash) error {
+	if cache == nil {
+		cache = map[string]hash.Hash{}
+	}
+	return d.checkOutputPaths(ctx, dir, load, mapMemo(cache))
+}
+
+// CheckOutputPaths is Derivation.CheckOutputPaths with the hashes modulo of
+// input derivations taken from and added to c.
+func (c *HashCache) CheckOutputPaths(ctx context.Context, d *Derivation, dir storepath.Dir, load Loader) error {
+	return d.checkOutputPaths(ctx, dir, load, c)
+}
+
+func (d *Derivation) checkOutputPaths(ctx context.Context, dir storepath.Dir, load Loader, cache memo) error {
 	kind, err := d.Kind()
 	if err != nil {
 		return err
@@ -261,7 +341,7 @@ func (d *Derivation) CheckOutputPaths(ctx context.Context, dir storepath.Dir, lo
 		}
 		want["out"] = p
 	case InputAddressed:
-		h, err := HashModulo(ctx, d, load, cache)
+		h, err := hashModulo(ctx, d, load, cache)
 		if err != nil {
 			return err
 		}
