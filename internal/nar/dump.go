@@ -22,7 +22,7 @@ const copyBufSize = 1 << 20
 func DumpPath(w io.Writer, fsPath string) error {
 	bw := bufio.NewWriterSize(w, 64<<10)
 	nw := NewWriter(bw)
-	d := dumper{nw: nw, buf: make([]byte, copyBufSize)}
+	d := dumper{nw: nw}
 	if err := d.dump(fsPath, ""); err != nil {
 		return err
 	}
@@ -97,6 +97,14 @@ func (d *dumper) file(fsPath, narPath string, fi os.FileInfo) error {
 		return fmt.Errorf("nar: dump: %w", err)
 	}
 	defer f.Close()
+	if int64(len(d.buf)) < size && len(d.buf) < copyBufSize {
+		// Sized to the file, up to copyBufSize: dumping a small output
+		// (most build outputs) must not allocate and clear 1 MiB.
+		d.buf = make([]byte, min(int64(copyBufSize), max(size, 2*int64(len(d.buf)))))
+	}
+	if size == 0 {
+		return nil
+	}
 	// The plain io.Reader wrapper hides (*os.File).WriteTo so that our
 	// large buffer is used.
 	n, err := io.CopyBuffer(d.nw, io.LimitReader(struct{ io.Reader }{f}, size), d.buf)

@@ -2,10 +2,12 @@ package store
 
 import (
 	"bytes"
+	"compress/bzip2"
 	"context"
 	"errors"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -153,5 +155,26 @@ func TestAddBuildLog(t *testing.T) {
 	matches, _ := filepath.Glob(filepath.Join(root, "nix/var/log/nix/drvs/33/333333333333333333333333333333-x.drv*"))
 	if len(matches) != 1 {
 		t.Fatalf("log files: %v", matches)
+	}
+}
+
+func TestAddBuildLogLargeCompressed(t *testing.T) {
+	if _, err := exec.LookPath("bzip2"); err != nil {
+		t.Skip("no bzip2")
+	}
+	s, root := testStore(t)
+	drv, _ := storepath.ParseBase("44444444444444444444444444444444-x.drv")
+	log := strings.Repeat("a line of build output\n", 1000)
+	if err := s.AddBuildLog(context.Background(), drv, strings.NewReader(log)); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(filepath.Join(root, "nix/var/log/nix/drvs/44/444444444444444444444444444444-x.drv.bz2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	got, err := io.ReadAll(bzip2.NewReader(f))
+	if err != nil || string(got) != log {
+		t.Fatalf("log: %d bytes, %v; want %d bytes", len(got), err, len(log))
 	}
 }
