@@ -16,15 +16,9 @@ import (
 // all valid has them substituted if caches have every one of them (and the
 // derivation allows substitutes), else it will be built and its input
 // derivations are looked at in turn; an invalid derivation is unknown.
-// Failed lookups count as "not there" and are passed to warn (may be nil).
+// Without caches, every invalid opaque path is unknown and every derivation
+// with an invalid wanted output will be built. Failed lookups count as "not there" and are passed to warn (may be nil).
 func (r *Realiser) QueryMissing(ctx context.Context, targets []store.DerivedPath, warn func(error)) (*store.Missing, error) {
-	if r.sub == nil {
-		m, err := r.m.st.QueryMissing(ctx, targets)
-		if err != nil {
-			return nil, fmt.Errorf("realise: %w", err)
-		}
-		return m, nil
-	}
 	st := r.m.st
 	m := &store.Missing{}
 	done := map[string]bool{}
@@ -86,7 +80,7 @@ func (r *Realiser) QueryMissing(ctx context.Context, targets []store.DerivedPath
 		if known && len(invalid) == 0 {
 			return nil
 		}
-		if known && substitutesAllowed(d) {
+		if known && r.sub != nil && substitutesAllowed(d) {
 			infos, err := r.QuerySubstitutable(ctx, invalid, warn)
 			if err != nil {
 				return err
@@ -115,25 +109,48 @@ func (r *Realiser) QueryMissing(ctx context.Context, targets []store.DerivedPath
 			return nil, fmt.Errorf("realise: %w", err)
 		}
 	}
-	if len(opaque) > 0 {
-		sm, err := r.sub.QueryMissing(ctx, dedupPaths(opaque))
-		if err != nil {
-			return nil, fmt.Errorf("realise: %w", err)
-		}
-		for p := range sm.WillSubstitute {
-			m.WillSubstitute = append(m.WillSubstitute, p)
-		}
-		for _, p := range sm.Unknown {
-			if !containsPath(m.Unknown, p) {
-				m.Unknown = append(m.Unknown, p)
-			}
-		}
-		m.DownloadSize, m.NarSize = sm.DownloadSize, sm.NarSize
+	if err := r.missingOpaque(ctx, dedupPaths(opaque), m); err != nil {
+		return nil, fmt.Errorf("realise: %w", err)
 	}
 	storepath.Sort(m.WillBuild)
 	storepath.Sort(m.WillSubstitute)
 	storepath.Sort(m.Unknown)
 	return m, nil
+}
+
+// missingOpaque adds to m what realising the opaque paths would take: with
+// caches, what they have (and the sizes); without, every invalid path is
+// unknown.
+func (r *Realiser) missingOpaque(ctx context.Context, opaque []storepath.Path, m *store.Missing) error {
+	if len(opaque) == 0 {
+		return nil
+	}
+	if r.sub == nil {
+		valid, err := r.m.st.QueryValidPaths(ctx, opaque)
+		if err != nil {
+			return err
+		}
+		for _, p := range opaque {
+			if !containsPath(valid, p) && !containsPath(m.Unknown, p) {
+				m.Unknown = append(m.Unknown, p)
+			}
+		}
+		return nil
+	}
+	sm, err := r.sub.QueryMissing(ctx, opaque)
+	if err != nil {
+		return err
+	}
+	for p := range sm.WillSubstitute {
+		m.WillSubstitute = append(m.WillSubstitute, p)
+	}
+	for _, p := range sm.Unknown {
+		if !containsPath(m.Unknown, p) {
+			m.Unknown = append(m.Unknown, p)
+		}
+	}
+	m.DownloadSize, m.NarSize = sm.DownloadSize, sm.NarSize
+	return nil
 }
 
 func containsPath(ps []storepath.Path, p storepath.Path) bool {

@@ -2,11 +2,17 @@ package realise
 
 import (
 	"context"
+	"os"
+	"os/exec"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/nixyard/nixyard/internal/config"
+	"github.com/nixyard/nixyard/internal/nix/derivation"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
 
@@ -62,5 +68,72 @@ func TestSelectionSharesSubstituters(t *testing.T) {
 	}
 	if _, err := New(Config{Substituters: []string{"ftp://x"}}, st, nil); err == nil {
 		t.Error("a bad substituter URL was accepted")
+	}
+}
+
+// TestQueryMissingWithoutCaches has real Nix instantiate a derivation with
+// an input derivation into the store and checks Nix's answer without
+// substituters: both derivations will be built, an invalid opaque path and
+// an invalid .drv are unknown, and a valid path needs nothing.
+func TestQueryMissingWithoutCaches(t *testing.T) {
+	if _, err := exec.LookPath("nix-instantiate"); err != nil {
+		t.Skip("nix not installed")
+	}
+	root := t.TempDir()
+	expr := filepath.Join(t.TempDir(), "t.nix")
+	os.WriteFile(expr, []byte(`let
+  dep = derivation { name = "dep"; system = builtins.currentSystem; builder = "/bin/busybox"; args = [ "sh" "-c" "echo dep > $out" ]; };
+in derivation { name = "top"; system = builtins.currentSystem; builder = "/bin/busybox"; args = [ "sh" "-c" "cat ${dep} > $out" ]; }`), 0o644)
+	cmd := exec.Command("nix-instantiate", "--store", "local?root="+root, expr)
+	cmd.Env = append(os.Environ(), "NIX_CONFIG=", "XDG_CACHE_HOME="+t.TempDir())
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("nix-instantiate: %v", err)
+	}
+	st, err := store.Open(context.Background(), store.Config{
+		StoreDir: "/nix/store", RealStoreDir: filepath.Join(root, "nix/store"),
+		StateDir: filepath.Join(root, "nix/var/nix"), LogDir: filepath.Join(root, "nix/var/log/nix"),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	ctx := context.Background()
+	top, err := st.Dir().Parse(strings.TrimSpace(string(out)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := derivation.ParseFile(st.RealPath(top))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dep storepath.Path
+	for in := range d.InputDrvs {
+		dep, _ = st.Dir().Parse(in)
+	}
+	topOut, _ := st.Dir().Parse(d.Outputs["out"].Path)
+	missingDrv, _ := st.Dir().Parse("/nix/store/00000000000000000000000000000000-absent.drv")
+
+	r, err := NoCaches(st).For(Selection{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := r.QueryMissing(ctx, []store.DerivedPath{
+		{Path: top, Built: true, AllOutputs: true},
+		{Path: topOut},
+		{Path: top}, // the .drv itself is valid: nothing to do
+		{Path: missingDrv, Built: true, Outputs: []string{"out"}},
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := storepath.Sort([]storepath.Path{top, dep}); !slices.Equal(m.WillBuild, want) {
+		t.Errorf("WillBuild = %v, want %v", m.WillBuild, want)
+	}
+	if want := storepath.Sort([]storepath.Path{topOut, missingDrv}); !slices.Equal(m.Unknown, want) {
+		t.Errorf("Unknown = %v, want %v", m.Unknown, want)
+	}
+	if len(m.WillSubstitute) != 0 || m.DownloadSize != 0 {
+		t.Errorf("substitutes without caches: %+v", m)
 	}
 }

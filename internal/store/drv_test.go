@@ -15,7 +15,7 @@ import (
 )
 
 // TestDerivationFromNix adds a .drv that real Nix instantiated and checks
-// DerivationOutputs, QueryMissing and the deriver edges of the GC.
+// DerivationOutputs and the deriver edges of the GC.
 func TestDerivationFromNix(t *testing.T) {
 	s, root := testStore(t)
 	ctx := context.Background()
@@ -41,10 +41,6 @@ func TestDerivationFromNix(t *testing.T) {
 	}
 	if ds, _ := s.QueryValidDerivers(ctx, outs["out"]); !slices.Equal(ds, []storepath.Path{info.Path}) {
 		t.Errorf("derivers = %v", ds)
-	}
-	m, err := s.QueryMissing(ctx, []DerivedPath{{Path: info.Path, Built: true, AllOutputs: true}, {Path: outs["out"]}})
-	if err != nil || !slices.Equal(m.WillBuild, []storepath.Path{info.Path}) || !slices.Equal(m.Unknown, []storepath.Path{outs["out"]}) {
-		t.Errorf("missing = %+v, %v", m, err)
 	}
 	// Real Nix reads our DerivationOutputs.
 	if got := strings.TrimSpace(nixCmd(t, root, "nix-store", "-q", "--outputs", drvAbs)); got != outAbs {
