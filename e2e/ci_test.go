@@ -430,3 +430,41 @@ touch /ctl/finished
 		}
 	}
 }
+
+// TestCIWarmJobHoldsPaths: on a warm host, the paths a job realises were
+// valid already, yet they stay alive for the job like fetched ones (Nix's
+// goals root every path they are asked for, valid or not), through a
+// collection between the job's connections; after the job, they go.
+func TestCIWarmJobHoldsPaths(t *testing.T) {
+	t.Parallel()
+	c := startCIHost(t)
+	c.nixStore(t, "-r", c.out) // the host is warm; the connection is gone
+	ctl := c.ctlDir(t, "warm")
+	job := c.jobCmd(ctl, `nix-store -r "$OUT" >/dev/null
+touch /ctl/ready
+while [ ! -e /ctl/go ]; do sleep 0.1; done
+cat "/mnt$OUT" > /ctl/after
+`)
+	done := make(chan result, 1)
+	go func() { done <- job.run(t) }()
+	waitCtl(t, ctl, "ready")
+	c.nixStore(t, "--gc")
+	for _, p := range []string{c.out, c.dep} {
+		if !c.isValid(t, p) {
+			t.Errorf("a collection deleted %s, which the job realised (valid already)", p)
+		}
+	}
+	writeFile(t, filepath.Join(ctl, "go"), "", 0o644)
+	if r := <-done; r.err != nil {
+		t.Fatalf("job:\n%s", r)
+	}
+	if got, want := readCtl(t, ctl, "after"), c.nonce+" "+c.dep; got != want {
+		t.Errorf("the job read %q after the collection, want %q", got, want)
+	}
+	c.nixStore(t, "--gc")
+	for _, p := range []string{c.out, c.dep} {
+		if c.isValid(t, p) {
+			t.Errorf("%s survived a collection after the job ended", p)
+		}
+	}
+}

@@ -88,6 +88,9 @@ func (r *Realiser) realiseOne(ctx context.Context, t store.DerivedPath, prog Pro
 	st := r.m.st
 	abs := st.Dir().Abs(t.Path)
 	res.Target = t
+	if err := r.root(ctx, t.Path); err != nil {
+		return res, false, err
+	}
 	valid, err := st.IsValidPath(ctx, t.Path)
 	if err != nil {
 		return res, false, err
@@ -155,6 +158,11 @@ func (r *Realiser) realiseOne(ctx context.Context, t store.DerivedPath, prog Pro
 		}
 	}
 	if known && len(invalid) == 0 {
+		for _, op := range res.Outputs {
+			if err := r.root(ctx, op); err != nil {
+				return res, false, err
+			}
+		}
 		res.Status = AlreadyValid
 		return res, false, nil
 	}
