@@ -8,6 +8,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -55,6 +56,7 @@ func (e *RemoteError) Error() string { return "daemon: " + e.Msg }
 // Client is one connection to a daemon.
 type Client struct {
 	conn    net.Conn
+	br      *bufio.Reader // under In
 	In      *wire.Decoder
 	Out     *wire.Encoder
 	Minor   uint64
@@ -106,7 +108,8 @@ func DialVersion(ctx context.Context, socketPath string, version uint64, setOpti
 
 // New wraps an established connection; call Handshake next.
 func New(nc net.Conn) *Client {
-	return &Client{conn: nc, In: wire.NewDecoder(bufio.NewReaderSize(nc, 64<<10)), Out: wire.NewEncoder(nc), Dir: storepath.DefaultDir}
+	br := bufio.NewReaderSize(nc, 64<<10)
+	return &Client{conn: nc, br: br, In: wire.NewDecoder(br), Out: wire.NewEncoder(nc), Dir: storepath.DefaultDir}
 }
 
 // Close closes the connection.
@@ -161,52 +164,64 @@ func (c *Client) ProcessStderr() error {
 		if err := c.In.Err(); err != nil {
 			return fmt.Errorf("client: reading stderr: %w", err)
 		}
-		switch tag {
-		case stderrLast:
-			return nil
-		case stderrError:
-			return c.readError()
-		case stderrNext:
-			line := c.In.String("log line", wire.MaxStringLen)
-			if c.Logs != nil {
-				c.Logs(line)
-			}
-		case stderrStart:
-			c.In.U64("id")
-			lvl := c.In.U64("level")
-			typ := c.In.U64("type")
-			text := c.In.String("text", wire.MaxStringLen)
-			if c.Activities != nil && c.In.Err() == nil {
-				c.Activities(lvl, typ, text)
-			}
-			c.readFields()
-			c.In.U64("parent")
-		case stderrStop:
-			c.In.U64("id")
-		case stderrResult:
-			c.In.U64("id")
-			c.In.U64("type")
-			c.readFields()
-		case stderrRead:
-			n := c.In.U64("len")
-			buf := make([]byte, min(n, 1<<20))
-			var k int
-			if c.ReadSource != nil {
-				k, _ = io.ReadFull(c.ReadSource, buf)
-			}
-			c.Out.Bytes(buf[:k])
-			if err := c.Out.Flush(); err != nil {
-				return err
-			}
-		case stderrWrite:
-			b := c.In.Bytes("data", wire.MaxStringLen)
-			if c.WriteSink != nil {
-				c.WriteSink.Write(b)
-			}
-		default:
-			return fmt.Errorf("client: unknown stderr tag %#x", tag)
+		if done, err := c.stderrMessage(tag); done {
+			return err
 		}
 	}
+}
+
+// stderrMessage handles one logger message whose tag has been read; done
+// is true for STDERR_LAST (err nil), STDERR_ERROR and a malformed stream.
+func (c *Client) stderrMessage(tag uint64) (done bool, err error) {
+	switch tag {
+	case stderrLast:
+		return true, nil
+	case stderrError:
+		return true, c.readError()
+	case stderrNext:
+		line := c.In.String("log line", wire.MaxStringLen)
+		if c.Logs != nil {
+			c.Logs(line)
+		}
+	case stderrStart:
+		c.In.U64("id")
+		lvl := c.In.U64("level")
+		typ := c.In.U64("type")
+		text := c.In.String("text", wire.MaxStringLen)
+		if c.Activities != nil && c.In.Err() == nil {
+			c.Activities(lvl, typ, text)
+		}
+		c.readFields()
+		c.In.U64("parent")
+	case stderrStop:
+		c.In.U64("id")
+	case stderrResult:
+		c.In.U64("id")
+		c.In.U64("type")
+		c.readFields()
+	case stderrRead:
+		n := c.In.U64("len")
+		buf := make([]byte, min(n, 1<<20))
+		var k int
+		if c.ReadSource != nil {
+			k, _ = io.ReadFull(c.ReadSource, buf)
+		}
+		c.Out.Bytes(buf[:k])
+		if err := c.Out.Flush(); err != nil {
+			return true, err
+		}
+	case stderrWrite:
+		b := c.In.Bytes("data", wire.MaxStringLen)
+		if c.WriteSink != nil {
+			c.WriteSink.Write(b)
+		}
+	default:
+		return true, fmt.Errorf("client: unknown stderr tag %#x", tag)
+	}
+	if err := c.In.Err(); err != nil {
+		return true, fmt.Errorf("client: reading stderr: %w", err)
+	}
+	return false, nil
 }
 
 func (c *Client) readFields() {
@@ -422,4 +437,144 @@ func writeValidPathInfo(e *wire.Encoder, dir storepath.Dir, info store.PathInfo,
 		e.StringSet(info.Sigs)
 		e.String(info.CA)
 	}
+}
+
+// QueryPathInfoRequest returns op 26 for p, encoded, for
+// QueryPathInfoValid: a load generator encodes its requests once.
+func (c *Client) QueryPathInfoRequest(p storepath.Path) []byte {
+	abs := c.Dir.Abs(p)
+	b := binary.LittleEndian.AppendUint64(nil, opQueryPI)
+	b = binary.LittleEndian.AppendUint64(b, uint64(len(abs)))
+	b = append(b, abs...)
+	for len(b)%8 != 0 {
+		b = append(b, 0)
+	}
+	return b
+}
+
+// QueryPathInfoValid sends req (from QueryPathInfoRequest) and checks that
+// the reply is a well-formed answer saying the path is valid (protocol ≥
+// 1.17): STDERR_LAST (after any log messages), the valid flag, then each
+// field of the info with a length within the protocol limits and a 64-digit
+// base-16 NAR hash. The fields are skipped, not decoded, and nothing is
+// allocated: this is the light client of the benchmark's load generator.
+// A path that is not valid gives an error wrapping store.ErrNotValid.
+func (c *Client) QueryPathInfoValid(req []byte) error {
+	if c.Minor < 17 {
+		return fmt.Errorf("client: QueryPathInfoValid needs protocol 1.17, have 1.%d", c.Minor)
+	}
+	if _, err := c.conn.Write(req); err != nil {
+		return fmt.Errorf("client: op %d: %w", opQueryPI, err)
+	}
+	for {
+		tag, err := c.u64()
+		if err != nil {
+			return fmt.Errorf("client: reading stderr: %w", err)
+		}
+		if tag == stderrLast {
+			break
+		}
+		if done, err := c.stderrMessage(tag); done {
+			if err == nil {
+				break
+			}
+			return err
+		}
+	}
+	if err := c.skipPathInfo(); err != nil {
+		return fmt.Errorf("client: op %d: reply: %w", opQueryPI, err)
+	}
+	return nil
+}
+
+// skipPathInfo reads the reply of op 26 (protocol ≥ 1.17) without keeping
+// it; see QueryPathInfoValid.
+func (c *Client) skipPathInfo() error {
+	valid, err := c.u64()
+	if err != nil {
+		return err
+	}
+	switch valid {
+	case 0:
+		return store.ErrNotValid
+	case 1:
+	default:
+		return fmt.Errorf("valid flag %d", valid)
+	}
+	if _, err := c.skipString("deriver", wire.MaxPathLen); err != nil {
+		return err
+	}
+	if n, err := c.skipString("narHash", wire.MaxSmallString); err != nil {
+		return err
+	} else if n != 64 {
+		return fmt.Errorf("narHash: %d characters, want 64", n)
+	}
+	if err := c.skipStrings("references", 1, wire.MaxPathLen); err != nil {
+		return err
+	}
+	for _, f := range []string{"registrationTime", "narSize", "ultimate"} {
+		if _, err := c.u64(); err != nil {
+			return fmt.Errorf("%s: %w", f, err)
+		}
+	}
+	if err := c.skipStrings("sigs", 0, wire.MaxSmallString); err != nil {
+		return err
+	}
+	_, err = c.skipString("ca", wire.MaxSmallString)
+	return err
+}
+
+// u64 reads a u64 from the buffered stream without allocating.
+func (c *Client) u64() (uint64, error) {
+	b, err := c.br.Peek(8)
+	if err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return 0, err
+	}
+	v := binary.LittleEndian.Uint64(b)
+	c.br.Discard(8)
+	return v, nil
+}
+
+// skipString skips a padded string of at most max bytes; it returns the
+// string's length.
+func (c *Client) skipString(field string, max int) (int, error) {
+	n, err := c.u64()
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", field, err)
+	}
+	if n > uint64(max) {
+		return 0, fmt.Errorf("%s: %w: %d bytes, limit %d", field, wire.ErrLimit, n, max)
+	}
+	padded := int(n+7) &^ 7
+	if k, err := c.br.Discard(padded); err != nil {
+		if err == io.EOF && k < padded {
+			err = io.ErrUnexpectedEOF
+		}
+		return 0, fmt.Errorf("%s: %w", field, err)
+	}
+	return int(n), nil
+}
+
+// skipStrings skips a list of strings of min to max bytes each.
+func (c *Client) skipStrings(field string, minLen, max int) error {
+	n, err := c.u64()
+	if err != nil {
+		return fmt.Errorf("%s: %w", field, err)
+	}
+	if n > wire.MaxListLen {
+		return fmt.Errorf("%s: %w: %d elements, limit %d", field, wire.ErrLimit, n, wire.MaxListLen)
+	}
+	for range n {
+		k, err := c.skipString(field, max)
+		if err != nil {
+			return err
+		}
+		if k < minLen {
+			return fmt.Errorf("%s: empty element", field)
+		}
+	}
+	return nil
 }
