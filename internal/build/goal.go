@@ -411,6 +411,14 @@ func (g *goal) realise(ctx context.Context) Result {
 		return g.failf(MiscFailure, "derivation '%s': closure of the inputs: %v", drvAbs, err)
 	}
 
+	// The build directory and sandbox are laid out before taking a slot,
+	// so slots are held only while builders run.
+	j, fail := g.prepare(ctx, inputs, outPaths)
+	if fail != nil {
+		return *fail
+	}
+	defer j.cleanup()
+
 	// A slot, then the output locks, then check again: another caller or
 	// process may have built it meanwhile.
 	release, err := b.slots.acquire(ctx, g.owner.client)
@@ -443,7 +451,7 @@ func (g *goal) realise(ctx context.Context) Result {
 	if len(missing) == 0 {
 		return Result{Status: AlreadyValid}
 	}
-	return g.build(ctx, inputs, missing, locks, releaseOnce)
+	return j.build(ctx, missing, locks, releaseOnce)
 }
 
 // trySubstitute asks the substituter for all outputs. ok is false when the

@@ -53,12 +53,16 @@ type job struct {
 	logTail  []string
 	line     []byte
 	linePos  int
-	timedOut string // the timeout message, once the builder was killed for one
+	timedOut string   // the timeout message, once the builder was killed for one
+	spec     initSpec // what the helper sets up and runs
+	keep     bool     // keep the build directory (a failed build with keep-failed)
 }
 
-// build runs the builder and registers the outputs. release gives the
-// build slot back; it is called once the builder has exited.
-func (g *goal) build(ctx context.Context, inputs []storepath.Path, outputs map[string]storepath.Path, locks *store.OutputLocks, release func()) Result {
+// prepare makes a job for the goal's builder: the build user, the build
+// directory, the environment and (sandboxed) the chroot layout. It runs
+// before the goal takes a build slot, so slots are held only while
+// builders run. The job's cleanup must be called when done with it.
+func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map[string]storepath.Path) (*job, *Result) {
 	b := g.b
 	j := &job{g: g, drvAbs: b.abs(g.drvPath), outputs: outputs, inputs: inputs, hostUID: os.Geteuid(), hostGID: os.Getegid()}
 	j.sandbox = b.sandboxed()
@@ -69,18 +73,83 @@ func (g *goal) build(ctx context.Context, inputs []storepath.Path, outputs map[s
 			}
 		}
 	}
+	fail := func(format string, args ...any) (*job, *Result) {
+		j.cleanup()
+		r := g.failf(MiscFailure, format, args...)
+		return nil, &r
+	}
 	if !j.sandbox && g.owner.opts.Mode == ModeCheck {
-		return g.failf(MiscFailure, "checking '%s' without the sandbox is %v by nixyard", j.drvAbs, errNotSupported)
+		return fail("checking '%s' without the sandbox is %v by nixyard", j.drvAbs, errNotSupported)
 	}
 	if b.users != nil {
 		u, err := b.users.acquire(ctx, b.log)
 		if err != nil {
-			return g.failf(MiscFailure, "building '%s': %v", j.drvAbs, err)
+			return fail("building '%s': %v", j.drvAbs, err)
 		}
-		defer u.release()
 		j.user = u
 		j.hostUID, j.hostGID = u.uid, u.gid
 	}
+	if !j.sandbox {
+		if _, err := os.Lstat(homeDir); err == nil {
+			return fail("home directory '%s' exists; please remove it to assure purity of builds without sandboxing", homeDir)
+		}
+	}
+	var err error
+	j.tmpDir, err = os.MkdirTemp(b.cfg.BuildDir, "nix-build-"+g.drv.Name+"-")
+	if err != nil {
+		return fail("building '%s': %v", j.drvAbs, err)
+	}
+	if err := os.Chown(j.tmpDir, j.hostUID, j.hostGID); err != nil {
+		return fail("building '%s': %v", j.drvAbs, err)
+	}
+	env, err := j.environment()
+	if err != nil {
+		return fail("building '%s': %v", j.drvAbs, err)
+	}
+	j.spec = initSpec{
+		Builder: g.drv.Builder,
+		Args:    append([]string{path.Base(g.drv.Builder)}, g.drv.Args...),
+		Env:     env,
+		Dir:     j.tmpDir,
+	}
+	if j.sandbox {
+		if err := j.prepareChroot(&j.spec); err != nil {
+			return fail("setting up the sandbox of '%s': %v", j.drvAbs, err)
+		}
+	}
+	return j, nil
+}
+
+// cleanup removes the build directory (unless kept) and the chroot, and
+// gives the build user back.
+func (j *job) cleanup() {
+	g := j.g
+	b := g.b
+	if j.tmpDir != "" {
+		if j.keep {
+			b.log.Warn("keeping build directory", "drv", j.drvAbs, "dir", j.tmpDir)
+			g.each(func(c *call) {
+				c.emit(func(p Progress) {
+					p.BuildLogLine(j.drvAbs, fmt.Sprintf("note: keeping build directory '%s'", j.tmpDir))
+				})
+			})
+		} else {
+			removeTree(j.tmpDir)
+		}
+	}
+	if j.chroot != "" {
+		removeTree(j.chroot)
+	}
+	if j.user != nil {
+		j.user.release()
+	}
+}
+
+// build runs the prepared job's builder for outputs (the missing ones) and
+// registers them. release gives the build slot back; it is called once
+// the builder has exited.
+func (j *job) build(ctx context.Context, outputs map[string]storepath.Path, locks *store.OutputLocks, release func()) Result {
+	j.outputs = outputs
 	res := Result{StartTime: time.Now()}
 	outcome := j.run(ctx, locks, release)
 	res.StopTime = time.Now()
@@ -109,9 +178,6 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 	b := g.b
 	opts := g.owner.opts
 	if !j.sandbox {
-		if _, err := os.Lstat(homeDir); err == nil {
-			return j.failf(MiscFailure, 0, "home directory '%s' exists; please remove it to assure purity of builds without sandboxing", homeDir)
-		}
 		// Leftovers of an earlier attempt at the output paths.
 		for _, p := range j.outputs {
 			if err := removeTree(b.st.RealPath(p)); err != nil {
@@ -120,44 +186,6 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 		}
 	}
 	var err error
-	j.tmpDir, err = os.MkdirTemp(b.cfg.BuildDir, "nix-build-"+g.drv.Name+"-")
-	if err != nil {
-		return j.failf(MiscFailure, 0, "building '%s': %v", j.drvAbs, err)
-	}
-	keep := false
-	defer func() {
-		if keep {
-			b.log.Warn("keeping build directory", "drv", j.drvAbs, "dir", j.tmpDir)
-			g.each(func(c *call) {
-				c.emit(func(p Progress) {
-					p.BuildLogLine(j.drvAbs, fmt.Sprintf("note: keeping build directory '%s'", j.tmpDir))
-				})
-			})
-		} else {
-			removeTree(j.tmpDir)
-		}
-		if j.chroot != "" {
-			removeTree(j.chroot)
-		}
-	}()
-	if err := os.Chown(j.tmpDir, j.hostUID, j.hostGID); err != nil {
-		return j.failf(MiscFailure, 0, "building '%s': %v", j.drvAbs, err)
-	}
-	env, err := j.environment()
-	if err != nil {
-		return j.failf(MiscFailure, 0, "building '%s': %v", j.drvAbs, err)
-	}
-	spec := initSpec{
-		Builder: g.drv.Builder,
-		Args:    append([]string{path.Base(g.drv.Builder)}, g.drv.Args...),
-		Env:     env,
-		Dir:     j.tmpDir,
-	}
-	if j.sandbox {
-		if err := j.prepareChroot(&spec); err != nil {
-			return j.failf(MiscFailure, 0, "setting up the sandbox of '%s': %v", j.drvAbs, err)
-		}
-	}
 	j.logFile, err = os.CreateTemp(b.cfg.BuildDir, "nixyard-log-")
 	if err != nil {
 		return j.failf(MiscFailure, 0, "building '%s': %v", j.drvAbs, err)
@@ -169,7 +197,7 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 
 	g.setRunning(true)
 	g.each(func(c *call) { c.emit(func(p Progress) { p.BuildStarted(j.drvAbs) }) })
-	status, runErr := j.execute(ctx, spec, opts)
+	status, runErr := j.execute(ctx, j.spec, opts)
 	g.setRunning(false)
 	release()
 	if _, err := j.logFile.Seek(0, io.SeekStart); err == nil {
@@ -187,13 +215,13 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 	keepFailed := opts.KeepFailed || b.cfg.KeepFailed
 	switch {
 	case runErr != nil:
-		keep = keepFailed
+		j.keep = keepFailed
 		return j.failf(MiscFailure, 0, "%v", runErr)
 	case j.timedOut != "":
-		keep = keepFailed
+		j.keep = keepFailed
 		return j.failf(TimedOut, 1, "%s", j.timedOut)
 	case !status.Exited() || status.ExitStatus() != 0:
-		keep = keepFailed
+		j.keep = keepFailed
 		msg := fmt.Sprintf("builder for '%s' %s", j.drvAbs, statusString(status))
 		if len(j.logTail) > 0 {
 			msg += fmt.Sprintf(";\nlast %d log lines:\n", len(j.logTail))
@@ -209,7 +237,7 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 		return j.failf(st, 1, "%s", msg)
 	}
 	if f := j.register(ctx, locks); f != nil {
-		keep = keepFailed
+		j.keep = keepFailed
 		return f
 	}
 	return nil
