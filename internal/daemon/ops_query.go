@@ -205,7 +205,7 @@ func (c *conn) writePathInfo(info *store.PathInfo, keyed bool, minor uint64) {
 		c.out.Path(c.dir, info.Path)
 	}
 	c.out.OptPath(c.dir, info.Deriver)
-	c.out.String(info.NarHash.Base16())
+	c.out.Hex(info.NarHash.Digest)
 	c.out.Paths(c.dir, info.References)
 	var regTime uint64
 	if !info.RegistrationTime.IsZero() && info.RegistrationTime.Unix() > 0 {
@@ -225,7 +225,8 @@ func opQueryPathInfoHandler(ctx context.Context, c *conn) error {
 	if err != nil {
 		return err
 	}
-	info, err := c.st.QueryPathInfo(ctx, p)
+	// Read-only use: the cached entry is written out as it is.
+	info, err := c.st.QueryPathInfoShared(ctx, p)
 	if err != nil {
 		if errors.Is(err, store.ErrNotValid) && c.minor >= 17 {
 			c.stopWork()

@@ -38,10 +38,10 @@ type infoCache struct {
 	db  *database
 	now func() time.Time
 
-	mu        sync.Mutex
-	epoch     uint64    // bumped whenever the entries are dropped
-	version   int64     // data_version at the last check (-1: none yet)
-	checkedAt time.Time // when the last check started
+	mu        sync.RWMutex // read-locked by hits within externalStaleness
+	epoch     uint64       // bumped whenever the entries are dropped
+	version   int64        // data_version at the last check (-1: none yet)
+	checkedAt time.Time    // when the last check started
 	m         map[storepath.Path]*PathInfo
 }
 
@@ -94,15 +94,32 @@ func (c *infoCache) checkExternal() error {
 // get returns a copy of p's cached info (nil if absent) and the epoch under
 // which a database read started now may be filled in.
 func (c *infoCache) get(p storepath.Path) (*PathInfo, uint64, error) {
+	e, epoch, err := c.getShared(p)
+	if e != nil {
+		e = clone(e)
+	}
+	return e, epoch, err
+}
+
+// getShared is get without the copy: the entry itself, which nobody may
+// modify (entries are never changed once inserted, only dropped). The
+// common case, a check of data_version made less than externalStaleness
+// ago, takes the lock shared, so concurrent connections do not queue.
+func (c *infoCache) getShared(p storepath.Path) (*PathInfo, uint64, error) {
+	now := c.now()
+	c.mu.RLock()
+	if c.version >= 0 && now.Sub(c.checkedAt) < externalStaleness {
+		e, epoch := c.m[p], c.epoch
+		c.mu.RUnlock()
+		return e, epoch, nil
+	}
+	c.mu.RUnlock()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if err := c.checkExternal(); err != nil {
 		return nil, 0, err
 	}
-	if e := c.m[p]; e != nil {
-		return clone(e), c.epoch, nil
-	}
-	return nil, c.epoch, nil
+	return c.m[p], c.epoch, nil
 }
 
 // fill inserts info, read from the database after a get that returned

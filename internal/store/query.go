@@ -79,6 +79,25 @@ func (s *Store) QueryPathInfo(ctx context.Context, p storepath.Path) (*PathInfo,
 	return info, nil
 }
 
+// QueryPathInfoShared is QueryPathInfo for callers that only read the
+// result: on a cache hit it returns the cached entry itself, without a copy.
+// The caller must not modify it or anything it refers to (slices included).
+func (s *Store) QueryPathInfoShared(ctx context.Context, p storepath.Path) (*PathInfo, error) {
+	info, gen, err := s.cache.getShared(p)
+	if err != nil {
+		return nil, fmt.Errorf("store: querying path info of %s: %w", s.abs(p), err)
+	}
+	if info != nil {
+		return info, nil
+	}
+	info, err = s.queryPathInfoDB(ctx, p)
+	if err != nil {
+		return nil, err
+	}
+	s.cache.fill(gen, info)
+	return info, nil
+}
+
 // queryPathInfoDB reads p's metadata from the database.
 func (s *Store) queryPathInfoDB(ctx context.Context, p storepath.Path) (*PathInfo, error) {
 	abs := s.abs(p)

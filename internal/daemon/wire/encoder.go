@@ -3,6 +3,7 @@ package wire
 import (
 	"bufio"
 	"encoding/binary"
+	"encoding/hex"
 	"io"
 	"slices"
 )
@@ -73,6 +74,22 @@ func (e *Encoder) String(s string) {
 	e.Write(zeros[:padLen(uint64(len(s)))])
 }
 
+// Hex writes b in lower-case base 16 as a padded string (a hash digest),
+// without building the string first.
+func (e *Encoder) Hex(b []byte) {
+	n := 2 * len(b)
+	e.U64(uint64(n))
+	if e.err != nil {
+		return
+	}
+	if e.w.Available() >= n {
+		_, e.err = e.w.Write(hex.AppendEncode(e.w.AvailableBuffer(), b))
+	} else {
+		_, e.err = e.w.WriteString(hex.EncodeToString(b))
+	}
+	e.Write(zeros[:padLen(uint64(n))])
+}
+
 // Strings writes a list of strings in the given order.
 func (e *Encoder) Strings(ss []string) {
 	e.U64(uint64(len(ss)))
@@ -84,8 +101,21 @@ func (e *Encoder) Strings(ss []string) {
 // StringSet writes strings sorted bytewise and without duplicates, as Nix
 // writes a std::set<std::string>.
 func (e *Encoder) StringSet(ss []string) {
+	if isStrictlySorted(ss) {
+		e.Strings(ss) // the usual case (no or one signature): no copy
+		return
+	}
 	sorted := slices.Compact(slices.Sorted(slices.Values(ss)))
 	e.Strings(sorted)
+}
+
+func isStrictlySorted(ss []string) bool {
+	for i := 1; i < len(ss); i++ {
+		if ss[i-1] >= ss[i] {
+			return false
+		}
+	}
+	return true
 }
 
 // StringMap writes a map<string,string> sorted by key.

@@ -1,6 +1,8 @@
 package wire
 
 import (
+	"slices"
+
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
 
@@ -48,8 +50,25 @@ func (d *Decoder) Paths(field string, dir storepath.Dir) []storepath.Path {
 	return out
 }
 
-// Path writes the absolute form of p in dir.
-func (e *Encoder) Path(dir storepath.Dir, p storepath.Path) { e.String(dir.Abs(p)) }
+// Path writes the absolute form of p in dir (without building it).
+func (e *Encoder) Path(dir storepath.Dir, p storepath.Path) {
+	base := p.String()
+	n := len(dir) + 1 + len(base)
+	e.U64(uint64(n))
+	if e.err != nil {
+		return
+	}
+	if _, e.err = e.w.WriteString(string(dir)); e.err != nil {
+		return
+	}
+	if e.err = e.w.WriteByte('/'); e.err != nil {
+		return
+	}
+	if _, e.err = e.w.WriteString(base); e.err != nil {
+		return
+	}
+	e.Write(zeros[:padLen(uint64(n))])
+}
 
 // OptPath writes p, or "" for the zero Path.
 func (e *Encoder) OptPath(dir storepath.Dir, p storepath.Path) {
@@ -57,13 +76,19 @@ func (e *Encoder) OptPath(dir storepath.Dir, p storepath.Path) {
 		e.String("")
 		return
 	}
-	e.String(dir.Abs(p))
+	e.Path(dir, p)
 }
 
 // Paths writes a set of store paths, sorted by base name as Nix does. It
-// sorts a copy; ps is left as it is.
+// sorts a copy unless ps is already sorted; ps is left as it is.
 func (e *Encoder) Paths(dir storepath.Dir, ps []storepath.Path) {
-	sorted := storepath.Sort(append([]storepath.Path(nil), ps...))
+	sorted := ps
+	for i := 1; i < len(ps); i++ {
+		if storepath.Compare(ps[i-1], ps[i]) >= 0 { // unsorted or repeated
+			sorted = storepath.Sort(slices.Clone(ps))
+			break
+		}
+	}
 	e.U64(uint64(len(sorted)))
 	for _, p := range sorted {
 		e.Path(dir, p)

@@ -57,7 +57,13 @@ type Decoder struct {
 	r   io.Reader
 	err error
 	buf [8]byte
+	// scratch receives short strings before they are copied into a Go
+	// string, so that reading one costs a single allocation.
+	scratch []byte
 }
+
+// scratchMax bounds the strings read through Decoder.scratch.
+const scratchMax = 4096
 
 // NewDecoder returns a Decoder reading from r.
 func NewDecoder(r io.Reader) *Decoder { return &Decoder{r: r} }
@@ -168,7 +174,62 @@ func readN(r io.Reader, n int) ([]byte, error) {
 }
 
 // String reads a padded string of at most max bytes.
-func (d *Decoder) String(field string, max int) string { return string(d.Bytes(field, max)) }
+func (d *Decoder) String(field string, max int) string {
+	n := d.U64(field)
+	if d.err != nil {
+		return ""
+	}
+	if n > uint64(max) {
+		d.SetErr(field, fmt.Errorf("%w: %d bytes, limit %d", ErrLimit, n, max))
+		return ""
+	}
+	if n > scratchMax {
+		b, err := readN(d.r, int(n))
+		if err != nil {
+			d.SetErr(field, err)
+			return ""
+		}
+		if !d.padding(field, n) {
+			return ""
+		}
+		return string(b)
+	}
+	// Short strings (store paths, hashes, names) are read with their
+	// padding into the scratch buffer, then copied once.
+	padded := int(n) + padLen(n)
+	if cap(d.scratch) < padded {
+		d.scratch = make([]byte, scratchMax+8)
+	}
+	b := d.scratch[:padded]
+	if !d.fill(field, b) {
+		return ""
+	}
+	for _, c := range b[n:] {
+		if c != 0 {
+			d.SetErr(field, ErrPadding)
+			return ""
+		}
+	}
+	return string(b[:n])
+}
+
+// padding reads and checks the padding after a string of length n.
+func (d *Decoder) padding(field string, n uint64) bool {
+	pad := padLen(n)
+	if pad == 0 {
+		return true
+	}
+	if !d.fill(field, d.buf[:pad]) {
+		return false
+	}
+	for _, c := range d.buf[:pad] {
+		if c != 0 {
+			d.SetErr(field, ErrPadding)
+			return false
+		}
+	}
+	return true
+}
 
 // Count reads a list/set/map count of at most MaxListLen.
 func (d *Decoder) Count(field string) int {

@@ -229,3 +229,46 @@ func FuzzDecode(f *testing.F) {
 		io.Copy(io.Discard, fr)
 	})
 }
+
+// The allocation-free encoders write what the plain ones do.
+func TestEncoderFastPathsMatch(t *testing.T) {
+	dir := storepath.Dir("/nix/store")
+	p1, _ := storepath.ParseBase("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a")
+	p2, _ := storepath.ParseBase("8h7qgvs4kgzsn8a6rb273saxyqh4jxlz-bb")
+	digest := unhex(t, "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
+	var fast, slow bytes.Buffer
+	ef, es := NewEncoder(&fast), NewEncoder(&slow)
+	ef.Path(dir, p1)
+	es.String(dir.Abs(p1))
+	ef.OptPath(dir, p2)
+	es.String(dir.Abs(p2))
+	ef.Hex(digest)
+	es.String(hex.EncodeToString(digest))
+	ef.Hex(digest[:3])
+	es.String(hex.EncodeToString(digest[:3]))
+	for _, ps := range [][]storepath.Path{{p1, p2}, {p2, p1}, {p1, p1, p2}} {
+		ef.Paths(dir, ps)
+		es.Strings([]string{dir.Abs(p1), dir.Abs(p2)})
+	}
+	for _, ss := range [][]string{{"a", "b"}, {"b", "a", "a"}} {
+		ef.StringSet(ss)
+		es.Strings([]string{"a", "b"})
+	}
+	ef.Flush()
+	es.Flush()
+	if !bytes.Equal(fast.Bytes(), slow.Bytes()) {
+		t.Fatalf("fast encoders wrote\n%x\nwant\n%x", fast.Bytes(), slow.Bytes())
+	}
+	// Strings read through the scratch buffer, short and long.
+	long := strings.Repeat("x", scratchMax+3)
+	var buf bytes.Buffer
+	e := NewEncoder(&buf)
+	e.String("abc")
+	e.String(long)
+	e.String("")
+	e.Flush()
+	d := NewDecoder(&buf)
+	if a, b, c := d.String("a", 10), d.String("b", 1<<20), d.String("c", 1); a != "abc" || b != long || c != "" || d.Err() != nil {
+		t.Fatalf("read %q, %d bytes, %q, err %v", a, len(b), c, d.Err())
+	}
+}
