@@ -13,8 +13,10 @@
 //
 // The sandbox re-executes the running binary (/proc/self/exe) as a small
 // helper that sets up the namespaces and then execs the builder; a binary
-// using this package gets that helper from this package's init function,
-// which takes over only when argv[0] is the helper's marker.
+// using this package gets that helper from this package, which takes over
+// only when argv[0] is the helper's marker: with cgo as a C constructor
+// (helper.c) that runs before the Go runtime and package initialisation,
+// without cgo from this package's init function.
 package build
 
 import (

@@ -367,7 +367,10 @@ func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (s
 			unix.Kill(-pid, unix.SIGKILL)
 		}
 	}
-	specErr := json.NewEncoder(specW).Encode(spec)
+	specData, specErr := spec.encode()
+	if specErr == nil {
+		_, specErr = specW.Write(specData)
+	}
 	specW.Close()
 	setupMsg, _ := io.ReadAll(io.LimitReader(statusR, 64<<10))
 	statusR.Close()

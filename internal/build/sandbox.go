@@ -1,12 +1,14 @@
 package build
 
 import (
-	"encoding/json"
+	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -19,7 +21,9 @@ import (
 // starts with it, init runs the helper instead of the program.
 const initArg0 = "nixyard-build-helper"
 
-// initSpec tells the helper what to set up; it arrives as JSON on fd 3.
+// initSpec tells the helper what to set up; it arrives on fd 3 as
+// encode writes it (read by decodeSpec, and by the C helper of cgo
+// builds, helper.c).
 // The helper reports a setup failure as text on fd 4 (closed on exec, so
 // EOF without text means the builder was executed).
 type initSpec struct {
@@ -53,13 +57,17 @@ func init() {
 // helperMain runs in the re-executed binary; it returns only on failure.
 func helperMain() error {
 	unix.CloseOnExec(4)
-	var spec initSpec
-	if err := json.NewDecoder(os.NewFile(3, "spec")).Decode(&spec); err != nil {
+	data, err := io.ReadAll(os.NewFile(3, "spec"))
+	if err != nil {
 		return fmt.Errorf("reading the build spec: %w", err)
 	}
 	unix.Close(3)
+	spec, err := decodeSpec(data)
+	if err != nil {
+		return fmt.Errorf("reading the build spec: %w", err)
+	}
 	if spec.Sandbox {
-		if err := setupSandbox(&spec); err != nil {
+		if err := setupSandbox(spec); err != nil {
 			return err
 		}
 	}
@@ -71,8 +79,107 @@ func helperMain() error {
 		unix.Syscall(unix.SYS_PERSONALITY, cur|addrNoRandomize, 0, 0)
 	}
 	unix.Umask(0o022)
-	err := syscall.Exec(spec.Builder, spec.Args, spec.Env)
+	err = syscall.Exec(spec.Builder, spec.Args, spec.Env)
 	return fmt.Errorf("executing '%s': %w", spec.Builder, err)
+}
+
+// encode writes the spec as NUL-terminated fields: the flags and numbers
+// in decimal, each list preceded by its length, the binds after
+// everything else (the C helper mounts them as it reads them).
+func (s *initSpec) encode() ([]byte, error) {
+	var b []byte
+	str := func(v string) { b = append(append(b, v...), 0) }
+	num := func(v int) { b = strconv.AppendInt(b, int64(v), 10); b = append(b, 0) }
+	flag := func(v bool) {
+		if v {
+			num(1)
+		} else {
+			num(0)
+		}
+	}
+	flag(s.Sandbox)
+	str(s.Root)
+	flag(s.PrivateNetwork)
+	num(s.UID)
+	num(s.GID)
+	str(s.Dir)
+	str(s.Builder)
+	num(len(s.Args))
+	for _, a := range s.Args {
+		str(a)
+	}
+	num(len(s.Env))
+	for _, e := range s.Env {
+		str(e)
+	}
+	num(len(s.Binds))
+	for _, m := range s.Binds {
+		str(m.Source)
+		str(m.Target)
+		flag(m.ReadOnly)
+	}
+	if bytes.Count(b, []byte{0}) != 10+len(s.Args)+len(s.Env)+3*len(s.Binds) {
+		return nil, errors.New("an argument, environment variable or path of the builder contains a NUL byte")
+	}
+	return b, nil
+}
+
+// decodeSpec reads what encode wrote.
+func decodeSpec(data []byte) (*initSpec, error) {
+	var s initSpec
+	bad := errors.New("malformed")
+	str := func() string {
+		i := bytes.IndexByte(data, 0)
+		if i < 0 {
+			data = nil
+			return ""
+		}
+		v := string(data[:i])
+		data = data[i+1:]
+		return v
+	}
+	num := func() int {
+		v, err := strconv.Atoi(str())
+		if err != nil {
+			bad = err
+			data = nil
+		}
+		return v
+	}
+	list := func() []string {
+		n := num()
+		if n < 0 || n > len(data) {
+			data = nil
+			return nil
+		}
+		l := make([]string, n)
+		for i := range l {
+			l[i] = str()
+		}
+		return l
+	}
+	s.Sandbox = num() != 0
+	s.Root = str()
+	s.PrivateNetwork = num() != 0
+	s.UID = num()
+	s.GID = num()
+	s.Dir = str()
+	s.Builder = str()
+	s.Args = list()
+	s.Env = list()
+	n := num()
+	if data == nil {
+		return nil, bad
+	}
+	for range n {
+		m := bindMount{Source: str(), Target: str()}
+		m.ReadOnly = num() != 0
+		if data == nil {
+			return nil, bad
+		}
+		s.Binds = append(s.Binds, m)
+	}
+	return &s, nil
 }
 
 // setupSandbox runs as the first process of fresh user, mount, PID, IPC,

@@ -1,0 +1,235 @@
+// The build helper as a C constructor: see helper_cgo.go. It mirrors
+// helperMain and setupSandbox in sandbox.go; the spec's encoding is
+// initSpec.encode's.
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/personality.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#ifndef PR_CAP_AMBIENT
+#define PR_CAP_AMBIENT 47
+#define PR_CAP_AMBIENT_CLEAR_ALL 4
+#endif
+
+static void nyb_fail(const char *fmt, ...) {
+	char msg[4096];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(msg, sizeof msg - 1, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		n = 0;
+	if (n > (int)sizeof msg - 2)
+		n = sizeof msg - 2;
+	msg[n++] = '\n';
+	for (int off = 0; off < n;) {
+		ssize_t w = write(4, msg + off, n - off);
+		if (w <= 0)
+			break;
+		off += w;
+	}
+	_exit(1);
+}
+
+static char *nyb_buf, *nyb_pos, *nyb_end;
+
+// nyb_next returns the next NUL-terminated field of the spec.
+static char *nyb_next(void) {
+	if (nyb_pos >= nyb_end)
+		nyb_fail("reading the build spec: truncated");
+	char *s = nyb_pos;
+	char *z = memchr(nyb_pos, 0, nyb_end - nyb_pos);
+	if (!z)
+		nyb_fail("reading the build spec: truncated");
+	nyb_pos = z + 1;
+	return s;
+}
+
+static long nyb_num(void) {
+	char *s = nyb_next(), *end;
+	long v = strtol(s, &end, 10);
+	if (*s == 0 || *end != 0)
+		nyb_fail("reading the build spec: bad number '%s'", s);
+	return v;
+}
+
+static void nyb_read_spec(void) {
+	size_t cap = 1 << 16, len = 0;
+	nyb_buf = malloc(cap);
+	for (;;) {
+		if (!nyb_buf)
+			nyb_fail("reading the build spec: out of memory");
+		if (len == cap) {
+			cap *= 2;
+			nyb_buf = realloc(nyb_buf, cap);
+			continue;
+		}
+		ssize_t n = read(3, nyb_buf + len, cap - len);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			nyb_fail("reading the build spec: %s", strerror(errno));
+		}
+		if (n == 0)
+			break;
+		len += n;
+	}
+	close(3);
+	nyb_pos = nyb_buf;
+	nyb_end = nyb_buf + len;
+}
+
+static char **nyb_list(void) {
+	long n = nyb_num();
+	if (n < 0 || n > 1 << 20)
+		nyb_fail("reading the build spec: bad count");
+	char **l = calloc(n + 1, sizeof *l);
+	if (!l)
+		nyb_fail("reading the build spec: out of memory");
+	for (long i = 0; i < n; i++)
+		l[i] = nyb_next();
+	return l;
+}
+
+static void nyb_remount_ro(const char *target) {
+	struct statvfs sfs;
+	if (statvfs(target, &sfs) < 0)
+		nyb_fail("statfs '%s': %s", target, strerror(errno));
+	unsigned long flags = MS_BIND | MS_REMOUNT | MS_RDONLY;
+	static const unsigned long m[][2] = {
+		{ST_NOSUID, MS_NOSUID}, {ST_NODEV, MS_NODEV}, {ST_NOEXEC, MS_NOEXEC},
+		{ST_NOATIME, MS_NOATIME}, {ST_NODIRATIME, MS_NODIRATIME}, {ST_RELATIME, MS_RELATIME},
+	};
+	for (size_t i = 0; i < sizeof m / sizeof m[0]; i++)
+		if (sfs.f_flag & m[i][0])
+			flags |= m[i][1];
+	if (mount("", target, "", flags, NULL) < 0)
+		nyb_fail("making '%s' read-only: %s", target, strerror(errno));
+}
+
+static void nyb_setup_sandbox(const char *root, int private_net, long nbinds, int uid, int gid) {
+	if (private_net) {
+		int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+		if (fd < 0)
+			nyb_fail("cannot open IP socket: %s", strerror(errno));
+		struct ifreq ifr;
+		memset(&ifr, 0, sizeof ifr);
+		strcpy(ifr.ifr_name, "lo");
+		ifr.ifr_flags = IFF_UP | IFF_LOOPBACK | IFF_RUNNING;
+		if (ioctl(fd, SIOCSIFFLAGS, &ifr) < 0)
+			nyb_fail("cannot set loopback interface flags: %s", strerror(errno));
+		close(fd);
+	}
+	if (sethostname("localhost", 9) < 0)
+		nyb_fail("cannot set host name: %s", strerror(errno));
+	if (setdomainname("(none)", 6) < 0)
+		nyb_fail("cannot set domain name: %s", strerror(errno));
+	if (mount("", "/", "", MS_PRIVATE | MS_REC, NULL) < 0)
+		nyb_fail("unable to make '/' private: %s", strerror(errno));
+	if (mount(root, root, "", MS_BIND, NULL) < 0)
+		nyb_fail("unable to bind mount '%s': %s", root, strerror(errno));
+	size_t rootLen = strlen(root);
+	char *target = NULL;
+	size_t targetCap = 0;
+	for (long i = 0; i < nbinds; i++) {
+		char *src = nyb_next(), *tgt = nyb_next();
+		int ro = nyb_num() != 0;
+		size_t need = rootLen + strlen(tgt) + 1;
+		if (need > targetCap) {
+			targetCap = need * 2;
+			target = realloc(target, targetCap);
+			if (!target)
+				nyb_fail("out of memory");
+		}
+		memcpy(target, root, rootLen);
+		strcpy(target + rootLen, tgt);
+		if (mount(src, target, "", MS_BIND | MS_REC, NULL) < 0)
+			nyb_fail("bind mount from '%s' to '%s' failed: %s", src, target, strerror(errno));
+		if (ro)
+			nyb_remount_ro(target);
+	}
+	char p[4096];
+	snprintf(p, sizeof p, "%s/proc", root);
+	if (mount("none", p, "proc", 0, NULL) < 0)
+		nyb_fail("mounting /proc: %s", strerror(errno));
+	struct stat st;
+	snprintf(p, sizeof p, "%s/dev/shm", root);
+	if (stat(p, &st) == 0 && mount("none", p, "tmpfs", 0, "size=50%") < 0)
+		nyb_fail("mounting /dev/shm: %s", strerror(errno));
+	snprintf(p, sizeof p, "%s/dev/pts", root);
+	if (stat(p, &st) == 0) {
+		if (mount("none", p, "devpts", 0, "newinstance,mode=0620") == 0) {
+			snprintf(p, sizeof p, "%s/dev/pts/ptmx", root);
+			chmod(p, 0666);
+		} else if (errno != EINVAL) {
+			nyb_fail("mounting /dev/pts: %s", strerror(errno));
+		}
+	}
+	if (chdir(root) < 0)
+		nyb_fail("cannot change directory to '%s': %s", root, strerror(errno));
+	if (mkdir("real-root", 0) < 0)
+		nyb_fail("cannot create real-root directory: %s", strerror(errno));
+	if (syscall(SYS_pivot_root, ".", "real-root") < 0)
+		nyb_fail("cannot pivot old root directory onto '%s/real-root': %s", root, strerror(errno));
+	if (chroot(".") < 0)
+		nyb_fail("cannot change root directory to '%s': %s", root, strerror(errno));
+	if (umount2("real-root", MNT_DETACH) < 0)
+		nyb_fail("cannot unmount real root filesystem: %s", strerror(errno));
+	if (rmdir("real-root") < 0)
+		nyb_fail("cannot remove real-root directory: %s", strerror(errno));
+	// Raw system calls: one thread, and glibc's wrappers would broadcast
+	// to threads that do not exist anyway.
+	if (syscall(SYS_setgid, gid) < 0)
+		nyb_fail("setgid failed: %s", strerror(errno));
+	if (syscall(SYS_setuid, uid) < 0)
+		nyb_fail("setuid failed: %s", strerror(errno));
+	// Nothing of the helper's privileges may reach the builder.
+	if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
+		nyb_fail("clearing ambient capabilities: %s", strerror(errno));
+	prctl(PR_SET_PDEATHSIG, 9 /* SIGKILL */, 0, 0, 0);
+}
+
+__attribute__((constructor)) static void nixyard_build_helper(int argc, char **argv, char **envp) {
+	(void)envp;
+	if (argc < 1 || !argv || !argv[0] || strcmp(argv[0], "nixyard-build-helper") != 0)
+		return;
+	fcntl(4, F_SETFD, FD_CLOEXEC);
+	nyb_read_spec();
+	int sandbox = nyb_num() != 0;
+	char *root = nyb_next();
+	int private_net = nyb_num() != 0;
+	int uid = nyb_num(), gid = nyb_num();
+	char *dir = nyb_next();
+	char *builder = nyb_next();
+	char **args = nyb_list();
+	char **env = nyb_list();
+	long nbinds = nyb_num();
+	if (sandbox)
+		nyb_setup_sandbox(root, private_net, nbinds, uid, gid);
+	if (chdir(dir) < 0)
+		nyb_fail("changing into '%s': %s", dir, strerror(errno));
+	struct rlimit rl = {0, RLIM_INFINITY};
+	setrlimit(RLIMIT_CORE, &rl);
+	int cur = personality(0xffffffff);
+	if (cur != -1)
+		personality(cur | ADDR_NO_RANDOMIZE);
+	umask(022);
+	execve(builder, args, env);
+	nyb_fail("executing '%s': %s", builder, strerror(errno));
+}
