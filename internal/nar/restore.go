@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -31,6 +32,9 @@ func Restore(ctx context.Context, r io.Reader, dest string) (err error) {
 		for _, fd := range rs.dirs {
 			unix.Close(fd)
 		}
+		if rs.big != nil {
+			bigBufs.Put(rs.big)
+		}
 		if err != nil && rs.created {
 			if rerr := os.RemoveAll(dest); rerr != nil {
 				err = fmt.Errorf("%w (and cleaning up: %v)", err, rerr)
@@ -50,7 +54,12 @@ type restorer struct {
 	created bool  // dest exists and is ours
 	dirs    []int // open descriptors of the directories on the current path; dirs[0] is dest
 	buf     []byte
+	big     *[]byte // rs.buf when it is a copyBufSize buffer from bigBufs
 }
+
+// bigBufs holds copyBufSize buffers for Restore: a stream of paths with
+// large files would otherwise allocate (and zero, and collect) one per path.
+var bigBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
 
 func (rs *restorer) run() error {
 	for {
@@ -111,16 +120,8 @@ func (rs *restorer) entry(h *Header) error {
 			return fmt.Errorf("creating file: %w", err)
 		}
 		rs.created = true
-		f := os.NewFile(uintptr(fd), h.Path)
-		err = rs.contents(f, h.Size)
-		if err == nil && h.Size >= writebackMin {
-			// Start writing it to disk now (without waiting), so that the
-			// caller's fsync or syncfs after the whole tree (or batch) is
-			// written finds most of it done: the disk works while the
-			// next files are unpacked. Only a hint: errors are ignored.
-			unix.SyncFileRange(fd, 0, 0, unix.SYNC_FILE_RANGE_WRITE)
-		}
-		if cerr := f.Close(); err == nil && cerr != nil {
+		err = rs.contents(fd, h.Size)
+		if cerr := unix.Close(fd); err == nil && cerr != nil {
 			err = fmt.Errorf("closing file: %w", cerr)
 		}
 		return err
@@ -130,26 +131,40 @@ func (rs *restorer) entry(h *Header) error {
 	return nil
 }
 
-// writebackMin is the size from which Restore starts a file's writeback as
-// soon as the file is written; smaller files are left to the page cache's
-// own batching.
-const writebackMin = 256 << 10
+// Restore starts the writeback of file contents as they are written
+// (sync_file_range(SYNC_FILE_RANGE_WRITE), which does not wait for the
+// disk): every writebackChunk bytes while a file is written, and the rest
+// of any file of at least writebackMin bytes when it is complete. The
+// caller's fsync or syncfs after the whole tree (or batch) then finds most
+// of the data on its way, the disk having worked while the next files were
+// received and unpacked. Only a hint: errors are ignored. Smaller files are
+// left to the page cache's own batching (and the caller's sync).
+const (
+	writebackMin   = 64 << 10
+	writebackChunk = 2 << 20
+)
 
-// contents copies the current file's contents from the Reader to f in large
-// chunks.
-func (rs *restorer) contents(f *os.File, size int64) error {
+// contents copies the current file's contents from the Reader to the file
+// fd in large chunks, starting their writeback as it goes.
+func (rs *restorer) contents(fd int, size int64) error {
 	if size == 0 {
 		return nil
 	}
 	if int64(len(rs.buf)) < size && len(rs.buf) < copyBufSize {
 		// Sized to the file, up to copyBufSize: a store path of small
 		// files should not cost a 1 MiB allocation per file.
-		rs.buf = make([]byte, min(int64(copyBufSize), max(size, 2*int64(len(rs.buf)))))
+		if n := max(size, 2*int64(len(rs.buf))); n < copyBufSize {
+			rs.buf = make([]byte, n)
+		} else {
+			rs.big = bigBufs.Get().(*[]byte)
+			rs.buf = *rs.big
+		}
 	}
-	for size > 0 {
+	var off, synced int64 // bytes written; bytes whose writeback was started
+	for off < size {
 		p := rs.buf
-		if int64(len(p)) > size {
-			p = p[:size]
+		if int64(len(p)) > size-off {
+			p = p[:size-off]
 		}
 		n, err := io.ReadFull(rs.nr, p)
 		if err != nil {
@@ -160,13 +175,38 @@ func (rs *restorer) contents(f *os.File, size int64) error {
 			}
 			return err
 		}
-		if _, err := f.Write(p[:n]); err != nil {
+		if err := writeAll(fd, p[:n]); err != nil {
 			return fmt.Errorf("writing contents: %w", err)
 		}
-		size -= int64(n)
+		off += int64(n)
+		if off-synced >= writebackChunk {
+			unix.SyncFileRange(fd, synced, off-synced, unix.SYNC_FILE_RANGE_WRITE)
+			synced = off
+		}
 		if err := rs.ctx.Err(); err != nil {
 			return err
 		}
+	}
+	if size >= writebackMin && off > synced {
+		unix.SyncFileRange(fd, synced, off-synced, unix.SYNC_FILE_RANGE_WRITE)
+	}
+	return nil
+}
+
+// writeAll writes p to fd, retrying short writes and EINTR.
+func writeAll(fd int, p []byte) error {
+	for len(p) > 0 {
+		n, err := unix.Write(fd, p)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return io.ErrShortWrite
+		}
+		p = p[n:]
 	}
 	return nil
 }

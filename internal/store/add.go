@@ -10,6 +10,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -23,12 +24,29 @@ import (
 // AddOptions are the flags of an addition.
 type AddOptions struct{ Repair, CheckSigs bool }
 
-// Batch limits of AddMultipleToStoreNar: paths are made durable and
-// registered together once this many are unpacked, or this many NAR bytes.
+// Batch limits of AddMultipleToStoreNar. Paths are made durable and
+// registered in the background, in batches, while the next paths are
+// received and unpacked: a batch is handed over once it holds
+// batchMinPaths paths or batchMinBytes NAR bytes and the previous batch is
+// done. If the previous batch is still being made durable, the current one
+// grows, up to batchMaxPaths paths or batchMaxBytes bytes; then the stream
+// waits.
 const (
+	batchMinPaths = 64
+	batchMinBytes = 16 << 20
 	batchMaxPaths = 512
 	batchMaxBytes = 512 << 20
 )
+
+// addTiming, set by NIXYARD_DEBUG_ADD_TIMING=1 in the environment, makes
+// AddMultipleToStoreNar log a wall-clock breakdown to stderr: time spent
+// receiving and unpacking, waiting for background flushes, and each flush's
+// sync and registration.
+var addTiming = os.Getenv("NIXYARD_DEBUG_ADD_TIMING") == "1"
+
+func timingf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "nixyard add timing: "+format+"\n", args...)
+}
 
 // pendingPath is an unpacked, checked path waiting to be made durable and
 // registered.
@@ -44,9 +62,22 @@ type batch struct {
 	s       *Store
 	opts    AddOptions
 	pending []*pendingPath
-	inBatch map[storepath.Path]bool
+	inBatch map[storepath.Path]bool // pending, being flushed or flushed by this batch
 	bytes   uint64
 	rooted  []storepath.Path // in-flight temporary roots to drop at the end
+	job     *flushJob        // the previous paths, being flushed in the background
+
+	tUnpack, tWait, tFinal time.Duration // for addTiming
+	nFlush                 atomic.Int64
+}
+
+// flushJob makes paths durable and registers them in a goroutine of its
+// own; done is closed when it has finished (err set). On error it has
+// deleted and unlocked its paths.
+type flushJob struct {
+	paths []*pendingPath
+	done  chan struct{}
+	err   error
 }
 
 func (s *Store) newBatch(opts AddOptions) *batch {
@@ -78,7 +109,16 @@ func (s *Store) AddToStoreNar(ctx context.Context, info PathInfo, nr io.Reader, 
 func (s *Store) AddMultipleToStoreNar(ctx context.Context, next func() (PathInfo, io.Reader, error), opts AddOptions) error {
 	b := s.newBatch(opts)
 	defer b.abort()
+	if addTiming {
+		start := time.Now()
+		defer func() {
+			timingf("stream: %d paths in %v: receiving+unpacking %v, waiting for flushes %v (final %v), %d flushes",
+				len(b.inBatch), time.Since(start).Round(time.Millisecond), b.tUnpack.Round(time.Millisecond),
+				b.tWait.Round(time.Millisecond), b.tFinal.Round(time.Millisecond), b.nFlush.Load())
+		}()
+	}
 	for {
+		t0 := time.Now()
 		info, nr, err := next()
 		if errors.Is(err, io.EOF) {
 			break
@@ -89,13 +129,22 @@ func (s *Store) AddMultipleToStoreNar(ctx context.Context, next func() (PathInfo
 		if err := b.add(ctx, info, nr); err != nil {
 			return err
 		}
+		b.tUnpack += time.Since(t0)
 		if len(b.pending) >= batchMaxPaths || b.bytes >= batchMaxBytes {
-			if err := b.flush(ctx); err != nil {
+			if err := b.wait(); err != nil {
+				return err
+			}
+		}
+		if (len(b.pending) >= batchMinPaths || b.bytes >= batchMinBytes) && b.idle() {
+			if err := b.startFlush(ctx); err != nil {
 				return err
 			}
 		}
 	}
-	return b.flush(ctx)
+	t0 := time.Now()
+	err := b.flush(ctx)
+	b.tFinal = time.Since(t0)
+	return err
 }
 
 // discardNAR reads one NAR to its end.
@@ -296,36 +345,109 @@ func hashFile(path string, algo hash.Algo) (hash.Hash, error) {
 }
 
 // flush makes the pending paths durable and registers them in one
-// transaction, then releases their locks. On error the pending paths are
-// deleted.
+// transaction (after any batch being flushed in the background), then
+// releases their locks. On error the pending paths are deleted.
 func (b *batch) flush(ctx context.Context) error {
-	if len(b.pending) == 0 {
+	if err := b.startFlush(ctx); err != nil {
+		return err
+	}
+	return b.wait()
+}
+
+// idle reports whether no background flush is running.
+func (b *batch) idle() bool {
+	if b.job == nil {
+		return true
+	}
+	select {
+	case <-b.job.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// wait waits for the background flush, if any, and returns its error.
+func (b *batch) wait() error {
+	j := b.job
+	if j == nil {
 		return nil
 	}
-	s := b.s
-	var err error
-	if len(b.pending) == 1 {
-		err = syncTree(s.RealPath(b.pending[0].info.Path))
-	} else {
-		err = syncFS(s.RealPath(b.pending[0].info.Path))
+	t0 := time.Now()
+	<-j.done
+	b.tWait += time.Since(t0)
+	b.job = nil
+	if j.err != nil {
+		for _, pp := range j.paths {
+			delete(b.inBatch, pp.info.Path)
+		}
+		return j.err
 	}
-	if err == nil {
-		err = s.register(ctx, b.pending)
-	}
-	if err != nil {
-		b.abort()
-		return fmt.Errorf("store: registering: %w", err)
-	}
-	for _, pp := range b.pending {
-		pp.lock.unlock()
-	}
-	b.pending = nil
-	b.bytes = 0
 	return nil
 }
 
-// abort deletes and unlocks the pending paths and drops the batch's roots.
+// startFlush waits for the previous background flush and hands the
+// pending paths to a new one. Batches are registered in the order they
+// were added, so references (earlier in the stream) are registered first;
+// a path counts as added only once the flush that holds it has finished.
+func (b *batch) startFlush(ctx context.Context) error {
+	if err := b.wait(); err != nil {
+		return err
+	}
+	if len(b.pending) == 0 {
+		return nil
+	}
+	j := &flushJob{paths: b.pending, done: make(chan struct{})}
+	b.pending = nil
+	b.bytes = 0
+	b.job = j
+	go func() {
+		defer close(j.done)
+		j.err = b.s.flushPaths(ctx, j.paths)
+		b.nFlush.Add(1)
+	}()
+	return nil
+}
+
+// flushPaths makes paths durable and registers them in one transaction,
+// then releases their locks. On error the paths are deleted and unlocked.
+func (s *Store) flushPaths(ctx context.Context, paths []*pendingPath) error {
+	var err error
+	t0 := time.Now()
+	if len(paths) == 1 {
+		err = syncTree(s.RealPath(paths[0].info.Path))
+	} else {
+		err = syncFS(s.RealPath(paths[0].info.Path))
+	}
+	t1 := time.Now()
+	if err == nil {
+		err = s.register(ctx, paths)
+	}
+	if addTiming {
+		var n uint64
+		for _, pp := range paths {
+			n += pp.info.NarSize
+		}
+		timingf("flush: %d paths, %d MB: sync %v, register %v", len(paths), n>>20,
+			t1.Sub(t0).Round(time.Millisecond), time.Since(t1).Round(time.Millisecond))
+	}
+	if err != nil {
+		for _, pp := range paths {
+			removeAll(s.RealPath(pp.info.Path))
+			pp.lock.unlock()
+		}
+		return fmt.Errorf("store: registering: %w", err)
+	}
+	for _, pp := range paths {
+		pp.lock.unlock()
+	}
+	return nil
+}
+
+// abort waits for any background flush, deletes and unlocks the pending
+// paths and drops the batch's roots.
 func (b *batch) abort() {
+	b.wait()
 	for _, pp := range b.pending {
 		removeAll(b.s.RealPath(pp.info.Path))
 		pp.lock.unlock()
