@@ -146,6 +146,62 @@ func TestAddMultiple(t *testing.T) {
 	nixCmd(t, root, "nix-store", "--verify", "--check-contents")
 }
 
+// TestAddMultipleBackgroundFlushFailure streams more paths than one
+// background flush takes, with a bad NAR hash near the end: whatever was
+// flushed before stays valid, as a prefix of the chain (references first),
+// and nothing of the failed path or later ones is registered or left.
+func TestAddMultipleBackgroundFlushFailure(t *testing.T) {
+	s, root := testStore(t)
+	ctx := context.Background()
+	const n, bad = 3*batchMinPaths + 5, 3*batchMinPaths
+	var infos []PathInfo
+	var stream bytes.Buffer
+	var prev []storepath.Path
+	for i := range n {
+		d := narOf(t, map[string]string{"f": strings.Repeat("y", i+1)})
+		info := caNARInfo(t, s, "m", d, prev)
+		if i == bad {
+			info.NarHash = infos[0].NarHash
+		}
+		infos = append(infos, info)
+		stream.Write(d)
+		prev = []storepath.Path{info.Path}
+	}
+	i := 0
+	err := s.AddMultipleToStoreNar(ctx, func() (PathInfo, io.Reader, error) {
+		if i == len(infos) {
+			return PathInfo{}, nil, io.EOF
+		}
+		i++
+		return infos[i-1], &stream, nil
+	}, AddOptions{})
+	if err == nil || !strings.Contains(err.Error(), "hash mismatch") {
+		t.Fatalf("err = %v, want a hash mismatch", err)
+	}
+	// The first batchMinPaths paths went to a background flush at once
+	// (none was running), which completed.
+	if ok, err := s.IsValidPath(ctx, infos[batchMinPaths-1].Path); err != nil || !ok {
+		t.Errorf("path %d of the first flushed batch: valid %v, %v", batchMinPaths-1, ok, err)
+	}
+	seenInvalid := false
+	for j, info := range infos {
+		ok, err := s.IsValidPath(ctx, info.Path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ok && (seenInvalid || j >= bad) {
+			t.Errorf("path %d valid after an invalid one or the bad one", j)
+		}
+		if !ok {
+			seenInvalid = true
+			if _, err := os.Lstat(s.RealPath(info.Path)); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("path %d: invalid but present (%v)", j, err)
+			}
+		}
+	}
+	nixCmd(t, root, "nix-store", "--verify", "--check-contents")
+}
+
 func TestAddBuildLog(t *testing.T) {
 	s, root := testStore(t)
 	drv, _ := storepath.ParseBase("33333333333333333333333333333333-x.drv")
