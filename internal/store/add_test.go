@@ -153,7 +153,7 @@ func TestAddMultiple(t *testing.T) {
 func TestAddMultipleBackgroundFlushFailure(t *testing.T) {
 	s, root := testStore(t)
 	ctx := context.Background()
-	const n, bad = 3*batchMinPaths + 5, 3*batchMinPaths
+	const n, bad = 3*batchMinPaths + 5, 3 * batchMinPaths
 	var infos []PathInfo
 	var stream bytes.Buffer
 	var prev []storepath.Path
