@@ -2,11 +2,11 @@ package daemon
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"slices"
 	"strings"
 
+	"github.com/nixyard/nixyard/internal/build"
 	"github.com/nixyard/nixyard/internal/daemon/wire"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/realise"
@@ -152,42 +152,15 @@ func opBuildPathsWithResultsHandler(ctx context.Context, c *conn) error {
 	c.out.U64(uint64(len(results)))
 	for _, r := range results {
 		c.out.String(c.formatDerivedPath(r.Target))
-		c.writeBuildResult(r)
+		c.writeBuildResult(realisedResult(r))
 	}
 	return nil
 }
 
-// writeBuildResult writes an unkeyed BuildResult (§5.2), with
-// builtOutputs in the old, dummy-hash form.
-func (c *conn) writeBuildResult(r realise.Result) {
-	c.out.U64(uint64(r.Status))
-	c.out.String(r.ErrorMsg)
-	if c.minor >= 29 {
-		c.out.U64(0)      // timesBuilt
-		c.out.Bool(false) // isNonDeterministic
-		c.out.U64(0)      // startTime
-		c.out.U64(0)      // stopTime
-	}
-	if c.minor >= 37 {
-		c.out.U64(0) // cpuUser: none
-		c.out.U64(0) // cpuSystem: none
-	}
-	if c.minor >= 28 {
-		m := map[string]string{}
-		if r.Status.Success() {
-			for name, p := range r.Outputs {
-				id := dummyDrvHash + "!" + name
-				js, _ := json.Marshal(struct {
-					DependentRealisations map[string]string `json:"dependentRealisations"`
-					ID                    string            `json:"id"`
-					OutPath               string            `json:"outPath"`
-					Signatures            []string          `json:"signatures"`
-				}{map[string]string{}, id, p.String(), []string{}})
-				m[id] = string(js)
-			}
-		}
-		c.out.StringMap(m)
-	}
+// realisedResult is r as the Builder's Result, for writeBuildResult: the
+// statuses are the same wire codes; nothing ran, so no times.
+func realisedResult(r realise.Result) build.Result {
+	return build.Result{Status: build.Status(r.Status), ErrorMsg: r.ErrorMsg, BuiltOutputs: r.Outputs}
 }
 
 // notImplemented reads the arguments of an op nixyard cannot perform yet,

@@ -53,13 +53,13 @@ func opBuildDerivationHandler(ctx context.Context, c *conn) error {
 		return err
 	}
 	c.stopWork()
-	c.writeBuiltResult(res)
+	c.writeBuildResult(res)
 	return nil
 }
 
-// writeBuiltResult writes an unkeyed BuildResult (§5.2) of the Builder,
-// with its times and builtOutputs in the old, dummy-hash form.
-func (c *conn) writeBuiltResult(r build.Result) {
+// writeBuildResult writes an unkeyed BuildResult (§5.2), with its times
+// and builtOutputs in the old, dummy-hash form.
+func (c *conn) writeBuildResult(r build.Result) {
 	c.out.U64(uint64(r.Status))
 	c.out.String(r.ErrorMsg)
 	if c.minor >= 29 {

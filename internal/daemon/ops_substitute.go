@@ -6,6 +6,7 @@ import (
 
 	"github.com/nixyard/nixyard/internal/daemon/wire"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/realise"
 )
 
 // warnFunc reports failed cache lookups to the client as warnings, as Nix
@@ -15,21 +16,50 @@ func (c *conn) warnFunc() func(error) {
 	return func(err error) { c.tun.Log(lvlWarn, "warning: "+err.Error()) }
 }
 
+// querySubstitutable asks the substituters which of ps they have, with
+// failed lookups sent as warnings, and stops the work started by the
+// caller once it has the answer.
+func (c *conn) querySubstitutable(ctx context.Context, ps []storepath.Path) (map[storepath.Path]realise.SubstitutableInfo, error) {
+	r, err := c.realiser()
+	if err != nil {
+		return nil, err
+	}
+	infos, err := r.QuerySubstitutable(ctx, ps, c.warnFunc())
+	if err != nil {
+		return nil, err
+	}
+	c.stopWork()
+	return infos, nil
+}
+
+// substitutablePaths returns the paths of infos, sorted.
+func substitutablePaths(infos map[storepath.Path]realise.SubstitutableInfo) []storepath.Path {
+	ps := make([]storepath.Path, 0, len(infos))
+	for p := range infos {
+		ps = append(ps, p)
+	}
+	return storepath.Sort(ps)
+}
+
+// writeSubstitutableInfo writes a SubstitutablePathInfo without its path:
+// deriver, references, download size and NAR size.
+func (c *conn) writeSubstitutableInfo(info realise.SubstitutableInfo) {
+	c.out.OptPath(c.dir, info.Deriver)
+	c.out.Paths(c.dir, info.References)
+	c.out.U64(info.DownloadSize)
+	c.out.U64(info.NarSize)
+}
+
 // opHasSubstitutesHandler (obsolete, protocol < 1.12).
 func opHasSubstitutesHandler(ctx context.Context, c *conn) error {
 	p, err := c.pathOp(opHasSubstitutes)
 	if err != nil {
 		return err
 	}
-	r, err := c.realiser()
+	infos, err := c.querySubstitutable(ctx, []storepath.Path{p})
 	if err != nil {
 		return err
 	}
-	infos, err := r.QuerySubstitutable(ctx, []storepath.Path{p}, c.warnFunc())
-	if err != nil {
-		return err
-	}
-	c.stopWork()
 	_, ok := infos[p]
 	c.out.Bool(ok)
 	return nil
@@ -40,20 +70,11 @@ func opQuerySubstitutablePathsHandler(ctx context.Context, c *conn) error {
 	if err := c.begin(opQuerySubstitutablePaths); err != nil {
 		return err
 	}
-	r, err := c.realiser()
+	infos, err := c.querySubstitutable(ctx, ps)
 	if err != nil {
 		return err
 	}
-	infos, err := r.QuerySubstitutable(ctx, ps, c.warnFunc())
-	if err != nil {
-		return err
-	}
-	var out []storepath.Path
-	for p := range infos {
-		out = append(out, p)
-	}
-	c.stopWork()
-	c.out.Paths(c.dir, storepath.Sort(out))
+	c.out.Paths(c.dir, substitutablePaths(infos))
 	return nil
 }
 
@@ -62,25 +83,17 @@ func opQuerySubstitutablePathInfoHandler(ctx context.Context, c *conn) error {
 	if err != nil {
 		return err
 	}
-	r, err := c.realiser()
+	infos, err := c.querySubstitutable(ctx, []storepath.Path{p})
 	if err != nil {
 		return err
 	}
-	infos, err := r.QuerySubstitutable(ctx, []storepath.Path{p}, c.warnFunc())
-	if err != nil {
-		return err
-	}
-	c.stopWork()
 	info, ok := infos[p]
 	if !ok {
 		c.out.U64(0)
 		return nil
 	}
 	c.out.U64(1)
-	c.out.OptPath(c.dir, info.Deriver)
-	c.out.Paths(c.dir, info.References)
-	c.out.U64(info.DownloadSize)
-	c.out.U64(info.NarSize)
+	c.writeSubstitutableInfo(info)
 	return nil
 }
 
@@ -98,28 +111,15 @@ func opQuerySubstitutablePathInfosHandler(ctx context.Context, c *conn) error {
 	if err := c.begin(opQuerySubstitutablePathInfos); err != nil {
 		return err
 	}
-	r, err := c.realiser()
+	infos, err := c.querySubstitutable(ctx, ps)
 	if err != nil {
 		return err
 	}
-	infos, err := r.QuerySubstitutable(ctx, ps, c.warnFunc())
-	if err != nil {
-		return err
-	}
-	var keys []storepath.Path
-	for p := range infos {
-		keys = append(keys, p)
-	}
-	storepath.Sort(keys)
-	c.stopWork()
+	keys := substitutablePaths(infos)
 	c.out.U64(uint64(len(keys)))
 	for _, p := range keys {
-		info := infos[p]
 		c.out.Path(c.dir, p)
-		c.out.OptPath(c.dir, info.Deriver)
-		c.out.Paths(c.dir, info.References)
-		c.out.U64(info.DownloadSize)
-		c.out.U64(info.NarSize)
+		c.writeSubstitutableInfo(infos[p])
 	}
 	return nil
 }
