@@ -34,7 +34,7 @@ func (b *bencher) benchBuilds(ctx context.Context) ([]*bench.Metric, error) {
 	concPeak := &bench.Metric{Name: "builds: peak concurrent builders, " + strconv.Itoa(buildsClients) + " clients", Unit: "builders"}
 	chain := &bench.Metric{Name: fmt.Sprintf("builds: one client, chain of %d derivations", buildsChain), Unit: "s"}
 	all := []*bench.Metric{conc, concPeak, chain}
-	for rep := range b.o.reps {
+	for rep := range b.o.Reps {
 		for _, i := range b.order(rep) {
 			spec := b.daemons[i]
 			inner := spec.Argv

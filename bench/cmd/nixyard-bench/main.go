@@ -24,34 +24,25 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"os"
-	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/nixyard/nixyard/bench"
 )
 
 type options struct {
-	nixyard     string
+	bench.RunFlags
 	nixyardRev  string
-	work        string
-	fs          string
-	fsSize      int64
 	qpiPaths    int
 	qpiConns    []int
 	qpiDuration time.Duration
 	qpiWarmup   time.Duration
 	copyPaths   int
 	copyMB      int64
-	reps        int
-	timeout     time.Duration
 	docs        string
 	command     string
 	keep        bool
@@ -62,23 +53,17 @@ type options struct {
 	buildsMaxJobs int
 }
 
-func parseFlags() (options, error) {
-	var o options
-	var conns string
-	var fsSizeMB int64
-	flag.StringVar(&o.nixyard, "nixyard", "", "path of the nixyard binary (empty: measure nix-daemon only)")
+// parse parses the command line into o.
+func (o *options) parse() error {
+	o.Register(flag.CommandLine, "path of the nixyard binary (empty: measure nix-daemon only)", 3072, 5)
 	flag.StringVar(&o.nixyardRev, "nixyard-rev", "", "nixyard revision, for the report")
-	flag.StringVar(&o.work, "work", "", "work directory (default: a new directory under /tmp, removed at the end)")
-	flag.StringVar(&o.fs, "fs", "ext4", "scratch file system for all stores: ext4 (journaled, loop file) or tmpfs")
-	flag.Int64Var(&fsSizeMB, "fs-size-mb", 3072, "size of the scratch file system in MiB")
 	flag.IntVar(&o.qpiPaths, "qpi-paths", 5000, "number of paths in the QueryPathInfo store")
-	flag.StringVar(&conns, "qpi-conns", "1,8", "comma-separated connection counts for the QueryPathInfo load")
+	o.qpiConns = []int{1, 8}
+	flag.Var((*bench.Counts)(&o.qpiConns), "qpi-conns", "comma-separated connection counts for the QueryPathInfo load")
 	flag.DurationVar(&o.qpiDuration, "qpi-duration", 5*time.Second, "duration of each QueryPathInfo measurement")
 	flag.DurationVar(&o.qpiWarmup, "qpi-warmup", time.Second, "untimed warm-up before each QueryPathInfo measurement")
 	flag.IntVar(&o.copyPaths, "copy-paths", 400, "number of paths copied by nix copy")
 	flag.Int64Var(&o.copyMB, "copy-mb", 500, "approximate total size in MB (10^6 bytes) of the copied file contents")
-	flag.IntVar(&o.reps, "reps", 5, "repetitions of each measurement (the median is reported)")
-	flag.DurationVar(&o.timeout, "timeout", 40*time.Minute, "stop everything after this long")
 	flag.StringVar(&o.docs, "docs", "", "rewrite the generated results section of this Markdown file (e.g. docs/benchmarks.md)")
 	flag.StringVar(&o.command, "command", "scripts/bench.sh", "command line to record in the report")
 	flag.BoolVar(&o.keep, "keep", false, "keep the work directory's logs (the scratch file system is always removed)")
@@ -88,37 +73,14 @@ func parseFlags() (options, error) {
 	flag.IntVar(&o.buildsMaxJobs, "builds-max-jobs", 2, "the daemons' max-jobs in the builds scenario")
 	flag.Parse()
 	if flag.NArg() > 0 {
-		return o, fmt.Errorf("unexpected arguments %q", flag.Args())
+		return fmt.Errorf("unexpected arguments %q", flag.Args())
 	}
-	for _, f := range strings.Split(conns, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(f))
-		if err != nil || n < 1 {
-			return o, fmt.Errorf("-qpi-conns: bad count %q", f)
-		}
-		o.qpiConns = append(o.qpiConns, n)
-	}
-	if o.reps < 1 {
-		return o, errors.New("-reps must be at least 1")
-	}
-	o.fsSize = fsSizeMB << 20
-	return o, nil
+	return o.Check()
 }
 
 func main() {
-	o, err := parseFlags()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "nixyard-bench:", err)
-		os.Exit(2)
-	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	ctx, cancel := context.WithTimeout(ctx, o.timeout)
-	err = run(ctx, o)
-	cancel()
-	stop()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "nixyard-bench:", err)
-		os.Exit(1)
-	}
+	var o options
+	bench.Main("nixyard-bench", &o.RunFlags, o.parse, func(ctx context.Context) error { return run(ctx, o) })
 }
 
 // bencher holds the state of one run.
@@ -134,23 +96,13 @@ type bencher struct {
 	load0   string // /proc/loadavg at the start
 }
 
-func logf(format string, args ...any) {
-	fmt.Fprintf(os.Stderr, "[%s] %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
-}
+var logf = bench.Logf
 
 func run(ctx context.Context, o options) (err error) {
-	if os.Geteuid() != 0 {
-		return errors.New("must run as root (it mounts a scratch file system)")
-	}
-	for _, tool := range []string{"nix", "nix-store", "nix-daemon", "mount", "umount", "mkfs.ext4"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			return fmt.Errorf("%s not found: %w", tool, err)
-		}
-	}
-	b := &bencher{o: o, running: map[*bench.Daemon]bool{}, load0: loadavg()}
+	b := &bencher{o: o, running: map[*bench.Daemon]bool{}, load0: bench.LoadAvg()}
 	b.daemons = []bench.DaemonSpec{bench.StockDaemon()}
-	if o.nixyard != "" {
-		abs, err := filepath.Abs(o.nixyard)
+	if o.Nixyard != "" {
+		abs, err := filepath.Abs(o.Nixyard)
 		if err != nil {
 			return err
 		}
@@ -159,42 +111,19 @@ func run(ctx context.Context, o options) (err error) {
 		}
 		b.daemons = append(b.daemons, bench.NixyardDaemon(abs))
 	}
-	if err := bench.BecomeSubreaper(); err != nil {
-		return err
-	}
-
-	b.work = o.work
-	if b.work == "" {
-		if b.work, err = os.MkdirTemp("/tmp", "nyb."); err != nil {
-			return fmt.Errorf("creating work directory: %w", err)
-		}
-		if !o.keep {
-			defer os.RemoveAll(b.work)
-		}
-	} else if err := os.MkdirAll(b.work, 0o755); err != nil {
-		return err
-	}
-	b.logs = filepath.Join(b.work, "logs")
-	if err := os.MkdirAll(b.logs, 0o755); err != nil {
-		return err
-	}
-	if b.env, err = bench.NewEnv(filepath.Join(b.work, "env")); err != nil {
-		return err
-	}
-	b.mnt = filepath.Join(b.work, "m")
-	logf("work directory %s; making a %s scratch file system of %d MiB", b.work, o.fs, o.fsSize>>20)
-	scratch, err := bench.MountScratch(ctx, o.fs, b.mnt, b.work, o.fsSize)
+	ws, err := bench.Setup(ctx, o.RunFlags, "nyb.", o.keep, "nix", "nix-store", "nix-daemon", "mount", "umount", "mkfs.ext4")
 	if err != nil {
 		return err
 	}
-	fsDesc := scratch.Describe()
+	b.env, b.work, b.logs, b.mnt = ws.Env, ws.Dir, ws.Logs, ws.Mnt
+	fsDesc := ws.Scratch.Describe()
 	defer func() {
 		for d := range b.running {
 			if serr := d.Stop(); serr != nil {
 				err = errors.Join(err, serr)
 			}
 		}
-		if uerr := scratch.Unmount(); uerr != nil {
+		if uerr := ws.Close(); uerr != nil {
 			err = errors.Join(err, uerr)
 		}
 		logf("cleaned up (daemons stopped, %s unmounted)", b.mnt)
@@ -265,37 +194,15 @@ func (b *bencher) stop(d *bench.Daemon) error {
 }
 
 // importSource writes a generated export stream into a new local chroot
-// store at root with `nix-store --import` (no daemon involved).
+// store at root (see bench.ImportSource).
 func (b *bencher) importSource(ctx context.Context, root string, spec bench.ExportSpec) ([]bench.PathInfo, error) {
-	if err := os.MkdirAll(root, 0o755); err != nil {
+	start := time.Now()
+	infos, err := bench.ImportSource(ctx, b.env, root, spec)
+	if err != nil {
 		return nil, err
 	}
-	pr, pw := io.Pipe()
-	type genResult struct {
-		infos []bench.PathInfo
-		err   error
-	}
-	gen := make(chan genResult, 1)
-	go func() {
-		infos, err := bench.WriteExport(ctx, pw, spec)
-		pw.CloseWithError(err)
-		gen <- genResult{infos, err}
-	}()
-	start := time.Now()
-	out, err := bench.Nix(ctx, b.env, pr, "nix-store", "--store", "local?root="+root, "--import")
-	pr.CloseWithError(io.ErrClosedPipe)
-	g := <-gen
-	if err != nil {
-		return nil, fmt.Errorf("importing source store %s: %w", root, err)
-	}
-	if g.err != nil {
-		return nil, fmt.Errorf("generating export stream: %w", g.err)
-	}
-	if n := len(strings.Fields(string(out))); n != len(g.infos) {
-		return nil, fmt.Errorf("nix-store --import reported %d paths, want %d", n, len(g.infos))
-	}
-	logf("source store %s: %d paths imported in %.1f s", root, len(g.infos), time.Since(start).Seconds())
-	return g.infos, nil
+	logf("source store %s: %d paths imported in %.1f s", root, len(infos), time.Since(start).Seconds())
+	return infos, nil
 }
 
 // copyAll runs `nix copy --all` from the source chroot store to the daemon.
@@ -304,6 +211,19 @@ func (b *bencher) copyAll(ctx context.Context, src string, d *bench.Daemon) (tim
 	_, err := bench.Nix(ctx, b.env, nil, "nix", "copy", "--no-check-sigs", "--all",
 		"--from", "local?root="+src, "--to", d.StoreURL())
 	return time.Since(start), err
+}
+
+// syncAndCheck, after a client filled d's store, times a syncfs of the
+// scratch file system, then checks that paths are valid in d and returns
+// their total NAR size.
+func (b *bencher) syncAndCheck(ctx context.Context, d *bench.Daemon, paths []string) (syncDur time.Duration, narBytes uint64, err error) {
+	t := time.Now()
+	if err := bench.SyncFS(b.mnt); err != nil {
+		return 0, 0, err
+	}
+	syncDur = time.Since(t)
+	narBytes, err = bench.CheckValid(ctx, d.Socket, paths)
+	return syncDur, narBytes, err
 }
 
 func pathsOf(infos []bench.PathInfo) []string {
@@ -402,7 +322,7 @@ func (b *bencher) benchQPI(ctx context.Context) ([]*bench.Metric, error) {
 		return all, err
 	}
 
-	for rep := range o.reps {
+	for rep := range o.Reps {
 		for mi, n := range o.qpiConns {
 			for _, i := range b.order(rep + mi) {
 				d := live[i]
@@ -455,7 +375,7 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 	// source import ran over 2× slower than later ones whichever daemon ran
 	// it, and would otherwise penalise the daemon that goes first.
 	failed := map[string]bool{}
-	for rep := -1; rep < o.reps; rep++ {
+	for rep := -1; rep < o.Reps; rep++ {
 		for _, i := range b.order(max(rep, 0)) {
 			spec := b.daemons[i]
 			if failed[spec.Name] {
@@ -475,14 +395,9 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 			}
 			dur, err := b.copyAll(ctx, src, d)
 			var syncDur time.Duration
-			if err == nil {
-				t := time.Now()
-				err = bench.SyncFS(b.mnt)
-				syncDur = time.Since(t)
-			}
 			var narBytes uint64
 			if err == nil {
-				narBytes, err = bench.CheckValid(ctx, d.Socket, paths)
+				syncDur, narBytes, err = b.syncAndCheck(ctx, d, paths)
 			}
 			if serr := b.stop(d); serr != nil {
 				logf("stopping %s: %v", spec.Name, serr)
@@ -527,14 +442,6 @@ func readTrim(path string) string {
 	return strings.TrimSpace(string(b))
 }
 
-func loadavg() string {
-	f := strings.Fields(readTrim("/proc/loadavg"))
-	if len(f) < 3 {
-		return "?"
-	}
-	return strings.Join(f[:3], " ")
-}
-
 func cpuModel() string {
 	for _, l := range strings.Split(readTrim("/proc/cpuinfo"), "\n") {
 		if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
@@ -556,25 +463,32 @@ func memTotal() string {
 
 func (b *bencher) report(ms []*bench.Metric, fsDesc string) string {
 	o := b.o
-	nixVersion := "?"
-	if out, err := exec.Command("nix", "--version").Output(); err == nil {
-		nixVersion = strings.TrimSpace(string(out))
-	}
-	rev := o.nixyardRev
-	if rev == "" {
-		rev = "unknown revision"
-	}
 	var s strings.Builder
-	fmt.Fprintf(&s, "Command: `%s`, run %s.\n\n", o.command, time.Now().UTC().Format("2006-01-02 15:04 MST"))
-	fmt.Fprintf(&s, "Machine: %d CPUs (%s), %s RAM, kernel %s; stores on %s. Stock daemon: %s; nixyard: %s.\n\n",
-		runtime.NumCPU(), cpuModel(), memTotal(), readTrim("/proc/sys/kernel/osrelease"), fsDesc, nixVersion, rev)
-	fmt.Fprintf(&s, "Load average (1/5/15 min) at the start: %s; at the end: %s.\n\n", b.load0, loadavg())
+	b.writeReportHeader(&s, "stores on "+fsDesc, b.load0)
 	fmt.Fprintf(&s, "Work: QueryPathInfo on a store of %d paths, %d repetitions of %s each (after %s warm-up), connection counts %v; "+
 		"nix copy of %d paths (~%d MB of random file contents) into a fresh empty store, %d repetitions.\n\n",
-		o.qpiPaths, o.reps, o.qpiDuration, o.qpiWarmup, o.qpiConns, o.copyPaths, o.copyMB, o.reps)
+		o.qpiPaths, o.Reps, o.qpiDuration, o.qpiWarmup, o.qpiConns, o.copyPaths, o.copyMB, o.Reps)
 	if len(b.daemons) < 2 {
 		s.WriteString("**nixyard was not measured in this run (no binary given).**\n\n")
 	}
 	s.WriteString(bench.Table(ms))
 	return s.String()
+}
+
+// writeReportHeader writes the lines every report starts with: the
+// command, the machine and where the stores are, the versions, and the
+// load average at start (load0) and now.
+func (b *bencher) writeReportHeader(s *strings.Builder, storesOn, load0 string) {
+	nixVersion := "?"
+	if out, err := bench.Nix(context.Background(), b.env, nil, "nix", "--version"); err == nil {
+		nixVersion = strings.TrimSpace(string(out))
+	}
+	rev := b.o.nixyardRev
+	if rev == "" {
+		rev = "unknown revision"
+	}
+	fmt.Fprintf(s, "Command: `%s`, run %s.\n\n", b.o.command, time.Now().UTC().Format("2006-01-02 15:04 MST"))
+	fmt.Fprintf(s, "Machine: %d CPUs (%s), %s RAM, kernel %s; %s. Stock daemon: %s; nixyard: %s.\n\n",
+		runtime.NumCPU(), cpuModel(), memTotal(), readTrim("/proc/sys/kernel/osrelease"), storesOn, nixVersion, rev)
+	fmt.Fprintf(s, "Load average (1/5/15 min) at the start: %s; at the end: %s.\n\n", load0, bench.LoadAvg())
 }

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -85,6 +84,31 @@ func (b *bencher) finishSubst(r *substRun) error {
 	return err
 }
 
+// withSubstDaemon starts spec on an empty store whose substituter is c
+// (tag names its logs), syncs the scratch file system, resets the cache
+// server's counts and calls fn with a context bounded to 10 minutes for
+// the clients; then it stops the daemon and removes its store. A daemon
+// that does not start is an error of startM, not of the run.
+func (b *bencher) withSubstDaemon(ctx context.Context, spec bench.DaemonSpec, c *substCache, tag string, startM *bench.Metric, fn func(rctx context.Context, r *substRun) error) error {
+	r, err := b.startSubst(ctx, spec, c, tag)
+	if err != nil {
+		setErr(startM, spec.Name, err)
+		return nil
+	}
+	defer func() {
+		if err := b.finishSubst(r); err != nil {
+			logf("stopping %s: %v", spec.Name, err)
+		}
+	}()
+	if err := bench.SyncFS(b.mnt); err != nil {
+		return err
+	}
+	c.srv.Reset()
+	rctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	return fn(rctx, r)
+}
+
 // substMetrics are the scenario's measurements.
 type substMetrics struct {
 	rate, wall, durable, warm         map[string]*bench.Metric // by compression (warm: zstd only)
@@ -104,7 +128,7 @@ func (m *substMetrics) list() []*bench.Metric {
 
 func (b *bencher) benchSubstitute(ctx context.Context, fsDesc string) (string, error) {
 	o, so := b.o, substFlags
-	load0 := loadavg()
+	load0 := bench.LoadAvg()
 	src := filepath.Join(b.mnt, "src-s")
 	infos, err := b.importSource(ctx, src, bench.ExportSpec{
 		Seed: 3, Count: so.paths, TotalBytes: so.mb * 1e6, MaxRefs: 3, Name: "subst",
@@ -162,7 +186,7 @@ func (b *bencher) benchSubstitute(ctx context.Context, fsDesc string) (string, e
 	m.fetchedMB = &bench.Metric{Name: fmt.Sprintf("%d clients: NAR bytes served", n), Unit: "MB"}
 
 	single := map[string]float64{} // daemon → this repetition's cold zstd wall time
-	for rep := -1; rep < o.reps; rep++ {
+	for rep := -1; rep < o.Reps; rep++ {
 		for k, c := range caches {
 			if rep < 0 && c.comp != "zstd" {
 				continue
@@ -196,148 +220,115 @@ func sampleOrErr(m *bench.Metric, name string, v float64, err error) {
 // substCold realises the closure with one client on an empty store; for
 // zstd, also the warm runs on the filled store. rep < 0 is a warm-up.
 func (b *bencher) substCold(ctx context.Context, spec bench.DaemonSpec, c *substCache, rep int, m *substMetrics, single map[string]float64) error {
-	r, err := b.startSubst(ctx, spec, c, c.comp)
-	if err != nil {
-		setErr(m.rate[c.comp], spec.Name, err)
-		return nil
-	}
-	defer func() {
-		if err := b.finishSubst(r); err != nil {
-			logf("stopping %s: %v", spec.Name, err)
+	return b.withSubstDaemon(ctx, spec, c, c.comp, m.rate[c.comp], func(rctx context.Context, r *substRun) error {
+		dur, err := bench.Realise(rctx, r.env, r.d.StoreURL(), filepath.Join(r.work, "client-cache"), m.roots)
+		var syncDur time.Duration
+		var narBytes uint64
+		if err == nil {
+			syncDur, narBytes, err = b.syncAndCheck(ctx, r.d, m.paths)
 		}
-	}()
-	if err := bench.SyncFS(b.mnt); err != nil {
-		return err
-	}
-	c.srv.Reset()
-	rctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
-	defer cancel()
-	dur, err := bench.Realise(rctx, r.env, r.d.StoreURL(), filepath.Join(r.work, "client-cache"), m.roots)
-	var syncDur time.Duration
-	if err == nil {
-		t := time.Now()
-		err = bench.SyncFS(b.mnt)
-		syncDur = time.Since(t)
-	}
-	var narBytes uint64
-	if err == nil {
-		narBytes, err = bench.CheckValid(ctx, r.d.Socket, m.paths)
-	}
-	st := c.srv.Stats()
-	if ctx.Err() != nil {
-		return ctx.Err()
-	}
-	if err != nil {
-		logf("rep %d: %s: cold %s: %v", rep+1, spec.Name, c.comp, err)
-		if rep >= 0 {
-			setErr(m.rate[c.comp], spec.Name, err)
-			setErr(m.wall[c.comp], spec.Name, err)
+		st := c.srv.Stats()
+		if ctx.Err() != nil {
+			return ctx.Err()
 		}
-		return nil
-	}
-	mbps := float64(narBytes) / 1e6 / dur.Seconds()
-	logf("rep %d: %s: cold %s: %.1f MB of NAR in %.2f s = %.1f MB/s (+syncfs %.2f s); server: %d NAR GETs for %d NARs (max %d), %.1f MB, %d narinfo GETs, %d HEADs",
-		rep+1, spec.Name, c.comp, float64(narBytes)/1e6, dur.Seconds(), mbps, syncDur.Seconds(),
-		st.NarGets, st.NarFiles, st.MaxNarGets, float64(st.NarBytes)/1e6, st.NarinfoGets, st.Heads)
-	if rep < 0 {
-		return nil
-	}
-	addSample(m.rate[c.comp], spec.Name, mbps)
-	addSample(m.wall[c.comp], spec.Name, dur.Seconds())
-	if c.comp != "zstd" {
-		return nil
-	}
-	single[spec.Name] = dur.Seconds()
-	addSample(m.durable["zstd"], spec.Name, (dur + syncDur).Seconds())
-	addSample(m.singleGets, spec.Name, float64(st.MaxNarGets))
-
-	var warm []float64
-	for w := range substFlags.warm {
-		c.srv.Reset()
-		d, err := bench.Realise(rctx, r.env, r.d.StoreURL(), filepath.Join(r.work, fmt.Sprintf("warm-cache-%d", w)), m.roots)
 		if err != nil {
-			setErr(m.warm["zstd"], spec.Name, err)
-			logf("rep %d: %s: warm: %v", rep+1, spec.Name, err)
+			logf("rep %d: %s: cold %s: %v", rep+1, spec.Name, c.comp, err)
+			if rep >= 0 {
+				setErr(m.rate[c.comp], spec.Name, err)
+				setErr(m.wall[c.comp], spec.Name, err)
+			}
 			return nil
 		}
-		warm = append(warm, d.Seconds())
-		if st := c.srv.Stats(); st.NarGets > 0 {
-			logf("rep %d: %s: warm run fetched %d NARs", rep+1, spec.Name, st.NarGets)
+		mbps := float64(narBytes) / 1e6 / dur.Seconds()
+		logf("rep %d: %s: cold %s: %.1f MB of NAR in %.2f s = %.1f MB/s (+syncfs %.2f s); server: %d NAR GETs for %d NARs (max %d), %.1f MB, %d narinfo GETs, %d HEADs",
+			rep+1, spec.Name, c.comp, float64(narBytes)/1e6, dur.Seconds(), mbps, syncDur.Seconds(),
+			st.NarGets, st.NarFiles, st.MaxNarGets, float64(st.NarBytes)/1e6, st.NarinfoGets, st.Heads)
+		if rep < 0 {
+			return nil
 		}
-	}
-	addSample(m.warm["zstd"], spec.Name, bench.Median(warm))
-	logf("rep %d: %s: warm nix-store -r: %v s", rep+1, spec.Name, warm)
-	return nil
+		addSample(m.rate[c.comp], spec.Name, mbps)
+		addSample(m.wall[c.comp], spec.Name, dur.Seconds())
+		if c.comp != "zstd" {
+			return nil
+		}
+		single[spec.Name] = dur.Seconds()
+		addSample(m.durable["zstd"], spec.Name, (dur + syncDur).Seconds())
+		addSample(m.singleGets, spec.Name, float64(st.MaxNarGets))
+
+		var warm []float64
+		for w := range substFlags.warm {
+			c.srv.Reset()
+			d, err := bench.Realise(rctx, r.env, r.d.StoreURL(), filepath.Join(r.work, fmt.Sprintf("warm-cache-%d", w)), m.roots)
+			if err != nil {
+				setErr(m.warm["zstd"], spec.Name, err)
+				logf("rep %d: %s: warm: %v", rep+1, spec.Name, err)
+				return nil
+			}
+			warm = append(warm, d.Seconds())
+			if st := c.srv.Stats(); st.NarGets > 0 {
+				logf("rep %d: %s: warm run fetched %d NARs", rep+1, spec.Name, st.NarGets)
+			}
+		}
+		addSample(m.warm["zstd"], spec.Name, bench.Median(warm))
+		logf("rep %d: %s: warm nix-store -r: %v s", rep+1, spec.Name, warm)
+		return nil
+	})
 }
 
 // substConcurrent starts n clients at once realising the closure on an
 // empty store.
 func (b *bencher) substConcurrent(ctx context.Context, spec bench.DaemonSpec, c *substCache, rep int, m *substMetrics, single map[string]float64) error {
 	n := substFlags.clients
-	r, err := b.startSubst(ctx, spec, c, fmt.Sprintf("x%d", n))
-	if err != nil {
-		setErr(m.conc, spec.Name, err)
-		return nil
-	}
-	defer func() {
-		if err := b.finishSubst(r); err != nil {
-			logf("stopping %s: %v", spec.Name, err)
+	return b.withSubstDaemon(ctx, spec, c, fmt.Sprintf("x%d", n), m.conc, func(rctx context.Context, r *substRun) error {
+		errs := make([]error, n)
+		var wg sync.WaitGroup
+		start := time.Now()
+		for i := range n {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				_, errs[i] = bench.Realise(rctx, r.env, r.d.StoreURL(), filepath.Join(r.work, fmt.Sprintf("client-cache-%d", i)), m.roots)
+			}()
 		}
-	}()
-	if err := bench.SyncFS(b.mnt); err != nil {
-		return err
-	}
-	c.srv.Reset()
-	rctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
-	defer cancel()
-	errs := make([]error, n)
-	var wg sync.WaitGroup
-	start := time.Now()
-	for i := range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			_, errs[i] = bench.Realise(rctx, r.env, r.d.StoreURL(), filepath.Join(r.work, fmt.Sprintf("client-cache-%d", i)), m.roots)
-		}()
-	}
-	wg.Wait()
-	wall := time.Since(start)
-	if ctx.Err() != nil {
-		return ctx.Err()
-	}
-	failed := 0
-	for _, err := range errs {
-		if err != nil {
-			failed++
-			msg := err.Error()
-			if i := strings.LastIndex(msg, "error:"); i >= 0 {
-				msg = msg[i:]
-			}
-			if len(msg) > 200 {
-				msg = msg[:200]
-			}
-			m.failMsgs[spec.Name] = append(m.failMsgs[spec.Name], msg)
+		wg.Wait()
+		wall := time.Since(start)
+		if ctx.Err() != nil {
+			return ctx.Err()
 		}
-	}
-	m.failedTotal[spec.Name] += failed
-	m.clientsTotal[spec.Name] += n
-	_, verr := bench.CheckValid(ctx, r.d.Socket, m.paths)
-	st := c.srv.Stats()
-	logf("rep %d: %s: %d clients: %.2f s, %d failed, closure valid: %v; server: %d NAR GETs for %d NARs (max %d per NAR), %.1f MB",
-		rep+1, spec.Name, n, wall.Seconds(), failed, verr == nil, st.NarGets, st.NarFiles, st.MaxNarGets, float64(st.NarBytes)/1e6)
-	addSample(m.failed, spec.Name, float64(failed))
-	if verr != nil {
-		setErr(m.conc, spec.Name, fmt.Errorf("closure not valid after %d clients: %w", n, verr))
+		failed := 0
+		for _, err := range errs {
+			if err != nil {
+				failed++
+				msg := err.Error()
+				if i := strings.LastIndex(msg, "error:"); i >= 0 {
+					msg = msg[i:]
+				}
+				if len(msg) > 200 {
+					msg = msg[:200]
+				}
+				m.failMsgs[spec.Name] = append(m.failMsgs[spec.Name], msg)
+			}
+		}
+		m.failedTotal[spec.Name] += failed
+		m.clientsTotal[spec.Name] += n
+		_, verr := bench.CheckValid(ctx, r.d.Socket, m.paths)
+		st := c.srv.Stats()
+		logf("rep %d: %s: %d clients: %.2f s, %d failed, closure valid: %v; server: %d NAR GETs for %d NARs (max %d per NAR), %.1f MB",
+			rep+1, spec.Name, n, wall.Seconds(), failed, verr == nil, st.NarGets, st.NarFiles, st.MaxNarGets, float64(st.NarBytes)/1e6)
+		addSample(m.failed, spec.Name, float64(failed))
+		if verr != nil {
+			setErr(m.conc, spec.Name, fmt.Errorf("closure not valid after %d clients: %w", n, verr))
+			return nil
+		}
+		addSample(m.conc, spec.Name, wall.Seconds())
+		if s := single[spec.Name]; s > 0 {
+			addSample(m.concRatio, spec.Name, wall.Seconds()/s)
+		}
+		addSample(m.maxGets, spec.Name, float64(st.MaxNarGets))
+		addSample(m.getsPerNar, spec.Name, float64(st.NarGets)/float64(len(m.paths)))
+		addSample(m.fetchedMB, spec.Name, float64(st.NarBytes)/1e6)
 		return nil
-	}
-	addSample(m.conc, spec.Name, wall.Seconds())
-	if s := single[spec.Name]; s > 0 {
-		addSample(m.concRatio, spec.Name, wall.Seconds()/s)
-	}
-	addSample(m.maxGets, spec.Name, float64(st.MaxNarGets))
-	addSample(m.getsPerNar, spec.Name, float64(st.NarGets)/float64(len(m.paths)))
-	addSample(m.fetchedMB, spec.Name, float64(st.NarBytes)/1e6)
-	return nil
+	})
 }
 
 func dirMB(dir string) float64 {
@@ -353,19 +344,8 @@ func dirMB(dir string) float64 {
 
 func (b *bencher) substReport(m *substMetrics, fsDesc, load0 string, nPaths, nRoots int, caches []*substCache) string {
 	o := b.o
-	nixVersion := "?"
-	if out, err := bench.Nix(context.Background(), b.env, nil, "nix", "--version"); err == nil {
-		nixVersion = strings.TrimSpace(string(out))
-	}
-	rev := o.nixyardRev
-	if rev == "" {
-		rev = "unknown revision"
-	}
 	var s strings.Builder
-	fmt.Fprintf(&s, "Command: `%s`, run %s.\n\n", o.command, time.Now().UTC().Format("2006-01-02 15:04 MST"))
-	fmt.Fprintf(&s, "Machine: %d CPUs (%s), %s RAM, kernel %s; stores and caches on %s. Stock daemon: %s; nixyard: %s.\n\n",
-		runtime.NumCPU(), cpuModel(), memTotal(), readTrim("/proc/sys/kernel/osrelease"), fsDesc, nixVersion, rev)
-	fmt.Fprintf(&s, "Load average (1/5/15 min) at the start: %s; at the end: %s.\n\n", load0, loadavg())
+	b.writeReportHeader(&s, "stores and caches on "+fsDesc, load0)
 	var cs []string
 	for _, c := range caches {
 		cs = append(cs, fmt.Sprintf("%s %.0f MB", c.comp, dirMB(filepath.Join(c.dir, "nar"))))
@@ -373,7 +353,7 @@ func (b *bencher) substReport(m *substMetrics, fsDesc, load0 string, nPaths, nRo
 	fmt.Fprintf(&s, "Work: a closure of %d paths (%d roots, ~%d MB of random file contents) in two caches written by `nix copy --to file://…` (%s of NAR files), "+
 		"served by a counting HTTP server on 127.0.0.1; `nix-store -r` of the roots through each daemon on a fresh empty store, %d repetitions (after one untimed warm-up), "+
 		"%d concurrent clients, %d warm runs per repetition.\n\n",
-		nPaths, nRoots, substFlags.mb, strings.Join(cs, ", "), o.reps, substFlags.clients, substFlags.warm)
+		nPaths, nRoots, substFlags.mb, strings.Join(cs, ", "), o.Reps, substFlags.clients, substFlags.warm)
 	if len(b.daemons) < 2 {
 		s.WriteString("**nixyard was not measured in this run (no binary given).**\n\n")
 	}

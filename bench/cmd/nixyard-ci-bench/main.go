@@ -14,14 +14,9 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"os"
-	"os/exec"
-	"os/signal"
 	"path/filepath"
-	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/nixyard/nixyard/bench"
@@ -30,106 +25,48 @@ import (
 )
 
 type options struct {
-	nixyard string
-	work    string
-	fs      string
-	fsSize  int64
+	bench.RunFlags
 	paths   int
 	mb      int64
-	reps    int
 	clients []int
-	timeout time.Duration
 }
 
-func parseFlags() (options, error) {
-	var o options
-	var clients string
-	var fsMB int64
-	flag.StringVar(&o.nixyard, "nixyard", "", "path of the nixyard binary (required)")
-	flag.StringVar(&o.work, "work", "", "work directory (default: a new directory under /tmp, removed at the end)")
-	flag.StringVar(&o.fs, "fs", "ext4", "scratch file system: ext4 (journaled, loop file) or tmpfs")
-	flag.Int64Var(&fsMB, "fs-size-mb", 8192, "size of the scratch file system in MiB")
+// parse parses the command line into o.
+func (o *options) parse() error {
+	o.Register(flag.CommandLine, "path of the nixyard binary (required)", 8192, 3)
 	flag.IntVar(&o.paths, "paths", 300, "number of paths in the closure")
 	flag.Int64Var(&o.mb, "mb", 600, "approximate closure size in MB (10^6 bytes)")
-	flag.IntVar(&o.reps, "reps", 3, "repetitions (the median is reported)")
-	flag.StringVar(&clients, "clients", "1,4", "comma-separated numbers of concurrent jobs")
-	flag.DurationVar(&o.timeout, "timeout", 40*time.Minute, "stop everything after this long")
+	o.clients = []int{1, 4}
+	flag.Var((*bench.Counts)(&o.clients), "clients", "comma-separated numbers of concurrent jobs")
 	flag.Parse()
-	if o.nixyard == "" {
-		return o, errors.New("-nixyard is required")
+	if o.Nixyard == "" {
+		return errors.New("-nixyard is required")
 	}
-	for _, f := range strings.Split(clients, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(f))
-		if err != nil || n < 1 {
-			return o, fmt.Errorf("-clients: bad count %q", f)
-		}
-		o.clients = append(o.clients, n)
-	}
-	if o.reps < 1 {
-		return o, errors.New("-reps must be at least 1")
-	}
-	o.fsSize = fsMB << 20
-	return o, nil
+	return o.Check()
 }
 
 func main() {
-	o, err := parseFlags()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "nixyard-ci-bench:", err)
-		os.Exit(2)
-	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	ctx, cancel := context.WithTimeout(ctx, o.timeout)
-	err = run(ctx, o)
-	cancel()
-	stop()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "nixyard-ci-bench:", err)
-		os.Exit(1)
-	}
+	var o options
+	bench.Main("nixyard-ci-bench", &o.RunFlags, o.parse, func(ctx context.Context) error { return run(ctx, o) })
 }
 
-func logf(format string, args ...any) {
-	fmt.Fprintf(os.Stderr, "[%s] %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
-}
+var logf = bench.Logf
 
 func run(ctx context.Context, o options) (err error) {
-	if os.Geteuid() != 0 {
-		return errors.New("must run as root")
-	}
-	for _, tool := range []string{"nix", "nix-store", "bwrap", "mount", "mkfs.ext4"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			return fmt.Errorf("%s not found: %w", tool, err)
-		}
-	}
-	bin, err := filepath.Abs(o.nixyard)
+	bin, err := filepath.Abs(o.Nixyard)
 	if err != nil {
 		return err
 	}
-	if err := bench.BecomeSubreaper(); err != nil {
-		return err
-	}
-	work := o.work
-	if work == "" {
-		if work, err = os.MkdirTemp("/tmp", "nycb."); err != nil {
-			return err
-		}
-		defer os.RemoveAll(work)
-	}
-	env, err := bench.NewEnv(filepath.Join(work, "env"))
+	ws, err := bench.Setup(ctx, o.RunFlags, "nycb.", false, "nix", "nix-store", "bwrap", "mount", "mkfs.ext4")
 	if err != nil {
 		return err
 	}
-	mnt := filepath.Join(work, "m")
-	scratch, err := bench.MountScratch(ctx, o.fs, mnt, work, o.fsSize)
-	if err != nil {
-		return err
-	}
-	defer func() { err = errors.Join(err, scratch.Unmount()) }()
+	defer func() { err = errors.Join(err, ws.Close()) }()
+	env, mnt := ws.Env, ws.Mnt
 
 	// The closure, in a binary cache written by the real client (zstd).
 	src := filepath.Join(mnt, "src")
-	infos, err := importSource(ctx, env, src, bench.ExportSpec{Seed: 7, Count: o.paths, TotalBytes: o.mb * 1e6, MaxRefs: 3, Name: "ci"})
+	infos, err := bench.ImportSource(ctx, env, src, bench.ExportSpec{Seed: 7, Count: o.paths, TotalBytes: o.mb * 1e6, MaxRefs: 3, Name: "ci"})
 	if err != nil {
 		return err
 	}
@@ -155,7 +92,7 @@ func run(ctx context.Context, o options) (err error) {
 	for _, n := range o.clients {
 		cells[n] = &cell{}
 	}
-	for rep := range o.reps {
+	for rep := range o.Reps {
 		for _, n := range o.clients {
 			tag := fmt.Sprintf("%d-%d", rep, n)
 			da, err := jobs.EmptyStoreWave(ctx, tag, n)
@@ -172,7 +109,7 @@ func run(ctx context.Context, o options) (err error) {
 		}
 	}
 	fmt.Printf("Closure: %d paths, %.0f MB of file contents, zstd cache on 127.0.0.1; %s scratch file system; %d repetitions, medians; load at the end: %s\n\n",
-		len(infos), float64(o.mb), o.fs, o.reps, loadavg())
+		len(infos), float64(o.mb), o.FS, o.Reps, bench.LoadAvg())
 	fmt.Println("| concurrent jobs | (a) empty per-job store, s | (b) nixyard cold host, s | (c) nixyard warm host, s | (a)/(b) | (a)/(c) |")
 	fmt.Println("|---|---|---|---|---|---|")
 	for _, n := range o.clients {
@@ -228,42 +165,4 @@ func nixyardWaves(ctx context.Context, env *bench.Env, bin, mnt, tag string, srv
 		}
 	}
 	return cold, warm, nil
-}
-
-// importSource writes a generated export stream into a new chroot store
-// at root with `nix-store --import`.
-func importSource(ctx context.Context, env *bench.Env, root string, spec bench.ExportSpec) ([]bench.PathInfo, error) {
-	if err := os.MkdirAll(root, 0o755); err != nil {
-		return nil, err
-	}
-	pr, pw := io.Pipe()
-	type genResult struct {
-		infos []bench.PathInfo
-		err   error
-	}
-	gen := make(chan genResult, 1)
-	go func() {
-		infos, err := bench.WriteExport(ctx, pw, spec)
-		pw.CloseWithError(err)
-		gen <- genResult{infos, err}
-	}()
-	_, err := bench.Nix(ctx, env, pr, "nix-store", "--store", "local?root="+root, "--import")
-	pr.CloseWithError(io.ErrClosedPipe)
-	g := <-gen
-	if err != nil {
-		return nil, fmt.Errorf("importing source store %s: %w", root, err)
-	}
-	return g.infos, g.err
-}
-
-func loadavg() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "?"
-	}
-	f := strings.Fields(string(b))
-	if len(f) < 3 {
-		return "?"
-	}
-	return strings.Join(f[:3], " ")
 }
