@@ -123,7 +123,19 @@ static void nyb_remount_ro(const char *target) {
 		nyb_fail("making '%s' read-only: %s", target, strerror(errno));
 }
 
-static void nyb_setup_sandbox(const char *root, int private_net, long nbinds, int uid, int gid) {
+static char *nyb_join(const char *a, const char *b, const char *c) {
+	size_t la = strlen(a), lb = strlen(b), lc = strlen(c);
+	char *s = malloc(la + lb + lc + 1);
+	if (!s)
+		nyb_fail("out of memory");
+	memcpy(s, a, la);
+	memcpy(s + la, b, lb);
+	memcpy(s + la + lb, c, lc + 1);
+	return s;
+}
+
+static void nyb_setup_sandbox(const char *root, int private_net, int uid, int gid,
+			      const char *input_store, const char *input_dir, char **inputs) {
 	if (private_net) {
 		int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
 		if (fd < 0)
@@ -144,6 +156,26 @@ static void nyb_setup_sandbox(const char *root, int private_net, long nbinds, in
 		nyb_fail("unable to make '/' private: %s", strerror(errno));
 	if (mount(root, root, "", MS_BIND, NULL) < 0)
 		nyb_fail("unable to bind mount '%s': %s", root, strerror(errno));
+	if (inputs[0]) {
+		// Binds of a read-only mount are read-only.
+		char *staging = nyb_join(root, "/.nixyard-inputs", "");
+		if (mount(input_store, staging, "", MS_BIND, NULL) < 0)
+			nyb_fail("bind mount from '%s' to '%s' failed: %s", input_store, staging, strerror(errno));
+		nyb_remount_ro(staging);
+		char *sdir = nyb_join(staging, "/", ""), *tdir = nyb_join(root, input_dir, "/");
+		for (char **n = inputs; *n; n++) {
+			char *source = nyb_join(sdir, *n, ""), *target = nyb_join(tdir, *n, "");
+			if (mount(source, target, "", MS_BIND | MS_REC, NULL) < 0)
+				nyb_fail("bind mount from '%s/%s' to '%s' failed: %s", input_store, *n, target, strerror(errno));
+			free(source);
+			free(target);
+		}
+		if (umount2(staging, MNT_DETACH) < 0)
+			nyb_fail("unmounting '%s': %s", staging, strerror(errno));
+		if (rmdir(staging) < 0)
+			nyb_fail("removing '%s': %s", staging, strerror(errno));
+	}
+	long nbinds = nyb_num();
 	size_t rootLen = strlen(root);
 	char *target = NULL;
 	size_t targetCap = 0;
@@ -219,9 +251,11 @@ __attribute__((constructor)) static void nixyard_build_helper(int argc, char **a
 	char *builder = nyb_next();
 	char **args = nyb_list();
 	char **env = nyb_list();
-	long nbinds = nyb_num();
+	char *input_store = nyb_next();
+	char *input_dir = nyb_next();
+	char **inputs = nyb_list();
 	if (sandbox)
-		nyb_setup_sandbox(root, private_net, nbinds, uid, gid);
+		nyb_setup_sandbox(root, private_net, uid, gid, input_store, input_dir, inputs);
 	if (chdir(dir) < 0)
 		nyb_fail("changing into '%s': %s", dir, strerror(errno));
 	struct rlimit rl = {0, RLIM_INFINITY};

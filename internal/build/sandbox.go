@@ -17,6 +17,11 @@ import (
 	"github.com/nixyard/nixyard/internal/nix/derivation"
 )
 
+// inputStaging is where the helper binds the real store read-only while
+// it binds the inputs from there (inside the chroot, removed before the
+// builder starts).
+const inputStaging = "/.nixyard-inputs"
+
 // initArg0 is argv[0] of the helper: when a binary linking this package
 // starts with it, init runs the helper instead of the program.
 const initArg0 = "nixyard-build-helper"
@@ -27,15 +32,21 @@ const initArg0 = "nixyard-build-helper"
 // The helper reports a setup failure as text on fd 4 (closed on exec, so
 // EOF without text means the builder was executed).
 type initSpec struct {
-	Sandbox        bool
-	Root           string      // sandbox root on the host
-	Binds          []bindMount // mounted under Root
-	PrivateNetwork bool
-	UID, GID       int    // identity inside the sandbox
-	Dir            string // working directory (inside the sandbox if Sandbox)
-	Builder        string
-	Args           []string // argv, argv[0] included
-	Env            []string
+	Sandbox bool
+	Root    string // sandbox root on the host
+	// Inputs are the names of the input paths, bound read-only from
+	// InputStore (the real store directory) to InputDir (the store
+	// directory inside the sandbox): through one read-only bind of
+	// InputStore at Root+inputStaging, so each input takes one mount.
+	InputStore, InputDir string
+	Inputs               []string
+	Binds                []bindMount // mounted under Root, after the inputs
+	PrivateNetwork       bool
+	UID, GID             int    // identity inside the sandbox
+	Dir                  string // working directory (inside the sandbox if Sandbox)
+	Builder              string
+	Args                 []string // argv, argv[0] included
+	Env                  []string
 }
 
 type bindMount struct {
@@ -112,13 +123,19 @@ func (s *initSpec) encode() ([]byte, error) {
 	for _, e := range s.Env {
 		str(e)
 	}
+	str(s.InputStore)
+	str(s.InputDir)
+	num(len(s.Inputs))
+	for _, n := range s.Inputs {
+		str(n)
+	}
 	num(len(s.Binds))
 	for _, m := range s.Binds {
 		str(m.Source)
 		str(m.Target)
 		flag(m.ReadOnly)
 	}
-	if bytes.Count(b, []byte{0}) != 10+len(s.Args)+len(s.Env)+3*len(s.Binds) {
+	if bytes.Count(b, []byte{0}) != 13+len(s.Args)+len(s.Env)+len(s.Inputs)+3*len(s.Binds) {
 		return nil, errors.New("an argument, environment variable or path of the builder contains a NUL byte")
 	}
 	return b, nil
@@ -167,6 +184,9 @@ func decodeSpec(data []byte) (*initSpec, error) {
 	s.Builder = str()
 	s.Args = list()
 	s.Env = list()
+	s.InputStore = str()
+	s.InputDir = str()
+	s.Inputs = list()
 	n := num()
 	if data == nil {
 		return nil, bad
@@ -215,29 +235,36 @@ func setupSandbox(spec *initSpec) error {
 	if err := unix.Mount(root, root, "", unix.MS_BIND, ""); err != nil {
 		return fmt.Errorf("unable to bind mount '%s': %w", root, err)
 	}
+	if len(spec.Inputs) > 0 {
+		// Binds of a read-only mount are read-only.
+		staging := root + inputStaging
+		if err := unix.Mount(spec.InputStore, staging, "", unix.MS_BIND, ""); err != nil {
+			return fmt.Errorf("bind mount from '%s' to '%s' failed: %w", spec.InputStore, staging, err)
+		}
+		if err := remountReadOnly(staging); err != nil {
+			return err
+		}
+		for _, n := range spec.Inputs {
+			source, target := staging+"/"+n, root+spec.InputDir+"/"+n
+			if err := unix.Mount(source, target, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+				return fmt.Errorf("bind mount from '%s' to '%s' failed: %w", spec.InputStore+"/"+n, target, err)
+			}
+		}
+		if err := unix.Unmount(staging, unix.MNT_DETACH); err != nil {
+			return fmt.Errorf("unmounting '%s': %w", staging, err)
+		}
+		if err := unix.Rmdir(staging); err != nil {
+			return fmt.Errorf("removing '%s': %w", staging, err)
+		}
+	}
 	for _, m := range spec.Binds {
 		target := root + m.Target
 		if err := unix.Mount(m.Source, target, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
 			return fmt.Errorf("bind mount from '%s' to '%s' failed: %w", m.Source, target, err)
 		}
 		if m.ReadOnly {
-			// A remount in a user namespace must keep the flags the
-			// source mount is locked with.
-			var sfs unix.Statfs_t
-			if err := unix.Statfs(target, &sfs); err != nil {
-				return fmt.Errorf("statfs '%s': %w", target, err)
-			}
-			flags := uintptr(unix.MS_BIND | unix.MS_REMOUNT | unix.MS_RDONLY)
-			for _, f := range [][2]int64{
-				{unix.ST_NOSUID, unix.MS_NOSUID}, {unix.ST_NODEV, unix.MS_NODEV}, {unix.ST_NOEXEC, unix.MS_NOEXEC},
-				{unix.ST_NOATIME, unix.MS_NOATIME}, {unix.ST_NODIRATIME, unix.MS_NODIRATIME}, {unix.ST_RELATIME, unix.MS_RELATIME},
-			} {
-				if sfs.Flags&f[0] != 0 {
-					flags |= uintptr(f[1])
-				}
-			}
-			if err := unix.Mount("", target, "", flags, ""); err != nil {
-				return fmt.Errorf("making '%s' read-only: %w", target, err)
+			if err := remountReadOnly(target); err != nil {
+				return err
 			}
 		}
 	}
@@ -285,6 +312,28 @@ func setupSandbox(spec *initSpec) error {
 		return fmt.Errorf("clearing ambient capabilities: %w", err)
 	}
 	unix.Prctl(unix.PR_SET_PDEATHSIG, uintptr(unix.SIGKILL), 0, 0, 0)
+	return nil
+}
+
+// remountReadOnly makes the bind mount at target read-only. A remount in a
+// user namespace must keep the flags the source mount is locked with.
+func remountReadOnly(target string) error {
+	var sfs unix.Statfs_t
+	if err := unix.Statfs(target, &sfs); err != nil {
+		return fmt.Errorf("statfs '%s': %w", target, err)
+	}
+	flags := uintptr(unix.MS_BIND | unix.MS_REMOUNT | unix.MS_RDONLY)
+	for _, f := range [][2]int64{
+		{unix.ST_NOSUID, unix.MS_NOSUID}, {unix.ST_NODEV, unix.MS_NODEV}, {unix.ST_NOEXEC, unix.MS_NOEXEC},
+		{unix.ST_NOATIME, unix.MS_NOATIME}, {unix.ST_NODIRATIME, unix.MS_NODIRATIME}, {unix.ST_RELATIME, unix.MS_RELATIME},
+	} {
+		if sfs.Flags&f[0] != 0 {
+			flags |= uintptr(f[1])
+		}
+	}
+	if err := unix.Mount("", target, "", flags, ""); err != nil {
+		return fmt.Errorf("making '%s' read-only: %w", target, err)
+	}
 	return nil
 }
 
@@ -396,10 +445,36 @@ func (j *job) prepareChroot(spec *initSpec) error {
 		binds = append(binds, bindMount{Source: source, Target: target, ReadOnly: ro})
 		return nil
 	}
+	// Inputs: a mount point for each (the helper binds them).
+	var realStore string
 	for _, p := range j.inputs {
-		if err := addBind(b.st.RealPath(p), b.abs(p), true, false); err != nil {
+		source, target := b.st.RealPath(p), b.abs(p)
+		if realStore == "" {
+			realStore = filepath.Dir(source)
+		}
+		if filepath.Dir(source) != realStore || filepath.Dir(target) != storeDir || filepath.Base(source) != filepath.Base(target) {
+			return fmt.Errorf("input '%s' is not in the store", source)
+		}
+		var err error
+		var st unix.Stat_t
+		if err := unix.Stat(source, &st); err != nil {
+			return fmt.Errorf("getting attributes of path '%s': %w", source, err)
+		}
+		if st.Mode&unix.S_IFMT == unix.S_IFDIR {
+			err = unix.Mkdir(root+target, 0o755)
+		} else {
+			err = os.WriteFile(root+target, nil, 0o644)
+		}
+		if err != nil {
 			return err
 		}
+		spec.Inputs = append(spec.Inputs, filepath.Base(source))
+	}
+	if len(spec.Inputs) > 0 {
+		if err := os.Mkdir(root+inputStaging, 0o700); err != nil {
+			return err
+		}
+		spec.InputStore, spec.InputDir = realStore, storeDir
 	}
 	if err := addBind(j.tmpDir, sandboxBuildDir, false, false); err != nil {
 		return err

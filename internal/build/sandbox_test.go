@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -31,7 +32,8 @@ func TestSandboxIsolation(t *testing.T) {
 	e := newChrootEnv(t)
 	drvs := e.instantiate(fmt.Sprintf(`rec {
   other = mk { name = "other"; script = "echo other > $out"; };
-  probe = mk { name = "probe"; otherPath = builtins.unsafeDiscardStringContext "${other}"; script = ''
+  file = mk { name = "file"; script = "echo file > $out"; };
+  probe = mk { name = "probe"; fileIn = file; otherPath = builtins.unsafeDiscardStringContext "${other}"; script = ''
     b=${bb}/busybox
     ( $b ls /nix/store | $b sort; echo ---; $b ls / | $b sort | $b tr '\n' ' '; echo
       $b test -e $otherPath && echo other-visible || echo other-hidden
@@ -39,10 +41,12 @@ func TestSandboxIsolation(t *testing.T) {
       $b grep CapEff /proc/self/status
       echo x | $b nc -w 2 127.0.0.1 %d && echo net-ok || echo net-blocked
       $b touch ${bb}/busybox 2>/dev/null && echo input-writable || echo input-readonly
+      $b chmod u+w $fileIn 2>/dev/null; echo x 2>/dev/null >> $fileIn && echo file-input-writable || echo file-input-readonly
+      $b test -e /.nixyard-inputs && echo staging-visible || echo staging-gone
       $b cat /etc/passwd
     ) > $out
   ''; };
-}`, port), "other", "probe")
+}`, port), "other", "file", "probe")
 	b := e.builder(Config{Sandbox: SandboxOn, BuildUsersGroup: "nixbld"})
 	e.mustBuild(b, out(drvs["other"]))
 	res := e.mustBuild(b, out(drvs["probe"]))
@@ -56,13 +60,14 @@ func TestSandboxIsolation(t *testing.T) {
 		}
 		storeList = append(storeList, l)
 	}
-	if len(storeList) != 2 || !strings.HasSuffix(storeList[0], "-busybox-static") && !strings.HasSuffix(storeList[1], "-busybox-static") {
+	if len(storeList) != 3 || !slices.ContainsFunc(storeList, func(l string) bool { return strings.HasSuffix(l, "-busybox-static") }) ||
+		!slices.ContainsFunc(storeList, func(l string) bool { return strings.HasSuffix(l, "-file") }) {
 		t.Errorf("sandbox store: %q", storeList)
 	}
 	for _, want := range []string{
 		"build dev etc nix proc tmp ",
 		"other-hidden", "1000\n100\nlocalhost\n/build\n",
-		"CapEff:\t0000000000000000", "net-blocked", "input-readonly",
+		"CapEff:\t0000000000000000", "net-blocked", "input-readonly", "file-input-readonly", "staging-gone",
 		"nixbld:x:1000:100:Nix build user:/build:/noshell",
 	} {
 		if !strings.Contains(got, want) {
@@ -73,6 +78,27 @@ func TestSandboxIsolation(t *testing.T) {
 	case <-accepted:
 		t.Error("the sandboxed builder reached a host listener")
 	default:
+	}
+}
+
+// Without build users the builder's host identity owns the store's files:
+// only the read-only mounts keep it from changing its inputs.
+func TestSandboxInputsReadOnlyWithoutBuildUsers(t *testing.T) {
+	e := newChrootEnv(t)
+	drvs := e.instantiate(`rec {
+  file = mk { name = "file"; script = "echo file > $out"; };
+  probe = mk { name = "probe"; fileIn = file; script = ''
+    b=${bb}/busybox
+    ( $b touch ${bb}/busybox 2>/dev/null && echo input-writable || echo input-readonly
+      $b chmod u+w $fileIn 2>/dev/null; echo x 2>/dev/null >> $fileIn && echo file-input-writable || echo file-input-readonly
+    ) > $out
+  ''; };
+}`, "file", "probe")
+	b := e.builder(Config{Sandbox: SandboxOn})
+	e.mustBuild(b, out(drvs["file"]))
+	res := e.mustBuild(b, out(drvs["probe"]))
+	if got := e.readOut(res[0].BuiltOutputs["out"], ""); got != "input-readonly\nfile-input-readonly\n" {
+		t.Errorf("inputs in the sandbox: %q", got)
 	}
 }
 
