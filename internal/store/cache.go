@@ -91,18 +91,11 @@ func (c *infoCache) checkExternal() error {
 	return nil
 }
 
-// get returns a copy of p's cached info (nil if absent) and the epoch under
-// which a database read started now may be filled in.
-func (c *infoCache) get(p storepath.Path) (*PathInfo, uint64, error) {
-	e, epoch, err := c.getShared(p)
-	if e != nil {
-		e = clone(e)
-	}
-	return e, epoch, err
-}
 
-// getShared is get without the copy: the entry itself, which nobody may
-// modify (entries are never changed once inserted, only dropped). The
+// getShared returns p's cached info (nil if absent) and the epoch under
+// which a database read started now may be filled in. It is the entry
+// itself, which nobody may modify (entries are never changed once
+// inserted, only dropped). The
 // common case, a check of data_version made less than externalStaleness
 // ago, takes the lock shared, so concurrent connections do not queue.
 func (c *infoCache) getShared(p storepath.Path) (*PathInfo, uint64, error) {

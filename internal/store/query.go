@@ -64,19 +64,11 @@ func (s *Store) IsValidPath(ctx context.Context, p storepath.Path) (bool, error)
 // ErrNotValid. The result is the caller's to modify. Answers come from the
 // in-memory cache when it holds p (see cache.go for why that is current).
 func (s *Store) QueryPathInfo(ctx context.Context, p storepath.Path) (*PathInfo, error) {
-	info, gen, err := s.cache.get(p)
-	if err != nil {
-		return nil, fmt.Errorf("store: querying path info of %s: %w", s.abs(p), err)
-	}
-	if info != nil {
-		return info, nil
-	}
-	info, err = s.queryPathInfoDB(ctx, p)
+	info, err := s.QueryPathInfoShared(ctx, p)
 	if err != nil {
 		return nil, err
 	}
-	s.cache.fill(gen, info)
-	return info, nil
+	return clone(info), nil
 }
 
 // QueryPathInfoShared is QueryPathInfo for callers that only read the
