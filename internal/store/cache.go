@@ -91,7 +91,6 @@ func (c *infoCache) checkExternal() error {
 	return nil
 }
 
-
 // getShared returns p's cached info (nil if absent) and the epoch under
 // which a database read started now may be filled in. It is the entry
 // itself, which nobody may modify (entries are never changed once
