@@ -30,8 +30,9 @@ const externalStaleness = 10 * time.Millisecond
 //     epoch (bumped on every drop) did not change since the lookup that
 //     missed, so a read that raced with a commit is never cached.
 //
-// Not-valid answers are not cached. Entries are never handed out: callers
-// get copies (clone), so they may modify what they receive.
+// Not-valid answers are not cached. Entries are handed out read-only
+// (Store.QueryPathInfoShared); Store.QueryPathInfo gives callers a copy
+// (clone) that they may modify.
 //
 // An infoCache is safe for concurrent use.
 type infoCache struct {
