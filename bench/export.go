@@ -33,6 +33,10 @@ type ExportSpec struct {
 	MaxRefs    int    // each path references 0..MaxRefs earlier paths
 	Name       string // name prefix: paths are <hash>-<Name>-<index>
 	StoreDir   string // logical store dir, normally /nix/store
+	// Compressible makes file contents compress about 2:1 (each byte one of
+	// 16 letters, chosen at random) instead of not at all, so that
+	// decompressing a binary cache costs CPU as real closures do.
+	Compressible bool
 }
 
 // PathInfo is what the generator knows of one path it wrote.
@@ -46,7 +50,8 @@ type PathInfo struct {
 // `nix-store --import`: for each path u64 1, the NAR, u64 exportMagic, the
 // path, its references, its deriver ("") and u64 0; then a final u64 0.
 // References always point to earlier paths, so the stream imports in order.
-// File contents are pseudo-random, so nothing compresses or deduplicates.
+// File contents are pseudo-random, so nothing deduplicates, and nothing
+// compresses unless spec.Compressible.
 func WriteExport(ctx context.Context, w io.Writer, spec ExportSpec) ([]PathInfo, error) {
 	if spec.Count <= 0 {
 		return nil, fmt.Errorf("export spec: count %d", spec.Count)
@@ -56,7 +61,10 @@ func WriteExport(ctx context.Context, w io.Writer, spec ExportSpec) ([]PathInfo,
 	}
 	bw := bufio.NewWriterSize(w, 1<<20)
 	meta := rand.New(rand.NewPCG(spec.Seed, 0x6e69787961726431))
-	data := rand.NewChaCha8(seed32(spec.Seed))
+	var data io.Reader = rand.NewChaCha8(seed32(spec.Seed))
+	if spec.Compressible {
+		data = &letters{r: data}
+	}
 	avg := spec.TotalBytes / int64(spec.Count)
 	if avg < 1 {
 		avg = 1
@@ -91,6 +99,17 @@ func WriteExport(ctx context.Context, w io.Writer, spec ExportSpec) ([]PathInfo,
 		return nil, fmt.Errorf("writing export stream: %w", err)
 	}
 	return infos, nil
+}
+
+// letters maps random bytes to 16 letters: 4 bits of entropy per byte.
+type letters struct{ r io.Reader }
+
+func (l *letters) Read(p []byte) (int, error) {
+	n, err := l.r.Read(p)
+	for i := range p[:n] {
+		p[i] = "etaoinshrdlucmfw"[p[i]&15]
+	}
+	return n, err
 }
 
 func seed32(s uint64) [32]byte {

@@ -3,6 +3,7 @@ package bench
 import (
 	"bufio"
 	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -99,5 +100,27 @@ func TestWriteExport(t *testing.T) {
 	}
 	if _, err := r.ReadByte(); !errors.Is(err, io.EOF) {
 		t.Fatal("bytes after the end marker")
+	}
+}
+
+// TestCompressibleContents checks that Compressible contents compress
+// (about 2:1) where the default ones do not.
+func TestCompressibleContents(t *testing.T) {
+	ratio := func(compressible bool) float64 {
+		var raw bytes.Buffer
+		if _, err := WriteExport(context.Background(), &raw, ExportSpec{Seed: 1, Count: 4, TotalBytes: 1 << 20, Name: "c", Compressible: compressible}); err != nil {
+			t.Fatal(err)
+		}
+		var z bytes.Buffer
+		w := gzip.NewWriter(&z)
+		w.Write(raw.Bytes())
+		w.Close()
+		return float64(raw.Len()) / float64(z.Len())
+	}
+	if r := ratio(false); r > 1.05 {
+		t.Errorf("random contents compress %.2f:1", r)
+	}
+	if r := ratio(true); r < 1.6 {
+		t.Errorf("compressible contents compress only %.2f:1", r)
 	}
 }

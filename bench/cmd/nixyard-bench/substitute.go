@@ -26,6 +26,7 @@ var substFlags struct {
 	mb      int64
 	clients int
 	warm    int
+	random  bool
 }
 
 func init() {
@@ -34,6 +35,7 @@ func init() {
 	flag.Int64Var(&substFlags.mb, "subst-mb", 600, "approximate total size in MB of the substituted file contents")
 	flag.IntVar(&substFlags.clients, "subst-clients", 8, "number of concurrent clients in the substitution scenario")
 	flag.IntVar(&substFlags.warm, "subst-warm", 3, "warm nix-store -r runs per repetition (their median is one sample)")
+	flag.BoolVar(&substFlags.random, "subst-random", false, "incompressible file contents (default: about 2:1 compressible, so decompression costs CPU as with real closures)")
 }
 
 // substCache is one binary cache made for the run and its server.
@@ -132,6 +134,7 @@ func (b *bencher) benchSubstitute(ctx context.Context, fsDesc string) (string, e
 	src := filepath.Join(b.mnt, "src-s")
 	infos, err := b.importSource(ctx, src, bench.ExportSpec{
 		Seed: 3, Count: so.paths, TotalBytes: so.mb * 1e6, MaxRefs: 3, Name: "subst",
+		Compressible: !so.random,
 	})
 	if err != nil {
 		return "", err
@@ -350,10 +353,14 @@ func (b *bencher) substReport(m *substMetrics, fsDesc, load0 string, nPaths, nRo
 	for _, c := range caches {
 		cs = append(cs, fmt.Sprintf("%s %.0f MB", c.comp, dirMB(filepath.Join(c.dir, "nar"))))
 	}
-	fmt.Fprintf(&s, "Work: a closure of %d paths (%d roots, ~%d MB of random file contents) in two caches written by `nix copy --to file://…` (%s of NAR files), "+
+	contents := "about 2:1 compressible"
+	if substFlags.random {
+		contents = "incompressible random"
+	}
+	fmt.Fprintf(&s, "Work: a closure of %d paths (%d roots, ~%d MB of %s file contents) in two caches written by `nix copy --to file://…` (%s of NAR files), "+
 		"served by a counting HTTP server on 127.0.0.1; `nix-store -r` of the roots through each daemon on a fresh empty store, %d repetitions (after one untimed warm-up), "+
 		"%d concurrent clients, %d warm runs per repetition.\n\n",
-		nPaths, nRoots, substFlags.mb, strings.Join(cs, ", "), o.Reps, substFlags.clients, substFlags.warm)
+		nPaths, nRoots, substFlags.mb, contents, strings.Join(cs, ", "), o.Reps, substFlags.clients, substFlags.warm)
 	if len(b.daemons) < 2 {
 		s.WriteString("**nixyard was not measured in this run (no binary given).**\n\n")
 	}
