@@ -126,16 +126,11 @@ func (s *Store) findRootsIn(ctx context.Context, path string, typ fs.FileMode, r
 		if err != nil {
 			return nil
 		}
-		ok, err := s.IsValidPath(ctx, p)
-		if err != nil {
-			return err
-		}
-		if ok {
-			roots.add(p, link)
-		} else {
+		ok, err := s.addValidRoot(ctx, roots, p, link)
+		if err == nil && !ok {
 			s.log.Info("skipping invalid root", "link", link, "target", target)
 		}
-		return nil
+		return err
 	}
 	switch {
 	case typ == fs.ModeDir:
@@ -203,13 +198,8 @@ func (s *Store) findRootsIn(ctx context.Context, path string, typ fs.FileMode, r
 		if err != nil {
 			return nil
 		}
-		ok, err := s.IsValidPath(ctx, p)
-		if err != nil {
-			return err
-		}
-		if ok {
-			roots.add(p, path)
-		}
+		_, err = s.addValidRoot(ctx, roots, p, path)
+		return err
 	}
 	return nil
 }
@@ -372,4 +362,15 @@ func (s *Store) AddPermRoot(ctx context.Context, p storepath.Path, gcRoot string
 		return "", err
 	}
 	return gcRoot, nil
+}
+
+// addValidRoot records link as a root of p if p is valid, and says whether
+// it was.
+func (s *Store) addValidRoot(ctx context.Context, roots rootSet, p storepath.Path, link string) (bool, error) {
+	ok, err := s.IsValidPath(ctx, p)
+	if err != nil || !ok {
+		return false, err
+	}
+	roots.add(p, link)
+	return true, nil
 }
