@@ -28,7 +28,16 @@ func (r *Realiser) Realise(ctx context.Context, targets []store.DerivedPath, pro
 	needBuild := make([]bool, len(targets))
 	errs := make([]error, len(targets))
 	var wg sync.WaitGroup
+	var opaqueErr error
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		opaqueErr = r.realiseOpaque(ctx, targets, results, prog)
+	}()
 	for i, t := range targets {
+		if !t.Built {
+			continue // realiseOpaque's
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -36,7 +45,7 @@ func (r *Realiser) Realise(ctx context.Context, targets []store.DerivedPath, pro
 		}()
 	}
 	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
+	if err := errors.Join(append(errs, opaqueErr)...); err != nil {
 		return nil, err
 	}
 	var build []store.DerivedPath
@@ -69,6 +78,90 @@ func (r *Realiser) Realise(ctx context.Context, targets []store.DerivedPath, pro
 		results[i] = built[j]
 	}
 	return results, nil
+}
+
+// realiseOpaque sets the results of the targets that are plain paths (not
+// derivation outputs). The invalid ones are substituted together, so that
+// the client's request costs one walk of their joint closure: `nix-store
+// -r` of a closure's 150 roots used to walk each root's (overlapping)
+// closure twice, which with several clients at once cost the daemon more
+// CPU than the downloads. A failure stops only the targets that need the
+// failed path. If some path of the closure is in no cache, each target is
+// realised on its own, so that each result says what it misses.
+func (r *Realiser) realiseOpaque(ctx context.Context, targets []store.DerivedPath, results []Result, prog Progress) error {
+	var idx []int
+	var paths []storepath.Path
+	for i, t := range targets {
+		if t.Built {
+			continue
+		}
+		results[i].Target = t
+		if err := r.root(ctx, t.Path); err != nil {
+			return err
+		}
+		valid, err := r.m.st.IsValidPath(ctx, t.Path)
+		if err != nil {
+			return err
+		}
+		if valid {
+			results[i].Status = AlreadyValid
+			continue
+		}
+		idx = append(idx, i)
+		paths = append(paths, t.Path)
+	}
+	if len(idx) == 0 {
+		return nil
+	}
+	if r.sub != nil {
+		failed, err := r.substituteEach(ctx, dedupPaths(paths), prog)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if err == nil {
+			for _, i := range idx {
+				results[i].Status = Substituted
+				if ferr := failed[targets[i].Path]; ferr != nil {
+					results[i].Status = NoSubstituters
+					results[i].ErrorMsg = fmt.Sprintf("path '%s' is required, but it could not be substituted: %v", r.m.st.Dir().Abs(targets[i].Path), ferr)
+				}
+			}
+			return nil
+		}
+		if !errors.Is(err, substitute.ErrNotFound) {
+			return err
+		}
+	}
+	errs := make([]error, len(idx))
+	var wg sync.WaitGroup
+	for j, i := range idx {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i], _, errs[j] = r.realiseOne(ctx, targets[i], prog)
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// substituteEach is substitute for several paths reported on one by one
+// (see substitute.Substituter.RealiseMissingEach): it returns the error of
+// each path that could not be made valid. Its error wraps
+// substitute.ErrNotFound if some path of the closures is in no cache, and
+// then nothing was fetched.
+func (r *Realiser) substituteEach(ctx context.Context, paths []storepath.Path, prog Progress) (map[storepath.Path]error, error) {
+	m, err := r.sub.QueryMissing(ctx, paths)
+	if err != nil {
+		return nil, err
+	}
+	if len(m.Unknown) > 0 {
+		return nil, fmt.Errorf("%s: %w", r.m.st.Dir().Abs(m.Unknown[0]), substitute.ErrNotFound)
+	}
+	if err := r.tempRoots(ctx, paths, m); err != nil {
+		return nil, err
+	}
+	return r.sub.RealiseMissingEach(ctx, m, prog)
 }
 
 // format writes t as a DerivedPath string.
@@ -207,22 +300,38 @@ func (r *Realiser) substitute(ctx context.Context, paths []storepath.Path, prog 
 	if len(m.WillSubstitute) == 0 && len(m.Unknown) == 0 {
 		return false, nil
 	}
-	if r.session != nil {
-		for _, p := range paths {
-			if err := r.session.AddTempRoot(ctx, p); err != nil {
-				return false, fmt.Errorf("adding a temporary root: %w", err)
-			}
-		}
-		for p := range m.WillSubstitute {
-			if err := r.session.AddTempRoot(ctx, p); err != nil {
-				return false, fmt.Errorf("adding a temporary root: %w", err)
-			}
-		}
+	if err := r.tempRoots(ctx, paths, m); err != nil {
+		return false, err
 	}
-	if err := r.sub.Realise(ctx, paths, prog); err != nil {
+	if len(m.Unknown) > 0 {
+		// Realise walks the closure again and says why each is missing.
+		err = r.sub.Realise(ctx, paths, prog)
+	} else {
+		err = r.sub.RealiseMissing(ctx, m, prog)
+	}
+	if err != nil {
 		return false, err
 	}
 	return true, nil
+}
+
+// tempRoots gives paths and everything m will fetch a temporary root in
+// the session.
+func (r *Realiser) tempRoots(ctx context.Context, paths []storepath.Path, m *substitute.Missing) error {
+	if r.session == nil {
+		return nil
+	}
+	for _, p := range paths {
+		if err := r.session.AddTempRoot(ctx, p); err != nil {
+			return fmt.Errorf("adding a temporary root: %w", err)
+		}
+	}
+	for p := range m.WillSubstitute {
+		if err := r.session.AddTempRoot(ctx, p); err != nil {
+			return fmt.Errorf("adding a temporary root: %w", err)
+		}
+	}
+	return nil
 }
 
 // EnsurePath makes p valid by substitution if it is not.

@@ -147,7 +147,47 @@ func (s *Substituter) Realise(ctx context.Context, paths []storepath.Path, prog 
 	if len(missing) > 0 {
 		return fmt.Errorf("cannot substitute: %w", errors.Join(missing...))
 	}
+	_, err := s.fetchAll(ctx, infos, prog, true)
+	return err
+}
 
+// RealiseMissing fetches what QueryMissing found, m.WillSubstitute, as
+// Realise would, without walking the closure again. It fails without
+// fetching anything if m.Unknown is not empty (Realise says why each of
+// those is missing). Paths that became valid since QueryMissing are not
+// fetched again.
+func (s *Substituter) RealiseMissing(ctx context.Context, m *Missing, prog Progress) error {
+	if len(m.Unknown) > 0 {
+		return s.unknownError(m)
+	}
+	_, err := s.fetchAll(ctx, m.WillSubstitute, prog, true)
+	return err
+}
+
+// RealiseMissingEach is RealiseMissing for a caller that asked for several
+// paths at once and reports on each: a failure stops only the paths that
+// need the failed one (its referrers, recursively), and every path of
+// m.WillSubstitute that could not be made valid is in the returned map
+// with its error, or with the error of the reference it waited for. The
+// error is for what stops everything (cancellation, m.Unknown not empty).
+func (s *Substituter) RealiseMissingEach(ctx context.Context, m *Missing, prog Progress) (map[storepath.Path]error, error) {
+	if len(m.Unknown) > 0 {
+		return nil, s.unknownError(m)
+	}
+	return s.fetchAll(ctx, m.WillSubstitute, prog, false)
+}
+
+func (s *Substituter) unknownError(m *Missing) error {
+	return fmt.Errorf("cannot substitute %s (and %d more): %w", s.cfg.StoreDir.Abs(m.Unknown[0]), len(m.Unknown)-1, ErrNotFound)
+}
+
+// fetchAll substitutes the paths of infos, each after those of its
+// references that are in infos too (the others must be valid), and
+// returns the errors by path (a path whose reference failed gets that
+// reference's error). With failFast the first failure cancels the rest
+// and the error joins the failures; without, independent paths go on and
+// the error is only the context's.
+func (s *Substituter) fetchAll(ctx context.Context, infos map[storepath.Path]*Info, prog Progress, failFast bool) (map[storepath.Path]error, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	done := make(map[storepath.Path]chan struct{}, len(infos))
@@ -156,8 +196,8 @@ func (s *Substituter) Realise(ctx context.Context, paths []storepath.Path, prog 
 	}
 	var (
 		mu     sync.Mutex
-		errs   []error
-		failed = map[storepath.Path]bool{}
+		errs   []error                      // the paths' own failures
+		failed = map[storepath.Path]error{} // including failed references
 		wg     sync.WaitGroup
 	)
 	for p, info := range infos {
@@ -176,31 +216,33 @@ func (s *Substituter) Realise(ctx context.Context, paths []storepath.Path, prog 
 					return
 				}
 				mu.Lock()
-				bad := failed[r]
+				err := failed[r]
+				if err != nil {
+					failed[p] = err
+				}
 				mu.Unlock()
-				if bad {
-					mu.Lock()
-					failed[p] = true
-					mu.Unlock()
+				if err != nil {
 					return
 				}
 			}
 			if err := s.substitute(ctx, p, prog); err != nil {
 				mu.Lock()
-				failed[p] = true
+				failed[p] = err
 				if ctx.Err() == nil || !errors.Is(err, context.Canceled) {
 					errs = append(errs, err)
 				}
 				mu.Unlock()
-				cancel()
+				if failFast {
+					cancel()
+				}
 			}
 		}()
 	}
 	wg.Wait()
-	if len(errs) > 0 {
-		return errors.Join(errs...)
+	if failFast && len(errs) > 0 {
+		return failed, errors.Join(errs...)
 	}
-	return context.Cause(ctx)
+	return failed, context.Cause(ctx)
 }
 
 // substitute fetches one path whose references are valid, sharing the work

@@ -490,3 +490,50 @@ func TestQueryMissing(t *testing.T) {
 		t.Errorf("Realise of an absent path: %v", err)
 	}
 }
+
+func TestRealiseMissingEachStopsOnlyReferrers(t *testing.T) {
+	ca := fixture(t, "zstd")
+	bigNar := narOf(t, ca, fixBig)
+	os.Remove(filepath.Join(ca, bigNar))
+	srv := serve(t, ca)
+	byName := map[string]storepathT{}
+	for _, p := range fixAll {
+		byName[p.Name()] = p
+	}
+	a, b := byName["a"], byName["b"]
+
+	st := newMemStore()
+	s := newSub(t, st, newClock(), []string{srv.URL}, nil)
+	ctx := context.Background()
+	m, err := s.QueryMissing(ctx, []storepathT{fixRoot, b})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(m.WillSubstitute) != len(fixAll) {
+		t.Fatalf("QueryMissing: %d paths to substitute, want %d", len(m.WillSubstitute), len(fixAll))
+	}
+	failed, err := s.RealiseMissingEach(ctx, m, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// big fails; c, which references it, fails with big's error and is
+	// never fetched; a and b, which do not need big, are fetched.
+	for _, p := range []storepathT{fixBig, fixRoot} {
+		if err := failed[p]; err == nil || !strings.Contains(err.Error(), "missing NAR") {
+			t.Errorf("error of %s = %v, want the missing-NAR error of big", p, err)
+		}
+	}
+	if len(failed) != 2 {
+		t.Errorf("failed = %v, want only big and c", failed)
+	}
+	st.check(t, []storepathT{a, b})
+	if n := srv.Counts()[narOf(t, ca, fixRoot)]; n != 0 {
+		t.Errorf("the NAR of c was requested %d times, want 0", n)
+	}
+
+	// Unknown paths: nothing is fetched.
+	m.Unknown = []storepathT{fixBig}
+	if _, err := s.RealiseMissingEach(ctx, m, nil); !errors.Is(err, ErrNotFound) {
+		t.Errorf("with unknown paths: err = %v, want ErrNotFound", err)
+	}
+}
