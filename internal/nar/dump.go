@@ -11,8 +11,12 @@ import (
 
 // copyBufSize is the chunk size for file contents in DumpPath and Restore:
 // large enough that per-chunk syscall and call overhead is negligible next to
-// the copy itself.
-const copyBufSize = 1 << 20
+// the copy itself, small enough that the buffer stays in the CPU's cache
+// between chunks. With 1 MiB the kernel's copy of the buffer into the page
+// cache cost 4-5x more CPU on the benchmark machine (2-core AMD EPYC VM):
+// writing 400 files of 1.28 MB took ~0.6 s of system time against ~0.13 s
+// with buffers of 128 to 512 KiB.
+const copyBufSize = 256 << 10
 
 // DumpPath writes the NAR serialisation of the filesystem tree at fsPath to
 // w, byte-identical to `nix-store --dump fsPath`: symlinks are not followed,
@@ -99,7 +103,7 @@ func (d *dumper) file(fsPath, narPath string, fi os.FileInfo) error {
 	defer f.Close()
 	if int64(len(d.buf)) < size && len(d.buf) < copyBufSize {
 		// Sized to the file, up to copyBufSize: dumping a small output
-		// (most build outputs) must not allocate and clear 1 MiB.
+		// (most build outputs) must not allocate and clear copyBufSize.
 		d.buf = make([]byte, min(int64(copyBufSize), max(size, 2*int64(len(d.buf)))))
 	}
 	if size == 0 {

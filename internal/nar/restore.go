@@ -152,7 +152,7 @@ func (rs *restorer) contents(fd int, size int64) error {
 	}
 	if int64(len(rs.buf)) < size && len(rs.buf) < copyBufSize {
 		// Sized to the file, up to copyBufSize: a store path of small
-		// files should not cost a 1 MiB allocation per file.
+		// files should not cost a copyBufSize allocation per file.
 		if n := max(size, 2*int64(len(rs.buf))); n < copyBufSize {
 			rs.buf = make([]byte, n)
 		} else {
