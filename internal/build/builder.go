@@ -15,8 +15,10 @@
 // helper that sets up the namespaces and then execs the builder; a binary
 // using this package gets that helper from this package, which takes over
 // only when argv[0] is the helper's marker: with cgo as a C constructor
-// (helper.c) that runs before the Go runtime and package initialisation,
-// without cgo from this package's init function.
+// (helper.c) that runs before the Go runtime and package initialisation
+// and clones the sandbox's namespaces itself (so the daemon starts it
+// with a cheap vfork), without cgo from this package's init function, in
+// namespaces the daemon makes.
 package build
 
 import (

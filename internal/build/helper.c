@@ -1,11 +1,14 @@
-// The build helper as a C constructor: see helper_cgo.go. It mirrors
-// helperMain and setupSandbox in sandbox.go; the spec's encoding is
+// The build helper as a C constructor: see helper_cgo.go. It does what
+// helperMain and setupSandbox in sandbox.go do, except that it makes the
+// sandbox's namespaces itself (nyb_spawn_sandbox); the spec's encoding is
 // initSpec.encode's.
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <net/if.h>
 #include <netinet/in.h>
+#include <sched.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,6 +23,7 @@
 #include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #ifndef PR_CAP_AMBIENT
@@ -132,6 +136,101 @@ static char *nyb_join(const char *a, const char *b, const char *c) {
 	memcpy(s + la, b, lb);
 	memcpy(s + la + lb, c, lc + 1);
 	return s;
+}
+
+// nyb_write_proc writes data to /proc/PID/NAME (uid_map, gid_map or
+// setgroups) in one write; it returns 0 or an errno.
+static int nyb_write_proc(pid_t pid, const char *name, const char *data) {
+	char p[64];
+	snprintf(p, sizeof p, "/proc/%d/%s", (int)pid, name);
+	int fd = open(p, O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		return errno;
+	size_t len = strlen(data);
+	ssize_t n = write(fd, data, len);
+	int err = n < 0 ? errno : (size_t)n != len ? EIO : 0;
+	close(fd);
+	return err;
+}
+
+// nyb_spawn_sandbox makes the sandbox's process, as Nix's startBuilder
+// does: the helper clones a child in fresh user, mount, PID, IPC, UTS (and
+// network) namespaces, maps the sandbox's user and group in it to the
+// host's, and lets it go on; the child returns (and becomes the builder),
+// while the helper stays outside, waits for it and exits as it did. The
+// daemon starts the helper with a plain (vfork) spawn: a clone of the
+// daemon itself with CLONE_NEWUSER would copy its whole address space.
+// The child is the first process of its PID namespace, so killing it
+// kills the build; it shares the helper's process group, so the daemon
+// kills both with one kill of the group.
+static void nyb_spawn_sandbox(int private_net, int uid, int gid, int host_uid, int host_gid) {
+	int go[2];
+	if (pipe2(go, O_CLOEXEC) < 0)
+		nyb_fail("cannot create a pipe: %s", strerror(errno));
+	long flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | SIGCHLD;
+	if (private_net)
+		flags |= CLONE_NEWNET;
+	// A fork with flags (no CLONE_VM, so no stack of its own is needed).
+	pid_t child = syscall(SYS_clone, flags, NULL, NULL, NULL, NULL);
+	if (child < 0)
+		nyb_fail("cloning the builder: %s", strerror(errno));
+	if (child == 0) {
+		close(go[1]);
+		prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+		char c;
+		ssize_t n;
+		do
+			n = read(go[0], &c, 1);
+		while (n < 0 && errno == EINTR);
+		if (n != 1)
+			_exit(1); // the helper failed (and said why) or died
+		close(go[0]);
+		return;
+	}
+	close(go[0]);
+	char map[64];
+	int err;
+	snprintf(map, sizeof map, "%d %d 1\n", uid, host_uid);
+	if ((err = nyb_write_proc(child, "uid_map", map)) != 0) {
+		kill(child, SIGKILL);
+		nyb_fail("writing the user ID map of the sandbox: %s", strerror(err));
+	}
+	if ((err = nyb_write_proc(child, "setgroups", "deny")) != 0) {
+		kill(child, SIGKILL);
+		nyb_fail("denying setgroups in the sandbox: %s", strerror(err));
+	}
+	snprintf(map, sizeof map, "%d %d 1\n", gid, host_gid);
+	if ((err = nyb_write_proc(child, "gid_map", map)) != 0) {
+		kill(child, SIGKILL);
+		nyb_fail("writing the group ID map of the sandbox: %s", strerror(err));
+	}
+	if (write(go[1], "1", 1) != 1) {
+		kill(child, SIGKILL);
+		nyb_fail("starting the sandbox: %s", strerror(errno));
+	}
+	close(go[1]);
+	// From here the child reports on fd 4 and holds the output pipes.
+	close(4);
+	close(0);
+	close(1);
+	close(2);
+	int status;
+	while (waitpid(child, &status, 0) < 0)
+		if (errno != EINTR)
+			_exit(1);
+	if (WIFEXITED(status))
+		_exit(WEXITSTATUS(status));
+	if (WIFSIGNALED(status)) {
+		// Die of the same signal, so the daemon sees the builder's status.
+		int sig = WTERMSIG(status);
+		signal(sig, SIG_DFL);
+		sigset_t set;
+		sigemptyset(&set);
+		sigaddset(&set, sig);
+		sigprocmask(SIG_UNBLOCK, &set, NULL);
+		kill(getpid(), sig);
+	}
+	_exit(1);
 }
 
 static void nyb_setup_sandbox(const char *root, int private_net, int uid, int gid,
@@ -247,6 +346,7 @@ __attribute__((constructor)) static void nixyard_build_helper(int argc, char **a
 	char *root = nyb_next();
 	int private_net = nyb_num() != 0;
 	int uid = nyb_num(), gid = nyb_num();
+	int host_uid = nyb_num(), host_gid = nyb_num();
 	char *dir = nyb_next();
 	char *builder = nyb_next();
 	char **args = nyb_list();
@@ -254,12 +354,16 @@ __attribute__((constructor)) static void nixyard_build_helper(int argc, char **a
 	char *input_store = nyb_next();
 	char *input_dir = nyb_next();
 	char **inputs = nyb_list();
-	if (sandbox)
-		nyb_setup_sandbox(root, private_net, uid, gid, input_store, input_dir, inputs);
-	if (chdir(dir) < 0)
-		nyb_fail("changing into '%s': %s", dir, strerror(errno));
+	// No core files, of the builder nor of the helper when it dies of the
+	// builder's signal.
 	struct rlimit rl = {0, RLIM_INFINITY};
 	setrlimit(RLIMIT_CORE, &rl);
+	if (sandbox) {
+		nyb_spawn_sandbox(private_net, uid, gid, host_uid, host_gid);
+		nyb_setup_sandbox(root, private_net, uid, gid, input_store, input_dir, inputs);
+	}
+	if (chdir(dir) < 0)
+		nyb_fail("changing into '%s': %s", dir, strerror(errno));
 	int cur = personality(0xffffffff);
 	if (cur != -1)
 		personality(cur | ADDR_NO_RANDOMIZE);

@@ -43,6 +43,7 @@ type initSpec struct {
 	Binds                []bindMount // mounted under Root, after the inputs
 	PrivateNetwork       bool
 	UID, GID             int    // identity inside the sandbox
+	HostUID, HostGID     int    // what UID and GID map to outside: the build user or the daemon's identity
 	Dir                  string // working directory (inside the sandbox if Sandbox)
 	Builder              string
 	Args                 []string // argv, argv[0] included
@@ -113,6 +114,8 @@ func (s *initSpec) encode() ([]byte, error) {
 	flag(s.PrivateNetwork)
 	num(s.UID)
 	num(s.GID)
+	num(s.HostUID)
+	num(s.HostGID)
 	str(s.Dir)
 	str(s.Builder)
 	num(len(s.Args))
@@ -135,7 +138,7 @@ func (s *initSpec) encode() ([]byte, error) {
 		str(m.Target)
 		flag(m.ReadOnly)
 	}
-	if bytes.Count(b, []byte{0}) != 13+len(s.Args)+len(s.Env)+len(s.Inputs)+3*len(s.Binds) {
+	if bytes.Count(b, []byte{0}) != 15+len(s.Args)+len(s.Env)+len(s.Inputs)+3*len(s.Binds) {
 		return nil, errors.New("an argument, environment variable or path of the builder contains a NUL byte")
 	}
 	return b, nil
@@ -180,6 +183,8 @@ func decodeSpec(data []byte) (*initSpec, error) {
 	s.PrivateNetwork = num() != 0
 	s.UID = num()
 	s.GID = num()
+	s.HostUID = num()
+	s.HostGID = num()
 	s.Dir = str()
 	s.Builder = str()
 	s.Args = list()
@@ -524,6 +529,7 @@ func (j *job) prepareChroot(spec *initSpec) error {
 	spec.Binds = binds
 	spec.PrivateNetwork = !fixed
 	spec.UID, spec.GID = sandboxUID, sandboxGID
+	spec.HostUID, spec.HostGID = j.hostUID, j.hostGID
 	spec.Dir = sandboxBuildDir
 	return nil
 }
