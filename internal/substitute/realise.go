@@ -261,12 +261,6 @@ func (s *Substituter) fetchPath(ctx context.Context, p storepath.Path, h *hub) e
 	} else if ok {
 		return nil
 	}
-	select {
-	case s.slots <- struct{}{}:
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-	defer func() { <-s.slots }()
 
 	abs := s.cfg.StoreDir.Abs(p)
 	var errs []error
@@ -304,8 +298,13 @@ func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h 
 	h.emit(Event{Kind: EventStart, Type: ActSubstitute, ID: subID, Path: info.StorePath, Upstream: up.base})
 	narURL := up.urlOf(info.URL)
 	err := s.retry(ctx, up, info.URL, func(ctx context.Context) error {
+		release, err := s.acquireSlot(ctx)
+		if err != nil {
+			return err
+		}
+		defer release()
 		return s.watchedOpen(ctx, up, info.URL, func(ctx context.Context, b *body, tr *transferReader) error {
-			return s.streamInto(ctx, up, info, b, tr, h, subID)
+			return s.streamInto(ctx, up, info, b, tr, h, subID, release)
 		})
 	})
 	if errors.Is(err, errNotFound) {
@@ -315,10 +314,27 @@ func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h 
 	return err
 }
 
+// acquireSlot waits for one of the MaxJobs download slots; release (safe
+// to call more than once) gives it back.
+func (s *Substituter) acquireSlot(ctx context.Context) (release func(), err error) {
+	select {
+	case s.slots <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	var once sync.Once
+	return func() { once.Do(func() { <-s.slots }) }, nil
+}
+
 // progressStep is how many bytes pass between progress events.
 const progressStep = 256 << 10
 
-func (s *Substituter) streamInto(ctx context.Context, up *upstream, info *Info, b *body, tr *transferReader, h *hub, parent uint64) (err error) {
+// streamInto streams one download into the store. It calls downloaded
+// once the store has read the whole NAR: the download slot is given back
+// then, while the store makes the path durable and registers it (on a
+// cold substitution that wait, fsyncs mostly, took more of a slot's time
+// than the download).
+func (s *Substituter) streamInto(ctx context.Context, up *upstream, info *Info, b *body, tr *transferReader, h *hub, parent uint64, downloaded func()) (err error) {
 	expected := info.FileSize
 	if b.size >= 0 {
 		expected = uint64(b.size)
@@ -346,11 +362,19 @@ func (s *Substituter) streamInto(ctx context.Context, up *upstream, info *Info, 
 		}
 		return fmt.Errorf("%s: %w", b.url, err)
 	}
-	defer release()
+	// Once the store has the whole NAR, the decompressor (and its window
+	// buffers) goes back too, not after the store's fsyncs: many paths can
+	// be waiting for those at once.
+	finished := sync.OnceFunc(func() {
+		release()
+		downloaded()
+	})
+	defer finished()
 	// The store must see exactly NarSize bytes: a longer stream is cut off
 	// here (and fails the store's NAR parse or hash), so a hostile upstream
-	// cannot make us read without end.
-	nr := &countReader{r: io.LimitReader(dec, int64(info.NarSize)), onRead: func(n int64) {
+	// cannot make us read without end. The LimitReader never reads dec
+	// again once it has passed NarSize bytes.
+	nr := &countReader{r: io.LimitReader(dec, int64(info.NarSize)), total: int64(info.NarSize), atTotal: finished, onRead: func(n int64) {
 		h.emit(Event{Kind: EventProgress, Type: ActCopyPath, ID: cpID, Parent: parent, Path: info.StorePath, Done: uint64(n), Expected: info.NarSize})
 	}}
 	pi := store.PathInfo{
@@ -378,20 +402,27 @@ func (s *Substituter) streamInto(ctx context.Context, up *upstream, info *Info, 
 }
 
 // countReader reports the running total at most every progressStep bytes
-// and at EOF.
+// and at EOF or total, and calls atTotal (if set) once total bytes have
+// been read.
 type countReader struct {
-	r      io.Reader
-	n      int64
-	last   int64
-	onRead func(n int64)
+	r       io.Reader
+	n       int64
+	last    int64
+	onRead  func(n int64)
+	total   int64
+	atTotal func()
 }
 
 func (c *countReader) Read(p []byte) (int, error) {
 	n, err := c.r.Read(p)
 	c.n += int64(n)
-	if c.n-c.last >= progressStep || (err == io.EOF && c.n != c.last) {
+	if c.n-c.last >= progressStep || ((err == io.EOF || c.n == c.total) && c.n != c.last) {
 		c.last = c.n
 		c.onRead(c.n)
+	}
+	if c.n == c.total && c.atTotal != nil {
+		c.atTotal()
+		c.atTotal = nil
 	}
 	return n, err
 }

@@ -1,8 +1,10 @@
 package substitute
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -12,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nixyard/nixyard/internal/store"
 	"github.com/nixyard/nixyard/internal/substitute/cachetest"
 )
 
@@ -535,5 +538,44 @@ func TestRealiseMissingEachStopsOnlyReferrers(t *testing.T) {
 	m.Unknown = []storepathT{fixBig}
 	if _, err := s.RealiseMissingEach(ctx, m, nil); !errors.Is(err, ErrNotFound) {
 		t.Errorf("with unknown paths: err = %v, want ErrNotFound", err)
+	}
+}
+
+// slotStore reads each NAR whole, then records how many download slots
+// are taken before handing the NAR to the memStore (whose registration
+// stands for the store's fsyncs and database transaction).
+type slotStore struct {
+	*memStore
+	sub   *Substituter
+	taken []int
+}
+
+func (s *slotStore) AddToStoreNar(ctx context.Context, info store.PathInfo, nar io.Reader, opts store.AddOptions) error {
+	data, err := io.ReadAll(io.LimitReader(nar, int64(info.NarSize)))
+	if err != nil {
+		return err
+	}
+	s.taken = append(s.taken, len(s.sub.slots))
+	return s.memStore.AddToStoreNar(ctx, info, bytes.NewReader(data), opts)
+}
+
+func TestSlotFreedOnceNarRead(t *testing.T) {
+	srv := serve(t, fixture(t, "zstd"))
+	var a storepathT
+	for _, p := range fixAll {
+		if p.Name() == "a" {
+			a = p
+		}
+	}
+	st := &slotStore{memStore: newMemStore()}
+	st.sub = newSub(t, st, newClock(), []string{srv.URL}, func(c *Config) { c.MaxJobs = 1 })
+	if err := st.sub.Realise(context.Background(), []storepathT{a}, nil); err != nil {
+		t.Fatal(err)
+	}
+	st.check(t, []storepathT{a})
+	// The only download's slot is free once the store has its whole NAR,
+	// before the store has made the path durable and registered it.
+	if len(st.taken) != 1 || st.taken[0] != 0 {
+		t.Errorf("slots taken after reading the NAR: %v, want [0]", st.taken)
 	}
 }
