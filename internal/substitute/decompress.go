@@ -37,6 +37,9 @@ func decompressor(method string, r io.Reader) (io.Reader, func(), error) {
 	case "none", "":
 		return r, func() {}, nil
 	case "xz":
+		if xr, release, ok, err := newLiblzmaReader(r); ok {
+			return xr, release, err
+		}
 		if bin, err := exec.LookPath("xz"); err == nil {
 			return xzProcess(bin, r)
 		}
@@ -68,12 +71,13 @@ func decompressor(method string, r io.Reader) (io.Reader, func(), error) {
 	return nil, nil, fmt.Errorf("unsupported compression %q", method)
 }
 
-// xzProcess decompresses r with the system's xz (liblzma), which decodes
-// about twice as fast as the pure-Go decoder: a cold substitution from an
-// xz cache measured 12 MB/s of NAR with the Go decoder against the stock
-// daemon's 25 MB/s (docs/benchmarks.md). The pure-Go decoder remains for
-// hosts without xz. release kills the process if it is still running and
-// reaps it.
+// xzProcess decompresses r with the system's xz, for hosts where
+// liblzma cannot be loaded into the process (see newLiblzmaReader) but
+// the xz command exists: liblzma decodes about twice as fast as the
+// pure-Go decoder (a cold substitution from an xz cache measured 12 MB/s
+// of NAR with the Go decoder against the stock daemon's 25 MB/s,
+// docs/benchmarks.md), which remains for hosts with neither. release
+// kills the process if it is still running and reaps it.
 func xzProcess(bin string, r io.Reader) (io.Reader, func(), error) {
 	cmd := exec.Command(bin, "--decompress", "--stdout", "--quiet")
 	stdin, err := cmd.StdinPipe()
