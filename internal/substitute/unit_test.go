@@ -120,3 +120,29 @@ func TestNewRejectsBadConfig(t *testing.T) {
 		}
 	}
 }
+
+func TestProgressGate(t *testing.T) {
+	clk := newClock()
+	g := newProgressGate(clk.Now)
+	const step = progressStep
+	for i, c := range []struct {
+		advance time.Duration
+		n       int64
+		final   bool
+		want    bool
+	}{
+		{0, step, false, false},                        // too soon after the start
+		{progressInterval, step - 1, false, false},     // too few bytes
+		{0, step, false, true},                         // both
+		{progressInterval, 2*step - 1, false, false},   // too few bytes since the last
+		{0, 3 * step, false, true},                     //
+		{progressInterval / 2, 5 * step, false, false}, // too soon since the last
+		{0, 5*step + 1, true, true},                    // the last is always sent
+		{0, 5*step + 1, true, false},                   // but once
+	} {
+		clk.Advance(c.advance)
+		if got := g.pass(c.n, c.final); got != c.want {
+			t.Errorf("step %d: pass(%d, %v) = %v, want %v", i, c.n, c.final, got, c.want)
+		}
+	}
+}
