@@ -12,13 +12,12 @@
 // builds cannot starve one with few.
 //
 // The sandbox re-executes the running binary (/proc/self/exe) as a small
-// helper that sets up the namespaces and then execs the builder; a binary
-// using this package gets that helper from this package, which takes over
-// only when argv[0] is the helper's marker: with cgo as a C constructor
-// (helper.c) that runs before the Go runtime and package initialisation
-// and clones the sandbox's namespaces itself (so the daemon starts it
-// with a cheap vfork), without cgo from this package's init function, in
-// namespaces the daemon makes.
+// helper that makes the namespaces, sets up the sandbox and then execs the
+// builder; a binary using this package gets that helper from this package,
+// as a C constructor (helper.c) that runs before the Go runtime and
+// package initialisation and takes over only when argv[0] is the helper's
+// marker. Since the helper makes the namespaces, the daemon starts it
+// with a cheap vfork.
 package build
 
 import (

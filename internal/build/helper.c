@@ -1,7 +1,5 @@
-// The build helper as a C constructor: see helper_cgo.go. It does what
-// helperMain and setupSandbox in sandbox.go do, except that it makes the
-// sandbox's namespaces itself (nyb_spawn_sandbox); the spec's encoding is
-// initSpec.encode's.
+// The build helper, a C constructor that runs before the Go runtime: see
+// helper.go. The spec's encoding is initSpec.encode's (sandbox.go).
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -153,17 +151,50 @@ static int nyb_write_proc(pid_t pid, const char *name, const char *data) {
 	return err;
 }
 
+// nyb_mount_points creates, in the sandbox root on the host, an empty
+// directory or file for each input to be bound on (as Nix's doBind does
+// in the sandbox's process), or with remove set deletes them again once
+// the sandbox is gone.
+static void nyb_mount_points(const char *root, const char *input_store, const char *input_dir,
+			    char **inputs, int remove) {
+	char src[4096], dst[4096];
+	for (char **p = inputs; *p; p++) {
+		if (snprintf(dst, sizeof dst, "%s%s/%s", root, input_dir, *p) >= (int)sizeof dst)
+			nyb_fail("input path '%s/%s' is too long", input_dir, *p);
+		if (remove) {
+			if (unlink(dst) < 0 && errno == EISDIR)
+				rmdir(dst);
+			continue;
+		}
+		struct stat st;
+		snprintf(src, sizeof src, "%s/%s", input_store, *p);
+		if (stat(src, &st) < 0)
+			nyb_fail("getting attributes of path '%s': %s", src, strerror(errno));
+		if (S_ISDIR(st.st_mode)) {
+			if (mkdir(dst, 0755) < 0)
+				nyb_fail("creating '%s': %s", dst, strerror(errno));
+		} else {
+			int fd = open(dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+			if (fd < 0)
+				nyb_fail("creating '%s': %s", dst, strerror(errno));
+			close(fd);
+		}
+	}
+}
+
 // nyb_spawn_sandbox makes the sandbox's process, as Nix's startBuilder
 // does: the helper clones a child in fresh user, mount, PID, IPC, UTS (and
 // network) namespaces, maps the sandbox's user and group in it to the
-// host's, and lets it go on; the child returns (and becomes the builder),
-// while the helper stays outside, waits for it and exits as it did. The
-// daemon starts the helper with a plain (vfork) spawn: a clone of the
-// daemon itself with CLONE_NEWUSER would copy its whole address space.
-// The child is the first process of its PID namespace, so killing it
-// kills the build; it shares the helper's process group, so the daemon
-// kills both with one kill of the group.
-static void nyb_spawn_sandbox(int private_net, int uid, int gid, int host_uid, int host_gid) {
+// host's, and lets it go on. It returns only in the child, which goes on
+// to become the builder; the helper stays outside, waits for it, removes
+// the inputs' mount points and exits as the child did. The daemon starts
+// the helper with a plain (vfork) spawn: a clone of the daemon itself with
+// CLONE_NEWUSER would copy its whole address space. The child is the
+// first process of its PID namespace, so killing it kills the build; it
+// shares the helper's process group, so the daemon kills both with one
+// kill of the group.
+static void nyb_spawn_sandbox(int private_net, int uid, int gid, int host_uid, int host_gid,
+			      const char *root, const char *input_store, const char *input_dir, char **inputs) {
 	int go[2];
 	if (pipe2(go, O_CLOEXEC) < 0)
 		nyb_fail("cannot create a pipe: %s", strerror(errno));
@@ -218,6 +249,7 @@ static void nyb_spawn_sandbox(int private_net, int uid, int gid, int host_uid, i
 	while (waitpid(child, &status, 0) < 0)
 		if (errno != EINTR)
 			_exit(1);
+	nyb_mount_points(root, input_store, input_dir, inputs, 1);
 	if (WIFEXITED(status))
 		_exit(WEXITSTATUS(status));
 	if (WIFSIGNALED(status)) {
@@ -359,7 +391,8 @@ __attribute__((constructor)) static void nixyard_build_helper(int argc, char **a
 	struct rlimit rl = {0, RLIM_INFINITY};
 	setrlimit(RLIMIT_CORE, &rl);
 	if (sandbox) {
-		nyb_spawn_sandbox(private_net, uid, gid, host_uid, host_gid);
+		nyb_mount_points(root, input_store, input_dir, inputs, 0);
+		nyb_spawn_sandbox(private_net, uid, gid, host_uid, host_gid, root, input_store, input_dir, inputs);
 		nyb_setup_sandbox(root, private_net, uid, gid, input_store, input_dir, inputs);
 	}
 	if (chdir(dir) < 0)

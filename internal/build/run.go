@@ -331,22 +331,13 @@ func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (s
 		Stderr:     pw,
 		ExtraFiles: []*os.File{specR, statusW},
 	}
-	// The helper leads a process group of its own: killing the group kills
-	// it and the builder (or, sandboxed, the PID namespace's first process,
-	// which takes every process in it along).
+	// The helper leads a process group of its own, which the builder (or,
+	// sandboxed, the PID namespace's first process, which takes every
+	// process in it along) shares: killing the group kills the build. The
+	// helper makes the sandbox's namespaces itself, so this is a plain
+	// (vfork) spawn.
 	attr := &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setsid: true}
-	switch {
-	case j.sandbox && !helperMakesNamespaces:
-		attr.Setsid = false // PID 1 of its namespace: killed alone
-		attr.Cloneflags = syscall.CLONE_NEWUSER | syscall.CLONE_NEWNS | syscall.CLONE_NEWPID | syscall.CLONE_NEWIPC | syscall.CLONE_NEWUTS
-		if spec.PrivateNetwork {
-			attr.Cloneflags |= syscall.CLONE_NEWNET
-		}
-		attr.UidMappings = []syscall.SysProcIDMap{{ContainerID: sandboxUID, HostID: j.hostUID, Size: 1}}
-		attr.GidMappings = []syscall.SysProcIDMap{{ContainerID: sandboxGID, HostID: j.hostGID, Size: 1}}
-		attr.GidMappingsEnableSetgroups = false
-		attr.AmbientCaps = []uintptr{unix.CAP_SYS_ADMIN, unix.CAP_SETUID, unix.CAP_SETGID, unix.CAP_NET_ADMIN, unix.CAP_SYS_CHROOT, unix.CAP_CHOWN, unix.CAP_FOWNER, unix.CAP_DAC_OVERRIDE}
-	case !j.sandbox && j.user != nil:
+	if !j.sandbox && j.user != nil {
 		attr.Credential = &syscall.Credential{Uid: uint32(j.hostUID), Gid: uint32(j.hostGID), Groups: []uint32{}}
 	}
 	cmd.SysProcAttr = attr
@@ -362,13 +353,7 @@ func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (s
 	specR.Close()
 	statusW.Close()
 	pid := cmd.Process.Pid
-	kill := func() {
-		if attr.Setsid {
-			unix.Kill(-pid, unix.SIGKILL)
-		} else {
-			unix.Kill(pid, unix.SIGKILL)
-		}
-	}
+	kill := func() { unix.Kill(-pid, unix.SIGKILL) }
 	specData, specErr := spec.encode()
 	if specErr == nil {
 		_, specErr = specW.Write(specData)
