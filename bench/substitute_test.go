@@ -1,9 +1,11 @@
 package bench
 
 import (
+	"fmt"
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -53,5 +55,48 @@ func TestRewriteSubstSection(t *testing.T) {
 	b, _ := os.ReadFile(p)
 	if want := "x\n" + SubstSectionBegin + "\nnew\n" + SubstSectionEnd + "\ny\n"; string(b) != want {
 		t.Fatalf("got %q", b)
+	}
+}
+
+func TestCPUGroupCountsForkedProcesses(t *testing.T) {
+	g, err := NewCPUGroup(fmt.Sprintf("nixyard-bench-test-%d", os.Getpid()))
+	if err != nil {
+		t.Skipf("no cpuacct group here: %v", err)
+	}
+	defer func() {
+		if err := g.Close(); err != nil {
+			t.Error(err)
+		}
+	}()
+	// The shell waits for a line, so it is in the group before the loop
+	// (run in a child it forks) uses any CPU.
+	cmd := exec.Command("sh", "-c", `read x; sh -c 'i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done'`)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Add(cmd.Process.Pid); err != nil {
+		cmd.Process.Kill()
+		cmd.Wait()
+		t.Fatal(err)
+	}
+	before, err := g.Usage()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdin.Write([]byte("go\n"))
+	stdin.Close()
+	if err := cmd.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	after, err := g.Usage()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after <= before {
+		t.Errorf("usage %v -> %v: the forked loop's CPU time was not counted", before, after)
 	}
 }

@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -51,6 +52,28 @@ type substRun struct {
 	d    *bench.Daemon
 	env  *bench.Env
 	work string
+	cpu  *bench.CPUGroup // nil if CPU time cannot be measured here
+}
+
+// cpuSince returns the daemon's CPU time (its processes' included) since
+// the usage before, or an error if it is not measured.
+func (r *substRun) cpuSince(before time.Duration) (time.Duration, error) {
+	if r.cpu == nil {
+		return 0, errNoCPUAcct
+	}
+	now, err := r.cpu.Usage()
+	return now - before, err
+}
+
+var errNoCPUAcct = errors.New("no cgroup-v1 cpuacct hierarchy to measure CPU time with")
+
+// cpuUsage is the daemon's CPU time so far (0 if not measured).
+func (r *substRun) cpuUsage() time.Duration {
+	if r.cpu == nil {
+		return 0
+	}
+	u, _ := r.cpu.Usage()
+	return u
 }
 
 var substSeq int
@@ -70,12 +93,26 @@ func (b *bencher) startSubst(ctx context.Context, spec bench.DaemonSpec, c *subs
 		return nil, err
 	}
 	b.running[d] = true
-	return &substRun{d: d, env: env, work: work}, nil
+	r := &substRun{d: d, env: env, work: work}
+	if g, err := bench.NewCPUGroup(fmt.Sprintf("nixyard-bench-%d-%02d", os.Getpid(), substSeq)); err != nil {
+		logf("daemon CPU time not measured: %v", err)
+	} else if err := g.Add(d.PID()); err != nil {
+		logf("daemon CPU time not measured: %v", err)
+		g.Close()
+	} else {
+		r.cpu = g
+	}
+	return r, nil
 }
 
 // finish stops the daemon and removes its store and environment.
 func (b *bencher) finishSubst(r *substRun) error {
 	err := b.stop(r.d)
+	if r.cpu != nil {
+		if cerr := r.cpu.Close(); cerr != nil && err == nil {
+			err = cerr
+		}
+	}
 	if rerr := os.RemoveAll(r.d.Root); rerr != nil {
 		err = fmt.Errorf("removing %s: %w", r.d.Root, rerr)
 	}
@@ -113,8 +150,9 @@ func (b *bencher) withSubstDaemon(ctx context.Context, spec bench.DaemonSpec, c 
 
 // substMetrics are the scenario's measurements.
 type substMetrics struct {
-	rate, wall, durable, warm         map[string]*bench.Metric // by compression (warm: zstd only)
+	rate, wall, durable, warm, cpu    map[string]*bench.Metric // by compression (warm: zstd only)
 	conc, concRatio, failed, maxGets  *bench.Metric
+	concCPURatio                      *bench.Metric
 	getsPerNar, fetchedMB, singleGets *bench.Metric
 	failMsgs                          map[string][]string // daemon → first lines of failed clients' errors
 	failedTotal, clientsTotal         map[string]int
@@ -123,8 +161,8 @@ type substMetrics struct {
 
 func (m *substMetrics) list() []*bench.Metric {
 	return []*bench.Metric{
-		m.rate["zstd"], m.rate["xz"], m.wall["zstd"], m.wall["xz"], m.durable["zstd"],
-		m.singleGets, m.conc, m.concRatio, m.failed, m.maxGets, m.getsPerNar, m.fetchedMB, m.warm["zstd"],
+		m.rate["zstd"], m.rate["xz"], m.wall["zstd"], m.wall["xz"], m.cpu["zstd"], m.cpu["xz"], m.durable["zstd"],
+		m.singleGets, m.conc, m.concRatio, m.concCPURatio, m.failed, m.maxGets, m.getsPerNar, m.fetchedMB, m.warm["zstd"],
 	}
 }
 
@@ -169,13 +207,14 @@ func (b *bencher) benchSubstitute(ctx context.Context, fsDesc string) (string, e
 	}
 
 	m := &substMetrics{
-		rate: map[string]*bench.Metric{}, wall: map[string]*bench.Metric{}, durable: map[string]*bench.Metric{}, warm: map[string]*bench.Metric{},
+		rate: map[string]*bench.Metric{}, wall: map[string]*bench.Metric{}, durable: map[string]*bench.Metric{}, warm: map[string]*bench.Metric{}, cpu: map[string]*bench.Metric{},
 		failMsgs: map[string][]string{}, failedTotal: map[string]int{}, clientsTotal: map[string]int{},
 		paths: paths, roots: roots,
 	}
 	for _, c := range caches {
 		m.rate[c.comp] = &bench.Metric{Name: fmt.Sprintf("cold nix-store -r, %s cache: NAR MB / wall time", c.comp), Unit: "MB/s", HigherBetter: true, Target: "≥ 1.8×"}
 		m.wall[c.comp] = &bench.Metric{Name: fmt.Sprintf("cold nix-store -r, %s cache: wall time", c.comp), Unit: "s"}
+		m.cpu[c.comp] = &bench.Metric{Name: fmt.Sprintf("cold nix-store -r, %s cache: daemon CPU time", c.comp), Unit: "s"}
 	}
 	m.durable["zstd"] = &bench.Metric{Name: "cold nix-store -r, zstd cache, then syncfs", Unit: "s"}
 	m.warm["zstd"] = &bench.Metric{Name: "warm nix-store -r (closure valid)", Unit: "s", Target: "≥ 1×"}
@@ -183,19 +222,21 @@ func (b *bencher) benchSubstitute(ctx context.Context, fsDesc string) (string, e
 	n := so.clients
 	m.conc = &bench.Metric{Name: fmt.Sprintf("%d clients at once, zstd: wall time", n), Unit: "s"}
 	m.concRatio = &bench.Metric{Name: fmt.Sprintf("%d clients: wall time / one client's", n), Unit: "ratio", Target: "≤ 1.2 (absolute)"}
+	m.concCPURatio = &bench.Metric{Name: fmt.Sprintf("%d clients: daemon CPU time / one client's", n), Unit: "ratio"}
 	m.failed = &bench.Metric{Name: fmt.Sprintf("%d clients: failed clients", n), Unit: "count", Target: "= 0 (absolute)"}
 	m.maxGets = &bench.Metric{Name: fmt.Sprintf("%d clients: most GETs of one NAR", n), Unit: "count", Target: "= 1 (absolute)"}
 	m.getsPerNar = &bench.Metric{Name: fmt.Sprintf("%d clients: NAR GETs / NARs", n), Unit: "ratio"}
 	m.fetchedMB = &bench.Metric{Name: fmt.Sprintf("%d clients: NAR bytes served", n), Unit: "MB"}
 
-	single := map[string]float64{} // daemon → this repetition's cold zstd wall time
+	single := map[string]float64{}    // daemon → this repetition's cold zstd wall time
+	singleCPU := map[string]float64{} // and the daemon's CPU time in it
 	for rep := -1; rep < o.Reps; rep++ {
 		for k, c := range caches {
 			if rep < 0 && c.comp != "zstd" {
 				continue
 			}
 			for _, i := range b.order(max(rep, 0) + k) {
-				if err := b.substCold(ctx, b.daemons[i], c, rep, m, single); err != nil {
+				if err := b.substCold(ctx, b.daemons[i], c, rep, m, single, singleCPU); err != nil {
 					return "", err
 				}
 			}
@@ -204,7 +245,7 @@ func (b *bencher) benchSubstitute(ctx context.Context, fsDesc string) (string, e
 			continue
 		}
 		for _, i := range b.order(rep + 1) {
-			if err := b.substConcurrent(ctx, b.daemons[i], caches[0], rep, m, single); err != nil {
+			if err := b.substConcurrent(ctx, b.daemons[i], caches[0], rep, m, single, singleCPU); err != nil {
 				return "", err
 			}
 		}
@@ -222,9 +263,11 @@ func sampleOrErr(m *bench.Metric, name string, v float64, err error) {
 
 // substCold realises the closure with one client on an empty store; for
 // zstd, also the warm runs on the filled store. rep < 0 is a warm-up.
-func (b *bencher) substCold(ctx context.Context, spec bench.DaemonSpec, c *substCache, rep int, m *substMetrics, single map[string]float64) error {
+func (b *bencher) substCold(ctx context.Context, spec bench.DaemonSpec, c *substCache, rep int, m *substMetrics, single, singleCPU map[string]float64) error {
 	return b.withSubstDaemon(ctx, spec, c, c.comp, m.rate[c.comp], func(rctx context.Context, r *substRun) error {
+		cpu0 := r.cpuUsage()
 		dur, err := bench.Realise(rctx, r.env, r.d.StoreURL(), filepath.Join(r.work, "client-cache"), m.roots)
+		cpu, cpuErr := r.cpuSince(cpu0)
 		var syncDur time.Duration
 		var narBytes uint64
 		if err == nil {
@@ -243,18 +286,22 @@ func (b *bencher) substCold(ctx context.Context, spec bench.DaemonSpec, c *subst
 			return nil
 		}
 		mbps := float64(narBytes) / 1e6 / dur.Seconds()
-		logf("rep %d: %s: cold %s: %.1f MB of NAR in %.2f s = %.1f MB/s (+syncfs %.2f s); server: %d NAR GETs for %d NARs (max %d), %.1f MB, %d narinfo GETs, %d HEADs",
-			rep+1, spec.Name, c.comp, float64(narBytes)/1e6, dur.Seconds(), mbps, syncDur.Seconds(),
+		logf("rep %d: %s: cold %s: %.1f MB of NAR in %.2f s = %.1f MB/s (+syncfs %.2f s), daemon CPU %.2f s; server: %d NAR GETs for %d NARs (max %d), %.1f MB, %d narinfo GETs, %d HEADs",
+			rep+1, spec.Name, c.comp, float64(narBytes)/1e6, dur.Seconds(), mbps, syncDur.Seconds(), cpu.Seconds(),
 			st.NarGets, st.NarFiles, st.MaxNarGets, float64(st.NarBytes)/1e6, st.NarinfoGets, st.Heads)
 		if rep < 0 {
 			return nil
 		}
 		addSample(m.rate[c.comp], spec.Name, mbps)
 		addSample(m.wall[c.comp], spec.Name, dur.Seconds())
+		sampleOrErr(m.cpu[c.comp], spec.Name, cpu.Seconds(), cpuErr)
 		if c.comp != "zstd" {
 			return nil
 		}
 		single[spec.Name] = dur.Seconds()
+		if cpuErr == nil {
+			singleCPU[spec.Name] = cpu.Seconds()
+		}
 		addSample(m.durable["zstd"], spec.Name, (dur + syncDur).Seconds())
 		addSample(m.singleGets, spec.Name, float64(st.MaxNarGets))
 
@@ -280,11 +327,12 @@ func (b *bencher) substCold(ctx context.Context, spec bench.DaemonSpec, c *subst
 
 // substConcurrent starts n clients at once realising the closure on an
 // empty store.
-func (b *bencher) substConcurrent(ctx context.Context, spec bench.DaemonSpec, c *substCache, rep int, m *substMetrics, single map[string]float64) error {
+func (b *bencher) substConcurrent(ctx context.Context, spec bench.DaemonSpec, c *substCache, rep int, m *substMetrics, single, singleCPU map[string]float64) error {
 	n := substFlags.clients
 	return b.withSubstDaemon(ctx, spec, c, fmt.Sprintf("x%d", n), m.conc, func(rctx context.Context, r *substRun) error {
 		errs := make([]error, n)
 		var wg sync.WaitGroup
+		cpu0 := r.cpuUsage()
 		start := time.Now()
 		for i := range n {
 			wg.Add(1)
@@ -295,6 +343,7 @@ func (b *bencher) substConcurrent(ctx context.Context, spec bench.DaemonSpec, c 
 		}
 		wg.Wait()
 		wall := time.Since(start)
+		cpu, cpuErr := r.cpuSince(cpu0)
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
@@ -316,8 +365,8 @@ func (b *bencher) substConcurrent(ctx context.Context, spec bench.DaemonSpec, c 
 		m.clientsTotal[spec.Name] += n
 		_, verr := bench.CheckValid(ctx, r.d.Socket, m.paths)
 		st := c.srv.Stats()
-		logf("rep %d: %s: %d clients: %.2f s, %d failed, closure valid: %v; server: %d NAR GETs for %d NARs (max %d per NAR), %.1f MB",
-			rep+1, spec.Name, n, wall.Seconds(), failed, verr == nil, st.NarGets, st.NarFiles, st.MaxNarGets, float64(st.NarBytes)/1e6)
+		logf("rep %d: %s: %d clients: %.2f s, daemon CPU %.2f s, %d failed, closure valid: %v; server: %d NAR GETs for %d NARs (max %d per NAR), %.1f MB",
+			rep+1, spec.Name, n, wall.Seconds(), cpu.Seconds(), failed, verr == nil, st.NarGets, st.NarFiles, st.MaxNarGets, float64(st.NarBytes)/1e6)
 		addSample(m.failed, spec.Name, float64(failed))
 		if verr != nil {
 			setErr(m.conc, spec.Name, fmt.Errorf("closure not valid after %d clients: %w", n, verr))
@@ -326,6 +375,9 @@ func (b *bencher) substConcurrent(ctx context.Context, spec bench.DaemonSpec, c 
 		addSample(m.conc, spec.Name, wall.Seconds())
 		if s := single[spec.Name]; s > 0 {
 			addSample(m.concRatio, spec.Name, wall.Seconds()/s)
+		}
+		if s := singleCPU[spec.Name]; s > 0 && cpuErr == nil {
+			addSample(m.concCPURatio, spec.Name, cpu.Seconds()/s)
 		}
 		addSample(m.maxGets, spec.Name, float64(st.MaxNarGets))
 		addSample(m.getsPerNar, spec.Name, float64(st.NarGets)/float64(len(m.paths)))
