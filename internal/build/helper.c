@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/personality.h>
 #include <sys/prctl.h>
@@ -151,6 +152,16 @@ static int nyb_write_proc(pid_t pid, const char *name, const char *data) {
 	return err;
 }
 
+// nyb_spec is the decoded spec, except the binds, which the sandbox's
+// process reads from the spec as it mounts them.
+struct nyb_spec {
+	int sandbox, private_net;
+	int uid, gid, host_uid, host_gid;
+	char *root, *dir, *builder, *input_store, *input_dir;
+	char **args, **env, **inputs;
+	int go[2]; // a pipe: the sandbox's process waits on it for its ID maps
+};
+
 // nyb_mount_points creates, in the sandbox root on the host, an empty
 // directory or file for each input to be bound on (as Nix's doBind does
 // in the sandbox's process), or with remove set deletes them again once
@@ -182,46 +193,59 @@ static void nyb_mount_points(const char *root, const char *input_store, const ch
 	}
 }
 
+static void nyb_setup_sandbox(const struct nyb_spec *s);
+static void nyb_exec_builder(const struct nyb_spec *s);
+
+// nyb_sandbox_child is the sandbox's process: once the helper has written
+// its ID maps it sets up the sandbox and becomes the builder. It shares
+// the helper's memory (CLONE_VM), which the helper leaves alone meanwhile
+// (it only waits).
+static int nyb_sandbox_child(void *arg) {
+	const struct nyb_spec *s = arg;
+	close(s->go[1]);
+	prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+	char c;
+	ssize_t n;
+	do
+		n = read(s->go[0], &c, 1);
+	while (n < 0 && errno == EINTR);
+	if (n != 1)
+		_exit(1); // the helper failed (and said why) or died
+	close(s->go[0]);
+	nyb_setup_sandbox(s);
+	nyb_exec_builder(s);
+	return 1;
+}
+
 // nyb_spawn_sandbox makes the sandbox's process, as Nix's startBuilder
 // does: the helper clones a child in fresh user, mount, PID, IPC, UTS (and
 // network) namespaces, maps the sandbox's user and group in it to the
-// host's, and lets it go on. It returns only in the child, which goes on
-// to become the builder; the helper stays outside, waits for it, removes
-// the inputs' mount points and exits as the child did. The daemon starts
-// the helper with a plain (vfork) spawn: a clone of the daemon itself with
-// CLONE_NEWUSER would copy its whole address space. The child is the
-// first process of its PID namespace, so killing it kills the build; it
-// shares the helper's process group, so the daemon kills both with one
-// kill of the group.
-static void nyb_spawn_sandbox(int private_net, int uid, int gid, int host_uid, int host_gid,
-			      const char *root, const char *input_store, const char *input_dir, char **inputs) {
-	int go[2];
+// host's, and lets it go on; the helper stays outside, waits for it,
+// removes the inputs' mount points and exits as the child did. The daemon
+// starts the helper with a plain (vfork) spawn: a clone of the daemon
+// itself with CLONE_NEWUSER would copy its whole address space; the child
+// shares the helper's memory until it execs the builder, so no address
+// space is copied at all. The child is the first process of its PID
+// namespace, so killing it kills the build; it shares the helper's
+// process group, so the daemon kills both with one kill of the group.
+static void nyb_spawn_sandbox(struct nyb_spec *s) {
+	int *go = s->go;
 	if (pipe2(go, O_CLOEXEC) < 0)
 		nyb_fail("cannot create a pipe: %s", strerror(errno));
-	long flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | SIGCHLD;
-	if (private_net)
+	int flags = CLONE_VM | CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | SIGCHLD;
+	if (s->private_net)
 		flags |= CLONE_NEWNET;
-	// A fork with flags (no CLONE_VM, so no stack of its own is needed).
-	pid_t child = syscall(SYS_clone, flags, NULL, NULL, NULL, NULL);
+	const size_t stack_size = 256 << 10;
+	char *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+	if (stack == MAP_FAILED)
+		nyb_fail("allocating a stack for the sandbox: %s", strerror(errno));
+	pid_t child = clone(nyb_sandbox_child, stack + stack_size, flags, s);
 	if (child < 0)
 		nyb_fail("cloning the builder: %s", strerror(errno));
-	if (child == 0) {
-		close(go[1]);
-		prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-		char c;
-		ssize_t n;
-		do
-			n = read(go[0], &c, 1);
-		while (n < 0 && errno == EINTR);
-		if (n != 1)
-			_exit(1); // the helper failed (and said why) or died
-		close(go[0]);
-		return;
-	}
 	close(go[0]);
 	char map[64];
 	int err;
-	snprintf(map, sizeof map, "%d %d 1\n", uid, host_uid);
+	snprintf(map, sizeof map, "%d %d 1\n", s->uid, s->host_uid);
 	if ((err = nyb_write_proc(child, "uid_map", map)) != 0) {
 		kill(child, SIGKILL);
 		nyb_fail("writing the user ID map of the sandbox: %s", strerror(err));
@@ -230,7 +254,7 @@ static void nyb_spawn_sandbox(int private_net, int uid, int gid, int host_uid, i
 		kill(child, SIGKILL);
 		nyb_fail("denying setgroups in the sandbox: %s", strerror(err));
 	}
-	snprintf(map, sizeof map, "%d %d 1\n", gid, host_gid);
+	snprintf(map, sizeof map, "%d %d 1\n", s->gid, s->host_gid);
 	if ((err = nyb_write_proc(child, "gid_map", map)) != 0) {
 		kill(child, SIGKILL);
 		nyb_fail("writing the group ID map of the sandbox: %s", strerror(err));
@@ -239,8 +263,10 @@ static void nyb_spawn_sandbox(int private_net, int uid, int gid, int host_uid, i
 		kill(child, SIGKILL);
 		nyb_fail("starting the sandbox: %s", strerror(errno));
 	}
+	// From here the child reports on fd 4 and holds the output pipes. The
+	// helper makes only system calls that succeed until the child has
+	// exec'd or exited (the two share errno).
 	close(go[1]);
-	// From here the child reports on fd 4 and holds the output pipes.
 	close(4);
 	close(0);
 	close(1);
@@ -249,7 +275,7 @@ static void nyb_spawn_sandbox(int private_net, int uid, int gid, int host_uid, i
 	while (waitpid(child, &status, 0) < 0)
 		if (errno != EINTR)
 			_exit(1);
-	nyb_mount_points(root, input_store, input_dir, inputs, 1);
+	nyb_mount_points(s->root, s->input_store, s->input_dir, s->inputs, 1);
 	if (WIFEXITED(status))
 		_exit(WEXITSTATUS(status));
 	if (WIFSIGNALED(status)) {
@@ -265,8 +291,10 @@ static void nyb_spawn_sandbox(int private_net, int uid, int gid, int host_uid, i
 	_exit(1);
 }
 
-static void nyb_setup_sandbox(const char *root, int private_net, int uid, int gid,
-			      const char *input_store, const char *input_dir, char **inputs) {
+static void nyb_setup_sandbox(const struct nyb_spec *s) {
+	const char *root = s->root, *input_store = s->input_store, *input_dir = s->input_dir;
+	char **inputs = s->inputs;
+	int private_net = s->private_net, uid = s->uid, gid = s->gid;
 	if (private_net) {
 		int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
 		if (fd < 0)
@@ -368,39 +396,46 @@ static void nyb_setup_sandbox(const char *root, int private_net, int uid, int gi
 	prctl(PR_SET_PDEATHSIG, 9 /* SIGKILL */, 0, 0, 0);
 }
 
+// nyb_exec_builder runs the builder (in the sandbox, if any).
+static void nyb_exec_builder(const struct nyb_spec *s) {
+	if (chdir(s->dir) < 0)
+		nyb_fail("changing into '%s': %s", s->dir, strerror(errno));
+	int cur = personality(0xffffffff);
+	if (cur != -1)
+		personality(cur | ADDR_NO_RANDOMIZE);
+	umask(022);
+	execve(s->builder, s->args, s->env);
+	nyb_fail("executing '%s': %s", s->builder, strerror(errno));
+}
+
 __attribute__((constructor)) static void nixyard_build_helper(int argc, char **argv, char **envp) {
 	(void)envp;
 	if (argc < 1 || !argv || !argv[0] || strcmp(argv[0], "nixyard-build-helper") != 0)
 		return;
 	fcntl(4, F_SETFD, FD_CLOEXEC);
 	nyb_read_spec();
-	int sandbox = nyb_num() != 0;
-	char *root = nyb_next();
-	int private_net = nyb_num() != 0;
-	int uid = nyb_num(), gid = nyb_num();
-	int host_uid = nyb_num(), host_gid = nyb_num();
-	char *dir = nyb_next();
-	char *builder = nyb_next();
-	char **args = nyb_list();
-	char **env = nyb_list();
-	char *input_store = nyb_next();
-	char *input_dir = nyb_next();
-	char **inputs = nyb_list();
+	static struct nyb_spec s;
+	s.sandbox = nyb_num() != 0;
+	s.root = nyb_next();
+	s.private_net = nyb_num() != 0;
+	s.uid = nyb_num();
+	s.gid = nyb_num();
+	s.host_uid = nyb_num();
+	s.host_gid = nyb_num();
+	s.dir = nyb_next();
+	s.builder = nyb_next();
+	s.args = nyb_list();
+	s.env = nyb_list();
+	s.input_store = nyb_next();
+	s.input_dir = nyb_next();
+	s.inputs = nyb_list();
 	// No core files, of the builder nor of the helper when it dies of the
 	// builder's signal.
 	struct rlimit rl = {0, RLIM_INFINITY};
 	setrlimit(RLIMIT_CORE, &rl);
-	if (sandbox) {
-		nyb_mount_points(root, input_store, input_dir, inputs, 0);
-		nyb_spawn_sandbox(private_net, uid, gid, host_uid, host_gid, root, input_store, input_dir, inputs);
-		nyb_setup_sandbox(root, private_net, uid, gid, input_store, input_dir, inputs);
+	if (s.sandbox) {
+		nyb_mount_points(s.root, s.input_store, s.input_dir, s.inputs, 0);
+		nyb_spawn_sandbox(&s); // does not return
 	}
-	if (chdir(dir) < 0)
-		nyb_fail("changing into '%s': %s", dir, strerror(errno));
-	int cur = personality(0xffffffff);
-	if (cur != -1)
-		personality(cur | ADDR_NO_RANDOMIZE);
-	umask(022);
-	execve(builder, args, env);
-	nyb_fail("executing '%s': %s", builder, strerror(errno));
+	nyb_exec_builder(&s);
 }

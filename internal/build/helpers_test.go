@@ -18,7 +18,7 @@ import (
 // testEnv is a store on a temporary root and what real Nix needs to
 // instantiate derivations into it.
 type testEnv struct {
-	t      *testing.T
+	t      testing.TB
 	root   string
 	st     *store.Store
 	url    string // store URL for real Nix
@@ -27,7 +27,7 @@ type testEnv struct {
 
 // newChrootEnv opens a chroot store (logical /nix/store under root): its
 // builds are always sandboxed.
-func newChrootEnv(t *testing.T) *testEnv {
+func newChrootEnv(t testing.TB) *testEnv {
 	t.Helper()
 	needNix(t)
 	root := t.TempDir()
@@ -46,7 +46,7 @@ func newChrootEnv(t *testing.T) *testEnv {
 
 // newPlainEnv opens a store whose logical and real directory are the same
 // (root/store), so builders can run without the sandbox.
-func newPlainEnv(t *testing.T) *testEnv {
+func newPlainEnv(t testing.TB) *testEnv {
 	t.Helper()
 	needNix(t)
 	// The store directory must be reachable by the build users, so not
@@ -78,7 +78,7 @@ func newPlainEnv(t *testing.T) *testEnv {
 	return &testEnv{t: t, root: root, st: st, url: url}
 }
 
-func needNix(t *testing.T) {
+func needNix(t testing.TB) {
 	t.Helper()
 	for _, p := range []string{"nix-instantiate", "/bin/busybox"} {
 		if _, err := exec.LookPath(p); err != nil {
@@ -106,7 +106,7 @@ var busyboxDir = sync.OnceValues(func() (string, error) {
 
 // prelude defines, in Nix, bb (busybox in the store) and mk, which makes
 // a derivation running a busybox shell script.
-func prelude(t *testing.T) string {
+func prelude(t testing.TB) string {
 	dir, err := busyboxDir()
 	if err != nil {
 		t.Fatal(err)
@@ -140,6 +140,26 @@ func (e *testEnv) instantiate(expr string, attrs ...string) map[string]storepath
 			t.Fatalf("nix-instantiate -A %s: %q: %v", a, s, err)
 		}
 		out[a] = p
+	}
+	return out
+}
+
+// instantiateList evaluates expr (after the prelude), whose attribute attr
+// is a list of derivations, and returns their .drv paths in order.
+func (e *testEnv) instantiateList(expr, attr string) []storepath.Path {
+	t := e.t
+	t.Helper()
+	file := filepath.Join(t.TempDir(), "t.nix")
+	if err := os.WriteFile(file, []byte(prelude(t)+expr), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var out []storepath.Path
+	for _, s := range strings.Fields(e.nix("nix-instantiate", "--store", e.url, file, "-A", attr)) {
+		p, err := e.st.Dir().Parse(s)
+		if err != nil {
+			t.Fatalf("nix-instantiate -A %s: %q: %v", attr, s, err)
+		}
+		out = append(out, p)
 	}
 	return out
 }
