@@ -7,8 +7,10 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -21,13 +23,27 @@ import (
 // minus the umask; see Canonicalise for the store's final permissions.
 // Cancellation of ctx is checked between entries and between chunks of file
 // contents. On error, whatever Restore created (dest) is removed.
-func Restore(ctx context.Context, r io.Reader, dest string) (err error) {
+func Restore(ctx context.Context, r io.Reader, dest string) error {
+	return restore(ctx, r, dest, false)
+}
+
+// RestoreCanonical is Restore that also gives every inode the metadata
+// Canonicalise would give it: regular files 0444, or 0555 if executable,
+// directories 0555, and mtime 1 everywhere (atimes left alone). Each inode
+// is set through the descriptor Restore already holds (symlinks by name in
+// their open parent, directories once their last entry is written), so no
+// second walk of the tree is needed.
+func RestoreCanonical(ctx context.Context, r io.Reader, dest string) error {
+	return restore(ctx, r, dest, true)
+}
+
+func restore(ctx context.Context, r io.Reader, dest string, canonical bool) (err error) {
 	if _, err := os.Lstat(dest); err == nil {
 		return fmt.Errorf("nar: restore %s: destination already exists", dest)
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("nar: restore: %w", err)
 	}
-	rs := restorer{ctx: ctx, nr: NewReader(r), dest: dest}
+	rs := restorer{ctx: ctx, nr: NewReader(r), dest: dest, canonical: canonical}
 	defer func() {
 		for _, fd := range rs.dirs {
 			unix.Close(fd)
@@ -36,7 +52,7 @@ func Restore(ctx context.Context, r io.Reader, dest string) (err error) {
 			bigBufs.Put(rs.big)
 		}
 		if err != nil && rs.created {
-			if rerr := os.RemoveAll(dest); rerr != nil {
+			if rerr := removeRestored(dest); rerr != nil {
 				err = fmt.Errorf("%w (and cleaning up: %v)", err, rerr)
 			}
 		}
@@ -47,14 +63,28 @@ func Restore(ctx context.Context, r io.Reader, dest string) (err error) {
 	return nil
 }
 
+// removeRestored removes a partly restored tree. Directories that
+// RestoreCanonical had finished are read-only; they are made writable first
+// (for callers without CAP_DAC_OVERRIDE).
+func removeRestored(dest string) error {
+	filepath.WalkDir(dest, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			os.Chmod(p, 0o755) // a directory: WalkDir does not follow symlinks
+		}
+		return nil
+	})
+	return os.RemoveAll(dest)
+}
+
 type restorer struct {
-	ctx     context.Context
-	nr      *Reader
-	dest    string
-	created bool  // dest exists and is ours
-	dirs    []int // open descriptors of the directories on the current path; dirs[0] is dest
-	buf     []byte
-	big     *[]byte // rs.buf when it is a copyBufSize buffer from bigBufs
+	ctx       context.Context
+	nr        *Reader
+	dest      string
+	canonical bool  // give inodes the store's final metadata (RestoreCanonical)
+	created   bool  // dest exists and is ours
+	dirs      []int // open descriptors of the directories on the current path; dirs[0] is dest
+	buf       []byte
+	big       *[]byte // rs.buf when it is a copyBufSize buffer from bigBufs
 }
 
 // bigBufs holds copyBufSize buffers for Restore: a stream of paths with
@@ -68,7 +98,7 @@ func (rs *restorer) run() error {
 		}
 		h, err := rs.nr.Next()
 		if err == io.EOF {
-			return nil
+			return rs.closeDirs(0)
 		}
 		if err != nil {
 			return err
@@ -81,9 +111,8 @@ func (rs *restorer) run() error {
 
 func (rs *restorer) entry(h *Header) error {
 	depth := depthOf(h.Path)
-	for len(rs.dirs) > depth {
-		unix.Close(rs.dirs[len(rs.dirs)-1])
-		rs.dirs = rs.dirs[:len(rs.dirs)-1]
+	if err := rs.closeDirs(depth); err != nil {
+		return err
 	}
 	// The root is created by path in the caller's (trusted) parent directory.
 	dirfd, name := unix.AT_FDCWD, rs.dest
@@ -110,6 +139,11 @@ func (rs *restorer) entry(h *Header) error {
 			return fmt.Errorf("symlink: %w", err)
 		}
 		rs.created = true
+		if rs.canonical {
+			if err := unix.UtimesNanoAt(dirfd, name, storeTimes, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+				return fmt.Errorf("setting mtime: %w", err)
+			}
+		}
 	case TypeRegular:
 		mode := uint32(0o644)
 		if h.Executable {
@@ -121,12 +155,51 @@ func (rs *restorer) entry(h *Header) error {
 		}
 		rs.created = true
 		err = rs.contents(fd, h.Size)
+		if err == nil && rs.canonical {
+			err = setStoreMetadata(fd, mode&^0o222)
+		}
 		if cerr := unix.Close(fd); err == nil && cerr != nil {
 			err = fmt.Errorf("closing file: %w", cerr)
 		}
 		return err
 	default:
 		return fmt.Errorf("unknown type %v", h.Type)
+	}
+	return nil
+}
+
+// storeTimes keeps an inode's atime and sets its mtime to storeMtime.
+var storeTimes = []unix.Timespec{{Nsec: unix.UTIME_OMIT}, {Sec: storeMtime}}
+
+// setStoreMetadata gives the inode open as fd the mode and the store's
+// mtime. It comes last: writing to a file, or adding entries to a
+// directory, changes its mtime.
+func setStoreMetadata(fd int, mode uint32) error {
+	if err := unix.Fchmod(fd, mode); err != nil {
+		return fmt.Errorf("chmod: %w", err)
+	}
+	// futimens(fd, times): utimensat with a NULL path acts on fd itself.
+	if _, _, e := unix.Syscall6(unix.SYS_UTIMENSAT, uintptr(fd), 0, uintptr(unsafe.Pointer(&storeTimes[0])), 0, 0, 0); e != 0 {
+		return fmt.Errorf("setting mtime: %w", e)
+	}
+	return nil
+}
+
+// closeDirs closes the open directories below depth, innermost first,
+// giving each the store's metadata first if rs.canonical (all its entries
+// are written by then).
+func (rs *restorer) closeDirs(depth int) error {
+	for len(rs.dirs) > depth {
+		fd := rs.dirs[len(rs.dirs)-1]
+		var err error
+		if rs.canonical {
+			err = setStoreMetadata(fd, 0o555)
+		}
+		unix.Close(fd)
+		rs.dirs = rs.dirs[:len(rs.dirs)-1]
+		if err != nil {
+			return fmt.Errorf("directory: %w", err)
+		}
 	}
 	return nil
 }

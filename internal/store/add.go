@@ -271,8 +271,9 @@ func (s *Store) checkCAPath(info PathInfo, ca contentaddress.CA) error {
 	return nil
 }
 
-// unpack restores the NAR at realPath (after deleting an invalid leftover),
-// checks it against info and canonicalises it. On error nothing is left.
+// unpack restores the NAR at realPath (after deleting an invalid leftover)
+// with canonical metadata and checks it against info. On error nothing is
+// left.
 func (s *Store) unpack(ctx context.Context, info PathInfo, ca contentaddress.CA, r io.Reader, realPath string) (_ *pendingPath, err error) {
 	abs := s.abs(info.Path)
 	if err := removeAll(realPath); err != nil {
@@ -291,7 +292,9 @@ func (s *Store) unpack(ctx context.Context, info PathInfo, ca contentaddress.CA,
 		caHasher = ca.Hash.Algo.New()
 		writers = append(writers, caHasher)
 	}
-	if err := nar.Restore(ctx, io.TeeReader(r, io.MultiWriter(writers...)), realPath); err != nil {
+	// Restored with the store's final modes and mtimes: no canonicalisation
+	// walk afterwards.
+	if err := nar.RestoreCanonical(ctx, io.TeeReader(r, io.MultiWriter(writers...)), realPath); err != nil {
 		return nil, fmt.Errorf("store: unpacking %s: %w", abs, err)
 	}
 	got := hash.FromHasher(hash.SHA256, sha)
@@ -320,9 +323,6 @@ func (s *Store) unpack(ctx context.Context, info PathInfo, ca contentaddress.CA,
 		if pp.drvOutputs, err = s.readDrvOutputs(info.Path, realPath); err != nil {
 			return nil, err
 		}
-	}
-	if err := nar.Canonicalise(realPath); err != nil {
-		return nil, fmt.Errorf("store: %s: %w", abs, err)
 	}
 	return pp, nil
 }
