@@ -34,6 +34,7 @@ type tunnel struct {
 	stopped   bool // stopWork was called for the current op
 	pending   []byte
 	verbosity Verbosity
+	batches   int // open batch calls: messages are written but not flushed
 }
 
 func newTunnel(enc *wire.Encoder, minor uint64) *tunnel {
@@ -109,7 +110,29 @@ func (t *tunnel) enqueue(msg []byte) error {
 		return nil
 	}
 	t.enc.Write(msg)
+	if t.batches > 0 {
+		return nil
+	}
 	return t.enc.Flush()
+}
+
+// batch holds back flushes until the returned function is called, so that
+// a burst of messages (a queue of progress events) reaches the client in
+// one write instead of one write each. Messages from other goroutines in
+// the meantime join the batch.
+func (t *tunnel) batch() (end func() error) {
+	t.mu.Lock()
+	t.batches++
+	t.mu.Unlock()
+	return func() error {
+		t.mu.Lock()
+		defer t.mu.Unlock()
+		t.batches--
+		if t.batches > 0 || !t.working {
+			return nil
+		}
+		return t.enc.Flush()
+	}
 }
 
 // Log sends a log line (STDERR_NEXT) if the client's verbosity allows it.

@@ -93,9 +93,11 @@ func (p *progress) run() {
 		p.q = nil
 		done := p.done
 		p.mu.Unlock()
+		end := p.c.tun.batch()
 		for _, e := range q {
 			p.write(e)
 		}
+		end()
 		if done && len(q) == 0 {
 			return
 		}
