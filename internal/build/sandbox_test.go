@@ -102,6 +102,36 @@ func TestSandboxInputsReadOnlyWithoutBuildUsers(t *testing.T) {
 	}
 }
 
+// A builder that cannot be executed is a setup failure reported by the
+// helper from inside the sandbox; nothing of the sandbox stays behind,
+// and a builder killed by a signal is reported with that signal.
+func TestSandboxSetupFailureAndSignal(t *testing.T) {
+	e := newChrootEnv(t)
+	drvs := e.instantiate(`rec {
+  dep = mk { name = "dep"; script = "echo dep > $out"; };
+  noexec = builtins.derivation { name = "noexec"; system = builtins.currentSystem; builder = "${bb}/nonexistent"; inherit dep; };
+  # The builder is PID 1 of its namespace, which only a fault can kill
+  # from inside: a stack overflow.
+  killed = mk { name = "killed"; inherit dep; script = "ulimit -s 64; f() { f; }; f"; };
+}`, "dep", "noexec", "killed")
+	b := e.builder(Config{Sandbox: SandboxOn})
+	e.mustBuild(b, out(drvs["dep"]))
+	abs := e.st.Dir().Abs
+	r := e.build(b, ClientOptions{}, out(drvs["noexec"]))[0]
+	want := fmt.Sprintf("while setting up the build environment of '%s': executing '", abs(drvs["noexec"]))
+	if r.Status != MiscFailure || !strings.HasPrefix(r.ErrorMsg, want) || !strings.HasSuffix(r.ErrorMsg, "/nonexistent': No such file or directory") {
+		t.Errorf("unexecutable builder: status %d, %q", r.Status, r.ErrorMsg)
+	}
+	r = e.build(b, ClientOptions{}, out(drvs["killed"]))[0]
+	if want := fmt.Sprintf("builder for '%s' failed due to signal 11 (Segmentation fault)", abs(drvs["killed"])); r.Status != PermanentFailure || r.ErrorMsg != want {
+		t.Errorf("killed builder: status %d, %q, want %q", r.Status, r.ErrorMsg, want)
+	}
+	left, err := filepath.Glob(filepath.Join(e.root, "nix/store/*.chroot"))
+	if err != nil || len(left) > 0 {
+		t.Errorf("sandbox roots left behind: %q %v", left, err)
+	}
+}
+
 func TestFixedOutputs(t *testing.T) {
 	e := newChrootEnv(t)
 	drvs := e.instantiate(`{
