@@ -92,14 +92,21 @@ func (s *Store) newBatch(opts AddOptions) *batch {
 // already valid (and !opts.Repair) the NAR is read and discarded. On error
 // nothing is registered and nothing is left at the path; the NAR may be
 // partly read. Callers that need the path to outlive a concurrent garbage
-// collection hold a Session temporary root on it.
+// collection hold a Session temporary root on it. Concurrent calls are
+// made durable and registered together (group commit, groupcommit.go).
 func (s *Store) AddToStoreNar(ctx context.Context, info PathInfo, nr io.Reader, opts AddOptions) error {
 	b := s.newBatch(opts)
 	defer b.abort()
 	if err := b.add(ctx, info, nr); err != nil {
 		return err
 	}
-	return b.flush(ctx)
+	if len(b.pending) == 0 {
+		return nil // already valid
+	}
+	// One path: committed together with other callers' (groupcommit.go).
+	pp := b.pending[0]
+	b.pending = nil
+	return s.commitPath(ctx, pp)
 }
 
 // AddMultipleToStoreNar adds a stream of paths: next returns each path's

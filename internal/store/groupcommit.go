@@ -1,0 +1,131 @@
+package store
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+)
+
+// Group commit of single-path additions (AddToStoreNar).
+//
+// Substitution runs many AddToStoreNar calls at once, and each used to make
+// its path durable (syncTree) and register it in a write transaction of its
+// own. Instead, a path that is unpacked and checked joins the store's commit
+// queue. If no group is being committed, its caller becomes the leader: it
+// takes the whole queue as one group, makes it durable with one syncfs and
+// registers it in one transaction. Paths that arrive meanwhile queue up;
+// when the leader is done, the first of them leads the next group. Nothing
+// waits on a timer for more paths.
+//
+// The references of an AddToStoreNar path were valid when it was checked
+// (add), so the members of a group never depend on each other's
+// registration and their order in the transaction does not matter.
+
+// commitGroups holds, for each store with a group being committed, the
+// paths queued for the next group. A store is in the map exactly while a
+// leader runs, so nothing is kept for idle or closed stores.
+var commitGroups = struct {
+	mu     sync.Mutex
+	queued map[*Store][]*groupMember
+}{queued: map[*Store][]*groupMember{}}
+
+// groupMember is one caller's path in the commit queue. wake gets one
+// token when the member's result (err) is set or when it is to lead the
+// next group (lead set).
+type groupMember struct {
+	pp   *pendingPath
+	lead bool
+	err  error
+	wake chan struct{}
+}
+
+// commitPath makes pp durable and registers it, together with whatever
+// other paths are queued at the same time, then releases its lock. On
+// error pp's files are deleted and its lock released. Once queued, the
+// path is committed whatever happens to ctx (as a flush always was):
+// cancelling one caller does not disturb the group it is in.
+func (s *Store) commitPath(ctx context.Context, pp *pendingPath) error {
+	m := &groupMember{pp: pp, wake: make(chan struct{}, 1)}
+	g := &commitGroups
+	g.mu.Lock()
+	q, running := g.queued[s]
+	g.queued[s] = append(q, m)
+	g.mu.Unlock()
+	if running {
+		<-m.wake
+		if !m.lead {
+			return m.err
+		}
+	}
+	// Leader: m is the first queued path and no other group runs.
+	g.mu.Lock()
+	group := g.queued[s]
+	g.queued[s] = nil
+	g.mu.Unlock()
+
+	s.commitGroup(context.WithoutCancel(ctx), group)
+
+	g.mu.Lock()
+	if next := g.queued[s]; len(next) > 0 {
+		next[0].lead = true
+		next[0].wake <- struct{}{}
+	} else {
+		delete(g.queued, s)
+	}
+	g.mu.Unlock()
+	for _, o := range group {
+		if o != m {
+			o.wake <- struct{}{}
+		}
+	}
+	return m.err
+}
+
+// commitGroup makes the group's paths durable, registers them and sets
+// each member's err. It registers them all in one transaction; if that
+// fails, it registers each on its own, so that one path whose registration
+// is refused (a reference collected meanwhile, say) fails alone. Failed
+// paths are deleted; all are unlocked.
+func (s *Store) commitGroup(ctx context.Context, group []*groupMember) {
+	t0 := time.Now()
+	// One syncfs after the last write to any member makes all durable. It
+	// is used for a lone path too: for a small path it took 1.7 ms against
+	// syncTree's 4.5 ms (BenchmarkSyncOnePath), and the substitution
+	// benchmark's CPU and wall times were lower with it. It also writes
+	// back unrelated dirty data on the store's file system, as syncTree
+	// does for paths of more than syncfsThreshold files.
+	err := syncFS(s.RealPath(group[0].pp.info.Path))
+	if err != nil {
+		for _, m := range group {
+			m.err = fmt.Errorf("store: making %s durable: %w", s.abs(m.pp.info.Path), err)
+		}
+	} else {
+		t1 := time.Now()
+		paths := make([]*pendingPath, len(group))
+		for i, m := range group {
+			paths[i] = m.pp
+		}
+		if err := s.register(ctx, paths); err != nil {
+			if len(group) == 1 {
+				group[0].err = fmt.Errorf("store: registering: %w", err)
+			} else {
+				for _, m := range group {
+					if err := s.register(ctx, []*pendingPath{m.pp}); err != nil {
+						m.err = fmt.Errorf("store: registering: %w", err)
+					}
+				}
+			}
+		}
+		if addTiming {
+			timingf("group commit: %d paths: sync %v, register %v", len(group),
+				t1.Sub(t0).Round(time.Microsecond), time.Since(t1).Round(time.Microsecond))
+		}
+	}
+	for _, m := range group {
+		if m.err != nil {
+			removeAll(s.RealPath(m.pp.info.Path))
+		}
+		m.pp.lock.unlock()
+	}
+}
