@@ -22,13 +22,12 @@ import (
 // (add), so the members of a group never depend on each other's
 // registration and their order in the transaction does not matter.
 
-// commitGroups holds, for each store with a group being committed, the
-// paths queued for the next group. A store is in the map exactly while a
-// leader runs, so nothing is kept for idle or closed stores.
-var commitGroups = struct {
-	mu     sync.Mutex
-	queued map[*Store][]*groupMember
-}{queued: map[*Store][]*groupMember{}}
+// commitQueue is a store's queue of paths waiting for the next group.
+type commitQueue struct {
+	mu      sync.Mutex
+	running bool // a leader is committing a group
+	queued  []*groupMember
+}
 
 // groupMember is one caller's path in the commit queue. wake gets one
 // token when the member's result (err) is set or when it is to lead the
@@ -47,11 +46,12 @@ type groupMember struct {
 // cancelling one caller does not disturb the group it is in.
 func (s *Store) commitPath(ctx context.Context, pp *pendingPath) error {
 	m := &groupMember{pp: pp, wake: make(chan struct{}, 1)}
-	g := &commitGroups
-	g.mu.Lock()
-	q, running := g.queued[s]
-	g.queued[s] = append(q, m)
-	g.mu.Unlock()
+	q := &s.commits
+	q.mu.Lock()
+	running := q.running
+	q.running = true
+	q.queued = append(q.queued, m)
+	q.mu.Unlock()
 	if running {
 		<-m.wake
 		if !m.lead {
@@ -59,21 +59,22 @@ func (s *Store) commitPath(ctx context.Context, pp *pendingPath) error {
 		}
 	}
 	// Leader: m is the first queued path and no other group runs.
-	g.mu.Lock()
-	group := g.queued[s]
-	g.queued[s] = nil
-	g.mu.Unlock()
+	q.mu.Lock()
+	group := q.queued
+	q.queued = nil
+	q.mu.Unlock()
 
 	s.commitGroup(context.WithoutCancel(ctx), group)
 
-	g.mu.Lock()
-	if next := g.queued[s]; len(next) > 0 {
-		next[0].lead = true
-		next[0].wake <- struct{}{}
+	q.mu.Lock()
+	if len(q.queued) > 0 {
+		next := q.queued[0]
+		next.lead = true
+		next.wake <- struct{}{}
 	} else {
-		delete(g.queued, s)
+		q.running = false
 	}
-	g.mu.Unlock()
+	q.mu.Unlock()
 	for _, o := range group {
 		if o != m {
 			o.wake <- struct{}{}

@@ -19,23 +19,23 @@ import (
 // AddToStoreNar callers queue up; release then hands the queue over as
 // commitPath's leader does.
 func holdGroup(s *Store) (queued func() int, release func()) {
-	g := &commitGroups
-	g.mu.Lock()
-	g.queued[s] = nil
-	g.mu.Unlock()
+	q := &s.commits
+	q.mu.Lock()
+	q.running = true
+	q.mu.Unlock()
 	queued = func() int {
-		g.mu.Lock()
-		defer g.mu.Unlock()
-		return len(g.queued[s])
+		q.mu.Lock()
+		defer q.mu.Unlock()
+		return len(q.queued)
 	}
 	release = func() {
-		g.mu.Lock()
-		defer g.mu.Unlock()
-		if next := g.queued[s]; len(next) > 0 {
-			next[0].lead = true
-			next[0].wake <- struct{}{}
+		q.mu.Lock()
+		defer q.mu.Unlock()
+		if len(q.queued) > 0 {
+			q.queued[0].lead = true
+			q.queued[0].wake <- struct{}{}
 		} else {
-			delete(g.queued, s)
+			q.running = false
 		}
 	}
 	return queued, release
@@ -120,8 +120,8 @@ func TestGroupCommit(t *testing.T) {
 	if c := commits.Load(); c != 1 {
 		t.Errorf("%d transactions for one group, want 1", c)
 	}
-	if _, ok := commitGroups.queued[s]; ok {
-		t.Error("store still in the commit queue map")
+	if s.commits.running || len(s.commits.queued) > 0 {
+		t.Error("the commit queue is still running or holds paths")
 	}
 	refs, err := s.QueryPathInfo(ctx, infos[0].Path)
 	if err != nil || len(refs.References) != 1 || refs.References[0] != baseInfo.Path {

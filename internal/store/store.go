@@ -62,6 +62,8 @@ type Store struct {
 
 	roots tempRoots // temporary roots of this process (sessions and in-flight adds)
 
+	commits commitQueue // group commit of single-path additions; see groupcommit.go
+
 	gcMu sync.Mutex // one garbage collection (or optimisation pass) at a time in this process
 
 	closeOnce sync.Once
