@@ -9,7 +9,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 
 	"github.com/nixyard/nixyard/internal/build"
 	"github.com/nixyard/nixyard/internal/config"
@@ -118,9 +117,6 @@ func runDaemon(ctx context.Context, args []string) error {
 		return err
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: opts.logLevel}))
-	if err := keepSysmonAwake(); err != nil {
-		logger.Warn("could not re-execute with the runtime setting for sysmon; going on without it", "err", err)
-	}
 	layout := config.NewLayout(opts.root, os.Getenv)
 	settings, err := config.Load(layout.ConfDir, os.Getenv)
 	if err != nil {
@@ -211,54 +207,4 @@ func listen(path string) (net.Listener, error) {
 		return nil, fmt.Errorf("socket %s: %w", path, err)
 	}
 	return l, nil
-}
-
-// sysmonSetting is a GODEBUG setting that keeps the Go runtime's sysmon
-// thread out of its deep sleep: schedtrace with its largest period
-// (2^31-1 ms, about 24.8 days), since sysmon never deep-sleeps while a
-// scheduler trace is due.
-//
-// Why: a daemon answering one request at a time has all its Ps idle
-// between requests. sysmon then goes into deep sleep, the next request's
-// first syscall wakes it (a futex wake on the request's path), and it polls
-// every 20 µs for the next millisecond before sleeping deeply again. On the
-// 2-core benchmark machine this was ~28 % of the daemon's CPU for
-// QueryPathInfo on one connection (perf) and ~14 % during nix copy. With
-// the setting, sysmon backs off to polling every 10 ms: QueryPathInfo took
-// 28 % less daemon CPU per request on 1 connection and 19 % less on 8.
-//
-// The price: sysmon wakes every 10 ms while the daemon is idle, and the
-// runtime prints one scheduler trace line to stderr every 24.8 days (at
-// start-up too, if the host has been up longer than that).
-const sysmonSetting = "schedtrace=2147483647"
-
-// keepSysmonAwake re-executes the daemon (same arguments and environment)
-// with sysmonSetting added to GODEBUG, which the runtime reads only at
-// start-up. In the re-executed daemon it takes the setting out of the
-// environment again, so that the processes the daemon starts do not
-// inherit it. A GODEBUG that already sets schedtrace is left alone.
-func keepSysmonAwake() error {
-	godebug, set := os.LookupEnv("GODEBUG")
-	switch {
-	case godebug == sysmonSetting:
-		return os.Unsetenv("GODEBUG")
-	case strings.HasSuffix(godebug, ","+sysmonSetting):
-		return os.Setenv("GODEBUG", strings.TrimSuffix(godebug, ","+sysmonSetting))
-	case strings.Contains(godebug, "schedtrace="):
-		return nil
-	}
-	if set && godebug != "" {
-		godebug += ","
-	}
-	godebug += sysmonSetting
-	env := []string{"GODEBUG=" + godebug}
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "GODEBUG=") {
-			env = append(env, kv)
-		}
-	}
-	if err := syscall.Exec("/proc/self/exe", os.Args, env); err != nil {
-		return fmt.Errorf("exec /proc/self/exe: %w", err)
-	}
-	return nil // not reached
 }
