@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/nixyard/nixyard/internal/realise"
 	"github.com/nixyard/nixyard/internal/substitute"
@@ -50,14 +51,23 @@ func (c *conn) realiser() (*realise.Realiser, error) {
 // download other connections share; progress results are dropped while
 // the queue is long, starts and stops never.
 type progress struct {
-	c    *conn
-	mu   sync.Mutex
-	cond *sync.Cond
-	q    []substitute.Event
-	done bool
-	ids  map[uint64]uint64 // substituter activity id -> wire activity id
-	exit chan struct{}
+	c       *conn
+	mu      sync.Mutex
+	cond    *sync.Cond
+	q       []substitute.Event
+	done    bool
+	ids     map[uint64]uint64 // substituter activity id -> wire activity id
+	closing chan struct{}     // closed by close: write what is queued at once
+	exit    chan struct{}
 }
+
+// progressInterval is the least time between two writes of progress
+// events to a client: events that come in meanwhile go out together. Every
+// write wakes the client process: a `nix-store -r` client of a 400-path
+// closure used ~0.10 s of CPU with a write per event and ~0.07 s with this
+// (8 such clients at once: 0.13–0.14 s → 0.10–0.13 s each). Nothing is held
+// back when the request ends.
+const progressInterval = 20 * time.Millisecond
 
 // maxQueuedProgress is how many events may wait before progress results
 // are dropped.
@@ -65,7 +75,7 @@ const maxQueuedProgress = 4096
 
 // newProgress starts the writer; call close before stopWork.
 func (c *conn) newProgress() *progress {
-	p := &progress{c: c, ids: map[uint64]uint64{}, exit: make(chan struct{})}
+	p := &progress{c: c, ids: map[uint64]uint64{}, closing: make(chan struct{}), exit: make(chan struct{})}
 	p.cond = sync.NewCond(&p.mu)
 	go p.run()
 	return p
@@ -84,15 +94,27 @@ func (p *progress) Event(e substitute.Event) {
 
 func (p *progress) run() {
 	defer close(p.exit)
+	var last time.Time
 	for {
 		p.mu.Lock()
 		for len(p.q) == 0 && !p.done {
 			p.cond.Wait()
 		}
+		p.mu.Unlock()
+		if wait := progressInterval - time.Since(last); wait > 0 {
+			t := time.NewTimer(wait)
+			select {
+			case <-t.C:
+			case <-p.closing:
+			}
+			t.Stop()
+		}
+		p.mu.Lock()
 		q := p.q
 		p.q = nil
 		done := p.done
 		p.mu.Unlock()
+		last = time.Now()
 		end := p.c.tun.batch()
 		for _, e := range q {
 			p.write(e)
@@ -111,6 +133,7 @@ func (p *progress) close() {
 	p.done = true
 	p.cond.Signal()
 	p.mu.Unlock()
+	close(p.closing)
 	<-p.exit
 	for _, id := range p.ids {
 		p.c.tun.StopActivity(id)
