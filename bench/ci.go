@@ -12,7 +12,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -42,25 +41,6 @@ func NewCIJobs(dir, cacheURL string, roots []string) (*CIJobs, error) {
 		return nil, err
 	}
 	return j, nil
-}
-
-// ClosureRoots returns the paths of infos that no other path references:
-// realising them realises the whole closure.
-func ClosureRoots(infos []PathInfo) []string {
-	referenced := map[string]bool{}
-	for _, p := range infos {
-		for _, r := range p.Refs {
-			referenced[r] = true
-		}
-	}
-	var out []string
-	for _, p := range infos {
-		if !referenced[p.Path] {
-			out = append(out, p.Path)
-		}
-	}
-	sort.Strings(out)
-	return out
 }
 
 // bwrap returns the command running script in a new container (pid,

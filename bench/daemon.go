@@ -20,22 +20,23 @@ type Env struct {
 	ConfDir string // NIX_CONF_DIR
 }
 
-// NewEnv creates the private directories and nix.conf under work.
-func NewEnv(work string) (*Env, error) {
+// NewEnv creates the private directories and nix.conf under work. The
+// nix.conf turns substituters, the sandbox and build users off; conf lines
+// given here come after those and override them.
+func NewEnv(work string, conf ...string) (*Env, error) {
 	e := &Env{Work: work, ConfDir: filepath.Join(work, "conf")}
 	for _, d := range []string{"conf", "home", "cache", "state", "log"} {
 		if err := os.MkdirAll(filepath.Join(work, d), 0o755); err != nil {
 			return nil, fmt.Errorf("creating %s: %w", d, err)
 		}
 	}
-	conf := strings.Join([]string{
+	lines := append([]string{
 		"experimental-features = nix-command",
 		"sandbox = false",
 		"substituters =",
 		"build-users-group =",
-		"",
-	}, "\n")
-	if err := os.WriteFile(filepath.Join(e.ConfDir, "nix.conf"), []byte(conf), 0o644); err != nil {
+	}, conf...)
+	if err := os.WriteFile(filepath.Join(e.ConfDir, "nix.conf"), []byte(strings.Join(lines, "\n")+"\n"), 0o644); err != nil {
 		return nil, fmt.Errorf("writing nix.conf: %w", err)
 	}
 	return e, nil

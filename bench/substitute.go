@@ -133,22 +133,7 @@ func (s *CacheServer) serve(w http.ResponseWriter, r *http.Request) {
 // substituter and accepts unsigned paths. A fresh one per daemon start gives
 // the daemon (and its clients) empty narinfo disk caches.
 func NewSubstEnv(work, cacheURL string) (*Env, error) {
-	e, err := NewEnv(work)
-	if err != nil {
-		return nil, err
-	}
-	conf := strings.Join([]string{
-		"experimental-features = nix-command",
-		"sandbox = false",
-		"substituters = " + cacheURL,
-		"require-sigs = false",
-		"build-users-group =",
-		"",
-	}, "\n")
-	if err := os.WriteFile(filepath.Join(e.ConfDir, "nix.conf"), []byte(conf), 0o644); err != nil {
-		return nil, fmt.Errorf("writing nix.conf: %w", err)
-	}
-	return e, nil
+	return NewEnv(work, "substituters = "+cacheURL, "require-sigs = false")
 }
 
 // Realise runs `nix-store --store storeURL -r paths…` in env with its own

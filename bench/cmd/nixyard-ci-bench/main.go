@@ -80,7 +80,7 @@ func run(ctx context.Context, o options) (err error) {
 	}
 	srv := cachetest.New(cacheDir)
 	defer srv.Close()
-	roots := bench.ClosureRoots(infos)
+	roots := bench.Roots(infos)
 	logf("closure: %d paths (%d roots), cache %s", len(infos), len(roots), srv.URL)
 	jobs, err := bench.NewCIJobs(filepath.Join(mnt, "jobs"), srv.URL, roots)
 	if err != nil {
