@@ -367,7 +367,8 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 	wall := &bench.Metric{Name: fmt.Sprintf("nix copy of %d paths into an empty store: wall time", len(paths)), Unit: "s", Target: "≥ 1.2×"}
 	rate := &bench.Metric{Name: "nix copy: throughput (NAR bytes / wall time)", Unit: "MB/s", HigherBetter: true, Target: "≥ 1.2×"}
 	durable := &bench.Metric{Name: "nix copy, then syncfs: wall time", Unit: "s"}
-	all := []*bench.Metric{wall, rate, durable}
+	cpu := &bench.Metric{Name: "nix copy: daemon CPU time", Unit: "s"}
+	all := []*bench.Metric{wall, rate, durable, cpu}
 	if err := bench.SyncFS(b.mnt); err != nil {
 		return all, err
 	}
@@ -393,11 +394,16 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 			if err := bench.SyncFS(b.mnt); err != nil {
 				return all, err
 			}
+			dcpu := newDaemonCPU(d)
 			dur, err := b.copyAll(ctx, src, d)
+			cpuDur, cpuErr := dcpu.since(0)
 			var syncDur time.Duration
 			var narBytes uint64
 			if err == nil {
 				syncDur, narBytes, err = b.syncAndCheck(ctx, d, paths)
+			}
+			if cerr := dcpu.close(); cerr != nil {
+				logf("%v", cerr)
 			}
 			if serr := b.stop(d); serr != nil {
 				logf("stopping %s: %v", spec.Name, serr)
@@ -420,8 +426,9 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 				addSample(wall, spec.Name, dur.Seconds())
 				addSample(rate, spec.Name, mbps)
 				addSample(durable, spec.Name, (dur + syncDur).Seconds())
-				logf("rep %d: %s: nix copy of %d paths, %.1f MB of NAR: %.2f s (%.1f MB/s), +syncfs %.2f s",
-					rep+1, spec.Name, len(paths), float64(narBytes)/1e6, dur.Seconds(), mbps, syncDur.Seconds())
+				sampleOrErr(cpu, spec.Name, cpuDur.Seconds(), cpuErr)
+				logf("rep %d: %s: nix copy of %d paths, %.1f MB of NAR: %.2f s (%.1f MB/s), +syncfs %.2f s, daemon CPU %.2f s",
+					rep+1, spec.Name, len(paths), float64(narBytes)/1e6, dur.Seconds(), mbps, syncDur.Seconds(), cpuDur.Seconds())
 			}
 			if err := os.RemoveAll(root); err != nil {
 				return all, fmt.Errorf("removing %s: %w", root, err)

@@ -6,7 +6,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -52,28 +51,7 @@ type substRun struct {
 	d    *bench.Daemon
 	env  *bench.Env
 	work string
-	cpu  *bench.CPUGroup // nil if CPU time cannot be measured here
-}
-
-// cpuSince returns the daemon's CPU time (its processes' included) since
-// the usage before, or an error if it is not measured.
-func (r *substRun) cpuSince(before time.Duration) (time.Duration, error) {
-	if r.cpu == nil {
-		return 0, errNoCPUAcct
-	}
-	now, err := r.cpu.Usage()
-	return now - before, err
-}
-
-var errNoCPUAcct = errors.New("no cgroup-v1 cpuacct hierarchy to measure CPU time with")
-
-// cpuUsage is the daemon's CPU time so far (0 if not measured).
-func (r *substRun) cpuUsage() time.Duration {
-	if r.cpu == nil {
-		return 0
-	}
-	u, _ := r.cpu.Usage()
-	return u
+	cpu  *daemonCPU
 }
 
 var substSeq int
@@ -94,24 +72,15 @@ func (b *bencher) startSubst(ctx context.Context, spec bench.DaemonSpec, c *subs
 	}
 	b.running[d] = true
 	r := &substRun{d: d, env: env, work: work}
-	if g, err := bench.NewCPUGroup(fmt.Sprintf("nixyard-bench-%d-%02d", os.Getpid(), substSeq)); err != nil {
-		logf("daemon CPU time not measured: %v", err)
-	} else if err := g.Add(d.PID()); err != nil {
-		logf("daemon CPU time not measured: %v", err)
-		g.Close()
-	} else {
-		r.cpu = g
-	}
+	r.cpu = newDaemonCPU(d)
 	return r, nil
 }
 
 // finish stops the daemon and removes its store and environment.
 func (b *bencher) finishSubst(r *substRun) error {
 	err := b.stop(r.d)
-	if r.cpu != nil {
-		if cerr := r.cpu.Close(); cerr != nil && err == nil {
-			err = cerr
-		}
+	if cerr := r.cpu.close(); cerr != nil && err == nil {
+		err = cerr
 	}
 	if rerr := os.RemoveAll(r.d.Root); rerr != nil {
 		err = fmt.Errorf("removing %s: %w", r.d.Root, rerr)
@@ -265,9 +234,9 @@ func sampleOrErr(m *bench.Metric, name string, v float64, err error) {
 // zstd, also the warm runs on the filled store. rep < 0 is a warm-up.
 func (b *bencher) substCold(ctx context.Context, spec bench.DaemonSpec, c *substCache, rep int, m *substMetrics, single, singleCPU map[string]float64) error {
 	return b.withSubstDaemon(ctx, spec, c, c.comp, m.rate[c.comp], func(rctx context.Context, r *substRun) error {
-		cpu0 := r.cpuUsage()
+		cpu0 := r.cpu.usage()
 		dur, err := bench.Realise(rctx, r.env, r.d.StoreURL(), filepath.Join(r.work, "client-cache"), m.roots)
-		cpu, cpuErr := r.cpuSince(cpu0)
+		cpu, cpuErr := r.cpu.since(cpu0)
 		var syncDur time.Duration
 		var narBytes uint64
 		if err == nil {
@@ -332,7 +301,7 @@ func (b *bencher) substConcurrent(ctx context.Context, spec bench.DaemonSpec, c 
 	return b.withSubstDaemon(ctx, spec, c, fmt.Sprintf("x%d", n), m.conc, func(rctx context.Context, r *substRun) error {
 		errs := make([]error, n)
 		var wg sync.WaitGroup
-		cpu0 := r.cpuUsage()
+		cpu0 := r.cpu.usage()
 		start := time.Now()
 		for i := range n {
 			wg.Add(1)
@@ -343,7 +312,7 @@ func (b *bencher) substConcurrent(ctx context.Context, spec bench.DaemonSpec, c 
 		}
 		wg.Wait()
 		wall := time.Since(start)
-		cpu, cpuErr := r.cpuSince(cpu0)
+		cpu, cpuErr := r.cpu.since(cpu0)
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
