@@ -473,7 +473,11 @@ func (b *batch) abort() {
 // would cost a goroutine or two (see pointCtx).
 func (s *Store) register(ctx context.Context, paths []*pendingPath) error {
 	ctx = context.WithoutCancel(ctx)
-	return s.db.write(ctx, func(tx *sql.Tx) error { return s.registerTx(ctx, tx, paths) })
+	touched := make([]storepath.Path, len(paths))
+	for i, pp := range paths {
+		touched[i] = pp.info.Path
+	}
+	return s.db.write(ctx, touched, func(tx *sql.Tx) error { return s.registerTx(ctx, tx, paths) })
 }
 
 // registerTx is register's transaction body.
@@ -705,7 +709,7 @@ func (s *Store) addUnpacked(ctx context.Context, info PathInfo, tmp string, repa
 // set, as Nix does).
 func (s *Store) AddSignatures(ctx context.Context, p storepath.Path, sigs []string) error {
 	abs := s.abs(p)
-	err := s.db.write(ctx, func(tx *sql.Tx) error {
+	err := s.db.write(ctx, []storepath.Path{p}, func(tx *sql.Tx) error {
 		var cur sql.NullString
 		err := tx.QueryRowContext(ctx, "select sigs from ValidPaths where path = ?", abs).Scan(&cur)
 		if errors.Is(err, sql.ErrNoRows) {

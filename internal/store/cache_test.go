@@ -13,6 +13,7 @@ import (
 
 	"github.com/nixyard/nixyard/internal/nix/contentaddress"
 	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
 
 // fakeClock makes the path info cache's clock controllable; the returned
@@ -125,5 +126,87 @@ func TestCacheSeesRealNix(t *testing.T) {
 	}
 	if len(got.Sigs) != 1 || !strings.HasPrefix(got.Sigs[0], "test-1:") {
 		t.Errorf("after nix store sign: sigs %q", got.Sigs)
+	}
+}
+
+// cached reports whether the cache holds an entry for p, and whether that
+// entry says p is valid.
+func cached(s *Store, p storepath.Path) (known, valid bool) {
+	s.cache.mu.RLock()
+	defer s.cache.mu.RUnlock()
+	info, known := s.cache.m[p]
+	return known, info != nil
+}
+
+// TestCacheOwnCommitsDropOnlyTheirPaths checks that registering a path
+// leaves the other entries in place and replaces the "not valid" entry of
+// the path itself.
+func TestCacheOwnCommitsDropOnlyTheirPaths(t *testing.T) {
+	s, _ := testStore(t)
+	fakeClock(s)
+	ctx := context.Background()
+	a, err := s.AddToStoreContent(ctx, "a", contentaddress.Flat, hash.SHA256, nil, strings.NewReader("a"), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.QueryPathInfo(ctx, a.Path); err != nil {
+		t.Fatal(err)
+	}
+	// b's store path, before b is added.
+	b, err := contentaddress.CA{Method: contentaddress.Flat, Hash: hash.Sum(hash.SHA256, []byte("b"))}.StorePath(s.dir, "b", nil, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := s.IsValidPath(ctx, b); err != nil || ok {
+		t.Fatalf("IsValidPath(b) before adding it = %v, %v", ok, err)
+	}
+	if known, valid := cached(s, b); !known || valid {
+		t.Fatalf("b before adding it: cached %v, valid %v; want a \"not valid\" entry", known, valid)
+	}
+	if _, err := s.AddToStoreContent(ctx, "b", contentaddress.Flat, hash.SHA256, nil, strings.NewReader("b"), false); err != nil {
+		t.Fatal(err)
+	}
+	if known, valid := cached(s, a.Path); !known || !valid {
+		t.Errorf("a after adding b: cached %v, valid %v; want its entry kept", known, valid)
+	}
+	if known, valid := cached(s, b); known && !valid {
+		t.Errorf("b's \"not valid\" entry outlived its registration")
+	}
+	if ok, err := s.IsValidPath(ctx, b); err != nil || !ok {
+		t.Errorf("IsValidPath(b) after adding it = %v, %v", ok, err)
+	}
+}
+
+// TestCacheOwnCommitNoticesForeignOne checks that a commit by another
+// connection just before one of ours is not taken for ours: the cache is
+// dropped then, without waiting for the staleness bound.
+func TestCacheOwnCommitNoticesForeignOne(t *testing.T) {
+	s, root := testStore(t)
+	fakeClock(s) // never advanced: only the write can notice
+	ctx := context.Background()
+	a, err := s.AddToStoreContent(ctx, "a", contentaddress.Flat, hash.SHA256, nil, strings.NewReader("a"), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.QueryPathInfo(ctx, a.Path); err != nil {
+		t.Fatal(err)
+	}
+	other, err := sql.Open(dbDriver(), "file:"+filepath.Join(root, "nix/var/nix/db/db.sqlite")+"?mode=rw")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if _, err := other.Exec("update ValidPaths set sigs = 'other:sig' where path = ?", s.abs(a.Path)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.AddToStoreContent(ctx, "b", contentaddress.Flat, hash.SHA256, nil, strings.NewReader("b"), false); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.QueryPathInfo(ctx, a.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(got.Sigs, []string{"other:sig"}) {
+		t.Errorf("after a foreign update and then one of ours: sigs %q, want [other:sig]", got.Sigs)
 	}
 }

@@ -15,6 +15,8 @@ import (
 	"sync"
 
 	sqlite3 "github.com/mattn/go-sqlite3"
+
+	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
 
 // nixSchema is Nix 2.8's src/libstore/schema.sql: the database must be
@@ -101,7 +103,7 @@ type database struct {
 	r    *sql.DB
 
 	// Prepared statements on the reader pool.
-	qPathInfo, qReferrers, qValid, qAll, qHashPart, qDerivers, qDrvOutputs *sql.Stmt
+	qPathInfo, qReferrers, qAll, qHashPart, qDerivers, qDrvOutputs *sql.Stmt
 
 	// guard is a connection of its own that only runs "pragma
 	// data_version"; see dataVersion. It is used under guardMu.
@@ -111,26 +113,94 @@ type database struct {
 	guardDest []driver.Value
 
 	// onCommit runs after every transaction of the writer (see write).
-	onCommit func()
+	onCommit func(c commit)
+
+	// writerVersion is data_version as last read on the writer connection
+	// (-1: not yet), which only other processes' commits change. Used by
+	// write, while it holds that connection.
+	writerVersion int64
+}
+
+// commit tells the path info cache (onCommit) what a transaction of ours
+// may have changed.
+type commit struct {
+	// touched names every path whose ValidPaths row, or references, the
+	// transaction may have added, changed or deleted.
+	touched []storepath.Path
+	// external: another process committed too, since our previous write or
+	// in the moment after this one; everything may have changed.
+	external bool
+	// guardVersion is the guard connection's data_version after the
+	// commit, which counts it (and, if !external, nothing of others').
+	guardVersion int64
 }
 
 // write runs fn in a transaction of the writer connection and commits it.
 // Every write of this package goes through it, so that onCommit (the path
-// info cache's invalidation) follows every commit of ours.
-func (d *database) write(ctx context.Context, fn func(tx *sql.Tx) error) error {
-	tx, err := d.w.BeginTx(ctx, nil)
+// info cache's invalidation) follows every commit of ours. touched names
+// every path whose ValidPaths row, or references, fn may add, change or
+// delete.
+//
+// Around the transaction it reads data_version on the writer connection,
+// where only other processes' commits change it: at its start (under the
+// write lock, so nothing else can commit until ours is done) and after
+// the commit, after reading the guard's. An external commit that the
+// guard's value takes in is therefore always seen by the second reading.
+func (d *database) write(ctx context.Context, touched []storepath.Path, fn func(tx *sql.Tx) error) error {
+	conn, err := d.w.Conn(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	tx, err := conn.BeginTx(ctx, nil)
 	if err != nil {
 		return err
 	}
 	defer tx.Rollback()
+	before, verr := writerDataVersion(tx)
 	if err := fn(tx); err != nil {
 		return err
 	}
-	err = tx.Commit()
-	if d.onCommit != nil {
-		d.onCommit()
+	if err := tx.Commit(); err != nil {
+		// Possibly committed after all: treat as a change of anything.
+		d.committed(commit{external: true, guardVersion: -1})
+		return err
 	}
-	return err
+	c := commit{touched: touched}
+	d.guardMu.Lock()
+	c.guardVersion, err = d.dataVersion()
+	d.guardMu.Unlock()
+	after, aerr := writerDataVersion(conn)
+	c.external = err != nil || verr != nil || aerr != nil ||
+		(d.writerVersion >= 0 && before != d.writerVersion) || after != before
+	if err != nil {
+		c.guardVersion = -1
+	}
+	d.writerVersion = after
+	if aerr != nil {
+		d.writerVersion = -1
+	}
+	d.committed(c)
+	return nil
+}
+
+func (d *database) committed(c commit) {
+	if d.onCommit != nil {
+		d.onCommit(c)
+	}
+}
+
+// writerDataVersion reads data_version on the writer connection (q is the
+// connection or a transaction of it). Without a cancellable context:
+// go-sqlite3 would step the statement in a goroutine of its own.
+func writerDataVersion(q interface {
+	QueryRowContext(context.Context, string, ...any) *sql.Row
+}) (int64, error) {
+	var v int64
+	if err := q.QueryRowContext(context.Background(), "pragma data_version").Scan(&v); err != nil {
+		return 0, fmt.Errorf("pragma data_version: %w", err)
+	}
+	return v, nil
 }
 
 // openDatabase opens db/db.sqlite, creating it and db/schema as Nix does
@@ -147,7 +217,7 @@ func openDatabase(ctx context.Context, dbDir string, log *slog.Logger) (*databas
 	if cur != 0 && cur != schemaVersion {
 		return nil, fmt.Errorf("store: %s: current Nix store schema is version %d, but only version %d is supported", schemaPath, cur, schemaVersion)
 	}
-	d := &database{path: filepath.Join(dbDir, "db.sqlite")}
+	d := &database{path: filepath.Join(dbDir, "db.sqlite"), writerVersion: -1}
 	mode := "rw"
 	if cur == 0 {
 		mode = "rwc"
@@ -291,7 +361,6 @@ func (d *database) prepare(ctx context.Context) error {
 		// space-separated (store paths contain no spaces).
 		{&d.qPathInfo, "select hash, registrationTime, deriver, narSize, ultimate, sigs, ca, (select group_concat(v.path, ' ') from Refs r join ValidPaths v on r.reference = v.id where r.referrer = p.id) from ValidPaths p where path = ?"},
 		{&d.qReferrers, "select path from Refs join ValidPaths on referrer = id where reference = (select id from ValidPaths where path = ?)"},
-		{&d.qValid, "select 1 from ValidPaths where path = ?"},
 		{&d.qAll, "select path from ValidPaths"},
 		{&d.qHashPart, "select path from ValidPaths where path >= ? limit 1"},
 		{&d.qDerivers, "select v.path from DerivationOutputs d join ValidPaths v on d.drv = v.id where d.path = ?"},
@@ -311,7 +380,7 @@ func (d *database) close() error {
 		return nil
 	}
 	var errs []error
-	for _, st := range []*sql.Stmt{d.qPathInfo, d.qReferrers, d.qValid, d.qAll, d.qHashPart, d.qDerivers, d.qDrvOutputs} {
+	for _, st := range []*sql.Stmt{d.qPathInfo, d.qReferrers, d.qAll, d.qHashPart, d.qDerivers, d.qDrvOutputs} {
 		if st != nil {
 			errs = append(errs, st.Close())
 		}

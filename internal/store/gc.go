@@ -507,7 +507,7 @@ func (s *Store) topoSort(ctx context.Context, set map[storepath.Path]bool) ([]st
 // invalidatePathChecked removes p from the database, refusing if valid
 // paths other than p itself still refer to it.
 func (s *Store) invalidatePathChecked(ctx context.Context, p storepath.Path) error {
-	err := s.db.write(ctx, func(tx *sql.Tx) error {
+	err := s.db.write(ctx, []storepath.Path{p}, func(tx *sql.Tx) error {
 		rows, err := tx.QueryContext(ctx, "select path from Refs join ValidPaths on referrer = id where reference = (select id from ValidPaths where path = ?)", s.abs(p))
 		if err != nil {
 			return err

@@ -56,10 +56,10 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 func countCommits(s *Store) *atomic.Int64 {
 	var n atomic.Int64
 	prev := s.db.onCommit
-	s.db.onCommit = func() {
+	s.db.onCommit = func(c commit) {
 		n.Add(1)
 		if prev != nil {
-			prev()
+			prev(c)
 		}
 	}
 	return &n
@@ -202,7 +202,7 @@ func TestGroupCommitBadMember(t *testing.T) {
 	if _, err := s.db.w.Exec("delete from ValidPaths where path = ?", s.abs(refInfo.Path)); err != nil {
 		t.Fatal(err)
 	}
-	s.cache.invalidate()
+	s.cache.invalidateAll()
 	s.commitGroup(ctx, group)
 	for i, m := range group {
 		ok, err := s.IsValidPath(ctx, infos[i].Path)

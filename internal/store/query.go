@@ -49,15 +49,8 @@ func pointCtx(ctx context.Context) context.Context { return context.WithoutCance
 
 // IsValidPath reports whether p is registered as valid.
 func (s *Store) IsValidPath(ctx context.Context, p storepath.Path) (bool, error) {
-	var one int
-	err := s.db.qValid.QueryRowContext(pointCtx(ctx), s.abs(p)).Scan(&one)
-	if errors.Is(err, sql.ErrNoRows) {
-		return false, nil
-	}
-	if err != nil {
-		return false, fmt.Errorf("store: querying validity of %s: %w", s.abs(p), err)
-	}
-	return true, nil
+	info, err := s.lookup(ctx, p)
+	return info != nil, err
 }
 
 // QueryPathInfo returns the metadata of a valid path, or an error wrapping
@@ -75,18 +68,32 @@ func (s *Store) QueryPathInfo(ctx context.Context, p storepath.Path) (*PathInfo,
 // result: on a cache hit it returns the cached entry itself, without a copy.
 // The caller must not modify it or anything it refers to (slices included).
 func (s *Store) QueryPathInfoShared(ctx context.Context, p storepath.Path) (*PathInfo, error) {
-	info, gen, err := s.cache.getShared(p)
+	info, err := s.lookup(ctx, p)
+	if err == nil && info == nil {
+		err = fmt.Errorf("store: path '%s': %w", s.abs(p), ErrNotValid)
+	}
+	return info, err
+}
+
+// lookup returns p's info, shared as by QueryPathInfoShared, or nil if p
+// is not valid: from the cache if it knows, else from the database (and
+// then the cache knows).
+func (s *Store) lookup(ctx context.Context, p storepath.Path) (*PathInfo, error) {
+	info, known, epoch, err := s.cache.getShared(p)
 	if err != nil {
 		return nil, fmt.Errorf("store: querying path info of %s: %w", s.abs(p), err)
 	}
-	if info != nil {
+	if known {
 		return info, nil
 	}
 	info, err = s.queryPathInfoDB(ctx, p)
+	if errors.Is(err, ErrNotValid) {
+		info, err = nil, nil
+	}
 	if err != nil {
 		return nil, err
 	}
-	s.cache.fill(gen, info)
+	s.cache.fill(epoch, p, info)
 	return info, nil
 }
 

@@ -82,7 +82,7 @@ func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, log
 		}
 		if canInvalidate {
 			log(fmt.Sprintf("path '%s' disappeared, removing from database...", s.abs(p)))
-			if err := s.db.write(ctx, func(tx *sql.Tx) error {
+			if err := s.db.write(ctx, []storepath.Path{p}, func(tx *sql.Tx) error {
 				_, err := tx.ExecContext(ctx, "delete from ValidPaths where path = ?", s.abs(p))
 				return err
 			}); err != nil {
@@ -158,7 +158,7 @@ func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, log
 		}
 		if info.NarSize == 0 {
 			log(fmt.Sprintf("updating size field on '%s' to %d", s.abs(p), size))
-			if err := s.db.write(ctx, func(tx *sql.Tx) error {
+			if err := s.db.write(ctx, []storepath.Path{p}, func(tx *sql.Tx) error {
 				_, err := tx.ExecContext(ctx, "update ValidPaths set narSize = ? where path = ?", int64(size), s.abs(p))
 				return err
 			}); err != nil {
