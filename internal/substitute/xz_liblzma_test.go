@@ -5,6 +5,8 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
+	"os"
+	"sync"
 	"testing"
 
 	"github.com/ulikunitz/xz"
@@ -87,4 +89,57 @@ func TestLiblzmaReader(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestLiblzmaReaderThreads decodes many streams at once, releasing half of
+// the decoders part-way through, and checks that every decoder thread is
+// gone afterwards.
+func TestLiblzmaReaderThreads(t *testing.T) {
+	if _, release, ok, err := newLiblzmaReader(bytes.NewReader(nil)); !ok || err != nil {
+		t.Skip("liblzma.so.5 cannot be loaded")
+	} else {
+		release()
+	}
+	data := bytes.Repeat([]byte("nixyard decodes on threads of its own\n"), 40000)
+	comp := xzOf(t, data)
+	before := threads(t)
+	var wg sync.WaitGroup
+	for i := range 24 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r, release, _, err := newLiblzmaReader(oddReader{bytes.NewReader(comp)})
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer release()
+			if i%2 == 1 { // released with most of the stream unread
+				if _, err := io.ReadFull(r, make([]byte, 1000)); err != nil {
+					t.Error(err)
+				}
+				return
+			}
+			got, err := io.ReadAll(r)
+			if err != nil || !bytes.Equal(got, data) {
+				t.Errorf("decoded %d bytes, err %v; want %d bytes", len(got), err, len(data))
+			}
+		}()
+	}
+	wg.Wait()
+	// The Go runtime may have started threads of its own meanwhile; 24
+	// decoder threads left behind would be far more.
+	if after := threads(t); after > before+8 {
+		t.Errorf("%d threads before, %d after: decoder threads left running", before, after)
+	}
+}
+
+// threads counts this process's threads.
+func threads(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		t.Skipf("cannot count threads: %v", err)
+	}
+	return len(ents)
 }
