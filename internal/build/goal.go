@@ -440,7 +440,7 @@ func (g *goal) realise(ctx context.Context) Result {
 	defer locks.Unlock()
 	missing := map[string]storepath.Path{}
 	for n, p := range outPaths {
-		ok, err := b.st.IsValidPath(ctx, p)
+		ok, err := b.st.IsValidPathFresh(ctx, p) // under the outputs' locks
 		if err != nil {
 			return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
 		}

@@ -226,7 +226,7 @@ func (b *batch) add(ctx context.Context, info PathInfo, r io.Reader) error {
 			return err
 		}
 	}
-	if valid, err = s.IsValidPath(ctx, info.Path); err != nil || (valid && !b.opts.Repair) {
+	if valid, err = s.IsValidPathFresh(ctx, info.Path); err != nil || (valid && !b.opts.Repair) {
 		lock.unlock()
 		if err != nil {
 			return err
@@ -237,7 +237,7 @@ func (b *batch) add(ctx context.Context, info PathInfo, r io.Reader) error {
 		if ref == info.Path || b.inBatch[ref] {
 			continue
 		}
-		ok, err := s.IsValidPath(ctx, ref)
+		ok, err := s.IsValidPathFresh(ctx, ref)
 		if err != nil {
 			lock.unlock()
 			return err
@@ -666,11 +666,11 @@ func (s *Store) addUnpacked(ctx context.Context, info PathInfo, tmp string, repa
 		return err
 	}
 	defer lock.unlock()
-	if valid, err := s.IsValidPath(ctx, info.Path); err != nil || (valid && !repair) {
+	if valid, err := s.IsValidPathFresh(ctx, info.Path); err != nil || (valid && !repair) {
 		return err
 	}
 	for _, ref := range info.References {
-		if ok, err := s.IsValidPath(ctx, ref); err != nil {
+		if ok, err := s.IsValidPathFresh(ctx, ref); err != nil {
 			return err
 		} else if !ok {
 			return fmt.Errorf("store: cannot add path '%s' because its reference '%s' is not valid: %w", abs, s.abs(ref), ErrNotValid)

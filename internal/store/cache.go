@@ -82,6 +82,22 @@ func (c *infoCache) committed(cm commit) {
 	c.version = cm.guardVersion
 }
 
+// correct drops p's entry if it contradicts valid, what a read of the
+// database just found. Dropping can only make the cache fresher, whichever
+// of the two is newer.
+func (c *infoCache) correct(p storepath.Path, valid bool) {
+	c.mu.RLock()
+	info, known := c.m[p]
+	c.mu.RUnlock()
+	if !known || (info != nil) == valid {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.m, p)
+	c.epoch++
+}
+
 // invalidateAll drops every entry.
 func (c *infoCache) invalidateAll() {
 	c.mu.Lock()

@@ -14,6 +14,7 @@ import (
 	"github.com/nixyard/nixyard/internal/nix/contentaddress"
 	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"golang.org/x/sys/unix"
 )
 
 // fakeClock makes the path info cache's clock controllable; the returned
@@ -208,5 +209,77 @@ func TestCacheOwnCommitNoticesForeignOne(t *testing.T) {
 	}
 	if !slices.Equal(got.Sigs, []string{"other:sig"}) {
 		t.Errorf("after a foreign update and then one of ours: sigs %q, want [other:sig]", got.Sigs)
+	}
+}
+
+// TestCacheFirstWriteNoticesForeignCommit: a commit by another connection
+// before our first write since opening is not taken for ours (the writer's
+// data_version has no earlier reading to compare with).
+func TestCacheFirstWriteNoticesForeignCommit(t *testing.T) {
+	root := t.TempDir()
+	ctx := context.Background()
+	{
+		s := openAt(t, root)
+		if _, err := s.AddToStoreContent(ctx, "a", contentaddress.Flat, hash.SHA256, nil, strings.NewReader("a"), false); err != nil {
+			t.Fatal(err)
+		}
+		s.Close()
+	}
+	s := openAt(t, root)
+	defer s.Close()
+	advance := fakeClock(s)
+	other := openAt(t, root) // another process, as far as SQLite can tell
+	defer other.Close()
+	b, err := contentaddress.CA{Method: contentaddress.Flat, Hash: hash.Sum(hash.SHA256, []byte("b"))}.StorePath(s.dir, "b", nil, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := s.IsValidPath(ctx, b); err != nil || ok {
+		t.Fatalf("IsValidPath(b) = %v, %v before anyone added it", ok, err)
+	}
+	if _, err := other.AddToStoreContent(ctx, "b", contentaddress.Flat, hash.SHA256, nil, strings.NewReader("b"), false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.AddToStoreContent(ctx, "c", contentaddress.Flat, hash.SHA256, nil, strings.NewReader("c"), false); err != nil {
+		t.Fatal(err)
+	}
+	advance()
+	advance()
+	if ok, err := s.IsValidPath(ctx, b); err != nil || !ok {
+		t.Errorf("IsValidPath(b) = %v, %v after another process added it, want true", ok, err)
+	}
+}
+
+// TestAddRechecksUnderLock: a path that another process registered while
+// the cache still says "not valid" is not unpacked again over the files
+// that process wrote.
+func TestAddRechecksUnderLock(t *testing.T) {
+	s, root := testStore(t)
+	fakeClock(s) // never advanced: the cache keeps its "not valid"
+	ctx := context.Background()
+	other := openAt(t, root)
+	defer other.Close()
+	x, err := contentaddress.CA{Method: contentaddress.Flat, Hash: hash.Sum(hash.SHA256, []byte("x"))}.StorePath(s.dir, "x", nil, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := s.IsValidPath(ctx, x); err != nil || ok {
+		t.Fatalf("IsValidPath(x) = %v, %v before anyone added it", ok, err)
+	}
+	if _, err := other.AddToStoreContent(ctx, "x", contentaddress.Flat, hash.SHA256, nil, strings.NewReader("x"), false); err != nil {
+		t.Fatal(err)
+	}
+	var before, after unix.Stat_t
+	if err := unix.Lstat(s.RealPath(x), &before); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.AddToStoreContent(ctx, "x", contentaddress.Flat, hash.SHA256, nil, strings.NewReader("x"), false); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Lstat(s.RealPath(x), &after); err != nil {
+		t.Fatal(err)
+	}
+	if before.Ino != after.Ino {
+		t.Errorf("x was unpacked again (inode %d → %d) although another process had registered it", before.Ino, after.Ino)
 	}
 }

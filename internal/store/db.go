@@ -103,7 +103,7 @@ type database struct {
 	r    *sql.DB
 
 	// Prepared statements on the reader pool.
-	qPathInfo, qReferrers, qAll, qHashPart, qDerivers, qDrvOutputs *sql.Stmt
+	qPathInfo, qReferrers, qValid, qAll, qHashPart, qDerivers, qDrvOutputs *sql.Stmt
 
 	// guard is a connection of its own that only runs "pragma
 	// data_version"; see dataVersion. It is used under guardMu.
@@ -116,8 +116,9 @@ type database struct {
 	onCommit func(c commit)
 
 	// writerVersion is data_version as last read on the writer connection
-	// (-1: not yet), which only other processes' commits change. Used by
-	// write, while it holds that connection.
+	// (-1: not yet, and then the next commit counts as foreign), which only
+	// other processes' commits change. Used by write, while it holds that
+	// connection.
 	writerVersion int64
 }
 
@@ -172,7 +173,7 @@ func (d *database) write(ctx context.Context, touched []storepath.Path, fn func(
 	d.guardMu.Unlock()
 	after, aerr := writerDataVersion(conn)
 	c.external = err != nil || verr != nil || aerr != nil ||
-		(d.writerVersion >= 0 && before != d.writerVersion) || after != before
+		d.writerVersion < 0 || before != d.writerVersion || after != before
 	if err != nil {
 		c.guardVersion = -1
 	}
@@ -360,6 +361,7 @@ func (d *database) prepare(ctx context.Context) error {
 		// One statement and one row per path: the references come
 		// space-separated (store paths contain no spaces).
 		{&d.qPathInfo, "select hash, registrationTime, deriver, narSize, ultimate, sigs, ca, (select group_concat(v.path, ' ') from Refs r join ValidPaths v on r.reference = v.id where r.referrer = p.id) from ValidPaths p where path = ?"},
+		{&d.qValid, "select 1 from ValidPaths where path = ?"},
 		{&d.qReferrers, "select path from Refs join ValidPaths on referrer = id where reference = (select id from ValidPaths where path = ?)"},
 		{&d.qAll, "select path from ValidPaths"},
 		{&d.qHashPart, "select path from ValidPaths where path >= ? limit 1"},
@@ -380,7 +382,7 @@ func (d *database) close() error {
 		return nil
 	}
 	var errs []error
-	for _, st := range []*sql.Stmt{d.qPathInfo, d.qReferrers, d.qAll, d.qHashPart, d.qDerivers, d.qDrvOutputs} {
+	for _, st := range []*sql.Stmt{d.qPathInfo, d.qReferrers, d.qValid, d.qAll, d.qHashPart, d.qDerivers, d.qDrvOutputs} {
 		if st != nil {
 			errs = append(errs, st.Close())
 		}

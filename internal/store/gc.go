@@ -402,7 +402,7 @@ func (c *collector) deleteReferrersClosure(ctx context.Context, start storepath.
 		c.run.pending = p.HashPart()
 		c.run.mu.Unlock()
 
-		valid, err := c.s.IsValidPath(ctx, p)
+		valid, err := c.s.IsValidPathFresh(ctx, p)
 		if err != nil {
 			return err
 		}

@@ -47,10 +47,32 @@ func (s *Store) scanPaths(rows *sql.Rows, what string) ([]storepath.Path, error)
 // per query, which costs more than the query.
 func pointCtx(ctx context.Context) context.Context { return context.WithoutCancel(ctx) }
 
-// IsValidPath reports whether p is registered as valid.
+// IsValidPath reports whether p is registered as valid. The answer may come
+// from the path info cache, which can be up to externalStaleness behind a
+// commit by another process (cache.go); decisions that must not act on
+// that, made under a path's lock or by the garbage collector, use
+// IsValidPathFresh.
 func (s *Store) IsValidPath(ctx context.Context, p storepath.Path) (bool, error) {
 	info, err := s.lookup(ctx, p)
 	return info != nil, err
+}
+
+// IsValidPathFresh is IsValidPath read from the database, never the cache:
+// for the check made after taking a path's lock (another process may have
+// registered the path while we waited for it) and for the garbage
+// collector's decisions. A cache entry it contradicts is dropped.
+func (s *Store) IsValidPathFresh(ctx context.Context, p storepath.Path) (bool, error) {
+	var one int
+	err := s.db.qValid.QueryRowContext(pointCtx(ctx), s.abs(p)).Scan(&one)
+	valid := err == nil
+	if errors.Is(err, sql.ErrNoRows) {
+		err = nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("store: querying validity of %s: %w", s.abs(p), err)
+	}
+	s.cache.correct(p, valid)
+	return valid, nil
 }
 
 // QueryPathInfo returns the metadata of a valid path, or an error wrapping

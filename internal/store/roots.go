@@ -60,7 +60,7 @@ func (s *Store) FindRoots(ctx context.Context, censor bool) (map[storepath.Path]
 		return nil, err
 	}
 	for p, links := range temp {
-		ok, err := s.IsValidPath(ctx, p)
+		ok, err := s.IsValidPathFresh(ctx, p)
 		if err != nil {
 			return nil, err
 		}
@@ -267,7 +267,7 @@ func (s *Store) findRuntimeRoots(ctx context.Context, roots rootSet, censor bool
 		if err != nil {
 			continue
 		}
-		ok, err := s.IsValidPath(ctx, p)
+		ok, err := s.IsValidPathFresh(ctx, p)
 		if err != nil {
 			return err
 		}
@@ -367,7 +367,7 @@ func (s *Store) AddPermRoot(ctx context.Context, p storepath.Path, gcRoot string
 // addValidRoot records link as a root of p if p is valid, and says whether
 // it was.
 func (s *Store) addValidRoot(ctx context.Context, roots rootSet, p storepath.Path, link string) (bool, error) {
-	ok, err := s.IsValidPath(ctx, p)
+	ok, err := s.IsValidPathFresh(ctx, p)
 	if err != nil || !ok {
 		return false, err
 	}
