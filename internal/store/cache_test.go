@@ -139,6 +139,36 @@ func cached(s *Store, p storepath.Path) (known, valid bool) {
 	return known, info != nil
 }
 
+// flatPath is the store path of name added with AddToStoreContent (flat,
+// sha256) with name itself as its contents.
+func flatPath(t *testing.T, s *Store, name string) storepath.Path {
+	t.Helper()
+	p, err := contentaddress.CA{Method: contentaddress.Flat, Hash: hash.Sum(hash.SHA256, []byte(name))}.StorePath(s.dir, name, nil, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// addFlat adds name, with name itself as its contents, to s.
+func addFlat(t *testing.T, s *Store, name string) storepath.Path {
+	t.Helper()
+	info, err := s.AddToStoreContent(context.Background(), name, contentaddress.Flat, hash.SHA256, nil, strings.NewReader(name), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.Path
+}
+
+// cacheNotValid has s look up p, which is not valid yet: s's cache then
+// says so.
+func cacheNotValid(t *testing.T, s *Store, p storepath.Path) {
+	t.Helper()
+	if ok, err := s.IsValidPath(context.Background(), p); err != nil || ok {
+		t.Fatalf("IsValidPath(%s) = %v, %v before anyone added it", p, ok, err)
+	}
+}
+
 // TestCacheOwnCommitsDropOnlyTheirPaths checks that registering a path
 // leaves the other entries in place and replaces the "not valid" entry of
 // the path itself.
@@ -146,28 +176,17 @@ func TestCacheOwnCommitsDropOnlyTheirPaths(t *testing.T) {
 	s, _ := testStore(t)
 	fakeClock(s)
 	ctx := context.Background()
-	a, err := s.AddToStoreContent(ctx, "a", contentaddress.Flat, hash.SHA256, nil, strings.NewReader("a"), false)
-	if err != nil {
+	a := addFlat(t, s, "a")
+	if _, err := s.QueryPathInfo(ctx, a); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.QueryPathInfo(ctx, a.Path); err != nil {
-		t.Fatal(err)
-	}
-	// b's store path, before b is added.
-	b, err := contentaddress.CA{Method: contentaddress.Flat, Hash: hash.Sum(hash.SHA256, []byte("b"))}.StorePath(s.dir, "b", nil, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if ok, err := s.IsValidPath(ctx, b); err != nil || ok {
-		t.Fatalf("IsValidPath(b) before adding it = %v, %v", ok, err)
-	}
+	b := flatPath(t, s, "b")
+	cacheNotValid(t, s, b)
 	if known, valid := cached(s, b); !known || valid {
 		t.Fatalf("b before adding it: cached %v, valid %v; want a \"not valid\" entry", known, valid)
 	}
-	if _, err := s.AddToStoreContent(ctx, "b", contentaddress.Flat, hash.SHA256, nil, strings.NewReader("b"), false); err != nil {
-		t.Fatal(err)
-	}
-	if known, valid := cached(s, a.Path); !known || !valid {
+	addFlat(t, s, "b")
+	if known, valid := cached(s, a); !known || !valid {
 		t.Errorf("a after adding b: cached %v, valid %v; want its entry kept", known, valid)
 	}
 	if known, valid := cached(s, b); known && !valid {
@@ -217,35 +236,21 @@ func TestCacheOwnCommitNoticesForeignOne(t *testing.T) {
 // data_version has no earlier reading to compare with).
 func TestCacheFirstWriteNoticesForeignCommit(t *testing.T) {
 	root := t.TempDir()
-	ctx := context.Background()
-	{
-		s := openAt(t, root)
-		if _, err := s.AddToStoreContent(ctx, "a", contentaddress.Flat, hash.SHA256, nil, strings.NewReader("a"), false); err != nil {
-			t.Fatal(err)
-		}
-		s.Close()
-	}
+	first := openAt(t, root)
+	addFlat(t, first, "a")
+	first.Close()
 	s := openAt(t, root)
 	defer s.Close()
 	advance := fakeClock(s)
 	other := openAt(t, root) // another process, as far as SQLite can tell
 	defer other.Close()
-	b, err := contentaddress.CA{Method: contentaddress.Flat, Hash: hash.Sum(hash.SHA256, []byte("b"))}.StorePath(s.dir, "b", nil, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if ok, err := s.IsValidPath(ctx, b); err != nil || ok {
-		t.Fatalf("IsValidPath(b) = %v, %v before anyone added it", ok, err)
-	}
-	if _, err := other.AddToStoreContent(ctx, "b", contentaddress.Flat, hash.SHA256, nil, strings.NewReader("b"), false); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.AddToStoreContent(ctx, "c", contentaddress.Flat, hash.SHA256, nil, strings.NewReader("c"), false); err != nil {
-		t.Fatal(err)
-	}
+	b := flatPath(t, s, "b")
+	cacheNotValid(t, s, b)
+	addFlat(t, other, "b")
+	addFlat(t, s, "c")
 	advance()
 	advance()
-	if ok, err := s.IsValidPath(ctx, b); err != nil || !ok {
+	if ok, err := s.IsValidPath(context.Background(), b); err != nil || !ok {
 		t.Errorf("IsValidPath(b) = %v, %v after another process added it, want true", ok, err)
 	}
 }
@@ -256,26 +261,16 @@ func TestCacheFirstWriteNoticesForeignCommit(t *testing.T) {
 func TestAddRechecksUnderLock(t *testing.T) {
 	s, root := testStore(t)
 	fakeClock(s) // never advanced: the cache keeps its "not valid"
-	ctx := context.Background()
 	other := openAt(t, root)
 	defer other.Close()
-	x, err := contentaddress.CA{Method: contentaddress.Flat, Hash: hash.Sum(hash.SHA256, []byte("x"))}.StorePath(s.dir, "x", nil, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if ok, err := s.IsValidPath(ctx, x); err != nil || ok {
-		t.Fatalf("IsValidPath(x) = %v, %v before anyone added it", ok, err)
-	}
-	if _, err := other.AddToStoreContent(ctx, "x", contentaddress.Flat, hash.SHA256, nil, strings.NewReader("x"), false); err != nil {
-		t.Fatal(err)
-	}
+	x := flatPath(t, s, "x")
+	cacheNotValid(t, s, x)
+	addFlat(t, other, "x")
 	var before, after unix.Stat_t
 	if err := unix.Lstat(s.RealPath(x), &before); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.AddToStoreContent(ctx, "x", contentaddress.Flat, hash.SHA256, nil, strings.NewReader("x"), false); err != nil {
-		t.Fatal(err)
-	}
+	addFlat(t, s, "x")
 	if err := unix.Lstat(s.RealPath(x), &after); err != nil {
 		t.Fatal(err)
 	}
