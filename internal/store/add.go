@@ -421,11 +421,7 @@ func (b *batch) startFlush(ctx context.Context) error {
 func (s *Store) flushPaths(ctx context.Context, paths []*pendingPath) error {
 	var err error
 	t0 := time.Now()
-	if len(paths) == 1 {
-		err = syncTree(s.RealPath(paths[0].info.Path))
-	} else {
-		err = syncFS(s.RealPath(paths[0].info.Path))
-	}
+	err = s.syncPending(paths)
 	t1 := time.Now()
 	if err == nil {
 		err = s.register(ctx, paths)
@@ -449,6 +445,17 @@ func (s *Store) flushPaths(ctx context.Context, paths []*pendingPath) error {
 		pp.lock.unlock()
 	}
 	return nil
+}
+
+// syncPending makes unpacked paths durable (syncTrees).
+func (s *Store) syncPending(paths []*pendingPath) error {
+	trees := make([]string, len(paths))
+	var written uint64
+	for i, pp := range paths {
+		trees[i] = s.RealPath(pp.info.Path)
+		written += pp.info.NarSize
+	}
+	return syncTrees(trees, written)
 }
 
 // abort waits for any background flush, deletes and unlocks the pending
@@ -685,7 +692,7 @@ func (s *Store) addUnpacked(ctx context.Context, info PathInfo, tmp string, repa
 	if err := nar.Canonicalise(tmp); err != nil {
 		return fmt.Errorf("store: %s: %w", abs, err)
 	}
-	if err := syncTree(tmp); err != nil {
+	if err := syncTrees([]string{tmp}, info.NarSize); err != nil {
 		return fmt.Errorf("store: %s: %w", abs, err)
 	}
 	if err := removeAll(realPath); err != nil {

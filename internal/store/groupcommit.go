@@ -10,11 +10,12 @@ import (
 // Group commit of single-path additions (AddToStoreNar).
 //
 // Substitution runs many AddToStoreNar calls at once, and each used to make
-// its path durable (syncTree) and register it in a write transaction of its
-// own. Instead, a path that is unpacked and checked joins the store's commit
-// queue. If no group is being committed, its caller becomes the leader: it
-// takes the whole queue as one group, makes it durable with one syncfs and
-// registers it in one transaction. Paths that arrive meanwhile queue up;
+// its path durable (fsyncs of its files) and register it in a write
+// transaction of its own. Instead, a path that is unpacked and checked joins
+// the store's commit queue. If no group is being committed, its caller
+// becomes the leader: it takes the whole queue as one group, makes it
+// durable at once (one syncfs, as a rule: syncTrees) and registers it in
+// one transaction. Paths that arrive meanwhile queue up;
 // when the leader is done, the first of them leads the next group. Nothing
 // waits on a timer for more paths.
 //
@@ -90,23 +91,18 @@ func (s *Store) commitPath(ctx context.Context, pp *pendingPath) error {
 // paths are deleted; all are unlocked.
 func (s *Store) commitGroup(ctx context.Context, group []*groupMember) {
 	t0 := time.Now()
-	// One syncfs after the last write to any member makes all durable. It
-	// is used for a lone path too: for a small path it took 1.7 ms against
-	// syncTree's 4.5 ms (BenchmarkSyncOnePath), and the substitution
-	// benchmark's CPU and wall times were lower with it. It also writes
-	// back unrelated dirty data on the store's file system, as syncTree
-	// does for paths of more than syncfsThreshold files.
-	err := syncFS(s.RealPath(group[0].pp.info.Path))
-	if err != nil {
+	paths := make([]*pendingPath, len(group))
+	for i, m := range group {
+		paths[i] = m.pp
+	}
+	// One syncfs after the last write to any member makes all durable,
+	// unless other data waits to be written back (syncTrees).
+	if err := s.syncPending(paths); err != nil {
 		for _, m := range group {
 			m.err = fmt.Errorf("store: making %s durable: %w", s.abs(m.pp.info.Path), err)
 		}
 	} else {
 		t1 := time.Now()
-		paths := make([]*pendingPath, len(group))
-		for i, m := range group {
-			paths[i] = m.pp
-		}
 		if err := s.register(ctx, paths); err != nil {
 			if len(group) == 1 {
 				group[0].err = fmt.Errorf("store: registering: %w", err)

@@ -232,7 +232,7 @@ func TestGroupCommitBadMember(t *testing.T) {
 // BenchmarkSyncOnePath compares the two ways to make one freshly written
 // small path durable: fsync of its files and directories, or syncfs.
 func BenchmarkSyncOnePath(b *testing.B) {
-	for _, how := range []string{"syncTree", "syncFS"} {
+	for _, how := range []string{"fsyncTrees", "syncFS"} {
 		b.Run(how, func(b *testing.B) {
 			dir := b.TempDir()
 			for i := range b.N {
@@ -242,8 +242,8 @@ func BenchmarkSyncOnePath(b *testing.B) {
 					os.WriteFile(fmt.Sprintf("%s/bin/f%d", p, j), bytes.Repeat([]byte{byte(i)}, 64<<10), 0o644)
 				}
 				var err error
-				if how == "syncTree" {
-					err = syncTree(p)
+				if how == "fsyncTrees" {
+					err = fsyncTrees([]string{p})
 				} else {
 					err = syncFS(p)
 				}

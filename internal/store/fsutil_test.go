@@ -1,0 +1,73 @@
+package store
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+func TestUseSyncfs(t *testing.T) {
+	const mb = 1 << 20
+	for _, tc := range []struct {
+		name           string
+		dirty, written uint64
+		err            error
+		want           bool
+	}{
+		{"quiet system", 2 * mb, 1 * mb, nil, true},
+		{"only our own data dirty", 900 * mb, 900 * mb, nil, true},
+		{"a little foreign data", 70 * mb, 10 * mb, nil, true},
+		{"others' data waiting", 1500 * mb, 10 * mb, nil, false},
+		{"unknown", 0, 0, errors.New("no /proc"), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := useSyncfs(func() (uint64, error) { return tc.dirty, tc.err }, tc.written)
+			if got != tc.want {
+				t.Errorf("useSyncfs(dirty %d MiB, written %d MiB) = %v, want %v", tc.dirty/mb, tc.written/mb, got, tc.want)
+			}
+		})
+	}
+}
+
+func TestSystemDirty(t *testing.T) {
+	if _, err := os.Stat("/proc/meminfo"); err != nil {
+		t.Skip("no /proc/meminfo")
+	}
+	if _, err := systemDirty(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestSyncTreesBothWays makes trees durable with syncfs and with fsyncs:
+// nested directories, files and a symlink that points outside (which the
+// fsyncs must not follow).
+func TestSyncTreesBothWays(t *testing.T) {
+	for _, dirty := range []uint64{0, 1 << 40} {
+		dir := t.TempDir()
+		var trees []string
+		for _, name := range []string{"a", "b"} {
+			tree := filepath.Join(dir, name)
+			if err := os.MkdirAll(filepath.Join(tree, "sub/deeper"), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(tree, "sub/deeper/f"), []byte("contents"), 0o444); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Symlink("/nonexistent/outside", filepath.Join(tree, "sub/link")); err != nil {
+				t.Fatal(err)
+			}
+			trees = append(trees, tree)
+		}
+		prev := dirtyBytes
+		dirtyBytes = func() (uint64, error) { return dirty, nil }
+		err := syncTrees(trees, 100)
+		dirtyBytes = prev
+		if err != nil {
+			t.Errorf("dirty %d: %v", dirty, err)
+		}
+	}
+	if err := fsyncTrees([]string{filepath.Join(t.TempDir(), "missing")}); err == nil {
+		t.Error("fsyncTrees of a missing tree: no error")
+	}
+}
