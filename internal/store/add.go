@@ -204,7 +204,7 @@ func (b *batch) add(ctx context.Context, info PathInfo, r io.Reader) error {
 	}
 	b.rooted = append(b.rooted, info.Path)
 
-	valid, err := s.IsValidPath(ctx, info.Path)
+	valid, err := s.IsValidPathFresh(ctx, info.Path) // discarding the NAR must not trust the cache
 	if err != nil {
 		return err
 	}

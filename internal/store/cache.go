@@ -82,9 +82,10 @@ func (c *infoCache) committed(cm commit) {
 	c.version = cm.guardVersion
 }
 
-// correct drops p's entry if it contradicts valid, what a read of the
-// database just found. Dropping can only make the cache fresher, whichever
-// of the two is newer.
+// correct drops the cache if p's entry contradicts valid, what a read of
+// the database just found: another process has committed, and other
+// entries may be stale too. Dropping can only make the cache fresher,
+// whichever of the two readings is newer.
 func (c *infoCache) correct(p storepath.Path, valid bool) {
 	c.mu.RLock()
 	info, known := c.m[p]
@@ -94,8 +95,7 @@ func (c *infoCache) correct(p storepath.Path, valid bool) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	delete(c.m, p)
-	c.epoch++
+	c.drop()
 }
 
 // invalidateAll drops every entry.

@@ -87,10 +87,13 @@ func removeTree(path string, freed *uint64) error {
 // /proc/meminfo, so for all file systems), beyond what the caller itself
 // has just written, stay under foreignDirtyMax; otherwise every new file
 // and directory is fsynced, syncParallel at a time (concurrent fsyncs
-// share the file system's journal commits).
+// share the file system's journal commits) — up to fsyncMaxFiles of them:
+// beyond that, thousands of fsyncs cost about what writing back the other
+// data does, and syncfs is used after all.
 const (
 	foreignDirtyMax = 64 << 20
 	syncParallel    = 8
+	fsyncMaxFiles   = 4096
 )
 
 // syncTrees makes freshly written trees, all on the store's file system,
@@ -141,18 +144,28 @@ func systemDirty() (uint64, error) {
 	return total, nil
 }
 
+// errTooMany stops fsyncTrees' walk at fsyncMaxFiles.
+var errTooMany = errors.New("too many files to fsync")
+
 // fsyncTrees fsyncs every regular file and directory of the trees, and
-// the directories that hold them.
+// the directories that hold them; trees of more than fsyncMaxFiles in all
+// get one syncfs instead.
 func fsyncTrees(trees []string) error {
 	var paths []string
 	parents := map[string]bool{}
 	for _, t := range trees {
 		err := walkNoFollow(t, func(p string, isDir, isReg bool) error {
 			if isDir || isReg {
+				if len(paths) == fsyncMaxFiles {
+					return errTooMany
+				}
 				paths = append(paths, p)
 			}
 			return nil
 		})
+		if errors.Is(err, errTooMany) {
+			return syncFS(trees[0])
+		}
 		if err != nil {
 			return err
 		}
@@ -169,6 +182,7 @@ func fsyncTrees(trees []string) error {
 func fsyncAll(paths []string) error {
 	var (
 		next     atomic.Int64
+		failed   atomic.Bool
 		wg       sync.WaitGroup
 		errOnce  sync.Once
 		firstErr error
@@ -177,13 +191,14 @@ func fsyncAll(paths []string) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for {
+			for !failed.Load() {
 				i := int(next.Add(1)) - 1
 				if i >= len(paths) {
 					return
 				}
 				if err := fsyncPath(paths[i]); err != nil {
 					errOnce.Do(func() { firstErr = err })
+					failed.Store(true)
 					return
 				}
 			}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"testing"
 )
 
@@ -69,5 +70,21 @@ func TestSyncTreesBothWays(t *testing.T) {
 	}
 	if err := fsyncTrees([]string{filepath.Join(t.TempDir(), "missing")}); err == nil {
 		t.Error("fsyncTrees of a missing tree: no error")
+	}
+}
+
+// TestFsyncTreesManyFiles: beyond fsyncMaxFiles, one syncfs does.
+func TestFsyncTreesManyFiles(t *testing.T) {
+	tree := filepath.Join(t.TempDir(), "many")
+	if err := os.Mkdir(tree, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for i := range fsyncMaxFiles + 1 {
+		if err := os.WriteFile(filepath.Join(tree, strconv.Itoa(i)), nil, 0o444); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := fsyncTrees([]string{tree}); err != nil {
+		t.Fatal(err)
 	}
 }

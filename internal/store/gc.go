@@ -425,7 +425,7 @@ func (c *collector) deleteReferrersClosure(ctx context.Context, start storepath.
 				return err
 			}
 			for _, o := range outs {
-				info, err := c.s.QueryPathInfo(ctx, o)
+				info, err := c.s.queryPathInfoDB(ctx, o) // not the cache: the collector's decision
 				if err == nil && info.Deriver == p {
 					enqueue(o)
 				}

@@ -49,7 +49,7 @@ func (s *Store) OptimiseStore(ctx context.Context, onLinked func(bytesFreed, blo
 		if err := ss.AddTempRoot(ctx, p); err != nil {
 			return err
 		}
-		if ok, err := s.IsValidPath(ctx, p); err != nil {
+		if ok, err := s.IsValidPathFresh(ctx, p); err != nil { // it is about to be written to
 			return err
 		} else if !ok {
 			continue
