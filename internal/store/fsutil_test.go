@@ -8,24 +8,26 @@ import (
 	"testing"
 )
 
-func TestUseSyncfs(t *testing.T) {
+func TestFsyncBudget(t *testing.T) {
 	const mb = 1 << 20
 	for _, tc := range []struct {
 		name           string
 		dirty, written uint64
 		err            error
-		want           bool
+		want           int
 	}{
-		{"quiet system", 2 * mb, 1 * mb, nil, true},
-		{"only our own data dirty", 900 * mb, 900 * mb, nil, true},
-		{"a little foreign data", 70 * mb, 10 * mb, nil, true},
-		{"others' data waiting", 1500 * mb, 10 * mb, nil, false},
-		{"unknown", 0, 0, errors.New("no /proc"), false},
+		{"quiet system", 2 * mb, 1 * mb, nil, 0},
+		{"only our own data dirty", 900 * mb, 900 * mb, nil, 0},
+		{"a little other data", 70 * mb, 10 * mb, nil, 0},
+		{"some other data", 130 * mb, 10 * mb, nil, 30},
+		{"gigabytes of it", 1500 * mb, 10 * mb, nil, 372},
+		{"more than ever worth fsyncs", 100000 * mb, 10 * mb, nil, fsyncMaxFiles},
+		{"unknown", 0, 0, errors.New("no /proc"), fsyncMaxFiles},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got := useSyncfs(func() (uint64, error) { return tc.dirty, tc.err }, tc.written)
+			got := fsyncBudget(func() (uint64, error) { return tc.dirty, tc.err }, tc.written)
 			if got != tc.want {
-				t.Errorf("useSyncfs(dirty %d MiB, written %d MiB) = %v, want %v", tc.dirty/mb, tc.written/mb, got, tc.want)
+				t.Errorf("fsyncBudget(dirty %d MiB, written %d MiB) = %d, want %d", tc.dirty/mb, tc.written/mb, got, tc.want)
 			}
 		})
 	}
@@ -68,23 +70,25 @@ func TestSyncTreesBothWays(t *testing.T) {
 			t.Errorf("dirty %d: %v", dirty, err)
 		}
 	}
-	if err := fsyncTrees([]string{filepath.Join(t.TempDir(), "missing")}); err == nil {
+	if err := fsyncTrees([]string{filepath.Join(t.TempDir(), "missing")}, 10); err == nil {
 		t.Error("fsyncTrees of a missing tree: no error")
 	}
 }
 
-// TestFsyncTreesManyFiles: beyond fsyncMaxFiles, one syncfs does.
+// TestFsyncTreesManyFiles: beyond the budget, one syncfs does.
 func TestFsyncTreesManyFiles(t *testing.T) {
 	tree := filepath.Join(t.TempDir(), "many")
 	if err := os.Mkdir(tree, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	for i := range fsyncMaxFiles + 1 {
+	for i := range 101 {
 		if err := os.WriteFile(filepath.Join(tree, strconv.Itoa(i)), nil, 0o444); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := fsyncTrees([]string{tree}); err != nil {
-		t.Fatal(err)
+	for _, max := range []int{0, 100, 1000} {
+		if err := fsyncTrees([]string{tree}, max); err != nil {
+			t.Errorf("budget %d: %v", max, err)
+		}
 	}
 }

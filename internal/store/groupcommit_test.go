@@ -243,7 +243,7 @@ func BenchmarkSyncOnePath(b *testing.B) {
 				}
 				var err error
 				if how == "fsyncTrees" {
-					err = fsyncTrees([]string{p})
+					err = fsyncTrees([]string{p}, fsyncMaxFiles)
 				} else {
 					err = syncFS(p)
 				}
