@@ -155,10 +155,10 @@ func systemDirty() (uint64, error) {
 var errTooMany = errors.New("too many files to fsync")
 
 // fsyncTrees fsyncs every regular file and directory of the trees, and
-// the directories that hold them, if they are at most max in all;
+// the directories that hold them, if they are at most limit in all;
 // otherwise it syncs the file system once.
-func fsyncTrees(trees []string, max int) error {
-	if max <= 0 {
+func fsyncTrees(trees []string, limit int) error {
+	if limit <= 0 {
 		return syncFS(trees[0])
 	}
 	var paths []string
@@ -166,7 +166,7 @@ func fsyncTrees(trees []string, max int) error {
 	for _, t := range trees {
 		err := walkNoFollow(t, func(p string, isDir, isReg bool) error {
 			if isDir || isReg {
-				if len(paths)+len(parents) >= max {
+				if len(paths)+len(parents) >= limit {
 					return errTooMany
 				}
 				paths = append(paths, p)

@@ -86,9 +86,9 @@ func TestFsyncTreesManyFiles(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for _, max := range []int{0, 100, 1000} {
-		if err := fsyncTrees([]string{tree}, max); err != nil {
-			t.Errorf("budget %d: %v", max, err)
+	for _, limit := range []int{0, 100, 1000} {
+		if err := fsyncTrees([]string{tree}, limit); err != nil {
+			t.Errorf("budget %d: %v", limit, err)
 		}
 	}
 }
