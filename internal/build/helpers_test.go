@@ -126,20 +126,11 @@ in
 // instantiate evaluates expr (after the prelude) with real Nix into the
 // store and returns the .drv paths of the attributes, by name.
 func (e *testEnv) instantiate(expr string, attrs ...string) map[string]storepath.Path {
-	t := e.t
-	t.Helper()
-	file := filepath.Join(t.TempDir(), "t.nix")
-	if err := os.WriteFile(file, []byte(prelude(t)+expr), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	e.t.Helper()
+	file := e.exprFile(expr)
 	out := map[string]storepath.Path{}
 	for _, a := range attrs {
-		s := strings.TrimSpace(e.nix("nix-instantiate", "--store", e.url, file, "-A", a))
-		p, err := e.st.Dir().Parse(s)
-		if err != nil {
-			t.Fatalf("nix-instantiate -A %s: %q: %v", a, s, err)
-		}
-		out[a] = p
+		out[a] = e.instantiateAttr(file, a)[0]
 	}
 	return out
 }
@@ -147,12 +138,26 @@ func (e *testEnv) instantiate(expr string, attrs ...string) map[string]storepath
 // instantiateList evaluates expr (after the prelude), whose attribute attr
 // is a list of derivations, and returns their .drv paths in order.
 func (e *testEnv) instantiateList(expr, attr string) []storepath.Path {
+	e.t.Helper()
+	return e.instantiateAttr(e.exprFile(expr), attr)
+}
+
+// exprFile writes the prelude and expr to a file and returns its path.
+func (e *testEnv) exprFile(expr string) string {
 	t := e.t
 	t.Helper()
 	file := filepath.Join(t.TempDir(), "t.nix")
 	if err := os.WriteFile(file, []byte(prelude(t)+expr), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	return file
+}
+
+// instantiateAttr instantiates attribute attr of file and returns the
+// .drv paths nix-instantiate prints (one, or one per list element).
+func (e *testEnv) instantiateAttr(file, attr string) []storepath.Path {
+	t := e.t
+	t.Helper()
 	var out []storepath.Path
 	for _, s := range strings.Fields(e.nix("nix-instantiate", "--store", e.url, file, "-A", attr)) {
 		p, err := e.st.Dir().Parse(s)
@@ -160,6 +165,9 @@ func (e *testEnv) instantiateList(expr, attr string) []storepath.Path {
 			t.Fatalf("nix-instantiate -A %s: %q: %v", attr, s, err)
 		}
 		out = append(out, p)
+	}
+	if len(out) == 0 {
+		t.Fatalf("nix-instantiate -A %s: no derivation", attr)
 	}
 	return out
 }

@@ -419,9 +419,8 @@ func (b *batch) startFlush(ctx context.Context) error {
 // flushPaths makes paths durable and registers them in one transaction,
 // then releases their locks. On error the paths are deleted and unlocked.
 func (s *Store) flushPaths(ctx context.Context, paths []*pendingPath) error {
-	var err error
 	t0 := time.Now()
-	err = s.syncPending(paths)
+	err := s.syncPending(paths)
 	t1 := time.Now()
 	if err == nil {
 		err = s.register(ctx, paths)

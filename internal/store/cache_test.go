@@ -139,25 +139,15 @@ func cached(s *Store, p storepath.Path) (known, valid bool) {
 	return known, info != nil
 }
 
-// flatPath is the store path of name added with AddToStoreContent (flat,
-// sha256) with name itself as its contents.
-func flatPath(t *testing.T, s *Store, name string) storepath.Path {
+// textPath is the store path addText gives name with name itself as its
+// contents.
+func textPath(t *testing.T, s *Store, name string) storepath.Path {
 	t.Helper()
-	p, err := contentaddress.CA{Method: contentaddress.Flat, Hash: hash.Sum(hash.SHA256, []byte(name))}.StorePath(s.dir, name, nil, false)
+	p, err := contentaddress.CA{Method: contentaddress.Text, Hash: hash.Sum(hash.SHA256, []byte(name))}.StorePath(s.dir, name, nil, false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return p
-}
-
-// addFlat adds name, with name itself as its contents, to s.
-func addFlat(t *testing.T, s *Store, name string) storepath.Path {
-	t.Helper()
-	info, err := s.AddToStoreContent(context.Background(), name, contentaddress.Flat, hash.SHA256, nil, strings.NewReader(name), false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return info.Path
 }
 
 // cacheNotValid has s look up p, which is not valid yet: s's cache then
@@ -176,16 +166,16 @@ func TestCacheOwnCommitsDropOnlyTheirPaths(t *testing.T) {
 	s, _ := testStore(t)
 	fakeClock(s)
 	ctx := context.Background()
-	a := addFlat(t, s, "a")
+	a := addText(t, s, "a", "a")
 	if _, err := s.QueryPathInfo(ctx, a); err != nil {
 		t.Fatal(err)
 	}
-	b := flatPath(t, s, "b")
+	b := textPath(t, s, "b")
 	cacheNotValid(t, s, b)
 	if known, valid := cached(s, b); !known || valid {
 		t.Fatalf("b before adding it: cached %v, valid %v; want a \"not valid\" entry", known, valid)
 	}
-	addFlat(t, s, "b")
+	addText(t, s, "b", "b")
 	if known, valid := cached(s, a); !known || !valid {
 		t.Errorf("a after adding b: cached %v, valid %v; want its entry kept", known, valid)
 	}
@@ -237,17 +227,17 @@ func TestCacheOwnCommitNoticesForeignOne(t *testing.T) {
 func TestCacheFirstWriteNoticesForeignCommit(t *testing.T) {
 	root := t.TempDir()
 	first := openAt(t, root)
-	addFlat(t, first, "a")
+	addText(t, first, "a", "a")
 	first.Close()
 	s := openAt(t, root)
 	defer s.Close()
 	advance := fakeClock(s)
 	other := openAt(t, root) // another process, as far as SQLite can tell
 	defer other.Close()
-	b := flatPath(t, s, "b")
+	b := textPath(t, s, "b")
 	cacheNotValid(t, s, b)
-	addFlat(t, other, "b")
-	addFlat(t, s, "c")
+	addText(t, other, "b", "b")
+	addText(t, s, "c", "c")
 	advance()
 	advance()
 	if ok, err := s.IsValidPath(context.Background(), b); err != nil || !ok {
@@ -263,14 +253,14 @@ func TestAddRechecksUnderLock(t *testing.T) {
 	fakeClock(s) // never advanced: the cache keeps its "not valid"
 	other := openAt(t, root)
 	defer other.Close()
-	x := flatPath(t, s, "x")
+	x := textPath(t, s, "x")
 	cacheNotValid(t, s, x)
-	addFlat(t, other, "x")
+	addText(t, other, "x", "x")
 	var before, after unix.Stat_t
 	if err := unix.Lstat(s.RealPath(x), &before); err != nil {
 		t.Fatal(err)
 	}
-	addFlat(t, s, "x")
+	addText(t, s, "x", "x")
 	if err := unix.Lstat(s.RealPath(x), &after); err != nil {
 		t.Fatal(err)
 	}

@@ -1,7 +1,6 @@
 package store
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"math"
@@ -19,7 +18,7 @@ import (
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
 
-// addFlat adds a flat text file with references (as a Text path).
+// addText adds a text file with references (as a Text path).
 func addText(t *testing.T, s *Store, name, content string, refs ...storepath.Path) storepath.Path {
 	t.Helper()
 	info, err := s.AddToStoreContent(context.Background(), name, contentaddress.Text, hash.SHA256, refs, strings.NewReader(content), false)
@@ -196,12 +195,7 @@ func TestOptimiseAndVerify(t *testing.T) {
 	big := strings.Repeat("shared content ", 1000)
 	var infos []PathInfo
 	for i := range 3 {
-		d := narOf(t, map[string]string{"same": big, "own": fmt.Sprint(i)})
-		info := caNARInfo(t, s, "opt", d, nil)
-		if err := s.AddToStoreNar(ctx, info, bytes.NewReader(d), AddOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		infos = append(infos, info)
+		infos = append(infos, addNAR(t, s, "opt", map[string]string{"same": big, "own": fmt.Sprint(i)}))
 	}
 	var freed uint64
 	if err := s.OptimiseStore(ctx, func(b, _ uint64) { freed += b }); err != nil {
@@ -233,11 +227,7 @@ func TestOptimiseAndVerify(t *testing.T) {
 func TestVerifyFindsDamage(t *testing.T) {
 	s, _ := testStore(t)
 	ctx := context.Background()
-	d := narOf(t, map[string]string{"f": "original"})
-	info := caNARInfo(t, s, "v", d, nil)
-	if err := s.AddToStoreNar(ctx, info, bytes.NewReader(d), AddOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	info := addNAR(t, s, "v", map[string]string{"f": "original"})
 	gone := addText(t, s, "gone", "bye")
 	f := s.RealPath(info.Path) + "/f"
 	os.Chmod(s.RealPath(info.Path), 0o755)

@@ -71,11 +71,7 @@ func countCommits(s *Store) *atomic.Int64 {
 func TestGroupCommit(t *testing.T) {
 	s, root := testStore(t)
 	ctx := context.Background()
-	base := narOf(t, map[string]string{"f": "base"})
-	baseInfo := caNARInfo(t, s, "base", base, nil)
-	if err := s.AddToStoreNar(ctx, baseInfo, bytes.NewReader(base), AddOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	baseInfo := addNAR(t, s, "base", map[string]string{"f": "base"})
 	const n = 12
 	var infos []PathInfo
 	var nars [][]byte
@@ -172,11 +168,7 @@ func TestGroupCommitConcurrent(t *testing.T) {
 func TestGroupCommitBadMember(t *testing.T) {
 	s, root := testStore(t)
 	ctx := context.Background()
-	refData := narOf(t, map[string]string{"f": "ref"})
-	refInfo := caNARInfo(t, s, "ref", refData, nil)
-	if err := s.AddToStoreNar(ctx, refInfo, bytes.NewReader(refData), AddOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	refInfo := addNAR(t, s, "ref", map[string]string{"f": "ref"})
 	var group []*groupMember
 	var infos []PathInfo
 	for i := range 4 {

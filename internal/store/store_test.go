@@ -96,6 +96,18 @@ func caNARInfo(t testing.TB, s *Store, name string, data []byte, refs []storepat
 	return PathInfo{Path: p, NarHash: h, NarSize: uint64(len(data)), References: refs, CA: ca.String()}
 }
 
+// addNAR adds a content-addressed path made of files (narOf) and returns
+// its info.
+func addNAR(t testing.TB, s *Store, name string, files map[string]string) PathInfo {
+	t.Helper()
+	data := narOf(t, files)
+	info := caNARInfo(t, s, name, data, nil)
+	if err := s.AddToStoreNar(context.Background(), info, bytes.NewReader(data), AddOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return info
+}
+
 func TestOpenCreatesLayout(t *testing.T) {
 	s, root := testStore(t)
 	ctx := context.Background()

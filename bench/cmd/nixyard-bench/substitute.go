@@ -71,9 +71,7 @@ func (b *bencher) startSubst(ctx context.Context, spec bench.DaemonSpec, c *subs
 		return nil, err
 	}
 	b.running[d] = true
-	r := &substRun{d: d, env: env, work: work}
-	r.cpu = newDaemonCPU(d)
-	return r, nil
+	return &substRun{d: d, env: env, work: work, cpu: newDaemonCPU(d)}, nil
 }
 
 // finish stops the daemon and removes its store and environment.
