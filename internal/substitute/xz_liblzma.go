@@ -14,6 +14,10 @@ package substitute
 // than in cgo calls: 48 streams of 8 MiB decoded 16 at a time, each hashed
 // as it is read, took 12.4–15.1 s of CPU that way against 16.0–16.4 s
 // with the same decoding in cgo calls from the reading goroutines.
+//
+// A released decoder is kept for the next NAR (xzPool) rather than freed:
+// a closure is hundreds of NARs, and each new decoder would start a thread
+// and allocate, then fault in, liblzma's dictionary and its buffers again.
 
 /*
 #cgo LDFLAGS: -ldl -lpthread
@@ -45,10 +49,12 @@ typedef struct {
 typedef int (*nx_decoder_fn)(nx_lzma_stream *, uint64_t, uint32_t);
 typedef int (*nx_code_fn)(nx_lzma_stream *, int);
 typedef void (*nx_end_fn)(nx_lzma_stream *);
+typedef uint64_t (*nx_memusage_fn)(const nx_lzma_stream *);
 
 static nx_decoder_fn nx_decoder;
 static nx_code_fn nx_code_p;
 static nx_end_fn nx_end_p;
+static nx_memusage_fn nx_memusage_p;
 
 // nx_load loads liblzma.so.5; it returns 0 on success.
 static int nx_load(void) {
@@ -59,7 +65,8 @@ static int nx_load(void) {
 	nx_decoder = (nx_decoder_fn)dlsym(h, "lzma_stream_decoder");
 	nx_code_p = (nx_code_fn)dlsym(h, "lzma_code");
 	nx_end_p = (nx_end_fn)dlsym(h, "lzma_end");
-	if (nx_decoder == NULL || nx_code_p == NULL || nx_end_p == NULL) {
+	nx_memusage_p = (nx_memusage_fn)dlsym(h, "lzma_memusage");
+	if (nx_decoder == NULL || nx_code_p == NULL || nx_end_p == NULL || nx_memusage_p == NULL) {
 		dlclose(h);
 		return -1;
 	}
@@ -81,6 +88,16 @@ static nx_lzma_stream *nx_new(uint64_t memlimit, int *ret) {
 		return NULL;
 	}
 	return s;
+}
+
+// nx_reset makes s, a decoder used before, decode a new stream; liblzma
+// keeps the memory it has where it can.
+static int nx_reset(nx_lzma_stream *s, uint64_t memlimit) {
+	return nx_decoder(s, memlimit, 0x08); // LZMA_CONCATENATED
+}
+
+static uint64_t nx_memusage(nx_lzma_stream *s) {
+	return nx_memusage_p(s);
 }
 
 typedef struct {
@@ -216,6 +233,7 @@ import (
 	"io"
 	"os"
 	"sync"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -238,68 +256,216 @@ const (
 )
 
 // newLiblzmaReader returns a decoder of r through liblzma, or ok false if
-// liblzma.so.5 cannot be loaded. release frees the decoder; the reader
-// must not be used after it.
+// liblzma.so.5 cannot be loaded. release hands the decoder back (to
+// xzPool, or frees it); the reader must not be used after it, nor be
+// reading when it is called.
 func newLiblzmaReader(r io.Reader) (_ io.Reader, release func(), ok bool, err error) {
 	liblzmaOnce.Do(func() { liblzmaOK = C.nx_load() == 0 })
 	if !liblzmaOK {
 		return nil, nil, false, nil
 	}
-	z := &liblzmaReader{r: r}
-	if err := z.init(); err != nil {
-		z.free()
+	d, err := xzPool.get()
+	if err != nil {
 		return nil, nil, true, fmt.Errorf("liblzma: %w", err)
 	}
-	return z, z.free, true, nil
+	z := &liblzmaReader{r: r, d: d}
+	return z, z.release, true, nil
 }
 
-// liblzmaReader is an io.Reader of the data decoded from r. The decoding
-// runs on a thread of its own (nx_worker), one job at a time: Read hands it
-// the undecoded input and an output buffer and waits on its eventfd.
-type liblzmaReader struct {
-	r         io.Reader
+// lzmaDecoder is liblzma's state for one stream at a time, the thread
+// that runs it (nx_worker) and its buffers.
+type lzmaDecoder struct {
 	s         *C.nx_lzma_stream
 	w         *C.nx_worker
 	done      *os.File       // the worker's eventfd, read through the poller
 	cin, cout unsafe.Pointer // C buffers of xzInSize and xzOutSize bytes
 	in, out   []byte         // the same, as slices
-	lo, hi    int            // undecoded input in[lo:hi]
-	olo, ohi  int            // decoded output not yet read, out[olo:ohi]
-	rerr      error          // r's error (io.EOF at its end)
-	err       error          // the reader's sticky error, io.EOF at the end of the data
+	busy      bool           // a job may still be running: free, never reuse
+	idleSince time.Time      // while in xzPool
 }
 
-func (z *liblzmaReader) init() error {
+func newLZMADecoder() (*lzmaDecoder, error) {
+	d := &lzmaDecoder{}
+	if err := d.init(); err != nil {
+		d.free()
+		return nil, err
+	}
+	return d, nil
+}
+
+func (d *lzmaDecoder) init() error {
 	var ret C.int
-	if z.s = C.nx_new(C.uint64_t(xzMemLimit), &ret); z.s == nil {
+	if d.s = C.nx_new(C.uint64_t(xzMemLimit), &ret); d.s == nil {
 		return fmt.Errorf("creating a decoder: %w", lzmaError(ret))
 	}
-	if z.cin, z.cout = C.malloc(xzInSize), C.malloc(xzOutSize); z.cin == nil || z.cout == nil {
+	if d.cin, d.cout = C.malloc(xzInSize), C.malloc(xzOutSize); d.cin == nil || d.cout == nil {
 		return errors.New("creating a decoder: out of memory")
 	}
-	z.in, z.out = unsafe.Slice((*byte)(z.cin), xzInSize), unsafe.Slice((*byte)(z.cout), xzOutSize)
+	d.in, d.out = unsafe.Slice((*byte)(d.cin), xzInSize), unsafe.Slice((*byte)(d.cout), xzOutSize)
 	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 	if err != nil {
 		return fmt.Errorf("eventfd: %w", err)
 	}
-	z.done = os.NewFile(uintptr(fd), "xz decoder eventfd")
-	if z.w = C.nx_worker_new(z.s, C.int(fd)); z.w == nil {
+	d.done = os.NewFile(uintptr(fd), "xz decoder eventfd")
+	if d.w = C.nx_worker_new(d.s, C.int(fd)); d.w == nil {
 		return errors.New("starting a decoder thread failed")
 	}
 	return nil
 }
 
+// free stops the decoder thread (after its job, if one is running) and
+// frees everything.
+func (d *lzmaDecoder) free() {
+	if d.w != nil {
+		C.nx_worker_free(d.w)
+		d.w = nil
+	}
+	if d.done != nil {
+		d.done.Close()
+		d.done = nil
+	}
+	if d.s != nil {
+		C.nx_free(d.s)
+		d.s = nil
+	}
+	C.free(d.cin)
+	C.free(d.cout)
+	d.cin, d.cout, d.in, d.out = nil, nil, nil, nil
+}
+
+// Idle decoders kept for reuse. Decoders whose liblzma state is larger
+// than xzPoolMaxMem (the dictionary of an xz -7 stream or more) are freed
+// instead, and a kept decoder unused for xzPoolIdle is freed too, so idle
+// decoders hold at most xzPoolMax × (xzPoolMaxMem + the buffers), for a
+// little while after substituting.
+const (
+	xzPoolMax    = 16
+	xzPoolMaxMem = 16 << 20
+	xzPoolIdle   = 30 * time.Second
+)
+
+var xzPool lzmaPool
+
+type lzmaPool struct {
+	mu    sync.Mutex
+	idle  []*lzmaDecoder // most recently used last
+	sweep *time.Timer    // frees decoders idle for xzPoolIdle; nil when idle is empty
+}
+
+// get returns an idle decoder, reset for a new stream, or a new one.
+func (p *lzmaPool) get() (*lzmaDecoder, error) {
+	p.mu.Lock()
+	var d *lzmaDecoder
+	if n := len(p.idle); n > 0 {
+		d = p.idle[n-1]
+		p.idle[n-1] = nil
+		p.idle = p.idle[:n-1]
+	}
+	p.mu.Unlock()
+	if d == nil {
+		return newLZMADecoder()
+	}
+	if ret := C.nx_reset(d.s, C.uint64_t(xzMemLimit)); ret != 0 {
+		d.free()
+		return nil, fmt.Errorf("resetting a decoder: %w", lzmaError(ret))
+	}
+	return d, nil
+}
+
+// put keeps d for reuse, or frees it.
+func (p *lzmaPool) put(d *lzmaDecoder) {
+	if d.busy || uint64(C.nx_memusage(d.s)) > xzPoolMaxMem {
+		d.free()
+		return
+	}
+	d.idleSince = time.Now()
+	p.mu.Lock()
+	if len(p.idle) >= xzPoolMax {
+		p.mu.Unlock()
+		d.free()
+		return
+	}
+	p.idle = append(p.idle, d)
+	if p.sweep == nil {
+		p.sweep = time.AfterFunc(xzPoolIdle, p.freeIdle)
+	}
+	p.mu.Unlock()
+}
+
+// freeIdle frees the decoders idle for xzPoolIdle and comes back for the
+// others.
+func (p *lzmaPool) freeIdle() {
+	p.mu.Lock()
+	cutoff := time.Now().Add(-xzPoolIdle)
+	var old []*lzmaDecoder
+	keep := p.idle[:0]
+	for _, d := range p.idle {
+		if d.idleSince.Before(cutoff) {
+			old = append(old, d)
+		} else {
+			keep = append(keep, d)
+		}
+	}
+	clear(p.idle[len(keep):])
+	p.idle = keep
+	p.sweep = nil
+	if len(keep) > 0 {
+		p.sweep = time.AfterFunc(time.Until(keep[0].idleSince.Add(xzPoolIdle)), p.freeIdle)
+	}
+	p.mu.Unlock()
+	for _, d := range old {
+		d.free()
+	}
+}
+
+// drain frees every idle decoder (tests count threads after it).
+func (p *lzmaPool) drain() {
+	p.mu.Lock()
+	idle := p.idle
+	p.idle = nil
+	if p.sweep != nil {
+		p.sweep.Stop()
+		p.sweep = nil
+	}
+	p.mu.Unlock()
+	for _, d := range idle {
+		d.free()
+	}
+}
+
+// liblzmaReader is an io.Reader of the data decoded from r. The decoding
+// runs on the decoder's thread, one job at a time: Read hands it the
+// undecoded input and an output buffer and waits on its eventfd.
+type liblzmaReader struct {
+	r        io.Reader
+	d        *lzmaDecoder // nil after release
+	lo, hi   int          // undecoded input d.in[lo:hi]
+	olo, ohi int          // decoded output not yet read, d.out[olo:ohi]
+	rerr     error        // r's error (io.EOF at its end)
+	err      error        // the reader's sticky error, io.EOF at the end of the data
+}
+
+// release hands the decoder back; see newLiblzmaReader.
+func (z *liblzmaReader) release() {
+	if z.d != nil {
+		xzPool.put(z.d)
+		z.d = nil
+	}
+	z.olo, z.ohi = 0, 0
+}
+
 func (z *liblzmaReader) Read(p []byte) (int, error) {
+	d := z.d
+	if d == nil {
+		return 0, errors.New("liblzma: read after release")
+	}
 	if z.olo < z.ohi {
-		n := copy(p, z.out[z.olo:z.ohi])
+		n := copy(p, d.out[z.olo:z.ohi])
 		z.olo += n
 		return n, nil
 	}
 	if z.err != nil {
 		return 0, z.err
-	}
-	if z.s == nil {
-		return 0, errors.New("liblzma: read after release")
 	}
 	if len(p) == 0 {
 		return 0, nil
@@ -307,7 +473,7 @@ func (z *liblzmaReader) Read(p []byte) (int, error) {
 	for {
 		if z.lo == z.hi && z.rerr == nil {
 			z.lo = 0
-			z.hi, z.rerr = z.r.Read(z.in)
+			z.hi, z.rerr = z.r.Read(d.in)
 			if z.rerr != nil && z.rerr != io.EOF {
 				z.err = z.rerr
 				return 0, z.err
@@ -334,7 +500,7 @@ func (z *liblzmaReader) Read(p []byte) (int, error) {
 			z.err = fmt.Errorf("xz: %w", lzmaError(res.ret))
 		}
 		if z.ohi > 0 {
-			z.olo = copy(p, z.out[:z.ohi])
+			z.olo = copy(p, d.out[:z.ohi])
 			return z.olo, nil
 		}
 		if z.err != nil {
@@ -343,43 +509,25 @@ func (z *liblzmaReader) Read(p []byte) (int, error) {
 	}
 }
 
-// code has the decoder thread decode in[lo:hi] into out and waits for it.
+// code has the decoder thread decode d.in[lo:hi] into d.out and waits for
+// it.
 func (z *liblzmaReader) code(finish bool) (C.nx_result, error) {
+	d := z.d
 	var in *C.uint8_t
 	if z.lo < z.hi {
-		in = (*C.uint8_t)(unsafe.Add(z.cin, z.lo))
+		in = (*C.uint8_t)(unsafe.Add(d.cin, z.lo))
 	}
 	fin := C.int(0)
 	if finish {
 		fin = 1
 	}
-	C.nx_worker_submit(z.w, in, C.size_t(z.hi-z.lo), (*C.uint8_t)(z.cout), xzOutSize, fin)
+	C.nx_worker_submit(d.w, in, C.size_t(z.hi-z.lo), (*C.uint8_t)(d.cout), xzOutSize, fin)
 	var b [8]byte
-	if _, err := io.ReadFull(z.done, b[:]); err != nil {
+	if _, err := io.ReadFull(d.done, b[:]); err != nil {
+		d.busy = true
 		return C.nx_result{}, fmt.Errorf("liblzma: waiting for the decoder thread: %w", err)
 	}
-	return C.nx_worker_result(z.w), nil
-}
-
-// free stops the decoder thread (after its job, if one is running) and
-// frees everything.
-func (z *liblzmaReader) free() {
-	if z.w != nil {
-		C.nx_worker_free(z.w)
-		z.w = nil
-	}
-	if z.done != nil {
-		z.done.Close()
-		z.done = nil
-	}
-	if z.s != nil {
-		C.nx_free(z.s)
-		z.s = nil
-	}
-	C.free(z.cin)
-	C.free(z.cout)
-	z.cin, z.cout, z.in, z.out = nil, nil, nil, nil
-	z.olo, z.ohi = 0, 0
+	return C.nx_worker_result(d.w), nil
 }
 
 // lzmaError describes a liblzma lzma_ret.

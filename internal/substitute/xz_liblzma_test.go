@@ -8,6 +8,7 @@ import (
 	"os"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/ulikunitz/xz"
 )
@@ -92,8 +93,8 @@ func TestLiblzmaReader(t *testing.T) {
 }
 
 // TestLiblzmaReaderThreads decodes many streams at once, releasing half of
-// the decoders part-way through, and checks that every decoder thread is
-// gone afterwards.
+// the decoders part-way through, and checks that at most xzPoolMax are
+// kept and that every decoder thread is gone once the pool is drained.
 func TestLiblzmaReaderThreads(t *testing.T) {
 	if _, release, ok, err := newLiblzmaReader(bytes.NewReader(nil)); !ok || err != nil {
 		t.Skip("liblzma.so.5 cannot be loaded")
@@ -127,6 +128,10 @@ func TestLiblzmaReaderThreads(t *testing.T) {
 		}()
 	}
 	wg.Wait()
+	if n := len(xzPool.idle); n == 0 || n > xzPoolMax {
+		t.Errorf("%d idle decoders kept, want 1 to %d", n, xzPoolMax)
+	}
+	xzPool.drain()
 	// The Go runtime may have started threads of its own meanwhile; 24
 	// decoder threads left behind would be far more.
 	if after := threads(t); after > before+8 {
@@ -142,4 +147,103 @@ func threads(t *testing.T) int {
 		t.Skipf("cannot count threads: %v", err)
 	}
 	return len(ents)
+}
+
+// TestLiblzmaReaderReuse decodes one stream after another on the same kept
+// decoder: after a stream read to its end, after one released part-way
+// through, and after a corrupt one.
+func TestLiblzmaReaderReuse(t *testing.T) {
+	if _, release, ok, err := newLiblzmaReader(bytes.NewReader(nil)); !ok || err != nil {
+		t.Skip("liblzma.so.5 cannot be loaded")
+	} else {
+		release()
+	}
+	xzPool.drain()
+	defer xzPool.drain()
+	a := bytes.Repeat([]byte("first stream\n"), 50000)
+	b := bytes.Repeat([]byte("the second, different stream\n"), 30000)
+	ca, cb := xzOf(t, a), xzOf(t, b)
+	corrupt := bytes.Clone(ca)
+	corrupt[len(corrupt)/2] ^= 0x55
+	var first *lzmaDecoder
+	for i, step := range []struct {
+		comp    []byte
+		want    []byte // nil: a part is read, then the decoder released
+		wantErr bool
+	}{
+		{ca, a, false},
+		{cb, nil, false},
+		{corrupt, a, true},
+		{cb, b, false},
+		{ca, a, false},
+	} {
+		r, release, _, err := newLiblzmaReader(bytes.NewReader(step.comp))
+		if err != nil {
+			t.Fatal(err)
+		}
+		d := r.(*liblzmaReader).d
+		if first == nil {
+			first = d
+		} else if d != first {
+			t.Errorf("step %d: a new decoder, not the kept one", i)
+		}
+		switch {
+		case step.want == nil:
+			if _, err := io.ReadFull(r, make([]byte, 5000)); err != nil {
+				t.Errorf("step %d: %v", i, err)
+			}
+		case step.wantErr:
+			if _, err := io.ReadAll(r); err == nil {
+				t.Errorf("step %d: corrupt stream decoded without error", i)
+			}
+		default:
+			got, err := io.ReadAll(r)
+			if err != nil || !bytes.Equal(got, step.want) {
+				t.Errorf("step %d: decoded %d bytes, err %v; want %d bytes", i, len(got), err, len(step.want))
+			}
+		}
+		release()
+		if _, err := r.Read(make([]byte, 1)); err == nil {
+			t.Errorf("step %d: read after release succeeded", i)
+		}
+	}
+}
+
+// TestLiblzmaPoolExpiry checks that decoders idle for xzPoolIdle are freed
+// and the others kept, with the sweep re-armed for them.
+func TestLiblzmaPoolExpiry(t *testing.T) {
+	if _, release, ok, err := newLiblzmaReader(bytes.NewReader(nil)); !ok || err != nil {
+		t.Skip("liblzma.so.5 cannot be loaded")
+	} else {
+		release()
+	}
+	xzPool.drain()
+	defer xzPool.drain()
+	var ds []*lzmaDecoder
+	for range 3 {
+		d, err := xzPool.get()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ds = append(ds, d)
+	}
+	for _, d := range ds {
+		xzPool.put(d)
+	}
+	xzPool.mu.Lock()
+	xzPool.idle[0].idleSince = time.Now().Add(-2 * xzPoolIdle)
+	xzPool.idle[1].idleSince = time.Now().Add(-2 * xzPoolIdle)
+	xzPool.mu.Unlock()
+	xzPool.freeIdle()
+	xzPool.mu.Lock()
+	defer xzPool.mu.Unlock()
+	if len(xzPool.idle) != 1 || xzPool.idle[0] != ds[2] {
+		t.Errorf("after the sweep %d idle decoders, want the one used last", len(xzPool.idle))
+	}
+	if xzPool.sweep == nil {
+		t.Error("no sweep armed for the decoder still kept")
+	}
+	if ds[0].s != nil || ds[1].s != nil {
+		t.Error("expired decoders not freed")
+	}
 }
