@@ -79,6 +79,7 @@ func (o *options) parse() error {
 }
 
 func main() {
+	bench.MaybeServeNull(os.Args)
 	var o options
 	bench.Main("nixyard-bench", &o.RunFlags, o.parse, func(ctx context.Context) error { return run(ctx, o) })
 }
@@ -280,7 +281,17 @@ func (b *bencher) benchQPI(ctx context.Context) ([]*bench.Metric, error) {
 			Unit: "req/s", HigherBetter: true, Target: "≥ 2×",
 		})
 	}
-	all := append(load, populate)
+	// The null server's rate, in the nixyard column, against the stock
+	// daemon's of the same repetition: the speed-up no daemon can pass
+	// with this load client on this machine.
+	var ceiling []*bench.Metric
+	for _, n := range o.qpiConns {
+		ceiling = append(ceiling, &bench.Metric{
+			Name: fmt.Sprintf("ceiling: QueryPathInfo, %d connection%s, a null server (one canned reply, no work) in nixyard's column", n, map[bool]string{true: "s"}[n > 1]),
+			Unit: "req/s", HigherBetter: true,
+		})
+	}
+	all := append(append(load, ceiling...), populate)
 
 	// One daemon per kind on its own store, populated the same way.
 	live := make([]*bench.Daemon, len(b.daemons))
@@ -321,6 +332,15 @@ func (b *bencher) benchQPI(ctx context.Context) ([]*bench.Metric, error) {
 	if err := ctx.Err(); err != nil {
 		return all, err
 	}
+	self, err := os.Executable()
+	if err != nil {
+		return all, err
+	}
+	null, err := bench.StartNullServer(ctx, self, b.work, infos[0])
+	if err != nil {
+		return all, err
+	}
+	defer null.Stop()
 
 	for rep := range o.Reps {
 		for mi, n := range o.qpiConns {
@@ -342,6 +362,22 @@ func (b *bencher) benchQPI(ctx context.Context) ([]*bench.Metric, error) {
 				logf("rep %d: %s: QueryPathInfo over %d connection(s): %d requests in %.2f s = %.0f req/s",
 					rep+1, d.Spec.Name, n, res.Requests, res.Elapsed.Seconds(), res.PerSecond())
 			}
+			if len(load[mi].Stock) != rep+1 {
+				continue // no stock sample to set the null server's against
+			}
+			res, err := bench.QueryPathInfoLoad(ctx, null.Socket, paths, n, o.qpiWarmup, o.qpiDuration)
+			if err != nil {
+				if ctx.Err() != nil {
+					return all, ctx.Err()
+				}
+				logf("null server: QueryPathInfo ×%d: %v", n, err)
+				setErr(ceiling[mi], "nixyard", err)
+				continue
+			}
+			ceiling[mi].Stock = append(ceiling[mi].Stock, load[mi].Stock[rep])
+			ceiling[mi].Nixyard = append(ceiling[mi].Nixyard, res.PerSecond())
+			logf("rep %d: null server: QueryPathInfo over %d connection(s): %d requests in %.2f s = %.0f req/s",
+				rep+1, n, res.Requests, res.Elapsed.Seconds(), res.PerSecond())
 		}
 	}
 	for _, d := range live {

@@ -1,0 +1,64 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+)
+
+// TestNullServer checks that the null server completes the handshake and
+// SetOptions of the load client and answers QueryPathInfo with a reply
+// that the client's checks accept, for any path.
+func TestNullServer(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "null.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	p := PathInfo{
+		Path: "/nix/store/00000000000000000000000000000000-a",
+		Refs: []string{"/nix/store/11111111111111111111111111111111-b"},
+		Size: 4096,
+	}
+	reply := CannedPathInfo(p)
+	done := make(chan error, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			done <- err
+			return
+		}
+		defer c.Close()
+		done <- nullConn(c, reply)
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []string{p.Path, "/nix/store/22222222222222222222222222222222-other"} {
+		sp, err := storepath.DefaultDir.Parse(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.QueryPathInfoValid(c.QueryPathInfoRequest(sp)); err != nil {
+			t.Errorf("QueryPathInfo %s: %v", s, err)
+		}
+		info, err := c.QueryPathInfo(ctx, sp)
+		if err != nil || info.NarSize != uint64(p.Size) || len(info.References) != 1 {
+			t.Errorf("QueryPathInfo %s: %+v, %v", s, info, err)
+		}
+	}
+	c.Close()
+	if err := <-done; err != nil && !errors.Is(err, io.EOF) {
+		t.Errorf("null server after the client closed: %v", err)
+	}
+}
