@@ -136,11 +136,18 @@ func NewSubstEnv(work, cacheURL string) (*Env, error) {
 	return NewEnv(work, "substituters = "+cacheURL, "require-sigs = false")
 }
 
+// ClientRun is how long a client ran and the CPU time it used (user and
+// system).
+type ClientRun struct {
+	Wall, CPU time.Duration
+}
+
 // Realise runs `nix-store --store storeURL -r paths…` in env with its own
-// fresh XDG_CACHE_HOME under cacheDir (created), and returns its wall time.
-func Realise(ctx context.Context, env *Env, storeURL, cacheDir string, paths []string) (time.Duration, error) {
+// fresh XDG_CACHE_HOME under cacheDir (created), and returns its wall and
+// CPU time.
+func Realise(ctx context.Context, env *Env, storeURL, cacheDir string, paths []string) (ClientRun, error) {
 	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
-		return 0, fmt.Errorf("creating client cache: %w", err)
+		return ClientRun{}, fmt.Errorf("creating client cache: %w", err)
 	}
 	args := append([]string{"--store", storeURL, "-r"}, paths...)
 	cmd := exec.CommandContext(ctx, "nix-store", args...)
@@ -151,15 +158,18 @@ func Realise(ctx context.Context, env *Env, storeURL, cacheDir string, paths []s
 	cmd.Stderr = &stderr
 	start := time.Now()
 	err := cmd.Run()
-	dur := time.Since(start)
+	run := ClientRun{Wall: time.Since(start)}
+	if ps := cmd.ProcessState; ps != nil {
+		run.CPU = ps.UserTime() + ps.SystemTime()
+	}
 	if err != nil {
 		msg := strings.TrimSpace(stderr.String())
 		if len(msg) > 1000 {
 			msg = msg[len(msg)-1000:]
 		}
-		return dur, fmt.Errorf("nix-store -r of %d paths: %w: %s", len(paths), err, msg)
+		return run, fmt.Errorf("nix-store -r of %d paths: %w: %s", len(paths), err, msg)
 	}
-	return dur, nil
+	return run, nil
 }
 
 // Roots returns the paths of infos that no other path references: their

@@ -119,7 +119,8 @@ func (b *bencher) withSubstDaemon(ctx context.Context, spec bench.DaemonSpec, c 
 type substMetrics struct {
 	rate, wall, durable, warm, cpu    map[string]*bench.Metric // by compression (warm: zstd only)
 	conc, concRatio, failed, maxGets  *bench.Metric
-	concCPURatio                      *bench.Metric
+	concCPURatio, concClientCPU       *bench.Metric
+	clientCPU                         *bench.Metric
 	getsPerNar, fetchedMB, singleGets *bench.Metric
 	failMsgs                          map[string][]string // daemon → first lines of failed clients' errors
 	failedTotal, clientsTotal         map[string]int
@@ -128,8 +129,8 @@ type substMetrics struct {
 
 func (m *substMetrics) list() []*bench.Metric {
 	return []*bench.Metric{
-		m.rate["zstd"], m.rate["xz"], m.wall["zstd"], m.wall["xz"], m.cpu["zstd"], m.cpu["xz"], m.durable["zstd"],
-		m.singleGets, m.conc, m.concRatio, m.concCPURatio, m.failed, m.maxGets, m.getsPerNar, m.fetchedMB, m.warm["zstd"],
+		m.rate["zstd"], m.rate["xz"], m.wall["zstd"], m.wall["xz"], m.cpu["zstd"], m.cpu["xz"], m.clientCPU, m.durable["zstd"],
+		m.singleGets, m.conc, m.concRatio, m.concCPURatio, m.concClientCPU, m.failed, m.maxGets, m.getsPerNar, m.fetchedMB, m.warm["zstd"],
 	}
 }
 
@@ -190,6 +191,8 @@ func (b *bencher) benchSubstitute(ctx context.Context, fsDesc string) (string, e
 	m.conc = &bench.Metric{Name: fmt.Sprintf("%d clients at once, zstd: wall time", n), Unit: "s"}
 	m.concRatio = &bench.Metric{Name: fmt.Sprintf("%d clients: wall time / one client's", n), Unit: "ratio", Target: "≤ 1.2 (absolute)"}
 	m.concCPURatio = &bench.Metric{Name: fmt.Sprintf("%d clients: daemon CPU time / one client's", n), Unit: "ratio"}
+	m.concClientCPU = &bench.Metric{Name: fmt.Sprintf("%d clients: CPU time of the %d nix-store processes", n, n), Unit: "s"}
+	m.clientCPU = &bench.Metric{Name: "cold nix-store -r, zstd cache: CPU time of the nix-store process", Unit: "s"}
 	m.failed = &bench.Metric{Name: fmt.Sprintf("%d clients: failed clients", n), Unit: "count", Target: "= 0 (absolute)"}
 	m.maxGets = &bench.Metric{Name: fmt.Sprintf("%d clients: most GETs of one NAR", n), Unit: "count", Target: "= 1 (absolute)"}
 	m.getsPerNar = &bench.Metric{Name: fmt.Sprintf("%d clients: NAR GETs / NARs", n), Unit: "ratio"}
@@ -233,7 +236,8 @@ func sampleOrErr(m *bench.Metric, name string, v float64, err error) {
 func (b *bencher) substCold(ctx context.Context, spec bench.DaemonSpec, c *substCache, rep int, m *substMetrics, single, singleCPU map[string]float64) error {
 	return b.withSubstDaemon(ctx, spec, c, c.comp, m.rate[c.comp], func(rctx context.Context, r *substRun) error {
 		cpu0 := r.cpu.usage()
-		dur, err := bench.Realise(rctx, r.env, r.d.StoreURL(), filepath.Join(r.work, "client-cache"), m.roots)
+		run, err := bench.Realise(rctx, r.env, r.d.StoreURL(), filepath.Join(r.work, "client-cache"), m.roots)
+		dur := run.Wall
 		cpu, cpuErr := r.cpu.since(cpu0)
 		var syncDur time.Duration
 		var narBytes uint64
@@ -266,6 +270,7 @@ func (b *bencher) substCold(ctx context.Context, spec bench.DaemonSpec, c *subst
 			return nil
 		}
 		single[spec.Name] = dur.Seconds()
+		addSample(m.clientCPU, spec.Name, run.CPU.Seconds())
 		if cpuErr == nil {
 			singleCPU[spec.Name] = cpu.Seconds()
 		}
@@ -275,13 +280,13 @@ func (b *bencher) substCold(ctx context.Context, spec bench.DaemonSpec, c *subst
 		var warm []float64
 		for w := range substFlags.warm {
 			c.srv.Reset()
-			d, err := bench.Realise(rctx, r.env, r.d.StoreURL(), filepath.Join(r.work, fmt.Sprintf("warm-cache-%d", w)), m.roots)
+			run, err := bench.Realise(rctx, r.env, r.d.StoreURL(), filepath.Join(r.work, fmt.Sprintf("warm-cache-%d", w)), m.roots)
 			if err != nil {
 				setErr(m.warm["zstd"], spec.Name, err)
 				logf("rep %d: %s: warm: %v", rep+1, spec.Name, err)
 				return nil
 			}
-			warm = append(warm, d.Seconds())
+			warm = append(warm, run.Wall.Seconds())
 			if st := c.srv.Stats(); st.NarGets > 0 {
 				logf("rep %d: %s: warm run fetched %d NARs", rep+1, spec.Name, st.NarGets)
 			}
@@ -298,6 +303,7 @@ func (b *bencher) substConcurrent(ctx context.Context, spec bench.DaemonSpec, c 
 	n := substFlags.clients
 	return b.withSubstDaemon(ctx, spec, c, fmt.Sprintf("x%d", n), m.conc, func(rctx context.Context, r *substRun) error {
 		errs := make([]error, n)
+		runs := make([]bench.ClientRun, n)
 		var wg sync.WaitGroup
 		cpu0 := r.cpu.usage()
 		start := time.Now()
@@ -305,7 +311,7 @@ func (b *bencher) substConcurrent(ctx context.Context, spec bench.DaemonSpec, c 
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				_, errs[i] = bench.Realise(rctx, r.env, r.d.StoreURL(), filepath.Join(r.work, fmt.Sprintf("client-cache-%d", i)), m.roots)
+				runs[i], errs[i] = bench.Realise(rctx, r.env, r.d.StoreURL(), filepath.Join(r.work, fmt.Sprintf("client-cache-%d", i)), m.roots)
 			}()
 		}
 		wg.Wait()
@@ -346,6 +352,11 @@ func (b *bencher) substConcurrent(ctx context.Context, spec bench.DaemonSpec, c 
 		if s := singleCPU[spec.Name]; s > 0 && cpuErr == nil {
 			addSample(m.concCPURatio, spec.Name, cpu.Seconds()/s)
 		}
+		var clientsCPU time.Duration
+		for _, run := range runs {
+			clientsCPU += run.CPU
+		}
+		addSample(m.concClientCPU, spec.Name, clientsCPU.Seconds())
 		addSample(m.maxGets, spec.Name, float64(st.MaxNarGets))
 		addSample(m.getsPerNar, spec.Name, float64(st.NarGets)/float64(len(m.paths)))
 		addSample(m.fetchedMB, spec.Name, float64(st.NarBytes)/1e6)
