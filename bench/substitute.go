@@ -34,6 +34,7 @@ type CacheServer struct {
 	mu    sync.Mutex
 	stats CacheStats
 	gets  map[string]int // GETs per nar/… file
+	reset time.Time      // of the last Reset (or the start)
 }
 
 // CacheStats counts the requests a CacheServer answered since the last Reset.
@@ -45,6 +46,9 @@ type CacheStats struct {
 	NarinfoGets int   // GET requests for *.narinfo
 	Heads       int   // HEAD requests
 	Bytes       int64 // body bytes sent in all
+	// Since the last Reset: when the first narinfo GET came, when the
+	// first NAR GET came, and when the last NAR body was sent.
+	FirstNarinfo, FirstNar, LastNarDone time.Duration
 }
 
 // ServeCache starts serving dir on a free loopback port until Close.
@@ -53,7 +57,7 @@ func ServeCache(dir string) (*CacheServer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cache server: %w", err)
 	}
-	s := &CacheServer{URL: "http://" + ln.Addr().String(), Dir: dir, ln: ln, gets: map[string]int{}}
+	s := &CacheServer{URL: "http://" + ln.Addr().String(), Dir: dir, ln: ln, gets: map[string]int{}, reset: time.Now()}
 	s.srv = &http.Server{Handler: http.HandlerFunc(s.serve), ReadHeaderTimeout: 30 * time.Second}
 	go s.srv.Serve(ln)
 	return s, nil
@@ -68,6 +72,7 @@ func (s *CacheServer) Reset() {
 	defer s.mu.Unlock()
 	s.stats = CacheStats{}
 	s.gets = map[string]int{}
+	s.reset = time.Now()
 }
 
 // Stats returns the counters since the last Reset.
@@ -94,9 +99,15 @@ func (s *CacheServer) serve(w http.ResponseWriter, r *http.Request) {
 	case r.Method == http.MethodHead:
 		s.stats.Heads++
 	case isNar:
+		if s.stats.NarGets == 0 {
+			s.stats.FirstNar = time.Since(s.reset)
+		}
 		s.stats.NarGets++
 		s.gets[p]++
 	case strings.HasSuffix(p, ".narinfo"):
+		if s.stats.NarinfoGets == 0 {
+			s.stats.FirstNarinfo = time.Since(s.reset)
+		}
 		s.stats.NarinfoGets++
 	}
 	s.mu.Unlock()
@@ -125,6 +136,7 @@ func (s *CacheServer) serve(w http.ResponseWriter, r *http.Request) {
 	s.stats.Bytes += n
 	if isNar {
 		s.stats.NarBytes += n
+		s.stats.LastNarDone = time.Since(s.reset)
 	}
 	s.mu.Unlock()
 }

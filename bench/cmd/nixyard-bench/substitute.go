@@ -257,9 +257,10 @@ func (b *bencher) substCold(ctx context.Context, spec bench.DaemonSpec, c *subst
 			return nil
 		}
 		mbps := float64(narBytes) / 1e6 / dur.Seconds()
-		logf("rep %d: %s: cold %s: %.1f MB of NAR in %.2f s = %.1f MB/s (+syncfs %.2f s), daemon CPU %.2f s; server: %d NAR GETs for %d NARs (max %d), %.1f MB, %d narinfo GETs, %d HEADs",
-			rep+1, spec.Name, c.comp, float64(narBytes)/1e6, dur.Seconds(), mbps, syncDur.Seconds(), cpu.Seconds(),
-			st.NarGets, st.NarFiles, st.MaxNarGets, float64(st.NarBytes)/1e6, st.NarinfoGets, st.Heads)
+		logf("rep %d: %s: cold %s: %.1f MB of NAR in %.2f s = %.1f MB/s (+syncfs %.2f s), daemon CPU %.2f s, client CPU %.2f s; server: %d NAR GETs for %d NARs (max %d), %.1f MB, %d narinfo GETs, %d HEADs; first narinfo GET at %.3f s, first NAR GET at %.3f s, last NAR sent at %.3f s",
+			rep+1, spec.Name, c.comp, float64(narBytes)/1e6, dur.Seconds(), mbps, syncDur.Seconds(), cpu.Seconds(), run.CPU.Seconds(),
+			st.NarGets, st.NarFiles, st.MaxNarGets, float64(st.NarBytes)/1e6, st.NarinfoGets, st.Heads,
+			st.FirstNarinfo.Seconds(), st.FirstNar.Seconds(), st.LastNarDone.Seconds())
 		if rep < 0 {
 			return nil
 		}
