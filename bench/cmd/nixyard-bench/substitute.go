@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -120,6 +121,7 @@ type substMetrics struct {
 	rate, wall, durable, warm, cpu    map[string]*bench.Metric // by compression (warm: zstd only)
 	conc, concRatio, failed, maxGets  *bench.Metric
 	concCPURatio, concClientCPU       *bench.Metric
+	concWarm                          *bench.Metric
 	clientCPU                         *bench.Metric
 	getsPerNar, fetchedMB, singleGets *bench.Metric
 	failMsgs                          map[string][]string // daemon → first lines of failed clients' errors
@@ -130,7 +132,7 @@ type substMetrics struct {
 func (m *substMetrics) list() []*bench.Metric {
 	return []*bench.Metric{
 		m.rate["zstd"], m.rate["xz"], m.wall["zstd"], m.wall["xz"], m.cpu["zstd"], m.cpu["xz"], m.clientCPU, m.durable["zstd"],
-		m.singleGets, m.conc, m.concRatio, m.concCPURatio, m.concClientCPU, m.failed, m.maxGets, m.getsPerNar, m.fetchedMB, m.warm["zstd"],
+		m.singleGets, m.conc, m.concRatio, m.concCPURatio, m.concClientCPU, m.concWarm, m.failed, m.maxGets, m.getsPerNar, m.fetchedMB, m.warm["zstd"],
 	}
 }
 
@@ -192,6 +194,7 @@ func (b *bencher) benchSubstitute(ctx context.Context, fsDesc string) (string, e
 	m.concRatio = &bench.Metric{Name: fmt.Sprintf("%d clients: wall time / one client's", n), Unit: "ratio", Target: "≤ 1.2 (absolute)"}
 	m.concCPURatio = &bench.Metric{Name: fmt.Sprintf("%d clients: daemon CPU time / one client's", n), Unit: "ratio"}
 	m.concClientCPU = &bench.Metric{Name: fmt.Sprintf("%d clients: CPU time of the %d nix-store processes", n, n), Unit: "s"}
+	m.concWarm = &bench.Metric{Name: fmt.Sprintf("%d clients at once, closure already valid (warm): wall time", n), Unit: "s"}
 	m.clientCPU = &bench.Metric{Name: "cold nix-store -r, zstd cache: CPU time of the nix-store process", Unit: "s"}
 	m.failed = &bench.Metric{Name: fmt.Sprintf("%d clients: failed clients", n), Unit: "count", Target: "= 0 (absolute)"}
 	m.maxGets = &bench.Metric{Name: fmt.Sprintf("%d clients: most GETs of one NAR", n), Unit: "count", Target: "= 1 (absolute)"}
@@ -303,19 +306,9 @@ func (b *bencher) substCold(ctx context.Context, spec bench.DaemonSpec, c *subst
 func (b *bencher) substConcurrent(ctx context.Context, spec bench.DaemonSpec, c *substCache, rep int, m *substMetrics, single, singleCPU map[string]float64) error {
 	n := substFlags.clients
 	return b.withSubstDaemon(ctx, spec, c, fmt.Sprintf("x%d", n), m.conc, func(rctx context.Context, r *substRun) error {
-		errs := make([]error, n)
-		runs := make([]bench.ClientRun, n)
-		var wg sync.WaitGroup
 		cpu0 := r.cpu.usage()
 		start := time.Now()
-		for i := range n {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				runs[i], errs[i] = bench.Realise(rctx, r.env, r.d.StoreURL(), filepath.Join(r.work, fmt.Sprintf("client-cache-%d", i)), m.roots)
-			}()
-		}
-		wg.Wait()
+		runs, errs := realiseConcurrently(rctx, r, m.roots, n, "client-cache")
 		wall := time.Since(start)
 		cpu, cpuErr := r.cpu.since(cpu0)
 		if ctx.Err() != nil {
@@ -358,11 +351,44 @@ func (b *bencher) substConcurrent(ctx context.Context, spec bench.DaemonSpec, c 
 			clientsCPU += run.CPU
 		}
 		addSample(m.concClientCPU, spec.Name, clientsCPU.Seconds())
+		// The same clients again on the now complete store: what n
+		// clients cost with nothing to fetch.
+		warm, err := realiseAll(rctx, r, m.roots, n, "warm-client-cache")
+		if err != nil {
+			setErr(m.concWarm, spec.Name, err)
+			logf("rep %d: %s: %d warm clients: %v", rep+1, spec.Name, n, err)
+		} else {
+			addSample(m.concWarm, spec.Name, warm.Seconds())
+		}
 		addSample(m.maxGets, spec.Name, float64(st.MaxNarGets))
 		addSample(m.getsPerNar, spec.Name, float64(st.NarGets)/float64(len(m.paths)))
 		addSample(m.fetchedMB, spec.Name, float64(st.NarBytes)/1e6)
 		return nil
 	})
+}
+
+// realiseConcurrently starts n clients at once realising roots, each with
+// its own client cache (cacheName-i), and returns each one's run and error.
+func realiseConcurrently(ctx context.Context, r *substRun, roots []string, n int, cacheName string) ([]bench.ClientRun, []error) {
+	runs, errs := make([]bench.ClientRun, n), make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			runs[i], errs[i] = bench.Realise(ctx, r.env, r.d.StoreURL(), filepath.Join(r.work, fmt.Sprintf("%s-%d", cacheName, i)), roots)
+		}()
+	}
+	wg.Wait()
+	return runs, errs
+}
+
+// realiseAll is realiseConcurrently timed, failing if any client failed.
+func realiseAll(ctx context.Context, r *substRun, roots []string, n int, cacheName string) (time.Duration, error) {
+	start := time.Now()
+	_, errs := realiseConcurrently(ctx, r, roots, n, cacheName)
+	wall := time.Since(start)
+	return wall, errors.Join(errs...)
 }
 
 func dirMB(dir string) float64 {
