@@ -68,6 +68,8 @@ func copyFile(from, to string, buf []byte) error {
 	if err != nil {
 		return err
 	}
+	// The wrappers hide ReadFrom and WriteTo, so that the bytes go through
+	// buf by read and write as a daemon's do, not by copy_file_range.
 	n, err := io.CopyBuffer(struct{ io.Writer }{out}, struct{ io.Reader }{in}, buf)
 	if err == nil && n >= 64<<10 {
 		err = unix.SyncFileRange(int(out.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)

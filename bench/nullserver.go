@@ -103,6 +103,13 @@ func nullConn(c net.Conn, reply []byte) error {
 		return fmt.Errorf("bad client magic %#x", m)
 	}
 	minor := min(d.U64("client version")&0xff, nullVersion&0xff)
+	if err := d.Err(); err != nil {
+		return err
+	}
+	if minor < nullVersion&0xff {
+		// The canned reply is in the 1.34 format.
+		return fmt.Errorf("client protocol 1.%d: the null server needs 1.%d", minor, nullVersion&0xff)
+	}
 	e.U64(nullMagic2)
 	e.U64(nullVersion)
 	if err := e.Flush(); err != nil {
@@ -157,6 +164,7 @@ func nullConn(c net.Conn, reply []byte) error {
 type NullServer struct {
 	Socket string
 	cmd    *exec.Cmd
+	exited chan struct{} // closed once the process has been waited for
 }
 
 // StartNullServer starts the null server (self is the benchmark's binary)
@@ -174,11 +182,23 @@ func StartNullServer(ctx context.Context, self, dir string, p PathInfo) (*NullSe
 	if err := s.cmd.Start(); err != nil {
 		return nil, fmt.Errorf("null server: %w", err)
 	}
+	s.exited = make(chan struct{})
+	go func() {
+		s.cmd.Wait()
+		close(s.exited)
+	}()
 	for deadline := time.Now().Add(10 * time.Second); ; {
-		c, err := Dial(ctx, s.Socket)
+		pctx, cancel := context.WithTimeout(ctx, time.Second)
+		c, err := Dial(pctx, s.Socket)
+		cancel()
 		if err == nil {
 			c.Close()
 			return s, nil
+		}
+		select {
+		case <-s.exited:
+			return nil, fmt.Errorf("null server exited before serving: %s", s.cmd.ProcessState)
+		default:
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
 			s.Stop()
@@ -191,5 +211,5 @@ func StartNullServer(ctx context.Context, self, dir string, p PathInfo) (*NullSe
 // Stop kills the null server and waits for it.
 func (s *NullServer) Stop() {
 	s.cmd.Process.Kill()
-	s.cmd.Wait()
+	<-s.exited
 }

@@ -6,9 +6,11 @@ import (
 	"io"
 	"net"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/nixyard/nixyard/internal/daemon/client"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
 
@@ -60,5 +62,35 @@ func TestNullServer(t *testing.T) {
 	c.Close()
 	if err := <-done; err != nil && !errors.Is(err, io.EOF) {
 		t.Errorf("null server after the client closed: %v", err)
+	}
+}
+
+// TestNullServerOldClient checks that a client older than the canned
+// reply's protocol is refused, not answered in a format it misreads.
+func TestNullServerOldClient(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "null.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	done := make(chan error, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			done <- err
+			return
+		}
+		defer c.Close()
+		done <- nullConn(c, CannedPathInfo(PathInfo{Path: "/nix/store/00000000000000000000000000000000-a"}))
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if c, err := client.DialVersion(ctx, sock, 1<<8|21, false); err == nil {
+		c.Close()
+		t.Error("a protocol 1.21 client completed the handshake")
+	}
+	if err := <-done; err == nil || !strings.Contains(err.Error(), "needs 1.34") {
+		t.Errorf("null server: %v, want a refusal naming 1.34", err)
 	}
 }

@@ -208,7 +208,8 @@ static nx_result nx_worker_result(nx_worker *w) {
 	return r;
 }
 
-// nx_worker_free stops the worker (no job may be running) and frees it.
+// nx_worker_free stops the worker, after the job it is running if any,
+// and frees it.
 static void nx_worker_free(nx_worker *w) {
 	pthread_mutex_lock(&w->mu);
 	w->quit = 1;
@@ -378,8 +379,8 @@ func (p *lzmaPool) put(d *lzmaDecoder) {
 		d.free()
 		return
 	}
-	d.idleSince = time.Now()
 	p.mu.Lock()
+	d.idleSince = time.Now() // under mu: idle stays in idleSince order
 	if len(p.idle) >= xzPoolMax {
 		p.mu.Unlock()
 		d.free()
@@ -408,7 +409,10 @@ func (p *lzmaPool) freeIdle() {
 	}
 	clear(p.idle[len(keep):])
 	p.idle = keep
-	p.sweep = nil
+	if p.sweep != nil {
+		p.sweep.Stop() // a no-op when the sweep is this call
+		p.sweep = nil
+	}
 	if len(keep) > 0 {
 		p.sweep = time.AfterFunc(time.Until(keep[0].idleSince.Add(xzPoolIdle)), p.freeIdle)
 	}

@@ -332,18 +332,19 @@ func (b *bencher) benchQPI(ctx context.Context) ([]*bench.Metric, error) {
 	if err := ctx.Err(); err != nil {
 		return all, err
 	}
-	self, err := os.Executable()
+	null, err := b.startNullServer(ctx, infos[0])
 	if err != nil {
-		return all, err
+		logf("null server: %v", err)
+		for _, m := range ceiling {
+			setErr(m, "nixyard", err)
+		}
+	} else {
+		defer null.Stop()
 	}
-	null, err := bench.StartNullServer(ctx, self, b.work, infos[0])
-	if err != nil {
-		return all, err
-	}
-	defer null.Stop()
 
 	for rep := range o.Reps {
 		for mi, n := range o.qpiConns {
+			var stockRate float64 // this repetition's, 0 if none
 			for _, i := range b.order(rep + mi) {
 				d := live[i]
 				if d == nil {
@@ -359,11 +360,14 @@ func (b *bencher) benchQPI(ctx context.Context) ([]*bench.Metric, error) {
 					continue
 				}
 				addSample(load[mi], d.Spec.Name, res.PerSecond())
+				if d.Spec.Name != "nixyard" {
+					stockRate = res.PerSecond()
+				}
 				logf("rep %d: %s: QueryPathInfo over %d connection(s): %d requests in %.2f s = %.0f req/s",
 					rep+1, d.Spec.Name, n, res.Requests, res.Elapsed.Seconds(), res.PerSecond())
 			}
-			if len(load[mi].Stock) != rep+1 {
-				continue // no stock sample to set the null server's against
+			if null == nil || stockRate == 0 {
+				continue // nothing to set the null server's rate against
 			}
 			res, err := bench.QueryPathInfoLoad(ctx, null.Socket, paths, n, o.qpiWarmup, o.qpiDuration)
 			if err != nil {
@@ -374,7 +378,7 @@ func (b *bencher) benchQPI(ctx context.Context) ([]*bench.Metric, error) {
 				setErr(ceiling[mi], "nixyard", err)
 				continue
 			}
-			ceiling[mi].Stock = append(ceiling[mi].Stock, load[mi].Stock[rep])
+			ceiling[mi].Stock = append(ceiling[mi].Stock, stockRate)
 			ceiling[mi].Nixyard = append(ceiling[mi].Nixyard, res.PerSecond())
 			logf("rep %d: null server: QueryPathInfo over %d connection(s): %d requests in %.2f s = %.0f req/s",
 				rep+1, n, res.Requests, res.Elapsed.Seconds(), res.PerSecond())
@@ -388,6 +392,16 @@ func (b *bencher) benchQPI(ctx context.Context) ([]*bench.Metric, error) {
 		}
 	}
 	return all, nil
+}
+
+// startNullServer starts bench's null server from this binary, answering
+// with the canned reply for p.
+func (b *bencher) startNullServer(ctx context.Context, p bench.PathInfo) (*bench.NullServer, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	return bench.StartNullServer(ctx, self, b.work, p)
 }
 
 func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
@@ -408,7 +422,8 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 	// answers can take (bench.DurableCopy), in nixyard's column, against
 	// the stock daemon's copy of the same repetition.
 	ceiling := &bench.Metric{Name: "ceiling: the same files copied plainly and made durable (no protocol, hashing or database) in nixyard's column", Unit: "s"}
-	all := []*bench.Metric{wall, rate, durable, cpu, ceiling}
+	daemonMetrics := []*bench.Metric{wall, rate, durable, cpu}
+	all := append(daemonMetrics, ceiling)
 	if err := bench.SyncFS(b.mnt); err != nil {
 		return all, err
 	}
@@ -417,6 +432,7 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 	// it, and would otherwise penalise the daemon that goes first.
 	failed := map[string]bool{}
 	for rep := -1; rep < o.Reps; rep++ {
+		var stockTime float64 // this repetition's copy into the stock daemon, 0 if none
 		for _, i := range b.order(max(rep, 0)) {
 			spec := b.daemons[i]
 			if failed[spec.Name] {
@@ -426,7 +442,7 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 			d, err := b.start(ctx, spec, root)
 			if err != nil {
 				logf("%s: %v", spec.Name, err)
-				for _, m := range all {
+				for _, m := range daemonMetrics {
 					setErr(m, spec.Name, err)
 				}
 				continue
@@ -453,7 +469,7 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 					return all, ctx.Err()
 				}
 				logf("rep %d: %s: nix copy: %v", rep+1, spec.Name, err)
-				for _, m := range all {
+				for _, m := range daemonMetrics {
 					setErr(m, spec.Name, err)
 				}
 				if rep < 0 {
@@ -464,6 +480,9 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 			} else {
 				mbps := float64(narBytes) / 1e6 / dur.Seconds()
 				addSample(wall, spec.Name, dur.Seconds())
+				if spec.Name != "nixyard" {
+					stockTime = dur.Seconds()
+				}
 				addSample(rate, spec.Name, mbps)
 				addSample(durable, spec.Name, (dur + syncDur).Seconds())
 				sampleOrErr(cpu, spec.Name, cpuDur.Seconds(), cpuErr)
@@ -477,8 +496,8 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 				return all, err
 			}
 		}
-		if rep >= 0 && len(wall.Stock) == rep+1 {
-			if err := b.durableCeiling(ctx, src, rep, wall.Stock[rep], ceiling); err != nil {
+		if rep >= 0 && stockTime > 0 {
+			if err := b.durableCeiling(ctx, src, rep, stockTime, ceiling); err != nil {
 				return all, err
 			}
 		}

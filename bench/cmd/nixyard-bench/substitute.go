@@ -350,10 +350,23 @@ func (b *bencher) substConcurrent(ctx context.Context, spec bench.DaemonSpec, c 
 		for _, run := range runs {
 			clientsCPU += run.CPU
 		}
-		addSample(m.concClientCPU, spec.Name, clientsCPU.Seconds())
+		if failed == 0 { // a failed client's CPU would make the sum too low
+			addSample(m.concClientCPU, spec.Name, clientsCPU.Seconds())
+		} else {
+			setErr(m.concClientCPU, spec.Name, fmt.Errorf("%d of %d clients failed", failed, n))
+		}
 		// The same clients again on the now complete store: what n
-		// clients cost with nothing to fetch.
+		// clients cost with nothing to fetch. The store is synced first,
+		// as before the one-client warm runs: the stock daemon leaves
+		// its writeback to be done.
+		if err := bench.SyncFS(r.d.Root); err != nil {
+			return err
+		}
+		c.srv.Reset()
 		warm, err := realiseAll(rctx, r, m.roots, n, "warm-client-cache")
+		if st := c.srv.Stats(); st.NarGets > 0 {
+			logf("rep %d: %s: the %d warm clients fetched %d NARs", rep+1, spec.Name, n, st.NarGets)
+		}
 		if err != nil {
 			setErr(m.concWarm, spec.Name, err)
 			logf("rep %d: %s: %d warm clients: %v", rep+1, spec.Name, n, err)
