@@ -18,28 +18,12 @@ import (
 // SetOptions of the load client and answers QueryPathInfo with a reply
 // that the client's checks accept, for any path.
 func TestNullServer(t *testing.T) {
-	sock := filepath.Join(t.TempDir(), "null.sock")
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
 	p := PathInfo{
 		Path: "/nix/store/00000000000000000000000000000000-a",
 		Refs: []string{"/nix/store/11111111111111111111111111111111-b"},
 		Size: 4096,
 	}
-	reply := CannedPathInfo(p)
-	done := make(chan error, 1)
-	go func() {
-		c, err := l.Accept()
-		if err != nil {
-			done <- err
-			return
-		}
-		defer c.Close()
-		done <- nullConn(c, reply)
-	}()
+	sock, done := serveOneNullConn(t, CannedPathInfo(p))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	c, err := Dial(ctx, sock)
@@ -68,22 +52,7 @@ func TestNullServer(t *testing.T) {
 // TestNullServerOldClient checks that a client older than the canned
 // reply's protocol is refused, not answered in a format it misreads.
 func TestNullServerOldClient(t *testing.T) {
-	sock := filepath.Join(t.TempDir(), "null.sock")
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	done := make(chan error, 1)
-	go func() {
-		c, err := l.Accept()
-		if err != nil {
-			done <- err
-			return
-		}
-		defer c.Close()
-		done <- nullConn(c, CannedPathInfo(PathInfo{Path: "/nix/store/00000000000000000000000000000000-a"}))
-	}()
+	sock, done := serveOneNullConn(t, CannedPathInfo(PathInfo{Path: "/nix/store/00000000000000000000000000000000-a"}))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if c, err := client.DialVersion(ctx, sock, 1<<8|21, false); err == nil {
@@ -93,4 +62,27 @@ func TestNullServerOldClient(t *testing.T) {
 	if err := <-done; err == nil || !strings.Contains(err.Error(), "needs 1.34") {
 		t.Errorf("null server: %v, want a refusal naming 1.34", err)
 	}
+}
+
+// serveOneNullConn serves one connection on a new socket with nullConn and
+// reply; done receives nullConn's result.
+func serveOneNullConn(t *testing.T, reply []byte) (sock string, done <-chan error) {
+	t.Helper()
+	sock = filepath.Join(t.TempDir(), "null.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	ch := make(chan error, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			ch <- err
+			return
+		}
+		defer c.Close()
+		ch <- nullConn(c, reply)
+	}()
+	return sock, ch
 }

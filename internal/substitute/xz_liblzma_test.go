@@ -96,11 +96,7 @@ func TestLiblzmaReader(t *testing.T) {
 // the decoders part-way through, and checks that at most xzPoolMax are
 // kept and that every decoder thread is gone once the pool is drained.
 func TestLiblzmaReaderThreads(t *testing.T) {
-	if _, release, ok, err := newLiblzmaReader(bytes.NewReader(nil)); !ok || err != nil {
-		t.Skip("liblzma.so.5 cannot be loaded")
-	} else {
-		release()
-	}
+	needLiblzma(t)
 	data := bytes.Repeat([]byte("nixyard decodes on threads of its own\n"), 40000)
 	comp := xzOf(t, data)
 	before := threads(t)
@@ -153,11 +149,7 @@ func threads(t *testing.T) int {
 // decoder: after a stream read to its end, after one released part-way
 // through, and after a corrupt one.
 func TestLiblzmaReaderReuse(t *testing.T) {
-	if _, release, ok, err := newLiblzmaReader(bytes.NewReader(nil)); !ok || err != nil {
-		t.Skip("liblzma.so.5 cannot be loaded")
-	} else {
-		release()
-	}
+	needLiblzma(t)
 	xzPool.drain()
 	defer xzPool.drain()
 	a := bytes.Repeat([]byte("first stream\n"), 50000)
@@ -212,11 +204,7 @@ func TestLiblzmaReaderReuse(t *testing.T) {
 // TestLiblzmaPoolExpiry checks that decoders idle for xzPoolIdle are freed
 // and the others kept, with the sweep re-armed for them.
 func TestLiblzmaPoolExpiry(t *testing.T) {
-	if _, release, ok, err := newLiblzmaReader(bytes.NewReader(nil)); !ok || err != nil {
-		t.Skip("liblzma.so.5 cannot be loaded")
-	} else {
-		release()
-	}
+	needLiblzma(t)
 	xzPool.drain()
 	defer xzPool.drain()
 	var ds []*lzmaDecoder
@@ -246,4 +234,14 @@ func TestLiblzmaPoolExpiry(t *testing.T) {
 	if ds[0].s != nil || ds[1].s != nil {
 		t.Error("expired decoders not freed")
 	}
+}
+
+// needLiblzma skips the test when liblzma.so.5 cannot be loaded.
+func needLiblzma(t *testing.T) {
+	t.Helper()
+	_, release, ok, err := newLiblzmaReader(bytes.NewReader(nil))
+	if !ok || err != nil {
+		t.Skip("liblzma.so.5 cannot be loaded")
+	}
+	release()
 }
