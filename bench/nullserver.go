@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nixyard/nixyard/internal/daemon/client"
 	"github.com/nixyard/nixyard/internal/daemon/wire"
 )
 
@@ -26,15 +27,9 @@ import (
 // binary (see MaybeServeNull).
 const NullServerArg = "-null-server"
 
-// Worker protocol constants the null server needs (see internal/daemon).
-const (
-	nullMagic1       = 0x6e697863
-	nullMagic2       = 0x6478696f
-	nullVersion      = 1<<8 | 34
-	nullStderrLast   = 0x616c7473
-	nullOpSetOptions = 19
-	nullOpQueryPI    = 26
-)
+// nullVersion is the protocol version of the null server's canned reply:
+// the load client's.
+const nullVersion = client.DefaultVersion
 
 // CannedPathInfo encodes the reply of QueryPathInfo (protocol 1.34) for p:
 // STDERR_LAST, then a valid path with p's references and a NAR size of
@@ -42,7 +37,7 @@ const (
 func CannedPathInfo(p PathInfo) []byte {
 	var buf bytes.Buffer
 	e := wire.NewEncoder(&buf)
-	e.U64(nullStderrLast)
+	e.U64(wire.StderrLast)
 	e.U64(1) // valid
 	e.String("")
 	e.String(strings.Repeat("0123456789abcdef", 4))
@@ -99,7 +94,7 @@ func nullConn(c net.Conn, reply []byte) error {
 	br := bufio.NewReaderSize(c, 64<<10)
 	d := wire.NewDecoder(br)
 	e := wire.NewEncoder(c)
-	if m := d.U64("magic"); d.Err() == nil && m != nullMagic1 {
+	if m := d.U64("magic"); d.Err() == nil && m != wire.WorkerMagic1 {
 		return fmt.Errorf("bad client magic %#x", m)
 	}
 	minor := min(d.U64("client version")&0xff, nullVersion&0xff)
@@ -110,7 +105,7 @@ func nullConn(c net.Conn, reply []byte) error {
 		// The canned reply is in the 1.34 format.
 		return fmt.Errorf("client protocol 1.%d: the null server needs 1.%d", minor, nullVersion&0xff)
 	}
-	e.U64(nullMagic2)
+	e.U64(wire.WorkerMagic2)
 	e.U64(nullVersion)
 	if err := e.Flush(); err != nil {
 		return err
@@ -124,7 +119,7 @@ func nullConn(c net.Conn, reply []byte) error {
 	if minor >= 33 {
 		e.String("null server")
 	}
-	e.U64(nullStderrLast)
+	e.U64(wire.StderrLast)
 	if err := e.Flush(); err != nil {
 		return err
 	}
@@ -137,15 +132,15 @@ func nullConn(c net.Conn, reply []byte) error {
 			return err
 		}
 		switch op {
-		case nullOpSetOptions:
+		case wire.OpSetOptions:
 			for range 12 {
 				d.U64("option")
 			}
 			if minor >= 12 {
 				d.StringMap("overrides", wire.MaxSmallString)
 			}
-			e.U64(nullStderrLast)
-		case nullOpQueryPI:
+			e.U64(wire.StderrLast)
+		case wire.OpQueryPathInfo:
 			d.String("path", wire.MaxPathLen)
 			e.Write(reply)
 		default:

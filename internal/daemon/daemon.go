@@ -299,14 +299,14 @@ func (c *conn) perform(ctx context.Context, op uint64) error {
 	h, ok := handlers[op]
 	if !ok {
 		switch op {
-		case opBuildDerivation, opRegisterDrvOutput, opQueryRealisation:
-		case opQueryFailedPaths, opClearFailedPaths:
+		case wire.OpBuildDerivation, wire.OpRegisterDrvOutput, wire.OpQueryRealisation:
+		case wire.OpQueryFailedPaths, wire.OpClearFailedPaths:
 			return fmt.Errorf("operation '%s' (%d) was removed from Nix and is not supported", opName(op), op)
 		default:
 			return fmt.Errorf("invalid operation %d", op)
 		}
 	}
-	if c.st == nil && op != opSetOptions && op != opSyncWithGC {
+	if c.st == nil && op != wire.OpSetOptions && op != wire.OpSyncWithGC {
 		return fmt.Errorf("operation '%s' (%d): no store is configured", opName(op), op)
 	}
 	if h == nil {

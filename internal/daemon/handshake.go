@@ -15,11 +15,11 @@ func (c *conn) handshake(ctx context.Context) error {
 	// Step 1: client magic.
 	if magic := c.in.U64("magic"); c.in.Err() != nil {
 		return fmt.Errorf("handshake: reading magic: %w", c.in.Err())
-	} else if magic != workerMagic1 {
+	} else if magic != wire.WorkerMagic1 {
 		return fmt.Errorf("handshake: protocol mismatch: magic %#x", magic)
 	}
 	// Step 2: our magic and version, flushed before reading step 3.
-	c.out.U64(workerMagic2)
+	c.out.U64(wire.WorkerMagic2)
 	c.out.U64(protocolVersion)
 	if err := c.out.Flush(); err != nil {
 		return fmt.Errorf("handshake: sending version: %w", err)

@@ -143,7 +143,7 @@ func (t *tunnel) Log(lvl Verbosity, text string) {
 	if skip {
 		return
 	}
-	msg := appendU64(nil, stderrNext)
+	msg := appendU64(nil, wire.StderrNext)
 	msg = appendString(msg, text+"\n")
 	t.enqueue(msg)
 }
@@ -158,7 +158,7 @@ func (t *tunnel) StartActivity(lvl Verbosity, typ uint64, text string, fields []
 		}
 		return id
 	}
-	msg := appendU64(nil, stderrStartActivity)
+	msg := appendU64(nil, wire.StderrStartActivity)
 	msg = appendU64(msg, id)
 	msg = appendU64(msg, t.wireLevel(lvl))
 	msg = appendU64(msg, typ)
@@ -174,7 +174,7 @@ func (t *tunnel) StopActivity(id uint64) {
 	if t.minor < 20 {
 		return
 	}
-	msg := appendU64(nil, stderrStopActivity)
+	msg := appendU64(nil, wire.StderrStopActivity)
 	msg = appendU64(msg, id)
 	t.enqueue(msg)
 }
@@ -184,7 +184,7 @@ func (t *tunnel) Result(id, typ uint64, fields []field) {
 	if t.minor < 20 {
 		return
 	}
-	msg := appendU64(nil, stderrResult)
+	msg := appendU64(nil, wire.StderrResult)
 	msg = appendU64(msg, id)
 	msg = appendU64(msg, typ)
 	msg = appendFields(msg, fields)
@@ -233,10 +233,10 @@ func (t *tunnel) stopWork(err error) {
 	t.working = false
 	t.stopped = true
 	if err == nil {
-		t.enc.U64(stderrLast)
+		t.enc.U64(wire.StderrLast)
 		return
 	}
-	t.enc.U64(stderrError)
+	t.enc.U64(wire.StderrError)
 	msg := errorMessage(err)
 	if t.minor >= 26 {
 		t.enc.String("Error")

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"github.com/nixyard/nixyard/internal/nar"
 	"io"
+
+	"github.com/nixyard/nixyard/internal/daemon/wire"
+	"github.com/nixyard/nixyard/internal/nar"
 )
 
 // narExtractor yields the bytes of exactly one NAR read from an unframed
@@ -122,7 +124,7 @@ func (t *tunnelSource) Read(p []byte) (int, error) {
 	}
 	want := min(len(p), maxTunnelRead)
 	t.c.tun.mu.Lock()
-	t.c.out.U64(stderrRead)
+	t.c.out.U64(wire.StderrRead)
 	t.c.out.U64(uint64(want))
 	err := t.c.out.Flush()
 	t.c.tun.mu.Unlock()
@@ -148,7 +150,7 @@ type tunnelSink struct{ c *conn }
 func (t *tunnelSink) Write(p []byte) (int, error) {
 	t.c.tun.mu.Lock()
 	defer t.c.tun.mu.Unlock()
-	t.c.out.U64(stderrWrite)
+	t.c.out.U64(wire.StderrWrite)
 	t.c.out.Bytes(p)
 	if err := t.c.out.Err(); err != nil {
 		return 0, err

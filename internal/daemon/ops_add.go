@@ -69,7 +69,7 @@ func opAddToStoreHandler(ctx context.Context, c *conn) error {
 	camStr := c.in.String("camStr", wire.MaxSmallString)
 	refs := c.in.Paths("references", c.dir)
 	repair := c.in.Bool("repair")
-	if err := c.begin(opAddToStore); err != nil {
+	if err := c.begin(wire.OpAddToStore); err != nil {
 		return err
 	}
 	var info *store.PathInfo
@@ -108,7 +108,7 @@ func (c *conn) addToStoreOld(ctx context.Context) error {
 	if err != nil {
 		c.in.SetErr("hashAlgo", err)
 	}
-	if err := c.begin(opAddToStore); err != nil {
+	if err := c.begin(wire.OpAddToStore); err != nil {
 		return err
 	}
 	method := contentaddress.Flat
@@ -140,7 +140,7 @@ func opAddTextToStoreHandler(ctx context.Context, c *conn) error {
 	name := c.in.String("name", wire.MaxSmallString)
 	text := c.in.Bytes("text", wire.MaxStringLen)
 	refs := c.in.Paths("references", c.dir)
-	if err := c.begin(opAddTextToStore); err != nil {
+	if err := c.begin(wire.OpAddTextToStore); err != nil {
 		return err
 	}
 	info, err := c.st.AddToStoreContent(ctx, name, contentaddress.Text, hash.SHA256, refs, bytes.NewReader(text), false)
@@ -191,7 +191,7 @@ func opAddToStoreNarHandler(ctx context.Context, c *conn) error {
 		dontCheckSigs = false
 		info.Ultimate = false
 	}
-	if err := c.begin(opAddToStoreNar); err != nil {
+	if err := c.begin(wire.OpAddToStoreNar); err != nil {
 		return err
 	}
 	opts := store.AddOptions{Repair: repair, CheckSigs: !dontCheckSigs}
@@ -252,7 +252,7 @@ func opAddMultipleToStoreHandler(ctx context.Context, c *conn) error {
 	if !c.peer.trusted {
 		dontCheckSigs = false
 	}
-	if err := c.begin(opAddMultipleToStore); err != nil {
+	if err := c.begin(wire.OpAddMultipleToStore); err != nil {
 		return err
 	}
 	err := c.withFramed(func(fr *wire.FramedReader) error {
@@ -304,7 +304,7 @@ func opAddMultipleToStoreHandler(ctx context.Context, c *conn) error {
 }
 
 func opImportPathsHandler(ctx context.Context, c *conn) error {
-	if err := c.begin(opImportPaths); err != nil {
+	if err := c.begin(wire.OpImportPaths); err != nil {
 		return err
 	}
 	src := &tunnelSource{c: c} // unbuffered: ask the client only for what is parsed
@@ -380,7 +380,7 @@ func (c *conn) importOne(ctx context.Context, src io.Reader, in *wire.Decoder) (
 func opAddSignaturesHandler(ctx context.Context, c *conn) error {
 	p := c.in.Path("path", c.dir)
 	sigs := c.in.Strings("sigs", wire.MaxSmallString)
-	if err := c.begin(opAddSignatures); err != nil {
+	if err := c.begin(wire.OpAddSignatures); err != nil {
 		return err
 	}
 	if !c.peer.trusted {
@@ -400,7 +400,7 @@ func opAddBuildLogHandler(ctx context.Context, c *conn) error {
 	if err != nil {
 		c.in.SetErr("drv", err)
 	}
-	if err := c.begin(opAddBuildLog); err != nil {
+	if err := c.begin(wire.OpAddBuildLog); err != nil {
 		return err
 	}
 	err = c.withFramed(func(fr *wire.FramedReader) error {

@@ -123,7 +123,7 @@ func opBuildPathsHandler(ctx context.Context, c *conn) error {
 	if c.minor >= 15 {
 		mode = c.readBuildMode()
 	}
-	if err := c.begin(opBuildPaths); err != nil {
+	if err := c.begin(wire.OpBuildPaths); err != nil {
 		return err
 	}
 	r, results, err := c.realiseTargets(ctx, targets, mode)
@@ -141,7 +141,7 @@ func opBuildPathsHandler(ctx context.Context, c *conn) error {
 func opBuildPathsWithResultsHandler(ctx context.Context, c *conn) error {
 	targets := c.readDerivedPaths()
 	mode := c.readBuildMode()
-	if err := c.begin(opBuildPathsWithResults); err != nil {
+	if err := c.begin(wire.OpBuildPathsWithResults); err != nil {
 		return err
 	}
 	_, results, err := c.realiseTargets(ctx, targets, mode)
@@ -167,14 +167,14 @@ func realisedResult(r realise.Result) build.Result {
 // so the connection stays usable, and fails it with a clear error.
 func (c *conn) notImplemented(ctx context.Context, op uint64) error {
 	switch op {
-	case opBuildDerivation:
+	case wire.OpBuildDerivation:
 		c.in.Path("drvPath", c.dir)
 		c.skipBasicDerivation()
 		c.in.U64("buildMode")
 		if err := c.begin(op); err != nil {
 			return err
 		}
-	case opRegisterDrvOutput:
+	case wire.OpRegisterDrvOutput:
 		if err := c.begin(op); err != nil {
 			return err
 		}
@@ -185,7 +185,7 @@ func (c *conn) notImplemented(ctx context.Context, op uint64) error {
 		if err := c.in.Err(); err != nil {
 			return fatal(fmt.Errorf("operation '%s' (%d): reading arguments: %w", opName(op), op, err))
 		}
-	case opQueryRealisation:
+	case wire.OpQueryRealisation:
 		if err := c.begin(op); err != nil {
 			return err
 		}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 
 	"github.com/nixyard/nixyard/internal/build"
+	"github.com/nixyard/nixyard/internal/daemon/wire"
 	"github.com/nixyard/nixyard/internal/nix/derivation"
 )
 
@@ -26,7 +27,7 @@ func opBuildDerivationHandler(ctx context.Context, c *conn) error {
 		drv = c.readBasicDerivation(drvPath)
 	}
 	mode := c.readBuildMode()
-	if err := c.begin(opBuildDerivation); err != nil {
+	if err := c.begin(wire.OpBuildDerivation); err != nil {
 		return err
 	}
 	b := c.srv.opts.Builder

@@ -39,7 +39,7 @@ func (c *conn) pathOp(op uint64) (storepath.Path, error) {
 }
 
 func opIsValidPathHandler(ctx context.Context, c *conn) error {
-	p, err := c.pathOp(opIsValidPath)
+	p, err := c.pathOp(wire.OpIsValidPath)
 	if err != nil {
 		return err
 	}
@@ -66,7 +66,7 @@ func (c *conn) pathInfoOp(ctx context.Context, op uint64) (*store.PathInfo, erro
 }
 
 func opQueryPathHashHandler(ctx context.Context, c *conn) error {
-	info, err := c.pathInfoOp(ctx, opQueryPathHash)
+	info, err := c.pathInfoOp(ctx, wire.OpQueryPathHash)
 	if err != nil {
 		return err
 	}
@@ -76,7 +76,7 @@ func opQueryPathHashHandler(ctx context.Context, c *conn) error {
 }
 
 func opQueryReferencesHandler(ctx context.Context, c *conn) error {
-	info, err := c.pathInfoOp(ctx, opQueryReferences)
+	info, err := c.pathInfoOp(ctx, wire.OpQueryReferences)
 	if err != nil {
 		return err
 	}
@@ -86,7 +86,7 @@ func opQueryReferencesHandler(ctx context.Context, c *conn) error {
 }
 
 func opQueryDeriverHandler(ctx context.Context, c *conn) error {
-	info, err := c.pathInfoOp(ctx, opQueryDeriver)
+	info, err := c.pathInfoOp(ctx, wire.OpQueryDeriver)
 	if err != nil {
 		return err
 	}
@@ -113,13 +113,13 @@ func pathsQuery(op uint64, query func(ctx context.Context, c *conn, p storepath.
 }
 
 var (
-	opQueryReferrersHandler = pathsQuery(opQueryReferrers, func(ctx context.Context, c *conn, p storepath.Path) ([]storepath.Path, error) {
+	opQueryReferrersHandler = pathsQuery(wire.OpQueryReferrers, func(ctx context.Context, c *conn, p storepath.Path) ([]storepath.Path, error) {
 		return c.st.QueryReferrers(ctx, p)
 	})
-	opQueryValidDeriversHandler = pathsQuery(opQueryValidDerivers, func(ctx context.Context, c *conn, p storepath.Path) ([]storepath.Path, error) {
+	opQueryValidDeriversHandler = pathsQuery(wire.OpQueryValidDerivers, func(ctx context.Context, c *conn, p storepath.Path) ([]storepath.Path, error) {
 		return c.st.QueryValidDerivers(ctx, p)
 	})
-	opQueryDerivationOutputsHandler = pathsQuery(opQueryDerivationOutputs, func(ctx context.Context, c *conn, p storepath.Path) ([]storepath.Path, error) {
+	opQueryDerivationOutputsHandler = pathsQuery(wire.OpQueryDerivationOutputs, func(ctx context.Context, c *conn, p storepath.Path) ([]storepath.Path, error) {
 		m, err := c.st.QueryDerivationOutputMap(ctx, p)
 		if err != nil {
 			return nil, err
@@ -135,7 +135,7 @@ var (
 )
 
 func opQueryDerivationOutputNamesHandler(ctx context.Context, c *conn) error {
-	p, err := c.pathOp(opQueryDerivationOutputNames)
+	p, err := c.pathOp(wire.OpQueryDerivationOutputNames)
 	if err != nil {
 		return err
 	}
@@ -149,7 +149,7 @@ func opQueryDerivationOutputNamesHandler(ctx context.Context, c *conn) error {
 }
 
 func opQueryDerivationOutputMapHandler(ctx context.Context, c *conn) error {
-	p, err := c.pathOp(opQueryDerivationOutputMap)
+	p, err := c.pathOp(wire.OpQueryDerivationOutputMap)
 	if err != nil {
 		return err
 	}
@@ -169,7 +169,7 @@ func opQueryDerivationOutputMapHandler(ctx context.Context, c *conn) error {
 
 func opQueryPathFromHashPartHandler(ctx context.Context, c *conn) error {
 	hashPart := c.in.String("hashPart", wire.MaxPathLen)
-	if err := c.begin(opQueryPathFromHashPart); err != nil {
+	if err := c.begin(wire.OpQueryPathFromHashPart); err != nil {
 		return err
 	}
 	var p storepath.Path
@@ -186,7 +186,7 @@ func opQueryPathFromHashPartHandler(ctx context.Context, c *conn) error {
 }
 
 func opQueryAllValidPathsHandler(ctx context.Context, c *conn) error {
-	if err := c.begin(opQueryAllValidPaths); err != nil {
+	if err := c.begin(wire.OpQueryAllValidPaths); err != nil {
 		return err
 	}
 	ps, err := c.st.QueryAllValidPaths(ctx)
@@ -221,7 +221,7 @@ func (c *conn) writePathInfo(info *store.PathInfo, keyed bool, minor uint64) {
 }
 
 func opQueryPathInfoHandler(ctx context.Context, c *conn) error {
-	p, err := c.pathOp(opQueryPathInfo)
+	p, err := c.pathOp(wire.OpQueryPathInfo)
 	if err != nil {
 		return err
 	}

@@ -17,7 +17,7 @@ import (
 )
 
 func opAddTempRootHandler(ctx context.Context, c *conn) error {
-	p, err := c.pathOp(opAddTempRoot)
+	p, err := c.pathOp(wire.OpAddTempRoot)
 	if err != nil {
 		return err
 	}
@@ -31,7 +31,7 @@ func opAddTempRootHandler(ctx context.Context, c *conn) error {
 
 func opAddIndirectRootHandler(ctx context.Context, c *conn) error {
 	link := c.in.String("path", wire.MaxPathLen)
-	if err := c.begin(opAddIndirectRoot); err != nil {
+	if err := c.begin(wire.OpAddIndirectRoot); err != nil {
 		return err
 	}
 	if !filepath.IsAbs(link) {
@@ -49,7 +49,7 @@ func opAddIndirectRootHandler(ctx context.Context, c *conn) error {
 func opAddPermRootHandler(ctx context.Context, c *conn) error {
 	p := c.in.Path("path", c.dir)
 	gcRoot := c.in.String("gcRoot", wire.MaxPathLen)
-	if err := c.begin(opAddPermRoot); err != nil {
+	if err := c.begin(wire.OpAddPermRoot); err != nil {
 		return err
 	}
 	if !c.peer.trusted {
@@ -65,7 +65,7 @@ func opAddPermRootHandler(ctx context.Context, c *conn) error {
 }
 
 func opSyncWithGCHandler(ctx context.Context, c *conn) error {
-	if err := c.begin(opSyncWithGC); err != nil {
+	if err := c.begin(wire.OpSyncWithGC); err != nil {
 		return err
 	}
 	c.stopWork()
@@ -74,7 +74,7 @@ func opSyncWithGCHandler(ctx context.Context, c *conn) error {
 }
 
 func opFindRootsHandler(ctx context.Context, c *conn) error {
-	if err := c.begin(opFindRoots); err != nil {
+	if err := c.begin(wire.OpFindRoots); err != nil {
 		return err
 	}
 	roots, err := c.st.FindRoots(ctx, !c.peer.trusted)
@@ -115,7 +115,7 @@ func opCollectGarbageHandler(ctx context.Context, c *conn) error {
 	c.in.U64("obsolete")
 	c.in.U64("obsolete")
 	c.in.U64("obsolete")
-	if err := c.begin(opCollectGarbage); err != nil {
+	if err := c.begin(wire.OpCollectGarbage); err != nil {
 		return err
 	}
 	if opts.IgnoreLiveness {
@@ -141,7 +141,7 @@ func opCollectGarbageHandler(ctx context.Context, c *conn) error {
 }
 
 func opOptimiseStoreHandler(ctx context.Context, c *conn) error {
-	if err := c.begin(opOptimiseStore); err != nil {
+	if err := c.begin(wire.OpOptimiseStore); err != nil {
 		return err
 	}
 	act := c.tun.StartActivity(lvlInfo, actOptimiseStore, "", nil, 0)
@@ -160,7 +160,7 @@ func opOptimiseStoreHandler(ctx context.Context, c *conn) error {
 func opVerifyStoreHandler(ctx context.Context, c *conn) error {
 	checkContents := c.in.Bool("checkContents")
 	repair := c.in.Bool("repair")
-	if err := c.begin(opVerifyStore); err != nil {
+	if err := c.begin(wire.OpVerifyStore); err != nil {
 		return err
 	}
 	if repair && !c.peer.trusted {
@@ -176,7 +176,7 @@ func opVerifyStoreHandler(ctx context.Context, c *conn) error {
 }
 
 func opNarFromPathHandler(ctx context.Context, c *conn) error {
-	p, err := c.pathOp(opNarFromPath)
+	p, err := c.pathOp(wire.OpNarFromPath)
 	if err != nil {
 		return err
 	}
@@ -199,7 +199,7 @@ func opNarFromPathHandler(ctx context.Context, c *conn) error {
 func opExportPathHandler(ctx context.Context, c *conn) error {
 	p := c.in.Path("path", c.dir)
 	c.in.U64("sign") // obsolete
-	if err := c.begin(opExportPath); err != nil {
+	if err := c.begin(wire.OpExportPath); err != nil {
 		return err
 	}
 	info, err := c.st.QueryPathInfo(ctx, p)

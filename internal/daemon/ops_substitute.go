@@ -52,7 +52,7 @@ func (c *conn) writeSubstitutableInfo(info realise.SubstitutableInfo) {
 
 // opHasSubstitutesHandler (obsolete, protocol < 1.12).
 func opHasSubstitutesHandler(ctx context.Context, c *conn) error {
-	p, err := c.pathOp(opHasSubstitutes)
+	p, err := c.pathOp(wire.OpHasSubstitutes)
 	if err != nil {
 		return err
 	}
@@ -67,7 +67,7 @@ func opHasSubstitutesHandler(ctx context.Context, c *conn) error {
 
 func opQuerySubstitutablePathsHandler(ctx context.Context, c *conn) error {
 	ps := c.in.Paths("paths", c.dir)
-	if err := c.begin(opQuerySubstitutablePaths); err != nil {
+	if err := c.begin(wire.OpQuerySubstitutablePaths); err != nil {
 		return err
 	}
 	infos, err := c.querySubstitutable(ctx, ps)
@@ -79,7 +79,7 @@ func opQuerySubstitutablePathsHandler(ctx context.Context, c *conn) error {
 }
 
 func opQuerySubstitutablePathInfoHandler(ctx context.Context, c *conn) error {
-	p, err := c.pathOp(opQuerySubstitutablePathInfo)
+	p, err := c.pathOp(wire.OpQuerySubstitutablePathInfo)
 	if err != nil {
 		return err
 	}
@@ -108,7 +108,7 @@ func opQuerySubstitutablePathInfosHandler(ctx context.Context, c *conn) error {
 	} else {
 		ps = c.in.Paths("paths", c.dir)
 	}
-	if err := c.begin(opQuerySubstitutablePathInfos); err != nil {
+	if err := c.begin(wire.OpQuerySubstitutablePathInfos); err != nil {
 		return err
 	}
 	infos, err := c.querySubstitutable(ctx, ps)
@@ -130,7 +130,7 @@ func opQueryValidPathsHandler(ctx context.Context, c *conn) error {
 	if c.minor >= 27 {
 		substitute = c.in.Bool("substitute")
 	}
-	if err := c.begin(opQueryValidPaths); err != nil {
+	if err := c.begin(wire.OpQueryValidPaths); err != nil {
 		return err
 	}
 	if substitute {
@@ -161,7 +161,7 @@ func opQueryValidPathsHandler(ctx context.Context, c *conn) error {
 
 func opQueryMissingHandler(ctx context.Context, c *conn) error {
 	targets := c.readDerivedPaths()
-	if err := c.begin(opQueryMissing); err != nil {
+	if err := c.begin(wire.OpQueryMissing); err != nil {
 		return err
 	}
 	r, err := c.realiser()
@@ -182,7 +182,7 @@ func opQueryMissingHandler(ctx context.Context, c *conn) error {
 }
 
 func opEnsurePathHandler(ctx context.Context, c *conn) error {
-	p, err := c.pathOp(opEnsurePath)
+	p, err := c.pathOp(wire.OpEnsurePath)
 	if err != nil {
 		return err
 	}

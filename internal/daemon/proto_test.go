@@ -93,7 +93,7 @@ func TestOpsAndErrors(t *testing.T) {
 		t.Errorf("QueryPathInfo(missing): %v", err)
 	}
 	// An error after startWork ends only the op.
-	err = c.Do(opEnsurePath, func(e *wire.Encoder) { e.Path(c.Dir, missing) }, nil)
+	err = c.Do(wire.OpEnsurePath, func(e *wire.Encoder) { e.Path(c.Dir, missing) }, nil)
 	if err == nil || !strings.Contains(err.Error(), "no substituter that can build it") {
 		t.Errorf("EnsurePath(missing): %v", err)
 	}
@@ -109,7 +109,7 @@ func TestOpsAndErrors(t *testing.T) {
 		t.Errorf("IsValidPath after a failed op: %v %v", ok, err)
 	}
 	// BuildPathsWithResults on a valid opaque path: AlreadyValid.
-	err = c.Do(opBuildPathsWithResults, func(e *wire.Encoder) {
+	err = c.Do(wire.OpBuildPathsWithResults, func(e *wire.Encoder) {
 		e.Strings([]string{c.Dir.Abs(info.Path)})
 		e.U64(0)
 	}, func(dd *wire.Decoder) {
@@ -136,7 +136,7 @@ func TestOpsAndErrors(t *testing.T) {
 	}
 	// A missing opaque path without substituters: NoSubstituters (14) in
 	// the result, as Nix reports it, not an error of the op.
-	err = c.Do(opBuildPathsWithResults, func(e *wire.Encoder) {
+	err = c.Do(wire.OpBuildPathsWithResults, func(e *wire.Encoder) {
 		e.Strings([]string{c.Dir.Abs(missing)})
 		e.U64(0)
 	}, func(dd *wire.Decoder) {
@@ -160,7 +160,7 @@ func TestOpsAndErrors(t *testing.T) {
 		t.Errorf("BuildPathsWithResults(missing): %v", err)
 	}
 	// Not-implemented ops name themselves and keep the connection.
-	err = c.Do(opQueryRealisation, func(e *wire.Encoder) { e.String("sha256:00!out") }, nil)
+	err = c.Do(wire.OpQueryRealisation, func(e *wire.Encoder) { e.String("sha256:00!out") }, nil)
 	if err == nil || !strings.Contains(err.Error(), "operation 'QueryRealisation' (43) is not implemented by nixyard") {
 		t.Errorf("QueryRealisation: %v", err)
 	}
@@ -174,7 +174,7 @@ func TestOpsAndErrors(t *testing.T) {
 	}
 	// A malformed argument also closes it.
 	c = dial(t, d, 1<<8|37)
-	err = c.Do(opIsValidPath, func(e *wire.Encoder) { e.String("/tmp/not-a-store-path") }, nil)
+	err = c.Do(wire.OpIsValidPath, func(e *wire.Encoder) { e.String("/tmp/not-a-store-path") }, nil)
 	if err == nil || !strings.Contains(err.Error(), "not in the store directory") {
 		t.Errorf("bad path: %v", err)
 	}
@@ -188,7 +188,7 @@ func TestOldClient(t *testing.T) {
 	c := dial(t, d, 1<<8|21)
 	info, data := testNAR(t, "old", "from nix 2.3")
 	c.ReadSource = bytes.NewReader(data)
-	err := c.Do(opAddToStoreNar, func(e *wire.Encoder) {
+	err := c.Do(wire.OpAddToStoreNar, func(e *wire.Encoder) {
 		c.WriteValidPathInfo(info, 16)
 		e.Bool(false)
 		e.Bool(true)
@@ -200,7 +200,7 @@ func TestOldClient(t *testing.T) {
 		t.Fatalf("not valid after add: %v", err)
 	}
 	var p string
-	err = c.Do(opAddTextToStore, func(e *wire.Encoder) {
+	err = c.Do(wire.OpAddTextToStore, func(e *wire.Encoder) {
 		e.String("x.txt")
 		e.String("some text")
 		e.Paths(c.Dir, nil)
@@ -209,14 +209,14 @@ func TestOldClient(t *testing.T) {
 		t.Fatalf("AddTextToStore: %q %v", p, err)
 	}
 	missing, _ := storepath.ParseBase("00000000000000000000000000000000-missing")
-	err = c.Do(opEnsurePath, func(e *wire.Encoder) { e.Path(c.Dir, missing) }, nil)
+	err = c.Do(wire.OpEnsurePath, func(e *wire.Encoder) { e.Path(c.Dir, missing) }, nil)
 	var re *client.RemoteError
 	if !errors.As(err, &re) || re.Status != 1 {
 		t.Errorf("old-format error: %v", err)
 	}
 	// Old AddToStore: raw NAR inline, recursive sha256.
 	_, data2 := testNAR(t, "x", "inline")
-	err = c.Do(opAddToStore, func(e *wire.Encoder) {
+	err = c.Do(wire.OpAddToStore, func(e *wire.Encoder) {
 		e.String("inline")
 		e.Bool(true)
 		e.U64(1)
@@ -259,9 +259,9 @@ func TestUntrusted(t *testing.T) {
 		args func(*wire.Encoder)
 		want string
 	}{
-		{"AddSignatures", opAddSignatures, func(e *wire.Encoder) { e.Path(c.Dir, info.Path); e.Strings([]string{"k:s"}) }, "not privileged to add signatures"},
-		{"VerifyStore repair", opVerifyStore, func(e *wire.Encoder) { e.Bool(false); e.Bool(true) }, "not privileged to repair"},
-		{"GC ignoreLiveness", opCollectGarbage, func(e *wire.Encoder) {
+		{"AddSignatures", wire.OpAddSignatures, func(e *wire.Encoder) { e.Path(c.Dir, info.Path); e.Strings([]string{"k:s"}) }, "not privileged to add signatures"},
+		{"VerifyStore repair", wire.OpVerifyStore, func(e *wire.Encoder) { e.Bool(false); e.Bool(true) }, "not privileged to repair"},
+		{"GC ignoreLiveness", wire.OpCollectGarbage, func(e *wire.Encoder) {
 			e.U64(0)
 			e.Paths(c.Dir, nil)
 			e.Bool(true)
@@ -270,14 +270,14 @@ func TestUntrusted(t *testing.T) {
 			e.U64(0)
 			e.U64(0)
 		}, "ignore liveness"},
-		{"AddPermRoot", opAddPermRoot, func(e *wire.Encoder) { e.Path(c.Dir, info.Path); e.String("/tmp/r") }, "not privileged"},
-		{"AddBuildLog", opAddBuildLog, func(e *wire.Encoder) {
+		{"AddPermRoot", wire.OpAddPermRoot, func(e *wire.Encoder) { e.Path(c.Dir, info.Path); e.String("/tmp/r") }, "not privileged"},
+		{"AddBuildLog", wire.OpAddBuildLog, func(e *wire.Encoder) {
 			e.String(info.Path.String())
 			fw := wire.NewFramedWriter(e)
 			fw.Write([]byte("log"))
 			fw.Close()
 		}, "not privileged to add logs"},
-		{"BuildPaths repair", opBuildPaths, func(e *wire.Encoder) { e.Strings(nil); e.U64(1) }, "trusted-users"},
+		{"BuildPaths repair", wire.OpBuildPaths, func(e *wire.Encoder) { e.Strings(nil); e.U64(1) }, "trusted-users"},
 	} {
 		err := c.Do(tc.op, tc.args, nil)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
@@ -343,11 +343,11 @@ func TestCancelClosesConnections(t *testing.T) {
 func sessionPrefix() []byte {
 	var b bytes.Buffer
 	e := wire.NewEncoder(&b)
-	e.U64(workerMagic1)
+	e.U64(wire.WorkerMagic1)
 	e.U64(1<<8 | 34)
 	e.U64(0)
 	e.U64(0)
-	e.U64(opSetOptions)
+	e.U64(wire.OpSetOptions)
 	for _, v := range []uint64{0, 0, 0, 3, 1, 0, 1, 7, 0, 0, 1, 1, 0} {
 		e.U64(v)
 	}

@@ -98,13 +98,6 @@ func (c *infoCache) correct(p storepath.Path, valid bool) {
 	c.drop()
 }
 
-// invalidateAll drops every entry.
-func (c *infoCache) invalidateAll() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.drop()
-}
-
 func (c *infoCache) drop() {
 	clear(c.m)
 	c.epoch++

@@ -268,3 +268,11 @@ func TestAddRechecksUnderLock(t *testing.T) {
 		t.Errorf("x was unpacked again (inode %d → %d) although another process had registered it", before.Ino, after.Ino)
 	}
 }
+
+// invalidateAll drops every entry (tests that change the database behind
+// the store's back).
+func (c *infoCache) invalidateAll() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.drop()
+}

@@ -121,8 +121,11 @@ func fsyncBudget(dirty func() (uint64, error), written uint64) int {
 	return int(min(fsyncMaxFiles, (d-written)/fsyncWorth))
 }
 
-// dirtyBytes is systemDirty; tests replace it.
-var dirtyBytes = systemDirty
+// dirtyBytes is systemDirty, and syncWhole syncFS; tests replace them.
+var (
+	dirtyBytes = systemDirty
+	syncWhole  = syncFS
+)
 
 // systemDirty returns the bytes of page cache that are dirty or being
 // written back, on all file systems (/proc/meminfo).
@@ -159,7 +162,7 @@ var errTooMany = errors.New("too many files to fsync")
 // otherwise it syncs the file system once.
 func fsyncTrees(trees []string, limit int) error {
 	if limit <= 0 {
-		return syncFS(trees[0])
+		return syncWhole(trees[0])
 	}
 	var paths []string
 	parents := map[string]bool{}
@@ -174,12 +177,15 @@ func fsyncTrees(trees []string, limit int) error {
 			return nil
 		})
 		if errors.Is(err, errTooMany) {
-			return syncFS(trees[0])
+			return syncWhole(trees[0])
 		}
 		if err != nil {
 			return err
 		}
 		parents[parentDir(t)] = true
+	}
+	if len(paths)+len(parents) > limit {
+		return syncWhole(trees[0])
 	}
 	for p := range parents {
 		paths = append(paths, p)

@@ -64,10 +64,14 @@ func TestSyncTreesBothWays(t *testing.T) {
 		}
 		prev := dirtyBytes
 		dirtyBytes = func() (uint64, error) { return dirty, nil }
+		whole := countSyncWhole(t)
 		err := syncTrees(trees, 100)
 		dirtyBytes = prev
 		if err != nil {
 			t.Errorf("dirty %d: %v", dirty, err)
+		}
+		if want := dirty == 0; (*whole > 0) != want {
+			t.Errorf("dirty %d: %d syncfs, want syncfs %v", dirty, *whole, want)
 		}
 	}
 	if err := fsyncTrees([]string{filepath.Join(t.TempDir(), "missing")}, 10); err == nil {
@@ -86,9 +90,30 @@ func TestFsyncTreesManyFiles(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for _, limit := range []int{0, 100, 1000} {
-		if err := fsyncTrees([]string{tree}, limit); err != nil {
-			t.Errorf("budget %d: %v", limit, err)
+	// 101 files, the tree and its parent: 103 fsyncs.
+	for _, tc := range []struct {
+		limit     int
+		wantWhole bool
+	}{{0, true}, {100, true}, {102, true}, {103, false}, {1000, false}} {
+		whole := countSyncWhole(t)
+		if err := fsyncTrees([]string{tree}, tc.limit); err != nil {
+			t.Errorf("budget %d: %v", tc.limit, err)
+		}
+		if (*whole > 0) != tc.wantWhole {
+			t.Errorf("budget %d: %d syncfs, want syncfs %v", tc.limit, *whole, tc.wantWhole)
 		}
 	}
+}
+
+// countSyncWhole counts syncWhole's calls (which still sync) until the
+// test ends or the next countSyncWhole.
+func countSyncWhole(t *testing.T) *int {
+	n := new(int)
+	prev := syncWhole
+	syncWhole = func(path string) error {
+		*n++
+		return syncFS(path)
+	}
+	t.Cleanup(func() { syncWhole = prev })
+	return n
 }

@@ -21,26 +21,6 @@ import (
 	"github.com/nixyard/nixyard/internal/store"
 )
 
-// Protocol constants, as in the daemon.
-const (
-	magic1        = 0x6e697863
-	magic2        = 0x6478696f
-	stderrNext    = 0x6f6c6d67
-	stderrRead    = 0x64617461
-	stderrWrite   = 0x64617416
-	stderrLast    = 0x616c7473
-	stderrError   = 0x63787470
-	stderrStart   = 0x53545254
-	stderrStop    = 0x53544f50
-	stderrResult  = 0x52534c54
-	opIsValidPath = 1
-	opSetOptions  = 19
-	opQueryPI     = 26
-	opQueryValid  = 31
-	opAddNar      = 39
-	opAddMultiple = 44
-)
-
 // DefaultVersion is the protocol version a Client offers unless told
 // otherwise: 1.34, what Nix 2.8 speaks.
 const DefaultVersion = 1<<8 | 34
@@ -117,12 +97,12 @@ func (c *Client) Close() error { return c.conn.Close() }
 
 // Handshake runs the client side of §2.1.
 func (c *Client) Handshake(version uint64) error {
-	c.Out.U64(magic1)
+	c.Out.U64(wire.WorkerMagic1)
 	c.Out.U64(version)
 	if err := c.Out.Flush(); err != nil {
 		return fmt.Errorf("client: handshake: %w", err)
 	}
-	if m := c.In.U64("magic"); c.In.Err() == nil && m != magic2 {
+	if m := c.In.U64("magic"); c.In.Err() == nil && m != wire.WorkerMagic2 {
 		return fmt.Errorf("client: handshake: bad daemon magic %#x", m)
 	}
 	dv := c.In.U64("daemon version")
@@ -174,16 +154,16 @@ func (c *Client) ProcessStderr() error {
 // is true for STDERR_LAST (err nil), STDERR_ERROR and a malformed stream.
 func (c *Client) stderrMessage(tag uint64) (done bool, err error) {
 	switch tag {
-	case stderrLast:
+	case wire.StderrLast:
 		return true, nil
-	case stderrError:
+	case wire.StderrError:
 		return true, c.readError()
-	case stderrNext:
+	case wire.StderrNext:
 		line := c.In.String("log line", wire.MaxStringLen)
 		if c.Logs != nil {
 			c.Logs(line)
 		}
-	case stderrStart:
+	case wire.StderrStartActivity:
 		c.In.U64("id")
 		lvl := c.In.U64("level")
 		typ := c.In.U64("type")
@@ -193,13 +173,13 @@ func (c *Client) stderrMessage(tag uint64) (done bool, err error) {
 		}
 		c.readFields()
 		c.In.U64("parent")
-	case stderrStop:
+	case wire.StderrStopActivity:
 		c.In.U64("id")
-	case stderrResult:
+	case wire.StderrResult:
 		c.In.U64("id")
 		c.In.U64("type")
 		c.readFields()
-	case stderrRead:
+	case wire.StderrRead:
 		n := c.In.U64("len")
 		buf := make([]byte, min(n, 1<<20))
 		var k int
@@ -210,7 +190,7 @@ func (c *Client) stderrMessage(tag uint64) (done bool, err error) {
 		if err := c.Out.Flush(); err != nil {
 			return true, err
 		}
-	case stderrWrite:
+	case wire.StderrWrite:
 		b := c.In.Bytes("data", wire.MaxStringLen)
 		if c.WriteSink != nil {
 			c.WriteSink.Write(b)
@@ -284,7 +264,7 @@ func (c *Client) Do(op uint64, args func(*wire.Encoder), reply func(*wire.Decode
 
 // SetOptions sends op 19 with Nix 2.8's defaults and the given overrides.
 func (c *Client) SetOptions(overrides map[string]string) error {
-	return c.Do(opSetOptions, func(e *wire.Encoder) {
+	return c.Do(wire.OpSetOptions, func(e *wire.Encoder) {
 		for _, v := range []uint64{0, 0, 0, 3, 1, 0, 1, 7, 0, 0, 1, 1} {
 			e.U64(v)
 		}
@@ -297,14 +277,14 @@ func (c *Client) SetOptions(overrides map[string]string) error {
 // IsValidPath asks op 1.
 func (c *Client) IsValidPath(ctx context.Context, p storepath.Path) (bool, error) {
 	var ok bool
-	err := c.Do(opIsValidPath, func(e *wire.Encoder) { e.Path(c.Dir, p) }, func(d *wire.Decoder) { ok = d.Bool("valid") })
+	err := c.Do(wire.OpIsValidPath, func(e *wire.Encoder) { e.Path(c.Dir, p) }, func(d *wire.Decoder) { ok = d.Bool("valid") })
 	return ok, err
 }
 
 // QueryValidPaths asks op 31 (substitute = false).
 func (c *Client) QueryValidPaths(ctx context.Context, ps []storepath.Path) ([]storepath.Path, error) {
 	var out []storepath.Path
-	err := c.Do(opQueryValid, func(e *wire.Encoder) {
+	err := c.Do(wire.OpQueryValidPaths, func(e *wire.Encoder) {
 		e.Paths(c.Dir, ps)
 		if c.Minor >= 27 {
 			e.Bool(false)
@@ -318,7 +298,7 @@ func (c *Client) QueryValidPaths(ctx context.Context, ps []storepath.Path) ([]st
 func (c *Client) QueryPathInfo(ctx context.Context, p storepath.Path) (*store.PathInfo, error) {
 	var info *store.PathInfo
 	valid := true
-	err := c.Do(opQueryPI, func(e *wire.Encoder) { e.Path(c.Dir, p) }, func(d *wire.Decoder) {
+	err := c.Do(wire.OpQueryPathInfo, func(e *wire.Encoder) { e.Path(c.Dir, p) }, func(d *wire.Decoder) {
 		if c.Minor >= 17 && !d.Bool("valid") {
 			valid = false
 			return
@@ -356,7 +336,7 @@ func (c *Client) AddToStoreNar(ctx context.Context, info store.PathInfo, nar io.
 	if c.Minor < 23 {
 		return errors.New("client: AddToStoreNar below protocol 1.23 is not implemented")
 	}
-	c.Out.U64(opAddNar)
+	c.Out.U64(wire.OpAddToStoreNar)
 	c.WriteValidPathInfo(info, 16)
 	c.Out.Bool(repair)
 	c.Out.Bool(dontCheckSigs)
@@ -383,7 +363,7 @@ func (c *Client) AddMultipleToStore(ctx context.Context, items []NarItem, repair
 	if c.Minor < 32 {
 		return errors.New("client: AddMultipleToStore needs protocol 1.32")
 	}
-	c.Out.U64(opAddMultiple)
+	c.Out.U64(wire.OpAddMultipleToStore)
 	c.Out.Bool(repair)
 	c.Out.Bool(dontCheckSigs)
 	// Items are encoded into a buffer that is sent as frames of up to
@@ -443,7 +423,7 @@ func writeValidPathInfo(e *wire.Encoder, dir storepath.Dir, info store.PathInfo,
 // QueryPathInfoValid: a load generator encodes its requests once.
 func (c *Client) QueryPathInfoRequest(p storepath.Path) []byte {
 	abs := c.Dir.Abs(p)
-	b := binary.LittleEndian.AppendUint64(nil, opQueryPI)
+	b := binary.LittleEndian.AppendUint64(nil, wire.OpQueryPathInfo)
 	b = binary.LittleEndian.AppendUint64(b, uint64(len(abs)))
 	b = append(b, abs...)
 	for len(b)%8 != 0 {
@@ -464,14 +444,14 @@ func (c *Client) QueryPathInfoValid(req []byte) error {
 		return fmt.Errorf("client: QueryPathInfoValid needs protocol 1.17, have 1.%d", c.Minor)
 	}
 	if _, err := c.conn.Write(req); err != nil {
-		return fmt.Errorf("client: op %d: %w", opQueryPI, err)
+		return fmt.Errorf("client: op %d: %w", wire.OpQueryPathInfo, err)
 	}
 	for {
 		tag, err := c.u64()
 		if err != nil {
 			return fmt.Errorf("client: reading stderr: %w", err)
 		}
-		if tag == stderrLast {
+		if tag == wire.StderrLast {
 			break
 		}
 		if done, err := c.stderrMessage(tag); done {
@@ -482,7 +462,7 @@ func (c *Client) QueryPathInfoValid(req []byte) error {
 		}
 	}
 	if err := c.skipPathInfo(); err != nil {
-		return fmt.Errorf("client: op %d: reply: %w", opQueryPI, err)
+		return fmt.Errorf("client: op %d: reply: %w", wire.OpQueryPathInfo, err)
 	}
 	return nil
 }
