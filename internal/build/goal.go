@@ -214,7 +214,11 @@ func (g *goal) subscribe(c *call) {
 	if g.subs[c] == 0 {
 		c.count(1, 0, 0, 0)
 		if g.running {
+			// Joining a build under way (as an input of another goal,
+			// say): the caller sees it start too.
 			c.count(0, 1, 0, 0)
+			drvAbs := g.b.abs(g.drvPath)
+			c.emit(func(p Progress) { p.BuildStarted(drvAbs) })
 		}
 	}
 	g.subs[c]++
@@ -271,17 +275,25 @@ func (g *goal) each(f func(c *call)) {
 	}
 }
 
+// setRunning marks the goal's builder as running or not, counts it for
+// every caller and, when it starts, tells them (under g.mu, so that a
+// caller subscribing meanwhile hears of the start exactly once: see
+// subscribe).
 func (g *goal) setRunning(on bool) {
 	g.mu.Lock()
+	defer g.mu.Unlock()
 	g.running = on
 	d := 1
 	if !on {
 		d = -1
 	}
+	drvAbs := g.b.abs(g.drvPath)
 	for c := range g.subs {
 		c.count(0, d, 0, 0)
+		if on {
+			c.emit(func(p Progress) { p.BuildStarted(drvAbs) })
+		}
 	}
-	g.mu.Unlock()
 }
 
 // run drives the goal to its result.

@@ -196,7 +196,6 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 	}()
 
 	g.setRunning(true)
-	g.each(func(c *call) { c.emit(func(p Progress) { p.BuildStarted(j.drvAbs) }) })
 	status, runErr := j.execute(ctx, j.spec, opts)
 	g.setRunning(false)
 	release()
