@@ -290,3 +290,44 @@ func TestSingleFlightAndSlots(t *testing.T) {
 		}
 	}
 }
+
+// TestJoinRunningBuild: a caller that asks for a derivation whose build is
+// already running joins it, and hears it start as well as finish.
+func TestJoinRunningBuild(t *testing.T) {
+	e := newChrootEnv(t)
+	drvs := e.instantiate(`{ slow = mk { name = "slow"; script = "${bb}/busybox sleep 1; echo > $out"; }; }`, "slow")
+	b := e.builder(Config{Sandbox: SandboxOn, MaxJobs: 2})
+	drv := e.st.Dir().Abs(drvs["slow"])
+	first, second := &recorder{}, &recorder{}
+	done := make(chan error, 1)
+	go func() {
+		res, err := b.Build(context.Background(), []store.DerivedPath{out(drvs["slow"])}, ClientOptions{}, first)
+		if err == nil && !res[0].Status.Success() {
+			err = fmt.Errorf("first: %s", res[0].ErrorMsg)
+		}
+		done <- err
+	}()
+	waitStarted := time.Now().Add(30 * time.Second)
+	for {
+		first.mu.Lock()
+		n := len(first.started)
+		first.mu.Unlock()
+		if n > 0 {
+			break
+		}
+		if time.Now().After(waitStarted) {
+			t.Fatal("the first caller's build did not start")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	res, err := b.Build(context.Background(), []store.DerivedPath{out(drvs["slow"])}, ClientOptions{}, second)
+	if err != nil || !res[0].Status.Success() || res[0].TimesBuilt != 1 {
+		t.Fatalf("second caller: %v %+v", err, res)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(second.started, []string{drv}) || second.finished[drv] != nil || len(second.finished) != 1 {
+		t.Errorf("second caller: started %q, finished %v; want the joined build's start and end", second.started, second.finished)
+	}
+}
