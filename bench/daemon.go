@@ -194,3 +194,36 @@ func Nix(ctx context.Context, env *Env, stdin io.Reader, name string, args ...st
 	}
 	return out, nil
 }
+
+// ClientRun is how long a client ran and the CPU time it used (user and
+// system).
+type ClientRun struct {
+	Wall, CPU time.Duration
+}
+
+// RunClient runs a Nix client command in env with extra environment
+// variables, and returns its wall and CPU time. Its standard output is
+// dropped; the end of its standard error goes to the error when it fails.
+// The process tree is killed if ctx ends.
+func RunClient(ctx context.Context, env *Env, extraEnv []string, name string, args ...string) (ClientRun, error) {
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Env = env.Vars(extraEnv...)
+	cmd.Dir = env.Work
+	cmd.Cancel = func() error { return KillTree(cmd.Process.Pid, time.Second) }
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	start := time.Now()
+	err := cmd.Run()
+	run := ClientRun{Wall: time.Since(start)}
+	if ps := cmd.ProcessState; ps != nil {
+		run.CPU = ps.UserTime() + ps.SystemTime()
+	}
+	if err != nil {
+		msg := strings.TrimSpace(stderr.String())
+		if len(msg) > 1000 {
+			msg = msg[len(msg)-1000:]
+		}
+		return run, fmt.Errorf("%s: %w: %s", name, err, msg)
+	}
+	return run, nil
+}

@@ -22,7 +22,9 @@ import (
 // does nothing else: its request rate is what the load client and the
 // kernel allow any daemon to reach on this machine. Divided by the stock
 // daemon's rate, it is the highest speed-up a daemon can show in the
-// QueryPathInfo scenario here. It runs in a process of its own, as a
+// QueryPathInfo scenario here. In the same way it takes nix copy's upload
+// (QueryValidPaths, AddMultipleToStore) and drops it, so that the time of
+// a copy into it is the least any daemon can take with this client. It runs in a process of its own, as a
 // daemon does: NullServerArg as the first argument of the benchmark's
 // binary (see MaybeServeNull).
 const NullServerArg = "-null-server"
@@ -88,14 +90,25 @@ func serveNull(socket string, reply []byte) error {
 	}
 }
 
-// nullConn runs the daemon side of the handshake, then answers SetOptions
-// and QueryPathInfo (with reply, whatever the path) until the client goes.
+// nullConn runs the daemon side of the handshake, then answers SetOptions,
+// QueryPathInfo (with reply, whatever the path), QueryValidPaths (none) and
+// AddMultipleToStore (dropped) until the client goes.
 func nullConn(c net.Conn, reply []byte) error {
 	br := bufio.NewReaderSize(c, 64<<10)
 	d := wire.NewDecoder(br)
 	e := wire.NewEncoder(c)
 	if m := d.U64("magic"); d.Err() == nil && m != wire.WorkerMagic1 {
 		return fmt.Errorf("bad client magic %#x", m)
+	}
+	if err := d.Err(); err != nil {
+		return err
+	}
+	// Nix's client waits for the daemon's magic and version before it
+	// sends its own version.
+	e.U64(wire.WorkerMagic2)
+	e.U64(nullVersion)
+	if err := e.Flush(); err != nil {
+		return err
 	}
 	minor := min(d.U64("client version")&0xff, nullVersion&0xff)
 	if err := d.Err(); err != nil {
@@ -104,11 +117,6 @@ func nullConn(c net.Conn, reply []byte) error {
 	if minor < nullVersion&0xff {
 		// The canned reply is in the 1.34 format.
 		return fmt.Errorf("client protocol 1.%d: the null server needs 1.%d", minor, nullVersion&0xff)
-	}
-	e.U64(wire.WorkerMagic2)
-	e.U64(nullVersion)
-	if err := e.Flush(); err != nil {
-		return err
 	}
 	if minor >= 14 && d.U64("cpu affinity") != 0 {
 		d.U64("cpu")
@@ -143,6 +151,23 @@ func nullConn(c net.Conn, reply []byte) error {
 		case wire.OpQueryPathInfo:
 			d.String("path", wire.MaxPathLen)
 			e.Write(reply)
+		case wire.OpQueryValidPaths:
+			// nix copy asks which paths the destination has: none.
+			d.Strings("paths", wire.MaxPathLen)
+			d.U64("substitute")
+			e.U64(wire.StderrLast)
+			e.Strings(nil)
+		case wire.OpAddMultipleToStore:
+			// nix copy's upload: read and drop it, as fast as it comes.
+			d.U64("repair")
+			d.U64("dontCheckSigs")
+			if err := d.Err(); err != nil {
+				return err
+			}
+			if err := wire.NewFramedReader(br).Drain(); err != nil {
+				return err
+			}
+			e.U64(wire.StderrLast)
 		default:
 			return fmt.Errorf("op %d is not served by the null server", op)
 		}

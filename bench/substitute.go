@@ -12,7 +12,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path"
 	"path/filepath"
 	"slices"
@@ -148,12 +147,6 @@ func NewSubstEnv(work, cacheURL string) (*Env, error) {
 	return NewEnv(work, "substituters = "+cacheURL, "require-sigs = false")
 }
 
-// ClientRun is how long a client ran and the CPU time it used (user and
-// system).
-type ClientRun struct {
-	Wall, CPU time.Duration
-}
-
 // Realise runs `nix-store --store storeURL -r paths…` in env with its own
 // fresh XDG_CACHE_HOME under cacheDir (created), and returns its wall and
 // CPU time.
@@ -162,24 +155,9 @@ func Realise(ctx context.Context, env *Env, storeURL, cacheDir string, paths []s
 		return ClientRun{}, fmt.Errorf("creating client cache: %w", err)
 	}
 	args := append([]string{"--store", storeURL, "-r"}, paths...)
-	cmd := exec.CommandContext(ctx, "nix-store", args...)
-	cmd.Env = env.Vars("XDG_CACHE_HOME=" + cacheDir)
-	cmd.Dir = env.Work
-	cmd.Cancel = func() error { return KillTree(cmd.Process.Pid, time.Second) }
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	start := time.Now()
-	err := cmd.Run()
-	run := ClientRun{Wall: time.Since(start)}
-	if ps := cmd.ProcessState; ps != nil {
-		run.CPU = ps.UserTime() + ps.SystemTime()
-	}
+	run, err := RunClient(ctx, env, []string{"XDG_CACHE_HOME=" + cacheDir}, "nix-store", args...)
 	if err != nil {
-		msg := strings.TrimSpace(stderr.String())
-		if len(msg) > 1000 {
-			msg = msg[len(msg)-1000:]
-		}
-		return run, fmt.Errorf("nix-store -r of %d paths: %w: %s", len(paths), err, msg)
+		return run, fmt.Errorf("nix-store -r of %d paths: %w", len(paths), err)
 	}
 	return run, nil
 }

@@ -206,12 +206,10 @@ func (b *bencher) importSource(ctx context.Context, root string, spec bench.Expo
 	return infos, nil
 }
 
-// copyAll runs `nix copy --all` from the source chroot store to the daemon.
-func (b *bencher) copyAll(ctx context.Context, src string, d *bench.Daemon) (time.Duration, error) {
-	start := time.Now()
-	_, err := bench.Nix(ctx, b.env, nil, "nix", "copy", "--no-check-sigs", "--all",
-		"--from", "local?root="+src, "--to", d.StoreURL())
-	return time.Since(start), err
+// copyAll runs `nix copy --all` from the source chroot store to storeURL.
+func (b *bencher) copyAll(ctx context.Context, src, storeURL string) (bench.ClientRun, error) {
+	return bench.RunClient(ctx, b.env, nil, "nix", "copy", "--no-check-sigs", "--all",
+		"--from", "local?root="+src, "--to", storeURL)
 }
 
 // syncAndCheck, after a client filled d's store, times a syncfs of the
@@ -306,7 +304,8 @@ func (b *bencher) benchQPI(ctx context.Context) ([]*bench.Metric, error) {
 			logf("%s: %v", spec.Name, err)
 			continue
 		}
-		dur, err := b.copyAll(ctx, src, d)
+		run, err := b.copyAll(ctx, src, d.StoreURL())
+		dur := run.Wall
 		if err == nil {
 			var sum uint64
 			if sum, err = bench.CheckValid(ctx, d.Socket, paths); err == nil {
@@ -418,12 +417,23 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 	rate := &bench.Metric{Name: "nix copy: throughput (NAR bytes / wall time)", Unit: "MB/s", HigherBetter: true, Target: "≥ 1.2×"}
 	durable := &bench.Metric{Name: "nix copy, then syncfs: wall time", Unit: "s"}
 	cpu := &bench.Metric{Name: "nix copy: daemon CPU time", Unit: "s"}
+	clientCPU := &bench.Metric{Name: "nix copy: the client's CPU time", Unit: "s"}
 	// The least time a daemon that makes the bytes durable before it
 	// answers can take (bench.DurableCopy), in nixyard's column, against
 	// the stock daemon's copy of the same repetition.
 	ceiling := &bench.Metric{Name: "ceiling: the same files copied plainly and made durable (no protocol, hashing or database) in nixyard's column", Unit: "s"}
-	daemonMetrics := []*bench.Metric{wall, rate, durable, cpu}
-	all := append(daemonMetrics, ceiling)
+	// The least time the client takes to send the upload: a copy into
+	// the null server, which drops it.
+	nullCeiling := &bench.Metric{Name: "ceiling: nix copy into a null server (drops the upload) in nixyard's column", Unit: "s"}
+	daemonMetrics := []*bench.Metric{wall, rate, durable, cpu, clientCPU}
+	all := append(daemonMetrics, ceiling, nullCeiling)
+	null, err := b.startNullServer(ctx, infos[0])
+	if err != nil {
+		logf("null server: %v", err)
+		setErr(nullCeiling, "nixyard", err)
+	} else {
+		defer null.Stop()
+	}
 	if err := bench.SyncFS(b.mnt); err != nil {
 		return all, err
 	}
@@ -451,7 +461,8 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 				return all, err
 			}
 			dcpu := newDaemonCPU(d)
-			dur, err := b.copyAll(ctx, src, d)
+			run, err := b.copyAll(ctx, src, d.StoreURL())
+			dur := run.Wall
 			cpuDur, cpuErr := dcpu.since(0)
 			var syncDur time.Duration
 			var narBytes uint64
@@ -486,8 +497,9 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 				addSample(rate, spec.Name, mbps)
 				addSample(durable, spec.Name, (dur + syncDur).Seconds())
 				sampleOrErr(cpu, spec.Name, cpuDur.Seconds(), cpuErr)
-				logf("rep %d: %s: nix copy of %d paths, %.1f MB of NAR: %.2f s (%.1f MB/s), +syncfs %.2f s, daemon CPU %.2f s",
-					rep+1, spec.Name, len(paths), float64(narBytes)/1e6, dur.Seconds(), mbps, syncDur.Seconds(), cpuDur.Seconds())
+				addSample(clientCPU, spec.Name, run.CPU.Seconds())
+				logf("rep %d: %s: nix copy of %d paths, %.1f MB of NAR: %.2f s (%.1f MB/s), +syncfs %.2f s, daemon CPU %.2f s, client CPU %.2f s",
+					rep+1, spec.Name, len(paths), float64(narBytes)/1e6, dur.Seconds(), mbps, syncDur.Seconds(), cpuDur.Seconds(), run.CPU.Seconds())
 			}
 			if err := os.RemoveAll(root); err != nil {
 				return all, fmt.Errorf("removing %s: %w", root, err)
@@ -500,9 +512,27 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 			if err := b.durableCeiling(ctx, src, rep, stockTime, ceiling); err != nil {
 				return all, err
 			}
+			if null != nil {
+				b.nullCopyCeiling(ctx, src, null, rep, stockTime, nullCeiling)
+			}
 		}
 	}
 	return all, nil
+}
+
+// nullCopyCeiling times a copy of the source store into the null server
+// and records it against the stock daemon's copy time of the same
+// repetition.
+func (b *bencher) nullCopyCeiling(ctx context.Context, src string, null *bench.NullServer, rep int, stock float64, m *bench.Metric) {
+	run, err := b.copyAll(ctx, src, "unix://"+null.Socket)
+	if err != nil {
+		logf("rep %d: nix copy into the null server: %v", rep+1, err)
+		setErr(m, "nixyard", err)
+		return
+	}
+	m.Stock = append(m.Stock, stock)
+	m.Nixyard = append(m.Nixyard, run.Wall.Seconds())
+	logf("rep %d: nix copy into the null server: %.2f s, client CPU %.2f s", rep+1, run.Wall.Seconds(), run.CPU.Seconds())
 }
 
 // durableCeiling times bench.DurableCopy of the source store's files and
