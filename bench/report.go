@@ -35,9 +35,11 @@ func Median(xs []float64) float64 {
 
 // PairedSpeedup is the median over repetitions of the speed-up within each
 // repetition (the two daemons ran back to back, so slow drifts in background
-// load cancel out), or 0 when the sample counts differ or are zero.
+// load cancel out), or 0 when the sample counts differ or are zero, or when
+// either side failed a repetition: the i-th samples would then not be sure
+// to come from the same repetition.
 func (m *Metric) PairedSpeedup() float64 {
-	if len(m.Stock) == 0 || len(m.Stock) != len(m.Nixyard) {
+	if len(m.Stock) == 0 || len(m.Stock) != len(m.Nixyard) || m.StockErr != nil || m.NixyardErr != nil {
 		return 0
 	}
 	var rs []float64
