@@ -7,7 +7,8 @@
 #                                     run the e2e suite against the stock nix-daemon
 #
 # On a fresh Debian 12 machine run as root, it first installs what the tests
-# drive (Debian's nix-bin 2.8.0, busybox-static, socat, bubblewrap) and does
+# drive (Debian's nix-bin 2.8.0, busybox-static, socat, bubblewrap, and
+# e2fsprogs for a test's own ext4 file system) and does
 # by hand what nix-setup-systemd's postinst would (build users and groups).
 # It never writes /etc/nix/nix.conf: every test has its own NIX_CONF_DIR.
 set -euo pipefail
@@ -20,7 +21,7 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install o
 
 missing=()
 if command -v dpkg-query >/dev/null 2>&1; then
-	for p in nix-bin busybox-static socat bubblewrap; do
+	for p in nix-bin busybox-static socat bubblewrap e2fsprogs; do
 		installed "$p" || missing+=("$p")
 	done
 else
@@ -28,6 +29,7 @@ else
 	[ -x /bin/busybox ] || missing+=(busybox-static)
 	command -v socat >/dev/null 2>&1 || missing+=(socat)
 	command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+	command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
 	if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then

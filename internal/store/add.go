@@ -454,7 +454,7 @@ func (s *Store) syncPending(paths []*pendingPath) error {
 		trees[i] = s.RealPath(pp.info.Path)
 		written += pp.info.NarSize
 	}
-	return syncTrees(trees, written)
+	return s.syncTrees(trees, written)
 }
 
 // abort waits for any background flush, deletes and unlocks the pending
@@ -691,7 +691,7 @@ func (s *Store) addUnpacked(ctx context.Context, info PathInfo, tmp string, repa
 	if err := nar.Canonicalise(tmp); err != nil {
 		return fmt.Errorf("store: %s: %w", abs, err)
 	}
-	if err := syncTrees([]string{tmp}, info.NarSize); err != nil {
+	if err := s.syncTrees([]string{tmp}, info.NarSize); err != nil {
 		return fmt.Errorf("store: %s: %w", abs, err)
 	}
 	if err := removeAll(realPath); err != nil {

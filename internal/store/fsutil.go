@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -102,9 +103,20 @@ const (
 // syncTrees makes freshly written trees, all on the store's file system,
 // durable: their files, their directories and their entries in their
 // parent directories. written is about how many bytes the caller wrote
-// into them.
-func syncTrees(trees []string, written uint64) error {
-	return fsyncTrees(trees, fsyncBudget(dirtyBytes, written))
+// into them. The way taken is logged at debug level.
+func (s *Store) syncTrees(trees []string, written uint64) error {
+	t0 := time.Now()
+	fsyncs, err := fsyncTrees(trees, fsyncBudget(dirtyBytes, written))
+	if err != nil {
+		return err
+	}
+	by := "syncfs"
+	if fsyncs > 0 {
+		by = "fsync"
+	}
+	s.log.Debug("made paths durable", "paths", len(trees), "bytes", written, "by", by,
+		"fsyncs", fsyncs, "took", time.Since(t0).Round(time.Microsecond))
+	return nil
 }
 
 // fsyncBudget returns how many files and directories may be fsynced
@@ -159,10 +171,11 @@ var errTooMany = errors.New("too many files to fsync")
 
 // fsyncTrees fsyncs every regular file and directory of the trees, and
 // the directories that hold them, if they are at most limit in all;
-// otherwise it syncs the file system once.
-func fsyncTrees(trees []string, limit int) error {
+// otherwise it syncs the file system once. It returns the number of
+// fsyncs, 0 if it synced the file system.
+func fsyncTrees(trees []string, limit int) (fsyncs int, err error) {
 	if limit <= 0 {
-		return syncWhole(trees[0])
+		return 0, syncWhole(trees[0])
 	}
 	var paths []string
 	parents := map[string]bool{}
@@ -177,20 +190,20 @@ func fsyncTrees(trees []string, limit int) error {
 			return nil
 		})
 		if errors.Is(err, errTooMany) {
-			return syncWhole(trees[0])
+			return 0, syncWhole(trees[0])
 		}
 		if err != nil {
-			return err
+			return 0, err
 		}
 		parents[parentDir(t)] = true
 	}
 	if len(paths)+len(parents) > limit {
-		return syncWhole(trees[0])
+		return 0, syncWhole(trees[0])
 	}
 	for p := range parents {
 		paths = append(paths, p)
 	}
-	return fsyncAll(paths)
+	return len(paths), fsyncAll(paths)
 }
 
 // fsyncAll fsyncs paths, syncParallel at a time, and returns the first

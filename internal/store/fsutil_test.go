@@ -2,9 +2,11 @@ package store
 
 import (
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -65,16 +67,25 @@ func TestSyncTreesBothWays(t *testing.T) {
 		prev := dirtyBytes
 		dirtyBytes = func() (uint64, error) { return dirty, nil }
 		whole := countSyncWhole(t)
-		err := syncTrees(trees, 100)
+		var log strings.Builder
+		s := &Store{log: slog.New(slog.NewTextHandler(&log, &slog.HandlerOptions{Level: slog.LevelDebug}))}
+		err := s.syncTrees(trees, 100)
 		dirtyBytes = prev
 		if err != nil {
 			t.Errorf("dirty %d: %v", dirty, err)
 		}
-		if want := dirty == 0; (*whole > 0) != want {
-			t.Errorf("dirty %d: %d syncfs, want syncfs %v", dirty, *whole, want)
+		syncfs := dirty == 0
+		if (*whole > 0) != syncfs {
+			t.Errorf("dirty %d: %d syncfs, want syncfs %v", dirty, *whole, syncfs)
+		}
+		// Per tree: itself, sub, sub/deeper and sub/deeper/f; then their
+		// parent. The e2e test reads which way was taken from this line.
+		want := map[bool]string{true: "by=syncfs fsyncs=0", false: "by=fsync fsyncs=9"}[syncfs]
+		if !strings.Contains(log.String(), want) {
+			t.Errorf("dirty %d: debug log %q, want %q", dirty, log.String(), want)
 		}
 	}
-	if err := fsyncTrees([]string{filepath.Join(t.TempDir(), "missing")}, 10); err == nil {
+	if _, err := fsyncTrees([]string{filepath.Join(t.TempDir(), "missing")}, 10); err == nil {
 		t.Error("fsyncTrees of a missing tree: no error")
 	}
 }
@@ -96,11 +107,15 @@ func TestFsyncTreesManyFiles(t *testing.T) {
 		wantWhole bool
 	}{{0, true}, {100, true}, {102, true}, {103, false}, {1000, false}} {
 		whole := countSyncWhole(t)
-		if err := fsyncTrees([]string{tree}, tc.limit); err != nil {
+		fsyncs, err := fsyncTrees([]string{tree}, tc.limit)
+		if err != nil {
 			t.Errorf("budget %d: %v", tc.limit, err)
 		}
 		if (*whole > 0) != tc.wantWhole {
 			t.Errorf("budget %d: %d syncfs, want syncfs %v", tc.limit, *whole, tc.wantWhole)
+		}
+		if want := map[bool]int{true: 0, false: 103}[tc.wantWhole]; fsyncs != want {
+			t.Errorf("budget %d: %d fsyncs, want %d", tc.limit, fsyncs, want)
 		}
 	}
 }

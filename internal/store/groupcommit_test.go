@@ -235,7 +235,7 @@ func BenchmarkSyncOnePath(b *testing.B) {
 				}
 				var err error
 				if how == "fsyncTrees" {
-					err = fsyncTrees([]string{p}, fsyncMaxFiles)
+					_, err = fsyncTrees([]string{p}, fsyncMaxFiles)
 				} else {
 					err = syncFS(p)
 				}

@@ -166,7 +166,7 @@ func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs
 				return nil, fmt.Errorf("store: moving output '%s' of '%s' into place: %w", o.Name, drvAbs, err)
 			}
 		}
-		if err := syncTrees([]string{dest}, info.NarSize); err != nil {
+		if err := s.syncTrees([]string{dest}, info.NarSize); err != nil {
 			return nil, fmt.Errorf("store: output '%s' of '%s': %w", o.Name, drvAbs, err)
 		}
 		pending = append(pending, &pendingPath{info: info})
