@@ -88,12 +88,13 @@ func NixyardDaemon(bin string) DaemonSpec {
 
 // Daemon is a running daemon serving a chroot store.
 type Daemon struct {
-	Spec   DaemonSpec
-	Root   string // chroot store root
-	Socket string
-	cmd    *exec.Cmd
-	done   chan error
-	log    *os.File
+	Spec    DaemonSpec
+	Root    string // chroot store root
+	Socket  string
+	LogPath string // its standard output and error
+	cmd     *exec.Cmd
+	done    chan error
+	log     *os.File
 }
 
 // StoreURL is the URL a Nix client uses to reach the daemon: unix:// with
@@ -110,7 +111,7 @@ func StartDaemon(ctx context.Context, env *Env, spec DaemonSpec, root, logPath s
 	if err := os.MkdirAll(root, 0o755); err != nil {
 		return nil, fmt.Errorf("creating store root: %w", err)
 	}
-	d := &Daemon{Spec: spec, Root: root, Socket: filepath.Join(root, "nix/var/nix/daemon-socket/socket"), done: make(chan error, 1)}
+	d := &Daemon{Spec: spec, Root: root, Socket: filepath.Join(root, "nix/var/nix/daemon-socket/socket"), LogPath: logPath, done: make(chan error, 1)}
 	if len(d.Socket) > 100 {
 		return nil, fmt.Errorf("socket path %s is too long for a Unix socket", d.Socket)
 	}

@@ -11,7 +11,9 @@
 //   - substitution (substitute.go): `nix-store -r` of a ~600 MB closure from
 //     a local HTTP binary cache (zstd and xz) into an empty store, by one
 //     client and by N at once (GETs per NAR counted by the server), and warm.
-//     Its table goes to its own section of the docs.
+//     Its table goes to its own section of the docs;
+//   - builds (builds.go), and a small nix-store --add while another job's
+//     data waits to be written back (dirty.go).
 //
 // It needs root (mount, loop devices) and Nix 2.8 on PATH. Everything lives
 // under a temporary directory; the scratch file system, daemons and their
@@ -49,6 +51,8 @@ type options struct {
 	skipQPI     bool
 	skipCopy    bool
 	skipBuilds  bool
+	skipDirty   bool
+	dirtyMB     int
 	// buildsMaxJobs is both daemons' max-jobs in the builds scenario.
 	buildsMaxJobs int
 }
@@ -70,6 +74,8 @@ func (o *options) parse() error {
 	flag.BoolVar(&o.skipQPI, "skip-qpi", false, "skip the QueryPathInfo measurements")
 	flag.BoolVar(&o.skipCopy, "skip-copy", false, "skip the nix copy measurements")
 	flag.BoolVar(&o.skipBuilds, "skip-builds", false, "skip the builds measurements")
+	flag.BoolVar(&o.skipDirty, "skip-dirty", false, "skip the add next to another job's unwritten data")
+	flag.IntVar(&o.dirtyMB, "dirty-mb", 1024, "MB of another job's unwritten data in the other-job scenario")
 	flag.IntVar(&o.buildsMaxJobs, "builds-max-jobs", 2, "the daemons' max-jobs in the builds scenario")
 	flag.Parse()
 	if flag.NArg() > 0 {
@@ -148,6 +154,13 @@ func run(ctx context.Context, o options) (err error) {
 
 	if !o.skipBuilds {
 		ms, err := b.benchBuilds(ctx)
+		metrics = append(metrics, ms...)
+		if err != nil {
+			return err
+		}
+	}
+	if !o.skipDirty {
+		ms, err := b.benchDirty(ctx)
 		metrics = append(metrics, ms...)
 		if err != nil {
 			return err
