@@ -11,7 +11,7 @@
 # alone (e.g. while cmd/nixyard does not build). Needs root and Nix 2.8 on
 # PATH; bounded by -timeout (default 40m); cleans up its mounts and processes.
 # Useful flags: -reps 5 -qpi-duration 5s -qpi-conns 1,8 -qpi-paths 5000
-tmpfs -keep (keep logs in the work dir).|tmpfs -keep (keep logs in the work dir).
+# -copy-paths 400 -copy-mb 500 -dirty-mb 1024 -fs ext4|tmpfs -keep (keep logs in the work dir).
 # Substitution from a local HTTP cache: -skip-subst -subst-paths 400 -subst-mb 600
 # -subst-clients 8 (give -fs-size-mb 4096 when running it with the other scenarios).
 set -euo pipefail
