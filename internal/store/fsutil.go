@@ -106,7 +106,7 @@ const (
 // into them. The way taken is logged at debug level.
 func (s *Store) syncTrees(trees []string, written uint64) error {
 	t0 := time.Now()
-	fsyncs, err := fsyncTrees(trees, fsyncBudget(dirtyBytes, written))
+	fsyncs, err := fsyncTrees(trees, fsyncBudget(dirtyBytes, written), s.syncStoreFS)
 	if err != nil {
 		return err
 	}
@@ -133,11 +133,8 @@ func fsyncBudget(dirty func() (uint64, error), written uint64) int {
 	return int(min(fsyncMaxFiles, (d-written)/fsyncWorth))
 }
 
-// dirtyBytes is systemDirty, and syncWhole syncFS; tests replace them.
-var (
-	dirtyBytes = systemDirty
-	syncWhole  = syncFS
-)
+// dirtyBytes is systemDirty; tests replace it.
+var dirtyBytes = systemDirty
 
 // systemDirty returns the bytes of page cache that are dirty or being
 // written back, on all file systems (/proc/meminfo).
@@ -171,11 +168,11 @@ var errTooMany = errors.New("too many files to fsync")
 
 // fsyncTrees fsyncs every regular file and directory of the trees, and
 // the directories that hold them, if they are at most limit in all;
-// otherwise it syncs the file system once. It returns the number of
-// fsyncs, 0 if it synced the file system.
-func fsyncTrees(trees []string, limit int) (fsyncs int, err error) {
+// otherwise it syncs their file system once with syncWhole. It returns the
+// number of fsyncs, 0 if it synced the file system.
+func fsyncTrees(trees []string, limit int, syncWhole func() error) (fsyncs int, err error) {
 	if limit <= 0 {
-		return 0, syncWhole(trees[0])
+		return 0, syncWhole()
 	}
 	var paths []string
 	parents := map[string]bool{}
@@ -190,7 +187,7 @@ func fsyncTrees(trees []string, limit int) (fsyncs int, err error) {
 			return nil
 		})
 		if errors.Is(err, errTooMany) {
-			return 0, syncWhole(trees[0])
+			return 0, syncWhole()
 		}
 		if err != nil {
 			return 0, err
@@ -198,7 +195,7 @@ func fsyncTrees(trees []string, limit int) (fsyncs int, err error) {
 		parents[parentDir(t)] = true
 	}
 	if len(paths)+len(parents) > limit {
-		return 0, syncWhole(trees[0])
+		return 0, syncWhole()
 	}
 	for p := range parents {
 		paths = append(paths, p)
@@ -246,16 +243,17 @@ func parentDir(p string) string {
 	return "/"
 }
 
-// syncFS flushes the whole file system that holds path.
-func syncFS(path string) error {
-	dir := parentDir(path)
-	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_DIRECTORY, 0)
-	if err != nil {
-		return fmt.Errorf("opening %s: %w", dir, err)
-	}
-	defer unix.Close(fd)
-	if err := unix.Syncfs(fd); err != nil {
-		return fmt.Errorf("syncfs %s: %w", dir, err)
+// syncStoreFS syncs the whole file system of the store through the
+// descriptor opened with the store. Linux reports a writeback error to
+// syncfs once per open file, for errors since that file was opened: a
+// descriptor opened for each sync would miss an error in the writeback
+// that sync_file_range started if another process's syncfs had seen it
+// first. The store's own descriptor gets every error since its previous
+// sync (possibly one in another program's data: the batch then fails,
+// which errs on the safe side).
+func (s *Store) syncStoreFS() error {
+	if err := unix.Syncfs(s.fsFD); err != nil {
+		return fmt.Errorf("syncfs %s: %w", s.realDir, err)
 	}
 	return nil
 }

@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestFsyncBudget(t *testing.T) {
@@ -66,27 +68,50 @@ func TestSyncTreesBothWays(t *testing.T) {
 		}
 		prev := dirtyBytes
 		dirtyBytes = func() (uint64, error) { return dirty, nil }
-		whole := countSyncWhole(t)
+		s, _ := testStore(t)
 		var log strings.Builder
-		s := &Store{log: slog.New(slog.NewTextHandler(&log, &slog.HandlerOptions{Level: slog.LevelDebug}))}
+		s.log = slog.New(slog.NewTextHandler(&log, &slog.HandlerOptions{Level: slog.LevelDebug}))
 		err := s.syncTrees(trees, 100)
 		dirtyBytes = prev
 		if err != nil {
 			t.Errorf("dirty %d: %v", dirty, err)
 		}
-		syncfs := dirty == 0
-		if (*whole > 0) != syncfs {
-			t.Errorf("dirty %d: %d syncfs, want syncfs %v", dirty, *whole, syncfs)
-		}
 		// Per tree: itself, sub, sub/deeper and sub/deeper/f; then their
 		// parent. The e2e test reads which way was taken from this line.
-		want := map[bool]string{true: "by=syncfs fsyncs=0", false: "by=fsync fsyncs=9"}[syncfs]
+		want := map[bool]string{true: "by=syncfs fsyncs=0", false: "by=fsync fsyncs=9"}[dirty == 0]
 		if !strings.Contains(log.String(), want) {
 			t.Errorf("dirty %d: debug log %q, want %q", dirty, log.String(), want)
 		}
 	}
-	if _, err := fsyncTrees([]string{filepath.Join(t.TempDir(), "missing")}, 10); err == nil {
+	if _, err := fsyncTrees([]string{filepath.Join(t.TempDir(), "missing")}, 10, nil); err == nil {
 		t.Error("fsyncTrees of a missing tree: no error")
+	}
+}
+
+// TestStoreSyncDescriptor checks that the store keeps its store directory
+// open for syncfs (see syncStoreFS) until Close.
+func TestStoreSyncDescriptor(t *testing.T) {
+	root := t.TempDir()
+	s := openAt(t, root)
+	var fromFD, fromPath unix.Stat_t
+	if err := unix.Fstat(s.fsFD, &fromFD); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Stat(filepath.Join(root, "nix/store"), &fromPath); err != nil {
+		t.Fatal(err)
+	}
+	if fromFD.Dev != fromPath.Dev || fromFD.Ino != fromPath.Ino {
+		t.Errorf("the store's sync descriptor is not its store directory")
+	}
+	if err := s.syncStoreFS(); err != nil {
+		t.Error(err)
+	}
+	fd := s.fsFD
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Fstat(fd, &fromFD); err != unix.EBADF {
+		t.Errorf("after Close, fstat of the sync descriptor: %v, want EBADF", err)
 	}
 }
 
@@ -106,29 +131,16 @@ func TestFsyncTreesManyFiles(t *testing.T) {
 		limit     int
 		wantWhole bool
 	}{{0, true}, {100, true}, {102, true}, {103, false}, {1000, false}} {
-		whole := countSyncWhole(t)
-		fsyncs, err := fsyncTrees([]string{tree}, tc.limit)
+		whole := 0
+		fsyncs, err := fsyncTrees([]string{tree}, tc.limit, func() error { whole++; return nil })
 		if err != nil {
 			t.Errorf("budget %d: %v", tc.limit, err)
 		}
-		if (*whole > 0) != tc.wantWhole {
-			t.Errorf("budget %d: %d syncfs, want syncfs %v", tc.limit, *whole, tc.wantWhole)
+		if (whole > 0) != tc.wantWhole {
+			t.Errorf("budget %d: %d syncfs, want syncfs %v", tc.limit, whole, tc.wantWhole)
 		}
 		if want := map[bool]int{true: 0, false: 103}[tc.wantWhole]; fsyncs != want {
 			t.Errorf("budget %d: %d fsyncs, want %d", tc.limit, fsyncs, want)
 		}
 	}
-}
-
-// countSyncWhole counts syncWhole's calls (which still sync) until the
-// test ends or the next countSyncWhole.
-func countSyncWhole(t *testing.T) *int {
-	n := new(int)
-	prev := syncWhole
-	syncWhole = func(path string) error {
-		*n++
-		return syncFS(path)
-	}
-	t.Cleanup(func() { syncWhole = prev })
-	return n
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"golang.org/x/sys/unix"
 )
 
 // holdGroup makes s look as if a group were being committed, so that
@@ -235,9 +236,9 @@ func BenchmarkSyncOnePath(b *testing.B) {
 				}
 				var err error
 				if how == "fsyncTrees" {
-					_, err = fsyncTrees([]string{p}, fsyncMaxFiles)
+					_, err = fsyncTrees([]string{p}, fsyncMaxFiles, nil)
 				} else {
-					err = syncFS(p)
+					err = syncFSOf(p)
 				}
 				if err != nil {
 					b.Fatal(err)
@@ -245,4 +246,14 @@ func BenchmarkSyncOnePath(b *testing.B) {
 			}
 		})
 	}
+}
+
+// syncFSOf syncs the whole file system that holds path.
+func syncFSOf(path string) error {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_DIRECTORY, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	return unix.Syncfs(fd)
 }
