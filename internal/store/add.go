@@ -54,6 +54,7 @@ type pendingPath struct {
 	info       PathInfo
 	lock       *pathLock
 	drvOutputs map[string]storepath.Path
+	epoch      uint64 // Store.syncEpoch before its files were written
 }
 
 // batch adds paths: each is unpacked under its path lock, and a flush makes
@@ -247,12 +248,13 @@ func (b *batch) add(ctx context.Context, info PathInfo, r io.Reader) error {
 			return fmt.Errorf("store: cannot add path '%s' because its reference '%s' is not valid: %w", abs, s.abs(ref), ErrNotValid)
 		}
 	}
+	epoch := s.syncEpoch()
 	pp, err := s.unpack(ctx, info, ca, r, realPath)
 	if err != nil {
 		lock.unlock()
 		return err
 	}
-	pp.lock = lock
+	pp.lock, pp.epoch = lock, epoch
 	b.pending = append(b.pending, pp)
 	b.inBatch[info.Path] = true
 	b.bytes += info.NarSize
@@ -446,15 +448,18 @@ func (s *Store) flushPaths(ctx context.Context, paths []*pendingPath) error {
 	return nil
 }
 
-// syncPending makes unpacked paths durable (syncTrees).
+// syncPending makes unpacked paths durable (syncTrees), failing them all
+// if a writeback error was reported since the first of them was written.
 func (s *Store) syncPending(paths []*pendingPath) error {
 	trees := make([]string, len(paths))
 	var written uint64
+	since := paths[0].epoch
 	for i, pp := range paths {
 		trees[i] = s.RealPath(pp.info.Path)
 		written += pp.info.NarSize
+		since = min(since, pp.epoch)
 	}
-	return s.syncTrees(trees, written)
+	return s.syncTrees(trees, written, since)
 }
 
 // abort waits for any background flush, deletes and unlocks the pending
@@ -585,6 +590,7 @@ func (s *Store) AddToStoreContent(ctx context.Context, name string, method conte
 		return nil, err
 	}
 	defer s.roots.remove(tmpPath)
+	epoch := s.syncEpoch()
 	tmpDir := s.RealPath(tmpPath)
 	if err := os.Mkdir(tmpDir, 0o700); err != nil {
 		return nil, fmt.Errorf("store: creating %s: %w", tmpDir, err)
@@ -622,7 +628,7 @@ func (s *Store) AddToStoreContent(ctx context.Context, name string, method conte
 		return nil, fmt.Errorf("store: adding %q: %w", name, err)
 	}
 	info := PathInfo{Path: p, NarHash: narHash, NarSize: narSize, References: storepath.Sort(slices.Clone(refs)), CA: ca.String()}
-	if err := s.addUnpacked(ctx, info, tmp, repair); err != nil {
+	if err := s.addUnpacked(ctx, info, tmp, repair, epoch); err != nil {
 		return nil, err
 	}
 	return s.QueryPathInfo(ctx, p)
@@ -659,8 +665,9 @@ func writeStream(ctx context.Context, path string, r io.Reader) error {
 }
 
 // addUnpacked moves a checked tree at tmp into place as info.Path and
-// registers it, under the path lock.
-func (s *Store) addUnpacked(ctx context.Context, info PathInfo, tmp string, repair bool) error {
+// registers it, under the path lock. epoch is Store.syncEpoch from before
+// tmp was written.
+func (s *Store) addUnpacked(ctx context.Context, info PathInfo, tmp string, repair bool, epoch uint64) error {
 	abs := s.abs(info.Path)
 	if err := s.roots.add(ctx, info.Path); err != nil {
 		return err
@@ -691,7 +698,7 @@ func (s *Store) addUnpacked(ctx context.Context, info PathInfo, tmp string, repa
 	if err := nar.Canonicalise(tmp); err != nil {
 		return fmt.Errorf("store: %s: %w", abs, err)
 	}
-	if err := s.syncTrees([]string{tmp}, info.NarSize); err != nil {
+	if err := s.syncTrees([]string{tmp}, info.NarSize, epoch); err != nil {
 		return fmt.Errorf("store: %s: %w", abs, err)
 	}
 	if err := removeAll(realPath); err != nil {

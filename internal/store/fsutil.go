@@ -103,10 +103,11 @@ const (
 // syncTrees makes freshly written trees, all on the store's file system,
 // durable: their files, their directories and their entries in their
 // parent directories. written is about how many bytes the caller wrote
-// into them. The way taken is logged at debug level.
-func (s *Store) syncTrees(trees []string, written uint64) error {
+// into them; since is the sync epoch (Store.syncEpoch) taken before they
+// were written. The way taken is logged at debug level.
+func (s *Store) syncTrees(trees []string, written, since uint64) error {
 	t0 := time.Now()
-	fsyncs, err := fsyncTrees(trees, fsyncBudget(dirtyBytes, written), s.syncStoreFS)
+	fsyncs, err := fsyncTrees(trees, fsyncBudget(dirtyBytes, written), func() error { return s.syncStoreFS(since) })
 	if err != nil {
 		return err
 	}
@@ -243,17 +244,51 @@ func parentDir(p string) string {
 	return "/"
 }
 
-// syncStoreFS syncs the whole file system of the store through the
-// descriptor opened with the store. Linux reports a writeback error to
-// syncfs once per open file, for errors since that file was opened: a
-// descriptor opened for each sync would miss an error in the writeback
-// that sync_file_range started if another process's syncfs had seen it
-// first. The store's own descriptor gets every error since its previous
-// sync (possibly one in another program's data: the batch then fails,
-// which errs on the safe side).
-func (s *Store) syncStoreFS() error {
-	if err := unix.Syncfs(s.fsFD); err != nil {
+// storeSync syncs the store's whole file system so that no writeback error
+// goes unreported. Linux (5.8 and later) reports a file system's writeback
+// errors to syncfs once per open file: an error that nobody has seen yet,
+// or one that happened since the file was opened. A descriptor opened for
+// each sync misses an error in the writeback that sync_file_range started
+// if another process's syncfs has seen it first; one descriptor shared by
+// concurrent callers reports it to the first of them only. So the store
+// keeps one descriptor, opened with it, and counts the errors its syncs
+// report (epoch): a caller takes the epoch before it writes, and its sync
+// fails if any error has been reported since, to whichever caller.
+type storeSync struct {
+	mu      sync.Mutex
+	dir     *os.File // the real store directory
+	epoch   uint64   // errors reported so far
+	lastErr error
+}
+
+// syncEpoch returns the number of writeback errors reported so far: take
+// it before writing what syncTrees will make durable.
+func (s *Store) syncEpoch() uint64 {
+	s.fsSync.mu.Lock()
+	defer s.fsSync.mu.Unlock()
+	return s.fsSync.epoch
+}
+
+// syncStoreFS syncs the store's file system and fails if a writeback error
+// has been reported since the epoch since.
+func (s *Store) syncStoreFS(since uint64) error {
+	st := &s.fsSync
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	rc, err := st.dir.SyscallConn()
+	if err != nil {
 		return fmt.Errorf("syncfs %s: %w", s.realDir, err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = unix.Syncfs(int(fd)) }); err != nil {
+		return fmt.Errorf("syncfs %s: the store is closed: %w", s.realDir, err)
+	}
+	if serr != nil {
+		st.epoch++
+		st.lastErr = serr
+	}
+	if st.epoch != since {
+		return fmt.Errorf("syncfs %s: a write to the store's file system failed since these paths were written: %w", s.realDir, st.lastErr)
 	}
 	return nil
 }

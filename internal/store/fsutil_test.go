@@ -67,11 +67,12 @@ func TestSyncTreesBothWays(t *testing.T) {
 			trees = append(trees, tree)
 		}
 		prev := dirtyBytes
+		t.Cleanup(func() { dirtyBytes = prev })
 		dirtyBytes = func() (uint64, error) { return dirty, nil }
 		s, _ := testStore(t)
 		var log strings.Builder
 		s.log = slog.New(slog.NewTextHandler(&log, &slog.HandlerOptions{Level: slog.LevelDebug}))
-		err := s.syncTrees(trees, 100)
+		err := s.syncTrees(trees, 100, s.syncEpoch())
 		dirtyBytes = prev
 		if err != nil {
 			t.Errorf("dirty %d: %v", dirty, err)
@@ -83,35 +84,36 @@ func TestSyncTreesBothWays(t *testing.T) {
 			t.Errorf("dirty %d: debug log %q, want %q", dirty, log.String(), want)
 		}
 	}
-	if _, err := fsyncTrees([]string{filepath.Join(t.TempDir(), "missing")}, 10, nil); err == nil {
+	if _, err := fsyncTrees([]string{filepath.Join(t.TempDir(), "missing")}, 10, noSyncfs); err == nil {
 		t.Error("fsyncTrees of a missing tree: no error")
 	}
 }
 
-// TestStoreSyncDescriptor checks that the store keeps its store directory
-// open for syncfs (see syncStoreFS) until Close.
-func TestStoreSyncDescriptor(t *testing.T) {
-	root := t.TempDir()
-	s := openAt(t, root)
-	var fromFD, fromPath unix.Stat_t
-	if err := unix.Fstat(s.fsFD, &fromFD); err != nil {
+// TestStoreSyncEpoch checks the bookkeeping of storeSync: a sync fails if
+// a writeback error was reported since the caller's epoch, to whichever
+// caller, and not otherwise; after Close it fails.
+func TestStoreSyncEpoch(t *testing.T) {
+	s := openAt(t, t.TempDir())
+	before := s.syncEpoch()
+	if err := s.syncStoreFS(before); err != nil {
 		t.Fatal(err)
 	}
-	if err := unix.Stat(filepath.Join(root, "nix/store"), &fromPath); err != nil {
-		t.Fatal(err)
+	// As if another caller's syncfs had been told of an I/O error.
+	s.fsSync.mu.Lock()
+	s.fsSync.epoch++
+	s.fsSync.lastErr = unix.EIO
+	s.fsSync.mu.Unlock()
+	if err := s.syncStoreFS(before); !errors.Is(err, unix.EIO) {
+		t.Errorf("sync of paths written before the error: %v, want EIO", err)
 	}
-	if fromFD.Dev != fromPath.Dev || fromFD.Ino != fromPath.Ino {
-		t.Errorf("the store's sync descriptor is not its store directory")
+	if err := s.syncStoreFS(s.syncEpoch()); err != nil {
+		t.Errorf("sync of paths written after the error: %v", err)
 	}
-	if err := s.syncStoreFS(); err != nil {
-		t.Error(err)
-	}
-	fd := s.fsFD
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if err := unix.Fstat(fd, &fromFD); err != unix.EBADF {
-		t.Errorf("after Close, fstat of the sync descriptor: %v, want EBADF", err)
+	if err := s.syncStoreFS(s.syncEpoch()); err == nil || !strings.Contains(err.Error(), "the store is closed") {
+		t.Errorf("sync after Close: %v, want an error saying the store is closed", err)
 	}
 }
 
@@ -144,3 +146,6 @@ func TestFsyncTreesManyFiles(t *testing.T) {
 		}
 	}
 }
+
+// noSyncfs stands for syncfs where none is expected.
+func noSyncfs() error { return errors.New("unexpected syncfs") }

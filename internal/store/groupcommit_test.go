@@ -236,7 +236,7 @@ func BenchmarkSyncOnePath(b *testing.B) {
 				}
 				var err error
 				if how == "fsyncTrees" {
-					_, err = fsyncTrees([]string{p}, fsyncMaxFiles, nil)
+					_, err = fsyncTrees([]string{p}, fsyncMaxFiles, noSyncfs)
 				} else {
 					err = syncFSOf(p)
 				}

@@ -31,6 +31,7 @@ type OutputLocks struct {
 	s      *Store
 	locks  map[storepath.Path]*pathLock
 	rooted []storepath.Path
+	epoch  uint64 // Store.syncEpoch before the build wrote anything
 }
 
 // LockOutputs locks paths (in sorted order, so two builders of
@@ -38,7 +39,7 @@ type OutputLocks struct {
 // processes (a real nix-daemon on the same store takes the same locks),
 // waiting until ctx is done. Unlock releases them.
 func (s *Store) LockOutputs(ctx context.Context, paths []storepath.Path) (*OutputLocks, error) {
-	l := &OutputLocks{s: s, locks: map[storepath.Path]*pathLock{}}
+	l := &OutputLocks{s: s, locks: map[storepath.Path]*pathLock{}, epoch: s.syncEpoch()}
 	sorted := storepath.Sort(slices.Clone(paths))
 	for _, p := range slices.Compact(sorted) {
 		if err := l.lock(ctx, p); err != nil {
@@ -166,7 +167,7 @@ func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs
 				return nil, fmt.Errorf("store: moving output '%s' of '%s' into place: %w", o.Name, drvAbs, err)
 			}
 		}
-		if err := s.syncTrees([]string{dest}, info.NarSize); err != nil {
+		if err := s.syncTrees([]string{dest}, info.NarSize, l.epoch); err != nil {
 			return nil, fmt.Errorf("store: output '%s' of '%s': %w", o.Name, drvAbs, err)
 		}
 		pending = append(pending, &pendingPath{info: info})

@@ -54,8 +54,8 @@ type Store struct {
 	log     *slog.Logger
 	sigs    sigChecker
 
-	bigLock *os.File // db/big-lock, held shared while open
-	fsFD    int      // the real store directory, open while the store is: see syncStoreFS
+	bigLock *os.File  // db/big-lock, held shared while open
+	fsSync  storeSync // see storeSync
 	db      *database
 	cache   infoCache // PathInfo of recently queried paths; see cache.go
 
@@ -113,14 +113,14 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		return nil, fmt.Errorf("store: locking %s: %w", lockPath, err)
 	}
 
-	s.fsFD, err = unix.Open(s.realDir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	s.fsSync.dir, err = os.Open(s.realDir)
 	if err != nil {
 		s.bigLock.Close()
 		return nil, fmt.Errorf("store: opening %s: %w", s.realDir, err)
 	}
 	s.db, err = openDatabase(ctx, filepath.Join(cfg.StateDir, "db"), s.log)
 	if err != nil {
-		unix.Close(s.fsFD)
+		s.fsSync.dir.Close()
 		s.bigLock.Close()
 		return nil, err
 	}
@@ -216,7 +216,7 @@ func processAlive(pid int) bool {
 // connections and the big lock. Sessions should be closed first.
 func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
-		errs := []error{s.roots.close(), s.db.close(), unix.Close(s.fsFD)}
+		errs := []error{s.roots.close(), s.db.close(), s.fsSync.dir.Close()}
 		if s.bigLock != nil {
 			errs = append(errs, s.bigLock.Close())
 		}
