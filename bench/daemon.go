@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // Env is the environment shared by the daemons and the Nix clients of a
@@ -176,24 +178,9 @@ func (d *Daemon) Stop() error {
 // and returns its standard output. Its standard error goes to the error
 // when it fails. The process tree is killed if ctx ends.
 func Nix(ctx context.Context, env *Env, stdin io.Reader, name string, args ...string) ([]byte, error) {
-	cmd := exec.CommandContext(ctx, name, args...)
-	cmd.Env = env.Vars()
-	cmd.Dir = env.Work
-	if stdin != nil {
-		cmd.Stdin = stdin
-	}
-	cmd.Cancel = func() error { return KillTree(cmd.Process.Pid, time.Second) }
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		msg := stderr.String()
-		if len(msg) > 2000 {
-			msg = msg[len(msg)-2000:]
-		}
-		return out, fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(msg))
-	}
-	return out, nil
+	var out bytes.Buffer
+	_, err := runNix(ctx, env, nil, stdin, &out, name, args...)
+	return out.Bytes(), err
 }
 
 // ClientRun is how long a client ran and the CPU time it used (user and
@@ -207,9 +194,17 @@ type ClientRun struct {
 // dropped; the end of its standard error goes to the error when it fails.
 // The process tree is killed if ctx ends.
 func RunClient(ctx context.Context, env *Env, extraEnv []string, name string, args ...string) (ClientRun, error) {
+	return runNix(ctx, env, extraEnv, nil, nil, name, args...)
+}
+
+// runNix runs name with args in env (and extraEnv), stdin and stdout as
+// given (nil: none), and returns its wall and CPU time; when it fails, the
+// error holds the command line and the end of its standard error.
+func runNix(ctx context.Context, env *Env, extraEnv []string, stdin io.Reader, stdout io.Writer, name string, args ...string) (ClientRun, error) {
 	cmd := exec.CommandContext(ctx, name, args...)
 	cmd.Env = env.Vars(extraEnv...)
 	cmd.Dir = env.Work
+	cmd.Stdin, cmd.Stdout = stdin, stdout
 	cmd.Cancel = func() error { return KillTree(cmd.Process.Pid, time.Second) }
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
@@ -220,11 +215,23 @@ func RunClient(ctx context.Context, env *Env, extraEnv []string, name string, ar
 		run.CPU = ps.UserTime() + ps.SystemTime()
 	}
 	if err != nil {
-		msg := strings.TrimSpace(stderr.String())
-		if len(msg) > 1000 {
-			msg = msg[len(msg)-1000:]
+		line := strings.Join(append([]string{name}, args...), " ")
+		if len(line) > 300 {
+			line = line[:300] + "…"
 		}
-		return run, fmt.Errorf("%s: %w: %s", name, err, msg)
+		return run, fmt.Errorf("%s: %w: %s", line, err, tail(strings.TrimSpace(stderr.String()), 2000))
 	}
 	return run, nil
+}
+
+// tail returns the last n bytes of s (cut at a character boundary).
+func tail(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	i := len(s) - n
+	for i < len(s) && !utf8.RuneStart(s[i]) {
+		i++
+	}
+	return "…" + s[i:]
 }

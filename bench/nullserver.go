@@ -24,9 +24,9 @@ import (
 // daemon's rate, it is the highest speed-up a daemon can show in the
 // QueryPathInfo scenario here. In the same way it takes nix copy's upload
 // (QueryValidPaths, AddMultipleToStore) and drops it, so that the time of
-// a copy into it is the least any daemon can take with this client. It runs in a process of its own, as a
-// daemon does: NullServerArg as the first argument of the benchmark's
-// binary (see MaybeServeNull).
+// a copy into it is the least any daemon can take with this client. It
+// runs in a process of its own, as a daemon does: NullServerArg as the
+// first argument of the benchmark's binary (see MaybeServeNull).
 const NullServerArg = "-null-server"
 
 // nullVersion is the protocol version of the null server's canned reply:
@@ -165,7 +165,7 @@ func nullConn(c net.Conn, reply []byte) error {
 				return err
 			}
 			if err := wire.NewFramedReader(br).Drain(); err != nil {
-				return err
+				return fmt.Errorf("AddMultipleToStore: %w", err)
 			}
 			e.U64(wire.StderrLast)
 		default:

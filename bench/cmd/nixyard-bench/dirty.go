@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -35,6 +36,15 @@ func (b *bencher) benchDirty(ctx context.Context) ([]*bench.Metric, error) {
 	ways := &bench.Metric{Name: "the same: adds that nixyard made durable by fsync (by its debug log), of all", Unit: "%"}
 	syncfs := &bench.Metric{Name: fmt.Sprintf("for comparison: one syncfs of the store's file system with the other job's %d MB dirty, in nixyard's column", mb), Unit: "s"}
 	all := []*bench.Metric{add, ways, syncfs}
+	if b.o.FS == "tmpfs" {
+		// tmpfs pages are never dirty and its syncfs writes nothing.
+		err := errors.New("not run on tmpfs (no writeback there)")
+		for _, m := range all {
+			setErr(m, "nix-daemon", err)
+			setErr(m, "nixyard", err)
+		}
+		return all, nil
+	}
 	other := filepath.Join(b.mnt, "other-job-output")
 	defer os.Remove(other)
 	var fsynced, nixyardAdds int
@@ -47,9 +57,19 @@ func (b *bencher) benchDirty(ctx context.Context) ([]*bench.Metric, error) {
 				spec.Argv = func(root string) []string { return append(inner(root), "--log-level", "debug") }
 			}
 			root := filepath.Join(b.mnt, fmt.Sprintf("d-%s-%d", spec.Name, rep+1))
+			fail := func(err error) {
+				setErr(add, spec.Name, err)
+				if spec.Name == "nixyard" {
+					setErr(ways, spec.Name, err)
+				} else {
+					setErr(syncfs, "nixyard", fmt.Errorf("nothing to compare with: nix-daemon: %w", err))
+				}
+			}
 			d, err := b.start(ctx, spec, root)
 			if err != nil {
-				setErr(add, spec.Name, err)
+				logf("rep %d: %s: %v", rep+1, spec.Name, err)
+				fail(err)
+				os.RemoveAll(root)
 				continue
 			}
 			dur, err := b.addNextToDirty(ctx, d, other, rep)
@@ -61,7 +81,7 @@ func (b *bencher) benchDirty(ctx context.Context) ([]*bench.Metric, error) {
 					return all, ctx.Err()
 				}
 				logf("rep %d: %s: %v", rep+1, spec.Name, err)
-				setErr(add, spec.Name, err)
+				fail(err)
 			} else {
 				addSample(add, spec.Name, dur.Seconds())
 				way := ""
@@ -108,9 +128,10 @@ func (b *bencher) benchDirty(ctx context.Context) ([]*bench.Metric, error) {
 	return all, nil
 }
 
-// addNextToDirty writes mb MB to other without syncing, times nix-store
-// --add of a fresh small tree into d, and removes other again (its pages
-// are dropped unwritten) and syncs the scratch file system.
+// addNextToDirty writes -dirty-mb MB to other without syncing, times
+// nix-store --add of a fresh small tree into d, and removes other again
+// (its pages, unless the kernel has begun to write them back, are dropped
+// unwritten).
 func (b *bencher) addNextToDirty(ctx context.Context, d *bench.Daemon, other string, rep int) (time.Duration, error) {
 	src := filepath.Join(b.work, fmt.Sprintf("dirty-src-%s-%d", d.Spec.Name, rep))
 	if err := os.MkdirAll(src, 0o755); err != nil {

@@ -539,6 +539,9 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 func (b *bencher) nullCopyCeiling(ctx context.Context, src string, null *bench.NullServer, rep int, stock float64, m *bench.Metric) {
 	run, err := b.copyAll(ctx, src, "unix://"+null.Socket)
 	if err != nil {
+		if ctx.Err() != nil {
+			return
+		}
 		logf("rep %d: nix copy into the null server: %v", rep+1, err)
 		setErr(m, "nixyard", err)
 		return
