@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
 	"crypto/rand"
 	"fmt"
@@ -12,6 +11,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/nixyard/nixyard/internal/store"
 	"golang.org/x/sys/unix"
 )
 
@@ -62,7 +62,7 @@ func TestDurableNextToOtherJobsData(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if way := durableWay(string(log)); way != "fsync" {
+	if way := store.LastDurableWay(string(log)); way != "fsync" {
 		t.Errorf("with %d MB of another job's data dirty, the path was made durable by %q, want fsync", foreign>>20, way)
 	}
 	// A syncfs would have written the other job's 320 MB first.
@@ -100,26 +100,6 @@ func syncFSAt(t *testing.T, dir string) {
 	if err := unix.Syncfs(int(f.Fd())); err != nil {
 		t.Fatalf("syncfs %s: %v", dir, err)
 	}
-}
-
-// durableWay returns how the last "made paths durable" line of a daemon
-// log says the paths were made durable ("syncfs" or "fsync"), or "" if
-// there is none.
-func durableWay(log string) string {
-	way := ""
-	sc := bufio.NewScanner(strings.NewReader(log))
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.Contains(line, "made paths durable") {
-			continue
-		}
-		for _, f := range strings.Fields(line) {
-			if v, ok := strings.CutPrefix(f, "by="); ok {
-				way = v
-			}
-		}
-	}
-	return way
 }
 
 // mountScratchExt4 makes an ext4 file system of size bytes in a sparse

@@ -115,9 +115,30 @@ func (s *Store) syncTrees(trees []string, written, since uint64) error {
 	if fsyncs > 0 {
 		by = "fsync"
 	}
-	s.log.Debug("made paths durable", "paths", len(trees), "bytes", written, "by", by,
+	s.log.Debug(durableMsg, "paths", len(trees), "bytes", written, "by", by,
 		"fsyncs", fsyncs, "took", time.Since(t0).Round(time.Microsecond))
 	return nil
+}
+
+// durableMsg is the message of syncTrees' debug line.
+const durableMsg = "made paths durable"
+
+// LastDurableWay returns how the last of syncTrees' debug lines in a
+// daemon's text log says paths were made durable: "syncfs", "fsync", or ""
+// if there is none. Tests and benchmarks read the way taken with it.
+func LastDurableWay(log string) string {
+	way := ""
+	for _, line := range strings.Split(log, "\n") {
+		if !strings.Contains(line, durableMsg) {
+			continue
+		}
+		for _, f := range strings.Fields(line) {
+			if v, ok := strings.CutPrefix(f, "by="); ok {
+				way = v
+			}
+		}
+	}
+	return way
 }
 
 // fsyncBudget returns how many files and directories may be fsynced

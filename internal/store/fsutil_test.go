@@ -83,6 +83,9 @@ func TestSyncTreesBothWays(t *testing.T) {
 		if !strings.Contains(log.String(), want) {
 			t.Errorf("dirty %d: debug log %q, want %q", dirty, log.String(), want)
 		}
+		if got, want := LastDurableWay("other line\n"+log.String()), map[bool]string{true: "syncfs", false: "fsync"}[dirty == 0]; got != want {
+			t.Errorf("dirty %d: LastDurableWay = %q, want %q", dirty, got, want)
+		}
 	}
 	if _, err := fsyncTrees([]string{filepath.Join(t.TempDir(), "missing")}, 10, noSyncfs); err == nil {
 		t.Error("fsyncTrees of a missing tree: no error")

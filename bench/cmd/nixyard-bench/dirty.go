@@ -8,10 +8,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/nixyard/nixyard/bench"
+	"github.com/nixyard/nixyard/internal/store"
 )
 
 // The other-job scenario: another job has just written -dirty-mb of data
@@ -86,7 +86,12 @@ func (b *bencher) benchDirty(ctx context.Context) ([]*bench.Metric, error) {
 				addSample(add, spec.Name, dur.Seconds())
 				way := ""
 				if spec.Name == "nixyard" {
-					way = lastDurableWay(d.LogPath)
+					if log, err := os.ReadFile(d.LogPath); err == nil {
+						way = store.LastDurableWay(string(log))
+					}
+					if way == "" {
+						way = "unknown"
+					}
 					nixyardAdds++
 					if way == "fsync" {
 						fsynced++
@@ -174,25 +179,4 @@ func writeUnsynced(ctx context.Context, path string, mb int) error {
 		return fmt.Errorf("writing another job's data: %w", err)
 	}
 	return nil
-}
-
-// lastDurableWay returns the way ("fsync" or "syncfs") of the last "made
-// paths durable" line in a nixyard log, or "unknown".
-func lastDurableWay(logPath string) string {
-	b, err := os.ReadFile(logPath)
-	if err != nil {
-		return "unknown"
-	}
-	way := "unknown"
-	for _, line := range strings.Split(string(b), "\n") {
-		if !strings.Contains(line, "made paths durable") {
-			continue
-		}
-		for _, f := range strings.Fields(line) {
-			if v, ok := strings.CutPrefix(f, "by="); ok {
-				way = v
-			}
-		}
-	}
-	return way
 }
