@@ -206,6 +206,7 @@ func runNix(ctx context.Context, env *Env, extraEnv []string, stdin io.Reader, s
 	cmd.Dir = env.Work
 	cmd.Stdin, cmd.Stdout = stdin, stdout
 	cmd.Cancel = func() error { return KillTree(cmd.Process.Pid, time.Second) }
+	cmd.WaitDelay = 10 * time.Second // a leftover child holding stderr open
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	start := time.Now()
@@ -215,13 +216,21 @@ func runNix(ctx context.Context, env *Env, extraEnv []string, stdin io.Reader, s
 		run.CPU = ps.UserTime() + ps.SystemTime()
 	}
 	if err != nil {
-		line := strings.Join(append([]string{name}, args...), " ")
-		if len(line) > 300 {
-			line = line[:300] + "…"
-		}
+		line := head(strings.Join(append([]string{name}, args...), " "), 300)
 		return run, fmt.Errorf("%s: %w: %s", line, err, tail(strings.TrimSpace(stderr.String()), 2000))
 	}
 	return run, nil
+}
+
+// head returns the first n bytes of s (cut at a character boundary).
+func head(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "…"
 }
 
 // tail returns the last n bytes of s (cut at a character boundary).

@@ -133,28 +133,35 @@ func KillTree(pid int, grace time.Duration) error {
 }
 
 // MachineBusy returns the CPU time all CPUs of the machine have spent
-// busy since boot: user, nice, system, irq, softirq and steal time from
-// /proc/stat (not idle or iowait), over every process and kernel thread.
-func MachineBusy() (time.Duration, error) {
+// busy since boot: user, nice, system, irq and softirq time from
+// /proc/stat (not idle, iowait, or steal, which is other guests' time on a
+// VM), over every process and kernel thread; and the number of CPUs that
+// /proc/stat counts.
+func MachineBusy() (busy time.Duration, cpus int, err error) {
 	b, err := os.ReadFile("/proc/stat")
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	line, _, _ := strings.Cut(string(b), "\n")
-	f := strings.Fields(line)
-	if len(f) < 9 || f[0] != "cpu" {
-		return 0, fmt.Errorf("/proc/stat: unexpected first line %q", line)
+	lines := strings.Split(string(b), "\n")
+	f := strings.Fields(lines[0])
+	if len(f) < 8 || f[0] != "cpu" {
+		return 0, 0, fmt.Errorf("/proc/stat: unexpected first line %q", lines[0])
 	}
 	var ticks uint64
-	// user nice system idle iowait irq softirq steal
-	for _, i := range []int{1, 2, 3, 6, 7, 8} {
+	// user nice system idle iowait irq softirq
+	for _, i := range []int{1, 2, 3, 6, 7} {
 		v, err := strconv.ParseUint(f[i], 10, 64)
 		if err != nil {
-			return 0, fmt.Errorf("/proc/stat: %q: %w", line, err)
+			return 0, 0, fmt.Errorf("/proc/stat: %q: %w", lines[0], err)
 		}
 		ticks += v
 	}
-	return time.Duration(ticks) * time.Second / clockTicks, nil
+	for _, l := range lines[1:] {
+		if strings.HasPrefix(l, "cpu") {
+			cpus++
+		}
+	}
+	return time.Duration(ticks) * time.Second / clockTicks, cpus, nil
 }
 
 // clockTicks is USER_HZ, the unit of /proc/stat: 100 on Linux.

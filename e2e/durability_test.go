@@ -44,7 +44,7 @@ func TestDurableNextToOtherJobsData(t *testing.T) {
 	other := filepath.Join(root, "other-job-output")
 	kb0 := sessionWriteKB(t, dev)
 	writeUnsynced(t, other, foreign)
-	t.Cleanup(func() { os.Remove(other) }) // dropped unwritten: the unmount does not write it
+	t.Cleanup(func() { os.Remove(other) })
 	kb1 := sessionWriteKB(t, dev)
 	p := oneLine(t, "nix-store --add", d.nixStore(t, "--add", src))
 	kb2 := sessionWriteKB(t, dev)

@@ -423,9 +423,14 @@ func (b *batch) startFlush(ctx context.Context) error {
 func (s *Store) flushPaths(ctx context.Context, paths []*pendingPath) error {
 	t0 := time.Now()
 	err := s.syncPending(paths)
+	if err != nil {
+		err = fmt.Errorf("making paths durable: %w", err)
+	}
 	t1 := time.Now()
 	if err == nil {
-		err = s.register(ctx, paths)
+		if err = s.register(ctx, paths); err != nil {
+			err = fmt.Errorf("registering: %w", err)
+		}
 	}
 	if addTiming {
 		var n uint64
@@ -440,7 +445,7 @@ func (s *Store) flushPaths(ctx context.Context, paths []*pendingPath) error {
 			removeAll(s.RealPath(pp.info.Path))
 			pp.lock.unlock()
 		}
-		return fmt.Errorf("store: registering: %w", err)
+		return fmt.Errorf("store: %w", err)
 	}
 	for _, pp := range paths {
 		pp.lock.unlock()

@@ -275,40 +275,71 @@ func parentDir(p string) string {
 // keeps one descriptor, opened with it, and counts the errors its syncs
 // report (epoch): a caller takes the epoch before it writes, and its sync
 // fails if any error has been reported since, to whichever caller.
+//
+// Syncs run one at a time; a caller that waited while a sync begun after
+// its call ran takes that sync's result instead of starting another.
 type storeSync struct {
+	epoch atomic.Uint64 // errors reported so far; added to under mu
+	begun atomic.Uint64 // syncs begun so far; added to under mu
+
 	mu      sync.Mutex
 	dir     *os.File // the real store directory
-	epoch   uint64   // errors reported so far
-	lastErr error
+	done    uint64   // the number (begun) of the last sync completed
+	lastErr error    // the last error a sync reported
 }
+
+// syncfsReportsErrors reports whether the running kernel reports writeback
+// errors to syncfs (Linux 5.8 and later).
+func syncfsReportsErrors() bool {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return false
+	}
+	return releaseAtLeast(unix.ByteSliceToString(u.Release[:]), 5, 8)
+}
+
+// releaseAtLeast reports whether a kernel release ("6.1.0-13-amd64") is
+// major.minor or later; false if it cannot be read.
+func releaseAtLeast(release string, major, minor int) bool {
+	var relMajor, relMinor int
+	if _, err := fmt.Sscanf(release, "%d.%d", &relMajor, &relMinor); err != nil {
+		return false
+	}
+	return relMajor > major || relMajor == major && relMinor >= minor
+}
+
+// syncfs is unix.Syncfs; tests count its calls.
+var syncfs = unix.Syncfs
 
 // syncEpoch returns the number of writeback errors reported so far: take
 // it before writing what syncTrees will make durable.
-func (s *Store) syncEpoch() uint64 {
-	s.fsSync.mu.Lock()
-	defer s.fsSync.mu.Unlock()
-	return s.fsSync.epoch
-}
+func (s *Store) syncEpoch() uint64 { return s.fsSync.epoch.Load() }
 
 // syncStoreFS syncs the store's file system and fails if a writeback error
 // has been reported since the epoch since.
 func (s *Store) syncStoreFS(since uint64) error {
 	st := &s.fsSync
+	asked := st.begun.Load()
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	rc, err := st.dir.SyscallConn()
-	if err != nil {
-		return fmt.Errorf("syncfs %s: %w", s.realDir, err)
+	if st.done <= asked {
+		// No sync begun after this call has completed: one is needed.
+		rc, err := st.dir.SyscallConn()
+		if err != nil {
+			return fmt.Errorf("syncfs %s: %w", s.realDir, err)
+		}
+		n := st.begun.Add(1)
+		var serr error
+		if err := rc.Control(func(fd uintptr) { serr = syncfs(int(fd)) }); err != nil {
+			return fmt.Errorf("syncfs %s: the store is closed: %w", s.realDir, err)
+		}
+		if serr != nil {
+			st.epoch.Add(1)
+			st.lastErr = serr
+		}
+		st.done = n
 	}
-	var serr error
-	if err := rc.Control(func(fd uintptr) { serr = unix.Syncfs(int(fd)) }); err != nil {
-		return fmt.Errorf("syncfs %s: the store is closed: %w", s.realDir, err)
-	}
-	if serr != nil {
-		st.epoch++
-		st.lastErr = serr
-	}
-	if st.epoch != since {
+	if st.epoch.Load() != since {
 		return fmt.Errorf("syncfs %s: a write to the store's file system failed since these paths were written: %w", s.realDir, st.lastErr)
 	}
 	return nil

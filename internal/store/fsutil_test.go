@@ -101,11 +101,7 @@ func TestStoreSyncEpoch(t *testing.T) {
 	if err := s.syncStoreFS(before); err != nil {
 		t.Fatal(err)
 	}
-	// As if another caller's syncfs had been told of an I/O error.
-	s.fsSync.mu.Lock()
-	s.fsSync.epoch++
-	s.fsSync.lastErr = unix.EIO
-	s.fsSync.mu.Unlock()
+	reportedElsewhere(s, unix.EIO)
 	if err := s.syncStoreFS(before); !errors.Is(err, unix.EIO) {
 		t.Errorf("sync of paths written before the error: %v, want EIO", err)
 	}
@@ -118,6 +114,67 @@ func TestStoreSyncEpoch(t *testing.T) {
 	if err := s.syncStoreFS(s.syncEpoch()); err == nil || !strings.Contains(err.Error(), "the store is closed") {
 		t.Errorf("sync after Close: %v, want an error saying the store is closed", err)
 	}
+}
+
+// TestSyncPendingOldestEpoch: paths made durable together fail if an error
+// was reported since the first of them was written.
+func TestSyncPendingOldestEpoch(t *testing.T) {
+	prev := dirtyBytes
+	t.Cleanup(func() { dirtyBytes = prev })
+	dirtyBytes = func() (uint64, error) { return 0, nil } // the syncfs way
+	s, _ := testStore(t)
+	first := s.syncEpoch()
+	reportedElsewhere(s, unix.EIO)
+	paths := []*pendingPath{{epoch: s.syncEpoch()}, {epoch: first}}
+	if err := s.syncPending(paths); !errors.Is(err, unix.EIO) {
+		t.Errorf("paths written before and after an error: %v, want EIO", err)
+	}
+	paths[1].epoch = s.syncEpoch()
+	if err := s.syncPending(paths); err != nil {
+		t.Errorf("paths written after the error: %v", err)
+	}
+}
+
+// TestStoreSyncShared: a caller that waited while a sync begun after its
+// call ran takes that sync's result; one whose call came after the last
+// sync began gets a sync of its own.
+func TestStoreSyncShared(t *testing.T) {
+	s := openAt(t, t.TempDir())
+	t.Cleanup(func() { s.Close() })
+	calls := 0
+	prev := syncfs
+	t.Cleanup(func() { syncfs = prev })
+	syncfs = func(fd int) error { calls++; return prev(fd) }
+
+	asked := s.fsSync.begun.Load()                       // a caller arrives...
+	if err := s.syncStoreFS(s.syncEpoch()); err != nil { // ...while another syncs
+		t.Fatal(err)
+	}
+	// The first caller, having waited for the lock, finds that sync done.
+	s.fsSync.begun.Store(asked)
+	s.fsSync.done = asked + 1
+	if err := s.syncStoreFS(s.syncEpoch()); err != nil {
+		t.Fatal(err)
+	}
+	if calls != 1 {
+		t.Errorf("%d syncfs calls for a caller that a later sync covered, want 1", calls)
+	}
+	s.fsSync.begun.Store(asked + 1)
+	if err := s.syncStoreFS(s.syncEpoch()); err != nil {
+		t.Fatal(err)
+	}
+	if calls != 2 {
+		t.Errorf("%d syncfs calls after a new call, want 2", calls)
+	}
+}
+
+// reportedElsewhere makes s look as if another caller's syncfs had been
+// told of err.
+func reportedElsewhere(s *Store, err error) {
+	s.fsSync.mu.Lock()
+	s.fsSync.epoch.Add(1)
+	s.fsSync.lastErr = err
+	s.fsSync.mu.Unlock()
 }
 
 // TestFsyncTreesManyFiles: beyond the budget, one syncfs does.
@@ -152,3 +209,14 @@ func TestFsyncTreesManyFiles(t *testing.T) {
 
 // noSyncfs stands for syncfs where none is expected.
 func noSyncfs() error { return errors.New("unexpected syncfs") }
+
+func TestReleaseAtLeast(t *testing.T) {
+	for release, want := range map[string]bool{
+		"5.8.0": true, "5.10.0-28-amd64": true, "6.18.44-fc-v782": true,
+		"5.7.19": false, "4.19.0-6-amd64": false, "garbage": false,
+	} {
+		if got := releaseAtLeast(release, 5, 8); got != want {
+			t.Errorf("releaseAtLeast(%q, 5, 8) = %v, want %v", release, got, want)
+		}
+	}
+}

@@ -113,6 +113,9 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		return nil, fmt.Errorf("store: locking %s: %w", lockPath, err)
 	}
 
+	if !syncfsReportsErrors() {
+		s.log.Warn("this kernel does not report writeback errors to syncfs (Linux 5.8 does): a failed write may go unnoticed until the store is verified")
+	}
 	s.fsSync.dir, err = os.Open(s.realDir)
 	if err != nil {
 		s.bigLock.Close()

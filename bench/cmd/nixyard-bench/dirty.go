@@ -86,7 +86,9 @@ func (b *bencher) benchDirty(ctx context.Context) ([]*bench.Metric, error) {
 				addSample(add, spec.Name, dur.Seconds())
 				way := ""
 				if spec.Name == "nixyard" {
-					if log, err := os.ReadFile(d.LogPath); err == nil {
+					if log, err := os.ReadFile(d.LogPath); err != nil {
+						setErr(ways, spec.Name, err)
+					} else {
 						way = store.LastDurableWay(string(log))
 					}
 					if way == "" {
