@@ -31,7 +31,7 @@ type OutputLocks struct {
 	s      *Store
 	locks  map[storepath.Path]*pathLock
 	rooted []storepath.Path
-	epoch  uint64 // Store.syncEpoch before the build wrote anything
+	epoch  uint64 // Store.syncEpoch once locked, before the build writes anything
 }
 
 // LockOutputs locks paths (in sorted order, so two builders of
@@ -39,7 +39,7 @@ type OutputLocks struct {
 // processes (a real nix-daemon on the same store takes the same locks),
 // waiting until ctx is done. Unlock releases them.
 func (s *Store) LockOutputs(ctx context.Context, paths []storepath.Path) (*OutputLocks, error) {
-	l := &OutputLocks{s: s, locks: map[storepath.Path]*pathLock{}, epoch: s.syncEpoch()}
+	l := &OutputLocks{s: s, locks: map[storepath.Path]*pathLock{}}
 	sorted := storepath.Sort(slices.Clone(paths))
 	for _, p := range slices.Compact(sorted) {
 		if err := l.lock(ctx, p); err != nil {
@@ -47,6 +47,8 @@ func (s *Store) LockOutputs(ctx context.Context, paths []storepath.Path) (*Outpu
 			return nil, err
 		}
 	}
+	// After the wait for the locks, before the build writes anything.
+	l.epoch = s.syncEpoch()
 	return l, nil
 }
 
