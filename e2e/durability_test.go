@@ -80,13 +80,46 @@ func TestDurableNextToOtherJobsData(t *testing.T) {
 
 // backgroundWritebackBytes estimates how much dirty data the kernel lets
 // accumulate before its flusher starts writing back (vm.dirty_background_*,
-// the ratio taken of MemAvailable).
+// the ratio taken of MemAvailable, or of what the test's cgroup-v2 memory
+// limit leaves, if that is less: the kernel then applies the ratio there).
 func backgroundWritebackBytes(t *testing.T) int {
 	t.Helper()
 	if b := readIntFile(t, "/proc/sys/vm/dirty_background_bytes"); b > 0 {
 		return b
 	}
-	return readIntFile(t, "/proc/sys/vm/dirty_background_ratio") * meminfoKB(t, "MemAvailable:") << 10 / 100
+	avail := meminfoKB(t, "MemAvailable:") << 10
+	if left, ok := cgroupMemoryLeft(); ok {
+		avail = min(avail, left)
+	}
+	return readIntFile(t, "/proc/sys/vm/dirty_background_ratio") * avail / 100
+}
+
+// cgroupMemoryLeft returns memory.max minus memory.current of this
+// process's cgroup-v2 group, if it has a limit.
+func cgroupMemoryLeft() (int, bool) {
+	b, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return 0, false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		rel, ok := strings.CutPrefix(line, "0::")
+		if !ok {
+			continue
+		}
+		dir := filepath.Join("/sys/fs/cgroup", rel)
+		maxB, err1 := os.ReadFile(filepath.Join(dir, "memory.max"))
+		curB, err2 := os.ReadFile(filepath.Join(dir, "memory.current"))
+		if err1 != nil || err2 != nil {
+			return 0, false
+		}
+		limit, err1 := strconv.Atoi(strings.TrimSpace(string(maxB))) // "max": no limit
+		used, err2 := strconv.Atoi(strings.TrimSpace(string(curB)))
+		if err1 != nil || err2 != nil {
+			return 0, false
+		}
+		return max(limit-used, 0), true
+	}
+	return 0, false
 }
 
 // syncFSAt syncs the file system that holds dir.
