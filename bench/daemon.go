@@ -131,33 +131,46 @@ func StartDaemon(ctx context.Context, env *Env, spec DaemonSpec, root, logPath s
 		return nil, fmt.Errorf("starting %s: %w", spec.Name, err)
 	}
 	go func() { d.done <- d.cmd.Wait() }()
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		if _, err := os.Stat(d.Socket); err == nil {
-			// A full handshake, so that readiness also proves the daemon speaks
-			// the protocol (and no daemon logs a half-open probe).
-			pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			c, err := Dial(pctx, d.Socket)
-			cancel()
-			if err == nil {
-				c.Close()
-				return d, nil
-			}
-		}
+	exited := func() error {
 		select {
 		case werr := <-d.done:
 			d.done <- werr
-			d.Stop()
-			return nil, fmt.Errorf("%s exited at start-up (%v); see %s", spec.Name, werr, logPath)
-		case <-ctx.Done():
-			d.Stop()
-			return nil, ctx.Err()
-		case <-time.After(20 * time.Millisecond):
+			return fmt.Errorf("%s exited at start-up (%v); see %s", spec.Name, werr, logPath)
+		default:
+			return nil
+		}
+	}
+	if err := awaitHandshake(ctx, d.Socket, 15*time.Second, exited); err != nil {
+		d.Stop()
+		return nil, fmt.Errorf("%s: %w; see %s", spec.Name, err, logPath)
+	}
+	return d, nil
+}
+
+// awaitHandshake dials socket until a client handshake completes (so that
+// readiness also proves the server speaks the protocol, and no server logs
+// a half-open probe), exited reports the server gone, ctx ends or timeout
+// passes.
+func awaitHandshake(ctx context.Context, socket string, timeout time.Duration, exited func() error) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		c, err := Dial(pctx, socket)
+		cancel()
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		if xerr := exited(); xerr != nil {
+			return xerr
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
 		}
 		if time.Now().After(deadline) {
-			d.Stop()
-			return nil, fmt.Errorf("%s did not open %s within 15 s; see %s", spec.Name, d.Socket, logPath)
+			return fmt.Errorf("no handshake on %s within %v: %w", socket, timeout, err)
 		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 

@@ -207,25 +207,19 @@ func StartNullServer(ctx context.Context, self, dir string, p PathInfo) (*NullSe
 		s.cmd.Wait()
 		close(s.exited)
 	}()
-	for deadline := time.Now().Add(10 * time.Second); ; {
-		pctx, cancel := context.WithTimeout(ctx, time.Second)
-		c, err := Dial(pctx, s.Socket)
-		cancel()
-		if err == nil {
-			c.Close()
-			return s, nil
-		}
+	exited := func() error {
 		select {
 		case <-s.exited:
-			return nil, fmt.Errorf("null server exited before serving: %s", s.cmd.ProcessState)
+			return fmt.Errorf("null server exited before serving: %s", s.cmd.ProcessState)
 		default:
+			return nil
 		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			s.Stop()
-			return nil, fmt.Errorf("null server did not start: %w", err)
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
+	if err := awaitHandshake(ctx, s.Socket, 10*time.Second, exited); err != nil {
+		s.Stop()
+		return nil, fmt.Errorf("null server: %w", err)
+	}
+	return s, nil
 }
 
 // Stop kills the null server and waits for it.

@@ -169,10 +169,14 @@ func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs
 				return nil, fmt.Errorf("store: moving output '%s' of '%s' into place: %w", o.Name, drvAbs, err)
 			}
 		}
-		if err := s.syncTrees([]string{dest}, info.NarSize, l.epoch); err != nil {
-			return nil, fmt.Errorf("store: output '%s' of '%s': %w", o.Name, drvAbs, err)
-		}
-		pending = append(pending, &pendingPath{info: info})
+		pending = append(pending, &pendingPath{info: info, epoch: l.epoch})
+	}
+	if len(pending) == 0 {
+		return nil, nil
+	}
+	// All outputs made durable at once, as a batch of added paths is.
+	if err := s.syncPending(pending); err != nil {
+		return nil, fmt.Errorf("store: outputs of '%s': %w", drvAbs, err)
 	}
 	if err := s.register(ctx, pending); err != nil {
 		return nil, fmt.Errorf("store: registering outputs of '%s': %w", drvAbs, err)
