@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/nixyard/nixyard/internal/pagecache"
 	"golang.org/x/sys/unix"
 )
 
@@ -52,7 +53,7 @@ func DurableCopy(ctx context.Context, src, dst string) (time.Duration, error) {
 	if err != nil {
 		return 0, fmt.Errorf("durable copy: %w", err)
 	}
-	if err := SyncFS(dst); err != nil {
+	if err := pagecache.SyncFS(dst); err != nil {
 		return 0, fmt.Errorf("durable copy: %w", err)
 	}
 	return time.Since(start), nil

@@ -2,7 +2,7 @@ package e2e
 
 import (
 	"bytes"
-	"crypto/rand"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -11,6 +11,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/nixyard/nixyard/internal/pagecache"
 	"github.com/nixyard/nixyard/internal/store"
 	"golang.org/x/sys/unix"
 )
@@ -43,12 +44,16 @@ func TestDurableNextToOtherJobsData(t *testing.T) {
 	// The other job's data: written, never synced.
 	other := filepath.Join(root, "other-job-output")
 	kb0 := sessionWriteKB(t, dev)
-	writeUnsynced(t, other, foreign)
+	if err := pagecache.WriteUnsynced(context.Background(), other, int64(foreign)); err != nil {
+		t.Fatal(err)
+	}
 	t.Cleanup(func() { os.Remove(other) })
 	kb1 := sessionWriteKB(t, dev)
 	p := oneLine(t, "nix-store --add", d.nixStore(t, "--add", src))
 	kb2 := sessionWriteKB(t, dev)
-	syncFSAt(t, root)
+	if err := pagecache.SyncFS(root); err != nil {
+		t.Fatal(err)
+	}
 	kb3 := sessionWriteKB(t, dev)
 	if early := kb1 - kb0; early > foreign>>10/4 {
 		t.Skipf("the kernel wrote back %d MB of the other job's data before the add", early>>10)
@@ -87,7 +92,11 @@ func backgroundWritebackBytes(t *testing.T) int {
 	if b := readIntFile(t, "/proc/sys/vm/dirty_background_bytes"); b > 0 {
 		return b
 	}
-	avail := meminfoKB(t, "MemAvailable:") << 10
+	mem, err := pagecache.Meminfo("MemAvailable:")
+	if err != nil {
+		t.Fatal(err)
+	}
+	avail := int(mem[0])
 	if left, ok := cgroupMemoryLeft(); ok {
 		avail = min(avail, left)
 	}
@@ -120,19 +129,6 @@ func cgroupMemoryLeft() (int, bool) {
 		return max(limit-used, 0), true
 	}
 	return 0, false
-}
-
-// syncFSAt syncs the file system that holds dir.
-func syncFSAt(t *testing.T, dir string) {
-	t.Helper()
-	f, err := os.Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := unix.Syncfs(int(f.Fd())); err != nil {
-		t.Fatalf("syncfs %s: %v", dir, err)
-	}
 }
 
 // mountScratchExt4 makes an ext4 file system of size bytes in a sparse
@@ -181,45 +177,6 @@ func mountScratchExt4(t *testing.T, image, dir string, size int64) string {
 		t.Fatal(err)
 	}
 	return filepath.Base(link)
-}
-
-// writeUnsynced writes n bytes of random data to path, without syncing.
-func writeUnsynced(t *testing.T, path string, n int) {
-	t.Helper()
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	block := make([]byte, 1<<20)
-	for written := 0; written < n; written += len(block) {
-		if _, err := rand.Read(block); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := f.Write(block); err != nil {
-			t.Fatal(err)
-		}
-	}
-}
-
-// meminfoKB returns a line of /proc/meminfo (e.g. "MemAvailable:") in kB.
-func meminfoKB(t *testing.T, field string) int {
-	t.Helper()
-	b, err := os.ReadFile("/proc/meminfo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) == 3 && f[0] == field {
-			kb, err := strconv.Atoi(f[1])
-			if err != nil {
-				t.Fatalf("/proc/meminfo: %q: %v", line, err)
-			}
-			return kb
-		}
-	}
-	t.Fatalf("/proc/meminfo has no %s line", field)
-	return 0
 }
 
 // readIntFile reads a file holding one decimal number.

@@ -5,12 +5,12 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/nixyard/nixyard/internal/pagecache"
 	"golang.org/x/sys/unix"
 )
 
@@ -155,35 +155,8 @@ func fsyncBudget(dirty func() (uint64, error), written uint64) int {
 	return int(min(fsyncMaxFiles, (d-written)/fsyncWorth))
 }
 
-// dirtyBytes is systemDirty; tests replace it.
-var dirtyBytes = systemDirty
-
-// systemDirty returns the bytes of page cache that are dirty or being
-// written back, on all file systems (/proc/meminfo).
-func systemDirty() (uint64, error) {
-	b, err := os.ReadFile("/proc/meminfo")
-	if err != nil {
-		return 0, err
-	}
-	var total uint64
-	found := 0
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) != 3 || f[2] != "kB" || (f[0] != "Dirty:" && f[0] != "Writeback:") {
-			continue
-		}
-		kb, err := strconv.ParseUint(f[1], 10, 64)
-		if err != nil {
-			return 0, fmt.Errorf("/proc/meminfo: %s: %w", f[0], err)
-		}
-		total += kb << 10
-		found++
-	}
-	if found != 2 {
-		return 0, errors.New("/proc/meminfo: no Dirty and Writeback lines")
-	}
-	return total, nil
-}
+// dirtyBytes is pagecache.Dirty; tests replace it.
+var dirtyBytes = pagecache.Dirty
 
 // errTooMany stops fsyncTrees' walk at its budget.
 var errTooMany = errors.New("too many files to fsync")

@@ -5,9 +5,12 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -34,15 +37,6 @@ func TestFsyncBudget(t *testing.T) {
 				t.Errorf("fsyncBudget(dirty %d MiB, written %d MiB) = %d, want %d", tc.dirty/mb, tc.written/mb, got, tc.want)
 			}
 		})
-	}
-}
-
-func TestSystemDirty(t *testing.T) {
-	if _, err := os.Stat("/proc/meminfo"); err != nil {
-		t.Skip("no /proc/meminfo")
-	}
-	if _, err := systemDirty(); err != nil {
-		t.Fatal(err)
 	}
 }
 
@@ -135,37 +129,66 @@ func TestSyncPendingOldestEpoch(t *testing.T) {
 	}
 }
 
-// TestStoreSyncShared: a caller that waited while a sync begun after its
-// call ran takes that sync's result; one whose call came after the last
-// sync began gets a sync of its own.
+// TestStoreSyncShared: callers that arrive while a sync runs all wait for
+// it, then share one sync of their own (begun after their calls); a caller
+// that arrives after that gets a sync of its own.
 func TestStoreSyncShared(t *testing.T) {
 	s := openAt(t, t.TempDir())
 	t.Cleanup(func() { s.Close() })
-	calls := 0
+	var calls atomic.Int32
+	inFirst, releaseFirst := make(chan struct{}), make(chan struct{})
 	prev := syncfs
 	t.Cleanup(func() { syncfs = prev })
-	syncfs = func(fd int) error { calls++; return prev(fd) }
+	syncfs = func(fd int) error {
+		if calls.Add(1) == 1 {
+			close(inFirst)
+			<-releaseFirst
+		}
+		return prev(fd)
+	}
 
-	asked := s.fsSync.begun.Load()                       // a caller arrives...
-	if err := s.syncStoreFS(s.syncEpoch()); err != nil { // ...while another syncs
-		t.Fatal(err)
+	const waiters = 4
+	errs := make(chan error, waiters+1)
+	go func() { errs <- s.syncStoreFS(s.syncEpoch()) }()
+	<-inFirst
+	for range waiters {
+		go func() { errs <- s.syncStoreFS(s.syncEpoch()) }()
 	}
-	// The first caller, having waited for the lock, finds that sync done.
-	s.fsSync.begun.Store(asked)
-	s.fsSync.done = asked + 1
+	waitForWaiters(t, waiters, "(*Store).syncStoreFS")
+	close(releaseFirst)
+	for range waiters + 1 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := calls.Load(); n != 2 {
+		t.Errorf("%d syncfs calls for one caller and %d that arrived during its sync, want 2", n, waiters)
+	}
 	if err := s.syncStoreFS(s.syncEpoch()); err != nil {
 		t.Fatal(err)
 	}
-	if calls != 1 {
-		t.Errorf("%d syncfs calls for a caller that a later sync covered, want 1", calls)
+	if n := calls.Load(); n != 3 {
+		t.Errorf("%d syncfs calls after a later caller, want 3", n)
 	}
-	s.fsSync.begun.Store(asked + 1)
-	if err := s.syncStoreFS(s.syncEpoch()); err != nil {
-		t.Fatal(err)
+}
+
+// waitForWaiters waits until n goroutines are blocked on a mutex in fn
+// (a function name as stack traces print it).
+func waitForWaiters(t *testing.T, n int, fn string) {
+	t.Helper()
+	buf := make([]byte, 1<<20)
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		blocked := 0
+		for _, g := range strings.Split(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
+			if strings.Contains(g, "[sync.Mutex.Lock") && strings.Contains(g, fn) {
+				blocked++
+			}
+		}
+		if blocked >= n {
+			return
+		}
 	}
-	if calls != 2 {
-		t.Errorf("%d syncfs calls after a new call, want 2", calls)
-	}
+	t.Fatalf("fewer than %d goroutines blocked in %s after 10 s", n, fn)
 }
 
 // reportedElsewhere makes s look as if another caller's syncfs had been

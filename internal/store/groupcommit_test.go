@@ -13,7 +13,7 @@ import (
 	"time"
 
 	"github.com/nixyard/nixyard/internal/nix/storepath"
-	"golang.org/x/sys/unix"
+	"github.com/nixyard/nixyard/internal/pagecache"
 )
 
 // holdGroup makes s look as if a group were being committed, so that
@@ -238,7 +238,7 @@ func BenchmarkSyncOnePath(b *testing.B) {
 				if how == "fsyncTrees" {
 					_, err = fsyncTrees([]string{p}, fsyncMaxFiles, noSyncfs)
 				} else {
-					err = syncFSOf(p)
+					err = pagecache.SyncFS(p)
 				}
 				if err != nil {
 					b.Fatal(err)
@@ -246,14 +246,4 @@ func BenchmarkSyncOnePath(b *testing.B) {
 			}
 		})
 	}
-}
-
-// syncFSOf syncs the whole file system that holds path.
-func syncFSOf(path string) error {
-	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_DIRECTORY, 0)
-	if err != nil {
-		return err
-	}
-	defer unix.Close(fd)
-	return unix.Syncfs(fd)
 }

@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"errors"
 	"fmt"
 	"os"
@@ -11,6 +10,7 @@ import (
 	"time"
 
 	"github.com/nixyard/nixyard/bench"
+	"github.com/nixyard/nixyard/internal/pagecache"
 	"github.com/nixyard/nixyard/internal/store"
 )
 
@@ -107,7 +107,7 @@ func (b *bencher) benchDirty(ctx context.Context) ([]*bench.Metric, error) {
 			if err := os.RemoveAll(root); err != nil {
 				return all, fmt.Errorf("removing %s: %w", root, err)
 			}
-			if err := bench.SyncFS(b.mnt); err != nil {
+			if err := pagecache.SyncFS(b.mnt); err != nil {
 				return all, err
 			}
 		}
@@ -115,11 +115,11 @@ func (b *bencher) benchDirty(ctx context.Context) ([]*bench.Metric, error) {
 			continue
 		}
 		// Last, as it writes the other job's data back.
-		if err := writeUnsynced(ctx, other, mb); err != nil {
+		if err := pagecache.WriteUnsynced(ctx, other, int64(mb)<<20); err != nil {
 			return all, err
 		}
 		t := time.Now()
-		if err := bench.SyncFS(b.mnt); err != nil {
+		if err := pagecache.SyncFS(b.mnt); err != nil {
 			return all, err
 		}
 		syncfs.Stock = append(syncfs.Stock, stockTime)
@@ -152,33 +152,10 @@ func (b *bencher) addNextToDirty(ctx context.Context, d *bench.Daemon, other str
 			return 0, err
 		}
 	}
-	if err := writeUnsynced(ctx, other, b.o.dirtyMB); err != nil {
+	if err := pagecache.WriteUnsynced(ctx, other, int64(b.o.dirtyMB)<<20); err != nil {
 		return 0, err
 	}
 	defer os.Remove(other)
 	run, err := bench.RunClient(ctx, b.env, nil, "nix-store", "--store", d.StoreURL(), "--add", src)
 	return run.Wall, err
-}
-
-// writeUnsynced writes mb MB of random data to path without syncing it.
-func writeUnsynced(ctx context.Context, path string, mb int) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	block := make([]byte, 1<<20)
-	rand.Read(block)
-	for i := 0; i < mb && err == nil; i++ {
-		if err = ctx.Err(); err == nil {
-			block[i%len(block)]++ // no two blocks alike
-			_, err = f.Write(block)
-		}
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("writing another job's data: %w", err)
-	}
-	return nil
 }

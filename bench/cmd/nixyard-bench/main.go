@@ -34,6 +34,7 @@ import (
 	"time"
 
 	"github.com/nixyard/nixyard/bench"
+	"github.com/nixyard/nixyard/internal/pagecache"
 )
 
 type options struct {
@@ -230,7 +231,7 @@ func (b *bencher) copyAll(ctx context.Context, src, storeURL string) (bench.Clie
 // their total NAR size.
 func (b *bencher) syncAndCheck(ctx context.Context, d *bench.Daemon, paths []string) (syncDur time.Duration, narBytes uint64, err error) {
 	t := time.Now()
-	if err := bench.SyncFS(b.mnt); err != nil {
+	if err := pagecache.SyncFS(b.mnt); err != nil {
 		return 0, 0, err
 	}
 	syncDur = time.Since(t)
@@ -453,7 +454,7 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 	} else {
 		defer null.Stop()
 	}
-	if err := bench.SyncFS(b.mnt); err != nil {
+	if err := pagecache.SyncFS(b.mnt); err != nil {
 		return all, err
 	}
 	// rep -1 is an untimed warm-up copy per daemon: the first copy after the
@@ -476,7 +477,7 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 				}
 				continue
 			}
-			if err := bench.SyncFS(b.mnt); err != nil {
+			if err := pagecache.SyncFS(b.mnt); err != nil {
 				return all, err
 			}
 			dcpu := newDaemonCPU(d)
@@ -491,7 +492,7 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 			busy1 := busy0
 			if err == nil {
 				t := time.Now()
-				if err = bench.SyncFS(b.mnt); err == nil {
+				if err = pagecache.SyncFS(b.mnt); err == nil {
 					syncDur = time.Since(t)
 					var berr error
 					busy1, _, berr = bench.MachineBusy()
@@ -536,7 +537,7 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 			if err := os.RemoveAll(root); err != nil {
 				return all, fmt.Errorf("removing %s: %w", root, err)
 			}
-			if err := bench.SyncFS(b.mnt); err != nil {
+			if err := pagecache.SyncFS(b.mnt); err != nil {
 				return all, err
 			}
 		}
@@ -589,7 +590,7 @@ func (b *bencher) durableCeiling(ctx context.Context, src string, rep int, stock
 	if err := os.RemoveAll(dst); err != nil {
 		return fmt.Errorf("removing %s: %w", dst, err)
 	}
-	return bench.SyncFS(b.mnt)
+	return pagecache.SyncFS(b.mnt)
 }
 
 func readTrim(path string) string {

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/nixyard/nixyard/bench"
+	"github.com/nixyard/nixyard/internal/pagecache"
 )
 
 // substFlags are the scenario's flags (registered here so the scenario
@@ -85,7 +86,7 @@ func (b *bencher) finishSubst(r *substRun) error {
 		err = fmt.Errorf("removing %s: %w", r.d.Root, rerr)
 	}
 	os.RemoveAll(r.work)
-	if serr := bench.SyncFS(b.mnt); serr != nil && err == nil {
+	if serr := pagecache.SyncFS(b.mnt); serr != nil && err == nil {
 		err = serr
 	}
 	return err
@@ -107,7 +108,7 @@ func (b *bencher) withSubstDaemon(ctx context.Context, spec bench.DaemonSpec, c 
 			logf("stopping %s: %v", spec.Name, err)
 		}
 	}()
-	if err := bench.SyncFS(b.mnt); err != nil {
+	if err := pagecache.SyncFS(b.mnt); err != nil {
 		return err
 	}
 	c.srv.Reset()
@@ -359,7 +360,7 @@ func (b *bencher) substConcurrent(ctx context.Context, spec bench.DaemonSpec, c 
 		// clients cost with nothing to fetch. The store is synced first,
 		// as before the one-client warm runs: the stock daemon leaves
 		// its writeback to be done.
-		if err := bench.SyncFS(r.d.Root); err != nil {
+		if err := pagecache.SyncFS(r.d.Root); err != nil {
 			return err
 		}
 		c.srv.Reset()
