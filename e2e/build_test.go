@@ -406,3 +406,35 @@ func equalSorted(a, b []string) bool {
 	sort.Strings(b)
 	return strings.Join(a, "\n") == strings.Join(b, "\n")
 }
+
+// TestTimerSlack: the daemon's threads run with a wide timer slack (see
+// internal/timerslack); its builders get back what the daemon started with.
+func TestTimerSlack(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	inherited := readTrimmed(t, "/proc/self/timerslack_ns") // the daemon's parent's
+	args := b.expr(t, "slack", `mk { name = "slack"; script = "cat /proc/self/timerslack_ns > $out"; }`)
+	out := oneLine(t, "nix-build", b.nixBuild(append(args, "--no-out-link")...).ok(t))
+	if got := readTrimmed(t, b.realPath(out)); got != inherited {
+		t.Errorf("the builder's timer slack is %s ns, want the %s ns the daemon started with", got, inherited)
+	}
+	tids, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", b.proc.Process.Pid))
+	if err != nil || len(tids) == 0 {
+		t.Fatalf("the daemon's threads: %v, %v", tids, err)
+	}
+	for _, tid := range tids {
+		// Only /proc/TID has timerslack_ns, not /proc/PID/task/TID.
+		if got := readTrimmed(t, "/proc/"+tid.Name()+"/timerslack_ns"); got != "1000000" {
+			t.Errorf("daemon thread %s: %s ns, want 1000000", tid.Name(), got)
+		}
+	}
+}
+
+func readTrimmed(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}

@@ -15,6 +15,7 @@ import (
 	"github.com/nixyard/nixyard/internal/daemon"
 	"github.com/nixyard/nixyard/internal/realise"
 	"github.com/nixyard/nixyard/internal/store"
+	"github.com/nixyard/nixyard/internal/timerslack"
 )
 
 const version = "0.1.0"
@@ -117,6 +118,9 @@ func runDaemon(ctx context.Context, args []string) error {
 		return err
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: opts.logLevel}))
+	if err := timerslack.Widen(timerslack.Daemon); err != nil {
+		logger.Debug("keeping the inherited timer slack", "err", err)
+	}
 	layout := config.NewLayout(opts.root, os.Getenv)
 	settings, err := config.Load(layout.ConfDir, os.Getenv)
 	if err != nil {

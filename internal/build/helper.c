@@ -422,6 +422,9 @@ __attribute__((constructor)) static void nixyard_build_helper(int argc, char **a
 	s.gid = nyb_num();
 	s.host_uid = nyb_num();
 	s.host_gid = nyb_num();
+	long slack = nyb_num();
+	if (slack > 0) // for the builder and every process of the sandbox
+		prctl(PR_SET_TIMERSLACK, (unsigned long)slack, 0, 0, 0);
 	s.dir = nyb_next();
 	s.builder = nyb_next();
 	s.args = nyb_list();

@@ -26,6 +26,7 @@ import (
 	"github.com/nixyard/nixyard/internal/nix/nixbase32"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
+	"github.com/nixyard/nixyard/internal/timerslack"
 )
 
 // Fixed identities inside the sandbox (Nix's sandboxUid/sandboxGid and
@@ -107,10 +108,11 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		return fail("building '%s': %v", j.drvAbs, err)
 	}
 	j.spec = initSpec{
-		Builder: g.drv.Builder,
-		Args:    append([]string{path.Base(g.drv.Builder)}, g.drv.Args...),
-		Env:     env,
-		Dir:     j.tmpDir,
+		Builder:    g.drv.Builder,
+		Args:       append([]string{path.Base(g.drv.Builder)}, g.drv.Args...),
+		Env:        env,
+		Dir:        j.tmpDir,
+		TimerSlack: timerslack.Inherited(),
 	}
 	if j.sandbox {
 		if err := j.prepareChroot(&j.spec); err != nil {

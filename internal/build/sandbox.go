@@ -43,6 +43,9 @@ type initSpec struct {
 	Builder              string
 	Args                 []string // argv, argv[0] included
 	Env                  []string
+	// TimerSlack is the builder's timer slack in nanoseconds (0: the
+	// daemon's): what the daemon started with, before it widened its own.
+	TimerSlack int
 }
 
 type bindMount struct {
@@ -71,6 +74,7 @@ func (s *initSpec) encode() ([]byte, error) {
 	num(s.GID)
 	num(s.HostUID)
 	num(s.HostGID)
+	num(s.TimerSlack)
 	str(s.Dir)
 	str(s.Builder)
 	num(len(s.Args))
@@ -93,7 +97,7 @@ func (s *initSpec) encode() ([]byte, error) {
 		str(m.Target)
 		flag(m.ReadOnly)
 	}
-	if bytes.Count(b, []byte{0}) != 15+len(s.Args)+len(s.Env)+len(s.Inputs)+3*len(s.Binds) {
+	if bytes.Count(b, []byte{0}) != 16+len(s.Args)+len(s.Env)+len(s.Inputs)+3*len(s.Binds) {
 		return nil, errors.New("an argument, environment variable or path of the builder contains a NUL byte")
 	}
 	return b, nil
