@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -44,7 +43,7 @@ func TestDurableNextToOtherJobsData(t *testing.T) {
 	// The other job's data: written, never synced.
 	other := filepath.Join(root, "other-job-output")
 	kb0 := sessionWriteKB(t, dev)
-	if err := pagecache.WriteUnsynced(context.Background(), other, int64(foreign)); err != nil {
+	if err := pagecache.WriteUnsynced(t.Context(), other, int64(foreign)); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.Remove(other) })

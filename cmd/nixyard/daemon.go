@@ -119,7 +119,7 @@ func runDaemon(ctx context.Context, args []string) error {
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: opts.logLevel}))
 	if err := timerslack.Widen(timerslack.Daemon); err != nil {
-		logger.Debug("keeping the inherited timer slack", "err", err)
+		logger.Info("keeping the inherited timer slack", "err", err)
 	}
 	layout := config.NewLayout(opts.root, os.Getenv)
 	settings, err := config.Load(layout.ConfDir, os.Getenv)

@@ -61,8 +61,8 @@ func Dirty() (uint64, error) {
 	return v[0] + v[1], nil
 }
 
-// SyncFS writes the file system that holds dir to stable storage
-// (syncfs(2)).
+// SyncFS writes the file system that holds the directory dir to stable
+// storage (syncfs(2)).
 func SyncFS(dir string) error {
 	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_DIRECTORY, 0)
 	if err != nil {

@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -137,8 +138,12 @@ func TestStoreSyncShared(t *testing.T) {
 	t.Cleanup(func() { s.Close() })
 	var calls atomic.Int32
 	inFirst, releaseFirst := make(chan struct{}), make(chan struct{})
+	var release sync.Once
 	prev := syncfs
-	t.Cleanup(func() { syncfs = prev })
+	t.Cleanup(func() {
+		release.Do(func() { close(releaseFirst) }) // if the test stopped early
+		syncfs = prev
+	})
 	syncfs = func(fd int) error {
 		if calls.Add(1) == 1 {
 			close(inFirst)
@@ -155,7 +160,7 @@ func TestStoreSyncShared(t *testing.T) {
 		go func() { errs <- s.syncStoreFS(s.syncEpoch()) }()
 	}
 	waitForWaiters(t, waiters, "(*Store).syncStoreFS")
-	close(releaseFirst)
+	release.Do(func() { close(releaseFirst) })
 	for range waiters + 1 {
 		if err := <-errs; err != nil {
 			t.Fatal(err)

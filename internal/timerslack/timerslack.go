@@ -1,14 +1,15 @@
 // Package timerslack widens the timer slack of the daemon's threads.
 //
 // Go's runtime has a monitor thread (sysmon) that, whenever the process
-// has just come out of idleness, sleeps for 20 µs at a time to look for
-// threads stuck in system calls. In a daemon that waits for its clients
-// and its upstreams thousands of times a second, those wake-ups and their
-// context switches were 12–17 % of nixyard's CPU in a `nix copy` and
-// 15 % in a substitution (docs/benchmarks.md). The kernel may delay a
-// thread's timed sleep by up to its timer slack (50 µs by default); with a
-// slack of 1 ms the monitor wakes about 20 times less often, while nothing
-// that nixyard times is finer than milliseconds.
+// has just come out of idleness, sleeps 20 µs at a time while it looks for
+// threads stuck in system calls. In a cold substitution its sleeps were
+// half of the daemon's context switches and about 15 % of its CPU
+// (docs/benchmarks.md). The kernel may stretch a thread's timed sleep by
+// up to its timer slack, 50 µs by default; with 1 ms the monitor wakes
+// less often, and a substitution got faster. The price is paid by the Go
+// runtime's own short waits (a P taken back from a thread stuck in a
+// system call, timers) and by nothing of nixyard's: its timeouts are
+// milliseconds or more.
 //
 // The slack is inherited by child processes, so builders must get back
 // what the daemon started with: Inherited.
@@ -21,6 +22,7 @@ import (
 	"runtime"
 	"strconv"
 	"sync/atomic"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -35,25 +37,30 @@ var inherited atomic.Int64
 // before Widen, for the processes it starts; 0 if Widen has not run.
 func Inherited() int { return int(inherited.Load()) }
 
-// Widen sets the timer slack of every thread of the process to ns and
-// remembers the slack the calling thread had. Threads created afterwards
-// inherit the new slack from the threads that create them. Setting the
-// slack of the process's other threads needs CAP_SYS_NICE; without it
-// Widen changes nothing and returns an error.
+// Widen sets the timer slack of every thread of the process to ns, unless
+// it is already that wide, and remembers the slack the calling thread had
+// for Inherited. Threads created afterwards inherit the new slack from the
+// threads that create them. Setting the slack of the process's other
+// threads needs CAP_SYS_NICE; when a thread cannot be changed, Widen puts
+// back the slack it started with and returns an error.
 func Widen(ns int) error {
-	// The calling thread is the one whose slack is read, and the one whose
-	// change is undone if another's cannot be made.
+	// The calling thread is the one whose slack is read.
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	cur, err := unix.PrctlRetInt(unix.PR_GET_TIMERSLACK, 0, 0, 0, 0)
 	if err != nil {
 		return fmt.Errorf("timer slack: %w", err)
 	}
+	inherited.CompareAndSwap(0, int64(cur))
+	if cur >= ns {
+		return nil
+	}
 	if err := setAll(ns); err != nil {
-		unix.Prctl(unix.PR_SET_TIMERSLACK, uintptr(cur), 0, 0, 0)
+		if uerr := setAll(cur); uerr != nil {
+			err = errors.Join(err, fmt.Errorf("putting the slack back: %w", uerr))
+		}
 		return err
 	}
-	inherited.CompareAndSwap(0, int64(cur))
 	return nil
 }
 
@@ -69,7 +76,8 @@ func setAll(ns int) error {
 		for _, t := range tids {
 			// timerslack_ns is not in /proc/self/task/TID, but /proc/TID
 			// reaches any thread, though only leaders are listed there.
-			if err := writeProc("/proc/"+t.Name()+"/timerslack_ns", strconv.Itoa(ns)); err != nil && !errors.Is(err, os.ErrNotExist) { // a thread that has exited
+			err := writeProc("/proc/"+t.Name()+"/timerslack_ns", strconv.Itoa(ns))
+			if err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, syscall.ESRCH) { // a thread that has exited
 				return fmt.Errorf("timer slack of thread %s: %w", t.Name(), err)
 			}
 		}

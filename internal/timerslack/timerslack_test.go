@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -15,7 +16,16 @@ import (
 func TestWiden(t *testing.T) {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	before := threadSlack(t, fmt.Sprintf("/proc/%d/timerslack_ns", unix.Gettid()))
+	before := readSlack(t, unix.Gettid())
+	if before >= Daemon {
+		t.Skipf("the test runs with a slack of %d ns already", before)
+	}
+	t.Cleanup(func() {
+		if err := setAll(before); err != nil {
+			t.Error(err)
+		}
+		inherited.Store(0)
+	})
 	if err := Widen(Daemon); errors.Is(err, os.ErrPermission) {
 		t.Skipf("no CAP_SYS_NICE: %v", err)
 	} else if err != nil {
@@ -24,8 +34,15 @@ func TestWiden(t *testing.T) {
 	if got := Inherited(); got != before {
 		t.Errorf("Inherited() = %d, want %d", got, before)
 	}
-	// A thread made afterwards: a goroutine locked to its thread and kept
-	// there makes the runtime start others.
+	old := threads(t)
+	for tid := range old {
+		if got := readSlack(t, tid); got != Daemon {
+			t.Errorf("thread %d: %d ns, want %d", tid, got, Daemon)
+		}
+	}
+
+	// A thread made afterwards inherits the slack: goroutines locked to
+	// their threads and kept there make the runtime start more.
 	done := make(chan struct{})
 	defer close(done)
 	for range 4 {
@@ -34,21 +51,69 @@ func TestWiden(t *testing.T) {
 			<-done
 		}()
 	}
-	runtime.Gosched()
-	tids, err := os.ReadDir("/proc/self/task")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, tid := range tids {
-		if got := threadSlack(t, "/proc/"+tid.Name()+"/timerslack_ns"); got != Daemon {
-			t.Errorf("thread %s: %d ns, want %d", tid.Name(), got, Daemon)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		fresh := 0
+		for tid := range threads(t) {
+			if !old[tid] {
+				fresh++
+				if got := readSlack(t, tid); got != Daemon {
+					t.Errorf("new thread %d: %d ns, want %d", tid, got, Daemon)
+				}
+			}
+		}
+		if fresh > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no new thread after 10 s")
 		}
 	}
 }
 
-func threadSlack(t *testing.T, path string) int {
+// TestWidenKeepsWider: a process already given a wider slack keeps it.
+func TestWidenKeepsWider(t *testing.T) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	before := readSlack(t, unix.Gettid())
+	t.Cleanup(func() {
+		unix.Prctl(unix.PR_SET_TIMERSLACK, uintptr(before), 0, 0, 0)
+		inherited.Store(0)
+	})
+	if err := unix.Prctl(unix.PR_SET_TIMERSLACK, 2*Daemon, 0, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := Widen(Daemon); err != nil {
+		t.Fatal(err)
+	}
+	if got := readSlack(t, unix.Gettid()); got != 2*Daemon {
+		t.Errorf("slack after Widen(%d): %d ns, want %d kept", Daemon, got, 2*Daemon)
+	}
+	if got := Inherited(); got != 2*Daemon {
+		t.Errorf("Inherited() = %d, want %d", got, 2*Daemon)
+	}
+}
+
+// threads returns the IDs of the process's threads.
+func threads(t *testing.T) map[int]bool {
 	t.Helper()
-	b, err := os.ReadFile(path)
+	ents, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tids := map[int]bool{}
+	for _, e := range ents {
+		tid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			t.Fatal(err)
+		}
+		tids[tid] = true
+	}
+	return tids
+}
+
+func readSlack(t *testing.T, tid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/timerslack_ns", tid))
 	if err != nil {
 		t.Fatal(err)
 	}

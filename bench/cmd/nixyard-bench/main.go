@@ -29,7 +29,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
 	"time"
 
@@ -611,13 +610,11 @@ func cpuModel() string {
 }
 
 func memTotal() string {
-	for _, l := range strings.Split(readTrim("/proc/meminfo"), "\n") {
-		if f := strings.Fields(l); len(f) >= 2 && f[0] == "MemTotal:" {
-			kb, _ := strconv.ParseInt(f[1], 10, 64)
-			return fmt.Sprintf("%.1f GiB", float64(kb)/(1<<20))
-		}
+	v, err := pagecache.Meminfo("MemTotal:")
+	if err != nil {
+		return "?"
 	}
-	return "?"
+	return fmt.Sprintf("%.1f GiB", float64(v[0])/(1<<30))
 }
 
 func (b *bencher) report(ms []*bench.Metric, fsDesc string) string {
