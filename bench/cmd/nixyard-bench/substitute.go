@@ -333,8 +333,9 @@ func (b *bencher) substConcurrent(ctx context.Context, spec bench.DaemonSpec, c 
 		m.clientsTotal[spec.Name] += n
 		_, verr := bench.CheckValid(ctx, r.d.Socket, m.paths)
 		st := c.srv.Stats()
-		logf("rep %d: %s: %d clients: %.2f s, daemon CPU %.2f s, %d failed, closure valid: %v; server: %d NAR GETs for %d NARs (max %d per NAR), %.1f MB",
-			rep+1, spec.Name, n, wall.Seconds(), cpu.Seconds(), failed, verr == nil, st.NarGets, st.NarFiles, st.MaxNarGets, float64(st.NarBytes)/1e6)
+		logf("rep %d: %s: %d clients: %.2f s, daemon CPU %.2f s, %d failed, closure valid: %v; server: %d NAR GETs for %d NARs (max %d per NAR), %.1f MB; first narinfo GET at %.3f s, first NAR GET at %.3f s, last NAR sent at %.3f s",
+			rep+1, spec.Name, n, wall.Seconds(), cpu.Seconds(), failed, verr == nil, st.NarGets, st.NarFiles, st.MaxNarGets, float64(st.NarBytes)/1e6,
+			st.FirstNarinfo.Seconds(), st.FirstNar.Seconds(), st.LastNarDone.Seconds())
 		addSample(m.failed, spec.Name, float64(failed))
 		if verr != nil {
 			setErr(m.conc, spec.Name, fmt.Errorf("closure not valid after %d clients: %w", n, verr))
