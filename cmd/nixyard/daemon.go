@@ -119,7 +119,13 @@ func runDaemon(ctx context.Context, args []string) error {
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: opts.logLevel}))
 	if err := timerslack.Widen(timerslack.Daemon); err != nil {
-		logger.Info("keeping the inherited timer slack", "err", err)
+		// Expected when not root; as root, a container may have dropped
+		// CAP_SYS_NICE, which an operator should hear of.
+		level := slog.LevelDebug
+		if os.Geteuid() == 0 {
+			level = slog.LevelInfo
+		}
+		logger.Log(ctx, level, "keeping the inherited timer slack", "err", err)
 	}
 	layout := config.NewLayout(opts.root, os.Getenv)
 	settings, err := config.Load(layout.ConfDir, os.Getenv)

@@ -55,32 +55,48 @@ func Widen(ns int) error {
 	if cur >= ns {
 		return nil
 	}
-	if err := setAll(ns); err != nil {
-		if uerr := setAll(cur); uerr != nil {
-			err = errors.Join(err, fmt.Errorf("putting the slack back: %w", uerr))
+	changed, err := setAll(ns)
+	if err != nil {
+		for _, tid := range changed {
+			if uerr := setThread(tid, cur); uerr != nil {
+				err = errors.Join(err, fmt.Errorf("putting the slack back: %w", uerr))
+			}
 		}
 		return err
 	}
 	return nil
 }
 
-// setAll sets the timer slack of every thread of the process.
-func setAll(ns int) error {
+// setAll sets the timer slack of every thread of the process. It returns
+// the threads it changed, also when it fails.
+func setAll(ns int) (changed []string, err error) {
 	// Threads being created while the first pass runs may copy the old
 	// slack from a thread not yet changed: a second pass catches them.
 	for range 2 {
 		tids, err := os.ReadDir("/proc/self/task")
 		if err != nil {
-			return fmt.Errorf("timer slack: %w", err)
+			return changed, fmt.Errorf("timer slack: %w", err)
 		}
 		for _, t := range tids {
-			// timerslack_ns is not in /proc/self/task/TID, but /proc/TID
-			// reaches any thread, though only leaders are listed there.
-			err := writeProc("/proc/"+t.Name()+"/timerslack_ns", strconv.Itoa(ns))
-			if err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, syscall.ESRCH) { // a thread that has exited
-				return fmt.Errorf("timer slack of thread %s: %w", t.Name(), err)
+			err := setThread(t.Name(), ns)
+			if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ESRCH) { // a thread that has exited
+				continue
 			}
+			if err != nil {
+				return changed, err
+			}
+			changed = append(changed, t.Name())
 		}
+	}
+	return changed, nil
+}
+
+// setThread sets the timer slack of thread tid. timerslack_ns is not in
+// /proc/self/task/TID, but /proc/TID reaches any thread, though only
+// thread group leaders are listed there.
+func setThread(tid string, ns int) error {
+	if err := writeProc("/proc/"+tid+"/timerslack_ns", strconv.Itoa(ns)); err != nil {
+		return fmt.Errorf("timer slack of thread %s: %w", tid, err)
 	}
 	return nil
 }
