@@ -7,12 +7,14 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/nixyard/nixyard/internal/store"
+	"github.com/nixyard/nixyard/internal/timerslack"
 )
 
 func TestSandboxIsolation(t *testing.T) {
@@ -329,5 +331,32 @@ func TestJoinRunningBuild(t *testing.T) {
 	}
 	if !slices.Equal(second.started, []string{drv}) || second.finished[drv] != nil || len(second.finished) != 1 {
 		t.Errorf("second caller: started %q, finished %v; want the joined build's start and end", second.started, second.finished)
+	}
+}
+
+// TestBuilderTimerSlack: a daemon that widened its timer slack gives its
+// builders back the slack it started with, sandboxed (the helper's child)
+// or not (the helper itself execs the builder).
+func TestBuilderTimerSlack(t *testing.T) {
+	if err := timerslack.Widen(timerslack.Daemon); err != nil {
+		t.Skipf("cannot widen this process's timer slack: %v", err)
+	}
+	want := timerslack.Inherited()
+	if want >= timerslack.Daemon {
+		t.Skipf("the test runs with a slack of %d ns already", want)
+	}
+	for _, tc := range []struct {
+		name string
+		env  func(testing.TB) *testEnv
+		mode string
+	}{{"sandboxed", newChrootEnv, SandboxOn}, {"unsandboxed", newPlainEnv, SandboxOff}} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := tc.env(t)
+			drvs := e.instantiate(`{ slack = mk { name = "slack"; script = "cat /proc/self/timerslack_ns > $out"; }; }`, "slack")
+			res := e.mustBuild(e.builder(Config{Sandbox: tc.mode}), out(drvs["slack"]))
+			if got := strings.TrimSpace(e.readOut(res[0].BuiltOutputs["out"], "")); got != strconv.Itoa(want) {
+				t.Errorf("the builder's timer slack: %s ns, want %d", got, want)
+			}
+		})
 	}
 }
