@@ -121,6 +121,7 @@ func (b *bencher) withSubstDaemon(ctx context.Context, spec bench.DaemonSpec, c 
 type substMetrics struct {
 	rate, wall, durable, warm, cpu    map[string]*bench.Metric // by compression (warm: zstd only)
 	conc, concRatio, failed, maxGets  *bench.Metric
+	concFloor                         *bench.Metric
 	concCPURatio, concClientCPU       *bench.Metric
 	concWarm                          *bench.Metric
 	clientCPU                         *bench.Metric
@@ -133,7 +134,7 @@ type substMetrics struct {
 func (m *substMetrics) list() []*bench.Metric {
 	return []*bench.Metric{
 		m.rate["zstd"], m.rate["xz"], m.wall["zstd"], m.wall["xz"], m.cpu["zstd"], m.cpu["xz"], m.clientCPU, m.durable["zstd"],
-		m.singleGets, m.conc, m.concRatio, m.concCPURatio, m.concClientCPU, m.concWarm, m.failed, m.maxGets, m.getsPerNar, m.fetchedMB, m.warm["zstd"],
+		m.singleGets, m.conc, m.concRatio, m.concFloor, m.concCPURatio, m.concClientCPU, m.concWarm, m.failed, m.maxGets, m.getsPerNar, m.fetchedMB, m.warm["zstd"],
 	}
 }
 
@@ -193,6 +194,8 @@ func (b *bencher) benchSubstitute(ctx context.Context, fsDesc string) (string, e
 	n := so.clients
 	m.conc = &bench.Metric{Name: fmt.Sprintf("%d clients at once, zstd: wall time", n), Unit: "s"}
 	m.concRatio = &bench.Metric{Name: fmt.Sprintf("%d clients: wall time / one client's", n), Unit: "ratio", Target: "≤ 1.2 (absolute)"}
+	m.concFloor = &bench.Metric{Name: fmt.Sprintf("ceiling: %d clients / one for a daemon that costs nothing per client: "+
+		"(one client's time + what %d `nix-store --version` at once take over one) / one client's time", n, n), Unit: "ratio"}
 	m.concCPURatio = &bench.Metric{Name: fmt.Sprintf("%d clients: daemon CPU time / one client's", n), Unit: "ratio"}
 	m.concClientCPU = &bench.Metric{Name: fmt.Sprintf("%d clients: CPU time of the %d nix-store processes", n, n), Unit: "s"}
 	m.concWarm = &bench.Metric{Name: fmt.Sprintf("%d clients at once, closure already valid (warm): wall time", n), Unit: "s"}
@@ -344,6 +347,12 @@ func (b *bencher) substConcurrent(ctx context.Context, spec bench.DaemonSpec, c 
 		addSample(m.conc, spec.Name, wall.Seconds())
 		if s := single[spec.Name]; s > 0 {
 			addSample(m.concRatio, spec.Name, wall.Seconds()/s)
+			if extra, err := b.startupExtra(rctx, n); err != nil {
+				setErr(m.concFloor, spec.Name, err)
+			} else {
+				logf("rep %d: %s: %d nix-store --version at once take %.3f s more than one", rep+1, spec.Name, n, extra.Seconds())
+				addSample(m.concFloor, spec.Name, (s+extra.Seconds())/s)
+			}
 		}
 		if s := singleCPU[spec.Name]; s > 0 && cpuErr == nil {
 			addSample(m.concCPURatio, spec.Name, cpu.Seconds()/s)
@@ -380,6 +389,41 @@ func (b *bencher) substConcurrent(ctx context.Context, spec bench.DaemonSpec, c 
 		addSample(m.fetchedMB, spec.Name, float64(st.NarBytes)/1e6)
 		return nil
 	})
+}
+
+// startupExtra returns how much longer n nix-store processes that only
+// start and exit (--version) take at once than one does, the median of 3
+// tries: what n clients cost on this machine before any daemon is asked.
+func (b *bencher) startupExtra(ctx context.Context, n int) (time.Duration, error) {
+	at := func(k int) (time.Duration, error) {
+		start := time.Now()
+		errs := make(chan error, k)
+		for range k {
+			go func() {
+				_, err := bench.RunClient(ctx, b.env, nil, "nix-store", "--version")
+				errs <- err
+			}()
+		}
+		var err error
+		for range k {
+			err = errors.Join(err, <-errs)
+		}
+		return time.Since(start), err
+	}
+	var extras []time.Duration
+	for range 3 {
+		one, err := at(1)
+		if err != nil {
+			return 0, err
+		}
+		many, err := at(n)
+		if err != nil {
+			return 0, err
+		}
+		extras = append(extras, many-one)
+	}
+	slices.Sort(extras)
+	return extras[1], nil
 }
 
 // realiseConcurrently starts n clients at once realising roots, each with
