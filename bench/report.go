@@ -13,10 +13,13 @@ type Metric struct {
 	Unit         string
 	HigherBetter bool   // req/s, MB/s; false for times
 	Target       string // e.g. "≥ 2×"; "" if informational
-	Stock        []float64
-	Nixyard      []float64
-	StockErr     error
-	NixyardErr   error
+	// NoSpeedup leaves the speed-up columns empty, for a row whose two
+	// columns are each measured against their own daemon.
+	NoSpeedup  bool
+	Stock      []float64
+	Nixyard    []float64
+	StockErr   error
+	NixyardErr error
 }
 
 // Median returns the median of xs (the mean of the middle two for an even
@@ -110,8 +113,8 @@ func Table(ms []*Metric) string {
 	b.WriteString("| measurement | nix-daemon 2.8.0 | nixyard | nixyard speed-up | paired speed-up | target |\n")
 	b.WriteString("|---|---:|---:|---:|---:|---|\n")
 	for _, m := range ms {
-		ratio := "–"
-		if r := m.Speedup(); r > 0 {
+		ratio, paired := "–", "–"
+		if r := m.Speedup(); r > 0 && !m.NoSpeedup {
 			ratio = fmt.Sprintf("%.2f×", r)
 			if m.Target != "" {
 				var want float64
@@ -123,8 +126,7 @@ func Table(ms []*Metric) string {
 				}
 			}
 		}
-		paired := "–"
-		if r := m.PairedSpeedup(); r > 0 {
+		if r := m.PairedSpeedup(); r > 0 && !m.NoSpeedup {
 			paired = fmt.Sprintf("%.2f×", r)
 		}
 		target := m.Target

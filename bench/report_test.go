@@ -2,6 +2,7 @@ package bench
 
 import (
 	"errors"
+	"strings"
 	"testing"
 )
 
@@ -25,5 +26,19 @@ func TestPairedSpeedup(t *testing.T) {
 	uneven := &Metric{Stock: []float64{2, 4}, Nixyard: []float64{1}}
 	if got := uneven.PairedSpeedup(); got != 0 {
 		t.Errorf("uneven counts: paired speed-up %v, want none", got)
+	}
+}
+
+// TestTableNoSpeedup: a row measured against each daemon's own baseline
+// shows no speed-up.
+func TestTableNoSpeedup(t *testing.T) {
+	m := &Metric{Name: "ceiling", Unit: "ratio", Stock: []float64{1.08}, Nixyard: []float64{1.16}, NoSpeedup: true}
+	row := strings.Split(Table([]*Metric{m}), "\n")[2]
+	if want := "| ceiling (ratio) | 1.08 | 1.16 | – | – | (info) |"; row != want {
+		t.Errorf("row %q, want %q", row, want)
+	}
+	m.NoSpeedup = false
+	if row := strings.Split(Table([]*Metric{m}), "\n")[2]; !strings.Contains(row, "×") {
+		t.Errorf("without NoSpeedup, no speed-up in %q", row)
 	}
 }

@@ -338,6 +338,8 @@ func TestJoinRunningBuild(t *testing.T) {
 // builders back the slack it started with, sandboxed (the helper's child)
 // or not (the helper itself execs the builder).
 func TestBuilderTimerSlack(t *testing.T) {
+	// This widens the slack of the whole test process for good: the tests
+	// that run after it see 1 ms too, as in the daemon.
 	if err := timerslack.Widen(timerslack.Daemon); err != nil {
 		t.Skipf("cannot widen this process's timer slack: %v", err)
 	}

@@ -58,7 +58,7 @@ func Widen(ns int) error {
 	changed, err := setAll(ns)
 	if err != nil {
 		for _, tid := range changed {
-			if uerr := setThread(tid, cur); uerr != nil {
+			if uerr := setThread(tid, cur); uerr != nil && !exited(uerr) {
 				err = errors.Join(err, fmt.Errorf("putting the slack back: %w", uerr))
 			}
 		}
@@ -69,7 +69,8 @@ func Widen(ns int) error {
 
 // setAll sets the timer slack of every thread of the process. It returns
 // the threads it changed, also when it fails.
-func setAll(ns int) (changed []string, err error) {
+func setAll(ns int) ([]string, error) {
+	var changed []string
 	// Threads being created while the first pass runs may copy the old
 	// slack from a thread not yet changed: a second pass catches them.
 	for range 2 {
@@ -78,17 +79,20 @@ func setAll(ns int) (changed []string, err error) {
 			return changed, fmt.Errorf("timer slack: %w", err)
 		}
 		for _, t := range tids {
-			err := setThread(t.Name(), ns)
-			if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ESRCH) { // a thread that has exited
+			if err := setThread(t.Name(), ns); exited(err) {
 				continue
-			}
-			if err != nil {
+			} else if err != nil {
 				return changed, err
 			}
 			changed = append(changed, t.Name())
 		}
 	}
 	return changed, nil
+}
+
+// exited reports whether err is setThread's for a thread that has exited.
+func exited(err error) bool {
+	return errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ESRCH)
 }
 
 // setThread sets the timer slack of thread tid. timerslack_ns is not in
