@@ -121,7 +121,7 @@ func (b *bencher) withSubstDaemon(ctx context.Context, spec bench.DaemonSpec, c 
 type substMetrics struct {
 	rate, wall, durable, warm, cpu    map[string]*bench.Metric // by compression (warm: zstd only)
 	conc, concRatio, failed, maxGets  *bench.Metric
-	concCeiling                         *bench.Metric
+	concCeiling                       *bench.Metric
 	concCPURatio, concClientCPU       *bench.Metric
 	concWarm                          *bench.Metric
 	clientCPU                         *bench.Metric
