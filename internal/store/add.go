@@ -456,6 +456,9 @@ func (s *Store) flushPaths(ctx context.Context, paths []*pendingPath) error {
 // syncPending makes unpacked paths durable (syncTrees), failing them all
 // if a writeback error was reported since the first of them was written.
 func (s *Store) syncPending(paths []*pendingPath) error {
+	if len(paths) == 0 {
+		return nil
+	}
 	trees := make([]string, len(paths))
 	var written uint64
 	since := paths[0].epoch

@@ -68,7 +68,6 @@ func TestSyncTreesBothWays(t *testing.T) {
 		var log strings.Builder
 		s.log = slog.New(slog.NewTextHandler(&log, &slog.HandlerOptions{Level: slog.LevelDebug}))
 		err := s.syncTrees(trees, 100, s.syncEpoch())
-		dirtyBytes = prev
 		if err != nil {
 			t.Errorf("dirty %d: %v", dirty, err)
 		}

@@ -226,14 +226,17 @@ func (b *bencher) copyAll(ctx context.Context, src, storeURL string) (bench.Clie
 }
 
 // syncAndCheck, after a client filled d's store, times a syncfs of the
-// scratch file system, then checks that paths are valid in d and returns
-// their total NAR size.
-func (b *bencher) syncAndCheck(ctx context.Context, d *bench.Daemon, paths []string) (syncDur time.Duration, narBytes uint64, err error) {
+// scratch file system, calls afterSync (if not nil), then checks that
+// paths are valid in d and returns their total NAR size.
+func (b *bencher) syncAndCheck(ctx context.Context, d *bench.Daemon, paths []string, afterSync func()) (syncDur time.Duration, narBytes uint64, err error) {
 	t := time.Now()
 	if err := pagecache.SyncFS(b.mnt); err != nil {
 		return 0, 0, err
 	}
 	syncDur = time.Since(t)
+	if afterSync != nil {
+		afterSync()
+	}
 	narBytes, err = bench.CheckValid(ctx, d.Socket, paths)
 	return syncDur, narBytes, err
 }
@@ -490,14 +493,11 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 			// that the stock daemon's deferred writeback counts too.
 			busy1 := busy0
 			if err == nil {
-				t := time.Now()
-				if err = pagecache.SyncFS(b.mnt); err == nil {
-					syncDur = time.Since(t)
+				syncDur, narBytes, err = b.syncAndCheck(ctx, d, paths, func() {
 					var berr error
 					busy1, _, berr = bench.MachineBusy()
 					busyErr = errors.Join(busyErr, berr)
-					narBytes, err = bench.CheckValid(ctx, d.Socket, paths)
-				}
+				})
 			}
 			if cerr := dcpu.close(); cerr != nil {
 				logf("%v", cerr)

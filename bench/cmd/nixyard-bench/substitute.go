@@ -249,7 +249,7 @@ func (b *bencher) substCold(ctx context.Context, spec bench.DaemonSpec, c *subst
 		var syncDur time.Duration
 		var narBytes uint64
 		if err == nil {
-			syncDur, narBytes, err = b.syncAndCheck(ctx, r.d, m.paths)
+			syncDur, narBytes, err = b.syncAndCheck(ctx, r.d, m.paths, nil)
 		}
 		st := c.srv.Stats()
 		if ctx.Err() != nil {
