@@ -7,7 +7,9 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
+	"slices"
 	"testing"
 
 	"github.com/nixyard/nixyard/internal/nar"
@@ -122,5 +124,65 @@ func TestCompressibleContents(t *testing.T) {
 	}
 	if r := ratio(true); r < 1.6 {
 		t.Errorf("compressible contents compress only %.2f:1", r)
+	}
+}
+
+// TestWriteTrees checks the shapes WriteTrees writes (a file, an executable
+// file, a directory with a data file, a subdirectory and a symlink), their
+// total size, and that the same spec writes the same bytes.
+func TestWriteTrees(t *testing.T) {
+	spec := ExportSpec{Seed: 5, Count: 7, TotalBytes: 7 * 3000, Name: "t"}
+	dump := func() [][]byte {
+		names, err := WriteTrees(context.Background(), t.TempDir(), spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(names) != spec.Count {
+			t.Fatalf("%d entries, want %d", len(names), spec.Count)
+		}
+		nars := make([][]byte, len(names))
+		for i, name := range names {
+			var b bytes.Buffer
+			if err := nar.DumpPath(&b, name); err != nil {
+				t.Fatal(err)
+			}
+			nars[i] = b.Bytes()
+		}
+		return nars
+	}
+	first, second := dump(), dump()
+	var total int64
+	for i, n := range first {
+		if !bytes.Equal(n, second[i]) {
+			t.Errorf("entry %d: same spec, different contents", i)
+		}
+		var got []string
+		nr := nar.NewReader(bytes.NewReader(n))
+		for {
+			h, err := nr.Next()
+			if errors.Is(err, io.EOF) {
+				break
+			}
+			if err != nil {
+				t.Fatalf("entry %d: NAR: %v", i, err)
+			}
+			total += h.Size
+			got = append(got, fmt.Sprintf("%s:%v:%v:%s", h.Path, h.Type, h.Executable, h.LinkTarget))
+		}
+		var want []string
+		switch {
+		case i%2 == 1:
+			want = []string{fmt.Sprintf(":%v:false:", nar.TypeDirectory), fmt.Sprintf("data:%v:false:", nar.TypeRegular),
+				fmt.Sprintf("lib:%v:false:", nar.TypeDirectory), fmt.Sprintf("lib/info:%v:false:", nar.TypeRegular),
+				fmt.Sprintf("link:%v:false:data", nar.TypeSymlink)}
+		default:
+			want = []string{fmt.Sprintf(":%v:%v:", nar.TypeRegular, i%3 == 0)}
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("entry %d: %q, want %q", i, got, want)
+		}
+	}
+	if avg := total / int64(spec.Count); avg < 1500 || avg > 4500 {
+		t.Errorf("average size %d, want about 3000", avg)
 	}
 }

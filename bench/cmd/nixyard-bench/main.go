@@ -429,6 +429,20 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 		return nil, err
 	}
 	paths := pathsOf(infos)
+	// The same shapes and sizes as content-addressed paths, as `nix-store
+	// --add` and fixed-output builds make them: the stock daemon hashes
+	// each of these twice (the NAR, then the path again from disk for its
+	// CA), nixyard once.
+	caSrc := filepath.Join(b.mnt, "src-ca")
+	start := time.Now()
+	caPaths, err := bench.AddSource(ctx, b.env, caSrc, bench.ExportSpec{
+		Seed: 4, Count: o.copyPaths, TotalBytes: o.copyMB * 1e6, Name: "ca",
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(caSrc)
+	logf("source store %s: %d content-addressed paths added in %.1f s", caSrc, len(caPaths), time.Since(start).Seconds())
 	wall := &bench.Metric{Name: fmt.Sprintf("nix copy of %d paths into an empty store: wall time", len(paths)), Unit: "s", Target: "≥ 1.2×"}
 	rate := &bench.Metric{Name: "nix copy: throughput (NAR bytes / wall time)", Unit: "MB/s", HigherBetter: true, Target: "≥ 1.2×"}
 	durable := &bench.Metric{Name: "nix copy, then syncfs: wall time", Unit: "s"}
@@ -447,8 +461,10 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 	// The least time the client takes to send the upload: a copy into
 	// the null server, which drops it.
 	nullCeiling := &bench.Metric{Name: "ceiling: nix copy into a null server (drops the upload) in nixyard's column", Unit: "s"}
+	caWall := &bench.Metric{Name: fmt.Sprintf("nix copy of %d content-addressed paths (as nix-store --add makes them, same sizes) into an empty store: wall time", len(caPaths)), Unit: "s"}
+	caCPU := &bench.Metric{Name: "nix copy of the content-addressed paths: daemon CPU time", Unit: "s"}
 	daemonMetrics := []*bench.Metric{wall, rate, durable, cpu, clientCPU, machineCPU, cpuBound}
-	all := append(daemonMetrics, ceiling, nullCeiling)
+	all := append(daemonMetrics, ceiling, nullCeiling, caWall, caCPU)
 	null, err := b.startNullServer(ctx, infos[0])
 	if err != nil {
 		logf("null server: %v", err)
@@ -470,45 +486,11 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 			if failed[spec.Name] {
 				continue
 			}
-			root := filepath.Join(b.mnt, fmt.Sprintf("c-%s-%d", spec.Name, rep+1))
-			d, err := b.start(ctx, spec, root)
-			if err != nil {
-				logf("%s: %v", spec.Name, err)
-				for _, m := range daemonMetrics {
-					setErr(m, spec.Name, err)
-				}
-				continue
-			}
-			if err := pagecache.SyncFS(b.mnt); err != nil {
-				return all, err
-			}
-			dcpu := newDaemonCPU(d)
-			busy0, ncpu, busyErr := bench.MachineBusy()
-			run, err := b.copyAll(ctx, src, d.StoreURL())
-			dur := run.Wall
-			cpuDur, cpuErr := dcpu.since(0)
-			var syncDur time.Duration
-			var narBytes uint64
-			// The machine's busy time runs to the end of the syncfs, so
-			// that the stock daemon's deferred writeback counts too.
-			busy1 := busy0
-			if err == nil {
-				syncDur, narBytes, err = b.syncAndCheck(ctx, d, paths, func() {
-					var berr error
-					busy1, _, berr = bench.MachineBusy()
-					busyErr = errors.Join(busyErr, berr)
-				})
-			}
-			if cerr := dcpu.close(); cerr != nil {
-				logf("%v", cerr)
-			}
-			if serr := b.stop(d); serr != nil {
-				logf("stopping %s: %v", spec.Name, serr)
-			}
-			if err != nil {
-				if ctx.Err() != nil {
-					return all, ctx.Err()
-				}
+			c, err := b.timedCopy(ctx, spec, src, fmt.Sprintf("c-%s-%d", spec.Name, rep+1), paths)
+			switch {
+			case ctx.Err() != nil:
+				return all, ctx.Err()
+			case err != nil:
 				logf("rep %d: %s: nix copy: %v", rep+1, spec.Name, err)
 				for _, m := range daemonMetrics {
 					setErr(m, spec.Name, err)
@@ -516,31 +498,28 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 				if rep < 0 {
 					failed[spec.Name] = true
 				}
-			} else if rep < 0 {
-				logf("warm-up: %s: nix copy of %d paths: %.2f s (not counted)", spec.Name, len(paths), dur.Seconds())
-			} else {
-				mbps := float64(narBytes) / 1e6 / dur.Seconds()
-				addSample(wall, spec.Name, dur.Seconds())
+			case rep < 0:
+				logf("warm-up: %s: nix copy of %d paths: %.2f s (not counted)", spec.Name, len(paths), c.wall.Seconds())
+			default:
+				mbps := float64(c.narBytes) / 1e6 / c.wall.Seconds()
+				addSample(wall, spec.Name, c.wall.Seconds())
 				if spec.Name != "nixyard" {
-					stockTime = dur.Seconds()
+					stockTime = c.wall.Seconds()
 				}
 				addSample(rate, spec.Name, mbps)
-				addSample(durable, spec.Name, (dur + syncDur).Seconds())
-				sampleOrErr(cpu, spec.Name, cpuDur.Seconds(), cpuErr)
-				addSample(clientCPU, spec.Name, run.CPU.Seconds())
-				sampleOrErr(machineCPU, spec.Name, (busy1 - busy0).Seconds(), busyErr)
-				sampleOrErr(cpuBound, spec.Name, (busy1-busy0).Seconds()/float64(max(ncpu, 1)), busyErr)
+				addSample(durable, spec.Name, (c.wall + c.sync).Seconds())
+				sampleOrErr(cpu, spec.Name, c.daemonCPU.Seconds(), c.cpuErr)
+				addSample(clientCPU, spec.Name, c.clientCPU.Seconds())
+				sampleOrErr(machineCPU, spec.Name, c.busy.Seconds(), c.busyErr)
+				sampleOrErr(cpuBound, spec.Name, c.busy.Seconds()/float64(max(c.ncpu, 1)), c.busyErr)
 				logf("rep %d: %s: nix copy of %d paths, %.1f MB of NAR: %.2f s (%.1f MB/s), +syncfs %.2f s, daemon CPU %.2f s, client CPU %.2f s",
-					rep+1, spec.Name, len(paths), float64(narBytes)/1e6, dur.Seconds(), mbps, syncDur.Seconds(), cpuDur.Seconds(), run.CPU.Seconds())
-			}
-			if err := os.RemoveAll(root); err != nil {
-				return all, fmt.Errorf("removing %s: %w", root, err)
-			}
-			if err := pagecache.SyncFS(b.mnt); err != nil {
-				return all, err
+					rep+1, spec.Name, len(paths), float64(c.narBytes)/1e6, c.wall.Seconds(), mbps, c.sync.Seconds(), c.daemonCPU.Seconds(), c.clientCPU.Seconds())
 			}
 		}
-		if rep >= 0 && stockTime > 0 {
+		if rep < 0 {
+			continue
+		}
+		if stockTime > 0 {
 			if err := b.durableCeiling(ctx, src, rep, stockTime, ceiling); err != nil {
 				return all, err
 			}
@@ -548,8 +527,91 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 				b.nullCopyCeiling(ctx, src, null, rep, stockTime, nullCeiling)
 			}
 		}
+		for _, i := range b.order(rep + 1) {
+			spec := b.daemons[i]
+			if failed[spec.Name] {
+				continue
+			}
+			c, err := b.timedCopy(ctx, spec, caSrc, fmt.Sprintf("ca-%s-%d", spec.Name, rep+1), caPaths)
+			if ctx.Err() != nil {
+				return all, ctx.Err()
+			}
+			if err != nil {
+				logf("rep %d: %s: nix copy of the content-addressed paths: %v", rep+1, spec.Name, err)
+				setErr(caWall, spec.Name, err)
+				setErr(caCPU, spec.Name, err)
+				continue
+			}
+			addSample(caWall, spec.Name, c.wall.Seconds())
+			sampleOrErr(caCPU, spec.Name, c.daemonCPU.Seconds(), c.cpuErr)
+			logf("rep %d: %s: nix copy of %d content-addressed paths, %.1f MB of NAR: %.2f s, daemon CPU %.2f s",
+				rep+1, spec.Name, len(caPaths), float64(c.narBytes)/1e6, c.wall.Seconds(), c.daemonCPU.Seconds())
+		}
 	}
 	return all, nil
+}
+
+// copyRun is one timed `nix copy` into a fresh daemon (timedCopy).
+type copyRun struct {
+	wall, sync           time.Duration // the copy; the syncfs after it
+	daemonCPU, clientCPU time.Duration
+	cpuErr               error         // daemonCPU not measured
+	busy                 time.Duration // the machine's busy CPU time, to the end of the syncfs
+	ncpu                 int
+	busyErr              error // busy not measured
+	narBytes             uint64
+}
+
+// timedCopy starts spec on a fresh empty store (directory name on the
+// scratch file system), syncs the file system, copies every path of the
+// source store src into it with the real client, then times a syncfs and
+// checks that paths are valid. The daemon is stopped and its store removed
+// (and the removal synced) whatever happens.
+func (b *bencher) timedCopy(ctx context.Context, spec bench.DaemonSpec, src, name string, paths []string) (c copyRun, err error) {
+	root := filepath.Join(b.mnt, name)
+	defer func() {
+		if rerr := os.RemoveAll(root); rerr != nil {
+			err = errors.Join(err, fmt.Errorf("removing %s: %w", root, rerr))
+		}
+		err = errors.Join(err, pagecache.SyncFS(b.mnt))
+	}()
+	d, err := b.start(ctx, spec, root)
+	if err != nil {
+		return c, err
+	}
+	var dcpu *daemonCPU
+	defer func() {
+		if serr := b.stop(d); serr != nil {
+			logf("stopping %s: %v", spec.Name, serr)
+		}
+		// A cgroup can be removed only once its processes are gone.
+		if dcpu != nil {
+			if cerr := dcpu.close(); cerr != nil {
+				logf("%v", cerr)
+			}
+		}
+	}()
+	if err := pagecache.SyncFS(b.mnt); err != nil {
+		return c, err
+	}
+	dcpu = newDaemonCPU(d)
+	busy0, ncpu, busyErr := bench.MachineBusy()
+	run, err := b.copyAll(ctx, src, d.StoreURL())
+	if err != nil {
+		return c, err
+	}
+	c.wall, c.clientCPU, c.ncpu = run.Wall, run.CPU, ncpu
+	c.daemonCPU, c.cpuErr = dcpu.since(0)
+	// The machine's busy time runs to the end of the syncfs, so that the
+	// stock daemon's deferred writeback counts too.
+	busy1 := busy0
+	c.sync, c.narBytes, err = b.syncAndCheck(ctx, d, paths, func() {
+		var berr error
+		busy1, _, berr = bench.MachineBusy()
+		busyErr = errors.Join(busyErr, berr)
+	})
+	c.busy, c.busyErr = busy1-busy0, busyErr
+	return c, err
 }
 
 // nullCopyCeiling times a copy of the source store into the null server
@@ -622,8 +684,9 @@ func (b *bencher) report(ms []*bench.Metric, fsDesc string) string {
 	var s strings.Builder
 	b.writeReportHeader(&s, "stores on "+fsDesc, b.load0)
 	fmt.Fprintf(&s, "Work: QueryPathInfo on a store of %d paths, %d repetitions of %s each (after %s warm-up), connection counts %v; "+
-		"nix copy of %d paths (~%d MB of random file contents) into a fresh empty store, %d repetitions.\n\n",
-		o.qpiPaths, o.Reps, o.qpiDuration, o.qpiWarmup, o.qpiConns, o.copyPaths, o.copyMB, o.Reps)
+		"nix copy of %d paths (~%d MB of random file contents) into a fresh empty store, %d repetitions, "+
+		"and of %d content-addressed paths of the same sizes.\n\n",
+		o.qpiPaths, o.Reps, o.qpiDuration, o.qpiWarmup, o.qpiConns, o.copyPaths, o.copyMB, o.Reps, o.copyPaths)
 	if len(b.daemons) < 2 {
 		s.WriteString("**nixyard was not measured in this run (no binary given).**\n\n")
 	}
