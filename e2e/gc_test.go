@@ -148,7 +148,10 @@ func TestGarbageCollection(t *testing.T) {
 	d.nixStore(t, "--delete", dead)
 	d.assertGone(t, "after --delete", dead)
 
+	// --max-freed 0 deletes nothing (Nix collects only while maxFreed > 0);
 	// --max-freed 1 stops after the first deletion.
+	d.nixStore(t, "--gc", "--max-freed", "0")
+	d.assertValid(t, "after --gc --max-freed 0", garbage...)
 	d.nixStore(t, "--gc", "--max-freed", "1")
 	left := 0
 	for _, g := range garbage {

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math"
 	"path/filepath"
 	"slices"
 
@@ -123,10 +122,6 @@ func opCollectGarbageHandler(ctx context.Context, c *conn) error {
 	}
 	if err := c.checkJobGC(opts.Action); err != nil {
 		return err
-	}
-	if opts.MaxFreed == 0 && opts.Action == store.GCDeleteDead {
-		// Old clients send 0 for "no limit"; Nix treats 0 the same way.
-		opts.MaxFreed = math.MaxUint64
 	}
 	c.reapJobs()
 	res, err := c.st.CollectGarbage(ctx, opts, func(msg string) { c.tun.Log(lvlInfo, msg) })
