@@ -1,10 +1,13 @@
 package e2e
 
 import (
+	"bufio"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestDropIn installs the daemon the way a host would replace nix-daemon:
@@ -44,5 +47,37 @@ func TestDefaultSocket(t *testing.T) {
 	r := d.client("nix", "store", "ping").run(t)
 	if r.err != nil || !strings.Contains(r.stdout+r.stderr, "Store URL: unix://"+d.sock) {
 		t.Fatalf("ping on %s:\n%s", d.sock, r)
+	}
+}
+
+// TestSocketActivation starts the daemon as systemd's nix-daemon.socket
+// does: the socket exists and listens before the daemon runs, and the
+// daemon gets it as file descriptor 3 with LISTEN_FDS=1 and LISTEN_PID set
+// to its own pid. A client that connected while no daemon ran (the one
+// that made systemd start it) is served, and the daemon leaves the socket
+// file alone.
+func TestSocketActivation(t *testing.T) {
+	t.Parallel()
+	d := startDaemon(t, socketActivated())
+	before := inode(t, d.sock)
+	p := oneLine(t, "add", d.nixStore(t, "--add", d.file(t, "activated.txt", "socket activation")))
+
+	d.stop(t)
+	c, err := net.Dial("unix", d.sock)
+	if err != nil {
+		t.Fatalf("connecting while no daemon runs: %v", err)
+	}
+	defer c.Close()
+	d.start(t)
+	c.SetDeadline(time.Now().Add(time.Minute)) // a daemon that never accepts it fails the test
+	early := &protoConn{c: c, r: bufio.NewReader(c), w: bufio.NewWriter(c)}
+	if err := early.handshake(); err != nil {
+		t.Fatalf("handshake of the client that connected before the daemon started: %v", err)
+	}
+	if !d.isValid(t, p) {
+		t.Errorf("%s not valid after the restart", p)
+	}
+	if after := inode(t, d.sock); after != before {
+		t.Errorf("the socket file was replaced (inode %d, then %d)", before, after)
 	}
 }

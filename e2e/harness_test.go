@@ -242,6 +242,9 @@ type daemon struct {
 
 	proc   *exec.Cmd
 	exited chan struct{} // closed when proc has exited
+	// listener is the socket made for a socket-activated daemon, kept
+	// open across restarts as systemd keeps it.
+	listener *os.File
 }
 
 // daemonOpt configures startDaemon.
@@ -252,6 +255,10 @@ type daemonConfig struct {
 	asNixDaemon   bool // run the binary through a symlink named nix-daemon
 	defaultSocket bool // leave NIX_DAEMON_SOCKET_PATH unset
 	args          []string
+	// socketActivated makes the socket in the test, as systemd's
+	// nix-daemon.socket does, and passes it to the daemon as file
+	// descriptor 3 with LISTEN_FDS and LISTEN_PID.
+	socketActivated bool
 }
 
 // withDaemonArgs adds arguments to the daemon's command line.
@@ -269,6 +276,11 @@ func asNixDaemon() daemonOpt {
 // picks its socket path itself.
 func withDefaultSocket() daemonOpt {
 	return func(c *daemonConfig) { c.defaultSocket = true }
+}
+
+// socketActivated starts the daemon as systemd socket activation does.
+func socketActivated() daemonOpt {
+	return func(c *daemonConfig) { c.socketActivated = true }
 }
 
 // withConf adds lines to the daemon's nix.conf.
@@ -394,8 +406,15 @@ func (d *daemon) start(t *testing.T) {
 	}
 	defer log.Close()
 	argv := d.argv(t)
+	var extraFiles []*os.File
+	if d.cfg.socketActivated {
+		extraFiles = []*os.File{d.activationSocket(t)}
+		// systemd sets LISTEN_PID to the pid of the process it execs.
+		argv = append([]string{"/bin/sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@"`}, argv...)
+	}
 	fmt.Fprintf(log, "=== %s: %s\n", time.Now().Format(time.RFC3339Nano), shellQuote(argv))
 	x := exec.Command(argv[0], argv[1:]...)
+	x.ExtraFiles = extraFiles
 	x.Dir = d.dir
 	x.Env = d.daemonEnv()
 	x.Stdout, x.Stderr = log, log
@@ -415,6 +434,9 @@ func (d *daemon) start(t *testing.T) {
 		// A full handshake, so the daemon logs no half-open connection.
 		c, err := net.Dial("unix", d.sock)
 		if err == nil {
+			// A socket nobody accepts on (a socket-activated daemon that
+			// ignores the one it was given) must not hold the loop up.
+			c.SetDeadline(time.Now().Add(5 * time.Second))
 			p := &protoConn{c: c, r: bufio.NewReader(c), w: bufio.NewWriter(c)}
 			err = p.handshake()
 			c.Close()
@@ -433,6 +455,33 @@ func (d *daemon) start(t *testing.T) {
 			t.Fatalf("daemon %s: socket %s does not accept connections after 30s (last error %v); log:\n%s", shellQuote(argv), d.sock, err, out)
 		}
 	}
+}
+
+// activationSocket makes (once) the listening socket at d.sock that a
+// socket-activated daemon gets, as systemd's socket unit makes it (mode
+// 0666), and returns it as a file to pass on.
+func (d *daemon) activationSocket(t *testing.T) *os.File {
+	t.Helper()
+	if d.listener != nil {
+		return d.listener
+	}
+	mustMkdir(t, filepath.Dir(d.sock), 0o755)
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: d.sock, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.SetUnlinkOnClose(false)
+	if err := os.Chmod(d.sock, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	f, err := l.File()
+	l.Close() // f keeps the socket open
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.listener = f
+	t.Cleanup(func() { f.Close() })
+	return f
 }
 
 func (d *daemon) running() bool {

@@ -193,7 +193,7 @@ func runDaemon(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	logger.Info("nixyard daemon listening", "socket", layout.SocketPath, "store", layout.RealStoreDir, "version", version)
+	logger.Info("nixyard daemon listening", "socket", ls[0].Addr().String(), "store", layout.RealStoreDir, "version", version)
 	return srv.ServeAll(ctx, ls)
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"os"
 	"time"
 
 	"github.com/nixyard/nixyard/internal/config"
@@ -47,11 +48,19 @@ func parseLease(v string) (time.Duration, error) {
 }
 
 // listenAll opens the default socket (Nix's uid-based trust) and every
-// --listen socket with its policy.
+// --listen socket with its policy. Under systemd socket activation the
+// default socket is the one systemd passed, as for nix-daemon.
 func listenAll(defaultPath string, specs []daemon.ListenSpec, logger *slog.Logger) ([]daemon.Listener, error) {
-	l, err := listen(defaultPath)
-	if err != nil {
+	l, err := daemon.SystemdListener(os.Getpid())
+	switch {
+	case err != nil:
 		return nil, err
+	case l != nil:
+		logger.Info("using the socket passed by systemd", "socket", l.Addr().String())
+	default:
+		if l, err = listen(defaultPath); err != nil {
+			return nil, err
+		}
 	}
 	out := []daemon.Listener{{Listener: l}}
 	for _, s := range specs {
