@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -362,4 +363,41 @@ func TestSubstituteUntrustedClient(t *testing.T) {
 	d.client("nix-store", "-r", out, "--option", "substituters", good.URL).as(u).ok(t)
 	d.assertFixture(t, out, dep)
 	d.verifyStopped(t)
+}
+
+// TestSubstituteActivities checks the activities a lookup sends, on the
+// wire (the client prints them only in some commands): QueryMissing of a
+// path a cache has shows, for it and its reference, Nix's QueryPathInfo
+// activity ("querying info about '…' on '…'") and the narinfo's download.
+func TestSubstituteActivities(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	other := e.otherStore("src")
+	sec, pub := e.generateKey(t, "subst-test-1")
+	cacheDir := filepath.Join(e.dir, "cache")
+	out, dep := e.buildFixture(t, other, "subst-activities")
+	e.fillCache(t, other, cacheDir, "zstd", sec, out)
+	srv := cachetest.New(cacheDir)
+	defer srv.Close()
+	d := e.startDaemon(t, withConf("substituters = "+srv.URL, "trusted-public-keys = "+pub))
+
+	p := dialProto(t, d.sock)
+	p.u64(40) // QueryMissing
+	p.strs([]string{out})
+	if err := p.flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.readStderr(); err != nil {
+		t.Fatalf("QueryMissing: %v", err)
+	}
+	for _, path := range []string{out, dep} {
+		for _, want := range []string{
+			fmt.Sprintf("querying info about '%s' on '%s'", path, srv.URL),
+			fmt.Sprintf("downloading '%s/%s.narinfo'", srv.URL, filepath.Base(path)[:32]),
+		} {
+			if !slices.Contains(p.log, want) {
+				t.Errorf("no activity %q; the daemon sent:\n%s", want, strings.Join(p.log, "\n"))
+			}
+		}
+	}
 }

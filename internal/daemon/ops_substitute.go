@@ -7,6 +7,7 @@ import (
 	"github.com/nixyard/nixyard/internal/daemon/wire"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/realise"
+	"github.com/nixyard/nixyard/internal/substitute"
 )
 
 // warnFunc reports failed cache lookups to the client as warnings, as Nix
@@ -24,7 +25,9 @@ func (c *conn) querySubstitutable(ctx context.Context, ps []storepath.Path) (map
 	if err != nil {
 		return nil, err
 	}
-	infos, err := r.QuerySubstitutable(ctx, ps, c.warnFunc())
+	prog := c.newProgress()
+	infos, err := r.QuerySubstitutable(substitute.WithProgress(ctx, prog), ps, c.warnFunc())
+	prog.close()
 	if err != nil {
 		return nil, err
 	}
@@ -168,7 +171,9 @@ func opQueryMissingHandler(ctx context.Context, c *conn) error {
 	if err != nil {
 		return err
 	}
-	m, err := r.QueryMissing(ctx, targets, c.warnFunc())
+	prog := c.newProgress()
+	m, err := r.QueryMissing(substitute.WithProgress(ctx, prog), targets, c.warnFunc())
+	prog.close()
 	if err != nil {
 		return fmt.Errorf("QueryMissing: %w", err)
 	}

@@ -159,6 +159,8 @@ func (p *progress) write(e substitute.Event) {
 			id = tun.StartActivity(lvlInfo, subActCopyPath, fmt.Sprintf("copying path '%s' from '%s'", abs, e.Upstream), []field{abs, e.Upstream, "local"}, parent)
 		case substitute.ActFileTransfer:
 			id = tun.StartActivity(lvlTalkative, subActFileTransfer, fmt.Sprintf("downloading '%s'", e.URL), []field{e.URL}, parent)
+		case substitute.ActQueryPathInfo:
+			id = tun.StartActivity(lvlTalkative, subActQueryPathInfo, fmt.Sprintf("querying info about '%s' on '%s'", abs, e.Upstream), []field{abs, e.Upstream}, parent)
 		default:
 			return
 		}
@@ -186,8 +188,9 @@ func (p *progress) write(e substitute.Event) {
 // Activity and result types of substitution (§3.2), named apart from the
 // build ones.
 const (
-	subActCopyPath     = 100
-	subActFileTransfer = 101
-	subActSubstitute   = 108
-	subResProgress     = 105
+	subActCopyPath      = 100
+	subActFileTransfer  = 101
+	subActSubstitute    = 108
+	subActQueryPathInfo = 109
+	subResProgress      = 105
 )

@@ -24,6 +24,7 @@ var ErrNeedsBuild = errors.New("building is not implemented by nixyard yet")
 // store errors). prog (may be nil) sees the activities of every download
 // this call waits for and must be safe for concurrent use.
 func (r *Realiser) Realise(ctx context.Context, targets []store.DerivedPath, prog Progress) ([]Result, error) {
+	ctx = substitute.WithProgress(ctx, prog) // the lookups' activities too
 	results := make([]Result, len(targets))
 	needBuild := make([]bool, len(targets))
 	errs := make([]error, len(targets))
@@ -353,6 +354,7 @@ func (r *Realiser) SubstitutePaths(ctx context.Context, paths []storepath.Path, 
 	if r.sub == nil {
 		return nil
 	}
+	ctx = substitute.WithProgress(ctx, prog)
 	var targets []store.DerivedPath
 	for _, p := range paths {
 		if !p.IsDerivation() {

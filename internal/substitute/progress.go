@@ -1,6 +1,7 @@
 package substitute
 
 import (
+	"context"
 	"sync"
 
 	"github.com/nixyard/nixyard/internal/nix/storepath"
@@ -15,6 +16,9 @@ const (
 	ActCopyPath     ActivityType = 100 // the NAR flowing into the store; Done/Expected are NAR bytes
 	ActFileTransfer ActivityType = 101 // one download attempt; Done/Expected are bytes on the wire
 	ActSubstitute   ActivityType = 108 // the substitution of one path, parent of the other two
+	// ActQueryPathInfo is one lookup of a path's narinfo on an upstream
+	// (a cache miss of the daemon's narinfo cache); no Done/Expected.
+	ActQueryPathInfo ActivityType = 109
 )
 
 // EventKind says what happened to an activity.
@@ -123,4 +127,25 @@ func (h *hub) subscribe(p Progress) func() {
 		delete(h.subs, id)
 		h.mu.Unlock()
 	}
+}
+
+type progressKey struct{}
+
+// WithProgress returns ctx carrying p, which receives the QueryPathInfo
+// activities of the narinfo lookups made on ctx's behalf (QueryPathInfo,
+// QueryMissing, Realise), as Nix reports its lookups to the client whose
+// request made them. A lookup that other callers join reports to them too.
+// Realise and the other calls that take a Progress use theirs for lookups
+// as well.
+func WithProgress(ctx context.Context, p Progress) context.Context {
+	if p == nil {
+		return ctx
+	}
+	return context.WithValue(ctx, progressKey{}, p)
+}
+
+// progressFrom returns the Progress of WithProgress, or nil.
+func progressFrom(ctx context.Context) Progress {
+	p, _ := ctx.Value(progressKey{}).(Progress)
+	return p
 }

@@ -126,6 +126,7 @@ func (s *Substituter) walk(ctx context.Context, roots []storepath.Path, visit fu
 // first failure the remaining work of this call is cancelled (downloads
 // shared with other callers go on for them) and the errors are returned.
 func (s *Substituter) Realise(ctx context.Context, paths []storepath.Path, prog Progress) error {
+	ctx = WithProgress(ctx, prog)
 	infos := map[storepath.Path]*Info{}
 	var missing []error
 	if err := s.walk(ctx, paths, func(p storepath.Path, info *Info, err error) {
