@@ -401,3 +401,53 @@ func TestSubstituteActivities(t *testing.T) {
 		}
 	}
 }
+
+// TestKillDuringDownload kills the daemon (SIGKILL) while a NAR is half
+// downloaded: nothing of the path is registered, real Nix finds the store
+// consistent, and after a restart the same request fetches the path again
+// and succeeds.
+func TestKillDuringDownload(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	other := e.otherStore("src")
+	contents := string(randomBytes(t, 4<<20))
+	blob := writeFile(t, filepath.Join(e.dir, "blob"), contents, 0o644)
+	p := oneLine(t, "add", e.local(other, "nix-store", "--add", blob).ok(t))
+	cacheDir := filepath.Join(e.dir, "cache")
+	e.fillCache(t, other, cacheDir, "none", "", p) // content-addressed: no signature needed
+	srv := cachetest.New(cacheDir)
+	defer srv.Close()
+	narPath := narURL(t, cacheDir, p)
+	stalled := make(chan struct{})
+	srv.Inject(narPath, cachetest.Fault{StallAfter: 1 << 20, OnStall: func() { close(stalled) }})
+	d := e.startDaemon(t, withConf("substituters = "+srv.URL))
+
+	done := make(chan result, 1)
+	go func() { done <- d.nixStoreRun(t, "-r", p) }()
+	select {
+	case <-stalled:
+	case r := <-done:
+		t.Fatalf("nix-store -r ended before the download stalled:\n%s", r)
+	}
+	d.crash(t)
+	if r := <-done; r.err == nil {
+		t.Fatalf("nix-store -r succeeded although the daemon was killed mid-download:\n%s", r)
+	}
+
+	if invalid := lines(d.local(d.root, "nix-store", "--check-validity", "--print-invalid", p).ok(t)); len(invalid) != 1 {
+		t.Fatalf("%s is valid after the daemon was killed with 1 MiB of its 4 MiB downloaded", p)
+	}
+	assertVerifyClean(t, d.local(d.root, "nix-store", "--verify", "--check-contents").run(t))
+
+	d.start(t)
+	if got := oneLine(t, "realise", d.nixStore(t, "-r", p)); got != p {
+		t.Fatalf("nix-store -r printed %q, want %q", got, p)
+	}
+	if n := srv.Count(narPath); n != 2 {
+		t.Errorf("%d GETs of %s, want 2 (the stalled one, then a fresh one)", n, narPath)
+	}
+	d.verifyStopped(t)
+	if b, err := os.ReadFile(d.realPath(p)); err != nil || string(b) != contents {
+		t.Errorf("%s after the second download: %d bytes, %v; want the blob", p, len(b), err)
+	}
+}

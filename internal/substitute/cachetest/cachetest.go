@@ -1,8 +1,8 @@
 // Package cachetest serves a directory (a binary cache written by
 // `nix copy --to file://…`) over HTTP on 127.0.0.1 for tests, counting
 // requests and injecting faults: error statuses with Retry-After, a delay
-// before the first byte, a connection reset or a silent truncation after
-// some body bytes, and corrupted bodies.
+// before the first byte, a connection reset, a silent truncation or a
+// stall after some body bytes, and corrupted bodies.
 package cachetest
 
 import (
@@ -27,6 +27,11 @@ type Fault struct {
 	ResetAfter int64         // if > 0, send the full Content-Length but reset the connection (RST) after this many body bytes
 	CutAfter   int64         // if > 0, send the full Content-Length but close cleanly (FIN) after this many body bytes
 	FlipByte   int64         // if > 0, flip the bits of the body byte at offset FlipByte-1
+	// StallAfter, if > 0, sends the full Content-Length and this many body
+	// bytes, then sends nothing more until the client goes away; OnStall
+	// (if set) is called once those bytes are flushed.
+	StallAfter int64
+	OnStall    func()
 }
 
 type rule struct {
@@ -153,6 +158,16 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	if f.FlipByte > 0 && f.FlipByte <= int64(len(data)) {
 		data = append([]byte(nil), data...)
 		data[f.FlipByte-1] ^= 0xff
+	}
+	if f.StallAfter > 0 && f.StallAfter < int64(len(data)) {
+		w.Header().Set("Content-Length", strconv.Itoa(len(data)))
+		w.Write(data[:f.StallAfter])
+		http.NewResponseController(w).Flush()
+		if f.OnStall != nil {
+			f.OnStall()
+		}
+		<-r.Context().Done()
+		return
 	}
 	cut := f.ResetAfter
 	if f.CutAfter > 0 {
