@@ -81,3 +81,28 @@ func TestSocketActivation(t *testing.T) {
 		t.Errorf("the socket file was replaced (inode %d, then %d)", before, after)
 	}
 }
+
+// TestStdioForwards runs `nix-daemon --stdio` (what ssh-ng runs on the
+// remote side) as a user who may not write the store: as with Nix, it
+// forwards the client to the daemon socket, and the daemon treats the
+// user as untrusted rather than the stdio client as trusted.
+func TestStdioForwards(t *testing.T) {
+	t.Parallel()
+	d := startDaemon(t, withConf("allowed-users = *"))
+	u := d.unprivileged(t)
+	url := "ssh-ng://localhost?remote-program=" + d.nixDaemonLink(t)
+	// The remote program inherits the client's environment: the store's
+	// state directory (not writable by u) and the daemon's socket.
+	env := []string{"NIX_STATE_DIR=" + filepath.Join(d.root, "nix/var/nix"), "NIX_DAEMON_SOCKET_PATH=" + d.sock, "NIX_REMOTE=", "NIX_CONFIG=store = auto"}
+	p := oneLine(t, "add", d.cmd("nix-store", "--add", d.file(t, "fwd/forwarded.txt", "through the daemon"), "--store", url).as(u).withEnv(env...).ok(t))
+	if !d.isValid(t, p) {
+		t.Fatalf("%s, added over ssh-ng as uid %d, is not valid in the daemon", p, u.uid)
+	}
+	log, err := os.ReadFile(d.logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !useStock && !strings.Contains(string(log), "(untrusted)") {
+		t.Errorf("the daemon logged no untrusted connection; log:\n%s", log)
+	}
+}

@@ -66,6 +66,12 @@ func runMain(m *testing.M) int {
 			return 1
 		}
 		defer os.RemoveAll(dir)
+		// Tests run the binary as an unprivileged user too (ssh-ng's
+		// remote program); MkdirTemp makes the directory 0700.
+		if err := os.Chmod(dir, 0o755); err != nil {
+			fmt.Fprintf(os.Stderr, "e2e: %v\n", err)
+			return 1
+		}
 		nixyardBin = filepath.Join(dir, "nixyard")
 		build := exec.Command("go", "build", "-o", nixyardBin, "./cmd/nixyard")
 		build.Dir = ".." // the module root; go test runs in the package directory

@@ -135,6 +135,22 @@ func runDaemon(ctx context.Context, args []string) error {
 	for _, kv := range opts.overrides {
 		settings.Set(kv[0], kv[1])
 	}
+	if opts.stdio && opts.root == "" {
+		// As nix-daemon --stdio: a user who cannot write the store is
+		// forwarded to the daemon, which decides their trust.
+		remote := os.Getenv("NIX_REMOTE")
+		if remote == "" {
+			remote = "auto"
+		}
+		sock, err := daemon.StdioForwardSocket(settings.String("store", remote), layout.StateDir, layout.SocketPath)
+		if err != nil {
+			return err
+		}
+		if sock != "" {
+			logger.Debug("forwarding stdio to the daemon", "socket", sock)
+			return daemon.ForwardStdio(ctx, sock, os.Stdin, os.Stdout)
+		}
+	}
 	requireSigs, err := settings.Bool("require-sigs", true)
 	if err != nil {
 		return err
