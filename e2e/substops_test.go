@@ -1,0 +1,174 @@
+package e2e
+
+import (
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"github.com/nixyard/nixyard/internal/substitute/cachetest"
+)
+
+// Worker protocol ops that reach the substituters, sent on the wire as the
+// Nix 2.8 client would (several have no nix command that sends them here).
+const (
+	opEnsurePath                  = 10
+	opQuerySubstitutablePathInfos = 30
+	opQueryValidPaths             = 31
+	opQuerySubstitutablePaths     = 32
+	opBuildPathsWithResults       = 46
+
+	buildStatusSubstituted  = 1
+	buildStatusAlreadyValid = 2
+)
+
+// call sends what write wrote, reads the log up to STDERR_LAST and fails
+// the test on an error.
+func (p *protoConn) call(t *testing.T, what string, write func()) {
+	t.Helper()
+	write()
+	if err := p.flush(); err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	if err := p.readStderr(); err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+}
+
+func (p *protoConn) mustU64(t *testing.T, what string) uint64 {
+	t.Helper()
+	v, err := p.readU64()
+	if err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	return v
+}
+
+func (p *protoConn) mustString(t *testing.T, what string) string {
+	t.Helper()
+	s, err := p.readString()
+	if err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	return s
+}
+
+func (p *protoConn) mustStrings(t *testing.T, what string) []string {
+	t.Helper()
+	n := p.mustU64(t, what)
+	out := make([]string, n)
+	for i := range out {
+		out[i] = p.mustString(t, what)
+	}
+	return out
+}
+
+// TestSubstituteOps sends QuerySubstitutablePaths,
+// QuerySubstitutablePathInfos, QueryValidPaths with substitution,
+// EnsurePath and BuildPathsWithResults for paths a cache has, and checks
+// the replies and that the paths became valid.
+func TestSubstituteOps(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	other := e.otherStore("src")
+	sec, pub := e.generateKey(t, "subst-ops-1")
+	cacheDir := filepath.Join(e.dir, "cache")
+	var outs, deps []string
+	for _, name := range []string{"ops-valid", "ops-ensure", "ops-build"} {
+		out, dep := e.buildFixture(t, other, name)
+		e.fillCache(t, other, cacheDir, "zstd", sec, out)
+		outs, deps = append(outs, out), append(deps, dep)
+	}
+	missing := "/nix/store/" + "00000000000000000000000000000000" + "-not-in-the-cache"
+	srv := cachetest.New(cacheDir)
+	defer srv.Close()
+	d := e.startDaemon(t, withConf("substituters = "+srv.URL, "trusted-public-keys = "+pub))
+	p := dialProto(t, d.sock)
+
+	p.call(t, "QuerySubstitutablePaths", func() {
+		p.u64(opQuerySubstitutablePaths)
+		p.strs([]string{outs[0], deps[0], missing})
+	})
+	got := p.mustStrings(t, "QuerySubstitutablePaths reply")
+	slices.Sort(got)
+	want := []string{outs[0], deps[0]}
+	slices.Sort(want)
+	// nix-daemon asks only caches whose nix-cache-info says WantMassQuery
+	// (`nix copy --to file://` does not write it); nixyard asks every
+	// cache (see the README's differences).
+	if !useStock && !slices.Equal(got, want) {
+		t.Errorf("QuerySubstitutablePaths: %q, want %q", got, want)
+	}
+
+	// Since 1.22 the paths go as a map from path to content address.
+	p.call(t, "QuerySubstitutablePathInfos", func() {
+		p.u64(opQuerySubstitutablePathInfos)
+		p.u64(2)
+		p.str(outs[0])
+		p.str("")
+		p.str(missing)
+		p.str("")
+	})
+	if n := p.mustU64(t, "QuerySubstitutablePathInfos reply"); n != 1 {
+		t.Fatalf("QuerySubstitutablePathInfos: %d infos, want 1 (the missing path has none)", n)
+	}
+	path := p.mustString(t, "info path")
+	deriver := p.mustString(t, "info deriver")
+	refs := p.mustStrings(t, "info references")
+	downloadSize := p.mustU64(t, "info download size")
+	narSize := p.mustU64(t, "info NAR size")
+	if path != outs[0] || deriver == "" || !slices.Equal(refs, []string{deps[0]}) || downloadSize == 0 || narSize == 0 {
+		t.Errorf("QuerySubstitutablePathInfos: path %s, deriver %q, references %q, sizes %d/%d; want %s with a deriver, references [%s], sizes > 0",
+			path, deriver, refs, downloadSize, narSize, outs[0], deps[0])
+	}
+	if d.isValid(t, outs[0]) {
+		t.Fatalf("%s became valid from queries alone", outs[0])
+	}
+
+	// QueryValidPaths with substitute=true fetches what it can.
+	p.call(t, "QueryValidPaths", func() {
+		p.u64(opQueryValidPaths)
+		p.strs([]string{outs[0], missing})
+		p.u64(1)
+	})
+	if got := p.mustStrings(t, "QueryValidPaths reply"); !slices.Equal(got, []string{outs[0]}) {
+		t.Errorf("QueryValidPaths with substitution: %q, want [%s]", got, outs[0])
+	}
+	d.assertFixture(t, outs[0], deps[0])
+
+	p.call(t, "EnsurePath", func() {
+		p.u64(opEnsurePath)
+		p.str(outs[1])
+	})
+	if v := p.mustU64(t, "EnsurePath reply"); v != 1 {
+		t.Errorf("EnsurePath: reply %d, want 1", v)
+	}
+	d.assertFixture(t, outs[1], deps[1])
+
+	p.call(t, "BuildPathsWithResults", func() {
+		p.u64(opBuildPathsWithResults)
+		p.strs([]string{outs[2], outs[0]})
+		p.u64(0) // normal build mode
+	})
+	wantStatus := map[string]uint64{outs[2]: buildStatusSubstituted, outs[0]: buildStatusAlreadyValid}
+	n := p.mustU64(t, "BuildPathsWithResults reply")
+	if n != 2 {
+		t.Fatalf("BuildPathsWithResults: %d results, want 2", n)
+	}
+	for range n {
+		what := "BuildPathsWithResults result"
+		target := p.mustString(t, what)
+		status := p.mustU64(t, what)
+		msg := p.mustString(t, what)
+		for range 4 { // timesBuilt, isNonDeterministic, startTime, stopTime
+			p.mustU64(t, what)
+		}
+		if outputs := p.mustU64(t, what); outputs != 0 {
+			t.Errorf("%s: %d built outputs for an opaque path", target, outputs)
+		}
+		if want, ok := wantStatus[target]; !ok || status != want {
+			t.Errorf("BuildPathsWithResults: %s has status %d (%q), want %d", target, status, msg, want)
+		}
+	}
+	d.assertFixture(t, outs[2], deps[2])
+	d.verifyStopped(t)
+}
