@@ -127,8 +127,8 @@ func TestSubstituteDerivationOutputs(t *testing.T) {
 	d := e.startDaemon(t, withConf("substituters = "+srv.URL, "require-sigs = false"))
 
 	// The .drv files are instantiated into the daemon by real Nix; the
-	// outputs are not built there (nixyard has no builder plugged in yet),
-	// so success means they were substituted.
+	// outputs come from the cache (one GET of the output's NAR), not from
+	// a build.
 	expr := filepath.Join(e.dir, "fixture.nix")
 	args := []string{expr, "--argstr", "name", "subst-drv", "--argstr", "msg", e.nonce, "--arg", "bbdir", filepath.Join(e.dir, "bb")}
 	drv := oneLine(t, "instantiate", d.client("nix-instantiate", args...).ok(t))
@@ -146,8 +146,41 @@ func TestSubstituteDerivationOutputs(t *testing.T) {
 		t.Fatalf("nix-build printed %q, want %q", got, out)
 	}
 	d2.assertFixture(t, out, dep)
+	if n := srv.Count(narURL(t, cacheDir, out)); n != 2 {
+		t.Errorf("%d GETs of %s's NAR, want 2 (one per daemon)", n, out)
+	}
 	d.verifyStopped(t)
 	d2.verifyStopped(t)
+}
+
+// TestSubstituteFallback: when a cache has a derivation's output but its
+// NAR is corrupt, nix-build fails, and with --fallback it builds the
+// output instead.
+func TestSubstituteFallback(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	other := e.otherStore("src")
+	cacheDir := filepath.Join(e.dir, "cache")
+	out, dep := e.buildFixture(t, other, "subst-fallback")
+	e.fillCache(t, other, cacheDir, "none", "", out)
+	srv := cachetest.New(cacheDir)
+	defer srv.Close()
+	srv.Always(narURL(t, cacheDir, out), cachetest.Fault{FlipByte: 100})
+	d := e.startDaemon(t, withConf("substituters = "+srv.URL, "require-sigs = false"))
+
+	expr := filepath.Join(e.dir, "fixture.nix")
+	args := []string{expr, "--no-out-link", "--argstr", "name", "subst-fallback", "--argstr", "msg", e.nonce, "--arg", "bbdir", filepath.Join(e.dir, "bb")}
+	if r := d.client("nix-build", args...).run(t); r.err == nil {
+		t.Fatalf("nix-build succeeded with a corrupt NAR in the cache and no --fallback:\n%s", r)
+	}
+	if d.isValid(t, out) {
+		t.Fatalf("%s is valid after a failed substitution", out)
+	}
+	if got := oneLine(t, "nix-build --fallback", d.client("nix-build", append(args, "--fallback")...).ok(t)); got != out {
+		t.Fatalf("nix-build --fallback printed %q, want %q", got, out)
+	}
+	d.assertFixture(t, out, dep)
+	d.verifyStopped(t)
 }
 
 func TestSubstituteSignatures(t *testing.T) {
