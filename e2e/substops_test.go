@@ -8,14 +8,19 @@ import (
 	"github.com/nixyard/nixyard/internal/substitute/cachetest"
 )
 
-// Worker protocol ops that reach the substituters, sent on the wire as the
-// Nix 2.8 client would (several have no nix command that sends them here).
+// Worker protocol ops sent on the wire as the Nix 2.8 client would, for
+// the ops no nix command sends in these tests.
 const (
 	opEnsurePath                  = 10
 	opQuerySubstitutablePathInfos = 30
 	opQueryValidPaths             = 31
 	opQuerySubstitutablePaths     = 32
 	opBuildPathsWithResults       = 46
+
+	opSyncWithGC            = 13
+	opQueryDeriver          = 18
+	opQueryPathFromHashPart = 29
+	opQueryValidDerivers    = 33
 
 	buildStatusSubstituted  = 1
 	buildStatusAlreadyValid = 2
@@ -171,4 +176,53 @@ func TestSubstituteOps(t *testing.T) {
 	}
 	d.assertFixture(t, outs[2], deps[2])
 	d.verifyStopped(t)
+}
+
+// TestQueryOps sends QueryPathFromHashPart, QueryValidDerivers,
+// QueryDeriver (obsolete, still answered) and SyncWithGC on the wire,
+// about a path copied into the daemon with its .drv.
+func TestQueryOps(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	other := e.otherStore("src")
+	out, _ := e.buildFixture(t, other, "query-ops")
+	drv := oneLine(t, "deriver", e.local(other, "nix-store", "-q", "--deriver", out).ok(t))
+	d := e.startDaemon(t)
+	d.cmd("nix", "copy", "--no-check-sigs", "--from", directStore(other), "--to", d.url(), out).ok(t)
+	// `nix copy DRV` would copy its outputs; the .drv itself goes by export.
+	closure := lines(e.local(other, "nix-store", "-qR", drv).ok(t))
+	exported := e.local(other, "nix-store", append([]string{"--export"}, closure...)...).ok(t)
+	d.client("nix-store", "--import").withStdin([]byte(exported)).ok(t)
+	p := dialProto(t, d.sock)
+
+	for hashPart, want := range map[string]string{
+		filepath.Base(out)[:32]:            out,
+		"00000000000000000000000000000000": "",
+	} {
+		p.call(t, "QueryPathFromHashPart", func() {
+			p.u64(opQueryPathFromHashPart)
+			p.str(hashPart)
+		})
+		if got := p.mustString(t, "QueryPathFromHashPart reply"); got != want {
+			t.Errorf("QueryPathFromHashPart %s: %q, want %q", hashPart, got, want)
+		}
+	}
+	p.call(t, "QueryValidDerivers", func() {
+		p.u64(opQueryValidDerivers)
+		p.str(out)
+	})
+	if got := p.mustStrings(t, "QueryValidDerivers reply"); !slices.Equal(got, []string{drv}) {
+		t.Errorf("QueryValidDerivers %s: %q, want [%s]", out, got, drv)
+	}
+	p.call(t, "QueryDeriver", func() {
+		p.u64(opQueryDeriver)
+		p.str(out)
+	})
+	if got := p.mustString(t, "QueryDeriver reply"); got != drv {
+		t.Errorf("QueryDeriver %s: %q, want %q", out, got, drv)
+	}
+	p.call(t, "SyncWithGC", func() { p.u64(opSyncWithGC) })
+	if v := p.mustU64(t, "SyncWithGC reply"); v != 1 {
+		t.Errorf("SyncWithGC: reply %d, want 1", v)
+	}
 }

@@ -73,4 +73,15 @@ func TestLayout(t *testing.T) {
 	if l.StateDir != "/s" || l.SocketPath != "/sock" || l.ConfDir != "/c" {
 		t.Errorf("env layout %+v", l)
 	}
+	env = map[string]string{"NIX_STORE_DIR": "/st/", "NIX_LOG_DIR": "/logs"}
+	l = NewLayout("", func(k string) string { return env[k] })
+	if l.StoreDir != "/st" || l.RealStoreDir != "/st" || l.LogDir != "/logs" || l.StateDir != "/nix/var/nix" {
+		t.Errorf("NIX_STORE_DIR, NIX_LOG_DIR layout %+v", l)
+	}
+	// A chroot store keeps its logical store dir, under the root; its
+	// state and logs are under the root whatever the environment says.
+	l = NewLayout("/r", func(k string) string { return env[k] })
+	if l.StoreDir != "/st" || l.RealStoreDir != "/r/st" || l.LogDir != "/r/nix/var/log/nix" {
+		t.Errorf("chroot layout with NIX_STORE_DIR, NIX_LOG_DIR %+v", l)
+	}
 }
