@@ -134,9 +134,9 @@ type progressKey struct{}
 // WithProgress returns ctx carrying p, which receives the QueryPathInfo
 // activities of the narinfo lookups made on ctx's behalf (QueryPathInfo,
 // QueryMissing, Realise), as Nix reports its lookups to the client whose
-// request made them. A lookup that other callers join reports to them too.
-// Realise and the other calls that take a Progress use theirs for lookups
-// as well.
+// request made them. A caller that joins a lookup another started sees no
+// activity for it (as with a narinfo Nix finds in its cache). Realise and
+// the other calls that take a Progress use theirs for lookups as well.
 func WithProgress(ctx context.Context, p Progress) context.Context {
 	if p == nil {
 		return ctx

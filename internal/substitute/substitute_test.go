@@ -579,3 +579,55 @@ func TestSlotFreedOnceNarRead(t *testing.T) {
 		t.Errorf("slots taken after reading the NAR: %v, want [0]", st.taken)
 	}
 }
+
+// TestLookupActivities checks the QueryPathInfo activities of narinfo
+// lookups: the caller whose context carries a Progress gets a start and a
+// stop for each lookup it makes, with the narinfo's FileTransfer under it;
+// a lookup answered from the narinfo cache reports nothing.
+func TestLookupActivities(t *testing.T) {
+	srv := serve(t, fixture(t, "xz"))
+	s := newSub(t, newMemStore(), newClock(), []string{srv.URL}, nil)
+	var mu sync.Mutex
+	starts := map[ActivityType]int{}
+	open := map[uint64]bool{}
+	parents := map[uint64]uint64{}
+	types := map[uint64]ActivityType{}
+	prog := ProgressFunc(func(e Event) {
+		mu.Lock()
+		defer mu.Unlock()
+		switch e.Kind {
+		case EventStart:
+			starts[e.Type]++
+			open[e.ID] = true
+			parents[e.ID] = e.Parent
+			types[e.ID] = e.Type
+			if e.Type == ActQueryPathInfo && (e.Upstream != srv.URL || e.Path != fixRoot) {
+				t.Errorf("QueryPathInfo activity for %s on %s, want %s on %s", e.Path, e.Upstream, fixRoot, srv.URL)
+			}
+		case EventStop:
+			if !open[e.ID] {
+				t.Errorf("stop of activity %d, which did not start", e.ID)
+			}
+			delete(open, e.ID)
+		}
+	})
+	ctx := WithProgress(context.Background(), prog)
+	if _, err := s.QueryPathInfo(ctx, fixRoot); err != nil {
+		t.Fatal(err)
+	}
+	if starts[ActQueryPathInfo] != 1 || starts[ActFileTransfer] != 1 || len(open) != 0 {
+		t.Fatalf("one lookup: %d QueryPathInfo and %d FileTransfer activities, %d left open; want 1, 1, 0",
+			starts[ActQueryPathInfo], starts[ActFileTransfer], len(open))
+	}
+	for id, parent := range parents {
+		if (types[id] == ActFileTransfer) != (parent != 0) || parent != 0 && types[parent] != ActQueryPathInfo {
+			t.Errorf("activity %d (type %d) has parent %d (type %d); want the FileTransfer under the QueryPathInfo", id, types[id], parent, types[parent])
+		}
+	}
+	if _, err := s.QueryPathInfo(ctx, fixRoot); err != nil {
+		t.Fatal(err)
+	}
+	if starts[ActQueryPathInfo] != 1 {
+		t.Errorf("a cached narinfo started %d more QueryPathInfo activities", starts[ActQueryPathInfo]-1)
+	}
+}

@@ -291,18 +291,25 @@ func (s *Substituter) lookup(ctx context.Context, up *upstream, p storepath.Path
 			return e.info, nil
 		}
 	}
-	return s.infoFlights.do(ctx, key, progressFrom(ctx), func(ctx context.Context, h *hub) (_ *Info, err error) {
+	// The lookup's activities go to the caller that starts it, as Nix
+	// reports a lookup to the client it makes it for; a caller that joins
+	// it is like one that finds the narinfo cached, and sees none.
+	prog := progressFrom(ctx)
+	if prog == nil {
+		prog = ProgressFunc(func(Event) {})
+	}
+	return s.infoFlights.do(ctx, key, nil, func(ctx context.Context, _ *hub) (_ *Info, err error) {
 		// As Nix's binary cache store: a QueryPathInfo activity, and the
 		// narinfo's download as a FileTransfer activity under it.
 		rel := p.HashPart() + ".narinfo"
 		id, ftID := s.actID.Add(1), s.actID.Add(1)
-		h.emit(Event{Kind: EventStart, Type: ActQueryPathInfo, ID: id, Path: p, Upstream: up.base})
+		prog.Event(Event{Kind: EventStart, Type: ActQueryPathInfo, ID: id, Path: p, Upstream: up.base})
 		defer func() {
-			h.emit(Event{Kind: EventStop, Type: ActQueryPathInfo, ID: id, Path: p, Upstream: up.base, Err: err})
+			prog.Event(Event{Kind: EventStop, Type: ActQueryPathInfo, ID: id, Path: p, Upstream: up.base, Err: err})
 		}()
-		h.emit(Event{Kind: EventStart, Type: ActFileTransfer, ID: ftID, Parent: id, Path: p, Upstream: up.base, URL: up.urlOf(rel)})
+		prog.Event(Event{Kind: EventStart, Type: ActFileTransfer, ID: ftID, Parent: id, Path: p, Upstream: up.base, URL: up.urlOf(rel)})
 		data, err := s.readSmall(ctx, up, rel, narinfo.MaxSize)
-		h.emit(Event{Kind: EventStop, Type: ActFileTransfer, ID: ftID, Parent: id, Path: p, URL: up.urlOf(rel), Err: err})
+		prog.Event(Event{Kind: EventStop, Type: ActFileTransfer, ID: ftID, Parent: id, Path: p, URL: up.urlOf(rel), Err: err})
 		if errors.Is(err, errNotFound) {
 			s.remember(key, nil)
 			return nil, err
