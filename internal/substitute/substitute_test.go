@@ -631,3 +631,31 @@ func TestLookupActivities(t *testing.T) {
 		t.Errorf("a cached narinfo started %d more QueryPathInfo activities", starts[ActQueryPathInfo]-1)
 	}
 }
+
+// TestForbiddenIsNotThere: a 403 for a narinfo means "not there", as a
+// 404 does (S3 answers 403 for a missing key without list rights): not
+// retried, not an error, and the next upstream is asked.
+func TestForbiddenIsNotThere(t *testing.T) {
+	ca, cb := fixture(t, "zstd"), fixture(t, "xz")
+	setPriority(t, ca, "10")
+	setPriority(t, cb, "50")
+	a, b := serve(t, ca), serve(t, cb)
+	a.Always("*.narinfo", cachetest.Fault{Status: 403})
+
+	s := newSub(t, newMemStore(), newClock(), []string{a.URL, b.URL}, nil)
+	info, err := s.QueryPathInfo(context.Background(), fixRoot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Upstream != b.URL {
+		t.Errorf("info from %s, want %s (the first answered 403)", info.Upstream, b.URL)
+	}
+	if n := a.Count(fixRoot.HashPart() + ".narinfo"); n != 1 {
+		t.Errorf("%d GETs of the 403 narinfo, want 1 (not retried)", n)
+	}
+
+	only := newSub(t, newMemStore(), newClock(), []string{a.URL}, nil)
+	if _, err := only.QueryPathInfo(context.Background(), fixRoot); !errors.Is(err, ErrNotFound) {
+		t.Errorf("with only the 403 upstream: err = %v, want ErrNotFound", err)
+	}
+}
