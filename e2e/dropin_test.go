@@ -80,6 +80,7 @@ func TestSocketActivation(t *testing.T) {
 	if after := inode(t, d.sock); after != before {
 		t.Errorf("the socket file was replaced (inode %d, then %d)", before, after)
 	}
+	d.verifyStopped(t)
 }
 
 // TestStdioForwards runs `nix-daemon --stdio` (what ssh-ng runs on the

@@ -46,6 +46,16 @@ type protoConn struct {
 	w       *bufio.Writer
 	version uint64 // negotiated
 	log     []string
+	// acts are the activities started, in order; stopped holds the ids
+	// of those stopped.
+	acts    []protoActivity
+	stopped map[uint64]bool
+}
+
+// protoActivity is one STDERR_START_ACTIVITY.
+type protoActivity struct {
+	id, typ, parent uint64
+	text            string
 }
 
 // dialProto connects to the daemon socket and performs the handshake as a
@@ -186,30 +196,36 @@ func (p *protoConn) readStderr() error {
 		case stderrError:
 			return p.readError()
 		case stderrStartActivity:
-			if _, err := p.readU64(); err != nil { // id
+			var a protoActivity
+			if a.id, err = p.readU64(); err != nil {
 				return err
 			}
 			if _, err := p.readU64(); err != nil { // level
 				return err
 			}
-			if _, err := p.readU64(); err != nil { // type
+			if a.typ, err = p.readU64(); err != nil {
 				return err
 			}
-			s, err := p.readString()
-			if err != nil {
+			if a.text, err = p.readString(); err != nil {
 				return err
 			}
-			p.log = append(p.log, s)
+			p.log = append(p.log, a.text)
 			if err := p.readFields(); err != nil {
 				return err
 			}
-			if _, err := p.readU64(); err != nil { // parent
+			if a.parent, err = p.readU64(); err != nil {
 				return err
 			}
+			p.acts = append(p.acts, a)
 		case stderrStopActivity:
-			if _, err := p.readU64(); err != nil {
+			id, err := p.readU64()
+			if err != nil {
 				return err
 			}
+			if p.stopped == nil {
+				p.stopped = map[uint64]bool{}
+			}
+			p.stopped[id] = true
 		case stderrResult:
 			if _, err := p.readU64(); err != nil { // id
 				return err

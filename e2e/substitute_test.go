@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -26,6 +25,22 @@ func (e *testEnv) fillCache(t *testing.T, other, dir, compression, sec string, p
 		u += "&secret-key=" + sec
 	}
 	e.local(other, "nix", append([]string{"copy", "--to", u}, paths...)...).ok(t)
+}
+
+// cachedFixtures builds the fixtures named in a store of their own and
+// copies each closure into the file:// cache at e.dir/cache with the given
+// compression (signed with sec if set). It returns the cache directory, the
+// outputs, and each output's one reference.
+func (e *testEnv) cachedFixtures(t *testing.T, compression, sec string, names ...string) (cacheDir string, outs, deps []string) {
+	t.Helper()
+	other := e.otherStore("src")
+	cacheDir = filepath.Join(e.dir, "cache")
+	for _, name := range names {
+		out, dep := e.buildFixture(t, other, name)
+		e.fillCache(t, other, cacheDir, compression, sec, out)
+		outs, deps = append(outs, out), append(deps, dep)
+	}
+	return cacheDir, outs, deps
 }
 
 // narURL returns the URL field of p's narinfo in the cache at dir.
@@ -118,10 +133,8 @@ func TestSubstituteCompressions(t *testing.T) {
 func TestSubstituteDerivationOutputs(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	other := e.otherStore("src")
-	cacheDir := filepath.Join(e.dir, "cache")
-	out, dep := e.buildFixture(t, other, "subst-drv")
-	e.fillCache(t, other, cacheDir, "xz", "", out)
+	cacheDir, outs, deps := e.cachedFixtures(t, "xz", "", "subst-drv")
+	out, dep := outs[0], deps[0]
 	srv := cachetest.New(cacheDir)
 	defer srv.Close()
 	d := e.startDaemon(t, withConf("substituters = "+srv.URL, "require-sigs = false"))
@@ -159,10 +172,8 @@ func TestSubstituteDerivationOutputs(t *testing.T) {
 func TestSubstituteFallback(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	other := e.otherStore("src")
-	cacheDir := filepath.Join(e.dir, "cache")
-	out, dep := e.buildFixture(t, other, "subst-fallback")
-	e.fillCache(t, other, cacheDir, "none", "", out)
+	cacheDir, outs, deps := e.cachedFixtures(t, "none", "", "subst-fallback")
+	out, dep := outs[0], deps[0]
 	srv := cachetest.New(cacheDir)
 	defer srv.Close()
 	srv.Always(narURL(t, cacheDir, out), cachetest.Fault{FlipByte: 100})
@@ -405,11 +416,9 @@ func TestSubstituteUntrustedClient(t *testing.T) {
 func TestSubstituteActivities(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	other := e.otherStore("src")
 	sec, pub := e.generateKey(t, "subst-test-1")
-	cacheDir := filepath.Join(e.dir, "cache")
-	out, dep := e.buildFixture(t, other, "subst-activities")
-	e.fillCache(t, other, cacheDir, "zstd", sec, out)
+	cacheDir, outs, deps := e.cachedFixtures(t, "zstd", sec, "subst-activities")
+	out, dep := outs[0], deps[0]
 	srv := cachetest.New(cacheDir)
 	defer srv.Close()
 	d := e.startDaemon(t, withConf("substituters = "+srv.URL, "trusted-public-keys = "+pub))
@@ -423,14 +432,30 @@ func TestSubstituteActivities(t *testing.T) {
 	if err := p.readStderr(); err != nil {
 		t.Fatalf("QueryMissing: %v", err)
 	}
-	for _, path := range []string{out, dep} {
-		for _, want := range []string{
-			fmt.Sprintf("querying info about '%s' on '%s'", path, srv.URL),
-			fmt.Sprintf("downloading '%s/%s.narinfo'", srv.URL, filepath.Base(path)[:32]),
-		} {
-			if !slices.Contains(p.log, want) {
-				t.Errorf("no activity %q; the daemon sent:\n%s", want, strings.Join(p.log, "\n"))
+	const actFileTransfer, actQueryPathInfo = 101, 109
+	find := func(text string) *protoActivity {
+		for i := range p.acts {
+			if p.acts[i].text == text {
+				return &p.acts[i]
 			}
+		}
+		t.Errorf("no activity %q; the daemon sent:\n%s", text, strings.Join(p.log, "\n"))
+		return nil
+	}
+	for _, path := range []string{out, dep} {
+		q := find(fmt.Sprintf("querying info about '%s' on '%s'", path, srv.URL))
+		ft := find(fmt.Sprintf("downloading '%s/%s.narinfo'", srv.URL, filepath.Base(path)[:32]))
+		if q == nil || ft == nil {
+			continue
+		}
+		if q.typ != actQueryPathInfo || q.parent != 0 || ft.typ != actFileTransfer || ft.parent != q.id {
+			t.Errorf("%s: QueryPathInfo activity %+v, narinfo download %+v; want types %d and %d, the download under the query",
+				path, *q, *ft, actQueryPathInfo, actFileTransfer)
+		}
+		// nix-daemon's lookups end on its download thread, and the stop of
+		// the last one can come after the op has ended.
+		if !useStock && (!p.stopped[q.id] || !p.stopped[ft.id]) {
+			t.Errorf("%s: activities %d and %d not both stopped by the end of QueryMissing", path, q.id, ft.id)
 		}
 	}
 }

@@ -74,15 +74,8 @@ func (p *protoConn) mustStrings(t *testing.T, what string) []string {
 func TestSubstituteOps(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	other := e.otherStore("src")
 	sec, pub := e.generateKey(t, "subst-ops-1")
-	cacheDir := filepath.Join(e.dir, "cache")
-	var outs, deps []string
-	for _, name := range []string{"ops-valid", "ops-ensure", "ops-build"} {
-		out, dep := e.buildFixture(t, other, name)
-		e.fillCache(t, other, cacheDir, "zstd", sec, out)
-		outs, deps = append(outs, out), append(deps, dep)
-	}
+	cacheDir, outs, deps := e.cachedFixtures(t, "zstd", sec, "ops-valid", "ops-ensure", "ops-build")
 	missing := "/nix/store/" + "00000000000000000000000000000000" + "-not-in-the-cache"
 	srv := cachetest.New(cacheDir)
 	defer srv.Close()

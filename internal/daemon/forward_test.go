@@ -27,7 +27,12 @@ func TestStdioForwardSocket(t *testing.T) {
 		{uri: "auto", stateDir: missing, socket: missing, want: ""},
 		{uri: "daemon", stateDir: dir, socket: sock, want: sock},
 		{uri: "unix:///run/other.sock?root=/x", stateDir: dir, socket: sock, want: "/run/other.sock"},
+		{uri: "daemon?trusted=1", stateDir: dir, socket: sock, want: sock},
+		{uri: "auto?foo=bar", stateDir: missing, socket: sock, want: sock},
 		{uri: "local", stateDir: missing, socket: sock, want: ""},
+		{uri: "local?trusted=1", stateDir: missing, socket: sock, want: ""},
+		{uri: "local?root=/x", stateDir: missing, socket: sock, wantErr: true},
+		{uri: "/some/chroot", stateDir: missing, socket: sock, wantErr: true},
 		{uri: "ssh-ng://host", stateDir: dir, socket: sock, wantErr: true},
 	} {
 		got, err := StdioForwardSocket(tc.uri, tc.stateDir, tc.socket)

@@ -29,12 +29,9 @@ func SystemdListener(pid int) (net.Listener, error) {
 	for _, k := range []string{"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"} {
 		os.Unsetenv(k)
 	}
-	f := os.NewFile(systemdListenFD, "systemd socket")
-	if f == nil {
-		return nil, fmt.Errorf("systemd socket: file descriptor %d is not open", systemdListenFD)
-	}
 	// FileListener works on a duplicate (close-on-exec); fd 3 itself is
-	// closed so that no child inherits it.
+	// closed so that no child inherits it. A closed fd 3 fails here (EBADF).
+	f := os.NewFile(systemdListenFD, "systemd socket")
 	l, err := net.FileListener(f)
 	f.Close()
 	if err != nil {

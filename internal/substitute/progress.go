@@ -149,3 +149,25 @@ func progressFrom(ctx context.Context) Progress {
 	p, _ := ctx.Value(progressKey{}).(Progress)
 	return p
 }
+
+// callerProgress passes events to p (if not nil) until close.
+type callerProgress struct {
+	mu  sync.Mutex
+	p   Progress
+	off bool
+}
+
+// Event implements Progress.
+func (g *callerProgress) Event(e Event) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if !g.off && g.p != nil {
+		g.p.Event(e)
+	}
+}
+
+func (g *callerProgress) close() {
+	g.mu.Lock()
+	g.off = true
+	g.mu.Unlock()
+}

@@ -659,3 +659,43 @@ func TestForbiddenIsNotThere(t *testing.T) {
 		t.Errorf("with only the 403 upstream: err = %v, want ErrNotFound", err)
 	}
 }
+
+// TestLookupActivitiesJoiner: a caller that joins a lookup another caller
+// started sees none of its activities; the one that started it does.
+func TestLookupActivitiesJoiner(t *testing.T) {
+	srv := serve(t, fixture(t, "xz"))
+	narinfo := fixRoot.HashPart() + ".narinfo"
+	srv.Inject(narinfo, cachetest.Fault{Delay: 500 * time.Millisecond})
+	s := newSub(t, newMemStore(), newClock(), []string{srv.URL}, nil)
+	if _, err := s.QueryPathInfo(context.Background(), fixAll[0]); err != nil {
+		t.Fatal(err) // nix-cache-info is fetched and cached: only the narinfo is delayed
+	}
+	var starts [2]atomic.Int32
+	query := func(i int) error {
+		prog := ProgressFunc(func(e Event) {
+			if e.Kind == EventStart && e.Type == ActQueryPathInfo {
+				starts[i].Add(1)
+			}
+		})
+		_, err := s.QueryPathInfo(WithProgress(context.Background(), prog), fixRoot)
+		return err
+	}
+	first := make(chan error, 1)
+	go func() { first <- query(0) }()
+	for srv.Count(narinfo) == 0 {
+		time.Sleep(time.Millisecond) // the first lookup is under way, held by the delay
+	}
+	if err := query(1); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	if n := srv.Count(narinfo); n != 1 {
+		t.Fatalf("%d GETs of the narinfo, want 1 (the second caller joins the first lookup)", n)
+	}
+	if starts[0].Load() != 1 || starts[1].Load() != 0 {
+		t.Errorf("QueryPathInfo activities: %d for the caller that started the lookup, %d for the one that joined it; want 1 and 0",
+			starts[0].Load(), starts[1].Load())
+	}
+}

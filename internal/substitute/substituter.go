@@ -294,10 +294,11 @@ func (s *Substituter) lookup(ctx context.Context, up *upstream, p storepath.Path
 	// The lookup's activities go to the caller that starts it, as Nix
 	// reports a lookup to the client it makes it for; a caller that joins
 	// it is like one that finds the narinfo cached, and sees none.
-	prog := progressFrom(ctx)
-	if prog == nil {
-		prog = ProgressFunc(func(Event) {})
-	}
+	// The flight may outlive this call (others joined it, or it has not
+	// seen the cancellation yet): callerProgress keeps its events from this
+	// caller once the call has returned.
+	prog := &callerProgress{p: progressFrom(ctx)}
+	defer prog.close()
 	return s.infoFlights.do(ctx, key, nil, func(ctx context.Context, _ *hub) (_ *Info, err error) {
 		// As Nix's binary cache store: a QueryPathInfo activity, and the
 		// narinfo's download as a FileTransfer activity under it.

@@ -486,7 +486,10 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 			if failed[spec.Name] {
 				continue
 			}
-			c, err := b.timedCopy(ctx, spec, src, fmt.Sprintf("c-%s-%d", spec.Name, rep+1), paths)
+			c, err, cerr := b.timedCopy(ctx, spec, src, fmt.Sprintf("c-%s-%d", spec.Name, rep+1), paths)
+			if cerr != nil {
+				return all, cerr
+			}
 			switch {
 			case ctx.Err() != nil:
 				return all, ctx.Err()
@@ -516,10 +519,7 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 					rep+1, spec.Name, len(paths), float64(c.narBytes)/1e6, c.wall.Seconds(), mbps, c.sync.Seconds(), c.daemonCPU.Seconds(), c.clientCPU.Seconds())
 			}
 		}
-		if rep < 0 {
-			continue
-		}
-		if stockTime > 0 {
+		if rep >= 0 && stockTime > 0 {
 			if err := b.durableCeiling(ctx, src, rep, stockTime, ceiling); err != nil {
 				return all, err
 			}
@@ -527,14 +527,20 @@ func (b *bencher) benchCopy(ctx context.Context) ([]*bench.Metric, error) {
 				b.nullCopyCeiling(ctx, src, null, rep, stockTime, nullCeiling)
 			}
 		}
-		for _, i := range b.order(rep + 1) {
+		for _, i := range b.order(max(rep, 0) + 1) {
 			spec := b.daemons[i]
 			if failed[spec.Name] {
 				continue
 			}
-			c, err := b.timedCopy(ctx, spec, caSrc, fmt.Sprintf("ca-%s-%d", spec.Name, rep+1), caPaths)
+			c, err, cerr := b.timedCopy(ctx, spec, caSrc, fmt.Sprintf("ca-%s-%d", spec.Name, rep+1), caPaths)
+			if cerr != nil {
+				return all, cerr
+			}
 			if ctx.Err() != nil {
 				return all, ctx.Err()
+			}
+			if rep < 0 {
+				continue // the untimed warm-up of this copy too
 			}
 			if err != nil {
 				logf("rep %d: %s: nix copy of the content-addressed paths: %v", rep+1, spec.Name, err)
@@ -565,19 +571,22 @@ type copyRun struct {
 // timedCopy starts spec on a fresh empty store (directory name on the
 // scratch file system), syncs the file system, copies every path of the
 // source store src into it with the real client, then times a syncfs and
-// checks that paths are valid. The daemon is stopped and its store removed
-// (and the removal synced) whatever happens.
-func (b *bencher) timedCopy(ctx context.Context, spec bench.DaemonSpec, src, name string, paths []string) (c copyRun, err error) {
+// checks that paths are valid. err is the copy's failure. The daemon is
+// stopped and its store removed (and the removal synced) whatever happens;
+// cleanupErr is a failure of that, which leaves the scratch file system
+// unfit for further measurements.
+func (b *bencher) timedCopy(ctx context.Context, spec bench.DaemonSpec, src, name string, paths []string) (c copyRun, err, cleanupErr error) {
 	root := filepath.Join(b.mnt, name)
 	defer func() {
 		if rerr := os.RemoveAll(root); rerr != nil {
-			err = errors.Join(err, fmt.Errorf("removing %s: %w", root, rerr))
+			cleanupErr = fmt.Errorf("removing %s: %w", root, rerr)
+		} else {
+			cleanupErr = pagecache.SyncFS(b.mnt)
 		}
-		err = errors.Join(err, pagecache.SyncFS(b.mnt))
 	}()
 	d, err := b.start(ctx, spec, root)
 	if err != nil {
-		return c, err
+		return c, err, nil
 	}
 	var dcpu *daemonCPU
 	defer func() {
@@ -592,13 +601,13 @@ func (b *bencher) timedCopy(ctx context.Context, spec bench.DaemonSpec, src, nam
 		}
 	}()
 	if err := pagecache.SyncFS(b.mnt); err != nil {
-		return c, err
+		return c, err, nil
 	}
 	dcpu = newDaemonCPU(d)
 	busy0, ncpu, busyErr := bench.MachineBusy()
 	run, err := b.copyAll(ctx, src, d.StoreURL())
 	if err != nil {
-		return c, err
+		return c, err, nil
 	}
 	c.wall, c.clientCPU, c.ncpu = run.Wall, run.CPU, ncpu
 	c.daemonCPU, c.cpuErr = dcpu.since(0)
@@ -611,7 +620,7 @@ func (b *bencher) timedCopy(ctx context.Context, spec bench.DaemonSpec, src, nam
 		busyErr = errors.Join(busyErr, berr)
 	})
 	c.busy, c.busyErr = busy1-busy0, busyErr
-	return c, err
+	return c, err, nil
 }
 
 // nullCopyCeiling times a copy of the source store into the null server

@@ -29,7 +29,8 @@ type Fault struct {
 	FlipByte   int64         // if > 0, flip the bits of the body byte at offset FlipByte-1
 	// StallAfter, if > 0, sends the full Content-Length and this many body
 	// bytes, then sends nothing more until the client goes away; OnStall
-	// (if set) is called once those bytes are flushed.
+	// (if set) is called each time a request stalls, once those bytes are
+	// flushed.
 	StallAfter int64
 	OnStall    func()
 }
