@@ -50,6 +50,10 @@ type protoConn struct {
 	// of those stopped.
 	acts    []protoActivity
 	stopped map[uint64]bool
+	// written collects the data of STDERR_WRITE (ExportPath's stream);
+	// source, if set, answers STDERR_READ (ImportPaths for old clients).
+	written []byte
+	source  io.Reader
 }
 
 // protoActivity is one STDERR_START_ACTIVITY.
@@ -188,11 +192,28 @@ func (p *protoConn) readStderr() error {
 			}
 			p.log = append(p.log, s)
 		case stderrWrite:
-			if _, err := p.readString(); err != nil {
+			data, err := p.readString()
+			if err != nil {
 				return err
 			}
+			p.written = append(p.written, data...)
 		case stderrRead:
-			return errors.New("daemon sent STDERR_READ, which these tests never expect")
+			if p.source == nil {
+				return errors.New("daemon sent STDERR_READ and the test gave no source")
+			}
+			n, err := p.readU64()
+			if err != nil {
+				return err
+			}
+			buf := make([]byte, min(n, 1<<20))
+			k, err := p.source.Read(buf)
+			if err != nil && !errors.Is(err, io.EOF) {
+				return err
+			}
+			p.str(string(buf[:k])) // empty at the end of the source
+			if err := p.flush(); err != nil {
+				return err
+			}
 		case stderrError:
 			return p.readError()
 		case stderrStartActivity:

@@ -1,6 +1,8 @@
 package e2e
 
 import (
+	"bytes"
+	"encoding/binary"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -21,6 +23,8 @@ const (
 	opQueryDeriver          = 18
 	opQueryPathFromHashPart = 29
 	opQueryValidDerivers    = 33
+	opExportPath            = 16
+	opImportPaths           = 27
 
 	buildStatusSubstituted  = 1
 	buildStatusAlreadyValid = 2
@@ -218,4 +222,43 @@ func TestQueryOps(t *testing.T) {
 	if v := p.mustU64(t, "SyncWithGC reply"); v != 1 {
 		t.Errorf("SyncWithGC: reply %d, want 1", v)
 	}
+}
+
+// TestExportImportOps sends ExportPath and ImportPaths, which clients
+// before Nix 2.0's NarFromPath and AddToStoreNar used: the path exported
+// from one daemon is imported into another and is the same path there.
+func TestExportImportOps(t *testing.T) {
+	t.Parallel()
+	src := startDaemon(t)
+	p := oneLine(t, "add", src.nixStore(t, "--add", src.file(t, "exported.txt", "exported by ExportPath")))
+	c := dialProto(t, src.sock)
+	c.call(t, "ExportPath", func() {
+		c.u64(opExportPath)
+		c.str(p)
+		c.u64(0) // obsolete "sign" flag
+	})
+	if v := c.mustU64(t, "ExportPath reply"); v != 1 {
+		t.Fatalf("ExportPath: reply %d, want 1", v)
+	}
+	if len(c.written) == 0 {
+		t.Fatal("ExportPath sent no data")
+	}
+
+	// ImportPaths reads nix-store --export's format: each path preceded
+	// by 1, the end marked by 0.
+	var stream bytes.Buffer
+	binary.Write(&stream, binary.LittleEndian, uint64(1))
+	stream.Write(c.written)
+	binary.Write(&stream, binary.LittleEndian, uint64(0))
+	dst := startDaemon(t)
+	i := dialProto(t, dst.sock)
+	i.source = &stream
+	i.call(t, "ImportPaths", func() { i.u64(opImportPaths) })
+	if got := i.mustStrings(t, "ImportPaths reply"); !slices.Equal(got, []string{p}) {
+		t.Fatalf("ImportPaths: %q, want [%s]", got, p)
+	}
+	if got, want := dst.nixStore(t, "-q", "--hash", p), src.nixStore(t, "-q", "--hash", p); got != want {
+		t.Errorf("%s imported with hash %s, exported with %s", p, got, want)
+	}
+	dst.verifyStopped(t)
 }
