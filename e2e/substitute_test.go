@@ -509,3 +509,54 @@ func TestKillDuringDownload(t *testing.T) {
 		t.Errorf("%s after the second download: %d bytes, %v; want the blob", p, len(b), err)
 	}
 }
+
+// TestSubstituteLargeNARMemory substitutes a 384 MiB NAR (zeros, a few
+// hundred KiB compressed with zstd) and checks that the daemon's peak
+// resident memory stays far below the NAR's size: the download is
+// decompressed, hashed and unpacked as it streams, never held whole.
+func TestSubstituteLargeNARMemory(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("a property of nixyard's streaming; the stock daemon's memory is not under test")
+	}
+	const narMiB, maxRSSMiB = 384, 96
+	e := newEnv(t)
+	other := e.otherStore("src")
+	big := filepath.Join(e.dir, "zeros")
+	f, err := os.Create(big)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(narMiB << 20); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	p := oneLine(t, "add", e.local(other, "nix-store", "--add", big).ok(t))
+	cacheDir := filepath.Join(e.dir, "cache")
+	e.fillCache(t, other, cacheDir, "zstd", "", p)
+	srv := cachetest.New(cacheDir)
+	defer srv.Close()
+	d := e.startDaemon(t, withConf("substituters = "+srv.URL))
+
+	if got := oneLine(t, "realise", d.nixStore(t, "-r", p)); got != p {
+		t.Fatalf("nix-store -r printed %q, want %q", got, p)
+	}
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", d.proc.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var hwmKiB int64 = -1
+	for _, l := range strings.Split(string(status), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmHWM:"); ok {
+			fmt.Sscanf(strings.TrimSpace(v), "%d kB", &hwmKiB)
+		}
+	}
+	if hwmKiB < 0 {
+		t.Fatalf("no VmHWM in /proc/%d/status", d.proc.Process.Pid)
+	}
+	t.Logf("daemon peak RSS %d MiB for a %d MiB NAR", hwmKiB>>10, narMiB)
+	if hwmKiB>>10 >= maxRSSMiB {
+		t.Errorf("daemon peak RSS %d MiB substituting a %d MiB NAR; want < %d MiB", hwmKiB>>10, narMiB, maxRSSMiB)
+	}
+	d.verifyStopped(t)
+}
