@@ -560,3 +560,35 @@ func TestSubstituteLargeNARMemory(t *testing.T) {
 	}
 	d.verifyStopped(t)
 }
+
+// TestSubstituteParallel: one nix-store -r of 6 independent paths (Nix
+// 2.8's client sends max-jobs 1, and the stock daemon then fetches one at a
+// time) downloads them in parallel, up to max-substitution-jobs at once.
+func TestSubstituteParallel(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("parallel substitution whatever max-jobs the client sends is nixyard's difference")
+	}
+	e := newEnv(t)
+	other := e.otherStore("src")
+	var files []string
+	for i := range 6 {
+		files = append(files, writeFile(t, filepath.Join(e.dir, "par", fmt.Sprintf("f%d", i)), fmt.Sprintf("%s %d", e.nonce, i), 0o644))
+	}
+	paths := lines(e.local(other, "nix-store", append([]string{"--add"}, files...)...).ok(t))
+	cacheDir := filepath.Join(e.dir, "cache")
+	e.fillCache(t, other, cacheDir, "none", "", paths...)
+	for _, jobs := range []int{1, 3} {
+		srv := cachetest.New(cacheDir)
+		// Each NAR takes a while, so downloads that may overlap do.
+		srv.Always("nar/*", cachetest.Fault{Delay: 300 * time.Millisecond})
+		d := newEnv(t).startDaemon(t, withConf("substituters = "+srv.URL, fmt.Sprintf("max-substitution-jobs = %d", jobs)))
+		d.nixStore(t, append([]string{"-r"}, paths...)...)
+		d.assertValid(t, "after nix-store -r", paths...)
+		if n := srv.MaxConcurrentNARs(); n != jobs {
+			t.Errorf("max-substitution-jobs = %d: %d NAR downloads at once, want %d", jobs, n, jobs)
+		}
+		d.stop(t)
+		srv.Close()
+	}
+}

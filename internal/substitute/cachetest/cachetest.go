@@ -15,6 +15,7 @@ import (
 	"path"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 )
@@ -54,6 +55,8 @@ type Server struct {
 	mu     sync.Mutex
 	rules  []*rule
 	counts map[string]int
+	// NAR requests (under nar/) being served now, and the most at once.
+	narsNow, narsMax int
 }
 
 // New serves dir until Close.
@@ -100,6 +103,14 @@ func (s *Server) Counts() map[string]int {
 	return m
 }
 
+// MaxConcurrentNARs returns the most NAR requests (paths under nar/)
+// served at once so far.
+func (s *Server) MaxConcurrentNARs() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.narsMax
+}
+
 func (s *Server) fault(p string) (Fault, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -125,6 +136,17 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	p := r.URL.Path
 	if len(p) > 0 && p[0] == '/' {
 		p = p[1:]
+	}
+	if strings.HasPrefix(p, "nar/") {
+		s.mu.Lock()
+		s.narsNow++
+		s.narsMax = max(s.narsMax, s.narsNow)
+		s.mu.Unlock()
+		defer func() {
+			s.mu.Lock()
+			s.narsNow--
+			s.mu.Unlock()
+		}()
 	}
 	f, _ := s.fault(p)
 	if f.Delay > 0 {
