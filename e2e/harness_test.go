@@ -255,6 +255,7 @@ type daemonConfig struct {
 	asNixDaemon   bool // run the binary through a symlink named nix-daemon
 	defaultSocket bool // leave NIX_DAEMON_SOCKET_PATH unset
 	args          []string
+	env []string // extra environment entries for the daemon
 	// socketActivated makes the socket in the test, as systemd's
 	// nix-daemon.socket does, and passes it to the daemon as file
 	// descriptor 3 with LISTEN_FDS and LISTEN_PID.
@@ -276,6 +277,11 @@ func asNixDaemon() daemonOpt {
 // picks its socket path itself.
 func withDefaultSocket() daemonOpt {
 	return func(c *daemonConfig) { c.defaultSocket = true }
+}
+
+// withDaemonEnv adds entries (KEY=VALUE) to the daemon's environment.
+func withDaemonEnv(kv ...string) daemonOpt {
+	return func(c *daemonConfig) { c.env = append(c.env, kv...) }
 }
 
 // socketActivated starts the daemon as systemd socket activation does.
@@ -387,6 +393,7 @@ func (d *daemon) daemonEnv() []string {
 		}
 		out = append(out, kv)
 	}
+	out = append(out, d.cfg.env...)
 	if d.cfg.defaultSocket {
 		return out
 	}

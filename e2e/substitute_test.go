@@ -592,3 +592,41 @@ func TestSubstituteParallel(t *testing.T) {
 		srv.Close()
 	}
 }
+
+// TestSubstituteHTTPS substitutes from an https cache whose certificate
+// authority is given by NIX_SSL_CERT_FILE (as Nix 2.8 takes it) or by
+// nix.conf's ssl-cert-file (later Nix releases' setting; nixyard only);
+// a daemon without either refuses the cache's certificate.
+func TestSubstituteHTTPS(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	cacheDir, outs, deps := e.cachedFixtures(t, "zstd", "", "subst-https")
+	srv, err := cachetest.NewTLS(cacheDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	ca := writeFile(t, filepath.Join(e.dir, "cache-ca.pem"), string(srv.CAPEM()), 0o644)
+
+	conf := withConf("substituters = "+srv.URL, "require-sigs = false")
+	d := e.startDaemon(t, conf, withDaemonEnv("NIX_SSL_CERT_FILE="+ca))
+	if got := oneLine(t, "realise", d.nixStore(t, "-r", outs[0])); got != outs[0] {
+		t.Fatalf("nix-store -r printed %q, want %q", got, outs[0])
+	}
+	d.assertFixture(t, outs[0], deps[0])
+	d.verifyStopped(t)
+	if !useStock {
+		d2 := newEnv(t).startDaemon(t, conf, withConf("ssl-cert-file = "+ca))
+		if got := oneLine(t, "realise", d2.nixStore(t, "-r", outs[0])); got != outs[0] {
+			t.Fatalf("with ssl-cert-file: nix-store -r printed %q, want %q", got, outs[0])
+		}
+	}
+
+	other := newEnv(t).startDaemon(t, withConf("substituters = "+srv.URL, "require-sigs = false"))
+	if r := other.nixStoreRun(t, "-r", outs[0]); r.err == nil {
+		t.Fatalf("substituted from %s without trusting its certificate:\n%s", srv.URL, r)
+	}
+	if other.isValid(t, outs[0]) {
+		t.Errorf("%s valid although its cache's certificate is not trusted", outs[0])
+	}
+}

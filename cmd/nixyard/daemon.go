@@ -169,7 +169,7 @@ func runDaemon(ctx context.Context, args []string) error {
 	}
 	defer st.Close()
 
-	subCfg, err := realise.ConfigFromSettings(settings)
+	subCfg, err := realise.ConfigFromSettings(settings, os.Getenv)
 	if err != nil {
 		return err
 	}

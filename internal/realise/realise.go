@@ -79,6 +79,7 @@ type Config struct {
 	ConnectTimeout    time.Duration
 	PositiveTTL       time.Duration // narinfo-cache-positive-ttl; 0: default, < 0: no caching
 	NegativeTTL       time.Duration // narinfo-cache-negative-ttl
+	CAFile            string        // ssl-cert-file: CAs for https upstreams; "": the system's
 	Logger            *slog.Logger
 	// Tune, if set, adjusts each substitute.Config before use (tests).
 	Tune func(*substitute.Config)
@@ -137,6 +138,7 @@ func (m *Manager) substituter(upstreams, keys []string) (*substitute.Substituter
 		RequireSigs:       m.cfg.RequireSigs,
 		MaxJobs:           m.cfg.MaxJobs,
 		ConnectTimeout:    m.cfg.ConnectTimeout,
+		CAFile:            m.cfg.CAFile,
 		PositiveTTL:       m.cfg.PositiveTTL,
 		NegativeTTL:       m.cfg.NegativeTTL,
 		Logger:            m.log,

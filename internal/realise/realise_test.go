@@ -22,9 +22,22 @@ func TestConfigFromSettings(t *testing.T) {
 	s.Set("extra-substituters", "http://b http://a")
 	s.Set("narinfo-cache-negative-ttl", "0")
 	s.Set("connect-timeout", "7")
-	c, err := ConfigFromSettings(&s)
+	env := map[string]string{"SSL_CERT_FILE": "/ssl.pem", "NIX_SSL_CERT_FILE": "/nix-ssl.pem"}
+	getenv := func(k string) string { return env[k] }
+	c, err := ConfigFromSettings(&s, getenv)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if c.CAFile != "/nix-ssl.pem" {
+		t.Errorf("ssl-cert-file %q, want NIX_SSL_CERT_FILE's", c.CAFile)
+	}
+	delete(env, "NIX_SSL_CERT_FILE")
+	if c, _ := ConfigFromSettings(&s, getenv); c.CAFile != "/ssl.pem" {
+		t.Errorf("ssl-cert-file %q, want SSL_CERT_FILE's", c.CAFile)
+	}
+	s.Set("ssl-cert-file", "/conf.pem")
+	if c, _ := ConfigFromSettings(&s, getenv); c.CAFile != "/conf.pem" {
+		t.Errorf("ssl-cert-file %q, want nix.conf's", c.CAFile)
 	}
 	if len(c.Substituters) != 2 || c.Substituters[0] != "http://a" || c.Substituters[1] != "http://b" {
 		t.Errorf("substituters %q", c.Substituters)
@@ -33,7 +46,7 @@ func TestConfigFromSettings(t *testing.T) {
 		t.Errorf("config %+v", c)
 	}
 	s.Set("max-substitution-jobs", "0")
-	if _, err := ConfigFromSettings(&s); err == nil {
+	if _, err := ConfigFromSettings(&s, getenv); err == nil {
 		t.Error("max-substitution-jobs 0 accepted")
 	}
 }

@@ -2,6 +2,7 @@ package realise
 
 import (
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/nixyard/nixyard/internal/config"
@@ -16,13 +17,16 @@ var (
 // ConfigFromSettings reads the daemon's substitution settings from
 // nix.conf: substituters, trusted-public-keys,
 // require-sigs, connect-timeout, narinfo-cache-positive-ttl,
-// narinfo-cache-negative-ttl, fallback and nixyard's
+// narinfo-cache-negative-ttl, fallback, ssl-cert-file and nixyard's
 // max-substitution-jobs (default 16). extra-* forms are merged by config.
 // (trusted-substituters is applied by the daemon when it filters what
-// untrusted clients send.)
-func ConfigFromSettings(s *config.Settings) (Config, error) {
+// untrusted clients send.) getenv supplies ssl-cert-file's default, as
+// Nix takes it: NIX_SSL_CERT_FILE, else SSL_CERT_FILE, else the first of
+// the system's bundle and the default Nix profile's that exists.
+func ConfigFromSettings(s *config.Settings, getenv func(string) string) (Config, error) {
 	var c Config
 	var err error
+	c.CAFile = s.String("ssl-cert-file", defaultCAFile(getenv))
 	c.Substituters = dedup(s.List("substituters", defaultSubstituters))
 	c.TrustedPublicKeys = s.List("trusted-public-keys", defaultTrustedPublicKeys)
 	if c.RequireSigs, err = s.Bool("require-sigs", true); err != nil {
@@ -67,4 +71,22 @@ func ConfigFromSettings(s *config.Settings) (Config, error) {
 		c.NegativeTTL = -1
 	}
 	return c, nil
+}
+
+// Where Nix looks for a CA bundle when neither NIX_SSL_CERT_FILE nor
+// SSL_CERT_FILE is set.
+var defaultCAFiles = []string{"/etc/ssl/certs/ca-certificates.crt", "/nix/var/nix/profiles/default/etc/ssl/certs/ca-bundle.crt"}
+
+func defaultCAFile(getenv func(string) string) string {
+	for _, k := range []string{"NIX_SSL_CERT_FILE", "SSL_CERT_FILE"} {
+		if v := getenv(k); v != "" {
+			return v
+		}
+	}
+	for _, f := range defaultCAFiles {
+		if _, err := os.Stat(f); err == nil {
+			return f
+		}
+	}
+	return "" // the system's roots, as Go finds them
 }

@@ -2,6 +2,8 @@ package substitute
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -9,6 +11,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"os"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -84,6 +87,11 @@ type Config struct {
 	BreakerCooldown  time.Duration
 	// MaxCachedNarinfos bounds the narinfo cache. Default 100000.
 	MaxCachedNarinfos int
+
+	// CAFile is a PEM file of the certificate authorities trusted for
+	// https upstreams, in place of the system's (ssl-cert-file); "" means
+	// the system's. Ignored when HTTPClient is set.
+	CAFile string
 
 	HTTPClient *http.Client
 	Logger     *slog.Logger
@@ -190,9 +198,29 @@ func New(cfg Config, st Store) (*Substituter, error) {
 		tr.DialContext = (&net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: 30 * time.Second}).DialContext
 		tr.DisableCompression = true // NARs are compressed already; we want the bytes as stored
 		tr.MaxIdleConnsPerHost = cfg.MaxJobs
+		if cfg.CAFile != "" {
+			pool, err := loadCAFile(cfg.CAFile)
+			if err != nil {
+				return nil, fmt.Errorf("substitute: %w", err)
+			}
+			tr.TLSClientConfig = &tls.Config{RootCAs: pool}
+		}
 		s.client = &http.Client{Transport: tr}
 	}
 	return s, nil
+}
+
+// loadCAFile reads a PEM bundle of certificate authorities.
+func loadCAFile(path string) (*x509.CertPool, error) {
+	pem, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("ssl-cert-file: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("ssl-cert-file %s: no PEM certificate in it", path)
+	}
+	return pool, nil
 }
 
 func (s *Substituter) now() time.Time { return s.cfg.Now() }

@@ -6,8 +6,16 @@
 package cachetest
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
 	"fmt"
+	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -57,14 +65,75 @@ type Server struct {
 	counts map[string]int
 	// NAR requests (under nar/) being served now, and the most at once.
 	narsNow, narsMax int
+
+	caPEM []byte // NewTLS's certificate authority
 }
 
-// New serves dir until Close.
+// New serves dir over http until Close.
 func New(dir string) *Server {
 	s := &Server{Dir: dir, counts: map[string]int{}}
 	s.ts = httptest.NewServer(http.HandlerFunc(s.serve))
 	s.URL = s.ts.URL
 	return s
+}
+
+// NewTLS serves dir over https until Close, with a certificate for
+// 127.0.0.1 issued by a certificate authority made for this server alone;
+// CAPEM returns that authority's certificate.
+func NewTLS(dir string) (*Server, error) {
+	caPEM, leaf, err := newCertificates()
+	if err != nil {
+		return nil, fmt.Errorf("cachetest: %w", err)
+	}
+	s := &Server{Dir: dir, counts: map[string]int{}, caPEM: caPEM}
+	s.ts = httptest.NewUnstartedServer(http.HandlerFunc(s.serve))
+	s.ts.TLS = &tls.Config{Certificates: []tls.Certificate{leaf}}
+	s.ts.StartTLS()
+	s.URL = s.ts.URL
+	return s, nil
+}
+
+// CAPEM is the PEM certificate of the authority that issued a NewTLS
+// server's certificate (nil for New's).
+func (s *Server) CAPEM() []byte { return s.caPEM }
+
+// newCertificates makes a certificate authority (ECDSA P-256) and a
+// server certificate for 127.0.0.1 it issues, valid for a day.
+func newCertificates() (caPEM []byte, leaf tls.Certificate, err error) {
+	now := time.Now()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, leaf, err
+	}
+	caTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "cachetest CA"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		return nil, leaf, err
+	}
+	ca, err := x509.ParseCertificate(caDER)
+	if err != nil {
+		return nil, leaf, err
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, leaf, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "127.0.0.1"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
+		KeyUsage:    x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+	if err != nil {
+		return nil, leaf, err
+	}
+	leaf = tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}), leaf, nil
 }
 
 // Close stops the server and closes its connections.
