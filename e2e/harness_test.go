@@ -255,7 +255,7 @@ type daemonConfig struct {
 	asNixDaemon   bool // run the binary through a symlink named nix-daemon
 	defaultSocket bool // leave NIX_DAEMON_SOCKET_PATH unset
 	args          []string
-	env []string // extra environment entries for the daemon
+	env           []string // extra environment entries for the daemon
 	// socketActivated makes the socket in the test, as systemd's
 	// nix-daemon.socket does, and passes it to the daemon as file
 	// descriptor 3 with LISTEN_FDS and LISTEN_PID.
