@@ -206,7 +206,7 @@ func (p *protoConn) readStderr() error {
 				return err
 			}
 			buf := make([]byte, min(n, 1<<20))
-			k, err := p.source.Read(buf)
+			k, err := io.ReadAtLeast(p.source, buf, 1)
 			if err != nil && !errors.Is(err, io.EOF) {
 				return err
 			}

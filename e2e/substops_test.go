@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/nixyard/nixyard/internal/substitute/cachetest"
@@ -225,40 +226,53 @@ func TestQueryOps(t *testing.T) {
 }
 
 // TestExportImportOps sends ExportPath and ImportPaths, which clients
-// before Nix 2.0's NarFromPath and AddToStoreNar used: the path exported
-// from one daemon is imported into another and is the same path there.
+// before Nix 2.0's NarFromPath and AddToStoreNar used: a path and its
+// reference exported from one daemon are imported into another, with
+// their references and deriver.
 func TestExportImportOps(t *testing.T) {
 	t.Parallel()
-	src := startDaemon(t)
-	p := oneLine(t, "add", src.nixStore(t, "--add", src.file(t, "exported.txt", "exported by ExportPath")))
-	c := dialProto(t, src.sock)
-	c.call(t, "ExportPath", func() {
-		c.u64(opExportPath)
-		c.str(p)
-		c.u64(0) // obsolete "sign" flag
-	})
-	if v := c.mustU64(t, "ExportPath reply"); v != 1 {
-		t.Fatalf("ExportPath: reply %d, want 1", v)
-	}
-	if len(c.written) == 0 {
-		t.Fatal("ExportPath sent no data")
-	}
+	e := newEnv(t)
+	other := e.otherStore("src")
+	out, dep := e.buildFixture(t, other, "export-ops")
+	src := e.startDaemon(t)
+	src.cmd("nix", "copy", "--no-check-sigs", "--from", directStore(other), "--to", src.url(), out).ok(t)
 
 	// ImportPaths reads nix-store --export's format: each path preceded
-	// by 1, the end marked by 0.
+	// by 1, the end marked by 0; references before their referrers.
 	var stream bytes.Buffer
-	binary.Write(&stream, binary.LittleEndian, uint64(1))
-	stream.Write(c.written)
+	c := dialProto(t, src.sock)
+	for _, p := range []string{dep, out} {
+		c.written = nil
+		c.call(t, "ExportPath", func() {
+			c.u64(opExportPath)
+			c.str(p)
+			c.u64(0) // obsolete "sign" flag
+		})
+		if v := c.mustU64(t, "ExportPath reply"); v != 1 {
+			t.Fatalf("ExportPath %s: reply %d, want 1", p, v)
+		}
+		if len(c.written) == 0 {
+			t.Fatalf("ExportPath %s sent no data", p)
+		}
+		binary.Write(&stream, binary.LittleEndian, uint64(1))
+		stream.Write(c.written)
+	}
 	binary.Write(&stream, binary.LittleEndian, uint64(0))
-	dst := startDaemon(t)
+
+	dst := newEnv(t).startDaemon(t)
 	i := dialProto(t, dst.sock)
 	i.source = &stream
 	i.call(t, "ImportPaths", func() { i.u64(opImportPaths) })
-	if got := i.mustStrings(t, "ImportPaths reply"); !slices.Equal(got, []string{p}) {
-		t.Fatalf("ImportPaths: %q, want [%s]", got, p)
+	if got := i.mustStrings(t, "ImportPaths reply"); !slices.Equal(got, []string{dep, out}) {
+		t.Fatalf("ImportPaths: %q, want [%s %s]", got, dep, out)
 	}
-	if got, want := dst.nixStore(t, "-q", "--hash", p), src.nixStore(t, "-q", "--hash", p); got != want {
-		t.Errorf("%s imported with hash %s, exported with %s", p, got, want)
+	if stream.Len() != 0 {
+		t.Errorf("ImportPaths left %d bytes of the stream unread", stream.Len())
+	}
+	for _, q := range [][]string{{"--hash", out}, {"--references", out}, {"--deriver", out}, {"--hash", dep}} {
+		if got, want := dst.nixStore(t, append([]string{"-q"}, q...)...), src.nixStore(t, append([]string{"-q"}, q...)...); got != want {
+			t.Errorf("nix-store -q %s: %q after the import, %q at the source", strings.Join(q, " "), got, want)
+		}
 	}
 	dst.verifyStopped(t)
 }

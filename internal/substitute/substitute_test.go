@@ -699,3 +699,33 @@ func TestLookupActivitiesJoiner(t *testing.T) {
 			starts[0].Load(), starts[1].Load())
 	}
 }
+
+// TestCAFile: with CAFile naming the authority of an https cache, lookups
+// there succeed; with an unreadable CAFile, https lookups fail saying so
+// while an http cache still works (as Nix fails only the https transfers).
+func TestCAFile(t *testing.T) {
+	cache := fixture(t, "none")
+	tlsSrv, err := cachetest.NewTLS(cache)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tlsSrv.Close()
+	plain := serve(t, cache)
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, tlsSrv.CAPEM(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	good := newSub(t, newMemStore(), newClock(), []string{tlsSrv.URL}, func(c *Config) { c.CAFile = ca })
+	if _, err := good.QueryPathInfo(context.Background(), fixRoot); err != nil {
+		t.Fatalf("https lookup with the cache's authority: %v", err)
+	}
+	missing := func(c *Config) { c.CAFile = filepath.Join(t.TempDir(), "none.pem"); c.MaxAttempts = 1 }
+	bad := newSub(t, newMemStore(), newClock(), []string{tlsSrv.URL}, missing)
+	if _, err := bad.QueryPathInfo(context.Background(), fixRoot); err == nil || !strings.Contains(err.Error(), "certificate authorities") {
+		t.Errorf("https lookup with an unreadable CA file: err = %v, want it to name the certificate authorities", err)
+	}
+	httpOK := newSub(t, newMemStore(), newClock(), []string{plain.URL}, missing)
+	if _, err := httpOK.QueryPathInfo(context.Background(), fixRoot); err != nil {
+		t.Errorf("http lookup with an unreadable CA file: %v", err)
+	}
+}

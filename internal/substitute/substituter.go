@@ -108,6 +108,7 @@ type Substituter struct {
 	st     Store
 	keys   []signature.PublicKey
 	client *http.Client
+	caErr  error // Config.CAFile could not be loaded: https transfers fail with it
 	log    *slog.Logger
 	ups    []*upstream // in configuration order
 
@@ -199,9 +200,13 @@ func New(cfg Config, st Store) (*Substituter, error) {
 		tr.DisableCompression = true // NARs are compressed already; we want the bytes as stored
 		tr.MaxIdleConnsPerHost = cfg.MaxJobs
 		if cfg.CAFile != "" {
+			// An unreadable bundle fails the https transfers (open), as
+			// with Nix, not the daemon or the other caches.
 			pool, err := loadCAFile(cfg.CAFile)
 			if err != nil {
-				return nil, fmt.Errorf("substitute: %w", err)
+				s.caErr = err
+				s.log.Warn("https caches will fail", "err", err)
+				pool = x509.NewCertPool()
 			}
 			tr.TLSClientConfig = &tls.Config{RootCAs: pool}
 		}
@@ -214,11 +219,11 @@ func New(cfg Config, st Store) (*Substituter, error) {
 func loadCAFile(path string) (*x509.CertPool, error) {
 	pem, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("ssl-cert-file: %w", err)
+		return nil, fmt.Errorf("reading the certificate authorities for https: %w", err)
 	}
 	pool := x509.NewCertPool()
 	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("ssl-cert-file %s: no PEM certificate in it", path)
+		return nil, fmt.Errorf("certificate authorities for https: no PEM certificate in %s", path)
 	}
 	return pool, nil
 }

@@ -120,6 +120,9 @@ func (s *Substituter) open(ctx context.Context, up *upstream, rel string) (*body
 		}
 		return &body{rc: f, size: st.Size(), url: full}, nil
 	}
+	if s.caErr != nil && strings.HasPrefix(full, "https:") {
+		return nil, fmt.Errorf("%s: %w", full, s.caErr) // as curl fails https transfers, and only those
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, full, nil)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", full, err)
