@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"sync"
 
 	"github.com/nixyard/nixyard/internal/daemon/wire"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
@@ -12,9 +13,24 @@ import (
 
 // warnFunc reports failed cache lookups to the client as warnings, as Nix
 // does with --fallback (without it, Nix fails the query; nixyard treats
-// an upstream that keeps failing as not having the path).
+// an upstream that keeps failing as not having the path). Each distinct
+// message goes once per request: a cache that cannot be reached fails
+// every lookup of it with the same words.
 func (c *conn) warnFunc() func(error) {
-	return func(err error) { c.tun.Log(lvlWarn, "warning: "+err.Error()) }
+	var (
+		mu   sync.Mutex
+		seen = map[string]bool{}
+	)
+	return func(err error) {
+		msg := "warning: " + err.Error()
+		mu.Lock()
+		dup := seen[msg]
+		seen[msg] = true
+		mu.Unlock()
+		if !dup {
+			c.tun.Log(lvlWarn, msg)
+		}
+	}
 }
 
 // querySubstitutable asks the substituters which of ps they have, with

@@ -109,7 +109,7 @@ func (r *Realiser) QueryMissing(ctx context.Context, targets []store.DerivedPath
 			return nil, fmt.Errorf("realise: %w", err)
 		}
 	}
-	if err := r.missingOpaque(ctx, dedupPaths(opaque), m); err != nil {
+	if err := r.missingOpaque(ctx, dedupPaths(opaque), m, warn); err != nil {
 		return nil, fmt.Errorf("realise: %w", err)
 	}
 	storepath.Sort(m.WillBuild)
@@ -121,7 +121,7 @@ func (r *Realiser) QueryMissing(ctx context.Context, targets []store.DerivedPath
 // missingOpaque adds to m what realising the opaque paths would take: with
 // caches, what they have (and the sizes); without, every invalid path is
 // unknown.
-func (r *Realiser) missingOpaque(ctx context.Context, opaque []storepath.Path, m *store.Missing) error {
+func (r *Realiser) missingOpaque(ctx context.Context, opaque []storepath.Path, m *store.Missing, warn func(error)) error {
 	if len(opaque) == 0 {
 		return nil
 	}
@@ -140,6 +140,11 @@ func (r *Realiser) missingOpaque(ctx context.Context, opaque []storepath.Path, m
 	sm, err := r.sub.QueryMissing(ctx, opaque)
 	if err != nil {
 		return err
+	}
+	if warn != nil {
+		for _, e := range sm.Errors {
+			warn(e)
+		}
 	}
 	for p := range sm.WillSubstitute {
 		m.WillSubstitute = append(m.WillSubstitute, p)

@@ -22,6 +22,9 @@ type Missing struct {
 	Unknown []storepath.Path
 	// DownloadSize sums FileSize, NarSize sums NarSize over WillSubstitute.
 	DownloadSize, NarSize uint64
+	// Errors are the failed lookups behind Unknown paths, other than "not
+	// there", for the client's warnings.
+	Errors []error
 }
 
 // QueryMissing walks the closure of paths through the narinfos'
@@ -50,6 +53,7 @@ func (s *Substituter) QueryMissing(ctx context.Context, paths []storepath.Path) 
 	for _, e := range errs {
 		s.log.Warn("path info query failed", "err", e)
 	}
+	m.Errors = errs
 	return m, nil
 }
 
@@ -258,7 +262,11 @@ func (s *Substituter) fetchPath(ctx context.Context, p storepath.Path, h *hub) e
 
 	abs := s.cfg.StoreDir.Abs(p)
 	var errs []error
-	for _, up := range s.upstreams(ctx) {
+	ups, initErr := s.upstreams(ctx)
+	if initErr != nil {
+		errs = append(errs, initErr)
+	}
+	for _, up := range ups {
 		info, err := s.lookup(ctx, up, p)
 		if errors.Is(err, errNotFound) {
 			continue

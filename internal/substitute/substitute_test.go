@@ -195,6 +195,11 @@ func TestStoreDirMismatch(t *testing.T) {
 	os.WriteFile(filepath.Join(cache, "nix-cache-info"), []byte("StoreDir: /gnu/store\n"), 0o644)
 	srv := serve(t, cache)
 	s := newSub(t, newMemStore(), newClock(), []string{srv.URL}, nil)
+	// The lookup that read nix-cache-info says why the cache is skipped
+	// (the client's warning); later ones find it disabled.
+	if _, err := s.QueryPathInfo(context.Background(), fixRoot); err == nil || !strings.Contains(err.Error(), "/gnu/store") {
+		t.Fatalf("err = %v, want the store directory mismatch", err)
+	}
 	if _, err := s.QueryPathInfo(context.Background(), fixRoot); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("err = %v, want ErrNotFound (upstream disabled)", err)
 	}

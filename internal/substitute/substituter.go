@@ -233,8 +233,16 @@ func (s *Substituter) now() time.Time { return s.cfg.Now() }
 // upstreams returns the usable upstreams by priority (lower first, then
 // configuration order), reading nix-cache-info of those not yet read.
 // Upstreams whose breaker is open or whose StoreDir differs are left out.
-func (s *Substituter) upstreams(ctx context.Context) []*upstream {
-	var wg sync.WaitGroup
+//
+// The error joins the failures of the nix-cache-info reads this call
+// waited for (a cache that cannot be reached, or is not one): callers pass
+// it on with "not found" so that the client hears why a cache was skipped.
+func (s *Substituter) upstreams(ctx context.Context) ([]*upstream, error) {
+	var (
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		errs []error
+	)
 	for _, up := range s.ups {
 		up.mu.Lock()
 		need := !up.inited
@@ -243,10 +251,14 @@ func (s *Substituter) upstreams(ctx context.Context) []*upstream {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				s.initFlights.do(ctx, up.base, nil, func(ctx context.Context, _ *hub) (struct{}, error) {
-					s.initUpstream(ctx, up)
-					return struct{}{}, nil
+				_, err := s.initFlights.do(ctx, up.base, nil, func(ctx context.Context, _ *hub) (struct{}, error) {
+					return struct{}{}, s.initUpstream(ctx, up)
 				})
+				if err != nil && ctx.Err() == nil {
+					mu.Lock()
+					errs = append(errs, err)
+					mu.Unlock()
+				}
 			}()
 		}
 	}
@@ -272,14 +284,14 @@ func (s *Substituter) upstreams(ctx context.Context) []*upstream {
 	for i, c := range cs {
 		out[i] = c.up
 	}
-	return out
+	return out, errors.Join(errs...)
 }
 
 // initUpstream reads nix-cache-info. A transport failure leaves the
 // upstream uninitialised (tried again next time, default priority); a
 // missing file or a StoreDir mismatch disables it for this Substituter's
-// lifetime, as Nix refuses such a cache.
-func (s *Substituter) initUpstream(ctx context.Context, up *upstream) {
+// lifetime, as Nix refuses such a cache. It returns the failure.
+func (s *Substituter) initUpstream(ctx context.Context, up *upstream) error {
 	data, err := s.readSmall(ctx, up, "nix-cache-info", narinfo.MaxCacheInfoSize)
 	var ci narinfo.NixCacheInfo
 	if err == nil {
@@ -294,19 +306,20 @@ func (s *Substituter) initUpstream(ctx context.Context, up *upstream) {
 		err = fmt.Errorf("%s does not appear to be a binary cache: %w", up.base, err)
 	} else {
 		s.log.Warn("cannot read nix-cache-info", "upstream", up.base, "err", err)
-		return
+		return fmt.Errorf("%s is skipped for now: %w", up.base, err)
 	}
 	up.mu.Lock()
 	defer up.mu.Unlock()
 	up.inited, up.initErr = true, err
 	if err != nil {
 		s.log.Error("upstream disabled", "upstream", up.base, "err", err)
-		return
+		return err
 	}
 	up.massQ = ci.WantMassQuery
 	if ci.HasPriority && !up.prioSet {
 		up.priority = ci.Priority
 	}
+	return nil
 }
 
 // lookup returns up's narinfo for p, from the cache or the network.
@@ -406,8 +419,9 @@ func (s *Substituter) trusted(info *Info) bool {
 // and does not wrap ErrNotFound.
 func (s *Substituter) QueryPathInfo(ctx context.Context, p storepath.Path) (*Info, error) {
 	var errs []error
+	ups, initErr := s.upstreams(ctx)
 	untrusted := false
-	for _, up := range s.upstreams(ctx) {
+	for _, up := range ups {
 		info, err := s.lookup(ctx, up, p)
 		if errors.Is(err, errNotFound) {
 			continue
@@ -431,6 +445,11 @@ func (s *Substituter) QueryPathInfo(ctx context.Context, p storepath.Path) (*Inf
 	}
 	if untrusted {
 		return nil, fmt.Errorf("%s: %w: %w", s.cfg.StoreDir.Abs(p), ErrNotFound, ErrUntrusted)
+	}
+	if initErr != nil {
+		// The same words for every path, so that a client's warnings
+		// about one cache can be told apart and shown once.
+		return nil, initErr
 	}
 	return nil, fmt.Errorf("%s: %w", s.cfg.StoreDir.Abs(p), ErrNotFound)
 }
