@@ -444,19 +444,27 @@ func TestTimerSlack(t *testing.T) {
 // effective set (and so, started by it, the daemon).
 func hasCapability(t *testing.T, c int) bool {
 	t.Helper()
-	status, err := os.ReadFile("/proc/self/status")
+	v := procStatus(t, "self", "CapEff")
+	caps, err := strconv.ParseUint(v, 16, 64)
+	if err != nil {
+		t.Fatalf("/proc/self/status: CapEff %q: %v", v, err)
+	}
+	return caps&(1<<c) != 0
+}
+
+// procStatus returns the value of field in /proc/PID/status (pid may be
+// "self"), without the field's name and surrounding blanks.
+func procStatus(t *testing.T, pid, field string) string {
+	t.Helper()
+	status, err := os.ReadFile("/proc/" + pid + "/status")
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, line := range strings.Split(string(status), "\n") {
-		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
-			caps, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
-			if err != nil {
-				t.Fatalf("/proc/self/status: %q: %v", line, err)
-			}
-			return caps&(1<<c) != 0
+		if v, ok := strings.CutPrefix(line, field+":"); ok {
+			return strings.TrimSpace(v)
 		}
 	}
-	t.Fatal("/proc/self/status has no CapEff line")
-	return false
+	t.Fatalf("/proc/%s/status has no %s line", pid, field)
+	return ""
 }

@@ -533,18 +533,10 @@ func TestSubstituteLargeNARMemory(t *testing.T) {
 	if got := oneLine(t, "realise", d.nixStore(t, "-r", p)); got != p {
 		t.Fatalf("nix-store -r printed %q, want %q", got, p)
 	}
-	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", d.proc.Process.Pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var hwmKiB int64 = -1
-	for _, l := range strings.Split(string(status), "\n") {
-		if v, ok := strings.CutPrefix(l, "VmHWM:"); ok {
-			fmt.Sscanf(strings.TrimSpace(v), "%d kB", &hwmKiB)
-		}
-	}
-	if hwmKiB < 0 {
-		t.Fatalf("no VmHWM in /proc/%d/status", d.proc.Process.Pid)
+	var hwmKiB int64
+	v := procStatus(t, fmt.Sprint(d.proc.Process.Pid), "VmHWM")
+	if _, err := fmt.Sscanf(v, "%d kB", &hwmKiB); err != nil {
+		t.Fatalf("VmHWM %q in /proc/%d/status: %v", v, d.proc.Process.Pid, err)
 	}
 	t.Logf("daemon peak RSS %d MiB for a %d MiB NAR", hwmKiB>>10, narMiB)
 	if hwmKiB>>10 >= maxRSSMiB {

@@ -215,17 +215,34 @@ func New(cfg Config, st Store) (*Substituter, error) {
 	return s, nil
 }
 
-// loadCAFile reads a PEM bundle of certificate authorities.
+// caPools holds each CA bundle loadCAFile has read (path -> *caPool): a
+// Substituter is made for every new set of caches a client picks, and a
+// system bundle is hundreds of certificates to parse.
+var caPools sync.Map
+
+type caPool struct {
+	once sync.Once
+	pool *x509.CertPool
+	err  error
+}
+
+// loadCAFile reads a PEM bundle of certificate authorities, once per path
+// for the life of the process.
 func loadCAFile(path string) (*x509.CertPool, error) {
-	pem, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("reading the certificate authorities for https: %w", err)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("certificate authorities for https: no PEM certificate in %s", path)
-	}
-	return pool, nil
+	v, _ := caPools.LoadOrStore(path, &caPool{})
+	c := v.(*caPool)
+	c.once.Do(func() {
+		pem, err := os.ReadFile(path)
+		if err != nil {
+			c.err = fmt.Errorf("reading the certificate authorities for https: %w", err)
+			return
+		}
+		c.pool = x509.NewCertPool()
+		if !c.pool.AppendCertsFromPEM(pem) {
+			c.pool, c.err = nil, fmt.Errorf("certificate authorities for https: no PEM certificate in %s", path)
+		}
+	})
+	return c.pool, c.err
 }
 
 func (s *Substituter) now() time.Time { return s.cfg.Now() }
@@ -349,14 +366,15 @@ func (s *Substituter) lookup(ctx context.Context, up *upstream, p storepath.Path
 		// As Nix's binary cache store: a QueryPathInfo activity, and the
 		// narinfo's download as a FileTransfer activity under it.
 		rel := p.HashPart() + ".narinfo"
+		url := up.urlOf(rel)
 		id, ftID := s.actID.Add(1), s.actID.Add(1)
 		prog.Event(Event{Kind: EventStart, Type: ActQueryPathInfo, ID: id, Path: p, Upstream: up.base})
 		defer func() {
 			prog.Event(Event{Kind: EventStop, Type: ActQueryPathInfo, ID: id, Path: p, Upstream: up.base, Err: err})
 		}()
-		prog.Event(Event{Kind: EventStart, Type: ActFileTransfer, ID: ftID, Parent: id, Path: p, Upstream: up.base, URL: up.urlOf(rel)})
+		prog.Event(Event{Kind: EventStart, Type: ActFileTransfer, ID: ftID, Parent: id, Path: p, Upstream: up.base, URL: url})
 		data, err := s.readSmall(ctx, up, rel, narinfo.MaxSize)
-		prog.Event(Event{Kind: EventStop, Type: ActFileTransfer, ID: ftID, Parent: id, Path: p, URL: up.urlOf(rel), Err: err})
+		prog.Event(Event{Kind: EventStop, Type: ActFileTransfer, ID: ftID, Parent: id, Path: p, URL: url, Err: err})
 		if errors.Is(err, errNotFound) {
 			s.remember(key, nil)
 			return nil, err
@@ -366,15 +384,15 @@ func (s *Substituter) lookup(ctx context.Context, up *upstream, p storepath.Path
 		}
 		ni, err := narinfo.Parse(s.cfg.StoreDir, data)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", up.urlOf(rel), err)
+			return nil, fmt.Errorf("%s: %w", url, err)
 		}
 		info := &Info{NarInfo: *ni, Upstream: up.base}
 		if info.StorePath.HashPart() != p.HashPart() {
-			return nil, fmt.Errorf("%s: narinfo is for %s, not %s", up.urlOf(rel), info.StorePath, p)
+			return nil, fmt.Errorf("%s: narinfo is for %s, not %s", url, info.StorePath, p)
 		}
 		s.remember(key, info)
 		if info.StorePath != p {
-			return nil, fmt.Errorf("%s: %w (it has %s)", up.urlOf(rel), errNotFound, info.StorePath)
+			return nil, fmt.Errorf("%s: %w (it has %s)", url, errNotFound, info.StorePath)
 		}
 		return info, nil
 	})
