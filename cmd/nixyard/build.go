@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"log/slog"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -14,12 +15,15 @@ import (
 
 // buildConfig reads the daemon's build settings from nix.conf: max-jobs
 // (a number or "auto"; Nix's default 1), cores, sandbox, sandbox-paths,
-// build-users-group, timeout, max-silent-time, keep-failed and log-lines.
+// build-users-group, timeout, max-silent-time, keep-failed, log-lines, and
+// for builtin:fetchurl hashed-mirrors and netrc-file.
 // A chroot store (--store ROOT) always builds in the sandbox, as Nix.
 func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) (build.Config, error) {
 	cfg := build.Config{
 		BuildUsersGroup: s.String("build-users-group", ""),
 		SandboxPaths:    s.List("sandbox-paths", nil),
+		HashedMirrors:   s.List("hashed-mirrors", nil),
+		NetrcFile:       s.String("netrc-file", filepath.Join(layout.ConfDir, "netrc")),
 		ChrootStore:     layout.RealStoreDir != string(layout.StoreDir),
 		Logger:          logger,
 	}

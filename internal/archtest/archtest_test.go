@@ -19,6 +19,7 @@ var forbidden = map[string][]string{
 	"internal/store":      {"internal/daemon", "internal/config"},
 	"internal/substitute": {"internal/daemon"},
 	"internal/build":      {"internal/daemon"},
+	"internal/tarball":    {"internal/store", "internal/daemon", "internal/build"},
 }
 
 type pkgInfo struct {

@@ -107,6 +107,12 @@ type Config struct {
 	// Substituter, if not nil, is asked for the outputs of a derivation
 	// before it is built.
 	Substituter Substituter
+	// HashedMirrors are asked first for builtin:fetchurl's flat fixed
+	// outputs, by hash (nix.conf hashed-mirrors).
+	HashedMirrors []string
+	// NetrcFile holds logins for builtin:fetchurl's downloads (nix.conf
+	// netrc-file); "" means none.
+	NetrcFile string
 }
 
 // Substituter is the hook through which binary caches are asked for

@@ -57,6 +57,7 @@ type job struct {
 	timedOut string   // the timeout message, once the builder was killed for one
 	spec     initSpec // what the helper sets up and runs
 	keep     bool     // keep the build directory (a failed build with keep-failed)
+	builtin  bool     // a builtin builder, run in the daemon (builtin.go)
 }
 
 // prepare makes a job for the goal's builder: the build user, the build
@@ -66,6 +67,16 @@ type job struct {
 func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map[string]storepath.Path) (*job, *Result) {
 	b := g.b
 	j := &job{g: g, drvAbs: b.abs(g.drvPath), outputs: outputs, inputs: inputs, hostUID: os.Geteuid(), hostGID: os.Getegid()}
+	if isBuiltin(g.drv.Builder) {
+		// Run in the daemon, with a sandbox's view of the store (see
+		// builtin.go), writing the outputs in place.
+		j.builtin = true
+		if g.owner.opts.Mode == ModeCheck {
+			r := g.failf(MiscFailure, "checking '%s', which has a builtin builder, is %v by nixyard", j.drvAbs, errNotSupported)
+			return nil, &r
+		}
+		return j, nil
+	}
 	j.sandbox = b.sandboxed()
 	if !j.sandbox {
 		for _, p := range outputs {
@@ -198,7 +209,13 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 	}()
 
 	g.setRunning(true)
-	status, runErr := j.execute(ctx, j.spec, opts)
+	var status syscall.WaitStatus
+	var runErr error
+	if j.builtin {
+		status, runErr = j.runBuiltin(ctx)
+	} else {
+		status, runErr = j.execute(ctx, j.spec, opts)
+	}
 	g.setRunning(false)
 	release()
 	if _, err := j.logFile.Seek(0, io.SeekStart); err == nil {
@@ -231,8 +248,10 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 			}
 			msg += fmt.Sprintf("For full logs, run 'nix log %s'.", j.drvAbs)
 		}
+		// As Nix: a fixed-output derivation (which may use the network)
+		// failing may succeed another time.
 		st := PermanentFailure
-		if !j.sandbox {
+		if kind, _ := g.drv.Kind(); kind == derivation.FixedOutput {
 			st = TransientFailure
 		}
 		return j.failf(st, 1, "%s", msg)

@@ -106,7 +106,8 @@ func TestSandboxInputsReadOnlyWithoutBuildUsers(t *testing.T) {
 
 // A builder that cannot be executed is a setup failure reported by the
 // helper from inside the sandbox; nothing of the sandbox stays behind,
-// and a builder killed by a signal is reported with that signal.
+// and a builder killed by a signal is reported with that signal. A
+// failed build is permanent, unless it is of a fixed output.
 func TestSandboxSetupFailureAndSignal(t *testing.T) {
 	e := newChrootEnv(t)
 	drvs := e.instantiate(`rec {
@@ -115,7 +116,9 @@ func TestSandboxSetupFailureAndSignal(t *testing.T) {
   # The builder is PID 1 of its namespace, which only a fault can kill
   # from inside: a stack overflow.
   killed = mk { name = "killed"; inherit dep; script = "ulimit -s 64; f() { f; }; f"; };
-}`, "dep", "noexec", "killed")
+  fodFails = mk { name = "fod-fails"; outputHashMode = "flat"; outputHashAlgo = "sha256";
+    outputHash = "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="; script = "exit 1"; };
+}`, "dep", "noexec", "killed", "fodFails")
 	b := e.builder(Config{Sandbox: SandboxOn})
 	e.mustBuild(b, out(drvs["dep"]))
 	abs := e.st.Dir().Abs
@@ -127,6 +130,11 @@ func TestSandboxSetupFailureAndSignal(t *testing.T) {
 	r = e.build(b, ClientOptions{}, out(drvs["killed"]))[0]
 	if want := fmt.Sprintf("builder for '%s' failed due to signal 11 (Segmentation fault)", abs(drvs["killed"])); r.Status != PermanentFailure || r.ErrorMsg != want {
 		t.Errorf("killed builder: status %d, %q, want %q", r.Status, r.ErrorMsg, want)
+	}
+	// As Nix: a failing fixed-output derivation (which may use the
+	// network) may succeed another time.
+	if r = e.build(b, ClientOptions{}, out(drvs["fodFails"]))[0]; r.Status != TransientFailure {
+		t.Errorf("failing fixed-output derivation: status %d, %q", r.Status, r.ErrorMsg)
 	}
 	left, err := filepath.Glob(filepath.Join(e.root, "nix/store/*.chroot"))
 	if err != nil || len(left) > 0 {

@@ -29,6 +29,13 @@ var zstdDecoders = sync.Pool{New: func() any {
 	return zr
 }}
 
+// Decompressor returns a streaming decoder for a narinfo Compression value
+// ("none", "xz", "zstd", "bzip2", "br") and a function to release it. The
+// builtin builders use it too.
+func Decompressor(method string, r io.Reader) (io.Reader, func(), error) {
+	return decompressor(method, r)
+}
+
 // decompressor returns a streaming decoder for a narinfo Compression value
 // and a function to release it. Memory use is bounded by the format's
 // window, never by the NAR size.

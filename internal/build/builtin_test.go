@@ -1,0 +1,134 @@
+package build
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+)
+
+const (
+	viewA = "00000000000000000000000000000000-a"
+	viewB = "11111111111111111111111111111111-b"
+	viewC = "22222222222222222222222222222222-c" // exists on the host, not visible
+)
+
+// testView makes a store on the host with paths a, b and c, of which a
+// and b are visible.
+func testView(t *testing.T) *storeView {
+	t.Helper()
+	real := t.TempDir()
+	for _, p := range []string{viewA + "/dir", viewB, viewC} {
+		if err := os.MkdirAll(filepath.Join(real, p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	links := map[string]string{
+		viewA + "/to-b":      "/nix/store/" + viewB,
+		viewA + "/rel":       "dir",
+		viewA + "/up":        "../" + viewB,
+		viewA + "/to-c":      "/nix/store/" + viewC,
+		viewA + "/to-host":   "/etc",
+		viewA + "/loop":      "loop",
+		viewA + "/dotdot":    "../../../../etc",
+		viewB + "/back-to-a": "/nix/store/" + viewA + "/dir",
+	}
+	for name, target := range links {
+		if err := os.Symlink(target, filepath.Join(real, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(real, viewA, "file"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	v := &storeView{dir: "/nix/store", visible: map[storepath.Path]string{}}
+	for _, base := range []string{viewA, viewB} {
+		p, err := storepath.ParseBase(base)
+		if err != nil {
+			t.Fatal(err)
+		}
+		v.visible[p] = filepath.Join(real, base)
+	}
+	return v
+}
+
+// TestStoreView: paths resolve as in a sandbox that holds only the
+// visible store paths.
+func TestStoreView(t *testing.T) {
+	v := testView(t)
+	a, b := "/nix/store/"+viewA, "/nix/store/"+viewB
+	for _, tc := range []struct {
+		in, want string
+		errno    unix.Errno
+	}{
+		{in: a + "/dir", want: a + "/dir"},
+		{in: a + "/to-b", want: b},
+		{in: a + "/rel", want: a + "/dir"},
+		{in: a + "/up", want: b},
+		{in: a + "/to-b/back-to-a", want: a + "/dir"},
+		{in: a + "/dir/../file", want: a + "/file"},
+		{in: "/nix/store", want: "/nix/store"},
+		{in: "/nix/store/" + viewC, errno: unix.ENOENT},
+		{in: a + "/to-c", errno: unix.ENOENT},
+		{in: a + "/to-host", errno: unix.ENOENT},
+		{in: a + "/dotdot", errno: unix.ENOENT},
+		{in: "/etc/passwd", errno: unix.ENOENT},
+		{in: a + "/loop", errno: unix.ELOOP},
+		{in: a + "/file/x", errno: unix.ENOTDIR},
+		{in: a + "/missing", errno: unix.ENOENT},
+	} {
+		got, err := v.resolve(tc.in)
+		switch {
+		case tc.errno != 0 && !errors.Is(err, tc.errno):
+			t.Errorf("resolve(%s) = %q, %v; want %v", tc.in, got, err, tc.errno)
+		case tc.errno == 0 && (err != nil || got != tc.want):
+			t.Errorf("resolve(%s) = %q, %v; want %q", tc.in, got, err, tc.want)
+		}
+	}
+	if _, err := v.readDir(a + "/to-c"); !errnoIs(err, unix.ENOENT) {
+		t.Errorf("readDir of an invisible path: %v", err)
+	}
+	if _, err := v.readFile(a + "/to-host"); !errnoIs(err, unix.ENOENT) {
+		t.Errorf("readFile of a host file: %v", err)
+	}
+}
+
+func TestParseBuildenvPackages(t *testing.T) {
+	pkgs, err := parseBuildenvPackages("true 5 2 /nix/store/x-a /nix/store/x-a-man\nfalse 3 1 /nix/store/y-b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []buildenvPackage{{"/nix/store/x-a", true, 5}, {"/nix/store/x-a-man", true, 5}, {"/nix/store/y-b", false, 3}}
+	if len(pkgs) != len(want) {
+		t.Fatalf("got %v", pkgs)
+	}
+	for i := range want {
+		if pkgs[i] != want[i] {
+			t.Errorf("package %d: %+v, want %+v", i, pkgs[i], want[i])
+		}
+	}
+	for _, bad := range []string{"true 5", "true x 1 /p", "true 5 3 /p", "true 5 -1"} {
+		if _, err := parseBuildenvPackages(bad); err == nil {
+			t.Errorf("%q: no error", bad)
+		}
+	}
+}
+
+func TestReadNetrc(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "netrc")
+	os.WriteFile(p, []byte("machine cache.example login u1 password p1\ndefault login anon password none\nmachine cache.example login u2 password p2\n"), 0o600)
+	n := readNetrc(p)
+	if l, ok := n.lookup("cache.example"); !ok || l.user != "u1" || l.password != "p1" {
+		t.Errorf("cache.example: %+v, %v", l, ok)
+	}
+	if l, ok := n.lookup("other"); !ok || l.user != "anon" {
+		t.Errorf("default: %+v, %v", l, ok)
+	}
+	if _, ok := readNetrc(filepath.Join(t.TempDir(), "missing")).lookup("x"); ok {
+		t.Error("a missing netrc has logins")
+	}
+}
