@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -467,4 +468,29 @@ func procStatus(t *testing.T, pid, field string) string {
 	}
 	t.Fatalf("/proc/%s/status has no %s line", pid, field)
 	return ""
+}
+
+// TestBuildPlatform: as Nix, a derivation for a platform this host does
+// not build for, or that requires a system feature the host lacks, is
+// refused with Nix's message; i686-linux is an extra platform of
+// x86_64-linux by default.
+func TestBuildPlatform(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	args := b.expr(t, "platform", `{
+  other = mk { name = "other"; system = "riscv64-linux"; script = "echo > $out"; };
+  feature = mk { name = "feature"; requiredSystemFeatures = [ "gpu" "big-parallel" ]; script = "echo > $out"; };
+  i686 = mk { name = "i686"; system = "i686-linux"; script = "echo > $out"; };
+}`)
+	stderr := b.nixBuild(append(args, "-A", "other", "--no-out-link")...).fails(t)
+	if !regexp.MustCompile(`a 'riscv64-linux' with features \{\} is required to build '/nix/store/[a-z0-9]{32}-other\.drv', but I am a '[a-z0-9_]+-linux' with features \{benchmark, big-parallel, `).MatchString(stderr) {
+		t.Errorf("other platform: stderr:\n%s", stderr)
+	}
+	stderr = b.nixBuild(append(args, "-A", "feature", "--no-out-link")...).fails(t)
+	if !strings.Contains(stderr, "with features {big-parallel, gpu} is required to build") {
+		t.Errorf("missing feature: stderr:\n%s", stderr)
+	}
+	if runtime.GOARCH == "amd64" {
+		b.nixBuild(append(args, "-A", "i686", "--no-out-link")...).ok(t)
+	}
 }

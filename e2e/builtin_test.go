@@ -239,10 +239,12 @@ func tarball(t *testing.T, entries []tar.Header, contents map[string]string) []b
 	return buf.Bytes()
 }
 
-// TestBuiltinUnpackChannel: builtin:unpack-channel, as nix-channel uses it,
-// unpacks a tarball and names its top directory after the channel; a
-// tarball with an entry outside the output, or with two top-level entries,
-// fails.
+// TestBuiltinUnpackChannel: builtin:unpack-channel, as nix-channel uses it
+// (the derivation of Nix's unpack-channel.nix), unpacks a tarball and names
+// its top directory after the channel; a tarball with an entry outside the
+// output, or with two top-level entries, fails. (nix-channel itself cannot
+// use a chroot store: it hands the tarball's real path to
+// builtins.storePath.)
 func TestBuiltinUnpackChannel(t *testing.T) {
 	t.Parallel()
 	b := startBuildDaemon(t)

@@ -15,18 +15,22 @@ import (
 
 // buildConfig reads the daemon's build settings from nix.conf: max-jobs
 // (a number or "auto"; Nix's default 1), cores, sandbox, sandbox-paths,
-// build-users-group, timeout, max-silent-time, keep-failed, log-lines, and
-// for builtin:fetchurl hashed-mirrors and netrc-file.
+// build-users-group, timeout, max-silent-time, keep-failed, log-lines,
+// system, extra-platforms, system-features, and for builtin:fetchurl
+// hashed-mirrors and netrc-file.
 // A chroot store (--store ROOT) always builds in the sandbox, as Nix.
 func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) (build.Config, error) {
 	cfg := build.Config{
 		BuildUsersGroup: s.String("build-users-group", ""),
 		SandboxPaths:    s.List("sandbox-paths", nil),
+		System:          s.String("system", build.DefaultSystem()),
+		SystemFeatures:  s.List("system-features", build.DefaultSystemFeatures()),
 		HashedMirrors:   s.List("hashed-mirrors", nil),
 		NetrcFile:       s.String("netrc-file", filepath.Join(layout.ConfDir, "netrc")),
 		ChrootStore:     layout.RealStoreDir != string(layout.StoreDir),
 		Logger:          logger,
 	}
+	cfg.ExtraPlatforms = s.List("extra-platforms", build.DefaultExtraPlatforms(cfg.System))
 	switch v := strings.TrimSpace(s.String("max-jobs", "1")); v {
 	case "auto":
 		cfg.MaxJobs = runtime.NumCPU()

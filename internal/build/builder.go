@@ -28,10 +28,14 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/nixyard/nixyard/internal/nix/derivation"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
@@ -107,6 +111,15 @@ type Config struct {
 	// Substituter, if not nil, is asked for the outputs of a derivation
 	// before it is built.
 	Substituter Substituter
+	// System is the platform builders run on (nix.conf system, e.g.
+	// "x86_64-linux"); ExtraPlatforms are others they can run
+	// (extra-platforms). A derivation for another platform is refused,
+	// unless its builder is builtin.
+	System         string
+	ExtraPlatforms []string
+	// SystemFeatures are what the host offers the derivations that
+	// require features (nix.conf system-features), sorted.
+	SystemFeatures []string
 	// HashedMirrors are asked first for builtin:fetchurl's flat fixed
 	// outputs, by hash (nix.conf hashed-mirrors).
 	HashedMirrors []string
@@ -202,6 +215,53 @@ type Error struct {
 
 func (e *Error) Error() string { return e.Msg }
 
+// DefaultSystem is the platform of this binary in Nix's terms (nix.conf
+// system's default), e.g. "x86_64-linux".
+func DefaultSystem() string {
+	arch := map[string]string{"amd64": "x86_64", "386": "i686", "arm64": "aarch64", "arm": "armv7l"}[runtime.GOARCH]
+	if arch == "" {
+		arch = runtime.GOARCH
+	}
+	return arch + "-" + runtime.GOOS
+}
+
+// DefaultExtraPlatforms is nix.conf extra-platforms' default for system:
+// x86_64 Linux runs i686 binaries.
+func DefaultExtraPlatforms(system string) []string {
+	if system == "x86_64-linux" {
+		return []string{"i686-linux"}
+	}
+	return nil
+}
+
+// DefaultSystemFeatures is nix.conf system-features' default: the
+// features Nix 2.8 assumes, and kvm when /dev/kvm can be opened.
+func DefaultSystemFeatures() []string {
+	f := []string{"benchmark", "big-parallel", "nixos-test"}
+	if unix.Access("/dev/kvm", unix.R_OK|unix.W_OK) == nil {
+		f = append(f, "kvm")
+	}
+	return f
+}
+
+// canBuild reports, as Nix 2.8's canBuildLocally, whether this host can
+// build drv: its platform is System or one of ExtraPlatforms (any, for a
+// builtin builder), and it requires only SystemFeatures. The error is the
+// start of Nix's message: "a 'PLATFORM' with features {…} is required".
+func (b *Builder) canBuild(drv *derivation.Derivation) error {
+	required := strings.Fields(drv.Env["requiredSystemFeatures"])
+	slices.Sort(required)
+	required = slices.Compact(required)
+	ok := drv.Platform == b.cfg.System || slices.Contains(b.cfg.ExtraPlatforms, drv.Platform) || isBuiltin(drv.Builder)
+	for _, f := range required {
+		ok = ok && slices.Contains(b.cfg.SystemFeatures, f)
+	}
+	if ok {
+		return nil
+	}
+	return fmt.Errorf("a '%s' with features {%s} is required", drv.Platform, strings.Join(required, ", "))
+}
+
 // Builder builds derivations for every caller of one store. It is safe
 // for concurrent use.
 type Builder struct {
@@ -227,6 +287,10 @@ func New(cfg Config, st *store.Store) (*Builder, error) {
 	if cfg.LogLines <= 0 {
 		cfg.LogLines = 10
 	}
+	if cfg.System == "" {
+		cfg.System = DefaultSystem()
+	}
+	cfg.SystemFeatures = slices.Sorted(slices.Values(cfg.SystemFeatures))
 	switch cfg.Sandbox {
 	case "":
 		cfg.Sandbox = SandboxOn

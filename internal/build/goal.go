@@ -423,6 +423,11 @@ func (g *goal) realise(ctx context.Context) Result {
 		return g.failf(MiscFailure, "derivation '%s': closure of the inputs: %v", drvAbs, err)
 	}
 
+	if err := b.canBuild(g.drv); err != nil {
+		return g.failf(MiscFailure, "%v to build '%s', but I am a '%s' with features {%s}",
+			err, drvAbs, b.cfg.System, strings.Join(b.cfg.SystemFeatures, ", "))
+	}
+
 	// The build directory and sandbox are laid out before taking a slot,
 	// so slots are held only while builders run.
 	j, fail := g.prepare(ctx, inputs, outPaths)
