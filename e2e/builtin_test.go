@@ -144,7 +144,8 @@ func TestBuiltinBuildenv(t *testing.T) {
 
 // TestBuiltinFetchurl: <nix/fetchurl.nix> downloads through the daemon
 // from an HTTP server of the test, as a file, an executable file and a
-// NAR to unpack; a missing file and a wrong hash fail.
+// NAR to unpack; a missing file, a download that stalls past the build's
+// timeout and a wrong hash fail.
 func TestBuiltinFetchurl(t *testing.T) {
 	t.Parallel()
 	b := startBuildDaemon(t)
@@ -160,6 +161,10 @@ func TestBuiltinFetchurl(t *testing.T) {
 			w.Write(content)
 		case "/dir.nar":
 			w.Write(nar)
+		case "/stall":
+			w.Write(content[:1])
+			w.(http.Flusher).Flush()
+			<-r.Context().Done()
 		default:
 			http.NotFound(w, r)
 		}
@@ -174,6 +179,7 @@ func TestBuiltinFetchurl(t *testing.T) {
   exe = fetchurl { url = "%[1]s/file"; hash = "%[4]s"; executable = true; name = "exe"; };
   dir = fetchurl { url = "%[1]s/dir.nar"; hash = "%[3]s"; unpack = true; };
   missing = fetchurl { url = "%[1]s/missing"; hash = "%[2]s"; };
+  stall = fetchurl { url = "%[1]s/stall"; hash = "%[2]s"; name = "stall"; };
   wrong = fetchurl { url = "%[1]s/file"; hash = "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="; name = "wrong"; };
 }`, srv.URL, sri(content), narHashSRI(t, b, narDir), narHashSRI(t, b, exeFile)))
 
@@ -196,6 +202,10 @@ func TestBuiltinFetchurl(t *testing.T) {
 	stderr := b.nixBuild(append(args, "-A", "missing", "--no-out-link")...).fails(t)
 	if !strings.Contains(stderr, "HTTP error 404") || !strings.Contains(stderr, srv.URL+"/missing") {
 		t.Errorf("missing file: stderr:\n%s", stderr)
+	}
+	stderr = b.nixBuild(append(args, "-A", "stall", "--no-out-link", "--timeout", "1")...).fails(t)
+	if !strings.Contains(stderr, "timed out after 1 seconds") {
+		t.Errorf("stalled download with --timeout 1: stderr:\n%s", stderr)
 	}
 	stderr = b.nixBuild(append(args, "-A", "wrong", "--no-out-link")...).fails(t)
 	if !strings.Contains(stderr, "hash mismatch in fixed-output derivation") {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path"
@@ -41,18 +42,35 @@ var builtins = map[string]builtinFunc{
 	"unpack-channel": builtinUnpackChannel,
 }
 
+// errBuiltinTimeout ends a builtin that ran longer than the timeout.
+var errBuiltinTimeout = errors.New("builtin timed out")
+
 // runBuiltin runs the job's builtin builder in the daemon. As with Nix,
 // whose builtins run in the forked builder process, a failure is the
 // builder's: its message goes to the build log and the build fails with
-// exit code 1.
-func (j *job) runBuiltin(ctx context.Context) (syscall.WaitStatus, error) {
+// exit code 1. The build's timeout applies (max-silent-time does not:
+// builtins print next to nothing).
+func (j *job) runBuiltin(ctx context.Context, opts ClientOptions) (syscall.WaitStatus, error) {
 	logLine := func(line string) {
 		b := []byte(line + "\n")
 		j.logFile.Write(b)
 		j.handleOutput(b)
 	}
+	if _, timeout := j.timeouts(opts); timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeoutCause(ctx, timeout, errBuiltinTimeout)
+		defer cancel()
+		defer func() {
+			if context.Cause(ctx) == errBuiltinTimeout {
+				j.timedOut = fmt.Sprintf("%s timed out after %d seconds", j.g.name, int(timeout.Seconds()))
+			}
+		}()
+	}
 	err := j.builtinErr(ctx, logLine)
 	if err != nil {
+		if context.Cause(ctx) == errBuiltinTimeout {
+			return 0, nil // j.timedOut says why
+		}
 		if ctx.Err() != nil {
 			return 0, fmt.Errorf("building '%s': %w", j.drvAbs, ctx.Err())
 		}
@@ -236,17 +254,38 @@ func (v *storeView) readDir(p string) ([]os.DirEntry, error) {
 	return os.ReadDir(h)
 }
 
-// readFile reads file p (following symlinks).
-func (v *storeView) readFile(p string) ([]byte, error) {
-	canon, _, err := v.stat(p)
+// readFile reads file p (following symlinks), which may hold at most
+// limit bytes.
+func (v *storeView) readFile(p string, limit int64) ([]byte, error) {
+	canon, st, err := v.stat(p)
 	if err != nil {
 		return nil, err
+	}
+	if st.Size > limit {
+		return nil, fmt.Errorf("reading '%s': larger than %d bytes", p, limit)
 	}
 	h, err := v.host(canon)
 	if err != nil {
 		return nil, err
 	}
-	return os.ReadFile(h)
+	f, err := os.Open(h)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, limit+1))
+	if err == nil && int64(len(data)) > limit {
+		err = fmt.Errorf("reading '%s': larger than %d bytes", p, limit)
+	}
+	return data, err
+}
+
+// mkdirOutput makes the output directory of a builtin. Nothing may be
+// there: without the sandbox, build users can create entries in the store
+// directory, and a symlink planted at the output path must not lead the
+// daemon to write elsewhere. Once made, only the daemon can write in it.
+func mkdirOutput(p string) error {
+	return os.Mkdir(p, 0o755)
 }
 
 // errnoIs reports whether err carries one of errnos.

@@ -1,7 +1,9 @@
 package build
 
 import (
+	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"os"
@@ -40,7 +42,7 @@ func builtinBuildenv(ctx context.Context, j *job, v *storeView, warn func(string
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(outHost, 0o755); err != nil {
+	if err := mkdirOutput(outHost); err != nil {
 		return fmt.Errorf("creating directory '%s': %w", out, err)
 	}
 	e := &envBuilder{ctx: ctx, v: v, warn: warn, priorities: map[string]int{}}
@@ -71,11 +73,11 @@ func parseBuildenvPackages(s string) ([]buildenvPackage, error) {
 			return nil, fmt.Errorf("attribute 'derivations': truncated package entry %q", strings.Join(words, " "))
 		}
 		active := words[0] != "false"
-		priority, err := strconv.Atoi(words[1])
+		priority, err := atoiPrefix(words[1])
 		if err != nil {
 			return nil, fmt.Errorf("attribute 'derivations': priority %q: %w", words[1], err)
 		}
-		n, err := strconv.Atoi(words[2])
+		n, err := atoiPrefix(words[2])
 		if err != nil || n < 0 || n > len(words)-3 {
 			return nil, fmt.Errorf("attribute 'derivations': bad number of outputs %q", words[2])
 		}
@@ -86,6 +88,28 @@ func parseBuildenvPackages(s string) ([]buildenvPackage, error) {
 	}
 	return pkgs, nil
 }
+
+// atoiPrefix reads a number as C++'s stoi does: leading white space, an
+// optional sign and digits, anything after them ignored, within 32 bits.
+func atoiPrefix(s string) (int, error) {
+	t := strings.TrimLeft(s, " \t\n\r\f\v")
+	end := 0
+	if end < len(t) && (t[end] == '+' || t[end] == '-') {
+		end++
+	}
+	for end < len(t) && t[end] >= '0' && t[end] <= '9' {
+		end++
+	}
+	n, err := strconv.ParseInt(t[:end], 10, 32)
+	if err != nil {
+		return 0, errors.New("not a number")
+	}
+	return int(n), nil
+}
+
+// maxPropagatedList bounds a package's propagated-user-env-packages, a
+// list of store paths: a larger file is not one.
+const maxPropagatedList = 1 << 20
 
 // envBuilder makes one user environment.
 type envBuilder struct {
@@ -105,10 +129,7 @@ func (e *envBuilder) build(out string, pkgs []buildenvPackage) error {
 	e.done, e.postponed = map[string]bool{}, map[string]bool{}
 	// Highest priority first, so that fewer links are replaced.
 	slices.SortStableFunc(pkgs, func(a, b buildenvPackage) int {
-		if a.priority != b.priority {
-			return a.priority - b.priority
-		}
-		return strings.Compare(a.path, b.path)
+		return cmp.Or(cmp.Compare(a.priority, b.priority), strings.Compare(a.path, b.path))
 	})
 	for _, p := range pkgs {
 		if p.active {
@@ -141,7 +162,7 @@ func (e *envBuilder) addPackage(out, pkg string, priority int) error {
 	if err := e.link(pkg, out, priority); err != nil {
 		return err
 	}
-	data, err := e.v.readFile(pkg + "/nix-support/propagated-user-env-packages")
+	data, err := e.v.readFile(pkg+"/nix-support/propagated-user-env-packages", maxPropagatedList)
 	if err != nil {
 		if errnoIs(err, unix.ENOENT, unix.ENOTDIR) {
 			return nil

@@ -2,6 +2,7 @@ package build
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -11,8 +12,10 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/nixyard/nixyard/internal/nar"
+	"github.com/nixyard/nixyard/internal/nix/derivation"
 	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/substitute"
 )
@@ -38,8 +41,12 @@ func builtinFetchurl(ctx context.Context, j *job, v *storeView, warn func(string
 		return err
 	}
 	o := j.g.drv.Outputs["out"]
-	if o.Hash == "" {
+	if kind, _ := j.g.drv.Kind(); kind != derivation.FixedOutput {
 		return errors.New("builtin:fetchurl builds only fixed-output derivations in nixyard")
+	}
+	hashMode, err := j.attr("outputHashMode")
+	if err != nil {
+		return err
 	}
 	outHost, err := v.host(out)
 	if err != nil {
@@ -50,8 +57,10 @@ func builtinFetchurl(ctx context.Context, j *job, v *storeView, warn func(string
 	executable := env["executable"] == "1"
 	auth := readNetrc(j.g.b.cfg.NetrcFile)
 	client := &http.Client{Transport: &http.Transport{
-		Proxy:           http.ProxyFromEnvironment,
-		TLSClientConfig: &tls.Config{InsecureSkipVerify: true}, // the hash is checked
+		Proxy:                 http.ProxyFromEnvironment,
+		TLSClientConfig:       &tls.Config{InsecureSkipVerify: true}, // the hash is checked
+		DisableKeepAlives:     true,                                  // one download per build
+		ResponseHeaderTimeout: stalledDownloadTimeout,
 	}}
 	fetch := func(u string) error {
 		if err := removeTree(outHost); err != nil {
@@ -81,27 +90,33 @@ func builtinFetchurl(ctx context.Context, j *job, v *storeView, warn func(string
 		}
 		return nil
 	}
-	if env["outputHashMode"] == "flat" {
+	if algo, err := hash.ParseAlgo(o.HashAlgo); hashMode == "flat" && err == nil {
 		for _, m := range j.g.b.cfg.HashedMirrors {
-			algo, err := hash.ParseAlgo(o.HashAlgo)
-			if err != nil {
-				break
-			}
 			if !strings.HasSuffix(m, "/") {
 				m += "/"
 			}
-			if err := fetch(m + algo.String() + "/" + o.Hash); err == nil {
+			err := fetch(m + algo.String() + "/" + o.Hash)
+			if err == nil {
 				return nil
-			} else {
-				j.g.b.log.Debug("hashed mirror failed", "drv", j.drvAbs, "mirror", m, "err", err)
 			}
+			j.g.b.log.Debug("hashed mirror failed", "drv", j.drvAbs, "mirror", m, "err", err)
 		}
 	}
 	return fetch(mainURL)
 }
 
-// download GETs u and hands the body to use.
+// stalledDownloadTimeout ends a download that receives nothing for that
+// long (Nix's stalled-download-timeout default). A variable for tests.
+var stalledDownloadTimeout = 300 * time.Second
+
+// download GETs u and hands the body to use. A download that stalls for
+// stalledDownloadTimeout fails.
 func download(ctx context.Context, client *http.Client, auth netrc, u string, use func(io.Reader) error) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	stalled := fmt.Errorf("unable to download '%s': no data for %v", u, stalledDownloadTimeout)
+	watchdog := time.AfterFunc(stalledDownloadTimeout, func() { cancel(stalled) })
+	defer watchdog.Stop()
 	pu, err := url.Parse(u)
 	if err != nil {
 		return fmt.Errorf("unable to download '%s': %w", u, err)
@@ -124,10 +139,28 @@ func download(ctx context.Context, client *http.Client, auth netrc, u string, us
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("unable to download '%s': HTTP error %d", u, resp.StatusCode)
 	}
-	if err := use(resp.Body); err != nil {
+	body := &progressReader{r: resp.Body, progress: func() { watchdog.Reset(stalledDownloadTimeout) }}
+	if err := use(body); err != nil {
+		if cause := context.Cause(ctx); cause == stalled {
+			return stalled
+		}
 		return fmt.Errorf("unable to download '%s': %w", u, err)
 	}
 	return nil
+}
+
+// progressReader calls progress after every read that returned data.
+type progressReader struct {
+	r        io.Reader
+	progress func()
+}
+
+func (p *progressReader) Read(b []byte) (int, error) {
+	n, err := p.r.Read(b)
+	if n > 0 {
+		p.progress()
+	}
+	return n, err
 }
 
 // writeNewFile writes r to a new file at p.
@@ -168,7 +201,7 @@ func readNetrc(p string) netrc {
 	if err != nil {
 		return n
 	}
-	sc := bufio.NewScanner(strings.NewReader(string(data)))
+	sc := bufio.NewScanner(bytes.NewReader(data))
 	sc.Split(bufio.ScanWords)
 	var machine string
 	var inEntry bool

@@ -1,10 +1,16 @@
 package build
 
 import (
+	"context"
 	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -92,8 +98,14 @@ func TestStoreView(t *testing.T) {
 	if _, err := v.readDir(a + "/to-c"); !errnoIs(err, unix.ENOENT) {
 		t.Errorf("readDir of an invisible path: %v", err)
 	}
-	if _, err := v.readFile(a + "/to-host"); !errnoIs(err, unix.ENOENT) {
+	if _, err := v.readFile(a+"/to-host", 1<<20); !errnoIs(err, unix.ENOENT) {
 		t.Errorf("readFile of a host file: %v", err)
+	}
+	if data, err := v.readFile(a+"/file", 1); err != nil || string(data) != "x" {
+		t.Errorf("readFile: %q, %v", data, err)
+	}
+	if _, err := v.readFile(a+"/file", 0); err == nil {
+		t.Error("readFile of a file over the limit: no error")
 	}
 }
 
@@ -130,5 +142,42 @@ func TestReadNetrc(t *testing.T) {
 	}
 	if _, ok := readNetrc(filepath.Join(t.TempDir(), "missing")).lookup("x"); ok {
 		t.Error("a missing netrc has logins")
+	}
+}
+
+// TestMkdirOutput: a symlink planted at the output path (by a build user,
+// without the sandbox) is not followed.
+func TestMkdirOutput(t *testing.T) {
+	dir := t.TempDir()
+	elsewhere := filepath.Join(dir, "elsewhere")
+	out := filepath.Join(dir, "out")
+	if err := os.Symlink(elsewhere, out); err != nil {
+		t.Fatal(err)
+	}
+	if err := mkdirOutput(out); err == nil {
+		t.Error("no error")
+	}
+	if _, err := os.Lstat(elsewhere); err == nil {
+		t.Error("the symlink was followed")
+	}
+}
+
+// TestDownloadStalls: a download that stops sending fails, naming the
+// URL, instead of holding its build forever.
+func TestDownloadStalls(t *testing.T) {
+	defer func(d time.Duration) { stalledDownloadTimeout = d }(stalledDownloadTimeout)
+	stalledDownloadTimeout = 200 * time.Millisecond
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte("some"))
+		w.(http.Flusher).Flush()
+		<-r.Context().Done()
+	}))
+	defer srv.Close()
+	err := download(context.Background(), srv.Client(), netrc{}, srv.URL+"/f", func(r io.Reader) error {
+		_, err := io.Copy(io.Discard, r)
+		return err
+	})
+	if err == nil || !strings.Contains(err.Error(), srv.URL+"/f") || !strings.Contains(err.Error(), "no data for") {
+		t.Errorf("stalled download: %v", err)
 	}
 }

@@ -33,7 +33,7 @@ func builtinUnpackChannel(ctx context.Context, j *job, v *storeView, warn func(s
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(outHost, 0o755); err != nil {
+	if err := mkdirOutput(outHost); err != nil {
 		return fmt.Errorf("creating directory '%s': %w", out, err)
 	}
 	canon, _, err := v.stat(src)

@@ -212,7 +212,7 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 	var status syscall.WaitStatus
 	var runErr error
 	if j.builtin {
-		status, runErr = j.runBuiltin(ctx)
+		status, runErr = j.runBuiltin(ctx, opts)
 	} else {
 		status, runErr = j.execute(ctx, j.spec, opts)
 	}
@@ -319,7 +319,6 @@ func (j *job) environment() ([]string, error) {
 // the log and the callers, enforces the timeouts, and returns its wait
 // status. runErr is an error starting it (nothing ran).
 func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (status syscall.WaitStatus, runErr error) {
-	b := j.g.b
 	pr, pw, err := os.Pipe()
 	if err != nil {
 		return 0, err
@@ -390,14 +389,7 @@ func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (s
 		return 0, fmt.Errorf("while setting up the build environment of '%s': %s", j.drvAbs, bytes.TrimSpace(setupMsg))
 	}
 
-	// Timeouts.
-	maxSilent, timeout := b.cfg.MaxSilentTime, b.cfg.Timeout
-	if opts.MaxSilentTime > 0 {
-		maxSilent = opts.MaxSilentTime
-	}
-	if opts.Timeout > 0 {
-		timeout = opts.Timeout
-	}
+	maxSilent, timeout := j.timeouts(opts)
 	var mu sync.Mutex
 	onTimeout := func(msg string) {
 		mu.Lock()
@@ -462,6 +454,20 @@ func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (s
 		return 0, fmt.Errorf("building '%s': %w", j.drvAbs, ctx.Err())
 	}
 	return cmd.ProcessState.Sys().(syscall.WaitStatus), nil
+}
+
+// timeouts are the build's max-silent-time and timeout: the caller's if
+// it set them, else the daemon's; 0 means none.
+func (j *job) timeouts(opts ClientOptions) (maxSilent, timeout time.Duration) {
+	cfg := j.g.b.cfg
+	maxSilent, timeout = cfg.MaxSilentTime, cfg.Timeout
+	if opts.MaxSilentTime > 0 {
+		maxSilent = opts.MaxSilentTime
+	}
+	if opts.Timeout > 0 {
+		timeout = opts.Timeout
+	}
+	return maxSilent, timeout
 }
 
 // handleOutput splits builder output into lines as Nix does: '\r' moves

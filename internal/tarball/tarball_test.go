@@ -34,7 +34,7 @@ func tarOf(t testing.TB, headers ...tar.Header) []byte {
 func TestUnpackHostile(t *testing.T) {
 	for name, data := range map[string][]byte{
 		"dot-dot":           tarOf(t, tar.Header{Name: "top/../../evil", Typeflag: tar.TypeReg}),
-		"absolute":          tarOf(t, tar.Header{Name: "/evil", Typeflag: tar.TypeReg}),
+		"over a directory":  tarOf(t, tar.Header{Name: "d/", Typeflag: tar.TypeDir}, tar.Header{Name: "d", Typeflag: tar.TypeReg}),
 		"through a symlink": tarOf(t, tar.Header{Name: "l", Typeflag: tar.TypeSymlink, Linkname: ".."}, tar.Header{Name: "l/evil", Typeflag: tar.TypeReg}),
 		"hard link out":     tarOf(t, tar.Header{Name: "h", Typeflag: tar.TypeLink, Linkname: "../outside"}),
 		"hard link to a symlink": tarOf(t, tar.Header{Name: "l", Typeflag: tar.TypeSymlink, Linkname: "../outside"},
@@ -75,6 +75,11 @@ func TestUnpack(t *testing.T) {
 		tar.Header{Name: "top/sub/file", Typeflag: tar.TypeReg, Mode: 0o755},
 		tar.Header{Name: "top/link", Typeflag: tar.TypeSymlink, Linkname: "sub/file"},
 		tar.Header{Name: "top/hard", Typeflag: tar.TypeLink, Linkname: "top/sub/file"},
+		// As libarchive for Nix: a leading "/" is dropped, and a later
+		// entry replaces an earlier one.
+		tar.Header{Name: "/abs", Typeflag: tar.TypeReg},
+		tar.Header{Name: "dup", Typeflag: tar.TypeSymlink, Linkname: "x"},
+		tar.Header{Name: "dup", Typeflag: tar.TypeReg},
 	)
 	if err := Unpack(context.Background(), bytes.NewReader(data), dest); err != nil {
 		t.Fatal(err)
@@ -88,6 +93,12 @@ func TestUnpack(t *testing.T) {
 	}
 	if got, err := os.ReadFile(filepath.Join(dest, "top/hard")); err != nil || string(got) != "top/sub/file" {
 		t.Errorf("hard link: %q, %v", got, err)
+	}
+	if got, err := os.ReadFile(filepath.Join(dest, "abs")); err != nil || string(got) != "/abs" {
+		t.Errorf("absolute name: %q, %v", got, err)
+	}
+	if got, err := os.ReadFile(filepath.Join(dest, "dup")); err != nil || string(got) != "dup" {
+		t.Errorf("duplicate entry: %q, %v", got, err)
 	}
 }
 
