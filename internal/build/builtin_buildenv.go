@@ -111,8 +111,16 @@ func atoiPrefix(s string) (int, error) {
 // list of store paths: a larger file is not one.
 const maxPropagatedList = 1 << 20
 
+// maxEnvEntries bounds the links and directories of one user
+// environment. Directories that link back to their parents, merged from
+// two packages, would otherwise make the merge go on until the daemon
+// ran out of memory (in Nix, it is the builder process that would). A
+// variable for tests.
+var maxEnvEntries = 1 << 20
+
 // envBuilder makes one user environment.
 type envBuilder struct {
+	entries    int // links and directories made
 	ctx        context.Context
 	v          *storeView
 	warn       func(string, ...any)
@@ -240,6 +248,9 @@ func (e *envBuilder) link(src, dst string, priority int) error {
 				if err := os.Remove(dstHost); err != nil {
 					return fmt.Errorf("unlinking '%s': %w", dstFile, err)
 				}
+				if err := e.count(); err != nil {
+					return err
+				}
 				if err := os.Mkdir(dstHost, 0o755); err != nil {
 					return fmt.Errorf("creating directory '%s': %w", dstFile, err)
 				}
@@ -272,10 +283,21 @@ func (e *envBuilder) link(src, dst string, priority int) error {
 				return fmt.Errorf("collision between non-directory '%s' and directory '%s'", srcFile, dstFile)
 			}
 		}
+		if err := e.count(); err != nil {
+			return err
+		}
 		if err := os.Symlink(srcFile, dstHost); err != nil {
 			return fmt.Errorf("creating symlink '%s': %w", dstFile, err)
 		}
 		e.priorities[dstFile] = priority
+	}
+	return nil
+}
+
+// count counts one more entry of the environment.
+func (e *envBuilder) count() error {
+	if e.entries++; e.entries > maxEnvEntries {
+		return fmt.Errorf("the user environment would have more than %d files", maxEnvEntries)
 	}
 	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -179,5 +180,40 @@ func TestDownloadStalls(t *testing.T) {
 	})
 	if err == nil || !strings.Contains(err.Error(), srv.URL+"/f") || !strings.Contains(err.Error(), "no data for") {
 		t.Errorf("stalled download: %v", err)
+	}
+}
+
+// TestBuildenvBounds: directories that link back to themselves, merged
+// from two packages, end at the symlink limit (as stat(2) does for Nix);
+// an environment over the size bound fails.
+func TestBuildenvBounds(t *testing.T) {
+	defer func(n int) { maxEnvEntries = n }(maxEnvEntries)
+	maxEnvEntries = 1000
+	build := func(t *testing.T, files int) error {
+		real := t.TempDir()
+		v := &storeView{dir: "/nix/store", visible: map[storepath.Path]string{}}
+		var pkgs []buildenvPackage
+		for _, base := range []string{viewA, viewB} {
+			p, _ := storepath.ParseBase(base)
+			v.visible[p] = filepath.Join(real, base)
+			os.MkdirAll(filepath.Join(real, base, "d"), 0o755)
+			os.Symlink(".", filepath.Join(real, base, "d", "x"))
+			os.Symlink(".", filepath.Join(real, base, "d", "y"))
+			for i := range files {
+				os.WriteFile(filepath.Join(real, base, "d", base[:1]+strconv.Itoa(i)), nil, 0o644)
+			}
+			pkgs = append(pkgs, buildenvPackage{path: "/nix/store/" + base, active: true, priority: 5})
+		}
+		out, _ := storepath.ParseBase("33333333333333333333333333333333-env")
+		v.visible[out] = filepath.Join(real, out.String())
+		os.Mkdir(v.visible[out], 0o755)
+		e := &envBuilder{ctx: context.Background(), v: v, warn: t.Logf, priorities: map[string]int{}}
+		return e.build("/nix/store/"+out.String(), pkgs)
+	}
+	if err := build(t, 0); !errnoIs(err, unix.ELOOP) {
+		t.Errorf("merging looping directories: %v", err)
+	}
+	if err := build(t, 600); err == nil || !strings.Contains(err.Error(), "more than 1000 files") {
+		t.Errorf("an environment over the bound: %v", err)
 	}
 }
