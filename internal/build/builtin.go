@@ -111,18 +111,42 @@ func (j *job) attr(name string) (string, error) {
 	return v, nil
 }
 
-// outAttr returns the "out" attribute, which must name the output being
-// built: the builtin writes there.
-func (j *job) outAttr() (string, error) {
-	out, err := j.attr("out")
-	if err != nil {
-		return "", err
+// attrs returns the derivation's environment variables names, which
+// must all be set.
+func (j *job) attrs(names ...string) ([]string, error) {
+	vals := make([]string, len(names))
+	for i, n := range names {
+		var err error
+		if vals[i], err = j.attr(n); err != nil {
+			return nil, err
+		}
+	}
+	return vals, nil
+}
+
+// output returns the "out" attribute, which must name the output being
+// built, and where that is on the host: the builtin writes there.
+func (j *job) output(v *storeView) (out, host string, err error) {
+	if out, err = j.attr("out"); err != nil {
+		return "", "", err
 	}
 	p, ok := j.outputs["out"]
 	if !ok || out != j.g.b.abs(p) {
-		return "", fmt.Errorf("attribute 'out' (%q) is not an output being built", out)
+		return "", "", fmt.Errorf("attribute 'out' (%q) is not an output being built", out)
 	}
-	return out, nil
+	host, err = v.host(out)
+	return out, host, err
+}
+
+// outputDir is output, with the output made a directory (mkdirOutput).
+func (j *job) outputDir(v *storeView) (out, host string, err error) {
+	if out, host, err = j.output(v); err != nil {
+		return "", "", err
+	}
+	if err := mkdirOutput(host); err != nil {
+		return "", "", fmt.Errorf("creating directory '%s': %w", out, err)
+	}
+	return out, host, nil
 }
 
 // storeView is the file system as a sandboxed builder sees it: below the

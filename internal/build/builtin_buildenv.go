@@ -22,28 +22,18 @@ import (
 // "derivations" (for each package: active, priority, the number of
 // output paths, the paths) and "manifest" (linked as manifest.nix).
 func builtinBuildenv(ctx context.Context, j *job, v *storeView, warn func(string, ...any)) error {
-	out, err := j.outAttr()
+	a, err := j.attrs("derivations", "manifest")
 	if err != nil {
 		return err
 	}
-	spec, err := j.attr("derivations")
-	if err != nil {
-		return err
-	}
-	manifest, err := j.attr("manifest")
-	if err != nil {
-		return err
-	}
+	spec, manifest := a[0], a[1]
 	pkgs, err := parseBuildenvPackages(spec)
 	if err != nil {
 		return err
 	}
-	outHost, err := v.host(out)
+	out, outHost, err := j.outputDir(v)
 	if err != nil {
 		return err
-	}
-	if err := mkdirOutput(outHost); err != nil {
-		return fmt.Errorf("creating directory '%s': %w", out, err)
 	}
 	e := &envBuilder{ctx: ctx, v: v, warn: warn, priorities: map[string]int{}}
 	if err := e.build(out, pkgs); err != nil {

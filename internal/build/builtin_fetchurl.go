@@ -32,23 +32,16 @@ import (
 // sandbox without network) and only over http and https: a file:// URL
 // would let any client read the daemon's files into the store.
 func builtinFetchurl(ctx context.Context, j *job, v *storeView, warn func(string, ...any)) error {
-	out, err := j.outAttr()
-	if err != nil {
-		return err
-	}
-	mainURL, err := j.attr("url")
-	if err != nil {
-		return err
-	}
-	o := j.g.drv.Outputs["out"]
 	if kind, _ := j.g.drv.Kind(); kind != derivation.FixedOutput {
 		return errors.New("builtin:fetchurl builds only fixed-output derivations in nixyard")
 	}
-	hashMode, err := j.attr("outputHashMode")
+	a, err := j.attrs("url", "outputHashMode")
 	if err != nil {
 		return err
 	}
-	outHost, err := v.host(out)
+	mainURL, hashMode := a[0], a[1]
+	o := j.g.drv.Outputs["out"]
+	out, outHost, err := j.output(v)
 	if err != nil {
 		return err
 	}

@@ -14,27 +14,17 @@ import (
 // output and renames the one top-level entry it must hold to
 // "channelName".
 func builtinUnpackChannel(ctx context.Context, j *job, v *storeView, warn func(string, ...any)) error {
-	out, err := j.outAttr()
+	a, err := j.attrs("channelName", "src")
 	if err != nil {
 		return err
 	}
-	name, err := j.attr("channelName")
-	if err != nil {
-		return err
-	}
+	name, src := a[0], a[1]
 	if name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/\x00") {
 		return fmt.Errorf("attribute 'channelName': %q is not a file name", name)
 	}
-	src, err := j.attr("src")
+	_, outHost, err := j.outputDir(v)
 	if err != nil {
 		return err
-	}
-	outHost, err := v.host(out)
-	if err != nil {
-		return err
-	}
-	if err := mkdirOutput(outHost); err != nil {
-		return fmt.Errorf("creating directory '%s': %w", out, err)
 	}
 	canon, _, err := v.stat(src)
 	if err != nil {
