@@ -494,3 +494,53 @@ func TestBuildPlatform(t *testing.T) {
 		b.nixBuild(append(args, "-A", "i686", "--no-out-link")...).ok(t)
 	}
 }
+
+// TestBuildPostBuildHook: nix.conf's post-build-hook runs after each
+// build with DRV_PATH, OUT_PATHS and NIX_CONFIG, its output reaches the
+// client, and a failing hook fails the build (whose output stays valid).
+func TestBuildPostBuildHook(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	log := filepath.Join(e.dir, "hook.log")
+	hook := writeFile(t, filepath.Join(e.dir, "hook.sh"), `#!/bin/sh
+echo "drv=$DRV_PATH outs=$OUT_PATHS" >> `+log+`
+printf '%s\n' "$NIX_CONFIG" | grep -q '^post-build-hook = ' && echo "config has the hook" >> `+log+`
+echo hello-from-the-hook
+case "$DRV_PATH" in *hook-fails*) echo failing >&2; exit 3;; esac
+`, 0o755)
+	marks := filepath.Join(e.dir, "marks")
+	mustMkdir(t, marks, 0o777)
+	d := e.startDaemon(t, withConf("sandbox-paths = /marks="+marks, "post-build-hook = "+hook))
+	b := &buildEnv{daemon: d, marks: marks}
+	args := b.expr(t, "hook", `{
+  ok = mk { name = "hooked"; script = "echo > $out"; };
+  fails = mk { name = "hook-fails"; script = "echo > $out"; };
+}`)
+	res := b.nixBuild(append(args, "-A", "ok", "--no-out-link")...).run(t)
+	if res.err != nil {
+		t.Fatalf("build with a hook:\n%s", res)
+	}
+	out := oneLine(t, "ok", res.stdout)
+	if !strings.Contains(res.stderr, "post-build-hook: hello-from-the-hook") {
+		t.Errorf("the hook's output did not reach the client:\n%s", res.stderr)
+	}
+	data, err := os.ReadFile(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := string(data)
+	// Nix 2.8.0 passes an empty OUT_PATHS (fixed in 2.8.1).
+	if !regexp.MustCompile(`drv=/nix/store/[a-z0-9]{32}-hooked\.drv outs=`).MatchString(got) ||
+		(!useStock && !strings.Contains(got, "outs="+out+"\n")) || !strings.Contains(got, "config has the hook") {
+		t.Errorf("the hook's environment:\n%s", got)
+	}
+
+	stderr := b.nixBuild(append(args, "-A", "fails", "--no-out-link")...).fails(t)
+	if !strings.Contains(stderr, "program '"+hook+"' failed with exit code 3") || !strings.Contains(stderr, "post-build-hook: failing") {
+		t.Errorf("failing hook: stderr:\n%s", stderr)
+	}
+	drv := oneLine(t, "drv", b.client("nix-instantiate", append(args, "-A", "fails")...).ok(t))
+	if failed := oneLine(t, "outputs", b.nixStore(t, "-q", "--outputs", drv)); !b.isValid(t, failed) {
+		t.Errorf("the output of the build whose hook failed, %s, is not valid", failed)
+	}
+}

@@ -16,8 +16,8 @@ import (
 // buildConfig reads the daemon's build settings from nix.conf: max-jobs
 // (a number or "auto"; Nix's default 1), cores, sandbox, sandbox-paths,
 // build-users-group, timeout, max-silent-time, keep-failed, log-lines,
-// system, extra-platforms, system-features, and for builtin:fetchurl
-// hashed-mirrors and netrc-file.
+// system, extra-platforms, system-features, post-build-hook, and for
+// builtin:fetchurl hashed-mirrors and netrc-file.
 // A chroot store (--store ROOT) always builds in the sandbox, as Nix.
 func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) (build.Config, error) {
 	cfg := build.Config{
@@ -25,6 +25,8 @@ func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) 
 		SandboxPaths:    s.List("sandbox-paths", nil),
 		System:          s.String("system", build.DefaultSystem()),
 		SystemFeatures:  s.List("system-features", build.DefaultSystemFeatures()),
+		PostBuildHook:   s.String("post-build-hook", ""),
+		NixConfig:       s.Text(),
 		HashedMirrors:   s.List("hashed-mirrors", nil),
 		NetrcFile:       s.String("netrc-file", filepath.Join(layout.ConfDir, "netrc")),
 		ChrootStore:     layout.RealStoreDir != string(layout.StoreDir),

@@ -120,6 +120,12 @@ type Config struct {
 	// SystemFeatures are what the host offers the derivations that
 	// require features (nix.conf system-features), sorted.
 	SystemFeatures []string
+	// PostBuildHook is a program run after every successful build with
+	// the outputs' paths (nix.conf post-build-hook); "" means none.
+	PostBuildHook string
+	// NixConfig is the daemon's configuration as nix.conf text, handed to
+	// the post-build hook in NIX_CONFIG.
+	NixConfig string
 	// HashedMirrors are asked first for builtin:fetchurl's flat fixed
 	// outputs, by hash (nix.conf hashed-mirrors).
 	HashedMirrors []string
@@ -186,6 +192,12 @@ type Progress interface {
 	// BuildsProgress counts this caller's builds: done, expected,
 	// running, failed (Nix's actBuilds progress).
 	BuildsProgress(done, expected, running, failed int)
+	// PostBuildHookStarted: the post-build hook runs after drv's build
+	// ("running post-build-hook '<hook>'"); PostBuildHookLine is a line
+	// of its output; PostBuildHookFinished: it ended.
+	PostBuildHookStarted(drv, hook string)
+	PostBuildHookLine(drv, line string)
+	PostBuildHookFinished(drv string)
 }
 
 // Result is the outcome of one request, with what BuildResult carries.

@@ -242,12 +242,13 @@ func (e *testEnv) readOut(p storepath.Path, rel string) string {
 
 // recorder is a Progress that keeps what it receives.
 type recorder struct {
-	mu       sync.Mutex
-	started  []string
-	lines    []string
-	phases   []string
-	finished map[string]error
-	maxRun   int
+	mu        sync.Mutex
+	started   []string
+	lines     []string
+	phases    []string
+	hookLines []string
+	finished  map[string]error
+	maxRun    int
 }
 
 func (r *recorder) BuildStarted(drv string) {
@@ -273,6 +274,13 @@ func (r *recorder) BuildFinished(drv string, err error) {
 	}
 	r.finished[drv] = err
 }
+func (r *recorder) PostBuildHookStarted(drv, hook string) {}
+func (r *recorder) PostBuildHookLine(drv, line string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.hookLines = append(r.hookLines, line)
+}
+func (r *recorder) PostBuildHookFinished(drv string) {}
 func (r *recorder) BuildsProgress(done, expected, running, failed int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()

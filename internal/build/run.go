@@ -260,7 +260,7 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 		j.keep = keepFailed
 		return f
 	}
-	return nil
+	return j.postBuildHook(ctx)
 }
 
 // environment returns the builder's environment, as Nix 2.8's initEnv.

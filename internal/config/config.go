@@ -10,8 +10,10 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -173,4 +175,14 @@ func (s *Settings) Map() map[string]string {
 		m[k] = v
 	}
 	return m
+}
+
+// Text returns every setting as nix.conf text, one "name = value" line
+// each, sorted by name (what Nix hands a post-build hook in NIX_CONFIG).
+func (s *Settings) Text() string {
+	var b strings.Builder
+	for _, k := range slices.Sorted(maps.Keys(s.values)) {
+		fmt.Fprintf(&b, "%s = %s\n", k, s.values[k])
+	}
+	return b.String()
 }

@@ -14,11 +14,13 @@ const (
 	actCopyPaths = 103
 	actBuilds    = 104
 	actBuild     = 105
+	actPostBuild = 110 // actPostBuildHook
 
-	resBuildLogLine = 101
-	resSetPhase     = 104
-	resProgress     = 105
-	resSetExpected  = 106
+	resBuildLogLine     = 101
+	resSetPhase         = 104
+	resProgress         = 105
+	resSetExpected      = 106
+	resPostBuildLogLine = 107
 )
 
 // buildProgress turns the events of internal/build (build.Progress) into
@@ -41,6 +43,7 @@ type buildProgress struct {
 	mu                           sync.Mutex
 	realise, builds, copyPaths   uint64
 	acts                         map[string]uint64 // running builds: drv -> activity
+	hooks                        map[string]uint64 // running post-build hooks: drv -> activity
 	failures                     []buildFailure
 	done, expected, run, nFailed int
 	closed                       bool
@@ -54,7 +57,7 @@ type buildFailure struct {
 
 // newBuildProgress starts the Worker's three activities.
 func newBuildProgress(tun *tunnel) *buildProgress {
-	p := &buildProgress{tun: tun, acts: map[string]uint64{}}
+	p := &buildProgress{tun: tun, acts: map[string]uint64{}, hooks: map[string]uint64{}}
 	p.realise = tun.StartActivity(lvlError, actRealise, "", nil, 0)
 	p.builds = tun.StartActivity(lvlError, actBuilds, "", nil, 0)
 	p.copyPaths = tun.StartActivity(lvlError, actCopyPaths, "", nil, 0)
@@ -133,6 +136,34 @@ func (p *buildProgress) BuildFinished(drv string, err error) {
 	}
 }
 
+// PostBuildHookStarted implements build.Progress.
+func (p *buildProgress) PostBuildHookStarted(drv, hook string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.closed {
+		p.hooks[drv] = p.tun.StartActivity(lvlInfo, actPostBuild, fmt.Sprintf("running post-build-hook '%s'", hook), []field{drv}, 0)
+	}
+}
+
+// PostBuildHookLine implements build.Progress.
+func (p *buildProgress) PostBuildHookLine(drv, line string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if id, ok := p.hooks[drv]; ok && !p.closed {
+		p.tun.Result(id, resPostBuildLogLine, []field{line})
+	}
+}
+
+// PostBuildHookFinished implements build.Progress.
+func (p *buildProgress) PostBuildHookFinished(drv string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if id, ok := p.hooks[drv]; ok && !p.closed {
+		delete(p.hooks, drv)
+		p.tun.StopActivity(id)
+	}
+}
+
 // logFailures logs the failed builds other than those in top, as Nix
 // logs the error of a goal that others waited for (Goal::amDone) while
 // the error of a requested goal becomes the op's error.
@@ -155,9 +186,11 @@ func (p *buildProgress) close() {
 		return
 	}
 	p.closed = true
-	for drv, id := range p.acts {
-		p.tun.StopActivity(id)
-		delete(p.acts, drv)
+	for _, m := range []map[string]uint64{p.hooks, p.acts} {
+		for drv, id := range m {
+			p.tun.StopActivity(id)
+			delete(m, drv)
+		}
 	}
 	p.tun.StopActivity(p.copyPaths)
 	p.tun.StopActivity(p.builds)
