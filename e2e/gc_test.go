@@ -295,3 +295,42 @@ func inode(t *testing.T, p string) uint64 {
 	}
 	return st.Ino
 }
+
+// TestGCKeepSettings: the daemon's keep-outputs keeps the outputs of a
+// rooted derivation, and keep-derivations = false lets the derivation of
+// a rooted output go, as with Nix; by default it is the other way round.
+func TestGCKeepSettings(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name             string
+		conf             []string
+		outKept, drvKept bool
+	}{
+		{"defaults", nil, false, true},
+		{"keep-outputs", []string{"keep-outputs = true", "keep-derivations = false"}, true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := startBuildDaemon(t, tc.conf...)
+			args := b.expr(t, "keep", `{
+  a = mk { name = "keep-a"; script = "echo a > $out"; };
+  b = mk { name = "keep-b"; script = "echo b > $out"; };
+}`)
+			// Roots: a's derivation, b's output.
+			rootA := filepath.Join(b.dir, "root-a")
+			if got := oneLine(t, "drv", b.client("nix-instantiate", append(args, "-A", "a", "--add-root", rootA)...).ok(t)); got != rootA {
+				t.Fatalf("nix-instantiate --add-root printed %q", got)
+			}
+			outA := oneLine(t, "a", b.nixBuild(append(args, "-A", "a", "--no-out-link")...).ok(t))
+			outB := oneLine(t, "b", b.nixBuild(append(args, "-A", "b", "--no-out-link")...).ok(t))
+			drvB := oneLine(t, "deriver", b.nixStore(t, "-q", "--deriver", outB))
+			b.nixStore(t, "--add-root", filepath.Join(b.dir, "root-b"), "--indirect", "-r", outB)
+			b.nixStore(t, "--gc")
+			if got := b.isValid(t, outA); got != tc.outKept {
+				t.Errorf("output of the rooted derivation valid: %v, want %v", got, tc.outKept)
+			}
+			if got := b.isValid(t, drvB); got != tc.drvKept {
+				t.Errorf("derivation of the rooted output valid: %v, want %v", got, tc.drvKept)
+			}
+		})
+	}
+}

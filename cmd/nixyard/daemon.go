@@ -155,14 +155,24 @@ func runDaemon(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	keepOutputs, err := settings.Bool("keep-outputs", false)
+	if err != nil {
+		return err
+	}
+	keepDerivations, err := settings.Bool("keep-derivations", true)
+	if err != nil {
+		return err
+	}
 	st, err := store.Open(ctx, store.Config{
-		StoreDir:          layout.StoreDir,
-		RealStoreDir:      layout.RealStoreDir,
-		StateDir:          layout.StateDir,
-		LogDir:            layout.LogDir,
-		TrustedPublicKeys: settings.List("trusted-public-keys", []string{"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="}),
-		RequireSigs:       requireSigs,
-		Logger:            logger,
+		StoreDir:           layout.StoreDir,
+		RealStoreDir:       layout.RealStoreDir,
+		StateDir:           layout.StateDir,
+		LogDir:             layout.LogDir,
+		TrustedPublicKeys:  settings.List("trusted-public-keys", []string{"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="}),
+		RequireSigs:        requireSigs,
+		KeepOutputs:        keepOutputs,
+		DiscardDerivations: !keepDerivations,
+		Logger:             logger,
 	})
 	if err != nil {
 		return fmt.Errorf("opening store %s: %w", layout.RealStoreDir, err)

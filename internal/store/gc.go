@@ -17,12 +17,6 @@ import (
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
 
-// Nix's defaults for keep-derivations and keep-outputs.
-const (
-	gcKeepDerivations = true
-	gcKeepOutputs     = false
-)
-
 // gcRun is the state of a running collection that temporary roots added
 // meanwhile (by our sessions or through the socket) must reach.
 type gcRun struct {
@@ -73,7 +67,8 @@ type collector struct {
 // other processes add meanwhile; roots are the permanent roots, runtime
 // roots and temporary roots of all live processes; a path is live if a
 // root reaches it through references, or (keep-derivations, on by default)
-// a live output reaches its deriver's .drv. Paths are deleted referrers
+// a live output reaches its deriver's .drv, or (keep-outputs) a live .drv
+// its outputs. Paths are deleted referrers
 // first. DeleteDead stops once more than MaxFreed bytes were freed (0 frees
 // nothing, as Nix); DeleteSpecific refuses a live path.
 func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg string)) (*GCResult, error) {
@@ -89,7 +84,7 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 		dead: map[storepath.Path]bool{}, toDelete: map[storepath.Path]bool{},
 		referrers: map[storepath.Path][]storepath.Path{}, res: &GCResult{},
 		del:      opts.Action == GCDeleteDead || opts.Action == GCDeleteSpecific,
-		keepDrvs: gcKeepDerivations, keepOutput: gcKeepOutputs,
+		keepDrvs: !s.cfg.DiscardDerivations, keepOutput: s.cfg.KeepOutputs,
 	}
 	for _, p := range opts.Paths {
 		c.toDelete[p] = true

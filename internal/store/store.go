@@ -40,7 +40,12 @@ type Config struct {
 	LogDir            string        // real path: ROOT/nix/var/log/nix, or NIX_LOG_DIR
 	TrustedPublicKeys []string      // "name:base64", from nix.conf trusted-public-keys
 	RequireSigs       bool          // nix.conf require-sigs (Nix default true)
-	Logger            *slog.Logger
+	// KeepOutputs (nix.conf keep-outputs) makes the garbage collector keep
+	// the outputs of live derivations; DiscardDerivations (nix.conf
+	// keep-derivations = false) stops it keeping the derivations of live
+	// outputs, which Nix does by default.
+	KeepOutputs, DiscardDerivations bool
+	Logger                          *slog.Logger
 }
 
 // schemaVersion is the database schema version of Nix 2.8 (nixSchemaVersion).
