@@ -544,3 +544,27 @@ case "$DRV_PATH" in *hook-fails*) echo failing >&2; exit 3;; esac
 		t.Errorf("the output of the build whose hook failed, %s, is not valid", failed)
 	}
 }
+
+// TestBuildSigned: with secret-key-files, the daemon signs what it
+// builds, as Nix does, and the signature verifies with the public key.
+func TestBuildSigned(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	sk, pk := filepath.Join(e.dir, "sk"), filepath.Join(e.dir, "pk")
+	e.cmd("nix-store", "--generate-binary-cache-key", "builder-1", sk, pk).ok(t)
+	marks := filepath.Join(e.dir, "marks")
+	mustMkdir(t, marks, 0o777)
+	d := e.startDaemon(t, withConf("sandbox-paths = /marks="+marks, "secret-key-files = "+sk))
+	b := &buildEnv{daemon: d, marks: marks}
+	args := b.expr(t, "signed", `{ out = mk { name = "signed"; script = "echo > $out"; }; }`)
+	out := oneLine(t, "out", b.nixBuild(append(args, "-A", "out", "--no-out-link")...).ok(t))
+	info := parsePathInfos(t, "path-info", b.nix(t, "path-info", "--json", out))[out]
+	if len(info.Signatures) != 1 || !strings.HasPrefix(info.Signatures[0], "builder-1:") {
+		t.Errorf("signatures of the built path: %q", info.Signatures)
+	}
+	key, err := os.ReadFile(pk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.nix(t, "store", "verify", "--sigs-needed", "1", "--trusted-public-keys", strings.TrimSpace(string(key)), out)
+}

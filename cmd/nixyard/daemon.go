@@ -13,6 +13,7 @@ import (
 	"github.com/nixyard/nixyard/internal/build"
 	"github.com/nixyard/nixyard/internal/config"
 	"github.com/nixyard/nixyard/internal/daemon"
+	"github.com/nixyard/nixyard/internal/nix/signature"
 	"github.com/nixyard/nixyard/internal/realise"
 	"github.com/nixyard/nixyard/internal/store"
 	"github.com/nixyard/nixyard/internal/timerslack"
@@ -163,6 +164,10 @@ func runDaemon(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	secretKeys, err := readSecretKeys(settings.List("secret-key-files", nil))
+	if err != nil {
+		return err
+	}
 	st, err := store.Open(ctx, store.Config{
 		StoreDir:           layout.StoreDir,
 		RealStoreDir:       layout.RealStoreDir,
@@ -172,6 +177,7 @@ func runDaemon(ctx context.Context, args []string) error {
 		RequireSigs:        requireSigs,
 		KeepOutputs:        keepOutputs,
 		DiscardDerivations: !keepDerivations,
+		SecretKeys:         secretKeys,
 		Logger:             logger,
 	})
 	if err != nil {
@@ -243,4 +249,22 @@ func listen(path string) (net.Listener, error) {
 		return nil, fmt.Errorf("socket %s: %w", path, err)
 	}
 	return l, nil
+}
+
+// readSecretKeys reads nix.conf secret-key-files: files each holding one
+// "name:base64" secret key, with which the daemon signs what it builds.
+func readSecretKeys(files []string) ([]signature.SecretKey, error) {
+	var keys []signature.SecretKey
+	for _, f := range files {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			return nil, fmt.Errorf("nix.conf: secret-key-files: %w", err)
+		}
+		k, err := signature.ParseSecretKey(strings.TrimSpace(string(data)))
+		if err != nil {
+			return nil, fmt.Errorf("nix.conf: secret-key-files: %s: %w", f, err)
+		}
+		keys = append(keys, k)
+	}
+	return keys, nil
 }

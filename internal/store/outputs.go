@@ -161,6 +161,7 @@ func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs
 				return nil, err
 			}
 		}
+		s.sign(&info)
 		if src != dest {
 			if err := removeAll(dest); err != nil {
 				return nil, fmt.Errorf("store: deleting leftover %s: %w", dest, err)

@@ -29,6 +29,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nixyard/nixyard/internal/nix/signature"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
 
@@ -45,7 +46,9 @@ type Config struct {
 	// keep-derivations = false) stops it keeping the derivations of live
 	// outputs, which Nix does by default.
 	KeepOutputs, DiscardDerivations bool
-	Logger                          *slog.Logger
+	// SecretKeys sign the outputs of builds (nix.conf secret-key-files).
+	SecretKeys []signature.SecretKey
+	Logger     *slog.Logger
 }
 
 // schemaVersion is the database schema version of Nix 2.8 (nixSchemaVersion).
