@@ -287,6 +287,31 @@ func TestOptimise(t *testing.T) {
 	}
 }
 
+// TestAutoOptimise: with auto-optimise-store, identical files of paths
+// added through the daemon (nix-store --add) and of its builds' outputs
+// share one inode as they arrive; contents stay verifiable.
+func TestAutoOptimise(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t, "auto-optimise-store = true")
+	same := string(randomBytes(t, 64<<10))
+	one := oneLine(t, "add", b.nixStore(t, "--add", b.mkTree(t, "opt/one", tree{"same.bin": same, "one.txt": "one"})))
+	two := oneLine(t, "add", b.nixStore(t, "--add", b.mkTree(t, "opt/two", tree{"same.bin": same, "two.txt": "two"})))
+	f1, f2 := filepath.Join(b.realPath(one), "same.bin"), filepath.Join(b.realPath(two), "same.bin")
+	if inode(t, f1) != inode(t, f2) {
+		t.Errorf("%s and %s are not hard-linked", f1, f2)
+	}
+	// A build whose two outputs hold the same bytes.
+	args := b.expr(t, "opt", `{ out = mk { name = "opt"; outputs = [ "out" "dup" ];
+  script = "echo same-bytes-"+"${nonce} > $out; echo same-bytes-"+"${nonce} > $dup"; }; }`)
+	b.nixBuild(append(args, "-A", "out", "--no-out-link")...).ok(t)
+	drv := oneLine(t, "drv", b.client("nix-instantiate", append(args, "-A", "out")...).ok(t))
+	outs := lines(b.nixStore(t, "-q", "--outputs", drv))
+	if len(outs) != 2 || inode(t, b.realPath(outs[0])) != inode(t, b.realPath(outs[1])) {
+		t.Errorf("the build's identical outputs %q are not hard-linked", outs)
+	}
+	assertVerifyClean(t, b.nixStoreRun(t, "--verify", "--check-contents"))
+}
+
 func inode(t *testing.T, p string) uint64 {
 	t.Helper()
 	var st syscall.Stat_t

@@ -164,6 +164,10 @@ func runDaemon(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	autoOptimise, err := settings.Bool("auto-optimise-store", false)
+	if err != nil {
+		return err
+	}
 	secretKeys, err := readSecretKeys(settings.List("secret-key-files", nil))
 	if err != nil {
 		return err
@@ -178,6 +182,7 @@ func runDaemon(ctx context.Context, args []string) error {
 		KeepOutputs:        keepOutputs,
 		DiscardDerivations: !keepDerivations,
 		SecretKeys:         secretKeys,
+		AutoOptimise:       autoOptimise,
 		Logger:             logger,
 	})
 	if err != nil {

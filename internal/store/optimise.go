@@ -61,6 +61,25 @@ func (s *Store) OptimiseStore(ctx context.Context, onLinked func(bytesFreed, blo
 	return nil
 }
 
+// optimisePaths hard-links the files of new paths (trees on the host) to
+// identical ones
+// already in the store (nix.conf auto-optimise-store), before they are
+// made durable and registered. A failure costs only the saving: it is
+// logged, and the paths are added as they are.
+func (s *Store) optimisePaths(trees []string) {
+	links := s.realDir + "/.links"
+	if err := os.MkdirAll(links, 0o755); err != nil {
+		s.log.Warn("cannot optimise new paths", "err", err)
+		return
+	}
+	o := optimiser{s: s, links: links, inodes: map[uint64]bool{}}
+	for _, t := range trees {
+		if err := o.optimise(context.Background(), t); err != nil {
+			s.log.Warn("cannot optimise new path", "path", t, "err", err)
+		}
+	}
+}
+
 type optimiser struct {
 	s        *Store
 	links    string

@@ -46,6 +46,9 @@ type Config struct {
 	// keep-derivations = false) stops it keeping the derivations of live
 	// outputs, which Nix does by default.
 	KeepOutputs, DiscardDerivations bool
+	// AutoOptimise hard-links the files of every new path to identical
+	// files already in the store (nix.conf auto-optimise-store).
+	AutoOptimise bool
 	// SecretKeys sign the outputs of builds (nix.conf secret-key-files).
 	SecretKeys []signature.SecretKey
 	Logger     *slog.Logger
