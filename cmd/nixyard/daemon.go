@@ -136,6 +136,9 @@ func runDaemon(ctx context.Context, args []string) error {
 	for _, kv := range opts.overrides {
 		settings.Set(kv[0], kv[1])
 	}
+	for _, name := range config.Unimplemented(settings) {
+		logger.Warn("nix.conf setting not implemented by nixyard; ignored", "setting", name)
+	}
 	if opts.stdio && opts.root == "" {
 		// As nix-daemon --stdio: a user who cannot write the store is
 		// forwarded to the daemon, which decides their trust.

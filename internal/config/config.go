@@ -104,18 +104,50 @@ func (s *Settings) parse(text, source, dir string, depth int) error {
 	return nil
 }
 
-// Set sets name to value. "extra-NAME" appends to NAME's list, as in Nix.
+// aliases are the old names Nix 2.8 still accepts for its settings.
+var aliases = map[string]string{
+	"build-fallback":           "fallback",
+	"build-max-jobs":           "max-jobs",
+	"build-cores":              "cores",
+	"build-max-silent-time":    "max-silent-time",
+	"build-timeout":            "timeout",
+	"build-use-substitutes":    "substitute",
+	"build-keep-log":           "keep-build-log",
+	"build-compress-log":       "compress-build-log",
+	"build-max-log-size":       "max-build-log-size",
+	"gc-keep-outputs":          "keep-outputs",
+	"gc-keep-derivations":      "keep-derivations",
+	"env-keep-derivations":     "keep-env-derivations",
+	"build-use-chroot":         "sandbox",
+	"build-use-sandbox":        "sandbox",
+	"build-chroot-dirs":        "sandbox-paths",
+	"build-sandbox-paths":      "sandbox-paths",
+	"build-repeat":             "repeat",
+	"binary-cache-public-keys": "trusted-public-keys",
+	"binary-caches":            "substituters",
+	"trusted-binary-caches":    "trusted-substituters",
+}
+
+// Set sets name to value. "extra-NAME" appends to NAME's list, as in Nix
+// (extra-platforms is a setting of its own); old names are aliases of
+// the current ones.
 func (s *Settings) Set(name, value string) {
 	if s.values == nil {
 		s.values = map[string]string{}
 	}
-	if base, ok := strings.CutPrefix(name, "extra-"); ok {
+	base, extra := strings.CutPrefix(name, "extra-")
+	if name == "extra-platforms" {
+		base, extra = name, false
+	}
+	if canon, ok := aliases[base]; ok {
+		base = canon
+	}
+	if extra {
 		if old := s.values[base]; old != "" {
 			value = old + " " + value
 		}
-		name = base
 	}
-	s.values[name] = value
+	s.values[base] = value
 }
 
 // Lookup returns the raw value of name and whether it is set.
@@ -185,4 +217,41 @@ func (s *Settings) Text() string {
 		fmt.Fprintf(&b, "%s = %s\n", k, s.values[k])
 	}
 	return b.String()
+}
+
+// unimplemented are settings nix-daemon acts on that nixyard does not,
+// with the values that make them no-ops (Nix's defaults, where nixyard
+// behaves the same): remote builders, hooks other than post-build-hook,
+// build log limits, automatic collection by free space, repeated builds
+// and sandbox details.
+var unimplemented = map[string][]string{
+	"builders":                 {""},
+	"builders-use-substitutes": {"false"},
+	"pre-build-hook":           {""},
+	"diff-hook":                {""},
+	"run-diff-hook":            {"false"},
+	"max-build-log-size":       {"0"},
+	"keep-build-log":           {"true"},
+	"min-free":                 {"0"},
+	"max-free":                 {"-1", "18446744073709551615", "9223372036854775807"},
+	"repeat":                   {"0"},
+	"enforce-determinism":      {"true"},
+	"sandbox-fallback":         {"true"},
+	"sandbox-dev-shm-size":     {"50%"},
+	"allowed-impure-host-deps": {""},
+	"impersonate-linux-26":     {"false"},
+	"allow-new-privileges":     {"false"},
+}
+
+// Unimplemented lists, sorted, the settings of s that nix-daemon would
+// act on and nixyard ignores: those set to anything but a no-op value.
+func Unimplemented(s *Settings) []string {
+	var names []string
+	for name, noops := range unimplemented {
+		if v, ok := s.Lookup(name); ok && !slices.Contains(noops, strings.TrimSpace(v)) {
+			names = append(names, name)
+		}
+	}
+	slices.Sort(names)
+	return names
 }

@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 )
 
@@ -83,5 +84,41 @@ func TestLayout(t *testing.T) {
 	l = NewLayout("/r", func(k string) string { return env[k] })
 	if l.StoreDir != "/st" || l.RealStoreDir != "/r/st" || l.LogDir != "/r/nix/var/log/nix" {
 		t.Errorf("chroot layout with NIX_STORE_DIR, NIX_LOG_DIR %+v", l)
+	}
+}
+
+// TestAliases: Nix's old setting names set the current ones, extra- works
+// with them too, and extra-platforms is a setting of its own.
+func TestAliases(t *testing.T) {
+	var s Settings
+	s.Set("build-max-jobs", "4")
+	s.Set("binary-caches", "http://a")
+	s.Set("extra-binary-caches", "http://b")
+	s.Set("gc-keep-outputs", "true")
+	s.Set("extra-platforms", "i686-linux")
+	s.Set("extra-extra-platforms", "aarch64-linux")
+	for name, want := range map[string]string{
+		"max-jobs":        "4",
+		"substituters":    "http://a http://b",
+		"keep-outputs":    "true",
+		"extra-platforms": "i686-linux aarch64-linux",
+	} {
+		if got, ok := s.Lookup(name); !ok || got != want {
+			t.Errorf("%s = %q (set %v), want %q", name, got, ok, want)
+		}
+	}
+	if _, ok := s.Lookup("platforms"); ok {
+		t.Error("extra-platforms set a setting named platforms")
+	}
+}
+
+func TestUnimplemented(t *testing.T) {
+	var s Settings
+	s.Set("builders", "")                // a no-op
+	s.Set("max-jobs", "4")               // implemented
+	s.Set("pre-build-hook", "/bin/hook") // ignored
+	s.Set("build-repeat", "2")           // an alias of an ignored one
+	if got := strings.Join(Unimplemented(&s), " "); got != "pre-build-hook repeat" {
+		t.Errorf("Unimplemented: %q", got)
 	}
 }
