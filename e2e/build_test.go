@@ -568,3 +568,37 @@ func TestBuildSigned(t *testing.T) {
 	}
 	b.nix(t, "store", "verify", "--sigs-needed", "1", "--trusted-public-keys", strings.TrimSpace(string(key)), out)
 }
+
+// TestBuildSyscallFilter: as with Nix, builders cannot make setuid or
+// setgid files and run with no_new_privs, unless filter-syscalls and
+// allow-new-privileges say otherwise.
+func TestBuildSyscallFilter(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name string
+		conf []string
+		want string
+	}{
+		{"default", nil, "setuid-refused setgid-refused plain-ok NoNewPrivs: 1"},
+		{"off", []string{"filter-syscalls = false", "allow-new-privileges = true"}, "setuid-ok setgid-ok plain-ok NoNewPrivs: 0"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := startBuildDaemon(t, tc.conf...)
+			args := b.expr(t, "filter", `{ out = mk { name = "filter"; script = ''
+  echo x > f
+  if chmod 4755 f 2>/dev/null; then echo setuid-ok; else echo setuid-refused; fi > $out
+  if chmod 2755 f 2>/dev/null; then echo setgid-ok; else echo setgid-refused; fi >> $out
+  chmod 755 f && echo plain-ok >> $out
+  grep NoNewPrivs /proc/self/status >> $out
+''; }; }`)
+			out := oneLine(t, "out", b.nixBuild(append(args, "-A", "out", "--no-out-link")...).ok(t))
+			data, err := os.ReadFile(b.realPath(out))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := strings.Join(strings.Fields(string(data)), " "); got != tc.want {
+				t.Errorf("builder saw %q, want %q", got, tc.want)
+			}
+		})
+	}
+}

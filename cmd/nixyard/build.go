@@ -16,7 +16,8 @@ import (
 // buildConfig reads the daemon's build settings from nix.conf: max-jobs
 // (a number or "auto"; Nix's default 1), cores, sandbox, sandbox-paths,
 // build-users-group, timeout, max-silent-time, keep-failed, log-lines,
-// system, extra-platforms, system-features, post-build-hook, and for
+// system, extra-platforms, system-features, post-build-hook,
+// filter-syscalls, allow-new-privileges, and for
 // builtin:fetchurl hashed-mirrors and netrc-file.
 // A chroot store (--store ROOT) always builds in the sandbox, as Nix.
 func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) (build.Config, error) {
@@ -71,9 +72,21 @@ func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) 
 		}
 		*x.dst = time.Duration(n) * time.Second
 	}
-	var err error
-	if cfg.KeepFailed, err = s.Bool("keep-failed", false); err != nil {
-		return cfg, fmt.Errorf("nix.conf: keep-failed: %w", err)
+	bools := []struct {
+		name string
+		dst  *bool
+		def  bool
+	}{{"keep-failed", &cfg.KeepFailed, false}, {"allow-new-privileges", &cfg.AllowNewPrivileges, false}}
+	for _, x := range bools {
+		var err error
+		if *x.dst, err = s.Bool(x.name, x.def); err != nil {
+			return cfg, fmt.Errorf("nix.conf: %w", err)
+		}
 	}
+	filter, err := s.Bool("filter-syscalls", true)
+	if err != nil {
+		return cfg, fmt.Errorf("nix.conf: %w", err)
+	}
+	cfg.NoSyscallFilter = !filter
 	return cfg, nil
 }

@@ -120,6 +120,11 @@ type Config struct {
 	// SystemFeatures are what the host offers the derivations that
 	// require features (nix.conf system-features), sorted.
 	SystemFeatures []string
+	// NoSyscallFilter turns off the seccomp filter that keeps builders
+	// from making setuid or setgid files and extended attributes (nix.conf
+	// filter-syscalls = false); AllowNewPrivileges lets builders gain
+	// privileges through setuid programs (nix.conf allow-new-privileges).
+	NoSyscallFilter, AllowNewPrivileges bool
 	// PostBuildHook is a program run after every successful build with
 	// the outputs' paths (nix.conf post-build-hook); "" means none.
 	PostBuildHook string

@@ -3,11 +3,15 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <net/if.h>
 #include <netinet/in.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -156,6 +160,7 @@ static int nyb_write_proc(pid_t pid, const char *name, const char *data) {
 // process reads from the spec as it mounts them.
 struct nyb_spec {
 	int sandbox, private_net;
+	int filter_syscalls, no_new_privs;
 	int uid, gid, host_uid, host_gid;
 	char *root, *dir, *builder, *input_store, *input_dir;
 	char **args, **env, **inputs;
@@ -396,6 +401,91 @@ static void nyb_setup_sandbox(const struct nyb_spec *s) {
 	prctl(PR_SET_PDEATHSIG, 9 /* SIGKILL */, 0, 0, 0);
 }
 
+// The system calls Nix's seccomp filter refuses builders, per
+// architecture: changing a mode to one with the setuid or setgid bit
+// (EPERM: the mode is argument mode_arg), and setting extended attributes
+// or ACLs, which a NAR cannot hold (ENOTSUP: mode_arg is -1).
+struct nyb_rule {
+	int nr, mode_arg;
+};
+static const struct nyb_rule nyb_x86_64[] = {
+	{90, 1}, {91, 1}, {268, 2}, {452, 2}, // chmod, fchmod, fchmodat, fchmodat2
+	{188, -1}, {189, -1}, {190, -1}, {463, -1}, // setxattr, lsetxattr, fsetxattr, setxattrat
+	{0, 0},
+};
+static const struct nyb_rule nyb_i386[] = {
+	{15, 1}, {94, 1}, {306, 2}, {452, 2},
+	{226, -1}, {227, -1}, {228, -1}, {463, -1},
+	{0, 0},
+};
+static const struct nyb_rule nyb_aarch64[] = {
+	{52, 1}, {53, 2}, {452, 2},
+	{5, -1}, {6, -1}, {7, -1}, {463, -1},
+	{0, 0},
+};
+
+#define NYB_MAX_FILTER 256
+
+static struct sock_filter nyb_filter[NYB_MAX_FILTER];
+static int nyb_filter_len;
+
+static void nyb_emit(struct sock_filter f) {
+	if (nyb_filter_len == NYB_MAX_FILTER)
+		nyb_fail("seccomp filter too long");
+	nyb_filter[nyb_filter_len++] = f;
+}
+
+// nyb_emit_arch emits the checks for one architecture: when the
+// architecture matches, the rules decide and everything else is allowed;
+// when it does not, the program goes on after the block. mask clears
+// the x32 bit of x86_64 system call numbers.
+static void nyb_emit_arch(unsigned arch, const struct nyb_rule *rules, unsigned mask) {
+	int check = nyb_filter_len;
+	nyb_emit((struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, arch, 0, 0)); // jf patched below
+	nyb_emit((struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)));
+	nyb_emit((struct sock_filter)BPF_STMT(BPF_ALU | BPF_AND | BPF_K, mask));
+	for (const struct nyb_rule *r = rules; r->nr; r++) {
+		if (r->mode_arg < 0) {
+			nyb_emit((struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, r->nr, 0, 1));
+			nyb_emit((struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOTSUP));
+			continue;
+		}
+		// The mode's low 32 bits (little-endian), masked with 06000.
+		nyb_emit((struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, r->nr, 0, 5));
+		nyb_emit((struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[r->mode_arg])));
+		nyb_emit((struct sock_filter)BPF_STMT(BPF_ALU | BPF_AND | BPF_K, S_ISUID | S_ISGID));
+		nyb_emit((struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, 1));
+		nyb_emit((struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW));
+		nyb_emit((struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM));
+	}
+	nyb_emit((struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW));
+	int skip = nyb_filter_len - check - 1;
+	if (skip > 255)
+		nyb_fail("seccomp filter block too long");
+	nyb_filter[check].jf = skip;
+	// The next block starts by reloading the architecture.
+	nyb_emit((struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)));
+}
+
+// nyb_seccomp sets no_new_privs unless allow-new-privileges, and loads
+// the filter of Nix's setupSeccomp unless filter-syscalls is off.
+static void nyb_seccomp(const struct nyb_spec *s) {
+	if (s->no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+		nyb_fail("setting no_new_privs: %s", strerror(errno));
+	if (!s->filter_syscalls)
+		return;
+	nyb_filter_len = 0;
+	nyb_emit((struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)));
+	nyb_emit_arch(AUDIT_ARCH_X86_64, nyb_x86_64, ~0x40000000u);
+	nyb_emit_arch(AUDIT_ARCH_I386, nyb_i386, ~0u);
+	nyb_emit_arch(AUDIT_ARCH_AARCH64, nyb_aarch64, ~0u);
+	nyb_emit((struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW));
+	struct sock_fprog prog = {.len = nyb_filter_len, .filter = nyb_filter};
+	if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0) < 0)
+		nyb_fail("unable to load seccomp BPF program: %s (set filter-syscalls = false to build without it)",
+			 strerror(errno));
+}
+
 // nyb_exec_builder runs the builder (in the sandbox, if any).
 static void nyb_exec_builder(const struct nyb_spec *s) {
 	if (chdir(s->dir) < 0)
@@ -404,6 +494,7 @@ static void nyb_exec_builder(const struct nyb_spec *s) {
 	if (cur != -1)
 		personality(cur | ADDR_NO_RANDOMIZE);
 	umask(022);
+	nyb_seccomp(s);
 	execve(s->builder, s->args, s->env);
 	nyb_fail("executing '%s': %s", s->builder, strerror(errno));
 }
@@ -425,6 +516,8 @@ __attribute__((constructor)) static void nixyard_build_helper(int argc, char **a
 	long slack = nyb_num();
 	if (slack > 0) // for the builder and every process of the sandbox
 		prctl(PR_SET_TIMERSLACK, (unsigned long)slack, 0, 0, 0);
+	s.filter_syscalls = nyb_num() != 0;
+	s.no_new_privs = nyb_num() != 0;
 	s.dir = nyb_next();
 	s.builder = nyb_next();
 	s.args = nyb_list();

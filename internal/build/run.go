@@ -119,11 +119,13 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		return fail("building '%s': %v", j.drvAbs, err)
 	}
 	j.spec = initSpec{
-		Builder:    g.drv.Builder,
-		Args:       append([]string{path.Base(g.drv.Builder)}, g.drv.Args...),
-		Env:        env,
-		Dir:        j.tmpDir,
-		TimerSlack: timerslack.Inherited(),
+		Builder:         g.drv.Builder,
+		Args:            append([]string{path.Base(g.drv.Builder)}, g.drv.Args...),
+		Env:             env,
+		Dir:             j.tmpDir,
+		TimerSlack:      timerslack.Inherited(),
+		FilterSyscalls:  !b.cfg.NoSyscallFilter,
+		NoNewPrivileges: !b.cfg.AllowNewPrivileges,
 	}
 	if j.sandbox {
 		if err := j.prepareChroot(&j.spec); err != nil {

@@ -46,6 +46,11 @@ type initSpec struct {
 	// TimerSlack is the builder's timer slack in nanoseconds (0: the
 	// daemon's): what the daemon started with, before it widened its own.
 	TimerSlack int
+	// FilterSyscalls loads Nix's seccomp filter before the builder runs:
+	// no setuid or setgid modes, no extended attributes (nix.conf
+	// filter-syscalls). NoNewPrivileges sets no_new_privs (unless nix.conf
+	// allow-new-privileges).
+	FilterSyscalls, NoNewPrivileges bool
 }
 
 type bindMount struct {
@@ -75,6 +80,8 @@ func (s *initSpec) encode() ([]byte, error) {
 	num(s.HostUID)
 	num(s.HostGID)
 	num(s.TimerSlack)
+	flag(s.FilterSyscalls)
+	flag(s.NoNewPrivileges)
 	str(s.Dir)
 	str(s.Builder)
 	num(len(s.Args))
@@ -97,7 +104,7 @@ func (s *initSpec) encode() ([]byte, error) {
 		str(m.Target)
 		flag(m.ReadOnly)
 	}
-	if bytes.Count(b, []byte{0}) != 16+len(s.Args)+len(s.Env)+len(s.Inputs)+3*len(s.Binds) {
+	if bytes.Count(b, []byte{0}) != 18+len(s.Args)+len(s.Env)+len(s.Inputs)+3*len(s.Binds) {
 		return nil, errors.New("an argument, environment variable or path of the builder contains a NUL byte")
 	}
 	return b, nil

@@ -240,7 +240,6 @@ var unimplemented = map[string][]string{
 	"sandbox-dev-shm-size":     {"50%"},
 	"allowed-impure-host-deps": {""},
 	"impersonate-linux-26":     {"false"},
-	"allow-new-privileges":     {"false"},
 }
 
 // Unimplemented lists, sorted, the settings of s that nix-daemon would
