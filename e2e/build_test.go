@@ -602,3 +602,15 @@ func TestBuildSyscallFilter(t *testing.T) {
 		})
 	}
 }
+
+// TestBuildLogLimit: a builder that writes more log than
+// max-build-log-size is killed, as Nix kills it.
+func TestBuildLogLimit(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t, "max-build-log-size = 1000")
+	args := b.expr(t, "loud", `{ out = mk { name = "loud"; script = "i=0; while [ $i -lt 100 ]; do echo line-$i-of-a-loud-builder; i=$((i+1)); done; sleep 60; echo > $out"; }; }`)
+	stderr := b.nixBuild(append(args, "-A", "out", "--no-out-link")...).fails(t)
+	if !regexp.MustCompile(`building of '/nix/store/[a-z0-9]{32}-loud\.drv!out' from \.drv file killed after writing more than 1000 bytes of log output`).MatchString(stderr) {
+		t.Errorf("stderr:\n%s", stderr)
+	}
+}

@@ -83,6 +83,11 @@ func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) 
 			return cfg, fmt.Errorf("nix.conf: %w", err)
 		}
 	}
+	maxLog, err := s.Int("max-build-log-size", 0)
+	if err != nil || maxLog < 0 {
+		return cfg, fmt.Errorf("nix.conf: max-build-log-size: not a non-negative number: %v", err)
+	}
+	cfg.MaxLogSize = maxLog
 	filter, err := s.Bool("filter-syscalls", true)
 	if err != nil {
 		return cfg, fmt.Errorf("nix.conf: %w", err)

@@ -103,6 +103,9 @@ type Config struct {
 	MaxSilentTime, Timeout time.Duration
 	// KeepFailed keeps the build directory of failed builds.
 	KeepFailed bool
+	// MaxLogSize kills a builder that writes more than that many bytes of
+	// log (nix.conf max-build-log-size); 0 means no limit.
+	MaxLogSize int64
 	// LogLines is how many last log lines a failure message shows (nix.conf
 	// log-lines); 0 means 10.
 	LogLines int

@@ -62,14 +62,14 @@ func (j *job) runBuiltin(ctx context.Context, opts ClientOptions) (syscall.WaitS
 		defer cancel()
 		defer func() {
 			if context.Cause(ctx) == errBuiltinTimeout {
-				j.timedOut = fmt.Sprintf("%s timed out after %d seconds", j.g.name, int(timeout.Seconds()))
+				j.killMsg, j.killStatus = fmt.Sprintf("%s timed out after %d seconds", j.g.name, int(timeout.Seconds())), TimedOut
 			}
 		}()
 	}
 	err := j.builtinErr(ctx, logLine)
 	if err != nil {
 		if context.Cause(ctx) == errBuiltinTimeout {
-			return 0, nil // j.timedOut says why
+			return 0, nil // j.killMsg says why
 		}
 		if ctx.Err() != nil {
 			return 0, fmt.Errorf("building '%s': %w", j.drvAbs, ctx.Err())

@@ -40,24 +40,25 @@ const (
 
 // job is one run of a derivation's builder.
 type job struct {
-	g        *goal
-	drvAbs   string
-	sandbox  bool
-	tmpDir   string // the build directory on the host
-	chroot   string // the sandbox root on the host ("" unsandboxed)
-	user     *buildUser
-	hostUID  int
-	hostGID  int
-	outputs  map[string]storepath.Path // outputs to produce
-	inputs   []storepath.Path          // closure of the inputs
-	logFile  *os.File
-	logTail  []string
-	line     []byte
-	linePos  int
-	timedOut string   // the timeout message, once the builder was killed for one
-	spec     initSpec // what the helper sets up and runs
-	keep     bool     // keep the build directory (a failed build with keep-failed)
-	builtin  bool     // a builtin builder, run in the daemon (builtin.go)
+	g          *goal
+	drvAbs     string
+	sandbox    bool
+	tmpDir     string // the build directory on the host
+	chroot     string // the sandbox root on the host ("" unsandboxed)
+	user       *buildUser
+	hostUID    int
+	hostGID    int
+	outputs    map[string]storepath.Path // outputs to produce
+	inputs     []storepath.Path          // closure of the inputs
+	logFile    *os.File
+	logTail    []string
+	line       []byte
+	linePos    int
+	killMsg    string   // why the builder was killed (a timeout, too much log), once it was
+	killStatus Status   // and the status that gives the build
+	spec       initSpec // what the helper sets up and runs
+	keep       bool     // keep the build directory (a failed build with keep-failed)
+	builtin    bool     // a builtin builder, run in the daemon (builtin.go)
 }
 
 // prepare makes a job for the goal's builder: the build user, the build
@@ -237,9 +238,9 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 	case runErr != nil:
 		j.keep = keepFailed
 		return j.failf(MiscFailure, 0, "%v", runErr)
-	case j.timedOut != "":
+	case j.killMsg != "":
 		j.keep = keepFailed
-		return j.failf(TimedOut, 1, "%s", j.timedOut)
+		return j.failf(j.killStatus, 1, "%s", j.killMsg)
 	case !status.Exited() || status.ExitStatus() != 0:
 		j.keep = keepFailed
 		msg := fmt.Sprintf("builder for '%s' %s", j.drvAbs, statusString(status))
@@ -393,14 +394,15 @@ func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (s
 
 	maxSilent, timeout := j.timeouts(opts)
 	var mu sync.Mutex
-	onTimeout := func(msg string) {
+	onKill := func(st Status, msg string) {
 		mu.Lock()
-		if j.timedOut == "" {
-			j.timedOut = msg
+		if j.killMsg == "" {
+			j.killMsg, j.killStatus = msg, st
 		}
 		mu.Unlock()
 		kill()
 	}
+	onTimeout := func(msg string) { onKill(TimedOut, msg) }
 	var silence *time.Timer
 	if maxSilent > 0 {
 		silence = time.AfterFunc(maxSilent, func() {
@@ -421,11 +423,17 @@ func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (s
 	go func() {
 		defer close(readDone)
 		buf := make([]byte, 32<<10)
+		var logSize int64
+		maxLog := j.g.b.cfg.MaxLogSize
 		for {
 			n, err := pr.Read(buf)
-			if n > 0 {
+			if n > 0 && (maxLog == 0 || logSize <= maxLog) {
 				if silence != nil {
 					silence.Reset(maxSilent)
+				}
+				if logSize += int64(n); maxLog > 0 && logSize > maxLog {
+					onKill(LogLimitExceeded, fmt.Sprintf("%s killed after writing more than %d bytes of log output", j.g.name, maxLog))
+					continue // drain what is left, not logging it
 				}
 				j.logFile.Write(buf[:n])
 				j.handleOutput(buf[:n])
@@ -452,7 +460,7 @@ func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (s
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if ctx.Err() != nil && j.timedOut == "" {
+	if ctx.Err() != nil && j.killMsg == "" {
 		return 0, fmt.Errorf("building '%s': %w", j.drvAbs, ctx.Err())
 	}
 	return cmd.ProcessState.Sys().(syscall.WaitStatus), nil

@@ -230,7 +230,6 @@ var unimplemented = map[string][]string{
 	"pre-build-hook":           {""},
 	"diff-hook":                {""},
 	"run-diff-hook":            {"false"},
-	"max-build-log-size":       {"0"},
 	"keep-build-log":           {"true"},
 	"min-free":                 {"0"},
 	"max-free":                 {"-1", "18446744073709551615", "9223372036854775807"},
