@@ -359,3 +359,28 @@ func TestGCKeepSettings(t *testing.T) {
 		})
 	}
 }
+
+// TestAutoGC: with min-free and max-free, a store low on space collects
+// its garbage before the next path is added, keeping what is rooted. The
+// free space comes from _NIX_TEST_FREE_SPACE_FILE, as in Nix's own tests.
+func TestAutoGC(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	free := writeFile(t, filepath.Join(e.dir, "free"), "100000000", 0o644)
+	d := e.startDaemon(t, withConf("min-free = 1000000", "max-free = 2000000", "min-free-check-interval = 0"),
+		withDaemonEnv("_NIX_TEST_FREE_SPACE_FILE="+free))
+	garbage := oneLine(t, "add", d.nixStore(t, "--add", e.file(t, "garbage", "garbage")))
+	kept := oneLine(t, "add", d.nixStore(t, "--add", e.file(t, "kept", "kept")))
+	d.nixStore(t, "--add-root", filepath.Join(e.dir, "kept-root"), "--indirect", "-r", kept)
+	if !d.isValid(t, garbage) {
+		t.Fatalf("%s collected with plenty of space", garbage)
+	}
+	writeFile(t, free, "500000", 0o644)
+	added := oneLine(t, "add", d.nixStore(t, "--add", e.file(t, "new", "new")))
+	if d.isValid(t, garbage) {
+		t.Errorf("%s not collected with little space left", garbage)
+	}
+	if !d.isValid(t, kept) || !d.isValid(t, added) {
+		t.Errorf("the rooted path %s or the path just added %s was collected", kept, added)
+	}
+}

@@ -8,7 +8,9 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"time"
 
 	"github.com/nixyard/nixyard/internal/build"
 	"github.com/nixyard/nixyard/internal/config"
@@ -167,6 +169,23 @@ func runDaemon(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	minFree, err := settings.Int("min-free", 0)
+	if err != nil || minFree < 0 {
+		return fmt.Errorf("nix.conf: min-free: not a number of bytes: %v", err)
+	}
+	maxFree := uint64(0) // no limit
+	if v := settings.String("max-free", "-1"); v != "-1" {
+		if maxFree, err = strconv.ParseUint(v, 10, 64); err != nil {
+			return fmt.Errorf("nix.conf: max-free: not a number of bytes: %w", err)
+		}
+		if maxFree == 0 {
+			minFree = 0 // nothing to free: no collection
+		}
+	}
+	checkInterval, err := settings.Int("min-free-check-interval", 5)
+	if err != nil || checkInterval < 0 {
+		return fmt.Errorf("nix.conf: min-free-check-interval: not a number of seconds: %v", err)
+	}
 	autoOptimise, err := settings.Bool("auto-optimise-store", false)
 	if err != nil {
 		return err
@@ -176,17 +195,20 @@ func runDaemon(ctx context.Context, args []string) error {
 		return err
 	}
 	st, err := store.Open(ctx, store.Config{
-		StoreDir:           layout.StoreDir,
-		RealStoreDir:       layout.RealStoreDir,
-		StateDir:           layout.StateDir,
-		LogDir:             layout.LogDir,
-		TrustedPublicKeys:  settings.List("trusted-public-keys", []string{"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="}),
-		RequireSigs:        requireSigs,
-		KeepOutputs:        keepOutputs,
-		DiscardDerivations: !keepDerivations,
-		SecretKeys:         secretKeys,
-		AutoOptimise:       autoOptimise,
-		Logger:             logger,
+		StoreDir:             layout.StoreDir,
+		RealStoreDir:         layout.RealStoreDir,
+		StateDir:             layout.StateDir,
+		LogDir:               layout.LogDir,
+		TrustedPublicKeys:    settings.List("trusted-public-keys", []string{"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="}),
+		RequireSigs:          requireSigs,
+		KeepOutputs:          keepOutputs,
+		DiscardDerivations:   !keepDerivations,
+		SecretKeys:           secretKeys,
+		AutoOptimise:         autoOptimise,
+		MinFree:              uint64(minFree),
+		MaxFree:              maxFree,
+		MinFreeCheckInterval: time.Duration(checkInterval) * time.Second,
+		Logger:               logger,
 	})
 	if err != nil {
 		return fmt.Errorf("opening store %s: %w", layout.RealStoreDir, err)

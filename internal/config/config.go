@@ -231,8 +231,6 @@ var unimplemented = map[string][]string{
 	"diff-hook":                {""},
 	"run-diff-hook":            {"false"},
 	"keep-build-log":           {"true"},
-	"min-free":                 {"0"},
-	"max-free":                 {"-1", "18446744073709551615", "9223372036854775807"},
 	"repeat":                   {"0"},
 	"enforce-determinism":      {"true"},
 	"sandbox-fallback":         {"true"},

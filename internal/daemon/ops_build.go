@@ -101,6 +101,7 @@ func (c *conn) realiseTargets(ctx context.Context, targets []store.DerivedPath, 
 	if err != nil {
 		return nil, nil, err
 	}
+	c.st.AutoGC(ctx, false) // as Nix's Worker: free space in the background if the store is low on it
 	prog := c.newProgress()
 	bprog := newBuildProgress(c.tun)
 	results, err := r.Realise(withBuildRequest(ctx, c.buildOptions(mode), bprog), targets, prog)

@@ -46,6 +46,7 @@ func opBuildDerivationHandler(ctx context.Context, c *conn) error {
 			return errors.New("you are not privileged to build input-addressed derivations")
 		}
 	}
+	c.st.AutoGC(ctx, false)
 	prog := newBuildProgress(c.tun)
 	res, err := b.BuildBasic(ctx, drvPath, drv, c.buildOptions(mode), prog)
 	prog.logFailures(map[string]bool{c.dir.Abs(drvPath): true})

@@ -96,6 +96,7 @@ func (s *Store) newBatch(opts AddOptions) *batch {
 // collection hold a Session temporary root on it. Concurrent calls are
 // made durable and registered together (group commit, groupcommit.go).
 func (s *Store) AddToStoreNar(ctx context.Context, info PathInfo, nr io.Reader, opts AddOptions) error {
+	s.AutoGC(ctx, true)
 	b := s.newBatch(opts)
 	defer b.abort()
 	if err := b.add(ctx, info, nr); err != nil {
@@ -115,6 +116,7 @@ func (s *Store) AddToStoreNar(ctx context.Context, info PathInfo, nr io.Reader, 
 // are made durable and registered in batches; paths may refer to earlier
 // paths of the stream. On error, the paths of completed batches stay valid.
 func (s *Store) AddMultipleToStoreNar(ctx context.Context, next func() (PathInfo, io.Reader, error), opts AddOptions) error {
+	s.AutoGC(ctx, true)
 	b := s.newBatch(opts)
 	defer b.abort()
 	if addTiming {
@@ -580,6 +582,7 @@ func sortedSigs(sigs []string) []string {
 // (Text paths may have references; Flat paths and non-sha256 NAR paths
 // may not). If the path is already valid (and !repair) its info is returned.
 func (s *Store) AddToStoreContent(ctx context.Context, name string, method contentaddress.Method, algo hash.Algo, refs []storepath.Path, data io.Reader, repair bool) (*PathInfo, error) {
+	s.AutoGC(ctx, true)
 	if err := storepath.CheckName(name); err != nil {
 		return nil, fmt.Errorf("store: adding %q: %w", name, err)
 	}

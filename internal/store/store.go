@@ -26,6 +26,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -46,6 +47,12 @@ type Config struct {
 	// keep-derivations = false) stops it keeping the derivations of live
 	// outputs, which Nix does by default.
 	KeepOutputs, DiscardDerivations bool
+	// MinFree starts a garbage collection when the store's file system has
+	// less space available, which frees up to MaxFree (nix.conf min-free,
+	// max-free; 0 means none and no limit), checked at most once per
+	// MinFreeCheckInterval (min-free-check-interval).
+	MinFree, MaxFree     uint64
+	MinFreeCheckInterval time.Duration
 	// AutoOptimise hard-links the files of every new path to identical
 	// files already in the store (nix.conf auto-optimise-store).
 	AutoOptimise bool
@@ -77,6 +84,8 @@ type Store struct {
 	commits commitQueue // group commit of single-path additions; see groupcommit.go
 
 	gcMu sync.Mutex // one garbage collection (or optimisation pass) at a time in this process
+
+	autoGC autoGC // see AutoGC
 
 	closeOnce sync.Once
 	closeErr  error

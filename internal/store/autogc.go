@@ -1,0 +1,110 @@
+package store
+
+import (
+	"context"
+	"math"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// autoGC is the state of automatic garbage collection (nix.conf min-free,
+// max-free), as Nix's LocalStore::autoGC keeps it.
+type autoGC struct {
+	mu           sync.Mutex
+	lastCheck    time.Time
+	running      chan struct{} // closed when the running collection ends; nil if none
+	availAfterGC uint64        // space available after the last collection
+	collected    bool          // availAfterGC is set
+}
+
+// AutoGC collects garbage when the store's file system has less than
+// Config.MinFree bytes available, until Config.MaxFree are (Nix's
+// autoGC): at most once per Config.MinFreeCheckInterval, and not again
+// while the last collection freed too little to matter (less than 3 % of
+// space since). The collection runs in the background, honouring every
+// root and temporary root; with wait, AutoGC waits for a running one to
+// end, as Nix does before adding a path. Errors are logged.
+func (s *Store) AutoGC(ctx context.Context, wait bool) {
+	if s.cfg.MinFree == 0 {
+		return
+	}
+	a := &s.autoGC
+	a.mu.Lock()
+	done := a.running
+	if done == nil {
+		done = a.startLocked(s)
+	}
+	a.mu.Unlock()
+	if wait && done != nil {
+		select {
+		case <-done:
+		case <-ctx.Done():
+		}
+	}
+}
+
+// startLocked starts a collection if one is due and returns its done
+// channel (nil if none).
+func (a *autoGC) startLocked(s *Store) chan struct{} {
+	now := time.Now()
+	if now.Sub(a.lastCheck) < s.cfg.MinFreeCheckInterval {
+		return nil
+	}
+	a.lastCheck = now
+	avail, err := s.availableBytes()
+	if err != nil {
+		s.log.Warn("auto-GC: cannot tell the free space", "err", err)
+		return nil
+	}
+	maxFree := s.cfg.MaxFree
+	if maxFree == 0 {
+		maxFree = math.MaxUint64
+	}
+	if avail >= s.cfg.MinFree || avail >= maxFree || (a.collected && float64(avail) > float64(a.availAfterGC)*0.97) {
+		return nil
+	}
+	done := make(chan struct{})
+	a.running = done
+	go func() {
+		defer func() {
+			a.mu.Lock()
+			a.running, a.lastCheck = nil, time.Now()
+			a.mu.Unlock()
+			close(done)
+		}()
+		s.log.Info("running auto-GC", "free", avail, "to_free", maxFree-avail)
+		if _, err := s.CollectGarbage(context.Background(), GCOptions{Action: GCDeleteDead, MaxFreed: maxFree - avail}, nil); err != nil {
+			s.log.Warn("auto-GC failed", "err", err)
+		}
+		after, err := s.availableBytes()
+		if err == nil {
+			a.mu.Lock()
+			a.availAfterGC, a.collected = after, true
+			a.mu.Unlock()
+		}
+	}()
+	return done
+}
+
+// availableBytes is the space available to unprivileged users on the
+// store's file system. The environment variable _NIX_TEST_FREE_SPACE_FILE
+// names a file that says it instead, as for Nix's tests.
+func (s *Store) availableBytes() (uint64, error) {
+	if f := os.Getenv("_NIX_TEST_FREE_SPACE_FILE"); f != "" {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			return 0, err
+		}
+		return strconv.ParseUint(strings.TrimSpace(string(data)), 10, 64)
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(s.realDir, &st); err != nil {
+		return 0, err
+	}
+	return st.Bavail * uint64(st.Bsize), nil
+}
