@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -498,16 +499,32 @@ func TestBuildPlatform(t *testing.T) {
 // TestBuildPostBuildHook: nix.conf's post-build-hook runs after each
 // build with DRV_PATH, OUT_PATHS and NIX_CONFIG, its output reaches the
 // client, and a failing hook fails the build (whose output stays valid).
+// A process the hook leaves running with its output open does not hold
+// the build (nixyard only: nix-daemon waits for it).
 func TestBuildPostBuildHook(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	log := filepath.Join(e.dir, "hook.log")
+	pidFile := filepath.Join(e.dir, "hook-child.pid")
+	// Something left running that holds the hook's output open. (nix-daemon
+	// 2.8 reads the hook's output to its end, so it would wait for it.)
+	leftover := "sleep 600 &\necho $! > " + pidFile + "\n"
+	if useStock {
+		leftover = ""
+	}
 	hook := writeFile(t, filepath.Join(e.dir, "hook.sh"), `#!/bin/sh
 echo "drv=$DRV_PATH outs=$OUT_PATHS" >> `+log+`
 printf '%s\n' "$NIX_CONFIG" | grep -q '^post-build-hook = ' && echo "config has the hook" >> `+log+`
 echo hello-from-the-hook
 case "$DRV_PATH" in *hook-fails*) echo failing >&2; exit 3;; esac
-`, 0o755)
+`+leftover, 0o755)
+	t.Cleanup(func() {
+		if data, err := os.ReadFile(pidFile); err == nil {
+			if pid, err := strconv.Atoi(strings.TrimSpace(string(data))); err == nil {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	})
 	marks := filepath.Join(e.dir, "marks")
 	mustMkdir(t, marks, 0o777)
 	d := e.startDaemon(t, withConf("sandbox-paths = /marks="+marks, "post-build-hook = "+hook))
@@ -580,6 +597,7 @@ func TestBuildSyscallFilter(t *testing.T) {
 		want string
 	}{
 		{"default", nil, "setuid-refused setgid-refused plain-ok NoNewPrivs: 1"},
+		{"new-privileges", []string{"allow-new-privileges = true"}, "setuid-refused setgid-refused plain-ok NoNewPrivs: 0"},
 		{"off", []string{"filter-syscalls = false", "allow-new-privileges = true"}, "setuid-ok setgid-ok plain-ok NoNewPrivs: 0"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

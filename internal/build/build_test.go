@@ -5,7 +5,9 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/nixyard/nixyard/internal/nix/hash"
@@ -152,4 +154,67 @@ func TestEquivalence(t *testing.T) {
 			}
 		}
 	}
+}
+
+// TestBuildUnsandboxedSyscallFilter: without the sandbox, a builder run as
+// a build user gets the seccomp filter too, with or without no_new_privs.
+func TestBuildUnsandboxedSyscallFilter(t *testing.T) {
+	e := newPlainEnv(t)
+	script := `script = ''
+    echo x > f
+    if chmod 4755 f 2>/dev/null; then echo setuid-ok; else echo setuid-refused; fi > $out
+    grep NoNewPrivs /proc/self/status >> $out
+    id -u >> $out
+  '';`
+	drvs := e.instantiate(`{
+  nnp = mk { name = "filter-nnp"; `+script+` };
+  allow = mk { name = "filter-allow"; `+script+` };
+}`, "nnp", "allow")
+	for name, allow := range map[string]bool{"nnp": false, "allow": true} {
+		b := e.builder(Config{Sandbox: SandboxOff, BuildUsersGroup: "nixbld", AllowNewPrivileges: allow})
+		res := e.mustBuild(b, out(drvs[name]))
+		got := strings.Fields(e.readOut(res[0].BuiltOutputs["out"], ""))
+		want := map[bool]string{false: "1", true: "0"}[allow]
+		if len(got) != 4 || got[0] != "setuid-refused" || got[2] != want || got[3] == "0" {
+			t.Errorf("allow-new-privileges %v: builder saw %q", allow, got)
+		}
+	}
+}
+
+// TestBuildKillsLeftovers: without the sandbox, a process the builder
+// left running outside its process group (setsid) is killed when the
+// build ends, as Nix kills every process of the build user.
+func TestBuildKillsLeftovers(t *testing.T) {
+	e := newPlainEnv(t)
+	pidFile := filepath.Join(e.root, "leftover.pid")
+	if err := os.WriteFile(pidFile, nil, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(pidFile, 0o666)
+	drvs := e.instantiate(`{
+  f = mk { name = "leftover"; script = "setsid sleep 600 > /dev/null 2>&1 & echo $! > `+pidFile+`; echo > $out"; };
+}`, "f")
+	b := e.builder(Config{Sandbox: SandboxOff, BuildUsersGroup: "nixbld"})
+	e.mustBuild(b, out(drvs["f"]))
+	data, err := os.ReadFile(pidFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid := strings.TrimSpace(string(data))
+	if pid == "" {
+		t.Fatal("the builder wrote no pid")
+	}
+	status, err := os.ReadFile("/proc/" + pid + "/status")
+	if err == nil && !strings.Contains(string(status), "State:\tZ") {
+		syscall.Kill(atoi(t, pid), syscall.SIGKILL)
+		t.Errorf("the builder's leftover process %s is still running", pid)
+	}
+}
+
+func atoi(t *testing.T, s string) int {
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }

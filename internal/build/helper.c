@@ -161,6 +161,7 @@ static int nyb_write_proc(pid_t pid, const char *name, const char *data) {
 struct nyb_spec {
 	int sandbox, private_net;
 	int filter_syscalls, no_new_privs;
+	int drop_ids; // unsandboxed: become host_uid/host_gid before the builder
 	int uid, gid, host_uid, host_gid;
 	char *root, *dir, *builder, *input_store, *input_dir;
 	char **args, **env, **inputs;
@@ -200,6 +201,7 @@ static void nyb_mount_points(const char *root, const char *input_store, const ch
 
 static void nyb_setup_sandbox(const struct nyb_spec *s);
 static void nyb_exec_builder(const struct nyb_spec *s);
+static void nyb_seccomp(const struct nyb_spec *s);
 
 // nyb_sandbox_child is the sandbox's process: once the helper has written
 // its ID maps it sets up the sandbox and becomes the builder. It shares
@@ -389,6 +391,7 @@ static void nyb_setup_sandbox(const struct nyb_spec *s) {
 		nyb_fail("cannot unmount real root filesystem: %s", strerror(errno));
 	if (rmdir("real-root") < 0)
 		nyb_fail("cannot remove real-root directory: %s", strerror(errno));
+	nyb_seccomp(s);
 	// Raw system calls: one thread, and glibc's wrappers would broadcast
 	// to threads that do not exist anyway.
 	if (syscall(SYS_setgid, gid) < 0)
@@ -423,6 +426,20 @@ static const struct nyb_rule nyb_aarch64[] = {
 	{5, -1}, {6, -1}, {7, -1}, {463, -1},
 	{0, 0},
 };
+static const struct nyb_rule nyb_arm[] = {
+	{15, 1}, {94, 1}, {333, 2}, {452, 2},
+	{226, -1}, {227, -1}, {228, -1}, {463, -1},
+	{0, 0},
+};
+
+// The filter reads the low half of 64-bit arguments at their offset, and
+// covers the system calls of these hosts only (as Nix's does).
+#if (defined(__x86_64__) || defined(__i386__) || defined(__aarch64__) || defined(__arm__)) && \
+	__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define NYB_SECCOMP_SUPPORTED 1
+#else
+#define NYB_SECCOMP_SUPPORTED 0
+#endif
 
 #define NYB_MAX_FILTER 256
 
@@ -467,19 +484,28 @@ static void nyb_emit_arch(unsigned arch, const struct nyb_rule *rules, unsigned 
 	nyb_emit((struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)));
 }
 
-// nyb_seccomp sets no_new_privs unless allow-new-privileges, and loads
-// the filter of Nix's setupSeccomp unless filter-syscalls is off.
+// nyb_seccomp loads the filter of Nix's setupSeccomp, with no_new_privs
+// unless allow-new-privileges, when filter-syscalls is on. It runs while
+// the helper still has its privileges (in the sandbox's user namespace,
+// or as the daemon's user), before it takes the build user's identity:
+// without no_new_privs, loading a filter takes CAP_SYS_ADMIN. System calls
+// of an architecture the filter does not know kill the process, as with
+// libseccomp's default.
 static void nyb_seccomp(const struct nyb_spec *s) {
-	if (s->no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
-		nyb_fail("setting no_new_privs: %s", strerror(errno));
 	if (!s->filter_syscalls)
 		return;
+	if (!NYB_SECCOMP_SUPPORTED)
+		nyb_fail("seccomp is not supported on this platform; you can bypass this error by setting the option "
+			 "'filter-syscalls' to false, but note that untrusted builds can then create setuid binaries!");
+	if (s->no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+		nyb_fail("setting no_new_privs: %s", strerror(errno));
 	nyb_filter_len = 0;
 	nyb_emit((struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)));
 	nyb_emit_arch(AUDIT_ARCH_X86_64, nyb_x86_64, ~0x40000000u);
 	nyb_emit_arch(AUDIT_ARCH_I386, nyb_i386, ~0u);
 	nyb_emit_arch(AUDIT_ARCH_AARCH64, nyb_aarch64, ~0u);
-	nyb_emit((struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW));
+	nyb_emit_arch(AUDIT_ARCH_ARM, nyb_arm, ~0u);
+	nyb_emit((struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS));
 	struct sock_fprog prog = {.len = nyb_filter_len, .filter = nyb_filter};
 	if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0) < 0)
 		nyb_fail("unable to load seccomp BPF program: %s (set filter-syscalls = false to build without it)",
@@ -494,7 +520,16 @@ static void nyb_exec_builder(const struct nyb_spec *s) {
 	if (cur != -1)
 		personality(cur | ADDR_NO_RANDOMIZE);
 	umask(022);
-	nyb_seccomp(s);
+	if (!s->sandbox) {
+		nyb_seccomp(s);
+		if (s->drop_ids) { // to the build user
+			if (syscall(SYS_setgroups, 0, NULL) < 0 || syscall(SYS_setgid, s->host_gid) < 0 ||
+			    syscall(SYS_setuid, s->host_uid) < 0)
+				nyb_fail("changing to the build user: %s", strerror(errno));
+			if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
+				nyb_fail("clearing ambient capabilities: %s", strerror(errno));
+		}
+	}
 	execve(s->builder, s->args, s->env);
 	nyb_fail("executing '%s': %s", s->builder, strerror(errno));
 }
@@ -518,6 +553,7 @@ __attribute__((constructor)) static void nixyard_build_helper(int argc, char **a
 		prctl(PR_SET_TIMERSLACK, (unsigned long)slack, 0, 0, 0);
 	s.filter_syscalls = nyb_num() != 0;
 	s.no_new_privs = nyb_num() != 0;
+	s.drop_ids = nyb_num() != 0;
 	s.dir = nyb_next();
 	s.builder = nyb_next();
 	s.args = nyb_list();

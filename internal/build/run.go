@@ -127,6 +127,11 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		TimerSlack:      timerslack.Inherited(),
 		FilterSyscalls:  !b.cfg.NoSyscallFilter,
 		NoNewPrivileges: !b.cfg.AllowNewPrivileges,
+		// Unsandboxed, the helper takes the build user's identity itself,
+		// once the filter is loaded.
+		DropIDs: !j.sandbox && j.user != nil,
+		HostUID: j.hostUID,
+		HostGID: j.hostGID,
 	}
 	if j.sandbox {
 		if err := j.prepareChroot(&j.spec); err != nil {
@@ -359,9 +364,7 @@ func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (s
 	// helper makes the sandbox's namespaces itself, so this is a plain
 	// (vfork) spawn.
 	attr := &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setsid: true}
-	if !j.sandbox && j.user != nil {
-		attr.Credential = &syscall.Credential{Uid: uint32(j.hostUID), Gid: uint32(j.hostGID), Groups: []uint32{}}
-	}
+
 	cmd.SysProcAttr = attr
 	if err := cmd.Start(); err != nil {
 		pw.Close()
@@ -445,6 +448,13 @@ func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (s
 	}()
 	werr := cmd.Wait()
 	kill() // whatever it left behind
+	if !j.sandbox && j.user != nil {
+		// Processes that left the group: sandboxed, the PID namespace
+		// ended them all.
+		if err := j.user.killAll(); err != nil {
+			return 0, err
+		}
+	}
 	select {
 	case <-readDone:
 	case <-time.After(2 * time.Second):

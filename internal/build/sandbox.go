@@ -48,9 +48,13 @@ type initSpec struct {
 	TimerSlack int
 	// FilterSyscalls loads Nix's seccomp filter before the builder runs:
 	// no setuid or setgid modes, no extended attributes (nix.conf
-	// filter-syscalls). NoNewPrivileges sets no_new_privs (unless nix.conf
-	// allow-new-privileges).
+	// filter-syscalls), with no_new_privs if NoNewPrivileges (unless
+	// nix.conf allow-new-privileges; as Nix, only with the filter).
 	FilterSyscalls, NoNewPrivileges bool
+	// DropIDs (unsandboxed) makes the helper, started with the daemon's
+	// identity, take HostUID and HostGID just before it executes the
+	// builder, after loading the filter.
+	DropIDs bool
 }
 
 type bindMount struct {
@@ -82,6 +86,7 @@ func (s *initSpec) encode() ([]byte, error) {
 	num(s.TimerSlack)
 	flag(s.FilterSyscalls)
 	flag(s.NoNewPrivileges)
+	flag(s.DropIDs)
 	str(s.Dir)
 	str(s.Builder)
 	num(len(s.Args))
@@ -104,7 +109,7 @@ func (s *initSpec) encode() ([]byte, error) {
 		str(m.Target)
 		flag(m.ReadOnly)
 	}
-	if bytes.Count(b, []byte{0}) != 18+len(s.Args)+len(s.Env)+len(s.Inputs)+3*len(s.Binds) {
+	if bytes.Count(b, []byte{0}) != 19+len(s.Args)+len(s.Env)+len(s.Inputs)+3*len(s.Binds) {
 		return nil, errors.New("an argument, environment variable or path of the builder contains a NUL byte")
 	}
 	return b, nil

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"time"
@@ -120,3 +121,40 @@ func (p *userPool) acquire(ctx context.Context, log *slog.Logger) (*buildUser, e
 }
 
 func (u *buildUser) release() { u.lock.Close() }
+
+// killAll kills every process running as the build user, as Nix's
+// UserLock::kill: an unsandboxed builder can leave processes outside its
+// process group (setsid), which could still change its outputs after they
+// were checked. kill(2) with pid -1 reaches every process the caller may
+// signal, so the call is made from a thread of its own whose real,
+// effective and saved UIDs are all the build user's (so it has no
+// capabilities left, and its real UID matches no other user's
+// processes); the thread is never given back to the Go scheduler (it
+// ends with its goroutine), so no other goroutine runs with that
+// identity.
+func (u *buildUser) killAll() error {
+	if u.uid == 0 {
+		return errors.New("refusing to kill the processes of uid 0")
+	}
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread exits with the goroutine
+		if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uintptr(u.uid), uintptr(u.uid), uintptr(u.uid)); e != 0 {
+			errc <- fmt.Errorf("killing the processes of build user %d: %w", u.uid, e)
+			return
+		}
+		for {
+			_, _, e := unix.RawSyscall(unix.SYS_KILL, ^uintptr(0), uintptr(unix.SIGKILL), 0) // kill(-1, SIGKILL)
+			switch e {
+			case 0, unix.ESRCH, unix.EPERM:
+				errc <- nil // signalled them all, or none was left
+			case unix.EINTR:
+				continue
+			default:
+				errc <- fmt.Errorf("killing the processes of build user %d: %w", u.uid, e)
+			}
+			return
+		}
+	}()
+	return <-errc
+}

@@ -235,6 +235,7 @@ var unimplemented = map[string][]string{
 	"enforce-determinism":      {"true"},
 	"sandbox-fallback":         {"true"},
 	"sandbox-dev-shm-size":     {"50%"},
+	"sandbox-build-dir":        {"/build"},
 	"allowed-impure-host-deps": {""},
 	"impersonate-linux-26":     {"false"},
 }

@@ -335,6 +335,7 @@ func (s *Store) unpack(ctx context.Context, info PathInfo, ca contentaddress.CA,
 			return nil, err
 		}
 	}
+	s.optimiseNew(ctx, realPath)
 	return pp, nil
 }
 
@@ -709,6 +710,7 @@ func (s *Store) addUnpacked(ctx context.Context, info PathInfo, tmp string, repa
 	if err := nar.Canonicalise(tmp); err != nil {
 		return fmt.Errorf("store: %s: %w", abs, err)
 	}
+	s.optimiseNew(ctx, tmp)
 	if err := s.syncTrees([]string{tmp}, info.NarSize, epoch); err != nil {
 		return fmt.Errorf("store: %s: %w", abs, err)
 	}

@@ -104,13 +104,8 @@ const (
 // durable: their files, their directories and their entries in their
 // parent directories. written is about how many bytes the caller wrote
 // into them; since is the sync epoch (Store.syncEpoch) taken before they
-// were written. The way taken is logged at debug level. With
-// auto-optimise-store, their files are first linked to identical ones in
-// the store, so that the links are made durable too.
+// were written. The way taken is logged at debug level.
 func (s *Store) syncTrees(trees []string, written, since uint64) error {
-	if s.cfg.AutoOptimise {
-		s.optimisePaths(trees)
-	}
 	t0 := time.Now()
 	fsyncs, err := fsyncTrees(trees, fsyncBudget(dirtyBytes, written), func() error { return s.syncStoreFS(since) })
 	if err != nil {

@@ -61,22 +61,23 @@ func (s *Store) OptimiseStore(ctx context.Context, onLinked func(bytesFreed, blo
 	return nil
 }
 
-// optimisePaths hard-links the files of new paths (trees on the host) to
-// identical ones
-// already in the store (nix.conf auto-optimise-store), before they are
-// made durable and registered. A failure costs only the saving: it is
-// logged, and the paths are added as they are.
-func (s *Store) optimisePaths(trees []string) {
+// optimiseNew hard-links the files of a new path (tree, on the host) to
+// identical ones already in the store when auto-optimise-store is on. It
+// runs in the goroutine that wrote the path, before the path is made
+// durable (so the links are too) and registered. A failure costs only the
+// saving: it is logged, and the path is added as it is.
+func (s *Store) optimiseNew(ctx context.Context, tree string) {
+	if !s.cfg.AutoOptimise {
+		return
+	}
 	links := s.realDir + "/.links"
 	if err := os.MkdirAll(links, 0o755); err != nil {
-		s.log.Warn("cannot optimise new paths", "err", err)
+		s.log.Warn("cannot optimise new path", "path", tree, "err", err)
 		return
 	}
 	o := optimiser{s: s, links: links, inodes: map[uint64]bool{}}
-	for _, t := range trees {
-		if err := o.optimise(context.Background(), t); err != nil {
-			s.log.Warn("cannot optimise new path", "path", t, "err", err)
-		}
+	if err := o.optimise(ctx, tree); err != nil {
+		s.log.Warn("cannot optimise new path", "path", tree, "err", err)
 	}
 }
 

@@ -170,6 +170,7 @@ func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs
 				return nil, fmt.Errorf("store: moving output '%s' of '%s' into place: %w", o.Name, drvAbs, err)
 			}
 		}
+		s.optimiseNew(ctx, dest)
 		pending = append(pending, &pendingPath{info: info, epoch: l.epoch})
 	}
 	if len(pending) == 0 {
