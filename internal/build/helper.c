@@ -534,8 +534,36 @@ static void nyb_exec_builder(const struct nyb_spec *s) {
 	nyb_fail("executing '%s': %s", s->builder, strerror(errno));
 }
 
+// nyb_kill_user kills every process of uid, as Nix's UserLock::kill: with
+// all its user IDs set to uid it has no capabilities left, and kill(-1)
+// reaches exactly the processes whose real or saved user ID is uid
+// (never this one).
+static void nyb_kill_user(const char *arg) {
+	char *end;
+	long uid = strtol(arg, &end, 10);
+	if (*arg == 0 || *end != 0 || uid <= 0) {
+		fprintf(stderr, "bad uid '%s'\n", arg);
+		_exit(2);
+	}
+	if (syscall(SYS_setgroups, 0, NULL) < 0 || syscall(SYS_setresuid, uid, uid, uid) < 0) {
+		fprintf(stderr, "cannot become uid %ld: %s\n", uid, strerror(errno));
+		_exit(1);
+	}
+	while (kill(-1, SIGKILL) < 0) {
+		if (errno == ESRCH || errno == EPERM)
+			break; // none left
+		if (errno != EINTR) {
+			fprintf(stderr, "kill: %s\n", strerror(errno));
+			_exit(1);
+		}
+	}
+	_exit(0);
+}
+
 __attribute__((constructor)) static void nixyard_build_helper(int argc, char **argv, char **envp) {
 	(void)envp;
+	if (argc == 2 && argv && argv[0] && strcmp(argv[0], "nixyard-kill-user") == 0)
+		nyb_kill_user(argv[1]);
 	if (argc < 1 || !argv || !argv[0] || strcmp(argv[0], "nixyard-build-helper") != 0)
 		return;
 	fcntl(4, F_SETFD, FD_CLOEXEC);

@@ -21,6 +21,10 @@ const inputStaging = "/.nixyard-inputs"
 // starts with it, the helper (helper.c) runs instead of the program.
 const initArg0 = "nixyard-build-helper"
 
+// killUserArg0 is argv[0] of the helper's other mode: "killUserArg0 UID"
+// kills every process of UID (buildUser.killAll).
+const killUserArg0 = "nixyard-kill-user"
+
 // initSpec tells the helper what to set up; it arrives on fd 3 as encode
 // writes it (read by helper.c). The helper reports a setup failure as
 // text on fd 4 (closed on exec, so EOF without text means the builder was

@@ -7,9 +7,9 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/exec"
 	"os/user"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"time"
@@ -126,35 +126,18 @@ func (u *buildUser) release() { u.lock.Close() }
 // UserLock::kill: an unsandboxed builder can leave processes outside its
 // process group (setsid), which could still change its outputs after they
 // were checked. kill(2) with pid -1 reaches every process the caller may
-// signal, so the call is made from a thread of its own whose real,
-// effective and saved UIDs are all the build user's (so it has no
-// capabilities left, and its real UID matches no other user's
-// processes); the thread is never given back to the Go scheduler (it
-// ends with its goroutine), so no other goroutine runs with that
-// identity.
+// signal, so it is made by a process of its own (the build helper, in its
+// kill-user mode) whose user IDs are all the build user's: it has no
+// capabilities left, and its real UID matches no other user's processes.
+// (Not by a thread of the daemon: the Go runtime may start threads from
+// it, or keep it, with that identity.)
 func (u *buildUser) killAll() error {
-	if u.uid == 0 {
-		return errors.New("refusing to kill the processes of uid 0")
+	if u.uid <= 0 {
+		return fmt.Errorf("refusing to kill the processes of uid %d", u.uid)
 	}
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread exits with the goroutine
-		if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uintptr(u.uid), uintptr(u.uid), uintptr(u.uid)); e != 0 {
-			errc <- fmt.Errorf("killing the processes of build user %d: %w", u.uid, e)
-			return
-		}
-		for {
-			_, _, e := unix.RawSyscall(unix.SYS_KILL, ^uintptr(0), uintptr(unix.SIGKILL), 0) // kill(-1, SIGKILL)
-			switch e {
-			case 0, unix.ESRCH, unix.EPERM:
-				errc <- nil // signalled them all, or none was left
-			case unix.EINTR:
-				continue
-			default:
-				errc <- fmt.Errorf("killing the processes of build user %d: %w", u.uid, e)
-			}
-			return
-		}
-	}()
-	return <-errc
+	cmd := &exec.Cmd{Path: "/proc/self/exe", Args: []string{killUserArg0, strconv.Itoa(u.uid)}, Env: []string{}}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("killing the processes of build user %d: %v: %s", u.uid, err, strings.TrimSpace(string(out)))
+	}
+	return nil
 }
