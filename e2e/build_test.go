@@ -632,3 +632,14 @@ func TestBuildLogLimit(t *testing.T) {
 		t.Errorf("stderr:\n%s", stderr)
 	}
 }
+
+// TestBuildNoLogs: with keep-build-log = false no build log is kept.
+func TestBuildNoLogs(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t, "keep-build-log = false")
+	args := b.expr(t, "nolog", `{ out = mk { name = "nolog"; script = "echo says-something; echo > $out"; }; }`)
+	out := oneLine(t, "out", b.nixBuild(append(args, "-A", "out", "--no-out-link")...).ok(t))
+	if stderr := b.nixStoreFails(t, "-l", out); !strings.Contains(stderr, "is not available") {
+		t.Errorf("nix-store -l: %s", stderr)
+	}
+}

@@ -93,5 +93,10 @@ func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) 
 		return cfg, fmt.Errorf("nix.conf: %w", err)
 	}
 	cfg.NoSyscallFilter = !filter
+	keepLogs, err := s.Bool("keep-build-log", true)
+	if err != nil {
+		return cfg, fmt.Errorf("nix.conf: %w", err)
+	}
+	cfg.NoBuildLogs = !keepLogs
 	return cfg, nil
 }

@@ -106,6 +106,8 @@ type Config struct {
 	// MaxLogSize kills a builder that writes more than that many bytes of
 	// log (nix.conf max-build-log-size); 0 means no limit.
 	MaxLogSize int64
+	// NoBuildLogs keeps no build logs (nix.conf keep-build-log = false).
+	NoBuildLogs bool
 	// LogLines is how many last log lines a failure message shows (nix.conf
 	// log-lines); 0 means 10.
 	LogLines int

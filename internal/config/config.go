@@ -230,7 +230,6 @@ var unimplemented = map[string][]string{
 	"pre-build-hook":           {""},
 	"diff-hook":                {""},
 	"run-diff-hook":            {"false"},
-	"keep-build-log":           {"true"},
 	"repeat":                   {"0"},
 	"enforce-determinism":      {"true"},
 	"sandbox-fallback":         {"true"},
