@@ -643,3 +643,42 @@ func TestBuildNoLogs(t *testing.T) {
 		t.Errorf("nix-store -l: %s", stderr)
 	}
 }
+
+// TestBuildPreBuildHook: nix.conf's pre-build-hook runs before each
+// sandboxed build with the derivation and the sandbox's root, and the
+// paths it names appear in the sandbox; a hook that answers nonsense
+// fails the build with Nix's message.
+func TestBuildPreBuildHook(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	shared := filepath.Join(e.dir, "shared")
+	mustMkdir(t, shared, 0o755)
+	writeFile(t, filepath.Join(shared, "data"), "from-the-hook-"+e.nonce, 0o644)
+	log := filepath.Join(e.dir, "pre-hook.log")
+	hook := writeFile(t, filepath.Join(e.dir, "pre-hook.sh"), `#!/bin/sh
+echo "$1" >> `+log+`
+[ -d "$2" ] && echo "root exists" >> `+log+`
+case "$1" in *pre-bad*) echo nonsense; exit 0;; esac
+printf 'extra-sandbox-paths\n/hooked=`+shared+`\n\n'
+`, 0o755)
+	marks := filepath.Join(e.dir, "marks")
+	mustMkdir(t, marks, 0o777)
+	d := e.startDaemon(t, withConf("sandbox-paths = /marks="+marks, "pre-build-hook = "+hook))
+	b := &buildEnv{daemon: d, marks: marks}
+	args := b.expr(t, "prehook", `{
+  ok = mk { name = "pre-ok"; script = "cat /hooked/data > $out"; };
+  bad = mk { name = "pre-bad"; script = "echo > $out"; };
+}`)
+	out := oneLine(t, "ok", b.nixBuild(append(args, "-A", "ok", "--no-out-link")...).ok(t))
+	if got, err := os.ReadFile(b.realPath(out)); err != nil || !strings.HasPrefix(string(got), "from-the-hook-"+e.nonce) {
+		t.Errorf("the builder read %q, %v through the hook's path", got, err)
+	}
+	data, _ := os.ReadFile(log)
+	if !regexp.MustCompile(`/nix/store/[a-z0-9]{32}-pre-ok\.drv\nroot exists\n`).Match(data) {
+		t.Errorf("the hook's arguments:\n%s", data)
+	}
+	stderr := b.nixBuild(append(args, "-A", "bad", "--no-out-link")...).fails(t)
+	if !strings.Contains(stderr, "unknown pre-build hook command 'nonsense'") {
+		t.Errorf("a hook answering nonsense: stderr:\n%s", stderr)
+	}
+}

@@ -16,7 +16,7 @@ import (
 // buildConfig reads the daemon's build settings from nix.conf: max-jobs
 // (a number or "auto"; Nix's default 1), cores, sandbox, sandbox-paths,
 // build-users-group, timeout, max-silent-time, keep-failed, log-lines,
-// system, extra-platforms, system-features, post-build-hook,
+// system, extra-platforms, system-features, pre- and post-build-hook,
 // filter-syscalls, allow-new-privileges, and for
 // builtin:fetchurl hashed-mirrors and netrc-file.
 // A chroot store (--store ROOT) always builds in the sandbox, as Nix.
@@ -26,6 +26,7 @@ func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) 
 		SandboxPaths:    s.List("sandbox-paths", nil),
 		System:          s.String("system", build.DefaultSystem()),
 		SystemFeatures:  s.List("system-features", build.DefaultSystemFeatures()),
+		PreBuildHook:    s.String("pre-build-hook", ""),
 		PostBuildHook:   s.String("post-build-hook", ""),
 		NixConfig:       s.Text(),
 		HashedMirrors:   s.List("hashed-mirrors", nil),

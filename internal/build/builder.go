@@ -130,6 +130,10 @@ type Config struct {
 	// filter-syscalls = false); AllowNewPrivileges lets builders gain
 	// privileges through setuid programs (nix.conf allow-new-privileges).
 	NoSyscallFilter, AllowNewPrivileges bool
+	// PreBuildHook is a program run before each sandboxed build, which
+	// may add paths to the sandbox (nix.conf pre-build-hook); "" means
+	// none.
+	PreBuildHook string
 	// PostBuildHook is a program run after every successful build with
 	// the outputs' paths (nix.conf post-build-hook); "" means none.
 	PostBuildHook string

@@ -3,6 +3,7 @@ package build
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"sort"
@@ -84,4 +85,69 @@ func (w *lineWriter) flush() {
 		w.line(string(w.buf))
 		w.buf = w.buf[:0]
 	}
+}
+
+// preBuildHook runs nix.conf's pre-build-hook for a sandboxed build, as
+// Nix does, with the derivation's path and the sandbox's root directory on
+// the host as arguments, and returns the paths it asks for in the sandbox:
+// after a line "extra-sandbox-paths" (or "extra-chroot-dirs"), one path
+// or TARGET=SOURCE per line up to an empty line.
+func (j *job) preBuildHook(ctx context.Context) ([]sandboxPath, error) {
+	hook := j.g.b.cfg.PreBuildHook
+	if hook == "" {
+		return nil, nil
+	}
+	cmd := exec.CommandContext(ctx, hook, j.drvAbs, j.chroot)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd.WaitDelay = 2 * time.Second
+	var out limitedBuffer
+	out.max = 1 << 20
+	cmd.Stdout = &out
+	err := cmd.Run()
+	var exit *exec.ExitError
+	switch {
+	case errors.As(err, &exit):
+		return nil, fmt.Errorf("program '%s' %s", hook, statusString(exit.Sys().(syscall.WaitStatus)))
+	case err != nil && !errors.Is(err, exec.ErrWaitDelay):
+		return nil, fmt.Errorf("running pre-build-hook '%s': %w", hook, err)
+	}
+	var paths []sandboxPath
+	inPaths := false
+	text := string(out.b)
+	for {
+		line, rest, found := strings.Cut(text, "\n")
+		if !found {
+			break // as Nix: a last line without a newline is ignored
+		}
+		text = rest
+		switch {
+		case !inPaths && (line == "extra-sandbox-paths" || line == "extra-chroot-dirs"):
+			inPaths = true
+		case !inPaths:
+			return nil, fmt.Errorf("unknown pre-build hook command '%s'", line)
+		case line == "":
+			inPaths = false
+		default:
+			target, source, ok := strings.Cut(line, "=")
+			if !ok {
+				source = target
+			}
+			paths = append(paths, sandboxPath{target: target, source: source})
+		}
+	}
+	return paths, nil
+}
+
+// limitedBuffer keeps the first max bytes written to it.
+type limitedBuffer struct {
+	b   []byte
+	max int
+}
+
+func (l *limitedBuffer) Write(p []byte) (int, error) {
+	if room := l.max - len(l.b); room > 0 {
+		l.b = append(l.b, p[:min(len(p), room)]...)
+	}
+	return len(p), nil
 }

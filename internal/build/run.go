@@ -134,7 +134,7 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		HostGID: j.hostGID,
 	}
 	if j.sandbox {
-		if err := j.prepareChroot(&j.spec); err != nil {
+		if err := j.prepareChroot(ctx, &j.spec); err != nil {
 			return fail("setting up the sandbox of '%s': %v", j.drvAbs, err)
 		}
 	}

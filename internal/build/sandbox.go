@@ -2,6 +2,7 @@ package build
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -144,7 +145,7 @@ func parseSandboxPath(s string) (sandboxPath, error) {
 // with useChroot): <real store>/<drv>.chroot with /tmp, /etc (passwd,
 // group, hosts), the logical store directory, mount points for /dev, /proc,
 // /build, every input (read-only) and every sandbox path (read-write).
-func (j *job) prepareChroot(spec *initSpec) error {
+func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
 	g := j.g
 	b := g.b
 	kind, _ := g.drv.Kind()
@@ -255,6 +256,18 @@ func (j *job) prepareChroot(spec *initSpec) error {
 			devInPaths = true
 		}
 		if err := addBind(sp.source, sp.target, false, sp.optional); err != nil {
+			return err
+		}
+	}
+	extra, err := j.preBuildHook(ctx)
+	if err != nil {
+		return err
+	}
+	for _, sp := range extra {
+		if sp.target == "/dev" {
+			devInPaths = true
+		}
+		if err := addBind(sp.source, sp.target, false, false); err != nil {
 			return err
 		}
 	}

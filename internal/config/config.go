@@ -227,7 +227,6 @@ func (s *Settings) Text() string {
 var unimplemented = map[string][]string{
 	"builders":                 {""},
 	"builders-use-substitutes": {"false"},
-	"pre-build-hook":           {""},
 	"diff-hook":                {""},
 	"run-diff-hook":            {"false"},
 	"repeat":                   {"0"},
