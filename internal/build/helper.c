@@ -3,7 +3,9 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <linux/audit.h>
+#include <linux/capability.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <net/if.h>
@@ -161,7 +163,9 @@ static int nyb_write_proc(pid_t pid, const char *name, const char *data) {
 struct nyb_spec {
 	int sandbox, private_net;
 	int filter_syscalls, no_new_privs;
-	int drop_ids; // unsandboxed: become host_uid/host_gid before the builder
+	int drop_ids;  // unsandboxed: become host_uid/host_gid before the builder
+	char **groups; // with drop_ids: the build user's supplementary groups
+	pid_t parent;  // the daemon
 	int uid, gid, host_uid, host_gid;
 	char *root, *dir, *builder, *input_store, *input_dir;
 	char **args, **env, **inputs;
@@ -246,6 +250,10 @@ static void nyb_spawn_sandbox(struct nyb_spec *s) {
 	char *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
 	if (stack == MAP_FAILED)
 		nyb_fail("allocating a stack for the sandbox: %s", strerror(errno));
+	// The daemon's supplementary groups must not reach the sandbox: once
+	// setgroups is denied in it they could not be dropped (as Nix).
+	if (getuid() == 0 && syscall(SYS_setgroups, 0, NULL) < 0)
+		nyb_fail("cannot drop supplementary groups: %s", strerror(errno));
 	pid_t child = clone(nyb_sandbox_child, stack + stack_size, flags, s);
 	if (child < 0)
 		nyb_fail("cloning the builder: %s", strerror(errno));
@@ -433,7 +441,8 @@ static const struct nyb_rule nyb_arm[] = {
 };
 
 // The filter reads the low half of 64-bit arguments at their offset, and
-// covers the system calls of these hosts only (as Nix's does).
+// covers the system calls of these hosts only: on others (which Nix's
+// libseccomp filter covers too) builds need filter-syscalls = false.
 #if (defined(__x86_64__) || defined(__i386__) || defined(__aarch64__) || defined(__arm__)) && \
 	__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define NYB_SECCOMP_SUPPORTED 1
@@ -512,24 +521,46 @@ static void nyb_seccomp(const struct nyb_spec *s) {
 			 strerror(errno));
 }
 
+// nyb_become_build_user gives the unsandboxed helper the build user's
+// identity (its primary and supplementary groups first, as Nix), re-arms
+// the parent-death signal that a change of UID clears, and checks that
+// no root ID is left.
+static void nyb_become_build_user(const struct nyb_spec *s) {
+	gid_t groups[NGROUPS_MAX];
+	size_t n = 0;
+	for (char **g = s->groups; *g && n < NGROUPS_MAX; g++)
+		groups[n++] = (gid_t)strtoul(*g, NULL, 10);
+	if (syscall(SYS_setgroups, n, groups) < 0 || syscall(SYS_setgid, s->host_gid) < 0 ||
+	    syscall(SYS_setuid, s->host_uid) < 0)
+		nyb_fail("changing to the build user: %s", strerror(errno));
+	uid_t ruid, euid, suid;
+	gid_t rgid, egid, sgid;
+	if (getresuid(&ruid, &euid, &suid) < 0 || getresgid(&rgid, &egid, &sgid) < 0 ||
+	    ruid != (uid_t)s->host_uid || euid != ruid || suid != ruid || rgid != (gid_t)s->host_gid || egid != rgid ||
+	    sgid != rgid)
+		nyb_fail("changing to the build user: the IDs did not all change");
+	if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
+		nyb_fail("clearing ambient capabilities: %s", strerror(errno));
+	prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+	if (getppid() != s->parent)
+		_exit(1); // the daemon is gone
+}
+
 // nyb_exec_builder runs the builder (in the sandbox, if any).
 static void nyb_exec_builder(const struct nyb_spec *s) {
+	if (!s->sandbox) {
+		nyb_seccomp(s);
+		if (s->drop_ids)
+			nyb_become_build_user(s);
+	}
+	// As the builder's user: the build directory is that user's to
+	// change until now.
 	if (chdir(s->dir) < 0)
 		nyb_fail("changing into '%s': %s", s->dir, strerror(errno));
 	int cur = personality(0xffffffff);
 	if (cur != -1)
 		personality(cur | ADDR_NO_RANDOMIZE);
 	umask(022);
-	if (!s->sandbox) {
-		nyb_seccomp(s);
-		if (s->drop_ids) { // to the build user
-			if (syscall(SYS_setgroups, 0, NULL) < 0 || syscall(SYS_setgid, s->host_gid) < 0 ||
-			    syscall(SYS_setuid, s->host_uid) < 0)
-				nyb_fail("changing to the build user: %s", strerror(errno));
-			if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
-				nyb_fail("clearing ambient capabilities: %s", strerror(errno));
-		}
-	}
 	execve(s->builder, s->args, s->env);
 	nyb_fail("executing '%s': %s", s->builder, strerror(errno));
 }
@@ -540,13 +571,25 @@ static void nyb_exec_builder(const struct nyb_spec *s) {
 // (never this one).
 static void nyb_kill_user(const char *arg) {
 	char *end;
-	long uid = strtol(arg, &end, 10);
-	if (*arg == 0 || *end != 0 || uid <= 0) {
+	errno = 0;
+	long long uid = strtoll(arg, &end, 10);
+	if (*arg == 0 || *end != 0 || errno != 0 || uid <= 0 || uid >= 0xffffffffLL) {
 		fprintf(stderr, "bad uid '%s'\n", arg);
 		_exit(2);
 	}
-	if (syscall(SYS_setgroups, 0, NULL) < 0 || syscall(SYS_setresuid, uid, uid, uid) < 0) {
-		fprintf(stderr, "cannot become uid %ld: %s\n", uid, strerror(errno));
+	if (syscall(SYS_setgroups, 0, NULL) < 0 || syscall(SYS_setresuid, (uid_t)uid, (uid_t)uid, (uid_t)uid) < 0) {
+		fprintf(stderr, "cannot become uid %lld: %s\n", uid, strerror(errno));
+		_exit(1);
+	}
+	// Nothing may let kill(-1) reach beyond uid's processes: all three
+	// UIDs changed, and no capability kept (CAP_KILL above all).
+	uid_t r, e, sv;
+	struct __user_cap_header_struct hdr = {.version = _LINUX_CAPABILITY_VERSION_3, .pid = 0};
+	struct __user_cap_data_struct caps[2];
+	if (getresuid(&r, &e, &sv) < 0 || r != (uid_t)uid || e != r || sv != r ||
+	    syscall(SYS_capget, &hdr, caps) < 0 || caps[0].effective || caps[1].effective || caps[0].permitted ||
+	    caps[1].permitted) {
+		fprintf(stderr, "refusing to kill: not reduced to uid %lld alone\n", uid);
 		_exit(1);
 	}
 	while (kill(-1, SIGKILL) < 0) {
@@ -582,6 +625,8 @@ __attribute__((constructor)) static void nixyard_build_helper(int argc, char **a
 	s.filter_syscalls = nyb_num() != 0;
 	s.no_new_privs = nyb_num() != 0;
 	s.drop_ids = nyb_num() != 0;
+	s.groups = nyb_list();
+	s.parent = getppid();
 	s.dir = nyb_next();
 	s.builder = nyb_next();
 	s.args = nyb_list();

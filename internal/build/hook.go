@@ -37,14 +37,9 @@ func (j *job) postBuildHook(ctx context.Context) *failure {
 	lines := &lineWriter{max: 64 << 10, line: func(line string) {
 		g.each(func(c *call) { c.emit(func(p Progress) { p.PostBuildHookLine(j.drvAbs, line) }) })
 	}}
-	cmd := exec.CommandContext(ctx, hook)
+	cmd := hookCommand(ctx, hook)
 	cmd.Env = append(os.Environ(), "DRV_PATH="+j.drvAbs, "OUT_PATHS="+strings.Join(outs, " "), "NIX_CONFIG="+b.cfg.NixConfig)
 	cmd.Stdout, cmd.Stderr = lines, lines
-	// Its own process group, killed whole when the build is cancelled; and
-	// what it leaves running (holding its output open) is not waited for.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
-	cmd.WaitDelay = 2 * time.Second
 	err := cmd.Run()
 	lines.flush()
 	var exit *exec.ExitError
@@ -97,13 +92,10 @@ func (j *job) preBuildHook(ctx context.Context) ([]sandboxPath, error) {
 	if hook == "" {
 		return nil, nil
 	}
-	cmd := exec.CommandContext(ctx, hook, j.drvAbs, j.chroot)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
-	cmd.WaitDelay = 2 * time.Second
+	cmd := hookCommand(ctx, hook, j.drvAbs, j.chroot)
 	var out limitedBuffer
 	out.max = 1 << 20
-	cmd.Stdout = &out
+	cmd.Stdout, cmd.Stderr = &out, os.Stderr // as Nix: its errors go to the daemon's
 	err := cmd.Run()
 	var exit *exec.ExitError
 	switch {
@@ -150,4 +142,17 @@ func (l *limitedBuffer) Write(p []byte) (int, error) {
 		l.b = append(l.b, p[:min(len(p), room)]...)
 	}
 	return len(p), nil
+}
+
+// hookCommand runs the hook program (a path, not looked up in PATH, as
+// Nix runs it) in a process group of its own, killed whole when ctx is
+// done or the daemon dies; what it leaves running with its output open
+// is not waited for more than 2 s after it exits.
+func hookCommand(ctx context.Context, hook string, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, hook, args...)
+	cmd.Path, cmd.Err = hook, nil
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd.WaitDelay = 2 * time.Second
+	return cmd
 }

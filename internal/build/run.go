@@ -101,6 +101,11 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		}
 		j.user = u
 		j.hostUID, j.hostGID = u.uid, u.gid
+		// As Nix: nothing may still run as that user (left by a build of a
+		// daemon that died, say), to meddle with this build.
+		if err := u.killAll(); err != nil {
+			return fail("building '%s': %v", j.drvAbs, err)
+		}
 	}
 	if !j.sandbox {
 		if _, err := os.Lstat(homeDir); err == nil {
@@ -130,6 +135,7 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		// Unsandboxed, the helper takes the build user's identity itself,
 		// once the filter is loaded.
 		DropIDs: !j.sandbox && j.user != nil,
+		Groups:  userGroups(j.user),
 		HostUID: j.hostUID,
 		HostGID: j.hostGID,
 	}
@@ -448,12 +454,11 @@ func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (s
 	}()
 	werr := cmd.Wait()
 	kill() // whatever it left behind
+	var killErr error
 	if !j.sandbox && j.user != nil {
 		// Processes that left the group: sandboxed, the PID namespace
 		// ended them all.
-		if err := j.user.killAll(); err != nil {
-			return 0, err
-		}
+		killErr = j.user.killAll()
 	}
 	select {
 	case <-readDone:
@@ -463,6 +468,9 @@ func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (s
 	}
 	if len(j.line) > 0 {
 		j.flushLine()
+	}
+	if killErr != nil {
+		return 0, killErr
 	}
 	var ee *exec.ExitError
 	if werr != nil && !errors.As(werr, &ee) {
@@ -474,6 +482,14 @@ func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (s
 		return 0, fmt.Errorf("building '%s': %w", j.drvAbs, ctx.Err())
 	}
 	return cmd.ProcessState.Sys().(syscall.WaitStatus), nil
+}
+
+// userGroups are u's supplementary groups (none without a build user).
+func userGroups(u *buildUser) []int {
+	if u == nil {
+		return nil
+	}
+	return u.groups
 }
 
 // timeouts are the build's max-silent-time and timeout: the caller's if

@@ -60,6 +60,8 @@ type initSpec struct {
 	// identity, take HostUID and HostGID just before it executes the
 	// builder, after loading the filter.
 	DropIDs bool
+	// Groups are the build user's supplementary groups (with DropIDs).
+	Groups []int
 }
 
 type bindMount struct {
@@ -92,6 +94,10 @@ func (s *initSpec) encode() ([]byte, error) {
 	flag(s.FilterSyscalls)
 	flag(s.NoNewPrivileges)
 	flag(s.DropIDs)
+	num(len(s.Groups))
+	for _, g := range s.Groups {
+		num(g)
+	}
 	str(s.Dir)
 	str(s.Builder)
 	num(len(s.Args))
@@ -114,7 +120,7 @@ func (s *initSpec) encode() ([]byte, error) {
 		str(m.Target)
 		flag(m.ReadOnly)
 	}
-	if bytes.Count(b, []byte{0}) != 19+len(s.Args)+len(s.Env)+len(s.Inputs)+3*len(s.Binds) {
+	if bytes.Count(b, []byte{0}) != 20+len(s.Groups)+len(s.Args)+len(s.Env)+len(s.Inputs)+3*len(s.Binds) {
 		return nil, errors.New("an argument, environment variable or path of the builder contains a NUL byte")
 	}
 	return b, nil
@@ -206,6 +212,9 @@ func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
 
 	var binds []bindMount
 	addBind := func(source, target string, ro, optional bool) error {
+		if !filepath.IsAbs(target) || filepath.Clean(target) != target || target == "/" {
+			return fmt.Errorf("sandbox path '%s' is not a clean absolute path", target)
+		}
 		st, err := os.Stat(source)
 		if err != nil {
 			if optional && errors.Is(err, os.ErrNotExist) {
@@ -221,9 +230,13 @@ func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
 			if err := os.MkdirAll(filepath.Dir(root+target), 0o755); err != nil {
 				return err
 			}
-			if err := os.WriteFile(root+target, nil, 0o644); err != nil {
+			// A mount point; an existing file (of an earlier bind) is
+			// left as it is.
+			f, err := os.OpenFile(root+target, os.O_WRONLY|os.O_CREATE, 0o644)
+			if err != nil {
 				return err
 			}
+			f.Close()
 		}
 		binds = append(binds, bindMount{Source: source, Target: target, ReadOnly: ro})
 		return nil

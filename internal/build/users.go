@@ -21,14 +21,16 @@ import (
 // user, with Nix's lock files (<state>/userpool/<uid>, flock), so a real
 // nix-daemon on the same store never picks a user we use.
 type userPool struct {
-	group string
-	gid   int
-	uids  []int
-	dir   string
+	group  string
+	gid    int
+	uids   []int
+	groups map[int][]int // uid -> its supplementary groups, the build group aside
+	dir    string
 }
 
 type buildUser struct {
 	uid, gid int
+	groups   []int // supplementary groups
 	lock     *os.File
 }
 
@@ -37,22 +39,40 @@ func newUserPool(group, dir string) (*userPool, error) {
 	if err != nil {
 		return nil, err
 	}
-	gid, _ := strconv.Atoi(g.Gid)
+	gid, err := strconv.Atoi(g.Gid)
+	if err != nil {
+		return nil, fmt.Errorf("group %q: gid %q: %w", group, g.Gid, err)
+	}
 	members, err := groupMembers(group)
 	if err != nil {
 		return nil, err
 	}
-	p := &userPool{group: group, gid: gid, dir: dir}
+	p := &userPool{group: group, gid: gid, dir: dir, groups: map[int][]int{}}
+	self := os.Geteuid()
 	for _, m := range members {
 		u, err := user.Lookup(m)
 		if err != nil {
 			return nil, fmt.Errorf("build user %q of group %q: %w", m, group, err)
 		}
-		uid, _ := strconv.Atoi(u.Uid)
-		if uid == 0 {
+		uid, err := strconv.Atoi(u.Uid)
+		switch {
+		case err != nil || uid < 0 || uid >= 1<<32-1:
+			return nil, fmt.Errorf("build user %q of group %q: bad uid %q", m, group, u.Uid)
+		case uid == 0:
 			return nil, fmt.Errorf("build user %q of group %q is root", m, group)
+		case uid == self:
+			return nil, fmt.Errorf("the Nix user should not be a member of '%s'", group)
 		}
 		p.uids = append(p.uids, uid)
+		// Its supplementary groups (kvm, say), which it keeps in builds
+		// without the sandbox, as with Nix.
+		if ids, err := u.GroupIds(); err == nil {
+			for _, id := range ids {
+				if n, err := strconv.Atoi(id); err == nil && n != gid {
+					p.groups[uid] = append(p.groups[uid], n)
+				}
+			}
+		}
 	}
 	if len(p.uids) == 0 {
 		return nil, fmt.Errorf("the build users group '%s' has no members", group)
@@ -104,7 +124,7 @@ func (p *userPool) acquire(ctx context.Context, log *slog.Logger) (*buildUser, e
 				}
 				return nil, err
 			}
-			return &buildUser{uid: uid, gid: p.gid, lock: f}, nil
+			return &buildUser{uid: uid, gid: p.gid, groups: p.groups[uid], lock: f}, nil
 		}
 		if !warned {
 			log.Warn("all build users are currently in use; consider creating additional users and adding them to the build users group", "group", p.group)
@@ -132,7 +152,7 @@ func (u *buildUser) release() { u.lock.Close() }
 // (Not by a thread of the daemon: the Go runtime may start threads from
 // it, or keep it, with that identity.)
 func (u *buildUser) killAll() error {
-	if u.uid <= 0 {
+	if u.uid <= 0 || u.uid >= 1<<32-1 {
 		return fmt.Errorf("refusing to kill the processes of uid %d", u.uid)
 	}
 	cmd := &exec.Cmd{Path: "/proc/self/exe", Args: []string{killUserArg0, strconv.Itoa(u.uid)}, Env: []string{}}

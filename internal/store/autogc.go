@@ -106,5 +106,5 @@ func (s *Store) availableBytes() (uint64, error) {
 	if err := unix.Statfs(s.realDir, &st); err != nil {
 		return 0, err
 	}
-	return st.Bavail * uint64(st.Bsize), nil
+	return st.Bavail * uint64(st.Frsize), nil
 }
