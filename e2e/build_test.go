@@ -46,7 +46,13 @@ type buildEnv struct {
 
 func startBuildDaemon(t *testing.T, conf ...string) *buildEnv {
 	t.Helper()
-	e := newEnv(t)
+	return newEnv(t).startBuildDaemon(t, conf...)
+}
+
+// startBuildDaemon is startBuildDaemon in e, for a test that prepares
+// files its configuration names first.
+func (e *testEnv) startBuildDaemon(t *testing.T, conf ...string) *buildEnv {
+	t.Helper()
 	marks := filepath.Join(e.dir, "marks")
 	mustMkdir(t, marks, 0o777)
 	d := e.startDaemon(t, withConf(append([]string{"sandbox-paths = /marks=" + marks}, conf...)...))
@@ -525,10 +531,7 @@ case "$DRV_PATH" in *hook-fails*) echo failing >&2; exit 3;; esac
 			}
 		}
 	})
-	marks := filepath.Join(e.dir, "marks")
-	mustMkdir(t, marks, 0o777)
-	d := e.startDaemon(t, withConf("sandbox-paths = /marks="+marks, "post-build-hook = "+hook))
-	b := &buildEnv{daemon: d, marks: marks}
+	b := e.startBuildDaemon(t, "post-build-hook = "+hook)
 	args := b.expr(t, "hook", `{
   ok = mk { name = "hooked"; script = "echo > $out"; };
   fails = mk { name = "hook-fails"; script = "echo > $out"; };
@@ -569,10 +572,7 @@ func TestBuildSigned(t *testing.T) {
 	e := newEnv(t)
 	sk, pk := filepath.Join(e.dir, "sk"), filepath.Join(e.dir, "pk")
 	e.cmd("nix-store", "--generate-binary-cache-key", "builder-1", sk, pk).ok(t)
-	marks := filepath.Join(e.dir, "marks")
-	mustMkdir(t, marks, 0o777)
-	d := e.startDaemon(t, withConf("sandbox-paths = /marks="+marks, "secret-key-files = "+sk))
-	b := &buildEnv{daemon: d, marks: marks}
+	b := e.startBuildDaemon(t, "secret-key-files = "+sk)
 	args := b.expr(t, "signed", `{ out = mk { name = "signed"; script = "echo > $out"; }; }`)
 	out := oneLine(t, "out", b.nixBuild(append(args, "-A", "out", "--no-out-link")...).ok(t))
 	info := parsePathInfos(t, "path-info", b.nix(t, "path-info", "--json", out))[out]
@@ -661,10 +661,7 @@ echo "$1" >> `+log+`
 case "$1" in *pre-bad*) echo nonsense; exit 0;; esac
 printf 'extra-sandbox-paths\n/hooked=`+shared+`\n\n'
 `, 0o755)
-	marks := filepath.Join(e.dir, "marks")
-	mustMkdir(t, marks, 0o777)
-	d := e.startDaemon(t, withConf("sandbox-paths = /marks="+marks, "pre-build-hook = "+hook))
-	b := &buildEnv{daemon: d, marks: marks}
+	b := e.startBuildDaemon(t, "pre-build-hook = "+hook)
 	args := b.expr(t, "prehook", `{
   ok = mk { name = "pre-ok"; script = "cat /hooked/data > $out"; };
   bad = mk { name = "pre-bad"; script = "echo > $out"; };
