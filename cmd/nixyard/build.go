@@ -77,7 +77,8 @@ func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) 
 		name string
 		dst  *bool
 		def  bool
-	}{{"keep-failed", &cfg.KeepFailed, false}, {"allow-new-privileges", &cfg.AllowNewPrivileges, false}}
+	}{{"keep-failed", &cfg.KeepFailed, false}, {"allow-new-privileges", &cfg.AllowNewPrivileges, false},
+		{"sandbox-fallback", &cfg.SandboxFallback, true}}
 	for _, x := range bools {
 		var err error
 		if *x.dst, err = s.Bool(x.name, x.def); err != nil {

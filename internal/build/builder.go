@@ -125,6 +125,10 @@ type Config struct {
 	// SystemFeatures are what the host offers the derivations that
 	// require features (nix.conf system-features), sorted.
 	SystemFeatures []string
+	// SandboxFallback builds without the sandbox where the kernel refuses
+	// its namespaces (nix.conf sandbox-fallback, Nix's default true);
+	// a chroot store cannot.
+	SandboxFallback bool
 	// NoSyscallFilter turns off the seccomp filter that keeps builders
 	// from making setuid or setgid files and extended attributes (nix.conf
 	// filter-syscalls = false); AllowNewPrivileges lets builders gain
@@ -300,6 +304,9 @@ type Builder struct {
 	mu    sync.Mutex
 	goals map[storepath.Path]*goal
 	seq   uint64
+
+	probeOnce    sync.Once // see namespacesRefused
+	noNamespaces bool
 }
 
 // New returns a Builder for st.

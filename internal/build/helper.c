@@ -603,8 +603,34 @@ static void nyb_kill_user(const char *arg) {
 	_exit(0);
 }
 
+static int nyb_probe_child(void *arg) {
+	(void)arg;
+	return 0;
+}
+
+// nyb_probe_sandbox tells whether the namespaces of the sandbox can be
+// made here: exit 0 if so, 3 if the kernel or a container refuses them
+// (EPERM, EINVAL as for Nix; ENOSPC where user namespaces are limited to
+// none), 1 on other errors.
+static void nyb_probe_sandbox(void) {
+	const size_t stack_size = 64 << 10;
+	char *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+	if (stack == MAP_FAILED)
+		_exit(1);
+	int flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET | SIGCHLD;
+	pid_t child = clone(nyb_probe_child, stack + stack_size, flags, NULL);
+	if (child < 0)
+		_exit(errno == EPERM || errno == EINVAL || errno == ENOSPC ? 3 : 1); // ENOSPC: no user namespaces allowed
+	int status;
+	while (waitpid(child, &status, 0) < 0 && errno == EINTR)
+		;
+	_exit(0);
+}
+
 __attribute__((constructor)) static void nixyard_build_helper(int argc, char **argv, char **envp) {
 	(void)envp;
+	if (argc == 1 && argv && argv[0] && strcmp(argv[0], "nixyard-probe-sandbox") == 0)
+		nyb_probe_sandbox();
 	if (argc == 2 && argv && argv[0] && strcmp(argv[0], "nixyard-kill-user") == 0)
 		nyb_kill_user(argv[1]);
 	if (argc < 1 || !argv || !argv[0] || strcmp(argv[0], "nixyard-build-helper") != 0)

@@ -79,17 +79,23 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		return j, nil
 	}
 	j.sandbox = b.sandboxed()
-	if !j.sandbox {
-		for _, p := range outputs {
-			if b.st.RealPath(p) != b.abs(p) {
-				j.sandbox = true // the builder must see the real store at the logical path
-			}
+	chrootStore := false
+	for _, p := range outputs {
+		if b.st.RealPath(p) != b.abs(p) {
+			j.sandbox, chrootStore = true, true // the builder must see the real store at the logical path
 		}
 	}
 	fail := func(format string, args ...any) (*job, *Result) {
 		j.cleanup()
 		r := g.failf(MiscFailure, format, args...)
 		return nil, &r
+	}
+	if j.sandbox && b.namespacesRefused() {
+		// As Nix: without the namespaces, build unsandboxed if allowed.
+		if chrootStore || !b.cfg.SandboxFallback {
+			return fail("building '%s': %v", j.drvAbs, errNoNamespaces)
+		}
+		j.sandbox = false
 	}
 	if !j.sandbox && g.owner.opts.Mode == ModeCheck {
 		return fail("checking '%s' without the sandbox is %v by nixyard", j.drvAbs, errNotSupported)

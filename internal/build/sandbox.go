@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -25,6 +26,27 @@ const initArg0 = "nixyard-build-helper"
 // killUserArg0 is argv[0] of the helper's other mode: "killUserArg0 UID"
 // kills every process of UID (buildUser.killAll).
 const killUserArg0 = "nixyard-kill-user"
+
+// probeArg0 is argv[0] of the helper's mode that tells whether the
+// sandbox's namespaces can be made (exit status 0; 3 if they are refused).
+const probeArg0 = "nixyard-probe-sandbox"
+
+// errNoNamespaces is Nix's message when the sandbox cannot be made.
+var errNoNamespaces = errors.New("this system does not support the kernel namespaces that are required for sandboxing; use '--no-sandbox' to disable sandboxing")
+
+// namespacesRefused reports whether the kernel (or the container the
+// daemon runs in) refuses the namespaces the sandbox needs, probed once.
+func (b *Builder) namespacesRefused() bool {
+	b.probeOnce.Do(func() {
+		err := (&exec.Cmd{Path: "/proc/self/exe", Args: []string{probeArg0}, Env: []string{}}).Run()
+		var exit *exec.ExitError
+		b.noNamespaces = errors.As(err, &exit) && exit.ExitCode() == 3
+		if b.noNamespaces {
+			b.log.Warn("the kernel refuses the namespaces of the sandbox", "fallback", b.cfg.SandboxFallback)
+		}
+	})
+	return b.noNamespaces
+}
 
 // initSpec tells the helper what to set up; it arrives on fd 3 as encode
 // writes it (read by helper.c). The helper reports a setup failure as

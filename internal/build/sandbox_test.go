@@ -2,9 +2,11 @@ package build
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -368,5 +370,50 @@ func TestBuilderTimerSlack(t *testing.T) {
 				t.Errorf("the builder's timer slack: %s ns, want %d", got, want)
 			}
 		})
+	}
+}
+
+// TestSandboxFallback: this host makes the sandbox's namespaces (the
+// probe says so); where a kernel or container refuses them (set here, as
+// it cannot be made so on this host), builds fall back to no sandbox if
+// sandbox-fallback allows, as with Nix, and a chroot store cannot.
+func TestSandboxFallback(t *testing.T) {
+	plain := newPlainEnv(t)
+	if b := plain.builder(Config{Sandbox: SandboxOn}); b.namespacesRefused() {
+		t.Fatal("the probe says the sandbox's namespaces are refused on this host")
+	}
+	// Where user namespaces are refused (bubblewrap's --disable-userns),
+	// the probe says so. The test binary has the helper's modes too.
+	bwrap, err1 := exec.LookPath("bwrap")
+	bash, err2 := exec.LookPath("bash")
+	if err1 == nil && err2 == nil {
+		exe, err := os.Executable()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command(bwrap, "--bind", "/", "/", "--dev", "/dev", "--unshare-user", "--disable-userns",
+			bash, "-c", `exec -a "$0" "$1"`, probeArg0, exe)
+		var exit *exec.ExitError
+		if err := cmd.Run(); !errors.As(err, &exit) || exit.ExitCode() != 3 {
+			t.Errorf("the probe where user namespaces are refused: %v", err)
+		}
+	}
+	refused := func(b *Builder) *Builder {
+		b.probeOnce.Do(func() {})
+		b.noNamespaces = true
+		return b
+	}
+	drvs := plain.instantiate(`{ a = mk { name = "fallback"; script = "echo > $out"; }; b = mk { name = "no-fallback"; script = "echo > $out"; }; }`, "a", "b")
+	b := refused(plain.builder(Config{Sandbox: SandboxOn, SandboxFallback: true}))
+	plain.mustBuild(b, out(drvs["a"]))
+	b = refused(plain.builder(Config{Sandbox: SandboxOn}))
+	if r := plain.build(b, ClientOptions{}, out(drvs["b"]))[0]; r.Status.Success() || !strings.Contains(r.ErrorMsg, "does not support the kernel namespaces") {
+		t.Errorf("without fallback: status %d, %q", r.Status, r.ErrorMsg)
+	}
+	chroot := newChrootEnv(t)
+	cdrvs := chroot.instantiate(`{ a = mk { name = "chroot"; script = "echo > $out"; }; }`, "a")
+	b = refused(chroot.builder(Config{Sandbox: SandboxOn, SandboxFallback: true}))
+	if r := chroot.build(b, ClientOptions{}, out(cdrvs["a"]))[0]; r.Status.Success() || !strings.Contains(r.ErrorMsg, "does not support the kernel namespaces") {
+		t.Errorf("chroot store: status %d, %q", r.Status, r.ErrorMsg)
 	}
 }

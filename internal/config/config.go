@@ -231,7 +231,6 @@ var unimplemented = map[string][]string{
 	"run-diff-hook":            {"false"},
 	"repeat":                   {"0"},
 	"enforce-determinism":      {"true"},
-	"sandbox-fallback":         {"true"},
 	"sandbox-dev-shm-size":     {"50%"},
 	"sandbox-build-dir":        {"/build"},
 	"allowed-impure-host-deps": {""},
