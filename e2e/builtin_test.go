@@ -296,10 +296,11 @@ in { good = unpack %s; two = unpack %s; escape = unpack %s; }`, good, two, escap
 		t.Errorf("two top-level entries: stderr:\n%s", stderr)
 	}
 	stderr = b.nixBuild(append(args, "-A", "escape", "--no-out-link")...).fails(t)
-	if !strings.Contains(stderr, "channel.drv") {
+	if !strings.Contains(stderr, "channel.drv") || (!useStock && !strings.Contains(stderr, "would be unpacked outside the output")) {
 		t.Errorf("escaping entry: stderr:\n%s", stderr)
 	}
-	if _, err := os.Lstat(filepath.Join(b.root, "nix", "evil")); err == nil {
+	// top/../../evil from the output <store>/<hash>-channel is <store>/evil.
+	if _, err := os.Lstat(filepath.Join(b.root, "nix", "store", "evil")); err == nil {
 		t.Errorf("the escaping entry was written outside the output")
 	}
 }

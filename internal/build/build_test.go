@@ -9,6 +9,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/store"
@@ -165,6 +166,8 @@ func TestBuildUnsandboxedSyscallFilter(t *testing.T) {
     if chmod 4755 f 2>/dev/null; then echo setuid-ok; else echo setuid-refused; fi > $out
     grep NoNewPrivs /proc/self/status >> $out
     id -u >> $out
+    id -G | tr ' ' '\n' | grep -qx 0 && echo has-group-0 >> $out
+    true
   '';`
 	drvs := e.instantiate(`{
   nnp = mk { name = "filter-nnp"; `+script+` };
@@ -204,8 +207,16 @@ func TestBuildKillsLeftovers(t *testing.T) {
 	if pid == "" {
 		t.Fatal("the builder wrote no pid")
 	}
-	status, err := os.ReadFile("/proc/" + pid + "/status")
-	if err == nil && !strings.Contains(string(status), "State:\tZ") {
+	// SIGKILL is delivered asynchronously: give it a moment on a busy
+	// machine before calling the process alive.
+	alive := func() bool {
+		status, err := os.ReadFile("/proc/" + pid + "/status")
+		return err == nil && !strings.Contains(string(status), "State:\tZ") && strings.Contains(string(status), "Name:\tsleep")
+	}
+	for i := 0; i < 50 && alive(); i++ {
+		time.Sleep(100 * time.Millisecond)
+	}
+	if alive() {
 		syscall.Kill(atoi(t, pid), syscall.SIGKILL)
 		t.Errorf("the builder's leftover process %s is still running", pid)
 	}

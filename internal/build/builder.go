@@ -255,13 +255,58 @@ func DefaultSystem() string {
 	return arch + "-" + runtime.GOOS
 }
 
-// DefaultExtraPlatforms is nix.conf extra-platforms' default for system:
-// x86_64 Linux runs i686 binaries.
+// DefaultExtraPlatforms is nix.conf extra-platforms' default for system,
+// as Nix 2.8 computes it: x86_64 Linux runs i686 binaries, and the
+// x86-64 microarchitecture levels this CPU has ("x86_64-v3-linux", …).
 func DefaultExtraPlatforms(system string) []string {
-	if system == "x86_64-linux" {
-		return []string{"i686-linux"}
+	if system != "x86_64-linux" {
+		return nil
 	}
-	return nil
+	extra := []string{"i686-linux"}
+	for _, l := range x86Levels(cpuFlags()) {
+		extra = append(extra, l+"-linux")
+	}
+	return extra
+}
+
+// x86Levels are the x86-64 microarchitecture levels (v1 to v4) whose CPU
+// features flags (as /proc/cpuinfo names them) all has.
+func x86Levels(flags map[string]bool) []string {
+	levels := [][]string{
+		{"cmov", "cx8", "fpu", "fxsr", "mmx", "sse", "sse2"},
+		{"cx16", "lahf_lm", "popcnt", "pni", "ssse3", "sse4_1", "sse4_2"},
+		{"avx", "avx2", "f16c", "fma", "abm", "movbe"},
+		{"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
+	}
+	var out []string
+	for i, need := range levels {
+		for _, f := range need {
+			if !flags[f] {
+				return out
+			}
+		}
+		out = append(out, fmt.Sprintf("x86_64-v%d", i+1))
+	}
+	return out
+}
+
+// cpuFlags are the CPU's feature flags from /proc/cpuinfo (none if it
+// cannot be read).
+func cpuFlags() map[string]bool {
+	flags := map[string]bool{}
+	data, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return flags
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if name, value, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(name) == "flags" {
+			for _, f := range strings.Fields(value) {
+				flags[f] = true
+			}
+			break
+		}
+	}
+	return flags
 }
 
 // DefaultSystemFeatures is nix.conf system-features' default: the
@@ -276,8 +321,10 @@ func DefaultSystemFeatures() []string {
 
 // canBuild reports, as Nix 2.8's canBuildLocally, whether this host can
 // build drv: its platform is System or one of ExtraPlatforms (any, for a
-// builtin builder), and it requires only SystemFeatures. The error is the
-// start of Nix's message: "a 'PLATFORM' with features {…} is required".
+// builtin builder), and it requires only SystemFeatures. (Nix also
+// refuses with max-jobs = 0, which nixyard, having no remote builders,
+// takes as 1.) The error is the start of Nix's message: "a 'PLATFORM'
+// with features {…} is required".
 func (b *Builder) canBuild(drv *derivation.Derivation) error {
 	required := strings.Fields(drv.Env["requiredSystemFeatures"])
 	slices.Sort(required)
@@ -323,7 +370,7 @@ func New(cfg Config, st *store.Store) (*Builder, error) {
 	if cfg.System == "" {
 		cfg.System = DefaultSystem()
 	}
-	cfg.SystemFeatures = slices.Sorted(slices.Values(cfg.SystemFeatures))
+	cfg.SystemFeatures = slices.Compact(slices.Sorted(slices.Values(cfg.SystemFeatures)))
 	switch cfg.Sandbox {
 	case "":
 		cfg.Sandbox = SandboxOn

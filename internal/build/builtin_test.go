@@ -217,3 +217,16 @@ func TestBuildenvBounds(t *testing.T) {
 		t.Errorf("an environment over the bound: %v", err)
 	}
 }
+
+func TestX86Levels(t *testing.T) {
+	flags := map[string]bool{}
+	for _, f := range strings.Fields("cmov cx8 fpu fxsr mmx sse sse2 cx16 lahf_lm popcnt pni ssse3 sse4_1 sse4_2 avx avx2 f16c fma abm movbe avx512f") {
+		flags[f] = true
+	}
+	if got := strings.Join(x86Levels(flags), " "); got != "x86_64-v1 x86_64-v2 x86_64-v3" {
+		t.Errorf("levels: %q", got)
+	}
+	if got := x86Levels(map[string]bool{"sse2": true}); len(got) != 0 {
+		t.Errorf("levels without v1's features: %q", got)
+	}
+}

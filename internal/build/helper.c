@@ -31,6 +31,20 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+// The ID system calls taking 32-bit IDs: on i386 and 32-bit ARM the plain
+// ones take 16-bit IDs.
+#ifdef SYS_setuid32
+#define NYB_SYS_SETUID SYS_setuid32
+#define NYB_SYS_SETGID SYS_setgid32
+#define NYB_SYS_SETGROUPS SYS_setgroups32
+#define NYB_SYS_SETRESUID SYS_setresuid32
+#else
+#define NYB_SYS_SETUID SYS_setuid
+#define NYB_SYS_SETGID SYS_setgid
+#define NYB_SYS_SETGROUPS SYS_setgroups
+#define NYB_SYS_SETRESUID SYS_setresuid
+#endif
+
 #ifndef PR_CAP_AMBIENT
 #define PR_CAP_AMBIENT 47
 #define PR_CAP_AMBIENT_CLEAR_ALL 4
@@ -252,7 +266,7 @@ static void nyb_spawn_sandbox(struct nyb_spec *s) {
 		nyb_fail("allocating a stack for the sandbox: %s", strerror(errno));
 	// The daemon's supplementary groups must not reach the sandbox: once
 	// setgroups is denied in it they could not be dropped (as Nix).
-	if (getuid() == 0 && syscall(SYS_setgroups, 0, NULL) < 0)
+	if (getuid() == 0 && syscall(NYB_SYS_SETGROUPS, 0, NULL) < 0)
 		nyb_fail("cannot drop supplementary groups: %s", strerror(errno));
 	pid_t child = clone(nyb_sandbox_child, stack + stack_size, flags, s);
 	if (child < 0)
@@ -402,9 +416,9 @@ static void nyb_setup_sandbox(const struct nyb_spec *s) {
 	nyb_seccomp(s);
 	// Raw system calls: one thread, and glibc's wrappers would broadcast
 	// to threads that do not exist anyway.
-	if (syscall(SYS_setgid, gid) < 0)
+	if (syscall(NYB_SYS_SETGID, gid) < 0)
 		nyb_fail("setgid failed: %s", strerror(errno));
-	if (syscall(SYS_setuid, uid) < 0)
+	if (syscall(NYB_SYS_SETUID, uid) < 0)
 		nyb_fail("setuid failed: %s", strerror(errno));
 	// Nothing of the helper's privileges may reach the builder.
 	if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
@@ -530,15 +544,20 @@ static void nyb_become_build_user(const struct nyb_spec *s) {
 	size_t n = 0;
 	for (char **g = s->groups; *g && n < NGROUPS_MAX; g++)
 		groups[n++] = (gid_t)strtoul(*g, NULL, 10);
-	if (syscall(SYS_setgroups, n, groups) < 0 || syscall(SYS_setgid, s->host_gid) < 0 ||
-	    syscall(SYS_setuid, s->host_uid) < 0)
+	if (syscall(NYB_SYS_SETGROUPS, n, groups) < 0 || syscall(NYB_SYS_SETGID, s->host_gid) < 0 ||
+	    syscall(NYB_SYS_SETUID, s->host_uid) < 0)
 		nyb_fail("changing to the build user: %s", strerror(errno));
 	uid_t ruid, euid, suid;
 	gid_t rgid, egid, sgid;
+	gid_t got[NGROUPS_MAX];
+	int ngot = getgroups(NGROUPS_MAX, got);
 	if (getresuid(&ruid, &euid, &suid) < 0 || getresgid(&rgid, &egid, &sgid) < 0 ||
 	    ruid != (uid_t)s->host_uid || euid != ruid || suid != ruid || rgid != (gid_t)s->host_gid || egid != rgid ||
-	    sgid != rgid)
+	    sgid != rgid || ngot != (int)n)
 		nyb_fail("changing to the build user: the IDs did not all change");
+	for (int i = 0; i < ngot; i++)
+		if (got[i] != groups[i])
+			nyb_fail("changing to the build user: the supplementary groups did not change");
 	if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
 		nyb_fail("clearing ambient capabilities: %s", strerror(errno));
 	prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
@@ -577,7 +596,7 @@ static void nyb_kill_user(const char *arg) {
 		fprintf(stderr, "bad uid '%s'\n", arg);
 		_exit(2);
 	}
-	if (syscall(SYS_setgroups, 0, NULL) < 0 || syscall(SYS_setresuid, (uid_t)uid, (uid_t)uid, (uid_t)uid) < 0) {
+	if (syscall(NYB_SYS_SETGROUPS, 0, NULL) < 0 || syscall(NYB_SYS_SETRESUID, (uid_t)uid, (uid_t)uid, (uid_t)uid) < 0) {
 		fprintf(stderr, "cannot become uid %lld: %s\n", uid, strerror(errno));
 		_exit(1);
 	}

@@ -141,9 +141,12 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		// Unsandboxed, the helper takes the build user's identity itself,
 		// once the filter is loaded.
 		DropIDs: !j.sandbox && j.user != nil,
-		Groups:  userGroups(j.user),
+
 		HostUID: j.hostUID,
 		HostGID: j.hostGID,
+	}
+	if j.spec.DropIDs {
+		j.spec.Groups = j.user.groups
 	}
 	if j.sandbox {
 		if err := j.prepareChroot(ctx, &j.spec); err != nil {
@@ -488,14 +491,6 @@ func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (s
 		return 0, fmt.Errorf("building '%s': %w", j.drvAbs, ctx.Err())
 	}
 	return cmd.ProcessState.Sys().(syscall.WaitStatus), nil
-}
-
-// userGroups are u's supplementary groups (none without a build user).
-func userGroups(u *buildUser) []int {
-	if u == nil {
-		return nil
-	}
-	return u.groups
 }
 
 // timeouts are the build's max-silent-time and timeout: the caller's if

@@ -31,7 +31,8 @@ const killUserArg0 = "nixyard-kill-user"
 // sandbox's namespaces can be made (exit status 0; 3 if they are refused).
 const probeArg0 = "nixyard-probe-sandbox"
 
-// errNoNamespaces is Nix's message when the sandbox cannot be made.
+// errNoNamespaces says that the sandbox cannot be made here, in later
+// Nix's words (2.8 says only "unable to start build process").
 var errNoNamespaces = errors.New("this system does not support the kernel namespaces that are required for sandboxing; use '--no-sandbox' to disable sandboxing")
 
 // namespacesRefused reports whether the kernel (or the container the
@@ -234,8 +235,8 @@ func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
 
 	var binds []bindMount
 	addBind := func(source, target string, ro, optional bool) error {
-		if !filepath.IsAbs(target) || filepath.Clean(target) != target || target == "/" {
-			return fmt.Errorf("sandbox path '%s' is not a clean absolute path", target)
+		if target = filepath.Clean(target); !filepath.IsAbs(target) || target == "/" {
+			return fmt.Errorf("sandbox path '%s' is not an absolute path below /", target)
 		}
 		st, err := os.Stat(source)
 		if err != nil {

@@ -106,26 +106,27 @@ func (s *Settings) parse(text, source, dir string, depth int) error {
 
 // aliases are the old names Nix 2.8 still accepts for its settings.
 var aliases = map[string]string{
-	"build-fallback":           "fallback",
-	"build-max-jobs":           "max-jobs",
-	"build-cores":              "cores",
-	"build-max-silent-time":    "max-silent-time",
-	"build-timeout":            "timeout",
-	"build-use-substitutes":    "substitute",
-	"build-keep-log":           "keep-build-log",
-	"build-compress-log":       "compress-build-log",
-	"build-max-log-size":       "max-build-log-size",
-	"gc-keep-outputs":          "keep-outputs",
-	"gc-keep-derivations":      "keep-derivations",
-	"env-keep-derivations":     "keep-env-derivations",
-	"build-use-chroot":         "sandbox",
-	"build-use-sandbox":        "sandbox",
-	"build-chroot-dirs":        "sandbox-paths",
-	"build-sandbox-paths":      "sandbox-paths",
-	"build-repeat":             "repeat",
-	"binary-cache-public-keys": "trusted-public-keys",
-	"binary-caches":            "substituters",
-	"trusted-binary-caches":    "trusted-substituters",
+	"build-fallback":             "fallback",
+	"build-max-jobs":             "max-jobs",
+	"build-cores":                "cores",
+	"build-max-silent-time":      "max-silent-time",
+	"build-timeout":              "timeout",
+	"build-use-substitutes":      "substitute",
+	"build-keep-log":             "keep-build-log",
+	"build-compress-log":         "compress-build-log",
+	"build-max-log-size":         "max-build-log-size",
+	"gc-keep-outputs":            "keep-outputs",
+	"gc-keep-derivations":        "keep-derivations",
+	"env-keep-derivations":       "keep-env-derivations",
+	"build-use-chroot":           "sandbox",
+	"build-use-sandbox":          "sandbox",
+	"build-chroot-dirs":          "sandbox-paths",
+	"build-sandbox-paths":        "sandbox-paths",
+	"build-repeat":               "repeat",
+	"binary-cache-public-keys":   "trusted-public-keys",
+	"binary-caches":              "substituters",
+	"trusted-binary-caches":      "trusted-substituters",
+	"build-impersonate-linux-26": "impersonate-linux-26",
 }
 
 // Set sets name to value. "extra-NAME" appends to NAME's list, as in Nix
@@ -221,9 +222,8 @@ func (s *Settings) Text() string {
 
 // unimplemented are settings nix-daemon acts on that nixyard does not,
 // with the values that make them no-ops (Nix's defaults, where nixyard
-// behaves the same): remote builders, hooks other than post-build-hook,
-// build log limits, automatic collection by free space, repeated builds
-// and sandbox details.
+// behaves the same): remote builders, the diff hook, repeated builds and
+// some sandbox details.
 var unimplemented = map[string][]string{
 	"builders":                 {""},
 	"builders-use-substitutes": {"false"},
