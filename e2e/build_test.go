@@ -679,3 +679,29 @@ printf 'extra-sandbox-paths\n/hooked=`+shared+`\n\n'
 		t.Errorf("a hook answering nonsense: stderr:\n%s", stderr)
 	}
 }
+
+// TestBuildCheck: nix-build --check builds a derivation again and
+// compares: a deterministic one passes, one whose output changes fails
+// with Nix's message, and one never built cannot be checked.
+func TestBuildCheck(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	args := b.expr(t, "check", `{
+  det = mk { name = "check-det"; script = "echo same > $out"; };
+  nondet = mk { name = "check-nondet"; script = "cat /proc/sys/kernel/random/uuid > $out"; };
+  unbuilt = mk { name = "check-unbuilt"; script = "echo > $out"; };
+}`)
+	for _, attr := range []string{"det", "nondet"} {
+		b.nixBuild(append(args, "-A", attr, "--no-out-link")...).ok(t)
+	}
+	b.nixBuild(append(args, "-A", "det", "--no-out-link", "--check")...).ok(t)
+	stderr := b.nixBuild(append(args, "-A", "nondet", "--no-out-link", "--check")...).fails(t)
+	if !regexp.MustCompile(`derivation '/nix/store/[a-z0-9]{32}-check-nondet\.drv' may not be deterministic: output '[^']*/nix/store/[a-z0-9]{32}-check-nondet' differs`).MatchString(stderr) ||
+		!strings.Contains(stderr, "checking outputs of '") {
+		t.Errorf("non-deterministic build: stderr:\n%s", stderr)
+	}
+	stderr = b.nixBuild(append(args, "-A", "unbuilt", "--no-out-link", "--check")...).fails(t)
+	if !strings.Contains(stderr, "so checking is not possible") {
+		t.Errorf("checking an unbuilt derivation: stderr:\n%s", stderr)
+	}
+}

@@ -198,8 +198,9 @@ type ClientOptions struct {
 // turns them into logger activities (§3.2 of worker-protocol.md). Methods
 // may be called from several goroutines at once and must not block long.
 type Progress interface {
-	// BuildStarted: the builder of drv starts ("building '<drv>'").
-	BuildStarted(drv string)
+	// BuildStarted: the builder of drv starts ("building '<drv>'", or
+	// with check "checking outputs of '<drv>'").
+	BuildStarted(drv string, check bool)
 	// BuildLogLine is one line of the builder's output, without "\n".
 	BuildLogLine(drv, line string)
 	// BuildPhase is a phase the builder announced with

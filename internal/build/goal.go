@@ -218,7 +218,8 @@ func (g *goal) subscribe(c *call) {
 			// say): the caller sees it start too.
 			c.count(0, 1, 0, 0)
 			drvAbs := g.b.abs(g.drvPath)
-			c.emit(func(p Progress) { p.BuildStarted(drvAbs) })
+			check := g.owner.opts.Mode == ModeCheck
+			c.emit(func(p Progress) { p.BuildStarted(drvAbs, check) })
 		}
 	}
 	g.subs[c]++
@@ -288,10 +289,11 @@ func (g *goal) setRunning(on bool) {
 		d = -1
 	}
 	drvAbs := g.b.abs(g.drvPath)
+	check := g.owner.opts.Mode == ModeCheck
 	for c := range g.subs {
 		c.count(0, d, 0, 0)
 		if on {
-			c.emit(func(p Progress) { p.BuildStarted(drvAbs) })
+			c.emit(func(p Progress) { p.BuildStarted(drvAbs, check) })
 		}
 	}
 }
@@ -460,6 +462,9 @@ func (g *goal) realise(ctx context.Context) Result {
 		ok, err := b.st.IsValidPathFresh(ctx, p) // under the outputs' locks
 		if err != nil {
 			return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
+		}
+		if !ok && mode == ModeCheck {
+			return g.failf(MiscFailure, "some outputs of '%s' are not valid, so checking is not possible", drvAbs)
 		}
 		if !ok || mode == ModeCheck {
 			missing[n] = p

@@ -251,7 +251,7 @@ type recorder struct {
 	maxRun    int
 }
 
-func (r *recorder) BuildStarted(drv string) {
+func (r *recorder) BuildStarted(drv string, check bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.started = append(r.started, drv)

@@ -84,7 +84,7 @@ func (p *buildProgress) BuildsProgress(done, expected, running, failed int) {
 }
 
 // BuildStarted implements build.Progress.
-func (p *buildProgress) BuildStarted(drv string) {
+func (p *buildProgress) BuildStarted(drv string, check bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
@@ -93,7 +93,11 @@ func (p *buildProgress) BuildStarted(drv string) {
 	if id, ok := p.acts[drv]; ok { // a second round (--check): a new activity
 		p.tun.StopActivity(id)
 	}
-	p.acts[drv] = p.tun.StartActivity(lvlInfo, actBuild, fmt.Sprintf("building '%s'", drv), []field{drv, "", 1, 1}, 0)
+	text := fmt.Sprintf("building '%s'", drv)
+	if check {
+		text = fmt.Sprintf("checking outputs of '%s'", drv)
+	}
+	p.acts[drv] = p.tun.StartActivity(lvlInfo, actBuild, text, []field{drv, "", 1, 1}, 0)
 }
 
 // BuildLogLine implements build.Progress. A line outside a running build

@@ -17,6 +17,7 @@ import (
 const (
 	buildModeNormal    = 0
 	buildModeRepair    = 1
+	buildModeCheck     = 2
 	statusAlreadyValid = 2
 )
 
@@ -94,8 +95,8 @@ func (c *conn) realiseTargets(ctx context.Context, targets []store.DerivedPath, 
 	if err := c.checkBuildMode(mode); err != nil {
 		return nil, nil, err
 	}
-	if mode != buildModeNormal {
-		return nil, nil, fmt.Errorf("build mode %d (repair or check) is not supported by nixyard yet", mode)
+	if mode == buildModeRepair {
+		return nil, nil, fmt.Errorf("build mode %d (repair) is not supported by nixyard yet", mode)
 	}
 	r, err := c.realiser()
 	if err != nil {
@@ -104,7 +105,11 @@ func (c *conn) realiseTargets(ctx context.Context, targets []store.DerivedPath, 
 	c.st.AutoGC(ctx, false) // as Nix's Worker: free space in the background if the store is low on it
 	prog := c.newProgress()
 	bprog := newBuildProgress(c.tun)
-	results, err := r.Realise(withBuildRequest(ctx, c.buildOptions(mode), bprog), targets, prog)
+	realise := r.Realise
+	if mode == buildModeCheck {
+		realise = r.Check
+	}
+	results, err := realise(withBuildRequest(ctx, c.buildOptions(mode), bprog), targets, prog)
 	top := map[string]bool{}
 	for _, t := range targets {
 		top[c.dir.Abs(t.Path)] = true

@@ -81,6 +81,59 @@ func (r *Realiser) Realise(ctx context.Context, targets []store.DerivedPath, pro
 	return results, nil
 }
 
+// Check builds the outputs of the derivation targets again to compare
+// them with the valid ones (nix-build --check): nothing is substituted,
+// and the builder, asked in check mode through ctx, compares. Plain paths
+// among the targets are realised as usual.
+func (r *Realiser) Check(ctx context.Context, targets []store.DerivedPath, prog Progress) ([]Result, error) {
+	st := r.m.st
+	results := make([]Result, len(targets))
+	var opaque, build []store.DerivedPath
+	var opaqueIdx, buildIdx []int
+	for i, t := range targets {
+		if !t.Built {
+			opaque, opaqueIdx = append(opaque, t), append(opaqueIdx, i)
+			continue
+		}
+		if err := r.root(ctx, t.Path); err != nil {
+			return nil, err
+		}
+		if ok, err := st.IsValidPath(ctx, t.Path); err != nil {
+			return nil, err
+		} else if !ok {
+			results[i] = Result{Target: t, Status: MiscFailure, ErrorMsg: fmt.Sprintf("path '%s' is not valid", st.Dir().Abs(t.Path))}
+			continue
+		}
+		build, buildIdx = append(build, t), append(buildIdx, i)
+	}
+	if len(opaque) > 0 {
+		res, err := r.Realise(ctx, opaque, prog)
+		if err != nil {
+			return nil, err
+		}
+		for j, i := range opaqueIdx {
+			results[i] = res[j]
+		}
+	}
+	if len(build) == 0 {
+		return results, nil
+	}
+	if r.m.builder == nil {
+		return nil, fmt.Errorf("realise: checking: %w", ErrNeedsBuild)
+	}
+	built, err := r.m.builder.Build(ctx, build, r.session)
+	if err != nil {
+		return nil, fmt.Errorf("realise: %w", err)
+	}
+	if len(built) != len(build) {
+		return nil, fmt.Errorf("realise: builder returned %d results for %d targets", len(built), len(build))
+	}
+	for j, i := range buildIdx {
+		results[i] = built[j]
+	}
+	return results, nil
+}
+
 // realiseOpaque sets the results of the targets that are plain paths (not
 // derivation outputs). The invalid ones are substituted together, so that
 // the client's request costs one walk of their joint closure: `nix-store
