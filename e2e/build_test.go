@@ -681,20 +681,24 @@ printf 'extra-sandbox-paths\n/hooked=`+shared+`\n\n'
 }
 
 // TestBuildCheck: nix-build --check builds a derivation again and
-// compares: a deterministic one passes, one whose output changes fails
-// with Nix's message, and one never built cannot be checked.
+// compares: a deterministic one passes (its inputs are not checked), one
+// whose output changes fails with Nix's message, and one never built
+// cannot be checked.
 func TestBuildCheck(t *testing.T) {
 	t.Parallel()
 	b := startBuildDaemon(t)
-	args := b.expr(t, "check", `{
+	args := b.expr(t, "check", `rec {
   det = mk { name = "check-det"; script = "echo same > $out"; };
   nondet = mk { name = "check-nondet"; script = "cat /proc/sys/kernel/random/uuid > $out"; };
   unbuilt = mk { name = "check-unbuilt"; script = "echo > $out"; };
+  top = mk { name = "check-top"; dep = nondet; script = "echo top > $out"; };
 }`)
-	for _, attr := range []string{"det", "nondet"} {
+	for _, attr := range []string{"det", "nondet", "top"} {
 		b.nixBuild(append(args, "-A", attr, "--no-out-link")...).ok(t)
 	}
 	b.nixBuild(append(args, "-A", "det", "--no-out-link", "--check")...).ok(t)
+	// Only the requested derivation is checked, not its inputs.
+	b.nixBuild(append(args, "-A", "top", "--no-out-link", "--check")...).ok(t)
 	stderr := b.nixBuild(append(args, "-A", "nondet", "--no-out-link", "--check")...).fails(t)
 	if !regexp.MustCompile(`derivation '/nix/store/[a-z0-9]{32}-check-nondet\.drv' may not be deterministic: output '[^']*/nix/store/[a-z0-9]{32}-check-nondet' differs`).MatchString(stderr) ||
 		!strings.Contains(stderr, "checking outputs of '") {

@@ -60,7 +60,7 @@ func (b *Builder) BuildBasic(ctx context.Context, drvPath storepath.Path, drv *d
 	}
 	gctx, cancel := context.WithCancel(context.Background())
 	g := &goal{
-		b: b, drvPath: drvPath, drv: drv, owner: c, cancel: cancel, basic: true,
+		b: b, drvPath: drvPath, drv: drv, owner: c, cancel: cancel, basic: true, check: client.Mode == ModeCheck,
 		name: fmt.Sprintf("building of '%s!%s' from in-memory derivation", b.abs(drvPath), strings.Join(names, ",")),
 		done: make(chan struct{}), subs: map[*call]int{},
 	}

@@ -350,7 +350,7 @@ type Builder struct {
 	users *userPool // nil without build users
 
 	mu    sync.Mutex
-	goals map[storepath.Path]*goal
+	goals map[goalKey]*goal
 	seq   uint64
 
 	probeOnce    sync.Once // see namespacesRefused
@@ -395,7 +395,7 @@ func New(cfg Config, st *store.Store) (*Builder, error) {
 		st:    st,
 		log:   cfg.Logger,
 		slots: newSlots(cfg.MaxJobs),
-		goals: map[storepath.Path]*goal{},
+		goals: map[goalKey]*goal{},
 	}
 	if cfg.BuildUsersGroup != "" {
 		var err error

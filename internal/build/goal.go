@@ -100,14 +100,17 @@ func (c *call) realise(ctx context.Context, req store.DerivedPath, depth int) Re
 			return b.fail(req, MiscFailure, "derivation '%s' does not have an output named '%s'", b.abs(req.Path), n)
 		}
 	}
-	if c.opts.Mode != ModeCheck {
+	// --check applies to the requested derivations, not to their inputs
+	// (as Nix).
+	check := c.opts.Mode == ModeCheck && depth == 0
+	if !check {
 		if outs, ok, err := b.validOutputs(ctx, drv, wanted); err != nil {
 			return b.fail(req, MiscFailure, "%v", err)
 		} else if ok {
 			return Result{Path: req, Status: AlreadyValid, BuiltOutputs: outs}
 		}
 	}
-	g := b.joinGoal(req, drv, c)
+	g := b.joinGoal(req, drv, c, check)
 	res := g.wait(ctx, c)
 	res.Path = req
 	if res.Status.Success() {
@@ -172,6 +175,7 @@ type goal struct {
 	name    string // Nix's goal name, for timeout messages
 	owner   *call  // whose options and slot share the build uses
 	basic   bool   // drv came from a client (BuildBasic), not from drvPath
+	check   bool   // build again and compare with the valid outputs (--check)
 	done    chan struct{}
 	cancel  context.CancelFunc
 
@@ -185,10 +189,19 @@ type goal struct {
 	outputs map[string]storepath.Path
 }
 
-func (b *Builder) joinGoal(req store.DerivedPath, drv *derivation.Derivation, c *call) *goal {
+// goalKey names a goal in Builder.goals: a derivation is built once
+// however many callers ask, but a check (--check) is a goal of its own,
+// so that neither kind of caller gets the other's outcome.
+type goalKey struct {
+	drv   storepath.Path
+	check bool
+}
+
+func (b *Builder) joinGoal(req store.DerivedPath, drv *derivation.Derivation, c *call, check bool) *goal {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	g := b.goals[req.Path]
+	key := goalKey{req.Path, check}
+	g := b.goals[key]
 	if g == nil {
 		ctx, cancel := context.WithCancel(context.Background())
 		outs := "*"
@@ -196,11 +209,11 @@ func (b *Builder) joinGoal(req store.DerivedPath, drv *derivation.Derivation, c 
 			outs = strings.Join(req.Outputs, ",")
 		}
 		g = &goal{
-			b: b, drvPath: req.Path, drv: drv, owner: c, cancel: cancel,
+			b: b, drvPath: req.Path, drv: drv, owner: c, cancel: cancel, check: check,
 			name: fmt.Sprintf("building of '%s!%s' from .drv file", b.abs(req.Path), outs),
 			done: make(chan struct{}), subs: map[*call]int{},
 		}
-		b.goals[req.Path] = g
+		b.goals[key] = g
 		go g.run(ctx)
 	}
 	g.subscribe(c)
@@ -218,8 +231,7 @@ func (g *goal) subscribe(c *call) {
 			// say): the caller sees it start too.
 			c.count(0, 1, 0, 0)
 			drvAbs := g.b.abs(g.drvPath)
-			check := g.owner.opts.Mode == ModeCheck
-			c.emit(func(p Progress) { p.BuildStarted(drvAbs, check) })
+			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.check) })
 		}
 	}
 	g.subs[c]++
@@ -289,11 +301,10 @@ func (g *goal) setRunning(on bool) {
 		d = -1
 	}
 	drvAbs := g.b.abs(g.drvPath)
-	check := g.owner.opts.Mode == ModeCheck
 	for c := range g.subs {
 		c.count(0, d, 0, 0)
 		if on {
-			c.emit(func(p Progress) { p.BuildStarted(drvAbs, check) })
+			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.check) })
 		}
 	}
 }
@@ -304,8 +315,9 @@ func (g *goal) run(ctx context.Context) {
 	res := g.realise(ctx)
 	g.res = res
 	b.mu.Lock()
-	if b.goals[g.drvPath] == g { // BuildBasic's goals are not in the table
-		delete(b.goals, g.drvPath)
+	key := goalKey{g.drvPath, g.check}
+	if b.goals[key] == g { // BuildBasic's goals are not in the table
+		delete(b.goals, key)
 	}
 	b.mu.Unlock()
 	g.mu.Lock()
@@ -358,10 +370,8 @@ func (g *goal) realise(ctx context.Context) Result {
 		outPaths[n] = p
 	}
 	g.outputs = outPaths
-	mode := g.owner.opts.Mode
-
 	// Substitutes first, as Nix's haveDerivation.
-	if b.cfg.Substituter != nil && g.owner.opts.UseSubstitutes && mode == ModeNormal {
+	if b.cfg.Substituter != nil && g.owner.opts.UseSubstitutes && !g.check {
 		if r, ok := g.trySubstitute(ctx, outPaths); ok {
 			return r
 		}
@@ -463,10 +473,10 @@ func (g *goal) realise(ctx context.Context) Result {
 		if err != nil {
 			return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
 		}
-		if !ok && mode == ModeCheck {
+		if !ok && g.check {
 			return g.failf(MiscFailure, "some outputs of '%s' are not valid, so checking is not possible", drvAbs)
 		}
-		if !ok || mode == ModeCheck {
+		if !ok || g.check {
 			missing[n] = p
 		}
 	}

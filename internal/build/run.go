@@ -72,7 +72,7 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		// Run in the daemon, with a sandbox's view of the store (see
 		// builtin.go), writing the outputs in place.
 		j.builtin = true
-		if g.owner.opts.Mode == ModeCheck {
+		if g.check {
 			r := g.failf(MiscFailure, "checking '%s', which has a builtin builder, is %v by nixyard", j.drvAbs, errNotSupported)
 			return nil, &r
 		}
@@ -97,7 +97,7 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		}
 		j.sandbox = false
 	}
-	if !j.sandbox && g.owner.opts.Mode == ModeCheck {
+	if !j.sandbox && g.check {
 		return fail("checking '%s' without the sandbox is %v by nixyard", j.drvAbs, errNotSupported)
 	}
 	if b.users != nil {
@@ -619,7 +619,7 @@ func (j *job) register(ctx context.Context, locks *store.OutputLocks) *failure {
 			}
 			bo.CA = ca.String()
 		}
-		if g.owner.opts.Mode == ModeCheck {
+		if g.check {
 			if f := j.check(ctx, name, p, loc); f != nil {
 				return f
 			}
@@ -627,7 +627,7 @@ func (j *job) register(ctx context.Context, locks *store.OutputLocks) *failure {
 		}
 		outs = append(outs, bo)
 	}
-	if g.owner.opts.Mode == ModeCheck {
+	if g.check {
 		return nil
 	}
 	if _, err := locks.Register(ctx, g.drvPath, outs, j.inputs); err != nil {
