@@ -621,3 +621,34 @@ func TestSubstituteHTTPS(t *testing.T) {
 		t.Errorf("%s valid although its cache's certificate is not trusted", outs[0])
 	}
 }
+
+// TestSubstituteRepair: nix-store --verify --check-contents --repair
+// fetches a modified path again from the cache and puts it back as it was;
+// the store then verifies clean.
+func TestSubstituteRepair(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	cacheDir, outs, deps := e.cachedFixtures(t, "xz", "", "subst-repair")
+	out, dep := outs[0], deps[0]
+	d := e.startDaemon(t, withConf("substituters = file://"+cacheDir, "require-sigs = false"))
+	d.nixStore(t, "-r", out)
+	d.assertFixture(t, out, dep)
+
+	// Someone writes into the store.
+	f := d.realPath(out)
+	if err := os.Chmod(f, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, f, "tampered\n", 0o444)
+	res := d.nixStoreRun(t, "--verify", "--check-contents")
+	if res.err == nil || !strings.Contains(res.stderr, "was modified!") {
+		t.Fatalf("verify did not find the modified path:\n%s", res)
+	}
+	res = d.nixStoreRun(t, "--verify", "--check-contents", "--repair")
+	if res.err != nil {
+		t.Fatalf("verify --repair:\n%s", res)
+	}
+	d.assertFixture(t, out, dep)
+	assertVerifyClean(t, d.nixStoreRun(t, "--verify", "--check-contents"))
+	d.verifyStopped(t)
+}

@@ -161,7 +161,13 @@ func opVerifyStoreHandler(ctx context.Context, c *conn) error {
 	if repair && !c.peer.trusted {
 		return errors.New("you are not privileged to repair paths")
 	}
-	errorsFound, err := c.st.VerifyStore(ctx, checkContents, repair, func(msg string) { c.tun.Log(lvlError, msg) })
+	var repairPath func(context.Context, storepath.Path) error
+	if repair {
+		if r, err := c.realiser(); err == nil && r.HasSubstituters() {
+			repairPath = r.RepairPath
+		}
+	}
+	errorsFound, err := c.st.VerifyStore(ctx, checkContents, repair, repairPath, func(msg string) { c.tun.Log(lvlError, msg) })
 	if err != nil {
 		return fmt.Errorf("verifying the store: %w", err)
 	}

@@ -134,6 +134,15 @@ func (r *Realiser) Check(ctx context.Context, targets []store.DerivedPath, prog 
 	return results, nil
 }
 
+// RepairPath fetches the valid path p again from the binary caches and
+// replaces the store's copy (nix-store --verify --repair).
+func (r *Realiser) RepairPath(ctx context.Context, p storepath.Path) error {
+	if r.sub == nil {
+		return fmt.Errorf("no substituter can repair '%s'", r.m.st.Dir().Abs(p))
+	}
+	return r.sub.Repair(ctx, p)
+}
+
 // realiseOpaque sets the results of the targets that are plain paths (not
 // derivation outputs). The invalid ones are substituted together, so that
 // the client's request costs one walk of their joint closure: `nix-store

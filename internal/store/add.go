@@ -90,13 +90,24 @@ func (s *Store) newBatch(opts AddOptions) *batch {
 // info, checks signatures when opts.CheckSigs, RequireSigs and the path is
 // not content-addressed, and registers the path atomically with its
 // references, which must all be valid (or the path itself). If the path is
-// already valid (and !opts.Repair) the NAR is read and discarded. On error
+// already valid (and !opts.Repair) the NAR is read and discarded; with
+// opts.Repair it replaces the path's files (RepairPathNar). On error
 // nothing is registered and nothing is left at the path; the NAR may be
 // partly read. Callers that need the path to outlive a concurrent garbage
 // collection hold a Session temporary root on it. Concurrent calls are
 // made durable and registered together (group commit, groupcommit.go).
 func (s *Store) AddToStoreNar(ctx context.Context, info PathInfo, nr io.Reader, opts AddOptions) error {
 	s.AutoGC(ctx, true)
+	if opts.Repair {
+		if ok, err := s.IsValidPathFresh(ctx, info.Path); err != nil {
+			return err
+		} else if ok {
+			if opts.CheckSigs && s.cfg.RequireSigs && info.CA == "" && !s.sigs.trusted(s.dir, &info) {
+				return fmt.Errorf("store: cannot add path '%s' because it lacks a valid signature", s.abs(info.Path))
+			}
+			return s.RepairPathNar(ctx, info, nr)
+		}
+	}
 	b := s.newBatch(opts)
 	defer b.abort()
 	if err := b.add(ctx, info, nr); err != nil {
@@ -592,22 +603,12 @@ func (s *Store) AddToStoreContent(ctx context.Context, name string, method conte
 	}
 	// The content goes to <random hash>-nixyard-tmp-<pid>/x first: only
 	// once it is hashed is its path known.
-	var rnd [20]byte
-	rand.Read(rnd[:])
-	tmpPath, err := storepath.ParseBase(nixbase32.EncodeToString(rnd[:]) + tempDirSuffix + fmt.Sprint(os.Getpid()))
+	tmpDir, done, err := s.tempDir(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("store: temporary directory name: %w", err)
-	}
-	if err := s.roots.add(ctx, tmpPath); err != nil {
 		return nil, err
 	}
-	defer s.roots.remove(tmpPath)
+	defer done()
 	epoch := s.syncEpoch()
-	tmpDir := s.RealPath(tmpPath)
-	if err := os.Mkdir(tmpDir, 0o700); err != nil {
-		return nil, fmt.Errorf("store: creating %s: %w", tmpDir, err)
-	}
-	defer removeAll(tmpDir)
 	tmp := tmpDir + "/x"
 
 	h := algo.New()
@@ -763,6 +764,96 @@ func (s *Store) NarFromPath(ctx context.Context, p storepath.Path, w io.Writer) 
 	}
 	if err := nar.DumpPath(w, s.RealPath(p)); err != nil {
 		return fmt.Errorf("store: dumping %s: %w", s.abs(p), err)
+	}
+	return nil
+}
+
+// tempDir makes a temporary directory in the store's directory,
+// <random hash>-nixyard-tmp-<pid>, with a temporary root so that no
+// garbage collector takes it; done removes it and the root.
+func (s *Store) tempDir(ctx context.Context) (dir string, done func(), err error) {
+	var rnd [20]byte
+	rand.Read(rnd[:])
+	tmpPath, err := storepath.ParseBase(nixbase32.EncodeToString(rnd[:]) + tempDirSuffix + fmt.Sprint(os.Getpid()))
+	if err != nil {
+		return "", nil, fmt.Errorf("store: temporary directory name: %w", err)
+	}
+	if err := s.roots.add(ctx, tmpPath); err != nil {
+		return "", nil, err
+	}
+	dir = s.RealPath(tmpPath)
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		s.roots.remove(tmpPath)
+		return "", nil, fmt.Errorf("store: creating %s: %w", dir, err)
+	}
+	return dir, func() {
+		removeAll(dir)
+		s.roots.remove(tmpPath)
+	}, nil
+}
+
+// RepairPathNar replaces the files of the valid path info.Path with the
+// NAR read from r (nix-store --verify --repair, from a binary cache). The
+// NAR is unpacked beside the path and checked against info (hash, size,
+// content address) while the old files stay; once it is durable, it is
+// swapped in and the registration updated with info. A failure before the
+// swap leaves the path as it was.
+func (s *Store) RepairPathNar(ctx context.Context, info PathInfo, r io.Reader) error {
+	abs := s.abs(info.Path)
+	if info.NarHash.Algo != hash.SHA256 {
+		return fmt.Errorf("store: repairing %s: NAR hash must be sha256, got %s", abs, info.NarHash.Algo)
+	}
+	var ca contentaddress.CA
+	if info.CA != "" {
+		var err error
+		if ca, err = contentaddress.Parse(info.CA); err != nil {
+			return fmt.Errorf("store: repairing %s: %w", abs, err)
+		}
+		if err := s.checkCAPath(info, ca); err != nil {
+			return err
+		}
+	}
+	if err := s.roots.add(ctx, info.Path); err != nil {
+		return err
+	}
+	defer s.roots.remove(info.Path)
+	realPath := s.RealPath(info.Path)
+	lock, err := s.lockPath(ctx, realPath)
+	if err != nil {
+		return err
+	}
+	defer lock.unlock()
+	if ok, err := s.IsValidPathFresh(ctx, info.Path); err != nil {
+		return err
+	} else if !ok {
+		return fmt.Errorf("store: repairing %s: %w", abs, ErrNotValid)
+	}
+	tmpDir, done, err := s.tempDir(ctx)
+	if err != nil {
+		return err
+	}
+	defer done()
+	epoch := s.syncEpoch()
+	fresh, old := tmpDir+"/new", tmpDir+"/old"
+	pp, err := s.unpack(ctx, info, ca, r, fresh)
+	if err != nil {
+		return err
+	}
+	if err := s.syncTrees([]string{fresh}, info.NarSize, epoch); err != nil {
+		return fmt.Errorf("store: repairing %s: %w", abs, err)
+	}
+	if err := os.Rename(realPath, old); err != nil && !os.IsNotExist(err) {
+		return fmt.Errorf("store: repairing %s: %w", abs, err)
+	}
+	if err := os.Rename(fresh, realPath); err != nil {
+		os.Rename(old, realPath)
+		return fmt.Errorf("store: repairing %s: %w", abs, err)
+	}
+	if err := fsyncPath(s.realDir); err != nil {
+		return fmt.Errorf("store: repairing %s: %w", abs, err)
+	}
+	if err := s.register(ctx, []*pendingPath{pp}); err != nil {
+		return fmt.Errorf("store: repairing %s: registering: %w", abs, err)
 	}
 	return nil
 }

@@ -234,3 +234,44 @@ func TestAddBuildLogLargeCompressed(t *testing.T) {
 		t.Fatalf("log: %d bytes, %v; want %d bytes", len(got), err, len(log))
 	}
 }
+
+// TestRepairPathNar: a repair that fails (a NAR that is not the path's)
+// leaves the path's files as they were; one that succeeds replaces them,
+// and nothing of the repair stays in the store's directory.
+func TestRepairPathNar(t *testing.T) {
+	s, _ := testStore(t)
+	ctx := context.Background()
+	files := map[string]string{"a": "the right contents"}
+	info := addNAR(t, s, "repair", files)
+	real := s.RealPath(info.Path)
+	tamper := func() {
+		os.Chmod(real, 0o755)
+		os.Chmod(real+"/a", 0o644)
+		if err := os.WriteFile(real+"/a", []byte("tampered"), 0o444); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tamper()
+	wrong := narOf(t, map[string]string{"a": "other contents"})
+	if err := s.RepairPathNar(ctx, info, bytes.NewReader(wrong)); err == nil {
+		t.Fatal("a repair with another NAR succeeded")
+	}
+	if got, _ := os.ReadFile(real + "/a"); string(got) != "tampered" {
+		t.Errorf("after a failed repair the path holds %q", got)
+	}
+	if err := s.RepairPathNar(ctx, info, bytes.NewReader(narOf(t, files))); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(real + "/a"); string(got) != "the right contents" {
+		t.Errorf("after the repair the path holds %q", got)
+	}
+	if errs, err := s.VerifyStore(ctx, true, false, nil, nil); err != nil || errs {
+		t.Errorf("verify after the repair: %v, %v", errs, err)
+	}
+	ents, _ := os.ReadDir(filepath.Dir(real))
+	for _, e := range ents {
+		if strings.Contains(e.Name(), tempDirSuffix) {
+			t.Errorf("left in the store: %s", e.Name())
+		}
+	}
+}

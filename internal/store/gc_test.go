@@ -210,7 +210,7 @@ func TestOptimiseAndVerify(t *testing.T) {
 	if !os.SameFile(st1, st2) {
 		t.Error("identical files not linked")
 	}
-	if errs, err := s.VerifyStore(ctx, true, false, nil); err != nil || errs {
+	if errs, err := s.VerifyStore(ctx, true, false, nil, nil); err != nil || errs {
 		t.Errorf("verify after optimise: %v %v", errs, err)
 	}
 	nixCmd(t, root, "nix-store", "--verify", "--check-contents")
@@ -235,7 +235,7 @@ func TestVerifyFindsDamage(t *testing.T) {
 	os.WriteFile(f, []byte("modified"), 0o444)
 	removeAll(s.RealPath(gone))
 	var logged []string
-	errs, err := s.VerifyStore(ctx, true, false, func(m string) { logged = append(logged, m) })
+	errs, err := s.VerifyStore(ctx, true, false, nil, func(m string) { logged = append(logged, m) })
 	if err != nil || !errs {
 		t.Fatalf("verify: %v %v", errs, err)
 	}

@@ -20,9 +20,11 @@ import (
 // path refers to them (and reported as errors when one does); with
 // checkContents, the files of .links and every valid path are hashed and
 // mismatches reported ("path '…' was modified! expected hash '…', got
-// '…'"). Repair can only drop corrupt links: without substituters a
-// modified path stays an error. It returns whether errors were found.
-func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, log func(msg string)) (bool, error) {
+// '…'"). With repair, corrupt links are dropped and a modified path is
+// handed to repairPath (nil: it stays an error), which fetches it again
+// from a binary cache as Nix's repairPath does. It returns whether errors
+// were found (a path that could not be repaired is one).
+func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, repairPath func(context.Context, storepath.Path) error, log func(msg string)) (bool, error) {
 	if log == nil {
 		log = func(string) {}
 	}
@@ -153,6 +155,13 @@ func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, log
 		}
 		if !got.Equal(info.NarHash) {
 			log(fmt.Sprintf("path '%s' was modified! expected hash '%s', got '%s'", s.abs(p), info.NarHash, got))
+			if repair && repairPath != nil {
+				if err := repairPath(ctx, p); err != nil {
+					log(fmt.Sprintf("error: cannot repair path '%s': %v", s.abs(p), err))
+					errorsFound = true
+				}
+				continue
+			}
 			errorsFound = true
 			continue
 		}

@@ -252,11 +252,28 @@ func (s *Substituter) substitute(ctx context.Context, p storepath.Path, prog Pro
 	return err
 }
 
+// repairKey marks the context of a Repair.
+type repairKey struct{}
+
+// Repair fetches the valid path p again from the caches and has the store
+// replace its files with it (nix-store --verify --repair): a copy that
+// was modified on disk comes back as the cache has it. p's references are
+// not fetched.
+func (s *Substituter) Repair(ctx context.Context, p storepath.Path) error {
+	ctx = context.WithValue(ctx, repairKey{}, true)
+	_, err := s.narFlights.do(ctx, "repair "+p.String(), nil, func(ctx context.Context, h *hub) (struct{}, error) {
+		return struct{}{}, s.fetchPath(ctx, p, h)
+	})
+	return err
+}
+
+func repairing(ctx context.Context) bool { return ctx.Value(repairKey{}) != nil }
+
 // fetchPath tries the upstreams by priority until one delivers p.
 func (s *Substituter) fetchPath(ctx context.Context, p storepath.Path, h *hub) error {
 	if ok, err := s.st.IsValidPath(ctx, p); err != nil {
 		return fmt.Errorf("store: %w", err)
-	} else if ok {
+	} else if ok && !repairing(ctx) {
 		return nil
 	}
 
@@ -421,7 +438,7 @@ func (s *Substituter) streamInto(ctx context.Context, up *upstream, info *Info, 
 	}
 	// Signatures were checked against our trusted keys before the
 	// download; the store verifies NarHash, NarSize and CA as it reads.
-	err = s.st.AddToStoreNar(ctx, pi, nr, store.AddOptions{})
+	err = s.st.AddToStoreNar(ctx, pi, nr, store.AddOptions{Repair: repairing(ctx)})
 	if err == nil {
 		return nil
 	}

@@ -37,8 +37,9 @@ type Store interface {
 	IsValidPath(ctx context.Context, p storepath.Path) (bool, error)
 	// AddToStoreNar reads exactly one NAR from nar, checks it against
 	// info (NarHash, NarSize, CA, and signatures if opts.CheckSigs) and
-	// registers it atomically; on any error nothing is registered. It
-	// must not close nar.
+	// registers it atomically; on any error nothing is registered. With
+	// opts.Repair a valid path's files are replaced. It must not close
+	// nar.
 	AddToStoreNar(ctx context.Context, info store.PathInfo, nar io.Reader, opts store.AddOptions) error
 }
 
