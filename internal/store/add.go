@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nixyard/nixyard/internal/nar"
 	"github.com/nixyard/nixyard/internal/nix/contentaddress"
 	"github.com/nixyard/nixyard/internal/nix/hash"
@@ -97,7 +99,9 @@ func (s *Store) newBatch(opts AddOptions) *batch {
 // collection hold a Session temporary root on it. Concurrent calls are
 // made durable and registered together (group commit, groupcommit.go).
 func (s *Store) AddToStoreNar(ctx context.Context, info PathInfo, nr io.Reader, opts AddOptions) error {
-	s.AutoGC(ctx, true)
+	// A repair may run under a shared gc.lock (nix-store --verify
+	// --repair): it must not wait for a collection.
+	s.AutoGC(ctx, !opts.Repair)
 	if opts.Repair {
 		if ok, err := s.IsValidPathFresh(ctx, info.Path); err != nil {
 			return err
@@ -224,6 +228,14 @@ func (b *batch) add(ctx context.Context, info PathInfo, r io.Reader) error {
 	}
 	if valid && !b.opts.Repair {
 		return discardNAR(r)
+	}
+	if valid {
+		// A repair: unpacked beside the path and swapped in, never over
+		// it. The batch's own paths first, so that no lock is held.
+		if err := b.flush(ctx); err != nil {
+			return err
+		}
+		return s.RepairPathNar(ctx, info, r)
 	}
 	realPath := s.RealPath(info.Path)
 	lock, err := s.tryLockPath(ctx, realPath)
@@ -692,7 +704,8 @@ func (s *Store) addUnpacked(ctx context.Context, info PathInfo, tmp string, repa
 		return err
 	}
 	defer lock.unlock()
-	if valid, err := s.IsValidPathFresh(ctx, info.Path); err != nil || (valid && !repair) {
+	valid, err := s.IsValidPathFresh(ctx, info.Path)
+	if err != nil || (valid && !repair) {
 		return err
 	}
 	for _, ref := range info.References {
@@ -714,6 +727,21 @@ func (s *Store) addUnpacked(ctx context.Context, info PathInfo, tmp string, repa
 	s.optimiseNew(ctx, tmp)
 	if err := s.syncTrees([]string{tmp}, info.NarSize, epoch); err != nil {
 		return fmt.Errorf("store: %s: %w", abs, err)
+	}
+	if valid {
+		// A repair (only then is a valid path added again): swapped in
+		// atomically; the old files go with tmp.
+		if err := exchange(tmp, realPath); err != nil {
+			return fmt.Errorf("store: repairing %s: %w", abs, err)
+		}
+		if err := fsyncPath(s.realDir); err == nil {
+			err = s.register(ctx, []*pendingPath{pp})
+		}
+		if err != nil {
+			exchange(tmp, realPath)
+			return fmt.Errorf("store: repairing %s: %w", abs, err)
+		}
+		return nil
 	}
 	if err := removeAll(realPath); err != nil {
 		return fmt.Errorf("store: deleting leftover %s: %w", realPath, err)
@@ -828,32 +856,61 @@ func (s *Store) RepairPathNar(ctx context.Context, info PathInfo, r io.Reader) e
 	} else if !ok {
 		return fmt.Errorf("store: repairing %s: %w", abs, ErrNotValid)
 	}
+	for _, ref := range info.References {
+		if ref == info.Path {
+			continue
+		}
+		if ok, err := s.IsValidPathFresh(ctx, ref); err != nil {
+			return err
+		} else if !ok {
+			return fmt.Errorf("store: cannot repair path '%s' because its reference '%s' is not valid: %w", abs, s.abs(ref), ErrNotValid)
+		}
+	}
 	tmpDir, done, err := s.tempDir(ctx)
 	if err != nil {
 		return err
 	}
-	defer done()
 	epoch := s.syncEpoch()
-	fresh, old := tmpDir+"/new", tmpDir+"/old"
+	fresh := tmpDir + "/new"
 	pp, err := s.unpack(ctx, info, ca, r, fresh)
 	if err != nil {
+		done()
 		return err
 	}
 	if err := s.syncTrees([]string{fresh}, info.NarSize, epoch); err != nil {
+		done()
 		return fmt.Errorf("store: repairing %s: %w", abs, err)
 	}
-	if err := os.Rename(realPath, old); err != nil && !os.IsNotExist(err) {
+	// One atomic exchange: the path is never missing, and afterwards the
+	// old files are at fresh.
+	if err := exchange(fresh, realPath); err != nil {
+		done()
 		return fmt.Errorf("store: repairing %s: %w", abs, err)
 	}
-	if err := os.Rename(fresh, realPath); err != nil {
-		os.Rename(old, realPath)
+	if err := fsyncPath(s.realDir); err == nil {
+		err = s.register(ctx, []*pendingPath{pp})
+	}
+	if err != nil {
+		if xerr := exchange(fresh, realPath); xerr != nil {
+			// Both copies are kept: the old files stay in the temporary
+			// directory (its root held) for the store's next clean-up.
+			return fmt.Errorf("store: repairing %s: %w (and putting the old files back: %v)", abs, err, xerr)
+		}
+		done()
 		return fmt.Errorf("store: repairing %s: %w", abs, err)
 	}
-	if err := fsyncPath(s.realDir); err != nil {
-		return fmt.Errorf("store: repairing %s: %w", abs, err)
-	}
-	if err := s.register(ctx, []*pendingPath{pp}); err != nil {
-		return fmt.Errorf("store: repairing %s: registering: %w", abs, err)
-	}
+	done()
 	return nil
+}
+
+// exchange swaps two paths atomically (renameat2 RENAME_EXCHANGE), or, if
+// b does not exist, renames a to b.
+func exchange(a, b string) error {
+	err := unix.Renameat2(unix.AT_FDCWD, a, unix.AT_FDCWD, b, unix.RENAME_EXCHANGE)
+	if errors.Is(err, unix.ENOENT) {
+		if _, serr := os.Lstat(b); os.IsNotExist(serr) {
+			return os.Rename(a, b)
+		}
+	}
+	return err
 }

@@ -28,20 +28,47 @@ func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, rep
 	if log == nil {
 		log = func(string) {}
 	}
+	errorsFound, modified, err := s.verify(ctx, checkContents, repair, log)
+	if err != nil || !repair {
+		return errorsFound || len(modified) > 0, err
+	}
+	// Repaired after the shared gc.lock is released: a repair adds a
+	// path, which may wait for an automatic collection, which needs that
+	// lock exclusively.
+	for _, p := range modified {
+		if repairPath == nil {
+			log(fmt.Sprintf("error: cannot repair path '%s': no binary cache to fetch it from", s.abs(p)))
+			errorsFound = true
+			continue
+		}
+		if err := repairPath(ctx, p); err != nil {
+			if ctx.Err() != nil {
+				return false, ctx.Err()
+			}
+			log(fmt.Sprintf("error: cannot repair path '%s': %v", s.abs(p), err))
+			errorsFound = true
+		}
+	}
+	return errorsFound, nil
+}
+
+// verify is VerifyStore's check, under gc.lock shared; modified are the
+// valid paths whose contents do not match their hash.
+func (s *Store) verify(ctx context.Context, checkContents, repair bool, log func(msg string)) (errorsFound bool, modified []storepath.Path, err error) {
 	log("reading the Nix store...")
 	// gc.lock shared: no collector deletes paths while we look.
 	lockPath := s.stateFile("gc.lock")
 	f, err := openLockFile(lockPath)
 	if err != nil {
-		return false, err
+		return false, nil, err
 	}
 	defer f.Close()
 	if err := lockFD(ctx, f, unix.LOCK_SH, func() { log("waiting for the big garbage collector lock...") }); err != nil {
-		return false, err
+		return false, nil, err
 	}
 	ents, err := os.ReadDir(s.realDir)
 	if err != nil {
-		return false, fmt.Errorf("store: reading %s: %w", s.realDir, err)
+		return false, nil, fmt.Errorf("store: reading %s: %w", s.realDir, err)
 	}
 	onDisk := make(map[string]bool, len(ents))
 	for _, e := range ents {
@@ -51,9 +78,8 @@ func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, rep
 	log("checking path existence...")
 	all, err := s.QueryAllValidPaths(ctx)
 	if err != nil {
-		return false, err
+		return false, nil, err
 	}
-	errorsFound := false
 	done := map[storepath.Path]bool{}
 	present := map[storepath.Path]bool{}
 	var verifyPath func(p storepath.Path) error
@@ -98,36 +124,36 @@ func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, rep
 	}
 	for _, p := range all {
 		if err := ctx.Err(); err != nil {
-			return false, err
+			return false, nil, err
 		}
 		if err := verifyPath(p); err != nil {
-			return false, err
+			return false, nil, err
 		}
 	}
 	if !checkContents {
-		return errorsFound, nil
+		return errorsFound, modified, nil
 	}
 
 	log("checking link hashes...")
 	links := s.realDir + "/.links"
 	lents, err := os.ReadDir(links)
 	if err != nil && !os.IsNotExist(err) {
-		return false, fmt.Errorf("store: reading %s: %w", links, err)
+		return false, nil, fmt.Errorf("store: reading %s: %w", links, err)
 	}
 	for _, e := range lents {
 		if err := ctx.Err(); err != nil {
-			return false, err
+			return false, nil, err
 		}
 		lp := links + "/" + e.Name()
 		h, _, err := hashPathNAR(lp)
 		if err != nil {
-			return false, err
+			return false, nil, err
 		}
 		if got := nixbase32.EncodeToString(h.Digest); got != e.Name() {
 			log(fmt.Sprintf("link '%s' was modified! expected hash '%s', got '%s'", lp, e.Name(), got))
 			if repair {
 				if err := os.Remove(lp); err != nil {
-					return false, fmt.Errorf("store: removing corrupt link %s: %w", lp, err)
+					return false, nil, fmt.Errorf("store: removing corrupt link %s: %w", lp, err)
 				}
 				log(fmt.Sprintf("removed link '%s'", lp))
 			} else {
@@ -139,7 +165,7 @@ func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, rep
 	log("checking store hashes...")
 	for _, p := range storepath.Sort(keys(present)) {
 		if err := ctx.Err(); err != nil {
-			return false, err
+			return false, nil, err
 		}
 		info, err := s.QueryPathInfo(ctx, p)
 		if err != nil {
@@ -155,14 +181,7 @@ func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, rep
 		}
 		if !got.Equal(info.NarHash) {
 			log(fmt.Sprintf("path '%s' was modified! expected hash '%s', got '%s'", s.abs(p), info.NarHash, got))
-			if repair && repairPath != nil {
-				if err := repairPath(ctx, p); err != nil {
-					log(fmt.Sprintf("error: cannot repair path '%s': %v", s.abs(p), err))
-					errorsFound = true
-				}
-				continue
-			}
-			errorsFound = true
+			modified = append(modified, p)
 			continue
 		}
 		if info.NarSize == 0 {
@@ -171,11 +190,11 @@ func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, rep
 				_, err := tx.ExecContext(ctx, "update ValidPaths set narSize = ? where path = ?", int64(size), s.abs(p))
 				return err
 			}); err != nil {
-				return false, fmt.Errorf("store: updating %s: %w", s.abs(p), err)
+				return false, nil, fmt.Errorf("store: updating %s: %w", s.abs(p), err)
 			}
 		}
 	}
-	return errorsFound, nil
+	return errorsFound, modified, nil
 }
 
 func keys[K comparable, V any](m map[K]V) []K {
