@@ -106,8 +106,8 @@ func (s *Store) AddToStoreNar(ctx context.Context, info PathInfo, nr io.Reader, 
 		if ok, err := s.IsValidPathFresh(ctx, info.Path); err != nil {
 			return err
 		} else if ok {
-			if opts.CheckSigs && s.cfg.RequireSigs && info.CA == "" && !s.sigs.trusted(s.dir, &info) {
-				return fmt.Errorf("store: cannot add path '%s' because it lacks a valid signature", s.abs(info.Path))
+			if _, err := s.checkNARInfo(info, opts.CheckSigs, "repairing"); err != nil {
+				return err
 			}
 			return s.RepairPathNar(ctx, info, nr)
 		}
@@ -198,21 +198,9 @@ func (b *batch) add(ctx context.Context, info PathInfo, r io.Reader) error {
 	if info.Path.IsZero() {
 		return errors.New("store: adding a path without a name")
 	}
-	if info.NarHash.Algo != hash.SHA256 {
-		return fmt.Errorf("store: adding %s: NAR hash must be sha256, got %s", abs, info.NarHash.Algo)
-	}
-	var ca contentaddress.CA
-	if info.CA != "" {
-		var err error
-		if ca, err = contentaddress.Parse(info.CA); err != nil {
-			return fmt.Errorf("store: adding %s: %w", abs, err)
-		}
-		if err := s.checkCAPath(info, ca); err != nil {
-			return err
-		}
-	}
-	if b.opts.CheckSigs && s.cfg.RequireSigs && ca.IsZero() && !s.sigs.trusted(s.dir, &info) {
-		return fmt.Errorf("store: cannot add path '%s' because it lacks a valid signature", abs)
+	ca, err := s.checkNARInfo(info, b.opts.CheckSigs, "adding")
+	if err != nil {
+		return err
 	}
 	if b.inBatch[info.Path] {
 		return discardNAR(r)
@@ -796,6 +784,31 @@ func (s *Store) NarFromPath(ctx context.Context, p storepath.Path, w io.Writer) 
 	return nil
 }
 
+// checkNARInfo checks what can be checked of a path's info before its NAR
+// is read: a sha256 NAR hash, a well-formed content address that matches
+// the path, and with checkSigs (under require-sigs) a trusted signature
+// unless content-addressed. It returns the parsed content address.
+func (s *Store) checkNARInfo(info PathInfo, checkSigs bool, doing string) (contentaddress.CA, error) {
+	abs := s.abs(info.Path)
+	var ca contentaddress.CA
+	if info.NarHash.Algo != hash.SHA256 {
+		return ca, fmt.Errorf("store: %s %s: NAR hash must be sha256, got %s", doing, abs, info.NarHash.Algo)
+	}
+	if info.CA != "" {
+		var err error
+		if ca, err = contentaddress.Parse(info.CA); err != nil {
+			return ca, fmt.Errorf("store: %s %s: %w", doing, abs, err)
+		}
+		if err := s.checkCAPath(info, ca); err != nil {
+			return ca, err
+		}
+	}
+	if checkSigs && s.cfg.RequireSigs && ca.IsZero() && !s.sigs.trusted(s.dir, &info) {
+		return ca, fmt.Errorf("store: cannot add path '%s' because it lacks a valid signature", abs)
+	}
+	return ca, nil
+}
+
 // tempDir makes a temporary directory in the store's directory,
 // <random hash>-nixyard-tmp-<pid>, with a temporary root so that no
 // garbage collector takes it; done removes it and the root.
@@ -828,18 +841,9 @@ func (s *Store) tempDir(ctx context.Context) (dir string, done func(), err error
 // swap leaves the path as it was.
 func (s *Store) RepairPathNar(ctx context.Context, info PathInfo, r io.Reader) error {
 	abs := s.abs(info.Path)
-	if info.NarHash.Algo != hash.SHA256 {
-		return fmt.Errorf("store: repairing %s: NAR hash must be sha256, got %s", abs, info.NarHash.Algo)
-	}
-	var ca contentaddress.CA
-	if info.CA != "" {
-		var err error
-		if ca, err = contentaddress.Parse(info.CA); err != nil {
-			return fmt.Errorf("store: repairing %s: %w", abs, err)
-		}
-		if err := s.checkCAPath(info, ca); err != nil {
-			return err
-		}
+	ca, err := s.checkNARInfo(info, false, "repairing")
+	if err != nil {
+		return err
 	}
 	if err := s.roots.add(ctx, info.Path); err != nil {
 		return err
