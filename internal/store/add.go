@@ -837,74 +837,26 @@ func (s *Store) tempDir(ctx context.Context) (dir string, done func(), err error
 // NAR read from r (nix-store --verify --repair, from a binary cache). The
 // NAR is unpacked beside the path and checked against info (hash, size,
 // content address) while the old files stay; once it is durable, it is
-// swapped in and the registration updated with info. A failure before the
-// swap leaves the path as it was.
+// swapped in (addUnpacked) and the registration updated with info. A
+// failure before the swap leaves the path as it was.
 func (s *Store) RepairPathNar(ctx context.Context, info PathInfo, r io.Reader) error {
-	abs := s.abs(info.Path)
 	ca, err := s.checkNARInfo(info, false, "repairing")
 	if err != nil {
 		return err
-	}
-	if err := s.roots.add(ctx, info.Path); err != nil {
-		return err
-	}
-	defer s.roots.remove(info.Path)
-	realPath := s.RealPath(info.Path)
-	lock, err := s.lockPath(ctx, realPath)
-	if err != nil {
-		return err
-	}
-	defer lock.unlock()
-	if ok, err := s.IsValidPathFresh(ctx, info.Path); err != nil {
-		return err
-	} else if !ok {
-		return fmt.Errorf("store: repairing %s: %w", abs, ErrNotValid)
-	}
-	for _, ref := range info.References {
-		if ref == info.Path {
-			continue
-		}
-		if ok, err := s.IsValidPathFresh(ctx, ref); err != nil {
-			return err
-		} else if !ok {
-			return fmt.Errorf("store: cannot repair path '%s' because its reference '%s' is not valid: %w", abs, s.abs(ref), ErrNotValid)
-		}
 	}
 	tmpDir, done, err := s.tempDir(ctx)
 	if err != nil {
 		return err
 	}
+	defer done()
 	epoch := s.syncEpoch()
 	fresh := tmpDir + "/new"
-	pp, err := s.unpack(ctx, info, ca, r, fresh)
-	if err != nil {
-		done()
+	if _, err := s.unpack(ctx, info, ca, r, fresh); err != nil {
 		return err
 	}
-	if err := s.syncTrees([]string{fresh}, info.NarSize, epoch); err != nil {
-		done()
-		return fmt.Errorf("store: repairing %s: %w", abs, err)
-	}
-	// One atomic exchange: the path is never missing, and afterwards the
-	// old files are at fresh.
-	if err := exchange(fresh, realPath); err != nil {
-		done()
-		return fmt.Errorf("store: repairing %s: %w", abs, err)
-	}
-	if err := fsyncPath(s.realDir); err == nil {
-		err = s.register(ctx, []*pendingPath{pp})
-	}
-	if err != nil {
-		if xerr := exchange(fresh, realPath); xerr != nil {
-			// Both copies are kept: the old files stay in the temporary
-			// directory (its root held) for the store's next clean-up.
-			return fmt.Errorf("store: repairing %s: %w (and putting the old files back: %v)", abs, err, xerr)
-		}
-		done()
-		return fmt.Errorf("store: repairing %s: %w", abs, err)
-	}
-	done()
-	return nil
+	// addUnpacked swaps it in (the old files end up at fresh, removed
+	// with tmpDir).
+	return s.addUnpacked(ctx, info, fresh, true, epoch)
 }
 
 // exchange swaps two paths atomically (renameat2 RENAME_EXCHANGE), or, if
