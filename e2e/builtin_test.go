@@ -6,6 +6,7 @@ import (
 	"compress/gzip"
 	"crypto/sha256"
 	"encoding/base64"
+	"encoding/hex"
 	"fmt"
 	"io/fs"
 	"net/http"
@@ -144,20 +145,29 @@ func TestBuiltinBuildenv(t *testing.T) {
 
 // TestBuiltinFetchurl: <nix/fetchurl.nix> downloads through the daemon
 // from an HTTP server of the test, as a file, an executable file and a
-// NAR to unpack; a missing file, a download that stalls past the build's
+// NAR to unpack, from a hashed mirror and with a netrc login; a missing
+// file (on no mirror either), a download that stalls past the build's
 // timeout and a wrong hash fail.
 func TestBuiltinFetchurl(t *testing.T) {
 	t.Parallel()
-	b := startBuildDaemon(t)
-	content := []byte("fetched " + b.nonce + "\n")
+	e := newEnv(t)
+	content := []byte("fetched " + e.nonce + "\n")
+	sum := sha256.Sum256(content)
 	// A NAR of a directory with one file, as nix-store --dump writes it.
-	narDir := b.mkTree(t, "nar-src", tree{"hello": "hello\n"})
+	narDir := e.mkTree(t, "nar-src", tree{"hello": "hello\n"})
 	// executable = true makes the hash the NAR hash of an executable file.
-	exeFile := writeFile(t, filepath.Join(b.dir, "exe"), string(content), 0o755)
-	nar := []byte(b.cmd("nix-store", "--dump", narDir).ok(t))
+	exeFile := writeFile(t, filepath.Join(e.dir, "exe"), string(content), 0o755)
+	nar := []byte(e.cmd("nix-store", "--dump", narDir).ok(t))
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
-		case "/file":
+		case "/file", "/mirror/sha256/" + hex.EncodeToString(sum[:]):
+			w.Write(content)
+		case "/auth":
+			if u, p, ok := r.BasicAuth(); !ok || u != "fetcher" || p != "secret" {
+				w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
+				http.Error(w, "who are you", http.StatusUnauthorized)
+				return
+			}
 			w.Write(content)
 		case "/dir.nar":
 			w.Write(nar)
@@ -170,22 +180,34 @@ func TestBuiltinFetchurl(t *testing.T) {
 		}
 	}))
 	defer srv.Close()
+	netrc := writeFile(t, filepath.Join(e.dir, "netrc"), "machine 127.0.0.1 login fetcher password secret\n", 0o600)
+	b := e.startBuildDaemon(t, "hashed-mirrors = "+srv.URL+"/mirror", "netrc-file = "+netrc)
 	sri := func(data []byte) string {
 		sum := sha256.Sum256(data)
 		return "sha256-" + base64.StdEncoding.EncodeToString(sum[:])
 	}
 	args := b.expr(t, "fetch", fmt.Sprintf(`let fetchurl = import <nix/fetchurl.nix>; in {
   file = fetchurl { url = "%[1]s/file"; hash = "%[2]s"; };
+  mirrored = fetchurl { url = "%[1]s/gone"; hash = "%[2]s"; name = "mirrored"; };
+  authed = fetchurl { url = "%[1]s/auth"; hash = "%[2]s"; name = "authed"; };
   exe = fetchurl { url = "%[1]s/file"; hash = "%[4]s"; executable = true; name = "exe"; };
   dir = fetchurl { url = "%[1]s/dir.nar"; hash = "%[3]s"; unpack = true; };
-  missing = fetchurl { url = "%[1]s/missing"; hash = "%[2]s"; };
-  stall = fetchurl { url = "%[1]s/stall"; hash = "%[2]s"; name = "stall"; };
+  missing = fetchurl { url = "%[1]s/missing"; hash = "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="; };
+  stall = fetchurl { url = "%[1]s/stall"; hash = "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="; name = "stall"; };
   wrong = fetchurl { url = "%[1]s/file"; hash = "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="; name = "wrong"; };
 }`, srv.URL, sri(content), narHashSRI(t, b, narDir), narHashSRI(t, b, exeFile)))
 
 	file := oneLine(t, "file", b.nixBuild(append(args, "-A", "file", "--no-out-link")...).ok(t))
 	if got, err := os.ReadFile(b.realPath(file)); err != nil || !bytes.Equal(got, content) {
 		t.Errorf("downloaded file %s: %q, %v", file, got, err)
+	}
+	// From the hashed mirror (the URL itself is gone), and with the
+	// netrc-file's login.
+	for _, attr := range []string{"mirrored", "authed"} {
+		p := oneLine(t, attr, b.nixBuild(append(args, "-A", attr, "--no-out-link")...).ok(t))
+		if got, err := os.ReadFile(b.realPath(p)); err != nil || !bytes.Equal(got, content) {
+			t.Errorf("%s: downloaded %q, %v", attr, got, err)
+		}
 	}
 	exe := oneLine(t, "exe", b.nixBuild(append(args, "-A", "exe", "--no-out-link")...).ok(t))
 	if st, err := os.Stat(b.realPath(exe)); err != nil || st.Mode()&0o111 == 0 {
