@@ -40,14 +40,10 @@ func (j *job) postBuildHook(ctx context.Context) *failure {
 	cmd := hookCommand(ctx, hook)
 	cmd.Env = append(os.Environ(), "DRV_PATH="+j.drvAbs, "OUT_PATHS="+strings.Join(outs, " "), "NIX_CONFIG="+b.cfg.NixConfig)
 	cmd.Stdout, cmd.Stderr = lines, lines
-	err := cmd.Run()
+	err := runHook(cmd, "post-build-hook")
 	lines.flush()
-	var exit *exec.ExitError
-	switch {
-	case errors.As(err, &exit):
-		return j.failf(MiscFailure, 1, "program '%s' %s", hook, statusString(exit.Sys().(syscall.WaitStatus)))
-	case err != nil && !errors.Is(err, exec.ErrWaitDelay):
-		return j.failf(MiscFailure, 1, "running post-build-hook '%s': %v", hook, err)
+	if err != nil {
+		return j.failf(MiscFailure, 1, "%v", err)
 	}
 	return nil
 }
@@ -96,13 +92,8 @@ func (j *job) preBuildHook(ctx context.Context) ([]sandboxPath, error) {
 	var out limitedBuffer
 	out.max = 1 << 20
 	cmd.Stdout, cmd.Stderr = &out, os.Stderr // as Nix: its errors go to the daemon's
-	err := cmd.Run()
-	var exit *exec.ExitError
-	switch {
-	case errors.As(err, &exit):
-		return nil, fmt.Errorf("program '%s' %s", hook, statusString(exit.Sys().(syscall.WaitStatus)))
-	case err != nil && !errors.Is(err, exec.ErrWaitDelay):
-		return nil, fmt.Errorf("running pre-build-hook '%s': %w", hook, err)
+	if err := runHook(cmd, "pre-build-hook"); err != nil {
+		return nil, err
 	}
 	var paths []sandboxPath
 	inPaths := false
@@ -142,6 +133,21 @@ func (l *limitedBuffer) Write(p []byte) (int, error) {
 		l.b = append(l.b, p[:min(len(p), room)]...)
 	}
 	return len(p), nil
+}
+
+// runHook runs a hook's command; a hook that fails is reported as Nix
+// reports a failed program ("program '…' failed with exit code N"). What
+// the hook left running past WaitDelay is not an error.
+func runHook(cmd *exec.Cmd, setting string) error {
+	err := cmd.Run()
+	var exit *exec.ExitError
+	switch {
+	case errors.As(err, &exit):
+		return fmt.Errorf("program '%s' %s", cmd.Path, statusString(exit.Sys().(syscall.WaitStatus)))
+	case err != nil && !errors.Is(err, exec.ErrWaitDelay):
+		return fmt.Errorf("running %s '%s': %w", setting, cmd.Path, err)
+	}
+	return nil
 }
 
 // hookCommand runs the hook program (a path, not looked up in PATH, as

@@ -141,7 +141,6 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		// Unsandboxed, the helper takes the build user's identity itself,
 		// once the filter is loaded.
 		DropIDs: !j.sandbox && j.user != nil,
-
 		HostUID: j.hostUID,
 		HostGID: j.hostGID,
 	}
@@ -378,9 +377,7 @@ func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (s
 	// process in it along) shares: killing the group kills the build. The
 	// helper makes the sandbox's namespaces itself, so this is a plain
 	// (vfork) spawn.
-	attr := &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setsid: true}
-
-	cmd.SysProcAttr = attr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setsid: true}
 	if err := cmd.Start(); err != nil {
 		pw.Close()
 		specR.Close()
