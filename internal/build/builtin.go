@@ -56,30 +56,26 @@ func (j *job) runBuiltin(ctx context.Context, opts ClientOptions) (syscall.WaitS
 		j.logFile.Write(b)
 		j.handleOutput(b)
 	}
-	if _, timeout := j.timeouts(opts); timeout > 0 {
+	_, timeout := j.timeouts(opts)
+	if timeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeoutCause(ctx, timeout, errBuiltinTimeout)
 		defer cancel()
-		defer func() {
-			if context.Cause(ctx) == errBuiltinTimeout {
-				j.killMsg, j.killStatus = fmt.Sprintf("%s timed out after %d seconds", j.g.name, int(timeout.Seconds())), TimedOut
-			}
-		}()
 	}
 	err := j.builtinErr(ctx, logLine)
-	if err != nil {
-		if context.Cause(ctx) == errBuiltinTimeout {
-			return 0, nil // j.killMsg says why
-		}
-		if ctx.Err() != nil {
-			return 0, fmt.Errorf("building '%s': %w", j.drvAbs, ctx.Err())
-		}
-		for _, l := range strings.Split("error: "+err.Error(), "\n") {
-			logLine(l)
-		}
-		return syscall.WaitStatus(1 << 8), nil // exited with 1
+	switch {
+	case err == nil:
+		return 0, nil
+	case context.Cause(ctx) == errBuiltinTimeout:
+		j.killMsg, j.killStatus = fmt.Sprintf("%s timed out after %d seconds", j.g.name, int(timeout.Seconds())), TimedOut
+		return 0, nil
+	case ctx.Err() != nil:
+		return 0, fmt.Errorf("building '%s': %w", j.drvAbs, ctx.Err())
 	}
-	return 0, nil
+	for _, l := range strings.Split("error: "+err.Error(), "\n") {
+		logLine(l)
+	}
+	return syscall.WaitStatus(1 << 8), nil // exited with 1
 }
 
 func (j *job) builtinErr(ctx context.Context, logLine func(string)) error {
