@@ -99,9 +99,7 @@ func (s *Store) newBatch(opts AddOptions) *batch {
 // collection hold a Session temporary root on it. Concurrent calls are
 // made durable and registered together (group commit, groupcommit.go).
 func (s *Store) AddToStoreNar(ctx context.Context, info PathInfo, nr io.Reader, opts AddOptions) error {
-	// A repair may run under a shared gc.lock (nix-store --verify
-	// --repair): it must not wait for a collection.
-	s.AutoGC(ctx, !opts.Repair)
+	s.AutoGC(ctx, true)
 	if opts.Repair {
 		if ok, err := s.IsValidPathFresh(ctx, info.Path); err != nil {
 			return err
