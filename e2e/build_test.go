@@ -488,6 +488,7 @@ func TestBuildPlatform(t *testing.T) {
   other = mk { name = "other"; system = "riscv64-linux"; script = "echo > $out"; };
   feature = mk { name = "feature"; requiredSystemFeatures = [ "gpu" "big-parallel" ]; script = "echo > $out"; };
   i686 = mk { name = "i686"; system = "i686-linux"; script = "echo > $out"; };
+  v1 = mk { name = "v1"; system = "x86_64-v1-linux"; script = "echo > $out"; };
 }`)
 	stderr := b.nixBuild(append(args, "-A", "other", "--no-out-link")...).fails(t)
 	if !regexp.MustCompile(`a 'riscv64-linux' with features \{\} is required to build '/nix/store/[a-z0-9]{32}-other\.drv', but I am a '[a-z0-9_]+-linux' with features \{benchmark, big-parallel, `).MatchString(stderr) {
@@ -499,6 +500,8 @@ func TestBuildPlatform(t *testing.T) {
 	}
 	if runtime.GOARCH == "amd64" {
 		b.nixBuild(append(args, "-A", "i686", "--no-out-link")...).ok(t)
+		// Every x86-64 CPU has the first microarchitecture level.
+		b.nixBuild(append(args, "-A", "v1", "--no-out-link")...).ok(t)
 	}
 }
 
