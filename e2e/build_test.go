@@ -346,16 +346,8 @@ func TestBuildEquivalence(t *testing.T) {
 	t.Parallel()
 	b := startBuildDaemon(t)
 	args := b.expr(t, "graph", graphExpr)
-	other := b.otherStore("reference")
 	for _, attr := range []string{"top", "multi"} {
-		got := sortedLines(b.nixBuild(append(args, "-A", attr, "--no-out-link")...).ok(t))
-		want := sortedLines(b.cmd("nix-build", append(args, "-A", attr, "--no-out-link", "--store", other)...).ok(t))
-		if !equalSorted(got, want) {
-			t.Fatalf("%s: daemon built %q, real Nix %q", attr, got, want)
-		}
-		gotInfo := parsePathInfos(t, "daemon", b.nix(t, append([]string{"path-info", "--json", "-r"}, got...)...))
-		wantInfo := parsePathInfos(t, "reference", b.local(other, "nix", append([]string{"path-info", "--json", "-r"}, want...)...).ok(t))
-		assertSameClosure(t, attr, wantInfo, gotInfo)
+		b.buildLikeNix(t, args, attr)
 	}
 }
 

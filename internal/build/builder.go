@@ -326,8 +326,8 @@ func DefaultSystemFeatures() []string {
 // refuses with max-jobs = 0, which nixyard, having no remote builders,
 // takes as 1.) The error is the start of Nix's message: "a 'PLATFORM'
 // with features {…} is required".
-func (b *Builder) canBuild(drv *derivation.Derivation) error {
-	required := strings.Fields(drv.Env["requiredSystemFeatures"])
+func (b *Builder) canBuild(drv *derivation.Derivation, required []string) error {
+	required = slices.Clone(required)
 	slices.Sort(required)
 	required = slices.Compact(required)
 	ok := drv.Platform == b.cfg.System || slices.Contains(b.cfg.ExtraPlatforms, drv.Platform) || isBuiltin(drv.Builder)

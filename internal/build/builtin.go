@@ -97,14 +97,14 @@ func (j *job) builtinErr(ctx context.Context, logLine func(string)) error {
 	return f(ctx, j, v, warn)
 }
 
-// attr returns the derivation's environment variable name, as Nix's
-// builtins read their arguments.
+// attr returns the derivation's environment variable name, with output
+// placeholders replaced, as Nix's builtins read their arguments.
 func (j *job) attr(name string) (string, error) {
 	v, ok := j.g.drv.Env[name]
 	if !ok {
 		return "", fmt.Errorf("attribute '%s' missing", name)
 	}
-	return v, nil
+	return j.rewrite.Replace(v), nil
 }
 
 // attrs returns the derivation's environment variables names, which

@@ -176,6 +176,7 @@ type goal struct {
 	owner   *call  // whose options and slot share the build uses
 	basic   bool   // drv came from a client (BuildBasic), not from drvPath
 	check   bool   // build again and compare with the valid outputs (--check)
+	attrs   *derivation.Attrs
 	done    chan struct{}
 	cancel  context.CancelFunc
 
@@ -347,11 +348,8 @@ func (g *goal) realise(ctx context.Context) Result {
 	if kind != derivation.InputAddressed && kind != derivation.FixedOutput {
 		return g.failf(MiscFailure, "derivation '%s' is %s: building it is %v by nixyard", drvAbs, kind, errNotSupported)
 	}
-	if _, ok := g.drv.Env["__structuredAttrs"]; ok {
-		return g.failf(MiscFailure, "derivation '%s' uses __structuredAttrs: building it is %v by nixyard", drvAbs, errNotSupported)
-	}
-	if _, ok := g.drv.Env["__json"]; ok {
-		return g.failf(MiscFailure, "derivation '%s' uses structured attributes: building it is %v by nixyard", drvAbs, errNotSupported)
+	if g.attrs, err = g.drv.Attrs(g.drvPath.String()); err != nil {
+		return g.failf(MiscFailure, "%v", err)
 	}
 	// The output paths of an input-addressed derivation sent whole
 	// (BuildBasic) cannot be checked without its input derivations: they
@@ -435,7 +433,11 @@ func (g *goal) realise(ctx context.Context) Result {
 		return g.failf(MiscFailure, "derivation '%s': closure of the inputs: %v", drvAbs, err)
 	}
 
-	if err := b.canBuild(g.drv); err != nil {
+	features, _, err := g.attrs.Strings("requiredSystemFeatures")
+	if err != nil {
+		return g.failf(MiscFailure, "%v", err)
+	}
+	if err := b.canBuild(g.drv, features); err != nil {
 		return g.failf(MiscFailure, "%v to build '%s', but I am a '%s' with features {%s}",
 			err, drvAbs, b.cfg.System, strings.Join(b.cfg.SystemFeatures, ", "))
 	}

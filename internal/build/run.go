@@ -59,6 +59,9 @@ type job struct {
 	spec       initSpec // what the helper sets up and runs
 	keep       bool     // keep the build directory (a failed build with keep-failed)
 	builtin    bool     // a builtin builder, run in the daemon (builtin.go)
+	// rewrite replaces the outputs' placeholders with their paths in all
+	// the builder gets.
+	rewrite *strings.Replacer
 }
 
 // prepare makes a job for the goal's builder: the build user, the build
@@ -67,7 +70,7 @@ type job struct {
 // builders run. The job's cleanup must be called when done with it.
 func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map[string]storepath.Path) (*job, *Result) {
 	b := g.b
-	j := &job{g: g, drvAbs: b.abs(g.drvPath), outputs: outputs, inputs: inputs, hostUID: os.Geteuid(), hostGID: os.Getegid()}
+	j := &job{g: g, drvAbs: b.abs(g.drvPath), outputs: outputs, inputs: inputs, hostUID: os.Geteuid(), hostGID: os.Getegid(), rewrite: g.placeholders()}
 	if isBuiltin(g.drv.Builder) {
 		// Run in the daemon, with a sandbox's view of the store (see
 		// builtin.go), writing the outputs in place.
@@ -126,13 +129,17 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 	if err := os.Chown(j.tmpDir, j.hostUID, j.hostGID); err != nil {
 		return fail("building '%s': %v", j.drvAbs, err)
 	}
-	env, err := j.environment()
+	env, err := j.environment(ctx)
 	if err != nil {
 		return fail("building '%s': %v", j.drvAbs, err)
 	}
+	args := []string{path.Base(g.drv.Builder)}
+	for _, a := range g.drv.Args {
+		args = append(args, j.rewrite.Replace(a))
+	}
 	j.spec = initSpec{
 		Builder:         g.drv.Builder,
-		Args:            append([]string{path.Base(g.drv.Builder)}, g.drv.Args...),
+		Args:            args,
 		Env:             env,
 		Dir:             j.tmpDir,
 		TimerSlack:      timerslack.Inherited(),
@@ -285,8 +292,11 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 	return j.postBuildHook(ctx)
 }
 
-// environment returns the builder's environment, as Nix 2.8's initEnv.
-func (j *job) environment() ([]string, error) {
+// environment returns the builder's environment, as Nix 2.8's initEnv,
+// and writes the files it names into the build directory: passAsFile's,
+// exportReferencesGraph's, and with structured attributes .attrs.json and
+// .attrs.sh (whose variables replace the derivation's environment).
+func (j *job) environment(ctx context.Context) ([]string, error) {
 	g := j.g
 	b := g.b
 	top := j.tmpDir
@@ -299,24 +309,23 @@ func (j *job) environment() ([]string, error) {
 		"NIX_STORE":       string(b.st.Dir()),
 		"NIX_BUILD_CORES": strconv.Itoa(b.cfg.Cores),
 	}
-	passAsFile := map[string]bool{}
-	for _, n := range strings.Fields(g.drv.Env["passAsFile"]) {
-		passAsFile[n] = true
-	}
-	for k, v := range g.drv.Env {
-		if !passAsFile[k] {
-			env[k] = v
-			continue
+	structured := g.attrs.Structured() != nil
+	if !structured {
+		passAsFile := map[string]bool{}
+		for _, n := range derivation.Tokenize(g.drv.Env["passAsFile"]) {
+			passAsFile[n] = true
 		}
-		fn := ".attr-" + nixbase32.EncodeToString(hash.Sum(hash.SHA256, []byte(k)).Digest)
-		p := j.tmpDir + "/" + fn
-		if err := os.WriteFile(p, []byte(v), 0o644); err != nil {
-			return nil, err
+		for k, v := range g.drv.Env {
+			if !passAsFile[k] {
+				env[k] = v
+				continue
+			}
+			fn := ".attr-" + nixbase32.EncodeToString(hash.Sum(hash.SHA256, []byte(k)).Digest)
+			if err := j.writeBuildFile(fn, []byte(j.rewrite.Replace(v))); err != nil {
+				return nil, err
+			}
+			env[k+"Path"] = top + "/" + fn
 		}
-		if err := os.Chown(p, j.hostUID, j.hostGID); err != nil {
-			return nil, err
-		}
-		env[k+"Path"] = top + "/" + fn
 	}
 	env["NIX_BUILD_TOP"] = top
 	for _, k := range []string{"TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"} {
@@ -324,15 +333,30 @@ func (j *job) environment() ([]string, error) {
 	}
 	if kind, _ := g.drv.Kind(); kind == derivation.FixedOutput {
 		env["NIX_OUTPUT_CHECKED"] = "1"
-		for _, k := range strings.Fields(g.drv.Env["impureEnvVars"]) {
+		impure, _, err := g.attrs.Strings("impureEnvVars")
+		if err != nil {
+			return nil, err
+		}
+		for _, k := range impure {
 			env[k] = os.Getenv(k)
 		}
 	}
 	env["NIX_LOG_FD"] = "2"
 	env["TERM"] = "xterm-256color"
+	if structured {
+		files, err := j.writeStructuredAttrs(ctx, top)
+		if err != nil {
+			return nil, err
+		}
+		for k, v := range files {
+			env[k] = v
+		}
+	} else if err := j.writeReferencesGraphs(ctx); err != nil {
+		return nil, err
+	}
 	out := make([]string, 0, len(env))
 	for _, k := range sortedOutputs(env) {
-		out = append(out, k+"="+env[k])
+		out = append(out, j.rewrite.Replace(k+"="+env[k]))
 	}
 	return out, nil
 }
@@ -627,7 +651,8 @@ func (j *job) register(ctx context.Context, locks *store.OutputLocks) *failure {
 	if g.check {
 		return nil
 	}
-	if _, err := locks.Register(ctx, g.drvPath, outs, j.inputs); err != nil {
+	check := func(infos map[string]store.PathInfo) error { return j.checkOutputs(ctx, infos) }
+	if _, err := locks.Register(ctx, g.drvPath, outs, j.inputs, check); err != nil {
 		return j.failf(OutputRejected, 1, "%v", err)
 	}
 	if mismatch != "" {

@@ -282,11 +282,15 @@ func (r *Realiser) readDerivation(p storepath.Path) (*derivation.Derivation, err
 	return d, nil
 }
 
-// substitutesAllowed is Nix's ParsedDerivation::substitutesAllowed for a
-// derivation without structured attributes.
+// substitutesAllowed is Nix's ParsedDerivation::substitutesAllowed: the
+// allowSubstitutes attribute, true by default (and when it cannot be read).
 func substitutesAllowed(d *derivation.Derivation) bool {
-	v, ok := d.Env["allowSubstitutes"]
-	return !ok || v == "1"
+	a, err := d.Attrs(d.Name + ".drv")
+	if err != nil {
+		return true
+	}
+	ok, err := a.Bool("allowSubstitutes", true)
+	return ok || err != nil
 }
 
 // wantedOutputs returns the output names t asks for, sorted.

@@ -106,9 +106,11 @@ type BuiltOutput struct {
 // then all outputs are registered in one transaction with deriver, ultimate
 // set and their references. Every output path must be locked by l (paths
 // not yet locked are locked first, waiting). Candidates must be valid.
+// check, if not nil, sees the outputs' infos (by output name) before
+// they are made durable and registered; its error is returned as it is.
 // On error nothing is registered; trees already moved into place stay
 // there, invalid, for the next attempt or the garbage collector.
-func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs []BuiltOutput, candidates []storepath.Path) ([]PathInfo, error) {
+func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs []BuiltOutput, candidates []storepath.Path, check func(map[string]PathInfo) error) ([]PathInfo, error) {
 	s := l.s
 	drvAbs := s.abs(deriver)
 	byHash := make(map[string]storepath.Path, len(candidates)+len(outs))
@@ -175,6 +177,15 @@ func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs
 	}
 	if len(pending) == 0 {
 		return nil, nil
+	}
+	if check != nil {
+		byName := make(map[string]PathInfo, len(pending))
+		for i, pp := range pending {
+			byName[outs[i].Name] = pp.info
+		}
+		if err := check(byName); err != nil {
+			return nil, err
+		}
 	}
 	// All outputs made durable at once, as a batch of added paths is.
 	if err := s.syncPending(pending); err != nil {
