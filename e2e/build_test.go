@@ -704,3 +704,15 @@ func TestBuildCheck(t *testing.T) {
 		t.Errorf("checking an unbuilt derivation: stderr:\n%s", stderr)
 	}
 }
+
+// TestBuildNoChroot: with sandbox = true (Nix's default), a derivation that
+// asks to build outside the sandbox is refused, as Nix refuses it.
+func TestBuildNoChroot(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t, "sandbox = true")
+	args := b.expr(t, "nochroot", `{ impure = mk { name = "impure"; __noChroot = true; script = "echo > $out"; }; }`)
+	stderr := b.nixBuild(append(args, "-A", "impure", "--no-out-link")...).fails(t)
+	if !regexp.MustCompile(`derivation '/nix/store/[a-z0-9]{32}-impure\.drv' has '__noChroot' set, but that's not allowed when 'sandbox' is 'true'`).MatchString(stderr) {
+		t.Errorf("stderr:\n%s", stderr)
+	}
+}

@@ -229,3 +229,33 @@ func atoi(t *testing.T, s string) int {
 	}
 	return n
 }
+
+// TestSandboxModes: as Nix 2.8, sandbox = relaxed builds fixed-output and
+// __noChroot derivations without the sandbox and others in it, and
+// sandbox = true refuses __noChroot derivations.
+func TestSandboxModes(t *testing.T) {
+	e := newPlainEnv(t)
+	fixed := hash.Sum(hash.SHA256, []byte("unsandboxed\n"))
+	drvs := e.instantiate(`{
+  plain = mk { name = "plain"; script = "echo $NIX_BUILD_TOP > $out"; };
+  noChroot = mk { name = "no-chroot"; __noChroot = true; script = "echo $NIX_BUILD_TOP > $out"; };
+  fixed = mk {
+    name = "fixed";
+    outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "`+fixed.Base16()+`";
+    script = ''[ "$NIX_BUILD_TOP" != /build ] && echo unsandboxed > $out'';
+  };
+}`, "plain", "noChroot", "fixed")
+	relaxed := e.builder(Config{Sandbox: SandboxRelaxed})
+	res := e.mustBuild(relaxed, out(drvs["plain"]), out(drvs["noChroot"]), out(drvs["fixed"]))
+	if got := e.readOut(res[0].BuiltOutputs["out"], ""); got != "/build\n" {
+		t.Errorf("relaxed: a plain derivation built in %q, want the sandbox", got)
+	}
+	if got := e.readOut(res[1].BuiltOutputs["out"], ""); got == "/build\n" {
+		t.Errorf("relaxed: a __noChroot derivation built in the sandbox")
+	}
+	drvs = e.instantiate(`{ noChroot = mk { name = "no-chroot-2"; __noChroot = true; script = "echo > $out"; }; }`, "noChroot")
+	r := e.build(e.builder(Config{Sandbox: SandboxOn}), ClientOptions{}, out(drvs["noChroot"]))[0]
+	if want := "has '__noChroot' set, but that's not allowed when 'sandbox' is 'true'"; r.Status.Success() || !strings.Contains(r.ErrorMsg, want) {
+		t.Errorf("sandbox = true, __noChroot: status %d %q", r.Status, r.ErrorMsg)
+	}
+}

@@ -72,7 +72,7 @@ func (s Status) Success() bool {
 const (
 	SandboxOff     = "false"
 	SandboxOn      = "true"
-	SandboxRelaxed = "relaxed" // as "true": __noChroot derivations are not supported
+	SandboxRelaxed = "relaxed" // fixed-output and __noChroot derivations build without it
 )
 
 // Config is the host-wide configuration of a Builder.
@@ -409,6 +409,29 @@ func New(cfg Config, st *store.Store) (*Builder, error) {
 // sandboxed reports whether builds run in the sandbox.
 func (b *Builder) sandboxed() bool {
 	return b.cfg.ChrootStore || b.cfg.Sandbox != SandboxOff
+}
+
+// useSandbox decides, as Nix 2.8 does, whether drv builds in the sandbox:
+// with sandbox = true always, and a derivation that asks not to be
+// (__noChroot) is refused; with relaxed, unless it is a fixed-output
+// derivation or asks not to be. A chroot store always sandboxes.
+func (b *Builder) useSandbox(drvPath storepath.Path, drv *derivation.Derivation, attrs *derivation.Attrs) (bool, error) {
+	noChroot, err := attrs.Bool("__noChroot", false)
+	if err != nil {
+		return false, err
+	}
+	use := false
+	switch b.cfg.Sandbox {
+	case SandboxOn:
+		if noChroot {
+			return false, fmt.Errorf("derivation '%s' has '__noChroot' set, but that's not allowed when 'sandbox' is 'true'", b.abs(drvPath))
+		}
+		use = true
+	case SandboxRelaxed:
+		kind, _ := drv.Kind()
+		use = kind != derivation.FixedOutput && !noChroot
+	}
+	return use || b.cfg.ChrootStore, nil
 }
 
 // Build realises reqs for one caller and returns one Result per request,

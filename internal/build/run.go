@@ -81,7 +81,11 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		}
 		return j, nil
 	}
-	j.sandbox = b.sandboxed()
+	var err error
+	if j.sandbox, err = b.useSandbox(g.drvPath, g.drv, g.attrs); err != nil {
+		r := g.failf(MiscFailure, "%v", err)
+		return nil, &r
+	}
 	chrootStore := false
 	for _, p := range outputs {
 		if b.st.RealPath(p) != b.abs(p) {
@@ -121,7 +125,6 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 			return fail("home directory '%s' exists; please remove it to assure purity of builds without sandboxing", homeDir)
 		}
 	}
-	var err error
 	j.tmpDir, err = os.MkdirTemp(b.cfg.BuildDir, "nix-build-"+g.drv.Name+"-")
 	if err != nil {
 		return fail("building '%s': %v", j.drvAbs, err)
