@@ -652,3 +652,43 @@ func TestSubstituteRepair(t *testing.T) {
 	assertVerifyClean(t, d.nixStoreRun(t, "--verify", "--check-contents"))
 	d.verifyStopped(t)
 }
+
+// TestSubstituteAllowSubstitutes: a derivation with allowSubstitutes =
+// false is built even when a cache has its output (nixpkgs sets it on
+// trivial builders), as Nix does, whether asked for or needed as an input;
+// others come from the cache.
+func TestSubstituteAllowSubstitutes(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	args := e.expr(t, "allowsubst", `rec {
+  local = mk { name = "local-only"; allowSubstitutes = false; script = "echo local > $out"; };
+  cached = mk { name = "cached"; script = "echo cached > $out"; };
+  localInput = mk { name = "local-only-input"; allowSubstitutes = false; script = "echo local input > $out"; };
+  top = mk { name = "top"; inherit localInput; script = "cat $localInput > $out"; };
+}`)
+	other := e.otherStore("src")
+	cacheDir := filepath.Join(e.dir, "cache")
+	outs := map[string]string{}
+	for _, attr := range []string{"local", "cached", "localInput"} {
+		outs[attr] = oneLine(t, attr, e.cmd("nix-build", append(args, "-A", attr, "--no-out-link", "--store", other)...).ok(t))
+		e.fillCache(t, other, cacheDir, "none", "", outs[attr])
+	}
+	srv := cachetest.New(cacheDir)
+	defer srv.Close()
+	b := e.startBuildDaemon(t, "substituters = "+srv.URL, "require-sigs = false")
+	for attr, wantBuilt := range map[string]bool{"local": true, "cached": false} {
+		r := b.nixBuild(append(args, "-A", attr, "--no-out-link")...).run(t)
+		if r.err != nil || strings.TrimSpace(r.stdout) != outs[attr] {
+			t.Fatalf("%s:\n%s", attr, r)
+		}
+		built := strings.Contains(r.stderr, "building '/nix/store/")
+		gets := srv.Count(narURL(t, cacheDir, outs[attr]))
+		if built != wantBuilt || (gets == 0) != wantBuilt {
+			t.Errorf("%s: built %v with %d GETs of its NAR, want built %v:\n%s", attr, built, gets, wantBuilt, r)
+		}
+	}
+	b.nixBuild(append(args, "-A", "top", "--no-out-link")...).ok(t)
+	if n := srv.Count(narURL(t, cacheDir, outs["localInput"])); n != 0 {
+		t.Errorf("the input with allowSubstitutes = false was substituted (%d GETs)", n)
+	}
+}

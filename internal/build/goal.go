@@ -368,8 +368,13 @@ func (g *goal) realise(ctx context.Context) Result {
 		outPaths[n] = p
 	}
 	g.outputs = outPaths
-	// Substitutes first, as Nix's haveDerivation.
-	if b.cfg.Substituter != nil && g.owner.opts.UseSubstitutes && !g.check {
+	// Substitutes first, as Nix's haveDerivation, unless the derivation
+	// says not to (allowSubstitutes = false).
+	allowSubst, err := g.attrs.Bool("allowSubstitutes", true)
+	if err != nil {
+		return g.failf(MiscFailure, "%v", err)
+	}
+	if b.cfg.Substituter != nil && g.owner.opts.UseSubstitutes && !g.check && allowSubst {
 		if r, ok := g.trySubstitute(ctx, outPaths); ok {
 			return r
 		}
