@@ -716,3 +716,34 @@ func TestBuildNoChroot(t *testing.T) {
 		t.Errorf("stderr:\n%s", stderr)
 	}
 }
+
+// TestBuildKeepGoing: without --keep-going (Nix's default) the first
+// failed build stops the request's other builds; with it they finish.
+// The slow build waits for /marks/go for at most a minute: a daemon that
+// does not stop it makes its output valid, which the test sees. Both
+// builds run at once (max-jobs 2 on the daemon and the client).
+func TestBuildKeepGoing(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t, "max-jobs = 2")
+	args := b.expr(t, "keepgoing", `rec {
+  fail = mk { name = "kg-fail"; script = "exit 1"; };
+  slow = mk { name = "kg-slow"; script = "i=0; while [ ! -e /marks/go ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; echo > $out"; };
+  top = mk { name = "kg-top"; inherit fail slow; script = "echo > $out"; };
+}`)
+	drv := strings.TrimSpace(b.client("nix-instantiate", append(args, "-A", "slow")...).ok(t))
+	slow := strings.TrimSpace(b.client("nix-store", "-q", "--outputs", drv).ok(t))
+	for _, attrs := range [][]string{{"-A", "fail", "-A", "slow"}, {"-A", "top"}} {
+		stderr := b.nixBuild(append(append(args, attrs...), "--no-out-link", "--max-jobs", "2")...).fails(t)
+		if !strings.Contains(stderr, "builder for '") {
+			t.Errorf("%v: stderr:\n%s", attrs, stderr)
+		}
+		if b.isValid(t, slow) {
+			t.Fatalf("%v: the slow build was not stopped when the other failed", attrs)
+		}
+	}
+	writeFile(t, filepath.Join(b.marks, "go"), "", 0o644)
+	b.nixBuild(append(args, "-A", "fail", "-A", "slow", "--no-out-link", "--max-jobs", "2", "--keep-going")...).fails(t)
+	if !b.isValid(t, slow) {
+		t.Errorf("with --keep-going the slow build did not finish")
+	}
+}

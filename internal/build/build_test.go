@@ -259,3 +259,34 @@ func TestSandboxModes(t *testing.T) {
 		t.Errorf("sandbox = true, __noChroot: status %d %q", r.Status, r.ErrorMsg)
 	}
 }
+
+// TestKeepGoing: without KeepGoing the first failure stops the caller's
+// other builds (reported as Stopped); with it they run to the end.
+func TestKeepGoing(t *testing.T) {
+	e := newChrootEnv(t)
+	gate := filepath.Join(e.root, "gate")
+	drvs := e.instantiate(`rec {
+  fail = mk { name = "fail"; script = "exit 1"; };
+  slow = mk { name = "slow"; script = "i=0; while [ ! -e /gate/go ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; echo > $out"; };
+  top = mk { name = "top"; inherit fail slow; script = "echo > $out"; };
+}`, "fail", "slow", "top")
+	if err := os.Mkdir(gate, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	b := e.builder(Config{MaxJobs: 2, SandboxPaths: []string{"/gate=" + gate}})
+	res := e.build(b, ClientOptions{}, out(drvs["fail"]), out(drvs["slow"]))
+	if res[0].Status.Success() || res[0].Stopped || !res[1].Stopped || res[1].Status.Success() {
+		t.Errorf("without keep-going: %+v", res)
+	}
+	res = e.build(b, ClientOptions{}, out(drvs["top"]))
+	if res[0].Status != DependencyFailed || !strings.Contains(res[0].ErrorMsg, "1 dependencies of derivation") {
+		t.Errorf("without keep-going, top: %+v", res[0])
+	}
+	if err := os.WriteFile(filepath.Join(gate, "go"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	res = e.build(b, ClientOptions{KeepGoing: true}, out(drvs["fail"]), out(drvs["slow"]))
+	if res[0].Status.Success() || !res[1].Status.Success() {
+		t.Errorf("with keep-going: %+v", res)
+	}
+}

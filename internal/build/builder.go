@@ -184,6 +184,11 @@ type ClientOptions struct {
 	KeepFailed bool
 	// TryFallback builds from source when substitution fails.
 	TryFallback bool
+	// KeepGoing builds what it can when a build fails. Without it (Nix's
+	// default) the first failure stops the caller's other builds that no
+	// other caller waits for: the request's other targets, and the other
+	// inputs of a derivation whose input failed.
+	KeepGoing bool
 	// UseSubstitutes asks Config.Substituter before building.
 	UseSubstitutes bool
 	// Mode: ModeNormal or ModeCheck (sandboxed builds only); ModeRepair is
@@ -221,9 +226,12 @@ type Progress interface {
 
 // Result is the outcome of one request, with what BuildResult carries.
 type Result struct {
-	Path         store.DerivedPath
-	Status       Status
-	ErrorMsg     string // "" on success
+	Path     store.DerivedPath
+	Status   Status
+	ErrorMsg string // "" on success
+	// Stopped: the request failed only because another of the caller's
+	// builds failed first (KeepGoing off), not by a failure of its own.
+	Stopped      bool
 	TimesBuilt   int
 	StartTime    time.Time // zero if nothing ran
 	StopTime     time.Time
@@ -449,12 +457,17 @@ func (b *Builder) Build(ctx context.Context, reqs []store.DerivedPath, client Cl
 	c := b.newCall(client, prog)
 	defer c.close()
 	results := make([]Result, len(reqs))
+	reqCtx, stop := context.WithCancelCause(ctx)
+	defer stop(nil)
 	var wg sync.WaitGroup
 	for i, r := range reqs {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			results[i] = c.realise(ctx, r, 0)
+			results[i] = c.realise(reqCtx, r, 0)
+			if !results[i].Status.Success() && !client.KeepGoing {
+				stop(errStopped)
+			}
 		}()
 	}
 	wg.Wait()
@@ -473,27 +486,8 @@ func (b *Builder) Build(ctx context.Context, reqs []store.DerivedPath, client Cl
 	return results, nil
 }
 
-// CombinedError turns the results of BuildPaths into the error Nix 2.8's
-// Store::buildPaths throws: the one failure's message, or "build of
-// '…', '…' failed" for several; nil if all succeeded.
-func (b *Builder) CombinedError(results []Result) error {
-	var failed []Result
-	for _, r := range results {
-		if !r.Status.Success() {
-			failed = append(failed, r)
-		}
-	}
-	switch len(failed) {
-	case 0:
-		return nil
-	case 1:
-		return failed[0].Err()
-	}
-	names := make([]string, len(failed))
-	for i, r := range failed {
-		names[i] = "'" + b.abs(r.Path.Path) + "'"
-	}
-	return &Error{Status: failed[0].Status, Msg: fmt.Sprintf("build of %s failed", strings.Join(names, ", "))}
-}
-
 var errNotSupported = errors.New("not supported")
+
+// errStopped ends the builds a caller no longer needs because another of
+// its builds failed and it did not ask to keep going.
+var errStopped = errors.New("stopped because another build failed (use --keep-going to build what can be built)")

@@ -2,6 +2,7 @@ package build
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"sort"
@@ -64,11 +65,17 @@ func (b *Builder) fail(req store.DerivedPath, st Status, format string, args ...
 	return Result{Path: req, Status: st, ErrorMsg: fmt.Sprintf(format, args...)}
 }
 
+// stoppedResult is the result of a request whose ctx ended before it did.
+func stoppedResult(ctx context.Context) Result {
+	cause := context.Cause(ctx)
+	return Result{Status: MiscFailure, ErrorMsg: cause.Error(), Stopped: errors.Is(cause, errStopped)}
+}
+
 // realise makes one request valid for c.
 func (c *call) realise(ctx context.Context, req store.DerivedPath, depth int) Result {
 	b := c.b
-	if err := ctx.Err(); err != nil {
-		return b.fail(req, MiscFailure, "%v", err)
+	if ctx.Err() != nil {
+		return stoppedResult(ctx)
 	}
 	if !req.Built {
 		return c.realiseOpaque(ctx, req)
@@ -248,7 +255,7 @@ func (g *goal) wait(ctx context.Context, c *call) Result {
 		return g.res
 	case <-ctx.Done():
 		g.leave(c)
-		return Result{Status: MiscFailure, ErrorMsg: ctx.Err().Error()}
+		return stoppedResult(ctx)
 	}
 }
 
@@ -380,13 +387,26 @@ func (g *goal) realise(ctx context.Context) Result {
 		}
 	}
 
-	// Inputs, in parallel.
+	// Inputs, in parallel. Unless the caller keeps going, the first input
+	// that fails stops waiting for the others (as Nix's goals stop
+	// waiting for their other waitees).
 	var (
 		wg      sync.WaitGroup
 		mu      sync.Mutex
 		nFailed int
 		closure []storepath.Path
 	)
+	inCtx, stopInputs := context.WithCancelCause(ctx)
+	defer stopInputs(nil)
+	inputFailed := func(r Result) {
+		if r.Stopped && ctx.Err() == nil {
+			return // dropped after another input failed: not a failure of its own
+		}
+		nFailed++
+		if !g.owner.opts.KeepGoing {
+			stopInputs(errStopped)
+		}
+	}
 	for _, in := range slices.Sorted(mapKeys(g.drv.InputDrvs)) {
 		ip, err := b.st.Dir().Parse(in)
 		if err != nil {
@@ -395,11 +415,11 @@ func (g *goal) realise(ctx context.Context) Result {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			r := g.owner.realise(ctx, store.DerivedPath{Path: ip, Outputs: g.drv.InputDrvs[in], Built: true}, 1)
+			r := g.owner.realise(inCtx, store.DerivedPath{Path: ip, Outputs: g.drv.InputDrvs[in], Built: true}, 1)
 			mu.Lock()
 			defer mu.Unlock()
 			if !r.Status.Success() {
-				nFailed++
+				inputFailed(r)
 				return
 			}
 			for _, p := range r.BuiltOutputs {
@@ -415,12 +435,12 @@ func (g *goal) realise(ctx context.Context) Result {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			r := g.owner.realiseOpaque(ctx, store.DerivedPath{Path: sp})
+			r := g.owner.realiseOpaque(inCtx, store.DerivedPath{Path: sp})
 			mu.Lock()
 			defer mu.Unlock()
 			if !r.Status.Success() {
 				b.log.Warn("input source missing", "drv", drvAbs, "err", r.ErrorMsg)
-				nFailed++
+				inputFailed(r)
 				return
 			}
 			closure = append(closure, sp)

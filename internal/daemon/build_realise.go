@@ -40,7 +40,7 @@ func (rb realiseBuilder) Build(ctx context.Context, targets []store.DerivedPath,
 	}
 	out := make([]realise.Result, len(res))
 	for i, r := range res {
-		out[i] = realise.Result{Target: r.Path, Status: realise.Status(r.Status), ErrorMsg: r.ErrorMsg, Outputs: r.BuiltOutputs}
+		out[i] = realise.Result{Target: r.Path, Status: realise.Status(r.Status), ErrorMsg: r.ErrorMsg, Outputs: r.BuiltOutputs, Stopped: r.Stopped}
 	}
 	return out, nil
 }
@@ -64,6 +64,7 @@ func (c *conn) buildOptions(mode uint64) build.ClientOptions {
 		MaxSilentTime:  time.Duration(s.MaxSilentTime) * time.Second,
 		KeepFailed:     s.KeepFailed,
 		TryFallback:    s.TryFallback,
+		KeepGoing:      s.KeepGoing,
 		UseSubstitutes: s.UseSubstitutes,
 		Mode:           build.BuildMode(mode),
 		Session:        c.session,

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -137,6 +138,13 @@ func opBuildPathsHandler(ctx context.Context, c *conn) error {
 		return err
 	}
 	if err := r.CombinedError(results); err != nil {
+		// As Nix: each target's own failure is logged, then the list.
+		var cf *realise.CombinedFailure
+		if errors.As(err, &cf) {
+			for _, m := range cf.Failures {
+				c.tun.Log(lvlError, "error: "+m)
+			}
+		}
 		return err
 	}
 	c.stopWork()

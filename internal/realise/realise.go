@@ -55,6 +55,9 @@ type Result struct {
 	Status   Status
 	ErrorMsg string                    // "" on success
 	Outputs  map[string]storepath.Path // output name -> path, for derivation targets
+	// Stopped: the target failed only because another one failed first
+	// and the client did not ask to keep going.
+	Stopped bool
 }
 
 // Builder builds derivation outputs that no cache has. It is plugged in by

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 
@@ -435,19 +436,34 @@ func (r *Realiser) SubstitutePaths(ctx context.Context, paths []storepath.Path, 
 // failure's message, or "build of … failed" naming every failed target;
 // nil if all succeeded.
 func (r *Realiser) CombinedError(results []Result) error {
-	var failed []string
-	var one string
+	var failed, msgs []string
 	for _, res := range results {
-		if !res.Status.Success() {
-			failed = append(failed, "'"+r.format(res.Target)+"'")
-			one = res.ErrorMsg
+		if res.Status.Success() {
+			continue
+		}
+		failed = append(failed, r.m.st.Dir().Abs(res.Target.Path))
+		if !res.Stopped {
+			msgs = append(msgs, res.ErrorMsg)
 		}
 	}
-	switch len(failed) {
-	case 0:
+	slices.Sort(failed)
+	failed = slices.Compact(failed)
+	switch {
+	case len(failed) == 0:
 		return nil
-	case 1:
-		return errors.New(one)
+	case len(failed) == 1 && len(msgs) == 1:
+		return errors.New(msgs[0])
 	}
-	return fmt.Errorf("build of %s failed", strings.Join(failed, ", "))
+	return &CombinedFailure{Failures: msgs, msg: fmt.Sprintf("build of '%s' failed", strings.Join(failed, "', '"))}
 }
+
+// CombinedFailure is the error of a request with several failed targets:
+// "build of '…', '…' failed", naming each failed derivation (or path).
+// Failures are the messages of the targets that failed by themselves,
+// which Nix logs before it.
+type CombinedFailure struct {
+	Failures []string
+	msg      string
+}
+
+func (e *CombinedFailure) Error() string { return e.msg }
