@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/nixyard/nixyard/internal/nix/derivation"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
@@ -31,14 +32,22 @@ func (g *goal) placeholders() *strings.Replacer {
 	return strings.NewReplacer(pairs...)
 }
 
-// writeBuildFile writes a file the builder reads into the build directory,
-// owned by the builder's user.
-func (j *job) writeBuildFile(name string, data []byte) error {
-	p := j.tmpDir + "/" + name
-	if err := os.WriteFile(p, data, 0o644); err != nil {
+// writeBuildFile writes a file the builder reads into the build
+// directory; given to the builder's user if own. No process of that user
+// runs yet (prepare), and the file is not followed if it is a symlink.
+func (j *job) writeBuildFile(name string, data []byte, own bool) error {
+	f, err := os.OpenFile(j.tmpDir+"/"+name, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|syscall.O_NOFOLLOW, 0o644)
+	if err != nil {
 		return err
 	}
-	return os.Chown(p, j.hostUID, j.hostGID)
+	_, err = f.Write(data)
+	if err == nil && own {
+		err = f.Chown(j.hostUID, j.hostGID)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // writeStructuredAttrs writes .attrs.json and .attrs.sh for a derivation
@@ -59,16 +68,18 @@ func (j *job) writeStructuredAttrs(ctx context.Context, top string) (map[string]
 	}
 	attrs["outputs"] = outs
 	if graphs, ok := src["exportReferencesGraph"].(map[string]any); ok {
+		budget := &graphBudget{left: maxExportedPaths}
+		sizes := map[storepath.Path]uint64{}
 		for _, name := range sortedOutputs(graphs) {
 			roots, err := graphRoots(graphs[name])
 			if err != nil {
-				return nil, fmt.Errorf("exportReferencesGraph '%s': %w", name, err)
+				return nil, rejected(fmt.Errorf("exportReferencesGraph '%s': %w", name, err))
 			}
-			infos, err := j.exportReferences(ctx, roots)
+			infos, err := j.exportReferences(ctx, roots, budget)
 			if err != nil {
 				return nil, err
 			}
-			if attrs[name], err = j.pathInfosJSON(infos); err != nil {
+			if attrs[name], err = j.pathInfosJSON(ctx, infos, sizes); err != nil {
 				return nil, err
 			}
 		}
@@ -77,10 +88,10 @@ func (j *job) writeStructuredAttrs(ctx context.Context, top string) (map[string]
 	if err != nil {
 		return nil, fmt.Errorf("structured attributes: %w", err)
 	}
-	if err := j.writeBuildFile(".attrs.json", []byte(j.rewrite.Replace(string(data)))); err != nil {
+	if err := j.writeBuildFile(".attrs.json", []byte(j.rewrite.Replace(string(data))), true); err != nil {
 		return nil, err
 	}
-	if err := j.writeBuildFile(".attrs.sh", []byte(j.rewrite.Replace(derivation.AttrsShell(attrs)))); err != nil {
+	if err := j.writeBuildFile(".attrs.sh", []byte(j.rewrite.Replace(derivation.AttrsShell(attrs))), true); err != nil {
 		return nil, err
 	}
 	return map[string]string{
@@ -89,17 +100,10 @@ func (j *job) writeStructuredAttrs(ctx context.Context, top string) (map[string]
 	}, nil
 }
 
-// graphRoots reads one entry of a structured exportReferencesGraph: a list
-// of store paths (a single path counts as a list of one, as Nix iterates
-// it).
+// graphRoots reads one entry of a structured exportReferencesGraph: store
+// paths, as Nix iterates the value (a list; a single path counts as one).
 func graphRoots(v any) ([]string, error) {
-	switch v := v.(type) {
-	case nil:
-		return nil, nil
-	case string:
-		return []string{v}, nil
-	}
-	roots, err := derivation.StringList(v)
+	roots, err := derivation.StringValues(v)
 	if err != nil {
 		return nil, fmt.Errorf("must be a list of store paths: %w", err)
 	}
@@ -108,7 +112,8 @@ func graphRoots(v any) ([]string, error) {
 
 // pathInfosJSON is Nix's pathInfoToJSON of infos, with closure sizes and
 // without the impure fields, for .attrs.json.
-func (j *job) pathInfosJSON(infos []*store.PathInfo) ([]any, error) {
+// sizes memoises closure sizes across calls.
+func (j *job) pathInfosJSON(ctx context.Context, infos []*store.PathInfo, sizes map[storepath.Path]uint64) ([]any, error) {
 	byPath := make(map[storepath.Path]*store.PathInfo, len(infos))
 	for _, info := range infos {
 		byPath[info.Path] = info
@@ -121,9 +126,16 @@ func (j *job) pathInfosJSON(infos []*store.PathInfo) ([]any, error) {
 		return nil, fmt.Errorf("path '%s' is not in the exported closure", j.g.b.abs(p))
 	}
 	for _, info := range infos {
-		_, closureSize, err := walkClosure(info.Path, lookup)
-		if err != nil {
+		if err := ctx.Err(); err != nil {
 			return nil, err
+		}
+		closureSize, ok := sizes[info.Path]
+		if !ok {
+			_, size, err := walkClosure(info.Path, lookup)
+			if err != nil {
+				return nil, err
+			}
+			closureSize, sizes[info.Path] = size, size
 		}
 		refs := make([]any, 0, len(info.References))
 		for _, r := range sortedPaths(info.References) {
@@ -180,18 +192,19 @@ func (j *job) writeReferencesGraphs(ctx context.Context) error {
 	}
 	words := derivation.Tokenize(s)
 	if len(words)%2 != 0 {
-		return fmt.Errorf("odd number of tokens in 'exportReferencesGraph': '%s'", s)
+		return rejected(fmt.Errorf("odd number of tokens in 'exportReferencesGraph': '%s'", s))
 	}
+	budget := &graphBudget{left: maxExportedPaths}
 	for i := 0; i < len(words); i += 2 {
 		name, root := words[i], words[i+1]
 		if !graphFileName.MatchString(name) {
-			return fmt.Errorf("invalid file name '%s' in 'exportReferencesGraph'", name)
+			return rejected(fmt.Errorf("invalid file name '%s' in 'exportReferencesGraph'", name))
 		}
 		p, _, err := j.g.b.st.Dir().ParsePrefix(root)
 		if err != nil {
-			return fmt.Errorf("'exportReferencesGraph' contains a non-store path '%s'", root)
+			return rejected(fmt.Errorf("'exportReferencesGraph' contains a non-store path '%s'", root))
 		}
-		infos, err := j.exportReferences(ctx, []string{j.g.b.abs(p)})
+		infos, err := j.exportReferences(ctx, []string{j.g.b.abs(p)}, budget)
 		if err != nil {
 			return err
 		}
@@ -202,17 +215,34 @@ func (j *job) writeReferencesGraphs(ctx context.Context) error {
 				b.WriteString(j.g.b.abs(r) + "\n")
 			}
 		}
-		if err := j.writeBuildFile(name, []byte(b.String())); err != nil {
+		// Left to root, as Nix leaves it.
+		if err := j.writeBuildFile(name, []byte(b.String()), false); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
+// maxExportedPaths bounds the paths that exportReferencesGraph may list in
+// all, counting each graph's closure again: a .drv of many graphs of a
+// large closure would otherwise make the daemon build huge files (Nix has
+// no bound; real uses list one or a few closures).
+const maxExportedPaths = 1 << 20
+
+// graphBudget counts down the paths one build's graphs may still list.
+type graphBudget struct{ left int }
+
+// rejectedError is a derivation's attribute that the build refuses (Nix's
+// BuildError while starting the builder): the build fails with
+// InputRejected and the bare message.
+type rejectedError struct{ error }
+
+func rejected(err error) error { return rejectedError{err} }
+
 // exportReferences is Nix's Store::exportReferences: the closure of roots,
 // which must be in the closure of the build's inputs, and of the outputs
-// of every derivation in it; sorted by path.
-func (j *job) exportReferences(ctx context.Context, roots []string) ([]*store.PathInfo, error) {
+// of every derivation in it; sorted by path. budget is charged for them.
+func (j *job) exportReferences(ctx context.Context, roots []string, budget *graphBudget) ([]*store.PathInfo, error) {
 	b := j.g.b
 	inputs := make(map[storepath.Path]bool, len(j.inputs))
 	for _, p := range j.inputs {
@@ -222,10 +252,10 @@ func (j *job) exportReferences(ctx context.Context, roots []string) ([]*store.Pa
 	for _, r := range roots {
 		p, err := b.st.Dir().Parse(r)
 		if err != nil {
-			return nil, fmt.Errorf("exportReferencesGraph: %w", err)
+			return nil, rejected(fmt.Errorf("exportReferencesGraph: %w", err))
 		}
 		if !inputs[p] {
-			return nil, fmt.Errorf("cannot export references of path '%s' because it is not in the input closure of the derivation", r)
+			return nil, rejected(fmt.Errorf("cannot export references of path '%s' because it is not in the input closure of the derivation", r))
 		}
 		start = append(start, p)
 	}
@@ -246,7 +276,7 @@ func (j *job) exportReferences(ctx context.Context, roots []string) ([]*store.Pa
 		}
 		for _, n := range sortedOutputs(drv.Outputs) {
 			if drv.Outputs[n].Path == "" {
-				return nil, fmt.Errorf("exportReferences on CA derivations is not yet implemented")
+				return nil, rejected(fmt.Errorf("exportReferences on CA derivations is not yet implemented"))
 			}
 			op, err := b.st.Dir().Parse(drv.Outputs[n].Path)
 			if err != nil {
@@ -261,6 +291,9 @@ func (j *job) exportReferences(ctx context.Context, roots []string) ([]*store.Pa
 		}
 	}
 	closure = sortedPaths(closure)
+	if budget.left -= len(closure); budget.left < 0 {
+		return nil, rejected(fmt.Errorf("exportReferencesGraph lists more than %d paths in all", maxExportedPaths))
+	}
 	infos := make([]*store.PathInfo, len(closure))
 	for i, p := range closure {
 		if infos[i], err = b.st.QueryPathInfo(ctx, p); err != nil {
@@ -338,7 +371,7 @@ func (g *goal) checksFor(name string) (*outputChecks, error) {
 		if !ok {
 			continue
 		}
-		list, err := derivation.StringList(v)
+		list, err := derivation.StringValues(v)
 		if err != nil {
 			return nil, fmt.Errorf("attribute '%s' of derivation '%s' must be a list of strings", l.attr, g.b.abs(g.drvPath))
 		}
@@ -366,8 +399,11 @@ func (j *job) checkOutputs(ctx context.Context, infos map[string]store.PathInfo)
 	for _, name := range sortedOutputs(infos) {
 		info := infos[name]
 		c, err := g.checksFor(name)
-		if err != nil || c == nil {
+		if err != nil {
 			return err
+		}
+		if c == nil {
+			continue // no checks for this output
 		}
 		pathAbs := b.abs(info.Path)
 		if c.maxSize != nil && info.NarSize > *c.maxSize {
@@ -438,15 +474,25 @@ func (j *job) checkOutputs(ctx context.Context, infos map[string]store.PathInfo)
 	return nil
 }
 
-// jsonUint reads a JSON number that must be a non-negative integer.
+// jsonUint reads a JSON number as Nix's JSON library converts it to an
+// unsigned 64-bit integer: a fraction is dropped, a negative number wraps.
 func jsonUint(v any) (uint64, error) {
 	n, ok := v.(json.Number)
 	if !ok {
 		return 0, fmt.Errorf("must be a number")
 	}
-	u, err := strconv.ParseUint(string(n), 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("must be a non-negative integer, not %s", n)
+	if u, err := strconv.ParseUint(string(n), 10, 64); err == nil {
+		return u, nil
 	}
-	return u, nil
+	if i, err := strconv.ParseInt(string(n), 10, 64); err == nil {
+		return uint64(i), nil
+	}
+	f, err := strconv.ParseFloat(string(n), 64)
+	if err != nil {
+		return 0, fmt.Errorf("%s is not a number", n)
+	}
+	if f < 0 {
+		return uint64(int64(f)), nil
+	}
+	return uint64(f), nil
 }

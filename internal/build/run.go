@@ -133,7 +133,12 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		return fail("building '%s': %v", j.drvAbs, err)
 	}
 	env, err := j.environment(ctx)
-	if err != nil {
+	var rej rejectedError
+	if errors.As(err, &rej) {
+		j.cleanup()
+		r := g.failf(InputRejected, "%v", rej.error)
+		return nil, &r
+	} else if err != nil {
 		return fail("building '%s': %v", j.drvAbs, err)
 	}
 	args := []string{path.Base(g.drv.Builder)}
@@ -318,13 +323,16 @@ func (j *job) environment(ctx context.Context) ([]string, error) {
 		for _, n := range derivation.Tokenize(g.drv.Env["passAsFile"]) {
 			passAsFile[n] = true
 		}
-		for k, v := range g.drv.Env {
+		// In key order, as Nix: a variable named like a file's (fooPath)
+		// wins over it.
+		for _, k := range sortedOutputs(g.drv.Env) {
+			v := g.drv.Env[k]
 			if !passAsFile[k] {
 				env[k] = v
 				continue
 			}
 			fn := ".attr-" + nixbase32.EncodeToString(hash.Sum(hash.SHA256, []byte(k)).Digest)
-			if err := j.writeBuildFile(fn, []byte(j.rewrite.Replace(v))); err != nil {
+			if err := j.writeBuildFile(fn, []byte(j.rewrite.Replace(v)), true); err != nil {
 				return nil, err
 			}
 			env[k+"Path"] = top + "/" + fn

@@ -121,6 +121,7 @@ func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs
 		byHash[o.Path.HashPart()] = o.Path
 	}
 	pending := make([]*pendingPath, 0, len(outs))
+	byName := make(map[string]PathInfo, len(outs))
 	for _, o := range outs {
 		if err := ctx.Err(); err != nil {
 			return nil, err
@@ -174,15 +175,12 @@ func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs
 		}
 		s.optimiseNew(ctx, dest)
 		pending = append(pending, &pendingPath{info: info, epoch: l.epoch})
+		byName[o.Name] = info
 	}
 	if len(pending) == 0 {
 		return nil, nil
 	}
 	if check != nil {
-		byName := make(map[string]PathInfo, len(pending))
-		for i, pp := range pending {
-			byName[outs[i].Name] = pp.info
-		}
 		if err := check(byName); err != nil {
 			return nil, err
 		}

@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
 	"math"
 	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/nix/nixbase32"
@@ -36,20 +38,82 @@ type Attrs struct {
 // names it by its base name, "<hash>-<name>.drv").
 func (d *Derivation) Attrs(drvName string) (*Attrs, error) {
 	a := &Attrs{drvName: drvName, env: d.Env}
-	if j, ok := d.Env["__json"]; ok {
-		dec := json.NewDecoder(strings.NewReader(j))
-		dec.UseNumber()
-		if err := dec.Decode(&a.structured); err != nil {
-			return nil, fmt.Errorf("cannot process __json attribute of '%s': %w", drvName, err)
-		}
-		if a.structured == nil {
-			return nil, fmt.Errorf("cannot process __json attribute of '%s': not a JSON object", drvName)
-		}
-		if _, err := dec.Token(); err == nil {
-			return nil, fmt.Errorf("cannot process __json attribute of '%s': data after the JSON object", drvName)
-		}
+	j, ok := d.Env["__json"]
+	if !ok {
+		return a, nil
+	}
+	fail := func(why string) (*Attrs, error) {
+		return nil, fmt.Errorf("cannot process __json attribute of '%s': %s", drvName, why)
+	}
+	// Nix's JSON library refuses what encoding/json would let through:
+	// invalid UTF-8 (Go would put U+FFFD in its place) and numbers no
+	// double can hold.
+	if !utf8.ValidString(j) || (strings.Contains(strings.ToLower(j), `\ud`) && checkSurrogates(j) != nil) {
+		return fail("invalid UTF-8")
+	}
+	dec := json.NewDecoder(strings.NewReader(j))
+	dec.UseNumber()
+	var v any
+	if err := dec.Decode(&v); err != nil {
+		return fail(err.Error())
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return fail("data after the JSON value")
+	}
+	switch v := v.(type) {
+	case map[string]any:
+		a.structured = v
+	case nil:
+		a.structured = map[string]any{} // null is taken as an empty object, as Nix does
+	default:
+		return fail("not a JSON object")
+	}
+	if err := checkNumbers(a.structured); err != nil {
+		return fail(err.Error())
 	}
 	return a, nil
+}
+
+// checkSurrogates refuses \u escapes of unpaired UTF-16 surrogates, which
+// encoding/json turns into U+FFFD (so does a U+FFFD the JSON holds as it
+// is, when the text also has a surrogate escape: too rare to tell apart).
+func checkSurrogates(j string) error {
+	dec := json.NewDecoder(strings.NewReader(j))
+	for {
+		tok, err := dec.Token()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return nil // a syntax error, reported by the decoding proper
+		}
+		if s, ok := tok.(string); ok && strings.ContainsRune(s, utf8.RuneError) {
+			return fmt.Errorf("invalid UTF-8")
+		}
+	}
+}
+
+// checkNumbers refuses numbers that overflow a double.
+func checkNumbers(v any) error {
+	switch v := v.(type) {
+	case json.Number:
+		if _, err := strconv.ParseFloat(string(v), 64); err != nil {
+			return fmt.Errorf("number overflow parsing '%s'", v)
+		}
+	case []any:
+		for _, e := range v {
+			if err := checkNumbers(e); err != nil {
+				return err
+			}
+		}
+	case map[string]any:
+		for _, e := range v {
+			if err := checkNumbers(e); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // Structured returns the structured attributes, or nil if the derivation
@@ -127,6 +191,40 @@ func StringList(v any) ([]string, error) {
 		if ss[i], ok = e.(string); !ok {
 			return nil, fmt.Errorf("element %d is not a string", i)
 		}
+	}
+	return ss, nil
+}
+
+// Values returns what iterating v yields in Nix's JSON library: an
+// array's elements, an object's values (in key order), nothing for null,
+// and any other value itself. Nix reads some lists of structured
+// attributes that way (outputChecks, exportReferencesGraph).
+func Values(v any) []any {
+	switch v := v.(type) {
+	case nil:
+		return nil
+	case []any:
+		return v
+	case map[string]any:
+		vals := make([]any, 0, len(v))
+		for _, k := range sortedKeys(v) {
+			vals = append(vals, v[k])
+		}
+		return vals
+	}
+	return []any{v}
+}
+
+// StringValues is Values of v, which must all be strings.
+func StringValues(v any) ([]string, error) {
+	vals := Values(v)
+	ss := make([]string, len(vals))
+	for i, e := range vals {
+		s, ok := e.(string)
+		if !ok {
+			return nil, fmt.Errorf("element %d is not a string", i)
+		}
+		ss[i] = s
 	}
 	return ss, nil
 }

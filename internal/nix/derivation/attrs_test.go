@@ -57,7 +57,13 @@ func TestAttrsStructured(t *testing.T) {
 	if _, _, err := a.String("n"); err == nil || !strings.Contains(err.Error(), "must be a string") {
 		t.Errorf("number as string: %v", err)
 	}
-	for _, j := range []string{`[1]`, `{"a":`, `{} {}`, `null`} {
+	// As Nix's JSON library: null is an empty object; invalid UTF-8,
+	// unpaired surrogates, numbers beyond a double and trailing data are
+	// refused.
+	if a, err := (&Derivation{Env: map[string]string{"__json": "null"}}).Attrs("h-x.drv"); err != nil || a.Structured() == nil {
+		t.Errorf("__json null: %v", err)
+	}
+	for _, j := range []string{`[1]`, `{"a":`, `{} {}`, `{}]`, "{\"a\":\"\xff\"}", `{"a":"\ud800"}`, `{"a":1e400}`} {
 		d := &Derivation{Env: map[string]string{"__json": j}}
 		if _, err := d.Attrs("h-x.drv"); err == nil || !strings.HasPrefix(err.Error(), "cannot process __json attribute of 'h-x.drv'") {
 			t.Errorf("__json %s: %v", j, err)
@@ -120,25 +126,46 @@ func FuzzEncodeJSON(f *testing.F) {
 	f.Add(`{"a":[1,2.5,"x\u0000y",null,true],"b":{"c":-1e300}}`)
 	f.Add(`"\ud800"`)
 	f.Fuzz(func(t *testing.T, in string) {
-		dec := json.NewDecoder(strings.NewReader(in))
-		dec.UseNumber()
-		var v any
-		if dec.Decode(&v) != nil {
+		// What Attrs accepts must come out of EncodeJSON as the same values.
+		a, err := (&Derivation{Env: map[string]string{"__json": `{"v":` + in + `}`}}).Attrs("x.drv")
+		if err != nil {
 			return
 		}
+		v := a.Structured()["v"]
 		out, err := EncodeJSON(v)
 		if err != nil {
-			return // a number Go cannot read as a double
+			t.Fatalf("EncodeJSON(%q): %v", in, err)
 		}
-		var a, b any
-		if err := json.Unmarshal(out, &b); err != nil {
+		var want, got any
+		if err := json.Unmarshal([]byte(in), &want); err != nil {
+			t.Fatalf("Attrs accepted %q, which encoding/json refuses: %v", in, err)
+		}
+		if err := json.Unmarshal(out, &got); err != nil {
 			t.Fatalf("EncodeJSON(%q) = %q, not JSON: %v", in, out, err)
 		}
-		data, _ := json.Marshal(v)
-		json.Unmarshal(data, &a)
-		if !reflect.DeepEqual(a, b) {
-			t.Fatalf("EncodeJSON(%q) = %q: reads back as %v, want %v", in, out, b, a)
+		if !reflect.DeepEqual(want, got) {
+			t.Fatalf("EncodeJSON(%q) = %q: reads back as %v, want %v", in, out, got, want)
 		}
 		AttrsShell(map[string]any{"v": v})
 	})
+}
+
+func TestValues(t *testing.T) {
+	for _, c := range []struct {
+		in   any
+		want []string
+		err  bool
+	}{
+		{nil, []string{}, false},
+		{"a", []string{"a"}, false},
+		{[]any{"a", "b"}, []string{"a", "b"}, false},
+		{map[string]any{"y": "2", "x": "1"}, []string{"1", "2"}, false},
+		{[]any{"a", json.Number("1")}, nil, true},
+		{json.Number("1"), nil, true},
+	} {
+		got, err := StringValues(c.in)
+		if (err != nil) != c.err || (!c.err && !reflect.DeepEqual(got, c.want)) {
+			t.Errorf("StringValues(%v) = %q, %v", c.in, got, err)
+		}
+	}
 }

@@ -12,6 +12,7 @@ import (
 	"path"
 	"slices"
 	"strings"
+	"syscall"
 
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
@@ -59,11 +60,18 @@ func ParseFile(filename string) (*Derivation, error) {
 	if !p.IsDerivation() {
 		return nil, fmt.Errorf("derivation %s: %w: name does not end in .drv", filename, ErrFormat)
 	}
-	f, err := os.Open(filename)
+	// A .drv is a regular file; a store path of that name that is a
+	// symlink (to a FIFO or a device, say) is not followed.
+	f, err := os.OpenFile(filename, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
+	if st, err := f.Stat(); err != nil {
+		return nil, fmt.Errorf("derivation %s: %w", filename, err)
+	} else if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("derivation %s: %w: not a regular file", filename, ErrFormat)
+	}
 	data, err := io.ReadAll(io.LimitReader(f, MaxSize+1))
 	if err != nil {
 		return nil, fmt.Errorf("derivation %s: %w", filename, err)
