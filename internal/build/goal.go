@@ -183,14 +183,16 @@ type goal struct {
 	owner   *call  // whose options and slot share the build uses
 	basic   bool   // drv came from a client (BuildBasic), not from drvPath
 	check   bool   // build again and compare with the valid outputs (--check)
+	after   *goal  // a goal of the same derivation being stopped, to wait for
 	attrs   *derivation.Attrs
 	done    chan struct{}
 	cancel  context.CancelFunc
 
-	mu      sync.Mutex
-	subs    map[*call]int // waiting callers (count of their requests)
-	waiters int
-	running bool
+	mu       sync.Mutex
+	subs     map[*call]int // waiting callers (count of their requests)
+	waiters  int
+	running  bool
+	stopping bool // cancelled once its last waiter left: joined by no one since
 
 	// Set before done is closed.
 	res     Result
@@ -209,29 +211,36 @@ func (b *Builder) joinGoal(req store.DerivedPath, drv *derivation.Derivation, c 
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	key := goalKey{req.Path, check}
-	g := b.goals[key]
-	if g == nil {
-		ctx, cancel := context.WithCancel(context.Background())
-		outs := "*"
-		if !req.AllOutputs && len(req.Outputs) > 0 {
-			outs = strings.Join(req.Outputs, ",")
-		}
-		g = &goal{
-			b: b, drvPath: req.Path, drv: drv, owner: c, cancel: cancel, check: check,
-			name: fmt.Sprintf("building of '%s!%s' from .drv file", b.abs(req.Path), outs),
-			done: make(chan struct{}), subs: map[*call]int{},
-		}
-		b.goals[key] = g
-		go g.run(ctx)
+	old := b.goals[key]
+	if old != nil && old.subscribe(c) {
+		return old
 	}
+	// None, or one being stopped (its last waiter left): a goal of its own,
+	// which starts once the old one has finished (they would share the
+	// build's chroot and output locks).
+	ctx, cancel := context.WithCancel(context.Background())
+	outs := "*"
+	if !req.AllOutputs && len(req.Outputs) > 0 {
+		outs = strings.Join(req.Outputs, ",")
+	}
+	g := &goal{
+		b: b, drvPath: req.Path, drv: drv, owner: c, cancel: cancel, check: check, after: old,
+		name: fmt.Sprintf("building of '%s!%s' from .drv file", b.abs(req.Path), outs),
+		done: make(chan struct{}), subs: map[*call]int{},
+	}
+	b.goals[key] = g
+	go g.run(ctx)
 	g.subscribe(c)
 	return g
 }
 
-// subscribe makes c one more waiter of g.
-func (g *goal) subscribe(c *call) {
+// subscribe makes c one more waiter of g, unless g is being stopped.
+func (g *goal) subscribe(c *call) bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	if g.stopping {
+		return false
+	}
 	if g.subs[c] == 0 {
 		c.count(1, 0, 0, 0)
 		if g.running {
@@ -244,6 +253,7 @@ func (g *goal) subscribe(c *call) {
 	}
 	g.subs[c]++
 	g.waiters++
+	return true
 }
 
 // wait waits for the goal's result; if ctx ends first the caller leaves,
@@ -279,6 +289,7 @@ func (g *goal) leave(c *call) {
 	}
 	g.waiters--
 	if g.waiters == 0 {
+		g.stopping = true
 		g.cancel()
 	}
 }
@@ -320,6 +331,13 @@ func (g *goal) setRunning(on bool) {
 // run drives the goal to its result.
 func (g *goal) run(ctx context.Context) {
 	b := g.b
+	if g.after != nil {
+		select {
+		case <-g.after.done:
+		case <-ctx.Done():
+		}
+		g.after = nil
+	}
 	res := g.realise(ctx)
 	g.res = res
 	b.mu.Lock()
