@@ -692,3 +692,25 @@ func TestSubstituteAllowSubstitutes(t *testing.T) {
 		t.Errorf("the input with allowSubstitutes = false was substituted (%d GETs)", n)
 	}
 }
+
+// TestSubstituteCheck: nix-build --check of a derivation whose output is
+// not valid but in a cache substitutes it, then builds again and compares.
+func TestSubstituteCheck(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	args := e.expr(t, "substcheck", `{ det = mk { name = "subst-check"; script = "echo same > $out"; }; }`)
+	other := e.otherStore("src")
+	cacheDir := filepath.Join(e.dir, "cache")
+	out := oneLine(t, "det", e.cmd("nix-build", append(args, "-A", "det", "--no-out-link", "--store", other)...).ok(t))
+	e.fillCache(t, other, cacheDir, "none", "", out)
+	srv := cachetest.New(cacheDir)
+	defer srv.Close()
+	b := e.startBuildDaemon(t, "substituters = "+srv.URL, "require-sigs = false")
+	r := b.nixBuild(append(args, "-A", "det", "--no-out-link", "--check")...).run(t)
+	if r.err != nil || !strings.Contains(r.stderr, "checking outputs of '") {
+		t.Fatalf("nix-build --check:\n%s", r)
+	}
+	if n := srv.Count(narURL(t, cacheDir, out)); n != 1 || !b.isValid(t, out) {
+		t.Errorf("%d GETs of the output's NAR, valid %v: want it substituted once", n, b.isValid(t, out))
+	}
+}

@@ -399,8 +399,10 @@ func (g *goal) realise(ctx context.Context) Result {
 	if err != nil {
 		return g.failf(MiscFailure, "%v", err)
 	}
-	if b.cfg.Substituter != nil && g.owner.opts.UseSubstitutes && !g.check && allowSubst {
-		if r, ok := g.trySubstitute(ctx, outPaths); ok {
+	// A check (--check) needs the outputs valid to compare with: it
+	// substitutes the missing ones, then builds again.
+	if b.cfg.Substituter != nil && g.owner.opts.UseSubstitutes && allowSubst {
+		if r, ok := g.trySubstitute(ctx, outPaths); ok && !(g.check && r.Status.Success()) {
 			return r
 		}
 	}

@@ -83,9 +83,10 @@ func (r *Realiser) Realise(ctx context.Context, targets []store.DerivedPath, pro
 }
 
 // Check builds the outputs of the derivation targets again to compare
-// them with the valid ones (nix-build --check): nothing is substituted,
-// and the builder, asked in check mode through ctx, compares. Plain paths
-// among the targets are realised as usual.
+// them with the valid ones (nix-build --check): the builder, asked in
+// check mode through ctx, substitutes outputs that are not valid first,
+// then builds and compares. Plain paths among the targets are realised as
+// usual.
 func (r *Realiser) Check(ctx context.Context, targets []store.DerivedPath, prog Progress) ([]Result, error) {
 	st := r.m.st
 	results := make([]Result, len(targets))
@@ -104,6 +105,11 @@ func (r *Realiser) Check(ctx context.Context, targets []store.DerivedPath, prog 
 		} else if !ok {
 			results[i] = Result{Target: t, Status: MiscFailure, ErrorMsg: fmt.Sprintf("path '%s' is not valid", st.Dir().Abs(t.Path))}
 			continue
+		}
+		// Outputs that are not valid are substituted first, as Nix does;
+		// the builder refuses to check what is still missing.
+		if _, _, err := r.realiseOne(ctx, t, prog); err != nil {
+			return nil, err
 		}
 		build, buildIdx = append(build, t), append(buildIdx, i)
 	}
