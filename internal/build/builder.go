@@ -361,8 +361,8 @@ type Builder struct {
 	goals map[goalKey]*goal
 	seq   uint64
 
-	probeOnce    sync.Once // see namespacesRefused
-	noNamespaces bool
+	probeOnce sync.Once // see namespaceSupport
+	namespaces namespaceSupport
 }
 
 // New returns a Builder for st.

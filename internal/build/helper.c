@@ -176,6 +176,7 @@ static int nyb_write_proc(pid_t pid, const char *name, const char *data) {
 // process reads from the spec as it mounts them.
 struct nyb_spec {
 	int sandbox, private_net;
+	int userns;    // sandboxed: in a user namespace (else as host_uid/host_gid)
 	int filter_syscalls, no_new_privs;
 	int drop_ids;  // unsandboxed: become host_uid/host_gid before the builder
 	char **groups; // with drop_ids: the build user's supplementary groups
@@ -218,6 +219,28 @@ static void nyb_mount_points(const char *root, const char *input_store, const ch
 }
 
 static void nyb_setup_sandbox(const struct nyb_spec *s);
+static void nyb_become_build_user(const struct nyb_spec *s, int check_parent);
+
+// nyb_write_id_maps maps the sandbox's user and group in child's user
+// namespace to the host's.
+static void nyb_write_id_maps(const struct nyb_spec *s, pid_t child) {
+	char map[64];
+	int err;
+	snprintf(map, sizeof map, "%d %d 1\n", s->uid, s->host_uid);
+	if ((err = nyb_write_proc(child, "uid_map", map)) != 0) {
+		kill(child, SIGKILL);
+		nyb_fail("writing the user ID map of the sandbox: %s", strerror(err));
+	}
+	if ((err = nyb_write_proc(child, "setgroups", "deny")) != 0) {
+		kill(child, SIGKILL);
+		nyb_fail("denying setgroups in the sandbox: %s", strerror(err));
+	}
+	snprintf(map, sizeof map, "%d %d 1\n", s->gid, s->host_gid);
+	if ((err = nyb_write_proc(child, "gid_map", map)) != 0) {
+		kill(child, SIGKILL);
+		nyb_fail("writing the group ID map of the sandbox: %s", strerror(err));
+	}
+}
 static void nyb_exec_builder(const struct nyb_spec *s);
 static void nyb_seccomp(const struct nyb_spec *s);
 
@@ -257,7 +280,9 @@ static void nyb_spawn_sandbox(struct nyb_spec *s) {
 	int *go = s->go;
 	if (pipe2(go, O_CLOEXEC) < 0)
 		nyb_fail("cannot create a pipe: %s", strerror(errno));
-	int flags = CLONE_VM | CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | SIGCHLD;
+	int flags = CLONE_VM | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | SIGCHLD;
+	if (s->userns)
+		flags |= CLONE_NEWUSER;
 	if (s->private_net)
 		flags |= CLONE_NEWNET;
 	const size_t stack_size = 256 << 10;
@@ -272,22 +297,8 @@ static void nyb_spawn_sandbox(struct nyb_spec *s) {
 	if (child < 0)
 		nyb_fail("cloning the builder: %s", strerror(errno));
 	close(go[0]);
-	char map[64];
-	int err;
-	snprintf(map, sizeof map, "%d %d 1\n", s->uid, s->host_uid);
-	if ((err = nyb_write_proc(child, "uid_map", map)) != 0) {
-		kill(child, SIGKILL);
-		nyb_fail("writing the user ID map of the sandbox: %s", strerror(err));
-	}
-	if ((err = nyb_write_proc(child, "setgroups", "deny")) != 0) {
-		kill(child, SIGKILL);
-		nyb_fail("denying setgroups in the sandbox: %s", strerror(err));
-	}
-	snprintf(map, sizeof map, "%d %d 1\n", s->gid, s->host_gid);
-	if ((err = nyb_write_proc(child, "gid_map", map)) != 0) {
-		kill(child, SIGKILL);
-		nyb_fail("writing the group ID map of the sandbox: %s", strerror(err));
-	}
+	if (s->userns)
+		nyb_write_id_maps(s, child);
 	if (write(go[1], "1", 1) != 1) {
 		kill(child, SIGKILL);
 		nyb_fail("starting the sandbox: %s", strerror(errno));
@@ -414,6 +425,13 @@ static void nyb_setup_sandbox(const struct nyb_spec *s) {
 	if (rmdir("real-root") < 0)
 		nyb_fail("cannot remove real-root directory: %s", strerror(errno));
 	nyb_seccomp(s);
+	if (!s->userns) {
+		// As Nix without a user namespace: the builder is the build user
+		// itself (or, without build users, the daemon's user).
+		if (s->host_uid != 0)
+			nyb_become_build_user(s, 0);
+		return;
+	}
 	// Raw system calls: one thread, and glibc's wrappers would broadcast
 	// to threads that do not exist anyway.
 	if (syscall(NYB_SYS_SETGID, gid) < 0)
@@ -535,12 +553,14 @@ static void nyb_seccomp(const struct nyb_spec *s) {
 			 strerror(errno));
 }
 
-// nyb_become_build_user gives the unsandboxed helper the build user's
-// identity (its primary and supplementary groups first, as Nix), re-arms
-// the parent-death signal that a change of UID clears, and checks that
-// no root ID is left.
-static void nyb_become_build_user(const struct nyb_spec *s) {
-	gid_t groups[NGROUPS_MAX];
+// nyb_become_build_user gives the helper (unsandboxed, or the sandbox's
+// process without a user namespace) the build user's identity (its
+// primary and supplementary groups first, as Nix), re-arms the
+// parent-death signal that a change of UID clears, and checks that no
+// root ID is left; with check_parent, that the daemon is still there.
+static void nyb_become_build_user(const struct nyb_spec *s, int check_parent) {
+	// Static: 2 × 256 KiB would overflow the sandbox process's stack.
+	static gid_t groups[NGROUPS_MAX], got[NGROUPS_MAX];
 	size_t n = 0;
 	for (char **g = s->groups; *g && n < NGROUPS_MAX; g++)
 		groups[n++] = (gid_t)strtoul(*g, NULL, 10);
@@ -549,7 +569,6 @@ static void nyb_become_build_user(const struct nyb_spec *s) {
 		nyb_fail("changing to the build user: %s", strerror(errno));
 	uid_t ruid, euid, suid;
 	gid_t rgid, egid, sgid;
-	gid_t got[NGROUPS_MAX];
 	int ngot = getgroups(NGROUPS_MAX, got);
 	if (getresuid(&ruid, &euid, &suid) < 0 || getresgid(&rgid, &egid, &sgid) < 0 ||
 	    ruid != (uid_t)s->host_uid || euid != ruid || suid != ruid || rgid != (gid_t)s->host_gid || egid != rgid ||
@@ -561,7 +580,7 @@ static void nyb_become_build_user(const struct nyb_spec *s) {
 	if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
 		nyb_fail("clearing ambient capabilities: %s", strerror(errno));
 	prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-	if (getppid() != s->parent)
+	if (check_parent && getppid() != s->parent)
 		_exit(1); // the daemon is gone
 }
 
@@ -570,7 +589,7 @@ static void nyb_exec_builder(const struct nyb_spec *s) {
 	if (!s->sandbox) {
 		nyb_seccomp(s);
 		if (s->drop_ids)
-			nyb_become_build_user(s);
+			nyb_become_build_user(s, 1);
 	}
 	// As the builder's user: the build directory is that user's to
 	// change until now.
@@ -628,22 +647,28 @@ static int nyb_probe_child(void *arg) {
 }
 
 // nyb_probe_sandbox tells whether the namespaces of the sandbox can be
-// made here: exit 0 if so, 3 if the kernel or a container refuses them
-// (EPERM, EINVAL as for Nix; ENOSPC where user namespaces are limited to
-// none), 1 on other errors.
+// made here: exit 0 if so, 4 if all but the user namespace can (as root),
+// 3 if the kernel or a container refuses them (EPERM, EINVAL as for Nix;
+// ENOSPC where user namespaces are limited to none), 1 on other errors.
 static void nyb_probe_sandbox(void) {
 	const size_t stack_size = 64 << 10;
 	char *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
 	if (stack == MAP_FAILED)
 		_exit(1);
 	int flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET | SIGCHLD;
+	int refused = 0;
 	pid_t child = clone(nyb_probe_child, stack + stack_size, flags, NULL);
+	if (child < 0 && (errno == EPERM || errno == EINVAL || errno == ENOSPC)) { // ENOSPC: no user namespaces allowed
+		// As Nix, without the user namespace (root can do without).
+		refused = 1;
+		child = clone(nyb_probe_child, stack + stack_size, flags & ~CLONE_NEWUSER, NULL);
+	}
 	if (child < 0)
-		_exit(errno == EPERM || errno == EINVAL || errno == ENOSPC ? 3 : 1); // ENOSPC: no user namespaces allowed
+		_exit(errno == EPERM || errno == EINVAL || errno == ENOSPC ? 3 : 1);
 	int status;
 	while (waitpid(child, &status, 0) < 0 && errno == EINTR)
 		;
-	_exit(0);
+	_exit(refused ? 4 : 0);
 }
 
 __attribute__((constructor)) static void nixyard_build_helper(int argc, char **argv, char **envp) {
@@ -660,6 +685,7 @@ __attribute__((constructor)) static void nixyard_build_helper(int argc, char **a
 	s.sandbox = nyb_num() != 0;
 	s.root = nyb_next();
 	s.private_net = nyb_num() != 0;
+	s.userns = nyb_num() != 0;
 	s.uid = nyb_num();
 	s.gid = nyb_num();
 	s.host_uid = nyb_num();

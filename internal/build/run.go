@@ -97,7 +97,7 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		r := g.failf(MiscFailure, format, args...)
 		return nil, &r
 	}
-	if j.sandbox && b.namespacesRefused() {
+	if j.sandbox && b.namespaceSupport() == namespacesNone {
 		// As Nix: without the namespaces, build unsandboxed if allowed.
 		if chrootStore || !b.cfg.SandboxFallback {
 			return fail("building '%s': %v", j.drvAbs, errNoNamespaces)

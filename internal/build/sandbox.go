@@ -28,25 +28,42 @@ const initArg0 = "nixyard-build-helper"
 const killUserArg0 = "nixyard-kill-user"
 
 // probeArg0 is argv[0] of the helper's mode that tells whether the
-// sandbox's namespaces can be made (exit status 0; 3 if they are refused).
+// sandbox's namespaces can be made: exit status 0 if they can, 4 if only
+// user namespaces are refused (a daemon running as root can do without
+// them), 3 if they are refused.
 const probeArg0 = "nixyard-probe-sandbox"
 
 // errNoNamespaces says that the sandbox cannot be made here, in later
 // Nix's words (2.8 says only "unable to start build process").
 var errNoNamespaces = errors.New("this system does not support the kernel namespaces that are required for sandboxing; use '--no-sandbox' to disable sandboxing")
 
-// namespacesRefused reports whether the kernel (or the container the
-// daemon runs in) refuses the namespaces the sandbox needs, probed once.
-func (b *Builder) namespacesRefused() bool {
+// namespaceSupport is what the kernel (or the container the daemon runs
+// in) allows the sandbox.
+type namespaceSupport int
+
+const (
+	namespacesAll    namespaceSupport = iota // user namespaces and the rest
+	namespacesNoUser                         // all but user namespaces
+	namespacesNone                           // none
+)
+
+// namespaceSupport probes, once, which namespaces the sandbox can have.
+// As Nix 2.8: where user namespaces are refused, a daemon running as root
+// sandboxes without one, the builder running as the build user itself.
+func (b *Builder) namespaceSupport() namespaceSupport {
 	b.probeOnce.Do(func() {
 		err := (&exec.Cmd{Path: "/proc/self/exe", Args: []string{probeArg0}, Env: []string{}}).Run()
 		var exit *exec.ExitError
-		b.noNamespaces = errors.As(err, &exit) && exit.ExitCode() == 3
-		if b.noNamespaces {
+		switch {
+		case errors.As(err, &exit) && exit.ExitCode() == 3:
+			b.namespaces = namespacesNone
 			b.log.Warn("the kernel refuses the namespaces of the sandbox", "fallback", b.cfg.SandboxFallback)
+		case errors.As(err, &exit) && exit.ExitCode() == 4:
+			b.namespaces = namespacesNoUser
+			b.log.Warn("the kernel refuses user namespaces: sandboxed builders run as their build user without one")
 		}
 	})
-	return b.noNamespaces
+	return b.namespaces
 }
 
 // initSpec tells the helper what to set up; it arrives on fd 3 as encode
@@ -55,6 +72,10 @@ func (b *Builder) namespacesRefused() bool {
 // executed).
 type initSpec struct {
 	Sandbox bool
+	// UserNS: the sandbox has a user namespace, in which UID and GID map
+	// to HostUID and HostGID; without one (namespacesNoUser) the builder
+	// runs as HostUID and HostGID with Groups, like an unsandboxed one.
+	UserNS bool
 	Root    string // sandbox root on the host
 	// Inputs are the names of the input paths, bound read-only from
 	// InputStore (the real store directory) to InputDir (the store
@@ -109,6 +130,7 @@ func (s *initSpec) encode() ([]byte, error) {
 	flag(s.Sandbox)
 	str(s.Root)
 	flag(s.PrivateNetwork)
+	flag(s.UserNS)
 	num(s.UID)
 	num(s.GID)
 	num(s.HostUID)
@@ -143,7 +165,7 @@ func (s *initSpec) encode() ([]byte, error) {
 		str(m.Target)
 		flag(m.ReadOnly)
 	}
-	if bytes.Count(b, []byte{0}) != 20+len(s.Groups)+len(s.Args)+len(s.Env)+len(s.Inputs)+3*len(s.Binds) {
+	if bytes.Count(b, []byte{0}) != 21+len(s.Groups)+len(s.Args)+len(s.Env)+len(s.Inputs)+3*len(s.Binds) {
 		return nil, errors.New("an argument, environment variable or path of the builder contains a NUL byte")
 	}
 	return b, nil
@@ -207,10 +229,20 @@ func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
 	if err := mkdir("/etc", 0o755); err != nil {
 		return err
 	}
+	// The builder's identity: fixed in a user namespace, the build user's
+	// own without one (as Nix's sandboxUid and sandboxGid).
+	spec.UserNS = b.namespaceSupport() != namespacesNoUser
+	spec.UID, spec.GID = sandboxUID, sandboxGID
+	if !spec.UserNS {
+		spec.UID, spec.GID = j.hostUID, j.hostGID
+		if j.user != nil {
+			spec.Groups = j.user.groups
+		}
+	}
 	files := map[string]string{
-		"/etc/group": fmt.Sprintf("root:x:0:\nnixbld:!:%d:\nnogroup:x:65534:\n", sandboxGID),
+		"/etc/group": fmt.Sprintf("root:x:0:\nnixbld:!:%d:\nnogroup:x:65534:\n", spec.GID),
 		"/etc/passwd": fmt.Sprintf("root:x:0:0:Nix build user:%[3]s:/noshell\nnixbld:x:%[1]d:%[2]d:Nix build user:%[3]s:/noshell\nnobody:x:65534:65534:Nobody:/:/noshell\n",
-			sandboxUID, sandboxGID, sandboxBuildDir),
+			spec.UID, spec.GID, sandboxBuildDir),
 	}
 	if !fixed {
 		files["/etc/hosts"] = "127.0.0.1 localhost\n::1 localhost\n"
@@ -341,7 +373,6 @@ func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
 	spec.Root = root
 	spec.Binds = binds
 	spec.PrivateNetwork = !fixed
-	spec.UID, spec.GID = sandboxUID, sandboxGID
 	spec.HostUID, spec.HostGID = j.hostUID, j.hostGID
 	spec.Dir = sandboxBuildDir
 	return nil

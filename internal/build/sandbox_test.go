@@ -379,7 +379,7 @@ func TestBuilderTimerSlack(t *testing.T) {
 // sandbox-fallback allows, as with Nix, and a chroot store cannot.
 func TestSandboxFallback(t *testing.T) {
 	plain := newPlainEnv(t)
-	if b := plain.builder(Config{Sandbox: SandboxOn}); b.namespacesRefused() {
+	if b := plain.builder(Config{Sandbox: SandboxOn}); b.namespaceSupport() != namespacesAll {
 		t.Fatal("the probe says the sandbox's namespaces are refused on this host")
 	}
 	// Where user namespaces are refused (bubblewrap's --disable-userns),
@@ -393,16 +393,21 @@ func TestSandboxFallback(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		cmd := exec.Command(bwrap, "--bind", "/", "/", "--dev", "/dev", "--unshare-user", "--disable-userns",
-			bash, "-c", `exec -a "$0" "$1"`, probeArg0, exe)
-		var exit *exec.ExitError
-		if err := cmd.Run(); !errors.As(err, &exit) || exit.ExitCode() != 3 {
-			t.Errorf("the probe where user namespaces are refused: %v", err)
+		// With root's capabilities there (bubblewrap keeps them for
+		// root), the other namespaces can still be made: exit status 4;
+		// without them, none: 3.
+		for caps, want := range map[string]int{"--cap-add": 4, "--cap-drop": 3} {
+			cmd := exec.Command(bwrap, "--bind", "/", "/", "--dev", "/dev", "--unshare-user", "--disable-userns", caps, "ALL",
+				bash, "-c", `exec -a "$0" "$1"`, probeArg0, exe)
+			var exit *exec.ExitError
+			if err := cmd.Run(); !errors.As(err, &exit) || exit.ExitCode() != want {
+				t.Errorf("the probe where user namespaces are refused, %s ALL: %v, want exit status %d", caps, err, want)
+			}
 		}
 	}
 	refused := func(b *Builder) *Builder {
 		b.probeOnce.Do(func() {})
-		b.noNamespaces = true
+		b.namespaces = namespacesNone
 		return b
 	}
 	drvs := plain.instantiate(`{ a = mk { name = "fallback"; script = "echo $NIX_BUILD_TOP > $out"; }; b = mk { name = "no-fallback"; script = "echo > $out"; }; }`, "a", "b")
@@ -420,5 +425,47 @@ func TestSandboxFallback(t *testing.T) {
 	b = refused(chroot.builder(Config{Sandbox: SandboxOn, SandboxFallback: true}))
 	if r := chroot.build(b, ClientOptions{}, out(cdrvs["a"]))[0]; r.Status.Success() || !strings.Contains(r.ErrorMsg, "does not support the kernel namespaces") {
 		t.Errorf("chroot store: status %d, %q", r.Status, r.ErrorMsg)
+	}
+}
+
+// TestSandboxWithoutUserNamespace: where only user namespaces are refused
+// (set here, as this host allows them), a daemon running as root still
+// sandboxes, as Nix 2.8 does: the builder runs as its build user itself,
+// in its own mount, PID, IPC, UTS and network namespaces.
+func TestSandboxWithoutUserNamespace(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	e := newPlainEnv(t)
+	drvs := e.instantiate(`{ a = mk { name = "no-userns"; script = ''
+    echo $NIX_BUILD_TOP > $out; id -u >> $out; id -g >> $out; hostname >> $out
+    cat /proc/self/uid_map >> $out; ls /proc | grep -c '^[0-9]' >> $out; grep -c nixbld /etc/passwd >> $out
+  ''; }; }`, "a")
+	b := e.builder(Config{Sandbox: SandboxOn, BuildUsersGroup: "nixbld"})
+	b.probeOnce.Do(func() {})
+	b.namespaces = namespacesNoUser
+	res := e.mustBuild(b, out(drvs["a"]))
+	lines := strings.Split(strings.TrimSpace(e.readOut(res[0].BuiltOutputs["out"], "")), "\n")
+	if len(lines) != 7 {
+		t.Fatalf("output: %q", lines)
+	}
+	uid, _ := strconv.Atoi(lines[1])
+	if lines[0] != sandboxBuildDir || uid == 0 || uid == sandboxUID || lines[2] == "0" || lines[3] != "localhost" {
+		t.Errorf("builder: top %s, uid %s, gid %s, host name %s; want the sandbox as a build user", lines[0], lines[1], lines[2], lines[3])
+	}
+	// No user namespace: the initial one's map; a PID namespace of its
+	// own: few processes; its build user in /etc/passwd.
+	if f := strings.Fields(lines[4]); len(f) != 3 || f[0] != "0" || f[1] != "0" || f[2] != "4294967295" {
+		t.Errorf("uid_map %q: the builder is in a user namespace", lines[4])
+	}
+	if n, _ := strconv.Atoi(lines[5]); n > 5 {
+		t.Errorf("%d processes visible: no PID namespace of its own", n)
+	}
+	if lines[6] != "1" {
+		t.Errorf("/etc/passwd has %s nixbld entries", lines[6])
+	}
+	info, err := e.st.QueryPathInfo(t.Context(), res[0].BuiltOutputs["out"])
+	if err != nil || info.Deriver != drvs["a"] {
+		t.Errorf("output not registered: %v", err)
 	}
 }
