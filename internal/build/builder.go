@@ -361,7 +361,7 @@ type Builder struct {
 	goals map[goalKey]*goal
 	seq   uint64
 
-	probeOnce sync.Once // see namespaceSupport
+	probeOnce  sync.Once // see namespaceSupport
 	namespaces namespaceSupport
 }
 

@@ -76,7 +76,7 @@ type initSpec struct {
 	// to HostUID and HostGID; without one (namespacesNoUser) the builder
 	// runs as HostUID and HostGID with Groups, like an unsandboxed one.
 	UserNS bool
-	Root    string // sandbox root on the host
+	Root   string // sandbox root on the host
 	// Inputs are the names of the input paths, bound read-only from
 	// InputStore (the real store directory) to InputDir (the store
 	// directory inside the sandbox): through one read-only bind of
