@@ -747,3 +747,35 @@ func TestBuildKeepGoing(t *testing.T) {
 		t.Errorf("with --keep-going the slow build did not finish")
 	}
 }
+
+// TestBuildCheckDiffHook: when --check finds an output that differs, with
+// run-diff-hook the new output is kept at <path>.check and diff-hook runs
+// with the two paths, the derivation and the build directory; its output
+// reaches the client.
+func TestBuildCheckDiffHook(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	argsFile := filepath.Join(e.dir, "diff-args")
+	hook := writeFile(t, filepath.Join(e.dir, "diff-hook"), "#!/bin/sh\necho \"$@\" > "+argsFile+"\necho diff-hook-says-hello\n", 0o755)
+	b := e.startBuildDaemon(t, "diff-hook = "+hook, "run-diff-hook = true")
+	args := b.expr(t, "diffhook", `{ nondet = mk { name = "diff-nondet"; script = "cat /proc/sys/kernel/random/uuid > $out"; }; }`)
+	out := strings.TrimSpace(b.nixBuild(append(args, "-A", "nondet", "--no-out-link")...).ok(t))
+	stderr := b.nixBuild(append(args, "-A", "nondet", "--no-out-link", "--check")...).fails(t)
+	check := b.realPath(out) + ".check"
+	if !strings.Contains(stderr, "differs from '"+check+"'") || !strings.Contains(stderr, "diff-hook-says-hello") {
+		t.Errorf("stderr:\n%s", stderr)
+	}
+	argsData, err := os.ReadFile(argsFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := strings.Fields(string(argsData))
+	if len(got) != 4 || got[0] != out || got[1] != check || !strings.HasSuffix(got[2], "-diff-nondet.drv") {
+		t.Errorf("diff hook arguments %q, want %s %s DRV DIR", got, out, check)
+	}
+	if a, err1 := os.ReadFile(b.realPath(out)); err1 != nil {
+		t.Fatal(err1)
+	} else if c, err2 := os.ReadFile(check); err2 != nil || string(a) == string(c) {
+		t.Errorf("%s: %v, same contents as the output: %v", check, err2, string(a) == string(c))
+	}
+}

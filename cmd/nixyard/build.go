@@ -28,6 +28,7 @@ func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) 
 		SystemFeatures:  s.List("system-features", build.DefaultSystemFeatures()),
 		PreBuildHook:    s.String("pre-build-hook", ""),
 		PostBuildHook:   s.String("post-build-hook", ""),
+		DiffHook:        s.String("diff-hook", ""),
 		NixConfig:       s.Text(),
 		HashedMirrors:   s.List("hashed-mirrors", nil),
 		NetrcFile:       s.String("netrc-file", filepath.Join(layout.ConfDir, "netrc")),
@@ -78,7 +79,7 @@ func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) 
 		dst  *bool
 		def  bool
 	}{{"keep-failed", &cfg.KeepFailed, false}, {"allow-new-privileges", &cfg.AllowNewPrivileges, false},
-		{"sandbox-fallback", &cfg.SandboxFallback, true}}
+		{"sandbox-fallback", &cfg.SandboxFallback, true}, {"run-diff-hook", &cfg.RunDiffHook, false}}
 	for _, x := range bools {
 		var err error
 		if *x.dst, err = s.Bool(x.name, x.def); err != nil {

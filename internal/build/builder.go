@@ -138,6 +138,13 @@ type Config struct {
 	// may add paths to the sandbox (nix.conf pre-build-hook); "" means
 	// none.
 	PreBuildHook string
+	// DiffHook, with RunDiffHook, is a program run when a check
+	// (--check) finds an output that differs: as the build user, with the
+	// output's path, the kept new output (<path>.check), the derivation
+	// and the build directory as arguments (nix.conf diff-hook and
+	// run-diff-hook).
+	DiffHook    string
+	RunDiffHook bool
 	// PostBuildHook is a program run after every successful build with
 	// the outputs' paths (nix.conf post-build-hook); "" means none.
 	PostBuildHook string
@@ -222,6 +229,9 @@ type Progress interface {
 	PostBuildHookStarted(drv, hook string)
 	PostBuildHookLine(drv, line string)
 	PostBuildHookFinished(drv string)
+	// Error is a message for the caller at error level, outside any
+	// build's log (Nix's printError): the diff hook's output, say.
+	Error(msg string)
 }
 
 // Result is the outcome of one request, with what BuildResult carries.

@@ -247,6 +247,7 @@ type recorder struct {
 	lines     []string
 	phases    []string
 	hookLines []string
+	errors    []string
 	finished  map[string]error
 	maxRun    int
 }
@@ -281,6 +282,11 @@ func (r *recorder) PostBuildHookLine(drv, line string) {
 	r.hookLines = append(r.hookLines, line)
 }
 func (r *recorder) PostBuildHookFinished(drv string) {}
+func (r *recorder) Error(msg string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.errors = append(r.errors, msg)
+}
 func (r *recorder) BuildsProgress(done, expected, running, failed int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()

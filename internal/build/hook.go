@@ -162,3 +162,36 @@ func hookCommand(ctx context.Context, hook string, args ...string) *exec.Cmd {
 	cmd.WaitDelay = 2 * time.Second
 	return cmd
 }
+
+// diffHook runs nix.conf's diff-hook (with run-diff-hook) after a check
+// found that output path differs, the new one kept at check, as Nix does:
+// looked up in PATH, as the build user, in "/", with the output, the kept
+// copy, the derivation and the build directory as arguments. Its output
+// and its failure are shown to the callers; neither changes the result.
+func (j *job) diffHook(ctx context.Context, path, check string) {
+	b := j.g.b
+	if b.cfg.DiffHook == "" || !b.cfg.RunDiffHook {
+		return
+	}
+	report := func(msg string) {
+		j.g.each(func(c *call) { c.emit(func(p Progress) { p.Error(msg) }) })
+	}
+	prog, err := exec.LookPath(b.cfg.DiffHook)
+	if err != nil {
+		report(fmt.Sprintf("diff hook execution failed: %v", err))
+		return
+	}
+	cmd := hookCommand(ctx, prog, path, check, j.drvAbs, j.tmpDir)
+	cmd.Dir = "/"
+	cmd.SysProcAttr.Credential = &syscall.Credential{Uid: uint32(j.hostUID), Gid: uint32(j.hostGID), Groups: []uint32{}}
+	var out limitedBuffer
+	out.max = 1 << 20
+	cmd.Stdout, cmd.Stderr = &out, os.Stderr
+	if err := runHook(cmd, "diff-hook"); err != nil {
+		report(fmt.Sprintf("diff hook execution failed: %v", strings.Replace(err.Error(), "program '", "diff-hook program '", 1)))
+		return
+	}
+	if msg := strings.TrimRight(string(out.b), "\n"); msg != "" {
+		report(msg)
+	}
+}

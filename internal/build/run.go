@@ -8,9 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -686,10 +688,37 @@ func (j *job) check(ctx context.Context, name string, p storepath.Path, loc stri
 	if err := nar.DumpPath(h, loc); err != nil {
 		return j.failf(MiscFailure, 1, "output '%s' of '%s': %v", name, j.drvAbs, err)
 	}
-	if !hash.FromHasher(hash.SHA256, h).Equal(info.NarHash) {
+	if hash.FromHasher(hash.SHA256, h).Equal(info.NarHash) {
+		return nil
+	}
+	if !j.g.owner.opts.KeepFailed && !b.cfg.KeepFailed && !b.cfg.RunDiffHook {
 		return j.failf(NotDeterministic, 1, "derivation '%s' may not be deterministic: output '%s' differs", j.drvAbs, b.st.RealPath(p))
 	}
-	return nil
+	// As Nix: the new output is kept beside the valid one, for the diff
+	// hook and for whoever looks.
+	dst := b.st.RealPath(p) + ".check"
+	if err := removeTree(dst); err != nil {
+		return j.failf(MiscFailure, 1, "output '%s' of '%s': %v", name, j.drvAbs, err)
+	}
+	if err := lchownTree(loc, os.Geteuid(), os.Getegid()); err != nil {
+		return j.failf(MiscFailure, 1, "output '%s' of '%s': %v", name, j.drvAbs, err)
+	}
+	if err := os.Rename(loc, dst); err != nil {
+		return j.failf(MiscFailure, 1, "keeping output '%s' of '%s': %v", name, j.drvAbs, err)
+	}
+	j.diffHook(ctx, b.abs(p), dst)
+	return j.failf(NotDeterministic, 1, "derivation '%s' may not be deterministic: output '%s' differs from '%s'", j.drvAbs, b.st.RealPath(p), dst)
+}
+
+// lchownTree gives every inode under path, not following symlinks, to
+// uid:gid.
+func lchownTree(path string, uid, gid int) error {
+	return filepath.WalkDir(path, func(p string, _ fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		return os.Lchown(p, uid, gid)
+	})
 }
 
 // fixedOutputHash hashes a fixed output as its derivation says (flat: the

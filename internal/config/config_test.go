@@ -114,11 +114,11 @@ func TestAliases(t *testing.T) {
 
 func TestUnimplemented(t *testing.T) {
 	var s Settings
-	s.Set("builders", "")           // a no-op
 	s.Set("max-jobs", "4")          // implemented
-	s.Set("diff-hook", "/bin/hook") // ignored
+	s.Set("diff-hook", "/bin/hook") // implemented
+	s.Set("builders", "ssh://a")    // ignored
 	s.Set("build-repeat", "2")      // an alias of an ignored one
-	if got := strings.Join(Unimplemented(&s), " "); got != "diff-hook repeat" {
+	if got := strings.Join(Unimplemented(&s), " "); got != "builders repeat" {
 		t.Errorf("Unimplemented: %q", got)
 	}
 }

@@ -168,6 +168,15 @@ func (p *buildProgress) PostBuildHookFinished(drv string) {
 	}
 }
 
+// Error implements build.Progress: msg goes to the client at error level.
+func (p *buildProgress) Error(msg string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.closed {
+		p.tun.Log(lvlError, msg)
+	}
+}
+
 // logFailures logs the failed builds other than those in top, as Nix
 // logs the error of a goal that others waited for (Goal::amDone) while
 // the error of a requested goal becomes the op's error.
