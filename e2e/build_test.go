@@ -779,3 +779,23 @@ func TestBuildCheckDiffHook(t *testing.T) {
 		t.Errorf("%s: %v, same contents as the output: %v", check, err2, string(a) == string(c))
 	}
 }
+
+// TestBuildSandboxSettings: sandbox-build-dir moves the build directory
+// inside the sandbox, sandbox-dev-shm-size sizes its /dev/shm.
+func TestBuildSandboxSettings(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t, "sandbox-build-dir = /build-elsewhere", "sandbox-dev-shm-size = 3m")
+	args := b.expr(t, "sandboxsettings", `{ s = mk { name = "sandbox-settings"; script = "echo $NIX_BUILD_TOP $PWD $TMPDIR > $out; df -k /dev/shm | tail -n 1 >> $out"; }; }`)
+	out := strings.TrimSpace(b.nixBuild(append(args, "-A", "s", "--no-out-link")...).ok(t))
+	data, err := os.ReadFile(b.realPath(out))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(data)), "\n")
+	if len(lines) != 2 || lines[0] != "/build-elsewhere /build-elsewhere /build-elsewhere" {
+		t.Fatalf("output %q", data)
+	}
+	if f := strings.Fields(lines[1]); len(f) < 2 || f[1] != "3072" {
+		t.Errorf("/dev/shm: %q, want 3072 KiB", lines[1])
+	}
+}

@@ -29,6 +29,8 @@ func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) 
 		PreBuildHook:    s.String("pre-build-hook", ""),
 		PostBuildHook:   s.String("post-build-hook", ""),
 		DiffHook:        s.String("diff-hook", ""),
+		SandboxBuildDir: s.String("sandbox-build-dir", "/build"),
+		SandboxShmSize:  s.String("sandbox-dev-shm-size", "50%"),
 		NixConfig:       s.Text(),
 		HashedMirrors:   s.List("hashed-mirrors", nil),
 		NetrcFile:       s.String("netrc-file", filepath.Join(layout.ConfDir, "netrc")),

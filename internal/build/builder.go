@@ -85,6 +85,10 @@ type Config struct {
 	Cores int
 	// Sandbox is "true", "false" or "relaxed" (nix.conf sandbox).
 	Sandbox string
+	// SandboxBuildDir is the build directory inside the sandbox
+	// (sandbox-build-dir, default /build); SandboxShmSize the size of the
+	// sandbox's /dev/shm (sandbox-dev-shm-size, default 50%).
+	SandboxBuildDir, SandboxShmSize string
 	// SandboxPaths are extra paths visible in the sandbox, each "path",
 	// "target=source", and either with a "?" suffix when optional.
 	SandboxPaths []string
@@ -390,6 +394,18 @@ func New(cfg Config, st *store.Store) (*Builder, error) {
 		cfg.System = DefaultSystem()
 	}
 	cfg.SystemFeatures = slices.Compact(slices.Sorted(slices.Values(cfg.SystemFeatures)))
+	if cfg.SandboxBuildDir == "" {
+		cfg.SandboxBuildDir = sandboxBuildDir
+	}
+	if d := cfg.SandboxBuildDir; !filepath.IsAbs(d) || filepath.Clean(d) != d || d == "/" {
+		return nil, fmt.Errorf("build: sandbox-build-dir: %q is not a clean absolute path below /", d)
+	}
+	if cfg.SandboxShmSize == "" {
+		cfg.SandboxShmSize = "50%"
+	}
+	if strings.ContainsAny(cfg.SandboxShmSize, ", \t\n") {
+		return nil, fmt.Errorf("build: sandbox-dev-shm-size: %q is not a size", cfg.SandboxShmSize)
+	}
 	switch cfg.Sandbox {
 	case "":
 		cfg.Sandbox = SandboxOn

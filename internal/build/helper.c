@@ -177,6 +177,7 @@ static int nyb_write_proc(pid_t pid, const char *name, const char *data) {
 struct nyb_spec {
 	int sandbox, private_net;
 	int userns;    // sandboxed: in a user namespace (else as host_uid/host_gid)
+	char *shm_size; // the size option of /dev/shm
 	int filter_syscalls, no_new_privs;
 	int drop_ids;  // unsandboxed: become host_uid/host_gid before the builder
 	char **groups; // with drop_ids: the build user's supplementary groups
@@ -401,8 +402,12 @@ static void nyb_setup_sandbox(const struct nyb_spec *s) {
 		nyb_fail("mounting /proc: %s", strerror(errno));
 	struct stat st;
 	snprintf(p, sizeof p, "%s/dev/shm", root);
-	if (stat(p, &st) == 0 && mount("none", p, "tmpfs", 0, "size=50%") < 0)
-		nyb_fail("mounting /dev/shm: %s", strerror(errno));
+	if (stat(p, &st) == 0) {
+		char opts[128];
+		snprintf(opts, sizeof opts, "size=%s", s->shm_size);
+		if (mount("none", p, "tmpfs", 0, opts) < 0)
+			nyb_fail("mounting /dev/shm: %s", strerror(errno));
+	}
 	snprintf(p, sizeof p, "%s/dev/pts", root);
 	if (stat(p, &st) == 0) {
 		if (mount("none", p, "devpts", 0, "newinstance,mode=0620") == 0) {
@@ -686,6 +691,7 @@ __attribute__((constructor)) static void nixyard_build_helper(int argc, char **a
 	s.root = nyb_next();
 	s.private_net = nyb_num() != 0;
 	s.userns = nyb_num() != 0;
+	s.shm_size = nyb_next();
 	s.uid = nyb_num();
 	s.gid = nyb_num();
 	s.host_uid = nyb_num();

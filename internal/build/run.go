@@ -36,7 +36,7 @@ import (
 const (
 	sandboxUID      = 1000
 	sandboxGID      = 100
-	sandboxBuildDir = "/build"
+	sandboxBuildDir = "/build" // the default of Config.SandboxBuildDir
 	homeDir         = "/homeless-shelter"
 )
 
@@ -311,7 +311,7 @@ func (j *job) environment(ctx context.Context) ([]string, error) {
 	b := g.b
 	top := j.tmpDir
 	if j.sandbox {
-		top = sandboxBuildDir
+		top = b.cfg.SandboxBuildDir
 	}
 	env := map[string]string{
 		"PATH":            "/path-not-set",

@@ -76,7 +76,9 @@ type initSpec struct {
 	// to HostUID and HostGID; without one (namespacesNoUser) the builder
 	// runs as HostUID and HostGID with Groups, like an unsandboxed one.
 	UserNS bool
-	Root   string // sandbox root on the host
+	// ShmSize is the size option of the sandbox's /dev/shm tmpfs.
+	ShmSize string
+	Root    string // sandbox root on the host
 	// Inputs are the names of the input paths, bound read-only from
 	// InputStore (the real store directory) to InputDir (the store
 	// directory inside the sandbox): through one read-only bind of
@@ -131,6 +133,7 @@ func (s *initSpec) encode() ([]byte, error) {
 	str(s.Root)
 	flag(s.PrivateNetwork)
 	flag(s.UserNS)
+	str(s.ShmSize)
 	num(s.UID)
 	num(s.GID)
 	num(s.HostUID)
@@ -165,7 +168,7 @@ func (s *initSpec) encode() ([]byte, error) {
 		str(m.Target)
 		flag(m.ReadOnly)
 	}
-	if bytes.Count(b, []byte{0}) != 21+len(s.Groups)+len(s.Args)+len(s.Env)+len(s.Inputs)+3*len(s.Binds) {
+	if bytes.Count(b, []byte{0}) != 22+len(s.Groups)+len(s.Args)+len(s.Env)+len(s.Inputs)+3*len(s.Binds) {
 		return nil, errors.New("an argument, environment variable or path of the builder contains a NUL byte")
 	}
 	return b, nil
@@ -242,7 +245,7 @@ func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
 	files := map[string]string{
 		"/etc/group": fmt.Sprintf("root:x:0:\nnixbld:!:%d:\nnogroup:x:65534:\n", spec.GID),
 		"/etc/passwd": fmt.Sprintf("root:x:0:0:Nix build user:%[3]s:/noshell\nnixbld:x:%[1]d:%[2]d:Nix build user:%[3]s:/noshell\nnobody:x:65534:65534:Nobody:/:/noshell\n",
-			spec.UID, spec.GID, sandboxBuildDir),
+			spec.UID, spec.GID, b.cfg.SandboxBuildDir),
 	}
 	if !fixed {
 		files["/etc/hosts"] = "127.0.0.1 localhost\n::1 localhost\n"
@@ -314,7 +317,7 @@ func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
 		}
 		spec.InputStore, spec.InputDir = realStore, storeDir
 	}
-	if err := addBind(j.tmpDir, sandboxBuildDir, false, false); err != nil {
+	if err := addBind(j.tmpDir, b.cfg.SandboxBuildDir, false, false); err != nil {
 		return err
 	}
 	devInPaths := false
@@ -374,6 +377,7 @@ func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
 	spec.Binds = binds
 	spec.PrivateNetwork = !fixed
 	spec.HostUID, spec.HostGID = j.hostUID, j.hostGID
-	spec.Dir = sandboxBuildDir
+	spec.Dir = b.cfg.SandboxBuildDir
+	spec.ShmSize = b.cfg.SandboxShmSize
 	return nil
 }

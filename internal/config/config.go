@@ -229,8 +229,6 @@ var unimplemented = map[string][]string{
 	"builders-use-substitutes": {"false"},
 	"repeat":                   {"0"},
 	"enforce-determinism":      {"true"},
-	"sandbox-dev-shm-size":     {"50%"},
-	"sandbox-build-dir":        {"/build"},
 	"allowed-impure-host-deps": {""},
 	"impersonate-linux-26":     {"false"},
 }
