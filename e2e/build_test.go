@@ -14,6 +14,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -727,7 +728,7 @@ func TestBuildKeepGoing(t *testing.T) {
 	b := startBuildDaemon(t, "max-jobs = 2")
 	args := b.expr(t, "keepgoing", `rec {
   fail = mk { name = "kg-fail"; script = "exit 1"; };
-  slow = mk { name = "kg-slow"; script = "i=0; while [ ! -e /marks/go ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; echo > $out"; };
+  slow = mk { name = "kg-slow"; script = ": kg-slow-${nonce}; i=0; while [ ! -e /marks/go ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; echo > $out"; };
   top = mk { name = "kg-top"; inherit fail slow; script = "echo > $out"; };
 }`)
 	drv := strings.TrimSpace(b.client("nix-instantiate", append(args, "-A", "slow")...).ok(t))
@@ -736,6 +737,11 @@ func TestBuildKeepGoing(t *testing.T) {
 		stderr := b.nixBuild(append(append(args, attrs...), "--no-out-link", "--max-jobs", "2")...).fails(t)
 		if !strings.Contains(stderr, "builder for '") {
 			t.Errorf("%v: stderr:\n%s", attrs, stderr)
+		}
+		// Stopped, not left running: once its builder is gone, its
+		// output is not valid (left running, it would be after a minute).
+		for builderRunning(t, "kg-slow-"+b.nonce) {
+			time.Sleep(20 * time.Millisecond)
 		}
 		if b.isValid(t, slow) {
 			t.Fatalf("%v: the slow build was not stopped when the other failed", attrs)
@@ -746,6 +752,21 @@ func TestBuildKeepGoing(t *testing.T) {
 	if !b.isValid(t, slow) {
 		t.Errorf("with --keep-going the slow build did not finish")
 	}
+}
+
+// builderRunning reports whether a process has token in its command line.
+func builderRunning(t *testing.T, token string) bool {
+	t.Helper()
+	procs, err := filepath.Glob("/proc/[0-9]*/cmdline")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range procs {
+		if data, err := os.ReadFile(p); err == nil && strings.Contains(string(data), token) {
+			return true
+		}
+	}
+	return false
 }
 
 // TestBuildCheckDiffHook: when --check finds an output that differs, with

@@ -282,8 +282,26 @@ func TestKeepGoing(t *testing.T) {
 	if res[0].Status != DependencyFailed || !strings.Contains(res[0].ErrorMsg, "1 dependencies of derivation") {
 		t.Errorf("without keep-going, top: %+v", res[0])
 	}
+	// The slow build was stopped, not left running: open the gate, let
+	// every goal end, and its output is still not valid.
 	if err := os.WriteFile(filepath.Join(gate, "go"), nil, 0o644); err != nil {
 		t.Fatal(err)
+	}
+	for {
+		b.mu.Lock()
+		n := len(b.goals)
+		b.mu.Unlock()
+		if n == 0 {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	outs, err := e.st.QueryDerivationOutputMap(t.Context(), drvs["slow"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := e.st.IsValidPath(t.Context(), outs["out"]); err != nil || ok {
+		t.Errorf("the stopped slow build went on and registered its output (%v)", err)
 	}
 	res = e.build(b, ClientOptions{KeepGoing: true}, out(drvs["fail"]), out(drvs["slow"]))
 	if res[0].Status.Success() || !res[1].Status.Success() {

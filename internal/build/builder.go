@@ -375,6 +375,9 @@ type Builder struct {
 	goals map[goalKey]*goal
 	seq   uint64
 
+	chrootMu sync.Mutex
+	chroots  map[string]chan struct{} // sandbox roots in use, closed when free
+
 	probeOnce  sync.Once // see namespaceSupport
 	namespaces namespaceSupport
 }
@@ -491,6 +494,7 @@ func (b *Builder) Build(ctx context.Context, reqs []store.DerivedPath, client Cl
 		go func() {
 			defer wg.Done()
 			results[i] = c.realise(reqCtx, r, 0)
+			results[i].Path = r
 			if !results[i].Status.Success() && !client.KeepGoing {
 				stop(errStopped)
 			}
@@ -517,3 +521,34 @@ var errNotSupported = errors.New("not supported")
 // errStopped ends the builds a caller no longer needs because another of
 // its builds failed and it did not ask to keep going.
 var errStopped = errors.New("stopped because another build failed (use --keep-going to build what can be built)")
+
+// lockChroot makes the sandbox root dir this job's until the returned
+// unlock: the root is named after the derivation, and two jobs of one
+// derivation (a check and a build, a goal and the one it is being
+// replaced by) must not lay out or remove each other's.
+func (b *Builder) lockChroot(ctx context.Context, dir string) (unlock func(), err error) {
+	for {
+		b.chrootMu.Lock()
+		busy, ok := b.chroots[dir]
+		if !ok {
+			free := make(chan struct{})
+			if b.chroots == nil {
+				b.chroots = map[string]chan struct{}{}
+			}
+			b.chroots[dir] = free
+			b.chrootMu.Unlock()
+			return func() {
+				b.chrootMu.Lock()
+				delete(b.chroots, dir)
+				b.chrootMu.Unlock()
+				close(free)
+			}, nil
+		}
+		b.chrootMu.Unlock()
+		select {
+		case <-busy:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}

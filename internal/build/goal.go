@@ -75,7 +75,9 @@ func stoppedResult(ctx context.Context) Result {
 func (c *call) realise(ctx context.Context, req store.DerivedPath, depth int) Result {
 	b := c.b
 	if ctx.Err() != nil {
-		return stoppedResult(ctx)
+		r := stoppedResult(ctx)
+		r.Path = req
+		return r
 	}
 	if !req.Built {
 		return c.realiseOpaque(ctx, req)
@@ -294,6 +296,19 @@ func (g *goal) leave(c *call) {
 	}
 }
 
+// keepGoing reports whether a caller waiting for g asked to keep going:
+// then g waits for all its inputs even when one fails.
+func (g *goal) keepGoing() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for c := range g.subs {
+		if c.opts.KeepGoing {
+			return true
+		}
+	}
+	return false
+}
+
 // each calls f for every waiting caller.
 func (g *goal) each(f func(c *call)) {
 	g.mu.Lock()
@@ -332,10 +347,9 @@ func (g *goal) setRunning(on bool) {
 func (g *goal) run(ctx context.Context) {
 	b := g.b
 	if g.after != nil {
-		select {
-		case <-g.after.done:
-		case <-ctx.Done():
-		}
+		// Even when this goal is stopped too: a goal after it must not
+		// start before the old one is gone.
+		<-g.after.done
 		g.after = nil
 	}
 	res := g.realise(ctx)
@@ -423,7 +437,7 @@ func (g *goal) realise(ctx context.Context) Result {
 			return // dropped after another input failed: not a failure of its own
 		}
 		nFailed++
-		if !g.owner.opts.KeepGoing {
+		if !g.keepGoing() {
 			stopInputs(errStopped)
 		}
 	}
@@ -515,17 +529,23 @@ func (g *goal) realise(ctx context.Context) Result {
 	}
 	defer locks.Unlock()
 	missing := map[string]storepath.Path{}
+	nValid := 0
 	for n, p := range outPaths {
 		ok, err := b.st.IsValidPathFresh(ctx, p) // under the outputs' locks
 		if err != nil {
 			return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
 		}
-		if !ok && g.check {
-			return g.failf(MiscFailure, "some outputs of '%s' are not valid, so checking is not possible", drvAbs)
+		if ok {
+			nValid++
 		}
+		// A check builds every output and compares those that are valid
+		// (the wanted ones are: the realiser saw to it).
 		if !ok || g.check {
 			missing[n] = p
 		}
+	}
+	if g.check && nValid == 0 {
+		return g.failf(MiscFailure, "some outputs of '%s' are not valid, so checking is not possible", drvAbs)
 	}
 	if len(missing) == 0 {
 		return Result{Status: AlreadyValid}

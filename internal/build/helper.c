@@ -432,9 +432,10 @@ static void nyb_setup_sandbox(const struct nyb_spec *s) {
 	nyb_seccomp(s);
 	if (!s->userns) {
 		// As Nix without a user namespace: the builder is the build user
-		// itself (or, without build users, the daemon's user).
-		if (s->host_uid != 0)
-			nyb_become_build_user(s, 0);
+		// itself, never root (the daemon refuses such builds already).
+		if (s->host_uid == 0 || s->host_gid == 0)
+			nyb_fail("cannot perform a sandboxed build because user namespaces are not enabled; check /proc/sys/user/max_user_namespaces");
+		nyb_become_build_user(s, 0);
 		return;
 	}
 	// Raw system calls: one thread, and glibc's wrappers would broadcast
@@ -582,6 +583,13 @@ static void nyb_become_build_user(const struct nyb_spec *s, int check_parent) {
 	for (int i = 0; i < ngot; i++)
 		if (got[i] != groups[i])
 			nyb_fail("changing to the build user: the supplementary groups did not change");
+	// No capability may survive the change (securebits the daemon
+	// inherited could keep them).
+	struct __user_cap_header_struct hdr = {.version = _LINUX_CAPABILITY_VERSION_3, .pid = 0};
+	struct __user_cap_data_struct caps[2];
+	if (syscall(SYS_capget, &hdr, caps) < 0 || caps[0].effective || caps[1].effective || caps[0].permitted ||
+	    caps[1].permitted)
+		nyb_fail("changing to the build user: capabilities are left");
 	if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
 		nyb_fail("clearing ambient capabilities: %s", strerror(errno));
 	prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);

@@ -64,6 +64,8 @@ type job struct {
 	// rewrite replaces the outputs' placeholders with their paths in all
 	// the builder gets.
 	rewrite *strings.Replacer
+	// unlockChroot gives the sandbox root's name back (lockChroot).
+	unlockChroot func()
 }
 
 // prepare makes a job for the goal's builder: the build user, the build
@@ -105,6 +107,11 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 			return fail("building '%s': %v", j.drvAbs, errNoNamespaces)
 		}
 		j.sandbox = false
+	}
+	if j.sandbox && b.namespaceSupport() == namespacesNoUser && b.users == nil {
+		// As Nix: without a user namespace the builder must be a build
+		// user; as the daemon's root it would be root on the host.
+		return fail("cannot perform a sandboxed build because user namespaces are not enabled; check /proc/sys/user/max_user_namespaces")
 	}
 	if !j.sandbox && g.check {
 		return fail("checking '%s' without the sandbox is %v by nixyard", j.drvAbs, errNotSupported)
@@ -191,6 +198,10 @@ func (j *job) cleanup() {
 	}
 	if j.chroot != "" {
 		removeTree(j.chroot)
+	}
+	if j.unlockChroot != nil {
+		j.unlockChroot()
+		j.unlockChroot = nil
 	}
 	if j.user != nil {
 		j.user.release()

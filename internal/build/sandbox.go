@@ -204,7 +204,12 @@ func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
 	b := g.b
 	kind, _ := g.drv.Kind()
 	fixed := kind == derivation.FixedOutput
-	j.chroot = b.st.RealPath(g.drvPath) + ".chroot"
+	chroot := b.st.RealPath(g.drvPath) + ".chroot"
+	unlock, err := b.lockChroot(ctx, chroot)
+	if err != nil {
+		return err
+	}
+	j.unlockChroot, j.chroot = unlock, chroot
 	if err := removeTree(j.chroot); err != nil {
 		return err
 	}

@@ -440,13 +440,14 @@ func TestSandboxWithoutUserNamespace(t *testing.T) {
 	drvs := e.instantiate(`{ a = mk { name = "no-userns"; script = ''
     echo $NIX_BUILD_TOP > $out; id -u >> $out; id -g >> $out; hostname >> $out
     cat /proc/self/uid_map >> $out; ls /proc | grep -c '^[0-9]' >> $out; grep -c nixbld /etc/passwd >> $out
-  ''; }; }`, "a")
+    grep -E '^(CapPrm|CapEff|NoNewPrivs|Seccomp):' /proc/self/status | tr -s '\t ' ' ' | tr '\n' ' ' >> $out
+  ''; }; b = mk { name = "no-userns-no-users"; script = "echo > $out"; }; }`, "a", "b")
 	b := e.builder(Config{Sandbox: SandboxOn, BuildUsersGroup: "nixbld"})
 	b.probeOnce.Do(func() {})
 	b.namespaces = namespacesNoUser
 	res := e.mustBuild(b, out(drvs["a"]))
 	lines := strings.Split(strings.TrimSpace(e.readOut(res[0].BuiltOutputs["out"], "")), "\n")
-	if len(lines) != 7 {
+	if len(lines) != 8 {
 		t.Fatalf("output: %q", lines)
 	}
 	uid, _ := strconv.Atoi(lines[1])
@@ -463,6 +464,18 @@ func TestSandboxWithoutUserNamespace(t *testing.T) {
 	}
 	if lines[6] != "1" {
 		t.Errorf("/etc/passwd has %s nixbld entries", lines[6])
+	}
+	// No capability left; no_new_privs and the syscall filter on.
+	if want := "CapPrm: 0000000000000000 CapEff: 0000000000000000 NoNewPrivs: 1 Seccomp: 2"; strings.TrimSpace(lines[7]) != want {
+		t.Errorf("builder's status %q, want %q", lines[7], want)
+	}
+	// Without build users the builder would be root on the host: refused,
+	// as Nix refuses it.
+	nb := e.builder(Config{Sandbox: SandboxOn})
+	nb.probeOnce.Do(func() {})
+	nb.namespaces = namespacesNoUser
+	if r := e.build(nb, ClientOptions{}, out(drvs["b"]))[0]; r.Status.Success() || !strings.Contains(r.ErrorMsg, "cannot perform a sandboxed build because user namespaces are not enabled") {
+		t.Errorf("no build users: status %d %q", r.Status, r.ErrorMsg)
 	}
 	info, err := e.st.QueryPathInfo(t.Context(), res[0].BuiltOutputs["out"])
 	if err != nil || info.Deriver != drvs["a"] {

@@ -106,10 +106,19 @@ func (r *Realiser) Check(ctx context.Context, targets []store.DerivedPath, prog 
 			results[i] = Result{Target: t, Status: MiscFailure, ErrorMsg: fmt.Sprintf("path '%s' is not valid", st.Dir().Abs(t.Path))}
 			continue
 		}
-		// Outputs that are not valid are substituted first, as Nix does;
-		// the builder refuses to check what is still missing.
-		if _, _, err := r.realiseOne(ctx, t, prog); err != nil {
+		// Wanted outputs that are not valid are substituted first, as
+		// Nix does; what is still missing cannot be checked.
+		res, needBuild, err := r.realiseOne(ctx, t, prog)
+		switch {
+		case err != nil:
 			return nil, err
+		case needBuild:
+			results[i] = Result{Target: t, Status: MiscFailure,
+				ErrorMsg: fmt.Sprintf("some outputs of '%s' are not valid, so checking is not possible", st.Dir().Abs(t.Path))}
+			continue
+		case !res.Status.Success():
+			results[i] = res // a substitution that failed
+			continue
 		}
 		build, buildIdx = append(build, t), append(buildIdx, i)
 	}
