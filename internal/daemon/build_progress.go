@@ -36,18 +36,41 @@ const (
 //	STOP of the Build activity when the build ends
 //	STOP CopyPaths, Builds, Realise (close)
 //
-// It is safe for concurrent use, as build.Progress requires.
+// It is safe for concurrent use, as build.Progress requires, and never
+// blocks: builds shared by several clients call it with their locks held,
+// so a client that stops reading its socket must not hold up anyone's
+// build. Events are queued and written by a goroutine of their own; a
+// client that falls more than maxQueuedLines lines of output behind loses
+// the lines beyond (counted, and said at the end), never the activities.
 type buildProgress struct {
 	tun *tunnel
 
-	mu                           sync.Mutex
-	realise, builds, copyPaths   uint64
-	acts                         map[string]uint64 // running builds: drv -> activity
-	hooks                        map[string]uint64 // running post-build hooks: drv -> activity
-	failures                     []buildFailure
-	done, expected, run, nFailed int
-	closed                       bool
+	// The writer's: only run and the functions it calls touch these.
+	realise, builds, copyPaths uint64
+	acts                       map[string]uint64 // running builds: drv -> activity
+	hooks                      map[string]uint64 // running post-build hooks: drv -> activity
+	failures                   []buildFailure
+	sent                       [4]int // the counters last sent
+
+	mu      sync.Mutex
+	cond    *sync.Cond
+	q       []progressEvent
+	lines   int     // droppable events in q
+	dropped int     // droppable events not queued
+	counts  *[4]int // counters to send, nil when sent
+	closed  bool
+	exit    chan struct{}
 }
+
+// progressEvent is one queued write; droppable ones (lines of output) may
+// be left out for a client that does not keep up.
+type progressEvent struct {
+	write     func()
+	droppable bool
+}
+
+// maxQueuedLines bounds the lines of output waiting for one client.
+const maxQueuedLines = 10000
 
 // buildFailure is a build that failed while the client waited for it.
 type buildFailure struct {
@@ -55,157 +78,211 @@ type buildFailure struct {
 	err error
 }
 
-// newBuildProgress starts the Worker's three activities.
+// newBuildProgress starts the Worker's three activities and the writer.
 func newBuildProgress(tun *tunnel) *buildProgress {
-	p := &buildProgress{tun: tun, acts: map[string]uint64{}, hooks: map[string]uint64{}}
+	p := &buildProgress{tun: tun, acts: map[string]uint64{}, hooks: map[string]uint64{}, exit: make(chan struct{})}
+	p.cond = sync.NewCond(&p.mu)
 	p.realise = tun.StartActivity(lvlError, actRealise, "", nil, 0)
 	p.builds = tun.StartActivity(lvlError, actBuilds, "", nil, 0)
 	p.copyPaths = tun.StartActivity(lvlError, actCopyPaths, "", nil, 0)
+	go p.run()
 	return p
 }
 
-// updateLocked sends the counters, as Nix's Worker::updateProgress.
-func (p *buildProgress) updateLocked() {
-	p.tun.Result(p.builds, resProgress, []field{p.done, p.expected, p.run, p.nFailed})
+// post queues write, unless the progress is closed or, for a droppable
+// event, the client is too far behind.
+func (p *buildProgress) post(droppable bool, write func()) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return
+	}
+	if droppable {
+		if p.lines >= maxQueuedLines {
+			p.dropped++
+			return
+		}
+		p.lines++
+	}
+	p.q = append(p.q, progressEvent{write: write, droppable: droppable})
+	p.cond.Signal()
+}
+
+// run writes the queued events, each burst in one flush, until close.
+func (p *buildProgress) run() {
+	defer close(p.exit)
+	for {
+		p.mu.Lock()
+		for len(p.q) == 0 && !p.closed {
+			p.cond.Wait()
+		}
+		batch, closed := p.q, p.closed
+		p.q, p.lines = nil, 0
+		p.mu.Unlock()
+		end := p.tun.batch()
+		for _, e := range batch {
+			e.write()
+		}
+		end()
+		if closed && len(batch) == 0 {
+			return
+		}
+	}
+}
+
+// BuildsProgress implements build.Progress; only the latest counters are
+// sent, as often as the client takes them.
+func (p *buildProgress) BuildsProgress(done, expected, running, failed int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return
+	}
+	pending := p.counts != nil
+	p.counts = &[4]int{done, expected, running, failed}
+	if !pending {
+		p.q = append(p.q, progressEvent{write: p.sendCounts})
+		p.cond.Signal()
+	}
+}
+
+// sendCounts sends the counters, as Nix's Worker::updateProgress.
+func (p *buildProgress) sendCounts() {
+	p.mu.Lock()
+	c := p.counts
+	p.counts = nil
+	p.mu.Unlock()
+	if c == nil || *c == p.sent {
+		return
+	}
+	p.sent = *c
+	p.tun.Result(p.builds, resProgress, []field{c[0], c[1], c[2], c[3]})
 	p.tun.Result(p.copyPaths, resProgress, []field{0, 0, 0, 0})
 	p.tun.Result(p.realise, resSetExpected, []field{actDownload, 0})
 	p.tun.Result(p.realise, resSetExpected, []field{actCopyPath, 0})
 }
 
-// BuildsProgress implements build.Progress.
-func (p *buildProgress) BuildsProgress(done, expected, running, failed int) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.closed || done == p.done && expected == p.expected && running == p.run && failed == p.nFailed {
-		return
-	}
-	p.done, p.expected, p.run, p.nFailed = done, expected, running, failed
-	p.updateLocked()
-}
-
 // BuildStarted implements build.Progress.
 func (p *buildProgress) BuildStarted(drv string, check bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.closed {
-		return
-	}
-	if id, ok := p.acts[drv]; ok { // a second round (--check): a new activity
-		p.tun.StopActivity(id)
-	}
-	text := fmt.Sprintf("building '%s'", drv)
-	if check {
-		text = fmt.Sprintf("checking outputs of '%s'", drv)
-	}
-	p.acts[drv] = p.tun.StartActivity(lvlInfo, actBuild, text, []field{drv, "", 1, 1}, 0)
+	p.post(false, func() {
+		if id, ok := p.acts[drv]; ok { // a second round (--check): a new activity
+			p.tun.StopActivity(id)
+		}
+		text := fmt.Sprintf("building '%s'", drv)
+		if check {
+			text = fmt.Sprintf("checking outputs of '%s'", drv)
+		}
+		p.acts[drv] = p.tun.StartActivity(lvlInfo, actBuild, text, []field{drv, "", 1, 1}, 0)
+	})
 }
 
 // BuildLogLine implements build.Progress. A line outside a running build
 // (such as "note: keeping build directory …") becomes a log message.
 func (p *buildProgress) BuildLogLine(drv, line string) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.closed {
-		return
-	}
-	if id, ok := p.acts[drv]; ok {
-		p.tun.Result(id, resBuildLogLine, []field{line})
-		return
-	}
-	p.tun.Log(lvlError, line)
+	p.post(true, func() {
+		if id, ok := p.acts[drv]; ok {
+			p.tun.Result(id, resBuildLogLine, []field{line})
+			return
+		}
+		p.tun.Log(lvlError, line)
+	})
 }
 
 // BuildPhase implements build.Progress.
 func (p *buildProgress) BuildPhase(drv, phase string) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if id, ok := p.acts[drv]; ok && !p.closed {
-		p.tun.Result(id, resSetPhase, []field{phase})
-	}
+	p.post(true, func() {
+		if id, ok := p.acts[drv]; ok {
+			p.tun.Result(id, resSetPhase, []field{phase})
+		}
+	})
 }
 
 // BuildFinished implements build.Progress.
 func (p *buildProgress) BuildFinished(drv string, err error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.closed {
-		return
-	}
-	if err != nil {
-		p.failures = append(p.failures, buildFailure{drv: drv, err: err})
-	}
-	if id, ok := p.acts[drv]; ok {
-		delete(p.acts, drv)
-		p.tun.StopActivity(id)
-	}
+	p.post(false, func() {
+		if err != nil {
+			p.failures = append(p.failures, buildFailure{drv: drv, err: err})
+		}
+		if id, ok := p.acts[drv]; ok {
+			delete(p.acts, drv)
+			p.tun.StopActivity(id)
+		}
+	})
 }
 
 // PostBuildHookStarted implements build.Progress.
 func (p *buildProgress) PostBuildHookStarted(drv, hook string) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if !p.closed {
+	p.post(false, func() {
 		p.hooks[drv] = p.tun.StartActivity(lvlInfo, actPostBuild, fmt.Sprintf("running post-build-hook '%s'", hook), []field{drv}, 0)
-	}
+	})
 }
 
 // PostBuildHookLine implements build.Progress.
 func (p *buildProgress) PostBuildHookLine(drv, line string) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if id, ok := p.hooks[drv]; ok && !p.closed {
-		p.tun.Result(id, resPostBuildLogLine, []field{line})
-	}
+	p.post(true, func() {
+		if id, ok := p.hooks[drv]; ok {
+			p.tun.Result(id, resPostBuildLogLine, []field{line})
+		}
+	})
 }
 
 // PostBuildHookFinished implements build.Progress.
 func (p *buildProgress) PostBuildHookFinished(drv string) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if id, ok := p.hooks[drv]; ok && !p.closed {
-		delete(p.hooks, drv)
-		p.tun.StopActivity(id)
-	}
+	p.post(false, func() {
+		if id, ok := p.hooks[drv]; ok {
+			delete(p.hooks, drv)
+			p.tun.StopActivity(id)
+		}
+	})
 }
 
 // Error implements build.Progress: msg goes to the client at error level.
 func (p *buildProgress) Error(msg string) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if !p.closed {
-		p.tun.Log(lvlError, msg)
-	}
+	p.post(false, func() { p.tun.Log(lvlError, msg) })
 }
 
 // logFailures logs the failed builds other than those in top, as Nix
 // logs the error of a goal that others waited for (Goal::amDone) while
 // the error of a requested goal becomes the op's error.
 func (p *buildProgress) logFailures(top map[string]bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, f := range p.failures {
-		if !top[f.drv] {
-			p.tun.Log(lvlError, "error: "+f.err.Error())
+	p.post(false, func() {
+		for _, f := range p.failures {
+			if !top[f.drv] {
+				p.tun.Log(lvlError, "error: "+f.err.Error())
+			}
 		}
-	}
+	})
 }
 
-// close stops the activities still open, then the Worker's three, in
-// the order Nix destroys them. Later events are dropped.
+// close writes what is queued, stops the activities still open, then the
+// Worker's three, in the order Nix destroys them, and waits for the
+// writer to finish. Later events are dropped.
 func (p *buildProgress) close() {
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	if p.closed {
+		p.mu.Unlock()
+		<-p.exit
 		return
 	}
-	p.closed = true
-	for _, m := range []map[string]uint64{p.hooks, p.acts} {
-		for drv, id := range m {
-			p.tun.StopActivity(id)
-			delete(m, drv)
+	p.q = append(p.q, progressEvent{write: func() {
+		p.mu.Lock()
+		dropped := p.dropped
+		p.mu.Unlock()
+		if dropped > 0 {
+			p.tun.Log(lvlError, fmt.Sprintf("warning: %d lines of build output were not sent: the client did not read them in time", dropped))
 		}
-	}
-	p.tun.StopActivity(p.copyPaths)
-	p.tun.StopActivity(p.builds)
-	p.tun.StopActivity(p.realise)
+		for _, m := range []map[string]uint64{p.hooks, p.acts} {
+			for drv, id := range m {
+				p.tun.StopActivity(id)
+				delete(m, drv)
+			}
+		}
+		p.tun.StopActivity(p.copyPaths)
+		p.tun.StopActivity(p.builds)
+		p.tun.StopActivity(p.realise)
+	}})
+	p.closed = true
+	p.cond.Signal()
+	p.mu.Unlock()
+	<-p.exit
 }
