@@ -269,7 +269,8 @@ func TestKeepGoing(t *testing.T) {
   fail = mk { name = "fail"; script = "exit 1"; };
   slow = mk { name = "slow"; script = "i=0; while [ ! -e /gate/go ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; echo > $out"; };
   top = mk { name = "top"; inherit fail slow; script = "echo > $out"; };
-}`, "fail", "slow", "top")
+  slow2 = mk { name = "slow2"; script = "sleep 0.5; echo > $out"; };
+}`, "fail", "slow", "top", "slow2")
 	if err := os.Mkdir(gate, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -306,5 +307,11 @@ func TestKeepGoing(t *testing.T) {
 	res = e.build(b, ClientOptions{KeepGoing: true}, out(drvs["fail"]), out(drvs["slow"]))
 	if res[0].Status.Success() || !res[1].Status.Success() {
 		t.Errorf("with keep-going: %+v", res)
+	}
+	// A path no cache has does not stop the others, as in Nix.
+	absent, _ := e.st.Dir().Parse(string(e.st.Dir()) + "/00000000000000000000000000000000-absent")
+	res = e.build(b, ClientOptions{}, store.DerivedPath{Path: absent}, out(drvs["slow2"]))
+	if res[0].Status != NoSubstituters || !res[1].Status.Success() {
+		t.Errorf("a missing path and a build: %+v", res)
 	}
 }

@@ -495,7 +495,7 @@ func (b *Builder) Build(ctx context.Context, reqs []store.DerivedPath, client Cl
 			defer wg.Done()
 			results[i] = c.realise(reqCtx, r, 0)
 			results[i].Path = r
-			if !results[i].Status.Success() && !client.KeepGoing {
+			if stopsOthers(results[i]) && !client.KeepGoing {
 				stop(errStopped)
 			}
 		}()
@@ -517,6 +517,13 @@ func (b *Builder) Build(ctx context.Context, reqs []store.DerivedPath, client Cl
 }
 
 var errNotSupported = errors.New("not supported")
+
+// stopsOthers reports whether r, a failure, stops the caller's other
+// builds without keep-going: as in Nix, a path that no cache has
+// (NoSubstituters) does not, nor does a build that was itself stopped.
+func stopsOthers(r Result) bool {
+	return !r.Status.Success() && r.Status != NoSubstituters && !r.Stopped
+}
 
 // errStopped ends the builds a caller no longer needs because another of
 // its builds failed and it did not ask to keep going.

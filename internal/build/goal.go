@@ -437,7 +437,7 @@ func (g *goal) realise(ctx context.Context) Result {
 			return // dropped after another input failed: not a failure of its own
 		}
 		nFailed++
-		if !g.keepGoing() {
+		if stopsOthers(r) && !g.keepGoing() {
 			stopInputs(errStopped)
 		}
 	}

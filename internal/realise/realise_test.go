@@ -2,6 +2,7 @@ package realise
 
 import (
 	"context"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -148,5 +149,40 @@ in derivation { name = "top"; system = builtins.currentSystem; builder = "/bin/b
 	}
 	if len(m.WillSubstitute) != 0 || m.DownloadSize != 0 {
 		t.Errorf("substitutes without caches: %+v", m)
+	}
+}
+
+// TestCombinedError: one failed derivation, even asked for twice (with
+// two outputs), gives its own error; several give "build of …" naming
+// each once, sorted, with their own errors to log; a stopped target is
+// named but has no error of its own.
+func TestCombinedError(t *testing.T) {
+	st, err := store.Open(context.Background(), store.Config{
+		StoreDir: "/nix/store", RealStoreDir: filepath.Join(t.TempDir(), "store"),
+		StateDir: t.TempDir(), LogDir: t.TempDir(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	r, err := NoCaches(st).For(Selection{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, _ := st.Dir().Parse("/nix/store/00000000000000000000000000000000-a.drv")
+	b, _ := st.Dir().Parse("/nix/store/11111111111111111111111111111111-b.drv")
+	failed := func(p storepath.Path, out, msg string, stopped bool) Result {
+		return Result{Target: store.DerivedPath{Path: p, Outputs: []string{out}, Built: true}, Status: MiscFailure, ErrorMsg: msg, Stopped: stopped}
+	}
+	if err := r.CombinedError([]Result{failed(a, "out", "a failed", false), failed(a, "dev", "a failed", false)}); err == nil || err.Error() != "a failed" {
+		t.Errorf("one derivation twice: %v", err)
+	}
+	err = r.CombinedError([]Result{failed(b, "out", "b failed", false), failed(a, "out", "", true)})
+	var cf *CombinedFailure
+	if !errors.As(err, &cf) || err.Error() != "build of '"+st.Dir().Abs(a)+"', '"+st.Dir().Abs(b)+"' failed" || len(cf.Failures) != 1 || cf.Failures[0] != "b failed" {
+		t.Errorf("two derivations, one stopped: %v", err)
+	}
+	if err := r.CombinedError([]Result{{Status: Built}}); err != nil {
+		t.Errorf("success: %v", err)
 	}
 }

@@ -466,7 +466,8 @@ func (r *Realiser) CombinedError(results []Result) error {
 	switch {
 	case len(failed) == 0:
 		return nil
-	case len(failed) == 1 && len(msgs) == 1:
+	case len(failed) == 1 && len(msgs) > 0:
+		// One derivation (asked for with several outputs, say): its error.
 		return errors.New(msgs[0])
 	}
 	return &CombinedFailure{Failures: msgs, msg: fmt.Sprintf("build of '%s' failed", strings.Join(failed, "', '"))}
