@@ -8,11 +8,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"os/exec"
 	"path"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -711,7 +709,7 @@ func (j *job) check(ctx context.Context, name string, p storepath.Path, loc stri
 	if err := removeTree(dst); err != nil {
 		return j.failf(MiscFailure, 1, "output '%s' of '%s': %v", name, j.drvAbs, err)
 	}
-	if err := lchownTree(loc, os.Geteuid(), os.Getegid()); err != nil {
+	if err := store.ChownTree(loc, os.Geteuid(), os.Getegid()); err != nil {
 		return j.failf(MiscFailure, 1, "output '%s' of '%s': %v", name, j.drvAbs, err)
 	}
 	if err := os.Rename(loc, dst); err != nil {
@@ -719,17 +717,6 @@ func (j *job) check(ctx context.Context, name string, p storepath.Path, loc stri
 	}
 	j.diffHook(ctx, b.abs(p), dst)
 	return j.failf(NotDeterministic, 1, "derivation '%s' may not be deterministic: output '%s' differs from '%s'", j.drvAbs, b.st.RealPath(p), dst)
-}
-
-// lchownTree gives every inode under path, not following symlinks, to
-// uid:gid.
-func lchownTree(path string, uid, gid int) error {
-	return filepath.WalkDir(path, func(p string, _ fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		return os.Lchown(p, uid, gid)
-	})
 }
 
 // fixedOutputHash hashes a fixed output as its derivation says (flat: the

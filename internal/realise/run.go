@@ -69,17 +69,26 @@ func (r *Realiser) Realise(ctx context.Context, targets []store.DerivedPath, pro
 		}
 		return results, nil
 	}
-	built, err := r.m.builder.Build(ctx, build, r.session)
-	if err != nil {
-		return nil, fmt.Errorf("realise: %w", err)
+	if err := r.buildInto(ctx, results, build, idx); err != nil {
+		return nil, err
 	}
-	if len(built) != len(build) {
-		return nil, fmt.Errorf("realise: builder returned %d results for %d targets", len(built), len(build))
+	return results, nil
+}
+
+// buildInto has the builder build targets and puts its results at their
+// indexes idx in results.
+func (r *Realiser) buildInto(ctx context.Context, results []Result, targets []store.DerivedPath, idx []int) error {
+	built, err := r.m.builder.Build(ctx, targets, r.session)
+	if err != nil {
+		return fmt.Errorf("realise: %w", err)
+	}
+	if len(built) != len(targets) {
+		return fmt.Errorf("realise: builder returned %d results for %d targets", len(built), len(targets))
 	}
 	for j, i := range idx {
 		results[i] = built[j]
 	}
-	return results, nil
+	return nil
 }
 
 // Check builds the outputs of the derivation targets again to compare
@@ -137,15 +146,8 @@ func (r *Realiser) Check(ctx context.Context, targets []store.DerivedPath, prog 
 	if r.m.builder == nil {
 		return nil, fmt.Errorf("realise: checking: %w", ErrNeedsBuild)
 	}
-	built, err := r.m.builder.Build(ctx, build, r.session)
-	if err != nil {
-		return nil, fmt.Errorf("realise: %w", err)
-	}
-	if len(built) != len(build) {
-		return nil, fmt.Errorf("realise: builder returned %d results for %d targets", len(built), len(build))
-	}
-	for j, i := range buildIdx {
-		results[i] = built[j]
+	if err := r.buildInto(ctx, results, build, buildIdx); err != nil {
+		return nil, err
 	}
 	return results, nil
 }

@@ -134,7 +134,7 @@ func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs
 		if src == "" {
 			src = dest
 		}
-		if err := chownTree(src, os.Geteuid(), os.Getegid()); err != nil {
+		if err := ChownTree(src, os.Geteuid(), os.Getegid()); err != nil {
 			return nil, fmt.Errorf("store: output '%s' of '%s': %w", o.Name, drvAbs, err)
 		}
 		if err := nar.Canonicalise(src); err != nil {
@@ -199,9 +199,9 @@ func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs
 	return infos, nil
 }
 
-// chownTree gives every inode under path (not following symlinks) to
+// ChownTree gives every inode under path (not following symlinks) to
 // uid:gid, as canonicalisePathMetaData does for build outputs.
-func chownTree(path string, uid, gid int) error {
+func ChownTree(path string, uid, gid int) error {
 	return walkNoFollow(path, func(p string, _, _ bool) error {
 		var st unix.Stat_t
 		if err := unix.Lstat(p, &st); err != nil {

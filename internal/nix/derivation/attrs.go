@@ -120,23 +120,6 @@ func checkNumbers(v any) error {
 // has none. The caller must not modify them.
 func (a *Attrs) Structured() map[string]any { return a.structured }
 
-// String returns a string attribute and whether it is set.
-func (a *Attrs) String(name string) (string, bool, error) {
-	if a.structured == nil {
-		v, ok := a.env[name]
-		return v, ok, nil
-	}
-	v, ok := a.structured[name]
-	if !ok {
-		return "", false, nil
-	}
-	s, isString := v.(string)
-	if !isString {
-		return "", false, fmt.Errorf("attribute '%s' of derivation '%s' must be a string", name, a.drvName)
-	}
-	return s, true, nil
-}
-
 // Bool returns a Boolean attribute, def when it is not set. In the
 // environment, only "1" is true.
 func (a *Attrs) Bool(name string, def bool) (bool, error) {
@@ -172,16 +155,16 @@ func (a *Attrs) Strings(name string) ([]string, bool, error) {
 	if !ok {
 		return nil, false, nil
 	}
-	ss, err := StringList(v)
+	ss, err := stringList(v)
 	if err != nil {
 		return nil, false, fmt.Errorf("attribute '%s' of derivation '%s' must be a list of strings", name, a.drvName)
 	}
 	return ss, true, nil
 }
 
-// StringList converts a JSON array of strings (a value of the structured
+// stringList converts a JSON array of strings (a value of the structured
 // attributes) to a slice.
-func StringList(v any) ([]string, error) {
+func stringList(v any) ([]string, error) {
 	list, ok := v.([]any)
 	if !ok {
 		return nil, fmt.Errorf("not a list")
@@ -195,11 +178,11 @@ func StringList(v any) ([]string, error) {
 	return ss, nil
 }
 
-// Values returns what iterating v yields in Nix's JSON library: an
+// values returns what iterating v yields in Nix's JSON library: an
 // array's elements, an object's values (in key order), nothing for null,
 // and any other value itself. Nix reads some lists of structured
 // attributes that way (outputChecks, exportReferencesGraph).
-func Values(v any) []any {
+func values(v any) []any {
 	switch v := v.(type) {
 	case nil:
 		return nil
@@ -215,9 +198,9 @@ func Values(v any) []any {
 	return []any{v}
 }
 
-// StringValues is Values of v, which must all be strings.
+// StringValues is values of v, which must all be strings.
 func StringValues(v any) ([]string, error) {
-	vals := Values(v)
+	vals := values(v)
 	ss := make([]string, len(vals))
 	for i, e := range vals {
 		s, ok := e.(string)
@@ -235,9 +218,8 @@ func Tokenize(s string) []string {
 	return strings.FieldsFunc(s, func(r rune) bool { return r == ' ' || r == '\t' || r == '\n' || r == '\r' })
 }
 
-// EncodeJSON writes v (a value as encoding/json decodes it with UseNumber,
-// or map[string]any, []any, string, bool, nil, json.Number, int64,
-// uint64) as the JSON library of Nix writes it: compact, object keys in
+// EncodeJSON writes v (a value as encoding/json decodes it with UseNumber:
+// map[string]any, []any, string, bool, nil, json.Number; or uint64) as the JSON library of Nix writes it: compact, object keys in
 // byte order, only '"', '\\' and control characters escaped, numbers
 // normalised as that library prints them. Builders read .attrs.json in
 // this form.
@@ -257,8 +239,6 @@ func encodeJSON(b *bytes.Buffer, v any) error {
 		b.WriteString(strconv.FormatBool(v))
 	case string:
 		writeJSONString(b, v)
-	case int64:
-		b.WriteString(strconv.FormatInt(v, 10))
 	case uint64:
 		b.WriteString(strconv.FormatUint(v, 10))
 	case json.Number:
@@ -428,7 +408,7 @@ func AttrsShell(attrs map[string]any) string {
 					good = false
 					break
 				}
-				fmt.Fprintf(&s2, "[%s]=%s ", ShellEscape(k2), s)
+				fmt.Fprintf(&s2, "[%s]=%s ", shellEscape(k2), s)
 			}
 			if good {
 				fmt.Fprintf(&b, "declare -A %s=(%s)\n", k, s2.String())
@@ -444,7 +424,7 @@ func AttrsShell(attrs map[string]any) string {
 func shellSimple(v any) (string, bool) {
 	switch v := v.(type) {
 	case string:
-		return ShellEscape(v), true
+		return shellEscape(v), true
 	case nil:
 		return "''", true
 	case bool:
@@ -486,8 +466,8 @@ func cInt(n json.Number, f float64) int32 {
 	return math.MinInt32
 }
 
-// ShellEscape quotes s for a POSIX shell, as Nix's shellEscape: in single
+// shellEscape quotes s for a POSIX shell, as Nix's shellEscape: in single
 // quotes, each single quote written as '\”.
-func ShellEscape(s string) string {
+func shellEscape(s string) string {
 	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
