@@ -25,10 +25,11 @@ in builtins.derivation { inherit name msg dep; system = builtins.currentSystem;
   builder = "${bb}/busybox"; args = [ "sh" "-c" "echo $msg $dep > $out" ]; }
 `
 
-// buildFixture builds fixtureNix with real Nix in the chroot store under
-// other and returns the output path and its one dependency. Contents
-// include the test nonce, so paths are unique to the test.
-func (e *testEnv) buildFixture(t *testing.T, other, name string) (out, dep string) {
+// fixtureArgs writes fixtureNix and busybox into the test's directory
+// (once) and returns the expression's file and its arguments for the
+// fixture called name, as nix-build takes them. Contents include the test nonce, so paths are
+// unique to the test.
+func (e *testEnv) fixtureArgs(t *testing.T, name string) []string {
 	t.Helper()
 	expr := filepath.Join(e.dir, "fixture.nix")
 	bbdir := filepath.Join(e.dir, "bb")
@@ -41,8 +42,14 @@ func (e *testEnv) buildFixture(t *testing.T, other, name string) (out, dep strin
 		mustMkdir(t, bbdir, 0o755)
 		writeFile(t, filepath.Join(bbdir, "busybox"), string(bb), 0o755)
 	}
-	out = strings.TrimSpace(e.cmd("nix-build", "--store", other, expr, "--no-out-link",
-		"--argstr", "name", name, "--argstr", "msg", e.nonce, "--arg", "bbdir", bbdir).ok(t))
+	return []string{expr, "--argstr", "name", name, "--argstr", "msg", e.nonce, "--arg", "bbdir", bbdir}
+}
+
+// buildFixture builds fixtureNix with real Nix in the chroot store under
+// other and returns the output path and its one dependency.
+func (e *testEnv) buildFixture(t *testing.T, other, name string) (out, dep string) {
+	t.Helper()
+	out = strings.TrimSpace(e.cmd("nix-build", append([]string{"--store", other, "--no-out-link"}, e.fixtureArgs(t, name)...)...).ok(t))
 	refs := lines(e.local(other, "nix-store", "-q", "--references", out).ok(t))
 	if len(refs) != 1 {
 		t.Fatalf("fixture %s: want one reference, got %q", out, refs)

@@ -179,18 +179,46 @@ func TestSubstituteFallback(t *testing.T) {
 	srv.Always(narURL(t, cacheDir, out), cachetest.Fault{FlipByte: 100})
 	d := e.startDaemon(t, withConf("substituters = "+srv.URL, "require-sigs = false"))
 
-	expr := filepath.Join(e.dir, "fixture.nix")
-	args := []string{expr, "--no-out-link", "--argstr", "name", "subst-fallback", "--argstr", "msg", e.nonce, "--arg", "bbdir", filepath.Join(e.dir, "bb")}
+	args := append([]string{"--no-out-link"}, e.fixtureArgs(t, "subst-fallback")...)
 	if r := d.client("nix-build", args...).run(t); r.err == nil {
 		t.Fatalf("nix-build succeeded with a corrupt NAR in the cache and no --fallback:\n%s", r)
 	}
 	if d.isValid(t, out) {
 		t.Fatalf("%s is valid after a failed substitution", out)
 	}
-	if got := oneLine(t, "nix-build --fallback", d.client("nix-build", append(args, "--fallback")...).ok(t)); got != out {
+	r := d.client("nix-build", append(args, "--fallback")...).run(t)
+	if r.err != nil {
+		t.Fatalf("nix-build --fallback failed:\n%s", r)
+	}
+	if got := strings.TrimSpace(r.stdout); got != out {
 		t.Fatalf("nix-build --fallback printed %q, want %q", got, out)
 	}
+	// The client hears why it builds what a cache has, before it hears
+	// of the build.
+	mismatch, building := strings.Index(r.stderr, "hash mismatch"), strings.Index(r.stderr, "building '")
+	if mismatch < 0 || building < 0 || mismatch > building {
+		t.Errorf("nix-build --fallback does not say why the substitution failed before it builds:\n%s", r)
+	}
 	d.assertFixture(t, out, dep)
+	d.verifyStopped(t)
+}
+
+// TestSubstituteDeadCacheWarns: with the only cache unreachable, `nix
+// build` (which, unlike nix-build, does not ask QueryMissing first) builds,
+// and the client hears which cache failed, as from nix-daemon.
+func TestSubstituteDeadCacheWarns(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	dead := "http://127.0.0.1:9"
+	d := e.startDaemon(t, withConf("substituters = "+dead, "require-sigs = false"))
+	args := append([]string{"build", "--no-link", "-f"}, e.fixtureArgs(t, "dead-cache")...)
+	r := d.client("nix", args...).run(t)
+	if r.err != nil {
+		t.Fatalf("nix build with a dead cache failed:\n%s", r)
+	}
+	if !strings.Contains(r.stderr, "warning:") || !strings.Contains(r.stderr, dead) {
+		t.Errorf("nix build does not warn of the dead cache %s:\n%s", dead, r)
+	}
 	d.verifyStopped(t)
 }
 

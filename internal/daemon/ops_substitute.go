@@ -42,7 +42,7 @@ func (c *conn) querySubstitutable(ctx context.Context, ps []storepath.Path) (map
 		return nil, err
 	}
 	prog := c.newProgress()
-	infos, err := r.QuerySubstitutable(substitute.WithProgress(ctx, prog), ps, c.warnFunc())
+	infos, err := r.QuerySubstitutable(substitute.WithProgress(ctx, prog), ps, prog.Warn)
 	prog.close()
 	if err != nil {
 		return nil, err
@@ -188,7 +188,7 @@ func opQueryMissingHandler(ctx context.Context, c *conn) error {
 		return err
 	}
 	prog := c.newProgress()
-	m, err := r.QueryMissing(substitute.WithProgress(ctx, prog), targets, c.warnFunc())
+	m, err := r.QueryMissing(substitute.WithProgress(ctx, prog), targets, prog.Warn)
 	prog.close()
 	if err != nil {
 		return fmt.Errorf("QueryMissing: %w", err)

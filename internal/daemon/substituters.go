@@ -59,6 +59,13 @@ type progress struct {
 	ids     map[uint64]uint64 // substituter activity id -> wire activity id
 	closing chan struct{}     // closed by close: write what is queued at once
 	exit    chan struct{}
+	warn    func(error) // the request's warnings (conn.warnFunc)
+
+	// Flush's bookkeeping: events queued and written so far; urgent, a
+	// buffered channel, cuts the writer's wait short.
+	queued, written uint64
+	flushed         *sync.Cond
+	urgent          chan struct{}
 }
 
 // progressInterval is the least time between two writes of progress
@@ -75,8 +82,10 @@ const maxQueuedProgress = 4096
 
 // newProgress starts the writer; call close before stopWork.
 func (c *conn) newProgress() *progress {
-	p := &progress{c: c, ids: map[uint64]uint64{}, closing: make(chan struct{}), exit: make(chan struct{})}
+	p := &progress{c: c, ids: map[uint64]uint64{}, closing: make(chan struct{}), exit: make(chan struct{}),
+		warn: c.warnFunc(), urgent: make(chan struct{}, 1)}
 	p.cond = sync.NewCond(&p.mu)
+	p.flushed = sync.NewCond(&p.mu)
 	go p.run()
 	return p
 }
@@ -89,8 +98,31 @@ func (p *progress) Event(e substitute.Event) {
 		return
 	}
 	p.q = append(p.q, e)
+	p.queued++
 	p.cond.Signal()
 }
+
+// Flush implements realise.Flusher: it returns once every event queued
+// before the call is written to the client.
+func (p *progress) Flush() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	target := p.queued
+	if p.written >= target {
+		return
+	}
+	select {
+	case p.urgent <- struct{}{}:
+	default:
+	}
+	for p.written < target && !p.done {
+		p.flushed.Wait()
+	}
+}
+
+// Warn implements realise.Warner: the client gets each distinct failure
+// once per request, as a warning.
+func (p *progress) Warn(err error) { p.warn(err) }
 
 func (p *progress) run() {
 	defer close(p.exit)
@@ -106,6 +138,7 @@ func (p *progress) run() {
 			select {
 			case <-t.C:
 			case <-p.closing:
+			case <-p.urgent:
 			}
 			t.Stop()
 		}
@@ -120,6 +153,10 @@ func (p *progress) run() {
 			p.write(e)
 		}
 		end()
+		p.mu.Lock()
+		p.written += uint64(len(q))
+		p.flushed.Broadcast()
+		p.mu.Unlock()
 		if done && len(q) == 0 {
 			return
 		}
@@ -132,6 +169,7 @@ func (p *progress) close() {
 	p.mu.Lock()
 	p.done = true
 	p.cond.Signal()
+	p.flushed.Broadcast()
 	p.mu.Unlock()
 	close(p.closing)
 	<-p.exit

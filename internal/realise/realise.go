@@ -72,6 +72,36 @@ type Builder interface {
 // for (see substitute.Progress).
 type Progress = substitute.Progress
 
+// Warner is implemented by a Progress whose caller wants to hear of the
+// failures a realisation works around, as Nix's warnings: a cache that
+// could not be read while deciding whether to substitute or build.
+type Warner interface {
+	Warn(err error)
+}
+
+// Flusher is implemented by a Progress that delivers events later than
+// they happen: Flush returns once every event so far is delivered.
+type Flusher interface {
+	Flush()
+}
+
+// warnEach passes errs to prog's Warn, if it has one.
+func warnEach(prog Progress, errs []error) {
+	if warn := warnerOf(prog); warn != nil {
+		for _, err := range errs {
+			warn(err)
+		}
+	}
+}
+
+// warnerOf returns prog's Warn, or nil if it has none.
+func warnerOf(prog Progress) func(error) {
+	if w, ok := prog.(Warner); ok {
+		return w.Warn
+	}
+	return nil
+}
+
 // Config is the daemon's own substitution configuration (nix.conf).
 type Config struct {
 	Substituters      []string // substituters (extra-substituters merged in)

@@ -69,15 +69,19 @@ func (r *Realiser) Realise(ctx context.Context, targets []store.DerivedPath, pro
 		}
 		return results, nil
 	}
-	if err := r.buildInto(ctx, results, build, idx); err != nil {
+	if err := r.buildInto(ctx, results, build, idx, prog); err != nil {
 		return nil, err
 	}
 	return results, nil
 }
 
 // buildInto has the builder build targets and puts its results at their
-// indexes idx in results.
-func (r *Realiser) buildInto(ctx context.Context, results []Result, targets []store.DerivedPath, idx []int) error {
+// indexes idx in results. What the client has heard of the substitutions
+// so far (one that failed before a fallback, say) is delivered first.
+func (r *Realiser) buildInto(ctx context.Context, results []Result, targets []store.DerivedPath, idx []int, prog Progress) error {
+	if f, ok := prog.(Flusher); ok {
+		f.Flush()
+	}
 	built, err := r.m.builder.Build(ctx, targets, r.session)
 	if err != nil {
 		return fmt.Errorf("realise: %w", err)
@@ -146,7 +150,7 @@ func (r *Realiser) Check(ctx context.Context, targets []store.DerivedPath, prog 
 	if r.m.builder == nil {
 		return nil, fmt.Errorf("realise: checking: %w", ErrNeedsBuild)
 	}
-	if err := r.buildInto(ctx, results, build, buildIdx); err != nil {
+	if err := r.buildInto(ctx, results, build, buildIdx, prog); err != nil {
 		return nil, err
 	}
 	return results, nil
@@ -236,6 +240,7 @@ func (r *Realiser) substituteEach(ctx context.Context, paths []storepath.Path, p
 	if err != nil {
 		return nil, err
 	}
+	warnEach(prog, m.Errors)
 	if len(m.Unknown) > 0 {
 		return nil, fmt.Errorf("%s: %w", r.m.st.Dir().Abs(m.Unknown[0]), substitute.ErrNotFound)
 	}
@@ -343,7 +348,7 @@ func (r *Realiser) realiseOne(ctx context.Context, t store.DerivedPath, prog Pro
 	if !known || r.sub == nil || !substitutesAllowed(d) {
 		return res, true, nil
 	}
-	infos, err := r.QuerySubstitutable(ctx, invalid, nil)
+	infos, err := r.QuerySubstitutable(ctx, invalid, warnerOf(prog))
 	if err != nil {
 		return res, false, err
 	}
@@ -378,6 +383,7 @@ func (r *Realiser) substitute(ctx context.Context, paths []storepath.Path, prog 
 	if err != nil {
 		return false, err
 	}
+	warnEach(prog, m.Errors)
 	if len(m.WillSubstitute) == 0 && len(m.Unknown) == 0 {
 		return false, nil
 	}
