@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -247,7 +248,11 @@ func TestOptimise(t *testing.T) {
 		t.Fatalf("%s and %s share an inode before optimising", f1, f2)
 	}
 
-	d.nixStore(t, "--optimise")
+	// As from nix-daemon, the client hears what it saved: one file (the
+	// second same.bin) replaced by a link.
+	if r := d.nixStoreRun(t, "--optimise"); r.err != nil || !strings.Contains(r.stderr, "0.06 MiB freed by hard-linking 1 files") {
+		t.Errorf("nix-store --optimise does not report 64 KiB freed by linking one file:\n%s", r)
+	}
 
 	if inode(t, f1) != inode(t, f2) {
 		t.Errorf("after nix-store --optimise, %s and %s are not hard-linked (inodes %d, %d)", f1, f2, inode(t, f1), inode(t, f2))
@@ -284,6 +289,11 @@ func TestOptimise(t *testing.T) {
 	}
 	if st1.Nlink > 2 {
 		t.Errorf("one.txt has %d links, want at most 2", st1.Nlink)
+	}
+	// A collection reports what the links still save.
+	r := d.nixStoreRun(t, "--delete", two)
+	if r.err != nil || !regexp.MustCompile(`note: currently hard linking saves -?[0-9]+\.[0-9]{2} MiB`).MatchString(r.stderr) {
+		t.Errorf("nix-store --delete does not report what hard linking saves:\n%s", r)
 	}
 }
 

@@ -140,13 +140,17 @@ func opOptimiseStoreHandler(ctx context.Context, c *conn) error {
 		return err
 	}
 	act := c.tun.StartActivity(lvlInfo, actOptimiseStore, "", nil, 0)
+	var freed, linked uint64
 	err := c.st.OptimiseStore(ctx, func(bytesFreed, blocksFreed uint64) {
+		freed += bytesFreed
+		linked++
 		c.tun.Result(act, resFileLinked, []field{bytesFreed, blocksFreed})
 	})
 	c.tun.StopActivity(act)
 	if err != nil {
 		return fmt.Errorf("optimising the store: %w", err)
 	}
+	c.tun.Log(lvlInfo, fmt.Sprintf("%.2f MiB freed by hard-linking %d files", float64(freed)/(1<<20), linked))
 	c.stopWork()
 	c.out.U64(1)
 	return nil
