@@ -678,6 +678,42 @@ func TestSubstituteRepair(t *testing.T) {
 	}
 	d.assertFixture(t, out, dep)
 	assertVerifyClean(t, d.nixStoreRun(t, "--verify", "--check-contents"))
+
+	// nix-store -r --repair (BuildPaths in repair mode) fetches a modified
+	// path again; nix-build --repair does the same for a derivation's
+	// outputs.
+	tamper := func(p string) {
+		t.Helper()
+		f := d.realPath(p)
+		if err := os.Chmod(f, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		writeFile(t, f, "tampered\n", 0o444)
+	}
+	tamper(out)
+	if r := d.nixStoreRun(t, "-r", "--repair", out); r.err != nil || strings.TrimSpace(r.stdout) != out {
+		t.Fatalf("nix-store -r --repair %s:\n%s", out, r)
+	}
+	d.assertFixture(t, out, dep)
+	tamper(out)
+	if r := d.client("nix-build", append([]string{"--repair", "--no-out-link"}, e.fixtureArgs(t, "subst-repair")...)...).run(t); r.err != nil || strings.TrimSpace(r.stdout) != out {
+		t.Fatalf("nix-build --repair:\n%s", r)
+	}
+	d.assertFixture(t, out, dep)
+	assertVerifyClean(t, d.nixStoreRun(t, "--verify", "--check-contents"))
+
+	// A modified path that no cache has cannot be repaired, and says so.
+	orig := "only here " + e.nonce + "\n"
+	added := oneLine(t, "add", d.nixStore(t, "--add", writeFile(t, filepath.Join(e.dir, "no-cache.txt"), orig, 0o644)))
+	tamper(added)
+	if r := d.nixStoreRun(t, "-r", "--repair", added); r.err == nil || !strings.Contains(r.stderr, added) {
+		t.Errorf("nix-store -r --repair of a modified path no cache has:\n%s", r)
+	}
+	// Put it back by hand, so that the store verifies clean again.
+	if err := os.Chmod(d.realPath(added), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, d.realPath(added), orig, 0o444)
 	d.verifyStopped(t)
 }
 

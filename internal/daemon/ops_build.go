@@ -96,9 +96,6 @@ func (c *conn) realiseTargets(ctx context.Context, targets []store.DerivedPath, 
 	if err := c.checkBuildMode(mode); err != nil {
 		return nil, nil, err
 	}
-	if mode == buildModeRepair {
-		return nil, nil, fmt.Errorf("build mode %d (repair) is not supported by nixyard yet", mode)
-	}
 	r, err := c.realiser()
 	if err != nil {
 		return nil, nil, err
@@ -106,11 +103,15 @@ func (c *conn) realiseTargets(ctx context.Context, targets []store.DerivedPath, 
 	c.st.AutoGC(ctx, false) // as Nix's Worker: free space in the background if the store is low on it
 	prog := c.newProgress()
 	bprog := newBuildProgress(c.tun)
-	realise := r.Realise
-	if mode == buildModeCheck {
+	realise, opts := r.Realise, c.buildOptions(mode)
+	switch mode {
+	case buildModeCheck:
 		realise = r.Check
+	case buildModeRepair:
+		// What is missing is built as usual; what is corrupt is fetched again.
+		realise, opts = r.Repair, c.buildOptions(buildModeNormal)
 	}
-	results, err := realise(withBuildRequest(ctx, c.buildOptions(mode), bprog), targets, prog)
+	results, err := realise(withBuildRequest(ctx, opts, bprog), targets, prog)
 	top := map[string]bool{}
 	for _, t := range targets {
 		top[c.dir.Abs(t.Path)] = true

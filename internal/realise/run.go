@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -152,6 +153,53 @@ func (r *Realiser) Check(ctx context.Context, targets []store.DerivedPath, prog 
 	}
 	if err := r.buildInto(ctx, results, build, buildIdx, prog); err != nil {
 		return nil, err
+	}
+	return results, nil
+}
+
+// Repair realises targets in repair mode (BuildPaths with build mode
+// repair: `nix-store -r --repair`, `nix-build --repair`): what is not
+// valid is realised as usual, then every wanted path that is valid but
+// whose files no longer match its NAR hash is fetched again from the
+// caches and swapped in. Nix would rebuild such an output from its
+// derivation where no cache has it; nixyard reports it instead.
+func (r *Realiser) Repair(ctx context.Context, targets []store.DerivedPath, prog Progress) ([]Result, error) {
+	ctx = substitute.WithProgress(ctx, prog) // the repairs' downloads too
+	results, err := r.Realise(ctx, targets, prog)
+	if err != nil {
+		return nil, err
+	}
+	st := r.m.st
+	for i, t := range targets {
+		res := &results[i]
+		if !res.Status.Success() {
+			continue
+		}
+		paths := []storepath.Path{t.Path}
+		if t.Built {
+			paths = paths[:0]
+			for _, n := range slices.Sorted(maps.Keys(res.Outputs)) {
+				paths = append(paths, res.Outputs[n])
+			}
+		}
+		for _, p := range paths {
+			good, err := st.ContentsGood(ctx, p)
+			if err != nil {
+				return nil, fmt.Errorf("repairing %s: %w", st.Dir().Abs(p), err)
+			}
+			if good {
+				continue
+			}
+			if err := r.RepairPath(ctx, p); err != nil {
+				if ctx.Err() != nil {
+					return nil, ctx.Err()
+				}
+				res.Status = MiscFailure
+				res.ErrorMsg = fmt.Sprintf("cannot repair path '%s': %v", st.Dir().Abs(p), err)
+				break
+			}
+			res.Status = Substituted
+		}
 	}
 	return results, nil
 }

@@ -205,6 +205,22 @@ func keys[K comparable, V any](m map[K]V) []K {
 	return out
 }
 
+// ContentsGood reports whether the files of the valid path p still
+// serialise to the NAR hash it was registered with (Nix's
+// pathContentsGood), as `nix-store -r --repair` checks before it fetches
+// a path again.
+func (s *Store) ContentsGood(ctx context.Context, p storepath.Path) (bool, error) {
+	info, err := s.QueryPathInfo(ctx, p)
+	if err != nil {
+		return false, err
+	}
+	got, _, err := hashPathNAR(s.RealPath(p))
+	if err != nil {
+		return false, err
+	}
+	return got.Equal(info.NarHash), nil
+}
+
 // hashPathNAR returns the sha256 and size of the NAR serialisation of a
 // file-system tree.
 func hashPathNAR(path string) (hash.Hash, uint64, error) {
