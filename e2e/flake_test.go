@@ -84,3 +84,34 @@ func TestFlake(t *testing.T) {
 	assertVerifyClean(t, d.nixStoreRun(t, "--verify", "--check-contents"))
 	d.verifyStopped(t)
 }
+
+// TestCADerivationsClient: a client with the ca-derivations feature (common
+// in users' nix.conf) asks for the realisation of every output it uses,
+// input-addressed ones too; nix path-info and nix copy of an installable
+// then work as with nix-daemon (which needs the feature itself).
+func TestCADerivationsClient(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	d := e.startDaemon(t, withConf("experimental-features = nix-command ca-derivations"))
+	ca := func(args ...string) []string {
+		return append([]string{"--extra-experimental-features", "ca-derivations"}, args...)
+	}
+	fixture := append([]string{"-f"}, e.fixtureArgs(t, "ca-client")...)
+	d.nix(t, ca(append([]string{"build", "--no-link"}, fixture...)...)...)
+	paths := strings.TrimSpace(d.nix(t, ca(append([]string{"path-info"}, fixture...)...)...))
+	if !strings.HasPrefix(paths, "/nix/store/") || !strings.HasSuffix(paths, "-ca-client") {
+		t.Fatalf("nix path-info of the built fixture printed %q", paths)
+	}
+	cache := filepath.Join(e.dir, "cache")
+	d.nix(t, ca(append([]string{"copy", "--to", "file://" + cache}, fixture...)...)...)
+	if ents, err := os.ReadDir(filepath.Join(cache, "realisations")); err != nil || len(ents) == 0 {
+		t.Errorf("nix copy wrote no realisations to the cache (%v)", err)
+	}
+	d.verifyStopped(t)
+	// Real Nix opening the store itself finds the same realisations (the
+	// same table, and the same derivation hashes).
+	r := e.local(d.root, "nix", ca(append([]string{"path-info"}, fixture...)...)...).run(t)
+	if r.err != nil || strings.TrimSpace(r.stdout) != paths {
+		t.Errorf("real Nix on the store does not find the realisation of %s:\n%s", paths, r)
+	}
+}

@@ -299,7 +299,6 @@ func (c *conn) perform(ctx context.Context, op uint64) error {
 	h, ok := handlers[op]
 	if !ok {
 		switch op {
-		case wire.OpBuildDerivation, wire.OpRegisterDrvOutput, wire.OpQueryRealisation:
 		case wire.OpQueryFailedPaths, wire.OpClearFailedPaths:
 			return fmt.Errorf("operation '%s' (%d) was removed from Nix and is not supported", opName(op), op)
 		default:
@@ -308,9 +307,6 @@ func (c *conn) perform(ctx context.Context, op uint64) error {
 	}
 	if c.st == nil && op != wire.OpSetOptions && op != wire.OpSyncWithGC {
 		return fmt.Errorf("operation '%s' (%d): no store is configured", opName(op), op)
-	}
-	if h == nil {
-		return c.notImplemented(ctx, op)
 	}
 	return h(ctx, c)
 }

@@ -44,5 +44,7 @@ func init() {
 		wire.OpBuildPathsWithResults:       opBuildPathsWithResultsHandler,
 		wire.OpBuildDerivation:             opBuildDerivationHandler,
 		wire.OpAddPermRoot:                 opAddPermRootHandler,
+		wire.OpQueryRealisation:            opQueryRealisationHandler,
+		wire.OpRegisterDrvOutput:           opRegisterDrvOutputHandler,
 	}
 }

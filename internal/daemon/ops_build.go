@@ -22,8 +22,10 @@ const (
 	statusAlreadyValid = 2
 )
 
-// dummyDrvHash stands for the derivation hash modulo in builtOutputs keys;
-// clients read only the output name and outPath (§5.2).
+// dummyDrvHash stands for the derivation hash modulo in builtOutputs keys
+// where it is not known (BuildDerivation's derivations, which have no
+// .drv in the store to hash from); 2.8 clients read only the output name
+// and outPath (§5.2).
 const dummyDrvHash = "sha256:0000000000000000000000000000000000000000000000000000000000000000"
 
 // readDerivedPaths reads a list of DerivedPath strings (§5.3).
@@ -112,6 +114,9 @@ func (c *conn) realiseTargets(ctx context.Context, targets []store.DerivedPath, 
 		realise, opts = r.Repair, c.buildOptions(buildModeNormal)
 	}
 	results, err := realise(withBuildRequest(ctx, opts, bprog), targets, prog)
+	if err == nil {
+		r.RecordRealisations(ctx, results)
+	}
 	top := map[string]bool{}
 	for _, t := range targets {
 		top[c.dir.Abs(t.Path)] = true
@@ -167,7 +172,7 @@ func opBuildPathsWithResultsHandler(ctx context.Context, c *conn) error {
 	c.out.U64(uint64(len(results)))
 	for _, r := range results {
 		c.out.String(c.formatDerivedPath(r.Target))
-		c.writeBuildResult(realisedResult(r))
+		c.writeBuildResult(realisedResult(r), r.DrvHash)
 	}
 	return nil
 }
@@ -176,61 +181,4 @@ func opBuildPathsWithResultsHandler(ctx context.Context, c *conn) error {
 // statuses are the same wire codes; nothing ran, so no times.
 func realisedResult(r realise.Result) build.Result {
 	return build.Result{Status: build.Status(r.Status), ErrorMsg: r.ErrorMsg, BuiltOutputs: r.Outputs}
-}
-
-// notImplemented reads the arguments of an op nixyard cannot perform yet,
-// so the connection stays usable, and fails it with a clear error.
-func (c *conn) notImplemented(ctx context.Context, op uint64) error {
-	switch op {
-	case wire.OpBuildDerivation:
-		c.in.Path("drvPath", c.dir)
-		c.skipBasicDerivation()
-		c.in.U64("buildMode")
-		if err := c.begin(op); err != nil {
-			return err
-		}
-	case wire.OpRegisterDrvOutput:
-		if err := c.begin(op); err != nil {
-			return err
-		}
-		c.in.String("realisation", wire.MaxSmallString)
-		if c.minor < 31 {
-			c.in.String("outPath", wire.MaxPathLen)
-		}
-		if err := c.in.Err(); err != nil {
-			return fatal(fmt.Errorf("operation '%s' (%d): reading arguments: %w", opName(op), op, err))
-		}
-	case wire.OpQueryRealisation:
-		if err := c.begin(op); err != nil {
-			return err
-		}
-		c.in.String("drvOutput", wire.MaxSmallString)
-		if err := c.in.Err(); err != nil {
-			return fatal(fmt.Errorf("operation '%s' (%d): reading arguments: %w", opName(op), op, err))
-		}
-	}
-	return fmt.Errorf("operation '%s' (%d) is not implemented by nixyard", opName(op), op)
-}
-
-// skipBasicDerivation reads a BasicDerivation (§5.6) and drops it.
-func (c *conn) skipBasicDerivation() {
-	n := c.in.Count("outputs")
-	for i := 0; i < n && c.in.Err() == nil; i++ {
-		c.in.String("output name", wire.MaxSmallString)
-		c.in.String("output path", wire.MaxPathLen)
-		c.in.String("output hashAlgo", wire.MaxSmallString)
-		c.in.String("output hash", wire.MaxSmallString)
-	}
-	c.in.Paths("inputSrcs", c.dir)
-	c.in.String("platform", wire.MaxSmallString)
-	c.in.String("builder", wire.MaxPathLen)
-	args := c.in.Count("args")
-	for i := 0; i < args && c.in.Err() == nil; i++ {
-		c.in.String("arg", wire.MaxStringLen)
-	}
-	env := c.in.Count("env")
-	for i := 0; i < env && c.in.Err() == nil; i++ {
-		c.in.String("env name", wire.MaxSmallString)
-		c.in.String("env value", wire.MaxStringLen)
-	}
 }

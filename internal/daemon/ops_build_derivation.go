@@ -9,10 +9,27 @@ import (
 	"github.com/nixyard/nixyard/internal/build"
 	"github.com/nixyard/nixyard/internal/daemon/wire"
 	"github.com/nixyard/nixyard/internal/nix/derivation"
+	"github.com/nixyard/nixyard/internal/store"
 )
 
 // errNoBuilder is the failure of build ops on a daemon without a Builder.
 var errNoBuilder = errors.New("this nixyard daemon does not build (no builder configured)")
+
+// realisationJSON is r as the protocol sends a Realisation (§5.5), with
+// signatures as strings, as pre-2.35 clients read them.
+func realisationJSON(r store.Realisation) string {
+	sigs := r.Signatures
+	if sigs == nil {
+		sigs = []string{}
+	}
+	js, _ := json.Marshal(struct {
+		DependentRealisations map[string]string `json:"dependentRealisations"`
+		ID                    string            `json:"id"`
+		OutPath               string            `json:"outPath"`
+		Signatures            []string          `json:"signatures"`
+	}{map[string]string{}, r.ID(), r.Path.String(), sigs})
+	return string(js)
+}
 
 // opBuildDerivationHandler is BuildDerivation (op 36): build a derivation
 // the client sends whole (§5.6), as remote builders and `nix-store
@@ -55,13 +72,13 @@ func opBuildDerivationHandler(ctx context.Context, c *conn) error {
 		return err
 	}
 	c.stopWork()
-	c.writeBuildResult(res)
+	c.writeBuildResult(res, "")
 	return nil
 }
 
 // writeBuildResult writes an unkeyed BuildResult (§5.2), with its times
 // and builtOutputs in the old, dummy-hash form.
-func (c *conn) writeBuildResult(r build.Result) {
+func (c *conn) writeBuildResult(r build.Result, drvHash string) {
 	c.out.U64(uint64(r.Status))
 	c.out.String(r.ErrorMsg)
 	if c.minor >= 29 {
@@ -82,14 +99,12 @@ func (c *conn) writeBuildResult(r build.Result) {
 		m := map[string]string{}
 		if r.Status.Success() {
 			for name, p := range r.BuiltOutputs { // StringMap sorts
-				id := dummyDrvHash + "!" + name
-				js, _ := json.Marshal(struct {
-					DependentRealisations map[string]string `json:"dependentRealisations"`
-					ID                    string            `json:"id"`
-					OutPath               string            `json:"outPath"`
-					Signatures            []string          `json:"signatures"`
-				}{map[string]string{}, id, p.String(), []string{}})
-				m[id] = string(js)
+				h := drvHash
+				if h == "" {
+					h = dummyDrvHash
+				}
+				rl := store.Realisation{DrvHash: h, Output: name, Path: p}
+				m[rl.ID()] = realisationJSON(rl)
 			}
 		}
 		c.out.StringMap(m)

@@ -159,10 +159,18 @@ func TestOpsAndErrors(t *testing.T) {
 	if err != nil {
 		t.Errorf("BuildPathsWithResults(missing): %v", err)
 	}
-	// Not-implemented ops name themselves and keep the connection.
+	// A realisation nobody recorded: an empty set. A malformed id: an
+	// error that keeps the connection.
+	var n uint64
+	err = c.Do(wire.OpQueryRealisation, func(e *wire.Encoder) {
+		e.String("sha256:0000000000000000000000000000000000000000000000000000000000000000!out")
+	}, func(dd *wire.Decoder) { n = dd.U64("realisations") })
+	if err != nil || n != 0 {
+		t.Errorf("QueryRealisation(unknown) = %d realisations, %v; want none", n, err)
+	}
 	err = c.Do(wire.OpQueryRealisation, func(e *wire.Encoder) { e.String("sha256:00!out") }, nil)
-	if err == nil || !strings.Contains(err.Error(), "operation 'QueryRealisation' (43) is not implemented by nixyard") {
-		t.Errorf("QueryRealisation: %v", err)
+	if err == nil || !strings.Contains(err.Error(), "invalid derivation output id") {
+		t.Errorf("QueryRealisation(malformed): %v", err)
 	}
 	// An unknown op: error, then the daemon closes the connection.
 	err = c.Do(99, nil, nil)
@@ -278,6 +286,9 @@ func TestUntrusted(t *testing.T) {
 			fw.Close()
 		}, "not privileged to add logs"},
 		{"BuildPaths repair", wire.OpBuildPaths, func(e *wire.Encoder) { e.Strings(nil); e.U64(1) }, "trusted-users"},
+		{"RegisterDrvOutput", wire.OpRegisterDrvOutput, func(e *wire.Encoder) {
+			e.String(`{"id":"sha256:0000000000000000000000000000000000000000000000000000000000000000!out","outPath":"` + info.Path.String() + `"}`)
+		}, "not privileged to register realisations"},
 	} {
 		err := c.Do(tc.op, tc.args, nil)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
@@ -286,6 +297,58 @@ func TestUntrusted(t *testing.T) {
 	}
 	if _, err := c.IsValidPath(ctx, info.Path); err != nil {
 		t.Errorf("connection broken after refusals: %v", err)
+	}
+}
+
+// TestRealisations: RegisterDrvOutput then QueryRealisation, in both wire
+// forms; a second realisation of the same output must name the same path.
+func TestRealisations(t *testing.T) {
+	d := startDaemon(t, Options{})
+	ctx := context.Background()
+	c := dial(t, d, 1<<8|37)
+	info, data := testNAR(t, "realised", "an output")
+	if err := c.AddToStoreNar(ctx, info, bytes.NewReader(data), false, true); err != nil {
+		t.Fatal(err)
+	}
+	other, otherData := testNAR(t, "other", "another output")
+	if err := c.AddToStoreNar(ctx, other, bytes.NewReader(otherData), false, true); err != nil {
+		t.Fatal(err)
+	}
+	const drvHash = "sha256:1111111111111111111111111111111111111111111111111111111111111111"
+	register := func(c *client.Client, p storepath.Path, sig string) error {
+		return c.Do(wire.OpRegisterDrvOutput, func(e *wire.Encoder) {
+			if c.Minor < 31 {
+				e.String(drvHash + "!out")
+				e.String(p.String())
+				return
+			}
+			e.String(`{"id":"` + drvHash + `!out","outPath":"` + p.String() + `","signatures":["` + sig + `"]}`)
+		}, nil)
+	}
+	if err := register(c, info.Path, "k:one"); err != nil {
+		t.Fatalf("RegisterDrvOutput: %v", err)
+	}
+	if err := register(c, info.Path, "k:two"); err != nil {
+		t.Errorf("RegisterDrvOutput again, same path: %v", err)
+	}
+	if err := register(c, other.Path, "k:three"); err == nil || !strings.Contains(err.Error(), "another one locally") {
+		t.Errorf("RegisterDrvOutput of another path for the same output: %v", err)
+	}
+	var got []string
+	err := c.Do(wire.OpQueryRealisation, func(e *wire.Encoder) { e.String(drvHash + "!out") }, func(dd *wire.Decoder) {
+		got = dd.Strings("realisations", 1<<16)
+	})
+	want := `{"dependentRealisations":{},"id":"` + drvHash + `!out","outPath":"` + info.Path.String() + `","signatures":["k:one","k:two"]}`
+	if err != nil || len(got) != 1 || got[0] != want {
+		t.Errorf("QueryRealisation = %q, %v; want [%s]", got, err, want)
+	}
+	// Protocol 1.30: the output path alone.
+	old := dial(t, d, 1<<8|30)
+	err = old.Do(wire.OpQueryRealisation, func(e *wire.Encoder) { e.String(drvHash + "!out") }, func(dd *wire.Decoder) {
+		got = dd.Strings("paths", 4096)
+	})
+	if err != nil || len(got) != 1 || got[0] != c.Dir.Abs(info.Path) {
+		t.Errorf("QueryRealisation at 1.30 = %q, %v", got, err)
 	}
 }
 

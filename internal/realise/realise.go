@@ -55,6 +55,10 @@ type Result struct {
 	Status   Status
 	ErrorMsg string                    // "" on success
 	Outputs  map[string]storepath.Path // output name -> path, for derivation targets
+	// DrvHash is the derivation's hash modulo ("sha256:<base16>"), the
+	// first half of its outputs' realisation ids; set by
+	// RecordRealisations, "" if unknown.
+	DrvHash string
 	// Stopped: the target failed only because another one failed first
 	// and the client did not ask to keep going.
 	Stopped bool
@@ -131,6 +135,8 @@ type Manager struct {
 
 	mu   sync.Mutex
 	subs map[string]*substitute.Substituter
+
+	hashes *derivation.HashCache // hashes modulo of derivations, for realisations
 }
 
 // New checks cfg (every configured substituter must parse) and returns a
@@ -142,7 +148,8 @@ func New(cfg Config, st *store.Store, builder Builder) (*Manager, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	m := &Manager{cfg: cfg, st: st, builder: builder, log: cfg.Logger, subs: map[string]*substitute.Substituter{}}
+	m := &Manager{cfg: cfg, st: st, builder: builder, log: cfg.Logger, subs: map[string]*substitute.Substituter{},
+		hashes: derivation.NewHashCache(0)}
 	if _, err := m.substituter(cfg.Substituters, cfg.TrustedPublicKeys); err != nil {
 		return nil, fmt.Errorf("realise: substituters: %w", err)
 	}

@@ -75,7 +75,12 @@ type Store struct {
 	bigLock *os.File  // db/big-lock, held shared while open
 	fsSync  storeSync // see storeSync
 	db      *database
-	cache   infoCache // PathInfo of recently queried paths; see cache.go
+
+	// caSchemaMu guards caSchemaOK: whether the tables of realisations
+	// exist (ensureCASchema).
+	caSchemaMu sync.Mutex
+	caSchemaOK bool
+	cache      infoCache // PathInfo of recently queried paths; see cache.go
 
 	locks pathLocks // in-process half of the per-path locks
 
