@@ -33,6 +33,9 @@ func (r *Realiser) RecordRealisations(ctx context.Context, results []Result) {
 		}
 		res.DrvHash = h
 		for name, p := range res.Outputs {
+			if known, err := r.m.st.QueryRealisation(ctx, h, name); err == nil && known != nil && known.Path == p {
+				continue // recorded before: no write
+			}
 			if err := r.m.st.RegisterRealisation(ctx, store.Realisation{DrvHash: h, Output: name, Path: p}); err != nil {
 				r.m.log.Warn("cannot record a realisation", "drv", r.m.st.Dir().Abs(res.Target.Path), "output", name, "err", err)
 			}
