@@ -107,6 +107,15 @@ func TestCADerivationsClient(t *testing.T) {
 	if ents, err := os.ReadDir(filepath.Join(cache, "realisations")); err != nil || len(ents) == 0 {
 		t.Errorf("nix copy wrote no realisations to the cache (%v)", err)
 	}
+	// nix copy of the installable into a daemon registers its realisations
+	// there (RegisterDrvOutput).
+	d2 := newEnv(t).startDaemon(t, withConf("experimental-features = nix-command ca-derivations"))
+	d2.nix(t, ca(append([]string{"copy", "--no-check-sigs", "--from", d.url(), "--to", d2.url()}, fixture...)...)...)
+	if !d2.isValid(t, paths) {
+		t.Errorf("%s is not valid after nix copy", paths)
+	}
+	d2.verifyStopped(t)
+
 	d.verifyStopped(t)
 	// Real Nix opening the store itself finds the same realisations (the
 	// same table, and the same derivation hashes).
