@@ -290,7 +290,13 @@ func TestOptimise(t *testing.T) {
 	if st1.Nlink > 2 {
 		t.Errorf("one.txt has %d links, want at most 2", st1.Nlink)
 	}
-	// A collection reports what the links still save.
+	// A collection reports what the links still save, as Nix counts it:
+	// the second link of same.bin (64 KiB) less the .links directory's own
+	// block.
+	three := oneLine(t, "add", d.nixStore(t, "--add", d.mkTree(t, "opt/three", tree{"three.txt": "three"})))
+	if r := d.nixStoreRun(t, "--delete", three); r.err != nil || !strings.Contains(r.stderr, "note: currently hard linking saves 0.06 MiB") {
+		t.Errorf("nix-store --delete does not report the 0.06 MiB that hard linking saves:\n%s", r)
+	}
 	r := d.nixStoreRun(t, "--delete", two)
 	if r.err != nil || !regexp.MustCompile(`note: currently hard linking saves -?[0-9]+\.[0-9]{2} MiB`).MatchString(r.stderr) {
 		t.Errorf("nix-store --delete does not report what hard linking saves:\n%s", r)

@@ -2,8 +2,10 @@ package e2e
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -209,17 +211,30 @@ func TestSubstituteFallback(t *testing.T) {
 func TestSubstituteDeadCacheWarns(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	dead := "http://127.0.0.1:9"
+	dead := deadURL(t)
 	d := e.startDaemon(t, withConf("substituters = "+dead, "require-sigs = false"))
 	args := append([]string{"build", "--no-link", "-f"}, e.fixtureArgs(t, "dead-cache")...)
 	r := d.client("nix", args...).run(t)
 	if r.err != nil {
 		t.Fatalf("nix build with a dead cache failed:\n%s", r)
 	}
-	if !strings.Contains(r.stderr, "warning:") || !strings.Contains(r.stderr, dead) {
+	if !regexp.MustCompile(`(?m)^warning: .*` + regexp.QuoteMeta(dead)).MatchString(r.stderr) {
 		t.Errorf("nix build does not warn of the dead cache %s:\n%s", dead, r)
 	}
 	d.verifyStopped(t)
+}
+
+// deadURL returns the URL of a port on 127.0.0.1 that nothing listens on
+// (it was free a moment ago): connections to it are refused at once.
+func deadURL(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	return "http://" + addr
 }
 
 func TestSubstituteSignatures(t *testing.T) {
@@ -323,7 +338,7 @@ func TestSubstituteFaults(t *testing.T) {
 	srv := cachetest.New(cacheDir)
 	defer srv.Close()
 	// A dead upstream first: everything must come from the live one.
-	dead := "http://127.0.0.1:9"
+	dead := deadURL(t)
 	d := e.startDaemon(t, withConf("substituters = "+dead+" "+srv.URL, "require-sigs = false"))
 	for _, c := range cases {
 		f := fxs[c.name]

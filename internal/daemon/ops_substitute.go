@@ -161,12 +161,12 @@ func opQueryValidPathsHandler(ctx context.Context, c *conn) error {
 		}
 		prog := c.newProgress()
 		err = r.SubstitutePaths(ctx, ps, prog)
+		if err != nil && ctx.Err() == nil {
+			prog.Warn(err) // deduplicated with the lookups' warnings
+		}
 		prog.close()
-		if err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			c.tun.Log(lvlWarn, "warning: "+err.Error())
+		if ctx.Err() != nil {
+			return ctx.Err()
 		}
 	}
 	valid, err := c.st.QueryValidPaths(ctx, ps)

@@ -122,7 +122,17 @@ func (p *progress) Flush() {
 
 // Warn implements realise.Warner: the client gets each distinct failure
 // once per request, as a warning.
-func (p *progress) Warn(err error) { p.warn(err) }
+//
+// After close (the request has ended) it does nothing: a log line after
+// the request's last would corrupt the stream.
+func (p *progress) Warn(err error) {
+	p.mu.Lock()
+	done := p.done
+	p.mu.Unlock()
+	if !done {
+		p.warn(err)
+	}
+}
 
 func (p *progress) run() {
 	defer close(p.exit)

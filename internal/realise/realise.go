@@ -78,13 +78,16 @@ type Progress = substitute.Progress
 
 // Warner is implemented by a Progress whose caller wants to hear of the
 // failures a realisation works around, as Nix's warnings: a cache that
-// could not be read while deciding whether to substitute or build.
+// could not be read while deciding whether to substitute or build. Warn
+// is called from several goroutines at once.
 type Warner interface {
 	Warn(err error)
 }
 
 // Flusher is implemented by a Progress that delivers events later than
-// they happen: Flush returns once every event so far is delivered.
+// they happen: Flush returns once every event so far is delivered. The
+// Realiser calls it before the Builder starts, so that what the client
+// hears of substitutions comes before what it hears of builds.
 type Flusher interface {
 	Flush()
 }

@@ -6,6 +6,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"slices"
@@ -564,8 +565,11 @@ func (s *Store) deleteUnusedLinks(ctx context.Context) (saved *int64, err error)
 				return nil, fmt.Errorf("store: deleting %s: %w", p, err)
 			}
 		}
-		if rerr != nil {
+		if rerr == io.EOF {
 			break
+		}
+		if rerr != nil {
+			return nil, fmt.Errorf("store: reading %s: %w", links, rerr)
 		}
 	}
 	var st unix.Stat_t
