@@ -2,7 +2,6 @@ package daemon
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 
@@ -14,22 +13,6 @@ import (
 
 // errNoBuilder is the failure of build ops on a daemon without a Builder.
 var errNoBuilder = errors.New("this nixyard daemon does not build (no builder configured)")
-
-// realisationJSON is r as the protocol sends a Realisation (§5.5), with
-// signatures as strings, as pre-2.35 clients read them.
-func realisationJSON(r store.Realisation) string {
-	sigs := r.Signatures
-	if sigs == nil {
-		sigs = []string{}
-	}
-	js, _ := json.Marshal(struct {
-		DependentRealisations map[string]string `json:"dependentRealisations"`
-		ID                    string            `json:"id"`
-		OutPath               string            `json:"outPath"`
-		Signatures            []string          `json:"signatures"`
-	}{map[string]string{}, r.ID(), r.Path.String(), sigs})
-	return string(js)
-}
 
 // opBuildDerivationHandler is BuildDerivation (op 36): build a derivation
 // the client sends whole (§5.6), as remote builders and `nix-store

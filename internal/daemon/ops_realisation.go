@@ -33,6 +33,22 @@ func parseDrvOutput(s string) (drvHash, output string, err error) {
 	return parsed.StringBase16(), name, nil
 }
 
+// realisationJSON is r as the protocol sends a Realisation (§5.5), with
+// signatures as strings, as pre-2.35 clients read them.
+func realisationJSON(r store.Realisation) string {
+	sigs := r.Signatures
+	if sigs == nil {
+		sigs = []string{}
+	}
+	js, _ := json.Marshal(struct {
+		DependentRealisations map[string]string `json:"dependentRealisations"`
+		ID                    string            `json:"id"`
+		OutPath               string            `json:"outPath"`
+		Signatures            []string          `json:"signatures"`
+	}{map[string]string{}, r.ID(), r.Path.String(), sigs})
+	return string(js)
+}
+
 func opQueryRealisationHandler(ctx context.Context, c *conn) error {
 	id := c.in.String("drvOutput", wire.MaxSmallString)
 	if err := c.begin(wire.OpQueryRealisation); err != nil {
@@ -47,21 +63,18 @@ func opQueryRealisationHandler(ctx context.Context, c *conn) error {
 		return err
 	}
 	c.stopWork()
-	if c.minor < 31 {
-		if r == nil {
-			c.out.U64(0)
-		} else {
-			c.out.U64(1)
-			c.out.String(c.dir.Abs(r.Path))
-		}
-		return nil
-	}
+	// A set of at most one: before 1.31 the output path, then the
+	// realisation, with the id as the client wrote it.
 	if r == nil {
 		c.out.U64(0)
 		return nil
 	}
-	r.DrvHash = strings.TrimSuffix(id, "!"+output) // the id as the client wrote it
 	c.out.U64(1)
+	if c.minor < 31 {
+		c.out.String(c.dir.Abs(r.Path))
+		return nil
+	}
+	r.DrvHash = strings.TrimSuffix(id, "!"+output)
 	c.out.String(realisationJSON(*r))
 	return nil
 }

@@ -159,9 +159,10 @@ func (r *Realiser) Check(ctx context.Context, targets []store.DerivedPath, prog 
 
 // Repair realises targets in repair mode (BuildPaths with build mode
 // repair: `nix-store -r --repair`, `nix-build --repair`): what is not
-// valid is realised as usual, then every wanted path that is valid but
-// whose files no longer match its NAR hash is fetched again from the
-// caches and swapped in. Nix would rebuild such an output from its
+// valid is realised as usual, then every wanted path that was valid
+// already but whose files no longer match its NAR hash is fetched again
+// from the caches and swapped in. (A derivation's outputs substituted
+// just now are checked again with the rest.) Nix would rebuild such an output from its
 // derivation where no cache has it; nixyard reports it instead.
 func (r *Realiser) Repair(ctx context.Context, targets []store.DerivedPath, prog Progress) ([]Result, error) {
 	ctx = substitute.WithProgress(ctx, prog) // the repairs' downloads too
@@ -172,8 +173,9 @@ func (r *Realiser) Repair(ctx context.Context, targets []store.DerivedPath, prog
 	st := r.m.st
 	for i, t := range targets {
 		res := &results[i]
-		if !res.Status.Success() {
-			continue
+		switch {
+		case !res.Status.Success(), res.Status == Built, !t.Built && res.Status == Substituted:
+			continue // failed, or every path just built or fetched (and checked then)
 		}
 		paths := []storepath.Path{t.Path}
 		if t.Built {
