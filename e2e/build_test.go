@@ -222,8 +222,11 @@ func TestBuildFailures(t *testing.T) {
 				t.Errorf("stderr lacks %q:\n%s", want, stderr)
 			}
 		}
+		// The dependency's failure is logged by the daemon (its waiter
+		// fails too): laid out as Nix lays out an error, later lines
+		// indented under "error: ".
 		stderr = b.nixBuild(append(args, "-A", "needsFail", "--no-out-link")...).fails(t)
-		for _, want := range []string{"failed with exit code 3", "1 dependencies of derivation", "needs-fail.drv"} {
+		for _, want := range []string{"failed with exit code 3;\n       last 2 log lines:\n       > first-failing-line\n       > last-failing-line\n", "1 dependencies of derivation", "needs-fail.drv"} {
 			if !strings.Contains(stderr, want) {
 				t.Errorf("dependency failure: stderr lacks %q:\n%s", want, stderr)
 			}
@@ -249,6 +252,10 @@ func TestBuildFailures(t *testing.T) {
 		}
 		if st, err := os.Stat(m[1]); err != nil || !st.IsDir() {
 			t.Errorf("kept build directory %s: %v", m[1], err)
+		}
+		// Named as by Nix, where users look for it.
+		if !regexp.MustCompile(`^nix-build-fails\.drv-[0-9]+$`).MatchString(filepath.Base(m[1])) {
+			t.Errorf("kept build directory %s is not named as by Nix", m[1])
 		}
 	})
 }

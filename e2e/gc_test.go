@@ -177,9 +177,14 @@ func TestGarbageCollection(t *testing.T) {
 	d.nixStore(t, "--gc")
 	d.assertGone(t, "after the temp root's connection closed", temp)
 
-	// Removing the result symlink makes its indirect root stale.
+	// Removing the result symlink makes its indirect root stale: the
+	// daemon removes the link when it next looks for roots, and says so
+	// as nix-daemon does.
 	if err := os.Remove(result); err != nil {
 		t.Fatal(err)
+	}
+	if r := d.client("nix-store", "--gc", "--print-roots").run(t); r.err != nil || !strings.Contains(r.stderr, "removing stale link from '"+d.root+"/nix/var/nix/gcroots/auto/") || !strings.Contains(r.stderr, "' to '"+result+"'") {
+		t.Errorf("--print-roots after removing %s: no word of the stale link:\n%s", result, r)
 	}
 	d.nixStore(t, "--gc")
 	d.assertGone(t, "after removing the result symlink", top, dep)

@@ -8,9 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -132,7 +134,7 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 			return fail("home directory '%s' exists; please remove it to assure purity of builds without sandboxing", homeDir)
 		}
 	}
-	j.tmpDir, err = os.MkdirTemp(b.cfg.BuildDir, "nix-build-"+g.drv.Name+"-")
+	j.tmpDir, err = createBuildDir(b.cfg.BuildDir, g.drv.Name)
 	if err != nil {
 		return fail("building '%s': %v", j.drvAbs, err)
 	}
@@ -774,5 +776,25 @@ func filepathWalkChmod(p string) {
 	ents, _ := os.ReadDir(p)
 	for _, e := range ents {
 		filepathWalkChmod(p + "/" + e.Name())
+	}
+}
+
+// createBuildDir creates a build directory (mode 0700) under root (the
+// system's temporary directory if empty) and names it as Nix does, so
+// that users find what --keep-failed kept where they expect it:
+// nix-build-<name>.drv-<n>, with the first n from 0 that is free.
+func createBuildDir(root, name string) (string, error) {
+	if root == "" {
+		root = os.TempDir()
+	}
+	for n := 0; ; n++ {
+		dir := filepath.Join(root, fmt.Sprintf("nix-build-%s.drv-%d", name, n))
+		err := os.Mkdir(dir, 0o700)
+		if err == nil {
+			return dir, nil
+		}
+		if !errors.Is(err, fs.ErrExist) {
+			return "", fmt.Errorf("creating the build directory: %w", err)
+		}
 	}
 }

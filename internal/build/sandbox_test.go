@@ -218,8 +218,8 @@ func TestFailuresAndTimeouts(t *testing.T) {
 		t.Errorf("timeouts took %v", d)
 	}
 	// keep-failed kept the failed build's directory.
-	ents, _ := filepath.Glob(filepath.Join(e.root, "tmp", "nix-build-fail-*"))
-	if len(ents) != 1 {
+	ents, _ := filepath.Glob(filepath.Join(e.root, "tmp", "nix-build-*"))
+	if len(ents) != 1 || filepath.Base(ents[0]) != "nix-build-fail.drv-0" {
 		t.Errorf("kept build directories: %q", ents)
 	}
 }

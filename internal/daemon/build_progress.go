@@ -248,7 +248,7 @@ func (p *buildProgress) logFailures(top map[string]bool) {
 	p.post(false, func() {
 		for _, f := range p.failures {
 			if !top[f.drv] {
-				p.tun.Log(lvlError, "error: "+f.err.Error())
+				p.tun.Error(f.err.Error())
 			}
 		}
 	})
@@ -269,7 +269,7 @@ func (p *buildProgress) close() {
 		dropped := p.dropped
 		p.mu.Unlock()
 		if dropped > 0 {
-			p.tun.Log(lvlError, fmt.Sprintf("warning: %d lines of build output were not sent: the client did not read them in time", dropped))
+			p.tun.Warn(fmt.Sprintf("%d lines of build output were not sent: the client did not read them in time", dropped))
 		}
 		for _, m := range []map[string]uint64{p.hooks, p.acts} {
 			for drv, id := range m {

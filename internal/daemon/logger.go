@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -146,6 +147,53 @@ func (t *tunnel) Log(lvl Verbosity, text string) {
 	msg := appendU64(nil, wire.StderrNext)
 	msg = appendString(msg, text+"\n")
 	t.enqueue(msg)
+}
+
+// Nix's colours for the prefix of a logged error or warning. The client
+// strips them when its standard error is not a terminal.
+const (
+	ansiRed     = "\x1b[31;1m"
+	ansiWarning = "\x1b[35;1m"
+	ansiNormal  = "\x1b[0m"
+)
+
+// Error logs msg at error level as nix-daemon logs an error that does not
+// end the op (Nix's showErrorInfo): a red "error:" before the first line,
+// the later lines indented under it.
+func (t *tunnel) Error(msg string) { t.Log(lvlError, nixErrorText(msg)) }
+
+// Warn logs msg at warning level as nix-daemon logs a warning: a magenta
+// "warning:" before it.
+func (t *tunnel) Warn(msg string) { t.Log(lvlWarn, ansiWarning+"warning:"+ansiNormal+" "+msg) }
+
+// LogText logs text that carries Nix's plain prefix, "error: " or
+// "warning: ", the way Error or Warn would; other text goes as it is, at
+// lvl. It is for messages made below the daemon (the store's verify).
+func (t *tunnel) LogText(lvl Verbosity, text string) {
+	if rest, ok := strings.CutPrefix(text, "error: "); ok {
+		t.Error(rest)
+	} else if rest, ok := strings.CutPrefix(text, "warning: "); ok {
+		t.Warn(rest)
+	} else {
+		t.Log(lvl, text)
+	}
+}
+
+// nixErrorText formats msg as Nix's showErrorInfo does: "error: " (in
+// red) before the first line, every later line indented by the width of
+// that prefix, trailing white space dropped from each line.
+func nixErrorText(msg string) string {
+	const indent = "       " // len("error: ")
+	var b strings.Builder
+	b.WriteString(ansiRed + "error:" + ansiNormal + " ")
+	for i, line := range strings.Split(strings.TrimRight(msg, " \t\n"), "\n") {
+		if i > 0 {
+			b.WriteString("\n")
+			line = indent + line
+		}
+		b.WriteString(strings.TrimRight(line, " \t"))
+	}
+	return b.String()
 }
 
 // StartActivity starts an activity and returns its id. Clients older than

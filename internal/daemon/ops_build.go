@@ -148,7 +148,7 @@ func opBuildPathsHandler(ctx context.Context, c *conn) error {
 		var cf *realise.CombinedFailure
 		if errors.As(err, &cf) {
 			for _, m := range cf.Failures {
-				c.tun.Log(lvlError, "error: "+m)
+				c.tun.Error(m)
 			}
 		}
 		return err

@@ -76,7 +76,7 @@ func opFindRootsHandler(ctx context.Context, c *conn) error {
 	if err := c.begin(wire.OpFindRoots); err != nil {
 		return err
 	}
-	roots, err := c.st.FindRoots(ctx, !c.peer.trusted)
+	roots, err := c.st.FindRoots(ctx, !c.peer.trusted, func(msg string) { c.tun.Log(lvlInfo, msg) })
 	if err != nil {
 		return fmt.Errorf("finding GC roots: %w", err)
 	}
@@ -171,7 +171,7 @@ func opVerifyStoreHandler(ctx context.Context, c *conn) error {
 			repairPath = r.RepairPath
 		}
 	}
-	errorsFound, err := c.st.VerifyStore(ctx, checkContents, repair, repairPath, func(msg string) { c.tun.Log(lvlError, msg) })
+	errorsFound, err := c.st.VerifyStore(ctx, checkContents, repair, repairPath, func(msg string) { c.tun.LogText(lvlError, msg) })
 	if err != nil {
 		return fmt.Errorf("verifying the store: %w", err)
 	}

@@ -22,13 +22,13 @@ func (c *conn) warnFunc() func(error) {
 		seen = map[string]bool{}
 	)
 	return func(err error) {
-		msg := "warning: " + err.Error()
+		msg := err.Error()
 		mu.Lock()
 		dup := seen[msg]
 		seen[msg] = true
 		mu.Unlock()
 		if !dup {
-			c.tun.Log(lvlWarn, msg)
+			c.tun.Warn(msg)
 		}
 	}
 }

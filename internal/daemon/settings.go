@@ -107,7 +107,7 @@ func (c *conn) filterSubstituters(value string) string {
 		case !strings.HasSuffix(s, "/") && trusted[s+"/"]:
 			keep = append(keep, s+"/")
 		default:
-			c.tun.Log(lvlWarn, fmt.Sprintf("warning: ignoring untrusted substituter '%s'", s))
+			c.tun.Warn(fmt.Sprintf("ignoring untrusted substituter '%s'", s))
 		}
 	}
 	return strings.Join(keep, " ")

@@ -227,7 +227,7 @@ func (p *progress) write(e substitute.Event) {
 		}
 		delete(p.ids, e.ID)
 		if e.Type == substitute.ActSubstitute && e.Err != nil {
-			tun.Log(lvlError, fmt.Sprintf("error: substituting '%s' from '%s': %v", abs, e.Upstream, e.Err))
+			tun.Error(fmt.Sprintf("substituting '%s' from '%s': %v", abs, e.Upstream, e.Err))
 		}
 		tun.StopActivity(id)
 	}

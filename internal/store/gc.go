@@ -109,7 +109,7 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 	log("finding garbage collector roots...")
 	if !opts.IgnoreLiveness {
 		rs := rootSet{}
-		if err := s.findRootsNoTemp(ctx, rs, true); err != nil {
+		if err := s.findRootsNoTemp(ctx, rs, true, log); err != nil {
 			return nil, err
 		}
 		for p := range rs {

@@ -52,7 +52,8 @@ func TestGCRoots(t *testing.T) {
 		t.Fatal(got, err)
 	}
 	// A stale indirect root is removed.
-	if err := s.AddIndirectRoot(ctx, filepath.Join(t.TempDir(), "gone")); err != nil {
+	gone := filepath.Join(t.TempDir(), "gone")
+	if err := s.AddIndirectRoot(ctx, gone); err != nil {
 		t.Fatal(err)
 	}
 	ss := s.OpenSession()
@@ -87,16 +88,27 @@ func TestGCRoots(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 
-	roots, err := s.FindRoots(ctx, false)
+	var found []string
+	roots, err := s.FindRoots(ctx, false, func(m string) { found = append(found, m) })
 	if err != nil {
 		t.Fatal(err)
+	}
+	// The stale indirect root is removed, and the caller told as by Nix.
+	autoLinks, _ := filepath.Glob(filepath.Join(state, "gcroots", "auto", "*"))
+	for _, l := range autoLinks {
+		if target, _ := os.Readlink(l); target == gone {
+			t.Errorf("stale link %s was not removed", l)
+		}
+	}
+	if len(found) != 1 || !strings.HasPrefix(found[0], "removing stale link from '"+filepath.Join(state, "gcroots", "auto")+"/") || !strings.HasSuffix(found[0], "' to '"+gone+"'") {
+		t.Errorf("logged %q, want the stale link's removal", found)
 	}
 	for _, p := range []storepath.Path{byLink, byProfile, byIndirect, bySession, byOther} {
 		if len(roots[p]) == 0 {
 			t.Errorf("%s is not a root: %v", p, roots)
 		}
 	}
-	if c, _ := s.FindRoots(ctx, true); !slices.Equal(c[bySession], []string{censored}) || c[byLink][0] != filepath.Join(state, "gcroots/x/link") {
+	if c, _ := s.FindRoots(ctx, true, nil); !slices.Equal(c[bySession], []string{censored}) || c[byLink][0] != filepath.Join(state, "gcroots/x/link") {
 		t.Errorf("censored roots: %v", c)
 	}
 

@@ -43,10 +43,12 @@ func (s *Store) inStore(abs string) bool {
 // roots), the store paths that running processes use, and temporary roots
 // of live processes, including our sessions. With censor, the process and
 // temporary roots are reported as "{censored}", as Nix does for untrusted
-// clients. Only valid paths are returned.
-func (s *Store) FindRoots(ctx context.Context, censor bool) (map[storepath.Path][]string, error) {
+// clients. Only valid paths are returned. A stale link under gcroots/auto
+// (its target gone) is removed, and log (if not nil) is told, as Nix tells
+// the client.
+func (s *Store) FindRoots(ctx context.Context, censor bool, log func(msg string)) (map[storepath.Path][]string, error) {
 	roots := rootSet{}
-	if err := s.findRootsNoTemp(ctx, roots, censor); err != nil {
+	if err := s.findRootsNoTemp(ctx, roots, censor, log); err != nil {
 		return nil, err
 	}
 	pid := os.Getpid()
@@ -78,10 +80,13 @@ func (s *Store) FindRoots(ctx context.Context, censor bool) (map[storepath.Path]
 }
 
 // findRootsNoTemp finds the permanent and runtime roots (Nix's
-// findRootsNoTemp).
-func (s *Store) findRootsNoTemp(ctx context.Context, roots rootSet, censor bool) error {
+// findRootsNoTemp), telling log about stale links it removes.
+func (s *Store) findRootsNoTemp(ctx context.Context, roots rootSet, censor bool, log func(msg string)) error {
+	if log == nil {
+		log = func(string) {}
+	}
 	for _, d := range []string{s.stateFile("gcroots"), s.stateFile("profiles")} {
-		if err := s.findRootsIn(ctx, d, 0, roots, 0); err != nil {
+		if err := s.findRootsIn(ctx, d, 0, roots, 0, log); err != nil {
 			return err
 		}
 	}
@@ -93,7 +98,7 @@ func (s *Store) findRootsNoTemp(ctx context.Context, roots rootSet, censor bool)
 const maxRootDepth = 64
 
 // findRootsIn walks one potential root as Nix's findRoots does.
-func (s *Store) findRootsIn(ctx context.Context, path string, typ fs.FileMode, roots rootSet, depth int) error {
+func (s *Store) findRootsIn(ctx context.Context, path string, typ fs.FileMode, roots rootSet, depth int, log func(string)) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -146,7 +151,7 @@ func (s *Store) findRootsIn(ctx context.Context, path string, typ fs.FileMode, r
 			if t == 0 {
 				t = fs.ModeIrregular
 			}
-			if err := s.findRootsIn(ctx, path+"/"+e.Name(), t, roots, depth+1); err != nil {
+			if err := s.findRootsIn(ctx, path+"/"+e.Name(), t, roots, depth+1, log); err != nil {
 				return err
 			}
 		}
@@ -168,8 +173,10 @@ func (s *Store) findRootsIn(ctx context.Context, path string, typ fs.FileMode, r
 		st, err := os.Lstat(target)
 		if errors.Is(err, fs.ErrNotExist) {
 			if isInDir(path, s.stateFile("gcroots", "auto")) {
-				s.log.Info("removing stale link", "link", path, "target", target)
-				os.Remove(path)
+				log(fmt.Sprintf("removing stale link from '%s' to '%s'", path, target))
+				if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+					s.log.Warn("removing stale link", "link", path, "err", err)
+				}
 			}
 			return nil
 		}
