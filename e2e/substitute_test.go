@@ -772,6 +772,74 @@ func TestSubstituteAllowSubstitutes(t *testing.T) {
 	}
 }
 
+// TestSubstituteBuildInputs: building a derivation whose inputs a cache
+// has fetches those inputs, each NAR once, instead of building them, as
+// Nix does, with nix-build and with nix build; the fetches are shown
+// before the build that needs them. With substitutes off they are built.
+func TestSubstituteBuildInputs(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	args := e.expr(t, "inputs", `rec {
+  dep = mk { name = "cached-dep"; script = "echo dep > $out"; };
+  mid = mk { name = "cached-mid"; inherit dep; script = "echo mid $dep > $out"; };
+  top = mk { name = "top"; inherit mid; script = "echo top $mid > $out"; };
+}`)
+	other := e.otherStore("src")
+	cacheDir := filepath.Join(e.dir, "cache")
+	mid := oneLine(t, "mid", e.cmd("nix-build", append(args, "-A", "mid", "--no-out-link", "--store", other)...).ok(t))
+	e.fillCache(t, other, cacheDir, "zstd", "", mid)
+	srv := cachetest.New(cacheDir)
+	defer srv.Close()
+	midNAR := narURL(t, cacheDir, mid)
+	// Each build goes to a daemon on an empty store of its own.
+	fresh := func() *buildEnv {
+		de := newEnv(t)
+		de.nonce = e.nonce
+		return de.startBuildDaemon(t, "substituters = "+srv.URL, "require-sigs = false")
+	}
+
+	for i, build := range []func(b *buildEnv) *command{
+		func(b *buildEnv) *command { return b.nixBuild(append(args, "-A", "top", "--no-out-link")...) },
+		func(b *buildEnv) *command {
+			return b.client("nix", append([]string{"build", "-f"}, append(args, "top", "--no-link", "--json")...)...)
+		},
+	} {
+		b := fresh()
+		r := build(b).run(t)
+		if r.err != nil {
+			t.Fatalf("build %d:\n%s", i, r)
+		}
+		top := strings.TrimSpace(r.stdout)
+		if m := regexp.MustCompile(`"out":"([^"]+)"`).FindStringSubmatch(top); m != nil {
+			top = m[1] // nix build --json
+		}
+		if got, err := os.ReadFile(b.realPath(top)); err != nil || string(got) != "top "+mid+"\n" {
+			t.Errorf("build %d: %s holds %q (%v)", i, top, got, err)
+		}
+		if regexp.MustCompile(`building '[^']*-cached-`).MatchString(r.stderr) {
+			t.Errorf("build %d built an input that the cache has:\n%s", i, r)
+		}
+		fetched := strings.Index(r.stderr, "copying path '"+mid+"'")
+		built := strings.Index(r.stderr, "-top.drv'...")
+		if fetched < 0 || built < fetched {
+			t.Errorf("build %d: want the input's fetch shown before the build:\n%s", i, r)
+		}
+		if n := srv.Count(midNAR); n != i+1 {
+			t.Errorf("build %d: %d GETs of the input's NAR in all, want %d", i, n, i+1)
+		}
+		b.verifyStopped(t)
+	}
+
+	b := fresh()
+	r := b.nixBuild(append(args, "-A", "top", "--no-out-link", "--option", "substitute", "false")...).run(t)
+	if r.err != nil || !regexp.MustCompile(`building '[^']*-cached-mid\.drv'`).MatchString(r.stderr) {
+		t.Errorf("with substitutes off, the input was not built:\n%s", r)
+	}
+	if n := srv.Count(midNAR); n != 2 {
+		t.Errorf("with substitutes off: %d GETs of the input's NAR in all, want 2", n)
+	}
+}
+
 // TestSubstituteCheck: nix-build --check of a derivation whose output is
 // not valid but in a cache substitutes it, then builds again and compares.
 func TestSubstituteCheck(t *testing.T) {

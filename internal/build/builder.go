@@ -117,9 +117,6 @@ type Config struct {
 	LogLines int
 	// Logger receives the builder's own diagnostics; nil discards them.
 	Logger *slog.Logger
-	// Substituter, if not nil, is asked for the outputs of a derivation
-	// before it is built.
-	Substituter Substituter
 	// System is the platform builders run on (nix.conf system, e.g.
 	// "x86_64-linux"); ExtraPlatforms are others they can run
 	// (extra-platforms). A derivation for another platform is refused,
@@ -163,8 +160,8 @@ type Config struct {
 	NetrcFile string
 }
 
-// Substituter is the hook through which binary caches are asked for
-// outputs before building. It must be safe for concurrent use.
+// Substituter is the hook through which a caller's binary caches are
+// asked for outputs before building. It must be safe for concurrent use.
 type Substituter interface {
 	// Substitutable returns those of paths some substituter has (any
 	// order). An error means none can be substituted.
@@ -200,8 +197,12 @@ type ClientOptions struct {
 	// other caller waits for: the request's other targets, and the other
 	// inputs of a derivation whose input failed.
 	KeepGoing bool
-	// UseSubstitutes asks Config.Substituter before building.
-	UseSubstitutes bool
+	// Substituter, if not nil, is asked for the outputs of every
+	// derivation before it is built, the inputs of the requested ones
+	// included, as Nix substitutes what it can before it builds; and for
+	// plain input paths that are not valid. nil: everything missing is
+	// built.
+	Substituter Substituter
 	// Mode: ModeNormal or ModeCheck (sandboxed builds only); ModeRepair is
 	// refused.
 	Mode BuildMode

@@ -143,8 +143,8 @@ func (c *call) realiseOpaque(ctx context.Context, req store.DerivedPath) Result 
 	if ok {
 		return Result{Path: req, Status: AlreadyValid}
 	}
-	if b.cfg.Substituter != nil && c.opts.UseSubstitutes {
-		if err := b.cfg.Substituter.Realise(ctx, []storepath.Path{req.Path}); err == nil {
+	if c.opts.Substituter != nil {
+		if err := c.opts.Substituter.Realise(ctx, []storepath.Path{req.Path}); err == nil {
 			return Result{Path: req, Status: Substituted}
 		} else {
 			b.log.Warn("substitution failed", "path", b.abs(req.Path), "err", err)
@@ -415,7 +415,7 @@ func (g *goal) realise(ctx context.Context) Result {
 	}
 	// A check (--check) needs the outputs valid to compare with: it
 	// substitutes the missing ones, then builds again.
-	if b.cfg.Substituter != nil && g.owner.opts.UseSubstitutes && allowSubst {
+	if g.owner.opts.Substituter != nil && allowSubst {
 		if r, ok := g.trySubstitute(ctx, outPaths); ok && !(g.check && r.Status.Success()) {
 			return r
 		}
@@ -567,11 +567,12 @@ func (g *goal) trySubstitute(ctx context.Context, outs map[string]storepath.Path
 	if len(need) == 0 {
 		return Result{Status: AlreadyValid}, true
 	}
-	have, err := b.cfg.Substituter.Substitutable(ctx, need)
+	subst := g.owner.opts.Substituter
+	have, err := subst.Substitutable(ctx, need)
 	if err != nil || len(have) < len(need) {
 		return Result{}, false
 	}
-	if err := b.cfg.Substituter.Realise(ctx, need); err != nil {
+	if err := subst.Realise(ctx, need); err != nil {
 		if g.owner.opts.TryFallback {
 			b.log.Warn("substitution failed, building", "drv", b.abs(g.drvPath), "err", err)
 			return Result{}, false

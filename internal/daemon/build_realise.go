@@ -31,9 +31,10 @@ func withBuildRequest(ctx context.Context, opts build.ClientOptions, prog build.
 }
 
 // Build implements realise.Builder.
-func (rb realiseBuilder) Build(ctx context.Context, targets []store.DerivedPath, session *store.Session) ([]realise.Result, error) {
+func (rb realiseBuilder) Build(ctx context.Context, targets []store.DerivedPath, session *store.Session, subst realise.BuildSubstituter) ([]realise.Result, error) {
 	req, _ := ctx.Value(buildRequestKey{}).(buildRequest)
 	req.opts.Session = session
+	req.opts.Substituter = subst
 	res, err := rb.b.Build(ctx, targets, req.opts, req.prog)
 	if err != nil {
 		return nil, err
@@ -61,13 +62,12 @@ func (rb realiseBuilder) Build(ctx context.Context, targets []store.DerivedPath,
 func (c *conn) buildOptions(mode uint64) build.ClientOptions {
 	s := c.opts
 	o := build.ClientOptions{
-		MaxSilentTime:  time.Duration(s.MaxSilentTime) * time.Second,
-		KeepFailed:     s.KeepFailed,
-		TryFallback:    s.TryFallback,
-		KeepGoing:      s.KeepGoing,
-		UseSubstitutes: s.UseSubstitutes,
-		Mode:           build.BuildMode(mode),
-		Session:        c.session,
+		MaxSilentTime: time.Duration(s.MaxSilentTime) * time.Second,
+		KeepFailed:    s.KeepFailed,
+		TryFallback:   s.TryFallback,
+		KeepGoing:     s.KeepGoing,
+		Mode:          build.BuildMode(mode),
+		Session:       c.session,
 	}
 	if s.MaxJobsSet {
 		o.MaxJobs = int(min(s.MaxBuildJobs, 1<<20))

@@ -69,7 +69,19 @@ type Result struct {
 type Builder interface {
 	// Build realises targets (derivation outputs) and returns one Result
 	// per target, in order. session gets temporary roots on the outputs.
-	Build(ctx context.Context, targets []store.DerivedPath, session *store.Session) ([]Result, error)
+	// subst, if not nil, is asked for the outputs of every derivation
+	// before it is built, the targets' inputs included.
+	Build(ctx context.Context, targets []store.DerivedPath, session *store.Session, subst BuildSubstituter) ([]Result, error)
+}
+
+// BuildSubstituter is how a Builder reaches a client's binary caches: it
+// asks for the outputs of each derivation before building it, as Nix
+// does, so that the inputs of a build come from the caches that have them.
+type BuildSubstituter interface {
+	// Substitutable returns those of paths some cache has (any order).
+	Substitutable(ctx context.Context, paths []storepath.Path) ([]storepath.Path, error)
+	// Realise makes paths and their closures valid by substitution.
+	Realise(ctx context.Context, paths []storepath.Path) error
 }
 
 // Progress receives the activities of the substitutions a caller waits
@@ -86,8 +98,9 @@ type Warner interface {
 
 // Flusher is implemented by a Progress that delivers events later than
 // they happen: Flush returns once every event so far is delivered. The
-// Realiser calls it before the Builder starts, so that what the client
-// hears of substitutions comes before what it hears of builds.
+// Realiser calls it before the Builder starts and after each substitution
+// the Builder asks for, so that what the client hears of substitutions
+// comes before what it hears of the builds that follow them.
 type Flusher interface {
 	Flush()
 }

@@ -80,10 +80,8 @@ func (r *Realiser) Realise(ctx context.Context, targets []store.DerivedPath, pro
 // indexes idx in results. What the client has heard of the substitutions
 // so far (one that failed before a fallback, say) is delivered first.
 func (r *Realiser) buildInto(ctx context.Context, results []Result, targets []store.DerivedPath, idx []int, prog Progress) error {
-	if f, ok := prog.(Flusher); ok {
-		f.Flush()
-	}
-	built, err := r.m.builder.Build(ctx, targets, r.session)
+	flush(prog)
+	built, err := r.m.builder.Build(ctx, targets, r.session, r.buildSubstituter(prog))
 	if err != nil {
 		return fmt.Errorf("realise: %w", err)
 	}
@@ -541,3 +539,41 @@ type CombinedFailure struct {
 }
 
 func (e *CombinedFailure) Error() string { return e.msg }
+
+// buildSubstituter returns what the Builder asks for the outputs of the
+// derivations it would build: the client's caches, with its progress,
+// warnings and temporary roots. nil when the client uses no caches.
+func (r *Realiser) buildSubstituter(prog Progress) BuildSubstituter {
+	if r.sub == nil {
+		return nil
+	}
+	return buildSubstituter{r: r, prog: prog}
+}
+
+type buildSubstituter struct {
+	r    *Realiser
+	prog Progress
+}
+
+// Substitutable implements BuildSubstituter.
+func (s buildSubstituter) Substitutable(ctx context.Context, paths []storepath.Path) ([]storepath.Path, error) {
+	infos, err := s.r.QuerySubstitutable(ctx, paths, warnerOf(s.prog))
+	if err != nil {
+		return nil, err
+	}
+	return slices.Collect(maps.Keys(infos)), nil
+}
+
+// Realise implements BuildSubstituter.
+func (s buildSubstituter) Realise(ctx context.Context, paths []storepath.Path) error {
+	_, err := s.r.substitute(ctx, paths, s.prog)
+	flush(s.prog)
+	return err
+}
+
+// flush delivers what prog has queued, if it queues (see Flusher).
+func flush(prog Progress) {
+	if f, ok := prog.(Flusher); ok {
+		f.Flush()
+	}
+}
