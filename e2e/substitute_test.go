@@ -258,10 +258,14 @@ func TestSubstituteSignatures(t *testing.T) {
 	opt := func(subs, keys string) []string {
 		return []string{"--option", "substituters", subs, "--option", "trusted-public-keys", keys}
 	}
-	// Wrong key: refused, nothing registered, nothing downloaded.
+	// Wrong key: refused, nothing registered, nothing downloaded, and the
+	// client told why, in nix-daemon's words.
 	r := d.nixStoreRun(t, append([]string{"-r", out}, opt(sSrv.URL, wrongPub)...)...)
 	if r.err == nil {
 		t.Fatalf("substitution with the wrong key succeeded:\n%s", r)
+	}
+	if want := "warning: the substitute for '" + out + "' from '" + sSrv.URL + "' is not signed by any of the keys in 'trusted-public-keys'"; !strings.Contains(r.stderr, want) {
+		t.Errorf("no warning %q:\n%s", want, r)
 	}
 	// Unsigned input-addressed paths: refused.
 	if r := d.nixStoreRun(t, append([]string{"-r", out}, opt(uSrv.URL, pub)...)...); r.err == nil {

@@ -199,6 +199,9 @@ type conn struct {
 	tun     *tunnel
 	session *store.Session
 	opts    clientSettings
+
+	warnMu sync.Mutex
+	warned map[string]bool // warnings sent (see warnFunc)
 }
 
 // serve runs one connection: handshake, then ops until EOF or an error

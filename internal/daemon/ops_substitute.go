@@ -3,7 +3,6 @@ package daemon
 import (
 	"context"
 	"fmt"
-	"sync"
 
 	"github.com/nixyard/nixyard/internal/daemon/wire"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
@@ -13,25 +12,31 @@ import (
 
 // warnFunc reports failed cache lookups to the client as warnings, as Nix
 // does with --fallback (without it, Nix fails the query; nixyard treats
-// an upstream that keeps failing as not having the path). Each distinct
-// message goes once per request: a cache that cannot be reached fails
-// every lookup of it with the same words.
+// an upstream that keeps failing as not having the path), and narinfos
+// that no trusted key signed. Each distinct message goes once per
+// connection: a cache that cannot be reached fails every lookup of it
+// with the same words, and a client asks QueryMissing, then BuildPaths,
+// about the same paths.
 func (c *conn) warnFunc() func(error) {
-	var (
-		mu   sync.Mutex
-		seen = map[string]bool{}
-	)
 	return func(err error) {
 		msg := err.Error()
-		mu.Lock()
-		dup := seen[msg]
-		seen[msg] = true
-		mu.Unlock()
+		c.warnMu.Lock()
+		dup := c.warned[msg]
+		if !dup && len(c.warned) < maxWarned {
+			if c.warned == nil {
+				c.warned = map[string]bool{}
+			}
+			c.warned[msg] = true
+		}
+		c.warnMu.Unlock()
 		if !dup {
 			c.tun.Warn(msg)
 		}
 	}
 }
+
+// maxWarned bounds the warnings a connection remembers having sent.
+const maxWarned = 1024
 
 // querySubstitutable asks the substituters which of ps they have, with
 // failed lookups sent as warnings, and stops the work started by the

@@ -286,7 +286,8 @@ type SubstitutableInfo struct {
 
 // QuerySubstitutable returns the narinfos of those of paths that some
 // cache has (whether valid locally or not). Lookups run in parallel;
-// a failed lookup counts as "not there" and is passed to warn (may be nil).
+// a failed lookup counts as "not there" and is passed to warn (may be nil),
+// as is a narinfo that no trusted key signed.
 func (r *Realiser) QuerySubstitutable(ctx context.Context, paths []storepath.Path, warn func(error)) (map[storepath.Path]SubstitutableInfo, error) {
 	out := map[storepath.Path]SubstitutableInfo{}
 	if r.sub == nil {
@@ -307,6 +308,8 @@ func (r *Realiser) QuerySubstitutable(ctx context.Context, paths []storepath.Pat
 			switch {
 			case err == nil:
 				out[p] = SubstitutableInfo{Deriver: info.Deriver, References: info.References, DownloadSize: info.FileSize, NarSize: info.NarSize}
+			case errors.Is(err, substitute.ErrUntrusted) && warn != nil:
+				warn(err) // as Nix warns: the cache has it, unsigned
 			case errors.Is(err, substitute.ErrNotFound), ctx.Err() != nil:
 			case warn != nil:
 				warn(err)

@@ -23,7 +23,7 @@ type Missing struct {
 	// DownloadSize sums FileSize, NarSize sums NarSize over WillSubstitute.
 	DownloadSize, NarSize uint64
 	// Errors are the failed lookups behind Unknown paths, other than "not
-	// there", for the client's warnings.
+	// there" (but with "there, unsigned"), for the client's warnings.
 	Errors []error
 }
 
@@ -37,7 +37,7 @@ func (s *Substituter) QueryMissing(ctx context.Context, paths []storepath.Path) 
 	err := s.walk(ctx, paths, func(p storepath.Path, info *Info, err error) {
 		if err != nil {
 			m.Unknown = append(m.Unknown, p)
-			if !errors.Is(err, ErrNotFound) {
+			if !errors.Is(err, ErrNotFound) || errors.Is(err, ErrUntrusted) {
 				errs = append(errs, err)
 			}
 			return
@@ -289,7 +289,7 @@ func (s *Substituter) fetchPath(ctx context.Context, p storepath.Path, h *hub) e
 			continue
 		}
 		if err == nil && !s.trusted(info) {
-			err = fmt.Errorf("the substitute for %s from %s is %w", abs, up.base, ErrUntrusted)
+			err = &untrustedError{path: abs, upstream: up.base}
 			s.log.Warn("refusing untrusted substitute", "path", abs, "upstream", up.base)
 		}
 		if err == nil {
@@ -315,7 +315,6 @@ func (s *Substituter) fetchPath(ctx context.Context, p storepath.Path, h *hub) e
 func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h *hub) error {
 	subID := s.actID.Add(1)
 	h.emit(Event{Kind: EventStart, Type: ActSubstitute, ID: subID, Path: info.StorePath, Upstream: up.base})
-	narURL := up.urlOf(info.URL)
 	err := s.retry(ctx, up, info.URL, func(ctx context.Context) error {
 		release, err := s.acquireSlot(ctx)
 		if err != nil {
@@ -327,11 +326,21 @@ func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h 
 		})
 	})
 	if errors.Is(err, errNotFound) {
-		err = fmt.Errorf("narinfo of %s points at a missing NAR %s: %w", info.StorePath, narURL, err)
+		err = &missingNARError{url: up.urlOf(info.URL), upstream: up.base}
 	}
 	h.emit(Event{Kind: EventStop, Type: ActSubstitute, ID: subID, Path: info.StorePath, Upstream: up.base, Err: err})
 	return err
 }
+
+// missingNARError says, in Nix's words, that the NAR a narinfo points at
+// is not in its cache, naming the NAR by its URL. It is errNotFound.
+type missingNARError struct{ url, upstream string }
+
+func (e *missingNARError) Error() string {
+	return fmt.Sprintf("file '%s' does not exist in binary cache '%s'", e.url, e.upstream)
+}
+
+func (e *missingNARError) Unwrap() error { return errNotFound }
 
 // acquireSlot waits for one of the MaxJobs download slots; release (safe
 // to call more than once) gives it back.

@@ -318,7 +318,7 @@ func TestMissingNar(t *testing.T) {
 	// Alone: a clear error naming the NAR URL.
 	s := newSub(t, newMemStore(), newClock(), []string{a.URL}, nil)
 	err := s.Realise(context.Background(), []storepathT{fixRoot}, nil)
-	if err == nil || !strings.Contains(err.Error(), "missing NAR "+a.URL+"/"+bigNar) {
+	if err == nil || !strings.Contains(err.Error(), "file '"+a.URL+"/"+bigNar+"' does not exist in binary cache '"+a.URL+"'") {
 		t.Fatalf("err = %v, want a missing-NAR error naming the URL", err)
 	}
 
@@ -527,7 +527,7 @@ func TestRealiseMissingEachStopsOnlyReferrers(t *testing.T) {
 	// big fails; c, which references it, fails with big's error and is
 	// never fetched; a and b, which do not need big, are fetched.
 	for _, p := range []storepathT{fixBig, fixRoot} {
-		if err := failed[p]; err == nil || !strings.Contains(err.Error(), "missing NAR") {
+		if err := failed[p]; err == nil || !strings.Contains(err.Error(), "does not exist in binary cache") {
 			t.Errorf("error of %s = %v, want the missing-NAR error of big", p, err)
 		}
 	}

@@ -28,7 +28,20 @@ var ErrNotFound = errors.New("path not available from any substituter")
 
 // ErrUntrusted is wrapped (with ErrNotFound) when upstreams have the path
 // but none with a signature by a trusted key.
-var ErrUntrusted = errors.New("not signed by any of the keys in trusted-public-keys")
+var ErrUntrusted = errors.New("not signed by any of the keys in 'trusted-public-keys'")
+
+// untrustedError says, in Nix's words, that upstream has path but no
+// trusted key signed its narinfo. It is ErrUntrusted and ErrNotFound: the
+// path is not there for us, and the client is warned why.
+type untrustedError struct{ path, upstream string }
+
+func (e *untrustedError) Error() string {
+	return fmt.Sprintf("the substitute for '%s' from '%s' is %v", e.path, e.upstream, ErrUntrusted)
+}
+
+func (e *untrustedError) Is(target error) bool {
+	return target == ErrUntrusted || target == ErrNotFound
+}
 
 // Store is what a Substituter needs from the local store. Implementations
 // must be safe for concurrent use. *store.Store implements it.
@@ -439,7 +452,7 @@ func (s *Substituter) trusted(info *Info) bool {
 func (s *Substituter) QueryPathInfo(ctx context.Context, p storepath.Path) (*Info, error) {
 	var errs []error
 	ups, initErr := s.upstreams(ctx)
-	untrusted := false
+	var untrusted error
 	for _, up := range ups {
 		info, err := s.lookup(ctx, up, p)
 		if errors.Is(err, errNotFound) {
@@ -454,7 +467,9 @@ func (s *Substituter) QueryPathInfo(ctx context.Context, p storepath.Path) (*Inf
 		}
 		if !s.trusted(info) {
 			s.log.Warn("substitute is not signed by a trusted key", "path", p.String(), "upstream", up.base)
-			untrusted = true
+			if untrusted == nil {
+				untrusted = &untrustedError{path: s.cfg.StoreDir.Abs(p), upstream: up.base}
+			}
 			continue
 		}
 		return info, nil
@@ -462,8 +477,8 @@ func (s *Substituter) QueryPathInfo(ctx context.Context, p storepath.Path) (*Inf
 	if len(errs) > 0 {
 		return nil, fmt.Errorf("querying %s: %w", s.cfg.StoreDir.Abs(p), errors.Join(errs...))
 	}
-	if untrusted {
-		return nil, fmt.Errorf("%s: %w: %w", s.cfg.StoreDir.Abs(p), ErrNotFound, ErrUntrusted)
+	if untrusted != nil {
+		return nil, untrusted
 	}
 	if initErr != nil {
 		// The same words for every path, so that a client's warnings
