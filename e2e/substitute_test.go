@@ -779,7 +779,8 @@ func TestSubstituteAllowSubstitutes(t *testing.T) {
 // TestSubstituteBuildInputs: building a derivation whose inputs a cache
 // has fetches those inputs, each NAR once, instead of building them, as
 // Nix does, with nix-build and with nix build; the fetches are shown
-// before the build that needs them. With substitutes off they are built.
+// before the build that needs them. With substitutes off they are built;
+// with max-jobs 0 they are fetched and nothing is built.
 func TestSubstituteBuildInputs(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
@@ -841,6 +842,31 @@ func TestSubstituteBuildInputs(t *testing.T) {
 	}
 	if n := srv.Count(midNAR); n != 2 {
 		t.Errorf("with substitutes off: %d GETs of the input's NAR in all, want 2", n)
+	}
+
+	// max-jobs 0, the client's (-j0) or the daemon's: what the cache has
+	// is fetched, and a request that needs a build fails as with Nix.
+	for _, c := range []struct {
+		name   string
+		conf   []string
+		jflags []string
+	}{
+		{"client -j0", nil, []string{"-j0"}},
+		{"daemon max-jobs = 0", []string{"max-jobs = 0"}, nil},
+	} {
+		if useStock && c.conf != nil {
+			continue // nix-daemon takes the client's max-jobs (1) over its own
+		}
+		de := newEnv(t)
+		de.nonce = e.nonce
+		b := de.startBuildDaemon(t, append([]string{"substituters = " + srv.URL, "require-sigs = false"}, c.conf...)...)
+		if got := oneLine(t, "mid", b.nixBuild(append(append(args, "-A", "mid", "--no-out-link"), c.jflags...)...).ok(t)); got != mid {
+			t.Errorf("%s: nix-build of a cached output printed %q, want %q", c.name, got, mid)
+		}
+		r := b.nixBuild(append(append(args, "-A", "top", "--no-out-link"), c.jflags...)...).run(t)
+		if r.err == nil || !strings.Contains(r.stderr, "error: unable to start any build; either increase '--max-jobs' or enable remote builds.") || strings.Contains(r.stderr, "building '") {
+			t.Errorf("%s: a build was needed:\n%s", c.name, r)
+		}
 	}
 }
 

@@ -46,7 +46,9 @@ func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) 
 		if err != nil || n < 0 {
 			return cfg, fmt.Errorf("nix.conf: max-jobs: %q is not a number or 'auto'", v)
 		}
-		cfg.MaxJobs = max(n, 1) // 0 means remote builders only, which nixyard has not
+		// 0: remote builders only, which nixyard has not, so nothing is
+		// built here (substitutes only), as with Nix without builders.
+		cfg.MaxJobs, cfg.NoLocalBuilds = max(n, 1), n == 0
 	}
 	switch v := strings.TrimSpace(s.String("sandbox", build.SandboxOn)); v {
 	case "true", "false", "relaxed":

@@ -2,6 +2,7 @@ package build
 
 import (
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"slices"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
 
@@ -314,4 +316,91 @@ func TestKeepGoing(t *testing.T) {
 	if res[0].Status != NoSubstituters || !res[1].Status.Success() {
 		t.Errorf("a missing path and a build: %+v", res)
 	}
+}
+
+// TestNoLocalBuilds: with max-jobs 0, the caller's or the daemon's, a
+// request that needs a build fails with ErrNoLocalBuilds and builds
+// nothing; a caller with max-jobs 0 that joins a build another caller
+// runs gets its outputs.
+func TestNoLocalBuilds(t *testing.T) {
+	e := newChrootEnv(t)
+	gate := filepath.Join(e.root, "gate")
+	drvs := e.instantiate(`rec {
+  dep = mk { name = "dep"; script = "echo > $out"; };
+  top = mk { name = "top"; inherit dep; script = "i=0; while [ ! -e /gate/go ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; echo > $out"; };
+}`, "dep", "top")
+	if err := os.Mkdir(gate, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	depOut := func() bool {
+		outs, err := e.st.QueryDerivationOutputMap(t.Context(), drvs["dep"])
+		if err != nil {
+			t.Fatal(err)
+		}
+		ok, _ := e.st.IsValidPath(t.Context(), outs["out"])
+		return ok
+	}
+	for _, c := range []struct {
+		name string
+		cfg  Config
+		opts ClientOptions
+	}{
+		{"caller", Config{}, ClientOptions{NoLocalBuilds: true}},
+		{"daemon", Config{NoLocalBuilds: true}, ClientOptions{}},
+	} {
+		b := e.builder(c.cfg)
+		if _, err := b.Build(t.Context(), []store.DerivedPath{out(drvs["top"])}, c.opts, nil); !errors.Is(err, ErrNoLocalBuilds) {
+			t.Errorf("%s: err = %v, want ErrNoLocalBuilds", c.name, err)
+		}
+		if depOut() {
+			t.Fatalf("%s: the input was built", c.name)
+		}
+	}
+
+	b := e.builder(Config{MaxJobs: 2, SandboxPaths: []string{"/gate=" + gate}})
+	rec := &recorder{}
+	runs := make(chan []Result, 1)
+	go func() {
+		res, err := b.Build(t.Context(), []store.DerivedPath{out(drvs["top"])}, ClientOptions{}, rec)
+		if err != nil {
+			t.Error(err)
+		}
+		runs <- res
+	}()
+	for !slices.Contains(rec.startedList(), e.st.Dir().Abs(drvs["top"])) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	joined := make(chan error, 1)
+	go func() {
+		res, err := b.Build(t.Context(), []store.DerivedPath{out(drvs["top"])}, ClientOptions{NoLocalBuilds: true}, nil)
+		if err == nil && !res[0].Status.Success() {
+			err = res[0].Err()
+		}
+		joined <- err
+	}()
+	for joinedCallers(b, drvs["top"]) < 2 { // the second caller joins the running build
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := os.WriteFile(filepath.Join(gate, "go"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if res := <-runs; res == nil || !res[0].Status.Success() {
+		t.Errorf("the caller that may build: %+v", res)
+	}
+	if err := <-joined; err != nil {
+		t.Errorf("the caller with max-jobs 0 that joined the build: %v", err)
+	}
+}
+
+// joinedCallers returns how many callers wait for the build of drv.
+func joinedCallers(b *Builder, drv storepath.Path) int {
+	b.mu.Lock()
+	g := b.goals[goalKey{drv: drv}]
+	b.mu.Unlock()
+	if g == nil {
+		return 0
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return len(g.subs)
 }

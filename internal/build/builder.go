@@ -80,6 +80,10 @@ type Config struct {
 	// MaxJobs caps the builders running at once across all callers
 	// (nix.conf max-jobs); <= 0 means 1.
 	MaxJobs int
+	// NoLocalBuilds is nix.conf max-jobs = 0: outputs may be substituted
+	// but nothing is built here; a request that needs a build fails with
+	// ErrNoLocalBuilds, as with Nix when it has no remote builders.
+	NoLocalBuilds bool
 	// Cores is NIX_BUILD_CORES for builders; 0 means the number of CPUs,
 	// as Nix does.
 	Cores int
@@ -188,6 +192,11 @@ type ClientOptions struct {
 	MaxJobs int
 	// MaxSilentTime and Timeout override Config's when > 0.
 	MaxSilentTime, Timeout time.Duration
+	// NoLocalBuilds: the caller set max-jobs to 0 (nix-build -j0), so
+	// that its request substitutes what it needs and builds nothing; one
+	// that needs a build fails with ErrNoLocalBuilds. A build that another
+	// caller also waits for, and may run, is built for that caller.
+	NoLocalBuilds bool
 	// KeepFailed keeps failed build directories (or Config.KeepFailed).
 	KeepFailed bool
 	// TryFallback builds from source when substitution fails.
@@ -246,11 +255,14 @@ type Result struct {
 	ErrorMsg string // "" on success
 	// Stopped: the request failed only because another of the caller's
 	// builds failed first (KeepGoing off), not by a failure of its own.
-	Stopped      bool
-	TimesBuilt   int
-	StartTime    time.Time // zero if nothing ran
-	StopTime     time.Time
-	BuiltOutputs map[string]storepath.Path // output name -> path, for derivation requests
+	Stopped bool
+	// noLocalBuilds: a build was needed, and no caller waiting for it
+	// may build here (see ErrNoLocalBuilds).
+	noLocalBuilds bool
+	TimesBuilt    int
+	StartTime     time.Time // zero if nothing ran
+	StopTime      time.Time
+	BuiltOutputs  map[string]storepath.Path // output name -> path, for derivation requests
 }
 
 // Err returns the failure as an error, or nil on success.
@@ -505,6 +517,9 @@ func (b *Builder) Build(ctx context.Context, reqs []store.DerivedPath, client Cl
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	if c.noLocalBuilds.Load() {
+		return nil, ErrNoLocalBuilds // as Nix: the whole request fails
+	}
 	if client.Session != nil {
 		for _, r := range results {
 			for _, p := range r.BuiltOutputs {
@@ -518,6 +533,11 @@ func (b *Builder) Build(ctx context.Context, reqs []store.DerivedPath, client Cl
 }
 
 var errNotSupported = errors.New("not supported")
+
+// ErrNoLocalBuilds fails a request that needs a build when max-jobs is 0
+// (the daemon's or the caller's), in Nix's words: nixyard has no remote
+// builders to send it to.
+var ErrNoLocalBuilds = errors.New("unable to start any build; either increase '--max-jobs' or enable remote builds.\nhttps://nixos.org/manual/nix/stable/advanced-topics/distributed-builds.html")
 
 // stopsOthers reports whether r, a failure, stops the caller's other
 // builds without keep-going: as in Nix, a path that no cache has

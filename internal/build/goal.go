@@ -8,6 +8,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/nixyard/nixyard/internal/nix/derivation"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
@@ -24,7 +25,12 @@ type call struct {
 	mu                              sync.Mutex
 	prog                            Progress // nil once closed
 	expected, done, running, failed int
+
+	noLocalBuilds atomic.Bool // a build it needed could not run here (ErrNoLocalBuilds)
 }
+
+// mayBuild reports whether c may run builds here (max-jobs is not 0).
+func (c *call) mayBuild() bool { return !c.b.cfg.NoLocalBuilds && !c.opts.NoLocalBuilds }
 
 func (b *Builder) newCall(opts ClientOptions, prog Progress) *call {
 	return &call{b: b, opts: opts, client: newSlotClient(opts.MaxJobs), prog: prog}
@@ -121,6 +127,14 @@ func (c *call) realise(ctx context.Context, req store.DerivedPath, depth int) Re
 	}
 	g := b.joinGoal(req, drv, c, check)
 	res := g.wait(ctx, c)
+	if res.noLocalBuilds && c.mayBuild() {
+		// The goal's callers when it had to build could not; this one can.
+		g = b.joinGoal(req, drv, c, check)
+		res = g.wait(ctx, c)
+	}
+	if res.noLocalBuilds {
+		c.noLocalBuilds.Store(true)
+	}
 	res.Path = req
 	if res.Status.Success() {
 		res.BuiltOutputs = map[string]storepath.Path{}
@@ -294,6 +308,18 @@ func (g *goal) leave(c *call) {
 		g.stopping = true
 		g.cancel()
 	}
+}
+
+// mayBuild reports whether some caller waiting for g may run builds here.
+func (g *goal) mayBuild() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for c := range g.subs {
+		if c.mayBuild() {
+			return true
+		}
+	}
+	return false
 }
 
 // keepGoing reports whether a caller waiting for g asked to keep going:
@@ -499,6 +525,10 @@ func (g *goal) realise(ctx context.Context) Result {
 	if err := b.canBuild(g.drv, features); err != nil {
 		return g.failf(MiscFailure, "%v to build '%s', but I am a '%s' with features {%s}",
 			err, drvAbs, b.cfg.System, strings.Join(b.cfg.SystemFeatures, ", "))
+	}
+
+	if !g.mayBuild() {
+		return Result{Status: MiscFailure, ErrorMsg: ErrNoLocalBuilds.Error(), noLocalBuilds: true}
 	}
 
 	// The build directory and sandbox are laid out before taking a slot,

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -250,6 +251,13 @@ type recorder struct {
 	errors    []string
 	finished  map[string]error
 	maxRun    int
+}
+
+// startedList returns the derivations whose builds started so far.
+func (r *recorder) startedList() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.started)
 }
 
 func (r *recorder) BuildStarted(drv string, check bool) {

@@ -49,13 +49,14 @@ func (rb realiseBuilder) Build(ctx context.Context, targets []store.DerivedPath,
 // buildOptions maps the client's settings (SetOptions) to the Builder's.
 //
 // max-jobs: the daemon's max-jobs caps the builds of all clients together
-// (build.Config.MaxJobs). A client's max-jobs can only lower its own share,
-// and only when the client set it explicitly (--max-jobs, --option
-// max-jobs, NIX_CONFIG or its nix.conf: it is then among the settings the
-// client overrides). Every Nix 2.8 client sends max-jobs 1 when it has no
-// setting of its own; taken literally, that would serialise every client's
-// builds on a host whose daemon allows more, which is not what the host's
-// max-jobs means on a shared CI machine.
+// (build.Config.MaxJobs). The client's value travels in a field of its
+// own, never among the overrides, so an explicit setting cannot be told
+// from Nix's default of 1, which every client sends when it has none:
+// taken literally, 1 would serialise every client's builds on a host whose
+// daemon allows more. So 1 sets no cap of the client's own; more than 1
+// (which only a setting sends) can only lower the client's share; and 0
+// (nix-build -j0) means what it means to Nix without remote builders:
+// substitute, build nothing.
 //
 // max-silent-time, timeout (or build-timeout), keep-failed and fallback
 // apply as sent; zero means the daemon's own setting.
@@ -69,7 +70,10 @@ func (c *conn) buildOptions(mode uint64) build.ClientOptions {
 		Mode:          build.BuildMode(mode),
 		Session:       c.session,
 	}
-	if s.MaxJobsSet {
+	switch {
+	case s.MaxBuildJobs == 0:
+		o.NoLocalBuilds = true
+	case s.MaxBuildJobs > 1:
 		o.MaxJobs = int(min(s.MaxBuildJobs, 1<<20))
 	}
 	for _, k := range []string{"timeout", "build-timeout"} {

@@ -19,9 +19,6 @@ type clientSettings struct {
 	VerboseBuild                       bool
 	BuildCores                         uint64
 	UseSubstitutes                     bool
-	// MaxJobsSet: the client set max-jobs explicitly (it is among the
-	// overrides it sent, trusted or not); see buildOptions.
-	MaxJobsSet bool
 	// Overrides are the accepted overrides, after filtering.
 	Overrides map[string]string
 }
@@ -60,7 +57,6 @@ func opSetOptionsHandler(ctx context.Context, c *conn) error {
 	if err := c.startWork(); err != nil {
 		return err
 	}
-	_, s.MaxJobsSet = overrides["max-jobs"]
 	s.Overrides = c.filterOverrides(overrides)
 	c.opts = s
 	c.tun.setVerbosity(s.Verbosity)

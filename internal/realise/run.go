@@ -83,7 +83,7 @@ func (r *Realiser) buildInto(ctx context.Context, results []Result, targets []st
 	flush(prog)
 	built, err := r.m.builder.Build(ctx, targets, r.session, r.buildSubstituter(prog))
 	if err != nil {
-		return fmt.Errorf("realise: %w", err)
+		return err // the Builder's errors say what failed
 	}
 	if len(built) != len(targets) {
 		return fmt.Errorf("realise: builder returned %d results for %d targets", len(built), len(targets))
