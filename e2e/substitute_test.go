@@ -687,13 +687,23 @@ func TestSubstituteRepair(t *testing.T) {
 		t.Fatal(err)
 	}
 	writeFile(t, f, "tampered\n", 0o444)
-	res := d.nixStoreRun(t, "--verify", "--check-contents")
-	if res.err == nil || !strings.Contains(res.stderr, "was modified!") {
-		t.Fatalf("verify did not find the modified path:\n%s", res)
+	// And deletes a path that a valid path refers to.
+	if err := os.Remove(d.realPath(dep)); err != nil {
+		t.Fatal(err)
 	}
+	res := d.nixStoreRun(t, "--verify", "--check-contents")
+	if res.err == nil || !strings.Contains(res.stderr, "was modified!") || !strings.Contains(res.stderr, "path '"+dep+"' disappeared, but it still has valid referrers!") {
+		t.Fatalf("verify did not find the modified and the missing path:\n%s", res)
+	}
+	// Both are fetched again, each shown as Nix shows a download.
 	res = d.nixStoreRun(t, "--verify", "--check-contents", "--repair")
 	if res.err != nil {
 		t.Fatalf("verify --repair:\n%s", res)
+	}
+	for _, p := range []string{out, dep} {
+		if !strings.Contains(res.stderr, "copying path '"+p+"' from '") {
+			t.Errorf("verify --repair does not show the download of %s:\n%s", p, res)
+		}
 	}
 	d.assertFixture(t, out, dep)
 	assertVerifyClean(t, d.nixStoreRun(t, "--verify", "--check-contents"))

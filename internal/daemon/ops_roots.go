@@ -13,6 +13,7 @@ import (
 	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
+	"github.com/nixyard/nixyard/internal/substitute"
 )
 
 func opAddTempRootHandler(ctx context.Context, c *conn) error {
@@ -166,12 +167,23 @@ func opVerifyStoreHandler(ctx context.Context, c *conn) error {
 		return errors.New("you are not privileged to repair paths")
 	}
 	var repairPath func(context.Context, storepath.Path) error
+	var prog *progress
 	if repair {
 		if r, err := c.realiser(); err == nil && r.HasSubstituters() {
-			repairPath = r.RepairPath
+			// Each repair's download is shown, as Nix shows it, before
+			// what verify says next.
+			prog = c.newProgress()
+			repairPath = func(ctx context.Context, p storepath.Path) error {
+				err := r.RepairPath(substitute.WithProgress(ctx, prog), p)
+				prog.Flush()
+				return err
+			}
 		}
 	}
 	errorsFound, err := c.st.VerifyStore(ctx, checkContents, repair, repairPath, func(msg string) { c.tun.LogText(lvlError, msg) })
+	if prog != nil {
+		prog.close()
+	}
 	if err != nil {
 		return fmt.Errorf("verifying the store: %w", err)
 	}

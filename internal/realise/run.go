@@ -204,11 +204,14 @@ func (r *Realiser) Repair(ctx context.Context, targets []store.DerivedPath, prog
 	return results, nil
 }
 
+// errNoCache is why a path cannot be repaired without substituters.
+var errNoCache = errors.New("no binary cache to fetch it from")
+
 // RepairPath fetches the valid path p again from the binary caches and
 // replaces the store's copy (nix-store --verify --repair).
 func (r *Realiser) RepairPath(ctx context.Context, p storepath.Path) error {
 	if r.sub == nil {
-		return fmt.Errorf("no substituter can repair '%s'", r.m.st.Dir().Abs(p))
+		return errNoCache
 	}
 	return r.sub.Repair(ctx, p)
 }

@@ -258,6 +258,31 @@ func TestVerifyFindsDamage(t *testing.T) {
 	if ok, _ := s.IsValidPath(ctx, gone); ok {
 		t.Error("vanished path still valid")
 	}
+
+	// A chain whose two lower paths vanished under a present top: neither
+	// is invalidated (the middle one stays valid, so the bottom one, which
+	// it refers to, must too), and both are handed to repair.
+	bottom := addText(t, s, "bottom", "b")
+	middle := addText(t, s, "middle", "m", bottom)
+	addText(t, s, "top", "t", middle)
+	removeAll(s.RealPath(bottom))
+	removeAll(s.RealPath(middle))
+	var repaired []storepath.Path
+	errs, err = s.VerifyStore(ctx, false, true, func(_ context.Context, p storepath.Path) error {
+		repaired = append(repaired, p)
+		return nil
+	}, nil)
+	if err != nil || errs {
+		t.Fatalf("verify --repair of missing paths: %v %v", errs, err)
+	}
+	for _, p := range []storepath.Path{bottom, middle} {
+		if ok, _ := s.IsValidPath(ctx, p); !ok {
+			t.Errorf("%s was invalidated although a valid path refers to it", p)
+		}
+		if !slices.Contains(repaired, p) {
+			t.Errorf("%s was not handed to repair: %v", p, repaired)
+		}
+	}
 }
 
 // TestRealNixGCRespectsOurRoots runs real nix-store --gc next to an open

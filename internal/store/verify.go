@@ -20,22 +20,23 @@ import (
 // path refers to them (and reported as errors when one does); with
 // checkContents, the files of .links and every valid path are hashed and
 // mismatches reported ("path '…' was modified! expected hash '…', got
-// '…'"). With repair, corrupt links are dropped and a modified path is
-// handed to repairPath (nil: it stays an error), which fetches it again
-// from a binary cache as Nix's repairPath does. It returns whether errors
-// were found (a path that could not be repaired is one).
+// '…'"). With repair, corrupt links are dropped, and a modified path, or
+// a missing one that valid paths refer to, is handed to repairPath (nil:
+// it stays an error), which fetches it again from a binary cache as Nix's
+// repairPath does. It returns whether errors were found (a path that could
+// not be repaired is one).
 func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, repairPath func(context.Context, storepath.Path) error, log func(msg string)) (bool, error) {
 	if log == nil {
 		log = func(string) {}
 	}
-	errorsFound, modified, err := s.verify(ctx, checkContents, repair, log)
+	errorsFound, broken, err := s.verify(ctx, checkContents, repair, log)
 	if err != nil || !repair {
-		return errorsFound || len(modified) > 0, err
+		return errorsFound || len(broken) > 0, err
 	}
 	// Repaired after the shared gc.lock is released: a repair adds a
 	// path, which may wait for an automatic collection, which needs that
 	// lock exclusively.
-	for _, p := range modified {
+	for _, p := range broken {
 		if repairPath == nil {
 			log(fmt.Sprintf("error: cannot repair path '%s': no binary cache to fetch it from", s.abs(p)))
 			errorsFound = true
@@ -52,9 +53,10 @@ func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, rep
 	return errorsFound, nil
 }
 
-// verify is VerifyStore's check, under gc.lock shared; modified are the
-// valid paths whose contents do not match their hash.
-func (s *Store) verify(ctx context.Context, checkContents, repair bool, log func(msg string)) (errorsFound bool, modified []storepath.Path, err error) {
+// verify is VerifyStore's check, under gc.lock shared; broken are the
+// valid paths to repair: those whose contents do not match their hash,
+// and with repair those missing that valid paths refer to.
+func (s *Store) verify(ctx context.Context, checkContents, repair bool, log func(msg string)) (errorsFound bool, broken []storepath.Path, err error) {
 	log("reading the Nix store...")
 	// gc.lock shared: no collector deletes paths while we look.
 	lockPath := s.stateFile("gc.lock")
@@ -82,6 +84,7 @@ func (s *Store) verify(ctx context.Context, checkContents, repair bool, log func
 	}
 	done := map[storepath.Path]bool{}
 	present := map[storepath.Path]bool{}
+	missing := map[storepath.Path]bool{} // not on disk, yet valid (referred to)
 	var verifyPath func(p storepath.Path) error
 	verifyPath = func(p storepath.Path) error {
 		if done[p] {
@@ -104,7 +107,7 @@ func (s *Store) verify(ctx context.Context, checkContents, repair bool, log func
 			if err := verifyPath(r); err != nil {
 				return err
 			}
-			if present[r] {
+			if present[r] || missing[r] { // r stays valid
 				canInvalidate = false
 			}
 		}
@@ -118,7 +121,12 @@ func (s *Store) verify(ctx context.Context, checkContents, repair bool, log func
 			}
 		} else {
 			log(fmt.Sprintf("path '%s' disappeared, but it still has valid referrers!", s.abs(p)))
-			errorsFound = true
+			missing[p] = true
+			if repair {
+				broken = append(broken, p)
+			} else {
+				errorsFound = true
+			}
 		}
 		return nil
 	}
@@ -131,7 +139,7 @@ func (s *Store) verify(ctx context.Context, checkContents, repair bool, log func
 		}
 	}
 	if !checkContents {
-		return errorsFound, modified, nil
+		return errorsFound, broken, nil
 	}
 
 	log("checking link hashes...")
@@ -181,7 +189,7 @@ func (s *Store) verify(ctx context.Context, checkContents, repair bool, log func
 		}
 		if !got.Equal(info.NarHash) {
 			log(fmt.Sprintf("path '%s' was modified! expected hash '%s', got '%s'", s.abs(p), info.NarHash, got))
-			modified = append(modified, p)
+			broken = append(broken, p)
 			continue
 		}
 		if info.NarSize == 0 {
@@ -194,7 +202,7 @@ func (s *Store) verify(ctx context.Context, checkContents, repair bool, log func
 			}
 		}
 	}
-	return errorsFound, modified, nil
+	return errorsFound, broken, nil
 }
 
 func keys[K comparable, V any](m map[K]V) []K {
