@@ -798,6 +798,8 @@ func TestSubstituteBuildInputs(t *testing.T) {
   dep = mk { name = "cached-dep"; script = "echo dep > $out"; };
   mid = mk { name = "cached-mid"; inherit dep; script = "echo mid $dep > $out"; };
   top = mk { name = "top"; inherit mid; script = "echo top $mid > $out"; };
+  multi = mk { name = "multi"; outputs = [ "out" "dev" ]; script = "echo out > $out; echo dev > $dev"; };
+  usesDev = mk { name = "uses-dev"; dev = multi.dev; script = "echo uses $dev > $out"; };
 }`)
 	other := e.otherStore("src")
 	cacheDir := filepath.Join(e.dir, "cache")
@@ -852,6 +854,17 @@ func TestSubstituteBuildInputs(t *testing.T) {
 	}
 	if n := srv.Count(midNAR); n != 2 {
 		t.Errorf("with substitutes off: %d GETs of the input's NAR in all, want 2", n)
+	}
+
+	// An input derivation of which the build needs one output, which the
+	// cache has without the others: that output is fetched, nothing built
+	// but the top.
+	dev := oneLine(t, "multi.dev", e.cmd("nix-build", append(args, "-A", "multi.dev", "--no-out-link", "--store", other)...).ok(t))
+	e.fillCache(t, other, cacheDir, "zstd", "", dev)
+	b = fresh()
+	r = b.nixBuild(append(args, "-A", "usesDev", "--no-out-link")...).run(t)
+	if r.err != nil || strings.Contains(r.stderr, "-multi.drv'...") || !strings.Contains(r.stderr, "copying path '"+dev+"'") {
+		t.Errorf("one cached output of an input derivation was not fetched, or the derivation was built:\n%s", r)
 	}
 
 	// max-jobs 0, the client's (-j0) or the daemon's: what the cache has

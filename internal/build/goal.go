@@ -124,6 +124,14 @@ func (c *call) realise(ctx context.Context, req store.DerivedPath, depth int) Re
 		} else if ok {
 			return Result{Path: req, Status: AlreadyValid, BuiltOutputs: outs}
 		}
+		// As Nix's goal for some outputs of a derivation: those outputs
+		// come from a cache if it has them, even when it lacks the others
+		// (which the build, shared by all who need the derivation, would
+		// make too).
+		if r, ok := c.substituteWanted(ctx, req.Path, drv, wanted); ok {
+			r.Path = req
+			return r
+		}
 	}
 	g := b.joinGoal(req, drv, c, check)
 	res := g.wait(ctx, c)
@@ -442,7 +450,7 @@ func (g *goal) realise(ctx context.Context) Result {
 	// A check (--check) needs the outputs valid to compare with: it
 	// substitutes the missing ones, then builds again.
 	if g.owner.opts.Substituter != nil && allowSubst {
-		if r, ok := g.trySubstitute(ctx, outPaths); ok && !(g.check && r.Status.Success()) {
+		if r, ok := g.owner.trySubstitute(ctx, g.drvPath, outPaths); ok && !(g.check && r.Status.Success()) {
 			return r
 		}
 	}
@@ -583,10 +591,39 @@ func (g *goal) realise(ctx context.Context) Result {
 	return j.build(ctx, missing, locks, releaseOnce)
 }
 
-// trySubstitute asks the substituter for all outputs. ok is false when the
-// goal must go on and build.
-func (g *goal) trySubstitute(ctx context.Context, outs map[string]storepath.Path) (Result, bool) {
-	b := g.b
+// substituteWanted fetches the wanted outputs of drv from c's caches
+// (unless drv forbids substitutes); ok is false when they must be built.
+func (c *call) substituteWanted(ctx context.Context, drvPath storepath.Path, drv *derivation.Derivation, wanted []string) (Result, bool) {
+	if c.opts.Substituter == nil {
+		return Result{}, false
+	}
+	attrs, err := drv.Attrs(drvPath.String())
+	if err != nil {
+		return Result{}, false // the goal reports it
+	}
+	if allow, err := attrs.Bool("allowSubstitutes", true); err != nil || !allow {
+		return Result{}, false
+	}
+	outs := map[string]storepath.Path{}
+	for _, n := range wanted {
+		p, err := c.b.st.Dir().Parse(drv.Outputs[n].Path)
+		if err != nil {
+			return Result{}, false // no path known (floating): the goal says why
+		}
+		outs[n] = p
+	}
+	r, ok := c.trySubstitute(ctx, drvPath, outs)
+	if ok && r.Status.Success() {
+		r.BuiltOutputs = outs
+	}
+	return r, ok
+}
+
+// trySubstitute asks c's substituter for the outputs outs of drvPath and
+// fetches those that are not valid if it has them all. ok is false when
+// they must be built.
+func (c *call) trySubstitute(ctx context.Context, drvPath storepath.Path, outs map[string]storepath.Path) (Result, bool) {
+	b := c.b
 	paths := slices.Collect(mapValues(outs))
 	var need []storepath.Path
 	for _, p := range paths {
@@ -597,17 +634,17 @@ func (g *goal) trySubstitute(ctx context.Context, outs map[string]storepath.Path
 	if len(need) == 0 {
 		return Result{Status: AlreadyValid}, true
 	}
-	subst := g.owner.opts.Substituter
+	subst := c.opts.Substituter
 	have, err := subst.Substitutable(ctx, need)
 	if err != nil || len(have) < len(need) {
 		return Result{}, false
 	}
 	if err := subst.Realise(ctx, need); err != nil {
-		if g.owner.opts.TryFallback {
-			b.log.Warn("substitution failed, building", "drv", b.abs(g.drvPath), "err", err)
+		if c.opts.TryFallback {
+			b.log.Warn("substitution failed, building", "drv", b.abs(drvPath), "err", err)
 			return Result{}, false
 		}
-		return g.failf(MiscFailure, "some substitutes for the outputs of derivation '%s' failed (usually happens due to networking issues); try '--fallback' to build derivation from source ", b.abs(g.drvPath)), true
+		return Result{Status: MiscFailure, ErrorMsg: fmt.Sprintf("some substitutes for the outputs of derivation '%s' failed (usually happens due to networking issues); try '--fallback' to build derivation from source ", b.abs(drvPath))}, true
 	}
 	return Result{Status: Substituted}, true
 }
