@@ -827,3 +827,57 @@ func TestBuildSandboxSettings(t *testing.T) {
 		t.Errorf("/dev/shm: %q, want 3072 KiB", lines[1])
 	}
 }
+
+// TestRepairByRebuild: a built output that was damaged and that no cache
+// has is built again and replaced, as Nix does, by nix-store --verify
+// --repair and nix-build --repair, and by nix-store -r --repair of the
+// output itself (which nix-daemon leaves to the caches); its referrers stay
+// valid, and the store verifies clean.
+func TestRepairByRebuild(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	args := b.expr(t, "repair", `rec {
+  lib = mk { name = "repairable"; script = "mkdir $out; echo library > $out/lib"; };
+  app = mk { name = "repair-app"; inherit lib; script = "echo uses $lib > $out"; };
+}`)
+	app := oneLine(t, "app", b.nixBuild(append(args, "-A", "app", "--no-out-link")...).ok(t))
+	lib := oneLine(t, "lib", b.nixBuild(append(args, "-A", "lib", "--no-out-link")...).ok(t))
+	damage := func() {
+		t.Helper()
+		f := filepath.Join(b.realPath(lib), "lib")
+		if err := os.Chmod(b.realPath(lib), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(f, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		writeFile(t, f, "damaged\n", 0o444)
+		if err := os.Chmod(b.realPath(lib), 0o555); err != nil {
+			t.Fatal(err)
+		}
+	}
+	repaired := func(how string, r result) {
+		t.Helper()
+		if r.err != nil {
+			t.Fatalf("%s:\n%s", how, r)
+		}
+		if !strings.Contains(r.stderr, "repairing outputs of '") {
+			t.Errorf("%s did not show the build:\n%s", how, r)
+		}
+		if got, err := os.ReadFile(filepath.Join(b.realPath(lib), "lib")); err != nil || string(got) != "library\n" {
+			t.Errorf("%s: %s/lib holds %q (%v)", how, lib, got, err)
+		}
+		b.assertValid(t, how, app, lib)
+		assertVerifyClean(t, b.nixStoreRun(t, "--verify", "--check-contents"))
+	}
+
+	damage()
+	repaired("nix-store --verify --check-contents --repair", b.nixStoreRun(t, "--verify", "--check-contents", "--repair"))
+	damage()
+	repaired("nix-build --repair", b.nixBuild(append(args, "-A", "lib", "--no-out-link", "--repair")...).run(t))
+	if useStock {
+		return // nix-daemon repairs a plain path from caches only
+	}
+	damage()
+	repaired("nix-store -r --repair", b.nixStoreRun(t, "-r", "--repair", lib))
+}

@@ -212,8 +212,11 @@ type ClientOptions struct {
 	// plain input paths that are not valid. nil: everything missing is
 	// built.
 	Substituter Substituter
-	// Mode: ModeNormal or ModeCheck (sandboxed builds only); ModeRepair is
-	// refused.
+	// Mode: ModeNormal; ModeCheck (sandboxed builds only) builds the
+	// requested derivations again and compares the outputs with the valid
+	// ones; ModeRepair (sandboxed builds only) builds them again and
+	// replaces the valid outputs with the new ones (nix-store --repair of
+	// a damaged output that no cache has, as Nix does).
 	Mode BuildMode
 	// Session, if not nil, gets a temporary root on every output a
 	// request returns.
@@ -224,9 +227,10 @@ type ClientOptions struct {
 // turns them into logger activities (§3.2 of worker-protocol.md). Methods
 // may be called from several goroutines at once and must not block long.
 type Progress interface {
-	// BuildStarted: the builder of drv starts ("building '<drv>'", or
-	// with check "checking outputs of '<drv>'").
-	BuildStarted(drv string, check bool)
+	// BuildStarted: the builder of drv starts, in mode ("building
+	// '<drv>'", "checking outputs of '<drv>'" or "repairing outputs of
+	// '<drv>'").
+	BuildStarted(drv string, mode BuildMode)
 	// BuildLogLine is one line of the builder's output, without "\n".
 	BuildLogLine(drv, line string)
 	// BuildPhase is a phase the builder announced with
@@ -487,14 +491,14 @@ func (b *Builder) useSandbox(drvPath storepath.Path, drv *derivation.Derivation,
 // Build realises reqs for one caller and returns one Result per request,
 // in order. Build failures are reported in the Results (the derivation
 // that failed, and DependencyFailed for those that needed it); the error
-// is for requests that cannot be served at all (ctx cancelled, repair
-// mode). prog may be nil.
+// is for requests that cannot be served at all (ctx cancelled, a check
+// or repair without the sandbox, max-jobs 0). prog may be nil.
 func (b *Builder) Build(ctx context.Context, reqs []store.DerivedPath, client ClientOptions, prog Progress) ([]Result, error) {
-	if client.Mode == ModeRepair {
-		return nil, fmt.Errorf("build: repairing is %w by nixyard", errNotSupported)
-	}
-	if client.Mode == ModeCheck && !b.sandboxed() {
+	switch {
+	case client.Mode == ModeCheck && !b.sandboxed():
 		return nil, fmt.Errorf("build: checking (--check) without the sandbox is %w by nixyard", errNotSupported)
+	case client.Mode == ModeRepair && !b.sandboxed():
+		return nil, fmt.Errorf("build: repairing by a rebuild without the sandbox is %w by nixyard", errNotSupported)
 	}
 	c := b.newCall(client, prog)
 	defer c.close()

@@ -115,10 +115,13 @@ func (c *call) realise(ctx context.Context, req store.DerivedPath, depth int) Re
 			return b.fail(req, MiscFailure, "derivation '%s' does not have an output named '%s'", b.abs(req.Path), n)
 		}
 	}
-	// --check applies to the requested derivations, not to their inputs
-	// (as Nix).
-	check := c.opts.Mode == ModeCheck && depth == 0
-	if !check {
+	// --check and --repair apply to the requested derivations, not to
+	// their inputs (as Nix).
+	mode := ModeNormal
+	if depth == 0 {
+		mode = c.opts.Mode
+	}
+	if mode == ModeNormal {
 		if outs, ok, err := b.validOutputs(ctx, drv, wanted); err != nil {
 			return b.fail(req, MiscFailure, "%v", err)
 		} else if ok {
@@ -133,11 +136,11 @@ func (c *call) realise(ctx context.Context, req store.DerivedPath, depth int) Re
 			return r
 		}
 	}
-	g := b.joinGoal(req, drv, c, check)
+	g := b.joinGoal(req, drv, c, mode)
 	res := g.wait(ctx, c)
 	if res.noLocalBuilds && c.mayBuild() {
 		// The goal's callers when it had to build could not; this one can.
-		g = b.joinGoal(req, drv, c, check)
+		g = b.joinGoal(req, drv, c, mode)
 		res = g.wait(ctx, c)
 	}
 	if res.noLocalBuilds {
@@ -207,6 +210,7 @@ type goal struct {
 	owner   *call  // whose options and slot share the build uses
 	basic   bool   // drv came from a client (BuildBasic), not from drvPath
 	check   bool   // build again and compare with the valid outputs (--check)
+	repair  bool   // build again and replace the valid outputs (--repair)
 	after   *goal  // a goal of the same derivation being stopped, to wait for
 	attrs   *derivation.Attrs
 	done    chan struct{}
@@ -224,17 +228,17 @@ type goal struct {
 }
 
 // goalKey names a goal in Builder.goals: a derivation is built once
-// however many callers ask, but a check (--check) is a goal of its own,
-// so that neither kind of caller gets the other's outcome.
+// however many callers ask, but a check (--check) or a repair (--repair)
+// is a goal of its own, so that no kind of caller gets another's outcome.
 type goalKey struct {
-	drv   storepath.Path
-	check bool
+	drv  storepath.Path
+	mode BuildMode
 }
 
-func (b *Builder) joinGoal(req store.DerivedPath, drv *derivation.Derivation, c *call, check bool) *goal {
+func (b *Builder) joinGoal(req store.DerivedPath, drv *derivation.Derivation, c *call, mode BuildMode) *goal {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	key := goalKey{req.Path, check}
+	key := goalKey{req.Path, mode}
 	old := b.goals[key]
 	if old != nil && old.subscribe(c) {
 		return old
@@ -248,7 +252,7 @@ func (b *Builder) joinGoal(req store.DerivedPath, drv *derivation.Derivation, c 
 		outs = strings.Join(req.Outputs, ",")
 	}
 	g := &goal{
-		b: b, drvPath: req.Path, drv: drv, owner: c, cancel: cancel, check: check, after: old,
+		b: b, drvPath: req.Path, drv: drv, owner: c, cancel: cancel, check: mode == ModeCheck, repair: mode == ModeRepair, after: old,
 		name: fmt.Sprintf("building of '%s!%s' from .drv file", b.abs(req.Path), outs),
 		done: make(chan struct{}), subs: map[*call]int{},
 	}
@@ -272,7 +276,7 @@ func (g *goal) subscribe(c *call) bool {
 			// say): the caller sees it start too.
 			c.count(0, 1, 0, 0)
 			drvAbs := g.b.abs(g.drvPath)
-			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.check) })
+			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.mode()) })
 		}
 	}
 	g.subs[c]++
@@ -356,6 +360,25 @@ func (g *goal) each(f func(c *call)) {
 	}
 }
 
+// mode is the build mode the goal was made for.
+func (g *goal) mode() BuildMode {
+	switch {
+	case g.check:
+		return ModeCheck
+	case g.repair:
+		return ModeRepair
+	}
+	return ModeNormal
+}
+
+// modeVerb names what a check or repair goal does, for messages.
+func (g *goal) modeVerb() string {
+	if g.repair {
+		return "repairing"
+	}
+	return "checking"
+}
+
 // setRunning marks the goal's builder as running or not, counts it for
 // every caller and, when it starts, tells them (under g.mu, so that a
 // caller subscribing meanwhile hears of the start exactly once: see
@@ -372,7 +395,7 @@ func (g *goal) setRunning(on bool) {
 	for c := range g.subs {
 		c.count(0, d, 0, 0)
 		if on {
-			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.check) })
+			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.mode()) })
 		}
 	}
 }
@@ -389,7 +412,7 @@ func (g *goal) run(ctx context.Context) {
 	res := g.realise(ctx)
 	g.res = res
 	b.mu.Lock()
-	key := goalKey{g.drvPath, g.check}
+	key := goalKey{g.drvPath, g.mode()}
 	if b.goals[key] == g { // BuildBasic's goals are not in the table
 		delete(b.goals, key)
 	}
@@ -450,7 +473,7 @@ func (g *goal) realise(ctx context.Context) Result {
 	// A check (--check) needs the outputs valid to compare with: it
 	// substitutes the missing ones, then builds again.
 	if g.owner.opts.Substituter != nil && allowSubst {
-		if r, ok := g.owner.trySubstitute(ctx, g.drvPath, outPaths); ok && !(g.check && r.Status.Success()) {
+		if r, ok := g.owner.trySubstitute(ctx, g.drvPath, outPaths); ok && !((g.check || g.repair) && r.Status.Success()) {
 			return r
 		}
 	}
@@ -577,8 +600,9 @@ func (g *goal) realise(ctx context.Context) Result {
 			nValid++
 		}
 		// A check builds every output and compares those that are valid
-		// (the wanted ones are: the realiser saw to it).
-		if !ok || g.check {
+		// (the wanted ones are: the realiser saw to it); a repair builds
+		// every output and replaces those that are valid.
+		if !ok || g.check || g.repair {
 			missing[n] = p
 		}
 	}

@@ -260,7 +260,7 @@ func (r *recorder) startedList() []string {
 	return slices.Clone(r.started)
 }
 
-func (r *recorder) BuildStarted(drv string, check bool) {
+func (r *recorder) BuildStarted(drv string, _ BuildMode) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.started = append(r.started, drv)

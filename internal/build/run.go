@@ -79,8 +79,8 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		// Run in the daemon, with a sandbox's view of the store (see
 		// builtin.go), writing the outputs in place.
 		j.builtin = true
-		if g.check {
-			r := g.failf(MiscFailure, "checking '%s', which has a builtin builder, is %v by nixyard", j.drvAbs, errNotSupported)
+		if g.check || g.repair {
+			r := g.failf(MiscFailure, "%s '%s', which has a builtin builder, is %v by nixyard", g.modeVerb(), j.drvAbs, errNotSupported)
 			return nil, &r
 		}
 		return j, nil
@@ -113,8 +113,10 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		// user; as the daemon's root it would be root on the host.
 		return fail("cannot perform a sandboxed build because user namespaces are not enabled; check /proc/sys/user/max_user_namespaces")
 	}
-	if !j.sandbox && g.check {
-		return fail("checking '%s' without the sandbox is %v by nixyard", j.drvAbs, errNotSupported)
+	if !j.sandbox && (g.check || g.repair) {
+		// The valid outputs are left alone until the new ones are done:
+		// the builder must write them elsewhere, in its sandbox.
+		return fail("%s '%s' without the sandbox is %v by nixyard", g.modeVerb(), j.drvAbs, errNotSupported)
 	}
 	if b.users != nil {
 		u, err := b.users.acquire(ctx, b.log)
@@ -641,7 +643,7 @@ func (j *job) register(ctx context.Context, locks *store.OutputLocks) *failure {
 			(j.user != nil && int(st.Uid) != j.hostUID) {
 			return j.failf(OutputRejected, 1, "suspicious ownership or permission on '%s' for output '%s'; rejecting this build output", loc, name)
 		}
-		bo := store.BuiltOutput{Name: name, Path: p}
+		bo := store.BuiltOutput{Name: name, Path: p, Replace: g.repair}
 		if loc != b.st.RealPath(p) {
 			bo.Src = loc
 		}

@@ -3,6 +3,8 @@ package daemon
 import (
 	"fmt"
 	"sync"
+
+	"github.com/nixyard/nixyard/internal/build"
 )
 
 // Activity and result types of the logger channel (§3.2 of
@@ -163,14 +165,17 @@ func (p *buildProgress) sendCounts() {
 }
 
 // BuildStarted implements build.Progress.
-func (p *buildProgress) BuildStarted(drv string, check bool) {
+func (p *buildProgress) BuildStarted(drv string, mode build.BuildMode) {
 	p.post(false, func() {
 		if id, ok := p.acts[drv]; ok { // a second round (--check): a new activity
 			p.tun.StopActivity(id)
 		}
 		text := fmt.Sprintf("building '%s'", drv)
-		if check {
+		switch mode {
+		case build.ModeCheck:
 			text = fmt.Sprintf("checking outputs of '%s'", drv)
+		case build.ModeRepair:
+			text = fmt.Sprintf("repairing outputs of '%s'", drv)
 		}
 		p.acts[drv] = p.tun.StartActivity(lvlInfo, actBuild, text, []field{drv, "", 1, 1}, 0)
 	})

@@ -8,6 +8,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/nixyard/nixyard/internal/build"
 	"github.com/nixyard/nixyard/internal/daemon/wire"
 )
 
@@ -28,7 +29,7 @@ func TestBuildProgressNeverBlocks(t *testing.T) {
 	tun.working = true
 	p := newBuildProgress(tun)
 	drv := "/nix/store/00000000000000000000000000000000-x.drv"
-	p.BuildStarted(drv, false)
+	p.BuildStarted(drv, build.ModeNormal)
 	for i := 0; i < 3*maxQueuedLines; i++ { // far more than a socket buffer holds
 		p.BuildLogLine(drv, "a line of output that nobody reads for a while")
 		p.BuildsProgress(0, 1, 1, 0)

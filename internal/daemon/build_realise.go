@@ -31,10 +31,13 @@ func withBuildRequest(ctx context.Context, opts build.ClientOptions, prog build.
 }
 
 // Build implements realise.Builder.
-func (rb realiseBuilder) Build(ctx context.Context, targets []store.DerivedPath, session *store.Session, subst realise.BuildSubstituter) ([]realise.Result, error) {
+func (rb realiseBuilder) Build(ctx context.Context, targets []store.DerivedPath, opts realise.BuildOptions) ([]realise.Result, error) {
 	req, _ := ctx.Value(buildRequestKey{}).(buildRequest)
-	req.opts.Session = session
-	req.opts.Substituter = subst
+	req.opts.Session = opts.Session
+	req.opts.Substituter = opts.Substituter
+	if opts.Repair {
+		req.opts.Mode = build.ModeRepair
+	}
 	res, err := rb.b.Build(ctx, targets, req.opts, req.prog)
 	if err != nil {
 		return nil, err

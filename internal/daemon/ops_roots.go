@@ -168,13 +168,15 @@ func opVerifyStoreHandler(ctx context.Context, c *conn) error {
 	}
 	var repairPath func(context.Context, storepath.Path) error
 	var prog *progress
+	var bprog *buildProgress
 	if repair {
-		if r, err := c.realiser(); err == nil && r.HasSubstituters() {
-			// Each repair's download is shown, as Nix shows it, before
-			// what verify says next.
-			prog = c.newProgress()
+		if r, err := c.realiser(); err == nil {
+			// Each repair's download or build is shown, as Nix shows it,
+			// before what verify says next.
+			prog, bprog = c.newProgress(), newBuildProgress(c.tun)
 			repairPath = func(ctx context.Context, p storepath.Path) error {
-				err := r.RepairPath(substitute.WithProgress(ctx, prog), p)
+				ctx = withBuildRequest(substitute.WithProgress(ctx, prog), c.buildOptions(buildModeNormal), bprog)
+				err := r.RepairPath(ctx, p)
 				prog.Flush()
 				return err
 			}
@@ -183,6 +185,7 @@ func opVerifyStoreHandler(ctx context.Context, c *conn) error {
 	errorsFound, err := c.st.VerifyStore(ctx, checkContents, repair, repairPath, func(msg string) { c.tun.LogText(lvlError, msg) })
 	if prog != nil {
 		prog.close()
+		bprog.close()
 	}
 	if err != nil {
 		return fmt.Errorf("verifying the store: %w", err)

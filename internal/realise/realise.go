@@ -68,10 +68,21 @@ type Result struct {
 // the build package; nil means nixyard does not build.
 type Builder interface {
 	// Build realises targets (derivation outputs) and returns one Result
-	// per target, in order. session gets temporary roots on the outputs.
-	// subst, if not nil, is asked for the outputs of every derivation
-	// before it is built, the targets' inputs included.
-	Build(ctx context.Context, targets []store.DerivedPath, session *store.Session, subst BuildSubstituter) ([]Result, error)
+	// per target, in order.
+	Build(ctx context.Context, targets []store.DerivedPath, opts BuildOptions) ([]Result, error)
+}
+
+// BuildOptions are what the Realiser tells its Builder with a request.
+type BuildOptions struct {
+	// Session gets temporary roots on the outputs.
+	Session *store.Session
+	// Substituter, if not nil, is asked for the outputs of every
+	// derivation before it is built, the targets' inputs included.
+	Substituter BuildSubstituter
+	// Repair builds the targets again, inputs as usual, and replaces
+	// their valid outputs with the new ones (Nix's repair mode): how a
+	// damaged output that no cache has is repaired.
+	Repair bool
 }
 
 // BuildSubstituter is how a Builder reaches a client's binary caches: it

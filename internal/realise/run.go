@@ -81,7 +81,7 @@ func (r *Realiser) Realise(ctx context.Context, targets []store.DerivedPath, pro
 // so far (one that failed before a fallback, say) is delivered first.
 func (r *Realiser) buildInto(ctx context.Context, results []Result, targets []store.DerivedPath, idx []int, prog Progress) error {
 	flush(prog)
-	built, err := r.m.builder.Build(ctx, targets, r.session, r.buildSubstituter(prog))
+	built, err := r.m.builder.Build(ctx, targets, BuildOptions{Session: r.session, Substituter: r.buildSubstituter(prog)})
 	if err != nil {
 		return err // the Builder's errors say what failed
 	}
@@ -158,10 +158,9 @@ func (r *Realiser) Check(ctx context.Context, targets []store.DerivedPath, prog 
 // Repair realises targets in repair mode (BuildPaths with build mode
 // repair: `nix-store -r --repair`, `nix-build --repair`): what is not
 // valid is realised as usual, then every wanted path that was valid
-// already but whose files no longer match its NAR hash is fetched again
-// from the caches and swapped in. (A derivation's outputs substituted
-// just now are checked again with the rest.) Nix would rebuild such an output from its
-// derivation where no cache has it; nixyard reports it instead.
+// already but whose files no longer match its NAR hash is repaired as
+// RepairPath does: fetched again from the caches and swapped in, or, where
+// no cache has it, rebuilt from its derivation in repair mode.
 func (r *Realiser) Repair(ctx context.Context, targets []store.DerivedPath, prog Progress) ([]Result, error) {
 	ctx = substitute.WithProgress(ctx, prog) // the repairs' downloads too
 	results, err := r.Realise(ctx, targets, prog)
@@ -208,12 +207,35 @@ func (r *Realiser) Repair(ctx context.Context, targets []store.DerivedPath, prog
 var errNoCache = errors.New("no binary cache to fetch it from")
 
 // RepairPath fetches the valid path p again from the binary caches and
-// replaces the store's copy (nix-store --verify --repair).
+// replaces the store's copy (nix-store --verify --repair). If no cache
+// gives it back, the derivation that made it, if valid, is built again in
+// repair mode, which replaces it, as Nix's repairPath does.
 func (r *Realiser) RepairPath(ctx context.Context, p storepath.Path) error {
-	if r.sub == nil {
-		return errNoCache
+	err := errNoCache
+	if r.sub != nil {
+		if err = r.sub.Repair(ctx, p); err == nil || ctx.Err() != nil {
+			return err
+		}
 	}
-	return r.sub.Repair(ctx, p)
+	st := r.m.st
+	info, ierr := st.QueryPathInfo(ctx, p)
+	if ierr != nil || info.Deriver.IsZero() || r.m.builder == nil {
+		return err
+	}
+	if ok, verr := st.IsValidPath(ctx, info.Deriver); verr != nil || !ok {
+		return err
+	}
+	target := store.DerivedPath{Path: info.Deriver, Built: true, AllOutputs: true}
+	built, berr := r.m.builder.Build(ctx, []store.DerivedPath{target}, BuildOptions{Session: r.session, Repair: true})
+	switch {
+	case berr != nil:
+		return fmt.Errorf("%v; building '%s' again: %w", err, st.Dir().Abs(info.Deriver), berr)
+	case len(built) != 1:
+		return fmt.Errorf("realise: builder returned %d results for 1 target", len(built))
+	case !built[0].Status.Success():
+		return fmt.Errorf("%v; building '%s' again: %s", err, st.Dir().Abs(info.Deriver), built[0].ErrorMsg)
+	}
+	return nil
 }
 
 // realiseOpaque sets the results of the targets that are plain paths (not

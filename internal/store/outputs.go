@@ -96,6 +96,11 @@ type BuiltOutput struct {
 	// checked against Path and the scanned references; "" for
 	// input-addressed outputs.
 	CA string
+	// Replace: the path may be valid already, its files damaged (a
+	// repair): the new tree is swapped in atomically, the path's info
+	// updated, and the old files deleted once it is registered. Src must
+	// be set.
+	Replace bool
 }
 
 // Register makes the outputs valid, as Nix's registerOutputs does: each
@@ -109,7 +114,8 @@ type BuiltOutput struct {
 // check, if not nil, sees the outputs' infos (by output name) before
 // they are made durable and registered; its error is returned as it is.
 // On error nothing is registered; trees already moved into place stay
-// there, invalid, for the next attempt or the garbage collector.
+// there, invalid, for the next attempt or the garbage collector, and
+// replaced trees (Replace) are swapped back.
 func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs []BuiltOutput, candidates []storepath.Path, check func(map[string]PathInfo) error) ([]PathInfo, error) {
 	s := l.s
 	drvAbs := s.abs(deriver)
@@ -122,6 +128,21 @@ func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs
 	}
 	pending := make([]*pendingPath, 0, len(outs))
 	byName := make(map[string]PathInfo, len(outs))
+	// Replaced trees: the new one is at dest, the old one at src.
+	type swapped struct{ src, dest string }
+	var replaced []swapped
+	ok := false
+	defer func() {
+		for _, sw := range replaced {
+			if ok {
+				if err := removeAll(sw.src); err != nil {
+					s.log.Warn("deleting the replaced files of a repaired output", "path", sw.src, "err", err)
+				}
+			} else if err := exchange(sw.src, sw.dest); err != nil {
+				s.log.Error("putting back the files of an output whose repair failed", "path", sw.dest, "err", err)
+			}
+		}
+	}()
 	for _, o := range outs {
 		if err := ctx.Err(); err != nil {
 			return nil, err
@@ -165,7 +186,13 @@ func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs
 			}
 		}
 		s.sign(&info)
-		if src != dest {
+		switch {
+		case o.Replace && src != dest && exists(dest):
+			if err := exchange(src, dest); err != nil {
+				return nil, fmt.Errorf("store: replacing output '%s' of '%s': %w", o.Name, drvAbs, err)
+			}
+			replaced = append(replaced, swapped{src, dest})
+		case src != dest:
 			if err := removeAll(dest); err != nil {
 				return nil, fmt.Errorf("store: deleting leftover %s: %w", dest, err)
 			}
@@ -192,6 +219,7 @@ func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs
 	if err := s.register(ctx, pending); err != nil {
 		return nil, fmt.Errorf("store: registering outputs of '%s': %w", drvAbs, err)
 	}
+	ok = true
 	infos := make([]PathInfo, len(pending))
 	for i, pp := range pending {
 		infos[i] = pp.info
@@ -287,4 +315,10 @@ func (r *RefScanner) Found() []storepath.Path {
 		out = append(out, p)
 	}
 	return storepath.Sort(out)
+}
+
+// exists reports whether path exists (a dangling symlink does).
+func exists(path string) bool {
+	_, err := os.Lstat(path)
+	return err == nil
 }
