@@ -45,6 +45,18 @@ func (e *testEnv) cachedFixtures(t *testing.T, compression, sec string, names ..
 	return cacheDir, outs, deps
 }
 
+// buildIntoCache builds attr of the expression args in a store of its own
+// and copies its closure into the file:// cache at e.dir/cache with the
+// given compression. It returns the output and the cache directory.
+func (e *testEnv) buildIntoCache(t *testing.T, args []string, attr, compression string) (out, cacheDir string) {
+	t.Helper()
+	other := e.otherStore("src")
+	cacheDir = filepath.Join(e.dir, "cache")
+	out = oneLine(t, attr, e.cmd("nix-build", append(args, "-A", attr, "--no-out-link", "--store", other)...).ok(t))
+	e.fillCache(t, other, cacheDir, compression, "", out)
+	return out, cacheDir
+}
+
 // narURL returns the URL field of p's narinfo in the cache at dir.
 func narURL(t *testing.T, dir, p string) string {
 	t.Helper()
@@ -759,12 +771,10 @@ func TestSubstituteAllowSubstitutes(t *testing.T) {
   localInput = mk { name = "local-only-input"; allowSubstitutes = false; script = "echo local input > $out"; };
   top = mk { name = "top"; inherit localInput; script = "cat $localInput > $out"; };
 }`)
-	other := e.otherStore("src")
-	cacheDir := filepath.Join(e.dir, "cache")
+	var cacheDir string
 	outs := map[string]string{}
 	for _, attr := range []string{"local", "cached", "localInput"} {
-		outs[attr] = oneLine(t, attr, e.cmd("nix-build", append(args, "-A", attr, "--no-out-link", "--store", other)...).ok(t))
-		e.fillCache(t, other, cacheDir, "none", "", outs[attr])
+		outs[attr], cacheDir = e.buildIntoCache(t, args, attr, "none")
 	}
 	srv := cachetest.New(cacheDir)
 	defer srv.Close()
@@ -801,10 +811,7 @@ func TestSubstituteBuildInputs(t *testing.T) {
   multi = mk { name = "multi"; outputs = [ "out" "dev" ]; script = "echo out > $out; echo dev > $dev"; };
   usesDev = mk { name = "uses-dev"; dev = multi.dev; script = "echo uses $dev > $out"; };
 }`)
-	other := e.otherStore("src")
-	cacheDir := filepath.Join(e.dir, "cache")
-	mid := oneLine(t, "mid", e.cmd("nix-build", append(args, "-A", "mid", "--no-out-link", "--store", other)...).ok(t))
-	e.fillCache(t, other, cacheDir, "zstd", "", mid)
+	mid, cacheDir := e.buildIntoCache(t, args, "mid", "zstd")
 	srv := cachetest.New(cacheDir)
 	defer srv.Close()
 	midNAR := narURL(t, cacheDir, mid)
@@ -859,8 +866,7 @@ func TestSubstituteBuildInputs(t *testing.T) {
 	// An input derivation of which the build needs one output, which the
 	// cache has without the others: that output is fetched, nothing built
 	// but the top.
-	dev := oneLine(t, "multi.dev", e.cmd("nix-build", append(args, "-A", "multi.dev", "--no-out-link", "--store", other)...).ok(t))
-	e.fillCache(t, other, cacheDir, "zstd", "", dev)
+	dev, _ := e.buildIntoCache(t, args, "multi.dev", "zstd")
 	b = fresh()
 	r = b.nixBuild(append(args, "-A", "usesDev", "--no-out-link")...).run(t)
 	if r.err != nil || strings.Contains(r.stderr, "-multi.drv'...") || !strings.Contains(r.stderr, "copying path '"+dev+"'") {
@@ -899,10 +905,7 @@ func TestSubstituteCheck(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	args := e.expr(t, "substcheck", `{ det = mk { name = "subst-check"; script = "echo same > $out"; }; }`)
-	other := e.otherStore("src")
-	cacheDir := filepath.Join(e.dir, "cache")
-	out := oneLine(t, "det", e.cmd("nix-build", append(args, "-A", "det", "--no-out-link", "--store", other)...).ok(t))
-	e.fillCache(t, other, cacheDir, "none", "", out)
+	out, cacheDir := e.buildIntoCache(t, args, "det", "none")
 	srv := cachetest.New(cacheDir)
 	defer srv.Close()
 	b := e.startBuildDaemon(t, "substituters = "+srv.URL, "require-sigs = false")
