@@ -832,16 +832,29 @@ func TestBuildSandboxSettings(t *testing.T) {
 // has is built again and replaced, as Nix does, by nix-store --verify
 // --repair and nix-build --repair, and by nix-store -r --repair of the
 // output itself (which nix-daemon leaves to the caches); its referrers stay
-// valid, and the store verifies clean.
+// valid, an intact output of the same derivation is left as it was (which
+// nix-daemon replaces too), and the store verifies clean.
 func TestRepairByRebuild(t *testing.T) {
 	t.Parallel()
 	b := startBuildDaemon(t)
 	args := b.expr(t, "repair", `rec {
-  lib = mk { name = "repairable"; script = "mkdir $out; echo library > $out/lib"; };
+  lib = mk { name = "repairable"; outputs = [ "out" "doc" ]; script = "mkdir $out; echo library > $out/lib; echo $RANDOM$RANDOM > $doc"; };
   app = mk { name = "repair-app"; inherit lib; script = "echo uses $lib > $out"; };
 }`)
 	app := oneLine(t, "app", b.nixBuild(append(args, "-A", "app", "--no-out-link")...).ok(t))
-	lib := oneLine(t, "lib", b.nixBuild(append(args, "-A", "lib", "--no-out-link")...).ok(t))
+	outs := lines(b.nixBuild(append(args, "-A", "lib.all", "--no-out-link")...).ok(t))
+	if len(outs) != 2 {
+		t.Fatalf("lib's outputs: %q", outs)
+	}
+	lib, doc := outs[0], outs[1]
+	if strings.HasSuffix(lib, "-doc") {
+		lib, doc = doc, lib
+	}
+	// doc differs from build to build: a repair of lib leaves it be.
+	docBefore, err := os.ReadFile(b.realPath(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
 	damage := func() {
 		t.Helper()
 		f := filepath.Join(b.realPath(lib), "lib")
@@ -867,7 +880,11 @@ func TestRepairByRebuild(t *testing.T) {
 		if got, err := os.ReadFile(filepath.Join(b.realPath(lib), "lib")); err != nil || string(got) != "library\n" {
 			t.Errorf("%s: %s/lib holds %q (%v)", how, lib, got, err)
 		}
-		b.assertValid(t, how, app, lib)
+		b.assertValid(t, how, app, lib, doc)
+		// nix-daemon replaces every output of the derivation it rebuilds.
+		if got, err := os.ReadFile(b.realPath(doc)); !useStock && (err != nil || string(got) != string(docBefore)) {
+			t.Errorf("%s replaced the intact output %s: %q, was %q (%v)", how, doc, got, docBefore, err)
+		}
 		assertVerifyClean(t, b.nixStoreRun(t, "--verify", "--check-contents"))
 	}
 

@@ -367,7 +367,11 @@ func TestNoLocalBuilds(t *testing.T) {
 		}
 		runs <- res
 	}()
+	deadline := time.Now().Add(time.Minute)
 	for !slices.Contains(rec.startedList(), e.st.Dir().Abs(drvs["top"])) {
+		if time.Now().After(deadline) {
+			t.Fatal("the build did not start")
+		}
 		time.Sleep(10 * time.Millisecond)
 	}
 	joined := make(chan error, 1)
@@ -379,6 +383,9 @@ func TestNoLocalBuilds(t *testing.T) {
 		joined <- err
 	}()
 	for joinedCallers(b, drvs["top"]) < 2 { // the second caller joins the running build
+		if time.Now().After(deadline) {
+			t.Fatal("the second caller did not join the build")
+		}
 		time.Sleep(10 * time.Millisecond)
 	}
 	if err := os.WriteFile(filepath.Join(gate, "go"), nil, 0o644); err != nil {

@@ -115,8 +115,10 @@ func (c *call) realise(ctx context.Context, req store.DerivedPath, depth int) Re
 			return b.fail(req, MiscFailure, "derivation '%s' does not have an output named '%s'", b.abs(req.Path), n)
 		}
 	}
-	// --check and --repair apply to the requested derivations, not to
-	// their inputs (as Nix).
+	// --check applies to the requested derivations, not to their inputs,
+	// as in Nix. So does --repair, unlike Nix, which repairs the inputs'
+	// outputs too: the realiser has checked and repaired what it was
+	// asked to, and inputs are realised as usual.
 	mode := ModeNormal
 	if depth == 0 {
 		mode = c.opts.Mode
@@ -322,6 +324,22 @@ func (g *goal) leave(c *call) {
 	}
 }
 
+// caller returns whose caches and session the goal uses for what it
+// substitutes and the inputs it realises: its owner while the owner waits,
+// else another caller that does (one that left may have closed its
+// session).
+func (g *goal) caller() *call {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.subs[g.owner] > 0 {
+		return g.owner
+	}
+	for c := range g.subs {
+		return c
+	}
+	return g.owner
+}
+
 // mayBuild reports whether some caller waiting for g may run builds here.
 func (g *goal) mayBuild() bool {
 	g.mu.Lock()
@@ -472,8 +490,8 @@ func (g *goal) realise(ctx context.Context) Result {
 	}
 	// A check (--check) needs the outputs valid to compare with: it
 	// substitutes the missing ones, then builds again.
-	if g.owner.opts.Substituter != nil && allowSubst {
-		if r, ok := g.owner.trySubstitute(ctx, g.drvPath, outPaths); ok && !((g.check || g.repair) && r.Status.Success()) {
+	if caller := g.caller(); caller.opts.Substituter != nil && allowSubst {
+		if r, ok := caller.trySubstitute(ctx, g.drvPath, outPaths); ok && !((g.check || g.repair) && r.Status.Success()) {
 			return r
 		}
 	}
@@ -489,11 +507,13 @@ func (g *goal) realise(ctx context.Context) Result {
 	)
 	inCtx, stopInputs := context.WithCancelCause(ctx)
 	defer stopInputs(nil)
+	noBuilds := false // an input needed a build that max-jobs 0 forbade
 	inputFailed := func(r Result) {
 		if r.Stopped && ctx.Err() == nil {
 			return // dropped after another input failed: not a failure of its own
 		}
 		nFailed++
+		noBuilds = noBuilds || r.noLocalBuilds
 		if stopsOthers(r) && !g.keepGoing() {
 			stopInputs(errStopped)
 		}
@@ -506,7 +526,7 @@ func (g *goal) realise(ctx context.Context) Result {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			r := g.owner.realise(inCtx, store.DerivedPath{Path: ip, Outputs: g.drv.InputDrvs[in], Built: true}, 1)
+			r := g.caller().realise(inCtx, store.DerivedPath{Path: ip, Outputs: g.drv.InputDrvs[in], Built: true}, 1)
 			mu.Lock()
 			defer mu.Unlock()
 			if !r.Status.Success() {
@@ -526,7 +546,7 @@ func (g *goal) realise(ctx context.Context) Result {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			r := g.owner.realiseOpaque(inCtx, store.DerivedPath{Path: sp})
+			r := g.caller().realiseOpaque(inCtx, store.DerivedPath{Path: sp})
 			mu.Lock()
 			defer mu.Unlock()
 			if !r.Status.Success() {
@@ -542,7 +562,12 @@ func (g *goal) realise(ctx context.Context) Result {
 		return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
 	}
 	if nFailed > 0 {
-		return g.failf(DependencyFailed, "%d dependencies of derivation '%s' failed to build", nFailed, drvAbs)
+		// noLocalBuilds travels up, so that a caller who may build, and
+		// who joined a goal whose inputs were realised for one who may
+		// not, tries again as the owner (see call.realise).
+		r := g.failf(DependencyFailed, "%d dependencies of derivation '%s' failed to build", nFailed, drvAbs)
+		r.noLocalBuilds = noBuilds
+		return r
 	}
 	inputs, err := b.st.QueryClosure(ctx, closure)
 	if err != nil {
@@ -559,6 +584,10 @@ func (g *goal) realise(ctx context.Context) Result {
 	}
 
 	if !g.mayBuild() {
+		// Unless another process made the outputs meanwhile.
+		if _, ok, err := b.validOutputs(ctx, g.drv, slices.Collect(mapKeys(outPaths))); err == nil && ok && !g.check && !g.repair {
+			return Result{Status: AlreadyValid}
+		}
 		return Result{Status: MiscFailure, ErrorMsg: ErrNoLocalBuilds.Error(), noLocalBuilds: true}
 	}
 

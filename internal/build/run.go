@@ -672,6 +672,14 @@ func (j *job) register(ctx context.Context, locks *store.OutputLocks) *failure {
 			}
 			continue
 		}
+		if g.repair {
+			// Only what is missing or damaged is replaced: an intact output
+			// keeps its files and info, and the rebuilt copy is dropped
+			// with the sandbox.
+			if good, err := b.st.ContentsGood(ctx, p); err == nil && good {
+				continue
+			}
+		}
 		outs = append(outs, bo)
 	}
 	if g.check {

@@ -218,6 +218,9 @@ func (r *Realiser) RepairPath(ctx context.Context, p storepath.Path) error {
 		}
 	}
 	st := r.m.st
+	if good, gerr := st.ContentsGood(ctx, p); gerr == nil && good {
+		return nil // the rebuild of another output of its derivation did it
+	}
 	info, ierr := st.QueryPathInfo(ctx, p)
 	if ierr != nil || info.Deriver.IsZero() || r.m.builder == nil {
 		return err
@@ -226,14 +229,18 @@ func (r *Realiser) RepairPath(ctx context.Context, p storepath.Path) error {
 		return err
 	}
 	target := store.DerivedPath{Path: info.Deriver, Built: true, AllOutputs: true}
-	built, berr := r.m.builder.Build(ctx, []store.DerivedPath{target}, BuildOptions{Session: r.session, Repair: true})
+	opts := BuildOptions{Session: r.session, Substituter: r.buildSubstituter(substitute.ProgressFrom(ctx)), Repair: true}
+	built, berr := r.m.builder.Build(ctx, []store.DerivedPath{target}, opts)
 	switch {
 	case berr != nil:
-		return fmt.Errorf("%v; building '%s' again: %w", err, st.Dir().Abs(info.Deriver), berr)
+		return fmt.Errorf("%w; building '%s' again: %w", err, st.Dir().Abs(info.Deriver), berr)
 	case len(built) != 1:
 		return fmt.Errorf("realise: builder returned %d results for 1 target", len(built))
 	case !built[0].Status.Success():
-		return fmt.Errorf("%v; building '%s' again: %s", err, st.Dir().Abs(info.Deriver), built[0].ErrorMsg)
+		return fmt.Errorf("%w; building '%s' again: %s", err, st.Dir().Abs(info.Deriver), built[0].ErrorMsg)
+	}
+	if good, gerr := st.ContentsGood(ctx, p); gerr != nil || !good {
+		return fmt.Errorf("%w; building '%s' again did not give back '%s'", err, st.Dir().Abs(info.Deriver), st.Dir().Abs(p))
 	}
 	return nil
 }

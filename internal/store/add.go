@@ -710,7 +710,11 @@ func (s *Store) addUnpacked(ctx context.Context, info PathInfo, tmp string, repa
 	if err := nar.Canonicalise(tmp); err != nil {
 		return fmt.Errorf("store: %s: %w", abs, err)
 	}
-	s.optimiseNew(ctx, tmp)
+	if !valid {
+		// Not for a repair: the store's links may be what was damaged,
+		// and optimising checks them by size only.
+		s.optimiseNew(ctx, tmp)
+	}
 	if err := s.syncTrees([]string{tmp}, info.NarSize, epoch); err != nil {
 		return fmt.Errorf("store: %s: %w", abs, err)
 	}

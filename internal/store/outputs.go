@@ -97,9 +97,10 @@ type BuiltOutput struct {
 	// input-addressed outputs.
 	CA string
 	// Replace: the path may be valid already, its files damaged (a
-	// repair): the new tree is swapped in atomically, the path's info
-	// updated, and the old files deleted once it is registered. Src must
-	// be set.
+	// repair): the new tree is made durable, swapped in atomically, the
+	// path's info updated, and the old files deleted once it is
+	// registered. Src must be set. The new files are not hard-linked to
+	// others (auto-optimise-store), which may be the damaged ones.
 	Replace bool
 }
 
@@ -188,6 +189,11 @@ func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs
 		s.sign(&info)
 		switch {
 		case o.Replace && src != dest && exists(dest):
+			// The new files are durable before they take the valid path's
+			// place, as in a repair from a cache (addUnpacked).
+			if err := s.syncTrees([]string{src}, info.NarSize, l.epoch); err != nil {
+				return nil, fmt.Errorf("store: output '%s' of '%s': %w", o.Name, drvAbs, err)
+			}
 			if err := exchange(src, dest); err != nil {
 				return nil, fmt.Errorf("store: replacing output '%s' of '%s': %w", o.Name, drvAbs, err)
 			}
@@ -200,7 +206,11 @@ func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs
 				return nil, fmt.Errorf("store: moving output '%s' of '%s' into place: %w", o.Name, drvAbs, err)
 			}
 		}
-		s.optimiseNew(ctx, dest)
+		if !o.Replace {
+			// Not for a repair: its files may be the very links that were
+			// damaged, which optimising checks by size only.
+			s.optimiseNew(ctx, dest)
+		}
 		pending = append(pending, &pendingPath{info: info, epoch: l.epoch})
 		byName[o.Name] = info
 	}

@@ -123,7 +123,9 @@ func (s *Store) verify(ctx context.Context, checkContents, repair bool, log func
 			log(fmt.Sprintf("path '%s' disappeared, but it still has valid referrers!", s.abs(p)))
 			missing[p] = true
 			if repair {
-				broken = append(broken, p)
+				// Referrers are reached first: prepended, references
+				// come first, so that a rebuild finds its inputs.
+				broken = append([]storepath.Path{p}, broken...)
 			} else {
 				errorsFound = true
 			}

@@ -144,8 +144,8 @@ func WithProgress(ctx context.Context, p Progress) context.Context {
 	return context.WithValue(ctx, progressKey{}, p)
 }
 
-// progressFrom returns the Progress of WithProgress, or nil.
-func progressFrom(ctx context.Context) Progress {
+// ProgressFrom returns the Progress of WithProgress, or nil.
+func ProgressFrom(ctx context.Context) Progress {
 	p, _ := ctx.Value(progressKey{}).(Progress)
 	return p
 }

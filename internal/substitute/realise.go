@@ -261,7 +261,7 @@ type repairKey struct{}
 // not fetched.
 func (s *Substituter) Repair(ctx context.Context, p storepath.Path) error {
 	ctx = context.WithValue(ctx, repairKey{}, true)
-	_, err := s.narFlights.do(ctx, "repair "+p.String(), progressFrom(ctx), func(ctx context.Context, h *hub) (struct{}, error) {
+	_, err := s.narFlights.do(ctx, "repair "+p.String(), ProgressFrom(ctx), func(ctx context.Context, h *hub) (struct{}, error) {
 		return struct{}{}, s.fetchPath(ctx, p, h)
 	})
 	return err

@@ -374,7 +374,7 @@ func (s *Substituter) lookup(ctx context.Context, up *upstream, p storepath.Path
 	// The flight may outlive this call (others joined it, or it has not
 	// seen the cancellation yet): callerProgress keeps its events from this
 	// caller once the call has returned.
-	prog := &callerProgress{p: progressFrom(ctx)}
+	prog := &callerProgress{p: ProgressFrom(ctx)}
 	defer prog.close()
 	return s.infoFlights.do(ctx, key, nil, func(ctx context.Context, _ *hub) (_ *Info, err error) {
 		// As Nix's binary cache store: a QueryPathInfo activity, and the
