@@ -200,9 +200,14 @@ func TestSubstituteFallback(t *testing.T) {
 	if d.isValid(t, out) {
 		t.Fatalf("%s is valid after a failed substitution", out)
 	}
+	before := srv.Count(narURL(t, cacheDir, out))
 	r := d.client("nix-build", append(args, "--fallback")...).run(t)
 	if r.err != nil {
 		t.Fatalf("nix-build --fallback failed:\n%s", r)
+	}
+	// One failed download, then the build: not another try per layer.
+	if n := srv.Count(narURL(t, cacheDir, out)) - before; n != 1 || strings.Count(r.stderr, "hash mismatch") != 1 {
+		t.Errorf("nix-build --fallback fetched the corrupt NAR %d times:\n%s", n, r)
 	}
 	if got := strings.TrimSpace(r.stdout); got != out {
 		t.Fatalf("nix-build --fallback printed %q, want %q", got, out)

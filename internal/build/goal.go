@@ -132,10 +132,14 @@ func (c *call) realise(ctx context.Context, req store.DerivedPath, depth int) Re
 		// As Nix's goal for some outputs of a derivation: those outputs
 		// come from a cache if it has them, even when it lacks the others
 		// (which the build, shared by all who need the derivation, would
-		// make too).
-		if r, ok := c.substituteWanted(ctx, req.Path, drv, wanted); ok {
-			r.Path = req
-			return r
+		// make too). The requested derivations' outputs were looked for
+		// by the realiser already: not a second download of one that
+		// failed before a fallback.
+		if depth > 0 {
+			if r, ok := c.substituteWanted(ctx, req.Path, drv, wanted); ok {
+				r.Path = req
+				return r
+			}
 		}
 	}
 	g := b.joinGoal(req, drv, c, mode)
@@ -482,16 +486,17 @@ func (g *goal) realise(ctx context.Context) Result {
 		outPaths[n] = p
 	}
 	g.outputs = outPaths
-	// Substitutes first, as Nix's haveDerivation, unless the derivation
-	// says not to (allowSubstitutes = false).
+	// Substitutes are allowed unless the derivation says not to
+	// (allowSubstitutes = false), as in Nix's haveDerivation.
 	allowSubst, err := g.attrs.Bool("allowSubstitutes", true)
 	if err != nil {
 		return g.failf(MiscFailure, "%v", err)
 	}
 	// A check (--check) needs the outputs valid to compare with: it
-	// substitutes the missing ones, then builds again.
-	if caller := g.caller(); caller.opts.Substituter != nil && allowSubst {
-		if r, ok := caller.trySubstitute(ctx, g.drvPath, outPaths); ok && !((g.check || g.repair) && r.Status.Success()) {
+	// substitutes the missing ones, then builds again. (Otherwise what
+	// the callers want was looked for before the goal: see call.realise.)
+	if caller := g.caller(); g.check && caller.opts.Substituter != nil && allowSubst {
+		if r, ok := caller.trySubstitute(ctx, g.drvPath, outPaths); ok && !r.Status.Success() {
 			return r
 		}
 	}
