@@ -70,6 +70,9 @@ func (b *Builder) BuildBasic(ctx context.Context, drvPath storepath.Path, drv *d
 	if err := ctx.Err(); err != nil {
 		return Result{}, err
 	}
+	if res.noLocalBuilds || c.noLocalBuilds.Load() {
+		return Result{}, ErrNoLocalBuilds // as Nix: the request fails
+	}
 	res.Path = req
 	res.BuiltOutputs = nil
 	if res.Status.Success() {

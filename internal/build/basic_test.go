@@ -1,6 +1,7 @@
 package build
 
 import (
+	"errors"
 	"strings"
 	"testing"
 
@@ -31,6 +32,11 @@ func TestBuildBasic(t *testing.T) {
 		}
 		d.InputDrvs = nil
 		return d
+	}
+
+	// With max-jobs 0 the request fails as a whole, as with Nix.
+	if _, err := b.BuildBasic(t.Context(), drvs["top"], basic("top"), ClientOptions{NoLocalBuilds: true}, nil); !errors.Is(err, ErrNoLocalBuilds) {
+		t.Errorf("max-jobs 0: err = %v, want ErrNoLocalBuilds", err)
 	}
 
 	rec := &recorder{}

@@ -189,7 +189,8 @@ func (r *Realiser) Repair(ctx context.Context, targets []store.DerivedPath, prog
 			if good {
 				continue
 			}
-			if err := r.RepairPath(ctx, p); err != nil {
+			how, err := r.repairPath(ctx, p)
+			if err != nil {
 				if ctx.Err() != nil {
 					return nil, ctx.Err()
 				}
@@ -197,7 +198,7 @@ func (r *Realiser) Repair(ctx context.Context, targets []store.DerivedPath, prog
 				res.ErrorMsg = fmt.Sprintf("cannot repair path '%s': %v", st.Dir().Abs(p), err)
 				break
 			}
-			res.Status = Substituted
+			res.Status = how
 		}
 	}
 	return results, nil
@@ -211,38 +212,45 @@ var errNoCache = errors.New("no binary cache to fetch it from")
 // gives it back, the derivation that made it, if valid, is built again in
 // repair mode, which replaces it, as Nix's repairPath does.
 func (r *Realiser) RepairPath(ctx context.Context, p storepath.Path) error {
+	_, err := r.repairPath(ctx, p)
+	return err
+}
+
+// repairPath is RepairPath; it says how the path was repaired:
+// Substituted or Built.
+func (r *Realiser) repairPath(ctx context.Context, p storepath.Path) (Status, error) {
 	err := errNoCache
 	if r.sub != nil {
 		if err = r.sub.Repair(ctx, p); err == nil || ctx.Err() != nil {
-			return err
+			return Substituted, err
 		}
 	}
 	st := r.m.st
 	if good, gerr := st.ContentsGood(ctx, p); gerr == nil && good {
-		return nil // the rebuild of another output of its derivation did it
+		return Built, nil // the rebuild of another output of its derivation did it
 	}
 	info, ierr := st.QueryPathInfo(ctx, p)
 	if ierr != nil || info.Deriver.IsZero() || r.m.builder == nil {
-		return err
+		return 0, err
 	}
 	if ok, verr := st.IsValidPath(ctx, info.Deriver); verr != nil || !ok {
-		return err
+		return 0, err
 	}
 	target := store.DerivedPath{Path: info.Deriver, Built: true, AllOutputs: true}
 	opts := BuildOptions{Session: r.session, Substituter: r.buildSubstituter(substitute.ProgressFrom(ctx)), Repair: true}
 	built, berr := r.m.builder.Build(ctx, []store.DerivedPath{target}, opts)
 	switch {
 	case berr != nil:
-		return fmt.Errorf("%w; building '%s' again: %w", err, st.Dir().Abs(info.Deriver), berr)
+		return 0, fmt.Errorf("%w; building '%s' again: %w", err, st.Dir().Abs(info.Deriver), berr)
 	case len(built) != 1:
-		return fmt.Errorf("realise: builder returned %d results for 1 target", len(built))
+		return 0, fmt.Errorf("realise: builder returned %d results for 1 target", len(built))
 	case !built[0].Status.Success():
-		return fmt.Errorf("%w; building '%s' again: %s", err, st.Dir().Abs(info.Deriver), built[0].ErrorMsg)
+		return 0, fmt.Errorf("%w; building '%s' again: %s", err, st.Dir().Abs(info.Deriver), built[0].ErrorMsg)
 	}
 	if good, gerr := st.ContentsGood(ctx, p); gerr != nil || !good {
-		return fmt.Errorf("%w; building '%s' again did not give back '%s'", err, st.Dir().Abs(info.Deriver), st.Dir().Abs(p))
+		return 0, fmt.Errorf("%w; building '%s' again did not give back '%s'", err, st.Dir().Abs(info.Deriver), st.Dir().Abs(p))
 	}
-	return nil
+	return Built, nil
 }
 
 // realiseOpaque sets the results of the targets that are plain paths (not
