@@ -222,6 +222,32 @@ func TestSubstituteFallback(t *testing.T) {
 	d.verifyStopped(t)
 }
 
+// TestSubstituteIncompleteClosure: a cache that has a derivation's output
+// but not a path that output refers to is no reason to fail: the
+// derivation is built, as Nix builds it, and nothing is fetched (Nix
+// fetches the output first).
+func TestSubstituteIncompleteClosure(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	cacheDir, outs, deps := e.cachedFixtures(t, "none", "", "subst-incomplete")
+	out, dep := outs[0], deps[0]
+	if err := os.Remove(filepath.Join(cacheDir, strings.TrimPrefix(dep, "/nix/store/")[:32]+".narinfo")); err != nil {
+		t.Fatal(err)
+	}
+	srv := cachetest.New(cacheDir)
+	defer srv.Close()
+	d := e.startDaemon(t, withConf("substituters = "+srv.URL, "require-sigs = false"))
+	r := d.client("nix-build", append([]string{"--no-out-link"}, e.fixtureArgs(t, "subst-incomplete")...)...).run(t)
+	if r.err != nil || strings.TrimSpace(r.stdout) != out {
+		t.Fatalf("nix-build with an incomplete closure in the cache:\n%s", r)
+	}
+	// nix-daemon downloads the output before it finds the reference missing.
+	if n := srv.Count(narURL(t, cacheDir, out)); n != 0 && !useStock {
+		t.Errorf("the NAR of the output whose closure the cache lacks was fetched %d times", n)
+	}
+	d.assertFixture(t, out, dep)
+}
+
 // TestSubstituteDeadCacheWarns: with the only cache unreachable, `nix
 // build` (which, unlike nix-build, does not ask QueryMissing first) builds,
 // and the client hears which cache failed, as from nix-daemon.

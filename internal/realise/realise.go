@@ -89,7 +89,8 @@ type BuildOptions struct {
 // asks for the outputs of each derivation before building it, as Nix
 // does, so that the inputs of a build come from the caches that have them.
 type BuildSubstituter interface {
-	// Substitutable returns those of paths some cache has (any order).
+	// Substitutable returns those of paths some cache has, with the
+	// paths they need (any order).
 	Substitutable(ctx context.Context, paths []storepath.Path) ([]storepath.Path, error)
 	// Realise makes paths and their closures valid by substitution.
 	Realise(ctx context.Context, paths []storepath.Path) error

@@ -436,12 +436,10 @@ func (r *Realiser) realiseOne(ctx context.Context, t store.DerivedPath, prog Pro
 	if !known || r.sub == nil || !substitutesAllowed(d) {
 		return res, true, nil
 	}
-	infos, err := r.QuerySubstitutable(ctx, invalid, warnerOf(prog))
-	if err != nil {
+	if ok, err := r.closureSubstitutable(ctx, invalid, prog); err != nil {
 		return res, false, err
-	}
-	if len(infos) < len(invalid) {
-		return res, true, nil // some output is in no cache: build
+	} else if !ok {
+		return res, true, nil // some output, or a path it needs, is in no cache: build
 	}
 	if _, err := r.substitute(ctx, invalid, prog); err != nil {
 		if ctx.Err() != nil {
@@ -595,13 +593,29 @@ type buildSubstituter struct {
 	prog Progress
 }
 
-// Substitutable implements BuildSubstituter.
+// Substitutable implements BuildSubstituter: all of paths when the
+// caches have them with what they need, none otherwise.
 func (s buildSubstituter) Substitutable(ctx context.Context, paths []storepath.Path) ([]storepath.Path, error) {
-	infos, err := s.r.QuerySubstitutable(ctx, paths, warnerOf(s.prog))
-	if err != nil {
+	if ok, err := s.r.closureSubstitutable(ctx, paths, s.prog); err != nil || !ok {
 		return nil, err
 	}
-	return slices.Collect(maps.Keys(infos)), nil
+	return paths, nil
+}
+
+// closureSubstitutable reports whether the caches have paths and every
+// path of their closures that is not valid, as Nix's goals decide between
+// fetching a derivation's outputs and building it: a closure that the
+// caches have only part of means a build, not a failed download.
+func (r *Realiser) closureSubstitutable(ctx context.Context, paths []storepath.Path, prog Progress) (bool, error) {
+	if r.sub == nil {
+		return false, nil
+	}
+	m, err := r.sub.QueryMissing(ctx, paths)
+	if err != nil {
+		return false, err
+	}
+	warnEach(prog, m.Errors)
+	return len(m.Unknown) == 0, nil
 }
 
 // Realise implements BuildSubstituter.
