@@ -121,7 +121,7 @@ func (p *progress) Flush() {
 }
 
 // Warn implements realise.Warner: the client gets each distinct failure
-// once per request, as a warning.
+// once per connection, as a warning (see warnFunc).
 //
 // After close (the request has ended) it does nothing: a log line after
 // the request's last would corrupt the stream.
