@@ -891,7 +891,14 @@ func TestRepairByRebuild(t *testing.T) {
 	damage()
 	repaired("nix-store --verify --check-contents --repair", b.nixStoreRun(t, "--verify", "--check-contents", "--repair"))
 	damage()
-	repaired("nix-build --repair", b.nixBuild(append(args, "-A", "lib", "--no-out-link", "--repair")...).run(t))
+	r := b.nixBuild(append(args, "-A", "lib", "--no-out-link", "--repair")...).run(t)
+	repaired("nix-build --repair", r)
+	// What it checked and found, in nix-daemon's words.
+	for _, want := range []string{"checking path '" + lib + "'...", "path '" + lib + "' is corrupted or missing!"} {
+		if !strings.Contains(r.stderr, want) {
+			t.Errorf("nix-build --repair does not say %q:\n%s", want, r)
+		}
+	}
 	if useStock {
 		return // nix-daemon repairs a plain path from caches only
 	}

@@ -134,6 +134,23 @@ func (p *progress) Warn(err error) {
 	}
 }
 
+// Info implements realise.Messenger: msg goes to the client at info
+// level after the events so far. After close it does nothing.
+func (p *progress) Info(msg string) { p.message(lvlInfo, msg) }
+
+// Error implements realise.Messenger, at error level.
+func (p *progress) Error(msg string) { p.message(lvlError, msg) }
+
+func (p *progress) message(lvl Verbosity, msg string) {
+	p.Flush()
+	p.mu.Lock()
+	done := p.done
+	p.mu.Unlock()
+	if !done {
+		p.c.tun.Log(lvl, msg)
+	}
+}
+
 func (p *progress) run() {
 	defer close(p.exit)
 	var last time.Time

@@ -182,7 +182,7 @@ func (r *Realiser) Repair(ctx context.Context, targets []store.DerivedPath, prog
 			}
 		}
 		for _, p := range paths {
-			good, err := st.ContentsGood(ctx, p)
+			good, err := r.contentsGood(ctx, p, prog)
 			if err != nil {
 				return nil, fmt.Errorf("repairing %s: %w", st.Dir().Abs(p), err)
 			}
