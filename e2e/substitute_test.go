@@ -948,3 +948,38 @@ func TestSubstituteCheck(t *testing.T) {
 		t.Errorf("%d GETs of the output's NAR, valid %v: want it substituted once", n, b.isValid(t, out))
 	}
 }
+
+// TestRemoteBuilder: nixyard serves as a remote builder for Nix (a client
+// with builders = ssh-ng://…, which sends BuildDerivation over --stdio):
+// the derivations' outputs that its caches have are fetched there, as
+// nix-daemon fetches them, the rest is built there, and the client gets
+// the results back.
+func TestRemoteBuilder(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	args := e.expr(t, "remote", `rec {
+  dep = mk { name = "remote-cached"; script = "echo cached > $out"; };
+  top = mk { name = "remote-top"; inherit dep; script = "echo top $dep > $out"; };
+}`)
+	dep, cacheDir := e.buildIntoCache(t, args, "dep", "zstd")
+	srv := cachetest.New(cacheDir)
+	defer srv.Close()
+	b := e.startBuildDaemon(t, "substituters = "+srv.URL, "require-sigs = false")
+	client := filepath.Join(e.dir, "client")
+	builders := "ssh-ng://localhost?remote-program=" + b.stdioWrapper(t)
+	r := e.cmd("nix-build", append(args, "-A", "top", "--no-out-link", "--store", client, "-j0", "--builders", builders)...).run(t)
+	if r.err != nil {
+		t.Fatalf("nix-build with nixyard as its remote builder:\n%s", r)
+	}
+	top := strings.TrimSpace(r.stdout)
+	if got, err := os.ReadFile(filepath.Join(client, top)); err != nil || string(got) != "top "+dep+"\n" {
+		t.Errorf("%s holds %q in the client's store (%v)", top, got, err)
+	}
+	if !strings.Contains(r.stderr, "copying path '"+dep+"' from '"+srv.URL) || regexp.MustCompile(`building '[^']*-remote-cached\.drv'\.\.\.`).MatchString(r.stderr) {
+		t.Errorf("the cached input was not fetched by the remote builder, or was built:\n%s", r)
+	}
+	if !strings.Contains(r.stderr, "-remote-top.drv'...") {
+		t.Errorf("the remote builder did not build top:\n%s", r)
+	}
+	b.assertValid(t, "on the remote builder", dep, top)
+}

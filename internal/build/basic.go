@@ -57,6 +57,13 @@ func (b *Builder) BuildBasic(ctx context.Context, drvPath storepath.Path, drv *d
 		} else if ok {
 			return b.withRoots(ctx, client, Result{Path: req, Status: AlreadyValid, BuiltOutputs: outs})
 		}
+		if r, ok := c.substituteWanted(ctx, drvPath, drv, names); ok {
+			r.Path = req
+			if !r.Status.Success() {
+				return r, nil
+			}
+			return b.withRoots(ctx, client, r)
+		}
 	}
 	gctx, cancel := context.WithCancel(context.Background())
 	g := &goal{

@@ -206,17 +206,19 @@ type ClientOptions struct {
 	// other caller waits for: the request's other targets, and the other
 	// inputs of a derivation whose input failed.
 	KeepGoing bool
-	// Substituter, if not nil, is asked for the outputs of every
-	// derivation before it is built, the inputs of the requested ones
-	// included, as Nix substitutes what it can before it builds; and for
-	// plain input paths that are not valid. nil: everything missing is
-	// built.
+	// Substituter, if not nil, is asked for the wanted outputs of each
+	// input derivation before it is built, as Nix substitutes what it can
+	// before it builds, for plain input paths that are not valid, for the
+	// outputs of a derivation sent whole (BuildBasic), and in check mode
+	// for all outputs of the requested derivations. The requested
+	// derivations' outputs are the caller's to look up first (the
+	// realiser does). nil: everything missing is built.
 	Substituter Substituter
 	// Mode: ModeNormal; ModeCheck (sandboxed builds only) builds the
 	// requested derivations again and compares the outputs with the valid
 	// ones; ModeRepair (sandboxed builds only) builds them again and
-	// replaces the valid outputs with the new ones (nix-store --repair of
-	// a damaged output that no cache has, as Nix does).
+	// replaces those of their outputs that are missing or damaged
+	// (nix-store --repair of an output that no cache has, as Nix does).
 	Mode BuildMode
 	// Session, if not nil, gets a temporary root on every output a
 	// request returns.

@@ -221,6 +221,9 @@ type goal struct {
 	attrs   *derivation.Attrs
 	done    chan struct{}
 	cancel  context.CancelFunc
+	// roots holds temporary roots on the inputs while the goal runs,
+	// whichever callers come and go.
+	roots *store.Session
 
 	mu       sync.Mutex
 	subs     map[*call]int // waiting callers (count of their requests)
@@ -328,20 +331,34 @@ func (g *goal) leave(c *call) {
 	}
 }
 
-// caller returns whose caches and session the goal uses for what it
-// substitutes and the inputs it realises: its owner while the owner waits,
-// else another caller that does (one that left may have closed its
-// session).
+// caller returns whose caches and options the goal uses for what it
+// substitutes and the inputs it realises, chosen when it needs one: a
+// caller that still waits (one that left may have closed its session),
+// one that may build if any may (so that its inputs can be built), the
+// owner before others.
 func (g *goal) caller() *call {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if g.subs[g.owner] > 0 {
-		return g.owner
+	var best *call
+	rank := func(c *call) int {
+		r := 0
+		if c.mayBuild() {
+			r += 2
+		}
+		if c == g.owner {
+			r++
+		}
+		return r
 	}
 	for c := range g.subs {
-		return c
+		if best == nil || rank(c) > rank(best) {
+			best = c
+		}
 	}
-	return g.owner
+	if best == nil {
+		return g.owner
+	}
+	return best
 }
 
 // mayBuild reports whether some caller waiting for g may run builds here.
@@ -431,7 +448,9 @@ func (g *goal) run(ctx context.Context) {
 		<-g.after.done
 		g.after = nil
 	}
+	g.roots = b.st.OpenSession()
 	res := g.realise(ctx)
+	g.roots.Close()
 	g.res = res
 	b.mu.Lock()
 	key := goalKey{g.drvPath, g.mode()}
@@ -532,6 +551,13 @@ func (g *goal) realise(ctx context.Context) Result {
 		go func() {
 			defer wg.Done()
 			r := g.caller().realise(inCtx, store.DerivedPath{Path: ip, Outputs: g.drv.InputDrvs[in], Built: true}, 1)
+			if r.Status.Success() {
+				for _, p := range r.BuiltOutputs {
+					if err := g.roots.AddTempRoot(inCtx, p); err != nil {
+						r = g.failf(MiscFailure, "derivation '%s': input %s: %v", drvAbs, b.abs(p), err)
+					}
+				}
+			}
 			mu.Lock()
 			defer mu.Unlock()
 			if !r.Status.Success() {
@@ -552,6 +578,11 @@ func (g *goal) realise(ctx context.Context) Result {
 		go func() {
 			defer wg.Done()
 			r := g.caller().realiseOpaque(inCtx, store.DerivedPath{Path: sp})
+			if r.Status.Success() {
+				if err := g.roots.AddTempRoot(inCtx, sp); err != nil {
+					r = g.failf(MiscFailure, "derivation '%s': input %s: %v", drvAbs, src, err)
+				}
+			}
 			mu.Lock()
 			defer mu.Unlock()
 			if !r.Status.Success() {
@@ -635,7 +666,7 @@ func (g *goal) realise(ctx context.Context) Result {
 		}
 		// A check builds every output and compares those that are valid
 		// (the wanted ones are: the realiser saw to it); a repair builds
-		// every output and replaces those that are valid.
+		// every output and replaces those that are missing or damaged.
 		if !ok || g.check || g.repair {
 			missing[n] = p
 		}

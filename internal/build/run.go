@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -631,6 +632,7 @@ func (j *job) register(ctx context.Context, locks *store.OutputLocks) *failure {
 	g := j.g
 	b := g.b
 	var outs []store.BuiltOutput
+	var kept []storepath.Path // intact outputs a repair leaves as they are
 	var mismatch string
 	for _, name := range sortedOutputs(j.outputs) {
 		p := j.outputs[name]
@@ -677,6 +679,7 @@ func (j *job) register(ctx context.Context, locks *store.OutputLocks) *failure {
 			// keeps its files and info, and the rebuilt copy is dropped
 			// with the sandbox.
 			if good, err := b.st.ContentsGood(ctx, p); err == nil && good {
+				kept = append(kept, p)
 				continue
 			}
 		}
@@ -686,7 +689,8 @@ func (j *job) register(ctx context.Context, locks *store.OutputLocks) *failure {
 		return nil
 	}
 	check := func(infos map[string]store.PathInfo) error { return j.checkOutputs(ctx, infos) }
-	if _, err := locks.Register(ctx, g.drvPath, outs, j.inputs, check); err != nil {
+	// A kept output is still one the others may refer to.
+	if _, err := locks.Register(ctx, g.drvPath, outs, append(slices.Clone(j.inputs), kept...), check); err != nil {
 		return j.failf(OutputRejected, 1, "%v", err)
 	}
 	if mismatch != "" {

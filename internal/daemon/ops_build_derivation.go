@@ -47,9 +47,20 @@ func opBuildDerivationHandler(ctx context.Context, c *conn) error {
 		}
 	}
 	c.st.AutoGC(ctx, false)
+	opts := c.buildOptions(mode)
+	// Outputs and input sources that a cache has are fetched, as Nix's
+	// goal for the derivation does.
+	var sprog *progress
+	if r, err := c.realiser(); err == nil && r.HasSubstituters() {
+		sprog = c.newProgress()
+		opts.Substituter = r.Substituter(sprog)
+	}
 	prog := newBuildProgress(c.tun)
-	res, err := b.BuildBasic(ctx, drvPath, drv, c.buildOptions(mode), prog)
+	res, err := b.BuildBasic(ctx, drvPath, drv, opts, prog)
 	prog.logFailures(map[string]bool{c.dir.Abs(drvPath): true})
+	if sprog != nil {
+		sprog.close()
+	}
 	prog.close()
 	if err != nil {
 		return err

@@ -81,7 +81,7 @@ func (r *Realiser) Realise(ctx context.Context, targets []store.DerivedPath, pro
 // so far (one that failed before a fallback, say) is delivered first.
 func (r *Realiser) buildInto(ctx context.Context, results []Result, targets []store.DerivedPath, idx []int, prog Progress) error {
 	flush(prog)
-	built, err := r.m.builder.Build(ctx, targets, BuildOptions{Session: r.session, Substituter: r.buildSubstituter(prog)})
+	built, err := r.m.builder.Build(ctx, targets, BuildOptions{Session: r.session, Substituter: r.Substituter(prog)})
 	if err != nil {
 		return err // the Builder's errors say what failed
 	}
@@ -237,7 +237,7 @@ func (r *Realiser) repairPath(ctx context.Context, p storepath.Path) (Status, er
 		return 0, err
 	}
 	target := store.DerivedPath{Path: info.Deriver, Built: true, AllOutputs: true}
-	opts := BuildOptions{Session: r.session, Substituter: r.buildSubstituter(substitute.ProgressFrom(ctx)), Repair: true}
+	opts := BuildOptions{Session: r.session, Substituter: r.Substituter(substitute.ProgressFrom(ctx)), Repair: true}
 	built, berr := r.m.builder.Build(ctx, []store.DerivedPath{target}, opts)
 	switch {
 	case berr != nil:
@@ -578,10 +578,11 @@ type CombinedFailure struct {
 
 func (e *CombinedFailure) Error() string { return e.msg }
 
-// buildSubstituter returns what the Builder asks for the outputs of the
-// derivations it would build: the client's caches, with its progress,
-// warnings and temporary roots. nil when the client uses no caches.
-func (r *Realiser) buildSubstituter(prog Progress) BuildSubstituter {
+// Substituter returns what a Builder asks for the outputs of the
+// derivations it would build: the client's caches, with its progress
+// (may be nil), warnings and temporary roots. nil when the client uses no
+// caches.
+func (r *Realiser) Substituter(prog Progress) BuildSubstituter {
 	if r.sub == nil {
 		return nil
 	}
@@ -621,6 +622,14 @@ func (r *Realiser) closureSubstitutable(ctx context.Context, paths []storepath.P
 // Realise implements BuildSubstituter.
 func (s buildSubstituter) Realise(ctx context.Context, paths []storepath.Path) error {
 	_, err := s.r.substitute(ctx, paths, s.prog)
+	if errors.Is(err, store.ErrSessionClosed) {
+		// The client left while a build that others wait for goes on:
+		// fetched without its roots (and its progress); the builder
+		// roots what it uses.
+		r := *s.r
+		r.session = nil
+		_, err = r.substitute(ctx, paths, nil)
+	}
 	flush(s.prog)
 	return err
 }

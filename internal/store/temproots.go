@@ -309,6 +309,9 @@ func (r *tempRoots) close() error {
 	return errors.Join(errs...)
 }
 
+// ErrSessionClosed is returned by AddTempRoot after Close.
+var ErrSessionClosed = errors.New("store: session closed")
+
 // Session is the temporary roots of one client connection: they keep their
 // paths (and closures) from any garbage collector, ours or real Nix's,
 // until Close. A Session is safe for concurrent use.
@@ -331,7 +334,7 @@ func (ss *Session) AddTempRoot(ctx context.Context, p storepath.Path) error {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
 	if ss.closed {
-		return errors.New("store: session closed")
+		return ErrSessionClosed
 	}
 	if ss.roots[p] {
 		return nil
