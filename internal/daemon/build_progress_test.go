@@ -17,16 +17,8 @@ import (
 // report under their locks); the lines it could not take are counted and
 // said, and the activities are all stopped when it reads again.
 func TestBuildProgressNeverBlocks(t *testing.T) {
-	// A socket pair: writes block once its buffer is full and the client
-	// does not read.
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	client, daemon := socketConn(t, fds[0]), socketConn(t, fds[1])
+	client, daemon, tun := workingTunnel(t)
 	defer client.Close()
-	tun := newTunnel(wire.NewEncoder(daemon), 34)
-	tun.working = true
 	p := newBuildProgress(tun)
 	drv := "/nix/store/00000000000000000000000000000000-x.drv"
 	p.BuildStarted(drv, build.ModeNormal)
@@ -49,6 +41,21 @@ func TestBuildProgressNeverBlocks(t *testing.T) {
 	if n := bytes.Count(data, []byte("a line of output")); n == 0 || n >= 3*maxQueuedLines {
 		t.Errorf("%d lines of %d sent, want some left out", n, 3*maxQueuedLines)
 	}
+}
+
+// workingTunnel returns a tunnel in an op's work (protocol 1.34) that
+// writes to daemon, the other end of client: a socket pair, whose writes
+// block once its buffer is full and the client does not read.
+func workingTunnel(t *testing.T) (client, daemon net.Conn, tun *tunnel) {
+	t.Helper()
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client, daemon = socketConn(t, fds[0]), socketConn(t, fds[1])
+	tun = newTunnel(wire.NewEncoder(daemon), 34)
+	tun.working = true
+	return client, daemon, tun
 }
 
 func socketConn(t *testing.T, fd int) net.Conn {

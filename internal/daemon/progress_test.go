@@ -3,11 +3,9 @@ package daemon
 import (
 	"bytes"
 	"io"
-	"syscall"
 	"testing"
 	"time"
 
-	"github.com/nixyard/nixyard/internal/daemon/wire"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/substitute"
 )
@@ -16,14 +14,8 @@ import (
 // is on the wire, even while the writer would otherwise wait for its next
 // interval, so that what follows (a build's lines) comes after them.
 func TestProgressFlush(t *testing.T) {
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	client, daemon := socketConn(t, fds[0]), socketConn(t, fds[1])
+	client, daemon, tun := workingTunnel(t)
 	defer client.Close()
-	tun := newTunnel(wire.NewEncoder(daemon), 34)
-	tun.working = true
 	c := &conn{tun: tun, dir: storepath.DefaultDir}
 	p := c.newProgress()
 
