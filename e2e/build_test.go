@@ -899,6 +899,15 @@ func TestRepairByRebuild(t *testing.T) {
 			t.Errorf("nix-build --repair does not say %q:\n%s", want, r)
 		}
 	}
+	// A damaged input in the closure of what is named is repaired too
+	// (nix-daemon repairs the inputs' outputs first, which it finds by
+	// the input derivations rather than the closure).
+	damage()
+	r = b.nixBuild(append(args, "-A", "app", "--no-out-link", "--repair")...).run(t)
+	repaired("nix-build --repair of a referrer", r)
+	if want := "found corrupted or missing path '" + lib + "' in the output closure of '"; !useStock && !strings.Contains(r.stderr, want) {
+		t.Errorf("nix-build --repair of a referrer does not say %q:\n%s", want, r)
+	}
 	if useStock {
 		return // nix-daemon repairs a plain path from caches only
 	}

@@ -160,48 +160,107 @@ func (r *Realiser) Check(ctx context.Context, targets []store.DerivedPath, prog 
 // valid is realised as usual, then every wanted path that was valid
 // already but whose files no longer match its NAR hash is repaired as
 // RepairPath does: fetched again from the caches and swapped in, or, where
-// no cache has it, rebuilt from its derivation in repair mode.
+// no cache has it, rebuilt from its derivation in repair mode. For a
+// derivation, every path its outputs refer to, directly or not, is
+// checked and repaired the same way, as Nix's repairClosure does.
 func (r *Realiser) Repair(ctx context.Context, targets []store.DerivedPath, prog Progress) ([]Result, error) {
 	ctx = substitute.WithProgress(ctx, prog) // the repairs' downloads too
 	results, err := r.Realise(ctx, targets, prog)
 	if err != nil {
 		return nil, err
 	}
-	st := r.m.st
 	for i, t := range targets {
 		res := &results[i]
-		switch {
-		case !res.Status.Success(), res.Status == Built, !t.Built && res.Status == Substituted:
-			continue // failed, or every path just built or fetched (and checked then)
+		if err := r.repairNamed(ctx, t, res, prog); err != nil {
+			return nil, err
 		}
-		paths := []storepath.Path{t.Path}
-		if t.Built {
-			paths = paths[:0]
-			for _, n := range slices.Sorted(maps.Keys(res.Outputs)) {
-				paths = append(paths, res.Outputs[n])
+		if t.Built && res.Status.Success() {
+			if err := r.repairClosure(ctx, t, res, prog); err != nil {
+				return nil, err
 			}
-		}
-		for _, p := range paths {
-			good, err := r.contentsGood(ctx, p, prog)
-			if err != nil {
-				return nil, fmt.Errorf("repairing %s: %w", st.Dir().Abs(p), err)
-			}
-			if good {
-				continue
-			}
-			how, err := r.repairPath(ctx, p)
-			if err != nil {
-				if ctx.Err() != nil {
-					return nil, ctx.Err()
-				}
-				res.Status = MiscFailure
-				res.ErrorMsg = fmt.Sprintf("cannot repair path '%s': %v", st.Dir().Abs(p), err)
-				break
-			}
-			res.Status = how
 		}
 	}
 	return results, nil
+}
+
+// repairNamed checks the paths that target t names (its outputs, for a
+// derivation) and repairs those damaged or missing, updating res.
+func (r *Realiser) repairNamed(ctx context.Context, t store.DerivedPath, res *Result, prog Progress) error {
+	st := r.m.st
+	switch {
+	case !res.Status.Success(), res.Status == Built, !t.Built && res.Status == Substituted:
+		return nil // failed, or every path just built or fetched (and checked then)
+	}
+	paths := []storepath.Path{t.Path}
+	if t.Built {
+		paths = paths[:0]
+		for _, n := range slices.Sorted(maps.Keys(res.Outputs)) {
+			paths = append(paths, res.Outputs[n])
+		}
+	}
+	for _, p := range paths {
+		good, err := r.contentsGood(ctx, p, prog)
+		if err != nil {
+			return fmt.Errorf("repairing %s: %w", st.Dir().Abs(p), err)
+		}
+		if good {
+			continue
+		}
+		how, err := r.repairPath(ctx, p)
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			res.Status = MiscFailure
+			res.ErrorMsg = fmt.Sprintf("cannot repair path '%s': %v", st.Dir().Abs(p), err)
+			break
+		}
+		res.Status = how
+	}
+	return nil
+}
+
+// repairClosure checks every path that the outputs of derivation target t
+// refer to, directly or not, and repairs those damaged or missing, as
+// Nix's repairClosure does after a derivation's outputs are repaired
+// (slow: every path of the closure is hashed).
+func (r *Realiser) repairClosure(ctx context.Context, t store.DerivedPath, res *Result, prog Progress) error {
+	st := r.m.st
+	own := map[storepath.Path]bool{}
+	var outs []storepath.Path
+	for _, p := range res.Outputs {
+		own[p] = true
+		outs = append(outs, p)
+	}
+	closure, err := st.QueryClosure(ctx, outs)
+	if err != nil {
+		return fmt.Errorf("repairing the closure of %s: %w", st.Dir().Abs(t.Path), err)
+	}
+	m, _ := prog.(Messenger)
+	for _, p := range storepath.Sort(closure) {
+		if own[p] {
+			continue
+		}
+		good, err := r.contentsGood(ctx, p, prog)
+		if err != nil {
+			return fmt.Errorf("repairing %s: %w", st.Dir().Abs(p), err)
+		}
+		if good {
+			continue
+		}
+		if m != nil {
+			m.Error(fmt.Sprintf("found corrupted or missing path '%s' in the output closure of '%s'", st.Dir().Abs(p), st.Dir().Abs(t.Path)))
+		}
+		if _, err := r.repairPath(ctx, p); err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			res.Status = MiscFailure
+			res.ErrorMsg = fmt.Sprintf("cannot repair path '%s': %v", st.Dir().Abs(p), err)
+			return nil
+		}
+	}
+	return nil
 }
 
 // errNoCache is why a path cannot be repaired without substituters.
