@@ -17,7 +17,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"slices"
 	"strings"
@@ -133,32 +132,6 @@ func warnerOf(prog Progress) func(error) {
 		return w.Warn
 	}
 	return nil
-}
-
-// Messenger is implemented by a Progress whose caller wants the messages
-// Nix prints while it repairs: "checking path '…'..." (Info) and "path
-// '…' is corrupted or missing!" (Error), after what it has heard so far.
-type Messenger interface {
-	Info(msg string)
-	Error(msg string)
-}
-
-// contentsGood checks p's files against its NAR hash, telling prog (if a
-// Messenger) as Nix's pathContentsGood does.
-func (r *Realiser) contentsGood(ctx context.Context, p storepath.Path, prog Progress) (bool, error) {
-	abs := r.m.st.Dir().Abs(p)
-	m, _ := prog.(Messenger)
-	if m != nil {
-		m.Info(fmt.Sprintf("checking path '%s'...", abs))
-	}
-	good, err := r.m.st.ContentsGood(ctx, p)
-	if errors.Is(err, fs.ErrNotExist) {
-		good, err = false, nil
-	}
-	if err == nil && !good && m != nil {
-		m.Error(fmt.Sprintf("path '%s' is corrupted or missing!", abs))
-	}
-	return good, err
 }
 
 // Config is the daemon's own substitution configuration (nix.conf).
