@@ -24,7 +24,7 @@ type testDaemon struct {
 	socket string
 	st     *store.Store
 	srv    *Server
-	logs   *bytes.Buffer
+	logs   *syncBuffer
 
 	lastStderr string // of the last successful nix command
 }
@@ -38,6 +38,13 @@ func (b *syncBuffer) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.Buffer.Write(p)
+}
+
+// String returns what was written so far; the daemon may be writing.
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.Buffer.String()
 }
 
 func startDaemon(t testing.TB, opts Options) *testDaemon {
@@ -82,7 +89,7 @@ func startDaemon(t testing.TB, opts Options) *testDaemon {
 			t.Logf("daemon log:\n%s", logs.String())
 		}
 	})
-	return &testDaemon{root: root, socket: sock, st: st, srv: srv, logs: &logs.Buffer}
+	return &testDaemon{root: root, socket: sock, st: st, srv: srv, logs: logs}
 }
 
 func (d *testDaemon) storeURL() string { return "unix://" + d.socket + "?root=" + d.root }
