@@ -167,11 +167,11 @@ type Config struct {
 // Substituter is the hook through which a caller's binary caches are
 // asked for outputs before building. It must be safe for concurrent use.
 type Substituter interface {
-	// Substitutable returns those of paths some substituter has (any
-	// order). An error means none can be substituted.
-	Substitutable(ctx context.Context, paths []storepath.Path) ([]storepath.Path, error)
-	// Realise makes paths and their closures valid by substitution.
-	Realise(ctx context.Context, paths []storepath.Path) error
+	// Substitute makes paths and the paths they need valid from the
+	// caches. ok is false, and nothing is fetched, when the caches do not
+	// have all of that (a build, then, as Nix decides); err with ok is a
+	// download that failed.
+	Substitute(ctx context.Context, paths []storepath.Path) (ok bool, err error)
 }
 
 // BuildMode is Nix's build mode (0 Normal, 1 Repair, 2 Check).

@@ -195,12 +195,14 @@ type goal struct {
 	name    string // Nix's goal name, for timeout messages
 	owner   *call  // whose options and slot share the build uses
 	basic   bool   // drv came from a client (BuildBasic), not from drvPath
-	check   bool   // build again and compare with the valid outputs (--check)
-	repair  bool   // build again and replace the valid outputs (--repair)
-	after   *goal  // a goal of the same derivation being stopped, to wait for
-	attrs   *derivation.Attrs
-	done    chan struct{}
-	cancel  context.CancelFunc
+	// mode: ModeCheck builds again and compares with the valid outputs
+	// (--check); ModeRepair builds again and replaces those missing or
+	// damaged (--repair).
+	mode   BuildMode
+	after  *goal // a goal of the same derivation being stopped, to wait for
+	attrs  *derivation.Attrs
+	done   chan struct{}
+	cancel context.CancelFunc
 	// roots holds temporary roots on the inputs while the goal runs,
 	// whichever callers come and go.
 	roots *store.Session
@@ -241,7 +243,7 @@ func (b *Builder) joinGoal(req store.DerivedPath, drv *derivation.Derivation, c 
 		outs = strings.Join(req.Outputs, ",")
 	}
 	g := &goal{
-		b: b, drvPath: req.Path, drv: drv, owner: c, cancel: cancel, check: mode == ModeCheck, repair: mode == ModeRepair, after: old,
+		b: b, drvPath: req.Path, drv: drv, owner: c, cancel: cancel, mode: mode, after: old,
 		name: fmt.Sprintf("building of '%s!%s' from .drv file", b.abs(req.Path), outs),
 		done: make(chan struct{}), subs: map[*call]int{},
 	}
@@ -265,7 +267,7 @@ func (g *goal) subscribe(c *call) bool {
 			// say): the caller sees it start too.
 			c.count(0, 1, 0, 0)
 			drvAbs := g.b.abs(g.drvPath)
-			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.mode()) })
+			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.mode) })
 		}
 	}
 	g.subs[c]++
@@ -379,20 +381,9 @@ func (g *goal) each(f func(c *call)) {
 	}
 }
 
-// mode is the build mode the goal was made for.
-func (g *goal) mode() BuildMode {
-	switch {
-	case g.check:
-		return ModeCheck
-	case g.repair:
-		return ModeRepair
-	}
-	return ModeNormal
-}
-
 // modeVerb names what a check or repair goal does, for messages.
 func (g *goal) modeVerb() string {
-	if g.repair {
+	if g.mode == ModeRepair {
 		return "repairing"
 	}
 	return "checking"
@@ -414,7 +405,7 @@ func (g *goal) setRunning(on bool) {
 	for c := range g.subs {
 		c.count(0, d, 0, 0)
 		if on {
-			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.mode()) })
+			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.mode) })
 		}
 	}
 }
@@ -433,7 +424,7 @@ func (g *goal) run(ctx context.Context) {
 	g.roots.Close()
 	g.res = res
 	b.mu.Lock()
-	key := goalKey{g.drvPath, g.mode()}
+	key := goalKey{g.drvPath, g.mode}
 	if b.goals[key] == g { // BuildBasic's goals are not in the table
 		delete(b.goals, key)
 	}
@@ -494,7 +485,7 @@ func (g *goal) realise(ctx context.Context) Result {
 	// A check (--check) needs the outputs valid to compare with: it
 	// substitutes the missing ones, then builds again. (Otherwise what
 	// the callers want was looked for before the goal: see call.realise.)
-	if caller := g.caller(); g.check && caller.opts.Substituter != nil && allowSubst {
+	if caller := g.caller(); g.mode == ModeCheck && caller.opts.Substituter != nil && allowSubst {
 		if r, ok := caller.trySubstitute(ctx, g.drvPath, outPaths); ok && !r.Status.Success() {
 			return r
 		}
@@ -601,7 +592,7 @@ func (g *goal) realise(ctx context.Context) Result {
 
 	if !g.mayBuild() {
 		// Unless another process made the outputs meanwhile.
-		if _, ok, err := b.validOutputs(ctx, g.drv, slices.Collect(mapKeys(outPaths))); err == nil && ok && !g.check && !g.repair {
+		if _, ok, err := b.validOutputs(ctx, g.drv, slices.Collect(mapKeys(outPaths))); err == nil && ok && g.mode == ModeNormal {
 			return Result{Status: AlreadyValid}
 		}
 		return Result{Status: MiscFailure, ErrorMsg: ErrNoLocalBuilds.Error(), noLocalBuilds: true}
@@ -647,11 +638,11 @@ func (g *goal) realise(ctx context.Context) Result {
 		// A check builds every output and compares those that are valid
 		// (the wanted ones are: the realiser saw to it); a repair builds
 		// every output and replaces those that are missing or damaged.
-		if !ok || g.check || g.repair {
+		if !ok || g.mode != ModeNormal {
 			missing[n] = p
 		}
 	}
-	if g.check && nValid == 0 {
+	if g.mode == ModeCheck && nValid == 0 {
 		return g.failf(MiscFailure, "some outputs of '%s' are not valid, so checking is not possible", drvAbs)
 	}
 	if len(missing) == 0 {

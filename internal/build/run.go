@@ -80,7 +80,7 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		// Run in the daemon, with a sandbox's view of the store (see
 		// builtin.go), writing the outputs in place.
 		j.builtin = true
-		if g.check || g.repair {
+		if g.mode != ModeNormal {
 			r := g.failf(MiscFailure, "%s '%s', which has a builtin builder, is %v by nixyard", g.modeVerb(), j.drvAbs, errNotSupported)
 			return nil, &r
 		}
@@ -114,7 +114,7 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		// user; as the daemon's root it would be root on the host.
 		return fail("cannot perform a sandboxed build because user namespaces are not enabled; check /proc/sys/user/max_user_namespaces")
 	}
-	if !j.sandbox && (g.check || g.repair) {
+	if !j.sandbox && g.mode != ModeNormal {
 		// The valid outputs are left alone until the new ones are done:
 		// the builder must write them elsewhere, in its sandbox.
 		return fail("%s '%s' without the sandbox is %v by nixyard", g.modeVerb(), j.drvAbs, errNotSupported)
@@ -645,7 +645,7 @@ func (j *job) register(ctx context.Context, locks *store.OutputLocks) *failure {
 			(j.user != nil && int(st.Uid) != j.hostUID) {
 			return j.failf(OutputRejected, 1, "suspicious ownership or permission on '%s' for output '%s'; rejecting this build output", loc, name)
 		}
-		bo := store.BuiltOutput{Name: name, Path: p, Replace: g.repair}
+		bo := store.BuiltOutput{Name: name, Path: p, Replace: g.mode == ModeRepair}
 		if loc != b.st.RealPath(p) {
 			bo.Src = loc
 		}
@@ -668,13 +668,13 @@ func (j *job) register(ctx context.Context, locks *store.OutputLocks) *failure {
 			}
 			bo.CA = ca.String()
 		}
-		if g.check {
+		if g.mode == ModeCheck {
 			if f := j.check(ctx, name, p, loc); f != nil {
 				return f
 			}
 			continue
 		}
-		if g.repair {
+		if g.mode == ModeRepair {
 			// Only what is missing or damaged is replaced: an intact output
 			// keeps its files and info, and the rebuilt copy is dropped
 			// with the sandbox.
@@ -685,7 +685,7 @@ func (j *job) register(ctx context.Context, locks *store.OutputLocks) *failure {
 		}
 		outs = append(outs, bo)
 	}
-	if g.check {
+	if g.mode == ModeCheck {
 		return nil
 	}
 	check := func(infos map[string]store.PathInfo) error { return j.checkOutputs(ctx, infos) }

@@ -21,9 +21,11 @@ func (c *call) realiseOpaque(ctx context.Context, req store.DerivedPath) Result 
 		return Result{Path: req, Status: AlreadyValid}
 	}
 	if c.opts.Substituter != nil {
-		if err := c.opts.Substituter.Realise(ctx, []storepath.Path{req.Path}); err == nil {
+		ok, err := c.opts.Substituter.Substitute(ctx, []storepath.Path{req.Path})
+		if ok && err == nil {
 			return Result{Path: req, Status: Substituted}
-		} else {
+		}
+		if err != nil {
 			b.log.Warn("substitution failed", "path", b.abs(req.Path), "err", err)
 		}
 	}
@@ -58,27 +60,16 @@ func (c *call) substituteWanted(ctx context.Context, drvPath storepath.Path, drv
 	return r, ok
 }
 
-// trySubstitute asks c's substituter for the outputs outs of drvPath and
-// fetches those that are not valid if it has them all. ok is false when
-// they must be built.
+// trySubstitute fetches the outputs outs of drvPath from c's caches if
+// they have them all (valid ones are skipped). ok is false when they must
+// be built.
 func (c *call) trySubstitute(ctx context.Context, drvPath storepath.Path, outs map[string]storepath.Path) (Result, bool) {
 	b := c.b
-	paths := slices.Collect(mapValues(outs))
-	var need []storepath.Path
-	for _, p := range paths {
-		if ok, err := b.st.IsValidPath(ctx, p); err == nil && !ok {
-			need = append(need, p)
-		}
-	}
-	if len(need) == 0 {
-		return Result{Status: AlreadyValid}, true
-	}
-	subst := c.opts.Substituter
-	have, err := subst.Substitutable(ctx, need)
-	if err != nil || len(have) < len(need) {
+	found, err := c.opts.Substituter.Substitute(ctx, slices.Collect(mapValues(outs)))
+	switch {
+	case !found:
 		return Result{}, false
-	}
-	if err := subst.Realise(ctx, need); err != nil {
+	case err != nil:
 		if c.opts.TryFallback {
 			b.log.Warn("substitution failed, building", "drv", b.abs(drvPath), "err", err)
 			return Result{}, false

@@ -76,12 +76,13 @@ type Builder interface {
 type BuildOptions struct {
 	// Session gets temporary roots on the outputs.
 	Session *store.Session
-	// Substituter, if not nil, is asked for the outputs of every
-	// derivation before it is built, the targets' inputs included.
+	// Substituter, if not nil, is asked for the outputs of the targets'
+	// inputs before they are built (the targets' own were looked for
+	// already).
 	Substituter BuildSubstituter
 	// Repair builds the targets again, inputs as usual, and replaces
-	// their valid outputs with the new ones (Nix's repair mode): how a
-	// damaged output that no cache has is repaired.
+	// those of their outputs that are missing or damaged (Nix's repair
+	// mode): how a damaged output that no cache has is repaired.
 	Repair bool
 }
 
@@ -89,11 +90,11 @@ type BuildOptions struct {
 // asks for the outputs of each derivation before building it, as Nix
 // does, so that the inputs of a build come from the caches that have them.
 type BuildSubstituter interface {
-	// Substitutable returns those of paths some cache has, with the
-	// paths they need (any order).
-	Substitutable(ctx context.Context, paths []storepath.Path) ([]storepath.Path, error)
-	// Realise makes paths and their closures valid by substitution.
-	Realise(ctx context.Context, paths []storepath.Path) error
+	// Substitute makes paths and the paths they need valid from the
+	// caches. ok is false, and nothing is fetched, when the caches do not
+	// have all of that (a build, then, as Nix decides); err with ok is a
+	// download that failed.
+	Substitute(ctx context.Context, paths []storepath.Path) (ok bool, err error)
 }
 
 // Progress receives the activities of the substitutions a caller waits

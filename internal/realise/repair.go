@@ -70,7 +70,6 @@ func (r *Realiser) Repair(ctx context.Context, targets []store.DerivedPath, prog
 // repairNamed checks the paths that target t names (its outputs, for a
 // derivation) and repairs those damaged or missing, updating res.
 func (r *Realiser) repairNamed(ctx context.Context, t store.DerivedPath, res *Result, prog Progress) error {
-	st := r.m.st
 	switch {
 	case !res.Status.Success(), res.Status == Built, !t.Built && res.Status == Substituted:
 		return nil // failed, or every path just built or fetched (and checked then)
@@ -83,25 +82,43 @@ func (r *Realiser) repairNamed(ctx context.Context, t store.DerivedPath, res *Re
 		}
 	}
 	for _, p := range paths {
-		good, err := r.contentsGood(ctx, p, prog)
-		if err != nil {
-			return fmt.Errorf("repairing %s: %w", st.Dir().Abs(p), err)
+		how, failure, err := r.repairDamaged(ctx, p, prog, "")
+		switch {
+		case err != nil:
+			return err
+		case failure != "":
+			res.Status, res.ErrorMsg = MiscFailure, failure
+			return nil
+		case how != 0:
+			res.Status = how
 		}
-		if good {
-			continue
-		}
-		how, err := r.repairPath(ctx, p)
-		if err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			res.Status = MiscFailure
-			res.ErrorMsg = fmt.Sprintf("cannot repair path '%s': %v", st.Dir().Abs(p), err)
-			break
-		}
-		res.Status = how
 	}
 	return nil
+}
+
+// repairDamaged checks p and, if it is damaged or missing, says note (if
+// any) and repairs it. how is 0 if p was good; failure, if not "", is why
+// p could not be repaired; err ends the request.
+func (r *Realiser) repairDamaged(ctx context.Context, p storepath.Path, prog Progress, note string) (how Status, failure string, err error) {
+	abs := r.m.st.Dir().Abs(p)
+	good, err := r.contentsGood(ctx, p, prog)
+	if err != nil {
+		return 0, "", fmt.Errorf("repairing %s: %w", abs, err)
+	}
+	if good {
+		return 0, "", nil
+	}
+	if m, ok := prog.(Messenger); ok && note != "" {
+		m.Error(note)
+	}
+	how, err = r.repairPath(ctx, p)
+	if err != nil {
+		if ctx.Err() != nil {
+			return 0, "", ctx.Err()
+		}
+		return 0, fmt.Sprintf("cannot repair path '%s': %v", abs, err), nil
+	}
+	return how, "", nil
 }
 
 // repairClosure checks every path that the outputs of derivation target t
@@ -120,27 +137,17 @@ func (r *Realiser) repairClosure(ctx context.Context, t store.DerivedPath, res *
 	if err != nil {
 		return fmt.Errorf("repairing the closure of %s: %w", st.Dir().Abs(t.Path), err)
 	}
-	m, _ := prog.(Messenger)
 	for _, p := range storepath.Sort(closure) {
 		if own[p] {
 			continue
 		}
-		good, err := r.contentsGood(ctx, p, prog)
+		note := fmt.Sprintf("found corrupted or missing path '%s' in the output closure of '%s'", st.Dir().Abs(p), st.Dir().Abs(t.Path))
+		_, failure, err := r.repairDamaged(ctx, p, prog, note)
 		if err != nil {
-			return fmt.Errorf("repairing %s: %w", st.Dir().Abs(p), err)
+			return err
 		}
-		if good {
-			continue
-		}
-		if m != nil {
-			m.Error(fmt.Sprintf("found corrupted or missing path '%s' in the output closure of '%s'", st.Dir().Abs(p), st.Dir().Abs(t.Path)))
-		}
-		if _, err := r.repairPath(ctx, p); err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			res.Status = MiscFailure
-			res.ErrorMsg = fmt.Sprintf("cannot repair path '%s': %v", st.Dir().Abs(p), err)
+		if failure != "" {
+			res.Status, res.ErrorMsg = MiscFailure, failure
 			return nil
 		}
 	}

@@ -337,12 +337,12 @@ func (r *Realiser) realiseOne(ctx context.Context, t store.DerivedPath, prog Pro
 	if !known || r.sub == nil || !substitutesAllowed(d) {
 		return res, true, nil
 	}
-	if ok, err := r.closureSubstitutable(ctx, invalid, prog); err != nil {
-		return res, false, err
-	} else if !ok {
+	if ok, err := r.substituteComplete(ctx, invalid, prog); !ok {
+		if err != nil {
+			return res, false, err
+		}
 		return res, true, nil // some output, or a path it needs, is in no cache: build
-	}
-	if _, err := r.substitute(ctx, invalid, prog); err != nil {
+	} else if err != nil {
 		if ctx.Err() != nil {
 			return res, false, ctx.Err()
 		}
@@ -495,20 +495,14 @@ type buildSubstituter struct {
 	prog Progress
 }
 
-// Substitutable implements BuildSubstituter: all of paths when the
-// caches have them with what they need, none otherwise.
-func (s buildSubstituter) Substitutable(ctx context.Context, paths []storepath.Path) ([]storepath.Path, error) {
-	if ok, err := s.r.closureSubstitutable(ctx, paths, s.prog); err != nil || !ok {
-		return nil, err
-	}
-	return paths, nil
-}
-
-// closureSubstitutable reports whether the caches have paths and every
-// path of their closures that is not valid, as Nix's goals decide between
-// fetching a derivation's outputs and building it: a closure that the
-// caches have only part of means a build, not a failed download.
-func (r *Realiser) closureSubstitutable(ctx context.Context, paths []storepath.Path, prog Progress) (bool, error) {
+// substituteComplete fetches paths and every path of their closures that
+// is not valid, if the caches have all of it, with one walk of the
+// closure: as Nix's goals decide between fetching a derivation's outputs
+// and building it, a closure that the caches have only part of means a
+// build, not a failed download. ok is false, and nothing is fetched, when
+// they have not (err then is a failed query); err with ok is a failed
+// download.
+func (r *Realiser) substituteComplete(ctx context.Context, paths []storepath.Path, prog Progress) (ok bool, err error) {
 	if r.sub == nil {
 		return false, nil
 	}
@@ -517,22 +511,31 @@ func (r *Realiser) closureSubstitutable(ctx context.Context, paths []storepath.P
 		return false, err
 	}
 	warnEach(prog, m.Errors)
-	return len(m.Unknown) == 0, nil
+	switch {
+	case len(m.Unknown) > 0:
+		return false, nil
+	case len(m.WillSubstitute) == 0:
+		return true, nil
+	}
+	if err := r.tempRoots(ctx, paths, m); err != nil {
+		return true, err
+	}
+	return true, r.sub.RealiseMissing(ctx, m, prog)
 }
 
-// Realise implements BuildSubstituter.
-func (s buildSubstituter) Realise(ctx context.Context, paths []storepath.Path) error {
-	_, err := s.r.substitute(ctx, paths, s.prog)
+// Substitute implements BuildSubstituter.
+func (s buildSubstituter) Substitute(ctx context.Context, paths []storepath.Path) (bool, error) {
+	ok, err := s.r.substituteComplete(ctx, paths, s.prog)
 	if errors.Is(err, store.ErrSessionClosed) {
 		// The client left while a build that others wait for goes on:
 		// fetched without its roots (and its progress); the builder
 		// roots what it uses.
 		r := *s.r
 		r.session = nil
-		_, err = r.substitute(ctx, paths, nil)
+		ok, err = r.substituteComplete(ctx, paths, nil)
 	}
 	flush(s.prog)
-	return err
+	return ok, err
 }
 
 // flush delivers what prog has queued, if it queues (see Flusher).
