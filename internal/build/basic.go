@@ -3,6 +3,7 @@ package build
 import (
 	"context"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 
@@ -38,7 +39,7 @@ func (b *Builder) BuildBasic(ctx context.Context, drvPath storepath.Path, drv *d
 	if len(drv.InputDrvs) > 0 {
 		return Result{}, fmt.Errorf("build: derivation '%s' sent with input derivations", b.abs(drvPath))
 	}
-	names := slices.Sorted(mapKeys(drv.Outputs))
+	names := slices.Sorted(maps.Keys(drv.Outputs))
 	req := store.DerivedPath{Path: drvPath, Built: true, Outputs: names}
 	// Fixed outputs are checked before anything else, as Nix does when it
 	// reads the derivation: a wrong path must not pass as already valid.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"sort"
 	"strings"
@@ -102,13 +103,7 @@ func (c *call) realise(ctx context.Context, req store.DerivedPath, depth int) Re
 	}
 	wanted := req.Outputs
 	if req.AllOutputs || len(wanted) == 0 {
-		wanted = slices.Sorted(func(yield func(string) bool) {
-			for n := range drv.Outputs {
-				if !yield(n) {
-					return
-				}
-			}
-		})
+		wanted = slices.Sorted(maps.Keys(drv.Outputs))
 	}
 	for _, n := range wanted {
 		if _, ok := drv.Outputs[n]; !ok {
@@ -513,7 +508,7 @@ func (g *goal) realise(ctx context.Context) Result {
 			stopInputs(errStopped)
 		}
 	}
-	for _, in := range slices.Sorted(mapKeys(g.drv.InputDrvs)) {
+	for _, in := range slices.Sorted(maps.Keys(g.drv.InputDrvs)) {
 		ip, err := b.st.Dir().Parse(in)
 		if err != nil {
 			return g.failf(MiscFailure, "derivation '%s': input %s: %v", drvAbs, in, err)
@@ -592,7 +587,7 @@ func (g *goal) realise(ctx context.Context) Result {
 
 	if !g.mayBuild() {
 		// Unless another process made the outputs meanwhile.
-		if _, ok, err := b.validOutputs(ctx, g.drv, slices.Collect(mapKeys(outPaths))); err == nil && ok && g.mode == ModeNormal {
+		if _, ok, err := b.validOutputs(ctx, g.drv, slices.Collect(maps.Keys(outPaths))); err == nil && ok && g.mode == ModeNormal {
 			return Result{Status: AlreadyValid}
 		}
 		return Result{Status: MiscFailure, ErrorMsg: ErrNoLocalBuilds.Error(), noLocalBuilds: true}
@@ -620,7 +615,7 @@ func (g *goal) realise(ctx context.Context) Result {
 		}
 	}
 	defer releaseOnce()
-	locks, err := b.st.LockOutputs(ctx, slices.Collect(mapValues(outPaths)))
+	locks, err := b.st.LockOutputs(ctx, slices.Collect(maps.Values(outPaths)))
 	if err != nil {
 		return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
 	}
@@ -658,26 +653,6 @@ func (b *Builder) loadDerivation(ctx context.Context, abs string) (*derivation.D
 		return nil, err
 	}
 	return derivation.ParseFile(b.st.RealPath(p))
-}
-
-func mapKeys[K comparable, V any](m map[K]V) func(func(K) bool) {
-	return func(yield func(K) bool) {
-		for k := range m {
-			if !yield(k) {
-				return
-			}
-		}
-	}
-}
-
-func mapValues[K comparable, V any](m map[K]V) func(func(V) bool) {
-	return func(yield func(V) bool) {
-		for _, v := range m {
-			if !yield(v) {
-				return
-			}
-		}
-	}
 }
 
 // sortedOutputs returns the output names of m, sorted.

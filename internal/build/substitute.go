@@ -3,6 +3,7 @@ package build
 import (
 	"context"
 	"fmt"
+	"maps"
 	"slices"
 
 	"github.com/nixyard/nixyard/internal/nix/derivation"
@@ -65,7 +66,7 @@ func (c *call) substituteWanted(ctx context.Context, drvPath storepath.Path, drv
 // be built.
 func (c *call) trySubstitute(ctx context.Context, drvPath storepath.Path, outs map[string]storepath.Path) (Result, bool) {
 	b := c.b
-	found, err := c.opts.Substituter.Substitute(ctx, slices.Collect(mapValues(outs)))
+	found, err := c.opts.Substituter.Substitute(ctx, slices.Collect(maps.Values(outs)))
 	switch {
 	case !found:
 		return Result{}, false
