@@ -243,8 +243,9 @@ func (b *Builder) joinGoal(req store.DerivedPath, drv *derivation.Derivation, c 
 		done: make(chan struct{}), subs: map[*call]int{},
 	}
 	b.goals[key] = g
-	go g.run(ctx)
+	// Subscribed before it runs: it asks its waiters whether it may build.
 	g.subscribe(c)
+	go g.run(ctx)
 	return g
 }
 
