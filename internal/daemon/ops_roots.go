@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"path/filepath"
 	"slices"
 
@@ -82,7 +83,7 @@ func opFindRootsHandler(ctx context.Context, c *conn) error {
 		return fmt.Errorf("finding GC roots: %w", err)
 	}
 	c.stopWork()
-	targets := storepath.Sort(slicesFromKeys(roots))
+	targets := slices.SortedFunc(maps.Keys(roots), storepath.Compare)
 	n := 0
 	for _, t := range targets {
 		n += len(roots[t])
@@ -96,14 +97,6 @@ func opFindRootsHandler(ctx context.Context, c *conn) error {
 		}
 	}
 	return nil
-}
-
-func slicesFromKeys[V any](m map[storepath.Path]V) []storepath.Path {
-	out := make([]storepath.Path, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	return out
 }
 
 func opCollectGarbageHandler(ctx context.Context, c *conn) error {

@@ -5,7 +5,9 @@ import (
 	"database/sql"
 	"fmt"
 	"io"
+	"maps"
 	"os"
+	"slices"
 
 	"golang.org/x/sys/unix"
 
@@ -173,7 +175,7 @@ func (s *Store) verify(ctx context.Context, checkContents, repair bool, log func
 	}
 
 	log("checking store hashes...")
-	for _, p := range storepath.Sort(keys(present)) {
+	for _, p := range slices.SortedFunc(maps.Keys(present), storepath.Compare) {
 		if err := ctx.Err(); err != nil {
 			return false, nil, err
 		}
@@ -205,14 +207,6 @@ func (s *Store) verify(ctx context.Context, checkContents, repair bool, log func
 		}
 	}
 	return errorsFound, broken, nil
-}
-
-func keys[K comparable, V any](m map[K]V) []K {
-	out := make([]K, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	return out
 }
 
 // ContentsGood reports whether the files of the valid path p still

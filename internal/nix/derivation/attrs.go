@@ -5,9 +5,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"unicode/utf8"
@@ -190,7 +192,7 @@ func values(v any) []any {
 		return v
 	case map[string]any:
 		vals := make([]any, 0, len(v))
-		for _, k := range sortedKeys(v) {
+		for _, k := range slices.Sorted(maps.Keys(v)) {
 			vals = append(vals, v[k])
 		}
 		return vals
@@ -260,7 +262,7 @@ func encodeJSON(b *bytes.Buffer, v any) error {
 		b.WriteByte(']')
 	case map[string]any:
 		b.WriteByte('{')
-		for i, k := range sortedKeys(v) {
+		for i, k := range slices.Sorted(maps.Keys(v)) {
 			if i > 0 {
 				b.WriteByte(',')
 			}
@@ -375,7 +377,7 @@ var shVarName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 // Boolean, or an array or object of those; other attributes are left out.
 func AttrsShell(attrs map[string]any) string {
 	var b strings.Builder
-	for _, k := range sortedKeys(attrs) {
+	for _, k := range slices.Sorted(maps.Keys(attrs)) {
 		if !shVarName.MatchString(k) {
 			continue
 		}
@@ -402,7 +404,7 @@ func AttrsShell(attrs map[string]any) string {
 		case map[string]any:
 			var s2 strings.Builder
 			good := true
-			for _, k2 := range sortedKeys(v) {
+			for _, k2 := range slices.Sorted(maps.Keys(v)) {
 				s, ok := shellSimple(v[k2])
 				if !ok {
 					good = false

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path"
 	"slices"
@@ -453,15 +454,6 @@ func writeQuoted(b *bytes.Buffer, s string) {
 	b.WriteByte('"')
 }
 
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	return keys
-}
-
 // Bytes returns the ATerm text of d, byte-identical to Nix's unparse: maps
 // and sets are written sorted by key.
 func (d *Derivation) Bytes() []byte {
@@ -474,7 +466,7 @@ func (d *Derivation) Bytes() []byte {
 func (d *Derivation) unparse(mask bool, inputs map[string][]string) []byte {
 	var b bytes.Buffer
 	b.WriteString("Derive([")
-	for i, id := range sortedKeys(d.Outputs) {
+	for i, id := range slices.Sorted(maps.Keys(d.Outputs)) {
 		o := d.Outputs[id]
 		if i > 0 {
 			b.WriteByte(',')
@@ -497,7 +489,7 @@ func (d *Derivation) unparse(mask bool, inputs map[string][]string) []byte {
 	if inputs == nil {
 		inputs = d.InputDrvs
 	}
-	for i, drv := range sortedKeys(inputs) {
+	for i, drv := range slices.Sorted(maps.Keys(inputs)) {
 		if i > 0 {
 			b.WriteByte(',')
 		}
@@ -535,7 +527,7 @@ func (d *Derivation) unparse(mask bool, inputs map[string][]string) []byte {
 		writeQuoted(&b, a)
 	}
 	b.WriteString("],[")
-	for i, k := range sortedKeys(d.Env) {
+	for i, k := range slices.Sorted(maps.Keys(d.Env)) {
 		if i > 0 {
 			b.WriteByte(',')
 		}

@@ -5,6 +5,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"sync"
 
@@ -105,7 +107,7 @@ func (d *Derivation) Kind() (Kind, error) {
 	}
 	var kind Kind
 	floatingAlgo := ""
-	for _, id := range sortedKeys(d.Outputs) {
+	for _, id := range slices.Sorted(maps.Keys(d.Outputs)) {
 		o := d.Outputs[id]
 		k, err := o.kind()
 		if err != nil {
@@ -268,7 +270,7 @@ func (h *hasher) hash(ctx context.Context, d *Derivation, mask bool) (hash.Hash,
 		return hash.Hash{}, fmt.Errorf("hash modulo of a %s derivation: %w", kind, ErrNotSupported)
 	}
 	inputs := make(map[string][]string, len(d.InputDrvs))
-	for _, drvPath := range sortedKeys(d.InputDrvs) {
+	for _, drvPath := range slices.Sorted(maps.Keys(d.InputDrvs)) {
 		ih, err := h.pathHash(ctx, drvPath)
 		if err != nil {
 			return hash.Hash{}, err
@@ -355,7 +357,7 @@ func (d *Derivation) checkOutputPaths(ctx context.Context, dir storepath.Dir, lo
 	default:
 		return fmt.Errorf("checking the outputs of a %s derivation: %w", kind, ErrNotSupported)
 	}
-	for _, id := range sortedKeys(want) {
+	for _, id := range slices.Sorted(maps.Keys(want)) {
 		abs := dir.Abs(want[id])
 		if got := d.Outputs[id].Path; got != abs {
 			return fmt.Errorf("%w: output %q has path %s, should be %s", ErrFormat, id, got, abs)
