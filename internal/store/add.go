@@ -10,6 +10,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -645,13 +646,20 @@ func (s *Store) AddToStoreContent(ctx context.Context, name string, method conte
 	return s.QueryPathInfo(ctx, p)
 }
 
+// copyBufs holds writeStream's buffers, of the size that nar.Restore
+// writes files with: an allocation of its own for each small addition
+// (nix-instantiate sends one per derivation) cost more than writing it.
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &b }}
+
 // writeStream writes r to a new file at path.
 func writeStream(ctx context.Context, path string, r io.Reader) error {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		return err
 	}
-	buf := make([]byte, 1<<20)
+	bp := copyBufs.Get().(*[]byte)
+	defer copyBufs.Put(bp)
+	buf := *bp
 	for {
 		if err := ctx.Err(); err != nil {
 			f.Close()
@@ -689,7 +697,11 @@ func (s *Store) addUnpacked(ctx context.Context, info PathInfo, tmp string, repa
 	if err != nil {
 		return err
 	}
-	defer lock.unlock()
+	defer func() {
+		if lock != nil {
+			lock.unlock()
+		}
+	}()
 	valid, err := s.IsValidPathFresh(ctx, info.Path)
 	if err != nil || (valid && !repair) {
 		return err
@@ -710,17 +722,12 @@ func (s *Store) addUnpacked(ctx context.Context, info PathInfo, tmp string, repa
 	if err := nar.Canonicalise(tmp); err != nil {
 		return fmt.Errorf("store: %s: %w", abs, err)
 	}
-	if !valid {
-		// Not for a repair: the store's links may be what was damaged,
-		// and optimising checks them by size only.
-		s.optimiseNew(ctx, tmp)
-	}
-	if err := s.syncTrees([]string{tmp}, info.NarSize, epoch); err != nil {
-		return fmt.Errorf("store: %s: %w", abs, err)
-	}
 	if valid {
-		// A repair (only then is a valid path added again): swapped in
-		// atomically; the old files go with tmp.
+		// A repair (only then is a valid path added again): made durable,
+		// then swapped in atomically; the old files go with tmp.
+		if err := s.syncTrees([]string{tmp}, info.NarSize, epoch); err != nil {
+			return fmt.Errorf("store: %s: %w", abs, err)
+		}
 		if err := exchange(tmp, realPath); err != nil {
 			return fmt.Errorf("store: repairing %s: %w", abs, err)
 		}
@@ -733,21 +740,24 @@ func (s *Store) addUnpacked(ctx context.Context, info PathInfo, tmp string, repa
 		}
 		return nil
 	}
+	// Not for a repair: the store's links may be what was damaged, and
+	// optimising checks them by size only.
+	s.optimiseNew(ctx, tmp)
+	// Moved into place first, then made durable there with its entry in
+	// the store's directory by one sync (one journal commit, not two) and
+	// registered, together with other callers' additions (commitPath), as
+	// AddToStoreNar's paths are: until it is registered the path is
+	// invalid whatever a crash leaves of it, and the next addition deletes
+	// the leftover under the path's lock.
 	if err := removeAll(realPath); err != nil {
 		return fmt.Errorf("store: deleting leftover %s: %w", realPath, err)
 	}
 	if err := os.Rename(tmp, realPath); err != nil {
 		return fmt.Errorf("store: moving %s into place: %w", abs, err)
 	}
-	if err := fsyncPath(s.realDir); err != nil {
-		removeAll(realPath)
-		return fmt.Errorf("store: %s: %w", abs, err)
-	}
-	if err := s.register(ctx, []*pendingPath{pp}); err != nil {
-		removeAll(realPath)
-		return fmt.Errorf("store: registering %s: %w", abs, err)
-	}
-	return nil
+	pp.lock, pp.epoch = lock, epoch
+	lock = nil // commitPath releases it
+	return s.commitPath(ctx, pp)
 }
 
 // AddSignatures adds signatures to a valid path's info (kept as a sorted

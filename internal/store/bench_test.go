@@ -6,9 +6,13 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/nixyard/nixyard/internal/nar"
+	"github.com/nixyard/nixyard/internal/nix/contentaddress"
+	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
 
@@ -84,4 +88,35 @@ func BenchmarkAddMultiple(b *testing.B) {
 	for b.Loop() {
 		benchStore(b, 500)
 	}
+}
+
+// BenchmarkAddText measures AddTextToStore of small files, as
+// nix-instantiate sends one per derivation: one caller after another
+// (one client), and from 8 callers at once (clients sharing the daemon,
+// whose additions are made durable and registered together).
+func BenchmarkAddText(b *testing.B) {
+	add := func(b *testing.B, s *Store, i int64) {
+		text := fmt.Sprintf("Derive([(\"out\",\"\",\"\",\"\")],[],[],\"x86_64-linux\",\"/bin/sh\",[],[(\"n\",\"%d\")])", i)
+		if _, err := s.AddToStoreContent(context.Background(), fmt.Sprintf("t%d.drv", i), contentaddress.Text, hash.SHA256, nil, strings.NewReader(text), false); err != nil {
+			b.Error(err)
+		}
+	}
+	b.Run("sequential", func(b *testing.B) {
+		s := openAt(b, b.TempDir())
+		defer s.Close()
+		for i := range b.N {
+			add(b, s, int64(i))
+		}
+	})
+	b.Run("parallel-8", func(b *testing.B) {
+		s := openAt(b, b.TempDir())
+		defer s.Close()
+		var n atomic.Int64
+		b.SetParallelism(4) // 8 goroutines on 2 CPUs
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				add(b, s, n.Add(1))
+			}
+		})
+	})
 }
