@@ -8,6 +8,7 @@
 package pagecache
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -20,24 +21,57 @@ import (
 )
 
 // Meminfo returns the values of /proc/meminfo lines (e.g. "Dirty:",
-// "MemAvailable:"), in bytes, in the order asked.
+// "MemAvailable:"), in bytes, in the order asked. The store asks for its
+// Dirty before every sync, so it reads and parses without allocating per
+// line.
 func Meminfo(fields ...string) ([]uint64, error) {
-	b, err := os.ReadFile("/proc/meminfo")
+	fd, err := unix.Open("/proc/meminfo", unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("/proc/meminfo: %w", err)
 	}
+	defer unix.Close(fd)
+	var buf [16 << 10]byte
+	n := 0
+	for n < len(buf) {
+		m, err := unix.Read(fd, buf[n:])
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("/proc/meminfo: %w", err)
+		}
+		if m == 0 {
+			break
+		}
+		n += m
+	}
+	return parseMeminfo(buf[:n], fields)
+}
+
+// parseMeminfo finds the fields' lines ("Name:   123 kB") in text.
+func parseMeminfo(text []byte, fields []string) ([]uint64, error) {
 	vals := make([]uint64, len(fields))
 	found := 0
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) != 3 || f[2] != "kB" {
+	for len(text) > 0 {
+		line := text
+		if i := bytes.IndexByte(text, '\n'); i >= 0 {
+			line, text = text[:i], text[i+1:]
+		} else {
+			text = nil
+		}
+		name, rest, ok := bytes.Cut(line, []byte(":"))
+		if !ok {
+			continue
+		}
+		num, ok := bytes.CutSuffix(bytes.TrimSpace(rest), []byte(" kB"))
+		if !ok {
 			continue
 		}
 		for i, want := range fields {
-			if f[0] != want {
+			if len(want) != len(name)+1 || want[len(name)] != ':' || want[:len(name)] != string(name) {
 				continue
 			}
-			kb, err := strconv.ParseUint(f[1], 10, 64)
+			kb, err := strconv.ParseUint(string(bytes.TrimSpace(num)), 10, 64)
 			if err != nil {
 				return nil, fmt.Errorf("/proc/meminfo: %s: %w", want, err)
 			}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 )
 
@@ -21,6 +22,23 @@ func TestMeminfo(t *testing.T) {
 	}
 	if _, err := Dirty(); err != nil {
 		t.Error(err)
+	}
+}
+
+func TestParseMeminfo(t *testing.T) {
+	text := []byte("MemTotal:       24608164 kB\nDirtyish:            1 kB\nHugePages_Total:       0\n" +
+		"Dirty:               132 kB\nWriteback:             0 kB\nWriteback2:  7 kB") // no final newline
+	v, err := parseMeminfo(text, []string{"Writeback:", "Dirty:", "MemTotal:", "Writeback2:"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []uint64{0, 132 << 10, 24608164 << 10, 7 << 10}; !slices.Equal(v, want) {
+		t.Errorf("parsed %v, want %v", v, want)
+	}
+	for _, f := range []string{"HugePages_Total:", "Dirt:", "Dirty"} {
+		if _, err := parseMeminfo(text, []string{f}); err == nil {
+			t.Errorf("%q: no error", f)
+		}
 	}
 }
 
