@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -112,7 +113,7 @@ func BenchmarkAddText(b *testing.B) {
 		s := openAt(b, b.TempDir())
 		defer s.Close()
 		var n atomic.Int64
-		b.SetParallelism(4) // 8 goroutines on 2 CPUs
+		b.SetParallelism(8 / runtime.GOMAXPROCS(0)) // 8 goroutines in all (on 2 CPUs)
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
 				add(b, s, n.Add(1))

@@ -7,7 +7,8 @@ import (
 	"time"
 )
 
-// Group commit of single-path additions (AddToStoreNar).
+// Group commit of single-path additions (AddToStoreNar, and the text and
+// file additions of AddToStoreContent).
 //
 // Substitution runs many AddToStoreNar calls at once, and each used to make
 // its path durable (fsyncs of its files) and register it in a write
@@ -19,8 +20,8 @@ import (
 // when the leader is done, the first of them leads the next group. Nothing
 // waits on a timer for more paths.
 //
-// The references of an AddToStoreNar path were valid when it was checked
-// (add), so the members of a group never depend on each other's
+// The references of a single-path addition were valid when it was checked
+// under its path lock (batch.add, addUnpacked), so the members of a group never depend on each other's
 // registration and their order in the transaction does not matter.
 
 // commitQueue is a store's queue of paths waiting for the next group.
