@@ -113,7 +113,7 @@ func BenchmarkAddText(b *testing.B) {
 		s := openAt(b, b.TempDir())
 		defer s.Close()
 		var n atomic.Int64
-		b.SetParallelism(8 / runtime.GOMAXPROCS(0)) // 8 goroutines in all (on 2 CPUs)
+		b.SetParallelism(max(1, 8/runtime.GOMAXPROCS(0))) // 8 goroutines in all (on 2 CPUs)
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
 				add(b, s, n.Add(1))
