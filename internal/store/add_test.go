@@ -13,6 +13,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/nixyard/nixyard/internal/nix/contentaddress"
 	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
@@ -103,6 +104,66 @@ func TestConcurrentAddSamePath(t *testing.T) {
 	}
 	if _, err := os.Stat(s.RealPath(info.Path) + ".lock"); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("lock file left: %v", err)
+	}
+	nixCmd(t, root, "nix-store", "--verify", "--check-contents")
+}
+
+// A text addition is moved into place before it is made durable and
+// registered, so a killed daemon may leave it there unregistered: the next
+// addition of the same path replaces that leftover, and eight callers
+// adding one path at once register it once, intact.
+func TestAddContentOverLeftover(t *testing.T) {
+	s, root := testStore(t)
+	ctx := context.Background()
+	const content = "Derive([(\"out\",\"\",\"\",\"\")],[],[],\"x86_64-linux\",\"/bin/sh\",[],[])"
+	ca := contentaddress.CA{Method: contentaddress.Text, Hash: hash.Sum(hash.SHA256, []byte(content))}
+	p, err := ca.StorePath(s.Dir(), "left.drv", nil, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// What a kill could leave: a read-only tree where the path goes.
+	leftover := s.RealPath(p)
+	if err := os.MkdirAll(filepath.Join(leftover, "junk"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(leftover, "junk", "half"), []byte("half"), 0o444); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(filepath.Join(leftover, "junk"), 0o555)
+	os.Chmod(leftover, 0o555)
+
+	var wg sync.WaitGroup
+	errs := make([]error, 8)
+	for i := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, errs[i] = s.AddToStoreContent(ctx, "left.drv", contentaddress.Text, hash.SHA256, nil, strings.NewReader(content), false)
+		}()
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got, err := os.ReadFile(leftover); err != nil || string(got) != content {
+		t.Errorf("%s holds %q, %v; want the added text", leftover, got, err)
+	}
+	var n int
+	s.db.r.QueryRow("select count(*) from ValidPaths").Scan(&n)
+	if n != 1 {
+		t.Errorf("%d registrations", n)
+	}
+	entries, _ := os.ReadDir(filepath.Dir(leftover))
+	var names []string
+	for _, e := range entries {
+		if e.Name() != ".links" {
+			names = append(names, e.Name())
+		}
+	}
+	if len(names) != 1 {
+		t.Errorf("store directory holds %q, want only the path (no temporary directory or lock)", names)
 	}
 	nixCmd(t, root, "nix-store", "--verify", "--check-contents")
 }
