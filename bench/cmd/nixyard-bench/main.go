@@ -305,7 +305,11 @@ func (b *bencher) benchQPI(ctx context.Context) ([]*bench.Metric, error) {
 			Unit: "req/s", HigherBetter: true,
 		})
 	}
-	all := append(append(load, ceiling...), populate)
+	// The real client's view of the same queries: one `nix path-info` of
+	// every path, which sends one QueryPathInfo per path over one
+	// connection. Its own start-up and threads are in the time.
+	realClient := &bench.Metric{Name: fmt.Sprintf("the real client: nix path-info of the %d paths (one QueryPathInfo each, one connection)", len(paths)), Unit: "s"}
+	all := append(append(load, ceiling...), realClient, populate)
 
 	// One daemon per kind on its own store, populated the same way.
 	live := make([]*bench.Daemon, len(b.daemons))
@@ -397,6 +401,24 @@ func (b *bencher) benchQPI(ctx context.Context) ([]*bench.Metric, error) {
 			ceiling[mi].Nixyard = append(ceiling[mi].Nixyard, res.PerSecond())
 			logf("rep %d: null server: QueryPathInfo over %d connection(s): %d requests in %.2f s = %.0f req/s",
 				rep+1, n, res.Requests, res.Elapsed.Seconds(), res.PerSecond())
+		}
+		for _, i := range b.order(rep) {
+			d := live[i]
+			if d == nil {
+				continue
+			}
+			run, err := bench.RunClient(ctx, b.env, nil, "nix", append([]string{"path-info", "--store", d.StoreURL()}, paths...)...)
+			if err != nil {
+				if ctx.Err() != nil {
+					return all, ctx.Err()
+				}
+				logf("%s: nix path-info: %v", d.Spec.Name, err)
+				setErr(realClient, d.Spec.Name, err)
+				continue
+			}
+			addSample(realClient, d.Spec.Name, run.Wall.Seconds())
+			logf("rep %d: %s: nix path-info of %d paths: %.3f s (client CPU %.2f s)",
+				rep+1, d.Spec.Name, len(paths), run.Wall.Seconds(), run.CPU.Seconds())
 		}
 	}
 	for _, d := range live {
