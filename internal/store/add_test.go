@@ -77,26 +77,30 @@ func TestAddRefusals(t *testing.T) {
 	}
 }
 
+// inParallel runs f in n goroutines at once and fails t if any fails.
+func inParallel(t *testing.T, n int, f func() error) {
+	t.Helper()
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = f()
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestConcurrentAddSamePath(t *testing.T) {
 	s, root := testStore(t)
 	ctx := context.Background()
 	data := narOf(t, map[string]string{"a": strings.Repeat("x", 100000), "b/c": "y"})
 	info := caNARInfo(t, s, "same", data, nil)
-	var wg sync.WaitGroup
-	errs := make([]error, 8)
-	for i := range 8 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = s.AddToStoreNar(ctx, info, bytes.NewReader(data), AddOptions{})
-		}()
-	}
-	wg.Wait()
-	for _, err := range errs {
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
+	inParallel(t, 8, func() error { return s.AddToStoreNar(ctx, info, bytes.NewReader(data), AddOptions{}) })
 	var n int
 	s.db.r.QueryRow("select count(*) from ValidPaths").Scan(&n)
 	if n != 1 {
@@ -132,21 +136,10 @@ func TestAddContentOverLeftover(t *testing.T) {
 	os.Chmod(filepath.Join(leftover, "junk"), 0o555)
 	os.Chmod(leftover, 0o555)
 
-	var wg sync.WaitGroup
-	errs := make([]error, 8)
-	for i := range 8 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			_, errs[i] = s.AddToStoreContent(ctx, "left.drv", contentaddress.Text, hash.SHA256, nil, strings.NewReader(content), false)
-		}()
-	}
-	wg.Wait()
-	for _, err := range errs {
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
+	inParallel(t, 8, func() error {
+		_, err := s.AddToStoreContent(ctx, "left.drv", contentaddress.Text, hash.SHA256, nil, strings.NewReader(content), false)
+		return err
+	})
 	if got, err := os.ReadFile(leftover); err != nil || string(got) != content {
 		t.Errorf("%s holds %q, %v; want the added text", leftover, got, err)
 	}
