@@ -70,7 +70,7 @@ func MaybeServeNull(args []string) {
 	reply, err := os.ReadFile(args[3])
 	if err == nil {
 		if werr := timerslack.Widen(timerslack.Daemon); werr != nil {
-			fmt.Fprintf(os.Stderr, "null server: %v (measuring with the default slack)\n", werr)
+			fmt.Fprintf(os.Stderr, "null server: %v (widening the timer slack needs CAP_SYS_NICE; measuring with the inherited slack)\n", werr)
 		}
 		err = serveNull(args[2], reply)
 	}
