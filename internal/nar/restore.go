@@ -91,6 +91,14 @@ type restorer struct {
 // large files would otherwise allocate (and zero, and collect) one per path.
 var bigBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
 
+// CopyBuffer returns a buffer of the size Restore and DumpPath copy file
+// contents with, from the pool Restore uses; give it back with
+// PutCopyBuffer once done with it.
+func CopyBuffer() *[]byte { return bigBufs.Get().(*[]byte) }
+
+// PutCopyBuffer returns a buffer from CopyBuffer to the pool.
+func PutCopyBuffer(b *[]byte) { bigBufs.Put(b) }
+
 func (rs *restorer) run() error {
 	for {
 		if err := rs.ctx.Err(); err != nil {

@@ -10,7 +10,6 @@ import (
 	"os"
 	"slices"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -646,19 +645,17 @@ func (s *Store) AddToStoreContent(ctx context.Context, name string, method conte
 	return s.QueryPathInfo(ctx, p)
 }
 
-// copyBufs holds writeStream's buffers, of the size that nar.Restore
-// writes files with: an allocation of its own for each small addition
-// (nix-instantiate sends one per derivation) cost more than writing it.
-var copyBufs = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &b }}
-
 // writeStream writes r to a new file at path.
 func writeStream(ctx context.Context, path string, r io.Reader) error {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		return err
 	}
-	bp := copyBufs.Get().(*[]byte)
-	defer copyBufs.Put(bp)
+	// A pooled buffer, as nar.Restore writes files with: an allocation of
+	// its own for each small addition (nix-instantiate sends one per
+	// derivation) cost more than writing it.
+	bp := nar.CopyBuffer()
+	defer nar.PutCopyBuffer(bp)
 	buf := *bp
 	for {
 		if err := ctx.Err(); err != nil {
