@@ -17,7 +17,7 @@ import (
 // (a number or "auto"; Nix's default 1), cores, sandbox, sandbox-paths,
 // build-users-group, timeout, max-silent-time, keep-failed, log-lines,
 // system, extra-platforms, system-features, pre- and post-build-hook,
-// filter-syscalls, allow-new-privileges, and for
+// filter-syscalls, allow-new-privileges, builders and build-hook, and for
 // builtin:fetchurl hashed-mirrors and netrc-file.
 // A chroot store (--store ROOT) always builds in the sandbox, as Nix.
 func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) (build.Config, error) {
@@ -36,6 +36,9 @@ func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) 
 		NetrcFile:       s.String("netrc-file", filepath.Join(layout.ConfDir, "netrc")),
 		ChrootStore:     layout.RealStoreDir != string(layout.StoreDir),
 		Logger:          logger,
+		Builders:        s.String("builders", "@"+filepath.Join(layout.ConfDir, "machines")),
+		BuildHook:       s.String("build-hook", ""),
+		HookSettings:    s.Map(),
 	}
 	cfg.ExtraPlatforms = s.List("extra-platforms", build.DefaultExtraPlatforms(cfg.System))
 	switch v := strings.TrimSpace(s.String("max-jobs", "1")); v {
@@ -46,8 +49,7 @@ func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) 
 		if err != nil || n < 0 {
 			return cfg, fmt.Errorf("nix.conf: max-jobs: %q is not a number or 'auto'", v)
 		}
-		// 0: remote builders only, which nixyard has not, so nothing is
-		// built here (substitutes only), as with Nix without builders.
+		// 0: nothing is built here: remote builders or substitutes only.
 		cfg.MaxJobs, cfg.NoLocalBuilds = max(n, 1), n == 0
 	}
 	switch v := strings.TrimSpace(s.String("sandbox", build.SandboxOn)); v {

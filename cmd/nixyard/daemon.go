@@ -224,6 +224,13 @@ func runDaemon(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	if !opts.stdio {
+		// The build hook reaches the store through the daemon's socket.
+		buildCfg.HookStore = "unix://" + layout.SocketPath
+		if layout.Root != "" {
+			buildCfg.HookStore += "?root=" + layout.Root
+		}
+	}
 	builder, err := build.New(buildCfg, st)
 	if err != nil {
 		return err

@@ -162,6 +162,18 @@ type Config struct {
 	// NetrcFile holds logins for builtin:fetchurl's downloads (nix.conf
 	// netrc-file); "" means none.
 	NetrcFile string
+	// Builders are the remote machines (nix.conf builders: machine lines,
+	// or "@FILE" for a file of them); BuildHook is the program that sends
+	// builds to them (nix.conf build-hook; "" runs the nix on PATH as
+	// Nix's build-remote). HookSettings are the daemon's settings, which
+	// the hook gets as Nix hands it its own. See remote.go.
+	Builders     string
+	BuildHook    string
+	HookSettings map[string]string
+	// HookStore is the store URI through which the build hook reaches
+	// this daemon (its socket); "" means no remote builds (a daemon
+	// serving one client on stdio has no socket).
+	HookStore string
 }
 
 // Substituter is the hook through which a caller's binary caches are
@@ -223,6 +235,9 @@ type ClientOptions struct {
 	// Session, if not nil, gets a temporary root on every output a
 	// request returns.
 	Session *store.Session
+	// Settings are the caller's accepted setting overrides (SetOptions),
+	// which the build hook gets on top of the daemon's: builders, say.
+	Settings map[string]string
 }
 
 // Progress receives the events of builds a caller waits for; the daemon
@@ -231,8 +246,8 @@ type ClientOptions struct {
 type Progress interface {
 	// BuildStarted: the builder of drv starts, in mode ("building
 	// '<drv>'", "checking outputs of '<drv>'" or "repairing outputs of
-	// '<drv>'").
-	BuildStarted(drv string, mode BuildMode)
+	// '<drv>'"), here (machine "") or on a remote machine.
+	BuildStarted(drv, machine string, mode BuildMode)
 	// BuildLogLine is one line of the builder's output, without "\n".
 	BuildLogLine(drv, line string)
 	// BuildPhase is a phase the builder announced with
@@ -252,6 +267,22 @@ type Progress interface {
 	// Error is a message for the caller at error level, outside any
 	// build's log (Nix's printError): the diff hook's output, say.
 	Error(msg string)
+	// RemoteActivity is an activity event of the build hook that sends
+	// drv to a remote machine: copying its inputs and outputs, the
+	// remote build and its log (as nix-daemon forwards them).
+	RemoteActivity(drv string, ev RemoteEvent)
+}
+
+// RemoteEvent is an activity event of the build hook, from Nix's JSON
+// log: Action "start" (with Level, Type, Text and Fields), "stop", or
+// "result" (with Type and Fields). ID is the hook's own activity id.
+type RemoteEvent struct {
+	Action string
+	ID     uint64
+	Level  int
+	Type   int
+	Text   string
+	Fields []any // string or uint64
 }
 
 // Result is the outcome of one request, with what BuildResult carries.
@@ -399,6 +430,8 @@ type Builder struct {
 
 	probeOnce  sync.Once // see namespaceSupport
 	namespaces namespaceSupport
+
+	hooks hookPool // build hooks (remote.go), under mu
 }
 
 // New returns a Builder for st.
@@ -452,6 +485,7 @@ func New(cfg Config, st *store.Store) (*Builder, error) {
 		log:   cfg.Logger,
 		slots: newSlots(cfg.MaxJobs),
 		goals: map[goalKey]*goal{},
+		hooks: hookPool{wake: make(chan struct{})},
 	}
 	if cfg.BuildUsersGroup != "" {
 		var err error

@@ -28,6 +28,7 @@ type call struct {
 	expected, done, running, failed int
 
 	noLocalBuilds atomic.Bool // a build it needed could not run here (ErrNoLocalBuilds)
+	noHook        atomic.Bool // the build hook declined for good, or cannot start (as Nix's worker.tryBuildHook)
 }
 
 // mayBuild reports whether c may run builds here (max-jobs is not 0).
@@ -206,7 +207,8 @@ type goal struct {
 	subs     map[*call]int // waiting callers (count of their requests)
 	waiters  int
 	running  bool
-	stopping bool // cancelled once its last waiter left: joined by no one since
+	stopping bool   // cancelled once its last waiter left: joined by no one since
+	machine  string // the machine that builds it (a remote build), set before it runs
 
 	// Set before done is closed.
 	res     Result
@@ -263,7 +265,7 @@ func (g *goal) subscribe(c *call) bool {
 			// say): the caller sees it start too.
 			c.count(0, 1, 0, 0)
 			drvAbs := g.b.abs(g.drvPath)
-			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.mode) })
+			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.machine, g.mode) })
 		}
 	}
 	g.subs[c]++
@@ -401,7 +403,7 @@ func (g *goal) setRunning(on bool) {
 	for c := range g.subs {
 		c.count(0, d, 0, 0)
 		if on {
-			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.mode) })
+			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.machine, g.mode) })
 		}
 	}
 }
@@ -580,6 +582,17 @@ func (g *goal) realise(ctx context.Context) Result {
 	features, _, err := g.attrs.Strings("requiredSystemFeatures")
 	if err != nil {
 		return g.failf(MiscFailure, "%v", err)
+	}
+	// As Nix: a remote machine may take the build, unless the derivation
+	// prefers to be built here and can be, or it is a check or a repair.
+	preferLocal, err := g.attrs.Bool("preferLocalBuild", false)
+	if err != nil {
+		return g.failf(MiscFailure, "%v", err)
+	}
+	if g.mode == ModeNormal && !(preferLocal && b.canBuild(g.drv, features) == nil) {
+		if r, ok := g.tryRemote(ctx, inputs, outPaths, features); ok {
+			return r
+		}
 	}
 	if err := b.canBuild(g.drv, features); err != nil {
 		return g.failf(MiscFailure, "%v to build '%s', but I am a '%s' with features {%s}",

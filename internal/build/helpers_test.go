@@ -260,7 +260,7 @@ func (r *recorder) startedList() []string {
 	return slices.Clone(r.started)
 }
 
-func (r *recorder) BuildStarted(drv string, _ BuildMode) {
+func (r *recorder) BuildStarted(drv, _ string, _ BuildMode) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.started = append(r.started, drv)
@@ -295,6 +295,7 @@ func (r *recorder) Error(msg string) {
 	defer r.mu.Unlock()
 	r.errors = append(r.errors, msg)
 }
+func (r *recorder) RemoteActivity(string, RemoteEvent) {}
 func (r *recorder) BuildsProgress(done, expected, running, failed int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()

@@ -67,6 +67,11 @@ type job struct {
 	rewrite *strings.Replacer
 	// unlockChroot gives the sandbox root's name back (lockChroot).
 	unlockChroot func()
+	// remote is the build hook that builds the derivation on another
+	// machine (remote.go), nil for a build here; remoteMu guards the log
+	// state, which its two pipes write.
+	remote   *hookProc
+	remoteMu *sync.Mutex
 }
 
 // prepare makes a job for the goal's builder: the build user, the build
@@ -243,7 +248,7 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 	g := j.g
 	b := g.b
 	opts := g.owner.opts
-	if !j.sandbox {
+	if !j.sandbox && j.remote == nil {
 		// Leftovers of an earlier attempt at the output paths.
 		for _, p := range j.outputs {
 			if err := removeTree(b.st.RealPath(p)); err != nil {
@@ -264,9 +269,12 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 	g.setRunning(true)
 	var status syscall.WaitStatus
 	var runErr error
-	if j.builtin {
+	switch {
+	case j.remote != nil:
+		status, runErr = j.runRemote(ctx)
+	case j.builtin:
 		status, runErr = j.runBuiltin(ctx, opts)
-	} else {
+	default:
 		status, runErr = j.execute(ctx, j.spec, opts)
 	}
 	g.setRunning(false)
@@ -302,14 +310,25 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 			msg += fmt.Sprintf("For full logs, run 'nix log %s'.", j.drvAbs)
 		}
 		// As Nix: a fixed-output derivation (which may use the network)
-		// failing may succeed another time.
+		// failing may succeed another time; a build hook that failed is a
+		// miscellaneous failure, unless it says it timed out (101).
 		st := PermanentFailure
 		if kind, _ := g.drv.Kind(); kind == derivation.FixedOutput {
 			st = TransientFailure
 		}
+		if j.remote != nil {
+			st = MiscFailure
+			if status.Exited() && status.ExitStatus() == 101 {
+				st = TimedOut
+			}
+		}
 		return j.failf(st, 1, "%s", msg)
 	}
-	if f := j.register(ctx, locks); f != nil {
+	if j.remote != nil {
+		if f := j.checkRemoteOutputs(ctx); f != nil {
+			return f
+		}
+	} else if f := j.register(ctx, locks); f != nil {
 		j.keep = keepFailed
 		return f
 	}
@@ -579,6 +598,12 @@ func (j *job) flushLine() {
 	line := string(j.line)
 	j.line = j.line[:0]
 	j.linePos = 0
+	j.logLine(line)
+}
+
+// logLine is one line of the builder's output: a phase it announces, or
+// a line for the callers and the log tail.
+func (j *job) logLine(line string) {
 	if rest, ok := strings.CutPrefix(line, "@nix "); ok {
 		var msg struct {
 			Action string `json:"action"`

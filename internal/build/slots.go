@@ -32,6 +32,14 @@ func newSlots(max int) *slots { return &slots{max: max} }
 
 func newSlotClient(max int) *slotClient { return &slotClient{max: max} }
 
+// idle reports whether a slot is free now (what Nix's build hook is told
+// as "am willing").
+func (s *slots) idle() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.running < s.max
+}
+
 // acquire waits for a slot for c. The returned release must be called
 // exactly once, when the builder has exited.
 func (s *slots) acquire(ctx context.Context, c *slotClient) (release func(), err error) {

@@ -222,11 +222,8 @@ func (s *Settings) Text() string {
 
 // unimplemented are settings nix-daemon acts on that nixyard does not,
 // with the values that make them no-ops (Nix's defaults, where nixyard
-// behaves the same): remote builders, repeated builds and some sandbox
-// details.
+// behaves the same): repeated builds and some sandbox details.
 var unimplemented = map[string][]string{
-	"builders":                 {""},
-	"builders-use-substitutes": {"false"},
 	"repeat":                   {"0"},
 	"enforce-determinism":      {"true"},
 	"allowed-impure-host-deps": {""},

@@ -116,9 +116,10 @@ func TestUnimplemented(t *testing.T) {
 	var s Settings
 	s.Set("max-jobs", "4")          // implemented
 	s.Set("diff-hook", "/bin/hook") // implemented
-	s.Set("builders", "ssh://a")    // ignored
+	s.Set("builders", "ssh://a")    // implemented
 	s.Set("build-repeat", "2")      // an alias of an ignored one
-	if got := strings.Join(Unimplemented(&s), " "); got != "builders repeat" {
+	s.Set("impersonate-linux-26", "true")
+	if got := strings.Join(Unimplemented(&s), " "); got != "impersonate-linux-26 repeat" {
 		t.Errorf("Unimplemented: %q", got)
 	}
 }

@@ -51,6 +51,7 @@ type buildProgress struct {
 	realise, builds, copyPaths uint64
 	acts                       map[string]uint64 // running builds: drv -> activity
 	hooks                      map[string]uint64 // running post-build hooks: drv -> activity
+	remote                     map[remoteAct]uint64
 	failures                   []buildFailure
 	sent                       [4]int // the counters last sent
 
@@ -82,7 +83,7 @@ type buildFailure struct {
 
 // newBuildProgress starts the Worker's three activities and the writer.
 func newBuildProgress(tun *tunnel) *buildProgress {
-	p := &buildProgress{tun: tun, acts: map[string]uint64{}, hooks: map[string]uint64{}, exit: make(chan struct{})}
+	p := &buildProgress{tun: tun, acts: map[string]uint64{}, hooks: map[string]uint64{}, remote: map[remoteAct]uint64{}, exit: make(chan struct{})}
 	p.cond = sync.NewCond(&p.mu)
 	p.realise = tun.StartActivity(lvlError, actRealise, "", nil, 0)
 	p.builds = tun.StartActivity(lvlError, actBuilds, "", nil, 0)
@@ -165,7 +166,7 @@ func (p *buildProgress) sendCounts() {
 }
 
 // BuildStarted implements build.Progress.
-func (p *buildProgress) BuildStarted(drv string, mode build.BuildMode) {
+func (p *buildProgress) BuildStarted(drv, machine string, mode build.BuildMode) {
 	p.post(false, func() {
 		if id, ok := p.acts[drv]; ok { // a second round (--check): a new activity
 			p.tun.StopActivity(id)
@@ -177,7 +178,10 @@ func (p *buildProgress) BuildStarted(drv string, mode build.BuildMode) {
 		case build.ModeRepair:
 			text = fmt.Sprintf("repairing outputs of '%s'", drv)
 		}
-		p.acts[drv] = p.tun.StartActivity(lvlInfo, actBuild, text, []field{drv, "", 1, 1}, 0)
+		if machine != "" {
+			text += fmt.Sprintf(" on '%s'", machine)
+		}
+		p.acts[drv] = p.tun.StartActivity(lvlInfo, actBuild, text, []field{drv, machine, 1, 1}, 0)
 	})
 }
 
@@ -211,6 +215,47 @@ func (p *buildProgress) BuildFinished(drv string, err error) {
 		if id, ok := p.acts[drv]; ok {
 			delete(p.acts, drv)
 			p.tun.StopActivity(id)
+		}
+		for k, id := range p.remote { // a build hook that died with activities open
+			if k.drv == drv {
+				delete(p.remote, k)
+				p.tun.StopActivity(id)
+			}
+		}
+	})
+}
+
+// remoteAct names an activity of the build hook of drv.
+type remoteAct struct {
+	drv string
+	id  uint64
+}
+
+// RemoteActivity implements build.Progress: the build hook's activities
+// become the client's, under its Realise activity, as nix-daemon forwards
+// them. A remote build's log lines may be dropped as the local builder's
+// are.
+func (p *buildProgress) RemoteActivity(drv string, ev build.RemoteEvent) {
+	p.post(ev.Action == "result" && ev.Type == resBuildLogLine, func() {
+		k := remoteAct{drv, ev.ID}
+		fields := make([]field, len(ev.Fields))
+		for i, f := range ev.Fields {
+			fields[i] = f
+		}
+		switch ev.Action {
+		case "start":
+			if _, ok := p.remote[k]; !ok {
+				p.remote[k] = p.tun.StartActivity(Verbosity(ev.Level), uint64(ev.Type), ev.Text, fields, p.realise)
+			}
+		case "stop":
+			if id, ok := p.remote[k]; ok {
+				delete(p.remote, k)
+				p.tun.StopActivity(id)
+			}
+		case "result":
+			if id, ok := p.remote[k]; ok {
+				p.tun.Result(id, uint64(ev.Type), fields)
+			}
 		}
 	})
 }

@@ -21,7 +21,7 @@ func TestBuildProgressNeverBlocks(t *testing.T) {
 	defer client.Close()
 	p := newBuildProgress(tun)
 	drv := "/nix/store/00000000000000000000000000000000-x.drv"
-	p.BuildStarted(drv, build.ModeNormal)
+	p.BuildStarted(drv, "", build.ModeNormal)
 	for i := 0; i < 3*maxQueuedLines; i++ { // far more than a socket buffer holds
 		p.BuildLogLine(drv, "a line of output that nobody reads for a while")
 		p.BuildsProgress(0, 1, 1, 0)

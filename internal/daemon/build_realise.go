@@ -72,6 +72,7 @@ func (c *conn) buildOptions(mode uint64) build.ClientOptions {
 		KeepGoing:     s.KeepGoing,
 		Mode:          build.BuildMode(mode),
 		Session:       c.session,
+		Settings:      s.Overrides,
 	}
 	switch {
 	case s.MaxBuildJobs == 0:

@@ -1,0 +1,602 @@
+package build
+
+// Remote builds. As nix-daemon does, the Builder offers every derivation
+// it may send elsewhere to Nix's build hook (nix.conf build-hook, Nix's
+// build-remote), which picks a machine from `builders`, copies the
+// inputs there, has the machine build the derivation and copies the
+// outputs back. The hook reaches the store through the daemon's own
+// socket (Config.HookStore), so the outputs come in as any client's
+// uploads do: checked, made durable, then registered.
+//
+// The hook protocol, as Nix 2.8 speaks it (HookInstance and
+// DerivationGoal::tryBuildHook): the hook's stdin gets the settings
+// (1, name, value for each, then 0), then for each offer "try", whether
+// this host would build it itself, the platform, the .drv's path and its
+// required system features. The hook answers on its stderr (which is
+// also its stdout) with a line "# accept", "# decline", "# postpone" or
+// "# decline-permanently", after any log lines (JSON, "@nix {…}"). After
+// "# accept" it names the machine on the next line and reads the inputs'
+// closure and the names of the outputs to bring back; stdin is then
+// closed. The remote builder's output comes on fd 4 (ssh://) or as JSON
+// build-log results on stderr (ssh-ng://). The hook exits 0 once the
+// outputs are valid here.
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"maps"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+)
+
+// hookRetry is how long a build that every suitable machine is too busy
+// for waits before it is offered again, unless a remote build ends first
+// (Nix's poll-interval). A variable for tests.
+var hookRetry = 5 * time.Second
+
+// Log levels and result types of Nix's JSON logger that the hook's
+// messages carry.
+const (
+	hookLvlWarn         = 1
+	hookResBuildLogLine = 101
+)
+
+type hookReply int
+
+const (
+	hookDecline hookReply = iota
+	hookDeclinePermanently
+	hookPostpone
+	hookAccept
+)
+
+// hookProc is a running build hook.
+type hookProc struct {
+	cmd   *exec.Cmd
+	key   string // the settings it was started with
+	enc   *hookWriter
+	stdin *os.File
+	from  *bufio.Reader // its stdout and stderr
+	fromF *os.File
+	logR  *os.File // what a remote builder writes (the hook's fd 4)
+}
+
+// hookPool keeps the hooks that declined or postponed an offer, for the
+// next one: a hook that accepted is used up by that build. Builder.mu
+// guards it.
+type hookPool struct {
+	idle map[string][]*hookProc
+	wake chan struct{} // closed and replaced when a remote build ends
+}
+
+// remoteSettings are the settings the hook gets for a goal: the daemon's,
+// the caller's overrides, the store to reach this daemon through, and
+// builders with its default. The hook reads nix.conf too; what it is sent
+// wins, as with Nix.
+func (g *goal) remoteSettings(c *call) map[string]string {
+	b := g.b
+	s := maps.Clone(b.cfg.HookSettings)
+	if s == nil {
+		s = map[string]string{}
+	}
+	if _, ok := s["builders"]; !ok {
+		s["builders"] = b.cfg.Builders
+	}
+	maps.Copy(s, c.opts.Settings)
+	s["store"] = b.cfg.HookStore
+	return s
+}
+
+// hasMachines reports whether a builders setting may name a machine: its
+// entries are separated by ';' or newlines, '#' starts a comment, and
+// "@FILE" reads more from FILE (a missing one names none), as Nix parses
+// it. It says false only when the setting surely names no machine, so
+// that no hook is started for nothing.
+func hasMachines(spec string, depth int) bool {
+	for _, line := range strings.FieldsFunc(spec, func(r rune) bool { return r == ';' || r == '\n' }) {
+		line, _, _ = strings.Cut(line, "#")
+		line = strings.TrimSpace(line)
+		switch {
+		case line == "":
+		case strings.HasPrefix(line, "@"):
+			data, err := os.ReadFile(strings.TrimSpace(line[1:]))
+			if errors.Is(err, fs.ErrNotExist) {
+				continue
+			}
+			if err != nil || depth >= 8 || hasMachines(string(data), depth+1) {
+				return true
+			}
+		default:
+			return true
+		}
+	}
+	return false
+}
+
+// tryRemote offers the goal's build to the build hook, as Nix's
+// tryBuildHook does, and if a machine takes it, builds it there. ok is
+// false when none does: the goal is then built here if it may be.
+// outputs are the derivation's outputs, inputs the closure of its inputs.
+func (g *goal) tryRemote(ctx context.Context, inputs []storepath.Path, outputs map[string]storepath.Path, features []string) (res Result, ok bool) {
+	b := g.b
+	c := g.caller()
+	if b.cfg.HookStore == "" || g.basic || c.noHook.Load() {
+		return Result{}, false
+	}
+	settings := g.remoteSettings(c)
+	if !hasMachines(settings["builders"], 0) {
+		return Result{}, false
+	}
+	var missing []string
+	for _, name := range sortedOutputs(outputs) {
+		ok, err := b.st.IsValidPathFresh(ctx, outputs[name])
+		if err != nil {
+			return g.failf(MiscFailure, "building '%s': %v", b.abs(g.drvPath), err), true
+		}
+		if !ok {
+			missing = append(missing, name)
+		}
+	}
+	if len(missing) == 0 {
+		return Result{Status: AlreadyValid}, true
+	}
+	drvAbs := b.abs(g.drvPath)
+	waited := false
+	for {
+		h, err := b.takeHook(settings)
+		if err != nil {
+			b.log.Warn("cannot start the build hook; building here", "drv", drvAbs, "err", err)
+			c.noHook.Store(true)
+			return Result{}, false
+		}
+		willing := g.mayBuild() && b.slots.idle() && b.canBuild(g.drv, features) == nil
+		b.mu.Lock()
+		wake := b.hooks.wake
+		b.mu.Unlock()
+		reply, err := h.try(ctx, g, willing, features)
+		switch {
+		case err != nil:
+			h.kill()
+			if ctx.Err() != nil {
+				return g.failf(MiscFailure, "building '%s': %v", drvAbs, context.Cause(ctx)), true
+			}
+			g.each(func(c *call) {
+				c.emit(func(p Progress) { p.Error(fmt.Sprintf("build hook died unexpectedly: %v", err)) })
+			})
+			return Result{}, false
+		case reply == hookDeclinePermanently:
+			h.kill()
+			c.noHook.Store(true)
+			return Result{}, false
+		case reply == hookDecline:
+			b.putHook(h)
+			return Result{}, false
+		case reply == hookPostpone:
+			b.putHook(h)
+			if !waited {
+				b.log.Info("waiting for a machine to build", "drv", drvAbs)
+				waited = true
+			}
+			t := time.NewTimer(hookRetry)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return g.failf(MiscFailure, "building '%s': %v", drvAbs, context.Cause(ctx)), true
+			case <-wake:
+			case <-t.C:
+			}
+			t.Stop()
+			continue
+		}
+		defer b.remoteBuildEnded()
+		return g.buildRemote(ctx, h, inputs, outputs, missing), true
+	}
+}
+
+// takeHook returns an idle hook started with settings, or starts one.
+func (b *Builder) takeHook(settings map[string]string) (*hookProc, error) {
+	var key strings.Builder
+	for _, k := range slices.Sorted(maps.Keys(settings)) {
+		fmt.Fprintf(&key, "%q=%q\n", k, settings[k])
+	}
+	b.mu.Lock()
+	if idle := b.hooks.idle[key.String()]; len(idle) > 0 {
+		h := idle[len(idle)-1]
+		b.hooks.idle[key.String()] = idle[:len(idle)-1]
+		b.mu.Unlock()
+		return h, nil
+	}
+	b.mu.Unlock()
+	return b.startHook(key.String(), settings)
+}
+
+// putHook keeps h for the next offer.
+func (b *Builder) putHook(h *hookProc) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.hooks.idle == nil {
+		b.hooks.idle = map[string][]*hookProc{}
+	}
+	b.hooks.idle[h.key] = append(b.hooks.idle[h.key], h)
+}
+
+// remoteBuildEnded wakes the builds waiting for a machine.
+func (b *Builder) remoteBuildEnded() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	close(b.hooks.wake)
+	b.hooks.wake = make(chan struct{})
+}
+
+// closeHooks ends the idle hooks.
+func (b *Builder) closeHooks() {
+	b.mu.Lock()
+	idle := b.hooks.idle
+	b.hooks.idle = nil
+	b.mu.Unlock()
+	for _, hs := range idle {
+		for _, h := range hs {
+			h.kill()
+		}
+	}
+}
+
+// hookProgram returns the build hook and the name it is run under: the
+// build-hook setting, or Nix's build-remote as the nix binary on PATH
+// runs it (argv[0] "build-remote").
+func (b *Builder) hookProgram() (path, argv0 string, err error) {
+	path = b.cfg.BuildHook
+	if path == "" {
+		if path, err = exec.LookPath("nix"); err != nil {
+			return "", "", fmt.Errorf("no build-hook set and no nix on PATH to run build-remote: %w", err)
+		}
+	}
+	argv0 = filepath.Base(path)
+	if argv0 == "nix" {
+		argv0 = "build-remote"
+	}
+	return path, argv0, nil
+}
+
+// startHook starts the build hook and sends it settings.
+func (b *Builder) startHook(key string, settings map[string]string) (*hookProc, error) {
+	path, argv0, err := b.hookProgram()
+	if err != nil {
+		return nil, err
+	}
+	var files []*os.File
+	pipe := func() (r, w *os.File, err error) {
+		if r, w, err = os.Pipe(); err == nil {
+			files = append(files, r, w)
+		}
+		return r, w, err
+	}
+	closeAll := func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}
+	inR, inW, err := pipe()
+	if err != nil {
+		return nil, err
+	}
+	fromR, fromW, err := pipe()
+	if err != nil {
+		closeAll()
+		return nil, err
+	}
+	logR, logW, err := pipe()
+	if err != nil {
+		closeAll()
+		return nil, err
+	}
+	cmd := &exec.Cmd{
+		Path:   path,
+		Args:   []string{argv0, strconv.Itoa(3)}, // Nix's verbosity lvlInfo
+		Dir:    "/",
+		Stdin:  inR,
+		Stdout: fromW,
+		Stderr: fromW,
+		// fd 4: the remote builder's output; fd 5: its read side, from
+		// which the hook reads ssh's complaints when it cannot connect.
+		ExtraFiles:  []*os.File{nil, logW, logR},
+		SysProcAttr: &syscall.SysProcAttr{Setsid: true},
+	}
+	if err := cmd.Start(); err != nil {
+		closeAll()
+		return nil, fmt.Errorf("starting the build hook %s: %w", path, err)
+	}
+	inR.Close()
+	fromW.Close()
+	logW.Close()
+	h := &hookProc{cmd: cmd, key: key, enc: &hookWriter{w: bufio.NewWriter(inW)}, stdin: inW, from: bufio.NewReader(fromR), fromF: fromR, logR: logR}
+	for _, k := range slices.Sorted(maps.Keys(settings)) {
+		h.enc.U64(1)
+		h.enc.String(k)
+		h.enc.String(settings[k])
+	}
+	h.enc.U64(0)
+	if err := h.enc.Flush(); err != nil {
+		h.kill()
+		return nil, fmt.Errorf("sending the build hook its settings: %w", err)
+	}
+	return h, nil
+}
+
+// kill ends the hook and everything it started.
+func (h *hookProc) kill() {
+	unix.Kill(-h.cmd.Process.Pid, unix.SIGKILL)
+	h.stdin.Close()
+	h.cmd.Wait()
+	h.fromF.Close()
+	h.logR.Close()
+}
+
+// try offers g's build to the hook and returns its answer. The hook's
+// log lines before it go to the callers.
+func (h *hookProc) try(ctx context.Context, g *goal, willing bool, features []string) (hookReply, error) {
+	stop := context.AfterFunc(ctx, func() { unix.Kill(-h.cmd.Process.Pid, unix.SIGKILL) })
+	defer stop()
+	h.enc.String("try")
+	h.enc.Bool(willing)
+	h.enc.String(g.drv.Platform)
+	h.enc.String(g.b.abs(g.drvPath))
+	h.enc.StringSet(features)
+	if err := h.enc.Flush(); err != nil {
+		return 0, fmt.Errorf("offering a build to the build hook: %w", err)
+	}
+	for {
+		line, err := h.from.ReadString('\n')
+		if err != nil {
+			return 0, fmt.Errorf("reading the build hook's answer: %w", err)
+		}
+		line = strings.TrimSuffix(line, "\n")
+		reply, ok := strings.CutPrefix(line, "# ")
+		if !ok {
+			g.hookMessage(line, nil)
+			continue
+		}
+		switch reply {
+		case "accept":
+			return hookAccept, nil
+		case "decline":
+			return hookDecline, nil
+		case "decline-permanently":
+			return hookDeclinePermanently, nil
+		case "postpone":
+			return hookPostpone, nil
+		}
+		return 0, fmt.Errorf("bad build hook reply '%s'", reply)
+	}
+}
+
+// hookMessage handles a line of the hook's stderr: a JSON log message
+// ("@nix {…}"), whose activities go to the callers and whose messages at
+// warning level or above go to them as errors, or any other line, which
+// goes to the daemon's log. A remote build's log lines (results of the
+// remote build's activity) also go to j's log, when building.
+func (g *goal) hookMessage(line string, j *job) {
+	rest, ok := strings.CutPrefix(line, "@nix ")
+	var msg struct {
+		Action string `json:"action"`
+		Level  int    `json:"level"`
+		Msg    string `json:"msg"`
+		ID     uint64 `json:"id"`
+		Type   int    `json:"type"`
+		Text   string `json:"text"`
+		Fields []any  `json:"fields"`
+	}
+	dec := json.NewDecoder(strings.NewReader(rest))
+	dec.UseNumber()
+	if !ok || dec.Decode(&msg) != nil {
+		g.b.log.Info("build hook", "drv", g.b.abs(g.drvPath), "line", line)
+		return
+	}
+	drvAbs := g.b.abs(g.drvPath)
+	switch msg.Action {
+	case "msg":
+		if msg.Level <= hookLvlWarn {
+			g.each(func(c *call) { c.emit(func(p Progress) { p.Error(msg.Msg) }) })
+		}
+		return
+	case "start", "stop", "result":
+	default:
+		return
+	}
+	ev := RemoteEvent{Action: msg.Action, ID: msg.ID, Level: msg.Level, Type: msg.Type, Text: msg.Text}
+	for _, f := range msg.Fields {
+		switch f := f.(type) {
+		case string:
+			ev.Fields = append(ev.Fields, f)
+		case json.Number:
+			n, err := strconv.ParseUint(string(f), 10, 64)
+			if err != nil {
+				return // not a field of Nix's logger
+			}
+			ev.Fields = append(ev.Fields, n)
+		default:
+			return // not a field of Nix's logger
+		}
+	}
+	if ev.Action == "result" && ev.Type == hookResBuildLogLine && j != nil && len(ev.Fields) > 0 {
+		if s, ok := ev.Fields[0].(string); ok {
+			j.remoteMu.Lock()
+			io.WriteString(j.logFile, s+"\n")
+			j.remoteMu.Unlock()
+		}
+	}
+	g.each(func(c *call) { c.emit(func(p Progress) { p.RemoteActivity(drvAbs, ev) }) })
+}
+
+// buildRemote runs the build the hook h accepted: it names the machine,
+// gets the inputs and the outputs to bring back, and is waited for.
+func (g *goal) buildRemote(ctx context.Context, h *hookProc, inputs []storepath.Path, outputs map[string]storepath.Path, missing []string) Result {
+	b := g.b
+	drvAbs := b.abs(g.drvPath)
+	machine, err := h.from.ReadString('\n')
+	if err != nil {
+		h.kill()
+		return g.failf(MiscFailure, "reading the machine name from the build hook: %v", err)
+	}
+	g.machine = strings.TrimSuffix(machine, "\n")
+	abs := make([]string, len(inputs))
+	for i, p := range inputs {
+		abs[i] = b.abs(p)
+	}
+	h.enc.StringSet(abs)
+	h.enc.StringSet(missing)
+	err = h.enc.Flush()
+	h.stdin.Close()
+	if err != nil {
+		h.kill()
+		return g.failf(MiscFailure, "sending the build hook the inputs of '%s': %v", drvAbs, err)
+	}
+	j := &job{g: g, drvAbs: drvAbs, outputs: outputs, remote: h}
+	return j.build(ctx, outputs, nil, func() {})
+}
+
+// runRemote waits for the hook that builds j remotely, logging what the
+// remote builder writes, as execute does for a local builder.
+func (j *job) runRemote(ctx context.Context) (syscall.WaitStatus, error) {
+	h := j.remote
+	pid := h.cmd.Process.Pid
+	var mu sync.Mutex // j's log state, written from both pipes
+	kill := func() { unix.Kill(-pid, unix.SIGKILL) }
+	stop := context.AfterFunc(ctx, kill)
+	defer stop()
+	j.remoteMu = &mu
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { // ssh://: the builder's output, raw
+		defer wg.Done()
+		buf := make([]byte, 32<<10)
+		var logSize int64
+		maxLog := j.g.b.cfg.MaxLogSize
+		for {
+			n, err := h.logR.Read(buf)
+			if n > 0 && (maxLog == 0 || logSize <= maxLog) {
+				mu.Lock()
+				if logSize += int64(n); maxLog > 0 && logSize > maxLog {
+					if j.killMsg == "" {
+						j.killMsg, j.killStatus = fmt.Sprintf("%s killed after writing more than %d bytes of log output", j.g.name, maxLog), LogLimitExceeded
+					}
+					mu.Unlock()
+					kill()
+					continue
+				}
+				j.logFile.Write(buf[:n])
+				j.handleOutput(buf[:n])
+				mu.Unlock()
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	go func() { // the hook's own messages, with ssh-ng://'s build log
+		defer wg.Done()
+		for {
+			line, err := h.from.ReadString('\n')
+			if line != "" {
+				j.g.hookMessage(strings.TrimSuffix(line, "\n"), j)
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	werr := h.cmd.Wait()
+	kill()
+	wg.Wait()
+	h.fromF.Close()
+	h.logR.Close()
+	mu.Lock()
+	defer mu.Unlock()
+	if len(j.line) > 0 {
+		j.flushLine()
+	}
+	var ee *exec.ExitError
+	if werr != nil && !errors.As(werr, &ee) {
+		return 0, fmt.Errorf("waiting for the build hook of '%s': %w", j.drvAbs, werr)
+	}
+	if ctx.Err() != nil && j.killMsg == "" {
+		return 0, fmt.Errorf("building '%s': %w", j.drvAbs, context.Cause(ctx))
+	}
+	return h.cmd.ProcessState.Sys().(syscall.WaitStatus), nil
+}
+
+// checkRemoteOutputs checks that the hook made the outputs valid here.
+func (j *job) checkRemoteOutputs(ctx context.Context) *failure {
+	b := j.g.b
+	for _, name := range sortedOutputs(j.outputs) {
+		ok, err := b.st.IsValidPathFresh(ctx, j.outputs[name])
+		if err != nil {
+			return j.failf(MiscFailure, 1, "building '%s': %v", j.drvAbs, err)
+		}
+		if !ok {
+			return j.failf(MiscFailure, 1, "some outputs of '%s' are not valid after its build on '%s'", j.drvAbs, j.g.machine)
+		}
+	}
+	return nil
+}
+
+// hookWriter writes to the hook in the daemon protocol's encoding:
+// little-endian 64-bit numbers, strings as a length and the bytes padded
+// to 8, string sets sorted.
+type hookWriter struct {
+	w   *bufio.Writer
+	err error
+}
+
+func (e *hookWriter) U64(v uint64) {
+	if e.err == nil {
+		_, e.err = e.w.Write(binary.LittleEndian.AppendUint64(nil, v))
+	}
+}
+
+func (e *hookWriter) Bool(b bool) {
+	if b {
+		e.U64(1)
+	} else {
+		e.U64(0)
+	}
+}
+
+func (e *hookWriter) String(s string) {
+	e.U64(uint64(len(s)))
+	if e.err == nil {
+		_, e.err = e.w.WriteString(s + strings.Repeat("\x00", -len(s)&7))
+	}
+}
+
+func (e *hookWriter) StringSet(ss []string) {
+	ss = slices.Compact(slices.Sorted(slices.Values(ss)))
+	e.U64(uint64(len(ss)))
+	for _, s := range ss {
+		e.String(s)
+	}
+}
+
+func (e *hookWriter) Flush() error {
+	if e.err == nil {
+		e.err = e.w.Flush()
+	}
+	return e.err
+}

@@ -1,0 +1,154 @@
+package build
+
+import (
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+func TestHasMachines(t *testing.T) {
+	dir := t.TempDir()
+	empty := filepath.Join(dir, "empty")
+	some := filepath.Join(dir, "some")
+	os.WriteFile(empty, []byte("# no machines\n\n"), 0o644)
+	os.WriteFile(some, []byte("ssh://a x86_64-linux\n"), 0o644)
+	for spec, want := range map[string]bool{
+		"":                               false,
+		" ; \n ;# ssh://commented":       false,
+		"@" + filepath.Join(dir, "nope"): false,
+		"@" + empty:                      false,
+		"@" + empty + "; @" + some:       true,
+		"ssh://a":                        true,
+		"# x\nssh-ng://b x86_64-linux":   true,
+		"@" + dir:                        true, // unreadable: let the hook say
+	} {
+		if got := hasMachines(spec, 0); got != want {
+			t.Errorf("hasMachines(%q) = %v, want %v", spec, got, want)
+		}
+	}
+}
+
+// TestRemoteHook drives the build hook protocol with a fake hook (a shell
+// script that answers what its mode file says) and checks what the
+// builder makes of each answer.
+func TestRemoteHook(t *testing.T) {
+	e := newPlainEnv(t)
+	dir := t.TempDir()
+	mode := filepath.Join(dir, "mode")
+	starts := filepath.Join(dir, "starts")
+	hook := filepath.Join(dir, "fake-hook")
+	script := `#!/bin/sh
+echo "$0 $1" >> ` + starts + `
+case $(cat ` + mode + `) in
+decline) printf '# decline\n# decline\n# decline\n' ;;
+permanent) printf '# decline-permanently\n' ;;
+die) exit 0 ;;
+fail) printf '@nix {"action":"msg","level":0,"msg":"remote says no"}\n@nix {"action":"msg","level":5,"msg":"chatter"}\n# accept\nfake-machine\n'
+  echo remote-line >&4; cat > /dev/null; exit 1 ;;
+nothing) printf 'not json\n# postpone\n# accept\nfake-machine\n'
+  echo remote-line >&4
+  printf '@nix {"action":"result","id":7,"type":101,"fields":["ng-line"]}\n'
+  cat > /dev/null; exit 0 ;;
+esac
+cat > /dev/null
+`
+	if err := os.WriteFile(hook, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	old := hookRetry
+	hookRetry = 50 * time.Millisecond
+	t.Cleanup(func() { hookRetry = old })
+	b := e.builder(Config{Sandbox: SandboxOff, BuildHook: hook, Builders: "fake " + DefaultSystem(), HookStore: "unix:///nonexistent"})
+	t.Cleanup(b.closeHooks)
+	nStarts := func() int {
+		data, _ := os.ReadFile(starts)
+		return strings.Count(string(data), "\n")
+	}
+	run := func(m, name string) (Result, *recorder) {
+		t.Helper()
+		if err := os.WriteFile(mode, []byte(m), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		drvs := e.instantiate(`{ d = mk { name = "`+name+`"; script = "echo local-line; echo `+name+` > $out"; }; }`, "d")
+		rec := &recorder{}
+		res, err := b.Build(t.Context(), []store.DerivedPath{out(drvs["d"])}, ClientOptions{}, rec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res[0], rec
+	}
+
+	// Declined: built here, and the hook is kept for the next offer.
+	r, rec := run("decline", "declined")
+	if r.Status != Built || !slices.Contains(rec.lines, "local-line") {
+		t.Errorf("declined: %+v %+v", r, rec)
+	}
+	run("decline", "declined-again")
+	if n := nStarts(); n != 1 {
+		t.Errorf("%d hooks started for two offers, want 1 kept", n)
+	}
+	if data, _ := os.ReadFile(starts); !strings.HasSuffix(string(data), " 3\n") {
+		t.Errorf("hook run as %q, want Nix's verbosity (3) as its argument", data)
+	}
+
+	// Accepted, then failed: the hook's error and the remote builder's
+	// output reach the caller; messages below warnings do not.
+	b.closeHooks()
+	r, rec = run("fail", "failing")
+	if r.Status != MiscFailure || !strings.Contains(r.ErrorMsg, "failed with exit code 1") ||
+		!slices.Contains(rec.errors, "remote says no") || slices.Contains(rec.errors, "chatter") || !slices.Contains(rec.lines, "remote-line") {
+		t.Errorf("failed remote build: %+v %+v", r, rec)
+	}
+
+	// Postponed, then accepted, and the outputs are not brought back: a
+	// failure, with both kinds of remote log in the build log.
+	r, _ = run("nothing", "nothing")
+	if r.Status != MiscFailure || !strings.Contains(r.ErrorMsg, "not valid after its build on 'fake-machine'") {
+		t.Errorf("remote build without outputs: %+v", r)
+	}
+	var logText string
+	for _, d := range []string{"log/drvs"} {
+		filepath.Walk(filepath.Join(e.root, d), func(p string, fi os.FileInfo, err error) error {
+			if err == nil && !fi.IsDir() && strings.HasSuffix(p, "-nothing.drv") {
+				data, _ := os.ReadFile(p)
+				logText = string(data)
+			}
+			return nil
+		})
+	}
+	if !strings.Contains(logText, "remote-line\n") || !strings.Contains(logText, "ng-line\n") {
+		t.Errorf("build log of the remote build: %q", logText)
+	}
+
+	// A hook that dies: said, and built here.
+	r, rec = run("die", "died")
+	if r.Status != Built || len(rec.errors) == 0 || !strings.Contains(rec.errors[0], "build hook died unexpectedly") {
+		t.Errorf("dead hook: %+v %+v", r, rec)
+	}
+
+	// Declined for good: built here, and not asked again in the request
+	// (b is offered after a, its input).
+	before := nStarts()
+	drvs := e.instantiate(`rec { a = mk { name = "perm-a"; script = "echo a > $out"; }; b = mk { name = "perm-b"; inherit a; script = "echo b > $out"; }; }`, "a", "b")
+	os.WriteFile(mode, []byte("permanent"), 0o644)
+	res, err := b.Build(t.Context(), []store.DerivedPath{out(drvs["a"]), out(drvs["b"])}, ClientOptions{}, nil)
+	if err != nil || res[0].Status != Built || res[1].Status != Built {
+		t.Fatalf("declined for good: %+v %v", res, err)
+	}
+	if n := nStarts() - before; n != 1 {
+		t.Errorf("%d hooks started in a request after decline-permanently, want 1", n)
+	}
+
+	// A client with builders = "": no hook at all.
+	before = nStarts()
+	drvs = e.instantiate(`{ d = mk { name = "no-builders"; script = "echo > $out"; }; }`, "d")
+	res, err = b.Build(t.Context(), []store.DerivedPath{out(drvs["d"])}, ClientOptions{Settings: map[string]string{"builders": ""}}, nil)
+	if err != nil || res[0].Status != Built || nStarts() != before {
+		t.Errorf("builders = \"\": %+v %v, %d hooks started", res, err, nStarts()-before)
+	}
+}
