@@ -51,6 +51,14 @@ import (
 // (Nix's poll-interval). A variable for tests.
 var hookRetry = 5 * time.Second
 
+// hookMaxIdle bounds how long an idle hook is kept, and maxIdleHooks how
+// many: a hook reads the machine files when it starts, so one kept for
+// long would not see them change.
+const (
+	hookMaxIdle  = 30 * time.Second
+	maxIdleHooks = 8
+)
+
 // Log levels and result types of Nix's JSON logger that the hook's
 // messages carry.
 const (
@@ -76,6 +84,7 @@ type hookProc struct {
 	from  *bufio.Reader // its stdout and stderr
 	fromF *os.File
 	logR  *os.File // what a remote builder writes (the hook's fd 4)
+	start time.Time
 }
 
 // hookPool keeps the hooks that declined or postponed an offer, for the
@@ -216,25 +225,51 @@ func (b *Builder) takeHook(settings map[string]string) (*hookProc, error) {
 	for _, k := range slices.Sorted(maps.Keys(settings)) {
 		fmt.Fprintf(&key, "%q=%q\n", k, settings[k])
 	}
+	var h *hookProc
+	var stale []*hookProc
 	b.mu.Lock()
-	if idle := b.hooks.idle[key.String()]; len(idle) > 0 {
-		h := idle[len(idle)-1]
-		b.hooks.idle[key.String()] = idle[:len(idle)-1]
-		b.mu.Unlock()
-		return h, nil
+	for k, idle := range b.hooks.idle {
+		keep := idle[:0]
+		for _, x := range idle {
+			switch {
+			case time.Since(x.start) > hookMaxIdle:
+				stale = append(stale, x)
+			case h == nil && k == key.String():
+				h = x
+			default:
+				keep = append(keep, x)
+			}
+		}
+		b.hooks.idle[k] = keep
 	}
 	b.mu.Unlock()
+	for _, x := range stale {
+		x.kill()
+	}
+	if h != nil {
+		return h, nil
+	}
 	return b.startHook(key.String(), settings)
 }
 
-// putHook keeps h for the next offer.
+// putHook keeps h for the next offer, unless enough hooks are kept.
 func (b *Builder) putHook(h *hookProc) {
 	b.mu.Lock()
-	defer b.mu.Unlock()
 	if b.hooks.idle == nil {
 		b.hooks.idle = map[string][]*hookProc{}
 	}
-	b.hooks.idle[h.key] = append(b.hooks.idle[h.key], h)
+	n := 0
+	for _, idle := range b.hooks.idle {
+		n += len(idle)
+	}
+	if n < maxIdleHooks {
+		b.hooks.idle[h.key] = append(b.hooks.idle[h.key], h)
+		h = nil
+	}
+	b.mu.Unlock()
+	if h != nil {
+		h.kill()
+	}
 }
 
 // remoteBuildEnded wakes the builds waiting for a machine.
@@ -326,7 +361,7 @@ func (b *Builder) startHook(key string, settings map[string]string) (*hookProc, 
 	inR.Close()
 	fromW.Close()
 	logW.Close()
-	h := &hookProc{cmd: cmd, key: key, enc: &hookWriter{w: bufio.NewWriter(inW)}, stdin: inW, from: bufio.NewReader(fromR), fromF: fromR, logR: logR}
+	h := &hookProc{cmd: cmd, key: key, enc: &hookWriter{w: bufio.NewWriter(inW)}, stdin: inW, from: bufio.NewReader(fromR), fromF: fromR, logR: logR, start: time.Now()}
 	for _, k := range slices.Sorted(maps.Keys(settings)) {
 		h.enc.U64(1)
 		h.enc.String(k)
