@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -15,6 +16,7 @@ import (
 	"github.com/nixyard/nixyard/internal/build"
 	"github.com/nixyard/nixyard/internal/config"
 	"github.com/nixyard/nixyard/internal/daemon"
+	"github.com/nixyard/nixyard/internal/metrics"
 	"github.com/nixyard/nixyard/internal/nix/signature"
 	"github.com/nixyard/nixyard/internal/realise"
 	"github.com/nixyard/nixyard/internal/store"
@@ -31,6 +33,7 @@ const daemonUsage = `usage: nixyard daemon [options]
   --listen PATH[,trusted=false][,tenant=NAME]
                         also listen on PATH (repeatable); trusted=false makes every client
                         of that socket untrusted whatever its uid (a CI job socket)
+  --metrics-listen ADDR serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9470)
   --option NAME VALUE   override a nix.conf setting
   --log-level LEVEL     debug, info, warn or error (default info)
 
@@ -44,6 +47,7 @@ type daemonOptions struct {
 	overrides [][2]string
 	logLevel  slog.Level
 	listens   []daemon.ListenSpec
+	metrics   string // --metrics-listen address, "" for none
 }
 
 func parseDaemonArgs(args []string) (daemonOptions, error) {
@@ -77,6 +81,8 @@ func parseDaemonArgs(args []string) (daemonOptions, error) {
 				spec, err = daemon.ParseListenSpec(v)
 				o.listens = append(o.listens, spec)
 			}
+		case "--metrics-listen":
+			o.metrics, err = need()
 		case "--daemon":
 			// nix-daemon accepts and ignores it.
 		case "--option":
@@ -215,6 +221,16 @@ func runDaemon(ctx context.Context, args []string) error {
 	}
 	defer st.Close()
 
+	var mets *metrics.Metrics
+	if opts.metrics != "" {
+		mets = metrics.New(st.Stats)
+		stop, err := serveMetrics(ctx, opts.metrics, mets, logger)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
+
 	subCfg, err := realise.ConfigFromSettings(settings, os.Getenv)
 	if err != nil {
 		return err
@@ -223,6 +239,10 @@ func runDaemon(ctx context.Context, args []string) error {
 	buildCfg, err := buildConfig(settings, layout, logger)
 	if err != nil {
 		return err
+	}
+	if mets != nil {
+		subCfg.OnFetched = mets.Fetched
+		buildCfg.Metrics = mets
 	}
 	if !opts.stdio {
 		// The build hook reaches the store through the daemon's socket.
@@ -253,6 +273,7 @@ func runDaemon(ctx context.Context, args []string) error {
 		Realise:         rm,
 		Builder:         builder,
 		Jobs:            jm,
+		Metrics:         mets,
 		Logger:          logger,
 	})
 	if opts.stdio {
@@ -304,4 +325,23 @@ func readSecretKeys(files []string) ([]signature.SecretKey, error) {
 		keys = append(keys, k)
 	}
 	return keys, nil
+}
+
+// serveMetrics serves m at http://addr/metrics until the returned stop is
+// called.
+func serveMetrics(ctx context.Context, addr string, m *metrics.Metrics, logger *slog.Logger) (stop func(), err error) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--metrics-listen: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", m.Handler())
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
+	go func() {
+		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			logger.Error("metrics server failed", "err", err)
+		}
+	}()
+	logger.Info("serving metrics", "url", "http://"+l.Addr().String()+"/metrics")
+	return func() { srv.Close() }, nil
 }

@@ -174,6 +174,16 @@ type Config struct {
 	// this daemon (its socket); "" means no remote builds (a daemon
 	// serving one client on stdio has no socket).
 	HookStore string
+	// Metrics, if set, is told when builds start and end.
+	Metrics Metrics
+}
+
+// Metrics receives the Builder's events for monitoring.
+type Metrics interface {
+	// BuildStarted: a builder starts, here or (remote) on another machine.
+	BuildStarted(remote bool)
+	// BuildEnded: it ended after d, with its outputs registered (ok) or not.
+	BuildEnded(remote, ok bool, d time.Duration)
 }
 
 // Substituter is the hook through which a caller's binary caches are

@@ -267,6 +267,11 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 	}()
 
 	g.setRunning(true)
+	if m := b.cfg.Metrics; m != nil {
+		remote, start := j.remote != nil, time.Now()
+		m.BuildStarted(remote)
+		defer func() { m.BuildEnded(remote, fail == nil, time.Since(start)) }()
+	}
 	var status syscall.WaitStatus
 	var runErr error
 	switch {

@@ -19,6 +19,7 @@ import (
 	"github.com/nixyard/nixyard/internal/build"
 	"github.com/nixyard/nixyard/internal/daemon/wire"
 	"github.com/nixyard/nixyard/internal/jobs"
+	"github.com/nixyard/nixyard/internal/metrics"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/realise"
 	"github.com/nixyard/nixyard/internal/store"
@@ -46,8 +47,10 @@ type Options struct {
 	Builder *build.Builder
 	// Jobs groups the connections of a container's job into one job
 	// session (see package jobs); nil gives every connection its own.
-	Jobs   *jobs.Manager
-	Logger *slog.Logger
+	Jobs *jobs.Manager
+	// Metrics counts connections and operations; nil counts nothing.
+	Metrics *metrics.Metrics
+	Logger  *slog.Logger
 }
 
 // Server serves worker-protocol connections. It is safe for concurrent use.
@@ -137,16 +140,19 @@ func (s *Server) serveNetConn(ctx context.Context, nc net.Conn, pol ListenPolicy
 		defer p.job.Release()
 		log = log.With("job", p.job.ID())
 	}
+	trust := "untrusted"
+	if p.trusted {
+		trust = "trusted"
+	}
 	if p.refused != "" {
 		log.Warn("refusing connection", "reason", p.refused)
+		trust = "refused"
 	} else {
-		trust := "untrusted"
-		if p.trusted {
-			trust = "trusted"
-		}
 		log.Info(fmt.Sprintf("accepted connection from pid %s, user %s (%s)", p.pidString(), p.user, trust))
 	}
-	err := s.serve(ctx, nc, nc, p, log)
+	mc := s.opts.Metrics.Conn(p.tenant, trust)
+	defer mc.Close()
+	err := s.serve(ctx, nc, nc, p, log, mc)
 	if err != nil && ctx.Err() == nil {
 		log.Warn("connection ended with an error", "err", err)
 	}
@@ -162,7 +168,13 @@ func (s *Server) ServeConn(ctx context.Context, r io.Reader, w io.Writer, truste
 		defer stop()
 	}
 	p := peer{pid: -1, user: "(stdio)", trusted: trusted}
-	err := s.serve(ctx, r, w, p, s.log.With("user", p.user))
+	trust := "untrusted"
+	if trusted {
+		trust = "trusted"
+	}
+	mc := s.opts.Metrics.Conn("", trust)
+	defer mc.Close()
+	err := s.serve(ctx, r, w, p, s.log.With("user", p.user), mc)
 	if ctx.Err() != nil {
 		return nil
 	}
@@ -206,7 +218,7 @@ type conn struct {
 
 // serve runs one connection: handshake, then ops until EOF or an error
 // that ends the connection. A panic ends only this connection.
-func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, log *slog.Logger) (err error) {
+func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, log *slog.Logger, mc *metrics.Conn) (err error) {
 	defer func() {
 		if v := recover(); v != nil {
 			log.Error("panic while serving a connection", "panic", v, "stack", string(debug.Stack()))
@@ -253,7 +265,14 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 		if debug {
 			log.Debug("received daemon op", "op", op, "name", opName(op))
 		}
+		var start time.Time
+		if mc != nil {
+			start = time.Now()
+		}
 		err := c.perform(ctx, op)
+		if mc != nil {
+			mc.Op(opName(op), time.Since(start), err)
+		}
 		if err != nil {
 			working, stopped := c.tun.state()
 			if stopped {

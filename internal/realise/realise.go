@@ -143,9 +143,10 @@ type Config struct {
 	Fallback          bool // build from source when substitution fails
 	MaxJobs           int  // max-substitution-jobs, per set of upstreams; default 16
 	ConnectTimeout    time.Duration
-	PositiveTTL       time.Duration // narinfo-cache-positive-ttl; 0: default, < 0: no caching
-	NegativeTTL       time.Duration // narinfo-cache-negative-ttl
-	CAFile            string        // ssl-cert-file: CAs for https upstreams; "": the system's
+	PositiveTTL       time.Duration                   // narinfo-cache-positive-ttl; 0: default, < 0: no caching
+	NegativeTTL       time.Duration                   // narinfo-cache-negative-ttl
+	CAFile            string                          // ssl-cert-file: CAs for https upstreams; "": the system's
+	OnFetched         func(narSize uint64, err error) // told of each NAR download that ends (monitoring)
 	Logger            *slog.Logger
 	// Tune, if set, adjusts each substitute.Config before use (tests).
 	Tune func(*substitute.Config)
@@ -210,6 +211,7 @@ func (m *Manager) substituter(upstreams, keys []string) (*substitute.Substituter
 		CAFile:            m.cfg.CAFile,
 		PositiveTTL:       m.cfg.PositiveTTL,
 		NegativeTTL:       m.cfg.NegativeTTL,
+		OnFetched:         m.cfg.OnFetched,
 		Logger:            m.log,
 	}
 	if m.cfg.Tune != nil {

@@ -295,3 +295,12 @@ func (s *Store) QueryClosure(ctx context.Context, ps []storepath.Path) ([]storep
 	}
 	return storepath.Sort(out), nil
 }
+
+// Stats returns the number of valid paths and the sum of their NAR sizes.
+func (s *Store) Stats(ctx context.Context) (paths, narBytes uint64, err error) {
+	var n, size sql.NullInt64
+	if err := s.db.r.QueryRowContext(ctx, "select count(*), sum(narSize) from ValidPaths").Scan(&n, &size); err != nil {
+		return 0, 0, fmt.Errorf("store: counting valid paths: %w", err)
+	}
+	return uint64(n.Int64), uint64(size.Int64), nil
+}

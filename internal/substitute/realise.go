@@ -329,6 +329,9 @@ func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h 
 		err = &missingNARError{url: up.urlOf(info.URL), upstream: up.base}
 	}
 	h.emit(Event{Kind: EventStop, Type: ActSubstitute, ID: subID, Path: info.StorePath, Upstream: up.base, Err: err})
+	if f := s.cfg.OnFetched; f != nil {
+		f(info.NarSize, err)
+	}
 	return err
 }
 

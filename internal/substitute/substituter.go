@@ -107,6 +107,10 @@ type Config struct {
 	// the system's. Ignored when HTTPClient is set.
 	CAFile string
 
+	// OnFetched, if set, is told of each NAR download that ends: the
+	// path's NAR size, or the error it failed with (for monitoring).
+	OnFetched func(narSize uint64, err error)
+
 	HTTPClient *http.Client
 	Logger     *slog.Logger
 	Now        func() time.Time

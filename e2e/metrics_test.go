@@ -1,0 +1,86 @@
+package e2e
+
+import (
+	"io"
+	"net"
+	"net/http"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestMetrics: with --metrics-listen, the daemon serves Prometheus
+// metrics: connections and operations by tenant, builds, and the store's
+// size as real Nix sees it.
+func TestMetrics(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("nix-daemon serves no metrics")
+	}
+	e := newEnv(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	jobSock := filepath.Join(e.dir, "job.sock")
+	d := e.startDaemon(t, withDaemonArgs("--metrics-listen", addr, "--listen", jobSock+",trusted=false,tenant=ci"))
+
+	d.nixStore(t, "--add", e.file(t, "host.txt", "from the host\n"))
+	job := "unix://" + jobSock + "?root=" + d.root
+	e.cmd("nix-store", "--store", job, "--add", e.file(t, "job.txt", "from a job\n")).ok(t)
+	e.cmd("nix-store", "--store", job, "--add", e.file(t, "job2.txt", "from a job again\n")).ok(t)
+	args := e.expr(t, "metrics", `{ x = mk { name = "metrics-build"; script = "echo > $out"; }; }`)
+	d.nixBuild(append(args, "-A", "x", "--no-out-link")...).ok(t)
+	nPaths := len(lines(d.nix(t, "path-info", "--all")))
+
+	var text string
+	scrape := func() {
+		t.Helper()
+		resp, err := http.Get("http://" + addr + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		text = string(body)
+	}
+	scrape()
+	value := func(metric string) float64 {
+		t.Helper()
+		m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(metric) + ` (\S+)$`).FindStringSubmatch(text)
+		if m == nil {
+			t.Errorf("no %s in the metrics", metric)
+			return -1
+		}
+		v, _ := strconv.ParseFloat(m[1], 64)
+		return v
+	}
+	if v := value(`nixyard_ops_total{op="AddToStore",tenant="ci"}`); v != 2 {
+		t.Errorf("the job's AddToStore: %v, want 2", v)
+	}
+	if v := value(`nixyard_connections_total{tenant="ci",trust="untrusted"}`); v != 2 {
+		t.Errorf("the job's connections: %v, want 2", v)
+	}
+	// The daemon counts a connection out once it has seen it close.
+	for deadline := time.Now().Add(5 * time.Second); value(`nixyard_connections_open{tenant="ci"}`) != 0; {
+		if time.Now().After(deadline) {
+			t.Fatalf("the job's connections are still counted open:\n%s", text)
+		}
+		time.Sleep(50 * time.Millisecond)
+		scrape()
+	}
+	if v := value(`nixyard_builds_total{result="ok",where="local"}`); v != 1 {
+		t.Errorf("builds: %v, want 1", v)
+	}
+	if v := value(`nixyard_store_paths`); v != float64(nPaths) {
+		t.Errorf("store paths: %v, nix path-info --all lists %d", v, nPaths)
+	}
+	if !strings.Contains(text, "go_goroutines ") || !strings.Contains(text, "process_resident_memory_bytes ") {
+		t.Errorf("no Go or process metrics:\n%s", text)
+	}
+}

@@ -1,0 +1,226 @@
+// Package metrics holds the daemon's Prometheus metrics: connections and
+// operations per tenant, builds here and on remote machines, downloads
+// from binary caches, and the store's size, with Go's and the process's
+// own. The daemon serves them over HTTP (nixyard daemon --metrics-listen).
+//
+// Everything is safe for concurrent use, and the methods of a nil
+// *Metrics do nothing, so that code paths need no check of their own.
+package metrics
+
+import (
+	"context"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// StoreStats reports the store's valid paths and the sum of their NAR
+// sizes, read when metrics are scraped.
+type StoreStats func(ctx context.Context) (paths, narBytes uint64, err error)
+
+// Metrics are the daemon's metrics and the registry that serves them.
+type Metrics struct {
+	reg *prometheus.Registry
+
+	connections *prometheus.CounterVec // tenant, trust
+	open        *prometheus.GaugeVec   // tenant
+	ops         *prometheus.CounterVec // op, tenant
+	opErrors    *prometheus.CounterVec // op, tenant
+	opSeconds   *prometheus.HistogramVec
+	builds      *prometheus.CounterVec // where, result
+	running     *prometheus.GaugeVec   // where
+	buildSecs   *prometheus.HistogramVec
+	fetches     *prometheus.CounterVec // result
+	fetchedNar  prometheus.Counter
+}
+
+// New makes the metrics; stats, if not nil, is asked for the store's
+// size at each scrape.
+func New(stats StoreStats) *Metrics {
+	m := &Metrics{reg: prometheus.NewRegistry()}
+	tenant := []string{"tenant"}
+	m.connections = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "nixyard_connections_total",
+		Help: "Client connections, by tenant (\"\" for the host's own sockets) and trust (trusted, untrusted or refused).",
+	}, []string{"tenant", "trust"})
+	m.open = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "nixyard_connections_open",
+		Help: "Client connections open now, by tenant.",
+	}, tenant)
+	m.ops = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "nixyard_ops_total",
+		Help: "Worker-protocol operations served, by operation and tenant.",
+	}, []string{"op", "tenant"})
+	m.opErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "nixyard_op_errors_total",
+		Help: "Worker-protocol operations that ended with an error, by operation and tenant.",
+	}, []string{"op", "tenant"})
+	m.opSeconds = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "nixyard_op_duration_seconds",
+		Help:    "Time from an operation's request to its reply, by operation.",
+		Buckets: prometheus.ExponentialBuckets(50e-6, 4, 12), // 50 µs to ~3.5 min
+	}, []string{"op"})
+	m.builds = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "nixyard_builds_total",
+		Help: "Builds run, by where they ran (local or remote) and result (ok or failed).",
+	}, []string{"where", "result"})
+	m.running = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "nixyard_builds_running",
+		Help: "Builds running now, here (local) or on remote builders (remote).",
+	}, []string{"where"})
+	m.buildSecs = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "nixyard_build_duration_seconds",
+		Help:    "Time builds ran, by where they ran.",
+		Buckets: prometheus.ExponentialBuckets(0.1, 3, 10), // 0.1 s to ~33 min
+	}, []string{"where"})
+	m.fetches = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "nixyard_substitutions_total",
+		Help: "Paths fetched from binary caches (one download however many clients wait), by result (ok or failed).",
+	}, []string{"result"})
+	m.fetchedNar = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "nixyard_substituted_nar_bytes_total",
+		Help: "NAR bytes of the paths fetched from binary caches.",
+	})
+	m.reg.MustRegister(m.connections, m.open, m.ops, m.opErrors, m.opSeconds, m.builds, m.running, m.buildSecs, m.fetches, m.fetchedNar,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if stats != nil {
+		m.reg.MustRegister(&storeCollector{stats: stats})
+	}
+	return m
+}
+
+// Handler serves the metrics in Prometheus's text format. A metric that
+// cannot be read (the store's size, when its database fails) is left out;
+// the others are served.
+func (m *Metrics) Handler() http.Handler {
+	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError})
+}
+
+// Conn counts a connection in, with its trust ("trusted", "untrusted" or
+// "refused"); the returned Conn counts its operations and must be closed
+// when the connection ends.
+func (m *Metrics) Conn(tenant, trust string) *Conn {
+	if m == nil {
+		return nil
+	}
+	m.connections.WithLabelValues(tenant, trust).Inc()
+	open := m.open.WithLabelValues(tenant)
+	open.Inc()
+	return &Conn{m: m, tenant: tenant, open: open}
+}
+
+// Conn is one connection's view of the metrics: its operations' counters,
+// looked up once per operation kind.
+type Conn struct {
+	m      *Metrics
+	tenant string
+	open   prometheus.Gauge
+	mu     sync.Mutex
+	byOp   map[string]*opMetrics
+}
+
+type opMetrics struct {
+	n, errs prometheus.Counter
+	secs    prometheus.Observer
+}
+
+// Op counts an operation named op that took d, failed if err is not nil.
+func (c *Conn) Op(op string, d time.Duration, err error) {
+	if c == nil {
+		return
+	}
+	c.mu.Lock()
+	o := c.byOp[op]
+	if o == nil {
+		if c.byOp == nil {
+			c.byOp = map[string]*opMetrics{}
+		}
+		o = &opMetrics{n: c.m.ops.WithLabelValues(op, c.tenant), errs: c.m.opErrors.WithLabelValues(op, c.tenant), secs: c.m.opSeconds.WithLabelValues(op)}
+		c.byOp[op] = o
+	}
+	c.mu.Unlock()
+	o.n.Inc()
+	if err != nil {
+		o.errs.Inc()
+	}
+	o.secs.Observe(d.Seconds())
+}
+
+// Close counts the connection out.
+func (c *Conn) Close() {
+	if c != nil {
+		c.open.Dec()
+	}
+}
+
+func where(remote bool) string {
+	if remote {
+		return "remote"
+	}
+	return "local"
+}
+
+// BuildStarted counts a build that starts, here or on a remote machine.
+func (m *Metrics) BuildStarted(remote bool) {
+	if m != nil {
+		m.running.WithLabelValues(where(remote)).Inc()
+	}
+}
+
+// BuildEnded counts a build that ended after d.
+func (m *Metrics) BuildEnded(remote, ok bool, d time.Duration) {
+	if m == nil {
+		return
+	}
+	w := where(remote)
+	m.running.WithLabelValues(w).Dec()
+	result := "failed"
+	if ok {
+		result = "ok"
+	}
+	m.builds.WithLabelValues(w, result).Inc()
+	m.buildSecs.WithLabelValues(w).Observe(d.Seconds())
+}
+
+// Fetched counts a path fetched from a binary cache, of narSize bytes of
+// NAR, or a fetch that failed with err.
+func (m *Metrics) Fetched(narSize uint64, err error) {
+	if m == nil {
+		return
+	}
+	if err != nil {
+		m.fetches.WithLabelValues("failed").Inc()
+		return
+	}
+	m.fetches.WithLabelValues("ok").Inc()
+	m.fetchedNar.Add(float64(narSize))
+}
+
+// storeCollector reads the store's size when scraped.
+type storeCollector struct{ stats StoreStats }
+
+var (
+	storePathsDesc = prometheus.NewDesc("nixyard_store_paths", "Valid paths in the store.", nil, nil)
+	storeBytesDesc = prometheus.NewDesc("nixyard_store_nar_bytes", "Sum of the NAR sizes of the store's valid paths.", nil, nil)
+)
+
+func (s *storeCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- storePathsDesc
+	ch <- storeBytesDesc
+}
+
+func (s *storeCollector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	paths, bytes, err := s.stats(ctx)
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(storePathsDesc, err)
+		return
+	}
+	ch <- prometheus.MustNewConstMetric(storePathsDesc, prometheus.GaugeValue, float64(paths))
+	ch <- prometheus.MustNewConstMetric(storeBytesDesc, prometheus.GaugeValue, float64(bytes))
+}
