@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"os"
@@ -34,6 +35,8 @@ const daemonUsage = `usage: nixyard daemon [options]
                         also listen on PATH (repeatable); trusted=false makes every client
                         of that socket untrusted whatever its uid (a CI job socket)
   --metrics-listen ADDR serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9470)
+  --size-budget SIZE    keep the store's paths under SIZE of NAR (e.g. 200G; K, M, G, T are
+                        powers of 1024), collecting the least recently used dead paths first
   --option NAME VALUE   override a nix.conf setting
   --log-level LEVEL     debug, info, warn or error (default info)
 
@@ -48,6 +51,7 @@ type daemonOptions struct {
 	logLevel  slog.Level
 	listens   []daemon.ListenSpec
 	metrics   string // --metrics-listen address, "" for none
+	budget    uint64 // --size-budget in bytes, 0 for none
 }
 
 func parseDaemonArgs(args []string) (daemonOptions, error) {
@@ -83,6 +87,11 @@ func parseDaemonArgs(args []string) (daemonOptions, error) {
 			}
 		case "--metrics-listen":
 			o.metrics, err = need()
+		case "--size-budget":
+			var v string
+			if v, err = need(); err == nil {
+				o.budget, err = parseSize(v)
+			}
 		case "--daemon":
 			// nix-daemon accepts and ignores it.
 		case "--option":
@@ -214,6 +223,7 @@ func runDaemon(ctx context.Context, args []string) error {
 		MinFree:              uint64(minFree),
 		MaxFree:              maxFree,
 		MinFreeCheckInterval: time.Duration(checkInterval) * time.Second,
+		SizeBudget:           opts.budget,
 		Logger:               logger,
 	})
 	if err != nil {
@@ -344,4 +354,22 @@ func serveMetrics(ctx context.Context, addr string, m *metrics.Metrics, logger *
 	}()
 	logger.Info("serving metrics", "url", "http://"+l.Addr().String()+"/metrics")
 	return func() { srv.Close() }, nil
+}
+
+// parseSize reads a size in bytes, with an optional K, M, G or T suffix
+// (powers of 1024).
+func parseSize(s string) (uint64, error) {
+	mult := uint64(1)
+	num := strings.ToUpper(strings.TrimSpace(s))
+	if n := len(num); n > 0 {
+		if i := strings.IndexByte("KMGT", num[n-1]); i >= 0 {
+			mult = 1 << (10 * (i + 1))
+			num = num[:n-1]
+		}
+	}
+	v, err := strconv.ParseUint(num, 10, 64)
+	if err != nil || v == 0 || v > math.MaxUint64/mult {
+		return 0, fmt.Errorf("--size-budget %q: not a positive size (bytes, or with K, M, G or T)", s)
+	}
+	return v * mult, nil
 }

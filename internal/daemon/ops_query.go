@@ -235,6 +235,7 @@ func opQueryPathInfoHandler(ctx context.Context, c *conn) error {
 		}
 		return c.storeErr(p, err)
 	}
+	c.st.Touch(p)
 	c.stopWork()
 	if c.minor >= 17 {
 		c.out.Bool(true)

@@ -198,6 +198,7 @@ func opNarFromPathHandler(ctx context.Context, c *conn) error {
 	if _, err := c.st.QueryPathInfo(ctx, p); err != nil {
 		return c.storeErr(p, err)
 	}
+	c.st.Touch(p)
 	c.stopWork()
 	if err := c.st.NarFromPath(ctx, p, c.out); err != nil {
 		return fmt.Errorf("dumping '%s': %w", c.dir.Abs(p), err)

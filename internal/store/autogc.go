@@ -20,17 +20,25 @@ type autoGC struct {
 	running      chan struct{} // closed when the running collection ends; nil if none
 	availAfterGC uint64        // space available after the last collection
 	collected    bool          // availAfterGC is set
+	// sizeAfterGC is the valid paths' NAR size after the last collection
+	// for the size budget, if it could not get under the budget (all the
+	// rest is alive); 0 otherwise. Until the store grows by 1 % of the
+	// budget beyond it, no collection is started for the budget.
+	sizeAfterGC uint64
 }
 
 // AutoGC collects garbage when the store's file system has less than
 // Config.MinFree bytes available, until Config.MaxFree are (Nix's
 // autoGC): at most once per Config.MinFreeCheckInterval, and not again
 // while the last collection freed too little to matter (less than 3 % of
-// space since). The collection runs in the background, honouring every
-// root and temporary root; with wait, AutoGC waits for a running one to
-// end, as Nix does before adding a path. Errors are logged.
+// space since). With Config.SizeBudget it also collects, least recently
+// used first, when the valid paths' NAR sizes sum to more than the
+// budget, until they sum to 90 % of it. The collection runs in the
+// background, honouring every root and temporary root; with wait, AutoGC
+// waits for a running one to end, as Nix does before adding a path.
+// Errors are logged.
 func (s *Store) AutoGC(ctx context.Context, wait bool) {
-	if s.cfg.MinFree == 0 {
+	if s.cfg.MinFree == 0 && s.cfg.SizeBudget == 0 {
 		return
 	}
 	a := &s.autoGC
@@ -56,16 +64,38 @@ func (a *autoGC) startLocked(s *Store) chan struct{} {
 		return nil
 	}
 	a.lastCheck = now
-	avail, err := s.availableBytes()
-	if err != nil {
-		s.log.Warn("auto-GC: cannot tell the free space", "err", err)
-		return nil
+	if s.cfg.SizeBudget > 0 {
+		go func() {
+			if err := s.saveLastUses(); err != nil {
+				s.log.Warn("auto-GC: cannot save the last uses of paths", "err", err)
+			}
+		}()
 	}
-	maxFree := s.cfg.MaxFree
-	if maxFree == 0 {
-		maxFree = math.MaxUint64
+	toFree := uint64(0)
+	if s.cfg.MinFree > 0 {
+		avail, err := s.availableBytes()
+		if err != nil {
+			s.log.Warn("auto-GC: cannot tell the free space", "err", err)
+			return nil
+		}
+		maxFree := s.cfg.MaxFree
+		if maxFree == 0 {
+			maxFree = math.MaxUint64
+		}
+		if avail < s.cfg.MinFree && avail < maxFree && !(a.collected && float64(avail) > float64(a.availAfterGC)*0.97) {
+			toFree = maxFree - avail
+		}
 	}
-	if avail >= s.cfg.MinFree || avail >= maxFree || (a.collected && float64(avail) > float64(a.availAfterGC)*0.97) {
+	budget := s.cfg.SizeBudget
+	if budget > 0 {
+		_, size, err := s.Stats(context.Background())
+		if err != nil {
+			s.log.Warn("auto-GC: cannot tell the store's size", "err", err)
+		} else if size > budget && (a.sizeAfterGC == 0 || size > a.sizeAfterGC+budget/100) {
+			toFree = max(toFree, size-budget/10*9)
+		}
+	}
+	if toFree == 0 {
 		return nil
 	}
 	done := make(chan struct{})
@@ -77,16 +107,25 @@ func (a *autoGC) startLocked(s *Store) chan struct{} {
 			a.mu.Unlock()
 			close(done)
 		}()
-		s.log.Info("running auto-GC", "free", avail, "to_free", maxFree-avail)
-		if _, err := s.CollectGarbage(context.Background(), GCOptions{Action: GCDeleteDead, MaxFreed: maxFree - avail}, nil); err != nil {
+		s.log.Info("running auto-GC", "to_free", toFree, "lru", budget > 0)
+		res, err := s.CollectGarbage(context.Background(), GCOptions{Action: GCDeleteDead, MaxFreed: toFree, LRU: budget > 0}, nil)
+		if err != nil {
 			s.log.Warn("auto-GC failed", "err", err)
+		} else {
+			s.log.Info("auto-GC done", "freed", res.BytesFreed, "paths", len(res.Paths))
 		}
 		after, err := s.availableBytes()
+		a.mu.Lock()
 		if err == nil {
-			a.mu.Lock()
 			a.availAfterGC, a.collected = after, true
-			a.mu.Unlock()
 		}
+		a.sizeAfterGC = 0
+		if budget > 0 {
+			if _, size, err := s.Stats(context.Background()); err == nil && size > budget {
+				a.sizeAfterGC = size
+			}
+		}
+		a.mu.Unlock()
 	}()
 	return done
 }

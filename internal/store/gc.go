@@ -300,15 +300,28 @@ func (s *Store) serveGCSocket(run *gcRun) (func(), error) {
 }
 
 // sweep reads the store directory and deletes whatever is invalid or
-// unreachable.
+// unreachable: in the directory's order, or with LRU the least recently
+// used first.
 func (c *collector) sweep(ctx context.Context) error {
 	f, err := os.Open(c.s.realDir)
 	if err != nil {
 		return fmt.Errorf("store: opening %s: %w", c.s.realDir, err)
 	}
 	defer f.Close()
+	n := 1024
+	if c.opts.LRU {
+		n = -1 // all of them, to sort
+	}
 	for {
-		names, rerr := f.Readdirnames(1024)
+		names, rerr := f.Readdirnames(n)
+		if c.opts.LRU {
+			if rerr != nil {
+				return fmt.Errorf("store: reading %s: %w", c.s.realDir, rerr)
+			}
+			if names, err = c.s.lruOrder(ctx, names); err != nil {
+				return err
+			}
+		}
 		for _, name := range names {
 			if name == ".links" {
 				continue
@@ -325,7 +338,7 @@ func (c *collector) sweep(ctx context.Context) error {
 				return err
 			}
 		}
-		if rerr != nil {
+		if rerr != nil || n < 0 {
 			return nil
 		}
 	}
@@ -454,6 +467,7 @@ func (c *collector) deleteReferrersClosure(ctx context.Context, start storepath.
 			if err := c.s.invalidatePathChecked(ctx, p); err != nil {
 				return err
 			}
+			c.s.lastUse.m.Delete(p)
 			delete(c.referrers, p)
 			if err := c.deleteFromStore(p.String()); err != nil {
 				return err

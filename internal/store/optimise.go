@@ -40,6 +40,7 @@ func (s *Store) OptimiseStore(ctx context.Context, onLinked func(bytesFreed, blo
 		return err
 	}
 	ss := s.OpenSession()
+	ss.passive = true
 	defer ss.Close()
 	o := optimiser{s: s, links: links, inodes: inodes, onLinked: onLinked}
 	for _, p := range paths {

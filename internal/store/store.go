@@ -53,6 +53,11 @@ type Config struct {
 	// MinFreeCheckInterval (min-free-check-interval).
 	MinFree, MaxFree     uint64
 	MinFreeCheckInterval time.Duration
+	// SizeBudget, if not 0, bounds the NAR sizes of the valid paths: the
+	// automatic collection (checked as for MinFree) deletes the least
+	// recently used dead paths until they sum to 90 % of it. See
+	// lastuse.go.
+	SizeBudget uint64
 	// AutoOptimise hard-links the files of every new path to identical
 	// files already in the store (nix.conf auto-optimise-store).
 	AutoOptimise bool
@@ -90,7 +95,8 @@ type Store struct {
 
 	gcMu sync.Mutex // one garbage collection (or optimisation pass) at a time in this process
 
-	autoGC autoGC // see AutoGC
+	autoGC  autoGC   // see AutoGC
+	lastUse lastUses // see Touch
 
 	closeOnce sync.Once
 	closeErr  error
@@ -154,6 +160,11 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	}
 	s.cache.init(s.db)
 	s.cleanLeftovers()
+	if cfg.SizeBudget > 0 {
+		if err := s.loadLastUses(); err != nil {
+			s.log.Warn("cannot read the last uses of paths; counting from their registration", "err", err)
+		}
+	}
 	return s, nil
 }
 
@@ -244,7 +255,7 @@ func processAlive(pid int) bool {
 // connections and the big lock. Sessions should be closed first.
 func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
-		errs := []error{s.roots.close(), s.db.close(), s.fsSync.dir.Close()}
+		errs := []error{s.saveLastUses(), s.roots.close(), s.db.close(), s.fsSync.dir.Close()}
 		if s.bigLock != nil {
 			errs = append(errs, s.bigLock.Close())
 		}

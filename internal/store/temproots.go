@@ -316,10 +316,11 @@ var ErrSessionClosed = errors.New("store: session closed")
 // paths (and closures) from any garbage collector, ours or real Nix's,
 // until Close. A Session is safe for concurrent use.
 type Session struct {
-	s      *Store
-	mu     sync.Mutex
-	roots  map[storepath.Path]bool
-	closed bool
+	s       *Store
+	mu      sync.Mutex
+	roots   map[storepath.Path]bool
+	closed  bool
+	passive bool // the store's own (optimising): its roots are no use of the paths
 }
 
 // OpenSession starts a session; Close it when the connection ends.
@@ -335,6 +336,9 @@ func (ss *Session) AddTempRoot(ctx context.Context, p storepath.Path) error {
 	defer ss.mu.Unlock()
 	if ss.closed {
 		return ErrSessionClosed
+	}
+	if !ss.passive {
+		ss.s.Touch(p)
 	}
 	if ss.roots[p] {
 		return nil

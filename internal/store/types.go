@@ -42,6 +42,9 @@ type GCOptions struct {
 	Paths          []storepath.Path // for GCDeleteSpecific
 	IgnoreLiveness bool
 	MaxFreed       uint64 // stop once this many bytes are freed; math.MaxUint64 means no limit
+	// LRU deletes the least recently used dead paths first (see
+	// lastuse.go), instead of in the store directory's order.
+	LRU bool
 }
 
 // GCResult is what a garbage collection reports.

@@ -1,0 +1,125 @@
+package store
+
+import (
+	"context"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+)
+
+func openWithBudget(t *testing.T, root string, budget uint64) *Store {
+	t.Helper()
+	s, err := Open(context.Background(), Config{
+		StoreDir:     "/nix/store",
+		RealStoreDir: filepath.Join(root, "nix/store"),
+		StateDir:     filepath.Join(root, "nix/var/nix"),
+		LogDir:       filepath.Join(root, "nix/var/log/nix"),
+		SizeBudget:   budget,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// TestSizeBudgetLRU: over its size budget, the store deletes dead paths
+// least recently used first, a path counting as used when something that
+// refers to it is, until it is under 90 % of the budget; live paths stay.
+// Last uses survive a restart.
+func TestSizeBudgetLRU(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	s := openWithBudget(t, root, 1<<40)
+	body := strings.Repeat("x", 10<<10)
+	old := addText(t, s, "old", body+"old")
+	mid := addText(t, s, "mid", body+"mid")
+	dep := addText(t, s, "dep", body+"dep")
+	app := addText(t, s, "app", body+"app", dep)
+	recent := addText(t, s, "recent", body+"recent")
+	held := addText(t, s, "held", body+"held")
+	ss := s.OpenSession()
+	defer ss.Close()
+	if err := ss.AddTempRoot(ctx, held); err != nil {
+		t.Fatal(err)
+	}
+	// Registered long ago; then used at these times (dep never itself).
+	if _, err := s.db.w.ExecContext(ctx, "update ValidPaths set registrationTime = 1000"); err != nil {
+		t.Fatal(err)
+	}
+	for p, when := range map[storepath.Path]int64{mid: 2000, app: 3000, recent: 4000, held: 1000} {
+		s.lastUse.m.Store(p, when)
+	}
+	s.lastUse.dirty.Store(true)
+	_, size, err := s.Stats(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	one := size / 6
+	// Over budget by one and a half paths (counting the 10 % margin).
+	s.cfg.SizeBudget = (size - one*3/2) * 10 / 9
+	s.AutoGC(ctx, true)
+	for p, want := range map[storepath.Path]bool{old: false, mid: false, dep: true, app: true, recent: true, held: true} {
+		if ok, err := s.IsValidPathFresh(ctx, p); err != nil || ok != want {
+			t.Errorf("%s valid = %v (%v), want %v", p, ok, err, want)
+		}
+	}
+	// Under budget now: nothing more goes.
+	s.autoGC.lastCheck = s.autoGC.lastCheck.AddDate(0, 0, -1)
+	s.AutoGC(ctx, true)
+	if ok, _ := s.IsValidPathFresh(ctx, dep); !ok {
+		t.Error("a collection under budget deleted dep")
+	}
+
+	// The last uses are saved and read back.
+	s.Touch(recent)
+	ss.Close()
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = openWithBudget(t, root, 1<<40)
+	defer s.Close()
+	if v, ok := s.lastUse.m.Load(app); !ok || v.(int64) != 3000 {
+		t.Errorf("last use of app after a restart: %v %v", v, ok)
+	}
+	if _, ok := s.lastUse.m.Load(old); ok {
+		t.Error("the last use of a deleted path was kept")
+	}
+}
+
+// TestLRUOrderChain: along a chain of references, every path counts as
+// used when its most recently used referrer was.
+func TestLRUOrderChain(t *testing.T) {
+	ctx := context.Background()
+	s := openWithBudget(t, t.TempDir(), 1<<40)
+	defer s.Close()
+	a := addText(t, s, "a", "a")
+	b := addText(t, s, "b", "b", a)
+	c := addText(t, s, "c", "c", b)
+	x := addText(t, s, "x", "x")
+	if _, err := s.db.w.ExecContext(ctx, "update ValidPaths set registrationTime = 1000"); err != nil {
+		t.Fatal(err)
+	}
+	s.lastUse.m.Store(c, int64(5000))
+	s.lastUse.m.Store(x, int64(3000))
+	s.lastUse.m.Store(a, int64(2000))
+	order, err := s.lruOrder(ctx, []string{a.String(), b.String(), c.String(), x.String(), "junk.lock"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"junk.lock", x.String()}
+	if got := order[:2]; got[0] != want[0] || got[1] != want[1] {
+		t.Errorf("order %q: want junk, then x, then the chain", order)
+	}
+	// The chain shares c's time; its order among itself is by name.
+	for _, p := range []storepath.Path{a, b, c} {
+		found := false
+		for _, n := range order[2:] {
+			found = found || n == p.String()
+		}
+		if !found {
+			t.Errorf("%s not after x in %q", p, order)
+		}
+	}
+}
