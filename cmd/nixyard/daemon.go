@@ -8,6 +8,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -254,17 +255,26 @@ func runDaemon(ctx context.Context, args []string) error {
 		subCfg.OnFetched = mets.Fetched
 		buildCfg.Metrics = mets
 	}
+	var hookListener net.Listener
 	if !opts.stdio {
-		// The build hook reaches the store through the daemon's socket.
-		buildCfg.HookStore = "unix://" + layout.SocketPath
-		if layout.Root != "" {
-			buildCfg.HookStore += "?root=" + layout.Root
+		// The build hook reaches the store through a socket of its own.
+		l, path, err := listenHook(layout.StateDir)
+		if err != nil {
+			logger.Warn("no socket for the build hook: no builds are sent to remote builders", "err", err)
+		} else {
+			hookListener = l
+			defer os.Remove(path)
+			buildCfg.HookStore = "unix://" + path
+			if layout.Root != "" {
+				buildCfg.HookStore += "?root=" + url.QueryEscape(layout.Root)
+			}
 		}
 	}
 	builder, err := build.New(buildCfg, st)
 	if err != nil {
 		return err
 	}
+	defer builder.Close()
 	rm, err := realise.New(subCfg, st, daemon.RealiseBuilder(builder))
 	if err != nil {
 		return err
@@ -292,6 +302,9 @@ func runDaemon(ctx context.Context, args []string) error {
 	ls, err := listenAll(layout.SocketPath, opts.listens, logger)
 	if err != nil {
 		return err
+	}
+	if hookListener != nil {
+		ls = append(ls, daemon.Listener{Listener: hookListener, Policy: daemon.ListenPolicy{Trusted: true}})
 	}
 	logger.Info("nixyard daemon listening", "socket", ls[0].Addr().String(), "store", layout.RealStoreDir, "version", version)
 	return srv.ServeAll(ctx, ls)

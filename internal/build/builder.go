@@ -495,7 +495,7 @@ func New(cfg Config, st *store.Store) (*Builder, error) {
 		log:   cfg.Logger,
 		slots: newSlots(cfg.MaxJobs),
 		goals: map[goalKey]*goal{},
-		hooks: hookPool{wake: make(chan struct{})},
+		hooks: hookPool{wake: make(chan struct{}), offers: make(chan struct{}, maxOffers)},
 	}
 	if cfg.BuildUsersGroup != "" {
 		var err error

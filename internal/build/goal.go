@@ -585,14 +585,24 @@ func (g *goal) realise(ctx context.Context) Result {
 	}
 	// As Nix: a remote machine may take the build, unless the derivation
 	// prefers to be built here and can be, or it is a check or a repair.
+	// If the build hook declined it when this host had a slot free, the
+	// build keeps that slot.
 	preferLocal, err := g.attrs.Bool("preferLocalBuild", false)
 	if err != nil {
 		return g.failf(MiscFailure, "%v", err)
 	}
-	if g.mode == ModeNormal && !(preferLocal && b.canBuild(g.drv, features) == nil) {
-		if r, ok := g.tryRemote(ctx, inputs, outPaths, features); ok {
+	var slot func()
+	defer func() {
+		if slot != nil {
+			slot()
+		}
+	}()
+	if g.mode == ModeNormal && !(preferLocal && g.mayBuild() && b.canBuild(g.drv, features) == nil) {
+		r, done, s := g.tryRemote(ctx, inputs, outPaths, features)
+		if done {
 			return r
 		}
+		slot = s
 	}
 	if err := b.canBuild(g.drv, features); err != nil {
 		return g.failf(MiscFailure, "%v to build '%s', but I am a '%s' with features {%s}",
@@ -617,9 +627,12 @@ func (g *goal) realise(ctx context.Context) Result {
 
 	// A slot, then the output locks, then check again: another caller or
 	// process may have built it meanwhile.
-	release, err := b.slots.acquire(ctx, g.owner.client)
-	if err != nil {
-		return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
+	release := slot
+	slot = nil
+	if release == nil {
+		if release, err = b.slots.acquire(ctx, g.owner.client); err != nil {
+			return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
+		}
 	}
 	released := false
 	releaseOnce := func() {

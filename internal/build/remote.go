@@ -53,10 +53,12 @@ var hookRetry = 5 * time.Second
 
 // hookMaxIdle bounds how long an idle hook is kept, and maxIdleHooks how
 // many: a hook reads the machine files when it starts, so one kept for
-// long would not see them change.
+// long would not see them change. maxOffers bounds the offers under way
+// at once, each a hook process (Nix asks one hook at a time per client).
 const (
 	hookMaxIdle  = 30 * time.Second
 	maxIdleHooks = 8
+	maxOffers    = 8
 )
 
 // Log levels and result types of Nix's JSON logger that the hook's
@@ -84,15 +86,20 @@ type hookProc struct {
 	from  *bufio.Reader // its stdout and stderr
 	fromF *os.File
 	logR  *os.File // what a remote builder writes (the hook's fd 4)
-	start time.Time
+
+	idleSince time.Time // when it was kept for later (putHook)
+
+	killMu sync.Mutex
+	reaped bool // waited for: its process group id may be reused
 }
 
 // hookPool keeps the hooks that declined or postponed an offer, for the
 // next one: a hook that accepted is used up by that build. Builder.mu
 // guards it.
 type hookPool struct {
-	idle map[string][]*hookProc
-	wake chan struct{} // closed and replaced when a remote build ends
+	idle   map[string][]*hookProc // by hookKey, the longest idle first
+	wake   chan struct{}          // closed and replaced when a remote build ends
+	offers chan struct{}          // a token per offer under way (maxOffers)
 }
 
 // remoteSettings are the settings the hook gets for a goal: the daemon's,
@@ -107,6 +114,20 @@ func (g *goal) remoteSettings(c *call) map[string]string {
 	}
 	if _, ok := s["builders"]; !ok {
 		s["builders"] = b.cfg.Builders
+	}
+	// What the client set in SetOptions' own fields, as nix-daemon's
+	// settings would hold it.
+	o := c.opts
+	if o.MaxSilentTime > 0 {
+		s["max-silent-time"] = strconv.Itoa(int(o.MaxSilentTime.Seconds()))
+	}
+	if o.Timeout > 0 {
+		s["timeout"] = strconv.Itoa(int(o.Timeout.Seconds()))
+	}
+	for name, on := range map[string]bool{"keep-failed": o.KeepFailed, "keep-going": o.KeepGoing, "fallback": o.TryFallback} {
+		if on {
+			s[name] = "true"
+		}
 	}
 	maps.Copy(s, c.opts.Settings)
 	s["store"] = b.cfg.HookStore
@@ -140,65 +161,93 @@ func hasMachines(spec string, depth int) bool {
 }
 
 // tryRemote offers the goal's build to the build hook, as Nix's
-// tryBuildHook does, and if a machine takes it, builds it there. ok is
-// false when none does: the goal is then built here if it may be.
-// outputs are the derivation's outputs, inputs the closure of its inputs.
-func (g *goal) tryRemote(ctx context.Context, inputs []storepath.Path, outputs map[string]storepath.Path, features []string) (res Result, ok bool) {
+// tryToBuild does, and if a machine takes it, builds it there: done, with
+// the build's result. Otherwise the goal is built here, if it may be:
+// slot, if not nil, is a local build slot taken for it (the hook was told
+// this host would build it now), which the caller must give back. A build
+// that every suitable machine is too busy for, and that has no slot here,
+// is offered again when a build ends or after hookRetry.
+func (g *goal) tryRemote(ctx context.Context, inputs []storepath.Path, outputs map[string]storepath.Path, features []string) (res Result, done bool, slot func()) {
 	b := g.b
 	c := g.caller()
 	if b.cfg.HookStore == "" || g.basic || c.noHook.Load() {
-		return Result{}, false
+		return Result{}, false, nil
 	}
 	settings := g.remoteSettings(c)
 	if !hasMachines(settings["builders"], 0) {
-		return Result{}, false
+		return Result{}, false, nil
 	}
+	drvAbs := b.abs(g.drvPath)
 	var missing []string
 	for _, name := range sortedOutputs(outputs) {
 		ok, err := b.st.IsValidPathFresh(ctx, outputs[name])
 		if err != nil {
-			return g.failf(MiscFailure, "building '%s': %v", b.abs(g.drvPath), err), true
+			return g.failf(MiscFailure, "building '%s': %v", drvAbs, err), true, nil
 		}
 		if !ok {
 			missing = append(missing, name)
 		}
 	}
 	if len(missing) == 0 {
-		return Result{Status: AlreadyValid}, true
+		return Result{Status: AlreadyValid}, true, nil
 	}
-	drvAbs := b.abs(g.drvPath)
-	waited := false
-	for {
-		h, err := b.takeHook(settings)
-		if err != nil {
-			b.log.Warn("cannot start the build hook; building here", "drv", drvAbs, "err", err)
-			c.noHook.Store(true)
-			return Result{}, false
+	canHere := g.mayBuild() && b.canBuild(g.drv, features) == nil
+	release := func() {
+		if slot != nil {
+			slot()
+			slot = nil
 		}
-		willing := g.mayBuild() && b.slots.idle() && b.canBuild(g.drv, features) == nil
+	}
+	stopped := func() (Result, bool, func()) {
+		release()
+		return g.failf(MiscFailure, "building '%s': %v", drvAbs, context.Cause(ctx)), true, nil
+	}
+	retried, waited := false, false
+	for {
+		if canHere {
+			slot, _ = b.slots.tryAcquire(g.owner.client)
+		}
+		freed := b.slots.freedCh()
 		b.mu.Lock()
 		wake := b.hooks.wake
 		b.mu.Unlock()
-		reply, err := h.try(ctx, g, willing, features)
+		h, reused, err := b.takeHook(ctx, settings)
+		if err != nil {
+			if ctx.Err() != nil {
+				return stopped()
+			}
+			b.log.Warn("cannot start the build hook; building here", "drv", drvAbs, "err", err)
+			c.noHook.Store(true)
+			return Result{}, false, slot
+		}
+		reply, err := h.try(ctx, g, slot != nil, features)
+		b.offerDone()
 		switch {
 		case err != nil:
 			h.kill()
 			if ctx.Err() != nil {
-				return g.failf(MiscFailure, "building '%s': %v", drvAbs, context.Cause(ctx)), true
+				return stopped()
+			}
+			if reused && !retried {
+				// A kept hook that has died since: ask a new one.
+				retried = true
+				release()
+				continue
 			}
 			g.each(func(c *call) {
 				c.emit(func(p Progress) { p.Error(fmt.Sprintf("build hook died unexpectedly: %v", err)) })
 			})
-			return Result{}, false
+			return Result{}, false, slot
 		case reply == hookDeclinePermanently:
 			h.kill()
 			c.noHook.Store(true)
-			return Result{}, false
+			return Result{}, false, slot
 		case reply == hookDecline:
 			b.putHook(h)
-			return Result{}, false
+			return Result{}, false, slot
 		case reply == hookPostpone:
 			b.putHook(h)
+			release()
 			if !waited {
 				b.log.Info("waiting for a machine to build", "drv", drvAbs)
 				waited = true
@@ -207,67 +256,111 @@ func (g *goal) tryRemote(ctx context.Context, inputs []storepath.Path, outputs m
 			select {
 			case <-ctx.Done():
 				t.Stop()
-				return g.failf(MiscFailure, "building '%s': %v", drvAbs, context.Cause(ctx)), true
+				return stopped()
 			case <-wake:
+			case <-freed:
 			case <-t.C:
 			}
 			t.Stop()
 			continue
 		}
+		release()
 		defer b.remoteBuildEnded()
-		return g.buildRemote(ctx, h, inputs, outputs, missing), true
+		return g.buildRemote(ctx, h, inputs, outputs, missing), true, nil
 	}
 }
 
-// takeHook returns an idle hook started with settings, or starts one.
-func (b *Builder) takeHook(settings map[string]string) (*hookProc, error) {
+// hookKey names the settings a hook was started with.
+func hookKey(settings map[string]string) string {
 	var key strings.Builder
 	for _, k := range slices.Sorted(maps.Keys(settings)) {
 		fmt.Fprintf(&key, "%q=%q\n", k, settings[k])
 	}
-	var h *hookProc
-	var stale []*hookProc
-	b.mu.Lock()
-	for k, idle := range b.hooks.idle {
-		keep := idle[:0]
-		for _, x := range idle {
-			switch {
-			case time.Since(x.start) > hookMaxIdle:
-				stale = append(stale, x)
-			case h == nil && k == key.String():
-				h = x
-			default:
-				keep = append(keep, x)
-			}
-		}
-		b.hooks.idle[k] = keep
-	}
-	b.mu.Unlock()
-	for _, x := range stale {
-		x.kill()
-	}
-	if h != nil {
-		return h, nil
-	}
-	return b.startHook(key.String(), settings)
+	return key.String()
 }
 
-// putHook keeps h for the next offer, unless enough hooks are kept.
+// takeHook waits until fewer than maxOffers offers are under way, then
+// returns an idle hook started with settings (reused) or starts one. The
+// caller calls offerDone once it has the hook's answer.
+func (b *Builder) takeHook(ctx context.Context, settings map[string]string) (h *hookProc, reused bool, err error) {
+	select {
+	case b.hooks.offers <- struct{}{}:
+	case <-ctx.Done():
+		return nil, false, context.Cause(ctx)
+	}
+	key := hookKey(settings)
+	b.mu.Lock()
+	if idle := b.hooks.idle[key]; len(idle) > 0 {
+		h = idle[len(idle)-1]
+		b.hooks.idle[key] = idle[:len(idle)-1]
+		if len(idle) == 1 {
+			delete(b.hooks.idle, key)
+		}
+	}
+	b.mu.Unlock()
+	if h != nil {
+		return h, true, nil
+	}
+	if h, err = b.startHook(key, settings); err != nil {
+		b.offerDone()
+		return nil, false, err
+	}
+	return h, false, nil
+}
+
+// offerDone ends an offer that takeHook let start.
+func (b *Builder) offerDone() { <-b.hooks.offers }
+
+// putHook keeps h for the next offer. With maxIdleHooks kept, the one
+// idle longest goes; any idle for hookMaxIdle goes then.
 func (b *Builder) putHook(h *hookProc) {
+	h.idleSince = time.Now()
+	var drop *hookProc
 	b.mu.Lock()
 	if b.hooks.idle == nil {
 		b.hooks.idle = map[string][]*hookProc{}
 	}
-	n := 0
-	for _, idle := range b.hooks.idle {
+	n, oldestKey := 0, ""
+	for k, idle := range b.hooks.idle {
 		n += len(idle)
+		if drop == nil || idle[0].idleSince.Before(drop.idleSince) {
+			drop, oldestKey = idle[0], k
+		}
 	}
-	if n < maxIdleHooks {
-		b.hooks.idle[h.key] = append(b.hooks.idle[h.key], h)
-		h = nil
+	if n >= maxIdleHooks {
+		b.hooks.idle[oldestKey] = b.hooks.idle[oldestKey][1:]
+		if len(b.hooks.idle[oldestKey]) == 0 {
+			delete(b.hooks.idle, oldestKey)
+		}
+	} else {
+		drop = nil
+	}
+	b.hooks.idle[h.key] = append(b.hooks.idle[h.key], h)
+	b.mu.Unlock()
+	if drop != nil {
+		drop.kill()
+	}
+	time.AfterFunc(hookMaxIdle, b.expireHooks)
+}
+
+// expireHooks ends the hooks idle for hookMaxIdle or more.
+func (b *Builder) expireHooks() {
+	var stale []*hookProc
+	b.mu.Lock()
+	for k, idle := range b.hooks.idle {
+		i := 0
+		for i < len(idle) && time.Since(idle[i].idleSince) >= hookMaxIdle {
+			i++
+		}
+		stale = append(stale, idle[:i]...)
+		if i == len(idle) {
+			delete(b.hooks.idle, k)
+		} else {
+			b.hooks.idle[k] = idle[i:]
+		}
 	}
 	b.mu.Unlock()
-	if h != nil {
+	for _, h := range stale {
 		h.kill()
 	}
 }
@@ -280,8 +373,8 @@ func (b *Builder) remoteBuildEnded() {
 	b.hooks.wake = make(chan struct{})
 }
 
-// closeHooks ends the idle hooks.
-func (b *Builder) closeHooks() {
+// Close ends the build hooks kept for later offers.
+func (b *Builder) Close() {
 	b.mu.Lock()
 	idle := b.hooks.idle
 	b.hooks.idle = nil
@@ -342,6 +435,21 @@ func (b *Builder) startHook(key string, settings map[string]string) (*hookProc, 
 		closeAll()
 		return nil, err
 	}
+	// The hook's copy of logR's descriptor: ExtraFiles would make logR
+	// itself blocking, and then closing it would not end a read.
+	var logRChild *os.File
+	if raw, err := logR.SyscallConn(); err == nil {
+		raw.Control(func(fd uintptr) {
+			if nfd, err := unix.Dup(int(fd)); err == nil {
+				logRChild = os.NewFile(uintptr(nfd), "build-hook-log")
+			}
+		})
+	}
+	if logRChild == nil {
+		closeAll()
+		return nil, errors.New("duplicating the build hook's log pipe")
+	}
+	files = append(files, logRChild)
 	cmd := &exec.Cmd{
 		Path:   path,
 		Args:   []string{argv0, strconv.Itoa(3)}, // Nix's verbosity lvlInfo
@@ -351,7 +459,7 @@ func (b *Builder) startHook(key string, settings map[string]string) (*hookProc, 
 		Stderr: fromW,
 		// fd 4: the remote builder's output; fd 5: its read side, from
 		// which the hook reads ssh's complaints when it cannot connect.
-		ExtraFiles:  []*os.File{nil, logW, logR},
+		ExtraFiles:  []*os.File{nil, logW, logRChild},
 		SysProcAttr: &syscall.SysProcAttr{Setsid: true},
 	}
 	if err := cmd.Start(); err != nil {
@@ -361,7 +469,8 @@ func (b *Builder) startHook(key string, settings map[string]string) (*hookProc, 
 	inR.Close()
 	fromW.Close()
 	logW.Close()
-	h := &hookProc{cmd: cmd, key: key, enc: &hookWriter{w: bufio.NewWriter(inW)}, stdin: inW, from: bufio.NewReader(fromR), fromF: fromR, logR: logR, start: time.Now()}
+	logRChild.Close()
+	h := &hookProc{cmd: cmd, key: key, enc: &hookWriter{w: bufio.NewWriter(inW)}, stdin: inW, from: bufio.NewReader(fromR), fromF: fromR, logR: logR}
 	for _, k := range slices.Sorted(maps.Keys(settings)) {
 		h.enc.U64(1)
 		h.enc.String(k)
@@ -375,20 +484,52 @@ func (b *Builder) startHook(key string, settings map[string]string) (*hookProc, 
 	return h, nil
 }
 
+// signal kills the hook's process group, unless the hook was reaped
+// (then its group id may belong to another process).
+func (h *hookProc) signal() {
+	h.killMu.Lock()
+	defer h.killMu.Unlock()
+	if !h.reaped {
+		unix.Kill(-h.cmd.Process.Pid, unix.SIGKILL)
+	}
+}
+
+// reap waits for the hook to exit (without reaping it), kills what is
+// left of its group, then reaps it.
+func (h *hookProc) reap() error {
+	var info unix.Siginfo
+	for {
+		err := unix.Waitid(unix.P_PID, h.cmd.Process.Pid, &info, unix.WEXITED|unix.WNOWAIT, nil)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	h.signal()
+	h.killMu.Lock()
+	h.reaped = true
+	h.killMu.Unlock()
+	return h.cmd.Wait()
+}
+
 // kill ends the hook and everything it started.
 func (h *hookProc) kill() {
-	unix.Kill(-h.cmd.Process.Pid, unix.SIGKILL)
+	h.signal()
 	h.stdin.Close()
-	h.cmd.Wait()
+	h.reap()
 	h.fromF.Close()
 	h.logR.Close()
 }
 
 // try offers g's build to the hook and returns its answer. The hook's
-// log lines before it go to the callers.
-func (h *hookProc) try(ctx context.Context, g *goal, willing bool, features []string) (hookReply, error) {
-	stop := context.AfterFunc(ctx, func() { unix.Kill(-h.cmd.Process.Pid, unix.SIGKILL) })
-	defer stop()
+// log lines before it go to the callers. If ctx ends meanwhile, the hook
+// is killed and err is set: it must not be kept.
+func (h *hookProc) try(ctx context.Context, g *goal, willing bool, features []string) (reply hookReply, err error) {
+	stop := context.AfterFunc(ctx, h.signal)
+	defer func() {
+		if !stop() && err == nil {
+			err = context.Cause(ctx)
+		}
+	}()
 	h.enc.String("try")
 	h.enc.Bool(willing)
 	h.enc.String(g.drv.Platform)
@@ -485,23 +626,28 @@ func (g *goal) hookMessage(line string, j *job) {
 func (g *goal) buildRemote(ctx context.Context, h *hookProc, inputs []storepath.Path, outputs map[string]storepath.Path, missing []string) Result {
 	b := g.b
 	drvAbs := b.abs(g.drvPath)
+	// Until the build runs: a hook that hangs must not hold the goal
+	// past its end.
+	stop := context.AfterFunc(ctx, h.signal)
 	machine, err := h.from.ReadString('\n')
+	if err == nil {
+		g.machine = strings.TrimSuffix(machine, "\n")
+		abs := make([]string, len(inputs))
+		for i, p := range inputs {
+			abs[i] = b.abs(p)
+		}
+		h.enc.StringSet(abs)
+		h.enc.StringSet(missing)
+		err = h.enc.Flush()
+		h.stdin.Close()
+	}
+	if !stop() {
+		h.kill()
+		return g.failf(MiscFailure, "building '%s': %v", drvAbs, context.Cause(ctx))
+	}
 	if err != nil {
 		h.kill()
-		return g.failf(MiscFailure, "reading the machine name from the build hook: %v", err)
-	}
-	g.machine = strings.TrimSuffix(machine, "\n")
-	abs := make([]string, len(inputs))
-	for i, p := range inputs {
-		abs[i] = b.abs(p)
-	}
-	h.enc.StringSet(abs)
-	h.enc.StringSet(missing)
-	err = h.enc.Flush()
-	h.stdin.Close()
-	if err != nil {
-		h.kill()
-		return g.failf(MiscFailure, "sending the build hook the inputs of '%s': %v", drvAbs, err)
+		return g.failf(MiscFailure, "handing '%s' to the build hook: %v", drvAbs, err)
 	}
 	j := &job{g: g, drvAbs: drvAbs, outputs: outputs, remote: h}
 	return j.build(ctx, outputs, nil, func() {})
@@ -511,12 +657,11 @@ func (g *goal) buildRemote(ctx context.Context, h *hookProc, inputs []storepath.
 // remote builder writes, as execute does for a local builder.
 func (j *job) runRemote(ctx context.Context) (syscall.WaitStatus, error) {
 	h := j.remote
-	pid := h.cmd.Process.Pid
 	var mu sync.Mutex // j's log state, written from both pipes
-	kill := func() { unix.Kill(-pid, unix.SIGKILL) }
-	stop := context.AfterFunc(ctx, kill)
+	stop := context.AfterFunc(ctx, h.signal)
 	defer stop()
 	j.remoteMu = &mu
+	readDone := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { // ssh://: the builder's output, raw
@@ -533,7 +678,7 @@ func (j *job) runRemote(ctx context.Context) (syscall.WaitStatus, error) {
 						j.killMsg, j.killStatus = fmt.Sprintf("%s killed after writing more than %d bytes of log output", j.g.name, maxLog), LogLimitExceeded
 					}
 					mu.Unlock()
-					kill()
+					h.signal()
 					continue
 				}
 				j.logFile.Write(buf[:n])
@@ -557,9 +702,16 @@ func (j *job) runRemote(ctx context.Context) (syscall.WaitStatus, error) {
 			}
 		}
 	}()
-	werr := h.cmd.Wait()
-	kill()
-	wg.Wait()
+	go func() { wg.Wait(); close(readDone) }()
+	werr := h.reap()
+	select {
+	case <-readDone:
+	case <-time.After(2 * time.Second):
+		// A process that left the hook's group keeps its pipes open.
+		h.fromF.Close()
+		h.logR.Close()
+		<-readDone
+	}
 	h.fromF.Close()
 	h.logR.Close()
 	mu.Lock()

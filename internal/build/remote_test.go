@@ -1,6 +1,10 @@
 package build
 
 import (
+	"bufio"
+	"encoding/binary"
+	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -64,7 +68,7 @@ cat > /dev/null
 	hookRetry = 50 * time.Millisecond
 	t.Cleanup(func() { hookRetry = old })
 	b := e.builder(Config{Sandbox: SandboxOff, BuildHook: hook, Builders: "fake " + DefaultSystem(), HookStore: "unix:///nonexistent"})
-	t.Cleanup(b.closeHooks)
+	t.Cleanup(b.Close)
 	nStarts := func() int {
 		data, _ := os.ReadFile(starts)
 		return strings.Count(string(data), "\n")
@@ -98,7 +102,7 @@ cat > /dev/null
 
 	// Accepted, then failed: the hook's error and the remote builder's
 	// output reach the caller; messages below warnings do not.
-	b.closeHooks()
+	b.Close()
 	r, rec = run("fail", "failing")
 	if r.Status != MiscFailure || !strings.Contains(r.ErrorMsg, "failed with exit code 1") ||
 		!slices.Contains(rec.errors, "remote says no") || slices.Contains(rec.errors, "chatter") || !slices.Contains(rec.lines, "remote-line") {
@@ -150,5 +154,141 @@ cat > /dev/null
 	res, err = b.Build(t.Context(), []store.DerivedPath{out(drvs["d"])}, ClientOptions{Settings: map[string]string{"builders": ""}}, nil)
 	if err != nil || res[0].Status != Built || nStarts() != before {
 		t.Errorf("builders = \"\": %+v %v, %d hooks started", res, err, nStarts()-before)
+	}
+}
+
+// fakeHookEnv, when set, makes the test binary a build hook (see
+// fakeHook) that keeps its state in the directory it names.
+const fakeHookEnv = "NIXYARD_TEST_FAKE_HOOK"
+
+func init() {
+	if dir := os.Getenv(fakeHookEnv); dir != "" && len(os.Args) == 2 {
+		os.Exit(fakeHook(dir))
+	}
+}
+
+// fakeHook speaks Nix's build hook protocol with one remote machine that
+// builds one derivation at a time (for 0.5 s, without bringing anything
+// back): it accepts while the machine is free, declines what this host
+// is willing to build, and postpones the rest. It logs each offer as
+// "DRV WILLING" to dir/offers and the settings it got to dir/settings.
+func fakeHook(dir string) int {
+	in := bufio.NewReader(os.Stdin)
+	u64 := func() uint64 {
+		var b [8]byte
+		if _, err := io.ReadFull(in, b[:]); err != nil {
+			os.Exit(0)
+		}
+		return binary.LittleEndian.Uint64(b[:])
+	}
+	str := func() string {
+		n := u64()
+		b := make([]byte, (n+7)&^7)
+		if _, err := io.ReadFull(in, b); err != nil {
+			os.Exit(0)
+		}
+		return string(b[:n])
+	}
+	strs := func() []string {
+		var out []string
+		for n := u64(); n > 0; n-- {
+			out = append(out, str())
+		}
+		return out
+	}
+	var settings strings.Builder
+	for u64() == 1 {
+		k, v := str(), str()
+		fmt.Fprintf(&settings, "%s=%s\n", k, v)
+	}
+	os.WriteFile(filepath.Join(dir, "settings"), []byte(settings.String()), 0o644)
+	busy := filepath.Join(dir, "busy")
+	for {
+		if str() != "try" {
+			return 1
+		}
+		willing := u64()
+		str() // platform
+		drv := str()
+		strs() // features
+		f, _ := os.OpenFile(filepath.Join(dir, "offers"), os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
+		fmt.Fprintf(f, "%s %d\n", drv, willing)
+		f.Close()
+		m, err := os.OpenFile(busy, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
+		switch {
+		case err == nil:
+			m.Close()
+			fmt.Fprint(os.Stderr, "# accept\nfake-machine\n")
+			strs() // inputs
+			strs() // wanted outputs
+			time.Sleep(500 * time.Millisecond)
+			os.Remove(busy)
+			return 0
+		case willing == 1:
+			fmt.Fprint(os.Stderr, "# decline\n")
+		default:
+			fmt.Fprint(os.Stderr, "# postpone\n")
+		}
+	}
+}
+
+// TestRemoteOffers: as with Nix, a build that this host has a free slot
+// for is offered as "willing" and, declined, built here with that slot;
+// the others are offered as not willing, postponed, and offered again
+// when the remote machine is free. The hook gets the daemon's settings,
+// the store to reach it through and the client's options.
+func TestRemoteOffers(t *testing.T) {
+	e := newPlainEnv(t)
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	t.Setenv(fakeHookEnv, dir)
+	b := e.builder(Config{Sandbox: SandboxOff, MaxJobs: 1, BuildHook: self, Builders: "fake " + DefaultSystem(),
+		HookStore: "unix:///hook.sock", HookSettings: map[string]string{"system": DefaultSystem()}})
+	t.Cleanup(b.Close)
+	drvs := e.instantiate(`{
+  a = mk { name = "offer-a"; script = "sleep 2; echo > $out"; };
+  b = mk { name = "offer-b"; script = "sleep 2; echo > $out"; };
+  c = mk { name = "offer-c"; script = "sleep 2; echo > $out"; };
+}`, "a", "b", "c")
+	res, err := b.Build(t.Context(), []store.DerivedPath{out(drvs["a"]), out(drvs["b"]), out(drvs["c"])},
+		ClientOptions{KeepGoing: true, MaxSilentTime: 42 * time.Second}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	here, there := 0, 0
+	for _, r := range res {
+		switch {
+		case r.Status == Built:
+			here++
+		case strings.Contains(r.ErrorMsg, "not valid after its build on 'fake-machine'"):
+			there++
+		default:
+			t.Errorf("%s: %d %s", r.Path.Path, r.Status, r.ErrorMsg)
+		}
+	}
+	offers, _ := os.ReadFile(filepath.Join(dir, "offers"))
+	if here != 1 || there != 2 {
+		t.Errorf("%d built here and %d sent to the machine, want 1 and 2; offers:\n%s", here, there, offers)
+	}
+	seen := map[string][]string{}
+	for _, l := range strings.Split(strings.TrimSpace(string(offers)), "\n") {
+		drv, w, _ := strings.Cut(l, " ")
+		seen[drv] = append(seen[drv], w)
+	}
+	again := false
+	for _, ws := range seen {
+		again = again || (len(ws) > 1 && ws[0] == "0")
+	}
+	if !again {
+		t.Errorf("no postponed build offered again:\n%s", offers)
+	}
+	settings, _ := os.ReadFile(filepath.Join(dir, "settings"))
+	for _, want := range []string{"store=unix:///hook.sock\n", "builders=fake " + DefaultSystem() + "\n", "max-silent-time=42\n", "keep-going=true\n"} {
+		if !strings.Contains(string(settings), want) {
+			t.Errorf("the hook's settings lack %q:\n%s", want, settings)
+		}
 	}
 }

@@ -15,6 +15,7 @@ type slots struct {
 	running int
 	ring    []*slotClient // clients with waiters, in round-robin order
 	next    int           // ring index served next
+	freed   chan struct{} // closed and replaced when a slot is given back
 }
 
 // slotClient is one caller's share of the slots.
@@ -28,16 +29,40 @@ type slotWaiter struct {
 	ready chan struct{} // closed when the slot is granted
 }
 
-func newSlots(max int) *slots { return &slots{max: max} }
+func newSlots(max int) *slots { return &slots{max: max, freed: make(chan struct{})} }
 
 func newSlotClient(max int) *slotClient { return &slotClient{max: max} }
 
-// idle reports whether a slot is free now (what Nix's build hook is told
-// as "am willing").
-func (s *slots) idle() bool {
+// tryAcquire takes a slot for c if one is free now and no one waits for
+// one; release is as for acquire.
+func (s *slots) tryAcquire(c *slotClient) (release func(), ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.running < s.max
+	if s.running >= s.max || len(s.ring) > 0 || (c.max > 0 && c.running >= c.max) {
+		return nil, false
+	}
+	s.running++
+	c.running++
+	return s.releaser(c), true
+}
+
+// freedCh returns a channel that is closed when a slot is next given back.
+func (s *slots) freedCh() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.freed
+}
+
+func (s *slots) releaser(c *slotClient) func() {
+	return func() {
+		s.mu.Lock()
+		s.running--
+		c.running--
+		close(s.freed)
+		s.freed = make(chan struct{})
+		s.dispatchLocked()
+		s.mu.Unlock()
+	}
 }
 
 // acquire waits for a slot for c. The returned release must be called
@@ -52,13 +77,7 @@ func (s *slots) acquire(ctx context.Context, c *slotClient) (release func(), err
 	s.dispatchLocked()
 	s.mu.Unlock()
 
-	release = func() {
-		s.mu.Lock()
-		s.running--
-		c.running--
-		s.dispatchLocked()
-		s.mu.Unlock()
-	}
+	release = s.releaser(c)
 	select {
 	case <-w.ready:
 		return release, nil
