@@ -66,6 +66,7 @@ const (
 const (
 	hookLvlWarn         = 1
 	hookResBuildLogLine = 101
+	hookActBuildWaiting = 111
 )
 
 type hookReply int
@@ -203,6 +204,13 @@ func (g *goal) tryRemote(ctx context.Context, inputs []storepath.Path, outputs m
 		return g.failf(MiscFailure, "building '%s': %v", drvAbs, context.Cause(ctx)), true, nil
 	}
 	retried, waited := false, false
+	// While postponed, the callers see Nix's "waiting for a machine"
+	// activity (id 0: the hook's own ids are never 0).
+	defer func() {
+		if waited {
+			g.each(func(c *call) { c.emit(func(p Progress) { p.RemoteActivity(drvAbs, RemoteEvent{Action: "stop"}) }) })
+		}
+	}()
 	for {
 		if canHere {
 			slot, _ = b.slots.tryAcquire(g.owner.client)
@@ -251,6 +259,8 @@ func (g *goal) tryRemote(ctx context.Context, inputs []storepath.Path, outputs m
 			if !waited {
 				b.log.Info("waiting for a machine to build", "drv", drvAbs)
 				waited = true
+				ev := RemoteEvent{Action: "start", Level: hookLvlWarn, Type: hookActBuildWaiting, Text: fmt.Sprintf("waiting for a machine to build '%s'", drvAbs)}
+				g.each(func(c *call) { c.emit(func(p Progress) { p.RemoteActivity(drvAbs, ev) }) })
 			}
 			t := time.NewTimer(hookRetry)
 			select {

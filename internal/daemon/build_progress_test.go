@@ -68,3 +68,84 @@ func socketConn(t *testing.T, fd int) net.Conn {
 	}
 	return c
 }
+
+// TestRemoteActivities: the build hook's activities become the client's,
+// with their results, under ids of the daemon's own; those the hook left
+// open are stopped with the build; events for unknown ids are dropped.
+func TestRemoteActivities(t *testing.T) {
+	client, daemon, tun := workingTunnel(t)
+	defer client.Close()
+	p := newBuildProgress(tun)
+	drv := "/nix/store/00000000000000000000000000000000-x.drv"
+	p.BuildStarted(drv, "ssh-ng://m", build.ModeNormal)
+	p.RemoteActivity(drv, build.RemoteEvent{Action: "start", ID: 7, Level: 3, Type: actBuild, Text: "remote building", Fields: []any{drv, "", uint64(1), uint64(1)}})
+	p.RemoteActivity(drv, build.RemoteEvent{Action: "result", ID: 7, Type: resBuildLogLine, Fields: []any{"remote line"}})
+	p.RemoteActivity(drv, build.RemoteEvent{Action: "result", ID: 8, Type: resBuildLogLine, Fields: []any{"lost line"}})
+	p.RemoteActivity(drv, build.RemoteEvent{Action: "stop", ID: 7})
+	p.RemoteActivity(drv, build.RemoteEvent{Action: "start", ID: 9, Level: 4, Type: 0, Text: "left open"})
+	p.BuildFinished(drv, nil)
+	read := make(chan []byte)
+	go func() {
+		data, _ := io.ReadAll(client)
+		read <- data
+	}()
+	p.close()
+	daemon.Close()
+	d := wire.NewDecoder(bytes.NewReader(<-read))
+	started := map[uint64]string{}
+	stopped := map[uint64]bool{}
+	var results []string
+	for {
+		tag := d.U64("tag")
+		if d.Err() != nil {
+			break
+		}
+		switch tag {
+		case wire.StderrStartActivity:
+			id := d.U64("id")
+			d.U64("level")
+			d.U64("type")
+			started[id] = d.String("text", 1<<20)
+			readTestFields(d)
+			d.U64("parent")
+		case wire.StderrStopActivity:
+			stopped[d.U64("id")] = true
+		case wire.StderrResult:
+			id := d.U64("id")
+			d.U64("type")
+			if f := readTestFields(d); len(f) > 0 {
+				results = append(results, started[id]+": "+f[0])
+			}
+		case wire.StderrNext:
+			d.String("line", 1<<20)
+		default:
+			t.Fatalf("unexpected tag %#x", tag)
+		}
+	}
+	texts := map[string]bool{}
+	for id, text := range started {
+		texts[text] = true
+		if !stopped[id] {
+			t.Errorf("activity %q not stopped", text)
+		}
+	}
+	if !texts["building '"+drv+"' on 'ssh-ng://m'"] || !texts["remote building"] || !texts["left open"] {
+		t.Errorf("activities: %v", texts)
+	}
+	if len(results) != 1 || results[0] != "remote building: remote line" {
+		t.Errorf("results: %q", results)
+	}
+}
+
+// readTestFields reads an activity's fields, returning the strings.
+func readTestFields(d *wire.Decoder) []string {
+	var out []string
+	for n := d.U64("fields"); n > 0 && d.Err() == nil; n-- {
+		if d.U64("field type") == 1 {
+			out = append(out, d.String("field", 1<<20))
+		} else {
+			d.U64("field")
+		}
+	}
+	return out
+}

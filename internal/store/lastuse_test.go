@@ -2,7 +2,6 @@ package store
 
 import (
 	"context"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -11,17 +10,7 @@ import (
 
 func openWithBudget(t *testing.T, root string, budget uint64) *Store {
 	t.Helper()
-	s, err := Open(context.Background(), Config{
-		StoreDir:     "/nix/store",
-		RealStoreDir: filepath.Join(root, "nix/store"),
-		StateDir:     filepath.Join(root, "nix/var/nix"),
-		LogDir:       filepath.Join(root, "nix/var/log/nix"),
-		SizeBudget:   budget,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s
+	return openWith(t, root, func(c *Config) { c.RequireSigs, c.SizeBudget = false, budget })
 }
 
 // TestSizeBudgetLRU: over its size budget, the store deletes dead paths

@@ -29,13 +29,22 @@ func testStore(t testing.TB) (*Store, string) {
 
 func openAt(t testing.TB, root string) *Store {
 	t.Helper()
-	s, err := Open(context.Background(), Config{
+	return openWith(t, root, func(*Config) {})
+}
+
+// openWith opens the chroot store at root with the configuration of
+// openAt, as tune changes it.
+func openWith(t testing.TB, root string, tune func(*Config)) *Store {
+	t.Helper()
+	cfg := Config{
 		StoreDir:     "/nix/store",
 		RealStoreDir: filepath.Join(root, "nix/store"),
 		StateDir:     filepath.Join(root, "nix/var/nix"),
 		LogDir:       filepath.Join(root, "nix/var/log/nix"),
 		RequireSigs:  true,
-	})
+	}
+	tune(&cfg)
+	s, err := Open(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
