@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/nixyard/nixyard/internal/build"
+	"github.com/nixyard/nixyard/internal/cache"
 	"github.com/nixyard/nixyard/internal/config"
 	"github.com/nixyard/nixyard/internal/daemon"
 	"github.com/nixyard/nixyard/internal/metrics"
@@ -36,6 +37,8 @@ const daemonUsage = `usage: nixyard daemon [options]
                         also listen on PATH (repeatable); trusted=false makes every client
                         of that socket untrusted whatever its uid (a CI job socket)
   --metrics-listen ADDR serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9470)
+  --cache-listen ADDR   serve the store as an HTTP binary cache at http://ADDR/ (narinfos
+                        signed with secret-key-files), for substituters = http://ADDR
   --size-budget SIZE    keep the store's paths under SIZE of NAR (e.g. 200G; K, M, G, T are
                         powers of 1024), collecting the least recently used dead paths first
   --option NAME VALUE   override a nix.conf setting
@@ -52,6 +55,7 @@ type daemonOptions struct {
 	logLevel  slog.Level
 	listens   []daemon.ListenSpec
 	metrics   string // --metrics-listen address, "" for none
+	cache     string // --cache-listen address, "" for none
 	budget    uint64 // --size-budget in bytes, 0 for none
 }
 
@@ -88,6 +92,8 @@ func parseDaemonArgs(args []string) (daemonOptions, error) {
 			}
 		case "--metrics-listen":
 			o.metrics, err = need()
+		case "--cache-listen":
+			o.cache, err = need()
 		case "--size-budget":
 			var v string
 			if v, err = need(); err == nil {
@@ -235,7 +241,17 @@ func runDaemon(ctx context.Context, args []string) error {
 	var mets *metrics.Metrics
 	if opts.metrics != "" {
 		mets = metrics.New(st.Stats)
-		stop, err := serveMetrics(ctx, opts.metrics, mets, logger)
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", mets.Handler())
+		stop, err := serveHTTP(ctx, opts.metrics, mux, logger, "--metrics-listen", "/metrics")
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
+	if opts.cache != "" {
+		srv := cache.New(st, cache.Config{SecretKeys: secretKeys, Logger: logger})
+		stop, err := serveHTTP(ctx, opts.cache, srv, logger, "--cache-listen", "/")
 		if err != nil {
 			return err
 		}
@@ -350,22 +366,20 @@ func readSecretKeys(files []string) ([]signature.SecretKey, error) {
 	return keys, nil
 }
 
-// serveMetrics serves m at http://addr/metrics until the returned stop is
-// called.
-func serveMetrics(ctx context.Context, addr string, m *metrics.Metrics, logger *slog.Logger) (stop func(), err error) {
+// serveHTTP serves h at addr until the returned stop is called; flag
+// names the option in errors, path what the log names.
+func serveHTTP(ctx context.Context, addr string, h http.Handler, logger *slog.Logger, flag, path string) (stop func(), err error) {
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
-		return nil, fmt.Errorf("--metrics-listen: %w", err)
+		return nil, fmt.Errorf("%s: %w", flag, err)
 	}
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", m.Handler())
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
 	go func() {
 		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			logger.Error("metrics server failed", "err", err)
+			logger.Error("HTTP server failed", "option", flag, "err", err)
 		}
 	}()
-	logger.Info("serving metrics", "url", "http://"+l.Addr().String()+"/metrics")
+	logger.Info("serving over HTTP", "option", flag, "url", "http://"+l.Addr().String()+path)
 	return func() { srv.Close() }, nil
 }
 

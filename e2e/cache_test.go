@@ -1,0 +1,54 @@
+package e2e
+
+import (
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestCacheServer: with --cache-listen, another store substitutes a
+// closure from the daemon's store over HTTP, as from nix-serve: the
+// narinfos are signed with the daemon's secret-key-files (a client that
+// trusts another key refuses them), and the copy verifies clean.
+func TestCacheServer(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("nix-daemon serves no binary cache")
+	}
+	e := newEnv(t)
+	sec, pub := e.generateKey(t, "host-cache-1")
+	_, otherPub := e.generateKey(t, "other-cache-1")
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	url := "http://" + l.Addr().String()
+	l.Close()
+	d := e.startDaemon(t, withDaemonArgs("--cache-listen", strings.TrimPrefix(url, "http://")), withConf("secret-key-files = "+sec))
+	args := e.expr(t, "served", `rec {
+  dep = mk { name = "served-dep"; script = "echo dep > $out"; };
+  top = mk { name = "served-top"; inherit dep; script = "echo top $dep > $out"; };
+}`)
+	top := oneLine(t, "top", d.nixBuild(append(args, "-A", "top", "--no-out-link")...).ok(t))
+	dep := oneLine(t, "dep", d.nixBuild(append(args, "-A", "dep", "--no-out-link")...).ok(t))
+
+	other := e.otherStore("fetched")
+	subst := func(key string) *command {
+		return e.cmd("nix-store", "--store", directStore(other), "-r", top,
+			"--option", "substituters", url, "--option", "trusted-public-keys", key)
+	}
+	if stderr := subst(otherPub).fails(t); !strings.Contains(stderr, "is not signed by any of the keys in 'trusted-public-keys'") {
+		t.Errorf("a client that trusts another key:\n%s", stderr)
+	}
+	subst(pub).ok(t)
+	got, err := os.ReadFile(filepath.Join(other, top))
+	if err != nil || string(got) != "top "+dep+"\n" {
+		t.Errorf("%s in the other store: %q %v", top, got, err)
+	}
+	e.local(other, "nix-store", "--verify", "--check-contents").ok(t)
+	if refs := e.local(other, "nix-store", "-q", "--references", top).ok(t); !strings.Contains(refs, dep) {
+		t.Errorf("references of %s in the other store: %q", top, refs)
+	}
+}

@@ -1,0 +1,179 @@
+// Package cache serves the store as an HTTP binary cache, as nix-serve
+// does, so that other hosts (or containers without the host's socket)
+// can substitute from it with substituters = http://HOST:PORT:
+//
+//	GET /nix-cache-info           StoreDir, WantMassQuery, Priority
+//	GET /HASH.narinfo             the path's info, signed with the
+//	                              daemon's secret-key-files
+//	GET /nar/HASH-NARHASH.nar     the path's NAR, uncompressed
+//
+// HEAD works for each. A NAR URL names the path's NAR hash, so a URL from
+// an old narinfo of a path since deleted and added again with other
+// contents is not served. A path is held by a temporary root while its
+// NAR is sent, and counts as used (the size budget's last use).
+package cache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"github.com/nixyard/nixyard/internal/nix/contentaddress"
+	"github.com/nixyard/nixyard/internal/nix/narinfo"
+	"github.com/nixyard/nixyard/internal/nix/signature"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+// DefaultPriority is the cache's priority in nix-cache-info (nix-serve's;
+// cache.nixos.org has 40, so a host nearby is asked first).
+const DefaultPriority = 30
+
+// Config is what the server signs with and says of itself.
+type Config struct {
+	// SecretKeys sign each narinfo (nix.conf secret-key-files); the
+	// signatures the path already has are served too.
+	SecretKeys []signature.SecretKey
+	// Priority is nix-cache-info's; 0 means DefaultPriority.
+	Priority int
+	Logger   *slog.Logger
+}
+
+// Server is an http.Handler serving a store as a binary cache.
+type Server struct {
+	st  *store.Store
+	cfg Config
+	log *slog.Logger
+}
+
+// New returns a Server for st.
+func New(st *store.Store, cfg Config) *Server {
+	if cfg.Priority == 0 {
+		cfg.Priority = DefaultPriority
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Server{st: st, cfg: cfg, log: log}
+}
+
+// ServeHTTP implements http.Handler.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+		return
+	}
+	path := r.URL.Path
+	switch {
+	case path == "/nix-cache-info":
+		ci := narinfo.NixCacheInfo{StoreDir: string(s.st.Dir()), WantMassQuery: true, Priority: s.cfg.Priority, HasPriority: true}
+		s.send(w, "text/x-nix-cache-info", ci.Marshal())
+	case strings.HasPrefix(path, "/nar/") && strings.HasSuffix(path, ".nar"):
+		s.serveNAR(w, r, strings.TrimSuffix(strings.TrimPrefix(path, "/nar/"), ".nar"))
+	case strings.HasSuffix(path, ".narinfo") && !strings.Contains(path[1:], "/"):
+		s.serveNarinfo(w, r, strings.TrimSuffix(path[1:], ".narinfo"))
+	default:
+		http.NotFound(w, r)
+	}
+}
+
+func (s *Server) send(w http.ResponseWriter, contentType string, body []byte) {
+	w.Header().Set("Content-Type", contentType)
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.Write(body)
+}
+
+// lookup finds the valid path with hash part hashPart and its info; ok
+// is false (and the reply sent) if there is none.
+func (s *Server) lookup(ctx context.Context, w http.ResponseWriter, r *http.Request, hashPart string) (*store.PathInfo, bool) {
+	p, err := s.st.QueryPathFromHashPart(ctx, hashPart)
+	if err == nil {
+		var info *store.PathInfo
+		if info, err = s.st.QueryPathInfo(ctx, p); err == nil {
+			return info, true
+		}
+	}
+	if errors.Is(err, store.ErrNotValid) || errors.Is(err, storepath.ErrBadPath) {
+		http.NotFound(w, r)
+		return nil, false
+	}
+	s.log.Warn("binary cache: looking up a path", "hash", hashPart, "err", err)
+	http.Error(w, "internal error", http.StatusInternalServerError)
+	return nil, false
+}
+
+// narURL is where a path's NAR is served.
+func narURL(info *store.PathInfo) string {
+	return fmt.Sprintf("nar/%s-%s.nar", info.Path.HashPart(), info.NarHash.NixBase32())
+}
+
+func (s *Server) serveNarinfo(w http.ResponseWriter, r *http.Request, hashPart string) {
+	info, ok := s.lookup(r.Context(), w, r, hashPart)
+	if !ok {
+		return
+	}
+	ni := narinfo.NarInfo{
+		StorePath: info.Path, URL: narURL(info), Compression: "none",
+		FileHash: info.NarHash, FileSize: info.NarSize,
+		NarHash: info.NarHash, NarSize: info.NarSize,
+		References: info.References, Deriver: info.Deriver, Sigs: info.Sigs,
+	}
+	if info.CA != "" {
+		ca, err := contentaddress.Parse(info.CA)
+		if err != nil {
+			s.log.Warn("binary cache: a path's content address does not parse", "path", info.Path.String(), "err", err)
+		} else {
+			ni.CA = ca
+		}
+	}
+	if len(s.cfg.SecretKeys) > 0 {
+		fp := signature.Fingerprint(s.st.Dir(), info.Path, info.NarHash, info.NarSize, info.References)
+		for _, k := range s.cfg.SecretKeys {
+			ni.Sigs = append(ni.Sigs, k.Sign(fp))
+		}
+	}
+	s.send(w, "text/x-nix-narinfo", ni.Marshal(s.st.Dir()))
+}
+
+func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, name string) {
+	hashPart, narHash, ok := strings.Cut(name, "-")
+	if !ok {
+		http.NotFound(w, r)
+		return
+	}
+	ctx := r.Context()
+	info, ok := s.lookup(ctx, w, r, hashPart)
+	if !ok {
+		return
+	}
+	if info.NarHash.NixBase32() != narHash {
+		http.NotFound(w, r) // the path now has other contents
+		return
+	}
+	ss := s.st.OpenSession()
+	defer ss.Close()
+	if err := ss.AddTempRoot(ctx, info.Path); err != nil {
+		http.Error(w, "internal error", http.StatusInternalServerError)
+		return
+	}
+	// Valid under the root: the collector cannot take it from now on.
+	if ok, err := s.st.IsValidPathFresh(ctx, info.Path); err != nil || !ok {
+		http.NotFound(w, r)
+		return
+	}
+	w.Header().Set("Content-Type", "application/x-nix-nar")
+	w.Header().Set("Content-Length", strconv.FormatUint(info.NarSize, 10))
+	if r.Method == http.MethodHead {
+		return
+	}
+	if err := s.st.NarFromPath(ctx, info.Path, w); err != nil && ctx.Err() == nil {
+		// Too late for a status: the client sees a short body.
+		s.log.Warn("binary cache: sending a NAR", "path", info.Path.String(), "err", err)
+	}
+}
