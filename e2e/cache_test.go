@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -20,13 +19,8 @@ func TestCacheServer(t *testing.T) {
 	e := newEnv(t)
 	sec, pub := e.generateKey(t, "host-cache-1")
 	_, otherPub := e.generateKey(t, "other-cache-1")
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	url := "http://" + l.Addr().String()
-	l.Close()
-	d := e.startDaemon(t, withDaemonArgs("--cache-listen", strings.TrimPrefix(url, "http://")), withConf("secret-key-files = "+sec))
+	d := e.startDaemon(t, withDaemonArgs("--cache-listen", "127.0.0.1:0"), withConf("secret-key-files = "+sec))
+	url := strings.TrimSuffix(d.servedURL(t, "--cache-listen"), "/")
 	args := e.expr(t, "served", `rec {
   dep = mk { name = "served-dep"; script = "echo dep > $out"; };
   top = mk { name = "served-top"; inherit dep; script = "echo top $dep > $out"; };

@@ -2,8 +2,8 @@ package e2e
 
 import (
 	"io"
-	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -21,14 +21,9 @@ func TestMetrics(t *testing.T) {
 		t.Skip("nix-daemon serves no metrics")
 	}
 	e := newEnv(t)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
 	jobSock := filepath.Join(e.dir, "job.sock")
-	d := e.startDaemon(t, withDaemonArgs("--metrics-listen", addr, "--listen", jobSock+",trusted=false,tenant=ci"))
+	d := e.startDaemon(t, withDaemonArgs("--metrics-listen", "127.0.0.1:0", "--listen", jobSock+",trusted=false,tenant=ci"))
+	metricsURL := d.servedURL(t, "--metrics-listen")
 
 	d.nixStore(t, "--add", e.file(t, "host.txt", "from the host\n"))
 	job := "unix://" + jobSock + "?root=" + d.root
@@ -41,7 +36,7 @@ func TestMetrics(t *testing.T) {
 	var text string
 	scrape := func() {
 		t.Helper()
-		resp, err := http.Get("http://" + addr + "/metrics")
+		resp, err := http.Get(metricsURL)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -83,4 +78,20 @@ func TestMetrics(t *testing.T) {
 	if !strings.Contains(text, "go_goroutines ") || !strings.Contains(text, "process_resident_memory_bytes ") {
 		t.Errorf("no Go or process metrics:\n%s", text)
 	}
+}
+
+// servedURL is the URL the daemon logged for its HTTP server of option
+// (--metrics-listen or --cache-listen), which listens on a port the
+// kernel chose.
+func (d *daemon) servedURL(t *testing.T, option string) string {
+	t.Helper()
+	log, err := os.ReadFile(d.logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`option=` + regexp.QuoteMeta(option) + ` url=(\S+)`).FindSubmatch(log)
+	if m == nil {
+		t.Fatalf("the daemon logged no URL for %s:\n%s", option, log)
+	}
+	return string(m[1])
 }

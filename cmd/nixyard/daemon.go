@@ -238,6 +238,11 @@ func runDaemon(ctx context.Context, args []string) error {
 	}
 	defer st.Close()
 
+	if opts.stdio && (opts.metrics != "" || opts.cache != "") {
+		// One process per ssh-ng session: a second one could not listen.
+		logger.Warn("--metrics-listen and --cache-listen are ignored with --stdio")
+		opts.metrics, opts.cache = "", ""
+	}
 	var mets *metrics.Metrics
 	if opts.metrics != "" {
 		mets = metrics.New(st.Stats)

@@ -270,9 +270,6 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 			start = time.Now()
 		}
 		err := c.perform(ctx, op)
-		if mc != nil {
-			mc.Op(opName(op), time.Since(start), err)
-		}
 		if err != nil {
 			working, stopped := c.tun.state()
 			if stopped {
@@ -289,6 +286,9 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 			if ferr := c.out.Flush(); ferr != nil {
 				return fmt.Errorf("daemon: op %s (%d): %w (and sending the error: %v)", opName(op), op, err, ferr)
 			}
+			if mc != nil {
+				mc.Op(opName(op), time.Since(start), err)
+			}
 			if isFatal {
 				return fmt.Errorf("daemon: op %s (%d): %w", opName(op), op, err)
 			}
@@ -297,6 +297,9 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 		}
 		if err := c.out.Flush(); err != nil {
 			return fmt.Errorf("daemon: op %s (%d): sending reply: %w", opName(op), op, err)
+		}
+		if mc != nil {
+			mc.Op(opName(op), time.Since(start), nil)
 		}
 	}
 }

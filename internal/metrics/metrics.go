@@ -61,8 +61,8 @@ func New(stats StoreStats) *Metrics {
 	}, []string{"op", "tenant"})
 	m.opSeconds = prometheus.NewHistogramVec(prometheus.HistogramOpts{
 		Name:    "nixyard_op_duration_seconds",
-		Help:    "Time from an operation's request to its reply, by operation.",
-		Buckets: prometheus.ExponentialBuckets(50e-6, 4, 12), // 50 µs to ~3.5 min
+		Help:    "Time from an operation's request being read to its reply being sent, by operation.",
+		Buckets: prometheus.ExponentialBuckets(5e-6, 4, 13), // 5 µs to ~84 s
 	}, []string{"op"})
 	m.builds = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "nixyard_builds_total",
@@ -79,7 +79,7 @@ func New(stats StoreStats) *Metrics {
 	}, []string{"where"})
 	m.fetches = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "nixyard_substitutions_total",
-		Help: "Paths fetched from binary caches (one download however many clients wait), by result (ok or failed).",
+		Help: "Paths fetched from binary caches (once however many clients wait, after every cache was tried), by result (ok or failed).",
 	}, []string{"result"})
 	m.fetchedNar = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "nixyard_substituted_nar_bytes_total",
@@ -97,7 +97,7 @@ func New(stats StoreStats) *Metrics {
 // cannot be read (the store's size, when its database fails) is left out;
 // the others are served.
 func (m *Metrics) Handler() http.Handler {
-	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError})
+	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError, MaxRequestsInFlight: 4, Timeout: 30 * time.Second})
 }
 
 // Conn counts a connection in, with its trust ("trusted", "untrusted" or

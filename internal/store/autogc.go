@@ -21,11 +21,21 @@ type autoGC struct {
 	availAfterGC uint64        // space available after the last collection
 	collected    bool          // availAfterGC is set
 	// sizeAfterGC is the valid paths' NAR size after the last collection
-	// for the size budget, if it could not get under the budget (all the
-	// rest is alive); 0 otherwise. Until the store grows by 1 % of the
-	// budget beyond it, no collection is started for the budget.
+	// for the size budget (at budgetGCAt), if it could not get down to
+	// 90 % of the budget (the rest is alive); 0 otherwise. Until the store
+	// grows by 1 % of the budget beyond it, or budgetRetry passes (paths
+	// may have died since), no collection is started for the budget.
 	sizeAfterGC uint64
+	budgetGCAt  time.Time
+	// lastSave is when the last uses were last saved (see lastUseSave).
+	lastSave time.Time
 }
+
+const (
+	budgetRetry   = 10 * time.Minute
+	lastUseSave   = time.Minute // how often last uses are saved, at most
+	budgetPercent = 90          // what a size-budget collection brings the store down to
+)
 
 // AutoGC collects garbage when the store's file system has less than
 // Config.MinFree bytes available, until Config.MaxFree are (Nix's
@@ -64,8 +74,10 @@ func (a *autoGC) startLocked(s *Store) chan struct{} {
 		return nil
 	}
 	a.lastCheck = now
-	if s.cfg.SizeBudget > 0 {
+	if s.cfg.SizeBudget > 0 && now.Sub(a.lastSave) >= lastUseSave && s.lastUse.saving.CompareAndSwap(false, true) {
+		a.lastSave = now
 		go func() {
+			defer s.lastUse.saving.Store(false)
 			if err := s.saveLastUses(); err != nil {
 				s.log.Warn("auto-GC: cannot save the last uses of paths", "err", err)
 			}
@@ -91,8 +103,8 @@ func (a *autoGC) startLocked(s *Store) chan struct{} {
 		_, size, err := s.Stats(context.Background())
 		if err != nil {
 			s.log.Warn("auto-GC: cannot tell the store's size", "err", err)
-		} else if size > budget && (a.sizeAfterGC == 0 || size > a.sizeAfterGC+budget/100) {
-			toFree = max(toFree, size-budget/10*9)
+		} else if size > budget && (a.sizeAfterGC == 0 || size > a.sizeAfterGC+budget/100 || now.Sub(a.budgetGCAt) >= budgetRetry) {
+			toFree = max(toFree, size-budget/100*budgetPercent)
 		}
 	}
 	if toFree == 0 {
@@ -121,7 +133,8 @@ func (a *autoGC) startLocked(s *Store) chan struct{} {
 		}
 		a.sizeAfterGC = 0
 		if budget > 0 {
-			if _, size, err := s.Stats(context.Background()); err == nil && size > budget {
+			a.budgetGCAt = time.Now()
+			if _, size, err := s.Stats(context.Background()); err == nil && size > budget/100*budgetPercent {
 				a.sizeAfterGC = size
 			}
 		}

@@ -352,7 +352,11 @@ func (c *collector) deleteFromStore(base string) error {
 	if err != nil {
 		return fmt.Errorf("store: %w", err)
 	}
-	if c.res.BytesFreed > c.opts.MaxFreed && c.opts.Action != GCDeleteSpecific {
+	counted := c.res.BytesFreed
+	if c.opts.LRU {
+		counted = c.res.NarBytesFreed
+	}
+	if counted > c.opts.MaxFreed && c.opts.Action != GCDeleteSpecific {
 		c.logf(fmt.Sprintf("deleted more than %d bytes; stopping", c.opts.MaxFreed))
 		return errGCLimit
 	}
@@ -464,10 +468,15 @@ func (c *collector) deleteReferrersClosure(ctx context.Context, start storepath.
 		}
 		c.dead[p] = true
 		if c.del {
+			if info, err := c.s.queryPathInfoDB(ctx, p); err == nil {
+				c.res.NarBytesFreed += info.NarSize
+			}
 			if err := c.s.invalidatePathChecked(ctx, p); err != nil {
 				return err
 			}
-			c.s.lastUse.m.Delete(p)
+			if _, ok := c.s.lastUse.m.LoadAndDelete(p); ok {
+				c.s.lastUse.dirty.Store(true)
+			}
 			delete(c.referrers, p)
 			if err := c.deleteFromStore(p.String()); err != nil {
 				return err
@@ -475,6 +484,21 @@ func (c *collector) deleteReferrersClosure(ctx context.Context, start storepath.
 		}
 	}
 	return nil
+}
+
+// SortByReferences orders paths so that the paths each refers to (among
+// them) come first: the order in which a closure can be copied.
+func (s *Store) SortByReferences(ctx context.Context, paths []storepath.Path) ([]storepath.Path, error) {
+	set := make(map[storepath.Path]bool, len(paths))
+	for _, p := range paths {
+		set[p] = true
+	}
+	order, err := s.topoSort(ctx, set)
+	if err != nil {
+		return nil, err
+	}
+	slices.Reverse(order)
+	return order, nil
 }
 
 // topoSort orders a set of paths so that referrers come before the paths

@@ -2,7 +2,8 @@ package store
 
 // The size budget (Config.SizeBudget): when the valid paths' NAR sizes sum
 // to more than the budget, the automatic collection deletes dead paths
-// until the sum is back under 90 % of it, least recently used first. A
+// until the sum of what it deleted brings the store to 90 % of it, least
+// recently used first. A
 // path is used when a client asks for its info or its NAR, or a session
 // takes a temporary root on it (what clients do for every path they work
 // with, and builds for their inputs); it was used when it was registered,
@@ -11,14 +12,16 @@ package store
 // a job used yesterday stays as long as that does.
 //
 // Last uses are kept in memory (to the second) and saved to
-// <state>/nixyard-last-use at each automatic collection check and when
-// the store is closed; after a crash the last minutes of uses are lost,
-// and those paths count from their registration.
+// <state>/nixyard-last-use at most once a minute, at the automatic
+// collection's checks, and when the store is closed; after a crash the
+// last minutes of uses are lost, and those paths count from their
+// registration or an earlier use.
 
 import (
 	"bufio"
 	"cmp"
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -39,6 +42,7 @@ type lastUses struct {
 	m      sync.Map // storepath.Path -> int64, unix seconds
 	dirty  atomic.Bool
 	saveMu sync.Mutex
+	saving atomic.Bool // a background save is under way (see AutoGC)
 }
 
 const lastUseFile = "nixyard-last-use"
@@ -108,6 +112,9 @@ func (s *Store) saveLastUses() error {
 		return true
 	})
 	err = w.Flush()
+	if err == nil {
+		err = f.Sync()
+	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
@@ -125,7 +132,11 @@ func (s *Store) saveLastUses() error {
 // lruOrder sorts the store directory's entries for a size-budget
 // collection: entries that are not valid paths first, then valid paths
 // from the least recently used, where a path counts as used when any path
-// that refers to it, directly or not, was.
+// that refers to it, directly or not, was. The links the collector
+// follows besides references count as references: a derivation's
+// outputs refer to it (keep-derivations, Nix's default), and with
+// keep-outputs it refers to them. Last uses of paths that are not valid
+// are forgotten.
 func (s *Store) lruOrder(ctx context.Context, names []string) ([]string, error) {
 	type node struct {
 		base      string
@@ -134,28 +145,56 @@ func (s *Store) lruOrder(ctx context.Context, names []string) ([]string, error) 
 		state     uint8   // 0 new, 1 visiting, 2 done
 	}
 	nodes := map[int64]*node{}
-	rows, err := s.db.r.QueryContext(ctx, "select id, path, registrationTime from ValidPaths")
+	ids := map[string]int64{}          // absolute path -> id
+	derivers := map[int64]string{}     // id -> its deriver's absolute path
+	valid := map[storepath.Path]bool{} // for forgetting the others' last uses
+	rows, err := s.db.r.QueryContext(ctx, "select id, path, registrationTime, deriver from ValidPaths")
 	if err != nil {
 		return nil, fmt.Errorf("store: reading valid paths: %w", err)
 	}
 	for rows.Next() {
 		var id, reg int64
 		var abs string
-		if err := rows.Scan(&id, &abs, &reg); err != nil {
+		var deriver sql.NullString
+		if err := rows.Scan(&id, &abs, &reg, &deriver); err != nil {
 			rows.Close()
 			return nil, fmt.Errorf("store: reading valid paths: %w", err)
 		}
 		n := &node{base: abs[strings.LastIndexByte(abs, '/')+1:], own: reg}
 		if p, err := storepath.ParseBase(n.base); err == nil {
+			valid[p] = true
 			if v, ok := s.lastUse.m.Load(p); ok {
 				n.own = max(n.own, v.(int64))
 			}
 		}
 		nodes[id] = n
+		ids[abs] = id
+		if deriver.Valid && deriver.String != "" {
+			derivers[id] = deriver.String
+		}
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("store: reading valid paths: %w", err)
+	}
+	s.lastUse.m.Range(func(k, _ any) bool {
+		if !valid[k.(storepath.Path)] {
+			s.lastUse.m.Delete(k)
+			s.lastUse.dirty.Store(true)
+		}
+		return true
+	})
+	for out, drvAbs := range derivers {
+		drv, ok := ids[drvAbs]
+		if !ok || drv == out {
+			continue
+		}
+		if !s.cfg.DiscardDerivations {
+			nodes[drv].referrers = append(nodes[drv].referrers, out)
+		}
+		if s.cfg.KeepOutputs {
+			nodes[out].referrers = append(nodes[out].referrers, drv)
+		}
 	}
 	rows, err = s.db.r.QueryContext(ctx, "select referrer, reference from Refs")
 	if err != nil {

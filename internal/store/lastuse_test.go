@@ -1,9 +1,12 @@
 package store
 
 import (
+	"bytes"
 	"context"
+	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
@@ -47,18 +50,12 @@ func TestSizeBudgetLRU(t *testing.T) {
 	}
 	one := size / 6
 	// Over budget by one and a half paths (counting the 10 % margin).
-	s.cfg.SizeBudget = (size - one*3/2) * 10 / 9
+	s.cfg.SizeBudget = (size - one*3/2) * 100 / budgetPercent
 	s.AutoGC(ctx, true)
 	for p, want := range map[storepath.Path]bool{old: false, mid: false, dep: true, app: true, recent: true, held: true} {
 		if ok, err := s.IsValidPathFresh(ctx, p); err != nil || ok != want {
 			t.Errorf("%s valid = %v (%v), want %v", p, ok, err, want)
 		}
-	}
-	// Under budget now: nothing more goes.
-	s.autoGC.lastCheck = s.autoGC.lastCheck.AddDate(0, 0, -1)
-	s.AutoGC(ctx, true)
-	if ok, _ := s.IsValidPathFresh(ctx, dep); !ok {
-		t.Error("a collection under budget deleted dep")
 	}
 
 	// The last uses are saved and read back.
@@ -110,5 +107,91 @@ func TestLRUOrderChain(t *testing.T) {
 		if !found {
 			t.Errorf("%s not after x in %q", p, order)
 		}
+	}
+}
+
+// TestLRUOrderDeriver: a derivation counts as used when an output it
+// produced is (the collector deletes those outputs with it, under
+// keep-derivations).
+func TestLRUOrderDeriver(t *testing.T) {
+	ctx := context.Background()
+	s := openWithBudget(t, t.TempDir(), 1<<40)
+	defer s.Close()
+	drv := addText(t, s, "thing-deriver", "stands for a .drv") // the order follows the deriver column
+	other := addText(t, s, "other", "o")
+	outInfo := caNARInfo(t, s, "thing", narOf(t, map[string]string{"f": "out"}), nil)
+	outInfo.Deriver = drv
+	if err := s.AddToStoreNar(ctx, outInfo, bytes.NewReader(narOf(t, map[string]string{"f": "out"})), AddOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.db.w.ExecContext(ctx, "update ValidPaths set registrationTime = 1000"); err != nil {
+		t.Fatal(err)
+	}
+	s.lastUse.m.Store(outInfo.Path, int64(9000))
+	s.lastUse.m.Store(other, int64(2000))
+	s.lastUse.m.Store(addTextPathNotValid(t), int64(5000))
+	order, err := s.lruOrder(ctx, []string{drv.String(), other.String(), outInfo.Path.String()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if order[0] != other.String() {
+		t.Errorf("order %q: the derivation of a path used at 9000 comes before one used at 2000", order)
+	}
+	n := 0
+	s.lastUse.m.Range(func(any, any) bool { n++; return true })
+	if n != 2 {
+		t.Errorf("%d last uses kept, want the 2 of valid paths", n)
+	}
+}
+
+func addTextPathNotValid(t *testing.T) storepath.Path {
+	t.Helper()
+	p, err := storepath.ParseBase("00000000000000000000000000000000-gone")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestSizeBudgetCountsNAR: a budget collection stops when the NAR sizes
+// of what it deleted are enough, whatever its files' bytes (here none:
+// the paths are directories of empty files).
+func TestSizeBudgetCountsNAR(t *testing.T) {
+	ctx := context.Background()
+	s := openWithBudget(t, t.TempDir(), 1<<40)
+	defer s.Close()
+	var paths []storepath.Path
+	for i := range 4 {
+		files := map[string]string{}
+		for j := range 100 {
+			files[fmt.Sprintf("f%03d-%d", j, i)] = ""
+		}
+		paths = append(paths, addNAR(t, s, fmt.Sprintf("empty-%d", i), files).Path)
+	}
+	if _, err := s.db.w.ExecContext(ctx, "update ValidPaths set registrationTime = 1000"); err != nil {
+		t.Fatal(err)
+	}
+	for i, p := range paths {
+		s.lastUse.m.Store(p, int64(2000+i))
+	}
+	_, size, err := s.Stats(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	one := size / 4
+	s.cfg.SizeBudget = (size - one*3/2) * 100 / budgetPercent // one and a half paths over
+	s.AutoGC(ctx, true)
+	for i, p := range paths {
+		ok, _ := s.IsValidPathFresh(ctx, p)
+		if want := i >= 2; ok != want {
+			t.Errorf("path %d (used at %d) valid = %v, want %v", i, 2000+i, ok, want)
+		}
+	}
+	// Nothing more to collect without growth: no new collection.
+	at := s.autoGC.budgetGCAt
+	s.autoGC.lastCheck = time.Time{}
+	s.AutoGC(ctx, true)
+	if !s.autoGC.budgetGCAt.Equal(at) {
+		t.Error("a collection ran again under the budget")
 	}
 }

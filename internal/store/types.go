@@ -43,7 +43,9 @@ type GCOptions struct {
 	IgnoreLiveness bool
 	MaxFreed       uint64 // stop once this many bytes are freed; math.MaxUint64 means no limit
 	// LRU deletes the least recently used dead paths first (see
-	// lastuse.go), instead of in the store directory's order.
+	// lastuse.go), instead of in the store directory's order, and counts
+	// the NAR sizes of the paths it deletes towards MaxFreed (the size
+	// budget's measure) instead of the bytes of their files.
 	LRU bool
 }
 
@@ -51,6 +53,9 @@ type GCOptions struct {
 type GCResult struct {
 	Paths      []string // absolute paths returned or deleted
 	BytesFreed uint64
+	// NarBytesFreed is the sum of the NAR sizes of the valid paths
+	// deleted.
+	NarBytesFreed uint64
 }
 
 // DerivedPath is what clients ask to realise: an opaque store path, or

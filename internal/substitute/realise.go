@@ -270,11 +270,19 @@ func (s *Substituter) Repair(ctx context.Context, p storepath.Path) error {
 func repairing(ctx context.Context) bool { return ctx.Value(repairKey{}) != nil }
 
 // fetchPath tries the upstreams by priority until one delivers p.
-func (s *Substituter) fetchPath(ctx context.Context, p storepath.Path, h *hub) error {
+func (s *Substituter) fetchPath(ctx context.Context, p storepath.Path, h *hub) (err error) {
 	if ok, err := s.st.IsValidPath(ctx, p); err != nil {
 		return fmt.Errorf("store: %w", err)
 	} else if ok && !repairing(ctx) {
 		return nil
+	}
+	var narSize uint64
+	if f := s.cfg.OnFetched; f != nil {
+		defer func() {
+			if ctx.Err() == nil {
+				f(narSize, err)
+			}
+		}()
 	}
 
 	abs := s.cfg.StoreDir.Abs(p)
@@ -295,6 +303,7 @@ func (s *Substituter) fetchPath(ctx context.Context, p storepath.Path, h *hub) e
 		if err == nil {
 			err = s.fetchNar(ctx, up, info, h)
 			if err == nil {
+				narSize = info.NarSize
 				return nil
 			}
 		}
@@ -329,9 +338,6 @@ func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h 
 		err = &missingNARError{url: up.urlOf(info.URL), upstream: up.base}
 	}
 	h.emit(Event{Kind: EventStop, Type: ActSubstitute, ID: subID, Path: info.StorePath, Upstream: up.base, Err: err})
-	if f := s.cfg.OnFetched; f != nil {
-		f(info.NarSize, err)
-	}
 	return err
 }
 

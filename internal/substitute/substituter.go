@@ -107,8 +107,10 @@ type Config struct {
 	// the system's. Ignored when HTTPClient is set.
 	CAFile string
 
-	// OnFetched, if set, is told of each NAR download that ends: the
-	// path's NAR size, or the error it failed with (for monitoring).
+	// OnFetched, if set, is told of each path fetched (once, however many
+	// callers wait for it): its NAR size, or the error it failed with
+	// after every upstream was tried; not of a fetch its callers gave up
+	// (for monitoring).
 	OnFetched func(narSize uint64, err error)
 
 	HTTPClient *http.Client
