@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestCacheServer: with --cache-listen, another store substitutes a
@@ -44,5 +45,44 @@ func TestCacheServer(t *testing.T) {
 	e.local(other, "nix-store", "--verify", "--check-contents").ok(t)
 	if refs := e.local(other, "nix-store", "-q", "--references", top).ok(t); !strings.Contains(refs, dep) {
 		t.Errorf("references of %s in the other store: %q", top, refs)
+	}
+}
+
+// TestPushToCache: with --push-to file://DIR, what the daemon builds is
+// pushed with its closure to the binary cache in DIR, signed, from where
+// another store substitutes it; a path it only added is not pushed.
+func TestPushToCache(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("nix-daemon pushes nothing by itself")
+	}
+	e := newEnv(t)
+	sec, pub := e.generateKey(t, "fleet-1")
+	dir := filepath.Join(e.dir, "fleet-cache")
+	d := e.startDaemon(t, withDaemonArgs("--push-to", "file://"+dir), withConf("secret-key-files = "+sec))
+	added := oneLine(t, "added", d.nixStore(t, "--add", e.file(t, "added.txt", "only added\n")))
+	args := e.expr(t, "pushed", `rec {
+  dep = mk { name = "pushed-dep"; script = "echo dep > $out"; };
+  top = mk { name = "pushed-top"; inherit dep; script = "echo top $dep > $out"; };
+}`)
+	top := oneLine(t, "top", d.nixBuild(append(args, "-A", "top", "--no-out-link")...).ok(t))
+	narinfo := filepath.Join(dir, filepath.Base(top)[:32]+".narinfo")
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if _, err := os.Stat(narinfo); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s was not pushed to %s", top, dir)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, filepath.Base(added)[:32]+".narinfo")); err == nil {
+		t.Errorf("%s, only added, was pushed", added)
+	}
+	other := e.otherStore("from-fleet")
+	e.cmd("nix-store", "--store", directStore(other), "-r", top,
+		"--option", "substituters", "file://"+dir, "--option", "trusted-public-keys", pub).ok(t)
+	e.local(other, "nix-store", "--verify", "--check-contents").ok(t)
+	if got, err := os.ReadFile(filepath.Join(other, top)); err != nil || !strings.HasPrefix(string(got), "top /nix/store/") {
+		t.Errorf("%s from the fleet cache: %q %v", top, got, err)
 	}
 }

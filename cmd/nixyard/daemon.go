@@ -21,6 +21,7 @@ import (
 	"github.com/nixyard/nixyard/internal/daemon"
 	"github.com/nixyard/nixyard/internal/metrics"
 	"github.com/nixyard/nixyard/internal/nix/signature"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/realise"
 	"github.com/nixyard/nixyard/internal/store"
 	"github.com/nixyard/nixyard/internal/timerslack"
@@ -39,6 +40,9 @@ const daemonUsage = `usage: nixyard daemon [options]
   --metrics-listen ADDR serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9470)
   --cache-listen ADDR   serve the store as an HTTP binary cache at http://ADDR/ (narinfos
                         signed with secret-key-files), for substituters = http://ADDR
+  --push-to URL         push every build's outputs, with their closures, to the binary cache
+                        at URL (file:///DIR or an http(s) cache that takes PUT), signed with
+                        secret-key-files, from a queue kept across restarts
   --size-budget SIZE    keep the store's paths under SIZE of NAR (e.g. 200G; K, M, G, T are
                         powers of 1024), collecting the least recently used dead paths first
   --option NAME VALUE   override a nix.conf setting
@@ -56,6 +60,7 @@ type daemonOptions struct {
 	listens   []daemon.ListenSpec
 	metrics   string // --metrics-listen address, "" for none
 	cache     string // --cache-listen address, "" for none
+	pushTo    string // --push-to URL, "" for none
 	budget    uint64 // --size-budget in bytes, 0 for none
 }
 
@@ -94,6 +99,8 @@ func parseDaemonArgs(args []string) (daemonOptions, error) {
 			o.metrics, err = need()
 		case "--cache-listen":
 			o.cache, err = need()
+		case "--push-to":
+			o.pushTo, err = need()
 		case "--size-budget":
 			var v string
 			if v, err = need(); err == nil {
@@ -275,6 +282,35 @@ func runDaemon(ctx context.Context, args []string) error {
 	if mets != nil {
 		subCfg.OnFetched = mets.Fetched
 		buildCfg.Metrics = mets
+	}
+	if opts.pushTo != "" {
+		target, err := cache.OpenTarget(opts.pushTo)
+		if err != nil {
+			return fmt.Errorf("--push-to: %w", err)
+		}
+		pusher, err := cache.NewPusher(st, target, filepath.Join(layout.StateDir, "nixyard-push"), secretKeys, logger)
+		if err != nil {
+			return err
+		}
+		if len(secretKeys) == 0 {
+			logger.Warn("--push-to without secret-key-files: what is pushed is not signed")
+		}
+		pctx, stop := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			pusher.Run(pctx)
+		}()
+		defer func() { // before the store closes
+			stop()
+			<-done
+		}()
+		buildCfg.OnBuilt = func(outs []storepath.Path) {
+			if err := pusher.Enqueue(outs...); err != nil {
+				logger.Warn("cannot queue built outputs for pushing", "err", err)
+			}
+		}
+		logger.Info("pushing built outputs", "to", target.String())
 	}
 	var hookListener net.Listener
 	if !opts.stdio {

@@ -176,6 +176,10 @@ type Config struct {
 	HookStore string
 	// Metrics, if set, is told when builds start and end.
 	Metrics Metrics
+	// OnBuilt, if set, gets the outputs of every build that made them
+	// valid here (built here or on a remote machine): to push them to a
+	// fleet cache, say. It must not block long.
+	OnBuilt func(outputs []storepath.Path)
 }
 
 // Metrics receives the Builder's events for monitoring.

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"os"
 	"os/exec"
 	"path"
@@ -336,6 +337,9 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 	} else if f := j.register(ctx, locks); f != nil {
 		j.keep = keepFailed
 		return f
+	}
+	if f := b.cfg.OnBuilt; f != nil && g.mode == ModeNormal {
+		f(slices.Collect(maps.Values(j.outputs)))
 	}
 	return j.postBuildHook(ctx)
 }

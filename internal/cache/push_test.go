@@ -1,0 +1,169 @@
+package cache
+
+import (
+	"bytes"
+	"crypto/ed25519"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/klauspost/compress/zstd"
+
+	"github.com/nixyard/nixyard/internal/nix/contentaddress"
+	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/narinfo"
+	"github.com/nixyard/nixyard/internal/nix/signature"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+func testStore(t *testing.T) *store.Store {
+	t.Helper()
+	root := t.TempDir()
+	st, err := store.Open(t.Context(), store.Config{
+		StoreDir: "/nix/store", RealStoreDir: filepath.Join(root, "nix/store"),
+		StateDir: filepath.Join(root, "nix/var/nix"), LogDir: filepath.Join(root, "nix/var/log/nix"),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return st
+}
+
+// memCache is a binary cache over HTTP that keeps what is PUT to it, in
+// order: what a writable cache (an S3 bucket, a WebDAV server) does for
+// Nix's HTTP binary cache store.
+type memCache struct {
+	mu    sync.Mutex
+	files map[string][]byte
+	order []string
+}
+
+func (m *memCache) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	switch r.Method {
+	case http.MethodPut:
+		b, _ := io.ReadAll(r.Body)
+		m.files[r.URL.Path[1:]] = b
+		m.order = append(m.order, r.URL.Path[1:])
+	case http.MethodHead, http.MethodGet:
+		b, ok := m.files[r.URL.Path[1:]]
+		if !ok {
+			http.NotFound(w, r)
+			return
+		}
+		w.Write(b)
+	}
+}
+
+// TestPush: a path and its closure go to the cache, references first and
+// each NAR before its narinfo; the narinfos are signed and their NARs
+// decompress to the paths' NAR hashes; what the cache has is not sent
+// again; and a queue left by a stopped pusher is pushed by the next.
+func TestPush(t *testing.T) {
+	ctx := t.Context()
+	st := testStore(t)
+	dep, err := st.AddToStoreContent(ctx, "dep", contentaddress.Text, hash.SHA256, nil, strings.NewReader("dep"), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	top, err := st.AddToStoreContent(ctx, "top", contentaddress.Text, hash.SHA256, []storepath.Path{dep.Path}, strings.NewReader("uses "+st.Dir().Abs(dep.Path)), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, priv, _ := ed25519.GenerateKey(nil)
+	key := signature.SecretKey{Name: "fleet-1", Key: priv}
+	mc := &memCache{files: map[string][]byte{}}
+	srv := httptest.NewServer(mc)
+	defer srv.Close()
+	target, err := OpenTarget(srv.URL + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	queue := filepath.Join(t.TempDir(), "queue")
+	p, err := NewPusher(st, target, queue, []signature.SecretKey{key}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Enqueue(top.Path); err != nil {
+		t.Fatal(err)
+	}
+	// A new pusher on the same queue (as after a restart) pushes it.
+	p2, err := NewPusher(st, target, queue, []signature.SecretKey{key}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p2.pushQueued(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if left, _ := os.ReadDir(queue); len(left) != 0 {
+		t.Errorf("queue after the push: %v", left)
+	}
+	pos := map[string]int{}
+	for i, f := range mc.order {
+		pos[f] = i
+	}
+	for _, info := range []*store.PathInfo{dep, top} {
+		name := info.Path.HashPart() + ".narinfo"
+		ni, err := narinfo.Parse(st.Dir(), mc.files[name])
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		fp := signature.Fingerprint(st.Dir(), ni.StorePath, ni.NarHash, ni.NarSize, ni.References)
+		if !signature.VerifyAny(fp, ni.Sigs, []signature.PublicKey{key.PublicKey()}) || ni.Compression != "zstd" {
+			t.Errorf("%s: %+v", name, ni)
+		}
+		zr, err := zstd.NewReader(bytes.NewReader(mc.files[ni.URL]))
+		if err != nil {
+			t.Fatal(err)
+		}
+		nar, err := io.ReadAll(zr)
+		zr.Close()
+		if err != nil || !hash.Sum(hash.SHA256, nar).Equal(info.NarHash) || !hash.Sum(hash.SHA256, mc.files[ni.URL]).Equal(ni.FileHash) {
+			t.Errorf("%s: the NAR does not match (%v)", name, err)
+		}
+		if pos[ni.URL] > pos[name] {
+			t.Errorf("%s was written before its NAR", name)
+		}
+	}
+	if pos[dep.Path.HashPart()+".narinfo"] > pos[top.Path.HashPart()+".narinfo"] {
+		t.Error("top was pushed before its reference")
+	}
+	if _, ok := mc.files["nix-cache-info"]; !ok {
+		t.Error("no nix-cache-info")
+	}
+	// Pushed again: nothing is sent.
+	n := len(mc.order)
+	if err := p2.Push(ctx, top.Path); err != nil || len(mc.order) != n {
+		t.Errorf("a second push sent %d files (%v)", len(mc.order)-n, err)
+	}
+}
+
+func TestOpenTarget(t *testing.T) {
+	for _, u := range []string{"s3://bucket", "file://relative/dir", "ftp://x", "file:"} {
+		if _, err := OpenTarget(u); err == nil {
+			t.Errorf("OpenTarget(%q): no error", u)
+		}
+	}
+	dir := t.TempDir()
+	tg, err := OpenTarget("file://" + dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Put(t.Context(), "nar/x.nar", strings.NewReader("data"), 4, ""); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := tg.Has(t.Context(), "nar/x.nar"); !ok || err != nil {
+		t.Errorf("Has after Put: %v %v", ok, err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dir, "nar/x.nar")); string(b) != "data" {
+		t.Errorf("file: %q", b)
+	}
+}
