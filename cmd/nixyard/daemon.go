@@ -41,8 +41,10 @@ const daemonUsage = `usage: nixyard daemon [options]
   --cache-listen ADDR   serve the store as an HTTP binary cache at http://ADDR/ (narinfos
                         signed with secret-key-files), for substituters = http://ADDR
   --push-to URL         push every build's outputs, with their closures, to the binary cache
-                        at URL (file:///DIR or an http(s) cache that takes PUT), signed with
-                        secret-key-files, from a queue kept across restarts
+                        at URL (file:///DIR, an http(s) cache that takes PUT, or
+                        s3://BUCKET?region=R&endpoint=HOST with AWS_ACCESS_KEY_ID and
+                        AWS_SECRET_ACCESS_KEY), signed with secret-key-files, from a queue
+                        kept across restarts
   --size-budget SIZE    keep the store's paths under SIZE of NAR (e.g. 200G; K, M, G, T are
                         powers of 1024), collecting the least recently used dead paths first
   --option NAME VALUE   override a nix.conf setting

@@ -48,8 +48,9 @@ type Target interface {
 }
 
 // OpenTarget returns the target a URL names: file:///DIR (a directory, as
-// `nix copy --to file://DIR` writes it) or http(s)://… (a cache that
-// takes PUT, as Nix's HTTP binary cache store writes it).
+// `nix copy --to file://DIR` writes it), http(s)://… (a cache that takes
+// PUT, as Nix's HTTP binary cache store writes it) or s3://BUCKET?… (see
+// s3.go).
 func OpenTarget(rawURL string) (Target, error) {
 	u, err := url.Parse(rawURL)
 	if err != nil {
@@ -65,8 +66,10 @@ func OpenTarget(rawURL string) (Target, error) {
 		return dirTarget(filepath.Clean(dir)), nil
 	case "http", "https":
 		return &httpTarget{base: strings.TrimSuffix(rawURL, "/"), client: &http.Client{Timeout: 10 * time.Minute}}, nil
+	case "s3":
+		return openS3(u, rawURL)
 	}
-	return nil, fmt.Errorf("push target %q: want file:// or http(s)://", rawURL)
+	return nil, fmt.Errorf("push target %q: want file://, http(s):// or s3://", rawURL)
 }
 
 // dirTarget is a binary cache in a directory.

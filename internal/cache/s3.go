@@ -1,0 +1,212 @@
+package cache
+
+// S3-compatible object storage as a push target: objects written with
+// PutObject and checked with HeadObject, requests signed with AWS
+// Signature Version 4 from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
+// (for temporary credentials) AWS_SESSION_TOKEN. The URL is Nix's:
+// s3://BUCKET[?region=R][&endpoint=HOST[:PORT]][&scheme=http|https]; with
+// an endpoint (MinIO, Ceph, Garage, R2, …) objects are addressed by path
+// (ENDPOINT/BUCKET/KEY), without one at BUCKET.s3.REGION.amazonaws.com.
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"slices"
+	"strings"
+	"time"
+)
+
+// s3Target is a bucket of S3-compatible object storage.
+type s3Target struct {
+	bucket, region string
+	base           string // scheme://host[/bucket]: objects are base/KEY
+	host           string
+	creds          s3Creds
+	client         *http.Client
+	now            func() time.Time
+}
+
+type s3Creds struct{ key, secret, token string }
+
+func openS3(u *url.URL, rawURL string) (*s3Target, error) {
+	q := u.Query()
+	t := &s3Target{bucket: u.Host, region: q.Get("region"), client: &http.Client{Timeout: 10 * time.Minute}, now: time.Now}
+	if t.bucket == "" {
+		return nil, fmt.Errorf("push target %q: no bucket", rawURL)
+	}
+	if t.region == "" {
+		t.region = "us-east-1"
+	}
+	scheme := q.Get("scheme")
+	if scheme == "" {
+		scheme = "https"
+	}
+	if scheme != "http" && scheme != "https" {
+		return nil, fmt.Errorf("push target %q: scheme=%q is not http or https", rawURL, scheme)
+	}
+	if ep := q.Get("endpoint"); ep != "" {
+		if e, err := url.Parse(ep); err == nil && e.Host != "" {
+			scheme, ep = e.Scheme, e.Host // a URL rather than a host
+		}
+		t.host = ep
+		t.base = scheme + "://" + ep + "/" + t.bucket
+	} else {
+		t.host = t.bucket + ".s3." + t.region + ".amazonaws.com"
+		t.base = scheme + "://" + t.host
+	}
+	t.creds = s3Creds{key: os.Getenv("AWS_ACCESS_KEY_ID"), secret: os.Getenv("AWS_SECRET_ACCESS_KEY"), token: os.Getenv("AWS_SESSION_TOKEN")}
+	if t.creds.key == "" || t.creds.secret == "" {
+		return nil, fmt.Errorf("push target %q: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set", rawURL)
+	}
+	return t, nil
+}
+
+func (t *s3Target) String() string { return "s3://" + t.bucket }
+
+// emptyHash is the SHA-256 of no bytes, the payload hash of a HEAD.
+const emptyHash = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+func (t *s3Target) Has(ctx context.Context, rel string) (bool, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodHead, t.base+"/"+s3Escape(rel), nil)
+	if err != nil {
+		return false, err
+	}
+	t.sign(req, emptyHash)
+	resp, err := t.client.Do(req)
+	if err != nil {
+		return false, err
+	}
+	resp.Body.Close()
+	switch resp.StatusCode {
+	case http.StatusOK:
+		return true, nil
+	case http.StatusNotFound:
+		return false, nil
+	}
+	return false, fmt.Errorf("HEAD %s/%s: %s", t, rel, resp.Status)
+}
+
+func (t *s3Target) Put(ctx context.Context, rel string, body io.ReadSeeker, size int64, contentType string) error {
+	h := sha256.New()
+	if _, err := io.Copy(h, body); err != nil {
+		return err
+	}
+	if _, err := body.Seek(0, io.SeekStart); err != nil {
+		return err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, t.base+"/"+s3Escape(rel), io.NopCloser(body))
+	if err != nil {
+		return err
+	}
+	req.ContentLength = size
+	req.Header.Set("Content-Type", contentType)
+	t.sign(req, hex.EncodeToString(h.Sum(nil)))
+	resp, err := t.client.Do(req)
+	if err != nil {
+		return err
+	}
+	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<10))
+	resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		return fmt.Errorf("PUT %s/%s: %s: %s", t, rel, resp.Status, strings.TrimSpace(string(msg)))
+	}
+	return nil
+}
+
+// s3Escape encodes an object key for a URL path as S3 wants it signed:
+// every byte but unreserved ones and '/'.
+func s3Escape(key string) string {
+	var b strings.Builder
+	for i := 0; i < len(key); i++ {
+		c := key[i]
+		if 'A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9' || strings.IndexByte("-_.~/", c) >= 0 {
+			b.WriteByte(c)
+		} else {
+			fmt.Fprintf(&b, "%%%02X", c)
+		}
+	}
+	return b.String()
+}
+
+func (t *s3Target) sign(req *http.Request, payloadHash string) {
+	if t.creds.token != "" {
+		req.Header.Set("X-Amz-Security-Token", t.creds.token)
+	}
+	sigV4(req, payloadHash, t.creds, t.region, "s3", t.now())
+}
+
+// sigV4 signs req with AWS Signature Version 4: it sets X-Amz-Date,
+// X-Amz-Content-Sha256 (payloadHash, hex) and Authorization, signing the
+// host, the Range header if any and every X-Amz-* header. req.URL.Path
+// must already be encoded as it is to be sent (EscapedPath is used).
+func sigV4(req *http.Request, payloadHash string, c s3Creds, region, service string, now time.Time) {
+	amzDate := now.UTC().Format("20060102T150405Z")
+	day := amzDate[:8]
+	req.Header.Set("X-Amz-Date", amzDate)
+	req.Header.Set("X-Amz-Content-Sha256", payloadHash)
+	host := req.Host
+	if host == "" {
+		host = req.URL.Host
+	}
+	headers := map[string]string{"host": host}
+	for k, v := range req.Header {
+		lk := strings.ToLower(k)
+		if lk == "range" || strings.HasPrefix(lk, "x-amz-") {
+			headers[lk] = strings.Join(strings.Fields(strings.Join(v, ",")), " ")
+		}
+	}
+	names := slices.Sorted(func(yield func(string) bool) {
+		for k := range headers {
+			if !yield(k) {
+				return
+			}
+		}
+	})
+	var canon strings.Builder
+	for _, n := range names {
+		canon.WriteString(n + ":" + headers[n] + "\n")
+	}
+	signed := strings.Join(names, ";")
+	path := req.URL.EscapedPath()
+	if path == "" {
+		path = "/"
+	}
+	creq := strings.Join([]string{req.Method, path, canonicalQuery(req.URL.Query()), canon.String(), signed, payloadHash}, "\n")
+	scope := day + "/" + region + "/" + service + "/aws4_request"
+	sum := sha256.Sum256([]byte(creq))
+	toSign := "AWS4-HMAC-SHA256\n" + amzDate + "\n" + scope + "\n" + hex.EncodeToString(sum[:])
+	key := hmacSHA256([]byte("AWS4"+c.secret), day)
+	for _, part := range []string{region, service, "aws4_request"} {
+		key = hmacSHA256(key, part)
+	}
+	sig := hex.EncodeToString(hmacSHA256(key, toSign))
+	req.Header.Set("Authorization", fmt.Sprintf("AWS4-HMAC-SHA256 Credential=%s/%s, SignedHeaders=%s, Signature=%s", c.key, scope, signed, sig))
+}
+
+func canonicalQuery(q url.Values) string {
+	var parts []string
+	for k, vs := range q {
+		for _, v := range vs {
+			parts = append(parts, s3QueryEscape(k)+"="+s3QueryEscape(v))
+		}
+	}
+	slices.Sort(parts)
+	return strings.Join(parts, "&")
+}
+
+func s3QueryEscape(s string) string {
+	return strings.ReplaceAll(s3Escape(s), "/", "%2F")
+}
+
+func hmacSHA256(key []byte, data string) []byte {
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte(data))
+	return m.Sum(nil)
+}
