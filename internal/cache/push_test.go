@@ -36,6 +36,21 @@ func testStore(t *testing.T) *store.Store {
 	return st
 }
 
+// addPair adds a path, dep, and one that refers to it, top.
+func addPair(t *testing.T, st *store.Store) (dep, top *store.PathInfo) {
+	t.Helper()
+	ctx := t.Context()
+	dep, err := st.AddToStoreContent(ctx, "dep", contentaddress.Text, hash.SHA256, nil, strings.NewReader("dep"), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	top, err = st.AddToStoreContent(ctx, "top", contentaddress.Text, hash.SHA256, []storepath.Path{dep.Path}, strings.NewReader("uses "+st.Dir().Abs(dep.Path)), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dep, top
+}
+
 // memCache is a binary cache over HTTP that keeps what is PUT to it, in
 // order: what a writable cache (an S3 bucket, a WebDAV server) does for
 // Nix's HTTP binary cache store.
@@ -70,14 +85,7 @@ func (m *memCache) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 func TestPush(t *testing.T) {
 	ctx := t.Context()
 	st := testStore(t)
-	dep, err := st.AddToStoreContent(ctx, "dep", contentaddress.Text, hash.SHA256, nil, strings.NewReader("dep"), false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	top, err := st.AddToStoreContent(ctx, "top", contentaddress.Text, hash.SHA256, []storepath.Path{dep.Path}, strings.NewReader("uses "+st.Dir().Abs(dep.Path)), false)
-	if err != nil {
-		t.Fatal(err)
-	}
+	dep, top := addPair(t, st)
 	_, priv, _ := ed25519.GenerateKey(nil)
 	key := signature.SecretKey{Name: "fleet-1", Key: priv}
 	mc := &memCache{files: map[string][]byte{}}

@@ -5,16 +5,11 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"path/filepath"
-	"strings"
 	"testing"
 
-	"github.com/nixyard/nixyard/internal/nix/contentaddress"
 	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/nix/narinfo"
 	"github.com/nixyard/nixyard/internal/nix/signature"
-	"github.com/nixyard/nixyard/internal/nix/storepath"
-	"github.com/nixyard/nixyard/internal/store"
 )
 
 func get(t *testing.T, method, url string) (int, string, http.Header) {
@@ -33,24 +28,8 @@ func get(t *testing.T, method, url string) (int, string, http.Header) {
 // path's references and content address) and its NAR (whose hash and
 // size the narinfo gives), and what is not there.
 func TestServer(t *testing.T) {
-	ctx := t.Context()
-	root := t.TempDir()
-	st, err := store.Open(ctx, store.Config{
-		StoreDir: "/nix/store", RealStoreDir: filepath.Join(root, "nix/store"),
-		StateDir: filepath.Join(root, "nix/var/nix"), LogDir: filepath.Join(root, "nix/var/log/nix"),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	dep, err := st.AddToStoreContent(ctx, "dep", contentaddress.Text, hash.SHA256, nil, strings.NewReader("dep"), false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	top, err := st.AddToStoreContent(ctx, "top", contentaddress.Text, hash.SHA256, []storepath.Path{dep.Path}, strings.NewReader("uses "+st.Dir().Abs(dep.Path)), false)
-	if err != nil {
-		t.Fatal(err)
-	}
+	st := testStore(t)
+	dep, top := addPair(t, st)
 	_, priv, _ := ed25519.GenerateKey(nil)
 	key := signature.SecretKey{Name: "test-cache-1", Key: priv}
 	srv := httptest.NewServer(New(st, Config{SecretKeys: []signature.SecretKey{key}}))

@@ -27,6 +27,18 @@ func TestBuildProgressNeverBlocks(t *testing.T) {
 		p.BuildsProgress(0, 1, 1, 0)
 	}
 	p.BuildFinished(drv, nil)
+	data := closeAndRead(p, client, daemon)
+	if !bytes.Contains(data, []byte("lines of build output were not sent")) {
+		t.Error("the dropped lines were not reported")
+	}
+	if n := bytes.Count(data, []byte("a line of output")); n == 0 || n >= 3*maxQueuedLines {
+		t.Errorf("%d lines of %d sent, want some left out", n, 3*maxQueuedLines)
+	}
+}
+
+// closeAndRead closes p and the daemon's end, and returns all the client
+// got.
+func closeAndRead(p *buildProgress, client, daemon net.Conn) []byte {
 	read := make(chan []byte)
 	go func() {
 		data, _ := io.ReadAll(client)
@@ -34,13 +46,7 @@ func TestBuildProgressNeverBlocks(t *testing.T) {
 	}()
 	p.close()
 	daemon.Close()
-	data := <-read
-	if !bytes.Contains(data, []byte("lines of build output were not sent")) {
-		t.Error("the dropped lines were not reported")
-	}
-	if n := bytes.Count(data, []byte("a line of output")); n == 0 || n >= 3*maxQueuedLines {
-		t.Errorf("%d lines of %d sent, want some left out", n, 3*maxQueuedLines)
-	}
+	return <-read
 }
 
 // workingTunnel returns a tunnel in an op's work (protocol 1.34) that
@@ -84,14 +90,7 @@ func TestRemoteActivities(t *testing.T) {
 	p.RemoteActivity(drv, build.RemoteEvent{Action: "stop", ID: 7})
 	p.RemoteActivity(drv, build.RemoteEvent{Action: "start", ID: 9, Level: 4, Type: 0, Text: "left open"})
 	p.BuildFinished(drv, nil)
-	read := make(chan []byte)
-	go func() {
-		data, _ := io.ReadAll(client)
-		read <- data
-	}()
-	p.close()
-	daemon.Close()
-	d := wire.NewDecoder(bytes.NewReader(<-read))
+	d := wire.NewDecoder(bytes.NewReader(closeAndRead(p, client, daemon)))
 	started := map[uint64]string{}
 	stopped := map[uint64]bool{}
 	var results []string
