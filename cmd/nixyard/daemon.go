@@ -247,10 +247,11 @@ func runDaemon(ctx context.Context, args []string) error {
 	}
 	defer st.Close()
 
-	if opts.stdio && (opts.metrics != "" || opts.cache != "") {
-		// One process per ssh-ng session: a second one could not listen.
-		logger.Warn("--metrics-listen and --cache-listen are ignored with --stdio")
-		opts.metrics, opts.cache = "", ""
+	if opts.stdio && (opts.metrics != "" || opts.cache != "" || opts.pushTo != "") {
+		// One process per ssh-ng session: a second one could not listen,
+		// and each would push the one queue.
+		logger.Warn("--metrics-listen, --cache-listen and --push-to are ignored with --stdio")
+		opts.metrics, opts.cache, opts.pushTo = "", "", ""
 	}
 	var mets *metrics.Metrics
 	if opts.metrics != "" {
@@ -416,14 +417,21 @@ func serveHTTP(ctx context.Context, addr string, h http.Handler, logger *slog.Lo
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", flag, err)
 	}
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, BaseContext: func(net.Listener) context.Context { return ctx }}
 	go func() {
 		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			logger.Error("HTTP server failed", "option", flag, "err", err)
 		}
 	}()
 	logger.Info("serving over HTTP", "option", flag, "url", "http://"+l.Addr().String()+path)
-	return func() { srv.Close() }, nil
+	return func() {
+		// Handlers end before the store closes.
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if srv.Shutdown(sctx) != nil {
+			srv.Close()
+		}
+	}, nil
 }
 
 // parseSize reads a size in bytes, with an optional K, M, G or T suffix

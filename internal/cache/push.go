@@ -3,11 +3,15 @@ package cache
 // Pushing to a fleet cache. The Pusher keeps a durable queue of paths to
 // push (a file per path under its queue directory, written and synced
 // before Enqueue returns, removed once the path and its closure are in
-// the cache), and a worker that pushes them: for each path of the
+// the cache; queued paths are held by temporary roots, so no collection
+// takes them first), and a worker that pushes them: for each path of the
 // closure, references first, that the cache lacks, the NAR compressed
-// with zstd, then its narinfo, signed with the daemon's keys (so that a
-// reader never finds a narinfo whose NAR is missing). A push that fails is
-// retried with backoff, and the queue survives restarts.
+// with zstd (and checked against the path's NAR hash as it is read),
+// then its narinfo, signed with the daemon's keys (so that a reader never
+// finds a narinfo whose NAR is missing). A path whose push fails is
+// retried with backoff, after the others; one that failed maxAttempts
+// times is moved to the queue's failed/ directory. The queue survives
+// restarts.
 
 import (
 	"bytes"
@@ -17,10 +21,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -65,7 +71,11 @@ func OpenTarget(rawURL string) (Target, error) {
 		}
 		return dirTarget(filepath.Clean(dir)), nil
 	case "http", "https":
-		return &httpTarget{base: strings.TrimSuffix(rawURL, "/"), client: &http.Client{Timeout: 10 * time.Minute}}, nil
+		if u.RawQuery != "" || u.Fragment != "" {
+			return nil, fmt.Errorf("push target %q: a query or fragment is not supported", rawURL)
+		}
+		u.Path = strings.TrimSuffix(u.Path, "/")
+		return &httpTarget{base: u, client: noRedirects()}, nil
 	case "s3":
 		return openS3(u, rawURL)
 	}
@@ -108,6 +118,9 @@ func (d dirTarget) Put(_ context.Context, rel string, body io.ReadSeeker, _ int6
 	if err == nil {
 		err = os.Rename(f.Name(), dst)
 	}
+	if err == nil {
+		err = syncDir(filepath.Dir(dst)) // the NAR before its narinfo
+	}
 	if err != nil {
 		os.Remove(f.Name())
 		return fmt.Errorf("writing %s: %w", dst, err)
@@ -115,22 +128,46 @@ func (d dirTarget) Put(_ context.Context, rel string, body io.ReadSeeker, _ int6
 	return nil
 }
 
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return unix.Fsync(int(d.Fd()))
+}
+
+// noRedirects is an HTTP client for writing to a cache: a redirect is an
+// answer of its own (Go would turn a redirected PUT into a GET, whose 200
+// would pass for a write), and only the response's headers are waited
+// for with a deadline (an upload may take long).
+func noRedirects() *http.Client {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.ResponseHeaderTimeout = 2 * time.Minute
+	return &http.Client{
+		Transport:     tr,
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
+}
+
 // httpTarget is a binary cache over HTTP that takes PUT.
 type httpTarget struct {
-	base   string
+	base   *url.URL
 	client *http.Client
 }
 
-func (h *httpTarget) String() string { return h.base }
+func (h *httpTarget) String() string { return h.base.Redacted() }
+
+func (h *httpTarget) url(rel string) string { return h.base.JoinPath(rel).String() }
 
 func (h *httpTarget) Has(ctx context.Context, rel string) (bool, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodHead, h.base+"/"+rel, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodHead, h.url(rel), nil)
 	if err != nil {
 		return false, err
 	}
 	resp, err := h.client.Do(req)
 	if err != nil {
-		return false, err
+		return false, redact(err, h.base)
 	}
 	resp.Body.Close()
 	switch {
@@ -139,11 +176,11 @@ func (h *httpTarget) Has(ctx context.Context, rel string) (bool, error) {
 	case resp.StatusCode == http.StatusNotFound || resp.StatusCode == http.StatusForbidden:
 		return false, nil // S3 answers 403 for a missing object without list rights
 	}
-	return false, fmt.Errorf("HEAD %s/%s: %s", h.base, rel, resp.Status)
+	return false, fmt.Errorf("HEAD %s/%s: %s", h, rel, resp.Status)
 }
 
 func (h *httpTarget) Put(ctx context.Context, rel string, body io.ReadSeeker, size int64, contentType string) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPut, h.base+"/"+rel, body)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, h.url(rel), io.NopCloser(body))
 	if err != nil {
 		return err
 	}
@@ -151,15 +188,27 @@ func (h *httpTarget) Put(ctx context.Context, rel string, body io.ReadSeeker, si
 	req.Header.Set("Content-Type", contentType)
 	resp, err := h.client.Do(req)
 	if err != nil {
-		return err
+		return redact(err, h.base)
 	}
 	io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<16))
 	resp.Body.Close()
 	if resp.StatusCode/100 != 2 {
-		return fmt.Errorf("PUT %s/%s: %s", h.base, rel, resp.Status)
+		return fmt.Errorf("PUT %s/%s: %s", h, rel, resp.Status)
 	}
 	return nil
 }
+
+// redact removes u's password from err's text (url.Error names the URL).
+func redact(err error, u *url.URL) error {
+	if pw, ok := u.User.Password(); ok && pw != "" {
+		return errors.New(strings.ReplaceAll(err.Error(), pw, "xxxxx"))
+	}
+	return err
+}
+
+// maxAttempts is how many times a queued path is tried before it is put
+// aside in the queue's failed/ directory.
+const maxAttempts = 10
 
 // Pusher pushes queued paths, with their closures, to a Target.
 type Pusher struct {
@@ -171,7 +220,9 @@ type Pusher struct {
 	wake   chan struct{}
 
 	mu       sync.Mutex
-	infoDone bool // nix-cache-info is in the target
+	infoDone bool                              // nix-cache-info is in the target
+	present  map[string]bool                   // hash parts whose narinfo the target has
+	held     map[storepath.Path]*store.Session // temporary roots on queued paths
 }
 
 // NewPusher returns a Pusher whose queue is the directory dir (made if
@@ -183,26 +234,59 @@ func NewPusher(st *store.Store, target Target, dir string, keys []signature.Secr
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Pusher{st: st, target: target, dir: dir, keys: keys, log: log, wake: make(chan struct{}, 1)}, nil
+	p := &Pusher{st: st, target: target, dir: dir, keys: keys, log: log, wake: make(chan struct{}, 1),
+		present: map[string]bool{}, held: map[storepath.Path]*store.Session{}}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("push queue: %w", err)
+	}
+	for _, e := range entries {
+		if sp, err := storepath.ParseBase(e.Name()); err == nil {
+			p.hold(context.Background(), sp)
+		}
+	}
+	return p, nil
+}
+
+// hold takes a temporary root on a queued path, until it is pushed.
+func (p *Pusher) hold(ctx context.Context, sp storepath.Path) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.held[sp] != nil {
+		return
+	}
+	ss := p.st.OpenSession()
+	if err := ss.AddTempRoot(ctx, sp); err != nil {
+		p.log.Warn("cannot hold a queued path", "path", p.st.Dir().Abs(sp), "err", err)
+		ss.Close()
+		return
+	}
+	p.held[sp] = ss
+}
+
+// release drops the temporary root hold took.
+func (p *Pusher) release(sp storepath.Path) {
+	p.mu.Lock()
+	ss := p.held[sp]
+	delete(p.held, sp)
+	p.mu.Unlock()
+	if ss != nil {
+		ss.Close()
+	}
 }
 
 // Enqueue adds paths to the queue; they are in it, durably, when it
 // returns.
 func (p *Pusher) Enqueue(paths ...storepath.Path) error {
 	for _, sp := range paths {
+		p.hold(context.Background(), sp)
 		f, err := os.OpenFile(filepath.Join(p.dir, sp.String()), os.O_CREATE|os.O_WRONLY, 0o600)
 		if err != nil {
 			return fmt.Errorf("push queue: %w", err)
 		}
 		f.Close()
 	}
-	d, err := os.Open(p.dir)
-	if err != nil {
-		return fmt.Errorf("push queue: %w", err)
-	}
-	err = unix.Fsync(int(d.Fd()))
-	d.Close()
-	if err != nil {
+	if err := syncDir(p.dir); err != nil {
 		return fmt.Errorf("push queue: syncing %s: %w", p.dir, err)
 	}
 	select {
@@ -219,48 +303,79 @@ func (p *Pusher) Run(ctx context.Context) {
 		wait := time.Minute
 		if err := p.pushQueued(ctx); err != nil {
 			failures++
-			wait = min(time.Duration(1<<min(failures, 8))*time.Second, 5*time.Minute)
+			wait = min(time.Duration(1<<min(failures, 9))*time.Second, 5*time.Minute)
 			p.log.Warn("push to the fleet cache failed; retrying", "target", p.target.String(), "in", wait, "err", err)
 		} else {
 			failures = 0
+		}
+		wake := p.wake
+		if failures > 0 {
+			wake = nil // new work waits for the backoff too
+			wait += time.Duration(rand.Int64N(int64(wait/4) + 1))
 		}
 		t := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
 			t.Stop()
 			return
-		case <-p.wake:
+		case <-wake:
 		case <-t.C:
 		}
 		t.Stop()
 	}
 }
 
-// pushQueued pushes every queued path, stopping at the first failure.
+// pushQueued tries every queued path once; it returns the first error,
+// after trying the others.
 func (p *Pusher) pushQueued(ctx context.Context) error {
 	entries, err := os.ReadDir(p.dir)
 	if err != nil {
 		return fmt.Errorf("push queue: %w", err)
 	}
+	var first error
 	for _, e := range entries {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
+		name := filepath.Join(p.dir, e.Name())
 		sp, err := storepath.ParseBase(e.Name())
 		if err != nil {
-			os.Remove(filepath.Join(p.dir, e.Name()))
+			continue // the failed/ directory, a compressed NAR being written
+		}
+		err = p.Push(ctx, sp)
+		switch {
+		case err == nil:
+		case errors.Is(err, store.ErrNotValid):
+			p.log.Warn("queued for pushing but gone from the store; dropped", "path", p.st.Dir().Abs(sp))
+		case ctx.Err() != nil:
+			return ctx.Err()
+		default:
+			if first == nil {
+				first = err
+			}
+			if p.attempted(name) < maxAttempts {
+				continue
+			}
+			p.log.Error("pushing failed too often; set aside", "path", p.st.Dir().Abs(sp), "in", filepath.Join(p.dir, "failed"), "err", err)
+			os.MkdirAll(filepath.Join(p.dir, "failed"), 0o700)
+			os.Rename(name, filepath.Join(p.dir, "failed", e.Name()))
+			p.release(sp)
 			continue
 		}
-		if err := p.Push(ctx, sp); err != nil {
-			if errors.Is(err, store.ErrNotValid) {
-				p.log.Warn("queued for pushing but gone from the store; dropped", "path", p.st.Dir().Abs(sp))
-			} else {
-				return err
-			}
-		}
-		os.Remove(filepath.Join(p.dir, e.Name()))
+		os.Remove(name)
+		p.release(sp)
 	}
-	return nil
+	return first
+}
+
+// attempted counts one more failed attempt in the queue entry name and
+// returns the count.
+func (p *Pusher) attempted(name string) int {
+	data, _ := os.ReadFile(name)
+	n, _ := strconv.Atoi(strings.TrimSpace(string(data)))
+	n++
+	os.WriteFile(name, []byte(strconv.Itoa(n)+"\n"), 0o600)
+	return n
 }
 
 // Push copies sp and its closure to the target now, references first,
@@ -318,8 +433,17 @@ func (p *Pusher) cacheInfo(ctx context.Context) error {
 // target has the narinfo.
 func (p *Pusher) pushOne(ctx context.Context, q storepath.Path) error {
 	name := q.HashPart() + ".narinfo"
-	if has, err := p.target.Has(ctx, name); err != nil || has {
+	p.mu.Lock()
+	known := p.present[q.HashPart()]
+	p.mu.Unlock()
+	if known {
+		return nil
+	}
+	if has, err := p.target.Has(ctx, name); err != nil {
 		return err
+	} else if has {
+		p.markPresent(q)
+		return nil
 	}
 	info, err := p.st.QueryPathInfo(ctx, q)
 	if err != nil {
@@ -338,12 +462,16 @@ func (p *Pusher) pushOne(ctx context.Context, q storepath.Path) error {
 	if err != nil {
 		return err
 	}
-	if err := p.st.NarFromPath(ctx, q, zw); err != nil {
+	narSum := sha256.New()
+	if err := p.st.NarFromPath(ctx, q, ctxWriter{ctx, io.MultiWriter(zw, narSum)}); err != nil {
 		zw.Close()
 		return err
 	}
 	if err := zw.Close(); err != nil {
 		return err
+	}
+	if got := hash.FromHasher(hash.SHA256, narSum); !got.Equal(info.NarHash) {
+		return fmt.Errorf("its contents hash to %s, not to the registered %s (run nix-store --verify --check-contents --repair)", got, info.NarHash)
 	}
 	size, err := tmp.Seek(0, io.SeekCurrent)
 	if err != nil {
@@ -360,17 +488,65 @@ func (p *Pusher) pushOne(ctx context.Context, q storepath.Path) error {
 		References: info.References, Deriver: info.Deriver, Sigs: info.Sigs,
 	}
 	if info.CA != "" {
-		if ca, err := contentaddress.Parse(info.CA); err == nil {
-			ni.CA = ca
+		ca, err := contentaddress.Parse(info.CA)
+		if err != nil {
+			return fmt.Errorf("content address %q: %w", info.CA, err)
 		}
+		ni.CA = ca
 	}
 	fp := signature.Fingerprint(p.st.Dir(), q, info.NarHash, info.NarSize, info.References)
 	for _, k := range p.keys {
 		ni.Sigs = append(ni.Sigs, k.Sign(fp))
 	}
-	if err := p.target.Put(ctx, ni.URL, tmp, size, "application/x-nix-nar"); err != nil {
+	// The same contents make the same NAR file: one sent before (its
+	// narinfo failed) is not sent again.
+	if has, err := p.target.Has(ctx, ni.URL); err != nil {
 		return err
+	} else if !has {
+		if err := p.target.Put(ctx, ni.URL, ctxReader{ctx, tmp}, size, "application/x-nix-nar"); err != nil {
+			return err
+		}
 	}
 	body := ni.Marshal(p.st.Dir())
-	return p.target.Put(ctx, name, bytes.NewReader(body), int64(len(body)), "text/x-nix-narinfo")
+	if err := p.target.Put(ctx, name, bytes.NewReader(body), int64(len(body)), "text/x-nix-narinfo"); err != nil {
+		return err
+	}
+	p.markPresent(q)
+	return nil
 }
+
+func (p *Pusher) markPresent(q storepath.Path) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.present) >= 1<<20 {
+		clear(p.present) // bounded: what is forgotten is asked again
+	}
+	p.present[q.HashPart()] = true
+}
+
+// ctxWriter and ctxReader stop a copy once ctx ends.
+type ctxWriter struct {
+	ctx context.Context
+	w   io.Writer
+}
+
+func (c ctxWriter) Write(b []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.w.Write(b)
+}
+
+type ctxReader struct {
+	ctx context.Context
+	r   io.ReadSeeker
+}
+
+func (c ctxReader) Read(b []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.r.Read(b)
+}
+
+func (c ctxReader) Seek(off int64, whence int) (int64, error) { return c.r.Seek(off, whence) }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/ed25519"
 	"io"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -55,9 +56,10 @@ func addPair(t *testing.T, st *store.Store) (dep, top *store.PathInfo) {
 // order: what a writable cache (an S3 bucket, a WebDAV server) does for
 // Nix's HTTP binary cache store.
 type memCache struct {
-	mu    sync.Mutex
-	files map[string][]byte
-	order []string
+	mu     sync.Mutex
+	files  map[string][]byte
+	order  []string
+	refuse string // a file it answers 413 to
 }
 
 func (m *memCache) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -65,6 +67,10 @@ func (m *memCache) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	defer m.mu.Unlock()
 	switch r.Method {
 	case http.MethodPut:
+		if r.URL.Path[1:] == m.refuse {
+			http.Error(w, "too large", http.StatusRequestEntityTooLarge)
+			return
+		}
 		b, _ := io.ReadAll(r.Body)
 		m.files[r.URL.Path[1:]] = b
 		m.order = append(m.order, r.URL.Path[1:])
@@ -155,7 +161,7 @@ func TestPush(t *testing.T) {
 }
 
 func TestOpenTarget(t *testing.T) {
-	for _, u := range []string{"file://relative/dir", "ftp://x", "file:", "s3://?region=x"} {
+	for _, u := range []string{"file://relative/dir", "ftp://x", "file:", "s3://?region=x", "http://h/?x=1", "https://h/#f"} {
 		if _, err := OpenTarget(u); err == nil {
 			t.Errorf("OpenTarget(%q): no error", u)
 		}
@@ -173,5 +179,73 @@ func TestOpenTarget(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(filepath.Join(dir, "nar/x.nar")); string(b) != "data" {
 		t.Errorf("file: %q", b)
+	}
+}
+
+// TestPushFailures: a path the cache refuses does not hold up the others,
+// and is set aside after maxAttempts; a queued path is not collected; a
+// redirect is not taken for a write.
+func TestPushFailures(t *testing.T) {
+	ctx := t.Context()
+	st := testStore(t)
+	dep, top := addPair(t, st)
+	mc := &memCache{files: map[string][]byte{}, refuse: dep.Path.HashPart() + ".narinfo"}
+	srv := httptest.NewServer(mc)
+	defer srv.Close()
+	target, err := OpenTarget(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := st.AddToStoreContent(ctx, "other", contentaddress.Text, hash.SHA256, nil, strings.NewReader("other"), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	queue := filepath.Join(t.TempDir(), "queue")
+	p, err := NewPusher(st, target, queue, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Enqueue(top.Path, other.Path); err != nil {
+		t.Fatal(err)
+	}
+	// Dead but queued: the collector leaves them.
+	if _, err := st.CollectGarbage(ctx, store.GCOptions{Action: store.GCDeleteDead, MaxFreed: math.MaxUint64}, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []storepath.Path{top.Path, dep.Path, other.Path} {
+		if ok, _ := st.IsValidPathFresh(ctx, q); !ok {
+			t.Errorf("%s, queued (or needed by what is), was collected", q)
+		}
+	}
+	if err := p.pushQueued(ctx); err == nil {
+		t.Error("a refused push gave no error")
+	}
+	if _, ok := mc.files[other.Path.HashPart()+".narinfo"]; !ok {
+		t.Error("the refused path held up another")
+	}
+	for range maxAttempts - 1 {
+		p.pushQueued(ctx)
+	}
+	if _, err := os.Stat(filepath.Join(queue, "failed", top.Path.String())); err != nil {
+		t.Errorf("after %d failures the entry was not set aside: %v", maxAttempts, err)
+	}
+	if left, _ := os.ReadDir(queue); len(left) != 1 { // failed/
+		t.Errorf("queue: %v", left)
+	}
+
+	redirect := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/login" {
+			w.Write([]byte("a login page"))
+			return
+		}
+		http.Redirect(w, r, "/login", http.StatusFound)
+	}))
+	defer redirect.Close()
+	rt, _ := OpenTarget(redirect.URL)
+	if err := rt.Put(ctx, "x.narinfo", strings.NewReader("x"), 1, "text/plain"); err == nil {
+		t.Error("a redirected PUT counted as written")
+	}
+	if ok, err := rt.Has(ctx, "x.narinfo"); ok || err == nil {
+		t.Errorf("a redirected HEAD: %v %v", ok, err)
 	}
 }

@@ -37,7 +37,7 @@ type s3Creds struct{ key, secret, token string }
 
 func openS3(u *url.URL, rawURL string) (*s3Target, error) {
 	q := u.Query()
-	t := &s3Target{bucket: u.Host, region: q.Get("region"), client: &http.Client{Timeout: 10 * time.Minute}, now: time.Now}
+	t := &s3Target{bucket: u.Host, region: q.Get("region"), client: noRedirects(), now: time.Now}
 	if t.bucket == "" {
 		return nil, fmt.Errorf("push target %q: no bucket", rawURL)
 	}

@@ -17,10 +17,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/nixyard/nixyard/internal/nix/contentaddress"
 	"github.com/nixyard/nixyard/internal/nix/narinfo"
@@ -43,11 +45,18 @@ type Config struct {
 	Logger   *slog.Logger
 }
 
+// maxNARs bounds the NARs sent at once; more requests are answered 503.
+const maxNARs = 32
+
+// narWriteTimeout bounds each write of a NAR to a client.
+const narWriteTimeout = time.Minute
+
 // Server is an http.Handler serving a store as a binary cache.
 type Server struct {
-	st  *store.Store
-	cfg Config
-	log *slog.Logger
+	st   *store.Store
+	cfg  Config
+	log  *slog.Logger
+	nars chan struct{} // a token per NAR being sent
 }
 
 // New returns a Server for st.
@@ -59,7 +68,7 @@ func New(st *store.Store, cfg Config) *Server {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{st: st, cfg: cfg, log: log}
+	return &Server{st: st, cfg: cfg, log: log, nars: make(chan struct{}, maxNARs)}
 }
 
 // ServeHTTP implements http.Handler.
@@ -156,14 +165,31 @@ func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, name string) {
 		http.NotFound(w, r) // the path now has other contents
 		return
 	}
+	select {
+	case s.nars <- struct{}{}:
+		defer func() { <-s.nars }()
+	default:
+		w.Header().Set("Retry-After", "5")
+		http.Error(w, "too many NARs being sent; try again", http.StatusServiceUnavailable)
+		return
+	}
 	ss := s.st.OpenSession()
 	defer ss.Close()
 	if err := ss.AddTempRoot(ctx, info.Path); err != nil {
 		http.Error(w, "internal error", http.StatusInternalServerError)
 		return
 	}
-	// Valid under the root: the collector cannot take it from now on.
-	if ok, err := s.st.IsValidPathFresh(ctx, info.Path); err != nil || !ok {
+	// Under the root the collector cannot take it from now on; it may have
+	// taken it (and the path been made again) since the lookup.
+	if ok, err := s.st.IsValidPathFresh(ctx, info.Path); err != nil {
+		s.log.Warn("binary cache: checking a path", "path", info.Path.String(), "err", err)
+		http.Error(w, "internal error", http.StatusInternalServerError)
+		return
+	} else if !ok {
+		http.NotFound(w, r)
+		return
+	}
+	if now, err := s.st.QueryPathInfo(ctx, info.Path); err != nil || !now.NarHash.Equal(info.NarHash) {
 		http.NotFound(w, r)
 		return
 	}
@@ -172,8 +198,21 @@ func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, name string) {
 	if r.Method == http.MethodHead {
 		return
 	}
-	if err := s.st.NarFromPath(ctx, info.Path, w); err != nil && ctx.Err() == nil {
+	out := &deadlineWriter{w: w, rc: http.NewResponseController(w)}
+	if err := s.st.NarFromPath(ctx, info.Path, out); err != nil && ctx.Err() == nil {
 		// Too late for a status: the client sees a short body.
 		s.log.Warn("binary cache: sending a NAR", "path", info.Path.String(), "err", err)
 	}
+}
+
+// deadlineWriter gives each write to a client narWriteTimeout: a client
+// that stops reading does not hold its temporary root for ever.
+type deadlineWriter struct {
+	w  io.Writer
+	rc *http.ResponseController
+}
+
+func (d *deadlineWriter) Write(b []byte) (int, error) {
+	d.rc.SetWriteDeadline(time.Now().Add(narWriteTimeout))
+	return d.w.Write(b)
 }
