@@ -425,7 +425,8 @@ func serveHTTP(ctx context.Context, addr string, h http.Handler, logger *slog.Lo
 	}()
 	logger.Info("serving over HTTP", "option", flag, "url", "http://"+l.Addr().String()+path)
 	return func() {
-		// Handlers end before the store closes.
+		// Handlers get 5 s to end before the store closes; then they are
+		// cut off (a NAR being sent breaks off, its temporary root goes).
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		if srv.Shutdown(sctx) != nil {

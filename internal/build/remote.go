@@ -212,13 +212,12 @@ func (g *goal) tryRemote(ctx context.Context, inputs []storepath.Path, outputs m
 		}
 	}()
 	for {
-		if canHere {
-			slot, _ = b.slots.tryAcquire(g.owner.client)
-		}
 		freed := b.slots.freedCh()
 		b.mu.Lock()
 		wake := b.hooks.wake
 		b.mu.Unlock()
+		// The hook first: a slot reserved here must not sit idle while
+		// other offers (each maybe connecting to a machine) go first.
 		h, reused, err := b.takeHook(ctx, settings)
 		if err != nil {
 			if ctx.Err() != nil {
@@ -226,7 +225,10 @@ func (g *goal) tryRemote(ctx context.Context, inputs []storepath.Path, outputs m
 			}
 			b.log.Warn("cannot start the build hook; building here", "drv", drvAbs, "err", err)
 			c.noHook.Store(true)
-			return Result{}, false, slot
+			return Result{}, false, nil
+		}
+		if canHere {
+			slot, _ = b.slots.tryAcquire(g.owner.client)
 		}
 		reply, err := h.try(ctx, g, slot != nil, features)
 		b.offerDone()

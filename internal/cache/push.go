@@ -8,10 +8,11 @@ package cache
 // closure, references first, that the cache lacks, the NAR compressed
 // with zstd (and checked against the path's NAR hash as it is read),
 // then its narinfo, signed with the daemon's keys (so that a reader never
-// finds a narinfo whose NAR is missing). A path whose push fails is
-// retried with backoff, after the others; one that failed maxAttempts
-// times is moved to the queue's failed/ directory. The queue survives
-// restarts.
+// finds a narinfo whose NAR is missing). While the cache cannot be
+// reached (or fails), everything waits and is retried with backoff; a path
+// the cache refuses is retried on a backoff of its own, the others going
+// on meanwhile, and set aside in the queue's failed/ directory after
+// maxAttempts refusals. The queue survives restarts.
 
 import (
 	"bytes"
@@ -176,7 +177,7 @@ func (h *httpTarget) Has(ctx context.Context, rel string) (bool, error) {
 	case resp.StatusCode == http.StatusNotFound || resp.StatusCode == http.StatusForbidden:
 		return false, nil // S3 answers 403 for a missing object without list rights
 	}
-	return false, fmt.Errorf("HEAD %s/%s: %s", h, rel, resp.Status)
+	return false, statusError("HEAD", h.String()+"/"+rel, resp, "")
 }
 
 func (h *httpTarget) Put(ctx context.Context, rel string, body io.ReadSeeker, size int64, contentType string) error {
@@ -193,9 +194,27 @@ func (h *httpTarget) Put(ctx context.Context, rel string, body io.ReadSeeker, si
 	io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<16))
 	resp.Body.Close()
 	if resp.StatusCode/100 != 2 {
-		return fmt.Errorf("PUT %s/%s: %s", h, rel, resp.Status)
+		return statusError("PUT", h.String()+"/"+rel, resp, "")
 	}
 	return nil
+}
+
+// refusedError is the cache refusing one file (a 4xx other than a
+// timeout or throttling), or a path that cannot be pushed as it is: an
+// error of that path, counted against it, where other errors (the network,
+// the cache's 5xx, local I/O) are the cache's, retried for every path.
+type refusedError struct{ err error }
+
+func (e *refusedError) Error() string { return e.err.Error() }
+func (e *refusedError) Unwrap() error { return e.err }
+
+// statusError is the error of an HTTP answer that is not a success.
+func statusError(method, what string, resp *http.Response, msg string) error {
+	err := fmt.Errorf("%s %s: %s%s", method, what, resp.Status, msg)
+	if c := resp.StatusCode; c >= 400 && c < 500 && c != http.StatusRequestTimeout && c != http.StatusTooManyRequests {
+		return &refusedError{err}
+	}
+	return err
 }
 
 // redact removes u's password from err's text (url.Error names the URL).
@@ -219,10 +238,11 @@ type Pusher struct {
 	log    *slog.Logger
 	wake   chan struct{}
 
-	mu       sync.Mutex
-	infoDone bool                              // nix-cache-info is in the target
-	present  map[string]bool                   // hash parts whose narinfo the target has
-	held     map[storepath.Path]*store.Session // temporary roots on queued paths
+	mu        sync.Mutex
+	infoDone  bool                              // nix-cache-info is in the target
+	present   map[string]bool                   // hash parts whose narinfo the target has
+	held      map[storepath.Path]*store.Session // temporary roots on queued paths
+	notBefore map[storepath.Path]time.Time      // refused paths: when to try again
 }
 
 // NewPusher returns a Pusher whose queue is the directory dir (made if
@@ -235,7 +255,7 @@ func NewPusher(st *store.Store, target Target, dir string, keys []signature.Secr
 		log = slog.New(slog.DiscardHandler)
 	}
 	p := &Pusher{st: st, target: target, dir: dir, keys: keys, log: log, wake: make(chan struct{}, 1),
-		present: map[string]bool{}, held: map[storepath.Path]*store.Session{}}
+		present: map[string]bool{}, held: map[storepath.Path]*store.Session{}, notBefore: map[storepath.Path]time.Time{}}
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("push queue: %w", err)
@@ -243,6 +263,8 @@ func NewPusher(st *store.Store, target Target, dir string, keys []signature.Secr
 	for _, e := range entries {
 		if sp, err := storepath.ParseBase(e.Name()); err == nil {
 			p.hold(context.Background(), sp)
+		} else if strings.HasPrefix(e.Name(), ".nar-") {
+			os.Remove(filepath.Join(dir, e.Name())) // left by a push cut short
 		}
 	}
 	return p, nil
@@ -301,7 +323,7 @@ func (p *Pusher) Run(ctx context.Context) {
 	failures := 0
 	for {
 		wait := time.Minute
-		if err := p.pushQueued(ctx); err != nil {
+		if err := p.pushQueued(ctx); err != nil && ctx.Err() == nil {
 			failures++
 			wait = min(time.Duration(1<<min(failures, 9))*time.Second, 5*time.Minute)
 			p.log.Warn("push to the fleet cache failed; retrying", "target", p.target.String(), "in", wait, "err", err)
@@ -325,14 +347,17 @@ func (p *Pusher) Run(ctx context.Context) {
 	}
 }
 
-// pushQueued tries every queued path once; it returns the first error,
-// after trying the others.
+// pushQueued tries every queued path that is due. A path the cache
+// refuses (refusedError) is tried again later, after its own backoff,
+// and set aside after maxAttempts; any other error is the cache's and
+// ends the round (returned, for the worker's backoff), counted against
+// no path.
 func (p *Pusher) pushQueued(ctx context.Context) error {
 	entries, err := os.ReadDir(p.dir)
 	if err != nil {
 		return fmt.Errorf("push queue: %w", err)
 	}
-	var first error
+	now := time.Now()
 	for _, e := range entries {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -342,30 +367,45 @@ func (p *Pusher) pushQueued(ctx context.Context) error {
 		if err != nil {
 			continue // the failed/ directory, a compressed NAR being written
 		}
+		p.mu.Lock()
+		due := p.notBefore[sp]
+		p.mu.Unlock()
+		if now.Before(due) {
+			continue
+		}
 		err = p.Push(ctx, sp)
+		var refused *refusedError
 		switch {
 		case err == nil:
 		case errors.Is(err, store.ErrNotValid):
 			p.log.Warn("queued for pushing but gone from the store; dropped", "path", p.st.Dir().Abs(sp))
 		case ctx.Err() != nil:
 			return ctx.Err()
-		default:
-			if first == nil {
-				first = err
-			}
-			if p.attempted(name) < maxAttempts {
+		case errors.As(err, &refused):
+			n := p.attempted(name)
+			if n < maxAttempts {
+				wait := min(time.Duration(1<<min(n, 9))*time.Second, 5*time.Minute)
+				p.log.Warn("the cache refused a path; trying it again later", "path", p.st.Dir().Abs(sp), "attempts", n, "in", wait, "err", err)
+				p.mu.Lock()
+				p.notBefore[sp] = now.Add(wait)
+				p.mu.Unlock()
 				continue
 			}
-			p.log.Error("pushing failed too often; set aside", "path", p.st.Dir().Abs(sp), "in", filepath.Join(p.dir, "failed"), "err", err)
+			p.log.Error("the cache refused a path too often; set aside", "path", p.st.Dir().Abs(sp), "in", filepath.Join(p.dir, "failed"), "err", err)
 			os.MkdirAll(filepath.Join(p.dir, "failed"), 0o700)
 			os.Rename(name, filepath.Join(p.dir, "failed", e.Name()))
-			p.release(sp)
-			continue
+		default:
+			return err
 		}
-		os.Remove(name)
+		if err == nil || !errors.As(err, &refused) {
+			os.Remove(name)
+		}
+		p.mu.Lock()
+		delete(p.notBefore, sp)
+		p.mu.Unlock()
 		p.release(sp)
 	}
-	return first
+	return nil
 }
 
 // attempted counts one more failed attempt in the queue entry name and
@@ -471,7 +511,7 @@ func (p *Pusher) pushOne(ctx context.Context, q storepath.Path) error {
 		return err
 	}
 	if got := hash.FromHasher(hash.SHA256, narSum); !got.Equal(info.NarHash) {
-		return fmt.Errorf("its contents hash to %s, not to the registered %s (run nix-store --verify --check-contents --repair)", got, info.NarHash)
+		return &refusedError{fmt.Errorf("its contents hash to %s, not to the registered %s (run nix-store --verify --check-contents --repair)", got, info.NarHash)}
 	}
 	size, err := tmp.Seek(0, io.SeekCurrent)
 	if err != nil {
@@ -490,7 +530,7 @@ func (p *Pusher) pushOne(ctx context.Context, q storepath.Path) error {
 	if info.CA != "" {
 		ca, err := contentaddress.Parse(info.CA)
 		if err != nil {
-			return fmt.Errorf("content address %q: %w", info.CA, err)
+			return &refusedError{fmt.Errorf("content address %q: %w", info.CA, err)}
 		}
 		ni.CA = ca
 	}

@@ -183,20 +183,26 @@ func TestOpenTarget(t *testing.T) {
 }
 
 // TestPushFailures: a path the cache refuses does not hold up the others,
-// and is set aside after maxAttempts; a queued path is not collected; a
-// redirect is not taken for a write.
+// and is set aside after maxAttempts refusals; an unreachable cache counts
+// against no path; a queued path is not collected; a redirect is not
+// taken for a write.
 func TestPushFailures(t *testing.T) {
 	ctx := t.Context()
 	st := testStore(t)
-	dep, top := addPair(t, st)
-	mc := &memCache{files: map[string][]byte{}, refuse: dep.Path.HashPart() + ".narinfo"}
-	srv := httptest.NewServer(mc)
-	defer srv.Close()
-	target, err := OpenTarget(srv.URL)
+	_, top := addPair(t, st)
+	other, err := st.AddToStoreContent(ctx, "other", contentaddress.Text, hash.SHA256, nil, strings.NewReader("other"), false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	other, err := st.AddToStoreContent(ctx, "other", contentaddress.Text, hash.SHA256, nil, strings.NewReader("other"), false)
+	// The cache refuses the queued path that comes first.
+	refused, pushed := top.Path, other.Path
+	if other.Path.String() < top.Path.String() {
+		refused, pushed = other.Path, top.Path
+	}
+	mc := &memCache{files: map[string][]byte{}, refuse: refused.HashPart() + ".narinfo"}
+	srv := httptest.NewServer(mc)
+	defer srv.Close()
+	target, err := OpenTarget(srv.URL)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -208,29 +214,49 @@ func TestPushFailures(t *testing.T) {
 	if err := p.Enqueue(top.Path, other.Path); err != nil {
 		t.Fatal(err)
 	}
-	// Dead but queued: the collector leaves them.
+	// Dead but queued: the collector leaves them and what they need.
 	if _, err := st.CollectGarbage(ctx, store.GCOptions{Action: store.GCDeleteDead, MaxFreed: math.MaxUint64}, nil); err != nil {
 		t.Fatal(err)
 	}
-	for _, q := range []storepath.Path{top.Path, dep.Path, other.Path} {
+	for _, q := range append(top.References, top.Path, other.Path) {
 		if ok, _ := st.IsValidPathFresh(ctx, q); !ok {
 			t.Errorf("%s, queued (or needed by what is), was collected", q)
 		}
 	}
-	if err := p.pushQueued(ctx); err == nil {
-		t.Error("a refused push gave no error")
+	if err := p.pushQueued(ctx); err != nil {
+		t.Errorf("a refusal of one path stopped the round: %v", err)
 	}
-	if _, ok := mc.files[other.Path.HashPart()+".narinfo"]; !ok {
+	if _, ok := mc.files[pushed.HashPart()+".narinfo"]; !ok {
 		t.Error("the refused path held up another")
 	}
 	for range maxAttempts - 1 {
+		clear(p.notBefore) // its own backoff, skipped
 		p.pushQueued(ctx)
 	}
-	if _, err := os.Stat(filepath.Join(queue, "failed", top.Path.String())); err != nil {
-		t.Errorf("after %d failures the entry was not set aside: %v", maxAttempts, err)
+	if _, err := os.Stat(filepath.Join(queue, "failed", refused.String())); err != nil {
+		t.Errorf("after %d refusals the entry was not set aside: %v", maxAttempts, err)
 	}
-	if left, _ := os.ReadDir(queue); len(left) != 1 { // failed/
-		t.Errorf("queue: %v", left)
+
+	// An unreachable cache: the round ends with its error, no path counts it.
+	down := httptest.NewServer(http.NotFoundHandler())
+	downURL := down.URL
+	down.Close()
+	dt, _ := OpenTarget(downURL)
+	q2 := filepath.Join(t.TempDir(), "queue")
+	p2, err := NewPusher(st, dt, q2, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p2.Enqueue(other.Path); err != nil {
+		t.Fatal(err)
+	}
+	for range maxAttempts + 1 {
+		if err := p2.pushQueued(ctx); err == nil {
+			t.Fatal("a push to an unreachable cache gave no error")
+		}
+	}
+	if data, err := os.ReadFile(filepath.Join(q2, other.Path.String())); err != nil || len(data) != 0 {
+		t.Errorf("an outage was counted against the path: %q %v", data, err)
 	}
 
 	redirect := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

@@ -87,10 +87,12 @@ func (t *s3Target) Has(ctx context.Context, rel string) (bool, error) {
 	switch resp.StatusCode {
 	case http.StatusOK:
 		return true, nil
-	case http.StatusNotFound:
+	case http.StatusNotFound, http.StatusForbidden:
+		// Without s3:ListBucket, a missing object is 403 (Nix takes it
+		// as missing too).
 		return false, nil
 	}
-	return false, fmt.Errorf("HEAD %s/%s: %s", t, rel, resp.Status)
+	return false, statusError("HEAD", t.String()+"/"+rel, resp, "")
 }
 
 func (t *s3Target) Put(ctx context.Context, rel string, body io.ReadSeeker, size int64, contentType string) error {
@@ -115,7 +117,7 @@ func (t *s3Target) Put(ctx context.Context, rel string, body io.ReadSeeker, size
 	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<10))
 	resp.Body.Close()
 	if resp.StatusCode/100 != 2 {
-		return fmt.Errorf("PUT %s/%s: %s: %s", t, rel, resp.Status, strings.TrimSpace(string(msg)))
+		return statusError("PUT", t.String()+"/"+rel, resp, ": "+strings.TrimSpace(string(msg)))
 	}
 	return nil
 }

@@ -52,7 +52,8 @@ func (f *fakeS3) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		f.objects[r.URL.Path] = string(body)
 	case http.MethodHead:
 		if _, ok := f.objects[r.URL.Path]; !ok {
-			http.NotFound(w, r)
+			// What S3 answers without s3:ListBucket.
+			http.Error(w, "access denied", http.StatusForbidden)
 		}
 	}
 }

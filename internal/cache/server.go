@@ -1,6 +1,10 @@
-// Package cache serves the store as an HTTP binary cache, as nix-serve
-// does, so that other hosts (or containers without the host's socket)
-// can substitute from it with substituters = http://HOST:PORT:
+// Package cache connects the store to binary caches: Server serves it as
+// one, and Pusher (push.go) pushes built paths to one, a directory, an
+// HTTP cache taking PUT or S3-compatible object storage (s3.go).
+//
+// The Server serves the store as nix-serve does, so that other hosts (or
+// containers without the host's socket) can substitute from it with
+// substituters = http://HOST:PORT:
 //
 //	GET /nix-cache-info           StoreDir, WantMassQuery, Priority
 //	GET /HASH.narinfo             the path's info, signed with the

@@ -251,6 +251,20 @@ func (s *Store) lruOrder(ctx context.Context, names []string) ([]string, error) 
 			}
 		}
 	}
+	// A walk that met a cycle (a derivation and its outputs with
+	// keep-outputs) left a node of it without the later times of the
+	// others: spread times along the links until nothing changes, which
+	// one pass does when there is no cycle.
+	for pass, changed := 0, true; changed && pass < 64; pass++ {
+		changed = false
+		for _, n := range nodes {
+			for _, r := range n.referrers {
+				if t := nodes[r].eff; t > n.eff {
+					n.eff, changed = t, true
+				}
+			}
+		}
+	}
 	eff := make(map[string]int64, len(nodes))
 	for _, n := range nodes {
 		eff[n.base] = n.eff

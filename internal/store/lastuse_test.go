@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
@@ -187,11 +186,76 @@ func TestSizeBudgetCountsNAR(t *testing.T) {
 			t.Errorf("path %d (used at %d) valid = %v, want %v", i, 2000+i, ok, want)
 		}
 	}
-	// Nothing more to collect without growth: no new collection.
-	at := s.autoGC.budgetGCAt
-	s.autoGC.lastCheck = time.Time{}
+}
+
+// TestLRUOrderKeepOutputs: with keep-outputs, a derivation and its output
+// refer to each other; both count as used when either is, whatever order
+// the walk takes.
+func TestLRUOrderKeepOutputs(t *testing.T) {
+	ctx := context.Background()
+	for range 10 { // map order varies from run to run
+		s := openWith(t, t.TempDir(), func(c *Config) { c.RequireSigs, c.SizeBudget, c.KeepOutputs = false, 1<<40, true })
+		drv := addText(t, s, "thing-deriver", "stands for a .drv")
+		user := addText(t, s, "user-of-drv", "refers to the .drv", drv)
+		other := addText(t, s, "other", "o")
+		data := narOf(t, map[string]string{"f": "out"})
+		outInfo := caNARInfo(t, s, "thing", data, nil)
+		outInfo.Deriver = drv
+		if err := s.AddToStoreNar(ctx, outInfo, bytes.NewReader(data), AddOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.db.w.ExecContext(ctx, "update ValidPaths set registrationTime = 1000"); err != nil {
+			t.Fatal(err)
+		}
+		s.lastUse.m.Store(user, int64(9000))
+		s.lastUse.m.Store(other, int64(5000))
+		order, err := s.lruOrder(ctx, []string{drv.String(), other.String(), outInfo.Path.String(), user.String()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if order[0] != other.String() {
+			t.Fatalf("order %q: the output of a derivation used at 9000 comes before a path used at 5000", order)
+		}
+		s.Close()
+	}
+}
+
+// TestSizeBudgetHysteresis: once a collection could not bring the store
+// down to 90 % of its budget (the rest is alive), no other runs until the
+// store has grown by 1 % of the budget.
+func TestSizeBudgetHysteresis(t *testing.T) {
+	ctx := context.Background()
+	s := openWithBudget(t, t.TempDir(), 1<<40)
+	defer s.Close()
+	live := addText(t, s, "live", strings.Repeat("l", 100<<10))
+	ss := s.OpenSession()
+	defer ss.Close()
+	if err := ss.AddTempRoot(ctx, live); err != nil {
+		t.Fatal(err)
+	}
+	info, err := s.QueryPathInfo(ctx, live)
+	if err != nil {
+		t.Fatal(err)
+	}
+	budget := info.NarSize * 1000 / 995 // the live path alone is 99.5 % of it
+	s.cfg.SizeBudget = budget
+	dead := addText(t, s, "dead", strings.Repeat("d", 10<<10))
 	s.AutoGC(ctx, true)
-	if !s.autoGC.budgetGCAt.Equal(at) {
-		t.Error("a collection ran again under the budget")
+	if ok, _ := s.IsValidPathFresh(ctx, dead); ok {
+		t.Fatal("the dead path survived a collection over budget")
+	}
+	first := s.autoGC.budgetGCAt
+	if first.IsZero() || s.autoGC.sizeAfterGC == 0 {
+		t.Fatalf("no collection recorded (at %v, size after %d)", first, s.autoGC.sizeAfterGC)
+	}
+	addText(t, s, "small", strings.Repeat("s", int(budget/100*7/10))) // over budget, by less than 1 %
+	s.AutoGC(ctx, true)
+	if !s.autoGC.budgetGCAt.Equal(first) {
+		t.Error("a collection ran again after less than 1 % of growth")
+	}
+	addText(t, s, "more", strings.Repeat("m", int(budget/100*2)))
+	s.AutoGC(ctx, true)
+	if s.autoGC.budgetGCAt.Equal(first) {
+		t.Error("no collection after the store grew by 1 % of its budget")
 	}
 }
