@@ -224,6 +224,9 @@ func (g *goal) tryRemote(ctx context.Context, inputs []storepath.Path, outputs m
 				return stopped()
 			}
 			b.log.Warn("cannot start the build hook; building here", "drv", drvAbs, "err", err)
+			g.each(func(c *call) {
+				c.emit(func(p Progress) { p.Error(fmt.Sprintf("cannot start the build hook: %v", err)) })
+			})
 			c.noHook.Store(true)
 			return Result{}, false, nil
 		}
@@ -474,7 +477,18 @@ func (b *Builder) startHook(key string, settings map[string]string) (*hookProc, 
 		ExtraFiles:  []*os.File{nil, logW, logRChild},
 		SysProcAttr: &syscall.SysProcAttr{Setsid: true},
 	}
-	if err := cmd.Start(); err != nil {
+	// ETXTBSY: a hook just written (a test's, say) may still be open for
+	// writing in a child that another goroutine forked and has not yet
+	// exec'd; that passes.
+	for try := 0; ; try++ {
+		err = cmd.Start()
+		if err == nil || !errors.Is(err, syscall.ETXTBSY) || try == 5 {
+			break
+		}
+		time.Sleep(10 * time.Millisecond << try)
+		cmd = &exec.Cmd{Path: cmd.Path, Args: cmd.Args, Dir: cmd.Dir, Stdin: cmd.Stdin, Stdout: cmd.Stdout, Stderr: cmd.Stderr, ExtraFiles: cmd.ExtraFiles, SysProcAttr: cmd.SysProcAttr}
+	}
+	if err != nil {
 		closeAll()
 		return nil, fmt.Errorf("starting the build hook %s: %w", path, err)
 	}
