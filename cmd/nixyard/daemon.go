@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"net"
 	"net/http"
 	"net/url"
@@ -106,7 +105,9 @@ func parseDaemonArgs(args []string) (daemonOptions, error) {
 		case "--size-budget":
 			var v string
 			if v, err = need(); err == nil {
-				o.budget, err = parseSize(v)
+				if o.budget, err = config.ParseSize(v); err != nil {
+					err = fmt.Errorf("--size-budget: %w", err)
+				}
 			}
 		case "--daemon":
 			// nix-daemon accepts and ignores it.
@@ -318,7 +319,7 @@ func runDaemon(ctx context.Context, args []string) error {
 	var hookListener net.Listener
 	if !opts.stdio {
 		// The build hook reaches the store through a socket of its own.
-		l, path, err := listenHook(layout.StateDir)
+		l, path, err := daemon.ListenHookSocket(layout.StateDir)
 		if err != nil {
 			logger.Warn("no socket for the build hook: no builds are sent to remote builders", "err", err)
 		} else {
@@ -433,22 +434,4 @@ func serveHTTP(ctx context.Context, addr string, h http.Handler, logger *slog.Lo
 			srv.Close()
 		}
 	}, nil
-}
-
-// parseSize reads a size in bytes, with an optional K, M, G or T suffix
-// (powers of 1024).
-func parseSize(s string) (uint64, error) {
-	mult := uint64(1)
-	num := strings.ToUpper(strings.TrimSpace(s))
-	if n := len(num); n > 0 {
-		if i := strings.IndexByte("KMGT", num[n-1]); i >= 0 {
-			mult = 1 << (10 * (i + 1))
-			num = num[:n-1]
-		}
-	}
-	v, err := strconv.ParseUint(num, 10, 64)
-	if err != nil || v == 0 || v > math.MaxUint64/mult {
-		return 0, fmt.Errorf("--size-budget %q: not a positive size (bytes, or with K, M, G or T)", s)
-	}
-	return v * mult, nil
 }

@@ -46,16 +46,3 @@ func TestParseDaemonArgsListen(t *testing.T) {
 		t.Fatal("a bad --listen was accepted")
 	}
 }
-
-func TestParseSize(t *testing.T) {
-	for in, want := range map[string]uint64{"1": 1, "4096": 4096, "10K": 10 << 10, "3m": 3 << 20, "200G": 200 << 30, "2T": 2 << 40} {
-		if got, err := parseSize(in); err != nil || got != want {
-			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
-		}
-	}
-	for _, in := range []string{"", "0", "G", "-1", "1.5G", "99999999999T", "12X"} {
-		if _, err := parseSize(in); err == nil {
-			t.Errorf("parseSize(%q): no error", in)
-		}
-	}
-}

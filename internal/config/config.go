@@ -11,6 +11,7 @@ import (
 	"io"
 	"io/fs"
 	"maps"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -241,4 +242,22 @@ func Unimplemented(s *Settings) []string {
 	}
 	slices.Sort(names)
 	return names
+}
+
+// ParseSize reads a positive size in bytes, with an optional K, M, G or T
+// suffix (powers of 1024), as "200G".
+func ParseSize(s string) (uint64, error) {
+	mult := uint64(1)
+	num := strings.ToUpper(strings.TrimSpace(s))
+	if n := len(num); n > 0 {
+		if i := strings.IndexByte("KMGT", num[n-1]); i >= 0 {
+			mult = 1 << (10 * (i + 1))
+			num = num[:n-1]
+		}
+	}
+	v, err := strconv.ParseUint(num, 10, 64)
+	if err != nil || v == 0 || v > math.MaxUint64/mult {
+		return 0, fmt.Errorf("%q is not a positive size (bytes, or with K, M, G or T)", s)
+	}
+	return v * mult, nil
 }

@@ -123,3 +123,16 @@ func TestUnimplemented(t *testing.T) {
 		t.Errorf("Unimplemented: %q", got)
 	}
 }
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]uint64{"1": 1, "4096": 4096, "10K": 10 << 10, "3m": 3 << 20, "200G": 200 << 30, "2T": 2 << 40} {
+		if got, err := ParseSize(in); err != nil || got != want {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "0", "G", "-1", "1.5G", "99999999999T", "12X"} {
+		if _, err := ParseSize(in); err == nil {
+			t.Errorf("ParseSize(%q): no error", in)
+		}
+	}
+}
