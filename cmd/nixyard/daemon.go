@@ -296,6 +296,10 @@ func runDaemon(ctx context.Context, args []string) error {
 		if err != nil {
 			return err
 		}
+		if mets != nil {
+			pusher.OnPushed = mets.Pushed
+			mets.PushQueue(pusher.QueueLen)
+		}
 		if len(secretKeys) == 0 {
 			logger.Warn("--push-to without secret-key-files: what is pushed is not signed")
 		}

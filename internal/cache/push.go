@@ -238,6 +238,9 @@ type Pusher struct {
 	log    *slog.Logger
 	wake   chan struct{}
 
+	// OnPushed, if set, is told of each path written to the target.
+	OnPushed func()
+
 	mu        sync.Mutex
 	infoDone  bool                              // nix-cache-info is in the target
 	present   map[string]bool                   // hash parts whose narinfo the target has
@@ -552,7 +555,24 @@ func (p *Pusher) pushOne(ctx context.Context, q storepath.Path) error {
 		return err
 	}
 	p.markPresent(q)
+	if p.OnPushed != nil {
+		p.OnPushed()
+	}
 	return nil
+}
+
+// QueueLen is the number of queued paths, those set aside included.
+func (p *Pusher) QueueLen() int {
+	n := 0
+	for _, dir := range []string{p.dir, filepath.Join(p.dir, "failed")} {
+		entries, _ := os.ReadDir(dir)
+		for _, e := range entries {
+			if _, err := storepath.ParseBase(e.Name()); err == nil {
+				n++
+			}
+		}
+	}
+	return n
 }
 
 func (p *Pusher) markPresent(q storepath.Path) {

@@ -109,13 +109,21 @@ func TestPush(t *testing.T) {
 	if err := p.Enqueue(top.Path); err != nil {
 		t.Fatal(err)
 	}
+	if n := p.QueueLen(); n != 1 {
+		t.Errorf("queue length %d, want 1", n)
+	}
 	// A new pusher on the same queue (as after a restart) pushes it.
 	p2, err := NewPusher(st, target, queue, []signature.SecretKey{key}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
+	pushed := 0
+	p2.OnPushed = func() { pushed++ }
 	if err := p2.pushQueued(ctx); err != nil {
 		t.Fatal(err)
+	}
+	if pushed != 2 || p2.QueueLen() != 0 {
+		t.Errorf("%d paths pushed (want top and dep), %d left queued", pushed, p2.QueueLen())
 	}
 	if left, _ := os.ReadDir(queue); len(left) != 0 {
 		t.Errorf("queue after the push: %v", left)

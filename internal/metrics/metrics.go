@@ -36,6 +36,7 @@ type Metrics struct {
 	buildSecs   *prometheus.HistogramVec
 	fetches     *prometheus.CounterVec // result
 	fetchedNar  prometheus.Counter
+	pushed      prometheus.Counter
 }
 
 // New makes the metrics; stats, if not nil, is asked for the store's
@@ -85,7 +86,11 @@ func New(stats StoreStats) *Metrics {
 		Name: "nixyard_substituted_nar_bytes_total",
 		Help: "NAR bytes of the paths fetched from binary caches.",
 	})
-	m.reg.MustRegister(m.connections, m.open, m.ops, m.opErrors, m.opSeconds, m.builds, m.running, m.buildSecs, m.fetches, m.fetchedNar,
+	m.pushed = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "nixyard_pushed_paths_total",
+		Help: "Paths written to the fleet cache (--push-to), each with its NAR.",
+	})
+	m.reg.MustRegister(m.connections, m.open, m.ops, m.opErrors, m.opSeconds, m.builds, m.running, m.buildSecs, m.fetches, m.fetchedNar, m.pushed,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if stats != nil {
 		m.reg.MustRegister(&storeCollector{stats: stats})
@@ -198,6 +203,25 @@ func (m *Metrics) Fetched(narSize uint64, err error) {
 	}
 	m.fetches.WithLabelValues("ok").Inc()
 	m.fetchedNar.Add(float64(narSize))
+}
+
+// Pushed counts a path written to the fleet cache.
+func (m *Metrics) Pushed() {
+	if m != nil {
+		m.pushed.Inc()
+	}
+}
+
+// PushQueue makes queued report the paths waiting to be pushed, read at
+// each scrape.
+func (m *Metrics) PushQueue(queued func() int) {
+	if m == nil {
+		return
+	}
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "nixyard_push_queue_paths",
+		Help: "Paths waiting to be pushed to the fleet cache (--push-to), those set aside included.",
+	}, func() float64 { return float64(queued()) }))
 }
 
 // storeCollector reads the store's size when scraped.

@@ -47,6 +47,8 @@ func TestMetrics(t *testing.T) {
 	m.BuildEnded(true, true, 2*time.Second)
 	m.Fetched(1000, nil)
 	m.Fetched(500, errors.New("404"))
+	m.Pushed()
+	m.PushQueue(func() int { return 5 })
 	wantLines(t, scrape(t, m),
 		`nixyard_connections_total{tenant="ci",trust="untrusted"} 1`,
 		`nixyard_connections_total{tenant="",trust="trusted"} 1`,
@@ -62,6 +64,8 @@ func TestMetrics(t *testing.T) {
 		`nixyard_substitutions_total{result="ok"} 1`,
 		`nixyard_substitutions_total{result="failed"} 1`,
 		`nixyard_substituted_nar_bytes_total 1000`,
+		`nixyard_pushed_paths_total 1`,
+		`nixyard_push_queue_paths 5`,
 		`nixyard_store_paths 3`,
 		`nixyard_store_nar_bytes 4096`,
 	)
@@ -77,6 +81,8 @@ func TestNil(t *testing.T) {
 	m.BuildStarted(true)
 	m.BuildEnded(true, false, time.Second)
 	m.Fetched(1, nil)
+	m.Pushed()
+	m.PushQueue(func() int { return 0 })
 }
 
 // TestStoreError: a store that cannot say its size leaves its metrics out
