@@ -20,7 +20,6 @@ import (
 	"github.com/nixyard/nixyard/internal/daemon"
 	"github.com/nixyard/nixyard/internal/metrics"
 	"github.com/nixyard/nixyard/internal/nix/signature"
-	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/realise"
 	"github.com/nixyard/nixyard/internal/store"
 	"github.com/nixyard/nixyard/internal/timerslack"
@@ -303,21 +302,8 @@ func runDaemon(ctx context.Context, args []string) error {
 		if len(secretKeys) == 0 {
 			logger.Warn("--push-to without secret-key-files: what is pushed is not signed")
 		}
-		pctx, stop := context.WithCancel(ctx)
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			pusher.Run(pctx)
-		}()
-		defer func() { // before the store closes
-			stop()
-			<-done
-		}()
-		buildCfg.OnBuilt = func(outs []storepath.Path) {
-			if err := pusher.Enqueue(outs...); err != nil {
-				logger.Warn("cannot queue built outputs for pushing", "err", err)
-			}
-		}
+		defer pusher.Start(ctx)() // stopped before the store closes
+		buildCfg.OnBuilt = pusher.EnqueueBuilt
 		logger.Info("pushing built outputs", "to", target.String())
 	}
 	var hookListener net.Listener

@@ -465,28 +465,28 @@ func (b *Builder) startHook(key string, settings map[string]string) (*hookProc, 
 		return nil, errors.New("duplicating the build hook's log pipe")
 	}
 	files = append(files, logRChild)
-	cmd := &exec.Cmd{
-		Path:   path,
-		Args:   []string{argv0, strconv.Itoa(3)}, // Nix's verbosity lvlInfo
-		Dir:    "/",
-		Stdin:  inR,
-		Stdout: fromW,
-		Stderr: fromW,
-		// fd 4: the remote builder's output; fd 5: its read side, from
-		// which the hook reads ssh's complaints when it cannot connect.
-		ExtraFiles:  []*os.File{nil, logW, logRChild},
-		SysProcAttr: &syscall.SysProcAttr{Setsid: true},
-	}
+	var cmd *exec.Cmd
 	// ETXTBSY: a hook just written (a test's, say) may still be open for
 	// writing in a child that another goroutine forked and has not yet
-	// exec'd; that passes.
+	// exec'd; that passes. (An exec.Cmd starts once: a new one per try.)
 	for try := 0; ; try++ {
+		cmd = &exec.Cmd{
+			Path:   path,
+			Args:   []string{argv0, strconv.Itoa(3)}, // Nix's verbosity lvlInfo
+			Dir:    "/",
+			Stdin:  inR,
+			Stdout: fromW,
+			Stderr: fromW,
+			// fd 4: the remote builder's output; fd 5: its read side, from
+			// which the hook reads ssh's complaints when it cannot connect.
+			ExtraFiles:  []*os.File{nil, logW, logRChild},
+			SysProcAttr: &syscall.SysProcAttr{Setsid: true},
+		}
 		err = cmd.Start()
 		if err == nil || !errors.Is(err, syscall.ETXTBSY) || try == 5 {
 			break
 		}
 		time.Sleep(10 * time.Millisecond << try)
-		cmd = &exec.Cmd{Path: cmd.Path, Args: cmd.Args, Dir: cmd.Dir, Stdin: cmd.Stdin, Stdout: cmd.Stdout, Stderr: cmd.Stderr, ExtraFiles: cmd.ExtraFiles, SysProcAttr: cmd.SysProcAttr}
 	}
 	if err != nil {
 		closeAll()
@@ -692,29 +692,14 @@ func (j *job) runRemote(ctx context.Context) (syscall.WaitStatus, error) {
 	wg.Add(2)
 	go func() { // ssh://: the builder's output, raw
 		defer wg.Done()
-		buf := make([]byte, 32<<10)
-		var logSize int64
-		maxLog := j.g.b.cfg.MaxLogSize
-		for {
-			n, err := h.logR.Read(buf)
-			if n > 0 && (maxLog == 0 || logSize <= maxLog) {
-				mu.Lock()
-				if logSize += int64(n); maxLog > 0 && logSize > maxLog {
-					if j.killMsg == "" {
-						j.killMsg, j.killStatus = fmt.Sprintf("%s killed after writing more than %d bytes of log output", j.g.name, maxLog), LogLimitExceeded
-					}
-					mu.Unlock()
-					h.signal()
-					continue
-				}
-				j.logFile.Write(buf[:n])
-				j.handleOutput(buf[:n])
-				mu.Unlock()
+		j.copyOutput(h.logR, &mu, nil, func(msg string) {
+			mu.Lock()
+			if j.killMsg == "" {
+				j.killMsg, j.killStatus = msg, LogLimitExceeded
 			}
-			if err != nil {
-				return
-			}
-		}
+			mu.Unlock()
+			h.signal()
+		})
 	}()
 	go func() { // the hook's own messages, with ssh-ng://'s build log
 		defer wg.Done()
@@ -730,14 +715,7 @@ func (j *job) runRemote(ctx context.Context) (syscall.WaitStatus, error) {
 	}()
 	go func() { wg.Wait(); close(readDone) }()
 	werr := h.reap()
-	select {
-	case <-readDone:
-	case <-time.After(2 * time.Second):
-		// A process that left the hook's group keeps its pipes open.
-		h.fromF.Close()
-		h.logR.Close()
-		<-readDone
-	}
+	awaitOutput(readDone, h.fromF, h.logR)
 	h.fromF.Close()
 	h.logR.Close()
 	mu.Lock()

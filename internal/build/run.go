@@ -516,26 +516,11 @@ func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (s
 	readDone := make(chan struct{})
 	go func() {
 		defer close(readDone)
-		buf := make([]byte, 32<<10)
-		var logSize int64
-		maxLog := j.g.b.cfg.MaxLogSize
-		for {
-			n, err := pr.Read(buf)
-			if n > 0 && (maxLog == 0 || logSize <= maxLog) {
-				if silence != nil {
-					silence.Reset(maxSilent)
-				}
-				if logSize += int64(n); maxLog > 0 && logSize > maxLog {
-					onKill(LogLimitExceeded, fmt.Sprintf("%s killed after writing more than %d bytes of log output", j.g.name, maxLog))
-					continue // drain what is left, not logging it
-				}
-				j.logFile.Write(buf[:n])
-				j.handleOutput(buf[:n])
-			}
-			if err != nil {
-				return
-			}
+		var onData func()
+		if silence != nil {
+			onData = func() { silence.Reset(maxSilent) }
 		}
+		j.copyOutput(pr, nil, onData, func(msg string) { onKill(LogLimitExceeded, msg) })
 	}()
 	werr := cmd.Wait()
 	kill() // whatever it left behind
@@ -545,12 +530,7 @@ func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (s
 		// ended them all.
 		killErr = j.user.killAll()
 	}
-	select {
-	case <-readDone:
-	case <-time.After(2 * time.Second):
-		pr.Close() // a grandchild outside the group keeps the pipe open
-		<-readDone
-	}
+	awaitOutput(readDone, pr)
 	if len(j.line) > 0 {
 		j.flushLine()
 	}
@@ -567,6 +547,54 @@ func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (s
 		return 0, fmt.Errorf("building '%s': %w", j.drvAbs, ctx.Err())
 	}
 	return cmd.ProcessState.Sys().(syscall.WaitStatus), nil
+}
+
+// copyOutput copies a builder's output from r, until it ends, into the
+// log file and to the callers, with mu (if not nil) held for each piece:
+// onData (if not nil) runs for every piece read, and once the output
+// passes max-build-log-size, overLimit gets the message to kill the
+// builder with and the rest is drained unlogged.
+func (j *job) copyOutput(r io.Reader, mu sync.Locker, onData func(), overLimit func(msg string)) {
+	buf := make([]byte, 32<<10)
+	var logSize int64
+	maxLog := j.g.b.cfg.MaxLogSize
+	for {
+		n, err := r.Read(buf)
+		if n > 0 && (maxLog == 0 || logSize <= maxLog) {
+			if onData != nil {
+				onData()
+			}
+			if logSize += int64(n); maxLog > 0 && logSize > maxLog {
+				overLimit(fmt.Sprintf("%s killed after writing more than %d bytes of log output", j.g.name, maxLog))
+				continue
+			}
+			if mu != nil {
+				mu.Lock()
+			}
+			j.logFile.Write(buf[:n])
+			j.handleOutput(buf[:n])
+			if mu != nil {
+				mu.Unlock()
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// awaitOutput waits until done is closed (the builder's output has
+// ended), closing pipes after 2 s: a process that left the builder's
+// group may keep them open.
+func awaitOutput(done <-chan struct{}, pipes ...io.Closer) {
+	select {
+	case <-done:
+	case <-time.After(2 * time.Second):
+		for _, p := range pipes {
+			p.Close()
+		}
+		<-done
+	}
 }
 
 // timeouts are the build's max-silent-time and timeout: the caller's if

@@ -276,17 +276,26 @@ func NewPusher(st *store.Store, target Target, dir string, keys []signature.Secr
 // hold takes a temporary root on a queued path, until it is pushed.
 func (p *Pusher) hold(ctx context.Context, sp storepath.Path) {
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.held[sp] != nil {
+	held := p.held[sp] != nil
+	p.mu.Unlock()
+	if held {
 		return
 	}
+	// Outside p.mu: taking a root waits for a collection deleting sp.
 	ss := p.st.OpenSession()
 	if err := ss.AddTempRoot(ctx, sp); err != nil {
 		p.log.Warn("cannot hold a queued path", "path", p.st.Dir().Abs(sp), "err", err)
 		ss.Close()
 		return
 	}
-	p.held[sp] = ss
+	p.mu.Lock()
+	if p.held[sp] == nil {
+		p.held[sp], ss = ss, nil
+	}
+	p.mu.Unlock()
+	if ss != nil {
+		ss.Close() // held meanwhile by another call
+	}
 }
 
 // release drops the temporary root hold took.
@@ -319,6 +328,29 @@ func (p *Pusher) Enqueue(paths ...storepath.Path) error {
 	default:
 	}
 	return nil
+}
+
+// Start runs the worker (Run) in the background; the returned stop ends
+// it and waits for it to end.
+func (p *Pusher) Start(ctx context.Context) (stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		p.Run(ctx)
+	}()
+	return func() {
+		cancel()
+		<-done
+	}
+}
+
+// EnqueueBuilt queues a build's outputs (build.Config.OnBuilt): a queue
+// that cannot be written is logged, and the build stands.
+func (p *Pusher) EnqueueBuilt(outputs []storepath.Path) {
+	if err := p.Enqueue(outputs...); err != nil {
+		p.log.Warn("cannot queue built outputs for pushing", "err", err)
+	}
 }
 
 // Run pushes what is queued until ctx ends.

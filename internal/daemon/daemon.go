@@ -140,17 +140,12 @@ func (s *Server) serveNetConn(ctx context.Context, nc net.Conn, pol ListenPolicy
 		defer p.job.Release()
 		log = log.With("job", p.job.ID())
 	}
-	trust := "untrusted"
-	if p.trusted {
-		trust = "trusted"
-	}
 	if p.refused != "" {
 		log.Warn("refusing connection", "reason", p.refused)
-		trust = "refused"
 	} else {
-		log.Info(fmt.Sprintf("accepted connection from pid %s, user %s (%s)", p.pidString(), p.user, trust))
+		log.Info(fmt.Sprintf("accepted connection from pid %s, user %s (%s)", p.pidString(), p.user, p.trust()))
 	}
-	mc := s.opts.Metrics.Conn(p.tenant, trust)
+	mc := s.opts.Metrics.Conn(p.tenant, p.trust())
 	defer mc.Close()
 	err := s.serve(ctx, nc, nc, p, log, mc)
 	if err != nil && ctx.Err() == nil {
@@ -168,11 +163,7 @@ func (s *Server) ServeConn(ctx context.Context, r io.Reader, w io.Writer, truste
 		defer stop()
 	}
 	p := peer{pid: -1, user: "(stdio)", trusted: trusted}
-	trust := "untrusted"
-	if trusted {
-		trust = "trusted"
-	}
-	mc := s.opts.Metrics.Conn("", trust)
+	mc := s.opts.Metrics.Conn("", p.trust())
 	defer mc.Close()
 	err := s.serve(ctx, r, w, p, s.log.With("user", p.user), mc)
 	if ctx.Err() != nil {

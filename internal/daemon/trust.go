@@ -28,6 +28,18 @@ type peer struct {
 	job     *jobs.Conn // the peer's job, if it is in a container
 }
 
+// trust names the peer's standing, as logs and metrics say it:
+// "refused", "trusted" or "untrusted".
+func (p peer) trust() string {
+	switch {
+	case p.refused != "":
+		return "refused"
+	case p.trusted:
+		return "trusted"
+	}
+	return "untrusted"
+}
+
 func (p peer) pidString() string {
 	if p.pid < 0 {
 		return "<unknown>"
