@@ -396,8 +396,9 @@ func TestWriterRefuses(t *testing.T) {
 	})
 }
 
-// FuzzReader checks that the Reader never panics and that whatever it
-// accepts re-encodes through the Writer to exactly the bytes it consumed.
+// FuzzReader checks that the Reader never panics, that whatever it accepts
+// re-encodes through the Writer to exactly the bytes it consumed, and that
+// List accepts it too, with each file's narOffset at its contents.
 func FuzzReader(f *testing.F) {
 	for _, tc := range hostileCases() {
 		f.Add(tc.nar)
@@ -417,6 +418,19 @@ func FuzzReader(f *testing.F) {
 		consumed := data[:len(data)-br.Len()]
 		if again := writeEntries(t, es); !bytes.Equal(again, consumed) {
 			t.Fatalf("re-encoding differs:\n got %x\nwant %x", again, consumed)
+		}
+		l, err := List(bytes.NewReader(data))
+		if err != nil {
+			t.Fatalf("List refused what the Reader accepted: %v", err)
+		}
+		for _, e := range es {
+			n := l.Lookup(e.h.Path)
+			if n == nil || n.Type != e.h.Type {
+				t.Fatalf("%q: listed as %+v, read as %+v", e.h.Path, n, e.h)
+			}
+			if n.Type == TypeRegular && string(data[n.NarOffset:n.NarOffset+n.Size]) != e.data {
+				t.Fatalf("%q: narOffset %d does not point at its contents", e.h.Path, n.NarOffset)
+			}
 		}
 	})
 }
