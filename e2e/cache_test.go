@@ -59,7 +59,7 @@ func TestPushToCache(t *testing.T) {
 	e := newEnv(t)
 	sec, pub := e.generateKey(t, "fleet-1")
 	dir := filepath.Join(e.dir, "fleet-cache")
-	d := e.startDaemon(t, withDaemonArgs("--push-to", "file://"+dir), withConf("secret-key-files = "+sec))
+	d := e.startDaemon(t, withDaemonArgs("--push-to", "file://"+dir+"?compression=xz&write-nar-listing=true"), withConf("secret-key-files = "+sec))
 	added := oneLine(t, "added", d.nixStore(t, "--add", e.file(t, "added.txt", "only added\n")))
 	args := e.expr(t, "pushed", `rec {
   dep = mk { name = "pushed-dep"; script = "echo dep > $out"; };
@@ -77,6 +77,13 @@ func TestPushToCache(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, filepath.Base(added)[:32]+".narinfo")); err == nil {
 		t.Errorf("%s, only added, was pushed", added)
+	}
+	// The URL's parameters: xz, and a listing next to the narinfo.
+	if ni, err := os.ReadFile(narinfo); err != nil || !strings.Contains(string(ni), "\nCompression: xz\n") {
+		t.Errorf("narinfo of %s: %s %v", top, ni, err)
+	}
+	if _, err := os.Stat(strings.TrimSuffix(narinfo, ".narinfo") + ".ls"); err != nil {
+		t.Errorf("no listing: %v", err)
 	}
 	other := e.otherStore("from-fleet")
 	e.cmd("nix-store", "--store", directStore(other), "-r", top,

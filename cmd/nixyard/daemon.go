@@ -40,9 +40,10 @@ const daemonUsage = `usage: nixyard daemon [options]
                         signed with secret-key-files), for substituters = http://ADDR
   --push-to URL         push every build's outputs, with their closures, to the binary cache
                         at URL (file:///DIR, an http(s) cache that takes PUT, or
-                        s3://BUCKET?region=R&endpoint=HOST with AWS_ACCESS_KEY_ID and
-                        AWS_SECRET_ACCESS_KEY), signed with secret-key-files, from a queue
-                        kept across restarts
+                        s3://BUCKET?region=R&endpoint=HOST with AWS credentials found as
+                        the AWS SDK finds them), signed with secret-key-files, from a
+                        queue kept across restarts; Nix's parameters (?compression=xz,
+                        write-nar-listing, secret-key, ...) apply
   --size-budget SIZE    keep the store's paths under SIZE of NAR (e.g. 200G; K, M, G, T are
                         powers of 1024), collecting the least recently used dead paths first
   --option NAME VALUE   override a nix.conf setting
@@ -287,11 +288,11 @@ func runDaemon(ctx context.Context, args []string) error {
 		buildCfg.Metrics = mets
 	}
 	if opts.pushTo != "" {
-		target, err := cache.OpenTarget(opts.pushTo)
+		target, pushOpts, err := cache.OpenTarget(opts.pushTo)
 		if err != nil {
 			return fmt.Errorf("--push-to: %w", err)
 		}
-		pusher, err := cache.NewPusher(st, target, filepath.Join(layout.StateDir, "nixyard-push"), secretKeys, logger)
+		pusher, err := cache.NewPusher(st, target, pushOpts, filepath.Join(layout.StateDir, "nixyard-push"), secretKeys, logger)
 		if err != nil {
 			return err
 		}
@@ -299,8 +300,8 @@ func runDaemon(ctx context.Context, args []string) error {
 			pusher.OnPushed = mets.Pushed
 			mets.PushQueue(pusher.QueueLen)
 		}
-		if len(secretKeys) == 0 {
-			logger.Warn("--push-to without secret-key-files: what is pushed is not signed")
+		if len(secretKeys) == 0 && len(pushOpts.Keys) == 0 {
+			logger.Warn("--push-to without secret-key-files or secret-key=: what is pushed is not signed")
 		}
 		defer pusher.Start(ctx)() // stopped before the store closes
 		buildCfg.OnBuilt = pusher.EnqueueBuilt

@@ -6,35 +6,40 @@ package cache
 // the cache; queued paths are held by temporary roots, so no collection
 // takes them first), and a worker that pushes them: for each path of the
 // closure, references first, that the cache lacks, the NAR compressed
-// with zstd (and checked against the path's NAR hash as it is read),
-// then its narinfo, signed with the daemon's keys (so that a reader never
-// finds a narinfo whose NAR is missing). While the cache cannot be
+// as the URL's parameters ask, zstd by default (and checked against the
+// path's NAR hash as it is read), then its narinfo, signed with the
+// daemon's keys (so that a reader never finds a narinfo whose NAR is
+// missing). While the cache cannot be
 // reached (or fails), everything waits and is retried with backoff; a path
 // the cache refuses is retried on a backoff of its own, the others going
 // on meanwhile, and set aside in the queue's failed/ directory after
 // maxAttempts refusals. The queue survives restarts.
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
-	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sys/unix"
 
+	"github.com/nixyard/nixyard/internal/nar"
 	"github.com/nixyard/nixyard/internal/nix/contentaddress"
 	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/nix/narinfo"
@@ -54,33 +59,45 @@ type Target interface {
 	String() string
 }
 
-// OpenTarget returns the target a URL names: file:///DIR (a directory, as
-// `nix copy --to file://DIR` writes it), http(s)://… (a cache that takes
-// PUT, as Nix's HTTP binary cache store writes it) or s3://BUCKET?… (see
+// OpenTarget returns the target a URL names, and what its parameters (see
+// params.go) ask of the files written: file:///DIR (a directory, as `nix
+// copy --to file://DIR` writes it), http(s)://… (a cache that takes PUT,
+// as Nix's HTTP binary cache store writes it) or s3://BUCKET?… (see
 // s3.go).
-func OpenTarget(rawURL string) (Target, error) {
+func OpenTarget(rawURL string) (Target, Options, error) {
+	t, o, err := openTarget(rawURL)
+	if err != nil {
+		return nil, Options{}, fmt.Errorf("push target %q: %w", rawURL, err)
+	}
+	return t, o, nil
+}
+
+func openTarget(rawURL string) (Target, Options, error) {
 	u, err := url.Parse(rawURL)
 	if err != nil {
-		return nil, fmt.Errorf("push target %q: %w", rawURL, err)
+		return nil, Options{}, err
+	}
+	if u.Fragment != "" {
+		return nil, Options{}, errors.New("a fragment is not supported")
 	}
 	switch u.Scheme {
 	case "file":
-		// As Nix: everything after "file://" is the directory.
+		// As Nix: everything after "file://" up to the query is the directory.
 		dir, _, _ := strings.Cut(strings.TrimPrefix(rawURL, "file://"), "?")
 		if !strings.HasPrefix(rawURL, "file://") || !filepath.IsAbs(dir) {
-			return nil, fmt.Errorf("push target %q: want file:///ABSOLUTE/DIR", rawURL)
+			return nil, Options{}, errors.New("want file:///ABSOLUTE/DIR")
 		}
-		return dirTarget(filepath.Clean(dir)), nil
+		o, err := parseOptions(u.Query())
+		return dirTarget(filepath.Clean(dir)), o, err
 	case "http", "https":
-		if u.RawQuery != "" || u.Fragment != "" {
-			return nil, fmt.Errorf("push target %q: a query or fragment is not supported", rawURL)
-		}
+		o, err := parseOptions(u.Query())
+		u.RawQuery = "" // parameters of the store, not of the server
 		u.Path = strings.TrimSuffix(u.Path, "/")
-		return &httpTarget{base: u, client: noRedirects()}, nil
+		return &httpTarget{base: u, client: noRedirects()}, o, err
 	case "s3":
-		return openS3(u, rawURL)
+		return openS3(u)
 	}
-	return nil, fmt.Errorf("push target %q: want file://, http(s):// or s3://", rawURL)
+	return nil, Options{}, errors.New("want file://, http(s):// or s3://")
 }
 
 // dirTarget is a binary cache in a directory.
@@ -233,6 +250,7 @@ const maxAttempts = 10
 type Pusher struct {
 	st     *store.Store
 	target Target
+	opts   Options
 	dir    string
 	keys   []signature.SecretKey
 	log    *slog.Logger
@@ -248,16 +266,17 @@ type Pusher struct {
 	notBefore map[storepath.Path]time.Time      // refused paths: when to try again
 }
 
-// NewPusher returns a Pusher whose queue is the directory dir (made if
-// missing); paths left in it by an earlier run are pushed first.
-func NewPusher(st *store.Store, target Target, dir string, keys []signature.SecretKey, log *slog.Logger) (*Pusher, error) {
+// NewPusher returns a Pusher writing to target as opts asks, whose queue
+// is the directory dir (made if missing); paths left in it by an earlier
+// run are pushed first. Narinfos are signed with keys and opts.Keys.
+func NewPusher(st *store.Store, target Target, opts Options, dir string, keys []signature.SecretKey, log *slog.Logger) (*Pusher, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("push queue: %w", err)
 	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	p := &Pusher{st: st, target: target, dir: dir, keys: keys, log: log, wake: make(chan struct{}, 1),
+	p := &Pusher{st: st, target: target, opts: opts, dir: dir, keys: slices.Concat(keys, opts.Keys), log: log, wake: make(chan struct{}, 1),
 		present: map[string]bool{}, held: map[storepath.Path]*store.Session{}, notBefore: map[storepath.Path]time.Time{}}
 	entries, err := os.ReadDir(dir)
 	if err != nil {
@@ -494,8 +513,7 @@ func (p *Pusher) cacheInfo(ctx context.Context) error {
 	}
 	has, err := p.target.Has(ctx, "nix-cache-info")
 	if err == nil && !has {
-		body := narinfo.NixCacheInfo{StoreDir: string(p.st.Dir())}.Marshal()
-		err = p.target.Put(ctx, "nix-cache-info", bytes.NewReader(body), int64(len(body)), "text/x-nix-cache-info")
+		err = p.putBytes(ctx, "nix-cache-info", "text/x-nix-cache-info", narinfo.NixCacheInfo{StoreDir: string(p.st.Dir())}.Marshal())
 	}
 	if err != nil {
 		return fmt.Errorf("nix-cache-info in %s: %w", p.target, err)
@@ -504,8 +522,9 @@ func (p *Pusher) cacheInfo(ctx context.Context) error {
 	return nil
 }
 
-// pushOne uploads q's NAR, zstd-compressed, then its narinfo, unless the
-// target has the narinfo.
+// pushOne uploads q's NAR, compressed as p.opts asks, then (if asked) its
+// listing and debug info index, then its narinfo, unless the target has
+// the narinfo.
 func (p *Pusher) pushOne(ctx context.Context, q storepath.Path) error {
 	name := q.HashPart() + ".narinfo"
 	p.mu.Lock()
@@ -532,17 +551,23 @@ func (p *Pusher) pushOne(ctx context.Context, q storepath.Path) error {
 		tmp.Close()
 		os.Remove(tmp.Name())
 	}()
-	sum := sha256.New()
-	zw, err := zstd.NewWriter(io.MultiWriter(tmp, sum))
+	fileSum, narSum := sha256.New(), sha256.New()
+	cw, err := p.opts.compressor(io.MultiWriter(tmp, fileSum))
 	if err != nil {
 		return err
 	}
-	narSum := sha256.New()
-	if err := p.st.NarFromPath(ctx, q, ctxWriter{ctx, io.MultiWriter(zw, narSum)}); err != nil {
-		zw.Close()
-		return err
+	var listing *nar.Listing
+	if p.opts.Listing || p.opts.DebugInfo {
+		listing, err = listWhile(io.MultiWriter(cw, narSum), func(w io.Writer) error {
+			return p.st.NarFromPath(ctx, q, ctxWriter{ctx, w})
+		})
+	} else {
+		err = p.st.NarFromPath(ctx, q, ctxWriter{ctx, io.MultiWriter(cw, narSum)})
 	}
-	if err := zw.Close(); err != nil {
+	if cerr := cw.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
 		return err
 	}
 	if got := hash.FromHasher(hash.SHA256, narSum); !got.Equal(info.NarHash) {
@@ -555,10 +580,10 @@ func (p *Pusher) pushOne(ctx context.Context, q storepath.Path) error {
 	if _, err := tmp.Seek(0, io.SeekStart); err != nil {
 		return err
 	}
-	fileHash := hash.FromHasher(hash.SHA256, sum)
+	fileHash := hash.FromHasher(hash.SHA256, fileSum)
 	ni := narinfo.NarInfo{
-		StorePath: q, URL: "nar/" + fileHash.NixBase32() + ".nar.zst", Compression: "zstd",
-		FileHash: fileHash, FileSize: uint64(size),
+		StorePath: q, URL: "nar/" + fileHash.NixBase32() + ".nar" + narExtension(p.opts.Compression),
+		Compression: p.opts.Compression, FileHash: fileHash, FileSize: uint64(size),
 		NarHash: info.NarHash, NarSize: info.NarSize,
 		References: info.References, Deriver: info.Deriver, Sigs: info.Sigs,
 	}
@@ -582,8 +607,21 @@ func (p *Pusher) pushOne(ctx context.Context, q storepath.Path) error {
 			return err
 		}
 	}
-	body := ni.Marshal(p.st.Dir())
-	if err := p.target.Put(ctx, name, bytes.NewReader(body), int64(len(body)), "text/x-nix-narinfo"); err != nil {
+	if p.opts.Listing {
+		root, err := listing.MarshalJSON()
+		if err != nil {
+			return err
+		}
+		if err := p.putBytes(ctx, q.HashPart()+".ls", "application/json", append(append([]byte(`{"version":1,"root":`), root...), '}')); err != nil {
+			return err
+		}
+	}
+	if p.opts.DebugInfo {
+		if err := p.indexDebugInfo(ctx, listing, ni.URL); err != nil {
+			return err
+		}
+	}
+	if err := p.putBytes(ctx, name, "text/x-nix-narinfo", ni.Marshal(p.st.Dir())); err != nil {
 		return err
 	}
 	p.markPresent(q)
@@ -591,6 +629,90 @@ func (p *Pusher) pushOne(ctx context.Context, q storepath.Path) error {
 		p.OnPushed()
 	}
 	return nil
+}
+
+func (p *Pusher) putBytes(ctx context.Context, rel, contentType string, body []byte) error {
+	return p.target.Put(ctx, rel, bytes.NewReader(body), int64(len(body)), contentType)
+}
+
+// listWhile runs write with a writer that passes what it is given to w
+// and lists it as a NAR on the way.
+func listWhile(w io.Writer, write func(io.Writer) error) (*nar.Listing, error) {
+	pr, pw := io.Pipe()
+	type result struct {
+		l   *nar.Listing
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		l, err := nar.List(bufio.NewReaderSize(pr, 64<<10))
+		io.Copy(io.Discard, pr) // after an error, let the rest through
+		done <- result{l, err}
+	}()
+	err := write(io.MultiWriter(w, pw))
+	pw.CloseWithError(err)
+	r := <-done
+	if err != nil {
+		return nil, err
+	}
+	if r.err != nil {
+		return nil, &refusedError{fmt.Errorf("listing its NAR: %w", r.err)}
+	}
+	return r.l, nil
+}
+
+// buildIDDir is where a NAR's debug info files are indexed from.
+const buildIDDir = "lib/debug/.build-id"
+
+// indexDebugInfo writes, as Nix's index-debug-info does, debuginfo/KEY
+// for each lib/debug/.build-id/XX/YYYY.debug file of the listed NAR (KEY
+// is XXYYYY.debug, the build ID with its suffix): JSON naming the NAR
+// file, relative to debuginfo/, and the member. A key the cache has is
+// left as it is.
+func (p *Pusher) indexDebugInfo(ctx context.Context, listing *nar.Listing, narURL string) error {
+	dir := listing.Lookup(buildIDDir)
+	if dir == nil || dir.Type != nar.TypeDirectory {
+		return nil
+	}
+	for _, s1 := range slices.Sorted(maps.Keys(dir.Entries)) {
+		sub := dir.Entries[s1]
+		if sub.Type != nar.TypeDirectory || !isHex(s1, 2, "") {
+			continue
+		}
+		for _, s2 := range slices.Sorted(maps.Keys(sub.Entries)) {
+			if sub.Entries[s2].Type != nar.TypeRegular || !isHex(s2, 38, ".debug") {
+				continue
+			}
+			key := "debuginfo/" + s1 + s2
+			if has, err := p.target.Has(ctx, key); err != nil || has {
+				if err != nil {
+					return err
+				}
+				continue
+			}
+			body, err := json.Marshal(map[string]string{"archive": "../" + narURL, "member": buildIDDir + "/" + s1 + "/" + s2})
+			if err != nil {
+				return err
+			}
+			if err := p.putBytes(ctx, key, "application/json", body); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// isHex reports whether s is n lowercase hexadecimal digits then suffix.
+func isHex(s string, n int, suffix string) bool {
+	if len(s) != n+len(suffix) || !strings.HasSuffix(s, suffix) {
+		return false
+	}
+	for _, c := range s[:n] {
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 // QueueLen is the number of queued paths, those set aside included.

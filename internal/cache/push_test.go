@@ -97,12 +97,12 @@ func TestPush(t *testing.T) {
 	mc := &memCache{files: map[string][]byte{}}
 	srv := httptest.NewServer(mc)
 	defer srv.Close()
-	target, err := OpenTarget(srv.URL + "/")
+	target, opts, err := OpenTarget(srv.URL + "/")
 	if err != nil {
 		t.Fatal(err)
 	}
 	queue := filepath.Join(t.TempDir(), "queue")
-	p, err := NewPusher(st, target, queue, []signature.SecretKey{key}, nil)
+	p, err := NewPusher(st, target, opts, queue, []signature.SecretKey{key}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -113,7 +113,7 @@ func TestPush(t *testing.T) {
 		t.Errorf("queue length %d, want 1", n)
 	}
 	// A new pusher on the same queue (as after a restart) pushes it.
-	p2, err := NewPusher(st, target, queue, []signature.SecretKey{key}, nil)
+	p2, err := NewPusher(st, target, opts, queue, []signature.SecretKey{key}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,15 +169,42 @@ func TestPush(t *testing.T) {
 }
 
 func TestOpenTarget(t *testing.T) {
-	for _, u := range []string{"file://relative/dir", "ftp://x", "file:", "s3://?region=x", "http://h/?x=1", "https://h/#f"} {
-		if _, err := OpenTarget(u); err == nil {
+	noAWSConfig(t) // s3 URLs fail on their parameters, not for want of credentials
+	t.Setenv("AWS_ACCESS_KEY_ID", "AKID")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "s")
+	if _, _, err := OpenTarget("s3://b?multipart-upload=false&buffer-size=1&aws-region=eu-west-1&profile="); err != nil {
+		t.Error(err)
+	}
+	dir := t.TempDir()
+	for _, u := range []string{"file://relative/dir", "ftp://x", "file:", "s3://?region=x", "http://h/?x=1", "https://h/#f",
+		"file://" + dir + "?compression=lzma", "file://" + dir + "?compression-level=10&compression=xz",
+		"file://" + dir + "?compression=none&compression-level=1", "file://" + dir + "?write-nar-listing=maybe",
+		"file://" + dir + "?secret-key=" + dir + "/missing", "file://" + dir + "?local-nar-cache=/tmp",
+		"s3://b?narinfo-compression=xz", "s3://b?multipart-upload=true", "s3://b?scheme=ftp",
+	} {
+		if _, _, err := OpenTarget(u); err == nil {
 			t.Errorf("OpenTarget(%q): no error", u)
 		}
 	}
-	dir := t.TempDir()
-	tg, err := OpenTarget("file://" + dir)
+	keyFile := filepath.Join(dir, "key")
+	_, priv, _ := ed25519.GenerateKey(nil)
+	if err := os.WriteFile(keyFile, []byte(signature.SecretKey{Name: "k", Key: priv}.String()+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, opts, err := OpenTarget("http://h/c?compression=xz&compression-level=9&write-nar-listing=1&parallel-compression=true&index-debug-info=yes&secret-key=" + keyFile)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if want := (Options{Compression: "xz", Level: 9, Parallel: true, Listing: true, DebugInfo: true}); opts.Compression != want.Compression || opts.Level != want.Level ||
+		opts.Parallel != want.Parallel || opts.Listing != want.Listing || opts.DebugInfo != want.DebugInfo || len(opts.Keys) != 1 || opts.Keys[0].Name != "k" {
+		t.Errorf("options: %+v", opts)
+	}
+	tg, opts, err := OpenTarget("file://" + dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if opts.Compression != "zstd" || opts.Level != -1 || opts.Listing || len(opts.Keys) != 0 {
+		t.Errorf("default options: %+v", opts)
 	}
 	if err := tg.Put(t.Context(), "nar/x.nar", strings.NewReader("data"), 4, ""); err != nil {
 		t.Fatal(err)
@@ -210,12 +237,12 @@ func TestPushFailures(t *testing.T) {
 	mc := &memCache{files: map[string][]byte{}, refuse: refused.HashPart() + ".narinfo"}
 	srv := httptest.NewServer(mc)
 	defer srv.Close()
-	target, err := OpenTarget(srv.URL)
+	target, opts, err := OpenTarget(srv.URL)
 	if err != nil {
 		t.Fatal(err)
 	}
 	queue := filepath.Join(t.TempDir(), "queue")
-	p, err := NewPusher(st, target, queue, nil, nil)
+	p, err := NewPusher(st, target, opts, queue, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -249,9 +276,9 @@ func TestPushFailures(t *testing.T) {
 	down := httptest.NewServer(http.NotFoundHandler())
 	downURL := down.URL
 	down.Close()
-	dt, _ := OpenTarget(downURL)
+	dt, dopts, _ := OpenTarget(downURL)
 	q2 := filepath.Join(t.TempDir(), "queue")
-	p2, err := NewPusher(st, dt, q2, nil, nil)
+	p2, err := NewPusher(st, dt, dopts, q2, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -275,7 +302,7 @@ func TestPushFailures(t *testing.T) {
 		http.Redirect(w, r, "/login", http.StatusFound)
 	}))
 	defer redirect.Close()
-	rt, _ := OpenTarget(redirect.URL)
+	rt, _, _ := OpenTarget(redirect.URL)
 	if err := rt.Put(ctx, "x.narinfo", strings.NewReader("x"), 1, "text/plain"); err == nil {
 		t.Error("a redirected PUT counted as written")
 	}

@@ -2,22 +2,25 @@ package cache
 
 // S3-compatible object storage as a push target: objects written with
 // PutObject and checked with HeadObject, requests signed with AWS
-// Signature Version 4 from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
-// (for temporary credentials) AWS_SESSION_TOKEN. The URL is Nix's:
-// s3://BUCKET[?region=R][&endpoint=HOST[:PORT]][&scheme=http|https]; with
-// an endpoint (MinIO, Ceph, Garage, R2, …) objects are addressed by path
+// Signature Version 4 with credentials found as the AWS SDK finds them
+// (awscreds.go). The URL is Nix's:
+// s3://BUCKET[?region=R][&endpoint=HOST[:PORT]][&scheme=http|https][&profile=P],
+// with the binary cache parameters of params.go; with an endpoint (MinIO,
+// Ceph, Garage, R2, …) objects are addressed by path
 // (ENDPOINT/BUCKET/KEY), without one at BUCKET.s3.REGION.amazonaws.com.
 
 import (
+	"cmp"
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/url"
-	"os"
 	"slices"
 	"strings"
 	"time"
@@ -28,28 +31,42 @@ type s3Target struct {
 	bucket, region string
 	base           string // scheme://host[/bucket]: objects are base/KEY
 	host           string
-	creds          s3Creds
+	creds          *awsCredentials
 	client         *http.Client
 	now            func() time.Time
 }
 
-type s3Creds struct{ key, secret, token string }
+// credsTimeout bounds the search for credentials when the target is
+// opened (the instance metadata service answers within a second).
+const credsTimeout = 10 * time.Second
 
-func openS3(u *url.URL, rawURL string) (*s3Target, error) {
+func openS3(u *url.URL) (*s3Target, Options, error) {
 	q := u.Query()
-	t := &s3Target{bucket: u.Host, region: q.Get("region"), client: noRedirects(), now: time.Now}
-	if t.bucket == "" {
-		return nil, fmt.Errorf("push target %q: no bucket", rawURL)
+	for _, k := range []string{"narinfo-compression", "ls-compression", "log-compression"} {
+		if q.Get(k) != "" {
+			return nil, Options{}, fmt.Errorf("%s=%s: not supported (files other than NARs are written uncompressed)", k, q.Get(k))
+		}
 	}
-	if t.region == "" {
-		t.region = "us-east-1"
+	if v := q.Get("multipart-upload"); v != "" {
+		if on, err := parseBool(v); err != nil || on {
+			return nil, Options{}, fmt.Errorf("multipart-upload=%s: not supported (each file is one PutObject, up to 5 GB)", v)
+		}
+	}
+	opts, err := parseOptions(q, "region", "aws-region", "scheme", "endpoint", "profile",
+		"narinfo-compression", "ls-compression", "log-compression", "multipart-upload", "buffer-size")
+	if err != nil {
+		return nil, Options{}, err
+	}
+	t := &s3Target{bucket: u.Host, region: cmp.Or(q.Get("region"), q.Get("aws-region"), "us-east-1"), client: noRedirects(), now: time.Now}
+	if t.bucket == "" {
+		return nil, Options{}, errors.New("no bucket")
 	}
 	scheme := q.Get("scheme")
 	if scheme == "" {
 		scheme = "https"
 	}
 	if scheme != "http" && scheme != "https" {
-		return nil, fmt.Errorf("push target %q: scheme=%q is not http or https", rawURL, scheme)
+		return nil, Options{}, fmt.Errorf("scheme=%s: want http or https", scheme)
 	}
 	if ep := q.Get("endpoint"); ep != "" {
 		if e, err := url.Parse(ep); err == nil && e.Host != "" {
@@ -61,11 +78,15 @@ func openS3(u *url.URL, rawURL string) (*s3Target, error) {
 		t.host = t.bucket + ".s3." + t.region + ".amazonaws.com"
 		t.base = scheme + "://" + t.host
 	}
-	t.creds = s3Creds{key: os.Getenv("AWS_ACCESS_KEY_ID"), secret: os.Getenv("AWS_SECRET_ACCESS_KEY"), token: os.Getenv("AWS_SESSION_TOKEN")}
-	if t.creds.key == "" || t.creds.secret == "" {
-		return nil, fmt.Errorf("push target %q: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set", rawURL)
+	// Credentials are looked for now, so that a host without any is told
+	// at start-up, and again when they are about to expire.
+	t.creds = newAWSCredentials(q.Get("profile"))
+	ctx, cancel := context.WithTimeout(context.Background(), credsTimeout)
+	defer cancel()
+	if _, err := t.creds.get(ctx); err != nil {
+		return nil, Options{}, err
 	}
-	return t, nil
+	return t, opts, nil
 }
 
 func (t *s3Target) String() string { return "s3://" + t.bucket }
@@ -78,7 +99,9 @@ func (t *s3Target) Has(ctx context.Context, rel string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	t.sign(req, emptyHash)
+	if err := t.sign(ctx, req, emptyHash); err != nil {
+		return false, err
+	}
 	resp, err := t.client.Do(req)
 	if err != nil {
 		return false, err
@@ -109,7 +132,9 @@ func (t *s3Target) Put(ctx context.Context, rel string, body io.ReadSeeker, size
 	}
 	req.ContentLength = size
 	req.Header.Set("Content-Type", contentType)
-	t.sign(req, hex.EncodeToString(h.Sum(nil)))
+	if err := t.sign(ctx, req, hex.EncodeToString(h.Sum(nil))); err != nil {
+		return err
+	}
 	resp, err := t.client.Do(req)
 	if err != nil {
 		return err
@@ -137,11 +162,16 @@ func s3Escape(key string) string {
 	return b.String()
 }
 
-func (t *s3Target) sign(req *http.Request, payloadHash string) {
-	if t.creds.token != "" {
-		req.Header.Set("X-Amz-Security-Token", t.creds.token)
+func (t *s3Target) sign(ctx context.Context, req *http.Request, payloadHash string) error {
+	c, err := t.creds.get(ctx)
+	if err != nil {
+		return err
 	}
-	sigV4(req, payloadHash, t.creds, t.region, "s3", t.now())
+	if c.token != "" {
+		req.Header.Set("X-Amz-Security-Token", c.token)
+	}
+	sigV4(req, payloadHash, c, t.region, "s3", t.now())
+	return nil
 }
 
 // sigV4 signs req with AWS Signature Version 4: it sets X-Amz-Date,
@@ -164,13 +194,7 @@ func sigV4(req *http.Request, payloadHash string, c s3Creds, region, service str
 			headers[lk] = strings.Join(strings.Fields(strings.Join(v, ",")), " ")
 		}
 	}
-	names := slices.Sorted(func(yield func(string) bool) {
-		for k := range headers {
-			if !yield(k) {
-				return
-			}
-		}
-	})
+	names := slices.Sorted(maps.Keys(headers))
 	var canon strings.Builder
 	for _, n := range names {
 		canon.WriteString(n + ":" + headers[n] + "\n")

@@ -2,6 +2,7 @@ package substitute
 
 import (
 	"compress/bzip2"
+	"compress/gzip"
 	"fmt"
 	"io"
 	"os/exec"
@@ -30,7 +31,7 @@ var zstdDecoders = sync.Pool{New: func() any {
 }}
 
 // Decompressor returns a streaming decoder for a narinfo Compression value
-// ("none", "xz", "zstd", "bzip2", "br") and a function to release it. The
+// ("none", "xz", "zstd", "bzip2", "br", "gzip") and a function to release it. The
 // builtin builders use it too.
 func Decompressor(method string, r io.Reader) (io.Reader, func(), error) {
 	return decompressor(method, r)
@@ -72,6 +73,12 @@ func decompressor(method string, r io.Reader) (io.Reader, func(), error) {
 		return zr, release, nil
 	case "bzip2":
 		return bzip2.NewReader(r), func() {}, nil
+	case "gzip":
+		zr, err := gzip.NewReader(r)
+		if err != nil {
+			return nil, nil, fmt.Errorf("gzip: %w", err)
+		}
+		return zr, func() {}, nil
 	case "br":
 		return brotli.NewReader(r), func() {}, nil
 	}

@@ -35,7 +35,7 @@ var (
 	fixPub   string // k1:...
 	fixErr   error
 	fixOnce  sync.Once
-	compress = []string{"none", "xz", "zstd", "bzip2", "br"}
+	compress = []string{"none", "xz", "zstd", "bzip2", "br", "gzip"}
 )
 
 func TestMain(m *testing.M) {

@@ -1,0 +1,220 @@
+package cache
+
+// The parameters of a push URL. Nix's binary cache stores take their
+// settings from the URL's query (`nix copy --to
+// 's3://bucket?compression=zstd&secret-key=/etc/nix/key'`); --push-to takes
+// the same ones. One that nixyard does not implement is refused by name,
+// and so is an unknown one (where Nix warns and goes on) rather than a
+// typo silently ignored by a daemon.
+
+import (
+	"compress/gzip"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"os/exec"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/andybalholm/brotli"
+	"github.com/klauspost/compress/zstd"
+	"github.com/ulikunitz/xz"
+
+	"github.com/nixyard/nixyard/internal/nix/signature"
+)
+
+// Options are what a push URL's parameters ask of the files written.
+type Options struct {
+	// Compression of NARs: zstd (nixyard's default; Nix's is xz), xz,
+	// bzip2, br, gzip or none.
+	Compression string
+	// Level is the compression level (compression-level), -1 for the
+	// method's default.
+	Level int
+	// Parallel (parallel-compression) lets xz and zstd use every core;
+	// otherwise each NAR is compressed on one.
+	Parallel bool
+	// Listing (write-nar-listing) writes HASH.ls, the JSON listing of the
+	// NAR, next to each narinfo.
+	Listing bool
+	// DebugInfo (index-debug-info) writes debuginfo/BUILDID for each
+	// lib/debug/.build-id/XX/YYYY.debug file, naming its NAR and member.
+	DebugInfo bool
+	// Keys (secret-key) sign each narinfo, besides the daemon's own
+	// secret-key-files.
+	Keys []signature.SecretKey
+}
+
+// levels are the compression methods and the levels each takes.
+var levels = map[string][2]int{
+	"zstd": {1, 22}, "xz": {0, 9}, "bzip2": {1, 9}, "gzip": {1, 9}, "br": {0, 11}, "none": {},
+}
+
+// parseOptions reads the binary cache parameters from q. own lists the
+// parameters the target's scheme reads itself; any other is an error.
+func parseOptions(q url.Values, own ...string) (Options, error) {
+	o := Options{Compression: "zstd", Level: -1}
+	for k, vs := range q {
+		v := vs[len(vs)-1]
+		var err error
+		switch k {
+		case "compression":
+			if _, ok := levels[v]; !ok {
+				err = fmt.Errorf("want one of zstd, xz, bzip2, br, gzip or none")
+			}
+			o.Compression = v
+		case "compression-level":
+			o.Level, err = strconv.Atoi(v)
+		case "parallel-compression":
+			o.Parallel, err = parseBool(v)
+		case "write-nar-listing":
+			o.Listing, err = parseBool(v)
+		case "index-debug-info":
+			o.DebugInfo, err = parseBool(v)
+		case "secret-key":
+			var data []byte
+			if data, err = os.ReadFile(v); err == nil {
+				var key signature.SecretKey
+				key, err = signature.ParseSecretKey(string(data))
+				o.Keys = append(o.Keys, key)
+			}
+		case "local-nar-cache":
+			err = fmt.Errorf("not supported (it caches what is read from a cache, and nixyard only writes to this one)")
+		default:
+			if !slices.Contains(own, k) {
+				err = fmt.Errorf("unknown parameter")
+			}
+		}
+		if err != nil {
+			return Options{}, fmt.Errorf("%s=%s: %w", k, v, err)
+		}
+	}
+	if r := levels[o.Compression]; o.Level != -1 && (o.Compression == "none" || o.Level < r[0] || o.Level > r[1]) {
+		if o.Compression == "none" {
+			return Options{}, fmt.Errorf("compression-level=%d: compression=none has no levels", o.Level)
+		}
+		return Options{}, fmt.Errorf("compression-level=%d: %s takes %d to %d", o.Level, o.Compression, r[0], r[1])
+	}
+	if o.Compression == "bzip2" {
+		if _, err := exec.LookPath("bzip2"); err != nil {
+			return Options{}, fmt.Errorf("compression=bzip2 needs the bzip2 command: %w", err)
+		}
+	}
+	return o, nil
+}
+
+// parseBool parses a boolean setting as Nix does.
+func parseBool(v string) (bool, error) {
+	switch v {
+	case "true", "yes", "1":
+		return true, nil
+	case "false", "no", "0":
+		return false, nil
+	}
+	return false, fmt.Errorf("not a Boolean")
+}
+
+// narExtension is the suffix Nix gives a NAR file compressed with method
+// (gzip and none have none).
+func narExtension(method string) string {
+	switch method {
+	case "xz":
+		return ".xz"
+	case "bzip2":
+		return ".bz2"
+	case "zstd":
+		return ".zst"
+	case "br":
+		return ".br"
+	}
+	return ""
+}
+
+// compressor returns a writer that compresses what it is given into w as
+// o asks. Its Close finishes the stream; it must be called, also on
+// errors, to release what it holds.
+func (o Options) compressor(w io.Writer) (io.WriteCloser, error) {
+	level := func(def int) int {
+		if o.Level == -1 {
+			return def
+		}
+		return o.Level
+	}
+	threads := "-T1"
+	if o.Parallel {
+		threads = "-T0"
+	}
+	switch o.Compression {
+	case "zstd":
+		opts := []zstd.EOption{zstd.WithEncoderConcurrency(1)}
+		if o.Parallel {
+			opts[0] = zstd.WithEncoderConcurrency(runtime.GOMAXPROCS(0))
+		}
+		if o.Level != -1 {
+			opts = append(opts, zstd.WithEncoderLevel(zstd.EncoderLevelFromZstd(o.Level)))
+		}
+		return zstd.NewWriter(w, opts...)
+	case "xz":
+		if _, err := exec.LookPath("xz"); err == nil {
+			return startCompressor(w, "xz", "-zcq", threads, "-"+strconv.Itoa(level(6)))
+		}
+		// The xz command is several times faster; without it, the
+		// pure-Go encoder with the preset's dictionary size.
+		dict := []int{256 << 10, 1 << 20, 2 << 20, 4 << 20, 4 << 20, 8 << 20, 8 << 20, 16 << 20, 32 << 20, 64 << 20}[level(6)]
+		return xz.WriterConfig{DictCap: dict}.NewWriter(w)
+	case "bzip2":
+		return startCompressor(w, "bzip2", "-zcq", "-"+strconv.Itoa(level(9)))
+	case "gzip":
+		return gzip.NewWriterLevel(w, level(gzip.DefaultCompression))
+	case "br":
+		return brotli.NewWriterLevel(w, level(brotli.BestCompression)), nil // Nix's default
+	case "none":
+		return nopCloser{w}, nil
+	}
+	return nil, fmt.Errorf("compression %q is not supported", o.Compression)
+}
+
+type nopCloser struct{ io.Writer }
+
+func (nopCloser) Close() error { return nil }
+
+// procCompressor compresses through a command reading its standard
+// input and writing its standard output.
+type procCompressor struct {
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+}
+
+func startCompressor(w io.Writer, name string, args ...string) (*procCompressor, error) {
+	cmd := exec.Command(name, args...)
+	cmd.Stdout = w
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	return &procCompressor{cmd: cmd, stdin: stdin}, nil
+}
+
+func (p *procCompressor) Write(b []byte) (int, error) {
+	n, err := p.stdin.Write(b)
+	if err != nil {
+		err = fmt.Errorf("%s: %w", p.cmd.Path, err)
+	}
+	return n, err
+}
+
+// Close ends the input and waits for the command (and for its output to
+// be written).
+func (p *procCompressor) Close() error {
+	p.stdin.Close()
+	if err := p.cmd.Wait(); err != nil {
+		return fmt.Errorf("%s: %w", strings.Join(p.cmd.Args, " "), err)
+	}
+	return nil
+}
