@@ -207,6 +207,30 @@ func TestBuildFixedOutput(t *testing.T) {
 	}
 }
 
+// TestUntrustedBuildSettings: the settings nix-daemon takes from any
+// client reach an untrusted client's build. The client sends them under
+// their own names ("timeout", not the alias "build-timeout").
+func TestUntrustedBuildSettings(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t, "allowed-users = *")
+	u := b.unprivileged(t)
+	args := b.expr(t, "untrusted-settings", `{
+  sleeps = mk { name = "untrusted-sleeps"; script = "echo going-to-sleep; sleep 60; echo > $out"; };
+}`)
+	stderr := b.nixBuild(append(args, "-A", "sleeps", "--no-out-link", "--timeout", "1")...).as(u).fails(t)
+	if !strings.Contains(stderr, "timed out after 1 seconds") {
+		t.Errorf("untrusted --timeout 1: stderr:\n%s", stderr)
+	}
+	if useStock {
+		return
+	}
+	// One nixyard does not implement is named to the client.
+	r := b.client("nix", "store", "ping", "--option", "repeat", "1").as(u).run(t)
+	if r.err != nil || !strings.Contains(r.stderr, "the setting 'repeat' is not implemented by nixyard") {
+		t.Errorf("--option repeat 1:\n%s", r)
+	}
+}
+
 func TestBuildFailures(t *testing.T) {
 	t.Parallel()
 	b := startBuildDaemon(t)

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/nixyard/nixyard/internal/config"
 	"github.com/nixyard/nixyard/internal/daemon/wire"
 )
 
@@ -27,10 +28,12 @@ func defaultClientSettings() clientSettings {
 	return clientSettings{Verbosity: lvlInfo, MaxBuildJobs: 1, UseSubstitutes: true, Overrides: map[string]string{}}
 }
 
-// untrustedSettings may be set by any client: Nix 2.8's list
-// (build-timeout, build-repeat, connect-timeout) plus the later additions
-// max-silent-time and poll-interval. builders="" is handled apart.
-var untrustedSettings = []string{"build-timeout", "build-repeat", "connect-timeout", "max-silent-time", "poll-interval"}
+// untrustedSettings may be set by any client: Nix 2.8's list (timeout,
+// repeat, connect-timeout) plus the later additions max-silent-time and
+// poll-interval, under their names (what clients send) and their aliases.
+// builders="" is handled apart.
+var untrustedSettings = []string{"timeout", "build-timeout", "repeat", "build-repeat", "connect-timeout",
+	"max-silent-time", "build-max-silent-time", "poll-interval"}
 
 func opSetOptionsHandler(ctx context.Context, c *conn) error {
 	in := c.in
@@ -82,6 +85,13 @@ func (c *conn) filterOverrides(in map[string]string) map[string]string {
 		default:
 			c.tun.Log(lvlDebug, fmt.Sprintf("ignoring the client-specified setting '%s', because it is a restricted setting and you are not a trusted user", name))
 		}
+	}
+	var set config.Settings
+	for name, value := range out {
+		set.Set(name, value)
+	}
+	for _, name := range config.Unimplemented(&set) {
+		c.tun.Warn(fmt.Sprintf("the setting '%s' is not implemented by nixyard; it is ignored", name))
 	}
 	return out
 }
