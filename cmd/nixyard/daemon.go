@@ -288,7 +288,7 @@ func runDaemon(ctx context.Context, args []string) error {
 		buildCfg.Metrics = mets
 	}
 	if opts.pushTo != "" {
-		target, pushOpts, err := cache.OpenTarget(opts.pushTo)
+		target, pushOpts, err := cache.OpenTarget(ctx, opts.pushTo, logger)
 		if err != nil {
 			return fmt.Errorf("--push-to: %w", err)
 		}

@@ -11,6 +11,7 @@ import (
 	"compress/gzip"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/url"
 	"os"
 	"os/exec"
@@ -18,6 +19,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/andybalholm/brotli"
 	"github.com/klauspost/compress/zstd"
@@ -50,46 +52,20 @@ type Options struct {
 
 // levels are the compression methods and the levels each takes.
 var levels = map[string][2]int{
-	"zstd": {1, 22}, "xz": {0, 9}, "bzip2": {1, 9}, "gzip": {1, 9}, "br": {0, 11}, "none": {},
+	"zstd": {1, 22}, "xz": {0, 9}, "bzip2": {1, 9}, "gzip": {0, 9}, "br": {0, 11}, "none": {},
 }
 
 // parseOptions reads the binary cache parameters from q. own lists the
-// parameters the target's scheme reads itself; any other is an error.
-func parseOptions(q url.Values, own ...string) (Options, error) {
+// parameters the target's scheme reads itself; any other is an error, and
+// so is one given twice (Nix would take the first).
+func parseOptions(q url.Values, log *slog.Logger, own ...string) (Options, error) {
 	o := Options{Compression: "zstd", Level: -1}
 	for k, vs := range q {
-		v := vs[len(vs)-1]
-		var err error
-		switch k {
-		case "compression":
-			if _, ok := levels[v]; !ok {
-				err = fmt.Errorf("want one of zstd, xz, bzip2, br, gzip or none")
-			}
-			o.Compression = v
-		case "compression-level":
-			o.Level, err = strconv.Atoi(v)
-		case "parallel-compression":
-			o.Parallel, err = parseBool(v)
-		case "write-nar-listing":
-			o.Listing, err = parseBool(v)
-		case "index-debug-info":
-			o.DebugInfo, err = parseBool(v)
-		case "secret-key":
-			var data []byte
-			if data, err = os.ReadFile(v); err == nil {
-				var key signature.SecretKey
-				key, err = signature.ParseSecretKey(string(data))
-				o.Keys = append(o.Keys, key)
-			}
-		case "local-nar-cache":
-			err = fmt.Errorf("not supported (it caches what is read from a cache, and nixyard only writes to this one)")
-		default:
-			if !slices.Contains(own, k) {
-				err = fmt.Errorf("unknown parameter")
-			}
+		if len(vs) > 1 {
+			return Options{}, fmt.Errorf("%s is given %d times", k, len(vs))
 		}
-		if err != nil {
-			return Options{}, fmt.Errorf("%s=%s: %w", k, v, err)
+		if err := o.set(k, vs[0], own); err != nil {
+			return Options{}, fmt.Errorf("%s=%s: %w", k, vs[0], err)
 		}
 	}
 	if r := levels[o.Compression]; o.Level != -1 && (o.Compression == "none" || o.Level < r[0] || o.Level > r[1]) {
@@ -98,12 +74,48 @@ func parseOptions(q url.Values, own ...string) (Options, error) {
 		}
 		return Options{}, fmt.Errorf("compression-level=%d: %s takes %d to %d", o.Level, o.Compression, r[0], r[1])
 	}
-	if o.Compression == "bzip2" {
-		if _, err := exec.LookPath("bzip2"); err != nil {
-			return Options{}, fmt.Errorf("compression=bzip2 needs the bzip2 command: %w", err)
-		}
+	switch _, err := exec.LookPath(o.Compression); {
+	case err == nil:
+	case o.Compression == "bzip2":
+		return Options{}, fmt.Errorf("compression=bzip2 needs the bzip2 command: %w", err)
+	case o.Compression == "xz":
+		log.Warn("no xz command: NARs are compressed with a pure-Go encoder, several times slower", "err", err)
 	}
 	return o, nil
+}
+
+// set sets the parameter k to v.
+func (o *Options) set(k, v string, own []string) error {
+	var err error
+	switch k {
+	case "compression":
+		if _, ok := levels[v]; !ok {
+			return fmt.Errorf("want one of zstd, xz, bzip2, br, gzip or none")
+		}
+		o.Compression = v
+	case "compression-level":
+		o.Level, err = strconv.Atoi(v)
+	case "parallel-compression":
+		o.Parallel, err = parseBool(v)
+	case "write-nar-listing":
+		o.Listing, err = parseBool(v)
+	case "index-debug-info":
+		o.DebugInfo, err = parseBool(v)
+	case "secret-key":
+		var data []byte
+		if data, err = os.ReadFile(v); err == nil {
+			var key signature.SecretKey
+			key, err = signature.ParseSecretKey(string(data))
+			o.Keys = append(o.Keys, key)
+		}
+	case "local-nar-cache":
+		err = fmt.Errorf("not supported (it caches what is read from a cache, and nixyard only writes to this one)")
+	default:
+		if !slices.Contains(own, k) {
+			err = fmt.Errorf("unknown parameter")
+		}
+	}
+	return err
 }
 
 // parseBool parses a boolean setting as Nix does.
@@ -184,29 +196,32 @@ func (nopCloser) Close() error { return nil }
 // procCompressor compresses through a command reading its standard
 // input and writing its standard output.
 type procCompressor struct {
-	cmd   *exec.Cmd
-	stdin io.WriteCloser
+	cmd    *exec.Cmd
+	stdin  io.WriteCloser
+	out    *errWriter
+	stderr tailBuffer
 }
 
 func startCompressor(w io.Writer, name string, args ...string) (*procCompressor, error) {
-	cmd := exec.Command(name, args...)
-	cmd.Stdout = w
-	stdin, err := cmd.StdinPipe()
+	p := &procCompressor{cmd: exec.Command(name, args...), out: &errWriter{w: w}}
+	p.cmd.Stdout, p.cmd.Stderr = p.out, &p.stderr
+	stdin, err := p.cmd.StdinPipe()
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	if err := cmd.Start(); err != nil {
+	if err := p.cmd.Start(); err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	return &procCompressor{cmd: cmd, stdin: stdin}, nil
+	p.stdin = stdin
+	return p, nil
 }
 
 func (p *procCompressor) Write(b []byte) (int, error) {
 	n, err := p.stdin.Write(b)
 	if err != nil {
-		err = fmt.Errorf("%s: %w", p.cmd.Path, err)
+		return n, p.failure(err)
 	}
-	return n, err
+	return n, nil
 }
 
 // Close ends the input and waits for the command (and for its output to
@@ -214,7 +229,58 @@ func (p *procCompressor) Write(b []byte) (int, error) {
 func (p *procCompressor) Close() error {
 	p.stdin.Close()
 	if err := p.cmd.Wait(); err != nil {
-		return fmt.Errorf("%s: %w", strings.Join(p.cmd.Args, " "), err)
+		return p.failure(err)
 	}
 	return nil
 }
+
+// failure names what made the command fail: where its output went
+// failing (the command then dies of a broken pipe), else the command's own
+// error message.
+func (p *procCompressor) failure(err error) error {
+	if werr := p.out.failed(); werr != nil {
+		return fmt.Errorf("writing %s's output: %w", p.cmd.Args[0], werr)
+	}
+	if msg := strings.TrimSpace(p.stderr.String()); msg != "" {
+		return fmt.Errorf("%s: %w: %s", strings.Join(p.cmd.Args, " "), err, msg)
+	}
+	return fmt.Errorf("%s: %w", strings.Join(p.cmd.Args, " "), err)
+}
+
+// errWriter keeps the first error of the writer it wraps.
+type errWriter struct {
+	w   io.Writer
+	mu  sync.Mutex
+	err error
+}
+
+func (e *errWriter) Write(b []byte) (int, error) {
+	n, err := e.w.Write(b)
+	if err != nil {
+		e.mu.Lock()
+		if e.err == nil {
+			e.err = err
+		}
+		e.mu.Unlock()
+	}
+	return n, err
+}
+
+func (e *errWriter) failed() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.err
+}
+
+// tailBuffer keeps the last 4 KiB written to it.
+type tailBuffer struct{ b []byte }
+
+func (t *tailBuffer) Write(p []byte) (int, error) {
+	t.b = append(t.b, p...)
+	if over := len(t.b) - 4096; over > 0 {
+		t.b = t.b[over:]
+	}
+	return len(p), nil
+}
+
+func (t *tailBuffer) String() string { return string(t.b) }

@@ -4,13 +4,17 @@ import (
 	"bytes"
 	"crypto/ed25519"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/ulikunitz/xz"
 
 	"github.com/nixyard/nixyard/internal/nar"
 	"github.com/nixyard/nixyard/internal/nix/contentaddress"
@@ -71,7 +75,7 @@ func TestPushOptions(t *testing.T) {
 	for _, c := range []string{"zstd", "xz", "bzip2", "br", "gzip", "none"} {
 		t.Run(c, func(t *testing.T) {
 			dir := t.TempDir()
-			tg, opts, err := OpenTarget("file://" + dir + "?compression=" + c + "&write-nar-listing=true&index-debug-info=true&secret-key=" + keyFile)
+			tg, opts, err := OpenTarget(t.Context(), "file://"+dir+"?compression="+c+"&write-nar-listing=true&index-debug-info=true&secret-key="+keyFile, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -195,3 +199,49 @@ func TestCompressionLevels(t *testing.T) {
 		}
 	}
 }
+
+// TestCompressorFailures: a compressing command whose output cannot be
+// written says so, rather than that it died of a broken pipe; without
+// the xz command, xz is written by the pure-Go encoder.
+func TestCompressorFailures(t *testing.T) {
+	full := errors.New("no space left on the test's device")
+	w, err := Options{Compression: "xz", Level: -1}.compressor(failingWriter{full})
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := make([]byte, 4<<20)
+	rand.NewChaCha8([32]byte{3}).Read(data)
+	_, err = w.Write(data)
+	if cerr := w.Close(); err == nil {
+		err = cerr
+	}
+	if !errors.Is(err, full) || !strings.Contains(err.Error(), "writing xz's output") {
+		t.Errorf("error %v, want one naming the output's failure", err)
+	}
+
+	t.Setenv("PATH", "")
+	var b bytes.Buffer
+	if w, err = (Options{Compression: "xz", Level: 1}).compressor(&b); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := w.(*procCompressor); ok {
+		t.Fatal("an xz command was used without one on PATH")
+	}
+	if _, err := w.Write(data[:1<<20]); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	r, err := xz.NewReader(&b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := io.ReadAll(r); err != nil || !bytes.Equal(got, data[:1<<20]) {
+		t.Errorf("the pure-Go xz stream does not decompress to its input (%v)", err)
+	}
+}
+
+type failingWriter struct{ err error }
+
+func (f failingWriter) Write([]byte) (int, error) { return 0, f.err }

@@ -63,16 +63,20 @@ type Target interface {
 // params.go) ask of the files written: file:///DIR (a directory, as `nix
 // copy --to file://DIR` writes it), http(s)://… (a cache that takes PUT,
 // as Nix's HTTP binary cache store writes it) or s3://BUCKET?… (see
-// s3.go).
-func OpenTarget(rawURL string) (Target, Options, error) {
-	t, o, err := openTarget(rawURL)
+// s3.go, which looks for credentials within ctx). log (nil for none) is
+// told what does not stop the target from opening.
+func OpenTarget(ctx context.Context, rawURL string, log *slog.Logger) (Target, Options, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	t, o, err := openTarget(ctx, rawURL, log)
 	if err != nil {
 		return nil, Options{}, fmt.Errorf("push target %q: %w", rawURL, err)
 	}
 	return t, o, nil
 }
 
-func openTarget(rawURL string) (Target, Options, error) {
+func openTarget(ctx context.Context, rawURL string, log *slog.Logger) (Target, Options, error) {
 	u, err := url.Parse(rawURL)
 	if err != nil {
 		return nil, Options{}, err
@@ -87,15 +91,15 @@ func openTarget(rawURL string) (Target, Options, error) {
 		if !strings.HasPrefix(rawURL, "file://") || !filepath.IsAbs(dir) {
 			return nil, Options{}, errors.New("want file:///ABSOLUTE/DIR")
 		}
-		o, err := parseOptions(u.Query())
+		o, err := parseOptions(u.Query(), log)
 		return dirTarget(filepath.Clean(dir)), o, err
 	case "http", "https":
-		o, err := parseOptions(u.Query())
+		o, err := parseOptions(u.Query(), log)
 		u.RawQuery = "" // parameters of the store, not of the server
 		u.Path = strings.TrimSuffix(u.Path, "/")
 		return &httpTarget{base: u, client: noRedirects()}, o, err
 	case "s3":
-		return openS3(u)
+		return openS3(ctx, u, log)
 	}
 	return nil, Options{}, errors.New("want file://, http(s):// or s3://")
 }
@@ -608,11 +612,11 @@ func (p *Pusher) pushOne(ctx context.Context, q storepath.Path) error {
 		}
 	}
 	if p.opts.Listing {
-		root, err := listing.MarshalJSON()
+		ls, err := listingFile(listing)
 		if err != nil {
 			return err
 		}
-		if err := p.putBytes(ctx, q.HashPart()+".ls", "application/json", append(append([]byte(`{"version":1,"root":`), root...), '}')); err != nil {
+		if err := p.putBytes(ctx, q.HashPart()+".ls", "application/json", ls); err != nil {
 			return err
 		}
 	}
@@ -633,6 +637,16 @@ func (p *Pusher) pushOne(ctx context.Context, q storepath.Path) error {
 
 func (p *Pusher) putBytes(ctx context.Context, rel, contentType string, body []byte) error {
 	return p.target.Put(ctx, rel, bytes.NewReader(body), int64(len(body)), contentType)
+}
+
+// listingFile is the HASH.ls file of a NAR with that listing, as Nix
+// writes it: {"version":1,"root":LISTING}.
+func listingFile(l *nar.Listing) ([]byte, error) {
+	root, err := l.MarshalJSON()
+	if err != nil {
+		return nil, err
+	}
+	return fmt.Appendf(nil, `{"version":1,"root":%s}`, root), nil
 }
 
 // listWhile runs write with a writer that passes what it is given to w
@@ -684,10 +698,11 @@ func (p *Pusher) indexDebugInfo(ctx context.Context, listing *nar.Listing, narUR
 				continue
 			}
 			key := "debuginfo/" + s1 + s2
-			if has, err := p.target.Has(ctx, key); err != nil || has {
-				if err != nil {
-					return err
-				}
+			has, err := p.target.Has(ctx, key)
+			if err != nil {
+				return err
+			}
+			if has {
 				continue
 			}
 			body, err := json.Marshal(map[string]string{"archive": "../" + narURL, "member": buildIDDir + "/" + s1 + "/" + s2})

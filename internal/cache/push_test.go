@@ -97,7 +97,7 @@ func TestPush(t *testing.T) {
 	mc := &memCache{files: map[string][]byte{}}
 	srv := httptest.NewServer(mc)
 	defer srv.Close()
-	target, opts, err := OpenTarget(srv.URL + "/")
+	target, opts, err := OpenTarget(t.Context(), srv.URL+"/", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -172,7 +172,7 @@ func TestOpenTarget(t *testing.T) {
 	noAWSConfig(t) // s3 URLs fail on their parameters, not for want of credentials
 	t.Setenv("AWS_ACCESS_KEY_ID", "AKID")
 	t.Setenv("AWS_SECRET_ACCESS_KEY", "s")
-	if _, _, err := OpenTarget("s3://b?multipart-upload=false&buffer-size=1&aws-region=eu-west-1&profile="); err != nil {
+	if _, _, err := OpenTarget(t.Context(), "s3://b?multipart-upload=false&buffer-size=1&aws-region=eu-west-1&profile=", nil); err != nil {
 		t.Error(err)
 	}
 	dir := t.TempDir()
@@ -180,10 +180,11 @@ func TestOpenTarget(t *testing.T) {
 		"file://" + dir + "?compression=lzma", "file://" + dir + "?compression-level=10&compression=xz",
 		"file://" + dir + "?compression=none&compression-level=1", "file://" + dir + "?write-nar-listing=maybe",
 		"file://" + dir + "?secret-key=" + dir + "/missing", "file://" + dir + "?local-nar-cache=/tmp",
+		"file://" + dir + "?compression=xz&compression=zstd",
 		"s3://b?narinfo-compression=xz", "s3://b?multipart-upload=true", "s3://b?scheme=ftp",
 	} {
-		if _, _, err := OpenTarget(u); err == nil {
-			t.Errorf("OpenTarget(%q): no error", u)
+		if _, _, err := OpenTarget(t.Context(), u, nil); err == nil {
+			t.Errorf("OpenTarget(t.Context(), %q, nil): no error", u)
 		}
 	}
 	keyFile := filepath.Join(dir, "key")
@@ -191,7 +192,7 @@ func TestOpenTarget(t *testing.T) {
 	if err := os.WriteFile(keyFile, []byte(signature.SecretKey{Name: "k", Key: priv}.String()+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	_, opts, err := OpenTarget("http://h/c?compression=xz&compression-level=9&write-nar-listing=1&parallel-compression=true&index-debug-info=yes&secret-key=" + keyFile)
+	_, opts, err := OpenTarget(t.Context(), "http://h/c?compression=xz&compression-level=9&write-nar-listing=1&parallel-compression=true&index-debug-info=yes&secret-key="+keyFile, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -199,7 +200,7 @@ func TestOpenTarget(t *testing.T) {
 		opts.Parallel != want.Parallel || opts.Listing != want.Listing || opts.DebugInfo != want.DebugInfo || len(opts.Keys) != 1 || opts.Keys[0].Name != "k" {
 		t.Errorf("options: %+v", opts)
 	}
-	tg, opts, err := OpenTarget("file://" + dir)
+	tg, opts, err := OpenTarget(t.Context(), "file://"+dir, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -237,7 +238,7 @@ func TestPushFailures(t *testing.T) {
 	mc := &memCache{files: map[string][]byte{}, refuse: refused.HashPart() + ".narinfo"}
 	srv := httptest.NewServer(mc)
 	defer srv.Close()
-	target, opts, err := OpenTarget(srv.URL)
+	target, opts, err := OpenTarget(t.Context(), srv.URL, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -276,7 +277,7 @@ func TestPushFailures(t *testing.T) {
 	down := httptest.NewServer(http.NotFoundHandler())
 	downURL := down.URL
 	down.Close()
-	dt, dopts, _ := OpenTarget(downURL)
+	dt, dopts, _ := OpenTarget(t.Context(), downURL, nil)
 	q2 := filepath.Join(t.TempDir(), "queue")
 	p2, err := NewPusher(st, dt, dopts, q2, nil, nil)
 	if err != nil {
@@ -302,7 +303,7 @@ func TestPushFailures(t *testing.T) {
 		http.Redirect(w, r, "/login", http.StatusFound)
 	}))
 	defer redirect.Close()
-	rt, _, _ := OpenTarget(redirect.URL)
+	rt, _, _ := OpenTarget(t.Context(), redirect.URL, nil)
 	if err := rt.Put(ctx, "x.narinfo", strings.NewReader("x"), 1, "text/plain"); err == nil {
 		t.Error("a redirected PUT counted as written")
 	}

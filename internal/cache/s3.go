@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"maps"
 	"net/http"
 	"net/url"
@@ -40,7 +41,7 @@ type s3Target struct {
 // opened (the instance metadata service answers within a second).
 const credsTimeout = 10 * time.Second
 
-func openS3(u *url.URL) (*s3Target, Options, error) {
+func openS3(ctx context.Context, u *url.URL, log *slog.Logger) (*s3Target, Options, error) {
 	q := u.Query()
 	for _, k := range []string{"narinfo-compression", "ls-compression", "log-compression"} {
 		if q.Get(k) != "" {
@@ -52,7 +53,7 @@ func openS3(u *url.URL) (*s3Target, Options, error) {
 			return nil, Options{}, fmt.Errorf("multipart-upload=%s: not supported (each file is one PutObject, up to 5 GB)", v)
 		}
 	}
-	opts, err := parseOptions(q, "region", "aws-region", "scheme", "endpoint", "profile",
+	opts, err := parseOptions(q, log, "region", "aws-region", "scheme", "endpoint", "profile",
 		"narinfo-compression", "ls-compression", "log-compression", "multipart-upload", "buffer-size")
 	if err != nil {
 		return nil, Options{}, err
@@ -78,13 +79,17 @@ func openS3(u *url.URL) (*s3Target, Options, error) {
 		t.host = t.bucket + ".s3." + t.region + ".amazonaws.com"
 		t.base = scheme + "://" + t.host
 	}
-	// Credentials are looked for now, so that a host without any is told
-	// at start-up, and again when they are about to expire.
-	t.creds = newAWSCredentials(q.Get("profile"))
-	ctx, cancel := context.WithTimeout(context.Background(), credsTimeout)
+	// Credentials are looked for now, so that a mistake in their
+	// configuration stops the daemon at start-up. A source that cannot
+	// be reached (the metadata service while the network comes up) is
+	// only logged: pushes wait for it.
+	t.creds = newAWSCredentials(q.Get("profile"), log)
+	ctx, cancel := context.WithTimeout(ctx, credsTimeout)
 	defer cancel()
-	if _, err := t.creds.get(ctx); err != nil {
+	if _, err := t.creds.get(ctx); errors.As(err, new(configError)) {
 		return nil, Options{}, err
+	} else if err != nil {
+		log.Warn("no AWS credentials yet; pushing waits for them", "err", err)
 	}
 	return t, opts, nil
 }

@@ -66,7 +66,7 @@ func TestS3Target(t *testing.T) {
 	t.Setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
 	t.Setenv("AWS_SECRET_ACCESS_KEY", "secret")
 	t.Setenv("AWS_SESSION_TOKEN", "tok")
-	tg, _, err := OpenTarget("s3://fleet?region=eu-west-3&endpoint=" + srv.URL)
+	tg, _, err := OpenTarget(t.Context(), "s3://fleet?region=eu-west-3&endpoint="+srv.URL, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,7 +84,7 @@ func TestS3Target(t *testing.T) {
 		t.Errorf("Has after Put: %v %v", ok, err)
 	}
 	t.Setenv("AWS_SECRET_ACCESS_KEY", "")
-	if _, _, err := OpenTarget("s3://fleet"); err == nil {
+	if _, _, err := OpenTarget(t.Context(), "s3://fleet", nil); err == nil {
 		t.Error("an s3 target without credentials opened")
 	}
 }

@@ -76,7 +76,7 @@ func decompressor(method string, r io.Reader) (io.Reader, func(), error) {
 	case "gzip":
 		zr, err := gzip.NewReader(r)
 		if err != nil {
-			return nil, nil, fmt.Errorf("gzip: %w", err)
+			return nil, nil, err // "gzip: invalid header"
 		}
 		return zr, func() {}, nil
 	case "br":
