@@ -207,19 +207,40 @@ func TestBuildFixedOutput(t *testing.T) {
 	}
 }
 
-// TestUntrustedBuildSettings: the settings nix-daemon takes from any
-// client reach an untrusted client's build. The client sends them under
-// their own names ("timeout", not the alias "build-timeout").
-func TestUntrustedBuildSettings(t *testing.T) {
+// TestClientBuildSettings: the build settings of a client's SetOptions
+// reach its builds as with nix-daemon. Any client's timeout (sent under
+// its own name, "timeout", not the alias "build-timeout"); a trusted
+// client's max-build-log-size, not an untrusted one's; cores, which every
+// client sends, except that with nixyard it cannot raise the daemon's.
+func TestClientBuildSettings(t *testing.T) {
 	t.Parallel()
-	b := startBuildDaemon(t, "allowed-users = *")
+	b := startBuildDaemon(t, "allowed-users = *", "cores = 3")
 	u := b.unprivileged(t)
-	args := b.expr(t, "untrusted-settings", `{
-  sleeps = mk { name = "untrusted-sleeps"; script = "echo going-to-sleep; sleep 60; echo > $out"; };
+	args := b.expr(t, "client-settings", `{
+  sleeps = mk { name = "client-sleeps"; script = "echo going-to-sleep; sleep 60; echo > $out"; };
+  chatty = mk { name = "client-chatty"; script = "for i in 1 2 3 4 5 6 7 8 9 10; do echo 0123456789012345678901234567890123456789; done; echo > $out"; };
+  chatty2 = mk { name = "client-chatty2"; script = "for i in 1 2 3 4 5 6 7 8 9 10; do echo 0123456789012345678901234567890123456789; done; echo > $out"; };
+  cores1 = mk { name = "client-cores-1"; script = "echo $NIX_BUILD_CORES > $out"; };
+  cores5 = mk { name = "client-cores-5"; script = "echo $NIX_BUILD_CORES > $out"; };
 }`)
 	stderr := b.nixBuild(append(args, "-A", "sleeps", "--no-out-link", "--timeout", "1")...).as(u).fails(t)
 	if !strings.Contains(stderr, "timed out after 1 seconds") {
 		t.Errorf("untrusted --timeout 1: stderr:\n%s", stderr)
+	}
+	logLimit := []string{"--no-out-link", "--option", "max-build-log-size", "100"}
+	stderr = b.nixBuild(append(append(args, "-A", "chatty"), logLimit...)...).fails(t)
+	if !strings.Contains(stderr, "killed after writing more than 100 bytes of log output") {
+		t.Errorf("trusted max-build-log-size 100: stderr:\n%s", stderr)
+	}
+	b.nixBuild(append(append(args, "-A", "chatty2"), logLimit...)...).as(u).ok(t)
+	for _, tc := range []struct{ attr, cores, want string }{{"cores1", "1", "1"}, {"cores5", "5", "3"}} {
+		if useStock {
+			tc.want = tc.cores
+		}
+		out := oneLine(t, tc.attr, b.nixBuild(append(args, "-A", tc.attr, "--no-out-link", "--cores", tc.cores)...).ok(t))
+		if got, err := os.ReadFile(filepath.Join(b.root, out)); err != nil || strings.TrimSpace(string(got)) != tc.want {
+			t.Errorf("--cores %s with cores = 3 on the daemon: NIX_BUILD_CORES %q (%v), want %s", tc.cores, got, err, tc.want)
+		}
 	}
 	if useStock {
 		return

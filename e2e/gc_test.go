@@ -346,15 +346,21 @@ func inode(t *testing.T, p string) uint64 {
 // TestGCKeepSettings: the daemon's keep-outputs keeps the outputs of a
 // rooted derivation, and keep-derivations = false lets the derivation of
 // a rooted output go, as with Nix; by default it is the other way round.
+// A trusted client's own settings decide for its collection, as with
+// nix-daemon.
 func TestGCKeepSettings(t *testing.T) {
 	t.Parallel()
+	keepOutputs := []string{"keep-outputs = true", "keep-derivations = false"}
 	for _, tc := range []struct {
 		name             string
 		conf             []string
+		clientArgs       []string
 		outKept, drvKept bool
 	}{
-		{"defaults", nil, false, true},
-		{"keep-outputs", []string{"keep-outputs = true", "keep-derivations = false"}, true, false},
+		{"defaults", nil, nil, false, true},
+		{"keep-outputs", keepOutputs, nil, true, false},
+		{"the client's keep-outputs", nil, []string{"--option", "keep-outputs", "true", "--option", "keep-derivations", "false"}, true, false},
+		{"the client's defaults", keepOutputs, []string{"--option", "keep-outputs", "false", "--option", "keep-derivations", "true"}, false, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := startBuildDaemon(t, tc.conf...)
@@ -371,7 +377,7 @@ func TestGCKeepSettings(t *testing.T) {
 			outB := oneLine(t, "b", b.nixBuild(append(args, "-A", "b", "--no-out-link")...).ok(t))
 			drvB := oneLine(t, "deriver", b.nixStore(t, "-q", "--deriver", outB))
 			b.nixStore(t, "--add-root", filepath.Join(b.dir, "root-b"), "--indirect", "-r", outB)
-			b.nixStore(t, "--gc")
+			b.nixStore(t, append([]string{"--gc"}, tc.clientArgs...)...)
 			if got := b.isValid(t, outA); got != tc.outKept {
 				t.Errorf("output of the rooted derivation valid: %v, want %v", got, tc.outKept)
 			}

@@ -252,6 +252,13 @@ type ClientOptions struct {
 	// Settings are the caller's accepted setting overrides (SetOptions),
 	// which the build hook gets on top of the daemon's: builders, say.
 	Settings map[string]string
+	// Cores is the caller's NIX_BUILD_CORES (its cores setting, which
+	// every client sends); it can only lower the daemon's Config.Cores,
+	// which shares the host between callers. 0: the daemon's.
+	Cores int
+	// MaxLogSize, if not 0, replaces Config.MaxLogSize (a trusted
+	// caller's max-build-log-size); < 0 means no limit.
+	MaxLogSize int64
 }
 
 // Progress receives the events of builds a caller waits for; the daemon

@@ -359,7 +359,7 @@ func (j *job) environment(ctx context.Context) ([]string, error) {
 		"PATH":            "/path-not-set",
 		"HOME":            homeDir,
 		"NIX_STORE":       string(b.st.Dir()),
-		"NIX_BUILD_CORES": strconv.Itoa(b.cfg.Cores),
+		"NIX_BUILD_CORES": strconv.Itoa(j.cores()),
 	}
 	structured := g.attrs.Structured() != nil
 	if !structured {
@@ -558,6 +558,9 @@ func (j *job) copyOutput(r io.Reader, mu sync.Locker, onData func(), overLimit f
 	buf := make([]byte, 32<<10)
 	var logSize int64
 	maxLog := j.g.b.cfg.MaxLogSize
+	if m := j.g.owner.opts.MaxLogSize; m != 0 {
+		maxLog = max(m, 0)
+	}
 	for {
 		n, err := r.Read(buf)
 		if n > 0 && (maxLog == 0 || logSize <= maxLog) {
@@ -595,6 +598,16 @@ func awaitOutput(done <-chan struct{}, pipes ...io.Closer) {
 		}
 		<-done
 	}
+}
+
+// cores is the builder's NIX_BUILD_CORES: the daemon's cores, or fewer
+// if the caller that owns the build asked for fewer.
+func (j *job) cores() int {
+	cores := j.g.b.cfg.Cores
+	if c := j.g.owner.opts.Cores; c > 0 && c < cores {
+		cores = c
+	}
+	return cores
 }
 
 // timeouts are the build's max-silent-time and timeout: the caller's if

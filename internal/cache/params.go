@@ -25,6 +25,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"github.com/ulikunitz/xz"
 
+	"github.com/nixyard/nixyard/internal/config"
 	"github.com/nixyard/nixyard/internal/nix/signature"
 )
 
@@ -96,11 +97,11 @@ func (o *Options) set(k, v string, own []string) error {
 	case "compression-level":
 		o.Level, err = strconv.Atoi(v)
 	case "parallel-compression":
-		o.Parallel, err = parseBool(v)
+		o.Parallel, err = config.ParseBool(v)
 	case "write-nar-listing":
-		o.Listing, err = parseBool(v)
+		o.Listing, err = config.ParseBool(v)
 	case "index-debug-info":
-		o.DebugInfo, err = parseBool(v)
+		o.DebugInfo, err = config.ParseBool(v)
 	case "secret-key":
 		var data []byte
 		if data, err = os.ReadFile(v); err == nil {
@@ -116,17 +117,6 @@ func (o *Options) set(k, v string, own []string) error {
 		}
 	}
 	return err
-}
-
-// parseBool parses a boolean setting as Nix does.
-func parseBool(v string) (bool, error) {
-	switch v {
-	case "true", "yes", "1":
-		return true, nil
-	case "false", "no", "0":
-		return false, nil
-	}
-	return false, fmt.Errorf("not a Boolean")
 }
 
 // narExtension is the suffix Nix gives a NAR file compressed with method

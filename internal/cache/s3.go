@@ -25,6 +25,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/nixyard/nixyard/internal/config"
 )
 
 // s3Target is a bucket of S3-compatible object storage.
@@ -49,7 +51,7 @@ func openS3(ctx context.Context, u *url.URL, log *slog.Logger) (*s3Target, Optio
 		}
 	}
 	if v := q.Get("multipart-upload"); v != "" {
-		if on, err := parseBool(v); err != nil || on {
+		if on, err := config.ParseBool(v); err != nil || on {
 			return nil, Options{}, fmt.Errorf("multipart-upload=%s: not supported (each file is one PutObject, up to 5 GB)", v)
 		}
 	}

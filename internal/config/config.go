@@ -174,19 +174,29 @@ func (s *Settings) List(name string, def []string) []string {
 	return def
 }
 
-// Bool returns name as a boolean ("true"/"false"), or def when unset.
+// Bool returns name as a Boolean (see ParseBool), or def when unset.
 func (s *Settings) Bool(name string, def bool) (bool, error) {
 	v, ok := s.values[name]
 	if !ok {
 		return def, nil
 	}
+	b, err := ParseBool(v)
+	if err != nil {
+		return false, fmt.Errorf("setting %s: %w", name, err)
+	}
+	return b, nil
+}
+
+// ParseBool parses a Boolean setting as Nix does: true, yes or 1; false,
+// no or 0.
+func ParseBool(v string) (bool, error) {
 	switch v {
-	case "true":
+	case "true", "yes", "1":
 		return true, nil
-	case "false":
+	case "false", "no", "0":
 		return false, nil
 	}
-	return false, fmt.Errorf("setting %s: %q is not a Boolean (true or false)", name, v)
+	return false, fmt.Errorf("%q is not a Boolean (true or false)", v)
 }
 
 // Int returns name as an integer, or def when unset.

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"cmp"
 	"context"
 	"strconv"
 	"time"
@@ -62,7 +63,10 @@ func (rb realiseBuilder) Build(ctx context.Context, targets []store.DerivedPath,
 // substitute, build nothing.
 //
 // max-silent-time, timeout (or build-timeout), keep-failed and fallback
-// apply as sent; zero means the daemon's own setting.
+// apply as sent; zero means the daemon's own setting. cores (which every
+// client sends, its own or the machine's count) can only lower the
+// daemon's, as max-jobs does; a trusted client's max-build-log-size
+// replaces the daemon's.
 func (c *conn) buildOptions(mode uint64) build.ClientOptions {
 	s := c.opts
 	o := build.ClientOptions{
@@ -90,6 +94,12 @@ func (c *conn) buildOptions(mode uint64) build.ClientOptions {
 	if v, ok := s.Overrides["max-silent-time"]; ok && o.MaxSilentTime == 0 {
 		if n, err := strconv.ParseUint(v, 10, 32); err == nil {
 			o.MaxSilentTime = time.Duration(n) * time.Second
+		}
+	}
+	o.Cores = int(min(s.BuildCores, 1<<16))
+	if v, ok := s.Overrides["max-build-log-size"]; ok { // trusted clients only
+		if n, err := strconv.ParseInt(v, 10, 64); err == nil && n >= 0 {
+			o.MaxLogSize = cmp.Or(n, -1) // 0: no limit
 		}
 	}
 	return o

@@ -118,6 +118,10 @@ func opCollectGarbageHandler(ctx context.Context, c *conn) error {
 		return err
 	}
 	c.reapJobs()
+	// As nix-daemon: a trusted client's keep-outputs and keep-derivations
+	// decide what its collection keeps.
+	opts.KeepOutputs = c.overrideBool("keep-outputs")
+	opts.KeepDerivations = c.overrideBool("keep-derivations")
 	res, err := c.st.CollectGarbage(ctx, opts, func(msg string) { c.tun.Log(lvlInfo, msg) })
 	if err != nil {
 		return fmt.Errorf("collecting garbage: %w", err)

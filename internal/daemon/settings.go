@@ -118,3 +118,17 @@ func (c *conn) filterSubstituters(value string) string {
 	}
 	return strings.Join(keep, " ")
 }
+
+// overrideBool is the client's accepted override of a Boolean setting,
+// or nil if it sent none (or one that is not a Boolean).
+func (c *conn) overrideBool(name string) *bool {
+	v, ok := c.opts.Overrides[name]
+	if !ok {
+		return nil
+	}
+	b, err := config.ParseBool(v)
+	if err != nil {
+		return nil
+	}
+	return &b
+}

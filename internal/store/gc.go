@@ -87,6 +87,12 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 		del:      opts.Action == GCDeleteDead || opts.Action == GCDeleteSpecific,
 		keepDrvs: !s.cfg.DiscardDerivations, keepOutput: s.cfg.KeepOutputs,
 	}
+	if opts.KeepOutputs != nil {
+		c.keepOutput = *opts.KeepOutputs
+	}
+	if opts.KeepDerivations != nil {
+		c.keepDrvs = *opts.KeepDerivations
+	}
 	for _, p := range opts.Paths {
 		c.toDelete[p] = true
 	}

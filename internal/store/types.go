@@ -47,6 +47,10 @@ type GCOptions struct {
 	// the NAR sizes of the paths it deletes towards MaxFreed (the size
 	// budget's measure) instead of the bytes of their files.
 	LRU bool
+	// KeepOutputs and KeepDerivations, if not nil, replace the store's
+	// keep-outputs and keep-derivations for this collection (a trusted
+	// client's settings).
+	KeepOutputs, KeepDerivations *bool
 }
 
 // GCResult is what a garbage collection reports.
