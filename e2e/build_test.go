@@ -250,6 +250,26 @@ func TestClientBuildSettings(t *testing.T) {
 	if r.err != nil || !strings.Contains(r.stderr, "the setting 'repeat' is not implemented by nixyard") {
 		t.Errorf("--option repeat 1:\n%s", r)
 	}
+	// One nixyard keeps daemon-wide is named to a trusted client that
+	// sends another value (an untrusted client's is dropped, as by
+	// nix-daemon).
+	// The harness's daemons have sandbox = false (a chroot store
+	// sandboxes anyway), and so do its clients.
+	const ignored = "ignoring the setting 'sandbox' = 'true': nixyard applies the daemon's ('false') to every client"
+	for _, tc := range []struct {
+		value string
+		as    *user
+		warns bool
+	}{{"true", nil, true}, {"false", nil, false}, {"true", u, false}} {
+		cmd := b.client("nix", "store", "ping", "--option", "sandbox", tc.value)
+		if tc.as != nil {
+			cmd = cmd.as(tc.as)
+		}
+		r := cmd.run(t)
+		if r.err != nil || strings.Contains(r.stderr, ignored) != tc.warns {
+			t.Errorf("--option sandbox %s (untrusted: %v): want a warning %v:\n%s", tc.value, tc.as != nil, tc.warns, r)
+		}
+	}
 }
 
 func TestBuildFailures(t *testing.T) {

@@ -62,7 +62,7 @@ func (rb realiseBuilder) Build(ctx context.Context, targets []store.DerivedPath,
 // (nix-build -j0) means what it means to Nix without remote builders:
 // substitute, build nothing.
 //
-// max-silent-time, timeout (or build-timeout), keep-failed and fallback
+// max-silent-time, timeout, keep-failed and fallback
 // apply as sent; zero means the daemon's own setting. cores (which every
 // client sends, its own or the machine's count) can only lower the
 // daemon's, as max-jobs does; a trusted client's max-build-log-size
@@ -84,11 +84,9 @@ func (c *conn) buildOptions(mode uint64) build.ClientOptions {
 	case s.MaxBuildJobs > 1:
 		o.MaxJobs = int(min(s.MaxBuildJobs, 1<<20))
 	}
-	for _, k := range []string{"timeout", "build-timeout"} {
-		if v, ok := s.Overrides[k]; ok {
-			if n, err := strconv.ParseUint(v, 10, 32); err == nil {
-				o.Timeout = time.Duration(n) * time.Second
-			}
+	if v, ok := s.Overrides["timeout"]; ok {
+		if n, err := strconv.ParseUint(v, 10, 32); err == nil {
+			o.Timeout = time.Duration(n) * time.Second
 		}
 	}
 	if v, ok := s.Overrides["max-silent-time"]; ok && o.MaxSilentTime == 0 {

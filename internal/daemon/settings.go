@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 
@@ -30,10 +31,9 @@ func defaultClientSettings() clientSettings {
 
 // untrustedSettings may be set by any client: Nix 2.8's list (timeout,
 // repeat, connect-timeout) plus the later additions max-silent-time and
-// poll-interval, under their names (what clients send) and their aliases.
-// builders="" is handled apart.
-var untrustedSettings = []string{"timeout", "build-timeout", "repeat", "build-repeat", "connect-timeout",
-	"max-silent-time", "build-max-silent-time", "poll-interval"}
+// build-poll-interval (Nix clients send settings under these names, not
+// their aliases). builders="" is handled apart.
+var untrustedSettings = []string{"timeout", "repeat", "connect-timeout", "max-silent-time", "build-poll-interval"}
 
 func opSetOptionsHandler(ctx context.Context, c *conn) error {
 	in := c.in
@@ -93,7 +93,48 @@ func (c *conn) filterOverrides(in map[string]string) map[string]string {
 	for _, name := range config.Unimplemented(&set) {
 		c.tun.Warn(fmt.Sprintf("the setting '%s' is not implemented by nixyard; it is ignored", name))
 	}
+	for _, name := range slices.Sorted(maps.Keys(out)) {
+		def, fixed := fixedSettings[name]
+		if !fixed {
+			continue
+		}
+		mine, ok := c.srv.opts.Settings[name]
+		if !ok {
+			mine = def
+		}
+		if !sameSetting(out[name], mine) {
+			c.tun.Warn(fmt.Sprintf("ignoring the setting '%s' = '%s': nixyard applies the daemon's ('%s') to every client", name, out[name], mine))
+		}
+	}
 	return out
+}
+
+// fixedSettings are the settings nix-daemon takes from a trusted client
+// (for the process it forks for that client) and nixyard keeps
+// daemon-wide, with Nix 2.8's defaults: builds are shared between clients,
+// and the sandbox, build users, hooks, signing keys and the store's upkeep
+// are the host's. A client that sends one with a value other than the
+// daemon's is told it is ignored. (require-sigs, trusted-users and the
+// like are fixed by nix-daemon too, before SetOptions.)
+var fixedSettings = map[string]string{
+	"sandbox": "true", "sandbox-paths": "", "sandbox-fallback": "true", "sandbox-build-dir": "/build",
+	"sandbox-dev-shm-size": "50%", "build-users-group": "", "filter-syscalls": "true",
+	"allow-new-privileges": "false", "system-features": "", "extra-platforms": "",
+	"pre-build-hook": "", "post-build-hook": "", "diff-hook": "", "run-diff-hook": "false",
+	"keep-build-log": "true", "compress-build-log": "true", "log-lines": "10",
+	"secret-key-files": "", "auto-optimise-store": "false", "min-free": "0",
+	"max-free":                   "18446744073709551615",
+	"narinfo-cache-positive-ttl": "2592000", "narinfo-cache-negative-ttl": "3600",
+}
+
+// sameSetting reports whether two values of a setting mean the same:
+// equal as Booleans, or as whitespace-separated words.
+func sameSetting(a, b string) bool {
+	if x, err := config.ParseBool(a); err == nil {
+		y, err := config.ParseBool(b)
+		return err == nil && x == y
+	}
+	return slices.Equal(strings.Fields(a), strings.Fields(b))
 }
 
 // filterSubstituters keeps the substituters that the daemon's own
