@@ -983,3 +983,44 @@ func TestRemoteBuilder(t *testing.T) {
 	}
 	b.assertValid(t, "on the remote builder", dep, top)
 }
+
+// TestSubstituteNegativeTTL: a path an HTTP cache did not have stays "not
+// there" for the narinfo cache's negative TTL, for every client, after
+// the cache gets it (as with nix-daemon's narinfo disk cache), unless a
+// trusted client's narinfo-cache-negative-ttl = 0 asks to look again; a
+// file:// cache is read afresh each time, as Nix reads it.
+func TestSubstituteNegativeTTL(t *testing.T) {
+	t.Parallel()
+	for _, viaHTTP := range []bool{true, false} {
+		t.Run(fmt.Sprintf("http=%v", viaHTTP), func(t *testing.T) {
+			e := newEnv(t)
+			other := e.otherStore("src")
+			cacheDir := filepath.Join(e.dir, "cache")
+			first := oneLine(t, "add", e.local(other, "nix-store", "--add", e.file(t, "first", "in the cache from the start")).ok(t))
+			later := oneLine(t, "add", e.local(other, "nix-store", "--add", e.file(t, "later", "pushed to the cache later")).ok(t))
+			e.fillCache(t, other, cacheDir, "zstd", "", first)
+			url := "file://" + cacheDir
+			if viaHTTP {
+				srv := cachetest.New(cacheDir)
+				defer srv.Close()
+				url = srv.URL
+			}
+			d := e.startDaemon(t)
+			subst := func(p string, args ...string) *command {
+				return d.client("nix-store", append([]string{"-r", p, "--option", "substituters", url}, args...)...)
+			}
+			subst(first).ok(t)
+			subst(later).fails(t)
+			e.fillCache(t, other, cacheDir, "zstd", "", later)
+			if r := subst(later).run(t); (r.err == nil) == viaHTTP {
+				t.Errorf("after the cache got the path (remembered miss wanted: %v):\n%s", viaHTTP, r)
+			}
+			if viaHTTP {
+				subst(later, "--option", "narinfo-cache-negative-ttl", "0").ok(t)
+			}
+			if !d.isValid(t, later) {
+				t.Errorf("%s is not valid after its substitution", later)
+			}
+		})
+	}
+}

@@ -23,6 +23,7 @@ import (
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/realise"
 	"github.com/nixyard/nixyard/internal/store"
+	"github.com/nixyard/nixyard/internal/substitute"
 )
 
 // Options configure a Server.
@@ -323,6 +324,9 @@ func (c *conn) perform(ctx context.Context, op uint64) error {
 	}
 	if c.st == nil && op != wire.OpSetOptions && op != wire.OpSyncWithGC {
 		return fmt.Errorf("operation '%s' (%d): no store is configured", opName(op), op)
+	}
+	if t, ok := c.narinfoTTLs(); ok {
+		ctx = substitute.WithNarinfoTTLs(ctx, t)
 	}
 	return h(ctx, c)
 }

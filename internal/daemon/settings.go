@@ -5,10 +5,13 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strconv"
 	"strings"
+	"time"
 
 	"github.com/nixyard/nixyard/internal/config"
 	"github.com/nixyard/nixyard/internal/daemon/wire"
+	"github.com/nixyard/nixyard/internal/substitute"
 )
 
 // clientSettings are the settings a client sent with SetOptions (§5.7),
@@ -172,4 +175,18 @@ func (c *conn) overrideBool(name string) *bool {
 		return nil
 	}
 	return &b
+}
+
+// narinfoTTLs are the narinfo cache TTLs a (trusted) client sent, for the
+// lookups made for it; ok is false if it sent neither.
+func (c *conn) narinfoTTLs() (t substitute.NarinfoTTLs, ok bool) {
+	t = substitute.NarinfoTTLs{Positive: -1, Negative: -1}
+	for name, d := range map[string]*time.Duration{"narinfo-cache-positive-ttl": &t.Positive, "narinfo-cache-negative-ttl": &t.Negative} {
+		if v, set := c.opts.Overrides[name]; set {
+			if n, err := strconv.ParseUint(v, 10, 32); err == nil {
+				*d, ok = time.Duration(n)*time.Second, true
+			}
+		}
+	}
+	return t, ok
 }

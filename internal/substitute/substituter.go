@@ -146,7 +146,39 @@ type Substituter struct {
 
 type cacheEntry struct {
 	info    *Info // nil: a cached miss
+	at      time.Time
 	expires time.Time
+}
+
+// NarinfoTTLs are one caller's narinfo-cache-positive-ttl and
+// narinfo-cache-negative-ttl (a trusted client's settings): a cached
+// narinfo, or miss, older than its TTL is looked up again for that
+// caller. A negative TTL leaves the Config's in force.
+type NarinfoTTLs struct{ Positive, Negative time.Duration }
+
+type ttlsKey struct{}
+
+// WithNarinfoTTLs returns ctx carrying t for the lookups made on its
+// behalf.
+func WithNarinfoTTLs(ctx context.Context, t NarinfoTTLs) context.Context {
+	return context.WithValue(ctx, ttlsKey{}, t)
+}
+
+// usable reports whether a cached entry may answer a lookup made on
+// ctx's behalf at now.
+func (e cacheEntry) usable(ctx context.Context, now time.Time) bool {
+	if !now.Before(e.expires) {
+		return false
+	}
+	t, ok := ctx.Value(ttlsKey{}).(NarinfoTTLs)
+	if !ok {
+		return true
+	}
+	limit := t.Positive
+	if e.info == nil {
+		limit = t.Negative
+	}
+	return limit < 0 || now.Sub(e.at) < limit
 }
 
 // New validates cfg and returns a Substituter. No network I/O happens
@@ -366,7 +398,7 @@ func (s *Substituter) lookup(ctx context.Context, up *upstream, p storepath.Path
 	s.cacheMu.Lock()
 	e, ok := s.cache[key]
 	s.cacheMu.Unlock()
-	if ok && s.now().Before(e.expires) {
+	if ok && e.usable(ctx, s.now()) {
 		if e.info == nil {
 			return nil, fmt.Errorf("%s: %s.narinfo: %w (cached)", up.base, p.HashPart(), errNotFound)
 		}
@@ -396,7 +428,7 @@ func (s *Substituter) lookup(ctx context.Context, up *upstream, p storepath.Path
 		data, err := s.readSmall(ctx, up, rel, narinfo.MaxSize)
 		prog.Event(Event{Kind: EventStop, Type: ActFileTransfer, ID: ftID, Parent: id, Path: p, URL: url, Err: err})
 		if errors.Is(err, errNotFound) {
-			s.remember(key, nil)
+			s.remember(up, key, nil)
 			return nil, err
 		}
 		if err != nil {
@@ -410,7 +442,7 @@ func (s *Substituter) lookup(ctx context.Context, up *upstream, p storepath.Path
 		if info.StorePath.HashPart() != p.HashPart() {
 			return nil, fmt.Errorf("%s: narinfo is for %s, not %s", url, info.StorePath, p)
 		}
-		s.remember(key, info)
+		s.remember(up, key, info)
 		if info.StorePath != p {
 			return nil, fmt.Errorf("%s: %w (it has %s)", url, errNotFound, info.StorePath)
 		}
@@ -418,12 +450,16 @@ func (s *Substituter) lookup(ctx context.Context, up *upstream, p storepath.Path
 	})
 }
 
-func (s *Substituter) remember(key string, info *Info) {
+// remember caches up's narinfo (nil: a miss) under key. As with Nix,
+// whose narinfo disk cache is for HTTP caches only, a file:// cache's
+// narinfos are read afresh each time: a path written there (by another
+// host's push, say) is seen at once.
+func (s *Substituter) remember(up *upstream, key string, info *Info) {
 	ttl := s.cfg.PositiveTTL
 	if info == nil {
 		ttl = s.cfg.NegativeTTL
 	}
-	if ttl < 0 {
+	if ttl < 0 || up.fileRoot != "" {
 		return
 	}
 	now := s.now()
@@ -442,7 +478,7 @@ func (s *Substituter) remember(key string, info *Info) {
 			delete(s.cache, k)
 		}
 	}
-	s.cache[key] = cacheEntry{info: info, expires: now.Add(ttl)}
+	s.cache[key] = cacheEntry{info: info, at: now, expires: now.Add(ttl)}
 }
 
 // trusted reports whether info may be used under RequireSigs.
