@@ -272,6 +272,24 @@ func TestClientBuildSettings(t *testing.T) {
 	}
 }
 
+// TestBuildFailureLoggedAtOnce: the failure of an input is told when it
+// happens, as Nix tells it, not once everything else is done: with -k,
+// the other input goes on, and ends after the failure is logged.
+func TestBuildFailureLoggedAtOnce(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t, "max-jobs = 2")
+	args := b.expr(t, "at-once", `rec {
+  fails = mk { name = "fails-at-once"; script = "exit 3"; };
+  slow = mk { name = "slow"; script = "sleep 2; echo slow-done; echo > $out"; };
+  top = mk { name = "fails-and-slow"; inherit fails slow; script = "echo > $out"; };
+}`)
+	stderr := b.nixBuild(append(args, "-A", "top", "--no-out-link", "-k", "-j2")...).fails(t)
+	failed, done := strings.Index(stderr, "failed with exit code 3"), strings.Index(stderr, "slow-done")
+	if failed < 0 || done < 0 || failed > done {
+		t.Errorf("the failure is not logged before the slow build ends:\n%s", stderr)
+	}
+}
+
 func TestBuildFailures(t *testing.T) {
 	t.Parallel()
 	b := startBuildDaemon(t)
@@ -549,15 +567,22 @@ func procStatus(t *testing.T, pid, field string) string {
 func TestBuildPlatform(t *testing.T) {
 	t.Parallel()
 	b := startBuildDaemon(t)
-	args := b.expr(t, "platform", `{
+	args := b.expr(t, "platform", `rec {
   other = mk { name = "other"; system = "riscv64-linux"; script = "echo > $out"; };
   feature = mk { name = "feature"; requiredSystemFeatures = [ "gpu" "big-parallel" ]; script = "echo > $out"; };
   i686 = mk { name = "i686"; system = "i686-linux"; script = "echo > $out"; };
   v1 = mk { name = "v1"; system = "x86_64-v1-linux"; script = "echo > $out"; };
+  needsOther = mk { name = "needs-other"; inherit other; script = "echo > $out"; };
 }`)
+	refused := regexp.MustCompile(`a 'riscv64-linux' with features \{\} is required to build '/nix/store/[a-z0-9]{32}-other\.drv', but I am a '[a-z0-9_]+-linux' with features \{benchmark, big-parallel, `)
 	stderr := b.nixBuild(append(args, "-A", "other", "--no-out-link")...).fails(t)
-	if !regexp.MustCompile(`a 'riscv64-linux' with features \{\} is required to build '/nix/store/[a-z0-9]{32}-other\.drv', but I am a '[a-z0-9_]+-linux' with features \{benchmark, big-parallel, `).MatchString(stderr) {
+	if !refused.MatchString(stderr) {
 		t.Errorf("other platform: stderr:\n%s", stderr)
+	}
+	// As an input, its refusal is told too, not only that an input failed.
+	stderr = b.nixBuild(append(args, "-A", "needsOther", "--no-out-link")...).fails(t)
+	if !refused.MatchString(stderr) {
+		t.Errorf("an input for another platform: stderr:\n%s", stderr)
 	}
 	stderr = b.nixBuild(append(args, "-A", "feature", "--no-out-link")...).fails(t)
 	if !strings.Contains(stderr, "with features {big-parallel, gpu} is required to build") {

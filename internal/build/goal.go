@@ -421,6 +421,10 @@ func (g *goal) run(ctx context.Context) {
 	res := g.realise(ctx)
 	g.roots.Close()
 	g.res = res
+	if !res.Status.Success() && !res.Stopped && res.ErrorMsg != "" {
+		drvAbs := b.abs(g.drvPath)
+		g.each(func(c *call) { c.emit(func(p Progress) { p.GoalFailed(drvAbs, res.ErrorMsg) }) })
+	}
 	b.mu.Lock()
 	key := goalKey{g.drvPath, g.mode}
 	if b.goals[key] == g { // BuildBasic's goals are not in the table

@@ -251,6 +251,8 @@ type recorder struct {
 	errors    []string
 	finished  map[string]error
 	maxRun    int
+	// goalFailures are "drv: msg" of GoalFailed, in order.
+	goalFailures []string
 }
 
 // startedList returns the derivations whose builds started so far.
@@ -282,6 +284,11 @@ func (r *recorder) BuildFinished(drv string, err error) {
 		r.finished = map[string]error{}
 	}
 	r.finished[drv] = err
+}
+func (r *recorder) GoalFailed(drv, msg string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.goalFailures = append(r.goalFailures, drv+": "+msg)
 }
 func (r *recorder) PostBuildHookStarted(drv, hook string) {}
 func (r *recorder) PostBuildHookLine(drv, line string) {

@@ -46,13 +46,13 @@ const (
 // the lines beyond (counted, and said at the end), never the activities.
 type buildProgress struct {
 	tun *tunnel
+	top map[string]bool // the derivations the client asked for
 
 	// The writer's: only run and the functions it calls touch these.
 	realise, builds, copyPaths uint64
 	acts                       map[string]uint64 // running builds: drv -> activity
 	hooks                      map[string]uint64 // running post-build hooks: drv -> activity
 	remote                     map[remoteAct]uint64
-	failures                   []buildFailure
 	sent                       [4]int // the counters last sent
 
 	mu      sync.Mutex
@@ -75,15 +75,9 @@ type progressEvent struct {
 // maxQueuedLines bounds the lines of output waiting for one client.
 const maxQueuedLines = 10000
 
-// buildFailure is a build that failed while the client waited for it.
-type buildFailure struct {
-	drv string
-	err error
-}
-
 // newBuildProgress starts the Worker's three activities and the writer.
-func newBuildProgress(tun *tunnel) *buildProgress {
-	p := &buildProgress{tun: tun, acts: map[string]uint64{}, hooks: map[string]uint64{}, remote: map[remoteAct]uint64{}, exit: make(chan struct{})}
+func newBuildProgress(tun *tunnel, top map[string]bool) *buildProgress {
+	p := &buildProgress{tun: tun, top: top, acts: map[string]uint64{}, hooks: map[string]uint64{}, remote: map[remoteAct]uint64{}, exit: make(chan struct{})}
 	p.cond = sync.NewCond(&p.mu)
 	p.realise = tun.StartActivity(lvlError, actRealise, "", nil, 0)
 	p.builds = tun.StartActivity(lvlError, actBuilds, "", nil, 0)
@@ -209,9 +203,6 @@ func (p *buildProgress) BuildPhase(drv, phase string) {
 // BuildFinished implements build.Progress.
 func (p *buildProgress) BuildFinished(drv string, err error) {
 	p.post(false, func() {
-		if err != nil {
-			p.failures = append(p.failures, buildFailure{drv: drv, err: err})
-		}
 		if id, ok := p.acts[drv]; ok {
 			delete(p.acts, drv)
 			p.tun.StopActivity(id)
@@ -291,15 +282,19 @@ func (p *buildProgress) Error(msg string) {
 	p.post(false, func() { p.tun.Log(lvlError, msg) })
 }
 
-// logFailures logs the failed builds other than those in top, as Nix
-// logs the error of a goal that others waited for (Goal::amDone) while
-// the error of a requested goal becomes the op's error.
-func (p *buildProgress) logFailures(top map[string]bool) {
+// addTop counts drv among the derivations the client asked for.
+func (p *buildProgress) addTop(drv string) {
+	p.post(false, func() { p.top[drv] = true })
+}
+
+// GoalFailed implements build.Progress: the failure of a derivation the
+// client did not ask for is logged at once, as Nix logs the error of a
+// goal that others wait for (Goal::amDone); that of one it asked for is
+// the request's own error.
+func (p *buildProgress) GoalFailed(drv, msg string) {
 	p.post(false, func() {
-		for _, f := range p.failures {
-			if !top[f.drv] {
-				p.tun.Error(f.err.Error())
-			}
+		if !p.top[drv] {
+			p.tun.Error(msg)
 		}
 	})
 }

@@ -19,7 +19,7 @@ import (
 func TestBuildProgressNeverBlocks(t *testing.T) {
 	client, daemon, tun := workingTunnel(t)
 	defer client.Close()
-	p := newBuildProgress(tun)
+	p := newBuildProgress(tun, nil)
 	drv := "/nix/store/00000000000000000000000000000000-x.drv"
 	p.BuildStarted(drv, "", build.ModeNormal)
 	for i := 0; i < 3*maxQueuedLines; i++ { // far more than a socket buffer holds
@@ -81,7 +81,7 @@ func socketConn(t *testing.T, fd int) net.Conn {
 func TestRemoteActivities(t *testing.T) {
 	client, daemon, tun := workingTunnel(t)
 	defer client.Close()
-	p := newBuildProgress(tun)
+	p := newBuildProgress(tun, nil)
 	drv := "/nix/store/00000000000000000000000000000000-x.drv"
 	p.BuildStarted(drv, "ssh-ng://m", build.ModeNormal)
 	p.RemoteActivity(drv, build.RemoteEvent{Action: "start", ID: 7, Level: 3, Type: actBuild, Text: "remote building", Fields: []any{drv, "", uint64(1), uint64(1)}})

@@ -103,8 +103,12 @@ func (c *conn) realiseTargets(ctx context.Context, targets []store.DerivedPath, 
 		return nil, nil, err
 	}
 	c.st.AutoGC(ctx, false) // as Nix's Worker: free space in the background if the store is low on it
+	top := map[string]bool{}
+	for _, t := range targets {
+		top[c.dir.Abs(t.Path)] = true
+	}
 	prog := c.newProgress()
-	bprog := newBuildProgress(c.tun)
+	bprog := newBuildProgress(c.tun, top)
 	realise, opts := r.Realise, c.buildOptions(mode)
 	switch mode {
 	case buildModeCheck:
@@ -117,11 +121,6 @@ func (c *conn) realiseTargets(ctx context.Context, targets []store.DerivedPath, 
 	if err == nil {
 		r.RecordRealisations(ctx, results)
 	}
-	top := map[string]bool{}
-	for _, t := range targets {
-		top[c.dir.Abs(t.Path)] = true
-	}
-	bprog.logFailures(top)
 	prog.close()
 	bprog.close()
 	if err != nil {

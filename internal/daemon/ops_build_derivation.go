@@ -55,9 +55,8 @@ func opBuildDerivationHandler(ctx context.Context, c *conn) error {
 		sprog = c.newProgress()
 		opts.Substituter = r.Substituter(sprog)
 	}
-	prog := newBuildProgress(c.tun)
+	prog := newBuildProgress(c.tun, map[string]bool{c.dir.Abs(drvPath): true})
 	res, err := b.BuildBasic(ctx, drvPath, drv, opts, prog)
-	prog.logFailures(map[string]bool{c.dir.Abs(drvPath): true})
 	if sprog != nil {
 		sprog.close()
 	}

@@ -170,8 +170,12 @@ func opVerifyStoreHandler(ctx context.Context, c *conn) error {
 		if r, err := c.realiser(); err == nil {
 			// Each repair's download or build is shown, as Nix shows it,
 			// before what verify says next.
-			prog, bprog = c.newProgress(), newBuildProgress(c.tun)
+			prog, bprog = c.newProgress(), newBuildProgress(c.tun, map[string]bool{})
 			repairPath = func(ctx context.Context, p storepath.Path) error {
+				// The failure of the path's own derivation is the repair's.
+				if info, err := c.st.QueryPathInfo(ctx, p); err == nil && !info.Deriver.IsZero() {
+					bprog.addTop(c.dir.Abs(info.Deriver))
+				}
 				ctx = withBuildRequest(substitute.WithProgress(ctx, prog), c.buildOptions(buildModeNormal), bprog)
 				err := r.RepairPath(ctx, p)
 				prog.Flush()
