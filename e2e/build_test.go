@@ -290,6 +290,26 @@ func TestBuildFailureLoggedAtOnce(t *testing.T) {
 	}
 }
 
+// TestBuildWithResultsShowsCause: `nix build` of two targets, one of which
+// fails while the other is stopped for it, shows the failure's cause (the
+// 2.8 client reports the first failed result), not "stopped because
+// another build failed" (nix-daemon 2.8 shows an empty error here).
+func TestBuildWithResultsShowsCause(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("nix-daemon 2.8 sends the results in its goals' order: here the stopped one first, and the client shows an empty error")
+	}
+	b := startBuildDaemon(t, "max-jobs = 2")
+	args := b.expr(t, "with-results", `{
+  aSlow = mk { name = "a-slow"; script = "sleep 5; echo > $out"; };
+  fails = mk { name = "fails-with-cause"; script = "echo the-cause; exit 3"; };
+}`)
+	stderr := b.client("nix", append([]string{"build", "-f"}, append(args, "aSlow", "fails", "--no-link", "-j2")...)...).fails(t)
+	if !strings.Contains(stderr, "failed with exit code 3") || !strings.Contains(stderr, "the-cause") {
+		t.Errorf("stderr lacks the failure's cause:\n%s", stderr)
+	}
+}
+
 func TestBuildFailures(t *testing.T) {
 	t.Parallel()
 	b := startBuildDaemon(t)

@@ -45,7 +45,8 @@ func (rb realiseBuilder) Build(ctx context.Context, targets []store.DerivedPath,
 	}
 	out := make([]realise.Result, len(res))
 	for i, r := range res {
-		out[i] = realise.Result{Target: r.Path, Status: realise.Status(r.Status), ErrorMsg: r.ErrorMsg, Outputs: r.BuiltOutputs, Stopped: r.Stopped}
+		out[i] = realise.Result{Target: r.Path, Status: realise.Status(r.Status), ErrorMsg: r.ErrorMsg, Outputs: r.BuiltOutputs, Stopped: r.Stopped,
+			TimesBuilt: r.TimesBuilt, StartTime: r.StartTime, StopTime: r.StopTime}
 	}
 	return out, nil
 }

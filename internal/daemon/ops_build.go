@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -168,16 +169,36 @@ func opBuildPathsWithResultsHandler(ctx context.Context, c *conn) error {
 		return err
 	}
 	c.stopWork()
+	// Nix 2.8's client reports the first failure in the list: failures of
+	// their own come first, and a target stopped because another failed
+	// has no message (as with nix-daemon), so that the cause is what the
+	// user sees.
+	slices.SortStableFunc(results, func(a, b realise.Result) int {
+		return cmp.Compare(ownFailureRank(a), ownFailureRank(b))
+	})
 	c.out.U64(uint64(len(results)))
 	for _, r := range results {
+		if r.Stopped {
+			r.ErrorMsg = ""
+		}
 		c.out.String(c.formatDerivedPath(r.Target))
 		c.writeBuildResult(realisedResult(r), r.DrvHash)
 	}
 	return nil
 }
 
+// ownFailureRank is 0 for a target that failed by a failure of its own,
+// else 1.
+func ownFailureRank(r realise.Result) int {
+	if !r.Status.Success() && !r.Stopped {
+		return 0
+	}
+	return 1
+}
+
 // realisedResult is r as the Builder's Result, for writeBuildResult: the
-// statuses are the same wire codes; nothing ran, so no times.
+// statuses are the same wire codes.
 func realisedResult(r realise.Result) build.Result {
-	return build.Result{Status: build.Status(r.Status), ErrorMsg: r.ErrorMsg, BuiltOutputs: r.Outputs}
+	return build.Result{Status: build.Status(r.Status), ErrorMsg: r.ErrorMsg, BuiltOutputs: r.Outputs,
+		TimesBuilt: r.TimesBuilt, StartTime: r.StartTime, StopTime: r.StopTime}
 }

@@ -73,7 +73,13 @@ func opBuildDerivationHandler(ctx context.Context, c *conn) error {
 // and builtOutputs in the old, dummy-hash form.
 func (c *conn) writeBuildResult(r build.Result, drvHash string) {
 	c.out.U64(uint64(r.Status))
-	c.out.String(r.ErrorMsg)
+	msg := r.ErrorMsg
+	if msg != "" {
+		// As nix-daemon: the message starts in normal text, so that the
+		// client's highlighting of the whole error ends at once.
+		msg = "\x1b[0m" + msg
+	}
+	c.out.String(msg)
 	if c.minor >= 29 {
 		var start, stop uint64
 		if !r.StartTime.IsZero() {

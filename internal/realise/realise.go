@@ -62,6 +62,10 @@ type Result struct {
 	// Stopped: the target failed only because another one failed first
 	// and the client did not ask to keep going.
 	Stopped bool
+	// TimesBuilt, StartTime and StopTime are the build's, for a target
+	// that was built (or failed building); zero otherwise.
+	TimesBuilt          int
+	StartTime, StopTime time.Time
 }
 
 // Builder builds derivation outputs that no cache has. It is plugged in by
