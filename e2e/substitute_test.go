@@ -548,6 +548,30 @@ func TestSubstituteActivities(t *testing.T) {
 			t.Errorf("%s: activities %d and %d not both stopped by the end of QueryMissing", path, q.id, ft.id)
 		}
 	}
+	for _, what := range []string{"willBuild", "willSubstitute", "unknown"} {
+		p.mustStrings(t, what)
+	}
+	p.mustU64(t, "downloadSize")
+	p.mustU64(t, "narSize")
+
+	// Substituting: the NAR's download under "copying path", as Nix's
+	// copyStorePath nests it.
+	const actCopyPath = 100
+	p.call(t, "EnsurePath", func() {
+		p.u64(10) // EnsurePath
+		p.str(out)
+	})
+	p.mustU64(t, "EnsurePath")
+	cp := find(fmt.Sprintf("copying path '%s' from '%s'", out, srv.URL))
+	var nar *protoActivity
+	for i := range p.acts {
+		if strings.HasPrefix(p.acts[i].text, "downloading '"+srv.URL+"/nar/") && p.acts[i].parent == cp.id {
+			nar = &p.acts[i]
+		}
+	}
+	if cp == nil || cp.typ != actCopyPath || nar == nil || nar.typ != actFileTransfer {
+		t.Errorf("no NAR download under the copying path activity %+v; the daemon sent:\n%s", cp, strings.Join(p.log, "\n"))
+	}
 }
 
 // TestKillDuringDownload kills the daemon (SIGKILL) while a NAR is half
@@ -1009,7 +1033,11 @@ func TestSubstituteNegativeTTL(t *testing.T) {
 			subst := func(p string, args ...string) *command {
 				return d.client("nix-store", append([]string{"-r", p, "--option", "substituters", url}, args...)...)
 			}
-			subst(first).ok(t)
+			// -v shows downloads; a file:// cache's files are read, as Nix
+			// reads them, not downloaded.
+			if r := subst(first, "-v").run(t); r.err != nil || strings.Contains(r.stderr, "downloading 'file://") {
+				t.Errorf("substituting from %s:\n%s", url, r)
+			}
 			subst(later).fails(t)
 			e.fillCache(t, other, cacheDir, "zstd", "", later)
 			if r := subst(later).run(t); (r.err == nil) == viaHTTP {

@@ -408,20 +408,26 @@ func (s *Substituter) streamInto(ctx context.Context, up *upstream, info *Info, 
 	if b.size >= 0 {
 		expected = uint64(b.size)
 	}
-	ftID := s.actID.Add(1)
-	h.emit(Event{Kind: EventStart, Type: ActFileTransfer, ID: ftID, Parent: parent, Path: info.StorePath, Upstream: up.base, URL: b.url, Expected: expected})
-	trGate := newProgressGate(s.now)
-	tr.onRead = func(n int64) {
-		if trGate.pass(n, expected > 0 && uint64(n) == expected) {
-			h.emit(Event{Kind: EventProgress, Type: ActFileTransfer, ID: ftID, Parent: parent, Path: info.StorePath, URL: b.url, Done: uint64(n), Expected: expected})
-		}
-	}
+	// As Nix's copyStorePath: "copying path", and the NAR's download
+	// (a file:// cache's NAR is read, not downloaded) under it.
 	cpID := s.actID.Add(1)
 	h.emit(Event{Kind: EventStart, Type: ActCopyPath, ID: cpID, Parent: parent, Path: info.StorePath, Upstream: up.base, Expected: info.NarSize})
 	defer func() {
 		h.emit(Event{Kind: EventStop, Type: ActCopyPath, ID: cpID, Parent: parent, Path: info.StorePath, Err: err})
-		h.emit(Event{Kind: EventStop, Type: ActFileTransfer, ID: ftID, Parent: parent, Path: info.StorePath, URL: b.url, Done: uint64(tr.n), Expected: expected, Err: err})
 	}()
+	if up.fileRoot == "" {
+		ftID := s.actID.Add(1)
+		h.emit(Event{Kind: EventStart, Type: ActFileTransfer, ID: ftID, Parent: cpID, Path: info.StorePath, Upstream: up.base, URL: b.url, Expected: expected})
+		trGate := newProgressGate(s.now)
+		tr.onRead = func(n int64) {
+			if trGate.pass(n, expected > 0 && uint64(n) == expected) {
+				h.emit(Event{Kind: EventProgress, Type: ActFileTransfer, ID: ftID, Parent: cpID, Path: info.StorePath, URL: b.url, Done: uint64(n), Expected: expected})
+			}
+		}
+		defer func() {
+			h.emit(Event{Kind: EventStop, Type: ActFileTransfer, ID: ftID, Parent: cpID, Path: info.StorePath, URL: b.url, Done: uint64(tr.n), Expected: expected, Err: err})
+		}()
+	}
 
 	dec, release, err := decompressor(info.Compression, tr)
 	if err != nil {

@@ -424,9 +424,13 @@ func (s *Substituter) lookup(ctx context.Context, up *upstream, p storepath.Path
 		defer func() {
 			prog.Event(Event{Kind: EventStop, Type: ActQueryPathInfo, ID: id, Path: p, Upstream: up.base, Err: err})
 		}()
-		prog.Event(Event{Kind: EventStart, Type: ActFileTransfer, ID: ftID, Parent: id, Path: p, Upstream: up.base, URL: url})
+		if up.fileRoot == "" { // a file:// cache's narinfo is read, not downloaded
+			prog.Event(Event{Kind: EventStart, Type: ActFileTransfer, ID: ftID, Parent: id, Path: p, Upstream: up.base, URL: url})
+		}
 		data, err := s.readSmall(ctx, up, rel, narinfo.MaxSize)
-		prog.Event(Event{Kind: EventStop, Type: ActFileTransfer, ID: ftID, Parent: id, Path: p, URL: url, Err: err})
+		if up.fileRoot == "" {
+			prog.Event(Event{Kind: EventStop, Type: ActFileTransfer, ID: ftID, Parent: id, Path: p, URL: url, Err: err})
+		}
 		if errors.Is(err, errNotFound) {
 			s.remember(up, key, nil)
 			return nil, err
