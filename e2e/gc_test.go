@@ -216,6 +216,14 @@ func TestVerifyStore(t *testing.T) {
 
 	assertVerifyClean(t, d.nixStoreRun(t, "--verify"))
 	assertVerifyClean(t, d.nixStoreRun(t, "--verify", "--check-contents"))
+	// Its news are at info level, as Nix's: --quiet hides them; -v shows
+	// each path it hashes.
+	if r := d.nixStoreRun(t, "--verify", "--check-contents", "--quiet"); r.err != nil || strings.TrimSpace(r.stderr) != "" {
+		t.Errorf("nix-store --verify --quiet on a clean store:\n%s", r)
+	}
+	if r := d.nixStoreRun(t, "--verify", "--check-contents", "-v"); r.err != nil || !strings.Contains(r.stderr, "checking contents of '"+file+"'") {
+		t.Errorf("nix-store --verify -v does not name the paths it hashes:\n%s", r)
+	}
 
 	// Corrupt one file behind the daemon's back.
 	victim := filepath.Join(d.realPath(dir), "b/c")

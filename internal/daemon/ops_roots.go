@@ -183,7 +183,7 @@ func opVerifyStoreHandler(ctx context.Context, c *conn) error {
 			}
 		}
 	}
-	errorsFound, err := c.st.VerifyStore(ctx, checkContents, repair, repairPath, func(msg string) { c.tun.LogText(lvlError, msg) })
+	errorsFound, err := c.st.VerifyStore(ctx, checkContents, repair, repairPath, func(l store.LogLevel, msg string) { c.tun.LogText(Verbosity(l), msg) })
 	if prog != nil {
 		prog.close()
 		bprog.close()

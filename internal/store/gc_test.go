@@ -247,13 +247,20 @@ func TestVerifyFindsDamage(t *testing.T) {
 	os.WriteFile(f, []byte("modified"), 0o444)
 	removeAll(s.RealPath(gone))
 	var logged []string
-	errs, err := s.VerifyStore(ctx, true, false, nil, func(m string) { logged = append(logged, m) })
+	errs, err := s.VerifyStore(ctx, true, false, nil, func(l LogLevel, m string) { logged = append(logged, fmt.Sprintf("%d %s", l, m)) })
 	if err != nil || !errs {
 		t.Fatalf("verify: %v %v", errs, err)
 	}
+	// At Nix's levels: the news at info, what is wrong at error.
 	all := strings.Join(logged, "\n")
-	if !strings.Contains(all, "path '"+s.Dir().Abs(info.Path)+"' was modified! expected hash '"+info.NarHash.String()+"'") {
-		t.Errorf("log: %s", all)
+	for _, want := range []string{
+		fmt.Sprintf("%d reading the Nix store...", LogInfo),
+		fmt.Sprintf("%d checking contents of '%s'", LogTalkative, s.Dir().Abs(info.Path)),
+		fmt.Sprintf("%d path '%s' was modified! expected hash '%s'", LogError, s.Dir().Abs(info.Path), info.NarHash),
+	} {
+		if !strings.Contains(all, want) {
+			t.Errorf("log lacks %q:\n%s", want, all)
+		}
 	}
 	if ok, _ := s.IsValidPath(ctx, gone); ok {
 		t.Error("vanished path still valid")

@@ -27,9 +27,9 @@ import (
 // it stays an error), which fetches it again from a binary cache as Nix's
 // repairPath does. It returns whether errors were found (a path that could
 // not be repaired is one).
-func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, repairPath func(context.Context, storepath.Path) error, log func(msg string)) (bool, error) {
+func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, repairPath func(context.Context, storepath.Path) error, log VerifyLog) (bool, error) {
 	if log == nil {
-		log = func(string) {}
+		log = func(LogLevel, string) {}
 	}
 	errorsFound, broken, err := s.verify(ctx, checkContents, repair, log)
 	if err != nil || !repair {
@@ -40,7 +40,7 @@ func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, rep
 	// lock exclusively.
 	for _, p := range broken {
 		if repairPath == nil {
-			log(fmt.Sprintf("error: cannot repair path '%s': no binary cache to fetch it from", s.abs(p)))
+			log(LogError, fmt.Sprintf("error: cannot repair path '%s': no binary cache to fetch it from", s.abs(p)))
 			errorsFound = true
 			continue
 		}
@@ -48,18 +48,33 @@ func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, rep
 			if ctx.Err() != nil {
 				return false, ctx.Err()
 			}
-			log(fmt.Sprintf("error: cannot repair path '%s': %v", s.abs(p), err))
+			log(LogError, fmt.Sprintf("error: cannot repair path '%s': %v", s.abs(p), err))
 			errorsFound = true
 		}
 	}
 	return errorsFound, nil
 }
 
+// LogLevel is the level of a message, as Nix's verbosity levels.
+type LogLevel int
+
+const (
+	LogError LogLevel = iota
+	LogWarn
+	LogNotice
+	LogInfo
+	LogTalkative
+)
+
+// VerifyLog receives VerifyStore's messages, at the levels Nix prints
+// them.
+type VerifyLog func(level LogLevel, msg string)
+
 // verify is VerifyStore's check, under gc.lock shared; broken are the
 // valid paths to repair: those whose contents do not match their hash,
 // and with repair those missing that valid paths refer to.
-func (s *Store) verify(ctx context.Context, checkContents, repair bool, log func(msg string)) (errorsFound bool, broken []storepath.Path, err error) {
-	log("reading the Nix store...")
+func (s *Store) verify(ctx context.Context, checkContents, repair bool, log VerifyLog) (errorsFound bool, broken []storepath.Path, err error) {
+	log(LogInfo, "reading the Nix store...")
 	// gc.lock shared: no collector deletes paths while we look.
 	lockPath := s.stateFile("gc.lock")
 	f, err := openLockFile(lockPath)
@@ -67,7 +82,7 @@ func (s *Store) verify(ctx context.Context, checkContents, repair bool, log func
 		return false, nil, err
 	}
 	defer f.Close()
-	if err := lockFD(ctx, f, unix.LOCK_SH, func() { log("waiting for the big garbage collector lock...") }); err != nil {
+	if err := lockFD(ctx, f, unix.LOCK_SH, func() { log(LogInfo, "waiting for the big garbage collector lock...") }); err != nil {
 		return false, nil, err
 	}
 	ents, err := os.ReadDir(s.realDir)
@@ -79,7 +94,7 @@ func (s *Store) verify(ctx context.Context, checkContents, repair bool, log func
 		onDisk[e.Name()] = true
 	}
 
-	log("checking path existence...")
+	log(LogInfo, "checking path existence...")
 	all, err := s.QueryAllValidPaths(ctx)
 	if err != nil {
 		return false, nil, err
@@ -114,7 +129,7 @@ func (s *Store) verify(ctx context.Context, checkContents, repair bool, log func
 			}
 		}
 		if canInvalidate {
-			log(fmt.Sprintf("path '%s' disappeared, removing from database...", s.abs(p)))
+			log(LogInfo, fmt.Sprintf("path '%s' disappeared, removing from database...", s.abs(p)))
 			if err := s.db.write(ctx, []storepath.Path{p}, func(tx *sql.Tx) error {
 				_, err := tx.ExecContext(ctx, "delete from ValidPaths where path = ?", s.abs(p))
 				return err
@@ -122,7 +137,7 @@ func (s *Store) verify(ctx context.Context, checkContents, repair bool, log func
 				return fmt.Errorf("store: invalidating %s: %w", s.abs(p), err)
 			}
 		} else {
-			log(fmt.Sprintf("path '%s' disappeared, but it still has valid referrers!", s.abs(p)))
+			log(LogError, fmt.Sprintf("path '%s' disappeared, but it still has valid referrers!", s.abs(p)))
 			missing[p] = true
 			if repair {
 				// Referrers are reached first: prepended, references
@@ -146,7 +161,7 @@ func (s *Store) verify(ctx context.Context, checkContents, repair bool, log func
 		return errorsFound, broken, nil
 	}
 
-	log("checking link hashes...")
+	log(LogInfo, "checking link hashes...")
 	links := s.realDir + "/.links"
 	lents, err := os.ReadDir(links)
 	if err != nil && !os.IsNotExist(err) {
@@ -157,47 +172,49 @@ func (s *Store) verify(ctx context.Context, checkContents, repair bool, log func
 			return false, nil, err
 		}
 		lp := links + "/" + e.Name()
+		log(LogTalkative, fmt.Sprintf("checking contents of '%s'", e.Name()))
 		h, _, err := hashPathNAR(lp)
 		if err != nil {
 			return false, nil, err
 		}
 		if got := nixbase32.EncodeToString(h.Digest); got != e.Name() {
-			log(fmt.Sprintf("link '%s' was modified! expected hash '%s', got '%s'", lp, e.Name(), got))
+			log(LogError, fmt.Sprintf("link '%s' was modified! expected hash '%s', got '%s'", lp, e.Name(), got))
 			if repair {
 				if err := os.Remove(lp); err != nil {
 					return false, nil, fmt.Errorf("store: removing corrupt link %s: %w", lp, err)
 				}
-				log(fmt.Sprintf("removed link '%s'", lp))
+				log(LogInfo, fmt.Sprintf("removed link '%s'", lp))
 			} else {
 				errorsFound = true
 			}
 		}
 	}
 
-	log("checking store hashes...")
+	log(LogInfo, "checking store hashes...")
 	for _, p := range slices.SortedFunc(maps.Keys(present), storepath.Compare) {
 		if err := ctx.Err(); err != nil {
 			return false, nil, err
 		}
 		info, err := s.QueryPathInfo(ctx, p)
 		if err != nil {
-			log(fmt.Sprintf("warning: %v", err))
+			log(LogWarn, fmt.Sprintf("warning: %v", err))
 			errorsFound = true
 			continue
 		}
+		log(LogTalkative, fmt.Sprintf("checking contents of '%s'", s.abs(p)))
 		got, size, err := hashPathNAR(s.RealPath(p))
 		if err != nil {
-			log(fmt.Sprintf("error: %v", err))
+			log(LogError, fmt.Sprintf("error: %v", err))
 			errorsFound = true
 			continue
 		}
 		if !got.Equal(info.NarHash) {
-			log(fmt.Sprintf("path '%s' was modified! expected hash '%s', got '%s'", s.abs(p), info.NarHash, got))
+			log(LogError, fmt.Sprintf("path '%s' was modified! expected hash '%s', got '%s'", s.abs(p), info.NarHash, got))
 			broken = append(broken, p)
 			continue
 		}
 		if info.NarSize == 0 {
-			log(fmt.Sprintf("updating size field on '%s' to %d", s.abs(p), size))
+			log(LogInfo, fmt.Sprintf("updating size field on '%s' to %d", s.abs(p), size))
 			if err := s.db.write(ctx, []storepath.Path{p}, func(tx *sql.Tx) error {
 				_, err := tx.ExecContext(ctx, "update ValidPaths set narSize = ? where path = ?", int64(size), s.abs(p))
 				return err
