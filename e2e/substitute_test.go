@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"encoding/json"
 	"fmt"
 	"net"
 	"os"
@@ -1050,5 +1051,43 @@ func TestSubstituteNegativeTTL(t *testing.T) {
 				t.Errorf("%s is not valid after its substitution", later)
 			}
 		})
+	}
+}
+
+// TestSubstituteWorkerProgress: a build request that substitutes counts
+// the copies on the Worker's CopyPaths activity and the sizes on its
+// Realise activity, as nix-daemon's Worker does: what `nix build`'s
+// progress bar shows as "[1 copied (… MiB)]".
+func TestSubstituteWorkerProgress(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	sec, pub := e.generateKey(t, "subst-progress-1")
+	cacheDir, outs, _ := e.cachedFixtures(t, "zstd", sec, "subst-progress")
+	d := e.startDaemon(t, withConf("substituters = file://"+cacheDir, "trusted-public-keys = "+pub))
+	stderr := d.client("nix-store", "-r", outs[0], "--log-format", "internal-json").run(t).stderr
+	const actCopyPaths, actRealise, resProgress, resSetExpected = 103, 102, 105, 106
+	types := map[float64]float64{} // activity id -> type
+	var copied, narBytes float64
+	for _, line := range strings.Split(stderr, "\n") {
+		var m struct {
+			Action string
+			ID     float64
+			Type   float64
+			Fields []any
+		}
+		if json.Unmarshal([]byte(strings.TrimPrefix(line, "@nix ")), &m) != nil {
+			continue
+		}
+		switch {
+		case m.Action == "start":
+			types[m.ID] = m.Type
+		case m.Action == "result" && m.Type == resProgress && types[m.ID] == actCopyPaths && len(m.Fields) == 4:
+			copied = m.Fields[0].(float64)
+		case m.Action == "result" && m.Type == resSetExpected && types[m.ID] == actRealise && len(m.Fields) == 2 && m.Fields[0].(float64) == 100:
+			narBytes = m.Fields[1].(float64)
+		}
+	}
+	if copied != 2 || narBytes == 0 {
+		t.Errorf("paths copied %v (want 2), NAR bytes expected %v (want > 0); the client got:\n%s", copied, narBytes, stderr)
 	}
 }

@@ -53,14 +53,15 @@ type buildProgress struct {
 	acts                       map[string]uint64 // running builds: drv -> activity
 	hooks                      map[string]uint64 // running post-build hooks: drv -> activity
 	remote                     map[remoteAct]uint64
-	sent                       [4]int // the counters last sent
+	sent                       workerCounts // the counters last sent
 
 	mu      sync.Mutex
 	cond    *sync.Cond
 	q       []progressEvent
 	lines   int     // droppable events in q
 	dropped int     // droppable events not queued
-	counts  *[4]int // counters to send, nil when sent
+	counts  workerCounts // the Worker's counters
+	pending bool         // a sendCounts is queued
 	closed  bool
 	exit    chan struct{}
 }
@@ -127,36 +128,71 @@ func (p *buildProgress) run() {
 	}
 }
 
-// BuildsProgress implements build.Progress; only the latest counters are
-// sent, as often as the client takes them.
-func (p *buildProgress) BuildsProgress(done, expected, running, failed int) {
+// workerCounts are what Nix's Worker counts for its progress: builds and
+// substitutions (done, expected, running, failed) and the bytes to
+// download and to unpack.
+type workerCounts struct {
+	builds, substs     [4]int
+	download, narBytes uint64
+}
+
+// update changes the counters with f; only the latest are sent, as often
+// as the client takes them.
+func (p *buildProgress) update(f func(c *workerCounts)) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
 		return
 	}
-	pending := p.counts != nil
-	p.counts = &[4]int{done, expected, running, failed}
-	if !pending {
+	f(&p.counts)
+	if !p.pending {
+		p.pending = true
 		p.q = append(p.q, progressEvent{write: p.sendCounts})
 		p.cond.Signal()
 	}
 }
 
-// sendCounts sends the counters, as Nix's Worker::updateProgress.
+// BuildsProgress implements build.Progress.
+func (p *buildProgress) BuildsProgress(done, expected, running, failed int) {
+	p.update(func(c *workerCounts) { c.builds = [4]int{done, expected, running, failed} })
+}
+
+// substitution counts one substitution of a path of narSize bytes (a
+// download of fileSize) as it starts (ended false) or ends (ok or not).
+func (p *buildProgress) substitution(ended, ok bool, narSize, fileSize uint64) {
+	p.update(func(c *workerCounts) {
+		if !ended {
+			c.substs[1]++
+			c.substs[2]++
+			c.download += fileSize
+			c.narBytes += narSize
+			return
+		}
+		c.substs[2]--
+		if ok {
+			c.substs[0]++
+		} else {
+			c.substs[3]++
+		}
+	})
+}
+
+// sendCounts sends the counters, as Nix's Worker::updateProgress: builds
+// and substitutions on their activities, and the expected download and
+// unpacked sizes on the Realise activity.
 func (p *buildProgress) sendCounts() {
 	p.mu.Lock()
 	c := p.counts
-	p.counts = nil
+	p.pending = false
 	p.mu.Unlock()
-	if c == nil || *c == p.sent {
+	if c == p.sent {
 		return
 	}
-	p.sent = *c
-	p.tun.Result(p.builds, resProgress, []field{c[0], c[1], c[2], c[3]})
-	p.tun.Result(p.copyPaths, resProgress, []field{0, 0, 0, 0})
-	p.tun.Result(p.realise, resSetExpected, []field{actDownload, 0})
-	p.tun.Result(p.realise, resSetExpected, []field{actCopyPath, 0})
+	p.sent = c
+	p.tun.Result(p.builds, resProgress, []field{c.builds[0], c.builds[1], c.builds[2], c.builds[3]})
+	p.tun.Result(p.copyPaths, resProgress, []field{c.substs[0], c.substs[1], c.substs[2], c.substs[3]})
+	p.tun.Result(p.realise, resSetExpected, []field{actDownload, c.download})
+	p.tun.Result(p.realise, resSetExpected, []field{actCopyPath, c.narBytes})
 }
 
 // BuildStarted implements build.Progress.

@@ -110,6 +110,7 @@ func (c *conn) realiseTargets(ctx context.Context, targets []store.DerivedPath, 
 	}
 	prog := c.newProgress()
 	bprog := newBuildProgress(c.tun, top)
+	prog.counts = bprog
 	realise, opts := r.Realise, c.buildOptions(mode)
 	switch mode {
 	case buildModeCheck:

@@ -60,6 +60,9 @@ type progress struct {
 	closing chan struct{}     // closed by close: write what is queued at once
 	exit    chan struct{}
 	warn    func(error) // the request's warnings (conn.warnFunc)
+	// counts, if set, counts the substitutions for the Worker's progress
+	// (a build request's).
+	counts *buildProgress
 
 	// Flush's bookkeeping: events queued and written so far; urgent, a
 	// buffered channel, cuts the writer's wait short.
@@ -220,6 +223,9 @@ func (p *progress) write(e substitute.Event) {
 		switch e.Type {
 		case substitute.ActSubstitute:
 			id = tun.StartActivity(lvlError, subActSubstitute, "", []field{abs, e.Upstream}, parent)
+			if p.counts != nil {
+				p.counts.substitution(false, false, e.NarSize, e.FileSize)
+			}
 		case substitute.ActCopyPath:
 			id = tun.StartActivity(lvlInfo, subActCopyPath, fmt.Sprintf("copying path '%s' from '%s'", abs, e.Upstream), []field{abs, e.Upstream, "local"}, parent)
 		case substitute.ActFileTransfer:
@@ -245,6 +251,9 @@ func (p *progress) write(e substitute.Event) {
 		delete(p.ids, e.ID)
 		if e.Type == substitute.ActSubstitute && e.Err != nil {
 			tun.Error(fmt.Sprintf("substituting '%s' from '%s': %v", abs, e.Upstream, e.Err))
+		}
+		if e.Type == substitute.ActSubstitute && p.counts != nil {
+			p.counts.substitution(true, e.Err == nil, e.NarSize, e.FileSize)
 		}
 		tun.StopActivity(id)
 	}

@@ -45,6 +45,10 @@ type Event struct {
 	Done     uint64
 	Expected uint64 // 0 if unknown
 	Err      error  // on EventStop: nil on success
+	// NarSize and FileSize, on an ActSubstitute's events, are the path's
+	// NAR size and the size of the file downloaded for it (the
+	// compressed NAR), for the caller's totals.
+	NarSize, FileSize uint64
 }
 
 // Progress receives activity events. Implementations must be safe for

@@ -323,7 +323,7 @@ func (s *Substituter) fetchPath(ctx context.Context, p storepath.Path, h *hub) (
 // retrying broken transfers from the start.
 func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h *hub) error {
 	subID := s.actID.Add(1)
-	h.emit(Event{Kind: EventStart, Type: ActSubstitute, ID: subID, Path: info.StorePath, Upstream: up.base})
+	h.emit(Event{Kind: EventStart, Type: ActSubstitute, ID: subID, Path: info.StorePath, Upstream: up.base, NarSize: info.NarSize, FileSize: info.FileSize})
 	err := s.retry(ctx, up, info.URL, func(ctx context.Context) error {
 		release, err := s.acquireSlot(ctx)
 		if err != nil {
@@ -337,7 +337,7 @@ func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h 
 	if errors.Is(err, errNotFound) {
 		err = &missingNARError{url: up.urlOf(info.URL), upstream: up.base}
 	}
-	h.emit(Event{Kind: EventStop, Type: ActSubstitute, ID: subID, Path: info.StorePath, Upstream: up.base, Err: err})
+	h.emit(Event{Kind: EventStop, Type: ActSubstitute, ID: subID, Path: info.StorePath, Upstream: up.base, Err: err, NarSize: info.NarSize, FileSize: info.FileSize})
 	return err
 }
 
