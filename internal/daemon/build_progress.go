@@ -58,8 +58,8 @@ type buildProgress struct {
 	mu      sync.Mutex
 	cond    *sync.Cond
 	q       []progressEvent
-	lines   int     // droppable events in q
-	dropped int     // droppable events not queued
+	lines   int          // droppable events in q
+	dropped int          // droppable events not queued
 	counts  workerCounts // the Worker's counters
 	pending bool         // a sendCounts is queued
 	closed  bool
