@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -1023,4 +1024,32 @@ func TestRepairByRebuild(t *testing.T) {
 	}
 	damage()
 	repaired("nix-store -r --repair", b.nixStoreRun(t, "-r", "--repair", lib))
+}
+
+// TestOldClientExitStatus: a client before protocol 1.26 (Nix 2.3) gets
+// the exit status of Nix's Worker with a failed BuildPaths, as its
+// nix-build exits with it: 100 for a failed build, 102 for a fixed-output
+// hash mismatch.
+func TestOldClientExitStatus(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	args := b.expr(t, "exit-status", `{
+  fails = mk { name = "exit-fails"; script = "exit 3"; };
+  mismatch = mk { name = "exit-mismatch"; outputHashMode = "flat"; outputHashAlgo = "sha256";
+    outputHash = "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="; script = "echo not-empty > $out"; };
+}`)
+	for attr, want := range map[string]uint64{"fails": 100, "mismatch": 102} {
+		drv := oneLine(t, attr, b.client("nix-instantiate", append(args, "-A", attr)...).ok(t))
+		p := dialProtoVersion(t, b.sock, 0x115) // 1.21, Nix 2.3's
+		p.u64(9)                                // BuildPaths
+		p.strs([]string{drv})
+		p.u64(0) // normal
+		if err := p.flush(); err != nil {
+			t.Fatal(err)
+		}
+		var de *daemonError
+		if err := p.readStderr(); !errors.As(err, &de) || de.status != want {
+			t.Errorf("%s: BuildPaths at 1.21: %v (status %v), want exit status %d", attr, err, de, want)
+		}
+	}
 }

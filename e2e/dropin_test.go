@@ -70,7 +70,7 @@ func TestSocketActivation(t *testing.T) {
 	defer c.Close()
 	d.start(t)
 	c.SetDeadline(time.Now().Add(time.Minute)) // a daemon that never accepts it fails the test
-	early := &protoConn{c: c, r: bufio.NewReader(c), w: bufio.NewWriter(c)}
+	early := &protoConn{c: c, r: bufio.NewReader(c), w: bufio.NewWriter(c), client: clientProto}
 	if err := early.handshake(); err != nil {
 		t.Fatalf("handshake of the client that connected before the daemon started: %v", err)
 	}

@@ -444,7 +444,7 @@ func (d *daemon) start(t *testing.T) {
 			// A socket nobody accepts on (a socket-activated daemon that
 			// ignores the one it was given) must not hold the loop up.
 			c.SetDeadline(time.Now().Add(5 * time.Second))
-			p := &protoConn{c: c, r: bufio.NewReader(c), w: bufio.NewWriter(c)}
+			p := &protoConn{c: c, r: bufio.NewReader(c), w: bufio.NewWriter(c), client: clientProto}
 			err = p.handshake()
 			c.Close()
 			if err == nil {

@@ -45,6 +45,7 @@ type protoConn struct {
 	r       *bufio.Reader
 	w       *bufio.Writer
 	version uint64 // negotiated
+	client  uint64 // the version this client speaks
 	log     []string
 	// acts are the activities started, in order; stopped holds the ids
 	// of those stopped.
@@ -66,11 +67,17 @@ type protoActivity struct {
 // Nix 2.8.0 client would (without SetOptions).
 func dialProto(t *testing.T, sock string) *protoConn {
 	t.Helper()
+	return dialProtoVersion(t, sock, clientProto)
+}
+
+// dialProtoVersion is dialProto for a client of another protocol version.
+func dialProtoVersion(t *testing.T, sock string, version uint64) *protoConn {
+	t.Helper()
 	c, err := net.Dial("unix", sock)
 	if err != nil {
 		t.Fatalf("dial %s: %v", sock, err)
 	}
-	p := &protoConn{c: c, r: bufio.NewReader(c), w: bufio.NewWriter(c)}
+	p := &protoConn{c: c, r: bufio.NewReader(c), w: bufio.NewWriter(c), client: version}
 	t.Cleanup(func() { p.c.Close() })
 	if err := p.handshake(); err != nil {
 		t.Fatalf("handshake with %s: %v", sock, err)
@@ -97,8 +104,8 @@ func (p *protoConn) handshake() error {
 	if dv>>8 != 1 || dv&0xff < 21 {
 		return fmt.Errorf("daemon protocol version %#x", dv)
 	}
-	p.version = min(dv, clientProto)
-	p.u64(clientProto)
+	p.version = min(dv, p.client)
+	p.u64(p.client)
 	p.u64(0) // no CPU affinity
 	p.u64(0) // reserveSpace
 	if err := p.flush(); err != nil {
@@ -170,7 +177,10 @@ func (p *protoConn) readString() (string, error) {
 }
 
 // daemonError is an STDERR_ERROR sent by the daemon.
-type daemonError struct{ msg string }
+type daemonError struct {
+	msg    string
+	status uint64 // the exit status, before protocol 1.26
+}
 
 func (e *daemonError) Error() string { return "daemon error: " + e.msg }
 
@@ -294,10 +304,11 @@ func (p *protoConn) readError() error {
 		if err != nil {
 			return err
 		}
-		if _, err := p.readU64(); err != nil {
+		status, err := p.readU64()
+		if err != nil {
 			return err
 		}
-		return &daemonError{msg}
+		return &daemonError{msg: msg, status: status}
 	}
 	if typ, err := p.readString(); err != nil || typ != "Error" {
 		return fmt.Errorf("error struct: type %q, %v", typ, err)
@@ -327,7 +338,7 @@ func (p *protoConn) readError() error {
 			return err
 		}
 	}
-	return &daemonError{msg}
+	return &daemonError{msg: msg}
 }
 
 // addTempRoot sends AddTempRoot(path) and waits for the reply.

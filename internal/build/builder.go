@@ -276,12 +276,12 @@ type Progress interface {
 	BuildPhase(drv, phase string)
 	// BuildFinished: the build of drv ended (err nil on success).
 	BuildFinished(drv string, err error)
-	// GoalFailed: drv could not be realised, for the reason msg (its
-	// builder failed, it cannot be built here, an input failed, ...);
-	// not sent for a goal stopped because another failed. As Nix, the
-	// client logs it at once unless drv is one it asked for (whose
-	// failure is the request's).
-	GoalFailed(drv, msg string)
+	// GoalFailed: drv could not be realised, with status st, for the
+	// reason msg (its builder failed, it cannot be built here, an input
+	// failed, ...); not sent for a goal stopped because another failed.
+	// As Nix, the client logs it at once unless drv is one it asked for
+	// (whose failure is the request's).
+	GoalFailed(drv string, st Status, msg string)
 	// BuildsProgress counts this caller's builds: done, expected,
 	// running, failed (Nix's actBuilds progress).
 	BuildsProgress(done, expected, running, failed int)

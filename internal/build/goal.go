@@ -423,7 +423,7 @@ func (g *goal) run(ctx context.Context) {
 	g.res = res
 	if !res.Status.Success() && !res.Stopped && res.ErrorMsg != "" {
 		drvAbs := b.abs(g.drvPath)
-		g.each(func(c *call) { c.emit(func(p Progress) { p.GoalFailed(drvAbs, res.ErrorMsg) }) })
+		g.each(func(c *call) { c.emit(func(p Progress) { p.GoalFailed(drvAbs, res.Status, res.ErrorMsg) }) })
 	}
 	b.mu.Lock()
 	key := goalKey{g.drvPath, g.mode}

@@ -285,7 +285,7 @@ func (r *recorder) BuildFinished(drv string, err error) {
 	}
 	r.finished[drv] = err
 }
-func (r *recorder) GoalFailed(drv, msg string) {
+func (r *recorder) GoalFailed(drv string, _ Status, msg string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.goalFailures = append(r.goalFailures, drv+": "+msg)

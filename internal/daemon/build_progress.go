@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"strings"
 	"fmt"
 	"sync"
 
@@ -55,15 +56,16 @@ type buildProgress struct {
 	remote                     map[remoteAct]uint64
 	sent                       workerCounts // the counters last sent
 
-	mu      sync.Mutex
-	cond    *sync.Cond
-	q       []progressEvent
-	lines   int          // droppable events in q
-	dropped int          // droppable events not queued
-	counts  workerCounts // the Worker's counters
-	pending bool         // a sendCounts is queued
-	closed  bool
-	exit    chan struct{}
+	mu       sync.Mutex
+	cond     *sync.Cond
+	q        []progressEvent
+	lines    int          // droppable events in q
+	dropped  int          // droppable events not queued
+	counts   workerCounts // the Worker's counters
+	failures int          // exitStatus's bits
+	pending  bool         // a sendCounts is queued
+	closed   bool
+	exit     chan struct{}
 }
 
 // progressEvent is one queued write; droppable ones (lines of output) may
@@ -327,12 +329,45 @@ func (p *buildProgress) addTop(drv string) {
 // client did not ask for is logged at once, as Nix logs the error of a
 // goal that others wait for (Goal::amDone); that of one it asked for is
 // the request's own error.
-func (p *buildProgress) GoalFailed(drv, msg string) {
+func (p *buildProgress) GoalFailed(drv string, st build.Status, msg string) {
+	p.mu.Lock()
+	switch {
+	case st == build.PermanentFailure:
+		p.failures |= exitBuildFailure
+	case st == build.TimedOut:
+		p.failures |= exitBuildFailure | exitTimedOut
+	case st == build.OutputRejected && strings.HasPrefix(msg, "hash mismatch in fixed-output derivation"):
+		p.failures |= exitBuildFailure | exitHashMismatch
+	case st == build.NotDeterministic:
+		p.failures |= exitCheckMismatch
+	}
+	p.mu.Unlock()
 	p.post(false, func() {
 		if !p.top[drv] {
 			p.tun.Error(msg)
 		}
 	})
+}
+
+// The bits of Nix's Worker::exitStatus, which clients before protocol
+// 1.26 (Nix 2.3) exit with: 100 a build failed, 101 one timed out, 102 a
+// fixed-output hash did not match, 104 a --check found a difference.
+const (
+	exitTimedOut      = 0x01
+	exitHashMismatch  = 0x02
+	exitBuildFailure  = 0x04
+	exitCheckMismatch = 0x08
+)
+
+// exitStatus is the exit status Nix's Worker would give the failures so
+// far: 1 for none of those above.
+func (p *buildProgress) exitStatus() uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.failures == 0 {
+		return 1
+	}
+	return uint64(p.failures | 0x60)
 }
 
 // close writes what is queued, stops the activities still open, then the

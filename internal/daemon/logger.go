@@ -296,8 +296,23 @@ func (t *tunnel) stopWork(err error) {
 		return
 	}
 	t.enc.String(msg)
-	t.enc.U64(1) // exit status
+	status := uint64(1)
+	var ee *exitError
+	if errors.As(err, &ee) {
+		status = ee.status
+	}
+	t.enc.U64(status)
 }
+
+// exitError is an op's error with the exit status Nix gives it, which
+// clients before protocol 1.26 exit with (later ones exit with 1).
+type exitError struct {
+	err    error
+	status uint64
+}
+
+func (e *exitError) Error() string { return e.err.Error() }
+func (e *exitError) Unwrap() error { return e.err }
 
 // errorMessage is the text a client shows for err.
 func errorMessage(err error) string {

@@ -95,13 +95,16 @@ func (c *conn) checkBuildMode(mode uint64) error {
 // realiseTargets realises targets for the client: valid paths as they
 // are, the rest by substitution (and, once a builder is plugged in, by
 // building), with substitution progress sent to the client.
-func (c *conn) realiseTargets(ctx context.Context, targets []store.DerivedPath, mode uint64) (*realise.Realiser, []realise.Result, error) {
+//
+// exit is the exit status Nix's Worker would give the failures (see
+// buildProgress.exitStatus), for clients before protocol 1.26.
+func (c *conn) realiseTargets(ctx context.Context, targets []store.DerivedPath, mode uint64) (_ *realise.Realiser, _ []realise.Result, exit uint64, _ error) {
 	if err := c.checkBuildMode(mode); err != nil {
-		return nil, nil, err
+		return nil, nil, 0, err
 	}
 	r, err := c.realiser()
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, 0, err
 	}
 	c.st.AutoGC(ctx, false) // as Nix's Worker: free space in the background if the store is low on it
 	top := map[string]bool{}
@@ -126,9 +129,9 @@ func (c *conn) realiseTargets(ctx context.Context, targets []store.DerivedPath, 
 	prog.close()
 	bprog.close()
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, 0, err
 	}
-	return r, results, nil
+	return r, results, bprog.exitStatus(), nil
 }
 
 func opBuildPathsHandler(ctx context.Context, c *conn) error {
@@ -140,7 +143,7 @@ func opBuildPathsHandler(ctx context.Context, c *conn) error {
 	if err := c.begin(wire.OpBuildPaths); err != nil {
 		return err
 	}
-	r, results, err := c.realiseTargets(ctx, targets, mode)
+	r, results, exit, err := c.realiseTargets(ctx, targets, mode)
 	if err != nil {
 		return err
 	}
@@ -152,7 +155,7 @@ func opBuildPathsHandler(ctx context.Context, c *conn) error {
 				c.tun.Error(m)
 			}
 		}
-		return err
+		return &exitError{err: err, status: exit}
 	}
 	c.stopWork()
 	c.out.U64(1)
@@ -165,7 +168,7 @@ func opBuildPathsWithResultsHandler(ctx context.Context, c *conn) error {
 	if err := c.begin(wire.OpBuildPathsWithResults); err != nil {
 		return err
 	}
-	_, results, err := c.realiseTargets(ctx, targets, mode)
+	_, results, _, err := c.realiseTargets(ctx, targets, mode)
 	if err != nil {
 		return err
 	}
