@@ -1,8 +1,8 @@
 package daemon
 
 import (
-	"strings"
 	"fmt"
+	"strings"
 	"sync"
 
 	"github.com/nixyard/nixyard/internal/build"
