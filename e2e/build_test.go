@@ -1053,3 +1053,17 @@ func TestOldClientExitStatus(t *testing.T) {
 		}
 	}
 }
+
+// TestBuildUnknownOutput: asking for an output a derivation does not have
+// fails with Nix's message, from the build (QueryMissing, which
+// nix-store -r sends first, leaves it out, as Nix's does).
+func TestBuildUnknownOutput(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	args := b.expr(t, "unknown-output", `{ one = mk { name = "one-output"; script = "echo > $out"; }; }`)
+	drv := oneLine(t, "drv", b.client("nix-instantiate", append(args, "-A", "one")...).ok(t))
+	stderr := b.client("nix-store", "-r", drv+"!nosuch").fails(t)
+	if want := "derivation '" + drv + "' does not have wanted outputs 'nosuch'"; !strings.Contains(stderr, want) || strings.Contains(stderr, "QueryMissing") {
+		t.Errorf("stderr lacks %q (or names an op):\n%s", want, stderr)
+	}
+}

@@ -106,10 +106,14 @@ func (c *call) realise(ctx context.Context, req store.DerivedPath, depth int) Re
 	if req.AllOutputs || len(wanted) == 0 {
 		wanted = slices.Sorted(maps.Keys(drv.Outputs))
 	}
+	var unknown []string
 	for _, n := range wanted {
 		if _, ok := drv.Outputs[n]; !ok {
-			return b.fail(req, MiscFailure, "derivation '%s' does not have an output named '%s'", b.abs(req.Path), n)
+			unknown = append(unknown, n)
 		}
+	}
+	if len(unknown) > 0 {
+		return b.fail(req, MiscFailure, "derivation '%s' does not have wanted outputs '%s'", b.abs(req.Path), strings.Join(unknown, "', '"))
 	}
 	// --check applies to the requested derivations, not to their inputs,
 	// as in Nix. So does --repair, unlike Nix, which repairs the inputs'

@@ -55,9 +55,9 @@ func (r *Realiser) QueryMissing(ctx context.Context, targets []store.DerivedPath
 		if err != nil {
 			return err
 		}
-		wanted, err := wantedOutputs(t, d)
-		if err != nil {
-			return fmt.Errorf("derivation '%s': %w", st.Dir().Abs(t.Path), err)
+		wanted, unknown := wantedOutputs(t, d)
+		if len(unknown) > 0 {
+			return nil // as Nix: the build says so
 		}
 		known := true
 		var invalid []storepath.Path

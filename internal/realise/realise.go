@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -371,22 +372,24 @@ func substitutesAllowed(d *derivation.Derivation) bool {
 	return ok || err != nil
 }
 
-// wantedOutputs returns the output names t asks for, sorted.
-func wantedOutputs(t store.DerivedPath, d *derivation.Derivation) ([]string, error) {
+// wantedOutputs returns the output names t asks for, sorted, and those
+// it asks for that d does not have.
+func wantedOutputs(t store.DerivedPath, d *derivation.Derivation) (wanted, unknown []string) {
 	if t.AllOutputs || len(t.Outputs) == 0 {
-		names := make([]string, 0, len(d.Outputs))
-		for n := range d.Outputs {
-			names = append(names, n)
-		}
-		slices.Sort(names)
-		return names, nil
+		return slices.Sorted(maps.Keys(d.Outputs)), nil
 	}
 	for _, n := range t.Outputs {
 		if _, ok := d.Outputs[n]; !ok {
-			return nil, fmt.Errorf("derivation has no output named '%s'", n)
+			unknown = append(unknown, n)
 		}
 	}
-	return t.Outputs, nil
+	return t.Outputs, unknown
+}
+
+// unknownOutputsError is Nix's error for a request of outputs a
+// derivation does not have.
+func unknownOutputsError(drv string, unknown []string) string {
+	return fmt.Sprintf("derivation '%s' does not have wanted outputs '%s'", drv, strings.Join(unknown, "', '"))
 }
 
 // NoCaches returns a Manager without substituters or builder: it answers

@@ -299,10 +299,10 @@ func (r *Realiser) realiseOne(ctx context.Context, t store.DerivedPath, prog Pro
 	if err != nil {
 		return res, false, err
 	}
-	wanted, werr := wantedOutputs(t, d)
-	if werr != nil {
+	wanted, unknown := wantedOutputs(t, d)
+	if len(unknown) > 0 {
 		res.Status = MiscFailure
-		res.ErrorMsg = fmt.Sprintf("derivation '%s': %v", abs, werr)
+		res.ErrorMsg = unknownOutputsError(abs, unknown)
 		return res, false, nil
 	}
 	outMap, err := st.QueryDerivationOutputMap(ctx, t.Path)
