@@ -318,7 +318,10 @@ func (e *exitError) Unwrap() error { return e.err }
 func errorMessage(err error) string {
 	var fe *fatalError
 	if errors.As(err, &fe) {
-		return fe.err.Error()
+		err = fe.err
 	}
-	return err.Error()
+	// The store's errors name it ("store: …") for the daemon's log; the
+	// client gets Nix's words ("cannot add path '…' because it lacks a
+	// valid signature").
+	return strings.TrimPrefix(err.Error(), "store: ")
 }
