@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -270,6 +271,34 @@ func TestOptimise(t *testing.T) {
 
 	if inode(t, f1) != inode(t, f2) {
 		t.Errorf("after nix-store --optimise, %s and %s are not hard-linked (inodes %d, %d)", f1, f2, inode(t, f1), inode(t, f2))
+	}
+	// As nix-daemon's: each path it looks at (at talkative level), and the
+	// paths done of all on the optimise activity, for the progress bar.
+	if r := d.nixStoreRun(t, "--optimise", "-v"); r.err != nil || !strings.Contains(r.stderr, "optimising path '"+one+"'") {
+		t.Errorf("nix-store --optimise -v does not name the paths:\n%s", r)
+	}
+	jr := d.nixStoreRun(t, "--optimise", "--log-format", "internal-json")
+	const actOptimiseStore, resProgress = 106, 105
+	var optID float64
+	var done, total float64
+	for _, line := range strings.Split(jr.stderr, "\n") {
+		var m struct {
+			Action   string
+			ID, Type float64
+			Fields   []any
+		}
+		if json.Unmarshal([]byte(strings.TrimPrefix(line, "@nix ")), &m) != nil {
+			continue
+		}
+		if m.Action == "start" && m.Type == actOptimiseStore {
+			optID = m.ID
+		}
+		if m.Action == "result" && m.Type == resProgress && m.ID == optID && len(m.Fields) == 4 {
+			done, total = m.Fields[0].(float64), m.Fields[1].(float64)
+		}
+	}
+	if total < 2 || done != total {
+		t.Errorf("optimise progress %v/%v, want all of at least 2 paths:\n%s", done, total, jr)
 	}
 	var st syscall.Stat_t
 	if err := syscall.Stat(f1, &st); err != nil {

@@ -137,13 +137,33 @@ func opOptimiseStoreHandler(ctx context.Context, c *conn) error {
 	if err := c.begin(wire.OpOptimiseStore); err != nil {
 		return err
 	}
-	act := c.tun.StartActivity(lvlInfo, actOptimiseStore, "", nil, 0)
+	// As Nix's optimiseStore: the paths done of all on its activity, and
+	// an activity for each path, with the files it links.
+	act := c.tun.StartActivity(lvlError, actOptimiseStore, "", nil, 0)
 	var freed, linked uint64
-	err := c.st.OptimiseStore(ctx, func(bytesFreed, blocksFreed uint64) {
-		freed += bytesFreed
-		linked++
-		c.tun.Result(act, resFileLinked, []field{bytesFreed, blocksFreed})
+	var pathAct uint64
+	endPath := func() {
+		if pathAct != 0 {
+			c.tun.StopActivity(pathAct)
+			pathAct = 0
+		}
+	}
+	err := c.st.OptimiseStore(ctx, store.OptimiseEvents{
+		Progress: func(done, total int) {
+			endPath()
+			c.tun.Result(act, resProgress, []field{uint64(done), uint64(total), uint64(0), uint64(0)})
+		},
+		Path: func(abs string) func(bytesFreed, blocksFreed uint64) {
+			pathAct = c.tun.StartActivity(lvlTalkative, actUnknown, fmt.Sprintf("optimising path '%s'", abs), nil, 0)
+			id := pathAct
+			return func(bytesFreed, blocksFreed uint64) {
+				freed += bytesFreed
+				linked++
+				c.tun.Result(id, resFileLinked, []field{bytesFreed, blocksFreed})
+			}
+		},
 	})
+	endPath()
 	c.tun.StopActivity(act)
 	if err != nil {
 		return fmt.Errorf("optimising the store: %w", err)

@@ -210,7 +210,7 @@ func TestOptimiseAndVerify(t *testing.T) {
 		infos = append(infos, addNAR(t, s, "opt", map[string]string{"same": big, "own": fmt.Sprint(i)}))
 	}
 	var freed uint64
-	if err := s.OptimiseStore(ctx, func(b, _ uint64) { freed += b }); err != nil {
+	if err := s.OptimiseStore(ctx, OptimiseEvents{Linked: func(b, _ uint64) { freed += b }}); err != nil {
 		t.Fatal(err)
 	}
 	if freed != 2*uint64(len(big)) {

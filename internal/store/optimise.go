@@ -15,10 +15,9 @@ import (
 // OptimiseStore hard-links identical files of all valid paths through
 // <store>/.links/<nix32 sha256 of the file's NAR serialisation>, as Nix's
 // optimiseStore (regular files only: executable and plain files with the
-// same contents differ in their NAR, so they are never linked). onLinked,
-// if not nil, is called for every file replaced by a link with the bytes
-// and 512-byte blocks freed.
-func (s *Store) OptimiseStore(ctx context.Context, onLinked func(bytesFreed, blocksFreed uint64)) error {
+// same contents differ in their NAR, so they are never linked). ev's
+// functions, those not nil, are told how it goes.
+func (s *Store) OptimiseStore(ctx context.Context, ev OptimiseEvents) error {
 	links := s.realDir + "/.links"
 	if err := os.MkdirAll(links, 0o755); err != nil {
 		return fmt.Errorf("store: creating %s: %w", links, err)
@@ -42,8 +41,11 @@ func (s *Store) OptimiseStore(ctx context.Context, onLinked func(bytesFreed, blo
 	ss := s.OpenSession()
 	ss.passive = true
 	defer ss.Close()
-	o := optimiser{s: s, links: links, inodes: inodes, onLinked: onLinked}
-	for _, p := range paths {
+	o := optimiser{s: s, links: links, inodes: inodes}
+	if ev.Progress != nil {
+		ev.Progress(0, len(paths))
+	}
+	for i, p := range paths {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
@@ -55,11 +57,31 @@ func (s *Store) OptimiseStore(ctx context.Context, onLinked func(bytesFreed, blo
 		} else if !ok {
 			continue
 		}
+		o.onLinked = ev.Linked
+		if ev.Path != nil {
+			o.onLinked = ev.Path(s.abs(p))
+		}
 		if err := o.optimise(ctx, s.RealPath(p)); err != nil {
 			return err
 		}
+		if ev.Progress != nil {
+			ev.Progress(i+1, len(paths))
+		}
 	}
 	return nil
+}
+
+// OptimiseEvents are what OptimiseStore tells as it goes, as Nix's
+// optimiseStore tells its client.
+type OptimiseEvents struct {
+	// Progress: done of total valid paths are optimised.
+	Progress func(done, total int)
+	// Path: the path (absolute) is being optimised; it returns the
+	// function told of its files replaced by links (nil: Linked).
+	Path func(abs string) (linked func(bytesFreed, blocksFreed uint64))
+	// Linked is told of each file replaced by a link, with the bytes and
+	// 512-byte blocks freed, when Path is nil.
+	Linked func(bytesFreed, blocksFreed uint64)
 }
 
 // optimiseNew hard-links the files of a new path (tree, on the host) to
