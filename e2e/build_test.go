@@ -1067,3 +1067,40 @@ func TestBuildUnknownOutput(t *testing.T) {
 		t.Errorf("stderr lacks %q (or names an op):\n%s", want, stderr)
 	}
 }
+
+// TestBuildCounters: the Worker's build counters the client gets, as
+// nix-daemon's: a build that failed, or whose input failed, is no longer
+// expected; only the one that failed by itself counts as failed; at the
+// end none runs ("[1 built, 1 failed]" rather than "[1/3 built, 2 failed]").
+func TestBuildCounters(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	args := b.expr(t, "counters", `rec {
+  ok = mk { name = "counters-ok"; script = "echo > $out"; };
+  fails = mk { name = "counters-fails"; script = "exit 1"; };
+  top = mk { name = "counters-top"; inherit ok fails; script = "echo > $out"; };
+}`)
+	r := b.client("nix", append([]string{"build", "-f"}, append(args, "top", "--no-link", "--keep-going", "--log-format", "internal-json")...)...).run(t)
+	const actBuilds, resProgress = 104, 105
+	var buildsID float64
+	var last []any
+	for _, line := range strings.Split(r.stderr, "\n") {
+		var m struct {
+			Action   string
+			ID, Type float64
+			Fields   []any
+		}
+		if json.Unmarshal([]byte(strings.TrimPrefix(line, "@nix ")), &m) != nil {
+			continue
+		}
+		if m.Action == "start" && m.Type == actBuilds {
+			buildsID = m.ID
+		}
+		if m.Action == "result" && m.Type == resProgress && m.ID == buildsID {
+			last = m.Fields
+		}
+	}
+	if r.err == nil || fmt.Sprint(last) != "[1 1 0 1]" {
+		t.Errorf("last build counters %v, want [1 1 0 1] (done, total, running, failed):\n%s", last, r)
+	}
+}

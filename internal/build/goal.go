@@ -54,7 +54,9 @@ func (c *call) emit(f func(p Progress)) {
 	}
 }
 
-// count updates the caller's build counters and reports them.
+// count updates the caller's build counters and reports them as Nix's
+// Worker does: builds done, of those done and still expected, running,
+// failed.
 func (c *call) count(dExpected, dRunning, dDone, dFailed int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -63,7 +65,7 @@ func (c *call) count(dExpected, dRunning, dDone, dFailed int) {
 	c.done += dDone
 	c.failed += dFailed
 	if c.prog != nil {
-		c.prog.BuildsProgress(c.done, c.expected, c.running, c.failed)
+		c.prog.BuildsProgress(c.done, c.expected+c.done, c.running, c.failed)
 	}
 }
 
@@ -207,12 +209,14 @@ type goal struct {
 	// whichever callers come and go.
 	roots *store.Session
 
-	mu       sync.Mutex
-	subs     map[*call]int // waiting callers (count of their requests)
-	waiters  int
-	running  bool
-	stopping bool   // cancelled once its last waiter left: joined by no one since
-	machine  string // the machine that builds it (a remote build), set before it runs
+	mu   sync.Mutex
+	subs map[*call]int // waiting callers (count of their requests)
+	// runningFor are the callers whose running builds count this goal's.
+	runningFor map[*call]bool
+	waiters    int
+	running    bool
+	stopping   bool   // cancelled once its last waiter left: joined by no one since
+	machine    string // the machine that builds it (a remote build), set before it runs
 
 	// Set before done is closed.
 	res     Result
@@ -246,7 +250,7 @@ func (b *Builder) joinGoal(req store.DerivedPath, drv *derivation.Derivation, c 
 	g := &goal{
 		b: b, drvPath: req.Path, drv: drv, owner: c, cancel: cancel, mode: mode, after: old,
 		name: fmt.Sprintf("building of '%s!%s' from .drv file", b.abs(req.Path), outs),
-		done: make(chan struct{}), subs: map[*call]int{},
+		done: make(chan struct{}), subs: map[*call]int{}, runningFor: map[*call]bool{},
 	}
 	b.goals[key] = g
 	// Subscribed before it runs: it asks its waiters whether it may build.
@@ -268,6 +272,7 @@ func (g *goal) subscribe(c *call) bool {
 			// Joining a build under way (as an input of another goal,
 			// say): the caller sees it start too.
 			c.count(0, 1, 0, 0)
+			g.runningFor[c] = true
 			drvAbs := g.b.abs(g.drvPath)
 			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.machine, g.mode) })
 		}
@@ -301,11 +306,7 @@ func (g *goal) leave(c *call) {
 		default:
 			// The caller stops waiting before the end: take the build off
 			// its counters.
-			if g.running {
-				c.count(-1, -1, 0, 0)
-			} else {
-				c.count(-1, 0, 0, 0)
-			}
+			c.count(-1, -g.stopRunningFor(c), 0, 0)
 		}
 	}
 	g.waiters--
@@ -399,17 +400,29 @@ func (g *goal) setRunning(on bool) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.running = on
-	d := 1
 	if !on {
-		d = -1
+		// Counted as running until the goal ends, as Nix counts it, so
+		// that the build is never seen neither running nor done.
+		return
 	}
 	drvAbs := g.b.abs(g.drvPath)
 	for c := range g.subs {
-		c.count(0, d, 0, 0)
-		if on {
-			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.machine, g.mode) })
+		if !g.runningFor[c] {
+			g.runningFor[c] = true
+			c.count(0, 1, 0, 0)
 		}
+		c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.machine, g.mode) })
 	}
+}
+
+// stopRunningFor takes the goal off c's running builds, if it is on them;
+// it returns 1 if it was, else 0. g.mu must be held.
+func (g *goal) stopRunningFor(c *call) int {
+	if !g.runningFor[c] {
+		return 0
+	}
+	delete(g.runningFor, c)
+	return 1
 }
 
 // run drives the goal to its result.
@@ -435,13 +448,18 @@ func (g *goal) run(ctx context.Context) {
 		delete(b.goals, key)
 	}
 	b.mu.Unlock()
+	// As Nix's Worker: a build no longer expected; done if it was built
+	// here, failed if it failed by itself (not for a failed input).
+	var done, failed int
+	switch {
+	case res.Status == Built:
+		done = 1
+	case !res.Status.Success() && res.Status != DependencyFailed && !res.Stopped:
+		failed = 1
+	}
 	g.mu.Lock()
 	for c := range g.subs {
-		if res.Status.Success() {
-			c.count(0, 0, 1, 0)
-		} else {
-			c.count(0, 0, 0, 1)
-		}
+		c.count(-1, -g.stopRunningFor(c), done, failed)
 	}
 	close(g.done)
 	g.mu.Unlock()
