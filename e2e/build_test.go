@@ -246,6 +246,14 @@ func TestClientBuildSettings(t *testing.T) {
 	if useStock {
 		return
 	}
+	// Tools that read the JSON log (which has every activity, whatever
+	// its level) see nothing of nixyard's own; -vvvvv shows the session.
+	if r := b.client("nix", "store", "ping", "--log-format", "internal-json", "-v").run(t); r.err != nil || strings.Contains(r.stderr, "nixyard-session") {
+		t.Errorf("nix store ping --log-format internal-json:\n%s", r)
+	}
+	if r := b.client("nix", "store", "ping", "-vvvvv").run(t); r.err != nil || !strings.Contains(r.stderr, "nixyard-session: job=none tenant=- trust=trusted") {
+		t.Errorf("nix store ping -vvvvv does not show the session:\n%s", r)
+	}
 	// One nixyard does not implement is named to the client.
 	r := b.client("nix", "store", "ping", "--option", "repeat", "1").as(u).run(t)
 	if r.err != nil || !strings.Contains(r.stderr, "the setting 'repeat' is not implemented by nixyard") {

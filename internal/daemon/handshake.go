@@ -76,9 +76,6 @@ func (c *conn) handshake(ctx context.Context) error {
 	if err := c.tun.startWork(); err != nil {
 		return fmt.Errorf("handshake: %w", err)
 	}
-	if c.peer.refused == "" {
-		c.tun.StopActivity(c.tun.StartActivity(lvlVomit, 0, c.sessionAnnouncement(), nil, 0))
-	}
 	var refusal error
 	switch {
 	case c.peer.refused != "":

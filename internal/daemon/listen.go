@@ -159,8 +159,9 @@ func (c *conn) sessionAnnouncement() string {
 	return fmt.Sprintf("%s job=%s tenant=%s trust=%s", SessionAnnouncementPrefix, job, tenant, trust)
 }
 
-// SessionAnnouncementPrefix starts the text of the handshake's session
-// activity: "nixyard-session: job=ID|none tenant=NAME|- trust=trusted|untrusted".
+// SessionAnnouncementPrefix starts the text of the session activity a
+// connection gets with a SetOptions at verbosity 7 (vomit): "nixyard-session:
+// job=ID|none tenant=NAME|- trust=trusted|untrusted".
 const SessionAnnouncementPrefix = "nixyard-session:"
 
 // errJobGC refuses a full collection from a job socket.

@@ -66,6 +66,12 @@ func opSetOptionsHandler(ctx context.Context, c *conn) error {
 	s.Overrides = c.filterOverrides(overrides)
 	c.opts = s
 	c.tun.setVerbosity(s.Verbosity)
+	if s.Verbosity >= lvlVomit {
+		// The session this connection belongs to, for `nixyard doctor`
+		// (and a client at -vvvvv): no other client sees it, since tools
+		// that read the JSON log get every activity, whatever its level.
+		c.tun.StopActivity(c.tun.StartActivity(lvlVomit, actUnknown, c.sessionAnnouncement(), nil, 0))
+	}
 	c.stopWork()
 	return nil
 }

@@ -133,6 +133,7 @@ func Run(ctx context.Context, storeURL string) *Report {
 	}
 	r.add("socket", OK, "%s answers", sock)
 	r.add("protocol", OK, "1.%d, daemon version %q", c.Minor, c.Version)
+	c.Verbosity = 7 // nixyard names the session to a client that asks for everything
 	if err := c.SetOptions(nil); err != nil {
 		r.add("protocol", Fail, "SetOptions failed: %v", err)
 		return r

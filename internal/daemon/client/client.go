@@ -52,6 +52,9 @@ type Client struct {
 	// Activities receives the level, type and text of each started
 	// activity; nil drops them.
 	Activities func(level, typ uint64, text string)
+	// Verbosity is the level SetOptions asks for: 0 means info (3), as
+	// a Nix client without -v.
+	Verbosity uint64
 }
 
 // Dial connects to the daemon socket at path, runs the handshake offering
@@ -264,8 +267,12 @@ func (c *Client) Do(op uint64, args func(*wire.Encoder), reply func(*wire.Decode
 
 // SetOptions sends op 19 with Nix 2.8's defaults and the given overrides.
 func (c *Client) SetOptions(overrides map[string]string) error {
+	verbosity := c.Verbosity
+	if verbosity == 0 {
+		verbosity = 3
+	}
 	return c.Do(wire.OpSetOptions, func(e *wire.Encoder) {
-		for _, v := range []uint64{0, 0, 0, 3, 1, 0, 1, 7, 0, 0, 1, 1} {
+		for _, v := range []uint64{0, 0, 0, verbosity, 1, 0, 1, 7, 0, 0, 1, 1} {
 			e.U64(v)
 		}
 		if c.Minor >= 12 {
