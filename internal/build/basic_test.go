@@ -2,6 +2,7 @@ package build
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -18,7 +19,8 @@ func TestBuildBasic(t *testing.T) {
   top = mk { name = "top"; inherit dep; script = "echo top $dep > $out"; };
   fixed = mk { name = "fixed"; outputHashMode = "recursive"; outputHashAlgo = "sha256";
     outputHash = "sha256-Mhxd/jqpSIrg+t3oddwxrvoJXq/yfWfDzOe8UW8g7Xs="; script = "mkdir $out; echo r > $out/f"; };
-}`, "dep", "top", "fixed")
+  lone = mk { name = "lone"; script = "echo > $out"; };
+}`, "dep", "top", "fixed", "lone")
 	b := e.builder(Config{Sandbox: SandboxOn})
 	depOut := e.mustBuild(b, out(drvs["dep"]))[0].BuiltOutputs["out"]
 
@@ -79,5 +81,17 @@ func TestBuildBasic(t *testing.T) {
 	}
 	if res.Status.Success() || !strings.Contains(res.ErrorMsg, "fixed") {
 		t.Fatalf("fixed output with a wrong path: status %d, %q", res.Status, res.ErrorMsg)
+	}
+
+	// An input source that is not there: Nix's status and words for a
+	// derivation sent whole.
+	lone := basic("lone")
+	lone.InputSrcs = append(lone.InputSrcs, e.st.Dir().Abs(depOut)[:len(e.st.Dir())+1]+strings.Repeat("a", 32)+"-missing")
+	res, err = b.BuildBasic(t.Context(), drvs["lone"], lone, ClientOptions{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := fmt.Sprintf("some dependencies of '%s' are missing", e.st.Dir().Abs(drvs["lone"])); res.Status != MiscFailure || res.ErrorMsg != want {
+		t.Errorf("a missing input source: status %d, %q; want %d, %q", res.Status, res.ErrorMsg, MiscFailure, want)
 	}
 }

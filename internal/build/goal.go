@@ -592,6 +592,10 @@ func (g *goal) realise(ctx context.Context) Result {
 	if err := ctx.Err(); err != nil {
 		return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
 	}
+	if nFailed > 0 && g.basic {
+		// As Nix for a derivation sent whole (BuildDerivation).
+		return g.failf(MiscFailure, "some dependencies of '%s' are missing", drvAbs)
+	}
 	if nFailed > 0 {
 		// noLocalBuilds travels up, so that a caller who may build, and
 		// who joined a goal whose inputs were realised for one who may
