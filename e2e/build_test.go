@@ -1090,24 +1090,7 @@ func TestBuildCounters(t *testing.T) {
 }`)
 	r := b.client("nix", append([]string{"build", "-f"}, append(args, "top", "--no-link", "--keep-going", "--log-format", "internal-json")...)...).run(t)
 	const actBuilds, resProgress = 104, 105
-	var buildsID float64
-	var last []any
-	for _, line := range strings.Split(r.stderr, "\n") {
-		var m struct {
-			Action   string
-			ID, Type float64
-			Fields   []any
-		}
-		if json.Unmarshal([]byte(strings.TrimPrefix(line, "@nix ")), &m) != nil {
-			continue
-		}
-		if m.Action == "start" && m.Type == actBuilds {
-			buildsID = m.ID
-		}
-		if m.Action == "result" && m.Type == resProgress && m.ID == buildsID {
-			last = m.Fields
-		}
-	}
+	last := lastResult(r.stderr, actBuilds, resProgress)
 	if r.err == nil || fmt.Sprint(last) != "[1 1 0 1]" {
 		t.Errorf("last build counters %v, want [1 1 0 1] (done, total, running, failed):\n%s", last, r)
 	}

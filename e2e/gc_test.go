@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -279,23 +278,9 @@ func TestOptimise(t *testing.T) {
 	}
 	jr := d.nixStoreRun(t, "--optimise", "--log-format", "internal-json")
 	const actOptimiseStore, resProgress = 106, 105
-	var optID float64
 	var done, total float64
-	for _, line := range strings.Split(jr.stderr, "\n") {
-		var m struct {
-			Action   string
-			ID, Type float64
-			Fields   []any
-		}
-		if json.Unmarshal([]byte(strings.TrimPrefix(line, "@nix ")), &m) != nil {
-			continue
-		}
-		if m.Action == "start" && m.Type == actOptimiseStore {
-			optID = m.ID
-		}
-		if m.Action == "result" && m.Type == resProgress && m.ID == optID && len(m.Fields) == 4 {
-			done, total = m.Fields[0].(float64), m.Fields[1].(float64)
-		}
+	if f := lastResult(jr.stderr, actOptimiseStore, resProgress); len(f) == 4 {
+		done, total = f[0].(float64), f[1].(float64)
 	}
 	if total < 2 || done != total {
 		t.Errorf("optimise progress %v/%v, want all of at least 2 paths:\n%s", done, total, jr)

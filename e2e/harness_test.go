@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -794,4 +795,29 @@ func (d *daemon) stdioWrapper(t *testing.T) string {
 func (d *daemon) sshNG(t *testing.T) string {
 	t.Helper()
 	return "ssh-ng://localhost?remote-program=" + d.stdioWrapper(t)
+}
+
+// lastResult returns the fields of the last result of type resType on an
+// activity of type actType in a client's `--log-format internal-json`
+// output (stderr), or nil.
+func lastResult(stderr string, actType, resType float64) []any {
+	types := map[float64]float64{} // activity id -> type
+	var last []any
+	for _, line := range strings.Split(stderr, "\n") {
+		var m struct {
+			Action   string
+			ID, Type float64
+			Fields   []any
+		}
+		if json.Unmarshal([]byte(strings.TrimPrefix(line, "@nix ")), &m) != nil {
+			continue
+		}
+		switch {
+		case m.Action == "start":
+			types[m.ID] = m.Type
+		case m.Action == "result" && m.Type == resType && types[m.ID] == actType:
+			last = m.Fields
+		}
+	}
+	return last
 }

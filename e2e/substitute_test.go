@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"encoding/json"
 	"fmt"
 	"net"
 	"os"
@@ -1066,26 +1065,14 @@ func TestSubstituteWorkerProgress(t *testing.T) {
 	d := e.startDaemon(t, withConf("substituters = file://"+cacheDir, "trusted-public-keys = "+pub))
 	stderr := d.client("nix-store", "-r", outs[0], "--log-format", "internal-json").run(t).stderr
 	const actCopyPaths, actRealise, resProgress, resSetExpected = 103, 102, 105, 106
-	types := map[float64]float64{} // activity id -> type
 	var copied, narBytes float64
-	for _, line := range strings.Split(stderr, "\n") {
-		var m struct {
-			Action string
-			ID     float64
-			Type   float64
-			Fields []any
-		}
-		if json.Unmarshal([]byte(strings.TrimPrefix(line, "@nix ")), &m) != nil {
-			continue
-		}
-		switch {
-		case m.Action == "start":
-			types[m.ID] = m.Type
-		case m.Action == "result" && m.Type == resProgress && types[m.ID] == actCopyPaths && len(m.Fields) == 4:
-			copied = m.Fields[0].(float64)
-		case m.Action == "result" && m.Type == resSetExpected && types[m.ID] == actRealise && len(m.Fields) == 2 && m.Fields[0].(float64) == 100:
-			narBytes = m.Fields[1].(float64)
-		}
+	if f := lastResult(stderr, actCopyPaths, resProgress); len(f) == 4 {
+		copied = f[0].(float64)
+	}
+	// The Worker sets the expected download, then NAR, bytes: the last is
+	// the NAR's (activity type 100).
+	if f := lastResult(stderr, actRealise, resSetExpected); len(f) == 2 && f[0].(float64) == 100 {
+		narBytes = f[1].(float64)
 	}
 	if copied != 2 || narBytes == 0 {
 		t.Errorf("paths copied %v (want 2), NAR bytes expected %v (want > 0); the client got:\n%s", copied, narBytes, stderr)
