@@ -289,7 +289,7 @@ func TestBuildFailureLoggedAtOnce(t *testing.T) {
 	b := startBuildDaemon(t, "max-jobs = 2")
 	args := b.expr(t, "at-once", `rec {
   fails = mk { name = "fails-at-once"; script = "exit 3"; };
-  slow = mk { name = "slow"; script = "sleep 2; echo slow-done; echo > $out"; };
+  slow = mk { name = "slow"; script = "sleep 15; echo slow-done; echo > $out"; };
   top = mk { name = "fails-and-slow"; inherit fails slow; script = "echo > $out"; };
 }`)
 	stderr := b.nixBuild(append(args, "-A", "top", "--no-out-link", "-k", "-j2")...).fails(t)
@@ -310,7 +310,7 @@ func TestBuildWithResultsShowsCause(t *testing.T) {
 	}
 	b := startBuildDaemon(t, "max-jobs = 2")
 	args := b.expr(t, "with-results", `{
-  aSlow = mk { name = "a-slow"; script = "sleep 5; echo > $out"; };
+  aSlow = mk { name = "a-slow"; script = "sleep 30; echo > $out"; };
   fails = mk { name = "fails-with-cause"; script = "echo the-cause; exit 3"; };
 }`)
 	stderr := b.client("nix", append([]string{"build", "-f"}, append(args, "aSlow", "fails", "--no-link", "-j2")...)...).fails(t)
@@ -1093,5 +1093,20 @@ func TestBuildCounters(t *testing.T) {
 	last := lastResult(r.stderr, actBuilds, resProgress)
 	if r.err == nil || fmt.Sprint(last) != "[1 1 0 1]" {
 		t.Errorf("last build counters %v, want [1 1 0 1] (done, total, running, failed):\n%s", last, r)
+	}
+}
+
+// TestNoLocalBuildsSaidOnce: with -j0, a request whose input must be
+// built here fails with Nix's "unable to start any build", said once.
+func TestNoLocalBuildsSaidOnce(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	args := b.expr(t, "j0", `rec {
+  dep = mk { name = "j0-dep"; script = "echo > $out"; };
+  top = mk { name = "j0-top"; inherit dep; script = "echo > $out"; };
+}`)
+	stderr := b.nixBuild(append(args, "-A", "top", "--no-out-link", "-j0")...).fails(t)
+	if n := strings.Count(stderr, "unable to start any build"); n != 1 {
+		t.Errorf("said %d times, want once:\n%s", n, stderr)
 	}
 }

@@ -281,9 +281,20 @@ func TestKeepGoing(t *testing.T) {
 	if res[0].Status.Success() || res[0].Stopped || !res[1].Stopped || res[1].Status.Success() {
 		t.Errorf("without keep-going: %+v", res)
 	}
-	res = e.build(b, ClientOptions{}, out(drvs["top"]))
-	if res[0].Status != DependencyFailed || !strings.Contains(res[0].ErrorMsg, "1 dependencies of derivation") {
-		t.Errorf("without keep-going, top: %+v", res[0])
+	rec := &recorder{}
+	res, err := b.Build(t.Context(), []store.DerivedPath{out(drvs["top"])}, ClientOptions{}, rec)
+	if err != nil || res[0].Status != DependencyFailed || !strings.Contains(res[0].ErrorMsg, "1 dependencies of derivation") {
+		t.Errorf("without keep-going, top: %+v %v", res, err)
+	}
+	// Each failure is told once, the input's first; at the end nothing is
+	// expected or running, and only the build that failed by itself
+	// counts as failed (as Nix's Worker counts).
+	if len(rec.goalFailures) != 2 || !strings.HasPrefix(rec.goalFailures[0], e.st.Dir().Abs(drvs["fail"])+": builder for") ||
+		!strings.HasPrefix(rec.goalFailures[1], e.st.Dir().Abs(drvs["top"])+": 1 dependencies") {
+		t.Errorf("failures told: %q", rec.goalFailures)
+	}
+	if rec.counts != [4]int{0, 0, 0, 1} || rec.negative {
+		t.Errorf("last counters %v (negative: %v), want [0 0 0 1]", rec.counts, rec.negative)
 	}
 	// The slow build was stopped, not left running: open the gate, let
 	// every goal end, and its output is still not valid.

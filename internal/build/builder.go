@@ -276,12 +276,12 @@ type Progress interface {
 	BuildPhase(drv, phase string)
 	// BuildFinished: the build of drv ended (err nil on success).
 	BuildFinished(drv string, err error)
-	// GoalFailed: drv could not be realised, with status st, for the
-	// reason msg (its builder failed, it cannot be built here, an input
-	// failed, ...); not sent for a goal stopped because another failed.
-	// As Nix, the client logs it at once unless drv is one it asked for
-	// (whose failure is the request's).
-	GoalFailed(drv string, st Status, msg string)
+	// GoalFailed: drv could not be realised, as r says (its builder
+	// failed, it cannot be built here, an input failed, ...); not sent
+	// for a goal stopped because another failed. As Nix, the client logs
+	// it at once unless drv is one it asked for (whose failure is the
+	// request's).
+	GoalFailed(drv string, r Result)
 	// BuildsProgress counts this caller's builds: done, expected,
 	// running, failed (Nix's actBuilds progress).
 	BuildsProgress(done, expected, running, failed int)
@@ -323,10 +323,12 @@ type Result struct {
 	// noLocalBuilds: a build was needed, and no caller waiting for it
 	// may build here (see ErrNoLocalBuilds).
 	noLocalBuilds bool
-	TimesBuilt    int
-	StartTime     time.Time // zero if nothing ran
-	StopTime      time.Time
-	BuiltOutputs  map[string]storepath.Path // output name -> path, for derivation requests
+	// HashMismatch: a fixed output's hash was not the one declared.
+	HashMismatch bool
+	TimesBuilt   int
+	StartTime    time.Time // zero if nothing ran
+	StopTime     time.Time
+	BuiltOutputs map[string]storepath.Path // output name -> path, for derivation requests
 }
 
 // Err returns the failure as an error, or nil on success.

@@ -438,28 +438,33 @@ func (g *goal) run(ctx context.Context) {
 	res := g.realise(ctx)
 	g.roots.Close()
 	g.res = res
-	if !res.Status.Success() && !res.Stopped && res.ErrorMsg != "" {
-		drvAbs := b.abs(g.drvPath)
-		g.each(func(c *call) { c.emit(func(p Progress) { p.GoalFailed(drvAbs, res.Status, res.ErrorMsg) }) })
-	}
 	b.mu.Lock()
 	key := goalKey{g.drvPath, g.mode}
 	if b.goals[key] == g { // BuildBasic's goals are not in the table
 		delete(b.goals, key)
 	}
 	b.mu.Unlock()
-	// As Nix's Worker: a build no longer expected; done if it was built
-	// here, failed if it failed by itself (not for a failed input).
+	// As Nix's Worker (DerivationGoal::done, then Goal::amDone): the build
+	// is no longer expected; done if it was built here, failed if it
+	// failed by itself (not for a failed input); then each caller hears
+	// of a failure. A goal that needed a build no one may run here says
+	// so once, in the request's own error (a caller that may build takes
+	// it over).
 	var done, failed int
+	ownFailure := !res.Status.Success() && !res.Stopped && !res.noLocalBuilds
 	switch {
 	case res.Status == Built:
 		done = 1
-	case !res.Status.Success() && res.Status != DependencyFailed && !res.Stopped:
+	case ownFailure && res.Status != DependencyFailed:
 		failed = 1
 	}
+	drvAbs := b.abs(g.drvPath)
 	g.mu.Lock()
 	for c := range g.subs {
 		c.count(-1, -g.stopRunningFor(c), done, failed)
+		if ownFailure && res.ErrorMsg != "" {
+			c.emit(func(p Progress) { p.GoalFailed(drvAbs, res) })
+		}
 	}
 	close(g.done)
 	g.mu.Unlock()

@@ -253,6 +253,9 @@ type recorder struct {
 	maxRun    int
 	// goalFailures are "drv: msg" of GoalFailed, in order.
 	goalFailures []string
+	// counts are the last counters; negative, whether any was below 0.
+	counts   [4]int
+	negative bool
 }
 
 // startedList returns the derivations whose builds started so far.
@@ -285,10 +288,10 @@ func (r *recorder) BuildFinished(drv string, err error) {
 	}
 	r.finished[drv] = err
 }
-func (r *recorder) GoalFailed(drv string, _ Status, msg string) {
+func (r *recorder) GoalFailed(drv string, res Result) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.goalFailures = append(r.goalFailures, drv+": "+msg)
+	r.goalFailures = append(r.goalFailures, drv+": "+res.ErrorMsg)
 }
 func (r *recorder) PostBuildHookStarted(drv, hook string) {}
 func (r *recorder) PostBuildHookLine(drv, line string) {
@@ -307,4 +310,8 @@ func (r *recorder) BuildsProgress(done, expected, running, failed int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.maxRun = max(r.maxRun, running)
+	r.counts = [4]int{done, expected, running, failed}
+	if min(done, expected, running, failed) < 0 {
+		r.negative = true
+	}
 }

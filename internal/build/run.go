@@ -227,7 +227,7 @@ func (j *job) build(ctx context.Context, outputs map[string]storepath.Path, lock
 	res.StopTime = time.Now()
 	res.TimesBuilt = 1
 	if outcome != nil {
-		res.Status, res.ErrorMsg = outcome.Status, outcome.Msg
+		res.Status, res.ErrorMsg, res.HashMismatch = outcome.Status, outcome.Msg, outcome.hashMismatch
 		res.TimesBuilt = outcome.timesBuilt
 	} else {
 		res.Status = Built
@@ -238,7 +238,8 @@ func (j *job) build(ctx context.Context, outputs map[string]storepath.Path, lock
 // failure is a build that ran and failed.
 type failure struct {
 	Error
-	timesBuilt int
+	timesBuilt   int
+	hashMismatch bool // a fixed output's hash was not the declared one
 }
 
 func (j *job) failf(st Status, times int, format string, args ...any) *failure {
@@ -769,7 +770,9 @@ func (j *job) register(ctx context.Context, locks *store.OutputLocks) *failure {
 		return j.failf(OutputRejected, 1, "%v", err)
 	}
 	if mismatch != "" {
-		return j.failf(OutputRejected, 1, "%s", mismatch)
+		f := j.failf(OutputRejected, 1, "%s", mismatch)
+		f.hashMismatch = true
+		return f
 	}
 	return nil
 }

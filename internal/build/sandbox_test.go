@@ -296,11 +296,12 @@ func TestSingleFlightAndSlots(t *testing.T) {
 			t.Errorf("%s saw %s other builders running (MaxJobs 2)", a, n)
 		}
 	}
-	// (The callers' running counters, as Nix's Worker's, count a build
-	// until it is registered, so they may briefly pass MaxJobs.)
+	// The callers' running counters, as Nix's Worker's, count a build
+	// until it is registered, so they may briefly pass MaxJobs; at the
+	// end, each caller's 8 builds are done and none runs.
 	for c, r := range recs {
-		if r.maxRun == 0 || len(r.started) != 8 {
-			t.Errorf("caller %d: %d running at most, %d started", c, r.maxRun, len(r.started))
+		if r.maxRun == 0 || r.maxRun > 8 || len(r.started) != 8 || r.counts != [4]int{8, 8, 0, 0} || r.negative {
+			t.Errorf("caller %d: %d running at most, %d started, last counters %v (negative: %v)", c, r.maxRun, len(r.started), r.counts, r.negative)
 		}
 	}
 }

@@ -2,7 +2,6 @@ package daemon
 
 import (
 	"fmt"
-	"strings"
 	"sync"
 
 	"github.com/nixyard/nixyard/internal/build"
@@ -159,24 +158,38 @@ func (p *buildProgress) BuildsProgress(done, expected, running, failed int) {
 	p.update(func(c *workerCounts) { c.builds = [4]int{done, expected, running, failed} })
 }
 
-// substitution counts one substitution of a path of narSize bytes (a
-// download of fileSize) as it starts (ended false) or ends (ok or not).
-func (p *buildProgress) substitution(ended, ok bool, narSize, fileSize uint64) {
+// substStarted counts an attempt at substituting a path of narSize bytes
+// (a download of fileSize) as it starts.
+func (p *buildProgress) substStarted(narSize, fileSize uint64) {
 	p.update(func(c *workerCounts) {
-		if !ended {
-			c.substs[1]++
-			c.substs[2]++
-			c.download += fileSize
-			c.narBytes += narSize
-			return
-		}
+		c.substs[1]++
+		c.substs[2]++
+		c.download += fileSize
+		c.narBytes += narSize
+	})
+}
+
+// substEnded counts an attempt as it ends: done if ok; if not, no longer
+// expected (another cache may be tried; substsFailed counts the paths
+// that none had).
+func (p *buildProgress) substEnded(ok bool, narSize, fileSize uint64) {
+	p.update(func(c *workerCounts) {
 		c.substs[2]--
 		if ok {
 			c.substs[0]++
-		} else {
-			c.substs[3]++
+			return
 		}
+		c.substs[1]--
+		c.download -= fileSize
+		c.narBytes -= narSize
 	})
+}
+
+// substsFailed counts n paths that could not be substituted.
+func (p *buildProgress) substsFailed(n int) {
+	if n > 0 {
+		p.update(func(c *workerCounts) { c.substs[3] += n })
+	}
 }
 
 // sendCounts sends the counters, as Nix's Worker::updateProgress: builds
@@ -329,22 +342,22 @@ func (p *buildProgress) addTop(drv string) {
 // client did not ask for is logged at once, as Nix logs the error of a
 // goal that others wait for (Goal::amDone); that of one it asked for is
 // the request's own error.
-func (p *buildProgress) GoalFailed(drv string, st build.Status, msg string) {
+func (p *buildProgress) GoalFailed(drv string, r build.Result) {
 	p.mu.Lock()
 	switch {
-	case st == build.PermanentFailure:
-		p.failures |= exitBuildFailure
-	case st == build.TimedOut:
-		p.failures |= exitBuildFailure | exitTimedOut
-	case st == build.OutputRejected && strings.HasPrefix(msg, "hash mismatch in fixed-output derivation"):
+	case r.HashMismatch:
 		p.failures |= exitBuildFailure | exitHashMismatch
-	case st == build.NotDeterministic:
+	case r.Status == build.PermanentFailure:
+		p.failures |= exitBuildFailure
+	case r.Status == build.TimedOut:
+		p.failures |= exitBuildFailure | exitTimedOut
+	case r.Status == build.NotDeterministic:
 		p.failures |= exitCheckMismatch
 	}
 	p.mu.Unlock()
 	p.post(false, func() {
 		if !p.top[drv] {
-			p.tun.Error(msg)
+			p.tun.Error(r.ErrorMsg)
 		}
 	})
 }

@@ -111,9 +111,8 @@ func (c *conn) realiseTargets(ctx context.Context, targets []store.DerivedPath, 
 	for _, t := range targets {
 		top[c.dir.Abs(t.Path)] = true
 	}
-	prog := c.newProgress()
 	bprog := newBuildProgress(c.tun, top)
-	prog.counts = bprog
+	prog := c.newProgress(bprog)
 	realise, opts := r.Realise, c.buildOptions(mode)
 	switch mode {
 	case buildModeCheck:

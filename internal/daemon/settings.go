@@ -123,17 +123,30 @@ func (c *conn) filterOverrides(in map[string]string) map[string]string {
 // daemon-wide, with Nix 2.8's defaults: builds are shared between clients,
 // and the sandbox, build users, hooks, signing keys and the store's upkeep
 // are the host's. A client that sends one with a value other than the
-// daemon's is told it is ignored. (require-sigs, trusted-users and the
-// like are fixed by nix-daemon too, before SetOptions.)
+// daemon's is told it is ignored. Lists that Nix computes or extends
+// (system-features, sandbox-paths, extra-platforms) are left out: a
+// client's copy of the host's nix.conf would differ from the raw text.
+// (require-sigs, trusted-users and the like are fixed by nix-daemon too,
+// before SetOptions.)
 var fixedSettings = map[string]string{
-	"sandbox": "true", "sandbox-paths": "", "sandbox-fallback": "true", "sandbox-build-dir": "/build",
-	"sandbox-dev-shm-size": "50%", "build-users-group": "", "filter-syscalls": "true",
-	"allow-new-privileges": "false", "system-features": "", "extra-platforms": "",
-	"pre-build-hook": "", "post-build-hook": "", "diff-hook": "", "run-diff-hook": "false",
-	"keep-build-log": "true", "compress-build-log": "true", "log-lines": "10",
-	"secret-key-files": "", "auto-optimise-store": "false", "min-free": "0",
-	"max-free":                   "18446744073709551615",
-	"narinfo-cache-positive-ttl": "2592000", "narinfo-cache-negative-ttl": "3600",
+	"sandbox":              "true",
+	"sandbox-fallback":     "true",
+	"sandbox-build-dir":    "/build",
+	"sandbox-dev-shm-size": "50%",
+	"build-users-group":    "",
+	"filter-syscalls":      "true",
+	"allow-new-privileges": "false",
+	"pre-build-hook":       "",
+	"post-build-hook":      "",
+	"diff-hook":            "",
+	"run-diff-hook":        "false",
+	"keep-build-log":       "true",
+	"compress-build-log":   "true",
+	"log-lines":            "10",
+	"secret-key-files":     "",
+	"auto-optimise-store":  "false",
+	"min-free":             "0",
+	"max-free":             "18446744073709551615",
 }
 
 // sameSetting reports whether two values of a setting mean the same:

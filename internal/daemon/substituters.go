@@ -6,6 +6,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/realise"
 	"github.com/nixyard/nixyard/internal/substitute"
 )
@@ -61,8 +62,11 @@ type progress struct {
 	exit    chan struct{}
 	warn    func(error) // the request's warnings (conn.warnFunc)
 	// counts, if set, counts the substitutions for the Worker's progress
-	// (a build request's).
-	counts *buildProgress
+	// (a build request's); substFailed are the paths whose last attempt
+	// failed, counted as failed at the end, as Nix counts a path that no
+	// cache could give.
+	counts      *buildProgress
+	substFailed map[storepath.Path]bool
 
 	// Flush's bookkeeping: events queued and written so far; urgent, a
 	// buffered channel, cuts the writer's wait short.
@@ -83,10 +87,14 @@ const progressInterval = 20 * time.Millisecond
 // are dropped.
 const maxQueuedProgress = 4096
 
-// newProgress starts the writer; call close before stopWork.
-func (c *conn) newProgress() *progress {
+// newProgress starts the writer; call close before stopWork. counts
+// (nil for none) gets the substitutions' counts, for a build request.
+func (c *conn) newProgress(counts ...*buildProgress) *progress {
 	p := &progress{c: c, ids: map[uint64]uint64{}, closing: make(chan struct{}), exit: make(chan struct{}),
-		warn: c.warnFunc(), urgent: make(chan struct{}, 1)}
+		warn: c.warnFunc(), urgent: make(chan struct{}, 1), substFailed: map[storepath.Path]bool{}}
+	if len(counts) > 0 {
+		p.counts = counts[0]
+	}
 	p.cond = sync.NewCond(&p.mu)
 	p.flushed = sync.NewCond(&p.mu)
 	go p.run()
@@ -207,6 +215,9 @@ func (p *progress) close() {
 		p.c.tun.StopActivity(id)
 	}
 	p.ids = nil
+	if p.counts != nil {
+		p.counts.substsFailed(len(p.substFailed))
+	}
 }
 
 // write sends one event. Only the run goroutine calls it.
@@ -224,7 +235,8 @@ func (p *progress) write(e substitute.Event) {
 		case substitute.ActSubstitute:
 			id = tun.StartActivity(lvlError, subActSubstitute, "", []field{abs, e.Upstream}, parent)
 			if p.counts != nil {
-				p.counts.substitution(false, false, e.NarSize, e.FileSize)
+				p.counts.substStarted(e.NarSize, e.FileSize)
+				delete(p.substFailed, e.Path)
 			}
 		case substitute.ActCopyPath:
 			id = tun.StartActivity(lvlInfo, subActCopyPath, fmt.Sprintf("copying path '%s' from '%s'", abs, e.Upstream), []field{abs, e.Upstream, "local"}, parent)
@@ -253,7 +265,10 @@ func (p *progress) write(e substitute.Event) {
 			tun.Error(fmt.Sprintf("substituting '%s' from '%s': %v", abs, e.Upstream, e.Err))
 		}
 		if e.Type == substitute.ActSubstitute && p.counts != nil {
-			p.counts.substitution(true, e.Err == nil, e.NarSize, e.FileSize)
+			p.counts.substEnded(e.Err == nil, e.NarSize, e.FileSize)
+			if e.Err != nil {
+				p.substFailed[e.Path] = true
+			}
 		}
 		tun.StopActivity(id)
 	}
