@@ -434,3 +434,42 @@ func TestAutoGC(t *testing.T) {
 		t.Errorf("the rooted path %s or the path just added %s was collected", kept, added)
 	}
 }
+
+// TestGCRootMessages: what the root scan finds wrong is told to the
+// client in Nix's words (a root to an invalid path, a stale temporary
+// roots file); a temporary root is one whether its path is valid or not;
+// a refused deletion says why, as Nix says it.
+func TestGCRootMessages(t *testing.T) {
+	t.Parallel()
+	d := startDaemon(t)
+	invalid := "/nix/store/" + strings.Repeat("1", 32) + "-not-valid"
+	link := filepath.Join(d.root, "nix/var/nix/gcroots/to-invalid")
+	if err := os.Symlink(invalid, link); err != nil {
+		t.Fatal(err)
+	}
+	stale := filepath.Join(d.root, "nix/var/nix/temproots/999999")
+	writeFile(t, stale, "", 0o644)
+	holder := dialProto(t, d.sock)
+	tempInvalid := "/nix/store/" + strings.Repeat("2", 32) + "-temp-not-valid"
+	holder.addTempRoot(t, tempInvalid)
+
+	r := d.nixStoreRun(t, "--gc", "--print-roots")
+	for _, want := range []string{
+		"skipping invalid root from '" + link + "' to '" + invalid + "'",
+		"removing stale temporary roots file '" + stale + "'",
+	} {
+		if r.err != nil || !strings.Contains(r.stderr, want) {
+			t.Errorf("--print-roots: stderr lacks %q:\n%s", want, r)
+		}
+	}
+	if !strings.Contains(r.stdout, " -> "+tempInvalid) {
+		t.Errorf("--print-roots lacks the temporary root on an invalid path:\n%s", r)
+	}
+
+	held := oneLine(t, "add", d.nixStore(t, "--add", d.file(t, "gcmsg/held.txt", "held")))
+	holder.addTempRoot(t, held)
+	r = d.nixStoreRun(t, "--delete", held)
+	if !regexp.MustCompile(`(?m)^error: Cannot delete path '` + regexp.QuoteMeta(held) + `' since it is still alive`).MatchString(r.stderr) {
+		t.Errorf("--delete of a live path:\n%s", r)
+	}
+}

@@ -124,7 +124,7 @@ func opCollectGarbageHandler(ctx context.Context, c *conn) error {
 	opts.KeepDerivations = c.overrideBool("keep-derivations")
 	res, err := c.st.CollectGarbage(ctx, opts, func(msg string) { c.tun.Log(lvlInfo, msg) })
 	if err != nil {
-		return fmt.Errorf("collecting garbage: %w", err)
+		return err // in Nix's words ("Cannot delete path '…' since it is still alive. …")
 	}
 	c.stopWork()
 	c.out.StringSet(res.Paths)

@@ -133,7 +133,7 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 		c.run.temp[p.HashPart()] = true
 		c.run.mu.Unlock()
 		c.roots[p] = true
-	})
+	}, c.logf)
 	if err != nil {
 		return nil, err
 	}

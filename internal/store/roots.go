@@ -43,9 +43,10 @@ func (s *Store) inStore(abs string) bool {
 // roots), the store paths that running processes use, and temporary roots
 // of live processes, including our sessions. With censor, the process and
 // temporary roots are reported as "{censored}", as Nix does for untrusted
-// clients. Only valid paths are returned. A stale link under gcroots/auto
-// (its target gone) is removed, and log (if not nil) is told, as Nix tells
-// the client.
+// clients. Only valid paths are returned, but for temporary roots. A
+// stale link under gcroots/auto (its target gone) is removed; log (if not
+// nil) is told of it, of roots to invalid paths and of stale temporary
+// roots files, as Nix tells the client.
 func (s *Store) FindRoots(ctx context.Context, censor bool, log func(msg string)) (map[storepath.Path][]string, error) {
 	roots := rootSet{}
 	if err := s.findRootsNoTemp(ctx, roots, censor, log); err != nil {
@@ -58,17 +59,12 @@ func (s *Store) FindRoots(ctx context.Context, censor bool, log func(msg string)
 	}
 	if err := s.readTempRootsFiles(func(p storepath.Path, pid int) {
 		temp.add(p, fmt.Sprintf("{temp:%d}", pid))
-	}); err != nil {
+	}, log); err != nil {
 		return nil, err
 	}
+	// As Nix, temporary roots are roots whether valid or not (a path being
+	// built or added is one).
 	for p, links := range temp {
-		ok, err := s.IsValidPathFresh(ctx, p)
-		if err != nil {
-			return nil, err
-		}
-		if !ok {
-			continue
-		}
 		for _, l := range links {
 			if censor {
 				l = censored
@@ -133,7 +129,7 @@ func (s *Store) findRootsIn(ctx context.Context, path string, typ fs.FileMode, r
 		}
 		ok, err := s.addValidRoot(ctx, roots, p, link)
 		if err == nil && !ok {
-			s.log.Info("skipping invalid root", "link", link, "target", target)
+			log(fmt.Sprintf("skipping invalid root from '%s' to '%s'", link, target))
 		}
 		return err
 	}

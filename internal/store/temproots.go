@@ -371,7 +371,7 @@ func (ss *Session) Close() error {
 // process about to use it starts over). Our own file is skipped: the
 // caller has our roots in memory. Each file is read up to maxTempRootsFile
 // bytes (a million roots; no real process holds more).
-func (s *Store) readTempRootsFiles(visit func(p storepath.Path, pid int)) error {
+func (s *Store) readTempRootsFiles(visit func(p storepath.Path, pid int), log func(msg string)) error {
 	const maxTempRootsFile = 64 << 20
 	dir := s.stateFile("temproots")
 	ents, err := os.ReadDir(dir)
@@ -401,7 +401,9 @@ func (s *Store) readTempRootsFiles(visit func(p storepath.Path, pid int)) error 
 			return err
 		}
 		if ok {
-			s.log.Info("removing stale temporary roots file", "path", path)
+			if log != nil {
+				log(fmt.Sprintf("removing stale temporary roots file '%s'", path))
+			}
 			os.Remove(path)
 			f.Write([]byte("d"))
 			f.Close()
