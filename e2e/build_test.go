@@ -1074,6 +1074,19 @@ func TestBuildUnknownOutput(t *testing.T) {
 	if want := "derivation '" + drv + "' does not have wanted outputs 'nosuch'"; !strings.Contains(stderr, want) || strings.Contains(stderr, "QueryMissing") {
 		t.Errorf("stderr lacks %q (or names an op):\n%s", want, stderr)
 	}
+	// A derivation that is not there, built, and asked for (EnsurePath).
+	gone := "/nix/store/" + strings.Repeat("3", 32) + "-gone.drv"
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"-r", gone}, "cannot build missing derivation '" + gone + "'"},
+		{[]string{"-q", "--outputs", gone}, "path '" + gone + "' does not exist and cannot be created"},
+	} {
+		if stderr := b.client("nix-store", tc.args...).fails(t); !strings.Contains(stderr, tc.want) {
+			t.Errorf("nix-store %v: stderr lacks %q:\n%s", tc.args, tc.want, stderr)
+		}
+	}
 }
 
 // TestBuildCounters: the Worker's build counters the client gets, as

@@ -288,7 +288,7 @@ func (r *Realiser) realiseOne(ctx context.Context, t store.DerivedPath, prog Pro
 		}
 	} else if !valid {
 		res.Status = MiscFailure
-		res.ErrorMsg = fmt.Sprintf("path '%s' is not valid", abs)
+		res.ErrorMsg = fmt.Sprintf("cannot build missing derivation '%s'", abs) // Nix's words
 		return res, false, nil
 	} else if !t.Built {
 		res.Status = AlreadyValid
@@ -414,7 +414,12 @@ func (r *Realiser) EnsurePath(ctx context.Context, p storepath.Path, prog Progre
 	if err != nil {
 		return err
 	}
-	if !res[0].Status.Success() {
+	switch st := res[0].Status; {
+	case st == NoSubstituters && !strings.Contains(res[0].ErrorMsg, "could not be substituted"):
+		// Nix's words for EnsurePath (what a failed substitution says
+		// is for --verbose and nix build).
+		return fmt.Errorf("path '%s' does not exist and cannot be created", r.m.st.Dir().Abs(p))
+	case !st.Success():
 		return errors.New(res[0].ErrorMsg)
 	}
 	return nil
