@@ -214,6 +214,13 @@ func runDaemon(ctx context.Context, args []string) error {
 			minFree = 0 // nothing to free: no collection
 		}
 	}
+	reserved, err := settings.Int("gc-reserved-space", 8<<20)
+	if err != nil {
+		return fmt.Errorf("nix.conf: %w", err)
+	}
+	if reserved == 0 {
+		reserved = -1 // none
+	}
 	checkInterval, err := settings.Int("min-free-check-interval", 5)
 	if err != nil || checkInterval < 0 {
 		return fmt.Errorf("nix.conf: min-free-check-interval: not a number of seconds: %v", err)
@@ -241,6 +248,7 @@ func runDaemon(ctx context.Context, args []string) error {
 		MaxFree:              maxFree,
 		MinFreeCheckInterval: time.Duration(checkInterval) * time.Second,
 		SizeBudget:           opts.budget,
+		ReservedSize:         reserved,
 		Logger:               logger,
 	})
 	if err != nil {

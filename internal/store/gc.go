@@ -93,6 +93,13 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 	if opts.KeepDerivations != nil {
 		c.keepDrvs = *opts.KeepDerivations
 	}
+	if c.del {
+		// As Nix: the reserve goes first, so that a full disk leaves the
+		// collector room to work; it is made again once it is done (Nix
+		// makes it for each connection).
+		os.Remove(s.reservedPath())
+		defer s.reserveSpace()
+	}
 	for _, p := range opts.Paths {
 		c.toDelete[p] = true
 	}

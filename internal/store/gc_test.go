@@ -317,3 +317,45 @@ func TestRealNixGCRespectsOurRoots(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// TestReservedSpace: the store keeps db/reserved (8 MiB, or the size
+// asked for, or none), as Nix does for a collector on a full disk; a
+// collection that deletes removes it first and makes it again after.
+func TestReservedSpace(t *testing.T) {
+	s, root := testStore(t)
+	reserved := filepath.Join(root, "nix/var/nix/db/reserved")
+	size := func() int64 {
+		st, err := os.Stat(reserved)
+		if err != nil {
+			return -1
+		}
+		return st.Size()
+	}
+	if n := size(); n != 8<<20 {
+		t.Errorf("reserved: %d bytes, want 8 MiB", n)
+	}
+	during := int64(-2)
+	logged := func(msg string) {
+		if msg == "finding garbage collector roots..." {
+			during = size()
+		}
+	}
+	if _, err := s.CollectGarbage(t.Context(), GCOptions{Action: GCDeleteDead, MaxFreed: math.MaxUint64}, logged); err != nil {
+		t.Fatal(err)
+	}
+	if during != -1 || size() != 8<<20 {
+		t.Errorf("reserved during the collection: %d bytes (want none), after: %d", during, size())
+	}
+	s.Close()
+	s = openWith(t, root, func(c *Config) { c.ReservedSize = 1 << 20 })
+	if n := size(); n != 1<<20 {
+		t.Errorf("with 1 MiB asked for: %d bytes", n)
+	}
+	s.Close()
+	os.Remove(reserved)
+	s = openWith(t, root, func(c *Config) { c.ReservedSize = -1 })
+	defer s.Close()
+	if n := size(); n != -1 {
+		t.Errorf("with none asked for: %d bytes", n)
+	}
+}

@@ -61,6 +61,11 @@ type Config struct {
 	// AutoOptimise hard-links the files of every new path to identical
 	// files already in the store (nix.conf auto-optimise-store).
 	AutoOptimise bool
+	// ReservedSize is the size of <state>/db/reserved, a file kept so that
+	// a garbage collection on a full disk has room to start (it deletes
+	// it first), as Nix keeps it (nix.conf gc-reserved-space): 0 means
+	// Nix's default, 8 MiB; a negative size, none.
+	ReservedSize int64
 	// SecretKeys sign the outputs of builds (nix.conf secret-key-files).
 	SecretKeys []signature.SecretKey
 	Logger     *slog.Logger
@@ -133,6 +138,7 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	if err := s.createLayout(); err != nil {
 		return nil, err
 	}
+	s.reserveSpace()
 
 	lockPath := filepath.Join(cfg.StateDir, "db", "big-lock")
 	s.bigLock, err = openLockFile(lockPath)
@@ -276,4 +282,40 @@ func (s *Store) abs(p storepath.Path) string { return s.dir.Abs(p) }
 // stateFile returns a path inside the state directory.
 func (s *Store) stateFile(elem ...string) string {
 	return filepath.Join(append([]string{s.cfg.StateDir}, elem...)...)
+}
+
+// defaultReservedSize is Nix's gc-reserved-space.
+const defaultReservedSize = 8 << 20
+
+// reservedPath is the file that holds space for the garbage collector.
+func (s *Store) reservedPath() string { return filepath.Join(s.cfg.StateDir, "db", "reserved") }
+
+// reserveSpace makes the reserved file its configured size, as Nix does
+// when it opens a store; a failure (a full disk) costs only the reserve.
+func (s *Store) reserveSpace() {
+	size := s.cfg.ReservedSize
+	if size == 0 {
+		size = defaultReservedSize
+	}
+	if size < 0 {
+		return
+	}
+	path := s.reservedPath()
+	if st, err := os.Stat(path); err == nil && st.Size() == size {
+		return
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE, 0o600)
+	if err != nil {
+		s.log.Debug("cannot reserve space for the garbage collector", "err", err)
+		return
+	}
+	defer f.Close()
+	err = f.Truncate(size) // a smaller size asked for
+	if err == nil && unix.Fallocate(int(f.Fd()), 0, 0, size) != nil {
+		// Without fallocate: written out, so that the blocks are taken.
+		_, err = f.WriteAt(make([]byte, size), 0)
+	}
+	if err != nil {
+		s.log.Debug("cannot reserve space for the garbage collector", "err", err)
+	}
 }
