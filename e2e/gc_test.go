@@ -426,7 +426,12 @@ func TestAutoGC(t *testing.T) {
 		t.Fatalf("%s collected with plenty of space", garbage)
 	}
 	writeFile(t, free, "500000", 0o644)
-	added := oneLine(t, "add", d.nixStore(t, "--add", e.file(t, "new", "new")))
+	r := d.nixStoreRun(t, "--add", e.file(t, "new", "new"))
+	added := oneLine(t, "add", r.stdout)
+	// As Nix, the client whose request starts the collection hears of it.
+	if !strings.Contains(r.stderr, "running auto-GC to free 1500000 bytes") {
+		t.Errorf("nix-store --add that started a collection:\n%s", r)
+	}
 	if d.isValid(t, garbage) {
 		t.Errorf("%s not collected with little space left", garbage)
 	}

@@ -328,6 +328,7 @@ func (c *conn) perform(ctx context.Context, op uint64) error {
 	if t, ok := c.narinfoTTLs(); ok {
 		ctx = substitute.WithNarinfoTTLs(ctx, t)
 	}
+	ctx = store.WithClientLog(ctx, func(msg string) { c.tun.Log(lvlInfo, msg) })
 	return h(ctx, c)
 }
 

@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"fmt"
 	"math"
 	"os"
 	"strconv"
@@ -55,7 +56,7 @@ func (s *Store) AutoGC(ctx context.Context, wait bool) {
 	a.mu.Lock()
 	done := a.running
 	if done == nil {
-		done = a.startLocked(s)
+		done = a.startLocked(s, clientLog(ctx))
 	}
 	a.mu.Unlock()
 	if wait && done != nil {
@@ -67,8 +68,9 @@ func (s *Store) AutoGC(ctx context.Context, wait bool) {
 }
 
 // startLocked starts a collection if one is due and returns its done
-// channel (nil if none).
-func (a *autoGC) startLocked(s *Store) chan struct{} {
+// channel (nil if none); log, the client's whose request starts it, is
+// told as Nix tells it.
+func (a *autoGC) startLocked(s *Store, log func(msg string)) chan struct{} {
 	now := time.Now()
 	if now.Sub(a.lastCheck) < s.cfg.MinFreeCheckInterval {
 		return nil
@@ -112,6 +114,7 @@ func (a *autoGC) startLocked(s *Store) chan struct{} {
 	}
 	done := make(chan struct{})
 	a.running = done
+	log(fmt.Sprintf("running auto-GC to free %d bytes", toFree))
 	go func() {
 		defer func() {
 			a.mu.Lock()
@@ -159,4 +162,21 @@ func (s *Store) availableBytes() (uint64, error) {
 		return 0, err
 	}
 	return st.Bavail * uint64(st.Frsize), nil
+}
+
+type clientLogKey struct{}
+
+// WithClientLog returns ctx carrying log, which is told what the store
+// does on behalf of ctx's request that Nix tells its client: the start of
+// an automatic collection.
+func WithClientLog(ctx context.Context, log func(msg string)) context.Context {
+	return context.WithValue(ctx, clientLogKey{}, log)
+}
+
+// clientLog is WithClientLog's log, or one that drops what it is told.
+func clientLog(ctx context.Context) func(msg string) {
+	if log, ok := ctx.Value(clientLogKey{}).(func(msg string)); ok {
+		return log
+	}
+	return func(string) {}
 }
