@@ -532,6 +532,7 @@ func TestSubstituteActivities(t *testing.T) {
 		t.Errorf("no activity %q; the daemon sent:\n%s", text, strings.Join(p.log, "\n"))
 		return nil
 	}
+	find("querying info about missing paths") // Nix's queryMissing, at debug level
 	for _, path := range []string{out, dep} {
 		q := find(fmt.Sprintf("querying info about '%s' on '%s'", path, srv.URL))
 		ft := find(fmt.Sprintf("downloading '%s/%s.narinfo'", srv.URL, filepath.Base(path)[:32]))

@@ -2,7 +2,6 @@ package daemon
 
 import (
 	"context"
-	"fmt"
 
 	"github.com/nixyard/nixyard/internal/daemon/wire"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
@@ -192,11 +191,13 @@ func opQueryMissingHandler(ctx context.Context, c *conn) error {
 	if err != nil {
 		return err
 	}
+	act := c.tun.StartActivity(lvlDebug, actUnknown, "querying info about missing paths", nil, 0) // as Nix's queryMissing
 	prog := c.newProgress()
 	m, err := r.QueryMissing(substitute.WithProgress(ctx, prog), targets, prog.Warn)
 	prog.close()
+	c.tun.StopActivity(act)
 	if err != nil {
-		return fmt.Errorf("QueryMissing: %w", err)
+		return err
 	}
 	c.stopWork()
 	c.out.Paths(c.dir, m.WillBuild)
