@@ -228,6 +228,9 @@ func TestClientBuildSettings(t *testing.T) {
 	if !strings.Contains(stderr, "timed out after 1 seconds") {
 		t.Errorf("untrusted --timeout 1: stderr:\n%s", stderr)
 	}
+	// As nix-daemon, an untrusted client may add with repair (what it
+	// adds is checked as any addition is): nix-instantiate --repair.
+	b.client("nix-instantiate", append(args, "-A", "chatty", "--repair")...).as(u).ok(t)
 	logLimit := []string{"--no-out-link", "--option", "max-build-log-size", "100"}
 	stderr = b.nixBuild(append(append(args, "-A", "chatty"), logLimit...)...).fails(t)
 	if !strings.Contains(stderr, "killed after writing more than 100 bytes of log output") {

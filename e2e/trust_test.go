@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -61,8 +62,8 @@ func TestUntrustedClient(t *testing.T) {
 	// input-addressed paths are refused; root may import them.
 	closure := lines(d.local(other, "nix-store", "-q", "--requisites", out).ok(t))
 	export := []byte(d.local(other, "nix-store", append([]string{"--export"}, closure...)...).ok(t))
-	if stderr := d.client("nix-store", "--import").withStdin(export).as(u).fails(t); !strings.Contains(stderr, "signature") {
-		t.Errorf("untrusted import of unsigned paths: stderr does not mention signatures:\n%s", stderr)
+	if stderr := d.client("nix-store", "--import").withStdin(export).as(u).fails(t); !regexp.MustCompile(`(?m)^error: cannot add path '/nix/store/[^']+' because it lacks a valid signature`).MatchString(stderr) {
+		t.Errorf("untrusted import of unsigned paths: stderr does not say it lacks a signature, in Nix's words:\n%s", stderr)
 	}
 	if d.isValid(t, out) {
 		t.Errorf("%s is valid after an untrusted import of it was refused", out)

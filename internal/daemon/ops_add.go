@@ -18,8 +18,6 @@ import (
 	"github.com/nixyard/nixyard/internal/store"
 )
 
-var errRepairUntrusted = errors.New("repairing is not allowed because you are not in 'trusted-users'")
-
 // withFramed runs fn over the framed stream that follows the arguments,
 // then drains it to its zero chunk whatever fn did, so that STDERR_LAST or
 // STDERR_ERROR is only sent once the client has finished uploading (§3.3).
@@ -74,16 +72,13 @@ func opAddToStoreHandler(ctx context.Context, c *conn) error {
 	}
 	var info *store.PathInfo
 	err := c.withFramed(func(fr *wire.FramedReader) error {
-		if repair && !c.peer.trusted {
-			return errRepairUntrusted
-		}
 		method, algo, err := contentaddress.ParseMethodAlgo(camStr)
 		if err != nil {
 			return fmt.Errorf("adding '%s' to the store: %w", name, err)
 		}
 		info, err = c.st.AddToStoreContent(ctx, name, method, algo, refs, fr, repair)
 		if err != nil {
-			return fmt.Errorf("adding '%s' to the store: %w", name, err)
+			return err // the store's error names the path
 		}
 		return c.rootAdded(ctx, info.Path)
 	})
@@ -124,7 +119,7 @@ func (c *conn) addToStoreOld(ctx context.Context) error {
 		var err error
 		info, err = c.st.AddToStoreContent(ctx, name, method, algo, nil, data, false)
 		if err != nil {
-			return fmt.Errorf("adding '%s' to the store: %w", name, err)
+			return err // the store's error names the path
 		}
 		return c.rootAdded(ctx, info.Path)
 	})
@@ -145,7 +140,7 @@ func opAddTextToStoreHandler(ctx context.Context, c *conn) error {
 	}
 	info, err := c.st.AddToStoreContent(ctx, name, contentaddress.Text, hash.SHA256, refs, bytes.NewReader(text), false)
 	if err != nil {
-		return fmt.Errorf("adding '%s' to the store: %w", name, err)
+		return err // the store's error names the path
 	}
 	if err := c.rootAdded(ctx, info.Path); err != nil {
 		return err
@@ -196,14 +191,11 @@ func opAddToStoreNarHandler(ctx context.Context, c *conn) error {
 	}
 	opts := store.AddOptions{Repair: repair, CheckSigs: !dontCheckSigs}
 	add := func(r io.Reader) error {
-		if repair && !c.peer.trusted {
-			return errRepairUntrusted
-		}
 		if err := c.rootAdded(ctx, p); err != nil {
 			return err
 		}
 		if err := c.st.AddToStoreNar(ctx, info, r, opts); err != nil {
-			return fmt.Errorf("adding '%s' to the store: %w", c.dir.Abs(p), err)
+			return err // the store's error names the path
 		}
 		return nil
 	}
@@ -256,9 +248,6 @@ func opAddMultipleToStoreHandler(ctx context.Context, c *conn) error {
 		return err
 	}
 	err := c.withFramed(func(fr *wire.FramedReader) error {
-		if repair && !c.peer.trusted {
-			return errRepairUntrusted
-		}
 		in := wire.NewDecoder(fr)
 		count := in.Count("count")
 		if err := in.Err(); err != nil {
