@@ -1086,3 +1086,25 @@ func TestSubstituteWorkerProgress(t *testing.T) {
 		t.Errorf("copies %v (want [2 2 0 0]: done, total, running, failed), NAR bytes expected %v (want > 0); the client got:\n%s", f, narBytes, stderr)
 	}
 }
+
+// TestSubstituteFileCacheMadeLater: a file:// substituter whose directory
+// is not there yet (nor its nix-cache-info) is an empty cache, not a
+// broken one: once a path is copied there, it is substituted, as with
+// nix-daemon (which makes the directory when it opens the cache).
+func TestSubstituteFileCacheMadeLater(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	other := e.otherStore("src")
+	cacheDir := filepath.Join(e.dir, "later-cache")
+	p := oneLine(t, "add", e.local(other, "nix-store", "--add", e.file(t, "later-file", "copied to the cache later")).ok(t))
+	d := e.startDaemon(t, withConf("substituters = file://"+cacheDir))
+	r := d.client("nix-store", "-r", p).run(t)
+	if r.err == nil || strings.Contains(r.stderr, "does not appear to be a binary cache") {
+		t.Errorf("before the cache has the path:\n%s", r)
+	}
+	e.local(other, "nix", "copy", "--to", "file://"+cacheDir, p).ok(t)
+	d.client("nix-store", "-r", p).ok(t)
+	if !d.isValid(t, p) {
+		t.Errorf("%s is not valid after its substitution", p)
+	}
+}

@@ -358,8 +358,9 @@ func (s *Substituter) upstreams(ctx context.Context) ([]*upstream, error) {
 
 // initUpstream reads nix-cache-info. A transport failure leaves the
 // upstream uninitialised (tried again next time, default priority); a
-// missing file or a StoreDir mismatch disables it for this Substituter's
-// lifetime, as Nix refuses such a cache. It returns the failure.
+// missing file (but in a file:// cache, which Nix would make) or a
+// StoreDir mismatch disables it for this Substituter's lifetime, as Nix
+// refuses such a cache. It returns the failure.
 func (s *Substituter) initUpstream(ctx context.Context, up *upstream) error {
 	data, err := s.readSmall(ctx, up, "nix-cache-info", narinfo.MaxCacheInfoSize)
 	var ci narinfo.NixCacheInfo
@@ -371,6 +372,11 @@ func (s *Substituter) initUpstream(ctx context.Context, up *upstream) error {
 		if err != nil {
 			err = fmt.Errorf("%s/nix-cache-info: %w", up.base, err)
 		}
+	} else if errors.Is(err, errNotFound) && up.fileRoot != "" {
+		// Nix makes a file:// cache's directory and nix-cache-info when it
+		// opens one; nixyard only reads it: a cache with Nix's defaults,
+		// empty until something is copied there.
+		err = nil
 	} else if errors.Is(err, errNotFound) {
 		err = fmt.Errorf("%s does not appear to be a binary cache: %w", up.base, err)
 	} else {
