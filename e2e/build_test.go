@@ -1084,6 +1084,7 @@ func TestBuildUnknownOutput(t *testing.T) {
 		want string
 	}{
 		{[]string{"-r", gone}, "cannot build missing derivation '" + gone + "'"},
+		{[]string{"-r", gone, "--option", "substituters", "file://" + filepath.Join(b.dir, "empty-cache")}, "cannot build missing derivation '" + gone + "'"},
 		{[]string{"-q", "--outputs", gone}, "path '" + gone + "' does not exist and cannot be created"},
 	} {
 		if stderr := b.client("nix-store", tc.args...).fails(t); !strings.Contains(stderr, tc.want) {

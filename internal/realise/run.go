@@ -277,6 +277,10 @@ func (r *Realiser) realiseOne(ctx context.Context, t store.DerivedPath, prog Pro
 			}
 		case ctx.Err() != nil:
 			return res, false, ctx.Err()
+		case t.Built && (errors.Is(ferr, substitute.ErrNotFound) || r.sub == nil):
+			res.Status = MiscFailure
+			res.ErrorMsg = fmt.Sprintf("cannot build missing derivation '%s'", abs) // Nix's words
+			return res, false, nil
 		case errors.Is(ferr, substitute.ErrNotFound) || r.sub == nil:
 			res.Status = NoSubstituters
 			res.ErrorMsg = fmt.Sprintf("path '%s' is required, but there is no substituter that can build it", abs)

@@ -55,10 +55,14 @@ func (s *Store) AutoGC(ctx context.Context, wait bool) {
 	a := &s.autoGC
 	a.mu.Lock()
 	done := a.running
+	var started string
 	if done == nil {
-		done = a.startLocked(s, clientLog(ctx))
+		done, started = a.startLocked(s)
 	}
 	a.mu.Unlock()
+	if started != "" {
+		clientLog(ctx)(started) // not under a.mu: the client may be slow to read
+	}
 	if wait && done != nil {
 		select {
 		case <-done:
@@ -68,12 +72,12 @@ func (s *Store) AutoGC(ctx context.Context, wait bool) {
 }
 
 // startLocked starts a collection if one is due and returns its done
-// channel (nil if none); log, the client's whose request starts it, is
-// told as Nix tells it.
-func (a *autoGC) startLocked(s *Store, log func(msg string)) chan struct{} {
+// channel (nil if none) and what Nix tells the client whose request
+// starts it.
+func (a *autoGC) startLocked(s *Store) (done chan struct{}, msg string) {
 	now := time.Now()
 	if now.Sub(a.lastCheck) < s.cfg.MinFreeCheckInterval {
-		return nil
+		return nil, ""
 	}
 	a.lastCheck = now
 	if s.cfg.SizeBudget > 0 && now.Sub(a.lastSave) >= lastUseSave && s.lastUse.saving.CompareAndSwap(false, true) {
@@ -90,7 +94,7 @@ func (a *autoGC) startLocked(s *Store, log func(msg string)) chan struct{} {
 		avail, err := s.availableBytes()
 		if err != nil {
 			s.log.Warn("auto-GC: cannot tell the free space", "err", err)
-			return nil
+			return nil, ""
 		}
 		maxFree := s.cfg.MaxFree
 		if maxFree == 0 {
@@ -110,11 +114,10 @@ func (a *autoGC) startLocked(s *Store, log func(msg string)) chan struct{} {
 		}
 	}
 	if toFree == 0 {
-		return nil
+		return nil, ""
 	}
-	done := make(chan struct{})
+	done = make(chan struct{})
 	a.running = done
-	log(fmt.Sprintf("running auto-GC to free %d bytes", toFree))
 	go func() {
 		defer func() {
 			a.mu.Lock()
@@ -143,7 +146,7 @@ func (a *autoGC) startLocked(s *Store, log func(msg string)) chan struct{} {
 		}
 		a.mu.Unlock()
 	}()
-	return done
+	return done, fmt.Sprintf("running auto-GC to free %d bytes", toFree)
 }
 
 // availableBytes is the space available to unprivileged users on the

@@ -96,9 +96,8 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 	if c.del {
 		// As Nix: the reserve goes first, so that a full disk leaves the
 		// collector room to work; it is made again once it is done (Nix
-		// makes it for each connection).
+		// makes it for each connection), before gc.lock is released.
 		os.Remove(s.reservedPath())
-		defer s.reserveSpace()
 	}
 	for _, p := range opts.Paths {
 		c.toDelete[p] = true
@@ -111,7 +110,12 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 	if err != nil {
 		return nil, err
 	}
-	defer release()
+	defer func() {
+		if c.del {
+			s.reserveSpace()
+		}
+		release()
+	}()
 
 	stopServer, err := s.serveGCSocket(c.run)
 	if err != nil {

@@ -63,8 +63,12 @@ func (s *Store) FindRoots(ctx context.Context, censor bool, log func(msg string)
 		return nil, err
 	}
 	// As Nix, temporary roots are roots whether valid or not (a path being
-	// built or added is one).
+	// built or added is one); nixyard's own temporary directories are not
+	// paths anyone asked for.
 	for p, links := range temp {
+		if strings.Contains(p.String(), tempDirSuffix) {
+			continue
+		}
 		for _, l := range links {
 			if censor {
 				l = censored
@@ -129,6 +133,7 @@ func (s *Store) findRootsIn(ctx context.Context, path string, typ fs.FileMode, r
 		}
 		ok, err := s.addValidRoot(ctx, roots, p, link)
 		if err == nil && !ok {
+			s.log.Info("skipping invalid root", "link", link, "target", target)
 			log(fmt.Sprintf("skipping invalid root from '%s' to '%s'", link, target))
 		}
 		return err

@@ -291,7 +291,9 @@ const defaultReservedSize = 8 << 20
 func (s *Store) reservedPath() string { return filepath.Join(s.cfg.StateDir, "db", "reserved") }
 
 // reserveSpace makes the reserved file its configured size, as Nix does
-// when it opens a store; a failure (a full disk) costs only the reserve.
+// when it opens a store: its blocks allocated, not a sparse file. Where
+// that fails (a disk too full), the file is removed: the reserve is only
+// worth having when it does not take the last free space.
 func (s *Store) reserveSpace() {
 	size := s.cfg.ReservedSize
 	if size == 0 {
@@ -301,21 +303,31 @@ func (s *Store) reserveSpace() {
 		return
 	}
 	path := s.reservedPath()
-	if st, err := os.Stat(path); err == nil && st.Size() == size {
+	var st unix.Stat_t
+	if unix.Stat(path, &st) == nil && st.Size == size && st.Blocks*512 >= size {
 		return
 	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE, 0o600)
+	err := func() error {
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		err = unix.Fallocate(int(f.Fd()), 0, 0, size)
+		if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOSYS) {
+			return err
+		}
+		// A file system without fallocate: written out, in pieces.
+		chunk := make([]byte, min(size, 1<<20))
+		for off := int64(0); off < size; off += int64(len(chunk)) {
+			if _, err := f.WriteAt(chunk[:min(int64(len(chunk)), size-off)], off); err != nil {
+				return err
+			}
+		}
+		return nil
+	}()
 	if err != nil {
-		s.log.Debug("cannot reserve space for the garbage collector", "err", err)
-		return
-	}
-	defer f.Close()
-	err = f.Truncate(size) // a smaller size asked for
-	if err == nil && unix.Fallocate(int(f.Fd()), 0, 0, size) != nil {
-		// Without fallocate: written out, so that the blocks are taken.
-		_, err = f.WriteAt(make([]byte, size), 0)
-	}
-	if err != nil {
-		s.log.Debug("cannot reserve space for the garbage collector", "err", err)
+		os.Remove(path)
+		s.log.Warn("cannot reserve space for the garbage collector", "path", path, "err", err)
 	}
 }

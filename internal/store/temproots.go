@@ -401,6 +401,7 @@ func (s *Store) readTempRootsFiles(visit func(p storepath.Path, pid int), log fu
 			return err
 		}
 		if ok {
+			s.log.Info("removing stale temporary roots file", "path", path)
 			if log != nil {
 				log(fmt.Sprintf("removing stale temporary roots file '%s'", path))
 			}

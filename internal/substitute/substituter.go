@@ -375,8 +375,10 @@ func (s *Substituter) initUpstream(ctx context.Context, up *upstream) error {
 	} else if errors.Is(err, errNotFound) && up.fileRoot != "" {
 		// Nix makes a file:// cache's directory and nix-cache-info when it
 		// opens one; nixyard only reads it: a cache with Nix's defaults,
-		// empty until something is copied there.
-		err = nil
+		// empty until something is copied there, and left uninitialised,
+		// so that the nix-cache-info a copy writes is read (cheap, for a
+		// local file).
+		return nil
 	} else if errors.Is(err, errNotFound) {
 		err = fmt.Errorf("%s does not appear to be a binary cache: %w", up.base, err)
 	} else {
