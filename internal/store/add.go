@@ -545,6 +545,20 @@ func (s *Store) registerTx(ctx context.Context, tx *sql.Tx, paths []*pendingPath
 		case err != nil:
 			return fmt.Errorf("registering %s: %w", abs, err)
 		default:
+			// Re-registered (a repair): the same contents keep the
+			// signatures and trust they had, whoever sent them again.
+			var oldHash, oldSigs sql.NullString
+			var oldUltimate sql.NullInt64
+			if err := tx.QueryRowContext(ctx, "select hash, sigs, ultimate from ValidPaths where id = ?", id).Scan(&oldHash, &oldSigs, &oldUltimate); err != nil {
+				return fmt.Errorf("updating %s: %w", abs, err)
+			}
+			if oldHash.String == info.NarHash.StringBase16() {
+				merged := append(strings.Fields(oldSigs.String), info.Sigs...)
+				sigs = nullString(strings.Join(sortedSigs(merged), " "))
+				if oldUltimate.Valid && oldUltimate.Int64 != 0 {
+					ultimate = sql.NullInt64{Int64: 1, Valid: true}
+				}
+			}
 			if _, err := tx.ExecContext(ctx, "update ValidPaths set narSize = ?, hash = ?, ultimate = ?, sigs = ?, ca = ? where path = ?",
 				narSize, info.NarHash.StringBase16(), ultimate, sigs, ca, abs); err != nil {
 				return fmt.Errorf("updating %s: %w", abs, err)

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -306,6 +307,11 @@ func TestRepairPathNar(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// A signature the path has here, which the repair's sender lacks.
+	const localSig = "local-1:c2lnbmF0dXJlLWJ5dGVz"
+	if err := s.AddSignatures(ctx, info.Path, []string{localSig}); err != nil {
+		t.Fatal(err)
+	}
 	tamper()
 	wrong := narOf(t, map[string]string{"a": "other contents"})
 	if err := s.RepairPathNar(ctx, info, bytes.NewReader(wrong)); err == nil {
@@ -319,6 +325,9 @@ func TestRepairPathNar(t *testing.T) {
 	}
 	if got, _ := os.ReadFile(real + "/a"); string(got) != "the right contents" {
 		t.Errorf("after the repair the path holds %q", got)
+	}
+	if got, err := s.QueryPathInfo(ctx, info.Path); err != nil || !slices.Contains(got.Sigs, localSig) {
+		t.Errorf("after the repair, signatures %q (%v): the local one was dropped", got.Sigs, err)
 	}
 	if errs, err := s.VerifyStore(ctx, true, false, nil, nil); err != nil || errs {
 		t.Errorf("verify after the repair: %v, %v", errs, err)
