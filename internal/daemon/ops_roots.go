@@ -153,14 +153,13 @@ func opOptimiseStoreHandler(ctx context.Context, c *conn) error {
 			endPath()
 			c.tun.Result(act, resProgress, []field{uint64(done), uint64(total), uint64(0), uint64(0)})
 		},
-		Path: func(abs string) func(bytesFreed, blocksFreed uint64) {
+		Path: func(abs string) {
 			pathAct = c.tun.StartActivity(lvlTalkative, actUnknown, fmt.Sprintf("optimising path '%s'", abs), nil, 0)
-			id := pathAct
-			return func(bytesFreed, blocksFreed uint64) {
-				freed += bytesFreed
-				linked++
-				c.tun.Result(id, resFileLinked, []field{bytesFreed, blocksFreed})
-			}
+		},
+		Linked: func(bytesFreed, blocksFreed uint64) {
+			freed += bytesFreed
+			linked++
+			c.tun.Result(pathAct, resFileLinked, []field{bytesFreed, blocksFreed})
 		},
 	})
 	endPath()

@@ -67,6 +67,8 @@ type Result struct {
 	// that was built (or failed building); zero otherwise.
 	TimesBuilt          int
 	StartTime, StopTime time.Time
+	// noneHad: no cache had the path (NoSubstituters, not a failed fetch).
+	noneHad bool
 }
 
 // Builder builds derivation outputs that no cache has. It is plugged in by

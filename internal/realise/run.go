@@ -279,10 +279,10 @@ func (r *Realiser) realiseOne(ctx context.Context, t store.DerivedPath, prog Pro
 			return res, false, ctx.Err()
 		case t.Built && (errors.Is(ferr, substitute.ErrNotFound) || r.sub == nil):
 			res.Status = MiscFailure
-			res.ErrorMsg = fmt.Sprintf("cannot build missing derivation '%s'", abs) // Nix's words
+			res.ErrorMsg = missingDerivation(abs)
 			return res, false, nil
 		case errors.Is(ferr, substitute.ErrNotFound) || r.sub == nil:
-			res.Status = NoSubstituters
+			res.Status, res.noneHad = NoSubstituters, true
 			res.ErrorMsg = fmt.Sprintf("path '%s' is required, but there is no substituter that can build it", abs)
 			return res, false, nil
 		default:
@@ -292,7 +292,7 @@ func (r *Realiser) realiseOne(ctx context.Context, t store.DerivedPath, prog Pro
 		}
 	} else if !valid {
 		res.Status = MiscFailure
-		res.ErrorMsg = fmt.Sprintf("cannot build missing derivation '%s'", abs) // Nix's words
+		res.ErrorMsg = missingDerivation(abs)
 		return res, false, nil
 	} else if !t.Built {
 		res.Status = AlreadyValid
@@ -412,6 +412,12 @@ func (r *Realiser) tempRoots(ctx context.Context, paths []storepath.Path, m *sub
 	return nil
 }
 
+// missingDerivation is Nix's error for a derivation to build that is not
+// there.
+func missingDerivation(drv string) string {
+	return fmt.Sprintf("cannot build missing derivation '%s'", drv)
+}
+
 // EnsurePath makes p valid by substitution if it is not.
 func (r *Realiser) EnsurePath(ctx context.Context, p storepath.Path, prog Progress) error {
 	res, err := r.Realise(ctx, []store.DerivedPath{{Path: p}}, prog)
@@ -419,7 +425,7 @@ func (r *Realiser) EnsurePath(ctx context.Context, p storepath.Path, prog Progre
 		return err
 	}
 	switch st := res[0].Status; {
-	case st == NoSubstituters && !strings.Contains(res[0].ErrorMsg, "could not be substituted"):
+	case res[0].noneHad:
 		// Nix's words for EnsurePath (what a failed substitution says
 		// is for --verbose and nix build).
 		return fmt.Errorf("path '%s' does not exist and cannot be created", r.m.st.Dir().Abs(p))

@@ -41,7 +41,7 @@ func (s *Store) OptimiseStore(ctx context.Context, ev OptimiseEvents) error {
 	ss := s.OpenSession()
 	ss.passive = true
 	defer ss.Close()
-	o := optimiser{s: s, links: links, inodes: inodes}
+	o := optimiser{s: s, links: links, inodes: inodes, onLinked: ev.Linked}
 	if ev.Progress != nil {
 		ev.Progress(0, len(paths))
 	}
@@ -57,9 +57,8 @@ func (s *Store) OptimiseStore(ctx context.Context, ev OptimiseEvents) error {
 		} else if !ok {
 			continue
 		}
-		o.onLinked = ev.Linked
 		if ev.Path != nil {
-			o.onLinked = ev.Path(s.abs(p))
+			ev.Path(s.abs(p))
 		}
 		if err := o.optimise(ctx, s.RealPath(p)); err != nil {
 			return err
@@ -76,11 +75,11 @@ func (s *Store) OptimiseStore(ctx context.Context, ev OptimiseEvents) error {
 type OptimiseEvents struct {
 	// Progress: done of total valid paths are optimised.
 	Progress func(done, total int)
-	// Path: the path (absolute) is being optimised; it returns the
-	// function told of its files replaced by links (nil: Linked).
-	Path func(abs string) (linked func(bytesFreed, blocksFreed uint64))
-	// Linked is told of each file replaced by a link, with the bytes and
-	// 512-byte blocks freed, when Path is nil.
+	// Path: the path (absolute) is being optimised; the Linked calls
+	// that follow, until the next Progress, are about its files.
+	Path func(abs string)
+	// Linked: a file was replaced by a link, freeing these bytes and
+	// 512-byte blocks.
 	Linked func(bytesFreed, blocksFreed uint64)
 }
 
