@@ -1108,3 +1108,23 @@ func TestSubstituteFileCacheMadeLater(t *testing.T) {
 		t.Errorf("%s is not valid after its substitution", p)
 	}
 }
+
+// TestSubstituteFileCacheReadOnce: within one connection a file:// cache's
+// narinfo is read once, as nix-daemon's per-connection store reads it:
+// `nix-store -r -vv` shows one "querying info about" for the path (its
+// QueryMissing), not one more for each step of the substitution. Another
+// connection reads it afresh (TestSubstituteNegativeTTL).
+func TestSubstituteFileCacheReadOnce(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	other := e.otherStore("src")
+	cacheDir := filepath.Join(e.dir, "cache")
+	p := oneLine(t, "add", e.local(other, "nix-store", "--add", e.file(t, "read-once", "one narinfo read")).ok(t))
+	e.fillCache(t, other, cacheDir, "zstd", "", p)
+	url := "file://" + cacheDir
+	d := e.startDaemon(t, withConf("substituters = "+url, "require-sigs = false"))
+	r := d.client("nix-store", "-r", p, "-vv").run(t)
+	if n := strings.Count(r.stderr, fmt.Sprintf("querying info about '%s' on '%s'", p, url)); r.err != nil || n != 1 {
+		t.Errorf("the narinfo was queried %d times, want 1:\n%s", n, r)
+	}
+}

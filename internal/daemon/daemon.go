@@ -204,6 +204,9 @@ type conn struct {
 	session *store.Session
 	opts    clientSettings
 
+	// narinfos keeps what file:// caches told this connection's lookups.
+	narinfos substitute.ConnNarinfos
+
 	warnMu sync.Mutex
 	warned map[string]bool // warnings sent (see warnFunc)
 }
@@ -328,6 +331,7 @@ func (c *conn) perform(ctx context.Context, op uint64) error {
 	if t, ok := c.narinfoTTLs(); ok {
 		ctx = substitute.WithNarinfoTTLs(ctx, t)
 	}
+	ctx = substitute.WithConnNarinfos(ctx, &c.narinfos)
 	ctx = store.WithClientLog(ctx, func(msg string) { c.tun.Log(lvlInfo, msg) })
 	return h(ctx, c)
 }

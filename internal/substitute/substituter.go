@@ -164,6 +164,55 @@ func WithNarinfoTTLs(ctx context.Context, t NarinfoTTLs) context.Context {
 	return context.WithValue(ctx, ttlsKey{}, t)
 }
 
+// A ConnNarinfos keeps the narinfos that file:// caches gave one client
+// connection's lookups, and their misses, for the narinfo cache's TTLs.
+// The daemon-wide cache skips file:// caches, so that a path written there
+// (by another host's push, say) is seen by the next connection; within
+// one connection a path's narinfo is read once, as nix-daemon, whose
+// store objects live as long as the connection, reads it. Safe for
+// concurrent use.
+type ConnNarinfos struct {
+	mu sync.Mutex
+	m  map[string]cacheEntry // upstream base + "/" + store path
+}
+
+type connNarinfosKey struct{}
+
+// WithConnNarinfos returns ctx carrying c for the lookups made on its
+// behalf.
+func WithConnNarinfos(ctx context.Context, c *ConnNarinfos) context.Context {
+	return context.WithValue(ctx, connNarinfosKey{}, c)
+}
+
+// connNarinfos returns ctx's ConnNarinfos, or nil.
+func connNarinfos(ctx context.Context) *ConnNarinfos {
+	c, _ := ctx.Value(connNarinfosKey{}).(*ConnNarinfos)
+	return c
+}
+
+func (c *ConnNarinfos) get(key string) (cacheEntry, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.m[key]
+	return e, ok
+}
+
+// maxConnNarinfos bounds a ConnNarinfos, as Nix's path-info-cache-size
+// bounds its per-store cache.
+const maxConnNarinfos = 65536
+
+func (c *ConnNarinfos) put(key string, e cacheEntry, now time.Time) {
+	if !e.expires.After(now) {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil || len(c.m) >= maxConnNarinfos {
+		c.m = make(map[string]cacheEntry)
+	}
+	c.m[key] = e
+}
+
 // usable reports whether a cached entry may answer a lookup made on
 // ctx's behalf at now.
 func (e cacheEntry) usable(ctx context.Context, now time.Time) bool {
@@ -402,6 +451,41 @@ func (s *Substituter) initUpstream(ctx context.Context, up *upstream) error {
 // lookup returns up's narinfo for p, from the cache or the network.
 // A miss wraps errNotFound.
 func (s *Substituter) lookup(ctx context.Context, up *upstream, p storepath.Path) (*Info, error) {
+	conn := connNarinfos(ctx)
+	if up.fileRoot == "" || conn == nil {
+		return s.lookupShared(ctx, up, p)
+	}
+	key := up.base + "/" + p.String()
+	now := s.now()
+	if e, ok := conn.get(key); ok && e.usable(ctx, now) {
+		if e.info == nil {
+			return nil, fmt.Errorf("%s: %s.narinfo: %w (read before)", up.base, p.HashPart(), errNotFound)
+		}
+		return e.info, nil
+	}
+	info, err := s.lookupShared(ctx, up, p)
+	switch {
+	case err == nil:
+		conn.put(key, s.entry(info, now), now)
+	case errors.Is(err, errNotFound):
+		conn.put(key, s.entry(nil, now), now)
+	}
+	return info, err
+}
+
+// entry is a cache entry for info (nil: a miss) found at now, with the
+// daemon's TTL.
+func (s *Substituter) entry(info *Info, now time.Time) cacheEntry {
+	ttl := s.cfg.PositiveTTL
+	if info == nil {
+		ttl = s.cfg.NegativeTTL
+	}
+	return cacheEntry{info: info, at: now, expires: now.Add(ttl)}
+}
+
+// lookupShared returns up's narinfo for p from the daemon-wide cache or
+// the network, one flight for all callers.
+func (s *Substituter) lookupShared(ctx context.Context, up *upstream, p storepath.Path) (*Info, error) {
 	key := up.base + "/" + p.HashPart()
 	s.cacheMu.Lock()
 	e, ok := s.cache[key]
@@ -467,14 +551,11 @@ func (s *Substituter) lookup(ctx context.Context, up *upstream, p storepath.Path
 // narinfos are read afresh each time: a path written there (by another
 // host's push, say) is seen at once.
 func (s *Substituter) remember(up *upstream, key string, info *Info) {
-	ttl := s.cfg.PositiveTTL
-	if info == nil {
-		ttl = s.cfg.NegativeTTL
-	}
-	if ttl < 0 || up.fileRoot != "" {
+	now := s.now()
+	e := s.entry(info, now)
+	if !e.expires.After(now) || up.fileRoot != "" {
 		return
 	}
-	now := s.now()
 	s.cacheMu.Lock()
 	defer s.cacheMu.Unlock()
 	if len(s.cache) >= s.cfg.MaxCachedNarinfos {
@@ -490,7 +571,7 @@ func (s *Substituter) remember(up *upstream, key string, info *Info) {
 			delete(s.cache, k)
 		}
 	}
-	s.cache[key] = cacheEntry{info: info, at: now, expires: now.Add(ttl)}
+	s.cache[key] = e
 }
 
 // trusted reports whether info may be used under RequireSigs.
