@@ -28,7 +28,11 @@ type call struct {
 	expected, done, running, failed int
 
 	noLocalBuilds atomic.Bool // a build it needed could not run here (ErrNoLocalBuilds)
-	noHook        atomic.Bool // the build hook declined for good, or cannot start (as Nix's worker.tryBuildHook)
+	// stopping is set, without keep-going, once a build the caller needs
+	// has failed: its builds that have not started yet will not (the
+	// failure stops them once it has reached the request).
+	stopping atomic.Bool
+	noHook   atomic.Bool // the build hook declined for good, or cannot start (as Nix's worker.tryBuildHook)
 }
 
 // mayBuild reports whether c may run builds here (max-jobs is not 0).
@@ -371,6 +375,33 @@ func (g *goal) keepGoing() bool {
 	return false
 }
 
+// failing tells the callers that do not keep going that g's build has
+// failed, before its slot is given to another: see unwanted.
+func (g *goal) failing() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for c := range g.subs {
+		if !c.opts.KeepGoing {
+			c.stopping.Store(true)
+		}
+	}
+}
+
+// unwanted reports whether every caller waiting for g is being stopped
+// by another build's failure: a build that has not started then does not
+// start only to be stopped, as in Nix, whose worker handles a failure
+// before it starts the next build.
+func (g *goal) unwanted() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for c := range g.subs {
+		if !c.stopping.Load() {
+			return false
+		}
+	}
+	return len(g.subs) > 0
+}
+
 // each calls f for every waiting caller.
 func (g *goal) each(f func(c *call)) {
 	g.mu.Lock()
@@ -677,6 +708,9 @@ func (g *goal) realise(ctx context.Context) Result {
 		}
 	}
 	defer releaseOnce()
+	if g.unwanted() {
+		return Result{Status: MiscFailure, ErrorMsg: errStopped.Error(), Stopped: true}
+	}
 	locks, err := b.st.LockOutputs(ctx, slices.Collect(maps.Values(outPaths)))
 	if err != nil {
 		return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)

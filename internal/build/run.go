@@ -285,6 +285,9 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 		status, runErr = j.execute(ctx, j.spec, opts)
 	}
 	g.setRunning(false)
+	if (runErr != nil || j.killMsg != "" || !status.Exited() || status.ExitStatus() != 0) && ctx.Err() == nil {
+		g.failing()
+	}
 	release()
 	if _, err := j.logFile.Seek(0, io.SeekStart); err == nil && !b.cfg.NoBuildLogs {
 		if err := b.st.AddBuildLog(context.WithoutCancel(ctx), g.drvPath, j.logFile); err != nil {
