@@ -258,9 +258,9 @@ func TestClientBuildSettings(t *testing.T) {
 		t.Errorf("nix store ping -vvvvv does not show the session:\n%s", r)
 	}
 	// One nixyard does not implement is named to the client.
-	r := b.client("nix", "store", "ping", "--option", "repeat", "1").as(u).run(t)
-	if r.err != nil || !strings.Contains(r.stderr, "the setting 'repeat' is not implemented by nixyard") {
-		t.Errorf("--option repeat 1:\n%s", r)
+	r := b.client("nix", "store", "ping", "--option", "impersonate-linux-26", "true").run(t)
+	if r.err != nil || !strings.Contains(r.stderr, "the setting 'impersonate-linux-26' is not implemented by nixyard") {
+		t.Errorf("--option impersonate-linux-26 true:\n%s", r)
 	}
 	// One nixyard keeps daemon-wide is named to a trusted client that
 	// sends another value (an untrusted client's is dropped, as by
@@ -880,6 +880,73 @@ func TestBuildKeepGoing(t *testing.T) {
 	b.nixBuild(append(args, "-A", "fail", "-A", "slow", "--no-out-link", "--max-jobs", "2", "--keep-going")...).fails(t)
 	if !b.isValid(t, slow) {
 		t.Errorf("with --keep-going the slow build did not finish")
+	}
+}
+
+// TestBuildRepeat: --repeat N builds a derivation N more times and
+// compares each round's outputs with the previous round's, as Nix does: a
+// build that gives the same outputs is registered once, after its last
+// round ("building '…' (round 2/3)"); one that differs fails (enforce-
+// determinism, the default) and nothing is registered, or, with
+// enforce-determinism = false, is reported and registered. With
+// --keep-failed the first round is kept at <path>.check and named. Any
+// client may send repeat.
+func TestBuildRepeat(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t, "allowed-users = *")
+	u := b.unprivileged(t)
+	args := b.expr(t, "repeat", `{
+  same = mk { name = "repeat-same"; script = "echo same > $out"; };
+  differs = mk { name = "repeat-differs"; script = "cat /proc/sys/kernel/random/uuid > $out"; };
+  differs2 = mk { name = "repeat-differs-2"; script = "cat /proc/sys/kernel/random/uuid > $out"; };
+  differs3 = mk { name = "repeat-differs-3"; script = "cat /proc/sys/kernel/random/uuid > $out"; };
+}`)
+	outOf := func(attr string) (drv, out string) {
+		drv = strings.TrimSpace(b.client("nix-instantiate", append(args, "-A", attr)...).ok(t))
+		return drv, strings.TrimSpace(b.client("nix-store", "-q", "--outputs", drv).ok(t))
+	}
+
+	drv, out := outOf("same")
+	r := b.nixBuild(append(args, "-A", "same", "--no-out-link", "--repeat", "2")...).as(u).run(t)
+	for i := 1; i <= 3; i++ {
+		if want := fmt.Sprintf("building '%s' (round %d/3)", drv, i); r.err != nil || !strings.Contains(r.stderr, want) {
+			t.Errorf("an untrusted client's --repeat 2: no %q:\n%s", want, r)
+		}
+	}
+	if !b.isValid(t, out) {
+		t.Errorf("%s is not valid after three rounds that agreed", out)
+	}
+
+	drv, out = outOf("differs")
+	stderr := b.nixBuild(append(args, "-A", "differs", "--no-out-link", "--repeat", "1")...).fails(t)
+	if want := fmt.Sprintf("output '%s' of '%s' differs from previous round", out, drv); !strings.Contains(stderr, want) {
+		t.Errorf("rounds that differ: no %q:\n%s", want, stderr)
+	}
+	if b.isValid(t, out) {
+		t.Errorf("%s is valid after rounds that differed", out)
+	}
+
+	// Nix 2.8 renames the first round's output by its logical path, which
+	// is not where a chroot store keeps it ("renaming … : No such file or
+	// directory").
+	if !useStock {
+		drv, out = outOf("differs2")
+		stderr = b.nixBuild(append(args, "-A", "differs2", "--no-out-link", "--repeat", "1", "--keep-failed")...).fails(t)
+		if want := fmt.Sprintf("output '%s' of '%s' differs from '%s.check' from previous round", out, drv, out); !strings.Contains(stderr, want) {
+			t.Errorf("with --keep-failed: no %q:\n%s", want, stderr)
+		}
+		if _, err := os.Lstat(filepath.Join(b.root, out+".check")); err != nil {
+			t.Errorf("with --keep-failed the first round is not kept: %v", err)
+		}
+	}
+
+	drv, out = outOf("differs3")
+	r = b.nixBuild(append(args, "-A", "differs3", "--no-out-link", "--repeat", "2", "--option", "enforce-determinism", "false")...).run(t)
+	if want := fmt.Sprintf("output '%s' of '%s' differs from previous round", out, drv); r.err != nil || !strings.Contains(r.stderr, want) {
+		t.Errorf("enforce-determinism = false: no %q, or not built:\n%s", want, r)
+	}
+	if strings.Contains(r.stderr, "(round 3/3)") || !b.isValid(t, out) {
+		t.Errorf("enforce-determinism = false: the rounds did not end at the difference with its outputs registered:\n%s", r)
 	}
 }
 

@@ -61,7 +61,7 @@ func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) 
 	ints := []struct {
 		name string
 		dst  *int
-	}{{"cores", &cfg.Cores}, {"log-lines", &cfg.LogLines}}
+	}{{"cores", &cfg.Cores}, {"log-lines", &cfg.LogLines}, {"repeat", &cfg.Repeat}}
 	for _, x := range ints {
 		n, err := s.Int(x.name, 0)
 		if err != nil || n < 0 {
@@ -107,5 +107,10 @@ func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) 
 		return cfg, fmt.Errorf("nix.conf: %w", err)
 	}
 	cfg.NoBuildLogs = !keepLogs
+	enforce, err := s.Bool("enforce-determinism", true)
+	if err != nil {
+		return cfg, fmt.Errorf("nix.conf: %w", err)
+	}
+	cfg.NoEnforceDeterminism = !enforce
 	return cfg, nil
 }

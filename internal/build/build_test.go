@@ -422,3 +422,82 @@ func joinedCallers(b *Builder, drv storepath.Path) int {
 	defer g.mu.Unlock()
 	return len(g.subs)
 }
+
+// TestRepeatUnsandboxed: repeated builds (Nix's repeat) without the
+// sandbox, where each round writes the outputs in place: rounds that agree
+// register the last round's outputs once; rounds that differ fail
+// (nothing registered, with keep-failed the first round kept at
+// <path>.check) or, with enforce-determinism off, register the round that
+// differed. A caller's repeat of 0 replaces the daemon's.
+func TestRepeatUnsandboxed(t *testing.T) {
+	e := newPlainEnv(t)
+	drvs := e.instantiate(`{
+  same = mk { name = "same"; script = "echo same > $out"; };
+  differs = mk { name = "differs"; script = "cat /proc/sys/kernel/random/uuid > $out"; };
+  kept = mk { name = "kept"; script = "cat /proc/sys/kernel/random/uuid > $out"; };
+  lenient = mk { name = "lenient"; script = "cat /proc/sys/kernel/random/uuid > $out"; };
+  once = mk { name = "once"; script = "cat /proc/sys/kernel/random/uuid > $out"; };
+}`, "same", "differs", "kept", "lenient", "once")
+	b := e.builder(Config{Sandbox: SandboxOff, BuildUsersGroup: "nixbld", Repeat: 2})
+	valid := func(p storepath.Path) bool {
+		ok, err := e.st.IsValidPath(t.Context(), p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ok
+	}
+	outPath := func(drv storepath.Path) storepath.Path {
+		t.Helper()
+		d, err := b.loadDerivation(t.Context(), e.st.Dir().Abs(drv))
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := e.st.Dir().Parse(d.Outputs["out"].Path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+
+	rec := &recorder{}
+	res, err := b.Build(t.Context(), []store.DerivedPath{out(drvs["same"])}, ClientOptions{}, rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := res[0]; r.Status != Built || r.TimesBuilt != 3 || r.NonDeterministic || !valid(r.BuiltOutputs["out"]) || len(rec.started) != 3 {
+		t.Errorf("rounds that agree: %+v, started %d times", r, len(rec.started))
+	}
+
+	res = e.build(b, ClientOptions{}, out(drvs["differs"]))
+	if r := res[0]; r.Status != NotDeterministic || !r.NonDeterministic || !strings.Contains(r.ErrorMsg, "differs from previous round") || valid(outPath(drvs["differs"])) {
+		t.Errorf("rounds that differ: %+v", r)
+	}
+
+	res = e.build(b, ClientOptions{KeepFailed: true}, out(drvs["kept"]))
+	kept := e.st.RealPath(outPath(drvs["kept"])) + checkSuffix
+	if r := res[0]; r.Status != NotDeterministic || !strings.Contains(r.ErrorMsg, "differs from '"+kept+"' from previous round") {
+		t.Errorf("rounds that differ, keep-failed: %+v", r)
+	}
+	if _, err := os.Lstat(kept); err != nil {
+		t.Errorf("keep-failed: the first round is not kept: %v", err)
+	}
+
+	lenient := false
+	rec = &recorder{}
+	res, err = b.Build(t.Context(), []store.DerivedPath{out(drvs["lenient"])}, ClientOptions{EnforceDeterminism: &lenient}, rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := res[0]; r.Status != Built || r.TimesBuilt != 2 || !r.NonDeterministic || !valid(r.BuiltOutputs["out"]) || len(rec.errors) != 1 {
+		t.Errorf("rounds that differ, enforce-determinism off: %+v, errors %q", r, rec.errors)
+	}
+
+	rec = &recorder{}
+	res, err = b.Build(t.Context(), []store.DerivedPath{out(drvs["once"])}, ClientOptions{Repeat: -1}, rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := res[0]; r.Status != Built || r.TimesBuilt != 1 || len(rec.started) != 1 {
+		t.Errorf("a caller's repeat of 0: %+v, started %d times", r, len(rec.started))
+	}
+}

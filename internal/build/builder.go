@@ -150,6 +150,14 @@ type Config struct {
 	// run-diff-hook).
 	DiffHook    string
 	RunDiffHook bool
+	// Repeat builds each derivation that many more times, and compares
+	// the outputs of each round with the previous one's (nix.conf repeat;
+	// fixed-output derivations and builtin builders are built once). With
+	// EnforceDeterminism off (nix.conf enforce-determinism = false), a
+	// difference is reported and the round's outputs registered; on, the
+	// build fails and nothing is registered.
+	Repeat               int
+	NoEnforceDeterminism bool
 	// PostBuildHook is a program run after every successful build with
 	// the outputs' paths (nix.conf post-build-hook); "" means none.
 	PostBuildHook string
@@ -259,7 +267,17 @@ type ClientOptions struct {
 	// MaxLogSize, if not 0, replaces Config.MaxLogSize (a trusted
 	// caller's max-build-log-size); < 0 means no limit.
 	MaxLogSize int64
+	// Repeat, if not 0, replaces Config.Repeat (the caller's repeat,
+	// which any client may send); < 0 means 0.
+	Repeat int
+	// EnforceDeterminism, if not nil, replaces Config's (a trusted
+	// caller's enforce-determinism).
+	EnforceDeterminism *bool
 }
+
+// Round is which build of a derivation a builder runs, of how many
+// (repeat + 1, Nix's rounds); {1, 1} for a derivation built once.
+type Round struct{ N, Of int }
 
 // Progress receives the events of builds a caller waits for; the daemon
 // turns them into logger activities (§3.2 of worker-protocol.md). Methods
@@ -267,8 +285,9 @@ type ClientOptions struct {
 type Progress interface {
 	// BuildStarted: the builder of drv starts, in mode ("building
 	// '<drv>'", "checking outputs of '<drv>'" or "repairing outputs of
-	// '<drv>'"), here (machine "") or on a remote machine.
-	BuildStarted(drv, machine string, mode BuildMode)
+	// '<drv>'"), here (machine "") or on a remote machine, for round
+	// ("building '<drv>' (round 2/3)" when it is built several times).
+	BuildStarted(drv, machine string, mode BuildMode, round Round)
 	// BuildLogLine is one line of the builder's output, without "\n".
 	BuildLogLine(drv, line string)
 	// BuildPhase is a phase the builder announced with
@@ -326,9 +345,11 @@ type Result struct {
 	// HashMismatch: a fixed output's hash was not the one declared.
 	HashMismatch bool
 	TimesBuilt   int
-	StartTime    time.Time // zero if nothing ran
-	StopTime     time.Time
-	BuiltOutputs map[string]storepath.Path // output name -> path, for derivation requests
+	// NonDeterministic: rounds of a repeated build gave different outputs.
+	NonDeterministic bool
+	StartTime        time.Time // zero if nothing ran
+	StopTime         time.Time
+	BuiltOutputs     map[string]storepath.Path // output name -> path, for derivation requests
 }
 
 // Err returns the failure as an error, or nil on success.

@@ -10,8 +10,10 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/nixyard/nixyard/internal/nix/derivation"
+	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
@@ -221,6 +223,7 @@ type goal struct {
 	running    bool
 	stopping   bool   // cancelled once its last waiter left: joined by no one since
 	machine    string // the machine that builds it (a remote build), set before it runs
+	round      Round  // the builder's round, set before it runs
 
 	// Set before done is closed.
 	res     Result
@@ -254,7 +257,7 @@ func (b *Builder) joinGoal(req store.DerivedPath, drv *derivation.Derivation, c 
 	g := &goal{
 		b: b, drvPath: req.Path, drv: drv, owner: c, cancel: cancel, mode: mode, after: old,
 		name: fmt.Sprintf("building of '%s!%s' from .drv file", b.abs(req.Path), outs),
-		done: make(chan struct{}), subs: map[*call]int{}, runningFor: map[*call]bool{},
+		done: make(chan struct{}), subs: map[*call]int{}, runningFor: map[*call]bool{}, round: Round{1, 1},
 	}
 	b.goals[key] = g
 	// Subscribed before it runs: it asks its waiters whether it may build.
@@ -278,7 +281,7 @@ func (g *goal) subscribe(c *call) bool {
 			c.count(0, 1, 0, 0)
 			g.runningFor[c] = true
 			drvAbs := g.b.abs(g.drvPath)
-			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.machine, g.mode) })
+			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.machine, g.mode, g.round) })
 		}
 	}
 	g.subs[c]++
@@ -442,7 +445,7 @@ func (g *goal) setRunning(on bool) {
 			g.runningFor[c] = true
 			c.count(0, 1, 0, 0)
 		}
-		c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.machine, g.mode) })
+		c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.machine, g.mode, g.round) })
 	}
 }
 
@@ -739,7 +742,88 @@ func (g *goal) realise(ctx context.Context) Result {
 	if len(missing) == 0 {
 		return Result{Status: AlreadyValid}
 	}
+	if rounds := g.rounds(j); rounds > 1 {
+		return g.buildRounds(ctx, j, inputs, missing, locks, releaseOnce, rounds)
+	}
 	return j.build(ctx, missing, locks, releaseOnce)
+}
+
+// enforceDeterminism reports whether rounds of a repeated build that
+// differ fail it (enforce-determinism: the owner's, or the daemon's).
+func (g *goal) enforceDeterminism() bool {
+	if e := g.owner.opts.EnforceDeterminism; e != nil {
+		return *e
+	}
+	return !g.b.cfg.NoEnforceDeterminism
+}
+
+// rounds is how many times the goal's builder runs (Nix's repeat + 1):
+// once for a check or repair, a fixed-output derivation (its hash is
+// checked), a builtin builder (run in the daemon) or a remote build.
+func (g *goal) rounds(j *job) int {
+	if g.mode != ModeNormal || j.builtin || j.remote != nil {
+		return 1
+	}
+	if kind, _ := g.drv.Kind(); kind == derivation.FixedOutput {
+		return 1
+	}
+	repeat := g.b.cfg.Repeat
+	if r := g.owner.opts.Repeat; r != 0 {
+		repeat = max(r, 0)
+	}
+	return repeat + 1
+}
+
+// buildRounds builds the missing outputs rounds times, as Nix's repeat:
+// each round's outputs are compared with the previous round's, and only
+// the last round's are registered. first is the prepared job of the
+// first round, which holds a build slot (released by release); the
+// output locks are held throughout. A difference fails the build (with
+// enforce-determinism, Nix's default) or ends the rounds with that
+// round's outputs registered.
+func (g *goal) buildRounds(ctx context.Context, first *job, inputs []storepath.Path, missing map[string]storepath.Path, locks *store.OutputLocks, release func(), rounds int) Result {
+	b := g.b
+	var prev map[string]hash.Hash
+	var start time.Time
+	for n := 1; ; n++ {
+		j := first
+		if n > 1 {
+			var fail *Result
+			if j, fail = g.prepare(ctx, inputs, g.outputs); fail != nil {
+				return *fail
+			}
+			var err error
+			if release, err = b.slots.acquire(ctx, g.owner.client); err != nil {
+				j.cleanup()
+				return g.failf(MiscFailure, "building '%s': %v", b.abs(g.drvPath), err)
+			}
+		}
+		g.mu.Lock()
+		g.round = Round{n, rounds}
+		g.mu.Unlock()
+		j.prev, j.trial = prev, n < rounds
+		rel := sync.OnceFunc(release)
+		res := j.build(ctx, missing, locks, rel)
+		rel() // if the builder never ran
+		if n == 1 {
+			start = res.StartTime
+		}
+		res.StartTime, res.TimesBuilt, res.NonDeterministic = start, n, j.differs
+		done := !res.Status.Success() || !j.trial || j.differs
+		switch {
+		case done && res.Status.Success():
+			j.dropPreviousRound()
+		case !done:
+			prev = j.hashes
+			if n == 1 {
+				j.keepPreviousRound()
+			}
+		}
+		j.cleanup() // before the next round lays out the same sandbox
+		if done {
+			return res
+		}
+	}
 }
 
 // loadDerivation is a derivation.Loader for valid .drv files of the store.

@@ -265,7 +265,7 @@ func (r *recorder) startedList() []string {
 	return slices.Clone(r.started)
 }
 
-func (r *recorder) BuildStarted(drv, _ string, _ BuildMode) {
+func (r *recorder) BuildStarted(drv, _ string, _ BuildMode, _ Round) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.started = append(r.started, drv)

@@ -73,7 +73,21 @@ type job struct {
 	// state, which its two pipes write.
 	remote   *hookProc
 	remoteMu *sync.Mutex
+
+	// A round of a repeated build (repeat, see goal.buildRounds): trial
+	// for all but the last, whose outputs are hashed, compared and not
+	// registered; prev are the NAR hashes of the previous round's
+	// outputs (nil in the first), hashes this round's, and differs is
+	// set when they differ.
+	trial   bool
+	prev    map[string]hash.Hash
+	hashes  map[string]hash.Hash
+	differs bool
 }
+
+// checkSuffix names where an output built again is kept beside the valid
+// one (--check), or a repeated build's first round (Nix's checkSuffix).
+const checkSuffix = ".check"
 
 // prepare makes a job for the goal's builder: the build user, the build
 // directory, the environment and (sandboxed) the chroot layout. It runs
@@ -194,6 +208,7 @@ func (j *job) cleanup() {
 	g := j.g
 	b := g.b
 	if j.tmpDir != "" {
+		defer func() { j.tmpDir = "" }()
 		if j.keep {
 			b.log.Warn("keeping build directory", "drv", j.drvAbs, "dir", j.tmpDir)
 			g.each(func(c *call) {
@@ -207,6 +222,7 @@ func (j *job) cleanup() {
 	}
 	if j.chroot != "" {
 		removeTree(j.chroot)
+		j.chroot = ""
 	}
 	if j.unlockChroot != nil {
 		j.unlockChroot()
@@ -214,6 +230,7 @@ func (j *job) cleanup() {
 	}
 	if j.user != nil {
 		j.user.release()
+		j.user = nil
 	}
 }
 
@@ -333,6 +350,14 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 			}
 		}
 		return j.failf(st, 1, "%s", msg)
+	}
+	if j.trial || j.prev != nil {
+		if f := j.compareRound(ctx); f != nil {
+			return f
+		}
+		if j.trial && !j.differs {
+			return nil // not registered: the next round builds again
+		}
 	}
 	if j.remote != nil {
 		if f := j.checkRemoteOutputs(ctx); f != nil {
@@ -787,14 +812,11 @@ func (j *job) check(ctx context.Context, name string, p storepath.Path, loc stri
 	if err != nil {
 		return nil // not valid: nothing to compare with
 	}
-	if err := nar.Canonicalise(loc); err != nil {
+	h, err := canonicalNarHash(loc)
+	if err != nil {
 		return j.failf(MiscFailure, 1, "output '%s' of '%s': %v", name, j.drvAbs, err)
 	}
-	h := hash.SHA256.New()
-	if err := nar.DumpPath(h, loc); err != nil {
-		return j.failf(MiscFailure, 1, "output '%s' of '%s': %v", name, j.drvAbs, err)
-	}
-	if hash.FromHasher(hash.SHA256, h).Equal(info.NarHash) {
+	if h.Equal(info.NarHash) {
 		return nil
 	}
 	if !j.g.owner.opts.KeepFailed && !b.cfg.KeepFailed && !b.cfg.RunDiffHook {
@@ -802,7 +824,7 @@ func (j *job) check(ctx context.Context, name string, p storepath.Path, loc stri
 	}
 	// As Nix: the new output is kept beside the valid one, for the diff
 	// hook and for whoever looks.
-	dst := b.st.RealPath(p) + ".check"
+	dst := b.st.RealPath(p) + checkSuffix
 	if err := removeTree(dst); err != nil {
 		return j.failf(MiscFailure, 1, "output '%s' of '%s': %v", name, j.drvAbs, err)
 	}
@@ -814,6 +836,101 @@ func (j *job) check(ctx context.Context, name string, p storepath.Path, loc stri
 	}
 	j.diffHook(ctx, b.abs(p), dst)
 	return j.failf(NotDeterministic, 1, "derivation '%s' may not be deterministic: output '%s' differs from '%s'", j.drvAbs, b.st.RealPath(p), dst)
+}
+
+// canonicalNarHash canonicalises the output at loc (as registering it
+// would) and returns the SHA-256 of its NAR.
+func canonicalNarHash(loc string) (hash.Hash, error) {
+	if err := nar.Canonicalise(loc); err != nil {
+		return hash.Hash{}, err
+	}
+	h := hash.SHA256.New()
+	if err := nar.DumpPath(h, loc); err != nil {
+		return hash.Hash{}, err
+	}
+	return hash.FromHasher(hash.SHA256, h), nil
+}
+
+// compareRound hashes the outputs of a round of a repeated build and
+// compares them with the previous round's, as Nix's repeat does. A
+// difference runs the diff hook and fails the build (enforce-determinism)
+// or, without that, is reported to the callers and ends the rounds
+// (j.differs) with this round's outputs.
+func (j *job) compareRound(ctx context.Context) *failure {
+	g := j.g
+	b := g.b
+	j.hashes = map[string]hash.Hash{}
+	for _, name := range sortedOutputs(j.outputs) {
+		loc := j.outputLocation(j.outputs[name])
+		if _, err := os.Lstat(loc); err != nil {
+			return j.failf(OutputRejected, 1, "builder for '%s' failed to produce output path for output '%s' at '%s'", j.drvAbs, name, loc)
+		}
+		h, err := canonicalNarHash(loc)
+		if err != nil {
+			return j.failf(MiscFailure, 1, "output '%s' of '%s': %v", name, j.drvAbs, err)
+		}
+		j.hashes[name] = h
+	}
+	for _, name := range sortedOutputs(j.prev) {
+		if j.hashes[name].Equal(j.prev[name]) {
+			continue
+		}
+		j.differs = true
+		p := j.outputs[name]
+		prev := b.abs(p) + checkSuffix
+		msg := fmt.Sprintf("output '%s' of '%s' differs from previous round", b.abs(p), j.drvAbs)
+		if _, err := os.Lstat(b.st.RealPath(p) + checkSuffix); err == nil {
+			msg = fmt.Sprintf("output '%s' of '%s' differs from '%s' from previous round", b.abs(p), j.drvAbs, prev)
+		}
+		j.diffHook(ctx, b.st.RealPath(p)+checkSuffix, j.outputLocation(p))
+		if g.enforceDeterminism() {
+			return j.failf(NotDeterministic, 1, "%s", msg)
+		}
+		g.each(func(c *call) { c.emit(func(p Progress) { p.Error(msg) }) })
+		return nil
+	}
+	return nil
+}
+
+// keepsRounds reports whether the first round of a repeated build is
+// kept at <path>.check for the diff hook and whoever looks (keep-failed
+// or run-diff-hook, as Nix's keepPreviousRound).
+func (j *job) keepsRounds() bool {
+	b := j.g.b
+	return j.g.owner.opts.KeepFailed || b.cfg.KeepFailed || b.cfg.RunDiffHook
+}
+
+// keepPreviousRound moves the outputs of a repeated build's first round
+// to <path>.check, if keepsRounds.
+func (j *job) keepPreviousRound() {
+	if !j.keepsRounds() {
+		return
+	}
+	b := j.g.b
+	for _, p := range j.outputs {
+		loc, dst := j.outputLocation(p), b.st.RealPath(p)+checkSuffix
+		err := removeTree(dst)
+		if err == nil {
+			err = store.ChownTree(loc, os.Geteuid(), os.Getegid())
+		}
+		if err == nil {
+			err = os.Rename(loc, dst)
+		}
+		if err != nil {
+			b.log.Warn("cannot keep the output of the previous round", "drv", j.drvAbs, "path", dst, "err", err)
+		}
+	}
+}
+
+// dropPreviousRound removes what keepPreviousRound kept, once the rounds
+// agreed.
+func (j *job) dropPreviousRound() {
+	if !j.keepsRounds() {
+		return
+	}
+	for _, p := range j.outputs {
+		removeTree(j.g.b.st.RealPath(p) + checkSuffix)
+	}
 }
 
 // fixedOutputHash hashes a fixed output as its derivation says (flat: the

@@ -233,10 +233,8 @@ func (s *Settings) Text() string {
 
 // unimplemented are settings nix-daemon acts on that nixyard does not,
 // with the values that make them no-ops (Nix's defaults, where nixyard
-// behaves the same): repeated builds and some sandbox details.
+// behaves the same): some sandbox details.
 var unimplemented = map[string][]string{
-	"repeat":                   {"0"},
-	"enforce-determinism":      {"true"},
 	"allowed-impure-host-deps": {""},
 	"impersonate-linux-26":     {"false"},
 }

@@ -211,22 +211,25 @@ func (p *buildProgress) sendCounts() {
 }
 
 // BuildStarted implements build.Progress.
-func (p *buildProgress) BuildStarted(drv, machine string, mode build.BuildMode) {
+func (p *buildProgress) BuildStarted(drv, machine string, mode build.BuildMode, round build.Round) {
 	p.post(false, func() {
-		if id, ok := p.acts[drv]; ok { // a second round (--check): a new activity
+		if id, ok := p.acts[drv]; ok { // another round (--check, repeat): a new activity
 			p.tun.StopActivity(id)
 		}
 		text := fmt.Sprintf("building '%s'", drv)
-		switch mode {
-		case build.ModeCheck:
+		switch {
+		case mode == build.ModeCheck:
 			text = fmt.Sprintf("checking outputs of '%s'", drv)
-		case build.ModeRepair:
+		case mode == build.ModeRepair:
 			text = fmt.Sprintf("repairing outputs of '%s'", drv)
+		case round.Of > 1:
+			text = fmt.Sprintf("building '%s' (round %d/%d)", drv, round.N, round.Of)
 		}
 		if machine != "" {
 			text += fmt.Sprintf(" on '%s'", machine)
 		}
-		p.acts[drv] = p.tun.StartActivity(lvlInfo, actBuild, text, []field{drv, machine, 1, 1}, 0)
+		n, of := max(round.N, 1), max(round.Of, 1)
+		p.acts[drv] = p.tun.StartActivity(lvlInfo, actBuild, text, []field{drv, machine, n, of}, 0)
 	})
 }
 

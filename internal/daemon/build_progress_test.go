@@ -21,7 +21,7 @@ func TestBuildProgressNeverBlocks(t *testing.T) {
 	defer client.Close()
 	p := newBuildProgress(tun, nil)
 	drv := "/nix/store/00000000000000000000000000000000-x.drv"
-	p.BuildStarted(drv, "", build.ModeNormal)
+	p.BuildStarted(drv, "", build.ModeNormal, build.Round{N: 1, Of: 1})
 	for i := 0; i < 3*maxQueuedLines; i++ { // far more than a socket buffer holds
 		p.BuildLogLine(drv, "a line of output that nobody reads for a while")
 		p.BuildsProgress(0, 1, 1, 0)
@@ -83,7 +83,7 @@ func TestRemoteActivities(t *testing.T) {
 	defer client.Close()
 	p := newBuildProgress(tun, nil)
 	drv := "/nix/store/00000000000000000000000000000000-x.drv"
-	p.BuildStarted(drv, "ssh-ng://m", build.ModeNormal)
+	p.BuildStarted(drv, "ssh-ng://m", build.ModeNormal, build.Round{N: 1, Of: 1})
 	p.RemoteActivity(drv, build.RemoteEvent{Action: "start", ID: 7, Level: 3, Type: actBuild, Text: "remote building", Fields: []any{drv, "", uint64(1), uint64(1)}})
 	p.RemoteActivity(drv, build.RemoteEvent{Action: "result", ID: 7, Type: resBuildLogLine, Fields: []any{"remote line"}})
 	p.RemoteActivity(drv, build.RemoteEvent{Action: "result", ID: 8, Type: resBuildLogLine, Fields: []any{"lost line"}})

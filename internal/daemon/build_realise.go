@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/nixyard/nixyard/internal/build"
+	"github.com/nixyard/nixyard/internal/config"
 	"github.com/nixyard/nixyard/internal/realise"
 	"github.com/nixyard/nixyard/internal/store"
 )
@@ -46,7 +47,7 @@ func (rb realiseBuilder) Build(ctx context.Context, targets []store.DerivedPath,
 	out := make([]realise.Result, len(res))
 	for i, r := range res {
 		out[i] = realise.Result{Target: r.Path, Status: realise.Status(r.Status), ErrorMsg: r.ErrorMsg, Outputs: r.BuiltOutputs, Stopped: r.Stopped,
-			TimesBuilt: r.TimesBuilt, StartTime: r.StartTime, StopTime: r.StopTime}
+			TimesBuilt: r.TimesBuilt, StartTime: r.StartTime, StopTime: r.StopTime, NonDeterministic: r.NonDeterministic}
 	}
 	return out, nil
 }
@@ -96,6 +97,16 @@ func (c *conn) buildOptions(mode uint64) build.ClientOptions {
 		}
 	}
 	o.Cores = int(min(s.BuildCores, 1<<16))
+	if v, ok := s.Overrides["repeat"]; ok {
+		if n, err := strconv.ParseUint(v, 10, 16); err == nil {
+			o.Repeat = cmp.Or(int(n), -1) // 0: none, whatever the daemon's
+		}
+	}
+	if v, ok := s.Overrides["enforce-determinism"]; ok { // trusted clients only
+		if e, err := config.ParseBool(v); err == nil {
+			o.EnforceDeterminism = &e
+		}
+	}
 	if v, ok := s.Overrides["max-build-log-size"]; ok { // trusted clients only
 		if n, err := strconv.ParseInt(v, 10, 64); err == nil && n >= 0 {
 			o.MaxLogSize = cmp.Or(n, -1) // 0: no limit

@@ -203,5 +203,5 @@ func ownFailureRank(r realise.Result) int {
 // statuses are the same wire codes.
 func realisedResult(r realise.Result) build.Result {
 	return build.Result{Status: build.Status(r.Status), ErrorMsg: r.ErrorMsg, BuiltOutputs: r.Outputs,
-		TimesBuilt: r.TimesBuilt, StartTime: r.StartTime, StopTime: r.StopTime}
+		TimesBuilt: r.TimesBuilt, StartTime: r.StartTime, StopTime: r.StopTime, NonDeterministic: r.NonDeterministic}
 }

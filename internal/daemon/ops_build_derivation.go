@@ -86,7 +86,7 @@ func (c *conn) writeBuildResult(r build.Result, drvHash string) {
 			start, stop = uint64(r.StartTime.Unix()), uint64(r.StopTime.Unix())
 		}
 		c.out.U64(uint64(r.TimesBuilt))
-		c.out.Bool(false) // isNonDeterministic
+		c.out.Bool(r.NonDeterministic)
 		c.out.U64(start)
 		c.out.U64(stop)
 	}

@@ -67,6 +67,8 @@ type Result struct {
 	// that was built (or failed building); zero otherwise.
 	TimesBuilt          int
 	StartTime, StopTime time.Time
+	// NonDeterministic: rounds of a repeated build (repeat) differed.
+	NonDeterministic bool
 	// noneHad: no cache had the path (NoSubstituters, not a failed fetch).
 	noneHad bool
 }
