@@ -533,6 +533,10 @@ func TestSubstituteActivities(t *testing.T) {
 		return nil
 	}
 	find("querying info about missing paths") // Nix's queryMissing, at debug level
+	// The cache is read for the first time: its nix-cache-info's download.
+	if ci := find(fmt.Sprintf("downloading '%s/nix-cache-info'", srv.URL)); ci != nil && (ci.typ != actFileTransfer || ci.parent != 0) {
+		t.Errorf("nix-cache-info download %+v; want a top-level activity of type %d", *ci, actFileTransfer)
+	}
 	for _, path := range []string{out, dep} {
 		q := find(fmt.Sprintf("querying info about '%s' on '%s'", path, srv.URL))
 		ft := find(fmt.Sprintf("downloading '%s/%s.narinfo'", srv.URL, filepath.Base(path)[:32]))

@@ -369,7 +369,18 @@ func (s *Substituter) upstreams(ctx context.Context) ([]*upstream, error) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				_, err := s.initFlights.do(ctx, up.base, nil, func(ctx context.Context, _ *hub) (struct{}, error) {
+				// As Nix, the caller that reads an HTTP cache's
+				// nix-cache-info first sees its download (talkative).
+				prog := &callerProgress{p: ProgressFrom(ctx)}
+				defer prog.close()
+				_, err := s.initFlights.do(ctx, up.base, nil, func(ctx context.Context, _ *hub) (_ struct{}, err error) {
+					if up.fileRoot == "" {
+						id, url := s.actID.Add(1), up.urlOf("nix-cache-info")
+						prog.Event(Event{Kind: EventStart, Type: ActFileTransfer, ID: id, Upstream: up.base, URL: url})
+						defer func() {
+							prog.Event(Event{Kind: EventStop, Type: ActFileTransfer, ID: id, Upstream: up.base, URL: url, Err: err})
+						}()
+					}
 					return struct{}{}, s.initUpstream(ctx, up)
 				})
 				if err != nil && ctx.Err() == nil {
