@@ -588,7 +588,8 @@ func TestSlotFreedOnceNarRead(t *testing.T) {
 // TestLookupActivities checks the QueryPathInfo activities of narinfo
 // lookups: the caller whose context carries a Progress gets a start and a
 // stop for each lookup it makes, with the narinfo's FileTransfer under it;
-// a lookup answered from the narinfo cache reports nothing.
+// a lookup answered from the narinfo cache reports nothing. The first
+// lookup also reads the cache's nix-cache-info, a FileTransfer of its own.
 func TestLookupActivities(t *testing.T) {
 	srv := serve(t, fixture(t, "xz"))
 	s := newSub(t, newMemStore(), newClock(), []string{srv.URL}, nil)
@@ -597,6 +598,7 @@ func TestLookupActivities(t *testing.T) {
 	open := map[uint64]bool{}
 	parents := map[uint64]uint64{}
 	types := map[uint64]ActivityType{}
+	urls := map[uint64]string{}
 	prog := ProgressFunc(func(e Event) {
 		mu.Lock()
 		defer mu.Unlock()
@@ -606,6 +608,7 @@ func TestLookupActivities(t *testing.T) {
 			open[e.ID] = true
 			parents[e.ID] = e.Parent
 			types[e.ID] = e.Type
+			urls[e.ID] = e.URL
 			if e.Type == ActQueryPathInfo && (e.Upstream != srv.URL || e.Path != fixRoot) {
 				t.Errorf("QueryPathInfo activity for %s on %s, want %s on %s", e.Path, e.Upstream, fixRoot, srv.URL)
 			}
@@ -620,13 +623,15 @@ func TestLookupActivities(t *testing.T) {
 	if _, err := s.QueryPathInfo(ctx, fixRoot); err != nil {
 		t.Fatal(err)
 	}
-	if starts[ActQueryPathInfo] != 1 || starts[ActFileTransfer] != 1 || len(open) != 0 {
-		t.Fatalf("one lookup: %d QueryPathInfo and %d FileTransfer activities, %d left open; want 1, 1, 0",
+	if starts[ActQueryPathInfo] != 1 || starts[ActFileTransfer] != 2 || len(open) != 0 {
+		t.Fatalf("one lookup: %d QueryPathInfo and %d FileTransfer activities, %d left open; want 1, 2, 0",
 			starts[ActQueryPathInfo], starts[ActFileTransfer], len(open))
 	}
 	for id, parent := range parents {
-		if (types[id] == ActFileTransfer) != (parent != 0) || parent != 0 && types[parent] != ActQueryPathInfo {
-			t.Errorf("activity %d (type %d) has parent %d (type %d); want the FileTransfer under the QueryPathInfo", id, types[id], parent, types[parent])
+		cacheInfo := urls[id] == srv.URL+"/nix-cache-info"
+		if (types[id] == ActFileTransfer && !cacheInfo) != (parent != 0) || parent != 0 && types[parent] != ActQueryPathInfo {
+			t.Errorf("activity %d (type %d, %s) has parent %d (type %d); want the narinfo's FileTransfer under the QueryPathInfo, nix-cache-info's apart",
+				id, types[id], urls[id], parent, types[parent])
 		}
 	}
 	if _, err := s.QueryPathInfo(ctx, fixRoot); err != nil {
