@@ -135,8 +135,10 @@ func checkName(name string) error {
 	return nil
 }
 
-// checkTarget reports whether target is acceptable as a symlink target
-// (structurally; see climbsAboveStore for the store policy).
+// checkTarget reports whether target is acceptable as a symlink target.
+// Where it points is not checked: as in Nix, a link may point anywhere
+// (absolute, or relative and out of the store, as some packages' links
+// do), and unpacking never follows one (see Restore).
 func checkTarget(target string) error {
 	switch {
 	case target == "":
@@ -155,29 +157,4 @@ func depthOf(path string) int {
 		return 0
 	}
 	return strings.Count(path, "/") + 1
-}
-
-// climbsAboveStore reports whether a relative symlink target, resolved
-// lexically from a link at entry path linkPath inside <storeDir>/<name>,
-// would at any point go above <storeDir>. The link's directory sits
-// depthOf(linkPath) levels below <storeDir> (the root link itself is an entry
-// of <storeDir>).
-func climbsAboveStore(linkPath, target string) bool {
-	if strings.HasPrefix(target, "/") {
-		return false
-	}
-	level := depthOf(linkPath)
-	for _, c := range strings.Split(target, "/") {
-		switch c {
-		case "", ".":
-		case "..":
-			level--
-			if level < 0 {
-				return true
-			}
-		default:
-			level++
-		}
-	}
-	return false
 }

@@ -279,9 +279,6 @@ func hostileCases() []hostileCase {
 		{"target empty", narOf(symlink("")...), "empty symlink target"},
 		{"target NUL", narOf(symlink("a\x00b")...), "contains NUL"},
 		{"target too long", narOf(symlink(strings.Repeat("a", MaxTargetLen+1))...), "exceeds limit 4096"},
-		{"root link climbs", narOf(symlink("../etc")...), "climbs above"},
-		{"entry link climbs", narOf(dir(entry("l", symlink("../../etc/passwd")...))...), `entry "l": symlink target`},
-		{"nested link climbs", narOf(dir(entry("d", dir(entry("l", symlink("x/../../../../y")...))...))...), "climbs above"},
 		{"too deep", deepNAR(MaxDepth + 1), "deeper than 256"},
 		{"directory bad token", narOf("(", "type", "directory", "name", ")"), `want "entry"`},
 		{"content then garbage", narOf("(", "type", "regular", "contents", "abc", "entry"), `want ")"`},
@@ -312,34 +309,16 @@ func TestAccepted(t *testing.T) {
 		"root link sibling":   narOf(symlink("other-path")...),
 		"entry link sibling":  narOf(dir(entry("l", symlink("../other/bin")...))...),
 		"nested link to root": narOf(dir(entry("d", dir(entry("l", symlink("../../x/./y/..")...))...))...),
-		"max name":            narOf(dir(entry(strings.Repeat("n", MaxNameLen), file(false, "")...))...),
-		"max depth":           deepNAR(MaxDepth),
-		"max target":          narOf(symlink(strings.Repeat("a", MaxTargetLen))...),
+		// Out of the store, as absolute links are (Nix keeps both).
+		"root link climbs":   narOf(symlink("../etc")...),
+		"entry link climbs":  narOf(dir(entry("l", symlink("../../etc/passwd")...))...),
+		"nested link climbs": narOf(dir(entry("d", dir(entry("l", symlink("x/../../../../y")...))...))...),
+		"max name":           narOf(dir(entry(strings.Repeat("n", MaxNameLen), file(false, "")...))...),
+		"max depth":          deepNAR(MaxDepth),
+		"max target":         narOf(symlink(strings.Repeat("a", MaxTargetLen))...),
 	} {
 		if _, err := readAll(bytes.NewReader(b)); err != nil {
 			t.Errorf("%s: %v", name, err)
-		}
-	}
-}
-
-func TestClimbsAboveStore(t *testing.T) {
-	for _, tc := range []struct {
-		path, target string
-		want         bool
-	}{
-		{"", "x", false},
-		{"", "..", true},
-		{"", "./..", true},
-		{"a", "..", false},
-		{"a", "../..", true},
-		{"a/b/c", "../../..", false},
-		{"a/b/c", "../../../..", true},
-		{"a", "x/../../..", true},
-		{"a", "/../../../..", false},
-		{"a", "../x/../y", false},
-	} {
-		if got := climbsAboveStore(tc.path, tc.target); got != tc.want {
-			t.Errorf("climbsAboveStore(%q, %q) = %v, want %v", tc.path, tc.target, got, tc.want)
 		}
 	}
 }
