@@ -950,6 +950,36 @@ func TestBuildRepeat(t *testing.T) {
 	}
 }
 
+// TestBuildLogLatest: `nix log` shows the log of the latest build of a
+// derivation, as with nix-daemon, which writes each build's log afresh:
+// after a failed build and a successful one, and after a --check.
+func TestBuildLogLatest(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	args := b.expr(t, "loglatest", `{
+  flaky = mk { name = "log-latest"; script = "echo attempt-$(cat /proc/sys/kernel/random/uuid); if [ -e /marks/ok ]; then echo > $out; else exit 1; fi"; };
+}`)
+	drv := strings.TrimSpace(b.client("nix-instantiate", append(args, "-A", "flaky")...).ok(t))
+	attempt := regexp.MustCompile(`attempt-[0-9a-f-]{36}`)
+	build := func(extra ...string) string {
+		t.Helper()
+		r := b.nixBuild(append(append(args, "-A", "flaky", "--no-out-link"), extra...)...).run(t)
+		return attempt.FindString(r.stderr)
+	}
+	for i, step := range []struct {
+		ok    bool
+		extra []string
+	}{{false, nil}, {true, nil}, {true, []string{"--check"}}} {
+		if step.ok {
+			writeFile(t, filepath.Join(b.marks, "ok"), "", 0o644)
+		}
+		shown := build(step.extra...)
+		if got := attempt.FindString(b.nix(t, "log", drv)); shown == "" || got != shown {
+			t.Errorf("build %d %v: nix log shows %q, the build printed %q", i+1, step.extra, got, shown)
+		}
+	}
+}
+
 // TestBuildFailureStopsQueued: without --keep-going, a build waiting for
 // a build slot when another of the request's builds fails does not start
 // (to be stopped at once), as with Nix, whose worker handles the failure

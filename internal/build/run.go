@@ -307,7 +307,7 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 	}
 	release()
 	if _, err := j.logFile.Seek(0, io.SeekStart); err == nil && !b.cfg.NoBuildLogs {
-		if err := b.st.AddBuildLog(context.WithoutCancel(ctx), g.drvPath, j.logFile); err != nil {
+		if err := b.st.PutBuildLog(context.WithoutCancel(ctx), g.drvPath, j.logFile); err != nil {
 			b.log.Warn("cannot store build log", "drv", j.drvAbs, "err", err)
 		}
 	}

@@ -270,6 +270,60 @@ func TestAddBuildLog(t *testing.T) {
 	}
 }
 
+// TestPutBuildLogReplaces: a client's log (AddBuildLog) does not replace
+// one already there, as Nix's addBuildLog; the log of a build that ran
+// here (PutBuildLog) does, whichever of the two names the earlier one
+// has, as Nix writes each build's log afresh.
+func TestPutBuildLogReplaces(t *testing.T) {
+	s, root := testStore(t)
+	ctx := context.Background()
+	drv, _ := storepath.ParseBase("55555555555555555555555555555555-x.drv")
+	plain := filepath.Join(root, "nix/var/log/nix/drvs/55/555555555555555555555555555555-x.drv")
+	read := func() string {
+		t.Helper()
+		matches, _ := filepath.Glob(plain + "*")
+		if len(matches) != 1 {
+			t.Fatalf("log files: %v", matches)
+		}
+		f, err := os.Open(matches[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		var r io.Reader = f
+		if strings.HasSuffix(matches[0], ".bz2") {
+			r = bzip2.NewReader(f)
+		}
+		b, err := io.ReadAll(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	if err := s.PutBuildLog(ctx, drv, strings.NewReader("first build\n")); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.AddBuildLog(ctx, drv, strings.NewReader("a client's log\n")); err != nil {
+		t.Fatal(err)
+	}
+	if got := read(); got != "first build\n" {
+		t.Errorf("after a client's log: %q, want the first build's", got)
+	}
+	logs := []string{"second build\n"}
+	if _, err := exec.LookPath("bzip2"); err == nil {
+		// A large log (compressed), then a small one again: one file each time.
+		logs = append(logs, strings.Repeat("a long build\n", 1000), "fourth build\n")
+	}
+	for _, log := range logs {
+		if err := s.PutBuildLog(ctx, drv, strings.NewReader(log)); err != nil {
+			t.Fatal(err)
+		}
+		if got := read(); got != log {
+			t.Errorf("after a build: %d bytes %.20q, want %.20q", len(got), got, log)
+		}
+	}
+}
+
 func TestAddBuildLogLargeCompressed(t *testing.T) {
 	if _, err := exec.LookPath("bzip2"); err != nil {
 		t.Skip("no bzip2")

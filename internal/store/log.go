@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,22 +20,36 @@ import (
 // trivial build.
 const plainLogMax = 4096
 
-// AddBuildLog stores the build log of a derivation where Nix keeps it,
-// <LogDir>/drvs/<first 2 chars>/<rest of the base name>.bz2, unless a log
-// is already there. The log is compressed with the system's bzip2 (Go's
-// standard library only decompresses); logs of at most plainLogMax bytes,
-// and all logs where bzip2 is missing, are stored uncompressed under the
-// name without .bz2, which `nix log` reads as well.
+// AddBuildLog stores a build log a client sends (AddBuildLog) where Nix
+// keeps it, <LogDir>/drvs/<first 2 chars>/<rest of the base name>.bz2,
+// unless a log is already there, as Nix's addBuildLog. The log is
+// compressed with the system's bzip2 (Go's standard library only
+// decompresses); logs of at most plainLogMax bytes, and all logs where
+// bzip2 is missing, are stored uncompressed under the name without .bz2,
+// which `nix log` reads as well.
 func (s *Store) AddBuildLog(ctx context.Context, drv storepath.Path, log io.Reader) error {
+	return s.writeBuildLog(ctx, drv, log, false)
+}
+
+// PutBuildLog stores the log of a build that ran for this store, as
+// AddBuildLog does, but replacing the log of an earlier build: Nix writes
+// each build's log afresh, so that `nix log` shows the latest.
+func (s *Store) PutBuildLog(ctx context.Context, drv storepath.Path, log io.Reader) error {
+	return s.writeBuildLog(ctx, drv, log, true)
+}
+
+func (s *Store) writeBuildLog(ctx context.Context, drv storepath.Path, log io.Reader, replace bool) error {
 	if !drv.IsDerivation() {
 		return fmt.Errorf("store: build log for %s: not a derivation", s.abs(drv))
 	}
 	base := drv.String()
 	dir := filepath.Join(s.cfg.LogDir, "drvs", base[:2])
 	logPath := filepath.Join(dir, base[2:])
-	for _, p := range []string{logPath, logPath + ".bz2"} {
-		if _, err := os.Stat(p); err == nil {
-			return nil
+	if !replace {
+		for _, p := range []string{logPath, logPath + ".bz2"} {
+			if _, err := os.Stat(p); err == nil {
+				return nil
+			}
 		}
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -56,9 +71,14 @@ func (s *Store) AddBuildLog(ctx context.Context, drv storepath.Path, log io.Read
 	if bzip2 == "" {
 		dest = logPath
 	}
-	tmp := fmt.Sprintf("%s.tmp.%d", dest, os.Getpid())
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	f, err := os.CreateTemp(dir, filepath.Base(dest)+".tmp.")
 	if err != nil {
+		return fmt.Errorf("store: writing %s: %w", dest, err)
+	}
+	tmp := f.Name()
+	if err := f.Chmod(0o644); err != nil {
+		f.Close()
+		os.Remove(tmp)
 		return fmt.Errorf("store: writing %s: %w", dest, err)
 	}
 	if bzip2 != "" {
@@ -78,6 +98,15 @@ func (s *Store) AddBuildLog(ctx context.Context, drv storepath.Path, log io.Read
 	if err != nil {
 		os.Remove(tmp)
 		return fmt.Errorf("store: writing %s: %w", dest, errors.Join(err))
+	}
+	// An earlier log under the other name would be read instead (nix log
+	// tries the plain name first) or kept beside.
+	other := logPath
+	if dest == logPath {
+		other = logPath + ".bz2"
+	}
+	if err := os.Remove(other); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("store: removing the earlier log %s: %w", other, err)
 	}
 	return nil
 }
