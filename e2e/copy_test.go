@@ -1,6 +1,8 @@
 package e2e
 
 import (
+	"errors"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -114,6 +116,15 @@ func TestCopyFromDaemon(t *testing.T) {
 		if w := d.nixStore(t, q...); got != w {
 			t.Errorf("nix-store %s over ssh-ng: %q; over the socket: %q", strings.Join(q, " "), got, w)
 		}
+	}
+	// The NAR of a path that is not valid (collected meanwhile, say)
+	// fails; a Nix 2.8 client reads on after the op's error, so the
+	// connection must end there, as nix-daemon's does.
+	missing := filepath.Join(filepath.Dir(out), strings.Repeat("0", 32)+"-missing")
+	r := d.cmd("timeout", "60", "nix", "store", "dump-path", "--store", ssh, missing).run(t)
+	var ee *exec.ExitError
+	if !errors.As(r.err, &ee) || ee.ExitCode() == 124 {
+		t.Errorf("dump-path of a path that is not valid over ssh-ng: want a failure, not a hang:\n%s", r)
 	}
 }
 

@@ -221,9 +221,12 @@ func opNarFromPathHandler(ctx context.Context, c *conn) error {
 		return err
 	}
 	// Check validity while an error can still be reported: after
-	// STDERR_LAST the NAR follows unframed.
+	// STDERR_LAST the NAR follows unframed. The connection ends after the
+	// error, as nix-daemon's does (it fails in the dump, after
+	// STDERR_LAST): a Nix 2.8 client drops the error and reads the NAR,
+	// which would never come.
 	if _, err := c.st.QueryPathInfo(ctx, p); err != nil {
-		return c.storeErr(p, err)
+		return fatal(c.storeErr(p, err))
 	}
 	c.st.Touch(p)
 	c.stopWork()
