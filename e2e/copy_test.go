@@ -117,6 +117,12 @@ func TestCopyFromDaemon(t *testing.T) {
 			t.Errorf("nix-store %s over ssh-ng: %q; over the socket: %q", strings.Join(q, " "), got, w)
 		}
 	}
+	// The daemon's own log lines stay off the ssh-ng user's terminal (the
+	// earlier ssh-ng daemons left temporary roots files that a collection
+	// removes, which nixyard logs), as nix-daemon --stdio writes none.
+	if r := d.cmd("nix", "store", "gc", "--dry-run", "--store", ssh).run(t); r.err != nil || strings.Contains(r.stderr, "level=") {
+		t.Errorf("nix store gc --dry-run over ssh-ng:\n%s", r)
+	}
 	// The NAR of a path that is not valid (collected meanwhile, say)
 	// fails; a Nix 2.8 client reads on after the op's error, so the
 	// connection must end there, as nix-daemon's does.

@@ -47,7 +47,8 @@ const daemonUsage = `usage: nixyard daemon [options]
   --size-budget SIZE    keep the store's paths under SIZE of NAR (e.g. 200G; K, M, G, T are
                         powers of 1024), collecting the least recently used dead paths first
   --option NAME VALUE   override a nix.conf setting
-  --log-level LEVEL     debug, info, warn or error (default info)
+  --log-level LEVEL     debug, info, warn or error (default info; error with --stdio, whose
+                        standard error is the ssh-ng user's terminal)
 
 Environment: NIX_STORE_DIR, NIX_STATE_DIR, NIX_LOG_DIR, NIX_CONF_DIR, NIX_DAEMON_SOCKET_PATH, NIX_CONFIG.
 `
@@ -58,6 +59,7 @@ type daemonOptions struct {
 	stdio     bool
 	overrides [][2]string
 	logLevel  slog.Level
+	levelSet  bool // --log-level was given
 	listens   []daemon.ListenSpec
 	metrics   string // --metrics-listen address, "" for none
 	cache     string // --cache-listen address, "" for none
@@ -121,6 +123,7 @@ func parseDaemonArgs(args []string) (daemonOptions, error) {
 			var v string
 			if v, err = need(); err == nil {
 				err = o.logLevel.UnmarshalText([]byte(v))
+				o.levelSet = true
 			}
 		case "-h", "--help":
 			fmt.Print(daemonUsage)
@@ -151,6 +154,12 @@ func runDaemon(ctx context.Context, args []string) error {
 	}
 	if err != nil {
 		return err
+	}
+	if opts.stdio && !opts.levelSet {
+		// ssh-ng shows the remote program's standard error to the user,
+		// who gets what concerns them through the protocol: only errors
+		// here, as nix-daemon --stdio writes nothing of its own.
+		opts.logLevel = slog.LevelError
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: opts.logLevel}))
 	if err := timerslack.Widen(timerslack.Daemon); err != nil {
