@@ -295,6 +295,32 @@ func TestOptimise(t *testing.T) {
 	if st.Mode&0o7777 != 0o444 || st.Mtim.Sec != 1 {
 		t.Errorf("%s: mode %o, mtime %d after optimising; want 444 and 1", f1, st.Mode&0o7777, st.Mtim.Sec)
 	}
+	// What Nix's optimiser warns of reaches the client: a file left
+	// writable, and a link in .links that is not the file it names
+	// (removed, then made again).
+	odd := oneLine(t, "add", d.nixStore(t, "--add", d.mkTree(t, "opt/odd", tree{"writable.txt": "odd", "linked.txt": "four"})))
+	writable, linked := filepath.Join(d.realPath(odd), "writable.txt"), filepath.Join(d.realPath(odd), "linked.txt")
+	os.Chmod(d.realPath(odd), 0o755)
+	if err := os.Chmod(writable, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(d.realPath(odd), 0o555)
+	corrupt := filepath.Join(d.root, "nix/store/.links", strings.TrimSpace(d.cmd("nix-hash", "--type", "sha256", "--base32", linked).ok(t)))
+	writeFile(t, corrupt, "not the file", 0o444)
+	or := d.nixStoreRun(t, "--optimise", "-v")
+	for _, want := range []string{
+		"warning: skipping suspicious writable file '" + writable + "'",
+		"warning: removing corrupted link '" + corrupt + "'",
+		"You should run `nix-store --verify --check-contents --repair` to fix them all",
+		"hash inodes",
+	} {
+		if or.err != nil || !strings.Contains(or.stderr, want) {
+			t.Errorf("nix-store --optimise -v: no %q:\n%s", want, or)
+		}
+	}
+	if inode(t, corrupt) != inode(t, linked) {
+		t.Errorf("the corrupted link %s was not made again", corrupt)
+	}
 	links, err := os.ReadDir(filepath.Join(d.root, "nix/store/.links"))
 	if err != nil || len(links) == 0 {
 		t.Errorf("nix/store/.links: %d entries, %v; want the shared file's link", len(links), err)

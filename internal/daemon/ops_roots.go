@@ -161,6 +161,7 @@ func opOptimiseStoreHandler(ctx context.Context, c *conn) error {
 			linked++
 			c.tun.Result(pathAct, resFileLinked, []field{bytesFreed, blocksFreed})
 		},
+		Log: func(l store.LogLevel, msg string) { c.tun.LogText(Verbosity(l), msg) },
 	})
 	endPath()
 	c.tun.StopActivity(act)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"strings"
 
 	"golang.org/x/sys/unix"
 
@@ -41,7 +42,8 @@ func (s *Store) OptimiseStore(ctx context.Context, ev OptimiseEvents) error {
 	ss := s.OpenSession()
 	ss.passive = true
 	defer ss.Close()
-	o := optimiser{s: s, links: links, inodes: inodes, onLinked: ev.Linked}
+	o := optimiser{s: s, links: links, inodes: inodes, onLinked: ev.Linked, log: ev.Log}
+	o.say(LogTalkative, fmt.Sprintf("loaded %d hash inodes", len(inodes)))
 	if ev.Progress != nil {
 		ev.Progress(0, len(paths))
 	}
@@ -81,6 +83,10 @@ type OptimiseEvents struct {
 	// Linked: a file was replaced by a link, freeing these bytes and
 	// 512-byte blocks.
 	Linked func(bytesFreed, blocksFreed uint64)
+	// Log gets the messages Nix's optimiser gives its client, at its
+	// levels (warnings start with "warning: "); they are in the daemon's
+	// log too.
+	Log VerifyLog
 }
 
 // optimiseNew hard-links the files of a new path (tree, on the host) to
@@ -108,6 +114,21 @@ type optimiser struct {
 	links    string
 	inodes   map[uint64]bool
 	onLinked func(bytesFreed, blocksFreed uint64)
+	log      VerifyLog // nil: the daemon's log only
+}
+
+// say tells msg to the client (if any) at level; warnings, and the
+// failures to link, go to the daemon's log too.
+func (o *optimiser) say(level LogLevel, msg string) {
+	if o.log != nil {
+		o.log(level, msg)
+	}
+	switch {
+	case level == LogWarn:
+		o.s.log.Warn(strings.TrimPrefix(msg, "warning: "))
+	case level <= LogInfo:
+		o.s.log.Info(msg)
+	}
 }
 
 func (o *optimiser) optimise(ctx context.Context, path string) error {
@@ -135,7 +156,7 @@ func (o *optimiser) optimise(ctx context.Context, path string) error {
 		return nil
 	}
 	if st.Mode&unix.S_IWUSR != 0 {
-		o.s.log.Warn("skipping suspicious writable file", "path", path)
+		o.say(LogWarn, fmt.Sprintf("warning: skipping suspicious writable file '%s'", path))
 		return nil
 	}
 	if st.Nlink > 1 && o.inodes[st.Ino] {
@@ -148,7 +169,8 @@ func (o *optimiser) optimise(ctx context.Context, path string) error {
 	linkPath := o.links + "/" + nixbase32.EncodeToString(h.Digest)
 	var lst unix.Stat_t
 	if err := unix.Lstat(linkPath, &lst); err == nil && lst.Size != st.Size {
-		o.s.log.Warn("removing corrupted link", "path", linkPath)
+		o.say(LogWarn, fmt.Sprintf("warning: removing corrupted link '%s'", linkPath))
+		o.say(LogWarn, "warning: There may be more corrupted paths.\nYou should run `nix-store --verify --check-contents --repair` to fix them all")
 		unix.Unlink(linkPath)
 	}
 	if err := unix.Lstat(linkPath, &lst); errors.Is(err, unix.ENOENT) {
@@ -160,7 +182,7 @@ func (o *optimiser) optimise(ctx context.Context, path string) error {
 		case errors.Is(err, unix.EEXIST):
 			// Another process made it first: link to theirs.
 		case errors.Is(err, unix.ENOSPC):
-			o.s.log.Info("cannot link", "link", linkPath, "path", path, "err", err)
+			o.say(LogInfo, fmt.Sprintf("cannot link '%s' to '%s': %s", linkPath, path, unix.ENOSPC.Error()))
 			return nil
 		default:
 			return fmt.Errorf("store: cannot link %s to %s: %w", linkPath, path, err)
