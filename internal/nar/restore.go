@@ -58,6 +58,9 @@ func restore(ctx context.Context, r io.Reader, dest string, canonical bool) (err
 		}
 	}()
 	if err := rs.run(); err != nil {
+		if errors.Is(err, ErrInvalid) {
+			return err // the NAR's fault: where it was going is noise
+		}
 		return fmt.Errorf("nar: restore %s: %w", dest, err)
 	}
 	return nil

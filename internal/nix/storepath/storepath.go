@@ -10,6 +10,7 @@ import (
 	"path"
 	"slices"
 	"strings"
+	"unicode"
 
 	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/nix/nixbase32"
@@ -61,8 +62,10 @@ func CheckName(name string) error {
 		switch {
 		case c >= '0' && c <= '9', c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z':
 		case strings.IndexByte("+-._?=", c) >= 0:
-		default:
-			return fmt.Errorf("name contains forbidden character %q", c)
+		case c < 0x80 && unicode.IsPrint(rune(c)):
+			return fmt.Errorf("name contains forbidden character '%c'", c)
+		default: // a control character, or a byte of a UTF-8 sequence
+			return fmt.Errorf("name contains forbidden byte '\\x%02x'", c)
 		}
 	}
 	return nil

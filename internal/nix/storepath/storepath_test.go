@@ -44,3 +44,18 @@ func TestMakePaths(t *testing.T) {
 		t.Errorf("flat fixed path = %s, want %s", got, want)
 	}
 }
+
+// TestCheckNameMessages: a forbidden printable character is named as it
+// is; a byte of a UTF-8 sequence or a control character by its value,
+// not as the Latin-1 character it would be alone.
+func TestCheckNameMessages(t *testing.T) {
+	for name, want := range map[string]string{
+		"a b":    "name contains forbidden character ' '",
+		"\u00fc": `name contains forbidden byte '\xc3'`,
+		"a\tb":   `name contains forbidden byte '\x09'`,
+	} {
+		if err := CheckName(name); err == nil || err.Error() != want {
+			t.Errorf("CheckName(%q) = %v, want %q", name, err, want)
+		}
+	}
+}
