@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -1130,5 +1131,22 @@ func TestSubstituteFileCacheReadOnce(t *testing.T) {
 	r := d.client("nix-store", "-r", p, "-vv").run(t)
 	if n := strings.Count(r.stderr, fmt.Sprintf("querying info about '%s' on '%s'", p, url)); r.err != nil || n != 1 {
 		t.Errorf("the narinfo was queried %d times, want 1:\n%s", n, r)
+	}
+}
+
+// TestRealiseUnknownPaths: `nix-store -r` of paths that no cache has
+// fails as with nix-daemon: the client's "don't know how to build these
+// paths", then only "build of … failed", for one path as for several
+// (Nix's substitution goal ends without an error of its own to log).
+func TestRealiseUnknownPaths(t *testing.T) {
+	t.Parallel()
+	d := startDaemon(t)
+	missing := []string{randomStorePath(t, "unknown-a"), randomStorePath(t, "unknown-b")}
+	for _, paths := range [][]string{missing[:1], missing} {
+		stderr := d.client("nix-store", append([]string{"-r"}, paths...)...).fails(t)
+		want := fmt.Sprintf("error: build of '%s' failed", strings.Join(slices.Sorted(slices.Values(paths)), "', '"))
+		if !strings.Contains(stderr, want) || strings.Contains(stderr, "is required") {
+			t.Errorf("nix-store -r %v: want %q and no other error:\n%s", paths, want, stderr)
+		}
 	}
 }

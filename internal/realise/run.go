@@ -459,7 +459,10 @@ func (r *Realiser) SubstitutePaths(ctx context.Context, paths []storepath.Path, 
 
 // CombinedError is the error Nix's buildPaths throws for results: the one
 // failure's message, or "build of … failed" naming every failed target;
-// nil if all succeeded.
+// nil if all succeeded. A path that no cache has fails with no message of
+// its own (Nix's substitution goal ends without an error to log), so
+// `nix-store -r` of it says only "build of … failed", after the client's
+// "don't know how to build these paths".
 func (r *Realiser) CombinedError(results []Result) error {
 	var failed, msgs []string
 	for _, res := range results {
@@ -467,7 +470,7 @@ func (r *Realiser) CombinedError(results []Result) error {
 			continue
 		}
 		failed = append(failed, r.m.st.Dir().Abs(res.Target.Path))
-		if !res.Stopped {
+		if !res.Stopped && !res.noneHad {
 			msgs = append(msgs, res.ErrorMsg)
 		}
 	}
