@@ -980,6 +980,26 @@ func TestBuildLogLatest(t *testing.T) {
 	}
 }
 
+// TestBuildLogLines: a failure shows the last log-lines lines of the
+// builder's output: the daemon's setting, or a trusted client's (0: none),
+// as with nix-daemon.
+func TestBuildLogLines(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t, "log-lines = 4")
+	args := b.expr(t, "loglines", `{
+  loud = mk { name = "log-lines-loud"; script = "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do echo line-$i; done; exit 1"; };
+}`)
+	for _, tc := range []struct {
+		extra []string
+		want  string
+	}{{nil, "last 4 log lines:"}, {[]string{"--log-lines", "2"}, "last 2 log lines:"}, {[]string{"--log-lines", "0"}, ""}} {
+		stderr := b.nixBuild(append(append(args, "-A", "loud", "--no-out-link"), tc.extra...)...).fails(t)
+		if (tc.want == "") == strings.Contains(stderr, "log lines:") || tc.want != "" && !strings.Contains(stderr, tc.want) || strings.Contains(stderr, "ignoring the setting") {
+			t.Errorf("%v: want %q:\n%s", tc.extra, tc.want, stderr)
+		}
+	}
+}
+
 // TestBuildFailureStopsQueued: without --keep-going, a build waiting for
 // a build slot when another of the request's builds fails does not start
 // (to be stopped at once), as with Nix, whose worker handles the failure

@@ -69,6 +69,9 @@ func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) 
 		}
 		*x.dst = int(n)
 	}
+	if _, set := s.Lookup("log-lines"); set && cfg.LogLines == 0 {
+		cfg.LogLines = -1 // none, where the Builder's 0 means Nix's default
+	}
 	durations := []struct {
 		name string
 		dst  *time.Duration

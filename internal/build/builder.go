@@ -117,7 +117,7 @@ type Config struct {
 	// NoBuildLogs keeps no build logs (nix.conf keep-build-log = false).
 	NoBuildLogs bool
 	// LogLines is how many last log lines a failure message shows (nix.conf
-	// log-lines); 0 means 10.
+	// log-lines); 0 means 10, < 0 none.
 	LogLines int
 	// Logger receives the builder's own diagnostics; nil discards them.
 	Logger *slog.Logger
@@ -267,6 +267,9 @@ type ClientOptions struct {
 	// MaxLogSize, if not 0, replaces Config.MaxLogSize (a trusted
 	// caller's max-build-log-size); < 0 means no limit.
 	MaxLogSize int64
+	// LogLines, if not 0, replaces Config.LogLines (a trusted caller's
+	// log-lines); < 0 means none.
+	LogLines int
 	// Repeat, if not 0, replaces Config.Repeat (the caller's repeat,
 	// which any client may send); < 0 means 0.
 	Repeat int
@@ -492,7 +495,7 @@ func New(cfg Config, st *store.Store) (*Builder, error) {
 	if cfg.Cores <= 0 {
 		cfg.Cores = runtime.NumCPU()
 	}
-	if cfg.LogLines <= 0 {
+	if cfg.LogLines == 0 {
 		cfg.LogLines = 10
 	}
 	if cfg.System == "" {

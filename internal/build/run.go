@@ -696,10 +696,21 @@ func (j *job) logLine(line string) {
 		}
 	}
 	j.logTail = append(j.logTail, line)
-	if n := j.g.b.cfg.LogLines; len(j.logTail) > n {
+	if n := j.logLines(); len(j.logTail) > n {
 		j.logTail = j.logTail[len(j.logTail)-n:]
 	}
 	j.g.each(func(c *call) { c.emit(func(p Progress) { p.BuildLogLine(j.drvAbs, line) }) })
+}
+
+// logLines is how many last lines of the builder's output a failure
+// message shows: the log-lines of the caller that started the build (a
+// trusted one's), or the daemon's.
+func (j *job) logLines() int {
+	n := j.g.b.cfg.LogLines
+	if o := j.g.owner.opts.LogLines; o != 0 {
+		n = o
+	}
+	return max(n, 0)
 }
 
 // statusString is Nix's statusToString for a failed builder.

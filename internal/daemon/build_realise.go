@@ -97,6 +97,11 @@ func (c *conn) buildOptions(mode uint64) build.ClientOptions {
 		}
 	}
 	o.Cores = int(min(s.BuildCores, 1<<16))
+	if v, ok := s.Overrides["log-lines"]; ok { // trusted clients only
+		if n, err := strconv.ParseUint(v, 10, 16); err == nil {
+			o.LogLines = cmp.Or(int(n), -1) // 0: none, whatever the daemon's
+		}
+	}
 	if v, ok := s.Overrides["repeat"]; ok {
 		if n, err := strconv.ParseUint(v, 10, 16); err == nil {
 			o.Repeat = cmp.Or(int(n), -1) // 0: none, whatever the daemon's

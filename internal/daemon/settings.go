@@ -142,7 +142,6 @@ var fixedSettings = map[string]string{
 	"run-diff-hook":        "false",
 	"keep-build-log":       "true",
 	"compress-build-log":   "true",
-	"log-lines":            "10",
 	"secret-key-files":     "",
 	"auto-optimise-store":  "false",
 	"min-free":             "0",
