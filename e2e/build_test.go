@@ -365,8 +365,9 @@ func TestBuildFailures(t *testing.T) {
 		if m == nil {
 			t.Fatalf("no kept build directory in:\n%s", stderr)
 		}
-		if st, err := os.Stat(m[1]); err != nil || !st.IsDir() {
-			t.Errorf("kept build directory %s: %v", m[1], err)
+		// As Nix leaves it: open to the user who debugs the build.
+		if st, err := os.Stat(m[1]); err != nil || !st.IsDir() || st.Mode().Perm() != 0o755 {
+			t.Errorf("kept build directory %s: %v, %v (want a directory, mode 755)", m[1], st.Mode(), err)
 		}
 		// Named as by Nix, where users look for it.
 		if !regexp.MustCompile(`^nix-build-fails\.drv-[0-9]+$`).MatchString(filepath.Base(m[1])) {

@@ -210,6 +210,10 @@ func (j *job) cleanup() {
 	if j.tmpDir != "" {
 		defer func() { j.tmpDir = "" }()
 		if j.keep {
+			// As Nix: open to the user who debugs the build.
+			if err := os.Chmod(j.tmpDir, 0o755); err != nil {
+				b.log.Warn("cannot open the kept build directory", "dir", j.tmpDir, "err", err)
+			}
 			b.log.Warn("keeping build directory", "drv", j.drvAbs, "dir", j.tmpDir)
 			g.each(func(c *call) {
 				c.emit(func(p Progress) {
