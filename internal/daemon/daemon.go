@@ -239,6 +239,8 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 		c.session, release = c.openSession()
 		defer release()
 	}
+	// What file:// caches tell this connection's lookups, for all its ops.
+	ctx = substitute.WithConnNarinfos(ctx, &c.narinfos)
 	ops := 0
 	defer func() { log.Debug("connection closed", "ops", ops) }()
 	// Decided once per connection: the op loop is the hot path, and a
@@ -331,7 +333,6 @@ func (c *conn) perform(ctx context.Context, op uint64) error {
 	if t, ok := c.narinfoTTLs(); ok {
 		ctx = substitute.WithNarinfoTTLs(ctx, t)
 	}
-	ctx = substitute.WithConnNarinfos(ctx, &c.narinfos)
 	ctx = store.WithClientLog(ctx, func(msg string) { c.tun.Log(lvlInfo, msg) })
 	return h(ctx, c)
 }
