@@ -224,9 +224,9 @@ func TestSubstituteFallback(t *testing.T) {
 }
 
 // TestSubstituteIncompleteClosure: a cache that has a derivation's output
-// but not a path that output refers to is no reason to fail: the
-// derivation is built, as Nix builds it, and nothing is fetched (Nix
-// fetches the output first).
+// but not a path that output refers to (an input derivation's output) is
+// no reason to fail: as with Nix (its retrySubstitution), the input is
+// built, then the output fetched, once, rather than built.
 func TestSubstituteIncompleteClosure(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
@@ -242,9 +242,8 @@ func TestSubstituteIncompleteClosure(t *testing.T) {
 	if r.err != nil || strings.TrimSpace(r.stdout) != out {
 		t.Fatalf("nix-build with an incomplete closure in the cache:\n%s", r)
 	}
-	// nix-daemon downloads the output before it finds the reference missing.
-	if n := srv.Count(narURL(t, cacheDir, out)); n != 0 && !useStock {
-		t.Errorf("the NAR of the output whose closure the cache lacks was fetched %d times", n)
+	if n := srv.Count(narURL(t, cacheDir, out)); n != 1 || !strings.Contains(r.stderr, "-subst-incomplete-dep.drv'...") || strings.Contains(r.stderr, "-subst-incomplete.drv'...") {
+		t.Errorf("the NAR of the output whose closure the cache lacks was fetched %d times, want 1 after the input's build and no build of its own:\n%s", n, r)
 	}
 	d.assertFixture(t, out, dep)
 }
@@ -354,6 +353,19 @@ func TestSubstitutePriorities(t *testing.T) {
 		}
 	}
 	d.verifyStopped(t)
+
+	// A cache that states no priority (as `nix copy --to file://` makes
+	// one) has Nix's 0: it comes before b, though listed after it.
+	c := filepath.Join(e.dir, "c")
+	e.fillCache(t, other, c, "zstd", "", out)
+	writeFile(t, filepath.Join(c, "nix-cache-info"), "StoreDir: /nix/store\n", 0o644)
+	sc := cachetest.New(c)
+	defer sc.Close()
+	d2 := newEnv(t).startDaemon(t, withConf("substituters = "+sb.URL+" "+sc.URL, "require-sigs = false"))
+	d2.nixStore(t, "-r", out)
+	if nb, nc := sb.Count(narURL(t, b, out)), sc.Count(narURL(t, c, out)); nb != 1 || nc != 1 {
+		t.Errorf("%s: NAR fetched %d more times from priority 20, %d from a cache with no priority; want 0 and 1", out, nb-1, nc)
+	}
 }
 
 func TestSubstituteFaults(t *testing.T) {
@@ -1149,4 +1161,27 @@ func TestRealiseUnknownPaths(t *testing.T) {
 			t.Errorf("nix-store -r %v: want %q and no other error:\n%s", paths, want, stderr)
 		}
 	}
+}
+
+// TestSubstituteNARGone: a cache that has a runtime dependency's narinfo
+// but has lost its NAR is as one that never had it (Nix's
+// SubstituteGone): the dependency, an input derivation, is built, with no
+// need for --fallback, and the output then fetched.
+func TestSubstituteNARGone(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	cacheDir, outs, deps := e.cachedFixtures(t, "zstd", "", "subst-nar-gone")
+	out, dep := outs[0], deps[0]
+	if err := os.Remove(filepath.Join(cacheDir, narURL(t, cacheDir, dep))); err != nil {
+		t.Fatal(err)
+	}
+	srv := cachetest.New(cacheDir)
+	defer srv.Close()
+	d := e.startDaemon(t, withConf("substituters = "+srv.URL, "require-sigs = false"))
+	r := d.client("nix-build", append([]string{"--no-out-link"}, e.fixtureArgs(t, "subst-nar-gone")...)...).run(t)
+	if r.err != nil || strings.TrimSpace(r.stdout) != out || !strings.Contains(r.stderr, "-subst-nar-gone-dep.drv'...") ||
+		strings.Contains(r.stderr, "-subst-nar-gone.drv'...") || !strings.Contains(r.stderr, "copying path '"+out+"'") {
+		t.Errorf("want the dependency built and %s fetched:\n%s", out, r)
+	}
+	d.assertFixture(t, out, dep)
 }

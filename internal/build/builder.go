@@ -206,6 +206,10 @@ type Substituter interface {
 	// have all of that (a build, then, as Nix decides); err with ok is a
 	// download that failed.
 	Substitute(ctx context.Context, paths []storepath.Path) (ok bool, err error)
+	// Incomplete reports whether the caches have paths but not all of
+	// their closures (then the goal looks again once its inputs are
+	// built, as Nix's retrySubstitution).
+	Incomplete(ctx context.Context, paths []storepath.Path) bool
 }
 
 // BuildMode is Nix's build mode (0 Normal, 1 Repair, 2 Check).

@@ -554,6 +554,17 @@ func (g *goal) realise(ctx context.Context) Result {
 		}
 	}
 
+	// As Nix's retrySubstitution: outputs that a cache has without all of
+	// their closure (a runtime dependency that is one of the inputs, say,
+	// which will be built) are looked for again once the inputs are there,
+	// and fetched rather than built.
+	retry := false
+	if caller := g.caller(); g.mode == ModeNormal && allowSubst && len(g.drv.InputDrvs) > 0 && caller.opts.Substituter != nil {
+		if _, valid, err := b.validOutputs(ctx, g.drv, sortedOutputs(outPaths)); err == nil && !valid {
+			retry = caller.opts.Substituter.Incomplete(ctx, slices.Collect(maps.Values(outPaths)))
+		}
+	}
+
 	// Inputs, in parallel. Unless the caller keeps going, the first input
 	// that fails stops waiting for the others (as Nix's goals stop
 	// waiting for their other waitees).
@@ -642,6 +653,13 @@ func (g *goal) realise(ctx context.Context) Result {
 		r := g.failf(DependencyFailed, "%d dependencies of derivation '%s' failed to build", nFailed, drvAbs)
 		r.noLocalBuilds = noBuilds
 		return r
+	}
+	if retry {
+		// The inputs are there now: the outputs may come from the cache
+		// after all.
+		if r, ok := g.caller().trySubstitute(ctx, g.drvPath, outPaths); ok {
+			return r
+		}
 	}
 	inputs, err := b.st.QueryClosure(ctx, closure)
 	if err != nil {

@@ -104,6 +104,11 @@ type BuildSubstituter interface {
 	// have all of that (a build, then, as Nix decides); err with ok is a
 	// download that failed.
 	Substitute(ctx context.Context, paths []storepath.Path) (ok bool, err error)
+	// Incomplete reports whether the caches have paths but not all that
+	// they refer to, directly or not: what Nix's retrySubstitution is
+	// for, where the missing ones are a derivation's inputs, which it
+	// builds before it looks again.
+	Incomplete(ctx context.Context, paths []storepath.Path) bool
 }
 
 // Progress receives the activities of the substitutions a caller waits

@@ -350,6 +350,11 @@ func (r *Realiser) realiseOne(ctx context.Context, t store.DerivedPath, prog Pro
 		if ctx.Err() != nil {
 			return res, false, ctx.Err()
 		}
+		if substitute.Gone(err) {
+			// As Nix: a cache that lost a NAR is as one that never had it.
+			r.m.log.Info("a cache no longer has a NAR of the outputs; building", "drv", abs, "err", err)
+			return res, true, nil
+		}
 		if r.fallback {
 			r.m.log.Warn("substituting outputs failed; falling back to building", "drv", abs, "err", err)
 			return res, true, nil
@@ -541,7 +546,8 @@ func (r *Realiser) substituteComplete(ctx context.Context, paths []storepath.Pat
 	return true, r.sub.RealiseMissing(ctx, m, prog)
 }
 
-// Substitute implements BuildSubstituter.
+// Substitute implements BuildSubstituter. A NAR that a cache no longer
+// has counts as a path it does not have (see substitute.Gone).
 func (s buildSubstituter) Substitute(ctx context.Context, paths []storepath.Path) (bool, error) {
 	ok, err := s.r.substituteComplete(ctx, paths, s.prog)
 	if errors.Is(err, store.ErrSessionClosed) {
@@ -553,7 +559,26 @@ func (s buildSubstituter) Substitute(ctx context.Context, paths []storepath.Path
 		ok, err = r.substituteComplete(ctx, paths, nil)
 	}
 	flush(s.prog)
+	if ok && substitute.Gone(err) {
+		return false, nil
+	}
 	return ok, err
+}
+
+// Incomplete implements BuildSubstituter: every one of paths that is not
+// valid is in a cache, but some path of their closures is in none. A
+// failed lookup counts as "not there".
+func (s buildSubstituter) Incomplete(ctx context.Context, paths []storepath.Path) bool {
+	m, err := s.r.sub.QueryMissing(ctx, paths)
+	if err != nil || len(m.Unknown) == 0 {
+		return false
+	}
+	for _, p := range m.Unknown {
+		if slices.Contains(paths, p) {
+			return false // not in a cache itself
+		}
+	}
+	return true
 }
 
 // flush delivers what prog has queued, if it queues (see Flusher).

@@ -336,6 +336,7 @@ func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h 
 	})
 	if errors.Is(err, errNotFound) {
 		err = &missingNARError{url: up.urlOf(info.URL), upstream: up.base}
+		s.markGone(up, info.StorePath)
 	}
 	h.emit(Event{Kind: EventStop, Type: ActSubstitute, ID: subID, Path: info.StorePath, Upstream: up.base, Err: err, NarSize: info.NarSize, FileSize: info.FileSize})
 	return err
@@ -344,6 +345,32 @@ func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h 
 // missingNARError says, in Nix's words, that the NAR a narinfo points at
 // is not in its cache, naming the NAR by its URL. It is errNotFound.
 type missingNARError struct{ url, upstream string }
+
+// Gone reports whether err, from a substitution, is only of paths whose
+// narinfo a cache has but whose NAR it no longer has (Nix's
+// SubstituteGone): as with Nix, that is as if no cache had them, and a
+// derivation whose outputs they are is built, with no need for
+// --fallback. A failure of any other kind among them makes it false.
+func Gone(err error) bool {
+	if _, ok := err.(*missingNARError); ok {
+		return true
+	}
+	switch e := err.(type) {
+	case nil:
+		return false
+	case interface{ Unwrap() []error }:
+		errs := e.Unwrap()
+		for _, x := range errs {
+			if !Gone(x) {
+				return false
+			}
+		}
+		return len(errs) > 0
+	case interface{ Unwrap() error }:
+		return Gone(e.Unwrap())
+	}
+	return false
+}
 
 func (e *missingNARError) Error() string {
 	return fmt.Sprintf("file '%s' does not exist in binary cache '%s'", e.url, e.upstream)

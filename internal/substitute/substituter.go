@@ -138,6 +138,10 @@ type Substituter struct {
 
 	cacheMu sync.Mutex
 	cache   map[string]cacheEntry // upstream base + "/" + hash part
+	// gone are the paths whose narinfo an upstream has but whose NAR it
+	// did not (upstream base + "/" + hash part, until when they count as
+	// not there): see markGone.
+	gone map[string]time.Time
 
 	infoFlights group[*Info]
 	narFlights  group[struct{}]
@@ -462,6 +466,9 @@ func (s *Substituter) initUpstream(ctx context.Context, up *upstream) error {
 // lookup returns up's narinfo for p, from the cache or the network.
 // A miss wraps errNotFound.
 func (s *Substituter) lookup(ctx context.Context, up *upstream, p storepath.Path) (*Info, error) {
+	if s.isGone(up, p) {
+		return nil, fmt.Errorf("%s: %s: %w (its NAR is gone)", up.base, p.HashPart(), errNotFound)
+	}
 	conn := connNarinfos(ctx)
 	if up.fileRoot == "" || conn == nil {
 		return s.lookupShared(ctx, up, p)
@@ -583,6 +590,28 @@ func (s *Substituter) remember(up *upstream, key string, info *Info) {
 		}
 	}
 	s.cache[key] = e
+}
+
+// markGone remembers that up has p's narinfo but not its NAR. As Nix
+// (SubstituteGone), such a path counts as one up does not have: lookups
+// say so for the negative TTL, so that a derivation whose output needs it
+// builds it, then fetches the output (see realise's Incomplete).
+func (s *Substituter) markGone(up *upstream, p storepath.Path) {
+	now := s.now()
+	s.cacheMu.Lock()
+	defer s.cacheMu.Unlock()
+	if s.gone == nil || len(s.gone) >= s.cfg.MaxCachedNarinfos {
+		s.gone = map[string]time.Time{}
+	}
+	s.gone[up.base+"/"+p.HashPart()] = now.Add(max(s.cfg.NegativeTTL, time.Minute))
+}
+
+// isGone reports whether markGone's mark on p at up holds.
+func (s *Substituter) isGone(up *upstream, p storepath.Path) bool {
+	s.cacheMu.Lock()
+	defer s.cacheMu.Unlock()
+	until, ok := s.gone[up.base+"/"+p.HashPart()]
+	return ok && s.now().Before(until)
 }
 
 // trusted reports whether info may be used under RequireSigs.

@@ -1,6 +1,8 @@
 package substitute
 
 import (
+	"errors"
+	"fmt"
 	"math/rand/v2"
 	"strings"
 	"testing"
@@ -143,6 +145,27 @@ func TestProgressGate(t *testing.T) {
 		clk.Advance(c.advance)
 		if got := g.pass(c.n, c.final); got != c.want {
 			t.Errorf("step %d: pass(%d, %v) = %v, want %v", i, c.n, c.final, got, c.want)
+		}
+	}
+}
+
+// TestGone: only failures that are all missing NARs count as gone.
+func TestGone(t *testing.T) {
+	gone := &missingNARError{url: "http://c/nar/x.nar", upstream: "http://c"}
+	other := errors.New("connection reset")
+	for _, tc := range []struct {
+		err  error
+		want bool
+	}{
+		{nil, false},
+		{gone, true},
+		{fmt.Errorf("substituting p: %w", errors.Join(gone, gone)), true},
+		{fmt.Errorf("substituting p: %w", errors.Join(gone, other)), false},
+		{other, false},
+		{errors.Join(), false},
+	} {
+		if got := Gone(tc.err); got != tc.want {
+			t.Errorf("Gone(%v) = %v, want %v", tc.err, got, tc.want)
 		}
 	}
 }

@@ -16,7 +16,7 @@ import (
 )
 
 // defaultPriority is Nix's priority for a cache that does not state one.
-const defaultPriority = 50
+const defaultPriority = 0
 
 // errNotFound is an upstream's "not there" (HTTP 404/403, ENOENT).
 var errNotFound = errors.New("not found")
