@@ -194,6 +194,12 @@ func TestSubstituteFallback(t *testing.T) {
 	srv.Always(narURL(t, cacheDir, out), cachetest.Fault{FlipByte: 100})
 	d := e.startDaemon(t, withConf("substituters = "+srv.URL, "require-sigs = false"))
 
+	// nix-store -r of the path: the download's error once, then the
+	// request's "build of … failed", as from nix-daemon.
+	if r := d.client("nix-store", "-r", out).run(t); r.err == nil || strings.Count(r.stderr, "hash mismatch") != 1 ||
+		!strings.Contains(r.stderr, "error: build of '"+out+"' failed") {
+		t.Errorf("nix-store -r of a path whose NAR is corrupt: want its error once, then the request's:\n%s", r)
+	}
 	args := append([]string{"--no-out-link"}, e.fixtureArgs(t, "subst-fallback")...)
 	if r := d.client("nix-build", args...).run(t); r.err == nil {
 		t.Fatalf("nix-build succeeded with a corrupt NAR in the cache and no --fallback:\n%s", r)

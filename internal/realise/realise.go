@@ -71,6 +71,10 @@ type Result struct {
 	NonDeterministic bool
 	// noneHad: no cache had the path (NoSubstituters, not a failed fetch).
 	noneHad bool
+	// told: the cause was told to the client when it happened (a failed
+	// download, shown with its activity), so the request's error does not
+	// repeat it, as Nix's substitution goals leave no error of their own.
+	told bool
 }
 
 // Builder builds derivation outputs that no cache has. It is plugged in by

@@ -196,7 +196,7 @@ func (r *Realiser) realiseOpaque(ctx context.Context, targets []store.DerivedPat
 			for _, i := range idx {
 				results[i].Status = Substituted
 				if ferr := failed[targets[i].Path]; ferr != nil {
-					results[i].Status = NoSubstituters
+					results[i].Status, results[i].told = NoSubstituters, true
 					results[i].ErrorMsg = fmt.Sprintf("path '%s' is required, but it could not be substituted: %v", r.m.st.Dir().Abs(targets[i].Path), ferr)
 				}
 			}
@@ -286,7 +286,7 @@ func (r *Realiser) realiseOne(ctx context.Context, t store.DerivedPath, prog Pro
 			res.ErrorMsg = fmt.Sprintf("path '%s' is required, but there is no substituter that can build it", abs)
 			return res, false, nil
 		default:
-			res.Status = NoSubstituters
+			res.Status, res.told = NoSubstituters, true
 			res.ErrorMsg = fmt.Sprintf("path '%s' is required, but it could not be substituted: %v", abs, ferr)
 			return res, false, nil
 		}
@@ -464,10 +464,11 @@ func (r *Realiser) SubstitutePaths(ctx context.Context, paths []storepath.Path, 
 
 // CombinedError is the error Nix's buildPaths throws for results: the one
 // failure's message, or "build of … failed" naming every failed target;
-// nil if all succeeded. A path that no cache has fails with no message of
-// its own (Nix's substitution goal ends without an error to log), so
-// `nix-store -r` of it says only "build of … failed", after the client's
-// "don't know how to build these paths".
+// nil if all succeeded. A path that no cache has, or whose download
+// failed (its error shown then), fails with no message of its own (Nix's
+// substitution goal ends without an error to log), so `nix-store -r` of
+// it says only "build of … failed", after the client's "don't know how to
+// build these paths" or the download's error.
 func (r *Realiser) CombinedError(results []Result) error {
 	var failed, msgs []string
 	for _, res := range results {
@@ -475,7 +476,7 @@ func (r *Realiser) CombinedError(results []Result) error {
 			continue
 		}
 		failed = append(failed, r.m.st.Dir().Abs(res.Target.Path))
-		if !res.Stopped && !res.noneHad {
+		if !res.Stopped && !res.noneHad && !res.told {
 			msgs = append(msgs, res.ErrorMsg)
 		}
 	}
