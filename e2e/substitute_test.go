@@ -420,6 +420,11 @@ func TestSubstituteFaults(t *testing.T) {
 			srv.Inject(nar, c.faults...)
 		}
 		r := d.nixStoreRun(t, "-r", f.out)
+		// One "copying path" however many tries the download takes (a
+		// retry is nixyard's own; nix-daemon fails a broken transfer).
+		if n := strings.Count(r.stderr, "copying path '"+f.out+"'"); n != 1 && !(useStock && !c.fails) {
+			t.Errorf("%s: %d lines \"copying path '%s'\", want 1:\n%s", c.name, n, f.out, r)
+		}
 		if !c.fails {
 			if r.err != nil {
 				t.Fatalf("%s: substitution failed:\n%s", c.name, r)

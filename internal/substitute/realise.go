@@ -324,6 +324,10 @@ func (s *Substituter) fetchPath(ctx context.Context, p storepath.Path, h *hub) (
 func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h *hub) error {
 	subID := s.actID.Add(1)
 	h.emit(Event{Kind: EventStart, Type: ActSubstitute, ID: subID, Path: info.StorePath, Upstream: up.base, NarSize: info.NarSize, FileSize: info.FileSize})
+	// As Nix's copyStorePath: "copying path", once however many tries its
+	// download takes, with each try's download under it.
+	cpID := s.actID.Add(1)
+	h.emit(Event{Kind: EventStart, Type: ActCopyPath, ID: cpID, Parent: subID, Path: info.StorePath, Upstream: up.base, Expected: info.NarSize})
 	err := s.retry(ctx, up, info.URL, func(ctx context.Context) error {
 		release, err := s.acquireSlot(ctx)
 		if err != nil {
@@ -331,13 +335,14 @@ func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h 
 		}
 		defer release()
 		return s.watchedOpen(ctx, up, info.URL, func(ctx context.Context, b *body, tr *transferReader) error {
-			return s.streamInto(ctx, up, info, b, tr, h, subID, release)
+			return s.streamInto(ctx, up, info, b, tr, h, cpID, release)
 		})
 	})
 	if errors.Is(err, errNotFound) {
 		err = &missingNARError{url: up.urlOf(info.URL), upstream: up.base}
 		s.markGone(up, info.StorePath)
 	}
+	h.emit(Event{Kind: EventStop, Type: ActCopyPath, ID: cpID, Parent: subID, Path: info.StorePath, Err: err})
 	h.emit(Event{Kind: EventStop, Type: ActSubstitute, ID: subID, Path: info.StorePath, Upstream: up.base, Err: err, NarSize: info.NarSize, FileSize: info.FileSize})
 	return err
 }
@@ -425,23 +430,18 @@ func (g *progressGate) pass(n int64, final bool) bool {
 	return true
 }
 
-// streamInto streams one download into the store. It calls downloaded
-// once the store has read the whole NAR: the download slot is given back
-// then, while the store makes the path durable and registers it (on a
-// cold substitution that wait, fsyncs mostly, took more of a slot's time
-// than the download).
-func (s *Substituter) streamInto(ctx context.Context, up *upstream, info *Info, b *body, tr *transferReader, h *hub, parent uint64, downloaded func()) (err error) {
+// streamInto streams one download into the store, under the CopyPath
+// activity cpID. It calls downloaded once the store has read the whole
+// NAR: the download slot is given back then, while the store makes the
+// path durable and registers it (on a cold substitution that wait, fsyncs
+// mostly, took more of a slot's time than the download).
+func (s *Substituter) streamInto(ctx context.Context, up *upstream, info *Info, b *body, tr *transferReader, h *hub, cpID uint64, downloaded func()) (err error) {
 	expected := info.FileSize
 	if b.size >= 0 {
 		expected = uint64(b.size)
 	}
-	// As Nix's copyStorePath: "copying path", and the NAR's download
-	// (a file:// cache's NAR is read, not downloaded) under it.
-	cpID := s.actID.Add(1)
-	h.emit(Event{Kind: EventStart, Type: ActCopyPath, ID: cpID, Parent: parent, Path: info.StorePath, Upstream: up.base, Expected: info.NarSize})
-	defer func() {
-		h.emit(Event{Kind: EventStop, Type: ActCopyPath, ID: cpID, Parent: parent, Path: info.StorePath, Err: err})
-	}()
+	// The NAR's download under "copying path" (a file:// cache's NAR is
+	// read, not downloaded).
 	if up.fileRoot == "" {
 		ftID := s.actID.Add(1)
 		h.emit(Event{Kind: EventStart, Type: ActFileTransfer, ID: ftID, Parent: cpID, Path: info.StorePath, Upstream: up.base, URL: b.url, Expected: expected})
@@ -476,7 +476,7 @@ func (s *Substituter) streamInto(ctx context.Context, up *upstream, info *Info, 
 	// cannot make us read without end. The LimitReader never reads dec
 	// again once it has passed NarSize bytes.
 	nr := &countReader{r: io.LimitReader(dec, int64(info.NarSize)), gate: newProgressGate(s.now), total: int64(info.NarSize), atTotal: finished, onRead: func(n int64) {
-		h.emit(Event{Kind: EventProgress, Type: ActCopyPath, ID: cpID, Parent: parent, Path: info.StorePath, Done: uint64(n), Expected: info.NarSize})
+		h.emit(Event{Kind: EventProgress, Type: ActCopyPath, ID: cpID, Path: info.StorePath, Done: uint64(n), Expected: info.NarSize})
 	}}
 	pi := store.PathInfo{
 		Path:       info.StorePath,
