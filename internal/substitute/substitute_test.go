@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -196,9 +197,10 @@ func TestStoreDirMismatch(t *testing.T) {
 	srv := serve(t, cache)
 	s := newSub(t, newMemStore(), newClock(), []string{srv.URL}, nil)
 	// The lookup that read nix-cache-info says why the cache is skipped
-	// (the client's warning); later ones find it disabled.
-	if _, err := s.QueryPathInfo(context.Background(), fixRoot); err == nil || !strings.Contains(err.Error(), "/gnu/store") {
-		t.Fatalf("err = %v, want the store directory mismatch", err)
+	// (the client's warning, in Nix's words); later ones find it disabled.
+	want := fmt.Sprintf("binary cache '%s' is for Nix stores with prefix '/gnu/store', not '/nix/store'", srv.URL)
+	if _, err := s.QueryPathInfo(context.Background(), fixRoot); err == nil || !strings.Contains(err.Error(), want) {
+		t.Fatalf("err = %v, want %q", err, want)
 	}
 	if _, err := s.QueryPathInfo(context.Background(), fixRoot); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("err = %v, want ErrNotFound (upstream disabled)", err)

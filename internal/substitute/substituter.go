@@ -430,11 +430,10 @@ func (s *Substituter) initUpstream(ctx context.Context, up *upstream) error {
 	var ci narinfo.NixCacheInfo
 	if err == nil {
 		ci, err = narinfo.ParseNixCacheInfo(data)
-		if err == nil && ci.StoreDir != string(s.cfg.StoreDir) {
-			err = fmt.Errorf("%s: store directory %q differs from ours, %q", up.base, ci.StoreDir, s.cfg.StoreDir)
-		}
 		if err != nil {
 			err = fmt.Errorf("%s/nix-cache-info: %w", up.base, err)
+		} else if ci.StoreDir != string(s.cfg.StoreDir) {
+			err = fmt.Errorf("binary cache '%s' is for Nix stores with prefix '%s', not '%s'", up.base, ci.StoreDir, s.cfg.StoreDir)
 		}
 	} else if errors.Is(err, errNotFound) && up.fileRoot != "" {
 		// Nix makes a file:// cache's directory and nix-cache-info when it
