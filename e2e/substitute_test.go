@@ -1063,8 +1063,10 @@ func TestSubstituteNegativeTTL(t *testing.T) {
 				return d.client("nix-store", append([]string{"-r", p, "--option", "substituters", url}, args...)...)
 			}
 			// -v shows downloads; a file:// cache's files are read, as Nix
-			// reads them, not downloaded.
-			if r := subst(first, "-v").run(t); r.err != nil || strings.Contains(r.stderr, "downloading 'file://") {
+			// reads them, not downloaded. -vv says the substitution
+			// succeeded.
+			if r := subst(first, "-vv").run(t); r.err != nil || strings.Contains(r.stderr, "downloading 'file://") ||
+				!strings.Contains(r.stderr, "substitution of path '"+first+"' succeeded") {
 				t.Errorf("substituting from %s:\n%s", url, r)
 			}
 			subst(later).fails(t)

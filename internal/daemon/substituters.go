@@ -261,8 +261,11 @@ func (p *progress) write(e substitute.Event) {
 			return
 		}
 		delete(p.ids, e.ID)
-		if e.Type == substitute.ActSubstitute && e.Err != nil {
+		switch {
+		case e.Type == substitute.ActSubstitute && e.Err != nil:
 			tun.Error(fmt.Sprintf("substituting '%s' from '%s': %v", abs, e.Upstream, e.Err))
+		case e.Type == substitute.ActSubstitute:
+			tun.Log(lvlChatty, fmt.Sprintf("substitution of path '%s' succeeded", abs))
 		}
 		if e.Type == substitute.ActSubstitute && p.counts != nil {
 			p.counts.substEnded(e.Err == nil, e.NarSize, e.FileSize)
