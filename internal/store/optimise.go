@@ -182,7 +182,7 @@ func (o *optimiser) optimise(ctx context.Context, path string) error {
 		case errors.Is(err, unix.EEXIST):
 			// Another process made it first: link to theirs.
 		case errors.Is(err, unix.ENOSPC):
-			o.say(LogInfo, fmt.Sprintf("cannot link '%s' to '%s': %s", linkPath, path, unix.ENOSPC.Error()))
+			o.say(LogInfo, fmt.Sprintf("cannot link '%s' to '%s': No space left on device", linkPath, path))
 			return nil
 		default:
 			return fmt.Errorf("store: cannot link %s to %s: %w", linkPath, path, err)
