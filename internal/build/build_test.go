@@ -1,8 +1,10 @@
 package build
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -437,7 +439,8 @@ func TestRepeatUnsandboxed(t *testing.T) {
   kept = mk { name = "kept"; script = "cat /proc/sys/kernel/random/uuid > $out"; };
   lenient = mk { name = "lenient"; script = "cat /proc/sys/kernel/random/uuid > $out"; };
   once = mk { name = "once"; script = "cat /proc/sys/kernel/random/uuid > $out"; };
-}`, "same", "differs", "kept", "lenient", "once")
+  agree = mk { name = "agree"; script = "echo agree > $out"; };
+}`, "same", "differs", "kept", "lenient", "once", "agree")
 	b := e.builder(Config{Sandbox: SandboxOff, BuildUsersGroup: "nixbld", Repeat: 2})
 	valid := func(p storepath.Path) bool {
 		ok, err := e.st.IsValidPath(t.Context(), p)
@@ -478,8 +481,15 @@ func TestRepeatUnsandboxed(t *testing.T) {
 	if r := res[0]; r.Status != NotDeterministic || !strings.Contains(r.ErrorMsg, "differs from '"+kept+"' from previous round") {
 		t.Errorf("rounds that differ, keep-failed: %+v", r)
 	}
-	if _, err := os.Lstat(kept); err != nil {
-		t.Errorf("keep-failed: the first round is not kept: %v", err)
+	first, err := os.ReadFile(kept)
+	last, lerr := os.ReadFile(e.st.RealPath(outPath(drvs["kept"]))) // the last round's, left unregistered
+	if err != nil || lerr != nil || len(first) == 0 || string(first) == string(last) {
+		t.Errorf("keep-failed: the first round's output %q (%v) is not kept beside the last one's %q (%v)", first, err, last, lerr)
+	}
+	// Rounds that agree leave no .check behind, keep-failed or not.
+	res = e.build(b, ClientOptions{KeepFailed: true}, out(drvs["agree"]))
+	if _, err := os.Lstat(e.st.RealPath(outPath(drvs["agree"])) + checkSuffix); res[0].Status != Built || !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("rounds that agree, keep-failed: %+v; .check: %v", res[0], err)
 	}
 
 	lenient := false
@@ -499,5 +509,125 @@ func TestRepeatUnsandboxed(t *testing.T) {
 	}
 	if r := res[0]; r.Status != Built || r.TimesBuilt != 1 || len(rec.started) != 1 {
 		t.Errorf("a caller's repeat of 0: %+v, started %d times", r, len(rec.started))
+	}
+}
+
+// TestStoppedCallerSharedInput: an input realised for a caller whom
+// another build's failure stops comes back stopped while the goal that
+// needs it still has a caller who is not stopped: it is realised again
+// for that one, and the goal is built with it (not without it).
+func TestStoppedCallerSharedInput(t *testing.T) {
+	e := newChrootEnv(t)
+	gate := filepath.Join(e.root, "gate")
+	drvs := e.instantiate(`rec {
+  fail = mk { name = "fail"; script = "i=0; while [ ! -e /gate/go ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; exit 1"; };
+  dep = mk { name = "dep"; script = "echo dep > $out"; };
+  top = mk { name = "top"; inherit dep; script = "cat $dep > $out"; };
+}`, "fail", "dep", "top")
+	if err := os.Mkdir(gate, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	b := e.builder(Config{MaxJobs: 1, SandboxPaths: []string{"/gate=" + gate}})
+	waitFor := func(what string, cond func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("timed out waiting for %s", what)
+			}
+		}
+	}
+	goal := func(drv storepath.Path) *goal {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		return b.goals[goalKey{drv, ModeNormal}]
+	}
+	type outcome struct {
+		res []Result
+		err error
+	}
+	start := func(opts ClientOptions, reqs ...store.DerivedPath) chan outcome {
+		ch := make(chan outcome, 1)
+		go func() {
+			res, err := b.Build(t.Context(), reqs, opts, nil)
+			ch <- outcome{res, err}
+		}()
+		return ch
+	}
+	// A keep-going caller runs the failing build, which holds the slot.
+	first := start(ClientOptions{KeepGoing: true}, out(drvs["fail"]))
+	waitFor("the failing build to run", func() bool { g := goal(drvs["fail"]); return g != nil && g.running })
+	// Another asks for it and for top, whose input dep waits for the slot;
+	// a third joins top.
+	stopped := start(ClientOptions{}, out(drvs["fail"]), out(drvs["top"]))
+	waitFor("dep to wait for the slot", func() bool { return goal(drvs["dep"]) != nil })
+	joined := start(ClientOptions{}, out(drvs["top"]))
+	waitFor("the third caller to join top", func() bool {
+		g := goal(drvs["top"])
+		if g == nil {
+			return false
+		}
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		return len(g.subs) == 2
+	})
+	if err := os.WriteFile(filepath.Join(gate, "go"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if o := <-first; o.err != nil || o.res[0].Status.Success() {
+		t.Errorf("the keep-going caller: %+v %v", o.res, o.err)
+	}
+	if o := <-stopped; o.err != nil || o.res[0].Status.Success() || !o.res[1].Stopped {
+		t.Errorf("the caller the failure stops: %+v %v", o.res, o.err)
+	}
+	o := <-joined
+	if o.err != nil || o.res[0].Status != Built {
+		t.Fatalf("the caller that joined top: %+v %v", o.res, o.err)
+	}
+	if got := e.readOut(o.res[0].BuiltOutputs["out"], ""); got != "dep\n" {
+		t.Errorf("top holds %q, want its input's \"dep\"", got)
+	}
+}
+
+// TestRepeatHoldsSlot: a repeated build keeps its build slot from one
+// round to the next (it holds the outputs' locks throughout): a check of
+// the same derivation that took the slot between rounds would wait for
+// the locks while the rounds wait for the slot.
+func TestRepeatHoldsSlot(t *testing.T) {
+	e := newChrootEnv(t)
+	drvs := e.instantiate(`{
+  slow = mk { name = "slow-rounds"; script = "sleep 0.3; echo same > $out"; };
+}`, "slow")
+	b := e.builder(Config{MaxJobs: 1, Repeat: 2})
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	rounds := make(chan []Result, 1)
+	go func() {
+		res, _ := b.Build(ctx, []store.DerivedPath{out(drvs["slow"])}, ClientOptions{}, nil)
+		rounds <- res
+	}()
+	for {
+		b.mu.Lock()
+		g := b.goals[goalKey{drvs["slow"], ModeNormal}]
+		b.mu.Unlock()
+		if g != nil {
+			g.mu.Lock()
+			running := g.running
+			g.mu.Unlock()
+			if running {
+				break
+			}
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	check, err := b.Build(ctx, []store.DerivedPath{out(drvs["slow"])}, ClientOptions{Mode: ModeCheck}, nil)
+	if err != nil {
+		t.Fatalf("the check: %v (a deadlock ends with the test's timeout)", err)
+	}
+	res := <-rounds
+	if len(res) != 1 || res[0].Status != Built || res[0].TimesBuilt != 3 {
+		t.Errorf("the repeated build: %+v", res)
+	}
+	if check[0].Status != Built {
+		t.Errorf("the check after it: %+v", check[0])
 	}
 }

@@ -224,6 +224,9 @@ type goal struct {
 	stopping   bool   // cancelled once its last waiter left: joined by no one since
 	machine    string // the machine that builds it (a remote build), set before it runs
 	round      Round  // the builder's round, set before it runs
+	// held is what a repeated build keeps from one round to the next (see
+	// buildRounds); only the goal's own goroutine uses it.
+	held roundHold
 
 	// Set before done is closed.
 	res     Result
@@ -326,14 +329,17 @@ func (g *goal) leave(c *call) {
 // caller returns whose caches and options the goal uses for what it
 // substitutes and the inputs it realises, chosen when it needs one: a
 // caller that still waits (one that left may have closed its session),
-// one that may build if any may (so that its inputs can be built), the
-// owner before others.
+// one that another failure is not stopping, one that may build if any may
+// (so that its inputs can be built), the owner before others.
 func (g *goal) caller() *call {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	var best *call
 	rank := func(c *call) int {
 		r := 0
+		if !c.stopping.Load() {
+			r += 4 // one that another failure does not stop
+		}
 		if c.mayBuild() {
 			r += 2
 		}
@@ -577,14 +583,31 @@ func (g *goal) realise(ctx context.Context) Result {
 	inCtx, stopInputs := context.WithCancelCause(ctx)
 	defer stopInputs(nil)
 	noBuilds := false // an input needed a build that max-jobs 0 forbade
+	nStopped := 0     // inputs stopped for callers that another failure stops
 	inputFailed := func(r Result) {
-		if r.Stopped && ctx.Err() == nil {
+		if r.Stopped && errors.Is(context.Cause(inCtx), errStopped) {
 			return // dropped after another input failed: not a failure of its own
 		}
 		nFailed++
+		if r.Stopped {
+			nStopped++
+		}
 		noBuilds = noBuilds || r.noLocalBuilds
 		if stopsOthers(r) && !g.keepGoing() {
 			stopInputs(errStopped)
+		}
+	}
+	// realiseInput realises an input derivation's outputs for a caller of
+	// the goal. One that another of its builds' failure is stopping may
+	// get the input back stopped while the goal has callers that are not:
+	// it is realised again for one of those.
+	realiseInput := func(dp store.DerivedPath) Result {
+		for {
+			c := g.caller()
+			r := c.realise(inCtx, dp, 1)
+			if !r.Stopped || inCtx.Err() != nil || !c.stopping.Load() || g.caller().stopping.Load() {
+				return r
+			}
 		}
 	}
 	for _, in := range slices.Sorted(maps.Keys(g.drv.InputDrvs)) {
@@ -595,7 +618,7 @@ func (g *goal) realise(ctx context.Context) Result {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			r := g.caller().realise(inCtx, store.DerivedPath{Path: ip, Outputs: g.drv.InputDrvs[in], Built: true}, 1)
+			r := realiseInput(store.DerivedPath{Path: ip, Outputs: g.drv.InputDrvs[in], Built: true})
 			if r.Status.Success() {
 				for _, p := range r.BuiltOutputs {
 					if err := g.roots.AddTempRoot(inCtx, p); err != nil {
@@ -642,6 +665,11 @@ func (g *goal) realise(ctx context.Context) Result {
 	if err := ctx.Err(); err != nil {
 		return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
 	}
+	if nFailed > 0 && nFailed == nStopped {
+		// Every caller is being stopped by another failure: not a failure
+		// of this goal's own.
+		return Result{Status: MiscFailure, ErrorMsg: errStopped.Error(), Stopped: true}
+	}
 	if nFailed > 0 && g.basic {
 		// As Nix for a derivation sent whole (BuildDerivation).
 		return g.failf(MiscFailure, "some dependencies of '%s' are missing", drvAbs)
@@ -684,6 +712,9 @@ func (g *goal) realise(ctx context.Context) Result {
 			slot()
 		}
 	}()
+	if g.unwanted() {
+		return Result{Status: MiscFailure, ErrorMsg: errStopped.Error(), Stopped: true}
+	}
 	if g.mode == ModeNormal && !(preferLocal && g.mayBuild() && b.canBuild(g.drv, features) == nil) {
 		r, done, s := g.tryRemote(ctx, inputs, outPaths, features)
 		if done {
@@ -775,11 +806,12 @@ func (g *goal) enforceDeterminism() bool {
 	return !g.b.cfg.NoEnforceDeterminism
 }
 
-// rounds is how many times the goal's builder runs (Nix's repeat + 1):
-// once for a check or repair, a fixed-output derivation (its hash is
-// checked), a builtin builder (run in the daemon) or a remote build.
+// rounds is how many times the goal's builder runs here (Nix's repeat +
+// 1): once for a check or repair, a fixed-output derivation (its hash is
+// checked) or a builtin builder (run in the daemon). (A build sent to a
+// remote machine does not come here: see tryRemote.)
 func (g *goal) rounds(j *job) int {
-	if g.mode != ModeNormal || j.builtin || j.remote != nil {
+	if g.mode != ModeNormal || j.builtin {
 		return 1
 	}
 	if kind, _ := g.drv.Kind(); kind == derivation.FixedOutput {
@@ -792,17 +824,58 @@ func (g *goal) rounds(j *job) int {
 	return repeat + 1
 }
 
+// roundHold is what a repeated build keeps between rounds, besides its
+// build slot and output locks: its build user and its sandbox root's
+// name. Taking them again, while holding the slot and locks, could wait
+// for a goal that holds them and waits for the slot.
+type roundHold struct {
+	user         *buildUser
+	unlockChroot func()
+}
+
+// keep takes j's build user and sandbox root name for the next round.
+func (h *roundHold) keep(j *job) {
+	h.user, j.user = j.user, nil
+	h.unlockChroot, j.unlockChroot = j.unlockChroot, nil
+}
+
+func (h *roundHold) takeUser() *buildUser {
+	u := h.user
+	h.user = nil
+	return u
+}
+
+func (h *roundHold) takeChroot() func() {
+	f := h.unlockChroot
+	h.unlockChroot = nil
+	return f
+}
+
+// release gives back what is still held.
+func (h *roundHold) release() {
+	if u := h.takeUser(); u != nil {
+		u.release()
+	}
+	if f := h.takeChroot(); f != nil {
+		f()
+	}
+}
+
 // buildRounds builds the missing outputs rounds times, as Nix's repeat:
 // each round's outputs are compared with the previous round's, and only
 // the last round's are registered. first is the prepared job of the
-// first round, which holds a build slot (released by release); the
-// output locks are held throughout. A difference fails the build (with
-// enforce-determinism, Nix's default) or ends the rounds with that
-// round's outputs registered.
+// first round. The build slot (given back by release), the output locks,
+// the build user and the sandbox root's name are held throughout: taking
+// one again while holding the others could wait for a goal that holds it
+// and waits for another.
+// A difference fails the build (with enforce-determinism, Nix's default)
+// or ends the rounds with that round's outputs registered.
 func (g *goal) buildRounds(ctx context.Context, first *job, inputs []storepath.Path, missing map[string]storepath.Path, locks *store.OutputLocks, release func(), rounds int) Result {
-	b := g.b
+	defer release()
+	defer g.held.release()
 	var prev map[string]hash.Hash
 	var start time.Time
+	times := 0
 	for n := 1; ; n++ {
 		j := first
 		if n > 1 {
@@ -810,23 +883,17 @@ func (g *goal) buildRounds(ctx context.Context, first *job, inputs []storepath.P
 			if j, fail = g.prepare(ctx, inputs, g.outputs); fail != nil {
 				return *fail
 			}
-			var err error
-			if release, err = b.slots.acquire(ctx, g.owner.client); err != nil {
-				j.cleanup()
-				return g.failf(MiscFailure, "building '%s': %v", b.abs(g.drvPath), err)
-			}
 		}
 		g.mu.Lock()
 		g.round = Round{n, rounds}
 		g.mu.Unlock()
 		j.prev, j.trial = prev, n < rounds
-		rel := sync.OnceFunc(release)
-		res := j.build(ctx, missing, locks, rel)
-		rel() // if the builder never ran
+		res := j.build(ctx, missing, locks, func() {}) // the slot is released once, at the end
 		if n == 1 {
 			start = res.StartTime
 		}
-		res.StartTime, res.TimesBuilt, res.NonDeterministic = start, n, j.differs
+		times += res.TimesBuilt
+		res.StartTime, res.TimesBuilt, res.NonDeterministic = start, times, j.differs
 		done := !res.Status.Success() || !j.trial || j.differs
 		switch {
 		case done && res.Status.Success():
@@ -836,6 +903,7 @@ func (g *goal) buildRounds(ctx context.Context, first *job, inputs []storepath.P
 			if n == 1 {
 				j.keepPreviousRound()
 			}
+			g.held.keep(j)
 		}
 		j.cleanup() // before the next round lays out the same sandbox
 		if done {

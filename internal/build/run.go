@@ -140,9 +140,11 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		return fail("%s '%s' without the sandbox is %v by nixyard", g.modeVerb(), j.drvAbs, errNotSupported)
 	}
 	if b.users != nil {
-		u, err := b.users.acquire(ctx, b.log)
-		if err != nil {
-			return fail("building '%s': %v", j.drvAbs, err)
+		u := g.held.takeUser()
+		if u == nil {
+			if u, err = b.users.acquire(ctx, b.log); err != nil {
+				return fail("building '%s': %v", j.drvAbs, err)
+			}
 		}
 		j.user = u
 		j.hostUID, j.hostGID = u.uid, u.gid
@@ -271,6 +273,14 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 	g := j.g
 	b := g.b
 	opts := g.owner.opts
+	defer func() {
+		// A failure found after the builder (its outputs rejected, say)
+		// stops the callers' queued builds too; one of the builder's was
+		// told before its slot was given on, below.
+		if fail != nil && ctx.Err() == nil {
+			g.failing()
+		}
+	}()
 	if !j.sandbox && j.remote == nil {
 		// Leftovers of an earlier attempt at the output paths.
 		for _, p := range j.outputs {

@@ -205,9 +205,12 @@ func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
 	kind, _ := g.drv.Kind()
 	fixed := kind == derivation.FixedOutput
 	chroot := b.st.RealPath(g.drvPath) + ".chroot"
-	unlock, err := b.lockChroot(ctx, chroot)
-	if err != nil {
-		return err
+	unlock := g.held.takeChroot()
+	if unlock == nil {
+		var err error
+		if unlock, err = b.lockChroot(ctx, chroot); err != nil {
+			return err
+		}
 	}
 	j.unlockChroot, j.chroot = unlock, chroot
 	if err := removeTree(j.chroot); err != nil {

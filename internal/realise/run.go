@@ -196,7 +196,7 @@ func (r *Realiser) realiseOpaque(ctx context.Context, targets []store.DerivedPat
 			for _, i := range idx {
 				results[i].Status = Substituted
 				if ferr := failed[targets[i].Path]; ferr != nil {
-					results[i].Status, results[i].told = NoSubstituters, true
+					results[i].Status, results[i].told = NoSubstituters, substitute.Shown(ferr)
 					results[i].ErrorMsg = fmt.Sprintf("path '%s' is required, but it could not be substituted: %v", r.m.st.Dir().Abs(targets[i].Path), ferr)
 				}
 			}
@@ -286,7 +286,7 @@ func (r *Realiser) realiseOne(ctx context.Context, t store.DerivedPath, prog Pro
 			res.ErrorMsg = fmt.Sprintf("path '%s' is required, but there is no substituter that can build it", abs)
 			return res, false, nil
 		default:
-			res.Status, res.told = NoSubstituters, true
+			res.Status, res.told = NoSubstituters, substitute.Shown(ferr)
 			res.ErrorMsg = fmt.Sprintf("path '%s' is required, but it could not be substituted: %v", abs, ferr)
 			return res, false, nil
 		}

@@ -97,7 +97,10 @@ func (s *Store) writeBuildLog(ctx context.Context, drv storepath.Path, log io.Re
 	}
 	if err != nil {
 		os.Remove(tmp)
-		return fmt.Errorf("store: writing %s: %w", dest, errors.Join(err))
+		return fmt.Errorf("store: writing %s: %w", dest, err)
+	}
+	if !replace {
+		return nil
 	}
 	// An earlier log under the other name would be read instead (nix log
 	// tries the plain name first) or kept beside.

@@ -344,6 +344,9 @@ func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h 
 	}
 	h.emit(Event{Kind: EventStop, Type: ActCopyPath, ID: cpID, Parent: subID, Path: info.StorePath, Err: err})
 	h.emit(Event{Kind: EventStop, Type: ActSubstitute, ID: subID, Path: info.StorePath, Upstream: up.base, Err: err, NarSize: info.NarSize, FileSize: info.FileSize})
+	if err != nil && ctx.Err() == nil {
+		err = &shownError{err}
+	}
 	return err
 }
 
@@ -351,28 +354,46 @@ func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h 
 // is not in its cache, naming the NAR by its URL. It is errNotFound.
 type missingNARError struct{ url, upstream string }
 
+// shownError is a download that failed, which the callers were told of
+// with the end of its Substitute activity (see Shown).
+type shownError struct{ err error }
+
+func (e *shownError) Error() string { return e.err.Error() }
+func (e *shownError) Unwrap() error { return e.err }
+
 // Gone reports whether err, from a substitution, is only of paths whose
 // narinfo a cache has but whose NAR it no longer has (Nix's
 // SubstituteGone): as with Nix, that is as if no cache had them, and a
 // derivation whose outputs they are is built, with no need for
 // --fallback. A failure of any other kind among them makes it false.
 func Gone(err error) bool {
-	if _, ok := err.(*missingNARError); ok {
+	return allFailures(err, func(e error) bool { _, ok := e.(*missingNARError); return ok })
+}
+
+// Shown reports whether err, from a substitution, is only of downloads
+// whose failure the caller was told of as it happened (the end of their
+// Substitute activity): a request's error need not repeat them.
+func Shown(err error) bool {
+	return allFailures(err, func(e error) bool { _, ok := e.(*shownError); return ok })
+}
+
+// allFailures reports whether every failure err joins, looked at through
+// its wrappers, is one that is says yes to; false for nil.
+func allFailures(err error, is func(error) bool) bool {
+	if err != nil && is(err) {
 		return true
 	}
 	switch e := err.(type) {
-	case nil:
-		return false
 	case interface{ Unwrap() []error }:
 		errs := e.Unwrap()
 		for _, x := range errs {
-			if !Gone(x) {
+			if !allFailures(x, is) {
 				return false
 			}
 		}
 		return len(errs) > 0
 	case interface{ Unwrap() error }:
-		return Gone(e.Unwrap())
+		return allFailures(e.Unwrap(), is)
 	}
 	return false
 }

@@ -397,22 +397,31 @@ func (s *Substituter) upstreams(ctx context.Context) ([]*upstream, error) {
 	}
 	wg.Wait()
 	type cand struct {
-		up   *upstream
-		prio int
-		idx  int
+		up     *upstream
+		uninit bool
+		prio   int
+		idx    int
 	}
 	var cs []cand
 	for i, up := range s.ups {
 		up.mu.Lock()
 		bad := up.inited && up.initErr != nil
 		prio := up.priority
+		uninit := !up.inited
 		up.mu.Unlock()
 		if bad || !s.allow(up) {
 			continue
 		}
-		cs = append(cs, cand{up, prio, i})
+		cs = append(cs, cand{up, uninit, prio, i})
 	}
-	sort.SliceStable(cs, func(i, j int) bool { return cs[i].prio < cs[j].prio })
+	// One whose nix-cache-info could not be read (yet) comes last: its
+	// priority is unknown, and it is likely unreachable.
+	sort.SliceStable(cs, func(i, j int) bool {
+		if cs[i].uninit != cs[j].uninit {
+			return !cs[i].uninit
+		}
+		return cs[i].prio < cs[j].prio
+	})
 	out := make([]*upstream, len(cs))
 	for i, c := range cs {
 		out[i] = c.up
@@ -591,18 +600,29 @@ func (s *Substituter) remember(up *upstream, key string, info *Info) {
 	s.cache[key] = e
 }
 
-// markGone remembers that up has p's narinfo but not its NAR. As Nix
-// (SubstituteGone), such a path counts as one up does not have: lookups
-// say so for the negative TTL, so that a derivation whose output needs it
-// builds it, then fetches the output (see realise's Incomplete).
+// goneTTL bounds how long a NAR found missing counts as gone: long enough
+// for the request that found it so to decide to build what needs it, and
+// short, since a 404 may be passing (a CDN, a cache being filled) and
+// every client of the daemon sees the mark.
+const goneTTL = time.Minute
+
+// markGone remembers that up has p's narinfo but not its NAR (a 404, or
+// S3's 403). As Nix (SubstituteGone), such a path counts as one up does
+// not have: lookups say so for goneTTL (or the negative TTL, if shorter;
+// not at all if misses are not cached), so that a derivation whose output
+// needs it builds it, then fetches the output (see realise's Incomplete).
 func (s *Substituter) markGone(up *upstream, p storepath.Path) {
+	ttl := min(s.cfg.NegativeTTL, goneTTL)
+	if ttl <= 0 {
+		return
+	}
 	now := s.now()
 	s.cacheMu.Lock()
 	defer s.cacheMu.Unlock()
 	if s.gone == nil || len(s.gone) >= s.cfg.MaxCachedNarinfos {
 		s.gone = map[string]time.Time{}
 	}
-	s.gone[up.base+"/"+p.HashPart()] = now.Add(max(s.cfg.NegativeTTL, time.Minute))
+	s.gone[up.base+"/"+p.HashPart()] = now.Add(ttl)
 }
 
 // isGone reports whether markGone's mark on p at up holds.
