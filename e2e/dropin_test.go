@@ -15,7 +15,12 @@ import (
 // arguments, serving the socket and (for ssh-ng) stdio.
 func TestDropIn(t *testing.T) {
 	t.Parallel()
-	d := startDaemon(t, asNixDaemon())
+	// Arguments a service may give nix-daemon, which takes those of every
+	// Nix command.
+	d := startDaemon(t, asNixDaemon(), withDaemonArgs("--daemon", "-v", "--log-format", "raw", "--max-jobs", "2", "--sandbox", "--no-keep-failed"))
+	if v := d.cmd(d.nixDaemonLink(t), "--version").ok(t); !strings.HasPrefix(v, "nix-daemon (Nix) 2.8.0") {
+		t.Errorf("nix-daemon --version: %q", v)
+	}
 	p := oneLine(t, "add", d.nixStore(t, "--add", d.file(t, "dropin.txt", "served by nix-daemon")))
 	if !d.isValid(t, p) {
 		t.Fatalf("%s not valid", p)

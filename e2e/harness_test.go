@@ -360,7 +360,7 @@ func (d *daemon) argv(t *testing.T) []string {
 	if !d.cfg.asNixDaemon {
 		return daemonArgv(d.root, d.cfg.args...)
 	}
-	return []string{d.nixDaemonLink(t), "--store", d.root}
+	return append([]string{d.nixDaemonLink(t), "--store", d.root}, d.cfg.args...)
 }
 
 // nixDaemonLink makes (once) a symlink named nix-daemon to the daemon

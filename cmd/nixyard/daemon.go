@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -49,6 +50,12 @@ const daemonUsage = `usage: nixyard daemon [options]
   --option NAME VALUE   override a nix.conf setting
   --log-level LEVEL     debug, info, warn or error (default info; error with --stdio, whose
                         standard error is the ssh-ng user's terminal)
+  --version             print the Nix version nixyard speaks for, and its own
+
+nix-daemon's other arguments are taken as it takes them: --daemon (ignored), -v/--verbose,
+--quiet and --debug (the log level, unless --log-level is given), --log-format (ignored),
+-j/--max-jobs, --cores, --max-silent-time, --timeout, -K, -k, and Nix's Boolean settings
+as --NAME and --no-NAME (--sandbox, --no-sandbox, --relaxed-sandbox, ...).
 
 Environment: NIX_STORE_DIR, NIX_STATE_DIR, NIX_LOG_DIR, NIX_CONF_DIR, NIX_DAEMON_SOCKET_PATH, NIX_CONFIG.
 `
@@ -67,8 +74,46 @@ type daemonOptions struct {
 	budget    uint64 // --size-budget in bytes, 0 for none
 }
 
+// nixBoolSettings are Nix 2.8's Boolean settings that nix-daemon, like
+// every Nix command, takes as flags: --NAME sets it, --no-NAME clears it.
+var nixBoolSettings = []string{
+	"accept-flake-config", "allow-dirty", "allow-import-from-derivation", "allow-new-privileges",
+	"allow-symlinked-store", "allow-unsafe-native-code-during-evaluation", "auto-optimise-store",
+	"builders-use-substitutes", "compress-build-log", "enforce-determinism", "eval-cache", "fallback",
+	"filter-syscalls", "fsync-metadata", "keep-build-log", "keep-derivations", "keep-env-derivations",
+	"keep-failed", "keep-going", "keep-outputs", "preallocate-contents", "print-missing", "pure-eval",
+	"require-sigs", "restrict-eval", "run-diff-hook", "sandbox", "sandbox-fallback", "show-trace",
+	"substitute", "sync-before-registering", "trace-function-calls", "use-case-hack", "use-registries",
+	"use-sqlite-wal", "warn-dirty",
+}
+
+// nixValueFlags are the flags Nix's commands take for settings with a
+// value (nix-daemon's among them), with the setting each sets.
+var nixValueFlags = map[string]string{
+	"-j": "max-jobs", "--max-jobs": "max-jobs", "--cores": "cores",
+	"--max-silent-time": "max-silent-time", "--timeout": "timeout",
+}
+
+// expandShortFlags splits "-vvK" into "-v", "-v", "-K", as Nix's argument
+// parser does.
+func expandShortFlags(args []string) []string {
+	var out []string
+	for _, a := range args {
+		if len(a) > 2 && a[0] == '-' && a[1] != '-' && ('a' <= a[1] && a[1] <= 'z' || 'A' <= a[1] && a[1] <= 'Z') {
+			for _, c := range a[1:] {
+				out = append(out, "-"+string(c))
+			}
+			continue
+		}
+		out = append(out, a)
+	}
+	return out
+}
+
 func parseDaemonArgs(args []string) (daemonOptions, error) {
 	var o daemonOptions
+	args = expandShortFlags(args)
+	verbosity := 0 // nix-daemon's -v, --quiet and --debug
 	for i := 0; i < len(args); i++ {
 		a := args[i]
 		name, val, hasVal := strings.Cut(a, "=")
@@ -128,12 +173,50 @@ func parseDaemonArgs(args []string) (daemonOptions, error) {
 		case "-h", "--help":
 			fmt.Print(daemonUsage)
 			return o, errHelp
+		case "--version":
+			fmt.Printf("nix-daemon (Nix) %s (nixyard %s)\n", daemon.NixVersion, version)
+			return o, errHelp
+		// nix-daemon's other arguments, which every Nix command takes.
+		case "-v", "--verbose":
+			verbosity++
+		case "--quiet":
+			verbosity--
+		case "--debug":
+			verbosity = 2
+		case "--log-format":
+			_, err = need() // nixyard's log is its own
+		case "-Q", "--no-build-output", "--no-gc-warning":
+		case "-K":
+			o.overrides = append(o.overrides, [2]string{"keep-failed", "true"})
+		case "-k":
+			o.overrides = append(o.overrides, [2]string{"keep-going", "true"})
+		case "--relaxed-sandbox":
+			o.overrides = append(o.overrides, [2]string{"sandbox", "relaxed"})
+		case "--readonly-mode":
+			err = errors.New("--readonly-mode: a daemon that may not write the store is not implemented by nixyard")
 		default:
-			return o, fmt.Errorf("unknown argument %q (see --help)", a)
+			setting, ok := nixValueFlags[name]
+			switch bare := strings.TrimPrefix(name, "--"); {
+			case ok:
+				var v string
+				if v, err = need(); err == nil {
+					o.overrides = append(o.overrides, [2]string{setting, v})
+				}
+			case strings.HasPrefix(name, "--") && slices.Contains(nixBoolSettings, bare) && !hasVal:
+				o.overrides = append(o.overrides, [2]string{bare, "true"})
+			case strings.HasPrefix(name, "--no-") && slices.Contains(nixBoolSettings, bare[3:]) && !hasVal:
+				o.overrides = append(o.overrides, [2]string{bare[3:], "false"})
+			default:
+				return o, fmt.Errorf("unknown argument %q (see --help; a setting goes as --option NAME VALUE)", a)
+			}
 		}
 		if err != nil {
 			return o, err
 		}
+	}
+	if !o.levelSet && verbosity != 0 {
+		o.logLevel = min(max(slog.LevelInfo-slog.Level(4*verbosity), slog.LevelDebug), slog.LevelError)
+		o.levelSet = true
 	}
 	if o.root != "" {
 		abs, err := filepath.Abs(o.root)

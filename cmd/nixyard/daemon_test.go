@@ -1,6 +1,7 @@
 package main
 
 import (
+	"log/slog"
 	"reflect"
 	"testing"
 	"time"
@@ -15,6 +16,31 @@ func TestParseDaemonArgs(t *testing.T) {
 		t.Errorf("parsed %+v", o)
 	}
 	for _, bad := range [][]string{{"--store"}, {"--option", "x"}, {"--bogus"}, {"--store", "https://cache"}, {"--log-level", "loud"}} {
+		if _, err := parseDaemonArgs(bad); err == nil {
+			t.Errorf("parseDaemonArgs(%q) succeeded", bad)
+		}
+	}
+}
+
+// TestParseDaemonArgsNix: the arguments nix-daemon takes as every Nix
+// command does, so that a service that passes them starts nixyard too.
+func TestParseDaemonArgsNix(t *testing.T) {
+	o, err := parseDaemonArgs([]string{"--daemon", "-vv", "--log-format", "bar", "-j", "4", "--cores=2", "--no-sandbox",
+		"--keep-outputs", "-K", "--relaxed-sandbox", "--no-gc-warning"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := [][2]string{{"max-jobs", "4"}, {"cores", "2"}, {"sandbox", "false"}, {"keep-outputs", "true"}, {"keep-failed", "true"}, {"sandbox", "relaxed"}}
+	if !reflect.DeepEqual(o.overrides, want) || o.logLevel != slog.LevelDebug {
+		t.Errorf("parsed overrides %q, level %v; want %q, DEBUG", o.overrides, o.logLevel, want)
+	}
+	if o, err := parseDaemonArgs([]string{"--quiet", "--quiet", "--quiet"}); err != nil || o.logLevel != slog.LevelError {
+		t.Errorf("--quiet thrice: %v, %v; want ERROR", o.logLevel, err)
+	}
+	if o, err := parseDaemonArgs([]string{"-v", "--log-level", "warn"}); err != nil || o.logLevel != slog.LevelWarn {
+		t.Errorf("-v with --log-level warn: %v, %v; want WARN", o.logLevel, err)
+	}
+	for _, bad := range [][]string{{"--no-such-setting"}, {"--no-max-jobs"}, {"--sandbox=yes"}, {"--readonly-mode"}, {"-j"}} {
 		if _, err := parseDaemonArgs(bad); err == nil {
 			t.Errorf("parseDaemonArgs(%q) succeeded", bad)
 		}

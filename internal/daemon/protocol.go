@@ -13,8 +13,11 @@ const (
 
 	// nixVersion is sent in handshake step 8 and shown by `nix store ping`.
 	// It starts with the Nix version whose behaviour we follow.
-	nixVersion = "2.8.0 (nixyard)"
+	nixVersion = NixVersion + " (nixyard)"
 )
+
+// NixVersion is the Nix release whose daemon nixyard behaves as.
+const NixVersion = "2.8.0"
 
 // Verbosity is a log level, with the numbering of Nix 2.4 and later.
 type Verbosity uint64
