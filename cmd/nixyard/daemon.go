@@ -131,8 +131,8 @@ func parseDaemonArgs(args []string) (daemonOptions, error) {
 		switch name {
 		case "--store":
 			o.root, err = need()
-			if err == nil && strings.Contains(o.root, "://") {
-				err = fmt.Errorf("--store %q: nixyard serves a local store; give a directory", o.root)
+			if err == nil && (strings.Contains(o.root, "://") || strings.Contains(o.root, "?") || slices.Contains([]string{"auto", "daemon", "local"}, o.root)) {
+				err = fmt.Errorf("--store %q: nixyard serves a local store; give a directory (a chroot store's root), not a store URL", o.root)
 			}
 		case "--stdio":
 			o.stdio = true

@@ -15,7 +15,7 @@ func TestParseDaemonArgs(t *testing.T) {
 	if o.root != "/tmp/r" || !o.stdio || !reflect.DeepEqual(o.overrides, [][2]string{{"trusted-users", "root ci"}}) || o.logLevel.String() != "DEBUG" {
 		t.Errorf("parsed %+v", o)
 	}
-	for _, bad := range [][]string{{"--store"}, {"--option", "x"}, {"--bogus"}, {"--store", "https://cache"}, {"--log-level", "loud"}} {
+	for _, bad := range [][]string{{"--store"}, {"--option", "x"}, {"--bogus"}, {"--store", "https://cache"}, {"--store", "local?root=/x"}, {"--store", "daemon"}, {"--log-level", "loud"}} {
 		if _, err := parseDaemonArgs(bad); err == nil {
 			t.Errorf("parseDaemonArgs(%q) succeeded", bad)
 		}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/url"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -223,7 +224,7 @@ func openDatabase(ctx context.Context, dbDir string, log *slog.Logger) (*databas
 	if cur == 0 {
 		mode = "rwc"
 	}
-	d.w, err = sql.Open(dbDriver(), "file:"+d.path+"?mode="+mode+"&_txlock=immediate")
+	d.w, err = sql.Open(dbDriver(), sqliteURI(d.path)+"?mode="+mode+"&_txlock=immediate")
 	if err != nil {
 		return nil, fmt.Errorf("store: opening %s: %w", d.path, err)
 	}
@@ -241,7 +242,7 @@ func openDatabase(ctx context.Context, dbDir string, log *slog.Logger) (*databas
 		}
 		log.Info("created Nix database", "path", d.path)
 	}
-	d.r, err = sql.Open(dbDriver(), "file:"+d.path+"?mode=rw&_txlock=deferred")
+	d.r, err = sql.Open(dbDriver(), sqliteURI(d.path)+"?mode=rw&_txlock=deferred")
 	if err != nil {
 		d.w.Close()
 		return nil, fmt.Errorf("store: opening %s: %w", d.path, err)
@@ -264,7 +265,7 @@ func openDatabase(ctx context.Context, dbDir string, log *slog.Logger) (*databas
 // connection used directly (not through database/sql, whose per-query
 // bookkeeping would cost more than the pragma itself).
 func (d *database) openGuard() error {
-	c, err := d.r.Driver().Open("file:" + d.path + "?mode=rw")
+	c, err := d.r.Driver().Open(sqliteURI(d.path) + "?mode=rw")
 	if err != nil {
 		return fmt.Errorf("store: opening %s: %w", d.path, err)
 	}
@@ -425,4 +426,11 @@ func writeFileSync(path string, data []byte, perm os.FileMode) error {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
 	return nil
+}
+
+// sqliteURI is the file: URI of the database at path, with the characters
+// that mean something in a URI ('?', '#', '%', ...) escaped: a store under
+// a directory whose name has them must not open a database elsewhere.
+func sqliteURI(path string) string {
+	return "file:" + (&url.URL{Path: path}).EscapedPath()
 }

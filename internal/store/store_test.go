@@ -253,3 +253,19 @@ func TestSeesPathAddedByNix(t *testing.T) {
 		t.Errorf("info = %+v", info)
 	}
 }
+
+// TestOpenOddDirectoryName: a store under a directory whose name holds
+// what a URI gives meaning to ('?', '#', '%') keeps its database where
+// the state directory says, not where SQLite would read the name as a URI.
+func TestOpenOddDirectoryName(t *testing.T) {
+	parent := t.TempDir()
+	root := filepath.Join(parent, "local?root=x#y%20z")
+	s := openAt(t, root)
+	s.Close()
+	if _, err := os.Stat(filepath.Join(root, "nix/var/nix/db/db.sqlite")); err != nil {
+		t.Errorf("the database is not in the state directory: %v", err)
+	}
+	if ents, _ := os.ReadDir(parent); len(ents) != 1 {
+		t.Errorf("%s holds %d entries, want only the store's root", parent, len(ents))
+	}
+}
