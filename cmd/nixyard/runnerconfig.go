@@ -33,6 +33,10 @@ func runRunnerConfig(args []string) error {
 	}
 	var h ci.Host
 	for i := 1; i < len(args); i++ {
+		if args[i] == "-h" || args[i] == "--help" {
+			fmt.Print(runnerConfigUsage)
+			return nil
+		}
 		name, val, hasVal := strings.Cut(args[i], "=")
 		if !hasVal {
 			if i+1 >= len(args) {

@@ -79,7 +79,11 @@ func (h Host) Env() []string {
 // DaemonFlag is the nixyard daemon argument that creates the job socket.
 func (h Host) DaemonFlag() string {
 	h = h.WithDefaults()
-	return "--listen " + h.Socket + ",trusted=false,tenant=ci"
+	flag := "--listen " + h.Socket + ",trusted=false,tenant=ci"
+	if h.StoreRoot != "/" {
+		flag = "--store " + h.StoreRoot + " " + flag
+	}
+	return flag
 }
 
 // GitLab returns a GitLab Runner [[runners]] snippet (docker executor).

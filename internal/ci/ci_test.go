@@ -12,7 +12,8 @@ func TestGitLabSnippet(t *testing.T) {
 		`executor = "docker"`,
 		`environment = ["NIX_REMOTE=unix:///run/nixyard/socket?root=/mnt"]`,
 		`volumes = ["/srv/ci/nix/store:/mnt/nix/store:ro", "/srv/ci/jobs:/run/nixyard:ro"]`,
-		"nixyard daemon --listen /srv/ci/jobs/socket,trusted=false",
+		// The daemon named serves the store the volumes show.
+		"nixyard daemon --store /srv/ci --listen /srv/ci/jobs/socket,trusted=false",
 	} {
 		if !strings.Contains(got, want) {
 			t.Errorf("snippet lacks %q:\n%s", want, got)
