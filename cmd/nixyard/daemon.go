@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/nixyard/nixyard/internal/build"
@@ -470,18 +471,48 @@ func listen(path string) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, fmt.Errorf("creating socket directory: %w", err)
 	}
+	// A daemon that still answers there keeps its socket: taking it over
+	// would leave that one serving no one (and, on exit, remove this one's).
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("listening on %s: another daemon is listening there; stop it first", path)
+	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("removing stale socket %s: %w", path, err)
 	}
-	l, err := net.Listen("unix", path)
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		return nil, fmt.Errorf("listening on %s: %w", path, err)
+	}
+	l.SetUnlinkOnClose(false) // see ownSocket.Close
+	var st syscall.Stat_t
+	if err := syscall.Lstat(path, &st); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("socket %s: %w", path, err)
 	}
 	if err := os.Chmod(path, 0o666); err != nil {
 		l.Close()
 		return nil, fmt.Errorf("socket %s: %w", path, err)
 	}
-	return l, nil
+	return &ownSocket{UnixListener: l, path: path, dev: st.Dev, ino: st.Ino}, nil
+}
+
+// ownSocket is a socket the daemon made: closing it removes the file only
+// if it is still this socket's, not one that another daemon made there
+// since.
+type ownSocket struct {
+	*net.UnixListener
+	path     string
+	dev, ino uint64
+}
+
+func (l *ownSocket) Close() error {
+	err := l.UnixListener.Close()
+	var st syscall.Stat_t
+	if syscall.Lstat(l.path, &st) == nil && st.Dev == l.dev && st.Ino == l.ino {
+		os.Remove(l.path)
+	}
+	return err
 }
 
 // readSecretKeys reads nix.conf secret-key-files: files each holding one

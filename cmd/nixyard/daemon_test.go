@@ -2,6 +2,8 @@ package main
 
 import (
 	"log/slog"
+	"os"
+	"path/filepath"
 	"reflect"
 	"testing"
 	"time"
@@ -70,5 +72,46 @@ func TestParseDaemonArgsListen(t *testing.T) {
 	}
 	if _, err := parseDaemonArgs([]string{"--listen", "/a,bogus=1"}); err == nil {
 		t.Fatal("a bad --listen was accepted")
+	}
+}
+
+// TestListenOwnSocket: a socket another daemon answers on is not taken
+// over; closing a socket removes its file only if the file is still
+// that socket's.
+func TestListenOwnSocket(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "socket")
+	l1, err := listen(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for {
+			c, err := l1.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	if l, err := listen(path); err == nil {
+		l.Close()
+		t.Fatal("a second listen took over the socket of a daemon that answers")
+	}
+	// Another daemon made a socket there since (after the file was
+	// removed): closing the first leaves it.
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	l2, err := listen(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l1.Close()
+	if _, err := os.Lstat(path); err != nil {
+		t.Errorf("closing the first socket removed the second's file: %v", err)
+	}
+	l2.Close()
+	if _, err := os.Lstat(path); !os.IsNotExist(err) {
+		t.Errorf("closing the second socket left its file: %v", err)
 	}
 }
