@@ -58,10 +58,12 @@ func restore(ctx context.Context, r io.Reader, dest string, canonical bool) (err
 		}
 	}()
 	if err := rs.run(); err != nil {
+		// Not named after dest, a temporary directory the client has no
+		// use for: a file system error names its file itself.
 		if errors.Is(err, ErrInvalid) {
-			return err // the NAR's fault: where it was going is noise
+			return err
 		}
-		return fmt.Errorf("nar: restore %s: %w", dest, err)
+		return fmt.Errorf("nar: restore: %w", err)
 	}
 	return nil
 }
