@@ -1001,6 +1001,25 @@ func TestBuildLogLines(t *testing.T) {
 	}
 }
 
+// TestBuildChatty: at -vv the client hears what nix-daemon says of a
+// builder it starts: the sandbox it sets up, the builder and its
+// arguments.
+func TestBuildChatty(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	args := b.expr(t, "chatty", `{ c = mk { name = "chatty-build"; script = "echo > $out"; }; }`)
+	r := b.nixBuild(append(args, "-A", "c", "--no-out-link", "-vv")...).run(t)
+	for _, want := range []*regexp.Regexp{
+		regexp.MustCompile(`setting up chroot environment in '[^']*-chatty-build\.drv\.chroot'`),
+		regexp.MustCompile(`executing builder '/nix/store/[a-z0-9]{32}-busybox-static/busybox'`),
+		regexp.MustCompile(`using builder args 'sh -c echo > \$out'`),
+	} {
+		if r.err != nil || !want.MatchString(r.stderr) {
+			t.Errorf("nix-build -vv: no %s:\n%s", want, r)
+		}
+	}
+}
+
 // TestBuildFailureStopsQueued: without --keep-going, a build waiting for
 // a build slot when another of the request's builds fails does not start
 // (to be stopped at once), as with Nix, whose worker handles the failure

@@ -320,6 +320,9 @@ type Progress interface {
 	// Error is a message for the caller at error level, outside any
 	// build's log (Nix's printError): the diff hook's output, say.
 	Error(msg string)
+	// Chatty is a message for the caller at chatty level (-vv): what Nix
+	// says of a builder it starts.
+	Chatty(msg string)
 	// RemoteActivity is an activity event of the build hook that sends
 	// drv to a remote machine: copying its inputs and outputs, the
 	// remote build and its log (as nix-daemon forwards them).

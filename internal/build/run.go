@@ -313,6 +313,12 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 	case j.builtin:
 		status, runErr = j.runBuiltin(ctx, opts)
 	default:
+		g.each(func(c *call) {
+			c.emit(func(p Progress) {
+				p.Chatty(fmt.Sprintf("executing builder '%s'", g.drv.Builder))
+				p.Chatty(fmt.Sprintf("using builder args '%s'", strings.Join(g.drv.Args, " ")))
+			})
+		})
 		status, runErr = j.execute(ctx, j.spec, opts)
 	}
 	g.setRunning(false)

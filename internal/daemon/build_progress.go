@@ -336,6 +336,11 @@ func (p *buildProgress) Error(msg string) {
 	p.post(false, func() { p.tun.Log(lvlError, msg) })
 }
 
+// Chatty implements build.Progress.
+func (p *buildProgress) Chatty(msg string) {
+	p.post(false, func() { p.tun.Log(lvlChatty, msg) })
+}
+
 // addTop counts drv among the derivations the client asked for.
 func (p *buildProgress) addTop(drv string) {
 	p.post(false, func() { p.top[drv] = true })
