@@ -1001,6 +1001,41 @@ func TestBuildLogLines(t *testing.T) {
 	}
 }
 
+// TestBuildClientHangsUp: a build whose only client goes away (a
+// cancelled CI job) is stopped, as nix-daemon stops it when the client's
+// connection hangs up, instead of running to its end: the builder is gone
+// and the output is never registered.
+func TestBuildClientHangsUp(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	args := b.expr(t, "hangup", `{ long = mk { name = "hangup-long"; script = ": hangup-${nonce}; echo started; sleep 4; echo > $out"; }; }`)
+	drv := strings.TrimSpace(b.client("nix-instantiate", append(args, "-A", "long")...).ok(t))
+	out := strings.TrimSpace(b.client("nix-store", "-q", "--outputs", drv).ok(t))
+	x := b.nixBuild(append(args, "-A", "long", "--no-out-link")...).exec()
+	if err := x.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for !builderRunning(t, "hangup-"+b.nonce) {
+		if time.Now().After(deadline) {
+			x.Process.Kill()
+			t.Fatal("the builder did not start")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	x.Process.Kill()
+	x.Wait()
+	for stop := time.Now().Add(5 * time.Second); builderRunning(t, "hangup-"+b.nonce); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(stop) {
+			t.Fatal("the builder still runs 5 s after its only client went away")
+		}
+	}
+	time.Sleep(4500 * time.Millisecond) // past the builder's own end
+	if b.isValid(t, out) {
+		t.Errorf("%s was registered after its only client went away", out)
+	}
+}
+
 // TestBuildChatty: at -vv the client hears what nix-daemon says of a
 // builder it starts: the sandbox it sets up, the builder and its
 // arguments.

@@ -206,6 +206,9 @@ type conn struct {
 
 	// narinfos keeps what file:// caches told this connection's lookups.
 	narinfos substitute.ConnNarinfos
+	// hup watches for the client hanging up during a build (nil: the
+	// connection has no descriptor to watch).
+	hup *hangupWatcher
 
 	warnMu sync.Mutex
 	warned map[string]bool // warnings sent (see warnFunc)
@@ -230,6 +233,7 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 		out:  wire.NewEncoder(w),
 		peer: p,
 		log:  log,
+		hup:  newHangupWatcher(r),
 	}
 	if err := c.handshake(ctx); err != nil {
 		return err
@@ -334,6 +338,14 @@ func (c *conn) perform(ctx context.Context, op uint64) error {
 		ctx = substitute.WithNarinfoTTLs(ctx, t)
 	}
 	ctx = store.WithClientLog(ctx, func(msg string) { c.tun.Log(lvlInfo, msg) })
+	switch op {
+	case wire.OpBuildPaths, wire.OpBuildPathsWithResults, wire.OpBuildDerivation, wire.OpEnsurePath:
+		// Builds and downloads whose client hangs up stop, as with
+		// nix-daemon, unless other clients wait for them too.
+		var stop func()
+		ctx, stop = c.hup.watch(ctx)
+		defer stop()
+	}
 	return h(ctx, c)
 }
 
