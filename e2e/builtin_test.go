@@ -290,6 +290,11 @@ func TestBuiltinUnpackChannel(t *testing.T) {
 		{Name: "nixexprs-1/lib/run", Typeflag: tar.TypeReg, Mode: 0o755},
 		{Name: "nixexprs-1/link", Typeflag: tar.TypeSymlink, Linkname: "default.nix"},
 	}, map[string]string{"nixexprs-1/default.nix": "{ }: " + b.nonce + "\n", "nixexprs-1/lib/run": "#!/bin/sh\n"}))
+	// A tarball whose top directory already has the channel's name.
+	named := write("named.tar.gz", tarball(t, []tar.Header{
+		{Name: "nixpkgs/", Typeflag: tar.TypeDir, Mode: 0o755},
+		{Name: "nixpkgs/default.nix", Typeflag: tar.TypeReg},
+	}, map[string]string{"nixpkgs/default.nix": "{ }: " + b.nonce + " named\n"}))
 	two := write("two.tar.gz", tarball(t, []tar.Header{
 		{Name: "a", Typeflag: tar.TypeReg}, {Name: "b", Typeflag: tar.TypeReg},
 	}, map[string]string{"a": b.nonce, "b": "b"}))
@@ -300,7 +305,7 @@ func TestBuiltinUnpackChannel(t *testing.T) {
 	args := b.expr(t, "channel", fmt.Sprintf(`let unpack = src: builtins.derivation {
     name = "channel"; builder = "builtin:unpack-channel"; system = "builtin";
     inherit src; channelName = "nixpkgs"; };
-in { good = unpack %s; two = unpack %s; escape = unpack %s; }`, good, two, escape))
+in { good = unpack %s; named = unpack %s; two = unpack %s; escape = unpack %s; }`, good, named, two, escape))
 
 	out := oneLine(t, "good", b.nixBuild(append(args, "-A", "good", "--no-out-link")...).ok(t))
 	got := profileTree(t, b.realPath(out), nil)
@@ -312,6 +317,10 @@ in { good = unpack %s; two = unpack %s; escape = unpack %s; }`, good, two, escap
 		t.Errorf("executable file of the channel: %v, %v", st, err)
 	}
 	b.nixStore(t, "--verify-path", out)
+	out = oneLine(t, "named", b.nixBuild(append(args, "-A", "named", "--no-out-link")...).ok(t))
+	if got := profileTree(t, b.realPath(out), nil); strings.Join(got, " ") != "nixpkgs/ nixpkgs/default.nix" {
+		t.Errorf("unpacked channel whose top directory has its name: %q", got)
+	}
 
 	stderr := b.nixBuild(append(args, "-A", "two", "--no-out-link")...).fails(t)
 	if !strings.Contains(stderr, "contains more than one file") {

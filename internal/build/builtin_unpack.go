@@ -49,6 +49,9 @@ func builtinUnpackChannel(ctx context.Context, j *job, v *storeView, warn func(s
 	if len(entries) != 1 {
 		return fmt.Errorf("channel tarball '%s' contains more than one file", src)
 	}
+	if entries[0].Name() == name {
+		return nil // rename(2) of a path to itself, which os.Rename refuses
+	}
 	if err := os.Rename(outHost+"/"+entries[0].Name(), outHost+"/"+name); err != nil {
 		return fmt.Errorf("renaming channel directory: %w", err)
 	}
