@@ -31,6 +31,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -484,6 +485,7 @@ type Builder struct {
 	mu    sync.Mutex
 	goals map[goalKey]*goal
 	seq   uint64
+	calls atomic.Uint64 // numbers the requests (call.id)
 
 	chrootMu sync.Mutex
 	chroots  map[string]chan struct{} // sandbox roots in use, closed when free

@@ -22,6 +22,7 @@ import (
 // of the slots, its progress sink and its build counters.
 type call struct {
 	b      *Builder
+	id     uint64 // for the hooks it uses (see hookKey)
 	opts   ClientOptions
 	client *slotClient
 
@@ -41,7 +42,7 @@ type call struct {
 func (c *call) mayBuild() bool { return !c.b.cfg.NoLocalBuilds && !c.opts.NoLocalBuilds }
 
 func (b *Builder) newCall(opts ClientOptions, prog Progress) *call {
-	return &call{b: b, opts: opts, client: newSlotClient(opts.MaxJobs), prog: prog}
+	return &call{b: b, id: b.calls.Add(1), opts: opts, client: newSlotClient(opts.MaxJobs), prog: prog}
 }
 
 // close stops events to the caller; goals the caller started may go on
@@ -50,6 +51,7 @@ func (c *call) close() {
 	c.mu.Lock()
 	c.prog = nil
 	c.mu.Unlock()
+	c.b.dropHooks(c)
 }
 
 func (c *call) emit(f func(p Progress)) {

@@ -53,8 +53,11 @@ var hookRetry = 5 * time.Second
 
 // hookMaxIdle bounds how long an idle hook is kept, and maxIdleHooks how
 // many: a hook reads the machine files when it starts, so one kept for
-// long would not see them change. maxOffers bounds the offers under way
-// at once, each a hook process (Nix asks one hook at a time per client).
+// long would not see them change. A hook serves one request only, as
+// nix-daemon's serve one client connection: it remembers a machine that
+// failed it, and a later client must find that machine tried again.
+// maxOffers bounds the offers under way at once, each a hook process (Nix
+// asks one hook at a time per client).
 const (
 	hookMaxIdle  = 30 * time.Second
 	maxIdleHooks = 8
@@ -218,7 +221,7 @@ func (g *goal) tryRemote(ctx context.Context, inputs []storepath.Path, outputs m
 		b.mu.Unlock()
 		// The hook first: a slot reserved here must not sit idle while
 		// other offers (each maybe connecting to a machine) go first.
-		h, reused, err := b.takeHook(ctx, settings)
+		h, reused, err := b.takeHook(ctx, c, settings)
 		if err != nil {
 			if ctx.Err() != nil {
 				return stopped()
@@ -285,25 +288,44 @@ func (g *goal) tryRemote(ctx context.Context, inputs []storepath.Path, outputs m
 	}
 }
 
-// hookKey names the settings a hook was started with.
-func hookKey(settings map[string]string) string {
+// hookKey names a hook by the request it serves and the settings it was
+// started with.
+func hookKey(c *call, settings map[string]string) string {
 	var key strings.Builder
+	fmt.Fprintf(&key, "call %d\n", c.id)
 	for _, k := range slices.Sorted(maps.Keys(settings)) {
 		fmt.Fprintf(&key, "%q=%q\n", k, settings[k])
 	}
 	return key.String()
 }
 
+// dropHooks ends the idle hooks of the request c, which has ended.
+func (b *Builder) dropHooks(c *call) {
+	prefix := fmt.Sprintf("call %d\n", c.id)
+	var ended []*hookProc
+	b.mu.Lock()
+	for k, idle := range b.hooks.idle {
+		if strings.HasPrefix(k, prefix) {
+			ended = append(ended, idle...)
+			delete(b.hooks.idle, k)
+		}
+	}
+	b.mu.Unlock()
+	for _, h := range ended {
+		h.kill()
+	}
+}
+
 // takeHook waits until fewer than maxOffers offers are under way, then
-// returns an idle hook started with settings (reused) or starts one. The
+// returns an idle hook of c's started with settings (reused) or starts one. The
 // caller calls offerDone once it has the hook's answer.
-func (b *Builder) takeHook(ctx context.Context, settings map[string]string) (h *hookProc, reused bool, err error) {
+func (b *Builder) takeHook(ctx context.Context, c *call, settings map[string]string) (h *hookProc, reused bool, err error) {
 	select {
 	case b.hooks.offers <- struct{}{}:
 	case <-ctx.Done():
 		return nil, false, context.Cause(ctx)
 	}
-	key := hookKey(settings)
+	key := hookKey(c, settings)
 	b.mu.Lock()
 	if idle := b.hooks.idle[key]; len(idle) > 0 {
 		h = idle[len(idle)-1]

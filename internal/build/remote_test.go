@@ -87,14 +87,26 @@ cat > /dev/null
 		return res[0], rec
 	}
 
-	// Declined: built here, and the hook is kept for the next offer.
-	r, rec := run("decline", "declined")
-	if r.Status != Built || !slices.Contains(rec.lines, "local-line") {
-		t.Errorf("declined: %+v %+v", r, rec)
+	// Declined: built here, and the hook is kept for the request's next
+	// offer (the input's, then the top's), not for another request's.
+	if err := os.WriteFile(mode, []byte("decline"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	drvs := e.instantiate(`rec {
+  dep = mk { name = "declined-dep"; script = "echo local-line; echo dep > $out"; };
+  top = mk { name = "declined"; inherit dep; script = "echo top $dep > $out"; };
+}`, "top")
+	rec := &recorder{}
+	res, err := b.Build(t.Context(), []store.DerivedPath{out(drvs["top"])}, ClientOptions{}, rec)
+	if err != nil || res[0].Status != Built || !slices.Contains(rec.lines, "local-line") {
+		t.Errorf("declined: %+v %v %+v", res, err, rec)
+	}
+	if n := nStarts(); n != 1 {
+		t.Errorf("%d hooks started for one request's two offers, want 1 kept", n)
 	}
 	run("decline", "declined-again")
-	if n := nStarts(); n != 1 {
-		t.Errorf("%d hooks started for two offers, want 1 kept", n)
+	if n := nStarts(); n != 2 {
+		t.Errorf("%d hooks started for two requests, want 2: a hook serves one request", n)
 	}
 	if data, _ := os.ReadFile(starts); !strings.HasSuffix(string(data), " 3\n") {
 		t.Errorf("hook run as %q, want Nix's verbosity (3) as its argument", data)
@@ -103,7 +115,7 @@ cat > /dev/null
 	// Accepted, then failed: the hook's error and the remote builder's
 	// output reach the caller; messages below warnings do not.
 	b.Close()
-	r, rec = run("fail", "failing")
+	r, rec := run("fail", "failing")
 	if r.Status != MiscFailure || !strings.Contains(r.ErrorMsg, "failed with exit code 1") ||
 		!slices.Contains(rec.errors, "remote says no") || slices.Contains(rec.errors, "chatter") || !slices.Contains(rec.lines, "remote-line") {
 		t.Errorf("failed remote build: %+v %+v", r, rec)
@@ -139,9 +151,9 @@ cat > /dev/null
 	// Declined for good: built here, and not asked again in the request
 	// (b is offered after a, its input).
 	before := nStarts()
-	drvs := e.instantiate(`rec { a = mk { name = "perm-a"; script = "echo a > $out"; }; b = mk { name = "perm-b"; inherit a; script = "echo b > $out"; }; }`, "a", "b")
+	drvs = e.instantiate(`rec { a = mk { name = "perm-a"; script = "echo a > $out"; }; b = mk { name = "perm-b"; inherit a; script = "echo b > $out"; }; }`, "a", "b")
 	os.WriteFile(mode, []byte("permanent"), 0o644)
-	res, err := b.Build(t.Context(), []store.DerivedPath{out(drvs["a"]), out(drvs["b"])}, ClientOptions{}, nil)
+	res, err = b.Build(t.Context(), []store.DerivedPath{out(drvs["a"]), out(drvs["b"])}, ClientOptions{}, nil)
 	if err != nil || res[0].Status != Built || res[1].Status != Built {
 		t.Fatalf("declined for good: %+v %v", res, err)
 	}
