@@ -80,4 +80,11 @@ func TestSendToRemoteBuilder(t *testing.T) {
 	if !strings.Contains(stderr, "with features {remote-only} is required to build") {
 		t.Errorf("--builders '' still sent the build away:\n%s", stderr)
 	}
+	// -j0 with a machine set that cannot take it (another feature): Nix's
+	// words for that, not those for having no machines.
+	gpu := e.expr(t, "gpu", `{ gpu = mk { name = "send-gpu"; requiredSystemFeatures = [ "gpu" ]; script = "echo > $out"; }; }`)
+	stderr = d.nixBuild(append(gpu, "-A", "gpu", "--no-out-link", "-j0")...).fails(t)
+	if !strings.Contains(stderr, "unable to start any build; remote machines may not have all required system features.") {
+		t.Errorf("-j0 with no machine for the derivation:\n%s", stderr)
+	}
 }

@@ -79,7 +79,7 @@ func (b *Builder) BuildBasic(ctx context.Context, drvPath storepath.Path, drv *d
 		return Result{}, err
 	}
 	if res.noLocalBuilds || c.noLocalBuilds.Load() {
-		return Result{}, ErrNoLocalBuilds // as Nix: the request fails
+		return Result{}, c.noLocalBuildsError() // as Nix: the request fails
 	}
 	res.Path = req
 	res.BuiltOutputs = nil

@@ -620,7 +620,7 @@ func (b *Builder) Build(ctx context.Context, reqs []store.DerivedPath, client Cl
 		return nil, err
 	}
 	if c.noLocalBuilds.Load() {
-		return nil, ErrNoLocalBuilds // as Nix: the whole request fails
+		return nil, c.noLocalBuildsError() // as Nix: the whole request fails
 	}
 	if client.Session != nil {
 		for _, r := range results {
@@ -640,6 +640,35 @@ var errNotSupported = errors.New("not supported")
 // (the daemon's or the caller's), in Nix's words: nixyard has no remote
 // builders to send it to.
 var ErrNoLocalBuilds = errors.New("unable to start any build; either increase '--max-jobs' or enable remote builds.\nhttps://nixos.org/manual/nix/stable/advanced-topics/distributed-builds.html")
+
+// errNoMachineFits is ErrNoLocalBuilds where remote machines are set but
+// none took the build, in Nix's words.
+var errNoMachineFits error = noMachineFits{}
+
+type noMachineFits struct{}
+
+func (noMachineFits) Error() string {
+	return "unable to start any build; remote machines may not have all required system features.\nhttps://nixos.org/manual/nix/stable/advanced-topics/distributed-builds.html"
+}
+
+func (noMachineFits) Is(target error) bool { return target == ErrNoLocalBuilds }
+
+// noLocalBuildsError is the error of c's request when it needed a build
+// that max-jobs 0 keeps from running here: Nix's two messages, as remote
+// machines are set or not.
+func (c *call) noLocalBuildsError() error {
+	b := c.b
+	builders, ok := c.opts.Settings["builders"]
+	if !ok {
+		if builders, ok = b.cfg.HookSettings["builders"]; !ok {
+			builders = b.cfg.Builders
+		}
+	}
+	if b.cfg.HookStore != "" && hasMachines(builders, 0) {
+		return errNoMachineFits
+	}
+	return ErrNoLocalBuilds
+}
 
 // stopsOthers reports whether r, a failure, stops the caller's other
 // builds without keep-going: as in Nix, a path that no cache has

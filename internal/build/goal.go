@@ -724,17 +724,18 @@ func (g *goal) realise(ctx context.Context) Result {
 		}
 		slot = s
 	}
-	if err := b.canBuild(g.drv, features); err != nil {
-		return g.failf(MiscFailure, "%v to build '%s', but I am a '%s' with features {%s}",
-			err, drvAbs, b.cfg.System, strings.Join(b.cfg.SystemFeatures, ", "))
-	}
-
+	// With max-jobs 0 nothing is built here, whatever the derivation
+	// needs: Nix says so before it would look at the platform.
 	if !g.mayBuild() {
 		// Unless another process made the outputs meanwhile.
 		if _, ok, err := b.validOutputs(ctx, g.drv, slices.Collect(maps.Keys(outPaths))); err == nil && ok && g.mode == ModeNormal {
 			return Result{Status: AlreadyValid}
 		}
-		return Result{Status: MiscFailure, ErrorMsg: ErrNoLocalBuilds.Error(), noLocalBuilds: true}
+		return Result{Status: MiscFailure, ErrorMsg: g.caller().noLocalBuildsError().Error(), noLocalBuilds: true}
+	}
+	if err := b.canBuild(g.drv, features); err != nil {
+		return g.failf(MiscFailure, "%v to build '%s', but I am a '%s' with features {%s}",
+			err, drvAbs, b.cfg.System, strings.Join(b.cfg.SystemFeatures, ", "))
 	}
 
 	// The build directory and sandbox are laid out before taking a slot,
