@@ -141,6 +141,15 @@ func TestBuiltinBuildenv(t *testing.T) {
 			t.Errorf("collision: stderr lacks %q:\n%s", w, stderr)
 		}
 	}
+	// Nothing of the failed environment is left in the store (Nix builds
+	// it in a sandbox).
+	ents, _ := os.ReadDir(filepath.Join(b.root, "nix/store"))
+	for _, ent := range ents {
+		p := filepath.Join("/nix/store", ent.Name())
+		if strings.HasSuffix(ent.Name(), "-user-environment") && ent.IsDir() && !b.isValid(t, p) {
+			t.Errorf("the failed build left %s in the store", p)
+		}
+	}
 }
 
 // TestBuiltinFetchurl: <nix/fetchurl.nix> downloads through the daemon

@@ -280,6 +280,14 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 		if fail != nil && ctx.Err() == nil {
 			g.failing()
 		}
+		// A builtin builder writes the outputs in place (they were not
+		// valid): what a failed one left there goes, as Nix's sandbox
+		// would have kept it out of the store.
+		if fail != nil && j.builtin {
+			for _, p := range j.outputs {
+				removeTree(b.st.RealPath(p))
+			}
+		}
 	}()
 	if !j.sandbox && j.remote == nil {
 		// Leftovers of an earlier attempt at the output paths.
