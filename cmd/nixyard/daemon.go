@@ -417,9 +417,12 @@ func runDaemon(ctx context.Context, args []string) error {
 		} else {
 			hookListener = l
 			defer os.Remove(path)
-			buildCfg.HookStore = "unix://" + path
 			if layout.Root != "" {
-				buildCfg.HookStore += "?root=" + url.QueryEscape(layout.Root)
+				buildCfg.HookStore = "unix://" + path + "?root=" + url.QueryEscape(layout.Root)
+			} else {
+				// As nix-daemon's hook, which opens "local", the hook's
+				// messages then name no store.
+				buildCfg.HookStore, buildCfg.HookSocket = "daemon", path
 			}
 		}
 	}

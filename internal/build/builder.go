@@ -183,6 +183,10 @@ type Config struct {
 	// this daemon (its socket); "" means no remote builds (a daemon
 	// serving one client on stdio has no socket).
 	HookStore string
+	// HookSocket, if set, is the socket behind HookStore "daemon": the hook
+	// gets it as NIX_DAEMON_SOCKET_PATH. (Nix's messages name no store for
+	// "daemon", as for nix-daemon's own local store.)
+	HookSocket string
 	// Metrics, if set, is told when builds start and end.
 	Metrics Metrics
 	// OnBuilt, if set, gets the outputs of every build that made them

@@ -504,6 +504,14 @@ func (b *Builder) startHook(key string, settings map[string]string) (*hookProc, 
 			ExtraFiles:  []*os.File{nil, logW, logRChild},
 			SysProcAttr: &syscall.SysProcAttr{Setsid: true},
 		}
+		if sock := b.cfg.HookSocket; sock != "" {
+			for _, kv := range os.Environ() {
+				if !strings.HasPrefix(kv, "NIX_DAEMON_SOCKET_PATH=") {
+					cmd.Env = append(cmd.Env, kv)
+				}
+			}
+			cmd.Env = append(cmd.Env, "NIX_DAEMON_SOCKET_PATH="+sock)
+		}
 		err = cmd.Start()
 		if err == nil || !errors.Is(err, syscall.ETXTBSY) || try == 5 {
 			break

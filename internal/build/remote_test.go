@@ -48,6 +48,7 @@ func TestRemoteHook(t *testing.T) {
 	hook := filepath.Join(dir, "fake-hook")
 	script := `#!/bin/sh
 echo "$0 $1" >> ` + starts + `
+echo "$NIX_DAEMON_SOCKET_PATH" > ` + starts + `.socket
 case $(cat ` + mode + `) in
 decline) printf '# decline\n# decline\n# decline\n' ;;
 permanent) printf '# decline-permanently\n' ;;
@@ -67,7 +68,7 @@ cat > /dev/null
 	old := hookRetry
 	hookRetry = 50 * time.Millisecond
 	t.Cleanup(func() { hookRetry = old })
-	b := e.builder(Config{Sandbox: SandboxOff, BuildHook: hook, Builders: "fake " + DefaultSystem(), HookStore: "unix:///nonexistent"})
+	b := e.builder(Config{Sandbox: SandboxOff, BuildHook: hook, Builders: "fake " + DefaultSystem(), HookStore: "daemon", HookSocket: "/nonexistent/hook.sock"})
 	t.Cleanup(b.Close)
 	nStarts := func() int {
 		data, _ := os.ReadFile(starts)
@@ -110,6 +111,10 @@ cat > /dev/null
 	}
 	if data, _ := os.ReadFile(starts); !strings.HasSuffix(string(data), " 3\n") {
 		t.Errorf("hook run as %q, want Nix's verbosity (3) as its argument", data)
+	}
+	// Its store, "daemon", is the hook socket.
+	if data, _ := os.ReadFile(starts + ".socket"); string(data) != "/nonexistent/hook.sock\n" {
+		t.Errorf("the hook's NIX_DAEMON_SOCKET_PATH is %q, want the hook socket", data)
 	}
 
 	// Accepted, then failed: the hook's error and the remote builder's
