@@ -1036,6 +1036,41 @@ func TestBuildClientHangsUp(t *testing.T) {
 	}
 }
 
+// TestBuildStdioClientHangsUp: the same over ssh-ng, where the daemon
+// serves one client on its standard input and output: when the client
+// goes, the build stops and the daemon cleans up its sandbox before it
+// exits (the write to the gone client must not kill it first).
+func TestBuildStdioClientHangsUp(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	args := b.expr(t, "stdiohangup", `{ long = mk { name = "stdio-hangup"; script = ": stdio-hangup-${nonce}; sleep 6; echo > $out"; }; }`)
+	ssh := b.sshNG(t)
+	drv := strings.TrimSpace(b.client("nix-instantiate", append(args, "-A", "long")...).ok(t))
+	x := b.cmd("nix-store", "--store", ssh, "-r", drv).exec()
+	if err := x.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for !builderRunning(t, "stdio-hangup-"+b.nonce) {
+		if time.Now().After(deadline) {
+			x.Process.Kill()
+			t.Fatal("the builder did not start")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	x.Process.Kill()
+	x.Wait()
+	for stop := time.Now().Add(10 * time.Second); builderRunning(t, "stdio-hangup-"+b.nonce) || builderRunning(t, b.root+" --stdio"); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(stop) {
+			t.Fatal("the builder or the stdio daemon still runs 10 s after the client went away")
+		}
+	}
+	// (nix-daemon 2.8 may leave its sandbox root behind here.)
+	if left, _ := filepath.Glob(filepath.Join(b.root, "nix/store/*.chroot")); len(left) > 0 && !useStock {
+		t.Errorf("the stdio daemon left %v", left)
+	}
+}
+
 // TestBuildChatty: at -vv the client hears what nix-daemon says of a
 // builder it starts: the sandbox it sets up, the builder and its
 // arguments.

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -453,7 +454,22 @@ func runDaemon(ctx context.Context, args []string) error {
 		Logger:          logger,
 	})
 	if opts.stdio {
-		return srv.ServeConn(ctx, os.Stdin, os.Stdout, true)
+		// A client gone while the daemon writes to it must not kill the
+		// daemon with SIGPIPE (Go's default for standard output) before
+		// its builds have cleaned up. Notify, not Ignore: an ignored
+		// signal would stay ignored in the builders it starts.
+		sigpipe := make(chan os.Signal, 1)
+		signal.Notify(sigpipe, syscall.SIGPIPE)
+		defer signal.Stop(sigpipe)
+		err := srv.ServeConn(ctx, os.Stdin, os.Stdout, true)
+		// A build its client left is being stopped: let it clean up
+		// (sandbox, build directory) before the process ends.
+		wctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if werr := builder.Wait(wctx); werr != nil {
+			logger.Warn("builds still cleaning up at exit", "err", werr)
+		}
+		return err
 	}
 	ls, err := listenAll(layout.SocketPath, opts.listens, logger)
 	if err != nil {

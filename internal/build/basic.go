@@ -73,6 +73,7 @@ func (b *Builder) BuildBasic(ctx context.Context, drvPath storepath.Path, drv *d
 		done: make(chan struct{}), subs: map[*call]int{}, runningFor: map[*call]bool{}, round: Round{1, 1},
 	}
 	g.subscribe(c)
+	b.running.Add(1)
 	go g.run(gctx)
 	res := g.wait(ctx, c)
 	if err := ctx.Err(); err != nil {

@@ -199,8 +199,9 @@ type Config struct {
 type Metrics interface {
 	// BuildStarted: a builder starts, here or (remote) on another machine.
 	BuildStarted(remote bool)
-	// BuildEnded: it ended after d, with its outputs registered (ok) or not.
-	BuildEnded(remote, ok bool, d time.Duration)
+	// BuildEnded: it ended after d, with result "ok" (its outputs
+	// registered), "failed" or "cancelled" (no caller waited any more).
+	BuildEnded(remote bool, result string, d time.Duration)
 }
 
 // Substituter is the hook through which a caller's binary caches are
@@ -490,6 +491,9 @@ type Builder struct {
 	goals map[goalKey]*goal
 	seq   uint64
 	calls atomic.Uint64 // numbers the requests (call.id)
+	// running counts the goals under way, each until it has cleaned up
+	// (see Wait).
+	running sync.WaitGroup
 
 	chrootMu sync.Mutex
 	chroots  map[string]chan struct{} // sandbox roots in use, closed when free
@@ -713,5 +717,23 @@ func (b *Builder) lockChroot(ctx context.Context, dir string) (unlock func(), er
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
+	}
+}
+
+// Wait waits until every goal under way has ended and cleaned up its
+// build directory and sandbox (a goal stopped because its clients left
+// does so on its own goroutine), or until ctx ends: a daemon serving one
+// client (--stdio) calls it before it exits.
+func (b *Builder) Wait(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() {
+		b.running.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }

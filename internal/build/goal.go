@@ -267,6 +267,7 @@ func (b *Builder) joinGoal(req store.DerivedPath, drv *derivation.Derivation, c 
 	b.goals[key] = g
 	// Subscribed before it runs: it asks its waiters whether it may build.
 	g.subscribe(c)
+	b.running.Add(1)
 	go g.run(ctx)
 	return g
 }
@@ -470,6 +471,7 @@ func (g *goal) stopRunningFor(c *call) int {
 // run drives the goal to its result.
 func (g *goal) run(ctx context.Context) {
 	b := g.b
+	defer b.running.Done()
 	if g.after != nil {
 		// Even when this goal is stopped too: a goal after it must not
 		// start before the old one is gone.

@@ -311,7 +311,16 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 	if m := b.cfg.Metrics; m != nil {
 		remote, start := j.remote != nil, time.Now()
 		m.BuildStarted(remote)
-		defer func() { m.BuildEnded(remote, fail == nil, time.Since(start)) }()
+		defer func() {
+			result := "ok"
+			switch {
+			case fail != nil && ctx.Err() != nil:
+				result = "cancelled"
+			case fail != nil:
+				result = "failed"
+			}
+			m.BuildEnded(remote, result, time.Since(start))
+		}()
 	}
 	var status syscall.WaitStatus
 	var runErr error

@@ -339,7 +339,8 @@ func (c *conn) perform(ctx context.Context, op uint64) error {
 	}
 	ctx = store.WithClientLog(ctx, func(msg string) { c.tun.Log(lvlInfo, msg) })
 	switch op {
-	case wire.OpBuildPaths, wire.OpBuildPathsWithResults, wire.OpBuildDerivation, wire.OpEnsurePath:
+	case wire.OpBuildPaths, wire.OpBuildPathsWithResults, wire.OpBuildDerivation, wire.OpEnsurePath,
+		wire.OpQueryValidPaths, wire.OpQueryMissing, wire.OpQuerySubstitutablePathInfos:
 		// Builds and downloads whose client hangs up stop, as with
 		// nix-daemon, unless other clients wait for them too.
 		var stop func()

@@ -44,7 +44,8 @@ func (h *hangupWatcher) watch(ctx context.Context) (_ context.Context, stop func
 		return ctx, func() {}
 	}
 	fd := -1
-	if err := h.rc.Control(func(f uintptr) { fd, _ = unix.Dup(int(f)) }); err != nil || fd < 0 {
+	// Close-on-exec: builders started meanwhile must not hold it.
+	if err := h.rc.Control(func(f uintptr) { fd, _ = unix.FcntlInt(f, unix.F_DUPFD_CLOEXEC, 0) }); err != nil || fd < 0 {
 		return ctx, func() {}
 	}
 	var wake [2]int
@@ -56,7 +57,9 @@ func (h *hangupWatcher) watch(ctx context.Context) (_ context.Context, stop func
 	go func() {
 		defer unix.Close(fd)
 		defer unix.Close(wake[0])
-		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}, {Fd: int32(wake[0]), Events: unix.POLLIN}}
+		// POLLHUP (always reported) is a client gone: a peer that only
+		// shut down its writing side (POLLRDHUP) still reads the reply.
+		pfd := []unix.PollFd{{Fd: int32(fd)}, {Fd: int32(wake[0]), Events: unix.POLLIN}}
 		for {
 			_, err := unix.Poll(pfd, -1)
 			switch {
@@ -64,7 +67,7 @@ func (h *hangupWatcher) watch(ctx context.Context) (_ context.Context, stop func
 				continue
 			case err != nil, pfd[1].Revents != 0:
 				return
-			case pfd[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR) != 0:
+			case pfd[0].Revents&(unix.POLLHUP|unix.POLLERR) != 0:
 				cancel(errHangup)
 				return
 			}

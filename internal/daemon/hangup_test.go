@@ -44,6 +44,14 @@ func TestHangupWatcher(t *testing.T) {
 			}
 			stop()
 		} else {
+			// A client that only shuts down its writing side still waits
+			// for the reply: not a hang-up.
+			c.(*net.UnixConn).CloseWrite()
+			select {
+			case <-ctx.Done():
+				t.Errorf("a half-closed client counted as gone: %v", context.Cause(ctx))
+			case <-time.After(200 * time.Millisecond):
+			}
 			stop()
 			if errors.Is(context.Cause(ctx), errHangup) {
 				t.Errorf("an op that ended saw a hang-up")

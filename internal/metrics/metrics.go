@@ -176,17 +176,15 @@ func (m *Metrics) BuildStarted(remote bool) {
 	}
 }
 
-// BuildEnded counts a build that ended after d.
-func (m *Metrics) BuildEnded(remote, ok bool, d time.Duration) {
+// BuildEnded counts a build that ended after d, with result "ok" (its
+// outputs registered), "failed", or "cancelled" (stopped because no client
+// waited for it any more: a cancelled job's).
+func (m *Metrics) BuildEnded(remote bool, result string, d time.Duration) {
 	if m == nil {
 		return
 	}
 	w := where(remote)
 	m.running.WithLabelValues(w).Dec()
-	result := "failed"
-	if ok {
-		result = "ok"
-	}
 	m.builds.WithLabelValues(w, result).Inc()
 	m.buildSecs.WithLabelValues(w).Observe(d.Seconds())
 }
