@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"runtime"
@@ -1012,19 +1013,7 @@ func TestBuildClientHangsUp(t *testing.T) {
 	drv := strings.TrimSpace(b.client("nix-instantiate", append(args, "-A", "long")...).ok(t))
 	out := strings.TrimSpace(b.client("nix-store", "-q", "--outputs", drv).ok(t))
 	x := b.nixBuild(append(args, "-A", "long", "--no-out-link")...).exec()
-	if err := x.Start(); err != nil {
-		t.Fatal(err)
-	}
-	deadline := time.Now().Add(30 * time.Second)
-	for !builderRunning(t, "hangup-"+b.nonce) {
-		if time.Now().After(deadline) {
-			x.Process.Kill()
-			t.Fatal("the builder did not start")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	x.Process.Kill()
-	x.Wait()
+	killWhenBuilding(t, x, "hangup-"+b.nonce)
 	for stop := time.Now().Add(5 * time.Second); builderRunning(t, "hangup-"+b.nonce); time.Sleep(50 * time.Millisecond) {
 		if time.Now().After(stop) {
 			t.Fatal("the builder still runs 5 s after its only client went away")
@@ -1033,6 +1022,22 @@ func TestBuildClientHangsUp(t *testing.T) {
 	time.Sleep(4500 * time.Millisecond) // past the builder's own end
 	if b.isValid(t, out) {
 		t.Errorf("%s was registered after its only client went away", out)
+	}
+}
+
+// killWhenBuilding starts the client x, and kills it once a builder whose
+// command line holds token runs.
+func killWhenBuilding(t *testing.T, x *exec.Cmd, token string) {
+	t.Helper()
+	if err := x.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer x.Wait()
+	defer x.Process.Kill()
+	for deadline := time.Now().Add(30 * time.Second); !builderRunning(t, token); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the builder did not start")
+		}
 	}
 }
 
@@ -1047,19 +1052,7 @@ func TestBuildStdioClientHangsUp(t *testing.T) {
 	ssh := b.sshNG(t)
 	drv := strings.TrimSpace(b.client("nix-instantiate", append(args, "-A", "long")...).ok(t))
 	x := b.cmd("nix-store", "--store", ssh, "-r", drv).exec()
-	if err := x.Start(); err != nil {
-		t.Fatal(err)
-	}
-	deadline := time.Now().Add(30 * time.Second)
-	for !builderRunning(t, "stdio-hangup-"+b.nonce) {
-		if time.Now().After(deadline) {
-			x.Process.Kill()
-			t.Fatal("the builder did not start")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	x.Process.Kill()
-	x.Wait()
+	killWhenBuilding(t, x, "stdio-hangup-"+b.nonce)
 	for stop := time.Now().Add(10 * time.Second); builderRunning(t, "stdio-hangup-"+b.nonce) || builderRunning(t, b.root+" --stdio"); time.Sleep(50 * time.Millisecond) {
 		if time.Now().After(stop) {
 			t.Fatal("the builder or the stdio daemon still runs 10 s after the client went away")
