@@ -214,6 +214,10 @@ type conn struct {
 	warned map[string]bool // warnings sent (see warnFunc)
 }
 
+// handshakeTimeout bounds the wait for a socket client's handshake. A
+// variable for tests.
+var handshakeTimeout = time.Minute
+
 // serve runs one connection: handshake, then ops until EOF or an error
 // that ends the connection. A panic ends only this connection.
 func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, log *slog.Logger, mc *metrics.Conn) (err error) {
@@ -235,8 +239,18 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 		log:  log,
 		hup:  newHangupWatcher(r),
 	}
+	// A socket peer that does not complete the handshake in time (an idle
+	// connection a job opened and left) gives its descriptor back: Nix
+	// clients send their part at once.
+	dl, _ := r.(interface{ SetReadDeadline(time.Time) error })
+	if dl != nil {
+		dl.SetReadDeadline(time.Now().Add(handshakeTimeout))
+	}
 	if err := c.handshake(ctx); err != nil {
 		return err
+	}
+	if dl != nil {
+		dl.SetReadDeadline(time.Time{})
 	}
 	if c.st != nil {
 		var release func()

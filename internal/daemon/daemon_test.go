@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nixyard/nixyard/internal/daemon/client"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
 
@@ -154,5 +156,34 @@ func TestNixClientSmoke(t *testing.T) {
 	}
 	if !strings.Contains(d.logs.String(), "accepted connection from pid") {
 		t.Errorf("no accept log line")
+	}
+}
+
+// TestHandshakeTimeout: a socket client that never sends its handshake is
+// dropped, and its descriptor given back; one that handshakes is served
+// past the timeout.
+func TestHandshakeTimeout(t *testing.T) {
+	old := handshakeTimeout
+	handshakeTimeout = 200 * time.Millisecond
+	t.Cleanup(func() { handshakeTimeout = old })
+	d := startDaemon(t, Options{})
+	idle, err := net.Dial("unix", d.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idle.Close()
+	idle.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := idle.Read(make([]byte, 1)); err == nil || os.IsTimeout(err) {
+		t.Errorf("a client that sent nothing was not dropped: %v", err)
+	}
+	c, err := client.Dial(context.Background(), d.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	time.Sleep(300 * time.Millisecond)
+	p, _ := storepath.ParseBase("00000000000000000000000000000000-x")
+	if _, err := c.QueryPathInfo(context.Background(), p); !errors.Is(err, store.ErrNotValid) {
+		t.Errorf("a client that handshook, after the timeout: %v, want 'not valid'", err)
 	}
 }
