@@ -1053,7 +1053,8 @@ func TestBuildStdioClientHangsUp(t *testing.T) {
 	drv := strings.TrimSpace(b.client("nix-instantiate", append(args, "-A", "long")...).ok(t))
 	x := b.cmd("nix-store", "--store", ssh, "-r", drv).exec()
 	killWhenBuilding(t, x, "stdio-hangup-"+b.nonce)
-	for stop := time.Now().Add(10 * time.Second); builderRunning(t, "stdio-hangup-"+b.nonce) || builderRunning(t, b.root+" --stdio"); time.Sleep(50 * time.Millisecond) {
+	// (/proc/PID/cmdline separates the arguments with NUL.)
+	for stop := time.Now().Add(10 * time.Second); builderRunning(t, "stdio-hangup-"+b.nonce) || builderRunning(t, b.root+"\x00--stdio"); time.Sleep(50 * time.Millisecond) {
 		if time.Now().After(stop) {
 			t.Fatal("the builder or the stdio daemon still runs 10 s after the client went away")
 		}
