@@ -83,6 +83,12 @@ func (b *Builder) fail(req store.DerivedPath, st Status, format string, args ...
 	return Result{Path: req, Status: st, ErrorMsg: fmt.Sprintf(format, args...)}
 }
 
+// stoppedByFailure is the result of a goal that does not build because
+// every caller waiting for it is being stopped by another build's failure.
+func stoppedByFailure() Result {
+	return Result{Status: MiscFailure, ErrorMsg: errStopped.Error(), Stopped: true}
+}
+
 // stoppedResult is the result of a request whose ctx ended before it did.
 func stoppedResult(ctx context.Context) Result {
 	cause := context.Cause(ctx)
@@ -672,7 +678,7 @@ func (g *goal) realise(ctx context.Context) Result {
 	if nFailed > 0 && nFailed == nStopped {
 		// Every caller is being stopped by another failure: not a failure
 		// of this goal's own.
-		return Result{Status: MiscFailure, ErrorMsg: errStopped.Error(), Stopped: true}
+		return stoppedByFailure()
 	}
 	if nFailed > 0 && g.basic {
 		// As Nix for a derivation sent whole (BuildDerivation).
@@ -717,7 +723,7 @@ func (g *goal) realise(ctx context.Context) Result {
 		}
 	}()
 	if g.unwanted() {
-		return Result{Status: MiscFailure, ErrorMsg: errStopped.Error(), Stopped: true}
+		return stoppedByFailure()
 	}
 	if g.mode == ModeNormal && !(preferLocal && g.mayBuild() && b.canBuild(g.drv, features) == nil) {
 		r, done, s := g.tryRemote(ctx, inputs, outPaths, features)
@@ -766,7 +772,7 @@ func (g *goal) realise(ctx context.Context) Result {
 	}
 	defer releaseOnce()
 	if g.unwanted() {
-		return Result{Status: MiscFailure, ErrorMsg: errStopped.Error(), Stopped: true}
+		return stoppedByFailure()
 	}
 	locks, err := b.st.LockOutputs(ctx, slices.Collect(maps.Values(outPaths)))
 	if err != nil {

@@ -86,35 +86,36 @@ func (c *conn) buildOptions(mode uint64) build.ClientOptions {
 	case s.MaxBuildJobs > 1:
 		o.MaxJobs = int(min(s.MaxBuildJobs, 1<<20))
 	}
-	if v, ok := s.Overrides["timeout"]; ok {
-		if n, err := strconv.ParseUint(v, 10, 32); err == nil {
-			o.Timeout = time.Duration(n) * time.Second
+	// The overrides a client sent, as numbers (ok false if absent or not
+	// a number below 2^bits).
+	number := func(name string, bits int) (uint64, bool) {
+		v, ok := s.Overrides[name]
+		if !ok {
+			return 0, false
 		}
+		n, err := strconv.ParseUint(v, 10, bits)
+		return n, err == nil
 	}
-	if v, ok := s.Overrides["max-silent-time"]; ok && o.MaxSilentTime == 0 {
-		if n, err := strconv.ParseUint(v, 10, 32); err == nil {
-			o.MaxSilentTime = time.Duration(n) * time.Second
-		}
+	if n, ok := number("timeout", 32); ok {
+		o.Timeout = time.Duration(n) * time.Second
+	}
+	if n, ok := number("max-silent-time", 32); ok && o.MaxSilentTime == 0 {
+		o.MaxSilentTime = time.Duration(n) * time.Second
 	}
 	o.Cores = int(min(s.BuildCores, 1<<16))
-	if v, ok := s.Overrides["log-lines"]; ok { // trusted clients only
-		if n, err := strconv.ParseUint(v, 10, 16); err == nil {
-			o.LogLines = cmp.Or(int(n), -1) // 0: none, whatever the daemon's
-		}
+	// For these, 0 (none) must replace the daemon's: -1 says it.
+	if n, ok := number("log-lines", 16); ok { // trusted clients only
+		o.LogLines = cmp.Or(int(n), -1)
 	}
-	if v, ok := s.Overrides["repeat"]; ok {
-		if n, err := strconv.ParseUint(v, 10, 16); err == nil {
-			o.Repeat = cmp.Or(int(n), -1) // 0: none, whatever the daemon's
-		}
+	if n, ok := number("repeat", 16); ok {
+		o.Repeat = cmp.Or(int(n), -1)
+	}
+	if n, ok := number("max-build-log-size", 63); ok { // trusted clients only
+		o.MaxLogSize = cmp.Or(int64(n), -1) // 0: no limit
 	}
 	if v, ok := s.Overrides["enforce-determinism"]; ok { // trusted clients only
 		if e, err := config.ParseBool(v); err == nil {
 			o.EnforceDeterminism = &e
-		}
-	}
-	if v, ok := s.Overrides["max-build-log-size"]; ok { // trusted clients only
-		if n, err := strconv.ParseInt(v, 10, 64); err == nil && n >= 0 {
-			o.MaxLogSize = cmp.Or(n, -1) // 0: no limit
 		}
 	}
 	return o

@@ -157,6 +157,10 @@ func opQueryValidPathsHandler(ctx context.Context, c *conn) error {
 		return err
 	}
 	if substitute {
+		// Downloads for a client that hangs up stop (see perform).
+		var stop func()
+		ctx, stop = c.hup.watch(ctx)
+		defer stop()
 		// As Nix's Store::substitutePaths: what fails to download is a
 		// warning; the answer is whatever is valid afterwards.
 		r, err := c.realiser()

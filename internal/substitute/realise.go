@@ -378,7 +378,7 @@ func Shown(err error) bool {
 }
 
 // allFailures reports whether every failure err joins, looked at through
-// its wrappers, is one that is says yes to; false for nil.
+// its wrappers, is one that is() accepts; false for nil.
 func allFailures(err error, is func(error) bool) bool {
 	if err != nil && is(err) {
 		return true
