@@ -598,10 +598,14 @@ func (g *goal) realise(ctx context.Context) Result {
 		if r.Stopped && errors.Is(context.Cause(inCtx), errStopped) {
 			return // dropped after another input failed: not a failure of its own
 		}
-		nFailed++
 		if r.Stopped {
+			// Counted apart: the failure that stops the caller may be
+			// told after it, and is the one the goal reports (as Nix's
+			// goals stop counting at the first failure).
 			nStopped++
+			return
 		}
+		nFailed++
 		noBuilds = noBuilds || r.noLocalBuilds
 		if stopsOthers(r) && !g.keepGoing() {
 			stopInputs(errStopped)
@@ -675,7 +679,7 @@ func (g *goal) realise(ctx context.Context) Result {
 	if err := ctx.Err(); err != nil {
 		return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
 	}
-	if nFailed > 0 && nFailed == nStopped {
+	if nFailed == 0 && nStopped > 0 {
 		// Every caller is being stopped by another failure: not a failure
 		// of this goal's own.
 		return stoppedByFailure()
