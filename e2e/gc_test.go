@@ -504,3 +504,74 @@ func TestGCRootMessages(t *testing.T) {
 		t.Errorf("--delete of a live path:\n%s", r)
 	}
 }
+
+// TestGCClientHangsUp: a collection, or a verification, that waits for the
+// garbage collector's lock gives up when its client goes away, rather than
+// running for no one once the lock is free.
+func TestGCClientHangsUp(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("nix-daemon 2.8 waits for the lock in a blocking flock and sees the hang-up only once it has it (then deletes nothing)")
+	}
+	d := startDaemon(t)
+	dead := oneLine(t, "nix-store --add", d.nixStore(t, "--add", d.file(t, "gc-hangup/dead", "dead")))
+	lockPath := filepath.Join(d.root, "nix/var/nix/gc.lock")
+	lock, err := os.OpenFile(lockPath, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Close()
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{{"--gc"}, {"--verify", "--check-contents"}} {
+		// (The daemon keeps a descriptor of its own for temporary roots.)
+		held := openCount(t, d.proc.Process.Pid, lockPath)
+		stderr := filepath.Join(d.dir, "gc-hangup-stderr")
+		f, err := os.Create(stderr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		x := d.client("nix-store", args...).exec()
+		x.Stderr = f
+		if err := x.Start(); err != nil {
+			t.Fatal(err)
+		}
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			if b, _ := os.ReadFile(stderr); strings.Contains(string(b), "waiting for the big garbage collector lock") {
+				break
+			}
+			if time.Now().After(deadline) {
+				x.Process.Kill()
+				t.Fatalf("nix-store %v: the daemon did not wait for the lock", args)
+			}
+		}
+		x.Process.Kill()
+		x.Wait()
+		f.Close()
+		// The op holds the lock file open while it waits for the lock.
+		for stop := time.Now().Add(10 * time.Second); openCount(t, d.proc.Process.Pid, lockPath) > held; time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(stop) {
+				t.Fatalf("nix-store %v: the daemon still waits for the lock 10 s after its client went away", args)
+			}
+		}
+	}
+	syscall.Flock(int(lock.Fd()), syscall.LOCK_UN)
+	d.assertValid(t, "a collection whose client went away", dead)
+}
+
+// openCount is the number of descriptors process pid has open on path.
+func openCount(t *testing.T, pid int, path string) int {
+	t.Helper()
+	fds, err := filepath.Glob(fmt.Sprintf("/proc/%d/fd/*", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, fd := range fds {
+		if target, err := os.Readlink(fd); err == nil && target == path {
+			n++
+		}
+	}
+	return n
+}

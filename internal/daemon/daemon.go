@@ -354,9 +354,11 @@ func (c *conn) perform(ctx context.Context, op uint64) error {
 	ctx = store.WithClientLog(ctx, func(msg string) { c.tun.Log(lvlInfo, msg) })
 	switch op {
 	case wire.OpBuildPaths, wire.OpBuildPathsWithResults, wire.OpBuildDerivation, wire.OpEnsurePath,
-		wire.OpQueryMissing, wire.OpQuerySubstitutablePathInfos:
-		// Builds and downloads whose client hangs up stop, as with
-		// nix-daemon, unless other clients wait for them too. (Not on
+		wire.OpQueryMissing, wire.OpQuerySubstitutablePathInfos,
+		wire.OpCollectGarbage, wire.OpOptimiseStore, wire.OpVerifyStore:
+		// Builds, downloads and store maintenance whose client hangs up
+		// stop, as with nix-daemon, unless other clients wait for the
+		// build or download too. (Not on
 		// the frequent queries that only read the store: the watch costs
 		// a descriptor, a pipe and a goroutine; QueryValidPaths watches
 		// when it substitutes.)
