@@ -575,3 +575,34 @@ func openCount(t *testing.T, pid int, path string) int {
 	}
 	return n
 }
+
+// TestAutoGCBetweenBuilds: a store that runs low on space while a request
+// builds collects its garbage before the request's next build starts, as
+// Nix's worker checks between builds, not only when the request starts.
+func TestAutoGCBetweenBuilds(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	marks := filepath.Join(e.dir, "marks")
+	mustMkdir(t, marks, 0o777)
+	free := writeFile(t, filepath.Join(marks, "free"), "100000000", 0o666)
+	d := e.startDaemon(t, withConf("sandbox-paths = /marks="+marks, "min-free = 1000000", "max-free = 2000000", "min-free-check-interval = 0"),
+		withDaemonEnv("_NIX_TEST_FREE_SPACE_FILE="+free))
+	b := &buildEnv{daemon: d, marks: marks}
+	garbage := oneLine(t, "add", d.nixStore(t, "--add", e.file(t, "garbage", "garbage")))
+	// The first build uses up the space; the second needs it.
+	args := b.expr(t, "autogc", `rec {
+  fill = mk { name = "fill"; script = "echo 500000 > /marks/free; echo > $out"; };
+  next = mk { name = "next"; inherit fill; script = "echo > $out"; };
+}`)
+	r := b.nixBuild(append(args, "-A", "next", "--no-out-link")...).run(t)
+	if r.err != nil || !strings.Contains(r.stderr, "running auto-GC to free 1500000 bytes") {
+		t.Errorf("a build that ran out of space:\n%s", r)
+	}
+	// (The collection runs in the background.)
+	for deadline := time.Now().Add(10 * time.Second); d.isValid(t, garbage); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not collected when the space ran out between two builds", garbage)
+		}
+	}
+	d.assertValid(t, "the build's output", oneLine(t, "nix-build", r.stdout))
+}

@@ -326,6 +326,9 @@ type Progress interface {
 	// Error is a message for the caller at error level, outside any
 	// build's log (Nix's printError): the diff hook's output, say.
 	Error(msg string)
+	// Info is a message for the caller at info level, outside any
+	// build's log: an automatic collection this caller's build starts.
+	Info(msg string)
 	// Chatty is a message for the caller at chatty level (-vv): what Nix
 	// says of a builder it starts.
 	Chatty(msg string)

@@ -750,6 +750,12 @@ func (g *goal) realise(ctx context.Context) Result {
 			err, drvAbs, b.cfg.System, strings.Join(b.cfg.SystemFeatures, ", "))
 	}
 
+	// As Nix's worker, which checks between goals: a store that ran low
+	// on space during the request collects in the background now, not
+	// only when the next request starts.
+	caller := g.caller()
+	b.st.AutoGC(store.WithClientLog(ctx, func(msg string) { caller.emit(func(p Progress) { p.Info(msg) }) }), false)
+
 	// The build directory and sandbox are laid out before taking a slot,
 	// so slots are held only while builders run.
 	j, fail := g.prepare(ctx, inputs, outPaths)

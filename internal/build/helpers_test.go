@@ -306,6 +306,7 @@ func (r *recorder) Error(msg string) {
 	r.errors = append(r.errors, msg)
 }
 func (r *recorder) Chatty(string)                      {}
+func (r *recorder) Info(string)                        {}
 func (r *recorder) RemoteActivity(string, RemoteEvent) {}
 func (r *recorder) BuildsProgress(done, expected, running, failed int) {
 	r.mu.Lock()

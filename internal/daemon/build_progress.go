@@ -336,6 +336,11 @@ func (p *buildProgress) Error(msg string) {
 	p.post(false, func() { p.tun.Log(lvlError, msg) })
 }
 
+// Info implements build.Progress.
+func (p *buildProgress) Info(msg string) {
+	p.post(false, func() { p.tun.Log(lvlInfo, msg) })
+}
+
 // Chatty implements build.Progress.
 func (p *buildProgress) Chatty(msg string) {
 	p.post(false, func() { p.tun.Log(lvlChatty, msg) })
