@@ -558,6 +558,9 @@ func TestGCClientHangsUp(t *testing.T) {
 	}
 	syscall.Flock(int(lock.Fd()), syscall.LOCK_UN)
 	d.assertValid(t, "a collection whose client went away", dead)
+	if log, err := os.ReadFile(d.logPath); err != nil || strings.Count(string(log), "the client hung up; its operation stopped") != 2 || strings.Contains(string(log), "context canceled") {
+		t.Errorf("the daemon's log does not say twice that the client hung up (%v):\n%s", err, log)
+	}
 }
 
 // openCount is the number of descriptors process pid has open on path.

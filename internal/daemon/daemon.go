@@ -285,6 +285,14 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 			start = time.Now()
 		}
 		err := c.perform(ctx, op)
+		if errors.Is(err, errHangup) {
+			// Nobody to tell: the op was stopped for a client that is gone.
+			if mc != nil {
+				mc.Op(opName(op), time.Since(start), err)
+			}
+			log.Info("the client hung up; its operation stopped", "op", opName(op))
+			return nil
+		}
 		if err != nil {
 			working, stopped := c.tun.state()
 			if stopped {
@@ -366,7 +374,11 @@ func (c *conn) perform(ctx context.Context, op uint64) error {
 		ctx, stop = c.hup.watch(ctx)
 		defer stop()
 	}
-	return h(ctx, c)
+	err := h(ctx, c)
+	if err != nil && errors.Is(context.Cause(ctx), errHangup) {
+		return errHangup // whatever the op made of its cancelled context
+	}
+	return err
 }
 
 type handler func(ctx context.Context, c *conn) error
