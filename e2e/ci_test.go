@@ -468,3 +468,44 @@ cat "/mnt$OUT" > /ctl/after
 		}
 	}
 }
+
+// TestCIJobConnectionLimit: a job may hold job-max-connections
+// connections at once; the next is refused with a message that says why,
+// and the host's own clients are not counted.
+func TestCIJobConnectionLimit(t *testing.T) {
+	t.Parallel()
+	c := startCIHost(t, "job-max-connections = 1")
+	accepted := func() int {
+		log, err := os.ReadFile(c.logPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.Count(string(log), "accepted connection")
+	}
+	before := accepted()
+	ctl := c.ctlDir(t, "limit")
+	job := c.jobCmd(ctl, `socat -u UNIX-CONNECT:/run/nixyard/socket STDOUT >/dev/null &
+touch /ctl/connecting
+while [ ! -e /ctl/go ]; do sleep 0.1; done
+if nix store ping 2>/ctl/refused.err; then echo second-connection >> /ctl/wrong; fi
+kill $!; wait $! || true
+i=0; until nix store ping 2>/ctl/ping.err; do i=$((i+1)); [ $i -lt 100 ] || exit 1; sleep 0.1; done
+`)
+	done := make(chan result, 1)
+	go func() { done <- job.run(t) }()
+	waitCtl(t, ctl, "connecting")
+	// The job's idle connection is accepted (and counted) before it asks
+	// for a second one.
+	waitFor(t, "the job's first connection", func() bool { return accepted() > before })
+	c.nix(t, "store", "ping") // the host: not a job
+	writeFile(t, filepath.Join(ctl, "go"), "", 0o644)
+	if r := <-done; r.err != nil {
+		t.Fatalf("job:\n%s\nping.err: %s", r, readCtl(t, ctl, "ping.err"))
+	}
+	if b, err := os.ReadFile(filepath.Join(ctl, "wrong")); err == nil {
+		t.Errorf("a job at its connection limit was allowed a %s", b)
+	}
+	if got, want := readCtl(t, ctl, "refused.err"), "too many connections: job pidns-"; !strings.Contains(got, want) {
+		t.Errorf("the refused connection said %q, want it to contain %q", got, want)
+	}
+}

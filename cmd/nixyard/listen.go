@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/nixyard/nixyard/internal/config"
@@ -17,8 +18,9 @@ import (
 // collections (each collection also looks first).
 const jobReapInterval = time.Minute
 
-// startJobs creates the job-session manager (nix.conf-style setting
-// job-lease: a Go duration such as 6h, or seconds) and its periodic reaper.
+// startJobs creates the job-session manager (nix.conf-style settings
+// job-lease: a Go duration such as 6h, or seconds; job-max-connections)
+// and its periodic reaper.
 func startJobs(ctx context.Context, st *store.Store, settings *config.Settings, logger *slog.Logger) (*jobs.Manager, error) {
 	lease := jobs.DefaultLease
 	if v, ok := settings.Lookup("job-lease"); ok {
@@ -28,7 +30,15 @@ func startJobs(ctx context.Context, st *store.Store, settings *config.Settings, 
 		}
 		lease = d
 	}
-	jm, err := jobs.New(st, jobs.Options{Lease: lease, Logger: logger})
+	maxConns := 0
+	if v, ok := settings.Lookup("job-max-connections"); ok {
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 {
+			return nil, fmt.Errorf("setting job-max-connections: %q is not a positive number", v)
+		}
+		maxConns = n
+	}
+	jm, err := jobs.New(st, jobs.Options{Lease: lease, MaxConns: maxConns, Logger: logger})
 	if err != nil {
 		return nil, err
 	}

@@ -113,8 +113,11 @@ func (s *Server) applyPolicy(p *peer, pol ListenPolicy) {
 		return
 	}
 	jc, err := s.opts.Jobs.Attach(int(p.pid), pol.Tenant)
+	var tooMany *jobs.TooManyConnsError
 	switch {
 	case errors.Is(err, jobs.ErrNotJob):
+	case errors.As(err, &tooMany):
+		p.refused = err.Error()
 	case err != nil:
 		// The client may have exited already; its connection then gets
 		// per-connection roots, as with nix-daemon.

@@ -41,10 +41,17 @@ import (
 // its namespace stays alive (a container kept running after its job).
 const DefaultLease = 6 * time.Hour
 
+// DefaultMaxConns is how many connections one job may have open at once
+// (job-max-connections): far more than Nix clients open, few enough that
+// one job cannot take the daemon's descriptors from the others.
+const DefaultMaxConns = 128
+
 // Options configure a Manager.
 type Options struct {
 	// Lease is job-lease; zero means DefaultLease.
 	Lease time.Duration
+	// MaxConns is job-max-connections; zero means DefaultMaxConns.
+	MaxConns int
 	// Proc is the procfs mount; "" means /proc. Tests point it elsewhere.
 	Proc string
 	// Now is the clock; nil means time.Now.
@@ -54,12 +61,13 @@ type Options struct {
 
 // Manager tracks the live jobs of a store. It is safe for concurrent use.
 type Manager struct {
-	st     *store.Store
-	lease  time.Duration
-	proc   string
-	now    func() time.Time
-	log    *slog.Logger
-	selfNS string
+	st       *store.Store
+	lease    time.Duration
+	maxConns int
+	proc     string
+	now      func() time.Time
+	log      *slog.Logger
+	selfNS   string
 
 	mu   sync.Mutex
 	jobs map[string]*job
@@ -80,9 +88,12 @@ type job struct {
 
 // New returns a Manager for st.
 func New(st *store.Store, opts Options) (*Manager, error) {
-	m := &Manager{st: st, lease: opts.Lease, proc: opts.Proc, now: opts.Now, log: opts.Logger, jobs: map[string]*job{}}
+	m := &Manager{st: st, lease: opts.Lease, maxConns: opts.MaxConns, proc: opts.Proc, now: opts.Now, log: opts.Logger, jobs: map[string]*job{}}
 	if m.lease <= 0 {
 		m.lease = DefaultLease
+	}
+	if m.maxConns <= 0 {
+		m.maxConns = DefaultMaxConns
 	}
 	if m.proc == "" {
 		m.proc = "/proc"
@@ -104,6 +115,17 @@ func New(st *store.Store, opts Options) (*Manager, error) {
 // ErrNotJob is returned by Attach for a client in the daemon's own pid
 // namespace: it gets Nix's per-connection temporary roots.
 var ErrNotJob = errors.New("jobs: client is not in a job's pid namespace")
+
+// TooManyConnsError is returned by Attach for a job that has as many
+// connections open as it may.
+type TooManyConnsError struct {
+	Job string
+	Max int
+}
+
+func (e *TooManyConnsError) Error() string {
+	return fmt.Sprintf("too many connections: job %s already has %d open to the daemon (setting job-max-connections)", e.Job, e.Max)
+}
 
 // Conn is one connection's membership of a job. Release it when the
 // connection ends.
@@ -134,7 +156,8 @@ func (c *Conn) Release() {
 
 // Attach returns the job of the client process pid (in the daemon's pid
 // namespace, as SO_PEERCRED gives it), starting a job session on its first
-// connection. It returns ErrNotJob for a client in the daemon's namespace.
+// connection. It returns ErrNotJob for a client in the daemon's namespace,
+// and a *TooManyConnsError for a job with MaxConns connections open.
 // tenant names the socket the job came through, for logs.
 func (m *Manager) Attach(pid int, tenant string) (*Conn, error) {
 	ns, err := os.Readlink(filepath.Join(m.proc, strconv.Itoa(pid), "ns", "pid"))
@@ -148,8 +171,7 @@ func (m *Manager) Attach(pid int, tenant string) (*Conn, error) {
 	defer m.mu.Unlock()
 	for _, j := range m.jobs {
 		if j.ns == ns && m.initAlive(j) {
-			j.conns++
-			return &Conn{m: m, j: j}, nil
+			return m.joinLocked(j)
 		}
 	}
 	initPID, err := m.findInit(pid, ns)
@@ -164,12 +186,20 @@ func (m *Manager) Attach(pid int, tenant string) (*Conn, error) {
 	if old, ok := m.jobs[id]; ok {
 		// The namespace's init is alive, yet initAlive failed above: only
 		// possible if it exec'd in between; treat it as the same job.
-		old.conns++
-		return &Conn{m: m, j: old}, nil
+		return m.joinLocked(old)
 	}
 	j := &job{id: id, ns: ns, initPID: initPID, initTime: initTime, session: m.st.OpenSession(), conns: 1, started: m.now(), tenant: tenant}
 	m.jobs[id] = j
 	m.log.Info("job session started", "job", id, "tenant", tenant, "init_pid", initPID)
+	return &Conn{m: m, j: j}, nil
+}
+
+// joinLocked adds a connection to job j, unless it has as many as it may.
+func (m *Manager) joinLocked(j *job) (*Conn, error) {
+	if j.conns >= m.maxConns {
+		return nil, &TooManyConnsError{Job: j.id, Max: m.maxConns}
+	}
+	j.conns++
 	return &Conn{m: m, j: j}, nil
 }
 

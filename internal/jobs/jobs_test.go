@@ -172,3 +172,33 @@ func waitGone(t *testing.T, pid int) {
 	}
 	t.Fatalf("pid %d did not exit", pid)
 }
+
+// TestMaxConns: a job may have MaxConns connections open at once; one more
+// is refused, and a released one makes room.
+func TestMaxConns(t *testing.T) {
+	st := testStore(t)
+	m, err := New(st, Options{MaxConns: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, child, _ := container(t)
+	a, err := m.Attach(child, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Attach(child, ""); err != nil {
+		t.Fatal(err)
+	}
+	var tooMany *TooManyConnsError
+	if _, err := m.Attach(child, ""); !errors.As(err, &tooMany) || tooMany.Max != 2 || tooMany.Job != a.ID() {
+		t.Fatalf("a third connection: %v, want a TooManyConnsError for %s", err, a.ID())
+	}
+	a.Release()
+	a.Release() // twice: still one connection released
+	if _, err := m.Attach(child, ""); err != nil {
+		t.Fatalf("a connection after one was released: %v", err)
+	}
+	if _, err := m.Attach(child, ""); !errors.As(err, &tooMany) {
+		t.Fatalf("a third connection again: %v", err)
+	}
+}
