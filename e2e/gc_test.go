@@ -1,11 +1,15 @@
 package e2e
 
 import (
+	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -608,4 +612,48 @@ func TestAutoGCBetweenBuilds(t *testing.T) {
 		}
 	}
 	d.assertValid(t, "the build's output", oneLine(t, "nix-build", r.stdout))
+}
+
+// TestNarFromPathHoldsPath: a path whose NAR a client is reading (nix copy
+// --from, ssh-ng) is not collected under it, however slowly it reads; once
+// the NAR is sent, it is collectable again.
+func TestNarFromPathHoldsPath(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("nix-daemon 2.8 takes no root on a path it sends: a collection deletes it under a slow reader")
+	}
+	d := startDaemon(t)
+	big := make([]byte, 16<<20) // far more than the socket buffers hold
+	if _, err := rand.Read(big); err != nil {
+		t.Fatal(err)
+	}
+	p := oneLine(t, "nix-store --add", d.nixStore(t, "--add", d.file(t, "narhold/big", string(big))))
+	size, err := strconv.ParseInt(strings.TrimSpace(d.nixStore(t, "-q", "--size", p)), 10, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reader := dialProto(t, d.sock)
+	reader.u64(opNarFromPath)
+	reader.str(p)
+	if err := reader.flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := reader.readStderr(); err != nil {
+		t.Fatalf("NarFromPath: %v", err)
+	}
+	h := sha256.New()
+	if _, err := io.CopyN(h, reader.r, 4096); err != nil {
+		t.Fatalf("reading the NAR's start: %v", err)
+	}
+	d.nixStore(t, "--gc")
+	d.assertValid(t, "a collection while a client reads the path's NAR", p)
+	if _, err := io.CopyN(h, reader.r, size-4096); err != nil {
+		t.Fatalf("reading the rest of the NAR: %v", err)
+	}
+	want := strings.TrimPrefix(strings.TrimSpace(d.nixStore(t, "-q", "--hash", p)), "sha256:")
+	if got := strings.TrimSpace(d.client("nix-hash", "--type", "sha256", "--to-base32", hex.EncodeToString(h.Sum(nil))).ok(t)); got != want {
+		t.Errorf("the NAR read has hash %s, want %s", got, want)
+	}
+	d.nixStore(t, "--gc")
+	d.assertGone(t, "a collection after the NAR was sent", p)
 }

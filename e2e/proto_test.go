@@ -36,6 +36,7 @@ const (
 
 	opIsValidPath   = 1
 	opAddTempRoot   = 11
+	opNarFromPath   = 38
 	opAddToStoreNar = 39
 )
 

@@ -226,6 +226,15 @@ func opNarFromPathHandler(ctx context.Context, c *conn) error {
 	// error, as nix-daemon's does (it fails in the dump, after
 	// STDERR_LAST): a Nix 2.8 client drops the error and reads the NAR,
 	// which would never come.
+	// The path is held while it is sent, as the binary cache server holds
+	// what it sends: a collection does not delete it under a slow reader
+	// (nix-daemon takes no root here). Taken before the validity check,
+	// so that no collection can take the path in between.
+	hold := c.st.OpenSession()
+	defer hold.Close()
+	if err := hold.AddTempRoot(ctx, p); err != nil {
+		return fatal(fmt.Errorf("adding temporary root '%s': %w", c.dir.Abs(p), err))
+	}
 	if _, err := c.st.QueryPathInfo(ctx, p); err != nil {
 		return fatal(c.storeErr(p, err))
 	}
