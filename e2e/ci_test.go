@@ -73,7 +73,8 @@ func startCIHost(t *testing.T, conf ...string) *ciEnv {
 	host := ci.Host{Socket: filepath.Join(e.dir, "job-socket", "socket")}
 	marks := filepath.Join(e.dir, "marks")
 	mustMkdir(t, filepath.Join(marks, "running"), 0o777)
-	d := e.startDaemon(t, withDaemonArgs("--listen", host.Socket+",trusted=false,tenant=ci-test"),
+	// (A --listen socket is untrusted without trusted=false.)
+	d := e.startDaemon(t, withDaemonArgs("--listen", host.Socket+",tenant=ci-test"),
 		withConf(append([]string{
 			"sandbox-paths = /marks=" + marks,
 			"substituters = " + srv.URL,
@@ -346,6 +347,7 @@ func TestCIJobSessionAndRefusals(t *testing.T) {
 
 	// A dead path: added by the host, held by nobody.
 	dead := strings.TrimSpace(c.nixStore(t, "--add", c.file(t, "dead", "dead "+c.nonce)))
+	writeFile(t, filepath.Join(c.job, "dead"), dead+"\n", 0o644)
 
 	ctlA := c.ctlDir(t, "A")
 	jobA := c.jobCmd(ctlA, `nix-store -r "$OUT" >/dev/null
@@ -365,6 +367,7 @@ cat "/mnt$OUT" > /ctl/after
 if nix-store -r "$EXTRA" --option substituters "$(cat /job/extra-url)" 2>/ctl/subst.err; then echo substituted >> /ctl/wrong; fi
 if nix copy --no-check-sigs --from file:///job/unsigned-cache --to "$NIX_REMOTE" "$UNSIGNED" 2>/ctl/import.err; then echo imported >> /ctl/wrong; fi
 if nix-store --delete "$OUT" 2>/ctl/delete.err; then echo deleted >> /ctl/wrong; fi
+if nix-store --delete $(nix-store --gc --print-dead) 2>/ctl/delete-dead.err; then echo deleted-dead >> /ctl/wrong; fi
 if nix-store --gc 2>/ctl/jobgc.err; then echo collected-host >> /ctl/wrong; fi
 if touch /mnt/nix/store/intruder 2>/ctl/touch.err; then echo wrote >> /ctl/wrong; fi
 if nix-store --store local?root=/mnt --gc 2>/ctl/gc.err; then echo collected >> /ctl/gc-ok; fi
@@ -377,10 +380,11 @@ touch /ctl/finished
 		t.Errorf("job B was allowed to: %s", b)
 	}
 	for name, want := range map[string]string{
-		"subst.err":  "ignoring untrusted substituter",
-		"import.err": "lacks a valid signature",
-		"delete.err": "still alive",
-		"jobgc.err":  "not allowed through a job socket",
+		"subst.err":       "ignoring untrusted substituter",
+		"import.err":      "lacks a valid signature",
+		"delete.err":      "deleting store paths is not allowed through a job socket",
+		"delete-dead.err": "deleting store paths is not allowed through a job socket",
+		"jobgc.err":       "not allowed through a job socket",
 	} {
 		if got := readCtl(t, ctlB, name); !strings.Contains(got, want) {
 			t.Errorf("job B %s: %q lacks %q", name, got, want)
@@ -398,6 +402,7 @@ touch /ctl/finished
 	if _, err := os.Stat(filepath.Join(c.root, "nix/store/intruder")); err == nil {
 		t.Error("job B wrote into the host store")
 	}
+	c.assertValid(t, "job B deleted the dead paths it listed", dead)
 
 	// A collection while A waits between connections.
 	c.nixStore(t, "--gc")

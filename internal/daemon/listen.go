@@ -25,7 +25,7 @@ type ListenPolicy struct {
 	Tenant string
 }
 
-// ListenSpec is one --listen argument: PATH[,trusted=false][,tenant=NAME].
+// ListenSpec is one --listen argument: PATH[,trusted=false|users][,tenant=NAME].
 type ListenSpec struct {
 	Path   string
 	Policy ListenPolicy
@@ -34,7 +34,10 @@ type ListenSpec struct {
 // ParseListenSpec parses PATH[,trusted=BOOL][,tenant=NAME].
 func ParseListenSpec(s string) (ListenSpec, error) {
 	parts := strings.Split(s, ",")
-	spec := ListenSpec{Path: parts[0]}
+	// Untrusted unless asked: an extra socket is a job socket, and a job
+	// socket that trusted container root by uid would let a job collect
+	// the host's store.
+	spec := ListenSpec{Path: parts[0], Policy: ListenPolicy{Untrusted: true}}
 	if spec.Path == "" {
 		return spec, fmt.Errorf("--listen %q: no socket path", s)
 	}
@@ -46,13 +49,13 @@ func ParseListenSpec(s string) (ListenSpec, error) {
 		switch k {
 		case "trusted":
 			switch v {
-			case "false", "no", "0":
+			case "false":
 				spec.Policy.Untrusted = true
-			case "true", "yes", "1":
+			case "users":
 				// Nix's uid-based trust (trusted-users), as the default socket.
 				spec.Policy.Untrusted = false
 			default:
-				return spec, fmt.Errorf("--listen %q: trusted=%q is not a boolean", s, v)
+				return spec, fmt.Errorf("--listen %q: trusted=%q: want false (every client untrusted, the default) or users (trusted-users decides, as on the default socket)", s, v)
 			}
 		case "tenant":
 			if v == "" {
@@ -167,15 +170,17 @@ func (c *conn) sessionAnnouncement() string {
 // job=ID|none tenant=NAME|- trust=trusted|untrusted".
 const SessionAnnouncementPrefix = "nixyard-session:"
 
-// errJobGC refuses a full collection from a job socket.
-var errJobGC = errors.New("collecting garbage is not allowed through a job socket: the host's store is shared by every job and is collected by the host (deleting specific paths nobody holds is allowed)")
+// errJobGC refuses a deletion from a job socket.
+var errJobGC = errors.New("deleting store paths is not allowed through a job socket: the host's store is shared by every job and is collected by the host")
 
-// checkJobGC refuses, on a job socket, a collection that deletes every
-// dead path: one job's `nix-collect-garbage` would otherwise empty the
-// host's cache for every other job. Listing roots or dead paths, and
-// deleting specific paths that nobody holds, stay allowed.
+// checkJobGC refuses, on a job socket, a collection that deletes: one
+// job's `nix-collect-garbage` would otherwise empty the host's cache for
+// every other job, and so would `nix-store --delete $(nix-store --gc
+// --print-dead)`. A job cannot delete what it made either: its job
+// session holds every path it used. Listing roots or dead paths stays
+// allowed.
 func (c *conn) checkJobGC(action store.GCAction) error {
-	if c.peer.jobSock && action == store.GCDeleteDead {
+	if c.peer.jobSock && (action == store.GCDeleteDead || action == store.GCDeleteSpecific) {
 		return errJobGC
 	}
 	return nil

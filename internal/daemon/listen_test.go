@@ -8,10 +8,11 @@ func TestParseListenSpec(t *testing.T) {
 		want    ListenSpec
 		wantErr bool
 	}{
-		{in: "/run/j.sock", want: ListenSpec{Path: "/run/j.sock"}},
+		{in: "/run/j.sock", want: ListenSpec{Path: "/run/j.sock", Policy: ListenPolicy{Untrusted: true}}},
 		{in: "/run/j.sock,trusted=false", want: ListenSpec{Path: "/run/j.sock", Policy: ListenPolicy{Untrusted: true}}},
 		{in: "/run/j.sock,trusted=false,tenant=gitlab", want: ListenSpec{Path: "/run/j.sock", Policy: ListenPolicy{Untrusted: true, Tenant: "gitlab"}}},
-		{in: "/run/j.sock,tenant=ci,trusted=true", want: ListenSpec{Path: "/run/j.sock", Policy: ListenPolicy{Tenant: "ci"}}},
+		{in: "/run/j.sock,tenant=ci,trusted=users", want: ListenSpec{Path: "/run/j.sock", Policy: ListenPolicy{Tenant: "ci"}}},
+		{in: "/s,trusted=true", wantErr: true}, // ambiguous: users, or everyone?
 		{in: ",trusted=false", wantErr: true},
 		{in: "/s,trusted=maybe", wantErr: true},
 		{in: "/s,tenant=", wantErr: true},
