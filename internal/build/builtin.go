@@ -50,13 +50,13 @@ var errBuiltinTimeout = errors.New("builtin timed out")
 // builder's: its message goes to the build log and the build fails with
 // exit code 1. The build's timeout applies (max-silent-time does not:
 // builtins print next to nothing).
-func (j *job) runBuiltin(ctx context.Context, opts ClientOptions) (syscall.WaitStatus, error) {
+func (j *job) runBuiltin(ctx context.Context) (syscall.WaitStatus, error) {
 	logLine := func(line string) {
 		b := []byte(line + "\n")
 		j.logFile.Write(b)
 		j.handleOutput(b)
 	}
-	_, timeout := j.timeouts(opts)
+	_, timeout := j.g.limits() // as the build starts
 	if timeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeoutCause(ctx, timeout, errBuiltinTimeout)

@@ -159,11 +159,11 @@ func (c *call) realise(ctx context.Context, req store.DerivedPath, depth int) Re
 		}
 	}
 	g := b.joinGoal(req, drv, c, mode)
-	res := g.wait(ctx, c)
+	res := g.waitFor(ctx, c)
 	if res.noLocalBuilds && c.mayBuild() {
 		// The goal's callers when it had to build could not; this one can.
 		g = b.joinGoal(req, drv, c, mode)
-		res = g.wait(ctx, c)
+		res = g.waitFor(ctx, c)
 	}
 	if res.noLocalBuilds {
 		c.noLocalBuilds.Store(true)
@@ -225,6 +225,9 @@ type goal struct {
 
 	mu   sync.Mutex
 	subs map[*call]int // waiting callers (count of their requests)
+	// dependents are the goals waiting for this one as an input (count
+	// of their waits): their callers wait for it too (see limits).
+	dependents map[*goal]int
 	// runningFor are the callers whose running builds count this goal's.
 	runningFor map[*call]bool
 	waiters    int
@@ -268,7 +271,7 @@ func (b *Builder) joinGoal(req store.DerivedPath, drv *derivation.Derivation, c 
 	g := &goal{
 		b: b, drvPath: req.Path, drv: drv, owner: c, cancel: cancel, mode: mode, after: old,
 		name: fmt.Sprintf("building of '%s!%s' from .drv file", b.abs(req.Path), outs),
-		done: make(chan struct{}), subs: map[*call]int{}, runningFor: map[*call]bool{}, round: Round{1, 1},
+		done: make(chan struct{}), subs: map[*call]int{}, dependents: map[*goal]int{}, runningFor: map[*call]bool{}, round: Round{1, 1},
 	}
 	b.goals[key] = g
 	// Subscribed before it runs: it asks its waiters whether it may build.
@@ -299,6 +302,83 @@ func (g *goal) subscribe(c *call) bool {
 	g.subs[c]++
 	g.waiters++
 	return true
+}
+
+// dependentKey is the context key of the goal an input is realised for.
+type dependentKey struct{}
+
+// waitFor is wait, with the goal whose input g is (from ctx) counted
+// among g's dependents meanwhile.
+func (g *goal) waitFor(ctx context.Context, c *call) Result {
+	if d, ok := ctx.Value(dependentKey{}).(*goal); ok {
+		g.mu.Lock()
+		g.dependents[d]++
+		g.mu.Unlock()
+		defer func() {
+			g.mu.Lock()
+			if g.dependents[d]--; g.dependents[d] == 0 {
+				delete(g.dependents, d)
+			}
+			g.mu.Unlock()
+		}()
+	}
+	return g.wait(ctx, c)
+}
+
+// limits are the max-silent-time and timeout the goal's builder runs
+// under (0: none): the most generous of everyone who waits for it,
+// directly or through the goals that need it as an input. One client's
+// short limit does not stop a build that other clients wait for (with
+// nix-daemon each client's build is its own); a build with one client
+// has that client's limits, as with nix-daemon.
+func (g *goal) limits() (maxSilent, timeout time.Duration) {
+	var calls []*call
+	seen := map[*goal]bool{}
+	var visit func(g *goal)
+	visit = func(g *goal) {
+		if seen[g] {
+			return
+		}
+		seen[g] = true
+		g.mu.Lock()
+		calls = slices.AppendSeq(calls, maps.Keys(g.subs))
+		deps := slices.Collect(maps.Keys(g.dependents))
+		g.mu.Unlock()
+		for _, d := range deps {
+			visit(d)
+		}
+	}
+	visit(g)
+	if len(calls) == 0 {
+		return g.owner.limits()
+	}
+	maxSilent, timeout = calls[0].limits()
+	for _, c := range calls[1:] {
+		s, t := c.limits()
+		maxSilent, timeout = moreGenerous(maxSilent, s), moreGenerous(timeout, t)
+	}
+	return maxSilent, timeout
+}
+
+// moreGenerous is the longer of two limits, where 0 is none.
+func moreGenerous(a, b time.Duration) time.Duration {
+	if a == 0 || b == 0 {
+		return 0
+	}
+	return max(a, b)
+}
+
+// limits are the caller's max-silent-time and timeout: its own if it set
+// them, else the daemon's; 0 means none.
+func (c *call) limits() (maxSilent, timeout time.Duration) {
+	maxSilent, timeout = c.b.cfg.MaxSilentTime, c.b.cfg.Timeout
+	if c.opts.MaxSilentTime > 0 {
+		maxSilent = c.opts.MaxSilentTime
+	}
+	if c.opts.Timeout > 0 {
+		timeout = c.opts.Timeout
+	}
+	return maxSilent, timeout
 }
 
 // wait waits for the goal's result; if ctx ends first the caller leaves,
@@ -615,10 +695,11 @@ func (g *goal) realise(ctx context.Context) Result {
 	// the goal. One that another of its builds' failure is stopping may
 	// get the input back stopped while the goal has callers that are not:
 	// it is realised again for one of those.
+	depCtx := context.WithValue(inCtx, dependentKey{}, g)
 	realiseInput := func(dp store.DerivedPath) Result {
 		for {
 			c := g.caller()
-			r := c.realise(inCtx, dp, 1)
+			r := c.realise(depCtx, dp, 1)
 			if !r.Stopped || inCtx.Err() != nil || !c.stopping.Load() || g.caller().stopping.Load() {
 				return r
 			}

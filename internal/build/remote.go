@@ -121,12 +121,14 @@ func (g *goal) remoteSettings(c *call) map[string]string {
 	}
 	// What the client set in SetOptions' own fields, as nix-daemon's
 	// settings would hold it.
+	// The limits are those of everyone waiting as the build is offered.
 	o := c.opts
-	if o.MaxSilentTime > 0 {
-		s["max-silent-time"] = strconv.Itoa(int(o.MaxSilentTime.Seconds()))
+	maxSilent, timeout := g.limits()
+	if maxSilent > 0 {
+		s["max-silent-time"] = strconv.Itoa(int(maxSilent.Seconds()))
 	}
-	if o.Timeout > 0 {
-		s["timeout"] = strconv.Itoa(int(o.Timeout.Seconds()))
+	if timeout > 0 {
+		s["timeout"] = strconv.Itoa(int(timeout.Seconds()))
 	}
 	for name, on := range map[string]bool{"keep-failed": o.KeepFailed, "keep-going": o.KeepGoing, "fallback": o.TryFallback} {
 		if on {

@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -328,7 +329,7 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 	case j.remote != nil:
 		status, runErr = j.runRemote(ctx)
 	case j.builtin:
-		status, runErr = j.runBuiltin(ctx, opts)
+		status, runErr = j.runBuiltin(ctx)
 	default:
 		g.each(func(c *call) {
 			c.emit(func(p Progress) {
@@ -336,7 +337,7 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 				p.Chatty(fmt.Sprintf("using builder args '%s'", strings.Join(g.drv.Args, " ")))
 			})
 		})
-		status, runErr = j.execute(ctx, j.spec, opts)
+		status, runErr = j.execute(ctx, j.spec)
 	}
 	g.setRunning(false)
 	if (runErr != nil || j.killMsg != "" || !status.Exited() || status.ExitStatus() != 0) && ctx.Err() == nil {
@@ -485,7 +486,7 @@ func (j *job) environment(ctx context.Context) ([]string, error) {
 // execute starts the builder through the helper, copies its output to
 // the log and the callers, enforces the timeouts, and returns its wait
 // status. runErr is an error starting it (nothing ran).
-func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (status syscall.WaitStatus, runErr error) {
+func (j *job) execute(ctx context.Context, spec initSpec) (status syscall.WaitStatus, runErr error) {
 	pr, pw, err := os.Pipe()
 	if err != nil {
 		return 0, err
@@ -552,7 +553,6 @@ func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (s
 		return 0, fmt.Errorf("while setting up the build environment of '%s': %s", j.drvAbs, bytes.TrimSpace(setupMsg))
 	}
 
-	maxSilent, timeout := j.timeouts(opts)
 	var mu sync.Mutex
 	onKill := func(st Status, msg string) {
 		mu.Lock()
@@ -562,30 +562,19 @@ func (j *job) execute(ctx context.Context, spec initSpec, opts ClientOptions) (s
 		mu.Unlock()
 		kill()
 	}
-	onTimeout := func(msg string) { onKill(TimedOut, msg) }
-	var silence *time.Timer
-	if maxSilent > 0 {
-		silence = time.AfterFunc(maxSilent, func() {
-			onTimeout(fmt.Sprintf("%s timed out after %d seconds of silence", j.g.name, int(maxSilent.Seconds())))
-		})
-		defer silence.Stop()
-	}
-	if timeout > 0 {
-		t := time.AfterFunc(timeout, func() {
-			onTimeout(fmt.Sprintf("%s timed out after %d seconds", j.g.name, int(timeout.Seconds())))
-		})
-		defer t.Stop()
-	}
+	// The limits are looked up as the build runs: a client that joins it
+	// may bring a longer one (see goal.limits).
+	var lastOutput atomic.Int64
+	lastOutput.Store(time.Now().UnixNano())
+	stopWatch := j.watchLimits(func() time.Time { return time.Unix(0, lastOutput.Load()) }, func(msg string) { onKill(TimedOut, msg) })
+	defer stopWatch()
 	stopCtx := context.AfterFunc(ctx, kill)
 	defer stopCtx()
 
 	readDone := make(chan struct{})
 	go func() {
 		defer close(readDone)
-		var onData func()
-		if silence != nil {
-			onData = func() { silence.Reset(maxSilent) }
-		}
+		onData := func() { lastOutput.Store(time.Now().UnixNano()) }
 		j.copyOutput(pr, nil, onData, func(msg string) { onKill(LogLimitExceeded, msg) })
 	}()
 	werr := cmd.Wait()
@@ -676,18 +665,37 @@ func (j *job) cores() int {
 	return cores
 }
 
-// timeouts are the build's max-silent-time and timeout: the caller's if
-// it set them, else the daemon's; 0 means none.
-func (j *job) timeouts(opts ClientOptions) (maxSilent, timeout time.Duration) {
-	cfg := j.g.b.cfg
-	maxSilent, timeout = cfg.MaxSilentTime, cfg.Timeout
-	if opts.MaxSilentTime > 0 {
-		maxSilent = opts.MaxSilentTime
-	}
-	if opts.Timeout > 0 {
-		timeout = opts.Timeout
-	}
-	return maxSilent, timeout
+// limitsTick is how often a running builder's time and silence are
+// checked against its limits (Nix checks once a second).
+const limitsTick = 100 * time.Millisecond
+
+// watchLimits checks, until stop is called, the builder's running time
+// and its silence since lastOutput against the goal's limits, and calls
+// timedOut once with Nix's message when one is passed.
+func (j *job) watchLimits(lastOutput func() time.Time, timedOut func(msg string)) (stop func()) {
+	start := time.Now()
+	done := make(chan struct{})
+	go func() {
+		tick := time.NewTicker(limitsTick)
+		defer tick.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case now := <-tick.C:
+				maxSilent, timeout := j.g.limits()
+				switch {
+				case timeout > 0 && now.Sub(start) >= timeout:
+					timedOut(fmt.Sprintf("%s timed out after %d seconds", j.g.name, int(timeout.Seconds())))
+					return
+				case maxSilent > 0 && now.Sub(lastOutput()) >= maxSilent:
+					timedOut(fmt.Sprintf("%s timed out after %d seconds of silence", j.g.name, int(maxSilent.Seconds())))
+					return
+				}
+			}
+		}
+	}()
+	return func() { close(done) }
 }
 
 // handleOutput splits builder output into lines as Nix does: '\r' moves

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 	"github.com/nixyard/nixyard/internal/timerslack"
 )
@@ -483,5 +484,83 @@ func TestSandboxWithoutUserNamespace(t *testing.T) {
 	info, err := e.st.QueryPathInfo(t.Context(), res[0].BuiltOutputs["out"])
 	if err != nil || info.Deriver != drvs["a"] {
 		t.Errorf("output not registered: %v", err)
+	}
+}
+
+// TestSharedBuildLimits: a client's short timeout or max-silent-time does
+// not stop a build that another client without one waits for, whether it
+// waits for that derivation or for one that needs it: the build runs under
+// the most generous limits of those waiting (with nix-daemon each client's
+// build is its own). Alone, a client's limit still stops its build.
+func TestSharedBuildLimits(t *testing.T) {
+	e := newChrootEnv(t)
+	drvs := e.instantiate(`rec {
+  slow = mk { name = "limits-slow"; script = "while [ ! -e /gate/go ]; do echo tick; ${bb}/busybox sleep 0.2; done; echo > $out"; };
+  slow2 = mk { name = "limits-slow-2"; script = "while [ ! -e /gate/go ]; do echo tick; ${bb}/busybox sleep 0.2; done; echo > $out"; };
+  top = mk { name = "limits-top"; slow = slow2; script = "echo > $out"; };
+  silent = mk { name = "limits-silent"; script = "while [ ! -e /gate/go ]; do ${bb}/busybox sleep 0.2; done; echo > $out"; };
+}`, "slow", "slow2", "top", "silent")
+	for _, tc := range []struct {
+		name        string
+		first, then store.DerivedPath
+		running     storepath.Path
+		short       ClientOptions
+	}{
+		{"timeout, same derivation", out(drvs["slow"]), out(drvs["slow"]), drvs["slow"], ClientOptions{Timeout: time.Second}},
+		{"timeout, through a derivation that needs it", out(drvs["top"]), out(drvs["top"]), drvs["slow2"], ClientOptions{Timeout: time.Second}},
+		{"max-silent-time", out(drvs["silent"]), out(drvs["silent"]), drvs["silent"], ClientOptions{MaxSilentTime: time.Second}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			gate := t.TempDir()
+			b := e.builder(Config{MaxJobs: 2, SandboxPaths: []string{"/gate=" + gate}})
+			short := make(chan []Result, 1)
+			go func() {
+				res, _ := b.Build(t.Context(), []store.DerivedPath{tc.first}, tc.short, nil)
+				short <- res
+			}()
+			waitBuilding(t, b, tc.running)
+			long := make(chan []Result, 1)
+			go func() {
+				res, _ := b.Build(t.Context(), []store.DerivedPath{tc.then}, ClientOptions{}, nil)
+				long <- res
+			}()
+			// Past the short limit, then let the build end.
+			time.Sleep(2 * time.Second)
+			if err := os.WriteFile(filepath.Join(gate, "go"), nil, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			for who, ch := range map[string]chan []Result{"the client with the short limit": short, "the client without": long} {
+				if res := <-ch; len(res) != 1 || !res[0].Status.Success() {
+					t.Errorf("%s: %+v", who, res)
+				}
+			}
+		})
+	}
+	// Alone, the short limit stops the build.
+	drvs = e.instantiate(`{ alone = mk { name = "limits-alone"; script = "${bb}/busybox sleep 30; echo > $out"; }; }`, "alone")
+	res := e.build(e.builder(Config{}), ClientOptions{Timeout: time.Second}, out(drvs["alone"]))
+	if r := res[0]; r.Status != TimedOut || !strings.HasSuffix(r.ErrorMsg, "timed out after 1 seconds") {
+		t.Errorf("alone: %d %q", r.Status, r.ErrorMsg)
+	}
+}
+
+// waitBuilding waits until b runs the builder of drv.
+func waitBuilding(t *testing.T, b *Builder, drv storepath.Path) {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		b.mu.Lock()
+		g := b.goals[goalKey{drv, ModeNormal}]
+		b.mu.Unlock()
+		if g != nil {
+			g.mu.Lock()
+			running := g.running
+			g.mu.Unlock()
+			if running {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the builder of %s did not start", drv)
+		}
 	}
 }
