@@ -1359,3 +1359,26 @@ func TestNoLocalBuildsSaidOnce(t *testing.T) {
 		t.Errorf("said %d times, want once:\n%s", n, stderr)
 	}
 }
+
+// TestBuildSharedTimeout: a client's short --timeout does not stop a build
+// that another client, without one, waits for: both get the output. (With
+// nix-daemon the second client builds it again once the first one's
+// build has timed out.)
+func TestBuildSharedTimeout(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	args := b.expr(t, "sharedtimeout", `{ slow = mk { name = "shared-timeout"; script = ": shared-timeout-${nonce}; while [ ! -e /marks/go ]; do sleep 0.2; done; echo > $out"; }; }`)
+	short := b.nixBuild(append(args, "-A", "slow", "--no-out-link", "--option", "timeout", "1")...)
+	shortDone := make(chan result, 1)
+	go func() { shortDone <- short.run(t) }()
+	waitFor(t, "the builder", func() bool { return builderRunning(t, "shared-timeout-"+b.nonce) })
+	long := make(chan result, 1)
+	go func() { long <- b.nixBuild(append(args, "-A", "slow", "--no-out-link")...).run(t) }()
+	time.Sleep(2 * time.Second) // past the first client's timeout
+	writeFile(t, filepath.Join(b.marks, "go"), "", 0o644)
+	for who, ch := range map[string]chan result{"with --timeout 1": shortDone, "without": long} {
+		if r := <-ch; r.err != nil && !(useStock && who == "with --timeout 1") {
+			t.Errorf("the client %s:\n%s", who, r)
+		}
+	}
+}
