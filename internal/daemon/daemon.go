@@ -14,6 +14,7 @@ import (
 	"net"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nixyard/nixyard/internal/build"
@@ -98,6 +99,8 @@ func (s *Server) serveListener(ctx context.Context, l net.Listener, pol ListenPo
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	backoff := 5 * time.Millisecond
+	var open atomic.Int64      // connections open on this socket
+	var capLogged atomic.Int64 // when the cap was last logged (unix seconds)
 	for {
 		nc, err := l.Accept()
 		if err != nil {
@@ -118,9 +121,19 @@ func (s *Server) serveListener(ctx context.Context, l net.Listener, pol ListenPo
 			return fmt.Errorf("daemon: accept: %w", err)
 		}
 		backoff = 5 * time.Millisecond
+		if n := open.Add(1); pol.MaxConns > 0 && n > int64(pol.MaxConns) {
+			// Closed at once, unheard: a flood must not hold descriptors.
+			open.Add(-1)
+			nc.Close()
+			if now := time.Now().Unix(); capLogged.Swap(now) < now-10 {
+				s.log.Warn("refusing connections: the socket has as many open as it may (max-connections)", "socket", l.Addr().String(), "max", pol.MaxConns, "tenant", pol.Tenant)
+			}
+			continue
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			defer open.Add(-1)
 			defer nc.Close()
 			s.serveNetConn(ctx, nc, pol)
 		}()
@@ -214,9 +227,13 @@ type conn struct {
 	warned map[string]bool // warnings sent (see warnFunc)
 }
 
-// handshakeTimeout bounds the wait for a socket client's handshake. A
-// variable for tests.
-var handshakeTimeout = time.Minute
+// handshakeTimeout bounds the wait for a socket client's handshake, and
+// refusedHandshakeTimeout that of a client that is refused (it hears why
+// once it has said hello). Variables for tests.
+var (
+	handshakeTimeout        = time.Minute
+	refusedHandshakeTimeout = 2 * time.Second
+)
 
 // serve runs one connection: handshake, then ops until EOF or an error
 // that ends the connection. A panic ends only this connection.
@@ -244,7 +261,11 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 	// clients send their part at once.
 	dl, _ := r.(interface{ SetReadDeadline(time.Time) error })
 	if dl != nil {
-		dl.SetReadDeadline(time.Now().Add(handshakeTimeout))
+		timeout := handshakeTimeout
+		if p.refused != "" {
+			timeout = refusedHandshakeTimeout
+		}
+		dl.SetReadDeadline(time.Now().Add(timeout))
 	}
 	if err := c.handshake(ctx); err != nil {
 		return err

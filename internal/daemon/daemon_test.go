@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -185,5 +186,71 @@ func TestHandshakeTimeout(t *testing.T) {
 	p, _ := storepath.ParseBase("00000000000000000000000000000000-x")
 	if _, err := c.QueryPathInfo(context.Background(), p); !errors.Is(err, store.ErrNotValid) {
 		t.Errorf("a client that handshook, after the timeout: %v, want 'not valid'", err)
+	}
+}
+
+// TestRefusedHandshakeTimeout: a refused client that does not say hello
+// (and so cannot hear why) is dropped within seconds, not a minute.
+func TestRefusedHandshakeTimeout(t *testing.T) {
+	old := refusedHandshakeTimeout
+	refusedHandshakeTimeout = 200 * time.Millisecond
+	t.Cleanup(func() { refusedHandshakeTimeout = old })
+	d := startDaemon(t, Options{TrustedUsers: []string{"nobody"}, AllowedUsers: []string{"nobody"}})
+	idle, err := net.Dial("unix", d.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idle.Close()
+	idle.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := idle.Read(make([]byte, 1)); err == nil || os.IsTimeout(err) {
+		t.Errorf("a refused client that sent nothing was not dropped: %v", err)
+	}
+}
+
+// TestListenMaxConns: a socket with max-connections N closes, at once and
+// unheard, a connection beyond N open ones (a flood holds no descriptors);
+// once one closes, the next is served.
+func TestListenMaxConns(t *testing.T) {
+	d := startDaemon(t, Options{})
+	sock := filepath.Join(t.TempDir(), "job-socket")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.srv.ServeAll(ctx, []Listener{{Listener: l, Policy: ListenPolicy{Untrusted: true, MaxConns: 2}}}) }()
+	defer func() {
+		cancel()
+		<-done
+	}()
+	var held []*client.Client
+	for range 2 {
+		c, err := client.Dial(context.Background(), sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		held = append(held, c)
+	}
+	extra, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer extra.Close()
+	extra.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := extra.Read(make([]byte, 1)); err != io.EOF {
+		t.Errorf("a third connection: read %v, want it closed (EOF)", err)
+	}
+	held[0].Close()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		c, err := client.Dial(context.Background(), sock)
+		if err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no connection served after one of two closed: %v", err)
+		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -23,9 +24,18 @@ type ListenPolicy struct {
 	Trusted bool
 	// Tenant names the socket's users in logs.
 	Tenant string
+	// MaxConns caps the connections open on the socket at once, refused
+	// ones included (0: no cap): every job together cannot take the
+	// daemon's descriptors from the host's own clients.
+	MaxConns int
 }
 
-// ListenSpec is one --listen argument: PATH[,trusted=false|users][,tenant=NAME].
+// DefaultListenMaxConns is the cap on a --listen socket's open connections
+// without max-connections=N.
+const DefaultListenMaxConns = 1024
+
+// ListenSpec is one --listen argument:
+// PATH[,trusted=false|users][,tenant=NAME][,max-connections=N].
 type ListenSpec struct {
 	Path   string
 	Policy ListenPolicy
@@ -37,7 +47,7 @@ func ParseListenSpec(s string) (ListenSpec, error) {
 	// Untrusted unless asked: an extra socket is a job socket, and a job
 	// socket that trusted container root by uid would let a job collect
 	// the host's store.
-	spec := ListenSpec{Path: parts[0], Policy: ListenPolicy{Untrusted: true}}
+	spec := ListenSpec{Path: parts[0], Policy: ListenPolicy{Untrusted: true, MaxConns: DefaultListenMaxConns}}
 	if spec.Path == "" {
 		return spec, fmt.Errorf("--listen %q: no socket path", s)
 	}
@@ -62,8 +72,14 @@ func ParseListenSpec(s string) (ListenSpec, error) {
 				return spec, fmt.Errorf("--listen %q: empty tenant name", s)
 			}
 			spec.Policy.Tenant = v
+		case "max-connections":
+			n, err := strconv.Atoi(v)
+			if err != nil || n <= 0 {
+				return spec, fmt.Errorf("--listen %q: max-connections=%q is not a positive number", s, v)
+			}
+			spec.Policy.MaxConns = n
 		default:
-			return spec, fmt.Errorf("--listen %q: unknown key %q (want trusted or tenant)", s, k)
+			return spec, fmt.Errorf("--listen %q: unknown key %q (want trusted, tenant or max-connections)", s, k)
 		}
 	}
 	return spec, nil
@@ -121,6 +137,11 @@ func (s *Server) applyPolicy(p *peer, pol ListenPolicy) {
 	case errors.Is(err, jobs.ErrNotJob):
 	case errors.As(err, &tooMany):
 		p.refused = err.Error()
+	case err != nil && pol.Untrusted:
+		// A connection that cannot be counted against its job (the
+		// daemon out of descriptors, say) is not served on a job socket.
+		s.log.Warn("cannot find the job of a client; refusing it", "pid", p.pid, "err", err)
+		p.refused = "the daemon cannot tell which job this connection belongs to; try again"
 	case err != nil:
 		// The client may have exited already; its connection then gets
 		// per-connection roots, as with nix-daemon.
