@@ -219,7 +219,9 @@ func TestListenMaxConns(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- d.srv.ServeAll(ctx, []Listener{{Listener: l, Policy: ListenPolicy{Untrusted: true, MaxConns: 2}}}) }()
+	go func() {
+		done <- d.srv.ServeAll(ctx, []Listener{{Listener: l, Policy: ListenPolicy{Untrusted: true, MaxConns: 2}}})
+	}()
 	defer func() {
 		cancel()
 		<-done
