@@ -460,6 +460,10 @@ func (j *job) environment(ctx context.Context) ([]string, error) {
 			return nil, err
 		}
 		for _, k := range impure {
+			if daemonSecrets[k] {
+				env[k] = "" // as if unset
+				continue
+			}
 			env[k] = os.Getenv(k)
 		}
 	}
@@ -663,6 +667,18 @@ func (j *job) cores() int {
 		cores = c
 	}
 	return cores
+}
+
+// daemonSecrets are the variables of the daemon's environment that hold
+// its own credentials (for --push-to s3://): a fixed-output derivation's
+// impureEnvVars, which any client may write, do not pass them on. Every
+// other variable of the daemon's environment can be read so, as with
+// nix-daemon.
+var daemonSecrets = map[string]bool{
+	"AWS_ACCESS_KEY_ID":                 true,
+	"AWS_SECRET_ACCESS_KEY":             true,
+	"AWS_SESSION_TOKEN":                 true,
+	"AWS_CONTAINER_AUTHORIZATION_TOKEN": true,
 }
 
 // limitsTick is how often a running builder's time and silence are

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 	"github.com/nixyard/nixyard/internal/timerslack"
@@ -562,5 +563,27 @@ func waitBuilding(t *testing.T, b *Builder, drv storepath.Path) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the builder of %s did not start", drv)
 		}
+	}
+}
+
+// TestImpureEnvVars: a fixed-output derivation's impureEnvVars get the
+// daemon's values, except the daemon's own credentials, which it gets
+// empty.
+func TestImpureEnvVars(t *testing.T) {
+	e := newChrootEnv(t)
+	t.Setenv("NIXYARD_TEST_PROXY", "http://proxy.example:3128")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "daemon-secret")
+	want := "proxy=http://proxy.example:3128 secret=\n"
+	drvs := e.instantiate(`{
+  fod = mk {
+    name = "impure-env";
+    impureEnvVars = [ "NIXYARD_TEST_PROXY" "AWS_SECRET_ACCESS_KEY" ];
+    outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "`+hash.Sum(hash.SHA256, []byte(want)).Base16()+`";
+    script = "echo proxy=$NIXYARD_TEST_PROXY secret=$AWS_SECRET_ACCESS_KEY > $out";
+  };
+}`, "fod")
+	r := e.build(e.builder(Config{Sandbox: SandboxOn}), ClientOptions{}, out(drvs["fod"]))[0]
+	if !r.Status.Success() {
+		t.Errorf("the output is not %q: %d %s", want, r.Status, r.ErrorMsg)
 	}
 }
