@@ -186,16 +186,38 @@ func (c *ciEnv) builtCounts(t *testing.T) map[string]int {
 func TestCIJob(t *testing.T) {
 	t.Parallel()
 	c := startCIHost(t)
+	// A root of the host's, whose name the job must not learn.
+	hostPath := strings.TrimSpace(c.nixStore(t, "--add", c.file(t, "host-rooted", "host "+c.nonce)))
+	c.nixStore(t, "--add-root", filepath.Join(c.dir, "host-secret-root"), "--indirect", "-r", hostPath)
 	ctl := c.ctlDir(t, "job")
-	out := c.jobCmd(ctl, `
+	job := c.jobCmd(ctl, `
 /nix/store/00000000000000000000000000000000-image-tool/bin/tool
 nix-store -r "$OUT" > /ctl/realised
 T=$(nb t3)
 echo "$T" > /ctl/t3
 cat "/mnt$OUT" > /ctl/out-contents
 cat "/mnt$T" > /ctl/t3-contents
+nix-build /job/ci.nix --arg bbdir /job/bb --argstr nonce "$(cat /job/nonce)" -A t3 -o /tmp/job-result > /dev/null
+touch /ctl/linked
+while [ ! -e /ctl/go ]; do sleep 0.1; done
+nix-store --gc --print-roots > /ctl/roots
 /job/nixyard doctor > /ctl/doctor
-`).ok(t)
+`)
+	done := make(chan result, 1)
+	go func() { done <- job.run(t) }()
+	// The job's out-link is in its container: no root on the host, whose
+	// collector would follow that name on the host (and, finding nothing
+	// there, remove it at its next root scan).
+	waitCtl(t, ctl, "linked")
+	if links, _ := os.ReadDir(filepath.Join(c.root, "nix/var/nix/gcroots/auto")); len(links) != 1 {
+		t.Errorf("gcroots/auto after the job's nix-build -o: %v, want the host's root only", links)
+	}
+	writeFile(t, filepath.Join(ctl, "go"), "", 0o644)
+	r := <-done
+	if r.err != nil {
+		t.Fatalf("job:\n%s", r)
+	}
+	out := r.stdout
 	if strings.TrimSpace(out) != "image-tool-ok" {
 		t.Errorf("image tool printed %q, want image-tool-ok", out)
 	}
@@ -213,6 +235,10 @@ cat "/mnt$T" > /ctl/t3-contents
 		if !c.isValid(t, p) {
 			t.Errorf("%s is not valid in the host store", p)
 		}
+	}
+	// The job sees the host's roots, but not their names.
+	if roots := readCtl(t, ctl, "roots"); strings.Contains(roots, "host-secret-root") || !strings.Contains(roots, "{censored} -> "+hostPath) {
+		t.Errorf("the job's --print-roots:\n%s", roots)
 	}
 	doctor := readCtl(t, ctl, "doctor")
 	t.Logf("nixyard doctor inside the job:\n%s", doctor)

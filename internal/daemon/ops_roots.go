@@ -9,6 +9,7 @@ import (
 	"maps"
 	"path/filepath"
 	"slices"
+	"strings"
 
 	"github.com/nixyard/nixyard/internal/daemon/wire"
 	"github.com/nixyard/nixyard/internal/nix/hash"
@@ -39,6 +40,15 @@ func opAddIndirectRootHandler(ctx context.Context, c *conn) error {
 		return fmt.Errorf("indirect root '%s' is not an absolute path", link)
 	}
 	link = filepath.Clean(link)
+	if c.peer.jobSock {
+		// The link is in the job's container, which the host's collector
+		// does not see (it would follow the same name on the host); the
+		// job session holds what the job uses meanwhile.
+		c.log.Debug("not adding an indirect root from a job socket", "link", link)
+		c.stopWork()
+		c.out.U64(1)
+		return nil
+	}
 	if err := c.st.AddIndirectRoot(ctx, link); err != nil {
 		return fmt.Errorf("adding indirect root '%s': %w", link, err)
 	}
@@ -65,6 +75,21 @@ func opAddPermRootHandler(ctx context.Context, c *conn) error {
 	return nil
 }
 
+// censoredRoot names a root that a client may not see, as Nix names the
+// runtime roots it hides from untrusted clients.
+const censoredRoot = "{censored}"
+
+// gcLog is where a collection's or root scan's messages go: to the client,
+// except, on a job socket, those that name the host's root links.
+func (c *conn) gcLog() func(msg string) {
+	return func(msg string) {
+		if c.peer.jobSock && (strings.HasPrefix(msg, "removing stale link from ") || strings.HasPrefix(msg, "skipping invalid root from ")) {
+			return
+		}
+		c.tun.Log(lvlInfo, msg)
+	}
+}
+
 func opSyncWithGCHandler(ctx context.Context, c *conn) error {
 	if err := c.begin(wire.OpSyncWithGC); err != nil {
 		return err
@@ -78,9 +103,20 @@ func opFindRootsHandler(ctx context.Context, c *conn) error {
 	if err := c.begin(wire.OpFindRoots); err != nil {
 		return err
 	}
-	roots, err := c.st.FindRoots(ctx, !c.peer.trusted, func(msg string) { c.tun.Log(lvlInfo, msg) })
+	roots, err := c.st.FindRoots(ctx, !c.peer.trusted, c.gcLog())
 	if err != nil {
 		return fmt.Errorf("finding GC roots: %w", err)
+	}
+	if c.peer.jobSock {
+		// The host's roots are named by paths of the host (a user's
+		// checkout, another job's directory): a job sees only that they
+		// are there.
+		for t, links := range roots {
+			for i := range links {
+				links[i] = censoredRoot
+			}
+			roots[t] = links
+		}
 	}
 	c.stopWork()
 	targets := slices.SortedFunc(maps.Keys(roots), storepath.Compare)
@@ -122,7 +158,7 @@ func opCollectGarbageHandler(ctx context.Context, c *conn) error {
 	// decide what its collection keeps.
 	opts.KeepOutputs = c.overrideBool("keep-outputs")
 	opts.KeepDerivations = c.overrideBool("keep-derivations")
-	res, err := c.st.CollectGarbage(ctx, opts, func(msg string) { c.tun.Log(lvlInfo, msg) })
+	res, err := c.st.CollectGarbage(ctx, opts, c.gcLog())
 	if err != nil {
 		return err // in Nix's words ("Cannot delete path '…' since it is still alive. …")
 	}
