@@ -470,6 +470,30 @@ func TestAutoGC(t *testing.T) {
 	}
 }
 
+// TestAutoGCEachClient: min-free-check-interval spaces the free-space
+// checks of each client, not of the daemon: a new client's first addition
+// checks, as with nix-daemon, whose connections each check on their first
+// request. (Once per interval for the whole daemon let a burst of short
+// clients fill the disk.)
+func TestAutoGCEachClient(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	free := writeFile(t, filepath.Join(e.dir, "free"), "100000000", 0o644)
+	d := e.startDaemon(t, withConf("min-free = 1000000", "max-free = 2000000", "min-free-check-interval = 3600"),
+		withDaemonEnv("_NIX_TEST_FREE_SPACE_FILE="+free))
+	garbage := oneLine(t, "add", d.nixStore(t, "--add", e.file(t, "garbage", "garbage")))
+	writeFile(t, free, "500000", 0o644)
+	r := d.nixStoreRun(t, "--add", e.file(t, "next", "next"))
+	if r.err != nil || !strings.Contains(r.stderr, "running auto-GC to free 1500000 bytes") {
+		t.Errorf("a second client's addition with little space left:\n%s", r)
+	}
+	for deadline := time.Now().Add(10 * time.Second); d.isValid(t, garbage); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not collected", garbage)
+		}
+	}
+}
+
 // TestGCRootMessages: what the root scan finds wrong is told to the
 // client in Nix's words (a root to an invalid path, a stale temporary
 // roots file); a temporary root is one whether its path is valid or not;

@@ -215,6 +215,7 @@ type conn struct {
 	log     *slog.Logger
 	tun     *tunnel
 	session *store.Session
+	gcCheck store.AutoGCCheck // when its requests last had the free space checked
 	opts    clientSettings
 
 	// narinfos keeps what file:// caches told this connection's lookups.
@@ -381,6 +382,7 @@ func (c *conn) perform(ctx context.Context, op uint64) error {
 		ctx = substitute.WithNarinfoTTLs(ctx, t)
 	}
 	ctx = store.WithClientLog(ctx, func(msg string) { c.tun.Log(lvlInfo, msg) })
+	ctx = store.WithAutoGCCheck(ctx, &c.gcCheck)
 	switch op {
 	case wire.OpBuildPaths, wire.OpBuildPathsWithResults, wire.OpBuildDerivation, wire.OpEnsurePath,
 		wire.OpQueryMissing, wire.OpQuerySubstitutablePathInfos,

@@ -57,7 +57,8 @@ func (s *Store) AutoGC(ctx context.Context, wait bool) {
 	done := a.running
 	var started string
 	if done == nil {
-		done, started = a.startLocked(s)
+		cc, _ := ctx.Value(autoGCCheckKey{}).(*AutoGCCheck)
+		done, started = a.startLocked(s, cc)
 	}
 	a.mu.Unlock()
 	if started != "" {
@@ -73,14 +74,25 @@ func (s *Store) AutoGC(ctx context.Context, wait bool) {
 
 // startLocked starts a collection if one is due and returns its done
 // channel (nil if none) and what Nix tells the client whose request
-// starts it.
-func (a *autoGC) startLocked(s *Store) (done chan struct{}, msg string) {
+// starts it. The free space is checked once per MinFreeCheckInterval for
+// the daemon, and as often for each connection (cc, if not nil), as with
+// nix-daemon, whose every connection's process checks on its first
+// request: a burst of short clients adding paths does not fill the disk
+// between two checks. The size budget is checked at the daemon's pace.
+func (a *autoGC) startLocked(s *Store, cc *AutoGCCheck) (done chan struct{}, msg string) {
 	now := time.Now()
-	if now.Sub(a.lastCheck) < s.cfg.MinFreeCheckInterval {
+	global := now.Sub(a.lastCheck) >= s.cfg.MinFreeCheckInterval
+	conn := cc != nil && s.cfg.MinFree > 0 && now.Sub(cc.last) >= s.cfg.MinFreeCheckInterval
+	if !global && !conn {
 		return nil, ""
 	}
-	a.lastCheck = now
-	if s.cfg.SizeBudget > 0 && now.Sub(a.lastSave) >= lastUseSave && s.lastUse.saving.CompareAndSwap(false, true) {
+	if cc != nil {
+		cc.last = now
+	}
+	if global {
+		a.lastCheck = now
+	}
+	if global && s.cfg.SizeBudget > 0 && now.Sub(a.lastSave) >= lastUseSave && s.lastUse.saving.CompareAndSwap(false, true) {
 		a.lastSave = now
 		go func() {
 			defer s.lastUse.saving.Store(false)
@@ -105,7 +117,7 @@ func (a *autoGC) startLocked(s *Store) (done chan struct{}, msg string) {
 		}
 	}
 	budget := s.cfg.SizeBudget
-	if budget > 0 {
+	if budget > 0 && global {
 		_, size, err := s.Stats(context.Background())
 		if err != nil {
 			s.log.Warn("auto-GC: cannot tell the store's size", "err", err)
@@ -165,6 +177,19 @@ func (s *Store) availableBytes() (uint64, error) {
 		return 0, err
 	}
 	return st.Bavail * uint64(st.Frsize), nil
+}
+
+// AutoGCCheck is when a connection last had the free space checked (see
+// WithAutoGCCheck).
+type AutoGCCheck struct{ last time.Time }
+
+type autoGCCheckKey struct{}
+
+// WithAutoGCCheck returns ctx carrying a connection's AutoGCCheck: the
+// automatic collection checks the free space for each connection at most
+// once per min-free-check-interval, besides its daemon-wide check.
+func WithAutoGCCheck(ctx context.Context, cc *AutoGCCheck) context.Context {
+	return context.WithValue(ctx, autoGCCheckKey{}, cc)
 }
 
 type clientLogKey struct{}
