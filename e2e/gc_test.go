@@ -255,8 +255,8 @@ func TestOptimise(t *testing.T) {
 	t.Parallel()
 	d := startDaemon(t)
 	same := hex.EncodeToString(randomBytes(t, 32<<10)) // text, so mkTree never reads a leading "*" or "->" as a mode
-	one := oneLine(t, "add", d.nixStore(t, "--add", d.mkTree(t, "opt/one", tree{"same.bin": same, "one.txt": "one"})))
-	two := oneLine(t, "add", d.nixStore(t, "--add", d.mkTree(t, "opt/two", tree{"same.bin": same, "two.txt": "two"})))
+	one := oneLine(t, "add", d.nixStore(t, "--add", d.mkTree(t, "opt/one", tree{"same.bin": same, "one.txt": "one", "link": "-> same.bin"})))
+	two := oneLine(t, "add", d.nixStore(t, "--add", d.mkTree(t, "opt/two", tree{"same.bin": same, "two.txt": "two", "link": "-> same.bin"})))
 	hashes := map[string]string{}
 	for _, p := range []string{one, two} {
 		hashes[p] = d.nixStore(t, "-q", "--hash", p)
@@ -266,14 +266,18 @@ func TestOptimise(t *testing.T) {
 		t.Fatalf("%s and %s share an inode before optimising", f1, f2)
 	}
 
-	// As from nix-daemon, the client hears what it saved: one file (the
-	// second same.bin) replaced by a link.
-	if r := d.nixStoreRun(t, "--optimise"); r.err != nil || !strings.Contains(r.stderr, "0.06 MiB freed by hard-linking 1 files") {
-		t.Errorf("nix-store --optimise does not report 64 KiB freed by linking one file:\n%s", r)
+	// As from nix-daemon, the client hears what it saved: two files (the
+	// second same.bin, and the second symlink, which Nix on Linux links
+	// too) replaced by links.
+	if r := d.nixStoreRun(t, "--optimise"); r.err != nil || !strings.Contains(r.stderr, "0.06 MiB freed by hard-linking 2 files") {
+		t.Errorf("nix-store --optimise does not report 64 KiB freed by linking two files:\n%s", r)
 	}
 
 	if inode(t, f1) != inode(t, f2) {
 		t.Errorf("after nix-store --optimise, %s and %s are not hard-linked (inodes %d, %d)", f1, f2, inode(t, f1), inode(t, f2))
+	}
+	if l1, l2 := lInode(t, filepath.Join(d.realPath(one), "link")), lInode(t, filepath.Join(d.realPath(two), "link")); l1 != l2 {
+		t.Errorf("after nix-store --optimise, the two identical symlinks are not hard-linked (inodes %d, %d)", l1, l2)
 	}
 	// As nix-daemon's: each path it looks at (at talkative level), and the
 	// paths done of all on the optimise activity, for the progress bar.
@@ -390,6 +394,16 @@ func inode(t *testing.T, p string) uint64 {
 	t.Helper()
 	var st syscall.Stat_t
 	if err := syscall.Stat(p, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Ino
+}
+
+// lInode is the inode of p itself, not of what a symlink points to.
+func lInode(t *testing.T, p string) uint64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Lstat(p, &st); err != nil {
 		t.Fatal(err)
 	}
 	return st.Ino

@@ -13,10 +13,11 @@ import (
 	"github.com/nixyard/nixyard/internal/nix/nixbase32"
 )
 
-// OptimiseStore hard-links identical files of all valid paths through
-// <store>/.links/<nix32 sha256 of the file's NAR serialisation>, as Nix's
-// optimiseStore (regular files only: executable and plain files with the
-// same contents differ in their NAR, so they are never linked). ev's
+// OptimiseStore hard-links identical files and symlinks of all valid
+// paths through <store>/.links/<nix32 sha256 of the file's NAR
+// serialisation>, as Nix's optimiseStore on Linux (executable and plain
+// files with the same contents differ in their NAR, so they are never
+// linked; a symlink is linked itself, by its target's name). ev's
 // functions, those not nil, are told how it goes.
 func (s *Store) OptimiseStore(ctx context.Context, ev OptimiseEvents) error {
 	links := s.realDir + "/.links"
@@ -151,11 +152,11 @@ func (o *optimiser) optimise(ctx context.Context, path string) error {
 			}
 		}
 		return nil
-	case unix.S_IFREG:
+	case unix.S_IFREG, unix.S_IFLNK:
 	default:
 		return nil
 	}
-	if st.Mode&unix.S_IWUSR != 0 {
+	if st.Mode&unix.S_IFMT == unix.S_IFREG && st.Mode&unix.S_IWUSR != 0 {
 		o.say(LogWarn, fmt.Sprintf("warning: skipping suspicious writable file '%s'", path))
 		return nil
 	}
@@ -196,6 +197,7 @@ func (o *optimiser) optimise(ctx context.Context, path string) error {
 	if lst.Ino == st.Ino {
 		return nil
 	}
+	o.say(LogTalkative, fmt.Sprintf("linking '%s' to '%s'", path, linkPath))
 	// Replace the file with a link to the .links one. Its directory (not
 	// the store itself) is made writable for the rename and restored
 	// afterwards, with the store's mtime.
