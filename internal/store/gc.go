@@ -76,8 +76,31 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 	if log == nil {
 		log = func(string) {}
 	}
-	s.gcMu.Lock()
-	defer s.gcMu.Unlock()
+	// One collection at a time in this process, then gc.lock against
+	// other processes; the wait for either is told once, as Nix tells it.
+	said := false
+	log = func(inner func(string)) func(string) {
+		return func(msg string) {
+			if msg == waitingForGCLock {
+				if said {
+					return
+				}
+				said = true
+			}
+			inner(msg)
+		}
+	}(log)
+	select {
+	case s.gcSem <- struct{}{}:
+	default:
+		log(waitingForGCLock)
+		select {
+		case s.gcSem <- struct{}{}:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	defer func() { <-s.gcSem }()
 
 	c := &collector{
 		s: s, opts: opts, logf: log, run: newGCRun(),
@@ -192,6 +215,9 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 	return c.res, nil
 }
 
+// waitingForGCLock is what a collection says when it waits for another.
+const waitingForGCLock = "waiting for the big garbage collector lock..."
+
 // acquireGCLock takes gc.lock exclusively and publishes run to our own
 // temporary-roots code in one step, so that no root is added in between
 // without the collector seeing it. It returns the roots of this process.
@@ -224,7 +250,7 @@ func (s *Store) acquireGCLock(ctx context.Context, run *gcRun, log func(string))
 		}
 		s.roots.mu.Unlock()
 		if first {
-			log("waiting for the big garbage collector lock...")
+			log(waitingForGCLock)
 		}
 		select {
 		case <-ctx.Done():

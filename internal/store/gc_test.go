@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -9,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -357,5 +359,47 @@ func TestReservedSpace(t *testing.T) {
 	defer s.Close()
 	if n := size(); n != -1 {
 		t.Errorf("with none asked for: %d bytes", n)
+	}
+}
+
+// TestGCWaitsForGC: a collection that waits for another in this process
+// says so, once, as Nix's waiting for gc.lock does, and gives up when its
+// context ends.
+func TestGCWaitsForGC(t *testing.T) {
+	s, _ := testStore(t)
+	s.gcSem <- struct{}{} // another collection runs
+	ctx, cancel := context.WithCancel(context.Background())
+	var msgs []string
+	var mu sync.Mutex
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.CollectGarbage(ctx, GCOptions{Action: GCReturnDead}, func(msg string) {
+			mu.Lock()
+			msgs = append(msgs, msg)
+			mu.Unlock()
+		})
+		done <- err
+	}()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		mu.Lock()
+		n := len(msgs)
+		mu.Unlock()
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the waiting collection said nothing")
+		}
+	}
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Errorf("a waiting collection whose context ended: %v", err)
+	}
+	if len(msgs) != 1 || msgs[0] != "waiting for the big garbage collector lock..." {
+		t.Errorf("messages %q", msgs)
+	}
+	<-s.gcSem
+	if _, err := s.CollectGarbage(context.Background(), GCOptions{Action: GCReturnDead}, nil); err != nil {
+		t.Errorf("a collection after the other ended: %v", err)
 	}
 }

@@ -98,7 +98,7 @@ type Store struct {
 
 	commits commitQueue // group commit of single-path additions; see groupcommit.go
 
-	gcMu sync.Mutex // one garbage collection (or optimisation pass) at a time in this process
+	gcSem chan struct{} // holds a token while a garbage collection runs in this process
 
 	autoGC  autoGC   // see AutoGC
 	lastUse lastUses // see Touch
@@ -128,6 +128,7 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		dir:     cfg.StoreDir,
 		realDir: filepath.Clean(cfg.RealStoreDir),
 		log:     cfg.Logger,
+		gcSem:   make(chan struct{}, 1),
 	}
 	var err error
 	if s.sigs, err = newSigChecker(cfg.TrustedPublicKeys); err != nil {

@@ -82,7 +82,7 @@ func (s *Store) verify(ctx context.Context, checkContents, repair bool, log Veri
 		return false, nil, err
 	}
 	defer f.Close()
-	if err := lockFD(ctx, f, unix.LOCK_SH, func() { log(LogInfo, "waiting for the big garbage collector lock...") }); err != nil {
+	if err := lockFD(ctx, f, unix.LOCK_SH, func() { log(LogInfo, waitingForGCLock) }); err != nil {
 		return false, nil, err
 	}
 	ents, err := os.ReadDir(s.realDir)
