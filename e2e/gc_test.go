@@ -249,6 +249,21 @@ func TestVerifyStore(t *testing.T) {
 	if strings.Contains(r.stderr, file) {
 		t.Errorf("nix-store --verify --check-contents reports the intact %s:\n%s", file, r)
 	}
+	// With --repair and no cache, in Nix's words: an error for the
+	// modified path; a warning for a missing one that a valid path refers
+	// to (a text path's reference here).
+	top := strings.TrimSpace(d.nix(t, "eval", "--impure", "--raw", "--expr",
+		fmt.Sprintf(`builtins.toFile "refers-%s" "uses ${%s}"`, d.nonce, d.file(t, "v/dep", "dep "+d.nonce))))
+	dep := oneLine(t, "references", d.nixStore(t, "-q", "--references", top))
+	if err := os.RemoveAll(d.realPath(dep)); err != nil {
+		t.Fatal(err)
+	}
+	r = d.nixStoreRun(t, "--verify", "--check-contents", "--repair")
+	for _, want := range []string{"error: cannot repair path '" + dir + "'\n", "warning: cannot repair path '" + dep + "'\n"} {
+		if r.err == nil || !strings.Contains(r.stderr, want) {
+			t.Errorf("nix-store --verify --check-contents --repair without a cache: no %q:\n%s", want, r)
+		}
+	}
 }
 
 func TestOptimise(t *testing.T) {

@@ -154,8 +154,6 @@ func (r *Realiser) repairClosure(ctx context.Context, t store.DerivedPath, res *
 	return nil
 }
 
-// errNoCache is why a path cannot be repaired without substituters.
-var errNoCache = errors.New("no binary cache to fetch it from")
 
 // RepairPath fetches the valid path p again from the binary caches and
 // replaces the store's copy (nix-store --verify --repair). If no cache
@@ -169,7 +167,7 @@ func (r *Realiser) RepairPath(ctx context.Context, p storepath.Path) error {
 // repairPath is RepairPath; it says how the path was repaired:
 // Substituted or Built.
 func (r *Realiser) repairPath(ctx context.Context, p storepath.Path) (Status, error) {
-	err := errNoCache
+	err := store.ErrNotRepairable
 	if r.sub != nil {
 		if err = r.sub.Repair(ctx, p); err == nil || ctx.Err() != nil {
 			return Substituted, err

@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -39,21 +40,36 @@ func (s *Store) VerifyStore(ctx context.Context, checkContents, repair bool, rep
 	// path, which may wait for an automatic collection, which needs that
 	// lock exclusively.
 	for _, p := range broken {
-		if repairPath == nil {
-			log(LogError, fmt.Sprintf("error: cannot repair path '%s': no binary cache to fetch it from", s.abs(p)))
-			errorsFound = true
+		err := ErrNotRepairable
+		if repairPath != nil {
+			err = repairPath(ctx, p)
+		}
+		if err == nil {
 			continue
 		}
-		if err := repairPath(ctx, p); err != nil {
-			if ctx.Err() != nil {
-				return false, ctx.Err()
-			}
-			log(LogError, fmt.Sprintf("error: cannot repair path '%s': %v", s.abs(p), err))
-			errorsFound = true
+		if ctx.Err() != nil {
+			return false, ctx.Err()
+		}
+		errorsFound = true
+		// In Nix's words: a warning for a missing path (verifyPath goes
+		// on), an error for a modified one; the cause only if it is not
+		// merely that no cache has the path.
+		msg := fmt.Sprintf("cannot repair path '%s'", s.abs(p))
+		if !errors.Is(err, ErrNotRepairable) {
+			msg += ": " + err.Error()
+		}
+		if _, serr := os.Lstat(s.RealPath(p)); os.IsNotExist(serr) {
+			log(LogWarn, "warning: "+msg)
+		} else {
+			log(LogError, "error: "+msg)
 		}
 	}
 	return errorsFound, nil
 }
+
+// ErrNotRepairable is returned by a repair that found no binary cache or
+// derivation to make the path again from.
+var ErrNotRepairable = errors.New("no binary cache to fetch it from")
 
 // LogLevel is the level of a message, as Nix's verbosity levels.
 type LogLevel int
