@@ -154,7 +154,6 @@ func (r *Realiser) repairClosure(ctx context.Context, t store.DerivedPath, res *
 	return nil
 }
 
-
 // RepairPath fetches the valid path p again from the binary caches and
 // replaces the store's copy (nix-store --verify --repair). If no cache
 // gives it back, the derivation that made it, if valid, is built again in
