@@ -540,3 +540,42 @@ i=0; until nix store ping 2>/ctl/ping.err; do i=$((i+1)); [ $i -lt 100 ] || exit
 		t.Errorf("the refused connection said %q, want it to contain %q", got, want)
 	}
 }
+
+// TestCIJobOutlivesRestart: a job's paths stay held across a restart of
+// the daemon (an upgrade) and across a crash: the daemon that starts takes
+// up the jobs still running, so a collection then does not delete what a
+// job realised before and reads afterwards through /mnt.
+func TestCIJobOutlivesRestart(t *testing.T) {
+	t.Parallel()
+	c := startCIHost(t)
+	ctl := c.ctlDir(t, "restart")
+	job := c.jobCmd(ctl, `nix-store -r "$OUT" > /dev/null
+touch /ctl/ready
+while [ ! -e /ctl/go ]; do sleep 0.1; done
+cat "/mnt$OUT" > /ctl/after-restart
+touch /ctl/ready2
+while [ ! -e /ctl/go2 ]; do sleep 0.1; done
+cat "/mnt$OUT" > /ctl/after-crash
+`)
+	done := make(chan result, 1)
+	go func() { done <- job.run(t) }()
+	waitCtl(t, ctl, "ready")
+	c.stop(t)
+	c.start(t)
+	c.nixStore(t, "--gc")
+	writeFile(t, filepath.Join(ctl, "go"), "", 0o644)
+	waitCtl(t, ctl, "ready2")
+	c.crash(t)
+	c.start(t)
+	c.nixStore(t, "--gc")
+	writeFile(t, filepath.Join(ctl, "go2"), "", 0o644)
+	if r := <-done; r.err != nil {
+		t.Fatalf("job:\n%s", r)
+	}
+	want := c.nonce + " " + c.dep
+	for _, f := range []string{"after-restart", "after-crash"} {
+		if got := readCtl(t, ctl, f); got != want {
+			t.Errorf("the job read %q %s, want %q", got, f, want)
+		}
+	}
+}

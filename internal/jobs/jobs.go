@@ -19,11 +19,16 @@
 // A job's temporary roots are a store.Session kept open across its
 // connections: in memory for nixyard's collector and in the store's
 // temproots file for a real Nix collector, like any connection's roots.
+// They are also journalled, a file per job under <state>/nixyard-jobs, so
+// that a daemon started after this one (a restart, an upgrade, a crash)
+// takes up the jobs still running, with their roots; a journal whose job
+// has ended is deleted.
 package jobs
 
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -34,6 +39,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
 
@@ -80,6 +86,7 @@ type job struct {
 	initPID  int
 	initTime uint64 // start time of initPID, in clock ticks after boot
 	session  *store.Session
+	journal  *os.File // nil: not journalled
 	conns    int
 	idleFrom time.Time // when conns last dropped to zero
 	started  time.Time
@@ -109,6 +116,7 @@ func New(st *store.Store, opts Options) (*Manager, error) {
 		return nil, fmt.Errorf("jobs: reading the daemon's pid namespace: %w", err)
 	}
 	m.selfNS = ns
+	m.restore()
 	return m, nil
 }
 
@@ -190,6 +198,7 @@ func (m *Manager) Attach(pid int, tenant string) (*Conn, error) {
 	}
 	j := &job{id: id, ns: ns, initPID: initPID, initTime: initTime, session: m.st.OpenSession(), conns: 1, started: m.now(), tenant: tenant}
 	m.jobs[id] = j
+	m.openJournal(j)
 	m.log.Info("job session started", "job", id, "tenant", tenant, "init_pid", initPID)
 	return &Conn{m: m, j: j}, nil
 }
@@ -225,6 +234,7 @@ func (m *Manager) Reap() []string {
 		if err := j.session.Close(); err != nil {
 			m.log.Warn("closing job session", "job", id, "err", err)
 		}
+		m.dropJournal(j)
 		delete(m.jobs, id)
 		ended = append(ended, id)
 		m.log.Info("job session ended", "job", id, "tenant", j.tenant, "reason", reason, "connections", j.conns, "duration", now.Sub(j.started).Round(time.Second))
@@ -257,16 +267,145 @@ func (m *Manager) Run(ctx context.Context, interval time.Duration) {
 	}
 }
 
-// Close ends every job session (the daemon is stopping).
+// Close ends every job session (the daemon is stopping); their journals
+// stay, for the next daemon to take the jobs up.
 func (m *Manager) Close() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var errs []error
 	for id, j := range m.jobs {
 		errs = append(errs, j.session.Close())
+		if j.journal != nil {
+			errs = append(errs, j.journal.Close())
+		}
 		delete(m.jobs, id)
 	}
 	return errors.Join(errs...)
+}
+
+// journalDir holds the jobs' journals: a file per live job, named by its
+// id, with a header line (journalHeader, JSON) and then a line per root
+// (a store path's base name).
+func (m *Manager) journalDir() string { return filepath.Join(m.st.StateDir(), "nixyard-jobs") }
+
+// journalHeader is a job's identity, as its journal records it.
+type journalHeader struct {
+	NS       string `json:"ns"`
+	InitPID  int    `json:"init_pid"`
+	InitTime uint64 `json:"init_time"`
+	Tenant   string `json:"tenant"`
+	Started  int64  `json:"started"` // Unix seconds
+}
+
+// openJournal writes j's journal afresh, with its roots so far, and has
+// its session add each new root to it. A failure is logged: the job
+// then lives as long as this daemon only.
+func (m *Manager) openJournal(j *job) {
+	if err := m.writeJournal(j); err != nil {
+		m.log.Warn("cannot journal a job session; it will not outlive the daemon", "job", j.id, "err", err)
+	}
+}
+
+func (m *Manager) writeJournal(j *job) error {
+	dir := m.journalDir()
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	f, err := os.CreateTemp(dir, ".new-")
+	if err != nil {
+		return err
+	}
+	hdr, err := json.Marshal(journalHeader{NS: j.ns, InitPID: j.initPID, InitTime: j.initTime, Tenant: j.tenant, Started: j.started.Unix()})
+	if err == nil {
+		w := bufio.NewWriter(f)
+		w.Write(append(hdr, '\n'))
+		for _, p := range j.session.Roots() {
+			w.WriteString(p.String() + "\n")
+		}
+		err = w.Flush()
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), filepath.Join(dir, j.id))
+	}
+	if err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return err
+	}
+	j.journal = f
+	j.session.Journal(f)
+	return nil
+}
+
+// dropJournal deletes the journal of j, which has ended.
+func (m *Manager) dropJournal(j *job) {
+	if j.journal == nil {
+		return
+	}
+	j.journal.Close()
+	if err := os.Remove(filepath.Join(m.journalDir(), j.id)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		m.log.Warn("cannot delete the journal of an ended job", "job", j.id, "err", err)
+	}
+}
+
+// restore takes up the jobs whose journals an earlier daemon left and
+// whose init still runs: their sessions hold their roots again, and their
+// lease runs from now. Other journals are deleted.
+func (m *Manager) restore() {
+	dir := m.journalDir()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			m.log.Warn("cannot read the jobs' journals", "dir", dir, "err", err)
+		}
+		return
+	}
+	for _, e := range ents {
+		path := filepath.Join(dir, e.Name())
+		j, roots, err := m.readJournal(path, e.Name())
+		if err != nil || strings.HasPrefix(e.Name(), ".") || !m.initAlive(j) {
+			if err != nil && !strings.HasPrefix(e.Name(), ".") {
+				m.log.Warn("dropping an unreadable job journal", "file", path, "err", err)
+			}
+			os.Remove(path)
+			continue
+		}
+		j.session = m.st.OpenSession()
+		for _, p := range roots {
+			if err := j.session.AddTempRoot(context.Background(), p); err != nil {
+				m.log.Warn("cannot take up a job's root", "job", j.id, "path", p.String(), "err", err)
+			}
+		}
+		j.idleFrom = m.now()
+		m.jobs[j.id] = j
+		m.openJournal(j)
+		m.log.Info("job session taken up from before the daemon started", "job", j.id, "tenant", j.tenant, "roots", len(roots))
+	}
+}
+
+// readJournal reads the journal at path, of the job named id.
+func (m *Manager) readJournal(path, id string) (*job, []storepath.Path, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	lines := strings.Split(strings.TrimSuffix(string(data), "\n"), "\n")
+	var h journalHeader
+	if err := json.Unmarshal([]byte(lines[0]), &h); err != nil {
+		return nil, nil, fmt.Errorf("header: %w", err)
+	}
+	j := &job{id: id, ns: h.NS, initPID: h.InitPID, initTime: h.InitTime, tenant: h.Tenant, started: time.Unix(h.Started, 0)}
+	if want := fmt.Sprintf("pidns-%s-%d", nsInode(h.NS), h.InitTime); want != id {
+		return nil, nil, fmt.Errorf("the header is of job %s", want)
+	}
+	var roots []storepath.Path
+	for _, l := range lines[1:] {
+		// A line cut short by a crash is not a path.
+		if p, err := storepath.ParseBase(l); err == nil {
+			roots = append(roots, p)
+		}
+	}
+	return j, roots, nil
 }
 
 // initAlive reports whether j's init process still runs, with the same

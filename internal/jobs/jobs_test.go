@@ -3,6 +3,7 @@ package jobs
 import (
 	"context"
 	"errors"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nixyard/nixyard/internal/nix/contentaddress"
+	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/store"
 )
 
@@ -200,5 +203,70 @@ func TestMaxConns(t *testing.T) {
 	}
 	if _, err := m.Attach(child, ""); !errors.As(err, &tooMany) {
 		t.Fatalf("a third connection again: %v", err)
+	}
+}
+
+// TestJournalOutlivesDaemon: a daemon started after another (a restart)
+// takes up the jobs still running with their roots, which a collection
+// then keeps; an ended job's journal is deleted, and so is one whose job
+// ended while no daemon ran.
+func TestJournalOutlivesDaemon(t *testing.T) {
+	st := testStore(t)
+	held, err := st.AddToStoreContent(context.Background(), "held", contentaddress.Text, hash.SHA256, nil, strings.NewReader("held"), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gone, err := st.AddToStoreContent(context.Background(), "gone", contentaddress.Text, hash.SHA256, nil, strings.NewReader("gone"), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := New(st, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, live, _ := container(t)
+	initEnded, ended, kill := container(t)
+	a, err := m.Attach(live, "ci")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Session().AddTempRoot(context.Background(), held.Path); err != nil {
+		t.Fatal(err)
+	}
+	b, err := m.Attach(ended, "ci")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Session().AddTempRoot(context.Background(), gone.Path); err != nil {
+		t.Fatal(err)
+	}
+	a.Release()
+	b.Release()
+	if err := m.Close(); err != nil { // the daemon stops
+		t.Fatal(err)
+	}
+	kill() // one job ends meanwhile
+	waitGone(t, initEnded)
+
+	m2, err := New(st, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m2.Close()
+	if got := m2.Live(); len(got) != 1 || got[0] != a.ID() {
+		t.Fatalf("jobs taken up: %v, want [%s]", got, a.ID())
+	}
+	res, err := st.CollectGarbage(context.Background(), store.GCOptions{Action: store.GCDeleteDead, MaxFreed: math.MaxUint64}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, _ := st.IsValidPath(context.Background(), held.Path); !ok {
+		t.Errorf("the collection after the restart deleted %s, which the running job holds (deleted: %v)", held.Path, res.Paths)
+	}
+	if ok, _ := st.IsValidPath(context.Background(), gone.Path); ok {
+		t.Errorf("%s, held by a job that ended, survived the collection (deleted: %v)", gone.Path, res.Paths)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(st.StateDir(), "nixyard-jobs")); len(ents) != 1 || ents[0].Name() != a.ID() {
+		t.Errorf("journals after the restart: %v, want only %s's", ents, a.ID())
 	}
 }

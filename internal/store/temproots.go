@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
@@ -320,7 +322,25 @@ type Session struct {
 	mu      sync.Mutex
 	roots   map[storepath.Path]bool
 	closed  bool
-	passive bool // the store's own (optimising): its roots are no use of the paths
+	passive bool      // the store's own (optimising): its roots are no use of the paths
+	journal io.Writer // where each new root is written too, a line each (see Journal)
+}
+
+// Journal makes the session write each root it gets from now on to w, as
+// a line with the path's base name, so that the roots can be taken up
+// again by another process (a daemon started after this one: see
+// internal/jobs). A failed write is logged, and ends the journal.
+func (ss *Session) Journal(w io.Writer) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	ss.journal = w
+}
+
+// Roots returns the session's roots.
+func (ss *Session) Roots() []storepath.Path {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	return slices.Collect(maps.Keys(ss.roots))
 }
 
 // OpenSession starts a session; Close it when the connection ends.
@@ -347,6 +367,12 @@ func (ss *Session) AddTempRoot(ctx context.Context, p storepath.Path) error {
 		return err
 	}
 	ss.roots[p] = true
+	if ss.journal != nil {
+		if _, err := io.WriteString(ss.journal, p.String()+"\n"); err != nil {
+			ss.s.log.Warn("cannot write a session's root to its journal; its later roots will not outlive the daemon", "err", err)
+			ss.journal = nil
+		}
+	}
 	return nil
 }
 
