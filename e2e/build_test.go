@@ -1382,3 +1382,62 @@ func TestBuildSharedTimeout(t *testing.T) {
 		}
 	}
 }
+
+// TestStopLetsBuildsFinish: a daemon told to stop (SIGTERM: a restart or
+// an upgrade) stops accepting connections at once, but serves those open
+// until they end, within --shutdown-grace: a build under way finishes and
+// its client gets its output. A second SIGTERM stops at once.
+func TestStopLetsBuildsFinish(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("nixyard's --shutdown-grace (nix-daemon's connections are processes of their own, which a SIGTERM to the daemon does not reach)")
+	}
+	e := newEnv(t)
+	marks := filepath.Join(e.dir, "marks")
+	mustMkdir(t, marks, 0o777)
+	d := e.startDaemon(t, withConf("sandbox-paths = /marks="+marks), withDaemonArgs("--shutdown-grace", "1m"))
+	b := &buildEnv{daemon: d, marks: marks}
+	args := b.expr(t, "stopgrace", `{
+  slow = mk { name = "stop-grace"; script = ": stop-grace-${nonce}; while [ ! -e /marks/go ]; do sleep 0.1; done; echo > $out"; };
+  slow2 = mk { name = "stop-now"; script = ": stop-now-${nonce}; sleep 60; echo > $out"; };
+}`)
+	build := func(attr string) chan result {
+		ch := make(chan result, 1)
+		go func() { ch <- b.nixBuild(append(args, "-A", attr, "--no-out-link")...).run(t) }()
+		return ch
+	}
+	done := build("slow")
+	waitFor(t, "the builder", func() bool { return builderRunning(t, "stop-grace-"+b.nonce) })
+	syscall.Kill(d.proc.Process.Pid, syscall.SIGTERM)
+	waitFor(t, "the socket to go", func() bool { _, err := os.Stat(d.sock); return err != nil })
+	if r := d.client("nix", "store", "ping").run(t); r.err == nil {
+		t.Errorf("a stopping daemon took a new connection:\n%s", r)
+	}
+	writeFile(t, filepath.Join(marks, "go"), "", 0o644)
+	if r := <-done; r.err != nil {
+		t.Errorf("the build under way when the daemon was told to stop:\n%s", r)
+	}
+	select {
+	case <-d.exited:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the daemon did not exit once its last connection ended")
+	}
+
+	d.start(t)
+	done = build("slow2")
+	waitFor(t, "the builder", func() bool { return builderRunning(t, "stop-now-"+b.nonce) })
+	syscall.Kill(d.proc.Process.Pid, syscall.SIGTERM)
+	waitFor(t, "the socket to go", func() bool { _, err := os.Stat(d.sock); return err != nil })
+	syscall.Kill(d.proc.Process.Pid, syscall.SIGTERM)
+	select {
+	case <-d.exited:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the daemon did not exit at a second SIGTERM")
+	}
+	if r := <-done; r.err == nil {
+		t.Errorf("a build the daemon was told twice to stop succeeded:\n%s", r)
+	}
+	if builderRunning(t, "stop-now-"+b.nonce) {
+		t.Error("the builder still runs after the daemon stopped")
+	}
+}

@@ -51,6 +51,9 @@ const daemonUsage = `usage: nixyard daemon [options]
                         write-nar-listing, secret-key, ...) apply
   --size-budget SIZE    keep the store's paths under SIZE of NAR (e.g. 200G; K, M, G, T are
                         powers of 1024), collecting the least recently used dead paths first
+  --shutdown-grace D    on SIGTERM or SIGINT, stop accepting connections and serve those
+                        open for up to D (default 60s, 0 for none) so that their builds
+                        and commands finish; a second signal stops at once
   --option NAME VALUE   override a nix.conf setting
   --log-level LEVEL     debug, info, warn or error (default info; error with --stdio, whose
                         standard error is the ssh-ng user's terminal)
@@ -76,6 +79,7 @@ type daemonOptions struct {
 	cache     string // --cache-listen address, "" for none
 	pushTo    string // --push-to URL, "" for none
 	budget    uint64 // --size-budget in bytes, 0 for none
+	grace     time.Duration
 }
 
 // nixBoolSettings are Nix 2.8's Boolean settings that nix-daemon, like
@@ -114,8 +118,13 @@ func expandShortFlags(args []string) []string {
 	return out
 }
 
+// defaultShutdownGrace is how long a stopping daemon serves the
+// connections open, by default: less than systemd's default stop timeout
+// (90 s), which would kill it without its clean-up.
+const defaultShutdownGrace = 60 * time.Second
+
 func parseDaemonArgs(args []string) (daemonOptions, error) {
-	var o daemonOptions
+	o := daemonOptions{grace: defaultShutdownGrace}
 	args = expandShortFlags(args)
 	verbosity := 0 // nix-daemon's -v, --quiet and --debug
 	for i := 0; i < len(args); i++ {
@@ -153,6 +162,13 @@ func parseDaemonArgs(args []string) (daemonOptions, error) {
 			o.cache, err = need()
 		case "--push-to":
 			o.pushTo, err = need()
+		case "--shutdown-grace":
+			var v string
+			if v, err = need(); err == nil {
+				if o.grace, err = time.ParseDuration(v); err != nil || o.grace < 0 {
+					err = fmt.Errorf("--shutdown-grace %q: want a duration such as 60s or 10m", v)
+				}
+			}
 		case "--size-budget":
 			var v string
 			if v, err = need(); err == nil {
@@ -234,7 +250,7 @@ func parseDaemonArgs(args []string) (daemonOptions, error) {
 
 var errHelp = errors.New("help requested")
 
-func runDaemon(ctx context.Context, args []string) error {
+func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) error {
 	opts, err := parseDaemonArgs(args)
 	if errors.Is(err, errHelp) {
 		return nil
@@ -454,6 +470,8 @@ func runDaemon(ctx context.Context, args []string) error {
 		Jobs:            jm,
 		Metrics:         mets,
 		Logger:          logger,
+		ShutdownGrace:   opts.grace,
+		StopNow:         stopNow,
 	})
 	if opts.stdio {
 		// A client gone while the daemon writes to it must not kill the

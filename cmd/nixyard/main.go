@@ -25,17 +25,33 @@ Run "nixyard daemon --help" for the daemon's options.
 `
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	if err := run(ctx, os.Args); err != nil {
+	ctx, stopNow := signals()
+	if err := run(ctx, stopNow, os.Args); err != nil {
 		fmt.Fprintf(os.Stderr, "nixyard: %v\n", err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, args []string) error {
+// signals returns a context that the first SIGINT or SIGTERM cancels (a
+// daemon then stops accepting connections and lets those open finish),
+// and a channel that the second closes (stop now).
+func signals() (context.Context, <-chan struct{}) {
+	ctx, cancel := context.WithCancel(context.Background())
+	now := make(chan struct{})
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-sigs
+		cancel()
+		<-sigs
+		close(now)
+	}()
+	return ctx, now
+}
+
+func run(ctx context.Context, stopNow <-chan struct{}, args []string) error {
 	if filepath.Base(args[0]) == "nix-daemon" {
-		return runDaemon(ctx, args[1:])
+		return runDaemon(ctx, stopNow, args[1:])
 	}
 	if len(args) < 2 {
 		fmt.Fprint(os.Stderr, usage)
@@ -43,7 +59,7 @@ func run(ctx context.Context, args []string) error {
 	}
 	switch args[1] {
 	case "daemon":
-		return runDaemon(ctx, args[2:])
+		return runDaemon(ctx, stopNow, args[2:])
 	case "runner-config":
 		return runRunnerConfig(args[2:])
 	case "doctor":

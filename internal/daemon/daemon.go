@@ -53,6 +53,12 @@ type Options struct {
 	// Metrics counts connections and operations; nil counts nothing.
 	Metrics *metrics.Metrics
 	Logger  *slog.Logger
+	// ShutdownGrace is how long ServeAll, once its context is done, goes
+	// on serving the connections open then (no new ones), so that the
+	// builds and commands under way finish; 0 stops them at once.
+	// StopNow, when closed, ends the grace.
+	ShutdownGrace time.Duration
+	StopNow       <-chan struct{}
 }
 
 // Server serves worker-protocol connections. It is safe for concurrent use.
@@ -60,6 +66,9 @@ type Server struct {
 	opts Options
 	log  *slog.Logger
 	dir  storepath.Dir
+
+	open    atomic.Int64  // socket connections being served
+	changed chan struct{} // signalled (without blocking) when one ends
 }
 
 // New returns a Server for opts.
@@ -74,7 +83,7 @@ func New(opts Options) *Server {
 	if log == nil {
 		log = slog.Default()
 	}
-	s := &Server{opts: opts, log: log}
+	s := &Server{opts: opts, log: log, changed: make(chan struct{}, 1)}
 	if opts.Store != nil {
 		s.dir = opts.Store.Dir()
 	}
@@ -83,15 +92,16 @@ func New(opts Options) *Server {
 
 // Serve accepts connections on l and serves each in its own goroutine, with
 // trust decided from the peer's SO_PEERCRED credentials. It returns when ctx
-// is done (closing l and every connection, and waiting for their
-// goroutines), or on a permanent accept error.
+// is done (closing l and, after the shutdown grace, every connection, and
+// waiting for their goroutines), or on a permanent accept error.
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
-	return s.serveListener(ctx, l, ListenPolicy{})
+	return s.ServeAll(ctx, []Listener{{Listener: l}})
 }
 
-// serveListener is Serve for a socket with policy pol.
-func (s *Server) serveListener(ctx context.Context, l net.Listener, pol ListenPolicy) error {
-	ctx, cancel := context.WithCancel(ctx)
+// serveListener accepts connections on l, with policy pol, until accept
+// is done; the connections are served until conns is done.
+func (s *Server) serveListener(accept, conns context.Context, l net.Listener, pol ListenPolicy) error {
+	ctx, cancel := context.WithCancel(accept)
 	defer cancel()
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
@@ -131,12 +141,23 @@ func (s *Server) serveListener(ctx context.Context, l net.Listener, pol ListenPo
 			continue
 		}
 		wg.Add(1)
+		s.open.Add(1)
 		go func() {
 			defer wg.Done()
+			defer s.connEnded()
 			defer open.Add(-1)
 			defer nc.Close()
-			s.serveNetConn(ctx, nc, pol)
+			s.serveNetConn(conns, nc, pol)
 		}()
+	}
+}
+
+// connEnded counts a connection's end, and tells a draining ServeAll.
+func (s *Server) connEnded() {
+	s.open.Add(-1)
+	select {
+	case s.changed <- struct{}{}:
+	default:
 	}
 }
 

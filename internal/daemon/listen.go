@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/nixyard/nixyard/internal/jobs"
 	"github.com/nixyard/nixyard/internal/store"
@@ -92,10 +93,16 @@ type Listener struct {
 }
 
 // ServeAll serves every listener until ctx is done or one fails; it
-// returns the first error.
+// returns the first error. Once ctx is done, the sockets stop accepting
+// (all but the build hook's, which the builds under way may need) and
+// the connections open then are served on, until they end or
+// Options.ShutdownGrace has passed (or Options.StopNow is closed); then
+// the rest are closed, and their builds stopped.
 func (s *Server) ServeAll(ctx context.Context, ls []Listener) error {
-	ctx, cancel := context.WithCancel(ctx)
+	accept, cancel := context.WithCancel(ctx)
 	defer cancel()
+	conns, stopConns := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopConns()
 	var (
 		wg   sync.WaitGroup
 		mu   sync.Mutex
@@ -105,7 +112,11 @@ func (s *Server) ServeAll(ctx context.Context, ls []Listener) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := s.serveListener(ctx, l.Listener, l.Policy); err != nil {
+			until := accept
+			if l.Policy.Trusted {
+				until = conns // the build hook's: served while builds run
+			}
+			if err := s.serveListener(until, conns, l.Listener, l.Policy); err != nil {
 				mu.Lock()
 				errs = append(errs, err)
 				mu.Unlock()
@@ -113,8 +124,37 @@ func (s *Server) ServeAll(ctx context.Context, ls []Listener) error {
 			}
 		}()
 	}
+	<-accept.Done()
+	s.drain()
+	stopConns()
 	wg.Wait()
 	return errors.Join(errs...)
+}
+
+// drain waits, up to the shutdown grace, for the open connections to end.
+func (s *Server) drain() {
+	if s.opts.ShutdownGrace <= 0 || s.open.Load() == 0 {
+		return
+	}
+	s.log.Info("stopping: serving the open connections until they end", "connections", s.open.Load(), "grace", s.opts.ShutdownGrace)
+	deadline := time.NewTimer(s.opts.ShutdownGrace)
+	defer deadline.Stop()
+	report := time.NewTicker(30 * time.Second)
+	defer report.Stop()
+	for s.open.Load() > 0 {
+		select {
+		case <-s.changed:
+		case <-report.C:
+			s.log.Info("stopping: connections still open", "connections", s.open.Load())
+		case <-deadline.C:
+			s.log.Warn("stopping: the shutdown grace has passed; closing the connections still open and stopping their builds", "connections", s.open.Load())
+			return
+		case <-s.opts.StopNow:
+			s.log.Warn("stopping now: closing the connections still open", "connections", s.open.Load())
+			return
+		}
+	}
+	s.log.Info("stopping: every connection has ended")
 }
 
 // applyPolicy adjusts the peer of a connection accepted on a socket with
