@@ -555,7 +555,7 @@ func TestStoppedCallerSharedInput(t *testing.T) {
 	}
 	// A keep-going caller runs the failing build, which holds the slot.
 	first := start(ClientOptions{KeepGoing: true}, out(drvs["fail"]))
-	waitFor("the failing build to run", func() bool { g := goal(drvs["fail"]); return g != nil && g.running })
+	waitFor("the failing build to run", func() bool { return isRunning(goal(drvs["fail"])) })
 	// Another asks for it and for top, whose input dep waits for the slot;
 	// a third joins top.
 	stopped := start(ClientOptions{}, out(drvs["fail"]), out(drvs["top"]))

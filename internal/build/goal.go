@@ -118,6 +118,24 @@ func (c *call) realise(ctx context.Context, req store.DerivedPath, depth int) Re
 	if err != nil {
 		return b.fail(req, MiscFailure, "%v", err)
 	}
+	// As Nix's goals, which root their outputs as they start, before
+	// looking at them: an output found valid, or built, for this caller
+	// stays while the rest of its request runs (a collection meanwhile,
+	// an automatic one before the next build, say, would take it).
+	if s := c.opts.Session; s != nil {
+		for _, o := range drv.Outputs {
+			if p, err := b.st.Dir().Parse(o.Path); o.Path != "" && err == nil {
+				if err := s.AddTempRoot(ctx, p); err != nil {
+					if ctx.Err() != nil {
+						r := stoppedResult(ctx)
+						r.Path = req
+						return r
+					}
+					return b.fail(req, MiscFailure, "%v", err)
+				}
+			}
+		}
+	}
 	wanted := req.Outputs
 	if req.AllOutputs || len(wanted) == 0 {
 		wanted = slices.Sorted(maps.Keys(drv.Outputs))
@@ -160,8 +178,7 @@ func (c *call) realise(ctx context.Context, req store.DerivedPath, depth int) Re
 	}
 	g := b.joinGoal(req, drv, c, mode)
 	res := g.waitFor(ctx, c)
-	if res.noLocalBuilds && c.mayBuild() {
-		// The goal's callers when it had to build could not; this one can.
+	for tries := 0; tries < 3 && ctx.Err() == nil && c.rejoins(res); tries++ {
 		g = b.joinGoal(req, drv, c, mode)
 		res = g.waitFor(ctx, c)
 	}
@@ -178,6 +195,14 @@ func (c *call) realise(ctx context.Context, req store.DerivedPath, depth int) Re
 		res.BuiltOutputs = nil
 	}
 	return res
+}
+
+// rejoins reports whether c joins a goal of the same derivation again
+// after the goal's result res: its callers when it had to build could not,
+// and c can; or it stopped for its callers' failures as c, which none
+// stops, joined it.
+func (c *call) rejoins(res Result) bool {
+	return res.noLocalBuilds && c.mayBuild() || res.Stopped && !c.stopping.Load()
 }
 
 // validOutputs returns the paths of the wanted outputs and whether they
@@ -601,6 +626,11 @@ func (g *goal) run(ctx context.Context) {
 	g.cancel()
 }
 
+// Test hooks, nil outside tests: testHookUnwanted runs when a goal that
+// has its slot finds every caller stopped by another failure, and
+// testHookChrootLocked when a goal has taken its sandbox root's name.
+var testHookUnwanted, testHookChrootLocked func(g *goal)
+
 func (g *goal) failf(st Status, format string, args ...any) Result {
 	return Result{Status: st, ErrorMsg: fmt.Sprintf(format, args...)}
 }
@@ -675,8 +705,11 @@ func (g *goal) realise(ctx context.Context) Result {
 	noBuilds := false // an input needed a build that max-jobs 0 forbade
 	nStopped := 0     // inputs stopped for callers that another failure stops
 	inputFailed := func(r Result) {
-		if r.Stopped && errors.Is(context.Cause(inCtx), errStopped) {
-			return // dropped after another input failed: not a failure of its own
+		if errors.Is(context.Cause(inCtx), errStopped) {
+			// Dropped after another input failed (a download cut short,
+			// say): not a failure of its own, as Nix's goal stops
+			// counting its waitees at the first failure.
+			return
 		}
 		if r.Stopped {
 			// Counted apart: the failure that stops the caller may be
@@ -795,27 +828,25 @@ func (g *goal) realise(ctx context.Context) Result {
 	}
 	// As Nix: a remote machine may take the build, unless the derivation
 	// prefers to be built here and can be, or it is a check or a repair.
-	// If the build hook declined it when this host had a slot free, the
-	// build keeps that slot.
+	// A slot the hook was offered the build with (this host would build
+	// it) is given back: the build takes one again once its sandbox is
+	// laid out, which may wait for a build user or for the sandbox's
+	// name, held by a goal that waits for a slot.
 	preferLocal, err := g.attrs.Bool("preferLocalBuild", false)
 	if err != nil {
 		return g.failf(MiscFailure, "%v", err)
 	}
-	var slot func()
-	defer func() {
-		if slot != nil {
-			slot()
-		}
-	}()
 	if g.unwanted() {
 		return stoppedByFailure()
 	}
 	if g.mode == ModeNormal && !(preferLocal && g.mayBuild() && b.canBuild(g.drv, features) == nil) {
-		r, done, s := g.tryRemote(ctx, inputs, outPaths, features)
+		r, done, slot := g.tryRemote(ctx, inputs, outPaths, features)
 		if done {
 			return r
 		}
-		slot = s
+		if slot != nil {
+			slot()
+		}
 	}
 	// With max-jobs 0 nothing is built here, whatever the derivation
 	// needs: Nix says so before it would look at the platform.
@@ -847,12 +878,9 @@ func (g *goal) realise(ctx context.Context) Result {
 
 	// A slot, then the output locks, then check again: another caller or
 	// process may have built it meanwhile.
-	release := slot
-	slot = nil
-	if release == nil {
-		if release, err = b.slots.acquire(ctx, g.owner.client); err != nil {
-			return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
-		}
+	release, err := b.slots.acquire(ctx, g.owner.client)
+	if err != nil {
+		return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
 	}
 	released := false
 	releaseOnce := func() {
@@ -863,6 +891,9 @@ func (g *goal) realise(ctx context.Context) Result {
 	}
 	defer releaseOnce()
 	if g.unwanted() {
+		if testHookUnwanted != nil {
+			testHookUnwanted(g)
+		}
 		return stoppedByFailure()
 	}
 	locks, err := b.st.LockOutputs(ctx, slices.Collect(maps.Values(outPaths)))

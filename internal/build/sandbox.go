@@ -213,6 +213,9 @@ func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
 		}
 	}
 	j.unlockChroot, j.chroot = unlock, chroot
+	if testHookChrootLocked != nil {
+		testHookChrootLocked(g)
+	}
 	g.each(func(c *call) {
 		c.emit(func(p Progress) { p.Chatty(fmt.Sprintf("setting up chroot environment in '%s'", chroot)) })
 	})
