@@ -3,6 +3,7 @@ package daemon
 import (
 	"bytes"
 	"io"
+	"strings"
 	"testing"
 	"time"
 
@@ -51,4 +52,33 @@ func TestProgressFlush(t *testing.T) {
 	p.close()
 	daemon.Close()
 	<-done
+}
+
+// TestProgressFlushStalledClient: Flush does not wait for ever for a
+// client that does not read (a suspended nix-build): the goals that
+// substitute in its name serve other clients too.
+func TestProgressFlushStalledClient(t *testing.T) {
+	client, daemon, tun := workingTunnel(t)
+	c := &conn{tun: tun, dir: storepath.DefaultDir}
+	p := c.newProgress()
+	defer func() {
+		client.Close() // the writer's blocked write fails
+		daemon.Close()
+		p.close()
+	}()
+	path, _ := storepath.DefaultDir.Parse("/nix/store/00000000000000000000000000000000-a")
+	long := "http://" + strings.Repeat("x", 64<<10)
+	for i := range 200 { // far more than the socket holds
+		p.Event(substitute.Event{Kind: substitute.EventStart, Type: substitute.ActCopyPath, ID: uint64(i + 1), Path: path, Upstream: long})
+	}
+	flushed := make(chan struct{})
+	go func() {
+		p.Flush()
+		close(flushed)
+	}()
+	select {
+	case <-flushed:
+	case <-time.After(30 * time.Second):
+		t.Fatal("Flush still waits for a client that does not read")
+	}
 }

@@ -114,7 +114,9 @@ func (p *progress) Event(e substitute.Event) {
 }
 
 // Flush implements realise.Flusher: it returns once every event queued
-// before the call is written to the client.
+// before the call is written to the client, or after flushWait: goals
+// that other clients wait for substitute in this client's name, and a
+// client that does not read (a suspended nix-build) must not hold them.
 func (p *progress) Flush() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -126,10 +128,21 @@ func (p *progress) Flush() {
 	case p.urgent <- struct{}{}:
 	default:
 	}
-	for p.written < target && !p.done {
+	late := false
+	t := time.AfterFunc(flushWait, func() {
+		p.mu.Lock()
+		late = true
+		p.flushed.Broadcast()
+		p.mu.Unlock()
+	})
+	defer t.Stop()
+	for p.written < target && !p.done && !late {
 		p.flushed.Wait()
 	}
 }
+
+// flushWait bounds Flush's wait for a client to read.
+const flushWait = time.Second
 
 // Warn implements realise.Warner: the client gets each distinct failure
 // once per connection, as a warning (see warnFunc).
