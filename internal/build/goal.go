@@ -738,11 +738,26 @@ func (g *goal) realise(ctx context.Context) Result {
 			}
 		}
 	}
-	for _, in := range slices.Sorted(maps.Keys(g.drv.InputDrvs)) {
+	// Every input's name is checked before any is realised: a goal that
+	// fails leaves none of its goroutines behind.
+	inDrvs := map[string]storepath.Path{}
+	inSrcs := make([]storepath.Path, 0, len(g.drv.InputSrcs))
+	for in := range g.drv.InputDrvs {
 		ip, err := b.st.Dir().Parse(in)
 		if err != nil {
 			return g.failf(MiscFailure, "derivation '%s': input %s: %v", drvAbs, in, err)
 		}
+		inDrvs[in] = ip
+	}
+	for _, src := range g.drv.InputSrcs {
+		sp, err := b.st.Dir().Parse(src)
+		if err != nil {
+			return g.failf(MiscFailure, "derivation '%s': input %s: %v", drvAbs, src, err)
+		}
+		inSrcs = append(inSrcs, sp)
+	}
+	for _, in := range slices.Sorted(maps.Keys(g.drv.InputDrvs)) {
+		ip := inDrvs[in]
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -765,11 +780,8 @@ func (g *goal) realise(ctx context.Context) Result {
 			}
 		}()
 	}
-	for _, src := range g.drv.InputSrcs {
-		sp, err := b.st.Dir().Parse(src)
-		if err != nil {
-			return g.failf(MiscFailure, "derivation '%s': input %s: %v", drvAbs, src, err)
-		}
+	for i, src := range g.drv.InputSrcs {
+		sp := inSrcs[i]
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
