@@ -24,8 +24,9 @@ import (
 // see the store as a sandboxed builder would: only the closure of the
 // derivation's inputs and its outputs exist (storeView), whether or not
 // the sandbox is on, so a derivation cannot make the daemon read other
-// files. They run as the daemon's user, with no build user and no build
-// directory.
+// files. They run as the daemon's user, with no build directory; only
+// builtin:fetchurl's download runs in a process of its own, as a build
+// user when there are build users (see builtinFetchurl).
 
 const builtinPrefix = "builtin:"
 

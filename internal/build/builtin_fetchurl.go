@@ -5,13 +5,16 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/url"
 	"os"
+	"os/exec"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/nixyard/nixyard/internal/nar"
@@ -27,10 +30,15 @@ import (
 // hashed-mirrors, by its hash. As in Nix, TLS certificates are not
 // verified: the output's hash is checked afterwards.
 //
-// nixyard runs it in the daemon, so it downloads only into fixed outputs
-// (whose hash is checked; Nix runs other derivations of it too, in a
-// sandbox without network) and only over http and https: a file:// URL
-// would let any client read the daemon's files into the store.
+// The download itself runs in a process of its own (fetchMain), as the
+// build user when there are build users, as Nix's builtin runs in its
+// builder process: the host's firewall rules for build users apply to it
+// (the cloud's metadata service, say), and what a server sends is parsed
+// as that user, not as root. The daemon writes the output from what it
+// hands over. It downloads only into fixed outputs (whose hash is
+// checked; Nix runs other derivations of it too, in a sandbox without
+// network) and only over http and https: a file:// URL would let any
+// client read the daemon's files into the store.
 func builtinFetchurl(ctx context.Context, j *job, v *storeView, warn func(string, ...any)) error {
 	if kind, _ := j.g.drv.Kind(); kind != derivation.FixedOutput {
 		return errors.New("builtin:fetchurl builds only fixed-output derivations in nixyard")
@@ -49,17 +57,11 @@ func builtinFetchurl(ctx context.Context, j *job, v *storeView, warn func(string
 	unpack := env["unpack"] == "1"
 	executable := env["executable"] == "1"
 	auth := readNetrc(j.g.b.cfg.NetrcFile)
-	client := &http.Client{Transport: &http.Transport{
-		Proxy:                 http.ProxyFromEnvironment,
-		TLSClientConfig:       &tls.Config{InsecureSkipVerify: true}, // the hash is checked
-		DisableKeepAlives:     true,                                  // one download per build
-		ResponseHeaderTimeout: stalledDownloadTimeout,
-	}}
 	fetch := func(u string) error {
 		if err := removeTree(outHost); err != nil {
 			return err
 		}
-		if err := download(ctx, client, auth, u, func(body io.Reader) error {
+		if err := download(ctx, j.user, auth, u, func(body io.Reader) error {
 			if !unpack {
 				return writeNewFile(outHost, body)
 			}
@@ -102,9 +104,87 @@ func builtinFetchurl(ctx context.Context, j *job, v *storeView, warn func(string
 // long (Nix's stalled-download-timeout default). A variable for tests.
 var stalledDownloadTimeout = 300 * time.Second
 
-// download GETs u and hands the body to use. A download that stalls for
-// stalledDownloadTimeout fails.
-func download(ctx context.Context, client *http.Client, auth netrc, u string, use func(io.Reader) error) error {
+// fetchArg0 is argv[0] of the fetcher process, which downloads for
+// builtin:fetchurl (see builtinFetchurl).
+const fetchArg0 = "nixyard-fetch"
+
+// A binary that links this package (the daemon, its tests) is the fetcher
+// when started with argv[0] fetchArg0: it becomes the build user it is
+// told, downloads, and exits, before main runs.
+func init() {
+	if len(os.Args) > 0 && os.Args[0] == fetchArg0 {
+		os.Exit(fetchMain(os.Stdin, os.Stdout, os.Stderr))
+	}
+}
+
+// fetchRequest is what the daemon tells the fetcher, on its standard
+// input (not its command line or environment, which others may read).
+type fetchRequest struct {
+	URL            string
+	User, Password string // a login from netrc-file for the URL's host
+	UID, GID       int    // the build user to become; 0: stay as started
+	HeaderTimeout  time.Duration
+}
+
+// fetchMain is the fetcher: it GETs the request's URL and copies the body
+// to out; a failure is told on errOut, in Nix's words, with status 1.
+func fetchMain(in io.Reader, out, errOut io.Writer) int {
+	var req fetchRequest
+	fail := func(format string, args ...any) int {
+		fmt.Fprintf(errOut, format+"\n", args...)
+		return 1
+	}
+	if err := json.NewDecoder(in).Decode(&req); err != nil {
+		return fail("fetcher: reading its request: %v", err)
+	}
+	if req.UID != 0 {
+		// Go sets the ids of every thread of the process.
+		if err := syscall.Setgroups(nil); err != nil {
+			return fail("fetcher: dropping groups: %v", err)
+		}
+		if err := syscall.Setgid(req.GID); err != nil {
+			return fail("fetcher: becoming group %d: %v", req.GID, err)
+		}
+		if err := syscall.Setuid(req.UID); err != nil {
+			return fail("fetcher: becoming user %d: %v", req.UID, err)
+		}
+	}
+	client := &http.Client{Transport: &http.Transport{
+		Proxy:                 http.ProxyFromEnvironment,
+		TLSClientConfig:       &tls.Config{InsecureSkipVerify: true}, // the hash is checked
+		DisableKeepAlives:     true,                                  // one download
+		ResponseHeaderTimeout: req.HeaderTimeout,
+	}}
+	hreq, err := http.NewRequest(http.MethodGet, req.URL, nil)
+	if err != nil {
+		return fail("unable to download '%s': %v", req.URL, err)
+	}
+	if req.User != "" || req.Password != "" {
+		hreq.SetBasicAuth(req.User, req.Password)
+	}
+	resp, err := client.Do(hreq)
+	if err != nil {
+		return fail("unable to download '%s': %v", req.URL, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fail("unable to download '%s': HTTP error %d", req.URL, resp.StatusCode)
+	}
+	if _, err := io.Copy(out, resp.Body); err != nil {
+		return fail("unable to download '%s': %v", req.URL, err)
+	}
+	return 0
+}
+
+// proxyVars are the variables of the daemon's environment the fetcher
+// gets: the proxies curl honours for Nix.
+var proxyVars = []string{"http_proxy", "https_proxy", "ftp_proxy", "all_proxy", "no_proxy",
+	"HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "ALL_PROXY", "NO_PROXY"}
+
+// download fetches u in a fetcher process (as user, if not nil) and hands
+// the body to use. A download that stalls for stalledDownloadTimeout
+// fails.
+func download(ctx context.Context, user *buildUser, auth netrc, u string, use func(io.Reader) error) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	stalled := fmt.Errorf("unable to download '%s': no data for %v", u, stalledDownloadTimeout)
@@ -117,29 +197,68 @@ func download(ctx context.Context, client *http.Client, auth netrc, u string, us
 	if pu.Scheme != "http" && pu.Scheme != "https" {
 		return fmt.Errorf("unable to download '%s': nixyard's builtin:fetchurl supports only http and https URLs", u)
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
-	if err != nil {
-		return fmt.Errorf("unable to download '%s': %w", u, err)
-	}
+	req := fetchRequest{URL: u, HeaderTimeout: stalledDownloadTimeout}
 	if login, ok := auth.lookup(pu.Hostname()); ok {
-		req.SetBasicAuth(login.user, login.password)
+		req.User, req.Password = login.user, login.password
 	}
-	resp, err := client.Do(req)
+	if user != nil {
+		req.UID, req.GID = user.uid, user.gid
+	}
+	reqData, err := json.Marshal(req)
 	if err != nil {
-		return fmt.Errorf("unable to download '%s': %w", u, err)
+		return err
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("unable to download '%s': HTTP error %d", u, resp.StatusCode)
-	}
-	body := &progressReader{r: resp.Body, progress: func() { watchdog.Reset(stalledDownloadTimeout) }}
-	if err := use(body); err != nil {
-		if cause := context.Cause(ctx); cause == stalled {
-			return stalled
+	cmd := exec.CommandContext(ctx, "/proc/self/exe")
+	cmd.Args = []string{fetchArg0}
+	for _, k := range proxyVars {
+		if v, ok := os.LookupEnv(k); ok {
+			cmd.Env = append(cmd.Env, k+"="+v)
 		}
-		return fmt.Errorf("unable to download '%s': %w", u, err)
+	}
+	cmd.Stdin = bytes.NewReader(reqData)
+	errOut := &cappedBuffer{max: 4 << 10}
+	cmd.Stderr = errOut
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("unable to download '%s': starting the fetcher: %w", u, err)
+	}
+	body := &progressReader{r: stdout, progress: func() { watchdog.Reset(stalledDownloadTimeout) }}
+	useErr := use(body)
+	if useErr == nil {
+		_, useErr = io.Copy(io.Discard, body) // what use left (a NAR's trailing bytes)
+	}
+	if useErr != nil {
+		cmd.Process.Kill()
+	}
+	werr := cmd.Wait()
+	switch {
+	case context.Cause(ctx) == stalled:
+		return stalled
+	case werr != nil && errOut.Len() > 0:
+		return errors.New(strings.TrimSpace(errOut.String())) // the fetcher's own failure
+	case useErr != nil:
+		return fmt.Errorf("unable to download '%s': %w", u, useErr)
+	case werr != nil:
+		return fmt.Errorf("unable to download '%s': the fetcher: %w", u, werr)
 	}
 	return nil
+}
+
+// cappedBuffer keeps the first max bytes written to it.
+type cappedBuffer struct {
+	bytes.Buffer
+	max int
+}
+
+func (c *cappedBuffer) Write(p []byte) (int, error) {
+	if room := c.max - c.Len(); room > 0 {
+		c.Buffer.Write(p[:min(len(p), room)])
+	}
+	return len(p), nil
 }
 
 // progressReader calls progress after every read that returned data.

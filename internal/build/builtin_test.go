@@ -3,7 +3,9 @@ package build
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -15,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
 
@@ -174,7 +177,7 @@ func TestDownloadStalls(t *testing.T) {
 		<-r.Context().Done()
 	}))
 	defer srv.Close()
-	err := download(context.Background(), srv.Client(), netrc{}, srv.URL+"/f", func(r io.Reader) error {
+	err := download(context.Background(), nil, netrc{}, srv.URL+"/f", func(r io.Reader) error {
 		_, err := io.Copy(io.Discard, r)
 		return err
 	})
@@ -229,4 +232,55 @@ func TestX86Levels(t *testing.T) {
 	if got := x86Levels(map[string]bool{"sse2": true}); len(got) != 0 {
 		t.Errorf("levels without v1's features: %q", got)
 	}
+}
+
+// TestFetchurlAsBuildUser: builtin:fetchurl downloads as a build user, not
+// as the daemon's root, as Nix's builtin runs in its builder process: the
+// host's firewall rules for build users apply to it.
+func TestFetchurlAsBuildUser(t *testing.T) {
+	e := newChrootEnv(t)
+	content := []byte("fetched as a build user\n")
+	uids := make(chan int, 1)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		uids <- peerUID(t, r)
+		w.Write(content)
+	}))
+	defer srv.Close()
+	drvs := e.instantiate(fmt.Sprintf(`{
+  f = builtins.derivation {
+    name = "fetched"; builder = "builtin:fetchurl"; system = "builtin";
+    url = "%s/f"; outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "%s";
+  };
+}`, srv.URL, hash.Sum(hash.SHA256, content).Base16()), "f")
+	b := e.builder(Config{Sandbox: SandboxOn, BuildUsersGroup: "nixbld"})
+	e.mustBuild(b, out(drvs["f"]))
+	if uid := <-uids; uid == 0 {
+		t.Error("builtin:fetchurl downloaded as root")
+	}
+}
+
+// peerUID is the uid owning the client end of r's TCP connection, from
+// /proc/net/tcp.
+func peerUID(t *testing.T, r *http.Request) int {
+	_, port, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		t.Error(err)
+		return -1
+	}
+	p, _ := strconv.Atoi(port)
+	data, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		t.Error(err)
+		return -1
+	}
+	want := fmt.Sprintf(":%04X", p)
+	for _, l := range strings.Split(string(data), "\n")[1:] {
+		f := strings.Fields(l)
+		if len(f) > 7 && strings.HasSuffix(f[1], want) {
+			uid, _ := strconv.Atoi(f[7])
+			return uid
+		}
+	}
+	t.Errorf("no socket with local port %d in /proc/net/tcp", p)
+	return -1
 }

@@ -105,6 +105,20 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 			r := g.failf(MiscFailure, "%s '%s', which has a builtin builder, is %v by nixyard", g.modeVerb(), j.drvAbs, errNotSupported)
 			return nil, &r
 		}
+		if g.drv.Builder == builtinPrefix+"fetchurl" && b.users != nil {
+			// Its download runs as a build user (see builtinFetchurl).
+			u, err := b.users.acquire(ctx, b.log)
+			if err != nil {
+				r := g.failf(MiscFailure, "building '%s': %v", j.drvAbs, err)
+				return nil, &r
+			}
+			j.user = u
+			if err := u.killAll(); err != nil {
+				j.cleanup()
+				r := g.failf(MiscFailure, "building '%s': %v", j.drvAbs, err)
+				return nil, &r
+			}
+		}
 		return j, nil
 	}
 	var err error
