@@ -395,6 +395,7 @@ if nix copy --no-check-sigs --from file:///job/unsigned-cache --to "$NIX_REMOTE"
 if nix-store --delete "$OUT" 2>/ctl/delete.err; then echo deleted >> /ctl/wrong; fi
 if nix-store --delete $(nix-store --gc --print-dead) 2>/ctl/delete-dead.err; then echo deleted-dead >> /ctl/wrong; fi
 if nix-store --gc 2>/ctl/jobgc.err; then echo collected-host >> /ctl/wrong; fi
+if nix-store -r --repair "$OUT" 2>/ctl/repair.err; then echo repaired >> /ctl/wrong; fi
 if touch /mnt/nix/store/intruder 2>/ctl/touch.err; then echo wrote >> /ctl/wrong; fi
 if nix-store --store local?root=/mnt --gc 2>/ctl/gc.err; then echo collected >> /ctl/gc-ok; fi
 touch /ctl/finished
@@ -411,6 +412,7 @@ touch /ctl/finished
 		"delete.err":      "deleting store paths is not allowed through a job socket",
 		"delete-dead.err": "deleting store paths is not allowed through a job socket",
 		"jobgc.err":       "not allowed through a job socket",
+		"repair.err":      "repairing is not allowed because you are not in 'trusted-users' (every client of a job socket is untrusted)",
 	} {
 		if got := readCtl(t, ctlB, name); !strings.Contains(got, want) {
 			t.Errorf("job B %s: %q lacks %q", name, got, want)

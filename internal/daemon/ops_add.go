@@ -373,7 +373,7 @@ func opAddSignaturesHandler(ctx context.Context, c *conn) error {
 		return err
 	}
 	if !c.peer.trusted {
-		return errors.New("you are not privileged to add signatures")
+		return c.untrusted("you are not privileged to add signatures")
 	}
 	if err := c.st.AddSignatures(ctx, p, sigs); err != nil {
 		return c.storeErr(p, err)
@@ -394,7 +394,7 @@ func opAddBuildLogHandler(ctx context.Context, c *conn) error {
 	}
 	err = c.withFramed(func(fr *wire.FramedReader) error {
 		if !c.peer.trusted {
-			return errors.New("you are not privileged to add logs")
+			return c.untrusted("you are not privileged to add logs")
 		}
 		if err := c.st.AddBuildLog(ctx, drv, fr); err != nil {
 			return fmt.Errorf("adding build log of '%s': %w", c.dir.Abs(drv), err)

@@ -87,7 +87,7 @@ func (c *conn) readBuildMode() uint64 { return c.in.U64Max("buildMode", 2) }
 
 func (c *conn) checkBuildMode(mode uint64) error {
 	if mode == buildModeRepair && !c.peer.trusted {
-		return fmt.Errorf("repairing is not allowed because you are not in 'trusted-users'")
+		return c.untrusted("repairing is not allowed because you are not in 'trusted-users'")
 	}
 	return nil
 }

@@ -43,7 +43,7 @@ func opBuildDerivationHandler(ctx context.Context, c *conn) error {
 			return fmt.Errorf("derivation '%s': %w", c.dir.Abs(drvPath), err)
 		}
 		if kind == derivation.InputAddressed || kind == derivation.Deferred {
-			return errors.New("you are not privileged to build input-addressed derivations")
+			return c.untrusted("you are not privileged to build input-addressed derivations")
 		}
 	}
 	c.st.AutoGC(ctx, false)

@@ -3,7 +3,6 @@ package daemon
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"strings"
 
@@ -107,7 +106,7 @@ func opRegisterDrvOutputHandler(ctx context.Context, c *conn) error {
 		return err
 	}
 	if !c.peer.trusted {
-		return errors.New("you are not privileged to register realisations")
+		return c.untrusted("you are not privileged to register realisations")
 	}
 	drvHash, output, err := parseDrvOutput(id)
 	if err != nil {

@@ -64,7 +64,7 @@ func opAddPermRootHandler(ctx context.Context, c *conn) error {
 		return err
 	}
 	if !c.peer.trusted {
-		return errors.New("you are not privileged to create perm roots")
+		return c.untrusted("you are not privileged to create perm roots")
 	}
 	res, err := c.st.AddPermRoot(ctx, p, gcRoot)
 	if err != nil {
@@ -217,7 +217,7 @@ func opVerifyStoreHandler(ctx context.Context, c *conn) error {
 		return err
 	}
 	if repair && !c.peer.trusted {
-		return errors.New("you are not privileged to repair paths")
+		return c.untrusted("you are not privileged to repair paths")
 	}
 	var repairPath func(context.Context, storepath.Path) error
 	var prog *progress

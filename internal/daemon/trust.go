@@ -142,3 +142,13 @@ func matchUser(name string, groups []string, list []string) bool {
 	}
 	return false
 }
+
+// untrusted is the error msg that refuses an untrusted client something,
+// in Nix's words; on a job socket it says why the client is untrusted
+// (container root is root).
+func (c *conn) untrusted(msg string) error {
+	if c.peer.jobSock {
+		msg += " (every client of a job socket is untrusted)"
+	}
+	return errors.New(msg)
+}
