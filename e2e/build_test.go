@@ -1441,3 +1441,26 @@ func TestStopLetsBuildsFinish(t *testing.T) {
 		t.Error("the builder still runs after the daemon stopped")
 	}
 }
+
+// TestImpureHostDeps: a derivation's __impureHostDeps bring host paths
+// into its sandbox when allowed-impure-host-deps allows them, and fail
+// the build, in Nix's words, when it does not.
+func TestImpureHostDeps(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	allowed := filepath.Join(e.dir, "host-deps")
+	writeFile(t, filepath.Join(allowed, "tool"), "from the host "+e.nonce+"\n", 0o644)
+	b := e.startBuildDaemon(t, "sandbox = true", "allowed-impure-host-deps = "+allowed)
+	args := b.expr(t, "impurehost", fmt.Sprintf(`{
+  ok = mk { name = "impure-ok"; __impureHostDeps = [ "%[1]s/tool" ]; script = "cat %[1]s/tool > $out"; };
+  refused = mk { name = "impure-refused"; __impureHostDeps = [ "/etc/hostname" ]; script = "cat /etc/hostname > $out"; };
+}`, allowed))
+	out := strings.TrimSpace(b.nixBuild(append(args, "-A", "ok", "--no-out-link")...).ok(t))
+	if got, err := os.ReadFile(b.realPath(out)); err != nil || string(got) != "from the host "+e.nonce+"\n" {
+		t.Errorf("the build with an allowed impure host path wrote %q (%v)", got, err)
+	}
+	stderr := b.nixBuild(append(args, "-A", "refused", "--no-out-link")...).fails(t)
+	if !strings.Contains(stderr, "requested impure path '/etc/hostname', but it was not in allowed-impure-host-deps") {
+		t.Errorf("a build with an impure host path not allowed:\n%s", stderr)
+	}
+}

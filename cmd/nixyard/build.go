@@ -15,30 +15,31 @@ import (
 
 // buildConfig reads the daemon's build settings from nix.conf: max-jobs
 // (a number or "auto"; Nix's default 1), cores, sandbox, sandbox-paths,
-// build-users-group, timeout, max-silent-time, keep-failed, log-lines,
+// allowed-impure-host-deps, build-users-group, timeout, max-silent-time, keep-failed, log-lines,
 // system, extra-platforms, system-features, pre- and post-build-hook,
 // filter-syscalls, allow-new-privileges, builders and build-hook, and for
 // builtin:fetchurl hashed-mirrors and netrc-file.
 // A chroot store (--store ROOT) always builds in the sandbox, as Nix.
 func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) (build.Config, error) {
 	cfg := build.Config{
-		BuildUsersGroup: s.String("build-users-group", ""),
-		SandboxPaths:    s.List("sandbox-paths", nil),
-		System:          s.String("system", build.DefaultSystem()),
-		SystemFeatures:  s.List("system-features", build.DefaultSystemFeatures()),
-		PreBuildHook:    s.String("pre-build-hook", ""),
-		PostBuildHook:   s.String("post-build-hook", ""),
-		DiffHook:        s.String("diff-hook", ""),
-		SandboxBuildDir: s.String("sandbox-build-dir", "/build"),
-		SandboxShmSize:  s.String("sandbox-dev-shm-size", "50%"),
-		NixConfig:       s.Text(),
-		HashedMirrors:   s.List("hashed-mirrors", nil),
-		NetrcFile:       s.String("netrc-file", filepath.Join(layout.ConfDir, "netrc")),
-		ChrootStore:     layout.RealStoreDir != string(layout.StoreDir),
-		Logger:          logger,
-		Builders:        s.String("builders", "@"+filepath.Join(layout.ConfDir, "machines")),
-		BuildHook:       s.String("build-hook", ""),
-		HookSettings:    s.Map(),
+		BuildUsersGroup:       s.String("build-users-group", ""),
+		SandboxPaths:          s.List("sandbox-paths", nil),
+		AllowedImpureHostDeps: s.List("allowed-impure-host-deps", nil),
+		System:                s.String("system", build.DefaultSystem()),
+		SystemFeatures:        s.List("system-features", build.DefaultSystemFeatures()),
+		PreBuildHook:          s.String("pre-build-hook", ""),
+		PostBuildHook:         s.String("post-build-hook", ""),
+		DiffHook:              s.String("diff-hook", ""),
+		SandboxBuildDir:       s.String("sandbox-build-dir", "/build"),
+		SandboxShmSize:        s.String("sandbox-dev-shm-size", "50%"),
+		NixConfig:             s.Text(),
+		HashedMirrors:         s.List("hashed-mirrors", nil),
+		NetrcFile:             s.String("netrc-file", filepath.Join(layout.ConfDir, "netrc")),
+		ChrootStore:           layout.RealStoreDir != string(layout.StoreDir),
+		Logger:                logger,
+		Builders:              s.String("builders", "@"+filepath.Join(layout.ConfDir, "machines")),
+		BuildHook:             s.String("build-hook", ""),
+		HookSettings:          s.Map(),
 	}
 	cfg.ExtraPlatforms = s.List("extra-platforms", build.DefaultExtraPlatforms(cfg.System))
 	switch v := strings.TrimSpace(s.String("max-jobs", "1")); v {

@@ -97,6 +97,10 @@ type Config struct {
 	// SandboxPaths are extra paths visible in the sandbox, each "path",
 	// "target=source", and either with a "?" suffix when optional.
 	SandboxPaths []string
+	// AllowedImpureHostDeps are the host paths (and the paths under them)
+	// that a derivation's __impureHostDeps may bring into its sandbox
+	// (allowed-impure-host-deps).
+	AllowedImpureHostDeps []string
 	// BuildUsersGroup, if set, is the group whose members run builders,
 	// one build per user (Nix's build-users-group); "" runs builders as
 	// the daemon's own user.

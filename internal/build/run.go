@@ -45,25 +45,28 @@ const (
 
 // job is one run of a derivation's builder.
 type job struct {
-	g          *goal
-	drvAbs     string
-	sandbox    bool
-	tmpDir     string // the build directory on the host
-	chroot     string // the sandbox root on the host ("" unsandboxed)
-	user       *buildUser
-	hostUID    int
-	hostGID    int
-	outputs    map[string]storepath.Path // outputs to produce
-	inputs     []storepath.Path          // closure of the inputs
-	logFile    *os.File
-	logTail    []string
-	line       []byte
-	linePos    int
-	killMsg    string   // why the builder was killed (a timeout, too much log), once it was
-	killStatus Status   // and the status that gives the build
-	spec       initSpec // what the helper sets up and runs
-	keep       bool     // keep the build directory (a failed build with keep-failed)
-	builtin    bool     // a builtin builder, run in the daemon (builtin.go)
+	g       *goal
+	drvAbs  string
+	sandbox bool
+	tmpDir  string // the build directory on the host
+	chroot  string // the sandbox root on the host ("" unsandboxed)
+	// impureHostDeps are host paths the derivation has in its sandbox
+	// (__impureHostDeps, within allowed-impure-host-deps).
+	impureHostDeps []string
+	user           *buildUser
+	hostUID        int
+	hostGID        int
+	outputs        map[string]storepath.Path // outputs to produce
+	inputs         []storepath.Path          // closure of the inputs
+	logFile        *os.File
+	logTail        []string
+	line           []byte
+	linePos        int
+	killMsg        string   // why the builder was killed (a timeout, too much log), once it was
+	killStatus     Status   // and the status that gives the build
+	spec           initSpec // what the helper sets up and runs
+	keep           bool     // keep the build directory (a failed build with keep-failed)
+	builtin        bool     // a builtin builder, run in the daemon (builtin.go)
 	// rewrite replaces the outputs' placeholders with their paths in all
 	// the builder gets.
 	rewrite *strings.Replacer
@@ -212,6 +215,9 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		j.spec.Groups = j.user.groups
 	}
 	if j.sandbox {
+		if j.impureHostDeps, err = j.allowedImpureHostDeps(); err != nil {
+			return fail("%v", err)
+		}
 		if err := j.prepareChroot(ctx, &j.spec); err != nil {
 			return fail("setting up the sandbox of '%s': %v", j.drvAbs, err)
 		}

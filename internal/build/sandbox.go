@@ -195,6 +195,31 @@ func parseSandboxPath(s string) (sandboxPath, error) {
 	return sp, nil
 }
 
+// allowedImpureHostDeps returns the derivation's __impureHostDeps, the host
+// paths it wants in its sandbox, as Nix checks them: each must be one of
+// allowed-impure-host-deps or under one (compared as written, without
+// resolving symlinks, which would tell a client of files it may not read).
+func (j *job) allowedImpureHostDeps() ([]string, error) {
+	deps, _, err := j.g.attrs.Strings("__impureHostDeps")
+	if err != nil {
+		return nil, err
+	}
+	for _, d := range deps {
+		found := false
+		for _, a := range j.g.b.cfg.AllowedImpureHostDeps {
+			ca, cd := filepath.Clean(a), filepath.Clean(d)
+			if cd == ca || strings.HasPrefix(cd, strings.TrimSuffix(ca, "/")+"/") {
+				found = true
+				break
+			}
+		}
+		if !found || !filepath.IsAbs(d) {
+			return nil, fmt.Errorf("derivation '%s' requested impure path '%s', but it was not in allowed-impure-host-deps", j.drvAbs, d)
+		}
+	}
+	return deps, nil
+}
+
 // prepareChroot lays out the sandbox root on the host (Nix's startBuilder
 // with useChroot): <real store>/<drv>.chroot with /tmp, /etc (passwd,
 // group, hosts), the logical store directory, mount points for /dev, /proc,
@@ -333,6 +358,11 @@ func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
 	}
 	if err := addBind(j.tmpDir, b.cfg.SandboxBuildDir, false, false); err != nil {
 		return err
+	}
+	for _, p := range j.impureHostDeps {
+		if err := addBind(p, p, false, false); err != nil {
+			return err
+		}
 	}
 	devInPaths := false
 	for _, s := range b.cfg.SandboxPaths {

@@ -235,8 +235,7 @@ func (s *Settings) Text() string {
 // with the values that make them no-ops (Nix's defaults, where nixyard
 // behaves the same): some sandbox details.
 var unimplemented = map[string][]string{
-	"allowed-impure-host-deps": {""},
-	"impersonate-linux-26":     {"false"},
+	"impersonate-linux-26": {"false"},
 }
 
 // Unimplemented lists, sorted, the settings of s that nix-daemon would
