@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -1462,5 +1463,29 @@ func TestImpureHostDeps(t *testing.T) {
 	stderr := b.nixBuild(append(args, "-A", "refused", "--no-out-link")...).fails(t)
 	if !strings.Contains(stderr, "requested impure path '/etc/hostname', but it was not in allowed-impure-host-deps") {
 		t.Errorf("a build with an impure host path not allowed:\n%s", stderr)
+	}
+}
+
+// TestFixedOutputReferences: a fixed-output derivation whose output
+// refers to a store path fails, saying so (nix-daemon 2.8 fails an
+// assertion, and its client reads an unexpected end of file).
+func TestFixedOutputReferences(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("nix-daemon 2.8 fails an assertion here")
+	}
+	b := startBuildDaemon(t, "sandbox = true")
+	ref := strings.TrimSpace(b.nix(t, "eval", "--raw", "--expr", `builtins.toFile "fod-ref-`+b.nonce+`" "referred to"`))
+	content := "ref " + ref + "\n"
+	args := b.expr(t, "fodref", fmt.Sprintf(`{
+  fod = mk {
+    name = "fod-with-ref"; dep = builtins.toFile "fod-ref-${nonce}" "referred to";
+    outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "%x";
+    script = "echo ref $dep > $out";
+  };
+}`, sha256.Sum256([]byte(content))))
+	stderr := b.nixBuild(append(args, "-A", "fod", "--no-out-link")...).fails(t)
+	if !strings.Contains(stderr, "illegal path references in fixed-output derivation '") {
+		t.Errorf("a fixed output that refers to a path:\n%s", stderr)
 	}
 }

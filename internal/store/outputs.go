@@ -177,6 +177,12 @@ func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs
 			Ultimate:   true,
 			CA:         o.CA,
 		}
+		if o.CA != "" && len(info.References) > 0 {
+			// A fixed output may not refer to other paths (its path says
+			// nothing of them), in the words of Nix's older releases (2.8
+			// fails an assertion).
+			return nil, fmt.Errorf("illegal path references in fixed-output derivation '%s'", drvAbs)
+		}
 		if o.CA != "" {
 			ca, err := contentaddress.Parse(o.CA)
 			if err != nil {
