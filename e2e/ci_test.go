@@ -581,3 +581,32 @@ cat "/mnt$OUT" > /ctl/after-crash
 		}
 	}
 }
+
+// TestCIDoctorStatic: the statically linked nixyard (scripts/build-static.sh)
+// runs the doctor in a job whose image has nothing but it: no libc, no
+// /usr, as in an image unlike the host's.
+func TestCIDoctorStatic(t *testing.T) {
+	t.Parallel()
+	c := startCIHost(t)
+	static := filepath.Join(c.dir, "nixyard-static")
+	build := exec.Command("../scripts/build-static.sh", static)
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("scripts/build-static.sh: %v\n%s", err, out)
+	}
+	args := []string{"--unshare-all", "--die-with-parent", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+		"--ro-bind", static, "/nixyard"}
+	for _, m := range c.host.Mounts() {
+		args = append(args, "--ro-bind", m.Host, m.Container)
+	}
+	args = append(args, "--clearenv")
+	for _, kv := range c.host.Env() {
+		k, v, _ := strings.Cut(kv, "=")
+		args = append(args, "--setenv", k, v)
+	}
+	out := c.cmd("bwrap", append(args, "/nixyard", "doctor")...).ok(t)
+	for _, want := range []string{"ok   socket", "ok   trust      untrusted", "ok   session    job=pidns-", "ok   read-only"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the static doctor in a bare job lacks %q:\n%s", want, out)
+		}
+	}
+}

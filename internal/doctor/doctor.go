@@ -107,7 +107,7 @@ func Run(ctx context.Context, storeURL string) *Report {
 	var d net.Dialer
 	nc, err := d.DialContext(ctx, "unix", sock)
 	if err != nil {
-		advice := "is the daemon running with --listen " + sock + ",trusted=false, and is the socket's directory mounted into the job?"
+		advice := "is the daemon running with a job socket (--listen HOST-PATH), and is that socket's directory mounted into the job at " + filepath.Dir(sock) + "?"
 		if errors.Is(err, unix.EACCES) {
 			advice = "the job's user may not connect: check the socket directory's permissions and allowed-users"
 		}
@@ -143,7 +143,7 @@ func Run(ctx context.Context, storeURL string) *Report {
 	case 2:
 		r.add("trust", OK, "untrusted, as a job should be: no extra substituters, no unsigned imports, no repair")
 	case 1:
-		r.add("trust", Warn, "TRUSTED: this job may add substituters and import unsigned paths; jobs should use a socket started with --listen PATH,trusted=false")
+		r.add("trust", Warn, "TRUSTED: this job may add substituters, import unsigned paths and collect the host's store; jobs should use a job socket (--listen PATH), not the daemon's default socket")
 	default:
 		r.add("trust", Warn, "the daemon did not say (protocol 1.%d < 1.35)", c.Minor)
 	}
@@ -195,13 +195,14 @@ func checkStore(ctx context.Context, r *Report, c *client.Client, root string) {
 		case err != nil:
 			r.add("store", Fail, "listing the daemon's valid paths: %v", err)
 		case len(all) == 0:
-			r.add("store", Warn, "the daemon's store is empty, so %s cannot be checked", dir)
+			r.add("store", Warn, "the daemon's store is empty, so it cannot be told whether %s is where it is", dir)
 		default:
 			r.add("store", Fail, "none of the daemon's %d valid paths (e.g. %s) is among the files in %s: the host store is mounted elsewhere, or ?root= is wrong", len(all), c.Dir.Abs(all[0]), dir)
+			return
 		}
-		return
+	} else {
+		r.add("store", OK, "%s holds the daemon's store (%d of %d entries checked are valid, e.g. %s)", dir, len(valid), len(cand), c.Dir.Abs(valid[0]))
 	}
-	r.add("store", OK, "%s holds the daemon's store (%d of %d entries checked are valid, e.g. %s)", dir, len(valid), len(cand), c.Dir.Abs(valid[0]))
 	switch err := unix.Access(dir, unix.W_OK); {
 	case errors.Is(err, unix.EROFS):
 		r.add("read-only", OK, "%s is mounted read-only: the job cannot change the host store except through the daemon", dir)
