@@ -5,8 +5,11 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/nixyard/nixyard/internal/daemon"
 )
 
 func TestParseDaemonArgs(t *testing.T) {
@@ -113,5 +116,28 @@ func TestListenOwnSocket(t *testing.T) {
 	l2.Close()
 	if _, err := os.Lstat(path); !os.IsNotExist(err) {
 		t.Errorf("closing the second socket left its file: %v", err)
+	}
+}
+
+// TestListenAllTwice: a --listen on the default socket, or one given
+// twice, is refused for what it is (the second listen would report a
+// daemon already there: this one).
+func TestListenAllTwice(t *testing.T) {
+	t.Setenv("LISTEN_PID", "") // not socket-activated
+	dir := t.TempDir()
+	def := filepath.Join(dir, "default", "socket")
+	job := filepath.Join(dir, "jobs", "socket")
+	logger := slog.New(slog.DiscardHandler)
+	for _, specs := range [][]daemon.ListenSpec{{{Path: def}}, {{Path: job}, {Path: job}}} {
+		ls, err := listenAll(def, specs, logger)
+		if err == nil || !strings.Contains(err.Error(), "listens there already") {
+			t.Errorf("%v: %v", specs, err)
+		}
+		for _, l := range ls {
+			l.Close()
+		}
+		if _, err := os.Lstat(def); !os.IsNotExist(err) {
+			t.Errorf("%v: the default socket is left behind (%v)", specs, err)
+		}
 	}
 }

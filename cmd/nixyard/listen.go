@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strconv"
 	"time"
 
@@ -73,7 +74,19 @@ func listenAll(defaultPath string, specs []daemon.ListenSpec, logger *slog.Logge
 		}
 	}
 	out := []daemon.Listener{{Listener: l}}
+	seen := map[string]bool{filepath.Clean(l.Addr().String()): true}
 	for _, s := range specs {
+		p := filepath.Clean(s.Path)
+		if seen[p] {
+			for _, o := range out {
+				o.Close()
+			}
+			return nil, fmt.Errorf("--listen %s: the daemon listens there already (its default socket, or a --listen given twice)", s.Path)
+		}
+		seen[p] = true
+		if filepath.Dir(p) == filepath.Dir(filepath.Clean(defaultPath)) {
+			logger.Warn("a job socket is in the default socket's directory: a job that mounts that directory reaches the default socket too, which trusts container root as root; give the job socket a directory of its own", "socket", s.Path)
+		}
 		l, err := listen(s.Path)
 		if err != nil {
 			for _, o := range out {

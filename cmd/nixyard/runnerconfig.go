@@ -38,6 +38,9 @@ func runRunnerConfig(args []string) error {
 			return nil
 		}
 		name, val, hasVal := strings.Cut(args[i], "=")
+		if name != "--socket" && name != "--store-root" {
+			return fmt.Errorf("runner-config: unknown argument %q", name)
+		}
 		if !hasVal {
 			if i+1 >= len(args) {
 				return fmt.Errorf("runner-config: %s needs an argument", name)
@@ -48,14 +51,14 @@ func runRunnerConfig(args []string) error {
 		if !filepath.IsAbs(val) {
 			return fmt.Errorf("runner-config: %s %q: want an absolute path", name, val)
 		}
-		switch name {
-		case "--socket":
+		if name == "--socket" {
 			h.Socket = val
-		case "--store-root":
+		} else {
 			h.StoreRoot = val
-		default:
-			return fmt.Errorf("runner-config: unknown argument %q", args[i])
 		}
+	}
+	if err := h.Check(); err != nil {
+		return fmt.Errorf("runner-config: %w", err)
 	}
 	fmt.Print(h.GitLab())
 	return nil

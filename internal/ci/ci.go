@@ -45,6 +45,30 @@ func (h Host) WithDefaults() Host {
 	return h
 }
 
+// DefaultDaemonSocketDir holds nix-daemon's (and nixyard's) default
+// socket, which trusts by uid: never for jobs.
+const DefaultDaemonSocketDir = "/nix/var/nix/daemon-socket"
+
+// Check refuses a host whose mounts would give jobs more than the job
+// socket and the store: a socket in / (the host's root would be mounted)
+// or beside the daemon's default, trusted socket; and paths that the
+// daemon flag, the mounts or the snippet cannot carry as they are.
+func (h Host) Check() error {
+	h = h.WithDefaults()
+	for _, p := range []string{h.Socket, h.StoreRoot} {
+		if strings.ContainsAny(p, ", \t\n\"'\\:") {
+			return fmt.Errorf("%q: a path with a comma, a colon, a quote, a backslash or white space cannot go into the daemon's --listen or a volume mount", p)
+		}
+	}
+	switch dir := filepath.Clean(filepath.Dir(h.Socket)); {
+	case dir == "/":
+		return fmt.Errorf("socket %s: its directory is mounted into every job, and / is the host's root: put the job socket in a directory of its own", h.Socket)
+	case dir == filepath.Join(filepath.Clean(h.StoreRoot), DefaultDaemonSocketDir) || dir == DefaultDaemonSocketDir:
+		return fmt.Errorf("socket %s: its directory, which is mounted into every job, holds the daemon's default socket, which trusts container root as root: put the job socket in a directory of its own (default %s)", h.Socket, DefaultSocket)
+	}
+	return nil
+}
+
 // Mount is a bind mount into the job container. All are read-only.
 type Mount struct {
 	Host, Container string

@@ -35,3 +35,27 @@ func TestDefaults(t *testing.T) {
 		t.Fatalf("store mount = %+v", m)
 	}
 }
+
+// TestCheck: runner-config refuses a socket whose directory, mounted into
+// every job, is the host's root or holds the daemon's trusted socket, and
+// paths the daemon flag or a volume mount cannot carry.
+func TestCheck(t *testing.T) {
+	for _, h := range []Host{{}, {Socket: "/run/nixyard-jobs/socket"}, {StoreRoot: "/mnt/cache", Socket: "/mnt/cache/nix/var/nix/job-socket/socket"}} {
+		if err := h.Check(); err != nil {
+			t.Errorf("%+v: %v", h, err)
+		}
+	}
+	for _, h := range []Host{
+		{Socket: "/socket"},
+		{Socket: "/nix/var/nix/daemon-socket/socket"},
+		{Socket: "/nix/var/nix/daemon-socket/jobs"},
+		{StoreRoot: "/mnt/cache", Socket: "/mnt/cache/nix/var/nix/daemon-socket/socket"},
+		{Socket: "/run/a,b/socket"},
+		{Socket: "/run/a b/socket"},
+		{StoreRoot: "/mnt/x:y"},
+	} {
+		if err := h.Check(); err == nil {
+			t.Errorf("%+v: accepted", h)
+		}
+	}
+}
