@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -508,8 +509,12 @@ func TestAutoGCEachClient(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	free := writeFile(t, filepath.Join(e.dir, "free"), "100000000", 0o644)
-	d := e.startDaemon(t, withConf("min-free = 1000000", "max-free = 2000000", "min-free-check-interval = 3600"),
-		withDaemonEnv("_NIX_TEST_FREE_SPACE_FILE="+free))
+	opts := []daemonOpt{withConf("min-free = 1000000", "max-free = 2000000", "min-free-check-interval = 3600"),
+		withDaemonEnv("_NIX_TEST_FREE_SPACE_FILE=" + free)}
+	if !useStock {
+		opts = append(opts, withDaemonArgs("--metrics-listen", "127.0.0.1:0"))
+	}
+	d := e.startDaemon(t, opts...)
 	garbage := oneLine(t, "add", d.nixStore(t, "--add", e.file(t, "garbage", "garbage")))
 	writeFile(t, free, "500000", 0o644)
 	r := d.nixStoreRun(t, "--add", e.file(t, "next", "next"))
@@ -519,6 +524,25 @@ func TestAutoGCEachClient(t *testing.T) {
 	for deadline := time.Now().Add(10 * time.Second); d.isValid(t, garbage); time.Sleep(50 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("%s not collected", garbage)
+		}
+	}
+	if useStock {
+		return
+	}
+	// The collection is counted once it has ended.
+	want := regexp.MustCompile(`(?m)^nixyard_auto_gc_runs_total\{result="ok"\} 1$`)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		resp, err := http.Get(d.servedURL(t, "--metrics-listen"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if want.Match(body) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the metrics do not count the automatic collection:\n%s", body)
 		}
 	}
 }

@@ -75,6 +75,12 @@ func TestMetrics(t *testing.T) {
 	if v := value(`nixyard_store_paths`); v != float64(nPaths) {
 		t.Errorf("store paths: %v, nix path-info --all lists %d", v, nPaths)
 	}
+	if v := value(`nixyard_jobs_live`); v != 0 {
+		t.Errorf("live jobs: %v, want 0 (no client was in a container)", v)
+	}
+	if strings.Contains(text, "nixyard_pushed_paths_total") {
+		t.Errorf("push metrics without --push-to:\n%s", text)
+	}
 	if !strings.Contains(text, "go_goroutines ") || !strings.Contains(text, "process_resident_memory_bytes ") {
 		t.Errorf("no Go or process metrics:\n%s", text)
 	}

@@ -377,6 +377,7 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 	var mets *metrics.Metrics
 	if opts.metrics != "" {
 		mets = metrics.New(st.Stats)
+		st.OnAutoGC(mets.AutoGC)
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", mets.Handler())
 		stop, err := serveHTTP(ctx, opts.metrics, mux, logger, "--metrics-listen", "/metrics")
@@ -459,6 +460,7 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		return err
 	}
 	defer jm.Close()
+	mets.Jobs(func() int { return len(jm.Live()) })
 	srv := daemon.New(daemon.Options{
 		Store:           st,
 		TrustedUsers:    settings.List("trusted-users", []string{"root"}),

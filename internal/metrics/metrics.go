@@ -37,6 +37,8 @@ type Metrics struct {
 	fetches     *prometheus.CounterVec // result
 	fetchedNar  prometheus.Counter
 	pushed      prometheus.Counter
+	autoGCs     *prometheus.CounterVec // result
+	autoGCBytes prometheus.Counter
 }
 
 // New makes the metrics; stats, if not nil, is asked for the store's
@@ -90,7 +92,16 @@ func New(stats StoreStats) *Metrics {
 		Name: "nixyard_pushed_paths_total",
 		Help: "Paths written to the fleet cache (--push-to), each with its NAR.",
 	})
-	m.reg.MustRegister(m.connections, m.open, m.ops, m.opErrors, m.opSeconds, m.builds, m.running, m.buildSecs, m.fetches, m.fetchedNar, m.pushed,
+	m.autoGCs = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "nixyard_auto_gc_runs_total",
+		Help: "Automatic collections (min-free, --size-budget), by result (ok, failed).",
+	}, []string{"result"})
+	m.autoGCBytes = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "nixyard_auto_gc_freed_bytes_total",
+		Help: "Bytes the automatic collections freed.",
+	})
+	m.reg.MustRegister(m.connections, m.open, m.ops, m.opErrors, m.opSeconds, m.builds, m.running, m.buildSecs, m.fetches, m.fetchedNar,
+		m.autoGCs, m.autoGCBytes,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if stats != nil {
 		m.reg.MustRegister(&storeCollector{stats: stats})
@@ -211,15 +222,41 @@ func (m *Metrics) Pushed() {
 }
 
 // PushQueue makes queued report the paths waiting to be pushed, read at
-// each scrape.
+// each scrape, and the pushed paths counted: the daemon pushes (only then
+// are these metrics there).
 func (m *Metrics) PushQueue(queued func() int) {
 	if m == nil {
 		return
 	}
-	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+	m.reg.MustRegister(m.pushed, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "nixyard_push_queue_paths",
 		Help: "Paths waiting to be pushed to the fleet cache (--push-to), those set aside included.",
 	}, func() float64 { return float64(queued()) }))
+}
+
+// AutoGC counts an automatic collection that freed freed bytes (err: it
+// failed).
+func (m *Metrics) AutoGC(freed uint64, err error) {
+	if m == nil {
+		return
+	}
+	if err != nil {
+		m.autoGCs.WithLabelValues("failed").Inc()
+		return
+	}
+	m.autoGCs.WithLabelValues("ok").Inc()
+	m.autoGCBytes.Add(float64(freed))
+}
+
+// Jobs makes live report the live job sessions, read at each scrape.
+func (m *Metrics) Jobs(live func() int) {
+	if m == nil {
+		return
+	}
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "nixyard_jobs_live",
+		Help: "Live job sessions: CI jobs whose paths are held until they end.",
+	}, func() float64 { return float64(live()) }))
 }
 
 // storeCollector reads the store's size when scraped.

@@ -49,6 +49,9 @@ func TestMetrics(t *testing.T) {
 	m.Fetched(500, errors.New("404"))
 	m.Pushed()
 	m.PushQueue(func() int { return 5 })
+	m.AutoGC(2048, nil)
+	m.AutoGC(0, errors.New("disk"))
+	m.Jobs(func() int { return 2 })
 	wantLines(t, scrape(t, m),
 		`nixyard_connections_total{tenant="ci",trust="untrusted"} 1`,
 		`nixyard_connections_total{tenant="",trust="trusted"} 1`,
@@ -66,6 +69,10 @@ func TestMetrics(t *testing.T) {
 		`nixyard_substituted_nar_bytes_total 1000`,
 		`nixyard_pushed_paths_total 1`,
 		`nixyard_push_queue_paths 5`,
+		`nixyard_auto_gc_runs_total{result="ok"} 1`,
+		`nixyard_auto_gc_runs_total{result="failed"} 1`,
+		`nixyard_auto_gc_freed_bytes_total 2048`,
+		`nixyard_jobs_live 2`,
 		`nixyard_store_paths 3`,
 		`nixyard_store_nar_bytes 4096`,
 	)

@@ -30,7 +30,13 @@ type autoGC struct {
 	budgetGCAt  time.Time
 	// lastSave is when the last uses were last saved (see lastUseSave).
 	lastSave time.Time
+	// onDone, if set, is told of each automatic collection's end.
+	onDone func(freed uint64, err error)
 }
+
+// OnAutoGC has f told, at the end of each automatic collection, what it
+// freed or why it failed (for metrics). Call it before the store is used.
+func (s *Store) OnAutoGC(f func(freed uint64, err error)) { s.autoGC.onDone = f }
 
 const (
 	budgetRetry   = 10 * time.Minute
@@ -139,10 +145,15 @@ func (a *autoGC) startLocked(s *Store, cc *AutoGCCheck) (done chan struct{}, msg
 		}()
 		s.log.Info("running auto-GC", "to_free", toFree, "lru", budget > 0)
 		res, err := s.CollectGarbage(context.Background(), GCOptions{Action: GCDeleteDead, MaxFreed: toFree, LRU: budget > 0}, nil)
+		var freed uint64
 		if err != nil {
 			s.log.Warn("auto-GC failed", "err", err)
 		} else {
+			freed = res.BytesFreed
 			s.log.Info("auto-GC done", "freed", res.BytesFreed, "paths", len(res.Paths))
+		}
+		if f := a.onDone; f != nil {
+			f(freed, err)
 		}
 		after, err := s.availableBytes()
 		a.mu.Lock()
