@@ -1369,16 +1369,16 @@ func TestBuildSharedTimeout(t *testing.T) {
 	t.Parallel()
 	b := startBuildDaemon(t)
 	args := b.expr(t, "sharedtimeout", `{ slow = mk { name = "shared-timeout"; script = ": shared-timeout-${nonce}; while [ ! -e /marks/go ]; do sleep 0.2; done; echo > $out"; }; }`)
-	short := b.nixBuild(append(args, "-A", "slow", "--no-out-link", "--option", "timeout", "1")...)
+	short := b.nixBuild(append(args, "-A", "slow", "--no-out-link", "--option", "timeout", "4")...)
 	shortDone := make(chan result, 1)
 	go func() { shortDone <- short.run(t) }()
 	waitFor(t, "the builder", func() bool { return builderRunning(t, "shared-timeout-"+b.nonce) })
 	long := make(chan result, 1)
 	go func() { long <- b.nixBuild(append(args, "-A", "slow", "--no-out-link")...).run(t) }()
-	time.Sleep(2 * time.Second) // past the first client's timeout
+	time.Sleep(5 * time.Second) // past the first client's timeout (the second had 4 s to join)
 	writeFile(t, filepath.Join(b.marks, "go"), "", 0o644)
-	for who, ch := range map[string]chan result{"with --timeout 1": shortDone, "without": long} {
-		if r := <-ch; r.err != nil && !(useStock && who == "with --timeout 1") {
+	for who, ch := range map[string]chan result{"with --timeout 4": shortDone, "without": long} {
+		if r := <-ch; r.err != nil && !(useStock && who == "with --timeout 4") {
 			t.Errorf("the client %s:\n%s", who, r)
 		}
 	}

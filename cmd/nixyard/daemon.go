@@ -21,6 +21,7 @@ import (
 	"github.com/nixyard/nixyard/internal/cache"
 	"github.com/nixyard/nixyard/internal/config"
 	"github.com/nixyard/nixyard/internal/daemon"
+	"github.com/nixyard/nixyard/internal/jobs"
 	"github.com/nixyard/nixyard/internal/metrics"
 	"github.com/nixyard/nixyard/internal/nix/signature"
 	"github.com/nixyard/nixyard/internal/realise"
@@ -455,12 +456,16 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 	if err != nil {
 		return err
 	}
-	jm, err := startJobs(ctx, st, settings, logger)
-	if err != nil {
-		return err
+	// Jobs come through sockets: a --stdio daemon (an ssh-ng session)
+	// serves none, and leaves the socket daemon's job journals alone.
+	var jm *jobs.Manager
+	if !opts.stdio {
+		if jm, err = startJobs(ctx, st, settings, logger); err != nil {
+			return err
+		}
+		defer jm.Close()
+		mets.Jobs(func() int { return len(jm.Live()) })
 	}
-	defer jm.Close()
-	mets.Jobs(func() int { return len(jm.Live()) })
 	srv := daemon.New(daemon.Options{
 		Store:           st,
 		TrustedUsers:    settings.List("trusted-users", []string{"root"}),

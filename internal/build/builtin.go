@@ -10,6 +10,7 @@ import (
 	"path"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -57,18 +58,22 @@ func (j *job) runBuiltin(ctx context.Context) (syscall.WaitStatus, error) {
 		j.logFile.Write(b)
 		j.handleOutput(b)
 	}
-	_, timeout := j.g.limits() // as the build starts
-	if timeout > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeoutCause(ctx, timeout, errBuiltinTimeout)
-		defer cancel()
-	}
+	// The timeout is looked up as the builtin runs, as a builder's is
+	// (see watchLimits); silence never counts.
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	var timedOut string
+	stopWatch := j.watchLimits(time.Now, func(msg string) {
+		timedOut = msg
+		cancel(errBuiltinTimeout)
+	})
 	err := j.builtinErr(ctx, logLine)
+	stopWatch()
 	switch {
 	case err == nil:
 		return 0, nil
 	case context.Cause(ctx) == errBuiltinTimeout:
-		j.killMsg, j.killStatus = fmt.Sprintf("%s timed out after %d seconds", j.g.name, int(timeout.Seconds())), TimedOut
+		j.killMsg, j.killStatus = timedOut, TimedOut
 		return 0, nil
 	case ctx.Err() != nil:
 		return 0, fmt.Errorf("building '%s': %w", j.drvAbs, ctx.Err())

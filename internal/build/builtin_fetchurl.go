@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nixyard/nixyard/internal/nar"
 	"github.com/nixyard/nixyard/internal/nix/derivation"
 	"github.com/nixyard/nixyard/internal/nix/hash"
@@ -124,6 +126,7 @@ type fetchRequest struct {
 	User, Password string // a login from netrc-file for the URL's host
 	UID, GID       int    // the build user to become; 0: stay as started
 	HeaderTimeout  time.Duration
+	Daemon         int // the daemon's pid: the fetcher dies with it
 }
 
 // fetchMain is the fetcher: it GETs the request's URL and copies the body
@@ -147,6 +150,14 @@ func fetchMain(in io.Reader, out, errOut io.Writer) int {
 		}
 		if err := syscall.Setuid(req.UID); err != nil {
 			return fail("fetcher: becoming user %d: %v", req.UID, err)
+		}
+		// A change of user clears the death signal the daemon set: set
+		// it again, then make sure the daemon did not die meanwhile.
+		if err := unix.Prctl(unix.PR_SET_PDEATHSIG, uintptr(syscall.SIGKILL), 0, 0, 0); err != nil {
+			return fail("fetcher: %v", err)
+		}
+		if os.Getppid() != req.Daemon {
+			return fail("fetcher: the daemon is gone")
 		}
 	}
 	client := &http.Client{Transport: &http.Transport{
@@ -197,7 +208,7 @@ func download(ctx context.Context, user *buildUser, auth netrc, u string, use fu
 	if pu.Scheme != "http" && pu.Scheme != "https" {
 		return fmt.Errorf("unable to download '%s': nixyard's builtin:fetchurl supports only http and https URLs", u)
 	}
-	req := fetchRequest{URL: u, HeaderTimeout: stalledDownloadTimeout}
+	req := fetchRequest{URL: u, HeaderTimeout: stalledDownloadTimeout, Daemon: os.Getpid()}
 	if login, ok := auth.lookup(pu.Hostname()); ok {
 		req.User, req.Password = login.user, login.password
 	}

@@ -19,6 +19,7 @@ import (
 
 	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"github.com/nixyard/nixyard/internal/store"
 )
 
 const (
@@ -254,8 +255,8 @@ func TestFetchurlAsBuildUser(t *testing.T) {
 }`, srv.URL, hash.Sum(hash.SHA256, content).Base16()), "f")
 	b := e.builder(Config{Sandbox: SandboxOn, BuildUsersGroup: "nixbld"})
 	e.mustBuild(b, out(drvs["f"]))
-	if uid := <-uids; uid == 0 {
-		t.Error("builtin:fetchurl downloaded as root")
+	if uid := <-uids; uid <= 0 {
+		t.Errorf("builtin:fetchurl downloaded as uid %d (-1: not found), not as a build user", uid)
 	}
 }
 
@@ -283,4 +284,35 @@ func peerUID(t *testing.T, r *http.Request) int {
 	}
 	t.Errorf("no socket with local port %d in /proc/net/tcp", p)
 	return -1
+}
+
+// TestBuiltinSharedTimeout: as TestSharedBuildLimits, for a builtin
+// builder: a download that a client with a 1 s timeout started, and that
+// another client without one then waits for, runs to its end.
+func TestBuiltinSharedTimeout(t *testing.T) {
+	e := newChrootEnv(t)
+	content := []byte("slow download\n")
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(2500 * time.Millisecond)
+		w.Write(content)
+	}))
+	defer srv.Close()
+	drvs := e.instantiate(fmt.Sprintf(`{
+  f = builtins.derivation {
+    name = "slow-fetch"; builder = "builtin:fetchurl"; system = "builtin";
+    url = "%s/f"; outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "%s";
+  };
+}`, srv.URL, hash.Sum(hash.SHA256, content).Base16()), "f")
+	b := e.builder(Config{Sandbox: SandboxOn})
+	short := make(chan []Result, 1)
+	go func() {
+		res, _ := b.Build(t.Context(), []store.DerivedPath{out(drvs["f"])}, ClientOptions{Timeout: time.Second}, nil)
+		short <- res
+	}()
+	waitBuilding(t, b, drvs["f"])
+	res, err := b.Build(t.Context(), []store.DerivedPath{out(drvs["f"])}, ClientOptions{}, nil)
+	if err != nil || !res[0].Status.Success() {
+		t.Errorf("the client without a timeout: %+v %v", res, err)
+	}
+	<-short
 }

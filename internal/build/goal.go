@@ -125,7 +125,10 @@ func (c *call) realise(ctx context.Context, req store.DerivedPath, depth int) Re
 	if s := c.opts.Session; s != nil {
 		for _, o := range drv.Outputs {
 			if p, err := b.st.Dir().Parse(o.Path); o.Path != "" && err == nil {
-				if err := s.AddTempRoot(ctx, p); err != nil {
+				// A caller whose client is gone (its session closed) may
+				// still be how a goal others wait for realises its inputs:
+				// it needs no roots.
+				if err := s.AddTempRoot(ctx, p); err != nil && !errors.Is(err, store.ErrSessionClosed) {
 					if ctx.Err() != nil {
 						r := stoppedResult(ctx)
 						r.Path = req
@@ -626,10 +629,17 @@ func (g *goal) run(ctx context.Context) {
 	g.cancel()
 }
 
-// Test hooks, nil outside tests: testHookUnwanted runs when a goal that
+// Test hooks, unset outside tests: testHookUnwanted runs when a goal that
 // has its slot finds every caller stopped by another failure, and
 // testHookChrootLocked when a goal has taken its sandbox root's name.
-var testHookUnwanted, testHookChrootLocked func(g *goal)
+var testHookUnwanted, testHookChrootLocked atomic.Pointer[func(g *goal)]
+
+// runTestHook runs the hook h, if set, for g.
+func runTestHook(h *atomic.Pointer[func(g *goal)], g *goal) {
+	if f := h.Load(); f != nil {
+		(*f)(g)
+	}
+}
 
 func (g *goal) failf(st Status, format string, args ...any) Result {
 	return Result{Status: st, ErrorMsg: fmt.Sprintf(format, args...)}
@@ -903,9 +913,7 @@ func (g *goal) realise(ctx context.Context) Result {
 	}
 	defer releaseOnce()
 	if g.unwanted() {
-		if testHookUnwanted != nil {
-			testHookUnwanted(g)
-		}
+		runTestHook(&testHookUnwanted, g)
 		return stoppedByFailure()
 	}
 	locks, err := b.st.LockOutputs(ctx, slices.Collect(maps.Values(outPaths)))

@@ -38,6 +38,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -121,15 +122,10 @@ func (g *goal) remoteSettings(c *call) map[string]string {
 	}
 	// What the client set in SetOptions' own fields, as nix-daemon's
 	// settings would hold it.
-	// The limits are those of everyone waiting as the build is offered.
+	// The clients' timeout and max-silent-time are not sent: the build is
+	// held to them here, as they change while it runs (see goal.limits and
+	// runRemote); the remote machine applies the daemon's own.
 	o := c.opts
-	maxSilent, timeout := g.limits()
-	if maxSilent > 0 {
-		s["max-silent-time"] = strconv.Itoa(int(maxSilent.Seconds()))
-	}
-	if timeout > 0 {
-		s["timeout"] = strconv.Itoa(int(timeout.Seconds()))
-	}
 	for name, on := range map[string]bool{"keep-failed": o.KeepFailed, "keep-going": o.KeepGoing, "fallback": o.TryFallback} {
 		if on {
 			s[name] = "true"
@@ -722,9 +718,23 @@ func (j *job) runRemote(ctx context.Context) (syscall.WaitStatus, error) {
 	readDone := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Add(2)
+	// The clients' limits, as for a local builder (see execute), kill the
+	// hook, which ends the remote build.
+	var lastOutput atomic.Int64
+	lastOutput.Store(time.Now().UnixNano())
+	onData := func() { lastOutput.Store(time.Now().UnixNano()) }
+	stopWatch := j.watchLimits(func() time.Time { return time.Unix(0, lastOutput.Load()) }, func(msg string) {
+		mu.Lock()
+		if j.killMsg == "" {
+			j.killMsg, j.killStatus = msg, TimedOut
+		}
+		mu.Unlock()
+		h.signal()
+	})
+	defer stopWatch()
 	go func() { // ssh://: the builder's output, raw
 		defer wg.Done()
-		j.copyOutput(h.logR, &mu, nil, func(msg string) {
+		j.copyOutput(h.logR, &mu, onData, func(msg string) {
 			mu.Lock()
 			if j.killMsg == "" {
 				j.killMsg, j.killStatus = msg, LogLimitExceeded
@@ -738,6 +748,7 @@ func (j *job) runRemote(ctx context.Context) (syscall.WaitStatus, error) {
 		for {
 			line, err := h.from.ReadString('\n')
 			if line != "" {
+				onData()
 				j.g.hookMessage(strings.TrimSuffix(line, "\n"), j)
 			}
 			if err != nil {

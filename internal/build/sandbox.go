@@ -204,20 +204,34 @@ func (j *job) allowedImpureHostDeps() ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	for _, d := range deps {
-		found := false
+	allowed := func(p string) bool {
 		for _, a := range j.g.b.cfg.AllowedImpureHostDeps {
-			ca, cd := filepath.Clean(a), filepath.Clean(d)
-			if cd == ca || strings.HasPrefix(cd, strings.TrimSuffix(ca, "/")+"/") {
-				found = true
-				break
+			ca := filepath.Clean(a)
+			if p == ca || strings.HasPrefix(p, strings.TrimSuffix(ca, "/")+"/") {
+				return true
 			}
 		}
-		if !found || !filepath.IsAbs(d) {
+		return false
+	}
+	var out []string
+	for _, d := range deps {
+		cd := filepath.Clean(d)
+		if !filepath.IsAbs(d) || !allowed(cd) {
 			return nil, fmt.Errorf("derivation '%s' requested impure path '%s', but it was not in allowed-impure-host-deps", j.drvAbs, d)
 		}
+		// As Nix, a path missing here is left out. Unlike Nix, one whose
+		// symlinks lead out of what is allowed is refused too: the bind
+		// mount would follow them.
+		real, err := filepath.EvalSymlinks(cd)
+		if err != nil {
+			continue
+		}
+		if !allowed(real) {
+			return nil, fmt.Errorf("derivation '%s' requested impure path '%s', which leads to '%s', not in allowed-impure-host-deps", j.drvAbs, d, real)
+		}
+		out = append(out, cd)
 	}
-	return deps, nil
+	return out, nil
 }
 
 // prepareChroot lays out the sandbox root on the host (Nix's startBuilder
@@ -238,9 +252,7 @@ func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
 		}
 	}
 	j.unlockChroot, j.chroot = unlock, chroot
-	if testHookChrootLocked != nil {
-		testHookChrootLocked(g)
-	}
+	runTestHook(&testHookChrootLocked, g)
 	g.each(func(c *call) {
 		c.emit(func(p Progress) { p.Chatty(fmt.Sprintf("setting up chroot environment in '%s'", chroot)) })
 	})

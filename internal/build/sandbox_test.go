@@ -587,3 +587,29 @@ func TestImpureEnvVars(t *testing.T) {
 		t.Errorf("the output is not %q: %d %s", want, r.Status, r.ErrorMsg)
 	}
 }
+
+// TestImpureHostDepsMissingOrEscaping: an allowed __impureHostDeps path
+// that this host lacks is left out, as Nix leaves it (nixpkgs lists macOS
+// paths); one whose symlinks lead out of allowed-impure-host-deps is
+// refused (the bind mount would follow them; Nix binds it).
+func TestImpureHostDepsMissingOrEscaping(t *testing.T) {
+	e := newChrootEnv(t)
+	allowed := filepath.Join(t.TempDir(), "deps")
+	if err := os.MkdirAll(allowed, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("/etc", filepath.Join(allowed, "escape")); err != nil {
+		t.Fatal(err)
+	}
+	drvs := e.instantiate(`{
+  missing = mk { name = "impure-missing"; __impureHostDeps = [ "`+allowed+`/absent" ]; script = "echo > $out"; };
+  escaping = mk { name = "impure-escaping"; __impureHostDeps = [ "`+allowed+`/escape/passwd" ]; script = "echo > $out"; };
+}`, "missing", "escaping")
+	b := e.builder(Config{AllowedImpureHostDeps: []string{allowed}})
+	if r := e.build(b, ClientOptions{}, out(drvs["missing"]))[0]; !r.Status.Success() {
+		t.Errorf("a missing allowed impure host path: %d %s", r.Status, r.ErrorMsg)
+	}
+	if r := e.build(b, ClientOptions{}, out(drvs["escaping"]))[0]; r.Status.Success() || !strings.Contains(r.ErrorMsg, "which leads to '/etc/passwd'") {
+		t.Errorf("an impure host path whose symlink leads out: %d %s", r.Status, r.ErrorMsg)
+	}
+}

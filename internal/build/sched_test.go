@@ -5,6 +5,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -24,6 +25,16 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 		}
 	}
 }
+
+// poll waits, for at most 30 s, until cond holds; unlike waitUntil it may
+// run outside the test's goroutine (the test then fails further on).
+func poll(cond func() bool) {
+	for deadline := time.Now().Add(30 * time.Second); !cond() && time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+	}
+}
+
+// ptr returns a pointer to f, for a test hook.
+func ptr(f func(g *goal)) *func(g *goal) { return &f }
 
 // goalOf returns b's goal for drv in mode, or nil.
 func goalOf(b *Builder, drv storepath.Path, mode BuildMode) *goal {
@@ -128,7 +139,7 @@ func TestJoinerOfStoppingGoal(t *testing.T) {
 	// leaves x) only after that.
 	var joined chan outcome
 	hooked := make(chan struct{})
-	testHookUnwanted = func(g *goal) {
+	testHookUnwanted.Store(ptr(func(g *goal) {
 		if g.drvPath != drvs["x"] {
 			return
 		}
@@ -136,26 +147,27 @@ func TestJoinerOfStoppingGoal(t *testing.T) {
 		before := len(g.subs)
 		g.mu.Unlock()
 		joined = start(nil, out(drvs["x"]))
-		waitUntil(t, "the second caller to join", func() bool {
+		// (On the goal's goroutine: no t.Fatal here.)
+		poll(func() bool {
 			g.mu.Lock()
 			defer g.mu.Unlock()
 			return len(g.subs) > before || goalOf(b, drvs["x"], ModeNormal) != g
 		})
 		close(hooked)
-	}
-	defer func() { testHookUnwanted = nil }()
+	}))
+	defer testHookUnwanted.Store(nil)
 	// x waits for the slot while fail runs.
 	xWaits := make(chan struct{})
 	var once sync.Once
-	testHookChrootLocked = func(g *goal) {
+	testHookChrootLocked.Store(ptr(func(g *goal) {
 		if g.drvPath == drvs["x"] {
 			once.Do(func() {
-				waitUntil(t, "fail to run", func() bool { return isRunning(goalOf(b, drvs["fail"], ModeNormal)) })
+				poll(func() bool { return isRunning(goalOf(b, drvs["fail"], ModeNormal)) })
 				close(xWaits)
 			})
 		}
-	}
-	defer func() { testHookChrootLocked = nil }()
+	}))
+	defer testHookChrootLocked.Store(nil)
 	first := start(&heldFailures{until: hooked}, out(drvs["fail"]), out(drvs["x"]))
 	<-xWaits
 	time.Sleep(100 * time.Millisecond) // x asks for the slot
@@ -251,13 +263,13 @@ func TestDeclinedBuildNoSlotDeadlock(t *testing.T) {
 	// The check takes the sandbox root's name, then waits until the
 	// normal build has been declined and waits for the name too.
 	locked, proceed := make(chan struct{}), make(chan struct{})
-	testHookChrootLocked = func(g *goal) {
+	testHookChrootLocked.Store(ptr(func(g *goal) {
 		if g.mode == ModeCheck {
 			close(locked)
 			<-proceed
 		}
-	}
-	defer func() { testHookChrootLocked = nil }()
+	}))
+	defer testHookChrootLocked.Store(nil)
 	check := make(chan error, 1)
 	go func() {
 		_, err := b.Build(ctx, []store.DerivedPath{out(drvs["x"], "out")}, ClientOptions{Mode: ModeCheck}, nil)
@@ -274,5 +286,82 @@ func TestDeclinedBuildNoSlotDeadlock(t *testing.T) {
 	res := <-normal
 	if err := <-check; err != nil || len(res) == 0 || !res[0].Status.Success() {
 		t.Errorf("check: %v; normal build: %+v (the two waited for each other until the timeout)", err, res)
+	}
+}
+
+// slowLookup is a substituter that has nothing; its Incomplete waits, for
+// the paths in block, until release is closed (a slow narinfo lookup).
+type slowLookup struct {
+	block   []storepath.Path
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (s *slowLookup) Substitute(ctx context.Context, paths []storepath.Path) (bool, error) {
+	return false, nil
+}
+
+func (s *slowLookup) Incomplete(ctx context.Context, paths []storepath.Path) bool {
+	for _, p := range paths {
+		if slices.Contains(s.block, p) {
+			close(s.entered)
+			<-s.release
+		}
+	}
+	return false
+}
+
+// TestDepartedCallerSession: a goal others wait for may still realise its
+// inputs through a caller whose client has gone (its session closed): the
+// others' build does not fail for it. A starts top (top -> mid -> leaf), B
+// joins top, and A hangs up while mid, whose only caller is A, looks up
+// its outputs.
+func TestDepartedCallerSession(t *testing.T) {
+	e := newChrootEnv(t)
+	drvs := e.instantiate(`rec {
+  leaf = mk { name = "rs-leaf"; script = "echo > $out"; };
+  mid = mk { name = "rs-mid"; inherit leaf; script = "echo > $out"; };
+  top = mk { name = "rs-top"; inherit mid; script = "echo > $out"; };
+}`, "leaf", "mid", "top")
+	midOuts, err := e.st.QueryDerivationOutputMap(t.Context(), drvs["mid"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := e.builder(Config{MaxJobs: 2})
+	sub := &slowLookup{block: []storepath.Path{midOuts["out"]}, entered: make(chan struct{}), release: make(chan struct{})}
+	sA, sB := e.st.OpenSession(), e.st.OpenSession()
+	defer sB.Close()
+	ctxA, cancelA := context.WithCancel(t.Context())
+	doneA := make(chan struct{})
+	go func() {
+		defer close(doneA)
+		b.Build(ctxA, []store.DerivedPath{out(drvs["top"])}, ClientOptions{Session: sA, Substituter: sub}, nil)
+	}()
+	select {
+	case <-sub.entered:
+	case <-time.After(30 * time.Second):
+		t.Fatal("mid's goal did not look up its outputs")
+	}
+	resB := make(chan []Result, 1)
+	go func() {
+		res, _ := b.Build(t.Context(), []store.DerivedPath{out(drvs["top"])}, ClientOptions{Session: sB}, nil)
+		resB <- res
+	}()
+	waitUntil(t, "B to join top", func() bool {
+		g := goalOf(b, drvs["top"], ModeNormal)
+		if g == nil {
+			return false
+		}
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		return len(g.subs) == 2
+	})
+	cancelA()
+	<-doneA
+	sA.Close() // the connection ends
+	close(sub.release)
+	res := <-resB
+	if len(res) != 1 || !res[0].Status.Success() {
+		t.Errorf("B, whose build A's departure should not affect: %+v", res)
 	}
 }

@@ -39,6 +39,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
@@ -74,6 +76,10 @@ type Manager struct {
 	now      func() time.Time
 	log      *slog.Logger
 	selfNS   string
+
+	// journalLock is held while this Manager keeps the jobs' journals
+	// (nil: it keeps none).
+	journalLock *os.File
 
 	mu   sync.Mutex
 	jobs map[string]*job
@@ -116,8 +122,30 @@ func New(st *store.Store, opts Options) (*Manager, error) {
 		return nil, fmt.Errorf("jobs: reading the daemon's pid namespace: %w", err)
 	}
 	m.selfNS = ns
-	m.restore()
+	// The journals are one daemon's: another process on the store (a
+	// second daemon, say) keeps none, and leaves them alone.
+	if err := os.MkdirAll(m.journalDir(), 0o700); err != nil {
+		m.log.Warn("cannot keep the jobs' journals; job sessions will not outlive the daemon", "err", err)
+	} else if lock, err := openJournalLock(m.journalDir()); err != nil {
+		m.log.Warn("the jobs' journals are another daemon's; this one's job sessions will not outlive it", "err", err)
+	} else {
+		m.journalLock = lock
+		m.restore()
+	}
 	return m, nil
+}
+
+// openJournalLock takes the journals' lock file in dir, without waiting.
+func openJournalLock(dir string) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_RDWR|os.O_CREATE, 0o600) // Go opens close-on-exec
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("locking %s: %w", f.Name(), err)
+	}
+	return f, nil
 }
 
 // ErrNotJob is returned by Attach for a client in the daemon's own pid
@@ -280,6 +308,10 @@ func (m *Manager) Close() error {
 		}
 		delete(m.jobs, id)
 	}
+	if m.journalLock != nil {
+		errs = append(errs, m.journalLock.Close())
+		m.journalLock = nil
+	}
 	return errors.Join(errs...)
 }
 
@@ -301,6 +333,9 @@ type journalHeader struct {
 // its session add each new root to it. A failure is logged: the job
 // then lives as long as this daemon only.
 func (m *Manager) openJournal(j *job) {
+	if m.journalLock == nil {
+		return
+	}
 	if err := m.writeJournal(j); err != nil {
 		m.log.Warn("cannot journal a job session; it will not outlive the daemon", "job", j.id, "err", err)
 	}
@@ -361,6 +396,9 @@ func (m *Manager) restore() {
 		return
 	}
 	for _, e := range ents {
+		if e.Name() == ".lock" {
+			continue
+		}
 		path := filepath.Join(dir, e.Name())
 		j, roots, err := m.readJournal(path, e.Name())
 		if err != nil || strings.HasPrefix(e.Name(), ".") || !m.initAlive(j) {

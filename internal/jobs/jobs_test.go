@@ -266,7 +266,60 @@ func TestJournalOutlivesDaemon(t *testing.T) {
 	if ok, _ := st.IsValidPath(context.Background(), gone.Path); ok {
 		t.Errorf("%s, held by a job that ended, survived the collection (deleted: %v)", gone.Path, res.Paths)
 	}
-	if ents, _ := os.ReadDir(filepath.Join(st.StateDir(), "nixyard-jobs")); len(ents) != 1 || ents[0].Name() != a.ID() {
+	if ents, _ := filepath.Glob(filepath.Join(st.StateDir(), "nixyard-jobs", "pidns-*")); len(ents) != 1 || filepath.Base(ents[0]) != a.ID() {
 		t.Errorf("journals after the restart: %v, want only %s's", ents, a.ID())
+	}
+}
+
+// TestSecondManagerLeavesJournals: another Manager on the same store (a
+// second daemon) keeps no journals and leaves the first's alone: the roots
+// the first daemon's job adds afterwards are still taken up after its
+// restart.
+func TestSecondManagerLeavesJournals(t *testing.T) {
+	st := testStore(t)
+	add := func(name string) *store.PathInfo {
+		p, err := st.AddToStoreContent(context.Background(), name, contentaddress.Text, hash.SHA256, nil, strings.NewReader(name), false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	early, late := add("early"), add("late")
+	m, err := New(st, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, live, _ := container(t)
+	a, err := m.Attach(live, "ci")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Session().AddTempRoot(context.Background(), early.Path); err != nil {
+		t.Fatal(err)
+	}
+	// Another daemon on the store starts and ends.
+	stdio, err := New(st, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdio.Close()
+	// The main daemon's job goes on.
+	if err := a.Session().AddTempRoot(context.Background(), late.Path); err != nil {
+		t.Fatal(err)
+	}
+	a.Release()
+	m.Close() // restart
+	m2, err := New(st, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m2.Close()
+	if _, err := st.CollectGarbage(context.Background(), store.GCOptions{Action: store.GCDeleteDead, MaxFreed: math.MaxUint64}, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []*store.PathInfo{early, late} {
+		if ok, _ := st.IsValidPath(context.Background(), p.Path); !ok {
+			t.Errorf("%s, held by the running job, was collected after the restart", p.Path)
+		}
 	}
 }
