@@ -1489,3 +1489,50 @@ func TestFixedOutputReferences(t *testing.T) {
 		t.Errorf("a fixed output that refers to a path:\n%s", stderr)
 	}
 }
+
+// TestBuildOutLinks: `nix build A B` names its out-links (result,
+// result-1, …) as with nix-daemon, whose results come one per derivation
+// (with the outputs of every request of it), by the derivations' names.
+func TestBuildOutLinks(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	args := b.expr(t, "outlinks", `{
+  zeta = mk { name = "zeta"; script = "echo zeta > $out"; };
+  alpha = mk { name = "alpha"; script = "echo alpha > $out"; };
+  multi = mk { name = "multi"; outputs = [ "out" "dev" "doc" ]; script = "echo o > $out; echo d > $dev; echo c > $doc"; };
+}`)
+	file := args[0]
+	rest := args[1:]
+	for i, tc := range []struct {
+		attrs []string
+		want  map[string]string // link -> the end of its target
+	}{
+		{[]string{"zeta", "alpha"}, map[string]string{"result": "-alpha", "result-1": "-zeta"}},
+		{[]string{"multi.dev", "multi.doc"}, map[string]string{"result-dev": "-multi-dev", "result-doc": "-multi-doc"}},
+		{[]string{"multi.doc", "multi.doc"}, map[string]string{"result-doc": "-multi-doc", "result-1-doc": "-multi-doc"}},
+	} {
+		dir := filepath.Join(b.dir, fmt.Sprintf("links-%d", i))
+		mustMkdir(t, dir, 0o755)
+		cmd := b.client("nix", append(append([]string{"build", "-f", file}, rest...), tc.attrs...)...)
+		cmd.dir = dir
+		cmd.ok(t)
+		ents, err := os.ReadDir(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := map[string]string{}
+		for _, e := range ents {
+			target, _ := os.Readlink(filepath.Join(dir, e.Name()))
+			got[e.Name()] = target
+		}
+		if len(got) != len(tc.want) {
+			t.Errorf("nix build %v made links %v, want %v", tc.attrs, got, tc.want)
+			continue
+		}
+		for link, suffix := range tc.want {
+			if !strings.HasSuffix(got[link], suffix) {
+				t.Errorf("nix build %v: %s -> %q, want …%s (all: %v)", tc.attrs, link, got[link], suffix, got)
+			}
+		}
+	}
+}

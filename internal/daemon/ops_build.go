@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 
@@ -172,6 +173,7 @@ func opBuildPathsWithResultsHandler(ctx context.Context, c *conn) error {
 		return err
 	}
 	c.stopWork()
+	results = c.resultsByGoal(results)
 	// Nix 2.8's client reports the first failure in the list: failures of
 	// their own come first, and a target stopped because another failed
 	// has no message (as with nix-daemon), so that the cause is what the
@@ -188,6 +190,49 @@ func opBuildPathsWithResultsHandler(ctx context.Context, c *conn) error {
 		c.writeBuildResult(realisedResult(r), r.DrvHash)
 	}
 	return nil
+}
+
+// resultsByGoal groups results as Nix's buildPathsWithResults returns
+// them: one per goal, that is per derivation (with the outputs of every
+// request of it) or per path, named as the first request of it, in the
+// order of the goals' keys: paths to fetch, then derivations, each by
+// name, then by path. `nix build A B` makes its out-links (result,
+// result-1, …) and its --json in this order.
+func (c *conn) resultsByGoal(results []realise.Result) []realise.Result {
+	key := func(t store.DerivedPath) string {
+		kind := "a"
+		if t.Built {
+			kind = "b"
+		}
+		return kind + "$" + t.Path.Name() + "$" + c.dir.Abs(t.Path)
+	}
+	byKey := map[string]int{} // key -> index in out
+	var out []realise.Result
+	for _, r := range results {
+		k := key(r.Target)
+		i, ok := byKey[k]
+		if !ok {
+			byKey[k] = len(out)
+			out = append(out, r)
+			continue
+		}
+		first := &out[i]
+		switch {
+		case first.Status.Success() && !r.Status.Success():
+			target := first.Target
+			*first = r
+			first.Target = target
+		case first.Status.Success():
+			outs := maps.Clone(first.Outputs)
+			if outs == nil {
+				outs = map[string]storepath.Path{}
+			}
+			maps.Copy(outs, r.Outputs)
+			first.Outputs = outs
+		}
+	}
+	slices.SortStableFunc(out, func(a, b realise.Result) int { return cmp.Compare(key(a.Target), key(b.Target)) })
+	return out
 }
 
 // ownFailureRank is 0 for a target that failed by a failure of its own,
