@@ -243,7 +243,7 @@ func TestBuiltinFetchurl(t *testing.T) {
 	}
 
 	stderr := b.nixBuild(append(args, "-A", "missing", "--no-out-link")...).fails(t)
-	if !strings.Contains(stderr, "HTTP error 404") || !strings.Contains(stderr, srv.URL+"/missing") {
+	if !strings.Contains(stderr, "HTTP error 404 ('Not Found')") || !strings.Contains(stderr, srv.URL+"/missing") {
 		t.Errorf("missing file: stderr:\n%s", stderr)
 	}
 	stderr = b.nixBuild(append(args, "-A", "stall", "--no-out-link", "--timeout", "1")...).fails(t)

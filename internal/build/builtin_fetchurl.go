@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -179,6 +180,12 @@ func fetchMain(in io.Reader, out, errOut io.Writer) int {
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
+		// As curl tells Nix: the code and the server's reason (not the
+		// body, which Nix shows too: a server's page has no place in a
+		// build log).
+		if reason := strings.TrimSpace(strings.TrimPrefix(resp.Status, strconv.Itoa(resp.StatusCode))); reason != "" {
+			return fail("unable to download '%s': HTTP error %d ('%s')", req.URL, resp.StatusCode, reason)
+		}
 		return fail("unable to download '%s': HTTP error %d", req.URL, resp.StatusCode)
 	}
 	if _, err := io.Copy(out, resp.Body); err != nil {
