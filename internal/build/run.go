@@ -401,6 +401,12 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 		if kind, _ := g.drv.Kind(); kind == derivation.FixedOutput {
 			st = TransientFailure
 		}
+		// As Nix: a builder that failed with the store's or the build
+		// directory's file system (nearly) full may have failed for it.
+		if j.remote == nil && j.diskFull() {
+			msg += "\nnote: build failure may have been caused by lack of free disk space"
+			st = TransientFailure
+		}
 		if j.remote != nil {
 			st = MiscFailure
 			if status.Exited() && status.ExitStatus() == 101 {
@@ -792,6 +798,20 @@ func (j *job) logLines() int {
 		n = o
 	}
 	return max(n, 0)
+}
+
+// diskFullBytes is how little room left Nix takes for a full disk.
+const diskFullBytes = 8 << 20
+
+// diskFull reports whether the store's or the build directory's file
+// system has less than diskFullBytes available (Nix's heuristic: the
+// builder's error cannot tell).
+func (j *job) diskFull() bool {
+	if n, err := j.g.b.st.AvailableBytes(); err == nil && n < diskFullBytes {
+		return true
+	}
+	var st unix.Statfs_t
+	return j.tmpDir != "" && unix.Statfs(j.tmpDir, &st) == nil && st.Bavail*uint64(st.Frsize) < diskFullBytes
 }
 
 // statusString is Nix's statusToString for a failed builder.

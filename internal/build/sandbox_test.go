@@ -613,3 +613,20 @@ func TestImpureHostDepsMissingOrEscaping(t *testing.T) {
 		t.Errorf("an impure host path whose symlink leads out: %d %s", r.Status, r.ErrorMsg)
 	}
 }
+
+// TestBuildFailureDiskFull: a builder that fails with the store's file
+// system (nearly) full gets Nix's note, and is a transient failure (it may
+// succeed once there is room).
+func TestBuildFailureDiskFull(t *testing.T) {
+	e := newChrootEnv(t)
+	free := filepath.Join(t.TempDir(), "free")
+	if err := os.WriteFile(free, []byte("1000\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("_NIX_TEST_FREE_SPACE_FILE", free)
+	drvs := e.instantiate(`{ full = mk { name = "disk-full"; script = "exit 1"; }; }`, "full")
+	r := e.build(e.builder(Config{}), ClientOptions{}, out(drvs["full"]))[0]
+	if r.Status != TransientFailure || !strings.HasSuffix(r.ErrorMsg, "\nnote: build failure may have been caused by lack of free disk space") {
+		t.Errorf("a build that failed on a full disk: %d %q", r.Status, r.ErrorMsg)
+	}
+}

@@ -172,6 +172,10 @@ func (a *autoGC) startLocked(s *Store, cc *AutoGCCheck) (done chan struct{}, msg
 	return done, fmt.Sprintf("running auto-GC to free %d bytes", toFree)
 }
 
+// AvailableBytes is the space available to unprivileged users on the
+// store's file system (see availableBytes).
+func (s *Store) AvailableBytes() (uint64, error) { return s.availableBytes() }
+
 // availableBytes is the space available to unprivileged users on the
 // store's file system. The environment variable _NIX_TEST_FREE_SPACE_FILE
 // names a file that says it instead, as for Nix's tests.
