@@ -605,20 +605,7 @@ func TestRepeatHoldsSlot(t *testing.T) {
 		res, _ := b.Build(ctx, []store.DerivedPath{out(drvs["slow"])}, ClientOptions{}, nil)
 		rounds <- res
 	}()
-	for {
-		b.mu.Lock()
-		g := b.goals[goalKey{drvs["slow"], ModeNormal}]
-		b.mu.Unlock()
-		if g != nil {
-			g.mu.Lock()
-			running := g.running
-			g.mu.Unlock()
-			if running {
-				break
-			}
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitBuilding(t, b, drvs["slow"])
 	check, err := b.Build(ctx, []store.DerivedPath{out(drvs["slow"])}, ClientOptions{Mode: ModeCheck}, nil)
 	if err != nil {
 		t.Fatalf("the check: %v (a deadlock ends with the test's timeout)", err)

@@ -548,22 +548,7 @@ func TestSharedBuildLimits(t *testing.T) {
 // waitBuilding waits until b runs the builder of drv.
 func waitBuilding(t *testing.T, b *Builder, drv storepath.Path) {
 	t.Helper()
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		b.mu.Lock()
-		g := b.goals[goalKey{drv, ModeNormal}]
-		b.mu.Unlock()
-		if g != nil {
-			g.mu.Lock()
-			running := g.running
-			g.mu.Unlock()
-			if running {
-				return
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the builder of %s did not start", drv)
-		}
-	}
+	waitUntil(t, "the builder of "+drv.String(), func() bool { return isRunning(goalOf(b, drv, ModeNormal)) })
 }
 
 // TestImpureEnvVars: a fixed-output derivation's impureEnvVars get the

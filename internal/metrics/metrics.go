@@ -203,15 +203,20 @@ func (m *Metrics) BuildEnded(remote bool, result string, d time.Duration) {
 // Fetched counts a path fetched from a binary cache, of narSize bytes of
 // NAR, or a fetch that failed with err.
 func (m *Metrics) Fetched(narSize uint64, err error) {
-	if m == nil {
-		return
+	if m != nil {
+		countResult(m.fetches, m.fetchedNar, narSize, err)
 	}
+}
+
+// countResult counts an event that ended with err in results (by result:
+// ok, failed), and the bytes it moved, if it succeeded, in bytes.
+func countResult(results *prometheus.CounterVec, bytes prometheus.Counter, n uint64, err error) {
 	if err != nil {
-		m.fetches.WithLabelValues("failed").Inc()
+		results.WithLabelValues("failed").Inc()
 		return
 	}
-	m.fetches.WithLabelValues("ok").Inc()
-	m.fetchedNar.Add(float64(narSize))
+	results.WithLabelValues("ok").Inc()
+	bytes.Add(float64(n))
 }
 
 // Pushed counts a path written to the fleet cache.
@@ -237,15 +242,9 @@ func (m *Metrics) PushQueue(queued func() int) {
 // AutoGC counts an automatic collection that freed freed bytes (err: it
 // failed).
 func (m *Metrics) AutoGC(freed uint64, err error) {
-	if m == nil {
-		return
+	if m != nil {
+		countResult(m.autoGCs, m.autoGCBytes, freed, err)
 	}
-	if err != nil {
-		m.autoGCs.WithLabelValues("failed").Inc()
-		return
-	}
-	m.autoGCs.WithLabelValues("ok").Inc()
-	m.autoGCBytes.Add(float64(freed))
 }
 
 // Jobs makes live report the live job sessions, read at each scrape.
