@@ -1435,11 +1435,14 @@ func TestStopLetsBuildsFinish(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("the daemon did not exit at a second SIGTERM")
 	}
-	if r := <-done; r.err == nil {
-		t.Errorf("a build the daemon was told twice to stop succeeded:\n%s", r)
+	if r := <-done; r.err == nil || !strings.Contains(r.stderr, "the daemon is stopping") {
+		t.Errorf("a build the daemon was told twice to stop: its client does not hear why:\n%s", r)
 	}
 	if builderRunning(t, "stop-now-"+b.nonce) {
 		t.Error("the builder still runs after the daemon stopped")
+	}
+	if left, _ := filepath.Glob(filepath.Join(d.root, "nix/store/*.chroot")); len(left) > 0 {
+		t.Errorf("the stopped daemon left %v", left)
 	}
 }
 

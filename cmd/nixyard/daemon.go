@@ -381,7 +381,7 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		st.OnAutoGC(mets.AutoGC)
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", mets.Handler())
-		stop, err := serveHTTP(ctx, opts.metrics, mux, logger, "--metrics-listen", "/metrics")
+		stop, err := serveHTTP(ctx, opts.metrics, mux, logger, "--metrics-listen", "/metrics", 5*time.Second)
 		if err != nil {
 			return err
 		}
@@ -389,7 +389,8 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 	}
 	if opts.cache != "" {
 		srv := cache.New(st, cache.Config{SecretKeys: secretKeys, Logger: logger})
-		stop, err := serveHTTP(ctx, opts.cache, srv, logger, "--cache-listen", "/")
+		// NARs being sent when the daemon stops get the shutdown grace too.
+		stop, err := serveHTTP(ctx, opts.cache, srv, logger, "--cache-listen", "/", max(5*time.Second, opts.grace))
 		if err != nil {
 			return err
 		}
@@ -506,7 +507,15 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		ls = append(ls, daemon.Listener{Listener: hookListener, Policy: daemon.ListenPolicy{Trusted: true}})
 	}
 	logger.Info("nixyard daemon listening", "socket", ls[0].Addr().String(), "store", layout.RealStoreDir, "version", version)
-	return srv.ServeAll(ctx, ls)
+	err = srv.ServeAll(ctx, ls)
+	// Builds stopped with their connections clean up (sandbox, build
+	// directory, locks) before the process ends.
+	wctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if werr := builder.Wait(wctx); werr != nil {
+		logger.Warn("builds still cleaning up at exit", "err", werr)
+	}
+	return err
 }
 
 // listen creates the daemon socket as nix-daemon does: the directory is made
@@ -581,12 +590,15 @@ func readSecretKeys(files []string) ([]signature.SecretKey, error) {
 
 // serveHTTP serves h at addr until the returned stop is called; flag
 // names the option in errors, path what the log names.
-func serveHTTP(ctx context.Context, addr string, h http.Handler, logger *slog.Logger, flag, path string) (stop func(), err error) {
+func serveHTTP(ctx context.Context, addr string, h http.Handler, logger *slog.Logger, flag, path string, grace time.Duration) (stop func(), err error) {
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", flag, err)
 	}
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, BaseContext: func(net.Listener) context.Context { return ctx }}
+	// Served on while the daemon drains (ctx, done at the first signal,
+	// would end every request at once: metrics are wanted then most).
+	base := context.WithoutCancel(ctx)
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, BaseContext: func(net.Listener) context.Context { return base }}
 	go func() {
 		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			logger.Error("HTTP server failed", "option", flag, "err", err)
@@ -594,9 +606,10 @@ func serveHTTP(ctx context.Context, addr string, h http.Handler, logger *slog.Lo
 	}()
 	logger.Info("serving over HTTP", "option", flag, "url", "http://"+l.Addr().String()+path)
 	return func() {
-		// Handlers get 5 s to end before the store closes; then they are
-		// cut off (a NAR being sent breaks off, its temporary root goes).
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		// Handlers get grace to end before the store closes; then they
+		// are cut off (a NAR being sent breaks off, its temporary root
+		// goes).
+		sctx, cancel := context.WithTimeout(context.Background(), grace)
 		defer cancel()
 		if srv.Shutdown(sctx) != nil {
 			srv.Close()

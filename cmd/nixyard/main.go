@@ -32,14 +32,16 @@ func main() {
 	}
 }
 
-// signals returns a context that the first SIGINT or SIGTERM cancels (a
+// signals returns a context that the first SIGINT, SIGTERM or SIGHUP cancels (a
 // daemon then stops accepting connections and lets those open finish),
 // and a channel that the second closes (stop now).
 func signals() (context.Context, <-chan struct{}) {
 	ctx, cancel := context.WithCancel(context.Background())
 	now := make(chan struct{})
 	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	// SIGHUP too: a daemon started in a terminal that is closed stops as
+	// gently as a service told to.
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 	go func() {
 		<-sigs
 		cancel()

@@ -163,7 +163,15 @@ func (s *Server) connEnded() {
 
 // serveNetConn authenticates a socket peer and serves it.
 func (s *Server) serveNetConn(ctx context.Context, nc net.Conn, pol ListenPolicy) {
-	stop := context.AfterFunc(ctx, func() { nc.Close() })
+	stop := context.AfterFunc(ctx, func() {
+		if errors.Is(context.Cause(ctx), errStopping) {
+			// The operation under way ends with errStopping, which its
+			// client should read before the connection goes.
+			time.AfterFunc(stoppingDelay, func() { nc.Close() })
+			return
+		}
+		nc.Close()
+	})
 	defer stop()
 	p := s.identify(nc)
 	s.applyPolicy(&p, pol)
@@ -419,8 +427,12 @@ func (c *conn) perform(ctx context.Context, op uint64) error {
 		defer stop()
 	}
 	err := h(ctx, c)
-	if err != nil && errors.Is(context.Cause(ctx), errHangup) {
+	switch {
+	case err == nil:
+	case errors.Is(context.Cause(ctx), errHangup):
 		return errHangup // whatever the op made of its cancelled context
+	case errors.Is(context.Cause(ctx), errStopping):
+		return fatal(errStopping)
 	}
 	return err
 }

@@ -101,8 +101,8 @@ type Listener struct {
 func (s *Server) ServeAll(ctx context.Context, ls []Listener) error {
 	accept, cancel := context.WithCancel(ctx)
 	defer cancel()
-	conns, stopConns := context.WithCancel(context.WithoutCancel(ctx))
-	defer stopConns()
+	conns, stopConns := context.WithCancelCause(context.WithoutCancel(ctx))
+	defer stopConns(errStopping)
 	var (
 		wg   sync.WaitGroup
 		mu   sync.Mutex
@@ -126,14 +126,22 @@ func (s *Server) ServeAll(ctx context.Context, ls []Listener) error {
 	}
 	<-accept.Done()
 	s.drain()
-	stopConns()
+	stopConns(errStopping)
 	wg.Wait()
 	return errors.Join(errs...)
 }
 
+// errStopping ends the operations still running when the daemon stops.
+var errStopping = errors.New("the daemon is stopping (a restart, say): run the command again once it is back")
+
+// stoppingDelay is how long a connection whose operation the daemon's
+// stop ended stays open, so that its client hears why.
+const stoppingDelay = 2 * time.Second
+
 // drain waits, up to the shutdown grace, for the open connections to end.
 func (s *Server) drain() {
 	if s.opts.ShutdownGrace <= 0 || s.open.Load() == 0 {
+		s.log.Info("stopping", "connections", s.open.Load())
 		return
 	}
 	s.log.Info("stopping: serving the open connections until they end", "connections", s.open.Load(), "grace", s.opts.ShutdownGrace)
