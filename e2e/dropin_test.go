@@ -85,7 +85,45 @@ func TestSocketActivation(t *testing.T) {
 	if after := inode(t, d.sock); after != before {
 		t.Errorf("the socket file was replaced (inode %d, then %d)", before, after)
 	}
+	c.Close() // an open connection would hold the stop for its grace
 	d.verifyStopped(t)
+}
+
+// TestSocketActivationJobSocket: systemd may pass job sockets too (a
+// socket unit with several ListenStream=): the daemon serves each on the
+// --listen whose path it has, with that socket's policy, and leaves it to
+// systemd, so that a job connecting while the daemon restarts waits for
+// the new one instead of failing.
+func TestSocketActivationJobSocket(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("job sockets are nixyard's")
+	}
+	e := newEnv(t)
+	job := filepath.Join(e.dir, "jobs", "socket")
+	d := e.startDaemon(t, socketActivated(job), withDaemonArgs("--listen", job+",tenant=ci"))
+	before := inode(t, job)
+	jobURL := "unix://" + job + "?root=" + d.root
+	e.cmd("nix", "store", "ping", "--store", jobURL).ok(t)
+	d.stop(t)
+	c, err := net.Dial("unix", job)
+	if err != nil {
+		t.Fatalf("connecting to the job socket while no daemon runs: %v", err)
+	}
+	defer c.Close()
+	d.start(t)
+	c.SetDeadline(time.Now().Add(time.Minute))
+	early := &protoConn{c: c, r: bufio.NewReader(c), w: bufio.NewWriter(c), client: clientProto}
+	if err := early.handshake(); err != nil {
+		t.Fatalf("handshake of the job client that connected during the restart: %v", err)
+	}
+	if after := inode(t, job); after != before {
+		t.Errorf("the job socket file was replaced (inode %d, then %d)", before, after)
+	}
+	log, _ := os.ReadFile(d.logPath)
+	if !strings.Contains(string(log), "using the job socket passed by systemd") || !strings.Contains(string(log), "tenant=ci") {
+		t.Errorf("the daemon's log does not say it took the job socket from systemd:\n%s", log)
+	}
 }
 
 // TestStdioForwards runs `nix-daemon --stdio` (what ssh-ng runs on the

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -243,9 +244,9 @@ type daemon struct {
 
 	proc   *exec.Cmd
 	exited chan struct{} // closed when proc has exited
-	// listener is the socket made for a socket-activated daemon, kept
-	// open across restarts as systemd keeps it.
-	listener *os.File
+	// listeners are the sockets made for a socket-activated daemon, by
+	// path, kept open across restarts as systemd keeps them.
+	listeners map[string]*os.File
 }
 
 // daemonOpt configures startDaemon.
@@ -261,6 +262,9 @@ type daemonConfig struct {
 	// nix-daemon.socket does, and passes it to the daemon as file
 	// descriptor 3 with LISTEN_FDS and LISTEN_PID.
 	socketActivated bool
+	// activatedJobSockets are job sockets (--listen) passed as well, as
+	// file descriptors 4, 5, ….
+	activatedJobSockets []string
 }
 
 // withDaemonArgs adds arguments to the daemon's command line.
@@ -285,9 +289,10 @@ func withDaemonEnv(kv ...string) daemonOpt {
 	return func(c *daemonConfig) { c.env = append(c.env, kv...) }
 }
 
-// socketActivated starts the daemon as systemd socket activation does.
-func socketActivated() daemonOpt {
-	return func(c *daemonConfig) { c.socketActivated = true }
+// socketActivated starts the daemon as systemd socket activation does,
+// with the default socket and the job sockets at jobSockets.
+func socketActivated(jobSockets ...string) daemonOpt {
+	return func(c *daemonConfig) { c.socketActivated, c.activatedJobSockets = true, jobSockets }
 }
 
 // withConf adds lines to the daemon's nix.conf.
@@ -357,10 +362,16 @@ func daemonArgv(root string, extra ...string) []string {
 // binary called through a symlink named nix-daemon.
 func (d *daemon) argv(t *testing.T) []string {
 	t.Helper()
-	if !d.cfg.asNixDaemon {
-		return daemonArgv(d.root, d.cfg.args...)
+	args := d.cfg.args
+	if !useStock && !slices.Contains(args, "--shutdown-grace") {
+		// A test's own connection left open would hold its daemon's stop
+		// for the grace: tests that mean to drain say so.
+		args = append(slices.Clone(args), "--shutdown-grace", "0")
 	}
-	return append([]string{d.nixDaemonLink(t), "--store", d.root}, d.cfg.args...)
+	if !d.cfg.asNixDaemon {
+		return daemonArgv(d.root, args...)
+	}
+	return append([]string{d.nixDaemonLink(t), "--store", d.root}, args...)
 }
 
 // nixDaemonLink makes (once) a symlink named nix-daemon to the daemon
@@ -416,9 +427,12 @@ func (d *daemon) start(t *testing.T) {
 	argv := d.argv(t)
 	var extraFiles []*os.File
 	if d.cfg.socketActivated {
-		extraFiles = []*os.File{d.activationSocket(t)}
+		extraFiles = []*os.File{d.activationSocket(t, d.sock)}
+		for _, p := range d.cfg.activatedJobSockets {
+			extraFiles = append(extraFiles, d.activationSocket(t, p))
+		}
 		// systemd sets LISTEN_PID to the pid of the process it execs.
-		argv = append([]string{"/bin/sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@"`}, argv...)
+		argv = append([]string{"/bin/sh", "-c", fmt.Sprintf(`LISTEN_PID=$$ LISTEN_FDS=%d exec "$0" "$@"`, len(extraFiles))}, argv...)
 	}
 	fmt.Fprintf(log, "=== %s: %s\n", time.Now().Format(time.RFC3339Nano), shellQuote(argv))
 	x := exec.Command(argv[0], argv[1:]...)
@@ -465,21 +479,21 @@ func (d *daemon) start(t *testing.T) {
 	}
 }
 
-// activationSocket makes (once) the listening socket at d.sock that a
+// activationSocket makes (once) the listening socket at path that a
 // socket-activated daemon gets, as systemd's socket unit makes it (mode
 // 0666), and returns it as a file to pass on.
-func (d *daemon) activationSocket(t *testing.T) *os.File {
+func (d *daemon) activationSocket(t *testing.T, path string) *os.File {
 	t.Helper()
-	if d.listener != nil {
-		return d.listener
+	if f := d.listeners[path]; f != nil {
+		return f
 	}
-	mustMkdir(t, filepath.Dir(d.sock), 0o755)
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: d.sock, Net: "unix"})
+	mustMkdir(t, filepath.Dir(path), 0o755)
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	l.SetUnlinkOnClose(false)
-	if err := os.Chmod(d.sock, 0o666); err != nil {
+	if err := os.Chmod(path, 0o666); err != nil {
 		t.Fatal(err)
 	}
 	f, err := l.File()
@@ -487,7 +501,10 @@ func (d *daemon) activationSocket(t *testing.T) *os.File {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d.listener = f
+	if d.listeners == nil {
+		d.listeners = map[string]*os.File{}
+	}
+	d.listeners[path] = f
 	t.Cleanup(func() { f.Close() })
 	return f
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -60,42 +61,64 @@ func parseLease(v string) (time.Duration, error) {
 
 // listenAll opens the default socket (Nix's uid-based trust) and every
 // --listen socket with its policy. Under systemd socket activation the
-// default socket is the one systemd passed, as for nix-daemon.
+// sockets systemd passes are used: each --listen socket whose path is one
+// of theirs, and the default socket (the one passed socket that is no
+// --listen's, as for nix-daemon). Sockets systemd did not pass are made
+// as without it. Passed sockets keep their files when the daemon stops, so
+// that clients queue during a restart instead of failing.
 func listenAll(defaultPath string, specs []daemon.ListenSpec, logger *slog.Logger) ([]daemon.Listener, error) {
-	l, err := daemon.SystemdListener(os.Getpid())
-	switch {
-	case err != nil:
+	passed, err := daemon.SystemdListeners(os.Getpid())
+	if err != nil {
 		return nil, err
-	case l != nil:
-		logger.Info("using the socket passed by systemd", "socket", l.Addr().String())
-	default:
-		if l, err = listen(defaultPath); err != nil {
-			return nil, err
-		}
 	}
-	out := []daemon.Listener{{Listener: l}}
-	seen := map[string]bool{filepath.Clean(l.Addr().String()): true}
+	byPath := map[string]net.Listener{}
+	for _, l := range passed {
+		byPath[filepath.Clean(l.Addr().String())] = l
+	}
+	var jobs []daemon.Listener
+	fail := func(err error) ([]daemon.Listener, error) {
+		for _, o := range jobs {
+			o.Close()
+		}
+		for _, l := range byPath {
+			l.Close()
+		}
+		return nil, err
+	}
+	seen := map[string]bool{}
 	for _, s := range specs {
 		p := filepath.Clean(s.Path)
-		if seen[p] {
-			for _, o := range out {
-				o.Close()
-			}
-			return nil, fmt.Errorf("--listen %s: the daemon listens there already (its default socket, or a --listen given twice)", s.Path)
+		if seen[p] || p == filepath.Clean(defaultPath) {
+			return fail(fmt.Errorf("--listen %s: the daemon listens there already (its default socket, or a --listen given twice)", s.Path))
 		}
 		seen[p] = true
 		if filepath.Dir(p) == filepath.Dir(filepath.Clean(defaultPath)) {
 			logger.Warn("a job socket is in the default socket's directory: a job that mounts that directory reaches the default socket too, which trusts container root as root; give the job socket a directory of its own", "socket", s.Path)
 		}
-		l, err := listen(s.Path)
-		if err != nil {
-			for _, o := range out {
-				o.Close()
-			}
-			return nil, err
+		l, ok := byPath[p]
+		if ok {
+			delete(byPath, p)
+			logger.Info("using the job socket passed by systemd", "socket", s.Path)
+		} else if l, err = listen(s.Path); err != nil {
+			return fail(err)
 		}
-		out = append(out, daemon.Listener{Listener: l, Policy: s.Policy})
+		jobs = append(jobs, daemon.Listener{Listener: l, Policy: s.Policy})
 		logger.Info("listening on a job socket", "socket", s.Path, "untrusted", s.Policy.Untrusted, "tenant", s.Policy.Tenant)
 	}
-	return out, nil
+	var def net.Listener
+	switch len(byPath) {
+	case 0:
+		if def, err = listen(defaultPath); err != nil {
+			return fail(err)
+		}
+	case 1:
+		for p, l := range byPath {
+			def = l
+			delete(byPath, p)
+			logger.Info("using the socket passed by systemd", "socket", p)
+		}
+	default:
+		return fail(fmt.Errorf("systemd passed %d sockets that are not --listen sockets: give each job socket's path to --listen, and pass at most one other (the default socket)", len(byPath)))
+	}
+	return append([]daemon.Listener{{Listener: def}}, jobs...), nil
 }

@@ -69,6 +69,9 @@ type Server struct {
 
 	open    atomic.Int64  // socket connections being served
 	changed chan struct{} // signalled (without blocking) when one ends
+
+	connsMu sync.Mutex
+	conns   map[*conn]func() error // socket connections, with what closes each
 }
 
 // New returns a Server for opts.
@@ -83,7 +86,7 @@ func New(opts Options) *Server {
 	if log == nil {
 		log = slog.Default()
 	}
-	s := &Server{opts: opts, log: log, changed: make(chan struct{}, 1)}
+	s := &Server{opts: opts, log: log, changed: make(chan struct{}, 1), conns: map[*conn]func() error{}}
 	if opts.Store != nil {
 		s.dir = opts.Store.Dir()
 	}
@@ -245,7 +248,10 @@ type conn struct {
 	tun     *tunnel
 	session *store.Session
 	gcCheck store.AutoGCCheck // when its requests last had the free space checked
-	opts    clientSettings
+	// idleSince is when the connection began to wait for its next op
+	// (Unix nanoseconds; 0 while an op runs): see Server.closeIdle.
+	idleSince atomic.Int64
+	opts      clientSettings
 
 	// narinfos keeps what file:// caches told this connection's lookups.
 	narinfos substitute.ConnNarinfos
@@ -315,13 +321,25 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 	// Decided once per connection: the op loop is the hot path, and a
 	// disabled Debug call still boxes its arguments.
 	debug := log.Enabled(ctx, slog.LevelDebug)
+	if cl, ok := r.(io.Closer); ok {
+		s.connsMu.Lock()
+		s.conns[c] = cl.Close
+		s.connsMu.Unlock()
+		defer func() {
+			s.connsMu.Lock()
+			delete(s.conns, c)
+			s.connsMu.Unlock()
+		}()
+	}
 	for {
+		c.idleSince.Store(time.Now().UnixNano())
 		if _, err := c.br.Peek(1); err != nil {
 			if err == io.EOF || ctx.Err() != nil {
 				return nil
 			}
 			return fmt.Errorf("daemon: reading op: %w", err)
 		}
+		c.idleSince.Store(0)
 		op := c.in.U64("op")
 		if err := c.in.Err(); err != nil {
 			return fmt.Errorf("daemon: reading op: %w", err)

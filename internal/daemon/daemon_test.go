@@ -256,3 +256,44 @@ func TestListenMaxConns(t *testing.T) {
 		}
 	}
 }
+
+// TestDrainClosesIdle: a stopping daemon serves its open connections on,
+// but one that waits idle for its next op (a nix repl) is closed after
+// idleCloseAfter rather than holding the stop for the whole grace.
+func TestDrainClosesIdle(t *testing.T) {
+	old := idleCloseAfter
+	idleCloseAfter = 100 * time.Millisecond
+	t.Cleanup(func() { idleCloseAfter = old })
+	root := t.TempDir()
+	st, err := store.Open(context.Background(), store.Config{
+		StoreDir: "/nix/store", RealStoreDir: filepath.Join(root, "nix/store"),
+		StateDir: filepath.Join(root, "nix/var/nix"), LogDir: filepath.Join(root, "nix/var/log/nix"),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	sock := filepath.Join(t.TempDir(), "socket")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := New(Options{Store: st, ShutdownGrace: time.Minute, Logger: slog.New(slog.DiscardHandler)})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.ServeAll(ctx, []Listener{{Listener: l}}) }()
+	c, err := client.Dial(context.Background(), sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the stop waited for an idle connection")
+	}
+}

@@ -126,9 +126,30 @@ func (s *Server) ServeAll(ctx context.Context, ls []Listener) error {
 	}
 	<-accept.Done()
 	s.drain()
+	s.closeIdle(0) // at once: there is no op to tell of the stop
 	stopConns(errStopping)
 	wg.Wait()
 	return errors.Join(errs...)
+}
+
+// idleCloseAfter is how long a connection may wait for its next op while
+// the daemon drains before it is closed: a client between two ops of one
+// command (evaluating, say) is waited for, an idle one (nix repl) does not
+// hold the stop for the whole grace.
+var idleCloseAfter = 20 * time.Second // a variable for tests
+
+// closeIdle closes the connections that have waited for their next op for
+// longer than after.
+func (s *Server) closeIdle(after time.Duration) {
+	now := time.Now().UnixNano()
+	s.connsMu.Lock()
+	defer s.connsMu.Unlock()
+	for c, closeConn := range s.conns {
+		if since := c.idleSince.Load(); since != 0 && now-since >= int64(after) {
+			c.log.Info("stopping: closing a connection idle between operations", "idle", time.Duration(now-since).Round(time.Second))
+			closeConn()
+		}
+	}
 }
 
 // errStopping ends the operations still running when the daemon stops.
@@ -149,8 +170,13 @@ func (s *Server) drain() {
 	defer deadline.Stop()
 	report := time.NewTicker(30 * time.Second)
 	defer report.Stop()
+	idle := time.NewTicker(time.Second)
+	defer idle.Stop()
+	s.closeIdle(idleCloseAfter)
 	for s.open.Load() > 0 {
 		select {
+		case <-idle.C:
+			s.closeIdle(idleCloseAfter)
 		case <-s.changed:
 		case <-report.C:
 			s.log.Info("stopping: connections still open", "connections", s.open.Load())
