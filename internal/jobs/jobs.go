@@ -77,12 +77,12 @@ type Manager struct {
 	log      *slog.Logger
 	selfNS   string
 
+	mu sync.Mutex
 	// journalLock is held while this Manager keeps the jobs' journals
-	// (nil: it keeps none).
+	// (nil: it keeps none, yet).
 	journalLock *os.File
-
-	mu   sync.Mutex
-	jobs map[string]*job
+	jobs        map[string]*job
+	closed      bool
 }
 
 // job is one live job session.
@@ -127,7 +127,8 @@ func New(st *store.Store, opts Options) (*Manager, error) {
 	if err := os.MkdirAll(m.journalDir(), 0o700); err != nil {
 		m.log.Warn("cannot keep the jobs' journals; job sessions will not outlive the daemon", "err", err)
 	} else if lock, err := openJournalLock(m.journalDir()); err != nil {
-		m.log.Warn("the jobs' journals are another daemon's; this one's job sessions will not outlive it", "err", err)
+		m.log.Warn("the jobs' journals are another daemon's (one still stopping?); this one takes them when it lets them go", "err", err)
+		go m.awaitJournals()
 	} else {
 		m.journalLock = lock
 		m.restore()
@@ -312,6 +313,7 @@ func (m *Manager) Close() error {
 		errs = append(errs, m.journalLock.Close())
 		m.journalLock = nil
 	}
+	m.closed = true
 	return errors.Join(errs...)
 }
 
@@ -401,23 +403,59 @@ func (m *Manager) restore() {
 		}
 		path := filepath.Join(dir, e.Name())
 		j, roots, err := m.readJournal(path, e.Name())
-		if err != nil || strings.HasPrefix(e.Name(), ".") || !m.initAlive(j) {
-			if err != nil && !strings.HasPrefix(e.Name(), ".") {
-				m.log.Warn("dropping an unreadable job journal", "file", path, "err", err)
-			}
+		switch {
+		case strings.HasPrefix(e.Name(), "."):
+			os.Remove(path) // a journal left half-written
+			continue
+		case err != nil:
+			m.log.Warn("dropping an unreadable job journal", "file", path, "err", err)
+			os.Remove(path)
+			continue
+		case !m.initAlive(j):
+			m.log.Info("job ended while no daemon ran; its journal goes", "job", j.id)
 			os.Remove(path)
 			continue
 		}
-		j.session = m.st.OpenSession()
+		if cur, ok := m.jobs[j.id]; ok {
+			j = cur // it reached this daemon before the journals did
+		} else {
+			j.session = m.st.OpenSession()
+			j.idleFrom = m.now()
+			m.jobs[j.id] = j
+		}
 		for _, p := range roots {
 			if err := j.session.AddTempRoot(context.Background(), p); err != nil {
 				m.log.Warn("cannot take up a job's root", "job", j.id, "path", p.String(), "err", err)
 			}
 		}
-		j.idleFrom = m.now()
-		m.jobs[j.id] = j
-		m.openJournal(j)
 		m.log.Info("job session taken up from before the daemon started", "job", j.id, "tenant", j.tenant, "roots", len(roots))
+	}
+	// Every job is journalled from now on, those that came meanwhile too.
+	for _, j := range m.jobs {
+		if j.journal == nil {
+			m.openJournal(j)
+		}
+	}
+}
+
+// awaitJournals takes the journals once the daemon that keeps them (one
+// still draining its connections, say) has let them go, polling until the
+// Manager is closed.
+func (m *Manager) awaitJournals() {
+	for range time.Tick(time.Second) {
+		m.mu.Lock()
+		if m.closed {
+			m.mu.Unlock()
+			return
+		}
+		if lock, err := openJournalLock(m.journalDir()); err == nil {
+			m.journalLock = lock
+			m.restore()
+			m.mu.Unlock()
+			m.log.Info("the jobs' journals are this daemon's now")
+			return
+		}
+		m.mu.Unlock()
 	}
 }
 

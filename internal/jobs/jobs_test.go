@@ -15,6 +15,7 @@ import (
 
 	"github.com/nixyard/nixyard/internal/nix/contentaddress"
 	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
 
@@ -320,6 +321,69 @@ func TestSecondManagerLeavesJournals(t *testing.T) {
 	for _, p := range []*store.PathInfo{early, late} {
 		if ok, _ := st.IsValidPath(context.Background(), p.Path); !ok {
 			t.Errorf("%s, held by the running job, was collected after the restart", p.Path)
+		}
+	}
+}
+
+// TestJournalsHandedOver: a daemon started while another still keeps the
+// journals (it drains its connections) takes them once that one lets them
+// go, with the roots of both, so that a third daemon takes up the job
+// with every root.
+func TestJournalsHandedOver(t *testing.T) {
+	st := testStore(t)
+	add := func(name string) storepath.Path {
+		p, err := st.AddToStoreContent(context.Background(), name, contentaddress.Text, hash.SHA256, nil, strings.NewReader(name), false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p.Path
+	}
+	first, second := add("first"), add("second")
+	_, live, _ := container(t)
+	old, err := New(st, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := old.Attach(live, "ci")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Session().AddTempRoot(context.Background(), first)
+	next, err := New(st, Options{}) // while old keeps the journals
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := next.Attach(live, "ci")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.Session().AddTempRoot(context.Background(), second)
+	a.Release()
+	old.Close()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		next.mu.Lock()
+		took := next.journalLock != nil
+		next.mu.Unlock()
+		if took {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the second daemon did not take the journals")
+		}
+	}
+	b.Release()
+	next.Close()
+	third, err := New(st, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer third.Close()
+	if _, err := st.CollectGarbage(context.Background(), store.GCOptions{Action: store.GCDeleteDead, MaxFreed: math.MaxUint64}, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []storepath.Path{first, second} {
+		if ok, _ := st.IsValidPath(context.Background(), p); !ok {
+			t.Errorf("%s, held by the running job, was collected", p)
 		}
 	}
 }
