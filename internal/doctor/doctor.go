@@ -107,7 +107,7 @@ func Run(ctx context.Context, storeURL string) *Report {
 	var d net.Dialer
 	nc, err := d.DialContext(ctx, "unix", sock)
 	if err != nil {
-		advice := "is the daemon running with a job socket (--listen HOST-PATH), and is that socket's directory mounted into the job at " + filepath.Dir(sock) + "?"
+		advice := "is the daemon running (it may be restarting: try again in a minute) with a job socket (--listen HOST-PATH), and is that socket's directory mounted into the job at " + filepath.Dir(sock) + "?"
 		if errors.Is(err, unix.EACCES) {
 			advice = "the job's user may not connect: check the socket directory's permissions and allowed-users"
 		}
