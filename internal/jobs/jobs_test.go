@@ -207,38 +207,58 @@ func TestMaxConns(t *testing.T) {
 	}
 }
 
+// addText adds a text path named name to st.
+func addText(t *testing.T, st *store.Store, name string) storepath.Path {
+	t.Helper()
+	p, err := st.AddToStoreContent(context.Background(), name, contentaddress.Text, hash.SHA256, nil, strings.NewReader(name), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p.Path
+}
+
+// newManager is New, failing the test on an error.
+func newManager(t *testing.T, st *store.Store) *Manager {
+	t.Helper()
+	m, err := New(st, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// collectAll deletes every dead path of st and returns those it deleted.
+func collectAll(t *testing.T, st *store.Store) []string {
+	t.Helper()
+	res, err := st.CollectGarbage(context.Background(), store.GCOptions{Action: store.GCDeleteDead, MaxFreed: math.MaxUint64}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res.Paths
+}
+
 // TestJournalOutlivesDaemon: a daemon started after another (a restart)
 // takes up the jobs still running with their roots, which a collection
 // then keeps; an ended job's journal is deleted, and so is one whose job
 // ended while no daemon ran.
 func TestJournalOutlivesDaemon(t *testing.T) {
 	st := testStore(t)
-	held, err := st.AddToStoreContent(context.Background(), "held", contentaddress.Text, hash.SHA256, nil, strings.NewReader("held"), false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	gone, err := st.AddToStoreContent(context.Background(), "gone", contentaddress.Text, hash.SHA256, nil, strings.NewReader("gone"), false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := New(st, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	held, gone := addText(t, st, "held"), addText(t, st, "gone")
+	m := newManager(t, st)
 	_, live, _ := container(t)
 	initEnded, ended, kill := container(t)
 	a, err := m.Attach(live, "ci")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := a.Session().AddTempRoot(context.Background(), held.Path); err != nil {
+	if err := a.Session().AddTempRoot(context.Background(), held); err != nil {
 		t.Fatal(err)
 	}
 	b, err := m.Attach(ended, "ci")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := b.Session().AddTempRoot(context.Background(), gone.Path); err != nil {
+	if err := b.Session().AddTempRoot(context.Background(), gone); err != nil {
 		t.Fatal(err)
 	}
 	a.Release()
@@ -249,23 +269,17 @@ func TestJournalOutlivesDaemon(t *testing.T) {
 	kill() // one job ends meanwhile
 	waitGone(t, initEnded)
 
-	m2, err := New(st, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	m2 := newManager(t, st)
 	defer m2.Close()
 	if got := m2.Live(); len(got) != 1 || got[0] != a.ID() {
 		t.Fatalf("jobs taken up: %v, want [%s]", got, a.ID())
 	}
-	res, err := st.CollectGarbage(context.Background(), store.GCOptions{Action: store.GCDeleteDead, MaxFreed: math.MaxUint64}, nil)
-	if err != nil {
-		t.Fatal(err)
+	deleted := collectAll(t, st)
+	if ok, _ := st.IsValidPath(context.Background(), held); !ok {
+		t.Errorf("the collection after the restart deleted %s, which the running job holds (deleted: %v)", held, deleted)
 	}
-	if ok, _ := st.IsValidPath(context.Background(), held.Path); !ok {
-		t.Errorf("the collection after the restart deleted %s, which the running job holds (deleted: %v)", held.Path, res.Paths)
-	}
-	if ok, _ := st.IsValidPath(context.Background(), gone.Path); ok {
-		t.Errorf("%s, held by a job that ended, survived the collection (deleted: %v)", gone.Path, res.Paths)
+	if ok, _ := st.IsValidPath(context.Background(), gone); ok {
+		t.Errorf("%s, held by a job that ended, survived the collection (deleted: %v)", gone, deleted)
 	}
 	if ents, _ := filepath.Glob(filepath.Join(st.StateDir(), "nixyard-jobs", "pidns-*")); len(ents) != 1 || filepath.Base(ents[0]) != a.ID() {
 		t.Errorf("journals after the restart: %v, want only %s's", ents, a.ID())
@@ -278,51 +292,26 @@ func TestJournalOutlivesDaemon(t *testing.T) {
 // restart.
 func TestSecondManagerLeavesJournals(t *testing.T) {
 	st := testStore(t)
-	add := func(name string) *store.PathInfo {
-		p, err := st.AddToStoreContent(context.Background(), name, contentaddress.Text, hash.SHA256, nil, strings.NewReader(name), false)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	early, late := add("early"), add("late")
-	m, err := New(st, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	early, late := addText(t, st, "early"), addText(t, st, "late")
+	m := newManager(t, st)
 	_, live, _ := container(t)
 	a, err := m.Attach(live, "ci")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := a.Session().AddTempRoot(context.Background(), early.Path); err != nil {
+	if err := a.Session().AddTempRoot(context.Background(), early); err != nil {
 		t.Fatal(err)
 	}
-	// Another daemon on the store starts and ends.
-	stdio, err := New(st, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdio.Close()
+	newManager(t, st).Close() // another daemon on the store starts and ends
 	// The main daemon's job goes on.
-	if err := a.Session().AddTempRoot(context.Background(), late.Path); err != nil {
+	if err := a.Session().AddTempRoot(context.Background(), late); err != nil {
 		t.Fatal(err)
 	}
 	a.Release()
 	m.Close() // restart
-	m2, err := New(st, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m2.Close()
-	if _, err := st.CollectGarbage(context.Background(), store.GCOptions{Action: store.GCDeleteDead, MaxFreed: math.MaxUint64}, nil); err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range []*store.PathInfo{early, late} {
-		if ok, _ := st.IsValidPath(context.Background(), p.Path); !ok {
-			t.Errorf("%s, held by the running job, was collected after the restart", p.Path)
-		}
-	}
+	defer newManager(t, st).Close()
+	collectAll(t, st)
+	assertValid(t, st, "held by the running job, collected after the restart", early, late)
 }
 
 // TestJournalsHandedOver: a daemon started while another still keeps the
@@ -331,28 +320,15 @@ func TestSecondManagerLeavesJournals(t *testing.T) {
 // with every root.
 func TestJournalsHandedOver(t *testing.T) {
 	st := testStore(t)
-	add := func(name string) storepath.Path {
-		p, err := st.AddToStoreContent(context.Background(), name, contentaddress.Text, hash.SHA256, nil, strings.NewReader(name), false)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return p.Path
-	}
-	first, second := add("first"), add("second")
+	first, second := addText(t, st, "first"), addText(t, st, "second")
 	_, live, _ := container(t)
-	old, err := New(st, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	old := newManager(t, st)
 	a, err := old.Attach(live, "ci")
 	if err != nil {
 		t.Fatal(err)
 	}
 	a.Session().AddTempRoot(context.Background(), first)
-	next, err := New(st, Options{}) // while old keeps the journals
-	if err != nil {
-		t.Fatal(err)
-	}
+	next := newManager(t, st) // while old keeps the journals
 	b, err := next.Attach(live, "ci")
 	if err != nil {
 		t.Fatal(err)
@@ -373,17 +349,17 @@ func TestJournalsHandedOver(t *testing.T) {
 	}
 	b.Release()
 	next.Close()
-	third, err := New(st, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer third.Close()
-	if _, err := st.CollectGarbage(context.Background(), store.GCOptions{Action: store.GCDeleteDead, MaxFreed: math.MaxUint64}, nil); err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range []storepath.Path{first, second} {
+	defer newManager(t, st).Close()
+	collectAll(t, st)
+	assertValid(t, st, "held by the running job, collected", first, second)
+}
+
+// assertValid fails the test, saying why, for each of paths not valid.
+func assertValid(t *testing.T, st *store.Store, why string, paths ...storepath.Path) {
+	t.Helper()
+	for _, p := range paths {
 		if ok, _ := st.IsValidPath(context.Background(), p); !ok {
-			t.Errorf("%s, held by the running job, was collected", p)
+			t.Errorf("%s: %s", p, why)
 		}
 	}
 }
