@@ -1539,3 +1539,41 @@ func TestBuildOutLinks(t *testing.T) {
 		}
 	}
 }
+
+// TestBuildProgressOrder: as from nix-daemon, a build's activity starts
+// before the builds' progress counts it as running (the progress bar
+// showed a running build with no name for a moment).
+func TestBuildProgressOrder(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	args := b.expr(t, "progressorder", `{ x = mk { name = "progress-order"; script = "echo > $out"; }; }`)
+	r := b.nixBuild(append(args, "-A", "x", "--no-out-link", "--log-format", "internal-json", "-v")...).run(t)
+	if r.err != nil {
+		t.Fatalf("%s", r)
+	}
+	const actBuild, actBuilds, resProgress = 105, 104, 105
+	types := map[float64]float64{}
+	started, counted := -1, -1
+	for i, line := range strings.Split(r.stderr, "\n") {
+		var m struct {
+			Action   string
+			ID, Type float64
+			Fields   []any
+		}
+		if json.Unmarshal([]byte(strings.TrimPrefix(line, "@nix ")), &m) != nil {
+			continue
+		}
+		switch {
+		case m.Action == "start":
+			types[m.ID] = m.Type
+			if m.Type == actBuild && started < 0 {
+				started = i
+			}
+		case m.Action == "result" && m.Type == resProgress && types[m.ID] == actBuilds && len(m.Fields) == 4 && m.Fields[2] == float64(1) && counted < 0:
+			counted = i
+		}
+	}
+	if started < 0 || counted < 0 || counted < started {
+		t.Errorf("the build's start (line %d) and the progress counting it running (line %d):\n%s", started, counted, r.stderr)
+	}
+}

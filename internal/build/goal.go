@@ -321,10 +321,10 @@ func (g *goal) subscribe(c *call) bool {
 		if g.running {
 			// Joining a build under way (as an input of another goal,
 			// say): the caller sees it start too.
-			c.count(0, 1, 0, 0)
-			g.runningFor[c] = true
 			drvAbs := g.b.abs(g.drvPath)
 			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.machine, g.mode, g.round) })
+			c.count(0, 1, 0, 0)
+			g.runningFor[c] = true
 		}
 	}
 	g.subs[c]++
@@ -564,11 +564,13 @@ func (g *goal) setRunning(on bool) {
 	}
 	drvAbs := g.b.abs(g.drvPath)
 	for c := range g.subs {
+		// The build's activity first, then the count that includes it,
+		// as Nix's progress bar gets them.
+		c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.machine, g.mode, g.round) })
 		if !g.runningFor[c] {
 			g.runningFor[c] = true
 			c.count(0, 1, 0, 0)
 		}
-		c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.machine, g.mode, g.round) })
 	}
 }
 
