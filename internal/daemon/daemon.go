@@ -321,7 +321,9 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 	// Decided once per connection: the op loop is the hot path, and a
 	// disabled Debug call still boxes its arguments.
 	debug := log.Enabled(ctx, slog.LevelDebug)
-	if cl, ok := r.(io.Closer); ok {
+	// Registered for closeIdle; not the build hook's connections, idle
+	// while their remote builds run.
+	if cl, ok := r.(io.Closer); ok && !p.hook {
 		s.connsMu.Lock()
 		s.conns[c] = cl.Close
 		s.connsMu.Unlock()

@@ -297,3 +297,35 @@ func TestDrainClosesIdle(t *testing.T) {
 		t.Fatal("the stop waited for an idle connection")
 	}
 }
+
+// TestDrainKeepsHookConnections: the build hook's connection, idle while
+// its remote build runs, is not closed as idle while the daemon drains.
+func TestDrainKeepsHookConnections(t *testing.T) {
+	old := idleCloseAfter
+	idleCloseAfter = 50 * time.Millisecond
+	t.Cleanup(func() { idleCloseAfter = old })
+	d := startDaemon(t, Options{})
+	hookSock := filepath.Join(t.TempDir(), "hook.sock")
+	l, err := net.Listen("unix", hookSock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := New(Options{Store: d.st, ShutdownGrace: time.Minute, Logger: slog.New(slog.DiscardHandler)})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.ServeAll(ctx, []Listener{{Listener: l, Policy: ListenPolicy{Trusted: true}}}) }()
+	c, err := client.Dial(context.Background(), hookSock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	time.Sleep(1500 * time.Millisecond) // past a closeIdle pass
+	p, _ := storepath.ParseBase("00000000000000000000000000000000-x")
+	if _, err := c.QueryPathInfo(context.Background(), p); !errors.Is(err, store.ErrNotValid) {
+		t.Errorf("the hook's connection, during the drain: %v, want 'not valid'", err)
+	}
+	c.Close()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}

@@ -199,7 +199,7 @@ func (s *Server) applyPolicy(p *peer, pol ListenPolicy) {
 		p.jobSock = true
 	}
 	if pol.Trusted {
-		p.trusted, p.refused = true, ""
+		p.trusted, p.refused, p.hook = true, "", true
 	}
 	p.tenant = pol.Tenant
 	if s.opts.Jobs == nil || p.pid <= 0 {

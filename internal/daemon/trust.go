@@ -25,6 +25,7 @@ type peer struct {
 	refused string     // non-empty: why the connection is refused
 	tenant  string     // the listening socket's tenant, if any
 	jobSock bool       // connected through a trusted=false (job) socket
+	hook    bool       // the build hook's connection (its private socket)
 	job     *jobs.Conn // the peer's job, if it is in a container
 }
 
