@@ -2,8 +2,10 @@ package e2e
 
 import (
 	"bufio"
+	"context"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -148,5 +150,32 @@ func TestStdioForwards(t *testing.T) {
 	}
 	if !useStock && !strings.Contains(string(log), "(untrusted)") {
 		t.Errorf("the daemon logged no untrusted connection; log:\n%s", log)
+	}
+}
+
+// TestSocketActivationUnknownSocket: with job sockets, a passed socket
+// that is neither the default socket nor a --listen one (a misspelt path)
+// stops the daemon rather than becoming a socket that trusts by uid.
+func TestSocketActivationUnknownSocket(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("job sockets are nixyard's")
+	}
+	e := newEnv(t)
+	d := &daemon{testEnv: e, root: filepath.Join(e.dir, "root"), confDir: filepath.Join(e.dir, "daemon-conf"), home: filepath.Join(e.dir, "daemon-home")}
+	d.sock = filepath.Join(d.root, "nix/var/nix/daemon-socket/socket")
+	mustMkdir(t, d.confDir, 0o755)
+	mustMkdir(t, d.home, 0o755)
+	writeFile(t, filepath.Join(d.confDir, "nix.conf"), "sandbox = false\n", 0o644)
+	passed := d.activationSocket(t, filepath.Join(e.dir, "jobs", "socket"))
+	argv := daemonArgv(d.root, "--listen", filepath.Join(e.dir, "job", "socket")+",tenant=ci")
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second) // a daemon that starts is killed
+	defer cancel()
+	x := exec.CommandContext(ctx, "/bin/sh", append([]string{"-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@"`}, argv...)...)
+	x.ExtraFiles = []*os.File{passed}
+	x.Env = d.daemonEnv()
+	out, err := x.CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "neither the default socket") {
+		t.Errorf("a daemon passed a socket no --listen names: %v\n%s", err, out)
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -376,12 +377,14 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		opts.metrics, opts.cache, opts.pushTo = "", "", ""
 	}
 	var mets *metrics.Metrics
+	stopCache := func() {}
+	var cacheBusy func() int
 	if opts.metrics != "" {
 		mets = metrics.New(st.Stats)
 		st.OnAutoGC(mets.AutoGC)
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", mets.Handler())
-		stop, err := serveHTTP(ctx, opts.metrics, mux, logger, "--metrics-listen", "/metrics", 5*time.Second)
+		stop, err := serveHTTP(ctx, opts.metrics, mux, logger, "--metrics-listen", "/metrics")
 		if err != nil {
 			return err
 		}
@@ -389,11 +392,13 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 	}
 	if opts.cache != "" {
 		srv := cache.New(st, cache.Config{SecretKeys: secretKeys, Logger: logger})
-		// NARs being sent when the daemon stops get the shutdown grace too.
-		stop, err := serveHTTP(ctx, opts.cache, srv, logger, "--cache-listen", "/", max(5*time.Second, opts.grace))
+		stop, err := serveHTTP(ctx, opts.cache, srv, logger, "--cache-listen", "/")
 		if err != nil {
 			return err
 		}
+		// Stopped as soon as the drain ends (NARs being sent count in
+		// it), not after the builds' clean-up.
+		stopCache, cacheBusy = stop, srv.Sending
 		defer stop()
 	}
 
@@ -480,6 +485,7 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		Logger:          logger,
 		ShutdownGrace:   opts.grace,
 		StopNow:         stopNow,
+		Busy:            cacheBusy,
 	})
 	if opts.stdio {
 		// A client gone while the daemon writes to it must not kill the
@@ -508,6 +514,7 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 	}
 	logger.Info("nixyard daemon listening", "socket", ls[0].Addr().String(), "store", layout.RealStoreDir, "version", version)
 	err = srv.ServeAll(ctx, ls)
+	stopCache()
 	// Builds stopped with their connections clean up (sandbox, build
 	// directory, locks) before the process ends.
 	wctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -590,7 +597,7 @@ func readSecretKeys(files []string) ([]signature.SecretKey, error) {
 
 // serveHTTP serves h at addr until the returned stop is called; flag
 // names the option in errors, path what the log names.
-func serveHTTP(ctx context.Context, addr string, h http.Handler, logger *slog.Logger, flag, path string, grace time.Duration) (stop func(), err error) {
+func serveHTTP(ctx context.Context, addr string, h http.Handler, logger *slog.Logger, flag, path string) (stop func(), err error) {
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", flag, err)
@@ -605,14 +612,17 @@ func serveHTTP(ctx context.Context, addr string, h http.Handler, logger *slog.Lo
 		}
 	}()
 	logger.Info("serving over HTTP", "option", flag, "url", "http://"+l.Addr().String()+path)
+	var once sync.Once
 	return func() {
-		// Handlers get grace to end before the store closes; then they
-		// are cut off (a NAR being sent breaks off, its temporary root
-		// goes).
-		sctx, cancel := context.WithTimeout(context.Background(), grace)
-		defer cancel()
-		if srv.Shutdown(sctx) != nil {
-			srv.Close()
-		}
+		once.Do(func() {
+			// Handlers get 5 s to end before the store closes; then they
+			// are cut off (a NAR being sent breaks off, its temporary
+			// root goes).
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if srv.Shutdown(sctx) != nil {
+				srv.Close()
+			}
+		})
 	}, nil
 }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/nixyard/nixyard/internal/config"
@@ -113,6 +114,12 @@ func listenAll(defaultPath string, specs []daemon.ListenSpec, logger *slog.Logge
 		}
 	case 1:
 		for p, l := range byPath {
+			// With job sockets, only the default socket's own path: a job
+			// socket whose --listen is misspelt must not become a socket
+			// that trusts by uid (container root as root).
+			if len(specs) > 0 && p != filepath.Clean(defaultPath) {
+				return fail(fmt.Errorf("systemd passed the socket %s, which is neither the default socket (%s) nor a --listen socket (%s)", p, defaultPath, listenPaths(specs)))
+			}
 			def = l
 			delete(byPath, p)
 			logger.Info("using the socket passed by systemd", "socket", p)
@@ -121,4 +128,13 @@ func listenAll(defaultPath string, specs []daemon.ListenSpec, logger *slog.Logge
 		return fail(fmt.Errorf("systemd passed %d sockets that are not --listen sockets: give each job socket's path to --listen, and pass at most one other (the default socket)", len(byPath)))
 	}
 	return append([]daemon.Listener{{Listener: def}}, jobs...), nil
+}
+
+// listenPaths lists the --listen sockets' paths, for messages.
+func listenPaths(specs []daemon.ListenSpec) string {
+	paths := make([]string, len(specs))
+	for i, s := range specs {
+		paths[i] = s.Path
+	}
+	return strings.Join(paths, ", ")
 }

@@ -39,9 +39,12 @@ func signals() (context.Context, <-chan struct{}) {
 	ctx, cancel := context.WithCancel(context.Background())
 	now := make(chan struct{})
 	sigs := make(chan os.Signal, 2)
-	// SIGHUP too: a daemon started in a terminal that is closed stops as
-	// gently as a service told to.
-	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	// SIGHUP too, unless it is ignored (nohup): a daemon started in a
+	// terminal that is closed stops as gently as a service told to.
+	if !signal.Ignored(syscall.SIGHUP) {
+		signal.Notify(sigs, syscall.SIGHUP)
+	}
 	go func() {
 		<-sigs
 		cancel()

@@ -76,6 +76,9 @@ func New(st *store.Store, cfg Config) *Server {
 }
 
 // ServeHTTP implements http.Handler.
+// Sending counts the NARs being sent (a stopping daemon waits for them).
+func (s *Server) Sending() int { return len(s.nars) }
+
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")

@@ -59,6 +59,9 @@ type Options struct {
 	// StopNow, when closed, ends the grace.
 	ShutdownGrace time.Duration
 	StopNow       <-chan struct{}
+	// Busy, if set, counts other work the drain waits for within the
+	// grace, besides connections (NARs the HTTP binary cache sends).
+	Busy func() int
 }
 
 // Server serves worker-protocol connections. It is safe for concurrent use.
@@ -71,7 +74,7 @@ type Server struct {
 	changed chan struct{} // signalled (without blocking) when one ends
 
 	connsMu sync.Mutex
-	conns   map[*conn]func() error // socket connections, with what closes each
+	conns   map[*conn]func() // socket connections, with what wakes each from its wait
 }
 
 // New returns a Server for opts.
@@ -86,7 +89,7 @@ func New(opts Options) *Server {
 	if log == nil {
 		log = slog.Default()
 	}
-	s := &Server{opts: opts, log: log, changed: make(chan struct{}, 1), conns: map[*conn]func() error{}}
+	s := &Server{opts: opts, log: log, changed: make(chan struct{}, 1), conns: map[*conn]func(){}}
 	if opts.Store != nil {
 		s.dir = opts.Store.Dir()
 	}
@@ -153,6 +156,20 @@ func (s *Server) serveListener(accept, conns context.Context, l net.Listener, po
 			s.serveNetConn(conns, nc, pol)
 		}()
 	}
+}
+
+// linger waits, for at most stoppingDelay, for the client to close after
+// the daemon has said its last word without reading the client's request:
+// closing a socket with unread data would reset it, and the client could
+// lose what it was told.
+func linger(r io.Reader) {
+	if cw, ok := r.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
+	if dl, ok := r.(interface{ SetReadDeadline(time.Time) error }); ok {
+		dl.SetReadDeadline(time.Now().Add(stoppingDelay))
+	}
+	io.Copy(io.Discard, r)
 }
 
 // connEnded counts a connection's end, and tells a draining ServeAll.
@@ -248,8 +265,9 @@ type conn struct {
 	tun     *tunnel
 	session *store.Session
 	gcCheck store.AutoGCCheck // when its requests last had the free space checked
-	// idleSince is when the connection began to wait for its next op
-	// (Unix nanoseconds; 0 while an op runs): see Server.closeIdle.
+	// idleSince is when the connection began to wait for its handshake
+	// or its next op (Unix nanoseconds; 0 while an op runs; idleClaimed
+	// once closeIdle has taken it): see Server.closeIdle.
 	idleSince atomic.Int64
 	opts      clientSettings
 
@@ -296,6 +314,24 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 	// connection a job opened and left) gives its descriptor back: Nix
 	// clients send their part at once.
 	dl, _ := r.(interface{ SetReadDeadline(time.Time) error })
+	// Registered for closeIdle, waiting for its handshake, then between
+	// ops; not the build hook's connections, idle while their remote
+	// builds run.
+	if cl, ok := r.(io.Closer); ok && !p.hook {
+		wake := func() { cl.Close() }
+		if dl != nil {
+			wake = func() { dl.SetReadDeadline(time.Now()) }
+		}
+		c.idleSince.Store(time.Now().UnixNano())
+		s.connsMu.Lock()
+		s.conns[c] = wake
+		s.connsMu.Unlock()
+		defer func() {
+			s.connsMu.Lock()
+			delete(s.conns, c)
+			s.connsMu.Unlock()
+		}()
+	}
 	if dl != nil {
 		timeout := handshakeTimeout
 		if p.refused != "" {
@@ -304,6 +340,9 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 		dl.SetReadDeadline(time.Now().Add(timeout))
 	}
 	if err := c.handshake(ctx); err != nil {
+		if c.idleSince.Load() == idleClaimed {
+			return nil // closed by closeIdle, which says so
+		}
 		return err
 	}
 	if dl != nil {
@@ -321,27 +360,31 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 	// Decided once per connection: the op loop is the hot path, and a
 	// disabled Debug call still boxes its arguments.
 	debug := log.Enabled(ctx, slog.LevelDebug)
-	// Registered for closeIdle; not the build hook's connections, idle
-	// while their remote builds run.
-	if cl, ok := r.(io.Closer); ok && !p.hook {
-		s.connsMu.Lock()
-		s.conns[c] = cl.Close
-		s.connsMu.Unlock()
-		defer func() {
-			s.connsMu.Lock()
-			delete(s.conns, c)
-			s.connsMu.Unlock()
-		}()
-	}
 	for {
-		c.idleSince.Store(time.Now().UnixNano())
-		if _, err := c.br.Peek(1); err != nil {
-			if err == io.EOF || ctx.Err() != nil {
+		since := time.Now().UnixNano()
+		c.idleSince.Store(since)
+		_, err := c.br.Peek(1)
+		if err != nil && c.idleSince.Load() == idleClaimed && dl != nil {
+			// closeIdle's deadline ends a read whatever waits: an op
+			// that came just before it is in the buffer.
+			dl.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
+			_, err = c.br.Peek(1)
+		}
+		if err != nil {
+			if err == io.EOF || ctx.Err() != nil || c.idleSince.Load() == idleClaimed {
 				return nil
 			}
 			return fmt.Errorf("daemon: reading op: %w", err)
 		}
-		c.idleSince.Store(0)
+		if !c.idleSince.CompareAndSwap(since, 0) {
+			// closeIdle took the connection as the client's op came: it
+			// hears why it is not served.
+			c.tun.stopWork(errStopping)
+			if c.out.Flush() == nil {
+				linger(r)
+			}
+			return nil
+		}
 		op := c.in.U64("op")
 		if err := c.in.Err(); err != nil {
 			return fmt.Errorf("daemon: reading op: %w", err)
@@ -355,7 +398,7 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 		if mc != nil {
 			start = time.Now()
 		}
-		err := c.perform(ctx, op)
+		err = c.perform(ctx, op)
 		if errors.Is(err, errHangup) {
 			// Nobody to tell: the op was stopped for a client that is gone.
 			if mc != nil {

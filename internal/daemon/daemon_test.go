@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -327,5 +328,31 @@ func TestDrainKeepsHookConnections(t *testing.T) {
 	c.Close()
 	if err := <-done; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestCloseIdleOpArriving: an op that arrives as closeIdle takes its
+// connection is served, or told that the daemon stops; it is not cut off
+// (the client read an unexpected end of file).
+func TestCloseIdleOpArriving(t *testing.T) {
+	d := startDaemon(t, Options{})
+	c, err := client.Dial(context.Background(), d.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	p, _ := storepath.ParseBase("00000000000000000000000000000000-x")
+	if _, err := c.IsValidPath(context.Background(), p); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond) // idle for a while
+	prev := runtime.GOMAXPROCS(1)      // so that closeIdle runs before the serving goroutine
+	defer runtime.GOMAXPROCS(prev)
+	errc := make(chan error, 1)
+	go func() { _, err := c.IsValidPath(context.Background(), p); errc <- err }()
+	runtime.Gosched()
+	d.srv.closeIdle(100 * time.Millisecond)
+	if err := <-errc; err != nil && !strings.Contains(err.Error(), "the daemon is stopping") {
+		t.Errorf("an op sent as closeIdle ran: %v", err)
 	}
 }

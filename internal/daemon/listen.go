@@ -140,17 +140,22 @@ var idleCloseAfter = 20 * time.Second // a variable for tests
 
 // closeIdle closes the connections that have waited for their next op for
 // longer than after.
+// It claims each (idleClaimed) before it wakes it: a client whose op
+// arrives meanwhile is told that the daemon stops, rather than cut off.
 func (s *Server) closeIdle(after time.Duration) {
 	now := time.Now().UnixNano()
 	s.connsMu.Lock()
 	defer s.connsMu.Unlock()
-	for c, closeConn := range s.conns {
-		if since := c.idleSince.Load(); since != 0 && now-since >= int64(after) {
+	for c, wake := range s.conns {
+		if since := c.idleSince.Load(); since > 0 && now-since >= int64(after) && c.idleSince.CompareAndSwap(since, idleClaimed) {
 			c.log.Info("stopping: closing a connection idle between operations", "idle", time.Duration(now-since).Round(time.Second))
-			closeConn()
+			wake()
 		}
 	}
 }
+
+// idleClaimed marks a connection closeIdle has taken.
+const idleClaimed = -1
 
 // errStopping ends the operations still running when the daemon stops.
 var errStopping = errors.New("the daemon is stopping (a restart, say): run the command again once it is back")
@@ -161,7 +166,10 @@ const stoppingDelay = 2 * time.Second
 
 // drain waits, up to the shutdown grace, for the open connections to end.
 func (s *Server) drain() {
-	if s.opts.ShutdownGrace <= 0 || s.open.Load() == 0 {
+	busy := func() bool {
+		return s.open.Load() > 0 || s.opts.Busy != nil && s.opts.Busy() > 0
+	}
+	if s.opts.ShutdownGrace <= 0 || !busy() {
 		s.log.Info("stopping", "connections", s.open.Load())
 		return
 	}
@@ -173,7 +181,7 @@ func (s *Server) drain() {
 	idle := time.NewTicker(time.Second)
 	defer idle.Stop()
 	s.closeIdle(idleCloseAfter)
-	for s.open.Load() > 0 {
+	for busy() {
 		select {
 		case <-idle.C:
 			s.closeIdle(idleCloseAfter)
