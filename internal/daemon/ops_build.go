@@ -229,6 +229,9 @@ func (c *conn) resultsByGoal(results []realise.Result) []realise.Result {
 			}
 			maps.Copy(outs, r.Outputs)
 			first.Outputs = outs
+			if r.Status == realise.Built {
+				first.Status = r.Status // the goal built (one output was valid already)
+			}
 		}
 	}
 	slices.SortStableFunc(out, func(a, b realise.Result) int { return cmp.Compare(key(a.Target), key(b.Target)) })

@@ -31,6 +31,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -83,6 +84,19 @@ type Manager struct {
 	journalLock *os.File
 	jobs        map[string]*job
 	closed      bool
+	// taken, if not nil, is closed once this Manager keeps the journals
+	// (or is closed): collections wait for it (see New).
+	taken chan struct{}
+}
+
+// openGate lets collections run: this Manager has the journals, or is
+// closed. m.mu is held.
+func (m *Manager) openGate() {
+	if m.taken != nil {
+		close(m.taken)
+		m.taken = nil
+		m.st.SetGCGate(nil)
+	}
 }
 
 // job is one live job session.
@@ -128,6 +142,24 @@ func New(st *store.Store, opts Options) (*Manager, error) {
 		m.log.Warn("cannot keep the jobs' journals; job sessions will not outlive the daemon", "err", err)
 	} else if lock, err := openJournalLock(m.journalDir()); err != nil {
 		m.log.Warn("the jobs' journals are another daemon's (one still stopping?); this one takes them when it lets them go", "err", err)
+		// Meanwhile no collection runs here: it would not see the roots
+		// of the jobs that daemon keeps once it has stopped.
+		taken := make(chan struct{})
+		m.taken = taken
+		st.SetGCGate(func(ctx context.Context, log func(string)) error {
+			select {
+			case <-taken:
+				return nil
+			default:
+			}
+			log("waiting for the previous daemon to hand over its job sessions...")
+			select {
+			case <-taken:
+				return nil
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		})
 		go m.awaitJournals()
 	} else {
 		m.journalLock = lock
@@ -314,6 +346,7 @@ func (m *Manager) Close() error {
 		m.journalLock = nil
 	}
 	m.closed = true
+	m.openGate()
 	return errors.Join(errs...)
 }
 
@@ -354,23 +387,19 @@ func (m *Manager) writeJournal(j *job) error {
 	}
 	hdr, err := json.Marshal(journalHeader{NS: j.ns, InitPID: j.initPID, InitTime: j.initTime, Tenant: j.tenant, Started: j.started.Unix()})
 	if err == nil {
-		w := bufio.NewWriter(f)
-		w.Write(append(hdr, '\n'))
-		for _, p := range j.session.Roots() {
-			w.WriteString(p.String() + "\n")
-		}
-		err = w.Flush()
+		// Written and attached at once: no root added meanwhile is lost.
+		err = j.session.Journal(f, append(hdr, '\n'))
 	}
 	if err == nil {
 		err = os.Rename(f.Name(), filepath.Join(dir, j.id))
 	}
 	if err != nil {
+		j.session.Journal(io.Discard, nil)
 		f.Close()
 		os.Remove(f.Name())
 		return err
 	}
 	j.journal = f
-	j.session.Journal(f)
 	return nil
 }
 
@@ -442,7 +471,7 @@ func (m *Manager) restore() {
 // still draining its connections, say) has let them go, polling until the
 // Manager is closed.
 func (m *Manager) awaitJournals() {
-	for range time.Tick(time.Second) {
+	for range time.Tick(100 * time.Millisecond) {
 		m.mu.Lock()
 		if m.closed {
 			m.mu.Unlock()
@@ -451,6 +480,7 @@ func (m *Manager) awaitJournals() {
 		if lock, err := openJournalLock(m.journalDir()); err == nil {
 			m.journalLock = lock
 			m.restore()
+			m.openGate()
 			m.mu.Unlock()
 			m.log.Info("the jobs' journals are this daemon's now")
 			return

@@ -334,8 +334,19 @@ func TestJournalsHandedOver(t *testing.T) {
 		t.Fatal(err)
 	}
 	b.Session().AddTempRoot(context.Background(), second)
+	// A collection meanwhile waits for the hand-over: it would miss the
+	// roots of the jobs the old daemon keeps once that one has stopped.
+	collected := make(chan []string, 1)
+	go func() { collected <- collectAll(t, st) }()
+	select {
+	case <-collected:
+		t.Fatal("a collection ran while another daemon kept the journals")
+	case <-time.After(300 * time.Millisecond):
+	}
 	a.Release()
 	old.Close()
+	<-collected
+	assertValid(t, st, "held by the running job, collected as the journals were handed over", first, second)
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		next.mu.Lock()
 		took := next.journalLock != nil

@@ -76,6 +76,11 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 	if log == nil {
 		log = func(string) {}
 	}
+	if g := s.gcGate.Load(); g != nil {
+		if err := (*g)(ctx, log); err != nil {
+			return nil, err
+		}
+	}
 	// One collection at a time in this process, then gc.lock against
 	// other processes; the wait for either is told once, as Nix tells it.
 	said := false
@@ -213,6 +218,18 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 	}
 	slices.Sort(c.res.Paths)
 	return c.res, nil
+}
+
+// SetGCGate has every collection (automatic ones too) wait for gate
+// first; gate may tell the collection's client why with log. nil removes
+// it. The job sessions use it while another daemon still keeps their
+// journals, whose roots no collection may miss.
+func (s *Store) SetGCGate(gate func(ctx context.Context, log func(string)) error) {
+	if gate == nil {
+		s.gcGate.Store(nil)
+		return
+	}
+	s.gcGate.Store(&gate)
 }
 
 // waitingForGCLock is what a collection says when it waits for another.

@@ -26,6 +26,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -98,7 +99,8 @@ type Store struct {
 
 	commits commitQueue // group commit of single-path additions; see groupcommit.go
 
-	gcSem chan struct{} // holds a token while a garbage collection runs in this process
+	gcSem  chan struct{}                                                     // holds a token while a garbage collection runs in this process
+	gcGate atomic.Pointer[func(ctx context.Context, log func(string)) error] // see SetGCGate
 
 	autoGC  autoGC   // see AutoGC
 	lastUse lastUses // see Touch

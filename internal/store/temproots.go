@@ -6,10 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"maps"
 	"net"
 	"os"
-	"slices"
 	"strconv"
 	"sync"
 	"syscall"
@@ -326,21 +324,25 @@ type Session struct {
 	journal io.Writer // where each new root is written too, a line each (see Journal)
 }
 
-// Journal makes the session write each root it gets from now on to w, as
-// a line with the path's base name, so that the roots can be taken up
-// again by another process (a daemon started after this one: see
-// internal/jobs). A failed write is logged, and ends the journal.
-func (ss *Session) Journal(w io.Writer) {
+// Journal writes header and the session's roots to w, a line each (the
+// path's base name), and makes the session write each root it gets from
+// then on too, so that the roots can be taken up again by another process
+// (a daemon started after this one: see internal/jobs). No root added
+// meanwhile is missed. A failed write later is logged, and ends the
+// journal.
+func (ss *Session) Journal(w io.Writer, header []byte) error {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
+	bw := bufio.NewWriter(w)
+	bw.Write(header)
+	for p := range ss.roots {
+		bw.WriteString(p.String() + "\n")
+	}
+	if err := bw.Flush(); err != nil {
+		return err
+	}
 	ss.journal = w
-}
-
-// Roots returns the session's roots.
-func (ss *Session) Roots() []storepath.Path {
-	ss.mu.Lock()
-	defer ss.mu.Unlock()
-	return slices.Collect(maps.Keys(ss.roots))
+	return nil
 }
 
 // OpenSession starts a session; Close it when the connection ends.
