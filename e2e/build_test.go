@@ -1552,24 +1552,12 @@ func TestBuildProgressOrder(t *testing.T) {
 		t.Fatalf("%s", r)
 	}
 	const actBuild, actBuilds, resProgress = 105, 104, 105
-	types := map[float64]float64{}
 	started, counted := -1, -1
-	for i, line := range strings.Split(r.stderr, "\n") {
-		var m struct {
-			Action   string
-			ID, Type float64
-			Fields   []any
-		}
-		if json.Unmarshal([]byte(strings.TrimPrefix(line, "@nix ")), &m) != nil {
-			continue
-		}
+	for i, e := range logEvents(r.stderr) {
 		switch {
-		case m.Action == "start":
-			types[m.ID] = m.Type
-			if m.Type == actBuild && started < 0 {
-				started = i
-			}
-		case m.Action == "result" && m.Type == resProgress && types[m.ID] == actBuilds && len(m.Fields) == 4 && m.Fields[2] == float64(1) && counted < 0:
+		case e.Action == "start" && e.Type == actBuild && started < 0:
+			started = i
+		case e.Action == "result" && e.Type == resProgress && e.ActType == actBuilds && len(e.Fields) == 4 && e.Fields[2] == float64(1) && counted < 0:
 			counted = i
 		}
 	}

@@ -814,26 +814,42 @@ func (d *daemon) sshNG(t *testing.T) string {
 	return "ssh-ng://localhost?remote-program=" + d.stdioWrapper(t)
 }
 
+// logEvent is one line of a client's `--log-format internal-json` output;
+// for a result, ActType is the type of the activity it is on.
+type logEvent struct {
+	Action   string
+	ID, Type float64
+	Fields   []any
+	ActType  float64 `json:"-"`
+}
+
+// logEvents parses a client's `--log-format internal-json` output
+// (stderr), skipping other lines.
+func logEvents(stderr string) []logEvent {
+	types := map[float64]float64{} // activity id -> type
+	var out []logEvent
+	for _, line := range strings.Split(stderr, "\n") {
+		var e logEvent
+		if json.Unmarshal([]byte(strings.TrimPrefix(line, "@nix ")), &e) != nil {
+			continue
+		}
+		if e.Action == "start" {
+			types[e.ID] = e.Type
+		}
+		e.ActType = types[e.ID]
+		out = append(out, e)
+	}
+	return out
+}
+
 // lastResult returns the fields of the last result of type resType on an
 // activity of type actType in a client's `--log-format internal-json`
 // output (stderr), or nil.
 func lastResult(stderr string, actType, resType float64) []any {
-	types := map[float64]float64{} // activity id -> type
 	var last []any
-	for _, line := range strings.Split(stderr, "\n") {
-		var m struct {
-			Action   string
-			ID, Type float64
-			Fields   []any
-		}
-		if json.Unmarshal([]byte(strings.TrimPrefix(line, "@nix ")), &m) != nil {
-			continue
-		}
-		switch {
-		case m.Action == "start":
-			types[m.ID] = m.Type
-		case m.Action == "result" && m.Type == resType && types[m.ID] == actType:
-			last = m.Fields
+	for _, e := range logEvents(stderr) {
+		if e.Action == "result" && e.Type == resType && e.ActType == actType {
+			last = e.Fields
 		}
 	}
 	return last

@@ -165,9 +165,7 @@ func TestNixClientSmoke(t *testing.T) {
 // dropped, and its descriptor given back; one that handshakes is served
 // past the timeout.
 func TestHandshakeTimeout(t *testing.T) {
-	old := handshakeTimeout
-	handshakeTimeout = 200 * time.Millisecond
-	t.Cleanup(func() { handshakeTimeout = old })
+	withDuration(t, &handshakeTimeout, 200*time.Millisecond)
 	d := startDaemon(t, Options{})
 	idle, err := net.Dial("unix", d.socket)
 	if err != nil {
@@ -193,9 +191,7 @@ func TestHandshakeTimeout(t *testing.T) {
 // TestRefusedHandshakeTimeout: a refused client that does not say hello
 // (and so cannot hear why) is dropped within seconds, not a minute.
 func TestRefusedHandshakeTimeout(t *testing.T) {
-	old := refusedHandshakeTimeout
-	refusedHandshakeTimeout = 200 * time.Millisecond
-	t.Cleanup(func() { refusedHandshakeTimeout = old })
+	withDuration(t, &refusedHandshakeTimeout, 200*time.Millisecond)
 	d := startDaemon(t, Options{TrustedUsers: []string{"nobody"}, AllowedUsers: []string{"nobody"}})
 	idle, err := net.Dial("unix", d.socket)
 	if err != nil {
@@ -262,24 +258,14 @@ func TestListenMaxConns(t *testing.T) {
 // but one that waits idle for its next op (a nix repl) is closed after
 // idleCloseAfter rather than holding the stop for the whole grace.
 func TestDrainClosesIdle(t *testing.T) {
-	old := idleCloseAfter
-	idleCloseAfter = 100 * time.Millisecond
-	t.Cleanup(func() { idleCloseAfter = old })
-	root := t.TempDir()
-	st, err := store.Open(context.Background(), store.Config{
-		StoreDir: "/nix/store", RealStoreDir: filepath.Join(root, "nix/store"),
-		StateDir: filepath.Join(root, "nix/var/nix"), LogDir: filepath.Join(root, "nix/var/log/nix"),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
+	withDuration(t, &idleCloseAfter, 100*time.Millisecond)
+	d := startDaemon(t, Options{})
 	sock := filepath.Join(t.TempDir(), "socket")
 	l, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := New(Options{Store: st, ShutdownGrace: time.Minute, Logger: slog.New(slog.DiscardHandler)})
+	srv := New(Options{Store: d.st, ShutdownGrace: time.Minute, Logger: slog.New(slog.DiscardHandler)})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.ServeAll(ctx, []Listener{{Listener: l}}) }()
@@ -302,9 +288,7 @@ func TestDrainClosesIdle(t *testing.T) {
 // TestDrainKeepsHookConnections: the build hook's connection, idle while
 // its remote build runs, is not closed as idle while the daemon drains.
 func TestDrainKeepsHookConnections(t *testing.T) {
-	old := idleCloseAfter
-	idleCloseAfter = 50 * time.Millisecond
-	t.Cleanup(func() { idleCloseAfter = old })
+	withDuration(t, &idleCloseAfter, 50*time.Millisecond)
 	d := startDaemon(t, Options{})
 	hookSock := filepath.Join(t.TempDir(), "hook.sock")
 	l, err := net.Listen("unix", hookSock)
@@ -355,4 +339,11 @@ func TestCloseIdleOpArriving(t *testing.T) {
 	if err := <-errc; err != nil && !strings.Contains(err.Error(), "the daemon is stopping") {
 		t.Errorf("an op sent as closeIdle ran: %v", err)
 	}
+}
+
+// withDuration sets *v to d for the test's length.
+func withDuration(t *testing.T, v *time.Duration, d time.Duration) {
+	old := *v
+	*v = d
+	t.Cleanup(func() { *v = old })
 }
