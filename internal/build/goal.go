@@ -270,6 +270,11 @@ type goal struct {
 	// Set before done is closed.
 	res     Result
 	outputs map[string]storepath.Path
+	// early is closed, with earlyRes set, when an input fails but the
+	// goal goes on for a caller that keeps going (see wait).
+	early     chan struct{}
+	earlyOnce sync.Once
+	earlyRes  Result
 }
 
 // goalKey names a goal in Builder.goals: a derivation is built once
@@ -299,7 +304,7 @@ func (b *Builder) joinGoal(req store.DerivedPath, drv *derivation.Derivation, c 
 	g := &goal{
 		b: b, drvPath: req.Path, drv: drv, owner: c, cancel: cancel, mode: mode, after: old,
 		name: fmt.Sprintf("building of '%s!%s' from .drv file", b.abs(req.Path), outs),
-		done: make(chan struct{}), subs: map[*call]int{}, dependents: map[*goal]int{}, runningFor: map[*call]bool{}, round: Round{1, 1},
+		done: make(chan struct{}), early: make(chan struct{}), subs: map[*call]int{}, dependents: map[*goal]int{}, runningFor: map[*call]bool{}, round: Round{1, 1},
 	}
 	b.goals[key] = g
 	// Subscribed before it runs: it asks its waiters whether it may build.
@@ -412,6 +417,10 @@ func (c *call) limits() (maxSilent, timeout time.Duration) {
 // wait waits for the goal's result; if ctx ends first the caller leaves,
 // and the goal is cancelled once no caller waits for it.
 func (g *goal) wait(ctx context.Context, c *call) Result {
+	var early <-chan struct{}
+	if !c.opts.KeepGoing {
+		early = g.early
+	}
 	select {
 	case <-g.done:
 		g.leave(c)
@@ -419,6 +428,15 @@ func (g *goal) wait(ctx context.Context, c *call) Result {
 	case <-ctx.Done():
 		g.leave(c)
 		return stoppedResult(ctx)
+	case <-early:
+		// An input failed while a caller that keeps going has the goal go
+		// on: this caller, which does not, fails now, as its own goal
+		// would in Nix.
+		g.leave(c)
+		drvAbs := g.b.abs(g.drvPath)
+		r := g.earlyRes
+		c.emit(func(p Progress) { p.GoalFailed(drvAbs, r) })
+		return r
 	}
 }
 
@@ -732,8 +750,16 @@ func (g *goal) realise(ctx context.Context) Result {
 		}
 		nFailed++
 		noBuilds = noBuilds || r.noLocalBuilds
-		if stopsOthers(r) && !g.keepGoing() {
+		switch {
+		case stopsOthers(r) && !g.keepGoing():
 			stopInputs(errStopped)
+		case stopsOthers(r) && !g.basic:
+			// Going on for a caller that keeps going: the others fail
+			// at once (see wait).
+			g.earlyOnce.Do(func() {
+				g.earlyRes = g.failf(DependencyFailed, "%d dependencies of derivation '%s' failed to build", nFailed, drvAbs)
+				close(g.early)
+			})
 		}
 	}
 	// realiseInput realises an input derivation's outputs for a caller of

@@ -365,3 +365,51 @@ func TestDepartedCallerSession(t *testing.T) {
 		t.Errorf("B, whose build A's departure should not affect: %+v", res)
 	}
 }
+
+// TestKeepGoingShared: a caller without --keep-going that shares a goal
+// with one that keeps going fails as soon as an input fails, as its own
+// goal would in Nix; the goal goes on for the other, whose build of the
+// other inputs completes.
+func TestKeepGoingShared(t *testing.T) {
+	e := newChrootEnv(t)
+	gate := filepath.Join(e.root, "gate")
+	drvs := e.instantiate(`rec {
+  fail = mk { name = "kgs-fail"; script = "exit 1"; };
+  slow = mk { name = "kgs-slow"; script = "i=0; while [ ! -e /gate/go ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; echo > $out"; };
+  top = mk { name = "kgs-top"; inherit fail slow; script = "echo > $out"; };
+}`, "fail", "slow", "top")
+	if err := os.Mkdir(gate, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	b := e.builder(Config{MaxJobs: 2, SandboxPaths: []string{"/gate=" + gate}})
+	start := func(opts ClientOptions) chan []Result {
+		ch := make(chan []Result, 1)
+		go func() {
+			res, _ := b.Build(t.Context(), []store.DerivedPath{out(drvs["top"])}, opts, nil)
+			ch <- res
+		}()
+		return ch
+	}
+	keeps := start(ClientOptions{KeepGoing: true})
+	waitBuilding(t, b, drvs["slow"])
+	stops := start(ClientOptions{})
+	select {
+	case res := <-stops:
+		if res[0].Status != DependencyFailed || !strings.Contains(res[0].ErrorMsg, "1 dependencies of derivation") {
+			t.Errorf("the caller without keep-going: %d %q", res[0].Status, res[0].ErrorMsg)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the caller without keep-going waits for the other inputs")
+	}
+	os.WriteFile(filepath.Join(gate, "go"), nil, 0o644)
+	if res := <-keeps; res[0].Status != DependencyFailed {
+		t.Errorf("the caller that keeps going: %d %q", res[0].Status, res[0].ErrorMsg)
+	}
+	outs, err := e.st.QueryDerivationOutputMap(t.Context(), drvs["slow"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, _ := e.st.IsValidPath(t.Context(), outs["out"]); !ok {
+		t.Error("the other input was not built for the caller that keeps going")
+	}
+}
