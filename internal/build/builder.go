@@ -719,6 +719,7 @@ func (b *Builder) lockChroot(ctx context.Context, dir string) (unlock func(), er
 			}, nil
 		}
 		b.chrootMu.Unlock()
+		beforeWait(ctx)
 		select {
 		case <-busy:
 		case <-ctx.Done():

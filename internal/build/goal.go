@@ -337,6 +337,21 @@ func (g *goal) subscribe(c *call) bool {
 	return true
 }
 
+type beforeWaitKey struct{}
+
+// withBeforeWait returns ctx carrying f, which beforeWait calls before a
+// wait that a held build slot could turn into a deadlock.
+func withBeforeWait(ctx context.Context, f func()) context.Context {
+	return context.WithValue(ctx, beforeWaitKey{}, f)
+}
+
+// beforeWait calls ctx's withBeforeWait function, if any.
+func beforeWait(ctx context.Context) {
+	if f, ok := ctx.Value(beforeWaitKey{}).(func()); ok {
+		f()
+	}
+}
+
 // dependentKey is the context key of the goal an input is realised for.
 type dependentKey struct{}
 
@@ -878,10 +893,11 @@ func (g *goal) realise(ctx context.Context) Result {
 	}
 	// As Nix: a remote machine may take the build, unless the derivation
 	// prefers to be built here and can be, or it is a check or a repair.
-	// A slot the hook was offered the build with (this host would build
-	// it) is given back: the build takes one again once its sandbox is
-	// laid out, which may wait for a build user or for the sandbox's
-	// name, held by a goal that waits for a slot.
+	// If the build hook declined it when this host had a slot free, the
+	// build keeps that slot, unless laying out its sandbox has to wait
+	// (for a build user, or for the sandbox's name, which a goal waiting
+	// for a slot may hold): the slot is given back first, and taken again
+	// afterwards.
 	preferLocal, err := g.attrs.Bool("preferLocalBuild", false)
 	if err != nil {
 		return g.failf(MiscFailure, "%v", err)
@@ -889,14 +905,23 @@ func (g *goal) realise(ctx context.Context) Result {
 	if g.unwanted() {
 		return stoppedByFailure()
 	}
+	var slot func() // a slot kept from the offer to the hook; nil once given back
+	var slotMu sync.Mutex
+	giveBack := func() {
+		slotMu.Lock()
+		defer slotMu.Unlock()
+		if slot != nil {
+			slot()
+			slot = nil
+		}
+	}
+	defer giveBack()
 	if g.mode == ModeNormal && !(preferLocal && g.mayBuild() && b.canBuild(g.drv, features) == nil) {
-		r, done, slot := g.tryRemote(ctx, inputs, outPaths, features)
+		r, done, s := g.tryRemote(ctx, inputs, outPaths, features)
 		if done {
 			return r
 		}
-		if slot != nil {
-			slot()
-		}
+		slot = s
 	}
 	// With max-jobs 0 nothing is built here, whatever the derivation
 	// needs: Nix says so before it would look at the platform.
@@ -920,7 +945,7 @@ func (g *goal) realise(ctx context.Context) Result {
 
 	// The build directory and sandbox are laid out before taking a slot,
 	// so slots are held only while builders run.
-	j, fail := g.prepare(ctx, inputs, outPaths)
+	j, fail := g.prepare(withBeforeWait(ctx, giveBack), inputs, outPaths)
 	if fail != nil {
 		return *fail
 	}
@@ -928,9 +953,14 @@ func (g *goal) realise(ctx context.Context) Result {
 
 	// A slot, then the output locks, then check again: another caller or
 	// process may have built it meanwhile.
-	release, err := b.slots.acquire(ctx, g.owner.client)
-	if err != nil {
-		return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
+	slotMu.Lock()
+	release := slot
+	slot = nil
+	slotMu.Unlock()
+	if release == nil {
+		if release, err = b.slots.acquire(ctx, g.owner.client); err != nil {
+			return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
+		}
 	}
 	released := false
 	releaseOnce := func() {

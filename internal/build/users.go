@@ -130,6 +130,7 @@ func (p *userPool) acquire(ctx context.Context, log *slog.Logger) (*buildUser, e
 			log.Warn("all build users are currently in use; consider creating additional users and adding them to the build users group", "group", p.group)
 			warned = true
 		}
+		beforeWait(ctx)
 		t := time.NewTimer(200 * time.Millisecond)
 		select {
 		case <-ctx.Done():
