@@ -259,8 +259,23 @@ func TestListenMaxConns(t *testing.T) {
 // idleCloseAfter rather than holding the stop for the whole grace.
 func TestDrainClosesIdle(t *testing.T) {
 	withDuration(t, &idleCloseAfter, 100*time.Millisecond)
-	d := startDaemon(t, Options{})
-	sock := filepath.Join(t.TempDir(), "socket")
+	sock, stop := drainingServer(t, startDaemon(t, Options{}), ListenPolicy{})
+	c, err := client.Dial(context.Background(), sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// drainingServer serves d's store on a socket of its own with policy pol
+// and a minute's shutdown grace; stop begins the server's stop and waits,
+// for at most 30 s, for it to end.
+func drainingServer(t *testing.T, d *testDaemon, pol ListenPolicy) (sock string, stop func() error) {
+	t.Helper()
+	sock = filepath.Join(t.TempDir(), "socket")
 	l, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)
@@ -268,20 +283,15 @@ func TestDrainClosesIdle(t *testing.T) {
 	srv := New(Options{Store: d.st, ShutdownGrace: time.Minute, Logger: slog.New(slog.DiscardHandler)})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- srv.ServeAll(ctx, []Listener{{Listener: l}}) }()
-	c, err := client.Dial(context.Background(), sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	cancel()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatal(err)
+	go func() { done <- srv.ServeAll(ctx, []Listener{{Listener: l, Policy: pol}}) }()
+	return sock, func() error {
+		cancel()
+		select {
+		case err := <-done:
+			return err
+		case <-time.After(30 * time.Second):
+			return errors.New("the stop waited for 30 s")
 		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("the stop waited for an idle connection")
 	}
 }
 
@@ -289,28 +299,20 @@ func TestDrainClosesIdle(t *testing.T) {
 // its remote build runs, is not closed as idle while the daemon drains.
 func TestDrainKeepsHookConnections(t *testing.T) {
 	withDuration(t, &idleCloseAfter, 50*time.Millisecond)
-	d := startDaemon(t, Options{})
-	hookSock := filepath.Join(t.TempDir(), "hook.sock")
-	l, err := net.Listen("unix", hookSock)
+	sock, stop := drainingServer(t, startDaemon(t, Options{}), ListenPolicy{Trusted: true})
+	c, err := client.Dial(context.Background(), sock)
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := New(Options{Store: d.st, ShutdownGrace: time.Minute, Logger: slog.New(slog.DiscardHandler)})
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.ServeAll(ctx, []Listener{{Listener: l, Policy: ListenPolicy{Trusted: true}}}) }()
-	c, err := client.Dial(context.Background(), hookSock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cancel()
+	stopped := make(chan error, 1)
+	go func() { stopped <- stop() }()
 	time.Sleep(1500 * time.Millisecond) // past a closeIdle pass
 	p, _ := storepath.ParseBase("00000000000000000000000000000000-x")
 	if _, err := c.QueryPathInfo(context.Background(), p); !errors.Is(err, store.ErrNotValid) {
 		t.Errorf("the hook's connection, during the drain: %v, want 'not valid'", err)
 	}
 	c.Close()
-	if err := <-done; err != nil {
+	if err := <-stopped; err != nil {
 		t.Fatal(err)
 	}
 }
