@@ -53,7 +53,7 @@ const daemonUsage = `usage: nixyard daemon [options]
                         write-nar-listing, secret-key, ...) apply
   --size-budget SIZE    keep the store's paths under SIZE of NAR (e.g. 200G; K, M, G, T are
                         powers of 1024), collecting the least recently used dead paths first
-  --shutdown-grace D    on SIGTERM or SIGINT, stop accepting connections and serve those
+  --shutdown-grace D    on SIGTERM, SIGINT or SIGHUP, stop accepting connections and serve those
                         open for up to D (default 60s, 0 for none) so that their builds
                         and commands finish; a second signal stops at once
   --option NAME VALUE   override a nix.conf setting

@@ -76,9 +76,9 @@ func listenAll(defaultPath string, specs []daemon.ListenSpec, logger *slog.Logge
 	for _, l := range passed {
 		byPath[filepath.Clean(l.Addr().String())] = l
 	}
-	var jobs []daemon.Listener
+	var jobSockets []daemon.Listener
 	fail := func(err error) ([]daemon.Listener, error) {
-		for _, o := range jobs {
+		for _, o := range jobSockets {
 			o.Close()
 		}
 		for _, l := range byPath {
@@ -103,7 +103,7 @@ func listenAll(defaultPath string, specs []daemon.ListenSpec, logger *slog.Logge
 		} else if l, err = listen(s.Path); err != nil {
 			return fail(err)
 		}
-		jobs = append(jobs, daemon.Listener{Listener: l, Policy: s.Policy})
+		jobSockets = append(jobSockets, daemon.Listener{Listener: l, Policy: s.Policy})
 		logger.Info("listening on a job socket", "socket", s.Path, "untrusted", s.Policy.Untrusted, "tenant", s.Policy.Tenant)
 	}
 	var def net.Listener
@@ -127,7 +127,7 @@ func listenAll(defaultPath string, specs []daemon.ListenSpec, logger *slog.Logge
 	default:
 		return fail(fmt.Errorf("systemd passed %d sockets that are not --listen sockets: give each job socket's path to --listen, and pass at most one other (the default socket)", len(byPath)))
 	}
-	return append([]daemon.Listener{{Listener: def}}, jobs...), nil
+	return append([]daemon.Listener{{Listener: def}}, jobSockets...), nil
 }
 
 // listenPaths lists the --listen sockets' paths, for messages.

@@ -10,7 +10,6 @@ import (
 	"path"
 	"strings"
 	"syscall"
-	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -63,7 +62,7 @@ func (j *job) runBuiltin(ctx context.Context) (syscall.WaitStatus, error) {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	var timedOut string
-	stopWatch := j.watchLimits(time.Now, func(msg string) {
+	_, stopWatch := j.watchLimits(false, func(msg string) {
 		timedOut = msg
 		cancel(errBuiltinTimeout)
 	})

@@ -38,7 +38,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -720,10 +719,7 @@ func (j *job) runRemote(ctx context.Context) (syscall.WaitStatus, error) {
 	wg.Add(2)
 	// The clients' limits, as for a local builder (see execute), kill the
 	// hook, which ends the remote build.
-	var lastOutput atomic.Int64
-	lastOutput.Store(time.Now().UnixNano())
-	onData := func() { lastOutput.Store(time.Now().UnixNano()) }
-	stopWatch := j.watchLimits(func() time.Time { return time.Unix(0, lastOutput.Load()) }, func(msg string) {
+	onData, stopWatch := j.watchLimits(true, func(msg string) {
 		mu.Lock()
 		if j.killMsg == "" {
 			j.killMsg, j.killStatus = msg, TimedOut

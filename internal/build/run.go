@@ -108,15 +108,9 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 			r := g.failf(MiscFailure, "%s '%s', which has a builtin builder, is %v by nixyard", g.modeVerb(), j.drvAbs, errNotSupported)
 			return nil, &r
 		}
-		if g.drv.Builder == builtinPrefix+"fetchurl" && b.users != nil {
+		if g.drv.Builder == builtinPrefix+"fetchurl" {
 			// Its download runs as a build user (see builtinFetchurl).
-			u, err := b.users.acquire(ctx, b.log)
-			if err != nil {
-				r := g.failf(MiscFailure, "building '%s': %v", j.drvAbs, err)
-				return nil, &r
-			}
-			j.user = u
-			if err := u.killAll(); err != nil {
+			if err := j.takeBuildUser(ctx); err != nil {
 				j.cleanup()
 				r := g.failf(MiscFailure, "building '%s': %v", j.drvAbs, err)
 				return nil, &r
@@ -157,20 +151,11 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		// the builder must write them elsewhere, in its sandbox.
 		return fail("%s '%s' without the sandbox is %v by nixyard", g.modeVerb(), j.drvAbs, errNotSupported)
 	}
-	if b.users != nil {
-		u := g.held.takeUser()
-		if u == nil {
-			if u, err = b.users.acquire(ctx, b.log); err != nil {
-				return fail("building '%s': %v", j.drvAbs, err)
-			}
-		}
-		j.user = u
-		j.hostUID, j.hostGID = u.uid, u.gid
-		// As Nix: nothing may still run as that user (left by a build of a
-		// daemon that died, say), to meddle with this build.
-		if err := u.killAll(); err != nil {
-			return fail("building '%s': %v", j.drvAbs, err)
-		}
+	if err := j.takeBuildUser(ctx); err != nil {
+		return fail("building '%s': %v", j.drvAbs, err)
+	}
+	if j.user != nil {
+		j.hostUID, j.hostGID = j.user.uid, j.user.gid // the builder's, which owns what it writes
 	}
 	if !j.sandbox {
 		if _, err := os.Lstat(homeDir); err == nil {
@@ -223,6 +208,27 @@ func (g *goal) prepare(ctx context.Context, inputs []storepath.Path, outputs map
 		}
 	}
 	return j, nil
+}
+
+// takeBuildUser makes the job a build user's, if there are build users:
+// the one a repeated build kept, or a free one. (A builder runs as it; a
+// builtin's download too, whose output the daemon writes.)
+func (j *job) takeBuildUser(ctx context.Context) error {
+	b := j.g.b
+	if b.users == nil {
+		return nil
+	}
+	u := j.g.held.takeUser()
+	if u == nil {
+		var err error
+		if u, err = b.users.acquire(ctx, b.log); err != nil {
+			return err
+		}
+	}
+	j.user = u
+	// As Nix: nothing may still run as that user (left by a build of a
+	// daemon that died, say), to meddle with this build.
+	return u.killAll()
 }
 
 // cleanup removes the build directory (unless kept) and the chroot, and
@@ -594,9 +600,7 @@ func (j *job) execute(ctx context.Context, spec initSpec) (status syscall.WaitSt
 	}
 	// The limits are looked up as the build runs: a client that joins it
 	// may bring a longer one (see goal.limits).
-	var lastOutput atomic.Int64
-	lastOutput.Store(time.Now().UnixNano())
-	stopWatch := j.watchLimits(func() time.Time { return time.Unix(0, lastOutput.Load()) }, func(msg string) { onKill(TimedOut, msg) })
+	onData, stopWatch := j.watchLimits(true, func(msg string) { onKill(TimedOut, msg) })
 	defer stopWatch()
 	stopCtx := context.AfterFunc(ctx, kill)
 	defer stopCtx()
@@ -604,7 +608,6 @@ func (j *job) execute(ctx context.Context, spec initSpec) (status syscall.WaitSt
 	readDone := make(chan struct{})
 	go func() {
 		defer close(readDone)
-		onData := func() { lastOutput.Store(time.Now().UnixNano()) }
 		j.copyOutput(pr, nil, onData, func(msg string) { onKill(LogLimitExceeded, msg) })
 	}()
 	werr := cmd.Wait()
@@ -712,10 +715,13 @@ var daemonSecrets = map[string]bool{
 const limitsTick = 100 * time.Millisecond
 
 // watchLimits checks, until stop is called, the builder's running time
-// and its silence since lastOutput against the goal's limits, and calls
-// timedOut once with Nix's message when one is passed.
-func (j *job) watchLimits(lastOutput func() time.Time, timedOut func(msg string)) (stop func()) {
+// against the goal's limits, and, with silence, its silence since it was
+// last told of output (output), and calls timedOut once with Nix's
+// message when one is passed.
+func (j *job) watchLimits(silence bool, timedOut func(msg string)) (output, stop func()) {
 	start := time.Now()
+	var last atomic.Int64
+	last.Store(start.UnixNano())
 	done := make(chan struct{})
 	go func() {
 		tick := time.NewTicker(limitsTick)
@@ -730,14 +736,14 @@ func (j *job) watchLimits(lastOutput func() time.Time, timedOut func(msg string)
 				case timeout > 0 && now.Sub(start) >= timeout:
 					timedOut(fmt.Sprintf("%s timed out after %d seconds", j.g.name, int(timeout.Seconds())))
 					return
-				case maxSilent > 0 && now.Sub(lastOutput()) >= maxSilent:
+				case silence && maxSilent > 0 && now.UnixNano()-last.Load() >= int64(maxSilent):
 					timedOut(fmt.Sprintf("%s timed out after %d seconds of silence", j.g.name, int(maxSilent.Seconds())))
 					return
 				}
 			}
 		}
 	}()
-	return func() { close(done) }
+	return func() { last.Store(time.Now().UnixNano()) }, func() { close(done) }
 }
 
 // handleOutput splits builder output into lines as Nix does: '\r' moves
