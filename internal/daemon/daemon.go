@@ -355,6 +355,8 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 	}
 	// What file:// caches tell this connection's lookups, for all its ops.
 	ctx = substitute.WithConnNarinfos(ctx, &c.narinfos)
+	// When its requests last had the free space checked, for all its ops.
+	ctx = store.WithAutoGCCheck(ctx, &c.gcCheck)
 	ops := 0
 	defer func() { log.Debug("connection closed", "ops", ops) }()
 	// Decided once per connection: the op loop is the hot path, and a
@@ -474,7 +476,6 @@ func (c *conn) perform(ctx context.Context, op uint64) error {
 		ctx = substitute.WithNarinfoTTLs(ctx, t)
 	}
 	ctx = store.WithClientLog(ctx, func(msg string) { c.tun.Log(lvlInfo, msg) })
-	ctx = store.WithAutoGCCheck(ctx, &c.gcCheck)
 	switch op {
 	case wire.OpBuildPaths, wire.OpBuildPathsWithResults, wire.OpBuildDerivation, wire.OpEnsurePath,
 		wire.OpQueryMissing, wire.OpQuerySubstitutablePathInfos,
