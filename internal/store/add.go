@@ -527,14 +527,14 @@ func (s *Store) registerTx(ctx context.Context, tx *sql.Tx, paths []*pendingPath
 		narSize := sql.NullInt64{Int64: int64(info.NarSize), Valid: info.NarSize != 0}
 		ultimate := sql.NullInt64{Int64: 1, Valid: info.Ultimate}
 		var id int64
-		err := tx.QueryRowContext(ctx, "select id from ValidPaths where path = ?", abs).Scan(&id)
+		err := tx.StmtContext(ctx, s.db.wPathID).QueryRowContext(ctx, abs).Scan(&id)
 		switch {
 		case errors.Is(err, sql.ErrNoRows):
 			deriver := sql.NullString{}
 			if !info.Deriver.IsZero() {
 				deriver = sql.NullString{String: s.abs(info.Deriver), Valid: true}
 			}
-			res, err := tx.ExecContext(ctx, "insert into ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) values (?, ?, ?, ?, ?, ?, ?, ?)",
+			res, err := tx.StmtContext(ctx, s.db.wInsertPath).ExecContext(ctx,
 				abs, info.NarHash.StringBase16(), regTime, deriver, narSize, ultimate, sigs, ca)
 			if err != nil {
 				return fmt.Errorf("registering %s: %w", abs, err)
@@ -549,7 +549,7 @@ func (s *Store) registerTx(ctx context.Context, tx *sql.Tx, paths []*pendingPath
 			// signatures and trust they had, whoever sent them again.
 			var oldHash, oldSigs sql.NullString
 			var oldUltimate sql.NullInt64
-			if err := tx.QueryRowContext(ctx, "select hash, sigs, ultimate from ValidPaths where id = ?", id).Scan(&oldHash, &oldSigs, &oldUltimate); err != nil {
+			if err := tx.StmtContext(ctx, s.db.wOldPath).QueryRowContext(ctx, id).Scan(&oldHash, &oldSigs, &oldUltimate); err != nil {
 				return fmt.Errorf("updating %s: %w", abs, err)
 			}
 			if oldHash.String == info.NarHash.StringBase16() {
@@ -559,7 +559,7 @@ func (s *Store) registerTx(ctx context.Context, tx *sql.Tx, paths []*pendingPath
 					ultimate = sql.NullInt64{Int64: 1, Valid: true}
 				}
 			}
-			if _, err := tx.ExecContext(ctx, "update ValidPaths set narSize = ?, hash = ?, ultimate = ?, sigs = ?, ca = ? where path = ?",
+			if _, err := tx.StmtContext(ctx, s.db.wUpdatePath).ExecContext(ctx,
 				narSize, info.NarHash.StringBase16(), ultimate, sigs, ca, abs); err != nil {
 				return fmt.Errorf("updating %s: %w", abs, err)
 			}
@@ -567,7 +567,7 @@ func (s *Store) registerTx(ctx context.Context, tx *sql.Tx, paths []*pendingPath
 		ids[i] = id
 		if pp.drvOutputs != nil {
 			for name, out := range pp.drvOutputs {
-				if _, err := tx.ExecContext(ctx, "insert or replace into DerivationOutputs (drv, id, path) values (?, ?, ?)", id, name, s.abs(out)); err != nil {
+				if _, err := tx.StmtContext(ctx, s.db.wInsertDrvOutput).ExecContext(ctx, id, name, s.abs(out)); err != nil {
 					return fmt.Errorf("registering outputs of %s: %w", abs, err)
 				}
 			}
@@ -576,14 +576,14 @@ func (s *Store) registerTx(ctx context.Context, tx *sql.Tx, paths []*pendingPath
 	for i, pp := range paths {
 		for _, ref := range pp.info.References {
 			var refID int64
-			err := tx.QueryRowContext(ctx, "select id from ValidPaths where path = ?", s.abs(ref)).Scan(&refID)
+			err := tx.StmtContext(ctx, s.db.wPathID).QueryRowContext(ctx, s.abs(ref)).Scan(&refID)
 			if errors.Is(err, sql.ErrNoRows) {
 				return fmt.Errorf("reference %s of %s: %w", s.abs(ref), s.abs(pp.info.Path), ErrNotValid)
 			}
 			if err != nil {
 				return fmt.Errorf("reference %s of %s: %w", s.abs(ref), s.abs(pp.info.Path), err)
 			}
-			if _, err := tx.ExecContext(ctx, "insert or replace into Refs (referrer, reference) values (?, ?)", ids[i], refID); err != nil {
+			if _, err := tx.StmtContext(ctx, s.db.wInsertRef).ExecContext(ctx, ids[i], refID); err != nil {
 				return fmt.Errorf("reference %s of %s: %w", s.abs(ref), s.abs(pp.info.Path), err)
 			}
 		}

@@ -106,6 +106,11 @@ type database struct {
 	// Prepared statements on the reader pool.
 	qPathInfo, qReferrers, qValid, qAll, qHashPart, qDerivers, qDrvOutputs *sql.Stmt
 
+	// Prepared statements on the writer connection, for transactions to
+	// use through tx.StmtContext: go-sqlite3 keeps no statement cache,
+	// and compiling a statement costs about as much as running it.
+	wPathID, wInsertPath, wOldPath, wUpdatePath, wInsertDrvOutput, wInsertRef, wReferrers, wInvalidate *sql.Stmt
+
 	// guard is a connection of its own that only runs "pragma
 	// data_version"; see dataVersion. It is used under guardMu.
 	guardMu   sync.Mutex
@@ -375,7 +380,34 @@ func (d *database) prepare(ctx context.Context) error {
 		}
 		*s.dst = st
 	}
+	for _, s := range []struct {
+		dst **sql.Stmt
+		sql string
+	}{
+		{&d.wPathID, "select id from ValidPaths where path = ?"},
+		{&d.wInsertPath, "insert into ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) values (?, ?, ?, ?, ?, ?, ?, ?)"},
+		{&d.wOldPath, "select hash, sigs, ultimate from ValidPaths where id = ?"},
+		{&d.wUpdatePath, "update ValidPaths set narSize = ?, hash = ?, ultimate = ?, sigs = ?, ca = ? where path = ?"},
+		{&d.wInsertDrvOutput, "insert or replace into DerivationOutputs (drv, id, path) values (?, ?, ?)"},
+		{&d.wInsertRef, "insert or replace into Refs (referrer, reference) values (?, ?)"},
+		{&d.wReferrers, "select path from Refs join ValidPaths on referrer = id where reference = (select id from ValidPaths where path = ?)"},
+		{&d.wInvalidate, "delete from ValidPaths where path = ?"},
+	} {
+		// The writer pool's one connection is idle here: the statement
+		// is prepared on it, and transactions reuse it.
+		st, err := d.w.PrepareContext(ctx, s.sql)
+		if err != nil {
+			return fmt.Errorf("store: %s: preparing %q: %w", d.path, s.sql, err)
+		}
+		*s.dst = st
+	}
 	return nil
+}
+
+// stmts lists the prepared statements, of the readers and the writer.
+func (d *database) stmts() []*sql.Stmt {
+	return []*sql.Stmt{d.qPathInfo, d.qReferrers, d.qValid, d.qAll, d.qHashPart, d.qDerivers, d.qDrvOutputs,
+		d.wPathID, d.wInsertPath, d.wOldPath, d.wUpdatePath, d.wInsertDrvOutput, d.wInsertRef, d.wReferrers, d.wInvalidate}
 }
 
 func (d *database) close() error {
@@ -383,7 +415,7 @@ func (d *database) close() error {
 		return nil
 	}
 	var errs []error
-	for _, st := range []*sql.Stmt{d.qPathInfo, d.qReferrers, d.qValid, d.qAll, d.qHashPart, d.qDerivers, d.qDrvOutputs} {
+	for _, st := range d.stmts() {
 		if st != nil {
 			errs = append(errs, st.Close())
 		}

@@ -606,7 +606,7 @@ func (s *Store) topoSort(ctx context.Context, set map[storepath.Path]bool) ([]st
 // paths other than p itself still refer to it.
 func (s *Store) invalidatePathChecked(ctx context.Context, p storepath.Path) error {
 	err := s.db.write(ctx, []storepath.Path{p}, func(tx *sql.Tx) error {
-		rows, err := tx.QueryContext(ctx, "select path from Refs join ValidPaths on referrer = id where reference = (select id from ValidPaths where path = ?)", s.abs(p))
+		rows, err := tx.StmtContext(ctx, s.db.wReferrers).QueryContext(ctx, s.abs(p))
 		if err != nil {
 			return err
 		}
@@ -619,7 +619,7 @@ func (s *Store) invalidatePathChecked(ctx context.Context, p storepath.Path) err
 				return fmt.Errorf("cannot delete path '%s' because it is in use by '%s'", s.abs(p), s.abs(r))
 			}
 		}
-		_, err = tx.ExecContext(ctx, "delete from ValidPaths where path = ?", s.abs(p))
+		_, err = tx.StmtContext(ctx, s.db.wInvalidate).ExecContext(ctx, s.abs(p))
 		return err
 	})
 	if err != nil {
