@@ -72,7 +72,7 @@ func (j *job) runBuiltin(ctx context.Context) (syscall.WaitStatus, error) {
 	case err == nil:
 		return 0, nil
 	case context.Cause(ctx) == errBuiltinTimeout:
-		j.killMsg, j.killStatus = timedOut, TimedOut
+		j.recordKill(TimedOut, timedOut)
 		return 0, nil
 	case ctx.Err() != nil:
 		return 0, fmt.Errorf("building '%s': %w", j.drvAbs, ctx.Err())

@@ -83,7 +83,7 @@ const (
 
 // hookProc is a running build hook.
 type hookProc struct {
-	cmd   *exec.Cmd
+	procGroup
 	key   string // the settings it was started with
 	enc   *hookWriter
 	stdin *os.File
@@ -93,8 +93,6 @@ type hookProc struct {
 
 	idleSince time.Time // when it was kept for later (putHook)
 
-	killMu sync.Mutex
-	reaped bool // waited for: its process group id may be reused
 }
 
 // hookPool keeps the hooks that declined or postponed an offer, for the
@@ -237,7 +235,7 @@ func (g *goal) tryRemote(ctx context.Context, inputs []storepath.Path, outputs m
 		b.offerDone()
 		switch {
 		case err != nil:
-			h.kill()
+			h.end()
 			if ctx.Err() != nil {
 				return stopped()
 			}
@@ -252,7 +250,7 @@ func (g *goal) tryRemote(ctx context.Context, inputs []storepath.Path, outputs m
 			})
 			return Result{}, false, slot
 		case reply == hookDeclinePermanently:
-			h.kill()
+			h.end()
 			c.noHook.Store(true)
 			return Result{}, false, slot
 		case reply == hookDecline:
@@ -309,7 +307,7 @@ func (b *Builder) dropHooks(c *call) {
 	}
 	b.mu.Unlock()
 	for _, h := range ended {
-		h.kill()
+		h.end()
 	}
 }
 
@@ -372,7 +370,7 @@ func (b *Builder) putHook(h *hookProc) {
 	b.hooks.idle[h.key] = append(b.hooks.idle[h.key], h)
 	b.mu.Unlock()
 	if drop != nil {
-		drop.kill()
+		drop.end()
 	}
 	time.AfterFunc(hookMaxIdle, b.expireHooks)
 }
@@ -395,7 +393,7 @@ func (b *Builder) expireHooks() {
 	}
 	b.mu.Unlock()
 	for _, h := range stale {
-		h.kill()
+		h.end()
 	}
 }
 
@@ -415,7 +413,7 @@ func (b *Builder) Close() {
 	b.mu.Unlock()
 	for _, hs := range idle {
 		for _, h := range hs {
-			h.kill()
+			h.end()
 		}
 	}
 }
@@ -523,7 +521,7 @@ func (b *Builder) startHook(key string, settings map[string]string) (*hookProc, 
 	fromW.Close()
 	logW.Close()
 	logRChild.Close()
-	h := &hookProc{cmd: cmd, key: key, enc: &hookWriter{w: bufio.NewWriter(inW)}, stdin: inW, from: bufio.NewReader(fromR), fromF: fromR, logR: logR}
+	h := &hookProc{procGroup: procGroup{cmd: cmd}, key: key, enc: &hookWriter{w: bufio.NewWriter(inW)}, stdin: inW, from: bufio.NewReader(fromR), fromF: fromR, logR: logR}
 	for _, k := range slices.Sorted(maps.Keys(settings)) {
 		h.enc.U64(1)
 		h.enc.String(k)
@@ -531,44 +529,17 @@ func (b *Builder) startHook(key string, settings map[string]string) (*hookProc, 
 	}
 	h.enc.U64(0)
 	if err := h.enc.Flush(); err != nil {
-		h.kill()
+		h.end()
 		return nil, fmt.Errorf("sending the build hook its settings: %w", err)
 	}
 	return h, nil
 }
 
-// signal kills the hook's process group, unless the hook was reaped
-// (then its group id may belong to another process).
-func (h *hookProc) signal() {
-	h.killMu.Lock()
-	defer h.killMu.Unlock()
-	if !h.reaped {
-		unix.Kill(-h.cmd.Process.Pid, unix.SIGKILL)
-	}
-}
-
-// reap waits for the hook to exit (without reaping it), kills what is
-// left of its group, then reaps it.
-func (h *hookProc) reap() error {
-	var info unix.Siginfo
-	for {
-		err := unix.Waitid(unix.P_PID, h.cmd.Process.Pid, &info, unix.WEXITED|unix.WNOWAIT, nil)
-		if err != unix.EINTR {
-			break
-		}
-	}
-	h.signal()
-	h.killMu.Lock()
-	h.reaped = true
-	h.killMu.Unlock()
-	return h.cmd.Wait()
-}
-
-// kill ends the hook and everything it started.
-func (h *hookProc) kill() {
-	h.signal()
+// end ends the hook and everything it started.
+func (h *hookProc) end() {
+	h.kill()
 	h.stdin.Close()
-	h.reap()
+	h.wait()
 	h.fromF.Close()
 	h.logR.Close()
 }
@@ -577,7 +548,7 @@ func (h *hookProc) kill() {
 // log lines before it go to the callers. If ctx ends meanwhile, the hook
 // is killed and err is set: it must not be kept.
 func (h *hookProc) try(ctx context.Context, g *goal, willing bool, features []string) (reply hookReply, err error) {
-	stop := context.AfterFunc(ctx, h.signal)
+	stop := context.AfterFunc(ctx, h.kill)
 	defer func() {
 		if !stop() && err == nil {
 			err = context.Cause(ctx)
@@ -666,9 +637,9 @@ func (g *goal) hookMessage(line string, j *job) {
 	}
 	if ev.Action == "result" && ev.Type == hookResBuildLogLine && j != nil && len(ev.Fields) > 0 {
 		if s, ok := ev.Fields[0].(string); ok {
-			j.remoteMu.Lock()
+			j.mu.Lock()
 			io.WriteString(j.logFile, s+"\n")
-			j.remoteMu.Unlock()
+			j.mu.Unlock()
 		}
 	}
 	g.each(func(c *call) { c.emit(func(p Progress) { p.RemoteActivity(drvAbs, ev) }) })
@@ -681,7 +652,7 @@ func (g *goal) buildRemote(ctx context.Context, h *hookProc, inputs []storepath.
 	drvAbs := b.abs(g.drvPath)
 	// Until the build runs: a hook that hangs must not hold the goal
 	// past its end.
-	stop := context.AfterFunc(ctx, h.signal)
+	stop := context.AfterFunc(ctx, h.kill)
 	machine, err := h.from.ReadString('\n')
 	if err == nil {
 		g.machine = strings.TrimSuffix(machine, "\n")
@@ -695,11 +666,11 @@ func (g *goal) buildRemote(ctx context.Context, h *hookProc, inputs []storepath.
 		h.stdin.Close()
 	}
 	if !stop() {
-		h.kill()
+		h.end()
 		return g.failf(MiscFailure, "building '%s': %v", drvAbs, context.Cause(ctx))
 	}
 	if err != nil {
-		h.kill()
+		h.end()
 		return g.failf(MiscFailure, "handing '%s' to the build hook: %v", drvAbs, err)
 	}
 	j := &job{g: g, drvAbs: drvAbs, outputs: outputs, remote: h}
@@ -710,33 +681,23 @@ func (g *goal) buildRemote(ctx context.Context, h *hookProc, inputs []storepath.
 // remote builder writes, as execute does for a local builder.
 func (j *job) runRemote(ctx context.Context) (syscall.WaitStatus, error) {
 	h := j.remote
-	var mu sync.Mutex // j's log state, written from both pipes
-	stop := context.AfterFunc(ctx, h.signal)
+	stop := context.AfterFunc(ctx, h.kill)
 	defer stop()
-	j.remoteMu = &mu
 	readDone := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Add(2)
 	// The clients' limits, as for a local builder (see execute), kill the
 	// hook, which ends the remote build.
 	onData, stopWatch := j.watchLimits(true, func(msg string) {
-		mu.Lock()
-		if j.killMsg == "" {
-			j.killMsg, j.killStatus = msg, TimedOut
-		}
-		mu.Unlock()
-		h.signal()
+		j.recordKill(TimedOut, msg)
+		h.kill()
 	})
 	defer stopWatch()
 	go func() { // ssh://: the builder's output, raw
 		defer wg.Done()
-		j.copyOutput(h.logR, &mu, onData, func(msg string) {
-			mu.Lock()
-			if j.killMsg == "" {
-				j.killMsg, j.killStatus = msg, LogLimitExceeded
-			}
-			mu.Unlock()
-			h.signal()
+		j.copyOutput(h.logR, &j.mu, onData, func(msg string) {
+			j.recordKill(LogLimitExceeded, msg)
+			h.kill()
 		})
 	}()
 	go func() { // the hook's own messages, with ssh-ng://'s build log
@@ -753,12 +714,12 @@ func (j *job) runRemote(ctx context.Context) (syscall.WaitStatus, error) {
 		}
 	}()
 	go func() { wg.Wait(); close(readDone) }()
-	werr := h.reap()
+	werr := h.wait()
 	awaitOutput(readDone, h.fromF, h.logR)
 	h.fromF.Close()
 	h.logR.Close()
-	mu.Lock()
-	defer mu.Unlock()
+	j.mu.Lock()
+	defer j.mu.Unlock()
 	if len(j.line) > 0 {
 		j.flushLine()
 	}

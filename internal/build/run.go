@@ -73,10 +73,11 @@ type job struct {
 	// unlockChroot gives the sandbox root's name back (lockChroot).
 	unlockChroot func()
 	// remote is the build hook that builds the derivation on another
-	// machine (remote.go), nil for a build here; remoteMu guards the log
-	// state, which its two pipes write.
-	remote   *hookProc
-	remoteMu *sync.Mutex
+	// machine (remote.go), nil for a build here.
+	remote *hookProc
+	// mu guards killMsg and killStatus and, for a remote build, the log
+	// state, which the hook's two pipes write.
+	mu sync.Mutex
 
 	// A round of a repeated build (repeat, see goal.buildRounds): trial
 	// for all but the last, whose outputs are hashed, compared and not
@@ -571,8 +572,8 @@ func (j *job) execute(ctx context.Context, spec initSpec) (status syscall.WaitSt
 	pw.Close()
 	specR.Close()
 	statusW.Close()
-	pid := cmd.Process.Pid
-	kill := func() { unix.Kill(-pid, unix.SIGKILL) }
+	proc := &procGroup{cmd: cmd}
+	kill := proc.kill
 	specData, specErr := spec.encode()
 	if specErr == nil {
 		_, specErr = specW.Write(specData)
@@ -582,20 +583,15 @@ func (j *job) execute(ctx context.Context, spec initSpec) (status syscall.WaitSt
 	statusR.Close()
 	if specErr != nil || len(setupMsg) > 0 {
 		kill()
-		cmd.Wait()
+		proc.wait()
 		if len(setupMsg) == 0 {
 			setupMsg = []byte(specErr.Error())
 		}
 		return 0, fmt.Errorf("while setting up the build environment of '%s': %s", j.drvAbs, bytes.TrimSpace(setupMsg))
 	}
 
-	var mu sync.Mutex
 	onKill := func(st Status, msg string) {
-		mu.Lock()
-		if j.killMsg == "" {
-			j.killMsg, j.killStatus = msg, st
-		}
-		mu.Unlock()
+		j.recordKill(st, msg)
 		kill()
 	}
 	// The limits are looked up as the build runs: a client that joins it
@@ -610,8 +606,7 @@ func (j *job) execute(ctx context.Context, spec initSpec) (status syscall.WaitSt
 		defer close(readDone)
 		j.copyOutput(pr, nil, onData, func(msg string) { onKill(LogLimitExceeded, msg) })
 	}()
-	werr := cmd.Wait()
-	kill() // whatever it left behind
+	werr := proc.wait() // and whatever the builder left in its group
 	var killErr error
 	if !j.sandbox && j.user != nil {
 		// Processes that left the group: sandboxed, the PID namespace
@@ -629,12 +624,22 @@ func (j *job) execute(ctx context.Context, spec initSpec) (status syscall.WaitSt
 	if werr != nil && !errors.As(werr, &ee) {
 		return 0, fmt.Errorf("waiting for the builder of '%s': %w", j.drvAbs, werr)
 	}
-	mu.Lock()
-	defer mu.Unlock()
+	j.mu.Lock()
+	defer j.mu.Unlock()
 	if ctx.Err() != nil && j.killMsg == "" {
 		return 0, fmt.Errorf("building '%s': %w", j.drvAbs, ctx.Err())
 	}
 	return cmd.ProcessState.Sys().(syscall.WaitStatus), nil
+}
+
+// recordKill records why the builder is being killed, unless a reason
+// was recorded already: the first one is the build's.
+func (j *job) recordKill(st Status, msg string) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.killMsg == "" {
+		j.killMsg, j.killStatus = msg, st
+	}
 }
 
 // copyOutput copies a builder's output from r, until it ends, into the
