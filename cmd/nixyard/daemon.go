@@ -24,6 +24,7 @@ import (
 	"github.com/nixyard/nixyard/internal/daemon"
 	"github.com/nixyard/nixyard/internal/jobs"
 	"github.com/nixyard/nixyard/internal/metrics"
+	"github.com/nixyard/nixyard/internal/nix/hint"
 	"github.com/nixyard/nixyard/internal/nix/signature"
 	"github.com/nixyard/nixyard/internal/realise"
 	"github.com/nixyard/nixyard/internal/store"
@@ -266,7 +267,7 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		// here, as nix-daemon --stdio writes nothing of its own.
 		opts.logLevel = slog.LevelError
 	}
-	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: opts.logLevel}))
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: opts.logLevel, ReplaceAttr: hint.StripAttr}))
 	if err := timerslack.Widen(timerslack.Daemon); err != nil {
 		// Expected when not root; as root, a container may have dropped
 		// CAP_SYS_NICE, which an operator should hear of.

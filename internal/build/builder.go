@@ -37,6 +37,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nixyard/nixyard/internal/nix/derivation"
+	"github.com/nixyard/nixyard/internal/nix/hint"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
@@ -467,10 +468,9 @@ func DefaultSystemFeatures() []string {
 
 // canBuild reports, as Nix 2.8's canBuildLocally, whether this host can
 // build drv: its platform is System or one of ExtraPlatforms (any, for a
-// builtin builder), and it requires only SystemFeatures. (Nix also
-// refuses with max-jobs = 0, which nixyard, having no remote builders,
-// takes as 1.) The error is the start of Nix's message: "a 'PLATFORM'
-// with features {…} is required".
+// builtin builder), and it requires only SystemFeatures. The error is
+// the start of Nix's message: "a 'PLATFORM' with features {…} is
+// required", its values highlighted.
 func (b *Builder) canBuild(drv *derivation.Derivation, required []string) error {
 	required = slices.Clone(required)
 	slices.Sort(required)
@@ -482,7 +482,7 @@ func (b *Builder) canBuild(drv *derivation.Derivation, required []string) error 
 	if ok {
 		return nil
 	}
-	return fmt.Errorf("a '%s' with features {%s} is required", drv.Platform, strings.Join(required, ", "))
+	return errors.New(hint.Fmt("a '%s' with features {%s} is required", drv.Platform, strings.Join(required, ", ")))
 }
 
 // Builder builds derivations for every caller of one store. It is safe

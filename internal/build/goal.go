@@ -14,6 +14,7 @@ import (
 
 	"github.com/nixyard/nixyard/internal/nix/derivation"
 	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/hint"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
@@ -772,7 +773,7 @@ func (g *goal) realise(ctx context.Context) Result {
 			// Going on for a caller that keeps going: the others fail
 			// at once (see wait).
 			g.earlyOnce.Do(func() {
-				g.earlyRes = g.failf(DependencyFailed, "%d dependencies of derivation '%s' failed to build", nFailed, drvAbs)
+				g.earlyRes = g.failf(DependencyFailed, "%s", hint.Fmt("%d dependencies of derivation '%s' failed to build", nFailed, drvAbs))
 				close(g.early)
 			})
 		}
@@ -871,7 +872,7 @@ func (g *goal) realise(ctx context.Context) Result {
 		// noLocalBuilds travels up, so that a caller who may build, and
 		// who joined a goal whose inputs were realised for one who may
 		// not, tries again as the owner (see call.realise).
-		r := g.failf(DependencyFailed, "%d dependencies of derivation '%s' failed to build", nFailed, drvAbs)
+		r := g.failf(DependencyFailed, "%s", hint.Fmt("%d dependencies of derivation '%s' failed to build", nFailed, drvAbs))
 		r.noLocalBuilds = noBuilds
 		return r
 	}
@@ -933,8 +934,8 @@ func (g *goal) realise(ctx context.Context) Result {
 		return Result{Status: MiscFailure, ErrorMsg: g.caller().noLocalBuildsError().Error(), noLocalBuilds: true}
 	}
 	if err := b.canBuild(g.drv, features); err != nil {
-		return g.failf(MiscFailure, "%v to build '%s', but I am a '%s' with features {%s}",
-			err, drvAbs, b.cfg.System, strings.Join(b.cfg.SystemFeatures, ", "))
+		return g.failf(MiscFailure, "%v%s", err, hint.Fmt(" to build '%s', but I am a '%s' with features {%s}",
+			drvAbs, b.cfg.System, strings.Join(b.cfg.SystemFeatures, ", ")))
 	}
 
 	// As Nix's worker, which checks between goals: a store that ran low
@@ -997,7 +998,7 @@ func (g *goal) realise(ctx context.Context) Result {
 		}
 	}
 	if g.mode == ModeCheck && nValid == 0 {
-		return g.failf(MiscFailure, "some outputs of '%s' are not valid, so checking is not possible", drvAbs)
+		return g.failf(MiscFailure, "%s", hint.Fmt("some outputs of '%s' are not valid, so checking is not possible", drvAbs))
 	}
 	if len(missing) == 0 {
 		return Result{Status: AlreadyValid}

@@ -28,6 +28,7 @@ import (
 	"github.com/nixyard/nixyard/internal/nix/contentaddress"
 	"github.com/nixyard/nixyard/internal/nix/derivation"
 	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/hint"
 	"github.com/nixyard/nixyard/internal/nix/nixbase32"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
@@ -393,13 +394,13 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 		return j.failf(j.killStatus, 1, "%s", j.killMsg)
 	case !status.Exited() || status.ExitStatus() != 0:
 		j.keep = keepFailed
-		msg := fmt.Sprintf("builder for '%s' %s", j.drvAbs, statusString(status))
+		msg := fmt.Sprintf("builder for '%s' %s", hint.Y(j.drvAbs), statusString(status))
 		if len(j.logTail) > 0 {
 			msg += fmt.Sprintf(";\nlast %d log lines:\n", len(j.logTail))
 			for _, l := range j.logTail {
 				msg += "> " + l + "\n"
 			}
-			msg += fmt.Sprintf("For full logs, run 'nix log %s'.", j.drvAbs)
+			msg += fmt.Sprintf("For full logs, run '%s'.", hint.B("nix log "+j.drvAbs))
 		}
 		// As Nix: a fixed-output derivation (which may use the network)
 		// failing may succeed another time; a build hook that failed is a
@@ -739,10 +740,10 @@ func (j *job) watchLimits(silence bool, timedOut func(msg string)) (output, stop
 				maxSilent, timeout := j.g.limits()
 				switch {
 				case timeout > 0 && now.Sub(start) >= timeout:
-					timedOut(fmt.Sprintf("%s timed out after %d seconds", j.g.name, int(timeout.Seconds())))
+					timedOut(hint.Fmt("%s timed out after %d seconds", j.g.name, int(timeout.Seconds())))
 					return
 				case silence && maxSilent > 0 && now.UnixNano()-last.Load() >= int64(maxSilent):
-					timedOut(fmt.Sprintf("%s timed out after %d seconds of silence", j.g.name, int(maxSilent.Seconds())))
+					timedOut(hint.Fmt("%s timed out after %d seconds of silence", j.g.name, int(maxSilent.Seconds())))
 					return
 				}
 			}
@@ -866,7 +867,7 @@ func (j *job) register(ctx context.Context, locks *store.OutputLocks) *failure {
 		loc := j.outputLocation(p)
 		var st unix.Stat_t
 		if err := unix.Lstat(loc, &st); err != nil {
-			return j.failf(OutputRejected, 1, "builder for '%s' failed to produce output path for output '%s' at '%s'", j.drvAbs, name, loc)
+			return j.failf(OutputRejected, 1, "%s", hint.Fmt("builder for '%s' failed to produce output path for output '%s' at '%s'", j.drvAbs, name, loc))
 		}
 		if (st.Mode&unix.S_IFMT != unix.S_IFLNK && st.Mode&(unix.S_IWGRP|unix.S_IWOTH) != 0) ||
 			(j.user != nil && int(st.Uid) != j.hostUID) {
@@ -885,7 +886,7 @@ func (j *job) register(ctx context.Context, locks *store.OutputLocks) *failure {
 			if want := o.Hash; got.Base16() != want {
 				wantHash := hash.Hash{Algo: got.Algo}
 				wantHash.Digest, _ = hex.DecodeString(want)
-				mismatch = fmt.Sprintf("hash mismatch in fixed-output derivation '%s':\n  specified: %s\n     got:    %s", j.drvAbs, wantHash.SRI(), got.SRI())
+				mismatch = hint.Fmt("hash mismatch in fixed-output derivation '%s':\n  specified: %s\n     got:    %s", j.drvAbs, wantHash.SRI(), got.SRI())
 				// Nix registers the output under the path of what it got.
 				actual, err := ca.StorePath(b.st.Dir(), g.drv.Name, nil, false)
 				if err != nil {
@@ -943,7 +944,7 @@ func (j *job) check(ctx context.Context, name string, p storepath.Path, loc stri
 		return nil
 	}
 	if !j.g.owner.opts.KeepFailed && !b.cfg.KeepFailed && !b.cfg.RunDiffHook {
-		return j.failf(NotDeterministic, 1, "derivation '%s' may not be deterministic: output '%s' differs", j.drvAbs, b.st.RealPath(p))
+		return j.failf(NotDeterministic, 1, "%s", hint.Fmt("derivation '%s' may not be deterministic: output '%s' differs", j.drvAbs, b.st.RealPath(p)))
 	}
 	// As Nix: the new output is kept beside the valid one, for the diff
 	// hook and for whoever looks.
@@ -958,7 +959,7 @@ func (j *job) check(ctx context.Context, name string, p storepath.Path, loc stri
 		return j.failf(MiscFailure, 1, "keeping output '%s' of '%s': %v", name, j.drvAbs, err)
 	}
 	j.diffHook(ctx, b.abs(p), dst)
-	return j.failf(NotDeterministic, 1, "derivation '%s' may not be deterministic: output '%s' differs from '%s'", j.drvAbs, b.st.RealPath(p), dst)
+	return j.failf(NotDeterministic, 1, "%s", hint.Fmt("derivation '%s' may not be deterministic: output '%s' differs from '%s'", j.drvAbs, b.st.RealPath(p), dst))
 }
 
 // canonicalNarHash canonicalises the output at loc (as registering it
@@ -986,7 +987,7 @@ func (j *job) compareRound(ctx context.Context) *failure {
 	for _, name := range sortedOutputs(j.outputs) {
 		loc := j.outputLocation(j.outputs[name])
 		if _, err := os.Lstat(loc); err != nil {
-			return j.failf(OutputRejected, 1, "builder for '%s' failed to produce output path for output '%s' at '%s'", j.drvAbs, name, loc)
+			return j.failf(OutputRejected, 1, "%s", hint.Fmt("builder for '%s' failed to produce output path for output '%s' at '%s'", j.drvAbs, name, loc))
 		}
 		h, err := canonicalNarHash(loc)
 		if err != nil {

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/hint"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 	"github.com/nixyard/nixyard/internal/timerslack"
@@ -132,7 +133,7 @@ func TestSandboxSetupFailureAndSignal(t *testing.T) {
 		t.Errorf("unexecutable builder: status %d, %q", r.Status, r.ErrorMsg)
 	}
 	r = e.build(b, ClientOptions{}, out(drvs["killed"]))[0]
-	if want := fmt.Sprintf("builder for '%s' failed due to signal 11 (Segmentation fault)", abs(drvs["killed"])); r.Status != PermanentFailure || r.ErrorMsg != want {
+	if want := fmt.Sprintf("builder for '%s' failed due to signal 11 (Segmentation fault)", abs(drvs["killed"])); r.Status != PermanentFailure || hint.Strip(r.ErrorMsg) != want {
 		t.Errorf("killed builder: status %d, %q, want %q", r.Status, r.ErrorMsg, want)
 	}
 	// As Nix: a failing fixed-output derivation (which may use the
@@ -163,7 +164,7 @@ func TestFixedOutputs(t *testing.T) {
 	r := res[0]
 	wantMsg := fmt.Sprintf("hash mismatch in fixed-output derivation '%s':\n  specified: sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=\n     got:    sha256-",
 		e.st.Dir().Abs(drvs["flat_bad"]))
-	if r.Status != OutputRejected || !strings.HasPrefix(r.ErrorMsg, wantMsg) {
+	if r.Status != OutputRejected || !strings.HasPrefix(hint.Strip(r.ErrorMsg), wantMsg) {
 		t.Fatalf("wrong hash: status %d, %q", r.Status, r.ErrorMsg)
 	}
 	// Like Nix, what was built is registered under its real content address.
@@ -195,25 +196,27 @@ func TestFailuresAndTimeouts(t *testing.T) {
 	b := e.builder(Config{Sandbox: SandboxOn, MaxJobs: 4})
 	abs := e.st.Dir().Abs
 	res := e.build(b, ClientOptions{KeepFailed: true}, out(drvs["dep"]))
-	if r := res[0]; r.Status != DependencyFailed || r.ErrorMsg != fmt.Sprintf("1 dependencies of derivation '%s' failed to build", abs(drvs["dep"])) {
+	if r := res[0]; r.Status != DependencyFailed || r.ErrorMsg != fmt.Sprintf("\x1b[35;1m1\x1b[0m dependencies of derivation '\x1b[35;1m%s\x1b[0m' failed to build", abs(drvs["dep"])) {
 		t.Errorf("dependent: %d %q", r.Status, r.ErrorMsg)
 	}
 	res = e.build(b, ClientOptions{}, out(drvs["fail"]))
-	want := fmt.Sprintf("builder for '%s' failed with exit code 3;\nlast 10 log lines:\n> line 3\n", abs(drvs["fail"]))
-	if r := res[0]; r.Status != PermanentFailure || !strings.HasPrefix(r.ErrorMsg, want) || !strings.Contains(r.ErrorMsg, "> line 12\nFor full logs, run 'nix log ") {
+	// Nix's words and highlighting: the derivation in bold magenta, the
+	// command to run in bold.
+	want := fmt.Sprintf("builder for '\x1b[35;1m%s\x1b[0m' failed with exit code 3;\nlast 10 log lines:\n> line 3\n", abs(drvs["fail"]))
+	if r := res[0]; r.Status != PermanentFailure || !strings.HasPrefix(r.ErrorMsg, want) || !strings.HasSuffix(r.ErrorMsg, "> line 12\nFor full logs, run '\x1b[1mnix log "+abs(drvs["fail"])+"\x1b[0m'.") {
 		t.Errorf("failure: %d %q", r.Status, r.ErrorMsg)
 	}
 	res = e.build(b, ClientOptions{}, out(drvs["noout"]))
-	if r := res[0]; r.Status != OutputRejected || !strings.Contains(r.ErrorMsg, "failed to produce output path for output 'out'") {
+	if r := res[0]; r.Status != OutputRejected || !strings.Contains(hint.Strip(r.ErrorMsg), "failed to produce output path for output 'out'") {
 		t.Errorf("no output: %d %q", r.Status, r.ErrorMsg)
 	}
 	start := time.Now()
 	res = e.build(b, ClientOptions{MaxSilentTime: time.Second}, out(drvs["silent"], "out"))
-	if r := res[0]; r.Status != TimedOut || r.ErrorMsg != fmt.Sprintf("building of '%s!out' from .drv file timed out after 1 seconds of silence", abs(drvs["silent"])) {
+	if r := res[0]; r.Status != TimedOut || r.ErrorMsg != fmt.Sprintf("\x1b[35;1mbuilding of '%s!out' from .drv file\x1b[0m timed out after \x1b[35;1m1\x1b[0m seconds of silence", abs(drvs["silent"])) {
 		t.Errorf("silent: %d %q", r.Status, r.ErrorMsg)
 	}
 	res = e.build(b, ClientOptions{Timeout: time.Second}, out(drvs["slow"], "out"))
-	if r := res[0]; r.Status != TimedOut || !strings.HasSuffix(r.ErrorMsg, "timed out after 1 seconds") {
+	if r := res[0]; r.Status != TimedOut || !strings.HasSuffix(hint.Strip(r.ErrorMsg), "timed out after 1 seconds") {
 		t.Errorf("slow: %d %q", r.Status, r.ErrorMsg)
 	}
 	if d := time.Since(start); d > 10*time.Second {
@@ -540,7 +543,7 @@ func TestSharedBuildLimits(t *testing.T) {
 	// Alone, the short limit stops the build.
 	drvs = e.instantiate(`{ alone = mk { name = "limits-alone"; script = "${bb}/busybox sleep 30; echo > $out"; }; }`, "alone")
 	res := e.build(e.builder(Config{}), ClientOptions{Timeout: time.Second}, out(drvs["alone"]))
-	if r := res[0]; r.Status != TimedOut || !strings.HasSuffix(r.ErrorMsg, "timed out after 1 seconds") {
+	if r := res[0]; r.Status != TimedOut || !strings.HasSuffix(hint.Strip(r.ErrorMsg), "timed out after 1 seconds") {
 		t.Errorf("alone: %d %q", r.Status, r.ErrorMsg)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nixyard/nixyard/internal/nix/hint"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
@@ -233,7 +234,7 @@ func TestCutInputNotCounted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res[0].Status != DependencyFailed || !strings.Contains(res[0].ErrorMsg, "1 dependencies") {
+	if res[0].Status != DependencyFailed || !strings.Contains(hint.Strip(res[0].ErrorMsg), "1 dependencies") {
 		t.Errorf("top: %d %q, want 1 dependency failed", res[0].Status, res[0].ErrorMsg)
 	}
 }
@@ -395,7 +396,7 @@ func TestKeepGoingShared(t *testing.T) {
 	stops := start(ClientOptions{})
 	select {
 	case res := <-stops:
-		if res[0].Status != DependencyFailed || !strings.Contains(res[0].ErrorMsg, "1 dependencies of derivation") {
+		if res[0].Status != DependencyFailed || !strings.Contains(hint.Strip(res[0].ErrorMsg), "1 dependencies of derivation") {
 			t.Errorf("the caller without keep-going: %d %q", res[0].Status, res[0].ErrorMsg)
 		}
 	case <-time.After(30 * time.Second):

@@ -187,7 +187,7 @@ func opBuildPathsWithResultsHandler(ctx context.Context, c *conn) error {
 			r.ErrorMsg = ""
 		}
 		c.out.String(c.formatDerivedPath(r.Target))
-		c.writeBuildResult(realisedResult(r), r.DrvHash)
+		c.writeBuildResult(realisedResult(r), r.DrvHash, r.Target.Built)
 	}
 	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"github.com/nixyard/nixyard/internal/build"
 	"github.com/nixyard/nixyard/internal/daemon/wire"
 	"github.com/nixyard/nixyard/internal/nix/derivation"
+	"github.com/nixyard/nixyard/internal/nix/hint"
 	"github.com/nixyard/nixyard/internal/store"
 )
 
@@ -65,19 +66,22 @@ func opBuildDerivationHandler(ctx context.Context, c *conn) error {
 		return err
 	}
 	c.stopWork()
-	c.writeBuildResult(res, "")
+	c.writeBuildResult(res, "", true)
 	return nil
 }
 
 // writeBuildResult writes an unkeyed BuildResult (§5.2), with its times
-// and builtOutputs in the old, dummy-hash form.
-func (c *conn) writeBuildResult(r build.Result, drvHash string) {
+// and builtOutputs in the old, dummy-hash form. ofDerivation is set for
+// a derivation's result, unset for a path's (a substitution's).
+func (c *conn) writeBuildResult(r build.Result, drvHash string, ofDerivation bool) {
 	c.out.U64(uint64(r.Status))
 	msg := r.ErrorMsg
-	if msg != "" {
-		// As nix-daemon: the message starts in normal text, so that the
-		// client's highlighting of the whole error ends at once.
-		msg = "\x1b[0m" + msg
+	if msg != "" && ofDerivation {
+		// As nix-daemon: a derivation's message starts in normal text,
+		// so that the client's highlighting of the whole error (`nix
+		// build` shows it as one value) ends at once; a substitution's
+		// stays highlighted.
+		msg = hint.Normal + msg
 	}
 	c.out.String(msg)
 	if c.minor >= 29 {

@@ -179,7 +179,7 @@ func TestCombinedError(t *testing.T) {
 	}
 	err = r.CombinedError([]Result{failed(b, "out", "b failed", false), failed(a, "out", "", true)})
 	var cf *CombinedFailure
-	if !errors.As(err, &cf) || err.Error() != "build of '"+st.Dir().Abs(a)+"', '"+st.Dir().Abs(b)+"' failed" || len(cf.Failures) != 1 || cf.Failures[0] != "b failed" {
+	if !errors.As(err, &cf) || err.Error() != "build of \x1b[35;1m'"+st.Dir().Abs(a)+"', '"+st.Dir().Abs(b)+"'\x1b[0m failed" || len(cf.Failures) != 1 || cf.Failures[0] != "b failed" {
 		t.Errorf("two derivations, one stopped: %v", err)
 	}
 	if err := r.CombinedError([]Result{{Status: Built}}); err != nil {

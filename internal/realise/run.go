@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/nixyard/nixyard/internal/nix/hint"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 	"github.com/nixyard/nixyard/internal/substitute"
@@ -125,7 +126,7 @@ func (r *Realiser) Check(ctx context.Context, targets []store.DerivedPath, prog 
 			return nil, err
 		case needBuild:
 			results[i] = Result{Target: t, Status: MiscFailure,
-				ErrorMsg: fmt.Sprintf("some outputs of '%s' are not valid, so checking is not possible", st.Dir().Abs(t.Path))}
+				ErrorMsg: hint.Fmt("some outputs of '%s' are not valid, so checking is not possible", st.Dir().Abs(t.Path))}
 			continue
 		case !res.Status.Success():
 			results[i] = res // a substitution that failed
@@ -420,7 +421,7 @@ func (r *Realiser) tempRoots(ctx context.Context, paths []storepath.Path, m *sub
 // missingDerivation is Nix's error for a derivation to build that is not
 // there.
 func missingDerivation(drv string) string {
-	return fmt.Sprintf("cannot build missing derivation '%s'", drv)
+	return hint.Fmt("cannot build missing derivation '%s'", drv)
 }
 
 // EnsurePath makes p valid by substitution if it is not.
@@ -489,7 +490,7 @@ func (r *Realiser) CombinedError(results []Result) error {
 		// One derivation (asked for with several outputs, say): its error.
 		return errors.New(msgs[0])
 	}
-	return &CombinedFailure{Failures: msgs, msg: fmt.Sprintf("build of '%s' failed", strings.Join(failed, "', '"))}
+	return &CombinedFailure{Failures: msgs, msg: fmt.Sprintf("build of %s failed", hint.Y("'"+strings.Join(failed, "', '")+"'"))}
 }
 
 // CombinedFailure is the error of a request with several failed targets:

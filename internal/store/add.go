@@ -19,6 +19,7 @@ import (
 	"github.com/nixyard/nixyard/internal/nar"
 	"github.com/nixyard/nixyard/internal/nix/contentaddress"
 	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/hint"
 	"github.com/nixyard/nixyard/internal/nix/nixbase32"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
@@ -319,7 +320,7 @@ func (s *Store) unpack(ctx context.Context, info PathInfo, ca contentaddress.CA,
 	}
 	got := hash.FromHasher(hash.SHA256, sha)
 	if !got.Equal(info.NarHash) {
-		return nil, fmt.Errorf("store: hash mismatch importing path '%s';\n  specified: %s\n  got:       %s", abs, info.NarHash, got)
+		return nil, errors.New("store: " + hint.Fmt("hash mismatch importing path '%s';\n  specified: %s\n  got:       %s", abs, info.NarHash, got))
 	}
 	if cnt.n != info.NarSize {
 		return nil, fmt.Errorf("store: size mismatch importing path '%s';\n  specified: %d\n  got:       %d", abs, info.NarSize, cnt.n)
@@ -335,7 +336,7 @@ func (s *Store) unpack(ctx context.Context, info PathInfo, ca contentaddress.CA,
 			}
 		}
 		if !actual.Equal(ca.Hash) {
-			return nil, fmt.Errorf("store: ca hash mismatch importing path '%s';\n  specified: %s\n  got:       %s", abs, ca.Hash, actual)
+			return nil, errors.New("store: " + hint.Fmt("ca hash mismatch importing path '%s';\n  specified: %s\n  got:       %s", abs, ca.Hash, actual))
 		}
 	}
 	pp := &pendingPath{info: info}
@@ -827,7 +828,7 @@ func (s *Store) checkNARInfo(info PathInfo, checkSigs bool, doing string) (conte
 		}
 	}
 	if checkSigs && s.cfg.RequireSigs && ca.IsZero() && !s.sigs.trusted(s.dir, &info) {
-		return ca, fmt.Errorf("store: cannot add path '%s' because it lacks a valid signature", abs)
+		return ca, errors.New("store: " + hint.Fmt("cannot add path '%s' because it lacks a valid signature", abs))
 	}
 	return ca, nil
 }

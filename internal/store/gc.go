@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nixyard/nixyard/internal/nix/hint"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
 
@@ -183,7 +184,7 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 				return nil, err
 			}
 			if !c.dead[p] {
-				return nil, fmt.Errorf("Cannot delete path '%s' since it is still alive. To find out why, use: nix-store --query --roots", s.abs(p))
+				return nil, errors.New(hint.Fmt("Cannot delete path '%s' since it is still alive. To find out why, use: nix-store --query --roots", s.abs(p)))
 			}
 		}
 	} else if opts.MaxFreed > 0 {

@@ -114,9 +114,10 @@ func TestGCRoots(t *testing.T) {
 		t.Errorf("censored roots: %v", c)
 	}
 
-	// DeleteSpecific of a live path is refused.
+	// DeleteSpecific of a live path is refused, the path highlighted as
+	// Nix's hintfmt does.
 	_, err = s.CollectGarbage(ctx, GCOptions{Action: GCDeleteSpecific, Paths: []storepath.Path{libA}}, nil)
-	if err == nil || !strings.Contains(err.Error(), "Cannot delete path '"+abs(libA)+"' since it is still alive") {
+	if err == nil || !strings.Contains(err.Error(), "Cannot delete path '\x1b[35;1m"+abs(libA)+"\x1b[0m' since it is still alive") {
 		t.Errorf("delete live: %v", err)
 	}
 	dead, err := s.CollectGarbage(ctx, GCOptions{Action: GCReturnDead, MaxFreed: math.MaxUint64}, nil)

@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"github.com/nixyard/nixyard/internal/nar"
 	"github.com/nixyard/nixyard/internal/nix/contentaddress"
 	"github.com/nixyard/nixyard/internal/nix/hash"
+	"github.com/nixyard/nixyard/internal/nix/hint"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
 
@@ -181,7 +183,7 @@ func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs
 			// A fixed output may not refer to other paths (its path says
 			// nothing of them), in the words of Nix's older releases (2.8
 			// fails an assertion).
-			return nil, fmt.Errorf("illegal path references in fixed-output derivation '%s'", drvAbs)
+			return nil, errors.New(hint.Fmt("illegal path references in fixed-output derivation '%s'", drvAbs))
 		}
 		if o.CA != "" {
 			ca, err := contentaddress.Parse(o.CA)
