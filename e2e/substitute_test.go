@@ -200,6 +200,12 @@ func TestSubstituteFallback(t *testing.T) {
 		!strings.Contains(r.stderr, "error: build of '"+out+"' failed") {
 		t.Errorf("nix-store -r of a path whose NAR is corrupt: want its error once, then the request's:\n%s", r)
 	}
+	// nix build of it: the download's error once, in Nix's words (no
+	// names of nixyard's packages), not repeated by the request's.
+	if r := d.client("nix", "build", "--no-link", out).run(t); r.err == nil ||
+		strings.Count(r.stderr, "hash mismatch importing path '"+out+"'") != 1 || strings.Contains(r.stderr, "store:") {
+		t.Errorf("nix build of a path whose NAR is corrupt: want its error once, in Nix's words:\n%s", r)
+	}
 	args := append([]string{"--no-out-link"}, e.fixtureArgs(t, "subst-fallback")...)
 	if r := d.client("nix-build", args...).run(t); r.err == nil {
 		t.Fatalf("nix-build succeeded with a corrupt NAR in the cache and no --fallback:\n%s", r)
@@ -269,6 +275,10 @@ func TestSubstituteDeadCacheWarns(t *testing.T) {
 	}
 	if !regexp.MustCompile(`(?m)^warning: .*` + regexp.QuoteMeta(dead)).MatchString(r.stderr) {
 		t.Errorf("nix build does not warn of the dead cache %s:\n%s", dead, r)
+	}
+	// In Nix's words, naming the URL once.
+	if !strings.Contains(r.stderr, "unable to download '"+dead+"/nix-cache-info'") || strings.Contains(r.stderr, `Get "`) {
+		t.Errorf("the dead cache's warning is not in Nix's words:\n%s", r)
 	}
 	d.verifyStopped(t)
 }

@@ -320,8 +320,13 @@ func errorMessage(err error) string {
 	if errors.As(err, &fe) {
 		err = fe.err
 	}
-	// The store's errors name it ("store: …") for the daemon's log; the
-	// client gets Nix's words ("cannot add path '…' because it lacks a
-	// valid signature").
-	return strings.TrimPrefix(err.Error(), "store: ")
+	return clientText(err.Error())
+}
+
+// clientText is an error's text for a client: the store's errors name
+// it ("store: …") for the daemon's log, where they start or where another
+// error wraps them; the client gets Nix's words ("cannot add path '…'
+// because it lacks a valid signature").
+func clientText(msg string) string {
+	return strings.ReplaceAll(strings.TrimPrefix(msg, "store: "), ": store: ", ": ")
 }

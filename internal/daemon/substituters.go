@@ -276,7 +276,7 @@ func (p *progress) write(e substitute.Event) {
 		delete(p.ids, e.ID)
 		switch {
 		case e.Type == substitute.ActSubstitute && e.Err != nil:
-			tun.Error(fmt.Sprintf("substituting '%s' from '%s': %v", abs, e.Upstream, e.Err))
+			tun.Error(clientText(fmt.Sprintf("substituting '%s' from '%s': %v", abs, e.Upstream, e.Err)))
 		case e.Type == substitute.ActSubstitute:
 			tun.Log(lvlChatty, fmt.Sprintf("substitution of path '%s' succeeded", abs))
 		}

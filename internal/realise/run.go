@@ -198,7 +198,7 @@ func (r *Realiser) realiseOpaque(ctx context.Context, targets []store.DerivedPat
 				results[i].Status = Substituted
 				if ferr := failed[targets[i].Path]; ferr != nil {
 					results[i].Status, results[i].told = NoSubstituters, substitute.Shown(ferr)
-					results[i].ErrorMsg = fmt.Sprintf("path '%s' is required, but it could not be substituted: %v", r.m.st.Dir().Abs(targets[i].Path), ferr)
+					results[i].ErrorMsg = notSubstituted(r.m.st.Dir().Abs(targets[i].Path), ferr, results[i].told)
 				}
 			}
 			return nil
@@ -288,7 +288,7 @@ func (r *Realiser) realiseOne(ctx context.Context, t store.DerivedPath, prog Pro
 			return res, false, nil
 		default:
 			res.Status, res.told = NoSubstituters, substitute.Shown(ferr)
-			res.ErrorMsg = fmt.Sprintf("path '%s' is required, but it could not be substituted: %v", abs, ferr)
+			res.ErrorMsg = notSubstituted(abs, ferr, res.told)
 			return res, false, nil
 		}
 	} else if !valid {
@@ -420,6 +420,15 @@ func (r *Realiser) tempRoots(ctx context.Context, paths []storepath.Path, m *sub
 
 // missingDerivation is Nix's error for a derivation to build that is not
 // there.
+// notSubstituted is the error of a path whose download failed: with its
+// cause, unless the client was told of it when it happened.
+func notSubstituted(abs string, cause error, told bool) string {
+	if told {
+		return fmt.Sprintf("path '%s' is required, but it could not be substituted", abs)
+	}
+	return fmt.Sprintf("path '%s' is required, but it could not be substituted: %v", abs, cause)
+}
+
 func missingDerivation(drv string) string {
 	return hint.Fmt("cannot build missing derivation '%s'", drv)
 }

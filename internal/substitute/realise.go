@@ -520,7 +520,7 @@ func (s *Substituter) streamInto(ctx context.Context, up *upstream, info *Info, 
 	if ctx.Err() != nil {
 		return err
 	}
-	return fmt.Errorf("%s from %s (NarHash %s, NarSize %d): %w", s.cfg.StoreDir.Abs(info.StorePath), b.url, info.NarHash, info.NarSize, err)
+	return fmt.Errorf("%s: %w", b.url, err)
 }
 
 // countReader reports the running totals that gate passes, the last at

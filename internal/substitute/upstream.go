@@ -130,31 +130,43 @@ func (s *Substituter) open(ctx context.Context, up *upstream, rel string) (*body
 	req.Header.Set("User-Agent", "nixyard")
 	resp, err := s.client.Do(req)
 	if err != nil {
+		// The client's error names the URL again ("Get \"…\": …").
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err
+		}
 		if ctx.Err() != nil && context.Cause(ctx) == ctx.Err() {
 			// Our caller gave up: not the upstream's fault.
-			return nil, fmt.Errorf("GET %s: %w", full, err)
+			return nil, fmt.Errorf("unable to download '%s': %w", full, err)
 		}
 		if c := context.Cause(ctx); c != nil {
 			err = c
 		}
-		return nil, transient(fmt.Errorf("GET %s: %w", full, err))
+		return nil, transient(fmt.Errorf("unable to download '%s': %w", full, err))
 	}
 	switch {
 	case resp.StatusCode == http.StatusOK:
 		return &body{rc: resp.Body, size: resp.ContentLength, url: full}, nil
 	case resp.StatusCode == http.StatusNotFound || resp.StatusCode == http.StatusForbidden:
 		drain(resp.Body)
-		return nil, fmt.Errorf("GET %s: %s: %w", full, resp.Status, errNotFound)
+		return nil, fmt.Errorf("%w: %w", httpError(full, resp), errNotFound)
 	case resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode == http.StatusRequestTimeout || resp.StatusCode >= 500:
 		drain(resp.Body)
 		return nil, &transientError{
-			err:        fmt.Errorf("GET %s: %s", full, resp.Status),
+			err:        httpError(full, resp),
 			retryAfter: parseRetryAfter(resp.Header.Get("Retry-After"), s.now()),
 		}
 	default:
 		drain(resp.Body)
-		return nil, fmt.Errorf("GET %s: %s", full, resp.Status)
+		return nil, httpError(full, resp)
 	}
+}
+
+// httpError is a failed download's error in Nix's words: "unable to
+// download 'URL': HTTP error 404 ('Not Found')".
+func httpError(full string, resp *http.Response) error {
+	reason := strings.TrimSpace(strings.TrimPrefix(resp.Status, strconv.Itoa(resp.StatusCode)))
+	return fmt.Errorf("unable to download '%s': HTTP error %d ('%s')", full, resp.StatusCode, reason)
 }
 
 // drain reads a little of an unwanted body so the connection can be reused.
