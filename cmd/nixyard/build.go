@@ -64,9 +64,9 @@ func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) 
 		dst  *int
 	}{{"cores", &cfg.Cores}, {"log-lines", &cfg.LogLines}, {"repeat", &cfg.Repeat}}
 	for _, x := range ints {
-		n, err := s.Int(x.name, 0)
-		if err != nil || n < 0 {
-			return cfg, fmt.Errorf("nix.conf: %s: not a non-negative number: %v", x.name, err)
+		n, err := s.NonNegInt(x.name, 0)
+		if err != nil {
+			return cfg, fmt.Errorf("nix.conf: %w", err)
 		}
 		*x.dst = int(n)
 	}
@@ -78,9 +78,9 @@ func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) 
 		dst  *time.Duration
 	}{{"timeout", &cfg.Timeout}, {"max-silent-time", &cfg.MaxSilentTime}}
 	for _, x := range durations {
-		n, err := s.Int(x.name, 0)
-		if err != nil || n < 0 {
-			return cfg, fmt.Errorf("nix.conf: %s: not a number of seconds: %v", x.name, err)
+		n, err := s.NonNegInt(x.name, 0)
+		if err != nil {
+			return cfg, fmt.Errorf("nix.conf: %w", err)
 		}
 		*x.dst = time.Duration(n) * time.Second
 	}
@@ -96,9 +96,9 @@ func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) 
 			return cfg, fmt.Errorf("nix.conf: %w", err)
 		}
 	}
-	maxLog, err := s.Int("max-build-log-size", 0)
-	if err != nil || maxLog < 0 {
-		return cfg, fmt.Errorf("nix.conf: max-build-log-size: not a non-negative number: %v", err)
+	maxLog, err := s.NonNegInt("max-build-log-size", 0)
+	if err != nil {
+		return cfg, fmt.Errorf("nix.conf: %w", err)
 	}
 	cfg.MaxLogSize = maxLog
 	filter, err := s.Bool("filter-syscalls", true)

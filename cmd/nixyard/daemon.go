@@ -316,9 +316,9 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 	if err != nil {
 		return err
 	}
-	minFree, err := settings.Int("min-free", 0)
-	if err != nil || minFree < 0 {
-		return fmt.Errorf("nix.conf: min-free: not a number of bytes: %v", err)
+	minFree, err := settings.NonNegInt("min-free", 0)
+	if err != nil {
+		return fmt.Errorf("nix.conf: %w", err)
 	}
 	maxFree := uint64(0) // no limit
 	if v := settings.String("max-free", "-1"); v != "-1" {
@@ -336,9 +336,9 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 	if reserved == 0 {
 		reserved = -1 // none
 	}
-	checkInterval, err := settings.Int("min-free-check-interval", 5)
-	if err != nil || checkInterval < 0 {
-		return fmt.Errorf("nix.conf: min-free-check-interval: not a number of seconds: %v", err)
+	checkInterval, err := settings.NonNegInt("min-free-check-interval", 5)
+	if err != nil {
+		return fmt.Errorf("nix.conf: %w", err)
 	}
 	autoOptimise, err := settings.Bool("auto-optimise-store", false)
 	if err != nil {

@@ -212,6 +212,16 @@ func (s *Settings) Int(name string, def int64) (int64, error) {
 	return n, nil
 }
 
+// NonNegInt is Int for a setting that may not be negative (a count, a
+// size or a time).
+func (s *Settings) NonNegInt(name string, def int64) (int64, error) {
+	n, err := s.Int(name, def)
+	if err == nil && n < 0 {
+		err = fmt.Errorf("setting %s: %q is not a non-negative integer", name, s.values[name])
+	}
+	return n, err
+}
+
 // Map returns a copy of every setting.
 func (s *Settings) Map() map[string]string {
 	m := make(map[string]string, len(s.values))

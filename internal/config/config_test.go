@@ -137,3 +137,25 @@ func TestParseSize(t *testing.T) {
 		}
 	}
 }
+
+func TestNonNegInt(t *testing.T) {
+	s, err := Load(t.TempDir(), func(string) string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, err := s.NonNegInt("cores", 3); n != 3 || err != nil {
+		t.Errorf("unset: %d, %v", n, err)
+	}
+	s.Set("cores", "0")
+	if n, err := s.NonNegInt("cores", 3); n != 0 || err != nil {
+		t.Errorf("0: %d, %v", n, err)
+	}
+	s.Set("cores", "-1")
+	if _, err := s.NonNegInt("cores", 3); err == nil || err.Error() != `setting cores: "-1" is not a non-negative integer` {
+		t.Errorf("-1: %v", err)
+	}
+	s.Set("cores", "many")
+	if _, err := s.NonNegInt("cores", 3); err == nil || err.Error() != `setting cores: "many" is not an integer` {
+		t.Errorf("many: %v", err)
+	}
+}
