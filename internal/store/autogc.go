@@ -100,12 +100,14 @@ func (a *autoGC) startLocked(s *Store, cc *AutoGCCheck) (done chan struct{}, msg
 	}
 	if global && s.cfg.SizeBudget > 0 && now.Sub(a.lastSave) >= lastUseSave && s.lastUse.saving.CompareAndSwap(false, true) {
 		a.lastSave = now
-		go func() {
+		if !s.bg.start(func(context.Context) {
 			defer s.lastUse.saving.Store(false)
 			if err := s.saveLastUses(); err != nil {
 				s.log.Warn("auto-GC: cannot save the last uses of paths", "err", err)
 			}
-		}()
+		}) {
+			s.lastUse.saving.Store(false)
+		}
 	}
 	toFree := uint64(0)
 	if s.cfg.MinFree > 0 {
@@ -135,8 +137,7 @@ func (a *autoGC) startLocked(s *Store, cc *AutoGCCheck) (done chan struct{}, msg
 		return nil, ""
 	}
 	done = make(chan struct{})
-	a.running = done
-	go func() {
+	started := s.bg.start(func(ctx context.Context) {
 		defer func() {
 			a.mu.Lock()
 			a.running, a.lastCheck = nil, time.Now()
@@ -144,7 +145,7 @@ func (a *autoGC) startLocked(s *Store, cc *AutoGCCheck) (done chan struct{}, msg
 			close(done)
 		}()
 		s.log.Info("running auto-GC", "to_free", toFree, "lru", budget > 0)
-		res, err := s.CollectGarbage(context.Background(), GCOptions{Action: GCDeleteDead, MaxFreed: toFree, LRU: budget > 0}, nil)
+		res, err := s.CollectGarbage(ctx, GCOptions{Action: GCDeleteDead, MaxFreed: toFree, LRU: budget > 0}, nil)
 		var freed uint64
 		if err != nil {
 			s.log.Warn("auto-GC failed", "err", err)
@@ -163,13 +164,53 @@ func (a *autoGC) startLocked(s *Store, cc *AutoGCCheck) (done chan struct{}, msg
 		a.sizeAfterGC = 0
 		if budget > 0 {
 			a.budgetGCAt = time.Now()
-			if _, size, err := s.Stats(context.Background()); err == nil && size > budget/100*budgetPercent {
+			if _, size, err := s.Stats(ctx); err == nil && size > budget/100*budgetPercent {
 				a.sizeAfterGC = size
 			}
 		}
 		a.mu.Unlock()
-	}()
+	})
+	if !started { // the store is closing
+		return nil, ""
+	}
+	a.running = done
 	return done, fmt.Sprintf("running auto-GC to free %d bytes", toFree)
+}
+
+// background runs the store's own goroutines (automatic collections,
+// saving last uses) with a context that Close cancels, and lets Close
+// wait for them.
+type background struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+	mu     sync.Mutex
+	closed bool
+	wg     sync.WaitGroup
+}
+
+// start runs f in a goroutine of its own, unless the store is closing;
+// it reports whether it did.
+func (b *background) start(f func(ctx context.Context)) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return false
+	}
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		f(b.ctx)
+	}()
+	return true
+}
+
+// stop cancels the goroutines' context and waits for them to end.
+func (b *background) stop() {
+	b.mu.Lock()
+	b.closed = true
+	b.mu.Unlock()
+	b.cancel()
+	b.wg.Wait()
 }
 
 // AvailableBytes is the space available to unprivileged users on the

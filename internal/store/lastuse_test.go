@@ -259,3 +259,29 @@ func TestSizeBudgetHysteresis(t *testing.T) {
 		t.Error("no collection after the store grew by 1 % of its budget")
 	}
 }
+
+// TestCloseStopsAutoGC: Close stops a running automatic collection and
+// waits for it, before it closes the database the collection uses.
+func TestCloseStopsAutoGC(t *testing.T) {
+	ctx := context.Background()
+	s := openWithBudget(t, t.TempDir(), 1<<40)
+	for i := range 300 {
+		addText(t, s, fmt.Sprintf("p%d", i), fmt.Sprintf("contents %d", i))
+	}
+	s.cfg.SizeBudget = 1 // everything is over it
+	s.AutoGC(ctx, false)
+	s.autoGC.mu.Lock()
+	running := s.autoGC.running
+	s.autoGC.mu.Unlock()
+	if running == nil {
+		t.Fatal("no automatic collection started")
+	}
+	if err := s.Close(); err != nil {
+		t.Errorf("Close: %v", err)
+	}
+	select {
+	case <-running:
+	default:
+		t.Error("the automatic collection still runs after Close")
+	}
+}

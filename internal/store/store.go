@@ -102,8 +102,9 @@ type Store struct {
 	gcSem  chan struct{}                                                     // holds a token while a garbage collection runs in this process
 	gcGate atomic.Pointer[func(ctx context.Context, log func(string)) error] // see SetGCGate
 
-	autoGC  autoGC   // see AutoGC
-	lastUse lastUses // see Touch
+	autoGC  autoGC     // see AutoGC
+	lastUse lastUses   // see Touch
+	bg      background // the store's own goroutines, stopped by Close
 
 	closeOnce sync.Once
 	closeErr  error
@@ -132,6 +133,7 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		log:     cfg.Logger,
 		gcSem:   make(chan struct{}, 1),
 	}
+	s.bg.ctx, s.bg.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	var err error
 	if s.sigs, err = newSigChecker(cfg.TrustedPublicKeys); err != nil {
 		return nil, fmt.Errorf("store: trusted-public-keys: %w", err)
@@ -260,10 +262,13 @@ func processAlive(pid int) bool {
 	return err == nil || errors.Is(err, unix.EPERM)
 }
 
-// Close releases the store: its temporary roots file, its database
-// connections and the big lock. Sessions should be closed first.
+// Close releases the store: it stops its own work (an automatic
+// collection) and waits for it, then releases its temporary roots file,
+// its database connections and the big lock. Sessions should be closed
+// first.
 func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
+		s.bg.stop()
 		errs := []error{s.saveLastUses(), s.roots.close(), s.db.close(), s.fsSync.dir.Close()}
 		if s.bigLock != nil {
 			errs = append(errs, s.bigLock.Close())
