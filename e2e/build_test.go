@@ -1243,17 +1243,23 @@ func TestRepairByRebuild(t *testing.T) {
 		assertVerifyClean(t, b.nixStoreRun(t, "--verify", "--check-contents"))
 	}
 
-	damage()
-	repaired("nix-store --verify --check-contents --repair", b.nixStoreRun(t, "--verify", "--check-contents", "--repair"))
-	damage()
-	r := b.nixBuild(append(args, "-A", "lib", "--no-out-link", "--repair")...).run(t)
-	repaired("nix-build --repair", r)
-	// What it checked and found, in nix-daemon's words.
-	for _, want := range []string{"checking path '" + lib + "'...", "path '" + lib + "' is corrupted or missing!"} {
-		if !strings.Contains(r.stderr, want) {
-			t.Errorf("nix-build --repair does not say %q:\n%s", want, r)
+	// What a repair checked and found, in nix-daemon's words.
+	saysChecked := func(how string, r result) {
+		t.Helper()
+		for _, want := range []string{"checking path '" + lib + "'...", "path '" + lib + "' is corrupted or missing!"} {
+			if !strings.Contains(r.stderr, want) {
+				t.Errorf("%s does not say %q:\n%s", how, want, r)
+			}
 		}
 	}
+	damage()
+	r := b.nixStoreRun(t, "--verify", "--check-contents", "--repair")
+	repaired("nix-store --verify --check-contents --repair", r)
+	saysChecked("nix-store --verify --check-contents --repair", r)
+	damage()
+	r = b.nixBuild(append(args, "-A", "lib", "--no-out-link", "--repair")...).run(t)
+	repaired("nix-build --repair", r)
+	saysChecked("nix-build --repair", r)
 	// A damaged input in the closure of what is named is repaired too
 	// (nix-daemon repairs the inputs' outputs first, which it finds by
 	// the input derivations rather than the closure).

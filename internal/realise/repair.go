@@ -111,7 +111,7 @@ func (r *Realiser) repairDamaged(ctx context.Context, p storepath.Path, prog Pro
 	if m, ok := prog.(Messenger); ok && note != "" {
 		m.Error(note)
 	}
-	how, err = r.repairPath(ctx, p)
+	how, err = r.repairPath(ctx, p, false)
 	if err != nil {
 		if ctx.Err() != nil {
 			return 0, "", ctx.Err()
@@ -154,18 +154,42 @@ func (r *Realiser) repairClosure(ctx context.Context, t store.DerivedPath, res *
 	return nil
 }
 
+// checkOutputs checks the contents of drv's valid outputs, in the order
+// of their names, telling the client (see contentsGood).
+func (r *Realiser) checkOutputs(ctx context.Context, drv storepath.Path) error {
+	st := r.m.st
+	outs, err := st.QueryDerivationOutputMap(ctx, drv)
+	if err != nil {
+		return fmt.Errorf("repairing: outputs of %s: %w", st.Dir().Abs(drv), err)
+	}
+	prog := substitute.ProgressFrom(ctx)
+	for _, name := range slices.Sorted(maps.Keys(outs)) {
+		if ok, err := st.IsValidPath(ctx, outs[name]); err != nil || !ok {
+			continue
+		}
+		if _, err := r.contentsGood(ctx, outs[name], prog); err != nil {
+			return fmt.Errorf("repairing: %w", err)
+		}
+	}
+	return nil
+}
+
 // RepairPath fetches the valid path p again from the binary caches and
 // replaces the store's copy (nix-store --verify --repair). If no cache
 // gives it back, the derivation that made it, if valid, is built again in
-// repair mode, which replaces it, as Nix's repairPath does.
+// repair mode, which replaces it, as Nix's repairPath does; as Nix's
+// derivation goal in repair mode, it first checks that derivation's
+// valid outputs and says which are damaged (see contentsGood).
 func (r *Realiser) RepairPath(ctx context.Context, p storepath.Path) error {
-	_, err := r.repairPath(ctx, p)
+	_, err := r.repairPath(ctx, p, true)
 	return err
 }
 
 // repairPath is RepairPath; it says how the path was repaired:
-// Substituted or Built.
-func (r *Realiser) repairPath(ctx context.Context, p storepath.Path) (Status, error) {
+// Substituted or Built. checkOutputs: before a rebuild, the derivation's
+// outputs are checked, and the client told, as Nix's derivation goal
+// does (unset where p was checked and told of already).
+func (r *Realiser) repairPath(ctx context.Context, p storepath.Path, checkOutputs bool) (Status, error) {
 	err := store.ErrNotRepairable
 	if r.sub != nil {
 		if err = r.sub.Repair(ctx, p); err == nil || ctx.Err() != nil {
@@ -182,6 +206,11 @@ func (r *Realiser) repairPath(ctx context.Context, p storepath.Path) (Status, er
 	}
 	if ok, verr := st.IsValidPath(ctx, info.Deriver); verr != nil || !ok {
 		return 0, err
+	}
+	if checkOutputs {
+		if err := r.checkOutputs(ctx, info.Deriver); err != nil {
+			return 0, err
+		}
 	}
 	target := store.DerivedPath{Path: info.Deriver, Built: true, AllOutputs: true}
 	opts := BuildOptions{Session: r.session, Substituter: r.Substituter(substitute.ProgressFrom(ctx)), Repair: true}
