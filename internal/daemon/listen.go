@@ -42,7 +42,7 @@ type ListenSpec struct {
 	Policy ListenPolicy
 }
 
-// ParseListenSpec parses PATH[,trusted=BOOL][,tenant=NAME].
+// ParseListenSpec parses a --listen argument (see ListenSpec).
 func ParseListenSpec(s string) (ListenSpec, error) {
 	parts := strings.Split(s, ",")
 	// Untrusted unless asked: an extra socket is a job socket, and a job

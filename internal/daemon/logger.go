@@ -266,13 +266,6 @@ func (t *tunnel) state() (working, stopped bool) {
 	return t.working, t.stopped
 }
 
-// isWorking reports whether an op is between startWork and stopWork.
-func (t *tunnel) isWorking() bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.working
-}
-
 // stopWork ends the work phase with STDERR_LAST (err == nil) or
 // STDERR_ERROR. It does not flush: the reply follows.
 func (t *tunnel) stopWork(err error) {

@@ -341,7 +341,7 @@ func (s *Store) unpack(ctx context.Context, info PathInfo, ca contentaddress.CA,
 	}
 	pp := &pendingPath{info: info}
 	if info.Path.IsDerivation() {
-		if pp.drvOutputs, err = s.readDrvOutputs(info.Path, realPath); err != nil {
+		if pp.drvOutputs, err = s.readDrvOutputs(ctx, info.Path, realPath); err != nil {
 			return nil, err
 		}
 	}
@@ -727,7 +727,7 @@ func (s *Store) addUnpacked(ctx context.Context, info PathInfo, tmp string, repa
 	}
 	pp := &pendingPath{info: info}
 	if info.Path.IsDerivation() {
-		if pp.drvOutputs, err = s.readDrvOutputs(info.Path, tmp); err != nil {
+		if pp.drvOutputs, err = s.readDrvOutputs(ctx, info.Path, tmp); err != nil {
 			return err
 		}
 	}

@@ -66,12 +66,12 @@ func (s *Store) DrvHashCache() *derivation.HashCache {
 // readDrvOutputs reads the derivation at realPath, checks its output paths
 // as Nix does before registering a .drv (checkInvariants), and returns
 // the outputs whose paths are known, for DerivationOutputs.
-func (s *Store) readDrvOutputs(p storepath.Path, realPath string) (map[string]storepath.Path, error) {
+func (s *Store) readDrvOutputs(ctx context.Context, p storepath.Path, realPath string) (map[string]storepath.Path, error) {
 	d, err := s.readDerivation(p, realPath)
 	if err != nil {
 		return nil, err
 	}
-	err = s.DrvHashCache().CheckOutputPaths(context.Background(), d, s.dir, s.loadDerivation)
+	err = s.DrvHashCache().CheckOutputPaths(ctx, d, s.dir, s.loadDerivation)
 	if err != nil && !errors.Is(err, derivation.ErrNotSupported) {
 		return nil, fmt.Errorf("store: derivation %s: %w", s.abs(p), err)
 	}

@@ -45,6 +45,15 @@ func (g *gcRun) addRoot(hashPart string) {
 	}
 }
 
+// clearPending says that the collector is deleting no path, waking the
+// roots waiting for it.
+func (g *gcRun) clearPending() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.pending = ""
+	g.cond.Broadcast()
+}
+
 // errGCLimit stops a collection once MaxFreed is passed.
 var errGCLimit = errors.New("garbage collection limit reached")
 
@@ -70,8 +79,7 @@ type collector struct {
 // roots and temporary roots of all live processes; a path is live if a
 // root reaches it through references, or (keep-derivations, on by default)
 // a live output reaches its deriver's .drv, or (keep-outputs) a live .drv
-// its outputs. Paths are deleted referrers
-// first. DeleteDead stops once more than MaxFreed bytes were freed (0 frees
+// its outputs. Paths are deleted referrers first. DeleteDead stops once more than MaxFreed bytes were freed (0 frees
 // nothing, as Nix); DeleteSpecific refuses a live path.
 func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg string)) (*GCResult, error) {
 	if log == nil {
@@ -352,10 +360,7 @@ func (s *Store) serveGCSocket(run *gcRun) (func(), error) {
 			c.Close()
 		}
 		mu.Unlock()
-		run.mu.Lock()
-		run.pending = ""
-		run.cond.Broadcast()
-		run.mu.Unlock()
+		run.clearPending()
 		wg.Wait()
 	}, nil
 }
@@ -428,12 +433,7 @@ func (c *collector) deleteFromStore(base string) error {
 // (and, per keep-derivations/keep-outputs, derivations and outputs); if
 // none is a root, all of them are garbage and are deleted, referrers first.
 func (c *collector) deleteReferrersClosure(ctx context.Context, start storepath.Path) error {
-	defer func() {
-		c.run.mu.Lock()
-		c.run.pending = ""
-		c.run.cond.Broadcast()
-		c.run.mu.Unlock()
-	}()
+	defer c.run.clearPending()
 	visited := map[storepath.Path]bool{start: true}
 	todo := []storepath.Path{start}
 	enqueue := func(p storepath.Path) {
@@ -445,6 +445,8 @@ func (c *collector) deleteReferrersClosure(ctx context.Context, start storepath.
 	markAlive := func(p storepath.Path) {
 		c.alive[p] = true
 		c.alive[start] = true
+		// An error leaves the closure unmarked: a path of it is then
+		// visited on its own, and found alive through its referrers.
 		if closure, err := c.s.QueryClosure(ctx, []storepath.Path{p}); err == nil {
 			for _, q := range closure {
 				c.alive[q] = true

@@ -10,19 +10,19 @@ import (
 // Group commit of single-path additions (AddToStoreNar, and the text and
 // file additions of AddToStoreContent).
 //
-// Substitution runs many AddToStoreNar calls at once, and each used to make
-// its path durable (fsyncs of its files) and register it in a write
-// transaction of its own. Instead, a path that is unpacked and checked joins
-// the store's commit queue. If no group is being committed, its caller
-// becomes the leader: it takes the whole queue as one group, makes it
-// durable at once (one syncfs, as a rule: syncTrees) and registers it in
-// one transaction. Paths that arrive meanwhile queue up;
-// when the leader is done, the first of them leads the next group. Nothing
-// waits on a timer for more paths.
+// Substitution runs many AddToStoreNar calls at once. Rather than each
+// making its path durable and registering it in a transaction of its own,
+// a path that is unpacked and checked joins the store's commit queue. If
+// no group is being committed, its caller becomes the leader: it takes
+// the whole queue as one group, makes it durable at once (one syncfs, as
+// a rule: syncTrees) and registers it in one transaction. Paths that
+// arrive meanwhile queue up; when the leader is done, the first of them
+// leads the next group. Nothing waits on a timer for more paths.
 //
-// The references of a single-path addition were valid when it was checked
-// under its path lock (batch.add, addUnpacked), so the members of a group never depend on each other's
-// registration and their order in the transaction does not matter.
+// The references of a single-path addition were valid when it was
+// checked under its path lock (batch.add, addUnpacked), so the members of
+// a group never depend on each other's registration and their order in
+// the transaction does not matter.
 
 // commitQueue is a store's queue of paths waiting for the next group.
 type commitQueue struct {

@@ -3,8 +3,7 @@ package store
 // The size budget (Config.SizeBudget): when the valid paths' NAR sizes sum
 // to more than the budget, the automatic collection deletes dead paths
 // until the sum of what it deleted brings the store to 90 % of it, least
-// recently used first. A
-// path is used when a client asks for its info or its NAR, or a session
+// recently used first. A path is used when a client asks for its info or its NAR, or a session
 // takes a temporary root on it (what clients do for every path they work
 // with, and builds for their inputs); it was used when it was registered,
 // at the latest. A path counts as used as recently as the most recently

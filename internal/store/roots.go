@@ -97,7 +97,12 @@ func (s *Store) findRootsNoTemp(ctx context.Context, roots rootSet, censor bool,
 // roots anyone made on purpose, and the bound stops a pathological tree.
 const maxRootDepth = 64
 
-// findRootsIn walks one potential root as Nix's findRoots does.
+// typeRegular stands for a regular file's type in findRootsIn, whose
+// typ 0 (a regular file's fs.FileMode type bits) means "not known yet".
+const typeRegular = fs.ModeIrregular
+
+// findRootsIn walks one potential root as Nix's findRoots does; typ is
+// its type, if known.
 func (s *Store) findRootsIn(ctx context.Context, path string, typ fs.FileMode, roots rootSet, depth int, log func(string)) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -106,24 +111,24 @@ func (s *Store) findRootsIn(ctx context.Context, path string, typ fs.FileMode, r
 		s.log.Warn("garbage collector roots nested too deeply; ignoring", "path", path)
 		return nil
 	}
-	ignorable := func(err error) bool {
+	ignorable := func(path string, err error) bool {
 		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission) || errors.Is(err, syscall.ENOTDIR) {
 			s.log.Info("cannot read potential root", "path", path, "err", err)
 			return true
 		}
 		return false
 	}
-	if typ == 0 || typ == fs.ModeIrregular {
+	if typ == 0 {
 		st, err := os.Lstat(path)
 		if err != nil {
-			if ignorable(err) {
+			if ignorable(path, err) {
 				return nil
 			}
 			return fmt.Errorf("store: stat root %s: %w", path, err)
 		}
 		typ = st.Mode().Type()
 		if typ == 0 {
-			typ = fs.ModeIrregular // regular file
+			typ = typeRegular
 		}
 	}
 	found := func(link, target string) error {
@@ -142,7 +147,7 @@ func (s *Store) findRootsIn(ctx context.Context, path string, typ fs.FileMode, r
 	case typ == fs.ModeDir:
 		ents, err := os.ReadDir(path)
 		if err != nil {
-			if ignorable(err) {
+			if ignorable(path, err) {
 				return nil
 			}
 			return fmt.Errorf("store: reading roots directory %s: %w", path, err)
@@ -150,7 +155,7 @@ func (s *Store) findRootsIn(ctx context.Context, path string, typ fs.FileMode, r
 		for _, e := range ents {
 			t := e.Type()
 			if t == 0 {
-				t = fs.ModeIrregular
+				t = typeRegular
 			}
 			if err := s.findRootsIn(ctx, path+"/"+e.Name(), t, roots, depth+1, log); err != nil {
 				return err
@@ -159,7 +164,7 @@ func (s *Store) findRootsIn(ctx context.Context, path string, typ fs.FileMode, r
 	case typ == fs.ModeSymlink:
 		target, err := os.Readlink(path)
 		if err != nil {
-			if ignorable(err) {
+			if ignorable(path, err) {
 				return nil
 			}
 			return fmt.Errorf("store: reading root %s: %w", path, err)
@@ -182,7 +187,7 @@ func (s *Store) findRootsIn(ctx context.Context, path string, typ fs.FileMode, r
 			return nil
 		}
 		if err != nil {
-			if ignorable(err) {
+			if ignorable(target, err) {
 				return nil
 			}
 			return fmt.Errorf("store: stat %s: %w", target, err)
@@ -192,7 +197,7 @@ func (s *Store) findRootsIn(ctx context.Context, path string, typ fs.FileMode, r
 		}
 		target2, err := os.Readlink(target)
 		if err != nil {
-			if ignorable(err) {
+			if ignorable(target, err) {
 				return nil
 			}
 			return fmt.Errorf("store: reading root %s: %w", target, err)
@@ -200,7 +205,7 @@ func (s *Store) findRootsIn(ctx context.Context, path string, typ fs.FileMode, r
 		if s.inStore(target2) {
 			return found(target, target2)
 		}
-	case typ == fs.ModeIrregular:
+	case typ == typeRegular:
 		// A regular file named after a store path is a root too.
 		p, err := storepath.ParseBase(filepath.Base(path))
 		if err != nil {

@@ -78,9 +78,6 @@ func (d *Decoder) SetErr(field string, err error) {
 	}
 }
 
-// Reader returns the underlying reader, for streamed data (NARs, frames).
-func (d *Decoder) Reader() io.Reader { return d.r }
-
 func (d *Decoder) fill(field string, p []byte) bool {
 	if d.err != nil {
 		return false
