@@ -229,7 +229,7 @@ func (c *Conn) Release() {
 // and a *TooManyConnsError for a job with MaxConns connections open.
 // tenant names the socket the job came through, for logs.
 func (m *Manager) Attach(pid int, tenant string) (*Conn, error) {
-	ns, err := os.Readlink(filepath.Join(m.proc, strconv.Itoa(pid), "ns", "pid"))
+	ns, err := m.pidNS(pid)
 	if err != nil {
 		return nil, fmt.Errorf("jobs: pid namespace of client pid %d: %w", pid, err)
 	}
@@ -247,11 +247,12 @@ func (m *Manager) Attach(pid int, tenant string) (*Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	initTime, err := m.startTime(initPID)
+	st, err := m.stat(initPID)
 	if err != nil {
 		return nil, fmt.Errorf("jobs: init of pid namespace %s: %w", ns, err)
 	}
-	id := fmt.Sprintf("pidns-%s-%d", nsInode(ns), initTime)
+	initTime := st.startTime
+	id := jobID(ns, initTime)
 	if old, ok := m.jobs[id]; ok {
 		// The namespace's init is alive, yet initAlive failed above: only
 		// possible if it exec'd in between; treat it as the same job.
@@ -431,11 +432,12 @@ func (m *Manager) restore() {
 			continue
 		}
 		path := filepath.Join(dir, e.Name())
-		j, roots, err := m.readJournal(path, e.Name())
-		switch {
-		case strings.HasPrefix(e.Name(), "."):
+		if strings.HasPrefix(e.Name(), ".") {
 			os.Remove(path) // a journal left half-written
 			continue
+		}
+		j, roots, err := m.readJournal(path, e.Name())
+		switch {
 		case err != nil:
 			m.log.Warn("dropping an unreadable job journal", "file", path, "err", err)
 			os.Remove(path)
@@ -501,7 +503,7 @@ func (m *Manager) readJournal(path, id string) (*job, []storepath.Path, error) {
 		return nil, nil, fmt.Errorf("header: %w", err)
 	}
 	j := &job{id: id, ns: h.NS, initPID: h.InitPID, initTime: h.InitTime, tenant: h.Tenant, started: time.Unix(h.Started, 0)}
-	if want := fmt.Sprintf("pidns-%s-%d", nsInode(h.NS), h.InitTime); want != id {
+	if want := jobID(h.NS, h.InitTime); want != id {
 		return nil, nil, fmt.Errorf("the header is of job %s", want)
 	}
 	var roots []storepath.Path
@@ -517,12 +519,23 @@ func (m *Manager) readJournal(path, id string) (*job, []storepath.Path, error) {
 // initAlive reports whether j's init process still runs, with the same
 // start time and in the same namespace.
 func (m *Manager) initAlive(j *job) bool {
-	t, err := m.startTime(j.initPID)
-	if err != nil || t != j.initTime || m.zombie(j.initPID) {
+	st, err := m.stat(j.initPID)
+	if err != nil || st.startTime != j.initTime || st.exited {
 		return false
 	}
-	ns, err := os.Readlink(filepath.Join(m.proc, strconv.Itoa(j.initPID), "ns", "pid"))
+	ns, err := m.pidNS(j.initPID)
 	return err == nil && ns == j.ns
+}
+
+// pidNS names pid's pid namespace ("pid:[4026531836]").
+func (m *Manager) pidNS(pid int) (string, error) {
+	return os.Readlink(filepath.Join(m.proc, strconv.Itoa(pid), "ns", "pid"))
+}
+
+// jobID names the job of the pid namespace ns whose init started at
+// initTime (clock ticks after boot): a namespace inode may be reused.
+func jobID(ns string, initTime uint64) string {
+	return fmt.Sprintf("pidns-%s-%d", nsInode(ns), initTime)
 }
 
 // findInit returns the host pid of the init (pid 1) of namespace ns, which
@@ -536,7 +549,7 @@ func (m *Manager) findInit(pid int, ns string) (int, error) {
 			break
 		}
 		if st.nsPID == 1 {
-			if cur, err := os.Readlink(filepath.Join(m.proc, strconv.Itoa(p), "ns", "pid")); err == nil && cur == ns {
+			if cur, err := m.pidNS(p); err == nil && cur == ns {
 				return p, nil
 			}
 			break
@@ -552,7 +565,7 @@ func (m *Manager) findInit(pid int, ns string) (int, error) {
 		if err != nil {
 			continue
 		}
-		if cur, err := os.Readlink(filepath.Join(m.proc, e.Name(), "ns", "pid")); err != nil || cur != ns {
+		if cur, err := m.pidNS(p); err != nil || cur != ns {
 			continue
 		}
 		if st, err := m.status(p); err == nil && st.nsPID == 1 {
@@ -598,39 +611,35 @@ func (m *Manager) status(pid int) (procStatus, error) {
 	return st, nil
 }
 
-// zombie reports whether pid has exited (and waits to be reaped): a pid
-// namespace whose init is a zombie has no live process left.
-func (m *Manager) zombie(pid int) bool {
-	b, err := os.ReadFile(filepath.Join(m.proc, strconv.Itoa(pid), "stat"))
-	if err != nil {
-		return true
-	}
-	i := strings.LastIndexByte(string(b), ')')
-	fs := strings.Fields(string(b[i+1:]))
-	return len(fs) == 0 || fs[0] == "Z" || fs[0] == "X"
+// procStat is what the jobs use of /proc/<pid>/stat.
+type procStat struct {
+	// exited: the process has exited and waits to be reaped (a pid
+	// namespace whose init is a zombie has no live process left).
+	exited    bool
+	startTime uint64 // field 22, in clock ticks after boot
 }
 
-// startTime reads field 22 of /proc/<pid>/stat.
-func (m *Manager) startTime(pid int) (uint64, error) {
+// stat reads /proc/<pid>/stat.
+func (m *Manager) stat(pid int) (procStat, error) {
 	b, err := os.ReadFile(filepath.Join(m.proc, strconv.Itoa(pid), "stat"))
 	if err != nil {
-		return 0, err
+		return procStat{}, err
 	}
 	// The command name (field 2) is in parentheses and may hold spaces.
 	i := strings.LastIndexByte(string(b), ')')
 	if i < 0 {
-		return 0, fmt.Errorf("malformed stat of pid %d", pid)
+		return procStat{}, fmt.Errorf("malformed stat of pid %d", pid)
 	}
 	fs := strings.Fields(string(b[i+1:]))
 	// fs[0] is field 3 (state); start time is field 22.
 	if len(fs) < 20 {
-		return 0, fmt.Errorf("malformed stat of pid %d", pid)
+		return procStat{}, fmt.Errorf("malformed stat of pid %d", pid)
 	}
 	t, err := strconv.ParseUint(fs[19], 10, 64)
 	if err != nil {
-		return 0, fmt.Errorf("stat of pid %d: start time: %w", pid, err)
+		return procStat{}, fmt.Errorf("stat of pid %d: start time: %w", pid, err)
 	}
-	return t, nil
+	return procStat{exited: fs[0] == "Z" || fs[0] == "X", startTime: t}, nil
 }
 
 // nsInode turns "pid:[4026531836]" into "4026531836".
