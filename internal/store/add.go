@@ -6,6 +6,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	gohash "hash"
 	"io"
 	"os"
 	"slices"
@@ -186,10 +187,23 @@ func discardNAR(r io.Reader) error {
 	}
 }
 
-// countWriter counts bytes written.
-type countWriter struct{ n uint64 }
+// narDigest takes a NAR's SHA-256 and size as the NAR is written to it:
+// its NarHash and NarSize.
+type narDigest struct {
+	sha gohash.Hash
+	n   uint64
+}
 
-func (c *countWriter) Write(p []byte) (int, error) { c.n += uint64(len(p)); return len(p), nil }
+func newNARDigest() *narDigest { return &narDigest{sha: hash.SHA256.New()} }
+
+func (d *narDigest) Write(p []byte) (int, error) {
+	d.sha.Write(p)
+	d.n += uint64(len(p))
+	return len(p), nil
+}
+
+// Sum returns the NAR's hash and size.
+func (d *narDigest) Sum() (hash.Hash, uint64) { return hash.FromHasher(hash.SHA256, d.sha), d.n }
 
 func (b *batch) add(ctx context.Context, info PathInfo, r io.Reader) error {
 	s := b.s
@@ -305,25 +319,24 @@ func (s *Store) unpack(ctx context.Context, info PathInfo, ca contentaddress.CA,
 			removeAll(realPath)
 		}
 	}()
-	sha := hash.SHA256.New()
-	cnt := &countWriter{}
-	writers := []io.Writer{sha, cnt}
-	caHasher := sha
+	dig := newNARDigest()
+	var w io.Writer = dig
+	caHasher := dig.sha
 	if ca.Method == contentaddress.NAR && ca.Hash.Algo != hash.SHA256 {
 		caHasher = ca.Hash.Algo.New()
-		writers = append(writers, caHasher)
+		w = io.MultiWriter(dig, caHasher)
 	}
 	// Restored with the store's final modes and mtimes: no canonicalisation
 	// walk afterwards.
-	if err := nar.RestoreCanonical(ctx, io.TeeReader(r, io.MultiWriter(writers...)), realPath); err != nil {
+	if err := nar.RestoreCanonical(ctx, io.TeeReader(r, w), realPath); err != nil {
 		return nil, fmt.Errorf("store: unpacking %s: %w", abs, err)
 	}
-	got := hash.FromHasher(hash.SHA256, sha)
+	got, size := dig.Sum()
 	if !got.Equal(info.NarHash) {
 		return nil, errors.New("store: " + hint.Fmt("hash mismatch importing path '%s';\n  specified: %s\n  got:       %s", abs, info.NarHash, got))
 	}
-	if cnt.n != info.NarSize {
-		return nil, fmt.Errorf("store: size mismatch importing path '%s';\n  specified: %d\n  got:       %d", abs, info.NarSize, cnt.n)
+	if size != info.NarSize {
+		return nil, fmt.Errorf("store: size mismatch importing path '%s';\n  specified: %d\n  got:       %d", abs, info.NarSize, size)
 	}
 	if !ca.IsZero() {
 		var actual hash.Hash
@@ -629,22 +642,19 @@ func (s *Store) AddToStoreContent(ctx context.Context, name string, method conte
 	var narSize uint64
 	switch method {
 	case contentaddress.NAR:
-		sha := hash.SHA256.New()
-		cnt := &countWriter{}
-		if err := nar.Restore(ctx, io.TeeReader(data, io.MultiWriter(h, sha, cnt)), tmp); err != nil {
+		dig := newNARDigest()
+		if err := nar.Restore(ctx, io.TeeReader(data, io.MultiWriter(h, dig)), tmp); err != nil {
 			return nil, fmt.Errorf("store: adding %q: %w", name, err)
 		}
-		narHash, narSize = hash.FromHasher(hash.SHA256, sha), cnt.n
+		narHash, narSize = dig.Sum()
 	case contentaddress.Flat, contentaddress.Text:
 		if err := writeStream(ctx, tmp, io.TeeReader(data, h)); err != nil {
 			return nil, fmt.Errorf("store: adding %q: %w", name, err)
 		}
-		sha := hash.SHA256.New()
-		cnt := &countWriter{}
-		if err := nar.DumpPath(io.MultiWriter(sha, cnt), tmp); err != nil {
+		var err error
+		if narHash, narSize, err = hashPathNAR(tmp); err != nil {
 			return nil, fmt.Errorf("store: adding %q: %w", name, err)
 		}
-		narHash, narSize = hash.FromHasher(hash.SHA256, sha), cnt.n
 	default:
 		return nil, fmt.Errorf("store: adding %q: unknown content address method %d", name, method)
 	}

@@ -12,7 +12,6 @@ import (
 
 	"github.com/nixyard/nixyard/internal/nar"
 	"github.com/nixyard/nixyard/internal/nix/contentaddress"
-	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/nix/hint"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
@@ -164,17 +163,17 @@ func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs
 		if err := nar.Canonicalise(src); err != nil {
 			return nil, fmt.Errorf("store: output '%s' of '%s': %w", o.Name, drvAbs, err)
 		}
-		sha := hash.SHA256.New()
-		cnt := &countWriter{}
+		dig := newNARDigest()
 		scan := NewRefScanner(byHash)
-		if err := nar.DumpPath(io.MultiWriter(sha, cnt, scan), src); err != nil {
+		if err := nar.DumpPath(io.MultiWriter(dig, scan), src); err != nil {
 			return nil, fmt.Errorf("store: output '%s' of '%s': %w", o.Name, drvAbs, err)
 		}
+		narHash, narSize := dig.Sum()
 		info := PathInfo{
 			Path:       o.Path,
 			Deriver:    deriver,
-			NarHash:    hash.FromHasher(hash.SHA256, sha),
-			NarSize:    cnt.n,
+			NarHash:    narHash,
+			NarSize:    narSize,
 			References: scan.Found(),
 			Ultimate:   true,
 			CA:         o.CA,

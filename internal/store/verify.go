@@ -5,7 +5,6 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
-	"io"
 	"maps"
 	"os"
 	"slices"
@@ -261,10 +260,10 @@ func (s *Store) ContentsGood(ctx context.Context, p storepath.Path) (bool, error
 // hashPathNAR returns the sha256 and size of the NAR serialisation of a
 // file-system tree.
 func hashPathNAR(path string) (hash.Hash, uint64, error) {
-	h := hash.SHA256.New()
-	cnt := &countWriter{}
-	if err := nar.DumpPath(io.MultiWriter(h, cnt), path); err != nil {
+	dig := newNARDigest()
+	if err := nar.DumpPath(dig, path); err != nil {
 		return hash.Hash{}, 0, fmt.Errorf("store: hashing %s: %w", path, err)
 	}
-	return hash.FromHasher(hash.SHA256, h), cnt.n, nil
+	h, n := dig.Sum()
+	return h, n, nil
 }
