@@ -1,5 +1,6 @@
 // Package client is a small Go client of the Nix daemon worker protocol,
-// for tests and benchmarks of nixyard (and of nix-daemon, for comparison).
+// for tests and benchmarks of nixyard (and of nix-daemon, for comparison)
+// and for `nixyard doctor`.
 // It speaks the protocol version it is given, so tests can act as old
 // clients. A Client is not safe for concurrent use.
 package client
@@ -281,22 +282,39 @@ func (c *Client) SetOptions(overrides map[string]string) error {
 	}, nil)
 }
 
+// withContext runs op, cut short if ctx ends first: the connection's
+// reads and writes then fail (it is unusable afterwards), and the error
+// is ctx's.
+func (c *Client) withContext(ctx context.Context, op func() error) error {
+	stop := context.AfterFunc(ctx, func() { c.conn.SetDeadline(time.Unix(1, 0)) })
+	err := op()
+	stop()
+	if cerr := ctx.Err(); cerr != nil {
+		return fmt.Errorf("client: %w", cerr)
+	}
+	return err
+}
+
 // IsValidPath asks op 1.
 func (c *Client) IsValidPath(ctx context.Context, p storepath.Path) (bool, error) {
 	var ok bool
-	err := c.Do(wire.OpIsValidPath, func(e *wire.Encoder) { e.Path(c.Dir, p) }, func(d *wire.Decoder) { ok = d.Bool("valid") })
+	err := c.withContext(ctx, func() error {
+		return c.Do(wire.OpIsValidPath, func(e *wire.Encoder) { e.Path(c.Dir, p) }, func(d *wire.Decoder) { ok = d.Bool("valid") })
+	})
 	return ok, err
 }
 
 // QueryValidPaths asks op 31 (substitute = false).
 func (c *Client) QueryValidPaths(ctx context.Context, ps []storepath.Path) ([]storepath.Path, error) {
 	var out []storepath.Path
-	err := c.Do(wire.OpQueryValidPaths, func(e *wire.Encoder) {
-		e.Paths(c.Dir, ps)
-		if c.Minor >= 27 {
-			e.Bool(false)
-		}
-	}, func(d *wire.Decoder) { out = d.Paths("paths", c.Dir) })
+	err := c.withContext(ctx, func() error {
+		return c.Do(wire.OpQueryValidPaths, func(e *wire.Encoder) {
+			e.Paths(c.Dir, ps)
+			if c.Minor >= 27 {
+				e.Bool(false)
+			}
+		}, func(d *wire.Decoder) { out = d.Paths("paths", c.Dir) })
+	})
 	return out, err
 }
 
@@ -305,29 +323,31 @@ func (c *Client) QueryValidPaths(ctx context.Context, ps []storepath.Path) ([]st
 func (c *Client) QueryPathInfo(ctx context.Context, p storepath.Path) (*store.PathInfo, error) {
 	var info *store.PathInfo
 	valid := true
-	err := c.Do(wire.OpQueryPathInfo, func(e *wire.Encoder) { e.Path(c.Dir, p) }, func(d *wire.Decoder) {
-		if c.Minor >= 17 && !d.Bool("valid") {
-			valid = false
-			return
-		}
-		info = &store.PathInfo{Path: p}
-		info.Deriver = d.OptPath("deriver", c.Dir)
-		h := d.String("narHash", wire.MaxSmallString)
-		info.References = d.Paths("references", c.Dir)
-		info.RegistrationTime = time.Unix(int64(d.U64("registrationTime")), 0)
-		info.NarSize = d.U64("narSize")
-		if c.Minor >= 16 {
-			info.Ultimate = d.Bool("ultimate")
-			info.Sigs = d.Strings("sigs", wire.MaxSmallString)
-			info.CA = d.String("ca", wire.MaxSmallString)
-		}
-		if d.Err() == nil {
-			nh, err := hash.ParseAny(h, hash.SHA256)
-			if err != nil {
-				d.SetErr("narHash", err)
+	err := c.withContext(ctx, func() error {
+		return c.Do(wire.OpQueryPathInfo, func(e *wire.Encoder) { e.Path(c.Dir, p) }, func(d *wire.Decoder) {
+			if c.Minor >= 17 && !d.Bool("valid") {
+				valid = false
+				return
 			}
-			info.NarHash = nh
-		}
+			info = &store.PathInfo{Path: p}
+			info.Deriver = d.OptPath("deriver", c.Dir)
+			h := d.String("narHash", wire.MaxSmallString)
+			info.References = d.Paths("references", c.Dir)
+			info.RegistrationTime = time.Unix(int64(d.U64("registrationTime")), 0)
+			info.NarSize = d.U64("narSize")
+			if c.Minor >= 16 {
+				info.Ultimate = d.Bool("ultimate")
+				info.Sigs = d.Strings("sigs", wire.MaxSmallString)
+				info.CA = d.String("ca", wire.MaxSmallString)
+			}
+			if d.Err() == nil {
+				nh, err := hash.ParseAny(h, hash.SHA256)
+				if err != nil {
+					d.SetErr("narHash", err)
+				}
+				info.NarHash = nh
+			}
+		})
 	})
 	if err != nil {
 		return nil, err
@@ -340,6 +360,10 @@ func (c *Client) QueryPathInfo(ctx context.Context, p storepath.Path) (*store.Pa
 
 // AddToStoreNar sends op 39 with the NAR framed (protocol ≥ 1.23).
 func (c *Client) AddToStoreNar(ctx context.Context, info store.PathInfo, nar io.Reader, repair, dontCheckSigs bool) error {
+	return c.withContext(ctx, func() error { return c.addToStoreNar(info, nar, repair, dontCheckSigs) })
+}
+
+func (c *Client) addToStoreNar(info store.PathInfo, nar io.Reader, repair, dontCheckSigs bool) error {
 	if c.Minor < 23 {
 		return errors.New("client: AddToStoreNar below protocol 1.23 is not implemented")
 	}
@@ -367,6 +391,10 @@ type NarItem struct {
 // AddMultipleToStore sends op 44 (protocol ≥ 1.32): the items framed as
 // count, then ValidPathInfo and NAR per path, as nix copy sends them.
 func (c *Client) AddMultipleToStore(ctx context.Context, items []NarItem, repair, dontCheckSigs bool) error {
+	return c.withContext(ctx, func() error { return c.addMultipleToStore(items, repair, dontCheckSigs) })
+}
+
+func (c *Client) addMultipleToStore(items []NarItem, repair, dontCheckSigs bool) error {
 	if c.Minor < 32 {
 		return errors.New("client: AddMultipleToStore needs protocol 1.32")
 	}
