@@ -8,7 +8,9 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/nixyard/nixyard/internal/ci"
 	"github.com/nixyard/nixyard/internal/substitute/cachetest"
@@ -579,6 +581,81 @@ cat "/mnt$OUT" > /ctl/after-crash
 		if got := readCtl(t, ctl, f); got != want {
 			t.Errorf("the job read %q %s, want %q", got, f, want)
 		}
+	}
+}
+
+// TestCIJobHandover: an upgrade under load. The old daemon, told to stop,
+// drains (a host build is still under way) while the new one already
+// serves the sockets. A collection through the new daemon waits until
+// the old one has gone and the new one has taken up its job sessions
+// (while the old one runs, its temporary roots hold the jobs' paths; once
+// it has gone, only the journals it leaves do), and what a job realised
+// through the old daemon stays.
+func TestCIJobHandover(t *testing.T) {
+	t.Parallel()
+	c := startCIHost(t)
+	c.stop(t)
+	c.cfg.args = append(c.cfg.args, "--shutdown-grace", "2m")
+	c.start(t)
+	ctl := c.ctlDir(t, "handover")
+	job := c.jobCmd(ctl, `nix-store -r "$OUT" > /dev/null
+touch /ctl/ready
+while [ ! -e /ctl/go ]; do sleep 0.1; done
+cat "/mnt$OUT" > /ctl/after
+`)
+	jobDone := make(chan result, 1)
+	go func() { jobDone <- job.run(t) }()
+	waitCtl(t, ctl, "ready")
+
+	// A host build keeps the old daemon draining until the test lets it end.
+	args := c.expr(t, "handover", `{
+  slow = mk { name = "handover"; script = ": handover-${nonce}; while [ ! -e /marks/go-build ]; do sleep 0.1; done; echo > $out"; };
+}`)
+	buildDone := make(chan result, 1)
+	go func() { buildDone <- c.nixBuild(append(args, "-A", "slow", "--no-out-link")...).run(t) }()
+	waitFor(t, "the host build", func() bool { return builderRunning(t, "handover-"+c.nonce) })
+	old := c.daemon
+	if err := syscall.Kill(old.proc.Process.Pid, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the old daemon's socket to go", func() bool { _, err := os.Stat(old.sock); return err != nil })
+	next := old.successor(t)
+	next.start(t)
+
+	gcLog := filepath.Join(c.dir, "gc.stderr")
+	gcErr, err := os.Create(gcLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gcErr.Close()
+	gc := next.client("nix-store", "--gc").exec()
+	gc.Stderr = gcErr
+	if err := gc.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the collection to wait for the old daemon", func() bool {
+		b, _ := os.ReadFile(gcLog)
+		return strings.Contains(string(b), "waiting for the previous daemon to hand over its job sessions...")
+	})
+	writeFile(t, filepath.Join(c.marks, "go-build"), "", 0o644)
+	if r := <-buildDone; r.err != nil {
+		t.Errorf("the host build under way during the upgrade:\n%s", r)
+	}
+	select {
+	case <-old.exited:
+	case <-time.After(time.Minute):
+		t.Fatal("the old daemon did not exit once its last connection ended")
+	}
+	if err := gc.Wait(); err != nil {
+		b, _ := os.ReadFile(gcLog)
+		t.Fatalf("the collection through the new daemon: %v\n%s", err, b)
+	}
+	writeFile(t, filepath.Join(ctl, "go"), "", 0o644)
+	if r := <-jobDone; r.err != nil {
+		t.Fatalf("job:\n%s", r)
+	}
+	if got, want := readCtl(t, ctl, "after"), c.nonce+" "+c.dep; got != want {
+		t.Errorf("after the upgrade and a collection, the job read %q, want %q", got, want)
 	}
 }
 

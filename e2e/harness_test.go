@@ -854,3 +854,17 @@ func lastResult(stderr string, actType, resType float64) []any {
 	}
 	return last
 }
+
+// successor returns a daemon like d on the same store root, not started:
+// the daemon of an upgrade, started while d may still be stopping.
+func (d *daemon) successor(t *testing.T) *daemon {
+	t.Helper()
+	n := *d
+	n.proc, n.exited = nil, nil
+	t.Cleanup(func() {
+		if n.running() {
+			n.kill(t, syscall.SIGKILL)
+		}
+	})
+	return &n
+}
