@@ -1452,6 +1452,37 @@ func TestStopLetsBuildsFinish(t *testing.T) {
 	}
 }
 
+// TestImpureEnvVarsWithholdsCredentials: a fixed-output derivation's
+// impureEnvVars get the daemon's values, except the daemon's own AWS
+// credentials (for --push-to s3://), which any client could otherwise
+// read into the store: they come empty.
+func TestImpureEnvVarsWithholdsCredentials(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("nix-daemon passes every variable of its environment that impureEnvVars names")
+	}
+	e := newEnv(t)
+	marks := filepath.Join(e.dir, "marks")
+	mustMkdir(t, marks, 0o777)
+	d := e.startDaemon(t, withConf("sandbox-paths = /marks="+marks),
+		withDaemonEnv("NIXYARD_TEST_PROXY=http://proxy.example:3128", "AWS_SECRET_ACCESS_KEY=daemon-secret"))
+	b := &buildEnv{daemon: d, marks: marks}
+	want := "proxy=http://proxy.example:3128 secret=\n"
+	sum := sha256.Sum256([]byte(want))
+	args := b.expr(t, "impure-env", fmt.Sprintf(`{
+  fod = mk {
+    name = "impure-env";
+    impureEnvVars = [ "NIXYARD_TEST_PROXY" "AWS_SECRET_ACCESS_KEY" ];
+    outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "%x";
+    script = ": ${nonce}; echo proxy=$NIXYARD_TEST_PROXY secret=$AWS_SECRET_ACCESS_KEY | tee /marks/env > $out";
+  };
+}`, sum))
+	r := b.nixBuild(append(args, "-A", "fod", "--no-out-link")...).run(t)
+	if got, _ := os.ReadFile(filepath.Join(marks, "env")); r.err != nil || string(got) != want {
+		t.Errorf("the builder saw %q, want %q:\n%s", got, want, r)
+	}
+}
+
 // TestImpureHostDeps: a derivation's __impureHostDeps bring host paths
 // into its sandbox when allowed-impure-host-deps allows them, and fail
 // the build, in Nix's words, when it does not.
