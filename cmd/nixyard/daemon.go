@@ -408,7 +408,7 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		return err
 	}
 	subCfg.Logger = logger
-	buildCfg, err := buildConfig(settings, layout, logger)
+	buildCfg, err := build.ConfigFromSettings(settings, layout, logger)
 	if err != nil {
 		return err
 	}

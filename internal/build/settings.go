@@ -1,4 +1,4 @@
-package main
+package build
 
 import (
 	"fmt"
@@ -9,24 +9,23 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nixyard/nixyard/internal/build"
 	"github.com/nixyard/nixyard/internal/config"
 )
 
-// buildConfig reads the daemon's build settings from nix.conf: max-jobs
+// ConfigFromSettings reads the daemon's build settings from nix.conf: max-jobs
 // (a number or "auto"; Nix's default 1), cores, sandbox, sandbox-paths,
 // allowed-impure-host-deps, build-users-group, timeout, max-silent-time, keep-failed, log-lines,
 // system, extra-platforms, system-features, pre- and post-build-hook,
 // filter-syscalls, allow-new-privileges, builders and build-hook, and for
 // builtin:fetchurl hashed-mirrors and netrc-file.
 // A chroot store (--store ROOT) always builds in the sandbox, as Nix.
-func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) (build.Config, error) {
-	cfg := build.Config{
+func ConfigFromSettings(s *config.Settings, layout config.Layout, logger *slog.Logger) (Config, error) {
+	cfg := Config{
 		BuildUsersGroup:       s.String("build-users-group", ""),
 		SandboxPaths:          s.List("sandbox-paths", nil),
 		AllowedImpureHostDeps: s.List("allowed-impure-host-deps", nil),
-		System:                s.String("system", build.DefaultSystem()),
-		SystemFeatures:        s.List("system-features", build.DefaultSystemFeatures()),
+		System:                s.String("system", DefaultSystem()),
+		SystemFeatures:        s.List("system-features", DefaultSystemFeatures()),
 		PreBuildHook:          s.String("pre-build-hook", ""),
 		PostBuildHook:         s.String("post-build-hook", ""),
 		DiffHook:              s.String("diff-hook", ""),
@@ -41,7 +40,7 @@ func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) 
 		BuildHook:             s.String("build-hook", ""),
 		HookSettings:          s.Map(),
 	}
-	cfg.ExtraPlatforms = s.List("extra-platforms", build.DefaultExtraPlatforms(cfg.System))
+	cfg.ExtraPlatforms = s.List("extra-platforms", DefaultExtraPlatforms(cfg.System))
 	switch v := strings.TrimSpace(s.String("max-jobs", "1")); v {
 	case "auto":
 		cfg.MaxJobs = runtime.NumCPU()
@@ -53,7 +52,7 @@ func buildConfig(s *config.Settings, layout config.Layout, logger *slog.Logger) 
 		// 0: nothing is built here: remote builders or substitutes only.
 		cfg.MaxJobs, cfg.NoLocalBuilds = max(n, 1), n == 0
 	}
-	switch v := strings.TrimSpace(s.String("sandbox", build.SandboxOn)); v {
+	switch v := strings.TrimSpace(s.String("sandbox", SandboxOn)); v {
 	case "true", "false", "relaxed":
 		cfg.Sandbox = v
 	default:
