@@ -304,70 +304,9 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 			return daemon.ForwardStdio(ctx, sock, os.Stdin, os.Stdout)
 		}
 	}
-	requireSigs, err := settings.Bool("require-sigs", true)
+	st, secretKeys, err := openStore(ctx, settings, layout, opts.budget, logger)
 	if err != nil {
 		return err
-	}
-	keepOutputs, err := settings.Bool("keep-outputs", false)
-	if err != nil {
-		return err
-	}
-	keepDerivations, err := settings.Bool("keep-derivations", true)
-	if err != nil {
-		return err
-	}
-	minFree, err := settings.NonNegInt("min-free", 0)
-	if err != nil {
-		return fmt.Errorf("nix.conf: %w", err)
-	}
-	maxFree := uint64(0) // no limit
-	if v := settings.String("max-free", "-1"); v != "-1" {
-		if maxFree, err = strconv.ParseUint(v, 10, 64); err != nil {
-			return fmt.Errorf("nix.conf: max-free: not a number of bytes: %w", err)
-		}
-		if maxFree == 0 {
-			minFree = 0 // nothing to free: no collection
-		}
-	}
-	reserved, err := settings.Int("gc-reserved-space", 8<<20)
-	if err != nil {
-		return fmt.Errorf("nix.conf: %w", err)
-	}
-	if reserved == 0 {
-		reserved = -1 // none
-	}
-	checkInterval, err := settings.NonNegInt("min-free-check-interval", 5)
-	if err != nil {
-		return fmt.Errorf("nix.conf: %w", err)
-	}
-	autoOptimise, err := settings.Bool("auto-optimise-store", false)
-	if err != nil {
-		return err
-	}
-	secretKeys, err := readSecretKeys(settings.List("secret-key-files", nil))
-	if err != nil {
-		return err
-	}
-	st, err := store.Open(ctx, store.Config{
-		StoreDir:             layout.StoreDir,
-		RealStoreDir:         layout.RealStoreDir,
-		StateDir:             layout.StateDir,
-		LogDir:               layout.LogDir,
-		TrustedPublicKeys:    settings.List("trusted-public-keys", []string{"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="}),
-		RequireSigs:          requireSigs,
-		KeepOutputs:          keepOutputs,
-		DiscardDerivations:   !keepDerivations,
-		SecretKeys:           secretKeys,
-		AutoOptimise:         autoOptimise,
-		MinFree:              uint64(minFree),
-		MaxFree:              maxFree,
-		MinFreeCheckInterval: time.Duration(checkInterval) * time.Second,
-		SizeBudget:           opts.budget,
-		ReservedSize:         reserved,
-		Logger:               logger,
-	})
-	if err != nil {
-		return fmt.Errorf("opening store %s: %w", layout.RealStoreDir, err)
 	}
 	defer st.Close()
 
@@ -499,11 +438,7 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		err := srv.ServeConn(ctx, os.Stdin, os.Stdout, true)
 		// A build its client left is being stopped: let it clean up
 		// (sandbox, build directory) before the process ends.
-		wctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if werr := builder.Wait(wctx); werr != nil {
-			logger.Warn("builds still cleaning up at exit", "err", werr)
-		}
+		awaitBuilds(builder, logger)
 		return err
 	}
 	ls, err := listenAll(layout.SocketPath, opts.listens, logger)
@@ -518,12 +453,92 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 	stopCache()
 	// Builds stopped with their connections clean up (sandbox, build
 	// directory, locks) before the process ends.
-	wctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if werr := builder.Wait(wctx); werr != nil {
-		logger.Warn("builds still cleaning up at exit", "err", werr)
-	}
+	awaitBuilds(builder, logger)
 	return err
+}
+
+// awaitBuilds waits up to 30 s for the builder's stopped builds to clean
+// up.
+func awaitBuilds(builder *build.Builder, logger *slog.Logger) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := builder.Wait(ctx); err != nil {
+		logger.Warn("builds still cleaning up at exit", "err", err)
+	}
+}
+
+// openStore opens the store of layout with the settings of nix.conf it
+// honours (require-sigs, keep-outputs, keep-derivations, min-free,
+// max-free, gc-reserved-space, min-free-check-interval,
+// auto-optimise-store, secret-key-files, trusted-public-keys) and the
+// size budget, and returns it with the secret keys it signs with.
+func openStore(ctx context.Context, settings *config.Settings, layout config.Layout, budget uint64, logger *slog.Logger) (*store.Store, []signature.SecretKey, error) {
+	requireSigs, err := settings.Bool("require-sigs", true)
+	if err != nil {
+		return nil, nil, err
+	}
+	keepOutputs, err := settings.Bool("keep-outputs", false)
+	if err != nil {
+		return nil, nil, err
+	}
+	keepDerivations, err := settings.Bool("keep-derivations", true)
+	if err != nil {
+		return nil, nil, err
+	}
+	minFree, err := settings.NonNegInt("min-free", 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("nix.conf: %w", err)
+	}
+	maxFree := uint64(0) // no limit
+	if v := settings.String("max-free", "-1"); v != "-1" {
+		if maxFree, err = strconv.ParseUint(v, 10, 64); err != nil {
+			return nil, nil, fmt.Errorf("nix.conf: max-free: not a number of bytes: %w", err)
+		}
+		if maxFree == 0 {
+			minFree = 0 // nothing to free: no collection
+		}
+	}
+	reserved, err := settings.Int("gc-reserved-space", 8<<20)
+	if err != nil {
+		return nil, nil, fmt.Errorf("nix.conf: %w", err)
+	}
+	if reserved == 0 {
+		reserved = -1 // none
+	}
+	checkInterval, err := settings.NonNegInt("min-free-check-interval", 5)
+	if err != nil {
+		return nil, nil, fmt.Errorf("nix.conf: %w", err)
+	}
+	autoOptimise, err := settings.Bool("auto-optimise-store", false)
+	if err != nil {
+		return nil, nil, err
+	}
+	secretKeys, err := readSecretKeys(settings.List("secret-key-files", nil))
+	if err != nil {
+		return nil, nil, err
+	}
+	st, err := store.Open(ctx, store.Config{
+		StoreDir:             layout.StoreDir,
+		RealStoreDir:         layout.RealStoreDir,
+		StateDir:             layout.StateDir,
+		LogDir:               layout.LogDir,
+		TrustedPublicKeys:    settings.List("trusted-public-keys", []string{"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="}),
+		RequireSigs:          requireSigs,
+		KeepOutputs:          keepOutputs,
+		DiscardDerivations:   !keepDerivations,
+		SecretKeys:           secretKeys,
+		AutoOptimise:         autoOptimise,
+		MinFree:              uint64(minFree),
+		MaxFree:              maxFree,
+		MinFreeCheckInterval: time.Duration(checkInterval) * time.Second,
+		SizeBudget:           budget,
+		ReservedSize:         reserved,
+		Logger:               logger,
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("opening store %s: %w", layout.RealStoreDir, err)
+	}
+	return st, secretKeys, nil
 }
 
 // listen creates the daemon socket as nix-daemon does: the directory is made
