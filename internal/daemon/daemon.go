@@ -314,24 +314,7 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 	// connection a job opened and left) gives its descriptor back: Nix
 	// clients send their part at once.
 	dl, _ := r.(interface{ SetReadDeadline(time.Time) error })
-	// Registered for closeIdle, waiting for its handshake, then between
-	// ops; not the build hook's connections, idle while their remote
-	// builds run.
-	if cl, ok := r.(io.Closer); ok && !p.hook {
-		wake := func() { cl.Close() }
-		if dl != nil {
-			wake = func() { dl.SetReadDeadline(time.Now()) }
-		}
-		c.idleSince.Store(time.Now().UnixNano())
-		s.connsMu.Lock()
-		s.conns[c] = wake
-		s.connsMu.Unlock()
-		defer func() {
-			s.connsMu.Lock()
-			delete(s.conns, c)
-			s.connsMu.Unlock()
-		}()
-	}
+	defer s.trackIdle(c, r, dl)()
 	if dl != nil {
 		timeout := handshakeTimeout
 		if p.refused != "" {
@@ -363,33 +346,9 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 	// disabled Debug call still boxes its arguments.
 	debug := log.Enabled(ctx, slog.LevelDebug)
 	for {
-		since := time.Now().UnixNano()
-		c.idleSince.Store(since)
-		_, err := c.br.Peek(1)
-		if err != nil && c.idleSince.Load() == idleClaimed && dl != nil {
-			// closeIdle's deadline ends a read whatever waits: an op
-			// that came just before it is in the buffer.
-			dl.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
-			_, err = c.br.Peek(1)
-		}
-		if err != nil {
-			if err == io.EOF || ctx.Err() != nil || c.idleSince.Load() == idleClaimed {
-				return nil
-			}
-			return fmt.Errorf("daemon: reading op: %w", err)
-		}
-		if !c.idleSince.CompareAndSwap(since, 0) {
-			// closeIdle took the connection as the client's op came: it
-			// hears why it is not served.
-			c.tun.stopWork(errStopping)
-			if c.out.Flush() == nil {
-				linger(r)
-			}
-			return nil
-		}
-		op := c.in.U64("op")
-		if err := c.in.Err(); err != nil {
-			return fmt.Errorf("daemon: reading op: %w", err)
+		op, ok, err := c.nextOp(ctx, r, dl)
+		if !ok {
+			return err
 		}
 		ops++
 		c.tun.beginOp()
@@ -400,47 +359,116 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 		if mc != nil {
 			start = time.Now()
 		}
-		err = c.perform(ctx, op)
-		if errors.Is(err, errHangup) {
-			// Nobody to tell: the op was stopped for a client that is gone.
-			if mc != nil {
-				mc.Op(opName(op), time.Since(start), err)
-			}
-			log.Info("the client hung up; its operation stopped", "op", opName(op))
-			return nil
-		}
-		if err != nil {
-			working, stopped := c.tun.state()
-			if stopped {
-				// The reply was under way (e.g. a NAR after STDERR_LAST):
-				// nothing more can be said on this stream.
-				return fmt.Errorf("daemon: op %s (%d): after its reply started: %w", opName(op), op, err)
-			}
-			var fe *fatalError
-			// An error before startWork (unknown op, bad arguments) is
-			// sent, then the connection is closed: the rest of the request
-			// cannot be told apart from the next one.
-			isFatal := errors.As(err, &fe) || !working
-			c.tun.stopWork(err)
-			if ferr := c.out.Flush(); ferr != nil {
-				return fmt.Errorf("daemon: op %s (%d): %w (and sending the error: %v)", opName(op), op, err, ferr)
-			}
-			if mc != nil {
-				mc.Op(opName(op), time.Since(start), err)
-			}
-			if isFatal {
-				return fmt.Errorf("daemon: op %s (%d): %w", opName(op), op, err)
-			}
-			log.Debug("op failed", "op", opName(op), "err", err)
-			continue
-		}
-		if err := c.out.Flush(); err != nil {
-			return fmt.Errorf("daemon: op %s (%d): sending reply: %w", opName(op), op, err)
-		}
-		if mc != nil {
-			mc.Op(opName(op), time.Since(start), nil)
+		if end, err := c.finishOp(op, c.perform(ctx, op), mc, start); end {
+			return err
 		}
 	}
+}
+
+// trackIdle registers c, waiting for its handshake and then between ops,
+// for closeIdle to close when the daemon stops; it returns the
+// registration's undoing. The build hook's connections are not
+// registered: they are idle while their remote builds run.
+func (s *Server) trackIdle(c *conn, r io.Reader, dl interface{ SetReadDeadline(time.Time) error }) func() {
+	cl, ok := r.(io.Closer)
+	if !ok || c.peer.hook {
+		return func() {}
+	}
+	wake := func() { cl.Close() }
+	if dl != nil {
+		wake = func() { dl.SetReadDeadline(time.Now()) }
+	}
+	c.idleSince.Store(time.Now().UnixNano())
+	s.connsMu.Lock()
+	s.conns[c] = wake
+	s.connsMu.Unlock()
+	return func() {
+		s.connsMu.Lock()
+		delete(s.conns, c)
+		s.connsMu.Unlock()
+	}
+}
+
+// nextOp waits for the client's next op and reads its code. ok is false
+// when the connection ends: with err nil at the client's EOF, when the
+// daemon stops, or when closeIdle took the connection (an op that came
+// just then is told why it is not served).
+func (c *conn) nextOp(ctx context.Context, r io.Reader, dl interface{ SetReadDeadline(time.Time) error }) (op uint64, ok bool, err error) {
+	since := time.Now().UnixNano()
+	c.idleSince.Store(since)
+	_, err = c.br.Peek(1)
+	if err != nil && c.idleSince.Load() == idleClaimed && dl != nil {
+		// closeIdle's deadline ends a read whatever waits: an op that
+		// came just before it is in the buffer.
+		dl.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
+		_, err = c.br.Peek(1)
+	}
+	if err != nil {
+		if err == io.EOF || ctx.Err() != nil || c.idleSince.Load() == idleClaimed {
+			return 0, false, nil
+		}
+		return 0, false, fmt.Errorf("daemon: reading op: %w", err)
+	}
+	if !c.idleSince.CompareAndSwap(since, 0) {
+		// closeIdle took the connection as the client's op came: it hears
+		// why it is not served.
+		c.tun.stopWork(errStopping)
+		if c.out.Flush() == nil {
+			linger(r)
+		}
+		return 0, false, nil
+	}
+	op = c.in.U64("op")
+	if err := c.in.Err(); err != nil {
+		return 0, false, fmt.Errorf("daemon: reading op: %w", err)
+	}
+	return op, true, nil
+}
+
+// finishOp sends what follows op's handler's result opErr: the reply
+// (already encoded) or the error, and counts the op in mc (if not nil)
+// once it was answered. end reports that the connection ends, with err
+// (nil for a client that hung up).
+func (c *conn) finishOp(op uint64, opErr error, mc *metrics.Conn, start time.Time) (end bool, err error) {
+	count := func(err error) {
+		if mc != nil {
+			mc.Op(opName(op), time.Since(start), err)
+		}
+	}
+	if errors.Is(opErr, errHangup) {
+		count(opErr)
+		// Nobody to tell: the op was stopped for a client that is gone.
+		c.log.Info("the client hung up; its operation stopped", "op", opName(op))
+		return true, nil
+	}
+	if opErr != nil {
+		working, stopped := c.tun.state()
+		if stopped {
+			// The reply was under way (e.g. a NAR after STDERR_LAST):
+			// nothing more can be said on this stream.
+			return true, fmt.Errorf("daemon: op %s (%d): after its reply started: %w", opName(op), op, opErr)
+		}
+		var fe *fatalError
+		// An error before startWork (unknown op, bad arguments) is sent,
+		// then the connection is closed: the rest of the request cannot
+		// be told apart from the next one.
+		isFatal := errors.As(opErr, &fe) || !working
+		c.tun.stopWork(opErr)
+		if ferr := c.out.Flush(); ferr != nil {
+			return true, fmt.Errorf("daemon: op %s (%d): %w (and sending the error: %v)", opName(op), op, opErr, ferr)
+		}
+		count(opErr)
+		if isFatal {
+			return true, fmt.Errorf("daemon: op %s (%d): %w", opName(op), op, opErr)
+		}
+		c.log.Debug("op failed", "op", opName(op), "err", opErr)
+		return false, nil
+	}
+	if err := c.out.Flush(); err != nil {
+		return true, fmt.Errorf("daemon: op %s (%d): sending reply: %w", opName(op), op, err)
+	}
+	count(nil)
+	return false, nil
 }
 
 // args checks the decoder after the arguments of op have been read.
