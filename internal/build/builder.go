@@ -1,9 +1,15 @@
 // Package build realises derivations in the local store as Nix 2.8's
-// derivation goals do: a requested output that is valid is taken as is;
-// otherwise the derivation's inputs are realised first (recursively, in
-// parallel), then its builder runs (in a Linux namespace sandbox, or
-// not) with the environment Nix gives builders, and its outputs are
-// checked, canonicalised, scanned for references and registered.
+// derivation goals do: a requested output that is valid is taken as is,
+// or substituted from the caller's binary caches; otherwise the
+// derivation's inputs are realised first (recursively, in parallel: input
+// derivations are built or substituted, plain input paths substituted),
+// then the derivation may be offered to Nix's build hook, which builds it
+// on a remote machine (nix.conf builders); if the hook declines, its
+// builder runs here (in a Linux namespace sandbox, or not) with the
+// environment Nix gives builders, and its outputs are checked,
+// canonicalised, scanned for references and registered. A "builtin:"
+// builder (fetchurl, buildenv, unpack-channel) runs inside the daemon
+// instead.
 //
 // One Builder serves the whole host: each derivation is built at most once
 // however many callers ask for it at the same time (single flight), and at
@@ -18,6 +24,29 @@
 // package initialisation and takes over only when argv[0] is the helper's
 // marker. Since the helper makes the namespaces, the daemon starts it
 // with a cheap vfork.
+//
+// The files:
+//
+//   - builder.go: Builder, its Config, the caller-facing types and Build.
+//   - goal.go: goals (one per derivation and mode, shared by the callers
+//     waiting for it), realising the inputs, the build counters, repeated
+//     builds.
+//   - run.go: a job, one run of a builder here: laid out, executed,
+//     logged, its outputs checked and registered.
+//   - remote.go: remote builds through the build hook (build-remote).
+//   - builtin.go, builtin_fetchurl.go, builtin_buildenv.go,
+//     builtin_unpack.go: the builtin builders.
+//   - sandbox.go: the sandbox's layout; helper.go and helper.c: the helper
+//     that sets it up and execs the builder.
+//   - slots.go: the build slots (max-jobs), shared round-robin by callers.
+//   - users.go: the build users (build-users-group).
+//   - hook.go: the pre-build, post-build and diff hooks.
+//   - procgroup.go: killing a builder's or build hook's process group.
+//   - substitute.go: substituting outputs and input paths.
+//   - basic.go: BuildBasic, a derivation a client sends whole.
+//   - attrs.go: what a derivation's attributes ask of its build: output
+//     placeholders, structured attributes, exportReferencesGraph and the
+//     output checks (allowedReferences and the like).
 package build
 
 import (
@@ -652,8 +681,9 @@ func (b *Builder) Build(ctx context.Context, reqs []store.DerivedPath, client Cl
 var errNotSupported = errors.New("not supported")
 
 // ErrNoLocalBuilds fails a request that needs a build when max-jobs is 0
-// (the daemon's or the caller's), in Nix's words: nixyard has no remote
-// builders to send it to.
+// (the daemon's or the caller's) and no remote machine is set up to take
+// it, in Nix's words (see errNoMachineFits for when machines are set but
+// none took it).
 var ErrNoLocalBuilds = errors.New("unable to start any build; either increase '--max-jobs' or enable remote builds.\nhttps://nixos.org/manual/nix/stable/advanced-topics/distributed-builds.html")
 
 // errNoMachineFits is ErrNoLocalBuilds where remote machines are set but
