@@ -525,7 +525,6 @@ type Builder struct {
 
 	mu    sync.Mutex
 	goals map[goalKey]*goal
-	seq   uint64
 	calls atomic.Uint64 // numbers the requests (call.id)
 	// running counts the goals under way, each until it has cleaned up
 	// (see Wait).

@@ -253,13 +253,12 @@ type goal struct {
 	roots *store.Session
 
 	mu   sync.Mutex
-	subs map[*call]int // waiting callers (count of their requests)
+	subs map[*call]int // waiting callers (count of their requests); the last to leave stops the goal
 	// dependents are the goals waiting for this one as an input (count
 	// of their waits): their callers wait for it too (see limits).
 	dependents map[*goal]int
 	// runningFor are the callers whose running builds count this goal's.
 	runningFor map[*call]bool
-	waiters    int
 	running    bool
 	stopping   bool   // cancelled once its last waiter left: joined by no one since
 	machine    string // the machine that builds it (a remote build), set before it runs
@@ -334,7 +333,6 @@ func (g *goal) subscribe(c *call) bool {
 		}
 	}
 	g.subs[c]++
-	g.waiters++
 	return true
 }
 
@@ -470,8 +468,7 @@ func (g *goal) leave(c *call) {
 			c.count(-1, -g.stopRunningFor(c), 0, 0)
 		}
 	}
-	g.waiters--
-	if g.waiters == 0 {
+	if len(g.subs) == 0 {
 		g.stopping = true
 		g.cancel()
 	}
