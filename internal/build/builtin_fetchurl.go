@@ -266,19 +266,6 @@ func download(ctx context.Context, user *buildUser, auth netrc, u string, use fu
 	return nil
 }
 
-// cappedBuffer keeps the first max bytes written to it.
-type cappedBuffer struct {
-	bytes.Buffer
-	max int
-}
-
-func (c *cappedBuffer) Write(p []byte) (int, error) {
-	if room := c.max - c.Len(); room > 0 {
-		c.Buffer.Write(p[:min(len(p), room)])
-	}
-	return len(p), nil
-}
-
 // progressReader calls progress after every read that returned data.
 type progressReader struct {
 	r        io.Reader

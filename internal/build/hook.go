@@ -1,6 +1,7 @@
 package build
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -89,15 +90,14 @@ func (j *job) preBuildHook(ctx context.Context) ([]sandboxPath, error) {
 		return nil, nil
 	}
 	cmd := hookCommand(ctx, hook, j.drvAbs, j.chroot)
-	var out limitedBuffer
-	out.max = 1 << 20
-	cmd.Stdout, cmd.Stderr = &out, os.Stderr // as Nix: its errors go to the daemon's
+	out := &cappedBuffer{max: 1 << 20}
+	cmd.Stdout, cmd.Stderr = out, os.Stderr // as Nix: its errors go to the daemon's
 	if err := runHook(cmd, "pre-build-hook"); err != nil {
 		return nil, err
 	}
 	var paths []sandboxPath
 	inPaths := false
-	text := string(out.b)
+	text := out.String()
 	for {
 		line, rest, found := strings.Cut(text, "\n")
 		if !found {
@@ -122,15 +122,16 @@ func (j *job) preBuildHook(ctx context.Context) ([]sandboxPath, error) {
 	return paths, nil
 }
 
-// limitedBuffer keeps the first max bytes written to it.
-type limitedBuffer struct {
-	b   []byte
+// cappedBuffer keeps the first max bytes written to it (a hook's or a
+// fetcher's output, kept for a message).
+type cappedBuffer struct {
+	bytes.Buffer
 	max int
 }
 
-func (l *limitedBuffer) Write(p []byte) (int, error) {
-	if room := l.max - len(l.b); room > 0 {
-		l.b = append(l.b, p[:min(len(p), room)]...)
+func (c *cappedBuffer) Write(p []byte) (int, error) {
+	if room := c.max - c.Len(); room > 0 {
+		c.Buffer.Write(p[:min(len(p), room)])
 	}
 	return len(p), nil
 }
@@ -184,14 +185,13 @@ func (j *job) diffHook(ctx context.Context, path, check string) {
 	cmd := hookCommand(ctx, prog, path, check, j.drvAbs, j.tmpDir)
 	cmd.Dir = "/"
 	cmd.SysProcAttr.Credential = &syscall.Credential{Uid: uint32(j.hostUID), Gid: uint32(j.hostGID), Groups: []uint32{}}
-	var out limitedBuffer
-	out.max = 1 << 20
-	cmd.Stdout, cmd.Stderr = &out, os.Stderr
+	out := &cappedBuffer{max: 1 << 20}
+	cmd.Stdout, cmd.Stderr = out, os.Stderr
 	if err := runHook(cmd, "diff-hook"); err != nil {
 		report(fmt.Sprintf("diff hook execution failed: %v", strings.Replace(err.Error(), "program '", "diff-hook program '", 1)))
 		return
 	}
-	if msg := strings.TrimRight(string(out.b), "\n"); msg != "" {
+	if msg := strings.TrimRight(out.String(), "\n"); msg != "" {
 		report(msg)
 	}
 }
