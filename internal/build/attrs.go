@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"regexp"
 	"slices"
@@ -26,7 +27,7 @@ import (
 // gets.
 func (g *goal) placeholders() *strings.Replacer {
 	var pairs []string
-	for _, n := range sortedOutputs(g.drv.Outputs) {
+	for _, n := range slices.Sorted(maps.Keys(g.drv.Outputs)) {
 		pairs = append(pairs, derivation.HashPlaceholder(n), g.b.abs(g.outputs[n]))
 	}
 	return strings.NewReplacer(pairs...)
@@ -70,7 +71,7 @@ func (j *job) writeStructuredAttrs(ctx context.Context, top string) (map[string]
 	if graphs, ok := src["exportReferencesGraph"].(map[string]any); ok {
 		budget := &graphBudget{left: maxExportedPaths}
 		sizes := map[storepath.Path]uint64{}
-		for _, name := range sortedOutputs(graphs) {
+		for _, name := range slices.Sorted(maps.Keys(graphs)) {
 			roots, err := graphRoots(graphs[name])
 			if err != nil {
 				return nil, rejected(fmt.Errorf("exportReferencesGraph '%s': %w", name, err))
@@ -274,7 +275,7 @@ func (j *job) exportReferences(ctx context.Context, roots []string, budget *grap
 		if err != nil {
 			return nil, err
 		}
-		for _, n := range sortedOutputs(drv.Outputs) {
+		for _, n := range slices.Sorted(maps.Keys(drv.Outputs)) {
 			if drv.Outputs[n].Path == "" {
 				return nil, rejected(fmt.Errorf("exportReferences on CA derivations is not yet implemented"))
 			}
@@ -396,7 +397,7 @@ func (j *job) checkOutputs(ctx context.Context, infos map[string]store.PathInfo)
 		}
 		return b.st.QueryPathInfoShared(ctx, p)
 	}
-	for _, name := range sortedOutputs(infos) {
+	for _, name := range slices.Sorted(maps.Keys(infos)) {
 		info := infos[name]
 		c, err := g.checksFor(name)
 		if err != nil {

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"maps"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -729,7 +728,7 @@ func (g *goal) realise(ctx context.Context) Result {
 	// and fetched rather than built.
 	retry := false
 	if caller := g.caller(); g.mode == ModeNormal && allowSubst && len(g.drv.InputDrvs) > 0 && caller.opts.Substituter != nil {
-		if _, valid, err := b.validOutputs(ctx, g.drv, sortedOutputs(outPaths)); err == nil && !valid {
+		if _, valid, err := b.validOutputs(ctx, g.drv, slices.Sorted(maps.Keys(outPaths))); err == nil && !valid {
 			retry = caller.opts.Substituter.Incomplete(ctx, slices.Collect(maps.Values(outPaths)))
 		}
 	}
@@ -1128,14 +1127,4 @@ func (b *Builder) loadDerivation(ctx context.Context, abs string) (*derivation.D
 		return nil, err
 	}
 	return derivation.ParseFile(b.st.RealPath(p))
-}
-
-// sortedOutputs returns the output names of m, sorted.
-func sortedOutputs[V any](m map[string]V) []string {
-	names := make([]string, 0, len(m))
-	for n := range m {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	return names
 }

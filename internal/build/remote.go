@@ -178,7 +178,7 @@ func (g *goal) tryRemote(ctx context.Context, inputs []storepath.Path, outputs m
 	}
 	drvAbs := b.abs(g.drvPath)
 	var missing []string
-	for _, name := range sortedOutputs(outputs) {
+	for _, name := range slices.Sorted(maps.Keys(outputs)) {
 		ok, err := b.st.IsValidPathFresh(ctx, outputs[name])
 		if err != nil {
 			return g.failf(MiscFailure, "building '%s': %v", drvAbs, err), true, nil
@@ -736,7 +736,7 @@ func (j *job) runRemote(ctx context.Context) (syscall.WaitStatus, error) {
 // checkRemoteOutputs checks that the hook made the outputs valid here.
 func (j *job) checkRemoteOutputs(ctx context.Context) *failure {
 	b := j.g.b
-	for _, name := range sortedOutputs(j.outputs) {
+	for _, name := range slices.Sorted(maps.Keys(j.outputs)) {
 		ok, err := b.st.IsValidPathFresh(ctx, j.outputs[name])
 		if err != nil {
 			return j.failf(MiscFailure, 1, "building '%s': %v", j.drvAbs, err)

@@ -470,7 +470,7 @@ func (j *job) environment(ctx context.Context) ([]string, error) {
 		}
 		// In key order, as Nix: a variable named like a file's (fooPath)
 		// wins over it.
-		for _, k := range sortedOutputs(g.drv.Env) {
+		for _, k := range slices.Sorted(maps.Keys(g.drv.Env)) {
 			v := g.drv.Env[k]
 			if !passAsFile[k] {
 				env[k] = v
@@ -515,7 +515,7 @@ func (j *job) environment(ctx context.Context) ([]string, error) {
 		return nil, err
 	}
 	out := make([]string, 0, len(env))
-	for _, k := range sortedOutputs(env) {
+	for _, k := range slices.Sorted(maps.Keys(env)) {
 		out = append(out, j.rewrite.Replace(k+"="+env[k]))
 	}
 	return out, nil
@@ -862,7 +862,7 @@ func (j *job) register(ctx context.Context, locks *store.OutputLocks) *failure {
 	var outs []store.BuiltOutput
 	var kept []storepath.Path // intact outputs a repair leaves as they are
 	var mismatch string
-	for _, name := range sortedOutputs(j.outputs) {
+	for _, name := range slices.Sorted(maps.Keys(j.outputs)) {
 		p := j.outputs[name]
 		loc := j.outputLocation(p)
 		var st unix.Stat_t
@@ -984,7 +984,7 @@ func (j *job) compareRound(ctx context.Context) *failure {
 	g := j.g
 	b := g.b
 	j.hashes = map[string]hash.Hash{}
-	for _, name := range sortedOutputs(j.outputs) {
+	for _, name := range slices.Sorted(maps.Keys(j.outputs)) {
 		loc := j.outputLocation(j.outputs[name])
 		if _, err := os.Lstat(loc); err != nil {
 			return j.failf(OutputRejected, 1, "%s", hint.Fmt("builder for '%s' failed to produce output path for output '%s' at '%s'", j.drvAbs, name, loc))
@@ -995,7 +995,7 @@ func (j *job) compareRound(ctx context.Context) *failure {
 		}
 		j.hashes[name] = h
 	}
-	for _, name := range sortedOutputs(j.prev) {
+	for _, name := range slices.Sorted(maps.Keys(j.prev)) {
 		if j.hashes[name].Equal(j.prev[name]) {
 			continue
 		}
