@@ -1005,6 +1005,12 @@ func (g *goal) realise(ctx context.Context) Result {
 	return j.build(ctx, missing, locks, releaseOnce)
 }
 
+// keepFailed reports whether what a failed build leaves is kept
+// (keep-failed: the owner's, or the daemon's).
+func (g *goal) keepFailed() bool {
+	return g.owner.opts.KeepFailed || g.b.cfg.KeepFailed
+}
+
 // enforceDeterminism reports whether rounds of a repeated build that
 // differ fail it (enforce-determinism: the owner's, or the daemon's).
 func (g *goal) enforceDeterminism() bool {

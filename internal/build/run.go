@@ -301,7 +301,6 @@ func (j *job) failf(st Status, times int, format string, args ...any) *failure {
 func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func()) (fail *failure) {
 	g := j.g
 	b := g.b
-	opts := g.owner.opts
 	defer func() {
 		// A failure found after the builder (its outputs rejected, say)
 		// stops the callers' queued builds too; one of the builder's was
@@ -384,7 +383,7 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 		}
 		g.each(func(c *call) { c.emit(func(p Progress) { p.BuildFinished(j.drvAbs, err) }) })
 	}()
-	keepFailed := opts.KeepFailed || b.cfg.KeepFailed
+	keepFailed := g.keepFailed()
 	switch {
 	case runErr != nil:
 		j.keep = keepFailed
@@ -943,20 +942,16 @@ func (j *job) check(ctx context.Context, name string, p storepath.Path, loc stri
 	if h.Equal(info.NarHash) {
 		return nil
 	}
-	if !j.g.owner.opts.KeepFailed && !b.cfg.KeepFailed && !b.cfg.RunDiffHook {
+	if !j.g.keepFailed() && !b.cfg.RunDiffHook {
 		return j.failf(NotDeterministic, 1, "%s", hint.Fmt("derivation '%s' may not be deterministic: output '%s' differs", j.drvAbs, b.st.RealPath(p)))
 	}
 	// As Nix: the new output is kept beside the valid one, for the diff
 	// hook and for whoever looks.
 	dst := b.st.RealPath(p) + checkSuffix
-	if err := removeTree(dst); err != nil {
-		return j.failf(MiscFailure, 1, "output '%s' of '%s': %v", name, j.drvAbs, err)
-	}
-	if err := store.ChownTree(loc, os.Geteuid(), os.Getegid()); err != nil {
-		return j.failf(MiscFailure, 1, "output '%s' of '%s': %v", name, j.drvAbs, err)
-	}
-	if err := os.Rename(loc, dst); err != nil {
+	if moving, err := moveAside(loc, dst); moving {
 		return j.failf(MiscFailure, 1, "keeping output '%s' of '%s': %v", name, j.drvAbs, err)
+	} else if err != nil {
+		return j.failf(MiscFailure, 1, "output '%s' of '%s': %v", name, j.drvAbs, err)
 	}
 	j.diffHook(ctx, b.abs(p), dst)
 	return j.failf(NotDeterministic, 1, "%s", hint.Fmt("derivation '%s' may not be deterministic: output '%s' differs from '%s'", j.drvAbs, b.st.RealPath(p), dst))
@@ -1020,8 +1015,7 @@ func (j *job) compareRound(ctx context.Context) *failure {
 // kept at <path>.check for the diff hook and whoever looks (keep-failed
 // or run-diff-hook, as Nix's keepPreviousRound).
 func (j *job) keepsRounds() bool {
-	b := j.g.b
-	return j.g.owner.opts.KeepFailed || b.cfg.KeepFailed || b.cfg.RunDiffHook
+	return j.g.keepFailed() || j.g.b.cfg.RunDiffHook
 }
 
 // keepPreviousRound moves the outputs of a repeated build's first round
@@ -1032,18 +1026,28 @@ func (j *job) keepPreviousRound() {
 	}
 	b := j.g.b
 	for _, p := range j.outputs {
-		loc, dst := j.outputLocation(p), b.st.RealPath(p)+checkSuffix
-		err := removeTree(dst)
-		if err == nil {
-			err = store.ChownTree(loc, os.Geteuid(), os.Getegid())
-		}
-		if err == nil {
-			err = os.Rename(loc, dst)
-		}
-		if err != nil {
+		dst := b.st.RealPath(p) + checkSuffix
+		if _, err := moveAside(j.outputLocation(p), dst); err != nil {
 			b.log.Warn("cannot keep the output of the previous round", "drv", j.drvAbs, "path", dst, "err", err)
 		}
 	}
+}
+
+// moveAside moves an output built at loc to dst, beside the valid one
+// (<path>.check), replacing what is there, and gives it to the daemon's
+// user, as Nix keeps an output that differs. moving reports that the
+// last step, the move itself, is what failed.
+func moveAside(loc, dst string) (moving bool, err error) {
+	if err := removeTree(dst); err != nil {
+		return false, err
+	}
+	if err := store.ChownTree(loc, os.Geteuid(), os.Getegid()); err != nil {
+		return false, err
+	}
+	if err := os.Rename(loc, dst); err != nil {
+		return true, err
+	}
+	return false, nil
 }
 
 // dropPreviousRound removes what keepPreviousRound kept, once the rounds
