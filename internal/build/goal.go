@@ -26,9 +26,9 @@ type call struct {
 	opts   ClientOptions
 	client *slotClient
 
-	mu                              sync.Mutex
-	prog                            Progress // nil once closed
-	expected, done, running, failed int
+	mu     sync.Mutex
+	prog   Progress // nil once closed
+	counts counts   // its build counters (see count)
 
 	noLocalBuilds atomic.Bool // a build it needed could not run here (ErrNoLocalBuilds)
 	// stopping is set, without keep-going, once a build the caller needs
@@ -62,18 +62,23 @@ func (c *call) emit(f func(p Progress)) {
 	}
 }
 
-// count updates the caller's build counters and reports them as Nix's
+// counts are a caller's build counters, or changes to them: builds
+// expected (not ended yet), running, done (built here) and failed.
+type counts struct{ expected, running, done, failed int }
+
+// count adds d to the caller's build counters and reports them as Nix's
 // Worker does: builds done, of those done and still expected, running,
 // failed.
-func (c *call) count(dExpected, dRunning, dDone, dFailed int) {
+func (c *call) count(d counts) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.expected += dExpected
-	c.running += dRunning
-	c.done += dDone
-	c.failed += dFailed
+	n := &c.counts
+	n.expected += d.expected
+	n.running += d.running
+	n.done += d.done
+	n.failed += d.failed
 	if c.prog != nil {
-		c.prog.BuildsProgress(c.done, c.expected+c.done, c.running, c.failed)
+		c.prog.BuildsProgress(n.done, n.expected+n.done, n.running, n.failed)
 	}
 }
 
@@ -321,13 +326,13 @@ func (g *goal) subscribe(c *call) bool {
 		return false
 	}
 	if g.subs[c] == 0 {
-		c.count(1, 0, 0, 0)
+		c.count(counts{expected: 1})
 		if g.running {
 			// Joining a build under way (as an input of another goal,
 			// say): the caller sees it start too.
 			drvAbs := g.b.abs(g.drvPath)
 			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.machine, g.mode, g.round) })
-			c.count(0, 1, 0, 0)
+			c.count(counts{running: 1})
 			g.runningFor[c] = true
 		}
 	}
@@ -464,7 +469,7 @@ func (g *goal) leave(c *call) {
 		default:
 			// The caller stops waiting before the end: take the build off
 			// its counters.
-			c.count(-1, -g.stopRunningFor(c), 0, 0)
+			c.count(counts{expected: -1, running: -g.stopRunningFor(c)})
 		}
 	}
 	if len(g.subs) == 0 {
@@ -599,7 +604,7 @@ func (g *goal) setRunning(on bool) {
 		c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.machine, g.mode, g.round) })
 		if !g.runningFor[c] {
 			g.runningFor[c] = true
-			c.count(0, 1, 0, 0)
+			c.count(counts{running: 1})
 		}
 	}
 }
@@ -651,7 +656,7 @@ func (g *goal) run(ctx context.Context) {
 	drvAbs := b.abs(g.drvPath)
 	g.mu.Lock()
 	for c := range g.subs {
-		c.count(-1, -g.stopRunningFor(c), done, failed)
+		c.count(counts{expected: -1, running: -g.stopRunningFor(c), done: done, failed: failed})
 		if ownFailure && res.ErrorMsg != "" {
 			c.emit(func(p Progress) { p.GoalFailed(drvAbs, res) })
 		}
