@@ -41,7 +41,8 @@
 //   - slots.go: the build slots (max-jobs), shared round-robin by callers.
 //   - users.go: the build users (build-users-group).
 //   - hook.go: the pre-build, post-build and diff hooks.
-//   - procgroup.go: killing a builder's or build hook's process group.
+//   - procgroup.go: a builder's or build hook's process group (killing it)
+//     and the files made to start one.
 //   - substitute.go: substituting outputs and input paths.
 //   - basic.go: BuildBasic, a derivation a client sends whole.
 //   - attrs.go: what a derivation's attributes ask of its build: output

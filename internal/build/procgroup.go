@@ -1,6 +1,7 @@
 package build
 
 import (
+	"os"
 	"os/exec"
 	"sync"
 
@@ -41,4 +42,28 @@ func (p *procGroup) wait() error {
 	p.reaped = true
 	p.mu.Unlock()
 	return p.cmd.Wait()
+}
+
+// childFiles are the pipe ends and other files made for a child about
+// to start (a builder's helper, or the build hook), so that a start that
+// fails halfway closes every one it made. Closing one of them again
+// afterwards is harmless.
+type childFiles []*os.File
+
+// pipe makes a pipe and keeps both its ends.
+func (fs *childFiles) pipe() (r, w *os.File, err error) {
+	if r, w, err = os.Pipe(); err == nil {
+		*fs = append(*fs, r, w)
+	}
+	return r, w, err
+}
+
+// add keeps f too.
+func (fs *childFiles) add(f *os.File) { *fs = append(*fs, f) }
+
+// closeAll closes them all.
+func (fs childFiles) closeAll() {
+	for _, f := range fs {
+		f.Close()
+	}
 }

@@ -441,30 +441,19 @@ func (b *Builder) startHook(key string, settings map[string]string) (*hookProc, 
 	if err != nil {
 		return nil, err
 	}
-	var files []*os.File
-	pipe := func() (r, w *os.File, err error) {
-		if r, w, err = os.Pipe(); err == nil {
-			files = append(files, r, w)
-		}
-		return r, w, err
-	}
-	closeAll := func() {
-		for _, f := range files {
-			f.Close()
-		}
-	}
-	inR, inW, err := pipe()
+	var files childFiles
+	inR, inW, err := files.pipe()
 	if err != nil {
 		return nil, err
 	}
-	fromR, fromW, err := pipe()
+	fromR, fromW, err := files.pipe()
 	if err != nil {
-		closeAll()
+		files.closeAll()
 		return nil, err
 	}
-	logR, logW, err := pipe()
+	logR, logW, err := files.pipe()
 	if err != nil {
-		closeAll()
+		files.closeAll()
 		return nil, err
 	}
 	// The hook's copy of logR's descriptor: ExtraFiles would make logR
@@ -478,10 +467,10 @@ func (b *Builder) startHook(key string, settings map[string]string) (*hookProc, 
 		})
 	}
 	if logRChild == nil {
-		closeAll()
+		files.closeAll()
 		return nil, errors.New("duplicating the build hook's log pipe")
 	}
-	files = append(files, logRChild)
+	files.add(logRChild)
 	var cmd *exec.Cmd
 	// ETXTBSY: a hook just written (a test's, say) may still be open for
 	// writing in a child that another goroutine forked and has not yet
@@ -514,7 +503,7 @@ func (b *Builder) startHook(key string, settings map[string]string) (*hookProc, 
 		time.Sleep(10 * time.Millisecond << try)
 	}
 	if err != nil {
-		closeAll()
+		files.closeAll()
 		return nil, fmt.Errorf("starting the build hook %s: %w", path, err)
 	}
 	inR.Close()

@@ -524,25 +524,25 @@ func (j *job) environment(ctx context.Context) ([]string, error) {
 // the log and the callers, enforces the timeouts, and returns its wait
 // status. runErr is an error starting it (nothing ran).
 func (j *job) execute(ctx context.Context, spec initSpec) (status syscall.WaitStatus, runErr error) {
-	pr, pw, err := os.Pipe()
+	var files childFiles
+	pr, pw, err := files.pipe()
 	if err != nil {
 		return 0, err
 	}
 	defer pr.Close()
-	specR, specW, err := os.Pipe()
+	specR, specW, err := files.pipe()
 	if err != nil {
-		pw.Close()
+		files.closeAll()
 		return 0, err
 	}
-	statusR, statusW, err := os.Pipe()
+	statusR, statusW, err := files.pipe()
 	if err != nil {
-		pw.Close()
-		specR.Close()
-		specW.Close()
+		files.closeAll()
 		return 0, err
 	}
 	devNull, err := os.Open(os.DevNull)
 	if err != nil {
+		files.closeAll()
 		return 0, err
 	}
 	defer devNull.Close()
@@ -562,11 +562,7 @@ func (j *job) execute(ctx context.Context, spec initSpec) (status syscall.WaitSt
 	// (vfork) spawn.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setsid: true}
 	if err := cmd.Start(); err != nil {
-		pw.Close()
-		specR.Close()
-		specW.Close()
-		statusR.Close()
-		statusW.Close()
+		files.closeAll()
 		return 0, fmt.Errorf("starting the builder of '%s': %w", j.drvAbs, err)
 	}
 	pw.Close()
