@@ -99,9 +99,13 @@ type hookProc struct {
 // next one: a hook that accepted is used up by that build. Builder.mu
 // guards it.
 type hookPool struct {
-	idle   map[string][]*hookProc // by hookKey, the longest idle first
-	wake   chan struct{}          // closed and replaced when a remote build ends
-	offers chan struct{}          // a token per offer under way (maxOffers)
+	idle map[string][]*hookProc // by hookKey, the longest idle first
+	// expiry runs expireHooks once the longest idle hook has been idle
+	// for hookMaxIdle; nil when no hook is kept.
+	expiry *time.Timer
+	closed bool          // Builder.Close ran: no hook is kept any more
+	wake   chan struct{} // closed and replaced when a remote build ends
+	offers chan struct{} // a token per offer under way (maxOffers)
 }
 
 // remoteSettings are the settings the hook gets for a goal: the daemon's,
@@ -343,12 +347,18 @@ func (b *Builder) takeHook(ctx context.Context, c *call, settings map[string]str
 // offerDone ends an offer that takeHook let start.
 func (b *Builder) offerDone() { <-b.hooks.offers }
 
-// putHook keeps h for the next offer. With maxIdleHooks kept, the one
-// idle longest goes; any idle for hookMaxIdle goes then.
+// putHook keeps h for the next offer (or, after Close, ends it). With
+// maxIdleHooks kept, the one idle longest goes; any idle for hookMaxIdle
+// goes then.
 func (b *Builder) putHook(h *hookProc) {
 	h.idleSince = time.Now()
 	var drop *hookProc
 	b.mu.Lock()
+	if b.hooks.closed {
+		b.mu.Unlock()
+		h.end()
+		return
+	}
 	if b.hooks.idle == nil {
 		b.hooks.idle = map[string][]*hookProc{}
 	}
@@ -368,16 +378,20 @@ func (b *Builder) putHook(h *hookProc) {
 		drop = nil
 	}
 	b.hooks.idle[h.key] = append(b.hooks.idle[h.key], h)
+	if b.hooks.expiry == nil {
+		b.hooks.expiry = time.AfterFunc(hookMaxIdle, b.expireHooks)
+	}
 	b.mu.Unlock()
 	if drop != nil {
 		drop.end()
 	}
-	time.AfterFunc(hookMaxIdle, b.expireHooks)
 }
 
-// expireHooks ends the hooks idle for hookMaxIdle or more.
+// expireHooks ends the hooks idle for hookMaxIdle or more, and has itself
+// run again when the longest idle of those left will have been.
 func (b *Builder) expireHooks() {
 	var stale []*hookProc
+	var next time.Time // the earliest idleSince of the hooks left
 	b.mu.Lock()
 	for k, idle := range b.hooks.idle {
 		i := 0
@@ -387,9 +401,16 @@ func (b *Builder) expireHooks() {
 		stale = append(stale, idle[:i]...)
 		if i == len(idle) {
 			delete(b.hooks.idle, k)
-		} else {
-			b.hooks.idle[k] = idle[i:]
+			continue
 		}
+		b.hooks.idle[k] = idle[i:]
+		if next.IsZero() || idle[i].idleSince.Before(next) {
+			next = idle[i].idleSince
+		}
+	}
+	b.hooks.expiry = nil
+	if !next.IsZero() && !b.hooks.closed {
+		b.hooks.expiry = time.AfterFunc(hookMaxIdle-time.Since(next), b.expireHooks)
 	}
 	b.mu.Unlock()
 	for _, h := range stale {
@@ -405,11 +426,17 @@ func (b *Builder) remoteBuildEnded() {
 	b.hooks.wake = make(chan struct{})
 }
 
-// Close ends the build hooks kept for later offers.
+// Close ends the build hooks kept for later offers; a hook that a build
+// under way gives back afterwards is ended then (see putHook).
 func (b *Builder) Close() {
 	b.mu.Lock()
 	idle := b.hooks.idle
 	b.hooks.idle = nil
+	b.hooks.closed = true
+	if b.hooks.expiry != nil {
+		b.hooks.expiry.Stop()
+		b.hooks.expiry = nil
+	}
 	b.mu.Unlock()
 	for _, hs := range idle {
 		for _, h := range hs {

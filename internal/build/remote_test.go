@@ -3,12 +3,15 @@ package build
 import (
 	"bufio"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -118,8 +121,9 @@ cat > /dev/null
 	}
 
 	// Accepted, then failed: the hook's error and the remote builder's
-	// output reach the caller; messages below warnings do not.
-	b.Close()
+	// output reach the caller; messages below warnings do not. (The
+	// builder is not closed between requests: after Close, no hook is
+	// kept, and the postponing hook below would never be asked again.)
 	r, rec := run("fail", "failing")
 	if r.Status != MiscFailure || !strings.Contains(r.ErrorMsg, "failed with exit code 1") ||
 		!slices.Contains(rec.errors, "remote says no") || slices.Contains(rec.errors, "chatter") || !slices.Contains(rec.lines, "remote-line") {
@@ -172,6 +176,52 @@ cat > /dev/null
 	res, err = b.Build(t.Context(), []store.DerivedPath{out(drvs["d"])}, ClientOptions{Settings: map[string]string{"builders": ""}}, nil)
 	if err != nil || res[0].Status != Built || nStarts() != before {
 		t.Errorf("builders = \"\": %+v %v, %d hooks started", res, err, nStarts()-before)
+	}
+}
+
+// TestHooksEndWithClose: Close ends the kept hooks and stops their
+// expiry timer, and a hook given back after Close is ended, not kept.
+func TestHooksEndWithClose(t *testing.T) {
+	b := &Builder{}
+	start := func() *hookProc {
+		t.Helper()
+		cmd := exec.Command("sleep", "60")
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+		var files childFiles
+		t.Cleanup(files.closeAll)
+		inR, inW, err1 := files.pipe()
+		fromR, fromW, err2 := files.pipe()
+		logR, _, err3 := files.pipe()
+		if err := errors.Join(err1, err2, err3); err != nil {
+			t.Fatal(err)
+		}
+		cmd.Stdin, cmd.Stdout = inR, fromW
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		return &hookProc{procGroup: procGroup{cmd: cmd}, key: "k", stdin: inW, fromF: fromR, logR: logR}
+	}
+	kept := start()
+	b.putHook(kept)
+	b.mu.Lock()
+	n, timer := len(b.hooks.idle["k"]), b.hooks.expiry != nil
+	b.mu.Unlock()
+	if n != 1 || !timer {
+		t.Fatalf("a hook given back: %d kept, expiry timer %v; want 1 kept, with the timer", n, timer)
+	}
+	b.Close()
+	if kept.cmd.ProcessState == nil {
+		t.Error("a kept hook still runs after Close")
+	}
+	late := start()
+	b.putHook(late)
+	if late.cmd.ProcessState == nil {
+		t.Error("a hook given back after Close still runs")
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.hooks.idle != nil || b.hooks.expiry != nil {
+		t.Errorf("after Close: idle hooks %v, expiry timer %v; want none", b.hooks.idle, b.hooks.expiry)
 	}
 }
 
