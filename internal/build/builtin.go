@@ -83,6 +83,10 @@ func (j *job) runBuiltin(ctx context.Context) (syscall.WaitStatus, error) {
 	return syscall.WaitStatus(1 << 8), nil // exited with 1
 }
 
+// builtinErr runs the derivation's builtin builder, with a view of the
+// store in which only the inputs and the outputs (at their build
+// locations) are visible, and returns its error; logLine takes the lines
+// it logs (its warnings).
 func (j *job) builtinErr(ctx context.Context, logLine func(string)) error {
 	drv := j.g.drv
 	name := strings.TrimPrefix(drv.Builder, builtinPrefix)

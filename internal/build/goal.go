@@ -289,6 +289,9 @@ type goalKey struct {
 	mode BuildMode
 }
 
+// joinGoal makes c a waiter of the goal that builds req's derivation in
+// mode, starting one if there is none (or only one being stopped, which
+// the new one waits for): a derivation is built once for all who need it.
 func (b *Builder) joinGoal(req store.DerivedPath, drv *derivation.Derivation, c *call, mode BuildMode) *goal {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -458,6 +461,9 @@ func (g *goal) wait(ctx context.Context, c *call) Result {
 	}
 }
 
+// leave ends one wait of c for g (see wait): the last of c's takes the
+// build off c's counters if g has not ended, and once no caller waits g
+// is stopped (cancelled, and joined by no one since).
 func (g *goal) leave(c *call) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -682,6 +688,12 @@ func (g *goal) failf(st Status, format string, args ...any) Result {
 	return Result{Status: st, ErrorMsg: fmt.Sprintf(format, args...)}
 }
 
+// realise is the goal's work, as Nix's DerivationGoal: it checks the
+// derivation and its output paths, substitutes what a check needs,
+// realises the inputs (in parallel), substitutes the outputs after all
+// if a cache had them without their closure, may offer the build to the
+// build hook, and otherwise builds here (once, or in rounds with repeat)
+// under a build slot and the outputs' locks. Its result is the goal's.
 func (g *goal) realise(ctx context.Context) Result {
 	b := g.b
 	drvAbs := b.abs(g.drvPath)

@@ -298,6 +298,12 @@ func (j *job) failf(st Status, times int, format string, args ...any) *failure {
 	return &failure{Error: Error{Status: st, Msg: fmt.Sprintf(format, args...)}, timesBuilt: times}
 }
 
+// run runs the job's builder (here, a builtin, or through the build hook
+// on a remote machine), with its log stored and the callers told, gives
+// the build slot back (release) once it has ended, then checks the
+// outputs and registers them (or, for a remote build, checks those the
+// hook brought), and runs the post-build hook. A round of a repeated
+// build is compared with the previous one first. fail is nil on success.
 func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func()) (fail *failure) {
 	g := j.g
 	b := g.b
@@ -1099,11 +1105,14 @@ func removeTree(p string) error {
 	if err == nil {
 		return nil
 	}
-	filepathWalkChmod(p)
+	makeDirsWritable(p)
 	return os.RemoveAll(p)
 }
 
-func filepathWalkChmod(p string) {
+// makeDirsWritable makes p, if it is a directory, and every directory
+// under it, 0700 (symlinks are not followed); errors are ignored, as the
+// removal that follows reports what still fails.
+func makeDirsWritable(p string) {
 	var st unix.Stat_t
 	if unix.Lstat(p, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFDIR {
 		return
@@ -1111,7 +1120,7 @@ func filepathWalkChmod(p string) {
 	unix.Chmod(p, 0o700)
 	ents, _ := os.ReadDir(p)
 	for _, e := range ents {
-		filepathWalkChmod(p + "/" + e.Name())
+		makeDirsWritable(p + "/" + e.Name())
 	}
 }
 
