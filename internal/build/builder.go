@@ -29,8 +29,8 @@
 //
 //   - builder.go: Builder, its Config, the caller-facing types and Build.
 //   - goal.go: goals (one per derivation and mode, shared by the callers
-//     waiting for it), realising the inputs, the build counters, repeated
-//     builds.
+//     waiting for it), realising the inputs, the build counters.
+//   - rounds.go: repeated builds (nix.conf repeat), their rounds compared.
 //   - run.go: a job, one run of a builder here: laid out, executed,
 //     logged, its outputs checked and registered.
 //   - remote.go: remote builds through the build hook (build-remote).

@@ -972,69 +972,6 @@ func canonicalNarHash(loc string) (hash.Hash, error) {
 	return hash.FromHasher(hash.SHA256, h), nil
 }
 
-// compareRound hashes the outputs of a round of a repeated build and
-// compares them with the previous round's, as Nix's repeat does. A
-// difference runs the diff hook and fails the build (enforce-determinism)
-// or, without that, is reported to the callers and ends the rounds
-// (j.differs) with this round's outputs.
-func (j *job) compareRound(ctx context.Context) *failure {
-	g := j.g
-	b := g.b
-	j.hashes = map[string]hash.Hash{}
-	for _, name := range slices.Sorted(maps.Keys(j.outputs)) {
-		loc := j.outputLocation(j.outputs[name])
-		if _, err := os.Lstat(loc); err != nil {
-			return j.failf(OutputRejected, 1, "%s", hint.Fmt("builder for '%s' failed to produce output path for output '%s' at '%s'", j.drvAbs, name, loc))
-		}
-		h, err := canonicalNarHash(loc)
-		if err != nil {
-			return j.failf(MiscFailure, 1, "output '%s' of '%s': %v", name, j.drvAbs, err)
-		}
-		j.hashes[name] = h
-	}
-	for _, name := range slices.Sorted(maps.Keys(j.prev)) {
-		if j.hashes[name].Equal(j.prev[name]) {
-			continue
-		}
-		j.differs = true
-		p := j.outputs[name]
-		prev := b.abs(p) + checkSuffix
-		msg := fmt.Sprintf("output '%s' of '%s' differs from previous round", b.abs(p), j.drvAbs)
-		if _, err := os.Lstat(b.st.RealPath(p) + checkSuffix); err == nil {
-			msg = fmt.Sprintf("output '%s' of '%s' differs from '%s' from previous round", b.abs(p), j.drvAbs, prev)
-		}
-		j.diffHook(ctx, b.st.RealPath(p)+checkSuffix, j.outputLocation(p))
-		if g.enforceDeterminism() {
-			return j.failf(NotDeterministic, 1, "%s", msg)
-		}
-		g.each(func(c *call) { c.emit(func(p Progress) { p.Error(msg) }) })
-		return nil
-	}
-	return nil
-}
-
-// keepsRounds reports whether the first round of a repeated build is
-// kept at <path>.check for the diff hook and whoever looks (keep-failed
-// or run-diff-hook, as Nix's keepPreviousRound).
-func (j *job) keepsRounds() bool {
-	return j.g.keepFailed() || j.g.b.cfg.RunDiffHook
-}
-
-// keepPreviousRound moves the outputs of a repeated build's first round
-// to <path>.check, if keepsRounds.
-func (j *job) keepPreviousRound() {
-	if !j.keepsRounds() {
-		return
-	}
-	b := j.g.b
-	for _, p := range j.outputs {
-		dst := b.st.RealPath(p) + checkSuffix
-		if _, err := moveAside(j.outputLocation(p), dst); err != nil {
-			b.log.Warn("cannot keep the output of the previous round", "drv", j.drvAbs, "path", dst, "err", err)
-		}
-	}
-}
-
 // moveAside moves an output built at loc to dst, beside the valid one
 // (<path>.check), replacing what is there, and gives it to the daemon's
 // user, as Nix keeps an output that differs. moving reports that the
@@ -1050,17 +987,6 @@ func moveAside(loc, dst string) (moving bool, err error) {
 		return true, err
 	}
 	return false, nil
-}
-
-// dropPreviousRound removes what keepPreviousRound kept, once the rounds
-// agreed.
-func (j *job) dropPreviousRound() {
-	if !j.keepsRounds() {
-		return
-	}
-	for _, p := range j.outputs {
-		removeTree(j.g.b.st.RealPath(p) + checkSuffix)
-	}
 }
 
 // fixedOutputHash hashes a fixed output as its derivation says (flat: the
