@@ -48,6 +48,7 @@
 //   - attrs.go: what a derivation's attributes ask of its build: output
 //     placeholders, structured attributes, exportReferencesGraph and the
 //     output checks (allowedReferences and the like).
+//   - settings.go: the Config that nix.conf's build settings give.
 package build
 
 import (
