@@ -1352,6 +1352,38 @@ func TestBuildCounters(t *testing.T) {
 	}
 }
 
+// TestBuildActivityEndsAfterCounts: a build's activity stops after the
+// build counters that count it done (or failed), as with nix-daemon,
+// whose goal's activity ends with the goal: a progress bar never shows
+// the build neither running nor done.
+func TestBuildActivityEndsAfterCounts(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	args := b.expr(t, "actorder", `{
+  ok = mk { name = "actorder-ok"; script = "echo > $out"; };
+  fails = mk { name = "actorder-fails"; script = "exit 1"; };
+}`)
+	const actBuild, actBuilds, resProgress = 105, 104, 105
+	for _, tc := range []struct{ attr, counted string }{{"ok", "[1 1 0 0]"}, {"fails", "[0 0 0 1]"}} {
+		r := b.client("nix", append([]string{"build", "-f"}, append(args, tc.attr, "--no-link", "--log-format", "internal-json")...)...).run(t)
+		counted, stopped := -1, -1
+		build := -1.0
+		for i, e := range logEvents(r.stderr) {
+			switch {
+			case e.Action == "start" && e.Type == actBuild:
+				build = e.ID
+			case e.Action == "result" && e.ActType == actBuilds && e.Type == resProgress && fmt.Sprint(e.Fields) == tc.counted && counted < 0:
+				counted = i
+			case e.Action == "stop" && e.ID == build:
+				stopped = i
+			}
+		}
+		if counted < 0 || stopped < 0 || stopped < counted {
+			t.Errorf("%s: the counters %s come at event %d, the build activity stops at %d: want it after them:\n%s", tc.attr, tc.counted, counted, stopped, r)
+		}
+	}
+}
+
 // TestNoLocalBuildsSaidOnce: with -j0, a request whose input must be
 // built here fails with Nix's "unable to start any build", said once.
 func TestNoLocalBuildsSaidOnce(t *testing.T) {

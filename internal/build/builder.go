@@ -342,7 +342,9 @@ type Progress interface {
 	// BuildPhase is a phase the builder announced with
 	// `@nix {"action":"setPhase","phase":…}`.
 	BuildPhase(drv, phase string)
-	// BuildFinished: the build of drv ended (err nil on success).
+	// BuildFinished: the build of drv ended (err nil on success), told
+	// once its goal has ended and the counters count it, or when a round
+	// of a repeated build that another round follows has ended.
 	BuildFinished(drv string, err error)
 	// GoalFailed: drv could not be realised, as r says (its builder
 	// failed, it cannot be built here, an input failed, ...); not sent

@@ -263,9 +263,12 @@ type goal struct {
 	// runningFor are the callers whose running builds count this goal's.
 	runningFor map[*call]bool
 	running    bool
-	stopping   bool   // cancelled once its last waiter left: joined by no one since
-	machine    string // the machine that builds it (a remote build), set before it runs
-	round      Round  // the builder's round, set before it runs
+	// shown: the callers were told that the builder started
+	// (BuildStarted), and not yet that it ended (see goal.run).
+	shown    bool
+	stopping bool   // cancelled once its last waiter left: joined by no one since
+	machine  string // the machine that builds it (a remote build), set before it runs
+	round    Round  // the builder's round, set before it runs
 	// held is what a repeated build keeps from one round to the next (see
 	// buildRounds); only the goal's own goroutine uses it.
 	held roundHold
@@ -597,6 +600,7 @@ func (g *goal) setRunning(on bool) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.running = on
+	g.shown = g.shown || on
 	if !on {
 		// Counted as running until the goal ends, as Nix counts it, so
 		// that the build is never seen neither running nor done.
@@ -658,12 +662,22 @@ func (g *goal) run(ctx context.Context) {
 	case ownFailure && res.Status != DependencyFailed:
 		failed = 1
 	}
+	var buildErr error
+	if !res.Status.Success() {
+		buildErr = &Error{Status: res.Status, Msg: res.ErrorMsg}
+	}
 	drvAbs := b.abs(g.drvPath)
 	g.mu.Lock()
 	for c := range g.subs {
 		c.count(counts{expected: -1, running: -g.stopRunningFor(c), done: done, failed: failed})
 		if ownFailure && res.ErrorMsg != "" {
 			c.emit(func(p Progress) { p.GoalFailed(drvAbs, res) })
+		}
+		// As Nix's goal's build activity, which ends with the goal,
+		// after its counters: a progress bar never shows the build
+		// neither running nor done.
+		if g.shown {
+			c.emit(func(p Progress) { p.BuildFinished(drvAbs, buildErr) })
 		}
 	}
 	close(g.done)

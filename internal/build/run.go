@@ -383,10 +383,17 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 		}
 	}
 	defer func() {
+		if !j.trial {
+			return // the goal tells its end (see goal.run)
+		}
+		// A repeated build's round that others follow ends here.
 		var err error
 		if fail != nil {
 			err = &fail.Error
 		}
+		g.mu.Lock()
+		g.shown = false
+		g.mu.Unlock()
 		g.each(func(c *call) { c.emit(func(p Progress) { p.BuildFinished(j.drvAbs, err) }) })
 	}()
 	keepFailed := g.keepFailed()

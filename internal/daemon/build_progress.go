@@ -35,7 +35,8 @@ const (
 //	  [CopyPath(100), 0] on Realise
 //	START Build(105), level Info, "building '<drv>'", [drv, "", 1, 1]
 //	RESULT BuildLogLine(101) per line, SetPhase(104) per phase
-//	STOP of the Build activity when the build ends
+//	STOP of the Build activity once the counters count the build done
+//	  or failed
 //	STOP CopyPaths, Builds, Realise (close)
 //
 // It is safe for concurrent use, as build.Progress requires, and never
