@@ -62,6 +62,12 @@ type Options struct {
 	// Busy, if set, counts other work the drain waits for within the
 	// grace, besides connections (NARs the HTTP binary cache sends).
 	Busy func() int
+
+	// Waits, zero for their defaults (tests shorten them): for a socket
+	// client's handshake (a minute), for a refused client's (it hears
+	// why once it has said hello; 2 s), and the idleness after which a
+	// stopping daemon closes a connection (20 s).
+	handshakeTimeout, refusedHandshakeTimeout, idleCloseAfter time.Duration
 }
 
 // Server serves worker-protocol connections. It is safe for concurrent use.
@@ -88,6 +94,14 @@ func New(opts Options) *Server {
 	log := opts.Logger
 	if log == nil {
 		log = slog.Default()
+	}
+	for _, d := range []struct {
+		v   *time.Duration
+		def time.Duration
+	}{{&opts.handshakeTimeout, time.Minute}, {&opts.refusedHandshakeTimeout, 2 * time.Second}, {&opts.idleCloseAfter, 20 * time.Second}} {
+		if *d.v == 0 {
+			*d.v = d.def
+		}
 	}
 	s := &Server{opts: opts, log: log, changed: make(chan struct{}, 1), conns: map[*conn]func(){}}
 	if opts.Store != nil {
@@ -281,14 +295,6 @@ type conn struct {
 	warned map[string]bool // warnings sent (see warnFunc)
 }
 
-// handshakeTimeout bounds the wait for a socket client's handshake, and
-// refusedHandshakeTimeout that of a client that is refused (it hears why
-// once it has said hello). Variables for tests.
-var (
-	handshakeTimeout        = time.Minute
-	refusedHandshakeTimeout = 2 * time.Second
-)
-
 // serve runs one connection: handshake, then ops until EOF or an error
 // that ends the connection. A panic ends only this connection.
 func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, log *slog.Logger, mc *metrics.Conn) (err error) {
@@ -316,9 +322,9 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 	dl, _ := r.(interface{ SetReadDeadline(time.Time) error })
 	defer s.trackIdle(c, r, dl)()
 	if dl != nil {
-		timeout := handshakeTimeout
+		timeout := s.opts.handshakeTimeout
 		if p.refused != "" {
-			timeout = refusedHandshakeTimeout
+			timeout = s.opts.refusedHandshakeTimeout
 		}
 		dl.SetReadDeadline(time.Now().Add(timeout))
 	}

@@ -165,8 +165,7 @@ func TestNixClientSmoke(t *testing.T) {
 // dropped, and its descriptor given back; one that handshakes is served
 // past the timeout.
 func TestHandshakeTimeout(t *testing.T) {
-	withDuration(t, &handshakeTimeout, 200*time.Millisecond)
-	d := startDaemon(t, Options{})
+	d := startDaemon(t, Options{handshakeTimeout: 200 * time.Millisecond})
 	idle, err := net.Dial("unix", d.socket)
 	if err != nil {
 		t.Fatal(err)
@@ -191,8 +190,7 @@ func TestHandshakeTimeout(t *testing.T) {
 // TestRefusedHandshakeTimeout: a refused client that does not say hello
 // (and so cannot hear why) is dropped within seconds, not a minute.
 func TestRefusedHandshakeTimeout(t *testing.T) {
-	withDuration(t, &refusedHandshakeTimeout, 200*time.Millisecond)
-	d := startDaemon(t, Options{TrustedUsers: []string{"nobody"}, AllowedUsers: []string{"nobody"}})
+	d := startDaemon(t, Options{TrustedUsers: []string{"nobody"}, AllowedUsers: []string{"nobody"}, refusedHandshakeTimeout: 200 * time.Millisecond})
 	idle, err := net.Dial("unix", d.socket)
 	if err != nil {
 		t.Fatal(err)
@@ -258,8 +256,7 @@ func TestListenMaxConns(t *testing.T) {
 // but one that waits idle for its next op (a nix repl) is closed after
 // idleCloseAfter rather than holding the stop for the whole grace.
 func TestDrainClosesIdle(t *testing.T) {
-	withDuration(t, &idleCloseAfter, 100*time.Millisecond)
-	sock, stop := drainingServer(t, startDaemon(t, Options{}), ListenPolicy{})
+	sock, stop := drainingServer(t, startDaemon(t, Options{idleCloseAfter: 100 * time.Millisecond}), ListenPolicy{})
 	c, err := client.Dial(context.Background(), sock)
 	if err != nil {
 		t.Fatal(err)
@@ -298,8 +295,7 @@ func drainingServer(t *testing.T, d *testDaemon, pol ListenPolicy) (sock string,
 // TestDrainKeepsHookConnections: the build hook's connection, idle while
 // its remote build runs, is not closed as idle while the daemon drains.
 func TestDrainKeepsHookConnections(t *testing.T) {
-	withDuration(t, &idleCloseAfter, 50*time.Millisecond)
-	sock, stop := drainingServer(t, startDaemon(t, Options{}), ListenPolicy{Trusted: true})
+	sock, stop := drainingServer(t, startDaemon(t, Options{idleCloseAfter: 50 * time.Millisecond}), ListenPolicy{Trusted: true})
 	c, err := client.Dial(context.Background(), sock)
 	if err != nil {
 		t.Fatal(err)
@@ -341,11 +337,4 @@ func TestCloseIdleOpArriving(t *testing.T) {
 	if err := <-errc; err != nil && !strings.Contains(err.Error(), "the daemon is stopping") {
 		t.Errorf("an op sent as closeIdle ran: %v", err)
 	}
-}
-
-// withDuration sets *v to d for the test's length.
-func withDuration(t *testing.T, v *time.Duration, d time.Duration) {
-	old := *v
-	*v = d
-	t.Cleanup(func() { *v = old })
 }

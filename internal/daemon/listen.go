@@ -136,7 +136,6 @@ func (s *Server) ServeAll(ctx context.Context, ls []Listener) error {
 // the daemon drains before it is closed: a client between two ops of one
 // command (evaluating, say) is waited for, an idle one (nix repl) does not
 // hold the stop for the whole grace.
-var idleCloseAfter = 20 * time.Second // a variable for tests
 
 // closeIdle closes the connections that have waited for their next op for
 // longer than after.
@@ -180,11 +179,11 @@ func (s *Server) drain() {
 	defer report.Stop()
 	idle := time.NewTicker(time.Second)
 	defer idle.Stop()
-	s.closeIdle(idleCloseAfter)
+	s.closeIdle(s.opts.idleCloseAfter)
 	for busy() {
 		select {
 		case <-idle.C:
-			s.closeIdle(idleCloseAfter)
+			s.closeIdle(s.opts.idleCloseAfter)
 		case <-s.changed:
 		case <-report.C:
 			s.log.Info("stopping: connections still open", "connections", s.open.Load())
