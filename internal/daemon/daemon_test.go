@@ -256,7 +256,7 @@ func TestListenMaxConns(t *testing.T) {
 // but one that waits idle for its next op (a nix repl) is closed after
 // idleCloseAfter rather than holding the stop for the whole grace.
 func TestDrainClosesIdle(t *testing.T) {
-	sock, stop := drainingServer(t, startDaemon(t, Options{idleCloseAfter: 100 * time.Millisecond}), ListenPolicy{})
+	sock, stop := drainingServer(t, startDaemon(t, Options{}), ListenPolicy{}, 100*time.Millisecond)
 	c, err := client.Dial(context.Background(), sock)
 	if err != nil {
 		t.Fatal(err)
@@ -270,14 +270,14 @@ func TestDrainClosesIdle(t *testing.T) {
 // drainingServer serves d's store on a socket of its own with policy pol
 // and a minute's shutdown grace; stop begins the server's stop and waits,
 // for at most 30 s, for it to end.
-func drainingServer(t *testing.T, d *testDaemon, pol ListenPolicy) (sock string, stop func() error) {
+func drainingServer(t *testing.T, d *testDaemon, pol ListenPolicy, idleCloseAfter time.Duration) (sock string, stop func() error) {
 	t.Helper()
 	sock = filepath.Join(t.TempDir(), "socket")
 	l, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := New(Options{Store: d.st, ShutdownGrace: time.Minute, Logger: slog.New(slog.DiscardHandler)})
+	srv := New(Options{Store: d.st, ShutdownGrace: time.Minute, Logger: slog.New(slog.DiscardHandler), idleCloseAfter: idleCloseAfter})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.ServeAll(ctx, []Listener{{Listener: l, Policy: pol}}) }()
@@ -295,7 +295,7 @@ func drainingServer(t *testing.T, d *testDaemon, pol ListenPolicy) (sock string,
 // TestDrainKeepsHookConnections: the build hook's connection, idle while
 // its remote build runs, is not closed as idle while the daemon drains.
 func TestDrainKeepsHookConnections(t *testing.T) {
-	sock, stop := drainingServer(t, startDaemon(t, Options{idleCloseAfter: 50 * time.Millisecond}), ListenPolicy{Trusted: true})
+	sock, stop := drainingServer(t, startDaemon(t, Options{}), ListenPolicy{Trusted: true}, 50*time.Millisecond)
 	c, err := client.Dial(context.Background(), sock)
 	if err != nil {
 		t.Fatal(err)
