@@ -57,9 +57,15 @@ func startBuildDaemon(t *testing.T, conf ...string) *buildEnv {
 // files its configuration names first.
 func (e *testEnv) startBuildDaemon(t *testing.T, conf ...string) *buildEnv {
 	t.Helper()
+	return e.startBuildDaemonWith(t, withConf(conf...))
+}
+
+// startBuildDaemonWith is startBuildDaemon with options of the daemon.
+func (e *testEnv) startBuildDaemonWith(t *testing.T, opts ...daemonOpt) *buildEnv {
+	t.Helper()
 	marks := filepath.Join(e.dir, "marks")
 	mustMkdir(t, marks, 0o777)
-	d := e.startDaemon(t, withConf(append([]string{"sandbox-paths = /marks=" + marks}, conf...)...))
+	d := e.startDaemon(t, append([]daemonOpt{withConf("sandbox-paths = /marks=" + marks)}, opts...)...)
 	return &buildEnv{daemon: d, marks: marks}
 }
 
@@ -1431,11 +1437,8 @@ func TestStopLetsBuildsFinish(t *testing.T) {
 	if useStock {
 		t.Skip("nixyard's --shutdown-grace (nix-daemon's connections are processes of their own, which a SIGTERM to the daemon does not reach)")
 	}
-	e := newEnv(t)
-	marks := filepath.Join(e.dir, "marks")
-	mustMkdir(t, marks, 0o777)
-	d := e.startDaemon(t, withConf("sandbox-paths = /marks="+marks), withDaemonArgs("--shutdown-grace", "1m"))
-	b := &buildEnv{daemon: d, marks: marks}
+	b := newEnv(t).startBuildDaemonWith(t, withDaemonArgs("--shutdown-grace", "1m"))
+	d, marks := b.daemon, b.marks
 	args := b.expr(t, "stopgrace", `{
   slow = mk { name = "stop-grace"; script = ": stop-grace-${nonce}; while [ ! -e /marks/go ]; do sleep 0.1; done; echo > $out"; };
   slow2 = mk { name = "stop-now"; script = ": stop-now-${nonce}; sleep 60; echo > $out"; };
@@ -1493,12 +1496,8 @@ func TestImpureEnvVarsWithholdsCredentials(t *testing.T) {
 	if useStock {
 		t.Skip("nix-daemon passes every variable of its environment that impureEnvVars names")
 	}
-	e := newEnv(t)
-	marks := filepath.Join(e.dir, "marks")
-	mustMkdir(t, marks, 0o777)
-	d := e.startDaemon(t, withConf("sandbox-paths = /marks="+marks),
-		withDaemonEnv("NIXYARD_TEST_PROXY=http://proxy.example:3128", "AWS_SECRET_ACCESS_KEY=daemon-secret"))
-	b := &buildEnv{daemon: d, marks: marks}
+	b := newEnv(t).startBuildDaemonWith(t, withDaemonEnv("NIXYARD_TEST_PROXY=http://proxy.example:3128", "AWS_SECRET_ACCESS_KEY=daemon-secret"))
+	marks := b.marks
 	want := "proxy=http://proxy.example:3128 secret=\n"
 	sum := sha256.Sum256([]byte(want))
 	args := b.expr(t, "impure-env", fmt.Sprintf(`{

@@ -32,10 +32,17 @@ func benchStore(b *testing.B, n int) (*Store, []storepath.Path) {
 			removeAll(root)
 		}
 	})
+	return s, fillStore(b, s, n, "bench", true)
+}
+
+// fillStore adds n small paths named prefix-1 to prefix-n to s through
+// the batched path, each referring to the previous one if chained.
+func fillStore(b *testing.B, s *Store, n int, prefix string, chained bool) []storepath.Path {
+	b.Helper()
 	var paths []storepath.Path
 	var prev []storepath.Path
 	i := 0
-	err = s.AddMultipleToStoreNar(context.Background(), func() (PathInfo, io.Reader, error) {
+	err := s.AddMultipleToStoreNar(context.Background(), func() (PathInfo, io.Reader, error) {
 		if i == n {
 			return PathInfo{}, nil, io.EOF
 		}
@@ -46,15 +53,17 @@ func benchStore(b *testing.B, n int) (*Store, []storepath.Path) {
 		w.WriteHeader(&nar.Header{Type: nar.TypeRegular, Size: int64(len(content))})
 		w.Write([]byte(content))
 		w.Close()
-		info := caNARInfo(b, s, fmt.Sprintf("bench-%d", i), buf.Bytes(), prev)
+		info := caNARInfo(b, s, fmt.Sprintf("%s-%d", prefix, i), buf.Bytes(), prev)
 		paths = append(paths, info.Path)
-		prev = []storepath.Path{info.Path}
+		if chained {
+			prev = []storepath.Path{info.Path}
+		}
 		return info, &buf, nil
 	}, AddOptions{})
 	if err != nil {
 		b.Fatal(err)
 	}
-	return s, paths
+	return paths
 }
 
 var (

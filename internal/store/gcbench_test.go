@@ -1,15 +1,10 @@
 package store
 
 import (
-	"bytes"
 	"context"
-	"fmt"
-	"io"
 	"math"
 	"os"
 	"testing"
-
-	"github.com/nixyard/nixyard/internal/nar"
 )
 
 // BenchmarkCollectGarbage measures a collection of many small, unrooted
@@ -25,23 +20,7 @@ func BenchmarkCollectGarbage(b *testing.B) {
 			b.Fatal(err)
 		}
 		s := openAt(b, root)
-		i := 0
-		err = s.AddMultipleToStoreNar(context.Background(), func() (PathInfo, io.Reader, error) {
-			if i == n {
-				return PathInfo{}, nil, io.EOF
-			}
-			i++
-			var buf bytes.Buffer
-			w := nar.NewWriter(&buf)
-			content := fmt.Sprintf("file %d", i)
-			w.WriteHeader(&nar.Header{Type: nar.TypeRegular, Size: int64(len(content))})
-			w.Write([]byte(content))
-			w.Close()
-			return caNARInfo(b, s, fmt.Sprintf("gc-%d", i), buf.Bytes(), nil), &buf, nil
-		}, AddOptions{})
-		if err != nil {
-			b.Fatal(err)
-		}
+		fillStore(b, s, n, "gc", false)
 		b.StartTimer()
 		res, err := s.CollectGarbage(context.Background(), GCOptions{Action: GCDeleteDead, MaxFreed: math.MaxUint64}, func(string) {})
 		b.StopTimer()
