@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nixyard/nixyard/internal/substitute/cachetest"
 )
 
 // gcRoots parses "nix-store --gc --print-roots" output into link → target
@@ -733,4 +735,44 @@ func TestNarFromPathHoldsPath(t *testing.T) {
 	}
 	d.nixStore(t, "--gc")
 	d.assertGone(t, "a collection after the NAR was sent", p)
+}
+
+// TestCopyHoldsValidPaths: the paths a client was told are valid stay
+// while it is connected. `nix copy --to` the daemon asks which paths it
+// has (QueryValidPaths) and sends only the others, which refer to them;
+// a collection while it downloads them (here a manual one; on a host
+// with a size budget, an automatic one) must not delete what they refer
+// to, or the copy fails with "reference … is not valid".
+func TestCopyHoldsValidPaths(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("nix-daemon holds nothing between QueryValidPaths and the addition that relies on it")
+	}
+	e := newEnv(t)
+	cacheDir, outs, deps := e.cachedFixtures(t, "none", "", "held-valid")
+	out, dep := outs[0], deps[0]
+	srv := cachetest.New(cacheDir)
+	defer srv.Close()
+	d := e.startDaemon(t)
+	from := []string{"copy", "--no-check-sigs", "--from", srv.URL, "--to", d.url()}
+	e.cmd("nix", append(from, dep)...).ok(t)
+
+	// The download of out waits until the collection is over.
+	held, release := make(chan struct{}), make(chan struct{})
+	srv.Inject(narURL(t, cacheDir, out), cachetest.Fault{Held: func() { close(held) }, Release: release})
+	copied := make(chan result, 1)
+	go func() { copied <- e.cmd("nix", append(from, out)...).run(t) }()
+	select {
+	case <-held:
+	case r := <-copied:
+		t.Fatalf("the copy ended before it downloaded:\n%s", r)
+	}
+	d.nixStore(t, "--gc")
+	close(release)
+	if r := <-copied; r.err != nil {
+		t.Errorf("nix copy, whose reference was collected while it downloaded:\n%s", r)
+	}
+	if !d.isValid(t, out) || !d.isValid(t, dep) {
+		t.Errorf("after the copy: %s valid %v, %s valid %v", out, d.isValid(t, out), dep, d.isValid(t, dep))
+	}
 }

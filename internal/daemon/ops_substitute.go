@@ -181,9 +181,31 @@ func opQueryValidPathsHandler(ctx context.Context, c *conn) error {
 	if err != nil {
 		return err
 	}
+	if valid, err = c.holdValid(ctx, valid); err != nil {
+		return err
+	}
 	c.stopWork()
 	c.out.Paths(c.dir, valid)
 	return nil
+}
+
+// holdValid makes the valid paths ps temporary roots of the connection
+// and returns those still valid once held. A client told that a path is
+// valid relies on it: `nix copy --to` the daemon sends only the paths
+// missing, which refer to the others, and a collection meanwhile (one
+// for the size budget, say) must not delete those (nix-daemon holds
+// nothing here: its copy then fails).
+func (c *conn) holdValid(ctx context.Context, ps []storepath.Path) ([]storepath.Path, error) {
+	if len(ps) == 0 || c.session == nil {
+		return ps, nil
+	}
+	for _, p := range ps {
+		if err := c.rootAdded(ctx, p); err != nil {
+			return nil, err
+		}
+	}
+	// A collection may have taken one before it was held.
+	return c.st.QueryValidPaths(ctx, ps)
 }
 
 func opQueryMissingHandler(ctx context.Context, c *conn) error {

@@ -33,9 +33,14 @@ type Fault struct {
 	Status     int           // if non-zero, answer with this status and no body
 	RetryAfter string        // Retry-After header sent with Status
 	Delay      time.Duration // wait before the headers (ends early if the client goes away)
-	ResetAfter int64         // if > 0, send the full Content-Length but reset the connection (RST) after this many body bytes
-	CutAfter   int64         // if > 0, send the full Content-Length but close cleanly (FIN) after this many body bytes
-	FlipByte   int64         // if > 0, flip the bits of the body byte at offset FlipByte-1
+	// Held, if set, is called when the request comes, and the answer
+	// waits (before its headers) until Release is closed or the client
+	// goes away.
+	Held       func()
+	Release    <-chan struct{}
+	ResetAfter int64 // if > 0, send the full Content-Length but reset the connection (RST) after this many body bytes
+	CutAfter   int64 // if > 0, send the full Content-Length but close cleanly (FIN) after this many body bytes
+	FlipByte   int64 // if > 0, flip the bits of the body byte at offset FlipByte-1
 	// StallAfter, if > 0, sends the full Content-Length and this many body
 	// bytes, then sends nothing more until the client goes away; OnStall
 	// (if set) is called each time a request stalls, once those bytes are
@@ -218,6 +223,16 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		}()
 	}
 	f, _ := s.fault(p)
+	if f.Held != nil {
+		f.Held()
+	}
+	if f.Release != nil {
+		select {
+		case <-f.Release:
+		case <-r.Context().Done():
+			return
+		}
+	}
 	if f.Delay > 0 {
 		t := time.NewTimer(f.Delay)
 		select {
