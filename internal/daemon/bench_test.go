@@ -110,3 +110,35 @@ func BenchmarkAddMultipleToStore(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkQueryValidPaths measures QueryValidPaths of 5,000 valid paths
+// on a new connection each time (the roots it takes are a connection's),
+// as `nix copy --to` a warm store asks.
+func BenchmarkQueryValidPaths(b *testing.B) {
+	d := benchDaemon(b)
+	ctx := context.Background()
+	items := smallItems(b, 5000, "qvp")
+	c, err := client.Dial(ctx, d.socket)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := c.AddMultipleToStore(ctx, items, false, true); err != nil {
+		b.Fatal(err)
+	}
+	c.Close()
+	paths := make([]storepath.Path, len(items))
+	for i, it := range items {
+		paths[i] = it.Info.Path
+	}
+	for b.Loop() {
+		c, err := client.Dial(ctx, d.socket)
+		if err != nil {
+			b.Fatal(err)
+		}
+		valid, err := c.QueryValidPaths(ctx, paths)
+		if err != nil || len(valid) != len(paths) {
+			b.Fatalf("%d valid, %v", len(valid), err)
+		}
+		c.Close()
+	}
+}

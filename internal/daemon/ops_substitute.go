@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"fmt"
 
 	"github.com/nixyard/nixyard/internal/daemon/wire"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
@@ -199,10 +200,8 @@ func (c *conn) holdValid(ctx context.Context, ps []storepath.Path) ([]storepath.
 	if len(ps) == 0 || c.session == nil {
 		return ps, nil
 	}
-	for _, p := range ps {
-		if err := c.rootAdded(ctx, p); err != nil {
-			return nil, err
-		}
+	if err := c.session.AddTempRoots(ctx, ps); err != nil {
+		return nil, fmt.Errorf("holding the valid paths: %w", err)
 	}
 	// A collection may have taken one before it was held.
 	return c.st.QueryValidPaths(ctx, ps)

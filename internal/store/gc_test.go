@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -318,6 +319,50 @@ func TestRealNixGCRespectsOurRoots(t *testing.T) {
 	}
 	if _, err := s.QueryPathInfo(ctx, kept); err != nil {
 		t.Error(err)
+	}
+}
+
+// TestAddTempRootsBatch: roots added together (one of them twice, one
+// held already) are written once each to the roots file, which real Nix's
+// collector honours, and our own collector honours them; closing the
+// session lets them go.
+func TestAddTempRootsBatch(t *testing.T) {
+	s, root := testStore(t)
+	ctx := context.Background()
+	a, b, c := addText(t, s, "a", "a"), addText(t, s, "b", "b"), addText(t, s, "c", "c")
+	ss := s.OpenSession()
+	if err := ss.AddTempRoot(ctx, c); err != nil {
+		t.Fatal(err)
+	}
+	if err := ss.AddTempRoots(ctx, []storepath.Path{a, b, a, c}); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(filepath.Join(root, "nix/var/nix/temproots", strconv.Itoa(os.Getpid())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []storepath.Path{a, b, c} {
+		if n := strings.Count(string(data), s.abs(p)+"\x00"); n != 1 {
+			t.Errorf("%s is %d times in the roots file %q", p, n, data)
+		}
+	}
+	nixCmd(t, root, "nix-store", "--gc")
+	if _, err := s.CollectGarbage(ctx, GCOptions{Action: GCDeleteDead, MaxFreed: math.MaxUint64}, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []storepath.Path{a, b, c} {
+		if ok, _ := s.IsValidPath(ctx, p); !ok {
+			t.Errorf("%s, a temporary root, was collected", p)
+		}
+	}
+	ss.Close()
+	if _, err := s.CollectGarbage(ctx, GCOptions{Action: GCDeleteDead, MaxFreed: math.MaxUint64}, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []storepath.Path{a, b, c} {
+		if ok, _ := s.IsValidPath(ctx, p); ok {
+			t.Errorf("%s is still valid once its session closed", p)
+		}
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -93,42 +94,59 @@ func (r *tempRoots) openFile(ctx context.Context) error {
 
 // add makes p a temporary root until a matching remove.
 func (r *tempRoots) add(ctx context.Context, p storepath.Path) error {
+	return r.addAll(ctx, []storepath.Path{p})
+}
+
+// addAll makes each of ps a temporary root until a matching remove; the
+// roots new to the file are written to it at once.
+func (r *tempRoots) addAll(ctx context.Context, ps []storepath.Path) error {
 	r.mu.Lock()
 	if r.closed {
 		r.mu.Unlock()
 		return errors.New("store: closed")
 	}
-	if r.inFile[p] {
-		// Already in the file, so visible to other processes' collectors;
-		// ours only knows the roots with holders and must be told.
-		if r.counts[p] == 0 {
+	var fresh []storepath.Path
+	for _, p := range ps {
+		if !r.inFile[p] {
+			fresh = append(fresh, p)
+			r.inFile[p] = true // undone below if the write fails
+		} else if r.counts[p] == 0 {
+			// In the file already (visible to other processes'
+			// collectors), with no holder: no longer stale.
 			r.stale--
 		}
 		r.counts[p]++
-		g := r.gc
-		r.mu.Unlock()
-		if g != nil {
-			g.addRoot(p.HashPart())
+	}
+	if len(fresh) > 0 {
+		if err := r.publish(ctx, fresh); err != nil {
+			for _, p := range fresh {
+				delete(r.inFile, p)
+			}
+			for _, p := range ps {
+				if r.counts[p]--; r.counts[p] == 0 {
+					delete(r.counts, p)
+					if r.inFile[p] {
+						r.stale++
+					}
+				}
+			}
+			r.mu.Unlock()
+			return fmt.Errorf("store: adding temporary root %s: %w", r.s.abs(fresh[0]), err)
 		}
-		return nil
 	}
-	if err := r.publish(ctx, p); err != nil {
-		r.mu.Unlock()
-		return fmt.Errorf("store: adding temporary root %s: %w", r.s.abs(p), err)
-	}
-	r.inFile[p] = true
-	r.counts[p]++
 	g := r.gc
 	r.mu.Unlock()
 	if g != nil {
-		g.addRoot(p.HashPart())
+		for _, p := range ps {
+			g.addRoot(p.HashPart())
+		}
 	}
 	return nil
 }
 
-// publish writes p to the roots file under the collector protocol. Called
-// with r.mu held.
-func (r *tempRoots) publish(ctx context.Context, p storepath.Path) error {
+// publish writes ps to the roots file under the collector protocol.
+// Called with r.mu held.
+func (r *tempRoots) publish(ctx context.Context, ps []storepath.Path) error {
 	if r.file == nil {
 		if err := r.openFile(ctx); err != nil {
 			return err
@@ -141,23 +159,33 @@ func (r *tempRoots) publish(ctx context.Context, p storepath.Path) error {
 		}
 		r.gcLock = f
 	}
-	abs := r.s.abs(p)
+	var entries []byte
+	for _, p := range ps {
+		entries = append(append(entries, r.s.abs(p)...), 0)
+	}
 	if r.gc == nil {
-		for {
+		for sent := 0; sent < len(ps); {
 			ok, err := tryLockFD(r.gcLock, unix.LOCK_SH)
 			if err != nil {
 				return err
 			}
 			if ok {
-				err := r.appendRoot(abs)
+				err := r.appendRoots(entries)
 				return errors.Join(err, unlockFD(r.gcLock))
 			}
-			// A collector in another process is running: tell it.
-			sent, err := r.sendToCollector(ctx, abs)
-			if err != nil {
-				return err
+			// A collector in another process is running: tell it of
+			// each (it acknowledges each), then write them.
+			for sent < len(ps) {
+				ok, err := r.sendToCollector(ctx, r.s.abs(ps[sent]))
+				if err != nil {
+					return err
+				}
+				if !ok {
+					break
+				}
+				sent++
 			}
-			if sent {
+			if sent == len(ps) {
 				break
 			}
 			select {
@@ -167,11 +195,13 @@ func (r *tempRoots) publish(ctx context.Context, p storepath.Path) error {
 			}
 		}
 	}
-	return r.appendRoot(abs)
+	return r.appendRoots(entries)
 }
 
-func (r *tempRoots) appendRoot(abs string) error {
-	if _, err := r.file.Write([]byte(abs + "\x00")); err != nil {
+// appendRoots writes entries (absolute paths, each ended by a NUL) to the
+// roots file.
+func (r *tempRoots) appendRoots(entries []byte) error {
+	if _, err := r.file.Write(entries); err != nil {
 		return fmt.Errorf("writing %s: %w", r.file.Name(), err)
 	}
 	return nil
@@ -354,23 +384,42 @@ func (s *Store) OpenSession() *Session {
 // running garbage collector knows about the root (and has finished deleting
 // p, if it was doing so).
 func (ss *Session) AddTempRoot(ctx context.Context, p storepath.Path) error {
+	return ss.AddTempRoots(ctx, []storepath.Path{p})
+}
+
+// AddTempRoots is AddTempRoot for each of ps; those new to the roots file
+// are written to it at once.
+func (ss *Session) AddTempRoots(ctx context.Context, ps []storepath.Path) error {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
 	if ss.closed {
 		return ErrSessionClosed
 	}
 	if !ss.passive {
-		ss.s.Touch(p)
+		ss.s.Touch(ps...)
 	}
-	if ss.roots[p] {
+	var fresh []storepath.Path
+	for _, p := range ps {
+		if !ss.roots[p] {
+			ss.roots[p] = true
+			fresh = append(fresh, p)
+		}
+	}
+	if len(fresh) == 0 {
 		return nil
 	}
-	if err := ss.s.roots.add(ctx, p); err != nil {
+	if err := ss.s.roots.addAll(ctx, fresh); err != nil {
+		for _, p := range fresh {
+			delete(ss.roots, p)
+		}
 		return err
 	}
-	ss.roots[p] = true
 	if ss.journal != nil {
-		if _, err := io.WriteString(ss.journal, p.String()+"\n"); err != nil {
+		var b strings.Builder
+		for _, p := range fresh {
+			b.WriteString(p.String() + "\n")
+		}
+		if _, err := io.WriteString(ss.journal, b.String()); err != nil {
 			ss.s.log.Warn("cannot write a session's root to its journal; its later roots will not outlive the daemon", "err", err)
 			ss.journal = nil
 		}
