@@ -271,7 +271,7 @@ func (b *batch) add(ctx context.Context, info PathInfo, r io.Reader) error {
 		}
 		if !ok {
 			lock.unlock()
-			return fmt.Errorf("store: cannot add path '%s' because its reference '%s' is not valid: %w", abs, s.abs(ref), ErrNotValid)
+			return invalidReference(abs, s.abs(ref))
 		}
 	}
 	epoch := s.syncEpoch()
@@ -454,7 +454,7 @@ func (s *Store) flushPaths(ctx context.Context, paths []*pendingPath) error {
 	}
 	t1 := time.Now()
 	if err == nil {
-		if err = s.register(ctx, paths); err != nil {
+		if err = s.register(ctx, paths); err != nil && !errors.Is(err, ErrNotValid) {
 			err = fmt.Errorf("registering: %w", err)
 		}
 	}
@@ -592,7 +592,7 @@ func (s *Store) registerTx(ctx context.Context, tx *sql.Tx, paths []*pendingPath
 			var refID int64
 			err := tx.StmtContext(ctx, s.db.wPathID).QueryRowContext(ctx, s.abs(ref)).Scan(&refID)
 			if errors.Is(err, sql.ErrNoRows) {
-				return fmt.Errorf("reference %s of %s: %w", s.abs(ref), s.abs(pp.info.Path), ErrNotValid)
+				return invalidReference(s.abs(pp.info.Path), s.abs(ref))
 			}
 			if err != nil {
 				return fmt.Errorf("reference %s of %s: %w", s.abs(ref), s.abs(pp.info.Path), err)
@@ -732,7 +732,7 @@ func (s *Store) addUnpacked(ctx context.Context, info PathInfo, tmp string, repa
 		if ok, err := s.IsValidPathFresh(ctx, ref); err != nil {
 			return err
 		} else if !ok {
-			return fmt.Errorf("store: cannot add path '%s' because its reference '%s' is not valid: %w", abs, s.abs(ref), ErrNotValid)
+			return invalidReference(abs, s.abs(ref))
 		}
 	}
 	pp := &pendingPath{info: info}

@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -106,11 +107,11 @@ func (s *Store) commitGroup(ctx context.Context, group []*groupMember) {
 		t1 := time.Now()
 		if err := s.register(ctx, paths); err != nil {
 			if len(group) == 1 {
-				group[0].err = fmt.Errorf("store: registering: %w", err)
+				group[0].err = registerError(err)
 			} else {
 				for _, m := range group {
 					if err := s.register(ctx, []*pendingPath{m.pp}); err != nil {
-						m.err = fmt.Errorf("store: registering: %w", err)
+						m.err = registerError(err)
 					}
 				}
 			}
@@ -126,4 +127,13 @@ func (s *Store) commitGroup(ctx context.Context, group []*groupMember) {
 		}
 		m.pp.lock.unlock()
 	}
+}
+
+// registerError is the error of a failed registration: a reference that
+// is not valid says so itself.
+func registerError(err error) error {
+	if errors.Is(err, ErrNotValid) {
+		return err
+	}
+	return fmt.Errorf("store: registering: %w", err)
 }

@@ -2,6 +2,7 @@ package store
 
 import (
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/nixyard/nixyard/internal/nix/hash"
@@ -10,6 +11,19 @@ import (
 
 // ErrNotValid is returned (wrapped) when a path is not valid in the store.
 var ErrNotValid = errors.New("path is not valid")
+
+// notValidError is ErrNotValid in words of its own (naming the path, and
+// why it matters).
+type notValidError string
+
+func (e notValidError) Error() string        { return string(e) }
+func (e notValidError) Is(target error) bool { return target == ErrNotValid }
+
+// invalidReference is the error of adding p whose reference ref is not
+// valid.
+func invalidReference(p, ref string) error {
+	return notValidError(fmt.Sprintf("store: cannot add path '%s' because its reference '%s' is not valid", p, ref))
+}
 
 // PathInfo is the metadata Nix keeps for a valid store path (a row of
 // ValidPaths plus its references).
