@@ -11,6 +11,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -22,14 +23,20 @@ import (
 // gcRun is the state of a running collection that temporary roots added
 // meanwhile (by our sessions or through the socket) must reach.
 type gcRun struct {
-	mu      sync.Mutex
-	cond    *sync.Cond
-	temp    map[string]bool // hash parts of temporary roots
-	pending string          // hash part of the path being deleted
+	mu   sync.Mutex
+	cond *sync.Cond
+	temp map[string]bool // hash parts of temporary roots
+	// pending are the hash parts of the paths of the closure the
+	// collector is looking at, then deleting: a root added for one of
+	// them waits until the closure is deleted or found alive. (Nix's
+	// collector holds only the path it looks at: a root added for a path
+	// it looked at before in the same closure did not stop its deletion,
+	// and the holder's path went under it.)
+	pending map[string]bool
 }
 
 func newGCRun() *gcRun {
-	g := &gcRun{temp: map[string]bool{}}
+	g := &gcRun{temp: map[string]bool{}, pending: map[string]bool{}}
 	g.cond = sync.NewCond(&g.mu)
 	return g
 }
@@ -40,17 +47,17 @@ func (g *gcRun) addRoot(hashPart string) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.temp[hashPart] = true
-	for g.pending == hashPart {
+	for g.pending[hashPart] {
 		g.cond.Wait()
 	}
 }
 
-// clearPending says that the collector is deleting no path, waking the
-// roots waiting for it.
+// clearPending says that the collector is done with its closure, waking
+// the roots waiting for it.
 func (g *gcRun) clearPending() {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	g.pending = ""
+	clear(g.pending)
 	g.cond.Broadcast()
 }
 
@@ -479,7 +486,7 @@ func (c *collector) deleteReferrersClosure(ctx context.Context, start storepath.
 			markAlive(p)
 			return nil
 		}
-		c.run.pending = p.HashPart()
+		c.run.pending[p.HashPart()] = true
 		c.run.mu.Unlock()
 
 		valid, err := c.s.IsValidPathFresh(ctx, p)
@@ -525,6 +532,7 @@ func (c *collector) deleteReferrersClosure(ctx context.Context, start storepath.
 	if err != nil {
 		return err
 	}
+	runTestHook(&testHookClosureDead)
 	for _, p := range order {
 		if c.dead[p] {
 			continue
@@ -679,4 +687,14 @@ func (s *Store) deleteUnusedLinks(ctx context.Context) (saved *int64, err error)
 	}
 	n := unshared - actual - st.Blocks*512
 	return &n, nil
+}
+
+// testHookClosureDead, set only by tests, runs when the collector has
+// found a closure dead, before it deletes it.
+var testHookClosureDead atomic.Pointer[func()]
+
+func runTestHook(h *atomic.Pointer[func()]) {
+	if f := h.Load(); f != nil {
+		(*f)()
+	}
 }

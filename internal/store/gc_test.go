@@ -449,3 +449,44 @@ func TestGCWaitsForGC(t *testing.T) {
 		t.Errorf("a collection after the other ended: %v", err)
 	}
 }
+
+// TestGCWaitsForRootInDeadClosure: a temporary root added for a path of
+// a closure the collector has found dead, while it deletes that closure,
+// returns only once the closure is gone; a holder that then finds the
+// path valid keeps it. (With Nix's one pending path, the root of a path
+// the collector had looked at before returned at once, the path was
+// still valid, and it was deleted under its holder.)
+func TestGCWaitsForRootInDeadClosure(t *testing.T) {
+	s, _ := testStore(t)
+	ctx := context.Background()
+	b := addText(t, s, "b", "b")
+	a := addText(t, s, "a", "a refers to "+s.abs(b), b)
+	ss := s.OpenSession()
+	defer ss.Close()
+	type seen struct{ valid bool }
+	got := make(chan seen, 1)
+	hook := func() {
+		go func() {
+			if err := ss.AddTempRoot(ctx, b); err != nil {
+				t.Error(err)
+			}
+			valid, err := s.IsValidPathFresh(ctx, b)
+			if err != nil {
+				t.Error(err)
+			}
+			got <- seen{valid}
+		}()
+		// Give a root that does not wait the time to return and look.
+		time.Sleep(200 * time.Millisecond)
+	}
+	testHookClosureDead.Store(&hook)
+	defer testHookClosureDead.Store(nil)
+	// From b: b is looked at first, then its referrer a.
+	if _, err := s.CollectGarbage(ctx, GCOptions{Action: GCDeleteSpecific, Paths: []storepath.Path{b, a}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	holder := <-got
+	if now, _ := s.IsValidPathFresh(ctx, b); holder.valid && !now {
+		t.Error("the holder of a temporary root found the path valid, and the collector deleted it")
+	}
+}
