@@ -100,145 +100,188 @@ func (s *Store) verify(ctx context.Context, checkContents, repair bool, log Veri
 	if err := lockFD(ctx, f, unix.LOCK_SH, func() { log(LogInfo, waitingForGCLock) }); err != nil {
 		return false, nil, err
 	}
-	ents, err := os.ReadDir(s.realDir)
-	if err != nil {
-		return false, nil, fmt.Errorf("store: reading %s: %w", s.realDir, err)
-	}
-	onDisk := make(map[string]bool, len(ents))
-	for _, e := range ents {
-		onDisk[e.Name()] = true
-	}
-
-	log(LogInfo, "checking path existence...")
-	all, err := s.QueryAllValidPaths(ctx)
-	if err != nil {
+	v := &verifier{s: s, repair: repair, log: log,
+		done: map[storepath.Path]bool{}, present: map[storepath.Path]bool{}, missing: map[storepath.Path]bool{}}
+	if err := v.checkExistence(ctx); err != nil {
 		return false, nil, err
 	}
-	done := map[storepath.Path]bool{}
-	present := map[storepath.Path]bool{}
-	missing := map[storepath.Path]bool{} // not on disk, yet valid (referred to)
-	var verifyPath func(p storepath.Path) error
-	verifyPath = func(p storepath.Path) error {
-		if done[p] {
-			return nil
+	if checkContents {
+		if err := v.checkLinks(ctx); err != nil {
+			return false, nil, err
 		}
-		done[p] = true
-		if onDisk[p.String()] {
-			present[p] = true
-			return nil
+		if err := v.checkContents(ctx); err != nil {
+			return false, nil, err
 		}
-		referrers, err := s.QueryReferrers(ctx, p)
-		if err != nil {
-			return err
-		}
-		canInvalidate := true
-		for _, r := range referrers {
-			if r == p {
-				continue
-			}
-			if err := verifyPath(r); err != nil {
-				return err
-			}
-			if present[r] || missing[r] { // r stays valid
-				canInvalidate = false
-			}
-		}
-		if canInvalidate {
-			log(LogInfo, fmt.Sprintf("path '%s' disappeared, removing from database...", s.abs(p)))
-			if err := s.db.write(ctx, []storepath.Path{p}, func(tx *sql.Tx) error {
-				_, err := tx.ExecContext(ctx, "delete from ValidPaths where path = ?", s.abs(p))
-				return err
-			}); err != nil {
-				return fmt.Errorf("store: invalidating %s: %w", s.abs(p), err)
-			}
-		} else {
-			log(LogError, fmt.Sprintf("path '%s' disappeared, but it still has valid referrers!", s.abs(p)))
-			missing[p] = true
-			if repair {
-				// Referrers are reached first: prepended, references
-				// come first, so that a rebuild finds its inputs.
-				broken = append([]storepath.Path{p}, broken...)
-			} else {
-				errorsFound = true
-			}
-		}
-		return nil
+	}
+	return v.errorsFound, v.broken, nil
+}
+
+// verifier is the state of one verify, as its phases find things out.
+type verifier struct {
+	s      *Store
+	repair bool
+	log    VerifyLog
+
+	onDisk  map[string]bool         // the store directory's entries
+	done    map[storepath.Path]bool // valid paths looked at
+	present map[storepath.Path]bool // valid paths on disk
+	missing map[storepath.Path]bool // not on disk, yet valid (referred to)
+
+	errorsFound bool
+	broken      []storepath.Path
+}
+
+// checkExistence finds the valid paths whose files are gone: each is
+// invalidated, unless valid paths still refer to it (then it is an error,
+// or with repair a path to repair).
+func (v *verifier) checkExistence(ctx context.Context) error {
+	s := v.s
+	ents, err := os.ReadDir(s.realDir)
+	if err != nil {
+		return fmt.Errorf("store: reading %s: %w", s.realDir, err)
+	}
+	v.onDisk = make(map[string]bool, len(ents))
+	for _, e := range ents {
+		v.onDisk[e.Name()] = true
+	}
+	v.log(LogInfo, "checking path existence...")
+	all, err := s.QueryAllValidPaths(ctx)
+	if err != nil {
+		return err
 	}
 	for _, p := range all {
 		if err := ctx.Err(); err != nil {
-			return false, nil, err
+			return err
 		}
-		if err := verifyPath(p); err != nil {
-			return false, nil, err
+		if err := v.verifyPath(ctx, p); err != nil {
+			return err
 		}
 	}
-	if !checkContents {
-		return errorsFound, broken, nil
-	}
+	return nil
+}
 
-	log(LogInfo, "checking link hashes...")
-	links := s.realDir + "/.links"
+// verifyPath looks at the valid path p (and, if it is gone, at its
+// referrers first), as Nix's verifyPath.
+func (v *verifier) verifyPath(ctx context.Context, p storepath.Path) error {
+	s := v.s
+	if v.done[p] {
+		return nil
+	}
+	v.done[p] = true
+	if v.onDisk[p.String()] {
+		v.present[p] = true
+		return nil
+	}
+	referrers, err := s.QueryReferrers(ctx, p)
+	if err != nil {
+		return err
+	}
+	canInvalidate := true
+	for _, r := range referrers {
+		if r == p {
+			continue
+		}
+		if err := v.verifyPath(ctx, r); err != nil {
+			return err
+		}
+		if v.present[r] || v.missing[r] { // r stays valid
+			canInvalidate = false
+		}
+	}
+	if canInvalidate {
+		v.log(LogInfo, fmt.Sprintf("path '%s' disappeared, removing from database...", s.abs(p)))
+		if err := s.db.write(ctx, []storepath.Path{p}, func(tx *sql.Tx) error {
+			_, err := tx.StmtContext(ctx, s.db.wInvalidate).ExecContext(ctx, s.abs(p))
+			return err
+		}); err != nil {
+			return fmt.Errorf("store: invalidating %s: %w", s.abs(p), err)
+		}
+		return nil
+	}
+	v.log(LogError, fmt.Sprintf("path '%s' disappeared, but it still has valid referrers!", s.abs(p)))
+	v.missing[p] = true
+	if v.repair {
+		// Referrers are reached first: prepended, references come
+		// first, so that a rebuild finds its inputs.
+		v.broken = append([]storepath.Path{p}, v.broken...)
+	} else {
+		v.errorsFound = true
+	}
+	return nil
+}
+
+// checkLinks checks that every file of .links still has the contents its
+// name says; with repair, a modified one is removed.
+func (v *verifier) checkLinks(ctx context.Context) error {
+	v.log(LogInfo, "checking link hashes...")
+	links := v.s.realDir + "/.links"
 	lents, err := os.ReadDir(links)
 	if err != nil && !os.IsNotExist(err) {
-		return false, nil, fmt.Errorf("store: reading %s: %w", links, err)
+		return fmt.Errorf("store: reading %s: %w", links, err)
 	}
 	for _, e := range lents {
 		if err := ctx.Err(); err != nil {
-			return false, nil, err
+			return err
 		}
 		lp := links + "/" + e.Name()
-		log(LogTalkative, fmt.Sprintf("checking contents of '%s'", e.Name()))
+		v.log(LogTalkative, fmt.Sprintf("checking contents of '%s'", e.Name()))
 		h, _, err := hashPathNAR(lp)
 		if err != nil {
-			return false, nil, err
+			return err
 		}
 		if got := nixbase32.EncodeToString(h.Digest); got != e.Name() {
-			log(LogError, fmt.Sprintf("link '%s' was modified! expected hash '%s', got '%s'", lp, e.Name(), got))
-			if repair {
-				if err := os.Remove(lp); err != nil {
-					return false, nil, fmt.Errorf("store: removing corrupt link %s: %w", lp, err)
-				}
-				log(LogInfo, fmt.Sprintf("removed link '%s'", lp))
-			} else {
-				errorsFound = true
+			v.log(LogError, fmt.Sprintf("link '%s' was modified! expected hash '%s', got '%s'", lp, e.Name(), got))
+			if !v.repair {
+				v.errorsFound = true
+				continue
 			}
+			if err := os.Remove(lp); err != nil {
+				return fmt.Errorf("store: removing corrupt link %s: %w", lp, err)
+			}
+			v.log(LogInfo, fmt.Sprintf("removed link '%s'", lp))
 		}
 	}
+	return nil
+}
 
-	log(LogInfo, "checking store hashes...")
-	for _, p := range slices.SortedFunc(maps.Keys(present), storepath.Compare) {
+// checkContents hashes every valid path on disk against its NAR hash;
+// one that differs is broken. A missing NAR size is filled in.
+func (v *verifier) checkContents(ctx context.Context) error {
+	s := v.s
+	v.log(LogInfo, "checking store hashes...")
+	for _, p := range slices.SortedFunc(maps.Keys(v.present), storepath.Compare) {
 		if err := ctx.Err(); err != nil {
-			return false, nil, err
+			return err
 		}
 		info, err := s.QueryPathInfo(ctx, p)
 		if err != nil {
-			log(LogWarn, fmt.Sprintf("warning: %v", err))
-			errorsFound = true
+			v.log(LogWarn, fmt.Sprintf("warning: %v", err))
+			v.errorsFound = true
 			continue
 		}
-		log(LogTalkative, fmt.Sprintf("checking contents of '%s'", s.abs(p)))
+		v.log(LogTalkative, fmt.Sprintf("checking contents of '%s'", s.abs(p)))
 		got, size, err := hashPathNAR(s.RealPath(p))
 		if err != nil {
-			log(LogError, fmt.Sprintf("error: %v", err))
-			errorsFound = true
+			v.log(LogError, fmt.Sprintf("error: %v", err))
+			v.errorsFound = true
 			continue
 		}
 		if !got.Equal(info.NarHash) {
-			log(LogError, fmt.Sprintf("path '%s' was modified! expected hash '%s', got '%s'", s.abs(p), info.NarHash, got))
-			broken = append(broken, p)
+			v.log(LogError, fmt.Sprintf("path '%s' was modified! expected hash '%s', got '%s'", s.abs(p), info.NarHash, got))
+			v.broken = append(v.broken, p)
 			continue
 		}
 		if info.NarSize == 0 {
-			log(LogInfo, fmt.Sprintf("updating size field on '%s' to %d", s.abs(p), size))
+			v.log(LogInfo, fmt.Sprintf("updating size field on '%s' to %d", s.abs(p), size))
 			if err := s.db.write(ctx, []storepath.Path{p}, func(tx *sql.Tx) error {
 				_, err := tx.ExecContext(ctx, "update ValidPaths set narSize = ? where path = ?", int64(size), s.abs(p))
 				return err
 			}); err != nil {
-				return false, nil, fmt.Errorf("store: updating %s: %w", s.abs(p), err)
+				return fmt.Errorf("store: updating %s: %w", s.abs(p), err)
 			}
 		}
 	}
-	return errorsFound, broken, nil
+	return nil
 }
 
 // ContentsGood reports whether the files of the valid path p still
