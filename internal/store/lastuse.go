@@ -137,13 +137,28 @@ func (s *Store) saveLastUses() error {
 // keep-outputs it refers to them. Last uses of paths that are not valid
 // are forgotten.
 func (s *Store) lruOrder(ctx context.Context, names []string) ([]string, error) {
-	type node struct {
-		base      string
-		own, eff  int64
-		referrers []int64 // ids of the paths that refer to it
-		state     uint8   // 0 new, 1 visiting, 2 done
+	nodes, err := s.loadUseGraph(ctx)
+	if err != nil {
+		return nil, err
 	}
-	nodes := map[int64]*node{}
+	propagateLastUse(nodes)
+	return sortByLastUse(names, nodes), nil
+}
+
+// useNode is a valid path in the graph of last uses.
+type useNode struct {
+	base      string
+	own, eff  int64   // its own last use; the latest over it and its referrers
+	referrers []int64 // ids of the paths that refer to it
+	state     uint8   // 0 new, 1 visiting, 2 done
+}
+
+// loadUseGraph reads the valid paths (by database id) with their own last
+// uses (at least their registration time) and referrers, counting the
+// collector's links between derivations and outputs; it forgets the last
+// uses of paths that are not valid.
+func (s *Store) loadUseGraph(ctx context.Context) (map[int64]*useNode, error) {
+	nodes := map[int64]*useNode{}
 	ids := map[string]int64{}          // absolute path -> id
 	derivers := map[int64]string{}     // id -> its deriver's absolute path
 	valid := map[storepath.Path]bool{} // for forgetting the others' last uses
@@ -159,7 +174,7 @@ func (s *Store) lruOrder(ctx context.Context, names []string) ([]string, error) 
 			rows.Close()
 			return nil, fmt.Errorf("store: reading valid paths: %w", err)
 		}
-		n := &node{base: abs[strings.LastIndexByte(abs, '/')+1:], own: reg}
+		n := &useNode{base: abs[strings.LastIndexByte(abs, '/')+1:], own: reg}
 		if p, err := storepath.ParseBase(n.base); err == nil {
 			valid[p] = true
 			if v, ok := s.lastUse.m.Load(p); ok {
@@ -213,11 +228,16 @@ func (s *Store) lruOrder(ctx context.Context, names []string) ([]string, error) 
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("store: reading references: %w", err)
 	}
-	// eff = the latest own time over the node and everything that refers
-	// to it: a depth-first walk up the referrers, iterative since
-	// dependency chains can be long.
+	return nodes, nil
+}
+
+// propagateLastUse sets each node's eff to the latest own last use over
+// it and everything that refers to it, directly or not.
+func propagateLastUse(nodes map[int64]*useNode) {
+	// A depth-first walk up the referrers, iterative since dependency
+	// chains can be long.
 	type frame struct {
-		n *node
+		n *useNode
 		i int
 	}
 	for _, root := range nodes {
@@ -264,6 +284,12 @@ func (s *Store) lruOrder(ctx context.Context, names []string) ([]string, error) 
 			}
 		}
 	}
+}
+
+// sortByLastUse orders the store directory's entries names: those that
+// are not valid paths (not in nodes) first, then by the nodes' eff, then
+// by name.
+func sortByLastUse(names []string, nodes map[int64]*useNode) []string {
 	eff := make(map[string]int64, len(nodes))
 	for _, n := range nodes {
 		eff[n.base] = n.eff
@@ -281,5 +307,5 @@ func (s *Store) lruOrder(ctx context.Context, names []string) ([]string, error) 
 		}
 		return strings.Compare(a, b)
 	})
-	return order, nil
+	return order
 }

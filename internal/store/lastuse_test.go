@@ -285,3 +285,31 @@ func TestCloseStopsAutoGC(t *testing.T) {
 		t.Error("the automatic collection still runs after Close")
 	}
 }
+
+// TestPropagateLastUse: a path counts as used as recently as anything
+// that refers to it, directly or not, also through a cycle (a derivation
+// and its outputs with keep-outputs).
+func TestPropagateLastUse(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		own       map[int64]int64
+		referrers map[int64][]int64
+		want      map[int64]int64
+	}{
+		{"chain", map[int64]int64{1: 10, 2: 5, 3: 30}, map[int64][]int64{1: {2}, 2: {3}}, map[int64]int64{1: 30, 2: 30, 3: 30}},
+		{"two referrers", map[int64]int64{1: 10, 2: 50, 3: 20}, map[int64][]int64{1: {2, 3}}, map[int64]int64{1: 50, 2: 50, 3: 20}},
+		{"unrelated", map[int64]int64{1: 10, 2: 50}, nil, map[int64]int64{1: 10, 2: 50}},
+		{"cycle", map[int64]int64{1: 10, 2: 20, 3: 90}, map[int64][]int64{1: {2}, 2: {1, 3}}, map[int64]int64{1: 90, 2: 90, 3: 90}},
+	} {
+		nodes := map[int64]*useNode{}
+		for id, own := range tc.own {
+			nodes[id] = &useNode{own: own, referrers: tc.referrers[id]}
+		}
+		propagateLastUse(nodes)
+		for id, want := range tc.want {
+			if got := nodes[id].eff; got != want {
+				t.Errorf("%s: node %d: eff %d, want %d", tc.name, id, got, want)
+			}
+		}
+	}
+}
