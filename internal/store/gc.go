@@ -99,18 +99,7 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 	}
 	// One collection at a time in this process, then gc.lock against
 	// other processes; the wait for either is told once, as Nix tells it.
-	said := false
-	log = func(inner func(string)) func(string) {
-		return func(msg string) {
-			if msg == waitingForGCLock {
-				if said {
-					return
-				}
-				said = true
-			}
-			inner(msg)
-		}
-	}(log)
+	log = onceWaiting(log)
 	select {
 	case s.gcSem <- struct{}{}:
 	default:
@@ -123,31 +112,12 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 	}
 	defer func() { <-s.gcSem }()
 
-	c := &collector{
-		s: s, opts: opts, logf: log, run: newGCRun(),
-		roots: map[storepath.Path]bool{}, alive: map[storepath.Path]bool{},
-		dead: map[storepath.Path]bool{}, toDelete: map[storepath.Path]bool{},
-		referrers: map[storepath.Path][]storepath.Path{}, res: &GCResult{},
-		del:      opts.Action == GCDeleteDead || opts.Action == GCDeleteSpecific,
-		keepDrvs: !s.cfg.DiscardDerivations, keepOutput: s.cfg.KeepOutputs,
-	}
-	if opts.KeepOutputs != nil {
-		c.keepOutput = *opts.KeepOutputs
-	}
-	if opts.KeepDerivations != nil {
-		c.keepDrvs = *opts.KeepDerivations
-	}
+	c := s.newCollector(opts, log)
 	if c.del {
 		// As Nix: the reserve goes first, so that a full disk leaves the
 		// collector room to work; it is made again once it is done (Nix
 		// makes it for each connection), before gc.lock is released.
 		os.Remove(s.reservedPath())
-	}
-	for _, p := range opts.Paths {
-		c.toDelete[p] = true
-	}
-	if opts.Action == GCDeleteSpecific && opts.IgnoreLiveness {
-		c.keepDrvs, c.keepOutput = false, false
 	}
 
 	ourRoots, release, err := s.acquireGCLock(ctx, c.run, log)
@@ -167,29 +137,7 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 	}
 	defer stopServer()
 
-	log("finding garbage collector roots...")
-	if !opts.IgnoreLiveness {
-		rs := rootSet{}
-		if err := s.findRootsNoTemp(ctx, rs, true, log); err != nil {
-			return nil, err
-		}
-		for p := range rs {
-			c.roots[p] = true
-		}
-	}
-	c.run.mu.Lock()
-	for p := range ourRoots {
-		c.run.temp[p.HashPart()] = true
-		c.roots[p] = true
-	}
-	c.run.mu.Unlock()
-	err = s.readTempRootsFiles(func(p storepath.Path, _ int) {
-		c.run.mu.Lock()
-		c.run.temp[p.HashPart()] = true
-		c.run.mu.Unlock()
-		c.roots[p] = true
-	}, c.logf)
-	if err != nil {
+	if err := c.findRoots(ctx, ourRoots); err != nil {
 		return nil, err
 	}
 
@@ -234,6 +182,75 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 	}
 	slices.Sort(c.res.Paths)
 	return c.res, nil
+}
+
+// findRoots gathers the roots: the permanent and runtime ones (unless
+// liveness is ignored), ours (this process's temporary roots, given) and
+// the other processes' temporary roots.
+func (c *collector) findRoots(ctx context.Context, ours map[storepath.Path]bool) error {
+	s := c.s
+	c.logf("finding garbage collector roots...")
+	if !c.opts.IgnoreLiveness {
+		rs := rootSet{}
+		if err := s.findRootsNoTemp(ctx, rs, true, c.logf); err != nil {
+			return err
+		}
+		for p := range rs {
+			c.roots[p] = true
+		}
+	}
+	c.run.mu.Lock()
+	for p := range ours {
+		c.run.temp[p.HashPart()] = true
+		c.roots[p] = true
+	}
+	c.run.mu.Unlock()
+	return s.readTempRootsFiles(func(p storepath.Path, _ int) {
+		c.run.mu.Lock()
+		c.run.temp[p.HashPart()] = true
+		c.run.mu.Unlock()
+		c.roots[p] = true
+	}, c.logf)
+}
+
+// onceWaiting passes log's messages on, except that it says
+// waitingForGCLock only once.
+func onceWaiting(log func(string)) func(string) {
+	said := false
+	return func(msg string) {
+		if msg == waitingForGCLock {
+			if said {
+				return
+			}
+			said = true
+		}
+		log(msg)
+	}
+}
+
+// newCollector is the state of a collection with opts, telling log.
+func (s *Store) newCollector(opts GCOptions, log func(string)) *collector {
+	c := &collector{
+		s: s, opts: opts, logf: log, run: newGCRun(),
+		roots: map[storepath.Path]bool{}, alive: map[storepath.Path]bool{},
+		dead: map[storepath.Path]bool{}, toDelete: map[storepath.Path]bool{},
+		referrers: map[storepath.Path][]storepath.Path{}, res: &GCResult{},
+		del:      opts.Action == GCDeleteDead || opts.Action == GCDeleteSpecific,
+		keepDrvs: !s.cfg.DiscardDerivations, keepOutput: s.cfg.KeepOutputs,
+	}
+	if opts.KeepOutputs != nil {
+		c.keepOutput = *opts.KeepOutputs
+	}
+	if opts.KeepDerivations != nil {
+		c.keepDrvs = *opts.KeepDerivations
+	}
+	for _, p := range opts.Paths {
+		c.toDelete[p] = true
+	}
+	if opts.Action == GCDeleteSpecific && opts.IgnoreLiveness {
+		c.keepDrvs, c.keepOutput = false, false
+	}
+	return c
 }
 
 // SetGCGate has every collection (automatic ones too) wait for gate
