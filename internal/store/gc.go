@@ -458,14 +458,21 @@ func (c *collector) deleteFromStore(base string) error {
 // none is a root, all of them are garbage and are deleted, referrers first.
 func (c *collector) deleteReferrersClosure(ctx context.Context, start storepath.Path) error {
 	defer c.run.clearPending()
+	closure, dead, err := c.visitReferrers(ctx, start)
+	if err != nil || !dead {
+		return err
+	}
+	return c.deleteDead(ctx, closure)
+}
+
+// visitReferrers walks from start through referrers and the derivation
+// links the collector follows; dead reports that nothing it reached is
+// alive (a root, a temporary root, or known alive), and closure is what it
+// reached. Each path reached is pending (see gcRun) until the caller is
+// done with the closure.
+func (c *collector) visitReferrers(ctx context.Context, start storepath.Path) (closure map[storepath.Path]bool, dead bool, err error) {
 	visited := map[storepath.Path]bool{start: true}
 	todo := []storepath.Path{start}
-	enqueue := func(p storepath.Path) {
-		if !visited[p] {
-			visited[p] = true
-			todo = append(todo, p)
-		}
-	}
 	markAlive := func(p storepath.Path) {
 		c.alive[p] = true
 		c.alive[start] = true
@@ -479,73 +486,93 @@ func (c *collector) deleteReferrersClosure(ctx context.Context, start storepath.
 	}
 	for len(todo) > 0 {
 		if err := ctx.Err(); err != nil {
-			return err
+			return nil, false, err
 		}
 		p := todo[0]
 		todo = todo[1:]
 		if c.alive[p] {
 			c.alive[start] = true
-			return nil
+			return nil, false, nil
 		}
 		if c.dead[p] {
 			continue
 		}
 		if c.roots[p] {
 			markAlive(p)
-			return nil
+			return nil, false, nil
 		}
 		if c.opts.Action == GCDeleteSpecific && !c.toDelete[p] {
-			return nil
+			return nil, false, nil
 		}
 		c.run.mu.Lock()
 		if c.run.temp[p.HashPart()] {
 			c.run.mu.Unlock()
 			markAlive(p)
-			return nil
+			return nil, false, nil
 		}
 		c.run.pending[p.HashPart()] = true
 		c.run.mu.Unlock()
 
 		valid, err := c.s.IsValidPathFresh(ctx, p)
 		if err != nil {
-			return err
+			return nil, false, err
 		}
 		if !valid {
 			continue
 		}
-		refs, ok := c.referrers[p]
-		if !ok {
-			if refs, err = c.s.QueryReferrers(ctx, p); err != nil {
-				return err
-			}
-			c.referrers[p] = refs
+		next, err := c.linked(ctx, p)
+		if err != nil {
+			return nil, false, err
 		}
-		for _, r := range refs {
-			enqueue(r)
-		}
-		if c.keepDrvs && p.IsDerivation() {
-			outs, err := c.s.QueryDerivationOutputMap(ctx, p)
-			if err != nil && !errors.Is(err, ErrNotValid) {
-				return err
-			}
-			for _, o := range outs {
-				info, err := c.s.queryPathInfoDB(ctx, o) // not the cache: the collector's decision
-				if err == nil && info.Deriver == p {
-					enqueue(o)
-				}
-			}
-		}
-		if c.keepOutput {
-			ds, err := c.s.QueryValidDerivers(ctx, p)
-			if err != nil {
-				return err
-			}
-			for _, d := range ds {
-				enqueue(d)
+		for _, q := range next {
+			if !visited[q] {
+				visited[q] = true
+				todo = append(todo, q)
 			}
 		}
 	}
-	order, err := c.s.topoSort(ctx, visited)
+	return visited, true, nil
+}
+
+// linked returns what keeps the valid path p alive if it is alive: its
+// referrers, and per keep-derivations and keep-outputs the outputs of a
+// derivation and the derivations of an output.
+func (c *collector) linked(ctx context.Context, p storepath.Path) ([]storepath.Path, error) {
+	refs, ok := c.referrers[p]
+	if !ok {
+		var err error
+		if refs, err = c.s.QueryReferrers(ctx, p); err != nil {
+			return nil, err
+		}
+		c.referrers[p] = refs
+	}
+	next := slices.Clone(refs)
+	if c.keepDrvs && p.IsDerivation() {
+		outs, err := c.s.QueryDerivationOutputMap(ctx, p)
+		if err != nil && !errors.Is(err, ErrNotValid) {
+			return nil, err
+		}
+		for _, o := range outs {
+			info, err := c.s.queryPathInfoDB(ctx, o) // not the cache: the collector's decision
+			if err == nil && info.Deriver == p {
+				next = append(next, o)
+			}
+		}
+	}
+	if c.keepOutput {
+		ds, err := c.s.QueryValidDerivers(ctx, p)
+		if err != nil {
+			return nil, err
+		}
+		next = append(next, ds...)
+	}
+	return next, nil
+}
+
+// deleteDead marks the paths of a dead closure dead and, if the
+// collection deletes, deletes them, referrers first.
+func (c *collector) deleteDead(ctx context.Context, closure map[storepath.Path]bool) error {
+	order, err := c.s.topoSort(ctx, closure)
 	if err != nil {
 		return err
 	}
@@ -555,20 +582,21 @@ func (c *collector) deleteReferrersClosure(ctx context.Context, start storepath.
 			continue
 		}
 		c.dead[p] = true
-		if c.del {
-			if info, err := c.s.queryPathInfoDB(ctx, p); err == nil {
-				c.res.NarBytesFreed += info.NarSize
-			}
-			if err := c.s.invalidatePathChecked(ctx, p); err != nil {
-				return err
-			}
-			if _, ok := c.s.lastUse.m.LoadAndDelete(p); ok {
-				c.s.lastUse.dirty.Store(true)
-			}
-			delete(c.referrers, p)
-			if err := c.deleteFromStore(p.String()); err != nil {
-				return err
-			}
+		if !c.del {
+			continue
+		}
+		if info, err := c.s.queryPathInfoDB(ctx, p); err == nil {
+			c.res.NarBytesFreed += info.NarSize
+		}
+		if err := c.s.invalidatePathChecked(ctx, p); err != nil {
+			return err
+		}
+		if _, ok := c.s.lastUse.m.LoadAndDelete(p); ok {
+			c.s.lastUse.dirty.Store(true)
+		}
+		delete(c.referrers, p)
+		if err := c.deleteFromStore(p.String()); err != nil {
+			return err
 		}
 	}
 	return nil
