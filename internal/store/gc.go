@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"os"
 	"slices"
@@ -52,12 +53,26 @@ func (g *gcRun) addRoot(hashPart string) {
 	}
 }
 
-// clearPending says that the collector is done with its closure, waking
-// the roots waiting for it.
+// clearPending says that the collector is done with every path it was
+// looking at or deleting, waking the roots waiting for them.
 func (g *gcRun) clearPending() {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	clear(g.pending)
+	g.cond.Broadcast()
+}
+
+// unpend says that the collector is done with the paths of closure that
+// are not dead (dead ones wait for their deletion), waking the roots
+// waiting for them.
+func (g *gcRun) unpend(closure, dead map[storepath.Path]bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for p := range closure {
+		if !dead[p] {
+			delete(g.pending, p.HashPart())
+		}
+	}
 	g.cond.Broadcast()
 }
 
@@ -78,6 +93,24 @@ type collector struct {
 	del        bool
 	keepDrvs   bool
 	keepOutput bool
+	// batch are dead paths not deleted yet, referrers first; they stay
+	// pending (see gcRun) until they are. A collection without a limit
+	// deletes up to gcBatch of them in one transaction, one with a limit
+	// (or of given paths) each as it is found, to stop at the limit.
+	batch []storepath.Path
+}
+
+// gcBatch bounds the dead paths invalidated in one transaction: a write
+// transaction per path was most of the time a collection of many small
+// paths took.
+const gcBatch = 64
+
+// batchSize is how many dead paths the collection deletes at once.
+func (c *collector) batchSize() int {
+	if c.opts.Action == GCDeleteDead && c.opts.MaxFreed == math.MaxUint64 && !c.opts.LRU {
+		return gcBatch
+	}
+	return 1
 }
 
 // CollectGarbage runs the garbage collector as Nix 2.8's collectGarbage:
@@ -146,6 +179,9 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 			if err := c.deleteReferrersClosure(ctx, p); err != nil {
 				return nil, err
 			}
+			if err := c.flush(ctx); err != nil {
+				return nil, err
+			}
 			if !c.dead[p] {
 				return nil, errors.New(hint.Fmt("Cannot delete path '%s' since it is still alive. To find out why, use: nix-store --query --roots", s.abs(p)))
 			}
@@ -156,7 +192,11 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 		} else {
 			log("determining live/dead paths...")
 		}
-		if err := c.sweep(ctx); err != nil && !errors.Is(err, errGCLimit) {
+		err := c.sweep(ctx)
+		if err == nil {
+			err = c.flush(ctx)
+		}
+		if err != nil && !errors.Is(err, errGCLimit) {
 			return nil, err
 		}
 	}
@@ -457,9 +497,9 @@ func (c *collector) deleteFromStore(base string) error {
 // (and, per keep-derivations/keep-outputs, derivations and outputs); if
 // none is a root, all of them are garbage and are deleted, referrers first.
 func (c *collector) deleteReferrersClosure(ctx context.Context, start storepath.Path) error {
-	defer c.run.clearPending()
 	closure, dead, err := c.visitReferrers(ctx, start)
 	if err != nil || !dead {
+		c.run.unpend(closure, c.dead)
 		return err
 	}
 	return c.deleteDead(ctx, closure)
@@ -469,7 +509,7 @@ func (c *collector) deleteReferrersClosure(ctx context.Context, start storepath.
 // links the collector follows; dead reports that nothing it reached is
 // alive (a root, a temporary root, or known alive), and closure is what it
 // reached. Each path reached is pending (see gcRun) until the caller is
-// done with the closure.
+// done with it.
 func (c *collector) visitReferrers(ctx context.Context, start storepath.Path) (closure map[storepath.Path]bool, dead bool, err error) {
 	visited := map[storepath.Path]bool{start: true}
 	todo := []storepath.Path{start}
@@ -486,43 +526,43 @@ func (c *collector) visitReferrers(ctx context.Context, start storepath.Path) (c
 	}
 	for len(todo) > 0 {
 		if err := ctx.Err(); err != nil {
-			return nil, false, err
+			return visited, false, err
 		}
 		p := todo[0]
 		todo = todo[1:]
 		if c.alive[p] {
 			c.alive[start] = true
-			return nil, false, nil
+			return visited, false, nil
 		}
 		if c.dead[p] {
 			continue
 		}
 		if c.roots[p] {
 			markAlive(p)
-			return nil, false, nil
+			return visited, false, nil
 		}
 		if c.opts.Action == GCDeleteSpecific && !c.toDelete[p] {
-			return nil, false, nil
+			return visited, false, nil
 		}
 		c.run.mu.Lock()
 		if c.run.temp[p.HashPart()] {
 			c.run.mu.Unlock()
 			markAlive(p)
-			return nil, false, nil
+			return visited, false, nil
 		}
 		c.run.pending[p.HashPart()] = true
 		c.run.mu.Unlock()
 
 		valid, err := c.s.IsValidPathFresh(ctx, p)
 		if err != nil {
-			return nil, false, err
+			return visited, false, err
 		}
 		if !valid {
 			continue
 		}
 		next, err := c.linked(ctx, p)
 		if err != nil {
-			return nil, false, err
+			return visited, false, err
 		}
 		for _, q := range next {
 			if !visited[q] {
@@ -570,27 +610,51 @@ func (c *collector) linked(ctx context.Context, p storepath.Path) ([]storepath.P
 }
 
 // deleteDead marks the paths of a dead closure dead and, if the
-// collection deletes, deletes them, referrers first.
+// collection deletes, queues them for deletion, referrers first, and
+// deletes the queue once it has batchSize paths.
 func (c *collector) deleteDead(ctx context.Context, closure map[storepath.Path]bool) error {
 	order, err := c.s.topoSort(ctx, closure)
 	if err != nil {
+		c.run.unpend(closure, c.dead)
 		return err
 	}
-	runTestHook(&testHookClosureDead)
 	for _, p := range order {
-		if c.dead[p] {
-			continue
+		if !c.dead[p] {
+			c.dead[p] = true
+			if c.del {
+				c.batch = append(c.batch, p)
+			}
 		}
-		c.dead[p] = true
-		if !c.del {
-			continue
-		}
+	}
+	if !c.del {
+		c.run.clearPending()
+		return nil
+	}
+	if len(c.batch) >= c.batchSize() {
+		return c.flush(ctx)
+	}
+	return nil
+}
+
+// flush deletes the queued dead paths: invalidated in one transaction,
+// then their files removed; then none is pending any more.
+func (c *collector) flush(ctx context.Context) error {
+	if len(c.batch) == 0 {
+		return nil
+	}
+	batch := c.batch
+	c.batch = nil
+	defer c.run.clearPending()
+	runTestHook(&testHookClosureDead)
+	for _, p := range batch {
 		if info, err := c.s.queryPathInfoDB(ctx, p); err == nil {
 			c.res.NarBytesFreed += info.NarSize
 		}
-		if err := c.s.invalidatePathChecked(ctx, p); err != nil {
-			return err
-		}
+	}
+	if err := c.s.invalidatePathsChecked(ctx, batch); err != nil {
+		return err
+	}
+	for _, p := range batch {
 		if _, ok := c.s.lastUse.m.LoadAndDelete(p); ok {
 			c.s.lastUse.dirty.Store(true)
 		}
@@ -658,28 +722,34 @@ func (s *Store) topoSort(ctx context.Context, set map[storepath.Path]bool) ([]st
 	return post, nil
 }
 
-// invalidatePathChecked removes p from the database, refusing if valid
-// paths other than p itself still refer to it.
-func (s *Store) invalidatePathChecked(ctx context.Context, p storepath.Path) error {
-	err := s.db.write(ctx, []storepath.Path{p}, func(tx *sql.Tx) error {
-		rows, err := tx.StmtContext(ctx, s.db.wReferrers).QueryContext(ctx, s.abs(p))
-		if err != nil {
-			return err
-		}
-		referrers, err := s.scanPaths(rows, "referrers of "+s.abs(p))
-		if err != nil {
-			return err
-		}
-		for _, r := range referrers {
-			if r != p {
-				return fmt.Errorf("cannot delete path '%s' because it is in use by '%s'", s.abs(p), s.abs(r))
+// invalidatePathsChecked removes ps from the database in one
+// transaction, in their order, refusing if valid paths other than each
+// one itself still refer to it then.
+func (s *Store) invalidatePathsChecked(ctx context.Context, ps []storepath.Path) error {
+	err := s.db.write(ctx, ps, func(tx *sql.Tx) error {
+		referrersOf, invalidate := tx.StmtContext(ctx, s.db.wReferrers), tx.StmtContext(ctx, s.db.wInvalidate)
+		for _, p := range ps {
+			rows, err := referrersOf.QueryContext(ctx, s.abs(p))
+			if err != nil {
+				return err
+			}
+			referrers, err := s.scanPaths(rows, "referrers of "+s.abs(p))
+			if err != nil {
+				return err
+			}
+			for _, r := range referrers {
+				if r != p {
+					return fmt.Errorf("cannot delete path '%s' because it is in use by '%s'", s.abs(p), s.abs(r))
+				}
+			}
+			if _, err := invalidate.ExecContext(ctx, s.abs(p)); err != nil {
+				return fmt.Errorf("invalidating %s: %w", s.abs(p), err)
 			}
 		}
-		_, err = tx.StmtContext(ctx, s.db.wInvalidate).ExecContext(ctx, s.abs(p))
-		return err
+		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("store: invalidating %s: %w", s.abs(p), err)
+		return fmt.Errorf("store: invalidating dead paths: %w", err)
 	}
 	return nil
 }

@@ -457,36 +457,60 @@ func TestGCWaitsForGC(t *testing.T) {
 // the collector had looked at before returned at once, the path was
 // still valid, and it was deleted under its holder.)
 func TestGCWaitsForRootInDeadClosure(t *testing.T) {
-	s, _ := testStore(t)
-	ctx := context.Background()
-	b := addText(t, s, "b", "b")
-	a := addText(t, s, "a", "a refers to "+s.abs(b), b)
-	ss := s.OpenSession()
-	defer ss.Close()
-	type seen struct{ valid bool }
-	got := make(chan seen, 1)
-	hook := func() {
-		go func() {
-			if err := ss.AddTempRoot(ctx, b); err != nil {
-				t.Error(err)
+	for _, tc := range []struct {
+		name string
+		opts func(a, b storepath.Path) GCOptions
+	}{
+		// From b: b is looked at first, then its referrer a.
+		{"specific", func(a, b storepath.Path) GCOptions {
+			return GCOptions{Action: GCDeleteSpecific, Paths: []storepath.Path{b, a}}
+		}},
+		// All garbage, deleted in batches of several closures.
+		{"dead", func(a, b storepath.Path) GCOptions {
+			return GCOptions{Action: GCDeleteDead, MaxFreed: math.MaxUint64}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, _ := testStore(t)
+			ctx := context.Background()
+			b := addText(t, s, "b", "b")
+			a := addText(t, s, "a", "a refers to "+s.abs(b), b)
+			// Each path is held (by a session of its own) once the
+			// collector has found it dead, before it deletes it.
+			got := map[storepath.Path]chan bool{a: make(chan bool, 1), b: make(chan bool, 1)}
+			var once sync.Once
+			hook := func() {
+				once.Do(func() {
+					for p, ch := range got {
+						go func() {
+							ss := s.OpenSession()
+							t.Cleanup(func() { ss.Close() })
+							if err := ss.AddTempRoot(ctx, p); err != nil {
+								t.Error(err)
+							}
+							valid, err := s.IsValidPathFresh(ctx, p)
+							if err != nil {
+								t.Error(err)
+							}
+							ch <- valid
+						}()
+					}
+					// Give a root that does not wait the time to return
+					// and look.
+					time.Sleep(200 * time.Millisecond)
+				})
 			}
-			valid, err := s.IsValidPathFresh(ctx, b)
-			if err != nil {
-				t.Error(err)
+			testHookClosureDead.Store(&hook)
+			defer testHookClosureDead.Store(nil)
+			if _, err := s.CollectGarbage(ctx, tc.opts(a, b), nil); err != nil {
+				t.Fatal(err)
 			}
-			got <- seen{valid}
-		}()
-		// Give a root that does not wait the time to return and look.
-		time.Sleep(200 * time.Millisecond)
-	}
-	testHookClosureDead.Store(&hook)
-	defer testHookClosureDead.Store(nil)
-	// From b: b is looked at first, then its referrer a.
-	if _, err := s.CollectGarbage(ctx, GCOptions{Action: GCDeleteSpecific, Paths: []storepath.Path{b, a}}, nil); err != nil {
-		t.Fatal(err)
-	}
-	holder := <-got
-	if now, _ := s.IsValidPathFresh(ctx, b); holder.valid && !now {
-		t.Error("the holder of a temporary root found the path valid, and the collector deleted it")
+			for p, ch := range got {
+				held := <-ch
+				if now, _ := s.IsValidPathFresh(ctx, p); held && !now {
+					t.Errorf("the holder of a temporary root found %s valid, and the collector deleted it", p)
+				}
+			}
+		})
 	}
 }
