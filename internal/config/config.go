@@ -243,9 +243,18 @@ func (s *Settings) Text() string {
 
 // unimplemented are settings nix-daemon acts on that nixyard does not,
 // with the values that make them no-ops (Nix's defaults, where nixyard
-// behaves the same): some sandbox details.
+// behaves the same): a sandbox detail, the database's and the downloads'
+// tuning (nixyard's own retries and timeouts apply), and build logs,
+// which nixyard always compresses once they pass 4 KiB.
 var unimplemented = map[string][]string{
-	"impersonate-linux-26": {"false"},
+	"impersonate-linux-26":     {"false"},
+	"compress-build-log":       {"true"},
+	"use-sqlite-wal":           {"true"},
+	"fsync-metadata":           {"true"},
+	"preallocate-contents":     {"false"},
+	"download-attempts":        {"5"},
+	"http-connections":         {"25"},
+	"stalled-download-timeout": {"300"},
 }
 
 // Unimplemented lists, sorted, the settings of s that nix-daemon would

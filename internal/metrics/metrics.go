@@ -69,7 +69,7 @@ func New(stats StoreStats) *Metrics {
 	}, []string{"op"})
 	m.builds = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "nixyard_builds_total",
-		Help: "Builds run, by where they ran (local or remote) and result (ok or failed).",
+		Help: "Builds run, by where they ran (local or remote) and result (ok, failed, or cancelled: stopped when every client waiting for it had gone).",
 	}, []string{"where", "result"})
 	m.running = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "nixyard_builds_running",
