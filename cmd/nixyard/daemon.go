@@ -285,7 +285,7 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 	for _, kv := range opts.overrides {
 		settings.Set(kv[0], kv[1])
 	}
-	for _, name := range config.Unimplemented(settings) {
+	for _, name := range append(config.Unimplemented(settings), config.IgnoredTuning(settings)...) {
 		logger.Warn("nix.conf setting not implemented by nixyard; ignored", "setting", name)
 	}
 	if opts.stdio && opts.root == "" {

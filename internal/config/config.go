@@ -243,11 +243,17 @@ func (s *Settings) Text() string {
 
 // unimplemented are settings nix-daemon acts on that nixyard does not,
 // with the values that make them no-ops (Nix's defaults, where nixyard
-// behaves the same): a sandbox detail, the database's and the downloads'
-// tuning (nixyard's own retries and timeouts apply), and build logs,
-// which nixyard always compresses once they pass 4 KiB.
+// behaves the same): a sandbox detail.
 var unimplemented = map[string][]string{
-	"impersonate-linux-26":     {"false"},
+	"impersonate-linux-26": {"false"},
+}
+
+// ignoredTuning are settings of the daemon's own upkeep that nixyard
+// ignores, with Nix's defaults: build logs (nixyard compresses every one
+// past 4 KiB), the database, and downloads (nixyard's own retries and
+// timeouts apply). The daemon names those its nix.conf sets otherwise; a
+// client's copy of them is not worth a warning on every command.
+var ignoredTuning = map[string][]string{
 	"compress-build-log":       {"true"},
 	"use-sqlite-wal":           {"true"},
 	"fsync-metadata":           {"true"},
@@ -259,10 +265,18 @@ var unimplemented = map[string][]string{
 
 // Unimplemented lists, sorted, the settings of s that nix-daemon would
 // act on and nixyard ignores: those set to anything but a no-op value.
-func Unimplemented(s *Settings) []string {
+func Unimplemented(s *Settings) []string { return setOtherwise(s, unimplemented) }
+
+// IgnoredTuning lists, sorted, the settings of s among ignoredTuning set
+// to anything but Nix's default.
+func IgnoredTuning(s *Settings) []string { return setOtherwise(s, ignoredTuning) }
+
+// setOtherwise lists, sorted, the settings of s among those of noops that
+// are set to a value not listed there.
+func setOtherwise(s *Settings, noops map[string][]string) []string {
 	var names []string
-	for name, noops := range unimplemented {
-		if v, ok := s.Lookup(name); ok && !slices.Contains(noops, strings.TrimSpace(v)) {
+	for name, ok := range noops {
+		if v, set := s.Lookup(name); set && !slices.Contains(ok, strings.TrimSpace(v)) {
 			names = append(names, name)
 		}
 	}

@@ -120,10 +120,14 @@ func TestUnimplemented(t *testing.T) {
 	s.Set("build-repeat", "2")                    // implemented, under its old name
 	s.Set("build-impersonate-linux-26", "true")   // an alias of an ignored one
 	s.Set("allowed-impure-host-deps", "/usr/lib") // implemented
-	s.Set("compress-build-log", "false")          // ignored
-	s.Set("download-attempts", "5")               // ignored, at Nix's default
-	if got := strings.Join(Unimplemented(&s), " "); got != "compress-build-log impersonate-linux-26" {
+	s.Set("compress-build-log", "false")          // tuning, ignored
+	s.Set("download-attempts", "5")               // tuning, ignored, at Nix's default
+	s.Set("http-connections", "50")               // tuning, ignored
+	if got := strings.Join(Unimplemented(&s), " "); got != "impersonate-linux-26" {
 		t.Errorf("Unimplemented: %q", got)
+	}
+	if got := strings.Join(IgnoredTuning(&s), " "); got != "compress-build-log http-connections" {
+		t.Errorf("IgnoredTuning: %q", got)
 	}
 }
 
