@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/nixyard/nixyard/internal/daemon/client"
+	"github.com/nixyard/nixyard/internal/daemon/wire"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
@@ -263,6 +264,40 @@ func TestDrainClosesIdle(t *testing.T) {
 	}
 	defer c.Close()
 	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestDrainKeepsPooledConnection: a client's connection idle in its pool
+// while another of its connections works is not closed as idle (the
+// client would fail when it took it again); once all of the client's
+// connections are idle, they are.
+func TestDrainKeepsPooledConnection(t *testing.T) {
+	sock, stop := drainingServer(t, startDaemon(t, Options{}), ListenPolicy{}, 100*time.Millisecond)
+	pooled, err := client.Dial(context.Background(), sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pooled.Close()
+	working, err := client.Dial(context.Background(), sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// An op under way: its code sent, its arguments not yet.
+	working.Out.U64(wire.OpIsValidPath)
+	if err := working.Out.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	stopped := make(chan error, 1)
+	go func() { stopped <- stop() }()
+	time.Sleep(1500 * time.Millisecond) // past a closeIdle pass
+	p, _ := storepath.ParseBase("00000000000000000000000000000000-x")
+	if _, err := pooled.QueryPathInfo(context.Background(), p); !errors.Is(err, store.ErrNotValid) {
+		t.Errorf("the pooled connection, while another of its client's worked: %v, want 'not valid'", err)
+	}
+	// The op ends (its client goes); then the idle one is closed too.
+	working.Close()
+	if err := <-stopped; err != nil {
 		t.Fatal(err)
 	}
 }

@@ -145,8 +145,28 @@ func (s *Server) closeIdle(after time.Duration) {
 	now := time.Now().UnixNano()
 	s.connsMu.Lock()
 	defer s.connsMu.Unlock()
+	// A client's connections go together: one idle in its client's pool
+	// while another of the client's works is kept (the client would fail
+	// when it next took it), until all of them have been idle that long.
+	busyAt := map[int32]int64{} // client pid -> when one of its connections last worked
+	for c := range s.conns {
+		if since := c.idleSince.Load(); c.peer.pid >= 0 && since != idleClaimed {
+			if since == 0 { // in an operation
+				since = now
+			}
+			busyAt[c.peer.pid] = max(busyAt[c.peer.pid], since)
+		}
+	}
 	for c, wake := range s.conns {
-		if since := c.idleSince.Load(); since > 0 && now-since >= int64(after) && c.idleSince.CompareAndSwap(since, idleClaimed) {
+		since := c.idleSince.Load()
+		if since <= 0 {
+			continue // in an operation, or claimed already
+		}
+		last := since
+		if c.peer.pid >= 0 {
+			last = max(last, busyAt[c.peer.pid])
+		}
+		if now-last >= int64(after) && c.idleSince.CompareAndSwap(since, idleClaimed) {
 			c.log.Info("stopping: closing a connection idle between operations", "idle", time.Duration(now-since).Round(time.Second))
 			wake()
 		}
