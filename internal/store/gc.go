@@ -53,6 +53,23 @@ func (g *gcRun) addRoot(hashPart string) {
 	}
 }
 
+// addRoots records temporary roots and waits until the collector is
+// deleting none of those paths.
+func (g *gcRun) addRoots(ps []storepath.Path) {
+	hashes := make([]string, len(ps))
+	for i, p := range ps {
+		hashes[i] = p.HashPart()
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for _, h := range hashes {
+		g.temp[h] = true
+	}
+	for slices.ContainsFunc(hashes, func(h string) bool { return g.pending[h] }) {
+		g.cond.Wait()
+	}
+}
+
 // clearPending says that the collector is done with every path it was
 // looking at or deleting, waking the roots waiting for them.
 func (g *gcRun) clearPending() {

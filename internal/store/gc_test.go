@@ -1,10 +1,12 @@
 package store
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"math"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,6 +21,7 @@ import (
 	"github.com/nixyard/nixyard/internal/nix/contentaddress"
 	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
+	"golang.org/x/sys/unix"
 )
 
 // addText adds a text file with references (as a Text path).
@@ -512,5 +515,93 @@ func TestGCWaitsForRootInDeadClosure(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestBatchRootsReachNextCollector: roots added together while
+// collectors of another process run reach the collector that runs when
+// they are written, even if the one that ran when they were first sent
+// went away after hearing of some of them (the next one read the roots
+// files before those were written).
+func TestBatchRootsReachNextCollector(t *testing.T) {
+	s, _ := testStore(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var ps []storepath.Path
+	for _, base := range []string{"00000000000000000000000000000000-a", "11111111111111111111111111111111-b", "22222222222222222222222222222222-c"} {
+		p, err := storepath.ParseBase(base)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ps = append(ps, p)
+	}
+	// Foreign collectors hold gc.lock throughout: the first hears of one
+	// root and goes, the second hears of the rest.
+	lock, err := os.OpenFile(s.stateFile("gc.lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Close()
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	sock := s.stateFile("gc-socket", "socket")
+	if err := os.MkdirAll(filepath.Dir(sock), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	first, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var heard []string // by the second collector
+	go func() {
+		c, err := first.Accept()
+		if err != nil {
+			return
+		}
+		if _, err := bufio.NewReader(c).ReadString('\n'); err == nil {
+			c.Write([]byte("1"))
+		}
+		c.Close()
+		first.Close()
+		os.Remove(sock)
+		second, err := net.Listen("unix", sock)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		t.Cleanup(func() { second.Close() })
+		for {
+			c, err := second.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				br := bufio.NewReader(c)
+				for {
+					l, err := br.ReadString('\n')
+					if err != nil {
+						return
+					}
+					mu.Lock()
+					heard = append(heard, strings.TrimSuffix(l, "\n"))
+					mu.Unlock()
+					c.Write([]byte("1"))
+				}
+			}()
+		}
+	}()
+	ss := s.OpenSession()
+	defer ss.Close()
+	if err := ss.AddTempRoots(ctx, ps); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, p := range ps {
+		if !slices.Contains(heard, s.abs(p)) {
+			t.Errorf("the running collector never heard of the root %s (it heard %q)", p, heard)
+		}
 	}
 }

@@ -100,6 +100,27 @@ func (r *tempRoots) add(ctx context.Context, p storepath.Path) error {
 // addAll makes each of ps a temporary root until a matching remove; the
 // roots new to the file are written to it at once.
 func (r *tempRoots) addAll(ctx context.Context, ps []storepath.Path) error {
+	if err := r.record(ctx, ps); err != nil {
+		return err
+	}
+	r.await(ps)
+	return nil
+}
+
+// await tells this process's collector, if one runs, of the roots ps, and
+// waits until it is deleting none of them. The caller holds no lock that
+// the collector, or other holders of roots, might need.
+func (r *tempRoots) await(ps []storepath.Path) {
+	r.mu.Lock()
+	g := r.gc
+	r.mu.Unlock()
+	if g != nil {
+		g.addRoots(ps)
+	}
+}
+
+// record is addAll without await.
+func (r *tempRoots) record(ctx context.Context, ps []storepath.Path) error {
 	r.mu.Lock()
 	if r.closed {
 		r.mu.Unlock()
@@ -134,13 +155,7 @@ func (r *tempRoots) addAll(ctx context.Context, ps []storepath.Path) error {
 			return fmt.Errorf("store: adding temporary root %s: %w", r.s.abs(fresh[0]), err)
 		}
 	}
-	g := r.gc
 	r.mu.Unlock()
-	if g != nil {
-		for _, p := range ps {
-			g.addRoot(p.HashPart())
-		}
-	}
 	return nil
 }
 
@@ -181,6 +196,10 @@ func (r *tempRoots) publish(ctx context.Context, ps []storepath.Path) error {
 					return err
 				}
 				if !ok {
+					// That collector has gone: the next one, which read
+					// the roots files before these were written, must
+					// hear of every one.
+					sent = 0
 					break
 				}
 				sent++
@@ -391,8 +410,8 @@ func (ss *Session) AddTempRoot(ctx context.Context, p storepath.Path) error {
 // are written to it at once.
 func (ss *Session) AddTempRoots(ctx context.Context, ps []storepath.Path) error {
 	ss.mu.Lock()
-	defer ss.mu.Unlock()
 	if ss.closed {
+		ss.mu.Unlock()
 		return ErrSessionClosed
 	}
 	if !ss.passive {
@@ -405,26 +424,39 @@ func (ss *Session) AddTempRoots(ctx context.Context, ps []storepath.Path) error 
 			fresh = append(fresh, p)
 		}
 	}
-	if len(fresh) == 0 {
-		return nil
-	}
-	if err := ss.s.roots.addAll(ctx, fresh); err != nil {
-		for _, p := range fresh {
-			delete(ss.roots, p)
+	if len(fresh) > 0 {
+		if err := ss.s.roots.record(ctx, fresh); err != nil {
+			for _, p := range fresh {
+				delete(ss.roots, p)
+			}
+			ss.mu.Unlock()
+			return err
 		}
-		return err
+		ss.journalRoots(fresh)
 	}
-	if ss.journal != nil {
-		var b strings.Builder
-		for _, p := range fresh {
-			b.WriteString(p.String() + "\n")
-		}
-		if _, err := io.WriteString(ss.journal, b.String()); err != nil {
-			ss.s.log.Warn("cannot write a session's root to its journal; its later roots will not outlive the daemon", "err", err)
-			ss.journal = nil
-		}
-	}
+	ss.mu.Unlock()
+	// Not under ss.mu: the session's other users need not wait while a
+	// collection finishes deleting one of these. All of ps, not only
+	// the fresh ones: another caller may have added one a moment ago and
+	// still be waiting for the collector.
+	ss.s.roots.await(ps)
 	return nil
+}
+
+// journalRoots appends roots to the session's journal, if it keeps one.
+// ss.mu is held.
+func (ss *Session) journalRoots(roots []storepath.Path) {
+	if ss.journal == nil {
+		return
+	}
+	var b strings.Builder
+	for _, p := range roots {
+		b.WriteString(p.String() + "\n")
+	}
+	if _, err := io.WriteString(ss.journal, b.String()); err != nil {
+		ss.s.log.Warn("cannot write a session's root to its journal; its later roots will not outlive the daemon", "err", err)
+		ss.journal = nil
+	}
 }
 
 // Close drops the session's temporary roots.
