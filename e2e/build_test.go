@@ -381,6 +381,11 @@ func TestBuildFailures(t *testing.T) {
 		if !regexp.MustCompile(`^nix-build-fails\.drv-[0-9]+$`).MatchString(filepath.Base(m[1])) {
 			t.Errorf("kept build directory %s is not named as by Nix", m[1])
 		}
+		// nix build shows no build log, but the note, a message of its own.
+		stderr = b.client("nix", append([]string{"build", "-f"}, append(args, "fails", "--no-link", "--keep-failed")...)...).fails(t)
+		if !strings.Contains(stderr, "note: keeping build directory '") {
+			t.Errorf("nix build --keep-failed does not say where the build directory is:\n%s", stderr)
+		}
 	})
 }
 

@@ -248,7 +248,7 @@ func (j *job) cleanup() {
 			b.log.Warn("keeping build directory", "drv", j.drvAbs, "dir", j.tmpDir)
 			g.each(func(c *call) {
 				c.emit(func(p Progress) {
-					p.BuildLogLine(j.drvAbs, fmt.Sprintf("note: keeping build directory '%s'", j.tmpDir))
+					p.Error(fmt.Sprintf("note: keeping build directory '%s'", j.tmpDir))
 				})
 			})
 		} else {
