@@ -188,7 +188,7 @@ func TestHooksEndWithClose(t *testing.T) {
 		cmd := exec.Command("sleep", "60")
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 		var files childFiles
-		t.Cleanup(files.closeAll)
+		t.Cleanup(func() { files.closeAll() })
 		inR, inW, err1 := files.pipe()
 		fromR, fromW, err2 := files.pipe()
 		logR, _, err3 := files.pipe()

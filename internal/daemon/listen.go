@@ -132,11 +132,6 @@ func (s *Server) ServeAll(ctx context.Context, ls []Listener) error {
 	return errors.Join(errs...)
 }
 
-// idleCloseAfter is how long a connection may wait for its next op while
-// the daemon drains before it is closed: a client between two ops of one
-// command (evaluating, say) is waited for, an idle one (nix repl) does not
-// hold the stop for the whole grace.
-
 // closeIdle closes the connections that have waited for their next op for
 // longer than after.
 // It claims each (idleClaimed) before it wakes it: a client whose op

@@ -418,8 +418,6 @@ func (r *Realiser) tempRoots(ctx context.Context, paths []storepath.Path, m *sub
 	return nil
 }
 
-// missingDerivation is Nix's error for a derivation to build that is not
-// there.
 // notSubstituted is the error of a path whose download failed: with its
 // cause, unless the client was told of it when it happened.
 func notSubstituted(abs string, cause error, told bool) string {
@@ -429,6 +427,8 @@ func notSubstituted(abs string, cause error, told bool) string {
 	return fmt.Sprintf("path '%s' is required, but it could not be substituted: %v", abs, cause)
 }
 
+// missingDerivation is Nix's error for a derivation to build that is not
+// there.
 func missingDerivation(drv string) string {
 	return hint.Fmt("cannot build missing derivation '%s'", drv)
 }

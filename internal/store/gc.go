@@ -389,9 +389,10 @@ func (s *Store) serveGCSocket(run *gcRun) (func(), error) {
 		return nil, fmt.Errorf("store: chmod %s: %w", sock, err)
 	}
 	var (
-		wg    sync.WaitGroup
-		mu    sync.Mutex
-		conns = map[net.Conn]bool{}
+		wg     sync.WaitGroup
+		mu     sync.Mutex
+		conns  = map[net.Conn]bool{}
+		closed bool // the stop has closed the connections
 	)
 	wg.Add(1)
 	go func() {
@@ -402,6 +403,13 @@ func (s *Store) serveGCSocket(run *gcRun) (func(), error) {
 				return
 			}
 			mu.Lock()
+			if closed {
+				// Accepted as the stop closed the others: its reader
+				// would wait for a root that no one reads any more.
+				mu.Unlock()
+				conn.Close()
+				return
+			}
 			conns[conn] = true
 			mu.Unlock()
 			wg.Add(1)
@@ -437,6 +445,7 @@ func (s *Store) serveGCSocket(run *gcRun) (func(), error) {
 	return func() {
 		ln.Close()
 		mu.Lock()
+		closed = true
 		for c := range conns {
 			c.Close()
 		}
