@@ -62,8 +62,10 @@ func (c *command) onTerminal(t *testing.T) (string, error) {
 func TestErrorsOnTerminal(t *testing.T) {
 	t.Parallel()
 	b := startBuildDaemon(t)
-	args := b.expr(t, "terminal", `{
+	args := b.expr(t, "terminal", `rec {
   fails = mk { name = "fails-on-terminal"; script = "echo some-output; exit 3"; };
+  dep = mk { name = "dep-on-terminal"; script = "echo > $out"; };
+  refers = mk { name = "refers-on-terminal"; inherit dep; allowedReferences = []; script = "echo $dep > $out"; };
 }`)
 	drv := oneLine(t, "instantiate", b.client("nix-instantiate", append(args, "-A", "fails")...).ok(t))
 	out, err := b.nixBuild(append(args, "-A", "fails", "--no-out-link")...).onTerminal(t)
@@ -77,6 +79,13 @@ func TestErrorsOnTerminal(t *testing.T) {
 		if !strings.Contains(out, want) {
 			t.Errorf("nix-build's output lacks %q:\n%q", want, out)
 		}
+	}
+
+	// An output check's refusal: the output and the paths it may not
+	// refer to highlighted.
+	out, err = b.nixBuild(append(args, "-A", "refers", "--no-out-link")...).onTerminal(t)
+	if want := "-refers-on-terminal\x1b[0m' is not allowed to refer to the following paths:\x1b[35;1m"; err == nil || !strings.Contains(out, want) {
+		t.Errorf("an output check's refusal: %v, output lacks %q:\n%q", err, want, out)
 	}
 
 	missing := "/nix/store/00000000000000000000000000000000-terminal-missing"

@@ -3,6 +3,7 @@ package build
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"maps"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"syscall"
 
 	"github.com/nixyard/nixyard/internal/nix/derivation"
+	"github.com/nixyard/nixyard/internal/nix/hint"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
@@ -256,7 +258,7 @@ func (j *job) exportReferences(ctx context.Context, roots []string, budget *grap
 			return nil, rejected(fmt.Errorf("exportReferencesGraph: %w", err))
 		}
 		if !inputs[p] {
-			return nil, rejected(fmt.Errorf("cannot export references of path '%s' because it is not in the input closure of the derivation", r))
+			return nil, rejected(errors.New(hint.Fmt("cannot export references of path '%s' because it is not in the input closure of the derivation", r)))
 		}
 		start = append(start, p)
 	}
@@ -408,7 +410,7 @@ func (j *job) checkOutputs(ctx context.Context, infos map[string]store.PathInfo)
 		}
 		pathAbs := b.abs(info.Path)
 		if c.maxSize != nil && info.NarSize > *c.maxSize {
-			return fmt.Errorf("path '%s' is too large at %d bytes; limit is %d bytes", pathAbs, info.NarSize, *c.maxSize)
+			return errors.New(hint.Fmt("path '%s' is too large at %d bytes; limit is %d bytes", pathAbs, info.NarSize, *c.maxSize))
 		}
 		if c.maxClosureSize != nil {
 			_, size, err := walkClosure(info.Path, lookup)
@@ -416,7 +418,7 @@ func (j *job) checkOutputs(ctx context.Context, infos map[string]store.PathInfo)
 				return err
 			}
 			if size > *c.maxClosureSize {
-				return fmt.Errorf("closure of path '%s' is too large at %d bytes; limit is %d bytes", pathAbs, size, *c.maxClosureSize)
+				return errors.New(hint.Fmt("closure of path '%s' is too large at %d bytes; limit is %d bytes", pathAbs, size, *c.maxClosureSize))
 			}
 		}
 		checkRefs := func(rc refCheck, allowed, recursive bool) error {
@@ -430,7 +432,7 @@ func (j *job) checkOutputs(ctx context.Context, infos map[string]store.PathInfo)
 				} else if o, ok := infos[s]; ok {
 					spec[o.Path] = true
 				} else {
-					return fmt.Errorf("derivation contains an illegal reference specifier '%s'", s)
+					return errors.New(hint.Fmt("derivation contains an illegal reference specifier '%s'", s))
 				}
 			}
 			used := map[storepath.Path]bool{}
@@ -457,7 +459,7 @@ func (j *job) checkOutputs(ctx context.Context, infos map[string]store.PathInfo)
 				return nil
 			}
 			slices.Sort(bad)
-			return fmt.Errorf("output '%s' is not allowed to refer to the following paths:\n  %s", pathAbs, strings.Join(bad, "\n  "))
+			return errors.New(hint.Fmt("output '%s' is not allowed to refer to the following paths:%s", pathAbs, "\n  "+strings.Join(bad, "\n  ")))
 		}
 		if err := checkRefs(c.allowedRefs, true, false); err != nil {
 			return err

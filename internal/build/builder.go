@@ -623,7 +623,7 @@ func (b *Builder) useSandbox(drvPath storepath.Path, drv *derivation.Derivation,
 	switch b.cfg.Sandbox {
 	case SandboxOn:
 		if noChroot {
-			return false, fmt.Errorf("derivation '%s' has '__noChroot' set, but that's not allowed when 'sandbox' is 'true'", b.abs(drvPath))
+			return false, errors.New(hint.Fmt("derivation '%s' has '__noChroot' set, but that's not allowed when 'sandbox' is 'true'", b.abs(drvPath)))
 		}
 		use = true
 	case SandboxRelaxed:

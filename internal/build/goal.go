@@ -892,7 +892,7 @@ func (g *goal) realise(ctx context.Context) Result {
 	}
 	if nFailed > 0 && g.basic {
 		// As Nix for a derivation sent whole (BuildDerivation).
-		return g.failf(MiscFailure, "some dependencies of '%s' are missing", drvAbs)
+		return g.failf(MiscFailure, "%s", hint.Fmt("some dependencies of '%s' are missing", drvAbs))
 	}
 	if nFailed > 0 {
 		// noLocalBuilds travels up, so that a caller who may build, and

@@ -2,7 +2,6 @@ package build
 
 import (
 	"context"
-	"fmt"
 	"maps"
 	"os"
 	"slices"
@@ -157,9 +156,9 @@ func (j *job) compareRound(ctx context.Context) *failure {
 		j.differs = true
 		p := j.outputs[name]
 		prev := b.abs(p) + checkSuffix
-		msg := fmt.Sprintf("output '%s' of '%s' differs from previous round", b.abs(p), j.drvAbs)
+		msg := hint.Fmt("output '%s' of '%s' differs from previous round", b.abs(p), j.drvAbs)
 		if _, err := os.Lstat(b.st.RealPath(p) + checkSuffix); err == nil {
-			msg = fmt.Sprintf("output '%s' of '%s' differs from '%s' from previous round", b.abs(p), j.drvAbs, prev)
+			msg = hint.Fmt("output '%s' of '%s' differs from '%s' from previous round", b.abs(p), j.drvAbs, prev)
 		}
 		j.diffHook(ctx, b.st.RealPath(p)+checkSuffix, j.outputLocation(p))
 		if g.enforceDeterminism() {
