@@ -8,6 +8,7 @@ import (
 	"slices"
 
 	"github.com/nixyard/nixyard/internal/daemon/wire"
+	"github.com/nixyard/nixyard/internal/nix/hint"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
@@ -27,7 +28,7 @@ func (c *conn) begin(op uint64) error {
 // storeErr words a store error for the client, naming the path.
 func (c *conn) storeErr(p storepath.Path, err error) error {
 	if errors.Is(err, store.ErrNotValid) {
-		return fmt.Errorf("path '%s' is not valid", c.dir.Abs(p))
+		return errors.New(hint.Fmt("path '%s' is not valid", c.dir.Abs(p)))
 	}
 	return err
 }

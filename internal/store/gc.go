@@ -765,7 +765,7 @@ func (s *Store) invalidatePathsChecked(ctx context.Context, ps []storepath.Path)
 			}
 			for _, r := range referrers {
 				if r != p {
-					return fmt.Errorf("cannot delete path '%s' because it is in use by '%s'", s.abs(p), s.abs(r))
+					return errors.New(hint.Fmt("cannot delete path '%s' because it is in use by '%s'", s.abs(p), s.abs(r)))
 				}
 			}
 			if _, err := invalidate.ExecContext(ctx, s.abs(p)); err != nil {
