@@ -290,15 +290,22 @@ func TestDrainKeepsPooledConnection(t *testing.T) {
 	}
 	stopped := make(chan error, 1)
 	go func() { stopped <- stop() }()
-	time.Sleep(1500 * time.Millisecond) // past a closeIdle pass
-	p, _ := storepath.ParseBase("00000000000000000000000000000000-x")
-	if _, err := pooled.QueryPathInfo(context.Background(), p); !errors.Is(err, store.ErrNotValid) {
-		t.Errorf("the pooled connection, while another of its client's worked: %v, want 'not valid'", err)
-	}
+	servedAfterIdlePass(t, pooled, "the pooled connection, while another of its client's worked")
 	// The op ends (its client goes); then the idle one is closed too.
 	working.Close()
 	if err := <-stopped; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// servedAfterIdlePass checks that c, idle, is still served once the
+// draining daemon has passed over its connections for idle ones.
+func servedAfterIdlePass(t *testing.T, c *client.Client, what string) {
+	t.Helper()
+	time.Sleep(1500 * time.Millisecond) // past a closeIdle pass
+	p, _ := storepath.ParseBase("00000000000000000000000000000000-x")
+	if _, err := c.QueryPathInfo(context.Background(), p); !errors.Is(err, store.ErrNotValid) {
+		t.Errorf("%s, during the drain: %v, want 'not valid'", what, err)
 	}
 }
 
@@ -337,11 +344,7 @@ func TestDrainKeepsHookConnections(t *testing.T) {
 	}
 	stopped := make(chan error, 1)
 	go func() { stopped <- stop() }()
-	time.Sleep(1500 * time.Millisecond) // past a closeIdle pass
-	p, _ := storepath.ParseBase("00000000000000000000000000000000-x")
-	if _, err := c.QueryPathInfo(context.Background(), p); !errors.Is(err, store.ErrNotValid) {
-		t.Errorf("the hook's connection, during the drain: %v, want 'not valid'", err)
-	}
+	servedAfterIdlePass(t, c, "the hook's connection")
 	c.Close()
 	if err := <-stopped; err != nil {
 		t.Fatal(err)
