@@ -143,9 +143,11 @@ func (s *Server) closeIdle(after time.Duration) {
 	// A client's connections go together: one idle in its client's pool
 	// while another of the client's works is kept (the client would fail
 	// when it next took it), until all of them have been idle that long.
+	// (pid 0: SO_PEERCRED names no pid for a client outside the daemon's
+	// pid namespace; each such connection counts alone.)
 	busyAt := map[int32]int64{} // client pid -> when one of its connections last worked
 	for c := range s.conns {
-		if since := c.idleSince.Load(); c.peer.pid >= 0 && since != idleClaimed {
+		if since := c.idleSince.Load(); c.peer.pid > 0 && since != idleClaimed {
 			if since == 0 { // in an operation
 				since = now
 			}
@@ -158,7 +160,7 @@ func (s *Server) closeIdle(after time.Duration) {
 			continue // in an operation, or claimed already
 		}
 		last := since
-		if c.peer.pid >= 0 {
+		if c.peer.pid > 0 {
 			last = max(last, busyAt[c.peer.pid])
 		}
 		if now-last >= int64(after) && c.idleSince.CompareAndSwap(since, idleClaimed) {
