@@ -34,6 +34,9 @@ type gcRun struct {
 	// it looked at before in the same closure did not stop its deletion,
 	// and the holder's path went under it.)
 	pending map[string]bool
+	// waiting counts the roots waiting for pending paths: the collector
+	// deletes what it has queued at once when one does.
+	waiting int
 }
 
 func newGCRun() *gcRun {
@@ -48,9 +51,38 @@ func (g *gcRun) addRoot(hashPart string) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.temp[hashPart] = true
-	for g.pending[hashPart] {
+	g.waitWhile(func() bool { return g.pending[hashPart] })
+}
+
+// waitWhile waits, counted in waiting, while pending says so. g.mu is
+// held.
+func (g *gcRun) waitWhile(pending func() bool) {
+	if !pending() {
+		return
+	}
+	g.waiting++
+	for pending() {
 		g.cond.Wait()
 	}
+	g.waiting--
+}
+
+// hasWaiting reports whether a root waits for a pending path.
+func (g *gcRun) hasWaiting() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.waiting > 0
+}
+
+// unpendPaths says that the collector is done with ps (deleted, or kept),
+// waking the roots waiting for them.
+func (g *gcRun) unpendPaths(ps []storepath.Path) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for _, p := range ps {
+		delete(g.pending, p.HashPart())
+	}
+	g.cond.Broadcast()
 }
 
 // addRoots records temporary roots and waits until the collector is
@@ -65,9 +97,7 @@ func (g *gcRun) addRoots(ps []storepath.Path) {
 	for _, h := range hashes {
 		g.temp[h] = true
 	}
-	for slices.ContainsFunc(hashes, func(h string) bool { return g.pending[h] }) {
-		g.cond.Wait()
-	}
+	g.waitWhile(func() bool { return slices.ContainsFunc(hashes, func(h string) bool { return g.pending[h] }) })
 }
 
 // clearPending says that the collector is done with every path it was
@@ -112,15 +142,21 @@ type collector struct {
 	keepOutput bool
 	// batch are dead paths not deleted yet, referrers first; they stay
 	// pending (see gcRun) until they are. A collection without a limit
-	// deletes up to gcBatch of them in one transaction, one with a limit
-	// (or of given paths) each as it is found, to stop at the limit.
-	batch []storepath.Path
+	// deletes up to gcBatch of them in one transaction, once the batch is
+	// full, gcBatchAge old, or a root waits for one of them; one with a
+	// limit (or of given paths) deletes each as it is found, to stop at
+	// the limit.
+	batch      []storepath.Path
+	batchStart time.Time
 }
 
 // gcBatch bounds the dead paths invalidated in one transaction: a write
 // transaction per path was most of the time a collection of many small
-// paths took.
-const gcBatch = 64
+// paths took. gcBatchAge bounds how long one waits.
+const (
+	gcBatch    = 64
+	gcBatchAge = 50 * time.Millisecond
+)
 
 // batchSize is how many dead paths the collection deletes at once.
 func (c *collector) batchSize() int {
@@ -526,7 +562,10 @@ func (c *collector) deleteReferrersClosure(ctx context.Context, start storepath.
 	closure, dead, err := c.visitReferrers(ctx, start)
 	if err != nil || !dead {
 		c.run.unpend(closure, c.dead)
-		return err
+		if err != nil {
+			return err
+		}
+		return c.flushDue(ctx)
 	}
 	return c.deleteDead(ctx, closure)
 }
@@ -645,42 +684,67 @@ func (c *collector) deleteDead(ctx context.Context, closure map[storepath.Path]b
 		return err
 	}
 	for _, p := range order {
-		if !c.dead[p] {
-			c.dead[p] = true
-			if c.del {
-				c.batch = append(c.batch, p)
+		if c.dead[p] {
+			continue
+		}
+		c.dead[p] = true
+		if !c.del {
+			continue
+		}
+		if len(c.batch) == 0 {
+			c.batchStart = time.Now()
+		}
+		c.batch = append(c.batch, p)
+		if len(c.batch) >= c.batchSize() {
+			if err := c.flush(ctx); err != nil {
+				return err
 			}
 		}
 	}
-	if !c.del {
-		c.run.clearPending()
+	if len(c.batch) == 0 {
+		c.run.clearPending() // the closure is done with
 		return nil
 	}
-	if len(c.batch) >= c.batchSize() {
+	return c.flushDue(ctx)
+}
+
+// flushDue deletes the queued dead paths if a root waits for one of them
+// or the oldest has waited gcBatchAge.
+func (c *collector) flushDue(ctx context.Context) error {
+	if len(c.batch) > 0 && (c.run.hasWaiting() || time.Since(c.batchStart) >= gcBatchAge) {
 		return c.flush(ctx)
 	}
 	return nil
 }
 
 // flush deletes the queued dead paths: invalidated in one transaction,
-// then their files removed; then none is pending any more.
+// then their files removed, each then no longer pending. One that a
+// valid path has come to refer to meanwhile is alive after all, and kept.
 func (c *collector) flush(ctx context.Context) error {
 	if len(c.batch) == 0 {
 		return nil
 	}
 	batch := c.batch
 	c.batch = nil
-	defer c.run.clearPending()
+	defer c.run.unpendPaths(batch)
 	runTestHook(&testHookClosureDead)
-	for _, p := range batch {
+	narSize := make([]uint64, len(batch))
+	for i, p := range batch {
 		if info, err := c.s.queryPathInfoDB(ctx, p); err == nil {
-			c.res.NarBytesFreed += info.NarSize
+			narSize[i] = info.NarSize
 		}
 	}
-	if err := c.s.invalidatePathsChecked(ctx, batch); err != nil {
+	kept, err := c.s.invalidatePathsChecked(ctx, batch)
+	if err != nil {
 		return err
 	}
-	for _, p := range batch {
+	for i, p := range batch {
+		if kept[p] {
+			delete(c.dead, p)
+			c.alive[p] = true
+			continue
+		}
+		c.res.NarBytesFreed += narSize[i]
 		if _, ok := c.s.lastUse.m.LoadAndDelete(p); ok {
 			c.s.lastUse.dirty.Store(true)
 		}
@@ -749,10 +813,13 @@ func (s *Store) topoSort(ctx context.Context, set map[storepath.Path]bool) ([]st
 }
 
 // invalidatePathsChecked removes ps from the database in one
-// transaction, in their order, refusing if valid paths other than each
-// one itself still refer to it then.
-func (s *Store) invalidatePathsChecked(ctx context.Context, ps []storepath.Path) error {
-	err := s.db.write(ctx, ps, func(tx *sql.Tx) error {
+// transaction, in their order, except those that valid paths other than
+// themselves refer to then (a path added meanwhile that refers to one):
+// kept names them.
+func (s *Store) invalidatePathsChecked(ctx context.Context, ps []storepath.Path) (kept map[storepath.Path]bool, err error) {
+	kept = map[storepath.Path]bool{}
+	err = s.db.write(ctx, ps, func(tx *sql.Tx) error {
+		clear(kept) // a retried transaction starts again
 		referrersOf, invalidate := tx.StmtContext(ctx, s.db.wReferrers), tx.StmtContext(ctx, s.db.wInvalidate)
 		for _, p := range ps {
 			rows, err := referrersOf.QueryContext(ctx, s.abs(p))
@@ -763,10 +830,9 @@ func (s *Store) invalidatePathsChecked(ctx context.Context, ps []storepath.Path)
 			if err != nil {
 				return err
 			}
-			for _, r := range referrers {
-				if r != p {
-					return errors.New(hint.Fmt("cannot delete path '%s' because it is in use by '%s'", s.abs(p), s.abs(r)))
-				}
+			if slices.ContainsFunc(referrers, func(r storepath.Path) bool { return r != p }) {
+				kept[p] = true
+				continue
 			}
 			if _, err := invalidate.ExecContext(ctx, s.abs(p)); err != nil {
 				return fmt.Errorf("invalidating %s: %w", s.abs(p), err)
@@ -775,9 +841,9 @@ func (s *Store) invalidatePathsChecked(ctx context.Context, ps []storepath.Path)
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("store: invalidating dead paths: %w", err)
+		return nil, fmt.Errorf("store: invalidating dead paths: %w", err)
 	}
-	return nil
+	return kept, nil
 }
 
 // deleteUnusedLinks removes files in .links that nothing else links to,

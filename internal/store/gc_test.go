@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -603,5 +604,100 @@ func TestBatchRootsReachNextCollector(t *testing.T) {
 		if !slices.Contains(heard, s.abs(p)) {
 			t.Errorf("the running collector never heard of the root %s (it heard %q)", p, heard)
 		}
+	}
+}
+
+// TestGCLimitDeletesWhatItInvalidates: a collection with a limit that
+// stops midway through a dead closure leaves no path invalidated with its
+// files still on disk, and counts only the NAR bytes it deleted.
+func TestGCLimitDeletesWhatItInvalidates(t *testing.T) {
+	ctx := context.Background()
+	for i := 0; ; i++ {
+		s, _ := testStore(t)
+		b := addText(t, s, "b", fmt.Sprintf("b%d", i)+strings.Repeat("x", 1000))
+		a := addText(t, s, "a", "a refers to "+s.abs(b), b)
+		if b.String() > a.String() {
+			continue // with equal last uses, the sweep must meet b first
+		}
+		res, err := s.CollectGarbage(ctx, GCOptions{Action: GCDeleteDead, MaxFreed: 1, LRU: true}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range []storepath.Path{a, b} {
+			valid, _ := s.IsValidPathFresh(ctx, p)
+			if _, err := os.Lstat(s.RealPath(p)); !valid && err == nil {
+				t.Errorf("%s is not valid but its files are still there", p)
+			}
+		}
+		if len(res.Paths) != 1 {
+			t.Errorf("deleted %q, want one path (the limit is one byte)", res.Paths)
+		}
+		return
+	}
+}
+
+// TestGCKeepsQueuedPathGivenReferrer: a dead path waiting to be deleted
+// that a path added meanwhile refers to is kept, and the collection goes
+// on.
+func TestGCKeepsQueuedPathGivenReferrer(t *testing.T) {
+	s, _ := testStore(t)
+	ctx := context.Background()
+	b := addText(t, s, "b", "b")
+	var y storepath.Path
+	var once sync.Once
+	hook := func() {
+		once.Do(func() {
+			info, err := s.AddToStoreContent(ctx, "y", contentaddress.Text, hash.SHA256, []storepath.Path{b}, strings.NewReader("y refers to "+s.abs(b)), false)
+			if err != nil {
+				t.Errorf("adding a path that refers to a queued one: %v", err)
+				return
+			}
+			y = info.Path
+		})
+	}
+	testHookClosureDead.Store(&hook)
+	defer testHookClosureDead.Store(nil)
+	if _, err := s.CollectGarbage(ctx, GCOptions{Action: GCDeleteDead, MaxFreed: math.MaxUint64}, nil); err != nil {
+		t.Fatalf("the collection failed: %v", err)
+	}
+	if y.IsZero() {
+		t.Fatal("the hook did not run")
+	}
+	if ok, _ := s.IsValidPathFresh(ctx, b); !ok {
+		t.Errorf("%s, which %s refers to, was deleted", b, y)
+	}
+	if _, err := os.Lstat(s.RealPath(b)); err != nil {
+		t.Errorf("%s's files: %v", b, err)
+	}
+}
+
+// TestGCFlushesForWaitingRoot: queued dead paths are deleted at the next
+// closure when a root waits for one of them, not only once the batch is
+// full or old.
+func TestGCFlushesForWaitingRoot(t *testing.T) {
+	s, _ := testStore(t)
+	ctx := context.Background()
+	b := addText(t, s, "b", "b")
+	c := s.newCollector(GCOptions{Action: GCDeleteDead, MaxFreed: math.MaxUint64}, func(string) {})
+	c.dead[b] = true
+	c.batch, c.batchStart = []storepath.Path{b}, time.Now()
+	c.run.pending[b.HashPart()] = true
+	if err := c.flushDue(ctx); err != nil || len(c.batch) != 1 {
+		t.Fatalf("a fresh batch with no root waiting was flushed: %v", err)
+	}
+	done := make(chan struct{})
+	go func() {
+		c.run.addRoot(b.HashPart())
+		close(done)
+	}()
+	for !c.run.hasWaiting() {
+		runtime.Gosched()
+	}
+	if err := c.flushDue(ctx); err != nil {
+		t.Fatal(err)
+	}
+	<-done
+	if ok, _ := s.IsValidPathFresh(ctx, b); ok || len(c.batch) != 0 {
+		t.Errorf("the batch a root waited for was not deleted (%s valid %v, %d queued)", b, ok, len(c.batch))
 	}
 }
