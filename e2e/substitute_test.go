@@ -1208,3 +1208,38 @@ func TestSubstituteNARGone(t *testing.T) {
 	}
 	d.assertFixture(t, out, dep)
 }
+
+// TestSubstituteHoldsPresentReferences: while a path downloads, the part
+// of its closure already in the store is held: a collection meanwhile
+// (anyone's, or the size budget's) does not take it, which failed the
+// substitution with "reference … is not valid" (nix-daemon's substitution
+// goals root each path before they look at it).
+func TestSubstituteHoldsPresentReferences(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	cacheDir, outs, deps := e.cachedFixtures(t, "none", "", "subst-held")
+	out, dep := outs[0], deps[0]
+	srv := cachetest.New(cacheDir)
+	defer srv.Close()
+	d := e.startDaemon(t, withConf("substituters = "+srv.URL, "require-sigs = false"))
+	d.nixStore(t, "-r", dep)
+
+	// out's download waits until the collection is over.
+	held, release := make(chan struct{}), make(chan struct{})
+	srv.Inject(narURL(t, cacheDir, out), cachetest.Fault{Held: func() { close(held) }, Release: release})
+	realised := make(chan result, 1)
+	go func() { realised <- d.client("nix-store", "-r", out).run(t) }()
+	select {
+	case <-held:
+	case r := <-realised:
+		t.Fatalf("nix-store -r ended before it downloaded:\n%s", r)
+	}
+	d.nixStore(t, "--gc")
+	close(release)
+	if r := <-realised; r.err != nil {
+		t.Errorf("nix-store -r, whose present reference a collection could take while it downloaded:\n%s", r)
+	}
+	if !d.isValid(t, out) || !d.isValid(t, dep) {
+		t.Errorf("after the substitution: %s valid %v, %s valid %v", out, d.isValid(t, out), dep, d.isValid(t, dep))
+	}
+}

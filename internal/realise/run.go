@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -226,16 +227,13 @@ func (r *Realiser) realiseOpaque(ctx context.Context, targets []store.DerivedPat
 // substitute.ErrNotFound if some path of the closures is in no cache, and
 // then nothing was fetched.
 func (r *Realiser) substituteEach(ctx context.Context, paths []storepath.Path, prog Progress) (map[storepath.Path]error, error) {
-	m, err := r.sub.QueryMissing(ctx, paths)
+	m, err := r.queryMissing(ctx, paths)
 	if err != nil {
 		return nil, err
 	}
 	warnEach(prog, m.Errors)
 	if len(m.Unknown) > 0 {
 		return nil, fmt.Errorf("%s: %w", r.m.st.Dir().Abs(m.Unknown[0]), substitute.ErrNotFound)
-	}
-	if err := r.tempRoots(ctx, paths, m); err != nil {
-		return nil, err
 	}
 	return r.sub.RealiseMissingEach(ctx, m, prog)
 }
@@ -376,16 +374,13 @@ func (r *Realiser) substitute(ctx context.Context, paths []storepath.Path, prog 
 	if r.sub == nil {
 		return false, fmt.Errorf("%s: %w", r.m.st.Dir().Abs(paths[0]), substitute.ErrNotFound)
 	}
-	m, err := r.sub.QueryMissing(ctx, paths)
+	m, err := r.queryMissing(ctx, paths)
 	if err != nil {
 		return false, err
 	}
 	warnEach(prog, m.Errors)
 	if len(m.WillSubstitute) == 0 && len(m.Unknown) == 0 {
 		return false, nil
-	}
-	if err := r.tempRoots(ctx, paths, m); err != nil {
-		return false, err
 	}
 	if len(m.Unknown) > 0 {
 		// Realise walks the closure again and says why each is missing.
@@ -399,23 +394,51 @@ func (r *Realiser) substitute(ctx context.Context, paths []storepath.Path, prog 
 	return true, nil
 }
 
-// tempRoots gives paths and everything m will fetch a temporary root in
-// the session.
-func (r *Realiser) tempRoots(ctx context.Context, paths []storepath.Path, m *substitute.Missing) error {
+// queryMissing is the substituter's QueryMissing, with what it found
+// held by the session: the paths asked for, those to fetch, and the valid
+// paths these refer to (Nix's substitution goals take a root on a path
+// before they look at it: a collection must not take the part of a
+// closure that is there already while the rest downloads). If a valid
+// path was collected before it was held, the closure is looked at again.
+func (r *Realiser) queryMissing(ctx context.Context, paths []storepath.Path) (*substitute.Missing, error) {
+	for try := 1; ; try++ {
+		m, err := r.sub.QueryMissing(ctx, paths)
+		if err != nil {
+			return nil, err
+		}
+		gone, err := r.hold(ctx, paths, m)
+		if err != nil || !gone || try == 3 {
+			return m, err
+		}
+	}
+}
+
+// hold gives paths, everything m will fetch and the valid paths those
+// refer to a temporary root in the session; gone reports that one of the
+// valid ones is no longer valid once held.
+func (r *Realiser) hold(ctx context.Context, paths []storepath.Path, m *substitute.Missing) (gone bool, err error) {
 	if r.session == nil {
-		return nil
+		return false, nil
 	}
-	for _, p := range paths {
-		if err := r.session.AddTempRoot(ctx, p); err != nil {
-			return fmt.Errorf("adding a temporary root: %w", err)
+	roots := slices.Clone(paths)
+	boundary := map[storepath.Path]bool{}
+	for p, info := range m.WillSubstitute {
+		roots = append(roots, p)
+		for _, ref := range info.References {
+			if _, fetched := m.WillSubstitute[ref]; !fetched && !slices.Contains(m.Unknown, ref) {
+				boundary[ref] = true
+			}
 		}
 	}
-	for p := range m.WillSubstitute {
-		if err := r.session.AddTempRoot(ctx, p); err != nil {
-			return fmt.Errorf("adding a temporary root: %w", err)
-		}
+	held := slices.Collect(maps.Keys(boundary))
+	if err := r.session.AddTempRoots(ctx, append(roots, held...)); err != nil {
+		return false, fmt.Errorf("adding temporary roots: %w", err)
 	}
-	return nil
+	valid, err := r.m.st.QueryValidPaths(ctx, held)
+	if err != nil {
+		return false, err
+	}
+	return len(valid) < len(held), nil
 }
 
 // notSubstituted is the error of a path whose download failed: with its
@@ -540,7 +563,7 @@ func (r *Realiser) substituteComplete(ctx context.Context, paths []storepath.Pat
 	if r.sub == nil {
 		return false, nil
 	}
-	m, err := r.sub.QueryMissing(ctx, paths)
+	m, err := r.queryMissing(ctx, paths)
 	if err != nil {
 		return false, err
 	}
@@ -550,9 +573,6 @@ func (r *Realiser) substituteComplete(ctx context.Context, paths []storepath.Pat
 		return false, nil
 	case len(m.WillSubstitute) == 0:
 		return true, nil
-	}
-	if err := r.tempRoots(ctx, paths, m); err != nil {
-		return true, err
 	}
 	return true, r.sub.RealiseMissing(ctx, m, prog)
 }
