@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -686,4 +687,47 @@ func TestCIDoctorStatic(t *testing.T) {
 			t.Errorf("the static doctor in a bare job lacks %q:\n%s", want, out)
 		}
 	}
+}
+
+// TestListenMaxConnections: a --listen socket with max-connections=N
+// closes, unheard, a connection beyond N open ones (a flood on one job
+// socket cannot take the daemon's descriptors from the others); once one
+// ends, the real client is served again.
+func TestListenMaxConnections(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("--listen is nixyard's")
+	}
+	e := newEnv(t)
+	sock := filepath.Join(e.dir, "job.sock")
+	d := e.startDaemon(t, withDaemonArgs("--listen", sock+",trusted=false,tenant=capped,max-connections=2"))
+	store := "unix://" + sock + "?root=" + d.root
+	ping := func() result { return e.cmd("nix", "store", "ping", "--store", store).run(t) }
+	if r := ping(); r.err != nil {
+		t.Fatalf("ping through the capped socket:\n%s", r)
+	}
+	var held []net.Conn
+	for range 2 {
+		c, err := net.Dial("unix", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, c)
+	}
+	waitFor(t, "the held connections to be accepted", func() bool {
+		log, _ := os.ReadFile(d.logPath)
+		n := 0
+		for _, l := range strings.Split(string(log), "\n") {
+			if strings.Contains(l, "accepted connection") && strings.Contains(l, "tenant=capped") {
+				n++
+			}
+		}
+		return n >= 3 // the ping's, and the two held
+	})
+	if r := ping(); r.err == nil {
+		t.Errorf("a third connection to a socket with max-connections=2 was served:\n%s", r)
+	}
+	held[0].Close()
+	waitFor(t, "the client to be served again", func() bool { return ping().err == nil })
+	held[1].Close()
 }
