@@ -737,6 +737,24 @@ func TestNarFromPathHoldsPath(t *testing.T) {
 	d.assertGone(t, "a collection after the NAR was sent", p)
 }
 
+// collectWhileDownloading runs cmd, and a collection through d while cmd's
+// download of narURL from srv waits; it returns cmd's result.
+func collectWhileDownloading(t *testing.T, d *daemon, srv *cachetest.Server, narURL string, cmd *command) result {
+	t.Helper()
+	held, release := make(chan struct{}), make(chan struct{})
+	srv.Inject(narURL, cachetest.Fault{Held: func() { close(held) }, Release: release})
+	done := make(chan result, 1)
+	go func() { done <- cmd.run(t) }()
+	select {
+	case <-held:
+	case r := <-done:
+		t.Fatalf("the command ended before it downloaded:\n%s", r)
+	}
+	d.nixStore(t, "--gc")
+	close(release)
+	return <-done
+}
+
 // TestCopyHoldsValidPaths: the paths a client was told are valid stay
 // while it is connected. `nix copy --to` the daemon asks which paths it
 // has (QueryValidPaths) and sends only the others, which refer to them;
@@ -758,18 +776,8 @@ func TestCopyHoldsValidPaths(t *testing.T) {
 	e.cmd("nix", append(from, dep)...).ok(t)
 
 	// The download of out waits until the collection is over.
-	held, release := make(chan struct{}), make(chan struct{})
-	srv.Inject(narURL(t, cacheDir, out), cachetest.Fault{Held: func() { close(held) }, Release: release})
-	copied := make(chan result, 1)
-	go func() { copied <- e.cmd("nix", append(from, out)...).run(t) }()
-	select {
-	case <-held:
-	case r := <-copied:
-		t.Fatalf("the copy ended before it downloaded:\n%s", r)
-	}
-	d.nixStore(t, "--gc")
-	close(release)
-	if r := <-copied; r.err != nil {
+	r := collectWhileDownloading(t, d, srv, narURL(t, cacheDir, out), e.cmd("nix", append(from, out)...))
+	if r.err != nil {
 		t.Errorf("nix copy, whose reference was collected while it downloaded:\n%s", r)
 	}
 	if !d.isValid(t, out) || !d.isValid(t, dep) {

@@ -1225,18 +1225,7 @@ func TestSubstituteHoldsPresentReferences(t *testing.T) {
 	d.nixStore(t, "-r", dep)
 
 	// out's download waits until the collection is over.
-	held, release := make(chan struct{}), make(chan struct{})
-	srv.Inject(narURL(t, cacheDir, out), cachetest.Fault{Held: func() { close(held) }, Release: release})
-	realised := make(chan result, 1)
-	go func() { realised <- d.client("nix-store", "-r", out).run(t) }()
-	select {
-	case <-held:
-	case r := <-realised:
-		t.Fatalf("nix-store -r ended before it downloaded:\n%s", r)
-	}
-	d.nixStore(t, "--gc")
-	close(release)
-	if r := <-realised; r.err != nil {
+	if r := collectWhileDownloading(t, d, srv, narURL(t, cacheDir, out), d.client("nix-store", "-r", out)); r.err != nil {
 		t.Errorf("nix-store -r, whose present reference a collection could take while it downloaded:\n%s", r)
 	}
 	if !d.isValid(t, out) || !d.isValid(t, dep) {
