@@ -15,7 +15,9 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 )
 
 // Derivations with builtin builders (builtin:buildenv, builtin:fetchurl,
@@ -355,5 +357,44 @@ in { good = unpack %s; named = unpack %s; two = unpack %s; escape = unpack %s; }
 	// top/../../evil from the output <store>/<hash>-channel is <store>/evil.
 	if _, err := os.Lstat(filepath.Join(b.root, "nix", "store", "evil")); err == nil {
 		t.Errorf("the escaping entry was written outside the output")
+	}
+}
+
+// TestBuiltinFetchurlSharedTimeout: a client's short --timeout does not
+// stop a builtin:fetchurl download that another client, without one,
+// waits for; both get the file (as TestBuildSharedTimeout for a builder).
+func TestBuiltinFetchurlSharedTimeout(t *testing.T) {
+	t.Parallel()
+	skipStockBuiltins(t)
+	e := newEnv(t)
+	content := []byte("slowly fetched " + e.nonce + "\n")
+	sum := sha256.Sum256(content)
+	requested, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		once.Do(func() { close(requested) })
+		select {
+		case <-release:
+			w.Write(content)
+		case <-r.Context().Done():
+		}
+	}))
+	defer srv.Close()
+	b := e.startBuildDaemon(t)
+	args := b.expr(t, "fetchshared", fmt.Sprintf(`{ file = (import <nix/fetchurl.nix>) { url = "%s/file"; hash = "sha256-%s"; }; }`,
+		srv.URL, base64.StdEncoding.EncodeToString(sum[:])))
+	short := make(chan result, 1)
+	go func() {
+		short <- b.nixBuild(append(args, "-A", "file", "--no-out-link", "--option", "timeout", "2")...).run(t)
+	}()
+	<-requested
+	long := make(chan result, 1)
+	go func() { long <- b.nixBuild(append(args, "-A", "file", "--no-out-link")...).run(t) }()
+	time.Sleep(4 * time.Second) // past the first client's timeout (the second had 2 s to join)
+	close(release)
+	for who, ch := range map[string]chan result{"with --timeout 2": short, "without": long} {
+		if r := <-ch; r.err != nil {
+			t.Errorf("the client %s:\n%s", who, r)
+		}
 	}
 }
