@@ -356,42 +356,18 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		buildCfg.Metrics = mets
 	}
 	if opts.pushTo != "" {
-		target, pushOpts, err := cache.OpenTarget(ctx, opts.pushTo, logger)
-		if err != nil {
-			return fmt.Errorf("--push-to: %w", err)
-		}
-		pusher, err := cache.NewPusher(st, target, pushOpts, filepath.Join(layout.StateDir, "nixyard-push"), secretKeys, logger)
+		pusher, err := startPusher(ctx, opts.pushTo, st, layout, secretKeys, mets, logger)
 		if err != nil {
 			return err
 		}
-		if mets != nil {
-			pusher.OnPushed = mets.Pushed
-			mets.PushQueue(pusher.QueueLen)
-		}
-		if len(secretKeys) == 0 && len(pushOpts.Keys) == 0 {
-			logger.Warn("--push-to without secret-key-files or secret-key=: what is pushed is not signed")
-		}
 		defer pusher.Start(ctx)() // stopped before the store closes
 		buildCfg.OnBuilt = pusher.EnqueueBuilt
-		logger.Info("pushing built outputs", "to", target.String())
 	}
 	var hookListener net.Listener
 	if !opts.stdio {
-		// The build hook reaches the store through a socket of its own.
-		l, path, err := daemon.ListenHookSocket(layout.StateDir)
-		if err != nil {
-			logger.Warn("no socket for the build hook: no builds are sent to remote builders", "err", err)
-		} else {
-			hookListener = l
-			defer os.Remove(path)
-			if layout.Root != "" {
-				buildCfg.HookStore = "unix://" + path + "?root=" + url.QueryEscape(layout.Root)
-			} else {
-				// As nix-daemon's hook, which opens "local", the hook's
-				// messages then name no store.
-				buildCfg.HookStore, buildCfg.HookSocket = "daemon", path
-			}
-		}
+		var removeSocket func()
+		hookListener, removeSocket = listenHook(layout, &buildCfg, logger)
+		defer removeSocket()
 	}
 	builder, err := build.New(buildCfg, st)
 	if err != nil {
@@ -428,18 +404,7 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		Busy:            cacheBusy,
 	})
 	if opts.stdio {
-		// A client gone while the daemon writes to it must not kill the
-		// daemon with SIGPIPE (Go's default for standard output) before
-		// its builds have cleaned up. Notify, not Ignore: an ignored
-		// signal would stay ignored in the builders it starts.
-		sigpipe := make(chan os.Signal, 1)
-		signal.Notify(sigpipe, syscall.SIGPIPE)
-		defer signal.Stop(sigpipe)
-		err := srv.ServeConn(ctx, os.Stdin, os.Stdout, true)
-		// A build its client left is being stopped: let it clean up
-		// (sandbox, build directory) before the process ends.
-		awaitBuilds(builder, logger)
-		return err
+		return serveStdio(ctx, srv, builder, logger)
 	}
 	ls, err := listenAll(layout.SocketPath, opts.listens, logger)
 	if err != nil {
@@ -455,6 +420,65 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 	// directory, locks) before the process ends.
 	awaitBuilds(builder, logger)
 	return err
+}
+
+// serveStdio serves the one client on standard input and output (an
+// ssh-ng session), then lets its stopped builds clean up.
+func serveStdio(ctx context.Context, srv *daemon.Server, builder *build.Builder, logger *slog.Logger) error {
+	// A client gone while the daemon writes to it must not kill the
+	// daemon with SIGPIPE (Go's default for standard output) before its
+	// builds have cleaned up. Notify, not Ignore: an ignored signal would
+	// stay ignored in the builders it starts.
+	sigpipe := make(chan os.Signal, 1)
+	signal.Notify(sigpipe, syscall.SIGPIPE)
+	defer signal.Stop(sigpipe)
+	err := srv.ServeConn(ctx, os.Stdin, os.Stdout, true)
+	// A build its client left is being stopped: let it clean up (sandbox,
+	// build directory) before the process ends.
+	awaitBuilds(builder, logger)
+	return err
+}
+
+// startPusher makes the pusher of --push-to TARGET (not started), counted
+// in mets if not nil.
+func startPusher(ctx context.Context, target string, st *store.Store, layout config.Layout, secretKeys []signature.SecretKey, mets *metrics.Metrics, logger *slog.Logger) (*cache.Pusher, error) {
+	tgt, pushOpts, err := cache.OpenTarget(ctx, target, logger)
+	if err != nil {
+		return nil, fmt.Errorf("--push-to: %w", err)
+	}
+	pusher, err := cache.NewPusher(st, tgt, pushOpts, filepath.Join(layout.StateDir, "nixyard-push"), secretKeys, logger)
+	if err != nil {
+		return nil, err
+	}
+	if mets != nil {
+		pusher.OnPushed = mets.Pushed
+		mets.PushQueue(pusher.QueueLen)
+	}
+	if len(secretKeys) == 0 && len(pushOpts.Keys) == 0 {
+		logger.Warn("--push-to without secret-key-files or secret-key=: what is pushed is not signed")
+	}
+	logger.Info("pushing built outputs", "to", tgt.String())
+	return pusher, nil
+}
+
+// listenHook opens the socket through which the build hook reaches the
+// store and points buildCfg at it; without it (an error, logged), no
+// builds go to remote builders, and the listener is nil. The returned
+// function removes the socket.
+func listenHook(layout config.Layout, buildCfg *build.Config, logger *slog.Logger) (net.Listener, func()) {
+	l, path, err := daemon.ListenHookSocket(layout.StateDir)
+	if err != nil {
+		logger.Warn("no socket for the build hook: no builds are sent to remote builders", "err", err)
+		return nil, func() {}
+	}
+	if layout.Root != "" {
+		buildCfg.HookStore = "unix://" + path + "?root=" + url.QueryEscape(layout.Root)
+	} else {
+		// As nix-daemon's hook, which opens "local", the hook's messages
+		// then name no store.
+		buildCfg.HookStore, buildCfg.HookSocket = "daemon", path
+	}
+	return l, func() { os.Remove(path) }
 }
 
 // awaitBuilds waits up to 30 s for the builder's stopped builds to clean
