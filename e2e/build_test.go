@@ -1638,3 +1638,23 @@ func TestBuildProgressOrder(t *testing.T) {
 		t.Errorf("the build's start (line %d) and the progress counting it running (line %d):\n%s", started, counted, r.stderr)
 	}
 }
+
+// TestKeepGoingFailureBeforeNextBuild: with --keep-going and one build at
+// a time, a failed input's error comes before the next build starts, as
+// from nix-daemon (whose worker logs a failed goal's error before it
+// starts the next build).
+func TestKeepGoingFailureBeforeNextBuild(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t, "max-jobs = 1")
+	args := b.expr(t, "kgorder", `rec {
+  dfa = mk { name = "kgorder-a"; script = "echo a-fails; exit 3"; };
+  dfb = mk { name = "kgorder-b"; script = "echo b-fails; exit 3"; };
+  top = mk { name = "kgorder-top"; inherit dfa dfb; script = "echo > $out"; };
+}`)
+	stderr := b.nixBuild(append(args, "-A", "top", "--no-out-link", "-k")...).fails(t)
+	firstError := strings.Index(stderr, "failed with exit code 3")
+	starts := regexp.MustCompile(`building '[^']*-kgorder-[ab]\.drv'`).FindAllStringIndex(stderr, -1)
+	if firstError < 0 || len(starts) != 2 || firstError > starts[1][0] {
+		t.Errorf("the second build started before the first one's error was told:\n%s", stderr)
+	}
+}

@@ -265,10 +265,13 @@ type goal struct {
 	running    bool
 	// shown: the callers were told that the builder started
 	// (BuildStarted), and not yet that it ended (see goal.run).
-	shown    bool
-	stopping bool   // cancelled once its last waiter left: joined by no one since
-	machine  string // the machine that builds it (a remote build), set before it runs
-	round    Round  // the builder's round, set before it runs
+	shown bool
+	// failureTold: the callers were told of the goal's failure (its
+	// builder's) before it ended (see tellFailure).
+	failureTold bool
+	stopping    bool   // cancelled once its last waiter left: joined by no one since
+	machine     string // the machine that builds it (a remote build), set before it runs
+	round       Round  // the builder's round, set before it runs
 	// held is what a repeated build keeps from one round to the next (see
 	// buildRounds); only the goal's own goroutine uses it.
 	held roundHold
@@ -592,6 +595,19 @@ func (g *goal) modeVerb() string {
 	return "checking"
 }
 
+// tellFailure tells the callers of the failure of the goal's builder,
+// which will be the goal's result, before the goal ends.
+func (g *goal) tellFailure(f *failure) {
+	res := Result{Status: f.Status, ErrorMsg: f.Msg, HashMismatch: f.hashMismatch, TimesBuilt: f.timesBuilt}
+	drvAbs := g.b.abs(g.drvPath)
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.failureTold = true
+	for c := range g.subs {
+		c.emit(func(p Progress) { p.GoalFailed(drvAbs, res) })
+	}
+}
+
 // setRunning marks the goal's builder as running or not, counts it for
 // every caller and, when it starts, tells them (under g.mu, so that a
 // caller subscribing meanwhile hears of the start exactly once: see
@@ -670,7 +686,7 @@ func (g *goal) run(ctx context.Context) {
 	g.mu.Lock()
 	for c := range g.subs {
 		c.count(counts{expected: -1, running: -g.stopRunningFor(c), done: done, failed: failed})
-		if ownFailure && res.ErrorMsg != "" {
+		if ownFailure && res.ErrorMsg != "" && !g.failureTold {
 			c.emit(func(p Progress) { p.GoalFailed(drvAbs, res) })
 		}
 		// As Nix's goal's build activity, which ends with the goal,

@@ -373,8 +373,14 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 		status, runErr = j.execute(ctx, j.spec)
 	}
 	g.setRunning(false)
-	if (runErr != nil || j.killMsg != "" || !status.Exited() || status.ExitStatus() != 0) && ctx.Err() == nil {
+	builderFail := j.builderFailure(runErr, status)
+	if builderFail != nil && ctx.Err() == nil {
 		g.failing()
+		if !j.trial {
+			// Told before the slot goes, as Nix's worker logs a failed
+			// goal's error before it starts the next build.
+			g.tellFailure(builderFail)
+		}
 	}
 	release()
 	if _, err := j.logFile.Seek(0, io.SeekStart); err == nil && !b.cfg.NoBuildLogs {
@@ -396,44 +402,8 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 		g.mu.Unlock()
 		g.each(func(c *call) { c.emit(func(p Progress) { p.BuildFinished(j.drvAbs, err) }) })
 	}()
-	keepFailed := g.keepFailed()
-	switch {
-	case runErr != nil:
-		j.keep = keepFailed
-		return j.failf(MiscFailure, 0, "%v", runErr)
-	case j.killMsg != "":
-		j.keep = keepFailed
-		return j.failf(j.killStatus, 1, "%s", j.killMsg)
-	case !status.Exited() || status.ExitStatus() != 0:
-		j.keep = keepFailed
-		msg := fmt.Sprintf("builder for '%s' %s", hint.Y(j.drvAbs), statusString(status))
-		if len(j.logTail) > 0 {
-			msg += fmt.Sprintf(";\nlast %d log lines:\n", len(j.logTail))
-			for _, l := range j.logTail {
-				msg += "> " + l + "\n"
-			}
-			msg += fmt.Sprintf("For full logs, run '%s'.", hint.B("nix log "+j.drvAbs))
-		}
-		// As Nix: a fixed-output derivation (which may use the network)
-		// failing may succeed another time; a build hook that failed is a
-		// miscellaneous failure, unless it says it timed out (101).
-		st := PermanentFailure
-		if kind, _ := g.drv.Kind(); kind == derivation.FixedOutput {
-			st = TransientFailure
-		}
-		// As Nix: a builder that failed with the store's or the build
-		// directory's file system (nearly) full may have failed for it.
-		if j.remote == nil && j.diskFull() {
-			msg += "\nnote: build failure may have been caused by lack of free disk space"
-			st = TransientFailure
-		}
-		if j.remote != nil {
-			st = MiscFailure
-			if status.Exited() && status.ExitStatus() == 101 {
-				st = TimedOut
-			}
-		}
-		return j.failf(st, 1, "%s", msg)
+	if builderFail != nil {
+		return builderFail
 	}
 	if j.trial || j.prev != nil {
 		if f := j.compareRound(ctx); f != nil {
@@ -448,13 +418,59 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 			return f
 		}
 	} else if f := j.register(ctx, locks); f != nil {
-		j.keep = keepFailed
+		j.keep = g.keepFailed()
 		return f
 	}
 	if f := b.cfg.OnBuilt; f != nil && g.mode == ModeNormal {
 		f(slices.Collect(maps.Values(j.outputs)))
 	}
 	return j.postBuildHook(ctx)
+}
+
+// builderFailure is the failure of a builder that ended with runErr (it
+// did not run) or status, or that was killed (killMsg); nil if it
+// succeeded. A failed build's directory is kept with keep-failed.
+func (j *job) builderFailure(runErr error, status syscall.WaitStatus) *failure {
+	g := j.g
+	switch {
+	case runErr != nil:
+		j.keep = g.keepFailed()
+		return j.failf(MiscFailure, 0, "%v", runErr)
+	case j.killMsg != "":
+		j.keep = g.keepFailed()
+		return j.failf(j.killStatus, 1, "%s", j.killMsg)
+	case status.Exited() && status.ExitStatus() == 0:
+		return nil
+	}
+	j.keep = g.keepFailed()
+	msg := fmt.Sprintf("builder for '%s' %s", hint.Y(j.drvAbs), statusString(status))
+	if len(j.logTail) > 0 {
+		msg += fmt.Sprintf(";\nlast %d log lines:\n", len(j.logTail))
+		for _, l := range j.logTail {
+			msg += "> " + l + "\n"
+		}
+		msg += fmt.Sprintf("For full logs, run '%s'.", hint.B("nix log "+j.drvAbs))
+	}
+	// As Nix: a fixed-output derivation (which may use the network)
+	// failing may succeed another time; a build hook that failed is a
+	// miscellaneous failure, unless it says it timed out (101).
+	st := PermanentFailure
+	if kind, _ := g.drv.Kind(); kind == derivation.FixedOutput {
+		st = TransientFailure
+	}
+	// As Nix: a builder that failed with the store's or the build
+	// directory's file system (nearly) full may have failed for it.
+	if j.remote == nil && j.diskFull() {
+		msg += "\nnote: build failure may have been caused by lack of free disk space"
+		st = TransientFailure
+	}
+	if j.remote != nil {
+		st = MiscFailure
+		if status.Exited() && status.ExitStatus() == 101 {
+			st = TimedOut
+		}
+	}
+	return j.failf(st, 1, "%s", msg)
 }
 
 // environment returns the builder's environment, as Nix 2.8's initEnv,
