@@ -21,6 +21,7 @@ import (
 	"github.com/nixyard/nixyard/internal/daemon"
 	"github.com/nixyard/nixyard/internal/daemon/client"
 	"github.com/nixyard/nixyard/internal/daemon/wire"
+	"github.com/nixyard/nixyard/internal/nix/hint"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
 
@@ -66,8 +67,10 @@ func (r *Report) Write(w io.Writer) error {
 	return nil
 }
 
+// add records a check; the daemon's messages it quotes lose their
+// terminal highlighting (a report goes to a CI job's log).
 func (r *Report) add(name string, st Status, format string, args ...any) {
-	r.Checks = append(r.Checks, Check{Name: name, Status: st, Detail: fmt.Sprintf(format, args...)})
+	r.Checks = append(r.Checks, Check{Name: name, Status: st, Detail: hint.Strip(fmt.Sprintf(format, args...))})
 }
 
 // ParseStoreURL returns the socket and store root of a daemon store URL:
