@@ -1658,3 +1658,27 @@ func TestKeepGoingFailureBeforeNextBuild(t *testing.T) {
 		t.Errorf("the second build started before the first one's error was told:\n%s", stderr)
 	}
 }
+
+// TestOneRunningAtATime: with one build at a time, the build counters
+// never count two running (the next build starts while the previous one's
+// outputs are registered), as with nix-daemon.
+func TestOneRunningAtATime(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t, "max-jobs = 1")
+	args := b.expr(t, "onerunning", `rec {
+  a = mk { name = "onerunning-a"; script = "sleep 0.5; echo > $out"; };
+  b = mk { name = "onerunning-b"; script = "sleep 0.5; echo > $out"; };
+  top = mk { name = "onerunning-top"; inherit a b; script = "echo > $out"; };
+}`)
+	r := b.client("nix", append([]string{"build", "-f"}, append(args, "top", "--no-link", "--log-format", "internal-json")...)...).run(t)
+	if r.err != nil {
+		t.Fatalf("nix build:\n%s", r)
+	}
+	const actBuilds, resProgress = 104, 105
+	for _, e := range logEvents(r.stderr) {
+		if e.Action == "result" && e.ActType == actBuilds && e.Type == resProgress && len(e.Fields) == 4 && e.Fields[2].(float64) > 1 {
+			t.Errorf("the build counters %v count %v running with max-jobs = 1:\n%s", e.Fields, e.Fields[2], r)
+			break
+		}
+	}
+}

@@ -618,8 +618,14 @@ func (g *goal) setRunning(on bool) {
 	g.running = on
 	g.shown = g.shown || on
 	if !on {
-		// Counted as running until the goal ends, as Nix counts it, so
-		// that the build is never seen neither running nor done.
+		// Off the running builds as its slot goes back (the next build
+		// may start while this one's outputs are registered: one build
+		// at a time is never counted as two running); counted done or
+		// failed when the goal ends, and its activity stops then.
+		for c := range g.runningFor {
+			c.count(counts{running: -1})
+		}
+		clear(g.runningFor)
 		return
 	}
 	drvAbs := g.b.abs(g.drvPath)
