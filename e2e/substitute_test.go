@@ -209,6 +209,8 @@ func TestSubstituteFallback(t *testing.T) {
 	args := append([]string{"--no-out-link"}, e.fixtureArgs(t, "subst-fallback")...)
 	if r := d.client("nix-build", args...).run(t); r.err == nil {
 		t.Fatalf("nix-build succeeded with a corrupt NAR in the cache and no --fallback:\n%s", r)
+	} else if strings.Count(r.stderr, "hash mismatch") != 1 || !strings.Contains(r.stderr, "try '--fallback' to build derivation from source") || strings.Contains(r.stderr, "store:") {
+		t.Errorf("nix-build of a derivation whose output's NAR is corrupt: want the download's error once, then Nix's advice:\n%s", r)
 	}
 	if d.isValid(t, out) {
 		t.Fatalf("%s is valid after a failed substitution", out)

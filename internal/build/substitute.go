@@ -2,11 +2,11 @@ package build
 
 import (
 	"context"
-	"fmt"
 	"maps"
 	"slices"
 
 	"github.com/nixyard/nixyard/internal/nix/derivation"
+	"github.com/nixyard/nixyard/internal/nix/hint"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
@@ -75,7 +75,7 @@ func (c *call) trySubstitute(ctx context.Context, drvPath storepath.Path, outs m
 			b.log.Warn("substitution failed, building", "drv", b.abs(drvPath), "err", err)
 			return Result{}, false
 		}
-		return Result{Status: MiscFailure, ErrorMsg: fmt.Sprintf("some substitutes for the outputs of derivation '%s' failed (usually happens due to networking issues); try '--fallback' to build derivation from source ", b.abs(drvPath))}, true
+		return Result{Status: MiscFailure, ErrorMsg: hint.Fmt("some substitutes for the outputs of derivation '%s' failed (usually happens due to networking issues); try '--fallback' to build derivation from source ", b.abs(drvPath))}, true
 	}
 	return Result{Status: Substituted}, true
 }

@@ -359,7 +359,10 @@ func (r *Realiser) realiseOne(ctx context.Context, t store.DerivedPath, prog Pro
 			return res, true, nil
 		}
 		res.Status = TransientFailure
-		res.ErrorMsg = fmt.Sprintf("some substitutes for the outputs of derivation '%s' failed (usually happens due to networking issues); try '--fallback' to build derivation from source: %v", abs, err)
+		res.ErrorMsg = substitutesFailed(abs)
+		if !substitute.Shown(err) {
+			res.ErrorMsg += fmt.Sprintf("(%v)", err) // the client has not heard why
+		}
 		return res, false, nil
 	}
 	res.Status = Substituted
@@ -439,6 +442,12 @@ func (r *Realiser) hold(ctx context.Context, paths []storepath.Path, m *substitu
 		return false, err
 	}
 	return len(valid) < len(held), nil
+}
+
+// substitutesFailed is Nix's error for a derivation whose outputs a cache
+// has but could not give (with its trailing space).
+func substitutesFailed(drv string) string {
+	return hint.Fmt("some substitutes for the outputs of derivation '%s' failed (usually happens due to networking issues); try '--fallback' to build derivation from source ", drv)
 }
 
 // notSubstituted is the error of a path whose download failed: with its

@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nixyard/nixyard/internal/nix/hint"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
@@ -311,7 +312,11 @@ func (s *Substituter) fetchPath(ctx context.Context, p storepath.Path, h *hub) (
 			return ctx.Err()
 		}
 		errs = append(errs, err)
-		s.log.Warn("substitution from upstream failed; trying the next", "path", abs, "upstream", up.base, "err", err)
+		narURL := ""
+		if info != nil {
+			narURL = up.urlOf(info.URL)
+		}
+		s.log.Warn("substitution from upstream failed; trying the next", "path", abs, "upstream", up.base, "nar", narURL, "err", err)
 	}
 	if len(errs) == 0 {
 		return fmt.Errorf("substituting %s: %w", abs, ErrNotFound)
@@ -339,7 +344,7 @@ func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h 
 		})
 	})
 	if errors.Is(err, errNotFound) {
-		err = &missingNARError{url: up.urlOf(info.URL), upstream: up.base}
+		err = &missingNARError{url: info.URL, upstream: up.base}
 		s.markGone(up, info.StorePath)
 	}
 	h.emit(Event{Kind: EventStop, Type: ActCopyPath, ID: cpID, Parent: subID, Path: info.StorePath, Err: err})
@@ -351,7 +356,8 @@ func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h 
 }
 
 // missingNARError says, in Nix's words, that the NAR a narinfo points at
-// is not in its cache, naming the NAR by its URL. It is errNotFound.
+// is not in its cache, naming the NAR by its URL (relative to the cache,
+// as the narinfo gives it). It is errNotFound.
 type missingNARError struct{ url, upstream string }
 
 // shownError is a download that failed, which the callers were told of
@@ -399,7 +405,7 @@ func allFailures(err error, is func(error) bool) bool {
 }
 
 func (e *missingNARError) Error() string {
-	return fmt.Sprintf("file '%s' does not exist in binary cache '%s'", e.url, e.upstream)
+	return hint.Fmt("file '%s' does not exist in binary cache '%s'", e.url, e.upstream)
 }
 
 func (e *missingNARError) Unwrap() error { return errNotFound }
@@ -520,8 +526,21 @@ func (s *Substituter) streamInto(ctx context.Context, up *upstream, info *Info, 
 	if ctx.Err() != nil {
 		return err
 	}
-	return fmt.Errorf("%s: %w", b.url, err)
+	// In Nix's words: the client is told which path and which cache.
+	if errors.Is(err, io.ErrUnexpectedEOF) {
+		return &saidError{hint.Fmt("NAR for '%s' fetched from '%s' is incomplete", s.cfg.StoreDir.Abs(info.StorePath), up.base), err}
+	}
+	return err
 }
+
+// saidError is err told in other words (Nix's), which are its message.
+type saidError struct {
+	msg string
+	err error
+}
+
+func (e *saidError) Error() string { return e.msg }
+func (e *saidError) Unwrap() error { return e.err }
 
 // countReader reports the running totals that gate passes, the last at
 // EOF or total, and calls atTotal (if set) once total bytes have been read.
