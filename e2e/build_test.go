@@ -1072,7 +1072,7 @@ func TestBuildStdioClientHangsUp(t *testing.T) {
 		}
 	}
 	// (nix-daemon 2.8 may leave its sandbox root behind here.)
-	if left, _ := filepath.Glob(filepath.Join(b.root, "nix/store/*.chroot")); len(left) > 0 && !useStock {
+	if left, _ := filepath.Glob(filepath.Join(b.root, "nix/store/*.chroot*")); len(left) > 0 && !useStock {
 		t.Errorf("the stdio daemon left %v", left)
 	}
 }
@@ -1487,7 +1487,7 @@ func TestStopLetsBuildsFinish(t *testing.T) {
 	if builderRunning(t, "stop-now-"+b.nonce) {
 		t.Error("the builder still runs after the daemon stopped")
 	}
-	if left, _ := filepath.Glob(filepath.Join(d.root, "nix/store/*.chroot")); len(left) > 0 {
+	if left, _ := filepath.Glob(filepath.Join(d.root, "nix/store/*.chroot*")); len(left) > 0 {
 		t.Errorf("the stopped daemon left %v", left)
 	}
 }
@@ -1680,5 +1680,55 @@ func TestOneRunningAtATime(t *testing.T) {
 			t.Errorf("the build counters %v count %v running with max-jobs = 1:\n%s", e.Fields, e.Fields[2], r)
 			break
 		}
+	}
+}
+
+// TestBuildBesideRealNix: real Nix building a derivation in the store
+// directly (or a second daemon, during an upgrade) while the daemon is
+// asked for the same one: the daemon neither wipes the other's sandbox
+// nor builds over it, and both get the output.
+func TestBuildBesideRealNix(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("nix-daemon serializes with real Nix through the output locks alone")
+	}
+	b := startBuildDaemon(t)
+	args := b.expr(t, "beside", `{ slow = mk { name = "beside"; script = ": beside-${nonce}; while [ ! -e /marks/go ]; do sleep 0.1; done; echo > $out"; }; }`)
+	direct := make(chan result, 1)
+	go func() {
+		direct <- b.local(b.root, "nix-build", append(args, "-A", "slow", "--no-out-link",
+			"--option", "sandbox", "true", "--option", "sandbox-paths", "/marks="+b.marks)...).run(t)
+	}()
+	waitFor(t, "real Nix's builder", func() bool { return builderRunning(t, "beside-"+b.nonce) })
+	// The daemon's client, at -vvv, hears when its sandbox is laid out
+	// (it then waits for real Nix's output locks).
+	stderrPath := filepath.Join(b.dir, "beside.stderr")
+	stderr, err := os.Create(stderrPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stderr.Close()
+	x := b.nixBuild(append(args, "-A", "slow", "--no-out-link", "-vvv")...).exec()
+	x.Stderr = stderr
+	if err := x.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the daemon's sandbox", func() bool {
+		out, _ := os.ReadFile(stderrPath)
+		return strings.Contains(string(out), "setting up chroot environment")
+	})
+	writeFile(t, filepath.Join(b.marks, "go"), "", 0o644)
+	select {
+	case r := <-direct:
+		if r.err != nil {
+			t.Errorf("real Nix:\n%s", r)
+		}
+	case <-time.After(2 * time.Minute):
+		x.Process.Kill()
+		t.Fatal("real Nix's build never ended (its sandbox was taken from under it)")
+	}
+	if err := x.Wait(); err != nil {
+		out, _ := os.ReadFile(stderrPath)
+		t.Errorf("the daemon's client: %v\n%s", err, out)
 	}
 }

@@ -235,7 +235,7 @@ func (j *job) allowedImpureHostDeps() ([]string, error) {
 }
 
 // prepareChroot lays out the sandbox root on the host (Nix's startBuilder
-// with useChroot): <real store>/<drv>.chroot with /tmp, /etc (passwd,
+// with useChroot): <real store>/<drv>.chroot-<pid> with /tmp, /etc (passwd,
 // group, hosts), the logical store directory, mount points for /dev, /proc,
 // /build, every input (read-only) and every sandbox path (read-write).
 func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
@@ -243,7 +243,11 @@ func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
 	b := g.b
 	kind, _ := g.drv.Kind()
 	fixed := kind == derivation.FixedOutput
-	chroot := b.st.RealPath(g.drvPath) + ".chroot"
+	// Named for this process too: Nix building the same derivation in the
+	// same store (directly, or a daemon being replaced) lays out
+	// <drv>.chroot, after it has taken the outputs' locks, which this
+	// daemon takes only once its sandbox is laid out.
+	chroot := fmt.Sprintf("%s.chroot-%d", b.st.RealPath(g.drvPath), os.Getpid())
 	unlock := g.held.takeChroot()
 	if unlock == nil {
 		var err error

@@ -141,7 +141,7 @@ func TestSandboxSetupFailureAndSignal(t *testing.T) {
 	if r = e.build(b, ClientOptions{}, out(drvs["fodFails"]))[0]; r.Status != TransientFailure {
 		t.Errorf("failing fixed-output derivation: status %d, %q", r.Status, r.ErrorMsg)
 	}
-	left, err := filepath.Glob(filepath.Join(e.root, "nix/store/*.chroot"))
+	left, err := filepath.Glob(filepath.Join(e.root, "nix/store/*.chroot*"))
 	if err != nil || len(left) > 0 {
 		t.Errorf("sandbox roots left behind: %q %v", left, err)
 	}
