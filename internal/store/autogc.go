@@ -58,6 +58,12 @@ func (s *Store) AutoGC(ctx context.Context, wait bool) {
 	if s.cfg.MinFree == 0 && s.cfg.SizeBudget == 0 {
 		return
 	}
+	if s.gcGate.Load() != nil {
+		// Collections wait for the gate (a daemon still stopping keeps
+		// the jobs' journals): an automatic one is not worth holding up
+		// the request that would start it; it runs at a later check.
+		return
+	}
 	a := &s.autoGC
 	a.mu.Lock()
 	done := a.running

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
@@ -311,5 +312,36 @@ func TestPropagateLastUse(t *testing.T) {
 				t.Errorf("%s: node %d: eff %d, want %d", tc.name, id, got, want)
 			}
 		}
+	}
+}
+
+// TestAutoGCSkipsClosedGate: while collections wait for a gate (the jobs'
+// journals still another daemon's), an automatic collection is not
+// started, so a request that checks the free space does not wait for the
+// gate.
+func TestAutoGCSkipsClosedGate(t *testing.T) {
+	ctx := context.Background()
+	s := openWithBudget(t, t.TempDir(), 1)
+	defer s.Close()
+	addText(t, s, "p", "contents")
+	s.SetGCGate(func(ctx context.Context, log func(string)) error {
+		<-ctx.Done()
+		return ctx.Err()
+	})
+	done := make(chan struct{})
+	go func() {
+		s.AutoGC(ctx, true)
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("AutoGC waited for the gate")
+	}
+	s.autoGC.mu.Lock()
+	running := s.autoGC.running
+	s.autoGC.mu.Unlock()
+	if running != nil {
+		t.Error("an automatic collection was started behind a closed gate")
 	}
 }
