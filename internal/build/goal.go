@@ -266,9 +266,9 @@ type goal struct {
 	// shown: the callers were told that the builder started
 	// (BuildStarted), and not yet that it ended (see goal.run).
 	shown bool
-	// failureTold: the callers were told of the goal's failure (its
+	// failureTold are the callers told of the goal's failure (its
 	// builder's) before it ended (see tellFailure).
-	failureTold bool
+	failureTold map[*call]bool
 	stopping    bool   // cancelled once its last waiter left: joined by no one since
 	machine     string // the machine that builds it (a remote build), set before it runs
 	round       Round  // the builder's round, set before it runs
@@ -602,8 +602,9 @@ func (g *goal) tellFailure(f *failure) {
 	drvAbs := g.b.abs(g.drvPath)
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	g.failureTold = true
+	g.failureTold = map[*call]bool{}
 	for c := range g.subs {
+		g.failureTold[c] = true
 		c.emit(func(p Progress) { p.GoalFailed(drvAbs, res) })
 	}
 }
@@ -692,7 +693,7 @@ func (g *goal) run(ctx context.Context) {
 	g.mu.Lock()
 	for c := range g.subs {
 		c.count(counts{expected: -1, running: -g.stopRunningFor(c), done: done, failed: failed})
-		if ownFailure && res.ErrorMsg != "" && !g.failureTold {
+		if ownFailure && res.ErrorMsg != "" && !g.failureTold[c] {
 			c.emit(func(p Progress) { p.GoalFailed(drvAbs, res) })
 		}
 		// As Nix's goal's build activity, which ends with the goal,
