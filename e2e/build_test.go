@@ -1086,7 +1086,7 @@ func TestBuildChatty(t *testing.T) {
 	args := b.expr(t, "chatty", `{ c = mk { name = "chatty-build"; script = "echo > $out"; }; }`)
 	r := b.nixBuild(append(args, "-A", "c", "--no-out-link", "-vv")...).run(t)
 	for _, want := range []*regexp.Regexp{
-		regexp.MustCompile(`setting up chroot environment in '[^']*-chatty-build\.drv\.chroot'`),
+		regexp.MustCompile(`setting up chroot environment in '[^']*-chatty-build\.drv\.chroot(-[0-9]+)?'`),
 		regexp.MustCompile(`executing builder '/nix/store/[a-z0-9]{32}-busybox-static/busybox'`),
 		regexp.MustCompile(`using builder args 'sh -c echo > \$out'`),
 	} {
