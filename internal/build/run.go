@@ -686,7 +686,7 @@ func (j *job) copyOutput(r io.Reader, mu sync.Locker, onData func(), overLimit f
 				onData()
 			}
 			if logSize += int64(n); maxLog > 0 && logSize > maxLog {
-				overLimit(fmt.Sprintf("%s killed after writing more than %d bytes of log output", j.g.name, maxLog))
+				overLimit(hint.Fmt("%s killed after writing more than %d bytes of log output", j.g.name, maxLog))
 				continue
 			}
 			if mu != nil {
