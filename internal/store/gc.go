@@ -45,18 +45,19 @@ func newGCRun() *gcRun {
 	return g
 }
 
-// addRoot records a temporary root and waits until the collector is not
-// deleting that path.
-func (g *gcRun) addRoot(hashPart string) {
+// addRoots records temporary roots and waits, counted in waiting, until
+// the collector is deleting none of those paths.
+func (g *gcRun) addRoots(ps []storepath.Path) {
+	hashes := make([]string, len(ps))
+	for i, p := range ps {
+		hashes[i] = p.HashPart()
+	}
+	pending := func() bool { return slices.ContainsFunc(hashes, func(h string) bool { return g.pending[h] }) }
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	g.temp[hashPart] = true
-	g.waitWhile(func() bool { return g.pending[hashPart] })
-}
-
-// waitWhile waits, counted in waiting, while pending says so. g.mu is
-// held.
-func (g *gcRun) waitWhile(pending func() bool) {
+	for _, h := range hashes {
+		g.temp[h] = true
+	}
 	if !pending() {
 		return
 	}
@@ -74,9 +75,9 @@ func (g *gcRun) hasWaiting() bool {
 	return g.waiting > 0
 }
 
-// unpendPaths says that the collector is done with ps (deleted, or kept),
-// waking the roots waiting for them.
-func (g *gcRun) unpendPaths(ps []storepath.Path) {
+// unpend says that the collector is done with ps (deleted, kept, or not
+// dead), waking the roots waiting for them.
+func (g *gcRun) unpend(ps []storepath.Path) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	for _, p := range ps {
@@ -85,41 +86,12 @@ func (g *gcRun) unpendPaths(ps []storepath.Path) {
 	g.cond.Broadcast()
 }
 
-// addRoots records temporary roots and waits until the collector is
-// deleting none of those paths.
-func (g *gcRun) addRoots(ps []storepath.Path) {
-	hashes := make([]string, len(ps))
-	for i, p := range ps {
-		hashes[i] = p.HashPart()
-	}
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	for _, h := range hashes {
-		g.temp[h] = true
-	}
-	g.waitWhile(func() bool { return slices.ContainsFunc(hashes, func(h string) bool { return g.pending[h] }) })
-}
-
 // clearPending says that the collector is done with every path it was
 // looking at or deleting, waking the roots waiting for them.
 func (g *gcRun) clearPending() {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	clear(g.pending)
-	g.cond.Broadcast()
-}
-
-// unpend says that the collector is done with the paths of closure that
-// are not dead (dead ones wait for their deletion), waking the roots
-// waiting for them.
-func (g *gcRun) unpend(closure, dead map[storepath.Path]bool) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	for p := range closure {
-		if !dead[p] {
-			delete(g.pending, p.HashPart())
-		}
-	}
 	g.cond.Broadcast()
 }
 
@@ -467,7 +439,7 @@ func (s *Store) serveGCSocket(run *gcRun) (func(), error) {
 					}
 					abs := string(line[:len(line)-1])
 					if p, err := s.dir.Parse(abs); err == nil {
-						run.addRoot(p.HashPart())
+						run.addRoots([]storepath.Path{p})
 					} else {
 						s.log.Error("received garbage instead of a root from client", "line", abs)
 					}
@@ -561,7 +533,7 @@ func (c *collector) deleteFromStore(base string) error {
 func (c *collector) deleteReferrersClosure(ctx context.Context, start storepath.Path) error {
 	closure, dead, err := c.visitReferrers(ctx, start)
 	if err != nil || !dead {
-		c.run.unpend(closure, c.dead)
+		c.run.unpend(c.notDead(closure))
 		if err != nil {
 			return err
 		}
@@ -680,7 +652,7 @@ func (c *collector) linked(ctx context.Context, p storepath.Path) ([]storepath.P
 func (c *collector) deleteDead(ctx context.Context, closure map[storepath.Path]bool) error {
 	order, err := c.s.topoSort(ctx, closure)
 	if err != nil {
-		c.run.unpend(closure, c.dead)
+		c.run.unpend(c.notDead(closure))
 		return err
 	}
 	for _, p := range order {
@@ -708,6 +680,19 @@ func (c *collector) deleteDead(ctx context.Context, closure map[storepath.Path]b
 	return c.flushDue(ctx)
 }
 
+// notDead lists the paths of closure not found dead: they are no longer
+// pending once the collector has looked at them (dead ones are, until
+// deleted).
+func (c *collector) notDead(closure map[storepath.Path]bool) []storepath.Path {
+	var ps []storepath.Path
+	for p := range closure {
+		if !c.dead[p] {
+			ps = append(ps, p)
+		}
+	}
+	return ps
+}
+
 // flushDue deletes the queued dead paths if a root waits for one of them
 // or the oldest has waited gcBatchAge.
 func (c *collector) flushDue(ctx context.Context) error {
@@ -726,7 +711,7 @@ func (c *collector) flush(ctx context.Context) error {
 	}
 	batch := c.batch
 	c.batch = nil
-	defer c.run.unpendPaths(batch)
+	defer c.run.unpend(batch)
 	runTestHook(&testHookClosureDead)
 	narSize := make([]uint64, len(batch))
 	for i, p := range batch {

@@ -687,7 +687,7 @@ func TestGCFlushesForWaitingRoot(t *testing.T) {
 	}
 	done := make(chan struct{})
 	go func() {
-		c.run.addRoot(b.HashPart())
+		c.run.addRoots([]storepath.Path{b})
 		close(done)
 	}()
 	for !c.run.hasWaiting() {
