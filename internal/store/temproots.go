@@ -94,12 +94,7 @@ func (r *tempRoots) openFile(ctx context.Context) error {
 
 // add makes p a temporary root until a matching remove.
 func (r *tempRoots) add(ctx context.Context, p storepath.Path) error {
-	return r.addAll(ctx, []storepath.Path{p})
-}
-
-// addAll makes each of ps a temporary root until a matching remove; the
-// roots new to the file are written to it at once.
-func (r *tempRoots) addAll(ctx context.Context, ps []storepath.Path) error {
+	ps := []storepath.Path{p}
 	if err := r.record(ctx, ps); err != nil {
 		return err
 	}
@@ -119,7 +114,8 @@ func (r *tempRoots) await(ps []storepath.Path) {
 	}
 }
 
-// record is addAll without await.
+// record makes each of ps a temporary root until a matching remove,
+// without await; the roots new to the file are written to it at once.
 func (r *tempRoots) record(ctx context.Context, ps []storepath.Path) error {
 	r.mu.Lock()
 	if r.closed {
