@@ -1,12 +1,17 @@
 package e2e
 
 import (
+	"crypto/rand"
 	"errors"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
+
+	"github.com/nixyard/nixyard/internal/substitute/cachetest"
 )
 
 func TestCopyToDaemon(t *testing.T) {
@@ -204,5 +209,79 @@ func TestSignVerify(t *testing.T) {
 	direct := parsePathInfos(t, "direct", d.local(d.root, "nix", "path-info", "--json", out).ok(t))[out]
 	if strings.Join(direct.Signatures, " ") != strings.Join(sigs, " ") {
 		t.Errorf("real Nix reading the store directly sees signatures %q, the daemon %q", direct.Signatures, sigs)
+	}
+}
+
+// TestStopDuringCopyTellsClient: `nix copy --to` the daemon, still
+// uploading when the daemon's stop grace ends, fails with the daemon's
+// reason: whether the client waits for its own source (a held download)
+// or keeps sending (a slow one). Nix 2.8's client reads what the daemon
+// says while it uploads; when the daemon only hung up, it said "unexpected
+// end-of-file", or, still sending, dropped the error and exited 0 without
+// the paths.
+func TestStopDuringCopyTellsClient(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("nixyard's --shutdown-grace (nix-daemon's connections are processes of their own, which a SIGTERM to the daemon does not reach)")
+	}
+	e := newEnv(t)
+	src := e.otherStore("src")
+	big := make([]byte, 8<<20) // sent at 1.3 MB/s: longer than the grace and the daemon's last 2 s
+	if _, err := rand.Read(big); err != nil {
+		t.Fatal(err)
+	}
+	bigPath := oneLine(t, "nix-store --add", e.local(src, "nix-store", "--add", e.file(t, "stop-upload-big", string(big))).ok(t))
+	small, _ := e.buildFixture(t, src, "stop-upload")
+	cacheDir := filepath.Join(e.dir, "cache")
+	e.fillCache(t, src, cacheDir, "none", "", bigPath, small)
+	srv := cachetest.New(cacheDir)
+	defer srv.Close()
+
+	for _, tc := range []struct {
+		name string
+		path string
+		// fault makes the client's upload outlast the grace; it closes
+		// started when the download begins, when the upload is under way.
+		fault func(started chan struct{}, release <-chan struct{}) cachetest.Fault
+	}{
+		{"held", small, func(started chan struct{}, release <-chan struct{}) cachetest.Fault {
+			return cachetest.Fault{Held: func() { close(started) }, Release: release}
+		}},
+		{"slow", bigPath, func(started chan struct{}, _ <-chan struct{}) cachetest.Fault {
+			now := make(chan struct{})
+			close(now)
+			return cachetest.Fault{Held: func() { close(started) }, Release: now, Trickle: 50 * time.Millisecond}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := e.startDaemon(t, withDaemonArgs("--shutdown-grace", "1s"))
+			started, release := make(chan struct{}), make(chan struct{})
+			srv.Inject(narURL(t, cacheDir, tc.path), tc.fault(started, release))
+			done := make(chan result, 1)
+			go func() {
+				done <- e.cmd("nix", "copy", "--no-check-sigs", "--from", srv.URL, "--to", d.url(), tc.path).run(t)
+			}()
+			select {
+			case <-started:
+			case r := <-done:
+				t.Fatalf("nix copy ended before it downloaded:\n%s", r)
+			}
+			syscall.Kill(d.proc.Process.Pid, syscall.SIGTERM)
+			select {
+			case <-d.exited:
+			case <-time.After(30 * time.Second):
+				t.Fatal("the daemon did not exit after its grace")
+			}
+			close(release)
+			r := <-done
+			if r.err == nil || !strings.Contains(r.stderr, "the daemon is stopping") {
+				t.Errorf("nix copy, cut by the daemon's stop: it does not fail with the daemon's reason:\n%s", r)
+			}
+			d.start(t)
+			if d.isValid(t, tc.path) {
+				t.Errorf("%s is valid after a copy the daemon's stop cut", tc.path)
+			}
+			d.stop(t)
+		})
 	}
 }

@@ -270,6 +270,7 @@ type conn struct {
 	srv     *Server
 	st      *store.Store
 	dir     storepath.Dir
+	raw     io.Reader // the client's stream under br (for deadlines and linger)
 	br      *bufio.Reader
 	in      *wire.Decoder
 	out     *wire.Encoder
@@ -309,6 +310,7 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 		srv:  s,
 		st:   s.opts.Store,
 		dir:  s.dir,
+		raw:  r,
 		br:   br,
 		in:   wire.NewDecoder(br),
 		out:  wire.NewEncoder(w),
@@ -449,6 +451,12 @@ func (c *conn) finishOp(op uint64, opErr error, mc *metrics.Conn, start time.Tim
 	}
 	if opErr != nil {
 		working, stopped := c.tun.state()
+		if stopped && errors.Is(opErr, errStopping) {
+			// The daemon's stop ended the op after its client was told
+			// how it went, or that the daemon stops (withFramed).
+			count(opErr)
+			return true, nil
+		}
 		if stopped {
 			// The reply was under way (e.g. a NAR after STDERR_LAST):
 			// nothing more can be said on this stream.

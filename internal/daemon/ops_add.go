@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"time"
 
 	"github.com/nixyard/nixyard/internal/daemon/wire"
 	"github.com/nixyard/nixyard/internal/nar"
@@ -22,9 +23,30 @@ import (
 // then drains it to its zero chunk whatever fn did, so that STDERR_LAST or
 // STDERR_ERROR is only sent once the client has finished uploading (§3.3).
 // A failure to drain leaves the stream out of sync and is fatal.
-func (c *conn) withFramed(fn func(fr *wire.FramedReader) error) error {
+//
+// The daemon's stop is the exception: an upload it ends is told so at
+// once, without waiting for the rest of the upload (which could take
+// longer than the stop). The Nix client reads the daemon's messages while
+// it uploads and stops uploading at the first error; told only once the
+// daemon has hung up, Nix 2.8's client drops the error and exits 0
+// without the paths.
+func (c *conn) withFramed(ctx context.Context, fn func(fr *wire.FramedReader) error) error {
 	fr := wire.NewFramedReader(c.br)
+	stopped := c.interruptReadsOnStop(ctx)
 	err := fn(fr)
+	if stopped() {
+		if err != nil {
+			c.tun.stopWork(errStopping)
+			if c.out.Flush() == nil {
+				linger(c.raw) // until the client, told, hangs up
+			}
+			return fatal(errStopping)
+		}
+		// fn finished just as the stop came: its client hears how it went.
+		if dl, ok := c.raw.(interface{ SetReadDeadline(time.Time) error }); ok {
+			dl.SetReadDeadline(time.Now().Add(stoppingDelay))
+		}
+	}
 	if derr := fr.Drain(); derr != nil {
 		if err == nil {
 			err = derr
@@ -32,6 +54,29 @@ func (c *conn) withFramed(fn func(fr *wire.FramedReader) error) error {
 		return fatal(err)
 	}
 	return err
+}
+
+// interruptReadsOnStop makes a read of the connection that waits for the
+// client return at once when the daemon's stop ends ctx. The function it
+// returns ends that, and reports whether the stop came.
+func (c *conn) interruptReadsOnStop(ctx context.Context) (stopped func() bool) {
+	dl, ok := c.raw.(interface{ SetReadDeadline(time.Time) error })
+	if !ok {
+		return func() bool { return errors.Is(context.Cause(ctx), errStopping) }
+	}
+	fired := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		defer close(fired)
+		if errors.Is(context.Cause(ctx), errStopping) {
+			dl.SetReadDeadline(time.Now())
+		}
+	})
+	return func() bool {
+		if !stop() {
+			<-fired // its deadline is set before the caller sets another
+		}
+		return errors.Is(context.Cause(ctx), errStopping)
+	}
 }
 
 // withRawNAR is withFramed for an unframed NAR on the stream.
@@ -71,7 +116,7 @@ func opAddToStoreHandler(ctx context.Context, c *conn) error {
 		return err
 	}
 	var info *store.PathInfo
-	err := c.withFramed(func(fr *wire.FramedReader) error {
+	err := c.withFramed(ctx, func(fr *wire.FramedReader) error {
 		method, algo, err := contentaddress.ParseMethodAlgo(camStr)
 		if err != nil {
 			return fmt.Errorf("adding '%s' to the store: %w", name, err)
@@ -202,7 +247,7 @@ func opAddToStoreNarHandler(ctx context.Context, c *conn) error {
 	var err error
 	switch {
 	case c.minor >= 23:
-		err = c.withFramed(func(fr *wire.FramedReader) error { return add(fr) })
+		err = c.withFramed(ctx, func(fr *wire.FramedReader) error { return add(fr) })
 	case c.minor >= 21:
 		ts := &tunnelSource{c: c}
 		err = c.withRawNAR(ts, func(x *narExtractor) error { return add(x) })
@@ -247,7 +292,7 @@ func opAddMultipleToStoreHandler(ctx context.Context, c *conn) error {
 	if err := c.begin(wire.OpAddMultipleToStore); err != nil {
 		return err
 	}
-	err := c.withFramed(func(fr *wire.FramedReader) error {
+	err := c.withFramed(ctx, func(fr *wire.FramedReader) error {
 		in := wire.NewDecoder(fr)
 		count := in.Count("count")
 		if err := in.Err(); err != nil {
@@ -392,7 +437,7 @@ func opAddBuildLogHandler(ctx context.Context, c *conn) error {
 	if err := c.begin(wire.OpAddBuildLog); err != nil {
 		return err
 	}
-	err = c.withFramed(func(fr *wire.FramedReader) error {
+	err = c.withFramed(ctx, func(fr *wire.FramedReader) error {
 		if !c.peer.trusted {
 			return c.untrusted("you are not privileged to add logs")
 		}

@@ -2,7 +2,7 @@
 // `nix copy --to file://…`) over HTTP on 127.0.0.1 for tests, counting
 // requests and injecting faults: error statuses with Retry-After, a delay
 // before the first byte, a connection reset, a silent truncation or a
-// stall after some body bytes, and corrupted bodies.
+// stall after some body bytes, a slow body, and corrupted bodies.
 package cachetest
 
 import (
@@ -47,6 +47,10 @@ type Fault struct {
 	// flushed.
 	StallAfter int64
 	OnStall    func()
+	// Trickle, if > 0, sends the body 64 KiB at a time with this pause
+	// before each piece after the first (a slow cache), until the client
+	// goes away.
+	Trickle time.Duration
 }
 
 type rule struct {
@@ -276,6 +280,10 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		<-r.Context().Done()
 		return
 	}
+	if f.Trickle > 0 {
+		trickle(w, r, data, f.Trickle)
+		return
+	}
 	cut := f.ResetAfter
 	if f.CutAfter > 0 {
 		cut = f.CutAfter
@@ -297,6 +305,30 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	if f.ResetAfter > 0 {
 		if tc, ok := conn.(*net.TCPConn); ok {
 			tc.SetLinger(0) // close with RST
+		}
+	}
+}
+
+// trickle sends data 64 KiB at a time, pausing between pieces.
+func trickle(w http.ResponseWriter, r *http.Request, data []byte, pause time.Duration) {
+	w.Header().Set("Content-Length", strconv.Itoa(len(data)))
+	rc := http.NewResponseController(w)
+	for len(data) > 0 {
+		n := min(len(data), 64<<10)
+		if _, err := w.Write(data[:n]); err != nil {
+			return
+		}
+		rc.Flush()
+		data = data[n:]
+		if len(data) == 0 {
+			return
+		}
+		t := time.NewTimer(pause)
+		select {
+		case <-t.C:
+		case <-r.Context().Done():
+			t.Stop()
+			return
 		}
 	}
 }
