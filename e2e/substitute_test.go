@@ -282,6 +282,14 @@ func TestSubstituteDeadCacheWarns(t *testing.T) {
 	if !strings.Contains(r.stderr, "unable to download '"+dead+"/nix-cache-info'") || strings.Contains(r.stderr, `Get "`) {
 		t.Errorf("the dead cache's warning is not in Nix's words:\n%s", r)
 	}
+	// The next client, for which the cache is skipped without being
+	// tried (nix-daemon tries it again for each connection), hears why too.
+	out := oneLine(t, "nix-build", d.client("nix-build", append(e.fixtureArgs(t, "dead-cache"), "--no-out-link")...).ok(t))
+	d.client("nix-store", "--delete", out).ok(t)
+	r = d.client("nix", args...).run(t)
+	if r.err != nil || !strings.Contains(r.stderr, dead) || !strings.HasPrefix(r.stderr, "warning: ") {
+		t.Errorf("nix build, the dead cache skipped: it does not warn of it:\n%s", r)
+	}
 	d.verifyStopped(t)
 }
 

@@ -35,6 +35,7 @@ type Missing struct {
 func (s *Substituter) QueryMissing(ctx context.Context, paths []storepath.Path) (*Missing, error) {
 	m := &Missing{WillSubstitute: map[storepath.Path]*Info{}}
 	var errs []error
+	start := s.now()
 	err := s.walk(ctx, paths, func(p storepath.Path, info *Info, err error) {
 		if err != nil {
 			m.Unknown = append(m.Unknown, p)
@@ -53,6 +54,16 @@ func (s *Substituter) QueryMissing(ctx context.Context, paths []storepath.Path) 
 	storepath.Sort(m.Unknown)
 	for _, e := range errs {
 		s.log.Warn("path info query failed", "err", e)
+	}
+	if len(m.Unknown) > 0 {
+		// Nix tells each client of a cache it disables: a cache skipped
+		// since before this call (whoever asked then was told why) is
+		// said again, to this caller (the log said it when it began).
+		for _, up := range s.ups {
+			if err := s.skipped(up, start); err != nil {
+				errs = append(errs, err)
+			}
+		}
 	}
 	m.Errors = errs
 	return m, nil

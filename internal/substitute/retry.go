@@ -14,6 +14,8 @@ import (
 type breaker struct {
 	failures  int
 	openUntil time.Time
+	openedAt  time.Time // when it last opened
+	last      error     // the last failure
 }
 
 // ErrUpstreamUnavailable is wrapped by errors for an upstream skipped
@@ -26,18 +28,47 @@ func (s *Substituter) allow(up *upstream) bool {
 	return up.breaker.failures < s.cfg.BreakerThreshold || !s.now().Before(up.breaker.openUntil)
 }
 
-func (s *Substituter) recordResult(up *upstream, failed bool) {
+// skipped returns why up is skipped now, if its breaker opened before
+// since, or nil.
+func (s *Substituter) skipped(up *upstream, since time.Time) error {
 	up.mu.Lock()
 	defer up.mu.Unlock()
-	if !failed {
+	if up.breaker.failures < s.cfg.BreakerThreshold || !s.now().Before(up.breaker.openUntil) || !up.breaker.openedAt.Before(since) {
+		return nil
+	}
+	return &skippedError{base: up.base, cooldown: s.cfg.BreakerCooldown, last: up.breaker.last}
+}
+
+// skippedError says why an upstream is skipped, in the same words for as
+// long as it is, so that a client is told once (see QueryPathInfo).
+type skippedError struct {
+	base     string
+	cooldown time.Duration
+	last     error
+}
+
+func (e *skippedError) Error() string {
+	return fmt.Sprintf("binary cache '%s' is skipped for up to %v after repeated failures; the last: %v", e.base, e.cooldown, e.last)
+}
+
+func (e *skippedError) Unwrap() []error { return []error{ErrUpstreamUnavailable, e.last} }
+
+// recordResult counts an attempt's result (err nil: success) against up's
+// breaker.
+func (s *Substituter) recordResult(up *upstream, err error) {
+	up.mu.Lock()
+	defer up.mu.Unlock()
+	if err == nil {
 		up.breaker = breaker{}
 		return
 	}
+	up.breaker.last = err
 	up.breaker.failures++
 	if up.breaker.failures >= s.cfg.BreakerThreshold {
 		wasOpen := s.now().Before(up.breaker.openUntil)
 		up.breaker.openUntil = s.now().Add(s.cfg.BreakerCooldown)
 		if !wasOpen {
+			up.breaker.openedAt = s.now()
 			s.log.Warn("disabling upstream after repeated failures", "upstream", up.base,
 				"failures", up.breaker.failures, "for", s.cfg.BreakerCooldown)
 		}
@@ -56,7 +87,7 @@ func (s *Substituter) retry(ctx context.Context, up *upstream, what string, op f
 		}
 		err := op(ctx)
 		if err == nil || errors.Is(err, errNotFound) {
-			s.recordResult(up, false)
+			s.recordResult(up, nil)
 			return err
 		}
 		if ctx.Err() != nil {
@@ -66,7 +97,7 @@ func (s *Substituter) retry(ctx context.Context, up *upstream, what string, op f
 		if !errors.As(err, &te) {
 			return err
 		}
-		s.recordResult(up, true)
+		s.recordResult(up, err)
 		if attempt+1 >= s.cfg.MaxAttempts {
 			return fmt.Errorf("giving up after %d attempts: %w", attempt+1, err)
 		}
