@@ -262,14 +262,17 @@ func TestSubstituteIncompleteClosure(t *testing.T) {
 	d.assertFixture(t, out, dep)
 }
 
-// TestSubstituteDeadCacheWarns: with the only cache unreachable, `nix
-// build` (which, unlike nix-build, does not ask QueryMissing first) builds,
-// and the client hears which cache failed, as from nix-daemon.
+// TestSubstituteDeadCacheWarns: with the only caches unreachable or not
+// caches, `nix build` (which, unlike nix-build, does not ask QueryMissing
+// first) builds, and the client hears which caches failed, as from
+// nix-daemon; so does the next client, for which they are skipped.
 func TestSubstituteDeadCacheWarns(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	dead := deadURL(t)
-	d := e.startDaemon(t, withConf("substituters = "+dead, "require-sigs = false"))
+	notCache := cachetest.New(t.TempDir()) // no nix-cache-info
+	defer notCache.Close()
+	d := e.startDaemon(t, withConf("substituters = "+dead+" "+notCache.URL, "require-sigs = false"))
 	args := append([]string{"build", "--no-link", "-f"}, e.fixtureArgs(t, "dead-cache")...)
 	r := d.client("nix", args...).run(t)
 	if r.err != nil {
@@ -287,8 +290,8 @@ func TestSubstituteDeadCacheWarns(t *testing.T) {
 	out := oneLine(t, "nix-build", d.client("nix-build", append(e.fixtureArgs(t, "dead-cache"), "--no-out-link")...).ok(t))
 	d.client("nix-store", "--delete", out).ok(t)
 	r = d.client("nix", args...).run(t)
-	if r.err != nil || !strings.Contains(r.stderr, dead) || !strings.HasPrefix(r.stderr, "warning: ") {
-		t.Errorf("nix build, the dead cache skipped: it does not warn of it:\n%s", r)
+	if r.err != nil || !strings.Contains(r.stderr, dead) || !strings.Contains(r.stderr, notCache.URL) || !strings.HasPrefix(r.stderr, "warning: ") {
+		t.Errorf("nix build, the caches skipped: it does not warn of both:\n%s", r)
 	}
 	d.verifyStopped(t)
 }

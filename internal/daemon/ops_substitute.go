@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"strings"
 
 	"github.com/nixyard/nixyard/internal/daemon/wire"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
@@ -19,20 +20,30 @@ import (
 // about the same paths.
 func (c *conn) warnFunc() func(error) {
 	return func(err error) {
-		msg := err.Error()
-		c.warnMu.Lock()
-		dup := c.warned[msg]
-		if !dup && len(c.warned) < maxWarned {
-			if c.warned == nil {
-				c.warned = map[string]bool{}
+		// Failures joined (one per cache) are a warning each.
+		for _, msg := range strings.Split(err.Error(), "\n") {
+			if msg != "" && c.firstWarning(msg) {
+				c.tun.Warn(msg)
 			}
-			c.warned[msg] = true
-		}
-		c.warnMu.Unlock()
-		if !dup {
-			c.tun.Warn(msg)
 		}
 	}
+}
+
+// firstWarning reports whether msg was not sent on this connection
+// before, and remembers it.
+func (c *conn) firstWarning(msg string) bool {
+	c.warnMu.Lock()
+	defer c.warnMu.Unlock()
+	if c.warned[msg] {
+		return false
+	}
+	if len(c.warned) < maxWarned {
+		if c.warned == nil {
+			c.warned = map[string]bool{}
+		}
+		c.warned[msg] = true
+	}
+	return true
 }
 
 // maxWarned bounds the warnings a connection remembers having sent.

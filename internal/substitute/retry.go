@@ -28,11 +28,15 @@ func (s *Substituter) allow(up *upstream) bool {
 	return up.breaker.failures < s.cfg.BreakerThreshold || !s.now().Before(up.breaker.openUntil)
 }
 
-// skipped returns why up is skipped now, if its breaker opened before
-// since, or nil.
+// skipped returns why up is left out of lookups now: the refusal of a
+// cache that is not one (in the same words as when it was first read), or
+// an open breaker, if it opened before since. Otherwise nil.
 func (s *Substituter) skipped(up *upstream, since time.Time) error {
 	up.mu.Lock()
 	defer up.mu.Unlock()
+	if up.inited && up.initErr != nil {
+		return up.initErr
+	}
 	if up.breaker.failures < s.cfg.BreakerThreshold || !s.now().Before(up.breaker.openUntil) || !up.breaker.openedAt.Before(since) {
 		return nil
 	}
