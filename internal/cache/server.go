@@ -75,10 +75,10 @@ func New(st *store.Store, cfg Config) *Server {
 	return &Server{st: st, cfg: cfg, log: log, nars: make(chan struct{}, maxNARs)}
 }
 
-// ServeHTTP implements http.Handler.
 // Sending counts the NARs being sent (a stopping daemon waits for them).
 func (s *Server) Sending() int { return len(s.nars) }
 
+// ServeHTTP implements http.Handler.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
