@@ -383,7 +383,7 @@ func (p *Pusher) Run(ctx context.Context) {
 		wait := time.Minute
 		if err := p.pushQueued(ctx); err != nil && ctx.Err() == nil {
 			failures++
-			wait = min(time.Duration(1<<min(failures, 9))*time.Second, 5*time.Minute)
+			wait = backoff(failures)
 			p.log.Warn("push to the fleet cache failed; retrying", "target", p.target.String(), "in", wait, "err", err)
 		} else {
 			failures = 0
@@ -403,6 +403,12 @@ func (p *Pusher) Run(ctx context.Context) {
 		}
 		t.Stop()
 	}
+}
+
+// backoff is the wait after n failures in a row, of the cache (the
+// worker's) or of one path (refused): 2^n seconds, at most 5 minutes.
+func backoff(n int) time.Duration {
+	return min(time.Duration(1<<min(n, 9))*time.Second, 5*time.Minute)
 }
 
 // pushQueued tries every queued path that is due. A path the cache
@@ -442,7 +448,7 @@ func (p *Pusher) pushQueued(ctx context.Context) error {
 		case errors.As(err, &refused):
 			n := p.attempted(name)
 			if n < maxAttempts {
-				wait := min(time.Duration(1<<min(n, 9))*time.Second, 5*time.Minute)
+				wait := backoff(n)
 				p.log.Warn("the cache refused a path; trying it again later", "path", p.st.Dir().Abs(sp), "attempts", n, "in", wait, "err", err)
 				p.mu.Lock()
 				p.notBefore[sp] = now.Add(wait)
