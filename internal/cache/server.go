@@ -1,6 +1,7 @@
 // Package cache connects the store to binary caches: Server serves it as
-// one, and Pusher (push.go) pushes built paths to one, a directory, an
-// HTTP cache taking PUT or S3-compatible object storage (s3.go).
+// one, and Pusher (push.go) pushes built paths to one, a Target
+// (target.go): a directory, an HTTP cache taking PUT or S3-compatible
+// object storage (s3.go).
 //
 // The Server serves the store as nix-serve does, so that other hosts (or
 // containers without the host's socket) can substitute from it with
