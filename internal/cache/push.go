@@ -36,7 +36,6 @@ import (
 	"time"
 
 	"github.com/nixyard/nixyard/internal/nar"
-	"github.com/nixyard/nixyard/internal/nix/contentaddress"
 	"github.com/nixyard/nixyard/internal/nix/hash"
 	"github.com/nixyard/nixyard/internal/nix/narinfo"
 	"github.com/nixyard/nixyard/internal/nix/signature"
@@ -389,23 +388,12 @@ func (p *Pusher) pushOne(ctx context.Context, q storepath.Path) error {
 		return err
 	}
 	fileHash := hash.FromHasher(hash.SHA256, fileSum)
-	ni := narinfo.NarInfo{
-		StorePath: q, URL: "nar/" + fileHash.NixBase32() + ".nar" + narExtension(p.opts.Compression),
-		Compression: p.opts.Compression, FileHash: fileHash, FileSize: uint64(size),
-		NarHash: info.NarHash, NarSize: info.NarSize,
-		References: info.References, Deriver: info.Deriver, Sigs: info.Sigs,
+	ni, err := signedNarinfo(p.st.Dir(), info, p.keys)
+	if err != nil {
+		return &refusedError{fmt.Errorf("content address %q: %w", info.CA, err)}
 	}
-	if info.CA != "" {
-		ca, err := contentaddress.Parse(info.CA)
-		if err != nil {
-			return &refusedError{fmt.Errorf("content address %q: %w", info.CA, err)}
-		}
-		ni.CA = ca
-	}
-	fp := signature.Fingerprint(p.st.Dir(), q, info.NarHash, info.NarSize, info.References)
-	for _, k := range p.keys {
-		ni.Sigs = append(ni.Sigs, k.Sign(fp))
-	}
+	ni.URL = "nar/" + fileHash.NixBase32() + ".nar" + narExtension(p.opts.Compression)
+	ni.Compression, ni.FileHash, ni.FileSize = p.opts.Compression, fileHash, uint64(size)
 	// The same contents make the same NAR file: one sent before (its
 	// narinfo failed) is not sent again.
 	if has, err := p.target.Has(ctx, ni.URL); err != nil {

@@ -29,7 +29,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nixyard/nixyard/internal/nix/contentaddress"
 	"github.com/nixyard/nixyard/internal/nix/narinfo"
 	"github.com/nixyard/nixyard/internal/nix/signature"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
@@ -135,26 +134,12 @@ func (s *Server) serveNarinfo(w http.ResponseWriter, r *http.Request, hashPart s
 	if !ok {
 		return
 	}
-	ni := narinfo.NarInfo{
-		StorePath: info.Path, URL: narURL(info), Compression: "none",
-		FileHash: info.NarHash, FileSize: info.NarSize,
-		NarHash: info.NarHash, NarSize: info.NarSize,
-		References: info.References, Deriver: info.Deriver, Sigs: info.Sigs,
+	ni, err := signedNarinfo(s.st.Dir(), info, s.cfg.SecretKeys)
+	if err != nil {
+		s.log.Warn("binary cache: a path's content address does not parse", "path", info.Path.String(), "err", err)
 	}
-	if info.CA != "" {
-		ca, err := contentaddress.Parse(info.CA)
-		if err != nil {
-			s.log.Warn("binary cache: a path's content address does not parse", "path", info.Path.String(), "err", err)
-		} else {
-			ni.CA = ca
-		}
-	}
-	if len(s.cfg.SecretKeys) > 0 {
-		fp := signature.Fingerprint(s.st.Dir(), info.Path, info.NarHash, info.NarSize, info.References)
-		for _, k := range s.cfg.SecretKeys {
-			ni.Sigs = append(ni.Sigs, k.Sign(fp))
-		}
-	}
+	ni.URL, ni.Compression = narURL(info), "none"
+	ni.FileHash, ni.FileSize = info.NarHash, info.NarSize // served uncompressed
 	s.send(w, "text/x-nix-narinfo", ni.Marshal(s.st.Dir()))
 }
 
