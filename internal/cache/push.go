@@ -358,36 +358,10 @@ func (p *Pusher) pushOne(ctx context.Context, q storepath.Path) error {
 		tmp.Close()
 		os.Remove(tmp.Name())
 	}()
-	fileSum, narSum := sha256.New(), sha256.New()
-	cw, err := p.opts.compressor(io.MultiWriter(tmp, fileSum))
+	size, fileHash, listing, err := p.writeNAR(ctx, info, tmp)
 	if err != nil {
 		return err
 	}
-	var listing *nar.Listing
-	if p.opts.Listing || p.opts.DebugInfo {
-		listing, err = listWhile(io.MultiWriter(cw, narSum), func(w io.Writer) error {
-			return p.st.NarFromPath(ctx, q, ctxWriter{ctx, w})
-		})
-	} else {
-		err = p.st.NarFromPath(ctx, q, ctxWriter{ctx, io.MultiWriter(cw, narSum)})
-	}
-	if cerr := cw.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return err
-	}
-	if got := hash.FromHasher(hash.SHA256, narSum); !got.Equal(info.NarHash) {
-		return &refusedError{fmt.Errorf("its contents hash to %s, not to the registered %s (run nix-store --verify --check-contents --repair)", got, info.NarHash)}
-	}
-	size, err := tmp.Seek(0, io.SeekCurrent)
-	if err != nil {
-		return err
-	}
-	if _, err := tmp.Seek(0, io.SeekStart); err != nil {
-		return err
-	}
-	fileHash := hash.FromHasher(hash.SHA256, fileSum)
 	ni, err := signedNarinfo(p.st.Dir(), info, p.keys)
 	if err != nil {
 		return &refusedError{fmt.Errorf("content address %q: %w", info.CA, err)}
@@ -425,6 +399,43 @@ func (p *Pusher) pushOne(ctx context.Context, q storepath.Path) error {
 		p.OnPushed()
 	}
 	return nil
+}
+
+// writeNAR writes the NAR of the path info describes to f, compressed as
+// p.opts asks, and leaves f at its start. It returns the file's size and
+// hash, and the NAR's listing if p.opts asks for one or for the debug
+// info index (else nil). A NAR that does not hash to info's NAR hash is
+// refused.
+func (p *Pusher) writeNAR(ctx context.Context, info *store.PathInfo, f *os.File) (size int64, fileHash hash.Hash, listing *nar.Listing, err error) {
+	fileSum, narSum := sha256.New(), sha256.New()
+	cw, err := p.opts.compressor(io.MultiWriter(f, fileSum))
+	if err != nil {
+		return 0, hash.Hash{}, nil, err
+	}
+	if p.opts.Listing || p.opts.DebugInfo {
+		listing, err = listWhile(io.MultiWriter(cw, narSum), func(w io.Writer) error {
+			return p.st.NarFromPath(ctx, info.Path, ctxWriter{ctx, w})
+		})
+	} else {
+		err = p.st.NarFromPath(ctx, info.Path, ctxWriter{ctx, io.MultiWriter(cw, narSum)})
+	}
+	if cerr := cw.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return 0, hash.Hash{}, nil, err
+	}
+	if got := hash.FromHasher(hash.SHA256, narSum); !got.Equal(info.NarHash) {
+		return 0, hash.Hash{}, nil, &refusedError{fmt.Errorf("its contents hash to %s, not to the registered %s (run nix-store --verify --check-contents --repair)", got, info.NarHash)}
+	}
+	size, err = f.Seek(0, io.SeekCurrent)
+	if err != nil {
+		return 0, hash.Hash{}, nil, err
+	}
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return 0, hash.Hash{}, nil, err
+	}
+	return size, hash.FromHasher(hash.SHA256, fileSum), listing, nil
 }
 
 func (p *Pusher) putBytes(ctx context.Context, rel, contentType string, body []byte) error {
