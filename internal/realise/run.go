@@ -250,54 +250,73 @@ func (r *Realiser) format(t store.DerivedPath) string {
 	return s + "!" + strings.Join(t.Outputs, ",")
 }
 
-// realiseOne handles one target; needBuild says it is for the Builder.
+// realiseOne handles one target: its own path (a plain path, or the
+// derivation), then, for a derivation, its wanted outputs. needBuild says
+// it is for the Builder.
 func (r *Realiser) realiseOne(ctx context.Context, t store.DerivedPath, prog Progress) (res Result, needBuild bool, err error) {
+	if res, done, err := r.realisePath(ctx, t, prog); err != nil || done {
+		return res, false, err
+	}
+	return r.realiseOutputs(ctx, t, prog)
+}
+
+// realisePath makes t's own path valid, substituting it if it is not (an
+// invalid .drv can come from a cache too, as in Nix). done says res is
+// t's result: t is a plain path, or its derivation could not be had;
+// otherwise t is a derivation target whose outputs are next.
+func (r *Realiser) realisePath(ctx context.Context, t store.DerivedPath, prog Progress) (res Result, done bool, err error) {
 	st := r.m.st
 	abs := st.Dir().Abs(t.Path)
 	res.Target = t
 	if err := r.root(ctx, t.Path); err != nil {
-		return res, false, err
+		return res, true, err
 	}
 	valid, err := st.IsValidPath(ctx, t.Path)
-	if err != nil {
-		return res, false, err
-	}
-	if !valid && (!t.Built || r.sub != nil) {
-		// An invalid .drv can come from a cache too, as in Nix.
-		fetched, ferr := r.substitute(ctx, []storepath.Path{t.Path}, prog)
-		switch {
-		case ferr == nil:
-			if !t.Built {
-				res.Status = Substituted
-				if !fetched {
-					res.Status = AlreadyValid
-				}
-				return res, false, nil
-			}
-		case ctx.Err() != nil:
-			return res, false, ctx.Err()
-		case t.Built && (errors.Is(ferr, substitute.ErrNotFound) || r.sub == nil):
-			res.Status = MiscFailure
-			res.ErrorMsg = missingDerivation(abs)
-			return res, false, nil
-		case errors.Is(ferr, substitute.ErrNotFound) || r.sub == nil:
-			res.Status, res.noneHad = NoSubstituters, true
-			res.ErrorMsg = fmt.Sprintf("path '%s' is required, but there is no substituter that can build it", abs)
-			return res, false, nil
-		default:
-			res.Status, res.told = NoSubstituters, substitute.Shown(ferr)
-			res.ErrorMsg = notSubstituted(abs, ferr, res.told)
-			return res, false, nil
-		}
-	} else if !valid {
+	switch {
+	case err != nil:
+		return res, true, err
+	case valid && t.Built:
+		return res, false, nil
+	case valid:
+		res.Status = AlreadyValid
+		return res, true, nil
+	case t.Built && r.sub == nil:
 		res.Status = MiscFailure
 		res.ErrorMsg = missingDerivation(abs)
-		return res, false, nil
-	} else if !t.Built {
-		res.Status = AlreadyValid
-		return res, false, nil
+		return res, true, nil
 	}
+	fetched, ferr := r.substitute(ctx, []storepath.Path{t.Path}, prog)
+	switch {
+	case ferr == nil && t.Built:
+		return res, false, nil
+	case ferr == nil:
+		res.Status = Substituted
+		if !fetched {
+			res.Status = AlreadyValid
+		}
+	case ctx.Err() != nil:
+		return res, true, ctx.Err()
+	case t.Built && (errors.Is(ferr, substitute.ErrNotFound) || r.sub == nil):
+		res.Status = MiscFailure
+		res.ErrorMsg = missingDerivation(abs)
+	case errors.Is(ferr, substitute.ErrNotFound) || r.sub == nil:
+		res.Status, res.noneHad = NoSubstituters, true
+		res.ErrorMsg = fmt.Sprintf("path '%s' is required, but there is no substituter that can build it", abs)
+	default:
+		res.Status, res.told = NoSubstituters, substitute.Shown(ferr)
+		res.ErrorMsg = notSubstituted(abs, ferr, res.told)
+	}
+	return res, true, nil
+}
 
+// realiseOutputs realises the wanted outputs of derivation target t,
+// whose derivation is valid: those valid are taken, the others
+// substituted if the caches have all they need; needBuild says they are
+// for the Builder.
+func (r *Realiser) realiseOutputs(ctx context.Context, t store.DerivedPath, prog Progress) (res Result, needBuild bool, err error) {
+	st := r.m.st
+	abs := st.Dir().Abs(t.Path)
+	res.Target = t
 	d, err := r.readDerivation(t.Path)
 	if err != nil {
 		return res, false, err
