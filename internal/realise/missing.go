@@ -3,6 +3,7 @@ package realise
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/nixyard/nixyard/internal/nix/storepath"
@@ -90,7 +91,7 @@ func (r *Realiser) QueryMissing(ctx context.Context, targets []store.DerivedPath
 				return nil
 			}
 		}
-		if !containsPath(m.WillBuild, t.Path) {
+		if !slices.Contains(m.WillBuild, t.Path) {
 			m.WillBuild = append(m.WillBuild, t.Path)
 		}
 		for in, outs := range d.InputDrvs {
@@ -131,7 +132,7 @@ func (r *Realiser) missingOpaque(ctx context.Context, opaque []storepath.Path, m
 			return err
 		}
 		for _, p := range opaque {
-			if !containsPath(valid, p) && !containsPath(m.Unknown, p) {
+			if !slices.Contains(valid, p) && !slices.Contains(m.Unknown, p) {
 				m.Unknown = append(m.Unknown, p)
 			}
 		}
@@ -150,19 +151,10 @@ func (r *Realiser) missingOpaque(ctx context.Context, opaque []storepath.Path, m
 		m.WillSubstitute = append(m.WillSubstitute, p)
 	}
 	for _, p := range sm.Unknown {
-		if !containsPath(m.Unknown, p) {
+		if !slices.Contains(m.Unknown, p) {
 			m.Unknown = append(m.Unknown, p)
 		}
 	}
 	m.DownloadSize, m.NarSize = sm.DownloadSize, sm.NarSize
 	return nil
-}
-
-func containsPath(ps []storepath.Path, p storepath.Path) bool {
-	for _, q := range ps {
-		if q == p {
-			return true
-		}
-	}
-	return false
 }
