@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/nixyard/nixyard/internal/nix/derivation"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
@@ -29,13 +30,7 @@ func (r *Realiser) QueryMissing(ctx context.Context, targets []store.DerivedPath
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		key := t.Path.String()
-		if t.Built {
-			key += "!" + strings.Join(t.Outputs, ",")
-			if t.AllOutputs || len(t.Outputs) == 0 {
-				key += "*"
-			}
-		}
+		key := visitKey(t)
 		if done[key] {
 			return nil
 		}
@@ -60,36 +55,12 @@ func (r *Realiser) QueryMissing(ctx context.Context, targets []store.DerivedPath
 		if len(unknown) > 0 {
 			return nil // as Nix: the build says so
 		}
-		known := true
-		var invalid []storepath.Path
-		for _, n := range wanted {
-			o := d.Outputs[n]
-			if o.Path == "" {
-				known = false
-				break
-			}
-			op, err := st.Dir().Parse(o.Path)
-			if err != nil {
-				return fmt.Errorf("derivation '%s': output %s: %w", st.Dir().Abs(t.Path), n, err)
-			}
-			if ok, err := st.IsValidPath(ctx, op); err != nil {
-				return err
-			} else if !ok {
-				invalid = append(invalid, op)
-			}
-		}
-		if known && len(invalid) == 0 {
+		switch fetch, build, err := r.missingOutputs(ctx, t, d, wanted, warn); {
+		case err != nil:
+			return err
+		case !build:
+			opaque = append(opaque, fetch...) // valid already if empty
 			return nil
-		}
-		if known && r.sub != nil && substitutesAllowed(d) {
-			infos, err := r.QuerySubstitutable(ctx, invalid, warn)
-			if err != nil {
-				return err
-			}
-			if len(infos) == len(invalid) {
-				opaque = append(opaque, invalid...)
-				return nil
-			}
 		}
 		if !slices.Contains(m.WillBuild, t.Path) {
 			m.WillBuild = append(m.WillBuild, t.Path)
@@ -117,6 +88,58 @@ func (r *Realiser) QueryMissing(ctx context.Context, targets []store.DerivedPath
 	storepath.Sort(m.WillSubstitute)
 	storepath.Sort(m.Unknown)
 	return m, nil
+}
+
+// visitKey names what QueryMissing visits for t: a plain path, or a
+// derivation with the outputs wanted of it.
+func visitKey(t store.DerivedPath) string {
+	key := t.Path.String()
+	if t.Built {
+		key += "!" + strings.Join(t.Outputs, ",")
+		if t.AllOutputs || len(t.Outputs) == 0 {
+			key += "*"
+		}
+	}
+	return key
+}
+
+// missingOutputs says what realising the wanted outputs of the valid
+// derivation d (of target t) would take: nothing, if they are valid;
+// fetching the invalid ones (fetch), if their output paths are known and
+// the caches have every one of them; else a build (build).
+func (r *Realiser) missingOutputs(ctx context.Context, t store.DerivedPath, d *derivation.Derivation, wanted []string, warn func(error)) (fetch []storepath.Path, build bool, err error) {
+	st := r.m.st
+	known := true
+	var invalid []storepath.Path
+	for _, n := range wanted {
+		o := d.Outputs[n]
+		if o.Path == "" {
+			known = false
+			break
+		}
+		op, err := st.Dir().Parse(o.Path)
+		if err != nil {
+			return nil, false, fmt.Errorf("derivation '%s': output %s: %w", st.Dir().Abs(t.Path), n, err)
+		}
+		if ok, err := st.IsValidPath(ctx, op); err != nil {
+			return nil, false, err
+		} else if !ok {
+			invalid = append(invalid, op)
+		}
+	}
+	if known && len(invalid) == 0 {
+		return nil, false, nil
+	}
+	if known && r.sub != nil && substitutesAllowed(d) {
+		infos, err := r.QuerySubstitutable(ctx, invalid, warn)
+		if err != nil {
+			return nil, false, err
+		}
+		if len(infos) == len(invalid) {
+			return invalid, false, nil
+		}
+	}
+	return nil, true, nil
 }
 
 // missingOpaque adds to m what realising the opaque paths would take: with
