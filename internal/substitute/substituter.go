@@ -360,6 +360,13 @@ func (s *Substituter) now() time.Time { return s.cfg.Now() }
 // waited for (a cache that cannot be reached, or is not one): callers pass
 // it on with "not found" so that the client hears why a cache was skipped.
 func (s *Substituter) upstreams(ctx context.Context) ([]*upstream, error) {
+	err := s.initPending(ctx)
+	return s.byPriority(), err
+}
+
+// initPending reads, in parallel, the nix-cache-info of each upstream not
+// read yet whose breaker lets it through, and joins the failures.
+func (s *Substituter) initPending(ctx context.Context) error {
 	var (
 		wg   sync.WaitGroup
 		mu   sync.Mutex
@@ -396,6 +403,12 @@ func (s *Substituter) upstreams(ctx context.Context) ([]*upstream, error) {
 		}
 	}
 	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// byPriority returns the upstreams that may be used, by priority (lower
+// first, then configuration order; those not read yet last).
+func (s *Substituter) byPriority() []*upstream {
 	type cand struct {
 		up     *upstream
 		uninit bool
@@ -426,7 +439,7 @@ func (s *Substituter) upstreams(ctx context.Context) ([]*upstream, error) {
 	for i, c := range cs {
 		out[i] = c.up
 	}
-	return out, errors.Join(errs...)
+	return out
 }
 
 // initUpstream reads nix-cache-info. A transport failure leaves the
