@@ -413,10 +413,9 @@ func (s *Substituter) byPriority() []*upstream {
 		up     *upstream
 		uninit bool
 		prio   int
-		idx    int
 	}
 	var cs []cand
-	for i, up := range s.ups {
+	for _, up := range s.ups {
 		up.mu.Lock()
 		bad := up.inited && up.initErr != nil
 		prio := up.priority
@@ -425,7 +424,7 @@ func (s *Substituter) byPriority() []*upstream {
 		if bad || !s.allow(up) {
 			continue
 		}
-		cs = append(cs, cand{up, uninit, prio, i})
+		cs = append(cs, cand{up, uninit, prio})
 	}
 	// One whose nix-cache-info could not be read (yet) comes last: its
 	// priority is unknown, and it is likely unreachable.
