@@ -31,16 +31,10 @@ var zstdDecoders = sync.Pool{New: func() any {
 }}
 
 // Decompressor returns a streaming decoder for a narinfo Compression value
-// ("none", "xz", "zstd", "bzip2", "br", "gzip") and a function to release it. The
-// builtin builders use it too.
+// ("none", "xz", "zstd", "bzip2", "br", "gzip") and a function to release
+// it. Memory use is bounded by the format's window, never by the NAR
+// size. The builtin builders and the channel unpacker use it too.
 func Decompressor(method string, r io.Reader) (io.Reader, func(), error) {
-	return decompressor(method, r)
-}
-
-// decompressor returns a streaming decoder for a narinfo Compression value
-// and a function to release it. Memory use is bounded by the format's
-// window, never by the NAR size.
-func decompressor(method string, r io.Reader) (io.Reader, func(), error) {
 	switch method {
 	case "none", "":
 		return r, func() {}, nil

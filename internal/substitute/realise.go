@@ -494,7 +494,7 @@ func (s *Substituter) streamInto(ctx context.Context, up *upstream, info *Info, 
 		}()
 	}
 
-	dec, release, err := decompressor(info.Compression, tr)
+	dec, release, err := Decompressor(info.Compression, tr)
 	if err != nil {
 		if tr.err != nil {
 			return tr.err
