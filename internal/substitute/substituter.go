@@ -23,26 +23,6 @@ import (
 	"github.com/nixyard/nixyard/internal/store"
 )
 
-// ErrNotFound is wrapped by errors for a path that no upstream has.
-var ErrNotFound = errors.New("path not available from any substituter")
-
-// ErrUntrusted is wrapped (with ErrNotFound) when upstreams have the path
-// but none with a signature by a trusted key.
-var ErrUntrusted = errors.New("not signed by any of the keys in 'trusted-public-keys'")
-
-// untrustedError says, in Nix's words, that upstream has path but no
-// trusted key signed its narinfo. It is ErrUntrusted and ErrNotFound: the
-// path is not there for us, and the client is warned why.
-type untrustedError struct{ path, upstream string }
-
-func (e *untrustedError) Error() string {
-	return fmt.Sprintf("the substitute for '%s' from '%s' is %v", e.path, e.upstream, ErrUntrusted)
-}
-
-func (e *untrustedError) Is(target error) bool {
-	return target == ErrUntrusted || target == ErrNotFound
-}
-
 // Store is what a Substituter needs from the local store. Implementations
 // must be safe for concurrent use. *store.Store implements it.
 type Store interface {
