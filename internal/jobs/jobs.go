@@ -89,6 +89,28 @@ type Manager struct {
 	taken chan struct{}
 }
 
+// closeGate stops the store's collections until openGate: while another
+// daemon keeps the journals, a collection here would not see the roots of
+// its jobs once it has stopped. Called by New, before m is shared.
+func (m *Manager) closeGate() {
+	taken := make(chan struct{})
+	m.taken = taken
+	m.st.SetGCGate(func(ctx context.Context, log func(string)) error {
+		select {
+		case <-taken:
+			return nil
+		default:
+		}
+		log("waiting for the previous daemon to hand over its job sessions...")
+		select {
+		case <-taken:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	})
+}
+
 // openGate lets collections run: this Manager has the journals, or is
 // closed. m.mu is held.
 func (m *Manager) openGate() {
@@ -142,24 +164,7 @@ func New(st *store.Store, opts Options) (*Manager, error) {
 		m.log.Warn("cannot keep the jobs' journals; job sessions will not outlive the daemon", "err", err)
 	} else if lock, err := openJournalLock(m.journalDir()); err != nil {
 		m.log.Warn("the jobs' journals are another daemon's (one still stopping?); this one takes them when it lets them go", "err", err)
-		// Meanwhile no collection runs here: it would not see the roots
-		// of the jobs that daemon keeps once it has stopped.
-		taken := make(chan struct{})
-		m.taken = taken
-		st.SetGCGate(func(ctx context.Context, log func(string)) error {
-			select {
-			case <-taken:
-				return nil
-			default:
-			}
-			log("waiting for the previous daemon to hand over its job sessions...")
-			select {
-			case <-taken:
-				return nil
-			case <-ctx.Done():
-				return ctx.Err()
-			}
-		})
+		m.closeGate()
 		go m.awaitJournals()
 	} else {
 		m.journalLock = lock
