@@ -26,23 +26,15 @@
 package jobs
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 
-	"golang.org/x/sys/unix"
-
-	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
 
@@ -171,19 +163,6 @@ func New(st *store.Store, opts Options) (*Manager, error) {
 		m.restore()
 	}
 	return m, nil
-}
-
-// openJournalLock takes the journals' lock file in dir, without waiting.
-func openJournalLock(dir string) (*os.File, error) {
-	f, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_RDWR|os.O_CREATE, 0o600) // Go opens close-on-exec
-	if err != nil {
-		return nil, err
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("locking %s: %w", f.Name(), err)
-	}
-	return f, nil
 }
 
 // ErrNotJob is returned by Attach for a client in the daemon's own pid
@@ -356,171 +335,6 @@ func (m *Manager) Close() error {
 	return errors.Join(errs...)
 }
 
-// journalDir holds the jobs' journals: a file per live job, named by its
-// id, with a header line (journalHeader, JSON) and then a line per root
-// (a store path's base name).
-func (m *Manager) journalDir() string { return filepath.Join(m.st.StateDir(), "nixyard-jobs") }
-
-// journalHeader is a job's identity, as its journal records it.
-type journalHeader struct {
-	NS       string `json:"ns"`
-	InitPID  int    `json:"init_pid"`
-	InitTime uint64 `json:"init_time"`
-	Tenant   string `json:"tenant"`
-	Started  int64  `json:"started"` // Unix seconds
-}
-
-// openJournal writes j's journal afresh, with its roots so far, and has
-// its session add each new root to it. A failure is logged: the job
-// then lives as long as this daemon only.
-func (m *Manager) openJournal(j *job) {
-	if m.journalLock == nil {
-		return
-	}
-	if err := m.writeJournal(j); err != nil {
-		m.log.Warn("cannot journal a job session; it will not outlive the daemon", "job", j.id, "err", err)
-	}
-}
-
-func (m *Manager) writeJournal(j *job) error {
-	dir := m.journalDir()
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
-	f, err := os.CreateTemp(dir, ".new-")
-	if err != nil {
-		return err
-	}
-	hdr, err := json.Marshal(journalHeader{NS: j.ns, InitPID: j.initPID, InitTime: j.initTime, Tenant: j.tenant, Started: j.started.Unix()})
-	if err == nil {
-		// Written and attached at once: no root added meanwhile is lost.
-		err = j.session.Journal(f, append(hdr, '\n'))
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), filepath.Join(dir, j.id))
-	}
-	if err != nil {
-		j.session.Journal(io.Discard, nil)
-		f.Close()
-		os.Remove(f.Name())
-		return err
-	}
-	j.journal = f
-	return nil
-}
-
-// dropJournal deletes the journal of j, which has ended.
-func (m *Manager) dropJournal(j *job) {
-	if j.journal == nil {
-		return
-	}
-	j.journal.Close()
-	if err := os.Remove(filepath.Join(m.journalDir(), j.id)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		m.log.Warn("cannot delete the journal of an ended job", "job", j.id, "err", err)
-	}
-}
-
-// restore takes up the jobs whose journals an earlier daemon left and
-// whose init still runs: their sessions hold their roots again, and their
-// lease runs from now. Other journals are deleted.
-func (m *Manager) restore() {
-	dir := m.journalDir()
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		if !errors.Is(err, os.ErrNotExist) {
-			m.log.Warn("cannot read the jobs' journals", "dir", dir, "err", err)
-		}
-		return
-	}
-	for _, e := range ents {
-		if e.Name() == ".lock" {
-			continue
-		}
-		path := filepath.Join(dir, e.Name())
-		if strings.HasPrefix(e.Name(), ".") {
-			os.Remove(path) // a journal left half-written
-			continue
-		}
-		j, roots, err := m.readJournal(path, e.Name())
-		switch {
-		case err != nil:
-			m.log.Warn("dropping an unreadable job journal", "file", path, "err", err)
-			os.Remove(path)
-			continue
-		case !m.initAlive(j):
-			m.log.Info("job ended while no daemon ran; its journal goes", "job", j.id)
-			os.Remove(path)
-			continue
-		}
-		if cur, ok := m.jobs[j.id]; ok {
-			j = cur // it reached this daemon before the journals did
-		} else {
-			j.session = m.st.OpenSession()
-			j.idleFrom = m.now()
-			m.jobs[j.id] = j
-		}
-		for _, p := range roots {
-			if err := j.session.AddTempRoot(context.Background(), p); err != nil {
-				m.log.Warn("cannot take up a job's root", "job", j.id, "path", p.String(), "err", err)
-			}
-		}
-		m.log.Info("job session taken up from before the daemon started", "job", j.id, "tenant", j.tenant, "roots", len(roots))
-	}
-	// Every job is journalled from now on, those that came meanwhile too.
-	for _, j := range m.jobs {
-		if j.journal == nil {
-			m.openJournal(j)
-		}
-	}
-}
-
-// awaitJournals takes the journals once the daemon that keeps them (one
-// still draining its connections, say) has let them go, polling until the
-// Manager is closed.
-func (m *Manager) awaitJournals() {
-	for range time.Tick(100 * time.Millisecond) {
-		m.mu.Lock()
-		if m.closed {
-			m.mu.Unlock()
-			return
-		}
-		if lock, err := openJournalLock(m.journalDir()); err == nil {
-			m.journalLock = lock
-			m.restore()
-			m.openGate()
-			m.mu.Unlock()
-			m.log.Info("the jobs' journals are this daemon's now")
-			return
-		}
-		m.mu.Unlock()
-	}
-}
-
-// readJournal reads the journal at path, of the job named id.
-func (m *Manager) readJournal(path, id string) (*job, []storepath.Path, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, nil, err
-	}
-	lines := strings.Split(strings.TrimSuffix(string(data), "\n"), "\n")
-	var h journalHeader
-	if err := json.Unmarshal([]byte(lines[0]), &h); err != nil {
-		return nil, nil, fmt.Errorf("header: %w", err)
-	}
-	j := &job{id: id, ns: h.NS, initPID: h.InitPID, initTime: h.InitTime, tenant: h.Tenant, started: time.Unix(h.Started, 0)}
-	if want := jobID(h.NS, h.InitTime); want != id {
-		return nil, nil, fmt.Errorf("the header is of job %s", want)
-	}
-	var roots []storepath.Path
-	for _, l := range lines[1:] {
-		// A line cut short by a crash is not a path.
-		if p, err := storepath.ParseBase(l); err == nil {
-			roots = append(roots, p)
-		}
-	}
-	return j, roots, nil
-}
-
 // initAlive reports whether j's init process still runs, with the same
 // start time and in the same namespace.
 func (m *Manager) initAlive(j *job) bool {
@@ -532,123 +346,8 @@ func (m *Manager) initAlive(j *job) bool {
 	return err == nil && ns == j.ns
 }
 
-// pidNS names pid's pid namespace ("pid:[4026531836]").
-func (m *Manager) pidNS(pid int) (string, error) {
-	return os.Readlink(filepath.Join(m.proc, strconv.Itoa(pid), "ns", "pid"))
-}
-
 // jobID names the job of the pid namespace ns whose init started at
 // initTime (clock ticks after boot): a namespace inode may be reused.
 func jobID(ns string, initTime uint64) string {
 	return fmt.Sprintf("pidns-%s-%d", nsInode(ns), initTime)
-}
-
-// findInit returns the host pid of the init (pid 1) of namespace ns, which
-// pid belongs to: first up pid's parents (processes of a namespace descend
-// from its init, orphans are re-parented to it), else, for a process that
-// joined the namespace with setns (docker exec), by scanning procfs.
-func (m *Manager) findInit(pid int, ns string) (int, error) {
-	for p, steps := pid, 0; p > 0 && steps < 4096; steps++ {
-		st, err := m.status(p)
-		if err != nil {
-			break
-		}
-		if st.nsPID == 1 {
-			if cur, err := m.pidNS(p); err == nil && cur == ns {
-				return p, nil
-			}
-			break
-		}
-		p = st.ppid
-	}
-	ents, err := os.ReadDir(m.proc)
-	if err != nil {
-		return 0, fmt.Errorf("jobs: scanning %s: %w", m.proc, err)
-	}
-	for _, e := range ents {
-		p, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if cur, err := m.pidNS(p); err != nil || cur != ns {
-			continue
-		}
-		if st, err := m.status(p); err == nil && st.nsPID == 1 {
-			return p, nil
-		}
-	}
-	return 0, fmt.Errorf("jobs: no init process found for pid namespace %s of client pid %d", ns, pid)
-}
-
-type procStatus struct {
-	ppid  int
-	nsPID int // the pid in the innermost namespace (last NSpid field)
-}
-
-// status reads PPid and NSpid from /proc/<pid>/status.
-func (m *Manager) status(pid int) (procStatus, error) {
-	f, err := os.Open(filepath.Join(m.proc, strconv.Itoa(pid), "status"))
-	if err != nil {
-		return procStatus{}, err
-	}
-	defer f.Close()
-	st := procStatus{ppid: -1, nsPID: -1}
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		k, v, ok := strings.Cut(sc.Text(), ":")
-		if !ok {
-			continue
-		}
-		fs := strings.Fields(v)
-		if len(fs) == 0 {
-			continue
-		}
-		switch k {
-		case "PPid":
-			st.ppid, _ = strconv.Atoi(fs[0])
-		case "NSpid":
-			st.nsPID, _ = strconv.Atoi(fs[len(fs)-1])
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return procStatus{}, fmt.Errorf("reading status of pid %d: %w", pid, err)
-	}
-	return st, nil
-}
-
-// procStat is what the jobs use of /proc/<pid>/stat.
-type procStat struct {
-	// exited: the process has exited and waits to be reaped (a pid
-	// namespace whose init is a zombie has no live process left).
-	exited    bool
-	startTime uint64 // field 22, in clock ticks after boot
-}
-
-// stat reads /proc/<pid>/stat.
-func (m *Manager) stat(pid int) (procStat, error) {
-	b, err := os.ReadFile(filepath.Join(m.proc, strconv.Itoa(pid), "stat"))
-	if err != nil {
-		return procStat{}, err
-	}
-	// The command name (field 2) is in parentheses and may hold spaces.
-	i := strings.LastIndexByte(string(b), ')')
-	if i < 0 {
-		return procStat{}, fmt.Errorf("malformed stat of pid %d", pid)
-	}
-	fs := strings.Fields(string(b[i+1:]))
-	// fs[0] is field 3 (state); start time is field 22.
-	if len(fs) < 20 {
-		return procStat{}, fmt.Errorf("malformed stat of pid %d", pid)
-	}
-	t, err := strconv.ParseUint(fs[19], 10, 64)
-	if err != nil {
-		return procStat{}, fmt.Errorf("stat of pid %d: start time: %w", pid, err)
-	}
-	return procStat{exited: fs[0] == "Z" || fs[0] == "X", startTime: t}, nil
-}
-
-// nsInode turns "pid:[4026531836]" into "4026531836".
-func nsInode(link string) string {
-	s := strings.TrimPrefix(link, "pid:[")
-	return strings.TrimSuffix(s, "]")
 }

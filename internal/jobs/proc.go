@@ -1,0 +1,128 @@
+package jobs
+
+// What the jobs read of procfs: a process's pid namespace, parent, pid
+// within its namespace, start time and whether it has exited.
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+)
+
+// pidNS names pid's pid namespace ("pid:[4026531836]").
+func (m *Manager) pidNS(pid int) (string, error) {
+	return os.Readlink(filepath.Join(m.proc, strconv.Itoa(pid), "ns", "pid"))
+}
+
+// findInit returns the host pid of the init (pid 1) of namespace ns, which
+// pid belongs to: first up pid's parents (processes of a namespace descend
+// from its init, orphans are re-parented to it), else, for a process that
+// joined the namespace with setns (docker exec), by scanning procfs.
+func (m *Manager) findInit(pid int, ns string) (int, error) {
+	for p, steps := pid, 0; p > 0 && steps < 4096; steps++ {
+		st, err := m.status(p)
+		if err != nil {
+			break
+		}
+		if st.nsPID == 1 {
+			if cur, err := m.pidNS(p); err == nil && cur == ns {
+				return p, nil
+			}
+			break
+		}
+		p = st.ppid
+	}
+	ents, err := os.ReadDir(m.proc)
+	if err != nil {
+		return 0, fmt.Errorf("jobs: scanning %s: %w", m.proc, err)
+	}
+	for _, e := range ents {
+		p, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if cur, err := m.pidNS(p); err != nil || cur != ns {
+			continue
+		}
+		if st, err := m.status(p); err == nil && st.nsPID == 1 {
+			return p, nil
+		}
+	}
+	return 0, fmt.Errorf("jobs: no init process found for pid namespace %s of client pid %d", ns, pid)
+}
+
+type procStatus struct {
+	ppid  int
+	nsPID int // the pid in the innermost namespace (last NSpid field)
+}
+
+// status reads PPid and NSpid from /proc/<pid>/status.
+func (m *Manager) status(pid int) (procStatus, error) {
+	f, err := os.Open(filepath.Join(m.proc, strconv.Itoa(pid), "status"))
+	if err != nil {
+		return procStatus{}, err
+	}
+	defer f.Close()
+	st := procStatus{ppid: -1, nsPID: -1}
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		k, v, ok := strings.Cut(sc.Text(), ":")
+		if !ok {
+			continue
+		}
+		fs := strings.Fields(v)
+		if len(fs) == 0 {
+			continue
+		}
+		switch k {
+		case "PPid":
+			st.ppid, _ = strconv.Atoi(fs[0])
+		case "NSpid":
+			st.nsPID, _ = strconv.Atoi(fs[len(fs)-1])
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return procStatus{}, fmt.Errorf("reading status of pid %d: %w", pid, err)
+	}
+	return st, nil
+}
+
+// procStat is what the jobs use of /proc/<pid>/stat.
+type procStat struct {
+	// exited: the process has exited and waits to be reaped (a pid
+	// namespace whose init is a zombie has no live process left).
+	exited    bool
+	startTime uint64 // field 22, in clock ticks after boot
+}
+
+// stat reads /proc/<pid>/stat.
+func (m *Manager) stat(pid int) (procStat, error) {
+	b, err := os.ReadFile(filepath.Join(m.proc, strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return procStat{}, err
+	}
+	// The command name (field 2) is in parentheses and may hold spaces.
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return procStat{}, fmt.Errorf("malformed stat of pid %d", pid)
+	}
+	fs := strings.Fields(string(b[i+1:]))
+	// fs[0] is field 3 (state); start time is field 22.
+	if len(fs) < 20 {
+		return procStat{}, fmt.Errorf("malformed stat of pid %d", pid)
+	}
+	t, err := strconv.ParseUint(fs[19], 10, 64)
+	if err != nil {
+		return procStat{}, fmt.Errorf("stat of pid %d: start time: %w", pid, err)
+	}
+	return procStat{exited: fs[0] == "Z" || fs[0] == "X", startTime: t}, nil
+}
+
+// nsInode turns "pid:[4026531836]" into "4026531836".
+func nsInode(link string) string {
+	s := strings.TrimPrefix(link, "pid:[")
+	return strings.TrimSuffix(s, "]")
+}
