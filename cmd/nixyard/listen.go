@@ -7,7 +7,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"time"
 
@@ -21,43 +20,21 @@ import (
 // collections (each collection also looks first).
 const jobReapInterval = time.Minute
 
-// startJobs creates the job-session manager (nix.conf-style settings
-// job-lease: a Go duration such as 6h, or seconds; job-max-connections)
-// and its periodic reaper.
+// startJobs creates the job-session manager, with the settings of
+// nix.conf that are the jobs' (see jobs.OptionsFromSettings), and its
+// periodic reaper.
 func startJobs(ctx context.Context, st *store.Store, settings *config.Settings, logger *slog.Logger) (*jobs.Manager, error) {
-	lease := jobs.DefaultLease
-	if v, ok := settings.Lookup("job-lease"); ok {
-		d, err := parseLease(v)
-		if err != nil {
-			return nil, err
-		}
-		lease = d
+	opts, err := jobs.OptionsFromSettings(settings)
+	if err != nil {
+		return nil, err
 	}
-	maxConns := 0
-	if v, ok := settings.Lookup("job-max-connections"); ok {
-		n, err := strconv.Atoi(v)
-		if err != nil || n <= 0 {
-			return nil, fmt.Errorf("setting job-max-connections: %q is not a positive number", v)
-		}
-		maxConns = n
-	}
-	jm, err := jobs.New(st, jobs.Options{Lease: lease, MaxConns: maxConns, Logger: logger})
+	opts.Logger = logger
+	jm, err := jobs.New(st, opts)
 	if err != nil {
 		return nil, err
 	}
 	go jm.Run(ctx, jobReapInterval)
 	return jm, nil
-}
-
-func parseLease(v string) (time.Duration, error) {
-	if d, err := time.ParseDuration(v); err == nil && d > 0 {
-		return d, nil
-	}
-	var secs int64
-	if _, err := fmt.Sscan(v, &secs); err == nil && secs > 0 && fmt.Sprint(secs) == v {
-		return time.Duration(secs) * time.Second, nil
-	}
-	return 0, fmt.Errorf("setting job-lease: %q is not a positive duration (e.g. 6h) or number of seconds", v)
 }
 
 // listenAll opens the default socket (Nix's uid-based trust) and every
