@@ -461,6 +461,27 @@ func startPusher(ctx context.Context, target string, st *store.Store, layout con
 	return pusher, nil
 }
 
+// jobReapInterval is how often ended jobs are looked for between
+// collections (each collection also looks first).
+const jobReapInterval = time.Minute
+
+// startJobs creates the job-session manager, with the settings of
+// nix.conf that are the jobs' (see jobs.OptionsFromSettings), and its
+// periodic reaper.
+func startJobs(ctx context.Context, st *store.Store, settings *config.Settings, logger *slog.Logger) (*jobs.Manager, error) {
+	opts, err := jobs.OptionsFromSettings(settings)
+	if err != nil {
+		return nil, err
+	}
+	opts.Logger = logger
+	jm, err := jobs.New(st, opts)
+	if err != nil {
+		return nil, err
+	}
+	go jm.Run(ctx, jobReapInterval)
+	return jm, nil
+}
+
 // listenHook opens the socket through which the build hook reaches the
 // store and points buildCfg at it; without it (an error, logged), no
 // builds go to remote builders, and the listener is nil. The returned
@@ -563,58 +584,6 @@ func openStore(ctx context.Context, settings *config.Settings, layout config.Lay
 		return nil, nil, fmt.Errorf("opening store %s: %w", layout.RealStoreDir, err)
 	}
 	return st, secretKeys, nil
-}
-
-// listen creates the daemon socket as nix-daemon does: the directory is made
-// if missing, a stale socket is replaced, and the socket itself is
-// world-writable (access is governed by the directory's permissions and by
-// allowed-users).
-func listen(path string) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, fmt.Errorf("creating socket directory: %w", err)
-	}
-	// A daemon that still answers there keeps its socket: taking it over
-	// would leave that one serving no one (and, on exit, remove this one's).
-	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-		c.Close()
-		return nil, fmt.Errorf("listening on %s: another daemon is listening there; stop it first", path)
-	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("removing stale socket %s: %w", path, err)
-	}
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		return nil, fmt.Errorf("listening on %s: %w", path, err)
-	}
-	l.SetUnlinkOnClose(false) // see ownSocket.Close
-	var st syscall.Stat_t
-	if err := syscall.Lstat(path, &st); err != nil {
-		l.Close()
-		return nil, fmt.Errorf("socket %s: %w", path, err)
-	}
-	if err := os.Chmod(path, 0o666); err != nil {
-		l.Close()
-		return nil, fmt.Errorf("socket %s: %w", path, err)
-	}
-	return &ownSocket{UnixListener: l, path: path, dev: st.Dev, ino: st.Ino}, nil
-}
-
-// ownSocket is a socket the daemon made: closing it removes the file only
-// if it is still this socket's, not one that another daemon made there
-// since.
-type ownSocket struct {
-	*net.UnixListener
-	path     string
-	dev, ino uint64
-}
-
-func (l *ownSocket) Close() error {
-	err := l.UnixListener.Close()
-	var st syscall.Stat_t
-	if syscall.Lstat(l.path, &st) == nil && st.Dev == l.dev && st.Ino == l.ino {
-		os.Remove(l.path)
-	}
-	return err
 }
 
 // readSecretKeys reads nix.conf secret-key-files: files each holding one

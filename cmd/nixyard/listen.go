@@ -1,41 +1,18 @@
 package main
 
 import (
-	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
-	"github.com/nixyard/nixyard/internal/config"
 	"github.com/nixyard/nixyard/internal/daemon"
-	"github.com/nixyard/nixyard/internal/jobs"
-	"github.com/nixyard/nixyard/internal/store"
 )
-
-// jobReapInterval is how often ended jobs are looked for between
-// collections (each collection also looks first).
-const jobReapInterval = time.Minute
-
-// startJobs creates the job-session manager, with the settings of
-// nix.conf that are the jobs' (see jobs.OptionsFromSettings), and its
-// periodic reaper.
-func startJobs(ctx context.Context, st *store.Store, settings *config.Settings, logger *slog.Logger) (*jobs.Manager, error) {
-	opts, err := jobs.OptionsFromSettings(settings)
-	if err != nil {
-		return nil, err
-	}
-	opts.Logger = logger
-	jm, err := jobs.New(st, opts)
-	if err != nil {
-		return nil, err
-	}
-	go jm.Run(ctx, jobReapInterval)
-	return jm, nil
-}
 
 // listenAll opens the default socket (Nix's uid-based trust) and every
 // --listen socket with its policy. Under systemd socket activation the
@@ -114,4 +91,56 @@ func listenPaths(specs []daemon.ListenSpec) string {
 		paths[i] = s.Path
 	}
 	return strings.Join(paths, ", ")
+}
+
+// listen creates the daemon socket as nix-daemon does: the directory is made
+// if missing, a stale socket is replaced, and the socket itself is
+// world-writable (access is governed by the directory's permissions and by
+// allowed-users).
+func listen(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("creating socket directory: %w", err)
+	}
+	// A daemon that still answers there keeps its socket: taking it over
+	// would leave that one serving no one (and, on exit, remove this one's).
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("listening on %s: another daemon is listening there; stop it first", path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("removing stale socket %s: %w", path, err)
+	}
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s: %w", path, err)
+	}
+	l.SetUnlinkOnClose(false) // see ownSocket.Close
+	var st syscall.Stat_t
+	if err := syscall.Lstat(path, &st); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("socket %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o666); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("socket %s: %w", path, err)
+	}
+	return &ownSocket{UnixListener: l, path: path, dev: st.Dev, ino: st.Ino}, nil
+}
+
+// ownSocket is a socket the daemon made: closing it removes the file only
+// if it is still this socket's, not one that another daemon made there
+// since.
+type ownSocket struct {
+	*net.UnixListener
+	path     string
+	dev, ino uint64
+}
+
+func (l *ownSocket) Close() error {
+	err := l.UnixListener.Close()
+	var st syscall.Stat_t
+	if syscall.Lstat(l.path, &st) == nil && st.Dev == l.dev && st.Ino == l.ino {
+		os.Remove(l.path)
+	}
+	return err
 }
