@@ -2,12 +2,14 @@ package e2e
 
 import (
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -100,4 +102,55 @@ func (d *daemon) servedURL(t *testing.T, option string) string {
 		t.Fatalf("the daemon logged no URL for %s:\n%s", option, log)
 	}
 	return string(m[1])
+}
+
+// TestUpgradeKeepsHTTPAddresses: a daemon started while the one before
+// still drains its connections (an upgrade) starts, though its
+// --metrics-listen and --cache-listen addresses are still that daemon's,
+// and serves them once it has exited. It failed with "address already in
+// use", leaving the store's sockets unserved.
+func TestUpgradeKeepsHTTPAddresses(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("nixyard's --metrics-listen, --cache-listen and --shutdown-grace")
+	}
+	metricsAddr, cacheAddr := freeTCPAddr(t), freeTCPAddr(t)
+	e := newEnv(t)
+	old := e.startDaemon(t, withDaemonArgs("--metrics-listen", metricsAddr, "--cache-listen", cacheAddr, "--shutdown-grace", "1m"))
+	draining := dialProto(t, old.sock) // keeps the old daemon draining
+	if err := syscall.Kill(old.proc.Process.Pid, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the old daemon's socket to go", func() bool { _, err := os.Stat(old.sock); return err != nil })
+	next := old.successor(t)
+	next.start(t)
+	next.client("nix", "store", "ping").ok(t)
+
+	draining.c.Close()
+	select {
+	case <-old.exited:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the old daemon did not exit once its last connection ended")
+	}
+	for _, u := range []string{"http://" + metricsAddr + "/metrics", "http://" + cacheAddr + "/nix-cache-info"} {
+		waitFor(t, u+" to be served by the new daemon", func() bool {
+			resp, err := http.Get(u)
+			if err != nil {
+				return false
+			}
+			resp.Body.Close()
+			return resp.StatusCode == http.StatusOK
+		})
+	}
+}
+
+// freeTCPAddr returns an address on 127.0.0.1 that was free a moment ago.
+func freeTCPAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
 }

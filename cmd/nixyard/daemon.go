@@ -316,6 +316,17 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		logger.Warn("--metrics-listen, --cache-listen and --push-to are ignored with --stdio")
 		opts.metrics, opts.cache, opts.pushTo = "", "", ""
 	}
+	// Jobs come through sockets: a --stdio daemon (an ssh-ng session)
+	// serves none, and leaves the socket daemon's job journals alone.
+	var jm *jobs.Manager
+	var predecessor <-chan struct{} // a daemon of this store still stopping
+	if !opts.stdio {
+		if jm, err = startJobs(ctx, st, settings, logger); err != nil {
+			return err
+		}
+		defer jm.Close()
+		predecessor = jm.Predecessor()
+	}
 	var mets *metrics.Metrics
 	stopCache := func() {}
 	var cacheBusy func() int
@@ -324,7 +335,7 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		st.OnAutoGC(mets.AutoGC)
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", mets.Handler())
-		stop, err := serveHTTP(ctx, opts.metrics, mux, logger, "--metrics-listen", "/metrics")
+		stop, err := serveHTTP(ctx, opts.metrics, mux, logger, "--metrics-listen", "/metrics", predecessor)
 		if err != nil {
 			return err
 		}
@@ -332,7 +343,7 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 	}
 	if opts.cache != "" {
 		srv := cache.New(st, cache.Config{SecretKeys: secretKeys, Logger: logger})
-		stop, err := serveHTTP(ctx, opts.cache, srv, logger, "--cache-listen", "/")
+		stop, err := serveHTTP(ctx, opts.cache, srv, logger, "--cache-listen", "/", predecessor)
 		if err != nil {
 			return err
 		}
@@ -352,6 +363,9 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		return err
 	}
 	if mets != nil {
+		if jm != nil {
+			mets.Jobs(func() int { return len(jm.Live()) })
+		}
 		subCfg.OnFetched = mets.Fetched
 		buildCfg.Metrics = mets
 	}
@@ -377,16 +391,6 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 	rm, err := realise.New(subCfg, st, daemon.RealiseBuilder(builder))
 	if err != nil {
 		return err
-	}
-	// Jobs come through sockets: a --stdio daemon (an ssh-ng session)
-	// serves none, and leaves the socket daemon's job journals alone.
-	var jm *jobs.Manager
-	if !opts.stdio {
-		if jm, err = startJobs(ctx, st, settings, logger); err != nil {
-			return err
-		}
-		defer jm.Close()
-		mets.Jobs(func() int { return len(jm.Live()) })
 	}
 	srv := daemon.New(daemon.Options{
 		Store:           st,
@@ -605,22 +609,40 @@ func readSecretKeys(files []string) ([]signature.SecretKey, error) {
 }
 
 // serveHTTP serves h at addr until the returned stop is called; flag
-// names the option in errors, path what the log names.
-func serveHTTP(ctx context.Context, addr string, h http.Handler, logger *slog.Logger, flag, path string) (stop func(), err error) {
+// names the option in errors, path what the log names. An address in use
+// while predecessor (if not nil) is open is taken to be the stopping
+// daemon's: it is served once that daemon has let go.
+func serveHTTP(ctx context.Context, addr string, h http.Handler, logger *slog.Logger, flag, path string, predecessor <-chan struct{}) (stop func(), err error) {
 	l, err := net.Listen("tcp", addr)
-	if err != nil {
+	if err != nil && !(errors.Is(err, syscall.EADDRINUSE) && predecessor != nil) {
 		return nil, fmt.Errorf("%s: %w", flag, err)
 	}
 	// Served on while the daemon drains (ctx, done at the first signal,
 	// would end every request at once: metrics are wanted then most).
 	base := context.WithoutCancel(ctx)
 	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, BaseContext: func(net.Listener) context.Context { return base }}
-	go func() {
+	serve := func(l net.Listener) {
 		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			logger.Error("HTTP server failed", "option", flag, "err", err)
 		}
-	}()
-	logger.Info("serving over HTTP", "option", flag, "url", "http://"+l.Addr().String()+path)
+	}
+	announce := func(l net.Listener) {
+		logger.Info("serving over HTTP", "option", flag, "url", "http://"+l.Addr().String()+path)
+	}
+	if err == nil {
+		announce(l)
+		go serve(l)
+	} else {
+		logger.Info("the address is the stopping daemon's; serving it once that daemon has let go", "option", flag, "addr", addr)
+		go func() {
+			if l, err := listenAfter(ctx, addr, predecessor); err != nil {
+				logger.Error("cannot serve over HTTP", "option", flag, "err", err)
+			} else {
+				announce(l)
+				serve(l)
+			}
+		}()
+	}
 	var once sync.Once
 	return func() {
 		once.Do(func() {
@@ -634,4 +656,25 @@ func serveHTTP(ctx context.Context, addr string, h http.Handler, logger *slog.Lo
 			}
 		})
 	}, nil
+}
+
+// listenAfter listens on addr once predecessor is closed, trying for a
+// few seconds (the daemon before lets its addresses go as it exits).
+func listenAfter(ctx context.Context, addr string, predecessor <-chan struct{}) (net.Listener, error) {
+	select {
+	case <-predecessor:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	for try := 0; ; try++ {
+		l, err := net.Listen("tcp", addr)
+		if err == nil || !errors.Is(err, syscall.EADDRINUSE) || try == 50 {
+			return l, err
+		}
+		select {
+		case <-time.After(200 * time.Millisecond):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
 }

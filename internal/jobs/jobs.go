@@ -79,6 +79,20 @@ type Manager struct {
 	// taken, if not nil, is closed once this Manager keeps the journals
 	// (or is closed): collections wait for it (see New).
 	taken chan struct{}
+	// predecessor, if not nil, is closed once the daemon that kept the
+	// journals when this Manager began has let them go.
+	predecessor chan struct{}
+}
+
+// Predecessor returns nil if m kept the jobs' journals from the start, or
+// a channel closed once the daemon that kept them then (one still
+// stopping) has let them go and they are m's: what else that daemon holds
+// (its HTTP addresses, say) is about to be free.
+func (m *Manager) Predecessor() <-chan struct{} {
+	if m.predecessor == nil {
+		return nil
+	}
+	return m.predecessor
 }
 
 // closeGate stops the store's collections until openGate: while another
@@ -157,6 +171,7 @@ func New(st *store.Store, opts Options) (*Manager, error) {
 	} else if lock, err := openJournalLock(m.journalDir()); err != nil {
 		m.log.Warn("the jobs' journals are another daemon's (one still stopping?); this one takes them when it lets them go", "err", err)
 		m.closeGate()
+		m.predecessor = make(chan struct{})
 		go m.awaitJournals()
 	} else {
 		m.journalLock = lock

@@ -164,6 +164,7 @@ func (m *Manager) awaitJournals() {
 			m.journalLock = lock
 			m.restore()
 			m.openGate()
+			close(m.predecessor)
 			m.mu.Unlock()
 			m.log.Info("the jobs' journals are this daemon's now")
 			return
