@@ -288,6 +288,9 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 	for _, name := range append(config.Unimplemented(settings), config.IgnoredTuning(settings)...) {
 		logger.Warn("nix.conf setting not implemented by nixyard; ignored", "setting", name)
 	}
+	for _, name := range config.Unknown(settings) {
+		logger.Warn("unknown setting; ignored (a typing mistake?)", "setting", name)
+	}
 	if opts.stdio && opts.root == "" {
 		// As nix-daemon --stdio: a user who cannot write the store is
 		// forwarded to the daemon, which decides their trust.

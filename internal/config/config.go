@@ -271,6 +271,58 @@ func Unimplemented(s *Settings) []string { return setOtherwise(s, unimplemented)
 // to anything but Nix's default.
 func IgnoredTuning(s *Settings) []string { return setOtherwise(s, ignoredTuning) }
 
+// Unknown lists, sorted, the settings of s that are neither Nix 2.8's
+// (nor their old names) nor nixyard's own: typing mistakes, which Nix
+// warns of ("unknown setting") and ignores.
+func Unknown(s *Settings) []string {
+	var names []string
+	for name := range s.values {
+		if !nixSettings[name] && !ownSettings[name] {
+			names = append(names, name)
+		}
+	}
+	slices.Sort(names)
+	return names
+}
+
+// nixSettings are the settings Nix 2.8 knows on Linux (`nix show-config`
+// lists them), besides the aliases.
+var nixSettings = setOf(`accept-flake-config access-tokens allow-dirty
+allow-import-from-derivation allow-new-privileges allow-symlinked-store
+allow-unsafe-native-code-during-evaluation allowed-impure-host-deps
+allowed-uris allowed-users auto-optimise-store bash-prompt
+bash-prompt-suffix build-hook build-poll-interval build-users-group
+builders builders-use-substitutes commit-lockfile-summary
+compress-build-log connect-timeout cores diff-hook download-attempts
+enforce-determinism eval-cache experimental-features extra-platforms
+fallback filter-syscalls flake-registry fsync-metadata gc-reserved-space
+hashed-mirrors http-connections http2 ignored-acls impersonate-linux-26
+keep-build-log keep-derivations keep-env-derivations keep-failed
+keep-going keep-outputs log-lines max-build-log-size max-free max-jobs
+max-silent-time min-free min-free-check-interval nar-buffer-size
+narinfo-cache-negative-ttl narinfo-cache-positive-ttl netrc-file
+nix-path plugin-files post-build-hook pre-build-hook
+preallocate-contents print-missing pure-eval repeat require-sigs
+restrict-eval run-diff-hook sandbox sandbox-build-dir
+sandbox-dev-shm-size sandbox-fallback sandbox-paths secret-key-files
+show-trace stalled-download-timeout store substitute substituters
+sync-before-registering system system-features tarball-ttl timeout
+trace-function-calls trusted-public-keys trusted-substituters
+trusted-users use-case-hack use-registries use-sqlite-wal
+user-agent-suffix warn-dirty`)
+
+// ownSettings are nixyard's settings that Nix 2.8 does not have (later
+// Nix's ssl-cert-file among them).
+var ownSettings = setOf(`job-lease job-max-connections max-substitution-jobs ssl-cert-file`)
+
+func setOf(words string) map[string]bool {
+	m := map[string]bool{}
+	for _, w := range strings.Fields(words) {
+		m[w] = true
+	}
+	return m
+}
+
 // setOtherwise lists, sorted, the settings of s among those of noops that
 // are set to a value not listed there.
 func setOtherwise(s *Settings, noops map[string][]string) []string {

@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -163,5 +164,19 @@ func TestNonNegInt(t *testing.T) {
 	s.Set("cores", "many")
 	if _, err := s.NonNegInt("cores", 3); err == nil || err.Error() != `setting cores: "many" is not an integer` {
 		t.Errorf("many: %v", err)
+	}
+}
+
+func TestUnknown(t *testing.T) {
+	var s Settings
+	for _, kv := range [][2]string{
+		{"sandbox", "true"}, {"build-max-jobs", "2"}, {"extra-substituters", "http://c"},
+		{"extra-platforms", "i686-linux"}, {"job-lease", "2h"}, {"sandboxx", "true"},
+		{"extra-sandbox-pathz", "/x"}, {"jb-lease", "1h"},
+	} {
+		s.Set(kv[0], kv[1])
+	}
+	if got, want := Unknown(&s), []string{"jb-lease", "sandbox-pathz", "sandboxx"}; !slices.Equal(got, want) {
+		t.Errorf("Unknown = %q, want %q", got, want)
 	}
 }
