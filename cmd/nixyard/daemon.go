@@ -345,6 +345,9 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		defer stop()
 	}
 	if opts.cache != "" {
+		if len(secretKeys) == 0 {
+			logger.Warn("--cache-listen without secret-key-files: narinfos go unsigned (but for the signatures paths have), and clients that require signatures (Nix's default) refuse them")
+		}
 		srv := cache.New(st, cache.Config{SecretKeys: secretKeys, Logger: logger})
 		stop, err := serveHTTP(ctx, opts.cache, srv, logger, "--cache-listen", "/", predecessor)
 		if err != nil {
