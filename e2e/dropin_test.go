@@ -179,3 +179,27 @@ func TestSocketActivationUnknownSocket(t *testing.T) {
 		t.Errorf("a daemon passed a socket no --listen names: %v\n%s", err, out)
 	}
 }
+
+// TestSecondDaemonRefused: a daemon started on a store whose socket
+// another daemon serves refuses to start, and says only that: nothing
+// about the store it would have opened (it spoke of the other daemon's
+// job journals first), and the serving daemon does not log its check as
+// a failed connection.
+func TestSecondDaemonRefused(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("nix-daemon replaces the socket of a daemon that serves it")
+	}
+	d := startDaemon(t)
+	argv := daemonArgv(d.root)
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Env = d.daemonEnv()
+	out, err := cmd.CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "another daemon is listening there; stop it first") || strings.Contains(string(out), "journals") {
+		t.Errorf("a second daemon on a served store (%v):\n%s", err, out)
+	}
+	d.client("nix", "store", "ping").ok(t)
+	if log, err := os.ReadFile(d.logPath); err != nil || strings.Contains(string(log), "connection ended with an error") {
+		t.Errorf("the serving daemon logged the second one's check as a failure (%v):\n%s", err, log)
+	}
+}

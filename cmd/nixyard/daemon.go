@@ -307,6 +307,11 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 			return daemon.ForwardStdio(ctx, sock, os.Stdin, os.Stdout)
 		}
 	}
+	if !opts.stdio {
+		if err := checkSocketsFree(layout.SocketPath, opts.listens); err != nil {
+			return err
+		}
+	}
 	st, secretKeys, err := openStore(ctx, settings, layout, opts.budget, logger)
 	if err != nil {
 		return err

@@ -103,9 +103,8 @@ func listen(path string) (net.Listener, error) {
 	}
 	// A daemon that still answers there keeps its socket: taking it over
 	// would leave that one serving no one (and, on exit, remove this one's).
-	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-		c.Close()
-		return nil, fmt.Errorf("listening on %s: another daemon is listening there; stop it first", path)
+	if err := notServed(path); err != nil {
+		return nil, err
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("removing stale socket %s: %w", path, err)
@@ -125,6 +124,35 @@ func listen(path string) (net.Listener, error) {
 		return nil, fmt.Errorf("socket %s: %w", path, err)
 	}
 	return &ownSocket{UnixListener: l, path: path, dev: st.Dev, ino: st.Ino}, nil
+}
+
+// notServed fails if a daemon answers on the socket at path.
+func notServed(path string) error {
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err != nil {
+		return nil
+	}
+	c.Close()
+	return fmt.Errorf("listening on %s: another daemon is listening there; stop it first", path)
+}
+
+// checkSocketsFree fails, before the daemon opens the store, if a daemon
+// answers on one of the sockets it is to make (not those systemd passes):
+// listen checks again, but by then this one would have said things about
+// the store that concern the other daemon.
+func checkSocketsFree(defaultPath string, specs []daemon.ListenSpec) error {
+	if os.Getenv("LISTEN_FDS") != "" {
+		return nil // listenAll sorts out which sockets are passed
+	}
+	if err := notServed(defaultPath); err != nil {
+		return err
+	}
+	for _, s := range specs {
+		if err := notServed(s.Path); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // ownSocket is a socket the daemon made: closing it removes the file only

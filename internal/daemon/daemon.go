@@ -331,8 +331,14 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 		dl.SetReadDeadline(time.Now().Add(timeout))
 	}
 	if err := c.handshake(ctx); err != nil {
-		if c.idleSince.Load() == idleClaimed {
+		switch {
+		case c.idleSince.Load() == idleClaimed:
 			return nil // closed by closeIdle, which says so
+		case errors.Is(err, errNoHello):
+			log.Debug("connection closed", "err", err)
+			return nil
+		case c.peer.refused != "":
+			return nil // logged as refused when it came
 		}
 		return err
 	}

@@ -4,15 +4,24 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 
 	"github.com/nixyard/nixyard/internal/daemon/wire"
 )
+
+// errNoHello ends a connection whose client hung up before saying
+// anything: a check of whether a daemon answers (another daemon's start
+// makes one), not a failure.
+var errNoHello = errors.New("the client hung up before its handshake")
 
 // handshake runs §2.1 and leaves c ready for ops. Errors before the logger
 // channel exists close the connection silently (as nix-daemon does); a
 // refused peer gets its reason as STDERR_ERROR at step 10.
 func (c *conn) handshake(ctx context.Context) error {
 	// Step 1: client magic.
+	if _, err := c.br.Peek(1); errors.Is(err, io.EOF) {
+		return errNoHello
+	}
 	if magic := c.in.U64("magic"); c.in.Err() != nil {
 		return fmt.Errorf("handshake: reading magic: %w", c.in.Err())
 	} else if magic != wire.WorkerMagic1 {
