@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -49,8 +50,10 @@ func ParseListenSpec(s string) (ListenSpec, error) {
 	// socket that trusted container root by uid would let a job collect
 	// the host's store.
 	spec := ListenSpec{Path: parts[0], Policy: ListenPolicy{Untrusted: true, MaxConns: DefaultListenMaxConns}}
-	if spec.Path == "" {
-		return spec, fmt.Errorf("--listen %q: no socket path", s)
+	if !filepath.IsAbs(spec.Path) {
+		// A job's container mounts it by its path, and runner-config
+		// takes absolute paths only.
+		return spec, fmt.Errorf("--listen %q: the socket's path must be absolute", s)
 	}
 	for _, p := range parts[1:] {
 		k, v, ok := strings.Cut(p, "=")
@@ -82,6 +85,11 @@ func ParseListenSpec(s string) (ListenSpec, error) {
 		default:
 			return spec, fmt.Errorf("--listen %q: unknown key %q (want trusted, tenant or max-connections)", s, k)
 		}
+	}
+	if spec.Policy.Tenant == "" {
+		// Not the host's own connections' empty tenant, in logs and
+		// metrics.
+		spec.Policy.Tenant = spec.Path
 	}
 	return spec, nil
 }
