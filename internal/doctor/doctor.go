@@ -18,6 +18,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nixyard/nixyard/internal/ci"
 	"github.com/nixyard/nixyard/internal/daemon"
 	"github.com/nixyard/nixyard/internal/daemon/client"
 	"github.com/nixyard/nixyard/internal/daemon/wire"
@@ -111,8 +112,11 @@ func Run(ctx context.Context, storeURL string) *Report {
 	nc, err := d.DialContext(ctx, "unix", sock)
 	if err != nil {
 		advice := "is the daemon running (it may be restarting: try again in a minute) with a job socket (--listen HOST-PATH), and is that socket's directory mounted into the job at " + filepath.Dir(sock) + "?"
-		if errors.Is(err, unix.EACCES) {
+		switch {
+		case errors.Is(err, unix.EACCES):
 			advice = "the job's user may not connect: check the socket directory's permissions and allowed-users"
+		case storeURL == "" || storeURL == "daemon" || storeURL == "auto":
+			advice = fmt.Sprintf("NIX_REMOTE does not name the job socket: set it as `nixyard runner-config` does (NIX_REMOTE=unix://%s/socket?root=%s, say, with the socket's directory mounted at %[1]s); ", ci.SocketDir, ci.StoreRoot) + advice
 		}
 		r.add("socket", Fail, "cannot connect to %s: %v; %s", sock, err, advice)
 		return r
