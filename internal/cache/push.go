@@ -252,9 +252,15 @@ func (p *Pusher) pushQueued(ctx context.Context) error {
 				p.mu.Unlock()
 				continue
 			}
+			if aerr := setAside(p.dir, e.Name()); aerr != nil {
+				// Queued still, and rooted: the next round tries again.
+				p.log.Error("the cache refused a path too often, and it cannot be set aside; it stays queued", "path", p.st.Dir().Abs(sp), "err", err, "set-aside", aerr)
+				p.mu.Lock()
+				p.notBefore[sp] = now.Add(backoff(n))
+				p.mu.Unlock()
+				continue
+			}
 			p.log.Error("the cache refused a path too often; set aside", "path", p.st.Dir().Abs(sp), "in", filepath.Join(p.dir, "failed"), "err", err)
-			os.MkdirAll(filepath.Join(p.dir, "failed"), 0o700)
-			os.Rename(name, filepath.Join(p.dir, "failed", e.Name()))
 		default:
 			return err
 		}
@@ -267,6 +273,14 @@ func (p *Pusher) pushQueued(ctx context.Context) error {
 		p.release(sp)
 	}
 	return nil
+}
+
+// setAside moves the queue entry name in dir to dir/failed.
+func setAside(dir, name string) error {
+	if err := os.MkdirAll(filepath.Join(dir, "failed"), 0o700); err != nil {
+		return err
+	}
+	return os.Rename(filepath.Join(dir, name), filepath.Join(dir, "failed", name))
 }
 
 // attempted counts one more failed attempt in the queue entry name and

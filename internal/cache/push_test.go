@@ -265,10 +265,36 @@ func TestPushFailures(t *testing.T) {
 	if _, ok := mc.files[pushed.HashPart()+".narinfo"]; !ok {
 		t.Error("the refused path held up another")
 	}
-	for range maxAttempts - 1 {
+	for range maxAttempts - 2 {
 		clear(p.notBefore) // its own backoff, skipped
 		p.pushQueued(ctx)
 	}
+	// Refused too often, but failed/ cannot be made: queued and rooted
+	// still, until it can be set aside.
+	blocker := filepath.Join(queue, "failed")
+	if _, err := os.Stat(blocker); err == nil {
+		t.Fatalf("set aside after %d refusals, before %d", maxAttempts-1, maxAttempts)
+	}
+	if _, err := os.Stat(filepath.Join(queue, refused.String())); err != nil {
+		t.Fatalf("not queued after %d refusals: %v", maxAttempts-1, err)
+	}
+	if err := os.WriteFile(blocker, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	clear(p.notBefore)
+	p.pushQueued(ctx)
+	if _, err := os.Stat(filepath.Join(queue, refused.String())); err != nil {
+		t.Errorf("a path that could not be set aside left the queue: %v", err)
+	}
+	if _, err := st.CollectGarbage(ctx, store.GCOptions{Action: store.GCDeleteDead, MaxFreed: math.MaxUint64}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if ok, _ := st.IsValidPathFresh(ctx, refused); !ok {
+		t.Error("a path that could not be set aside was collected")
+	}
+	os.Remove(blocker)
+	clear(p.notBefore)
+	p.pushQueued(ctx)
 	if _, err := os.Stat(filepath.Join(queue, "failed", refused.String())); err != nil {
 		t.Errorf("after %d refusals the entry was not set aside: %v", maxAttempts, err)
 	}
