@@ -461,7 +461,7 @@ func startPusher(ctx context.Context, target string, st *store.Store, layout con
 	if err != nil {
 		return nil, fmt.Errorf("--push-to: %w", err)
 	}
-	pusher, err := cache.NewPusher(st, tgt, pushOpts, filepath.Join(layout.StateDir, "nixyard-push"), secretKeys, logger)
+	pusher, err := cache.NewPusher(ctx, st, tgt, pushOpts, filepath.Join(layout.StateDir, "nixyard-push"), secretKeys, logger)
 	if err != nil {
 		return nil, err
 	}
@@ -489,7 +489,7 @@ func startJobs(ctx context.Context, st *store.Store, settings *config.Settings, 
 		return nil, err
 	}
 	opts.Logger = logger
-	jm, err := jobs.New(st, opts)
+	jm, err := jobs.New(ctx, st, opts)
 	if err != nil {
 		return nil, err
 	}

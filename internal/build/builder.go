@@ -228,7 +228,7 @@ type Config struct {
 	// OnBuilt, if set, gets the outputs of every build that made them
 	// valid here (built here or on a remote machine): to push them to a
 	// fleet cache, say. It must not block long.
-	OnBuilt func(outputs []storepath.Path)
+	OnBuilt func(ctx context.Context, outputs []storepath.Path)
 }
 
 // Metrics receives the Builder's events for monitoring.

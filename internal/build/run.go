@@ -422,7 +422,7 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 		return f
 	}
 	if f := b.cfg.OnBuilt; f != nil && g.mode == ModeNormal {
-		f(slices.Collect(maps.Values(j.outputs)))
+		f(ctx, slices.Collect(maps.Values(j.outputs)))
 	}
 	return j.postBuildHook(ctx)
 }

@@ -79,7 +79,7 @@ func TestPushOptions(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			p, err := NewPusher(st, tg, opts, filepath.Join(t.TempDir(), "queue"), nil, nil)
+			p, err := NewPusher(t.Context(), st, tg, opts, filepath.Join(t.TempDir(), "queue"), nil, nil)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -69,8 +69,9 @@ type Pusher struct {
 
 // NewPusher returns a Pusher writing to target as opts asks, whose queue
 // is the directory dir (made if missing); paths left in it by an earlier
-// run are pushed first. Narinfos are signed with keys and opts.Keys.
-func NewPusher(st *store.Store, target Target, opts Options, dir string, keys []signature.SecretKey, log *slog.Logger) (*Pusher, error) {
+// run are pushed first (and held from now: ctx bounds the wait for a
+// collection deleting one). Narinfos are signed with keys and opts.Keys.
+func NewPusher(ctx context.Context, st *store.Store, target Target, opts Options, dir string, keys []signature.SecretKey, log *slog.Logger) (*Pusher, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("push queue: %w", err)
 	}
@@ -85,7 +86,7 @@ func NewPusher(st *store.Store, target Target, opts Options, dir string, keys []
 	}
 	for _, e := range entries {
 		if sp, err := storepath.ParseBase(e.Name()); err == nil {
-			p.hold(context.Background(), sp)
+			p.hold(ctx, sp)
 		} else if strings.HasPrefix(e.Name(), ".nar-") {
 			os.Remove(filepath.Join(dir, e.Name())) // left by a push cut short
 		}
@@ -131,9 +132,9 @@ func (p *Pusher) release(sp storepath.Path) {
 
 // Enqueue adds paths to the queue; they are in it, durably, when it
 // returns.
-func (p *Pusher) Enqueue(paths ...storepath.Path) error {
+func (p *Pusher) Enqueue(ctx context.Context, paths ...storepath.Path) error {
 	for _, sp := range paths {
-		p.hold(context.Background(), sp)
+		p.hold(ctx, sp)
 		f, err := os.OpenFile(filepath.Join(p.dir, sp.String()), os.O_CREATE|os.O_WRONLY, 0o600)
 		if err != nil {
 			return fmt.Errorf("push queue: %w", err)
@@ -166,9 +167,10 @@ func (p *Pusher) Start(ctx context.Context) (stop func()) {
 }
 
 // EnqueueBuilt queues a build's outputs (build.Config.OnBuilt): a queue
-// that cannot be written is logged, and the build stands.
-func (p *Pusher) EnqueueBuilt(outputs []storepath.Path) {
-	if err := p.Enqueue(outputs...); err != nil {
+// that cannot be written is logged, and the build stands. The outputs are
+// held whether the build's clients are still there or not.
+func (p *Pusher) EnqueueBuilt(ctx context.Context, outputs []storepath.Path) {
+	if err := p.Enqueue(context.WithoutCancel(ctx), outputs...); err != nil {
 		p.log.Warn("cannot queue built outputs for pushing", "err", err)
 	}
 }

@@ -102,18 +102,18 @@ func TestPush(t *testing.T) {
 		t.Fatal(err)
 	}
 	queue := filepath.Join(t.TempDir(), "queue")
-	p, err := NewPusher(st, target, opts, queue, []signature.SecretKey{key}, nil)
+	p, err := NewPusher(t.Context(), st, target, opts, queue, []signature.SecretKey{key}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p.Enqueue(top.Path); err != nil {
+	if err := p.Enqueue(t.Context(), top.Path); err != nil {
 		t.Fatal(err)
 	}
 	if n := p.QueueLen(); n != 1 {
 		t.Errorf("queue length %d, want 1", n)
 	}
 	// A new pusher on the same queue (as after a restart) pushes it.
-	p2, err := NewPusher(st, target, opts, queue, []signature.SecretKey{key}, nil)
+	p2, err := NewPusher(t.Context(), st, target, opts, queue, []signature.SecretKey{key}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -243,11 +243,11 @@ func TestPushFailures(t *testing.T) {
 		t.Fatal(err)
 	}
 	queue := filepath.Join(t.TempDir(), "queue")
-	p, err := NewPusher(st, target, opts, queue, nil, nil)
+	p, err := NewPusher(t.Context(), st, target, opts, queue, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p.Enqueue(top.Path, other.Path); err != nil {
+	if err := p.Enqueue(t.Context(), top.Path, other.Path); err != nil {
 		t.Fatal(err)
 	}
 	// Dead but queued: the collector leaves them and what they need.
@@ -305,11 +305,11 @@ func TestPushFailures(t *testing.T) {
 	down.Close()
 	dt, dopts, _ := OpenTarget(t.Context(), downURL, nil)
 	q2 := filepath.Join(t.TempDir(), "queue")
-	p2, err := NewPusher(st, dt, dopts, q2, nil, nil)
+	p2, err := NewPusher(t.Context(), st, dt, dopts, q2, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p2.Enqueue(other.Path); err != nil {
+	if err := p2.Enqueue(t.Context(), other.Path); err != nil {
 		t.Fatal(err)
 	}
 	for range maxAttempts + 1 {

@@ -141,8 +141,10 @@ type job struct {
 	tenant   string
 }
 
-// New returns a Manager for st.
-func New(st *store.Store, opts Options) (*Manager, error) {
+// New returns a Manager for st. ctx bounds the Manager's own work: taking
+// up the jobs of an earlier daemon, now or once a daemon still stopping
+// lets them go.
+func New(ctx context.Context, st *store.Store, opts Options) (*Manager, error) {
 	m := &Manager{st: st, lease: opts.Lease, maxConns: opts.MaxConns, proc: opts.Proc, now: opts.Now, log: opts.Logger, jobs: map[string]*job{}}
 	if m.lease <= 0 {
 		m.lease = DefaultLease
@@ -172,10 +174,10 @@ func New(st *store.Store, opts Options) (*Manager, error) {
 		m.log.Warn("the jobs' journals are another daemon's (one still stopping?); this one takes them when it lets them go", "err", err)
 		m.closeGate()
 		m.predecessor = make(chan struct{})
-		go m.awaitJournals()
+		go m.awaitJournals(ctx)
 	} else {
 		m.journalLock = lock
-		m.restore()
+		m.restore(ctx)
 	}
 	return m, nil
 }

@@ -81,7 +81,7 @@ func container(t *testing.T) (initPID, childPID int, kill func()) {
 func TestAttachGroupsConnectionsOfANamespace(t *testing.T) {
 	st := testStore(t)
 	now := time.Unix(1000, 0)
-	m, err := New(st, Options{Lease: time.Hour, Now: func() time.Time { return now }})
+	m, err := New(t.Context(), st, Options{Lease: time.Hour, Now: func() time.Time { return now }})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,7 +129,7 @@ func TestAttachGroupsConnectionsOfANamespace(t *testing.T) {
 func TestLeaseEndsAnIdleJob(t *testing.T) {
 	st := testStore(t)
 	now := time.Unix(1000, 0)
-	m, err := New(st, Options{Lease: time.Hour, Now: func() time.Time { return now }})
+	m, err := New(t.Context(), st, Options{Lease: time.Hour, Now: func() time.Time { return now }})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -181,7 +181,7 @@ func waitGone(t *testing.T, pid int) {
 // is refused, and a released one makes room.
 func TestMaxConns(t *testing.T) {
 	st := testStore(t)
-	m, err := New(st, Options{MaxConns: 2})
+	m, err := New(t.Context(), st, Options{MaxConns: 2})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -220,7 +220,7 @@ func addText(t *testing.T, st *store.Store, name string) storepath.Path {
 // newManager is New, failing the test on an error.
 func newManager(t *testing.T, st *store.Store) *Manager {
 	t.Helper()
-	m, err := New(st, Options{})
+	m, err := New(t.Context(), st, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -99,7 +99,7 @@ func (m *Manager) dropJournal(j *job) {
 // restore takes up the jobs whose journals an earlier daemon left and
 // whose init still runs: their sessions hold their roots again, and their
 // lease runs from now. Other journals are deleted.
-func (m *Manager) restore() {
+func (m *Manager) restore(ctx context.Context) {
 	dir := m.journalDir()
 	ents, err := os.ReadDir(dir)
 	if err != nil {
@@ -136,7 +136,7 @@ func (m *Manager) restore() {
 			m.jobs[j.id] = j
 		}
 		for _, p := range roots {
-			if err := j.session.AddTempRoot(context.Background(), p); err != nil {
+			if err := j.session.AddTempRoot(ctx, p); err != nil {
 				m.log.Warn("cannot take up a job's root", "job", j.id, "path", p.String(), "err", err)
 			}
 		}
@@ -152,9 +152,16 @@ func (m *Manager) restore() {
 
 // awaitJournals takes the journals once the daemon that keeps them (one
 // still draining its connections, say) has let them go, polling until the
-// Manager is closed.
-func (m *Manager) awaitJournals() {
-	for range time.Tick(100 * time.Millisecond) {
+// Manager is closed or ctx ends.
+func (m *Manager) awaitJournals(ctx context.Context) {
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+			return
+		}
 		m.mu.Lock()
 		if m.closed {
 			m.mu.Unlock()
@@ -162,7 +169,7 @@ func (m *Manager) awaitJournals() {
 		}
 		if lock, err := openJournalLock(m.journalDir()); err == nil {
 			m.journalLock = lock
-			m.restore()
+			m.restore(ctx)
 			m.openGate()
 			close(m.predecessor)
 			m.mu.Unlock()
