@@ -261,50 +261,15 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 	if err != nil {
 		return err
 	}
-	if opts.stdio && !opts.levelSet {
-		// ssh-ng shows the remote program's standard error to the user,
-		// who gets what concerns them through the protocol: only errors
-		// here, as nix-daemon --stdio writes nothing of its own.
-		opts.logLevel = slog.LevelError
-	}
-	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: opts.logLevel, ReplaceAttr: hint.StripAttr}))
-	if err := timerslack.Widen(timerslack.Daemon); err != nil {
-		// Expected when not root; as root, a container may have dropped
-		// CAP_SYS_NICE, which an operator should hear of.
-		level := slog.LevelDebug
-		if os.Geteuid() == 0 {
-			level = slog.LevelInfo
-		}
-		logger.Log(ctx, level, "keeping the inherited timer slack", "err", err)
-	}
+	logger := newLogger(ctx, &opts)
 	layout := config.NewLayout(opts.root, os.Getenv)
-	settings, err := config.Load(layout.ConfDir, os.Getenv)
+	settings, err := loadSettings(layout, opts.overrides, logger)
 	if err != nil {
 		return err
 	}
-	for _, kv := range opts.overrides {
-		settings.Set(kv[0], kv[1])
-	}
-	for _, name := range append(config.Unimplemented(settings), config.IgnoredTuning(settings)...) {
-		logger.Warn("nix.conf setting not implemented by nixyard; ignored", "setting", name)
-	}
-	for _, name := range config.Unknown(settings) {
-		logger.Warn("unknown setting; ignored (a typing mistake?)", "setting", name)
-	}
 	if opts.stdio && opts.root == "" {
-		// As nix-daemon --stdio: a user who cannot write the store is
-		// forwarded to the daemon, which decides their trust.
-		remote := os.Getenv("NIX_REMOTE")
-		if remote == "" {
-			remote = "auto"
-		}
-		sock, err := daemon.StdioForwardSocket(settings.String("store", remote), layout.StateDir, layout.SocketPath)
-		if err != nil {
+		if forwarded, err := forwardStdio(ctx, settings, layout, logger); forwarded || err != nil {
 			return err
-		}
-		if sock != "" {
-			logger.Debug("forwarding stdio to the daemon", "socket", sock)
-			return daemon.ForwardStdio(ctx, sock, os.Stdin, os.Stdout)
 		}
 	}
 	if !opts.stdio {
@@ -335,34 +300,11 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		defer jm.Close()
 		predecessor = jm.Predecessor()
 	}
-	var mets *metrics.Metrics
-	stopCache := func() {}
-	var cacheBusy func() int
-	if opts.metrics != "" {
-		mets = metrics.New(st.Stats)
-		st.OnAutoGC(mets.AutoGC)
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", mets.Handler())
-		stop, err := serveHTTP(ctx, opts.metrics, mux, logger, "--metrics-listen", "/metrics", predecessor)
-		if err != nil {
-			return err
-		}
-		defer stop()
+	web, err := startHTTP(ctx, opts, st, secretKeys, predecessor, logger)
+	if err != nil {
+		return err
 	}
-	if opts.cache != "" {
-		if len(secretKeys) == 0 {
-			logger.Warn("--cache-listen without secret-key-files: narinfos go unsigned (but for the signatures paths have), and clients that require signatures (Nix's default) refuse them")
-		}
-		srv := cache.New(st, cache.Config{SecretKeys: secretKeys, Logger: logger})
-		stop, err := serveHTTP(ctx, opts.cache, srv, logger, "--cache-listen", "/", predecessor)
-		if err != nil {
-			return err
-		}
-		// Stopped as soon as the drain ends (NARs being sent count in
-		// it), not after the builds' clean-up.
-		stopCache, cacheBusy = stop, srv.Sending
-		defer stop()
-	}
+	defer web.stop()
 
 	subCfg, err := realise.ConfigFromSettings(settings, os.Getenv)
 	if err != nil {
@@ -373,7 +315,7 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 	if err != nil {
 		return err
 	}
-	if mets != nil {
+	if mets := web.metrics; mets != nil {
 		if jm != nil {
 			mets.Jobs(func() int { return len(jm.Live()) })
 		}
@@ -381,7 +323,7 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		buildCfg.Metrics = mets
 	}
 	if opts.pushTo != "" {
-		pusher, err := startPusher(ctx, opts.pushTo, st, layout, secretKeys, mets, logger)
+		pusher, err := startPusher(ctx, opts.pushTo, st, layout, secretKeys, web.metrics, logger)
 		if err != nil {
 			return err
 		}
@@ -412,11 +354,11 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		Realise:         rm,
 		Builder:         builder,
 		Jobs:            jm,
-		Metrics:         mets,
+		Metrics:         web.metrics,
 		Logger:          logger,
 		ShutdownGrace:   opts.grace,
 		StopNow:         stopNow,
-		Busy:            cacheBusy,
+		Busy:            web.cacheBusy,
 	})
 	if opts.stdio {
 		return serveStdio(ctx, srv, builder, logger)
@@ -430,11 +372,110 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 	}
 	logger.Info("nixyard daemon listening", "socket", ls[0].Addr().String(), "store", layout.RealStoreDir, "version", version)
 	err = srv.ServeAll(ctx, ls)
-	stopCache()
+	web.stopCache()
 	// Builds stopped with their connections clean up (sandbox, build
 	// directory, locks) before the process ends.
 	awaitBuilds(builder, logger)
 	return err
+}
+
+// newLogger makes the daemon's logger at opts' level (errors only for
+// --stdio unless --log-level says otherwise), and widens the timer slack.
+func newLogger(ctx context.Context, opts *daemonOptions) *slog.Logger {
+	if opts.stdio && !opts.levelSet {
+		// ssh-ng shows the remote program's standard error to the user,
+		// who gets what concerns them through the protocol: only errors
+		// here, as nix-daemon --stdio writes nothing of its own.
+		opts.logLevel = slog.LevelError
+	}
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: opts.logLevel, ReplaceAttr: hint.StripAttr}))
+	if err := timerslack.Widen(timerslack.Daemon); err != nil {
+		// Expected when not root; as root, a container may have dropped
+		// CAP_SYS_NICE, which an operator should hear of.
+		level := slog.LevelDebug
+		if os.Geteuid() == 0 {
+			level = slog.LevelInfo
+		}
+		logger.Log(ctx, level, "keeping the inherited timer slack", "err", err)
+	}
+	return logger
+}
+
+// loadSettings reads nix.conf (and NIX_CONFIG) with the --option
+// overrides, and names the settings nixyard ignores.
+func loadSettings(layout config.Layout, overrides [][2]string, logger *slog.Logger) (*config.Settings, error) {
+	settings, err := config.Load(layout.ConfDir, os.Getenv)
+	if err != nil {
+		return nil, err
+	}
+	for _, kv := range overrides {
+		settings.Set(kv[0], kv[1])
+	}
+	for _, name := range append(config.Unimplemented(settings), config.IgnoredTuning(settings)...) {
+		logger.Warn("nix.conf setting not implemented by nixyard; ignored", "setting", name)
+	}
+	for _, name := range config.Unknown(settings) {
+		logger.Warn("unknown setting; ignored (a typing mistake?)", "setting", name)
+	}
+	return settings, nil
+}
+
+// forwardStdio serves --stdio without --store as nix-daemon does: a user
+// who cannot write the store is forwarded to the daemon, which decides
+// their trust. It reports whether it forwarded (the session is over).
+func forwardStdio(ctx context.Context, settings *config.Settings, layout config.Layout, logger *slog.Logger) (bool, error) {
+	remote := os.Getenv("NIX_REMOTE")
+	if remote == "" {
+		remote = "auto"
+	}
+	sock, err := daemon.StdioForwardSocket(settings.String("store", remote), layout.StateDir, layout.SocketPath)
+	if err != nil || sock == "" {
+		return false, err
+	}
+	logger.Debug("forwarding stdio to the daemon", "socket", sock)
+	return true, daemon.ForwardStdio(ctx, sock, os.Stdin, os.Stdout)
+}
+
+// httpServers are the daemon's HTTP servers: metrics (nil without
+// --metrics-listen) and the binary cache.
+type httpServers struct {
+	metrics   *metrics.Metrics
+	stopCache func()     // stops the binary cache (at once when the drain ends)
+	cacheBusy func() int // NARs the cache is sending, or nil
+	stop      func()     // stops both
+}
+
+// startHTTP starts --metrics-listen's and --cache-listen's servers.
+func startHTTP(ctx context.Context, opts daemonOptions, st *store.Store, secretKeys []signature.SecretKey, predecessor <-chan struct{}, logger *slog.Logger) (*httpServers, error) {
+	h := &httpServers{stopCache: func() {}}
+	stopMetrics := func() {}
+	h.stop = func() { h.stopCache(); stopMetrics() }
+	if opts.metrics != "" {
+		h.metrics = metrics.New(st.Stats)
+		st.OnAutoGC(h.metrics.AutoGC)
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", h.metrics.Handler())
+		stop, err := serveHTTP(ctx, opts.metrics, mux, logger, "--metrics-listen", "/metrics", predecessor)
+		if err != nil {
+			return nil, err
+		}
+		stopMetrics = stop
+	}
+	if opts.cache != "" {
+		if len(secretKeys) == 0 {
+			logger.Warn("--cache-listen without secret-key-files: narinfos go unsigned (but for the signatures paths have), and clients that require signatures (Nix's default) refuse them")
+		}
+		srv := cache.New(st, cache.Config{SecretKeys: secretKeys, Logger: logger})
+		stop, err := serveHTTP(ctx, opts.cache, srv, logger, "--cache-listen", "/", predecessor)
+		if err != nil {
+			h.stop()
+			return nil, err
+		}
+		// Stopped as soon as the drain ends (NARs being sent count in
+		// it), not after the builds' clean-up.
+		h.stopCache, h.cacheBusy = stop, srv.Sending
+	}
+	return h, nil
 }
 
 // serveStdio serves the one client on standard input and output (an
