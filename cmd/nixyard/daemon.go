@@ -639,6 +639,9 @@ func openStore(ctx context.Context, settings *config.Settings, layout config.Lay
 	if err != nil {
 		return nil, nil, fmt.Errorf("opening store %s: %w", layout.RealStoreDir, err)
 	}
+	if budget > 0 {
+		logger.Info("size budget: an addition that finds the store's NAR bytes over it collects the least recently used dead paths", "budget", budget)
+	}
 	return st, secretKeys, nil
 }
 
