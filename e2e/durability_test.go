@@ -2,10 +2,12 @@ package e2e
 
 import (
 	"bytes"
+	"crypto/rand"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -197,4 +199,56 @@ func readIntFile(t *testing.T, path string) int {
 func sessionWriteKB(t *testing.T, dev string) int {
 	t.Helper()
 	return readIntFile(t, filepath.Join("/sys/fs/ext4", dev, "session_write_kbytes"))
+}
+
+// TestStoreFull: on a store whose file system fills up, an addition or a
+// substitution that does not fit fails with the system's reason and
+// leaves nothing behind, neither registered nor on disk; the daemon goes
+// on serving, and what fits is added. (nix-daemon leaves the partial path
+// on disk, and the file system full.)
+func TestStoreFull(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("nix-daemon leaves a partly written path on disk, and the file system full")
+	}
+	e := newEnv(t)
+	mountScratchExt4(t, filepath.Join(e.dir, "store.img"), filepath.Join(e.dir, "root"), 48<<20)
+	big := make([]byte, 48<<20)
+	if _, err := rand.Read(big); err != nil {
+		t.Fatal(err)
+	}
+	src := e.otherStore("src")
+	tooBig := oneLine(t, "nix-store --add", e.local(src, "nix-store", "--add", e.file(t, "too-big", string(big))).ok(t))
+	cacheDir := filepath.Join(e.dir, "cache")
+	e.fillCache(t, src, cacheDir, "none", "", tooBig)
+	d := e.startDaemon(t, withConf("substituters = file://"+cacheDir, "require-sigs = false"))
+
+	entries := func() []string {
+		names, err := filepath.Glob(filepath.Join(d.root, "nix/store/*"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return names
+	}
+	before := entries()
+	for _, c := range []struct {
+		what string
+		args []string
+	}{
+		{"nix-store --add", []string{"--add", e.file(t, "add/too-big", string(big))}},
+		{"nix-store -r (substitution)", []string{"-r", tooBig}},
+	} {
+		r := d.client("nix-store", c.args...).run(t)
+		if r.err == nil || !strings.Contains(r.stderr, "no space left on device") {
+			t.Errorf("%s of more than the store's file system holds: not refused with the system's reason:\n%s", c.what, r)
+		}
+		if now := entries(); !slices.Equal(now, before) {
+			t.Errorf("%s that did not fit left %v in the store (before: %v)", c.what, now, before)
+		}
+	}
+	small := oneLine(t, "nix-store --add", d.nixStore(t, "--add", e.file(t, "small", "fits "+e.nonce)))
+	if !d.isValid(t, small) {
+		t.Errorf("%s, added after the failures, is not valid", small)
+	}
+	d.nixStore(t, "--verify", "--check-contents")
 }
