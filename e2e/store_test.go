@@ -4,12 +4,16 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	osuser "os/user"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestStorePing(t *testing.T) {
@@ -325,5 +329,26 @@ func TestQueries(t *testing.T) {
 	}
 	if got := oneLine(t, "print-invalid", d.nixStore(t, "--check-validity", "--print-invalid", out, missing)); got != missing {
 		t.Errorf("nix-store --check-validity --print-invalid: %q, want %s", got, missing)
+	}
+}
+
+// TestStoreDirShared: a daemon running as root with a build-users-group
+// gives the store directory to root and that group, mode 01775, as Nix
+// does each time it opens the store (builds outside the sandbox make
+// their outputs there as build users).
+func TestStoreDirShared(t *testing.T) {
+	t.Parallel()
+	g, err := osuser.LookupGroup("nixbld")
+	if err != nil {
+		t.Skipf("no nixbld group here: %v", err)
+	}
+	d := startDaemon(t, withConf("build-users-group = nixbld"))
+	d.client("nix", "store", "ping").ok(t) // nix-daemon opens the store per connection
+	var st unix.Stat_t
+	if err := unix.Stat(filepath.Join(d.root, "nix/store"), &st); err != nil {
+		t.Fatal(err)
+	}
+	if gid := strconv.Itoa(int(st.Gid)); st.Uid != 0 || gid != g.Gid || st.Mode&^unix.S_IFMT != 0o1775 {
+		t.Errorf("the store directory is %o uid %d gid %s, want 1775 root:nixbld (gid %s)", st.Mode&^unix.S_IFMT, st.Uid, gid, g.Gid)
 	}
 }

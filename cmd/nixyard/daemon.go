@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"os/user"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -417,7 +418,25 @@ func loadSettings(layout config.Layout, overrides [][2]string, logger *slog.Logg
 	for _, name := range config.Unknown(settings) {
 		logger.Warn("unknown setting; ignored (a typing mistake?)", "setting", name)
 	}
+	defaultBuildUsers(settings, logger)
 	return settings, nil
+}
+
+// defaultBuildUsers gives build-users-group Nix's default when nix.conf
+// does not set it: nixbld for a daemon running as root, whose builders
+// then run as its members, not as root. Where that group does not exist,
+// builds run as the daemon's user, as with build-users-group = (Nix would
+// fail them), and the daemon says so.
+func defaultBuildUsers(settings *config.Settings, logger *slog.Logger) {
+	if _, set := settings.Lookup("build-users-group"); set || os.Geteuid() != 0 {
+		return
+	}
+	const group = "nixbld"
+	if _, err := user.LookupGroup(group); err != nil {
+		logger.Warn("build-users-group is not set and its default group does not exist: builders run as root", "group", group, "err", err)
+		return
+	}
+	settings.Set("build-users-group", group)
 }
 
 // forwardStdio serves --stdio without --store as nix-daemon does: a user
@@ -634,6 +653,7 @@ func openStore(ctx context.Context, settings *config.Settings, layout config.Lay
 		MinFreeCheckInterval: time.Duration(checkInterval) * time.Second,
 		SizeBudget:           budget,
 		ReservedSize:         reserved,
+		BuildUsersGroup:      settings.String("build-users-group", ""),
 		Logger:               logger,
 	})
 	if err != nil {

@@ -22,6 +22,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -67,6 +68,11 @@ type Config struct {
 	// it first), as Nix keeps it (nix.conf gc-reserved-space): 0 means
 	// Nix's default, 8 MiB; a negative size, none.
 	ReservedSize int64
+	// BuildUsersGroup (nix.conf build-users-group): a daemon running as
+	// root gives the store directory to root and this group, mode 01775,
+	// as Nix does, so that builds outside the sandbox (as build users)
+	// can make their outputs there.
+	BuildUsersGroup string
 	// SecretKeys sign the outputs of builds (nix.conf secret-key-files).
 	SecretKeys []signature.SecretKey
 	Logger     *slog.Logger
@@ -179,6 +185,41 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	return s, nil
 }
 
+// shareStoreDir gives the store directory to root and the build users'
+// group, mode 01775 (sticky: a build user cannot delete another's
+// entries), when the daemon runs as root with a build-users-group, as
+// Nix's LocalStore does each time it opens the store.
+func (s *Store) shareStoreDir() error {
+	name := s.cfg.BuildUsersGroup
+	if name == "" || os.Getuid() != 0 {
+		return nil
+	}
+	g, err := user.LookupGroup(name)
+	if err != nil {
+		s.log.Warn("the group that build-users-group names does not exist", "group", name, "err", err)
+		return nil
+	}
+	gid, err := strconv.Atoi(g.Gid)
+	if err != nil {
+		return fmt.Errorf("store: group %s: gid %q: %w", name, g.Gid, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(s.realDir, &st); err != nil {
+		return fmt.Errorf("store: %s: %w", s.realDir, err)
+	}
+	const perm = 0o1775
+	if st.Uid == 0 && int(st.Gid) == gid && st.Mode&^unix.S_IFMT == perm {
+		return nil
+	}
+	if err := unix.Chown(s.realDir, 0, gid); err != nil {
+		return fmt.Errorf("store: giving %s to root and group %s: %w", s.realDir, name, err)
+	}
+	if err := unix.Chmod(s.realDir, perm); err != nil {
+		return fmt.Errorf("store: setting the mode of %s: %w", s.realDir, err)
+	}
+	return nil
+}
+
 // createLayout makes the directories Nix's LocalStore constructor makes.
 func (s *Store) createLayout() error {
 	st := s.cfg.StateDir
@@ -208,6 +249,9 @@ func (s *Store) createLayout() error {
 		if u := os.Getenv("USER"); u != "" {
 			user = u
 		}
+	}
+	if err := s.shareStoreDir(); err != nil {
+		return err
 	}
 	for _, d := range []string{filepath.Join(st, "profiles", "per-user"), filepath.Join(gcroots, "per-user")} {
 		if err := os.MkdirAll(filepath.Join(d, user), 0o755); err != nil {
