@@ -215,7 +215,8 @@ func TestSignVerify(t *testing.T) {
 // TestStopDuringCopyTellsClient: `nix copy --to` the daemon, still
 // uploading when the daemon's stop grace ends, fails with the daemon's
 // reason: whether the client waits for its own source (a held download)
-// or keeps sending (a slow one). Nix 2.8's client reads what the daemon
+// or keeps sending (a slow one); an upload refused at its first bytes, whose
+// rest the daemon was reading to drop it, with the refusal's. Nix 2.8's client reads what the daemon
 // says while it uploads; when the daemon only hung up, it said "unexpected
 // end-of-file", or, still sending, dropped the error and exited 0 without
 // the paths.
@@ -232,35 +233,52 @@ func TestStopDuringCopyTellsClient(t *testing.T) {
 	}
 	bigPath := oneLine(t, "nix-store --add", e.local(src, "nix-store", "--add", e.file(t, "stop-upload-big", string(big))).ok(t))
 	small, _ := e.buildFixture(t, src, "stop-upload")
+	// As big, but input-addressed: a store that requires signatures
+	// refuses it unsigned, at its first bytes.
+	fx := e.fixtureArgs(t, "stop-upload")
+	expr := writeFile(t, filepath.Join(e.dir, "big-ia.nix"), `{ bbdir, nonce }:
+let bb = builtins.path { path = bbdir; name = "busybox-static"; };
+in builtins.derivation { name = "stop-upload-big-ia"; inherit nonce; system = builtins.currentSystem;
+  builder = "${bb}/busybox"; args = [ "sh" "-c" "echo $nonce > $out; head -c 8388608 /dev/urandom >> $out" ]; }
+`, 0o644)
+	bigIA := oneLine(t, "nix-build", e.cmd("nix-build", "--store", src, "--no-out-link", expr, "--arg", "bbdir", fx[len(fx)-1], "--argstr", "nonce", e.nonce).ok(t))
 	cacheDir := filepath.Join(e.dir, "cache")
-	e.fillCache(t, src, cacheDir, "none", "", bigPath, small)
+	e.fillCache(t, src, cacheDir, "none", "", bigPath, small, bigIA)
 	srv := cachetest.New(cacheDir)
 	defer srv.Close()
 
+	slow := func(started chan struct{}, _ <-chan struct{}) cachetest.Fault {
+		now := make(chan struct{})
+		close(now)
+		return cachetest.Fault{Held: func() { close(started) }, Release: now, Trickle: 50 * time.Millisecond}
+	}
 	for _, tc := range []struct {
 		name string
 		path string
 		// fault makes the client's upload outlast the grace; it closes
 		// started when the download begins, when the upload is under way.
 		fault func(started chan struct{}, release <-chan struct{}) cachetest.Fault
+		sigs  bool   // the daemon checks signatures (and refuses the path at once)
+		want  string // what the client says
 	}{
 		{"held", small, func(started chan struct{}, release <-chan struct{}) cachetest.Fault {
 			return cachetest.Fault{Held: func() { close(started) }, Release: release}
-		}},
-		{"slow", bigPath, func(started chan struct{}, _ <-chan struct{}) cachetest.Fault {
-			now := make(chan struct{})
-			close(now)
-			return cachetest.Fault{Held: func() { close(started) }, Release: now, Trickle: 50 * time.Millisecond}
-		}},
+		}, false, "the daemon is stopping"},
+		{"slow", bigPath, slow, false, "the daemon is stopping"},
+		// Refused at its first bytes, the rest read to be dropped when the
+		// stop comes: the client hears why the path was refused.
+		{"refused", bigIA, slow, true, "lacks a valid signature"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			d := e.startDaemon(t, withDaemonArgs("--shutdown-grace", "1s"))
 			started, release := make(chan struct{}), make(chan struct{})
 			srv.Inject(narURL(t, cacheDir, tc.path), tc.fault(started, release))
 			done := make(chan result, 1)
-			go func() {
-				done <- e.cmd("nix", "copy", "--no-check-sigs", "--from", srv.URL, "--to", d.url(), tc.path).run(t)
-			}()
+			args := []string{"copy", "--from", srv.URL, "--to", d.url(), tc.path}
+			if !tc.sigs {
+				args = append(args, "--no-check-sigs")
+			}
+			go func() { done <- e.cmd("nix", args...).run(t) }()
 			select {
 			case <-started:
 			case r := <-done:
@@ -274,8 +292,8 @@ func TestStopDuringCopyTellsClient(t *testing.T) {
 			}
 			close(release)
 			r := <-done
-			if r.err == nil || !strings.Contains(r.stderr, "the daemon is stopping") {
-				t.Errorf("nix copy, cut by the daemon's stop: it does not fail with the daemon's reason:\n%s", r)
+			if r.err == nil || !strings.Contains(r.stderr, tc.want) {
+				t.Errorf("nix copy, cut by the daemon's stop: it does not fail saying %q:\n%s", tc.want, r)
 			}
 			d.start(t)
 			if d.isValid(t, tc.path) {

@@ -458,8 +458,9 @@ func (c *conn) finishOp(op uint64, opErr error, mc *metrics.Conn, start time.Tim
 	if opErr != nil {
 		working, stopped := c.tun.state()
 		if stopped && errors.Is(opErr, errStopping) {
-			// The daemon's stop ended the op after its client was told
-			// how it went, or that the daemon stops (withFramed).
+			// The daemon's stop ended the op after it had said its last
+			// word (its reply under way, or the stop told at once by
+			// withFramed): the connection just ends.
 			count(opErr)
 			return true, nil
 		}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/nixyard/nixyard/internal/daemon/wire"
@@ -34,20 +35,26 @@ func (c *conn) withFramed(ctx context.Context, fn func(fr *wire.FramedReader) er
 	fr := wire.NewFramedReader(c.br)
 	stopped := c.interruptReadsOnStop(ctx)
 	err := fn(fr)
-	if stopped() {
-		if err != nil {
-			c.tun.stopWork(errStopping)
-			if c.out.Flush() == nil {
-				linger(c.raw) // until the client, told, hangs up
-			}
-			return fatal(errStopping)
-		}
-		// fn finished just as the stop came: its client hears how it went.
-		if dl, ok := c.raw.(interface{ SetReadDeadline(time.Time) error }); ok {
-			dl.SetReadDeadline(time.Now().Add(stoppingDelay))
-		}
+	cut := errors.Is(context.Cause(ctx), errStopping) // fn ended as the stop came
+	if err == nil && stopped() {
+		// fn read the upload as the stop came: only its end is left to
+		// read, and its client hears how it went.
+		c.setReadDeadline(time.Now().Add(stoppingDelay))
 	}
-	if derr := fr.Drain(); derr != nil {
+	derr := fr.Drain() // cut short by a stop, if fn failed
+	if err != nil && stopped() {
+		// Told now, not once the rest is read: the stop's reason, or
+		// fn's own if the stop only came while the rest was read.
+		if cut {
+			err = errStopping
+		}
+		c.tun.stopWork(err)
+		if c.out.Flush() == nil {
+			linger(c.raw) // until the client, told, hangs up
+		}
+		return fatal(errStopping)
+	}
+	if derr != nil {
 		if err == nil {
 			err = derr
 		}
@@ -58,7 +65,7 @@ func (c *conn) withFramed(ctx context.Context, fn func(fr *wire.FramedReader) er
 
 // interruptReadsOnStop makes a read of the connection that waits for the
 // client return at once when the daemon's stop ends ctx. The function it
-// returns ends that, and reports whether the stop came.
+// returns ends that (the first call), and reports whether the stop came.
 func (c *conn) interruptReadsOnStop(ctx context.Context) (stopped func() bool) {
 	dl, ok := c.raw.(interface{ SetReadDeadline(time.Time) error })
 	if !ok {
@@ -71,11 +78,22 @@ func (c *conn) interruptReadsOnStop(ctx context.Context) (stopped func() bool) {
 			dl.SetReadDeadline(time.Now())
 		}
 	})
-	return func() bool {
+	end := sync.OnceFunc(func() {
 		if !stop() {
 			<-fired // its deadline is set before the caller sets another
 		}
+	})
+	return func() bool {
+		end()
 		return errors.Is(context.Cause(ctx), errStopping)
+	}
+}
+
+// setReadDeadline sets the deadline of the client's stream's reads, if it
+// has one.
+func (c *conn) setReadDeadline(t time.Time) {
+	if dl, ok := c.raw.(interface{ SetReadDeadline(time.Time) error }); ok {
+		dl.SetReadDeadline(t)
 	}
 }
 
