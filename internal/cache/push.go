@@ -69,8 +69,7 @@ type Pusher struct {
 
 // NewPusher returns a Pusher writing to target as opts asks, whose queue
 // is the directory dir (made if missing); paths left in it by an earlier
-// run are pushed first (and held from now: ctx bounds the wait for a
-// collection deleting one). Narinfos are signed with keys and opts.Keys.
+// run are pushed first (and held from now). Narinfos are signed with keys and opts.Keys.
 func NewPusher(ctx context.Context, st *store.Store, target Target, opts Options, dir string, keys []signature.SecretKey, log *slog.Logger) (*Pusher, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("push queue: %w", err)
@@ -86,7 +85,7 @@ func NewPusher(ctx context.Context, st *store.Store, target Target, opts Options
 	}
 	for _, e := range entries {
 		if sp, err := storepath.ParseBase(e.Name()); err == nil {
-			p.hold(ctx, sp)
+			p.hold(context.WithoutCancel(ctx), sp) // held until pushed, whatever ctx does
 		} else if strings.HasPrefix(e.Name(), ".nar-") {
 			os.Remove(filepath.Join(dir, e.Name())) // left by a push cut short
 		}

@@ -141,10 +141,12 @@ type job struct {
 	tenant   string
 }
 
-// New returns a Manager for st. ctx bounds the Manager's own work: taking
-// up the jobs of an earlier daemon, now or once a daemon still stopping
-// lets them go.
+// New returns a Manager for st. Taking up the jobs of an earlier daemon
+// (now, or once a daemon still stopping lets them go) is not cancelled with
+// ctx: a root left untaken would let a collection delete a path a live
+// job uses.
 func New(ctx context.Context, st *store.Store, opts Options) (*Manager, error) {
+	ctx = context.WithoutCancel(ctx)
 	m := &Manager{st: st, lease: opts.Lease, maxConns: opts.MaxConns, proc: opts.Proc, now: opts.Now, log: opts.Logger, jobs: map[string]*job{}}
 	if m.lease <= 0 {
 		m.lease = DefaultLease

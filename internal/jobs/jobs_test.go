@@ -317,7 +317,8 @@ func TestSecondManagerLeavesJournals(t *testing.T) {
 // TestJournalsHandedOver: a daemon started while another still keeps the
 // journals (it drains its connections) takes them once that one lets them
 // go, with the roots of both, so that a third daemon takes up the job
-// with every root.
+// with every root. It takes them though it was itself told to stop
+// meanwhile (a second upgrade): it still serves its jobs while it drains.
 func TestJournalsHandedOver(t *testing.T) {
 	st := testStore(t)
 	first, second := addText(t, st, "first"), addText(t, st, "second")
@@ -328,7 +329,14 @@ func TestJournalsHandedOver(t *testing.T) {
 		t.Fatal(err)
 	}
 	a.Session().AddTempRoot(context.Background(), first)
-	next := newManager(t, st) // while old keeps the journals
+	ctx, stopNext := context.WithCancel(t.Context())
+	next, err := New(ctx, st, Options{}) // while old keeps the journals
+	if err != nil {
+		t.Fatal(err)
+	}
+	if next.Predecessor() == nil {
+		t.Fatal("no predecessor while another Manager keeps the journals")
+	}
 	b, err := next.Attach(live, "ci")
 	if err != nil {
 		t.Fatal(err)
@@ -343,20 +351,19 @@ func TestJournalsHandedOver(t *testing.T) {
 		t.Fatal("a collection ran while another daemon kept the journals")
 	case <-time.After(300 * time.Millisecond):
 	}
+	stopNext()
 	a.Release()
 	old.Close()
-	<-collected
+	select {
+	case <-collected:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the collection still waits after the old daemon let the journals go")
+	}
 	assertValid(t, st, "held by the running job, collected as the journals were handed over", first, second)
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		next.mu.Lock()
-		took := next.journalLock != nil
-		next.mu.Unlock()
-		if took {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the second daemon did not take the journals")
-		}
+	select {
+	case <-next.Predecessor():
+	case <-time.After(30 * time.Second):
+		t.Fatal("the second daemon did not take the journals")
 	}
 	b.Release()
 	next.Close()

@@ -152,16 +152,12 @@ func (m *Manager) restore(ctx context.Context) {
 
 // awaitJournals takes the journals once the daemon that keeps them (one
 // still draining its connections, say) has let them go, polling until the
-// Manager is closed or ctx ends.
+// Manager is closed: a daemon told to stop meanwhile still serves its
+// jobs while it drains, and journals them once it can.
 func (m *Manager) awaitJournals(ctx context.Context) {
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
-	for {
-		select {
-		case <-tick.C:
-		case <-ctx.Done():
-			return
-		}
+	for range tick.C {
 		m.mu.Lock()
 		if m.closed {
 			m.mu.Unlock()
