@@ -328,7 +328,7 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		if err != nil {
 			return err
 		}
-		defer pusher.Start(ctx)() // stopped before the store closes
+		defer pusher.Start(ctx, predecessor)() // stopped before the store closes
 		buildCfg.OnBuilt = pusher.EnqueueBuilt
 	}
 	var hookListener net.Listener
@@ -710,8 +710,10 @@ func serveHTTP(ctx context.Context, addr string, h http.Handler, logger *slog.Lo
 	} else {
 		logger.Info("the address is the stopping daemon's; serving it once that daemon has let go", "option", flag, "addr", addr)
 		go func() {
-			if l, err := listenAfter(ctx, addr, predecessor); err != nil {
-				logger.Error("cannot serve over HTTP", "option", flag, "err", err)
+			if l, err := listenAfter(ctx, addr, flag, predecessor, logger); err != nil {
+				if ctx.Err() == nil {
+					logger.Error("cannot serve over HTTP", "option", flag, "err", err)
+				}
 			} else {
 				announce(l)
 				serve(l)
@@ -733,18 +735,25 @@ func serveHTTP(ctx context.Context, addr string, h http.Handler, logger *slog.Lo
 	}, nil
 }
 
-// listenAfter listens on addr once predecessor is closed, trying for a
-// few seconds (the daemon before lets its addresses go as it exits).
-func listenAfter(ctx context.Context, addr string, predecessor <-chan struct{}) (net.Listener, error) {
+// listenAfter listens on addr once predecessor is closed, trying again
+// while the address is in use (the daemon before lets its addresses go as
+// it exits), until ctx ends; a while after the predecessor has gone it
+// says that something else may hold the address.
+func listenAfter(ctx context.Context, addr, flag string, predecessor <-chan struct{}, logger *slog.Logger) (net.Listener, error) {
 	select {
 	case <-predecessor:
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
-	for try := 0; ; try++ {
+	warnAt := time.Now().Add(10 * time.Second)
+	for {
 		l, err := net.Listen("tcp", addr)
-		if err == nil || !errors.Is(err, syscall.EADDRINUSE) || try == 50 {
+		if err == nil || !errors.Is(err, syscall.EADDRINUSE) {
 			return l, err
+		}
+		if !warnAt.IsZero() && time.Now().After(warnAt) {
+			logger.Warn("the address is still in use though the daemon before has gone (another program?); trying until it is free", "option", flag, "addr", addr)
+			warnAt = time.Time{}
 		}
 		select {
 		case <-time.After(200 * time.Millisecond):

@@ -150,13 +150,21 @@ func (p *Pusher) Enqueue(ctx context.Context, paths ...storepath.Path) error {
 	return nil
 }
 
-// Start runs the worker (Run) in the background; the returned stop ends
-// it and waits for it to end.
-func (p *Pusher) Start(ctx context.Context) (stop func()) {
+// Start runs the worker (Run) in the background, once after is closed (at
+// once if nil: a daemon still stopping pushes the same queue until then);
+// the returned stop ends it and waits for it to end.
+func (p *Pusher) Start(ctx context.Context, after <-chan struct{}) (stop func()) {
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
+		if after != nil {
+			select {
+			case <-after:
+			case <-ctx.Done():
+				return
+			}
+		}
 		p.Run(ctx)
 	}()
 	return func() {
