@@ -172,7 +172,7 @@ func TestUnknown(t *testing.T) {
 	for _, kv := range [][2]string{
 		{"sandbox", "true"}, {"build-max-jobs", "2"}, {"extra-substituters", "http://c"},
 		{"extra-platforms", "i686-linux"}, {"job-lease", "2h"}, {"sandboxx", "true"},
-		{"extra-sandbox-pathz", "/x"}, {"jb-lease", "1h"},
+		{"extra-sandbox-pathz", "/x"}, {"jb-lease", "1h"}, {"binary-caches-parallel-connections", "8"},
 	} {
 		s.Set(kv[0], kv[1])
 	}
