@@ -40,10 +40,11 @@ const daemonUsage = `usage: nixyard daemon [options]
                         state under DIR/nix/var/nix, socket DIR/nix/var/nix/daemon-socket/socket)
   --stdio               serve one trusted client on stdin/stdout (what ssh-ng runs)
   --listen PATH[,trusted=false|users][,tenant=NAME][,max-connections=N]
-                        also listen on PATH (repeatable), a CI job socket: every client of
-                        it is untrusted whatever its uid (trusted=users: trusted-users
-                        decides, as on the default socket); at most N connections open
-                        (default 1024)
+                        also listen on PATH (absolute; repeatable), a CI job socket: every
+                        client of it is untrusted whatever its uid (trusted=users:
+                        trusted-users decides, as on the default socket); at most N
+                        connections open (default 1024); NAME (default PATH) names its
+                        clients in logs and metrics
   --metrics-listen ADDR serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9470)
   --cache-listen ADDR   serve the store as an HTTP binary cache at http://ADDR/ (narinfos
                         signed with secret-key-files), for substituters = http://ADDR

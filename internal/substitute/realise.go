@@ -35,7 +35,6 @@ type Missing struct {
 func (s *Substituter) QueryMissing(ctx context.Context, paths []storepath.Path) (*Missing, error) {
 	m := &Missing{WillSubstitute: map[storepath.Path]*Info{}}
 	var errs []error
-	start := s.now()
 	err := s.walk(ctx, paths, func(p storepath.Path, info *Info, err error) {
 		if err != nil {
 			m.Unknown = append(m.Unknown, p)
@@ -56,11 +55,10 @@ func (s *Substituter) QueryMissing(ctx context.Context, paths []storepath.Path) 
 		s.log.Warn("path info query failed", "err", e)
 	}
 	if len(m.Unknown) > 0 {
-		// Nix tells each client of a cache it disables: a cache skipped
-		// since before this call (whoever asked then was told why) is
-		// said again, to this caller (the log said it when it began).
+		// Nix tells each client of a cache it disables: each cache left
+		// out is said to this caller (the log said it when it began).
 		for _, up := range s.ups {
-			if err := s.skipped(up, start); err != nil {
+			if err := s.skipped(up); err != nil {
 				errs = append(errs, err)
 			}
 		}

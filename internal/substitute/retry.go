@@ -14,8 +14,7 @@ import (
 type breaker struct {
 	failures  int
 	openUntil time.Time
-	openedAt  time.Time // when it last opened
-	last      error     // the last failure
+	last      error // the last failure
 }
 
 // ErrUpstreamUnavailable is wrapped by errors for an upstream skipped
@@ -30,21 +29,22 @@ func (s *Substituter) allow(up *upstream) bool {
 
 // skipped returns why up is left out of lookups now: the refusal of a
 // cache that is not one (in the same words as when it was first read), or
-// an open breaker, if it opened before since. Otherwise nil.
-func (s *Substituter) skipped(up *upstream, since time.Time) error {
+// an open breaker. Otherwise nil.
+func (s *Substituter) skipped(up *upstream) error {
 	up.mu.Lock()
 	defer up.mu.Unlock()
 	if up.inited && up.initErr != nil {
 		return up.initErr
 	}
-	if up.breaker.failures < s.cfg.BreakerThreshold || !s.now().Before(up.breaker.openUntil) || !up.breaker.openedAt.Before(since) {
+	if up.breaker.failures < s.cfg.BreakerThreshold || !s.now().Before(up.breaker.openUntil) {
 		return nil
 	}
 	return &skippedError{base: up.base, cooldown: s.cfg.BreakerCooldown, last: up.breaker.last}
 }
 
 // skippedError says why an upstream is skipped, in the same words for as
-// long as it is, so that a client is told once (see QueryPathInfo).
+// long as it is, so that a client's warnings show it once (warnings are
+// told once per connection by their text).
 type skippedError struct {
 	base     string
 	cooldown time.Duration
@@ -72,7 +72,6 @@ func (s *Substituter) recordResult(up *upstream, err error) {
 		wasOpen := s.now().Before(up.breaker.openUntil)
 		up.breaker.openUntil = s.now().Add(s.cfg.BreakerCooldown)
 		if !wasOpen {
-			up.breaker.openedAt = s.now()
 			s.log.Warn("disabling upstream after repeated failures", "upstream", up.base,
 				"failures", up.breaker.failures, "for", s.cfg.BreakerCooldown)
 		}

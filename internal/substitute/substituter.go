@@ -447,6 +447,9 @@ func (s *Substituter) initUpstream(ctx context.Context, up *upstream) error {
 		err = fmt.Errorf("%s does not appear to be a binary cache: %w", up.base, err)
 	} else {
 		s.log.Warn("cannot read nix-cache-info", "upstream", up.base, "err", err)
+		if skip := s.skipped(up); skip != nil {
+			return skip // in the words later lookups use while it is skipped
+		}
 		return fmt.Errorf("%s is skipped for now: %w", up.base, err)
 	}
 	up.mu.Lock()
