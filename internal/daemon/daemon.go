@@ -68,6 +68,8 @@ type Options struct {
 	// why once it has said hello; 2 s), and the idleness after which a
 	// stopping daemon closes a connection (20 s).
 	handshakeTimeout, refusedHandshakeTimeout, idleCloseAfter time.Duration
+	// clientCPU reads a client process's CPU time (procCPU; tests fake it).
+	clientCPU func(pid int32) (ticks uint64, ok bool)
 }
 
 // Server serves worker-protocol connections. It is safe for concurrent use.
@@ -80,7 +82,8 @@ type Server struct {
 	changed chan struct{} // signalled (without blocking) when one ends
 
 	connsMu sync.Mutex
-	conns   map[*conn]func() // socket connections, with what wakes each from its wait
+	conns   map[*conn]func()  // socket connections, with what wakes each from its wait
+	cpuSeen map[int32]cpuMark // clients' CPU time, as closeIdle last saw it
 }
 
 // New returns a Server for opts.
@@ -103,7 +106,10 @@ func New(opts Options) *Server {
 			*d.v = d.def
 		}
 	}
-	s := &Server{opts: opts, log: log, changed: make(chan struct{}, 1), conns: map[*conn]func(){}}
+	if opts.clientCPU == nil {
+		opts.clientCPU = procCPU
+	}
+	s := &Server{opts: opts, log: log, changed: make(chan struct{}, 1), conns: map[*conn]func(){}, cpuSeen: map[int32]cpuMark{}}
 	if opts.Store != nil {
 		s.dir = opts.Store.Dir()
 	}

@@ -13,6 +13,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -298,6 +299,41 @@ func TestDrainKeepsPooledConnection(t *testing.T) {
 	}
 }
 
+// TestDrainKeepsWorkingClient: a connection idle between operations whose
+// client process works on its own (evaluating before its next op, say) is
+// kept during a drain; once its client stops using CPU, it is closed as
+// idle.
+func TestDrainKeepsWorkingClient(t *testing.T) {
+	var ticks atomic.Uint64
+	working := atomic.Bool{}
+	working.Store(true)
+	cpu := func(int32) (uint64, bool) {
+		if working.Load() {
+			return ticks.Add(50), true // half a second of CPU a second
+		}
+		return ticks.Load(), true
+	}
+	sock, stop := drainingServerCPU(t, startDaemon(t, Options{}), ListenPolicy{}, 100*time.Millisecond, cpu)
+	c, err := client.Dial(context.Background(), sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	stopped := make(chan error, 1)
+	go func() { stopped <- stop() }()
+	time.Sleep(1500 * time.Millisecond) // the first pass notes the CPU time
+	servedAfterIdlePass(t, c, "the connection of a client that works on its own")
+	working.Store(false)
+	select {
+	case err := <-stopped:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the connection was not closed once its client stopped working")
+	}
+}
+
 // servedAfterIdlePass checks that c, idle, is still served once the
 // draining daemon has passed over its connections for idle ones.
 func servedAfterIdlePass(t *testing.T, c *client.Client, what string) {
@@ -314,12 +350,22 @@ func servedAfterIdlePass(t *testing.T, c *client.Client, what string) {
 // for at most 30 s, for it to end.
 func drainingServer(t *testing.T, d *testDaemon, pol ListenPolicy, idleCloseAfter time.Duration) (sock string, stop func() error) {
 	t.Helper()
+	// The test's client is this process, which works on: it counts as a
+	// client waiting for its user unless a test says otherwise.
+	idleClient := func(int32) (uint64, bool) { return 0, true }
+	return drainingServerCPU(t, d, pol, idleCloseAfter, idleClient)
+}
+
+// drainingServerCPU is drainingServer with clientCPU as the clients' CPU
+// time.
+func drainingServerCPU(t *testing.T, d *testDaemon, pol ListenPolicy, idleCloseAfter time.Duration, clientCPU func(int32) (uint64, bool)) (sock string, stop func() error) {
+	t.Helper()
 	sock = filepath.Join(t.TempDir(), "socket")
 	l, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := New(Options{Store: d.st, ShutdownGrace: time.Minute, Logger: slog.New(slog.DiscardHandler), idleCloseAfter: idleCloseAfter})
+	srv := New(Options{Store: d.st, ShutdownGrace: time.Minute, Logger: slog.New(slog.DiscardHandler), idleCloseAfter: idleCloseAfter, clientCPU: clientCPU})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.ServeAll(ctx, []Listener{{Listener: l, Policy: pol}}) }()
@@ -374,5 +420,15 @@ func TestCloseIdleOpArriving(t *testing.T) {
 	d.srv.closeIdle(100 * time.Millisecond)
 	if err := <-errc; err != nil && !strings.Contains(err.Error(), "the daemon is stopping") {
 		t.Errorf("an op sent as closeIdle ran: %v", err)
+	}
+}
+
+// TestProcCPU: the daemon reads a process's CPU time from /proc.
+func TestProcCPU(t *testing.T) {
+	if _, ok := procCPU(int32(os.Getpid())); !ok {
+		t.Error("procCPU of this process: not read")
+	}
+	if _, ok := procCPU(-1); ok {
+		t.Error("procCPU of no process: read")
 	}
 }

@@ -1,10 +1,12 @@
 package daemon
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -151,15 +153,28 @@ func (s *Server) closeIdle(after time.Duration) {
 	// A client's connections go together: one idle in its client's pool
 	// while another of the client's works is kept (the client would fail
 	// when it next took it), until all of them have been idle that long.
+	// So is one whose client process is working on its own (evaluating,
+	// say, before its next op): a client that uses no CPU (a nix repl
+	// waiting for its user) is the one not worth waiting for.
 	// (pid 0: SO_PEERCRED names no pid for a client outside the daemon's
 	// pid namespace; each such connection counts alone.)
-	busyAt := map[int32]int64{} // client pid -> when one of its connections last worked
+	busyAt := map[int32]int64{} // client pid -> when it, or one of its connections, last worked
 	for c := range s.conns {
 		if since := c.idleSince.Load(); c.peer.pid > 0 && since != idleClaimed {
 			if since == 0 { // in an operation
 				since = now
 			}
 			busyAt[c.peer.pid] = max(busyAt[c.peer.pid], since)
+		}
+	}
+	if after > 0 {
+		for pid := range busyAt {
+			busyAt[pid] = max(busyAt[pid], s.clientWorked(pid, now))
+		}
+	}
+	for pid := range s.cpuSeen {
+		if _, ok := busyAt[pid]; !ok {
+			delete(s.cpuSeen, pid)
 		}
 	}
 	for c, wake := range s.conns {
@@ -176,6 +191,59 @@ func (s *Server) closeIdle(after time.Duration) {
 			wake()
 		}
 	}
+}
+
+// cpuMark is a client process's CPU time when closeIdle last saw it, and
+// when it last saw it grow.
+type cpuMark struct {
+	ticks  uint64
+	worked int64 // Unix nanoseconds; 0: not seen working
+}
+
+// clientWorkTicks is how much CPU time (clock ticks, 10 ms each) a client
+// must have used since closeIdle's last look (a second before) to count as
+// working: a waiting client's threads use next to none.
+const clientWorkTicks = 5
+
+// clientWorked returns when closeIdle last saw the client process pid
+// use CPU, 0 if never; s.connsMu is held.
+func (s *Server) clientWorked(pid int32, now int64) int64 {
+	ticks, ok := s.opts.clientCPU(pid)
+	if !ok {
+		return 0
+	}
+	m, seen := s.cpuSeen[pid]
+	if seen && ticks >= m.ticks+clientWorkTicks {
+		m.worked = now
+	}
+	m.ticks = ticks
+	s.cpuSeen[pid] = m
+	return m.worked
+}
+
+// procCPU reads the CPU time (user and system, in clock ticks) of process
+// pid from /proc.
+func procCPU(pid int32) (uint64, bool) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, false
+	}
+	// The command name, in parentheses, may hold spaces: the fields that
+	// follow it are utime (14th) and stime (15th), 11th and 12th after it.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, false
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0, false
+	}
+	utime, err1 := strconv.ParseUint(f[11], 10, 64)
+	stime, err2 := strconv.ParseUint(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, false
+	}
+	return utime + stime, true
 }
 
 // idleClaimed marks a connection closeIdle has taken.
