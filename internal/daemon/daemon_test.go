@@ -301,7 +301,8 @@ func TestDrainKeepsPooledConnection(t *testing.T) {
 
 // TestDrainKeepsWorkingClient: a connection idle between operations whose
 // client process works on its own (evaluating before its next op, say) is
-// kept during a drain; once its client stops using CPU, it is closed as
+// kept during a drain, though it was idle longer than idleCloseAfter
+// when the stop came; once its client stops using CPU, it is closed as
 // idle.
 func TestDrainKeepsWorkingClient(t *testing.T) {
 	var ticks atomic.Uint64
@@ -319,6 +320,7 @@ func TestDrainKeepsWorkingClient(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
+	time.Sleep(300 * time.Millisecond) // idle past idleCloseAfter before the stop
 	stopped := make(chan error, 1)
 	go func() { stopped <- stop() }()
 	time.Sleep(1500 * time.Millisecond) // the first pass notes the CPU time

@@ -158,7 +158,8 @@ func (s *Server) closeIdle(after time.Duration) {
 	// waiting for its user) is the one not worth waiting for.
 	// (pid 0: SO_PEERCRED names no pid for a client outside the daemon's
 	// pid namespace; each such connection counts alone.)
-	busyAt := map[int32]int64{} // client pid -> when it, or one of its connections, last worked
+	busyAt := map[int32]int64{}   // client pid -> when it, or one of its connections, last worked
+	undecided := map[int32]bool{} // clients whose CPU time this pass sees first: kept until the next
 	for c := range s.conns {
 		if since := c.idleSince.Load(); c.peer.pid > 0 && since != idleClaimed {
 			if since == 0 { // in an operation
@@ -169,7 +170,9 @@ func (s *Server) closeIdle(after time.Duration) {
 	}
 	if after > 0 {
 		for pid := range busyAt {
-			busyAt[pid] = max(busyAt[pid], s.clientWorked(pid, now))
+			worked, known := s.clientWorked(pid, now)
+			busyAt[pid] = max(busyAt[pid], worked)
+			undecided[pid] = !known
 		}
 	}
 	for pid := range s.cpuSeen {
@@ -181,6 +184,9 @@ func (s *Server) closeIdle(after time.Duration) {
 		since := c.idleSince.Load()
 		if since <= 0 {
 			continue // in an operation, or claimed already
+		}
+		if undecided[c.peer.pid] {
+			continue
 		}
 		last := since
 		if c.peer.pid > 0 {
@@ -206,11 +212,13 @@ type cpuMark struct {
 const clientWorkTicks = 5
 
 // clientWorked returns when closeIdle last saw the client process pid
-// use CPU, 0 if never; s.connsMu is held.
-func (s *Server) clientWorked(pid int32, now int64) int64 {
+// use CPU (0 if never), and whether it can tell yet: not on its first
+// look, which has nothing to compare with. A client whose CPU time cannot
+// be read counts as not working. s.connsMu is held.
+func (s *Server) clientWorked(pid int32, now int64) (worked int64, known bool) {
 	ticks, ok := s.opts.clientCPU(pid)
 	if !ok {
-		return 0
+		return 0, true
 	}
 	m, seen := s.cpuSeen[pid]
 	if seen && ticks >= m.ticks+clientWorkTicks {
@@ -218,7 +226,7 @@ func (s *Server) clientWorked(pid int32, now int64) int64 {
 	}
 	m.ticks = ticks
 	s.cpuSeen[pid] = m
-	return m.worked
+	return m.worked, seen
 }
 
 // procCPU reads the CPU time (user and system, in clock ticks) of process
