@@ -60,6 +60,10 @@ type Pusher struct {
 	// OnPushed, if set, is told of each path written to the target.
 	OnPushed func()
 
+	// enqMu keeps a path's root and queue entry, as Enqueue makes them,
+	// together against releaseUnqueued.
+	enqMu sync.Mutex
+
 	mu        sync.Mutex
 	infoDone  bool                              // nix-cache-info is in the target
 	present   map[string]bool                   // hash parts whose narinfo the target has
@@ -133,12 +137,9 @@ func (p *Pusher) release(sp storepath.Path) {
 // returns.
 func (p *Pusher) Enqueue(ctx context.Context, paths ...storepath.Path) error {
 	for _, sp := range paths {
-		p.hold(ctx, sp)
-		f, err := os.OpenFile(filepath.Join(p.dir, sp.String()), os.O_CREATE|os.O_WRONLY, 0o600)
-		if err != nil {
+		if err := p.enqueue(ctx, sp); err != nil {
 			return fmt.Errorf("push queue: %w", err)
 		}
-		f.Close()
 	}
 	if err := syncDir(p.dir); err != nil {
 		return fmt.Errorf("push queue: syncing %s: %w", p.dir, err)
@@ -170,6 +171,34 @@ func (p *Pusher) Start(ctx context.Context, after <-chan struct{}) (stop func())
 	return func() {
 		cancel()
 		<-done
+	}
+}
+
+// enqueue holds sp and writes its queue entry.
+func (p *Pusher) enqueue(ctx context.Context, sp storepath.Path) error {
+	p.enqMu.Lock()
+	defer p.enqMu.Unlock()
+	p.hold(ctx, sp)
+	f, err := os.OpenFile(filepath.Join(p.dir, sp.String()), os.O_CREATE|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	return f.Close()
+}
+
+// releaseUnqueued drops the roots of held paths whose queue entry is gone:
+// pushed, or set aside, by a daemon that pushed the same queue while this
+// one started (one still stopping).
+func (p *Pusher) releaseUnqueued() {
+	p.enqMu.Lock()
+	defer p.enqMu.Unlock()
+	p.mu.Lock()
+	held := slices.Collect(maps.Keys(p.held))
+	p.mu.Unlock()
+	for _, sp := range held {
+		if _, err := os.Lstat(filepath.Join(p.dir, sp.String())); errors.Is(err, os.ErrNotExist) {
+			p.release(sp)
+		}
 	}
 }
 
@@ -223,6 +252,7 @@ func backoff(n int) time.Duration {
 // ends the round (returned, for the worker's backoff), counted against
 // no path.
 func (p *Pusher) pushQueued(ctx context.Context) error {
+	p.releaseUnqueued()
 	entries, err := os.ReadDir(p.dir)
 	if err != nil {
 		return fmt.Errorf("push queue: %w", err)

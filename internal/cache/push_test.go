@@ -337,3 +337,43 @@ func TestPushFailures(t *testing.T) {
 		t.Errorf("a redirected HEAD: %v %v", ok, err)
 	}
 }
+
+// TestPushQueueHandover: a daemon's pusher started while the daemon before
+// still pushes the same queue (an upgrade) holds the queued paths, and
+// lets go of those the other one pushed meanwhile: their roots would
+// otherwise keep them from every collection until the next restart.
+func TestPushQueueHandover(t *testing.T) {
+	st := testStore(t)
+	_, top := addPair(t, st)
+	mc := &memCache{files: map[string][]byte{}}
+	srv := httptest.NewServer(mc)
+	defer srv.Close()
+	target, opts, err := OpenTarget(t.Context(), srv.URL+"/", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	queue := filepath.Join(t.TempDir(), "queue")
+	old, err := NewPusher(t.Context(), st, target, opts, queue, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := old.Enqueue(t.Context(), top.Path); err != nil {
+		t.Fatal(err)
+	}
+	next, err := NewPusher(t.Context(), st, target, opts, queue, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(next.held) != 1 {
+		t.Fatalf("the new pusher holds %d queued paths, want 1", len(next.held))
+	}
+	if err := old.pushQueued(t.Context()); err != nil { // while it drains
+		t.Fatal(err)
+	}
+	if err := next.pushQueued(t.Context()); err != nil { // its first round, once the old one is gone
+		t.Fatal(err)
+	}
+	if len(next.held) != 0 {
+		t.Errorf("the new pusher still holds %d paths the old one pushed", len(next.held))
+	}
+}
