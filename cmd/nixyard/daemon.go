@@ -421,6 +421,8 @@ func loadSettings(layout config.Layout, root string, overrides [][2]string, logg
 	}
 	if root == "" {
 		defaultBuildUsers(settings, logger)
+	} else if _, set := settings.Lookup("build-users-group"); !set && os.Geteuid() == 0 {
+		logger.Warn("build-users-group is not set: builders run as root (in the sandbox a chroot store always has); give this daemon a group of build users of its own to have them run as those")
 	}
 	return settings, nil
 }
