@@ -336,10 +336,10 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 	if err != nil {
 		return j.failf(MiscFailure, 0, "building '%s': %v", j.drvAbs, err)
 	}
-	defer func() {
-		os.Remove(j.logFile.Name())
-		j.logFile.Close()
-	}()
+	// Only its descriptor is used: unlinked at once, it leaves nothing
+	// behind a daemon killed mid-build.
+	os.Remove(j.logFile.Name())
+	defer j.logFile.Close()
 
 	g.setRunning(true)
 	if m := b.cfg.Metrics; m != nil {
