@@ -203,3 +203,22 @@ func TestSecondDaemonRefused(t *testing.T) {
 		t.Errorf("the serving daemon logged the second one's check as a failure (%v):\n%s", err, log)
 	}
 }
+
+// TestStartWhileOldDaemonLetsGo: a daemon started just after the one
+// before was told to stop, which has not let go of its socket yet (a busy
+// daemon takes a moment), waits for it instead of refusing to start.
+func TestStartWhileOldDaemonLetsGo(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("nix-daemon replaces the socket of a daemon that serves it")
+	}
+	d := startDaemon(t)
+	d.stop(t)
+	old, err := net.Listen("unix", d.sock) // the old daemon's socket, still answering
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.AfterFunc(time.Second, func() { old.Close() })
+	d.start(t)
+	d.client("nix", "store", "ping").ok(t)
+}

@@ -126,14 +126,20 @@ func listen(path string) (net.Listener, error) {
 	return &ownSocket{UnixListener: l, path: path, dev: st.Dev, ino: st.Ino}, nil
 }
 
-// notServed fails if a daemon answers on the socket at path.
+// notServed fails if a daemon answers on the socket at path, and goes on
+// doing so for a few seconds: one just told to stop (an upgrade's old
+// daemon, busy) may take a moment to let go of its socket.
 func notServed(path string) error {
-	c, err := net.DialTimeout("unix", path, time.Second)
-	if err != nil {
-		return nil
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(250 * time.Millisecond) {
+		c, err := net.DialTimeout("unix", path, time.Second)
+		if err != nil {
+			return nil
+		}
+		c.Close()
+		if time.Now().After(deadline) {
+			return fmt.Errorf("listening on %s: another daemon is listening there; stop it first", path)
+		}
 	}
-	c.Close()
-	return fmt.Errorf("listening on %s: another daemon is listening there; stop it first", path)
 }
 
 // checkSocketsFree fails, before the daemon opens the store, if a daemon
