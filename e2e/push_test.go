@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -193,5 +194,48 @@ func TestPushToObjectStores(t *testing.T) {
 				t.Errorf("%s from the %s cache: %q %v", top, tc.name, got, err)
 			}
 		})
+	}
+}
+
+// TestPushQueueHeldAcrossUpgrade: an output a daemon builds and queues for
+// pushing while the next daemon has started (an upgrade, the old one
+// draining) is held by the next one once the old one has gone, before any
+// collection there: it was collected, and then dropped from the queue as
+// gone, never pushed.
+func TestPushQueueHeldAcrossUpgrade(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("nixyard's --push-to and --shutdown-grace")
+	}
+	e := newEnv(t)
+	// The cache cannot be reached: the queue keeps what it is given.
+	b := e.startBuildDaemonWith(t, withDaemonArgs("--push-to", deadURL(t), "--shutdown-grace", "1m"))
+	args := b.expr(t, "pushheld", `{
+  slow = mk { name = "push-held"; script = ": push-held-${nonce}; while [ ! -e /marks/go ]; do sleep 0.1; done; echo built > $out"; };
+}`)
+	done := make(chan result, 1)
+	go func() { done <- b.nixBuild(append(args, "-A", "slow", "--no-out-link")...).run(t) }()
+	waitFor(t, "the builder", func() bool { return builderRunning(t, "push-held-"+b.nonce) })
+	old := b.daemon
+	if err := syscall.Kill(old.proc.Process.Pid, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the old daemon's socket to go", func() bool { _, err := os.Stat(old.sock); return err != nil })
+	next := old.successor(t)
+	next.start(t)
+	writeFile(t, filepath.Join(b.marks, "go"), "", 0o644)
+	r := <-done
+	if r.err != nil {
+		t.Fatalf("the build under way during the upgrade:\n%s", r)
+	}
+	out := oneLine(t, "nix-build", r.stdout)
+	select {
+	case <-old.exited:
+	case <-time.After(time.Minute):
+		t.Fatal("the old daemon did not exit once its last connection ended")
+	}
+	next.nixStore(t, "--gc")
+	if !next.isValid(t, out) {
+		t.Errorf("%s, queued for pushing by the old daemon, was collected through the new one", out)
 	}
 }

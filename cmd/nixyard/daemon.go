@@ -329,6 +329,16 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		if err != nil {
 			return err
 		}
+		if jm != nil {
+			// What the daemon before queued while this one started is
+			// held by nothing once it has gone: held here before any
+			// collection.
+			jm.BeforeTakeOver(ctx, func(ctx context.Context) {
+				if err := pusher.HoldQueue(ctx); err != nil {
+					logger.Warn("cannot hold the push queue", "err", err)
+				}
+			})
+		}
 		defer pusher.Start(ctx, predecessor)() // stopped before the store closes
 		buildCfg.OnBuilt = pusher.EnqueueBuilt
 	}

@@ -83,18 +83,29 @@ func NewPusher(ctx context.Context, st *store.Store, target Target, opts Options
 	}
 	p := &Pusher{st: st, target: target, opts: opts, dir: dir, keys: slices.Concat(keys, opts.Keys), log: log, wake: make(chan struct{}, 1),
 		present: map[string]bool{}, held: map[storepath.Path]*store.Session{}, notBefore: map[storepath.Path]time.Time{}}
-	entries, err := os.ReadDir(dir)
+	if err := p.HoldQueue(ctx); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// HoldQueue holds every path in the queue (NewPusher does, and so must a
+// daemon that started while the one before it still pushed the same
+// queue, once that one has gone: what it queued meanwhile is held by
+// nothing else). Held until pushed, whatever ctx does.
+func (p *Pusher) HoldQueue(ctx context.Context) error {
+	entries, err := os.ReadDir(p.dir)
 	if err != nil {
-		return nil, fmt.Errorf("push queue: %w", err)
+		return fmt.Errorf("push queue: %w", err)
 	}
 	for _, e := range entries {
 		if sp, err := storepath.ParseBase(e.Name()); err == nil {
-			p.hold(context.WithoutCancel(ctx), sp) // held until pushed, whatever ctx does
+			p.hold(context.WithoutCancel(ctx), sp)
 		} else if strings.HasPrefix(e.Name(), ".nar-") {
-			os.Remove(filepath.Join(dir, e.Name())) // left by a push cut short
+			os.Remove(filepath.Join(p.dir, e.Name())) // left by an earlier version's push cut short
 		}
 	}
-	return p, nil
+	return nil
 }
 
 // hold takes a temporary root on a queued path, until it is pushed.
@@ -407,10 +418,10 @@ func (p *Pusher) pushOne(ctx context.Context, q storepath.Path) error {
 	if err != nil {
 		return err
 	}
-	defer func() {
-		tmp.Close()
-		os.Remove(tmp.Name())
-	}()
+	// Only its descriptor is used: unlinked at once, it leaves nothing
+	// behind a daemon killed mid-push.
+	os.Remove(tmp.Name())
+	defer tmp.Close()
 	size, fileHash, listing, err := p.writeNAR(ctx, info, tmp)
 	if err != nil {
 		return err

@@ -82,6 +82,25 @@ type Manager struct {
 	// predecessor, if not nil, is closed once the daemon that kept the
 	// journals when this Manager began has let them go.
 	predecessor chan struct{}
+	// beforeTakeOver run once this Manager has those journals, before
+	// collections may run (BeforeTakeOver).
+	beforeTakeOver []func(context.Context)
+}
+
+// BeforeTakeOver has f run once the daemon that kept the jobs' journals
+// when m began (see Predecessor) has let them go, before this store's
+// collections may run: what that daemon held (its push queue, say) is to
+// be held here first. If there was no such daemon, or it has gone, f runs
+// at once.
+func (m *Manager) BeforeTakeOver(ctx context.Context, f func(context.Context)) {
+	m.mu.Lock()
+	if m.taken != nil { // collections still wait: awaitJournals runs f
+		m.beforeTakeOver = append(m.beforeTakeOver, f)
+		m.mu.Unlock()
+		return
+	}
+	m.mu.Unlock()
+	f(ctx)
 }
 
 // Predecessor returns nil if m kept the jobs' journals from the start, or

@@ -166,6 +166,9 @@ func (m *Manager) awaitJournals(ctx context.Context) {
 		if lock, err := openJournalLock(m.journalDir()); err == nil {
 			m.journalLock = lock
 			m.restore(ctx)
+			for _, f := range m.beforeTakeOver {
+				f(ctx)
+			}
 			m.openGate()
 			close(m.predecessor)
 			m.mu.Unlock()
