@@ -138,7 +138,7 @@ func (s *Store) findRootsIn(ctx context.Context, path string, typ fs.FileMode, r
 		}
 		ok, err := s.addValidRoot(ctx, roots, p, link)
 		if err == nil && !ok {
-			s.log.Info("skipping invalid root", "link", link, "target", target)
+			s.log.Debug("skipping invalid root", "link", link, "target", target) // the client is told; each collection would repeat it
 			log(fmt.Sprintf("skipping invalid root from '%s' to '%s'", link, target))
 		}
 		return err
