@@ -275,7 +275,7 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		}
 	}
 	if !opts.stdio {
-		if err := checkSocketsFree(layout.SocketPath, opts.listens); err != nil {
+		if err := checkSocketsFree(layout.SocketPath, opts.listens, logger); err != nil {
 			return err
 		}
 	}

@@ -69,7 +69,7 @@ func TestParseDaemonArgsListen(t *testing.T) {
 // that socket's.
 func TestListenOwnSocket(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "socket")
-	l1, err := listen(path)
+	l1, err := listen(path, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -82,7 +82,7 @@ func TestListenOwnSocket(t *testing.T) {
 			c.Close()
 		}
 	}()
-	if l, err := listen(path); err == nil {
+	if l, err := listen(path, slog.New(slog.DiscardHandler)); err == nil {
 		l.Close()
 		t.Fatal("a second listen took over the socket of a daemon that answers")
 	}
@@ -91,7 +91,7 @@ func TestListenOwnSocket(t *testing.T) {
 	if err := os.Remove(path); err != nil {
 		t.Fatal(err)
 	}
-	l2, err := listen(path)
+	l2, err := listen(path, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -54,7 +54,7 @@ func listenAll(defaultPath string, specs []daemon.ListenSpec, logger *slog.Logge
 		if ok {
 			delete(byPath, p)
 			logger.Info("using the job socket passed by systemd", "socket", s.Path)
-		} else if l, err = listen(s.Path); err != nil {
+		} else if l, err = listen(s.Path, logger); err != nil {
 			return fail(err)
 		}
 		jobSockets = append(jobSockets, daemon.Listener{Listener: l, Policy: s.Policy})
@@ -63,7 +63,7 @@ func listenAll(defaultPath string, specs []daemon.ListenSpec, logger *slog.Logge
 	var def net.Listener
 	switch len(byPath) {
 	case 0:
-		if def, err = listen(defaultPath); err != nil {
+		if def, err = listen(defaultPath, logger); err != nil {
 			return fail(err)
 		}
 	case 1:
@@ -97,13 +97,13 @@ func listenPaths(specs []daemon.ListenSpec) string {
 // if missing, a stale socket is replaced, and the socket itself is
 // world-writable (access is governed by the directory's permissions and by
 // allowed-users).
-func listen(path string) (net.Listener, error) {
+func listen(path string, logger *slog.Logger) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, fmt.Errorf("creating socket directory: %w", err)
 	}
 	// A daemon that still answers there keeps its socket: taking it over
 	// would leave that one serving no one (and, on exit, remove this one's).
-	if err := notServed(path); err != nil {
+	if err := notServed(path, logger); err != nil {
 		return nil, err
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -129,15 +129,21 @@ func listen(path string) (net.Listener, error) {
 // notServed fails if a daemon answers on the socket at path, and goes on
 // doing so for a few seconds: one just told to stop (an upgrade's old
 // daemon, busy) may take a moment to let go of its socket.
-func notServed(path string) error {
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(250 * time.Millisecond) {
+func notServed(path string, logger *slog.Logger) error {
+	for deadline, said := time.Now().Add(5*time.Second), false; ; time.Sleep(250 * time.Millisecond) {
 		c, err := net.DialTimeout("unix", path, time.Second)
-		if err != nil {
-			return nil
+		if err == nil {
+			c.Close()
+		} else if errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ENOTSOCK) {
+			return nil // nobody there (a stale socket, or none)
 		}
-		c.Close()
+		// Answered, or too busy to (a full backlog, a timeout).
 		if time.Now().After(deadline) {
 			return fmt.Errorf("listening on %s: another daemon is listening there; stop it first", path)
+		}
+		if !said {
+			logger.Info("a daemon answers on the socket; waiting a few seconds for it to let go (one stopping?)", "socket", path)
+			said = true
 		}
 	}
 }
@@ -146,15 +152,15 @@ func notServed(path string) error {
 // answers on one of the sockets it is to make (not those systemd passes):
 // listen checks again, but by then this one would have said things about
 // the store that concern the other daemon.
-func checkSocketsFree(defaultPath string, specs []daemon.ListenSpec) error {
+func checkSocketsFree(defaultPath string, specs []daemon.ListenSpec, logger *slog.Logger) error {
 	if os.Getenv("LISTEN_FDS") != "" {
 		return nil // listenAll sorts out which sockets are passed
 	}
-	if err := notServed(defaultPath); err != nil {
+	if err := notServed(defaultPath, logger); err != nil {
 		return err
 	}
 	for _, s := range specs {
-		if err := notServed(s.Path); err != nil {
+		if err := notServed(s.Path, logger); err != nil {
 			return err
 		}
 	}

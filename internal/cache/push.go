@@ -314,15 +314,26 @@ func (p *Pusher) pushQueued(ctx context.Context) error {
 		default:
 			return err
 		}
-		if err == nil || !errors.As(err, &refused) {
-			os.Remove(name)
-		}
-		p.mu.Lock()
-		delete(p.notBefore, sp)
-		p.mu.Unlock()
-		p.release(sp)
+		p.dequeue(sp, name, err == nil || !errors.As(err, &refused))
 	}
 	return nil
+}
+
+// dequeue ends sp's turn in the queue: its entry name goes (if remove; a
+// path set aside has gone already), and its root with it, unless an
+// Enqueue has queued it again meanwhile.
+func (p *Pusher) dequeue(sp storepath.Path, name string, remove bool) {
+	p.enqMu.Lock()
+	defer p.enqMu.Unlock()
+	if remove {
+		os.Remove(name)
+	}
+	p.mu.Lock()
+	delete(p.notBefore, sp)
+	p.mu.Unlock()
+	if _, err := os.Lstat(name); errors.Is(err, os.ErrNotExist) {
+		p.release(sp)
+	}
 }
 
 // setAside moves the queue entry name in dir to dir/failed.

@@ -91,7 +91,8 @@ type Manager struct {
 // when m began (see Predecessor) has let them go, before this store's
 // collections may run: what that daemon held (its push queue, say) is to
 // be held here first. If there was no such daemon, or it has gone, f runs
-// at once.
+// at once, with ctx; otherwise later, with New's context (without its
+// cancellation), and with m's lock held: Attach waits for it.
 func (m *Manager) BeforeTakeOver(ctx context.Context, f func(context.Context)) {
 	m.mu.Lock()
 	if m.taken != nil { // collections still wait: awaitJournals runs f
