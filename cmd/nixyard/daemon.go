@@ -10,7 +10,6 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
-	"os/user"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -441,7 +440,7 @@ func loadSettings(layout config.Layout, root string, overrides [][2]string, logg
 // does not set it: nixbld for a daemon running as root, whose builders
 // then run as its members, not as root. Where that group does not exist,
 // builds run as the daemon's user, as with build-users-group = (Nix would
-// fail them), and the daemon says so. Not for a chroot store (--store):
+// fail them), and the daemon says so; so where it has no members. Not for a chroot store (--store):
 // its build users' locks are under its root, not in the userpool every
 // Nix on the host shares, so another daemon building as nixbld would take
 // (and kill the builds of) the same users.
@@ -450,8 +449,8 @@ func defaultBuildUsers(settings *config.Settings, logger *slog.Logger) {
 		return
 	}
 	const group = "nixbld"
-	if _, err := user.LookupGroup(group); err != nil {
-		logger.Warn("build-users-group is not set and its default group does not exist: builders run as root", "group", group, "err", err)
+	if err := build.CheckBuildUsers(group); err != nil {
+		logger.Warn("build-users-group is not set and its default group cannot serve: builders run as root", "group", group, "err", err)
 		return
 	}
 	settings.Set("build-users-group", group)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -8,6 +9,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/nixyard/nixyard/internal/build"
+	"github.com/nixyard/nixyard/internal/config"
 	"github.com/nixyard/nixyard/internal/daemon"
 )
 
@@ -125,5 +128,31 @@ func TestListenAllTwice(t *testing.T) {
 		if _, err := os.Lstat(def); !os.IsNotExist(err) {
 			t.Errorf("%v: the default socket is left behind (%v)", specs, err)
 		}
+	}
+}
+
+// TestDefaultBuildUsers: with no build-users-group in nix.conf, a daemon
+// on the host's store running as root takes nixbld when that group can
+// serve, and none (with a warning) when it cannot.
+func TestDefaultBuildUsers(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the default applies to a daemon running as root")
+	}
+	var s config.Settings
+	var log bytes.Buffer
+	defaultBuildUsers(&s, slog.New(slog.NewTextHandler(&log, nil)))
+	got, set := s.Lookup("build-users-group")
+	if err := build.CheckBuildUsers("nixbld"); err == nil {
+		if got != "nixbld" {
+			t.Errorf("build-users-group = %q (set %v), want nixbld", got, set)
+		}
+	} else if set || !strings.Contains(log.String(), "builders run as root") {
+		t.Errorf("nixbld cannot serve (%v): build-users-group = %q (set %v), log:\n%s", err, got, set, log.String())
+	}
+	var explicit config.Settings
+	explicit.Set("build-users-group", "")
+	defaultBuildUsers(&explicit, slog.New(slog.DiscardHandler))
+	if got, _ := explicit.Lookup("build-users-group"); got != "" {
+		t.Errorf("an explicit empty build-users-group became %q", got)
 	}
 }

@@ -77,10 +77,20 @@ func newUserPool(group, dir string) (*userPool, error) {
 	if len(p.uids) == 0 {
 		return nil, fmt.Errorf("the build users group '%s' has no members", group)
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, err
+	if dir != "" {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return nil, err
+		}
 	}
 	return p, nil
+}
+
+// CheckBuildUsers says why group cannot be build-users-group (it does
+// not exist, has no members, or one of them is root or the daemon's
+// user), or nil if it can.
+func CheckBuildUsers(group string) error {
+	_, err := newUserPool(group, "")
+	return err
 }
 
 // groupMembers reads the members of a group from /etc/group (getgrnam's
