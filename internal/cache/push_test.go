@@ -94,13 +94,7 @@ func TestPush(t *testing.T) {
 	dep, top := addPair(t, st)
 	_, priv, _ := ed25519.GenerateKey(nil)
 	key := signature.SecretKey{Name: "fleet-1", Key: priv}
-	mc := &memCache{files: map[string][]byte{}}
-	srv := httptest.NewServer(mc)
-	defer srv.Close()
-	target, opts, err := OpenTarget(t.Context(), srv.URL+"/", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	mc, target, opts := memTarget(t)
 	queue := filepath.Join(t.TempDir(), "queue")
 	p, err := NewPusher(t.Context(), st, target, opts, queue, []signature.SecretKey{key}, nil)
 	if err != nil {
@@ -345,13 +339,7 @@ func TestPushFailures(t *testing.T) {
 func TestPushQueueHandover(t *testing.T) {
 	st := testStore(t)
 	_, top := addPair(t, st)
-	mc := &memCache{files: map[string][]byte{}}
-	srv := httptest.NewServer(mc)
-	defer srv.Close()
-	target, opts, err := OpenTarget(t.Context(), srv.URL+"/", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, target, opts := memTarget(t)
 	queue := filepath.Join(t.TempDir(), "queue")
 	old, err := NewPusher(t.Context(), st, target, opts, queue, nil, nil)
 	if err != nil {
@@ -376,4 +364,18 @@ func TestPushQueueHandover(t *testing.T) {
 	if len(next.held) != 0 {
 		t.Errorf("the new pusher still holds %d paths the old one pushed", len(next.held))
 	}
+}
+
+// memTarget serves a memCache over HTTP until the test ends, and opens it
+// as a push target.
+func memTarget(t *testing.T) (*memCache, Target, Options) {
+	t.Helper()
+	mc := &memCache{files: map[string][]byte{}}
+	srv := httptest.NewServer(mc)
+	t.Cleanup(srv.Close)
+	target, opts, err := OpenTarget(t.Context(), srv.URL+"/", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mc, target, opts
 }
