@@ -22,7 +22,10 @@
 // They are also journalled, a file per job under <state>/nixyard-jobs, so
 // that a daemon started after this one (a restart, an upgrade, a crash)
 // takes up the jobs still running, with their roots; a journal whose job
-// has ended is deleted.
+// has ended is deleted. A daemon started while another still keeps the
+// journals (it drains) journals its own jobs in a waiting-PID directory
+// there until it gets them; if it exits first, the daemon that has them
+// next takes those up too.
 package jobs
 
 import (
@@ -155,6 +158,7 @@ type job struct {
 	initTime uint64 // start time of initPID, in clock ticks after boot
 	session  *store.Session
 	journal  *os.File // nil: not journalled
+	jpath    string   // the journal's path (the journals' directory, or this daemon's waiting one)
 	conns    int
 	idleFrom time.Time // when conns last dropped to zero
 	started  time.Time

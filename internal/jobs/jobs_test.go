@@ -381,3 +381,40 @@ func assertValid(t *testing.T, st *store.Store, why string, paths ...storepath.P
 		}
 	}
 }
+
+// TestWaitingDaemonsJobs: a daemon that served jobs while another kept the
+// journals (it started during that one's drain) and exits before it ever
+// got them leaves its jobs' journals behind, and the daemon that has the
+// journals next takes them up with the rest.
+func TestWaitingDaemonsJobs(t *testing.T) {
+	st := testStore(t)
+	first, second := addText(t, st, "kept-by-the-old-daemon"), addText(t, st, "kept-by-the-waiting-one")
+	_, live, _ := container(t)
+	old := newManager(t, st)
+	a, err := old.Attach(live, "ci")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Session().AddTempRoot(t.Context(), first)
+	waiting := newManager(t, st) // started during old's drain; told to stop too
+	b, err := waiting.Attach(live, "ci")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.Session().AddTempRoot(t.Context(), second)
+	b.Release()
+	waiting.Close() // gone before old
+	a.Release()
+	old.Close()
+
+	next := newManager(t, st)
+	defer next.Close()
+	if got := next.Live(); len(got) != 1 {
+		t.Errorf("live jobs after the hand-over: %v, want the one job", got)
+	}
+	collectAll(t, st)
+	assertValid(t, st, "held by the running job through a daemon that never kept the journals", first, second)
+	if ents, _ := filepath.Glob(filepath.Join(st.StateDir(), "nixyard-jobs", "waiting-*")); len(ents) != 0 {
+		t.Errorf("waiting directories left: %v", ents)
+	}
+}

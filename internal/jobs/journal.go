@@ -11,7 +11,9 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -46,20 +48,32 @@ type journalHeader struct {
 	Started  int64  `json:"started"` // Unix seconds
 }
 
+// waitingPrefix names the directory (waiting-PID) in which a daemon that
+// does not keep the journals yet (another, stopping, does) journals its
+// own jobs: if it exits before it gets them, the daemon that has them next
+// takes these up too.
+const waitingPrefix = "waiting-"
+
+// waitingDir is this daemon's waiting directory.
+func (m *Manager) waitingDir() string {
+	return filepath.Join(m.journalDir(), waitingPrefix+strconv.Itoa(os.Getpid()))
+}
+
 // openJournal writes j's journal afresh, with its roots so far, and has
-// its session add each new root to it. A failure is logged: the job
-// then lives as long as this daemon only.
+// its session add each new root to it: among the journals if m keeps
+// them, else in its waiting directory. A failure is logged: the job then
+// lives as long as this daemon only.
 func (m *Manager) openJournal(j *job) {
+	dir := m.journalDir()
 	if m.journalLock == nil {
-		return
+		dir = m.waitingDir()
 	}
-	if err := m.writeJournal(j); err != nil {
+	if err := m.writeJournal(j, dir); err != nil {
 		m.log.Warn("cannot journal a job session; it will not outlive the daemon", "job", j.id, "err", err)
 	}
 }
 
-func (m *Manager) writeJournal(j *job) error {
-	dir := m.journalDir()
+func (m *Manager) writeJournal(j *job, dir string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
@@ -81,7 +95,7 @@ func (m *Manager) writeJournal(j *job) error {
 		os.Remove(f.Name())
 		return err
 	}
-	j.journal = f
+	j.journal, j.jpath = f, filepath.Join(dir, j.id)
 	return nil
 }
 
@@ -91,14 +105,16 @@ func (m *Manager) dropJournal(j *job) {
 		return
 	}
 	j.journal.Close()
-	if err := os.Remove(filepath.Join(m.journalDir(), j.id)); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if err := os.Remove(j.jpath); err != nil && !errors.Is(err, os.ErrNotExist) {
 		m.log.Warn("cannot delete the journal of an ended job", "job", j.id, "err", err)
 	}
 }
 
 // restore takes up the jobs whose journals an earlier daemon left and
 // whose init still runs: their sessions hold their roots again, and their
-// lease runs from now. Other journals are deleted.
+// lease runs from now. Other journals are deleted. So are taken up the
+// journals a daemon that never got the journals kept in its waiting
+// directory, once it has gone (or it is this one).
 func (m *Manager) restore(ctx context.Context) {
 	dir := m.journalDir()
 	ents, err := os.ReadDir(dir)
@@ -109,38 +125,16 @@ func (m *Manager) restore(ctx context.Context) {
 		return
 	}
 	for _, e := range ents {
-		if e.Name() == ".lock" {
-			continue
-		}
 		path := filepath.Join(dir, e.Name())
-		if strings.HasPrefix(e.Name(), ".") {
-			os.Remove(path) // a journal left half-written
-			continue
-		}
-		j, roots, err := m.readJournal(path, e.Name())
 		switch {
-		case err != nil:
-			m.log.Warn("dropping an unreadable job journal", "file", path, "err", err)
-			os.Remove(path)
-			continue
-		case !m.initAlive(j):
-			m.log.Info("job ended while no daemon ran; its journal goes", "job", j.id)
-			os.Remove(path)
-			continue
+		case e.Name() == ".lock":
+		case strings.HasPrefix(e.Name(), "."):
+			os.Remove(path) // a journal left half-written
+		case strings.HasPrefix(e.Name(), waitingPrefix):
+			m.restoreWaiting(ctx, path, strings.TrimPrefix(e.Name(), waitingPrefix))
+		default:
+			m.takeUp(ctx, path, e.Name(), false)
 		}
-		if cur, ok := m.jobs[j.id]; ok {
-			j = cur // it reached this daemon before the journals did
-		} else {
-			j.session = m.st.OpenSession()
-			j.idleFrom = m.now()
-			m.jobs[j.id] = j
-		}
-		for _, p := range roots {
-			if err := j.session.AddTempRoot(ctx, p); err != nil {
-				m.log.Warn("cannot take up a job's root", "job", j.id, "path", p.String(), "err", err)
-			}
-		}
-		m.log.Info("job session taken up from before the daemon started", "job", j.id, "tenant", j.tenant, "roots", len(roots))
 	}
 	// Every job is journalled from now on, those that came meanwhile too.
 	for _, j := range m.jobs {
@@ -148,6 +142,70 @@ func (m *Manager) restore(ctx context.Context) {
 			m.openJournal(j)
 		}
 	}
+}
+
+// restoreWaiting takes up the journals in the waiting directory dir of the
+// daemon pid, unless that daemon still runs (and is not this one): then
+// it takes them up itself, with the journals, or the daemon after it.
+func (m *Manager) restoreWaiting(ctx context.Context, dir, pid string) {
+	n, err := strconv.Atoi(pid)
+	if err == nil && n != os.Getpid() && syscall.Kill(n, 0) != syscall.ESRCH {
+		return
+	}
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		path := filepath.Join(dir, e.Name())
+		if strings.HasPrefix(e.Name(), ".") {
+			os.Remove(path)
+			continue
+		}
+		if j, ok := m.jobs[e.Name()]; ok && j.jpath == path {
+			// This daemon's own: journalled again among the journals.
+			j.session.Journal(io.Discard, nil)
+			j.journal.Close()
+			j.journal, j.jpath = nil, ""
+			os.Remove(path)
+			continue
+		}
+		m.takeUp(ctx, path, e.Name(), true)
+	}
+	if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+		m.log.Warn("cannot remove a waiting daemon's journal directory", "dir", dir, "err", err)
+	}
+}
+
+// takeUp takes up the job whose journal is at path (named by the job's
+// id). A journal among the journals stays until openJournal replaces it;
+// one from a waiting directory (moved, true) goes, as does that of a job
+// that has ended.
+func (m *Manager) takeUp(ctx context.Context, path, id string, moved bool) {
+	j, roots, err := m.readJournal(path, id)
+	switch {
+	case err != nil:
+		m.log.Warn("dropping an unreadable job journal", "file", path, "err", err)
+		os.Remove(path)
+		return
+	case !m.initAlive(j):
+		m.log.Info("job ended while no daemon ran; its journal goes", "job", j.id)
+		os.Remove(path)
+		return
+	}
+	if moved {
+		defer os.Remove(path)
+	}
+	if cur, ok := m.jobs[j.id]; ok {
+		j = cur // it reached this daemon before the journals did
+	} else {
+		j.session = m.st.OpenSession()
+		j.idleFrom = m.now()
+		m.jobs[j.id] = j
+	}
+	for _, p := range roots {
+		if err := j.session.AddTempRoot(ctx, p); err != nil {
+			m.log.Warn("cannot take up a job's root", "job", j.id, "path", p.String(), "err", err)
+		}
+	}
+	m.log.Info("job session taken up from before the daemon started", "job", j.id, "tenant", j.tenant, "roots", len(roots))
 }
 
 // awaitJournals takes the journals once the daemon that keeps them (one
