@@ -88,6 +88,11 @@ type Manager struct {
 	// beforeTakeOver run once this Manager has those journals, before
 	// collections may run (BeforeTakeOver).
 	beforeTakeOver []func(context.Context)
+	// waitDir, while another daemon keeps the journals, is where this
+	// one journals its jobs (waitingPrefix), locked by waitLock for as
+	// long as it lives; "" until it journals one.
+	waitDir  string
+	waitLock *os.File
 }
 
 // BeforeTakeOver has f run once the daemon that kept the jobs' journals
@@ -158,7 +163,7 @@ type job struct {
 	initTime uint64 // start time of initPID, in clock ticks after boot
 	session  *store.Session
 	journal  *os.File // nil: not journalled
-	jpath    string   // the journal's path (the journals' directory, or this daemon's waiting one)
+	jpath    string   // the journal's path (among the journals, or in this daemon's waiting directory)
 	conns    int
 	idleFrom time.Time // when conns last dropped to zero
 	started  time.Time
@@ -372,6 +377,11 @@ func (m *Manager) Close() error {
 	if m.journalLock != nil {
 		errs = append(errs, m.journalLock.Close())
 		m.journalLock = nil
+		m.st.SetBeforeCollect(nil)
+	}
+	if m.waitLock != nil {
+		errs = append(errs, m.waitLock.Close()) // its journals stay, for the daemon that keeps the journals
+		m.waitLock = nil
 	}
 	m.closed = true
 	m.openGate()

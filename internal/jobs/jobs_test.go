@@ -418,3 +418,28 @@ func TestWaitingDaemonsJobs(t *testing.T) {
 		t.Errorf("waiting directories left: %v", ents)
 	}
 }
+
+// TestWaitingDaemonGoneLater: a daemon that waits for the journals while
+// this one has them already (three daemons in one upgrade's overlap) and
+// exits without them: the next collection here takes up its jobs' roots
+// first.
+func TestWaitingDaemonGoneLater(t *testing.T) {
+	st := testStore(t)
+	held := addText(t, st, "held-through-a-gone-waiting-daemon")
+	_, live, _ := container(t)
+	keeper := newManager(t, st)
+	defer keeper.Close()
+	waiting := newManager(t, st)
+	b, err := waiting.Attach(live, "ci")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.Session().AddTempRoot(t.Context(), held)
+	b.Release()
+	waiting.Close()
+	collectAll(t, st)
+	assertValid(t, st, "held by a running job through a daemon gone since the journals were taken", held)
+	if got := keeper.Live(); len(got) != 1 {
+		t.Errorf("live jobs after the collection: %v, want the waiting daemon's one", got)
+	}
+}

@@ -11,9 +11,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -48,16 +46,12 @@ type journalHeader struct {
 	Started  int64  `json:"started"` // Unix seconds
 }
 
-// waitingPrefix names the directory (waiting-PID) in which a daemon that
-// does not keep the journals yet (another, stopping, does) journals its
-// own jobs: if it exits before it gets them, the daemon that has them next
-// takes these up too.
+// waitingPrefix starts the names of the directories in which daemons
+// that do not keep the journals yet (another, stopping, does) journal
+// their own jobs, each locked by its daemon for as long as it lives: if
+// it exits before it gets the journals, the daemon that has them takes
+// these up too.
 const waitingPrefix = "waiting-"
-
-// waitingDir is this daemon's waiting directory.
-func (m *Manager) waitingDir() string {
-	return filepath.Join(m.journalDir(), waitingPrefix+strconv.Itoa(os.Getpid()))
-}
 
 // openJournal writes j's journal afresh, with its roots so far, and has
 // its session add each new root to it: among the journals if m keeps
@@ -66,11 +60,36 @@ func (m *Manager) waitingDir() string {
 func (m *Manager) openJournal(j *job) {
 	dir := m.journalDir()
 	if m.journalLock == nil {
-		dir = m.waitingDir()
+		if err := m.openWaitDir(); err != nil {
+			m.log.Warn("cannot journal a job session while another daemon keeps the journals; it will not outlive this daemon", "job", j.id, "err", err)
+			return
+		}
+		dir = m.waitDir
 	}
 	if err := m.writeJournal(j, dir); err != nil {
 		m.log.Warn("cannot journal a job session; it will not outlive the daemon", "job", j.id, "err", err)
 	}
+}
+
+// openWaitDir makes and locks m's waiting directory, once.
+func (m *Manager) openWaitDir() error {
+	if m.waitDir != "" {
+		return nil
+	}
+	if err := os.MkdirAll(m.journalDir(), 0o700); err != nil {
+		return err
+	}
+	dir, err := os.MkdirTemp(m.journalDir(), waitingPrefix)
+	if err != nil {
+		return err
+	}
+	lock, err := openJournalLock(dir)
+	if err != nil {
+		os.Remove(dir)
+		return err
+	}
+	m.waitDir, m.waitLock = dir, lock
+	return nil
 }
 
 func (m *Manager) writeJournal(j *job, dir string) error {
@@ -113,85 +132,107 @@ func (m *Manager) dropJournal(j *job) {
 // restore takes up the jobs whose journals an earlier daemon left and
 // whose init still runs: their sessions hold their roots again, and their
 // lease runs from now. Other journals are deleted. So are taken up the
-// journals a daemon that never got the journals kept in its waiting
-// directory, once it has gone (or it is this one).
+// journals in the waiting directories of daemons that have gone, and
+// this one's own; then every job is journalled among the journals, and
+// each collection first takes up those of daemons gone since.
 func (m *Manager) restore(ctx context.Context) {
 	dir := m.journalDir()
 	ents, err := os.ReadDir(dir)
-	if err != nil {
-		if !errors.Is(err, os.ErrNotExist) {
-			m.log.Warn("cannot read the jobs' journals", "dir", dir, "err", err)
-		}
-		return
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		m.log.Warn("cannot read the jobs' journals", "dir", dir, "err", err)
 	}
 	for _, e := range ents {
 		path := filepath.Join(dir, e.Name())
 		switch {
-		case e.Name() == ".lock":
+		case e.Name() == ".lock", strings.HasPrefix(e.Name(), waitingPrefix):
 		case strings.HasPrefix(e.Name(), "."):
 			os.Remove(path) // a journal left half-written
-		case strings.HasPrefix(e.Name(), waitingPrefix):
-			m.restoreWaiting(ctx, path, strings.TrimPrefix(e.Name(), waitingPrefix))
 		default:
-			m.takeUp(ctx, path, e.Name(), false)
+			// Stays until openJournal writes the job's anew over it.
+			m.takeUp(ctx, path, e.Name())
 		}
 	}
+	m.takeUpWaiting(ctx)
 	// Every job is journalled from now on, those that came meanwhile too.
 	for _, j := range m.jobs {
 		if j.journal == nil {
 			m.openJournal(j)
 		}
 	}
+	m.st.SetBeforeCollect(func(ctx context.Context) {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		if m.journalLock != nil {
+			m.takeUpWaiting(ctx)
+		}
+	})
 }
 
-// restoreWaiting takes up the journals in the waiting directory dir of the
-// daemon pid, unless that daemon still runs (and is not this one): then
-// it takes them up itself, with the journals, or the daemon after it.
-func (m *Manager) restoreWaiting(ctx context.Context, dir, pid string) {
-	n, err := strconv.Atoi(pid)
-	if err == nil && n != os.Getpid() && syscall.Kill(n, 0) != syscall.ESRCH {
-		return
-	}
-	ents, _ := os.ReadDir(dir)
+// takeUpWaiting takes up the jobs journalled in waiting directories: this
+// daemon's own, and those whose daemon has gone (its lock is free). Each
+// job is journalled among the journals before its waiting journal goes.
+// m keeps the journals; m.mu is held.
+func (m *Manager) takeUpWaiting(ctx context.Context) {
+	ents, _ := os.ReadDir(m.journalDir())
 	for _, e := range ents {
-		path := filepath.Join(dir, e.Name())
-		if strings.HasPrefix(e.Name(), ".") {
-			os.Remove(path)
+		if !e.IsDir() || !strings.HasPrefix(e.Name(), waitingPrefix) {
 			continue
 		}
-		if j, ok := m.jobs[e.Name()]; ok && j.jpath == path {
-			// This daemon's own: journalled again among the journals.
-			j.session.Journal(io.Discard, nil)
-			j.journal.Close()
-			j.journal, j.jpath = nil, ""
-			os.Remove(path)
-			continue
+		dir := filepath.Join(m.journalDir(), e.Name())
+		lock := m.waitLock
+		if dir == m.waitDir {
+			m.waitDir, m.waitLock = "", nil
+		} else if lock, _ = openJournalLock(dir); lock == nil {
+			continue // its daemon runs: it takes them up, or the next one
 		}
-		m.takeUp(ctx, path, e.Name(), true)
-	}
-	if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
-		m.log.Warn("cannot remove a waiting daemon's journal directory", "dir", dir, "err", err)
+		files, _ := os.ReadDir(dir)
+		for _, f := range files {
+			path := filepath.Join(dir, f.Name())
+			switch {
+			case f.Name() == ".lock":
+				continue
+			case strings.HasPrefix(f.Name(), "."):
+				os.Remove(path)
+				continue
+			}
+			j := m.jobs[f.Name()]
+			if j == nil || j.jpath != path { // not this daemon's own
+				if j = m.takeUp(ctx, path, f.Name()); j == nil {
+					continue // ended, its journal gone
+				}
+			}
+			if j.jpath == path || j.journal == nil {
+				old := j.journal
+				if err := m.writeJournal(j, m.journalDir()); err != nil {
+					m.log.Warn("cannot journal a taken-up job session among the journals; left where it is", "job", j.id, "err", err)
+					continue
+				}
+				if old != nil {
+					old.Close()
+				}
+			}
+			os.Remove(path)
+		}
+		os.Remove(filepath.Join(dir, ".lock"))
+		lock.Close()
+		os.Remove(dir) // if a journal could not be moved, it stays, for the next try
 	}
 }
 
 // takeUp takes up the job whose journal is at path (named by the job's
-// id). A journal among the journals stays until openJournal replaces it;
-// one from a waiting directory (moved, true) goes, as does that of a job
-// that has ended.
-func (m *Manager) takeUp(ctx context.Context, path, id string, moved bool) {
+// id), and returns it; for a job that has ended (or an unreadable
+// journal) it deletes the journal and returns nil.
+func (m *Manager) takeUp(ctx context.Context, path, id string) *job {
 	j, roots, err := m.readJournal(path, id)
 	switch {
 	case err != nil:
 		m.log.Warn("dropping an unreadable job journal", "file", path, "err", err)
 		os.Remove(path)
-		return
+		return nil
 	case !m.initAlive(j):
 		m.log.Info("job ended while no daemon ran; its journal goes", "job", j.id)
 		os.Remove(path)
-		return
-	}
-	if moved {
-		defer os.Remove(path)
+		return nil
 	}
 	if cur, ok := m.jobs[j.id]; ok {
 		j = cur // it reached this daemon before the journals did
@@ -206,6 +247,7 @@ func (m *Manager) takeUp(ctx context.Context, path, id string, moved bool) {
 		}
 	}
 	m.log.Info("job session taken up from before the daemon started", "job", j.id, "tenant", j.tenant, "roots", len(roots))
+	return j
 }
 
 // awaitJournals takes the journals once the daemon that keeps them (one

@@ -155,6 +155,9 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 			return nil, err
 		}
 	}
+	if f := s.beforeCollect.Load(); f != nil {
+		(*f)(ctx)
+	}
 	// One collection at a time in this process, then gc.lock against
 	// other processes; the wait for either is told once, as Nix tells it.
 	log = onceWaiting(log)
@@ -328,6 +331,17 @@ func (s *Store) SetGCGate(gate func(ctx context.Context, log func(string)) error
 		return
 	}
 	s.gcGate.Store(&gate)
+}
+
+// SetBeforeCollect has every collection (automatic ones too) call f
+// first, after the gate; nil removes it. The job sessions use it to take
+// up the roots of jobs that a daemon gone since journalled.
+func (s *Store) SetBeforeCollect(f func(ctx context.Context)) {
+	if f == nil {
+		s.beforeCollect.Store(nil)
+		return
+	}
+	s.beforeCollect.Store(&f)
 }
 
 // waitingForGCLock is what a collection says when it waits for another.

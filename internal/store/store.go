@@ -105,8 +105,9 @@ type Store struct {
 
 	commits commitQueue // group commit of single-path additions; see groupcommit.go
 
-	gcSem  chan struct{}                                                     // holds a token while a garbage collection runs in this process
-	gcGate atomic.Pointer[func(ctx context.Context, log func(string)) error] // see SetGCGate
+	gcSem         chan struct{}                                                     // holds a token while a garbage collection runs in this process
+	gcGate        atomic.Pointer[func(ctx context.Context, log func(string)) error] // see SetGCGate
+	beforeCollect atomic.Pointer[func(ctx context.Context)]                         // see SetBeforeCollect
 
 	autoGC  autoGC     // see AutoGC
 	lastUse lastUses   // see Touch
