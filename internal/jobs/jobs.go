@@ -23,9 +23,10 @@
 // that a daemon started after this one (a restart, an upgrade, a crash)
 // takes up the jobs still running, with their roots; a journal whose job
 // has ended is deleted. A daemon started while another still keeps the
-// journals (it drains) journals its own jobs in a waiting-PID directory
-// there until it gets them; if it exits first, the daemon that has them
-// next takes those up too.
+// journals (it drains) journals its own jobs in a waiting directory of
+// its own there, locked while it lives, until it gets them; if it exits
+// first, the daemon that has them takes those up too (each collection
+// looks first).
 package jobs
 
 import (
