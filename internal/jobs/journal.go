@@ -71,7 +71,9 @@ func (m *Manager) openJournal(j *job) {
 	}
 }
 
-// openWaitDir makes and locks m's waiting directory, once.
+// openWaitDir makes and locks m's waiting directory, once: made under
+// another name (makingPrefix) and locked there, so that the daemon with
+// the journals never sees one that is not locked yet.
 func (m *Manager) openWaitDir() error {
 	if m.waitDir != "" {
 		return nil
@@ -79,18 +81,25 @@ func (m *Manager) openWaitDir() error {
 	if err := os.MkdirAll(m.journalDir(), 0o700); err != nil {
 		return err
 	}
-	dir, err := os.MkdirTemp(m.journalDir(), waitingPrefix)
+	tmp, err := os.MkdirTemp(m.journalDir(), makingPrefix)
 	if err != nil {
 		return err
 	}
-	lock, err := openJournalLock(dir)
-	if err != nil {
-		os.Remove(dir)
-		return err
+	lock, err := openJournalLock(tmp)
+	if err == nil {
+		dir := filepath.Join(m.journalDir(), waitingPrefix+strings.TrimPrefix(filepath.Base(tmp), makingPrefix))
+		if err = os.Rename(tmp, dir); err == nil {
+			m.waitDir, m.waitLock = dir, lock
+			return nil
+		}
+		lock.Close()
 	}
-	m.waitDir, m.waitLock = dir, lock
-	return nil
+	os.RemoveAll(tmp)
+	return err
 }
+
+// makingPrefix names a waiting directory being made (openWaitDir).
+const makingPrefix = "making-"
 
 func (m *Manager) writeJournal(j *job, dir string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -144,7 +153,7 @@ func (m *Manager) restore(ctx context.Context) {
 	for _, e := range ents {
 		path := filepath.Join(dir, e.Name())
 		switch {
-		case e.Name() == ".lock", strings.HasPrefix(e.Name(), waitingPrefix):
+		case e.Name() == ".lock", strings.HasPrefix(e.Name(), waitingPrefix), strings.HasPrefix(e.Name(), makingPrefix):
 		case strings.HasPrefix(e.Name(), "."):
 			os.Remove(path) // a journal left half-written
 		default:
@@ -163,7 +172,7 @@ func (m *Manager) restore(ctx context.Context) {
 		m.mu.Lock()
 		defer m.mu.Unlock()
 		if m.journalLock != nil {
-			m.takeUpWaiting(ctx)
+			m.takeUpWaiting(context.WithoutCancel(ctx)) // roots that must not be missed
 		}
 	})
 }
@@ -175,6 +184,16 @@ func (m *Manager) restore(ctx context.Context) {
 func (m *Manager) takeUpWaiting(ctx context.Context) {
 	ents, _ := os.ReadDir(m.journalDir())
 	for _, e := range ents {
+		if e.IsDir() && strings.HasPrefix(e.Name(), makingPrefix) {
+			// Left by a daemon that died making its waiting directory
+			// (no journal is ever in one), unless it is at it now.
+			tmp := filepath.Join(m.journalDir(), e.Name())
+			if lock, _ := openJournalLock(tmp); lock != nil {
+				os.RemoveAll(tmp)
+				lock.Close()
+			}
+			continue
+		}
 		if !e.IsDir() || !strings.HasPrefix(e.Name(), waitingPrefix) {
 			continue
 		}
@@ -195,9 +214,9 @@ func (m *Manager) takeUpWaiting(ctx context.Context) {
 				os.Remove(path)
 				continue
 			}
-			j := m.jobs[f.Name()]
+			j, complete := m.jobs[f.Name()], true
 			if j == nil || j.jpath != path { // not this daemon's own
-				if j = m.takeUp(ctx, path, f.Name()); j == nil {
+				if j, complete = m.takeUp(ctx, path, f.Name()); j == nil {
 					continue // ended, its journal gone
 				}
 			}
@@ -205,13 +224,19 @@ func (m *Manager) takeUpWaiting(ctx context.Context) {
 				old := j.journal
 				if err := m.writeJournal(j, m.journalDir()); err != nil {
 					m.log.Warn("cannot journal a taken-up job session among the journals; left where it is", "job", j.id, "err", err)
+					if old != nil { // detached by writeJournal: taken up again next time
+						old.Close()
+						j.journal, j.jpath = nil, ""
+					}
 					continue
 				}
 				if old != nil {
 					old.Close()
 				}
 			}
-			os.Remove(path)
+			if complete { // else left for the next try at its roots
+				os.Remove(path)
+			}
 		}
 		os.Remove(filepath.Join(dir, ".lock"))
 		lock.Close()
@@ -220,19 +245,20 @@ func (m *Manager) takeUpWaiting(ctx context.Context) {
 }
 
 // takeUp takes up the job whose journal is at path (named by the job's
-// id), and returns it; for a job that has ended (or an unreadable
-// journal) it deletes the journal and returns nil.
-func (m *Manager) takeUp(ctx context.Context, path, id string) *job {
+// id), and returns it, and whether it holds all of its roots now; for a
+// job that has ended (or an unreadable journal) it deletes the journal and
+// returns nil.
+func (m *Manager) takeUp(ctx context.Context, path, id string) (_ *job, complete bool) {
 	j, roots, err := m.readJournal(path, id)
 	switch {
 	case err != nil:
 		m.log.Warn("dropping an unreadable job journal", "file", path, "err", err)
 		os.Remove(path)
-		return nil
+		return nil, false
 	case !m.initAlive(j):
 		m.log.Info("job ended while no daemon ran; its journal goes", "job", j.id)
 		os.Remove(path)
-		return nil
+		return nil, false
 	}
 	if cur, ok := m.jobs[j.id]; ok {
 		j = cur // it reached this daemon before the journals did
@@ -241,13 +267,15 @@ func (m *Manager) takeUp(ctx context.Context, path, id string) *job {
 		j.idleFrom = m.now()
 		m.jobs[j.id] = j
 	}
+	complete = true
 	for _, p := range roots {
 		if err := j.session.AddTempRoot(ctx, p); err != nil {
 			m.log.Warn("cannot take up a job's root", "job", j.id, "path", p.String(), "err", err)
+			complete = false
 		}
 	}
 	m.log.Info("job session taken up from before the daemon started", "job", j.id, "tenant", j.tenant, "roots", len(roots))
-	return j
+	return j, complete
 }
 
 // awaitJournals takes the journals once the daemon that keeps them (one

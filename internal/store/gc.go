@@ -155,9 +155,6 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 			return nil, err
 		}
 	}
-	if f := s.beforeCollect.Load(); f != nil {
-		(*f)(ctx)
-	}
 	// One collection at a time in this process, then gc.lock against
 	// other processes; the wait for either is told once, as Nix tells it.
 	log = onceWaiting(log)
@@ -200,6 +197,9 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 
 	if err := c.findRoots(ctx, ourRoots); err != nil {
 		return nil, err
+	}
+	if f := s.beforeCollect.Load(); f != nil {
+		(*f)(ctx) // roots it adds reach this collection: nothing is pending yet
 	}
 
 	if opts.Action == GCDeleteSpecific {
@@ -333,8 +333,8 @@ func (s *Store) SetGCGate(gate func(ctx context.Context, log func(string)) error
 	s.gcGate.Store(&gate)
 }
 
-// SetBeforeCollect has every collection (automatic ones too) call f
-// first, after the gate; nil removes it. The job sessions use it to take
+// SetBeforeCollect has every collection (automatic ones too) call f once
+// it has read the roots, before it deletes anything; nil removes it. The job sessions use it to take
 // up the roots of jobs that a daemon gone since journalled.
 func (s *Store) SetBeforeCollect(f func(ctx context.Context)) {
 	if f == nil {
