@@ -203,7 +203,8 @@ cat "/mnt$T" > /ctl/t3-contents
 nix-build /job/ci.nix --arg bbdir /job/bb --argstr nonce "$(cat /job/nonce)" -A t3 -o /tmp/job-result > /dev/null
 touch /ctl/linked
 while [ ! -e /ctl/go ]; do sleep 0.1; done
-nix-store --gc --print-roots > /ctl/roots
+nix-store --gc --print-roots > /ctl/roots 2> /ctl/roots.err
+nix-store --gc --print-dead > /dev/null 2>> /ctl/roots.err
 /job/nixyard doctor > /ctl/doctor
 `)
 	done := make(chan result, 1)
@@ -215,10 +216,19 @@ nix-store --gc --print-roots > /ctl/roots
 	if links, _ := os.ReadDir(filepath.Join(c.root, "nix/var/nix/gcroots/auto")); len(links) != 1 {
 		t.Errorf("gcroots/auto after the job's nix-build -o: %v, want the host's root only", links)
 	}
+	// A temporary roots file of a host process gone (a host path, a host
+	// pid): the job's root scan removes it without saying so.
+	stale := writeFile(t, filepath.Join(c.root, "nix/var/nix/temproots", "2147483646"), "", 0o644)
 	writeFile(t, filepath.Join(ctl, "go"), "", 0o644)
 	r := <-done
 	if r.err != nil {
 		t.Fatalf("job:\n%s", r)
+	}
+	if said := readCtl(t, ctl, "roots.err"); strings.Contains(said, "temporary roots") {
+		t.Errorf("the job's --print-roots and --print-dead name a host temporary roots file:\n%s", said)
+	}
+	if _, err := os.Stat(stale); err == nil {
+		t.Errorf("%s: a stale temporary roots file left by the job's root scan (the check saw none)", stale)
 	}
 	out := r.stdout
 	if strings.TrimSpace(out) != "image-tool-ok" {

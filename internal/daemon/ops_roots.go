@@ -80,15 +80,20 @@ func opAddPermRootHandler(ctx context.Context, c *conn) error {
 const censoredRoot = "{censored}"
 
 // gcLog is where a collection's or root scan's messages go: to the client,
-// except, on a job socket, those that name the host's root links.
+// except, on a job socket, those that name the host's root links or its
+// processes' temporary roots files (host paths and pids).
 func (c *conn) gcLog() func(msg string) {
 	return func(msg string) {
-		if c.peer.jobSock && (strings.HasPrefix(msg, "removing stale link from ") || strings.HasPrefix(msg, "skipping invalid root from ")) {
+		if c.peer.jobSock && slices.ContainsFunc(hostOnlyGCMessages, func(p string) bool { return strings.HasPrefix(msg, p) }) {
 			return
 		}
 		c.tun.Log(lvlInfo, msg)
 	}
 }
+
+// hostOnlyGCMessages start the messages of a collection or a root scan
+// that a job is not told.
+var hostOnlyGCMessages = []string{"removing stale link from ", "skipping invalid root from ", "removing stale temporary roots file "}
 
 func opSyncWithGCHandler(ctx context.Context, c *conn) error {
 	if err := c.begin(wire.OpSyncWithGC); err != nil {
