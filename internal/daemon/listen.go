@@ -1,12 +1,10 @@
 package daemon
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -232,26 +230,8 @@ func (s *Server) clientWorked(pid int32, now int64) (worked int64, known bool) {
 // procCPU reads the CPU time (user and system, in clock ticks) of process
 // pid from /proc.
 func procCPU(pid int32) (uint64, bool) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, false
-	}
-	// The command name, in parentheses, may hold spaces: the fields that
-	// follow it are utime (14th) and stime (15th), 11th and 12th after it.
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0, false
-	}
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 13 {
-		return 0, false
-	}
-	utime, err1 := strconv.ParseUint(f[11], 10, 64)
-	stime, err2 := strconv.ParseUint(f[12], 10, 64)
-	if err1 != nil || err2 != nil {
-		return 0, false
-	}
-	return utime + stime, true
+	t, err := jobs.CPUTime(int(pid))
+	return t, err == nil
 }
 
 // idleClaimed marks a connection closeIdle has taken.

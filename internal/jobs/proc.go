@@ -5,6 +5,7 @@ package jobs
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -100,25 +101,49 @@ type procStat struct {
 
 // stat reads /proc/<pid>/stat.
 func (m *Manager) stat(pid int) (procStat, error) {
-	b, err := os.ReadFile(filepath.Join(m.proc, strconv.Itoa(pid), "stat"))
+	fs, err := statFields(m.proc, pid, 22)
 	if err != nil {
 		return procStat{}, err
 	}
-	// The command name (field 2) is in parentheses and may hold spaces.
-	i := strings.LastIndexByte(string(b), ')')
-	if i < 0 {
-		return procStat{}, fmt.Errorf("malformed stat of pid %d", pid)
-	}
-	fs := strings.Fields(string(b[i+1:]))
-	// fs[0] is field 3 (state); start time is field 22.
-	if len(fs) < 20 {
-		return procStat{}, fmt.Errorf("malformed stat of pid %d", pid)
-	}
-	t, err := strconv.ParseUint(fs[19], 10, 64)
+	t, err := strconv.ParseUint(fs[22-3], 10, 64)
 	if err != nil {
 		return procStat{}, fmt.Errorf("stat of pid %d: start time: %w", pid, err)
 	}
 	return procStat{exited: fs[0] == "Z" || fs[0] == "X", startTime: t}, nil
+}
+
+// CPUTime returns the CPU time process pid has used, user and system, in
+// clock ticks (fields 14 and 15 of /proc/<pid>/stat).
+func CPUTime(pid int) (uint64, error) {
+	fs, err := statFields("/proc", pid, 15)
+	if err != nil {
+		return 0, err
+	}
+	utime, err1 := strconv.ParseUint(fs[14-3], 10, 64)
+	stime, err2 := strconv.ParseUint(fs[15-3], 10, 64)
+	if err := errors.Join(err1, err2); err != nil {
+		return 0, fmt.Errorf("stat of pid %d: CPU time: %w", pid, err)
+	}
+	return utime + stime, nil
+}
+
+// statFields reads /proc/<pid>/stat under proc and returns its fields from
+// field 3 (the state) on, at least up to field last.
+func statFields(proc string, pid, last int) ([]string, error) {
+	b, err := os.ReadFile(filepath.Join(proc, strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return nil, err
+	}
+	// The command name (field 2) is in parentheses and may hold spaces.
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return nil, fmt.Errorf("malformed stat of pid %d", pid)
+	}
+	fs := strings.Fields(string(b[i+1:]))
+	if len(fs) < last-2 {
+		return nil, fmt.Errorf("malformed stat of pid %d", pid)
+	}
+	return fs, nil
 }
 
 // nsInode turns "pid:[4026531836]" into "4026531836".
