@@ -178,70 +178,81 @@ func (m *Manager) restore(ctx context.Context) {
 }
 
 // takeUpWaiting takes up the jobs journalled in waiting directories: this
-// daemon's own, and those whose daemon has gone (its lock is free). Each
-// job is journalled among the journals before its waiting journal goes.
-// m keeps the journals; m.mu is held.
+// daemon's own, and those whose daemon has gone (its lock is free); it
+// also removes what a daemon that died making one left. m keeps the
+// journals; m.mu is held.
 func (m *Manager) takeUpWaiting(ctx context.Context) {
 	ents, _ := os.ReadDir(m.journalDir())
 	for _, e := range ents {
-		if e.IsDir() && strings.HasPrefix(e.Name(), makingPrefix) {
-			// Left by a daemon that died making its waiting directory
-			// (no journal is ever in one), unless it is at it now.
-			tmp := filepath.Join(m.journalDir(), e.Name())
-			if lock, _ := openJournalLock(tmp); lock != nil {
-				os.RemoveAll(tmp)
+		dir := filepath.Join(m.journalDir(), e.Name())
+		switch {
+		case !e.IsDir():
+		case strings.HasPrefix(e.Name(), makingPrefix):
+			// No journal is ever in one; its maker may be at it now.
+			if lock, _ := openJournalLock(dir); lock != nil {
+				os.RemoveAll(dir)
 				lock.Close()
 			}
-			continue
-		}
-		if !e.IsDir() || !strings.HasPrefix(e.Name(), waitingPrefix) {
-			continue
-		}
-		dir := filepath.Join(m.journalDir(), e.Name())
-		lock := m.waitLock
-		if dir == m.waitDir {
+		case dir == m.waitDir:
+			lock := m.waitLock
 			m.waitDir, m.waitLock = "", nil
-		} else if lock, _ = openJournalLock(dir); lock == nil {
-			continue // its daemon runs: it takes them up, or the next one
-		}
-		files, _ := os.ReadDir(dir)
-		for _, f := range files {
-			path := filepath.Join(dir, f.Name())
-			switch {
-			case f.Name() == ".lock":
-				continue
-			case strings.HasPrefix(f.Name(), "."):
-				os.Remove(path)
-				continue
-			}
-			j, complete := m.jobs[f.Name()], true
-			if j == nil || j.jpath != path { // not this daemon's own
-				if j, complete = m.takeUp(ctx, path, f.Name()); j == nil {
-					continue // ended, its journal gone
-				}
-			}
-			if j.jpath == path || j.journal == nil {
-				old := j.journal
-				if err := m.writeJournal(j, m.journalDir()); err != nil {
-					m.log.Warn("cannot journal a taken-up job session among the journals; left where it is", "job", j.id, "err", err)
-					if old != nil { // detached by writeJournal: taken up again next time
-						old.Close()
-						j.journal, j.jpath = nil, ""
-					}
-					continue
-				}
-				if old != nil {
-					old.Close()
-				}
-			}
-			if complete { // else left for the next try at its roots
-				os.Remove(path)
+			m.takeUpDir(ctx, dir, lock)
+		case strings.HasPrefix(e.Name(), waitingPrefix):
+			if lock, _ := openJournalLock(dir); lock != nil { // else its daemon runs
+				m.takeUpDir(ctx, dir, lock)
 			}
 		}
-		os.Remove(filepath.Join(dir, ".lock"))
-		lock.Close()
-		os.Remove(dir) // if a journal could not be moved, it stays, for the next try
 	}
+}
+
+// takeUpDir takes up the jobs journalled in the waiting directory dir,
+// whose lock m holds, and removes it. Each job is journalled among the
+// journals before its waiting journal goes; a journal that cannot be (or
+// whose roots could not all be taken up) stays, for the next try.
+func (m *Manager) takeUpDir(ctx context.Context, dir string, lock *os.File) {
+	files, _ := os.ReadDir(dir)
+	for _, f := range files {
+		path := filepath.Join(dir, f.Name())
+		switch {
+		case f.Name() == ".lock":
+		case strings.HasPrefix(f.Name(), "."):
+			os.Remove(path)
+		default:
+			if m.moveJournal(ctx, path, f.Name()) {
+				os.Remove(path)
+			}
+		}
+	}
+	os.Remove(filepath.Join(dir, ".lock"))
+	lock.Close()
+	os.Remove(dir) // if a journal stays, so does dir
+}
+
+// moveJournal takes up the job of the waiting journal at path (this
+// daemon's own, or another's) and journals it among the journals. It
+// reports whether the waiting journal may go.
+func (m *Manager) moveJournal(ctx context.Context, path, id string) bool {
+	j, complete := m.jobs[id], true
+	if j == nil || j.jpath != path { // not this daemon's own
+		if j, complete = m.takeUp(ctx, path, id); j == nil {
+			return false // ended, its journal gone
+		}
+	}
+	if j.jpath == path || j.journal == nil {
+		old := j.journal
+		if err := m.writeJournal(j, m.journalDir()); err != nil {
+			m.log.Warn("cannot journal a taken-up job session among the journals; left where it is", "job", j.id, "err", err)
+			if old != nil { // detached by writeJournal: taken up again next time
+				old.Close()
+				j.journal, j.jpath = nil, ""
+			}
+			return false
+		}
+		if old != nil {
+			old.Close()
+		}
+	}
+	return complete
 }
 
 // takeUp takes up the job whose journal is at path (named by the job's
