@@ -1732,3 +1732,26 @@ func TestBuildBesideRealNix(t *testing.T) {
 		t.Errorf("the daemon's client: %v\n%s", err, out)
 	}
 }
+
+// upgradeDuringBuild starts, through b's daemon, a build of a derivation
+// called name whose builder waits for the file gate in b's marks; once it
+// runs, the daemon is told to stop (the build keeps it draining) and its
+// successor is started on the same store, as in an upgrade. It returns
+// the successor and the build's result, which comes once gate is written.
+func (b *buildEnv) upgradeDuringBuild(t *testing.T, name, gate string) (next *daemon, built <-chan result) {
+	t.Helper()
+	args := b.expr(t, name, fmt.Sprintf(`{
+  slow = mk { name = "%s"; script = ": %[1]s-${nonce}; while [ ! -e /marks/%s ]; do sleep 0.1; done; echo built > $out"; };
+}`, name, gate))
+	done := make(chan result, 1)
+	go func() { done <- b.nixBuild(append(args, "-A", "slow", "--no-out-link")...).run(t) }()
+	waitFor(t, "the builder", func() bool { return builderRunning(t, name+"-"+b.nonce) })
+	old := b.daemon
+	if err := syscall.Kill(old.proc.Process.Pid, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the old daemon's socket to go", func() bool { _, err := os.Stat(old.sock); return err != nil })
+	next = old.successor(t)
+	next.start(t)
+	return next, done
+}

@@ -9,7 +9,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -619,19 +618,8 @@ cat "/mnt$OUT" > /ctl/after
 	waitCtl(t, ctl, "ready")
 
 	// A host build keeps the old daemon draining until the test lets it end.
-	args := c.expr(t, "handover", `{
-  slow = mk { name = "handover"; script = ": handover-${nonce}; while [ ! -e /marks/go-build ]; do sleep 0.1; done; echo > $out"; };
-}`)
-	buildDone := make(chan result, 1)
-	go func() { buildDone <- c.nixBuild(append(args, "-A", "slow", "--no-out-link")...).run(t) }()
-	waitFor(t, "the host build", func() bool { return builderRunning(t, "handover-"+c.nonce) })
 	old := c.daemon
-	if err := syscall.Kill(old.proc.Process.Pid, syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, "the old daemon's socket to go", func() bool { _, err := os.Stat(old.sock); return err != nil })
-	next := old.successor(t)
-	next.start(t)
+	next, buildDone := c.upgradeDuringBuild(t, "handover", "go-build")
 
 	gcLog := filepath.Join(c.dir, "gc.stderr")
 	gcErr, err := os.Create(gcLog)

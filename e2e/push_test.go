@@ -14,7 +14,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -210,19 +209,8 @@ func TestPushQueueHeldAcrossUpgrade(t *testing.T) {
 	e := newEnv(t)
 	// The cache cannot be reached: the queue keeps what it is given.
 	b := e.startBuildDaemonWith(t, withDaemonArgs("--push-to", deadURL(t), "--shutdown-grace", "1m"))
-	args := b.expr(t, "pushheld", `{
-  slow = mk { name = "push-held"; script = ": push-held-${nonce}; while [ ! -e /marks/go ]; do sleep 0.1; done; echo built > $out"; };
-}`)
-	done := make(chan result, 1)
-	go func() { done <- b.nixBuild(append(args, "-A", "slow", "--no-out-link")...).run(t) }()
-	waitFor(t, "the builder", func() bool { return builderRunning(t, "push-held-"+b.nonce) })
 	old := b.daemon
-	if err := syscall.Kill(old.proc.Process.Pid, syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, "the old daemon's socket to go", func() bool { _, err := os.Stat(old.sock); return err != nil })
-	next := old.successor(t)
-	next.start(t)
+	next, done := b.upgradeDuringBuild(t, "push-held", "go")
 	writeFile(t, filepath.Join(b.marks, "go"), "", 0o644)
 	r := <-done
 	if r.err != nil {
