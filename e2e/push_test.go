@@ -226,4 +226,15 @@ func TestPushQueueHeldAcrossUpgrade(t *testing.T) {
 	if !next.isValid(t, out) {
 		t.Errorf("%s, queued for pushing by the old daemon, was collected through the new one", out)
 	}
+	// Held by the queue, not only while a push (to the dead cache) tries
+	// it: the collection above may have run during such a try.
+	files, _ := filepath.Glob(filepath.Join(next.root, "nix/var/nix/temproots/*"))
+	held := false
+	for _, f := range files {
+		b, _ := os.ReadFile(f)
+		held = held || strings.Contains(string(b), out)
+	}
+	if !held {
+		t.Errorf("%s, queued for pushing, is in no temporary roots file of the new daemon", out)
+	}
 }
