@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nixyard/nixyard/internal/build"
 )
 
 // Builds through the daemon with the real nix-build / nix build. Every
@@ -474,6 +476,59 @@ in { c0 = list 0; c1 = list 1; c2 = list 2; c3 = list 3; }`)
 		t.Errorf("%d builders ran at once, cap is 2", peak)
 	}
 	t.Logf("peak concurrent builders: %d", peak)
+}
+
+// TestBuildUsersSharedAcrossStores: two daemons on chroot stores of
+// their own, both building as the members of one build-users-group at
+// once, build as different users and neither kills the other's builder:
+// build users are locked in the host's userpool (here the tests' shared
+// NIX_STATE_DIR), as Nix locks them whatever store it serves. Each daemon
+// locked them under its own root before: both took the first member, and
+// the second, killing that user's processes before its build, killed the
+// first's builder.
+func TestBuildUsersSharedAcrossStores(t *testing.T) {
+	if err := build.CheckBuildUsers("nixbld"); err != nil {
+		t.Skipf("the nixbld group cannot serve here: %v", err)
+	}
+	t.Parallel()
+	var envs [2]*buildEnv
+	var builds [2]*exec.Cmd
+	var tokens [2]string
+	for i := range envs {
+		envs[i] = startBuildDaemon(t, "build-users-group = nixbld")
+		tokens[i] = fmt.Sprintf("users-%d-%s", i, envs[i].nonce)
+		args := envs[i].expr(t, "users", fmt.Sprintf(`{ slow = mk { name = "users"; script = ": %s; sleep 3; echo > $out"; }; }`, tokens[i]))
+		builds[i] = envs[i].nixBuild(append(args, "-A", "slow", "--no-out-link")...).exec()
+	}
+	var stderr [2]strings.Builder
+	for i, x := range builds {
+		x.Stderr = &stderr[i]
+		if err := x.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer x.Process.Kill()
+		for deadline := time.Now().Add(30 * time.Second); !builderRunning(t, tokens[i]); time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("builder %d did not start", i)
+			}
+		}
+	}
+	var uids [2]string
+	for i := range uids {
+		for _, pid := range builderPIDs(t, tokens[i]) {
+			if uid := strings.Fields(procStatus(t, pid, "Uid"))[0]; uid != "0" {
+				uids[i] = uid
+			}
+		}
+	}
+	if uids[0] == "" || uids[0] == uids[1] {
+		t.Errorf("the two daemons' builders run as users %q and %q, want two different build users", uids[0], uids[1])
+	}
+	for i, x := range builds {
+		if err := x.Wait(); err != nil {
+			t.Errorf("build %d: %v\n%s", i, err, stderr[i].String())
+		}
+	}
 }
 
 // TestBuildEquivalence: real Nix building the same derivations in a
@@ -1130,16 +1185,23 @@ func TestBuildFailureStopsQueued(t *testing.T) {
 // builderRunning reports whether a process has token in its command line.
 func builderRunning(t *testing.T, token string) bool {
 	t.Helper()
+	return len(builderPIDs(t, token)) > 0
+}
+
+// builderPIDs returns the processes whose command line holds token.
+func builderPIDs(t *testing.T, token string) []string {
+	t.Helper()
 	procs, err := filepath.Glob("/proc/[0-9]*/cmdline")
 	if err != nil {
 		t.Fatal(err)
 	}
+	var pids []string
 	for _, p := range procs {
 		if data, err := os.ReadFile(p); err == nil && strings.Contains(string(data), token) {
-			return true
+			pids = append(pids, filepath.Base(filepath.Dir(p)))
 		}
 	}
-	return false
+	return pids
 }
 
 // TestBuildCheckDiffHook: when --check finds an output that differs, with

@@ -393,11 +393,19 @@ func (d *daemon) nixDaemonLink(t *testing.T) string {
 	return link
 }
 
+// testHostStateDir stands for the host's state directory (/nix/var/nix)
+// in the tests' daemons: the internal/build tests lock build users in its
+// userpool too.
+var testHostStateDir = filepath.Join(os.TempDir(), "nixyard-test-state")
+
 // daemonEnv is the daemon's environment.
 func (d *daemon) daemonEnv() []string {
 	env := d.baseEnv(d.home, d.confDir)
 	// The daemon's state and log directories follow from --store; only the
-	// client-side defaults of baseEnv are dropped.
+	// client-side defaults of baseEnv are dropped. NIX_STATE_DIR is the
+	// host's state directory, where a daemon that builds as build users
+	// locks them (whatever store it serves): one for all the tests on the
+	// machine, as the host's is one for all its daemons.
 	out := env[:0]
 	for _, kv := range env {
 		if strings.HasPrefix(kv, "NIX_STATE_DIR=") || strings.HasPrefix(kv, "NIX_LOG_DIR=") {
@@ -405,6 +413,7 @@ func (d *daemon) daemonEnv() []string {
 		}
 		out = append(out, kv)
 	}
+	out = append(out, "NIX_STATE_DIR="+testHostStateDir)
 	out = append(out, d.cfg.env...)
 	if d.cfg.defaultSocket {
 		return out

@@ -264,7 +264,7 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 	}
 	logger := newLogger(ctx, &opts)
 	layout := config.NewLayout(opts.root, os.Getenv)
-	settings, err := loadSettings(layout, opts.root, opts.overrides, logger)
+	settings, err := loadSettings(layout, opts.overrides, logger)
 	if err != nil {
 		return err
 	}
@@ -414,7 +414,7 @@ func newLogger(ctx context.Context, opts *daemonOptions) *slog.Logger {
 
 // loadSettings reads nix.conf (and NIX_CONFIG) with the --option
 // overrides, and names the settings nixyard ignores.
-func loadSettings(layout config.Layout, root string, overrides [][2]string, logger *slog.Logger) (*config.Settings, error) {
+func loadSettings(layout config.Layout, overrides [][2]string, logger *slog.Logger) (*config.Settings, error) {
 	settings, err := config.Load(layout.ConfDir, os.Getenv)
 	if err != nil {
 		return nil, err
@@ -428,22 +428,17 @@ func loadSettings(layout config.Layout, root string, overrides [][2]string, logg
 	for _, name := range config.Unknown(settings) {
 		logger.Warn("unknown setting; ignored (a typing mistake?)", "setting", name)
 	}
-	if root == "" {
-		defaultBuildUsers(settings, logger)
-	} else if _, set := settings.Lookup("build-users-group"); !set && os.Geteuid() == 0 {
-		logger.Warn("build-users-group is not set: builders run as root (in the sandbox a chroot store always has); give this daemon a group of build users of its own to have them run as those")
-	}
+	defaultBuildUsers(settings, logger)
 	return settings, nil
 }
 
 // defaultBuildUsers gives build-users-group Nix's default when nix.conf
 // does not set it: nixbld for a daemon running as root, whose builders
-// then run as its members, not as root. Where that group does not exist,
+// then run as its members, not as root, whatever store it serves (the
+// users are locked in the host's userpool, which every daemon on the host
+// shares: config.Layout.UserPoolDir). Where that group does not exist,
 // builds run as the daemon's user, as with build-users-group = (Nix would
-// fail them), and the daemon says so; so where it has no members. Not for a chroot store (--store):
-// its build users' locks are under its root, not in the userpool every
-// Nix on the host shares, so another daemon building as nixbld would take
-// (and kill the builds of) the same users.
+// fail them), and the daemon says so; so where it has no members.
 func defaultBuildUsers(settings *config.Settings, logger *slog.Logger) {
 	if _, set := settings.Lookup("build-users-group"); set || os.Geteuid() != 0 {
 		return

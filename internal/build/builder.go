@@ -137,6 +137,10 @@ type Config struct {
 	// one build per user (Nix's build-users-group); "" runs builders as
 	// the daemon's own user.
 	BuildUsersGroup string
+	// UserPoolDir is where the build users are locked (Nix's userpool, in
+	// the host's state directory: config.Layout.UserPoolDir); "" means the
+	// store's own state directory's userpool.
+	UserPoolDir string
 	// ChrootStore is set when the store's real directory differs from its
 	// logical one (--store ROOT): builds are then always sandboxed so
 	// builders see the real store at the logical store path.
@@ -598,7 +602,11 @@ func New(cfg Config, st *store.Store) (*Builder, error) {
 	}
 	if cfg.BuildUsersGroup != "" {
 		var err error
-		if b.users, err = newUserPool(cfg.BuildUsersGroup, filepath.Join(st.StateDir(), "userpool")); err != nil {
+		dir := cfg.UserPoolDir
+		if dir == "" {
+			dir = filepath.Join(st.StateDir(), "userpool")
+		}
+		if b.users, err = newUserPool(cfg.BuildUsersGroup, dir); err != nil {
 			return nil, fmt.Errorf("build: build-users-group: %w", err)
 		}
 	}

@@ -195,6 +195,14 @@ func (e *testEnv) builder(cfg Config) *Builder {
 			e.t.Fatal(err)
 		}
 	}
+	if cfg.UserPoolDir == "" {
+		// The userpool of the host's state directory, which every test
+		// shares (the e2e tests' daemons too: testHostStateDir there), as
+		// the host's daemons share the host's: tests that each locked
+		// build users in a userpool of their own could pick the same user
+		// and kill each other's builders.
+		cfg.UserPoolDir = filepath.Join(os.TempDir(), "nixyard-test-state", "userpool")
+	}
 	b, err := New(cfg, e.st)
 	if err != nil {
 		e.t.Fatal(err)

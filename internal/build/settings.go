@@ -22,6 +22,7 @@ import (
 func ConfigFromSettings(s *config.Settings, layout config.Layout, logger *slog.Logger) (Config, error) {
 	cfg := Config{
 		BuildUsersGroup:       s.String("build-users-group", ""),
+		UserPoolDir:           layout.UserPoolDir,
 		SandboxPaths:          s.List("sandbox-paths", nil),
 		AllowedImpureHostDeps: s.List("allowed-impure-host-deps", nil),
 		System:                s.String("system", DefaultSystem()),

@@ -86,6 +86,25 @@ func TestLayout(t *testing.T) {
 	if l.StoreDir != "/st" || l.RealStoreDir != "/r/st" || l.LogDir != "/r/nix/var/log/nix" {
 		t.Errorf("chroot layout with NIX_STORE_DIR, NIX_LOG_DIR %+v", l)
 	}
+	// Build users are locked in the host's userpool, whatever the store.
+	for _, c := range []struct {
+		root, stateEnv, want string
+	}{
+		{"", "", "/nix/var/nix/userpool"},
+		{"/r", "", "/nix/var/nix/userpool"},
+		{"", "/s", "/s/userpool"},
+		{"/r", "/s", "/s/userpool"},
+	} {
+		l = NewLayout(c.root, func(k string) string {
+			if k == "NIX_STATE_DIR" {
+				return c.stateEnv
+			}
+			return ""
+		})
+		if l.UserPoolDir != c.want {
+			t.Errorf("root %q, NIX_STATE_DIR %q: UserPoolDir %q, want %q", c.root, c.stateEnv, l.UserPoolDir, c.want)
+		}
+	}
 }
 
 // TestAliases: Nix's old setting names set the current ones, extra- works

@@ -16,6 +16,12 @@ type Layout struct {
 	LogDir       string        // e.g. /nix/var/log/nix (under Root for a chroot store)
 	SocketPath   string        // daemon socket
 	ConfDir      string        // directory of nix.conf
+	// UserPoolDir is where build users are locked, one lock file per
+	// user: the host's state directory's userpool (NIX_STATE_DIR or
+	// /nix/var/nix), whatever store is served, as in Nix. Every daemon on
+	// the host that builds as the same users locks them there, so none
+	// takes (and kills the builds of) a user another is building as.
+	UserPoolDir string
 }
 
 // NewLayout computes the layout from the environment, as nix-daemon does. A
@@ -45,5 +51,6 @@ func NewLayout(root string, getenv func(string) string) Layout {
 		l.LogDir = filepath.Join(root, "/nix/var/log/nix")
 	}
 	l.SocketPath = env("NIX_DAEMON_SOCKET_PATH", filepath.Join(l.StateDir, "daemon-socket/socket"))
+	l.UserPoolDir = filepath.Join(env("NIX_STATE_DIR", "/nix/var/nix"), "userpool")
 	return l
 }
