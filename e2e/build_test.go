@@ -516,8 +516,12 @@ func TestBuildUsersSharedAcrossStores(t *testing.T) {
 	var uids [2]string
 	for i := range uids {
 		for _, pid := range builderPIDs(t, tokens[i]) {
-			if uid := strings.Fields(procStatus(t, pid, "Uid"))[0]; uid != "0" {
-				uids[i] = uid
+			status, err := os.ReadFile("/proc/" + pid + "/status")
+			if err != nil {
+				continue // gone since (not the sleeping builder)
+			}
+			if m := regexp.MustCompile(`(?m)^Uid:\s+(\d+)`).FindSubmatch(status); m != nil && string(m[1]) != "0" {
+				uids[i] = string(m[1])
 			}
 		}
 	}
