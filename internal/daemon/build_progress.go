@@ -7,24 +7,6 @@ import (
 	"github.com/nixyard/nixyard/internal/build"
 )
 
-// Activity and result types of the logger channel (§3.2 of
-// worker-protocol.md).
-const (
-	actCopyPath  = 100
-	actDownload  = 101
-	actRealise   = 102
-	actCopyPaths = 103
-	actBuilds    = 104
-	actBuild     = 105
-	actPostBuild = 110 // actPostBuildHook
-
-	resBuildLogLine     = 101
-	resSetPhase         = 104
-	resProgress         = 105
-	resSetExpected      = 106
-	resPostBuildLogLine = 107
-)
-
 // buildProgress turns the events of internal/build (build.Progress) into
 // the logger messages a Nix 2.8 daemon sends while its Worker builds, as
 // captured from a real 2.8 `nix-build` through nix-daemon:
@@ -207,7 +189,7 @@ func (p *buildProgress) sendCounts() {
 	p.sent = c
 	p.tun.Result(p.builds, resProgress, []field{c.builds[0], c.builds[1], c.builds[2], c.builds[3]})
 	p.tun.Result(p.copyPaths, resProgress, []field{c.substs[0], c.substs[1], c.substs[2], c.substs[3]})
-	p.tun.Result(p.realise, resSetExpected, []field{actDownload, c.download})
+	p.tun.Result(p.realise, resSetExpected, []field{actFileTransfer, c.download})
 	p.tun.Result(p.realise, resSetExpected, []field{actCopyPath, c.narBytes})
 }
 
@@ -309,7 +291,7 @@ func (p *buildProgress) RemoteActivity(drv string, ev build.RemoteEvent) {
 // PostBuildHookStarted implements build.Progress.
 func (p *buildProgress) PostBuildHookStarted(drv, hook string) {
 	p.post(false, func() {
-		p.hooks[drv] = p.tun.StartActivity(lvlInfo, actPostBuild, fmt.Sprintf("running post-build-hook '%s'", hook), []field{drv}, 0)
+		p.hooks[drv] = p.tun.StartActivity(lvlInfo, actPostBuildHook, fmt.Sprintf("running post-build-hook '%s'", hook), []field{drv}, 0)
 	})
 }
 

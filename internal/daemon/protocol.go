@@ -34,13 +34,28 @@ const (
 	lvlVomit
 )
 
-// Activity and result types (§3.2).
+// Activity and result types of the logger channel (§3.2), named as Nix
+// names them (actFileTransfer was actDownload in Nix 2.3).
 const (
 	actUnknown       = 0
+	actCopyPath      = 100
+	actFileTransfer  = 101
+	actRealise       = 102
+	actCopyPaths     = 103
+	actBuilds        = 104
+	actBuild         = 105
 	actOptimiseStore = 106
 	actVerifyPaths   = 107
+	actSubstitute    = 108
+	actQueryPathInfo = 109
+	actPostBuildHook = 110
 
-	resFileLinked = 100
+	resFileLinked       = 100
+	resBuildLogLine     = 101
+	resSetPhase         = 104
+	resProgress         = 105
+	resSetExpected      = 106
+	resPostBuildLogLine = 107
 )
 
 // exportMagic follows the NAR in the export format ("NIXE").

@@ -246,27 +246,27 @@ func (p *progress) write(e substitute.Event) {
 		var id uint64
 		switch e.Type {
 		case substitute.ActSubstitute:
-			id = tun.StartActivity(lvlError, subActSubstitute, "", []field{abs, e.Upstream}, parent)
+			id = tun.StartActivity(lvlError, actSubstitute, "", []field{abs, e.Upstream}, parent)
 			if p.counts != nil {
 				p.counts.substStarted(e.NarSize, e.FileSize)
 				delete(p.substFailed, e.Path)
 			}
 		case substitute.ActCopyPath:
-			id = tun.StartActivity(lvlInfo, subActCopyPath, fmt.Sprintf("copying path '%s' from '%s'", abs, e.Upstream), []field{abs, e.Upstream, "local"}, parent)
+			id = tun.StartActivity(lvlInfo, actCopyPath, fmt.Sprintf("copying path '%s' from '%s'", abs, e.Upstream), []field{abs, e.Upstream, "local"}, parent)
 		case substitute.ActFileTransfer:
-			id = tun.StartActivity(lvlTalkative, subActFileTransfer, fmt.Sprintf("downloading '%s'", e.URL), []field{e.URL}, parent)
+			id = tun.StartActivity(lvlTalkative, actFileTransfer, fmt.Sprintf("downloading '%s'", e.URL), []field{e.URL}, parent)
 		case substitute.ActQueryPathInfo:
-			id = tun.StartActivity(lvlTalkative, subActQueryPathInfo, fmt.Sprintf("querying info about '%s' on '%s'", abs, e.Upstream), []field{abs, e.Upstream}, parent)
+			id = tun.StartActivity(lvlTalkative, actQueryPathInfo, fmt.Sprintf("querying info about '%s' on '%s'", abs, e.Upstream), []field{abs, e.Upstream}, parent)
 		default:
 			return
 		}
 		p.ids[e.ID] = id
 		if e.Done > 0 || e.Expected > 0 {
-			tun.Result(id, subResProgress, []field{e.Done, e.Expected, uint64(0), uint64(0)})
+			tun.Result(id, resProgress, []field{e.Done, e.Expected, uint64(0), uint64(0)})
 		}
 	case substitute.EventProgress:
 		if id, ok := p.ids[e.ID]; ok {
-			tun.Result(id, subResProgress, []field{e.Done, e.Expected, uint64(0), uint64(0)})
+			tun.Result(id, resProgress, []field{e.Done, e.Expected, uint64(0), uint64(0)})
 		}
 	case substitute.EventStop:
 		id, ok := p.ids[e.ID]
@@ -289,13 +289,3 @@ func (p *progress) write(e substitute.Event) {
 		tun.StopActivity(id)
 	}
 }
-
-// Activity and result types of substitution (§3.2), named apart from the
-// build ones.
-const (
-	subActCopyPath      = 100
-	subActFileTransfer  = 101
-	subActSubstitute    = 108
-	subActQueryPathInfo = 109
-	subResProgress      = 105
-)
