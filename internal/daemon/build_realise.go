@@ -70,7 +70,7 @@ func (rb realiseBuilder) Build(ctx context.Context, targets []store.DerivedPath,
 // daemon's, as max-jobs does; a trusted client's max-build-log-size
 // replaces the daemon's.
 func (c *conn) buildOptions(mode uint64) build.ClientOptions {
-	s := c.opts
+	s := c.settings
 	o := build.ClientOptions{
 		MaxSilentTime: time.Duration(s.MaxSilentTime) * time.Second,
 		KeepFailed:    s.KeepFailed,

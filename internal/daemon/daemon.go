@@ -290,7 +290,9 @@ type conn struct {
 	// or its next op (Unix nanoseconds; 0 while an op runs; idleClaimed
 	// once closeIdle has taken it): see Server.closeIdle.
 	idleSince atomic.Int64
-	opts      clientSettings
+	// settings are what the client sent with SetOptions (not to be
+	// confused with srv.opts, the daemon's Options).
+	settings clientSettings
 
 	// narinfos keeps what file:// caches told this connection's lookups.
 	narinfos substitute.ConnNarinfos

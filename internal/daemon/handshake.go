@@ -43,7 +43,7 @@ func (c *conn) handshake(ctx context.Context) error {
 	}
 	c.minor = min(clientVersion&0xff, protocolVersion&0xff)
 	c.tun = newTunnel(c.out, c.minor)
-	c.opts = defaultClientSettings()
+	c.settings = defaultClientSettings()
 
 	// Steps 4–5: features (1.38 only; we advertise 1.37, so this only
 	// runs if that constant is raised). We offer none.

@@ -64,7 +64,7 @@ func opSetOptionsHandler(ctx context.Context, c *conn) error {
 		return err
 	}
 	s.Overrides = c.filterOverrides(overrides)
-	c.opts = s
+	c.settings = s
 	c.tun.setVerbosity(s.Verbosity)
 	if s.Verbosity >= lvlVomit {
 		// The session this connection belongs to, for `nixyard doctor`
@@ -184,7 +184,7 @@ func (c *conn) filterSubstituters(value string) string {
 // overrideBool is the client's accepted override of a Boolean setting,
 // or nil if it sent none (or one that is not a Boolean).
 func (c *conn) overrideBool(name string) *bool {
-	v, ok := c.opts.Overrides[name]
+	v, ok := c.settings.Overrides[name]
 	if !ok {
 		return nil
 	}
@@ -200,7 +200,7 @@ func (c *conn) overrideBool(name string) *bool {
 func (c *conn) narinfoTTLs() (t substitute.NarinfoTTLs, ok bool) {
 	t = substitute.NarinfoTTLs{Positive: -1, Negative: -1}
 	for name, d := range map[string]*time.Duration{"narinfo-cache-positive-ttl": &t.Positive, "narinfo-cache-negative-ttl": &t.Negative} {
-		if v, set := c.opts.Overrides[name]; set {
+		if v, set := c.settings.Overrides[name]; set {
 			if n, err := strconv.ParseUint(v, 10, 32); err == nil {
 				*d, ok = time.Duration(n)*time.Second, true
 			}

@@ -19,7 +19,7 @@ func (c *conn) realiser() (*realise.Realiser, error) {
 	if m == nil {
 		m = realise.NoCaches(c.st)
 	}
-	ov := c.opts.Overrides
+	ov := c.settings.Overrides
 	var sel realise.Selection
 	if v, ok := ov["substituters"]; ok {
 		sel.Substituters = strings.Fields(v)
@@ -36,8 +36,8 @@ func (c *conn) realiser() (*realise.Realiser, error) {
 		}
 	}
 	sel.ExtraTrustedPublicKeys = strings.Fields(ov["extra-trusted-public-keys"])
-	sel.NoSubstitutes = !c.opts.UseSubstitutes
-	sel.Fallback = c.opts.TryFallback
+	sel.NoSubstitutes = !c.settings.UseSubstitutes
+	sel.Fallback = c.settings.TryFallback
 	r, err := m.For(sel, c.session)
 	if err != nil {
 		return nil, fmt.Errorf("substituters: %w", err)
