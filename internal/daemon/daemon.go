@@ -6,6 +6,7 @@ package daemon
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -15,6 +16,7 @@ import (
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/nixyard/nixyard/internal/build"
@@ -98,14 +100,9 @@ func New(opts Options) *Server {
 	if log == nil {
 		log = slog.Default()
 	}
-	for _, d := range []struct {
-		v   *time.Duration
-		def time.Duration
-	}{{&opts.handshakeTimeout, time.Minute}, {&opts.refusedHandshakeTimeout, 2 * time.Second}, {&opts.idleCloseAfter, 20 * time.Second}} {
-		if *d.v == 0 {
-			*d.v = d.def
-		}
-	}
+	opts.handshakeTimeout = cmp.Or(opts.handshakeTimeout, time.Minute)
+	opts.refusedHandshakeTimeout = cmp.Or(opts.refusedHandshakeTimeout, 2*time.Second)
+	opts.idleCloseAfter = cmp.Or(opts.idleCloseAfter, 20*time.Second)
 	if opts.clientCPU == nil {
 		opts.clientCPU = procCPU
 	}
@@ -144,7 +141,7 @@ func (s *Server) serveListener(accept, conns context.Context, l net.Listener, po
 				return nil
 			}
 			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, errTooManyFiles) {
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) {
 				s.log.Warn("accept failed; retrying", "err", err, "backoff", backoff)
 				select {
 				case <-time.After(backoff):
@@ -178,6 +175,10 @@ func (s *Server) serveListener(accept, conns context.Context, l net.Listener, po
 	}
 }
 
+// readDeadliner is a client's stream whose reads can be given a deadline
+// (a socket; not --stdio's pipes).
+type readDeadliner interface{ SetReadDeadline(time.Time) error }
+
 // linger waits, for at most stoppingDelay, for the client to close after
 // the daemon has said its last word without reading the client's request:
 // closing a socket with unread data would reset it, and the client could
@@ -186,7 +187,7 @@ func linger(r io.Reader) {
 	if cw, ok := r.(interface{ CloseWrite() error }); ok {
 		cw.CloseWrite()
 	}
-	if dl, ok := r.(interface{ SetReadDeadline(time.Time) error }); ok {
+	if dl, ok := r.(readDeadliner); ok {
 		dl.SetReadDeadline(time.Now().Add(stoppingDelay))
 	}
 	io.Copy(io.Discard, r)
@@ -329,7 +330,7 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 	// A socket peer that does not complete the handshake in time (an idle
 	// connection a job opened and left) gives its descriptor back: Nix
 	// clients send their part at once.
-	dl, _ := r.(interface{ SetReadDeadline(time.Time) error })
+	dl, _ := r.(readDeadliner)
 	defer s.trackIdle(c, r, dl)()
 	if dl != nil {
 		timeout := s.opts.handshakeTimeout
@@ -391,7 +392,7 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 // for closeIdle to close when the daemon stops; it returns the
 // registration's undoing. The build hook's connections are not
 // registered: they are idle while their remote builds run.
-func (s *Server) trackIdle(c *conn, r io.Reader, dl interface{ SetReadDeadline(time.Time) error }) func() {
+func (s *Server) trackIdle(c *conn, r io.Reader, dl readDeadliner) func() {
 	cl, ok := r.(io.Closer)
 	if !ok || c.peer.hook {
 		return func() {}
@@ -415,7 +416,7 @@ func (s *Server) trackIdle(c *conn, r io.Reader, dl interface{ SetReadDeadline(t
 // when the connection ends: with err nil at the client's EOF, when the
 // daemon stops, or when closeIdle took the connection (an op that came
 // just then is told why it is not served).
-func (c *conn) nextOp(ctx context.Context, r io.Reader, dl interface{ SetReadDeadline(time.Time) error }) (op uint64, ok bool, err error) {
+func (c *conn) nextOp(ctx context.Context, r io.Reader, dl readDeadliner) (op uint64, ok bool, err error) {
 	since := time.Now().UnixNano()
 	c.idleSince.Store(since)
 	_, err = c.br.Peek(1)

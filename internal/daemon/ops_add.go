@@ -67,7 +67,7 @@ func (c *conn) withFramed(ctx context.Context, fn func(fr *wire.FramedReader) er
 // client return at once when the daemon's stop ends ctx. The function it
 // returns ends that (the first call), and reports whether the stop came.
 func (c *conn) interruptReadsOnStop(ctx context.Context) (stopped func() bool) {
-	dl, ok := c.raw.(interface{ SetReadDeadline(time.Time) error })
+	dl, ok := c.raw.(readDeadliner)
 	if !ok {
 		return func() bool { return errors.Is(context.Cause(ctx), errStopping) }
 	}
@@ -92,7 +92,7 @@ func (c *conn) interruptReadsOnStop(ctx context.Context) (stopped func() bool) {
 // setReadDeadline sets the deadline of the client's stream's reads, if it
 // has one.
 func (c *conn) setReadDeadline(t time.Time) {
-	if dl, ok := c.raw.(interface{ SetReadDeadline(time.Time) error }); ok {
+	if dl, ok := c.raw.(readDeadliner); ok {
 		dl.SetReadDeadline(t)
 	}
 }

@@ -7,14 +7,11 @@ import (
 	"os/user"
 	"slices"
 	"strconv"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/nixyard/nixyard/internal/jobs"
 )
-
-var errTooManyFiles = syscall.EMFILE
 
 // peer is who is on the other end of a connection.
 type peer struct {
