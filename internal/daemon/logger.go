@@ -239,6 +239,27 @@ func (t *tunnel) Result(id, typ uint64, fields []field) {
 	t.enqueue(msg)
 }
 
+// askRead sends STDERR_READ, which asks the client for up to n bytes of
+// the data an op reads through the logger channel (tunnelSource); the
+// caller reads the reply from the connection.
+func (t *tunnel) askRead(n int) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.enc.U64(wire.StderrRead)
+	t.enc.U64(uint64(n))
+	return t.enc.Flush()
+}
+
+// writeData sends p as STDERR_WRITE, data an op sends through the logger
+// channel (tunnelSink). It does not flush.
+func (t *tunnel) writeData(p []byte) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.enc.U64(wire.StderrWrite)
+	t.enc.Bytes(p)
+	return t.enc.Err()
+}
+
 // startWork sends the queued messages and lets further ones through.
 func (t *tunnel) startWork() error {
 	t.mu.Lock()

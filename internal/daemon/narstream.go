@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 
-	"github.com/nixyard/nixyard/internal/daemon/wire"
 	"github.com/nixyard/nixyard/internal/nar"
 )
 
@@ -123,12 +122,7 @@ func (t *tunnelSource) Read(p []byte) (int, error) {
 		return 0, nil
 	}
 	want := min(len(p), maxTunnelRead)
-	t.c.tun.mu.Lock()
-	t.c.out.U64(wire.StderrRead)
-	t.c.out.U64(uint64(want))
-	err := t.c.out.Flush()
-	t.c.tun.mu.Unlock()
-	if err != nil {
+	if err := t.c.tun.askRead(want); err != nil {
 		t.err = fmt.Errorf("STDERR_READ: %w", err)
 		return 0, t.err
 	}
@@ -148,11 +142,7 @@ func (t *tunnelSource) Read(p []byte) (int, error) {
 type tunnelSink struct{ c *conn }
 
 func (t *tunnelSink) Write(p []byte) (int, error) {
-	t.c.tun.mu.Lock()
-	defer t.c.tun.mu.Unlock()
-	t.c.out.U64(wire.StderrWrite)
-	t.c.out.Bytes(p)
-	if err := t.c.out.Err(); err != nil {
+	if err := t.c.tun.writeData(p); err != nil {
 		return 0, err
 	}
 	return len(p), nil
