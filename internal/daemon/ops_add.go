@@ -279,8 +279,9 @@ func opAddToStoreNarHandler(ctx context.Context, c *conn) error {
 	return nil
 }
 
-// exactReader passes on exactly n bytes of r and checks that its consumer
-// read them all (AddMultipleToStore: each NAR is exactly narSize bytes).
+// exactReader passes on exactly left bytes of r, then io.EOF
+// (AddMultipleToStore: each NAR is exactly narSize bytes); left says how
+// many its consumer did not read.
 type exactReader struct {
 	r    io.Reader
 	left uint64
@@ -316,42 +317,65 @@ func opAddMultipleToStoreHandler(ctx context.Context, c *conn) error {
 		if err := in.Err(); err != nil {
 			return fmt.Errorf("AddMultipleToStore: %w", err)
 		}
-		var i int
-		var cur *exactReader
-		var curPath storepath.Path
-		next := func() (store.PathInfo, io.Reader, error) {
-			if cur != nil && cur.left > 0 {
-				return store.PathInfo{}, nil, fmt.Errorf("AddMultipleToStore: path '%s': NAR is shorter than its narSize (%d bytes left)", c.dir.Abs(curPath), cur.left)
-			}
-			if i == count {
-				return store.PathInfo{}, nil, io.EOF
-			}
-			i++
-			p := in.Path("path", c.dir)
-			info := c.readPathInfo(in, p, 16)
-			if err := in.Err(); err != nil {
-				return store.PathInfo{}, nil, fmt.Errorf("AddMultipleToStore: path %d of %d: %w", i, count, err)
-			}
-			info.Ultimate = false
-			if err := c.rootAdded(ctx, p); err != nil {
-				return store.PathInfo{}, nil, err
-			}
-			cur, curPath = &exactReader{r: fr, left: info.NarSize}, p
-			return info, cur, nil
-		}
-		err := c.st.AddMultipleToStoreNar(ctx, next, store.AddOptions{Repair: repair, CheckSigs: !dontCheckSigs})
-		if err != nil {
+		up := &multiUpload{c: c, in: in, data: fr, count: count}
+		next := func() (store.PathInfo, io.Reader, error) { return up.next(ctx) }
+		if err := c.st.AddMultipleToStoreNar(ctx, next, store.AddOptions{Repair: repair, CheckSigs: !dontCheckSigs}); err != nil {
 			return err
 		}
-		if i != count || (cur != nil && cur.left > 0) {
-			return fmt.Errorf("AddMultipleToStore: the store stopped after %d of %d paths", i, count)
-		}
-		return nil
+		return up.finished()
 	})
 	if err != nil {
 		return err
 	}
 	c.stopWork()
+	return nil
+}
+
+// multiUpload reads the paths of an AddMultipleToStore upload for the
+// store, one at a time: each path's ValidPathInfo, then its NAR, exactly
+// narSize bytes of the framed stream.
+type multiUpload struct {
+	c     *conn
+	in    *wire.Decoder // the framed stream's
+	data  io.Reader     // the framed stream, which the NARs are read from
+	count int           // the paths the client said it sends
+	read  int           // the paths read so far
+
+	cur     *exactReader // the NAR of the path read last
+	curPath storepath.Path
+}
+
+// next is store.AddMultipleToStoreNar's next: the next path's info and
+// NAR, rooted for the connection, or io.EOF after the last. The previous
+// path's NAR must have been read whole.
+func (u *multiUpload) next(ctx context.Context) (store.PathInfo, io.Reader, error) {
+	c := u.c
+	if u.cur != nil && u.cur.left > 0 {
+		return store.PathInfo{}, nil, fmt.Errorf("AddMultipleToStore: path '%s': NAR is shorter than its narSize (%d bytes left)", c.dir.Abs(u.curPath), u.cur.left)
+	}
+	if u.read == u.count {
+		return store.PathInfo{}, nil, io.EOF
+	}
+	u.read++
+	p := u.in.Path("path", c.dir)
+	info := c.readPathInfo(u.in, p, 16)
+	if err := u.in.Err(); err != nil {
+		return store.PathInfo{}, nil, fmt.Errorf("AddMultipleToStore: path %d of %d: %w", u.read, u.count, err)
+	}
+	info.Ultimate = false
+	if err := c.rootAdded(ctx, p); err != nil {
+		return store.PathInfo{}, nil, err
+	}
+	u.cur, u.curPath = &exactReader{r: u.data, left: info.NarSize}, p
+	return info, u.cur, nil
+}
+
+// finished checks, once the store has returned, that it took every path
+// the client sent, and the whole of each NAR.
+func (u *multiUpload) finished() error {
+	if u.read != u.count || (u.cur != nil && u.cur.left > 0) {
+		return fmt.Errorf("AddMultipleToStore: the store stopped after %d of %d paths", u.read, u.count)
+	}
 	return nil
 }
 
