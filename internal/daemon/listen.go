@@ -141,43 +141,15 @@ func (s *Server) ServeAll(ctx context.Context, ls []Listener) error {
 }
 
 // closeIdle closes the connections that have waited for their next op for
-// longer than after.
-// It claims each (idleClaimed) before it wakes it: a client whose op
-// arrives meanwhile is told that the daemon stops, rather than cut off.
+// longer than after, counting a connection busy as long as its client is
+// (clientsBusyAt). It claims each (idleClaimed) before it wakes it: a
+// client whose op arrives meanwhile is told that the daemon stops, rather
+// than cut off.
 func (s *Server) closeIdle(after time.Duration) {
 	now := time.Now().UnixNano()
 	s.connsMu.Lock()
 	defer s.connsMu.Unlock()
-	// A client's connections go together: one idle in its client's pool
-	// while another of the client's works is kept (the client would fail
-	// when it next took it), until all of them have been idle that long.
-	// So is one whose client process is working on its own (evaluating,
-	// say, before its next op): a client that uses no CPU (a nix repl
-	// waiting for its user) is the one not worth waiting for.
-	// (pid 0: SO_PEERCRED names no pid for a client outside the daemon's
-	// pid namespace; each such connection counts alone.)
-	busyAt := map[int32]int64{}   // client pid -> when it, or one of its connections, last worked
-	undecided := map[int32]bool{} // clients whose CPU time this pass sees first: kept until the next
-	for c := range s.conns {
-		if since := c.idleSince.Load(); c.peer.pid > 0 && since != idleClaimed {
-			if since == 0 { // in an operation
-				since = now
-			}
-			busyAt[c.peer.pid] = max(busyAt[c.peer.pid], since)
-		}
-	}
-	if after > 0 {
-		for pid := range busyAt {
-			worked, known := s.clientWorked(pid, now)
-			busyAt[pid] = max(busyAt[pid], worked)
-			undecided[pid] = !known
-		}
-	}
-	for pid := range s.cpuSeen {
-		if _, ok := busyAt[pid]; !ok {
-			delete(s.cpuSeen, pid)
-		}
-	}
+	busyAt, undecided := s.clientsBusyAt(now, after > 0)
 	for c, wake := range s.conns {
 		since := c.idleSince.Load()
 		if since <= 0 {
@@ -195,6 +167,45 @@ func (s *Server) closeIdle(after time.Duration) {
 			wake()
 		}
 	}
+}
+
+// clientsBusyAt returns when each client process (by pid) with a
+// connection open last worked, and which of them cannot be judged yet.
+//
+// A client's connections go together: one idle in its client's pool
+// while another of the client's works is kept (the client would fail
+// when it next took it), until all of them have been idle that long. So,
+// with checkCPU, is one whose client process is working on its own
+// (evaluating, say, before its next op): a client that uses no CPU (a nix
+// repl waiting for its user) is the one not worth waiting for; one whose
+// CPU time this pass sees first is undecided, kept until the next pass.
+// (pid 0: SO_PEERCRED names no pid for a client outside the daemon's pid
+// namespace; each such connection counts alone, and is not in busyAt.)
+// s.connsMu is held.
+func (s *Server) clientsBusyAt(now int64, checkCPU bool) (busyAt map[int32]int64, undecided map[int32]bool) {
+	busyAt = map[int32]int64{}
+	undecided = map[int32]bool{}
+	for c := range s.conns {
+		if since := c.idleSince.Load(); c.peer.pid > 0 && since != idleClaimed {
+			if since == 0 { // in an operation
+				since = now
+			}
+			busyAt[c.peer.pid] = max(busyAt[c.peer.pid], since)
+		}
+	}
+	if checkCPU {
+		for pid := range busyAt {
+			worked, known := s.clientWorked(pid, now)
+			busyAt[pid] = max(busyAt[pid], worked)
+			undecided[pid] = !known
+		}
+	}
+	for pid := range s.cpuSeen {
+		if _, ok := busyAt[pid]; !ok {
+			delete(s.cpuSeen, pid)
+		}
+	}
+	return busyAt, undecided
 }
 
 // cpuMark is a client process's CPU time when closeIdle last saw it, and
