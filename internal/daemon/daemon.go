@@ -558,9 +558,3 @@ func (c *conn) perform(ctx context.Context, op uint64) error {
 	}
 	return err
 }
-
-type handler func(ctx context.Context, c *conn) error
-
-// handlers maps op numbers to their handlers; see ops.go. It is filled in
-// init because handlers refer to conn methods that reach the table.
-var handlers map[uint64]handler
