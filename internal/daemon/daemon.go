@@ -1,7 +1,39 @@
 // Package daemon serves the Nix daemon worker protocol (protocol 1.21 to
-// 1.37, worker-protocol.md in docs) on top of the local store: the
-// handshake, the logger channel, client trust, and the store operations.
-// It is the only package that knows the wire; the store knows nothing of it.
+// 1.37) on top of the local store: the handshake, the logger channel,
+// client trust, and the store operations. Only it and its subpackages
+// know the wire (wire: the protocol's primitives; client: a Go client);
+// the store knows nothing of it. The § numbers in comments are sections
+// of worker-protocol.md, the project's reference for the protocol, which
+// is kept outside this repository.
+//
+// The files:
+//
+//   - daemon.go: Server and its Options, and one connection's life:
+//     serve runs the handshake, then nextOp, perform and finishOp for
+//     each op.
+//   - listen.go: the listening sockets and their policies (--listen),
+//     ServeAll, and the daemon's stop (the drain, closing idle
+//     connections).
+//   - trust.go: who a peer is (SO_PEERCRED) and whether it is trusted.
+//   - handshake.go, protocol.go: the handshake; the version, log levels,
+//     activity types and op names.
+//   - logger.go: the tunnel, one connection's logger channel: STDERR_*
+//     messages, an op's work phase, errors as the client shows them.
+//   - ops.go: the op table. The ops: ops_query.go (path info),
+//     ops_add.go (adding paths), ops_export.go (sending NARs),
+//     ops_roots.go (roots, the collector, optimise, verify),
+//     ops_substitute.go and ops_build.go (realising paths),
+//     ops_build_derivation.go, ops_realisation.go, settings.go
+//     (SetOptions, and what the client's settings mean).
+//   - narstream.go: data outside framed streams (a raw NAR, STDERR_READ,
+//     STDERR_WRITE); basic_derivation.go: BuildDerivation's derivation.
+//   - substituters.go: the client's caches, and downloads' progress as
+//     Nix's messages; build_progress.go: builds' progress;
+//     build_realise.go: the Builder as realise's, with the client's
+//     build options.
+//   - hangup.go: stopping an op whose client hung up.
+//   - forward.go, hooksocket.go, systemd.go: --stdio forwarding, the
+//     build hook's socket, systemd's sockets.
 package daemon
 
 import (
@@ -271,21 +303,23 @@ func fatal(err error) error {
 	return &fatalError{err}
 }
 
-// conn is the state of one client connection. It is used by one goroutine,
-// except for its tunnel.
+// conn is the state of one client connection. The goroutine serving it
+// owns it, except for what other goroutines (store callbacks, the
+// progress writers, closeIdle) reach: the tunnel, the warnings sent
+// (warnMu) and idleSince.
 type conn struct {
 	srv     *Server
 	st      *store.Store
 	dir     storepath.Dir
-	raw     io.Reader // the client's stream under br (for deadlines and linger)
-	br      *bufio.Reader
+	raw     io.Reader     // the client's stream under br (for deadlines and linger)
+	br      *bufio.Reader // what in reads; framed and raw uploads read it too
 	in      *wire.Decoder
-	out     *wire.Encoder
-	minor   uint64
+	out     *wire.Encoder // shared by the replies and the tunnel
+	minor   uint64        // the protocol's minor version, the client's or ours if lower
 	peer    peer
 	log     *slog.Logger
-	tun     *tunnel
-	session *store.Session
+	tun     *tunnel           // the logger channel (set by the handshake)
+	session *store.Session    // the temporary roots of the connection, or of its job
 	gcCheck store.AutoGCCheck // when its requests last had the free space checked
 	// idleSince is when the connection began to wait for its handshake
 	// or its next op (Unix nanoseconds; 0 while an op runs; idleClaimed
