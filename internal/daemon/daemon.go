@@ -361,32 +361,10 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 		log:  log,
 		hup:  newHangupWatcher(r),
 	}
-	// A socket peer that does not complete the handshake in time (an idle
-	// connection a job opened and left) gives its descriptor back: Nix
-	// clients send their part at once.
 	dl, _ := r.(readDeadliner)
 	defer s.trackIdle(c, r, dl)()
-	if dl != nil {
-		timeout := s.opts.handshakeTimeout
-		if p.refused != "" {
-			timeout = s.opts.refusedHandshakeTimeout
-		}
-		dl.SetReadDeadline(time.Now().Add(timeout))
-	}
-	if err := c.handshake(ctx); err != nil {
-		switch {
-		case c.idleSince.Load() == idleClaimed:
-			return nil // closed by closeIdle, which says so
-		case errors.Is(err, errNoHello):
-			log.Debug("connection closed", "err", err)
-			return nil
-		case c.peer.refused != "":
-			return nil // logged as refused when it came
-		}
+	if ok, err := c.handshakeInTime(ctx, dl); !ok {
 		return err
-	}
-	if dl != nil {
-		dl.SetReadDeadline(time.Time{})
 	}
 	if c.st != nil {
 		var release func()
@@ -397,11 +375,47 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 	ctx = substitute.WithConnNarinfos(ctx, &c.narinfos)
 	// When its requests last had the free space checked, for all its ops.
 	ctx = store.WithAutoGCCheck(ctx, &c.gcCheck)
+	return c.serveOps(ctx, r, dl, mc)
+}
+
+// handshakeInTime runs the handshake. A socket peer that does not
+// complete it in time (an idle connection a job opened and left) gives
+// its descriptor back: Nix clients send their part at once. ok is false
+// when the connection ends, with err nil if there is nothing more to log.
+func (c *conn) handshakeInTime(ctx context.Context, dl readDeadliner) (ok bool, err error) {
+	if dl != nil {
+		timeout := c.srv.opts.handshakeTimeout
+		if c.peer.refused != "" {
+			timeout = c.srv.opts.refusedHandshakeTimeout
+		}
+		dl.SetReadDeadline(time.Now().Add(timeout))
+	}
+	if err := c.handshake(ctx); err != nil {
+		switch {
+		case c.idleSince.Load() == idleClaimed:
+			return false, nil // closed by closeIdle, which says so
+		case errors.Is(err, errNoHello):
+			c.log.Debug("connection closed", "err", err)
+			return false, nil
+		case c.peer.refused != "":
+			return false, nil // logged as refused when it came
+		}
+		return false, err
+	}
+	if dl != nil {
+		dl.SetReadDeadline(time.Time{})
+	}
+	return true, nil
+}
+
+// serveOps serves the client's ops, one after the other, until the
+// connection ends; it counts each in mc (if not nil).
+func (c *conn) serveOps(ctx context.Context, r io.Reader, dl readDeadliner, mc *metrics.Conn) error {
 	ops := 0
-	defer func() { log.Debug("connection closed", "ops", ops) }()
+	defer func() { c.log.Debug("connection closed", "ops", ops) }()
 	// Decided once per connection: the op loop is the hot path, and a
 	// disabled Debug call still boxes its arguments.
-	debug := log.Enabled(ctx, slog.LevelDebug)
+	debug := c.log.Enabled(ctx, slog.LevelDebug)
 	for {
 		op, ok, err := c.nextOp(ctx, r, dl)
 		if !ok {
@@ -410,7 +424,7 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 		ops++
 		c.tun.beginOp()
 		if debug {
-			log.Debug("received daemon op", "op", op, "name", opName(op))
+			c.log.Debug("received daemon op", "op", op, "name", opName(op))
 		}
 		var start time.Time
 		if mc != nil {
