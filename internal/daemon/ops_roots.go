@@ -199,7 +199,7 @@ func opOptimiseStoreHandler(ctx context.Context, c *conn) error {
 			linked++
 			c.tun.Result(pathAct, resFileLinked, []field{bytesFreed, blocksFreed})
 		},
-		Log: func(l store.LogLevel, msg string) { c.tun.LogText(Verbosity(l), msg) },
+		Log: c.storeLog,
 	})
 	endPath()
 	c.tun.StopActivity(act)
@@ -212,6 +212,10 @@ func opOptimiseStoreHandler(ctx context.Context, c *conn) error {
 	return nil
 }
 
+// storeLog sends the client a message of the store's optimise or verify,
+// at the level Nix prints it (store.LogLevel numbers levels as Nix does).
+func (c *conn) storeLog(l store.LogLevel, msg string) { c.tun.LogText(Verbosity(l), msg) }
+
 func opVerifyStoreHandler(ctx context.Context, c *conn) error {
 	checkContents := c.in.Bool("checkContents")
 	repair := c.in.Bool("repair")
@@ -222,34 +226,43 @@ func opVerifyStoreHandler(ctx context.Context, c *conn) error {
 		return c.untrusted("you are not privileged to repair paths")
 	}
 	var repairPath func(context.Context, storepath.Path) error
-	var prog *progress
-	var bprog *buildProgress
+	endRepairs := func() {}
 	if repair {
-		if r, err := c.realiser(); err == nil {
-			// Each repair's download or build is shown, as Nix shows it,
-			// before what verify says next.
-			prog, bprog = c.newProgress(), newBuildProgress(c.tun, map[string]bool{})
-			repairPath = func(ctx context.Context, p storepath.Path) error {
-				// The failure of the path's own derivation is the repair's.
-				if info, err := c.st.QueryPathInfo(ctx, p); err == nil && !info.Deriver.IsZero() {
-					bprog.addTop(c.dir.Abs(info.Deriver))
-				}
-				ctx = withBuildRequest(substitute.WithProgress(ctx, prog), c.buildOptions(buildModeNormal), bprog)
-				err := r.RepairPath(ctx, p)
-				prog.Flush()
-				return err
-			}
-		}
+		repairPath, endRepairs = c.verifyRepairer()
 	}
-	errorsFound, err := c.st.VerifyStore(ctx, checkContents, repair, repairPath, func(l store.LogLevel, msg string) { c.tun.LogText(Verbosity(l), msg) })
-	if prog != nil {
-		prog.close()
-		bprog.close()
-	}
+	errorsFound, err := c.st.VerifyStore(ctx, checkContents, repair, repairPath, c.storeLog)
+	endRepairs()
 	if err != nil {
 		return fmt.Errorf("verifying the store: %w", err)
 	}
 	c.stopWork()
 	c.out.Bool(errorsFound)
 	return nil
+}
+
+// verifyRepairer returns what VerifyStore calls to repair a path, with
+// each repair's download or build shown as Nix shows it, before what
+// verify says next, and what ends that progress once VerifyStore has
+// returned. If the connection's caches cannot be set up (realiser
+// fails), it returns no repairer.
+func (c *conn) verifyRepairer() (repairPath func(context.Context, storepath.Path) error, end func()) {
+	r, err := c.realiser()
+	if err != nil {
+		return nil, func() {}
+	}
+	prog, bprog := c.newProgress(), newBuildProgress(c.tun, map[string]bool{})
+	repairPath = func(ctx context.Context, p storepath.Path) error {
+		// The failure of the path's own derivation is the repair's.
+		if info, err := c.st.QueryPathInfo(ctx, p); err == nil && !info.Deriver.IsZero() {
+			bprog.addTop(c.dir.Abs(info.Deriver))
+		}
+		ctx = withBuildRequest(substitute.WithProgress(ctx, prog), c.buildOptions(buildModeNormal), bprog)
+		err := r.RepairPath(ctx, p)
+		prog.Flush()
+		return err
+	}
+	return repairPath, func() {
+		prog.close()
+		bprog.close()
+	}
 }
