@@ -93,9 +93,9 @@ func (c *conn) checkBuildMode(mode uint64) error {
 	return nil
 }
 
-// realiseTargets realises targets for the client: valid paths as they
-// are, the rest by substitution (and, once a builder is plugged in, by
-// building), with substitution progress sent to the client.
+// realiseTargets realises targets for the client in build mode mode:
+// valid paths as they are, the rest by substitution or, on a daemon that
+// builds, by building, with the progress of both sent to the client.
 //
 // exit is the exit status Nix's Worker would give the failures (see
 // buildProgress.exitStatus), for clients before protocol 1.26.
@@ -114,15 +114,15 @@ func (c *conn) realiseTargets(ctx context.Context, targets []store.DerivedPath, 
 	}
 	bprog := newBuildProgress(c.tun, top)
 	prog := c.newProgress(bprog)
-	realise, opts := r.Realise, c.buildOptions(mode)
+	run, opts := r.Realise, c.buildOptions(mode)
 	switch mode {
 	case buildModeCheck:
-		realise = r.Check
+		run = r.Check
 	case buildModeRepair:
 		// What is missing is built as usual; what is corrupt is fetched again.
-		realise, opts = r.Repair, c.buildOptions(buildModeNormal)
+		run, opts = r.Repair, c.buildOptions(buildModeNormal)
 	}
-	results, err := realise(withBuildRequest(ctx, opts, bprog), targets, prog)
+	results, err := run(withBuildRequest(ctx, opts, bprog), targets, prog)
 	if err == nil {
 		r.RecordRealisations(ctx, results)
 	}
