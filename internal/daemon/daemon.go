@@ -12,9 +12,11 @@
 //     serve runs the handshake, then nextOp, perform and finishOp for
 //     each op.
 //   - listen.go: the listening sockets and their policies (--listen),
-//     ServeAll, and the daemon's stop (the drain, closing idle
+//     and ServeAll; stop.go: the daemon's stop (the drain, closing idle
 //     connections).
-//   - trust.go: who a peer is (SO_PEERCRED) and whether it is trusted.
+//   - trust.go: who a peer is (SO_PEERCRED) and whether it is trusted;
+//     jobs.go: a connection's CI job (package jobs), its roots, and what
+//     a job socket refuses.
 //   - handshake.go, protocol.go: the handshake; the version, log levels,
 //     activity types and op names.
 //   - logger.go: the tunnel, one connection's logger channel: STDERR_*
@@ -433,30 +435,6 @@ func (c *conn) serveOps(ctx context.Context, r io.Reader, dl readDeadliner, mc *
 		if end, err := c.finishOp(op, c.perform(ctx, op), mc, start); end {
 			return err
 		}
-	}
-}
-
-// trackIdle registers c, waiting for its handshake and then between ops,
-// for closeIdle to close when the daemon stops; it returns the
-// registration's undoing. The build hook's connections are not
-// registered: they are idle while their remote builds run.
-func (s *Server) trackIdle(c *conn, r io.Reader, dl readDeadliner) func() {
-	cl, ok := r.(io.Closer)
-	if !ok || c.peer.hook {
-		return func() {}
-	}
-	wake := func() { cl.Close() }
-	if dl != nil {
-		wake = func() { dl.SetReadDeadline(time.Now()) }
-	}
-	c.idleSince.Store(time.Now().UnixNano())
-	s.connsMu.Lock()
-	s.conns[c] = wake
-	s.connsMu.Unlock()
-	return func() {
-		s.connsMu.Lock()
-		delete(s.conns, c)
-		s.connsMu.Unlock()
 	}
 }
 

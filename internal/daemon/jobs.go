@@ -1,0 +1,107 @@
+package daemon
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/nixyard/nixyard/internal/jobs"
+	"github.com/nixyard/nixyard/internal/store"
+)
+
+// applyPolicy adjusts the peer of a connection accepted on a socket with
+// policy pol, and attaches it to its job, if it is in one.
+func (s *Server) applyPolicy(p *peer, pol ListenPolicy) {
+	if pol.Untrusted {
+		p.trusted = false
+		p.jobSock = true
+	}
+	if pol.Trusted {
+		p.trusted, p.refused, p.hook = true, "", true
+	}
+	p.tenant = pol.Tenant
+	if s.opts.Jobs == nil || p.pid <= 0 {
+		return
+	}
+	jc, err := s.opts.Jobs.Attach(int(p.pid), pol.Tenant)
+	var tooMany *jobs.TooManyConnsError
+	switch {
+	case errors.Is(err, jobs.ErrNotJob):
+	case errors.As(err, &tooMany):
+		p.refused = err.Error()
+	case err != nil && pol.Untrusted:
+		// A connection that cannot be counted against its job (the
+		// daemon out of descriptors, say) is not served on a job socket.
+		s.log.Warn("cannot find the job of a client; refusing it", "pid", p.pid, "err", err)
+		p.refused = "the daemon cannot tell which job this connection belongs to; try again"
+	case err != nil:
+		// The client may have exited already; its connection then gets
+		// per-connection roots, as with nix-daemon.
+		s.log.Warn("cannot find the job of a client; using per-connection temporary roots", "pid", p.pid, "err", err)
+	default:
+		p.job = jc
+	}
+}
+
+// openSession returns the temporary roots of connection c: its job's, kept
+// across the job's connections, or its own, dropped when it closes.
+func (c *conn) openSession() (*store.Session, func()) {
+	if c.peer.job != nil {
+		// The job outlives the connection; serveNetConn releases it.
+		return c.peer.job.Session(), func() {}
+	}
+	ss := c.st.OpenSession()
+	return ss, func() {
+		if err := ss.Close(); err != nil {
+			c.log.Warn("closing store session", "err", err)
+		}
+	}
+}
+
+// sessionAnnouncement is the text of the activity the handshake starts and
+// stops at once, so that `nixyard doctor` can see the connection's
+// session. It is at level Vomit, which Nix clients do not show unless run
+// with -vvvvvvv, and activities are part of the protocol since 1.20.
+func (c *conn) sessionAnnouncement() string {
+	trust := "trusted"
+	if !c.peer.trusted {
+		trust = "untrusted"
+	}
+	job := "none"
+	if c.peer.job != nil {
+		job = c.peer.job.ID()
+	}
+	tenant := c.peer.tenant
+	if tenant == "" {
+		tenant = "-"
+	}
+	return fmt.Sprintf("%s job=%s tenant=%s trust=%s", SessionAnnouncementPrefix, job, tenant, trust)
+}
+
+// SessionAnnouncementPrefix starts the text of the session activity a
+// connection gets with a SetOptions at verbosity 7 (vomit): "nixyard-session:
+// job=ID|none tenant=NAME|- trust=trusted|untrusted".
+const SessionAnnouncementPrefix = "nixyard-session:"
+
+// errJobGC refuses a deletion from a job socket.
+var errJobGC = errors.New("deleting store paths is not allowed through a job socket: the host's store is shared by every job and is collected by the host")
+
+// checkJobGC refuses, on a job socket, a collection that deletes: one
+// job's `nix-collect-garbage` would otherwise empty the host's cache for
+// every other job, and so would `nix-store --delete $(nix-store --gc
+// --print-dead)`. A job cannot delete what it made either: its job
+// session holds every path it used. Listing roots or dead paths stays
+// allowed.
+func (c *conn) checkJobGC(action store.GCAction) error {
+	if c.peer.jobSock && (action == store.GCDeleteDead || action == store.GCDeleteSpecific) {
+		return errJobGC
+	}
+	return nil
+}
+
+// reapJobs ends the jobs that are over, so that a collection may delete
+// their paths.
+func (c *conn) reapJobs() {
+	if c.srv.opts.Jobs != nil {
+		c.srv.opts.Jobs.Reap()
+	}
+}
