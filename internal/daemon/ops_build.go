@@ -113,7 +113,7 @@ func (c *conn) realiseTargets(ctx context.Context, targets []store.DerivedPath, 
 		top[c.dir.Abs(t.Path)] = true
 	}
 	bprog := newBuildProgress(c.tun, top)
-	prog := c.newProgress(bprog)
+	prog := c.newSubstProgress(bprog)
 	run, opts := r.Realise, c.buildOptions(mode)
 	switch mode {
 	case buildModeCheck:

@@ -51,9 +51,9 @@ func opBuildDerivationHandler(ctx context.Context, c *conn) error {
 	opts := c.buildOptions(mode)
 	// Outputs and input sources that a cache has are fetched, as Nix's
 	// goal for the derivation does.
-	var sprog *progress
+	var sprog *substProgress
 	if r, err := c.realiser(); err == nil && r.HasSubstituters() {
-		sprog = c.newProgress()
+		sprog = c.newSubstProgress(nil)
 		opts.Substituter = r.Substituter(sprog)
 	}
 	prog := newBuildProgress(c.tun, map[string]bool{c.dir.Abs(drvPath): true})

@@ -250,7 +250,7 @@ func (c *conn) verifyRepairer() (repairPath func(context.Context, storepath.Path
 	if err != nil {
 		return nil, func() {}
 	}
-	prog, bprog := c.newProgress(), newBuildProgress(c.tun, map[string]bool{})
+	prog, bprog := c.newSubstProgress(nil), newBuildProgress(c.tun, map[string]bool{})
 	repairPath = func(ctx context.Context, p storepath.Path) error {
 		// The failure of the path's own derivation is the repair's.
 		if info, err := c.st.QueryPathInfo(ctx, p); err == nil && !info.Deriver.IsZero() {

@@ -57,7 +57,7 @@ func (c *conn) querySubstitutable(ctx context.Context, ps []storepath.Path) (map
 	if err != nil {
 		return nil, err
 	}
-	prog := c.newProgress()
+	prog := c.newSubstProgress(nil)
 	infos, err := r.QuerySubstitutable(substitute.WithProgress(ctx, prog), ps, prog.Warn)
 	prog.close()
 	if err != nil {
@@ -179,7 +179,7 @@ func opQueryValidPathsHandler(ctx context.Context, c *conn) error {
 		if err != nil {
 			return err
 		}
-		prog := c.newProgress()
+		prog := c.newSubstProgress(nil)
 		err = r.SubstitutePaths(ctx, ps, prog)
 		if err != nil && ctx.Err() == nil {
 			prog.Warn(err) // deduplicated with the lookups' warnings
@@ -228,7 +228,7 @@ func opQueryMissingHandler(ctx context.Context, c *conn) error {
 		return err
 	}
 	act := c.tun.StartActivity(lvlDebug, actUnknown, "querying info about missing paths", nil, 0) // as Nix's queryMissing
-	prog := c.newProgress()
+	prog := c.newSubstProgress(nil)
 	m, err := r.QueryMissing(substitute.WithProgress(ctx, prog), targets, prog.Warn)
 	prog.close()
 	c.tun.StopActivity(act)
@@ -253,7 +253,7 @@ func opEnsurePathHandler(ctx context.Context, c *conn) error {
 	if err != nil {
 		return err
 	}
-	prog := c.newProgress()
+	prog := c.newSubstProgress(nil)
 	err = r.EnsurePath(ctx, p, prog)
 	prog.close()
 	if err != nil {

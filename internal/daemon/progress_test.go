@@ -18,7 +18,7 @@ func TestProgressFlush(t *testing.T) {
 	client, daemon, tun := workingTunnel(t)
 	defer client.Close()
 	c := &conn{tun: tun, dir: storepath.DefaultDir}
-	p := c.newProgress()
+	p := c.newSubstProgress(nil)
 
 	got := &bytes.Buffer{}
 	// What Flush has waited for is in the socket already: a read that
@@ -60,7 +60,7 @@ func TestProgressFlush(t *testing.T) {
 func TestProgressFlushStalledClient(t *testing.T) {
 	client, daemon, tun := workingTunnel(t)
 	c := &conn{tun: tun, dir: storepath.DefaultDir}
-	p := c.newProgress()
+	p := c.newSubstProgress(nil)
 	defer func() {
 		client.Close() // the writer's blocked write fails
 		daemon.Close()

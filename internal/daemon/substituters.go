@@ -45,13 +45,16 @@ func (c *conn) realiser() (*realise.Realiser, error) {
 	return r, nil
 }
 
-// progress turns a Substituter's activity events into logger messages of
-// one connection, with Nix's activity types, texts and fields (Nix's
-// PathSubstitutionGoal, copyStorePath and curl file transfer). Events are
-// queued and written by a goroutine, so a slow client never holds up a
-// download other connections share; progress results are dropped while
-// the queue is long, starts and stops never.
-type progress struct {
+// substProgress is what a request's realiser reports to (build requests
+// pair it with a buildProgress for the builds). It turns a Substituter's
+// activity events into logger messages of one connection, with Nix's
+// activity types, texts and fields (Nix's PathSubstitutionGoal,
+// copyStorePath and curl file transfer), and sends the realiser's
+// warnings and messages in order with them. Events are queued and
+// written by a goroutine, so a slow client never holds up a download
+// other connections share; progress results are dropped while the queue
+// is long, starts and stops never.
+type substProgress struct {
 	c       *conn
 	mu      sync.Mutex
 	cond    *sync.Cond
@@ -87,14 +90,11 @@ const progressInterval = 20 * time.Millisecond
 // are dropped.
 const maxQueuedProgress = 4096
 
-// newProgress starts the writer; call close before stopWork. counts
+// newSubstProgress starts the writer; call close before stopWork. counts
 // (nil for none) gets the substitutions' counts, for a build request.
-func (c *conn) newProgress(counts ...*buildProgress) *progress {
-	p := &progress{c: c, ids: map[uint64]uint64{}, closing: make(chan struct{}), exit: make(chan struct{}),
-		warn: c.warnFunc(), urgent: make(chan struct{}, 1), substFailed: map[storepath.Path]bool{}}
-	if len(counts) > 0 {
-		p.counts = counts[0]
-	}
+func (c *conn) newSubstProgress(counts *buildProgress) *substProgress {
+	p := &substProgress{c: c, ids: map[uint64]uint64{}, closing: make(chan struct{}), exit: make(chan struct{}),
+		warn: c.warnFunc(), urgent: make(chan struct{}, 1), substFailed: map[storepath.Path]bool{}, counts: counts}
 	p.cond = sync.NewCond(&p.mu)
 	p.flushed = sync.NewCond(&p.mu)
 	go p.run()
@@ -102,7 +102,7 @@ func (c *conn) newProgress(counts ...*buildProgress) *progress {
 }
 
 // Event implements substitute.Progress.
-func (p *progress) Event(e substitute.Event) {
+func (p *substProgress) Event(e substitute.Event) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.done || e.Kind == substitute.EventProgress && len(p.q) >= maxQueuedProgress {
@@ -117,7 +117,7 @@ func (p *progress) Event(e substitute.Event) {
 // before the call is written to the client, or after flushWait: goals
 // that other clients wait for substitute in this client's name, and a
 // client that does not read (a suspended nix-build) must not hold them.
-func (p *progress) Flush() {
+func (p *substProgress) Flush() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	target := p.queued
@@ -149,7 +149,7 @@ const flushWait = time.Second
 //
 // After close (the request has ended) it does nothing: a log line after
 // the request's last would corrupt the stream.
-func (p *progress) Warn(err error) {
+func (p *substProgress) Warn(err error) {
 	p.mu.Lock()
 	done := p.done
 	p.mu.Unlock()
@@ -160,12 +160,12 @@ func (p *progress) Warn(err error) {
 
 // Info implements realise.Messenger: msg goes to the client at info
 // level after the events so far. After close it does nothing.
-func (p *progress) Info(msg string) { p.message(lvlInfo, msg) }
+func (p *substProgress) Info(msg string) { p.message(lvlInfo, msg) }
 
 // Error implements realise.Messenger, at error level.
-func (p *progress) Error(msg string) { p.message(lvlError, msg) }
+func (p *substProgress) Error(msg string) { p.message(lvlError, msg) }
 
-func (p *progress) message(lvl Verbosity, msg string) {
+func (p *substProgress) message(lvl Verbosity, msg string) {
 	p.Flush()
 	p.mu.Lock()
 	done := p.done
@@ -175,7 +175,7 @@ func (p *progress) message(lvl Verbosity, msg string) {
 	}
 }
 
-func (p *progress) run() {
+func (p *substProgress) run() {
 	defer close(p.exit)
 	var last time.Time
 	for {
@@ -216,7 +216,7 @@ func (p *progress) run() {
 
 // close writes what is queued, stops the activities still open (the
 // request ended without waiting for them) and returns when done.
-func (p *progress) close() {
+func (p *substProgress) close() {
 	p.mu.Lock()
 	p.done = true
 	p.cond.Signal()
@@ -234,7 +234,7 @@ func (p *progress) close() {
 }
 
 // write sends one event. Only the run goroutine calls it.
-func (p *progress) write(e substitute.Event) {
+func (p *substProgress) write(e substitute.Event) {
 	tun := p.c.tun
 	abs := p.c.dir.Abs(e.Path)
 	switch e.Kind {
