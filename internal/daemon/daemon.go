@@ -3,8 +3,7 @@
 // client trust, and the store operations. Only it and its subpackages
 // know the wire (wire: the protocol's primitives; client: a Go client);
 // the store knows nothing of it. The § numbers in comments are sections
-// of worker-protocol.md, the project's reference for the protocol, which
-// is kept outside this repository.
+// of docs/worker-protocol.md, the project's reference for the protocol.
 //
 // The files:
 //
