@@ -57,10 +57,7 @@ func opSetOptionsHandler(ctx context.Context, c *conn) error {
 	if c.minor >= 12 {
 		overrides = in.StringMap("overrides", wire.MaxSmallString)
 	}
-	if err := c.args(wire.OpSetOptions); err != nil {
-		return err
-	}
-	if err := c.startWork(); err != nil {
+	if err := c.begin(wire.OpSetOptions); err != nil {
 		return err
 	}
 	s.Overrides = c.filterOverrides(overrides)
