@@ -514,6 +514,35 @@ cat "/mnt$OUT" > /ctl/after
 	}
 }
 
+// TestCINestedNamespaceJob: what a job realises from a pid namespace of
+// its own inside its container (a sandbox, a container in the container)
+// is held for the whole job, as what it realises directly is: the nested
+// namespace is the job's. Sessions went by the client's own namespace,
+// which ended, with its session, when the nested process exited.
+func TestCINestedNamespaceJob(t *testing.T) {
+	t.Parallel()
+	c := startCIHost(t)
+	ctl := c.ctlDir(t, "nested")
+	job := c.jobCmd(ctl, `unshare --pid --fork --kill-child nix-store -r "$OUT" > /ctl/realised
+touch /ctl/ready
+while [ ! -e /ctl/go ]; do sleep 0.1; done
+cat "/mnt$OUT" > /ctl/after
+`)
+	done := make(chan result, 1)
+	go func() { done <- job.run(t) }()
+	waitCtl(t, ctl, "ready")
+	c.nixStore(t, "--gc")
+	for _, p := range []string{c.out, c.dep} {
+		if !c.isValid(t, p) {
+			t.Errorf("a collection deleted %s, which the job realised from a nested pid namespace while it still runs", p)
+		}
+	}
+	writeFile(t, filepath.Join(ctl, "go"), "", 0o644)
+	if r := <-done; r.err != nil {
+		t.Fatalf("job:\n%s", r)
+	}
+}
+
 // TestCIJobConnectionLimit: a job may hold job-max-connections
 // connections at once; the next is refused with a message that says why,
 // and the host's own clients are not counted.

@@ -6,8 +6,9 @@
 // from the CI runner: SO_PEERCRED gives the client's pid in the daemon's
 // pid namespace, and the client's pid namespace (/proc/<pid>/ns/pid) names
 // the job when it differs from the daemon's own, as it does for a
-// container. A client cannot claim another job's namespace, since it is
-// read from the kernel. The namespace's init process (pid 1 inside it)
+// container; the namespaces a job makes inside its container (a sandbox,
+// a container of its own) are the same job's. A client cannot claim
+// another job's namespace, since it is read from the kernel. The namespace's init process (pid 1 inside it)
 // together with its start time pins the identity, so a namespace inode the
 // kernel reuses later is a new job.
 //
@@ -262,7 +263,7 @@ func (c *Conn) Release() {
 // and a *TooManyConnsError for a job with MaxConns connections open.
 // tenant names the socket the job came through, for logs.
 func (m *Manager) Attach(pid int, tenant string) (*Conn, error) {
-	ns, err := m.pidNS(pid)
+	ns, member, err := m.jobNS(pid)
 	if err != nil {
 		return nil, fmt.Errorf("jobs: pid namespace of client pid %d: %w", pid, err)
 	}
@@ -276,7 +277,7 @@ func (m *Manager) Attach(pid int, tenant string) (*Conn, error) {
 			return m.joinLocked(j)
 		}
 	}
-	initPID, err := m.findInit(pid, ns)
+	initPID, err := m.findInit(member, ns)
 	if err != nil {
 		return nil, err
 	}

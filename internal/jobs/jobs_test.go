@@ -3,6 +3,7 @@ package jobs
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math"
 	"os"
 	"os/exec"
@@ -124,6 +125,75 @@ func TestAttachGroupsConnectionsOfANamespace(t *testing.T) {
 	if live := m.Live(); len(live) != 1 || live[0] != c.ID() {
 		t.Fatalf("Live = %v, want [%s]", live, c.ID())
 	}
+}
+
+// TestNestedNamespaceIsTheJobs: a process in a pid namespace the job made
+// inside its container (bwrap --unshare-pid, a container of its own) is
+// of the container's job, sharing its session and its connection limit:
+// by its own namespace a job could open as many sessions, and as many
+// connections, as it liked.
+func TestNestedNamespaceIsTheJobs(t *testing.T) {
+	st := testStore(t)
+	m, err := New(t.Context(), st, Options{MaxConns: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	initPID, nested := nestedContainer(t)
+	a, err := m.Attach(initPID, "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := m.Attach(nested, "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.ID() != b.ID() || a.Session() != b.Session() {
+		t.Errorf("a process of a nested namespace got job %s, its container's is %s", b.ID(), a.ID())
+	}
+	var tooMany *TooManyConnsError
+	if _, err := m.Attach(nested, "t"); !errors.As(err, &tooMany) {
+		t.Errorf("a third connection of a job limited to 2, from its nested namespace: %v, want TooManyConnsError", err)
+	}
+}
+
+// nestedContainer starts a shell as init of a new pid namespace, in which
+// another pid namespace runs a sleep, and returns the host pids of the
+// outer init and of the sleep.
+func nestedContainer(t *testing.T) (initPID, nested int) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create pid namespaces")
+	}
+	cmd := exec.Command("unshare", "--pid", "--fork", "--kill-child", "sh", "-c",
+		"unshare --pid --fork --kill-child sleep 1000 & wait")
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("unshare: %v", err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+	})
+	// Down the first children: unshare, sh (the outer init), unshare,
+	// sleep (the inner init). Polled, as in container.
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		chain := []int{cmd.Process.Pid}
+		for len(chain) < 4 {
+			b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", chain[len(chain)-1], chain[len(chain)-1]))
+			f := strings.Fields(string(b))
+			if len(f) != 1 {
+				break
+			}
+			n, _ := strconv.Atoi(f[0])
+			chain = append(chain, n)
+		}
+		if len(chain) == 4 {
+			if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", chain[3])); err == nil && strings.HasPrefix(string(b), "sleep") {
+				return chain[1], chain[3]
+			}
+		}
+	}
+	t.Fatal("the namespaces' processes did not appear")
+	return 0, 0
 }
 
 func TestLeaseEndsAnIdleJob(t *testing.T) {

@@ -18,6 +18,33 @@ func (m *Manager) pidNS(pid int) (string, error) {
 	return os.Readlink(filepath.Join(m.proc, strconv.Itoa(pid), "ns", "pid"))
 }
 
+// jobNS returns the pid namespace that names pid's job: the one just
+// below the daemon's among those pid is in, and member, a process in it
+// (pid itself unless pid is in a namespace nested deeper). A job that
+// makes namespaces of its own (bwrap --unshare-pid, a container in its
+// container) is still one job, with one session and one connection
+// limit: its client's own namespace would let it take as many of each as
+// it likes. The namespace is found up pid's parents (a nested namespace
+// is made by a process of the one around it); a process that joined a
+// nested namespace from outside with setns has none there, and its own
+// namespace names its job. For a process in the daemon's namespace it is
+// the daemon's.
+func (m *Manager) jobNS(pid int) (ns string, member int, err error) {
+	member = pid
+	for p, steps := pid, 0; steps < 4096; steps++ {
+		st, err := m.status(p)
+		if err != nil || st.nsLevels <= 2 {
+			if err == nil && st.nsLevels == 2 {
+				member = p
+			}
+			break
+		}
+		p = st.ppid
+	}
+	ns, err = m.pidNS(member)
+	return ns, member, err
+}
+
 // findInit returns the host pid of the init (pid 1) of namespace ns, which
 // pid belongs to: first up pid's parents (processes of a namespace descend
 // from its init, orphans are re-parented to it), else, for a process that
@@ -58,6 +85,11 @@ func (m *Manager) findInit(pid int, ns string) (int, error) {
 type procStatus struct {
 	ppid  int
 	nsPID int // the pid in the innermost namespace (last NSpid field)
+	// nsLevels is how many pid namespaces the process is in, from the
+	// daemon's (procfs's) down to its own: 1 in the daemon's own, 2 in a
+	// container's, more in namespaces nested in it (NSpid's fields); 0 if
+	// the kernel does not say (before Linux 4.1).
+	nsLevels int
 }
 
 // status reads PPid and NSpid from /proc/<pid>/status.
@@ -83,6 +115,7 @@ func (m *Manager) status(pid int) (procStatus, error) {
 			st.ppid, _ = strconv.Atoi(fs[0])
 		case "NSpid":
 			st.nsPID, _ = strconv.Atoi(fs[len(fs)-1])
+			st.nsLevels = len(fs)
 		}
 	}
 	if err := sc.Err(); err != nil {
