@@ -428,6 +428,75 @@ func TestBuildConcurrentClients(t *testing.T) {
 	}
 }
 
+// TestBuildSharedInputsShown: two clients whose requests share a goal
+// (mid) both see the builds of that goal's inputs (leaf) as they would
+// see their own: the start, the log, and the builder's failure with its
+// last lines. With nix-daemon each client's worker builds leaf in turn,
+// and each shows it. Only the client whose request started mid saw them:
+// the other, which joined mid, got "1 dependencies of derivation … failed
+// to build" with no word of leaf (CI audit). The second client joins while
+// leaf runs; leaf prints until the test lets it fail.
+func TestBuildSharedInputsShown(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t)
+	args := b.expr(t, "shared-inputs", `rec {
+  leaf = mk { name = "shared-leaf"; script = ": shared-leaf-${nonce}; while [ ! -e /marks/go ]; do echo leaf-waiting; sleep 0.1; done; echo leaf-error-detail >&2; exit 7"; };
+  mid = mk { name = "shared-mid"; inherit leaf; script = "echo > $out"; };
+  topA = mk { name = "shared-top-a"; inherit mid; script = "echo > $out"; };
+  topB = mk { name = "shared-top-b"; inherit mid; script = "echo > $out"; };
+}`)
+	var stderr [2]lockedBuffer
+	var clients [2]*exec.Cmd
+	for i, attr := range []string{"topA", "topB"} {
+		clients[i] = b.nixBuild(append(args, "-A", attr, "--no-out-link")...).exec()
+		clients[i].Stderr = &stderr[i]
+	}
+	if err := clients[0].Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer clients[0].Process.Kill()
+	waitFor(t, "leaf's builder", func() bool { return builderRunning(t, "shared-leaf-"+b.nonce) })
+	if err := clients[1].Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer clients[1].Process.Kill()
+	leafStarted := regexp.MustCompile(`building '/nix/store/[a-z0-9]{32}-shared-leaf\.drv'`)
+	waitFor(t, "the second client to see leaf's build", func() bool {
+		// nix-daemon has the second client wait for leaf's lock, then
+		// build leaf itself (once the first one's has failed).
+		return leafStarted.MatchString(stderr[1].String()) || useStock && strings.Contains(stderr[1].String(), "will be built")
+	})
+	writeFile(t, filepath.Join(b.marks, "go"), "", 0o644)
+	for i, x := range clients {
+		if err := x.Wait(); err == nil {
+			t.Errorf("client %d succeeded", i)
+		}
+		out := stderr[i].String()
+		if !regexp.MustCompile(`builder for '/nix/store/[a-z0-9]{32}-shared-leaf\.drv' failed with exit code 7`).MatchString(out) ||
+			!strings.Contains(out, "leaf-error-detail") {
+			t.Errorf("client %d was not told why leaf failed:\n%s", i, out)
+		}
+	}
+}
+
+// lockedBuffer holds what a process writes while the test reads it.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf strings.Builder
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
 // TestBuildHostWideCap: with max-jobs = 2 on the daemon, four clients
 // asking for 8 builds each never have more than 2 builders running at
 // once. Each builder records how many builders are running while it runs.

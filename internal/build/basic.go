@@ -70,7 +70,8 @@ func (b *Builder) BuildBasic(ctx context.Context, drvPath storepath.Path, drv *d
 	g := &goal{
 		b: b, drvPath: drvPath, drv: drv, owner: c, cancel: cancel, basic: true, mode: client.Mode,
 		name: fmt.Sprintf("building of '%s!%s' from in-memory derivation", b.abs(drvPath), strings.Join(names, ",")),
-		done: make(chan struct{}), early: make(chan struct{}), subs: map[*call]int{}, dependents: map[*goal]int{}, runningFor: map[*call]bool{}, round: Round{1, 1},
+		done: make(chan struct{}), early: make(chan struct{}), subs: map[*call]int{}, dependents: map[*goal]int{},
+		runningFor: map[*call]bool{}, counted: map[*call]bool{}, round: Round{1, 1},
 	}
 	g.subscribe(c)
 	b.running.Add(1)

@@ -262,7 +262,11 @@ type goal struct {
 	dependents map[*goal]int
 	// runningFor are the callers whose running builds count this goal's.
 	runningFor map[*call]bool
-	running    bool
+	// counted are the callers whose counters count g's build as expected
+	// (see count): its own callers, and those waiting for it through its
+	// dependents once shown its build (see show).
+	counted map[*call]bool
+	running bool
 	// shown: the callers were told that the builder started
 	// (BuildStarted), and not yet that it ended (see goal.run).
 	shown bool
@@ -316,7 +320,8 @@ func (b *Builder) joinGoal(req store.DerivedPath, drv *derivation.Derivation, c 
 	g := &goal{
 		b: b, drvPath: req.Path, drv: drv, owner: c, cancel: cancel, mode: mode, after: old,
 		name: fmt.Sprintf("building of '%s!%s' from .drv file", b.abs(req.Path), outs),
-		done: make(chan struct{}), early: make(chan struct{}), subs: map[*call]int{}, dependents: map[*goal]int{}, runningFor: map[*call]bool{}, round: Round{1, 1},
+		done: make(chan struct{}), early: make(chan struct{}), subs: map[*call]int{}, dependents: map[*goal]int{},
+		runningFor: map[*call]bool{}, counted: map[*call]bool{}, round: Round{1, 1},
 	}
 	b.goals[key] = g
 	// Subscribed before it runs: it asks its waiters whether it may build.
@@ -333,18 +338,13 @@ func (g *goal) subscribe(c *call) bool {
 	if g.stopping {
 		return false
 	}
-	if g.subs[c] == 0 {
-		c.count(counts{expected: 1})
-		if g.running {
-			// Joining a build under way (as an input of another goal,
-			// say): the caller sees it start too.
-			drvAbs := g.b.abs(g.drvPath)
-			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.machine, g.mode, g.round) })
-			c.count(counts{running: 1})
-			g.runningFor[c] = true
-		}
-	}
+	g.count(c)
 	g.subs[c]++
+	if g.running {
+		// Joining a build under way (as an input of another goal, say):
+		// the caller sees it start too.
+		g.show(c, g.b.abs(g.drvPath))
+	}
 	return true
 }
 
@@ -391,23 +391,7 @@ func (g *goal) waitFor(ctx context.Context, c *call) Result {
 // nix-daemon each client's build is its own); a build with one client
 // has that client's limits, as with nix-daemon.
 func (g *goal) limits() (maxSilent, timeout time.Duration) {
-	var calls []*call
-	seen := map[*goal]bool{}
-	var visit func(g *goal)
-	visit = func(g *goal) {
-		if seen[g] {
-			return
-		}
-		seen[g] = true
-		g.mu.Lock()
-		calls = slices.AppendSeq(calls, maps.Keys(g.subs))
-		deps := slices.Collect(maps.Keys(g.dependents))
-		g.mu.Unlock()
-		for _, d := range deps {
-			visit(d)
-		}
-	}
-	visit(g)
+	calls := g.waiters()
 	if len(calls) == 0 {
 		return g.owner.limits()
 	}
@@ -417,6 +401,67 @@ func (g *goal) limits() (maxSilent, timeout time.Duration) {
 		maxSilent, timeout = moreGenerous(maxSilent, s), moreGenerous(timeout, t)
 	}
 	return maxSilent, timeout
+}
+
+// waiters returns the callers that wait for g, each once: its own, and
+// those of the goals waiting for it as an input, recursively. Each goal is
+// locked on its own (never g.mu with another held).
+func (g *goal) waiters() []*call {
+	g.mu.Lock()
+	if len(g.dependents) == 0 { // most goals' log lines: no walk
+		calls := slices.Collect(maps.Keys(g.subs))
+		g.mu.Unlock()
+		return calls
+	}
+	g.mu.Unlock()
+	var calls []*call
+	seenCall := map[*call]bool{}
+	seen := map[*goal]bool{}
+	var visit func(g *goal)
+	visit = func(g *goal) {
+		if seen[g] {
+			return
+		}
+		seen[g] = true
+		g.mu.Lock()
+		for c := range g.subs {
+			if !seenCall[c] {
+				seenCall[c] = true
+				calls = append(calls, c)
+			}
+		}
+		deps := slices.Collect(maps.Keys(g.dependents))
+		g.mu.Unlock()
+		for _, d := range deps {
+			visit(d)
+		}
+	}
+	visit(g)
+	return calls
+}
+
+// show tells c that g's builder runs (BuildStarted), once a run, and
+// counts it among c's running builds, and, for a caller that waits for g
+// only through its dependents, among its expected ones: a client waiting
+// for a goal that another client's build needs too sees the builds of its
+// inputs as it would see its own. g.mu must be held.
+func (g *goal) show(c *call, drvAbs string) {
+	if g.runningFor[c] {
+		return
+	}
+	c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.machine, g.mode, g.round) })
+	g.count(c)
+	c.count(counts{running: 1})
+	g.runningFor[c] = true
+}
+
+// count counts g's build among c's expected builds, once. g.mu must be
+// held.
+func (g *goal) count(c *call) {
+	if !g.counted[c] {
+		g.counted[c] = true
+		c.count(counts{expected: 1})
+	}
 }
 
 // moreGenerous is the longer of two limits, where 0 is none.
@@ -479,8 +524,12 @@ func (g *goal) leave(c *call) {
 		case <-g.done:
 		default:
 			// The caller stops waiting before the end: take the build off
-			// its counters.
-			c.count(counts{expected: -1, running: -g.stopRunningFor(c)})
+			// its counters (shown again if it still waits through a
+			// dependent).
+			if g.counted[c] {
+				delete(g.counted, c)
+				c.count(counts{expected: -1, running: -g.stopRunningFor(c)})
+			}
 		}
 	}
 	if len(g.subs) == 0 {
@@ -574,15 +623,17 @@ func (g *goal) unwanted() bool {
 	return len(g.subs) > 0
 }
 
-// each calls f for every waiting caller.
+// each calls f for every caller waiting for g (waiters), first showing
+// the builder running to one that has not seen it start (one that came to
+// wait while it ran).
 func (g *goal) each(f func(c *call)) {
-	g.mu.Lock()
-	subs := make([]*call, 0, len(g.subs))
-	for c := range g.subs {
-		subs = append(subs, c)
-	}
-	g.mu.Unlock()
-	for _, c := range subs {
+	drvAbs := g.b.abs(g.drvPath)
+	for _, c := range g.waiters() {
+		g.mu.Lock()
+		if g.running {
+			g.show(c, drvAbs)
+		}
+		g.mu.Unlock()
 		f(c)
 	}
 }
@@ -600,10 +651,11 @@ func (g *goal) modeVerb() string {
 func (g *goal) tellFailure(f *failure) {
 	res := Result{Status: f.Status, ErrorMsg: f.Msg, HashMismatch: f.hashMismatch, TimesBuilt: f.timesBuilt}
 	drvAbs := g.b.abs(g.drvPath)
+	waiters := g.waiters()
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.failureTold = map[*call]bool{}
-	for c := range g.subs {
+	for _, c := range waiters {
 		g.failureTold[c] = true
 		c.emit(func(p Progress) { p.GoalFailed(drvAbs, res) })
 	}
@@ -614,6 +666,10 @@ func (g *goal) tellFailure(f *failure) {
 // caller subscribing meanwhile hears of the start exactly once: see
 // subscribe).
 func (g *goal) setRunning(on bool) {
+	var waiters []*call
+	if on {
+		waiters = g.waiters()
+	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.running = on
@@ -630,14 +686,15 @@ func (g *goal) setRunning(on bool) {
 		return
 	}
 	drvAbs := g.b.abs(g.drvPath)
-	for c := range g.subs {
+	for _, c := range waiters {
 		// The build's activity first, then the count that includes it,
-		// as Nix's progress bar gets them.
-		c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.machine, g.mode, g.round) })
-		if !g.runningFor[c] {
-			g.runningFor[c] = true
-			c.count(counts{running: 1})
+		// as Nix's progress bar gets them. A caller already shown it
+		// sees it start again: a round of a repeated build.
+		if g.runningFor[c] {
+			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.machine, g.mode, g.round) })
+			continue
 		}
+		g.show(c, drvAbs)
 	}
 }
 
@@ -690,16 +747,29 @@ func (g *goal) run(ctx context.Context) {
 		buildErr = &Error{Status: res.Status, Msg: res.ErrorMsg}
 	}
 	drvAbs := b.abs(g.drvPath)
+	waiters := g.waiters()
 	g.mu.Lock()
-	for c := range g.subs {
-		c.count(counts{expected: -1, running: -g.stopRunningFor(c), done: done, failed: failed})
+	// Those that count it (its own callers, and those shown its build
+	// through its dependents), and those waiting through them that were
+	// not (told of its failure).
+	told := map[*call]bool{}
+	for _, c := range slices.Concat(slices.Collect(maps.Keys(g.counted)), waiters) {
+		if told[c] {
+			continue
+		}
+		told[c] = true
+		d := counts{running: -g.stopRunningFor(c), done: done, failed: failed}
+		if g.counted[c] {
+			d.expected = -1
+		}
+		c.count(d)
 		if ownFailure && res.ErrorMsg != "" && !g.failureTold[c] {
 			c.emit(func(p Progress) { p.GoalFailed(drvAbs, res) })
 		}
 		// As Nix's goal's build activity, which ends with the goal,
 		// after its counters: a progress bar never shows the build
 		// neither running nor done.
-		if g.shown {
+		if g.shown && g.counted[c] {
 			c.emit(func(p Progress) { p.BuildFinished(drvAbs, buildErr) })
 		}
 	}
