@@ -67,12 +67,8 @@ func (b *Builder) BuildBasic(ctx context.Context, drvPath storepath.Path, drv *d
 		}
 	}
 	gctx, cancel := context.WithCancel(context.Background())
-	g := &goal{
-		b: b, drvPath: drvPath, drv: drv, owner: c, cancel: cancel, basic: true, mode: client.Mode,
-		name: fmt.Sprintf("building of '%s!%s' from in-memory derivation", b.abs(drvPath), strings.Join(names, ",")),
-		done: make(chan struct{}), early: make(chan struct{}), subs: map[*call]int{}, dependents: map[*goal]int{},
-		runningFor: map[*call]bool{}, counted: map[*call]bool{}, round: Round{1, 1},
-	}
+	g := b.newGoal(drvPath, drv, c, client.Mode, cancel, fmt.Sprintf("building of '%s!%s' from in-memory derivation", b.abs(drvPath), strings.Join(names, ",")))
+	g.basic = true
 	g.subscribe(c)
 	b.running.Add(1)
 	go g.run(gctx)

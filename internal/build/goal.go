@@ -317,18 +317,24 @@ func (b *Builder) joinGoal(req store.DerivedPath, drv *derivation.Derivation, c 
 	if !req.AllOutputs && len(req.Outputs) > 0 {
 		outs = strings.Join(req.Outputs, ",")
 	}
-	g := &goal{
-		b: b, drvPath: req.Path, drv: drv, owner: c, cancel: cancel, mode: mode, after: old,
-		name: fmt.Sprintf("building of '%s!%s' from .drv file", b.abs(req.Path), outs),
-		done: make(chan struct{}), early: make(chan struct{}), subs: map[*call]int{}, dependents: map[*goal]int{},
-		runningFor: map[*call]bool{}, counted: map[*call]bool{}, round: Round{1, 1},
-	}
+	g := b.newGoal(req.Path, drv, c, mode, cancel, fmt.Sprintf("building of '%s!%s' from .drv file", b.abs(req.Path), outs))
+	g.after = old
 	b.goals[key] = g
 	// Subscribed before it runs: it asks its waiters whether it may build.
 	g.subscribe(c)
 	b.running.Add(1)
 	go g.run(ctx)
 	return g
+}
+
+// newGoal makes the goal of drv (at drvPath) in mode for its owner, with
+// cancel to stop it; name is Nix's goal name. It has no waiter yet.
+func (b *Builder) newGoal(drvPath storepath.Path, drv *derivation.Derivation, owner *call, mode BuildMode, cancel context.CancelFunc, name string) *goal {
+	return &goal{
+		b: b, drvPath: drvPath, drv: drv, owner: owner, cancel: cancel, mode: mode, name: name,
+		done: make(chan struct{}), early: make(chan struct{}), subs: map[*call]int{}, dependents: map[*goal]int{},
+		runningFor: map[*call]bool{}, counted: map[*call]bool{}, round: Round{1, 1},
+	}
 }
 
 // subscribe makes c one more waiter of g, unless g is being stopped.
