@@ -7,6 +7,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
+	"os/user"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -264,6 +267,25 @@ func TestUntrusted(t *testing.T) {
 	if err == nil {
 		t.Errorf("untrusted unsigned AddToStoreNar succeeded")
 	}
+	// nix copy --no-check-sigs sends AddMultipleToStore: dontCheckSigs is
+	// ignored there too.
+	multi, multiData := testNAR(t, "unsigned-multi", "no signature either")
+	multi.CA = ""
+	if err := c.AddMultipleToStore(ctx, []client.NarItem{{Info: multi, NAR: multiData}}, false, true); err == nil {
+		t.Errorf("untrusted unsigned AddMultipleToStore succeeded")
+	}
+	if ok, err := c.IsValidPath(ctx, multi.Path); err != nil || ok {
+		t.Errorf("%s valid (%v, %v) after an untrusted unsigned AddMultipleToStore", multi.Path, ok, err)
+	}
+	// A content-addressed path needs no signature, but an untrusted client
+	// cannot say it was built here (ultimate).
+	ca, caData := testNAR(t, "claims-ultimate", "built here, it says")
+	ca.Ultimate = true
+	if err := c.AddToStoreNar(ctx, ca, bytes.NewReader(caData), false, true); err != nil {
+		t.Errorf("untrusted AddToStoreNar of a content-addressed path: %v", err)
+	} else if got, err := c.QueryPathInfo(ctx, ca.Path); err != nil || got.Ultimate {
+		t.Errorf("untrusted AddToStoreNar registered %s as ultimate (%v)", ca.Path, err)
+	}
 	for _, tc := range []struct {
 		name string
 		op   uint64
@@ -360,6 +382,21 @@ func TestRefusedUser(t *testing.T) {
 	_, err := client.DialVersion(context.Background(), d.socket, 1<<8|34, true)
 	if err == nil || !strings.Contains(err.Error(), "is not allowed to connect") {
 		t.Errorf("refused user: %v", err)
+	}
+}
+
+// TestRefusedBuildUser: a peer whose primary group is build-users-group
+// is refused even if trusted-users names it (a builder must not reach the
+// daemon). The test process's own primary group stands for nixbld.
+func TestRefusedBuildUser(t *testing.T) {
+	g, err := user.LookupGroupId(strconv.Itoa(os.Getgid()))
+	if err != nil {
+		t.Skip(err)
+	}
+	d := startDaemon(t, Options{TrustedUsers: []string{"*"}, AllowedUsers: []string{"*"}, BuildUsersGroup: g.Name})
+	_, err = client.DialVersion(context.Background(), d.socket, 1<<8|34, true)
+	if err == nil || !strings.Contains(err.Error(), "is a build user") {
+		t.Errorf("build user: %v", err)
 	}
 }
 

@@ -28,14 +28,12 @@
 //   - directory entries that are not in strictly increasing bytewise order
 //     (this also rules out duplicates; Nix requires the same);
 //   - symlink targets that are empty, contain NUL, or are longer than
-//     MaxTargetLen (4096, Linux PATH_MAX);
-//   - relative symlink targets that climb above the store directory: the
-//     target is resolved lexically from the link's location inside
-//     <storeDir>/<name>/<entry path>, and if any ".." would take it above
-//     <storeDir> the NAR is refused. Absolute targets are allowed, because
-//     Nix allows them and real packages use them (e.g. to /run/current-system
-//     or other store paths); their safety is a matter for whoever follows them,
-//     and Restore never follows any symlink it creates;
+//     MaxTargetLen (4096, Linux PATH_MAX). Where a target points is not
+//     checked: as in Nix, a link may point anywhere, absolute (to
+//     /run/current-system, to another store path) or relative and out of
+//     its path or of the store, as real packages' links do; their safety
+//     is a matter for whoever follows them, and Restore never follows any
+//     symlink it creates;
 //   - nesting deeper than MaxDepth (see there);
 //   - file sizes above math.MaxInt64. Other sizes are not limited: contents
 //     are streamed, and a size larger than the remaining input is truncation.

@@ -52,6 +52,12 @@ func TestAddRefusals(t *testing.T) {
 		{"missing reference", func(i *PathInfo) { i.References = []storepath.Path{missing}; i.CA = "" }, AddOptions{}, "because its reference '/nix/store/11111111111111111111111111111111-missing' is not valid"},
 		{"bad signature", func(i *PathInfo) { i.Path = inputAddressed; i.CA = ""; i.Sigs = []string{"k:AAAA"} }, AddOptions{CheckSigs: true}, "lacks a valid signature"},
 		{"false ca", func(i *PathInfo) { i.Path = inputAddressed }, AddOptions{}, "claims to be content-addressed"},
+		// The path and CA of other content, with this NAR's own hash and size: an
+		// untrusted client's way to forge a content-addressed path (no signature needed).
+		{"ca of other content", func(i *PathInfo) {
+			o := caNARInfo(t, s, "x", narOf(t, map[string]string{"f": "forged"}), nil)
+			i.Path, i.CA = o.Path, o.CA
+		}, AddOptions{CheckSigs: true}, "ca hash mismatch"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			info := good

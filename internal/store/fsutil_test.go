@@ -113,9 +113,7 @@ func TestStoreSyncEpoch(t *testing.T) {
 // TestSyncPendingOldestEpoch: paths made durable together fail if an error
 // was reported since the first of them was written.
 func TestSyncPendingOldestEpoch(t *testing.T) {
-	prev := dirtyBytes
-	t.Cleanup(func() { dirtyBytes = prev })
-	dirtyBytes = func() (uint64, error) { return 0, nil } // the syncfs way
+	forceSyncfs(t)
 	s, _ := testStore(t)
 	first := s.syncEpoch()
 	reportedElsewhere(s, unix.EIO)

@@ -2,9 +2,11 @@ package store
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"net"
 	"os"
@@ -699,5 +701,70 @@ func TestGCFlushesForWaitingRoot(t *testing.T) {
 	<-done
 	if ok, _ := s.IsValidPathFresh(ctx, b); ok || len(c.batch) != 0 {
 		t.Errorf("the batch a root waited for was not deleted (%s valid %v, %d queued)", b, ok, len(c.batch))
+	}
+}
+
+// TestGCRootAddedBeforeVisit: a temporary root added during a collection,
+// for a path the collector has not looked at yet, keeps that path: the
+// collector must consult the roots added since it read the roots files.
+func TestGCRootAddedBeforeVisit(t *testing.T) {
+	s, _ := testStore(t)
+	ctx := context.Background()
+	a := addText(t, s, "a", "a")
+	c := addText(t, s, "c", "c")
+	ss := s.OpenSession()
+	defer ss.Close()
+	var once sync.Once
+	hook := func() {
+		once.Do(func() {
+			// a is found dead and about to be deleted; c not looked at yet.
+			if err := ss.AddTempRoot(ctx, c); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	testHookClosureDead.Store(&hook)
+	defer testHookClosureDead.Store(nil)
+	_, err := s.CollectGarbage(ctx, GCOptions{Action: GCDeleteSpecific, Paths: []storepath.Path{a, c}}, nil)
+	if err == nil || !strings.Contains(err.Error(), "still alive") {
+		t.Errorf("deleting a path rooted during the collection: err = %v, want 'still alive'", err)
+	}
+	if ok, _ := s.IsValidPathFresh(ctx, c); !ok {
+		t.Errorf("%s, rooted during the collection, was deleted", c)
+	}
+	if ok, _ := s.IsValidPathFresh(ctx, a); ok {
+		t.Errorf("%s, not rooted, is still valid (positive control)", a)
+	}
+}
+
+// TestGCDuringAdd: a collection that runs while a path's NAR is being
+// unpacked (the path not yet valid, no caller holding a root on it)
+// leaves it alone: the addition succeeds and the path's files are all
+// there.
+func TestGCDuringAdd(t *testing.T) {
+	s, _ := testStore(t)
+	ctx := context.Background()
+	data := narOf(t, map[string]string{"a": "first file", "b": "second file"})
+	info := caNARInfo(t, s, "gc-during-add", data, nil)
+	half, release := make(chan struct{}), make(chan struct{})
+	r := io.MultiReader(bytes.NewReader(data[:len(data)/2]), readerFunc(func(p []byte) (int, error) {
+		close(half)
+		<-release
+		return 0, io.EOF
+	}), bytes.NewReader(data[len(data)/2:]))
+	done := make(chan error, 1)
+	go func() { done <- s.AddToStoreNar(ctx, info, r, AddOptions{}) }()
+	<-half
+	if _, err := s.CollectGarbage(ctx, GCOptions{Action: GCDeleteDead, MaxFreed: math.MaxUint64}, nil); err != nil {
+		t.Error(err)
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatalf("adding while a collection ran: %v", err)
+	}
+	for _, f := range []string{"a", "b"} {
+		if _, err := os.Stat(filepath.Join(s.RealPath(info.Path), f)); err != nil {
+			t.Errorf("%s of the added path: %v", f, err)
+		}
 	}
 }

@@ -121,6 +121,8 @@ func TestDecodeErrors(t *testing.T) {
 		want      string
 	}{
 		{"bad padding", "0100000000000000 4101000000000000", func(d *Decoder) { d.String("s", 10) }, "non-zero padding"},
+		{"bad padding bytes", "0100000000000000 4101000000000000", func(d *Decoder) { d.Bytes("b", 10) }, "non-zero padding"},
+		{"bad padding long string", "0110000000000000" + strings.Repeat("41", scratchMax+1) + "01000000000000", func(d *Decoder) { d.String("s", MaxStringLen) }, "non-zero padding"},
 		{"too long", "0b00000000000000", func(d *Decoder) { d.String("s", 10) }, "exceeds limit"},
 		{"huge length", "ffffffffffffffff", func(d *Decoder) { d.Bytes("b", MaxStringLen) }, "exceeds limit"},
 		{"huge count", "ffffffffffffff00", func(d *Decoder) { d.Strings("l", 10) }, "exceeds limit"},
