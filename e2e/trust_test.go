@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strings"
 	"testing"
 )
@@ -118,4 +119,74 @@ func TestUntrustedClient(t *testing.T) {
 // trust (Nix: "you are not privileged to …").
 func refusedForTrust(stderr string) bool {
 	return strings.Contains(stderr, "not privileged") || strings.Contains(stderr, "not trusted")
+}
+
+// TestBuildDerivationUntrusted: as with nix-daemon, an untrusted client
+// may not have an input-addressed derivation built by BuildDerivation (a
+// remote build's op, the derivation sent whole): its output path cannot
+// be checked without the derivation's inputs, so the client could have any
+// content registered under any path. A job socket's client (untrusted) is
+// refused; root on the default socket gets the same derivation built. No
+// real client can be made to send it as an untrusted user (ssh-ng runs its
+// own daemon), hence the raw protocol.
+func TestBuildDerivationUntrusted(t *testing.T) {
+	if runtime.GOARCH != "amd64" {
+		t.Skip("the derivation names x86_64-linux")
+	}
+	if useStock {
+		t.Skip("nix-daemon has no job sockets (--listen)")
+	}
+	t.Parallel()
+	e := newEnv(t)
+	job := filepath.Join(e.dir, "job.sock")
+	b := e.startBuildDaemonWith(t, withDaemonArgs("--listen", job+",trusted=false"))
+	bbData, err := os.ReadFile(busybox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(e.dir, "bb", "busybox"), string(bbData), 0o755)
+	bb := oneLine(t, "add", b.nixStore(t, "--add", filepath.Join(e.dir, "bb")))
+	out := "/nix/store/11111111111111111111111111111111-ia-remote"
+	build := func(sock string) (status uint64, msg string, err error) {
+		p := dialProto(t, sock)
+		p.u64(36) // BuildDerivation
+		p.str("/nix/store/22222222222222222222222222222222-ia-remote.drv")
+		p.u64(1) // outputs: name, path, hash algorithm, hash (none: input-addressed)
+		p.str("out")
+		p.str(out)
+		p.str("")
+		p.str("")
+		p.strs([]string{bb}) // input sources
+		p.str("x86_64-linux")
+		p.str(bb + "/busybox") // builder
+		p.u64(3)               // arguments, in order
+		p.str("sh")
+		p.str("-c")
+		p.str("echo built > $out")
+		p.u64(1) // environment
+		p.str("out")
+		p.str(out)
+		p.u64(0) // build mode: normal
+		if err := p.flush(); err != nil {
+			t.Fatal(err)
+		}
+		if err := p.readStderr(); err != nil {
+			return 0, "", err
+		}
+		// The BuildResult's status and error message.
+		if status, err = p.readU64(); err != nil {
+			return 0, "", err
+		}
+		msg, err = p.readString()
+		return status, msg, err
+	}
+	if _, _, err := build(job); err == nil || !strings.Contains(err.Error(), "you are not privileged to build input-addressed derivations") {
+		t.Errorf("an untrusted client's BuildDerivation of an input-addressed derivation: %v", err)
+	}
+	if b.isValid(t, out) {
+		t.Fatalf("%s was built for an untrusted client", out)
+	}
+	if status, msg, err := build(b.sock); err != nil || status != 0 || !b.isValid(t, out) {
+		t.Errorf("root's BuildDerivation of the same derivation: status %d %q, %v, output valid %v", status, msg, err, b.isValid(t, out))
+	}
 }
