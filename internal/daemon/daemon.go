@@ -105,6 +105,9 @@ type Options struct {
 	handshakeTimeout, refusedHandshakeTimeout, idleCloseAfter time.Duration
 	// clientCPU reads a client process's CPU time (procCPU; tests fake it).
 	clientCPU func(pid int32) (ticks uint64, ok bool)
+	// beforeOp, if set, runs before each op's handler (tests make an op
+	// panic with it).
+	beforeOp func(op uint64)
 }
 
 // Server serves worker-protocol connections. It is safe for concurrent use.
@@ -554,6 +557,9 @@ func (c *conn) perform(ctx context.Context, op uint64) error {
 	}
 	if c.st == nil && op != wire.OpSetOptions && op != wire.OpSyncWithGC {
 		return fmt.Errorf("operation '%s' (%d): no store is configured", opName(op), op)
+	}
+	if c.srv.opts.beforeOp != nil {
+		c.srv.opts.beforeOp(op)
 	}
 	if t, ok := c.narinfoTTLs(); ok {
 		ctx = substitute.WithNarinfoTTLs(ctx, t)

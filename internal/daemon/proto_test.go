@@ -400,6 +400,33 @@ func TestRefusedBuildUser(t *testing.T) {
 	}
 }
 
+// TestPanicEndsOneConnection: a panic while serving an op ends that
+// connection, with an error the daemon logs, and the daemon goes on
+// serving the others.
+func TestPanicEndsOneConnection(t *testing.T) {
+	d := startDaemon(t, Options{beforeOp: func(op uint64) {
+		if op == wire.OpQueryPathInfo {
+			panic("a bug in an op")
+		}
+	}})
+	ctx := context.Background()
+	info, data := testNAR(t, "after-panic", "still served")
+	c := dial(t, d, 1<<8|34)
+	if err := c.AddToStoreNar(ctx, info, bytes.NewReader(data), false, true); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.QueryPathInfo(ctx, info.Path); err == nil {
+		t.Fatal("the op that panicked succeeded")
+	}
+	other := dial(t, d, 1<<8|34)
+	if ok, err := other.IsValidPath(ctx, info.Path); err != nil || !ok {
+		t.Errorf("another connection after the panic: valid %v, %v", ok, err)
+	}
+	if !strings.Contains(d.logs.String(), "panic while serving a connection") {
+		t.Errorf("the panic is not in the daemon's log:\n%s", d.logs.String())
+	}
+}
+
 func TestManyClients(t *testing.T) {
 	d := startDaemon(t, Options{})
 	ctx := context.Background()
