@@ -314,7 +314,7 @@ user-agent-suffix warn-dirty`)
 
 // ownSettings are nixyard's settings that Nix 2.8 does not have (later
 // Nix's ssl-cert-file among them).
-var ownSettings = setOf(`job-lease job-max-connections max-substitution-jobs ssl-cert-file`)
+var ownSettings = setOf(`job-lease job-max-connections job-namespace-depth max-substitution-jobs ssl-cert-file`)
 
 func setOf(words string) map[string]bool {
 	m := map[string]bool{}

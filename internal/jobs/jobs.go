@@ -41,6 +41,7 @@ import (
 	"time"
 
 	"github.com/nixyard/nixyard/internal/store"
+	"golang.org/x/sys/unix"
 )
 
 // DefaultLease is how long a job session outlives its last connection when
@@ -58,6 +59,11 @@ type Options struct {
 	Lease time.Duration
 	// MaxConns is job-max-connections; zero means DefaultMaxConns.
 	MaxConns int
+	// Depth is job-namespace-depth: how many pid namespaces below the
+	// daemon's the one that names a job is (1, a container's, when
+	// zero); those deeper are its job's. 2 where jobs run in containers
+	// of a container (a runner's own docker daemon in its container).
+	Depth int
 	// Proc is the procfs mount; "" means /proc. Tests point it elsewhere.
 	Proc string
 	// Now is the clock; nil means time.Now.
@@ -73,7 +79,10 @@ type Manager struct {
 	proc     string
 	now      func() time.Time
 	log      *slog.Logger
-	selfNS   string
+	depth    int
+	selfNS   string // the daemon's pid namespace, as pidNS names it
+	// selfNSIno is the inode number of the daemon's pid namespace.
+	selfNSIno uint64
 
 	mu sync.Mutex
 	// journalLock is held while this Manager keeps the jobs' journals
@@ -178,7 +187,7 @@ type job struct {
 // job uses.
 func New(ctx context.Context, st *store.Store, opts Options) (*Manager, error) {
 	ctx = context.WithoutCancel(ctx)
-	m := &Manager{st: st, lease: opts.Lease, maxConns: opts.MaxConns, proc: opts.Proc, now: opts.Now, log: opts.Logger, jobs: map[string]*job{}}
+	m := &Manager{st: st, lease: opts.Lease, maxConns: opts.MaxConns, depth: max(opts.Depth, 1), proc: opts.Proc, now: opts.Now, log: opts.Logger, jobs: map[string]*job{}}
 	if m.lease <= 0 {
 		m.lease = DefaultLease
 	}
@@ -198,7 +207,11 @@ func New(ctx context.Context, st *store.Store, opts Options) (*Manager, error) {
 	if err != nil {
 		return nil, fmt.Errorf("jobs: reading the daemon's pid namespace: %w", err)
 	}
-	m.selfNS = ns
+	var nsStat unix.Stat_t
+	if err := unix.Stat(filepath.Join(m.proc, "self", "ns", "pid"), &nsStat); err != nil {
+		return nil, fmt.Errorf("jobs: reading the daemon's pid namespace: %w", err)
+	}
+	m.selfNS, m.selfNSIno = ns, nsStat.Ino
 	// The journals are one daemon's: another process on the store (a
 	// second daemon, say) keeps none, and leaves them alone.
 	if err := os.MkdirAll(m.journalDir(), 0o700); err != nil {
@@ -263,7 +276,7 @@ func (c *Conn) Release() {
 // and a *TooManyConnsError for a job with MaxConns connections open.
 // tenant names the socket the job came through, for logs.
 func (m *Manager) Attach(pid int, tenant string) (*Conn, error) {
-	ns, member, err := m.jobNS(pid)
+	ns, err := m.jobNS(pid)
 	if err != nil {
 		return nil, fmt.Errorf("jobs: pid namespace of client pid %d: %w", pid, err)
 	}
@@ -277,7 +290,7 @@ func (m *Manager) Attach(pid int, tenant string) (*Conn, error) {
 			return m.joinLocked(j)
 		}
 	}
-	initPID, err := m.findInit(member, ns)
+	initPID, err := m.findInit(pid, ns)
 	if err != nil {
 		return nil, err
 	}

@@ -154,6 +154,24 @@ func TestNestedNamespaceIsTheJobs(t *testing.T) {
 	if _, err := m.Attach(nested, "t"); !errors.As(err, &tooMany) {
 		t.Errorf("a third connection of a job limited to 2, from its nested namespace: %v, want TooManyConnsError", err)
 	}
+	// job-namespace-depth 2 (jobs in containers of a runner's container):
+	// the nested namespace is a job of its own, and the runner's
+	// namespace, not that deep, is one too.
+	m2, err := New(t.Context(), testStore(t), Options{Depth: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	outer, err := m2.Attach(initPID, "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	inner, err := m2.Attach(nested, "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if outer.ID() == inner.ID() {
+		t.Errorf("with depth 2, the runner's namespace and the one nested in it share job %s", outer.ID())
+	}
 }
 
 // nestedContainer starts a shell as init of a new pid namespace, in which

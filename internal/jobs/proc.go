@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // pidNS names pid's pid namespace ("pid:[4026531836]").
@@ -18,31 +20,47 @@ func (m *Manager) pidNS(pid int) (string, error) {
 	return os.Readlink(filepath.Join(m.proc, strconv.Itoa(pid), "ns", "pid"))
 }
 
-// jobNS returns the pid namespace that names pid's job: the one just
-// below the daemon's among those pid is in, and member, a process in it
-// (pid itself unless pid is in a namespace nested deeper). A job that
-// makes namespaces of its own (bwrap --unshare-pid, a container in its
-// container) is still one job, with one session and one connection
-// limit: its client's own namespace would let it take as many of each as
-// it likes. The namespace is found up pid's parents (a nested namespace
-// is made by a process of the one around it); a process that joined a
-// nested namespace from outside with setns has none there, and its own
-// namespace names its job. For a process in the daemon's namespace it is
+// jobNS returns the pid namespace that names pid's job (as pidNS names
+// it): of the pid namespaces pid is in, below the daemon's, the one
+// m.depth levels down (1: a container's), or pid's own if it is not that
+// deep. A job that makes namespaces of its own inside its container (a
+// sandbox, a container in its container) is still one job, with one
+// session and one connection limit: by its own namespace a client could
+// take as many of each as it liked. The namespaces are walked up with
+// NS_GET_PARENT, which the kernel answers, not the processes' parents,
+// which may have gone. For a process in the daemon's own namespace it is
 // the daemon's.
-func (m *Manager) jobNS(pid int) (ns string, member int, err error) {
-	member = pid
-	for p, steps := pid, 0; steps < 4096; steps++ {
-		st, err := m.status(p)
-		if err != nil || st.nsLevels <= 2 {
-			if err == nil && st.nsLevels == 2 {
-				member = p
-			}
+func (m *Manager) jobNS(pid int) (string, error) {
+	fd, err := unix.Open(filepath.Join(m.proc, strconv.Itoa(pid), "ns", "pid"), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return "", err
+	}
+	var chain []uint64 // pid's namespace, then each parent's, up to the daemon's (excluded)
+	defer func() { unix.Close(fd) }()
+	for {
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			return "", err
+		}
+		if st.Ino == m.selfNSIno {
 			break
 		}
-		p = st.ppid
+		chain = append(chain, st.Ino)
+		if len(chain) > 32 { // the kernel nests pid namespaces 32 deep at most
+			return "", errors.New("no pid namespace above it is the daemon's")
+		}
+		parent, err := unix.IoctlRetInt(fd, unix.NS_GET_PARENT)
+		if err != nil {
+			// EPERM: above the daemon's namespace, or beside it.
+			return "", fmt.Errorf("the daemon's pid namespace is not above the client's: %w", err)
+		}
+		unix.Close(fd)
+		fd = parent
 	}
-	ns, err = m.pidNS(member)
-	return ns, member, err
+	if len(chain) == 0 {
+		return m.selfNS, nil
+	}
+	return fmt.Sprintf("pid:[%d]", chain[max(len(chain)-m.depth, 0)]), nil
 }
 
 // findInit returns the host pid of the init (pid 1) of namespace ns, which
@@ -59,7 +77,7 @@ func (m *Manager) findInit(pid int, ns string) (int, error) {
 			if cur, err := m.pidNS(p); err == nil && cur == ns {
 				return p, nil
 			}
-			break
+			// The init of a namespace nested in ns: ns's is further up.
 		}
 		p = st.ppid
 	}
@@ -85,11 +103,6 @@ func (m *Manager) findInit(pid int, ns string) (int, error) {
 type procStatus struct {
 	ppid  int
 	nsPID int // the pid in the innermost namespace (last NSpid field)
-	// nsLevels is how many pid namespaces the process is in, from the
-	// daemon's (procfs's) down to its own: 1 in the daemon's own, 2 in a
-	// container's, more in namespaces nested in it (NSpid's fields); 0 if
-	// the kernel does not say (before Linux 4.1).
-	nsLevels int
 }
 
 // status reads PPid and NSpid from /proc/<pid>/status.
@@ -115,7 +128,6 @@ func (m *Manager) status(pid int) (procStatus, error) {
 			st.ppid, _ = strconv.Atoi(fs[0])
 		case "NSpid":
 			st.nsPID, _ = strconv.Atoi(fs[len(fs)-1])
-			st.nsLevels = len(fs)
 		}
 	}
 	if err := sc.Err(); err != nil {

@@ -10,7 +10,8 @@ import (
 
 // OptionsFromSettings reads nixyard's job settings from nix.conf (or
 // --option): job-lease, a Go duration such as 6h or a number of seconds,
-// and job-max-connections. Unset, each keeps its default.
+// job-max-connections and job-namespace-depth. Unset, each keeps its
+// default.
 func OptionsFromSettings(settings *config.Settings) (Options, error) {
 	opts := Options{Lease: DefaultLease}
 	if v, ok := settings.Lookup("job-lease"); ok {
@@ -26,6 +27,13 @@ func OptionsFromSettings(settings *config.Settings) (Options, error) {
 			return Options{}, fmt.Errorf("setting job-max-connections: %q is not a positive number", v)
 		}
 		opts.MaxConns = n
+	}
+	if v, ok := settings.Lookup("job-namespace-depth"); ok {
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 || n > 32 {
+			return Options{}, fmt.Errorf("setting job-namespace-depth: %q is not a number from 1 to 32", v)
+		}
+		opts.Depth = n
 	}
 	return opts, nil
 }
