@@ -7,10 +7,11 @@
 // pid namespace, and the client's pid namespace (/proc/<pid>/ns/pid) names
 // the job when it differs from the daemon's own, as it does for a
 // container; the namespaces a job makes inside its container (a sandbox,
-// a container of its own) are the same job's. A client cannot claim
-// another job's namespace, since it is read from the kernel. The namespace's init process (pid 1 inside it)
-// together with its start time pins the identity, so a namespace inode the
-// kernel reuses later is a new job.
+// a container of its own) are the same job's (see Options.Depth). A
+// client cannot claim another job's namespace, since it is read from the
+// kernel. The namespace's init process (pid 1 inside it) together with
+// its start time pins the identity, so a namespace inode the kernel
+// reuses later is a new job.
 //
 // A job ends when its pid namespace has no process left (its init exited:
 // the kernel then kills every other process in it) or when its lease runs
