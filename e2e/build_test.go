@@ -435,12 +435,12 @@ func TestBuildConcurrentClients(t *testing.T) {
 // and each shows it. Only the client whose request started mid saw them:
 // the other, which joined mid, got "1 dependencies of derivation … failed
 // to build" with no word of leaf (CI audit). The second client joins while
-// leaf runs; leaf prints until the test lets it fail.
+// leaf runs, silent until the test lets it fail.
 func TestBuildSharedInputsShown(t *testing.T) {
 	t.Parallel()
 	b := startBuildDaemon(t)
 	args := b.expr(t, "shared-inputs", `rec {
-  leaf = mk { name = "shared-leaf"; script = ": shared-leaf-${nonce}; while [ ! -e /marks/go ]; do echo leaf-waiting; sleep 0.1; done; echo leaf-error-detail >&2; exit 7"; };
+  leaf = mk { name = "shared-leaf"; script = ": shared-leaf-${nonce}; while [ ! -e /marks/go ]; do sleep 0.1; done; echo leaf-error-detail >&2; exit 7"; };
   mid = mk { name = "shared-mid"; inherit leaf; script = "echo > $out"; };
   topA = mk { name = "shared-top-a"; inherit mid; script = "echo > $out"; };
   topB = mk { name = "shared-top-b"; inherit mid; script = "echo > $out"; };

@@ -534,6 +534,9 @@ type Builder struct {
 	mu    sync.Mutex
 	goals map[goalKey]*goal
 	calls atomic.Uint64 // numbers the requests (call.id)
+	// waitGen changes whenever a goal's callers or dependents change:
+	// goals' cached waiters are good while it has not (see waiters).
+	waitGen atomic.Uint64
 	// running counts the goals under way, each until it has cleaned up
 	// (see Wait).
 	running sync.WaitGroup

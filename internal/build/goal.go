@@ -258,8 +258,13 @@ type goal struct {
 	mu   sync.Mutex
 	subs map[*call]int // waiting callers (count of their requests); the last to leave stops the goal
 	// dependents are the goals waiting for this one as an input (count
-	// of their waits): their callers wait for it too (see limits).
-	dependents map[*goal]int
+	// of their waits): their callers wait for it too (see waiters);
+	// inputs are the goals this one waits for, the other way round.
+	dependents, inputs map[*goal]int
+	// waitersCache is what waiters found when Builder.waitGen was
+	// waitersGen.
+	waitersCache []*call
+	waitersGen   uint64
 	// runningFor are the callers whose running builds count this goal's.
 	runningFor map[*call]bool
 	// counted are the callers whose counters count g's build as expected
@@ -307,6 +312,10 @@ func (b *Builder) joinGoal(req store.DerivedPath, drv *derivation.Derivation, c 
 	key := goalKey{req.Path, mode}
 	old := b.goals[key]
 	if old != nil && old.subscribe(c) {
+		// Its inputs being built are the new caller's too (see show).
+		for _, in := range old.inputsDeep() {
+			in.showTo([]*call{c})
+		}
 		return old
 	}
 	// None, or one being stopped (its last waiter left): a goal of its own,
@@ -332,7 +341,7 @@ func (b *Builder) joinGoal(req store.DerivedPath, drv *derivation.Derivation, c 
 func (b *Builder) newGoal(drvPath storepath.Path, drv *derivation.Derivation, owner *call, mode BuildMode, cancel context.CancelFunc, name string) *goal {
 	return &goal{
 		b: b, drvPath: drvPath, drv: drv, owner: owner, cancel: cancel, mode: mode, name: name,
-		done: make(chan struct{}), early: make(chan struct{}), subs: map[*call]int{}, dependents: map[*goal]int{},
+		done: make(chan struct{}), early: make(chan struct{}), subs: map[*call]int{}, dependents: map[*goal]int{}, inputs: map[*goal]int{},
 		runningFor: map[*call]bool{}, counted: map[*call]bool{}, round: Round{1, 1},
 	}
 }
@@ -345,6 +354,9 @@ func (g *goal) subscribe(c *call) bool {
 		return false
 	}
 	g.count(c)
+	if g.subs[c] == 0 {
+		g.b.waitGen.Add(1)
+	}
 	g.subs[c]++
 	if g.running {
 		// Joining a build under way (as an input of another goal, say):
@@ -376,18 +388,54 @@ type dependentKey struct{}
 // among g's dependents meanwhile.
 func (g *goal) waitFor(ctx context.Context, c *call) Result {
 	if d, ok := ctx.Value(dependentKey{}).(*goal); ok {
-		g.mu.Lock()
-		g.dependents[d]++
-		g.mu.Unlock()
-		defer func() {
-			g.mu.Lock()
-			if g.dependents[d]--; g.dependents[d] == 0 {
-				delete(g.dependents, d)
-			}
-			g.mu.Unlock()
-		}()
+		link(d, g, 1)
+		defer link(d, g, -1)
+		// Those waiting for d wait for g, and for what g waits for, now:
+		// the builds among them are theirs to see.
+		waiters := d.waiters()
+		for _, in := range append(g.inputsDeep(), g) {
+			in.showTo(waiters)
+		}
 	}
 	return g.wait(ctx, c)
+}
+
+// link adds n (1 or -1) to dependent d's waits for its input in, on both
+// sides, each goal locked on its own.
+func link(d, in *goal, n int) {
+	in.mu.Lock()
+	if in.dependents[d] += n; in.dependents[d] == 0 {
+		delete(in.dependents, d)
+	}
+	in.mu.Unlock()
+	d.mu.Lock()
+	if d.inputs[in] += n; d.inputs[in] == 0 {
+		delete(d.inputs, in)
+	}
+	d.mu.Unlock()
+	d.b.waitGen.Add(1)
+}
+
+// inputsDeep returns the goals g waits for, and those they wait for,
+// recursively, each once.
+func (g *goal) inputsDeep() []*goal {
+	var out []*goal
+	seen := map[*goal]bool{g: true}
+	var visit func(g *goal)
+	visit = func(g *goal) {
+		g.mu.Lock()
+		ins := slices.Collect(maps.Keys(g.inputs))
+		g.mu.Unlock()
+		for _, in := range ins {
+			if !seen[in] {
+				seen[in] = true
+				out = append(out, in)
+				visit(in)
+			}
+		}
+	}
+	visit(g)
+	return out
 }
 
 // limits are the max-silent-time and timeout the goal's builder runs
@@ -413,14 +461,25 @@ func (g *goal) limits() (maxSilent, timeout time.Duration) {
 // those of the goals waiting for it as an input, recursively. Each goal is
 // locked on its own (never g.mu with another held).
 func (g *goal) waiters() []*call {
+	gen := g.b.waitGen.Load()
 	g.mu.Lock()
-	if len(g.dependents) == 0 { // most goals' log lines: no walk
-		calls := slices.Collect(maps.Keys(g.subs))
+	if g.waitersCache != nil && g.waitersGen == gen { // a log line's, as a rule
+		calls := g.waitersCache
 		g.mu.Unlock()
 		return calls
 	}
 	g.mu.Unlock()
-	var calls []*call
+	calls := g.findWaiters()
+	g.mu.Lock()
+	g.waitersCache, g.waitersGen = calls, gen
+	g.mu.Unlock()
+	return calls
+}
+
+// findWaiters is waiters, found afresh: the returned slice is not
+// changed afterwards.
+func (g *goal) findWaiters() []*call {
+	calls := []*call{}
 	seenCall := map[*call]bool{}
 	seen := map[*goal]bool{}
 	var visit func(g *goal)
@@ -459,6 +518,18 @@ func (g *goal) show(c *call, drvAbs string) {
 	g.count(c)
 	c.count(counts{running: 1})
 	g.runningFor[c] = true
+}
+
+// showTo shows g's build to calls, if it runs (see show).
+func (g *goal) showTo(calls []*call) {
+	drvAbs := g.b.abs(g.drvPath)
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.running {
+		for _, c := range calls {
+			g.show(c, drvAbs)
+		}
+	}
 }
 
 // count counts g's build among c's expected builds, once. g.mu must be
@@ -526,6 +597,7 @@ func (g *goal) leave(c *call) {
 	g.subs[c]--
 	if g.subs[c] == 0 {
 		delete(g.subs, c)
+		g.b.waitGen.Add(1)
 		select {
 		case <-g.done:
 		default:
@@ -633,13 +705,9 @@ func (g *goal) unwanted() bool {
 // the builder running to one that has not seen it start (one that came to
 // wait while it ran).
 func (g *goal) each(f func(c *call)) {
-	drvAbs := g.b.abs(g.drvPath)
-	for _, c := range g.waiters() {
-		g.mu.Lock()
-		if g.running {
-			g.show(c, drvAbs)
-		}
-		g.mu.Unlock()
+	waiters := g.waiters()
+	g.showTo(waiters)
+	for _, c := range waiters {
 		f(c)
 	}
 }
@@ -668,16 +736,9 @@ func (g *goal) tellFailure(f *failure) {
 }
 
 // setRunning marks the goal's builder as running or not, counts it for
-// every caller and, when it starts, tells them (under g.mu, so that a
-// caller subscribing meanwhile hears of the start exactly once: see
-// subscribe).
+// every caller waiting for it and, when it starts, tells them (see show).
 func (g *goal) setRunning(on bool) {
-	var waiters []*call
-	if on {
-		waiters = g.waiters()
-	}
 	g.mu.Lock()
-	defer g.mu.Unlock()
 	g.running = on
 	g.shown = g.shown || on
 	if !on {
@@ -689,19 +750,13 @@ func (g *goal) setRunning(on bool) {
 			c.count(counts{running: -1})
 		}
 		clear(g.runningFor)
+		g.mu.Unlock()
 		return
 	}
-	drvAbs := g.b.abs(g.drvPath)
-	for _, c := range waiters {
-		// The build's activity first, then the count that includes it,
-		// as Nix's progress bar gets them. A caller already shown it
-		// sees it start again: a round of a repeated build.
-		if g.runningFor[c] {
-			c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.machine, g.mode, g.round) })
-			continue
-		}
-		g.show(c, drvAbs)
-	}
+	g.mu.Unlock()
+	// A caller that subscribes meanwhile is shown it by subscribe; show
+	// shows each caller once a run.
+	g.showTo(g.waiters())
 }
 
 // stopRunningFor takes the goal off c's running builds, if it is on them;
