@@ -551,7 +551,8 @@ in { c0 = list 0; c1 = list 1; c2 = list 2; c3 = list 3; }`)
 // their own, both building as the members of one build-users-group at
 // once, build as different users and neither kills the other's builder:
 // build users are locked in the host's userpool (here the tests' shared
-// NIX_STATE_DIR), as Nix locks them whatever store it serves. Each daemon
+// NIX_STATE_DIR), as Nix locks them whatever store it serves. Both
+// builders wait for the test until it has seen their users. Each daemon
 // locked them under its own root before: both took the first member, and
 // the second, killing that user's processes before its build, killed the
 // first's builder.
@@ -566,7 +567,7 @@ func TestBuildUsersSharedAcrossStores(t *testing.T) {
 	for i := range envs {
 		envs[i] = startBuildDaemon(t, "build-users-group = nixbld")
 		tokens[i] = fmt.Sprintf("users-%d-%s", i, envs[i].nonce)
-		args := envs[i].expr(t, "users", fmt.Sprintf(`{ slow = mk { name = "users"; script = ": %s; sleep 3; echo > $out"; }; }`, tokens[i]))
+		args := envs[i].expr(t, "users", fmt.Sprintf(`{ slow = mk { name = "users"; script = ": %s; while [ ! -e /marks/go ]; do sleep 0.1; done; echo > $out"; }; }`, tokens[i]))
 		builds[i] = envs[i].nixBuild(append(args, "-A", "slow", "--no-out-link")...).exec()
 	}
 	var stderr [2]strings.Builder
@@ -596,6 +597,9 @@ func TestBuildUsersSharedAcrossStores(t *testing.T) {
 	}
 	if uids[0] == "" || uids[0] == uids[1] {
 		t.Errorf("the two daemons' builders run as users %q and %q, want two different build users", uids[0], uids[1])
+	}
+	for _, e := range envs {
+		writeFile(t, filepath.Join(e.marks, "go"), "", 0o644)
 	}
 	for i, x := range builds {
 		if err := x.Wait(); err != nil {
