@@ -717,9 +717,10 @@ func TestCIDoctorStatic(t *testing.T) {
 }
 
 // TestListenMaxConnections: a --listen socket with max-connections=N
-// closes, unheard, a connection beyond N open ones (a flood on one job
-// socket cannot take the daemon's descriptors from the others); once one
-// ends, the real client is served again.
+// refuses a connection beyond N open ones, and the real client says why
+// (a flood on one job socket cannot take the daemon's descriptors from the
+// others: see TestListenMaxConns); once one ends, the client is served
+// again.
 func TestListenMaxConnections(t *testing.T) {
 	t.Parallel()
 	if useStock {
@@ -753,6 +754,8 @@ func TestListenMaxConnections(t *testing.T) {
 	})
 	if r := ping(); r.err == nil {
 		t.Errorf("a third connection to a socket with max-connections=2 was served:\n%s", r)
+	} else if !strings.Contains(r.stderr, "too many connections: the daemon's socket has 2 open") {
+		t.Errorf("the refused client was not told why:\n%s", r)
 	}
 	held[0].Close()
 	waitFor(t, "the client to be served again", func() bool { return ping().err == nil })

@@ -169,6 +169,7 @@ func (s *Server) serveListener(accept, conns context.Context, l net.Listener, po
 	defer wg.Wait()
 	backoff := 5 * time.Millisecond
 	var open atomic.Int64      // connections open on this socket
+	var told atomic.Int64      // connections beyond the cap being told why
 	var capLogged atomic.Int64 // when the cap was last logged (unix seconds)
 	for {
 		nc, err := l.Accept()
@@ -191,12 +192,27 @@ func (s *Server) serveListener(accept, conns context.Context, l net.Listener, po
 		}
 		backoff = 5 * time.Millisecond
 		if n := open.Add(1); pol.MaxConns > 0 && n > int64(pol.MaxConns) {
-			// Closed at once, unheard: a flood must not hold descriptors.
 			open.Add(-1)
-			nc.Close()
 			if now := time.Now().Unix(); capLogged.Swap(now) < now-10 {
 				s.log.Warn("refusing connections: the socket has as many open as it may (max-connections)", "socket", l.Addr().String(), "max", pol.MaxConns, "tenant", pol.Tenant)
 			}
+			// A few are told why, each within the refused handshake's
+			// wait; the rest of a flood is closed at once, unheard: it
+			// must not hold descriptors.
+			if told.Add(1) > maxToldOverCap {
+				told.Add(-1)
+				nc.Close()
+				continue
+			}
+			wg.Add(1)
+			s.open.Add(1)
+			go func() {
+				defer wg.Done()
+				defer s.connEnded()
+				defer told.Add(-1)
+				defer nc.Close()
+				s.refuseOverCap(conns, nc, pol)
+			}()
 			continue
 		}
 		wg.Add(1)
@@ -209,6 +225,24 @@ func (s *Server) serveListener(accept, conns context.Context, l net.Listener, po
 			s.serveNetConn(conns, nc, pol)
 		}()
 	}
+}
+
+// maxToldOverCap is how many connections beyond a socket's max-connections
+// are told why they are refused at once; more are closed unheard.
+const maxToldOverCap = 16
+
+// refuseOverCap tells a client of a socket that has as many connections
+// open as it may why it is refused, as a refused peer is told (see serve),
+// without counting it against its job.
+func (s *Server) refuseOverCap(ctx context.Context, nc net.Conn, pol ListenPolicy) {
+	stop := context.AfterFunc(ctx, func() { nc.Close() })
+	defer stop()
+	p := s.identify(nc)
+	p.trusted, p.tenant = false, pol.Tenant
+	p.refused = fmt.Sprintf("too many connections: the daemon's socket has %d open, as many as it may (max-connections); try again later", pol.MaxConns)
+	mc := s.opts.Metrics.Conn(p.tenant, p.trust())
+	defer mc.Close()
+	s.serve(ctx, nc, nc, p, s.log.With("pid", p.pid, "user", p.user, "tenant", p.tenant), mc)
 }
 
 // readDeadliner is a client's stream whose reads can be given a deadline

@@ -204,11 +204,13 @@ func TestRefusedHandshakeTimeout(t *testing.T) {
 	}
 }
 
-// TestListenMaxConns: a socket with max-connections N closes, at once and
-// unheard, a connection beyond N open ones (a flood holds no descriptors);
-// once one closes, the next is served.
+// TestListenMaxConns: a socket with max-connections N tells a client
+// beyond N open connections why it is refused; of a flood beyond that,
+// maxToldOverCap are held to be told (each for the refused handshake's
+// wait at most) and the rest closed at once, unheard (a flood holds few
+// descriptors); once one of the N closes, the next is served.
 func TestListenMaxConns(t *testing.T) {
-	d := startDaemon(t, Options{})
+	d := startDaemon(t, Options{refusedHandshakeTimeout: time.Minute})
 	sock := filepath.Join(t.TempDir(), "job-socket")
 	l, err := net.Listen("unix", sock)
 	if err != nil {
@@ -232,14 +234,32 @@ func TestListenMaxConns(t *testing.T) {
 		defer c.Close()
 		held = append(held, c)
 	}
-	extra, err := net.Dial("unix", sock)
-	if err != nil {
-		t.Fatal(err)
+	if _, err := client.Dial(context.Background(), sock); err == nil || !strings.Contains(err.Error(), "too many connections") {
+		t.Errorf("a third client: %v, want it told of too many connections", err)
 	}
-	defer extra.Close()
-	extra.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if _, err := extra.Read(make([]byte, 1)); err != io.EOF {
-		t.Errorf("a third connection: read %v, want it closed (EOF)", err)
+	// A flood that says nothing: some held (to be told), the rest closed.
+	const flood = maxToldOverCap + 8
+	closed := make(chan bool, flood)
+	for range flood {
+		c, err := net.Dial("unix", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		go func() {
+			c.SetReadDeadline(time.Now().Add(3 * time.Second))
+			_, err := c.Read(make([]byte, 1))
+			closed <- err == io.EOF
+		}()
+	}
+	nClosed := 0
+	for range flood {
+		if <-closed {
+			nClosed++
+		}
+	}
+	if nClosed < flood-maxToldOverCap {
+		t.Errorf("%d of a flood of %d closed at once, want at least %d (the rest held to be told)", nClosed, flood, flood-maxToldOverCap)
 	}
 	held[0].Close()
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
