@@ -716,6 +716,28 @@ func TestCIDoctorStatic(t *testing.T) {
 	}
 }
 
+// TestJobSocketHostClientRoots: a client on the host (a shell runner's
+// job, in the daemon's pid and mount namespaces) that reaches the daemon
+// through a job socket keeps its out-links as roots, as through the
+// default socket: its links are the host's files. A container's are not
+// (TestCIJob). They were ignored for every job-socket client (CI audit).
+func TestJobSocketHostClientRoots(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("--listen is nixyard's")
+	}
+	e := newEnv(t)
+	sock := filepath.Join(e.dir, "job.sock")
+	d := e.startDaemon(t, withDaemonArgs("--listen", sock+",tenant=shell"))
+	p := oneLine(t, "add", d.nixStore(t, "--add", d.file(t, "shell-root", "kept by its out-link "+d.nonce)))
+	link := filepath.Join(e.dir, "result")
+	e.cmd("nix-store", "--store", "unix://"+sock+"?root="+d.root, "-r", p, "--add-root", link).ok(t)
+	d.nixStore(t, "--gc")
+	if !d.isValid(t, p) {
+		t.Errorf("%s, with an out-link made through the job socket by a client on the host, was collected", p)
+	}
+}
+
 // TestListenMaxConnections: a --listen socket with max-connections=N
 // refuses a connection beyond N open ones, and the real client says why
 // (a flood on one job socket cannot take the daemon's descriptors from the

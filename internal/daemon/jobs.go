@@ -6,6 +6,7 @@ import (
 
 	"github.com/nixyard/nixyard/internal/jobs"
 	"github.com/nixyard/nixyard/internal/store"
+	"golang.org/x/sys/unix"
 )
 
 // applyPolicy adjusts the peer of a connection accepted on a socket with
@@ -26,6 +27,7 @@ func (s *Server) applyPolicy(p *peer, pol ListenPolicy) {
 	var tooMany *jobs.TooManyConnsError
 	switch {
 	case errors.Is(err, jobs.ErrNotJob):
+		p.hostFiles = sameRoot(p.pid)
 	case errors.As(err, &tooMany):
 		p.refused = err.Error()
 	case err != nil && pol.Untrusted:
@@ -40,6 +42,18 @@ func (s *Server) applyPolicy(p *peer, pol ListenPolicy) {
 	default:
 		p.job = jc
 	}
+}
+
+// sameRoot reports whether process pid has the daemon's root directory:
+// its paths name the daemon's files. (Not whether it is in the daemon's
+// mount namespace: a Nix client of a chroot store makes one of its own,
+// a copy of the host's.)
+func sameRoot(pid int32) bool {
+	var theirs, ours unix.Stat_t
+	if unix.Stat(fmt.Sprintf("/proc/%d/root", pid), &theirs) != nil || unix.Stat("/", &ours) != nil {
+		return false
+	}
+	return theirs.Dev == ours.Dev && theirs.Ino == ours.Ino
 }
 
 // openSession returns the temporary roots of connection c: its job's, kept

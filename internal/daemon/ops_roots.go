@@ -37,10 +37,11 @@ func opAddIndirectRootHandler(ctx context.Context, c *conn) error {
 		return fmt.Errorf("indirect root '%s' is not an absolute path", link)
 	}
 	link = filepath.Clean(link)
-	if c.peer.jobSock {
+	if c.peer.jobSock && !c.peer.hostFiles {
 		// The link is in the job's container, which the host's collector
 		// does not see (it would follow the same name on the host); the
-		// job session holds what the job uses meanwhile.
+		// job session holds what the job uses meanwhile. (A client on the
+		// host, a shell runner's job, makes its roots as anyone's.)
 		c.log.Debug("not adding an indirect root from a job socket", "link", link)
 		c.stopWork()
 		c.out.U64(1)

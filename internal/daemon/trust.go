@@ -19,11 +19,14 @@ type peer struct {
 	uid     int   // -1 if unknown
 	user    string
 	trusted bool
-	refused string     // non-empty: why the connection is refused
-	tenant  string     // the listening socket's tenant, if any
-	jobSock bool       // connected through a trusted=false (job) socket
-	hook    bool       // the build hook's connection (its private socket)
-	job     *jobs.Conn // the peer's job, if it is in a container
+	refused string // non-empty: why the connection is refused
+	tenant  string // the listening socket's tenant, if any
+	jobSock bool   // connected through a trusted=false (job) socket
+	// hostFiles: the peer has the daemon's root directory, so its paths
+	// name the daemon's files.
+	hostFiles bool
+	hook      bool       // the build hook's connection (its private socket)
+	job       *jobs.Conn // the peer's job, if it is in a container
 }
 
 // trust names the peer's standing, as logs and metrics say it:
