@@ -290,3 +290,42 @@ func (p *holdingProxy) close() {
 		p.mu.Unlock()
 	})
 }
+
+// TestStalledUploadTellsWaiters: a client that starts uploading a path and
+// stops sending holds the path's lock; another client adding the same path
+// is told it waits for that lock, as Nix tells it ("waiting for lock on
+// …"), rather than hanging without a word, and finishes once the first
+// one goes.
+func TestStalledUploadTellsWaiters(t *testing.T) {
+	if useStock {
+		t.Skip("nix-daemon waits for the lock of an addition without a word (it tells a build's)")
+	}
+	t.Parallel()
+	e := newEnv(t)
+	d := e.startDaemon(t)
+	contents := "added by two clients " + d.nonce
+	file := d.file(t, "stalled/file", contents)
+	path := oneLine(t, "add", e.local(e.otherStore("other"), "nix-store", "--add", file).ok(t))
+	stalled := dialProto(t, d.sock)
+	up := narUpload{path: path, nar: narRegular(contents, false)}
+	if err := stalled.sendAddToStoreNar(up, len(up.nar)/2); err != nil {
+		t.Fatal(err)
+	}
+	add := d.client("nix-store", "--add", file).exec()
+	var stderr lockedBuffer
+	add.Stderr = &stderr
+	if err := add.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer add.Process.Kill()
+	waitFor(t, "the second client to be told it waits", func() bool {
+		return strings.Contains(stderr.String(), "waiting for lock on '"+path+"'")
+	})
+	stalled.c.Close()
+	if err := add.Wait(); err != nil {
+		t.Fatalf("nix-store --add after the stalled upload went: %v\n%s", err, stderr.String())
+	}
+	if !d.isValid(t, path) {
+		t.Errorf("%s not valid", path)
+	}
+}

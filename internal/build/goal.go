@@ -1155,7 +1155,10 @@ func (g *goal) realise(ctx context.Context) Result {
 		runTestHook(&testHookUnwanted, g)
 		return stoppedByFailure()
 	}
-	locks, err := b.st.LockOutputs(ctx, slices.Collect(maps.Values(outPaths)))
+	// Another process (or a client still sending an output's path) may
+	// hold them: the callers are told they wait.
+	tell := func(msg string) { g.each(func(c *call) { c.emit(func(p Progress) { p.Info(msg) }) }) }
+	locks, err := b.st.LockOutputs(store.WithClientLog(ctx, tell), slices.Collect(maps.Values(outPaths)))
 	if err != nil {
 		return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -122,7 +123,15 @@ type pathLock struct {
 // PathLocks::lockPaths does: after taking the flock it checks that the lock
 // file was not deleted by its previous holder (which writes a byte into it
 // before unlinking), and starts again if it was.
+//
+// A client that has to wait is told so (WithClientLog), as Nix tells it:
+// the holder may be a client still sending the path, or a build of it.
 func (s *Store) lockPath(ctx context.Context, realPath string) (*pathLock, error) {
+	if l, err := s.locks.lock(ctx, realPath, false); l != nil || err != nil {
+		return l, err
+	}
+	logical := string(s.cfg.StoreDir) + strings.TrimPrefix(realPath, s.cfg.RealStoreDir)
+	clientLog(ctx)(fmt.Sprintf("waiting for lock on '%s'", logical))
 	return s.locks.lock(ctx, realPath, true)
 }
 
