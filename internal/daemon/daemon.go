@@ -103,6 +103,9 @@ type Options struct {
 	// why once it has said hello; 2 s), and the idleness after which a
 	// stopping daemon closes a connection (20 s).
 	handshakeTimeout, refusedHandshakeTimeout, idleCloseAfter time.Duration
+	// uploadStall is how long an upload may send nothing before it is
+	// abandoned (defaultUploadStall).
+	uploadStall time.Duration
 	// clientCPU reads a client process's CPU time (procCPU; tests fake it).
 	clientCPU func(pid int32) (ticks uint64, ok bool)
 	// beforeOp, if set, runs before each op's handler (tests make an op
@@ -139,6 +142,7 @@ func New(opts Options) *Server {
 	opts.handshakeTimeout = cmp.Or(opts.handshakeTimeout, time.Minute)
 	opts.refusedHandshakeTimeout = cmp.Or(opts.refusedHandshakeTimeout, 2*time.Second)
 	opts.idleCloseAfter = cmp.Or(opts.idleCloseAfter, 20*time.Second)
+	opts.uploadStall = cmp.Or(opts.uploadStall, defaultUploadStall)
 	if opts.clientCPU == nil {
 		opts.clientCPU = procCPU
 	}

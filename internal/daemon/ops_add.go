@@ -32,7 +32,8 @@ import (
 // daemon has hung up, Nix 2.8's client drops the error and exits 0
 // without the paths.
 func (c *conn) withFramed(ctx context.Context, fn func(fr *wire.FramedReader) error) error {
-	fr := wire.NewFramedReader(c.br)
+	watch := c.watchStall(c.br)
+	fr := wire.NewFramedReader(watch)
 	stopped := c.interruptReadsOnStop(ctx)
 	err := fn(fr)
 	cut := errors.Is(context.Cause(ctx), errStopping) // fn ended as the stop came
@@ -42,6 +43,9 @@ func (c *conn) withFramed(ctx context.Context, fn func(fr *wire.FramedReader) er
 		c.setReadDeadline(time.Now().Add(stoppingDelay))
 	}
 	derr := fr.Drain() // cut short by a stop, if fn failed
+	if watch.stop() {
+		return fatal(watch.err())
+	}
 	if err != nil && stopped() {
 		// Told now, not once the rest is read: the stop's reason, or
 		// fn's own if the stop only came while the rest was read.
@@ -89,6 +93,62 @@ func (c *conn) interruptReadsOnStop(ctx context.Context) (stopped func() bool) {
 	}
 }
 
+// defaultUploadStall is how long an upload may send nothing before the
+// daemon abandons it. An upload holds the locks of the paths it adds
+// (whoever else adds, builds or substitutes them waits), and a client
+// that stops sending, or a job that does so on purpose, would hold them
+// for as long as it keeps its connection. Nix's own downloads give up
+// after 300 s without data (stalled-download-timeout).
+const defaultUploadStall = 10 * time.Minute
+
+// stallWatch reads an upload, and abandons it (its connection's reads
+// fail at once) once it has sent nothing for the daemon's uploadStall.
+type stallWatch struct {
+	r     io.Reader
+	after time.Duration
+	timer *time.Timer
+
+	mu     sync.Mutex
+	done   bool // stopped: the timer no longer acts
+	stalls bool // the timer fired before that
+}
+
+// watchStall watches the upload that c reads through r.
+func (c *conn) watchStall(r io.Reader) *stallWatch {
+	w := &stallWatch{r: r, after: c.srv.opts.uploadStall}
+	w.timer = time.AfterFunc(w.after, func() {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		if !w.done {
+			w.stalls = true
+			c.setReadDeadline(time.Now())
+		}
+	})
+	return w
+}
+
+func (w *stallWatch) Read(p []byte) (int, error) {
+	n, err := w.r.Read(p)
+	if n > 0 {
+		w.timer.Reset(w.after)
+	}
+	return n, err
+}
+
+// stop ends the watch and reports whether the upload was abandoned.
+func (w *stallWatch) stop() bool {
+	w.timer.Stop()
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.done = true
+	return w.stalls
+}
+
+// err is the error of an abandoned upload.
+func (w *stallWatch) err() error {
+	return fmt.Errorf("upload stalled: the client sent nothing for %v, and the upload was abandoned (it held the locks of the paths it was adding)", w.after)
+}
+
 // setReadDeadline sets the deadline of the client's stream's reads, if it
 // has one.
 func (c *conn) setReadDeadline(t time.Time) {
@@ -99,9 +159,14 @@ func (c *conn) setReadDeadline(t time.Time) {
 
 // withRawNAR is withFramed for an unframed NAR on the stream.
 func (c *conn) withRawNAR(r io.Reader, fn func(x *narExtractor) error) error {
-	x := newNarExtractor(r)
+	watch := c.watchStall(r)
+	x := newNarExtractor(watch)
 	err := fn(x)
-	if derr := x.drain(); derr != nil {
+	derr := x.drain()
+	if watch.stop() {
+		return fatal(watch.err())
+	}
+	if derr != nil {
 		if err == nil {
 			err = derr
 		}

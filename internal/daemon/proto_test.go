@@ -400,6 +400,47 @@ func TestRefusedBuildUser(t *testing.T) {
 	}
 }
 
+// TestUploadStallAbandoned: an upload that sends nothing for the daemon's
+// uploadStall is abandoned, and the lock of the path it was adding goes
+// with it: another client adding the same path, which waited for that
+// lock, adds it.
+func TestUploadStallAbandoned(t *testing.T) {
+	d := startDaemon(t, Options{uploadStall: 200 * time.Millisecond})
+	ctx := context.Background()
+	info, data := testNAR(t, "stalled", strings.Repeat("sent by halves, then nothing ", 1<<15)) // half of it is past the client's buffers
+	release := make(chan struct{})
+	defer close(release)
+	stalled := dial(t, d, 1<<8|34)
+	go stalled.AddToStoreNar(ctx, info, io.MultiReader(bytes.NewReader(data[:len(data)/2]), readerFunc(func([]byte) (int, error) {
+		<-release
+		return 0, io.EOF
+	})), false, true)
+	// Once the path's lock file is there, the stalled upload holds it.
+	lockFile := d.st.RealPath(info.Path) + ".lock"
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if _, err := os.Stat(lockFile); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the stalled upload never took the path's lock")
+		}
+	}
+	other := dial(t, d, 1<<8|34)
+	octx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := other.AddToStoreNar(octx, info, bytes.NewReader(data), false, true); err != nil {
+		t.Fatalf("adding the path while another client's upload of it stalled: %v", err)
+	}
+	if !strings.Contains(d.logs.String(), "upload stalled") {
+		t.Errorf("the daemon's log does not say the stalled upload was abandoned:\n%s", d.logs.String())
+	}
+}
+
+// readerFunc is a function as an io.Reader.
+type readerFunc func([]byte) (int, error)
+
+func (f readerFunc) Read(p []byte) (int, error) { return f(p) }
+
 // TestPanicEndsOneConnection: a panic while serving an op ends that
 // connection, with an error the daemon logs, and the daemon goes on
 // serving the others.
