@@ -484,8 +484,23 @@ func TestCIWarmJobHoldsPaths(t *testing.T) {
 	t.Parallel()
 	c := startCIHost(t)
 	c.nixStore(t, "-r", c.out) // the host is warm; the connection is gone
-	ctl := c.ctlDir(t, "warm")
-	job := c.jobCmd(ctl, `nix-store -r "$OUT" >/dev/null
+	c.jobHoldsThroughGC(t, "warm", `nix-store -r "$OUT" >/dev/null`, "which the job realised (valid already)")
+	c.nixStore(t, "--gc")
+	for _, p := range []string{c.out, c.dep} {
+		if c.isValid(t, p) {
+			t.Errorf("%s survived a collection after the job ended", p)
+		}
+	}
+}
+
+// jobHoldsThroughGC runs a job that realises c.out with the shell line
+// realise, then waits while the host collects, and checks that c.out and
+// its reference are still valid and readable in the job afterwards; held
+// says why they should be, in errors.
+func (c *ciEnv) jobHoldsThroughGC(t *testing.T, name, realise, held string) {
+	t.Helper()
+	ctl := c.ctlDir(t, name)
+	job := c.jobCmd(ctl, realise+`
 touch /ctl/ready
 while [ ! -e /ctl/go ]; do sleep 0.1; done
 cat "/mnt$OUT" > /ctl/after
@@ -496,7 +511,7 @@ cat "/mnt$OUT" > /ctl/after
 	c.nixStore(t, "--gc")
 	for _, p := range []string{c.out, c.dep} {
 		if !c.isValid(t, p) {
-			t.Errorf("a collection deleted %s, which the job realised (valid already)", p)
+			t.Errorf("a collection deleted %s, %s", p, held)
 		}
 	}
 	writeFile(t, filepath.Join(ctl, "go"), "", 0o644)
@@ -505,12 +520,6 @@ cat "/mnt$OUT" > /ctl/after
 	}
 	if got, want := readCtl(t, ctl, "after"), c.nonce+" "+c.dep; got != want {
 		t.Errorf("the job read %q after the collection, want %q", got, want)
-	}
-	c.nixStore(t, "--gc")
-	for _, p := range []string{c.out, c.dep} {
-		if c.isValid(t, p) {
-			t.Errorf("%s survived a collection after the job ended", p)
-		}
 	}
 }
 
@@ -522,25 +531,8 @@ cat "/mnt$OUT" > /ctl/after
 func TestCINestedNamespaceJob(t *testing.T) {
 	t.Parallel()
 	c := startCIHost(t)
-	ctl := c.ctlDir(t, "nested")
-	job := c.jobCmd(ctl, `unshare --pid --fork --kill-child nix-store -r "$OUT" > /ctl/realised
-touch /ctl/ready
-while [ ! -e /ctl/go ]; do sleep 0.1; done
-cat "/mnt$OUT" > /ctl/after
-`)
-	done := make(chan result, 1)
-	go func() { done <- job.run(t) }()
-	waitCtl(t, ctl, "ready")
-	c.nixStore(t, "--gc")
-	for _, p := range []string{c.out, c.dep} {
-		if !c.isValid(t, p) {
-			t.Errorf("a collection deleted %s, which the job realised from a nested pid namespace while it still runs", p)
-		}
-	}
-	writeFile(t, filepath.Join(ctl, "go"), "", 0o644)
-	if r := <-done; r.err != nil {
-		t.Fatalf("job:\n%s", r)
-	}
+	c.jobHoldsThroughGC(t, "nested", `unshare --pid --fork --kill-child nix-store -r "$OUT" >/dev/null`,
+		"which the job realised from a nested pid namespace while it still runs")
 }
 
 // TestCIJobConnectionLimit: a job may hold job-max-connections

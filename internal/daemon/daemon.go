@@ -195,6 +195,19 @@ func (s *Server) serveListener(accept, conns context.Context, l net.Listener, po
 			return fmt.Errorf("daemon: accept: %w", err)
 		}
 		backoff = 5 * time.Millisecond
+		// serveCounted serves nc with serve, counted in counter (which
+		// the caller has added it to) until it ends.
+		serveCounted := func(counter *atomic.Int64, serve func(context.Context, net.Conn, ListenPolicy)) {
+			wg.Add(1)
+			s.open.Add(1)
+			go func() {
+				defer wg.Done()
+				defer s.connEnded()
+				defer counter.Add(-1)
+				defer nc.Close()
+				serve(conns, nc, pol)
+			}()
+		}
 		if n := open.Add(1); pol.MaxConns > 0 && n > int64(pol.MaxConns) {
 			open.Add(-1)
 			if now := time.Now().Unix(); capLogged.Swap(now) < now-10 {
@@ -208,26 +221,10 @@ func (s *Server) serveListener(accept, conns context.Context, l net.Listener, po
 				nc.Close()
 				continue
 			}
-			wg.Add(1)
-			s.open.Add(1)
-			go func() {
-				defer wg.Done()
-				defer s.connEnded()
-				defer told.Add(-1)
-				defer nc.Close()
-				s.refuseOverCap(conns, nc, pol)
-			}()
+			serveCounted(&told, s.refuseOverCap)
 			continue
 		}
-		wg.Add(1)
-		s.open.Add(1)
-		go func() {
-			defer wg.Done()
-			defer s.connEnded()
-			defer open.Add(-1)
-			defer nc.Close()
-			s.serveNetConn(conns, nc, pol)
-		}()
+		serveCounted(&open, s.serveNetConn)
 	}
 }
 
