@@ -102,15 +102,18 @@ func (c *conn) interruptReadsOnStop(ctx context.Context) (stopped func() bool) {
 const defaultUploadStall = 10 * time.Minute
 
 // stallWatch reads an upload, and abandons it (its connection's reads
-// fail at once) once it has sent nothing for the daemon's uploadStall.
+// fail at once) once a read has waited for the client for the daemon's
+// uploadStall: only the client's silence counts, not the daemon's own
+// waits between reads (for a path's lock, a collection, the disk).
 type stallWatch struct {
 	r     io.Reader
 	after time.Duration
 	timer *time.Timer
 
-	mu     sync.Mutex
-	done   bool // stopped: the timer no longer acts
-	stalls bool // the timer fired before that
+	mu      sync.Mutex
+	reading bool // a read waits for the client
+	done    bool // stopped: the timer no longer acts
+	stalls  bool // the timer fired during a read
 }
 
 // watchStall watches the upload that c reads through r.
@@ -119,19 +122,25 @@ func (c *conn) watchStall(r io.Reader) *stallWatch {
 	w.timer = time.AfterFunc(w.after, func() {
 		w.mu.Lock()
 		defer w.mu.Unlock()
-		if !w.done {
+		if w.reading && !w.done {
 			w.stalls = true
 			c.setReadDeadline(time.Now())
 		}
 	})
+	w.timer.Stop()
 	return w
 }
 
 func (w *stallWatch) Read(p []byte) (int, error) {
+	w.mu.Lock()
+	w.reading = true
+	w.mu.Unlock()
+	w.timer.Reset(w.after)
 	n, err := w.r.Read(p)
-	if n > 0 {
-		w.timer.Reset(w.after)
-	}
+	w.timer.Stop()
+	w.mu.Lock()
+	w.reading = false
+	w.mu.Unlock()
 	return n, err
 }
 

@@ -436,6 +436,27 @@ func TestUploadStallAbandoned(t *testing.T) {
 	}
 }
 
+// TestUploadWaitingNotStalled: an upload that waits longer than the
+// daemon's uploadStall for its path's lock (held by a build, say) is not
+// taken for a stalled one: only the client's silence counts.
+func TestUploadWaitingNotStalled(t *testing.T) {
+	d := startDaemon(t, Options{uploadStall: 100 * time.Millisecond})
+	ctx := context.Background()
+	info, data := testNAR(t, "waits", strings.Repeat("waits for its lock ", 1<<14))
+	locks, err := d.st.LockOutputs(ctx, []storepath.Path{info.Path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	added := make(chan error, 1)
+	c := dial(t, d, 1<<8|34)
+	go func() { added <- c.AddToStoreNar(ctx, info, bytes.NewReader(data), false, true) }()
+	time.Sleep(5 * 100 * time.Millisecond) // the upload waits for the lock meanwhile
+	locks.Unlock()
+	if err := <-added; err != nil {
+		t.Errorf("an upload that waited for its path's lock: %v", err)
+	}
+}
+
 // readerFunc is a function as an io.Reader.
 type readerFunc func([]byte) (int, error)
 

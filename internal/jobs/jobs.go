@@ -82,8 +82,11 @@ type Manager struct {
 	log      *slog.Logger
 	depth    int
 	selfNS   string // the daemon's pid namespace, as pidNS names it
-	// selfNSIno is the inode number of the daemon's pid namespace.
-	selfNSIno uint64
+	// selfNSDev and selfNSIno identify the daemon's pid namespace.
+	selfNSDev, selfNSIno uint64
+	// noParents warns once that the kernel cannot tell a namespace's
+	// parent (see jobNS).
+	noParents sync.Once
 
 	mu sync.Mutex
 	// journalLock is held while this Manager keeps the jobs' journals
@@ -212,7 +215,7 @@ func New(ctx context.Context, st *store.Store, opts Options) (*Manager, error) {
 	if err := unix.Stat(filepath.Join(m.proc, "self", "ns", "pid"), &nsStat); err != nil {
 		return nil, fmt.Errorf("jobs: reading the daemon's pid namespace: %w", err)
 	}
-	m.selfNS, m.selfNSIno = ns, nsStat.Ino
+	m.selfNS, m.selfNSDev, m.selfNSIno = ns, nsStat.Dev, nsStat.Ino
 	// The journals are one daemon's: another process on the store (a
 	// second daemon, say) keeps none, and leaves them alone.
 	if err := os.MkdirAll(m.journalDir(), 0o700); err != nil {

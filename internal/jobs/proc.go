@@ -42,7 +42,7 @@ func (m *Manager) jobNS(pid int) (string, error) {
 		if err := unix.Fstat(fd, &st); err != nil {
 			return "", err
 		}
-		if st.Ino == m.selfNSIno {
+		if st.Dev == m.selfNSDev && st.Ino == m.selfNSIno {
 			break
 		}
 		chain = append(chain, st.Ino)
@@ -50,9 +50,18 @@ func (m *Manager) jobNS(pid int) (string, error) {
 			return "", errors.New("no pid namespace above it is the daemon's")
 		}
 		parent, err := unix.IoctlRetInt(fd, unix.NS_GET_PARENT)
+		if errors.Is(err, unix.ENOTTY) || errors.Is(err, unix.EINVAL) {
+			// A kernel before 4.9 (or a sandbox) cannot say: the
+			// client's own namespace names its job.
+			m.noParents.Do(func() {
+				m.log.Warn("the kernel cannot tell a pid namespace's parent (NS_GET_PARENT): a pid namespace a job makes inside its container is a job of its own", "err", err)
+			})
+			return fmt.Sprintf("pid:[%d]", chain[0]), nil
+		}
 		if err != nil {
-			// EPERM: above the daemon's namespace, or beside it.
-			return "", fmt.Errorf("the daemon's pid namespace is not above the client's: %w", err)
+			// EPERM: the namespace has no parent the daemon may see: the
+			// client's is not below the daemon's.
+			return "", fmt.Errorf("no pid namespace above the client's is the daemon's: %w", err)
 		}
 		unix.Close(fd)
 		fd = parent
