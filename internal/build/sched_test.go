@@ -414,3 +414,40 @@ func TestKeepGoingShared(t *testing.T) {
 		t.Error("the other input was not built for the caller that keeps going")
 	}
 }
+
+// TestWaiters: a goal's waiters are its callers and those of the goals
+// waiting for it, recursively, and follow every change of either, cached
+// or not: a caller that joins or leaves, a dependent that starts or stops
+// waiting.
+func TestWaiters(t *testing.T) {
+	e := newPlainEnv(t)
+	b := e.builder(Config{})
+	noop := func() {}
+	leaf := b.newGoal(storepath.Path{}, nil, nil, ModeNormal, noop, "leaf")
+	mid := b.newGoal(storepath.Path{}, nil, nil, ModeNormal, noop, "mid")
+	a, c := b.newCall(ClientOptions{}, nil), b.newCall(ClientOptions{}, nil)
+	want := func(what string, g *goal, calls ...*call) {
+		t.Helper()
+		got := g.waiters()
+		if len(got) != len(calls) {
+			t.Errorf("%s: %d waiters, want %d", what, len(got), len(calls))
+			return
+		}
+		for _, want := range calls {
+			if !slices.Contains(got, want) {
+				t.Errorf("%s: waiters lack call %d", what, want.id)
+			}
+		}
+	}
+	leaf.subscribe(a)
+	want("leaf's caller", leaf, a)
+	mid.subscribe(c)
+	want("before mid waits for leaf", leaf, a)
+	link(mid, leaf, 1)
+	want("mid waiting for leaf", leaf, a, c)
+	want("mid", mid, c)
+	link(mid, leaf, -1)
+	want("mid no longer waiting", leaf, a)
+	leaf.leave(a)
+	want("leaf's caller gone", leaf)
+}
