@@ -419,7 +419,11 @@ func TestSubstituteFaults(t *testing.T) {
 		faults []cachetest.Fault
 		always *cachetest.Fault
 		remove bool // delete the NAR file from the cache
-		fails  bool
+		// narSize, if set, is the NarSize the narinfo says (a cache's
+		// wrong metadata), and says the error that names it.
+		narSize string
+		says    string
+		fails   bool
 	}{
 		{name: "reset", faults: []cachetest.Fault{{ResetAfter: 64}}},
 		{name: "5xx", faults: []cachetest.Fault{{Status: 500}, {Status: 502}, {Status: 503}}},
@@ -428,6 +432,7 @@ func TestSubstituteFaults(t *testing.T) {
 		{name: "truncated", faults: []cachetest.Fault{{CutAfter: 100}}},
 		{name: "badhash", always: &cachetest.Fault{FlipByte: 120}, fails: true},
 		{name: "nonar", remove: true, fails: true},
+		{name: "narsize", narSize: "100", says: "size mismatch importing path", fails: true},
 	}
 	type fx struct{ out, dep string }
 	fxs := map[string]fx{}
@@ -451,6 +456,13 @@ func TestSubstituteFaults(t *testing.T) {
 			if err := os.Remove(filepath.Join(cacheDir, nar)); err != nil {
 				t.Fatal(err)
 			}
+		case c.narSize != "":
+			ni := filepath.Join(cacheDir, filepath.Base(f.out)[:32]+".narinfo")
+			b, err := os.ReadFile(ni)
+			if err != nil {
+				t.Fatal(err)
+			}
+			writeFile(t, ni, regexp.MustCompile(`(?m)^NarSize: \d+$`).ReplaceAllString(string(b), "NarSize: "+c.narSize), 0o644)
 		default:
 			srv.Inject(nar, c.faults...)
 		}
@@ -474,6 +486,9 @@ func TestSubstituteFaults(t *testing.T) {
 		// names the NAR's URL in every case).
 		if !strings.Contains(r.stderr, "'"+srv.URL+"'") || c.remove && !strings.Contains(r.stderr, "'"+nar+"'") {
 			t.Errorf("%s: the error does not name the cache %s (and the NAR %s it lacks):\n%s", c.name, srv.URL, nar, r)
+		}
+		if !strings.Contains(r.stderr, c.says) {
+			t.Errorf("%s: the error does not say %q:\n%s", c.name, c.says, r)
 		}
 		if d.isValid(t, f.out) {
 			t.Errorf("%s: %s was registered", c.name, f.out)

@@ -482,6 +482,11 @@ func (s *Substituter) streamInto(ctx context.Context, up *upstream, info *Info, 
 	}
 	// In Nix's words: the client is told which path and which cache.
 	if errors.Is(err, io.ErrUnexpectedEOF) {
+		if nr.n == int64(info.NarSize) {
+			// Cut off at NarSize, and the NAR went on: its narinfo is
+			// wrong, not the transfer.
+			return &saidError{hint.Fmt("size mismatch importing path '%s' from '%s'; specified: %d; got: more", s.cfg.StoreDir.Abs(info.StorePath), up.base, info.NarSize), err}
+		}
 		return &saidError{hint.Fmt("NAR for '%s' fetched from '%s' is incomplete", s.cfg.StoreDir.Abs(info.StorePath), up.base), err}
 	}
 	return err
