@@ -255,6 +255,13 @@ type goal struct {
 	// whichever callers come and go.
 	roots *store.Session
 
+	// mu guards the fields from subs to round. A goal is locked on its
+	// own, never with another goal's lock held: what follows the links
+	// between goals (waiters, inputsDeep, link) locks one goal at a time,
+	// and a goal that tells the callers of others (each, setRunning,
+	// tellFailure, run) finds them with its own lock not held. Builder.mu
+	// may be held around it (joinGoal), and a caller's lock inside it
+	// (call.emit, call.count).
 	mu   sync.Mutex
 	subs map[*call]int // waiting callers (count of their requests); the last to leave stops the goal
 	// dependents are the goals waiting for this one as an input (count
@@ -384,8 +391,9 @@ func beforeWait(ctx context.Context) {
 // dependentKey is the context key of the goal an input is realised for.
 type dependentKey struct{}
 
-// waitFor is wait, with the goal whose input g is (from ctx) counted
-// among g's dependents meanwhile.
+// waitFor is wait, with the goal whose input g is (d, from ctx) linked
+// to g meanwhile: d's callers wait for g too, and are shown the builds of
+// g and of its inputs that are under way.
 func (g *goal) waitFor(ctx context.Context, c *call) Result {
 	if d, ok := ctx.Value(dependentKey{}).(*goal); ok {
 		link(d, g, 1)
@@ -401,7 +409,7 @@ func (g *goal) waitFor(ctx context.Context, c *call) Result {
 }
 
 // link adds n (1 or -1) to dependent d's waits for its input in, on both
-// sides, each goal locked on its own.
+// sides (one goal locked at a time: see goal.mu).
 func link(d, in *goal, n int) {
 	in.mu.Lock()
 	if in.dependents[d] += n; in.dependents[d] == 0 {
@@ -458,12 +466,13 @@ func (g *goal) limits() (maxSilent, timeout time.Duration) {
 }
 
 // waiters returns the callers that wait for g, each once: its own, and
-// those of the goals waiting for it as an input, recursively. Each goal is
-// locked on its own (never g.mu with another held).
+// those of the goals waiting for it as an input, recursively. g.mu must
+// not be held (see goal.mu). The result is cached until a goal's callers
+// or dependents change (see Builder.waitGen), and is not to be modified.
 func (g *goal) waiters() []*call {
 	gen := g.b.waitGen.Load()
 	g.mu.Lock()
-	if g.waitersCache != nil && g.waitersGen == gen { // a log line's, as a rule
+	if g.waitersCache != nil && g.waitersGen == gen { // as for most log lines (see each)
 		calls := g.waitersCache
 		g.mu.Unlock()
 		return calls
@@ -476,8 +485,7 @@ func (g *goal) waiters() []*call {
 	return calls
 }
 
-// findWaiters is waiters, found afresh: the returned slice is not
-// changed afterwards.
+// findWaiters is waiters, found afresh, following dependents.
 func (g *goal) findWaiters() []*call {
 	calls := []*call{}
 	seenCall := map[*call]bool{}
@@ -754,8 +762,9 @@ func (g *goal) setRunning(on bool) {
 		return
 	}
 	g.mu.Unlock()
-	// A caller that subscribes meanwhile is shown it by subscribe; show
-	// shows each caller once a run.
+	// Shown unlocked, as waiters locks other goals (see goal.mu): a caller
+	// that subscribes meanwhile is shown it by subscribe, and show shows
+	// each caller once a run.
 	g.showTo(g.waiters())
 }
 
