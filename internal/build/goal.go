@@ -272,16 +272,15 @@ type goal struct {
 	// waitersGen.
 	waitersCache []*call
 	waitersGen   uint64
-	// runningFor are the callers whose running builds count this goal's.
-	runningFor map[*call]bool
-	// counted are the callers whose counters count g's build as expected
-	// (see count): its own callers, and those waiting for it through its
-	// dependents once shown its build (see show).
-	counted map[*call]bool
-	running bool
-	// shown: the callers were told that the builder started
-	// (BuildStarted), and not yet that it ended (see goal.run).
-	shown bool
+	// expectedFor are the callers whose expected builds count this goal's
+	// (see countExpected): its own callers, and those waiting for it
+	// through its dependents once shown its build (see show). runningFor
+	// are those whose running builds count it, while it runs.
+	expectedFor, runningFor map[*call]bool
+	running                 bool
+	// startTold: the callers were told that the builder started
+	// (BuildStarted: see show), and not yet that it ended (see goal.run).
+	startTold bool
 	// failureTold are the callers told of the goal's failure (its
 	// builder's) before it ended (see tellFailure).
 	failureTold map[*call]bool
@@ -349,7 +348,7 @@ func (b *Builder) newGoal(drvPath storepath.Path, drv *derivation.Derivation, ow
 	return &goal{
 		b: b, drvPath: drvPath, drv: drv, owner: owner, cancel: cancel, mode: mode, name: name,
 		done: make(chan struct{}), early: make(chan struct{}), subs: map[*call]int{}, dependents: map[*goal]int{}, inputs: map[*goal]int{},
-		runningFor: map[*call]bool{}, counted: map[*call]bool{}, round: Round{1, 1},
+		runningFor: map[*call]bool{}, expectedFor: map[*call]bool{}, round: Round{1, 1},
 	}
 }
 
@@ -360,7 +359,7 @@ func (g *goal) subscribe(c *call) bool {
 	if g.stopping {
 		return false
 	}
-	g.count(c)
+	g.countExpected(c)
 	if g.subs[c] == 0 {
 		g.b.waitGen.Add(1)
 	}
@@ -523,7 +522,7 @@ func (g *goal) show(c *call, drvAbs string) {
 		return
 	}
 	c.emit(func(p Progress) { p.BuildStarted(drvAbs, g.machine, g.mode, g.round) })
-	g.count(c)
+	g.countExpected(c)
 	c.count(counts{running: 1})
 	g.runningFor[c] = true
 }
@@ -540,11 +539,11 @@ func (g *goal) showTo(calls []*call) {
 	}
 }
 
-// count counts g's build among c's expected builds, once. g.mu must be
-// held.
-func (g *goal) count(c *call) {
-	if !g.counted[c] {
-		g.counted[c] = true
+// countExpected counts g's build among c's expected builds, once. g.mu
+// must be held.
+func (g *goal) countExpected(c *call) {
+	if !g.expectedFor[c] {
+		g.expectedFor[c] = true
 		c.count(counts{expected: 1})
 	}
 }
@@ -612,8 +611,8 @@ func (g *goal) leave(c *call) {
 			// The caller stops waiting before the end: take the build off
 			// its counters (shown again if it still waits through a
 			// dependent).
-			if g.counted[c] {
-				delete(g.counted, c)
+			if g.expectedFor[c] {
+				delete(g.expectedFor, c)
 				c.count(counts{expected: -1, running: -g.stopRunningFor(c)})
 			}
 		}
@@ -748,7 +747,7 @@ func (g *goal) tellFailure(f *failure) {
 func (g *goal) setRunning(on bool) {
 	g.mu.Lock()
 	g.running = on
-	g.shown = g.shown || on
+	g.startTold = g.startTold || on
 	if !on {
 		// Off the running builds as its slot goes back (the next build
 		// may start while this one's outputs are registered: one build
@@ -823,13 +822,13 @@ func (g *goal) run(ctx context.Context) {
 	// through its dependents), and those waiting through them that were
 	// not (told of its failure).
 	told := map[*call]bool{}
-	for _, c := range slices.Concat(slices.Collect(maps.Keys(g.counted)), waiters) {
+	for _, c := range slices.Concat(slices.Collect(maps.Keys(g.expectedFor)), waiters) {
 		if told[c] {
 			continue
 		}
 		told[c] = true
 		d := counts{running: -g.stopRunningFor(c), done: done, failed: failed}
-		if g.counted[c] {
+		if g.expectedFor[c] {
 			d.expected = -1
 		}
 		c.count(d)
@@ -839,7 +838,7 @@ func (g *goal) run(ctx context.Context) {
 		// As Nix's goal's build activity, which ends with the goal,
 		// after its counters: a progress bar never shows the build
 		// neither running nor done.
-		if g.shown && g.counted[c] {
+		if g.startTold && g.expectedFor[c] {
 			c.emit(func(p Progress) { p.BuildFinished(drvAbs, buildErr) })
 		}
 	}

@@ -398,7 +398,7 @@ func (j *job) run(ctx context.Context, locks *store.OutputLocks, release func())
 			err = &fail.Error
 		}
 		g.mu.Lock()
-		g.shown = false
+		g.startTold = false
 		g.mu.Unlock()
 		g.each(func(c *call) { c.emit(func(p Progress) { p.BuildFinished(j.drvAbs, err) }) })
 	}()
