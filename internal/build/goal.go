@@ -818,17 +818,11 @@ func (g *goal) run(ctx context.Context) {
 	drvAbs := b.abs(g.drvPath)
 	waiters := g.waiters()
 	g.mu.Lock()
-	// Those that count it (its own callers, and those shown its build
-	// through its dependents), and those waiting through them that were
-	// not (told of its failure).
-	told := map[*call]bool{}
-	for _, c := range slices.Concat(slices.Collect(maps.Keys(g.expectedFor)), waiters) {
-		if told[c] {
-			continue
-		}
-		told[c] = true
+	// tellEnd takes the build off c's counters and tells c how it ended.
+	tellEnd := func(c *call) {
+		expected := g.expectedFor[c]
 		d := counts{running: -g.stopRunningFor(c), done: done, failed: failed}
-		if g.expectedFor[c] {
+		if expected {
 			d.expected = -1
 		}
 		c.count(d)
@@ -838,8 +832,20 @@ func (g *goal) run(ctx context.Context) {
 		// As Nix's goal's build activity, which ends with the goal,
 		// after its counters: a progress bar never shows the build
 		// neither running nor done.
-		if g.startTold && g.expectedFor[c] {
+		if g.startTold && expected {
 			c.emit(func(p Progress) { p.BuildFinished(drvAbs, buildErr) })
+		}
+	}
+	// Every caller that counts the build as expected (its own, and those
+	// shown it through a dependent, whether they still wait or not), then
+	// the others that wait for it through a dependent, which are counted
+	// done or failed and told of its failure but have no activity to end.
+	for c := range g.expectedFor {
+		tellEnd(c)
+	}
+	for _, c := range waiters {
+		if !g.expectedFor[c] {
+			tellEnd(c)
 		}
 	}
 	close(g.done)
