@@ -609,8 +609,8 @@ func (g *goal) leave(c *call) {
 		case <-g.done:
 		default:
 			// The caller stops waiting before the end: take the build off
-			// its counters (shown again if it still waits through a
-			// dependent).
+			// its counters. One that still waits for it through a
+			// dependent is shown it again by the next each (a log line).
 			if g.expectedFor[c] {
 				delete(g.expectedFor, c)
 				c.count(counts{expected: -1, running: -g.stopRunningFor(c)})
