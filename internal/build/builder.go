@@ -29,7 +29,9 @@
 //
 //   - builder.go: Builder, its Config, the caller-facing types and Build.
 //   - goal.go: goals (one per derivation and mode, shared by the callers
-//     waiting for it), realising the inputs, the build counters.
+//     waiting for it), realising the inputs; waiters.go: whom a goal tells
+//     of its build (its callers, and those of the goals that need it), and
+//     their build counters.
 //   - rounds.go: repeated builds (nix.conf repeat), their rounds compared.
 //   - run.go: a job, one run of a builder here: laid out, executed,
 //     logged, its outputs checked and registered.
