@@ -709,10 +709,11 @@ func TestCIDoctorStatic(t *testing.T) {
 }
 
 // TestJobSocketHostClientRoots: a client on the host (a shell runner's
-// job, in the daemon's pid and mount namespaces) that reaches the daemon
-// through a job socket keeps its out-links as roots, as through the
-// default socket: its links are the host's files. A container's are not
-// (TestCIJob). They were ignored for every job-socket client (CI audit).
+// job: in the daemon's pid namespace, with its root directory) that
+// reaches the daemon through a job socket keeps its out-links as roots, as
+// through the default socket: its links are the host's files. A
+// container's are not (TestCIJob). They were ignored for every job-socket
+// client (CI audit).
 func TestJobSocketHostClientRoots(t *testing.T) {
 	t.Parallel()
 	if useStock {
