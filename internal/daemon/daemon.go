@@ -122,6 +122,10 @@ type Server struct {
 	open    atomic.Int64  // socket connections being served
 	changed chan struct{} // signalled (without blocking) when one ends
 
+	// outsideWarned: the daemon has logged that a job socket's client was
+	// outside its pid namespace (see applyPolicy).
+	outsideWarned sync.Once
+
 	connsMu sync.Mutex
 	conns   map[*conn]func()  // socket connections, with what wakes each from its wait
 	cpuSeen map[int32]cpuMark // clients' CPU time, as closeIdle last saw it

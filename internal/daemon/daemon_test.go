@@ -19,6 +19,7 @@ import (
 
 	"github.com/nixyard/nixyard/internal/daemon/client"
 	"github.com/nixyard/nixyard/internal/daemon/wire"
+	"github.com/nixyard/nixyard/internal/jobs"
 	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"github.com/nixyard/nixyard/internal/store"
 )
@@ -452,5 +453,31 @@ func TestProcCPU(t *testing.T) {
 	}
 	if _, ok := procCPU(-1); ok {
 		t.Error("procCPU of no process: read")
+	}
+}
+
+// TestJobSocketClientOutsideNamespace: a job socket's client that the
+// kernel gives no pid for (outside the daemon's pid namespace: a daemon in
+// a container of its own) is refused, saying why, as one whose job cannot
+// be told; on the default socket it is served with its own roots.
+func TestJobSocketClientOutsideNamespace(t *testing.T) {
+	d := startDaemon(t, Options{})
+	jm, err := jobs.New(t.Context(), d.st, jobs.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer jm.Close()
+	srv := New(Options{Store: d.st, Jobs: jm, Logger: slog.New(slog.NewTextHandler(d.logs, nil))})
+	for _, pid := range []int32{0, -1} {
+		p := peer{pid: pid, uid: 0, user: "root"}
+		srv.applyPolicy(&p, ListenPolicy{Untrusted: true, Tenant: "ci"})
+		if !strings.Contains(p.refused, "outside the daemon's pid namespace") {
+			t.Errorf("pid %d on a job socket: refused %q", pid, p.refused)
+		}
+		p = peer{pid: pid, uid: 0, user: "root", trusted: true}
+		srv.applyPolicy(&p, ListenPolicy{})
+		if p.refused != "" || p.job != nil {
+			t.Errorf("pid %d on the default socket: refused %q, job %v", pid, p.refused, p.job)
+		}
 	}
 }

@@ -20,7 +20,20 @@ func (s *Server) applyPolicy(p *peer, pol ListenPolicy) {
 		p.trusted, p.refused, p.hook = true, "", true
 	}
 	p.tenant = pol.Tenant
-	if s.opts.Jobs == nil || p.pid <= 0 {
+	if s.opts.Jobs == nil {
+		return
+	}
+	if p.pid <= 0 {
+		// The kernel gives no pid for a client outside the daemon's pid
+		// namespace (a daemon run in a container of its own): its job
+		// cannot be told, and on a job socket it is refused, not served
+		// as if it were the host's (no session, no connection limit).
+		if pol.Untrusted {
+			s.outsideWarned.Do(func() {
+				s.log.Warn("a job socket's client is outside the daemon's pid namespace, so its job cannot be told: run the daemon in the host's pid namespace; refusing such clients")
+			})
+			p.refused = "the daemon cannot see this client's process (it is outside the daemon's pid namespace), so it cannot tell which job the connection belongs to; the daemon must run in the host's pid namespace"
+		}
 		return
 	}
 	jc, err := s.opts.Jobs.Attach(int(p.pid), pol.Tenant)
