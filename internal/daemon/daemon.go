@@ -179,6 +179,19 @@ func (s *Server) serveListener(accept, conns context.Context, l net.Listener, po
 	var open atomic.Int64      // connections open on this socket
 	var told atomic.Int64      // connections beyond the cap being told why
 	var capLogged atomic.Int64 // when the cap was last logged (unix seconds)
+	// serveCounted serves nc with serve, counted in counter (which the
+	// caller has added it to) until it ends.
+	serveCounted := func(nc net.Conn, counter *atomic.Int64, serve func(context.Context, net.Conn, ListenPolicy)) {
+		wg.Add(1)
+		s.open.Add(1)
+		go func() {
+			defer wg.Done()
+			defer s.connEnded()
+			defer counter.Add(-1)
+			defer nc.Close()
+			serve(conns, nc, pol)
+		}()
+	}
 	for {
 		nc, err := l.Accept()
 		if err != nil {
@@ -199,19 +212,6 @@ func (s *Server) serveListener(accept, conns context.Context, l net.Listener, po
 			return fmt.Errorf("daemon: accept: %w", err)
 		}
 		backoff = 5 * time.Millisecond
-		// serveCounted serves nc with serve, counted in counter (which
-		// the caller has added it to) until it ends.
-		serveCounted := func(counter *atomic.Int64, serve func(context.Context, net.Conn, ListenPolicy)) {
-			wg.Add(1)
-			s.open.Add(1)
-			go func() {
-				defer wg.Done()
-				defer s.connEnded()
-				defer counter.Add(-1)
-				defer nc.Close()
-				serve(conns, nc, pol)
-			}()
-		}
 		if n := open.Add(1); pol.MaxConns > 0 && n > int64(pol.MaxConns) {
 			open.Add(-1)
 			if now := time.Now().Unix(); capLogged.Swap(now) < now-10 {
@@ -225,10 +225,10 @@ func (s *Server) serveListener(accept, conns context.Context, l net.Listener, po
 				nc.Close()
 				continue
 			}
-			serveCounted(&told, s.refuseOverCap)
+			serveCounted(nc, &told, s.refuseOverCap)
 			continue
 		}
-		serveCounted(&open, s.serveNetConn)
+		serveCounted(nc, &open, s.serveNetConn)
 	}
 }
 
@@ -240,14 +240,10 @@ const maxToldOverCap = 16
 // open as it may why it is refused, as a refused peer is told (see serve),
 // without counting it against its job.
 func (s *Server) refuseOverCap(ctx context.Context, nc net.Conn, pol ListenPolicy) {
-	stop := context.AfterFunc(ctx, func() { nc.Close() })
-	defer stop()
 	p := s.identify(nc)
 	p.trusted, p.tenant = false, pol.Tenant
 	p.refused = fmt.Sprintf("too many connections: the daemon's socket has %d open, as many as it may (max-connections); try again later", pol.MaxConns)
-	mc := s.opts.Metrics.Conn(p.tenant, p.trust())
-	defer mc.Close()
-	s.serve(ctx, nc, nc, p, s.log.With("pid", p.pid, "user", p.user, "tenant", p.tenant), mc)
+	s.servePeer(ctx, nc, p, s.log.With("pid", p.pid, "user", p.user, "tenant", p.tenant))
 }
 
 // readDeadliner is a client's stream whose reads can be given a deadline
@@ -279,16 +275,6 @@ func (s *Server) connEnded() {
 
 // serveNetConn authenticates a socket peer and serves it.
 func (s *Server) serveNetConn(ctx context.Context, nc net.Conn, pol ListenPolicy) {
-	stop := context.AfterFunc(ctx, func() {
-		if errors.Is(context.Cause(ctx), errStopping) {
-			// The operation under way ends with errStopping, which its
-			// client should read before the connection goes.
-			time.AfterFunc(stoppingDelay, func() { nc.Close() })
-			return
-		}
-		nc.Close()
-	})
-	defer stop()
 	p := s.identify(nc)
 	s.applyPolicy(&p, pol)
 	log := s.log.With("pid", p.pid, "user", p.user)
@@ -304,6 +290,23 @@ func (s *Server) serveNetConn(ctx context.Context, nc net.Conn, pol ListenPolicy
 	} else {
 		log.Info(fmt.Sprintf("accepted connection from pid %s, user %s (%s)", p.pidString(), p.user, p.trust()))
 	}
+	s.servePeer(ctx, nc, p, log)
+}
+
+// servePeer serves socket connection nc from peer p until it ends, or
+// until ctx does (the daemon's stop: then after stoppingDelay, so that
+// the client reads why its op ended).
+func (s *Server) servePeer(ctx context.Context, nc net.Conn, p peer, log *slog.Logger) {
+	stop := context.AfterFunc(ctx, func() {
+		if errors.Is(context.Cause(ctx), errStopping) {
+			// The operation under way ends with errStopping, which its
+			// client should read before the connection goes.
+			time.AfterFunc(stoppingDelay, func() { nc.Close() })
+			return
+		}
+		nc.Close()
+	})
+	defer stop()
 	mc := s.opts.Metrics.Conn(p.tenant, p.trust())
 	defer mc.Close()
 	err := s.serve(ctx, nc, nc, p, log, mc)

@@ -111,8 +111,7 @@ type stallWatch struct {
 	timer *time.Timer
 
 	mu      sync.Mutex
-	reading bool // a read waits for the client
-	done    bool // stopped: the timer no longer acts
+	reading bool // a read waits for the client; only then does the timer act
 	stalls  bool // the timer fired during a read
 }
 
@@ -122,7 +121,7 @@ func (c *conn) watchStall(r io.Reader) *stallWatch {
 	w.timer = time.AfterFunc(w.after, func() {
 		w.mu.Lock()
 		defer w.mu.Unlock()
-		if w.reading && !w.done {
+		if w.reading {
 			w.stalls = true
 			c.setReadDeadline(time.Now())
 		}
@@ -144,12 +143,11 @@ func (w *stallWatch) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// stop ends the watch and reports whether the upload was abandoned.
+// stop reports, once the upload's reads are over, whether it was
+// abandoned (each read stops the timer as it returns).
 func (w *stallWatch) stop() bool {
-	w.timer.Stop()
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	w.done = true
 	return w.stalls
 }
 

@@ -238,8 +238,7 @@ func (b *batch) add(ctx context.Context, info PathInfo, r io.Reader) error {
 		}
 		return s.RepairPathNar(ctx, info, r)
 	}
-	realPath := s.RealPath(info.Path)
-	lock, err := s.tryLockPath(ctx, realPath)
+	lock, err := s.tryLockPath(ctx, info.Path)
 	if err != nil {
 		return err
 	}
@@ -249,7 +248,7 @@ func (b *batch) add(ctx context.Context, info PathInfo, r io.Reader) error {
 		if err := b.flush(ctx); err != nil {
 			return err
 		}
-		if lock, err = s.lockPath(ctx, realPath); err != nil {
+		if lock, err = s.lockPath(ctx, info.Path); err != nil {
 			return err
 		}
 	}
@@ -275,7 +274,7 @@ func (b *batch) add(ctx context.Context, info PathInfo, r io.Reader) error {
 		}
 	}
 	epoch := s.syncEpoch()
-	pp, err := s.unpack(ctx, info, ca, r, realPath)
+	pp, err := s.unpack(ctx, info, ca, r, s.RealPath(info.Path))
 	if err != nil {
 		lock.unlock()
 		return err
@@ -715,7 +714,7 @@ func (s *Store) addUnpacked(ctx context.Context, info PathInfo, tmp string, repa
 	}
 	defer s.roots.remove(info.Path)
 	realPath := s.RealPath(info.Path)
-	lock, err := s.lockPath(ctx, realPath)
+	lock, err := s.lockPath(ctx, info.Path)
 	if err != nil {
 		return err
 	}

@@ -5,10 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"strings"
 	"sync"
 	"time"
 
+	"github.com/nixyard/nixyard/internal/nix/storepath"
 	"golang.org/x/sys/unix"
 )
 
@@ -119,26 +119,26 @@ type pathLock struct {
 	file  *os.File
 }
 
-// lockPath locks realPath against other goroutines and processes, as Nix's
-// PathLocks::lockPaths does: after taking the flock it checks that the lock
-// file was not deleted by its previous holder (which writes a byte into it
-// before unlinking), and starts again if it was.
+// lockPath locks store path p (its "<realpath>.lock") against other
+// goroutines and processes, as Nix's PathLocks::lockPaths does: after
+// taking the flock it checks that the lock file was not deleted by its
+// previous holder (which writes a byte into it before unlinking), and
+// starts again if it was.
 //
 // A client that has to wait is told so (WithClientLog), as Nix tells it:
 // the holder may be a client still sending the path, or a build of it.
-func (s *Store) lockPath(ctx context.Context, realPath string) (*pathLock, error) {
-	if l, err := s.locks.lock(ctx, realPath, false); l != nil || err != nil {
+func (s *Store) lockPath(ctx context.Context, p storepath.Path) (*pathLock, error) {
+	if l, err := s.tryLockPath(ctx, p); l != nil || err != nil {
 		return l, err
 	}
-	logical := string(s.cfg.StoreDir) + strings.TrimPrefix(realPath, s.cfg.RealStoreDir)
-	clientLog(ctx)(fmt.Sprintf("waiting for lock on '%s'", logical))
-	return s.locks.lock(ctx, realPath, true)
+	clientLog(ctx)(fmt.Sprintf("waiting for lock on '%s'", s.abs(p)))
+	return s.locks.lock(ctx, s.RealPath(p), true)
 }
 
 // tryLockPath is lockPath without waiting; it returns nil, nil when the
 // lock is taken by someone else.
-func (s *Store) tryLockPath(ctx context.Context, realPath string) (*pathLock, error) {
-	return s.locks.lock(ctx, realPath, false)
+func (s *Store) tryLockPath(ctx context.Context, p storepath.Path) (*pathLock, error) {
+	return s.locks.lock(ctx, s.RealPath(p), false)
 }
 
 func (l *pathLocks) lock(ctx context.Context, realPath string, wait bool) (*pathLock, error) {

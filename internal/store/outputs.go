@@ -61,7 +61,7 @@ func (l *OutputLocks) lock(ctx context.Context, p storepath.Path) error {
 		return err
 	}
 	l.rooted = append(l.rooted, p)
-	pl, err := l.s.lockPath(ctx, l.s.RealPath(p))
+	pl, err := l.s.lockPath(ctx, p)
 	if err != nil {
 		return fmt.Errorf("store: locking output %s: %w", l.s.abs(p), err)
 	}
