@@ -207,15 +207,11 @@ func New(ctx context.Context, st *store.Store, opts Options) (*Manager, error) {
 	if m.log == nil {
 		m.log = slog.Default()
 	}
-	ns, err := os.Readlink(filepath.Join(m.proc, "self", "ns", "pid"))
-	if err != nil {
-		return nil, fmt.Errorf("jobs: reading the daemon's pid namespace: %w", err)
-	}
 	var nsStat unix.Stat_t
 	if err := unix.Stat(filepath.Join(m.proc, "self", "ns", "pid"), &nsStat); err != nil {
 		return nil, fmt.Errorf("jobs: reading the daemon's pid namespace: %w", err)
 	}
-	m.selfNS, m.selfNSDev, m.selfNSIno = ns, nsStat.Dev, nsStat.Ino
+	m.selfNS, m.selfNSDev, m.selfNSIno = pidNSName(nsStat.Ino), nsStat.Dev, nsStat.Ino
 	// The journals are one daemon's: another process on the store (a
 	// second daemon, say) keeps none, and leaves them alone.
 	if err := os.MkdirAll(m.journalDir(), 0o700); err != nil {

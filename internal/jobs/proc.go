@@ -15,6 +15,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// pidNSName names the pid namespace of inode number ino as pidNS does.
+func pidNSName(ino uint64) string { return fmt.Sprintf("pid:[%d]", ino) }
+
 // pidNS names pid's pid namespace ("pid:[4026531836]").
 func (m *Manager) pidNS(pid int) (string, error) {
 	return os.Readlink(filepath.Join(m.proc, strconv.Itoa(pid), "ns", "pid"))
@@ -56,7 +59,7 @@ func (m *Manager) jobNS(pid int) (string, error) {
 			m.noParents.Do(func() {
 				m.log.Warn("the kernel cannot tell a pid namespace's parent (NS_GET_PARENT): a pid namespace a job makes inside its container is a job of its own", "err", err)
 			})
-			return fmt.Sprintf("pid:[%d]", chain[0]), nil
+			return pidNSName(chain[0]), nil
 		}
 		if err != nil {
 			// EPERM: the namespace has no parent the daemon may see: the
@@ -69,7 +72,7 @@ func (m *Manager) jobNS(pid int) (string, error) {
 	if len(chain) == 0 {
 		return m.selfNS, nil
 	}
-	return fmt.Sprintf("pid:[%d]", chain[max(len(chain)-m.depth, 0)]), nil
+	return pidNSName(chain[max(len(chain)-m.depth, 0)]), nil
 }
 
 // findInit returns the host pid of the init (pid 1) of namespace ns, which
