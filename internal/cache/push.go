@@ -73,7 +73,8 @@ type Pusher struct {
 
 // NewPusher returns a Pusher writing to target as opts asks, whose queue
 // is the directory dir (made if missing); paths left in it by an earlier
-// run are pushed first (and held from now). Narinfos are signed with keys and opts.Keys.
+// run are pushed first (and held from now). Narinfos are signed with keys
+// and opts.Keys.
 func NewPusher(ctx context.Context, st *store.Store, target Target, opts Options, dir string, keys []signature.SecretKey, log *slog.Logger) (*Pusher, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("push queue: %w", err)

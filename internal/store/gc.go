@@ -334,8 +334,9 @@ func (s *Store) SetGCGate(gate func(ctx context.Context, log func(string)) error
 }
 
 // SetBeforeCollect has every collection (automatic ones too) call f once
-// it has read the roots, before it deletes anything; nil removes it. The job sessions use it to take
-// up the roots of jobs that a daemon gone since journalled.
+// it has read the roots, before it deletes anything; nil removes it. The
+// job sessions use it to take up the roots of jobs that a daemon gone
+// since journalled.
 func (s *Store) SetBeforeCollect(f func(ctx context.Context)) {
 	if f == nil {
 		s.beforeCollect.Store(nil)
