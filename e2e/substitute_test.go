@@ -1167,6 +1167,16 @@ func TestSubstituteWorkerProgress(t *testing.T) {
 	if f := lastResult(stderr, actCopyPaths, resProgress); fmt.Sprint(f) != "[2 2 0 0]" || narBytes == 0 {
 		t.Errorf("copies %v (want [2 2 0 0]: done, total, running, failed), NAR bytes expected %v (want > 0); the client got:\n%s", f, narBytes, stderr)
 	}
+	// The whole copy is expected from the first copy's start, as Nix's
+	// Worker counts each substitution once it knows of it: the bar shows
+	// "[1/0/2 copied]", not "[1/0/1 copied]" growing path by path.
+	for _, e := range logEvents(stderr) {
+		if e.Action == "result" && e.Type == resProgress && e.ActType == actCopyPaths && len(e.Fields) == 4 &&
+			e.Fields[2].(float64) > 0 && e.Fields[1].(float64) != 2 {
+			t.Errorf("copies %v while one runs (want 2 expected from the start); the client got:\n%s", e.Fields, stderr)
+			break
+		}
+	}
 }
 
 // TestSubstituteFileCacheMadeLater: a file:// substituter whose directory

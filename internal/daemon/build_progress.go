@@ -5,6 +5,7 @@ import (
 	"sync"
 
 	"github.com/nixyard/nixyard/internal/build"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
 
 // buildProgress turns the events of internal/build (build.Progress) into
@@ -44,8 +45,9 @@ type buildProgress struct {
 	lines    int          // droppable events in q
 	dropped  int          // droppable events not queued
 	counts   workerCounts // the Worker's counters
-	failures int          // exitStatus's bits
-	pending  bool         // a sendCounts is queued
+	substs   map[storepath.Path]*substCount
+	failures int  // exitStatus's bits
+	pending  bool // a sendCounts is queued
 	closed   bool
 	exit     chan struct{}
 }
@@ -141,30 +143,95 @@ func (p *buildProgress) BuildsProgress(done, expected, running, failed int) {
 	p.update(func(c *workerCounts) { c.builds = [4]int{done, expected, running, failed} })
 }
 
-// substStarted counts an attempt at substituting a path of narSize bytes
-// (a download of fileSize) as it starts.
-func (p *buildProgress) substStarted(narSize, fileSize uint64) {
+// substCount is how the counters hold one path to substitute.
+type substCount struct {
+	plans         int    // substitution calls that will fetch it and are not done with it
+	counted       bool   // in the expected counts, with these sizes:
+	nar, download uint64 //
+	done          bool   // fetched
+}
+
+// substCount returns path's entry, made if new. Under p.mu.
+func (p *buildProgress) substCount(path storepath.Path) *substCount {
+	if p.substs == nil {
+		p.substs = map[storepath.Path]*substCount{}
+	}
+	s := p.substs[path]
+	if s == nil {
+		s = &substCount{}
+		p.substs[path] = s
+	}
+	return s
+}
+
+// expect counts s as expected, with these sizes, unless it is. Under p.mu.
+func (s *substCount) expect(c *workerCounts, narSize, fileSize uint64) {
+	if s.counted {
+		return
+	}
+	s.counted, s.nar, s.download = true, narSize, fileSize
+	c.substs[1]++
+	c.download += fileSize
+	c.narBytes += narSize
+}
+
+// unexpect takes s out of the expected counts unless it was fetched or a
+// call still plans to fetch it. Under p.mu.
+func (s *substCount) unexpect(c *workerCounts) {
+	if !s.counted || s.done || s.plans > 0 {
+		return
+	}
+	s.counted = false
+	c.substs[1]--
+	c.download -= s.download
+	c.narBytes -= s.nar
+}
+
+// substPlanned counts path as expected before its substitution starts
+// (substitute.EventPlanned): the whole copy is counted from the start.
+func (p *buildProgress) substPlanned(path storepath.Path, narSize, fileSize uint64) {
 	p.update(func(c *workerCounts) {
-		c.substs[1]++
+		s := p.substCount(path)
+		s.plans++
+		s.expect(c, narSize, fileSize)
+	})
+}
+
+// substSettled ends a call's plan to fetch path (substitute.EventSettled):
+// unless fetched, it is no longer expected once no call plans it.
+func (p *buildProgress) substSettled(path storepath.Path) {
+	p.update(func(c *workerCounts) {
+		s := p.substCount(path)
+		s.plans = max(s.plans-1, 0)
+		s.unexpect(c)
+	})
+}
+
+// substStarted counts an attempt at substituting path, of narSize bytes (a
+// download of fileSize), as it starts: running, and expected unless it
+// was planned.
+func (p *buildProgress) substStarted(path storepath.Path, narSize, fileSize uint64) {
+	p.update(func(c *workerCounts) {
+		p.substCount(path).expect(c, narSize, fileSize)
 		c.substs[2]++
-		c.download += fileSize
-		c.narBytes += narSize
 	})
 }
 
 // substEnded counts an attempt as it ends: done if ok; if not, no longer
-// expected (another cache may be tried; substsFailed counts the paths
-// that none had).
-func (p *buildProgress) substEnded(ok bool, narSize, fileSize uint64) {
+// expected unless a call plans to fetch it still (it may try another
+// cache; substsFailed counts the paths that none had).
+func (p *buildProgress) substEnded(path storepath.Path, ok bool) {
 	p.update(func(c *workerCounts) {
 		c.substs[2]--
+		s := p.substCount(path)
 		if ok {
-			c.substs[0]++
+			if !s.done {
+				s.done = true
+				c.substs[0]++
+			}
 			return
 		}
-		c.substs[1]--
-		c.download -= fileSize
-		c.narBytes -= narSize
+		s.unexpect(c)
 	})
 }
 

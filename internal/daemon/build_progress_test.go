@@ -10,6 +10,7 @@ import (
 
 	"github.com/nixyard/nixyard/internal/build"
 	"github.com/nixyard/nixyard/internal/daemon/wire"
+	"github.com/nixyard/nixyard/internal/nix/storepath"
 )
 
 // TestBuildProgressNeverBlocks: a client that stops reading does not hold
@@ -147,4 +148,58 @@ func readTestFields(d *wire.Decoder) []string {
 		}
 	}
 	return out
+}
+
+// TestSubstCounts: the paths a substitution call plans are expected from
+// its start, each once; an attempt that fails leaves its path expected
+// while the call may try another cache; a path no cache had, or one that
+// was valid already, is expected no more once its call settles it; an
+// attempt no call planned (a repair) counts as it starts.
+func TestSubstCounts(t *testing.T) {
+	client, daemon, tun := workingTunnel(t)
+	defer client.Close()
+	p := newBuildProgress(tun, nil)
+	defer closeAndRead(p, client, daemon)
+	path := func(name string) storepath.Path {
+		sp, err := storepath.ParseBase("00000000000000000000000000000000-" + name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return sp
+	}
+	a, b, c, d := path("a"), path("b"), path("c"), path("d")
+	check := func(step string, substs [4]int, nar, download uint64) {
+		t.Helper()
+		p.mu.Lock()
+		got := p.counts
+		p.mu.Unlock()
+		if got.substs != substs || got.narBytes != nar || got.download != download {
+			t.Errorf("%s: substitutions %v (done, expected, running, failed), NAR bytes %d, download %d; want %v, %d, %d",
+				step, got.substs, got.narBytes, got.download, substs, nar, download)
+		}
+	}
+	p.substPlanned(a, 100, 10)
+	p.substPlanned(b, 200, 20)
+	p.substPlanned(c, 300, 30)
+	p.substPlanned(a, 100, 10) // a second call for the same path
+	check("planned", [4]int{0, 3, 0, 0}, 600, 60)
+	p.substStarted(a, 100, 10)
+	check("a started", [4]int{0, 3, 1, 0}, 600, 60)
+	p.substEnded(a, false)
+	check("a failed once", [4]int{0, 3, 0, 0}, 600, 60)
+	p.substStarted(a, 100, 10)
+	p.substEnded(a, true)
+	p.substSettled(a)
+	p.substSettled(a)
+	check("a fetched", [4]int{1, 3, 0, 0}, 600, 60)
+	p.substStarted(b, 200, 20)
+	p.substEnded(b, false)
+	p.substSettled(b)
+	check("b failed", [4]int{1, 2, 0, 0}, 400, 40)
+	p.substSettled(c)
+	check("c valid already", [4]int{1, 1, 0, 0}, 100, 10)
+	p.substStarted(d, 5, 1)
+	check("d started unplanned", [4]int{1, 2, 1, 0}, 105, 11)
+	p.substEnded(d, false)
+	check("d failed", [4]int{1, 1, 0, 0}, 100, 10)
 }

@@ -238,6 +238,14 @@ func (p *substProgress) write(e substitute.Event) {
 	tun := p.c.tun
 	abs := p.c.dir.Abs(e.Path)
 	switch e.Kind {
+	case substitute.EventPlanned:
+		if p.counts != nil {
+			p.counts.substPlanned(e.Path, e.NarSize, e.FileSize)
+		}
+	case substitute.EventSettled:
+		if p.counts != nil {
+			p.counts.substSettled(e.Path)
+		}
 	case substitute.EventStart:
 		if _, ok := p.ids[e.ID]; ok {
 			return
@@ -248,7 +256,7 @@ func (p *substProgress) write(e substitute.Event) {
 		case substitute.ActSubstitute:
 			id = tun.StartActivity(lvlError, actSubstitute, "", []field{abs, e.Upstream}, parent)
 			if p.counts != nil {
-				p.counts.substStarted(e.NarSize, e.FileSize)
+				p.counts.substStarted(e.Path, e.NarSize, e.FileSize)
 				delete(p.substFailed, e.Path)
 			}
 		case substitute.ActCopyPath:
@@ -281,7 +289,7 @@ func (p *substProgress) write(e substitute.Event) {
 			tun.Log(lvlChatty, fmt.Sprintf("substitution of path '%s' succeeded", abs))
 		}
 		if e.Type == substitute.ActSubstitute && p.counts != nil {
-			p.counts.substEnded(e.Err == nil, e.NarSize, e.FileSize)
+			p.counts.substEnded(e.Path, e.Err == nil)
 			if e.Err != nil {
 				p.substFailed[e.Path] = true
 			}

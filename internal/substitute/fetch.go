@@ -199,8 +199,11 @@ func (s *Substituter) fetchAll(ctx context.Context, infos map[storepath.Path]*In
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	done := make(map[storepath.Path]chan struct{}, len(infos))
-	for p := range infos {
+	for p, info := range infos {
 		done[p] = make(chan struct{})
+		if prog != nil {
+			prog.Event(Event{Kind: EventPlanned, Path: p, NarSize: info.NarSize, FileSize: info.FileSize})
+		}
 	}
 	var (
 		mu     sync.Mutex
@@ -213,6 +216,9 @@ func (s *Substituter) fetchAll(ctx context.Context, infos map[storepath.Path]*In
 		go func() {
 			defer wg.Done()
 			defer close(done[p])
+			if prog != nil {
+				defer prog.Event(Event{Kind: EventSettled, Path: p})
+			}
 			for _, r := range info.References {
 				ch, ok := done[r]
 				if !ok || r == p {

@@ -30,6 +30,15 @@ const (
 	EventStart EventKind = iota
 	EventProgress
 	EventStop
+	// EventPlanned and EventSettled are about a path, not an activity
+	// (Type and ID are zero). A call that substitutes paths sends
+	// EventPlanned for each, with the NarSize and FileSize of the narinfo
+	// it chose, before it fetches any, and EventSettled for each once it
+	// is done with it, fetched or not: the caller can count the whole
+	// copy from its start, as Nix's Worker counts a substitution as soon
+	// as it knows of it.
+	EventPlanned
+	EventSettled
 )
 
 // Event is one change of an activity. IDs are unique within a Substituter;
