@@ -42,12 +42,12 @@ type buildProgress struct {
 	mu       sync.Mutex
 	cond     *sync.Cond
 	q        []progressEvent
-	lines    int          // droppable events in q
-	dropped  int          // droppable events not queued
-	counts   workerCounts // the Worker's counters
-	substs   map[storepath.Path]*substCount
-	failures int  // exitStatus's bits
-	pending  bool // a sendCounts is queued
+	lines    int                            // droppable events in q
+	dropped  int                            // droppable events not queued
+	counts   workerCounts                   // the Worker's counters
+	substs   map[storepath.Path]*substCount // the paths in counts.substs
+	failures int                            // exitStatus's bits
+	pending  bool                           // a sendCounts is queued
 	closed   bool
 	exit     chan struct{}
 }
