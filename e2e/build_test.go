@@ -1894,3 +1894,27 @@ func (b *buildEnv) upgradeDuringBuild(t *testing.T, name, gate string) (next *da
 	next.start(t)
 	return next, done
 }
+
+// TestKeepGoingTopErrorsOrder: with --keep-going, the errors of failed
+// targets come as nix-daemon's buildPaths logs them: in its goals' order
+// (by name), the first one's last, just before "build of … failed",
+// whatever the order they were asked for or failed in.
+func TestKeepGoingTopErrorsOrder(t *testing.T) {
+	t.Parallel()
+	b := startBuildDaemon(t, "max-jobs = 1")
+	args := b.expr(t, "kgtop", `{
+  b = mk { name = "kgtop-b"; script = "echo b-fails; exit 3"; };
+  a = mk { name = "kgtop-a"; script = "echo a-fails; exit 3"; };
+  c = mk { name = "kgtop-c"; script = "echo c-fails; exit 3"; };
+}`)
+	stderr := b.nixBuild(append(args, "-A", "b", "-A", "a", "-A", "c", "--no-out-link", "-k")...).fails(t)
+	var order []string
+	for _, m := range regexp.MustCompile(`builder for '[^']*-kgtop-([abc])\.drv' failed with exit code 3`).FindAllStringSubmatch(stderr, -1) {
+		order = append(order, m[1])
+	}
+	end := strings.Index(stderr, "build of ")
+	last := strings.LastIndex(stderr, "failed with exit code 3")
+	if strings.Join(order, "") != "bca" || end < last {
+		t.Errorf("errors in the order %q (want b, c, then a, then \"build of\"):\n%s", order, stderr)
+	}
+}

@@ -531,32 +531,58 @@ func (r *Realiser) SubstitutePaths(ctx context.Context, paths []storepath.Path, 
 // it says only "build of … failed", after the client's "don't know how to
 // build these paths" or the download's error.
 func (r *Realiser) CombinedError(results []Result) error {
-	var failed, msgs []string
+	type goalMsg struct{ key, msg string }
+	var failed []string
+	var msgs []goalMsg
 	for _, res := range results {
 		if res.Status.Success() {
 			continue
 		}
-		failed = append(failed, r.m.st.Dir().Abs(res.Target.Path))
+		abs := r.m.st.Dir().Abs(res.Target.Path)
+		failed = append(failed, abs)
 		if !res.Stopped && !res.noneHad && !res.told {
-			msgs = append(msgs, res.ErrorMsg)
+			msgs = append(msgs, goalMsg{goalKey(res.Target, abs), res.ErrorMsg})
 		}
 	}
 	slices.Sort(failed)
 	failed = slices.Compact(failed)
+	// Nix keeps its goals in the order of their keys, one per target.
+	slices.SortStableFunc(msgs, func(a, b goalMsg) int { return strings.Compare(a.key, b.key) })
+	msgs = slices.CompactFunc(msgs, func(a, b goalMsg) bool { return a.key == b.key })
 	switch {
 	case len(failed) == 0:
 		return nil
 	case len(failed) == 1 && len(msgs) > 0:
 		// One derivation (asked for with several outputs, say): its error.
-		return errors.New(msgs[0])
+		return errors.New(msgs[0].msg)
 	}
-	return &CombinedFailure{Failures: msgs, msg: fmt.Sprintf("build of %s failed", hint.Y("'"+strings.Join(failed, "', '")+"'"))}
+	// The first goal's error is logged last, after the others', as Nix's
+	// buildPaths keeps it to throw and logs the rest as it meets them.
+	var told []string
+	for _, m := range msgs[min(1, len(msgs)):] {
+		told = append(told, m.msg)
+	}
+	if len(msgs) > 0 {
+		told = append(told, msgs[0].msg)
+	}
+	return &CombinedFailure{Failures: told, msg: fmt.Sprintf("build of %s failed", hint.Y("'"+strings.Join(failed, "', '")+"'"))}
+}
+
+// goalKey is the key of the goal Nix's Worker makes for t (abs is its path
+// in full), which orders its goals: substitutions before builds, then by
+// name.
+func goalKey(t store.DerivedPath, abs string) string {
+	kind := "a$"
+	if t.Built {
+		kind = "b$"
+	}
+	return kind + t.Path.Name() + "$" + abs
 }
 
 // CombinedFailure is the error of a request with several failed targets:
 // "build of '…', '…' failed", naming each failed derivation (or path).
-// Failures are the messages of the targets that failed by themselves,
-// which Nix logs before it.
+// Failures are the messages of the targets that failed by themselves, in
+// the order Nix logs them before it.
 type CombinedFailure struct {
 	Failures []string
 	msg      string
