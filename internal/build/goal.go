@@ -694,32 +694,9 @@ func (g *goal) failf(st Status, format string, args ...any) Result {
 // under a build slot and the outputs' locks. Its result is the goal's.
 func (g *goal) realise(ctx context.Context) Result {
 	b := g.b
-	drvAbs := b.abs(g.drvPath)
-	kind, err := g.drv.Kind()
-	if err != nil {
-		return g.failf(MiscFailure, "derivation '%s': %v", drvAbs, err)
-	}
-	if kind != derivation.InputAddressed && kind != derivation.FixedOutput {
-		return g.failf(MiscFailure, "derivation '%s' is %s: building it is %v by nixyard", drvAbs, kind, errNotSupported)
-	}
-	if g.attrs, err = g.drv.Attrs(g.drvPath.String()); err != nil {
-		return g.failf(MiscFailure, "%v", err)
-	}
-	// The output paths of an input-addressed derivation sent whole
-	// (BuildBasic) cannot be checked without its input derivations: they
-	// are taken as given, from trusted clients only, as Nix does.
-	if !g.basic || kind != derivation.InputAddressed {
-		if err := b.st.DrvHashCache().CheckOutputPaths(ctx, g.drv, b.st.Dir(), b.loadDerivation); err != nil {
-			return g.failf(MiscFailure, "derivation '%s': %v", drvAbs, err)
-		}
-	}
-	outPaths := map[string]storepath.Path{}
-	for n, o := range g.drv.Outputs {
-		p, err := b.st.Dir().Parse(o.Path)
-		if err != nil {
-			return g.failf(MiscFailure, "derivation '%s': output %s: %v", drvAbs, n, err)
-		}
-		outPaths[n] = p
+	outPaths, fail := g.checkDerivation(ctx)
+	if fail != nil {
+		return *fail
 	}
 	g.outputs = outPaths
 	// Substitutes are allowed unless the derivation says not to
@@ -748,9 +725,73 @@ func (g *goal) realise(ctx context.Context) Result {
 		}
 	}
 
-	// Inputs, in parallel. Unless the caller keeps going, the first input
-	// that fails stops waiting for the others (as Nix's goals stop
-	// waiting for their other waitees).
+	closure, fail := g.realiseInputs(ctx)
+	if fail != nil {
+		return *fail
+	}
+	if retry {
+		// The inputs are there now: the outputs may come from the cache
+		// after all.
+		if r, ok := g.caller().trySubstitute(ctx, g.drvPath, outPaths); ok {
+			return r
+		}
+	}
+	inputs, err := b.st.QueryClosure(ctx, closure)
+	if err != nil {
+		return g.failf(MiscFailure, "derivation '%s': closure of the inputs: %v", b.abs(g.drvPath), err)
+	}
+	return g.buildOutputs(ctx, inputs, outPaths)
+}
+
+// checkDerivation checks what realise needs of the derivation before
+// anything is realised: a kind that nixyard builds, its attributes (it
+// sets g.attrs) and its output paths, which it returns by output name.
+func (g *goal) checkDerivation(ctx context.Context) (map[string]storepath.Path, *Result) {
+	b := g.b
+	drvAbs := b.abs(g.drvPath)
+	fail := func(format string, args ...any) (map[string]storepath.Path, *Result) {
+		r := g.failf(MiscFailure, format, args...)
+		return nil, &r
+	}
+	kind, err := g.drv.Kind()
+	if err != nil {
+		return fail("derivation '%s': %v", drvAbs, err)
+	}
+	if kind != derivation.InputAddressed && kind != derivation.FixedOutput {
+		return fail("derivation '%s' is %s: building it is %v by nixyard", drvAbs, kind, errNotSupported)
+	}
+	if g.attrs, err = g.drv.Attrs(g.drvPath.String()); err != nil {
+		return fail("%v", err)
+	}
+	// The output paths of an input-addressed derivation sent whole
+	// (BuildBasic) cannot be checked without its input derivations: they
+	// are taken as given, from trusted clients only, as Nix does.
+	if !g.basic || kind != derivation.InputAddressed {
+		if err := b.st.DrvHashCache().CheckOutputPaths(ctx, g.drv, b.st.Dir(), b.loadDerivation); err != nil {
+			return fail("derivation '%s': %v", drvAbs, err)
+		}
+	}
+	outPaths := map[string]storepath.Path{}
+	for n, o := range g.drv.Outputs {
+		p, err := b.st.Dir().Parse(o.Path)
+		if err != nil {
+			return fail("derivation '%s': output %s: %v", drvAbs, n, err)
+		}
+		outPaths[n] = p
+	}
+	return outPaths, nil
+}
+
+// realiseInputs realises the derivation's inputs in parallel, for the
+// goal's callers, and returns the paths they are (each input
+// derivation's wanted outputs, and the input sources), held by the
+// goal's temporary roots. Unless the caller keeps going, the first input
+// that fails stops waiting for the others (as Nix's goals stop waiting
+// for their other waitees).
+func (g *goal) realiseInputs(ctx context.Context) ([]storepath.Path, *Result) {
+	b := g.b
+	drvAbs := b.abs(g.drvPath)
+	failed := func(r Result) ([]storepath.Path, *Result) { return nil, &r }
 	var (
 		wg      sync.WaitGroup
 		mu      sync.Mutex
@@ -810,14 +851,14 @@ func (g *goal) realise(ctx context.Context) Result {
 	for in := range g.drv.InputDrvs {
 		ip, err := b.st.Dir().Parse(in)
 		if err != nil {
-			return g.failf(MiscFailure, "derivation '%s': input %s: %v", drvAbs, in, err)
+			return failed(g.failf(MiscFailure, "derivation '%s': input %s: %v", drvAbs, in, err))
 		}
 		inDrvs[in] = ip
 	}
 	for _, src := range g.drv.InputSrcs {
 		sp, err := b.st.Dir().Parse(src)
 		if err != nil {
-			return g.failf(MiscFailure, "derivation '%s': input %s: %v", drvAbs, src, err)
+			return failed(g.failf(MiscFailure, "derivation '%s': input %s: %v", drvAbs, src, err))
 		}
 		inSrcs = append(inSrcs, sp)
 	}
@@ -868,16 +909,16 @@ func (g *goal) realise(ctx context.Context) Result {
 	}
 	wg.Wait()
 	if err := ctx.Err(); err != nil {
-		return g.failf(MiscFailure, "building '%s': %v", drvAbs, err)
+		return failed(g.failf(MiscFailure, "building '%s': %v", drvAbs, err))
 	}
 	if nFailed == 0 && nStopped > 0 {
 		// Every caller is being stopped by another failure: not a failure
 		// of this goal's own.
-		return stoppedByFailure()
+		return failed(stoppedByFailure())
 	}
 	if nFailed > 0 && g.basic {
 		// As Nix for a derivation sent whole (BuildDerivation).
-		return g.failf(MiscFailure, "%s", hint.Fmt("some dependencies of '%s' are missing", drvAbs))
+		return failed(g.failf(MiscFailure, "%s", hint.Fmt("some dependencies of '%s' are missing", drvAbs)))
 	}
 	if nFailed > 0 {
 		// noLocalBuilds travels up, so that a caller who may build, and
@@ -885,20 +926,18 @@ func (g *goal) realise(ctx context.Context) Result {
 		// not, tries again as the owner (see call.realise).
 		r := g.failf(DependencyFailed, "%s", hint.Fmt("%d dependencies of derivation '%s' failed to build", nFailed, drvAbs))
 		r.noLocalBuilds = noBuilds
-		return r
+		return failed(r)
 	}
-	if retry {
-		// The inputs are there now: the outputs may come from the cache
-		// after all.
-		if r, ok := g.caller().trySubstitute(ctx, g.drvPath, outPaths); ok {
-			return r
-		}
-	}
-	inputs, err := b.st.QueryClosure(ctx, closure)
-	if err != nil {
-		return g.failf(MiscFailure, "derivation '%s': closure of the inputs: %v", drvAbs, err)
-	}
+	return closure, nil
+}
 
+// buildOutputs makes the outputs, for which the inputs (closed under
+// references) are there: it may offer the build to the build hook, and
+// otherwise builds here (once, or in rounds with repeat) under a build
+// slot and the outputs' locks.
+func (g *goal) buildOutputs(ctx context.Context, inputs []storepath.Path, outPaths map[string]storepath.Path) Result {
+	b := g.b
+	drvAbs := b.abs(g.drvPath)
 	features, _, err := g.attrs.Strings("requiredSystemFeatures")
 	if err != nil {
 		return g.failf(MiscFailure, "%v", err)
