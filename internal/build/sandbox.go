@@ -239,10 +239,106 @@ func (j *job) allowedImpureHostDeps() ([]string, error) {
 // group, hosts), the logical store directory, mount points for /dev, /proc,
 // /build, every input (read-only) and every sandbox path (read-write).
 func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
+	b := j.g.b
+	kind, _ := j.g.drv.Kind()
+	fixed := kind == derivation.FixedOutput
+	if err := j.makeChroot(ctx); err != nil {
+		return err
+	}
+	l := &chrootLayout{root: j.chroot}
+	if err := l.mkdir("/tmp", 0o777|os.ModeSticky); err != nil {
+		return err
+	}
+	if err := j.writeChrootEtc(l, spec, fixed); err != nil {
+		return err
+	}
+	storeDir := string(b.st.Dir())
+	if err := l.mkdir(storeDir, 0o775|os.ModeSticky); err != nil {
+		return err
+	}
+	if err := os.Chown(l.root+storeDir, 0, j.hostGID); err != nil {
+		return err
+	}
+
+	// Inputs: the helper makes their mount points and binds them.
+	var realStore string
+	for _, p := range j.inputs {
+		source, target := b.st.RealPath(p), b.abs(p)
+		if realStore == "" {
+			realStore = filepath.Dir(source)
+		}
+		if filepath.Dir(source) != realStore || filepath.Dir(target) != storeDir || filepath.Base(source) != filepath.Base(target) {
+			return fmt.Errorf("input '%s' is not in the store", source)
+		}
+		spec.Inputs = append(spec.Inputs, filepath.Base(source))
+	}
+	if len(spec.Inputs) > 0 {
+		if err := os.Mkdir(l.root+inputStaging, 0o700); err != nil {
+			return err
+		}
+		spec.InputStore, spec.InputDir = realStore, storeDir
+	}
+	if err := l.bind(j.tmpDir, b.cfg.SandboxBuildDir, false, false); err != nil {
+		return err
+	}
+	for _, p := range j.impureHostDeps {
+		if err := l.bind(p, p, false, false); err != nil {
+			return err
+		}
+	}
+	devInPaths := false
+	for _, s := range b.cfg.SandboxPaths {
+		sp, _ := parseSandboxPath(s)
+		if sp.target == "/dev" {
+			devInPaths = true
+		}
+		if err := l.bind(sp.source, sp.target, false, sp.optional); err != nil {
+			return err
+		}
+	}
+	extra, err := j.preBuildHook(ctx)
+	if err != nil {
+		return err
+	}
+	for _, sp := range extra {
+		if sp.target == "/dev" {
+			devInPaths = true
+		}
+		if err := l.bind(sp.source, sp.target, false, false); err != nil {
+			return err
+		}
+	}
+	if !devInPaths {
+		if err := l.dev(); err != nil {
+			return err
+		}
+	}
+	if fixed {
+		for _, p := range []string{"/etc/resolv.conf", "/etc/services", "/etc/hosts"} {
+			if err := l.bind(p, p, true, true); err != nil {
+				return err
+			}
+		}
+	}
+	if err := l.mkdir("/proc", 0o555); err != nil {
+		return err
+	}
+	spec.Sandbox = true
+	spec.Root = l.root
+	spec.Binds = l.binds
+	spec.PrivateNetwork = !fixed
+	spec.HostUID, spec.HostGID = j.hostUID, j.hostGID
+	spec.Dir = b.cfg.SandboxBuildDir
+	spec.ShmSize = b.cfg.SandboxShmSize
+	return nil
+}
+
+// makeChroot takes the sandbox root's name, <real store>/<drv>.chroot-<pid>,
+// and makes it afresh, empty (j.chroot; j.unlockChroot gives the name
+// back).
+func (j *job) makeChroot(ctx context.Context) error {
 	g := j.g
 	b := g.b
-	kind, _ := g.drv.Kind()
-	fixed := kind == derivation.FixedOutput
 	// Named for this process too: Nix building the same derivation in the
 	// same store (directly, or a daemon being replaced) lays out
 	// <drv>.chroot, after it has taken the outputs' locks, which this
@@ -267,24 +363,17 @@ func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
 		return err
 	}
 	if j.user != nil {
-		if err := os.Chown(j.chroot, 0, j.hostGID); err != nil {
-			return err
-		}
+		return os.Chown(j.chroot, 0, j.hostGID)
 	}
-	root := j.chroot
-	mkdir := func(p string, mode os.FileMode) error {
-		if err := os.MkdirAll(root+p, 0o755); err != nil {
-			return err
-		}
-		return os.Chmod(root+p, mode)
-	}
-	if err := mkdir("/tmp", 0o1777|os.ModeSticky); err != nil {
-		return err
-	}
-	if err := os.Chmod(root+"/tmp", 0o777|os.ModeSticky); err != nil {
-		return err
-	}
-	if err := mkdir("/etc", 0o755); err != nil {
+	return nil
+}
+
+// writeChrootEtc sets the builder's identity in spec and writes the
+// sandbox's /etc: passwd and group for it, and hosts (or, for a
+// fixed-output derivation, which sees the host's network, nsswitch.conf).
+func (j *job) writeChrootEtc(l *chrootLayout, spec *initSpec, fixed bool) error {
+	b := j.g.b
+	if err := l.mkdir("/etc", 0o755); err != nil {
 		return err
 	}
 	// The builder's identity: fixed in a user namespace, the build user's
@@ -308,136 +397,85 @@ func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
 		files["/etc/nsswitch.conf"] = "hosts: files dns\nservices: files\n"
 	}
 	for p, data := range files {
-		if err := os.WriteFile(root+p, []byte(data), 0o644); err != nil {
+		if err := os.WriteFile(l.root+p, []byte(data), 0o644); err != nil {
 			return err
 		}
 	}
-	storeDir := string(b.st.Dir())
-	if err := mkdir(storeDir, 0o775|os.ModeSticky); err != nil {
-		return err
-	}
-	if err := os.Chmod(root+storeDir, 0o775|os.ModeSticky); err != nil {
-		return err
-	}
-	if err := os.Chown(root+storeDir, 0, j.hostGID); err != nil {
-		return err
-	}
+	return nil
+}
 
-	var binds []bindMount
-	addBind := func(source, target string, ro, optional bool) error {
-		if target = filepath.Clean(target); !filepath.IsAbs(target) || target == "/" {
-			return fmt.Errorf("sandbox path '%s' is not an absolute path below /", target)
-		}
-		st, err := os.Stat(source)
-		if err != nil {
-			if optional && errors.Is(err, os.ErrNotExist) {
-				return nil
-			}
-			return fmt.Errorf("getting attributes of path '%s': %w", source, err)
-		}
-		if st.IsDir() {
-			if err := os.MkdirAll(root+target, 0o755); err != nil {
-				return err
-			}
-		} else {
-			if err := os.MkdirAll(filepath.Dir(root+target), 0o755); err != nil {
-				return err
-			}
-			// A mount point; an existing file (of an earlier bind) is
-			// left as it is.
-			f, err := os.OpenFile(root+target, os.O_WRONLY|os.O_CREATE, 0o644)
-			if err != nil {
-				return err
-			}
-			f.Close()
-		}
-		binds = append(binds, bindMount{Source: source, Target: target, ReadOnly: ro})
-		return nil
-	}
-	// Inputs: the helper makes their mount points and binds them.
-	var realStore string
-	for _, p := range j.inputs {
-		source, target := b.st.RealPath(p), b.abs(p)
-		if realStore == "" {
-			realStore = filepath.Dir(source)
-		}
-		if filepath.Dir(source) != realStore || filepath.Dir(target) != storeDir || filepath.Base(source) != filepath.Base(target) {
-			return fmt.Errorf("input '%s' is not in the store", source)
-		}
-		spec.Inputs = append(spec.Inputs, filepath.Base(source))
-	}
-	if len(spec.Inputs) > 0 {
-		if err := os.Mkdir(root+inputStaging, 0o700); err != nil {
-			return err
-		}
-		spec.InputStore, spec.InputDir = realStore, storeDir
-	}
-	if err := addBind(j.tmpDir, b.cfg.SandboxBuildDir, false, false); err != nil {
+// chrootLayout is a sandbox root being laid out on the host: its
+// directories and files are made under root, and the bind mounts that the
+// helper will make are collected.
+type chrootLayout struct {
+	root  string
+	binds []bindMount
+}
+
+// mkdir makes the directory p (a path in the sandbox) and its parents, and
+// gives p mode (setting bits such as sticky that the umask would drop).
+func (l *chrootLayout) mkdir(p string, mode os.FileMode) error {
+	if err := os.MkdirAll(l.root+p, 0o755); err != nil {
 		return err
 	}
-	for _, p := range j.impureHostDeps {
-		if err := addBind(p, p, false, false); err != nil {
-			return err
-		}
+	return os.Chmod(l.root+p, mode)
+}
+
+// bind has the host's source mounted at target in the sandbox (read-only
+// if ro), and makes its mount point. An optional source that does not
+// exist is left out.
+func (l *chrootLayout) bind(source, target string, ro, optional bool) error {
+	if target = filepath.Clean(target); !filepath.IsAbs(target) || target == "/" {
+		return fmt.Errorf("sandbox path '%s' is not an absolute path below /", target)
 	}
-	devInPaths := false
-	for _, s := range b.cfg.SandboxPaths {
-		sp, _ := parseSandboxPath(s)
-		if sp.target == "/dev" {
-			devInPaths = true
-		}
-		if err := addBind(sp.source, sp.target, false, sp.optional); err != nil {
-			return err
-		}
-	}
-	extra, err := j.preBuildHook(ctx)
+	st, err := os.Stat(source)
 	if err != nil {
-		return err
-	}
-	for _, sp := range extra {
-		if sp.target == "/dev" {
-			devInPaths = true
+		if optional && errors.Is(err, os.ErrNotExist) {
+			return nil
 		}
-		if err := addBind(sp.source, sp.target, false, false); err != nil {
+		return fmt.Errorf("getting attributes of path '%s': %w", source, err)
+	}
+	if st.IsDir() {
+		if err := os.MkdirAll(l.root+target, 0o755); err != nil {
+			return err
+		}
+	} else {
+		if err := os.MkdirAll(filepath.Dir(l.root+target), 0o755); err != nil {
+			return err
+		}
+		// A mount point; an existing file (of an earlier bind) is left as
+		// it is.
+		f, err := os.OpenFile(l.root+target, os.O_WRONLY|os.O_CREATE, 0o644)
+		if err != nil {
+			return err
+		}
+		f.Close()
+	}
+	l.binds = append(l.binds, bindMount{Source: source, Target: target, ReadOnly: ro})
+	return nil
+}
+
+// dev lays out the sandbox's /dev, when no sandbox path provides it: the
+// host's harmless devices, mount points for shm and pts, and the links to
+// /proc/self/fd and the pts multiplexer.
+func (l *chrootLayout) dev() error {
+	for _, d := range []string{"/dev/shm", "/dev/pts"} {
+		if err := l.mkdir(d, 0o755); err != nil {
 			return err
 		}
 	}
-	if !devInPaths {
-		for _, d := range []string{"/dev/shm", "/dev/pts"} {
-			if err := mkdir(d, 0o755); err != nil {
-				return err
-			}
-		}
-		for _, d := range []string{"/dev/full", "/dev/null", "/dev/random", "/dev/tty", "/dev/urandom", "/dev/zero"} {
-			if err := addBind(d, d, false, true); err != nil {
-				return err
-			}
-		}
-		for link, target := range map[string]string{
-			"/dev/fd": "/proc/self/fd", "/dev/stdin": "/proc/self/fd/0", "/dev/stdout": "/proc/self/fd/1",
-			"/dev/stderr": "/proc/self/fd/2", "/dev/ptmx": "/dev/pts/ptmx",
-		} {
-			if err := os.Symlink(target, root+link); err != nil {
-				return err
-			}
+	for _, d := range []string{"/dev/full", "/dev/null", "/dev/random", "/dev/tty", "/dev/urandom", "/dev/zero"} {
+		if err := l.bind(d, d, false, true); err != nil {
+			return err
 		}
 	}
-	if fixed {
-		for _, p := range []string{"/etc/resolv.conf", "/etc/services", "/etc/hosts"} {
-			if err := addBind(p, p, true, true); err != nil {
-				return err
-			}
+	for link, target := range map[string]string{
+		"/dev/fd": "/proc/self/fd", "/dev/stdin": "/proc/self/fd/0", "/dev/stdout": "/proc/self/fd/1",
+		"/dev/stderr": "/proc/self/fd/2", "/dev/ptmx": "/dev/pts/ptmx",
+	} {
+		if err := os.Symlink(target, l.root+link); err != nil {
+			return err
 		}
 	}
-	if err := mkdir("/proc", 0o555); err != nil {
-		return err
-	}
-	spec.Sandbox = true
-	spec.Root = root
-	spec.Binds = binds
-	spec.PrivateNetwork = !fixed
-	spec.HostUID, spec.HostGID = j.hostUID, j.hostGID
-	spec.Dir = b.cfg.SandboxBuildDir
-	spec.ShmSize = b.cfg.SandboxShmSize
 	return nil
 }
