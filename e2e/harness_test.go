@@ -337,8 +337,11 @@ func (e *testEnv) startDaemon(t *testing.T, opts ...daemonOpt) *daemon {
 		if d.running() {
 			d.kill(t, syscall.SIGKILL)
 		}
+		log, _ := os.ReadFile(d.logPath)
+		if i := bytes.Index(log, []byte("WARNING: DATA RACE")); i >= 0 {
+			t.Errorf("the daemon reported a data race (%s):\n%s", d.logPath, log[i:min(len(log), i+8<<10)])
+		}
 		if t.Failed() {
-			log, _ := os.ReadFile(d.logPath)
 			if len(log) > 16<<10 {
 				log = append([]byte("…"), log[len(log)-16<<10:]...)
 			}

@@ -19,6 +19,10 @@ var (
 	stockDaemon string
 	// busybox is the static busybox used as a builder for fixture builds.
 	busybox string
+	// raceDetector is true when the tests run under the race detector
+	// (race_test.go): the daemon they build has it too, and a race it
+	// reports in its log fails the test (see testEnv.startDaemon).
+	raceDetector bool
 )
 
 // requiredTools are the real Nix client programs the tests drive.
@@ -73,14 +77,22 @@ func runMain(m *testing.M) int {
 			return 1
 		}
 		nixyardBin = filepath.Join(dir, "nixyard")
-		build := exec.Command("go", "build", "-o", nixyardBin, "./cmd/nixyard")
+		args := []string{"build", "-o", nixyardBin}
+		if raceDetector {
+			args = append(args, "-race")
+		}
+		build := exec.Command("go", append(args, "./cmd/nixyard")...)
 		build.Dir = ".." // the module root; go test runs in the package directory
 		build.Stdout, build.Stderr = os.Stderr, os.Stderr
 		if err := build.Run(); err != nil {
 			fmt.Fprintf(os.Stderr, "e2e: go build ./cmd/nixyard failed: %v\n(set NIXYARD_E2E_DAEMON=nix-daemon to run the suite against the reference daemon)\n", err)
 			return 1
 		}
-		fmt.Fprintf(os.Stderr, "e2e: testing nixyard built from ./cmd/nixyard\n")
+		if raceDetector {
+			fmt.Fprintf(os.Stderr, "e2e: testing nixyard built from ./cmd/nixyard with the race detector\n")
+		} else {
+			fmt.Fprintf(os.Stderr, "e2e: testing nixyard built from ./cmd/nixyard\n")
+		}
 	default:
 		fmt.Fprintf(os.Stderr, "e2e: NIXYARD_E2E_DAEMON=%q: want nix-daemon or nixyard\n", d)
 		return 1

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README.md; .ci/run calls exactly this).
 #
-#   ./scripts/test.sh                 format check, go vet, all tests (e2e included)
+#   ./scripts/test.sh                 format check, go vet, all tests (e2e included),
+#                                     under the race detector
 #   ./scripts/test.sh -run TestGC     extra arguments go to "go test"
 #   NIXYARD_E2E_DAEMON=nix-daemon ./scripts/test.sh
 #                                     run the e2e suite against the stock nix-daemon
@@ -70,8 +71,10 @@ fi
 log "go vet ./..."
 go vet ./...
 
-log "go test ./..."
+log "go test -race ./..."
 # -count=1: the e2e package builds ./cmd/nixyard itself, so Go's test cache
-# cannot see when the code under test changed.
-go test -count=1 -timeout 12m "$@" ./...
+# cannot see when the code under test changed. -race: the daemon serves
+# every client from one process; under the race detector the e2e package
+# builds the daemon with it too, and a race in a daemon's log fails the test.
+go test -race -count=1 -timeout 15m "$@" ./...
 log "all tests passed"
