@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"net"
+	"os"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 )
@@ -61,4 +64,72 @@ func TestHangupWatcher(t *testing.T) {
 		s.Close()
 		l.Close()
 	}
+}
+
+// TestHangupWatchesShareAThread: ops under way at once do not hold a
+// thread each while they watch for their clients' hang-ups (the runtime
+// keeps the threads it made: a burst of waiting clients left hundreds),
+// and each is still told of its own client's hang-up, and only of it.
+func TestHangupWatchesShareAThread(t *testing.T) {
+	const n = 200
+	l, err := net.Listen("unix", t.TempDir()+"/s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	theHangupPoller() // its thread is not the watches'
+	before := threads(t)
+	clients := make([]net.Conn, n)
+	ctxs := make([]context.Context, n)
+	stops := make([]func(), n)
+	for i := range n {
+		c, err := net.Dial("unix", l.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := l.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		clients[i] = c
+		ctxs[i], stops[i] = newHangupWatcher(s).watch(context.Background())
+	}
+	time.Sleep(100 * time.Millisecond) // for any thread the watches would make
+	if after := threads(t); after-before > n/4 {
+		t.Errorf("%d threads with %d watches, %d before", after, n, before)
+	}
+	clients[7].Close()
+	select {
+	case <-ctxs[7].Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("no hang-up seen")
+	}
+	for i := range n {
+		if i != 7 && ctxs[i].Err() != nil {
+			t.Errorf("watch %d ended (%v) by another client's hang-up", i, context.Cause(ctxs[i]))
+		}
+		stops[i]()
+		clients[i].Close()
+	}
+}
+
+// threads is the number of the process's threads.
+func threads(t *testing.T) int {
+	t.Helper()
+	status, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		if v, ok := strings.CutPrefix(line, "Threads:"); ok {
+			n, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+	}
+	t.Fatal("no Threads line in /proc/self/status")
+	return 0
 }
