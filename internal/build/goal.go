@@ -791,7 +791,7 @@ func (g *goal) checkDerivation(ctx context.Context) (map[string]storepath.Path, 
 func (g *goal) realiseInputs(ctx context.Context) ([]storepath.Path, *Result) {
 	b := g.b
 	drvAbs := b.abs(g.drvPath)
-	failed := func(r Result) ([]storepath.Path, *Result) { return nil, &r }
+	result := func(r Result) ([]storepath.Path, *Result) { return nil, &r }
 	var (
 		wg      sync.WaitGroup
 		mu      sync.Mutex
@@ -851,14 +851,14 @@ func (g *goal) realiseInputs(ctx context.Context) ([]storepath.Path, *Result) {
 	for in := range g.drv.InputDrvs {
 		ip, err := b.st.Dir().Parse(in)
 		if err != nil {
-			return failed(g.failf(MiscFailure, "derivation '%s': input %s: %v", drvAbs, in, err))
+			return result(g.failf(MiscFailure, "derivation '%s': input %s: %v", drvAbs, in, err))
 		}
 		inDrvs[in] = ip
 	}
 	for _, src := range g.drv.InputSrcs {
 		sp, err := b.st.Dir().Parse(src)
 		if err != nil {
-			return failed(g.failf(MiscFailure, "derivation '%s': input %s: %v", drvAbs, src, err))
+			return result(g.failf(MiscFailure, "derivation '%s': input %s: %v", drvAbs, src, err))
 		}
 		inSrcs = append(inSrcs, sp)
 	}
@@ -909,16 +909,16 @@ func (g *goal) realiseInputs(ctx context.Context) ([]storepath.Path, *Result) {
 	}
 	wg.Wait()
 	if err := ctx.Err(); err != nil {
-		return failed(g.failf(MiscFailure, "building '%s': %v", drvAbs, err))
+		return result(g.failf(MiscFailure, "building '%s': %v", drvAbs, err))
 	}
 	if nFailed == 0 && nStopped > 0 {
 		// Every caller is being stopped by another failure: not a failure
 		// of this goal's own.
-		return failed(stoppedByFailure())
+		return result(stoppedByFailure())
 	}
 	if nFailed > 0 && g.basic {
 		// As Nix for a derivation sent whole (BuildDerivation).
-		return failed(g.failf(MiscFailure, "%s", hint.Fmt("some dependencies of '%s' are missing", drvAbs)))
+		return result(g.failf(MiscFailure, "%s", hint.Fmt("some dependencies of '%s' are missing", drvAbs)))
 	}
 	if nFailed > 0 {
 		// noLocalBuilds travels up, so that a caller who may build, and
@@ -926,7 +926,7 @@ func (g *goal) realiseInputs(ctx context.Context) ([]storepath.Path, *Result) {
 		// not, tries again as the owner (see call.realise).
 		r := g.failf(DependencyFailed, "%s", hint.Fmt("%d dependencies of derivation '%s' failed to build", nFailed, drvAbs))
 		r.noLocalBuilds = noBuilds
-		return failed(r)
+		return result(r)
 	}
 	return closure, nil
 }

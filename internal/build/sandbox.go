@@ -309,7 +309,7 @@ func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
 		}
 	}
 	if !devInPaths {
-		if err := l.dev(); err != nil {
+		if err := l.makeDev(); err != nil {
 			return err
 		}
 	}
@@ -333,9 +333,8 @@ func (j *job) prepareChroot(ctx context.Context, spec *initSpec) error {
 	return nil
 }
 
-// makeChroot takes the sandbox root's name, <real store>/<drv>.chroot-<pid>,
-// and makes it afresh, empty (j.chroot; j.unlockChroot gives the name
-// back).
+// makeChroot locks the sandbox root's name, <real store>/<drv>.chroot-<pid>
+// (j.chroot; j.unlockChroot unlocks it), and makes it afresh, empty.
 func (j *job) makeChroot(ctx context.Context) error {
 	g := j.g
 	b := g.b
@@ -455,10 +454,10 @@ func (l *chrootLayout) bind(source, target string, ro, optional bool) error {
 	return nil
 }
 
-// dev lays out the sandbox's /dev, when no sandbox path provides it: the
-// host's harmless devices, mount points for shm and pts, and the links to
-// /proc/self/fd and the pts multiplexer.
-func (l *chrootLayout) dev() error {
+// makeDev lays out the sandbox's /dev, when no sandbox path provides it:
+// the host's harmless devices, mount points for shm and pts, and the links
+// to /proc/self/fd and the pts multiplexer.
+func (l *chrootLayout) makeDev() error {
 	for _, d := range []string{"/dev/shm", "/dev/pts"} {
 		if err := l.mkdir(d, 0o755); err != nil {
 			return err

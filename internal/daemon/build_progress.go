@@ -45,7 +45,7 @@ type buildProgress struct {
 	lines    int                            // droppable events in q
 	dropped  int                            // droppable events not queued
 	counts   workerCounts                   // the Worker's counters
-	substs   map[storepath.Path]*substCount // the paths in counts.substs
+	substs   map[storepath.Path]*substEntry // the paths in counts.substs
 	failures int                            // exitStatus's bits
 	pending  bool                           // a sendCounts is queued
 	closed   bool
@@ -143,29 +143,31 @@ func (p *buildProgress) BuildsProgress(done, expected, running, failed int) {
 	p.update(func(c *workerCounts) { c.builds = [4]int{done, expected, running, failed} })
 }
 
-// substCount is how the counters hold one path to substitute.
-type substCount struct {
-	plans         int    // substitution calls that will fetch it and are not done with it
-	counted       bool   // in the expected counts, with these sizes:
-	nar, download uint64 //
-	done          bool   // fetched
+// substEntry is what the counters hold of one path to substitute.
+type substEntry struct {
+	plans   int  // substitution calls that will fetch it and are not done with it
+	running int  // attempts at fetching it that started and did not end
+	done    bool // fetched
+	// counted: in the expected counts, with these sizes.
+	counted       bool
+	nar, download uint64
 }
 
-// substCount returns path's entry, made if new. Under p.mu.
-func (p *buildProgress) substCount(path storepath.Path) *substCount {
+// subst returns path's entry, made if new. Under p.mu.
+func (p *buildProgress) subst(path storepath.Path) *substEntry {
 	if p.substs == nil {
-		p.substs = map[storepath.Path]*substCount{}
+		p.substs = map[storepath.Path]*substEntry{}
 	}
 	s := p.substs[path]
 	if s == nil {
-		s = &substCount{}
+		s = &substEntry{}
 		p.substs[path] = s
 	}
 	return s
 }
 
 // expect counts s as expected, with these sizes, unless it is. Under p.mu.
-func (s *substCount) expect(c *workerCounts, narSize, fileSize uint64) {
+func (s *substEntry) expect(c *workerCounts, narSize, fileSize uint64) {
 	if s.counted {
 		return
 	}
@@ -177,7 +179,7 @@ func (s *substCount) expect(c *workerCounts, narSize, fileSize uint64) {
 
 // unexpect takes s out of the expected counts unless it was fetched or a
 // call still plans to fetch it. Under p.mu.
-func (s *substCount) unexpect(c *workerCounts) {
+func (s *substEntry) unexpect(c *workerCounts) {
 	if !s.counted || s.done || s.plans > 0 {
 		return
 	}
@@ -191,18 +193,26 @@ func (s *substCount) unexpect(c *workerCounts) {
 // (substitute.EventPlanned): the whole copy is counted from the start.
 func (p *buildProgress) substPlanned(path storepath.Path, narSize, fileSize uint64) {
 	p.update(func(c *workerCounts) {
-		s := p.substCount(path)
+		s := p.subst(path)
 		s.plans++
 		s.expect(c, narSize, fileSize)
 	})
 }
 
-// substSettled ends a call's plan to fetch path (substitute.EventSettled):
-// unless fetched, it is no longer expected once no call plans it.
+// substSettled ends a call's plan to fetch path (substitute.EventSettled).
+// Once no call plans it, an attempt still counted running is not (a call
+// cancelled while it waited for a download hears no end of it), and
+// unless fetched the path is no longer expected.
 func (p *buildProgress) substSettled(path storepath.Path) {
 	p.update(func(c *workerCounts) {
-		s := p.substCount(path)
-		s.plans = max(s.plans-1, 0)
+		s := p.subst(path)
+		if s.plans > 0 {
+			s.plans--
+		}
+		if s.plans == 0 {
+			c.substs[2] -= s.running
+			s.running = 0
+		}
 		s.unexpect(c)
 	})
 }
@@ -212,7 +222,9 @@ func (p *buildProgress) substSettled(path storepath.Path) {
 // was planned.
 func (p *buildProgress) substStarted(path storepath.Path, narSize, fileSize uint64) {
 	p.update(func(c *workerCounts) {
-		p.substCount(path).expect(c, narSize, fileSize)
+		s := p.subst(path)
+		s.expect(c, narSize, fileSize)
+		s.running++
 		c.substs[2]++
 	})
 }
@@ -222,8 +234,11 @@ func (p *buildProgress) substStarted(path storepath.Path, narSize, fileSize uint
 // cache; substsFailed counts the paths that none had).
 func (p *buildProgress) substEnded(path storepath.Path, ok bool) {
 	p.update(func(c *workerCounts) {
-		c.substs[2]--
-		s := p.substCount(path)
+		s := p.subst(path)
+		if s.running > 0 {
+			s.running--
+			c.substs[2]--
+		}
 		if ok {
 			if !s.done {
 				s.done = true

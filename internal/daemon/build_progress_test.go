@@ -153,8 +153,9 @@ func readTestFields(d *wire.Decoder) []string {
 // TestSubstCounts: the paths a substitution call plans are expected from
 // its start, each once; an attempt that fails leaves its path expected
 // while the call may try another cache; a path no cache had, or one that
-// was valid already, is expected no more once its call settles it; an
-// attempt no call planned (a repair) counts as it starts.
+// was valid already, is expected no more once its call settles it, nor
+// counted running if the call gave up waiting for it; an attempt no call
+// planned (a repair) counts as it starts.
 func TestSubstCounts(t *testing.T) {
 	client, daemon, tun := workingTunnel(t)
 	defer client.Close()
@@ -167,7 +168,7 @@ func TestSubstCounts(t *testing.T) {
 		}
 		return sp
 	}
-	a, b, c, d := path("a"), path("b"), path("c"), path("d")
+	a, b, c, d, e := path("a"), path("b"), path("c"), path("d"), path("e")
 	check := func(step string, substs [4]int, nar, download uint64) {
 		t.Helper()
 		p.mu.Lock()
@@ -202,4 +203,12 @@ func TestSubstCounts(t *testing.T) {
 	check("d started unplanned", [4]int{1, 2, 1, 0}, 105, 11)
 	p.substEnded(d, false)
 	check("d failed", [4]int{1, 1, 0, 0}, 100, 10)
+	// A call cancelled while it waits for a download hears no end of it.
+	p.substPlanned(e, 7, 2)
+	p.substStarted(e, 7, 2)
+	check("e started", [4]int{1, 2, 1, 0}, 107, 12)
+	p.substSettled(e)
+	check("e given up", [4]int{1, 1, 0, 0}, 100, 10)
+	p.substEnded(e, false) // late: counted no more
+	check("e ended late", [4]int{1, 1, 0, 0}, 100, 10)
 }

@@ -541,7 +541,7 @@ func (r *Realiser) CombinedError(results []Result) error {
 		abs := r.m.st.Dir().Abs(res.Target.Path)
 		failed = append(failed, abs)
 		if !res.Stopped && !res.noneHad && !res.told {
-			msgs = append(msgs, goalMsg{goalKey(res.Target, abs), res.ErrorMsg})
+			msgs = append(msgs, goalMsg{nixGoalKey(res.Target, abs), res.ErrorMsg})
 		}
 	}
 	slices.Sort(failed)
@@ -558,20 +558,20 @@ func (r *Realiser) CombinedError(results []Result) error {
 	}
 	// The first goal's error is logged last, after the others', as Nix's
 	// buildPaths keeps it to throw and logs the rest as it meets them.
-	var told []string
+	var logged []string
 	for _, m := range msgs[min(1, len(msgs)):] {
-		told = append(told, m.msg)
+		logged = append(logged, m.msg)
 	}
 	if len(msgs) > 0 {
-		told = append(told, msgs[0].msg)
+		logged = append(logged, msgs[0].msg)
 	}
-	return &CombinedFailure{Failures: told, msg: fmt.Sprintf("build of %s failed", hint.Y("'"+strings.Join(failed, "', '")+"'"))}
+	return &CombinedFailure{Failures: logged, msg: fmt.Sprintf("build of %s failed", hint.Y("'"+strings.Join(failed, "', '")+"'"))}
 }
 
-// goalKey is the key of the goal Nix's Worker makes for t (abs is its path
-// in full), which orders its goals: substitutions before builds, then by
-// name.
-func goalKey(t store.DerivedPath, abs string) string {
+// nixGoalKey is the key of the goal Nix's Worker makes for t (abs is its
+// path in full), which orders its goals: substitutions before builds, then
+// by name.
+func nixGoalKey(t store.DerivedPath, abs string) string {
 	kind := "a$"
 	if t.Built {
 		kind = "b$"

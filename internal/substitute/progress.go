@@ -21,10 +21,11 @@ const (
 	ActQueryPathInfo ActivityType = 109
 )
 
-// EventKind says what happened to an activity.
+// EventKind says what happened: to an activity, or to a path that a call
+// substitutes.
 type EventKind int
 
-// The event kinds: an activity starts, makes progress any number of times,
+// The event kinds. An activity starts, makes progress any number of times,
 // and stops exactly once.
 const (
 	EventStart EventKind = iota
@@ -41,7 +42,8 @@ const (
 	EventSettled
 )
 
-// Event is one change of an activity. IDs are unique within a Substituter;
+// Event is one change of an activity, or one step of a call's plan
+// (EventPlanned, EventSettled). IDs are unique within a Substituter;
 // Parent is 0 for a top-level (ActSubstitute) activity.
 type Event struct {
 	Kind     EventKind
@@ -54,9 +56,9 @@ type Event struct {
 	Done     uint64
 	Expected uint64 // 0 if unknown
 	Err      error  // on EventStop: nil on success
-	// NarSize and FileSize, on an ActSubstitute's events, are the path's
-	// NAR size and the size of the file downloaded for it (the
-	// compressed NAR), for the caller's totals.
+	// NarSize and FileSize, on an ActSubstitute's events and on
+	// EventPlanned, are the path's NAR size and the size of the file
+	// downloaded for it (the compressed NAR), for the caller's totals.
 	NarSize, FileSize uint64
 }
 
@@ -66,7 +68,9 @@ type Event struct {
 //
 // A caller that joins a download already under way first gets an
 // EventStart (with the current Done) for each of its open activities,
-// then the live events.
+// then the live events. EventPlanned and EventSettled go to the Progress
+// of the call they are about only, never to those that join its
+// downloads.
 type Progress interface {
 	Event(Event)
 }
