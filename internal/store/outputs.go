@@ -157,43 +157,10 @@ func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs
 		if src == "" {
 			src = dest
 		}
-		if err := ChownTree(src, os.Geteuid(), os.Getegid()); err != nil {
-			return nil, fmt.Errorf("store: output '%s' of '%s': %w", o.Name, drvAbs, err)
+		info, err := s.outputInfo(deriver, o, src, byHash)
+		if err != nil {
+			return nil, err
 		}
-		if err := nar.Canonicalise(src); err != nil {
-			return nil, fmt.Errorf("store: output '%s' of '%s': %w", o.Name, drvAbs, err)
-		}
-		dig := newNARDigest()
-		scan := NewRefScanner(byHash)
-		if err := nar.DumpPath(io.MultiWriter(dig, scan), src); err != nil {
-			return nil, fmt.Errorf("store: output '%s' of '%s': %w", o.Name, drvAbs, err)
-		}
-		narHash, narSize := dig.Sum()
-		info := PathInfo{
-			Path:       o.Path,
-			Deriver:    deriver,
-			NarHash:    narHash,
-			NarSize:    narSize,
-			References: scan.Found(),
-			Ultimate:   true,
-			CA:         o.CA,
-		}
-		if o.CA != "" && len(info.References) > 0 {
-			// A fixed output may not refer to other paths (its path says
-			// nothing of them), in the words of Nix's older releases (2.8
-			// fails an assertion).
-			return nil, errors.New(hint.Fmt("illegal path references in fixed-output derivation '%s'", drvAbs))
-		}
-		if o.CA != "" {
-			ca, err := contentaddress.Parse(o.CA)
-			if err != nil {
-				return nil, fmt.Errorf("store: output '%s' of '%s': %w", o.Name, drvAbs, err)
-			}
-			if err := s.checkCAPath(info, ca); err != nil {
-				return nil, err
-			}
-		}
-		s.sign(&info)
 		switch {
 		case o.Replace && src != dest && exists(dest):
 			// The new files are durable before they take the valid path's
@@ -242,6 +209,56 @@ func (l *OutputLocks) Register(ctx context.Context, deriver storepath.Path, outs
 		infos[i] = pp.info
 	}
 	return infos, nil
+}
+
+// outputInfo makes the tree at src, output o of deriver, the daemon's and
+// canonical, and returns its info as Register registers it: its NAR's
+// hash and size, its references (the hash parts of byHash that it holds),
+// ultimate, signed with the daemon's keys; a fixed output's content
+// address is checked.
+func (s *Store) outputInfo(deriver storepath.Path, o BuiltOutput, src string, byHash map[string]storepath.Path) (PathInfo, error) {
+	drvAbs := s.abs(deriver)
+	fail := func(err error) (PathInfo, error) {
+		return PathInfo{}, fmt.Errorf("store: output '%s' of '%s': %w", o.Name, drvAbs, err)
+	}
+	if err := ChownTree(src, os.Geteuid(), os.Getegid()); err != nil {
+		return fail(err)
+	}
+	if err := nar.Canonicalise(src); err != nil {
+		return fail(err)
+	}
+	dig := newNARDigest()
+	scan := NewRefScanner(byHash)
+	if err := nar.DumpPath(io.MultiWriter(dig, scan), src); err != nil {
+		return fail(err)
+	}
+	narHash, narSize := dig.Sum()
+	info := PathInfo{
+		Path:       o.Path,
+		Deriver:    deriver,
+		NarHash:    narHash,
+		NarSize:    narSize,
+		References: scan.Found(),
+		Ultimate:   true,
+		CA:         o.CA,
+	}
+	if o.CA != "" && len(info.References) > 0 {
+		// A fixed output may not refer to other paths (its path says
+		// nothing of them), in the words of Nix's older releases (2.8
+		// fails an assertion).
+		return PathInfo{}, errors.New(hint.Fmt("illegal path references in fixed-output derivation '%s'", drvAbs))
+	}
+	if o.CA != "" {
+		ca, err := contentaddress.Parse(o.CA)
+		if err != nil {
+			return fail(err)
+		}
+		if err := s.checkCAPath(info, ca); err != nil {
+			return PathInfo{}, err
+		}
+	}
+	s.sign(&info)
+	return info, nil
 }
 
 // ChownTree gives every inode under path (not following symlinks) to
