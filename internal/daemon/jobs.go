@@ -124,11 +124,3 @@ func (c *conn) checkJobGC(action store.GCAction) error {
 	}
 	return nil
 }
-
-// reapJobs ends the jobs that are over, so that a collection may delete
-// their paths.
-func (c *conn) reapJobs() {
-	if c.srv.opts.Jobs != nil {
-		c.srv.opts.Jobs.Reap()
-	}
-}

@@ -156,7 +156,6 @@ func opCollectGarbageHandler(ctx context.Context, c *conn) error {
 	if err := c.checkJobGC(opts.Action); err != nil {
 		return err
 	}
-	c.reapJobs()
 	// As nix-daemon: a trusted client's keep-outputs and keep-derivations
 	// decide what its collection keeps.
 	opts.KeepOutputs = c.overrideBool("keep-outputs")

@@ -225,6 +225,9 @@ func New(ctx context.Context, st *store.Store, opts Options) (*Manager, error) {
 		m.journalLock = lock
 		m.restore(ctx)
 	}
+	// Every collection first ends the jobs that are over, automatic ones
+	// too: a job's roots should not outlive it by the reaping interval.
+	st.SetBeforeRoots(func() { m.Reap() })
 	return m, nil
 }
 

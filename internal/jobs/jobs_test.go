@@ -531,3 +531,38 @@ func TestWaitingDaemonGoneLater(t *testing.T) {
 		t.Errorf("live jobs after the collection: %v, want the waiting daemon's one", got)
 	}
 }
+
+// TestCollectionEndsJobsOver: a collection started by the store itself (an
+// automatic one: min-free, the size budget) ends the jobs whose namespaces
+// are gone before it reads the roots, as one a client asks for does, and
+// deletes what only they held; a live job's paths stay. Without, an ended
+// job held its paths until the reaping interval came round, and a
+// collection that freed nothing for it held off the next.
+func TestCollectionEndsJobsOver(t *testing.T) {
+	st := testStore(t)
+	held, gone := addText(t, st, "held-by-live"), addText(t, st, "held-by-ended")
+	m := newManager(t, st)
+	defer m.Close()
+	_, live, _ := container(t)
+	initEnded, ended, kill := container(t)
+	for pid, p := range map[int]storepath.Path{live: held, ended: gone} {
+		c, err := m.Attach(pid, "ci")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Session().AddTempRoot(context.Background(), p); err != nil {
+			t.Fatal(err)
+		}
+		c.Release()
+	}
+	kill()
+	waitGone(t, initEnded)
+	deleted := collectAll(t, st)
+	assertValid(t, st, "held by a live job", held)
+	if ok, _ := st.IsValidPath(context.Background(), gone); ok {
+		t.Errorf("%s, held by a job that ended, survived the collection (deleted: %v)", gone, deleted)
+	}
+	if n := len(m.Live()); n != 1 {
+		t.Errorf("%d jobs live after the collection, want 1", n)
+	}
+}

@@ -155,6 +155,9 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 			return nil, err
 		}
 	}
+	if f := s.beforeRoots.Load(); f != nil {
+		(*f)()
+	}
 	// One collection at a time in this process, then gc.lock against
 	// other processes; the wait for either is told once, as Nix tells it.
 	log = onceWaiting(log)
@@ -331,6 +334,18 @@ func (s *Store) SetGCGate(gate func(ctx context.Context, log func(string)) error
 		return
 	}
 	s.gcGate.Store(&gate)
+}
+
+// SetBeforeRoots has every collection (automatic ones too) call f first,
+// before it reads the roots; nil removes it. The job sessions use it to end
+// the jobs that are over, whose temporary roots would otherwise keep their
+// paths from the collection.
+func (s *Store) SetBeforeRoots(f func()) {
+	if f == nil {
+		s.beforeRoots.Store(nil)
+		return
+	}
+	s.beforeRoots.Store(&f)
 }
 
 // SetBeforeCollect has every collection (automatic ones too) call f once

@@ -108,6 +108,7 @@ type Store struct {
 	gcSem         chan struct{}                                                     // holds a token while a garbage collection runs in this process
 	gcGate        atomic.Pointer[func(ctx context.Context, log func(string)) error] // see SetGCGate
 	beforeCollect atomic.Pointer[func(ctx context.Context)]                         // see SetBeforeCollect
+	beforeRoots   atomic.Pointer[func()]                                            // see SetBeforeRoots
 
 	autoGC  autoGC     // see AutoGC
 	lastUse lastUses   // see Touch
