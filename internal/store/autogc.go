@@ -183,6 +183,17 @@ func (a *autoGC) startLocked(s *Store, cc *AutoGCCheck) (done chan struct{}, msg
 	return done, fmt.Sprintf("running auto-GC to free %d bytes", toFree)
 }
 
+// forgetHoldOff ends the hold-off after an automatic collection that
+// freed too little (availAfterGC, sizeAfterGC): another collection (a
+// client's, say) has freed space since, so the store's free space and size
+// no longer say how much is alive. An automatic collection sets it again
+// once it ends.
+func (a *autoGC) forgetHoldOff() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.collected, a.sizeAfterGC = false, 0
+}
+
 // background runs the store's own goroutines (automatic collections,
 // saving last uses) with a context that Close cancels, and lets Close
 // wait for them.

@@ -252,6 +252,9 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 		}
 	}
 	slices.Sort(c.res.Paths)
+	if c.res.BytesFreed > 0 {
+		s.autoGC.forgetHoldOff()
+	}
 	return c.res, nil
 }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"math"
 	"strings"
 	"testing"
 	"time"
@@ -258,6 +259,44 @@ func TestSizeBudgetHysteresis(t *testing.T) {
 	s.AutoGC(ctx, true)
 	if s.autoGC.budgetGCAt.Equal(first) {
 		t.Error("no collection after the store grew by 1 % of its budget")
+	}
+}
+
+// TestSizeBudgetHoldOffEndsWithCollection: the hold-off after a budget
+// collection that freed too little ends when another collection (the
+// host's nix-store --gc) frees space: the store that grows over its budget
+// again is collected, though it is smaller than when the hold-off began.
+func TestSizeBudgetHoldOffEndsWithCollection(t *testing.T) {
+	ctx := context.Background()
+	s := openWithBudget(t, t.TempDir(), 1<<40)
+	defer s.Close()
+	live := addText(t, s, "live", strings.Repeat("l", 100<<10))
+	ss := s.OpenSession()
+	if err := ss.AddTempRoot(ctx, live); err != nil {
+		t.Fatal(err)
+	}
+	info, err := s.QueryPathInfo(ctx, live)
+	if err != nil {
+		t.Fatal(err)
+	}
+	budget := info.NarSize / 2 // the live path alone is over it
+	s.cfg.SizeBudget = budget
+	s.AutoGC(ctx, true)
+	first := s.autoGC.budgetGCAt
+	if first.IsZero() || s.autoGC.sizeAfterGC == 0 {
+		t.Fatalf("no hold-off recorded (at %v, size after %d)", first, s.autoGC.sizeAfterGC)
+	}
+	ss.Close() // the path is dead now, and a client collects it
+	if _, err := s.CollectGarbage(ctx, GCOptions{Action: GCDeleteDead, MaxFreed: math.MaxUint64}, nil); err != nil {
+		t.Fatal(err)
+	}
+	s.autoGC.mu.Lock()
+	s.autoGC.lastCheck = time.Time{} // due for a check
+	s.autoGC.mu.Unlock()
+	dead := addText(t, s, "dead", strings.Repeat("d", int(budget*3/2)))
+	s.AutoGC(ctx, true) // over budget, smaller than at the hold-off
+	if ok, _ := s.IsValidPathFresh(ctx, dead); ok {
+		t.Error("the store over its budget was not collected: the hold-off outlived a collection that freed space")
 	}
 }
 
