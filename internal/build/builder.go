@@ -276,6 +276,10 @@ type ClientOptions struct {
 	// MaxJobs caps how many builds of this caller run at once; it can
 	// only lower the caller's share of Config.MaxJobs. <= 0: no own cap.
 	MaxJobs int
+	// SlotShare names whom the caller's builds count with when build
+	// slots are shared out: callers of one share (the requests of a CI
+	// job: its id) get slots as one caller would. "": its own.
+	SlotShare string
 	// MaxSilentTime and Timeout override Config's when > 0.
 	MaxSilentTime, Timeout time.Duration
 	// NoLocalBuilds: the caller set max-jobs to 0 (nix-build -j0), so

@@ -41,7 +41,7 @@ type call struct {
 func (c *call) mayBuild() bool { return !c.b.cfg.NoLocalBuilds && !c.opts.NoLocalBuilds }
 
 func (b *Builder) newCall(opts ClientOptions, prog Progress) *call {
-	return &call{b: b, id: b.calls.Add(1), opts: opts, client: newSlotClient(opts.MaxJobs), prog: prog}
+	return &call{b: b, id: b.calls.Add(1), opts: opts, client: b.slots.client(opts.MaxJobs, opts.SlotShare), prog: prog}
 }
 
 // close stops events to the caller; goals the caller started may go on
@@ -51,6 +51,7 @@ func (c *call) close() {
 	c.prog = nil
 	c.mu.Unlock()
 	c.b.dropHooks(c)
+	c.b.slots.closeClient(c.client)
 }
 
 func (c *call) emit(f func(p Progress)) {

@@ -6,9 +6,12 @@ import (
 )
 
 // slots hands out the host-wide build slots. Callers (slotClients) that
-// wait for a slot form a ring; a freed slot goes to the next client in the
-// ring that has a waiter and is below its own cap, so free slots are
-// shared round-robin between callers whatever their number of builds.
+// wait for a slot form a ring; a freed slot goes to a client in the ring
+// that has a waiter and is below its own cap, of the share (see
+// slotShare) that runs the fewest builds, and among those of the share
+// served longest ago, the next in the ring: free slots are shared between
+// callers, and between the CI jobs they belong to, whatever their number
+// of builds and requests.
 type slots struct {
 	mu      sync.Mutex
 	max     int
@@ -16,6 +19,8 @@ type slots struct {
 	ring    []*slotClient // clients with waiters, in round-robin order
 	next    int           // ring index served next
 	freed   chan struct{} // closed and replaced when a slot is given back
+	shares  map[string]*slotShare
+	grants  uint64 // slots granted so far
 }
 
 // slotClient is one caller's share of the slots.
@@ -23,15 +28,81 @@ type slotClient struct {
 	max     int // <= 0: no own cap
 	running int
 	waiting []*slotWaiter
+	share   *slotShare
+}
+
+// slotShare is what several callers count as one for the slots: the
+// requests of one CI job (a job that runs six nix-builds at once gets
+// slots as one that asks for six builds in one request would). A caller
+// of no job has a share of its own.
+type slotShare struct {
+	key     string // "" for a caller's own
+	running int
+	served  uint64 // s.grants when it was last granted a slot
+	clients int    // open clients (see slots.client); shared ones only
 }
 
 type slotWaiter struct {
 	ready chan struct{} // closed when the slot is granted
 }
 
-func newSlots(max int) *slots { return &slots{max: max, freed: make(chan struct{})} }
+func newSlots(max int) *slots {
+	return &slots{max: max, freed: make(chan struct{}), shares: map[string]*slotShare{}}
+}
 
-func newSlotClient(max int) *slotClient { return &slotClient{max: max} }
+// client returns a new caller's share of the slots, capped at max builds
+// (<= 0: no own cap), counted with the other open clients of share (""
+// for none). close ends it (see closeClient).
+func (s *slots) client(max int, share string) *slotClient {
+	if share == "" {
+		return &slotClient{max: max, share: &slotShare{}}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sh := s.shares[share]
+	if sh == nil {
+		sh = &slotShare{key: share}
+		s.shares[share] = sh
+	}
+	sh.clients++
+	return &slotClient{max: max, share: sh}
+}
+
+// closeClient ends c's part in its share: once no open client has the
+// share and it runs nothing, it is forgotten. (c's builds already asked
+// for may still take and give back slots, counted in the share.)
+func (s *slots) closeClient(c *slotClient) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if c.share.key == "" {
+		return
+	}
+	c.share.clients--
+	s.forgetShareLocked(c.share)
+}
+
+func (s *slots) forgetShareLocked(sh *slotShare) {
+	if sh.key != "" && sh.clients <= 0 && sh.running == 0 && s.shares[sh.key] == sh {
+		delete(s.shares, sh.key)
+	}
+}
+
+// takeLocked counts a slot taken by c. Under s.mu.
+func (s *slots) takeLocked(c *slotClient) {
+	s.running++
+	c.running++
+	c.share.running++
+	s.grants++
+	c.share.served = s.grants
+}
+
+// giveBackLocked counts a slot given back by c. Under s.mu.
+func (s *slots) giveBackLocked(c *slotClient) {
+	s.running--
+	c.running--
+	c.share.running--
+	s.forgetShareLocked(c.share)
+}
 
 // tryAcquire takes a slot for c if one is free now and no one waits for
 // one; release is as for acquire.
@@ -41,8 +112,7 @@ func (s *slots) tryAcquire(c *slotClient) (release func(), ok bool) {
 	if s.running >= s.max || len(s.ring) > 0 || (c.max > 0 && c.running >= c.max) {
 		return nil, false
 	}
-	s.running++
-	c.running++
+	s.takeLocked(c)
 	return s.releaser(c), true
 }
 
@@ -56,8 +126,7 @@ func (s *slots) freedCh() <-chan struct{} {
 func (s *slots) releaser(c *slotClient) func() {
 	return func() {
 		s.mu.Lock()
-		s.running--
-		c.running--
+		s.giveBackLocked(c)
 		close(s.freed)
 		s.freed = make(chan struct{})
 		s.dispatchLocked()
@@ -87,8 +156,7 @@ func (s *slots) acquire(ctx context.Context, c *slotClient) (release func(), err
 	defer s.mu.Unlock()
 	select {
 	case <-w.ready: // granted meanwhile: give it back
-		s.running--
-		c.running--
+		s.giveBackLocked(c)
 	default:
 		for i, x := range c.waiting {
 			if x == w {
@@ -104,36 +172,43 @@ func (s *slots) acquire(ctx context.Context, c *slotClient) (release func(), err
 	return nil, ctx.Err()
 }
 
-// dispatchLocked grants free slots round-robin.
+// dispatchLocked grants free slots, each to a waiting client below its own
+// cap whose share runs the fewest builds and, among those, was served
+// longest ago; the first from s.next in the ring among equals.
 func (s *slots) dispatchLocked() {
 	for s.running < s.max && len(s.ring) > 0 {
-		granted := false
-		for range len(s.ring) {
-			if s.next >= len(s.ring) {
-				s.next = 0
-			}
-			c := s.ring[s.next]
+		best := -1
+		for k := range len(s.ring) {
+			i := (s.next + k) % len(s.ring)
+			c := s.ring[i]
 			if c.max > 0 && c.running >= c.max {
-				s.next++
 				continue
 			}
-			w := c.waiting[0]
-			c.waiting = c.waiting[1:]
-			c.running++
-			s.running++
-			close(w.ready)
-			granted = true
-			if len(c.waiting) == 0 {
-				s.removeLocked(c) // keeps s.next pointing at the following client
-			} else {
-				s.next++
+			if best < 0 || before(c.share, s.ring[best].share) {
+				best = i
 			}
-			break
 		}
-		if !granted {
+		if best < 0 {
 			return // every waiting client is at its own cap
 		}
+		c := s.ring[best]
+		w := c.waiting[0]
+		c.waiting = c.waiting[1:]
+		s.takeLocked(c)
+		close(w.ready)
+		s.next = best + 1
+		if len(c.waiting) == 0 {
+			s.removeLocked(c) // keeps s.next pointing at the following client
+		}
 	}
+}
+
+// before reports whether share a comes before b for the next slot.
+func before(a, b *slotShare) bool {
+	if a.running != b.running {
+		return a.running < b.running
+	}
+	return a.served < b.served
 }
 
 func (s *slots) removeLocked(c *slotClient) {

@@ -80,6 +80,12 @@ func (c *conn) buildOptions(mode uint64) build.ClientOptions {
 		Session:       c.session,
 		Settings:      s.Overrides,
 	}
+	if c.peer.job != nil {
+		// A job's requests share out the build slots with other jobs as
+		// one: one that runs many nix-builds at once does not take the
+		// slots from the others.
+		o.SlotShare = c.peer.job.ID()
+	}
 	switch {
 	case s.MaxBuildJobs == 0:
 		o.NoLocalBuilds = true
