@@ -430,6 +430,8 @@ func TestSubstituteFaults(t *testing.T) {
 		{name: "429", faults: []cachetest.Fault{{Status: 429, RetryAfter: "1"}}},
 		{name: "slow", faults: []cachetest.Fault{{Delay: 1500 * time.Millisecond}}},
 		{name: "truncated", faults: []cachetest.Fault{{CutAfter: 100}}},
+		// Cut by a proxy, with no length to tell it short (chunked).
+		{name: "truncated-unmeasured", faults: []cachetest.Fault{{CutAfter: 100, Unmeasured: true}}},
 		{name: "badhash", always: &cachetest.Fault{FlipByte: 120}, fails: true},
 		{name: "nonar", remove: true, fails: true},
 		{name: "narsize", narSize: "100", says: "size mismatch importing path", fails: true},

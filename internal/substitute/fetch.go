@@ -486,6 +486,12 @@ func (s *Substituter) streamInto(ctx context.Context, up *upstream, info *Info, 
 	if ctx.Err() != nil {
 		return err
 	}
+	if tr.endedUnmeasured && nr.n < int64(info.NarSize) {
+		// A body sent without its length (chunked) ended before the NAR
+		// did: a connection cut cleanly (a proxy, a CDN edge) looks just
+		// so, and is tried again as a broken transfer.
+		return transient(fmt.Errorf("%s: the download ended after %d bytes, before its NAR was whole (its length was not given): %w", b.url, tr.n, err))
+	}
 	// In Nix's words: the client is told which path and which cache.
 	if errors.Is(err, io.ErrUnexpectedEOF) {
 		if nr.n == int64(info.NarSize) {

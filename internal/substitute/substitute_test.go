@@ -226,6 +226,9 @@ func TestFaultsRetried(t *testing.T) {
 		{"truncated body", func(s *cachetest.Server, n string) {
 			s.Inject(n, cachetest.Fault{CutAfter: 700_000}, cachetest.Fault{CutAfter: 10})
 		}, nil, 3, nil},
+		{"truncated body of unknown length", func(s *cachetest.Server, n string) {
+			s.Inject(n, cachetest.Fault{CutAfter: 700_000, Unmeasured: true})
+		}, nil, 2, nil},
 		{"500s then success", func(s *cachetest.Server, n string) {
 			s.Inject("*.narinfo", cachetest.Fault{Status: 500}, cachetest.Fault{Status: 502})
 			s.Inject(n, cachetest.Fault{Status: 503})
@@ -266,6 +269,28 @@ func TestFaultsRetried(t *testing.T) {
 				t.Errorf("sleeps %v, want %v", sl, tc.sleeps)
 			}
 		})
+	}
+}
+
+// TestUnmeasuredBodies: NARs sent without their length (chunked) are
+// fetched once each when whole: only one that ends before its NAR does is
+// tried again (TestFaultsRetried).
+func TestUnmeasuredBodies(t *testing.T) {
+	cache := fixture(t, "zstd")
+	srv := serve(t, cache)
+	srv.Always("nar/*", cachetest.Fault{Unmeasured: true})
+	st := newMemStore()
+	clk := newClock()
+	s := newSub(t, st, clk, []string{srv.URL}, nil)
+	if err := s.Realise(context.Background(), []storepathT{fixRoot}, nil); err != nil {
+		t.Fatal(err)
+	}
+	st.check(t, fixAll)
+	if n := srv.Count(narOf(t, cache, fixBig)); n != 1 {
+		t.Errorf("big NAR fetched %d times, want 1", n)
+	}
+	if sl := clk.Sleeps(); len(sl) != 0 {
+		t.Errorf("backoff sleeps %v, want none", sl)
 	}
 }
 

@@ -249,9 +249,12 @@ type transferReader struct {
 	ctx      context.Context
 	kick     func()
 	n        int64
-	expected int64
+	expected int64 // < 0: unknown (no Content-Length)
 	err      error
 	onRead   func(n int64)
+	// endedUnmeasured: a body of unknown length ended (EOF), which a
+	// connection cut cleanly looks like too.
+	endedUnmeasured bool
 }
 
 func (t *transferReader) Read(p []byte) (int, error) {
@@ -269,6 +272,7 @@ func (t *transferReader) Read(p []byte) (int, error) {
 	switch {
 	case err == nil:
 	case errors.Is(err, io.EOF):
+		t.endedUnmeasured = t.expected < 0
 		if t.expected >= 0 && t.n < t.expected {
 			t.err = transient(fmt.Errorf("%s: body truncated at %d of %d bytes", t.url, t.n, t.expected))
 			return n, t.err

@@ -40,6 +40,10 @@ type Fault struct {
 	Release    <-chan struct{}
 	ResetAfter int64 // if > 0, send the full Content-Length but reset the connection (RST) after this many body bytes
 	CutAfter   int64 // if > 0, send the full Content-Length but close cleanly (FIN) after this many body bytes
+	// Unmeasured sends the body without a Content-Length (chunked); with
+	// CutAfter, the body then ends cleanly after that many bytes, as one
+	// whose connection a proxy cut would, with nothing to tell it short.
+	Unmeasured bool
 	FlipByte   int64 // if > 0, flip the bits of the body byte at offset FlipByte-1
 	// StallAfter, if > 0, sends the full Content-Length and this many body
 	// bytes, then sends nothing more until the client goes away; OnStall
@@ -287,6 +291,14 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	cut := f.ResetAfter
 	if f.CutAfter > 0 {
 		cut = f.CutAfter
+	}
+	if f.Unmeasured {
+		http.NewResponseController(w).Flush() // the headers, without a length: chunked
+		if cut > 0 && cut < int64(len(data)) {
+			data = data[:cut]
+		}
+		w.Write(data)
+		return
 	}
 	if cut <= 0 || cut >= int64(len(data)) {
 		w.Header().Set("Content-Length", strconv.Itoa(len(data)))
