@@ -1286,3 +1286,47 @@ func TestSubstituteHoldsPresentReferences(t *testing.T) {
 		t.Errorf("after the substitution: %s valid %v, %s valid %v", out, d.isValid(t, out), dep, d.isValid(t, dep))
 	}
 }
+
+// TestDownloadSlotsPerClient: a client whose downloads hang (a slow cache
+// edge) holds none of another client's: each client has its own
+// max-substitution-jobs downloads, as with nix-daemon, whose every client
+// has its own. (With one pool for the host, the other client waited until
+// the hanging download ended.)
+func TestDownloadSlotsPerClient(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	cacheDir, outs, deps := e.cachedFixtures(t, "none", "", "slots-hung", "slots-other")
+	srv := cachetest.New(cacheDir)
+	defer srv.Close()
+	d := e.startDaemon(t, withConf("substituters = "+srv.URL, "require-sigs = false", "max-substitution-jobs = 1"))
+	held, release := make(chan struct{}), make(chan struct{})
+	defer func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+	}()
+	srv.Inject(narURL(t, cacheDir, deps[0]), cachetest.Fault{Held: func() { close(held) }, Release: release})
+	hung := make(chan result, 1)
+	go func() { hung <- d.client("nix-store", "-r", outs[0]).run(t) }()
+	select {
+	case <-held:
+	case r := <-hung:
+		t.Fatalf("the first client ended before its download:\n%s", r)
+	}
+	other := make(chan result, 1)
+	go func() { other <- d.client("nix-store", "-r", outs[1]).run(t) }()
+	select {
+	case r := <-other:
+		if r.err != nil {
+			t.Fatalf("the other client, while the first one's download hangs:\n%s", r)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("the other client's substitution waited for the first one's hanging download")
+	}
+	close(release)
+	if r := <-hung; r.err != nil {
+		t.Errorf("the first client, once its download went on:\n%s", r)
+	}
+}

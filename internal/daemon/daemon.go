@@ -419,6 +419,9 @@ func (s *Server) serve(ctx context.Context, r io.Reader, w io.Writer, p peer, lo
 	}
 	// What file:// caches tell this connection's lookups, for all its ops.
 	ctx = substitute.WithConnNarinfos(ctx, &c.narinfos)
+	// Whose download slots its substitutions take: its job's, or its
+	// client process's (see substitute.WithShare).
+	ctx = substitute.WithShare(ctx, c.downloadShare())
 	// When its requests last had the free space checked, for all its ops.
 	ctx = store.WithAutoGCCheck(ctx, &c.gcCheck)
 	return c.serveOps(ctx, r, dl, mc)

@@ -124,3 +124,16 @@ func (c *conn) checkJobGC(action store.GCAction) error {
 	}
 	return nil
 }
+
+// downloadShare names whom the connection's downloads count with for the
+// download slots: its CI job (all its connections), else its client
+// process, else the connection alone.
+func (c *conn) downloadShare() string {
+	switch {
+	case c.peer.job != nil:
+		return "job " + c.peer.job.ID()
+	case c.peer.pid > 0:
+		return fmt.Sprintf("pid %d", c.peer.pid)
+	}
+	return fmt.Sprintf("connection %p", c)
+}

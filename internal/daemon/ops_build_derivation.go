@@ -54,7 +54,7 @@ func opBuildDerivationHandler(ctx context.Context, c *conn) error {
 	var sprog *substProgress
 	if r, err := c.realiser(); err == nil && r.HasSubstituters() {
 		sprog = c.newSubstProgress(nil)
-		opts.Substituter = r.Substituter(sprog)
+		opts.Substituter = r.Substituter(ctx, sprog)
 	}
 	prog := newBuildProgress(c.tun, map[string]bool{c.dir.Abs(drvPath): true})
 	res, err := b.BuildBasic(ctx, drvPath, drv, opts, prog)

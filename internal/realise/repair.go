@@ -213,7 +213,7 @@ func (r *Realiser) repairPath(ctx context.Context, p storepath.Path, checkOutput
 		}
 	}
 	target := store.DerivedPath{Path: info.Deriver, Built: true, AllOutputs: true}
-	opts := BuildOptions{Session: r.session, Substituter: r.Substituter(substitute.ProgressFrom(ctx)), Repair: true}
+	opts := BuildOptions{Session: r.session, Substituter: r.Substituter(ctx, substitute.ProgressFrom(ctx)), Repair: true}
 	built, berr := r.m.builder.Build(ctx, []store.DerivedPath{target}, opts)
 	switch {
 	case berr != nil:

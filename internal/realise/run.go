@@ -82,7 +82,7 @@ func (r *Realiser) Realise(ctx context.Context, targets []store.DerivedPath, pro
 // so far (one that failed before a fallback, say) is delivered first.
 func (r *Realiser) buildInto(ctx context.Context, results []Result, targets []store.DerivedPath, idx []int, prog Progress) error {
 	flush(prog)
-	built, err := r.m.builder.Build(ctx, targets, BuildOptions{Session: r.session, Substituter: r.Substituter(prog)})
+	built, err := r.m.builder.Build(ctx, targets, BuildOptions{Session: r.session, Substituter: r.Substituter(ctx, prog)})
 	if err != nil {
 		return err // the Builder's errors say what failed
 	}
@@ -592,18 +592,21 @@ func (e *CombinedFailure) Error() string { return e.msg }
 
 // Substituter returns what a Builder asks for the outputs of the
 // derivations it would build: the client's caches, with its progress
-// (may be nil), warnings and temporary roots. nil when the client uses no
-// caches.
-func (r *Realiser) Substituter(prog Progress) BuildSubstituter {
+// (may be nil), warnings and temporary roots, and the download share of
+// ctx (substitute.WithShare; builds run on contexts of their own). nil
+// when the client uses no caches.
+func (r *Realiser) Substituter(ctx context.Context, prog Progress) BuildSubstituter {
 	if r.sub == nil {
 		return nil
 	}
-	return buildSubstituter{r: r, prog: prog}
+	share, _ := substitute.ShareOf(ctx)
+	return buildSubstituter{r: r, prog: prog, share: share}
 }
 
 type buildSubstituter struct {
-	r    *Realiser
-	prog Progress
+	r     *Realiser
+	prog  Progress
+	share string
 }
 
 // substituteComplete fetches paths and every path of their closures that
@@ -634,6 +637,7 @@ func (r *Realiser) substituteComplete(ctx context.Context, paths []storepath.Pat
 // Substitute implements BuildSubstituter. A NAR that a cache no longer
 // has counts as a path it does not have (see substitute.Gone).
 func (s buildSubstituter) Substitute(ctx context.Context, paths []storepath.Path) (bool, error) {
+	ctx = substitute.WithShare(ctx, s.share)
 	ok, err := s.r.substituteComplete(ctx, paths, s.prog)
 	if errors.Is(err, store.ErrSessionClosed) {
 		// The client left while a build that others wait for goes on:

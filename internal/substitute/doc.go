@@ -26,7 +26,8 @@
 // the others wait, see its progress and get its result. Realise computes
 // the closure of the wanted paths from the narinfos' References, skips
 // valid paths, and fetches the rest in parallel, at most Config.MaxJobs at
-// once across all callers, registering references before referrers.
+// once for each share of callers (a client, a CI job: WithShare) and twice
+// as many across all, registering references before referrers.
 //
 // Time, sleeping, randomness and logging are injected through Config so
 // tests control them.

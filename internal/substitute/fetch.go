@@ -134,7 +134,8 @@ func (s *Substituter) walk(ctx context.Context, roots []storepath.Path, visit fu
 
 // Realise makes paths and their closures valid in the store by
 // substitution. References are registered before their referrers; up to
-// MaxJobs NARs download at once across all callers, and a path another
+// MaxJobs NARs download at once for each share of callers (WithShare),
+// and a path another
 // caller is already fetching is waited for, not fetched again. prog (may be
 // nil) receives the activities of every path this call waits for. On the
 // first failure the remaining work of this call is cancelled (downloads
@@ -370,16 +371,77 @@ func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h 
 	return err
 }
 
-// acquireSlot waits for one of the MaxJobs download slots; release (safe
-// to call more than once) gives it back.
+// hostJobs is how many shares' worth of downloads (Config.MaxJobs each)
+// run at once on the host.
+const hostJobs = 2
+
+// shareSlots are one share's download slots, and how many downloads use
+// or wait for them.
+type shareSlots struct {
+	sem   chan struct{}
+	users int
+}
+
+type shareKey struct{}
+
+// WithShare returns ctx saying whose downloads the substitutions made on
+// ctx's behalf count with: each share (a client's connection, a CI job's
+// clients) downloads at most Config.MaxJobs NARs at once, as each of
+// nix-daemon's clients does, so that one client's many slow downloads do
+// not hold up the others'. Calls without a share count together, as one.
+// A download shared by several callers counts with the share of the one
+// who started it.
+func WithShare(ctx context.Context, key string) context.Context {
+	return context.WithValue(ctx, shareKey{}, key)
+}
+
+// ShareOf returns the share of WithShare, if ctx has one.
+func ShareOf(ctx context.Context) (string, bool) {
+	key, ok := ctx.Value(shareKey{}).(string)
+	return key, ok
+}
+
+// acquireSlot waits for one of the download slots of the share of ctx (see
+// WithShare), then for one of the host's; release (safe to call more than
+// once) gives both back.
 func (s *Substituter) acquireSlot(ctx context.Context) (release func(), err error) {
+	key, _ := ShareOf(ctx)
+	s.sharesMu.Lock()
+	sh := s.shares[key]
+	if sh == nil {
+		sh = &shareSlots{sem: make(chan struct{}, s.cfg.MaxJobs)}
+		s.shares[key] = sh
+	}
+	sh.users++
+	s.sharesMu.Unlock()
+	leave := func() {
+		s.sharesMu.Lock()
+		defer s.sharesMu.Unlock()
+		if sh.users--; sh.users == 0 {
+			delete(s.shares, key)
+		}
+	}
+	select {
+	case sh.sem <- struct{}{}:
+	case <-ctx.Done():
+		leave()
+		return nil, ctx.Err()
+	}
 	select {
 	case s.slots <- struct{}{}:
 	case <-ctx.Done():
+		<-sh.sem
+		leave()
 		return nil, ctx.Err()
 	}
 	var once sync.Once
-	return func() { once.Do(func() { <-s.slots }) }, nil
+	return func() {
+		once.Do(func() {
+			<-s.slots
+			<-sh.sem
+			leave()
+		})
+	}, nil
 }
 
 // Progress events of one activity, besides its last, are at least

@@ -767,3 +767,37 @@ func TestCAFile(t *testing.T) {
 		t.Errorf("http lookup with an unreadable CA file: %v", err)
 	}
 }
+
+// TestDownloadSlotsShared: each share of callers (a client, a CI job) has
+// its own MaxJobs download slots: one whose downloads hang (a slow cache
+// edge trickling them) does not hold up another's, as one client's do not
+// hold up another's with nix-daemon.
+func TestDownloadSlotsShared(t *testing.T) {
+	cache := fixture(t, "zstd")
+	srv := serve(t, cache)
+	held, release := make(chan struct{}), make(chan struct{})
+	srv.Inject(narOf(t, cache, fixBig), cachetest.Fault{Held: func() { close(held) }, Release: release})
+	var a storepathT
+	for _, p := range fixAll {
+		if p.Name() == "a" {
+			a = p
+		}
+	}
+	st := newMemStore()
+	s := newSub(t, st, newClock(), []string{srv.URL}, func(c *Config) { c.MaxJobs = 1 })
+	bigDone := make(chan error, 1)
+	go func() {
+		bigDone <- s.Realise(WithShare(context.Background(), "job a"), []storepathT{fixBig}, nil)
+	}()
+	<-held // job a's one slot is taken
+	ctx, cancel := context.WithTimeout(WithShare(context.Background(), "job b"), time.Minute)
+	defer cancel()
+	if err := s.Realise(ctx, []storepathT{a}, nil); err != nil {
+		t.Fatalf("job b's download, while job a's hangs: %v", err)
+	}
+	close(release)
+	if err := <-bigDone; err != nil {
+		t.Fatal(err)
+	}
+	st.check(t, []storepathT{fixBig, a})
+}

@@ -50,8 +50,10 @@ type Config struct {
 	// RequireSigs refuses narinfos that no trusted key signed, unless
 	// content-addressed (nix.conf require-sigs).
 	RequireSigs bool
-	// MaxJobs bounds concurrent NAR downloads across all callers
-	// (max-substitution-jobs). Default 16.
+	// MaxJobs bounds concurrent NAR downloads for each share of callers
+	// (max-substitution-jobs; see WithShare), as nix-daemon's bounds each
+	// client's; all shares together download at most hostJobs times as
+	// many at once. Default 16.
 	MaxJobs int
 	// ConnectTimeout bounds connection set-up (connect-timeout) on the
 	// HTTP client New builds; ignored when HTTPClient is set. Default 0:
@@ -102,7 +104,7 @@ type Config struct {
 
 // Substituter fetches paths from upstream binary caches into a Store. It
 // is safe for concurrent use; all callers share its narinfo cache, its
-// single-flight tables and its MaxJobs download slots.
+// single-flight tables and its download slots.
 type Substituter struct {
 	cfg    Config
 	st     Store
@@ -114,7 +116,10 @@ type Substituter struct {
 
 	randMu sync.Mutex
 	actID  atomic.Uint64
-	slots  chan struct{}
+	slots  chan struct{} // the host's download slots (see acquireSlot)
+
+	sharesMu sync.Mutex
+	shares   map[string]*shareSlots // by WithShare's key
 
 	cacheMu sync.Mutex
 	cache   map[string]cacheEntry // upstream base + "/" + hash part
@@ -261,11 +266,12 @@ func New(cfg Config, st Store) (*Substituter, error) {
 		cfg.Rand = rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
 	}
 	s := &Substituter{
-		cfg:   cfg,
-		st:    st,
-		log:   cfg.Logger,
-		slots: make(chan struct{}, cfg.MaxJobs),
-		cache: map[string]cacheEntry{},
+		cfg:    cfg,
+		st:     st,
+		log:    cfg.Logger,
+		slots:  make(chan struct{}, cfg.MaxJobs*hostJobs),
+		shares: map[string]*shareSlots{},
+		cache:  map[string]cacheEntry{},
 	}
 	var err error
 	if s.keys, err = signature.ParsePublicKeys(cfg.TrustedPublicKeys); err != nil {
