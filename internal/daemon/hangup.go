@@ -55,14 +55,14 @@ func (h *hangupWatcher) watch(ctx context.Context) (_ context.Context, stop func
 	if err := h.rc.Control(func(f uintptr) { fd, _ = unix.FcntlInt(f, unix.F_DUPFD_CLOEXEC, 0) }); err != nil || fd < 0 {
 		return ctx, func() {}
 	}
-	ctx, cancel := context.WithCancelCause(ctx)
+	watched, cancel := context.WithCancelCause(ctx)
 	id, err := p.add(fd, cancel)
-	if err != nil {
+	if err != nil { // unwatched, as without a descriptor
 		unix.Close(fd)
 		cancel(nil)
 		return ctx, func() {}
 	}
-	return ctx, func() {
+	return watched, func() {
 		p.remove(id)
 		cancel(nil)
 	}

@@ -133,3 +133,19 @@ func threads(t *testing.T) int {
 	t.Fatal("no Threads line in /proc/self/status")
 	return 0
 }
+
+// TestHangupUnwatchable: a descriptor that cannot be watched (epoll
+// refuses a regular file, as --stdio could be given one) leaves the op's
+// context as it was: unwatched, not ended.
+func TestHangupUnwatchable(t *testing.T) {
+	f, err := os.CreateTemp(t.TempDir(), "stdin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	ctx, stop := newHangupWatcher(f).watch(context.Background())
+	defer stop()
+	if err := ctx.Err(); err != nil {
+		t.Fatalf("the op's context ended (%v, %v) for a descriptor that cannot be watched", err, context.Cause(ctx))
+	}
+}
