@@ -134,12 +134,12 @@ func (s *Substituter) walk(ctx context.Context, roots []storepath.Path, visit fu
 
 // Realise makes paths and their closures valid in the store by
 // substitution. References are registered before their referrers; up to
-// MaxJobs NARs download at once for each share of callers (WithShare),
-// and a path another
-// caller is already fetching is waited for, not fetched again. prog (may be
-// nil) receives the activities of every path this call waits for. On the
-// first failure the remaining work of this call is cancelled (downloads
-// shared with other callers go on for them) and the errors are returned.
+// MaxJobs NARs download at once for each share of callers (WithShare), and
+// a path another caller is already fetching is waited for, not fetched
+// again. prog (may be nil) receives the activities of every path this call
+// waits for. On the first failure the remaining work of this call is
+// cancelled (downloads shared with other callers go on for them) and the
+// errors are returned.
 func (s *Substituter) Realise(ctx context.Context, paths []storepath.Path, prog Progress) error {
 	ctx = WithProgress(ctx, prog)
 	infos := map[storepath.Path]*Info{}
@@ -385,7 +385,7 @@ type shareSlots struct {
 type shareKey struct{}
 
 // WithShare returns ctx saying whose downloads the substitutions made on
-// ctx's behalf count with: each share (a client's connection, a CI job's
+// ctx's behalf count with: each share (a client process, a CI job's
 // clients) downloads at most Config.MaxJobs NARs at once, as each of
 // nix-daemon's clients does, so that one client's many slow downloads do
 // not hold up the others'. Calls without a share count together, as one.
