@@ -28,17 +28,17 @@ func TestSlotsSharedByJob(t *testing.T) {
 	}
 	relA1, relA2 := wait("a1", a1), wait("a2", a2) // both slots, to job a
 	release := make(chan func(), 4)
-	for _, w := range []struct {
-		name string
-		c    *slotClient
-	}{{"a3", a3}, {"b", b}} {
-		go func() { release <- wait(w.name, w.c) }()
-		waitUntil(t, w.name+" waits", func() bool {
+	// queue has c wait for a slot (in a goroutine), and returns once it does.
+	queue := func(name string, c *slotClient) {
+		go func() { release <- wait(name, c) }()
+		waitUntil(t, name+" waits", func() bool {
 			s.mu.Lock()
 			defer s.mu.Unlock()
-			return len(w.c.waiting) == 1
+			return len(c.waiting) == 1
 		})
 	}
+	queue("a3", a3)
+	queue("b", b)
 	<-granted
 	<-granted
 	relA1()
@@ -55,11 +55,9 @@ func TestSlotsSharedByJob(t *testing.T) {
 	// Callers of no job are their own: the one running nothing goes first.
 	relH1 := wait("host1", host1)
 	relOther := wait("host2", host2)
-	go func() { release <- wait("host1-again", host1) }()
-	waitUntil(t, "host1 waits", func() bool { s.mu.Lock(); defer s.mu.Unlock(); return len(host1.waiting) == 1 })
+	queue("host1-again", host1)
 	host3 := s.client(0, "")
-	go func() { release <- wait("host3", host3) }()
-	waitUntil(t, "host3 waits", func() bool { s.mu.Lock(); defer s.mu.Unlock(); return len(host3.waiting) == 1 })
+	queue("host3", host3)
 	<-granted
 	<-granted
 	relOther()
@@ -83,17 +81,8 @@ func TestSlotsSharedByJob(t *testing.T) {
 	a1, a2, b = s.client(0, "job-a"), s.client(0, "job-a"), s.client(0, "job-b")
 	relA1 = wait("a1", a1)
 	<-granted
-	for _, w := range []struct {
-		name string
-		c    *slotClient
-	}{{"a2", a2}, {"b", b}} {
-		go func() { release <- wait(w.name, w.c) }()
-		waitUntil(t, w.name+" waits", func() bool {
-			s.mu.Lock()
-			defer s.mu.Unlock()
-			return len(w.c.waiting) == 1
-		})
-	}
+	queue("a2", a2)
+	queue("b", b)
 	relA1()
 	if got := <-granted; got != "b" {
 		t.Fatalf("with one slot, the freed slot went to %s, want b: job a was served last", got)

@@ -26,14 +26,7 @@ func TestHangupWatcher(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		c, err := net.Dial("unix", l.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		s, err := l.Accept()
-		if err != nil {
-			t.Fatal(err)
-		}
+		c, s := dialAccept(t, l)
 		ctx, stop := newHangupWatcher(s).watch(context.Background())
 		if hangUp {
 			c.Close()
@@ -83,14 +76,7 @@ func TestHangupWatchesShareAThread(t *testing.T) {
 	ctxs := make([]context.Context, n)
 	stops := make([]func(), n)
 	for i := range n {
-		c, err := net.Dial("unix", l.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		s, err := l.Accept()
-		if err != nil {
-			t.Fatal(err)
-		}
+		c, s := dialAccept(t, l)
 		defer s.Close()
 		clients[i] = c
 		ctxs[i], stops[i] = newHangupWatcher(s).watch(context.Background())
@@ -112,6 +98,20 @@ func TestHangupWatchesShareAThread(t *testing.T) {
 		stops[i]()
 		clients[i].Close()
 	}
+}
+
+// dialAccept connects a client to l and returns both ends.
+func dialAccept(t *testing.T, l net.Listener) (client, server net.Conn) {
+	t.Helper()
+	client, err := net.Dial("unix", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, err = l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return client, server
 }
 
 // threads is the number of the process's threads.
