@@ -38,7 +38,7 @@ type slotClient struct {
 type slotShare struct {
 	key     string // "" for a caller's own
 	running int
-	served  uint64 // s.grants when it was last granted a slot
+	served  uint64 // s.grants when it was last granted a slot, or made
 	clients int    // open clients (see slots.client); shared ones only
 }
 
@@ -54,14 +54,17 @@ func newSlots(max int) *slots {
 // (<= 0: no own cap), counted with the other open clients of share (""
 // for none). close ends it (see closeClient).
 func (s *slots) client(max int, share string) *slotClient {
-	if share == "" {
-		return &slotClient{max: max, share: &slotShare{}}
-	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	// A new share counts as served now: among equals, those that came
+	// first go first (counting it as never served would put every
+	// newcomer ahead of a share that had one slot, for ever).
+	if share == "" {
+		return &slotClient{max: max, share: &slotShare{served: s.grants}}
+	}
 	sh := s.shares[share]
 	if sh == nil {
-		sh = &slotShare{key: share}
+		sh = &slotShare{key: share, served: s.grants}
 		s.shares[share] = sh
 	}
 	sh.clients++

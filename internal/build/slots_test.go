@@ -91,3 +91,46 @@ func TestSlotsSharedByJob(t *testing.T) {
 	<-granted
 	(<-release)()
 }
+
+// TestSlotsNewcomersDoNotStarve: a caller that has had a slot and waits
+// for another is not put behind every caller that comes after it.
+func TestSlotsNewcomersDoNotStarve(t *testing.T) {
+	ctx := context.Background()
+	s := newSlots(1)
+	a := s.client(0, "job-a")
+	rel, err := s.acquire(ctx, a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	aGranted := make(chan func(), 1)
+	go func() {
+		r, err := s.acquire(ctx, a)
+		if err != nil {
+			t.Error(err)
+		}
+		aGranted <- r
+	}()
+	waitUntil(t, "a waits", func() bool { s.mu.Lock(); defer s.mu.Unlock(); return len(a.waiting) == 1 })
+	for i := range 3 {
+		n := s.client(0, "")
+		newcomer := make(chan func(), 1)
+		go func() {
+			r, err := s.acquire(ctx, n)
+			if err != nil {
+				t.Error(err)
+			}
+			newcomer <- r
+		}()
+		waitUntil(t, "the newcomer waits", func() bool { s.mu.Lock(); defer s.mu.Unlock(); return len(n.waiting) == 1 })
+		rel()
+		select {
+		case rel = <-aGranted:
+			rel()
+			(<-newcomer)()
+			return
+		case rel = <-newcomer:
+			t.Logf("newcomer %d went first", i)
+		}
+	}
+	t.Fatal("a waited behind every newcomer")
+}
