@@ -349,15 +349,23 @@ func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h 
 	// download takes, with each try's download under it.
 	cpID := s.actID.Add(1)
 	h.emit(Event{Kind: EventStart, Type: ActCopyPath, ID: cpID, Parent: subID, Path: info.StorePath, Upstream: up.base, Expected: info.NarSize})
+	cutShort := false
 	err := s.retry(ctx, up, info.URL, func(ctx context.Context) error {
 		release, err := s.acquireSlot(ctx)
 		if err != nil {
 			return err
 		}
 		defer release()
-		return s.watchedOpen(ctx, up, info.URL, func(ctx context.Context, b *body, tr *transferReader) error {
+		err = s.watchedOpen(ctx, up, info.URL, func(ctx context.Context, b *body, tr *transferReader) error {
 			return s.streamInto(ctx, up, info, b, tr, h, cpID, release)
 		})
+		if cs := (*cutShortError)(nil); errors.As(err, &cs) {
+			if cutShort {
+				return cs.final // cut short again
+			}
+			cutShort = true
+		}
+		return err
 	})
 	if errors.Is(err, errNotFound) {
 		err = &missingNARError{url: info.URL, upstream: up.base}
@@ -372,7 +380,7 @@ func (s *Substituter) fetchNar(ctx context.Context, up *upstream, info *Info, h 
 }
 
 // hostJobs is how many shares' worth of downloads (Config.MaxJobs each)
-// run at once on the host.
+// run at once on the host, beyond each share's first (see acquireSlot).
 const hostJobs = 2
 
 // shareSlots are one share's download slots, and how many downloads use
@@ -380,6 +388,8 @@ const hostJobs = 2
 type shareSlots struct {
 	sem   chan struct{}
 	users int
+	// passed: one of its downloads runs outside the host's slots.
+	passed bool
 }
 
 type shareKey struct{}
@@ -402,8 +412,11 @@ func ShareOf(ctx context.Context) (string, bool) {
 }
 
 // acquireSlot waits for one of the download slots of the share of ctx (see
-// WithShare), then for one of the host's; release (safe to call more than
-// once) gives both back.
+// WithShare), then for one of the host's, unless no other download of
+// the share runs outside them: every share may always have one download
+// under way, however many the others have (hanging ones, say), and the
+// host's slots bound the rest. release (safe to call more than once) gives
+// back what it took.
 func (s *Substituter) acquireSlot(ctx context.Context) (release func(), err error) {
 	key, _ := ShareOf(ctx)
 	s.sharesMu.Lock()
@@ -414,9 +427,12 @@ func (s *Substituter) acquireSlot(ctx context.Context) (release func(), err erro
 	}
 	sh.users++
 	s.sharesMu.Unlock()
-	leave := func() {
+	leave := func(passed bool) {
 		s.sharesMu.Lock()
 		defer s.sharesMu.Unlock()
+		if passed {
+			sh.passed = false
+		}
 		if sh.users--; sh.users == 0 {
 			delete(s.shares, key)
 		}
@@ -424,22 +440,30 @@ func (s *Substituter) acquireSlot(ctx context.Context) (release func(), err erro
 	select {
 	case sh.sem <- struct{}{}:
 	case <-ctx.Done():
-		leave()
+		leave(false)
 		return nil, ctx.Err()
 	}
-	select {
-	case s.slots <- struct{}{}:
-	case <-ctx.Done():
-		<-sh.sem
-		leave()
-		return nil, ctx.Err()
+	s.sharesMu.Lock()
+	passed := !sh.passed
+	sh.passed = true
+	s.sharesMu.Unlock()
+	if !passed {
+		select {
+		case s.slots <- struct{}{}:
+		case <-ctx.Done():
+			<-sh.sem
+			leave(false)
+			return nil, ctx.Err()
+		}
 	}
 	var once sync.Once
 	return func() {
 		once.Do(func() {
-			<-s.slots
+			if !passed {
+				<-s.slots
+			}
 			<-sh.sem
-			leave()
+			leave(passed)
 		})
 	}, nil
 }
@@ -548,23 +572,41 @@ func (s *Substituter) streamInto(ctx context.Context, up *upstream, info *Info, 
 	if ctx.Err() != nil {
 		return err
 	}
+	final := s.narError(up, info, nr.n, err)
 	if tr.endedUnmeasured && nr.n < int64(info.NarSize) {
 		// A body sent without its length (chunked) ended before the NAR
 		// did: a connection cut cleanly (a proxy, a CDN edge) looks just
-		// so, and is tried again as a broken transfer.
-		return transient(fmt.Errorf("%s: the download ended after %d bytes, before its NAR was whole (its length was not given): %w", b.url, tr.n, err))
-	}
-	// In Nix's words: the client is told which path and which cache.
-	if errors.Is(err, io.ErrUnexpectedEOF) {
-		if nr.n == int64(info.NarSize) {
-			// Cut off at NarSize, and the NAR went on: its narinfo is
-			// wrong, not the transfer.
-			return &saidError{hint.Fmt("size mismatch importing path '%s' from '%s'; specified: %d; got: more", s.cfg.StoreDir.Abs(info.StorePath), up.base, info.NarSize), err}
+		// so, and is tried again once as a broken transfer.
+		return &cutShortError{
+			retry: transient(fmt.Errorf("%s: the download ended after %d bytes, before its NAR was whole (its length was not given): %w", b.url, tr.n, err)),
+			final: final,
 		}
-		return &saidError{hint.Fmt("NAR for '%s' fetched from '%s' is incomplete", s.cfg.StoreDir.Abs(info.StorePath), up.base), err}
 	}
-	return err
+	return final
 }
+
+// narError is the error of a NAR from up that the store refused with err
+// after n bytes of it: in Nix's words, naming the path and the cache.
+func (s *Substituter) narError(up *upstream, info *Info, n int64, err error) error {
+	if !errors.Is(err, io.ErrUnexpectedEOF) {
+		return err
+	}
+	if n == int64(info.NarSize) {
+		// Cut off at NarSize, and the NAR went on: its narinfo is wrong,
+		// not the transfer.
+		return &saidError{hint.Fmt("size mismatch importing path '%s' from '%s'; specified: %d; got: more", s.cfg.StoreDir.Abs(info.StorePath), up.base, info.NarSize), err}
+	}
+	return &saidError{hint.Fmt("NAR for '%s' fetched from '%s' is incomplete", s.cfg.StoreDir.Abs(info.StorePath), up.base), err}
+}
+
+// cutShortError is a download of unknown length that ended before its
+// NAR: tried again once (retry, a transient error), then final, as the
+// cache's file rather than the connection is then the likelier cause (and
+// a cache is not to be counted broken for one path's file).
+type cutShortError struct{ retry, final error }
+
+func (e *cutShortError) Error() string { return e.retry.Error() }
+func (e *cutShortError) Unwrap() error { return e.retry }
 
 // countReader reports the running totals that gate passes, the last at
 // EOF or total, and calls atTotal (if set) once total bytes have been read.

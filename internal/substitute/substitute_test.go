@@ -801,3 +801,77 @@ func TestDownloadSlotsShared(t *testing.T) {
 	}
 	st.check(t, []storepathT{fixBig, a})
 }
+
+// TestUnmeasuredCutShortAlways: a NAR of unknown length that always ends
+// short (the cache's file, not a connection) is tried once more, then
+// fails as Nix says it ("… is incomplete"), and the cache stays usable for
+// the other paths: one path's file does not count the cache broken.
+func TestUnmeasuredCutShortAlways(t *testing.T) {
+	cache := fixture(t, "zstd")
+	srv := serve(t, cache)
+	bigNar := narOf(t, cache, fixBig)
+	srv.Always(bigNar, cachetest.Fault{CutAfter: 700_000, Unmeasured: true})
+	st := newMemStore()
+	s := newSub(t, st, newClock(), []string{srv.URL}, func(c *Config) { c.BreakerThreshold = 2 })
+	err := s.Realise(context.Background(), []storepathT{fixBig}, nil)
+	if err == nil || !strings.Contains(err.Error(), "is incomplete") {
+		t.Fatalf("err = %v, want the NAR incomplete", err)
+	}
+	if n := srv.Count(bigNar); n != 2 {
+		t.Errorf("big NAR fetched %d times, want 2 (one more try)", n)
+	}
+	var a storepathT
+	for _, p := range fixAll {
+		if p.Name() == "a" {
+			a = p
+		}
+	}
+	if err := s.Realise(context.Background(), []storepathT{a}, nil); err != nil {
+		t.Errorf("another path from the same cache: %v", err)
+	}
+}
+
+// TestDownloadSlotsFirstAlwaysRuns: every share may have one download
+// under way however full the host's slots are (hanging downloads of
+// other jobs, say); the host's slots bound the rest.
+func TestDownloadSlotsFirstAlwaysRuns(t *testing.T) {
+	srv := serve(t, fixture(t, "zstd"))
+	s := newSub(t, newMemStore(), newClock(), []string{srv.URL}, func(c *Config) { c.MaxJobs = 2 })
+	acquire := func(share string, wait time.Duration) (func(), error) {
+		ctx, cancel := context.WithTimeout(WithShare(context.Background(), share), wait)
+		defer cancel()
+		return s.acquireSlot(ctx)
+	}
+	var held []func()
+	for _, share := range []string{"a", "b", "c", "d"} { // 4 passes, 4 host slots: full
+		for range 2 {
+			rel, err := acquire(share, time.Minute)
+			if err != nil {
+				t.Fatalf("share %s: %v", share, err)
+			}
+			held = append(held, rel)
+		}
+	}
+	first, err := acquire("e", time.Minute)
+	if err != nil {
+		t.Fatalf("a share's first download, with the host's slots full: %v", err)
+	}
+	if _, err := acquire("e", 100*time.Millisecond); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a share's second download, with the host's slots full: %v, want to wait", err)
+	}
+	held[1]() // a's second: a host slot
+	second, err := acquire("e", time.Minute)
+	if err != nil {
+		t.Fatalf("once a host slot is free: %v", err)
+	}
+	first()
+	second()
+	for i, rel := range held {
+		if i != 1 {
+			rel()
+		}
+	}
+	if len(s.slots) != 0 || len(s.shares) != 0 {
+		t.Errorf("after every release: %d host slots taken, shares %v", len(s.slots), s.shares)
+	}
+}
