@@ -184,10 +184,10 @@ func (a *autoGC) startLocked(s *Store, cc *AutoGCCheck) (done chan struct{}, msg
 }
 
 // forgetHoldOff ends the hold-off after an automatic collection that
-// freed too little (availAfterGC, sizeAfterGC): another collection (a
-// client's, say) has freed space since, so the store's free space and size
-// no longer say how much is alive. An automatic collection sets it again
-// once it ends.
+// freed too little (availAfterGC, sizeAfterGC): another collection of dead
+// paths (a client's, say) has freed space since, so the store's free space
+// and size no longer say how much is alive. An automatic collection sets
+// it again once it ends.
 func (a *autoGC) forgetHoldOff() {
 	a.mu.Lock()
 	defer a.mu.Unlock()

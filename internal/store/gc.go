@@ -155,9 +155,6 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 			return nil, err
 		}
 	}
-	if f := s.beforeRoots.Load(); f != nil {
-		(*f)()
-	}
 	// One collection at a time in this process, then gc.lock against
 	// other processes; the wait for either is told once, as Nix tells it.
 	log = onceWaiting(log)
@@ -172,6 +169,11 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 		}
 	}
 	defer func() { <-s.gcSem }()
+	// After the wait for another collection here (jobs may end meanwhile),
+	// before the roots are read (gc.lock takes this process's own).
+	if f := s.beforeRoots.Load(); f != nil {
+		(*f)()
+	}
 
 	c := s.newCollector(opts, log)
 	if c.del {
@@ -252,7 +254,9 @@ func (s *Store) CollectGarbage(ctx context.Context, opts GCOptions, log func(msg
 		}
 	}
 	slices.Sort(c.res.Paths)
-	if c.res.BytesFreed > 0 {
+	if opts.Action == GCDeleteDead && c.res.BytesFreed > 0 {
+		// Not for a deletion of some paths (nix-store --delete): the
+		// hold-off is against collections that free too little.
 		s.autoGC.forgetHoldOff()
 	}
 	return c.res, nil

@@ -266,6 +266,7 @@ func TestSizeBudgetHysteresis(t *testing.T) {
 // collection that freed too little ends when another collection (the
 // host's nix-store --gc) frees space: the store that grows over its budget
 // again is collected, though it is smaller than when the hold-off began.
+// Deleting some paths (nix-store --delete) does not end it.
 func TestSizeBudgetHoldOffEndsWithCollection(t *testing.T) {
 	ctx := context.Background()
 	s := openWithBudget(t, t.TempDir(), 1<<40)
@@ -285,6 +286,13 @@ func TestSizeBudgetHoldOffEndsWithCollection(t *testing.T) {
 	first := s.autoGC.budgetGCAt
 	if first.IsZero() || s.autoGC.sizeAfterGC == 0 {
 		t.Fatalf("no hold-off recorded (at %v, size after %d)", first, s.autoGC.sizeAfterGC)
+	}
+	small := addText(t, s, "small", "s")
+	if _, err := s.CollectGarbage(ctx, GCOptions{Action: GCDeleteSpecific, Paths: []storepath.Path{small}, MaxFreed: math.MaxUint64}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if s.autoGC.sizeAfterGC == 0 {
+		t.Error("deleting one small path (nix-store --delete) ended the hold-off")
 	}
 	ss.Close() // the path is dead now, and a client collects it
 	if _, err := s.CollectGarbage(ctx, GCOptions{Action: GCDeleteDead, MaxFreed: math.MaxUint64}, nil); err != nil {
