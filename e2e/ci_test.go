@@ -776,3 +776,67 @@ func TestListenMaxConnections(t *testing.T) {
 	waitFor(t, "the client to be served again", func() bool { return ping().err == nil })
 	held[1].Close()
 }
+
+// fairExpr: three builds that wait for /marks/go-NAME, and one that does
+// not; each records its start in /marks/order.
+const fairExpr = `{ bbdir, nonce }:
+let
+  bb = builtins.path { path = bbdir; name = "busybox-static"; };
+  mk = name: wait: builtins.derivation {
+    inherit name nonce;
+    system = builtins.currentSystem;
+    builder = "${bb}/busybox";
+    args = [ "sh" "-c" ("echo ${name} >> /marks/order; "
+      + (if wait then "i=0; while [ ! -e /marks/go-${name} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; " else "")
+      + "echo ${name} > $out") ];
+  };
+in { hog1 = mk "fair-hog1" true; hog2 = mk "fair-hog2" true; hog3 = mk "fair-hog3" true; quick = mk "fair-quick" false; }
+`
+
+// TestCIJobsShareBuildSlots: with one build slot, a job that runs three
+// nix-builds at once gets the slot in turn with another job, not once per
+// request: once the first job has had the slot twice, the other job's
+// build comes, though the first job's third request came before it (with
+// the slot shared out per request, it came last).
+func TestCIJobsShareBuildSlots(t *testing.T) {
+	t.Parallel()
+	c := startCIHost(t, "max-jobs = 1")
+	writeFile(t, filepath.Join(c.job, "fair.nix"), fairExpr, 0o644)
+	const nbf = `nbf() { nix-build /job/fair.nix --arg bbdir /job/bb --argstr nonce "$(cat /job/nonce)" --no-out-link -A "$@" >/dev/null; }
+`
+	order := func() []string {
+		if _, err := os.Stat(filepath.Join(c.marks, "order")); err != nil {
+			return nil
+		}
+		return c.markerLines(t, "order")
+	}
+	release := func(name string) { writeFile(t, filepath.Join(c.marks, "go-"+name), "", 0o644) }
+	defer func() {
+		for _, h := range []string{"fair-hog1", "fair-hog2", "fair-hog3"} {
+			release(h)
+		}
+	}()
+	done := make(chan result, 2)
+	go func() {
+		done <- c.jobCmd(c.ctlDir(t, "fair-a"), nbf+"nbf hog1 & nbf hog2 & nbf hog3 & wait %1 && wait %2 && wait %3\n").run(t)
+	}()
+	waitFor(t, "job a's first build to start", func() bool { return len(order()) == 1 })
+	time.Sleep(2 * time.Second) // job a's other requests wait for the slot
+	go func() { done <- c.jobCmd(c.ctlDir(t, "fair-b"), nbf+"nbf quick\n").run(t) }()
+	time.Sleep(3 * time.Second) // so does job b's, after them
+	release(order()[0])
+	waitFor(t, "the second build to start", func() bool { return len(order()) >= 2 })
+	release(order()[1])
+	waitFor(t, "the third build to start", func() bool { return len(order()) >= 3 })
+	for _, h := range []string{"fair-hog1", "fair-hog2", "fair-hog3"} {
+		release(h)
+	}
+	for range 2 {
+		if r := <-done; r.err != nil {
+			t.Errorf("job failed:\n%s", r)
+		}
+	}
+	if got := order(); len(got) != 4 || got[2] != "fair-quick" {
+		t.Errorf("builds started in the order %v: want job b's fair-quick third, after two of job a's", got)
+	}
+}
