@@ -76,7 +76,7 @@ func startCIHost(t *testing.T, conf ...string) *ciEnv {
 	marks := filepath.Join(e.dir, "marks")
 	mustMkdir(t, filepath.Join(marks, "running"), 0o777)
 	// (A --listen socket is untrusted without trusted=false.)
-	d := e.startDaemon(t, withDaemonArgs("--listen", host.Socket+",tenant=ci-test"),
+	d := e.startDaemon(t, withDaemonArgs("--listen", host.Socket+",tenant=ci-test", "--metrics-listen", "127.0.0.1:0"),
 		withConf(append([]string{
 			"sandbox-paths = /marks=" + marks,
 			"substituters = " + srv.URL,
@@ -820,10 +820,11 @@ func TestCIJobsShareBuildSlots(t *testing.T) {
 	go func() {
 		done <- c.jobCmd(c.ctlDir(t, "fair-a"), nbf+"nbf hog1 & nbf hog2 & nbf hog3 & wait %1 && wait %2 && wait %3\n").run(t)
 	}()
+	metricsURL := c.servedURL(t, "--metrics-listen")
 	waitFor(t, "job a's first build to start", func() bool { return len(order()) == 1 })
-	time.Sleep(2 * time.Second) // job a's other requests wait for the slot
+	waitFor(t, "job a's other builds to wait for the slot", func() bool { return buildsWaiting(t, metricsURL) == "2" })
 	go func() { done <- c.jobCmd(c.ctlDir(t, "fair-b"), nbf+"nbf quick\n").run(t) }()
-	time.Sleep(3 * time.Second) // so does job b's, after them
+	waitFor(t, "job b's build to wait too", func() bool { return buildsWaiting(t, metricsURL) == "3" })
 	release(order()[0])
 	waitFor(t, "the second build to start", func() bool { return len(order()) >= 2 })
 	release(order()[1])

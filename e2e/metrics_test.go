@@ -154,3 +154,57 @@ func freeTCPAddr(t *testing.T) string {
 	defer l.Close()
 	return l.Addr().String()
 }
+
+// TestMetricsBuildsWaiting: a build waiting for the host's only build slot
+// is counted in nixyard_builds_waiting until it gets it.
+func TestMetricsBuildsWaiting(t *testing.T) {
+	t.Parallel()
+	if useStock {
+		t.Skip("nix-daemon serves no metrics")
+	}
+	e := newEnv(t)
+	b := e.startBuildDaemonWith(t, withConf("max-jobs = 1"), withDaemonArgs("--metrics-listen", "127.0.0.1:0"))
+	metricsURL := b.servedURL(t, "--metrics-listen")
+	args := e.expr(t, "waiting", `{
+  hold = mk { name = "waiting-hold"; script = "touch /marks/started; i=0; while [ ! -e /marks/go ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; echo > $out"; };
+  next = mk { name = "waiting-next"; script = "echo > $out"; };
+}`)
+	waiting := func() string { return buildsWaiting(t, metricsURL) }
+	if w := waiting(); w != "0" {
+		t.Fatalf("builds waiting before any build: %s", w)
+	}
+	done := make(chan result, 2)
+	go func() { done <- b.nixBuild(append(args, "-A", "hold", "--no-out-link")...).run(t) }()
+	waitFor(t, "the first build to start", func() bool {
+		_, err := os.Stat(filepath.Join(b.marks, "started"))
+		return err == nil
+	})
+	go func() { done <- b.nixBuild(append(args, "-A", "next", "--no-out-link")...).run(t) }()
+	waitFor(t, "the second build to wait for the slot", func() bool { return waiting() == "1" })
+	writeFile(t, filepath.Join(b.marks, "go"), "", 0o644)
+	for range 2 {
+		if r := <-done; r.err != nil {
+			t.Errorf("build failed:\n%s", r)
+		}
+	}
+	if w := waiting(); w != "0" {
+		t.Errorf("builds waiting after both ended: %s", w)
+	}
+}
+
+// buildsWaiting scrapes the daemon's metrics at metricsURL for
+// nixyard_builds_waiting.
+func buildsWaiting(t *testing.T, metricsURL string) string {
+	t.Helper()
+	resp, err := http.Get(metricsURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	m := regexp.MustCompile(`(?m)^nixyard_builds_waiting (\S+)$`).FindStringSubmatch(string(body))
+	if m == nil {
+		t.Fatalf("no nixyard_builds_waiting in the metrics:\n%s", body)
+	}
+	return m[1]
+}

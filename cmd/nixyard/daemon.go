@@ -352,6 +352,7 @@ func runDaemon(ctx context.Context, stopNow <-chan struct{}, args []string) erro
 		return err
 	}
 	defer builder.Close()
+	web.metrics.BuildsWaiting(builder.Waiting)
 	rm, err := realise.New(subCfg, st, daemon.RealiseBuilder(builder))
 	if err != nil {
 		return err

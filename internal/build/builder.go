@@ -795,3 +795,6 @@ func (b *Builder) Wait(ctx context.Context) error {
 		return ctx.Err()
 	}
 }
+
+// Waiting returns how many builds wait for a build slot now (monitoring).
+func (b *Builder) Waiting() int { return b.slots.waiting() }

@@ -119,6 +119,17 @@ func (s *slots) tryAcquire(c *slotClient) (release func(), ok bool) {
 	return s.releaser(c), true
 }
 
+// waiting returns how many builds wait for a slot.
+func (s *slots) waiting() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, c := range s.ring {
+		n += len(c.waiting)
+	}
+	return n
+}
+
 // freedCh returns a channel that is closed when a slot is next given back.
 func (s *slots) freedCh() <-chan struct{} {
 	s.mu.Lock()

@@ -247,6 +247,19 @@ func (m *Metrics) AutoGC(freed uint64, err error) {
 	}
 }
 
+// BuildsWaiting makes waiting report the builds waiting for a build slot
+// (max-jobs), read at each scrape: with builds_running, how busy the
+// host's builders are and how far behind.
+func (m *Metrics) BuildsWaiting(waiting func() int) {
+	if m == nil {
+		return
+	}
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "nixyard_builds_waiting",
+		Help: "Builds waiting now for one of the host's build slots (max-jobs).",
+	}, func() float64 { return float64(waiting()) }))
+}
+
 // Jobs makes live report the live job sessions, read at each scrape.
 func (m *Metrics) Jobs(live func() int) {
 	if m == nil {
