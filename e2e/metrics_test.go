@@ -36,16 +36,7 @@ func TestMetrics(t *testing.T) {
 	nPaths := len(lines(d.nix(t, "path-info", "--all")))
 
 	var text string
-	scrape := func() {
-		t.Helper()
-		resp, err := http.Get(metricsURL)
-		if err != nil {
-			t.Fatal(err)
-		}
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		text = string(body)
-	}
+	scrape := func() { text = scrapeMetrics(t, metricsURL) }
 	scrape()
 	value := func(metric string) float64 {
 		t.Helper()
@@ -196,15 +187,22 @@ func TestMetricsBuildsWaiting(t *testing.T) {
 // nixyard_builds_waiting.
 func buildsWaiting(t *testing.T, metricsURL string) string {
 	t.Helper()
+	body := scrapeMetrics(t, metricsURL)
+	m := regexp.MustCompile(`(?m)^nixyard_builds_waiting (\S+)$`).FindStringSubmatch(body)
+	if m == nil {
+		t.Fatalf("no nixyard_builds_waiting in the metrics:\n%s", body)
+	}
+	return m[1]
+}
+
+// scrapeMetrics returns the daemon's metrics served at metricsURL.
+func scrapeMetrics(t *testing.T, metricsURL string) string {
+	t.Helper()
 	resp, err := http.Get(metricsURL)
 	if err != nil {
 		t.Fatal(err)
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	m := regexp.MustCompile(`(?m)^nixyard_builds_waiting (\S+)$`).FindStringSubmatch(string(body))
-	if m == nil {
-		t.Fatalf("no nixyard_builds_waiting in the metrics:\n%s", body)
-	}
-	return m[1]
+	return string(body)
 }

@@ -28,14 +28,14 @@ func TestSlotsSharedByJob(t *testing.T) {
 	}
 	relA1, relA2 := wait("a1", a1), wait("a2", a2) // both slots, to job a
 	release := make(chan func(), 4)
-	// queue has c wait for a slot (in a goroutine), and returns once it does.
+	// queue has c wait for a slot, and returns once it does.
 	queue := func(name string, c *slotClient) {
-		go func() { release <- wait(name, c) }()
-		waitUntil(t, name+" waits", func() bool {
-			s.mu.Lock()
-			defer s.mu.Unlock()
-			return len(c.waiting) == 1
-		})
+		rel := queueSlot(t, s, c)
+		go func() {
+			r := <-rel
+			granted <- name
+			release <- r
+		}()
 	}
 	queue("a3", a3)
 	queue("b", b)
@@ -102,26 +102,9 @@ func TestSlotsNewcomersDoNotStarve(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	aGranted := make(chan func(), 1)
-	go func() {
-		r, err := s.acquire(ctx, a)
-		if err != nil {
-			t.Error(err)
-		}
-		aGranted <- r
-	}()
-	waitUntil(t, "a waits", func() bool { s.mu.Lock(); defer s.mu.Unlock(); return len(a.waiting) == 1 })
+	aGranted := queueSlot(t, s, a)
 	for i := range 3 {
-		n := s.client(0, "")
-		newcomer := make(chan func(), 1)
-		go func() {
-			r, err := s.acquire(ctx, n)
-			if err != nil {
-				t.Error(err)
-			}
-			newcomer <- r
-		}()
-		waitUntil(t, "the newcomer waits", func() bool { s.mu.Lock(); defer s.mu.Unlock(); return len(n.waiting) == 1 })
+		newcomer := queueSlot(t, s, s.client(0, ""))
 		rel()
 		select {
 		case rel = <-aGranted:
@@ -133,4 +116,24 @@ func TestSlotsNewcomersDoNotStarve(t *testing.T) {
 		}
 	}
 	t.Fatal("a waited behind every newcomer")
+}
+
+// queueSlot has c wait for a slot of s, in a goroutine, and returns once
+// it waits; the slot's release comes on the channel once it is granted.
+func queueSlot(t *testing.T, s *slots, c *slotClient) <-chan func() {
+	t.Helper()
+	granted := make(chan func(), 1)
+	go func() {
+		rel, err := s.acquire(context.Background(), c)
+		if err != nil {
+			t.Error(err)
+		}
+		granted <- rel
+	}()
+	waitUntil(t, "a caller to wait for a slot", func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return len(c.waiting) == 1
+	})
+	return granted
 }
