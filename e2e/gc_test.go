@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
-	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -534,13 +533,8 @@ func TestAutoGCEachClient(t *testing.T) {
 	// The collection is counted once it has ended.
 	want := regexp.MustCompile(`(?m)^nixyard_auto_gc_runs_total\{result="ok"\} 1$`)
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		resp, err := http.Get(d.servedURL(t, "--metrics-listen"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if want.Match(body) {
+		body := scrapeMetrics(t, d.servedURL(t, "--metrics-listen"))
+		if want.MatchString(body) {
 			break
 		}
 		if time.Now().After(deadline) {
