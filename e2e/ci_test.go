@@ -57,6 +57,12 @@ in rec {
 
 func startCIHost(t *testing.T, conf ...string) *ciEnv {
 	t.Helper()
+	return startCIHostWith(t, nil, conf...)
+}
+
+// startCIHostWith is startCIHost with more arguments of the daemon.
+func startCIHostWith(t *testing.T, args []string, conf ...string) *ciEnv {
+	t.Helper()
 	if useStock {
 		t.Skip("job sockets and job sessions are nixyard's")
 	}
@@ -76,7 +82,7 @@ func startCIHost(t *testing.T, conf ...string) *ciEnv {
 	marks := filepath.Join(e.dir, "marks")
 	mustMkdir(t, filepath.Join(marks, "running"), 0o777)
 	// (A --listen socket is untrusted without trusted=false.)
-	d := e.startDaemon(t, withDaemonArgs("--listen", host.Socket+",tenant=ci-test", "--metrics-listen", "127.0.0.1:0"),
+	d := e.startDaemon(t, withDaemonArgs(append([]string{"--listen", host.Socket + ",tenant=ci-test", "--metrics-listen", "127.0.0.1:0"}, args...)...),
 		withConf(append([]string{
 			"sandbox-paths = /marks=" + marks,
 			"substituters = " + srv.URL,
@@ -839,5 +845,30 @@ func TestCIJobsShareBuildSlots(t *testing.T) {
 	}
 	if got := order(); len(got) != 4 || got[2] != "fair-quick" {
 		t.Errorf("builds started in the order %v: want job b's fair-quick third, after two of job a's", got)
+	}
+}
+
+// TestCIEndedJobCollectedAutomatically: an automatic collection (here the
+// size budget's) ends the job sessions of jobs that are over before it
+// reads the roots, and deletes what only they held at once, not once the
+// once-a-minute reaping has come round (the collection saw the ended job
+// as live, freed nothing, and then held off the next: the CI-scale audit).
+func TestCIEndedJobCollectedAutomatically(t *testing.T) {
+	t.Parallel()
+	c := startCIHostWith(t, []string{"--size-budget", "512K"}, "min-free-check-interval = 0")
+	writeFile(t, filepath.Join(c.job, "big"), strings.Repeat("big output of a job "+c.nonce+"\n", 64<<10), 0o644)
+	ctl := c.ctlDir(t, "ended")
+	if r := c.jobCmd(ctl, "nix-store --add /job/big > /ctl/added\n").run(t); r.err != nil {
+		t.Fatalf("job:\n%s", r)
+	}
+	added := readCtl(t, ctl, "added")
+	if !c.isValid(t, added) {
+		t.Fatalf("%s, which the job added, is not valid", added)
+	}
+	// The job has ended; the next addition on the host checks the budget
+	// and waits for the collection it starts.
+	c.nixStore(t, "--add", c.file(t, "host-small", "small "+c.nonce))
+	if c.isValid(t, added) {
+		t.Errorf("%s, held only by a job that has ended, survived the automatic collection", added)
 	}
 }
